@@ -1,0 +1,114 @@
+// Every setting: its flag, environment variable, default and help text, in one table.
+// `--help` is printed from this table, and README/PROTOCOL.md quote it.
+
+export interface Config {
+  host: string;
+  port: number;
+  dataDir: string;
+  logLevel: string;
+  maxFrame: number;
+  maxDepth: number;
+  maxAttach: number;
+  maxPicture: number;
+  maxImport: number;
+  badFrameLimit: number;
+  badFrameWindow: number;
+  outboundCap: number;
+  bcryptCost: number;
+  sessionTtl: number;
+  maxConnections: number;
+}
+
+type Kind = "int" | "string";
+
+interface OptionSpec {
+  key: keyof Config;
+  flag: string;
+  env: string;
+  kind: Kind;
+  default: string | number;
+  help: string;
+  min?: number;
+}
+
+export const OPTIONS: readonly OptionSpec[] = [
+  { key: "host", flag: "--host", env: "WIRECHAT_HOST", kind: "string", default: "0.0.0.0", help: "address to listen on" },
+  { key: "port", flag: "--port", env: "WIRECHAT_PORT", kind: "int", default: 7788, min: 0, help: "TCP port (0 = any free port)" },
+  { key: "dataDir", flag: "--data-dir", env: "WIRECHAT_DATA_DIR", kind: "string", default: "./data", help: "directory of the LevelDB database" },
+  { key: "logLevel", flag: "--log-level", env: "WIRECHAT_LOG_LEVEL", kind: "string", default: "info", help: "pino level: fatal, error, warn, info, debug, trace or silent" },
+  { key: "maxFrame", flag: "--max-frame", env: "WIRECHAT_MAX_FRAME", kind: "int", default: 1024 * 1024, min: 64, help: "largest request frame in bytes (status 12 past it)" },
+  { key: "maxDepth", flag: "--max-depth", env: "WIRECHAT_MAX_DEPTH", kind: "int", default: 32, min: 2, help: "deepest JSON nesting in a frame (status 3 past it)" },
+  { key: "maxAttach", flag: "--max-attach", env: "WIRECHAT_MAX_ATTACH", kind: "int", default: 64 * 1024 * 1024, min: 0, help: "largest attachment in decoded bytes (status 12 past it)" },
+  { key: "maxPicture", flag: "--max-picture", env: "WIRECHAT_MAX_PICTURE", kind: "int", default: 256 * 1024, min: 0, help: "largest profile picture, in characters of base64 (status 12 past it)" },
+  { key: "maxImport", flag: "--max-import", env: "WIRECHAT_MAX_IMPORT", kind: "int", default: 5000, min: 1, help: "most address-book entries in one import (status 12 past it)" },
+  { key: "badFrameLimit", flag: "--bad-frame-limit", env: "WIRECHAT_BAD_FRAME_LIMIT", kind: "int", default: 100, min: 1, help: "bad frames a connection may send within the window before it is closed" },
+  { key: "badFrameWindow", flag: "--bad-frame-window", env: "WIRECHAT_BAD_FRAME_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds" },
+  { key: "outboundCap", flag: "--outbound-cap", env: "WIRECHAT_OUTBOUND_CAP", kind: "int", default: 8 * 1024 * 1024, min: 65536, help: "bytes waiting to be sent to one connection before it is closed as a slow reader" },
+  { key: "bcryptCost", flag: "--bcrypt-cost", env: "WIRECHAT_BCRYPT_COST", kind: "int", default: 10, min: 4, help: "bcrypt cost factor for stored password hashes" },
+  { key: "sessionTtl", flag: "--session-ttl", env: "WIRECHAT_SESSION_TTL", kind: "int", default: 30 * 24 * 3600, min: 1, help: "seconds a session id stays valid" },
+  { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections" },
+];
+
+export class ConfigError extends Error {}
+
+export function defaultConfig(): Config {
+  const c: Record<string, string | number> = {};
+  for (const o of OPTIONS) c[o.key] = o.default;
+  return c as unknown as Config;
+}
+
+function convert(o: OptionSpec, raw: string, source: string): string | number {
+  if (o.kind === "string") return raw;
+  if (!/^\d+$/.test(raw)) throw new ConfigError(`${source}: expected a whole number, got "${raw}"`);
+  const v = Number(raw);
+  if (o.min !== undefined && v < o.min) throw new ConfigError(`${source}: must be at least ${o.min}`);
+  return v;
+}
+
+export interface ParsedArgs {
+  config: Config;
+  help: boolean;
+}
+
+/** Defaults, then environment variables, then flags (`--flag value` or `--flag=value`). */
+export function parseArgs(argv: readonly string[], env: NodeJS.ProcessEnv): ParsedArgs {
+  const c = defaultConfig() as unknown as Record<string, string | number>;
+  for (const o of OPTIONS) {
+    const raw = env[o.env];
+    if (raw !== undefined && raw !== "") c[o.key] = convert(o, raw, o.env);
+  }
+  let help = false;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === "--help" || arg === "-h") {
+      help = true;
+      continue;
+    }
+    const eq = arg.indexOf("=");
+    const flag = eq < 0 ? arg : arg.slice(0, eq);
+    const o = OPTIONS.find((x) => x.flag === flag);
+    if (!o) throw new ConfigError(`unknown option ${arg} (see --help)`);
+    let raw: string | undefined;
+    if (eq >= 0) raw = arg.slice(eq + 1);
+    else raw = argv[++i];
+    if (raw === undefined) throw new ConfigError(`${flag} needs a value`);
+    c[o.key] = convert(o, raw, flag);
+  }
+  return { config: c as unknown as Config, help };
+}
+
+export function helpText(): string {
+  const lines = [
+    "Usage: wirechat [options]        (npm start -- [options])",
+    "",
+    "Messenger server speaking newline-delimited JSON over TCP. Every option can also",
+    "be set by the environment variable shown; a flag wins over the variable.",
+    "",
+  ];
+  for (const o of OPTIONS) {
+    lines.push(`  ${(o.flag + " <" + (o.kind === "int" ? "n" : "s") + ">").padEnd(26)}${o.help}`);
+    lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default}`);
+  }
+  lines.push("  -h, --help                  this text");
+  return lines.join("\n");
+}

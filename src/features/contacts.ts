@@ -1,0 +1,105 @@
+// Contact lists: contactlist, addcontact, delcontact, and import (address-book match).
+
+import { Code, ProtocolError } from "../protocol/codes.js";
+import { requiredString } from "../protocol/validation.js";
+import type { UserRecord } from "../storage/layout.js";
+import { normaliseEmail, normalisePhone } from "./profile-fields.js";
+import type { Services } from "./services.js";
+
+interface ImportEntry {
+  myid?: string | number;
+  name?: string;
+  phone?: string;
+  email?: string;
+}
+
+function contactCard(u: UserRecord) {
+  return { uid: u.uid, nick: u.nick, email: u.email, phone: u.phone };
+}
+
+export function registerContacts(sv: Services): void {
+  const { dispatcher, users, contacts, storage, hub, config } = sv;
+
+  dispatcher.register({
+    name: "contactlist",
+    schema: { type: "object" },
+    async handle(req) {
+      const uids = await contacts.list(req.session.uid as string);
+      const list = [];
+      for (const uid of uids) {
+        const u = await users.get(uid);
+        if (u) list.push({ ...contactCard(u), picture: u.picture, user_status: u.status, online: hub.isOnline(uid) });
+      }
+      return { list };
+    },
+  });
+
+  dispatcher.register<{ uid: string }>({
+    name: "addcontact",
+    schema: { type: "object", required: ["uid"], properties: { uid: requiredString(64) } },
+    async handle(req) {
+      const me = req.session.uid as string;
+      const { uid } = req.data;
+      if (uid === me) throw new ProtocolError(Code.AlreadyExist, "you cannot add yourself as a contact");
+      const u = await users.get(uid);
+      if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+      if (await contacts.has(me, uid)) throw new ProtocolError(Code.AlreadyExist, "that user is already in your contact list");
+      await storage.commit(contacts.addOps(me, uid));
+      return { user: contactCard(u) };
+    },
+  });
+
+  dispatcher.register<{ uid: string }>({
+    name: "delcontact",
+    schema: { type: "object", required: ["uid"], properties: { uid: requiredString(64) } },
+    async handle(req) {
+      const me = req.session.uid as string;
+      const { uid } = req.data;
+      if (!(await contacts.has(me, uid))) {
+        if (!(await users.get(uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+        return { uid }; // not listed: nothing to remove
+      }
+      await storage.commit(contacts.removeOps(me, uid));
+      return { uid };
+    },
+  });
+
+  dispatcher.register<{ contacts: ImportEntry[] }>({
+    name: "import",
+    schema: {
+      type: "object",
+      required: ["contacts"],
+      properties: {
+        contacts: {
+          type: "array",
+          maxItems: config.maxImport,
+          errorCode: Code.TooLarge,
+          items: {
+            type: "object",
+            properties: {
+              myid: { type: ["string", "number"] },
+              name: { type: "string" },
+              phone: { type: "string" },
+              email: { type: "string" },
+            },
+          },
+        },
+      },
+    },
+    async handle(req) {
+      const me = req.session.uid as string;
+      const entries = req.data.contacts;
+      const emails = entries.map((e) => (e.email ? normaliseEmail(e.email) : undefined));
+      const phones = entries.map((e) => (e.phone ? normalisePhone(e.phone) : undefined));
+      const [byEmail, byPhone] = await Promise.all([users.lookupMany("email", emails), users.lookupMany("phone", phones)]);
+      const list = [];
+      for (let i = 0; i < entries.length; i++) {
+        const uid = byEmail[i] ?? byPhone[i];
+        if (uid === undefined || uid === me) continue;
+        const u = await users.get(uid);
+        if (u) list.push({ myid: entries[i].myid ?? "", ...contactCard(u) });
+      }
+      return { list };
+    },
+  });
+}

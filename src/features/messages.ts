@@ -1,0 +1,157 @@
+// Direct messages: `message` to a uid, ev_message to every connection of recipient and
+// sender, cmid idempotency, and the durable offline queue sent after each auth.
+//
+// Every direct message is written together with a queue entry for its recipient, in
+// one atomic, synced batch, before the sender hears `status: 0`. The entry is removed
+// only once one of the recipient's connections has handed the event to the OS; a
+// recipient that is offline, disconnects or is cut off as a slow reader keeps it and
+// receives the message after its next auth. So nothing acknowledged is ever lost.
+
+import { Code, ProtocolError } from "../protocol/codes.js";
+import { Pending, type Reply } from "../protocol/dispatcher.js";
+import { frame, nowSeconds } from "../protocol/frames.js";
+import type { Session } from "../protocol/session.js";
+import { optionalString, requiredString } from "../protocol/validation.js";
+import { directConv, type MessageRecord } from "../storage/layout.js";
+import { isBase64 } from "./profile-fields.js";
+import type { Services } from "./services.js";
+
+interface MessageData {
+  uid?: string;
+  body?: string;
+  attach?: { mime: string; data: string };
+  cmid?: string;
+}
+
+/** Seed clients read `attach` unconditionally, so it is always present. */
+const NO_ATTACH = { mime: "", data: "" };
+/** Queued messages read per range query while draining. */
+const DRAIN_PAGE = 256;
+
+export function evMessage(m: MessageRecord): string {
+  return frame("ev_message", {
+    mid: m.mid,
+    from: m.from,
+    nick: m.nick,
+    body: m.body,
+    time: m.time,
+    attach: m.attach ?? NO_ATTACH,
+    to: m.to,
+  });
+}
+
+function decodedLength(b64: string): number {
+  const pad = b64.endsWith("==") ? 2 : b64.endsWith("=") ? 1 : 0;
+  return (b64.length / 4) * 3 - pad;
+}
+
+export function registerMessages(sv: Services): void {
+  const { dispatcher, users, messages, storage, hub, hooks, config } = sv;
+  /** (sender, cmid) of messages whose commit is in flight → their eventual reply. */
+  const inflightCmids = new Map<string, Promise<Reply>>();
+
+  dispatcher.register<MessageData>({
+    name: "message",
+    pipelined: true,
+    schema: {
+      type: "object",
+      properties: {
+        uid: requiredString(64),
+        body: optionalString(config.maxFrame),
+        attach: {
+          type: "object",
+          required: ["mime", "data"],
+          properties: { mime: optionalString(255), data: { type: "string" } },
+        },
+        cmid: requiredString(128),
+      },
+    },
+    async handle(req) {
+      const me = req.session.uid as string;
+      const { uid: to, body = "", attach, cmid } = req.data;
+      if (to === undefined) throw new ProtocolError(Code.EmptyField, "'uid' is required");
+      const hasAttach = attach !== undefined && attach.data !== "";
+      if (body === "" && !hasAttach) throw new ProtocolError(Code.EmptyField, "'body' is empty and there is no attachment");
+      if (hasAttach) {
+        if (!isBase64(attach.data)) throw new ProtocolError(Code.InvalidData, "'attach.data' is not valid base64");
+        if (decodedLength(attach.data) > config.maxAttach) {
+          throw new ProtocolError(Code.TooLarge, `attachment is over the limit of ${config.maxAttach} bytes`);
+        }
+      }
+      if (!(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
+
+      const cmidKey = cmid === undefined ? undefined : `${me}\u0000${cmid}`;
+      if (cmidKey !== undefined) {
+        const inflight = inflightCmids.get(cmidKey);
+        if (inflight) return new Pending(inflight);
+        const earlier = await messages.byCmid(me, cmid as string);
+        if (earlier) return { mid: earlier.mid, time: earlier.time };
+      }
+
+      const seq = messages.nextSeq();
+      const m: MessageRecord = {
+        mid: String(seq),
+        conv: directConv(me, to),
+        from: me,
+        nick: req.session.nick as string,
+        to,
+        body,
+        time: nowSeconds(),
+      };
+      if (hasAttach) m.attach = { mime: attach.mime, data: attach.data };
+      if (cmid !== undefined) m.cmid = cmid;
+
+      const settled = storage.commit([...messages.appendOps(m), ...messages.enqueueOps(to, m)]).then(() => {
+        req.after(() => deliver(m));
+        return { mid: m.mid, time: m.time };
+      });
+      if (cmidKey !== undefined) {
+        inflightCmids.set(cmidKey, settled);
+        void settled.finally(() => inflightCmids.delete(cmidKey)).catch(() => {});
+      }
+      return new Pending(settled);
+    },
+  });
+
+  function deliver(m: MessageRecord): void {
+    const ev = evMessage(m);
+    const to = m.to as string;
+    const qk = messages.queueKey(to, m.mid);
+    hub.deliver(to, ev, () => storage.commitLazy(messages.dequeueOps(qk)), m.mid);
+    if (to !== m.from) hub.deliver(m.from, ev, undefined, m.mid);
+  }
+
+  /** Sends the user's offline queue, oldest first, pacing itself to the socket. */
+  async function drain(s: Session): Promise<void> {
+    const uid = s.uid as string;
+    const sent = new Set<string>();
+    s.holdEvents();
+    try {
+      let after: string | undefined;
+      for (;;) {
+        const page = await messages.queued(uid, DRAIN_PAGE, after);
+        if (page.length === 0 || s.peer.closed || s.uid !== uid) break;
+        let flushed: Promise<boolean> = Promise.resolve(true);
+        for (const { key, message } of page) {
+          after = key;
+          if (!message) {
+            storage.commitLazy(messages.dequeueOps(key)); // deleted since it was queued
+            continue;
+          }
+          sent.add(message.mid);
+          flushed = new Promise((resolve) =>
+            s.send(evMessage(message), (ok) => {
+              if (ok) storage.commitLazy(messages.dequeueOps(key));
+              resolve(ok);
+            }),
+          );
+        }
+        if (!(await flushed)) break;
+      }
+    } finally {
+      s.releaseEvents(sent);
+    }
+  }
+
+  hooks.onLoggedIn(drain);
+}

@@ -1,0 +1,81 @@
+// Profiles: userinfo and setuserinfo.
+
+import { Code, ProtocolError } from "../protocol/codes.js";
+import { optionalString, requiredString } from "../protocol/validation.js";
+import type { UserRecord } from "../storage/layout.js";
+import type { UniqueIndex } from "../storage/users.js";
+import { isBase64, normaliseEmail, normalisePhone } from "./profile-fields.js";
+import type { Services } from "./services.js";
+
+export function publicProfile(u: UserRecord) {
+  return { uid: u.uid, nick: u.nick, email: u.email, phone: u.phone, picture: u.picture, user_status: u.status };
+}
+
+interface SetUserInfo {
+  user_status?: string;
+  email?: string;
+  phone?: string;
+  picture?: string;
+}
+
+export function registerProfiles(sv: Services): void {
+  const { dispatcher, users, storage, config } = sv;
+
+  dispatcher.register<{ user: string }>({
+    name: "userinfo",
+    schema: { type: "object", required: ["user"], properties: { user: requiredString(64) } },
+    async handle(req) {
+      const u = await users.get(req.data.user);
+      if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${req.data.user}'`);
+      return publicProfile(u);
+    },
+  });
+
+  dispatcher.register<SetUserInfo>({
+    name: "setuserinfo",
+    schema: {
+      type: "object",
+      properties: {
+        user_status: optionalString(256),
+        email: optionalString(254),
+        phone: optionalString(32),
+        picture: { type: "string", maxLength: config.maxPicture, errorCode: Code.TooLarge },
+      },
+    },
+    async handle(req) {
+      const uid = req.session.uid as string;
+      const prev = await users.get(uid);
+      if (!prev) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
+      const d = req.data;
+      // A field that is not sent stays as it was; an empty string clears it.
+      const next: UserRecord = { ...prev };
+      if (d.user_status !== undefined) next.status = d.user_status;
+      if (d.email !== undefined) {
+        const e = d.email === "" ? "" : normaliseEmail(d.email);
+        if (e === undefined) throw new ProtocolError(Code.InvalidData, "'email' is not an email address");
+        next.email = e;
+      }
+      if (d.phone !== undefined) {
+        const p = d.phone === "" ? "" : normalisePhone(d.phone);
+        if (p === undefined) throw new ProtocolError(Code.InvalidData, "'phone' is not a phone number");
+        next.phone = p;
+      }
+      if (d.picture !== undefined) {
+        if (!isBase64(d.picture)) throw new ProtocolError(Code.InvalidData, "'picture' is not valid base64");
+        next.picture = d.picture;
+      }
+      const unique: [UniqueIndex, string][] = [];
+      if (next.email && next.email !== prev.email) unique.push(["email", next.email]);
+      if (next.phone && next.phone !== prev.phone) unique.push(["phone", next.phone]);
+      const taken = await users.claim(unique, uid);
+      if (taken) throw new ProtocolError(Code.AlreadyExist, `that ${taken} belongs to another user`);
+      try {
+        await storage.commit(users.saveOps(next, prev));
+        users.saved(next);
+      } finally {
+        users.release(unique);
+      }
+      return {};
+    },
+  });
+}

@@ -1,0 +1,47 @@
+// What the composition root hands every feature module: the stores, the hub of live
+// connections, configuration, and hooks through which features react to each other's
+// events without importing each other.
+
+import type { Logger } from "pino";
+import type { Config } from "../config.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import type { Hub, Session } from "../protocol/session.js";
+import type { Storage } from "../storage/db.js";
+import type { ContactStore } from "../storage/contacts.js";
+import type { MessageStore } from "../storage/messages.js";
+import type { SessionStore } from "../storage/sessions.js";
+import type { UserStore } from "../storage/users.js";
+
+type Hook = (s: Session) => void | Promise<void>;
+
+export class Hooks {
+  private readonly loggedInFns: Hook[] = [];
+
+  /** After a connection authenticates and its auth reply is sent. */
+  onLoggedIn(fn: Hook): void {
+    this.loggedInFns.push(fn);
+  }
+
+  async loggedIn(s: Session): Promise<void> {
+    for (const fn of this.loggedInFns) {
+      try {
+        await fn(s);
+      } catch (err) {
+        s.log.error({ err }, "login hook failed");
+      }
+    }
+  }
+}
+
+export interface Services {
+  config: Config;
+  log: Logger;
+  dispatcher: Dispatcher;
+  hub: Hub;
+  hooks: Hooks;
+  storage: Storage;
+  users: UserStore;
+  sessions: SessionStore;
+  contacts: ContactStore;
+  messages: MessageStore;
+}

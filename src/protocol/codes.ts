@@ -1,0 +1,64 @@
+// The one table of protocol status codes and their default texts.
+// Codes 0–8 are seed 004's (its Go constants keep their names here), 9–10 come from
+// the channel edition of the same protocol, 11–16 are wirechat's own.
+
+export enum Code {
+  OK = 0,
+  AlreadyExist = 1,
+  InvalidPass = 2,
+  InvalidData = 3,
+  EmptyField = 4,
+  AlreadyRegister = 5,
+  NeedAuth = 6,
+  NeedRegister = 7,
+  UserNotFound = 8,
+  ChannelNotFound = 9,
+  InvalidChannel = 10,
+  UnknownAction = 11,
+  TooLarge = 12,
+  RateLimited = 13,
+  MessageNotFound = 14,
+  Forbidden = 15,
+  Unavailable = 16,
+}
+
+export interface CodeInfo {
+  code: Code;
+  name: string;
+  text: string;
+}
+
+export const CODES: readonly CodeInfo[] = [
+  { code: Code.OK, name: "ErrOK", text: "OK" },
+  { code: Code.AlreadyExist, name: "ErrAlreadyExist", text: "already exists" },
+  { code: Code.InvalidPass, name: "ErrInvalidPass", text: "invalid login or password" },
+  { code: Code.InvalidData, name: "ErrInvalidData", text: "invalid data" },
+  { code: Code.EmptyField, name: "ErrEmptyField", text: "a required field is empty" },
+  { code: Code.AlreadyRegister, name: "ErrAlreadyRegister", text: "already authenticated on this connection" },
+  { code: Code.NeedAuth, name: "ErrNeedAuth", text: "authentication required" },
+  { code: Code.NeedRegister, name: "ErrNeedRegister", text: "no such login; register first" },
+  { code: Code.UserNotFound, name: "ErrUserNotFound", text: "user not found" },
+  { code: Code.ChannelNotFound, name: "ErrChannelNotFound", text: "channel not found" },
+  { code: Code.InvalidChannel, name: "ErrInvalidChannel", text: "not a member of that channel" },
+  { code: Code.UnknownAction, name: "ErrUnknownAction", text: "unknown action" },
+  { code: Code.TooLarge, name: "ErrTooLarge", text: "over the size limit" },
+  { code: Code.RateLimited, name: "ErrRateLimited", text: "too many requests; retry later" },
+  { code: Code.MessageNotFound, name: "ErrMessageNotFound", text: "message not found" },
+  { code: Code.Forbidden, name: "ErrForbidden", text: "not allowed" },
+  { code: Code.Unavailable, name: "ErrUnavailable", text: "the server could not complete the request" },
+];
+
+export function codeText(code: Code): string {
+  return CODES[code].text;
+}
+
+/** A refusal a handler throws; the dispatcher turns it into the reply's status and error. */
+export class ProtocolError extends Error {
+  constructor(
+    readonly code: Code,
+    message: string = codeText(code),
+  ) {
+    super(message);
+    this.name = "ProtocolError";
+  }
+}

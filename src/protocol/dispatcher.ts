@@ -1,0 +1,266 @@
+// The dispatcher: features register their actions here (name, schema, handler); each
+// connection's frames are decoded, checked and handed to handlers strictly in arrival
+// order, and replies leave in the same order.
+//
+// Ordering with overlap: a handler normally runs only after the previous request of
+// the connection has fully finished. An action marked `pipelined` (message) may instead
+// return a Pending once its writes are queued: the next request starts at once, and its
+// reply waits in line until the commit lands. A non-pipelined request waits for every
+// pending one first, so it sees their writes. That lets one connection keep many
+// messages in one group commit without ever reordering replies or state changes.
+
+import { isUtf8 } from "node:buffer";
+import type { Logger } from "pino";
+import type { Config } from "../config.js";
+import { Code, ProtocolError } from "./codes.js";
+import { errorFrame, peekAction, replyFrame, type Fields } from "./frames.js";
+import { Session, type Peer } from "./session.js";
+import { compileSchema, type Validator } from "./validation.js";
+
+export type Reply = Fields;
+
+/** The reply of a pipelined handler, available once `settled` resolves. */
+export class Pending {
+  constructor(readonly settled: Promise<Reply>) {}
+}
+
+export interface Request<D> {
+  readonly action: string;
+  readonly data: D;
+  readonly session: Session;
+  /** Runs right after this request's reply is sent (follow-up frames, deliveries). */
+  after(fn: () => void): void;
+}
+
+export interface ActionSpec<D = never> {
+  name: string;
+  /** JSON Schema of the request's `data`. */
+  schema: object;
+  /** Allowed before authentication. */
+  public?: boolean;
+  /** May overlap the requests after it (see the top of this file). */
+  pipelined?: boolean;
+  handle(req: Request<D>): Promise<Reply | Pending> | Reply | Pending;
+}
+
+interface Action {
+  spec: ActionSpec<unknown>;
+  validate: Validator;
+}
+
+type Item =
+  | { kind: "request"; action: string; data: Record<string, unknown> }
+  | { kind: "reject"; action: string; code: Code; reason: string };
+
+interface Slot {
+  frame: string | undefined;
+  after: (() => void)[] | undefined;
+}
+
+/** Requests read ahead of the one running before the connection stops being read. */
+const INBOX_LIMIT = 256;
+
+class RequestImpl<D> implements Request<D> {
+  afterFns: (() => void)[] | undefined;
+  constructor(
+    readonly action: string,
+    readonly data: D,
+    readonly session: Session,
+  ) {}
+  after(fn: () => void): void {
+    (this.afterFns ??= []).push(fn);
+  }
+}
+
+/** Per-connection request state, kept beside the Session. */
+class Line {
+  inbox: Item[] = [];
+  head = 0;
+  running = false;
+  slots: Slot[] = [];
+  pending = new Set<Promise<unknown>>();
+  badFrames = 0;
+  badSince = 0;
+}
+
+export class Dispatcher {
+  private readonly actions = new Map<string, Action>();
+  private readonly lines = new WeakMap<Session, Line>();
+  /** Called when a connection closes (features clean up presence, hub membership). */
+  private readonly closeHooks: ((s: Session) => void)[] = [];
+
+  constructor(
+    private readonly config: Config,
+    private readonly log: Logger,
+  ) {}
+
+  register<D>(spec: ActionSpec<D>): void {
+    if (this.actions.has(spec.name)) throw new Error(`action ${spec.name} registered twice`);
+    this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(spec.schema) });
+  }
+
+  onClose(fn: (s: Session) => void): void {
+    this.closeHooks.push(fn);
+  }
+
+  actionNames(): string[] {
+    return [...this.actions.keys()];
+  }
+
+  open(peer: Peer): Session {
+    const s = new Session(peer, this.log);
+    this.lines.set(s, new Line());
+    return s;
+  }
+
+  close(s: Session): void {
+    for (const fn of this.closeHooks) {
+      try {
+        fn(s);
+      } catch (err) {
+        s.log.error({ err }, "close hook failed");
+      }
+    }
+  }
+
+  /** A complete frame from the scanner: decode it and queue it in arrival order. */
+  frame(s: Session, bytes: Buffer): void {
+    if (!isUtf8(bytes)) return this.reject(s, Code.InvalidData, "frame is not valid UTF-8", peekAction(bytes));
+    let msg: unknown;
+    try {
+      msg = JSON.parse(bytes.toString("utf8"));
+    } catch {
+      return this.reject(s, Code.InvalidData, "frame is not valid JSON", peekAction(bytes));
+    }
+    if (typeof msg !== "object" || msg === null || Array.isArray(msg)) {
+      return this.reject(s, Code.InvalidData, "frame must be a JSON object", undefined);
+    }
+    const { action, data } = msg as { action?: unknown; data?: unknown };
+    if (typeof action !== "string" || action === "") {
+      return this.reject(s, Code.InvalidData, "frame has no 'action' string", undefined);
+    }
+    if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
+      this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
+      return;
+    }
+    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown> });
+  }
+
+  /** Bytes the scanner or decoder could not accept: one error reply, in order. */
+  reject(s: Session, code: Code, reason: string, action: string | undefined): void {
+    const line = this.lines.get(s);
+    if (!line) return;
+    const now = Date.now();
+    if (now - line.badSince > this.config.badFrameWindow * 1000) {
+      line.badSince = now;
+      line.badFrames = 0;
+    }
+    if (++line.badFrames > this.config.badFrameLimit) {
+      if (line.badFrames === this.config.badFrameLimit + 1) {
+        s.log.warn({ badFrames: line.badFrames }, "too many bad frames; closing");
+        s.send(errorFrame("unknown", Code.InvalidData, "too many bad frames; closing the connection"));
+        s.peer.end();
+      }
+      return;
+    }
+    this.enqueue(s, { kind: "reject", action: action ?? "unknown", code, reason });
+  }
+
+  private enqueue(s: Session, item: Item): void {
+    const line = this.lines.get(s);
+    if (!line || s.peer.closed) return;
+    line.inbox.push(item);
+    if (line.inbox.length - line.head > INBOX_LIMIT) s.peer.pause("inbox");
+    if (!line.running) void this.run(s, line);
+  }
+
+  private async run(s: Session, line: Line): Promise<void> {
+    line.running = true;
+    try {
+      while (line.head < line.inbox.length) {
+        const item = line.inbox[line.head++];
+        if (line.head === line.inbox.length) {
+          line.inbox = [];
+          line.head = 0;
+        }
+        const slot: Slot = { frame: undefined, after: undefined };
+        line.slots.push(slot);
+        await this.execute(s, line, item, slot);
+        if (line.inbox.length - line.head <= INBOX_LIMIT / 2) s.peer.resume("inbox");
+      }
+    } finally {
+      line.running = false;
+    }
+  }
+
+  private async execute(s: Session, line: Line, item: Item, slot: Slot): Promise<void> {
+    if (item.kind === "reject") return this.fill(s, line, slot, errorFrame(item.action, item.code, item.reason));
+    const { action, data } = item;
+    const entry = this.actions.get(action);
+    if (!entry) {
+      return this.fill(s, line, slot, errorFrame(action, Code.UnknownAction, `unknown action '${action}'`));
+    }
+    const refusal = this.gate(s, entry.spec, data) ?? entry.validate(data);
+    if (refusal) return this.fill(s, line, slot, errorFrame(action, refusal.code, refusal.message));
+    if (!entry.spec.pipelined && line.pending.size > 0) await Promise.all(line.pending);
+    const req = new RequestImpl(action, data as never, s);
+    try {
+      const result = await entry.spec.handle(req);
+      if (result instanceof Pending) {
+        const p = result.settled.then(
+          (reply) => this.fill(s, line, slot, replyFrame(action, reply), req.afterFns),
+          (err) => this.fill(s, line, slot, this.failure(s, action, err)),
+        );
+        line.pending.add(p);
+        void p.finally(() => line.pending.delete(p));
+      } else {
+        this.fill(s, line, slot, replyFrame(action, result), req.afterFns);
+      }
+    } catch (err) {
+      this.fill(s, line, slot, this.failure(s, action, err));
+    }
+  }
+
+  /** Auth and cid/sid checks that precede validation. */
+  private gate(s: Session, spec: ActionSpec<unknown>, data: Record<string, unknown>): ProtocolError | undefined {
+    if (!spec.public && s.uid === undefined) {
+      return new ProtocolError(Code.NeedAuth, `'${spec.name}' needs an authenticated session`);
+    }
+    // The seed's clients send cid and sid with every request. `auth` takes sid as its
+    // credential, so it is exempt.
+    if (spec.name === "auth") return undefined;
+    const { cid, sid } = data;
+    if (cid !== undefined && cid !== null && String(cid) !== s.uid) {
+      return new ProtocolError(Code.NeedAuth, "'cid' is not this connection's user");
+    }
+    if (sid !== undefined && sid !== null && sid !== s.sid) {
+      return new ProtocolError(Code.NeedAuth, "'sid' is not this connection's session");
+    }
+    return undefined;
+  }
+
+  private failure(s: Session, action: string, err: unknown): string {
+    if (err instanceof ProtocolError) return errorFrame(action, err.code, err.message);
+    s.log.error({ err, action }, "request failed");
+    return errorFrame(action, Code.Unavailable, "the server could not complete the request; nothing was changed");
+  }
+
+  private fill(s: Session, line: Line, slot: Slot, out: string, after?: (() => void)[]): void {
+    slot.frame = out;
+    slot.after = after;
+    while (line.slots.length > 0 && line.slots[0].frame !== undefined) {
+      const done = line.slots.shift() as Slot;
+      s.send(done.frame as string);
+      if (done.after) {
+        for (const fn of done.after) {
+          try {
+            fn();
+          } catch (err) {
+            s.log.error({ err }, "after-reply step failed");
+          }
+        }
+      }
+    }
+  }
+
+}

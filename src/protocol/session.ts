@@ -1,0 +1,134 @@
+// Per-connection protocol state (who is logged in on it) and the hub that finds every
+// live connection of a user. Transport provides the Peer; features see Sessions.
+
+import type { Logger } from "pino";
+
+/** What the protocol layer may do with a connection. Implemented by the transport. */
+export interface Peer {
+  readonly id: number;
+  readonly remote: string;
+  /** Queues a frame; `onFlushed(true)` once it is handed to the OS, false if it never is. */
+  send(frame: string, onFlushed?: (ok: boolean) => void): void;
+  /** Flushes what is queued, then closes. */
+  end(): void;
+  /** Stops or resumes reading requests (`why` names the reason; all must clear). */
+  pause(why: string): void;
+  resume(why: string): void;
+  readonly closed: boolean;
+}
+
+type Held = [frame: string, onFlushed: ((ok: boolean) => void) | undefined, tag: string | undefined];
+
+export class Session {
+  uid: string | undefined;
+  sid: string | undefined;
+  nick: string | undefined;
+  /** While the offline queue is being sent, live events wait here to keep order. */
+  private held: Held[] | null = null;
+  private logger: Logger | undefined;
+
+  constructor(
+    readonly peer: Peer,
+    private readonly rootLog: Logger,
+  ) {}
+
+  /** Child logger with the remote address and uid, made on first use. */
+  get log(): Logger {
+    this.logger ??= this.rootLog.child({ conn: this.peer.id, remote: this.peer.remote, uid: this.uid });
+    return this.logger;
+  }
+
+  login(uid: string, sid: string, nick: string): void {
+    this.uid = uid;
+    this.sid = sid;
+    this.nick = nick;
+    this.logger = undefined;
+  }
+
+  logout(): void {
+    this.uid = this.sid = this.nick = undefined;
+    this.logger = undefined;
+  }
+
+  send(frame: string, onFlushed?: (ok: boolean) => void): void {
+    this.peer.send(frame, onFlushed);
+  }
+
+  /**
+   * An event for this connection; held back while the offline queue drains. `tag`
+   * names what it carries (a message id) so the drain can drop what it already sent.
+   */
+  deliver(frame: string, onFlushed?: (ok: boolean) => void, tag?: string): void {
+    if (this.held) this.held.push([frame, onFlushed, tag]);
+    else this.peer.send(frame, onFlushed);
+  }
+
+  holdEvents(): void {
+    this.held ??= [];
+  }
+
+  /** Sends the held events, skipping those whose tag is in `sent`. */
+  releaseEvents(sent: ReadonlySet<string>): void {
+    const held = this.held;
+    this.held = null;
+    if (!held) return;
+    for (const [f, cb, tag] of held) {
+      if (tag !== undefined && sent.has(tag)) cb?.(true);
+      else this.peer.send(f, cb);
+    }
+  }
+}
+
+export class Hub {
+  private readonly users = new Map<string, Set<Session>>();
+
+  /** Returns true when this is the user's first live connection. */
+  attach(s: Session): boolean {
+    const uid = s.uid as string;
+    let set = this.users.get(uid);
+    const first = !set;
+    if (!set) this.users.set(uid, (set = new Set()));
+    set.add(s);
+    return first;
+  }
+
+  /** Returns true when that was the user's last live connection. */
+  detach(s: Session, uid: string | undefined = s.uid): boolean {
+    if (uid === undefined) return false;
+    const set = this.users.get(uid);
+    if (!set || !set.delete(s)) return false;
+    if (set.size > 0) return false;
+    this.users.delete(uid);
+    return true;
+  }
+
+  isOnline(uid: string): boolean {
+    return this.users.has(uid);
+  }
+
+  sessions(uid: string): ReadonlySet<Session> {
+    return this.users.get(uid) ?? EMPTY;
+  }
+
+  /**
+   * Sends an event to every connection of `uid`. `onDelivered` runs once, when the
+   * first of them has handed the frame to the OS. Returns the number of connections.
+   */
+  deliver(uid: string, frame: string, onDelivered?: () => void, tag?: string): number {
+    const set = this.users.get(uid);
+    if (!set) return 0;
+    let done = false;
+    const cb = onDelivered
+      ? (ok: boolean) => {
+          if (ok && !done) {
+            done = true;
+            onDelivered();
+          }
+        }
+      : undefined;
+    for (const s of set) s.deliver(frame, cb, tag);
+    return set.size;
+  }
+}
+
+const EMPTY: ReadonlySet<Session> = new Set();

@@ -1,0 +1,78 @@
+// Composition root: opens storage, registers every feature's actions with the
+// dispatcher, and starts the listener. Layers, from the wire inwards:
+//   transport (listener, connection, scanner) → protocol (dispatcher, schemas, codes,
+//   hub) → features (accounts, profiles, contacts, messages) → storage (key layout,
+//   group commit, typed stores).
+
+import pino, { type Logger } from "pino";
+import type { Config } from "./config.js";
+import { registerAccounts } from "./features/accounts.js";
+import { registerContacts } from "./features/contacts.js";
+import { registerMessages } from "./features/messages.js";
+import { registerProfiles } from "./features/profiles.js";
+import { Hooks, type Services } from "./features/services.js";
+import { Dispatcher } from "./protocol/dispatcher.js";
+import { Hub } from "./protocol/session.js";
+import { ContactStore } from "./storage/contacts.js";
+import { Storage } from "./storage/db.js";
+import { MessageStore } from "./storage/messages.js";
+import { SessionStore } from "./storage/sessions.js";
+import { UserStore } from "./storage/users.js";
+import { Listener } from "./transport/listener.js";
+
+export interface RunningServer {
+  readonly host: string;
+  readonly port: number;
+  readonly services: Services;
+  readonly listener: Listener;
+  /** Stops accepting, closes every connection after flushing, then closes storage. */
+  stop(): Promise<void>;
+}
+
+export async function startServer(config: Config, logger?: Logger): Promise<RunningServer> {
+  const log = logger ?? pino({ level: config.logLevel });
+  const storage = await Storage.open(config.dataDir, log);
+  const dispatcher = new Dispatcher(config, log);
+  const services: Services = {
+    config,
+    log,
+    dispatcher,
+    hub: new Hub(),
+    hooks: new Hooks(),
+    storage,
+    users: new UserStore(storage),
+    sessions: new SessionStore(storage),
+    contacts: new ContactStore(storage),
+    messages: new MessageStore(storage, await storage.counter("seq")),
+  };
+  registerAccounts(services);
+  registerProfiles(services);
+  registerContacts(services);
+  registerMessages(services);
+
+  const listener = new Listener(config, dispatcher, log);
+  let address;
+  try {
+    address = await listener.listen(config.port, config.host);
+  } catch (err) {
+    await storage.close();
+    throw err;
+  }
+  log.info({ host: address.address, port: address.port, dataDir: config.dataDir }, "wirechat listening");
+
+  let stopping: Promise<void> | undefined;
+  return {
+    host: address.address,
+    port: address.port,
+    services,
+    listener,
+    stop() {
+      stopping ??= (async () => {
+        await listener.close();
+        await storage.close();
+        log.info("wirechat stopped");
+      })();
+      return stopping;
+    },
+  };
+}

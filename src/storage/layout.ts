@@ -1,0 +1,123 @@
+// THE key layout. Every LevelDB keyspace wirechat uses is opened here, and every
+// composite key is built by a function in this file; no other module spells a key.
+//
+//   meta        <counter name>                 → last value handed out (number)
+//   users       <uid>                          → UserRecord
+//   login       <lower-case login>             → uid
+//   nick        <lower-case nick>              → uid
+//   email       <normalised email>             → uid
+//   phone       <normalised phone>             → uid
+//   sessions    <sid>                          → SessionRecord
+//   usessions   <uid>!<sid>                    → expiry (unix s)
+//   contacts    <owner uid>!<contact uid>      → 1     (owner's list, in uid order)
+//   contactof   <contact uid>!<owner uid>      → 1     (who lists a user: presence, deletion)
+//   msgs        <conversation>!<seq>           → MessageRecord (history = range read)
+//   mids        <seq>                          → conversation (find a message by mid)
+//   queue       <uid>!<seq>                    → conversation (offline queue, in order)
+//   cmids       <sender uid>!<cmid>            → mid  (idempotent resend)
+//
+// <seq> is a message's global sequence number, zero-padded so that string order is
+// numeric order; a message's mid is the same number unpadded. A conversation is
+// `d:<uid>:<uid>` (the two uids sorted) for direct messages. '!' never occurs in a
+// uid, so `<uid>!` is an exact prefix for range reads.
+
+import { Level } from "level";
+
+export type Json = Record<string, unknown>;
+
+export interface UserRecord {
+  uid: string;
+  login: string;
+  nick: string;
+  /** bcrypt hash of sha256(pass) */
+  hash: string;
+  email: string;
+  phone: string;
+  picture: string;
+  status: string;
+  created: number;
+}
+
+export interface SessionRecord {
+  uid: string;
+  created: number;
+  expires: number;
+}
+
+export interface MessageRecord {
+  mid: string;
+  conv: string;
+  from: string;
+  /** The sender's nick when it was sent. */
+  nick: string;
+  /** Recipient uid of a direct message. */
+  to?: string;
+  body: string;
+  time: number;
+  attach?: { mime: string; data: string };
+  edited?: number;
+  cmid?: string;
+}
+
+// A Level sublevel with string keys; values are JSON unless said otherwise.
+export type Space = ReturnType<Level<string, unknown>["sublevel"]>;
+
+export const SPACES = [
+  "meta",
+  "users",
+  "login",
+  "nick",
+  "email",
+  "phone",
+  "sessions",
+  "usessions",
+  "contacts",
+  "contactof",
+  "msgs",
+  "mids",
+  "queue",
+  "cmids",
+] as const;
+
+export type SpaceName = (typeof SPACES)[number];
+export type Spaces = Record<SpaceName, Space>;
+
+export function openSpaces(db: Level<string, unknown>): Spaces {
+  const spaces = {} as Spaces;
+  for (const name of SPACES) {
+    spaces[name] = db.sublevel<string, unknown>(name, { keyEncoding: "utf8", valueEncoding: "json" }) as Space;
+  }
+  return spaces;
+}
+
+const SEQ_WIDTH = 15;
+
+export function seqKey(seq: number): string {
+  return String(seq).padStart(SEQ_WIDTH, "0");
+}
+
+export function pair(a: string, b: string): string {
+  return `${a}!${b}`;
+}
+
+/** Range options selecting every `<prefix>!…` key. '"' is the byte after '!'. */
+export function prefixRange(prefix: string): { gt: string; lt: string } {
+  return { gt: `${prefix}!`, lt: `${prefix}"` };
+}
+
+/** The second part of a `<a>!<b>` key. */
+export function keyTail(key: string): string {
+  return key.slice(key.indexOf("!") + 1);
+}
+
+export function directConv(a: string, b: string): string {
+  return a < b ? `d:${a}:${b}` : `d:${b}:${a}`;
+}
+
+export function msgKey(conv: string, seq: number): string {
+  return `${conv}!${seqKey(seq)}`;
+}
+
+export function queueKey(uid: string, seq: number): string {
+  return `${uid}!${seqKey(seq)}`;
+}

@@ -1,0 +1,78 @@
+// Messages (per conversation, in sequence order), the mid index, per-user offline
+// queues and the client-message-id index.
+
+import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
+import {
+  keyTail,
+  msgKey,
+  pair,
+  prefixRange,
+  queueKey,
+  seqKey,
+  type MessageRecord,
+  type Spaces,
+} from "./layout.js";
+
+export interface QueuedMessage {
+  key: string;
+  message: MessageRecord | undefined;
+}
+
+export class MessageStore {
+  private readonly s: Spaces;
+  constructor(
+    storage: Storage,
+    private readonly seq: Counter,
+  ) {
+    this.s = storage.spaces;
+  }
+
+  /** The next message sequence number; a message's mid is this number as a string. */
+  nextSeq(): number {
+    return this.seq.next();
+  }
+
+  appendOps(m: MessageRecord): BatchOp[] {
+    const seq = Number(m.mid);
+    const ops = [put(this.s.msgs, msgKey(m.conv, seq), m), put(this.s.mids, seqKey(seq), m.conv)];
+    if (m.cmid !== undefined) ops.push(put(this.s.cmids, pair(m.from, m.cmid), m.mid));
+    return ops;
+  }
+
+  enqueueOps(uid: string, m: MessageRecord): BatchOp[] {
+    return [put(this.s.queue, queueKey(uid, Number(m.mid)), m.conv)];
+  }
+
+  dequeueOps(key: string): BatchOp[] {
+    return [del(this.s.queue, key)];
+  }
+
+  queueKey(uid: string, mid: string): string {
+    return queueKey(uid, Number(mid));
+  }
+
+  async byCmid(from: string, cmid: string): Promise<MessageRecord | undefined> {
+    const mid = (await this.s.cmids.get(pair(from, cmid))) as string | undefined;
+    return mid === undefined ? undefined : this.get(mid);
+  }
+
+  async get(mid: string): Promise<MessageRecord | undefined> {
+    if (!/^\d{1,15}$/.test(mid)) return undefined;
+    const seq = Number(mid);
+    const conv = (await this.s.mids.get(seqKey(seq))) as string | undefined;
+    if (conv === undefined) return undefined;
+    return (await this.s.msgs.get(msgKey(conv, seq))) as MessageRecord | undefined;
+  }
+
+  /** Up to `limit` queued messages of `uid`, oldest first, after `afterKey` if given. */
+  async queued(uid: string, limit: number, afterKey?: string): Promise<QueuedMessage[]> {
+    const range = prefixRange(uid);
+    const entries = await this.s.queue
+      .iterator({ gt: afterKey ?? range.gt, lt: range.lt, limit })
+      .all();
+    if (entries.length === 0) return [];
+    const keys = entries.map(([key, conv]) => msgKey(conv as string, Number(keyTail(key))));
+    const messages = (await this.s.msgs.getMany(keys)) as (MessageRecord | undefined)[];
+    return entries.map(([key], n) => ({ key, message: messages[n] }));
+  }
+}

@@ -1,0 +1,108 @@
+// Users and their unique indexes (login, nick, email, phone).
+
+import { del, put, type BatchOp, type Storage } from "./db.js";
+import type { Spaces, UserRecord } from "./layout.js";
+
+export type UniqueIndex = "login" | "nick" | "email" | "phone";
+
+/** Index keys are case-insensitive for login, nick and email. */
+export function indexKey(index: UniqueIndex, value: string): string {
+  return index === "phone" ? value : value.toLowerCase();
+}
+
+const CACHE_SIZE = 50_000;
+
+export class UserStore {
+  private readonly cache = new Map<string, UserRecord>();
+  /** Index keys being written by a batch not yet on disk (`<index>:<key>`). */
+  private readonly claims = new Set<string>();
+  private readonly s: Spaces;
+
+  constructor(storage: Storage) {
+    this.s = storage.spaces;
+  }
+
+  async get(uid: string): Promise<UserRecord | undefined> {
+    const hit = this.cache.get(uid);
+    if (hit) {
+      this.cache.delete(uid);
+      this.cache.set(uid, hit);
+      return hit;
+    }
+    const u = (await this.s.users.get(uid)) as UserRecord | undefined;
+    if (u) this.remember(u);
+    return u;
+  }
+
+  private remember(u: UserRecord): void {
+    this.cache.delete(u.uid);
+    this.cache.set(u.uid, u);
+    if (this.cache.size > CACHE_SIZE) this.cache.delete(this.cache.keys().next().value as string);
+  }
+
+  async lookup(index: UniqueIndex, value: string): Promise<string | undefined> {
+    return (await this.s[index].get(indexKey(index, value))) as string | undefined;
+  }
+
+  /** Index lookups for many values at once (undefined entries are skipped). */
+  async lookupMany(index: UniqueIndex, values: readonly (string | undefined)[]): Promise<(string | undefined)[]> {
+    const wanted = values.map((v) => (v === undefined ? undefined : indexKey(index, v)));
+    const keys = wanted.filter((k): k is string => k !== undefined);
+    const found = keys.length === 0 ? [] : ((await this.s[index].getMany(keys)) as (string | undefined)[]);
+    let n = 0;
+    return wanted.map((k) => (k === undefined ? undefined : found[n++]));
+  }
+
+  /**
+   * Reserves unique values for a write about to be committed: false when one is taken
+   * on disk or by another write in flight. Pair with `release` after the commit.
+   */
+  async claim(values: ReadonlyArray<[UniqueIndex, string]>, owner?: string): Promise<UniqueIndex | undefined> {
+    const keys = values.map(([i, v]) => `${i}:${indexKey(i, v)}`);
+    const busy = values.findIndex((_, n) => this.claims.has(keys[n]));
+    if (busy >= 0) return values[busy][0];
+    for (const k of keys) this.claims.add(k);
+    for (const [index, value] of values) {
+      const holder = await this.lookup(index, value);
+      if (holder !== undefined && holder !== owner) {
+        this.release(values);
+        return index;
+      }
+    }
+    return undefined;
+  }
+
+  release(values: ReadonlyArray<[UniqueIndex, string]>): void {
+    for (const [i, v] of values) this.claims.delete(`${i}:${indexKey(i, v)}`);
+  }
+
+  /** Ops writing `next` (and its indexes) over `prev`; the cache is updated at once. */
+  saveOps(next: UserRecord, prev?: UserRecord): BatchOp[] {
+    const ops: BatchOp[] = [put(this.s.users, next.uid, next)];
+    for (const index of ["login", "nick", "email", "phone"] as const) {
+      const before = prev?.[index] ?? "";
+      const after = next[index];
+      if (before === after) continue;
+      if (before) ops.push(del(this.s[index], indexKey(index, before)));
+      if (after) ops.push(put(this.s[index], indexKey(index, after), next.uid));
+    }
+    return ops;
+  }
+
+  /** Call once the ops from saveOps are committed. */
+  saved(u: UserRecord): void {
+    this.remember(u);
+  }
+
+  removeOps(u: UserRecord): BatchOp[] {
+    const ops: BatchOp[] = [del(this.s.users, u.uid)];
+    for (const index of ["login", "nick", "email", "phone"] as const) {
+      if (u[index]) ops.push(del(this.s[index], indexKey(index, u[index])));
+    }
+    return ops;
+  }
+
+  forget(uid: string): void {
+    this.cache.delete(uid);
+  }
+}

@@ -1,0 +1,75 @@
+// The TCP listener: accepts sockets, wires each one's bytes through a FrameScanner into
+// the dispatcher, and enforces the connection cap.
+
+import net from "node:net";
+import type { Logger } from "pino";
+import type { Config } from "../config.js";
+import { Code } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import { errorFrame, welcomeFrame } from "../protocol/frames.js";
+import { Connection } from "./connection.js";
+import { FrameScanner } from "./scanner.js";
+
+export class Listener {
+  readonly server: net.Server;
+  readonly connections = new Set<Connection>();
+
+  constructor(
+    private readonly config: Config,
+    private readonly dispatcher: Dispatcher,
+    private readonly log: Logger,
+  ) {
+    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.server.on("error", (err) => this.log.error({ err }, "listener error"));
+  }
+
+  listen(port: number, host: string): Promise<net.AddressInfo> {
+    return new Promise((resolve, reject) => {
+      const onError = (err: Error) => reject(err);
+      this.server.once("error", onError);
+      this.server.listen(port, host, () => {
+        this.server.off("error", onError);
+        resolve(this.server.address() as net.AddressInfo);
+      });
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    socket.on("error", (err) => this.log.debug({ err, remote: socket.remoteAddress }, "socket error"));
+    if (this.connections.size >= this.config.maxConnections) {
+      this.log.warn({ remote: socket.remoteAddress, limit: this.config.maxConnections }, "connection refused: server full");
+      socket.end(errorFrame("unknown", Code.Unavailable, "the server is at its connection limit; try again later"));
+      return;
+    }
+    const conn = new Connection(socket, this.config.outboundCap, this.log);
+    this.connections.add(conn);
+    const session = this.dispatcher.open(conn);
+    const scanner = new FrameScanner(this.config, {
+      frame: (bytes) => this.dispatcher.frame(session, bytes),
+      reject: (code, reason, action) => this.dispatcher.reject(session, code, reason, action),
+    });
+    socket.on("data", (chunk: Buffer) => {
+      conn.lastActivity = Date.now();
+      scanner.push(chunk);
+    });
+    socket.on("close", () => {
+      this.connections.delete(conn);
+      this.dispatcher.close(session);
+    });
+    conn.send(welcomeFrame());
+  }
+
+  /**
+   * Stops accepting and ends every connection after flushing what it was sent; a peer
+   * that has not closed its side within `graceMs` is cut off.
+   */
+  async close(graceMs = 2000): Promise<void> {
+    const closed = new Promise<void>((r) => this.server.close(() => r()));
+    for (const c of this.connections) c.end();
+    const timer = setTimeout(() => {
+      for (const c of this.connections) c.destroy();
+    }, graceMs);
+    await closed;
+    clearTimeout(timer);
+  }
+}

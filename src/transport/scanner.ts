@@ -1,0 +1,322 @@
+// Frame scanner: finds JSON-object boundaries in a client's byte stream.
+//
+// A small state machine fed Buffers (after ws's Receiver and the NATS parser). It
+// never splits on '\n': it tracks object depth, whether it is inside a string and
+// whether the previous byte was a backslash, so NDJSON, CRLF, objects back to back
+// and pretty-printed objects all frame the same, however TCP splits the bytes. Every
+// structural byte is ASCII, so a split inside a multi-byte UTF-8 character needs no
+// care.
+//
+// Limits are enforced while scanning: a frame's bytes are only retained while the
+// frame is within `maxFrame`; past it the scanner keeps counting structure (to find
+// where the frame ends) but holds nothing, so memory is bounded by the limit plus the
+// chunk being scanned, whatever a client sends.
+//
+// Resynchronisation: garbage at depth 0 is skipped through the end of its line; a
+// raw newline inside a string (never valid JSON) ends the broken frame there; and a
+// '{' opening a line where the frame so far cannot take a value (the previous
+// significant byte is not ':' ',' or '[') means the previous frame was truncated and
+// a new one starts. Each broken frame is reported once.
+
+import { Code } from "../protocol/codes.js";
+import { ACTION_PEEK_BYTES, peekAction } from "../protocol/frames.js";
+
+export interface ScannerLimits {
+  /** Largest frame in bytes. */
+  maxFrame: number;
+  /** Deepest nesting of objects/arrays; the frame itself is depth 1. */
+  maxDepth: number;
+}
+
+export interface FrameSink {
+  /** A complete frame: the bytes of one balanced JSON object (not yet validated). */
+  frame(bytes: Buffer): void;
+  /** A frame, or bytes at depth 0, that were skipped. `action` when it could be read. */
+  reject(code: Code.InvalidData | Code.TooLarge, reason: string, action: string | undefined): void;
+}
+
+const enum State {
+  Idle,
+  Garbage,
+  Frame,
+}
+
+const enum Byte {
+  Tab = 0x09,
+  LF = 0x0a,
+  CR = 0x0d,
+  Space = 0x20,
+  Quote = 0x22,
+  Comma = 0x2c,
+  Colon = 0x3a,
+  OpenSquare = 0x5b,
+  Backslash = 0x5c,
+  CloseSquare = 0x5d,
+  OpenCurly = 0x7b,
+  CloseCurly = 0x7d,
+  Bom1 = 0xef,
+  Bom2 = 0xbb,
+  Bom3 = 0xbf,
+}
+
+const enum Fault {
+  None,
+  TooLarge,
+  TooDeep,
+}
+
+export class FrameScanner {
+  private state = State.Idle;
+  private depth = 0;
+  private inString = false;
+  private escaped = false;
+  /** Only whitespace seen since the last newline (for the truncated-frame rule). */
+  private lineStart = true;
+  /** Last byte outside strings that was not whitespace; a closing quote counts as '"'. */
+  private lastSignificant = 0;
+  private fault = Fault.None;
+  /** Bytes of the current frame held from earlier chunks. */
+  private parts: Buffer[] = [];
+  private partsLength = 0;
+  /** Frame bytes seen so far, including any no longer held. */
+  private frameLength = 0;
+  /** Up to the first bytes of an oversized frame, to echo its action. */
+  private head: Buffer | undefined;
+  /** Where the current frame's bytes begin in the chunk being scanned. */
+  private start = 0;
+  /** Whether each open level (up to maxDepth) is an object (1) or an array (0). */
+  private readonly containers: Uint8Array;
+
+  constructor(
+    private readonly limits: ScannerLimits,
+    private readonly sink: FrameSink,
+  ) {
+    this.containers = new Uint8Array(limits.maxDepth + 1);
+  }
+
+  /** Bytes currently retained for an incomplete frame. */
+  get buffered(): number {
+    return this.partsLength;
+  }
+
+  push(chunk: Buffer): void {
+    const n = chunk.length;
+    let i = 0;
+    this.start = 0; // a frame carried over from an earlier chunk continues at 0
+    while (i < n) {
+      switch (this.state) {
+        case State.Idle: {
+          const c = chunk[i];
+          if (c === Byte.OpenCurly || c === Byte.OpenSquare) {
+            this.beginFrame(i);
+            i = this.scanFrame(chunk, i);
+          } else if (c === Byte.Space || c === Byte.LF || c === Byte.CR || c === Byte.Tab) {
+            i++;
+          } else if (c === Byte.Bom1 || c === Byte.Bom2 || c === Byte.Bom3) {
+            // A UTF-8 BOM (EF BB BF), possibly split across reads. Its bytes can never
+            // begin valid text, so skipping them one at a time is safe.
+            i++;
+          } else {
+            this.sink.reject(Code.InvalidData, "expected a JSON object", undefined);
+            this.state = State.Garbage;
+          }
+          break;
+        }
+        case State.Garbage: {
+          const nl = chunk.indexOf(Byte.LF, i);
+          if (nl < 0) {
+            i = n;
+          } else {
+            i = nl + 1;
+            this.state = State.Idle;
+          }
+          break;
+        }
+        case State.Frame:
+          i = this.scanFrame(chunk, i);
+          break;
+      }
+    }
+    if (this.state === State.Frame) this.retain(chunk, this.start, n);
+  }
+
+  private beginFrame(start: number): void {
+    this.state = State.Frame;
+    this.start = start;
+    this.depth = 0;
+    this.inString = false;
+    this.escaped = false;
+    this.lineStart = false;
+    this.lastSignificant = 0;
+    this.fault = Fault.None;
+    this.frameLength = 0;
+    this.head = undefined;
+  }
+
+  /**
+   * Scans frame bytes from `i`. Returns where scanning resumes: just past the frame
+   * when it ends in this chunk (state back to Idle), at a '{' that starts a new frame
+   * after a truncated one (Idle, so the caller's loop begins it), else `n`.
+   */
+  private scanFrame(chunk: Buffer, i: number): number {
+    const start = this.start;
+    const n = chunk.length;
+    const maxDepth = this.limits.maxDepth;
+    const containers = this.containers;
+    let depth = this.depth;
+    let inString = this.inString;
+    let escaped = this.escaped;
+    let lineStart = this.lineStart;
+    let last = this.lastSignificant;
+    for (; i < n; i++) {
+      const c = chunk[i];
+      if (inString) {
+        if (escaped) {
+          escaped = false;
+        } else if (c === Byte.Quote) {
+          inString = false;
+          last = Byte.Quote;
+        } else if (c === Byte.Backslash) {
+          escaped = true;
+        } else if (c === Byte.LF) {
+          // Raw newline inside a string: the frame is broken; skip through this line.
+          this.saveScan(depth, inString, escaped, true, last);
+          this.endBroken(chunk, start, i, "unterminated string in frame");
+          return i + 1;
+        }
+        continue;
+      }
+      switch (c) {
+        case Byte.Space:
+        case Byte.Tab:
+        case Byte.CR:
+          continue;
+        case Byte.LF:
+          lineStart = true;
+          continue;
+        case Byte.Quote:
+          inString = true;
+          break;
+        case Byte.OpenCurly:
+        case Byte.OpenSquare:
+          if (lineStart && c === Byte.OpenCurly && depth > 0 && depth <= maxDepth) {
+            // A value may follow ':' in an object, '[' or ',' in an array. Anything
+            // else means the previous frame never closed and this line starts anew.
+            const inObject = containers[depth] === 1;
+            if (inObject ? last !== Byte.Colon : last !== Byte.Comma && last !== Byte.OpenSquare) {
+              this.saveScan(depth, inString, escaped, lineStart, last);
+              this.endBroken(chunk, start, i, "incomplete JSON object");
+              return i;
+            }
+          }
+          depth++;
+          if (depth <= maxDepth) containers[depth] = c === Byte.OpenCurly ? 1 : 0;
+          else if (this.fault === Fault.None) this.fault = Fault.TooDeep;
+          last = c;
+          break;
+        case Byte.CloseCurly:
+        case Byte.CloseSquare:
+          depth--;
+          if (depth === 0) {
+            this.saveScan(0, false, false, false, c);
+            this.endFrame(chunk, start, i + 1);
+            return i + 1;
+          }
+          last = c;
+          break;
+        default:
+          last = c;
+      }
+      lineStart = false;
+    }
+    this.saveScan(depth, inString, escaped, lineStart, last);
+    return n;
+  }
+
+  private saveScan(depth: number, inString: boolean, escaped: boolean, lineStart: boolean, last: number): void {
+    this.depth = depth;
+    this.inString = inString;
+    this.escaped = escaped;
+    this.lineStart = lineStart;
+    this.lastSignificant = last;
+  }
+
+  /** Keeps chunk[start, end) as part of the current frame, unless that passes the limit. */
+  private retain(chunk: Buffer, start: number, end: number): void {
+    const len = end - start;
+    this.frameLength += len;
+    if (this.fault === Fault.TooLarge) return;
+    if (this.frameLength > this.limits.maxFrame) {
+      this.keepHead(chunk.subarray(start, end));
+      this.fault = Fault.TooLarge;
+      this.dropParts();
+      return;
+    }
+    if (len > 0) {
+      this.parts.push(chunk.subarray(start, end));
+      this.partsLength += len;
+    }
+  }
+
+  /** Copies the first ACTION_PEEK_BYTES of the frame (held parts, then `tail`). */
+  private keepHead(tail: Buffer): void {
+    const head = Buffer.allocUnsafe(ACTION_PEEK_BYTES);
+    let len = 0;
+    for (const part of [...this.parts, tail]) {
+      len += part.copy(head, len, 0, Math.min(part.length, ACTION_PEEK_BYTES - len));
+      if (len === ACTION_PEEK_BYTES) break;
+    }
+    this.head = head.subarray(0, len);
+  }
+
+  private dropParts(): void {
+    this.parts = [];
+    this.partsLength = 0;
+  }
+
+  private takeFrame(chunk: Buffer, start: number, end: number): Buffer {
+    const tail = chunk.subarray(start, end);
+    if (this.parts.length === 0) return tail;
+    this.parts.push(tail);
+    const whole = Buffer.concat(this.parts, this.partsLength + tail.length);
+    this.dropParts();
+    return whole;
+  }
+
+  private endFrame(chunk: Buffer, start: number, end: number): void {
+    this.state = State.Idle;
+    this.lineStart = false;
+    const total = this.frameLength + (end - start);
+    if (this.fault === Fault.None && total > this.limits.maxFrame) {
+      this.keepHead(chunk.subarray(start, end));
+      this.fault = Fault.TooLarge;
+    }
+    switch (this.fault) {
+      case Fault.TooLarge:
+        this.dropParts();
+        this.sink.reject(
+          Code.TooLarge,
+          `frame of ${total} bytes is over the limit of ${this.limits.maxFrame}`,
+          peekAction(this.head),
+        );
+        this.head = undefined;
+        return;
+      case Fault.TooDeep: {
+        const bytes = this.takeFrame(chunk, start, end);
+        this.sink.reject(Code.InvalidData, `nesting deeper than ${this.limits.maxDepth}`, peekAction(bytes));
+        return;
+      }
+      case Fault.None:
+        this.sink.frame(this.takeFrame(chunk, start, end));
+    }
+  }
+
+  /** The frame that started at `start` is broken at `at`; report it and go idle. */
+  private endBroken(chunk: Buffer, start: number, at: number, reason: string): void {
+    this.state = State.Idle;
+    const bytes = this.fault === Fault.TooLarge ? this.head : this.takeFrame(chunk, start, at);
+    this.dropParts();
+    this.head = undefined;
+    this.sink.reject(Code.InvalidData, reason, peekAction(bytes));
+  }
+}

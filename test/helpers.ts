@@ -1,0 +1,207 @@
+// Test harness: a real wirechat server (in-process, or a child process when a test
+// must kill it) on an ephemeral port with a temporary LevelDB, and a TCP client that
+// reads its NDJSON frames.
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { defaultConfig, type Config } from "../src/config.js";
+import { startServer, type RunningServer } from "../src/server.js";
+
+export type Frame = { action: string; data?: any; [k: string]: any };
+
+export function tempDir(): string {
+  return mkdtempSync(path.join(tmpdir(), "wirechat-test-"));
+}
+
+export function testConfig(overrides: Partial<Config> = {}): Config {
+  return {
+    ...defaultConfig(),
+    host: "127.0.0.1",
+    port: 0,
+    dataDir: tempDir(),
+    logLevel: "silent",
+    bcryptCost: 4,
+    ...overrides,
+  };
+}
+
+export async function startTestServer(overrides: Partial<Config> = {}): Promise<RunningServer> {
+  return startServer(testConfig(overrides));
+}
+
+export function removeDir(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+}
+
+type Waiter = { pred: (f: Frame) => boolean; resolve: (f: Frame) => void };
+
+export class Client {
+  /** Frames received and not yet taken by next()/request(). */
+  readonly frames: Frame[] = [];
+  /** Every raw line received, for byte-level assertions. */
+  readonly lines: string[] = [];
+  private buf = "";
+  private waiters: Waiter[] = [];
+  readonly closed: Promise<void>;
+  isClosed = false;
+
+  private constructor(readonly socket: net.Socket) {
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => this.onData(chunk));
+    this.closed = new Promise((resolve) =>
+      socket.on("close", () => {
+        this.isClosed = true;
+        resolve();
+      }),
+    );
+    socket.on("error", () => {});
+  }
+
+  static async connect(port: number, opts: { welcome?: boolean } = {}): Promise<Client> {
+    const socket = net.connect(port, "127.0.0.1");
+    await new Promise<void>((resolve, reject) => {
+      socket.once("connect", resolve);
+      socket.once("error", reject);
+    });
+    const c = new Client(socket);
+    if (opts.welcome !== false) await c.next((f) => f.action === "welcome");
+    return c;
+  }
+
+  private onData(chunk: string): void {
+    this.buf += chunk;
+    let nl: number;
+    while ((nl = this.buf.indexOf("\n")) >= 0) {
+      const line = this.buf.slice(0, nl);
+      this.buf = this.buf.slice(nl + 1);
+      this.lines.push(line);
+      const f = JSON.parse(line) as Frame;
+      const w = this.waiters.findIndex((x) => x.pred(f));
+      if (w >= 0) this.waiters.splice(w, 1)[0].resolve(f);
+      else this.frames.push(f);
+    }
+  }
+
+  write(raw: string | Buffer): void {
+    this.socket.write(raw);
+  }
+
+  send(action: string, data?: Record<string, unknown>): void {
+    this.write(JSON.stringify(data === undefined ? { action } : { action, data }) + "\n");
+  }
+
+  /** The next frame matching `pred` (already received or still to come). */
+  next(pred: (f: Frame) => boolean = () => true, timeoutMs = 5000): Promise<Frame> {
+    const i = this.frames.findIndex(pred);
+    if (i >= 0) return Promise.resolve(this.frames.splice(i, 1)[0]);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        reject(new Error(`timed out waiting for a frame; unclaimed: ${JSON.stringify(this.frames).slice(0, 500)}`));
+      }, timeoutMs);
+      const waiter: Waiter = {
+        pred,
+        resolve: (f) => {
+          clearTimeout(timer);
+          resolve(f);
+        },
+      };
+      this.waiters.push(waiter);
+    });
+  }
+
+  /** The next reply frame for `action` (not an event). */
+  reply(action: string, timeoutMs?: number): Promise<Frame> {
+    return this.next((f) => f.action === action, timeoutMs);
+  }
+
+  event(action: string, pred: (data: any) => boolean = () => true, timeoutMs?: number): Promise<any> {
+    return this.next((f) => f.action === action && pred(f.data), timeoutMs).then((f) => f.data);
+  }
+
+  /** Sends a request and returns its reply's data. */
+  async request(action: string, data?: Record<string, unknown>): Promise<any> {
+    this.send(action, data);
+    return (await this.reply(action)).data;
+  }
+
+  /** Resolves true if no frame matching `pred` arrives within `ms`. */
+  async quiet(ms = 200, pred: (f: Frame) => boolean = () => true): Promise<boolean> {
+    try {
+      await this.next(pred, ms);
+      return false;
+    } catch {
+      return true;
+    }
+  }
+
+  close(): void {
+    this.socket.end();
+    this.socket.destroy();
+  }
+}
+
+export interface Account {
+  client: Client;
+  uid: string;
+  sid: string;
+  login: string;
+  nick: string;
+}
+
+let counter = 0;
+export function uniqueName(prefix = "user"): string {
+  return `${prefix}${process.pid}x${++counter}`;
+}
+
+/** Connects and registers a fresh account; returns it with the auth frame's fields. */
+export async function registerUser(port: number, login = uniqueName(), pass = "secret", nick = login): Promise<Account> {
+  const client = await Client.connect(port);
+  const reg = await client.request("register", { login, pass, nick });
+  if (reg.status !== 0) throw new Error(`register failed: ${JSON.stringify(reg)}`);
+  const auth = (await client.reply("auth")).data;
+  return { client, uid: auth.uid, sid: auth.sid, login, nick };
+}
+
+/** Connects a second device and logs in with the password. */
+export async function login(port: number, loginName: string, pass = "secret"): Promise<{ client: Client; auth: any }> {
+  const client = await Client.connect(port);
+  const auth = await client.request("auth", { login: loginName, pass });
+  return { client, auth };
+}
+
+/** A server in a child process (built dist), for tests that kill or signal it. */
+export class ChildServer {
+  private constructor(
+    readonly proc: ChildProcess,
+    readonly port: number,
+    readonly exited: Promise<number | null>,
+    readonly stdout: () => string,
+  ) {}
+
+  static async start(dataDir: string, extra: string[] = []): Promise<ChildServer> {
+    const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
+    const proc = spawn(
+      process.execPath,
+      [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dataDir, "--bcrypt-cost", "4", "--log-level", "info", ...extra],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    let out = "";
+    const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+    const port = await new Promise<number>((resolve, reject) => {
+      const onData = (d: Buffer) => {
+        out += d.toString();
+        const m = /"port":(\d+)[^\n]*"msg":"wirechat listening"/.exec(out);
+        if (m) resolve(Number(m[1]));
+      };
+      proc.stdout!.on("data", onData);
+      proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
+      proc.on("exit", (code) => reject(new Error(`server exited (${code}) before listening:\n${out}`)));
+    });
+    return new ChildServer(proc, port, exited, () => out);
+  }
+}
