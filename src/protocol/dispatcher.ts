@@ -50,7 +50,7 @@ interface Action {
 
 type Item =
   | { kind: "request"; action: string; data: Record<string, unknown> }
-  | { kind: "reject"; action: string; code: Code; reason: string };
+  | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
 interface Slot {
   frame: string | undefined;
@@ -81,6 +81,8 @@ class Line {
   pending = new Set<Promise<unknown>>();
   badFrames = 0;
   badSince = 0;
+  /** Set once the connection is to be closed: nothing more is read or queued. */
+  closing = false;
 }
 
 export class Dispatcher {
@@ -156,11 +158,11 @@ export class Dispatcher {
       line.badFrames = 0;
     }
     if (++line.badFrames > this.config.badFrameLimit) {
-      if (line.badFrames === this.config.badFrameLimit + 1) {
-        s.log.warn({ badFrames: line.badFrames }, "too many bad frames; closing");
-        s.send(errorFrame("unknown", Code.InvalidData, "too many bad frames; closing the connection"));
-        s.peer.end();
-      }
+      s.log.warn({ badFrames: line.badFrames }, "too many bad frames; closing");
+      // The notice waits behind the replies already owed, then the connection ends.
+      this.enqueue(s, { kind: "reject", action: "unknown", code, reason: "too many bad frames; closing the connection", last: true });
+      line.closing = true;
+      s.peer.pause("closing");
       return;
     }
     this.enqueue(s, { kind: "reject", action: action ?? "unknown", code, reason });
@@ -168,7 +170,7 @@ export class Dispatcher {
 
   private enqueue(s: Session, item: Item): void {
     const line = this.lines.get(s);
-    if (!line || s.peer.closed) return;
+    if (!line || line.closing || s.peer.closed) return;
     line.inbox.push(item);
     if (line.inbox.length - line.head > INBOX_LIMIT) s.peer.pause("inbox");
     if (!line.running) void this.run(s, line);
@@ -194,7 +196,10 @@ export class Dispatcher {
   }
 
   private async execute(s: Session, line: Line, item: Item, slot: Slot): Promise<void> {
-    if (item.kind === "reject") return this.fill(s, line, slot, errorFrame(item.action, item.code, item.reason));
+    if (item.kind === "reject") {
+      const after = item.last ? [() => s.peer.end()] : undefined;
+      return this.fill(s, line, slot, errorFrame(item.action, item.code, item.reason), after);
+    }
     const { action, data } = item;
     const entry = this.actions.get(action);
     if (!entry) {

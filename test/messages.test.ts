@@ -1,0 +1,174 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server.js";
+import { Client, login, registerUser } from "./helpers.js";
+import { startTestServer } from "./helpers.js";
+
+let server: RunningServer;
+let port: number;
+
+beforeAll(async () => {
+  server = await startTestServer();
+  port = server.port;
+});
+afterAll(async () => {
+  await server.stop();
+});
+
+describe("message", () => {
+  it("replies mid and time once stored, and delivers ev_message to recipient and sender", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const r = await a.client.request("message", { uid: b.uid, body: "hello", cid: a.uid, sid: a.sid });
+    expect(r).toMatchObject({ status: 0, error: "OK" });
+    expect(typeof r.mid).toBe("string");
+    expect(Number.isInteger(r.time)).toBe(true);
+    const ev = await b.client.event("ev_message");
+    expect(ev).toEqual({
+      mid: r.mid,
+      from: a.uid,
+      nick: a.nick,
+      body: "hello",
+      time: r.time,
+      attach: { mime: "", data: "" },
+      to: b.uid,
+    });
+    expect(await a.client.event("ev_message")).toEqual(ev);
+    a.client.close();
+    b.client.close();
+  });
+
+  it("carries an attachment (base64) through to the recipient byte for byte", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const data = Buffer.from(Array.from({ length: 3000 }, (_, i) => i % 256)).toString("base64");
+    const r = await a.client.request("message", { uid: b.uid, body: "", attach: { mime: "image/png", data } });
+    expect(r.status).toBe(0);
+    const ev = await b.client.event("ev_message");
+    expect(ev.attach).toEqual({ mime: "image/png", data });
+    a.client.close();
+    b.client.close();
+  });
+
+  it("gives every mid once and keeps a sender's order for the recipient", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    for (let i = 0; i < 100; i++) a.client.send("message", { uid: b.uid, body: `m${i}` });
+    const replies = [];
+    for (let i = 0; i < 100; i++) replies.push((await a.client.reply("message")).data);
+    expect(new Set(replies.map((r) => r.mid)).size).toBe(100);
+    const bodies = [];
+    for (let i = 0; i < 100; i++) bodies.push((await b.client.event("ev_message")).body);
+    expect(bodies).toEqual(Array.from({ length: 100 }, (_, i) => `m${i}`));
+    // mids increase in send order
+    const mids = replies.map((r) => Number(r.mid));
+    expect([...mids].sort((x, y) => x - y)).toEqual(mids);
+    a.client.close();
+    b.client.close();
+  });
+
+  it("answers 4 for an empty body without attachment, 8 for an unknown uid, 3 for bad base64 or types", async () => {
+    const a = await registerUser(port);
+    expect((await a.client.request("message", { uid: a.uid, body: "" })).status).toBe(4);
+    expect((await a.client.request("message", { body: "x" })).status).toBe(4);
+    expect((await a.client.request("message", { uid: "nobody", body: "x" })).status).toBe(8);
+    expect((await a.client.request("message", { uid: a.uid, attach: { mime: "a/b", data: "!!notbase64" } })).status).toBe(3);
+    expect((await a.client.request("message", { uid: a.uid, body: 12 })).status).toBe(3);
+    expect((await a.client.request("message", { uid: a.uid, body: "x", attach: "nope" })).status).toBe(3);
+    // nothing was delivered for any of them
+    expect(await a.client.quiet(150, (f) => f.action === "ev_message")).toBe(true);
+    a.client.close();
+  });
+
+  it("answers 12 for an attachment over the limit", async () => {
+    const small = await startTestServer({ maxAttach: 1000 });
+    const a = await registerUser(small.port);
+    const data = Buffer.alloc(1001).toString("base64");
+    expect((await a.client.request("message", { uid: a.uid, attach: { mime: "x/y", data } })).status).toBe(12);
+    expect((await a.client.request("ping")).status).toBe(0);
+    a.client.close();
+    await small.stop();
+  });
+});
+
+describe("multi-device", () => {
+  it("delivers to every connection of the recipient and of the sender", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const a2 = await login(port, a.login);
+    const b2 = await login(port, b.login);
+    const b3 = await Client.connect(port);
+    expect((await b3.request("auth", { sid: b.sid })).status).toBe(0);
+    const r = await a.client.request("message", { uid: b.uid, body: "to all devices" });
+    for (const c of [b.client, b2.client, b3, a.client, a2.client]) {
+      expect((await c.event("ev_message")).mid).toBe(r.mid);
+    }
+    for (const c of [a.client, a2.client, b.client, b2.client, b3]) c.close();
+  });
+});
+
+describe("offline delivery", () => {
+  it("queues messages for an offline user and sends them in order right after auth", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    b.client.close();
+    await b.client.closed;
+    const mids = [];
+    for (let i = 0; i < 30; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `offline ${i}` })).mid);
+    const { client, auth } = await login(port, b.login);
+    expect(auth.status).toBe(0);
+    const got = [];
+    for (let i = 0; i < 30; i++) got.push(await client.event("ev_message"));
+    expect(got.map((e) => e.mid)).toEqual(mids);
+    expect(got.map((e) => e.body)).toEqual(mids.map((_, i) => `offline ${i}`));
+    client.close();
+    await client.closed;
+    // once delivered, the queue is empty: the next login gets nothing
+    const again = await login(port, b.login);
+    expect(await again.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    again.client.close();
+    a.client.close();
+  });
+
+  it("sends queued messages before live ones that arrive during the drain", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    b.client.close();
+    await b.client.closed;
+    for (let i = 0; i < 300; i++) a.client.send("message", { uid: b.uid, body: `q${i}` });
+    for (let i = 0; i < 300; i++) expect((await a.client.reply("message")).data.status).toBe(0);
+    const c = await Client.connect(port);
+    c.send("auth", { sid: b.sid });
+    await c.reply("auth");
+    for (let i = 0; i < 20; i++) a.client.send("message", { uid: b.uid, body: `live${i}` });
+    const bodies = [];
+    for (let i = 0; i < 320; i++) bodies.push((await c.event("ev_message")).body);
+    expect(bodies).toEqual([...Array.from({ length: 300 }, (_, i) => `q${i}`), ...Array.from({ length: 20 }, (_, i) => `live${i}`)]);
+    c.close();
+    a.client.close();
+  });
+});
+
+describe("cmid", () => {
+  it("a resend with the same cmid returns the original mid and delivers nothing twice", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const first = await a.client.request("message", { uid: b.uid, body: "once", cmid: "c-1" });
+    const again = await a.client.request("message", { uid: b.uid, body: "once", cmid: "c-1" });
+    expect(again).toEqual(first);
+    // a resend in flight at the same time as the original
+    a.client.send("message", { uid: b.uid, body: "twin", cmid: "c-2" });
+    a.client.send("message", { uid: b.uid, body: "twin", cmid: "c-2" });
+    const [t1, t2] = [(await a.client.reply("message")).data, (await a.client.reply("message")).data];
+    expect(t2.mid).toBe(t1.mid);
+    const evs = [await b.client.event("ev_message"), await b.client.event("ev_message")];
+    expect(evs.map((e) => e.body)).toEqual(["once", "twin"]);
+    expect(await b.client.quiet(200, (f) => f.action === "ev_message")).toBe(true);
+    // after a reconnect, the retry is still recognised
+    const re = await login(port, a.login);
+    expect(await re.client.request("message", { uid: b.uid, body: "once", cmid: "c-1" })).toEqual(first);
+    // cmids are per sender: another sender's c-1 is a new message
+    const other = await b.client.request("message", { uid: a.uid, body: "mine", cmid: "c-1" });
+    expect(other.mid).not.toBe(first.mid);
+    for (const c of [a.client, b.client, re.client]) c.close();
+  });
+});

@@ -1,0 +1,84 @@
+// Durability: everything survives a restart on the same data dir, and a message that
+// was acknowledged survives kill -9.
+import { afterEach, describe, expect, it } from "vitest";
+import { startServer } from "../src/server.js";
+import { ChildServer, Client, login, registerUser, removeDir, tempDir, testConfig } from "./helpers.js";
+
+const dirs: string[] = [];
+afterEach(() => {
+  for (const d of dirs.splice(0)) removeDir(d);
+});
+
+describe("restart", () => {
+  it("keeps accounts, sessions, contacts, profiles and queued messages", async () => {
+    const dataDir = tempDir();
+    dirs.push(dataDir);
+    const config = testConfig({ dataDir });
+    let server = await startServer(config);
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    expect((await a.client.request("setuserinfo", { user_status: "persisted", email: `p${Date.now()}@x.test` })).status).toBe(0);
+    b.client.close();
+    await b.client.closed;
+    const sent = [];
+    for (let i = 0; i < 5; i++) sent.push((await a.client.request("message", { uid: b.uid, body: `kept ${i}` })).mid);
+    a.client.close();
+    await server.stop();
+
+    server = await startServer({ ...config, port: 0 });
+    // the password still works
+    const again = await login(server.port, a.login);
+    expect(again.auth).toMatchObject({ status: 0, uid: a.uid });
+    // a session from before the restart still resumes
+    const bc = await Client.connect(server.port);
+    expect(await bc.request("auth", { sid: b.sid })).toMatchObject({ status: 0, uid: b.uid });
+    const got = [];
+    for (let i = 0; i < 5; i++) got.push(await bc.event("ev_message"));
+    expect(got.map((e) => e.mid)).toEqual(sent);
+    // contacts and profile
+    const list = await again.client.request("contactlist");
+    expect(list.list.map((x: any) => x.uid)).toEqual([b.uid]);
+    expect((await bc.request("userinfo", { user: a.uid })).user_status).toBe("persisted");
+    // the login is still taken, and new mids do not collide with old ones
+    const c = await Client.connect(server.port);
+    expect((await c.request("register", { login: a.login, pass: "x", nick: "fresh" })).status).toBe(1);
+    const next = await again.client.request("message", { uid: b.uid, body: "after restart" });
+    expect(Number(next.mid)).toBeGreaterThan(Math.max(...sent.map(Number)));
+    for (const x of [again.client, bc, c]) x.close();
+    await server.stop();
+  });
+});
+
+describe("crash", () => {
+  it("an acknowledged message survives kill -9 and is delivered after restart", async () => {
+    const dataDir = tempDir();
+    dirs.push(dataDir);
+    let child = await ChildServer.start(dataDir);
+    const a = await registerUser(child.port);
+    const b = await registerUser(child.port);
+    b.client.close();
+    await b.client.closed;
+    const n = 200;
+    for (let i = 0; i < n; i++) a.client.send("message", { uid: b.uid, body: `durable ${i}` });
+    const acked: string[] = [];
+    for (let i = 0; i < n; i++) {
+      const r = (await a.client.reply("message")).data;
+      expect(r.status).toBe(0);
+      acked.push(r.mid);
+    }
+    // the moment the last ack is in, the process dies without any chance to flush
+    child.proc.kill("SIGKILL");
+    await child.exited;
+
+    child = await ChildServer.start(dataDir);
+    const c = await Client.connect(child.port);
+    expect((await c.request("auth", { sid: b.sid })).status).toBe(0);
+    const got = [];
+    for (let i = 0; i < n; i++) got.push((await c.event("ev_message")).mid);
+    expect(got).toEqual(acked);
+    c.close();
+    child.proc.kill("SIGTERM");
+    expect(await child.exited).toBe(0);
+  });
+});

@@ -1,0 +1,157 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server.js";
+import { registerUser, startTestServer } from "./helpers.js";
+
+let server: RunningServer;
+let port: number;
+
+beforeAll(async () => {
+  server = await startTestServer({ maxPicture: 4096, maxImport: 50 });
+  port = server.port;
+});
+afterAll(async () => {
+  await server.stop();
+});
+
+const tag = () => String(Date.now() % 1e6) + String(Math.floor(Math.random() * 1e6)).padStart(6, "0");
+
+describe("userinfo and setuserinfo", () => {
+  it("returns the profile; setuserinfo changes only the fields sent", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const t = tag();
+    const pic = Buffer.from("tiny png").toString("base64");
+    expect(
+      await a.client.request("setuserinfo", { user_status: "busy", email: `A${t}@Example.com`, phone: `+1 (555) ${t}`, picture: pic }),
+    ).toEqual({ status: 0, error: "OK" });
+    const info = await b.client.request("userinfo", { user: a.uid });
+    expect(info).toEqual({
+      status: 0,
+      error: "OK",
+      uid: a.uid,
+      nick: a.nick,
+      email: `a${t}@example.com`,
+      phone: `+1555${t}`,
+      picture: pic,
+      user_status: "busy",
+    });
+    // omitted fields stay (the reference clears picture and status: we do not)
+    expect((await a.client.request("setuserinfo", { user_status: "away" })).status).toBe(0);
+    const after = await b.client.request("userinfo", { user: a.uid });
+    expect(after).toMatchObject({ user_status: "away", picture: pic, email: `a${t}@example.com` });
+    // an empty string clears
+    expect((await a.client.request("setuserinfo", { picture: "" })).status).toBe(0);
+    expect((await b.client.request("userinfo", { user: a.uid })).picture).toBe("");
+    a.client.close();
+    b.client.close();
+  });
+
+  it("keeps email and phone unique across users (1), and frees them when changed", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const t = tag();
+    expect((await a.client.request("setuserinfo", { email: `u${t}@x.org`, phone: `7${t}` })).status).toBe(0);
+    expect((await b.client.request("setuserinfo", { email: `U${t}@X.org` })).status).toBe(1);
+    expect((await b.client.request("setuserinfo", { phone: `7-${t}` })).status).toBe(1);
+    // setting one's own value again is fine
+    expect((await a.client.request("setuserinfo", { email: `u${t}@x.org` })).status).toBe(0);
+    expect((await a.client.request("setuserinfo", { email: `other${t}@x.org` })).status).toBe(0);
+    expect((await b.client.request("setuserinfo", { email: `u${t}@x.org` })).status).toBe(0);
+    a.client.close();
+    b.client.close();
+  });
+
+  it("answers 8 for an unknown user, 4 for an empty one, 3 for bad email/phone/base64, 12 for a big picture", async () => {
+    const a = await registerUser(port);
+    expect((await a.client.request("userinfo", { user: "ffffffffffff" })).status).toBe(8);
+    expect((await a.client.request("userinfo", { user: "" })).status).toBe(4);
+    expect((await a.client.request("userinfo", {})).status).toBe(4);
+    expect((await a.client.request("setuserinfo", { email: "not-an-email" })).status).toBe(3);
+    expect((await a.client.request("setuserinfo", { phone: "call me" })).status).toBe(3);
+    expect((await a.client.request("setuserinfo", { picture: "***" })).status).toBe(3);
+    expect((await a.client.request("setuserinfo", { user_status: 5 })).status).toBe(3);
+    expect((await a.client.request("setuserinfo", { picture: "A".repeat(4100) })).status).toBe(12);
+    // nothing changed
+    expect(await a.client.request("userinfo", { user: a.uid })).toMatchObject({ email: "", phone: "", picture: "", user_status: "" });
+    a.client.close();
+  });
+
+  it("never lets __proto__ or constructor keys reach stored objects", async () => {
+    const a = await registerUser(port);
+    a.client.write(`{"action":"setuserinfo","data":{"__proto__":{"nick":"hacked","isAdmin":true},"constructor":{"x":1},"user_status":"ok"}}\n`);
+    expect((await a.client.reply("setuserinfo")).data.status).toBe(0);
+    const info = await a.client.request("userinfo", { user: a.uid });
+    expect(info.nick).toBe(a.nick);
+    expect(info.isAdmin).toBeUndefined();
+    expect(({} as Record<string, unknown>).isAdmin).toBeUndefined();
+    a.client.close();
+  });
+});
+
+describe("contacts", () => {
+  it("addcontact, contactlist and delcontact", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const c = await registerUser(port);
+    const added = await a.client.request("addcontact", { uid: b.uid });
+    expect(added).toEqual({ status: 0, error: "OK", user: { uid: b.uid, nick: b.nick, email: "", phone: "" } });
+    expect((await a.client.request("addcontact", { uid: c.uid })).status).toBe(0);
+    const list = await a.client.request("contactlist", {});
+    expect(list.status).toBe(0);
+    expect(list.list.map((x: any) => x.uid).sort()).toEqual([b.uid, c.uid].sort());
+    expect(list.list.find((x: any) => x.uid === b.uid)).toMatchObject({ nick: b.nick, email: "", phone: "", picture: "" });
+    expect(await a.client.request("delcontact", { uid: b.uid })).toEqual({ status: 0, error: "OK", uid: b.uid });
+    expect((await a.client.request("contactlist")).list.map((x: any) => x.uid)).toEqual([c.uid]);
+    for (const x of [a, b, c]) x.client.close();
+  });
+
+  it("answers 1 for a listed contact or oneself, 8 for an unknown uid, 4 for none", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(1);
+    expect((await a.client.request("addcontact", { uid: a.uid })).status).toBe(1);
+    expect((await a.client.request("addcontact", { uid: "000000000000" })).status).toBe(8);
+    expect((await a.client.request("addcontact", {})).status).toBe(4);
+    expect((await a.client.request("delcontact", { uid: "000000000000" })).status).toBe(8);
+    expect((await a.client.request("delcontact", { uid: "" })).status).toBe(4);
+    a.client.close();
+    b.client.close();
+  });
+});
+
+describe("import", () => {
+  it("matches address-book entries by email or phone and echoes myid", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const c = await registerUser(port);
+    const t = tag();
+    expect((await b.client.request("setuserinfo", { email: `b${t}@mail.test` })).status).toBe(0);
+    expect((await c.client.request("setuserinfo", { phone: `+44 20 ${t}` })).status).toBe(0);
+    const r = await a.client.request("import", {
+      contacts: [
+        { myid: "1", name: "Bee", email: `B${t}@MAIL.test`, phone: "" },
+        { myid: 2, name: "Cee", phone: `+4420${t}` },
+        { myid: "3", name: "Nobody", email: `nobody${t}@mail.test`, phone: "123456" },
+        { myid: "4", name: "Bad", email: "not an email" },
+      ],
+    });
+    expect(r.status).toBe(0);
+    expect(r.list).toEqual([
+      { myid: "1", uid: b.uid, nick: b.nick, email: `b${t}@mail.test`, phone: "" },
+      { myid: 2, uid: c.uid, nick: c.nick, email: "", phone: `+4420${t}` },
+    ]);
+    for (const x of [a, b, c]) x.client.close();
+  });
+
+  it("answers 12 past the entry limit, 4 without contacts, 3 for a wrong shape", async () => {
+    const a = await registerUser(port);
+    const many = Array.from({ length: 51 }, (_, i) => ({ myid: String(i), phone: `555000${i}` }));
+    expect((await a.client.request("import", { contacts: many })).status).toBe(12);
+    expect((await a.client.request("import", {})).status).toBe(4);
+    expect((await a.client.request("import", { contacts: "x" })).status).toBe(3);
+    expect((await a.client.request("import", { contacts: [{ email: 5 }] })).status).toBe(3);
+    expect((await a.client.request("import", { contacts: [] })).list).toEqual([]);
+    a.client.close();
+  });
+});
