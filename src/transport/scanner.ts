@@ -171,18 +171,19 @@ export class FrameScanner {
     for (; i < n; i++) {
       const c = chunk[i];
       if (inString) {
-        if (escaped) {
+        if (c === Byte.LF) {
+          // A raw newline is never valid inside a string (escaped or not): the frame
+          // is broken; skip through this line.
+          this.saveScan(depth, inString, escaped, true, last);
+          this.endBroken(chunk, start, i, "unterminated string in frame");
+          return i + 1;
+        } else if (escaped) {
           escaped = false;
         } else if (c === Byte.Quote) {
           inString = false;
           last = Byte.Quote;
         } else if (c === Byte.Backslash) {
           escaped = true;
-        } else if (c === Byte.LF) {
-          // Raw newline inside a string: the frame is broken; skip through this line.
-          this.saveScan(depth, inString, escaped, true, last);
-          this.endBroken(chunk, start, i, "unterminated string in frame");
-          return i + 1;
         }
         continue;
       }
@@ -199,11 +200,18 @@ export class FrameScanner {
           break;
         case Byte.OpenCurly:
         case Byte.OpenSquare:
-          if (lineStart && c === Byte.OpenCurly && depth > 0 && depth <= maxDepth) {
+          if (lineStart && c === Byte.OpenCurly && depth > 0) {
             // A value may follow ':' in an object, '[' or ',' in an array. Anything
             // else means the previous frame never closed and this line starts anew.
-            const inObject = containers[depth] === 1;
-            if (inObject ? last !== Byte.Colon : last !== Byte.Comma && last !== Byte.OpenSquare) {
+            // (Past maxDepth the container is not tracked: any of the three will do.)
+            const container = depth <= maxDepth ? containers[depth] : 2;
+            const takesValue =
+              container === 1
+                ? last === Byte.Colon
+                : container === 0
+                  ? last === Byte.Comma || last === Byte.OpenSquare
+                  : last === Byte.Colon || last === Byte.Comma || last === Byte.OpenSquare;
+            if (!takesValue) {
               this.saveScan(depth, inString, escaped, lineStart, last);
               this.endBroken(chunk, start, i, "incomplete JSON object");
               return i;
@@ -245,7 +253,10 @@ export class FrameScanner {
   private retain(chunk: Buffer, start: number, end: number): void {
     const len = end - start;
     this.frameLength += len;
-    if (this.fault === Fault.TooLarge) return;
+    if (this.fault === Fault.TooLarge) {
+      this.growHead(chunk.subarray(start, end));
+      return;
+    }
     if (this.frameLength > this.limits.maxFrame) {
       this.keepHead(chunk.subarray(start, end));
       this.fault = Fault.TooLarge;
@@ -258,15 +269,19 @@ export class FrameScanner {
     }
   }
 
-  /** Copies the first ACTION_PEEK_BYTES of the frame (held parts, then `tail`). */
+  /** Starts the copy of the frame's first ACTION_PEEK_BYTES (held parts, then `tail`). */
   private keepHead(tail: Buffer): void {
-    const head = Buffer.allocUnsafe(ACTION_PEEK_BYTES);
-    let len = 0;
-    for (const part of [...this.parts, tail]) {
-      len += part.copy(head, len, 0, Math.min(part.length, ACTION_PEEK_BYTES - len));
-      if (len === ACTION_PEEK_BYTES) break;
-    }
-    this.head = head.subarray(0, len);
+    this.head = Buffer.alloc(0);
+    for (const part of this.parts) this.growHead(part);
+    this.growHead(tail);
+  }
+
+  /** Appends to the head copy until it has ACTION_PEEK_BYTES. */
+  private growHead(more: Buffer): void {
+    const head = this.head as Buffer;
+    const room = ACTION_PEEK_BYTES - head.length;
+    if (room <= 0 || more.length === 0) return;
+    this.head = Buffer.concat([head, more.subarray(0, room)]);
   }
 
   private dropParts(): void {
@@ -287,9 +302,11 @@ export class FrameScanner {
     this.state = State.Idle;
     this.lineStart = false;
     const total = this.frameLength + (end - start);
-    if (this.fault === Fault.None && total > this.limits.maxFrame) {
+    if (this.fault !== Fault.TooLarge && total > this.limits.maxFrame) {
       this.keepHead(chunk.subarray(start, end));
       this.fault = Fault.TooLarge;
+    } else if (this.fault === Fault.TooLarge) {
+      this.growHead(chunk.subarray(start, end));
     }
     switch (this.fault) {
       case Fault.TooLarge:
@@ -314,6 +331,7 @@ export class FrameScanner {
   /** The frame that started at `start` is broken at `at`; report it and go idle. */
   private endBroken(chunk: Buffer, start: number, at: number, reason: string): void {
     this.state = State.Idle;
+    if (this.fault === Fault.TooLarge) this.growHead(chunk.subarray(start, at));
     const bytes = this.fault === Fault.TooLarge ? this.head : this.takeFrame(chunk, start, at);
     this.dropParts();
     this.head = undefined;

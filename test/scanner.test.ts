@@ -1,0 +1,394 @@
+// FrameScanner in isolation: every accepted input form, resynchronisation, limits, and
+// properties over arbitrary objects, garbage and TCP splits.
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { Code } from "../src/protocol/codes.js";
+import { ACTION_PEEK_BYTES } from "../src/protocol/frames.js";
+import { FrameScanner, type ScannerLimits } from "../src/transport/scanner.js";
+
+type SinkCall =
+  | { frame: string }
+  | { reject: Code; reason: string; action: string | undefined };
+
+const LIMITS: ScannerLimits = { maxFrame: 1024 * 1024, maxDepth: 32 };
+
+function connection(limits: ScannerLimits = LIMITS) {
+  const calls: SinkCall[] = [];
+  const scanner = new FrameScanner(limits, {
+    frame: (bytes) => calls.push({ frame: bytes.toString("latin1") }),
+    reject: (code, reason, action) => calls.push({ reject: code, reason, action }),
+  });
+  return { scanner, calls };
+}
+
+function bytesOf(input: string | Buffer): Buffer {
+  return typeof input === "string" ? Buffer.from(input, "utf8") : input;
+}
+
+function splitAt(bytes: Buffer, cuts: readonly number[]): Buffer[] {
+  const points = [...new Set(cuts.map((c) => c % (bytes.length + 1)))].sort((a, b) => a - b);
+  const chunks: Buffer[] = [];
+  let from = 0;
+  for (const p of points) {
+    chunks.push(bytes.subarray(from, p));
+    from = p;
+  }
+  chunks.push(bytes.subarray(from));
+  return chunks;
+}
+
+function scan(chunks: readonly (string | Buffer)[], limits: ScannerLimits = LIMITS): SinkCall[] {
+  const { scanner, calls } = connection(limits);
+  for (const chunk of chunks) scanner.push(bytesOf(chunk));
+  return calls;
+}
+
+function bytewise(input: string | Buffer): Buffer[] {
+  const bytes = bytesOf(input);
+  return [...bytes].map((b) => Buffer.from([b]));
+}
+
+function everySplit(input: string | Buffer): Buffer[][] {
+  const bytes = bytesOf(input);
+  return Array.from({ length: bytes.length + 1 }, (_, p) => [bytes.subarray(0, p), bytes.subarray(p)]);
+}
+
+function frames(calls: readonly SinkCall[]): string[] {
+  return calls.flatMap((c) => ("frame" in c ? [Buffer.from(c.frame, "latin1").toString("utf8")] : []));
+}
+
+function rejects(calls: readonly SinkCall[]) {
+  return calls.flatMap((c) => ("reject" in c ? [c] : []));
+}
+
+function kinds(calls: readonly SinkCall[]): string[] {
+  return calls.map((c) => ("frame" in c ? "frame" : `reject ${c.reject}`));
+}
+
+const ping = JSON.stringify({ action: "ping" });
+const hello = JSON.stringify({ action: "hello", data: { client: "t" } });
+
+describe("accepted forms", () => {
+  it("frames NDJSON with LF and with CRLF", () => {
+    expect(frames(scan([`${ping}\n${hello}\r\n${ping}\r\n`]))).toEqual([ping, hello, ping]);
+  });
+
+  it("frames objects back to back with no separator", () => {
+    expect(frames(scan([`${ping}${hello}${ping}`]))).toEqual([ping, hello, ping]);
+  });
+
+  it("frames pretty-printed objects spread over many lines", () => {
+    const send = { action: "send", data: { to: ["a", "b"], items: [{ n: 1 }, { n: [2, {}] }], text: "x" } };
+    const pretty = JSON.stringify(send, null, 2);
+    const tabbed = JSON.stringify(send, null, "\t").replace(/\n/g, "\r\n");
+    const calls = scan([`${pretty}\n${tabbed}\r\n`]);
+    expect(rejects(calls)).toEqual([]);
+    expect(frames(calls).map((f) => JSON.parse(f))).toEqual([send, send]);
+  });
+
+  it("ignores whitespace and a BOM before the first frame", () => {
+    expect(frames(scan([`\uFEFF \t\r\n\n  ${ping}\n`]))).toEqual([ping]);
+  });
+
+  it("ignores a BOM split across pushes", () => {
+    const calls = scan([Buffer.from([0xef]), Buffer.from([0xbb]), Buffer.from([0xbf]), `${ping}\n`]);
+    expect(calls).toEqual([{ frame: ping }]);
+  });
+
+  it("does not close a frame on braces inside strings", () => {
+    const text = JSON.stringify({ action: "send", data: { text: "} { ] [ }}}\"{" } });
+    expect(frames(scan([`${text}\n`]))).toEqual([text]);
+  });
+
+  it("keeps escaped quotes and escaped backslashes before a closing quote", () => {
+    const raw = String.raw`{"action":"send","data":{"a":"say \"}\" ok","b":"ends with \\","c":"\\\\"}}`;
+    const calls = scan([`${raw}\n${ping}\n`]);
+    expect(rejects(calls)).toEqual([]);
+    expect(frames(calls)).toEqual([raw, ping]);
+    expect(JSON.parse(frames(calls)[0]).data).toEqual({ a: 'say "}" ok', b: "ends with \\", c: "\\\\" });
+  });
+
+  it("keeps \\u escapes, however the escape is split", () => {
+    const raw = String.raw`{"action":"send","data":{"text":"\u007b\u0022\u005c\ud83d\ude00 \u0000"}}`;
+    for (const chunks of [[raw + "\n"], ...everySplit(raw + "\n"), bytewise(raw + "\n")]) {
+      expect(scan(chunks)).toEqual([{ frame: raw }]);
+    }
+  });
+
+  it("frames multi-byte UTF-8 split at every byte position", () => {
+    const text = JSON.stringify({ action: "send", data: { text: "Привет 👋🏽 世界 ü" } });
+    const whole = Buffer.from(`${text}\n`, "utf8");
+    for (const chunks of everySplit(whole)) {
+      expect(frames(scan(chunks))).toEqual([text]);
+    }
+    expect(frames(scan(bytewise(whole)))).toEqual([text]);
+  });
+
+  it("retains only the incomplete frame between pushes", () => {
+    const { scanner, calls } = connection();
+    scanner.push(Buffer.from(`${ping}\n{"action":`));
+    expect(scanner.buffered).toBe(Buffer.byteLength('{"action":'));
+    scanner.push(Buffer.from('"hello"}\n'));
+    expect(scanner.buffered).toBe(0);
+    expect(frames(calls)).toEqual([ping, '{"action":"hello"}']);
+  });
+});
+
+describe("resynchronisation", () => {
+  it("rejects text at depth 0 once and frames the next line", () => {
+    const calls = scan([`hello there, not json\n${ping}\n`]);
+    expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: undefined }, { frame: ping }]);
+  });
+
+  it("rejects text at depth 0 once however it is split", () => {
+    const input = `garbage ] } "x" more garbage\r\n${ping}\n`;
+    for (const chunks of [...everySplit(input), bytewise(input)]) {
+      expect(kinds(scan(chunks))).toEqual([`reject ${Code.InvalidData}`, "frame"]);
+    }
+  });
+
+  it("ends a frame at a raw newline inside a string and frames the next line", () => {
+    const calls = scan([`{"action":"send","data":{"text":"line one\n${ping}\n`]);
+    expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: "send" }, { frame: ping }]);
+  });
+
+  it("rejects a truncated object once, echoing its action, and frames the next object", () => {
+    const calls = scan([`{"action":"ping",\n${hello}\n`]);
+    expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: "ping" }, { frame: hello }]);
+  });
+
+  it("rejects a truncated object once with CRLF and indentation before the next object", () => {
+    const calls = scan([`{"action":"send","data":{"text":"x"}\r\n  ${hello}\r\n`]);
+    expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: "send" }, { frame: hello }]);
+  });
+
+  it("rejects nesting deeper than maxDepth, echoing the action, and frames what follows", () => {
+    const limits = { maxFrame: LIMITS.maxFrame, maxDepth: 4 };
+    const deep = '{"action":"send","data":{"a":[[[1]]]}}';
+    const atLimit = '{"action":"send","data":{"a":[[1]]}}';
+    const calls = scan([`${deep}\n${atLimit}\n${ping}\n`], limits);
+    expect(calls).toEqual([
+      { reject: Code.InvalidData, reason: expect.stringContaining("4"), action: "send" },
+      { frame: atLimit },
+      { frame: ping },
+    ]);
+  });
+
+  it("rejects nesting deeper than maxDepth without an action echoes none", () => {
+    const limits = { maxFrame: LIMITS.maxFrame, maxDepth: 32 };
+    const deep = `{"data":${"[".repeat(40)}${"]".repeat(40)}}`;
+    const calls = scan([...bytewise(`${deep}\n`), `${ping}\n`], limits);
+    expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: undefined }, { frame: ping }]);
+  });
+
+  it("ends a frame at a newline that follows a backslash inside a string", () => {
+    const calls = scan([`{"data":{"text":"a\\\n${ping}\n`]);
+    expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: undefined }, { frame: ping }]);
+  });
+
+  it("resynchronises after a truncated object nested deeper than maxDepth", () => {
+    const limits = { maxFrame: LIMITS.maxFrame, maxDepth: 2 };
+    const calls = scan([`{"action":"send","data":[[\n${ping}\n${ping}\n${ping}\n`], limits);
+    expect(rejects(calls)).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: "send" }]);
+    expect(frames(calls)).toContain(ping);
+  });
+});
+
+describe("frame size limit", () => {
+  const limits = { maxFrame: 256, maxDepth: 32 };
+  const oversize = JSON.stringify({ action: "send", data: { text: "x".repeat(1000) } });
+
+  it("rejects an oversize frame once with TooLarge, echoing its action, and frames the next", () => {
+    const calls = scan([`${oversize}\n${ping}\n`], limits);
+    expect(calls).toEqual([
+      { reject: Code.TooLarge, reason: expect.stringContaining(String(oversize.length)), action: "send" },
+      { frame: ping },
+    ]);
+  });
+
+  it("never retains more than maxFrame while an oversize frame arrives in small chunks", () => {
+    const { scanner, calls } = connection(limits);
+    const chunks = splitAt(Buffer.from(`${oversize}\n${ping}\n`), Array.from({ length: 200 }, (_, i) => i * 7));
+    let most = 0;
+    for (const chunk of chunks) {
+      scanner.push(chunk);
+      most = Math.max(most, scanner.buffered);
+    }
+    expect(most).toBeLessThanOrEqual(limits.maxFrame);
+    expect(most).toBeGreaterThan(0);
+    expect(scanner.buffered).toBe(0);
+    expect(calls).toEqual([{ reject: Code.TooLarge, reason: expect.any(String), action: "send" }, { frame: ping }]);
+  });
+
+  it("frames an object of exactly maxFrame bytes and rejects one byte more", () => {
+    const exact = (n: number) => {
+      const shell = JSON.stringify({ action: "send", text: "" });
+      return JSON.stringify({ action: "send", text: "y".repeat(n - shell.length) });
+    };
+    expect(scan([`${exact(256)}\n`], limits)).toEqual([{ frame: exact(256) }]);
+    expect(kinds(scan(bytewise(`${exact(256)}\n`), limits))).toEqual(["frame"]);
+    expect(kinds(scan([`${exact(257)}\n`], limits))).toEqual([`reject ${Code.TooLarge}`]);
+    expect(kinds(scan(bytewise(`${exact(257)}\n`), limits))).toEqual([`reject ${Code.TooLarge}`]);
+  });
+
+  it("echoes the action of an oversize frame split at every position", () => {
+    const input = `${oversize}\n${ping}\n`;
+    for (const chunks of everySplit(input)) {
+      expect(scan(chunks, limits)).toEqual([
+        { reject: Code.TooLarge, reason: expect.any(String), action: "send" },
+        { frame: ping },
+      ]);
+    }
+  });
+
+  it("reports a frame both too deep and too large the same way split or whole", () => {
+    const small = { maxFrame: 64, maxDepth: 2 };
+    const both = JSON.stringify({ action: "send", data: { a: { text: "x".repeat(60) } } });
+    const whole = scan([`${both}\n`], small);
+    expect(whole).toEqual([{ reject: Code.TooLarge, reason: expect.any(String), action: "send" }]);
+    expect(scan(bytewise(`${both}\n`), small)).toEqual(whole);
+  });
+
+  it("echoes the same action split or whole when maxFrame is below the action peek", () => {
+    const small = { maxFrame: 64, maxDepth: 32 };
+    const late = JSON.stringify({ data: { text: "x".repeat(100) }, action: "send" });
+    expect(rejects(scan([`${late}\n`], small))[0].action).toBe("send");
+    expect(rejects(scan(bytewise(`${late}\n`), small))[0].action).toBe("send");
+  });
+});
+
+const layouts = {
+  line: (o: unknown) => JSON.stringify(o) + "\n",
+  crlf: (o: unknown) => JSON.stringify(o) + "\r\n",
+  adjacent: (o: unknown) => JSON.stringify(o),
+  pretty: (o: unknown) => JSON.stringify(o, null, 2) + "\n",
+  tabbedCrlf: (o: unknown) => JSON.stringify(o, null, "\t").replace(/\n/g, "\r\n") + "\r\n",
+};
+type Layout = keyof typeof layouts;
+const layout = fc.constantFrom(...(Object.keys(layouts) as Layout[]));
+
+const unicodeText = fc.string({ unit: "binary", maxLength: 16 });
+const payload = fc.dictionary(unicodeText, fc.jsonValue({ maxDepth: 6, stringUnit: "binary" }), { maxKeys: 6 });
+const request = fc.oneof(
+  payload,
+  fc.record({ action: fc.stringMatching(/^[a-z_]{1,12}$/), data: payload }),
+);
+const cuts = fc.array(fc.nat(), { maxLength: 48 });
+
+const structural = fc.string({
+  unit: fc.constantFrom("{", "}", "[", "]", '"', "\\", ":", ",", "\n", "\r", " ", "a", "1", '"action":"x"', "\uFEFF"),
+  maxLength: 40,
+});
+
+function serialise(items: readonly [unknown, Layout][]): string {
+  return items.map(([o, l]) => layouts[l](o)).join("");
+}
+
+function streamSegment(maxFrame: number) {
+  return fc.oneof(
+    fc.tuple(request, layout).map(([o, l]) => Buffer.from(layouts[l](o))),
+    fc.uint8Array({ maxLength: 40 }).map((b) => Buffer.from(b)),
+    unicodeText.map((t) => Buffer.from(t + "\n")),
+    structural.map((t) => Buffer.from(t)),
+    fc
+      .tuple(request, layout, fc.nat())
+      .map(([o, l, cut]) => {
+        const text = Buffer.from(layouts[l](o));
+        return Buffer.concat([text.subarray(0, cut % (text.length + 1)), Buffer.from("\n")]);
+      }),
+    fc
+      .tuple(fc.integer({ min: 0, max: 2 * maxFrame }), fc.boolean())
+      .map(([n, actionFirst]) =>
+        Buffer.from(
+          (actionFirst
+            ? JSON.stringify({ action: "send", data: { text: "x".repeat(n) } })
+            : JSON.stringify({ data: { text: "x".repeat(n) }, action: "send" })) + "\n",
+        ),
+      ),
+    fc
+      .tuple(fc.integer({ min: 1, max: 14 }), fc.boolean())
+      .map(([d, closed]) =>
+        Buffer.from(`{"action":"deep","data":${"[".repeat(d)}${closed ? "]".repeat(d) + "}" : ""}\n`),
+      ),
+  );
+}
+
+describe("properties", () => {
+  it("frames any objects in any layout and any split exactly, with no rejects", () => {
+    fc.assert(
+      fc.property(
+        fc.constantFrom("", "\uFEFF", " \r\n\t", "\uFEFF\r\n"),
+        fc.array(fc.tuple(request, layout), { maxLength: 8 }),
+        cuts,
+        (leading, items, cutPoints) => {
+          const stream = Buffer.from(leading + serialise(items), "utf8");
+          const { scanner, calls } = connection();
+          for (const chunk of splitAt(stream, cutPoints)) scanner.push(chunk);
+          expect(rejects(calls)).toEqual([]);
+          expect(frames(calls).map((f) => JSON.parse(f))).toEqual(items.map(([o]) => JSON.parse(JSON.stringify(o))));
+          expect(scanner.buffered).toBe(0);
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+
+  it("makes the same sink calls for any split as for one push, garbage and broken frames included", () => {
+    const limits = { maxFrame: ACTION_PEEK_BYTES, maxDepth: 10 };
+    fc.assert(
+      fc.property(fc.array(streamSegment(limits.maxFrame), { maxLength: 12 }), cuts, (segments, cutPoints) => {
+        const stream = Buffer.concat(segments);
+        expect(scan(splitAt(stream, cutPoints), limits)).toEqual(scan([stream], limits));
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it("makes the same sink calls for any split under small limits", () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 64, max: 256 }),
+        fc.integer({ min: 2, max: 6 }),
+        cuts,
+        fc.array(streamSegment(256), { maxLength: 12 }),
+        (maxFrame, maxDepth, cutPoints, segments) => {
+          const limits = { maxFrame, maxDepth };
+          const stream = Buffer.concat(segments);
+          expect(scan(splitAt(stream, cutPoints), limits)).toEqual(scan([stream], limits));
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+
+  it("never throws and never retains more than maxFrame, whatever bytes arrive", () => {
+    const biasedByte = fc.oneof(
+      fc.integer({ min: 0, max: 255 }),
+      fc.constantFrom(0x7b, 0x7d, 0x5b, 0x5d, 0x22, 0x5c, 0x3a, 0x2c, 0x0a, 0x0d, 0x20),
+    );
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 64, max: 256 }),
+        fc.integer({ min: 2, max: 32 }),
+        fc.oneof(fc.uint8Array({ maxLength: 2000 }), fc.array(biasedByte, { maxLength: 2000 }).map((a) => Uint8Array.from(a))),
+        cuts,
+        (maxFrame, maxDepth, bytes, cutPoints) => {
+          const { scanner, calls } = connection({ maxFrame, maxDepth });
+          for (const chunk of splitAt(Buffer.from(bytes), cutPoints)) {
+            scanner.push(chunk);
+            expect(scanner.buffered).toBeLessThanOrEqual(maxFrame);
+          }
+          for (const call of calls) {
+            if ("frame" in call) {
+              expect(call.frame.length).toBeLessThanOrEqual(maxFrame);
+              expect(call.frame).toMatch(/^[{[][^]*[}\]]$/);
+            } else {
+              expect([Code.InvalidData, Code.TooLarge]).toContain(call.reject);
+            }
+          }
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+});
