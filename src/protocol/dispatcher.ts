@@ -78,7 +78,8 @@ class Line {
   head = 0;
   running = false;
   slots: Slot[] = [];
-  pending = new Set<Promise<unknown>>();
+  /** Replies of pipelined requests still waiting for their commit (made when needed). */
+  pending: Set<Promise<unknown>> | undefined;
   badFrames = 0;
   badSince = 0;
   /** Set once the connection is to be closed: nothing more is read or queued. */
@@ -207,7 +208,7 @@ export class Dispatcher {
     }
     const refusal = this.gate(s, entry.spec, data) ?? entry.validate(data);
     if (refusal) return this.fill(s, line, slot, errorFrame(action, refusal.code, refusal.message));
-    if (!entry.spec.pipelined && line.pending.size > 0) await Promise.all(line.pending);
+    if (!entry.spec.pipelined && line.pending && line.pending.size > 0) await Promise.all(line.pending);
     const req = new RequestImpl(action, data as never, s);
     try {
       const result = await entry.spec.handle(req);
@@ -216,8 +217,8 @@ export class Dispatcher {
           (reply) => this.fill(s, line, slot, replyFrame(action, reply), req.afterFns),
           (err) => this.fill(s, line, slot, this.failure(s, action, err)),
         );
-        line.pending.add(p);
-        void p.finally(() => line.pending.delete(p));
+        (line.pending ??= new Set()).add(p);
+        void p.finally(() => line.pending?.delete(p));
       } else {
         this.fill(s, line, slot, replyFrame(action, result), req.afterFns);
       }

@@ -25,29 +25,28 @@ export class Session {
   nick: string | undefined;
   /** While the offline queue is being sent, live events wait here to keep order. */
   private held: Held[] | null = null;
-  private logger: Logger | undefined;
 
   constructor(
     readonly peer: Peer,
     private readonly rootLog: Logger,
   ) {}
 
-  /** Child logger with the remote address and uid, made on first use. */
+  /**
+   * Child logger with the connection's remote address and uid. Built when something is
+   * logged rather than kept, so 10,000 quiet connections carry no logger each.
+   */
   get log(): Logger {
-    this.logger ??= this.rootLog.child({ conn: this.peer.id, remote: this.peer.remote, uid: this.uid });
-    return this.logger;
+    return this.rootLog.child({ conn: this.peer.id, remote: this.peer.remote, uid: this.uid });
   }
 
   login(uid: string, sid: string, nick: string): void {
     this.uid = uid;
     this.sid = sid;
     this.nick = nick;
-    this.logger = undefined;
   }
 
   logout(): void {
     this.uid = this.sid = this.nick = undefined;
-    this.logger = undefined;
   }
 
   send(frame: string, onFlushed?: (ok: boolean) => void): void {

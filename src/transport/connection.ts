@@ -26,6 +26,17 @@ function flushAll(): void {
 
 let nextId = 1;
 
+const reasonBits = new Map<string, number>();
+function reasonBit(why: string): number {
+  let bit = reasonBits.get(why);
+  if (bit === undefined) {
+    if (reasonBits.size >= 31) throw new Error("too many pause reasons");
+    bit = 1 << reasonBits.size;
+    reasonBits.set(why, bit);
+  }
+  return bit;
+}
+
 export class Connection implements Peer {
   readonly id = nextId++;
   readonly remote: string;
@@ -33,7 +44,8 @@ export class Connection implements Peer {
   private callbacks: FlushCallback[] = [];
   private queued = false;
   private ending = false;
-  private readonly pausedFor = new Set<string>();
+  /** Why reading is paused: one bit per reason (see reasonBit). */
+  private pausedFor = 0;
   /** Unix ms of the last bytes received. */
   lastActivity = Date.now();
 
@@ -104,12 +116,14 @@ export class Connection implements Peer {
   }
 
   pause(why: string): void {
-    if (this.pausedFor.size === 0) this.socket.pause();
-    this.pausedFor.add(why);
+    if (this.pausedFor === 0) this.socket.pause();
+    this.pausedFor |= reasonBit(why);
   }
 
   resume(why: string): void {
-    if (!this.pausedFor.delete(why) || this.pausedFor.size > 0) return;
-    if (!this.socket.destroyed) this.socket.resume();
+    const bit = reasonBit(why);
+    if ((this.pausedFor & bit) === 0) return;
+    this.pausedFor &= ~bit;
+    if (this.pausedFor === 0 && !this.socket.destroyed) this.socket.resume();
   }
 }

@@ -84,14 +84,33 @@ export class FrameScanner {
   private head: Buffer | undefined;
   /** Where the current frame's bytes begin in the chunk being scanned. */
   private start = 0;
-  /** Whether each open level (up to maxDepth) is an object (1) or an array (0). */
-  private readonly containers: Uint8Array;
+  /**
+   * Whether each open level is an object (bit set) or an array: bit d-1 for depth d up
+   * to 32, kept in an int so an idle connection carries no array.
+   */
+  private containerBits = 0;
+  /** Only when maxDepth is configured above 32. */
+  private readonly deepContainers: Uint8Array | undefined;
 
   constructor(
     private readonly limits: ScannerLimits,
     private readonly sink: FrameSink,
   ) {
-    this.containers = new Uint8Array(limits.maxDepth + 1);
+    if (limits.maxDepth > 32) this.deepContainers = new Uint8Array(limits.maxDepth + 1);
+  }
+
+  /** 1 for an object, 0 for an array, at an open depth ≤ maxDepth. */
+  private container(depth: number): number {
+    return depth <= 32 ? (this.containerBits >>> (depth - 1)) & 1 : (this.deepContainers as Uint8Array)[depth];
+  }
+
+  private setContainer(depth: number, isObject: boolean): void {
+    if (depth <= 32) {
+      const bit = 1 << (depth - 1);
+      this.containerBits = isObject ? this.containerBits | bit : this.containerBits & ~bit;
+    } else {
+      (this.deepContainers as Uint8Array)[depth] = isObject ? 1 : 0;
+    }
   }
 
   /** Bytes currently retained for an incomplete frame. */
@@ -162,7 +181,6 @@ export class FrameScanner {
     const start = this.start;
     const n = chunk.length;
     const maxDepth = this.limits.maxDepth;
-    const containers = this.containers;
     let depth = this.depth;
     let inString = this.inString;
     let escaped = this.escaped;
@@ -204,7 +222,7 @@ export class FrameScanner {
             // A value may follow ':' in an object, '[' or ',' in an array. Anything
             // else means the previous frame never closed and this line starts anew.
             // (Past maxDepth the container is not tracked: any of the three will do.)
-            const container = depth <= maxDepth ? containers[depth] : 2;
+            const container = depth <= maxDepth ? this.container(depth) : 2;
             const takesValue =
               container === 1
                 ? last === Byte.Colon
@@ -218,7 +236,7 @@ export class FrameScanner {
             }
           }
           depth++;
-          if (depth <= maxDepth) containers[depth] = c === Byte.OpenCurly ? 1 : 0;
+          if (depth <= maxDepth) this.setContainer(depth, c === Byte.OpenCurly);
           else if (this.fault === Fault.None) this.fault = Fault.TooDeep;
           last = c;
           break;

@@ -1,0 +1,42 @@
+import { execFileSync, spawnSync } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { describe, expect, it } from "vitest";
+import { ConfigError, OPTIONS, defaultConfig, helpText, parseArgs } from "../src/config.js";
+
+const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
+
+describe("options", () => {
+  it("defaults to 0.0.0.0:7788 with data in ./data", () => {
+    expect(defaultConfig()).toMatchObject({ host: "0.0.0.0", port: 7788, dataDir: "./data", maxFrame: 1048576, maxDepth: 32 });
+  });
+
+  it("reads environment variables, and flags win over them", () => {
+    const env = { WIRECHAT_PORT: "7790", WIRECHAT_DATA_DIR: "/env/dir", WIRECHAT_MAX_FRAME: "2048" };
+    expect(parseArgs([], env).config).toMatchObject({ port: 7790, dataDir: "/env/dir", maxFrame: 2048 });
+    const both = parseArgs(["--port", "7791", "--data-dir=/flag/dir"], env).config;
+    expect(both).toMatchObject({ port: 7791, dataDir: "/flag/dir", maxFrame: 2048 });
+  });
+
+  it("refuses unknown options, missing values and bad numbers", () => {
+    expect(() => parseArgs(["--nope"], {})).toThrow(ConfigError);
+    expect(() => parseArgs(["--port"], {})).toThrow(/needs a value/);
+    expect(() => parseArgs(["--port", "abc"], {})).toThrow(/whole number/);
+    expect(() => parseArgs(["--max-frame", "1"], {})).toThrow(/at least/);
+    expect(() => parseArgs([], { WIRECHAT_PORT: "x" })).toThrow(/WIRECHAT_PORT/);
+  });
+
+  it("--help lists every flag and environment variable", () => {
+    const out = execFileSync(process.execPath, [main, "--help"], { encoding: "utf8" });
+    expect(out).toBe(helpText() + "\n");
+    for (const o of OPTIONS) {
+      expect(out).toContain(o.flag);
+      expect(out).toContain(o.env);
+    }
+  });
+
+  it("the binary exits 2 with a message for a bad option", () => {
+    const r = spawnSync(process.execPath, [main, "--port", "nope"], { encoding: "utf8" });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/--port: expected a whole number/);
+  });
+});
