@@ -2,7 +2,7 @@
 // dispatcher, and starts the listener. Layers, from the wire inwards:
 //   transport (listener, connection, scanner) → protocol (dispatcher, schemas, codes,
 //   hub) → features (accounts, profiles, contacts, messages) → storage (key layout,
-//   group commit, typed stores).
+//   group commit, typed stores, blob store).
 
 import pino, { type Logger } from "pino";
 import type { Config } from "./config.js";
@@ -13,6 +13,7 @@ import { registerProfiles } from "./features/profiles.js";
 import { Hooks, type Services } from "./features/services.js";
 import { Dispatcher } from "./protocol/dispatcher.js";
 import { Hub } from "./protocol/session.js";
+import { BlobStore } from "./storage/blobs.js";
 import { ContactStore } from "./storage/contacts.js";
 import { Storage } from "./storage/db.js";
 import { MessageStore } from "./storage/messages.js";
@@ -44,13 +45,14 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     sessions: new SessionStore(storage),
     contacts: new ContactStore(storage),
     messages: new MessageStore(storage, await storage.counter("seq")),
+    blobs: new BlobStore(config.dataDir, storage),
   };
   registerAccounts(services);
   registerProfiles(services);
   registerContacts(services);
   registerMessages(services);
 
-  const listener = new Listener(config, dispatcher, log);
+  const listener = new Listener(config, dispatcher, log, () => services.blobs.writer(config.maxAttach));
   let address;
   try {
     address = await listener.listen(config.port, config.host);

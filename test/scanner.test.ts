@@ -7,18 +7,44 @@ import { ACTION_PEEK_BYTES } from "../src/protocol/frames.js";
 import { FrameScanner, type ScannerLimits } from "../src/transport/scanner.js";
 
 type SinkCall =
-  | { frame: string }
+  | { frame: string; attachment?: string; invalid?: boolean }
   | { reject: Code; reason: string; action: string | undefined };
+
+class TextUpload {
+  text = "";
+  invalidated = false;
+  aborted = false;
+  write(t: Buffer) {
+    this.text += t.toString("latin1");
+  }
+  invalid() {
+    this.invalidated = true;
+  }
+  abort() {
+    this.aborted = true;
+  }
+}
 
 const LIMITS: ScannerLimits = { maxFrame: 1024 * 1024, maxDepth: 32 };
 
 function connection(limits: ScannerLimits = LIMITS) {
   const calls: SinkCall[] = [];
-  const scanner = new FrameScanner(limits, {
-    frame: (bytes) => calls.push({ frame: bytes.toString("latin1") }),
+  const uploads: TextUpload[] = [];
+  const scanner = new FrameScanner<TextUpload>(limits, {
+    frame: (bytes, upload) =>
+      calls.push(
+        upload
+          ? { frame: bytes.toString("latin1"), attachment: upload.text, invalid: upload.invalidated }
+          : { frame: bytes.toString("latin1") },
+      ),
     reject: (code, reason, action) => calls.push({ reject: code, reason, action }),
+    upload: () => {
+      const u = new TextUpload();
+      uploads.push(u);
+      return u;
+    },
   });
-  return { scanner, calls };
+  return { scanner, calls, uploads };
 }
 
 function bytesOf(input: string | Buffer): Buffer {
@@ -390,5 +416,76 @@ describe("properties", () => {
       ),
       { numRuns: 300 },
     );
+  });
+});
+
+describe("attachments", () => {
+  const b64 = Buffer.from(Array.from({ length: 300 }, (_, i) => (i * 7) % 256)).toString("base64");
+  const frames = [
+    JSON.stringify({ action: "message", data: { uid: "u1", body: "hi", attach: { mime: "image/png", data: b64 } } }),
+    JSON.stringify({ data: { attach: { data: b64, mime: "x/y" }, uid: "u1" }, action: "message" }),
+    JSON.stringify({ action: "message", data: { attach: { mime: "a/b", data: b64 } } }, null, 2),
+  ];
+
+  it("streams data.attach.data to the upload and leaves \"\" in the frame, however it is split", () => {
+    for (const f of frames) {
+      for (const chunks of [[f + "\n"], bytewise(f + "\n")]) {
+        const { scanner, calls } = connection();
+        for (const c of chunks) scanner.push(bytesOf(c));
+        expect(calls).toHaveLength(1);
+        const call = calls[0] as { frame: string; attachment: string };
+        expect(call.attachment).toBe(b64);
+        const parsed = JSON.parse(call.frame);
+        expect(parsed.data.attach.data).toBe("");
+        const original = JSON.parse(f);
+        original.data.attach.data = "";
+        expect(parsed).toEqual(original);
+      }
+    }
+  });
+
+  it("does not count the attachment toward the frame limit", () => {
+    const { scanner, calls } = connection({ maxFrame: 200, maxDepth: 32 });
+    const big = "QUJD".repeat(1000);
+    scanner.push(Buffer.from(JSON.stringify({ action: "message", data: { uid: "u", attach: { mime: "m", data: big } } }) + "\n"));
+    expect(calls).toEqual([{ frame: expect.any(String), attachment: big, invalid: false }]);
+  });
+
+  it("only streams the exact path: other 'data' strings stay in the frame", () => {
+    const other = [
+      { action: "x", data: "notanobject" },
+      { action: "x", data: { data: "inner" } },
+      { action: "x", data: { attach: "s", x: { data: "deep" } } },
+      { action: "x", data: { attach: [{ data: "in array" }] } },
+      { action: "x", extra: { attach: { data: "wrong root" } } },
+    ];
+    const { scanner, calls, uploads } = connection();
+    for (const o of other) scanner.push(Buffer.from(JSON.stringify(o) + "\n"));
+    // a key spelled with an escape is not taken for the path
+    const escapedKey = '{"action":"x","data":{"attach":{"mime":"a","d\\u0061ta":"inline"}}}';
+    scanner.push(Buffer.from(escapedKey + "\n"));
+    expect(uploads).toHaveLength(0);
+    expect(calls.map((x) => JSON.parse((x as { frame: string }).frame))).toEqual([...other, JSON.parse(escapedKey)]);
+  });
+
+  it("undoes \\/ escapes and flags other escapes as invalid", () => {
+    const { scanner, calls } = connection();
+    scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"ab\\/c\\/"}}}\n'));
+    scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"ab\\ncd"}}}\n'));
+    expect(calls[0]).toMatchObject({ attachment: "ab/c/", invalid: false });
+    expect(calls[1]).toMatchObject({ invalid: true });
+  });
+
+  it("aborts the upload of a frame that breaks, and of one cut off by close()", () => {
+    const { scanner, calls, uploads } = connection();
+    scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"QUJD\n{"action":"ping"}\n'));
+    expect(uploads[0].aborted).toBe(true);
+    expect(calls).toEqual([
+      { reject: Code.InvalidData, reason: expect.any(String), action: "message" },
+      { frame: '{"action":"ping"}' },
+    ]);
+    scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"QUJD'));
+    scanner.close();
+    expect(uploads[1].aborted).toBe(true);
   });
 });

@@ -10,10 +10,10 @@
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { Pending, type Reply } from "../protocol/dispatcher.js";
 import { frame, nowSeconds } from "../protocol/frames.js";
-import type { Session } from "../protocol/session.js";
+import type { OutFrame, Session } from "../protocol/session.js";
+import type { BlobStore } from "../storage/blobs.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
 import { directConv, type MessageRecord } from "../storage/layout.js";
-import { isBase64 } from "./profile-fields.js";
 import type { Services } from "./services.js";
 
 interface MessageData {
@@ -28,25 +28,36 @@ const NO_ATTACH = { mime: "", data: "" };
 /** Queued messages read per range query while draining. */
 const DRAIN_PAGE = 256;
 
-export function evMessage(m: MessageRecord): string {
-  return frame("ev_message", {
+/** Stands in for an attachment's base64 while a frame is serialised (see withBlob). */
+const BLOB_MARK = "\u0000wirechat-blob\u0000";
+const BLOB_MARK_JSON = JSON.stringify(BLOB_MARK).slice(1, -1);
+
+/**
+ * Serialises `data` once with a marker where the attachment's base64 goes, and splits
+ * the text there: the frame goes out as prefix, the blob's base64 read from disk, and
+ * suffix, byte for byte what JSON.stringify of the whole would have produced.
+ */
+function withBlob(action: string, data: Record<string, unknown>, blobs: BlobStore, sha: string): OutFrame {
+  const text = frame(action, data);
+  const at = text.indexOf(BLOB_MARK_JSON);
+  return { parts: [text.slice(0, at), () => blobs.readBase64(sha), text.slice(at + BLOB_MARK_JSON.length)] };
+}
+
+export function evMessage(m: MessageRecord, blobs: BlobStore): OutFrame {
+  const data = {
     mid: m.mid,
     from: m.from,
     nick: m.nick,
     body: m.body,
     time: m.time,
-    attach: m.attach ?? NO_ATTACH,
+    attach: m.attach ? { mime: m.attach.mime, data: BLOB_MARK } : NO_ATTACH,
     to: m.to,
-  });
-}
-
-function decodedLength(b64: string): number {
-  const pad = b64.endsWith("==") ? 2 : b64.endsWith("=") ? 1 : 0;
-  return (b64.length / 4) * 3 - pad;
+  };
+  return m.attach ? withBlob("ev_message", data, blobs, m.attach.sha) : frame("ev_message", data);
 }
 
 export function registerMessages(sv: Services): void {
-  const { dispatcher, users, messages, storage, hub, hooks, config } = sv;
+  const { dispatcher, users, messages, storage, hub, hooks, blobs } = sv;
   /** (sender, cmid) of messages whose commit is in flight → their eventual reply. */
   const inflightCmids = new Map<string, Promise<Reply>>();
 
@@ -57,7 +68,7 @@ export function registerMessages(sv: Services): void {
       type: "object",
       properties: {
         uid: requiredString(64),
-        body: optionalString(config.maxFrame),
+        body: { type: "string" },
         attach: {
           type: "object",
           required: ["mime", "data"],
@@ -70,14 +81,13 @@ export function registerMessages(sv: Services): void {
       const me = req.session.uid as string;
       const { uid: to, body = "", attach, cmid } = req.data;
       if (to === undefined) throw new ProtocolError(Code.EmptyField, "'uid' is required");
-      const hasAttach = attach !== undefined && attach.data !== "";
-      if (body === "" && !hasAttach) throw new ProtocolError(Code.EmptyField, "'body' is empty and there is no attachment");
-      if (hasAttach) {
-        if (!isBase64(attach.data)) throw new ProtocolError(Code.InvalidData, "'attach.data' is not valid base64");
-        if (decodedLength(attach.data) > config.maxAttach) {
-          throw new ProtocolError(Code.TooLarge, `attachment is over the limit of ${config.maxAttach} bytes`);
-        }
+      // attach.data streamed to the blob store while the frame was read; the frame
+      // itself carries "" in its place (an escaped key would keep it inline: refused).
+      if (attach && attach.data !== "") {
+        throw new ProtocolError(Code.InvalidData, "'attach.data' must be a plain base64 string");
       }
+      const stored = req.attachment && req.attachment.size > 0 ? req.attachment : undefined;
+      if (body === "" && !stored) throw new ProtocolError(Code.EmptyField, "'body' is empty and there is no attachment");
       if (!(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
 
       const cmidKey = cmid === undefined ? undefined : `${me}\u0000${cmid}`;
@@ -98,10 +108,13 @@ export function registerMessages(sv: Services): void {
         body,
         time: nowSeconds(),
       };
-      if (hasAttach) m.attach = { mime: attach.mime, data: attach.data };
+      if (stored) m.attach = { mime: attach?.mime || "application/octet-stream", sha: stored.sha, size: stored.size };
       if (cmid !== undefined) m.cmid = cmid;
+      // The ops serialise the record now: it must be complete before this line.
+      const ops = [...messages.appendOps(m), ...messages.enqueueOps(to, m)];
+      if (stored) ops.push(...blobs.refOps(stored.sha, m.mid));
 
-      const settled = storage.commit([...messages.appendOps(m), ...messages.enqueueOps(to, m)]).then(() => {
+      const settled = storage.commit(ops).then(() => {
         req.after(() => deliver(m));
         return { mid: m.mid, time: m.time };
       });
@@ -114,7 +127,7 @@ export function registerMessages(sv: Services): void {
   });
 
   function deliver(m: MessageRecord): void {
-    const ev = evMessage(m);
+    const ev = evMessage(m, blobs);
     const to = m.to as string;
     const qk = messages.queueKey(to, m.mid);
     hub.deliver(to, ev, () => storage.commitLazy(messages.dequeueOps(qk)), m.mid);
@@ -140,7 +153,7 @@ export function registerMessages(sv: Services): void {
           }
           sent.add(message.mid);
           flushed = new Promise((resolve) =>
-            s.send(evMessage(message), (ok) => {
+            s.send(evMessage(message, blobs), (ok) => {
               if (ok) storage.commitLazy(messages.dequeueOps(key));
               resolve(ok);
             }),

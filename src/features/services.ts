@@ -6,6 +6,7 @@ import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Hub, Session } from "../protocol/session.js";
+import type { BlobStore } from "../storage/blobs.js";
 import type { Storage } from "../storage/db.js";
 import type { ContactStore } from "../storage/contacts.js";
 import type { MessageStore } from "../storage/messages.js";
@@ -44,4 +45,5 @@ export interface Services {
   sessions: SessionStore;
   contacts: ContactStore;
   messages: MessageStore;
+  blobs: BlobStore;
 }

@@ -14,7 +14,7 @@ import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import { Code, ProtocolError } from "./codes.js";
 import { errorFrame, peekAction, replyFrame, type Fields } from "./frames.js";
-import { Session, type Peer } from "./session.js";
+import { Session, type Peer, type StoredAttachment, type Upload } from "./session.js";
 import { compileSchema, type Validator } from "./validation.js";
 
 export type Reply = Fields;
@@ -28,6 +28,8 @@ export interface Request<D> {
   readonly action: string;
   readonly data: D;
   readonly session: Session;
+  /** The attachment streamed in with this frame (stored and pinned until the reply). */
+  readonly attachment: StoredAttachment | undefined;
   /** Runs right after this request's reply is sent (follow-up frames, deliveries). */
   after(fn: () => void): void;
 }
@@ -49,7 +51,7 @@ interface Action {
 }
 
 type Item =
-  | { kind: "request"; action: string; data: Record<string, unknown> }
+  | { kind: "request"; action: string; data: Record<string, unknown>; upload: Upload | undefined }
   | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
 interface Slot {
@@ -66,6 +68,7 @@ class RequestImpl<D> implements Request<D> {
     readonly action: string,
     readonly data: D,
     readonly session: Session,
+    readonly attachment: StoredAttachment | undefined,
   ) {}
   after(fn: () => void): void {
     (this.afterFns ??= []).push(fn);
@@ -126,27 +129,33 @@ export class Dispatcher {
     }
   }
 
-  /** A complete frame from the scanner: decode it and queue it in arrival order. */
-  frame(s: Session, bytes: Buffer): void {
-    if (!isUtf8(bytes)) return this.reject(s, Code.InvalidData, "frame is not valid UTF-8", peekAction(bytes));
+  /**
+   * A complete frame from the scanner: decode it and queue it in arrival order. An
+   * attachment that streamed in with it comes as `upload`.
+   */
+  frame(s: Session, bytes: Buffer, upload?: Upload): void {
+    const refuse = (reason: string, action: string | undefined) => {
+      upload?.release();
+      this.reject(s, Code.InvalidData, reason, action);
+    };
+    if (!isUtf8(bytes)) return refuse("frame is not valid UTF-8", peekAction(bytes));
     let msg: unknown;
     try {
       msg = JSON.parse(bytes.toString("utf8"));
     } catch {
-      return this.reject(s, Code.InvalidData, "frame is not valid JSON", peekAction(bytes));
+      return refuse("frame is not valid JSON", peekAction(bytes));
     }
     if (typeof msg !== "object" || msg === null || Array.isArray(msg)) {
-      return this.reject(s, Code.InvalidData, "frame must be a JSON object", undefined);
+      return refuse("frame must be a JSON object", undefined);
     }
     const { action, data } = msg as { action?: unknown; data?: unknown };
-    if (typeof action !== "string" || action === "") {
-      return this.reject(s, Code.InvalidData, "frame has no 'action' string", undefined);
-    }
+    if (typeof action !== "string" || action === "") return refuse("frame has no 'action' string", undefined);
     if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
+      upload?.release();
       this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
       return;
     }
-    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown> });
+    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload });
   }
 
   /** Bytes the scanner or decoder could not accept: one error reply, in order. */
@@ -171,7 +180,10 @@ export class Dispatcher {
 
   private enqueue(s: Session, item: Item): void {
     const line = this.lines.get(s);
-    if (!line || line.closing || s.peer.closed) return;
+    if (!line || line.closing || s.peer.closed) {
+      if (item.kind === "request") item.upload?.release();
+      return;
+    }
     line.inbox.push(item);
     if (line.inbox.length - line.head > INBOX_LIMIT) s.peer.pause("inbox");
     if (!line.running) void this.run(s, line);
@@ -201,15 +213,36 @@ export class Dispatcher {
       const after = item.last ? [() => s.peer.end()] : undefined;
       return this.fill(s, line, slot, errorFrame(item.action, item.code, item.reason), after);
     }
-    const { action, data } = item;
+    const { action, data, upload } = item;
+    // Whatever happens below, the upload is released once the request is answered: a
+    // message that stored a reference to the blob keeps it, anything else deletes it.
+    let released = false;
+    const release = () => {
+      if (!released) {
+        released = true;
+        upload?.release();
+      }
+    };
+    const refuse = (code: Code, message: string) => {
+      release();
+      this.fill(s, line, slot, errorFrame(action, code, message));
+    };
     const entry = this.actions.get(action);
-    if (!entry) {
-      return this.fill(s, line, slot, errorFrame(action, Code.UnknownAction, `unknown action '${action}'`));
-    }
+    if (!entry) return refuse(Code.UnknownAction, `unknown action '${action}'`);
     const refusal = this.gate(s, entry.spec, data) ?? entry.validate(data);
-    if (refusal) return this.fill(s, line, slot, errorFrame(action, refusal.code, refusal.message));
+    if (refusal) return refuse(refusal.code, refusal.message);
+    let attachment: StoredAttachment | undefined;
+    if (upload) {
+      try {
+        attachment = await upload.finish();
+      } catch (err) {
+        const fault = (err as { fault?: string }).fault;
+        const code = fault === "invalid" ? Code.InvalidData : fault === "too-large" ? Code.TooLarge : Code.Unavailable;
+        return refuse(code, (err as Error).message);
+      }
+    }
     if (!entry.spec.pipelined && line.pending && line.pending.size > 0) await Promise.all(line.pending);
-    const req = new RequestImpl(action, data as never, s);
+    const req = new RequestImpl(action, data as never, s, attachment);
     try {
       const result = await entry.spec.handle(req);
       if (result instanceof Pending) {
@@ -218,11 +251,16 @@ export class Dispatcher {
           (err) => this.fill(s, line, slot, this.failure(s, action, err)),
         );
         (line.pending ??= new Set()).add(p);
-        void p.finally(() => line.pending?.delete(p));
+        void p.finally(() => {
+          line.pending?.delete(p);
+          release();
+        });
       } else {
+        release();
         this.fill(s, line, slot, replyFrame(action, result), req.afterFns);
       }
     } catch (err) {
+      release();
       this.fill(s, line, slot, this.failure(s, action, err));
     }
   }

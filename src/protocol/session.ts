@@ -3,12 +3,46 @@
 
 import type { Logger } from "pino";
 
+/** An attachment stored in the blob store, as handed to a handler. */
+export interface StoredAttachment {
+  sha: string;
+  size: number;
+}
+
+/**
+ * The text of an attachment streaming in while its frame is scanned (the transport
+ * feeds it; the storage layer's BlobWriter is one).
+ */
+export interface UploadSink {
+  write(text: Buffer): void;
+  /** The string held something that cannot be base64. */
+  invalid(): void;
+  /** The frame was broken or the connection closed: nothing of it stays. */
+  abort(): void;
+}
+
+/** An upload the dispatcher completes before the handler runs, and releases after. */
+export interface Upload extends UploadSink {
+  finish(): Promise<StoredAttachment>;
+  release(): void;
+}
+
+/**
+ * A frame sent in parts, some of them produced while it is written (the base64 of an
+ * attachment read from disk), so that it never sits whole in memory.
+ */
+export interface StreamedFrame {
+  parts: (string | (() => AsyncIterable<string>))[];
+}
+
+export type OutFrame = string | StreamedFrame;
+
 /** What the protocol layer may do with a connection. Implemented by the transport. */
 export interface Peer {
   readonly id: number;
   readonly remote: string;
   /** Queues a frame; `onFlushed(true)` once it is handed to the OS, false if it never is. */
-  send(frame: string, onFlushed?: (ok: boolean) => void): void;
+  send(frame: OutFrame, onFlushed?: (ok: boolean) => void): void;
   /** Flushes what is queued, then closes. */
   end(): void;
   /** Stops or resumes reading requests (`why` names the reason; all must clear). */
@@ -17,7 +51,7 @@ export interface Peer {
   readonly closed: boolean;
 }
 
-type Held = [frame: string, onFlushed: ((ok: boolean) => void) | undefined, tag: string | undefined];
+type Held = [frame: OutFrame, onFlushed: ((ok: boolean) => void) | undefined, tag: string | undefined];
 
 export class Session {
   uid: string | undefined;
@@ -49,7 +83,7 @@ export class Session {
     this.uid = this.sid = this.nick = undefined;
   }
 
-  send(frame: string, onFlushed?: (ok: boolean) => void): void {
+  send(frame: OutFrame, onFlushed?: (ok: boolean) => void): void {
     this.peer.send(frame, onFlushed);
   }
 
@@ -57,7 +91,7 @@ export class Session {
    * An event for this connection; held back while the offline queue drains. `tag`
    * names what it carries (a message id) so the drain can drop what it already sent.
    */
-  deliver(frame: string, onFlushed?: (ok: boolean) => void, tag?: string): void {
+  deliver(frame: OutFrame, onFlushed?: (ok: boolean) => void, tag?: string): void {
     if (this.held) this.held.push([frame, onFlushed, tag]);
     else this.peer.send(frame, onFlushed);
   }
@@ -113,7 +147,7 @@ export class Hub {
    * Sends an event to every connection of `uid`. `onDelivered` runs once, when the
    * first of them has handed the frame to the OS. Returns the number of connections.
    */
-  deliver(uid: string, frame: string, onDelivered?: () => void, tag?: string): number {
+  deliver(uid: string, frame: OutFrame, onDelivered?: () => void, tag?: string): number {
     const set = this.users.get(uid);
     if (!set) return 0;
     let done = false;

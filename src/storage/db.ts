@@ -7,6 +7,7 @@
 // N messages costs one fsync, not N.
 
 import { mkdirSync } from "node:fs";
+import path from "node:path";
 import { Level } from "level";
 import type { Logger } from "pino";
 import { openSpaces, type Space, type Spaces } from "./layout.js";
@@ -88,7 +89,8 @@ export class Storage {
     private readonly log: Logger,
   ) {}
 
-  static async open(dir: string, log: Logger): Promise<Storage> {
+  static async open(dataDir: string, log: Logger): Promise<Storage> {
+    const dir = path.join(dataDir, "db");
     mkdirSync(dir, { recursive: true });
     const db = new Level<string, unknown>(dir, { keyEncoding: "utf8", valueEncoding: "json" });
     await db.open();

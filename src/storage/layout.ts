@@ -15,6 +15,9 @@
 //   mids        <seq>                          → conversation (find a message by mid)
 //   queue       <uid>!<seq>                    → conversation (offline queue, in order)
 //   cmids       <sender uid>!<cmid>            → mid  (idempotent resend)
+//   blobrefs    <sha256>!<mid>                 → 1    (messages using an attachment blob)
+//
+// On disk: <dataDir>/db holds LevelDB, <dataDir>/blobs the attachment files (blobs.ts).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -54,7 +57,8 @@ export interface MessageRecord {
   to?: string;
   body: string;
   time: number;
-  attach?: { mime: string; data: string };
+  /** An attachment: its MIME type and the blob holding its decoded bytes. */
+  attach?: { mime: string; sha: string; size: number };
   edited?: number;
   cmid?: string;
 }
@@ -77,6 +81,7 @@ export const SPACES = [
   "mids",
   "queue",
   "cmids",
+  "blobrefs",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];

@@ -7,8 +7,15 @@ import type { Config } from "../config.js";
 import { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import { errorFrame, welcomeFrame } from "../protocol/frames.js";
+import type { Upload } from "../protocol/session.js";
 import { Connection } from "./connection.js";
 import { FrameScanner } from "./scanner.js";
+
+/** An upload the listener can pace: it reports a full buffer and its draining. */
+export interface PacedUpload extends Upload {
+  onFull: (() => void) | undefined;
+  onDrain: (() => void) | undefined;
+}
 
 export class Listener {
   readonly server: net.Server;
@@ -18,6 +25,8 @@ export class Listener {
     private readonly config: Config,
     private readonly dispatcher: Dispatcher,
     private readonly log: Logger,
+    /** Starts the upload of an attachment's text (the blob store's writer). */
+    private readonly newUpload: () => PacedUpload,
   ) {
     this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
     this.server.on("error", (err) => this.log.error({ err }, "listener error"));
@@ -44,9 +53,17 @@ export class Listener {
     const conn = new Connection(socket, this.config.outboundCap, this.log);
     this.connections.add(conn);
     const session = this.dispatcher.open(conn);
-    const scanner = new FrameScanner(this.config, {
-      frame: (bytes) => this.dispatcher.frame(session, bytes),
+    const scanner = new FrameScanner<PacedUpload>(this.config, {
+      frame: (bytes, upload) => this.dispatcher.frame(session, bytes, upload),
       reject: (code, reason, action) => this.dispatcher.reject(session, code, reason, action),
+      upload: () => {
+        // Reading pauses while the blob file cannot keep up, so an attachment never
+        // piles up in memory.
+        const up = this.newUpload();
+        up.onFull = () => conn.pause("upload");
+        up.onDrain = () => conn.resume("upload");
+        return up;
+      },
     });
     socket.on("data", (chunk: Buffer) => {
       conn.lastActivity = Date.now();
@@ -54,6 +71,7 @@ export class Listener {
     });
     socket.on("close", () => {
       this.connections.delete(conn);
+      scanner.close();
       this.dispatcher.close(session);
     });
     conn.send(welcomeFrame());

@@ -20,6 +20,7 @@
 
 import { Code } from "../protocol/codes.js";
 import { ACTION_PEEK_BYTES, peekAction } from "../protocol/frames.js";
+import type { UploadSink } from "../protocol/session.js";
 
 export interface ScannerLimits {
   /** Largest frame in bytes. */
@@ -28,9 +29,14 @@ export interface ScannerLimits {
   maxDepth: number;
 }
 
-export interface FrameSink {
-  /** A complete frame: the bytes of one balanced JSON object (not yet validated). */
-  frame(bytes: Buffer): void;
+export interface FrameSink<U extends UploadSink = UploadSink> {
+  /**
+   * A complete frame: the bytes of one balanced JSON object (not yet validated). When
+   * it had an attachment, `upload` received its text and the frame holds "" instead.
+   */
+  frame(bytes: Buffer, upload: U | undefined): void;
+  /** The string at data.attach.data begins: where its text should go. */
+  upload(): U;
   /** A frame, or bytes at depth 0, that were skipped. `action` when it could be read. */
   reject(code: Code.InvalidData | Code.TooLarge, reason: string, action: string | undefined): void;
 }
@@ -39,9 +45,17 @@ const enum State {
   Idle,
   Garbage,
   Frame,
+  /** Inside the string at data.attach.data, which streams to an UploadSink. */
+  Attachment,
 }
 
+// The attachment's path, as the key expected at each depth: data.attach.data.
+const PATH_KEYS = [Buffer.from("data"), Buffer.from("attach"), Buffer.from("data")];
+
+const SLASH = Buffer.from("/");
+
 const enum Byte {
+  Slash = 0x2f,
   Tab = 0x09,
   LF = 0x0a,
   CR = 0x0d,
@@ -65,7 +79,7 @@ const enum Fault {
   TooDeep,
 }
 
-export class FrameScanner {
+export class FrameScanner<U extends UploadSink = UploadSink> {
   private state = State.Idle;
   private depth = 0;
   private inString = false;
@@ -91,10 +105,21 @@ export class FrameScanner {
   private containerBits = 0;
   /** Only when maxDepth is configured above 32. */
   private readonly deepContainers: Uint8Array | undefined;
+  /**
+   * How much of the attachment path the open objects match: 1 inside the frame's
+   * "data" object, 2 inside data's "attach" object. Only depths 1–3 are tracked.
+   */
+  private pathLevel = 0;
+  /** While a key at a tracked depth is read: bytes of PATH_KEYS matched so far, -1 once it cannot match. */
+  private keyMatched = -1;
+  /** The last key read at a tracked depth was the path's key for that depth. */
+  private keyIsPath = false;
+  /** The upload of the frame being scanned, if its attachment has begun. */
+  private uploadSink: U | undefined;
 
   constructor(
     private readonly limits: ScannerLimits,
-    private readonly sink: FrameSink,
+    private readonly sink: FrameSink<U>,
   ) {
     if (limits.maxDepth > 32) this.deepContainers = new Uint8Array(limits.maxDepth + 1);
   }
@@ -154,9 +179,58 @@ export class FrameScanner {
         case State.Frame:
           i = this.scanFrame(chunk, i);
           break;
+        case State.Attachment:
+          i = this.scanAttachment(chunk, i);
+          break;
       }
     }
     if (this.state === State.Frame) this.retain(chunk, this.start, n);
+  }
+
+  /** The connection closed: an upload in progress is discarded. */
+  close(): void {
+    this.uploadSink?.abort();
+    this.uploadSink = undefined;
+    this.dropParts();
+  }
+
+  /**
+   * Streams attachment text from `i` to the upload until the closing quote, which goes
+   * back to frame scanning (as the end of an ordinary string) and starts the next part
+   * of the frame. `\/` (an escaped slash, legal JSON) is undone; any other escape
+   * makes the upload invalid; a raw newline breaks the frame as in any string.
+   */
+  private scanAttachment(chunk: Buffer, i: number): number {
+    const n = chunk.length;
+    const up = this.uploadSink as U;
+    let from = i;
+    for (; i < n; i++) {
+      const c = chunk[i];
+      if (this.escaped) {
+        this.escaped = false;
+        if (c === Byte.Slash) up.write(SLASH);
+        else if (c === Byte.LF) break;
+        else up.invalid();
+        from = i + 1;
+        continue;
+      }
+      if (c === Byte.Quote || c === Byte.LF) break;
+      if (c === Byte.Backslash) {
+        if (i > from) up.write(chunk.subarray(from, i));
+        this.escaped = true;
+      }
+    }
+    if (i > from && !this.escaped) up.write(chunk.subarray(from, i));
+    if (i === n) return n;
+    if (chunk[i] === Byte.LF) {
+      // A raw newline inside the string: the frame is broken here.
+      this.state = State.Frame;
+      this.endBroken(chunk, i, i, "unterminated string in frame");
+      return i + 1;
+    }
+    this.state = State.Frame;
+    this.start = i; // the closing quote and the rest of the frame are retained again
+    return i;
   }
 
   private beginFrame(start: number): void {
@@ -170,6 +244,10 @@ export class FrameScanner {
     this.fault = Fault.None;
     this.frameLength = 0;
     this.head = undefined;
+    this.pathLevel = 0;
+    this.keyMatched = -1;
+    this.keyIsPath = false;
+    this.uploadSink = undefined;
   }
 
   /**
@@ -200,8 +278,16 @@ export class FrameScanner {
         } else if (c === Byte.Quote) {
           inString = false;
           last = Byte.Quote;
+          if (this.keyMatched >= 0) {
+            this.keyIsPath = this.keyMatched === PATH_KEYS[depth - 1].length;
+            this.keyMatched = -1;
+          }
         } else if (c === Byte.Backslash) {
           escaped = true;
+          this.keyMatched = -1; // an escaped key is never taken for a path key
+        } else if (this.keyMatched >= 0) {
+          const key = PATH_KEYS[depth - 1];
+          this.keyMatched = this.keyMatched < key.length && key[this.keyMatched] === c ? this.keyMatched + 1 : -1;
         }
         continue;
       }
@@ -215,6 +301,25 @@ export class FrameScanner {
           continue;
         case Byte.Quote:
           inString = true;
+          if (depth <= PATH_KEYS.length && depth === this.pathLevel + 1 && this.container(depth) === 1) {
+            if (last === Byte.OpenCurly || last === Byte.Comma) {
+              this.keyMatched = 0;
+              this.keyIsPath = false;
+            } else if (
+              last === Byte.Colon &&
+              depth === PATH_KEYS.length &&
+              this.keyIsPath &&
+              this.fault === Fault.None &&
+              this.frameLength + (i + 1 - start) <= this.limits.maxFrame
+            ) {
+              // data.attach.data: its text streams to an upload; the frame keeps "".
+              this.saveScan(depth, true, false, false, last);
+              this.retain(chunk, start, i + 1);
+              this.uploadSink = this.sink.upload();
+              this.state = State.Attachment;
+              return i + 1;
+            }
+          }
           break;
         case Byte.OpenCurly:
         case Byte.OpenSquare:
@@ -235,6 +340,9 @@ export class FrameScanner {
               return i;
             }
           }
+          if (c === Byte.OpenCurly && last === Byte.Colon && this.keyIsPath && depth === this.pathLevel + 1 && depth < PATH_KEYS.length) {
+            this.pathLevel = depth; // entering data, or data.attach
+          }
           depth++;
           if (depth <= maxDepth) this.setContainer(depth, c === Byte.OpenCurly);
           else if (this.fault === Fault.None) this.fault = Fault.TooDeep;
@@ -243,6 +351,7 @@ export class FrameScanner {
         case Byte.CloseCurly:
         case Byte.CloseSquare:
           depth--;
+          if (this.pathLevel >= depth) this.pathLevel = depth > 0 ? depth - 1 : 0;
           if (depth === 0) {
             this.saveScan(0, false, false, false, c);
             this.endFrame(chunk, start, i + 1);
@@ -326,6 +435,9 @@ export class FrameScanner {
     } else if (this.fault === Fault.TooLarge) {
       this.growHead(chunk.subarray(start, end));
     }
+    const upload = this.uploadSink;
+    this.uploadSink = undefined;
+    if (this.fault !== Fault.None) upload?.abort();
     switch (this.fault) {
       case Fault.TooLarge:
         this.dropParts();
@@ -342,13 +454,15 @@ export class FrameScanner {
         return;
       }
       case Fault.None:
-        this.sink.frame(this.takeFrame(chunk, start, end));
+        this.sink.frame(this.takeFrame(chunk, start, end), upload);
     }
   }
 
   /** The frame that started at `start` is broken at `at`; report it and go idle. */
   private endBroken(chunk: Buffer, start: number, at: number, reason: string): void {
     this.state = State.Idle;
+    this.uploadSink?.abort();
+    this.uploadSink = undefined;
     if (this.fault === Fault.TooLarge) this.growHead(chunk.subarray(start, at));
     const bytes = this.fault === Fault.TooLarge ? this.head : this.takeFrame(chunk, start, at);
     this.dropParts();

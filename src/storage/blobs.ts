@@ -1,0 +1,308 @@
+// Content-addressed blob store for attachments, on disk beside the database:
+//
+//   <dataDir>/blobs/<sha256[0:2]>/<sha256>   decoded bytes of one attachment
+//   <dataDir>/blobs/tmp/<random>             an upload in progress (emptied at start-up)
+//
+// An upload arrives as base64 text in pieces. BlobWriter validates and decodes it
+// incrementally (carrying at most 3 characters between pieces), hashes the decoded
+// bytes, and writes them to a temp file, telling its caller when to pause the socket.
+// finish() syncs the file and renames it to its hash; a blob already stored is not
+// stored again. References live in LevelDB (`blobrefs <sha>!<mid>`, written in the
+// message's own batch); a blob with no reference left is deleted. While an upload or
+// a message that uses a blob is in flight, the blob is pinned so that a concurrent
+// delete cannot remove it.
+
+import { createHash, randomBytes, type Hash } from "node:crypto";
+import { createReadStream, createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
+import { access, mkdir, open, rename, unlink } from "node:fs/promises";
+import path from "node:path";
+import type { Readable } from "node:stream";
+import { del, put, type BatchOp, type Storage } from "./db.js";
+import { pair, prefixRange, type Spaces } from "./layout.js";
+
+export interface BlobRef {
+  /** sha256 of the decoded bytes, hex. */
+  sha: string;
+  /** Decoded size in bytes. */
+  size: number;
+}
+
+export type BlobFault = "invalid" | "too-large" | "aborted";
+
+export class BlobError extends Error {
+  constructor(readonly fault: BlobFault, message: string) {
+    super(message);
+  }
+}
+
+// Base64 alphabet → 6-bit value; 64 marks '=', 255 anything else.
+const DECODE = new Uint8Array(256).fill(255);
+"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".split("").forEach((ch, i) => {
+  DECODE[ch.charCodeAt(0)] = i;
+});
+DECODE["=".charCodeAt(0)] = 64;
+
+/**
+ * Incremental, validating base64 decoder: feed text pieces, get decoded bytes. Each
+ * piece is checked byte by byte against the alphabet (padding only at the very end),
+ * then its quad-aligned part is decoded natively; up to 3 characters carry over.
+ */
+export class Base64Decoder {
+  private carry: Buffer = Buffer.alloc(0);
+  private ended = false;
+
+  push(text: Buffer): Buffer {
+    if (text.length === 0) return text;
+    if (this.ended) throw invalid("base64 continues after its padding");
+    const buf = this.carry.length ? Buffer.concat([this.carry, text]) : text;
+    const whole = buf.length - (buf.length % 4);
+    for (let i = 0; i < buf.length; i++) {
+      const v = DECODE[buf[i]];
+      if (v === 255) throw invalid("attachment data is not valid base64");
+      if (v === 64 && i < whole) {
+        // '=' may only end the last quad: "xx==" or "xxx=", and nothing may follow.
+        const pos = i % 4;
+        const ok = pos >= 2 && (pos === 3 || DECODE[buf[i + 1]] === 64) && i + (4 - pos) === buf.length;
+        if (!ok) throw invalid("attachment data is not valid base64 (misplaced padding)");
+        this.ended = true;
+        break;
+      }
+    }
+    this.carry = Buffer.from(buf.subarray(whole));
+    return whole === 0 ? Buffer.alloc(0) : Buffer.from(buf.toString("latin1", 0, whole), "base64");
+  }
+
+  /** Throws unless the text so far was complete base64. */
+  end(): void {
+    if (this.carry.length !== 0) throw invalid("attachment data is not valid base64 (its length is not a multiple of 4)");
+  }
+}
+
+function invalid(message: string): BlobError {
+  return new BlobError("invalid", message);
+}
+
+export class BlobStore {
+  readonly dir: string;
+  private readonly tmp: string;
+  private readonly s: Spaces;
+  /** sha → number of uploads/messages in flight that use it. */
+  private readonly pins = new Map<string, number>();
+
+  constructor(dataDir: string, storage: Storage) {
+    this.dir = path.join(dataDir, "blobs");
+    this.tmp = path.join(this.dir, "tmp");
+    this.s = storage.spaces;
+    // Uploads interrupted by a crash are never resumed.
+    rmSync(this.tmp, { recursive: true, force: true });
+    mkdirSync(this.tmp, { recursive: true });
+  }
+
+  pathOf(sha: string): string {
+    return path.join(this.dir, sha.slice(0, 2), sha);
+  }
+
+  /** Starts an upload; the caller feeds it base64 text and then finishes or aborts it. */
+  writer(maxBytes: number): BlobWriter {
+    return new BlobWriter(this, path.join(this.tmp, randomBytes(12).toString("hex")), maxBytes);
+  }
+
+  pin(sha: string): void {
+    this.pins.set(sha, (this.pins.get(sha) ?? 0) + 1);
+  }
+
+  /** Drops a pin; deletes the blob if nothing pins or references it any more. */
+  unpin(sha: string): void {
+    const n = (this.pins.get(sha) ?? 1) - 1;
+    if (n > 0) this.pins.set(sha, n);
+    else {
+      this.pins.delete(sha);
+      void this.collect(sha);
+    }
+  }
+
+  refOps(sha: string, mid: string): BatchOp[] {
+    return [put(this.s.blobrefs, pair(sha, mid), 1)];
+  }
+
+  unrefOps(sha: string, mid: string): BatchOp[] {
+    return [del(this.s.blobrefs, pair(sha, mid))];
+  }
+
+  /** Deletes the blob when no message references it and nothing in flight pins it. */
+  async collect(sha: string): Promise<void> {
+    const refs = await this.s.blobrefs.keys({ ...prefixRange(sha), limit: 1 }).all();
+    if (refs.length > 0 || this.pins.has(sha)) return;
+    await unlink(this.pathOf(sha)).catch(() => {});
+  }
+
+  async exists(sha: string): Promise<boolean> {
+    return access(this.pathOf(sha)).then(
+      () => true,
+      () => false,
+    );
+  }
+
+  /** Moves a finished upload into place (or drops it when the same blob is stored). */
+  async adopt(tmpPath: string, sha: string): Promise<void> {
+    const final = this.pathOf(sha);
+    if (await this.exists(sha)) {
+      await unlink(tmpPath).catch(() => {});
+      return;
+    }
+    await mkdir(path.dirname(final), { recursive: true });
+    await rename(tmpPath, final);
+    await syncDir(path.dirname(final));
+  }
+
+  /** The blob's bytes as base64 text, read in pieces (for streaming out). */
+  readBase64(sha: string): AsyncIterable<string> {
+    return base64Stream(createReadStream(this.pathOf(sha), { highWaterMark: 3 * 16 * 1024 }));
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, "r");
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+async function* base64Stream(input: Readable): AsyncIterable<string> {
+  let carry = Buffer.alloc(0);
+  for await (const chunk of input as AsyncIterable<Buffer>) {
+    const buf = carry.length ? Buffer.concat([carry, chunk]) : chunk;
+    const whole = buf.length - (buf.length % 3);
+    if (whole > 0) yield buf.toString("base64", 0, whole);
+    carry = Buffer.from(buf.subarray(whole));
+  }
+  if (carry.length) yield carry.toString("base64");
+}
+
+/**
+ * One upload in progress. write() returns false when the caller should stop feeding
+ * (pause its socket) until `drained` is called back.
+ */
+export class BlobWriter {
+  private readonly decoder = new Base64Decoder();
+  private readonly hash: Hash = createHash("sha256");
+  private readonly file: WriteStream;
+  private size = 0;
+  private fault: BlobError | undefined;
+  private done = false;
+  /** Set by finish(): the blob this upload stored and pinned. */
+  private stored: BlobRef | undefined;
+  /** The file's buffer is full: stop feeding until onDrain. */
+  onFull: (() => void) | undefined;
+  onDrain: (() => void) | undefined;
+
+  constructor(
+    private readonly store: BlobStore,
+    private readonly tmpPath: string,
+    private readonly maxBytes: number,
+  ) {
+    this.file = createWriteStream(tmpPath, { flags: "wx" });
+    this.file.on("error", (err) => {
+      this.fault ??= new BlobError("aborted", `attachment could not be stored: ${err.message}`);
+    });
+    this.file.on("drain", () => this.onDrain?.());
+  }
+
+  /** Feeds base64 text. Faults are remembered (and reported by finish), not thrown. */
+  write(text: Buffer): void {
+    if (this.fault || this.done) return;
+    let bytes: Buffer;
+    try {
+      bytes = this.decoder.push(text);
+    } catch (err) {
+      this.fail(err as BlobError);
+      return;
+    }
+    this.size += bytes.length;
+    if (this.size > this.maxBytes) {
+      this.fail(new BlobError("too-large", `attachment is over the limit of ${this.maxBytes} bytes`));
+      return;
+    }
+    if (bytes.length === 0) return;
+    this.hash.update(bytes);
+    if (!this.file.write(bytes)) this.onFull?.();
+  }
+
+  /** The frame put something in the string that base64 cannot hold. */
+  invalid(): void {
+    if (!this.fault && !this.done) this.fail(invalid("attachment data is not valid base64 (escape sequence)"));
+  }
+
+  private fail(err: BlobError): void {
+    this.fault = err;
+    this.discard();
+    this.onDrain?.(); // whoever paused for this upload may go on
+  }
+
+  private discard(): void {
+    this.done = true;
+    this.file.destroy();
+    this.file.once("close", () => void unlink(this.tmpPath).catch(() => {}));
+  }
+
+  /** The frame was broken or the connection went away mid-upload: nothing of it stays. */
+  abort(): void {
+    if (this.done) return;
+    this.fault ??= new BlobError("aborted", "upload aborted");
+    this.discard();
+  }
+
+  /**
+   * The request is done with this upload: an unfinished one is discarded, a stored
+   * blob is unpinned (and deleted unless a committed message references it).
+   */
+  release(): void {
+    if (this.stored) {
+      const { sha } = this.stored;
+      this.stored = undefined;
+      this.store.unpin(sha);
+    } else {
+      this.abort();
+    }
+  }
+
+  /**
+   * Completes the upload: the blob is on disk (synced) under its hash and pinned for
+   * the caller, who must unpin it once the message referencing it is committed (or
+   * was refused). Rejects with BlobError for bad base64, over-limit size or I/O.
+   */
+  async finish(): Promise<BlobRef> {
+    if (!this.fault) {
+      try {
+        this.decoder.end();
+      } catch (err) {
+        this.fail(err as BlobError);
+      }
+    }
+    if (this.fault) throw this.fault;
+    this.done = true;
+    this.onDrain?.();
+    await new Promise<void>((resolve, reject) => {
+      this.file.end((err?: Error | null) => (err ? reject(err) : resolve()));
+    });
+    const fh = await open(this.tmpPath, "r+");
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    const sha = this.hash.digest("hex");
+    this.store.pin(sha);
+    try {
+      await this.store.adopt(this.tmpPath, sha);
+    } catch (err) {
+      this.store.unpin(sha);
+      await unlink(this.tmpPath).catch(() => {});
+      throw new BlobError("aborted", `attachment could not be stored: ${(err as Error).message}`);
+    }
+    this.stored = { sha, size: this.size };
+    return this.stored;
+  }
+}
