@@ -44,7 +44,7 @@ export class Client {
   readonly frames: Frame[] = [];
   /** Every raw line received, for byte-level assertions. */
   readonly lines: string[] = [];
-  private buf = "";
+  private pending: string[] = [];
   private waiters: Waiter[] = [];
   readonly closed: Promise<void>;
   isClosed = false;
@@ -73,17 +73,21 @@ export class Client {
   }
 
   private onData(chunk: string): void {
-    this.buf += chunk;
+    // Only the new chunk is searched for newlines, so a 40 MB line costs linear time.
+    let from = 0;
     let nl: number;
-    while ((nl = this.buf.indexOf("\n")) >= 0) {
-      const line = this.buf.slice(0, nl);
-      this.buf = this.buf.slice(nl + 1);
+    while ((nl = chunk.indexOf("\n", from)) >= 0) {
+      this.pending.push(chunk.slice(from, nl));
+      const line = this.pending.join("");
+      this.pending = [];
+      from = nl + 1;
       this.lines.push(line);
       const f = JSON.parse(line) as Frame;
       const w = this.waiters.findIndex((x) => x.pred(f));
       if (w >= 0) this.waiters.splice(w, 1)[0].resolve(f);
       else this.frames.push(f);
     }
+    if (from < chunk.length) this.pending.push(chunk.slice(from));
   }
 
   write(raw: string | Buffer): void {

@@ -1,0 +1,167 @@
+// Streamed attachments over real TCP: byte-identical relay online and offline, stored
+// once, limits and bad base64 without leftovers, disconnects mid-upload, slow readers.
+import { randomBytes } from "node:crypto";
+import { readdirSync } from "node:fs";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server.js";
+import type { Connection } from "../src/transport/connection.js";
+import { Client, login, registerUser, startTestServer } from "./helpers.js";
+
+let server: RunningServer;
+let port: number;
+const MiB = 1024 * 1024;
+
+beforeAll(async () => {
+  server = await startTestServer({ maxAttach: 40 * MiB, outboundCap: 4 * MiB });
+  port = server.port;
+});
+afterAll(async () => {
+  await server.stop();
+});
+
+function blobFiles(): string[] {
+  const dir = server.services.blobs.dir;
+  return readdirSync(dir)
+    .filter((d) => d !== "tmp")
+    .flatMap((d) => readdirSync(path.join(dir, d)));
+}
+const tmpFiles = () => readdirSync(path.join(server.services.blobs.dir, "tmp"));
+
+function attachFrame(uid: string, data: string, mime = "application/octet-stream"): string {
+  return JSON.stringify({ action: "message", data: { uid, body: "file", attach: { mime, data } } }) + "\n";
+}
+
+async function until(cond: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error("condition not met in time");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+describe("a 32 MiB attachment", () => {
+  const bytes = randomBytes(32 * MiB);
+  const b64 = bytes.toString("base64");
+
+  it("arrives byte-identical at an online recipient and at an offline one after auth; stored once", async () => {
+    const a = await registerUser(port);
+    const online = await registerUser(port);
+    const offline = await registerUser(port);
+    offline.client.close();
+    await offline.client.closed;
+    const before = blobFiles().length;
+
+    a.client.write(attachFrame(online.uid, b64));
+    const r1 = (await a.client.reply("message", 60_000)).data;
+    expect(r1.status).toBe(0);
+    const ev = await online.client.event("ev_message", () => true, 60_000);
+    expect(ev.attach.mime).toBe("application/octet-stream");
+    expect(ev.attach.data.length).toBe(b64.length);
+    expect(ev.attach.data === b64).toBe(true);
+    expect(ev).toMatchObject({ mid: r1.mid, from: a.uid, body: "file", to: online.uid });
+
+    // the same bytes again, to the offline user: no second blob
+    a.client.write(attachFrame(offline.uid, b64));
+    expect((await a.client.reply("message", 60_000)).data.status).toBe(0);
+    expect(blobFiles().length).toBe(before + 1);
+
+    const { client } = await login(port, offline.login);
+    const queued = await client.event("ev_message", () => true, 60_000);
+    expect(queued.attach.data === b64).toBe(true);
+    expect(tmpFiles()).toEqual([]);
+    for (const c of [a.client, online.client, client]) c.close();
+  });
+});
+
+describe("refusals leave nothing behind", () => {
+  it("over the limit: 12, the connection still usable, no temp file, no blob", async () => {
+    const small = await startTestServer({ maxAttach: 1000 });
+    const a = await registerUser(small.port);
+    const dir = small.services.blobs.dir;
+    a.client.write(attachFrame(a.uid, randomBytes(5000).toString("base64")));
+    const r = (await a.client.reply("message")).data;
+    expect(r.status).toBe(12);
+    expect(r.error).toMatch(/limit/);
+    expect((await a.client.request("ping")).status).toBe(0);
+    await until(() => readdirSync(path.join(dir, "tmp")).length === 0);
+    expect(readdirSync(dir).filter((d) => d !== "tmp")).toEqual([]);
+    a.client.close();
+    await small.stop();
+  });
+
+  it("invalid base64: 3, nothing stored or delivered, the connection still usable", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const before = blobFiles().length;
+    for (const bad of ["abc", "ab$d", "QUJD=QUJD", "QQ==QQ=="]) {
+      a.client.write(attachFrame(b.uid, bad));
+      expect((await a.client.reply("message")).data.status).toBe(3);
+    }
+    expect(await b.client.quiet(200, (f) => f.action === "ev_message")).toBe(true);
+    expect((await a.client.request("ping")).status).toBe(0);
+    await until(() => tmpFiles().length === 0);
+    expect(blobFiles().length).toBe(before);
+    a.client.close();
+    b.client.close();
+  });
+
+  it("an attachment on a refused request (unauthenticated, unknown user, other action) is not kept", async () => {
+    const before = blobFiles().length;
+    const c = await Client.connect(port);
+    const unique = () => randomBytes(3000).toString("base64");
+    c.write(attachFrame("nobody", unique()));
+    expect((await c.reply("message")).data.status).toBe(6);
+    const a = await registerUser(port);
+    a.client.write(attachFrame("nobody", unique()));
+    expect((await a.client.reply("message")).data.status).toBe(8);
+    a.client.write(JSON.stringify({ action: "ping", data: { attach: { mime: "x", data: unique() } } }) + "\n");
+    expect((await a.client.reply("ping")).data.status).toBe(0);
+    await until(() => blobFiles().length === before && tmpFiles().length === 0);
+    c.close();
+    a.client.close();
+  });
+
+  it("a sender that drops mid-attachment leaves no temp file and no blob", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const before = blobFiles().length;
+    const frame = attachFrame(b.uid, randomBytes(8 * MiB).toString("base64"));
+    a.client.write(frame.slice(0, frame.length / 2));
+    await until(() => tmpFiles().length === 1);
+    a.client.socket.destroy();
+    await until(() => tmpFiles().length === 0);
+    expect(blobFiles().length).toBe(before);
+    expect(await b.client.quiet(200, (f) => f.action === "ev_message")).toBe(true);
+    b.client.close();
+  });
+});
+
+describe("a recipient that reads slowly", () => {
+  it("does not make the server buffer the attachment; others keep chatting; it gets every byte", async () => {
+    const a = await registerUser(port);
+    const slow = await registerUser(port);
+    const x = await registerUser(port);
+    const y = await registerUser(port);
+    const b64 = randomBytes(24 * MiB).toString("base64");
+    slow.client.socket.pause();
+    a.client.write(attachFrame(slow.uid, b64));
+    expect((await a.client.reply("message", 60_000)).data.status).toBe(0);
+    // wait until the sender's own echo is through: the slow reader's copy is pending
+    expect((await a.client.event("ev_message", () => true, 60_000)).attach.data === b64).toBe(true);
+    const conns = [...server.listener.connections] as Connection[];
+    let peak = 0;
+    for (let i = 0; i < 20; i++) {
+      // small messages between others still flow
+      const r = await x.client.request("message", { uid: y.uid, body: `ping ${i}` });
+      expect(r.status).toBe(0);
+      await y.client.event("ev_message", (d) => d.body === `ping ${i}`);
+      for (const c of conns) peak = Math.max(peak, c.socket.writableLength);
+    }
+    expect(peak).toBeLessThan(1 * MiB); // the server reads from disk only as the socket drains
+    slow.client.socket.resume();
+    const ev = await slow.client.event("ev_message", () => true, 60_000);
+    expect(ev.attach.data === b64).toBe(true);
+    for (const c of [a.client, slow.client, x.client, y.client]) c.close();
+  });
+});
