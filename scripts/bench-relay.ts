@@ -12,13 +12,8 @@
 //               growth per connection (from /proc/<pid>/status).
 // Each measure runs `runs` times on a fresh server and the median is reported.
 
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import net from "node:net";
-import { tmpdir } from "node:os";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { BenchClient, median, newUser, rssKiB, startServer, stopServer } from "./bench-lib.js";
 
 const { values: opts } = parseArgs({
   options: {
@@ -38,98 +33,10 @@ const RATE = Number(opts.rate);
 const IDLE = Number(opts.idle);
 const RUNS = Number(opts.runs);
 
-interface Server {
-  proc: ChildProcess;
-  port: number;
-  dir: string;
-}
-
-async function startServer(extra: string[] = []): Promise<Server> {
-  const dir = mkdtempSync(path.join(tmpdir(), "wirechat-bench-"));
-  const main = fileURLToPath(new URL("../src/main.js", import.meta.url));
-  const proc = spawn(
-    process.execPath,
-    [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", ...extra],
-    { stdio: ["ignore", "pipe", "inherit"] },
-  );
-  const port = await new Promise<number>((resolve, reject) => {
-    let out = "";
-    proc.stdout!.on("data", (d: Buffer) => {
-      out += d.toString();
-      const m = /"port":(\d+)[^\n]*"msg":"wirechat listening"/.exec(out);
-      if (m) resolve(Number(m[1]));
-    });
-    proc.on("exit", (code) => reject(new Error(`server exited ${code}`)));
-  });
-  proc.stdout!.resume();
-  return { proc, port, dir };
-}
-
-async function stopServer(s: Server): Promise<void> {
-  const exited = new Promise((r) => s.proc.once("exit", r));
-  s.proc.kill("SIGTERM");
-  await exited;
-  rmSync(s.dir, { recursive: true, force: true });
-}
-
-/** A lean client: counts lines, parses only what it must. */
-class BenchClient {
-  private buf = "";
-  onLine: (line: string) => void = () => {};
-  constructor(readonly socket: net.Socket) {
-    socket.setNoDelay(true);
-    socket.setEncoding("utf8");
-    socket.on("data", (chunk: string) => {
-      let start = 0;
-      let nl: number;
-      const text = this.buf + chunk;
-      while ((nl = text.indexOf("\n", start)) >= 0) {
-        this.onLine(text.slice(start, nl));
-        start = nl + 1;
-      }
-      this.buf = text.slice(start);
-    });
-  }
-  static connect(port: number): Promise<BenchClient> {
-    return new Promise((resolve, reject) => {
-      const s = net.connect(port, "127.0.0.1", () => resolve(new BenchClient(s)));
-      s.once("error", reject);
-    });
-  }
-  next(pred: (l: string) => boolean): Promise<any> {
-    return new Promise((resolve) => {
-      this.onLine = (l) => {
-        if (pred(l)) {
-          this.onLine = () => {};
-          resolve(JSON.parse(l));
-        }
-      };
-    });
-  }
-  send(obj: unknown): void {
-    this.socket.write(JSON.stringify(obj) + "\n");
-  }
-}
-
-let userSeq = 0;
-async function newUser(port: number): Promise<{ c: BenchClient; uid: string; sid: string }> {
-  const c = await BenchClient.connect(port);
-  const login = `b${process.pid}_${++userSeq}`;
-  const auth = c.next((l) => l.startsWith('{"action":"auth"'));
-  c.send({ action: "register", data: { login, pass: "p", nick: login } });
-  const a = await auth;
-  return { c, uid: a.data.uid, sid: a.data.sid };
-}
-
 async function pairs(port: number, n: number) {
   const out = [];
   for (let i = 0; i < n; i++) out.push({ from: await newUser(port), to: await newUser(port) });
   return out;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)];
 }
 
 async function throughput(): Promise<number> {
@@ -203,11 +110,6 @@ async function latency(): Promise<{ p50: number; p99: number; sent: number }> {
   }
   await stopServer(server);
   return { p50: pick(0.5), p99: pick(0.99), sent: seq };
-}
-
-function rssKiB(pid: number): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-  return m ? Number(m[1]) : NaN;
 }
 
 async function idle(): Promise<number> {

@@ -17,6 +17,7 @@ export interface Config {
   bcryptCost: number;
   sessionTtl: number;
   maxConnections: number;
+  stats: number;
 }
 
 type Kind = "int" | "string";
@@ -46,6 +47,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "outboundCap", flag: "--outbound-cap", env: "WIRECHAT_OUTBOUND_CAP", kind: "int", default: 8 * 1024 * 1024, min: 65536, help: "bytes waiting to be sent to one connection before it is closed as a slow reader" },
   { key: "bcryptCost", flag: "--bcrypt-cost", env: "WIRECHAT_BCRYPT_COST", kind: "int", default: 10, min: 4, help: "bcrypt cost factor for stored password hashes" },
   { key: "sessionTtl", flag: "--session-ttl", env: "WIRECHAT_SESSION_TTL", kind: "int", default: 30 * 24 * 3600, min: 1, help: "seconds a session id stays valid" },
+  { key: "stats", flag: "--stats", env: "WIRECHAT_STATS", kind: "int", default: 0, min: 0, help: "1 enables the 'stats' action (event-loop delay, memory) for benchmarks and monitoring" },
   { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections" },
 ];
 

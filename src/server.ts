@@ -11,6 +11,7 @@ import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
 import { registerProfiles } from "./features/profiles.js";
 import { Hooks, type Services } from "./features/services.js";
+import { registerStats } from "./features/stats.js";
 import { Dispatcher } from "./protocol/dispatcher.js";
 import { Hub } from "./protocol/session.js";
 import { BlobStore } from "./storage/blobs.js";
@@ -53,6 +54,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   registerMessages(services);
 
   const listener = new Listener(config, dispatcher, log, () => services.blobs.writer(config.maxAttach));
+  registerStats(services, () => listener.connections.size);
   let address;
   try {
     address = await listener.listen(config.port, config.host);

@@ -1,0 +1,106 @@
+// Shared by the benchmarks: a built server in a child process on a temp data dir, and
+// a lean client that splits lines and parses only what it must.
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+export interface Server {
+  proc: ChildProcess;
+  port: number;
+  dir: string;
+}
+
+export async function startServer(extra: string[] = []): Promise<Server> {
+  const dir = mkdtempSync(path.join(tmpdir(), "wirechat-bench-"));
+  const main = fileURLToPath(new URL("../src/main.js", import.meta.url));
+  const proc = spawn(
+    process.execPath,
+    [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", ...extra],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  const port = await new Promise<number>((resolve, reject) => {
+    let out = "";
+    proc.stdout!.on("data", (d: Buffer) => {
+      out += d.toString();
+      const m = /"port":(\d+)[^\n]*"msg":"wirechat listening"/.exec(out);
+      if (m) resolve(Number(m[1]));
+    });
+    proc.on("exit", (code) => reject(new Error(`server exited ${code}`)));
+  });
+  proc.stdout!.resume();
+  return { proc, port, dir };
+}
+
+export async function stopServer(s: Server): Promise<void> {
+  const exited = new Promise((r) => s.proc.once("exit", r));
+  s.proc.kill("SIGTERM");
+  await exited;
+  rmSync(s.dir, { recursive: true, force: true });
+}
+
+/** A lean client: counts lines, parses only what it must. */
+export class BenchClient {
+  private pending: string[] = [];
+  onLine: (line: string) => void = () => {};
+  constructor(readonly socket: net.Socket) {
+    socket.setNoDelay(true);
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => {
+      // Only the new chunk is searched, so a line of 85 MB costs linear time.
+      let start = 0;
+      let nl: number;
+      while ((nl = chunk.indexOf("\n", start)) >= 0) {
+        const piece = chunk.slice(start, nl);
+        const line = this.pending.length ? this.pending.join("") + piece : piece;
+        this.pending = [];
+        this.onLine(line);
+        start = nl + 1;
+      }
+      if (start < chunk.length) this.pending.push(chunk.slice(start));
+    });
+  }
+  static connect(port: number): Promise<BenchClient> {
+    return new Promise((resolve, reject) => {
+      const s = net.connect(port, "127.0.0.1", () => resolve(new BenchClient(s)));
+      s.once("error", reject);
+    });
+  }
+  next(pred: (l: string) => boolean): Promise<any> {
+    return new Promise((resolve) => {
+      this.onLine = (l) => {
+        if (pred(l)) {
+          this.onLine = () => {};
+          resolve(JSON.parse(l));
+        }
+      };
+    });
+  }
+  send(obj: unknown): void {
+    this.socket.write(JSON.stringify(obj) + "\n");
+  }
+}
+
+let userSeq = 0;
+export async function newUser(port: number): Promise<{ c: BenchClient; uid: string; sid: string }> {
+  const c = await BenchClient.connect(port);
+  const login = `b${process.pid}_${++userSeq}`;
+  const auth = c.next((l) => l.startsWith('{"action":"auth"'));
+  c.send({ action: "register", data: { login, pass: "p", nick: login } });
+  const a = await auth;
+  return { c, uid: a.data.uid, sid: a.data.sid };
+}
+
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
+
+export function rssKiB(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+  return m ? Number(m[1]) : NaN;
+}
