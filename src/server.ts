@@ -1,12 +1,13 @@
 // Composition root: opens storage, registers every feature's actions with the
 // dispatcher, and starts the listener. Layers, from the wire inwards:
 //   transport (listener, connection, scanner) → protocol (dispatcher, schemas, codes,
-//   hub) → features (accounts, profiles, contacts, messages) → storage (key layout,
+//   hub) → features (accounts, profiles, contacts, messages, channels) → storage (key layout,
 //   group commit, typed stores, blob store).
 
 import pino, { type Logger } from "pino";
 import type { Config } from "./config.js";
 import { registerAccounts } from "./features/accounts.js";
+import { registerChannels } from "./features/channels.js";
 import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
 import { registerProfiles } from "./features/profiles.js";
@@ -15,6 +16,7 @@ import { registerStats } from "./features/stats.js";
 import { Dispatcher } from "./protocol/dispatcher.js";
 import { Hub } from "./protocol/session.js";
 import { BlobStore } from "./storage/blobs.js";
+import { ChannelStore } from "./storage/channels.js";
 import { ContactStore } from "./storage/contacts.js";
 import { Storage } from "./storage/db.js";
 import { MessageStore } from "./storage/messages.js";
@@ -46,12 +48,14 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     sessions: new SessionStore(storage),
     contacts: new ContactStore(storage),
     messages: new MessageStore(storage, await storage.counter("seq")),
+    channels: new ChannelStore(storage, await storage.counter("chid")),
     blobs: new BlobStore(config.dataDir, storage),
   };
   registerAccounts(services);
   registerProfiles(services);
   registerContacts(services);
   registerMessages(services);
+  registerChannels(services);
 
   const listener = new Listener(config, dispatcher, log, () => services.blobs.writer(config.maxAttach));
   registerStats(services, () => listener.connections.size);

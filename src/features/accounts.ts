@@ -74,9 +74,9 @@ export function registerAccounts(sv: Services): void {
       sid = sessions.newSid();
       await storage.commit(sessions.createOps(sid, { uid: user.uid, created: now, expires: now + config.sessionTtl }));
     }
-    if (s.uid !== undefined) hub.detach(s);
+    if (s.uid !== undefined) leave(s);
     s.login(user.uid, sid, user.nick);
-    hub.attach(s);
+    if (hub.attach(s)) hooks.presence(user.uid, true, sv.log);
     s.log.info("authenticated");
     return { sid, uid: user.uid, cid: user.uid, nick: user.nick };
   }
@@ -190,7 +190,13 @@ export function registerAccounts(sv: Services): void {
     },
   });
 
+  /** Takes the connection out of the hub; the user goes offline with their last one. */
+  function leave(s: Session): void {
+    const uid = s.uid as string;
+    if (hub.detach(s)) hooks.presence(uid, false, sv.log);
+  }
+
   dispatcher.onClose((s) => {
-    if (s.uid !== undefined) hub.detach(s);
+    if (s.uid !== undefined) leave(s);
   });
 }

@@ -1,6 +1,7 @@
 // Contact lists: contactlist, addcontact, delcontact, and import (address-book match).
 
 import { Code, ProtocolError } from "../protocol/codes.js";
+import { frame } from "../protocol/frames.js";
 import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
@@ -17,8 +18,37 @@ function contactCard(u: UserRecord) {
   return { uid: u.uid, nick: u.nick, email: u.email, phone: u.phone };
 }
 
+const SEARCH_LIMIT = 50;
+
 export function registerContacts(sv: Services): void {
-  const { dispatcher, users, contacts, storage, hub, config } = sv;
+  const { dispatcher, users, contacts, storage, hub, hooks, config } = sv;
+
+  // Presence: the users who list someone hear when their first connection opens and
+  // when their last one closes.
+  hooks.onPresence(async (uid, online) => {
+    const ev = frame("ev_presence", { uid, online });
+    for (const owner of await contacts.listedBy(uid)) hub.deliver(owner, ev);
+  });
+
+  dispatcher.register<{ q: string }>({
+    name: "searchuser",
+    schema: { type: "object", required: ["q"], properties: { q: requiredString(64) } },
+    async handle(req) {
+      // Prefix range reads on the nick and login indexes (both lower-case): at most 50
+      // keys each, never a scan of all users. Email and phone are never shown.
+      const [byNick, byLogin] = await Promise.all([
+        users.prefixSearch("nick", req.data.q, SEARCH_LIMIT),
+        users.prefixSearch("login", req.data.q, SEARCH_LIMIT),
+      ]);
+      const list = [];
+      for (const uid of new Set([...byNick, ...byLogin])) {
+        if (list.length === SEARCH_LIMIT) break;
+        const u = await users.get(uid);
+        if (u) list.push({ uid, nick: u.nick });
+      }
+      return { list };
+    },
+  });
 
   dispatcher.register({
     name: "contactlist",

@@ -8,15 +8,31 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Hub, Session } from "../protocol/session.js";
 import type { BlobStore } from "../storage/blobs.js";
 import type { Storage } from "../storage/db.js";
+import type { ChannelStore } from "../storage/channels.js";
 import type { ContactStore } from "../storage/contacts.js";
 import type { MessageStore } from "../storage/messages.js";
 import type { SessionStore } from "../storage/sessions.js";
 import type { UserStore } from "../storage/users.js";
 
 type Hook = (s: Session) => void | Promise<void>;
+type PresenceHook = (uid: string, online: boolean) => void | Promise<void>;
 
 export class Hooks {
   private readonly loggedInFns: Hook[] = [];
+  private readonly presenceFns: PresenceHook[] = [];
+
+  /** When a user's first connection authenticates (true) or their last one goes (false). */
+  onPresence(fn: PresenceHook): void {
+    this.presenceFns.push(fn);
+  }
+
+  presence(uid: string, online: boolean, log: Logger): void {
+    for (const fn of this.presenceFns) {
+      Promise.resolve()
+        .then(() => fn(uid, online))
+        .catch((err) => log.error({ err, uid }, "presence hook failed"));
+    }
+  }
 
   /** After a connection authenticates and its auth reply is sent. */
   onLoggedIn(fn: Hook): void {
@@ -45,5 +61,6 @@ export interface Services {
   sessions: SessionStore;
   contacts: ContactStore;
   messages: MessageStore;
+  channels: ChannelStore;
   blobs: BlobStore;
 }

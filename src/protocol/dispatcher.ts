@@ -14,10 +14,18 @@ import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import { Code, ProtocolError } from "./codes.js";
 import { errorFrame, peekAction, replyFrame, type Fields } from "./frames.js";
-import { Session, type Peer, type StoredAttachment, type Upload } from "./session.js";
+import { Session, type OutFrame, type Peer, type StoredAttachment, type Upload } from "./session.js";
 import { compileSchema, type Validator } from "./validation.js";
 
 export type Reply = Fields;
+
+/**
+ * A reply the handler serialised itself, because it streams (a history page with
+ * attachments): sent as is, in order like any other.
+ */
+export class FramedReply {
+  constructor(readonly frame: OutFrame) {}
+}
 
 /** The reply of a pipelined handler, available once `settled` resolves. */
 export class Pending {
@@ -42,7 +50,7 @@ export interface ActionSpec<D = never> {
   public?: boolean;
   /** May overlap the requests after it (see the top of this file). */
   pipelined?: boolean;
-  handle(req: Request<D>): Promise<Reply | Pending> | Reply | Pending;
+  handle(req: Request<D>): Promise<Reply | Pending | FramedReply> | Reply | Pending | FramedReply;
 }
 
 interface Action {
@@ -55,7 +63,7 @@ type Item =
   | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
 interface Slot {
-  frame: string | undefined;
+  frame: OutFrame | undefined;
   after: (() => void)[] | undefined;
 }
 
@@ -257,7 +265,8 @@ export class Dispatcher {
         });
       } else {
         release();
-        this.fill(s, line, slot, replyFrame(action, result), req.afterFns);
+        const out = result instanceof FramedReply ? result.frame : replyFrame(action, result);
+        this.fill(s, line, slot, out, req.afterFns);
       }
     } catch (err) {
       release();
@@ -289,12 +298,12 @@ export class Dispatcher {
     return errorFrame(action, Code.Unavailable, "the server could not complete the request; nothing was changed");
   }
 
-  private fill(s: Session, line: Line, slot: Slot, out: string, after?: (() => void)[]): void {
+  private fill(s: Session, line: Line, slot: Slot, out: OutFrame, after?: (() => void)[]): void {
     slot.frame = out;
     slot.after = after;
     while (line.slots.length > 0 && line.slots[0].frame !== undefined) {
       const done = line.slots.shift() as Slot;
-      s.send(done.frame as string);
+      s.send(done.frame as OutFrame);
       if (done.after) {
         for (const fn of done.after) {
           try {

@@ -16,13 +16,19 @@
 //   queue       <uid>!<seq>                    → conversation (offline queue, in order)
 //   cmids       <sender uid>!<cmid>            → mid  (idempotent resend)
 //   blobrefs    <sha256>!<mid>                 → 1    (messages using an attachment blob)
+//   peers       <uid>!<peer uid>               → 1    (direct conversations of a user: dialogs)
+//   channels    <chid>                         → ChannelRecord
+//   chname      <lower-case name>              → chid
+//   members     <chid>!<uid>                   → unix s joined
+//   memberof    <uid>!<chid>                   → 1
 //
 // On disk: <dataDir>/db holds LevelDB, <dataDir>/blobs the attachment files (blobs.ts).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
-// `d:<uid>:<uid>` (the two uids sorted) for direct messages. '!' never occurs in a
-// uid, so `<uid>!` is an exact prefix for range reads.
+// `d:<uid>:<uid>` (the two uids sorted) for direct messages and `c:<chid>` for a
+// channel. '!' never occurs in a uid or chid, so `<id>!` is an exact prefix for range
+// reads; history is a reverse range read over `msgs <conversation>!…`, never a scan.
 
 import { Level } from "level";
 
@@ -55,6 +61,8 @@ export interface MessageRecord {
   nick: string;
   /** Recipient uid of a direct message. */
   to?: string;
+  /** Channel of a channel message. */
+  chid?: string;
   body: string;
   time: number;
   /** An attachment: its MIME type and the blob holding its decoded bytes. */
@@ -82,6 +90,11 @@ export const SPACES = [
   "queue",
   "cmids",
   "blobrefs",
+  "peers",
+  "channels",
+  "chname",
+  "members",
+  "memberof",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];
@@ -115,8 +128,20 @@ export function keyTail(key: string): string {
   return key.slice(key.indexOf("!") + 1);
 }
 
+export interface ChannelRecord {
+  chid: string;
+  name: string;
+  descr: string;
+  owner: string;
+  created: number;
+}
+
 export function directConv(a: string, b: string): string {
   return a < b ? `d:${a}:${b}` : `d:${b}:${a}`;
+}
+
+export function channelConv(chid: string): string {
+  return `c:${chid}`;
 }
 
 export function msgKey(conv: string, seq: number): string {

@@ -1,6 +1,7 @@
 // Messages (per conversation, in sequence order), the mid index, per-user offline
 // queues and the client-message-id index.
 
+import type { BlobStore } from "./blobs.js";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
 import {
   keyTail,
@@ -21,7 +22,7 @@ export interface QueuedMessage {
 export class MessageStore {
   private readonly s: Spaces;
   constructor(
-    storage: Storage,
+    private readonly storage: Storage,
     private readonly seq: Counter,
   ) {
     this.s = storage.spaces;
@@ -54,6 +55,54 @@ export class MessageStore {
   async byCmid(from: string, cmid: string): Promise<MessageRecord | undefined> {
     const mid = (await this.s.cmids.get(pair(from, cmid))) as string | undefined;
     return mid === undefined ? undefined : this.get(mid);
+  }
+
+  /** Ops replacing a stored message's record (an edit). */
+  updateOps(m: MessageRecord): BatchOp[] {
+    return [put(this.s.msgs, msgKey(m.conv, Number(m.mid)), m)];
+  }
+
+  /** Ops removing a message from its history, the mid index and its recipient's queue. */
+  removeOps(m: MessageRecord): BatchOp[] {
+    const seq = Number(m.mid);
+    const ops = [del(this.s.msgs, msgKey(m.conv, seq)), del(this.s.mids, seqKey(seq))];
+    if (m.to !== undefined) ops.push(del(this.s.queue, queueKey(m.to, seq)));
+    if (m.cmid !== undefined) ops.push(del(this.s.cmids, pair(m.from, m.cmid)));
+    return ops;
+  }
+
+  /**
+   * The newest `limit` messages of a conversation older than `before` (a mid), oldest
+   * first: one bounded reverse range read, whatever the conversation's length.
+   */
+  async history(conv: string, limit: number, before?: string): Promise<MessageRecord[]> {
+    const range = prefixRange(conv);
+    const lt = before !== undefined ? msgKey(conv, Number(before)) : range.lt;
+    const values = (await this.s.msgs.values({ gt: range.gt, lt, reverse: true, limit }).all()) as MessageRecord[];
+    return values.reverse();
+  }
+
+  /**
+   * Deletes every message of a conversation (a deleted channel), page by page, with
+   * their blob references; blobs no longer used are then removed.
+   */
+  async purge(conv: string, blobs: BlobStore): Promise<void> {
+    for (;;) {
+      const page = (await this.s.msgs.values({ ...prefixRange(conv), limit: 500 }).all()) as MessageRecord[];
+      if (page.length === 0) return;
+      const ops = page.flatMap((m) => [...this.removeOps(m), ...(m.attach ? blobs.unrefOps(m.attach.sha, m.mid) : [])]);
+      await this.storage.commit(ops);
+      for (const m of page) if (m.attach) void blobs.collect(m.attach.sha);
+    }
+  }
+
+  /** Ops recording that two users have a direct conversation (for dialogs). */
+  peerOps(a: string, b: string): BatchOp[] {
+    return a === b ? [put(this.s.peers, pair(a, b), 1)] : [put(this.s.peers, pair(a, b), 1), put(this.s.peers, pair(b, a), 1)];
+  }
+
+  async peers(uid: string): Promise<string[]> {
+    return (await this.s.peers.keys(prefixRange(uid)).all()).map(keyTail);
   }
 
   async get(mid: string): Promise<MessageRecord | undefined> {

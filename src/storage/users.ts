@@ -44,6 +44,12 @@ export class UserStore {
     return (await this.s[index].get(indexKey(index, value))) as string | undefined;
   }
 
+  /** uids whose `index` value starts with `prefix` (case-insensitive), in index order. */
+  async prefixSearch(index: "login" | "nick", prefix: string, limit: number): Promise<string[]> {
+    const from = indexKey(index, prefix);
+    return (await this.s[index].values({ gte: from, lt: from + "\u{10FFFF}", limit }).all()) as string[];
+  }
+
   /** Index lookups for many values at once (undefined entries are skipped). */
   async lookupMany(index: UniqueIndex, values: readonly (string | undefined)[]): Promise<(string | undefined)[]> {
     const wanted = values.map((v) => (v === undefined ? undefined : indexKey(index, v)));
