@@ -111,6 +111,6 @@ export function helpText(): string {
     lines.push(`  ${(o.flag + " <" + (o.kind === "int" ? "n" : "s") + ">").padEnd(26)}${o.help}`);
     lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default}`);
   }
-  lines.push("  -h, --help                  this text");
+  lines.push(`  ${"-h, --help".padEnd(26)}this text`);
   return lines.join("\n");
 }

@@ -489,3 +489,17 @@ describe("attachments", () => {
     expect(uploads[1].aborted).toBe(true);
   });
 });
+
+describe("one reply per broken frame", () => {
+  it("skips the rest of a pretty-printed frame broken by a raw newline in a string, quietly", () => {
+    const { scanner, calls } = connection();
+    scanner.push(Buffer.from('{\n  "action": "hello",\n  "data": {\n    "client": "broken\n    string",\n    "x": 1\n  }\n}\n{"action":"ping"}\n'));
+    expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: "hello" }, { frame: '{"action":"ping"}' }]);
+  });
+
+  it("still answers each garbage line that follows a good frame", () => {
+    const { scanner, calls } = connection();
+    scanner.push(Buffer.from('{"action":"ping"}\njunk\njunk\n'));
+    expect(calls.filter((c) => "reject" in c)).toHaveLength(2);
+  });
+});

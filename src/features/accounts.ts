@@ -7,6 +7,7 @@ import { frame, nowSeconds } from "../protocol/frames.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
+import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
 import type { UniqueIndex } from "../storage/users.js";
 import type { Services } from "./services.js";
@@ -67,12 +68,15 @@ export function registerAccounts(sv: Services): void {
     }
   }
 
-  /** Creates a session for `user` on this connection and returns the auth reply fields. */
-  async function startSession(s: Session, user: UserRecord, sid?: string) {
+  /**
+   * Logs this connection in as `user` and returns the auth reply fields. Without `sid`
+   * a new session is stored, in one batch with `withOps` (a new account's records).
+   */
+  async function startSession(s: Session, user: UserRecord, sid?: string, withOps: BatchOp[] = []) {
     const now = nowSeconds();
     if (sid === undefined) {
       sid = sessions.newSid();
-      await storage.commit(sessions.createOps(sid, { uid: user.uid, created: now, expires: now + config.sessionTtl }));
+      await storage.commit([...withOps, ...sessions.createOps(sid, { uid: user.uid, created: now, expires: now + config.sessionTtl })]);
     }
     if (s.uid !== undefined) leave(s);
     s.login(user.uid, sid, user.nick);
@@ -100,6 +104,7 @@ export function registerAccounts(sv: Services): void {
       const taken = await users.claim(unique);
       if (taken) throw new ProtocolError(Code.AlreadyExist, `that ${taken} is already taken`);
       let user: UserRecord;
+      let auth;
       try {
         const hash = await hasher.hash(pass);
         user = {
@@ -113,12 +118,11 @@ export function registerAccounts(sv: Services): void {
           status: "",
           created: nowSeconds(),
         };
-        await storage.commit(users.saveOps(user));
+        auth = await startSession(s, user, undefined, users.saveOps(user));
         users.saved(user);
       } finally {
         users.release(unique);
       }
-      const auth = await startSession(s, user);
       // Seed 004: a successful register is followed by an unsolicited auth frame.
       req.after(() => {
         s.send(frame("auth", { status: Code.OK, error: "OK", ...auth }));

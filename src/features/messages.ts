@@ -200,9 +200,8 @@ export function registerMessages(sv: Services): void {
           }
           sent.add(message.mid);
           flushed = new Promise((resolve) =>
-            s.send(evMessage(message, blobs), (ok) => {
-              if (ok) storage.commitLazy(messages.dequeueOps(key));
-              resolve(ok);
+            s.send(evMessage(message, blobs), resolve, (delivered) => {
+              if (delivered) storage.commitLazy(messages.dequeueOps(key));
             }),
           );
         }

@@ -7,13 +7,15 @@ import type { Services } from "./services.js";
 
 export function registerStats(sv: Services, connections: () => number): void {
   if (!sv.config.stats) return;
-  const delay = monitorEventLoopDelay({ resolution: 10 });
+  // The histogram records each sampling interval whole (resolution included), so the
+  // delay is what exceeds the resolution.
+  const RESOLUTION_MS = 1;
+  const delay = monitorEventLoopDelay({ resolution: RESOLUTION_MS });
   delay.enable();
-  const ms = (ns: number) => Math.round(ns / 1e4) / 100;
+  const ms = (ns: number) => Math.max(0, Math.round((ns / 1e6 - RESOLUTION_MS) * 100) / 100);
 
   sv.dispatcher.register<{ reset?: boolean }>({
     name: "stats",
-    public: true,
     schema: { type: "object", properties: { reset: { type: "boolean" } } },
     handle(req) {
       const mem = process.memoryUsage();

@@ -95,6 +95,8 @@ class Line {
   badSince = 0;
   /** Set once the connection is to be closed: nothing more is read or queued. */
   closing = false;
+  /** The client half-closed: close once everything it sent is answered. */
+  inputEnded = false;
 }
 
 export class Dispatcher {
@@ -135,6 +137,18 @@ export class Dispatcher {
         s.log.error({ err }, "close hook failed");
       }
     }
+  }
+
+  /** The client will send no more: answer what it sent, then close the connection. */
+  inputEnded(s: Session): void {
+    const line = this.lines.get(s);
+    if (!line) return;
+    line.inputEnded = true;
+    this.endIfDone(s, line);
+  }
+
+  private endIfDone(s: Session, line: Line): void {
+    if (line.inputEnded && !line.running && line.slots.length === 0) s.peer.end();
   }
 
   /**
@@ -213,6 +227,7 @@ export class Dispatcher {
       }
     } finally {
       line.running = false;
+      this.endIfDone(s, line);
     }
   }
 
@@ -280,8 +295,9 @@ export class Dispatcher {
       return new ProtocolError(Code.NeedAuth, `'${spec.name}' needs an authenticated session`);
     }
     // The seed's clients send cid and sid with every request. `auth` takes sid as its
-    // credential, so it is exempt.
-    if (spec.name === "auth") return undefined;
+    // credential, and before login a public action (hello, register, …) has no session
+    // to compare them with, so those are exempt.
+    if (spec.name === "auth" || (spec.public && s.uid === undefined)) return undefined;
     const { cid, sid } = data;
     if (cid !== undefined && cid !== null && String(cid) !== s.uid) {
       return new ProtocolError(Code.NeedAuth, "'cid' is not this connection's user");
@@ -301,6 +317,11 @@ export class Dispatcher {
   private fill(s: Session, line: Line, slot: Slot, out: OutFrame, after?: (() => void)[]): void {
     slot.frame = out;
     slot.after = after;
+    this.sendReady(s, line);
+    this.endIfDone(s, line);
+  }
+
+  private sendReady(s: Session, line: Line): void {
     while (line.slots.length > 0 && line.slots[0].frame !== undefined) {
       const done = line.slots.shift() as Slot;
       s.send(done.frame as OutFrame);

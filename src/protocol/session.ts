@@ -41,8 +41,13 @@ export type OutFrame = string | StreamedFrame;
 export interface Peer {
   readonly id: number;
   readonly remote: string;
-  /** Queues a frame; `onFlushed(true)` once it is handed to the OS, false if it never is. */
-  send(frame: OutFrame, onFlushed?: (ok: boolean) => void): void;
+  /**
+   * Queues a frame. `onFlushed(true)` once it is handed to the OS (for pacing), false
+   * if it never is. `onConfirmed(true)` once it is safe to call it delivered: enough
+   * later traffic has gone out that the client must have read past it, or the client
+   * closed in an orderly way; false if the connection died before that.
+   */
+  send(frame: OutFrame, onFlushed?: (ok: boolean) => void, onConfirmed?: (ok: boolean) => void): void;
   /** Flushes what is queued, then closes. */
   end(): void;
   /** Stops or resumes reading requests (`why` names the reason; all must clear). */
@@ -83,17 +88,17 @@ export class Session {
     this.uid = this.sid = this.nick = undefined;
   }
 
-  send(frame: OutFrame, onFlushed?: (ok: boolean) => void): void {
-    this.peer.send(frame, onFlushed);
+  send(frame: OutFrame, onFlushed?: (ok: boolean) => void, onConfirmed?: (ok: boolean) => void): void {
+    this.peer.send(frame, onFlushed, onConfirmed);
   }
 
   /**
    * An event for this connection; held back while the offline queue drains. `tag`
    * names what it carries (a message id) so the drain can drop what it already sent.
    */
-  deliver(frame: OutFrame, onFlushed?: (ok: boolean) => void, tag?: string): void {
-    if (this.held) this.held.push([frame, onFlushed, tag]);
-    else this.peer.send(frame, onFlushed);
+  deliver(frame: OutFrame, onConfirmed?: (ok: boolean) => void, tag?: string): void {
+    if (this.held) this.held.push([frame, onConfirmed, tag]);
+    else this.peer.send(frame, undefined, onConfirmed);
   }
 
   holdEvents(): void {
@@ -106,8 +111,8 @@ export class Session {
     this.held = null;
     if (!held) return;
     for (const [f, cb, tag] of held) {
-      if (tag !== undefined && sent.has(tag)) cb?.(true);
-      else this.peer.send(f, cb);
+      // Already sent by the drain, which confirms its own copy.
+      if (tag === undefined || !sent.has(tag)) this.peer.send(f, undefined, cb);
     }
   }
 }
@@ -145,7 +150,7 @@ export class Hub {
 
   /**
    * Sends an event to every connection of `uid`. `onDelivered` runs once, when the
-   * first of them has handed the frame to the OS. Returns the number of connections.
+   * first of them confirms delivery (see Peer.send). Returns the number of connections.
    */
   deliver(uid: string, frame: OutFrame, onDelivered?: () => void, tag?: string): number {
     const set = this.users.get(uid);

@@ -15,6 +15,22 @@ import type { OutFrame, Peer, StreamedFrame } from "../protocol/session.js";
 
 type FlushCallback = (ok: boolean) => void;
 
+/**
+ * Bytes that must go out after a frame before it counts as delivered. Frames handed to
+ * the OS can still sit unread in the kernel's send and receive buffers (4 MiB and
+ * more on Linux); if the connection dies, they are gone. Past this much later traffic
+ * the client has certainly read the frame.
+ */
+export const DELIVERY_SLACK = 16 * 1024 * 1024;
+
+interface Unconfirmed {
+  /** `written` at which these frames count as delivered. */
+  until: number;
+  confirms: FlushCallback[];
+}
+
+const defined = <T>(x: T | undefined): x is T => x !== undefined;
+
 const dirty: Connection[] = [];
 let flushScheduled = false;
 
@@ -43,6 +59,13 @@ export class Connection implements Peer {
   /** Frames not yet written, in order; `callbacks[i]` belongs to `chunks[i]`. */
   private chunks: OutFrame[] = [];
   private callbacks: (FlushCallback | undefined)[] = [];
+  private confirms: (FlushCallback | undefined)[] = [];
+  /** Characters handed to the OS so far. */
+  private written = 0;
+  /** Flushed frames waiting to count as delivered, oldest first. */
+  private unconfirmed: Unconfirmed[] = [];
+  /** The client closed its side in an orderly way (FIN). */
+  peerEnded = false;
   /** Characters in queued string frames (frames behind a stream wait here). */
   private queuedLength = 0;
   private queued = false;
@@ -61,19 +84,42 @@ export class Connection implements Peer {
   ) {
     this.remote = `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? 0}`;
     socket.on("drain", () => this.resume("drain"));
+    socket.on("close", () => {
+      // An orderly end (the client's FIN, or ours after flushing) confirms everything
+      // sent; a connection cut off (slow reader, reset) confirms nothing still pending.
+      const orderly = this.peerEnded || this.ending;
+      const pending = this.unconfirmed.splice(0);
+      for (const u of pending) for (const cb of u.confirms) cb(orderly);
+      for (const cb of this.confirms.splice(0)) cb?.(false);
+    });
+  }
+
+  /** Records `n` more characters handed to the OS and confirms what that settles. */
+  private wrote(n: number, confirms: FlushCallback[]): void {
+    this.written += n;
+    if (confirms.length > 0) this.unconfirmed.push({ until: this.written + DELIVERY_SLACK, confirms });
+    while (this.unconfirmed.length > 0 && this.unconfirmed[0].until <= this.written) {
+      for (const cb of (this.unconfirmed.shift() as Unconfirmed).confirms) cb(true);
+    }
   }
 
   get closed(): boolean {
     return this.ending || this.socket.destroyed;
   }
 
-  send(frame: OutFrame, onFlushed?: FlushCallback): void {
+  send(frame: OutFrame, onFlushed?: FlushCallback, onConfirmed?: FlushCallback): void {
     if (this.closed) {
-      if (onFlushed) queueMicrotask(() => onFlushed(false));
+      if (onFlushed || onConfirmed) {
+        queueMicrotask(() => {
+          onFlushed?.(false);
+          onConfirmed?.(false);
+        });
+      }
       return;
     }
     this.chunks.push(frame);
     this.callbacks.push(onFlushed);
+    this.confirms.push(onConfirmed);
     if (typeof frame === "string") this.queuedLength += frame.length;
     if (this.queuedLength > this.outboundCap) return this.overflow(this.queuedLength);
     this.schedule();
@@ -100,26 +146,28 @@ export class Connection implements Peer {
     let n = 0;
     while (n < this.chunks.length && typeof this.chunks[n] === "string") n++;
     const strings = this.chunks.splice(0, n) as string[];
-    const cbs = this.callbacks.splice(0, n).filter((cb): cb is FlushCallback => cb !== undefined);
+    const cbs = this.callbacks.splice(0, n).filter(defined);
+    const confirms = this.confirms.splice(0, n).filter(defined);
     if (this.socket.destroyed) {
-      this.fail(cbs);
-      this.fail(this.callbacks.splice(0).filter((cb): cb is FlushCallback => cb !== undefined));
-      this.chunks = [];
-      this.queuedLength = 0;
+      this.fail([...cbs, ...confirms]);
+      this.dropQueued();
       return;
     }
     if (n > 0) {
       const data = n === 1 ? strings[0] : strings.join("");
       this.queuedLength -= data.length;
-      this.socket.write(data, cbs.length === 0 ? undefined : (err) => {
+      this.socket.write(data, (err) => {
         for (const cb of cbs) cb(!err);
+        if (err) this.fail(confirms);
+        else this.wrote(data.length, confirms);
       });
       if (this.socket.writableLength > this.outboundCap) return this.overflow(this.socket.writableLength);
     }
     if (this.chunks.length > 0) {
       const frame = this.chunks.shift() as StreamedFrame;
       const cb = this.callbacks.shift();
-      void this.pump(frame, cb);
+      const confirm = this.confirms.shift();
+      void this.pump(frame, cb, confirm);
     } else if (this.ending) {
       this.socket.end();
     } else if (this.socket.writableNeedDrain) {
@@ -128,7 +176,7 @@ export class Connection implements Peer {
   }
 
   /** Writes a streamed frame part by part, waiting for 'drain' whenever the socket is full. */
-  private async pump(frame: StreamedFrame, cb: FlushCallback | undefined): Promise<void> {
+  private async pump(frame: StreamedFrame, cb: FlushCallback | undefined, confirm: FlushCallback | undefined): Promise<void> {
     this.pumping = true;
     let ok = false;
     try {
@@ -149,16 +197,25 @@ export class Connection implements Peer {
     } finally {
       this.pumping = false;
     }
-    if (cb) {
-      if (ok) this.socket.write("", (err) => cb(!err));
-      else cb(false);
+    if (ok) {
+      this.socket.write("", (err) => {
+        cb?.(!err);
+        if (err) confirm?.(false);
+        else this.wrote(0, confirm ? [confirm] : []);
+      });
+    } else {
+      cb?.(false);
+      confirm?.(false);
     }
     this.schedule();
   }
 
   private async writePiece(piece: string): Promise<void> {
     if (this.socket.destroyed) throw new Error("connection closed");
-    if (this.socket.write(piece)) return;
+    const accepted = this.socket.write(piece, (err) => {
+      if (!err) this.wrote(piece.length, []);
+    });
+    if (accepted) return;
     await new Promise<void>((resolve, reject) => {
       const done = () => {
         this.socket.off("drain", done);
@@ -181,7 +238,12 @@ export class Connection implements Peer {
       "slow reader over its outbound cap; closing",
     );
     this.socket.destroy();
-    this.fail(this.callbacks.splice(0).filter((cb): cb is FlushCallback => cb !== undefined));
+    this.dropQueued();
+  }
+
+  /** Everything still queued will never be sent. */
+  private dropQueued(): void {
+    this.fail([...this.callbacks.splice(0), ...this.confirms.splice(0)].filter(defined));
     this.chunks = [];
     this.queuedLength = 0;
   }

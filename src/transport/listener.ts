@@ -28,7 +28,9 @@ export class Listener {
     /** Starts the upload of an attachment's text (the blob store's writer). */
     private readonly newUpload: () => PacedUpload,
   ) {
-    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // allowHalfOpen: a client that closes its sending side (`nc -q1`, `nc -N`) still
+    // gets every reply to what it sent; the server closes once they are out.
+    this.server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
     this.server.on("error", (err) => this.log.error({ err }, "listener error"));
   }
 
@@ -68,6 +70,10 @@ export class Listener {
     socket.on("data", (chunk: Buffer) => {
       conn.lastActivity = Date.now();
       scanner.push(chunk);
+    });
+    socket.on("end", () => {
+      conn.peerEnded = true;
+      this.dispatcher.inputEnded(session);
     });
     socket.on("close", () => {
       this.connections.delete(conn);

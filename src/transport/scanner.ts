@@ -16,7 +16,8 @@
 // raw newline inside a string (never valid JSON) ends the broken frame there; and a
 // '{' opening a line where the frame so far cannot take a value (the previous
 // significant byte is not ':' ',' or '[') means the previous frame was truncated and
-// a new one starts. Each broken frame is reported once.
+// a new one starts. Each broken frame is reported once: lines after it that cannot
+// start a frame are taken for its rest and skipped quietly.
 
 import { Code } from "../protocol/codes.js";
 import { ACTION_PEEK_BYTES, peekAction } from "../protocol/frames.js";
@@ -114,6 +115,8 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   private keyMatched = -1;
   /** The last key read at a tracked depth was the path's key for that depth. */
   private keyIsPath = false;
+  /** The last frame was broken off: what follows up to the next frame is its rest. */
+  private afterBroken = false;
   /** The upload of the frame being scanned, if its attachment has begun. */
   private uploadSink: U | undefined;
 
@@ -161,7 +164,9 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
             // begin valid text, so skipping them one at a time is safe.
             i++;
           } else {
-            this.sink.reject(Code.InvalidData, "expected a JSON object", undefined);
+            // Right after a broken frame, lines that cannot start a frame are taken
+            // for the rest of it: skipped without another reply.
+            if (!this.afterBroken) this.sink.reject(Code.InvalidData, "expected a JSON object", undefined);
             this.state = State.Garbage;
           }
           break;
@@ -234,6 +239,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   }
 
   private beginFrame(start: number): void {
+    this.afterBroken = false;
     this.state = State.Frame;
     this.start = start;
     this.depth = 0;
@@ -461,6 +467,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   /** The frame that started at `start` is broken at `at`; report it and go idle. */
   private endBroken(chunk: Buffer, start: number, at: number, reason: string): void {
     this.state = State.Idle;
+    this.afterBroken = true;
     this.uploadSink?.abort();
     this.uploadSink = undefined;
     if (this.fault === Fault.TooLarge) this.growHead(chunk.subarray(start, at));
