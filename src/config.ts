@@ -17,6 +17,19 @@ export interface Config {
   bcryptCost: number;
   sessionTtl: number;
   maxConnections: number;
+  maxPerAddress: number;
+  idleUnauth: number;
+  idleAuth: number;
+  rate: number;
+  burst: number;
+  rateDisconnect: number;
+  authFailLogin: number;
+  authFailAddr: number;
+  authFailWindow: number;
+  shutdownTimeout: number;
+  tlsPort: number;
+  tlsCert: string;
+  tlsKey: string;
   stats: number;
 }
 
@@ -48,7 +61,20 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "bcryptCost", flag: "--bcrypt-cost", env: "WIRECHAT_BCRYPT_COST", kind: "int", default: 10, min: 4, help: "bcrypt cost factor for stored password hashes" },
   { key: "sessionTtl", flag: "--session-ttl", env: "WIRECHAT_SESSION_TTL", kind: "int", default: 30 * 24 * 3600, min: 1, help: "seconds a session id stays valid" },
   { key: "stats", flag: "--stats", env: "WIRECHAT_STATS", kind: "int", default: 0, min: 0, help: "1 enables the 'stats' action (event-loop delay, memory) for benchmarks and monitoring" },
-  { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections" },
+  { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections (a new one past it gets status 16 and is closed)" },
+  { key: "maxPerAddress", flag: "--max-per-address", env: "WIRECHAT_MAX_PER_ADDRESS", kind: "int", default: 100, min: 1, help: "most simultaneous connections from one IP address (status 13 past it)" },
+  { key: "idleUnauth", flag: "--idle-unauth", env: "WIRECHAT_IDLE_UNAUTH", kind: "int", default: 60, min: 1, help: "seconds an unauthenticated connection may stay silent before it is closed" },
+  { key: "idleAuth", flag: "--idle-auth", env: "WIRECHAT_IDLE_AUTH", kind: "int", default: 600, min: 1, help: "seconds an authenticated connection may stay silent (ping counts) before it is closed" },
+  { key: "rate", flag: "--rate", env: "WIRECHAT_RATE", kind: "int", default: 5000, min: 1, help: "requests per second one connection may sustain (status 13 past it)" },
+  { key: "burst", flag: "--burst", env: "WIRECHAT_BURST", kind: "int", default: 10000, min: 1, help: "requests one connection may send at once above the rate" },
+  { key: "rateDisconnect", flag: "--rate-disconnect", env: "WIRECHAT_RATE_DISCONNECT", kind: "int", default: 10000, min: 1, help: "requests refused for rate within the bad-frame window before the connection is closed" },
+  { key: "authFailLogin", flag: "--auth-fail-login", env: "WIRECHAT_AUTH_FAIL_LOGIN", kind: "int", default: 5, min: 1, help: "failed logins for one login within the window before auth is refused with 13 (back-off doubles after each further failure)" },
+  { key: "authFailAddr", flag: "--auth-fail-addr", env: "WIRECHAT_AUTH_FAIL_ADDR", kind: "int", default: 50, min: 1, help: "failed logins from one IP address within the window before auth is refused with 13" },
+  { key: "authFailWindow", flag: "--auth-fail-window", env: "WIRECHAT_AUTH_FAIL_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds; also the longest back-off" },
+  { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },
+  { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, help: "TLS port, used when --tls-cert and --tls-key are given" },
+  { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener" },
+  { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file" },
 ];
 
 export class ConfigError extends Error {}

@@ -27,9 +27,14 @@ import { Listener } from "./transport/listener.js";
 export interface RunningServer {
   readonly host: string;
   readonly port: number;
+  /** The TLS listener's port, when TLS is configured. */
+  readonly tlsPort: number | undefined;
   readonly services: Services;
   readonly listener: Listener;
-  /** Stops accepting, closes every connection after flushing, then closes storage. */
+  /**
+   * Stops accepting and reading, answers the requests already read, closes every
+   * connection after flushing, then syncs and closes storage.
+   */
   stop(): Promise<void>;
 }
 
@@ -59,24 +64,32 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
 
   const listener = new Listener(config, dispatcher, log, () => services.blobs.writer(config.maxAttach));
   registerStats(services, () => listener.connections.size);
+
   let address;
+  let tlsAddress;
   try {
-    address = await listener.listen(config.port, config.host);
+    address = await listener.listen(listener.server, config.port, config.host);
+    if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
   } catch (err) {
+    await listener.close(0);
     await storage.close();
     throw err;
   }
-  log.info({ host: address.address, port: address.port, dataDir: config.dataDir }, "wirechat listening");
+  log.info(
+    { host: address.address, port: address.port, tlsPort: tlsAddress?.port, dataDir: config.dataDir },
+    "wirechat listening",
+  );
 
   let stopping: Promise<void> | undefined;
   return {
     host: address.address,
     port: address.port,
+    tlsPort: tlsAddress?.port,
     services,
     listener,
     stop() {
       stopping ??= (async () => {
-        await listener.close();
+        await listener.close(config.shutdownTimeout * 1000);
         await storage.close();
         log.info("wirechat stopped");
       })();

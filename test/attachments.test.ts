@@ -149,7 +149,7 @@ describe("a recipient that reads slowly", () => {
     expect((await a.client.reply("message", 60_000)).data.status).toBe(0);
     // wait until the sender's own echo is through: the slow reader's copy is pending
     expect((await a.client.event("ev_message", () => true, 60_000)).attach.data === b64).toBe(true);
-    const conns = [...server.listener.connections] as Connection[];
+    const conns = [...server.listener.connections.keys()] as Connection[];
     let peak = 0;
     for (let i = 0; i < 20; i++) {
       // small messages between others still flow

@@ -1,9 +1,11 @@
-// Accounts and sessions: register, auth (by password or by sid), hello, ping, quit.
+// Accounts and sessions: register, auth (by password or by sid, throttled), logout,
+// changepassword, deleteaccount, hello, ping, quit.
 
 import { createHash, randomBytes } from "node:crypto";
 import bcrypt from "bcrypt";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { frame, nowSeconds } from "../protocol/frames.js";
+import { LoginThrottle } from "./login-throttle.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
@@ -60,6 +62,46 @@ class PasswordHasher {
 export function registerAccounts(sv: Services): void {
   const { dispatcher, users, sessions, storage, hub, hooks, config } = sv;
   const hasher = new PasswordHasher(config.bcryptCost);
+  const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
+  const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);
+
+  /** 13 while this login or this address is backing off after failed logins. */
+  function checkThrottle(s: Session, login: string | undefined): void {
+    const wait = Math.max(byAddress.blockedFor(s.peer.address), login ? byLogin.blockedFor(login.toLowerCase()) : 0);
+    if (wait > 0) {
+      throw new ProtocolError(Code.RateLimited, `too many failed logins; retry in ${Math.ceil(wait / 1000)} s`);
+    }
+  }
+
+  function failed(s: Session, login: string | undefined, err: ProtocolError): never {
+    byAddress.fail(s.peer.address);
+    if (login) byLogin.fail(login.toLowerCase());
+    throw err;
+  }
+
+  /** The caller's account and a check of its password (2 when wrong). */
+  async function verifiedSelf(s: Session, pass: string): Promise<UserRecord> {
+    const user = await users.get(s.uid as string);
+    if (!user) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
+    checkThrottle(s, user.login);
+    if (!(await hasher.verify(pass, user.hash))) failed(s, user.login, new ProtocolError(Code.InvalidPass, "wrong password"));
+    return user;
+  }
+
+  /**
+   * Ends the sessions of `uid`'s other connections that `ends` picks: they are told
+   * with ev_logout, logged out and (when `close`) disconnected after it.
+   */
+  function endSessions(uid: string, ends: (other: Session) => boolean, reason: string, close: boolean): void {
+    const ev = frame("ev_logout", { reason });
+    for (const other of [...hub.sessions(uid)]) {
+      if (!ends(other)) continue;
+      leave(other);
+      other.logout();
+      other.send(ev);
+      if (close) other.peer.end();
+    }
+  }
 
   async function newUid(): Promise<string> {
     for (;;) {
@@ -144,24 +186,87 @@ export function registerAccounts(sv: Services): void {
       const { login, pass, sid } = req.data;
       let result;
       if (sid && !login) {
+        checkThrottle(s, undefined);
         const rec = await sessions.get(sid);
         const user = rec && rec.expires > nowSeconds() ? await users.get(rec.uid) : undefined;
         if (!rec || !user) {
           if (rec) storage.commitLazy(sessions.revokeOps(rec.uid, sid));
-          throw new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass");
+          failed(s, undefined, new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass"));
         }
         result = await startSession(s, user, sid);
       } else {
         if (!login) throw new ProtocolError(Code.EmptyField, "'login' is required (or 'sid' alone to resume a session)");
         if (!pass) throw new ProtocolError(Code.EmptyField, "'pass' is required");
+        checkThrottle(s, login);
         const uid = await users.lookup("login", login);
         const user = uid === undefined ? undefined : await users.get(uid);
-        if (!user) throw new ProtocolError(Code.NeedRegister, `no account with login '${login}'; register first`);
-        if (!(await hasher.verify(pass, user.hash))) throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+        if (!user) failed(s, login, new ProtocolError(Code.NeedRegister, `no account with login '${login}'; register first`));
+        if (!(await hasher.verify(pass, user.hash))) failed(s, login, new ProtocolError(Code.InvalidPass, "wrong login or password"));
+        byLogin.succeed(login.toLowerCase());
         result = await startSession(s, user);
       }
       req.after(() => void hooks.loggedIn(s));
       return result;
+    },
+  });
+
+  dispatcher.register({
+    name: "logout",
+    schema: { type: "object" },
+    async handle(req) {
+      const s = req.session;
+      const uid = s.uid as string;
+      const sid = s.sid as string;
+      await storage.commit(sessions.revokeOps(uid, sid));
+      // Other connections resumed with the same sid lose it too (they stay open).
+      endSessions(uid, (other) => other !== s && other.sid === sid, "the session was logged out", false);
+      leave(s);
+      s.logout();
+      return {};
+    },
+  });
+
+  dispatcher.register<{ pass: string; newpass: string }>({
+    name: "changepassword",
+    schema: { type: "object", required: ["pass", "newpass"], properties: { pass: PASS, newpass: PASS } },
+    async handle(req) {
+      const s = req.session;
+      const user = await verifiedSelf(s, req.data.pass);
+      const next: UserRecord = { ...user, hash: await hasher.hash(req.data.newpass) };
+      // Every other session of the user is revoked in the same batch; the caller's stays.
+      const others = (await sessions.listSids(user.uid)).filter((sid) => sid !== s.sid);
+      await storage.commit([...users.saveOps(next, user), ...others.flatMap((sid) => sessions.revokeOps(user.uid, sid))]);
+      users.saved(next);
+      endSessions(user.uid, (other) => other.sid !== s.sid, "the password was changed", true);
+      s.log.info({ revoked: others.length }, "password changed");
+      return {};
+    },
+  });
+
+  dispatcher.register<{ pass: string }>({
+    name: "deleteaccount",
+    schema: { type: "object", required: ["pass"], properties: { pass: PASS } },
+    async handle(req) {
+      const s = req.session;
+      const user = await verifiedSelf(s, req.data.pass);
+      const uid = user.uid;
+      const { contacts, channels, messages } = sv;
+      // One batch: the account and its indexes (freeing login, nick, email, phone),
+      // its contact list and its place in others' lists, its sessions, queue and
+      // channel memberships. Messages already sent stay in others' history.
+      const ops: BatchOp[] = [...users.removeOps(user)];
+      for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
+      for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
+      for (const sid of await sessions.listSids(uid)) ops.push(...sessions.revokeOps(uid, sid));
+      for (const chid of await channels.channelsOf(uid)) ops.push(...channels.leaveOps(chid, uid));
+      ops.push(...(await messages.forgetUserOps(uid)));
+      await storage.commit(ops);
+      users.forget(uid);
+      endSessions(uid, (other) => other !== s, "the account was deleted", true);
+      leave(s);
+      s.logout();
+      s.log.info({ uid }, "account deleted");
+      return {};
     },
   });
 

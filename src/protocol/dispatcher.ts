@@ -97,6 +97,14 @@ class Line {
   closing = false;
   /** The client half-closed: close once everything it sent is answered. */
   inputEnded = false;
+  /** Token bucket of the request rate limit, refilled lazily from `tokensAt` (ms). */
+  tokens: number;
+  tokensAt = Date.now();
+  refused = 0;
+  refusedSince = 0;
+  constructor(burst: number) {
+    this.tokens = burst;
+  }
 }
 
 export class Dispatcher {
@@ -125,7 +133,7 @@ export class Dispatcher {
 
   open(peer: Peer): Session {
     const s = new Session(peer, this.log);
-    this.lines.set(s, new Line());
+    this.lines.set(s, new Line(this.config.burst));
     return s;
   }
 
@@ -137,6 +145,23 @@ export class Dispatcher {
         s.log.error({ err }, "close hook failed");
       }
     }
+  }
+
+  /** Resolves once no connection has a request queued, running or awaiting its commit. */
+  async settled(timeoutMs: number, sessions: Iterable<Session>): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    const busy = () => {
+      for (const s of sessions) {
+        const line = this.lines.get(s);
+        if (line && (line.running || line.slots.length > 0 || (line.pending?.size ?? 0) > 0)) return true;
+      }
+      return false;
+    };
+    while (busy()) {
+      if (Date.now() > deadline) return false;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    return true;
   }
 
   /** The client will send no more: answer what it sent, then close the connection. */
@@ -177,7 +202,40 @@ export class Dispatcher {
       this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
       return;
     }
+    if (!this.withinRate(s)) {
+      upload?.release();
+      this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: "too many requests; slow down and retry" });
+      return;
+    }
     this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload });
+  }
+
+  /**
+   * The per-connection token bucket: `rate` requests a second, `burst` at once. A
+   * request over it is answered 13 and not run; a client that keeps going past
+   * `rateDisconnect` refusals within the window is closed.
+   */
+  private withinRate(s: Session): boolean {
+    const line = this.lines.get(s) as Line;
+    const { rate, burst, rateDisconnect, badFrameWindow } = this.config;
+    const now = Date.now();
+    line.tokens = Math.min(burst, line.tokens + ((now - line.tokensAt) * rate) / 1000);
+    line.tokensAt = now;
+    if (line.tokens >= 1) {
+      line.tokens -= 1;
+      return true;
+    }
+    if (now - line.refusedSince > badFrameWindow * 1000) {
+      line.refusedSince = now;
+      line.refused = 0;
+    }
+    if (++line.refused > rateDisconnect && !line.closing) {
+      s.log.warn({ refused: line.refused }, "request rate far over the limit; closing");
+      this.enqueue(s, { kind: "reject", action: "unknown", code: Code.RateLimited, reason: "too many requests; closing the connection", last: true });
+      line.closing = true;
+      s.peer.pause("closing");
+    }
+    return false;
   }
 
   /** Bytes the scanner or decoder could not accept: one error reply, in order. */

@@ -40,7 +40,10 @@ export type OutFrame = string | StreamedFrame;
 /** What the protocol layer may do with a connection. Implemented by the transport. */
 export interface Peer {
   readonly id: number;
+  /** The client's IP address and port, for logs. */
   readonly remote: string;
+  /** The client's IP address alone. */
+  readonly address: string;
   /**
    * Queues a frame. `onFlushed(true)` once it is handed to the OS (for pacing), false
    * if it never is. `onConfirmed(true)` once it is safe to call it delivered: enough

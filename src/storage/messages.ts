@@ -96,6 +96,18 @@ export class MessageStore {
     }
   }
 
+  /**
+   * Ops removing what only a (deleted) user needed: their offline queue, their cmid
+   * index and their list of direct peers. Their messages stay in others' history.
+   */
+  async forgetUserOps(uid: string): Promise<BatchOp[]> {
+    const ops: BatchOp[] = [];
+    for (const space of [this.s.queue, this.s.cmids, this.s.peers]) {
+      for (const key of await space.keys(prefixRange(uid)).all()) ops.push(del(space, key));
+    }
+    return ops;
+  }
+
   /** Ops recording that two users have a direct conversation (for dialogs). */
   peerOps(a: string, b: string): BatchOp[] {
     return a === b ? [put(this.s.peers, pair(a, b), 1)] : [put(this.s.peers, pair(a, b), 1), put(this.s.peers, pair(b, a), 1)];

@@ -56,6 +56,7 @@ function reasonBit(why: string): number {
 export class Connection implements Peer {
   readonly id = nextId++;
   readonly remote: string;
+  readonly address: string;
   /** Frames not yet written, in order; `callbacks[i]` belongs to `chunks[i]`. */
   private chunks: OutFrame[] = [];
   private callbacks: (FlushCallback | undefined)[] = [];
@@ -82,7 +83,8 @@ export class Connection implements Peer {
     private readonly outboundCap: number,
     private readonly log: Logger,
   ) {
-    this.remote = `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? 0}`;
+    this.address = socket.remoteAddress ?? "?";
+    this.remote = `${this.address}:${socket.remotePort ?? 0}`;
     socket.on("drain", () => this.resume("drain"));
     socket.on("close", () => {
       // An orderly end (the client's FIN, or ours after flushing) confirms everything

@@ -1,13 +1,16 @@
-// The TCP listener: accepts sockets, wires each one's bytes through a FrameScanner into
-// the dispatcher, and enforces the connection cap.
+// The listeners (TCP, and TLS when a certificate is configured): accept sockets, wire
+// each one's bytes through a FrameScanner into the dispatcher, enforce the connection
+// caps and idle timeouts, and shut down gracefully.
 
+import { readFileSync } from "node:fs";
 import net from "node:net";
+import tls from "node:tls";
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
-import { errorFrame, welcomeFrame } from "../protocol/frames.js";
-import type { Upload } from "../protocol/session.js";
+import { errorFrame, frame, welcomeFrame } from "../protocol/frames.js";
+import type { Session, Upload } from "../protocol/session.js";
 import { Connection } from "./connection.js";
 import { FrameScanner } from "./scanner.js";
 
@@ -19,7 +22,11 @@ export interface PacedUpload extends Upload {
 
 export class Listener {
   readonly server: net.Server;
-  readonly connections = new Set<Connection>();
+  readonly tlsServer: tls.Server | undefined;
+  /** Live connections and the protocol session of each. */
+  readonly connections = new Map<Connection, Session>();
+  private readonly perAddress = new Map<string, number>();
+  private readonly idleSweep: NodeJS.Timeout;
 
   constructor(
     private readonly config: Config,
@@ -32,29 +39,50 @@ export class Listener {
     // gets every reply to what it sent; the server closes once they are out.
     this.server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
     this.server.on("error", (err) => this.log.error({ err }, "listener error"));
+    if (config.tlsCert && config.tlsKey) {
+      this.tlsServer = tls.createServer(
+        { cert: readFileSync(config.tlsCert), key: readFileSync(config.tlsKey), allowHalfOpen: true },
+        (socket) => this.accept(socket),
+      );
+      this.tlsServer.on("tlsClientError", (err) => this.log.debug({ err }, "TLS handshake failed"));
+      this.tlsServer.on("error", (err) => this.log.error({ err }, "TLS listener error"));
+    }
+    // One timer for every connection's idle check, not one per connection.
+    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
+    this.idleSweep = setInterval(() => this.closeIdle(), every);
+    this.idleSweep.unref();
   }
 
-  listen(port: number, host: string): Promise<net.AddressInfo> {
+  listen(server: net.Server, port: number, host: string): Promise<net.AddressInfo> {
     return new Promise((resolve, reject) => {
       const onError = (err: Error) => reject(err);
-      this.server.once("error", onError);
-      this.server.listen(port, host, () => {
-        this.server.off("error", onError);
-        resolve(this.server.address() as net.AddressInfo);
+      server.once("error", onError);
+      server.listen(port, host, () => {
+        server.off("error", onError);
+        resolve(server.address() as net.AddressInfo);
       });
     });
   }
 
   private accept(socket: net.Socket): void {
+    socket.setNoDelay(true);
     socket.on("error", (err) => this.log.debug({ err, remote: socket.remoteAddress }, "socket error"));
+    const address = socket.remoteAddress ?? "?";
     if (this.connections.size >= this.config.maxConnections) {
-      this.log.warn({ remote: socket.remoteAddress, limit: this.config.maxConnections }, "connection refused: server full");
+      this.log.warn({ remote: address, limit: this.config.maxConnections }, "connection refused: server full");
       socket.end(errorFrame("unknown", Code.Unavailable, "the server is at its connection limit; try again later"));
       return;
     }
+    const fromAddress = this.perAddress.get(address) ?? 0;
+    if (fromAddress >= this.config.maxPerAddress) {
+      this.log.warn({ remote: address, limit: this.config.maxPerAddress }, "connection refused: too many from one address");
+      socket.end(errorFrame("unknown", Code.RateLimited, "too many connections from your address; try again later"));
+      return;
+    }
+    this.perAddress.set(address, fromAddress + 1);
     const conn = new Connection(socket, this.config.outboundCap, this.log);
-    this.connections.add(conn);
     const session = this.dispatcher.open(conn);
+    this.connections.set(conn, session);
     const scanner = new FrameScanner<PacedUpload>(this.config, {
       frame: (bytes, upload) => this.dispatcher.frame(session, bytes, upload),
       reject: (code, reason, action) => this.dispatcher.reject(session, code, reason, action),
@@ -77,21 +105,43 @@ export class Listener {
     });
     socket.on("close", () => {
       this.connections.delete(conn);
+      const n = (this.perAddress.get(address) ?? 1) - 1;
+      if (n > 0) this.perAddress.set(address, n);
+      else this.perAddress.delete(address);
       scanner.close();
       this.dispatcher.close(session);
     });
     conn.send(welcomeFrame());
   }
 
+  /** Closes connections silent for longer than their idle limit (any request counts). */
+  private closeIdle(): void {
+    const now = Date.now();
+    for (const [conn, session] of this.connections) {
+      const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
+      if (conn.closed || now - conn.lastActivity <= limit * 1000) continue;
+      this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
+      conn.send(frame("ev_close", { reason: `idle timeout: nothing received for ${limit} s` }));
+      conn.end();
+    }
+  }
+
   /**
-   * Stops accepting and ends every connection after flushing what it was sent; a peer
-   * that has not closed its side within `graceMs` is cut off.
+   * Graceful stop: no new connections, no more reading; requests already read are
+   * answered (up to `timeoutMs`); then every connection is ended after flushing, and
+   * a peer that has not closed its side within `graceMs` is cut off.
    */
-  async close(graceMs = 2000): Promise<void> {
-    const closed = new Promise<void>((r) => this.server.close(() => r()));
-    for (const c of this.connections) c.end();
+  async close(timeoutMs: number, graceMs = 2000): Promise<void> {
+    clearInterval(this.idleSweep);
+    const servers = [this.server, this.tlsServer].filter((x): x is net.Server => x !== undefined && x.listening);
+    const closed = Promise.all(servers.map((srv) => new Promise<void>((r) => srv.close(() => r()))));
+    for (const conn of this.connections.keys()) conn.pause("shutdown");
+    if (!(await this.dispatcher.settled(timeoutMs, this.connections.values()))) {
+      this.log.warn("requests still in progress at the shutdown timeout");
+    }
+    for (const conn of this.connections.keys()) conn.end();
     const timer = setTimeout(() => {
-      for (const c of this.connections) c.destroy();
+      for (const conn of this.connections.keys()) conn.destroy();
     }, graceMs);
     await closed;
     clearTimeout(timer);
