@@ -16,6 +16,8 @@ export function registerChannels(sv: Services): void {
   const { dispatcher, channels, users, messages, storage, hub } = sv;
   /** Lower-case names of channels being created (not yet committed). */
   const creating = new Set<string>();
+  /** (channel, user) joins in progress → whether it was a first entry. */
+  const joins = new Map<string, Promise<boolean>>();
 
   async function channelOf(chid: string): Promise<ChannelRecord> {
     const c = await channels.get(chid);
@@ -38,11 +40,12 @@ export function registerChannels(sv: Services): void {
       const me = req.session.uid as string;
       const { name, descr = "" } = req.data;
       const key = name.toLowerCase();
-      if (creating.has(key) || (await channels.byName(name)) !== undefined) {
-        throw new ProtocolError(Code.AlreadyExist, `a channel named '${name}' already exists`);
-      }
+      const taken = () => new ProtocolError(Code.AlreadyExist, `a channel named '${name}' already exists`);
+      // Claimed before the lookup, so two creations of one name cannot both pass it.
+      if (creating.has(key)) throw taken();
       creating.add(key);
       try {
+        if ((await channels.byName(name)) !== undefined) throw taken();
         const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner: me, created: nowSeconds() };
         await storage.commit(channels.createOps(c));
         return { chid: c.chid };
@@ -72,13 +75,32 @@ export function registerChannels(sv: Services): void {
       const s = req.session;
       const me = s.uid as string;
       const c = await channelOf(req.data.channel);
-      if (!(await channels.isMember(c.chid, me))) {
-        await storage.commit(channels.joinOps(c.chid, me, nowSeconds()));
-        // Every member hears of a first entry, the one entering included; entering
-        // again is a no-op.
-        const ev = frame("ev_enter", { chid: c.chid, uid: me, nick: s.nick });
-        const members = await channels.members(c.chid);
-        req.after(() => tell(members, ev));
+      // One join per (channel, user) at a time: two devices entering together make
+      // one first entry, not two. The promise is registered before any await.
+      const joinKey = `${c.chid}\u0000${me}`;
+      let join = joins.get(joinKey);
+      if (join) {
+        await join;
+      } else {
+        join = (async () => {
+          if (await channels.isMember(c.chid, me)) return false;
+          await storage.commit(channels.joinOps(c.chid, me, nowSeconds()));
+          return true;
+        })();
+        joins.set(joinKey, join);
+        let first: boolean;
+        try {
+          first = await join;
+        } finally {
+          joins.delete(joinKey);
+        }
+        if (first) {
+          // Every member hears of a first entry, the one entering included; entering
+          // again is a no-op.
+          const ev = frame("ev_enter", { chid: c.chid, uid: me, nick: s.nick });
+          const members = await channels.members(c.chid);
+          req.after(() => tell(members, ev));
+        }
       }
       const list = [];
       for (const uid of await channels.members(c.chid)) {

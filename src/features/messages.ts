@@ -204,6 +204,8 @@ export function registerMessages(sv: Services): void {
               if (delivered) storage.commitLazy(messages.dequeueOps(key));
             }),
           );
+          // Never more than the socket can take: wait for it rather than hit the cap.
+          if (s.peer.congested && !(await flushed)) return;
         }
         if (!(await flushed)) break;
       }
@@ -233,14 +235,18 @@ export function registerMessages(sv: Services): void {
       if (channel !== undefined) {
         conv = channelConv(await memberChannel(channel, me));
       } else if (uid !== undefined) {
-        // Only the caller's own conversation with `uid` can be read.
-        if (!(await users.get(uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+        // Only the caller's own conversation with `uid` can be read. A deleted user's
+        // messages stay readable; 8 is for a uid with neither account nor messages.
         conv = directConv(me, uid);
       } else {
         throw new ProtocolError(Code.EmptyField, "'uid' or 'channel' is required");
       }
+      const found = await messages.history(conv, limit, before);
+      if (found.length === 0 && uid !== undefined && channel === undefined && !(await users.get(uid))) {
+        throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+      }
       const shas: string[] = [];
-      const list = (await messages.history(conv, limit, before)).map((m) => {
+      const list = found.map((m) => {
         const entry: Record<string, unknown> = { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
         const attach = attachField(m, shas);
         if (attach) entry.attach = attach;
@@ -275,6 +281,22 @@ export function registerMessages(sv: Services): void {
     },
   });
 
+  /**
+   * Edits and deletes of one message run one at a time, each reading the message
+   * afresh: an edit racing a delete must not write the deleted message back.
+   */
+  const changing = new Map<string, Promise<unknown>>();
+  function oneAtATime<T>(mid: string, fn: () => Promise<T>): Promise<T> {
+    const prev = changing.get(mid) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const tail = next.catch(() => {});
+    changing.set(mid, tail);
+    void tail.then(() => {
+      if (changing.get(mid) === tail) changing.delete(mid);
+    });
+    return next;
+  }
+
   /** The caller's own message `mid`, or the refusal: 14 unknown, 15 someone else's. */
   async function ownMessage(mid: string, me: string): Promise<MessageRecord> {
     const m = await messages.get(mid);
@@ -287,9 +309,12 @@ export function registerMessages(sv: Services): void {
     name: "editmessage",
     schema: { type: "object", required: ["mid", "body"], properties: { mid: MID, body: { type: "string", minLength: 1 } } },
     async handle(req) {
-      const m = await ownMessage(req.data.mid, req.session.uid as string);
-      const edited: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
-      await storage.commit(messages.updateOps(edited));
+      const { m, edited } = await oneAtATime(req.data.mid, async () => {
+        const m = await ownMessage(req.data.mid, req.session.uid as string);
+        const edited: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
+        await storage.commit(messages.updateOps(edited));
+        return { m, edited };
+      });
       const ev = frame("ev_edit", { mid: m.mid, body: edited.body, edited: edited.edited });
       const to = await audience(m);
       req.after(() => {
@@ -303,10 +328,13 @@ export function registerMessages(sv: Services): void {
     name: "delmessage",
     schema: { type: "object", required: ["mid"], properties: { mid: MID } },
     async handle(req) {
-      const m = await ownMessage(req.data.mid, req.session.uid as string);
-      const ops = messages.removeOps(m);
-      if (m.attach) ops.push(...blobs.unrefOps(m.attach.sha, m.mid));
-      await storage.commit(ops);
+      const m = await oneAtATime(req.data.mid, async () => {
+        const m = await ownMessage(req.data.mid, req.session.uid as string);
+        const ops = messages.removeOps(m);
+        if (m.attach) ops.push(...blobs.unrefOps(m.attach.sha, m.mid));
+        await storage.commit(ops);
+        return m;
+      });
       if (m.attach) void blobs.collect(m.attach.sha);
       const ev = frame("ev_delmessage", { mid: m.mid });
       const to = await audience(m);

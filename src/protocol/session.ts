@@ -51,6 +51,11 @@ export interface Peer {
    * closed in an orderly way; false if the connection died before that.
    */
   send(frame: OutFrame, onFlushed?: (ok: boolean) => void, onConfirmed?: (ok: boolean) => void): void;
+  /**
+   * More is waiting to go out than a producer should add to (a quarter of the
+   * outbound cap): producers that can wait (the offline queue) pause until it flushes.
+   */
+  readonly congested: boolean;
   /** Flushes what is queued, then closes. */
   end(): void;
   /** Stops or resumes reading requests (`why` names the reason; all must clear). */

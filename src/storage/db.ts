@@ -107,6 +107,7 @@ export class Storage {
   /** Queues `ops` for the next batch; resolves once that batch is synced to disk. */
   commit(ops: readonly BatchOp[]): Promise<void> {
     if (this.closed) return Promise.reject(new Error("storage is closed"));
+    if (ops.length === 0) return Promise.resolve(); // nothing to write, nothing to wait for
     const batch = this.next;
     for (const op of ops) batch.ops.push(op);
     this.schedule();

@@ -109,6 +109,10 @@ export class Connection implements Peer {
     return this.ending || this.socket.destroyed;
   }
 
+  get congested(): boolean {
+    return this.queuedLength + this.socket.writableLength > this.outboundCap / 4 || this.pumping;
+  }
+
   send(frame: OutFrame, onFlushed?: FlushCallback, onConfirmed?: FlushCallback): void {
     if (this.closed) {
       if (onFlushed || onConfirmed) {

@@ -1,0 +1,519 @@
+// Channels (spec §6): createchannel, channellist, enter, leave, messages to a channel,
+// deletechannel, and stored membership and history surviving a restart. Every test
+// talks to a real server over TCP.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startServer, type RunningServer } from "../src/server.js";
+import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account } from "./helpers.js";
+import { startTestServer } from "./helpers.js";
+
+let server: RunningServer;
+let port: number;
+
+beforeAll(async () => {
+  server = await startTestServer();
+  port = server.port;
+});
+afterAll(async () => {
+  await server.stop();
+  removeDir(server.services.config.dataDir);
+});
+
+/** Creates a channel with a fresh name as `owner` and returns its chid and name. */
+async function newChannel(owner: Account, descr = "about it"): Promise<{ chid: string; name: string }> {
+  const name = uniqueName("room");
+  const r = await owner.client.request("createchannel", { name, descr });
+  expect(r).toMatchObject({ status: 0, error: "OK" });
+  return { chid: r.chid, name };
+}
+
+/** Resolves once `check` passes (server-side effects of a close are asynchronous). */
+async function eventually(check: () => Promise<void>, ms = 3000): Promise<void> {
+  const end = Date.now() + ms;
+  for (;;) {
+    try {
+      await check();
+      return;
+    } catch (err) {
+      if (Date.now() > end) throw err;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  }
+}
+
+async function closeAll(...clients: Client[]): Promise<void> {
+  for (const c of clients) c.close();
+  await Promise.all(clients.map((c) => c.closed));
+}
+
+describe("createchannel", () => {
+  it("answers {status, error, chid} and the creator is a member", async () => {
+    const a = await registerUser(port);
+    const r = await a.client.request("createchannel", { name: uniqueName("Chan"), descr: "first" });
+    expect(Object.keys(r).sort()).toEqual(["chid", "error", "status"]);
+    expect(r).toMatchObject({ status: 0, error: "OK" });
+    expect(typeof r.chid).toBe("string");
+    expect(r.chid.length).toBeGreaterThan(0);
+    // the creator is a member: a message to it is accepted, history is readable
+    expect((await a.client.request("message", { channel: r.chid, body: "mine" })).status).toBe(0);
+    expect((await a.client.request("history", { channel: r.chid })).status).toBe(0);
+    // descr is optional
+    const noDescr = await a.client.request("createchannel", { name: uniqueName("Chan") });
+    expect(noDescr.status).toBe(0);
+    expect(noDescr.chid).not.toBe(r.chid);
+    await closeAll(a.client);
+  });
+
+  it("answers 1 for a name already taken, whatever its case", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const name = uniqueName("CaseRoom");
+    expect((await a.client.request("createchannel", { name, descr: "" })).status).toBe(0);
+    expect((await a.client.request("createchannel", { name, descr: "" })).status).toBe(1);
+    expect((await b.client.request("createchannel", { name: name.toLowerCase(), descr: "" })).status).toBe(1);
+    const upper = await b.client.request("createchannel", { name: name.toUpperCase(), descr: "" });
+    expect(upper.status).toBe(1);
+    expect(upper.error).not.toBe("OK");
+    // exactly one channel of that name is listed
+    const list = (await a.client.request("channellist")).channels;
+    expect(list.filter((c: any) => c.name.toLowerCase() === name.toLowerCase())).toHaveLength(1);
+    await closeAll(a.client, b.client);
+  });
+
+  // BUG: createchannel checks `creating.has(key)`, then awaits `channels.byName(name)`,
+  // and only then does `creating.add(key)` (src/features/channels.ts), so a second
+  // request for the same name arriving during that await passes the check too: both
+  // answer status 0 and two channels of one name exist (the chname index keeps the
+  // last). Expected: one 0 and one 1.
+  it("lets only one of two concurrent creations of the same name succeed", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    for (let i = 0; i < 3; i++) {
+      const name = uniqueName("race");
+      a.client.send("createchannel", { name, descr: "" });
+      b.client.send("createchannel", { name: name.toUpperCase(), descr: "" });
+      const codes = [(await a.client.reply("createchannel")).data.status, (await b.client.reply("createchannel")).data.status];
+      expect(codes.sort()).toEqual([0, 1]);
+    }
+    await closeAll(a.client, b.client);
+  });
+
+  it("answers 4 for an empty or missing name and 6 before auth", async () => {
+    const a = await registerUser(port);
+    expect((await a.client.request("createchannel", { name: "", descr: "x" })).status).toBe(4);
+    expect((await a.client.request("createchannel", { descr: "x" })).status).toBe(4);
+    const anon = await Client.connect(port);
+    expect((await anon.request("createchannel", { name: uniqueName("anon"), descr: "" })).status).toBe(6);
+    // and the channel-related actions all need auth
+    for (const action of ["channellist", "enter", "leave", "deletechannel"]) {
+      expect((await anon.request(action, { channel: "1" })).status).toBe(6);
+    }
+    await closeAll(a.client, anon);
+  });
+});
+
+describe("channellist", () => {
+  it("lists every channel as {chid, name, descr, online} with live members counted once", async () => {
+    const a = await registerUser(port);
+    const a2 = await login(port, a.login); // a second device: still one online member
+    const b = await registerUser(port);
+    const c = await registerUser(port);
+    const ch = await newChannel(a, "the description");
+    const other = await newChannel(b, "");
+    for (const u of [b, c]) expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+
+    const lookup = async (who: Client, chid: string) => {
+      const r = await who.request("channellist");
+      expect(r).toMatchObject({ status: 0, error: "OK" });
+      return r.channels.find((x: any) => x.chid === chid);
+    };
+    const entry = await lookup(c.client, ch.chid);
+    expect(entry).toEqual({ chid: ch.chid, name: ch.name, descr: "the description", online: 3 });
+    // a channel the caller is not a member of is listed too
+    expect(await lookup(c.client, other.chid)).toEqual({ chid: other.chid, name: other.name, descr: "", online: 1 });
+
+    // a member going offline lowers the count; one of a's two devices closing does not
+    await closeAll(a2.client);
+    await eventually(async () => expect((await lookup(b.client, ch.chid)).online).toBe(3));
+    await closeAll(c.client);
+    await eventually(async () => expect((await lookup(b.client, ch.chid)).online).toBe(2));
+    await closeAll(a.client);
+    await eventually(async () => expect((await lookup(b.client, ch.chid)).online).toBe(1));
+    // a member who left is no longer counted
+    expect((await b.client.request("leave", { channel: ch.chid })).status).toBe(0);
+    expect((await lookup(b.client, ch.chid)).online).toBe(0);
+    await closeAll(b.client);
+  });
+});
+
+describe("enter", () => {
+  it("answers the member list and the last 20 messages, oldest first", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const c = await registerUser(port);
+    const ch = await newChannel(a);
+    const sent: any[] = [];
+    for (let i = 0; i < 25; i++) {
+      const body = `line ${i}`;
+      const r = await a.client.request("message", { channel: ch.chid, body });
+      expect(r.status).toBe(0);
+      sent.push({ mid: r.mid, from: a.uid, nick: a.nick, body, time: r.time });
+    }
+    // c stays offline but is a member
+    expect((await c.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    await closeAll(c.client);
+    await eventually(async () => {
+      const listed = (await a.client.request("channellist")).channels.find((x: any) => x.chid === ch.chid);
+      expect(listed.online).toBe(1);
+    });
+
+    const r = await b.client.request("enter", { channel: ch.chid });
+    expect(r).toMatchObject({ status: 0, error: "OK" });
+    expect(r.last_msg).toEqual(sent.slice(5));
+    const users = [...r.users].sort((x: any, y: any) => x.uid.localeCompare(y.uid));
+    const want = [
+      { uid: a.uid, nick: a.nick, online: true },
+      { uid: b.uid, nick: b.nick, online: true },
+      { uid: c.uid, nick: c.nick, online: false },
+    ].sort((x, y) => x.uid.localeCompare(y.uid));
+    expect(users).toEqual(want);
+    await closeAll(a.client, b.client);
+  });
+
+  it("answers an empty last_msg for a channel without messages", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const ch = await newChannel(a);
+    const r = await b.client.request("enter", { channel: ch.chid });
+    expect(r.status).toBe(0);
+    expect(r.last_msg).toEqual([]);
+    await closeAll(a.client, b.client);
+  });
+
+  it("sends ev_enter to every member, the one entering included, on each of their devices", async () => {
+    const a = await registerUser(port);
+    const a2 = await login(port, a.login);
+    const b = await registerUser(port);
+    const b2 = await login(port, b.login);
+    const c = await registerUser(port); // not a member: hears nothing
+    const ch = await newChannel(a);
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    const ev = { chid: ch.chid, uid: b.uid, nick: b.nick };
+    for (const x of [a.client, a2.client, b.client, b2.client]) {
+      expect(await x.event("ev_enter")).toEqual(ev);
+    }
+    expect(await c.client.quiet(200, (f) => f.action === "ev_enter")).toBe(true);
+    await closeAll(a.client, a2.client, b.client, b2.client, c.client);
+  });
+
+  it("entering again is a no-op: status 0 and no second ev_enter", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const ch = await newChannel(a);
+    // the creator is already a member: entering sends nothing
+    expect((await a.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    expect(await a.client.quiet(200, (f) => f.action === "ev_enter")).toBe(true);
+
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    await a.client.event("ev_enter");
+    await b.client.event("ev_enter");
+    const again = await b.client.request("enter", { channel: ch.chid });
+    expect(again).toMatchObject({ status: 0, error: "OK" });
+    expect(again.users).toHaveLength(2);
+    // also from a second device of b
+    const b2 = await login(port, b.login);
+    expect((await b2.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    for (const x of [a.client, b.client, b2.client]) {
+      expect(await x.quiet(250, (f) => f.action === "ev_enter")).toBe(true);
+    }
+    await closeAll(a.client, b.client, b2.client);
+  });
+
+  // BUG: `enter` checks membership and then commits the join without any guard
+  // (src/features/channels.ts, enter), so two enters of the same user arriving at once
+  // on two connections both see "not a member" and both send ev_enter. Spec §6:
+  // ev_enter goes out "on the first enter only".
+  it("sends a single ev_enter when the same user enters from two devices at once", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const b2 = await login(port, b.login);
+    for (let i = 0; i < 3; i++) {
+      const ch = await newChannel(a);
+      b.client.send("enter", { channel: ch.chid });
+      b2.client.send("enter", { channel: ch.chid });
+      expect((await b.client.reply("enter")).data.status).toBe(0);
+      expect((await b2.client.reply("enter")).data.status).toBe(0);
+      await a.client.event("ev_enter");
+      expect(await a.client.quiet(300, (f) => f.action === "ev_enter")).toBe(true);
+    }
+    await closeAll(a.client, b.client, b2.client);
+  });
+
+  it("answers 9 for an unknown channel", async () => {
+    const a = await registerUser(port);
+    const r = await a.client.request("enter", { channel: "no-such-channel" });
+    expect(r.status).toBe(9);
+    expect(r.error).not.toBe("OK");
+    expect((await a.client.request("enter", { channel: "999999999" })).status).toBe(9);
+    expect((await a.client.request("enter", { channel: "" })).status).toBe(4);
+    await closeAll(a.client);
+  });
+});
+
+describe("leave", () => {
+  it("leaves one channel and tells the remaining members with ev_leave", async () => {
+    const a = await registerUser(port);
+    const a2 = await login(port, a.login);
+    const b = await registerUser(port);
+    const c = await registerUser(port);
+    const ch = await newChannel(a);
+    for (const u of [b, c]) expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 50));
+    for (const x of [a.client, a2.client, b.client, c.client]) x.frames.length = 0;
+
+    expect(await c.client.request("leave", { channel: ch.chid })).toEqual({ status: 0, error: "OK" });
+    const ev = { chid: ch.chid, uid: c.uid, nick: c.nick };
+    for (const x of [a.client, a2.client, b.client]) expect(await x.event("ev_leave")).toEqual(ev);
+    // the one leaving is not a remaining member
+    expect(await c.client.quiet(200, (f) => f.action === "ev_leave")).toBe(true);
+    // no longer a member: its messages are refused and it hears nothing of the channel
+    expect((await c.client.request("message", { channel: ch.chid, body: "x" })).status).toBe(10);
+    expect((await c.client.request("history", { channel: ch.chid })).status).toBe(10);
+    expect((await a.client.request("message", { channel: ch.chid, body: "after" })).status).toBe(0);
+    await b.client.event("ev_message");
+    expect(await c.client.quiet(200, (f) => f.action === "ev_message")).toBe(true);
+    // the member list no longer has it
+    const users = (await a.client.request("enter", { channel: ch.chid })).users.map((u: any) => u.uid).sort();
+    expect(users).toEqual([a.uid, b.uid].sort());
+    // and it can come back, which is a first entry again
+    expect((await c.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    expect(await b.client.event("ev_enter")).toEqual(ev);
+    await closeAll(a.client, a2.client, b.client, c.client);
+  });
+
+  it('leaves every channel with "*"', async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const c = await registerUser(port);
+    const ch1 = await newChannel(a);
+    const ch2 = await newChannel(b);
+    const ch3 = await newChannel(a); // c never enters this one
+    for (const ch of [ch1, ch2]) expect((await c.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 50));
+    for (const x of [a.client, b.client]) x.frames.length = 0;
+
+    expect(await c.client.request("leave", { channel: "*" })).toEqual({ status: 0, error: "OK" });
+    expect(await a.client.event("ev_leave")).toEqual({ chid: ch1.chid, uid: c.uid, nick: c.nick });
+    expect(await b.client.event("ev_leave")).toEqual({ chid: ch2.chid, uid: c.uid, nick: c.nick });
+    for (const ch of [ch1, ch2, ch3]) {
+      expect((await c.client.request("message", { channel: ch.chid, body: "x" })).status).toBe(10);
+    }
+    // other members stay
+    expect((await a.client.request("message", { channel: ch1.chid, body: "still here" })).status).toBe(0);
+    await closeAll(a.client, b.client, c.client);
+  });
+
+  // BUG: `leave {channel: "*"}` by a user who is in no channel commits an empty batch,
+  // and Storage.flush (src/storage/db.ts) returns early on an empty batch without
+  // resolving its promise. The reply never comes until some other write happens on
+  // the server, and every later request on that connection waits behind it.
+  // Expected: {status: 0} at once.
+  it('answers "*" at once when the caller is in no channel', async () => {
+    const c = await registerUser(port);
+    c.client.send("leave", { channel: "*" });
+    expect((await c.client.reply("leave", 1500)).data).toEqual({ status: 0, error: "OK" });
+    expect((await c.client.request("ping")).status).toBe(0);
+    await closeAll(c.client);
+  });
+
+  it("answers 9 for an unknown channel and 10 for a channel the caller is not in", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const ch = await newChannel(a);
+    expect((await b.client.request("leave", { channel: "no-such-channel" })).status).toBe(9);
+    const r = await b.client.request("leave", { channel: ch.chid });
+    expect(r.status).toBe(10);
+    expect(r.error).not.toBe("OK");
+    expect(await a.client.quiet(150, (f) => f.action === "ev_leave")).toBe(true);
+    // leaving twice: the second is 10
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    expect((await b.client.request("leave", { channel: ch.chid })).status).toBe(0);
+    expect((await b.client.request("leave", { channel: ch.chid })).status).toBe(10);
+    await closeAll(a.client, b.client);
+  });
+});
+
+describe("message to a channel", () => {
+  it("replies mid and time and sends ev_message with chid to every connected member, sender included", async () => {
+    const a = await registerUser(port);
+    const a2 = await login(port, a.login);
+    const b = await registerUser(port);
+    const b2 = await login(port, b.login);
+    const outsider = await registerUser(port);
+    const ch = await newChannel(a);
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+
+    const r = await a.client.request("message", { channel: ch.chid, body: "hello room" });
+    expect(r).toMatchObject({ status: 0, error: "OK" });
+    expect(typeof r.mid).toBe("string");
+    expect(Number.isInteger(r.time)).toBe(true);
+    const ev = { mid: r.mid, chid: ch.chid, from: a.uid, nick: a.nick, body: "hello room", time: r.time, attach: { mime: "", data: "" } };
+    for (const x of [a.client, a2.client, b.client, b2.client]) {
+      expect(await x.event("ev_message")).toEqual(ev);
+    }
+    expect(await outsider.client.quiet(200, (f) => f.action === "ev_message")).toBe(true);
+    // and the other way round
+    const r2 = await b2.client.request("message", { channel: ch.chid, body: "hi back" });
+    for (const x of [a.client, a2.client, b.client, b2.client]) {
+      expect(await x.event("ev_message")).toMatchObject({ mid: r2.mid, chid: ch.chid, from: b.uid, body: "hi back" });
+    }
+    await closeAll(a.client, a2.client, b.client, b2.client, outsider.client);
+  });
+
+  it("keeps a sender's order and gives every member the same sequence", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const ch = await newChannel(a);
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    for (let i = 0; i < 50; i++) a.client.send("message", { channel: ch.chid, body: `p${i}` });
+    const mids = [];
+    for (let i = 0; i < 50; i++) mids.push((await a.client.reply("message")).data.mid);
+    const got = [];
+    for (let i = 0; i < 50; i++) got.push(await b.client.event("ev_message"));
+    expect(got.map((e) => e.mid)).toEqual(mids);
+    expect(got.map((e) => e.body)).toEqual(Array.from({ length: 50 }, (_, i) => `p${i}`));
+    await closeAll(a.client, b.client);
+  });
+
+  it("answers 9 for an unknown channel, 10 for a non-member, 3 for both uid and channel", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const ch = await newChannel(a);
+    expect((await b.client.request("message", { channel: "no-such-channel", body: "x" })).status).toBe(9);
+    expect((await b.client.request("message", { channel: ch.chid, body: "x" })).status).toBe(10);
+    expect((await a.client.request("message", { channel: ch.chid, uid: b.uid, body: "x" })).status).toBe(3);
+    expect((await a.client.request("message", { channel: ch.chid, body: "" })).status).toBe(4);
+    // nothing reached anyone
+    expect(await a.client.quiet(200, (f) => f.action === "ev_message")).toBe(true);
+    expect((await a.client.request("history", { channel: ch.chid })).messages).toEqual([]);
+    await closeAll(a.client, b.client);
+  });
+});
+
+describe("deletechannel", () => {
+  it("is for the owner only (15), answers 9 for an unknown channel", async () => {
+    const a = await registerUser(port);
+    const b = await registerUser(port);
+    const ch = await newChannel(a);
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    const r = await b.client.request("deletechannel", { channel: ch.chid });
+    expect(r.status).toBe(15);
+    expect(r.error).not.toBe("OK");
+    expect((await b.client.request("deletechannel", { channel: "no-such-channel" })).status).toBe(9);
+    // nothing changed
+    expect((await b.client.request("message", { channel: ch.chid, body: "still there" })).status).toBe(0);
+    expect(await a.client.quiet(150, (f) => f.action === "ev_channel_deleted")).toBe(true);
+    await closeAll(a.client, b.client);
+  });
+
+  it("tells every member with ev_channel_deleted; afterwards the channel is gone and its name free", async () => {
+    const a = await registerUser(port);
+    const a2 = await login(port, a.login);
+    const b = await registerUser(port);
+    const outsider = await registerUser(port);
+    const ch = await newChannel(a);
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    for (let i = 0; i < 5; i++) expect((await b.client.request("message", { channel: ch.chid, body: `m${i}` })).status).toBe(0);
+
+    expect(await a.client.request("deletechannel", { channel: ch.chid })).toEqual({ status: 0, error: "OK" });
+    for (const x of [a.client, a2.client, b.client]) {
+      expect(await x.event("ev_channel_deleted")).toEqual({ chid: ch.chid });
+    }
+    expect(await outsider.client.quiet(150, (f) => f.action === "ev_channel_deleted")).toBe(true);
+
+    for (const x of [a.client, b.client, outsider.client]) {
+      expect((await x.request("enter", { channel: ch.chid })).status).toBe(9);
+      expect((await x.request("history", { channel: ch.chid })).status).toBe(9);
+      expect((await x.request("message", { channel: ch.chid, body: "x" })).status).toBe(9);
+      expect((await x.request("leave", { channel: ch.chid })).status).toBe(9);
+    }
+    expect((await a.client.request("deletechannel", { channel: ch.chid })).status).toBe(9);
+    const list = (await b.client.request("channellist")).channels;
+    expect(list.find((c: any) => c.chid === ch.chid)).toBeUndefined();
+    // gone from dialogs too
+    const dialogs = (await b.client.request("dialogs")).dialogs;
+    expect(dialogs.find((d: any) => d.chid === ch.chid)).toBeUndefined();
+
+    // the name can be reused (in another case, too); the new channel is a new one
+    const again = await b.client.request("createchannel", { name: ch.name.toUpperCase(), descr: "second life" });
+    expect(again.status).toBe(0);
+    expect(again.chid).not.toBe(ch.chid);
+    const entered = await b.client.request("enter", { channel: again.chid });
+    expect(entered.last_msg).toEqual([]);
+    expect(entered.users.map((u: any) => u.uid)).toEqual([b.uid]);
+    // a, a member of the old channel, is not a member of the new one
+    expect((await a.client.request("message", { channel: again.chid, body: "x" })).status).toBe(10);
+    await closeAll(a.client, a2.client, b.client, outsider.client);
+  });
+});
+
+describe("restart", () => {
+  it("keeps channels, membership and channel history", async () => {
+    const dataDir = tempDir();
+    const config = testConfig({ dataDir });
+    let srv = await startServer(config);
+    try {
+      const a = await registerUser(srv.port);
+      const b = await registerUser(srv.port);
+      const c = await registerUser(srv.port);
+      const ch = await newChannel(a, "persisted");
+      expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+      expect((await c.client.request("enter", { channel: ch.chid })).status).toBe(0);
+      expect((await c.client.request("leave", { channel: ch.chid })).status).toBe(0);
+      const sent = [];
+      for (let i = 0; i < 30; i++) {
+        const who = i % 2 ? b : a;
+        const r = await who.client.request("message", { channel: ch.chid, body: `kept ${i}` });
+        sent.push({ mid: r.mid, from: who.uid, nick: who.nick, body: `kept ${i}`, time: r.time });
+      }
+      await closeAll(a.client, b.client, c.client);
+      await srv.stop();
+
+      srv = await startServer({ ...config, port: 0 });
+      const a1 = await Client.connect(srv.port);
+      expect((await a1.request("auth", { sid: a.sid })).status).toBe(0);
+      const b1 = await Client.connect(srv.port);
+      expect((await b1.request("auth", { sid: b.sid })).status).toBe(0);
+      const c1 = await Client.connect(srv.port);
+      expect((await c1.request("auth", { sid: c.sid })).status).toBe(0);
+
+      const listed = (await b1.request("channellist")).channels;
+      expect(listed).toEqual([{ chid: ch.chid, name: ch.name, descr: "persisted", online: 2 }]);
+      // history is all there
+      const h = await b1.request("history", { channel: ch.chid });
+      expect(h.status).toBe(0);
+      expect(h.messages).toEqual(sent);
+      // b is still a member: entering again is a no-op, and its messages go through
+      const entered = await b1.request("enter", { channel: ch.chid });
+      expect(entered.status).toBe(0);
+      expect(entered.users.map((u: any) => u.uid).sort()).toEqual([a.uid, b.uid].sort());
+      expect(entered.last_msg).toEqual(sent.slice(-20));
+      expect(await a1.quiet(200, (f) => f.action === "ev_enter")).toBe(true);
+      const r = await b1.request("message", { channel: ch.chid, body: "after restart" });
+      expect(r.status).toBe(0);
+      expect(Number(r.mid)).toBeGreaterThan(Number(sent[sent.length - 1].mid));
+      expect((await a1.event("ev_message")).mid).toBe(r.mid);
+      // c left before the restart and is still out
+      expect((await c1.request("message", { channel: ch.chid, body: "x" })).status).toBe(10);
+      // the owner is remembered, the name is still taken, and new chids do not collide
+      expect((await b1.request("deletechannel", { channel: ch.chid })).status).toBe(15);
+      expect((await c1.request("createchannel", { name: ch.name, descr: "" })).status).toBe(1);
+      const fresh = await c1.request("createchannel", { name: uniqueName("fresh"), descr: "" });
+      expect(fresh.status).toBe(0);
+      expect(fresh.chid).not.toBe(ch.chid);
+      await closeAll(a1, b1, c1);
+    } finally {
+      await srv.stop();
+      removeDir(dataDir);
+    }
+  });
+});
