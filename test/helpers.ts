@@ -5,6 +5,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import net from "node:net";
+import tls from "node:tls";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -69,6 +70,18 @@ export class Client {
     });
     const c = new Client(socket);
     if (opts.welcome !== false) await c.next((f) => f.action === "welcome");
+    return c;
+  }
+
+  /** The same over TLS, trusting `ca` (the test certificate). */
+  static async connectTls(port: number, ca: Buffer): Promise<Client> {
+    const socket = tls.connect({ port, host: "127.0.0.1", ca, servername: "localhost" });
+    await new Promise<void>((resolve, reject) => {
+      socket.once("secureConnect", resolve);
+      socket.once("error", reject);
+    });
+    const c = new Client(socket);
+    await c.next((f) => f.action === "welcome");
     return c;
   }
 
