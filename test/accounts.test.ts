@@ -1,21 +1,12 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { Client, login, registerUser, startTestServer, uniqueName } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, uniqueName, serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 
-beforeAll(async () => {
-  server = await startTestServer();
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-});
+const shared = serveForFile();
 
 describe("welcome", () => {
   it("is the first frame, with message and integer unix time", async () => {
-    const c = await Client.connect(port, { welcome: false });
+    const c = await Client.connect(shared.port, { welcome: false });
     const f = await c.next();
     expect(f.action).toBe("welcome");
     expect(typeof f.message).toBe("string");
@@ -27,7 +18,7 @@ describe("welcome", () => {
 
 describe("register", () => {
   it("answers status 0 and follows with an auth frame carrying sid, uid, cid and nick", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const login = uniqueName();
     const reg = await c.request("register", { login, pass: "0cc175b9c0f1b6a831c399e269772661", nick: `${login}-nick` });
     expect(reg).toEqual({ status: 0, error: "OK" });
@@ -42,8 +33,8 @@ describe("register", () => {
   });
 
   it("refuses a taken login or nick with 1, case-insensitively", async () => {
-    const a = await registerUser(port);
-    const c = await Client.connect(port);
+    const a = await registerUser(shared.port);
+    const c = await Client.connect(shared.port);
     expect((await c.request("register", { login: a.login.toUpperCase(), pass: "p", nick: uniqueName() })).status).toBe(1);
     expect((await c.request("register", { login: uniqueName(), pass: "p", nick: a.nick.toUpperCase() })).status).toBe(1);
     c.close();
@@ -52,7 +43,7 @@ describe("register", () => {
 
   it("refuses concurrent registrations of one login: exactly one wins", async () => {
     const name = uniqueName();
-    const clients = await Promise.all([1, 2, 3].map(() => Client.connect(port)));
+    const clients = await Promise.all([1, 2, 3].map(() => Client.connect(shared.port)));
     const replies = await Promise.all(
       clients.map((c, i) => c.request("register", { login: name, pass: "p", nick: `${name}n${i}` })),
     );
@@ -61,7 +52,7 @@ describe("register", () => {
   });
 
   it("answers 4 for a missing or empty field, naming it", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const missing = await c.request("register", { login: uniqueName(), pass: "p" });
     expect(missing.status).toBe(4);
     expect(missing.error).toContain("nick");
@@ -72,20 +63,20 @@ describe("register", () => {
   });
 
   it("answers 3 for a wrong type or a login with forbidden characters", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     expect((await c.request("register", { login: 42, pass: "p", nick: "n" })).status).toBe(3);
     expect((await c.request("register", { login: "has space", pass: "p", nick: "n" })).status).toBe(3);
     c.close();
   });
 
   it("answers 5 on a connection that is already authenticated", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     expect((await a.client.request("register", { login: uniqueName(), pass: "p", nick: uniqueName() })).status).toBe(5);
     a.client.close();
   });
 
   it("accepts logins in any script (seed 002 uses Cyrillic names)", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const name = `Василий${process.pid}`;
     expect((await c.request("register", { login: name, pass: "p", nick: name })).status).toBe(0);
     c.close();
@@ -94,8 +85,8 @@ describe("register", () => {
 
 describe("auth", () => {
   it("logs in with login and pass, replying sid, uid, cid and nick", async () => {
-    const a = await registerUser(port);
-    const { client, auth } = await login(port, a.login);
+    const a = await registerUser(shared.port);
+    const { client, auth } = await login(shared.port, a.login);
     expect(auth).toMatchObject({ status: 0, error: "OK", uid: a.uid, cid: a.uid, nick: a.nick });
     expect(auth.sid).toMatch(/^[0-9a-f]{32}$/);
     expect(auth.sid).not.toBe(a.sid);
@@ -104,8 +95,8 @@ describe("auth", () => {
   });
 
   it("resumes a stored session with sid alone", async () => {
-    const a = await registerUser(port);
-    const c = await Client.connect(port);
+    const a = await registerUser(shared.port);
+    const c = await Client.connect(shared.port);
     const auth = await c.request("auth", { sid: a.sid });
     expect(auth).toMatchObject({ status: 0, uid: a.uid, sid: a.sid, nick: a.nick });
     c.close();
@@ -113,8 +104,8 @@ describe("auth", () => {
   });
 
   it("answers 2 for a wrong password or an unknown sid, 7 for an unknown login, 4 for empty fields", async () => {
-    const a = await registerUser(port);
-    const c = await Client.connect(port);
+    const a = await registerUser(shared.port);
+    const c = await Client.connect(shared.port);
     expect((await c.request("auth", { login: a.login, pass: "wrong" })).status).toBe(2);
     expect((await c.request("auth", { sid: "0".repeat(32) })).status).toBe(2);
     expect((await c.request("auth", { login: uniqueName("ghost"), pass: "x" })).status).toBe(7);
@@ -129,7 +120,7 @@ describe("auth", () => {
 
 describe("the auth gate and cid/sid", () => {
   it("answers 6 to every known action but register, auth, hello, ping and quit before auth", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     for (const action of ["userinfo", "setuserinfo", "contactlist", "addcontact", "delcontact", "message", "import"]) {
       const r = await c.request(action, {});
       expect(r.status, action).toBe(6);
@@ -140,17 +131,17 @@ describe("the auth gate and cid/sid", () => {
   });
 
   it("answers 11 to an unknown action, authenticated or not", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     expect(await c.request("frobnicate", {})).toMatchObject({ status: 11 });
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     expect(await a.client.request("frobnicate", {})).toMatchObject({ status: 11 });
     c.close();
     a.client.close();
   });
 
   it("accepts the seed's cid and sid when they match, and answers 6 and does nothing when they do not", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const ok = await a.client.request("addcontact", { uid: b.uid, cid: a.uid, sid: a.sid });
     expect(ok.status).toBe(0);
     const wrongSid = await a.client.request("delcontact", { uid: b.uid, cid: a.uid, sid: b.sid });
@@ -166,7 +157,7 @@ describe("the auth gate and cid/sid", () => {
 
 describe("hello, ping, quit", () => {
   it("hello names the server, version, actions and limits", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const h = await c.request("hello", { client: "test", version: "1" });
     expect(h).toMatchObject({ status: 0, server: "wirechat" });
     expect(h.features).toEqual(expect.arrayContaining(["register", "auth", "message", "import"]));
@@ -175,7 +166,7 @@ describe("hello, ping, quit", () => {
   });
 
   it("ping answers under its own name with the time; quit answers then closes", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const p = await c.request("ping");
     expect(p.status).toBe(0);
     expect(Number.isInteger(p.time)).toBe(true);

@@ -3,30 +3,22 @@
 import { randomBytes } from "node:crypto";
 import { readdirSync } from "node:fs";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
+import { describe, expect, it } from "vitest";
 import type { Connection } from "../src/transport/connection.js";
 import { Client, login, registerUser, startTestServer } from "./helpers.js";
+import { serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 const MiB = 1024 * 1024;
 
-beforeAll(async () => {
-  server = await startTestServer({ maxAttach: 40 * MiB, outboundCap: 4 * MiB });
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-});
+const shared = serveForFile({ maxAttach: 40 * MiB, outboundCap: 4 * MiB });
 
 function blobFiles(): string[] {
-  const dir = server.services.blobs.dir;
+  const dir = shared.server.services.blobs.dir;
   return readdirSync(dir)
     .filter((d) => d !== "tmp")
     .flatMap((d) => readdirSync(path.join(dir, d)));
 }
-const tmpFiles = () => readdirSync(path.join(server.services.blobs.dir, "tmp"));
+const tmpFiles = () => readdirSync(path.join(shared.server.services.blobs.dir, "tmp"));
 
 function attachFrame(uid: string, data: string, mime = "application/octet-stream"): string {
   return JSON.stringify({ action: "message", data: { uid, body: "file", attach: { mime, data } } }) + "\n";
@@ -45,9 +37,9 @@ describe("a 32 MiB attachment", () => {
   const b64 = bytes.toString("base64");
 
   it("arrives byte-identical at an online recipient and at an offline one after auth; stored once", async () => {
-    const a = await registerUser(port);
-    const online = await registerUser(port);
-    const offline = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const online = await registerUser(shared.port);
+    const offline = await registerUser(shared.port);
     offline.client.close();
     await offline.client.closed;
     const before = blobFiles().length;
@@ -66,7 +58,7 @@ describe("a 32 MiB attachment", () => {
     expect((await a.client.reply("message", 60_000)).data.status).toBe(0);
     expect(blobFiles().length).toBe(before + 1);
 
-    const { client } = await login(port, offline.login);
+    const { client } = await login(shared.port, offline.login);
     const queued = await client.event("ev_message", () => true, 60_000);
     expect(queued.attach.data === b64).toBe(true);
     expect(tmpFiles()).toEqual([]);
@@ -91,8 +83,8 @@ describe("refusals leave nothing behind", () => {
   });
 
   it("invalid base64: 3, nothing stored or delivered, the connection still usable", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const before = blobFiles().length;
     for (const bad of ["abc", "ab$d", "QUJD=QUJD", "QQ==QQ=="]) {
       a.client.write(attachFrame(b.uid, bad));
@@ -108,11 +100,11 @@ describe("refusals leave nothing behind", () => {
 
   it("an attachment on a refused request (unauthenticated, unknown user, other action) is not kept", async () => {
     const before = blobFiles().length;
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const unique = () => randomBytes(3000).toString("base64");
     c.write(attachFrame("nobody", unique()));
     expect((await c.reply("message")).data.status).toBe(6);
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     a.client.write(attachFrame("nobody", unique()));
     expect((await a.client.reply("message")).data.status).toBe(8);
     a.client.write(JSON.stringify({ action: "ping", data: { attach: { mime: "x", data: unique() } } }) + "\n");
@@ -123,8 +115,8 @@ describe("refusals leave nothing behind", () => {
   });
 
   it("a sender that drops mid-attachment leaves no temp file and no blob", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const before = blobFiles().length;
     const frame = attachFrame(b.uid, randomBytes(8 * MiB).toString("base64"));
     a.client.write(frame.slice(0, frame.length / 2));
@@ -139,17 +131,17 @@ describe("refusals leave nothing behind", () => {
 
 describe("a recipient that reads slowly", () => {
   it("does not make the server buffer the attachment; others keep chatting; it gets every byte", async () => {
-    const a = await registerUser(port);
-    const slow = await registerUser(port);
-    const x = await registerUser(port);
-    const y = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const slow = await registerUser(shared.port);
+    const x = await registerUser(shared.port);
+    const y = await registerUser(shared.port);
     const b64 = randomBytes(24 * MiB).toString("base64");
     slow.client.socket.pause();
     a.client.write(attachFrame(slow.uid, b64));
     expect((await a.client.reply("message", 60_000)).data.status).toBe(0);
     // wait until the sender's own echo is through: the slow reader's copy is pending
     expect((await a.client.event("ev_message", () => true, 60_000)).attach.data === b64).toBe(true);
-    const conns = [...server.listener.connections.keys()] as Connection[];
+    const conns = [...shared.server.listener.connections.keys()] as Connection[];
     let peak = 0;
     for (let i = 0; i < 20; i++) {
       // small messages between others still flow

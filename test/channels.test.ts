@@ -1,22 +1,11 @@
 // Channels (spec §6): createchannel, channellist, enter, leave, messages to a channel,
 // deletechannel, and stored membership and history surviving a restart. Every test
 // talks to a real server over TCP.
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { startServer, type RunningServer } from "../src/server.js";
-import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account } from "./helpers.js";
-import { startTestServer } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { startServer } from "../src/server.js";
+import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
-
-beforeAll(async () => {
-  server = await startTestServer();
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-  removeDir(server.services.config.dataDir);
-});
+const shared = serveForFile();
 
 /** Creates a channel with a fresh name as `owner` and returns its chid and name. */
 async function newChannel(owner: Account, descr = "about it"): Promise<{ chid: string; name: string }> {
@@ -47,7 +36,7 @@ async function closeAll(...clients: Client[]): Promise<void> {
 
 describe("createchannel", () => {
   it("answers {status, error, chid} and the creator is a member", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     const r = await a.client.request("createchannel", { name: uniqueName("Chan"), descr: "first" });
     expect(Object.keys(r).sort()).toEqual(["chid", "error", "status"]);
     expect(r).toMatchObject({ status: 0, error: "OK" });
@@ -64,8 +53,8 @@ describe("createchannel", () => {
   });
 
   it("answers 1 for a name already taken, whatever its case", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const name = uniqueName("CaseRoom");
     expect((await a.client.request("createchannel", { name, descr: "" })).status).toBe(0);
     expect((await a.client.request("createchannel", { name, descr: "" })).status).toBe(1);
@@ -85,8 +74,8 @@ describe("createchannel", () => {
   // answer status 0 and two channels of one name exist (the chname index keeps the
   // last). Expected: one 0 and one 1.
   it("lets only one of two concurrent creations of the same name succeed", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     for (let i = 0; i < 3; i++) {
       const name = uniqueName("race");
       a.client.send("createchannel", { name, descr: "" });
@@ -98,10 +87,10 @@ describe("createchannel", () => {
   });
 
   it("answers 4 for an empty or missing name and 6 before auth", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     expect((await a.client.request("createchannel", { name: "", descr: "x" })).status).toBe(4);
     expect((await a.client.request("createchannel", { descr: "x" })).status).toBe(4);
-    const anon = await Client.connect(port);
+    const anon = await Client.connect(shared.port);
     expect((await anon.request("createchannel", { name: uniqueName("anon"), descr: "" })).status).toBe(6);
     // and the channel-related actions all need auth
     for (const action of ["channellist", "enter", "leave", "deletechannel"]) {
@@ -113,10 +102,10 @@ describe("createchannel", () => {
 
 describe("channellist", () => {
   it("lists every channel as {chid, name, descr, online} with live members counted once", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login); // a second device: still one online member
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login); // a second device: still one online member
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const ch = await newChannel(a, "the description");
     const other = await newChannel(b, "");
     for (const u of [b, c]) expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
@@ -147,9 +136,9 @@ describe("channellist", () => {
 
 describe("enter", () => {
   it("answers the member list and the last 20 messages, oldest first", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const ch = await newChannel(a);
     const sent: any[] = [];
     for (let i = 0; i < 25; i++) {
@@ -180,8 +169,8 @@ describe("enter", () => {
   });
 
   it("answers an empty last_msg for a channel without messages", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const ch = await newChannel(a);
     const r = await b.client.request("enter", { channel: ch.chid });
     expect(r.status).toBe(0);
@@ -190,11 +179,11 @@ describe("enter", () => {
   });
 
   it("sends ev_enter to every member, the one entering included, on each of their devices", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
-    const b2 = await login(port, b.login);
-    const c = await registerUser(port); // not a member: hears nothing
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const b2 = await login(shared.port, b.login);
+    const c = await registerUser(shared.port); // not a member: hears nothing
     const ch = await newChannel(a);
     expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
     const ev = { chid: ch.chid, uid: b.uid, nick: b.nick };
@@ -206,8 +195,8 @@ describe("enter", () => {
   });
 
   it("entering again is a no-op: status 0 and no second ev_enter", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const ch = await newChannel(a);
     // the creator is already a member: entering sends nothing
     expect((await a.client.request("enter", { channel: ch.chid })).status).toBe(0);
@@ -220,7 +209,7 @@ describe("enter", () => {
     expect(again).toMatchObject({ status: 0, error: "OK" });
     expect(again.users).toHaveLength(2);
     // also from a second device of b
-    const b2 = await login(port, b.login);
+    const b2 = await login(shared.port, b.login);
     expect((await b2.client.request("enter", { channel: ch.chid })).status).toBe(0);
     for (const x of [a.client, b.client, b2.client]) {
       expect(await x.quiet(250, (f) => f.action === "ev_enter")).toBe(true);
@@ -233,9 +222,9 @@ describe("enter", () => {
   // on two connections both see "not a member" and both send ev_enter. Spec §6:
   // ev_enter goes out "on the first enter only".
   it("sends a single ev_enter when the same user enters from two devices at once", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const b2 = await login(port, b.login);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const b2 = await login(shared.port, b.login);
     for (let i = 0; i < 3; i++) {
       const ch = await newChannel(a);
       b.client.send("enter", { channel: ch.chid });
@@ -249,7 +238,7 @@ describe("enter", () => {
   });
 
   it("answers 9 for an unknown channel", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     const r = await a.client.request("enter", { channel: "no-such-channel" });
     expect(r.status).toBe(9);
     expect(r.error).not.toBe("OK");
@@ -261,10 +250,10 @@ describe("enter", () => {
 
 describe("leave", () => {
   it("leaves one channel and tells the remaining members with ev_leave", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const ch = await newChannel(a);
     for (const u of [b, c]) expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
     await new Promise((r) => setTimeout(r, 50));
@@ -291,9 +280,9 @@ describe("leave", () => {
   });
 
   it('leaves every channel with "*"', async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const ch1 = await newChannel(a);
     const ch2 = await newChannel(b);
     const ch3 = await newChannel(a); // c never enters this one
@@ -318,7 +307,7 @@ describe("leave", () => {
   // the server, and every later request on that connection waits behind it.
   // Expected: {status: 0} at once.
   it('answers "*" at once when the caller is in no channel', async () => {
-    const c = await registerUser(port);
+    const c = await registerUser(shared.port);
     c.client.send("leave", { channel: "*" });
     expect((await c.client.reply("leave", 1500)).data).toEqual({ status: 0, error: "OK" });
     expect((await c.client.request("ping")).status).toBe(0);
@@ -326,8 +315,8 @@ describe("leave", () => {
   });
 
   it("answers 9 for an unknown channel and 10 for a channel the caller is not in", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const ch = await newChannel(a);
     expect((await b.client.request("leave", { channel: "no-such-channel" })).status).toBe(9);
     const r = await b.client.request("leave", { channel: ch.chid });
@@ -344,11 +333,11 @@ describe("leave", () => {
 
 describe("message to a channel", () => {
   it("replies mid and time and sends ev_message with chid to every connected member, sender included", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
-    const b2 = await login(port, b.login);
-    const outsider = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const b2 = await login(shared.port, b.login);
+    const outsider = await registerUser(shared.port);
     const ch = await newChannel(a);
     expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
 
@@ -370,8 +359,8 @@ describe("message to a channel", () => {
   });
 
   it("keeps a sender's order and gives every member the same sequence", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const ch = await newChannel(a);
     expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
     for (let i = 0; i < 50; i++) a.client.send("message", { channel: ch.chid, body: `p${i}` });
@@ -385,8 +374,8 @@ describe("message to a channel", () => {
   });
 
   it("answers 9 for an unknown channel, 10 for a non-member, 3 for both uid and channel", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const ch = await newChannel(a);
     expect((await b.client.request("message", { channel: "no-such-channel", body: "x" })).status).toBe(9);
     expect((await b.client.request("message", { channel: ch.chid, body: "x" })).status).toBe(10);
@@ -401,8 +390,8 @@ describe("message to a channel", () => {
 
 describe("deletechannel", () => {
   it("is for the owner only (15), answers 9 for an unknown channel", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const ch = await newChannel(a);
     expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
     const r = await b.client.request("deletechannel", { channel: ch.chid });
@@ -416,10 +405,10 @@ describe("deletechannel", () => {
   });
 
   it("tells every member with ev_channel_deleted; afterwards the channel is gone and its name free", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
-    const outsider = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const outsider = await registerUser(shared.port);
     const ch = await newChannel(a);
     expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
     for (let i = 0; i < 5; i++) expect((await b.client.request("message", { channel: ch.chid, body: `m${i}` })).status).toBe(0);

@@ -1,18 +1,9 @@
 // Framing over real TCP: every accepted input form, resynchronisation and limits.
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { Client, startTestServer } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { Client, serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 
-beforeAll(async () => {
-  server = await startTestServer({ badFrameLimit: 20 });
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-});
+const shared = serveForFile({ badFrameLimit: 20 });
 
 const ping = JSON.stringify({ action: "ping" });
 const hello = JSON.stringify({ action: "hello", data: { client: "t" } });
@@ -25,28 +16,28 @@ async function actions(c: Client, n: number): Promise<string[]> {
 
 describe("accepted forms", () => {
   it("NDJSON with LF and with CRLF", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`${ping}\n${hello}\r\n${ping}\r\n`);
     expect(await actions(c, 3)).toEqual(["ping", "hello", "ping"]);
     c.close();
   });
 
   it("objects back to back with no separator (the reference's Java client)", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(ping + hello + ping);
     expect(await actions(c, 3)).toEqual(["ping", "hello", "ping"]);
     c.close();
   });
 
   it("pretty-printed objects pasted from the docs", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`{\n\t"action":"hello",\n\t"data":{\n\t\t"client":"nc"\n\t}\n}\n` + JSON.stringify({ action: "ping" }, null, 4) + "\n");
     expect(await actions(c, 2)).toEqual(["hello", "ping"]);
     c.close();
   });
 
   it("a stream split byte by byte, through multi-byte UTF-8 and escapes", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const stream = Buffer.from(
       `\uFEFF{"action":"hello","data":{"client":"Привет \\"мир\\" \\u263A 😀 {[}]"}}\r\n${ping}${hello}\n`,
     );
@@ -59,7 +50,7 @@ describe("accepted forms", () => {
   });
 
   it("ignores whitespace between frames and a UTF-8 BOM at the start", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(`  \n\t\r\n${ping}   \n\n${ping}`)]));
     expect(await actions(c, 2)).toEqual(["ping", "ping"]);
     c.close();
@@ -68,7 +59,7 @@ describe("accepted forms", () => {
 
 describe("server frames", () => {
   it("are compact JSON, one per line, with newlines inside values escaped", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`{"action":"no\\nsuch"}\n`);
     const r = await c.next();
     expect(r.data.status).toBe(11);
@@ -79,7 +70,7 @@ describe("server frames", () => {
 
 describe("resynchronisation", () => {
   it("garbage at depth 0 gets one status-3 reply; the next line is served", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`this is not json at all\n${ping}\n`);
     const err = await c.next();
     expect(err).toEqual({ action: "unknown", data: { status: 3, error: expect.any(String) } });
@@ -88,7 +79,7 @@ describe("resynchronisation", () => {
   });
 
   it("invalid JSON inside a balanced object: status 3 with the action echoed", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`{"action":"ping","data":{"x":tru}}\n${ping}\n`);
     expect(await c.next()).toMatchObject({ action: "ping", data: { status: 3 } });
     expect(await c.next()).toMatchObject({ action: "ping", data: { status: 0 } });
@@ -96,7 +87,7 @@ describe("resynchronisation", () => {
   });
 
   it("a truncated frame is reported once and the next line's request is served", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`{"action":"hello","data":{"client":"x",\n${ping}\n`);
     expect(await c.next()).toMatchObject({ action: "hello", data: { status: 3 } });
     expect(await c.next()).toMatchObject({ action: "ping", data: { status: 0 } });
@@ -104,7 +95,7 @@ describe("resynchronisation", () => {
   });
 
   it("invalid UTF-8 is status 3 and the connection goes on", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(Buffer.concat([Buffer.from(`{"action":"hello","data":{"client":"`), Buffer.from([0xc3, 0x28]), Buffer.from(`"}}\n${ping}\n`)]));
     expect(await c.next()).toMatchObject({ action: "hello", data: { status: 3 } });
     expect(await c.next()).toMatchObject({ action: "ping", data: { status: 0 } });
@@ -112,7 +103,7 @@ describe("resynchronisation", () => {
   });
 
   it("a frame that is not an object, or has no action, or a non-object data, is status 3", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`[1,2,3]\n{"data":{}}\n{"action":"ping","data":"x"}\n{"action":5}\n${ping}\n`);
     const got = await Promise.all([c.next(), c.next(), c.next(), c.next()]);
     expect(got.map((f) => [f.action, f.data.status])).toEqual([
@@ -126,7 +117,7 @@ describe("resynchronisation", () => {
   });
 
   it("nesting deeper than 32 is status 3; 32 deep is fine", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const nest = (n: number) => "[".repeat(n) + "]".repeat(n);
     // the frame is depth 1 and data depth 2, so 30 arrays inside make 32
     c.write(`{"action":"ping","data":{"x":${nest(30)}}}\n`);
@@ -140,7 +131,7 @@ describe("resynchronisation", () => {
   });
 
   it("a client that keeps sending garbage past the threshold is disconnected", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write("junk\n".repeat(25));
     await c.closed;
     const errors = c.lines.map((l) => JSON.parse(l)).filter((f) => f.data?.status === 3);
@@ -151,7 +142,7 @@ describe("resynchronisation", () => {
 
 describe("size limit", () => {
   it("a 2 MiB frame is answered with 12 and the connection stays usable", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     const big = JSON.stringify({ action: "hello", data: { client: "x".repeat(2 * 1024 * 1024) } });
     c.write(big + "\n" + ping + "\n");
     const r = await c.next();
@@ -161,7 +152,7 @@ describe("size limit", () => {
   });
 
   it("memory stays bounded for an endless unterminated frame", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`{"action":"hello","data":{"client":"`);
     const chunk = "y".repeat(64 * 1024);
     for (let i = 0; i < 48; i++) c.write(chunk); // 3 MiB, never closed
@@ -174,7 +165,7 @@ describe("size limit", () => {
 
 describe("ordering", () => {
   it("replies come in request order, including error replies between them", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.write(`${ping}\ngarbage\n{"action":"nope"}\n${hello}\n{"action":"userinfo","data":{"user":"x"}}\n${ping}\n`);
     expect(await actions(c, 6)).toEqual(["ping", "unknown", "nope", "hello", "userinfo", "ping"]);
     c.close();

@@ -9,6 +9,7 @@ import tls from "node:tls";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { afterAll, afterEach, beforeAll } from "vitest";
 import { defaultConfig, type Config } from "../src/config.js";
 import { startServer, type RunningServer } from "../src/server.js";
 
@@ -221,4 +222,41 @@ export class ChildServer {
     });
     return new ChildServer(proc, port, exited, () => out);
   }
+}
+
+/**
+ * One server for all the tests of a file: started before them, stopped after them,
+ * its data dir removed. Read `.server` and `.port` inside tests.
+ */
+export function serveForFile(overrides: Partial<Config> = {}): { readonly server: RunningServer; readonly port: number } {
+  let server: RunningServer | undefined;
+  beforeAll(async () => {
+    server = await startTestServer(overrides);
+  });
+  afterAll(async () => {
+    if (!server) return;
+    await server.stop();
+    removeDir(server.services.config.dataDir);
+  });
+  return {
+    get server() {
+      return server as RunningServer;
+    },
+    get port() {
+      return (server as RunningServer).port;
+    },
+  };
+}
+
+/** A temp data dir per call, removed after each test. */
+export function useTempDirs(): () => string {
+  const dirs: string[] = [];
+  afterEach(() => {
+    for (const d of dirs.splice(0)) removeDir(d);
+  });
+  return () => {
+    const d = tempDir();
+    dirs.push(d);
+    return d;
+  };
 }

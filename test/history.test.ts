@@ -2,21 +2,11 @@
 // TCP: paging, limits, attachments in history, who may read or change what, and the
 // events that tell the conversation about edits and deletions.
 import { randomBytes } from "node:crypto";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { Client, login, registerUser, removeDir, startTestServer, uniqueName, type Account } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, uniqueName, type Account, serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 
-beforeAll(async () => {
-  server = await startTestServer();
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-  removeDir(server.services.config.dataDir);
-});
+const shared = serveForFile();
 
 interface Sent {
   mid: string;
@@ -61,8 +51,8 @@ const isEv = (action: string) => (f: { action: string }) => f.action === action;
 
 describe("history", () => {
   it("returns a direct conversation, oldest first, as {mid, from, nick, body, time} for both sides", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const sent = [
       await say(a, { uid: b.uid }, "one"),
       await say(b, { uid: a.uid }, "two"),
@@ -77,14 +67,14 @@ describe("history", () => {
     // the same conversation seen from the other side
     expect((await b.client.request("history", { uid: a.uid })).messages).toEqual(sent);
     // a user with no conversation yet: empty, not an error
-    const c = await registerUser(port);
+    const c = await registerUser(shared.port);
     expect(await c.client.request("history", { uid: a.uid })).toEqual({ status: 0, error: "OK", messages: [] });
     await closeAll(a.client, b.client, c.client);
   });
 
   it("returns a channel's messages from every sender, oldest first", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const chid = await newChannel(a, b);
     const sent = [];
     for (let i = 0; i < 6; i++) sent.push(await say(i % 3 ? a : b, { channel: chid }, `room ${i}`));
@@ -99,8 +89,8 @@ describe("history", () => {
   });
 
   it("returns the newest 50 by default, `limit` of them when given, and pages back with `before`", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const chid = await newChannel(a, b);
     for (const to of [{ uid: b.uid }, { channel: chid }]) {
       const sent = await pipeline(a, to, 70, "p");
@@ -123,8 +113,8 @@ describe("history", () => {
   });
 
   it("pages back across 1,200 messages with no gap and no duplicate; a limit over 500 is 500", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     await closeAll(b.client); // b offline: the messages wait in its queue too
     const sent = await pipeline(a, { uid: b.uid }, 1200, "bulk ");
     const mids = sent.map((m) => m.mid);
@@ -157,8 +147,8 @@ describe("history", () => {
   });
 
   it("returns an attachment's data byte for byte", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const chid = await newChannel(a, b);
     const bytes = randomBytes(200_000);
     const data = bytes.toString("base64");
@@ -187,8 +177,8 @@ describe("history", () => {
   });
 
   it("keeps an attachment in history when another message with the same bytes is deleted", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const bytes = randomBytes(50_000);
     const data = bytes.toString("base64");
     const first = await a.client.request("message", { uid: b.uid, body: "one", attach: { mime: "application/pdf", data } });
@@ -202,9 +192,9 @@ describe("history", () => {
   });
 
   it("answers 6 before auth, 4 without uid or channel, 8 for an unknown uid, 9 and 10 for channels", async () => {
-    const anon = await Client.connect(port);
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const anon = await Client.connect(shared.port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     expect((await anon.request("history", { uid: a.uid })).status).toBe(6);
     expect((await a.client.request("history", {})).status).toBe(4);
     expect((await a.client.request("history")).status).toBe(4);
@@ -224,8 +214,8 @@ describe("history", () => {
   });
 
   it("answers 3 for a non-numeric `before` and a `limit` that is not a positive integer", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     await say(a, { uid: b.uid }, "x");
     for (const bad of [
       { before: "abc" },
@@ -247,9 +237,9 @@ describe("history", () => {
 
 describe("authorization", () => {
   it("a third user reads only their own conversation and cannot edit or delete another's message", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const secret = await say(a, { uid: b.uid }, "between a and b");
     const reply = await say(b, { uid: a.uid }, "b answers");
     await new Promise((r) => setTimeout(r, 50));
@@ -285,8 +275,8 @@ describe("authorization", () => {
   });
 
   it("keeps a channel's messages from someone who is not a member", async () => {
-    const a = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const chid = await newChannel(a);
     const m = await say(a, { channel: chid }, "inside");
     expect((await c.client.request("history", { channel: chid })).status).toBe(10);
@@ -300,9 +290,9 @@ describe("authorization", () => {
 
 describe("dialogs", () => {
   it("lists direct and channel conversations with their last message, most recent first", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     expect(await a.client.request("dialogs")).toEqual({ status: 0, error: "OK", dialogs: [] });
     const name = uniqueName("dlg");
     const chid = (await a.client.request("createchannel", { name, descr: "" })).chid;
@@ -336,7 +326,7 @@ describe("dialogs", () => {
   });
 
   it("answers 6 before auth", async () => {
-    const anon = await Client.connect(port);
+    const anon = await Client.connect(shared.port);
     for (const [action, data] of [
       ["dialogs", {}],
       ["editmessage", { mid: "1", body: "x" }],
@@ -350,11 +340,11 @@ describe("dialogs", () => {
 
 describe("editmessage", () => {
   it("answers {mid, edited}, tells both parties on every connection, and history shows the edit", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
-    const b2 = await login(port, b.login);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const b2 = await login(shared.port, b.login);
+    const c = await registerUser(shared.port);
     const m = await say(a, { uid: b.uid }, "typo");
     const other = await say(a, { uid: b.uid }, "untouched");
     await new Promise((r) => setTimeout(r, 50));
@@ -383,10 +373,10 @@ describe("editmessage", () => {
   });
 
   it("tells every member of a channel", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
-    const outsider = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
+    const outsider = await registerUser(shared.port);
     const chid = await newChannel(a, b, c);
     const m = await say(b, { channel: chid }, "draft");
     const r = await b.client.request("editmessage", { mid: m.mid, body: "final" });
@@ -401,8 +391,8 @@ describe("editmessage", () => {
   });
 
   it("answers 14 for an unknown mid, 15 for someone else's message, 4 for an empty body", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const m = await say(a, { uid: b.uid }, "original");
     const r14 = await a.client.request("editmessage", { mid: "999999999999", body: "x" });
     expect(r14.status).toBe(14);
@@ -421,10 +411,10 @@ describe("editmessage", () => {
 
 describe("delmessage", () => {
   it("answers {mid}, tells the conversation, and the message leaves history", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const m1 = await say(a, { uid: b.uid }, "keep");
     const m2 = await say(a, { uid: b.uid }, "remove me");
     const r = await a.client.request("delmessage", { mid: m2.mid });
@@ -447,8 +437,8 @@ describe("delmessage", () => {
   });
 
   it("tells every member of a channel and removes the message from its history", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const chid = await newChannel(a, b);
     const m1 = await say(b, { channel: chid }, "stays");
     const m2 = await say(b, { channel: chid }, "goes");
@@ -460,21 +450,21 @@ describe("delmessage", () => {
   });
 
   it("removes the message from the offline queue of a recipient who was away", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     await closeAll(b.client);
     const m1 = await say(a, { uid: b.uid }, "first");
     const m2 = await say(a, { uid: b.uid }, "regretted");
     const m3 = await say(a, { uid: b.uid }, "third");
     expect((await a.client.request("delmessage", { mid: m2.mid })).status).toBe(0);
-    const back = await login(port, b.login);
+    const back = await login(shared.port, b.login);
     expect(back.auth.status).toBe(0);
     const got = [await back.client.event("ev_message"), await back.client.event("ev_message")];
     expect(got.map((e) => e.mid)).toEqual([m1.mid, m3.mid]);
     expect(await back.client.quiet(300, isEv("ev_message"))).toBe(true);
     // and a later login gets nothing more
     await closeAll(back.client);
-    const again = await login(port, b.login);
+    const again = await login(shared.port, b.login);
     expect(await again.client.quiet(300, isEv("ev_message"))).toBe(true);
     await closeAll(a.client, again.client);
   });
@@ -488,9 +478,9 @@ describe("delmessage", () => {
   // or delmessage of it answers 14 and it can never be removed. Expected: the delete
   // wins (the edit answers 14, or its write is dropped) and history does not show it.
   it("a delete and an edit of the same message at once do not bring it back", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
     // a race: tried a few times so that one lucky ordering does not hide it
     for (let i = 0; i < 5; i++) {
       const m = await say(a, { uid: b.uid }, `to be deleted ${i}`);
@@ -504,8 +494,8 @@ describe("delmessage", () => {
   });
 
   it("answers 14 for an unknown mid and 15 for someone else's message; nothing changes", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const m = await say(a, { uid: b.uid }, "mine");
     expect((await a.client.request("delmessage", { mid: "999999999999" })).status).toBe(14);
     const r = await b.client.request("delmessage", { mid: m.mid });

@@ -1,27 +1,18 @@
 // Account lifecycle over real TCP: logout, changepassword, deleteaccount, expiry.
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { Client, login, registerUser, startTestServer } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, startTestServer, serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 
-beforeAll(async () => {
-  server = await startTestServer();
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-});
+const shared = serveForFile();
 
 async function resume(sid: string): Promise<{ client: Client; auth: any }> {
-  const client = await Client.connect(port);
+  const client = await Client.connect(shared.port);
   return { client, auth: await client.request("auth", { sid }) };
 }
 
 describe("logout", () => {
   it("revokes the session; the connection stays open and unauthenticated", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     const twin = await resume(a.sid);
     expect(twin.auth.status).toBe(0);
     expect(await a.client.request("logout", {})).toEqual({ status: 0, error: "OK" });
@@ -39,7 +30,7 @@ describe("logout", () => {
   });
 
   it("needs auth (6)", async () => {
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     expect((await c.request("logout", {})).status).toBe(6);
     c.close();
   });
@@ -47,23 +38,23 @@ describe("logout", () => {
 
 describe("changepassword", () => {
   it("refuses a wrong current password (2) and empty fields (4); nothing changes", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     expect((await a.client.request("changepassword", { pass: "wrong", newpass: "x" })).status).toBe(2);
     expect((await a.client.request("changepassword", { pass: "secret", newpass: "" })).status).toBe(4);
-    expect((await login(port, a.login, "secret")).auth.status).toBe(0);
+    expect((await login(shared.port, a.login, "secret")).auth.status).toBe(0);
     a.client.close();
   });
 
   it("keeps the caller's session, revokes and closes every other, and swaps the password", async () => {
-    const a = await registerUser(port);
-    const other = await login(port, a.login); // a second device with its own sid
+    const a = await registerUser(shared.port);
+    const other = await login(shared.port, a.login); // a second device with its own sid
     expect(await a.client.request("changepassword", { pass: "secret", newpass: "n3w" })).toEqual({ status: 0, error: "OK" });
     expect((await other.client.event("ev_logout")).reason).toMatch(/password/);
     await other.client.closed;
     expect((await resume(other.auth.sid)).auth.status).toBe(2);
     expect((await resume(a.sid)).auth.status).toBe(0);
-    expect((await login(port, a.login, "secret")).auth.status).toBe(2);
-    expect((await login(port, a.login, "n3w")).auth.status).toBe(0);
+    expect((await login(shared.port, a.login, "secret")).auth.status).toBe(2);
+    expect((await login(shared.port, a.login, "n3w")).auth.status).toBe(0);
     expect((await a.client.request("contactlist")).status).toBe(0);
     a.client.close();
   });
@@ -71,16 +62,16 @@ describe("changepassword", () => {
 
 describe("deleteaccount", () => {
   it("refuses a wrong password (2) and changes nothing", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     expect((await a.client.request("deleteaccount", { pass: "nope" })).status).toBe(2);
-    expect((await login(port, a.login)).auth.status).toBe(0);
+    expect((await login(shared.port, a.login)).auth.status).toBe(0);
     a.client.close();
   });
 
   it("removes the account, its sessions, contacts and queue; frees its names; keeps its messages in others' history", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const email = `del${Date.now()}@x.test`;
     expect((await a.client.request("setuserinfo", { email })).status).toBe(0);
     expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
@@ -95,14 +86,14 @@ describe("deleteaccount", () => {
     await otherDevice.client.closed;
     expect((await a.client.request("contactlist")).status).toBe(6);
     expect((await resume(a.sid)).auth.status).toBe(2);
-    expect((await login(port, a.login)).auth.status).toBe(7);
+    expect((await login(shared.port, a.login)).auth.status).toBe(7);
     expect((await b.client.request("userinfo", { user: a.uid })).status).toBe(8);
     expect((await b.client.request("contactlist")).list).toEqual([]);
     // the past message stays in b's history, with a's uid
     const h = await b.client.request("history", { uid: a.uid });
     expect(h.messages.map((m: any) => [m.mid, m.from])).toEqual([[sent.mid, a.uid]]);
     // login, nick and email are free again; the new account starts empty
-    const again = await Client.connect(port);
+    const again = await Client.connect(shared.port);
     expect((await again.request("register", { login: a.login, pass: "p2", nick: a.nick })).status).toBe(0);
     const auth = (await again.reply("auth")).data;
     expect(auth.uid).not.toBe(a.uid);

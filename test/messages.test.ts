@@ -1,23 +1,13 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { Client, login, registerUser } from "./helpers.js";
-import { startTestServer } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, serveForFile, startTestServer } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 
-beforeAll(async () => {
-  server = await startTestServer();
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-});
+const shared = serveForFile();
 
 describe("message", () => {
   it("replies mid and time once stored, and delivers ev_message to recipient and sender", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const r = await a.client.request("message", { uid: b.uid, body: "hello", cid: a.uid, sid: a.sid });
     expect(r).toMatchObject({ status: 0, error: "OK" });
     expect(typeof r.mid).toBe("string");
@@ -38,8 +28,8 @@ describe("message", () => {
   });
 
   it("carries an attachment (base64) through to the recipient byte for byte", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const data = Buffer.from(Array.from({ length: 3000 }, (_, i) => i % 256)).toString("base64");
     const r = await a.client.request("message", { uid: b.uid, body: "", attach: { mime: "image/png", data } });
     expect(r.status).toBe(0);
@@ -50,8 +40,8 @@ describe("message", () => {
   });
 
   it("gives every mid once and keeps a sender's order for the recipient", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     for (let i = 0; i < 100; i++) a.client.send("message", { uid: b.uid, body: `m${i}` });
     const replies = [];
     for (let i = 0; i < 100; i++) replies.push((await a.client.reply("message")).data);
@@ -67,7 +57,7 @@ describe("message", () => {
   });
 
   it("answers 4 for an empty body without attachment, 8 for an unknown uid, 3 for bad base64 or types", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     expect((await a.client.request("message", { uid: a.uid, body: "" })).status).toBe(4);
     expect((await a.client.request("message", { body: "x" })).status).toBe(4);
     expect((await a.client.request("message", { uid: "nobody", body: "x" })).status).toBe(8);
@@ -92,11 +82,11 @@ describe("message", () => {
 
 describe("multi-device", () => {
   it("delivers to every connection of the recipient and of the sender", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b2 = await login(port, b.login);
-    const b3 = await Client.connect(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b2 = await login(shared.port, b.login);
+    const b3 = await Client.connect(shared.port);
     expect((await b3.request("auth", { sid: b.sid })).status).toBe(0);
     const r = await a.client.request("message", { uid: b.uid, body: "to all devices" });
     for (const c of [b.client, b2.client, b3, a.client, a2.client]) {
@@ -108,13 +98,13 @@ describe("multi-device", () => {
 
 describe("offline delivery", () => {
   it("queues messages for an offline user and sends them in order right after auth", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     b.client.close();
     await b.client.closed;
     const mids = [];
     for (let i = 0; i < 30; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `offline ${i}` })).mid);
-    const { client, auth } = await login(port, b.login);
+    const { client, auth } = await login(shared.port, b.login);
     expect(auth.status).toBe(0);
     const got = [];
     for (let i = 0; i < 30; i++) got.push(await client.event("ev_message"));
@@ -123,20 +113,20 @@ describe("offline delivery", () => {
     client.close();
     await client.closed;
     // once delivered, the queue is empty: the next login gets nothing
-    const again = await login(port, b.login);
+    const again = await login(shared.port, b.login);
     expect(await again.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
     again.client.close();
     a.client.close();
   });
 
   it("sends queued messages before live ones that arrive during the drain", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     b.client.close();
     await b.client.closed;
     for (let i = 0; i < 300; i++) a.client.send("message", { uid: b.uid, body: `q${i}` });
     for (let i = 0; i < 300; i++) expect((await a.client.reply("message")).data.status).toBe(0);
-    const c = await Client.connect(port);
+    const c = await Client.connect(shared.port);
     c.send("auth", { sid: b.sid });
     await c.reply("auth");
     for (let i = 0; i < 20; i++) a.client.send("message", { uid: b.uid, body: `live${i}` });
@@ -150,8 +140,8 @@ describe("offline delivery", () => {
 
 describe("cmid", () => {
   it("a resend with the same cmid returns the original mid and delivers nothing twice", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const first = await a.client.request("message", { uid: b.uid, body: "once", cmid: "c-1" });
     const again = await a.client.request("message", { uid: b.uid, body: "once", cmid: "c-1" });
     expect(again).toEqual(first);
@@ -164,7 +154,7 @@ describe("cmid", () => {
     expect(evs.map((e) => e.body)).toEqual(["once", "twin"]);
     expect(await b.client.quiet(200, (f) => f.action === "ev_message")).toBe(true);
     // after a reconnect, the retry is still recognised
-    const re = await login(port, a.login);
+    const re = await login(shared.port, a.login);
     expect(await re.client.request("message", { uid: b.uid, body: "once", cmid: "c-1" })).toEqual(first);
     // cmids are per sender: another sender's c-1 is a new message
     const other = await b.client.request("message", { uid: a.uid, body: "mine", cmid: "c-1" });

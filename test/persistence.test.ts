@@ -1,18 +1,14 @@
 // Durability: everything survives a restart on the same data dir, and a message that
 // was acknowledged survives kill -9.
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
-import { ChildServer, Client, login, registerUser, removeDir, tempDir, testConfig } from "./helpers.js";
+import { ChildServer, Client, login, registerUser, testConfig, useTempDirs } from "./helpers.js";
 
-const dirs: string[] = [];
-afterEach(() => {
-  for (const d of dirs.splice(0)) removeDir(d);
-});
+const newDataDir = useTempDirs();
 
 describe("restart", () => {
   it("keeps accounts, sessions, contacts, profiles and queued messages", async () => {
-    const dataDir = tempDir();
-    dirs.push(dataDir);
+    const dataDir = newDataDir();
     const config = testConfig({ dataDir });
     let server = await startServer(config);
     const a = await registerUser(server.port);
@@ -52,8 +48,7 @@ describe("restart", () => {
 
 describe("crash", () => {
   it("an acknowledged message survives kill -9 and is delivered after restart", async () => {
-    const dataDir = tempDir();
-    dirs.push(dataDir);
+    const dataDir = newDataDir();
     let child = await ChildServer.start(dataDir);
     const a = await registerUser(child.port);
     const b = await registerUser(child.port);

@@ -1,24 +1,15 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { registerUser, startTestServer } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { registerUser, serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 
-beforeAll(async () => {
-  server = await startTestServer({ maxPicture: 4096, maxImport: 50 });
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-});
+const shared = serveForFile({ maxPicture: 4096, maxImport: 50 });
 
 const tag = () => String(Date.now() % 1e6) + String(Math.floor(Math.random() * 1e6)).padStart(6, "0");
 
 describe("userinfo and setuserinfo", () => {
   it("returns the profile; setuserinfo changes only the fields sent", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const t = tag();
     const pic = Buffer.from("tiny png").toString("base64");
     expect(
@@ -47,8 +38,8 @@ describe("userinfo and setuserinfo", () => {
   });
 
   it("keeps email and phone unique across users (1), and frees them when changed", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     const t = tag();
     expect((await a.client.request("setuserinfo", { email: `u${t}@x.org`, phone: `7${t}` })).status).toBe(0);
     expect((await b.client.request("setuserinfo", { email: `U${t}@X.org` })).status).toBe(1);
@@ -62,7 +53,7 @@ describe("userinfo and setuserinfo", () => {
   });
 
   it("answers 8 for an unknown user, 4 for an empty one, 3 for bad email/phone/base64, 12 for a big picture", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     expect((await a.client.request("userinfo", { user: "ffffffffffff" })).status).toBe(8);
     expect((await a.client.request("userinfo", { user: "" })).status).toBe(4);
     expect((await a.client.request("userinfo", {})).status).toBe(4);
@@ -77,7 +68,7 @@ describe("userinfo and setuserinfo", () => {
   });
 
   it("never lets __proto__ or constructor keys reach stored objects", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     a.client.write(`{"action":"setuserinfo","data":{"__proto__":{"nick":"hacked","isAdmin":true},"constructor":{"x":1},"user_status":"ok"}}\n`);
     expect((await a.client.reply("setuserinfo")).data.status).toBe(0);
     const info = await a.client.request("userinfo", { user: a.uid });
@@ -90,9 +81,9 @@ describe("userinfo and setuserinfo", () => {
 
 describe("contacts", () => {
   it("addcontact, contactlist and delcontact", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const added = await a.client.request("addcontact", { uid: b.uid });
     expect(added).toEqual({ status: 0, error: "OK", user: { uid: b.uid, nick: b.nick, email: "", phone: "" } });
     expect((await a.client.request("addcontact", { uid: c.uid })).status).toBe(0);
@@ -106,8 +97,8 @@ describe("contacts", () => {
   });
 
   it("answers 1 for a listed contact or oneself, 8 for an unknown uid, 4 for none", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
     expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(1);
     expect((await a.client.request("addcontact", { uid: a.uid })).status).toBe(1);
@@ -122,9 +113,9 @@ describe("contacts", () => {
 
 describe("import", () => {
   it("matches address-book entries by email or phone and echoes myid", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
-    const c = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port);
     const t = tag();
     expect((await b.client.request("setuserinfo", { email: `b${t}@mail.test` })).status).toBe(0);
     expect((await c.client.request("setuserinfo", { phone: `+44 20 ${t}` })).status).toBe(0);
@@ -145,7 +136,7 @@ describe("import", () => {
   });
 
   it("answers 12 past the entry limit, 4 without contacts, 3 for a wrong shape", async () => {
-    const a = await registerUser(port);
+    const a = await registerUser(shared.port);
     const many = Array.from({ length: 51 }, (_, i) => ({ myid: String(i), phone: `555000${i}` }));
     expect((await a.client.request("import", { contacts: many })).status).toBe(12);
     expect((await a.client.request("import", {})).status).toBe(4);

@@ -1,19 +1,9 @@
 // searchuser and ev_presence (spec §4), against a real server over TCP.
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { Client, login, registerUser, removeDir, startTestServer, uniqueName, type Account } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, uniqueName, type Account, serveForFile } from "./helpers.js";
 
-let server: RunningServer;
-let port: number;
 
-beforeAll(async () => {
-  server = await startTestServer();
-  port = server.port;
-});
-afterAll(async () => {
-  await server.stop();
-  removeDir(server.services.config.dataDir);
-});
+const shared = serveForFile();
 
 async function closeAll(...clients: Client[]): Promise<void> {
   for (const c of clients) c.close();
@@ -33,9 +23,9 @@ describe("searchuser", () => {
   it("matches a prefix of the nick or of the login, whatever the case", async () => {
     const tag = `${uniqueName("q")}_`;
     // login and nick deliberately unalike, so each index is tested on its own
-    const u = await registerUser(port, `lg${tag}zz`, "secret", `Nick${tag}Mixed`);
-    const other = await registerUser(port, `other${tag}`, "secret", `Someone${tag}`);
-    const me = await registerUser(port);
+    const u = await registerUser(shared.port, `lg${tag}zz`, "secret", `Nick${tag}Mixed`);
+    const other = await registerUser(shared.port, `other${tag}`, "secret", `Someone${tag}`);
+    const me = await registerUser(shared.port);
 
     for (const q of [`nick${tag}`, `NICK${tag}`, `Nick${tag}m`, `nICK${tag}MIXED`, `lg${tag}`, `LG${tag}Z`, `Lg${tag}zz`]) {
       expect(await search(me.client, q), q).toEqual([{ uid: u.uid, nick: u.nick }]);
@@ -47,7 +37,7 @@ describe("searchuser", () => {
     expect(await search(me.client, `someone${tag}`)).toEqual([{ uid: other.uid, nick: other.nick }]);
     expect(await search(me.client, `OTHER${tag}`)).toEqual([{ uid: other.uid, nick: other.nick }]);
     // a user whose login and nick both match is listed once
-    const both = await registerUser(port, `dup${tag}`, "secret", `dup${tag}`);
+    const both = await registerUser(shared.port, `dup${tag}`, "secret", `dup${tag}`);
     expect(await search(me.client, `dup${tag}`)).toEqual([{ uid: both.uid, nick: both.nick }]);
     await closeAll(u.client, other.client, me.client, both.client);
   });
@@ -57,10 +47,10 @@ describe("searchuser", () => {
     const made: Account[] = [];
     for (let i = 0; i < 60; i++) {
       // half match by nick, half by login
-      const a = i % 2 ? await registerUser(port, `${tag}L${i}`, "s", `n${i}${tag}`) : await registerUser(port, `x${i}${tag}`, "s", `${tag}N${i}`);
+      const a = i % 2 ? await registerUser(shared.port, `${tag}L${i}`, "s", `n${i}${tag}`) : await registerUser(shared.port, `x${i}${tag}`, "s", `${tag}N${i}`);
       made.push(a);
     }
-    const me = await registerUser(port);
+    const me = await registerUser(shared.port);
     const list = await search(me.client, tag);
     expect(list).toHaveLength(50);
     const all = new Set(made.map((a) => a.uid));
@@ -75,12 +65,12 @@ describe("searchuser", () => {
 
   it("never shows email or phone, even when set", async () => {
     const tag = `${uniqueName("priv")}_`;
-    const u = await registerUser(port, `${tag}`, "secret", `${tag}nick`);
+    const u = await registerUser(shared.port, `${tag}`, "secret", `${tag}nick`);
     const email = `${tag}@mail.example`;
     const phone = `+1555${String(process.pid).padStart(7, "0").slice(-7)}`;
     expect((await u.client.request("setuserinfo", { email, phone, user_status: "here" })).status).toBe(0);
     expect((await u.client.request("userinfo", { user: u.uid })).email).toBe(email);
-    const me = await registerUser(port);
+    const me = await registerUser(shared.port);
     const r = await me.client.request("searchuser", { q: tag });
     expect(r.list).toEqual([{ uid: u.uid, nick: u.nick }]);
     for (const entry of r.list) expect(Object.keys(entry).sort()).toEqual(["nick", "uid"]);
@@ -96,11 +86,11 @@ describe("searchuser", () => {
   });
 
   it("answers 4 for an empty or missing q, 3 for a q that is not a string, 6 before auth", async () => {
-    const me = await registerUser(port);
+    const me = await registerUser(shared.port);
     expect((await me.client.request("searchuser", { q: "" })).status).toBe(4);
     expect((await me.client.request("searchuser", {})).status).toBe(4);
     expect((await me.client.request("searchuser", { q: 5 })).status).toBe(3);
-    const anon = await Client.connect(port);
+    const anon = await Client.connect(shared.port);
     expect((await anon.request("searchuser", { q: "a" })).status).toBe(6);
     await closeAll(me.client, anon);
   });
@@ -110,12 +100,12 @@ describe("ev_presence", () => {
   const isPresence = (f: { action: string }) => f.action === "ev_presence";
 
   it("tells the users who list someone when their first connection opens and their last closes", async () => {
-    const a = await registerUser(port);
-    const a2 = await login(port, a.login);
-    const b = await registerUser(port);
-    const c = await registerUser(port); // also lists b
-    const d = await registerUser(port); // does not list b
-    const e = await registerUser(port); // listed by b, does not list b
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const c = await registerUser(shared.port); // also lists b
+    const d = await registerUser(shared.port); // does not list b
+    const e = await registerUser(shared.port); // listed by b, does not list b
     expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
     expect((await c.client.request("addcontact", { uid: b.uid })).status).toBe(0);
     expect((await b.client.request("addcontact", { uid: e.uid })).status).toBe(0);
@@ -126,13 +116,13 @@ describe("ev_presence", () => {
       expect(await x.event("ev_presence")).toEqual({ uid: b.uid, online: false });
     }
     // b's first connection opens (by password): online
-    const b1 = await login(port, b.login);
+    const b1 = await login(shared.port, b.login);
     expect(b1.auth.status).toBe(0);
     for (const x of [a.client, a2.client, c.client]) {
       expect(await x.event("ev_presence")).toEqual({ uid: b.uid, online: true });
     }
     // a second device opening and closing: nothing
-    const b2 = await login(port, b.login);
+    const b2 = await login(shared.port, b.login);
     expect(b2.auth.status).toBe(0);
     await closeAll(b2.client);
     expect(await a.client.quiet(300, isPresence)).toBe(true);
@@ -142,7 +132,7 @@ describe("ev_presence", () => {
       expect(await x.event("ev_presence")).toEqual({ uid: b.uid, online: false });
     }
     // resuming the session by sid counts as a first connection too
-    const b3 = await Client.connect(port);
+    const b3 = await Client.connect(shared.port);
     expect((await b3.request("auth", { sid: b.sid })).status).toBe(0);
     expect(await a.client.event("ev_presence")).toEqual({ uid: b.uid, online: true });
 
@@ -156,11 +146,11 @@ describe("ev_presence", () => {
   });
 
   it("a second device connecting while the first stays connected says nothing", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
     const devices = [];
-    for (let i = 0; i < 3; i++) devices.push(await login(port, b.login));
+    for (let i = 0; i < 3; i++) devices.push(await login(shared.port, b.login));
     await closeAll(...devices.map((x) => x.client));
     expect(await a.client.quiet(300, isPresence)).toBe(true);
     // the original connection is still open: b is online
@@ -172,14 +162,14 @@ describe("ev_presence", () => {
   });
 
   it("stops after delcontact and starts after addcontact", async () => {
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
     // not listed yet: nothing
-    const b2 = await login(port, b.login);
+    const b2 = await login(shared.port, b.login);
     await closeAll(b.client, b2.client);
     expect(await a.client.quiet(200, isPresence)).toBe(true);
     expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
-    const b3 = await login(port, b.login);
+    const b3 = await login(shared.port, b.login);
     expect(await a.client.event("ev_presence")).toEqual({ uid: b.uid, online: true });
     expect((await a.client.request("delcontact", { uid: b.uid })).status).toBe(0);
     await closeAll(b3.client);

@@ -1,18 +1,14 @@
 // Graceful shutdown under traffic, and the TLS listener.
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
-import { afterEach, describe, expect, it } from "vitest";
-import { ChildServer, Client, registerUser, removeDir, startTestServer, tempDir } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { ChildServer, Client, registerUser, startTestServer, useTempDirs } from "./helpers.js";
 
-const dirs: string[] = [];
-afterEach(() => {
-  for (const d of dirs.splice(0)) removeDir(d);
-});
+const newDataDir = useTempDirs();
 
 describe("SIGTERM during traffic", () => {
   it("exits 0, and every acknowledged message is there after a restart", async () => {
-    const dataDir = tempDir();
-    dirs.push(dataDir);
+    const dataDir = newDataDir();
     let child = await ChildServer.start(dataDir);
     const a = await registerUser(child.port);
     const b = await registerUser(child.port);
