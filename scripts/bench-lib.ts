@@ -19,7 +19,9 @@ export async function startServer(extra: string[] = []): Promise<Server> {
   const main = fileURLToPath(new URL("../src/main.js", import.meta.url));
   const proc = spawn(
     process.execPath,
-    [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", ...extra],
+    [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info",
+     // every benchmark client comes from 127.0.0.1: lift the per-address cap
+     "--max-per-address", "1000000", ...extra],
     { stdio: ["ignore", "pipe", "inherit"] },
   );
   const port = await new Promise<number>((resolve, reject) => {
