@@ -253,18 +253,19 @@ describe("authorization", () => {
     const before = await b.client.request("history", { uid: a.uid });
     expect(before.messages).toEqual([secret, reply]);
 
-    // editing or deleting someone else's message: 15, for a stranger and for the recipient
-    for (const [who, mid] of [
-      [c, secret.mid],
-      [b, secret.mid],
-      [c, reply.mid],
-      [a, reply.mid],
+    // editing or deleting someone else's message: 15 for the other participant, 14 for
+    // a stranger (who is not even told the mid exists)
+    for (const [who, mid, code] of [
+      [c, secret.mid, 14],
+      [b, secret.mid, 15],
+      [c, reply.mid, 14],
+      [a, reply.mid, 15],
     ] as const) {
       const e = await who.client.request("editmessage", { mid, body: "hijacked" });
-      expect(e.status).toBe(15);
+      expect(e.status).toBe(code);
       expect(e.error).not.toBe("OK");
       const d = await who.client.request("delmessage", { mid });
-      expect(d.status).toBe(15);
+      expect(d.status).toBe(code);
     }
     // nothing changed, nobody was told anything
     expect(await a.client.request("history", { uid: b.uid })).toEqual(before);
@@ -280,8 +281,8 @@ describe("authorization", () => {
     const chid = await newChannel(a);
     const m = await say(a, { channel: chid }, "inside");
     expect((await c.client.request("history", { channel: chid })).status).toBe(10);
-    expect((await c.client.request("editmessage", { mid: m.mid, body: "x" })).status).toBe(15);
-    expect((await c.client.request("delmessage", { mid: m.mid })).status).toBe(15);
+    expect((await c.client.request("editmessage", { mid: m.mid, body: "x" })).status).toBe(14);
+    expect((await c.client.request("delmessage", { mid: m.mid })).status).toBe(14);
     expect((await c.client.request("dialogs")).dialogs).toEqual([]);
     expect((await a.client.request("history", { channel: chid })).messages).toEqual([m]);
     await closeAll(a.client, c.client);
@@ -505,5 +506,13 @@ describe("delmessage", () => {
     expect((await a.client.request("history", { uid: b.uid })).messages).toEqual([m]);
     expect(await a.client.quiet(150, isEv("ev_delmessage"))).toBe(true);
     await closeAll(a.client, b.client);
+  });
+});
+
+describe("history arguments", () => {
+  it("answers 3 for both uid and channel at once", async () => {
+    const a = await registerUser(shared.port);
+    expect((await a.client.request("history", { uid: a.uid, channel: "1" })).status).toBe(3);
+    a.client.close();
   });
 });

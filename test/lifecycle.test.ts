@@ -118,3 +118,23 @@ describe("session expiry", () => {
     await short.stop();
   });
 });
+
+describe("deleteaccount and channels", () => {
+  it("deletes the channels the account owned and tells the members of the others it left", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const owned = (await a.client.request("createchannel", { name: `owned${Date.now()}` })).chid;
+    const other = (await b.client.request("createchannel", { name: `other${Date.now()}` })).chid;
+    expect((await b.client.request("enter", { channel: owned })).status).toBe(0);
+    expect((await a.client.request("enter", { channel: other })).status).toBe(0);
+    b.client.frames.length = 0;
+    expect((await a.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    expect(await b.client.event("ev_channel_deleted")).toEqual({ chid: owned });
+    expect(await b.client.event("ev_leave")).toEqual({ chid: other, uid: a.uid, nick: a.nick });
+    expect((await b.client.request("enter", { channel: owned })).status).toBe(9);
+    const members = (await b.client.request("enter", { channel: other })).users.map((u: any) => u.uid);
+    expect(members).toEqual([b.uid]);
+    a.client.close();
+    b.client.close();
+  });
+});

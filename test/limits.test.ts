@@ -154,3 +154,15 @@ describe("a recipient that stops reading", () => {
     await server.stop();
   }, 60_000);
 });
+
+describe("closing a connection frees its slot", () => {
+  it("an idle client that never closes its side no longer counts against the caps", async () => {
+    const server = await startTestServer({ idleUnauth: 1, maxConnections: 2 });
+    const silent = await Promise.all([1, 2].map(() => Client.connect(server.port)));
+    await Promise.all(silent.map((c) => c.closed)); // closed by the server, not by them
+    const next = await Client.connect(server.port);
+    expect((await next.request("ping")).status).toBe(0);
+    next.close();
+    await server.stop();
+  });
+});

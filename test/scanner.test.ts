@@ -503,3 +503,13 @@ describe("one reply per broken frame", () => {
     expect(calls.filter((c) => "reject" in c)).toHaveLength(2);
   });
 });
+
+describe("quiet skipping after a broken frame is bounded", () => {
+  it("answers garbage again once more than a frame's worth was skipped", () => {
+    const { scanner, calls } = connection({ maxFrame: 64, maxDepth: 8 });
+    scanner.push(Buffer.from('{"action":"x","data":"broken\n' + "garbage line\n".repeat(20)));
+    const rejects = calls.filter((c) => "reject" in c);
+    expect(rejects.length).toBeGreaterThan(1); // the broken frame, then garbage past 64 bytes
+    expect(rejects.length).toBeLessThan(20);
+  });
+});

@@ -258,10 +258,12 @@ export function registerAccounts(sv: Services): void {
       for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
       for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
       for (const sid of await sessions.listSids(uid)) ops.push(...sessions.revokeOps(uid, sid));
-      for (const chid of await channels.channelsOf(uid)) ops.push(...channels.leaveOps(chid, uid));
+      const chids = await channels.channelsOf(uid);
+      for (const chid of chids) ops.push(...channels.leaveOps(chid, uid));
       ops.push(...(await messages.forgetUserOps(uid)));
       await storage.commit(ops);
       users.forget(uid);
+      req.after(() => void hooks.accountDeleted(uid, user.nick, chids, sv.log));
       endSessions(uid, (other) => other !== s, "the account was deleted", true);
       leave(s);
       s.logout();

@@ -143,6 +143,29 @@ export function registerChannels(sv: Services): void {
     },
   });
 
+  /** Deletes a channel: its record, name and memberships now, its messages after. */
+  async function remove(c: ChannelRecord): Promise<string[]> {
+    const members = await channels.members(c.chid);
+    await storage.commit(channels.removeOps(c, members));
+    return members;
+  }
+
+  function afterRemoval(c: ChannelRecord, members: string[]): void {
+    tell(members, frame("ev_channel_deleted", { chid: c.chid }));
+    void messages.purge(channelConv(c.chid), sv.blobs).catch((err) => sv.log.error({ err, chid: c.chid }, "purging a deleted channel's messages failed"));
+  }
+
+  // A deleted account's channels: the ones it owned go (nobody could delete them
+  // any more); in the others, the remaining members hear that it left.
+  sv.hooks.onAccountDeleted(async (uid, nick, chids) => {
+    for (const chid of chids) {
+      const c = await channels.get(chid);
+      if (!c) continue;
+      if (c.owner === uid) afterRemoval(c, await remove(c));
+      else tell(await channels.members(chid), frame("ev_leave", { chid, uid, nick }));
+    }
+  });
+
   dispatcher.register<{ channel: string }>({
     name: "deletechannel",
     schema: { type: "object", required: ["channel"], properties: { channel: requiredString(64) } },
@@ -150,13 +173,8 @@ export function registerChannels(sv: Services): void {
       const me = req.session.uid as string;
       const c = await channelOf(req.data.channel);
       if (c.owner !== me) throw new ProtocolError(Code.Forbidden, "only the channel's owner can delete it");
-      const members = await channels.members(c.chid);
-      await storage.commit(channels.removeOps(c, members));
-      const ev = frame("ev_channel_deleted", { chid: c.chid });
-      req.after(() => {
-        tell(members, ev);
-        void messages.purge(channelConv(c.chid), sv.blobs).catch((err) => sv.log.error({ err, chid: c.chid }, "purging a deleted channel's messages failed"));
-      });
+      const members = await remove(c);
+      req.after(() => afterRemoval(c, members));
       return {};
     },
   });

@@ -3,9 +3,11 @@
 //
 // Every direct message is written together with a queue entry for its recipient, in
 // one atomic, synced batch, before the sender hears `status: 0`. The entry is removed
-// only once one of the recipient's connections has handed the event to the OS; a
-// recipient that is offline, disconnects or is cut off as a slow reader keeps it and
-// receives the message after its next auth. So nothing acknowledged is ever lost.
+// only once one of the recipient's connections confirms the event (see Peer.send: 16
+// MiB of later traffic, or the client's own clean close); a recipient that is offline,
+// disconnects or is cut off as a slow reader keeps it and receives the message after
+// its next auth. So nothing acknowledged is ever lost (at least once: clients
+// de-duplicate by mid).
 // Channel messages are not queued: members read them with `enter` and `history`.
 
 import { Code, ProtocolError } from "../protocol/codes.js";
@@ -231,6 +233,7 @@ export function registerMessages(sv: Services): void {
       const me = req.session.uid as string;
       const { uid, channel, before } = req.data;
       const limit = Math.min(req.data.limit ?? HISTORY_DEFAULT, HISTORY_MAX);
+      if (uid !== undefined && channel !== undefined) throw new ProtocolError(Code.InvalidData, "send either 'uid' or 'channel', not both");
       let conv: string;
       if (channel !== undefined) {
         conv = channelConv(await memberChannel(channel, me));
@@ -297,12 +300,18 @@ export function registerMessages(sv: Services): void {
     return next;
   }
 
-  /** The caller's own message `mid`, or the refusal: 14 unknown, 15 someone else's. */
+  /**
+   * The caller's own message `mid`, or the refusal: 14 when there is none the caller
+   * can see (so a mid in someone else's conversation is not confirmed to exist), 15
+   * when it is another participant's.
+   */
   async function ownMessage(mid: string, me: string): Promise<MessageRecord> {
     const m = await messages.get(mid);
-    if (!m) throw new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
-    if (m.from !== me) throw new ProtocolError(Code.Forbidden, "only its author can change a message");
-    return m;
+    const notFound = () => new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
+    if (!m) throw notFound();
+    if (m.from === me) return m;
+    if (!(await audience(m)).includes(me)) throw notFound();
+    throw new ProtocolError(Code.Forbidden, "only its author can change a message");
   }
 
   dispatcher.register<{ mid: string; body: string }>({

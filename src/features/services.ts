@@ -21,6 +21,19 @@ export class Hooks {
   private readonly loggedInFns: Hook[] = [];
   private readonly presenceFns: PresenceHook[] = [];
 
+  private readonly deletedFns: ((uid: string, nick: string, chids: string[]) => Promise<void>)[] = [];
+
+  /** After an account is deleted, with the channels it was a member of. */
+  onAccountDeleted(fn: (uid: string, nick: string, chids: string[]) => Promise<void>): void {
+    this.deletedFns.push(fn);
+  }
+
+  async accountDeleted(uid: string, nick: string, chids: string[], log: Logger): Promise<void> {
+    for (const fn of this.deletedFns) {
+      await fn(uid, nick, chids).catch((err) => log.error({ err, uid }, "account-deleted hook failed"));
+    }
+  }
+
   /** When a user's first connection authenticates (true) or their last one goes (false). */
   onPresence(fn: PresenceHook): void {
     this.presenceFns.push(fn);

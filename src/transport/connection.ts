@@ -86,10 +86,11 @@ export class Connection implements Peer {
     this.address = socket.remoteAddress ?? "?";
     this.remote = `${this.address}:${socket.remotePort ?? 0}`;
     socket.on("drain", () => this.resume("drain"));
-    socket.on("close", () => {
-      // An orderly end (the client's FIN, or ours after flushing) confirms everything
-      // sent; a connection cut off (slow reader, reset) confirms nothing still pending.
-      const orderly = this.peerEnded || this.ending;
+    socket.on("close", (hadError) => {
+      // Only the client's own clean close (FIN, no error) confirms what was sent; a
+      // connection cut off (slow reader, reset, closed by us first) confirms nothing
+      // still pending, which stays queued for the next auth.
+      const orderly = this.peerEnded && !hadError;
       const pending = this.unconfirmed.splice(0);
       for (const u of pending) for (const cb of u.confirms) cb(orderly);
       for (const cb of this.confirms.splice(0)) cb?.(false);
@@ -146,7 +147,7 @@ export class Connection implements Peer {
     this.queued = false;
     if (this.pumping) return;
     if (this.chunks.length === 0) {
-      if (this.ending && !this.socket.destroyed) this.socket.end();
+      if (this.ending && !this.socket.destroyed) this.closeAfterFlush();
       return;
     }
     let n = 0;
@@ -175,7 +176,7 @@ export class Connection implements Peer {
       const confirm = this.confirms.shift();
       void this.pump(frame, cb, confirm);
     } else if (this.ending) {
-      this.socket.end();
+      this.closeAfterFlush();
     } else if (this.socket.writableNeedDrain) {
       this.pause("drain");
     }
@@ -252,6 +253,14 @@ export class Connection implements Peer {
     this.fail([...this.callbacks.splice(0), ...this.confirms.splice(0)].filter(defined));
     this.chunks = [];
     this.queuedLength = 0;
+  }
+
+  /**
+   * Closes the socket once what was written is out. A client that half-closed is
+   * done; any other is not waited for (it would keep its slot against the caps).
+   */
+  private closeAfterFlush(): void {
+    this.socket.destroySoon();
   }
 
   /** Flushes everything queued (streams included), then closes. */

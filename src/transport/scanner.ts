@@ -117,6 +117,8 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   private keyIsPath = false;
   /** The last frame was broken off: what follows up to the next frame is its rest. */
   private afterBroken = false;
+  /** Bytes that may still be skipped quietly as the rest of the broken frame. */
+  private quietLeft = 0;
   /** The upload of the frame being scanned, if its attachment has begun. */
   private uploadSink: U | undefined;
 
@@ -173,12 +175,12 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
         }
         case State.Garbage: {
           const nl = chunk.indexOf(Byte.LF, i);
-          if (nl < 0) {
-            i = n;
-          } else {
-            i = nl + 1;
-            this.state = State.Idle;
-          }
+          const next = nl < 0 ? n : nl + 1;
+          // The rest of a broken frame is skipped quietly, but no more than a frame's
+          // worth: past that, garbage is answered (and counted) again.
+          if (this.afterBroken && (this.quietLeft -= next - i) < 0) this.afterBroken = false;
+          i = next;
+          if (nl >= 0) this.state = State.Idle;
           break;
         }
         case State.Frame:
@@ -468,6 +470,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   private endBroken(chunk: Buffer, start: number, at: number, reason: string): void {
     this.state = State.Idle;
     this.afterBroken = true;
+    this.quietLeft = this.limits.maxFrame;
     this.uploadSink?.abort();
     this.uploadSink = undefined;
     if (this.fault === Fault.TooLarge) this.growHead(chunk.subarray(start, at));
