@@ -166,3 +166,20 @@ describe("closing a connection frees its slot", () => {
     await server.stop();
   });
 });
+
+describe("delivery confirmation on a quiet connection", () => {
+  it("a message read on a live, drained connection leaves the queue after --delivery-age", async () => {
+    const server = await startTestServer({ deliveryAge: 1 });
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    expect((await a.client.request("message", { uid: b.uid, body: "read it" })).status).toBe(0);
+    await b.client.event("ev_message");
+    const queued = () => server.services.storage.spaces.queue.keys().all();
+    expect(await queued()).toHaveLength(1); // sent, not yet confirmed
+    await sleep(2000);
+    expect(await queued()).toHaveLength(0);
+    a.client.close();
+    b.client.close();
+    await server.stop();
+  });
+});

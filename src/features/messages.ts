@@ -4,7 +4,8 @@
 // Every direct message is written together with a queue entry for its recipient, in
 // one atomic, synced batch, before the sender hears `status: 0`. The entry is removed
 // only once one of the recipient's connections confirms the event (see Peer.send: 16
-// MiB of later traffic, or the client's own clean close); a recipient that is offline,
+// MiB of later traffic, 60 s on a drained live connection, or the client's own clean
+// close); a recipient that is offline,
 // disconnects or is cut off as a slow reader keeps it and receives the message after
 // its next auth. So nothing acknowledged is ever lost (at least once: clients
 // de-duplicate by mid).

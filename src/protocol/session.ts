@@ -47,8 +47,9 @@ export interface Peer {
   /**
    * Queues a frame. `onFlushed(true)` once it is handed to the OS (for pacing), false
    * if it never is. `onConfirmed(true)` once it is safe to call it delivered: enough
-   * later traffic has gone out that the client must have read past it, or the client
-   * closed in an orderly way; false if the connection died before that.
+   * later traffic has gone out that the client must have read past it, it has aged
+   * on a live connection with nothing left to write, or the client closed cleanly;
+   * false if the connection died (or was closed by the server) before that.
    */
   send(frame: OutFrame, onFlushed?: (ok: boolean) => void, onConfirmed?: (ok: boolean) => void): void;
   /**

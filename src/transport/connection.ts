@@ -26,6 +26,8 @@ export const DELIVERY_SLACK = 16 * 1024 * 1024;
 interface Unconfirmed {
   /** `written` at which these frames count as delivered. */
   until: number;
+  /** When they were handed to the OS (ms). */
+  at: number;
   confirms: FlushCallback[];
 }
 
@@ -100,8 +102,21 @@ export class Connection implements Peer {
   /** Records `n` more characters handed to the OS and confirms what that settles. */
   private wrote(n: number, confirms: FlushCallback[]): void {
     this.written += n;
-    if (confirms.length > 0) this.unconfirmed.push({ until: this.written + DELIVERY_SLACK, confirms });
+    if (confirms.length > 0) this.unconfirmed.push({ until: this.written + DELIVERY_SLACK, at: Date.now(), confirms });
     while (this.unconfirmed.length > 0 && this.unconfirmed[0].until <= this.written) {
+      for (const cb of (this.unconfirmed.shift() as Unconfirmed).confirms) cb(true);
+    }
+  }
+
+  /**
+   * Confirms frames handed to the OS at least `ageMs` ago, once nothing is waiting to
+   * be written: a client that kept the connection open that long with its buffers
+   * drained has read them. (Without it, a quiet connection would hold its unconfirmed
+   * frames, and their queue entries, until it closed.)
+   */
+  confirmAged(now: number, ageMs: number): void {
+    if (this.socket.destroyed || this.socket.writableLength > 0 || this.chunks.length > 0) return;
+    while (this.unconfirmed.length > 0 && now - this.unconfirmed[0].at >= ageMs) {
       for (const cb of (this.unconfirmed.shift() as Unconfirmed).confirms) cb(true);
     }
   }

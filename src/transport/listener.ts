@@ -48,7 +48,7 @@ export class Listener {
       this.tlsServer.on("error", (err) => this.log.error({ err }, "TLS listener error"));
     }
     // One timer for every connection's idle check, not one per connection.
-    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
+    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth, config.deliveryAge) * 1000) / 4));
     this.idleSweep = setInterval(() => this.closeIdle(), every);
     this.idleSweep.unref();
   }
@@ -114,10 +114,14 @@ export class Listener {
     conn.send(welcomeFrame());
   }
 
-  /** Closes connections silent for longer than their idle limit (any request counts). */
+  /**
+   * The periodic sweep: closes connections silent for longer than their idle limit
+   * (any request counts) and confirms deliveries that have aged on quiet ones.
+   */
   private closeIdle(): void {
     const now = Date.now();
     for (const [conn, session] of this.connections) {
+      conn.confirmAged(now, this.config.deliveryAge * 1000);
       const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
       if (conn.closed || now - conn.lastActivity <= limit * 1000) continue;
       this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
