@@ -60,9 +60,9 @@ describe("SIGTERM during traffic", () => {
 });
 
 describe("TLS", () => {
-  const cert = readFileSync(fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url)));
-  const key = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
   const certPath = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
+  const key = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
+  const cert = readFileSync(certPath);
 
   it("speaks the same protocol: register, auth and message", async () => {
     const server = await startTestServer({ tlsPort: 0, tlsCert: certPath, tlsKey: key });

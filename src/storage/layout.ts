@@ -32,8 +32,6 @@
 
 import { Level } from "level";
 
-export type Json = Record<string, unknown>;
-
 export interface UserRecord {
   uid: string;
   login: string;

@@ -47,9 +47,9 @@ export class Listener {
       this.tlsServer.on("tlsClientError", (err) => this.log.debug({ err }, "TLS handshake failed"));
       this.tlsServer.on("error", (err) => this.log.error({ err }, "TLS listener error"));
     }
-    // One timer for every connection's idle check, not one per connection.
+    // One timer sweeps every connection (idle limits, aged deliveries), not one each.
     const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth, config.deliveryAge) * 1000) / 4));
-    this.idleSweep = setInterval(() => this.closeIdle(), every);
+    this.idleSweep = setInterval(() => this.sweep(), every);
     this.idleSweep.unref();
   }
 
@@ -118,7 +118,7 @@ export class Listener {
    * The periodic sweep: closes connections silent for longer than their idle limit
    * (any request counts) and confirms deliveries that have aged on quiet ones.
    */
-  private closeIdle(): void {
+  private sweep(): void {
     const now = Date.now();
     for (const [conn, session] of this.connections) {
       conn.confirmAged(now, this.config.deliveryAge * 1000);
