@@ -1,8 +1,8 @@
 // Composition root: opens storage, registers every feature's actions with the
 // dispatcher, and starts the listener. Layers, from the wire inwards:
 //   transport (listener, connection, scanner) → protocol (dispatcher, schemas, codes,
-//   hub) → features (accounts, profiles, contacts, messages, channels) → storage (key layout,
-//   group commit, typed stores, blob store).
+//   codec, events, router) → features (accounts, profiles, contacts, messages, channels)
+//   → storage (key layout, group commit, message log, typed stores, blob store).
 
 import pino, { type Logger } from "pino";
 import type { Config } from "./config.js";
@@ -13,8 +13,10 @@ import { registerMessages } from "./features/messages.js";
 import { registerProfiles } from "./features/profiles.js";
 import { Hooks, type Services } from "./features/services.js";
 import { registerStats } from "./features/stats.js";
+import { NativeCodec } from "./protocol/codec.js";
 import { Dispatcher } from "./protocol/dispatcher.js";
-import { Hub } from "./protocol/session.js";
+import { Router } from "./protocol/router.js";
+import { LocalLock } from "./seams.js";
 import { BlobStore } from "./storage/blobs.js";
 import { ChannelStore } from "./storage/channels.js";
 import { ContactStore } from "./storage/contacts.js";
@@ -42,19 +44,26 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const log = logger ?? pino({ level: config.logLevel });
   const storage = await Storage.open(config.dataDir, log);
   const dispatcher = new Dispatcher(config, log);
+  const messages = new MessageStore(storage, await storage.counter("seq"), log);
+  await messages.init();
+  const channels = new ChannelStore(storage, await storage.counter("chid"));
+  const router = new Router(messages, channels, (err, what) => log.error({ err }, `${what} failed`));
+  dispatcher.route(router);
+  const blobs = new BlobStore(config.dataDir, storage);
   const services: Services = {
     config,
     log,
     dispatcher,
-    hub: new Hub(),
+    router,
+    locks: new LocalLock(),
     hooks: new Hooks(),
     storage,
     users: new UserStore(storage),
     sessions: new SessionStore(storage),
     contacts: new ContactStore(storage),
-    messages: new MessageStore(storage, await storage.counter("seq")),
-    channels: new ChannelStore(storage, await storage.counter("chid")),
-    blobs: new BlobStore(config.dataDir, storage),
+    messages,
+    channels,
+    blobs,
   };
   registerAccounts(services);
   registerProfiles(services);
@@ -62,7 +71,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   registerMessages(services);
   registerChannels(services);
 
-  const listener = new Listener(config, dispatcher, log, () => services.blobs.writer(config.maxAttach));
+  const listener = new Listener(config, dispatcher, router, new NativeCodec(blobs), log, () => blobs.writer(config.maxAttach));
   registerStats(services, () => listener.connections.size);
 
   let address;
@@ -90,6 +99,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     stop() {
       stopping ??= (async () => {
         await listener.close(config.shutdownTimeout * 1000);
+        await messages.flushDerived();
         await storage.close();
         log.info("wirechat stopped");
       })();

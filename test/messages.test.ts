@@ -104,15 +104,17 @@ describe("offline delivery", () => {
     await b.client.closed;
     const mids = [];
     for (let i = 0; i < 30; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `offline ${i}` })).mid);
-    const { client, auth } = await login(shared.port, b.login);
-    expect(auth.status).toBe(0);
+    const client = await Client.connect(shared.port);
+    expect((await client.request("hello", { ack: true })).ack).toBe(true);
+    expect((await client.request("auth", { login: b.login, pass: "secret" })).status).toBe(0);
     const got = [];
     for (let i = 0; i < 30; i++) got.push(await client.event("ev_message"));
     expect(got.map((e) => e.mid)).toEqual(mids);
     expect(got.map((e) => e.body)).toEqual(mids.map((_, i) => `offline ${i}`));
+    expect((await client.request("ack", { mid: mids[29] })).status).toBe(0);
     client.close();
     await client.closed;
-    // once delivered, the queue is empty: the next login gets nothing
+    // once acknowledged, the inbox is delivered: the next login gets nothing
     const again = await login(shared.port, b.login);
     expect(await again.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
     again.client.close();

@@ -25,7 +25,8 @@ class TextUpload {
   }
 }
 
-const LIMITS: ScannerLimits = { maxFrame: 1024 * 1024, maxDepth: 32 };
+// The streamed field path as the message action declares it.
+const LIMITS: ScannerLimits = { maxFrame: 1024 * 1024, maxDepth: 32, streamPath: ["data", "attach", "data"] };
 
 function connection(limits: ScannerLimits = LIMITS) {
   const calls: SinkCall[] = [];
@@ -445,7 +446,7 @@ describe("attachments", () => {
   });
 
   it("does not count the attachment toward the frame limit", () => {
-    const { scanner, calls } = connection({ maxFrame: 200, maxDepth: 32 });
+    const { scanner, calls } = connection({ ...LIMITS, maxFrame: 200 });
     const big = "QUJD".repeat(1000);
     scanner.push(Buffer.from(JSON.stringify({ action: "message", data: { uid: "u", attach: { mime: "m", data: big } } }) + "\n"));
     expect(calls).toEqual([{ frame: expect.any(String), attachment: big, invalid: false }]);

@@ -4,7 +4,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import bcrypt from "bcrypt";
 import { Code, ProtocolError } from "../protocol/codes.js";
-import { frame, nowSeconds } from "../protocol/frames.js";
+import { nowSeconds } from "../protocol/frames.js";
 import { LoginThrottle } from "./login-throttle.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
@@ -60,7 +60,7 @@ class PasswordHasher {
 }
 
 export function registerAccounts(sv: Services): void {
-  const { dispatcher, users, sessions, storage, hub, hooks, config } = sv;
+  const { dispatcher, users, sessions, storage, router, hooks, config } = sv;
   const hasher = new PasswordHasher(config.bcryptCost);
   const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
   const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);
@@ -93,12 +93,11 @@ export function registerAccounts(sv: Services): void {
    * with ev_logout, logged out and (when `close`) disconnected after it.
    */
   function endSessions(uid: string, ends: (other: Session) => boolean, reason: string, close: boolean): void {
-    const ev = frame("ev_logout", { reason });
-    for (const other of [...hub.sessions(uid)]) {
+    for (const other of [...router.sessions(uid)]) {
       if (!ends(other)) continue;
       leave(other);
       other.logout();
-      other.send(ev);
+      router.sendTo(other, { kind: "logout", reason });
       if (close) other.peer.end();
     }
   }
@@ -122,7 +121,7 @@ export function registerAccounts(sv: Services): void {
     }
     if (s.uid !== undefined) leave(s);
     s.login(user.uid, sid, user.nick);
-    if (hub.attach(s)) hooks.presence(user.uid, true, sv.log);
+    if (router.attach(s)) hooks.presence(user.uid, true, sv.log);
     s.log.info("authenticated");
     return { sid, uid: user.uid, cid: user.uid, nick: user.nick };
   }
@@ -167,23 +166,29 @@ export function registerAccounts(sv: Services): void {
       }
       // Seed 004: a successful register is followed by an unsolicited auth frame.
       req.after(() => {
-        s.send(frame("auth", { status: Code.OK, error: "OK", ...auth }));
-        void hooks.loggedIn(s);
+        s.peer.send(s.codec.reply("auth", auth), false);
+        void router.sync(s, undefined);
       });
       return {};
     },
   });
 
-  dispatcher.register<{ login?: string; pass?: string; sid?: string }>({
+  dispatcher.register<{ login?: string; pass?: string; sid?: string; since?: string }>({
     name: "auth",
     public: true,
     schema: {
       type: "object",
-      properties: { login: optionalString(64), pass: optionalString(1024), sid: optionalString(64) },
+      properties: {
+        login: optionalString(64),
+        pass: optionalString(1024),
+        sid: optionalString(64),
+        // The last inbox mid this client has: the sync after auth starts past it.
+        since: { type: "string", pattern: "^[0-9]{1,15}$" },
+      },
     },
     async handle(req) {
       const s = req.session;
-      const { login, pass, sid } = req.data;
+      const { login, pass, sid, since } = req.data;
       let result;
       if (sid && !login) {
         checkThrottle(s, undefined);
@@ -205,7 +210,7 @@ export function registerAccounts(sv: Services): void {
         byLogin.succeed(login.toLowerCase());
         result = await startSession(s, user);
       }
-      req.after(() => void hooks.loggedIn(s));
+      req.after(() => void router.sync(s, since === undefined ? undefined : Number(since)));
       return result;
     },
   });
@@ -272,16 +277,24 @@ export function registerAccounts(sv: Services): void {
     },
   });
 
-  dispatcher.register({
+  dispatcher.register<{ client?: string; version?: string; ack?: boolean }>({
     name: "hello",
     public: true,
-    schema: { type: "object", properties: { client: optionalString(128), version: optionalString(64) } },
-    handle: () => ({
-      server: "wirechat",
-      version: PROTOCOL_VERSION,
-      features: dispatcher.actionNames(),
-      limits: { frame: config.maxFrame, attach: config.maxAttach, picture: config.maxPicture, import: config.maxImport },
-    }),
+    schema: {
+      type: "object",
+      properties: { client: optionalString(128), version: optionalString(64), ack: { type: "boolean" } },
+    },
+    handle(req) {
+      // `ack: true` opts this connection in to acknowledging its inbox events (`ack`).
+      if (req.data.ack === true) req.session.acks = true;
+      return {
+        server: "wirechat",
+        version: PROTOCOL_VERSION,
+        features: dispatcher.actionNames(),
+        limits: { frame: config.maxFrame, attach: config.maxAttach, picture: config.maxPicture, import: config.maxImport },
+        ack: req.session.acks,
+      };
+    },
   });
 
   dispatcher.register({
@@ -301,10 +314,10 @@ export function registerAccounts(sv: Services): void {
     },
   });
 
-  /** Takes the connection out of the hub; the user goes offline with their last one. */
+  /** Takes the connection out of the router; the user goes offline with their last one. */
   function leave(s: Session): void {
     const uid = s.uid as string;
-    if (hub.detach(s)) hooks.presence(uid, false, sv.log);
+    if (router.detach(s)) hooks.presence(uid, false, sv.log);
   }
 
   dispatcher.onClose((s) => {

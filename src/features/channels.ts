@@ -3,7 +3,9 @@
 // disconnects and restarts; messages to a channel are handled by the messages module.
 
 import { Code, ProtocolError } from "../protocol/codes.js";
-import { frame, nowSeconds } from "../protocol/frames.js";
+import { ListReply } from "../protocol/codec.js";
+import type { Event } from "../protocol/events.js";
+import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv } from "../storage/layout.js";
@@ -13,7 +15,16 @@ import type { Services } from "./services.js";
 const ENTER_HISTORY = 20;
 
 export function registerChannels(sv: Services): void {
-  const { dispatcher, channels, users, messages, storage, hub } = sv;
+  /** A channel's last messages for `enter`, read a page at a time as they are written. */
+  async function* lastMessages(conv: string, seqs: readonly number[]): AsyncIterable<Fields> {
+    for (let i = 0; i < seqs.length; i += 10) {
+      for (const m of await sv.messages.records(conv, seqs.slice(i, i + 10))) {
+        yield { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
+      }
+    }
+  }
+
+  const { dispatcher, channels, users, messages, storage, router } = sv;
   /** Lower-case names of channels being created (not yet committed). */
   const creating = new Set<string>();
   /** (channel, user) joins in progress → whether it was a first entry. */
@@ -25,8 +36,8 @@ export function registerChannels(sv: Services): void {
     return c;
   }
 
-  function tell(uids: Iterable<string>, ev: string): void {
-    for (const uid of uids) hub.deliver(uid, ev);
+  function tell(uids: readonly string[], ev: Event): void {
+    router.publish(ev, { users: uids });
   }
 
   dispatcher.register<{ name: string; descr?: string }>({
@@ -48,6 +59,7 @@ export function registerChannels(sv: Services): void {
         if ((await channels.byName(name)) !== undefined) throw taken();
         const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner: me, created: nowSeconds() };
         await storage.commit(channels.createOps(c));
+        channels.joined(c.chid, me);
         return { chid: c.chid };
       } finally {
         creating.delete(key);
@@ -62,7 +74,7 @@ export function registerChannels(sv: Services): void {
       const list = [];
       for (const c of await channels.all()) {
         const members = await channels.members(c.chid);
-        list.push({ chid: c.chid, name: c.name, descr: c.descr, online: members.filter((u) => hub.isOnline(u)).length });
+        list.push({ chid: c.chid, name: c.name, descr: c.descr, online: members.filter((u) => router.isOnline(u)).length });
       }
       return { channels: list };
     },
@@ -85,6 +97,7 @@ export function registerChannels(sv: Services): void {
         join = (async () => {
           if (await channels.isMember(c.chid, me)) return false;
           await storage.commit(channels.joinOps(c.chid, me, nowSeconds()));
+          channels.joined(c.chid, me);
           return true;
         })();
         joins.set(joinKey, join);
@@ -97,21 +110,18 @@ export function registerChannels(sv: Services): void {
         if (first) {
           // Every member hears of a first entry, the one entering included; entering
           // again is a no-op.
-          const ev = frame("ev_enter", { chid: c.chid, uid: me, nick: s.nick });
-          const members = await channels.members(c.chid);
-          req.after(() => tell(members, ev));
+          req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
         }
       }
       const list = [];
       for (const uid of await channels.members(c.chid)) {
         const u = await users.get(uid);
-        if (u) list.push({ uid, nick: u.nick, online: hub.isOnline(uid) });
+        if (u) list.push({ uid, nick: u.nick, online: router.isOnline(uid) });
       }
-      const last = await messages.history(channelConv(c.chid), ENTER_HISTORY);
-      return {
-        users: list,
-        last_msg: last.map((m) => ({ mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time })),
-      };
+      // The last messages can be large: they are read and written one page at a time.
+      const conv = channelConv(c.chid);
+      const seqs = await messages.historySeqs(conv, ENTER_HISTORY);
+      return new ListReply({}, "last_msg", () => lastMessages(conv, seqs), { users: list });
     },
   });
 
@@ -132,13 +142,10 @@ export function registerChannels(sv: Services): void {
         chids = [c.chid];
       }
       await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
-      const notices: [string[], string][] = [];
       for (const chid of chids) {
-        notices.push([await channels.members(chid), frame("ev_leave", { chid, uid: me, nick: s.nick })]);
+        channels.left(chid, me);
+        req.emit({ kind: "leave", chid, uid: me, nick: s.nick as string }, { channel: chid });
       }
-      req.after(() => {
-        for (const [members, ev] of notices) tell(members, ev);
-      });
       return {};
     },
   });
@@ -147,12 +154,21 @@ export function registerChannels(sv: Services): void {
   async function remove(c: ChannelRecord): Promise<string[]> {
     const members = await channels.members(c.chid);
     await storage.commit(channels.removeOps(c, members));
-    return members;
+    channels.removed(c.chid);
+    return [...members];
   }
 
   function afterRemoval(c: ChannelRecord, members: string[]): void {
-    tell(members, frame("ev_channel_deleted", { chid: c.chid }));
-    void messages.purge(channelConv(c.chid), sv.blobs).catch((err) => sv.log.error({ err, chid: c.chid }, "purging a deleted channel's messages failed"));
+    tell(members, { kind: "channelDeleted", chid: c.chid });
+    const purge = messages.purge(channelConv(c.chid), async (page) => {
+      // Blobs no longer used are collected once the page's references are gone.
+      const withBlobs = page.filter((m) => m.attach);
+      setImmediate(() => {
+        for (const m of withBlobs) void sv.blobs.collect(m.attach?.sha as string);
+      });
+      return withBlobs.flatMap((m) => sv.blobs.unrefOps(m.attach?.sha as string, m.mid));
+    });
+    purge.catch((err) => sv.log.error({ err, chid: c.chid }, "purging a deleted channel's messages failed"));
   }
 
   // A deleted account's channels: the ones it owned go (nobody could delete them
@@ -162,7 +178,10 @@ export function registerChannels(sv: Services): void {
       const c = await channels.get(chid);
       if (!c) continue;
       if (c.owner === uid) afterRemoval(c, await remove(c));
-      else tell(await channels.members(chid), frame("ev_leave", { chid, uid, nick }));
+      else {
+        channels.left(chid, uid);
+        tell(await channels.members(chid), { kind: "leave", chid, uid, nick });
+      }
     }
   });
 

@@ -1,7 +1,7 @@
 // Contact lists: contactlist, addcontact, delcontact, and import (address-book match).
 
+import { ListReply } from "../protocol/codec.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
-import { frame } from "../protocol/frames.js";
 import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
@@ -21,13 +21,12 @@ function contactCard(u: UserRecord) {
 const SEARCH_LIMIT = 50;
 
 export function registerContacts(sv: Services): void {
-  const { dispatcher, users, contacts, storage, hub, hooks, config } = sv;
+  const { dispatcher, users, contacts, storage, router, hooks, config } = sv;
 
   // Presence: the users who list someone hear when their first connection opens and
   // when their last one closes.
   hooks.onPresence(async (uid, online) => {
-    const ev = frame("ev_presence", { uid, online });
-    for (const owner of await contacts.listedBy(uid)) hub.deliver(owner, ev);
+    router.publish({ kind: "presence", uid, online }, { users: await contacts.listedBy(uid) });
   });
 
   dispatcher.register<{ q: string }>({
@@ -55,12 +54,14 @@ export function registerContacts(sv: Services): void {
     schema: { type: "object" },
     async handle(req) {
       const uids = await contacts.list(req.session.uid as string);
-      const list = [];
-      for (const uid of uids) {
-        const u = await users.get(uid);
-        if (u) list.push({ ...contactCard(u), picture: u.picture, user_status: u.status, online: hub.isOnline(uid) });
+      // Pictures make this reply large: each card is read and written in turn.
+      async function* cards() {
+        for (const uid of uids) {
+          const u = await users.get(uid);
+          if (u) yield { ...contactCard(u), picture: u.picture, user_status: u.status, online: router.isOnline(uid) };
+        }
       }
-      return { list };
+      return new ListReply({}, "list", cards);
     },
   });
 

@@ -1,22 +1,24 @@
-// Messages: `message` to a uid or a channel, the offline queue sent after each auth,
-// cmid idempotency, history, dialogs, editmessage and delmessage.
+// Messages: `message` to a uid or a channel, cmid idempotency, `ack`, history,
+// dialogs, editmessage and delmessage.
 //
-// Every direct message is written together with a queue entry for its recipient, in
-// one atomic, synced batch, before the sender hears `status: 0`. The entry is removed
-// only once one of the recipient's connections confirms the event (see Peer.send: 16
-// MiB of later traffic, 60 s on a drained live connection, or the client's own clean
-// close); a recipient that is offline,
-// disconnects or is cut off as a slow reader keeps it and receives the message after
-// its next auth. So nothing acknowledged is ever lost (at least once: clients
-// de-duplicate by mid).
-// Channel messages are not queued: members read them with `enter` and `history`.
+// A message is acknowledged (`status: 0`) only once its batch is synced: its record
+// and its log entry are on disk, and with them (derived from the log) its place in
+// the recipient's inbox. The router then hands the event to every live connection of
+// the audience; the recipient's inbox is what the post-auth sync reads, so a direct
+// message reaches the recipient whether it was online, offline, or cut off mid-way.
+// Channel messages are not in anyone's inbox: members read them with `enter` and
+// `history`.
+//
+// The hot path (a direct message to a known user, no cmid, no attachment) runs
+// synchronously up to the commit: recipients come from the user cache, channel
+// membership from the membership cache, and the record is serialised once.
 
+import { AttachmentRef, ListReply } from "../protocol/codec.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
-import { FramedReply, Pending, type Reply } from "../protocol/dispatcher.js";
-import { frame, nowSeconds, replyFrame } from "../protocol/frames.js";
-import type { OutFrame, Session } from "../protocol/session.js";
+import { Deferred, type Request } from "../protocol/dispatcher.js";
+import type { MessageEvent } from "../protocol/events.js";
+import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
-import type { BlobStore } from "../storage/blobs.js";
 import { channelConv, directConv, type MessageRecord } from "../storage/layout.js";
 import type { Services } from "./services.js";
 
@@ -28,65 +30,26 @@ interface MessageData {
   cmid?: string;
 }
 
-/** Seed clients read `attach` unconditionally, so ev_message always carries it. */
-const NO_ATTACH = { mime: "", data: "" };
-/** Queued messages read per range query while draining. */
-const DRAIN_PAGE = 256;
 const HISTORY_DEFAULT = 50;
 const HISTORY_MAX = 500;
+/** History records read from disk at a time while the reply is written. */
+const HISTORY_PAGE = 20;
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
 
-/** Stands in for attachment i's base64 while a frame is serialised (see framed). */
-const blobMark = (i: number) => `\u0000wirechat-blob-${i}\u0000`;
-const BLOB_MARK_JSON = /\\u0000wirechat-blob-(\d+)\\u0000/g;
+type Sent = { mid: string; time: number };
 
-/**
- * A frame whose attachments stream from the blob store: `text` was serialised once
- * with markers where each blob's base64 goes, and is cut there, so the frame goes out
- * byte for byte as JSON.stringify of the whole would have produced it.
- */
-function framed(text: string, shas: readonly string[], blobs: BlobStore): OutFrame {
-  if (shas.length === 0) return text;
-  const parts: OutFrame & object = { parts: [] };
-  let from = 0;
-  for (const m of text.matchAll(BLOB_MARK_JSON)) {
-    parts.parts.push(text.slice(from, m.index));
-    const sha = shas[Number(m[1])];
-    parts.parts.push(() => blobs.readBase64(sha));
-    from = (m.index as number) + m[0].length;
-  }
-  parts.parts.push(text.slice(from));
-  return parts;
-}
-
-/** The attach field of a frame, with a marker for its blob's base64 (recorded in shas). */
-function attachField(m: MessageRecord, shas: string[]) {
-  if (!m.attach) return undefined;
-  shas.push(m.attach.sha);
-  return { mime: m.attach.mime, data: blobMark(shas.length - 1) };
-}
-
-export function evMessage(m: MessageRecord, blobs: BlobStore): OutFrame {
-  const shas: string[] = [];
-  const data = m.chid
-    ? { mid: m.mid, chid: m.chid, from: m.from, nick: m.nick, body: m.body, time: m.time, attach: attachField(m, shas) ?? NO_ATTACH }
-    : { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time, attach: attachField(m, shas) ?? NO_ATTACH, to: m.to };
-  return framed(frame("ev_message", data), shas, blobs);
+/** A message as an item of a history-like list (its attachment streams). */
+export function listItem(m: MessageRecord): Fields {
+  const item: Fields = { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
+  if (m.edited !== undefined) item.edited = m.edited;
+  if (m.attach) item.attach = new AttachmentRef(m.attach.mime, m.attach.sha);
+  return item;
 }
 
 export function registerMessages(sv: Services): void {
-  const { dispatcher, users, messages, channels, storage, hub, hooks, blobs } = sv;
+  const { dispatcher, users, messages, channels, storage, router, blobs, locks } = sv;
   /** (sender, cmid) of messages whose commit is in flight → their eventual reply. */
-  const inflightCmids = new Map<string, Promise<Reply>>();
-  /** Direct conversations known to be recorded for dialogs (saves a write per message). */
-  const knownPeers = new Set<string>();
-
-  /** Everyone a message's events go to: both parties, or the channel's members. */
-  async function audience(m: MessageRecord): Promise<string[]> {
-    if (m.chid !== undefined) return channels.members(m.chid);
-    const to = m.to as string;
-    return to === m.from ? [to] : [to, m.from];
-  }
+  const inflightCmids = new Map<string, Promise<Sent>>();
 
   /** Resolves a `channel` argument to a channel the caller is a member of. */
   async function memberChannel(chid: string, me: string): Promise<string> {
@@ -97,9 +60,80 @@ export function registerMessages(sv: Services): void {
     return chid;
   }
 
+  /** Writes the message into the batch being gathered; settles once it is on disk. */
+  function store(
+    req: Request<MessageData>,
+    to: string | undefined,
+    channel: string | undefined,
+    cmid: string | undefined,
+    onStored?: (err: Error | undefined, sent?: Sent) => void,
+  ): Deferred {
+    const s = req.session;
+    const me = s.uid as string;
+    const { body = "", attach } = req.data;
+    const stored = req.attachment && req.attachment.size > 0 ? req.attachment : undefined;
+    const time = nowSeconds();
+    const m: MessageRecord =
+      channel !== undefined
+        ? { mid: "", chid: channel, from: me, nick: s.nick as string, body, time }
+        : { mid: "", from: me, nick: s.nick as string, body, time, to };
+    if (stored) m.attach = { mime: attach?.mime || "application/octet-stream", sha: stored.sha, size: stored.size };
+    const json = messages.append(m, cmid);
+    // In the same batch as the record: the first message of a pair records it for
+    // dialogs; an attachment's reference keeps its blob.
+    if (to !== undefined) storage.commitLazy(messages.peerOps(me, to));
+    if (stored) storage.commitLazy(blobs.refOps(stored.sha, m.mid));
+    const d = new Deferred();
+    storage.afterCommit((err) => {
+      onStored?.(err, { mid: m.mid, time: m.time });
+      if (err) return d.reject(err);
+      const ev: MessageEvent = { kind: "message", m, json };
+      if (to !== undefined) {
+        messages.peersKnown(me, to);
+        ev.inbox = to;
+        req.emit(ev, { users: to === me ? [to] : [to, me] });
+      } else {
+        req.emit(ev, { channel: channel as string });
+      }
+      d.resolve({ mid: m.mid, time: m.time });
+    });
+    return d;
+  }
+
+  /** A message with a cmid: the same (sender, cmid) is stored once, whoever sends it. */
+  async function storeOnce(req: Request<MessageData>, to: string | undefined, channel: string | undefined, cmid: string): Promise<Deferred> {
+    const key = `${req.session.uid}\u0000${cmid}`;
+    const follow = (p: Promise<Sent>) => {
+      const d = new Deferred();
+      p.then(
+        (sent) => d.resolve(sent),
+        (err) => d.reject(err),
+      );
+      return d;
+    };
+    const inflight = inflightCmids.get(key);
+    if (inflight) return follow(inflight);
+    const earlier = await messages.byCmid(req.session.uid as string, cmid);
+    if (earlier) return follow(Promise.resolve({ mid: earlier[0], time: earlier[1] }));
+    const again = inflightCmids.get(key); // another request got there while we read
+    if (again) return follow(again);
+    let done!: (err: Error | undefined, sent?: Sent) => void;
+    const settled = new Promise<Sent>((resolve, reject) => {
+      done = (err, sent) => {
+        inflightCmids.delete(key);
+        if (err) reject(err);
+        else resolve(sent as Sent);
+      };
+    });
+    settled.catch(() => {});
+    inflightCmids.set(key, settled);
+    return store(req, to, channel, cmid, done);
+  }
+
   dispatcher.register<MessageData>({
     name: "message",
     pipelined: true,
+    streams: [["data", "attach", "data"]],
     schema: {
       type: "object",
       properties: {
@@ -114,7 +148,7 @@ export function registerMessages(sv: Services): void {
         cmid: requiredString(128),
       },
     },
-    async handle(req) {
+    handle(req) {
       const me = req.session.uid as string;
       const { uid: to, channel, body = "", attach, cmid } = req.data;
       if (to === undefined && channel === undefined) throw new ProtocolError(Code.EmptyField, "'uid' or 'channel' is required");
@@ -124,100 +158,32 @@ export function registerMessages(sv: Services): void {
       if (attach && attach.data !== "") {
         throw new ProtocolError(Code.InvalidData, "'attach.data' must be a plain base64 string");
       }
-      const stored = req.attachment && req.attachment.size > 0 ? req.attachment : undefined;
-      if (body === "" && !stored) throw new ProtocolError(Code.EmptyField, "'body' is empty and there is no attachment");
-      if (to !== undefined && !(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
-      if (channel !== undefined) await memberChannel(channel, me);
-
-      const cmidKey = cmid === undefined ? undefined : `${me}\u0000${cmid}`;
-      if (cmidKey !== undefined) {
-        const inflight = inflightCmids.get(cmidKey);
-        if (inflight) return new Pending(inflight);
-        const earlier = await messages.byCmid(me, cmid as string);
-        if (earlier) return { mid: earlier.mid, time: earlier.time };
+      if (body === "" && !(req.attachment && req.attachment.size > 0)) {
+        throw new ProtocolError(Code.EmptyField, "'body' is empty and there is no attachment");
       }
-
-      const m: MessageRecord = {
-        mid: String(messages.nextSeq()),
-        conv: channel !== undefined ? channelConv(channel) : directConv(me, to as string),
-        from: me,
-        nick: req.session.nick as string,
-        body,
-        time: nowSeconds(),
-      };
-      if (channel !== undefined) m.chid = channel;
-      else m.to = to;
-      if (stored) m.attach = { mime: attach?.mime || "application/octet-stream", sha: stored.sha, size: stored.size };
-      if (cmid !== undefined) m.cmid = cmid;
-      // The ops serialise the record now: it must be complete before this line.
-      const ops = messages.appendOps(m);
-      if (to !== undefined) {
-        ops.push(...messages.enqueueOps(to, m));
-        const pairKey = `${me}\u0000${to}`;
-        if (!knownPeers.has(pairKey)) ops.push(...messages.peerOps(me, to));
-      }
-      if (stored) ops.push(...blobs.refOps(stored.sha, m.mid));
-      const members = channel !== undefined ? await channels.members(channel) : undefined;
-
-      const settled = storage.commit(ops).then(() => {
-        if (to !== undefined) knownPeers.add(`${me}\u0000${to}`);
-        req.after(() => deliver(m, members));
-        return { mid: m.mid, time: m.time };
-      });
-      if (cmidKey !== undefined) {
-        inflightCmids.set(cmidKey, settled);
-        void settled.finally(() => inflightCmids.delete(cmidKey)).catch(() => {});
-      }
-      return new Pending(settled);
+      const ready =
+        cmid === undefined &&
+        (to !== undefined ? users.peek(to) !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
+      if (ready) return store(req, to, channel, undefined);
+      return (async () => {
+        if (to !== undefined && !(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
+        if (channel !== undefined) await memberChannel(channel, me);
+        if (cmid === undefined) return store(req, to, channel, undefined);
+        return storeOnce(req, to, channel, cmid);
+      })();
     },
   });
 
-  function deliver(m: MessageRecord, members: string[] | undefined): void {
-    const ev = evMessage(m, blobs);
-    if (members) {
-      for (const uid of members) hub.deliver(uid, ev);
-      return;
-    }
-    const to = m.to as string;
-    const qk = messages.queueKey(to, m.mid);
-    hub.deliver(to, ev, () => storage.commitLazy(messages.dequeueOps(qk)), m.mid);
-    if (to !== m.from) hub.deliver(m.from, ev, undefined, m.mid);
-  }
-
-  /** Sends the user's offline queue, oldest first, pacing itself to the socket. */
-  async function drain(s: Session): Promise<void> {
-    const uid = s.uid as string;
-    const sent = new Set<string>();
-    s.holdEvents();
-    try {
-      let after: string | undefined;
-      for (;;) {
-        const page = await messages.queued(uid, DRAIN_PAGE, after);
-        if (page.length === 0 || s.peer.closed || s.uid !== uid) break;
-        let flushed: Promise<boolean> = Promise.resolve(true);
-        for (const { key, message } of page) {
-          after = key;
-          if (!message) {
-            storage.commitLazy(messages.dequeueOps(key)); // deleted since it was queued
-            continue;
-          }
-          sent.add(message.mid);
-          flushed = new Promise((resolve) =>
-            s.send(evMessage(message, blobs), resolve, (delivered) => {
-              if (delivered) storage.commitLazy(messages.dequeueOps(key));
-            }),
-          );
-          // Never more than the socket can take: wait for it rather than hit the cap.
-          if (s.peer.congested && !(await flushed)) return;
-        }
-        if (!(await flushed)) break;
-      }
-    } finally {
-      s.releaseEvents(sent);
-    }
-  }
-
-  hooks.onLoggedIn(drain);
+  dispatcher.register<{ mid: string }>({
+    name: "ack",
+    schema: { type: "object", required: ["mid"], properties: { mid: MID } },
+    handle(req) {
+      const s = req.session;
+      if (!s.acks) throw new ProtocolError(Code.InvalidData, "this connection did not opt in to acknowledgements (hello {ack: true})");
+      router.ack(s, Number(req.data.mid));
+      return { mid: req.data.mid };
+    },
+  });
 
   dispatcher.register<{ uid?: string; channel?: string; limit?: number; before?: string }>({
     name: "history",
@@ -245,21 +211,20 @@ export function registerMessages(sv: Services): void {
       } else {
         throw new ProtocolError(Code.EmptyField, "'uid' or 'channel' is required");
       }
-      const found = await messages.history(conv, limit, before);
-      if (found.length === 0 && uid !== undefined && channel === undefined && !(await users.get(uid))) {
+      const seqs = await messages.historySeqs(conv, limit, before);
+      if (seqs.length === 0 && channel === undefined && !(await users.get(uid as string))) {
         throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
       }
-      const shas: string[] = [];
-      const list = found.map((m) => {
-        const entry: Record<string, unknown> = { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
-        const attach = attachField(m, shas);
-        if (attach) entry.attach = attach;
-        if (m.edited !== undefined) entry.edited = m.edited;
-        return entry;
-      });
-      return new FramedReply(framed(replyFrame("history", { messages: list }), shas, blobs));
+      return new ListReply({}, "messages", () => historyItems(conv, seqs));
     },
   });
+
+  /** The records at `seqs`, read a page at a time as the reply is written. */
+  async function* historyItems(conv: string, seqs: readonly number[]): AsyncIterable<Fields> {
+    for (let i = 0; i < seqs.length; i += HISTORY_PAGE) {
+      for (const m of await messages.records(conv, seqs.slice(i, i + HISTORY_PAGE))) yield listItem(m);
+    }
+  }
 
   dispatcher.register({
     name: "dialogs",
@@ -285,20 +250,11 @@ export function registerMessages(sv: Services): void {
     },
   });
 
-  /**
-   * Edits and deletes of one message run one at a time, each reading the message
-   * afresh: an edit racing a delete must not write the deleted message back.
-   */
-  const changing = new Map<string, Promise<unknown>>();
-  function oneAtATime<T>(mid: string, fn: () => Promise<T>): Promise<T> {
-    const prev = changing.get(mid) ?? Promise.resolve();
-    const next = prev.then(fn, fn);
-    const tail = next.catch(() => {});
-    changing.set(mid, tail);
-    void tail.then(() => {
-      if (changing.get(mid) === tail) changing.delete(mid);
-    });
-    return next;
+  /** Who hears of a change to `m`: both parties, or the channel's members. */
+  function audienceOf(m: MessageRecord) {
+    if (m.chid !== undefined) return { channel: m.chid };
+    const to = m.to as string;
+    return { users: to === m.from ? [to] : [to, m.from] };
   }
 
   /**
@@ -311,26 +267,25 @@ export function registerMessages(sv: Services): void {
     const notFound = () => new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
     if (!m) throw notFound();
     if (m.from === me) return m;
-    if (!(await audience(m)).includes(me)) throw notFound();
+    const party = m.chid !== undefined ? await channels.isMember(m.chid, me) : m.to === me;
+    if (!party) throw notFound();
     throw new ProtocolError(Code.Forbidden, "only its author can change a message");
   }
 
+  // Edits and deletes of one message run one at a time, each reading the message
+  // afresh: an edit racing a delete must not write the deleted message back.
   dispatcher.register<{ mid: string; body: string }>({
     name: "editmessage",
     schema: { type: "object", required: ["mid", "body"], properties: { mid: MID, body: { type: "string", minLength: 1 } } },
     async handle(req) {
-      const { m, edited } = await oneAtATime(req.data.mid, async () => {
+      const edited = await locks.run(`mid:${req.data.mid}`, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
-        const edited: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
-        await storage.commit(messages.updateOps(edited));
-        return { m, edited };
+        const next: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
+        await storage.commit(messages.updateOps(next));
+        return next;
       });
-      const ev = frame("ev_edit", { mid: m.mid, body: edited.body, edited: edited.edited });
-      const to = await audience(m);
-      req.after(() => {
-        for (const uid of to) hub.deliver(uid, ev);
-      });
-      return { mid: m.mid, edited: edited.edited };
+      req.emit({ kind: "edit", mid: edited.mid, body: edited.body, edited: edited.edited as number }, audienceOf(edited));
+      return { mid: edited.mid, edited: edited.edited };
     },
   });
 
@@ -338,19 +293,15 @@ export function registerMessages(sv: Services): void {
     name: "delmessage",
     schema: { type: "object", required: ["mid"], properties: { mid: MID } },
     async handle(req) {
-      const m = await oneAtATime(req.data.mid, async () => {
+      const m = await locks.run(`mid:${req.data.mid}`, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
-        const ops = messages.removeOps(m);
+        const ops = await messages.removeOps(m);
         if (m.attach) ops.push(...blobs.unrefOps(m.attach.sha, m.mid));
         await storage.commit(ops);
         return m;
       });
       if (m.attach) void blobs.collect(m.attach.sha);
-      const ev = frame("ev_delmessage", { mid: m.mid });
-      const to = await audience(m);
-      req.after(() => {
-        for (const uid of to) hub.deliver(uid, ev);
-      });
+      req.emit({ kind: "delete", mid: m.mid }, audienceOf(m));
       return { mid: m.mid };
     },
   });

@@ -1,11 +1,12 @@
-// What the composition root hands every feature module: the stores, the hub of live
-// connections, configuration, and hooks through which features react to each other's
-// events without importing each other.
+// What the composition root hands every feature module: the stores, the router of
+// live connections, configuration, and hooks through which features react to each
+// other's events without importing each other.
 
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
-import type { Hub, Session } from "../protocol/session.js";
+import type { Router } from "../protocol/router.js";
+import type { KeyedLock } from "../seams.js";
 import type { BlobStore } from "../storage/blobs.js";
 import type { Storage } from "../storage/db.js";
 import type { ChannelStore } from "../storage/channels.js";
@@ -14,11 +15,9 @@ import type { MessageStore } from "../storage/messages.js";
 import type { SessionStore } from "../storage/sessions.js";
 import type { UserStore } from "../storage/users.js";
 
-type Hook = (s: Session) => void | Promise<void>;
 type PresenceHook = (uid: string, online: boolean) => void | Promise<void>;
 
 export class Hooks {
-  private readonly loggedInFns: Hook[] = [];
   private readonly presenceFns: PresenceHook[] = [];
 
   private readonly deletedFns: ((uid: string, nick: string, chids: string[]) => Promise<void>)[] = [];
@@ -46,28 +45,15 @@ export class Hooks {
         .catch((err) => log.error({ err, uid }, "presence hook failed"));
     }
   }
-
-  /** After a connection authenticates and its auth reply is sent. */
-  onLoggedIn(fn: Hook): void {
-    this.loggedInFns.push(fn);
-  }
-
-  async loggedIn(s: Session): Promise<void> {
-    for (const fn of this.loggedInFns) {
-      try {
-        await fn(s);
-      } catch (err) {
-        s.log.error({ err }, "login hook failed");
-      }
-    }
-  }
 }
 
 export interface Services {
   config: Config;
   log: Logger;
   dispatcher: Dispatcher;
-  hub: Hub;
+  router: Router;
+  /** Per-key serialisation (seams.ts). */
+  locks: KeyedLock;
   hooks: Hooks;
   storage: Storage;
   users: UserStore;

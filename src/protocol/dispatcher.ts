@@ -1,35 +1,60 @@
 // The dispatcher: features register their actions here (name, schema, handler); each
-// connection's frames are decoded, checked and handed to handlers strictly in arrival
-// order, and replies leave in the same order.
+// connection's requests are checked and handed to handlers strictly in arrival order,
+// and replies leave in the same order.
+//
+// Two entry points: frame() decodes a native NDJSON frame; dispatch() takes an action
+// and its decoded data, so a front-end that decodes differently reuses everything
+// behind it.
 //
 // Ordering with overlap: a handler normally runs only after the previous request of
-// the connection has fully finished. An action marked `pipelined` (message) may instead
-// return a Pending once its writes are queued: the next request starts at once, and its
+// the connection has fully finished. An action marked `pipelined` (message) may return
+// a Deferred once its writes are queued: the next request starts at once, and its
 // reply waits in line until the commit lands. A non-pipelined request waits for every
-// pending one first, so it sees their writes. That lets one connection keep many
-// messages in one group commit without ever reordering replies or state changes.
+// deferred one first, so it sees their writes.
+//
+// Replies are pulled, not pushed: the next request runs only once the connection is no
+// longer congested, so a client that asks for large replies without reading them
+// stalls its own requests instead of growing the server.
+//
+// Containment: any exception from a validator, a handler or a codec ends that request
+// with status 16 and one log line; it never reaches the process.
 
 import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
+import type { ReplyBody } from "./codec.js";
 import { Code, ProtocolError } from "./codes.js";
-import { errorFrame, peekAction, replyFrame, type Fields } from "./frames.js";
-import { Session, type OutFrame, type Peer, type StoredAttachment, type Upload } from "./session.js";
-import { compileSchema, type Validator } from "./validation.js";
+import type { Audience, Event } from "./events.js";
+import { peekAction, type OutFrame } from "./frames.js";
+import type { Delivery } from "./router.js";
+import { Session, type Peer, type StoredAttachment, type Upload } from "./session.js";
+import type { Codec } from "./codec.js";
+import { compileSchema, ENVELOPE, type Validator } from "./validation.js";
 
-export type Reply = Fields;
+/** The reply of a pipelined handler, settled once its commit lands. */
+export class Deferred {
+  /** Set by the dispatcher. */
+  settle: ((reply: ReplyBody | undefined, err: unknown) => void) | undefined;
+  private result: [ReplyBody | undefined, unknown] | undefined;
 
-/**
- * A reply the handler serialised itself, because it streams (a history page with
- * attachments): sent as is, in order like any other.
- */
-export class FramedReply {
-  constructor(readonly frame: OutFrame) {}
-}
+  resolve(reply: ReplyBody): void {
+    this.done(reply, undefined);
+  }
 
-/** The reply of a pipelined handler, available once `settled` resolves. */
-export class Pending {
-  constructor(readonly settled: Promise<Reply>) {}
+  reject(err: unknown): void {
+    this.done(undefined, err);
+  }
+
+  private done(reply: ReplyBody | undefined, err: unknown): void {
+    if (this.result) return;
+    this.result = [reply, err];
+    this.settle?.(reply, err);
+  }
+
+  /** For a Deferred settled before the dispatcher attached (a cmid resend). */
+  take(): [ReplyBody | undefined, unknown] | undefined {
+    return this.result;
+  }
 }
 
 export interface Request<D> {
@@ -38,19 +63,28 @@ export interface Request<D> {
   readonly session: Session;
   /** The attachment streamed in with this frame (stored and pinned until the reply). */
   readonly attachment: StoredAttachment | undefined;
-  /** Runs right after this request's reply is sent (follow-up frames, deliveries). */
+  /** An event to route right after this request's reply is sent. */
+  emit(ev: Event, audience: Audience): void;
+  /** Runs right after this request's reply is sent (and its events routed). */
   after(fn: () => void): void;
 }
 
+type Result = ReplyBody | Deferred;
+
 export interface ActionSpec<D = never> {
   name: string;
-  /** JSON Schema of the request's `data`. */
+  /** JSON Schema of the request's `data` (cid and sid are added: see ENVELOPE). */
   schema: object;
   /** Allowed before authentication. */
   public?: boolean;
   /** May overlap the requests after it (see the top of this file). */
   pipelined?: boolean;
-  handle(req: Request<D>): Promise<Reply | Pending | FramedReply> | Reply | Pending | FramedReply;
+  /**
+   * Paths of string fields whose text streams to an upload while the frame is read
+   * (["data", "attach", "data"]): the scanner is configured from these.
+   */
+  streams?: readonly (readonly string[])[];
+  handle(req: Request<D>): Promise<Result> | Result;
 }
 
 interface Action {
@@ -62,15 +96,17 @@ type Item =
   | { kind: "request"; action: string; data: Record<string, unknown>; upload: Upload | undefined }
   | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
-interface Slot {
-  frame: OutFrame | undefined;
-  after: (() => void)[] | undefined;
+class Slot {
+  frame: OutFrame | undefined = undefined;
+  req: RequestImpl<unknown> | undefined = undefined;
+  last = false;
 }
 
 /** Requests read ahead of the one running before the connection stops being read. */
 const INBOX_LIMIT = 256;
 
 class RequestImpl<D> implements Request<D> {
+  events: [Event, Audience][] | undefined;
   afterFns: (() => void)[] | undefined;
   constructor(
     readonly action: string,
@@ -78,6 +114,9 @@ class RequestImpl<D> implements Request<D> {
     readonly session: Session,
     readonly attachment: StoredAttachment | undefined,
   ) {}
+  emit(ev: Event, audience: Audience): void {
+    (this.events ??= []).push([ev, audience]);
+  }
   after(fn: () => void): void {
     (this.afterFns ??= []).push(fn);
   }
@@ -87,10 +126,13 @@ class RequestImpl<D> implements Request<D> {
 class Line {
   inbox: Item[] = [];
   head = 0;
-  running = false;
+  /** A handler (or an upload, or a wait) is in progress: the loop is parked. */
+  busy = false;
   slots: Slot[] = [];
-  /** Replies of pipelined requests still waiting for their commit (made when needed). */
-  pending: Set<Promise<unknown>> | undefined;
+  /** Deferred replies not yet settled. */
+  deferred = 0;
+  /** Waiting for `deferred` to reach 0 before the next request. */
+  awaitingDeferred = false;
   badFrames = 0;
   badSince = 0;
   /** Set once the connection is to be closed: nothing more is read or queued. */
@@ -110,17 +152,32 @@ class Line {
 export class Dispatcher {
   private readonly actions = new Map<string, Action>();
   private readonly lines = new WeakMap<Session, Line>();
-  /** Called when a connection closes (features clean up presence, hub membership). */
+  /** Called when a connection closes (features clean up presence, router membership). */
   private readonly closeHooks: ((s: Session) => void)[] = [];
+  private delivery: Delivery | undefined;
 
   constructor(
     private readonly config: Config,
     private readonly log: Logger,
   ) {}
 
+  /** Where events emitted by handlers go (the router). */
+  route(delivery: Delivery): void {
+    this.delivery = delivery;
+  }
+
   register<D>(spec: ActionSpec<D>): void {
     if (this.actions.has(spec.name)) throw new Error(`action ${spec.name} registered twice`);
-    this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(spec.schema) });
+    const schema = spec.schema as { properties?: Record<string, unknown> };
+    const withEnvelope = { ...schema, properties: { ...ENVELOPE, ...schema.properties } };
+    this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(withEnvelope) });
+  }
+
+  /** Every declared streamed field path (the scanner's configuration). */
+  streamedPaths(): (readonly string[])[] {
+    const paths: (readonly string[])[] = [];
+    for (const { spec } of this.actions.values()) for (const p of spec.streams ?? []) paths.push(p);
+    return paths;
   }
 
   onClose(fn: (s: Session) => void): void {
@@ -131,8 +188,8 @@ export class Dispatcher {
     return [...this.actions.keys()];
   }
 
-  open(peer: Peer): Session {
-    const s = new Session(peer, this.log);
+  open(peer: Peer, codec: Codec): Session {
+    const s = new Session(peer, codec, this.log);
     this.lines.set(s, new Line(this.config.burst));
     return s;
   }
@@ -153,7 +210,7 @@ export class Dispatcher {
     const busy = () => {
       for (const s of sessions) {
         const line = this.lines.get(s);
-        if (line && (line.running || line.slots.length > 0 || (line.pending?.size ?? 0) > 0)) return true;
+        if (line && (line.busy || line.slots.length > 0 || line.deferred > 0)) return true;
       }
       return false;
     };
@@ -173,30 +230,36 @@ export class Dispatcher {
   }
 
   private endIfDone(s: Session, line: Line): void {
-    if (line.inputEnded && !line.running && line.slots.length === 0) s.peer.end();
+    if (line.inputEnded && !line.busy && line.slots.length === 0 && line.head >= line.inbox.length) s.peer.end();
   }
 
   /**
-   * A complete frame from the scanner: decode it and queue it in arrival order. An
-   * attachment that streamed in with it comes as `upload`.
+   * A complete native frame from the scanner: decode it and queue it in arrival
+   * order. An attachment that streamed in with it comes as `upload`.
    */
   frame(s: Session, bytes: Buffer, upload?: Upload): void {
-    const refuse = (reason: string, action: string | undefined) => {
-      upload?.release();
-      this.reject(s, Code.InvalidData, reason, action);
-    };
-    if (!isUtf8(bytes)) return refuse("frame is not valid UTF-8", peekAction(bytes));
+    if (!isUtf8(bytes)) return this.refuseFrame(s, upload, "frame is not valid UTF-8", peekAction(bytes));
     let msg: unknown;
     try {
       msg = JSON.parse(bytes.toString("utf8"));
     } catch {
-      return refuse("frame is not valid JSON", peekAction(bytes));
+      return this.refuseFrame(s, upload, "frame is not valid JSON", peekAction(bytes));
     }
     if (typeof msg !== "object" || msg === null || Array.isArray(msg)) {
-      return refuse("frame must be a JSON object", undefined);
+      return this.refuseFrame(s, upload, "frame must be a JSON object", undefined);
     }
     const { action, data } = msg as { action?: unknown; data?: unknown };
-    if (typeof action !== "string" || action === "") return refuse("frame has no 'action' string", undefined);
+    if (typeof action !== "string" || action === "") return this.refuseFrame(s, upload, "frame has no 'action' string", undefined);
+    this.dispatch(s, action, data, upload);
+  }
+
+  private refuseFrame(s: Session, upload: Upload | undefined, reason: string, action: string | undefined): void {
+    upload?.release();
+    this.reject(s, Code.InvalidData, reason, action);
+  }
+
+  /** A decoded request: `data` is anything the client sent (checked here). */
+  dispatch(s: Session, action: string, data: unknown, upload?: Upload): void {
     if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
       upload?.release();
       this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
@@ -260,94 +323,167 @@ export class Dispatcher {
 
   private enqueue(s: Session, item: Item): void {
     const line = this.lines.get(s);
-    if (!line || line.closing || s.peer.closed) {
+    if (!line || (line.closing && !(item.kind === "reject" && item.last)) || s.peer.closed) {
       if (item.kind === "request") item.upload?.release();
       return;
     }
     line.inbox.push(item);
     if (line.inbox.length - line.head > INBOX_LIMIT) s.peer.pause("inbox");
-    if (!line.running) void this.run(s, line);
+    if (!line.busy && !line.awaitingDeferred) this.run(s, line);
   }
 
-  private async run(s: Session, line: Line): Promise<void> {
-    line.running = true;
-    try {
-      while (line.head < line.inbox.length) {
-        const item = line.inbox[line.head++];
-        if (line.head === line.inbox.length) {
-          line.inbox = [];
-          line.head = 0;
-        }
-        const slot: Slot = { frame: undefined, after: undefined };
-        line.slots.push(slot);
-        await this.execute(s, line, item, slot);
-        if (line.inbox.length - line.head <= INBOX_LIMIT / 2) s.peer.resume("inbox");
+  /** Runs queued requests until one has to wait (a promise, a commit, a full socket). */
+  private run(s: Session, line: Line): void {
+    while (line.head < line.inbox.length && !line.busy && !line.awaitingDeferred) {
+      if (s.peer.congested && !s.peer.closed) {
+        line.busy = true;
+        void s.peer.drained().then(() => {
+          line.busy = false;
+          this.run(s, line);
+        });
+        return;
       }
-    } finally {
-      line.running = false;
-      this.endIfDone(s, line);
+      const item = line.inbox[line.head];
+      if (item.kind === "request" && line.deferred > 0 && !this.actions.get(item.action)?.spec.pipelined) {
+        line.awaitingDeferred = true;
+        return;
+      }
+      line.head++;
+      if (line.head === line.inbox.length) {
+        line.inbox = [];
+        line.head = 0;
+      }
+      if (line.inbox.length - line.head <= INBOX_LIMIT / 2) s.peer.resume("inbox");
+      const slot = new Slot();
+      line.slots.push(slot);
+      this.execute(s, line, item, slot);
     }
+    this.endIfDone(s, line);
   }
 
-  private async execute(s: Session, line: Line, item: Item, slot: Slot): Promise<void> {
+  private execute(s: Session, line: Line, item: Item, slot: Slot): void {
     if (item.kind === "reject") {
-      const after = item.last ? [() => s.peer.end()] : undefined;
-      return this.fill(s, line, slot, errorFrame(item.action, item.code, item.reason), after);
+      slot.last = item.last === true;
+      this.fill(s, line, slot, s.codec.error(item.action, item.code, item.reason));
+      return;
     }
     const { action, data, upload } = item;
-    // Whatever happens below, the upload is released once the request is answered: a
-    // message that stored a reference to the blob keeps it, anything else deletes it.
-    let released = false;
-    const release = () => {
-      if (!released) {
-        released = true;
-        upload?.release();
-      }
-    };
-    const refuse = (code: Code, message: string) => {
-      release();
-      this.fill(s, line, slot, errorFrame(action, code, message));
-    };
     const entry = this.actions.get(action);
-    if (!entry) return refuse(Code.UnknownAction, `unknown action '${action}'`);
-    const refusal = this.gate(s, entry.spec, data) ?? entry.validate(data);
-    if (refusal) return refuse(refusal.code, refusal.message);
-    let attachment: StoredAttachment | undefined;
-    if (upload) {
-      try {
-        attachment = await upload.finish();
-      } catch (err) {
-        const fault = (err as { fault?: string }).fault;
-        const code = fault === "invalid" ? Code.InvalidData : fault === "too-large" ? Code.TooLarge : Code.Unavailable;
-        return refuse(code, (err as Error).message);
-      }
-    }
-    if (!entry.spec.pipelined && line.pending && line.pending.size > 0) await Promise.all(line.pending);
-    const req = new RequestImpl(action, data as never, s, attachment);
+    let refusal: ProtocolError | undefined;
     try {
-      const result = await entry.spec.handle(req);
-      if (result instanceof Pending) {
-        const p = result.settled.then(
-          (reply) => this.fill(s, line, slot, replyFrame(action, reply), req.afterFns),
-          (err) => this.fill(s, line, slot, this.failure(s, action, err)),
-        );
-        (line.pending ??= new Set()).add(p);
-        void p.finally(() => {
-          line.pending?.delete(p);
-          release();
-        });
-      } else {
-        release();
-        const out = result instanceof FramedReply ? result.frame : replyFrame(action, result);
-        this.fill(s, line, slot, out, req.afterFns);
-      }
+      refusal = !entry
+        ? new ProtocolError(Code.UnknownAction, `unknown action '${action}'`)
+        : (this.gate(s, entry.spec, data) ?? entry.validate(data));
     } catch (err) {
-      release();
+      upload?.release();
       this.fill(s, line, slot, this.failure(s, action, err));
+      return;
+    }
+    if (refusal || !entry) {
+      upload?.release();
+      this.fill(s, line, slot, s.codec.error(action, (refusal as ProtocolError).code, (refusal as ProtocolError).message));
+      return;
+    }
+    if (upload) {
+      line.busy = true;
+      upload.finish().then(
+        (attachment) => {
+          line.busy = false;
+          this.handle(s, line, entry, item, slot, attachment);
+          this.run(s, line);
+        },
+        (err) => {
+          line.busy = false;
+          upload.release();
+          const fault = (err as { fault?: string }).fault;
+          const code = fault === "invalid" ? Code.InvalidData : fault === "too-large" ? Code.TooLarge : Code.Unavailable;
+          this.fill(s, line, slot, s.codec.error(action, code, (err as Error).message));
+          this.run(s, line);
+        },
+      );
+      return;
+    }
+    this.handle(s, line, entry, item, slot, undefined);
+  }
+
+  private handle(
+    s: Session,
+    line: Line,
+    entry: Action,
+    item: Item & { kind: "request" },
+    slot: Slot,
+    attachment: StoredAttachment | undefined,
+  ): void {
+    const { action, upload } = item;
+    const req = new RequestImpl(action, item.data as never, s, attachment);
+    slot.req = req as RequestImpl<unknown>;
+    let result: Promise<Result> | Result;
+    try {
+      result = entry.spec.handle(req);
+    } catch (err) {
+      upload?.release();
+      this.fail(s, line, slot, action, err);
+      return;
+    }
+    if (result instanceof Deferred) {
+      this.deferredReply(s, line, slot, action, result, upload);
+    } else if (result instanceof Promise) {
+      line.busy = true;
+      result.then(
+        (r) => {
+          line.busy = false;
+          if (r instanceof Deferred) this.deferredReply(s, line, slot, action, r, upload);
+          else {
+            upload?.release();
+            this.fill(s, line, slot, this.encode(s, action, r));
+          }
+          this.run(s, line);
+        },
+        (err) => {
+          line.busy = false;
+          upload?.release();
+          this.fail(s, line, slot, action, err);
+          this.run(s, line);
+        },
+      );
+    } else {
+      upload?.release();
+      this.fill(s, line, slot, this.encode(s, action, result));
     }
   }
 
-  /** Auth and cid/sid checks that precede validation. */
+  private deferredReply(s: Session, line: Line, slot: Slot, action: string, d: Deferred, upload: Upload | undefined): void {
+    line.deferred++;
+    const settle = (reply: ReplyBody | undefined, err: unknown) => {
+      line.deferred--;
+      upload?.release();
+      if (err === undefined) this.fill(s, line, slot, this.encode(s, action, reply as ReplyBody));
+      else this.fail(s, line, slot, action, err);
+      if (line.deferred === 0 && line.awaitingDeferred) {
+        line.awaitingDeferred = false;
+        this.run(s, line);
+      }
+    };
+    const early = d.take();
+    if (early) settle(early[0], early[1]);
+    else d.settle = settle;
+  }
+
+  /** A failed request: its reply is the error, and its events and follow-ups are dropped. */
+  private fail(s: Session, line: Line, slot: Slot, action: string, err: unknown): void {
+    slot.req = undefined;
+    this.fill(s, line, slot, this.failure(s, action, err));
+  }
+
+  private encode(s: Session, action: string, body: ReplyBody): OutFrame {
+    try {
+      return s.codec.reply(action, body);
+    } catch (err) {
+      return this.failure(s, action, err);
+    }
+  }
+
+  /** Auth and cid/sid checks that precede validation (cid/sid types: ENVELOPE). */
   private gate(s: Session, spec: ActionSpec<unknown>, data: Record<string, unknown>): ProtocolError | undefined {
     if (!spec.public && s.uid === undefined) {
       return new ProtocolError(Code.NeedAuth, `'${spec.name}' needs an authenticated session`);
@@ -357,42 +493,50 @@ export class Dispatcher {
     // to compare them with, so those are exempt.
     if (spec.name === "auth" || (spec.public && s.uid === undefined)) return undefined;
     const { cid, sid } = data;
-    if (cid !== undefined && cid !== null && String(cid) !== s.uid) {
+    if (cid !== undefined && cid !== null && (typeof cid === "string" || typeof cid === "number") && String(cid) !== s.uid) {
       return new ProtocolError(Code.NeedAuth, "'cid' is not this connection's user");
     }
-    if (sid !== undefined && sid !== null && sid !== s.sid) {
+    if (sid !== undefined && sid !== null && typeof sid === "string" && sid !== s.sid) {
       return new ProtocolError(Code.NeedAuth, "'sid' is not this connection's session");
     }
     return undefined;
   }
 
-  private failure(s: Session, action: string, err: unknown): string {
-    if (err instanceof ProtocolError) return errorFrame(action, err.code, err.message);
+  private failure(s: Session, action: string, err: unknown): OutFrame {
+    if (err instanceof ProtocolError) return s.codec.error(action, err.code, err.message);
     s.log.error({ err, action }, "request failed");
-    return errorFrame(action, Code.Unavailable, "the server could not complete the request; nothing was changed");
+    return s.codec.error(action, Code.Unavailable, "the server could not complete the request; nothing was changed");
   }
 
-  private fill(s: Session, line: Line, slot: Slot, out: OutFrame, after?: (() => void)[]): void {
+  private fill(s: Session, line: Line, slot: Slot, out: OutFrame): void {
     slot.frame = out;
-    slot.after = after;
-    this.sendReady(s, line);
-    this.endIfDone(s, line);
-  }
-
-  private sendReady(s: Session, line: Line): void {
-    while (line.slots.length > 0 && line.slots[0].frame !== undefined) {
-      const done = line.slots.shift() as Slot;
-      s.send(done.frame as OutFrame);
-      if (done.after) {
-        for (const fn of done.after) {
-          try {
-            fn();
-          } catch (err) {
-            s.log.error({ err }, "after-reply step failed");
+    const slots = line.slots;
+    while (slots.length > 0 && slots[0].frame !== undefined) {
+      const done = slots.shift() as Slot;
+      s.peer.send(done.frame as OutFrame, false);
+      const req = done.req;
+      if (req) {
+        if (req.events && this.delivery) {
+          for (const [ev, audience] of req.events) {
+            try {
+              this.delivery.publish(ev, audience);
+            } catch (err) {
+              s.log.error({ err }, "routing an event failed");
+            }
+          }
+        }
+        if (req.afterFns) {
+          for (const fn of req.afterFns) {
+            try {
+              fn();
+            } catch (err) {
+              s.log.error({ err }, "after-reply step failed");
+            }
           }
         }
       }
+      if (done.last) s.peer.end();
     }
+    this.endIfDone(s, line);
   }
-
 }

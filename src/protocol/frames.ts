@@ -1,21 +1,17 @@
-// Outbound frames: one compact JSON object and a single '\n'. JSON.stringify escapes
-// every control character, so no raw newline can appear inside a frame.
-
-import { Code, codeText } from "./codes.js";
+// What an outbound frame is, for every codec and the transport: text, or text in
+// parts some of which are produced while it is written (an attachment's base64 read
+// from disk, a long list read page by page), so that it never sits whole in memory.
 
 export type Fields = Record<string, unknown>;
 
-export function frame(action: string, data: Fields): string {
-  return JSON.stringify({ action, data }) + "\n";
+/** A part produced while the frame is written; each piece is written in order. */
+export type Producer = () => AsyncIterable<string>;
+
+export interface StreamedFrame {
+  parts: (string | Producer)[];
 }
 
-export function replyFrame(action: string, fields: Fields): string {
-  return frame(action, { status: Code.OK, error: codeText(Code.OK), ...fields });
-}
-
-export function errorFrame(action: string, code: Code, error: string = codeText(code)): string {
-  return frame(action, { status: code, error });
-}
+export type OutFrame = string | StreamedFrame;
 
 export function nowSeconds(): number {
   return Math.floor(Date.now() / 1000);
@@ -30,11 +26,4 @@ export function peekAction(bytes: Buffer | undefined): string | undefined {
   if (!bytes) return undefined;
   const m = ACTION_RE.exec(bytes.toString("latin1", 0, Math.min(bytes.length, ACTION_PEEK_BYTES)));
   return m ? m[1] : undefined;
-}
-
-export const WELCOME_TEXT = "Welcome to wirechat. Send one JSON object per line; try {\"action\":\"hello\"}";
-
-/** The first frame on every connection. Seed 004 puts its fields at the top level. */
-export function welcomeFrame(): string {
-  return JSON.stringify({ action: "welcome", message: WELCOME_TEXT, time: nowSeconds() }) + "\n";
 }

@@ -1,7 +1,10 @@
-// Per-connection protocol state (who is logged in on it) and the hub that finds every
-// live connection of a user. Transport provides the Peer; features see Sessions.
+// Per-connection protocol state: who is logged in on it, the codec it speaks, and the
+// delivery state the router keeps for it. Transport provides the Peer; features see
+// Sessions.
 
 import type { Logger } from "pino";
+import type { Codec } from "./codec.js";
+import type { OutFrame } from "./frames.js";
 
 /** An attachment stored in the blob store, as handed to a handler. */
 export interface StoredAttachment {
@@ -27,16 +30,6 @@ export interface Upload extends UploadSink {
   release(): void;
 }
 
-/**
- * A frame sent in parts, some of them produced while it is written (the base64 of an
- * attachment read from disk), so that it never sits whole in memory.
- */
-export interface StreamedFrame {
-  parts: (string | (() => AsyncIterable<string>))[];
-}
-
-export type OutFrame = string | StreamedFrame;
-
 /** What the protocol layer may do with a connection. Implemented by the transport. */
 export interface Peer {
   readonly id: number;
@@ -45,18 +38,18 @@ export interface Peer {
   /** The client's IP address alone. */
   readonly address: string;
   /**
-   * Queues a frame. `onFlushed(true)` once it is handed to the OS (for pacing), false
-   * if it never is. `onConfirmed(true)` once it is safe to call it delivered: enough
-   * later traffic has gone out that the client must have read past it, it has aged
-   * on a live connection with nothing left to write, or the client closed cleanly;
-   * false if the connection died (or was closed by the server) before that.
+   * Queues a frame. An event (`event` true) counts against the outbound cap and
+   * closes a connection that is over it (a slow reader); a reply never does: the
+   * dispatcher produces replies only while the connection is not congested. A
+   * non-zero `confirm` (an inbox seq) is reported back through `onConfirmed` once so
+   * much has been handed to the OS after the frame that the client must have read it.
    */
-  send(frame: OutFrame, onFlushed?: (ok: boolean) => void, onConfirmed?: (ok: boolean) => void): void;
-  /**
-   * More is waiting to go out than a producer should add to (a quarter of the
-   * outbound cap): producers that can wait (the offline queue) pause until it flushes.
-   */
+  send(frame: OutFrame, event: boolean, confirm?: number): void;
+  onConfirmed: ((seq: number) => void) | undefined;
+  /** More is waiting to go out than a producer should add to. */
   readonly congested: boolean;
+  /** Resolves when the connection is no longer congested: true, or false if it closed. */
+  drained(): Promise<boolean>;
   /** Flushes what is queued, then closes. */
   end(): void;
   /** Stops or resumes reading requests (`why` names the reason; all must clear). */
@@ -65,17 +58,24 @@ export interface Peer {
   readonly closed: boolean;
 }
 
-type Held = [frame: OutFrame, onFlushed: ((ok: boolean) => void) | undefined, tag: string | undefined];
-
 export class Session {
   uid: string | undefined;
   sid: string | undefined;
   nick: string | undefined;
-  /** While the offline queue is being sent, live events wait here to keep order. */
-  private held: Held[] | null = null;
+  /** The client acknowledges inbox events (hello {ack: true}). */
+  acks = false;
+
+  // Delivery state, owned by the router (protocol/router.ts).
+  /** The post-auth sync is sending the inbox: live inbox events wait for it. */
+  syncing = false;
+  /** A live inbox event arrived during the sync: read again before going live. */
+  syncDirty = false;
+  /** Highest inbox seq sent on this connection (in order, without gaps). */
+  lastInbox = 0;
 
   constructor(
     readonly peer: Peer,
+    readonly codec: Codec,
     private readonly rootLog: Logger,
   ) {}
 
@@ -91,91 +91,13 @@ export class Session {
     this.uid = uid;
     this.sid = sid;
     this.nick = nick;
+    this.syncing = false;
+    this.syncDirty = false;
+    this.lastInbox = 0;
   }
 
   logout(): void {
     this.uid = this.sid = this.nick = undefined;
-  }
-
-  send(frame: OutFrame, onFlushed?: (ok: boolean) => void, onConfirmed?: (ok: boolean) => void): void {
-    this.peer.send(frame, onFlushed, onConfirmed);
-  }
-
-  /**
-   * An event for this connection; held back while the offline queue drains. `tag`
-   * names what it carries (a message id) so the drain can drop what it already sent.
-   */
-  deliver(frame: OutFrame, onConfirmed?: (ok: boolean) => void, tag?: string): void {
-    if (this.held) this.held.push([frame, onConfirmed, tag]);
-    else this.peer.send(frame, undefined, onConfirmed);
-  }
-
-  holdEvents(): void {
-    this.held ??= [];
-  }
-
-  /** Sends the held events, skipping those whose tag is in `sent`. */
-  releaseEvents(sent: ReadonlySet<string>): void {
-    const held = this.held;
-    this.held = null;
-    if (!held) return;
-    for (const [f, cb, tag] of held) {
-      // Already sent by the drain, which confirms its own copy.
-      if (tag === undefined || !sent.has(tag)) this.peer.send(f, undefined, cb);
-    }
+    this.syncing = false;
   }
 }
-
-export class Hub {
-  private readonly users = new Map<string, Set<Session>>();
-
-  /** Returns true when this is the user's first live connection. */
-  attach(s: Session): boolean {
-    const uid = s.uid as string;
-    let set = this.users.get(uid);
-    const first = !set;
-    if (!set) this.users.set(uid, (set = new Set()));
-    set.add(s);
-    return first;
-  }
-
-  /** Returns true when that was the user's last live connection. */
-  detach(s: Session, uid: string | undefined = s.uid): boolean {
-    if (uid === undefined) return false;
-    const set = this.users.get(uid);
-    if (!set || !set.delete(s)) return false;
-    if (set.size > 0) return false;
-    this.users.delete(uid);
-    return true;
-  }
-
-  isOnline(uid: string): boolean {
-    return this.users.has(uid);
-  }
-
-  sessions(uid: string): ReadonlySet<Session> {
-    return this.users.get(uid) ?? EMPTY;
-  }
-
-  /**
-   * Sends an event to every connection of `uid`. `onDelivered` runs once, when the
-   * first of them confirms delivery (see Peer.send). Returns the number of connections.
-   */
-  deliver(uid: string, frame: OutFrame, onDelivered?: () => void, tag?: string): number {
-    const set = this.users.get(uid);
-    if (!set) return 0;
-    let done = false;
-    const cb = onDelivered
-      ? (ok: boolean) => {
-          if (ok && !done) {
-            done = true;
-            onDelivered();
-          }
-        }
-      : undefined;
-    for (const s of set) s.deliver(frame, cb, tag);
-    return set.size;
-  }
-}
-
-const EMPTY: ReadonlySet<Session> = new Set();

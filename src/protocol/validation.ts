@@ -48,15 +48,26 @@ function toProtocolError(e: ErrorObject | undefined): ProtocolError {
       if (override === Code.TooLarge) return new ProtocolError(Code.TooLarge, `'${field}' ${e.message}`);
       break;
     case "type":
-      return new ProtocolError(Code.InvalidData, `'${field}' must be ${withArticle((e.params as { type: string }).type)}`);
+      return new ProtocolError(Code.InvalidData, `'${field}' must be ${withArticle((e.params as { type: string | string[] }).type)}`);
   }
   return new ProtocolError(Code.InvalidData, `'${field}' ${e.message ?? "is invalid"}`);
 }
 
-function withArticle(type: string): string {
-  const t = type.replace(/,/g, " or ");
+function withArticle(type: string | string[]): string {
+  // ajv reports a union type as an array (["string","number"]) or a comma list.
+  const t = (Array.isArray(type) ? type.join(",") : String(type)).replace(/,/g, " or ");
   return /^[aeiou]/.test(t) ? `an ${t}` : `a ${t}`;
 }
+
+/**
+ * Envelope fields every action's schema accepts (the dispatcher adds them): the seed's
+ * clients send their uid as `cid` and their session as `sid` with every request. Typed
+ * here so that the auth gate only ever compares strings and numbers.
+ */
+export const ENVELOPE = {
+  cid: { type: ["string", "integer", "null"], maxLength: 64 },
+  sid: { type: ["string", "null"], maxLength: 128 },
+} as const;
 
 // Schema fragments shared by the feature modules.
 export const requiredString = (max: number) => ({ type: "string", minLength: 1, maxLength: max }) as const;

@@ -38,6 +38,13 @@ export class ChannelStore {
     return ops;
   }
 
+  cachedMembers(_chid: string): ReadonlySet<string> | undefined {
+    return undefined;
+  }
+  joined(_chid: string, _uid: string): void {}
+  left(_chid: string, _uid: string): void {}
+  removed(_chid: string): void {}
+
   async members(chid: string): Promise<string[]> {
     return (await this.s.members.keys(prefixRange(chid)).all()).map(keyTail);
   }

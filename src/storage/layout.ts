@@ -12,9 +12,13 @@
 //   contacts    <owner uid>!<contact uid>      → 1     (owner's list, in uid order)
 //   contactof   <contact uid>!<owner uid>      → 1     (who lists a user: presence, deletion)
 //   msgs        <conversation>!<seq>           → MessageRecord (history = range read)
-//   mids        <seq>                          → conversation (find a message by mid)
-//   queue       <uid>!<seq>                    → conversation (offline queue, in order)
-//   cmids       <sender uid>!<cmid>            → mid  (idempotent resend)
+//   mlog        <seq>                          → LogChunk: one per batch, the batch's
+//                                                messages from <seq> on (find a message
+//                                                by mid; source of the derived indexes)
+//   inbox       <uid>!<seq>                    → InboxChunk: direct messages to <uid>,
+//                                                from <seq> on (delivery, sync) [derived]
+//   cursor      <uid>                          → seq delivered through (lazy)
+//   cmids       <sender uid>!<cmid>            → mid  (idempotent resend) [derived]
 //   blobrefs    <sha256>!<mid>                 → 1    (messages using an attachment blob)
 //   peers       <uid>!<peer uid>               → 1    (direct conversations of a user: dialogs)
 //   channels    <chid>                         → ChannelRecord
@@ -23,6 +27,11 @@
 //   memberof    <uid>!<chid>                   → 1
 //
 // On disk: <dataDir>/db holds LevelDB, <dataDir>/blobs the attachment files (blobs.ts).
+//
+// [derived]: written after the message's own batch, from `mlog`, and rebuilt from it at
+// start-up past the watermark `meta indexed` (storage/messages.ts). A direct message
+// costs two puts in its synced batch: its record, and its share of the batch's log
+// chunk.
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -51,26 +60,44 @@ export interface SessionRecord {
   expires: number;
 }
 
+/**
+ * A stored message. Its JSON text (recordJson) is written once and is also the body of
+ * the ev_message the native codec sends, less the attachment: so the field order here
+ * is the wire's.
+ */
 export interface MessageRecord {
   mid: string;
-  conv: string;
+  /** Channel of a channel message. */
+  chid?: string;
   from: string;
   /** The sender's nick when it was sent. */
   nick: string;
-  /** Recipient uid of a direct message. */
-  to?: string;
-  /** Channel of a channel message. */
-  chid?: string;
   body: string;
   time: number;
+  /** Recipient uid of a direct message. */
+  to?: string;
   /** An attachment: its MIME type and the blob holding its decoded bytes. */
   attach?: { mime: string; sha: string; size: number };
   edited?: number;
-  cmid?: string;
+}
+
+/** The conversation a message belongs to. */
+export function convOf(m: MessageRecord): string {
+  return m.chid !== undefined ? channelConv(m.chid) : directConv(m.from, m.to as string);
+}
+
+/** The stored text of a record: JSON with the fields in MessageRecord's order. */
+export function recordJson(m: MessageRecord): string {
+  const base =
+    m.chid !== undefined
+      ? { mid: m.mid, chid: m.chid, from: m.from, nick: m.nick, body: m.body, time: m.time }
+      : { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time, to: m.to };
+  const extra = m.attach || m.edited !== undefined ? { attach: m.attach, edited: m.edited } : undefined;
+  return extra ? JSON.stringify({ ...base, ...extra }) : JSON.stringify(base);
 }
 
 // A Level sublevel with string keys; values are JSON unless said otherwise.
-export type Space = ReturnType<Level<string, unknown>["sublevel"]>;
+export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
 export const SPACES = [
   "meta",
@@ -84,8 +111,9 @@ export const SPACES = [
   "contacts",
   "contactof",
   "msgs",
-  "mids",
-  "queue",
+  "mlog",
+  "inbox",
+  "cursor",
   "cmids",
   "blobrefs",
   "peers",
@@ -98,7 +126,7 @@ export const SPACES = [
 export type SpaceName = (typeof SPACES)[number];
 export type Spaces = Record<SpaceName, Space>;
 
-export function openSpaces(db: Level<string, unknown>): Spaces {
+export function openSpaces(db: Level<string, string>): Spaces {
   const spaces = {} as Spaces;
   for (const name of SPACES) {
     spaces[name] = db.sublevel<string, unknown>(name, { keyEncoding: "utf8", valueEncoding: "json" }) as Space;
@@ -146,6 +174,17 @@ export function msgKey(conv: string, seq: number): string {
   return `${conv}!${seqKey(seq)}`;
 }
 
-export function queueKey(uid: string, seq: number): string {
+export function inboxKey(uid: string, seq: number): string {
   return `${uid}!${seqKey(seq)}`;
 }
+
+/**
+ * One batch's messages, entry i for seq `first + i`: [conversation, recipient uid of a
+ * direct message or "", sender uid, cmid or ""]. A seq with no entry (a gap) names no
+ * message.
+ */
+export type LogEntry = [conv: string, to: string, from: string, cmid: string];
+export type LogChunk = LogEntry[];
+
+/** Direct messages to one user: [seq, conversation] pairs in seq order. */
+export type InboxChunk = [seq: number, conv: string][];

@@ -22,6 +22,11 @@ export class UserStore {
     this.s = storage.spaces;
   }
 
+  /** The user if cached (the hot path's check that a recipient exists). */
+  peek(uid: string): UserRecord | undefined {
+    return this.cache.get(uid);
+  }
+
   async get(uid: string): Promise<UserRecord | undefined> {
     const hit = this.cache.get(uid);
     if (hit) {

@@ -1,37 +1,43 @@
-// One client socket: its outbound writer and its read-side backpressure.
+// One client socket: its outbound writer, the one count of its outbound bytes, and
+// delivery confirmation for clients that do not acknowledge.
 //
 // Outbound frames are coalesced: everything queued for a socket during one turn of the
 // event loop goes out in a single write() at setImmediate, so a burst of replies and
-// events costs one syscall, not one per frame. write()'s return value is respected:
-// while the socket's buffer is over its high-water mark the connection stops reading
-// requests (a client that pipelines without reading gets slowed, not killed); once
-// the bytes waiting for a client pass the outbound cap, it is closed as a slow reader
-// and the frames it never got report failure to their senders (so queued messages
-// stay queued).
+// events costs one syscall, not one per frame. A streamed frame (an attachment read
+// from disk, a long list read page by page) is written piece by piece, each piece only
+// once the socket has drained, and frames queued behind it wait.
+//
+// Every outbound character counts: the characters queued here plus the socket's own
+// buffer. An event that would take that past the outbound cap closes the connection
+// as a slow reader (its inbox entries stay unconfirmed, so nothing is lost); a reply
+// never does, because the dispatcher runs a connection's next request only once the
+// connection is no longer congested (a quarter of the cap), and large replies stream.
 
+import { readFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import type { Logger } from "pino";
-import type { OutFrame, Peer, StreamedFrame } from "../protocol/session.js";
-
-type FlushCallback = (ok: boolean) => void;
+import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
+import type { Peer } from "../protocol/session.js";
 
 /**
- * Bytes that must go out after a frame before it counts as delivered. Frames handed to
- * the OS can still sit unread in the kernel's send and receive buffers (4 MiB and
- * more on Linux); if the connection dies, they are gone. Past this much later traffic
- * the client has certainly read the frame.
+ * Characters that must be handed to the OS after a frame before a client that does
+ * not acknowledge can be taken to have read it: more than the kernel can hold for the
+ * connection (its send buffer and the peer's receive buffer, at their configured
+ * maxima), and never less than 16 MiB.
  */
-export const DELIVERY_SLACK = 16 * 1024 * 1024;
-
-interface Unconfirmed {
-  /** `written` at which these frames count as delivered. */
-  until: number;
-  /** When they were handed to the OS (ms). */
-  at: number;
-  confirms: FlushCallback[];
+export function deliverySlack(): number {
+  const max = (file: string) => {
+    try {
+      return Number(readFileSync(file, "utf8").trim().split(/\s+/)[2]) || 0;
+    } catch {
+      return 0;
+    }
+  };
+  return Math.max(16 * 1024 * 1024, 2 * (max("/proc/sys/net/ipv4/tcp_wmem") + max("/proc/sys/net/ipv4/tcp_rmem")));
 }
 
-const defined = <T>(x: T | undefined): x is T => x !== undefined;
+/** Confirmation marks kept per connection (older ones merge into the newest). */
+const MAX_MARKS = 32;
 
 const dirty: Connection[] = [];
 let flushScheduled = false;
@@ -59,91 +65,79 @@ export class Connection implements Peer {
   readonly id = nextId++;
   readonly remote: string;
   readonly address: string;
-  /** Frames not yet written, in order; `callbacks[i]` belongs to `chunks[i]`. */
-  private chunks: OutFrame[] = [];
-  private callbacks: (FlushCallback | undefined)[] = [];
-  private confirms: (FlushCallback | undefined)[] = [];
-  /** Characters handed to the OS so far. */
-  private written = 0;
-  /** Flushed frames waiting to count as delivered, oldest first. */
-  private unconfirmed: Unconfirmed[] = [];
-  /** The client closed its side in an orderly way (FIN). */
-  peerEnded = false;
-  /** Characters in queued string frames (frames behind a stream wait here). */
-  private queuedLength = 0;
+  /** Frames not yet written, in order. */
+  private q: OutFrame[] = [];
+  /** Characters in queued string frames. */
+  private queuedChars = 0;
+  /** Highest confirmation seq among the queued frames (they go out together). */
+  private pendingConfirm = 0;
+  /** Characters passed to socket.write so far. */
+  private passed = 0;
+  /** [passed + slack, seq] pairs, oldest first (see Peer.send). */
+  private marks: number[] | undefined;
   private queued = false;
   /** A StreamedFrame is being written; everything queued waits behind it. */
   private pumping = false;
   private ending = false;
   /** Why reading is paused: one bit per reason (see reasonBit). */
   private pausedFor = 0;
+  private drainWaiters: ((ok: boolean) => void)[] | undefined;
   /** Unix ms of the last bytes received. */
   lastActivity = Date.now();
+  onConfirmed: ((seq: number) => void) | undefined;
 
   constructor(
     readonly socket: Socket,
     private readonly outboundCap: number,
+    /** Characters after a frame that prove the client read it (kernel buffers and more). */
+    private readonly slack: number,
     private readonly log: Logger,
   ) {
     this.address = socket.remoteAddress ?? "?";
     this.remote = `${this.address}:${socket.remotePort ?? 0}`;
-    socket.on("drain", () => this.resume("drain"));
-    socket.on("close", (hadError) => {
-      // Only the client's own clean close (FIN, no error) confirms what was sent; a
-      // connection cut off (slow reader, reset, closed by us first) confirms nothing
-      // still pending, which stays queued for the next auth.
-      const orderly = this.peerEnded && !hadError;
-      const pending = this.unconfirmed.splice(0);
-      for (const u of pending) for (const cb of u.confirms) cb(orderly);
-      for (const cb of this.confirms.splice(0)) cb?.(false);
+    socket.on("drain", () => this.progress());
+    socket.on("close", () => {
+      this.q = [];
+      this.queuedChars = 0;
+      this.marks = undefined;
+      this.wake(false);
     });
-  }
-
-  /** Records `n` more characters handed to the OS and confirms what that settles. */
-  private wrote(n: number, confirms: FlushCallback[]): void {
-    this.written += n;
-    if (confirms.length > 0) this.unconfirmed.push({ until: this.written + DELIVERY_SLACK, at: Date.now(), confirms });
-    while (this.unconfirmed.length > 0 && this.unconfirmed[0].until <= this.written) {
-      for (const cb of (this.unconfirmed.shift() as Unconfirmed).confirms) cb(true);
-    }
-  }
-
-  /**
-   * Confirms frames handed to the OS at least `ageMs` ago, once nothing is waiting to
-   * be written: a client that kept the connection open that long with its buffers
-   * drained has read them. (Without it, a quiet connection would hold its unconfirmed
-   * frames, and their queue entries, until it closed.)
-   */
-  confirmAged(now: number, ageMs: number): void {
-    if (this.socket.destroyed || this.socket.writableLength > 0 || this.chunks.length > 0) return;
-    while (this.unconfirmed.length > 0 && now - this.unconfirmed[0].at >= ageMs) {
-      for (const cb of (this.unconfirmed.shift() as Unconfirmed).confirms) cb(true);
-    }
   }
 
   get closed(): boolean {
     return this.ending || this.socket.destroyed;
   }
 
-  get congested(): boolean {
-    return this.queuedLength + this.socket.writableLength > this.outboundCap / 4 || this.pumping;
+  /** Characters waiting to go out: queued here and in the socket's buffer. */
+  get outbound(): number {
+    return this.queuedChars + this.socket.writableLength;
   }
 
-  send(frame: OutFrame, onFlushed?: FlushCallback, onConfirmed?: FlushCallback): void {
-    if (this.closed) {
-      if (onFlushed || onConfirmed) {
-        queueMicrotask(() => {
-          onFlushed?.(false);
-          onConfirmed?.(false);
-        });
-      }
-      return;
+  get congested(): boolean {
+    return this.pumping || this.outbound > this.outboundCap / 4;
+  }
+
+  drained(): Promise<boolean> {
+    if (this.socket.destroyed) return Promise.resolve(false);
+    if (!this.congested) return Promise.resolve(true);
+    return new Promise((resolve) => (this.drainWaiters ??= []).push(resolve));
+  }
+
+  private wake(ok: boolean): void {
+    const waiters = this.drainWaiters;
+    if (!waiters) return;
+    this.drainWaiters = undefined;
+    for (const w of waiters) w(ok);
+  }
+
+  send(frame: OutFrame, event: boolean, confirm = 0): void {
+    if (this.closed) return;
+    if (typeof frame === "string") {
+      this.queuedChars += frame.length;
+      if (event && this.queuedChars + this.socket.writableLength > this.outboundCap) return this.overflow();
     }
-    this.chunks.push(frame);
-    this.callbacks.push(onFlushed);
-    this.confirms.push(onConfirmed);
-    if (typeof frame === "string") this.queuedLength += frame.length;
-    if (this.queuedLength > this.outboundCap) return this.overflow(this.queuedLength);
+    this.q.push(frame);
+    if (confirm > this.pendingConfirm) this.pendingConfirm = confirm;
     this.schedule();
   }
 
@@ -160,54 +154,79 @@ export class Connection implements Peer {
   /** Writes the queued string frames in one write(), up to the first streamed frame. */
   flush(): void {
     this.queued = false;
-    if (this.pumping) return;
-    if (this.chunks.length === 0) {
-      if (this.ending && !this.socket.destroyed) this.closeAfterFlush();
-      return;
-    }
+    if (this.pumping || this.socket.destroyed) return;
+    const q = this.q;
     let n = 0;
-    while (n < this.chunks.length && typeof this.chunks[n] === "string") n++;
-    const strings = this.chunks.splice(0, n) as string[];
-    const cbs = this.callbacks.splice(0, n).filter(defined);
-    const confirms = this.confirms.splice(0, n).filter(defined);
-    if (this.socket.destroyed) {
-      this.fail([...cbs, ...confirms]);
-      this.dropQueued();
-      return;
-    }
+    while (n < q.length && typeof q[n] === "string") n++;
     if (n > 0) {
-      const data = n === 1 ? strings[0] : strings.join("");
-      this.queuedLength -= data.length;
-      this.socket.write(data, (err) => {
-        for (const cb of cbs) cb(!err);
-        if (err) this.fail(confirms);
-        else this.wrote(data.length, confirms);
-      });
-      if (this.socket.writableLength > this.outboundCap) return this.overflow(this.socket.writableLength);
+      let data: string;
+      if (n === q.length) {
+        data = n === 1 ? (q[0] as string) : (q as string[]).join("");
+        this.q = [];
+      } else {
+        data = (q.splice(0, n) as string[]).join("");
+      }
+      this.queuedChars -= data.length;
+      this.write(data);
     }
-    if (this.chunks.length > 0) {
-      const frame = this.chunks.shift() as StreamedFrame;
-      const cb = this.callbacks.shift();
-      const confirm = this.confirms.shift();
-      void this.pump(frame, cb, confirm);
+    // Frames queued together share their highest seq, marked once all of them (streams
+    // included) are passed to the socket: that can only delay a confirmation.
+    if (this.pendingConfirm > 0 && this.q.length === 0) this.mark(this.pendingConfirm);
+    if (this.q.length > 0) {
+      void this.pump(this.q.shift() as StreamedFrame);
     } else if (this.ending) {
-      this.closeAfterFlush();
-    } else if (this.socket.writableNeedDrain) {
-      this.pause("drain");
+      this.socket.destroySoon();
     }
+    this.progress();
+  }
+
+  private write(data: string): boolean {
+    this.passed += data.length;
+    return this.socket.write(data);
+  }
+
+  private mark(seq: number): void {
+    this.pendingConfirm = 0;
+    const marks = (this.marks ??= []);
+    const at = this.passed + this.slack;
+    if (marks.length >= 2 * MAX_MARKS) {
+      marks[marks.length - 2] = at;
+      marks[marks.length - 1] = seq;
+    } else marks.push(at, seq);
+  }
+
+  /** Confirms marks the OS has been handed enough after, and wakes drain waiters. */
+  private progress(): void {
+    const marks = this.marks;
+    if (marks && marks.length > 0) {
+      const handed = this.passed - this.socket.writableLength;
+      let i = 0;
+      let seq = 0;
+      while (i < marks.length && marks[i] <= handed) {
+        seq = marks[i + 1];
+        i += 2;
+      }
+      if (i > 0) {
+        marks.splice(0, i);
+        this.onConfirmed?.(seq);
+      }
+    }
+    if (this.drainWaiters && !this.congested) this.wake(true);
+  }
+
+  /** Periodic check (the listener's sweep): marks can settle with no new traffic. */
+  tick(): void {
+    if (!this.socket.destroyed) this.progress();
   }
 
   /** Writes a streamed frame part by part, waiting for 'drain' whenever the socket is full. */
-  private async pump(frame: StreamedFrame, cb: FlushCallback | undefined, confirm: FlushCallback | undefined): Promise<void> {
+  private async pump(frame: StreamedFrame): Promise<void> {
     this.pumping = true;
     let ok = false;
     try {
       for (const part of frame.parts) {
-        if (typeof part === "string") {
-          await this.writePiece(part);
-        } else {
-          for await (const piece of part()) await this.writePiece(piece);
-        }
+        if (typeof part === "string") await this.writePiece(part);
+        else for await (const piece of part()) await this.writePiece(piece);
       }
       ok = true;
     } catch (err) {
@@ -219,25 +238,12 @@ export class Connection implements Peer {
     } finally {
       this.pumping = false;
     }
-    if (ok) {
-      this.socket.write("", (err) => {
-        cb?.(!err);
-        if (err) confirm?.(false);
-        else this.wrote(0, confirm ? [confirm] : []);
-      });
-    } else {
-      cb?.(false);
-      confirm?.(false);
-    }
-    this.schedule();
+    if (ok) this.flush();
   }
 
   private async writePiece(piece: string): Promise<void> {
     if (this.socket.destroyed) throw new Error("connection closed");
-    const accepted = this.socket.write(piece, (err) => {
-      if (!err) this.wrote(piece.length, []);
-    });
-    if (accepted) return;
+    if (this.write(piece)) return;
     await new Promise<void>((resolve, reject) => {
       const done = () => {
         this.socket.off("drain", done);
@@ -250,39 +256,21 @@ export class Connection implements Peer {
     });
   }
 
-  private fail(cbs: FlushCallback[]): void {
-    for (const cb of cbs) cb(false);
-  }
-
-  private overflow(waiting: number): void {
+  private overflow(): void {
     this.log.warn(
-      { conn: this.id, remote: this.remote, waiting, cap: this.outboundCap },
+      { conn: this.id, remote: this.remote, waiting: this.outbound, cap: this.outboundCap },
       "slow reader over its outbound cap; closing",
     );
     this.socket.destroy();
-    this.dropQueued();
-  }
-
-  /** Everything still queued will never be sent. */
-  private dropQueued(): void {
-    this.fail([...this.callbacks.splice(0), ...this.confirms.splice(0)].filter(defined));
-    this.chunks = [];
-    this.queuedLength = 0;
-  }
-
-  /**
-   * Closes the socket once what was written is out. A client that half-closed is
-   * done; any other is not waited for (it would keep its slot against the caps).
-   */
-  private closeAfterFlush(): void {
-    this.socket.destroySoon();
+    this.q = [];
+    this.queuedChars = 0;
   }
 
   /** Flushes everything queued (streams included), then closes. */
   end(): void {
     if (this.ending) return;
     this.ending = true;
-    this.flush();
+    if (!this.pumping) this.flush();
   }
 
   destroy(): void {

@@ -7,12 +7,13 @@ import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
+import type { Codec } from "../protocol/codec.js";
 import { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
-import { errorFrame, frame, welcomeFrame } from "../protocol/frames.js";
+import type { Router } from "../protocol/router.js";
 import type { Session, Upload } from "../protocol/session.js";
-import { Connection } from "./connection.js";
-import { FrameScanner } from "./scanner.js";
+import { Connection, deliverySlack } from "./connection.js";
+import { FrameScanner, type ScannerLimits } from "./scanner.js";
 
 /** An upload the listener can pace: it reports a full buffer and its draining. */
 export interface PacedUpload extends Upload {
@@ -27,14 +28,21 @@ export class Listener {
   readonly connections = new Map<Connection, Session>();
   private readonly perAddress = new Map<string, number>();
   private readonly idleSweep: NodeJS.Timeout;
+  private readonly scannerLimits: ScannerLimits;
+  private readonly slack = deliverySlack();
 
   constructor(
     private readonly config: Config,
     private readonly dispatcher: Dispatcher,
+    private readonly router: Router,
+    private readonly codec: Codec,
     private readonly log: Logger,
     /** Starts the upload of an attachment's text (the blob store's writer). */
     private readonly newUpload: () => PacedUpload,
   ) {
+    const paths = dispatcher.streamedPaths();
+    if (paths.length > 1) throw new Error("the scanner streams one field path");
+    this.scannerLimits = { maxFrame: config.maxFrame, maxDepth: config.maxDepth, streamPath: paths[0] };
     // allowHalfOpen: a client that closes its sending side (`nc -q1`, `nc -N`) still
     // gets every reply to what it sent; the server closes once they are out.
     this.server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
@@ -47,8 +55,8 @@ export class Listener {
       this.tlsServer.on("tlsClientError", (err) => this.log.debug({ err }, "TLS handshake failed"));
       this.tlsServer.on("error", (err) => this.log.error({ err }, "TLS listener error"));
     }
-    // One timer sweeps every connection (idle limits, aged deliveries), not one each.
-    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth, config.deliveryAge) * 1000) / 4));
+    // One timer sweeps every connection (idle limits, delivery confirmations), not one each.
+    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
     this.idleSweep = setInterval(() => this.sweep(), every);
     this.idleSweep.unref();
   }
@@ -70,20 +78,21 @@ export class Listener {
     const address = socket.remoteAddress ?? "?";
     if (this.connections.size >= this.config.maxConnections) {
       this.log.warn({ remote: address, limit: this.config.maxConnections }, "connection refused: server full");
-      socket.end(errorFrame("unknown", Code.Unavailable, "the server is at its connection limit; try again later"));
+      socket.end(this.codec.error("unknown", Code.Unavailable, "the server is at its connection limit; try again later") as string);
       return;
     }
     const fromAddress = this.perAddress.get(address) ?? 0;
     if (fromAddress >= this.config.maxPerAddress) {
       this.log.warn({ remote: address, limit: this.config.maxPerAddress }, "connection refused: too many from one address");
-      socket.end(errorFrame("unknown", Code.RateLimited, "too many connections from your address; try again later"));
+      socket.end(this.codec.error("unknown", Code.RateLimited, "too many connections from your address; try again later") as string);
       return;
     }
     this.perAddress.set(address, fromAddress + 1);
-    const conn = new Connection(socket, this.config.outboundCap, this.log);
-    const session = this.dispatcher.open(conn);
+    const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log);
+    const session = this.dispatcher.open(conn, this.codec);
+    conn.onConfirmed = (seq) => this.router.confirmed(session, seq);
     this.connections.set(conn, session);
-    const scanner = new FrameScanner<PacedUpload>(this.config, {
+    const scanner = new FrameScanner<PacedUpload>(this.scannerLimits, {
       frame: (bytes, upload) => this.dispatcher.frame(session, bytes, upload),
       reject: (code, reason, action) => this.dispatcher.reject(session, code, reason, action),
       upload: () => {
@@ -99,10 +108,7 @@ export class Listener {
       conn.lastActivity = Date.now();
       scanner.push(chunk);
     });
-    socket.on("end", () => {
-      conn.peerEnded = true;
-      this.dispatcher.inputEnded(session);
-    });
+    socket.on("end", () => this.dispatcher.inputEnded(session));
     socket.on("close", () => {
       this.connections.delete(conn);
       const n = (this.perAddress.get(address) ?? 1) - 1;
@@ -111,21 +117,21 @@ export class Listener {
       scanner.close();
       this.dispatcher.close(session);
     });
-    conn.send(welcomeFrame());
+    conn.send(this.codec.welcome(), false);
   }
 
   /**
    * The periodic sweep: closes connections silent for longer than their idle limit
-   * (any request counts) and confirms deliveries that have aged on quiet ones.
+   * (any request counts) and settles delivery confirmations on quiet ones.
    */
   private sweep(): void {
     const now = Date.now();
     for (const [conn, session] of this.connections) {
-      conn.confirmAged(now, this.config.deliveryAge * 1000);
+      conn.tick();
       const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
       if (conn.closed || now - conn.lastActivity <= limit * 1000) continue;
       this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
-      conn.send(frame("ev_close", { reason: `idle timeout: nothing received for ${limit} s` }));
+      this.router.sendTo(session, { kind: "close", reason: `idle timeout: nothing received for ${limit} s` });
       conn.end();
     }
   }

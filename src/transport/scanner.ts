@@ -28,6 +28,12 @@ export interface ScannerLimits {
   maxFrame: number;
   /** Deepest nesting of objects/arrays; the frame itself is depth 1. */
   maxDepth: number;
+  /**
+   * The path of the string field that streams to an upload (["data", "attach",
+   * "data"]), from the actions' declarations (Dispatcher.streamedPaths); none streams
+   * when absent.
+   */
+  streamPath?: readonly string[];
 }
 
 export interface FrameSink<U extends UploadSink = UploadSink> {
@@ -36,7 +42,7 @@ export interface FrameSink<U extends UploadSink = UploadSink> {
    * it had an attachment, `upload` received its text and the frame holds "" instead.
    */
   frame(bytes: Buffer, upload: U | undefined): void;
-  /** The string at data.attach.data begins: where its text should go. */
+  /** The string at the stream path begins: where its text should go. */
   upload(): U;
   /** A frame, or bytes at depth 0, that were skipped. `action` when it could be read. */
   reject(code: Code.InvalidData | Code.TooLarge, reason: string, action: string | undefined): void;
@@ -46,12 +52,9 @@ const enum State {
   Idle,
   Garbage,
   Frame,
-  /** Inside the string at data.attach.data, which streams to an UploadSink. */
+  /** Inside the string at the stream path, which streams to an UploadSink. */
   Attachment,
 }
-
-// The attachment's path, as the key expected at each depth: data.attach.data.
-const PATH_KEYS = [Buffer.from("data"), Buffer.from("attach"), Buffer.from("data")];
 
 const SLASH = Buffer.from("/");
 
@@ -78,6 +81,15 @@ const enum Fault {
   None,
   TooLarge,
   TooDeep,
+}
+
+const pathCache = new Map<string, readonly Buffer[]>();
+function pathKeys(path: readonly string[] | undefined): readonly Buffer[] {
+  if (!path || path.length === 0) return [];
+  const id = path.join("\u0000");
+  let keys = pathCache.get(id);
+  if (!keys) pathCache.set(id, (keys = path.map((k) => Buffer.from(k))));
+  return keys;
 }
 
 export class FrameScanner<U extends UploadSink = UploadSink> {
@@ -111,7 +123,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
    * "data" object, 2 inside data's "attach" object. Only depths 1–3 are tracked.
    */
   private pathLevel = 0;
-  /** While a key at a tracked depth is read: bytes of PATH_KEYS matched so far, -1 once it cannot match. */
+  /** While a key at a tracked depth is read: bytes of this.pathKeys matched so far, -1 once it cannot match. */
   private keyMatched = -1;
   /** The last key read at a tracked depth was the path's key for that depth. */
   private keyIsPath = false;
@@ -121,12 +133,15 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   private quietLeft = 0;
   /** The upload of the frame being scanned, if its attachment has begun. */
   private uploadSink: U | undefined;
+  /** The stream path, as the key expected at each depth (shared by every scanner). */
+  private readonly pathKeys: readonly Buffer[];
 
   constructor(
     private readonly limits: ScannerLimits,
     private readonly sink: FrameSink<U>,
   ) {
     if (limits.maxDepth > 32) this.deepContainers = new Uint8Array(limits.maxDepth + 1);
+    this.pathKeys = pathKeys(limits.streamPath);
   }
 
   /** 1 for an object, 0 for an array, at an open depth ≤ maxDepth. */
@@ -287,14 +302,14 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
           inString = false;
           last = Byte.Quote;
           if (this.keyMatched >= 0) {
-            this.keyIsPath = this.keyMatched === PATH_KEYS[depth - 1].length;
+            this.keyIsPath = this.keyMatched === this.pathKeys[depth - 1].length;
             this.keyMatched = -1;
           }
         } else if (c === Byte.Backslash) {
           escaped = true;
           this.keyMatched = -1; // an escaped key is never taken for a path key
         } else if (this.keyMatched >= 0) {
-          const key = PATH_KEYS[depth - 1];
+          const key = this.pathKeys[depth - 1];
           this.keyMatched = this.keyMatched < key.length && key[this.keyMatched] === c ? this.keyMatched + 1 : -1;
         }
         continue;
@@ -309,13 +324,13 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
           continue;
         case Byte.Quote:
           inString = true;
-          if (depth <= PATH_KEYS.length && depth === this.pathLevel + 1 && this.container(depth) === 1) {
+          if (depth <= this.pathKeys.length && depth === this.pathLevel + 1 && this.container(depth) === 1) {
             if (last === Byte.OpenCurly || last === Byte.Comma) {
               this.keyMatched = 0;
               this.keyIsPath = false;
             } else if (
               last === Byte.Colon &&
-              depth === PATH_KEYS.length &&
+              depth === this.pathKeys.length &&
               this.keyIsPath &&
               this.fault === Fault.None &&
               this.frameLength + (i + 1 - start) <= this.limits.maxFrame
@@ -348,7 +363,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
               return i;
             }
           }
-          if (c === Byte.OpenCurly && last === Byte.Colon && this.keyIsPath && depth === this.pathLevel + 1 && depth < PATH_KEYS.length) {
+          if (c === Byte.OpenCurly && last === Byte.Colon && this.keyIsPath && depth === this.pathLevel + 1 && depth < this.pathKeys.length) {
             this.pathLevel = depth; // entering data, or data.attach
           }
           depth++;

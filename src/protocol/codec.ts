@@ -1,0 +1,166 @@
+// Codecs: one per wire format, at the edge. A codec turns replies and events into
+// outbound frames; handlers only ever return data and typed events. The native codec
+// is wirechat's NDJSON: one compact JSON object and a single '\n' per frame
+// (JSON.stringify escapes every control character, so no raw newline can appear
+// inside a frame).
+//
+// An attachment is an explicit part of a frame: the text before it, its base64
+// streamed from the blob store, the text after it. Nothing is ever found by searching
+// serialised text, so no user input can be taken for an attachment.
+
+import type { MessageRecord } from "../storage/layout.js";
+import { Code, codeText } from "./codes.js";
+import type { Event } from "./events.js";
+import { nowSeconds, type Fields, type OutFrame, type Producer, type StreamedFrame } from "./frames.js";
+
+/** An attachment inside reply data: its MIME type and the blob whose base64 is sent. */
+export class AttachmentRef {
+  constructor(
+    readonly mime: string,
+    readonly sha: string,
+  ) {}
+}
+
+/**
+ * A reply whose list can be long (history, enter, contactlist): the codec writes
+ * `fields`, then `key` as an array whose items are produced one by one as the
+ * connection drains. An item's top-level `attach` may be an AttachmentRef.
+ */
+export class ListReply {
+  constructor(
+    readonly fields: Fields,
+    readonly key: string,
+    readonly items: () => AsyncIterable<Fields>,
+    /** Lists placed before `key`, already in memory (enter's users). */
+    readonly before?: Fields,
+  ) {}
+}
+
+export type ReplyBody = Fields | ListReply;
+
+/** Where a codec reads an attachment's bytes as base64. */
+export interface BlobSource {
+  readBase64(sha: string): AsyncIterable<string>;
+}
+
+export interface Codec {
+  readonly name: string;
+  reply(action: string, body: ReplyBody): OutFrame;
+  error(action: string, code: Code, text?: string): OutFrame;
+  /** The event's frame, made once per event and reused for every recipient. */
+  event(ev: Event): OutFrame;
+  welcome(): OutFrame;
+}
+
+export const WELCOME_TEXT = "Welcome to wirechat. Send one JSON object per line; try {\"action\":\"hello\"}";
+
+/** Seed clients read `attach` unconditionally, so ev_message always carries it. */
+const NO_ATTACH = ',"attach":{"mime":"","data":""}}';
+
+/** The wire fields of a message, in the stored record's order, without attachment. */
+function messageJson(m: MessageRecord): string {
+  return JSON.stringify(
+    m.chid !== undefined
+      ? { mid: m.mid, chid: m.chid, from: m.from, nick: m.nick, body: m.body, time: m.time }
+      : { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time, to: m.to },
+  );
+}
+
+export class NativeCodec implements Codec {
+  readonly name = "native";
+  private readonly actionJson = new Map<string, string>();
+
+  constructor(private readonly blobs: BlobSource) {}
+
+  /** `{"action":<name>,"data":` for a registered action name (cached) or any other. */
+  private head(action: string): string {
+    let h = this.actionJson.get(action);
+    if (h === undefined) {
+      h = `{"action":${JSON.stringify(action)},"data":`;
+      if (this.actionJson.size < 256) this.actionJson.set(action, h);
+    }
+    return h;
+  }
+
+  reply(action: string, body: ReplyBody): OutFrame {
+    if (body instanceof ListReply) return this.listReply(action, body);
+    const json = JSON.stringify(body);
+    return this.head(action) + (json.length > 2 ? `{"status":0,"error":"OK",${json.slice(1)}` : `{"status":0,"error":"OK"}`) + "}\n";
+  }
+
+  error(action: string, code: Code, text: string = codeText(code)): OutFrame {
+    return `${this.head(action)}{"status":${code},"error":${JSON.stringify(text)}}}\n`;
+  }
+
+  welcome(): OutFrame {
+    return JSON.stringify({ action: "welcome", message: WELCOME_TEXT, time: nowSeconds() }) + "\n";
+  }
+
+  event(ev: Event): OutFrame {
+    const wire = (ev.wire ??= {});
+    return (wire[this.name] ??= this.encodeEvent(ev));
+  }
+
+  private frame(action: string, data: Fields): string {
+    return `{"action":"${action}","data":${JSON.stringify(data)}}\n`;
+  }
+
+  private encodeEvent(ev: Event): OutFrame {
+    switch (ev.kind) {
+      case "message": {
+        const m = ev.m;
+        const base = m.attach === undefined && m.edited === undefined && ev.json !== undefined ? ev.json : messageJson(m);
+        if (!m.attach) return `{"action":"ev_message","data":${base.slice(0, -1)}${NO_ATTACH}}\n`;
+        return this.withAttachment(`{"action":"ev_message","data":${base.slice(0, -1)}`, m.attach.mime, m.attach.sha, "}}\n");
+      }
+      case "edit":
+        return this.frame("ev_edit", { mid: ev.mid, body: ev.body, edited: ev.edited });
+      case "delete":
+        return this.frame("ev_delmessage", { mid: ev.mid });
+      case "enter":
+        return this.frame("ev_enter", { chid: ev.chid, uid: ev.uid, nick: ev.nick });
+      case "leave":
+        return this.frame("ev_leave", { chid: ev.chid, uid: ev.uid, nick: ev.nick });
+      case "channelDeleted":
+        return this.frame("ev_channel_deleted", { chid: ev.chid });
+      case "presence":
+        return this.frame("ev_presence", { uid: ev.uid, online: ev.online });
+      case "logout":
+        return this.frame("ev_logout", { reason: ev.reason });
+      case "close":
+        return this.frame("ev_close", { reason: ev.reason });
+    }
+  }
+
+  /** `head` (an object left open) + `,"attach":{"mime":…,"data":"<base64>"}` + `tail`. */
+  private withAttachment(head: string, mime: string, sha: string, tail: string): StreamedFrame {
+    return {
+      parts: [`${head},"attach":{"mime":${JSON.stringify(mime)},"data":"`, () => this.blobs.readBase64(sha), `"}${tail}`],
+    };
+  }
+
+  private listReply(action: string, r: ListReply): StreamedFrame {
+    let open = JSON.stringify({ status: Code.OK, error: codeText(Code.OK), ...r.fields, ...r.before }).slice(0, -1);
+    open = `${this.head(action)}${open},${JSON.stringify(r.key)}:[`;
+    const items: Producer = () => this.listItems(r.items());
+    return { parts: [open, items, "]}}\n"] };
+  }
+
+  private async *listItems(items: AsyncIterable<Fields>): AsyncIterable<string> {
+    let first = true;
+    for await (const item of items) {
+      const sep = first ? "" : ",";
+      first = false;
+      const attach = item.attach;
+      if (attach instanceof AttachmentRef) {
+        const { attach: _, ...rest } = item;
+        const json = JSON.stringify(rest);
+        yield `${sep}${json.slice(0, -1)}${json.length > 2 ? "," : ""}"attach":{"mime":${JSON.stringify(attach.mime)},"data":"`;
+        yield* this.blobs.readBase64(attach.sha);
+        yield `"}}`;
+      } else {
+        yield sep + JSON.stringify(item);
+      }
+    }
+  }
+}

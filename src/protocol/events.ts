@@ -1,0 +1,35 @@
+// Typed events: what features publish and the router delivers. Features never build
+// wire text; each codec turns an event into its own format, once per event.
+
+import type { MessageRecord } from "../storage/layout.js";
+import type { OutFrame } from "./frames.js";
+
+export type Event =
+  | MessageEvent
+  | { kind: "edit"; mid: string; body: string; edited: number; wire?: Wire }
+  | { kind: "delete"; mid: string; wire?: Wire }
+  | { kind: "enter"; chid: string; uid: string; nick: string; wire?: Wire }
+  | { kind: "leave"; chid: string; uid: string; nick: string; wire?: Wire }
+  | { kind: "channelDeleted"; chid: string; wire?: Wire }
+  | { kind: "presence"; uid: string; online: boolean; wire?: Wire }
+  | { kind: "logout"; reason: string; wire?: Wire }
+  | { kind: "close"; reason: string; wire?: Wire };
+
+/**
+ * A message. `json` is its stored record's text when it was just written (the native
+ * codec reuses it); `inbox` is the uid whose inbox holds it (a direct message's
+ * recipient): for that user it is delivered with acknowledgement and sync.
+ */
+export interface MessageEvent {
+  kind: "message";
+  m: MessageRecord;
+  json?: string;
+  inbox?: string;
+  wire?: Wire;
+}
+
+/** Encodings of one event, by codec name: each is made once, whatever the audience. */
+export type Wire = Record<string, OutFrame>;
+
+/** Who an event goes to. */
+export type Audience = { users: readonly string[] } | { channel: string };

@@ -1,0 +1,190 @@
+// The router: the one place that decides where an event goes and what a connection
+// has been sent. Features publish typed events with an audience; the router resolves
+// the audience (a channel's members), finds every live session of each user, and has
+// each session's codec encode the event (once per codec, whatever the audience).
+//
+// Inbox delivery (direct messages to a user) is exact:
+// - after auth a session is synced: the inbox entries after the client's `since` (or
+//   after the user's delivery cursor) are sent in order, page by page as the socket
+//   drains; live inbox events that arrive meanwhile are not sent but make the sync
+//   read again, and once a read comes back short the session goes live in the same
+//   turn, so nothing committed is missed and nothing is sent twice;
+// - a live session gets every inbox event in seq order and never one it already has;
+// - the cursor advances on the client's `ack` (acking clients), or, for clients that
+//   do not ack, once the connection has handed the OS so much after the event that the
+//   client must have read it (Connection's confirmation marks). Entries past the
+//   cursor are sent again after the next auth: at least once for those clients.
+//
+// The Delivery interface (seams.ts) is what a cluster transport will implement too.
+
+import type { Event, MessageEvent } from "./events.js";
+import type { Audience } from "./events.js";
+import type { Session } from "./session.js";
+import type { MessageRecord } from "../storage/layout.js";
+
+export interface InboxItem {
+  seq: number;
+  message: MessageRecord | undefined;
+}
+
+/** The inbox store as the router needs it (storage/messages.ts implements it). */
+export interface InboxSource {
+  cursor(uid: string): Promise<number>;
+  inboxAfter(uid: string, after: number, limit: number): Promise<InboxItem[]>;
+  advance(uid: string, seq: number): void;
+}
+
+export interface MembersSource {
+  cachedMembers(chid: string): ReadonlySet<string> | undefined;
+  members(chid: string): Promise<readonly string[]>;
+}
+
+/** Hands events to the live connections of users (seams.ts lists it). */
+export interface Delivery {
+  publish(ev: Event, audience: Audience): void;
+}
+
+/** Inbox entries read per page while syncing. */
+const SYNC_PAGE = 256;
+
+export class Router implements Delivery {
+  private readonly users = new Map<string, Session | Session[]>();
+
+  constructor(
+    private readonly inbox: InboxSource,
+    private readonly channels: MembersSource,
+    private readonly onError: (err: unknown, what: string) => void,
+  ) {}
+
+  /** Returns true when this is the user's first live connection. */
+  attach(s: Session): boolean {
+    const uid = s.uid as string;
+    const cur = this.users.get(uid);
+    if (cur === undefined) {
+      this.users.set(uid, s);
+      return true;
+    }
+    if (Array.isArray(cur)) {
+      if (!cur.includes(s)) cur.push(s);
+    } else if (cur !== s) this.users.set(uid, [cur, s]);
+    return false;
+  }
+
+  /** Returns true when that was the user's last live connection. */
+  detach(s: Session, uid: string | undefined = s.uid): boolean {
+    if (uid === undefined) return false;
+    const cur = this.users.get(uid);
+    if (cur === undefined) return false;
+    if (cur === s) {
+      this.users.delete(uid);
+      return true;
+    }
+    if (!Array.isArray(cur)) return false;
+    const i = cur.indexOf(s);
+    if (i < 0) return false;
+    cur.splice(i, 1);
+    if (cur.length === 1) this.users.set(uid, cur[0]);
+    return false;
+  }
+
+  isOnline(uid: string): boolean {
+    return this.users.has(uid);
+  }
+
+  sessions(uid: string): readonly Session[] {
+    const cur = this.users.get(uid);
+    return cur === undefined ? NONE : Array.isArray(cur) ? cur : [cur];
+  }
+
+  publish(ev: Event, audience: Audience): void {
+    if ("users" in audience) {
+      for (const uid of audience.users) this.toUser(uid, ev);
+      return;
+    }
+    const cached = this.channels.cachedMembers(audience.channel);
+    if (cached) {
+      for (const uid of cached) this.toUser(uid, ev);
+      return;
+    }
+    this.channels.members(audience.channel).then(
+      (members) => {
+        for (const uid of members) this.toUser(uid, ev);
+      },
+      (err) => this.onError(err, "resolving a channel's members"),
+    );
+  }
+
+  /** An event for one connection only (ev_logout to the sessions it ends). */
+  sendTo(s: Session, ev: Event): void {
+    s.peer.send(s.codec.event(ev), true);
+  }
+
+  private toUser(uid: string, ev: Event): void {
+    const cur = this.users.get(uid);
+    if (cur === undefined) return;
+    const inbox = ev.kind === "message" && ev.inbox === uid;
+    if (Array.isArray(cur)) {
+      for (const s of cur) {
+        if (inbox) this.inboxEvent(s, ev as MessageEvent);
+        else s.peer.send(s.codec.event(ev), true);
+      }
+    } else if (inbox) this.inboxEvent(cur, ev as MessageEvent);
+    else cur.peer.send(cur.codec.event(ev), true);
+  }
+
+  private inboxEvent(s: Session, ev: MessageEvent): void {
+    if (s.syncing) {
+      s.syncDirty = true;
+      return;
+    }
+    const seq = Number(ev.m.mid);
+    if (seq <= s.lastInbox) return;
+    s.lastInbox = seq;
+    s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
+  }
+
+  /**
+   * Sends the session's inbox after `since` (default: the user's cursor), then makes
+   * it live. Call after the auth reply is queued.
+   */
+  async sync(s: Session, since: number | undefined): Promise<void> {
+    const uid = s.uid as string;
+    s.syncing = true;
+    try {
+      s.lastInbox = since ?? (await this.inbox.cursor(uid));
+      for (;;) {
+        s.syncDirty = false;
+        const page = await this.inbox.inboxAfter(uid, s.lastInbox, SYNC_PAGE);
+        if (s.uid !== uid || s.peer.closed) return;
+        for (const { seq, message } of page) {
+          // Never more than the socket can take: wait for it rather than hit the cap.
+          if (s.peer.congested && (!(await s.peer.drained()) || s.uid !== uid)) return;
+          s.lastInbox = seq;
+          if (!message) continue; // deleted since it was sent
+          const ev: MessageEvent = { kind: "message", m: message, inbox: uid };
+          s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
+        }
+        if (page.length < SYNC_PAGE && !s.syncDirty) break;
+      }
+      if (s.uid === uid) s.syncing = false;
+    } catch (err) {
+      if (s.uid === uid) s.syncing = false;
+      this.onError(err, "syncing an inbox");
+      s.peer.end();
+    }
+  }
+
+  /** The client acknowledged every inbox event through `seq` sent on this connection. */
+  ack(s: Session, seq: number): number {
+    const through = Math.min(seq, s.lastInbox);
+    if (through > 0) this.inbox.advance(s.uid as string, through);
+    return through;
+  }
+
+  /** A non-acking connection has certainly delivered everything through `seq`. */
+  confirmed(s: Session, seq: number): void {
+    if (s.uid !== undefined) this.inbox.advance(s.uid, seq);
+  }
+}
+
+const NONE: readonly Session[] = [];
