@@ -78,18 +78,19 @@ export function registerMessages(sv: Services): void {
         ? { mid: "", chid: channel, from: me, nick: s.nick as string, body, time }
         : { mid: "", from: me, nick: s.nick as string, body, time, to };
     if (stored) m.attach = { mime: attach?.mime || "application/octet-stream", sha: stored.sha, size: stored.size };
-    const json = messages.append(m, cmid);
+    const text = messages.append(m, cmid);
     // In the same batch as the record: the first message of a pair records it for
     // dialogs; an attachment's reference keeps its blob.
-    if (to !== undefined) storage.commitLazy(messages.peerOps(me, to));
+    const newPair = to !== undefined ? messages.peerOps(me, to) : undefined;
+    if (newPair) storage.commitLazy(newPair);
     if (stored) storage.commitLazy(blobs.refOps(stored.sha, m.mid));
     const d = new Deferred();
     storage.afterCommit((err) => {
       onStored?.(err, { mid: m.mid, time: m.time });
       if (err) return d.reject(err);
-      const ev: MessageEvent = { kind: "message", m, json };
+      const ev: MessageEvent = { kind: "message", m, text };
       if (to !== undefined) {
-        messages.peersKnown(me, to);
+        if (newPair) messages.peersKnown(me, to);
         ev.inbox = to;
         req.emit(ev, { users: to === me ? [to] : [to, me] });
       } else {

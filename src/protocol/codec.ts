@@ -8,7 +8,7 @@
 // streamed from the blob store, the text after it. Nothing is ever found by searching
 // serialised text, so no user input can be taken for an attachment.
 
-import type { MessageRecord } from "../storage/layout.js";
+import { recordJson, type MessageRecord } from "../storage/layout.js";
 import { Code, codeText } from "./codes.js";
 import type { Event } from "./events.js";
 import { nowSeconds, type Fields, type OutFrame, type Producer, type StreamedFrame } from "./frames.js";
@@ -55,15 +55,13 @@ export interface Codec {
 export const WELCOME_TEXT = "Welcome to wirechat. Send one JSON object per line; try {\"action\":\"hello\"}";
 
 /** Seed clients read `attach` unconditionally, so ev_message always carries it. */
-const NO_ATTACH = ',"attach":{"mime":"","data":""}}';
+const NO_ATTACH = ',"attach":{"mime":"","data":""}';
 
-/** The wire fields of a message, in the stored record's order, without attachment. */
-function messageJson(m: MessageRecord): string {
-  return JSON.stringify(
-    m.chid !== undefined
-      ? { mid: m.mid, chid: m.chid, from: m.from, nick: m.nick, body: m.body, time: m.time }
-      : { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time, to: m.to },
-  );
+/** The wire fields of a message around the place of its attachment (seed 004's order). */
+function messageParts(m: MessageRecord, text?: { json: string; cut: number }): [head: string, tail: string] {
+  if (text && m.attach === undefined && m.edited === undefined) return [text.json.slice(0, text.cut), text.json.slice(text.cut)];
+  const { json, cut } = recordJson({ mid: m.mid, chid: m.chid, from: m.from, nick: m.nick, body: m.body, time: m.time, to: m.to });
+  return [json.slice(0, cut), json.slice(cut)];
 }
 
 export class NativeCodec implements Codec {
@@ -109,9 +107,9 @@ export class NativeCodec implements Codec {
     switch (ev.kind) {
       case "message": {
         const m = ev.m;
-        const base = m.attach === undefined && m.edited === undefined && ev.json !== undefined ? ev.json : messageJson(m);
-        if (!m.attach) return `{"action":"ev_message","data":${base.slice(0, -1)}${NO_ATTACH}}\n`;
-        return this.withAttachment(`{"action":"ev_message","data":${base.slice(0, -1)}`, m.attach.mime, m.attach.sha, "}}\n");
+        const [head, tail] = messageParts(m, ev.text);
+        if (!m.attach) return `{"action":"ev_message","data":${head}${NO_ATTACH}${tail}}\n`;
+        return this.withAttachment(`{"action":"ev_message","data":${head}`, m.attach.mime, m.attach.sha, `${tail}}\n`);
       }
       case "edit":
         return this.frame("ev_edit", { mid: ev.mid, body: ev.body, edited: ev.edited });

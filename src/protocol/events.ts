@@ -16,14 +16,14 @@ export type Event =
   | { kind: "close"; reason: string; wire?: Wire };
 
 /**
- * A message. `json` is its stored record's text when it was just written (the native
- * codec reuses it); `inbox` is the uid whose inbox holds it (a direct message's
- * recipient): for that user it is delivered with acknowledgement and sync.
+ * A message. `text` is its stored record's text when it was just written (the native
+ * codec reuses it: see recordJson); `inbox` is the uid whose inbox holds it (a direct
+ * message's recipient): for that user it is delivered with acknowledgement and sync.
  */
 export interface MessageEvent {
   kind: "message";
   m: MessageRecord;
-  json?: string;
+  text?: { json: string; cut: number };
   inbox?: string;
   wire?: Wire;
 }

@@ -86,14 +86,19 @@ export function convOf(m: MessageRecord): string {
   return m.chid !== undefined ? channelConv(m.chid) : directConv(m.from, m.to as string);
 }
 
-/** The stored text of a record: JSON with the fields in MessageRecord's order. */
-export function recordJson(m: MessageRecord): string {
-  const base =
-    m.chid !== undefined
-      ? { mid: m.mid, chid: m.chid, from: m.from, nick: m.nick, body: m.body, time: m.time }
-      : { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time, to: m.to };
-  const extra = m.attach || m.edited !== undefined ? { attach: m.attach, edited: m.edited } : undefined;
-  return extra ? JSON.stringify({ ...base, ...extra }) : JSON.stringify(base);
+/**
+ * The stored text of a record, built once: JSON with the fields in MessageRecord's
+ * order. `cut` is where a direct message's `to` begins (a channel message's end), so
+ * that a codec can put fields the record lacks in the wire's order without searching.
+ */
+export function recordJson(m: MessageRecord): { json: string; cut: number } {
+  let head = `{"mid":${JSON.stringify(m.mid)},`;
+  if (m.chid !== undefined) head += `"chid":${JSON.stringify(m.chid)},`;
+  head += `"from":${JSON.stringify(m.from)},"nick":${JSON.stringify(m.nick)},"body":${JSON.stringify(m.body)},"time":${m.time}`;
+  let tail = m.to !== undefined ? `,"to":${JSON.stringify(m.to)}` : "";
+  if (m.attach) tail += `,"attach":${JSON.stringify(m.attach)}`;
+  if (m.edited !== undefined) tail += `,"edited":${m.edited}`;
+  return { json: `${head}${tail}}`, cut: head.length };
 }
 
 // A Level sublevel with string keys; values are JSON unless said otherwise.

@@ -66,7 +66,9 @@ export class MessageStore {
   private derivedTimer: NodeJS.Timeout | undefined;
   private derivedDue = false;
   private readonly recentCmids = new Map<string, [string, number]>();
-  private readonly knownPeers = new Set<string>();
+  /** sender → recipients whose pair is known to be in `peers` (bounded, see KNOWN_PEERS). */
+  private readonly knownPeers = new Map<string, Set<string>>();
+  private knownPeerCount = 0;
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
 
@@ -118,19 +120,19 @@ export class MessageStore {
 
   /**
    * Adds a message to the batch being gathered: assigns its mid, writes its record
-   * and its log entry. Returns the record's JSON text. The caller waits for the batch
-   * with storage.afterCommit before acknowledging.
+   * and its log entry. Returns the record's JSON text (see recordJson). The caller
+   * waits for the batch with storage.afterCommit before acknowledging.
    */
-  append(m: MessageRecord, cmid: string | undefined): string {
+  append(m: MessageRecord, cmid: string | undefined): { json: string; cut: number } {
     const seq = this.seq.next();
     m.mid = String(seq);
-    const json = recordJson(m);
+    const text = recordJson(m);
     const conv = convOf(m);
-    this.storage.put(this.s.msgs.prefix + msgKey(conv, seq), json);
+    this.storage.put(this.s.msgs.prefix + msgKey(conv, seq), text.json);
     if (!this.chunk) this.openChunk(seq);
     (this.chunk as LogChunk)[seq - this.chunkFirst] = [conv, m.to ?? "", m.from, cmid ?? ""];
     if (cmid !== undefined) (this.chunkTimes as Map<number, number>).set(seq, m.time);
-    return json;
+    return text;
   }
 
   /**
@@ -259,7 +261,7 @@ export class MessageStore {
 
   /** Ops replacing a stored message's record (an edit). */
   updateOps(m: MessageRecord): BatchOp[] {
-    return [putText(this.s.msgs, msgKey(convOf(m), Number(m.mid)), recordJson(m))];
+    return [putText(this.s.msgs, msgKey(convOf(m), Number(m.mid)), recordJson(m).json)];
   }
 
   /**
@@ -332,17 +334,26 @@ export class MessageStore {
     return ops;
   }
 
-  /** Ops recording that two users have a direct conversation (for dialogs), once. */
-  peerOps(a: string, b: string): BatchOp[] {
-    const key = pair(a, b);
-    if (this.knownPeers.has(key)) return [];
+  /**
+   * Ops recording that two users have a direct conversation (for dialogs); none once
+   * the pair is known to be recorded (call peersKnown after the commit).
+   */
+  peerOps(a: string, b: string): BatchOp[] | undefined {
+    if (this.knownPeers.get(a)?.has(b)) return undefined;
     return a === b ? [put(this.s.peers, pair(a, b), 1)] : [put(this.s.peers, pair(a, b), 1), put(this.s.peers, pair(b, a), 1)];
   }
 
-  /** Call once the ops from peerOps are committed. */
   peersKnown(a: string, b: string): void {
-    if (this.knownPeers.size >= KNOWN_PEERS) this.knownPeers.clear();
-    this.knownPeers.add(pair(a, b));
+    if (this.knownPeerCount >= KNOWN_PEERS) {
+      this.knownPeers.clear();
+      this.knownPeerCount = 0;
+    }
+    let set = this.knownPeers.get(a);
+    if (!set) this.knownPeers.set(a, (set = new Set()));
+    if (!set.has(b)) {
+      set.add(b);
+      this.knownPeerCount++;
+    }
   }
 
   async peers(uid: string): Promise<string[]> {
