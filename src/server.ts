@@ -49,13 +49,14 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const channels = new ChannelStore(storage, await storage.counter("chid"));
   const router = new Router(messages, channels, (err, what) => log.error({ err }, `${what} failed`));
   dispatcher.route(router);
-  const blobs = new BlobStore(config.dataDir, storage);
+  const locks = new LocalLock();
+  const blobs = new BlobStore(config.dataDir, storage, locks);
   const services: Services = {
     config,
     log,
     dispatcher,
     router,
-    locks: new LocalLock(),
+    locks,
     hooks: new Hooks(),
     storage,
     users: new UserStore(storage),

@@ -10,15 +10,19 @@
 // stored again. References live in LevelDB (`blobrefs <sha>!<mid>`, written in the
 // message's own batch); a blob with no reference left is deleted. While an upload or
 // a message that uses a blob is in flight, the blob is pinned so that a concurrent
-// delete cannot remove it.
+// delete cannot remove it. Deleting (check pins and references, unlink) and storing
+// (pin, then keep the stored file or move the upload into place) hold the sha's lock,
+// so an upload never keeps a file that a delete has already decided to unlink.
 
 import { createHash, randomBytes, type Hash } from "node:crypto";
 import { createReadStream, createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
 import { access, mkdir, open, rename, unlink } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
+import { LocalLock, type KeyedLock } from "../seams.js";
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import { pair, prefixRange, type Spaces } from "./layout.js";
+import { readKeys } from "./range.js";
 
 export interface BlobRef {
   /** sha256 of the decoded bytes, hex. */
@@ -89,7 +93,12 @@ export class BlobStore {
   /** sha → number of uploads/messages in flight that use it. */
   private readonly pins = new Map<string, number>();
 
-  constructor(dataDir: string, storage: Storage) {
+  constructor(
+    dataDir: string,
+    storage: Storage,
+    /** Per-sha: collect and the store step of an upload never interleave. */
+    private readonly locks: KeyedLock = new LocalLock(),
+  ) {
     this.dir = path.join(dataDir, "blobs");
     this.tmp = path.join(this.dir, "tmp");
     this.s = storage.spaces;
@@ -129,11 +138,36 @@ export class BlobStore {
     return [del(this.s.blobrefs, pair(sha, mid))];
   }
 
-  /** Deletes the blob when no message references it and nothing in flight pins it. */
-  async collect(sha: string): Promise<void> {
-    const refs = await this.s.blobrefs.keys({ ...prefixRange(sha), limit: 1 }).all();
-    if (refs.length > 0 || this.pins.has(sha)) return;
-    await unlink(this.pathOf(sha)).catch(() => {});
+  /**
+   * Deletes the blob when no message references it and nothing in flight pins it.
+   * Never rejects (callers fire and forget it): when the references cannot be read,
+   * the blob stays.
+   */
+  collect(sha: string): Promise<void> {
+    return this.locks
+      .run(sha, async () => {
+        if (this.pins.has(sha)) return;
+        const refs = await readKeys(this.s.blobrefs, { ...prefixRange(sha), limit: 1 });
+        if (refs.length > 0 || this.pins.has(sha)) return;
+        await unlink(this.pathOf(sha)).catch(() => {});
+      })
+      .catch(() => {});
+  }
+
+  /**
+   * Pins `sha` and moves a finished upload into place, under the sha's lock: a
+   * collect either ran before (the upload's own file is kept) or sees the pin.
+   */
+  async storeUpload(tmpPath: string, sha: string): Promise<void> {
+    await this.locks.run(sha, async () => {
+      this.pin(sha);
+      try {
+        await this.adopt(tmpPath, sha);
+      } catch (err) {
+        this.unpin(sha);
+        throw err;
+      }
+    });
   }
 
   async exists(sha: string): Promise<boolean> {
@@ -143,7 +177,10 @@ export class BlobStore {
     );
   }
 
-  /** Moves a finished upload into place (or drops it when the same blob is stored). */
+  /**
+   * Moves a finished upload into place (or drops it when the same blob is stored).
+   * Unlocked: only for storeUpload().
+   */
   async adopt(tmpPath: string, sha: string): Promise<void> {
     const final = this.pathOf(sha);
     if (await this.exists(sha)) {
@@ -252,6 +289,7 @@ export class BlobWriter {
     if (this.done) return;
     this.fault ??= new BlobError("aborted", "upload aborted");
     this.discard();
+    this.onDrain?.(); // a connection paused for this upload must not stay paused
   }
 
   /**
@@ -294,11 +332,9 @@ export class BlobWriter {
       await fh.close();
     }
     const sha = this.hash.digest("hex");
-    this.store.pin(sha);
     try {
-      await this.store.adopt(this.tmpPath, sha);
+      await this.store.storeUpload(this.tmpPath, sha);
     } catch (err) {
-      this.store.unpin(sha);
       await unlink(this.tmpPath).catch(() => {});
       throw new BlobError("aborted", `attachment could not be stored: ${(err as Error).message}`);
     }

@@ -1,15 +1,57 @@
-// Channels, their unique names and their stored membership (both ways).
+// Channels, their unique names and their stored membership (both ways), with an LRU
+// cache of memberships so that a channel message does not read them from disk.
+//
+// The cache only ever holds committed state. Membership changes are written by the
+// caller (joinOps, leaveOps, createOps, removeOps), who reports each one once its
+// commit succeeded: joined, left, removed. Between building the ops and that report
+// the disk may be ahead of the cache, so the channel is read from disk as before
+// (a change built and never reported, e.g. its commit failed, keeps that channel off
+// the cache: slower, never wrong). A report also discards any load in flight for
+// the channel, which may have read the state from before the change.
 
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
 import { keyTail, pair, prefixRange, type ChannelRecord, type Spaces } from "./layout.js";
+import { readKeys, readValues } from "./range.js";
+
+export interface MembershipCacheLimits {
+  /** Channels whose membership is cached. */
+  channels: number;
+  /** Member entries cached, over all those channels. */
+  entries: number;
+}
+
+const DEFAULT_LIMITS: MembershipCacheLimits = { channels: 4096, entries: 1_000_000 };
+
+interface Cached {
+  uids: Set<string>;
+  /** uids in key order (what members() returns), rebuilt after a change. */
+  sorted: string[] | undefined;
+}
+
+interface Load {
+  uids: Promise<Set<string>>;
+  /** Cleared by a change reported while the load was reading: its result is stale. */
+  current: boolean;
+}
 
 export class ChannelStore {
   private readonly s: Spaces;
+  private readonly limits: MembershipCacheLimits;
+  /** chid → members; Map order is recency, least recently used first. */
+  private readonly cache = new Map<string, Cached>();
+  private entries = 0;
+  /** One load per chid at a time; concurrent misses share it. */
+  private readonly loads = new Map<string, Load>();
+  /** chid → membership changes built and not yet reported. */
+  private readonly unreported = new Map<string, number>();
+
   constructor(
     storage: Storage,
     private readonly ids: Counter,
+    limits: Partial<MembershipCacheLimits> = {},
   ) {
     this.s = storage.spaces;
+    this.limits = { ...DEFAULT_LIMITS, ...limits };
   }
 
   nextChid(): string {
@@ -25,43 +67,159 @@ export class ChannelStore {
   }
 
   async all(): Promise<ChannelRecord[]> {
-    return (await this.s.channels.values().all()) as ChannelRecord[];
+    return readValues<ChannelRecord>(this.s.channels, {});
   }
 
+  /** Report with joined(c.chid, c.owner) once committed. */
   createOps(c: ChannelRecord): BatchOp[] {
     return [put(this.s.channels, c.chid, c), put(this.s.chname, c.name.toLowerCase(), c.chid), ...this.joinOps(c.chid, c.owner, c.created)];
   }
 
+  /** Report with removed(c.chid) once committed. */
   removeOps(c: ChannelRecord, members: readonly string[]): BatchOp[] {
+    this.changing(c.chid);
     const ops = [del(this.s.channels, c.chid), del(this.s.chname, c.name.toLowerCase())];
-    for (const uid of members) ops.push(...this.leaveOps(c.chid, uid));
+    for (const uid of members) ops.push(...this.memberDels(c.chid, uid));
     return ops;
   }
 
-  cachedMembers(_chid: string): ReadonlySet<string> | undefined {
-    return undefined;
-  }
-  joined(_chid: string, _uid: string): void {}
-  left(_chid: string, _uid: string): void {}
-  removed(_chid: string): void {}
-
+  /** Members in uid order. */
   async members(chid: string): Promise<string[]> {
-    return (await this.s.members.keys(prefixRange(chid)).all()).map(keyTail);
+    const hit = this.fresh(chid);
+    if (hit) return (hit.sorted ??= [...hit.uids].sort()).slice();
+    if (this.unreported.has(chid)) return (await readKeys(this.s.members, prefixRange(chid))).map(keyTail);
+    return [...(await this.load(chid))].sort();
   }
 
   async isMember(chid: string, uid: string): Promise<boolean> {
-    return (await this.s.members.get(pair(chid, uid))) !== undefined;
+    const hit = this.fresh(chid);
+    if (hit) return hit.uids.has(uid);
+    if (this.unreported.has(chid)) return (await this.s.members.get(pair(chid, uid))) !== undefined;
+    return (await this.load(chid)).has(uid);
+  }
+
+  /**
+   * The members when they are cached (and no change is in flight), else undefined:
+   * for the hot path, which then falls back to members(). A live view: copy it to
+   * keep it past the current turn.
+   */
+  cachedMembers(chid: string): ReadonlySet<string> | undefined {
+    return this.fresh(chid)?.uids;
   }
 
   async channelsOf(uid: string): Promise<string[]> {
-    return (await this.s.memberof.keys(prefixRange(uid)).all()).map(keyTail);
+    return (await readKeys(this.s.memberof, prefixRange(uid))).map(keyTail);
   }
 
+  /** Report with joined(chid, uid) once committed. */
   joinOps(chid: string, uid: string, time: number): BatchOp[] {
+    this.changing(chid);
     return [put(this.s.members, pair(chid, uid), time), put(this.s.memberof, pair(uid, chid), 1)];
   }
 
+  /** Report with left(chid, uid) once committed. */
   leaveOps(chid: string, uid: string): BatchOp[] {
+    this.changing(chid);
+    return this.memberDels(chid, uid);
+  }
+
+  /** The ops of joinOps (or createOps) are committed. */
+  joined(chid: string, uid: string): void {
+    this.changed(chid);
+    const c = this.cache.get(chid);
+    if (!c || c.uids.has(uid)) return;
+    c.uids.add(uid);
+    c.sorted = undefined;
+    this.entries++;
+    this.evict();
+  }
+
+  /** The ops of leaveOps are committed. */
+  left(chid: string, uid: string): void {
+    this.changed(chid);
+    const c = this.cache.get(chid);
+    if (!c || !c.uids.delete(uid)) return;
+    c.sorted = undefined;
+    this.entries--;
+  }
+
+  /** The ops of removeOps are committed. */
+  removed(chid: string): void {
+    this.changed(chid);
+    this.drop(chid);
+  }
+
+  /** What the membership cache holds. */
+  get cacheSize(): { channels: number; entries: number } {
+    return { channels: this.cache.size, entries: this.entries };
+  }
+
+  private memberDels(chid: string, uid: string): BatchOp[] {
     return [del(this.s.members, pair(chid, uid)), del(this.s.memberof, pair(uid, chid))];
+  }
+
+  private changing(chid: string): void {
+    this.unreported.set(chid, (this.unreported.get(chid) ?? 0) + 1);
+  }
+
+  private changed(chid: string): void {
+    const n = (this.unreported.get(chid) ?? 0) - 1;
+    if (n > 0) this.unreported.set(chid, n);
+    else this.unreported.delete(chid);
+    const load = this.loads.get(chid);
+    if (load) {
+      load.current = false;
+      this.loads.delete(chid);
+    }
+  }
+
+  /** The cached entry, if it may be served (marked most recently used). */
+  private fresh(chid: string): Cached | undefined {
+    const c = this.cache.get(chid);
+    if (!c || this.unreported.has(chid)) return undefined;
+    this.cache.delete(chid);
+    this.cache.set(chid, c);
+    return c;
+  }
+
+  private load(chid: string): Promise<Set<string>> {
+    const running = this.loads.get(chid);
+    if (running) return running.uids;
+    const load: Load = { uids: undefined as unknown as Promise<Set<string>>, current: true };
+    load.uids = readKeys(this.s.members, prefixRange(chid)).then(
+      (keys) => {
+        if (this.loads.get(chid) === load) this.loads.delete(chid);
+        const uids = new Set(keys.map(keyTail));
+        if (load.current && !this.unreported.has(chid)) this.store(chid, uids);
+        return uids;
+      },
+      (err: unknown) => {
+        if (this.loads.get(chid) === load) this.loads.delete(chid);
+        throw err;
+      },
+    );
+    this.loads.set(chid, load);
+    return load.uids;
+  }
+
+  private store(chid: string, uids: Set<string>): void {
+    this.drop(chid);
+    if (uids.size > this.limits.entries) return; // would evict everything else
+    this.cache.set(chid, { uids, sorted: undefined });
+    this.entries += uids.size;
+    this.evict();
+  }
+
+  private drop(chid: string): void {
+    const c = this.cache.get(chid);
+    if (!c) return;
+    this.cache.delete(chid);
+    this.entries -= c.uids.size;
+  }
+
+  private evict(): void {
+    while (this.cache.size > this.limits.channels || this.entries > this.limits.entries) {
+      this.drop(this.cache.keys().next().value as string);
+    }
   }
 }

@@ -2,6 +2,7 @@
 
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import { keyTail, pair, prefixRange, type Spaces } from "./layout.js";
+import { readKeys } from "./range.js";
 
 export class ContactStore {
   private readonly s: Spaces;
@@ -10,12 +11,12 @@ export class ContactStore {
   }
 
   async list(owner: string): Promise<string[]> {
-    return (await this.s.contacts.keys(prefixRange(owner)).all()).map(keyTail);
+    return (await readKeys(this.s.contacts, prefixRange(owner))).map(keyTail);
   }
 
   /** Users who have `uid` in their contact list. */
   async listedBy(uid: string): Promise<string[]> {
-    return (await this.s.contactof.keys(prefixRange(uid)).all()).map(keyTail);
+    return (await readKeys(this.s.contactof, prefixRange(uid))).map(keyTail);
   }
 
   async has(owner: string, uid: string): Promise<boolean> {

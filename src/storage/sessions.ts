@@ -4,6 +4,7 @@
 import { randomBytes } from "node:crypto";
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import { pair, prefixRange, keyTail, type SessionRecord, type Spaces } from "./layout.js";
+import { readKeys } from "./range.js";
 
 export class SessionStore {
   private readonly s: Spaces;
@@ -28,7 +29,7 @@ export class SessionStore {
   }
 
   async listSids(uid: string): Promise<string[]> {
-    const keys = await this.s.usessions.keys(prefixRange(uid)).all();
+    const keys = await readKeys(this.s.usessions, prefixRange(uid));
     return keys.map(keyTail);
   }
 }

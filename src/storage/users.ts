@@ -2,6 +2,7 @@
 
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import type { Spaces, UserRecord } from "./layout.js";
+import { readValues } from "./range.js";
 
 export type UniqueIndex = "login" | "nick" | "email" | "phone";
 
@@ -52,7 +53,7 @@ export class UserStore {
   /** uids whose `index` value starts with `prefix` (case-insensitive), in index order. */
   async prefixSearch(index: "login" | "nick", prefix: string, limit: number): Promise<string[]> {
     const from = indexKey(index, prefix);
-    return (await this.s[index].values({ gte: from, lt: from + "\u{10FFFF}", limit }).all()) as string[];
+    return readValues<string>(this.s[index], { gte: from, lt: from + "\u{10FFFF}", limit });
   }
 
   /** Index lookups for many values at once (undefined entries are skipped). */

@@ -1,0 +1,190 @@
+// Storage reads on a real LevelDB: range.ts's paged reads, and ChannelStore's bounded
+// membership cache (loads shared, reports applied, stale loads dropped, LRU bounds).
+import pino from "pino";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { ChannelStore } from "../src/storage/channels.js";
+import { Storage } from "../src/storage/db.js";
+import { prefixRange, type Space } from "../src/storage/layout.js";
+import { readEntries, readKeys, readValues } from "../src/storage/range.js";
+import { useTempDirs } from "./helpers.js";
+
+const newDir = useTempDirs();
+let storage: Storage;
+
+beforeEach(async () => {
+  storage = await Storage.open(newDir(), pino({ level: "silent" }));
+});
+afterEach(async () => {
+  await storage.close();
+});
+
+
+/** Counts the iterators opened on `space` (and closes), optionally holding each read until `gate`. */
+function watch(space: Space, gate?: () => Promise<unknown>): { opened: number; closed: number; restore: () => void } {
+  const stats = { opened: 0, closed: 0, restore: () => void delete (space as any).keys };
+  const keys = space.keys.bind(space);
+  space.keys = ((options: any) => {
+    const it = keys(options);
+    stats.opened++;
+    const wait = gate?.();
+    const nextv = it.nextv.bind(it);
+    const close = it.close.bind(it);
+    it.nextv = (async (n: number) => {
+      await wait;
+      return nextv(n);
+    }) as typeof it.nextv;
+    it.close = async () => {
+      stats.closed++;
+      return close();
+    };
+    return it;
+  }) as typeof space.keys;
+  return stats;
+}
+
+describe("range reads", () => {
+  const key = (p: string, i: number) => `${p}!${String(i).padStart(5, "0")}`;
+
+  it("read every key, value or entry of a range, in order or reversed, up to a limit", async () => {
+    const s = storage.spaces.contacts;
+    await s.batch([
+      ...Array.from({ length: 5000 }, (_, i) => ({ type: "put" as const, key: key("a", i), value: i })),
+      { type: "put", key: "b!1", value: -1 },
+      { type: "put", key: "a", value: -2 },
+    ]);
+    const all = await readKeys(s, prefixRange("a"));
+    expect(all).toHaveLength(5000);
+    expect(all[0]).toBe(key("a", 0));
+    expect(all[4999]).toBe(key("a", 4999));
+    expect(await readValues(s, { ...prefixRange("a"), reverse: true, limit: 3 })).toEqual([4999, 4998, 4997]);
+    expect(await readEntries(s, { gte: key("a", 10), lte: key("a", 12) })).toEqual([
+      [key("a", 10), 10],
+      [key("a", 11), 11],
+      [key("a", 12), 12],
+    ]);
+    expect(await readKeys(s, { ...prefixRange("a"), limit: 0 })).toEqual([]);
+    expect(await readKeys(s, { ...prefixRange("a"), limit: 70 })).toHaveLength(70);
+    expect(await readKeys(s, prefixRange("none"))).toEqual([]);
+  });
+
+  it("read ranges whose pages come back short (over 16 KiB of values per page)", async () => {
+    const s = storage.spaces.msgs;
+    const big = "x".repeat(4000);
+    await s.batch(Array.from({ length: 300 }, (_, i) => ({ type: "put" as const, key: key("c", i), value: { i, big } })));
+    const values = await readValues<{ i: number }>(s, prefixRange("c"));
+    expect(values.map((v) => v.i)).toEqual(Array.from({ length: 300 }, (_, i) => i));
+  });
+
+  it("close every iterator, also when a read fails", async () => {
+    const s = storage.spaces.sessions;
+    await s.put("k!1", 1);
+    const w = watch(s);
+    await readKeys(s, prefixRange("k"));
+    await readKeys(s, { ...prefixRange("k"), limit: 1 });
+    expect(w).toMatchObject({ opened: 2, closed: 2 });
+    w.restore();
+    const failing = watch(s, () => Promise.reject(new Error("disk on fire")));
+    await expect(readKeys(s, prefixRange("k"))).rejects.toThrow("disk on fire");
+    expect(failing).toMatchObject({ opened: 1, closed: 1 });
+    failing.restore();
+  });
+});
+
+describe("channel membership cache", () => {
+  async function channels(limits?: { channels?: number; entries?: number }): Promise<ChannelStore> {
+    return new ChannelStore(storage, await storage.counter("chid"), limits);
+  }
+
+  /** Joins as a caller does: build, commit, report. */
+  async function join(ch: ChannelStore, chid: string, ...uids: string[]): Promise<void> {
+    await storage.commit(uids.flatMap((uid) => ch.joinOps(chid, uid, 1)));
+    for (const uid of uids) ch.joined(chid, uid);
+  }
+
+  it("load a channel once, for concurrent misses too, then serve it from memory", async () => {
+    const ch = await channels();
+    await join(ch, "1", "u3", "u1", "u2");
+    const w = watch(storage.spaces.members);
+    const [m, yes, no] = await Promise.all([ch.members("1"), ch.isMember("1", "u2"), ch.isMember("1", "u9")]);
+    expect(m).toEqual(["u1", "u2", "u3"]);
+    expect([yes, no]).toEqual([true, false]);
+    expect(w.opened).toBe(1);
+    expect(await ch.members("1")).toEqual(["u1", "u2", "u3"]);
+    expect(await ch.isMember("1", "u3")).toBe(true);
+    expect([...(ch.cachedMembers("1") ?? [])].sort()).toEqual(["u1", "u2", "u3"]);
+    expect(w.opened).toBe(1);
+    w.restore();
+  });
+
+  it("apply reported joins, leaves and removals; members stay in uid order", async () => {
+    const ch = await channels();
+    await join(ch, "1", "u5");
+    await ch.members("1");
+    await join(ch, "1", "u1");
+    expect(await ch.members("1")).toEqual(["u1", "u5"]);
+    await storage.commit(ch.leaveOps("1", "u5"));
+    ch.left("1", "u5");
+    expect(await ch.isMember("1", "u5")).toBe(false);
+    expect(ch.cacheSize).toEqual({ channels: 1, entries: 1 });
+    const c = { chid: "1", name: "one", descr: "", owner: "u1", created: 1 };
+    await storage.commit(ch.removeOps(c, await ch.members("1")));
+    ch.removed("1");
+    expect(ch.cachedMembers("1")).toBeUndefined();
+    expect(ch.cacheSize).toEqual({ channels: 0, entries: 0 });
+    expect(await ch.members("1")).toEqual([]);
+  });
+
+  it("read from disk while a change is built and not yet reported", async () => {
+    const ch = await channels();
+    await join(ch, "1", "u1");
+    await ch.members("1");
+    // committed but not (yet) reported: the cache must not answer for it
+    await storage.commit(ch.joinOps("1", "u2", 1));
+    expect(ch.cachedMembers("1")).toBeUndefined();
+    expect(await ch.members("1")).toEqual(["u1", "u2"]);
+    expect(await ch.isMember("1", "u2")).toBe(true);
+    ch.joined("1", "u2");
+    expect([...(ch.cachedMembers("1") ?? [])].sort()).toEqual(["u1", "u2"]);
+  });
+
+  it("do not cache a load that read the membership from before a reported change", async () => {
+    const ch = await channels();
+    await join(ch, "1", "u1");
+    let open!: () => void;
+    const gate = new Promise<void>((r) => (open = r));
+    const w = watch(storage.spaces.members, () => gate);
+    const stale = ch.members("1"); // its snapshot predates u2
+    await join(ch, "1", "u2");
+    open();
+    expect(await stale).toEqual(["u1"]);
+    expect(ch.cachedMembers("1")).toBeUndefined();
+    w.restore();
+    expect(await ch.members("1")).toEqual(["u1", "u2"]);
+    expect(ch.cachedMembers("1")?.has("u2")).toBe(true);
+  });
+
+  it("evict the least recently used channels past either bound", async () => {
+    const ch = await channels({ channels: 3, entries: 10 });
+    for (const chid of ["1", "2", "3", "4"]) await join(ch, chid, `a${chid}`, `b${chid}`);
+    for (const chid of ["1", "2", "3"]) await ch.members(chid);
+    ch.cachedMembers("1"); // 1 is now the most recent, 2 the least
+    await ch.members("4");
+    expect(["1", "2", "3", "4"].map((c) => ch.cachedMembers(c) !== undefined)).toEqual([true, false, true, true]);
+    expect(ch.cacheSize).toEqual({ channels: 3, entries: 6 });
+
+    await join(ch, "5", ...Array.from({ length: 7 }, (_, i) => `m${i}`));
+    await ch.members("5"); // 6 + 7 > 10: the least recent go until it fits
+    expect(ch.cacheSize.entries).toBeLessThanOrEqual(10);
+    expect(ch.cachedMembers("5")?.size).toBe(7);
+    expect(ch.cacheSize).toEqual({ channels: 2, entries: 9 });
+
+    await join(ch, "6", ...Array.from({ length: 11 }, (_, i) => `n${i}`));
+    expect(await ch.members("6")).toHaveLength(11); // larger than the whole cache: not kept
+    expect(ch.cachedMembers("6")).toBeUndefined();
+    expect(ch.cacheSize).toEqual({ channels: 2, entries: 9 });
+
+    // a reported join can push past the bound too
+    await join(ch, "5", "m7", "m8");
+    expect(ch.cacheSize.entries).toBeLessThanOrEqual(10);
+  });
+});
