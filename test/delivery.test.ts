@@ -1,0 +1,237 @@
+// Delivery of direct messages across disconnects and re-authentication: at least once
+// across reconnects, exactly once on a connection, opt-in acknowledgements (`hello
+// {ack:true}`, cumulative `ack {mid}`), resumable sync (`auth {since}`), and `cmid`
+// under a race between two connections of one sender.
+
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, serveForFile, type Account } from "./helpers.js";
+import { byMid, duplicates, evMids, helloAck, orClosed, settle, waitForMids } from "./pipeline-helpers.js";
+
+const shared = serveForFile();
+
+/** A fresh user whose registration connection is closed (so it starts offline). */
+async function offlineUser(): Promise<Account> {
+  const u = await registerUser(shared.port);
+  u.client.close();
+  await u.client.closed;
+  return u;
+}
+
+/** A new connection of `u`, optionally acking (hello {ack:true} first), authenticated by sid. */
+async function connect(u: Account, opts: { ack?: boolean; since?: string } = {}): Promise<Client> {
+  const c = await Client.connect(shared.port);
+  if (opts.ack) {
+    const hello = await c.request("hello", { ack: true });
+    expect(hello.status).toBe(0);
+    expect(hello.ack, "hello {ack:true} is answered with ack: true").toBe(true);
+  }
+  const auth = await c.request("auth", opts.since === undefined ? { sid: u.sid } : { sid: u.sid, since: opts.since });
+  expect(auth.status).toBe(0);
+  return c;
+}
+
+/** Sends `n` messages from `from` to `to` without waiting, then collects the replies (all must be 0). */
+async function sendBurst(from: Client, to: string, n: number, tag: string): Promise<string[]> {
+  for (let i = 0; i < n; i++) from.send("message", { uid: to, body: `${tag} ${i}` });
+  const mids: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const r = (await orClosed(from, from.reply("message", 15_000), `message reply ${i}`)).data;
+    expect(r.status, `message ${i}: ${JSON.stringify(r)}`).toBe(0);
+    mids.push(r.mid);
+  }
+  return mids;
+}
+
+describe("a stopped reader that is reset gets everything after its next auth", () => {
+  for (const ack of [false, true]) {
+    it(`${ack ? "acking" : "non-acking"} B: 200 messages, none read, reset; the next auth delivers all 200 once, oldest first`, async () => {
+      const a = await registerUser(shared.port);
+      const b = await offlineUser();
+      const stopped = await connect(b, { ack });
+      stopped.socket.pause();
+      const mids = await sendBurst(a.client, b.uid, 200, "stopped");
+      stopped.socket.resetAndDestroy();
+      await stopped.closed;
+
+      const again = await connect(b, { ack });
+      await waitForMids(again, mids, 15_000, "B after the reset");
+      await settle(again);
+      const got = evMids(again);
+      expect(duplicates(got)).toEqual([]);
+      expect(got).toEqual(mids); // exactly these, in mid order
+      again.close();
+      a.client.close();
+    });
+  }
+});
+
+describe("a non-acking connection confirms nothing a test could send", () => {
+  it("B reads 5 messages and closes cleanly; its next login gets all 5 again", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const c1 = await connect(b);
+    const mids = await sendBurst(a.client, b.uid, 5, "read");
+    await waitForMids(c1, mids, 5000, "B");
+    await settle(c1);
+    c1.socket.end(); // its own, orderly close
+    await c1.closed;
+    const c2 = await connect(b);
+    await waitForMids(c2, mids, 5000, "B after a clean close");
+    await settle(c2);
+    expect(evMids(c2)).toEqual(mids);
+    c2.close();
+    a.client.close();
+  });
+});
+
+describe("acknowledgements (opt-in)", () => {
+  it("`ack` needs auth (6) and an acking connection (3); a good ack echoes its mid", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const pre = await Client.connect(shared.port);
+    expect((await pre.request("ack", { mid: "1" })).status).toBe(6);
+    expect((await helloAck(pre)).ack).toBe(true);
+    expect((await pre.request("ack", { mid: "1" })).status).toBe(6); // opted in, still not authenticated
+    pre.close();
+
+    const plain = await connect(b);
+    const r = await a.client.request("message", { uid: b.uid, body: "one" });
+    await waitForMids(plain, [r.mid], 5000);
+    expect((await plain.request("ack", { mid: r.mid })).status).toBe(3);
+
+    const acking = await connect(b, { ack: true });
+    await waitForMids(acking, [r.mid], 5000);
+    expect(await acking.request("ack", { mid: r.mid })).toEqual({ status: 0, error: "OK", mid: r.mid });
+    for (const c of [plain, acking, a.client]) c.close();
+  });
+
+  it("B acks the 6th of 10 and disconnects; 2 more arrive; B's next acking login gets exactly 7-12, in order, once each", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const c1 = await connect(b, { ack: true });
+    const mids: string[] = [];
+    for (let i = 1; i <= 10; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `m${i}` })).mid);
+    await waitForMids(c1, mids, 5000, "B");
+    expect(evMids(c1)).toEqual(mids);
+    expect(await c1.request("ack", { mid: mids[5] })).toEqual({ status: 0, error: "OK", mid: mids[5] });
+    // a clean close: on an acking connection only acks confirm, so 7-10 stay unconfirmed
+    c1.socket.end();
+    await c1.closed;
+    for (let i = 11; i <= 12; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `m${i}` })).mid);
+
+    const c2 = await connect(b, { ack: true });
+    await waitForMids(c2, mids.slice(6), 5000, "B after reconnecting");
+    await settle(c2);
+    expect(evMids(c2)).toEqual(mids.slice(6));
+    c2.close();
+
+    // `since`: a fresh connection asking for everything after message 3 gets 4-12
+    const c3 = await connect(b, { since: mids[2] });
+    await waitForMids(c3, mids.slice(3), 5000, "B with since = mid 3");
+    await settle(c3);
+    expect(evMids(c3)).toEqual(mids.slice(3));
+    c3.close();
+
+    // `since` with a password login, on an acking connection: after message 10, gets 11-12
+    const c4 = await Client.connect(shared.port);
+    expect((await helloAck(c4)).ack).toBe(true);
+    expect((await c4.request("auth", { login: b.login, pass: "secret", since: mids[9] })).status).toBe(0);
+    await waitForMids(c4, mids.slice(10), 5000, "B with since = mid 10");
+    await settle(c4);
+    expect(evMids(c4)).toEqual(mids.slice(10));
+    c4.close();
+    a.client.close();
+  });
+});
+
+describe("no duplicates on a connection while it stays connected", () => {
+  // B's second connection logs in while a backlog of ~14 MB is waiting for B, and stops
+  // reading right after sending auth: its post-auth sync cannot finish (the backlog is
+  // far more than the socket buffers of a connection that never read can hold), so the
+  // rest of A's burst reaches B while that sync is still sending. Traffic stays below
+  // what would make a non-acking connection confirm anything.
+  const BACKLOG = 28;
+  const BIG = 500_000;
+  const N = 300;
+
+  for (const ack of [false, true]) {
+    it(`${ack ? "acking" : "non-acking"} B: ${N} messages in a burst while B re-authenticates on a second connection, during its sync`, async () => {
+      const a = await registerUser(shared.port);
+      const b = await offlineUser();
+      const backlog: string[] = [];
+      for (let i = 0; i < BACKLOG; i++) {
+        const r = await a.client.request("message", { uid: b.uid, body: `backlog ${i} `.padEnd(BIG, "b") });
+        expect(r.status).toBe(0);
+        backlog.push(r.mid);
+      }
+      const c1 = await connect(b, { ack });
+      await waitForMids(c1, backlog, 30_000, "B's first connection (backlog)");
+      let acked: string | undefined;
+      if (ack) {
+        acked = backlog[3];
+        expect(await c1.request("ack", { mid: acked })).toEqual({ status: 0, error: "OK", mid: acked });
+      }
+
+      const burst = await sendBurst(a.client, b.uid, 100, "burst");
+      // in the middle of the burst: B logs in again, and does not read for now
+      const c2 = await Client.connect(shared.port);
+      if (ack) c2.send("hello", { ack: true });
+      c2.send("auth", { sid: b.sid });
+      c2.socket.pause();
+      await new Promise((r) => setTimeout(r, 300)); // (only so that the sync has surely begun)
+      burst.push(...(await sendBurst(a.client, b.uid, N - 100, "burst")));
+      c2.socket.resume();
+      if (ack) expect((await c2.reply("hello")).data.ack).toBe(true);
+      expect((await c2.reply("auth", 15_000)).data.status).toBe(0);
+
+      const all = [...backlog, ...burst];
+      // c1 was connected throughout: every message, once, in order.
+      await waitForMids(c1, all, 30_000, "B's first connection");
+      // c2 gets everything not confirmed when it logged in: for a non-acking B that is
+      // all of it; for an acking B, everything after the acked mid.
+      const want2 = acked === undefined ? all : all.filter((m) => byMid(m, acked as string) > 0);
+      await waitForMids(c2, want2, 30_000, "B's second connection");
+      await settle(c1);
+      await settle(c2);
+      const got1 = evMids(c1);
+      const got2 = evMids(c2);
+      expect(duplicates(got1)).toEqual([]);
+      expect(duplicates(got2)).toEqual([]);
+      expect(got1).toEqual(all);
+      expect([...got2].sort(byMid)).toEqual(want2);
+      expect(new Set([...got1, ...got2]).size).toBe(all.length);
+      for (const c of [c1, c2, a.client]) c.close();
+    }, 60_000);
+  }
+});
+
+describe("cmid raced from two connections of one sender", () => {
+  it("both replies carry the same mid, and each connection of the recipient gets it once", async () => {
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const b2 = await login(shared.port, b.login);
+    const ROUNDS = 20;
+    const mids: string[] = [];
+    for (let k = 0; k < ROUNDS; k++) {
+      const data = { uid: b.uid, body: `race ${k}`, cmid: `same-${k}` };
+      // both frames on the wire before either reply is awaited
+      a.client.send("message", data);
+      a2.client.send("message", data);
+      const [r1, r2] = await Promise.all([a.client.reply("message"), a2.client.reply("message")]);
+      expect(r1.data.status).toBe(0);
+      expect(r2.data.status).toBe(0);
+      expect(r2.data.mid, `round ${k}`).toBe(r1.data.mid);
+      mids.push(r1.data.mid);
+    }
+    expect(new Set(mids).size).toBe(ROUNDS);
+    for (const c of [b.client, b2.client, a.client, a2.client]) {
+      await waitForMids(c, mids, 5000);
+      await settle(c);
+      const got = evMids(c);
+      expect(duplicates(got)).toEqual([]);
+      expect(got.length).toBe(ROUNDS);
+    }
+    for (const c of [a.client, a2.client, b.client, b2.client]) c.close();
+  });
+});

@@ -1,0 +1,243 @@
+// Helpers for the pipeline, delivery and fuzz tests: child servers that are always
+// killed, waiting that fails fast when the server process dies or the connection
+// closes, ev_message bookkeeping from a Client's raw lines, and a lean line reader for
+// replies of tens of MB (Client keeps every line it receives, which those would not
+// survive).
+
+import net from "node:net";
+import { afterAll, afterEach } from "vitest";
+import { ChildServer, Client, removeDir, tempDir, type Frame } from "./helpers.js";
+
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Polls `cond` until it holds; throws with `what` after `ms`. */
+export async function waitFor(cond: () => boolean, ms: number, what: string | (() => string)): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${typeof what === "string" ? what : what()}`);
+    await sleep(20);
+  }
+}
+
+const deaths = new WeakMap<ChildServer, Promise<never>>();
+
+/** Rejects as soon as the child server exits (with the tail of its output). */
+export function died(child: ChildServer): Promise<never> {
+  let p = deaths.get(child);
+  if (!p) {
+    p = child.exited.then((code) => {
+      throw new Error(`the server process exited (code ${code}); its last output:\n${child.stdout().slice(-3000)}`);
+    });
+    p.catch(() => {});
+    deaths.set(child, p);
+  }
+  return p;
+}
+
+/** `p`, unless the child server dies first. */
+export function orExit<T>(child: ChildServer | undefined, p: Promise<T>): Promise<T> {
+  return child ? Promise.race([p, died(child)]) : p;
+}
+
+/**
+ * `p`, unless the connection closes first (or, given `child`, the server process
+ * exits: a close is then reported as the crash it was, if the exit follows within 1 s).
+ */
+export function orClosed<T>(c: Client, p: Promise<T>, what = "a frame", child?: ChildServer): Promise<T> {
+  const closed = c.closed.then(async () => {
+    if (child) {
+      const code = await Promise.race([child.exited, sleep(1000).then(() => "running" as const)]);
+      if (code !== "running") {
+        throw new Error(`the server process exited (code ${code}) while the test waited for ${what}; its last output:\n${child.stdout().slice(-3000)}`);
+      }
+    }
+    throw new Error(`the server closed the connection while the test waited for ${what}`);
+  });
+  closed.catch(() => {});
+  return orExit(child, Promise.race([p, closed]));
+}
+
+export function isAlive(child: ChildServer): boolean {
+  return child.proc.exitCode === null && child.proc.signalCode === null;
+}
+
+async function stopChild(child: ChildServer, dir: string): Promise<void> {
+  if (isAlive(child)) {
+    child.proc.kill("SIGKILL");
+    await child.exited;
+  }
+  removeDir(dir);
+}
+
+/**
+ * Starts child servers (built dist) on temp data dirs; each is killed and its dir
+ * removed after the test (`scope: "each"`) or after the file (`scope: "all"`).
+ */
+export function useChildServers(scope: "each" | "all" = "each"): (extra?: string[]) => Promise<ChildServer> {
+  const started: { child: ChildServer; dir: string }[] = [];
+  const cleanup = async () => {
+    for (const { child, dir } of started.splice(0)) await stopChild(child, dir);
+  };
+  if (scope === "each") afterEach(cleanup);
+  else afterAll(cleanup);
+  return async (extra: string[] = []) => {
+    const dir = tempDir();
+    try {
+      const child = await ChildServer.start(dir, extra);
+      started.push({ child, dir });
+      return child;
+    } catch (err) {
+      removeDir(dir);
+      throw err;
+    }
+  };
+}
+
+/** Every frame the client has received so far, parsed from its raw lines. */
+export function framesOf(c: Client): Frame[] {
+  return c.lines.map((l) => JSON.parse(l) as Frame);
+}
+
+/** The data of every ev_message the client received, in arrival order (claimed or not). */
+export function evMessages(c: Client): any[] {
+  const out = [];
+  for (const l of c.lines) {
+    if (!l.startsWith('{"action":"ev_message"')) continue;
+    const f = JSON.parse(l) as Frame;
+    if (f.action === "ev_message") out.push(f.data);
+  }
+  return out;
+}
+
+export function evMids(c: Client): string[] {
+  return evMessages(c).map((d) => d.mid as string);
+}
+
+/** The values that occur more than once. */
+export function duplicates(xs: readonly string[]): string[] {
+  const seen = new Set<string>();
+  const dup = new Set<string>();
+  for (const x of xs) (seen.has(x) ? dup : seen).add(x);
+  return [...dup];
+}
+
+export const byMid = (a: string, b: string) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0);
+
+/** Waits until the client has received an ev_message for every mid in `mids`. */
+export async function waitForMids(c: Client, mids: readonly string[], ms: number, label = "client"): Promise<void> {
+  const want = new Set(mids);
+  await orClosed(
+    c,
+    waitFor(
+      () => {
+        const got = new Set(evMids(c));
+        for (const m of want) if (!got.has(m)) return false;
+        return true;
+      },
+      ms,
+      () => {
+        const got = new Set(evMids(c));
+        const missing = [...want].filter((m) => !got.has(m));
+        return `${label} to receive ${want.size} mids; ${missing.length} missing (e.g. ${missing.slice(0, 5).join(", ")}), got ${got.size} distinct`;
+      },
+    ),
+    `${label}'s ev_messages`,
+  );
+}
+
+/**
+ * Lets frames still in flight arrive (a ping round trip, then `ms` of quiet for
+ * events the server sends on its own), so that a duplicate would be seen.
+ */
+export async function settle(c: Client, ms = 400): Promise<void> {
+  const r = await orClosed(c, c.request("ping"), "a ping reply");
+  if (r.status !== 0) throw new Error(`ping answered ${JSON.stringify(r)}`);
+  await sleep(ms);
+}
+
+/** `hello {ack:true}`: returns the reply data (a new server answers with ack: true). */
+export async function helloAck(c: Client): Promise<any> {
+  return c.request("hello", { ack: true });
+}
+
+/**
+ * A connection for replies of tens of MB: it keeps no line it has handed to `onLine`
+ * (Client keeps every line, so 30 replies of 28 MB would be held twice over).
+ */
+export class LineConn {
+  private bufs: Buffer[] = [];
+  private onLineFn: ((line: Buffer) => void) | undefined;
+  /** The start of lines that arrived while no reader was set. */
+  readonly stray: string[] = [];
+  readonly closed: Promise<void>;
+  isClosed = false;
+
+  private constructor(readonly socket: net.Socket) {
+    socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    socket.on("error", () => {});
+    this.closed = new Promise((resolve) =>
+      socket.on("close", () => {
+        this.isClosed = true;
+        resolve();
+      }),
+    );
+  }
+
+  static async connect(port: number): Promise<LineConn> {
+    const socket = net.connect(port, "127.0.0.1");
+    await new Promise<void>((resolve, reject) => {
+      socket.once("connect", resolve);
+      socket.once("error", reject);
+    });
+    const c = new LineConn(socket);
+    const welcome = await c.nextFrame(5000);
+    if (welcome.action !== "welcome") throw new Error(`expected welcome, got ${JSON.stringify(welcome).slice(0, 200)}`);
+    return c;
+  }
+
+  private onData(chunk: Buffer): void {
+    let from = 0;
+    let nl: number;
+    while ((nl = chunk.indexOf(10, from)) >= 0) {
+      this.bufs.push(chunk.subarray(from, nl));
+      const line = this.bufs.length === 1 ? this.bufs[0] : Buffer.concat(this.bufs);
+      this.bufs = [];
+      from = nl + 1;
+      if (this.onLineFn) this.onLineFn(line);
+      else this.stray.push(line.subarray(0, 300).toString("utf8"));
+    }
+    if (from < chunk.length) this.bufs.push(chunk.subarray(from));
+  }
+
+  /** Hands every complete line to `fn` (replacing the previous reader). */
+  onLine(fn: (line: Buffer) => void): void {
+    this.onLineFn = fn;
+  }
+
+  send(action: string, data?: Record<string, unknown>): void {
+    this.socket.write(JSON.stringify(data === undefined ? { action } : { action, data }) + "\n");
+  }
+
+  /** The next line, parsed (for small frames only). */
+  nextFrame(timeoutMs: number): Promise<Frame> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error("LineConn: timed out waiting for a frame")), timeoutMs);
+      const lines: Frame[] = [];
+      this.onLine((line) => {
+        lines.push(JSON.parse(line.toString("utf8")) as Frame);
+        if (lines.length === 1) {
+          clearTimeout(timer);
+          resolve(lines[0]);
+        }
+      });
+    });
+  }
+
+  async request(action: string, data?: Record<string, unknown>, timeoutMs = 10_000): Promise<any> {
+    const p = this.nextFrame(timeoutMs);
+    this.send(action, data);
+    const f = await p;
+    if (f.action !== action) throw new Error(`expected a '${action}' reply, got ${JSON.stringify(f).slice(0, 300)}`);
+    return f.data;
+  }
+}
