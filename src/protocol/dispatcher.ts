@@ -122,13 +122,18 @@ class RequestImpl<D> implements Request<D> {
   }
 }
 
-/** Per-connection request state, kept beside the Session. */
+// Shared stand-ins for a line's empty queues (never pushed to): an idle connection
+// keeps no arrays.
+const NO_ITEMS: Item[] = [];
+const NO_SLOTS: Slot[] = [];
+
+/** Per-connection request state, kept on the Session (Session.line). */
 class Line {
-  inbox: Item[] = [];
+  inbox: Item[] = NO_ITEMS;
   head = 0;
   /** A handler (or an upload, or a wait) is in progress: the loop is parked. */
   busy = false;
-  slots: Slot[] = [];
+  slots: Slot[] = NO_SLOTS;
   /** Deferred replies not yet settled. */
   deferred = 0;
   /** Waiting for `deferred` to reach 0 before the next request. */
@@ -151,7 +156,6 @@ class Line {
 
 export class Dispatcher {
   private readonly actions = new Map<string, Action>();
-  private readonly lines = new WeakMap<Session, Line>();
   /** Called when a connection closes (features clean up presence, router membership). */
   private readonly closeHooks: ((s: Session) => void)[] = [];
   private delivery: Delivery | undefined;
@@ -190,7 +194,7 @@ export class Dispatcher {
 
   open(peer: Peer, codec: Codec): Session {
     const s = new Session(peer, codec, this.log);
-    this.lines.set(s, new Line(this.config.burst));
+    s.line = new Line(this.config.burst);
     return s;
   }
 
@@ -209,7 +213,7 @@ export class Dispatcher {
     const deadline = Date.now() + timeoutMs;
     const busy = () => {
       for (const s of sessions) {
-        const line = this.lines.get(s);
+        const line = (s.line as Line | undefined);
         if (line && (line.busy || line.slots.length > 0 || line.deferred > 0)) return true;
       }
       return false;
@@ -223,7 +227,7 @@ export class Dispatcher {
 
   /** The client will send no more: answer what it sent, then close the connection. */
   inputEnded(s: Session): void {
-    const line = this.lines.get(s);
+    const line = (s.line as Line | undefined);
     if (!line) return;
     line.inputEnded = true;
     this.endIfDone(s, line);
@@ -279,7 +283,7 @@ export class Dispatcher {
    * `rateDisconnect` refusals within the window is closed.
    */
   private withinRate(s: Session): boolean {
-    const line = this.lines.get(s) as Line;
+    const line = s.line as Line;
     const { rate, burst, rateDisconnect, badFrameWindow } = this.config;
     const now = Date.now();
     line.tokens = Math.min(burst, line.tokens + ((now - line.tokensAt) * rate) / 1000);
@@ -303,7 +307,7 @@ export class Dispatcher {
 
   /** Bytes the scanner or decoder could not accept: one error reply, in order. */
   reject(s: Session, code: Code, reason: string, action: string | undefined): void {
-    const line = this.lines.get(s);
+    const line = (s.line as Line | undefined);
     if (!line) return;
     const now = Date.now();
     if (now - line.badSince > this.config.badFrameWindow * 1000) {
@@ -322,11 +326,12 @@ export class Dispatcher {
   }
 
   private enqueue(s: Session, item: Item): void {
-    const line = this.lines.get(s);
+    const line = (s.line as Line | undefined);
     if (!line || (line.closing && !(item.kind === "reject" && item.last)) || s.peer.closed) {
       if (item.kind === "request") item.upload?.release();
       return;
     }
+    if (line.inbox === NO_ITEMS) line.inbox = [];
     line.inbox.push(item);
     if (line.inbox.length - line.head > INBOX_LIMIT) s.peer.pause("inbox");
     if (!line.busy && !line.awaitingDeferred) this.run(s, line);
@@ -350,11 +355,12 @@ export class Dispatcher {
       }
       line.head++;
       if (line.head === line.inbox.length) {
-        line.inbox = [];
+        line.inbox = NO_ITEMS;
         line.head = 0;
       }
       if (line.inbox.length - line.head <= INBOX_LIMIT / 2) s.peer.resume("inbox");
       const slot = new Slot();
+      if (line.slots === NO_SLOTS) line.slots = [];
       line.slots.push(slot);
       this.execute(s, line, item, slot);
     }
@@ -537,6 +543,7 @@ export class Dispatcher {
       }
       if (done.last) s.peer.end();
     }
+    if (slots.length === 0) line.slots = NO_SLOTS;
     this.endIfDone(s, line);
   }
 }

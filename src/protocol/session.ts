@@ -41,11 +41,11 @@ export interface Peer {
    * Queues a frame. An event (`event` true) counts against the outbound cap and
    * closes a connection that is over it (a slow reader); a reply never does: the
    * dispatcher produces replies only while the connection is not congested. A
-   * non-zero `confirm` (an inbox seq) is reported back through `onConfirmed` once so
-   * much has been handed to the OS after the frame that the client must have read it.
+   * non-zero `confirm` (an inbox seq) is reported back (to the router, through the
+   * transport) once so much has been handed to the OS after the frame that the client
+   * must have read it.
    */
   send(frame: OutFrame, event: boolean, confirm?: number): void;
-  onConfirmed: ((seq: number) => void) | undefined;
   /** More is waiting to go out than a producer should add to. */
   readonly congested: boolean;
   /** Resolves when the connection is no longer congested: true, or false if it closed. */
@@ -72,6 +72,8 @@ export class Session {
   syncDirty = false;
   /** Highest inbox seq sent on this connection (in order, without gaps). */
   lastInbox = 0;
+  /** The dispatcher's request line for this connection. */
+  line: unknown;
 
   constructor(
     readonly peer: Peer,

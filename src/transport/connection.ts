@@ -61,12 +61,21 @@ function reasonBit(why: string): number {
   return bit;
 }
 
+/** The Connection a socket belongs to, for the socket handlers shared by every one. */
+export const CONNECTION = Symbol("wirechat.connection");
+type Tagged = Socket & { [CONNECTION]: Connection };
+
+function onDrain(this: Tagged): void {
+  this[CONNECTION].progress();
+}
+
+const NO_FRAMES: OutFrame[] = [];
+
 export class Connection implements Peer {
   readonly id = nextId++;
-  readonly remote: string;
   readonly address: string;
-  /** Frames not yet written, in order. */
-  private q: OutFrame[] = [];
+  /** Frames not yet written, in order (NO_FRAMES when none: an idle connection keeps no array). */
+  private q: OutFrame[] = NO_FRAMES;
   /** Characters in queued string frames. */
   private queuedChars = 0;
   /** Highest confirmation seq among the queued frames (they go out together). */
@@ -84,7 +93,11 @@ export class Connection implements Peer {
   private drainWaiters: ((ok: boolean) => void)[] | undefined;
   /** Unix ms of the last bytes received. */
   lastActivity = Date.now();
-  onConfirmed: ((seq: number) => void) | undefined;
+  /** Set by whoever reads this connection's confirmations (the listener, for the router). */
+  onConfirmed: ((conn: Connection, seq: number) => void) | undefined;
+  /** What the owner keeps with the connection (the listener: session and scanner). */
+  session: unknown;
+  scanner: unknown;
 
   constructor(
     readonly socket: Socket,
@@ -94,14 +107,21 @@ export class Connection implements Peer {
     private readonly log: Logger,
   ) {
     this.address = socket.remoteAddress ?? "?";
-    this.remote = `${this.address}:${socket.remotePort ?? 0}`;
-    socket.on("drain", () => this.progress());
-    socket.on("close", () => {
-      this.q = [];
-      this.queuedChars = 0;
-      this.marks = undefined;
-      this.wake(false);
-    });
+    (socket as Tagged)[CONNECTION] = this;
+    socket.on("drain", onDrain);
+  }
+
+  /** The client's address and port, for logs (made when asked). */
+  get remote(): string {
+    return `${this.address}:${this.socket.remotePort ?? 0}`;
+  }
+
+  /** The socket closed: nothing queued will go out (its owner calls this on 'close'). */
+  closedSocket(): void {
+    this.q = NO_FRAMES;
+    this.queuedChars = 0;
+    this.marks = undefined;
+    this.wake(false);
   }
 
   get closed(): boolean {
@@ -136,6 +156,7 @@ export class Connection implements Peer {
       this.queuedChars += frame.length;
       if (event && this.queuedChars + this.socket.writableLength > this.outboundCap) return this.overflow();
     }
+    if (this.q === NO_FRAMES) this.q = [];
     this.q.push(frame);
     if (confirm > this.pendingConfirm) this.pendingConfirm = confirm;
     this.schedule();
@@ -162,7 +183,7 @@ export class Connection implements Peer {
       let data: string;
       if (n === q.length) {
         data = n === 1 ? (q[0] as string) : (q as string[]).join("");
-        this.q = [];
+        this.q = NO_FRAMES;
       } else {
         data = (q.splice(0, n) as string[]).join("");
       }
@@ -196,7 +217,7 @@ export class Connection implements Peer {
   }
 
   /** Confirms marks the OS has been handed enough after, and wakes drain waiters. */
-  private progress(): void {
+  progress(): void {
     const marks = this.marks;
     if (marks && marks.length > 0) {
       const handed = this.passed - this.socket.writableLength;
@@ -208,7 +229,7 @@ export class Connection implements Peer {
       }
       if (i > 0) {
         marks.splice(0, i);
-        this.onConfirmed?.(seq);
+        this.onConfirmed?.(this, seq);
       }
     }
     if (this.drainWaiters && !this.congested) this.wake(true);
@@ -262,7 +283,7 @@ export class Connection implements Peer {
       "slow reader over its outbound cap; closing",
     );
     this.socket.destroy();
-    this.q = [];
+    this.q = NO_FRAMES;
     this.queuedChars = 0;
   }
 

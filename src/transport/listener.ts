@@ -12,8 +12,33 @@ import { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Session, Upload } from "../protocol/session.js";
-import { Connection, deliverySlack } from "./connection.js";
-import { FrameScanner, type ScannerLimits } from "./scanner.js";
+import { CONNECTION, Connection, deliverySlack } from "./connection.js";
+import { FrameScanner, type FrameSink, type ScannerLimits } from "./scanner.js";
+
+type Tagged = net.Socket & { [CONNECTION]?: Connection };
+/** Listener of each connection, for the shared socket handlers. */
+const OWNER = new WeakMap<Connection, Listener>();
+
+function onSocketData(this: Tagged, chunk: Buffer): void {
+  const conn = this[CONNECTION] as Connection;
+  conn.lastActivity = Date.now();
+  (conn.scanner as FrameScanner).push(chunk);
+}
+
+function onSocketEnd(this: Tagged): void {
+  const conn = this[CONNECTION] as Connection;
+  OWNER.get(conn)?.ended(conn);
+}
+
+function onSocketClose(this: Tagged): void {
+  const conn = this[CONNECTION] as Connection;
+  OWNER.get(conn)?.closed(conn);
+}
+
+function onSocketError(this: Tagged, err: Error): void {
+  const conn = this[CONNECTION];
+  if (conn) OWNER.get(conn)?.socketError(conn, err);
+}
 
 /** An upload the listener can pace: it reports a full buffer and its draining. */
 export interface PacedUpload extends Upload {
@@ -74,7 +99,7 @@ export class Listener {
 
   private accept(socket: net.Socket): void {
     socket.setNoDelay(true);
-    socket.on("error", (err) => this.log.debug({ err, remote: socket.remoteAddress }, "socket error"));
+    socket.on("error", onSocketError);
     const address = socket.remoteAddress ?? "?";
     if (this.connections.size >= this.config.maxConnections) {
       this.log.warn({ remote: address, limit: this.config.maxConnections }, "connection refused: server full");
@@ -88,36 +113,54 @@ export class Listener {
       return;
     }
     this.perAddress.set(address, fromAddress + 1);
+    // No closure per connection: the socket handlers and the scanner's sink are shared
+    // and find their connection through the socket (10,000 idle connections).
     const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log);
     const session = this.dispatcher.open(conn, this.codec);
-    conn.onConfirmed = (seq) => this.router.confirmed(session, seq);
+    conn.session = session;
+    conn.onConfirmed = this.confirmed;
+    conn.scanner = new FrameScanner<PacedUpload, Connection>(this.scannerLimits, this.sink, conn);
     this.connections.set(conn, session);
-    const scanner = new FrameScanner<PacedUpload>(this.scannerLimits, {
-      frame: (bytes, upload) => this.dispatcher.frame(session, bytes, upload),
-      reject: (code, reason, action) => this.dispatcher.reject(session, code, reason, action),
-      upload: () => {
-        // Reading pauses while the blob file cannot keep up, so an attachment never
-        // piles up in memory.
-        const up = this.newUpload();
-        up.onFull = () => conn.pause("upload");
-        up.onDrain = () => conn.resume("upload");
-        return up;
-      },
-    });
-    socket.on("data", (chunk: Buffer) => {
-      conn.lastActivity = Date.now();
-      scanner.push(chunk);
-    });
-    socket.on("end", () => this.dispatcher.inputEnded(session));
-    socket.on("close", () => {
-      this.connections.delete(conn);
-      const n = (this.perAddress.get(address) ?? 1) - 1;
-      if (n > 0) this.perAddress.set(address, n);
-      else this.perAddress.delete(address);
-      scanner.close();
-      this.dispatcher.close(session);
-    });
+    OWNER.set(conn, this);
+    socket.on("data", onSocketData);
+    socket.on("end", onSocketEnd);
+    socket.on("close", onSocketClose);
     conn.send(this.codec.welcome(), false);
+  }
+
+  private readonly confirmed = (conn: Connection, seq: number): void => this.router.confirmed(conn.session as Session, seq);
+
+  /** The scanner's sink, shared by every connection of this listener. */
+  private readonly sink: FrameSink<PacedUpload, Connection> = {
+    frame: (bytes, upload, conn) => this.dispatcher.frame(conn.session as Session, bytes, upload),
+    reject: (code, reason, action, conn) => this.dispatcher.reject(conn.session as Session, code, reason, action),
+    upload: (conn) => {
+      // Reading pauses while the blob file cannot keep up, so an attachment never
+      // piles up in memory.
+      const up = this.newUpload();
+      up.onFull = () => conn.pause("upload");
+      up.onDrain = () => conn.resume("upload");
+      return up;
+    },
+  };
+
+  socketError(conn: Connection, err: Error): void {
+    this.log.debug({ err, remote: conn.address }, "socket error");
+  }
+
+  /** The client will send no more. */
+  ended(conn: Connection): void {
+    this.dispatcher.inputEnded(conn.session as Session);
+  }
+
+  closed(conn: Connection): void {
+    conn.closedSocket();
+    this.connections.delete(conn);
+    const n = (this.perAddress.get(conn.address) ?? 1) - 1;
+    if (n > 0) this.perAddress.set(conn.address, n);
+    else this.perAddress.delete(conn.address);
+    (conn.scanner as FrameScanner<PacedUpload, Connection>).close();
+    this.dispatcher.close(conn.session as Session);
   }
 
   /**

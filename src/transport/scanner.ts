@@ -36,16 +36,20 @@ export interface ScannerLimits {
   streamPath?: readonly string[];
 }
 
-export interface FrameSink<U extends UploadSink = UploadSink> {
+/**
+ * Where a scanner's results go. One sink may serve every connection: each call also
+ * gets the scanner's `ctx` (the connection), so a connection needs no closures.
+ */
+export interface FrameSink<U extends UploadSink = UploadSink, C = unknown> {
   /**
    * A complete frame: the bytes of one balanced JSON object (not yet validated). When
    * it had an attachment, `upload` received its text and the frame holds "" instead.
    */
-  frame(bytes: Buffer, upload: U | undefined): void;
+  frame(bytes: Buffer, upload: U | undefined, ctx: C): void;
   /** The string at the stream path begins: where its text should go. */
-  upload(): U;
+  upload(ctx: C): U;
   /** A frame, or bytes at depth 0, that were skipped. `action` when it could be read. */
-  reject(code: Code.InvalidData | Code.TooLarge, reason: string, action: string | undefined): void;
+  reject(code: Code.InvalidData | Code.TooLarge, reason: string, action: string | undefined, ctx: C): void;
 }
 
 const enum State {
@@ -92,7 +96,7 @@ function pathKeys(path: readonly string[] | undefined): readonly Buffer[] {
   return keys;
 }
 
-export class FrameScanner<U extends UploadSink = UploadSink> {
+export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private state = State.Idle;
   private depth = 0;
   private inString = false;
@@ -102,8 +106,8 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   /** Last byte outside strings that was not whitespace; a closing quote counts as '"'. */
   private lastSignificant = 0;
   private fault = Fault.None;
-  /** Bytes of the current frame held from earlier chunks. */
-  private parts: Buffer[] = [];
+  /** Bytes of the current frame held from earlier chunks (made when first needed). */
+  private parts: Buffer[] | undefined;
   private partsLength = 0;
   /** Frame bytes seen so far, including any no longer held. */
   private frameLength = 0;
@@ -138,7 +142,8 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
 
   constructor(
     private readonly limits: ScannerLimits,
-    private readonly sink: FrameSink<U>,
+    private readonly sink: FrameSink<U, C>,
+    private readonly ctx: C = undefined as C,
   ) {
     if (limits.maxDepth > 32) this.deepContainers = new Uint8Array(limits.maxDepth + 1);
     this.pathKeys = pathKeys(limits.streamPath);
@@ -183,7 +188,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
           } else {
             // Right after a broken frame, lines that cannot start a frame are taken
             // for the rest of it: skipped without another reply.
-            if (!this.afterBroken) this.sink.reject(Code.InvalidData, "expected a JSON object", undefined);
+            if (!this.afterBroken) this.sink.reject(Code.InvalidData, "expected a JSON object", undefined, this.ctx);
             this.state = State.Garbage;
           }
           break;
@@ -338,7 +343,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
               // data.attach.data: its text streams to an upload; the frame keeps "".
               this.saveScan(depth, true, false, false, last);
               this.retain(chunk, start, i + 1);
-              this.uploadSink = this.sink.upload();
+              this.uploadSink = this.sink.upload(this.ctx);
               this.state = State.Attachment;
               return i + 1;
             }
@@ -414,7 +419,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
       return;
     }
     if (len > 0) {
-      this.parts.push(chunk.subarray(start, end));
+      (this.parts ??= []).push(chunk.subarray(start, end));
       this.partsLength += len;
     }
   }
@@ -422,7 +427,7 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   /** Starts the copy of the frame's first ACTION_PEEK_BYTES (held parts, then `tail`). */
   private keepHead(tail: Buffer): void {
     this.head = Buffer.alloc(0);
-    for (const part of this.parts) this.growHead(part);
+    for (const part of this.parts ?? []) this.growHead(part);
     this.growHead(tail);
   }
 
@@ -435,13 +440,13 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
   }
 
   private dropParts(): void {
-    this.parts = [];
+    this.parts = undefined;
     this.partsLength = 0;
   }
 
   private takeFrame(chunk: Buffer, start: number, end: number): Buffer {
     const tail = chunk.subarray(start, end);
-    if (this.parts.length === 0) return tail;
+    if (this.parts === undefined) return tail;
     this.parts.push(tail);
     const whole = Buffer.concat(this.parts, this.partsLength + tail.length);
     this.dropParts();
@@ -468,16 +473,17 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
           Code.TooLarge,
           `frame of ${total} bytes is over the limit of ${this.limits.maxFrame}`,
           peekAction(this.head),
+          this.ctx,
         );
         this.head = undefined;
         return;
       case Fault.TooDeep: {
         const bytes = this.takeFrame(chunk, start, end);
-        this.sink.reject(Code.InvalidData, `nesting deeper than ${this.limits.maxDepth}`, peekAction(bytes));
+        this.sink.reject(Code.InvalidData, `nesting deeper than ${this.limits.maxDepth}`, peekAction(bytes), this.ctx);
         return;
       }
       case Fault.None:
-        this.sink.frame(this.takeFrame(chunk, start, end), upload);
+        this.sink.frame(this.takeFrame(chunk, start, end), upload, this.ctx);
     }
   }
 
@@ -492,6 +498,6 @@ export class FrameScanner<U extends UploadSink = UploadSink> {
     const bytes = this.fault === Fault.TooLarge ? this.head : this.takeFrame(chunk, start, at);
     this.dropParts();
     this.head = undefined;
-    this.sink.reject(Code.InvalidData, reason, peekAction(bytes));
+    this.sink.reject(Code.InvalidData, reason, peekAction(bytes), this.ctx);
   }
 }
