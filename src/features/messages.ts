@@ -13,9 +13,10 @@
 // synchronously up to the commit: recipients come from the user cache, channel
 // membership from the membership cache, and the record is serialised once.
 
-import { AttachmentRef, ListReply } from "../protocol/codec.js";
+import { AttachmentRef, ListReply, MessageSent } from "../protocol/codec.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { Deferred, type Request } from "../protocol/dispatcher.js";
+import type { CommitWaiter } from "../storage/db.js";
 import type { MessageEvent } from "../protocol/events.js";
 import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
@@ -36,7 +37,7 @@ const HISTORY_MAX = 500;
 const HISTORY_PAGE = 20;
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
 
-type Sent = { mid: string; time: number };
+type Sent = MessageSent;
 
 /** A message as an item of a history-like list (its attachment streams). */
 export function listItem(m: MessageRecord): Fields {
@@ -60,7 +61,42 @@ export function registerMessages(sv: Services): void {
     return chid;
   }
 
-  /** Writes the message into the batch being gathered; settles once it is on disk. */
+  /**
+   * A message waiting for its batch, as the batch's commit waiter: one object holds
+   * what the commit needs (the hot path keeps as little as it can alive meanwhile).
+   */
+  class PendingMessage implements CommitWaiter {
+    constructor(
+      readonly req: Request<MessageData>,
+      readonly m: MessageRecord,
+      readonly text: { json: string; cut: number },
+      readonly newPair: boolean,
+      readonly onStored: ((err: Error | undefined, sent?: Sent) => void) | undefined,
+    ) {}
+
+    committed(err: Error | undefined): void {
+      const { req, m } = this;
+      const d = req.deferred();
+      const sent = err ? undefined : new MessageSent(m.mid, m.time);
+      this.onStored?.(err, sent);
+      if (err) return d.reject(err);
+      const ev: MessageEvent = { kind: "message", m, text: this.text };
+      const to = m.to;
+      if (to !== undefined) {
+        if (this.newPair) messages.peersKnown(m.from, to);
+        ev.inbox = to;
+        req.emit(ev, { users: to === m.from ? [to] : [to, m.from] });
+      } else {
+        req.emit(ev, { channel: m.chid as string });
+      }
+      d.resolve(sent as Sent);
+    }
+  }
+
+  /**
+   * Writes the message into the batch being gathered; the request (its own Deferred)
+   * settles once the batch is on disk.
+   */
   function store(
     req: Request<MessageData>,
     to: string | undefined,
@@ -84,21 +120,8 @@ export function registerMessages(sv: Services): void {
     const newPair = to !== undefined ? messages.peerOps(me, to) : undefined;
     if (newPair) storage.commitLazy(newPair);
     if (stored) storage.commitLazy(blobs.refOps(stored.sha, m.mid));
-    const d = new Deferred();
-    storage.afterCommit((err) => {
-      onStored?.(err, { mid: m.mid, time: m.time });
-      if (err) return d.reject(err);
-      const ev: MessageEvent = { kind: "message", m, text };
-      if (to !== undefined) {
-        if (newPair) messages.peersKnown(me, to);
-        ev.inbox = to;
-        req.emit(ev, { users: to === me ? [to] : [to, me] });
-      } else {
-        req.emit(ev, { channel: channel as string });
-      }
-      d.resolve({ mid: m.mid, time: m.time });
-    });
-    return d;
+    storage.afterCommit(new PendingMessage(req, m, text, newPair !== undefined, onStored));
+    return req.deferred();
   }
 
   /** A message with a cmid: the same (sender, cmid) is stored once, whoever sends it. */
@@ -115,7 +138,7 @@ export function registerMessages(sv: Services): void {
     const inflight = inflightCmids.get(key);
     if (inflight) return follow(inflight);
     const earlier = await messages.byCmid(req.session.uid as string, cmid);
-    if (earlier) return follow(Promise.resolve({ mid: earlier[0], time: earlier[1] }));
+    if (earlier) return follow(Promise.resolve(new MessageSent(earlier[0], earlier[1])));
     const again = inflightCmids.get(key); // another request got there while we read
     if (again) return follow(again);
     let done!: (err: Error | undefined, sent?: Sent) => void;

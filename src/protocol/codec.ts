@@ -36,7 +36,18 @@ export class ListReply {
   ) {}
 }
 
-export type ReplyBody = Fields | ListReply;
+/**
+ * A message's reply, `{mid, time}`: the most frequent reply of all, given its own
+ * shape so that the codec writes it without serialising an object.
+ */
+export class MessageSent {
+  constructor(
+    readonly mid: string,
+    readonly time: number,
+  ) {}
+}
+
+export type ReplyBody = Fields | ListReply | MessageSent;
 
 /** Where a codec reads an attachment's bytes as base64. */
 export interface BlobSource {
@@ -81,6 +92,10 @@ export class NativeCodec implements Codec {
   }
 
   reply(action: string, body: ReplyBody): OutFrame {
+    if (body instanceof MessageSent) {
+      // mid is digits, time an integer: nothing to escape.
+      return `${this.head(action)}{"status":0,"error":"OK","mid":"${body.mid}","time":${body.time}}}\n`;
+    }
     if (body instanceof ListReply) return this.listReply(action, body);
     const json = JSON.stringify(body);
     return this.head(action) + (json.length > 2 ? `{"status":0,"error":"OK",${json.slice(1)}` : `{"status":0,"error":"OK"}`) + "}\n";

@@ -31,11 +31,16 @@ import { Session, type Peer, type StoredAttachment, type Upload } from "./sessio
 import type { Codec } from "./codec.js";
 import { compileSchema, ENVELOPE, type Validator } from "./validation.js";
 
-/** The reply of a pipelined handler, settled once its commit lands. */
+/**
+ * The reply of a pipelined handler, settled once its commit lands. A request can be
+ * its own Deferred (Request.deferred()): the hot path then allocates nothing more.
+ */
 export class Deferred {
-  /** Set by the dispatcher. */
-  settle: ((reply: ReplyBody | undefined, err: unknown) => void) | undefined;
-  private result: [ReplyBody | undefined, unknown] | undefined;
+  /** Set by the dispatcher; called with the Deferred as `this`. */
+  settle: ((this: Deferred, reply: ReplyBody | undefined, err: unknown) => void) | undefined = undefined;
+  settled = false;
+  reply: ReplyBody | undefined = undefined;
+  err: unknown = undefined;
 
   resolve(reply: ReplyBody): void {
     this.done(reply, undefined);
@@ -46,14 +51,11 @@ export class Deferred {
   }
 
   private done(reply: ReplyBody | undefined, err: unknown): void {
-    if (this.result) return;
-    this.result = [reply, err];
+    if (this.settled) return;
+    this.settled = true;
+    this.reply = reply;
+    this.err = err;
     this.settle?.(reply, err);
-  }
-
-  /** For a Deferred settled before the dispatcher attached (a cmid resend). */
-  take(): [ReplyBody | undefined, unknown] | undefined {
-    return this.result;
   }
 }
 
@@ -67,6 +69,8 @@ export interface Request<D> {
   emit(ev: Event, audience: Audience): void;
   /** Runs right after this request's reply is sent (and its events routed). */
   after(fn: () => void): void;
+  /** This request as the Deferred its pipelined handler returns and settles later. */
+  deferred(): Deferred;
 }
 
 type Result = ReplyBody | Deferred;
@@ -96,26 +100,47 @@ type Item =
   | { kind: "request"; action: string; data: Record<string, unknown>; upload: Upload | undefined }
   | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
-class Slot {
+/** A place in a connection's line of replies (a request is one, with more to it). */
+class Slot extends Deferred {
   frame: OutFrame | undefined = undefined;
-  req: RequestImpl<unknown> | undefined = undefined;
+  /** The request failed: its events and follow-ups are dropped. */
+  failed = false;
   last = false;
+}
+
+function settleRequest(this: Deferred, reply: ReplyBody | undefined, err: unknown): void {
+  const req = this as RequestImpl<unknown>;
+  req.dispatcher.deferredSettled(req, reply, err);
 }
 
 /** Requests read ahead of the one running before the connection stops being read. */
 const INBOX_LIMIT = 256;
 
-class RequestImpl<D> implements Request<D> {
-  events: [Event, Audience][] | undefined;
-  afterFns: (() => void)[] | undefined;
+class RequestImpl<D> extends Slot implements Request<D> {
+  /** The first event (most requests have at most one), then the rest. */
+  event: Event | undefined = undefined;
+  audience: Audience | undefined = undefined;
+  events: [Event, Audience][] | undefined = undefined;
+  afterFns: (() => void)[] | undefined = undefined;
+  attachment: StoredAttachment | undefined = undefined;
+  upload: Upload | undefined = undefined;
   constructor(
     readonly action: string,
-    readonly data: D,
+    /** Dropped once a deferred handler has returned (it read what it needed). */
+    public data: D,
     readonly session: Session,
-    readonly attachment: StoredAttachment | undefined,
-  ) {}
+    readonly dispatcher: Dispatcher,
+  ) {
+    super();
+  }
+  deferred(): Deferred {
+    return this;
+  }
   emit(ev: Event, audience: Audience): void {
-    (this.events ??= []).push([ev, audience]);
+    if (this.event === undefined) {
+      this.event = ev;
+      this.audience = audience;
+    } else (this.events ??= []).push([ev, audience]);
   }
   after(fn: () => void): void {
     (this.afterFns ??= []).push(fn);
@@ -241,11 +266,13 @@ export class Dispatcher {
    * A complete native frame from the scanner: decode it and queue it in arrival
    * order. An attachment that streamed in with it comes as `upload`.
    */
-  frame(s: Session, bytes: Buffer, upload?: Upload): void {
-    if (!isUtf8(bytes)) return this.refuseFrame(s, upload, "frame is not valid UTF-8", peekAction(bytes));
+  frame(s: Session, bytes: Buffer, upload?: Upload, ascii = false): void {
+    if (!ascii && !isUtf8(bytes)) return this.refuseFrame(s, upload, "frame is not valid UTF-8", peekAction(bytes));
     let msg: unknown;
     try {
-      msg = JSON.parse(bytes.toString("utf8"));
+      // The scanner saw every byte: an ASCII frame decodes as latin1, a faster path to
+      // the same string.
+      msg = JSON.parse(bytes.toString(ascii ? "latin1" : "utf8"));
     } catch {
       return this.refuseFrame(s, upload, "frame is not valid JSON", peekAction(bytes));
     }
@@ -359,7 +386,8 @@ export class Dispatcher {
         line.head = 0;
       }
       if (line.inbox.length - line.head <= INBOX_LIMIT / 2) s.peer.resume("inbox");
-      const slot = new Slot();
+      // A request is its own place in the line of replies.
+      const slot = item.kind === "request" ? new RequestImpl(item.action, item.data, s, this) : new Slot();
       if (line.slots === NO_SLOTS) line.slots = [];
       line.slots.push(slot);
       this.execute(s, line, item, slot);
@@ -421,11 +449,11 @@ export class Dispatcher {
     attachment: StoredAttachment | undefined,
   ): void {
     const { action, upload } = item;
-    const req = new RequestImpl(action, item.data as never, s, attachment);
-    slot.req = req as RequestImpl<unknown>;
+    const req = slot as RequestImpl<unknown>;
+    req.attachment = attachment;
     let result: Promise<Result> | Result;
     try {
-      result = entry.spec.handle(req);
+      result = entry.spec.handle(req as RequestImpl<never>);
     } catch (err) {
       upload?.release();
       this.fail(s, line, slot, action, err);
@@ -460,24 +488,47 @@ export class Dispatcher {
 
   private deferredReply(s: Session, line: Line, slot: Slot, action: string, d: Deferred, upload: Upload | undefined): void {
     line.deferred++;
+    if (d === slot) {
+      // The request is its own Deferred: no closure, and what the handler read is let go.
+      const req = slot as RequestImpl<unknown>;
+      req.upload = upload;
+      req.data = undefined;
+      if (d.settled) this.deferredSettled(req, d.reply, d.err);
+      else d.settle = settleRequest;
+      return;
+    }
     const settle = (reply: ReplyBody | undefined, err: unknown) => {
       line.deferred--;
       upload?.release();
       if (err === undefined) this.fill(s, line, slot, this.encode(s, action, reply as ReplyBody));
       else this.fail(s, line, slot, action, err);
-      if (line.deferred === 0 && line.awaitingDeferred) {
-        line.awaitingDeferred = false;
-        this.run(s, line);
-      }
+      this.resumeAfterDeferred(s, line);
     };
-    const early = d.take();
-    if (early) settle(early[0], early[1]);
+    if (d.settled) settle(d.reply, d.err);
     else d.settle = settle;
+  }
+
+  /** A request that was its own Deferred is settled. */
+  deferredSettled(req: RequestImpl<unknown>, reply: ReplyBody | undefined, err: unknown): void {
+    const s = req.session;
+    const line = s.line as Line;
+    line.deferred--;
+    req.upload?.release();
+    if (err === undefined) this.fill(s, line, req, this.encode(s, req.action, reply as ReplyBody));
+    else this.fail(s, line, req, req.action, err);
+    this.resumeAfterDeferred(s, line);
+  }
+
+  private resumeAfterDeferred(s: Session, line: Line): void {
+    if (line.deferred === 0 && line.awaitingDeferred) {
+      line.awaitingDeferred = false;
+      this.run(s, line);
+    }
   }
 
   /** A failed request: its reply is the error, and its events and follow-ups are dropped. */
   private fail(s: Session, line: Line, slot: Slot, action: string, err: unknown): void {
-    slot.req = undefined;
+    slot.failed = true;
     this.fill(s, line, slot, this.failure(s, action, err));
   }
 
@@ -514,22 +565,25 @@ export class Dispatcher {
     return s.codec.error(action, Code.Unavailable, "the server could not complete the request; nothing was changed");
   }
 
+  private publish(s: Session, ev: Event, audience: Audience): void {
+    try {
+      (this.delivery as Delivery).publish(ev, audience);
+    } catch (err) {
+      s.log.error({ err }, "routing an event failed");
+    }
+  }
+
   private fill(s: Session, line: Line, slot: Slot, out: OutFrame): void {
     slot.frame = out;
     const slots = line.slots;
     while (slots.length > 0 && slots[0].frame !== undefined) {
       const done = slots.shift() as Slot;
       s.peer.send(done.frame as OutFrame, false);
-      const req = done.req;
-      if (req) {
-        if (req.events && this.delivery) {
-          for (const [ev, audience] of req.events) {
-            try {
-              this.delivery.publish(ev, audience);
-            } catch (err) {
-              s.log.error({ err }, "routing an event failed");
-            }
-          }
+      if (done instanceof RequestImpl && !done.failed) {
+        const req = done;
+        if (req.event && this.delivery) {
+          this.publish(s, req.event, req.audience as Audience);
+          if (req.events) for (const [ev, audience] of req.events) this.publish(s, ev, audience);
         }
         if (req.afterFns) {
           for (const fn of req.afterFns) {

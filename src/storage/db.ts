@@ -63,6 +63,10 @@ const LEVEL_OPTIONS = {
 } as const;
 
 type Done = (err: Error | undefined) => void;
+/** A commit waiter as an object (the hot path: no closure per message). */
+export interface CommitWaiter {
+  committed(err: Error | undefined): void;
+}
 type Chain = ReturnType<Level<string, string>["batch"]>;
 
 class Batch {
@@ -70,7 +74,7 @@ class Batch {
   ops = 0;
   /** Someone waits for this batch: it is synced. */
   durable = false;
-  waiters: Done[] = [];
+  waiters: (Done | CommitWaiter)[] = [];
   /** Resolved/rejected form for commit() callers, made on first use. */
   promise: Promise<void> | undefined;
 }
@@ -151,9 +155,11 @@ export class Storage {
   }
 
   /** Calls `done` once everything added so far is on disk (synced), or failed. */
-  afterCommit(done: Done): void {
+  afterCommit(done: Done | CommitWaiter): void {
     if (this.closed) {
-      done(new Error("storage is closed"));
+      const err = new Error("storage is closed");
+      if (typeof done === "function") done(err);
+      else done.committed(err);
       return;
     }
     const b = this.open;
@@ -208,7 +214,7 @@ export class Storage {
       if (v !== undefined && b.ops > 0) this.add(put(this.spaces.meta, c.name, v));
     }
     if (b.ops === 0) {
-      for (const w of b.waiters) w(undefined);
+      for (const w of b.waiters) call(w, undefined);
       b.waiters = [];
       this.settleIdle();
       return;
@@ -229,7 +235,7 @@ export class Storage {
     this.writing = false;
     for (const w of b.waiters) {
       try {
-        w(err);
+        call(w, err);
       } catch (e) {
         this.log.error({ err: e }, "commit callback failed");
       }
@@ -257,6 +263,11 @@ export class Storage {
     this.closed = true;
     await this.db.close();
   }
+}
+
+function call(w: Done | CommitWaiter, err: Error | undefined): void {
+  if (typeof w === "function") w(err);
+  else w.committed(err);
 }
 
 const SYNC = { sync: true } as const;

@@ -15,7 +15,8 @@
 //   mlog        <seq>                          → LogChunk: one per batch, the batch's
 //                                                messages from <seq> on (find a message
 //                                                by mid; source of the derived indexes)
-//   inbox       <uid>!<seq>                    → InboxChunk: direct messages to <uid>,
+//   inbox       <uid>!<seq>                    → InboxChunk: direct messages to <uid>
+//                                                ([seq, sender] pairs),
 //                                                from <seq> on (delivery, sync) [derived]
 //   cursor      <uid>                          → seq delivered through (lazy)
 //   cmids       <sender uid>!<cmid>            → mid  (idempotent resend) [derived]
@@ -92,10 +93,10 @@ export function convOf(m: MessageRecord): string {
  * that a codec can put fields the record lacks in the wire's order without searching.
  */
 export function recordJson(m: MessageRecord): { json: string; cut: number } {
-  let head = `{"mid":${JSON.stringify(m.mid)},`;
-  if (m.chid !== undefined) head += `"chid":${JSON.stringify(m.chid)},`;
-  head += `"from":${JSON.stringify(m.from)},"nick":${JSON.stringify(m.nick)},"body":${JSON.stringify(m.body)},"time":${m.time}`;
-  let tail = m.to !== undefined ? `,"to":${JSON.stringify(m.to)}` : "";
+  // mid, uids and chids are made by the server (digits, hex): they need no escaping.
+  let head = m.chid !== undefined ? `{"mid":"${m.mid}","chid":"${m.chid}",` : `{"mid":"${m.mid}",`;
+  head += `"from":"${m.from}","nick":${JSON.stringify(m.nick)},"body":${JSON.stringify(m.body)},"time":${m.time}`;
+  let tail = m.to !== undefined ? `,"to":"${m.to}"` : "";
   if (m.attach) tail += `,"attach":${JSON.stringify(m.attach)}`;
   if (m.edited !== undefined) tail += `,"edited":${m.edited}`;
   return { json: `${head}${tail}}`, cut: head.length };
@@ -184,12 +185,17 @@ export function inboxKey(uid: string, seq: number): string {
 }
 
 /**
- * One batch's messages, entry i for seq `first + i`: [conversation, recipient uid of a
- * direct message or "", sender uid, cmid or ""]. A seq with no entry (a gap) names no
- * message.
+ * One batch's messages, entry i for seq `first + i`: [sender uid, recipient uid of a
+ * direct message or "", channel of a channel message, cmid]; trailing fields that are
+ * empty are left out. A seq with no entry (null: a gap) names no message.
  */
-export type LogEntry = [conv: string, to: string, from: string, cmid: string];
-export type LogChunk = LogEntry[];
+export type LogEntry = [from: string, to: string, chid?: string, cmid?: string];
+export type LogChunk = (LogEntry | null)[];
 
-/** Direct messages to one user: [seq, conversation] pairs in seq order. */
-export type InboxChunk = [seq: number, conv: string][];
+/** The conversation of a log entry. */
+export function entryConv(e: LogEntry): string {
+  return e[1] !== "" ? directConv(e[0], e[1]) : channelConv(e[2] as string);
+}
+
+/** Direct messages to one user: [seq, sender uid] pairs in seq order. */
+export type InboxChunk = [seq: number, from: string][];

@@ -14,6 +14,8 @@ import type { Logger } from "pino";
 import { del, put, putText, type BatchOp, type Counter, type Storage } from "./db.js";
 import {
   convOf,
+  directConv,
+  entryConv,
   inboxKey,
   keyTail,
   msgKey,
@@ -90,10 +92,10 @@ export class MessageStore {
       for (let i = 0; i < chunk.length; i++) {
         const seq = first + i;
         if (seq <= through || !chunk[i]) continue;
-        const [conv, to, from, cmid] = chunk[i];
+        const e = chunk[i] as LogEntry;
         let time = 0;
-        if (cmid) time = (await this.read(conv, seq))?.time ?? 0;
-        this.derive(seq, conv, to, from, cmid, time);
+        if (e[3]) time = (await this.read(entryConv(e), seq))?.time ?? 0;
+        this.derive(seq, e, time);
         replayed++;
       }
     }
@@ -130,8 +132,13 @@ export class MessageStore {
     const conv = convOf(m);
     this.storage.put(this.s.msgs.prefix + msgKey(conv, seq), text.json);
     if (!this.chunk) this.openChunk(seq);
-    (this.chunk as LogChunk)[seq - this.chunkFirst] = [conv, m.to ?? "", m.from, cmid ?? ""];
-    if (cmid !== undefined) (this.chunkTimes as Map<number, number>).set(seq, m.time);
+    const entry: LogEntry = m.chid !== undefined ? [m.from, "", m.chid] : [m.from, m.to as string];
+    if (cmid !== undefined) {
+      entry[2] ??= "";
+      entry[3] = cmid;
+      (this.chunkTimes as Map<number, number>).set(seq, m.time);
+    }
+    (this.chunk as LogChunk)[seq - this.chunkFirst] = entry;
     return text;
   }
 
@@ -150,7 +157,7 @@ export class MessageStore {
       if (err) return;
       for (let i = 0; i < chunk.length; i++) {
         const e = chunk[i] as LogEntry | undefined;
-        if (e) this.derive(first + i, e[0], e[1], e[2], e[3], times.get(first + i) ?? 0);
+        if (e) this.derive(first + i, e, e[3] === undefined ? 0 : (times.get(first + i) ?? 0));
       }
       this.armDerived();
     });
@@ -169,15 +176,16 @@ export class MessageStore {
     }
   }
 
-  private derive(seq: number, conv: string, to: string, from: string, cmid: string, time: number): void {
+  private derive(seq: number, e: LogEntry, time: number): void {
     const p = this.pending;
+    const [from, to, , cmid] = e;
     if (to !== "") {
       let list = p.inbox.get(to);
       if (!list) p.inbox.set(to, (list = []));
-      list.push([seq, conv]);
+      list.push([seq, from]);
       p.count++;
     }
-    if (cmid !== "") {
+    if (cmid !== undefined) {
       const key = pair(from, cmid);
       const v: [string, number] = [String(seq), time];
       p.cmids.set(key, v);
@@ -256,7 +264,7 @@ export class MessageStore {
     if (!/^\d{1,15}$/.test(mid)) return undefined;
     const seq = Number(mid);
     const e = await this.logEntry(seq);
-    return e ? this.read(e[0], seq) : undefined;
+    return e ? this.read(entryConv(e), seq) : undefined;
   }
 
   /** Ops replacing a stored message's record (an edit). */
@@ -272,7 +280,7 @@ export class MessageStore {
     const seq = Number(m.mid);
     const ops = [del(this.s.msgs, msgKey(convOf(m), seq))];
     const e = await this.logEntry(seq);
-    if (e && e[3] !== "") {
+    if (e && e[3] !== undefined) {
       const key = pair(m.from, e[3]);
       this.recentCmids.delete(key);
       this.pending.cmids.delete(key);
@@ -409,12 +417,13 @@ export class MessageStore {
       ]);
       const bySeq = new Map<number, string>();
       for (const [, chunk] of [...(before as [string, InboxChunk][]), ...(later as [string, InboxChunk][])]) {
-        for (const [seq, conv] of chunk) if (seq > after) bySeq.set(seq, conv);
+        for (const [seq, from] of chunk) if (seq > after) bySeq.set(seq, from);
       }
-      for (const [seq, conv] of mem) bySeq.set(seq, conv);
+      for (const [seq, from] of mem) bySeq.set(seq, from);
       const seqs = [...bySeq.keys()].sort((a, b) => a - b).slice(0, limit);
       if (seqs.length === 0) return [];
-      const found = (await this.s.msgs.getMany(seqs.map((q) => msgKey(bySeq.get(q) as string, q)))) as (MessageRecord | undefined)[];
+      const keys = seqs.map((q) => msgKey(directConv(bySeq.get(q) as string, uid), q));
+      const found = (await this.s.msgs.getMany(keys)) as (MessageRecord | undefined)[];
       return seqs.map((seq, i) => ({ seq, message: found[i] }));
     }
   }

@@ -132,7 +132,7 @@ export class Listener {
 
   /** The scanner's sink, shared by every connection of this listener. */
   private readonly sink: FrameSink<PacedUpload, Connection> = {
-    frame: (bytes, upload, conn) => this.dispatcher.frame(conn.session as Session, bytes, upload),
+    frame: (bytes, upload, conn, ascii) => this.dispatcher.frame(conn.session as Session, bytes, upload, ascii),
     reject: (code, reason, action, conn) => this.dispatcher.reject(conn.session as Session, code, reason, action),
     upload: (conn) => {
       // Reading pauses while the blob file cannot keep up, so an attachment never

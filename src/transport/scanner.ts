@@ -19,6 +19,7 @@
 // a new one starts. Each broken frame is reported once: lines after it that cannot
 // start a frame are taken for its rest and skipped quietly.
 
+import { isAscii } from "node:buffer";
 import { Code } from "../protocol/codes.js";
 import { ACTION_PEEK_BYTES, peekAction } from "../protocol/frames.js";
 import type { UploadSink } from "../protocol/session.js";
@@ -44,8 +45,9 @@ export interface FrameSink<U extends UploadSink = UploadSink, C = unknown> {
   /**
    * A complete frame: the bytes of one balanced JSON object (not yet validated). When
    * it had an attachment, `upload` received its text and the frame holds "" instead.
+   * `ascii`: every byte is below 0x80 (valid UTF-8 as it stands).
    */
-  frame(bytes: Buffer, upload: U | undefined, ctx: C): void;
+  frame(bytes: Buffer, upload: U | undefined, ctx: C, ascii: boolean): void;
   /** The string at the stream path begins: where its text should go. */
   upload(ctx: C): U;
   /** A frame, or bytes at depth 0, that were skipped. `action` when it could be read. */
@@ -85,6 +87,18 @@ const enum Fault {
   None,
   TooLarge,
   TooDeep,
+}
+
+// Per chunk, while one push() runs (pushes never nest, so one set serves every
+// scanner): whether the chunk is all ASCII, and where its next backslash and newline
+// are (n when there is none), found once and reused as scanning passes them.
+let chunkAscii = false;
+let nextBackslash = -1;
+let nextLF = -1;
+
+function find(chunk: Buffer, byte: number, from: number): number {
+  const at = chunk.indexOf(byte, from);
+  return at < 0 ? chunk.length : at;
 }
 
 const pathCache = new Map<string, readonly Buffer[]>();
@@ -135,6 +149,8 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private afterBroken = false;
   /** Bytes that may still be skipped quietly as the rest of the broken frame. */
   private quietLeft = 0;
+  /** The frame spans a chunk with a byte ≥ 0x80 (else it is ASCII: no UTF-8 check or decoding needed). */
+  private nonAscii = false;
   /** The upload of the frame being scanned, if its attachment has begun. */
   private uploadSink: U | undefined;
   /** The stream path, as the key expected at each depth (shared by every scanner). */
@@ -170,6 +186,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
 
   push(chunk: Buffer): void {
     const n = chunk.length;
+    chunkAscii = isAscii(chunk);
+    nextBackslash = -1;
+    nextLF = -1;
+    // A frame is ASCII when every chunk it spans is (then it needs no UTF-8 check).
+    if (!chunkAscii) this.nonAscii = true;
     let i = 0;
     this.start = 0; // a frame carried over from an earlier chunk continues at 0
     while (i < n) {
@@ -276,6 +297,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.keyMatched = -1;
     this.keyIsPath = false;
     this.uploadSink = undefined;
+    this.nonAscii = !chunkAscii;
   }
 
   /**
@@ -293,8 +315,28 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     let lineStart = this.lineStart;
     let last = this.lastSignificant;
     for (; i < n; i++) {
-      const c = chunk[i];
+      let c = chunk[i];
       if (inString) {
+        if (!escaped && this.keyMatched < 0) {
+          // Plain string text (a body, most of a frame): jump to the next byte that
+          // matters. In an ASCII chunk that is native searching (memchr); the next
+          // backslash and newline of the chunk are found once and reused.
+          if (chunkAscii) {
+            if (nextBackslash < i) nextBackslash = find(chunk, Byte.Backslash, i);
+            if (nextLF < i) nextLF = find(chunk, Byte.LF, i);
+            const stop = nextBackslash < nextLF ? nextBackslash : nextLF;
+            const quote = c === Byte.Quote ? i : chunk.indexOf(Byte.Quote, i);
+            i = quote >= 0 && quote < stop ? quote : stop;
+            if (i === n) break;
+            c = chunk[i];
+          } else {
+            while (c !== Byte.Quote && c !== Byte.Backslash && c !== Byte.LF) {
+              if (++i === n) break;
+              c = chunk[i];
+            }
+            if (i === n) break;
+          }
+        }
         if (c === Byte.LF) {
           // A raw newline is never valid inside a string (escaped or not): the frame
           // is broken; skip through this line.
@@ -483,7 +525,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
         return;
       }
       case Fault.None:
-        this.sink.frame(this.takeFrame(chunk, start, end), upload, this.ctx);
+        this.sink.frame(this.takeFrame(chunk, start, end), upload, this.ctx, !this.nonAscii);
     }
   }
 
