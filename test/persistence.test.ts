@@ -77,3 +77,55 @@ describe("crash", () => {
     expect(await child.exited).toBe(0);
   });
 });
+
+describe("upgrading a layout-1 database", () => {
+  it("delivers what was queued, finds old messages by mid and keeps their cmids", async () => {
+    const dataDir = newDataDir();
+    const config = testConfig({ dataDir });
+    let server = await startServer(config);
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    a.client.close();
+    b.client.close();
+    await server.stop();
+
+    // Write what the previous server wrote for two messages a → b, the second still
+    // queued for b: records (with conv and cmid), the mid index, the queue, the cmid
+    // index; and no layout version.
+    const { Level } = await import("level");
+    const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
+    await db.open();
+    const conv = a.uid < b.uid ? `d:${a.uid}:${b.uid}` : `d:${b.uid}:${a.uid}`;
+    const pad = (n: number) => String(n).padStart(15, "0");
+    const rec = (mid: number, body: string, cmid?: string) =>
+      JSON.stringify({ mid: String(mid), conv, from: a.uid, nick: a.nick, body, time: 1700000000 + mid, to: b.uid, ...(cmid ? { cmid } : {}) });
+    await db.batch([
+      { type: "put", key: `!msgs!${conv}!${pad(1)}`, value: rec(1, "delivered long ago") },
+      { type: "put", key: `!msgs!${conv}!${pad(2)}`, value: rec(2, "still queued", "old-c") },
+      { type: "put", key: `!mids!${pad(1)}`, value: JSON.stringify(conv) },
+      { type: "put", key: `!mids!${pad(2)}`, value: JSON.stringify(conv) },
+      { type: "put", key: `!queue!${b.uid}!${pad(2)}`, value: JSON.stringify(conv) },
+      { type: "put", key: `!cmids!${a.uid}!old-c`, value: JSON.stringify("2") },
+      { type: "put", key: `!meta!seq`, value: "2" },
+      { type: "del", key: `!meta!layout` },
+    ]);
+    await db.close();
+
+    server = await startServer({ ...config, port: 0 });
+    const bc = await Client.connect(server.port);
+    expect((await bc.request("auth", { sid: b.sid })).status).toBe(0);
+    expect(await bc.event("ev_message")).toMatchObject({ mid: "2", body: "still queued", from: a.uid });
+    expect(await bc.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    const ac = await Client.connect(server.port);
+    expect((await ac.request("auth", { sid: a.sid })).status).toBe(0);
+    expect(await ac.request("editmessage", { mid: "1", body: "edited after the upgrade" })).toMatchObject({ status: 0, mid: "1" });
+    expect(await ac.request("message", { uid: b.uid, body: "still queued", cmid: "old-c" })).toMatchObject({ status: 0, mid: "2" });
+    const fresh = await ac.request("message", { uid: b.uid, body: "new" });
+    expect(Number(fresh.mid)).toBeGreaterThan(2);
+    const history = await ac.request("history", { uid: b.uid });
+    expect(history.messages.map((m: any) => m.body)).toEqual(["edited after the upgrade", "still queued", "new"]);
+    ac.close();
+    bc.close();
+    await server.stop();
+  });
+});

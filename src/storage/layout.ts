@@ -19,7 +19,7 @@
 //                                                ([seq, sender] pairs),
 //                                                from <seq> on (delivery, sync) [derived]
 //   cursor      <uid>                          → seq delivered through (lazy)
-//   cmids       <sender uid>!<cmid>            → mid  (idempotent resend) [derived]
+//   cmids       <sender uid>!<cmid>            → [mid, time]  (idempotent resend) [derived]
 //   blobrefs    <sha256>!<mid>                 → 1    (messages using an attachment blob)
 //   peers       <uid>!<peer uid>               → 1    (direct conversations of a user: dialogs)
 //   channels    <chid>                         → ChannelRecord
@@ -33,6 +33,11 @@
 // start-up past the watermark `meta indexed` (storage/messages.ts). A direct message
 // costs two puts in its synced batch: its record, and its share of the batch's log
 // chunk.
+//
+// `meta layout` is this layout's version (LAYOUT_VERSION). Version 1 (no `meta layout`)
+// had no log or inbox but `mids <seq> → conversation`, an offline queue
+// `queue <uid>!<seq> → conversation` deleted on delivery, and `cmids` → mid; start-up
+// migrates it (storage/messages.ts, migrateV1).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -104,6 +109,11 @@ export function recordJson(m: MessageRecord): { json: string; cut: number } {
 
 // A Level sublevel with string keys; values are JSON unless said otherwise.
 export type Space = ReturnType<Level<string, string>["sublevel"]>;
+
+export const LAYOUT_VERSION = 2;
+
+/** Keyspaces of layout version 1 that migration reads and empties. */
+export const V1_SPACES = ["mids", "queue"] as const;
 
 export const SPACES = [
   "meta",

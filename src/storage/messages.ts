@@ -23,6 +23,9 @@ import {
   prefixRange,
   recordJson,
   seqKey,
+  LAYOUT_VERSION,
+  V1_SPACES,
+  type Space,
   type InboxChunk,
   type LogChunk,
   type LogEntry,
@@ -83,8 +86,62 @@ export class MessageStore {
     storage.contribute(() => this.contribute());
   }
 
+  /**
+   * Brings a layout-1 database to this layout: the mid index becomes log chunks, each
+   * queued (undelivered) message an inbox entry, each cmid [mid, time]; then the old
+   * keyspaces are emptied. One batch per page, so a crash part-way resumes cleanly
+   * (what was moved is gone from the old keyspaces).
+   */
+  private async migrateV1(): Promise<void> {
+    const db = this.storage.db;
+    const [mids, queue] = V1_SPACES.map((name) => db.sublevel<string, unknown>(name, { keyEncoding: "utf8", valueEncoding: "json" }) as unknown as Space);
+    let moved = 0;
+    for (;;) {
+      const page = (await readEntries(mids, { limit: 1000 })) as [string, string][];
+      if (page.length === 0) break;
+      const ops: BatchOp[] = [];
+      for (const [key, conv] of page) {
+        const seq = Number(key);
+        const m = await this.read(conv, seq);
+        ops.push(del(mids, key));
+        if (!m) continue;
+        const entry: LogEntry = m.chid !== undefined ? [m.from, "", m.chid] : [m.from, m.to as string];
+        const cmid = (m as { cmid?: string }).cmid;
+        if (cmid !== undefined) {
+          entry[2] ??= "";
+          entry[3] = cmid;
+          ops.push(put(this.s.cmids, pair(m.from, cmid), [m.mid, m.time]));
+        }
+        ops.push(put(this.s.mlog, seqKey(seq), [entry]));
+        moved++;
+      }
+      await this.storage.commit(ops);
+    }
+    for (;;) {
+      const page = (await readEntries(queue, { limit: 1000 })) as [string, string][];
+      if (page.length === 0) break;
+      const ops: BatchOp[] = [];
+      for (const [key, conv] of page) {
+        const bang = key.indexOf("!");
+        const uid = key.slice(0, bang);
+        const seq = Number(key.slice(bang + 1));
+        const m = await this.read(conv, seq);
+        if (m) ops.push(put(this.s.inbox, inboxKey(uid, seq), [[seq, m.from]]));
+        ops.push(del(queue, key));
+      }
+      await this.storage.commit(ops);
+    }
+    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION), put(this.s.meta, "indexed", this.seq.last)]);
+    if (moved > 0) this.log.info({ messages: moved }, "migrated messages from layout 1");
+  }
+
   /** Replays the log past the derived-index watermark (after a crash) and writes it. */
   async init(): Promise<void> {
+    const layout = (await this.s.meta.get("layout")) as number | undefined;
+    if (layout === undefined) await this.migrateV1();
+    else if (layout > LAYOUT_VERSION) {
+      throw new Error(`the database has layout ${layout}, newer than this server's ${LAYOUT_VERSION}: upgrade wirechat`);
+    }
     const through = ((await this.s.meta.get("indexed")) as number | undefined) ?? 0;
     let replayed = 0;
     const chunks = await this.logFrom(through + 1);
