@@ -68,7 +68,7 @@ describe("range reads", () => {
   });
 
   it("read ranges whose pages come back short (over 16 KiB of values per page)", async () => {
-    const s = storage.spaces.msgs;
+    const s = storage.spaces.hist;
     const big = "x".repeat(4000);
     await s.batch(Array.from({ length: 300 }, (_, i) => ({ type: "put" as const, key: key("c", i), value: { i, big } })));
     const values = await readValues<{ i: number }>(s, prefixRange("c"));

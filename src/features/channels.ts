@@ -16,9 +16,9 @@ const ENTER_HISTORY = 20;
 
 export function registerChannels(sv: Services): void {
   /** A channel's last messages for `enter`, read a page at a time as they are written. */
-  async function* lastMessages(conv: string, seqs: readonly number[]): AsyncIterable<Fields> {
+  async function* lastMessages(seqs: readonly number[]): AsyncIterable<Fields> {
     for (let i = 0; i < seqs.length; i += 10) {
-      for (const m of await sv.messages.records(conv, seqs.slice(i, i + 10))) {
+      for (const m of await sv.messages.records(seqs.slice(i, i + 10))) {
         yield { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
       }
     }
@@ -121,7 +121,7 @@ export function registerChannels(sv: Services): void {
       // The last messages can be large: they are read and written one page at a time.
       const conv = channelConv(c.chid);
       const seqs = await messages.historySeqs(conv, ENTER_HISTORY);
-      return new ListReply({}, "last_msg", () => lastMessages(conv, seqs), { users: list });
+      return new ListReply({}, "last_msg", () => lastMessages(seqs), { users: list });
     },
   });
 

@@ -69,7 +69,7 @@ export function registerMessages(sv: Services): void {
     constructor(
       readonly req: Request<MessageData>,
       readonly m: MessageRecord,
-      readonly text: { json: string; cut: number },
+      readonly text: { json: string; cut: number } | undefined,
       readonly newPair: boolean,
       readonly onStored: ((err: Error | undefined, sent?: Sent) => void) | undefined,
     ) {}
@@ -114,7 +114,10 @@ export function registerMessages(sv: Services): void {
         ? { mid: "", chid: channel, from: me, nick: s.nick as string, body, time }
         : { mid: "", from: me, nick: s.nick as string, body, time, to };
     if (stored) m.attach = { mime: attach?.mime || "application/octet-stream", sha: stored.sha, size: stored.size };
-    const text = messages.append(m, cmid);
+    if (cmid !== undefined) m.cmid = cmid;
+    // The record's text is the event's too, unless it holds what only the sender may see.
+    const stored_ = messages.append(m);
+    const text = cmid === undefined ? stored_ : undefined;
     // In the same batch as the record: the first message of a pair records it for
     // dialogs; an attachment's reference keeps its blob.
     const newPair = to !== undefined ? messages.peerOps(me, to) : undefined;
@@ -239,14 +242,14 @@ export function registerMessages(sv: Services): void {
       if (seqs.length === 0 && channel === undefined && !(await users.get(uid as string))) {
         throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
       }
-      return new ListReply({}, "messages", () => historyItems(conv, seqs));
+      return new ListReply({}, "messages", () => historyItems(seqs));
     },
   });
 
   /** The records at `seqs`, read a page at a time as the reply is written. */
-  async function* historyItems(conv: string, seqs: readonly number[]): AsyncIterable<Fields> {
+  async function* historyItems(seqs: readonly number[]): AsyncIterable<Fields> {
     for (let i = 0; i < seqs.length; i += HISTORY_PAGE) {
-      for (const m of await messages.records(conv, seqs.slice(i, i + HISTORY_PAGE))) yield listItem(m);
+      for (const m of await messages.records(seqs.slice(i, i + HISTORY_PAGE))) yield listItem(m);
     }
   }
 

@@ -11,13 +11,13 @@
 //   usessions   <uid>!<sid>                    → expiry (unix s)
 //   contacts    <owner uid>!<contact uid>      → 1     (owner's list, in uid order)
 //   contactof   <contact uid>!<owner uid>      → 1     (who lists a user: presence, deletion)
-//   msgs        <conversation>!<seq>           → MessageRecord (history = range read)
-//   mlog        <seq>                          → LogChunk: one per batch, the batch's
-//                                                messages from <seq> on (find a message
-//                                                by mid; source of the derived indexes)
-//   inbox       <uid>!<seq>                    → InboxChunk: direct messages to <uid>
-//                                                ([seq, sender] pairs),
-//                                                from <seq> on (delivery, sync) [derived]
+//   log         <seq>                          → MessageRecord: every message, in order
+//                                                (find by mid = one read)
+//   hist        <conversation>!<seq>           → HistChunk: the seqs of one conversation
+//                                                written in one batch, from <seq> on
+//                                                (history = reverse range read)
+//   inbox       <uid>!<seq>                    → InboxChunk: seqs of direct messages to
+//                                                <uid>, from <seq> on (delivery, sync) [derived]
 //   cursor      <uid>                          → seq delivered through (lazy)
 //   cmids       <sender uid>!<cmid>            → [mid, time]  (idempotent resend) [derived]
 //   blobrefs    <sha256>!<mid>                 → 1    (messages using an attachment blob)
@@ -29,15 +29,16 @@
 //
 // On disk: <dataDir>/db holds LevelDB, <dataDir>/blobs the attachment files (blobs.ts).
 //
-// [derived]: written after the message's own batch, from `mlog`, and rebuilt from it at
-// start-up past the watermark `meta indexed` (storage/messages.ts). A direct message
-// costs two puts in its synced batch: its record, and its share of the batch's log
-// chunk.
+// [derived]: written after the message's own batch, from the log, and rebuilt from it
+// at start-up past the watermark `meta indexed` (storage/messages.ts). A message
+// costs at most two puts in its synced batch: its record, appended to the log, and its
+// conversation's history chunk, which all of that conversation's messages in the batch
+// share.
 //
 // `meta layout` is this layout's version (LAYOUT_VERSION). Version 1 (no `meta layout`)
-// had no log or inbox but `mids <seq> → conversation`, an offline queue
-// `queue <uid>!<seq> → conversation` deleted on delivery, and `cmids` → mid; start-up
-// migrates it (storage/messages.ts, migrateV1).
+// kept records at `msgs <conversation>!<seq>` (with their conversation and cmid), a mid
+// index `mids <seq> → conversation`, an offline queue `queue <uid>!<seq>` deleted on
+// delivery, and `cmids` → mid; start-up migrates it (storage/messages.ts, migrateV1).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -85,6 +86,8 @@ export interface MessageRecord {
   /** An attachment: its MIME type and the blob holding its decoded bytes. */
   attach?: { mime: string; sha: string; size: number };
   edited?: number;
+  /** The sender's id for it (never sent to anyone: the codec leaves it out). */
+  cmid?: string;
 }
 
 /** The conversation a message belongs to. */
@@ -104,6 +107,7 @@ export function recordJson(m: MessageRecord): { json: string; cut: number } {
   let tail = m.to !== undefined ? `,"to":"${m.to}"` : "";
   if (m.attach) tail += `,"attach":${JSON.stringify(m.attach)}`;
   if (m.edited !== undefined) tail += `,"edited":${m.edited}`;
+  if (m.cmid !== undefined) tail += `,"cmid":${JSON.stringify(m.cmid)}`;
   return { json: `${head}${tail}}`, cut: head.length };
 }
 
@@ -113,7 +117,7 @@ export type Space = ReturnType<Level<string, string>["sublevel"]>;
 export const LAYOUT_VERSION = 2;
 
 /** Keyspaces of layout version 1 that migration reads and empties. */
-export const V1_SPACES = ["mids", "queue"] as const;
+export const V1_SPACES = ["msgs", "mids", "queue"] as const;
 
 export const SPACES = [
   "meta",
@@ -126,8 +130,8 @@ export const SPACES = [
   "usessions",
   "contacts",
   "contactof",
-  "msgs",
-  "mlog",
+  "log",
+  "hist",
   "inbox",
   "cursor",
   "cmids",
@@ -186,7 +190,7 @@ export function channelConv(chid: string): string {
   return `c:${chid}`;
 }
 
-export function msgKey(conv: string, seq: number): string {
+export function histKey(conv: string, seq: number): string {
   return `${conv}!${seqKey(seq)}`;
 }
 
@@ -194,18 +198,8 @@ export function inboxKey(uid: string, seq: number): string {
   return `${uid}!${seqKey(seq)}`;
 }
 
-/**
- * One batch's messages, entry i for seq `first + i`: [sender uid, recipient uid of a
- * direct message or "", channel of a channel message, cmid]; trailing fields that are
- * empty are left out. A seq with no entry (null: a gap) names no message.
- */
-export type LogEntry = [from: string, to: string, chid?: string, cmid?: string];
-export type LogChunk = (LogEntry | null)[];
+/** One conversation's seqs written in one batch, ascending. */
+export type HistChunk = number[];
 
-/** The conversation of a log entry. */
-export function entryConv(e: LogEntry): string {
-  return e[1] !== "" ? directConv(e[0], e[1]) : channelConv(e[2] as string);
-}
-
-/** Direct messages to one user: [seq, sender uid] pairs in seq order. */
-export type InboxChunk = [seq: number, from: string][];
+/** Seqs of direct messages to one user, ascending. */
+export type InboxChunk = number[];

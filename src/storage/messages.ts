@@ -1,35 +1,34 @@
-// Messages: records per conversation, the message log, and the indexes derived from
-// it (each user's inbox of direct messages, the cmid index), delivery cursors and
-// direct peers.
+// Messages: the message log, each conversation's history index, and the indexes
+// derived from the log (each user's inbox of direct messages, the cmid index),
+// delivery cursors and direct peers.
 //
-// A message's own synced batch holds its record (`msgs`) and an entry in the batch's
-// log chunk (`mlog`, one put per batch). Everything else about it is derived from
-// the log: once the batch is on disk its inbox and cmid entries wait in memory (at
-// most DERIVED_DELAY_MS or DERIVED_MAX entries) and are then written together, lazily,
-// with the watermark `meta indexed` in the same batch. At start-up the log past the
-// watermark is replayed, so a crash can lose none of them. Readers merge what is in
-// memory with what is on disk.
+// A message's own synced batch holds its record, keyed by its seq in the log (`log`:
+// keys only ever grow, so LevelDB appends instead of inserting all over its tables,
+// and finding a message by mid is one read), and its conversation's share of the
+// batch's history chunk (`hist`, one put per conversation per batch). Everything else
+// is derived from the log: once the batch is on disk its inbox and cmid entries wait
+// in memory (at most DERIVED_DELAY_MS or DERIVED_MAX entries) and are then written
+// together, lazily, with the watermark `meta indexed` in the same batch. At start-up
+// the log past the watermark is replayed, so a crash loses none of them. Readers merge
+// what is in memory with what is on disk.
 
 import type { Logger } from "pino";
 import { del, put, putText, type BatchOp, type Counter, type Storage } from "./db.js";
 import {
   convOf,
-  directConv,
-  entryConv,
+  histKey,
   inboxKey,
   keyTail,
-  msgKey,
+  LAYOUT_VERSION,
   pair,
   prefixRange,
   recordJson,
   seqKey,
-  LAYOUT_VERSION,
   V1_SPACES,
-  type Space,
+  type HistChunk,
   type InboxChunk,
-  type LogChunk,
-  type LogEntry,
   type MessageRecord,
+  type Space,
   type Spaces,
 } from "./layout.js";
 import { readEntries, readKeys, readValues } from "./range.js";
@@ -42,6 +41,8 @@ const DERIVED_MAX = 8192;
 const CMID_WINDOW = 65536;
 /** Direct conversations known to be in `peers` (saves a write per message). */
 const KNOWN_PEERS = 100_000;
+/** History chunks read at a time. */
+const HIST_PAGE = 16;
 
 export interface InboxItem {
   seq: number;
@@ -60,10 +61,9 @@ class Derived {
 
 export class MessageStore {
   private readonly s: Spaces;
-  /** The log chunk of the batch being gathered, and the times of its cmid messages. */
-  private chunk: LogChunk | undefined;
-  private chunkFirst = 0;
-  private chunkTimes: Map<number, number> | undefined;
+  /** The batch being gathered: its messages, and its history chunks by conversation. */
+  private batch: MessageRecord[] | undefined;
+  private hist = new Map<string, number[]>();
   /** Committed, not yet handed to a batch. */
   private pending = new Derived();
   /** Handed to the batch being written. */
@@ -76,6 +76,7 @@ export class MessageStore {
   private knownPeerCount = 0;
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
+  private cursorTimer: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly storage: Storage,
@@ -86,56 +87,7 @@ export class MessageStore {
     storage.contribute(() => this.contribute());
   }
 
-  /**
-   * Brings a layout-1 database to this layout: the mid index becomes log chunks, each
-   * queued (undelivered) message an inbox entry, each cmid [mid, time]; then the old
-   * keyspaces are emptied. One batch per page, so a crash part-way resumes cleanly
-   * (what was moved is gone from the old keyspaces).
-   */
-  private async migrateV1(): Promise<void> {
-    const db = this.storage.db;
-    const [mids, queue] = V1_SPACES.map((name) => db.sublevel<string, unknown>(name, { keyEncoding: "utf8", valueEncoding: "json" }) as unknown as Space);
-    let moved = 0;
-    for (;;) {
-      const page = (await readEntries(mids, { limit: 1000 })) as [string, string][];
-      if (page.length === 0) break;
-      const ops: BatchOp[] = [];
-      for (const [key, conv] of page) {
-        const seq = Number(key);
-        const m = await this.read(conv, seq);
-        ops.push(del(mids, key));
-        if (!m) continue;
-        const entry: LogEntry = m.chid !== undefined ? [m.from, "", m.chid] : [m.from, m.to as string];
-        const cmid = (m as { cmid?: string }).cmid;
-        if (cmid !== undefined) {
-          entry[2] ??= "";
-          entry[3] = cmid;
-          ops.push(put(this.s.cmids, pair(m.from, cmid), [m.mid, m.time]));
-        }
-        ops.push(put(this.s.mlog, seqKey(seq), [entry]));
-        moved++;
-      }
-      await this.storage.commit(ops);
-    }
-    for (;;) {
-      const page = (await readEntries(queue, { limit: 1000 })) as [string, string][];
-      if (page.length === 0) break;
-      const ops: BatchOp[] = [];
-      for (const [key, conv] of page) {
-        const bang = key.indexOf("!");
-        const uid = key.slice(0, bang);
-        const seq = Number(key.slice(bang + 1));
-        const m = await this.read(conv, seq);
-        if (m) ops.push(put(this.s.inbox, inboxKey(uid, seq), [[seq, m.from]]));
-        ops.push(del(queue, key));
-      }
-      await this.storage.commit(ops);
-    }
-    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION), put(this.s.meta, "indexed", this.seq.last)]);
-    if (moved > 0) this.log.info({ messages: moved }, "migrated messages from layout 1");
-  }
-
-  /** Replays the log past the derived-index watermark (after a crash) and writes it. */
+  /** Migrates an older layout, then replays the log past the derived-index watermark. */
   async init(): Promise<void> {
     const layout = (await this.s.meta.get("layout")) as number | undefined;
     if (layout === undefined) await this.migrateV1();
@@ -144,32 +96,60 @@ export class MessageStore {
     }
     const through = ((await this.s.meta.get("indexed")) as number | undefined) ?? 0;
     let replayed = 0;
-    const chunks = await this.logFrom(through + 1);
-    for (const [first, chunk] of chunks) {
-      for (let i = 0; i < chunk.length; i++) {
-        const seq = first + i;
-        if (seq <= through || !chunk[i]) continue;
-        const e = chunk[i] as LogEntry;
-        let time = 0;
-        if (e[3]) time = (await this.read(entryConv(e), seq))?.time ?? 0;
-        this.derive(seq, e, time);
-        replayed++;
-      }
+    for (let after = through; ; ) {
+      const page = (await readValues(this.s.log, { gt: seqKey(after), limit: 1000 })) as MessageRecord[];
+      if (page.length === 0) break;
+      for (const m of page) this.derive(m);
+      replayed += page.length;
+      after = Number(page[page.length - 1].mid);
     }
     if (replayed > 0) {
       this.log.info({ replayed, through }, "rebuilt derived message indexes from the log");
-      this.derivedDue = true;
-      await this.storage.commit([]);
-      this.storage.schedule();
-      await this.storage.settle();
+      await this.flushDerived();
     }
   }
 
-  /** Log chunks that may hold seqs ≥ `from`, in order. */
-  private async logFrom(from: number): Promise<[number, LogChunk][]> {
-    const before = (await readEntries(this.s.mlog, { lte: seqKey(from), reverse: true, limit: 1 })) as [string, LogChunk][];
-    const after = (await readEntries(this.s.mlog, { gt: seqKey(from) })) as [string, LogChunk][];
-    return [...before, ...after].map(([k, c]) => [Number(k), c]);
+  /**
+   * Brings a layout-1 database to this layout: each record moves into the log with a
+   * one-message history chunk (its cmid kept in it), each queued (undelivered) message
+   * becomes an inbox entry, the mid index goes. One batch per page, so a crash part-way
+   * resumes cleanly (what was moved is gone from the old keyspaces).
+   */
+  private async migrateV1(): Promise<void> {
+    const db = this.storage.db;
+    const open = (name: string) => db.sublevel<string, unknown>(name, { keyEncoding: "utf8", valueEncoding: "json" }) as unknown as Space;
+    const [msgs, mids, queue] = V1_SPACES.map(open);
+    let moved = 0;
+    for (;;) {
+      const page = (await readEntries(msgs, { limit: 1000 })) as [string, MessageRecord & { conv?: string }][];
+      if (page.length === 0) break;
+      const ops: BatchOp[] = [];
+      for (const [key, old] of page) {
+        const { conv: _conv, ...m } = old;
+        const seq = Number(m.mid);
+        ops.push(del(msgs, key), putText(this.s.log, seqKey(seq), recordJson(m).json), put(this.s.hist, histKey(convOf(m), seq), [seq]));
+        if (m.cmid !== undefined) ops.push(put(this.s.cmids, pair(m.from, m.cmid), [m.mid, m.time]));
+        moved++;
+      }
+      await this.storage.commit(ops);
+    }
+    for (const space of [mids, queue]) {
+      for (;;) {
+        const page = (await readKeys(space, { limit: 1000 })) as string[];
+        if (page.length === 0) break;
+        const ops: BatchOp[] = page.map((key) => del(space, key));
+        if (space === queue) {
+          for (const key of page) {
+            const bang = key.indexOf("!");
+            const seq = Number(key.slice(bang + 1));
+            ops.push(put(this.s.inbox, inboxKey(key.slice(0, bang), seq), [seq]));
+          }
+        }
+        await this.storage.commit(ops);
+      }
+    }
+    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION), put(this.s.meta, "indexed", this.seq.last)]);
+    if (moved > 0) this.log.info({ messages: moved }, "migrated messages from layout 1");
   }
 
   /** The last seq handed out. */
@@ -179,72 +159,63 @@ export class MessageStore {
 
   /**
    * Adds a message to the batch being gathered: assigns its mid, writes its record
-   * and its log entry. Returns the record's JSON text (see recordJson). The caller
-   * waits for the batch with storage.afterCommit before acknowledging.
+   * into the log and its seq into its conversation's history chunk. Returns the
+   * record's JSON text (see recordJson). The caller waits for the batch with
+   * storage.afterCommit before acknowledging.
    */
-  append(m: MessageRecord, cmid: string | undefined): { json: string; cut: number } {
+  append(m: MessageRecord): { json: string; cut: number } {
     const seq = this.seq.next();
     m.mid = String(seq);
     const text = recordJson(m);
+    this.storage.put(this.s.log.prefix + seqKey(seq), text.json);
     const conv = convOf(m);
-    this.storage.put(this.s.msgs.prefix + msgKey(conv, seq), text.json);
-    if (!this.chunk) this.openChunk(seq);
-    const entry: LogEntry = m.chid !== undefined ? [m.from, "", m.chid] : [m.from, m.to as string];
-    if (cmid !== undefined) {
-      entry[2] ??= "";
-      entry[3] = cmid;
-      (this.chunkTimes as Map<number, number>).set(seq, m.time);
-    }
-    (this.chunk as LogChunk)[seq - this.chunkFirst] = entry;
+    const list = this.hist.get(conv);
+    if (list) list.push(seq);
+    else this.hist.set(conv, [seq]);
+    if (!this.batch) this.openBatch();
+    (this.batch as MessageRecord[]).push(m);
     return text;
   }
 
   /**
-   * Starts the log chunk of the batch being gathered. Its commit callback is
-   * registered before any of its messages' own, so their entries are derived (and
-   * visible to byCmid and inboxAfter) before anyone hears of them.
+   * Starts the list of the batch being gathered. Its commit callback is registered
+   * before any of its messages' own, so their entries are derived (and visible to
+   * byCmid and inboxAfter) before anyone hears of them.
    */
-  private openChunk(first: number): void {
-    const chunk: LogChunk = [];
-    const times = new Map<number, number>();
-    this.chunk = chunk;
-    this.chunkFirst = first;
-    this.chunkTimes = times;
+  private openBatch(): void {
+    const batch: MessageRecord[] = [];
+    this.batch = batch;
     this.storage.afterCommit((err) => {
       if (err) return;
-      for (let i = 0; i < chunk.length; i++) {
-        const e = chunk[i] as LogEntry | undefined;
-        if (e) this.derive(first + i, e, e[3] === undefined ? 0 : (times.get(first + i) ?? 0));
-      }
+      for (const m of batch) this.derive(m);
       this.armDerived();
     });
   }
 
   /** Runs as each batch is about to be written. */
   private contribute(): void {
-    const chunk = this.chunk;
-    if (chunk) {
-      this.storage.put(this.s.mlog.prefix + seqKey(this.chunkFirst), JSON.stringify(chunk));
-      this.chunk = undefined;
-      this.chunkTimes = undefined;
+    if (this.batch) {
+      for (const [conv, seqs] of this.hist) this.storage.put(this.s.hist.prefix + histKey(conv, seqs[0]), JSON.stringify(seqs));
+      this.hist = new Map();
+      this.batch = undefined;
     }
     if ((this.derivedDue || this.pending.count >= DERIVED_MAX) && !this.writing && (this.pending.count > 0 || this.cursors.size > 0)) {
       this.writeDerived();
     }
   }
 
-  private derive(seq: number, e: LogEntry, time: number): void {
+  private derive(m: MessageRecord): void {
     const p = this.pending;
-    const [from, to, , cmid] = e;
-    if (to !== "") {
-      let list = p.inbox.get(to);
-      if (!list) p.inbox.set(to, (list = []));
-      list.push([seq, from]);
+    const seq = Number(m.mid);
+    if (m.to !== undefined) {
+      const list = p.inbox.get(m.to);
+      if (list) list.push(seq);
+      else p.inbox.set(m.to, [seq]);
       p.count++;
     }
-    if (cmid !== undefined) {
-      const key = pair(from, cmid);
-      const v: [string, number] = [String(seq), time];
+    if (m.cmid !== undefined) {
+      const key = pair(m.from, m.cmid);
+      const v: [string, number] = [m.mid, m.time];
       p.cmids.set(key, v);
       this.rememberCmid(key, v);
       p.count++;
@@ -275,7 +246,7 @@ export class MessageStore {
       this.derivedTimer = undefined;
     }
     const ops: BatchOp[] = [];
-    for (const [uid, list] of d.inbox) ops.push(put(this.s.inbox, inboxKey(uid, list[0][0]), list));
+    for (const [uid, seqs] of d.inbox) ops.push(put(this.s.inbox, inboxKey(uid, seqs[0]), seqs));
     for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
     if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
     for (const [uid, seq] of this.cursors) ops.push(put(this.s.cursor, uid, seq));
@@ -304,41 +275,34 @@ export class MessageStore {
     return v;
   }
 
-  /** The cmid of the message at `seq`, from its log entry. */
-  private async logEntry(seq: number): Promise<LogEntry | undefined> {
-    const found = (await readEntries(this.s.mlog, { lte: seqKey(seq), reverse: true, limit: 1 })) as [string, LogChunk][];
-    if (found.length === 0) return undefined;
-    const [key, chunk] = found[0];
-    return chunk[seq - Number(key)] ?? undefined;
-  }
-
-  private async read(conv: string, seq: number): Promise<MessageRecord | undefined> {
-    return (await this.s.msgs.get(msgKey(conv, seq))) as MessageRecord | undefined;
-  }
-
-  /** A message by mid: one seek in the log, one read of the record. */
+  /** A message by mid: one read. */
   async get(mid: string): Promise<MessageRecord | undefined> {
     if (!/^\d{1,15}$/.test(mid)) return undefined;
-    const seq = Number(mid);
-    const e = await this.logEntry(seq);
-    return e ? this.read(entryConv(e), seq) : undefined;
+    return (await this.s.log.get(seqKey(Number(mid)))) as MessageRecord | undefined;
   }
 
   /** Ops replacing a stored message's record (an edit). */
   updateOps(m: MessageRecord): BatchOp[] {
-    return [putText(this.s.msgs, msgKey(convOf(m), Number(m.mid)), recordJson(m).json)];
+    return [putText(this.s.log, seqKey(Number(m.mid)), recordJson(m).json)];
   }
 
   /**
-   * Ops removing a message from its history and its cmid from the index. Its log and
-   * inbox entries stay: they name a record that no longer exists, which readers skip.
+   * Ops removing a message: its record, its seq from its history chunk, its cmid. An
+   * inbox entry stays: it names a record that no longer exists, which readers skip.
+   * (History chunks are never rewritten otherwise, so this cannot race a commit.)
    */
   async removeOps(m: MessageRecord): Promise<BatchOp[]> {
     const seq = Number(m.mid);
-    const ops = [del(this.s.msgs, msgKey(convOf(m), seq))];
-    const e = await this.logEntry(seq);
-    if (e && e[3] !== undefined) {
-      const key = pair(m.from, e[3]);
+    const conv = convOf(m);
+    const ops = [del(this.s.log, seqKey(seq))];
+    const found = (await readEntries(this.s.hist, { gt: `${conv}!`, lte: histKey(conv, seq), reverse: true, limit: 1 })) as [string, HistChunk][];
+    if (found.length > 0) {
+      const [key, seqs] = found[0];
+      const rest = seqs.filter((q) => q !== seq);
+      if (rest.length !== seqs.length) ops.push(rest.length > 0 ? put(this.s.hist, key, rest) : del(this.s.hist, key));
+    }
+    if (m.cmid !== undefined) {
+      const key = pair(m.from, m.cmid);
       this.recentCmids.delete(key);
       this.pending.cmids.delete(key);
       ops.push(del(this.s.cmids, key));
@@ -347,40 +311,49 @@ export class MessageStore {
   }
 
   /**
-   * The newest `limit` messages of a conversation older than `before` (a mid), oldest
-   * first: one bounded reverse range read, whatever the conversation's length.
+   * The seqs of a conversation's newest `limit` messages before `before` (a mid),
+   * oldest first: a bounded reverse range read over its history chunks, whatever the
+   * conversation's length.
    */
-  async history(conv: string, limit: number, before?: string): Promise<MessageRecord[]> {
-    const range = prefixRange(conv);
-    const lt = before !== undefined ? msgKey(conv, Number(before)) : range.lt;
-    const values = (await readValues(this.s.msgs, { gt: range.gt, lt, reverse: true, limit })) as MessageRecord[];
-    return values.reverse();
-  }
-
-  /** Keys (seqs) of a conversation's newest `limit` messages before `before`, oldest first. */
   async historySeqs(conv: string, limit: number, before?: string): Promise<number[]> {
-    const range = prefixRange(conv);
-    const lt = before !== undefined ? msgKey(conv, Number(before)) : range.lt;
-    const keys = await readKeys(this.s.msgs, { gt: range.gt, lt, reverse: true, limit });
-    return keys.map((k) => Number(k.slice(conv.length + 1))).reverse();
+    const below = before !== undefined ? Number(before) : Infinity;
+    const out: number[] = [];
+    // Chunks that start at or before `before` (the one holding it may start before it).
+    let lt = before !== undefined ? histKey(conv, below + 1) : `${conv}"`;
+    while (out.length < limit) {
+      const page = (await readEntries(this.s.hist, { gt: `${conv}!`, lt, reverse: true, limit: HIST_PAGE })) as [string, HistChunk][];
+      for (const [, seqs] of page) {
+        for (let i = seqs.length - 1; i >= 0 && out.length < limit; i--) if (seqs[i] < below) out.push(seqs[i]);
+      }
+      if (page.length < HIST_PAGE) break;
+      lt = page[page.length - 1][0];
+    }
+    return out.reverse();
   }
 
-  /** Records of `conv` at these seqs (deleted ones skipped), in order. */
-  async records(conv: string, seqs: readonly number[]): Promise<MessageRecord[]> {
+  /** The records at `seqs` (deleted ones skipped), in order. */
+  async records(seqs: readonly number[]): Promise<MessageRecord[]> {
     if (seqs.length === 0) return [];
-    const found = (await this.s.msgs.getMany(seqs.map((q) => msgKey(conv, q)))) as (MessageRecord | undefined)[];
+    const found = (await this.s.log.getMany(seqs.map(seqKey))) as (MessageRecord | undefined)[];
     return found.filter((m): m is MessageRecord => m !== undefined);
   }
 
+  /** The newest `limit` messages of a conversation before `before`, oldest first. */
+  async history(conv: string, limit: number, before?: string): Promise<MessageRecord[]> {
+    return this.records(await this.historySeqs(conv, limit, before));
+  }
+
   /**
-   * Deletes every message of a conversation (a deleted channel), page by page; returns
-   * the attachments they used (the caller drops their references).
+   * Deletes every message of a conversation (a deleted channel), chunk page by chunk
+   * page; `onPage` returns the ops for what the page's messages used (attachments).
    */
   async purge(conv: string, onPage: (page: MessageRecord[]) => Promise<BatchOp[]>): Promise<void> {
     for (;;) {
-      const page = (await readValues(this.s.msgs, { ...prefixRange(conv), limit: 500 })) as MessageRecord[];
-      if (page.length === 0) return;
-      const ops = [...page.map((m) => del(this.s.msgs, msgKey(conv, Number(m.mid)))), ...(await onPage(page))];
+      const chunks = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
+      if (chunks.length === 0) return;
+      const seqs = chunks.flatMap(([, s]) => s);
+      const page = await this.records(seqs);
+      const ops = [...chunks.map(([key]) => del(this.s.hist, key)), ...seqs.map((q) => del(this.s.log, seqKey(q))), ...(await onPage(page))];
       await this.storage.commit(ops);
     }
   }
@@ -432,19 +405,11 @@ export class MessageStore {
     return ((await this.s.cursor.get(uid)) as number | undefined) ?? 0;
   }
 
-  /**
-   * Advances `uid`'s cursor (never backwards; the stored value is compared when it is
-   * read back by the caller). Written lazily: a lost advance only redelivers.
-   */
+  /** Advances `uid`'s cursor. Written lazily: a lost advance only redelivers. */
   advance(uid: string, seq: number): void {
     const cur = this.cursors.get(uid);
     if (cur !== undefined && cur >= seq) return;
     this.cursors.set(uid, seq);
-    this.armCursor();
-  }
-
-  private cursorTimer: NodeJS.Timeout | undefined;
-  private armCursor(): void {
     if (this.cursorTimer) return;
     this.cursorTimer = setTimeout(() => {
       this.cursorTimer = undefined;
@@ -461,39 +426,32 @@ export class MessageStore {
    * entry committed before the call is seen; duplicates between the two are merged.
    */
   async inboxAfter(uid: string, after: number, limit: number): Promise<InboxItem[]> {
-    {
-      const mem: [number, string][] = [];
-      for (const d of [this.writing, this.pending]) {
-        const list = d?.inbox.get(uid);
-        if (list) for (const e of list) if (e[0] > after) mem.push(e);
-      }
-      const prefix = `${uid}!`;
-      const [before, later] = await Promise.all([
-        readEntries(this.s.inbox, { gt: prefix, lte: inboxKey(uid, after), reverse: true, limit: 1 }),
-        readEntries(this.s.inbox, { gt: inboxKey(uid, after), lt: `${uid}"` }),
-      ]);
-      const bySeq = new Map<number, string>();
-      for (const [, chunk] of [...(before as [string, InboxChunk][]), ...(later as [string, InboxChunk][])]) {
-        for (const [seq, from] of chunk) if (seq > after) bySeq.set(seq, from);
-      }
-      for (const [seq, from] of mem) bySeq.set(seq, from);
-      const seqs = [...bySeq.keys()].sort((a, b) => a - b).slice(0, limit);
-      if (seqs.length === 0) return [];
-      const keys = seqs.map((q) => msgKey(directConv(bySeq.get(q) as string, uid), q));
-      const found = (await this.s.msgs.getMany(keys)) as (MessageRecord | undefined)[];
-      return seqs.map((seq, i) => ({ seq, message: found[i] }));
+    const mem: number[] = [];
+    for (const d of [this.writing, this.pending]) {
+      const list = d?.inbox.get(uid);
+      if (list) for (const q of list) if (q > after) mem.push(q);
     }
+    const [before, later] = await Promise.all([
+      readEntries(this.s.inbox, { gt: `${uid}!`, lte: inboxKey(uid, after), reverse: true, limit: 1 }),
+      readEntries(this.s.inbox, { gt: inboxKey(uid, after), lt: `${uid}"` }),
+    ]);
+    const all = new Set<number>(mem);
+    for (const [, chunk] of [...(before as [string, InboxChunk][]), ...(later as [string, InboxChunk][])]) {
+      for (const q of chunk) if (q > after) all.add(q);
+    }
+    const seqs = [...all].sort((a, b) => a - b).slice(0, limit);
+    if (seqs.length === 0) return [];
+    const found = (await this.s.log.getMany(seqs.map(seqKey))) as (MessageRecord | undefined)[];
+    return seqs.map((seq, i) => ({ seq, message: found[i] }));
   }
 
-  /** Everything derived is written now (shutdown). */
+  /** Everything derived is written now (shutdown, start-up replay). */
   async flushDerived(): Promise<void> {
-    this.derivedDue = true;
-    this.storage.schedule();
-    await this.storage.settle();
-    if (this.pending.count > 0 || this.cursors.size > 0) {
+    for (let i = 0; i < 2; i++) {
       this.derivedDue = true;
       this.storage.schedule();
       await this.storage.settle();
+      if (this.pending.count === 0 && this.cursors.size === 0) return;
     }
   }
 }
