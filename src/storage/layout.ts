@@ -156,8 +156,11 @@ export function openSpaces(db: Level<string, string>): Spaces {
 
 const SEQ_WIDTH = 15;
 
+const ZEROS = "0".repeat(SEQ_WIDTH);
+
 export function seqKey(seq: number): string {
-  return String(seq).padStart(SEQ_WIDTH, "0");
+  const s = String(seq);
+  return ZEROS.slice(s.length) + s;
 }
 
 export function pair(a: string, b: string): string {

@@ -16,6 +16,7 @@ import type { Logger } from "pino";
 import { del, put, putText, type BatchOp, type Counter, type Storage } from "./db.js";
 import {
   convOf,
+  directConv,
   histKey,
   inboxKey,
   keyTail,
@@ -74,6 +75,9 @@ export class MessageStore {
   /** sender → recipients whose pair is known to be in `peers` (bounded, see KNOWN_PEERS). */
   private readonly knownPeers = new Map<string, Set<string>>();
   private knownPeerCount = 0;
+  /** sender → recipient → their conversation's name (bounded like knownPeers): made once. */
+  private readonly convs = new Map<string, Map<string, string>>();
+  private convCount = 0;
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
   private cursorTimer: NodeJS.Timeout | undefined;
@@ -168,7 +172,7 @@ export class MessageStore {
     m.mid = String(seq);
     const text = recordJson(m);
     this.storage.put(this.s.log.prefix + seqKey(seq), text.json);
-    const conv = convOf(m);
+    const conv = m.to !== undefined ? this.directConv(m.from, m.to) : convOf(m);
     const list = this.hist.get(conv);
     if (list) list.push(seq);
     else this.hist.set(conv, [seq]);
@@ -190,6 +194,23 @@ export class MessageStore {
       for (const m of batch) this.derive(m);
       this.armDerived();
     });
+  }
+
+  /** directConv, remembered: the same string each time, so maps hash it once. */
+  private directConv(from: string, to: string): string {
+    let byTo = this.convs.get(from);
+    let conv = byTo?.get(to);
+    if (conv !== undefined) return conv;
+    if (this.convCount >= KNOWN_PEERS) {
+      this.convs.clear();
+      this.convCount = 0;
+      byTo = undefined;
+    }
+    if (!byTo) this.convs.set(from, (byTo = new Map()));
+    conv = directConv(from, to);
+    byTo.set(to, conv);
+    this.convCount++;
+    return conv;
   }
 
   /** Runs as each batch is about to be written. */
