@@ -165,6 +165,17 @@ describe("large replies to a client that is not reading", () => {
     return { before, peak, replies, problems, closedWhilePaused, stillOpen, ping };
   }
 
+  /** The paused reader was kept, memory stayed bounded, and every reply came whole. */
+  function expectBoundedThenWhole(child: Parameters<typeof isAlive>[0], out: Awaited<ReturnType<typeof pausedReader>>): void {
+    expect(isAlive(child)).toBe(true);
+    expect(out.closedWhilePaused, "the server closed the paused reader").toBe(false);
+    expect(out.peak - out.before, `RSS grew from ${out.before} to ${out.peak}`).toBeLessThan(RSS_BOUND);
+    expect(out.replies).toBe(30);
+    expect(out.problems).toEqual([]);
+    expect(out.stillOpen).toBe(true);
+    expect(out.ping.status).toBe(0);
+  }
+
   it("history: 30 pages of ~28 MB each; RSS stays bounded while unread, then every page arrives whole", async () => {
     const child = await startChild(["--stats", "1", "--outbound-cap", String(MB)]);
     const a = await registerUser(child.port);
@@ -189,13 +200,7 @@ describe("large replies to a client that is not reading", () => {
       }
       return undefined;
     });
-    expect(isAlive(child)).toBe(true);
-    expect(out.closedWhilePaused, "the server closed the paused reader").toBe(false);
-    expect(out.peak - out.before, `RSS grew from ${out.before} to ${out.peak}`).toBeLessThan(RSS_BOUND);
-    expect(out.replies).toBe(30);
-    expect(out.problems).toEqual([]);
-    expect(out.stillOpen).toBe(true);
-    expect(out.ping.status).toBe(0);
+    expectBoundedThenWhole(child, out);
     stats.close();
   }, 120_000);
 
@@ -224,13 +229,7 @@ describe("large replies to a client that is not reading", () => {
       if (!d.users.some((u: any) => u.uid === a.uid)) return "the member list lacks the owner";
       return undefined;
     });
-    expect(isAlive(child)).toBe(true);
-    expect(out.closedWhilePaused, "the server closed the paused reader").toBe(false);
-    expect(out.peak - out.before, `RSS grew from ${out.before} to ${out.peak}`).toBeLessThan(RSS_BOUND);
-    expect(out.replies).toBe(30);
-    expect(out.problems).toEqual([]);
-    expect(out.stillOpen).toBe(true);
-    expect(out.ping.status).toBe(0);
+    expectBoundedThenWhole(child, out);
     stats.close();
   }, 120_000);
 });
