@@ -235,3 +235,85 @@ describe("cmid raced from two connections of one sender", () => {
     for (const c of [a.client, a2.client, b.client, b2.client]) c.close();
   });
 });
+
+describe("re-authentication and cursors (review findings)", () => {
+  it("two auths back to back on one connection: every inbox message once, in order", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    for (let i = 0; i < 700; i++) a.client.send("message", { uid: b.uid, body: `m${i}` });
+    const mids: string[] = [];
+    for (let i = 0; i < 700; i++) mids.push((await a.client.reply("message", 20_000)).data.mid);
+    const c = await Client.connect(shared.port);
+    c.send("auth", { sid: b.sid });
+    c.send("auth", { sid: b.sid });
+    await c.reply("auth");
+    await c.reply("auth");
+    const got: string[] = [];
+    for (let i = 0; i < 700; i++) got.push((await c.event("ev_message", () => true, 20_000)).mid);
+    expect(await c.quiet(500, (f) => f.action === "ev_message")).toBe(true);
+    // the first auth's sync may have sent a prefix before the second took over; after
+    // that, what follows is every message once, in mid order
+    const start = got.indexOf(mids[0], 1) > 0 ? got.indexOf(mids[0], 1) : 0;
+    expect(got.slice(start)).toEqual(mids.slice(0, got.length - start));
+    expect(new Set(got.slice(start)).size).toBe(got.length - start);
+    a.client.close();
+    c.close();
+  }, 60_000);
+
+  it("a smaller ack from a second device never moves the cursor back", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const mids: string[] = [];
+    for (let i = 0; i < 10; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `c${i}` })).mid);
+    const d1 = await connect(b, { ack: true });
+    await waitForMidsOf(d1, mids);
+    expect((await d1.request("ack", { mid: mids[9] })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 1500)); // the advance is written
+    const d2 = await connect(b, { ack: true, since: "0" });
+    await waitForMidsOf(d2, mids);
+    expect((await d2.request("ack", { mid: mids[4] })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 1500));
+    const d3 = await connect(b, { ack: true });
+    expect(await d3.quiet(500, (f) => f.action === "ev_message")).toBe(true);
+    for (const c of [a.client, d1, d2, d3]) c.close();
+  }, 30_000);
+
+  it("confirmations due on a connection do not count for the next user logged in on it", async () => {
+    const { server } = shared;
+    const a = await registerUser(shared.port);
+    const alice = await offlineUser();
+    const bob = await offlineUser();
+    const big = "b".repeat(1000);
+    const sent: string[] = [];
+    for (let i = 0; i < 5; i++) sent.push((await a.client.request("message", { uid: bob.uid, body: `${i} ${big}` })).mid);
+    const forAlice = (await a.client.request("message", { uid: alice.uid, body: "for alice" })).mid;
+    // A small slack for this one connection: a frame counts as read once 2,000 more
+    // characters have been handed to the OS after it.
+    const listener = server.listener as unknown as { slack: number };
+    const slack = listener.slack;
+    listener.slack = 2000;
+    let c: Client;
+    try {
+      c = await Client.connect(shared.port);
+    } finally {
+      listener.slack = slack;
+    }
+    expect((await c.request("auth", { sid: alice.sid })).status).toBe(0);
+    expect((await c.event("ev_message")).mid).toBe(forAlice);
+    // Bob logs in on the same connection; his inbox (5 KB) takes Alice's mark past due.
+    expect((await c.request("auth", { sid: bob.sid })).status).toBe(0);
+    for (let i = 0; i < 5; i++) await c.event("ev_message");
+    await new Promise((r) => setTimeout(r, 300));
+    const cursor = await server.services.messages.cursor(bob.uid);
+    expect(cursor, "Bob's cursor took Alice's seq").toBeLessThan(Number(forAlice));
+    expect(cursor).toBeLessThanOrEqual(Number(sent[4]));
+    c.close();
+    a.client.close();
+  }, 30_000);
+});
+
+/** Waits until every one of `mids` has arrived on `c` as ev_message. */
+async function waitForMidsOf(c: Client, mids: string[]): Promise<void> {
+  const seen = new Set<string>();
+  while (!mids.every((m) => seen.has(m))) seen.add((await c.event("ev_message")).mid);
+}

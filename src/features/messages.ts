@@ -20,7 +20,7 @@ import type { CommitWaiter } from "../storage/db.js";
 import type { MessageEvent } from "../protocol/events.js";
 import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
-import { channelConv, directConv, type MessageRecord } from "../storage/layout.js";
+import { channelConv, convOf, directConv, type MessageRecord } from "../storage/layout.js";
 import type { Services } from "./services.js";
 
 interface MessageData {
@@ -154,7 +154,12 @@ export function registerMessages(sv: Services): void {
     });
     settled.catch(() => {});
     inflightCmids.set(key, settled);
-    return store(req, to, channel, cmid, done);
+    try {
+      return store(req, to, channel, cmid, done);
+    } catch (err) {
+      done(err as Error); // never leave a resend waiting on a message that was not stored
+      throw err;
+    }
   }
 
   dispatcher.register<MessageData>({
@@ -299,13 +304,23 @@ export function registerMessages(sv: Services): void {
     throw new ProtocolError(Code.Forbidden, "only its author can change a message");
   }
 
-  // Edits and deletes of one message run one at a time, each reading the message
-  // afresh: an edit racing a delete must not write the deleted message back.
+  /**
+   * Runs a change to message `mid` under its conversation's lock, so that changes run
+   * one at a time, each reading the message afresh: an edit racing a delete must not
+   * write the deleted message back, and two deletes must not rewrite one history chunk
+   * at once. 14 when there is no such message.
+   */
+  async function changing<T>(mid: string, fn: () => Promise<T>): Promise<T> {
+    const m = await messages.get(mid);
+    if (!m) throw new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
+    return locks.run(`conv:${convOf(m)}`, fn);
+  }
+
   dispatcher.register<{ mid: string; body: string }>({
     name: "editmessage",
     schema: { type: "object", required: ["mid", "body"], properties: { mid: MID, body: { type: "string", minLength: 1 } } },
     async handle(req) {
-      const edited = await locks.run(`mid:${req.data.mid}`, async () => {
+      const edited = await changing(req.data.mid, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
         const next: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
         await storage.commit(messages.updateOps(next));
@@ -320,7 +335,7 @@ export function registerMessages(sv: Services): void {
     name: "delmessage",
     schema: { type: "object", required: ["mid"], properties: { mid: MID } },
     async handle(req) {
-      const m = await locks.run(`mid:${req.data.mid}`, async () => {
+      const m = await changing(req.data.mid, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
         const ops = await messages.removeOps(m);
         if (m.attach) ops.push(...blobs.unrefOps(m.attach.sha, m.mid));

@@ -49,6 +49,8 @@ const SYNC_PAGE = 256;
 
 export class Router implements Delivery {
   private readonly users = new Map<string, Session | Session[]>();
+  /** Channels whose events wait for a membership read (bounded by events in flight). */
+  private readonly channelQueue = new Map<string, Promise<void>>();
 
   constructor(
     private readonly inbox: InboxSource,
@@ -101,17 +103,27 @@ export class Router implements Delivery {
       for (const uid of audience.users) this.toUser(uid, ev);
       return;
     }
-    const cached = this.channels.cachedMembers(audience.channel);
+    const chid = audience.channel;
+    const queued = this.channelQueue.get(chid);
+    const cached = queued ? undefined : this.channels.cachedMembers(chid);
     if (cached) {
       for (const uid of cached) this.toUser(uid, ev);
       return;
     }
-    this.channels.members(audience.channel).then(
+    // Membership must be read: this event, and every later one for the channel until
+    // it is delivered, wait in order behind the read.
+    const next = (queued ?? Promise.resolve()).then(
+      () => this.channels.members(chid),
+    ).then(
       (members) => {
         for (const uid of members) this.toUser(uid, ev);
       },
       (err) => this.onError(err, "resolving a channel's members"),
     );
+    this.channelQueue.set(chid, next);
+    void next.then(() => {
+      if (this.channelQueue.get(chid) === next) this.channelQueue.delete(chid);
+    });
   }
 
   /** An event for one connection only (ev_logout to the sessions it ends). */
@@ -149,16 +161,21 @@ export class Router implements Delivery {
    */
   async sync(s: Session, since: number | undefined): Promise<void> {
     const uid = s.uid as string;
+    // A later login (or logout) on this connection supersedes this sync.
+    const gen = s.generation;
+    const current = () => s.generation === gen && !s.peer.closed;
     s.syncing = true;
     try {
-      s.lastInbox = since ?? (await this.inbox.cursor(uid));
+      const start = since ?? (await this.inbox.cursor(uid));
+      if (!current()) return;
+      s.lastInbox = start;
       for (;;) {
         s.syncDirty = false;
         const page = await this.inbox.inboxAfter(uid, s.lastInbox, SYNC_PAGE);
-        if (s.uid !== uid || s.peer.closed) return;
+        if (!current()) return;
         for (const { seq, message } of page) {
           // Never more than the socket can take: wait for it rather than hit the cap.
-          if (s.peer.congested && (!(await s.peer.drained()) || s.uid !== uid)) return;
+          if (s.peer.congested && (!(await s.peer.drained()) || !current())) return;
           s.lastInbox = seq;
           if (!message) continue; // deleted since it was sent
           const ev: MessageEvent = { kind: "message", m: message, inbox: uid };
@@ -166,9 +183,10 @@ export class Router implements Delivery {
         }
         if (page.length < SYNC_PAGE && !s.syncDirty) break;
       }
-      if (s.uid === uid) s.syncing = false;
+      if (current()) s.syncing = false;
     } catch (err) {
-      if (s.uid === uid) s.syncing = false;
+      if (!current()) return;
+      s.syncing = false;
       this.onError(err, "syncing an inbox");
       s.peer.end();
     }
@@ -181,7 +199,10 @@ export class Router implements Delivery {
     return through;
   }
 
-  /** A non-acking connection has certainly delivered everything through `seq`. */
+  /**
+   * A non-acking connection has certainly delivered everything through `seq` (marks
+   * are dropped at every login and logout, so they are this user's).
+   */
   confirmed(s: Session, seq: number): void {
     if (s.uid !== undefined) this.inbox.advance(s.uid, seq);
   }

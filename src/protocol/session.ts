@@ -46,6 +46,8 @@ export interface Peer {
    * must have read it.
    */
   send(frame: OutFrame, event: boolean, confirm?: number): void;
+  /** Drops confirmations not yet due: they belong to a user no longer logged in here. */
+  forgetConfirmations(): void;
   /** More is waiting to go out than a producer should add to. */
   readonly congested: boolean;
   /** Resolves when the connection is no longer congested: true, or false if it closed. */
@@ -72,6 +74,8 @@ export class Session {
   syncDirty = false;
   /** Highest inbox seq sent on this connection (in order, without gaps). */
   lastInbox = 0;
+  /** Bumped at every login and logout: a sync started for an earlier one stops. */
+  generation = 0;
   /** The dispatcher's request line for this connection. */
   line: unknown;
 
@@ -89,17 +93,25 @@ export class Session {
     return this.rootLog.child({ conn: this.peer.id, remote: this.peer.remote, uid: this.uid });
   }
 
+  /**
+   * Logs the connection in. Live inbox events are held back (syncing) until the sync
+   * that follows the auth reply has sent what came before them.
+   */
   login(uid: string, sid: string, nick: string): void {
     this.uid = uid;
     this.sid = sid;
     this.nick = nick;
-    this.syncing = false;
+    this.generation++;
+    this.syncing = true;
     this.syncDirty = false;
     this.lastInbox = 0;
+    this.peer.forgetConfirmations();
   }
 
   logout(): void {
     this.uid = this.sid = this.nick = undefined;
+    this.generation++;
     this.syncing = false;
+    this.peer.forgetConfirmations();
   }
 }

@@ -209,12 +209,20 @@ export class Storage {
     if (this.writing) return;
     for (const fn of this.contributors) fn(this);
     const b = this.open;
-    for (const c of this.counters) {
-      const v = c.takeDirty();
-      if (v !== undefined && b.ops > 0) this.add(put(this.spaces.meta, c.name, v));
-    }
-    if (b.ops === 0) {
-      for (const w of b.waiters) call(w, undefined);
+    if (b.ops > 0) {
+      // A counter's latest value rides with any batch (never alone: nothing used it yet).
+      for (const c of this.counters) {
+        const v = c.takeDirty();
+        if (v !== undefined) this.add(put(this.spaces.meta, c.name, v));
+      }
+    } else {
+      for (const w of b.waiters) {
+        try {
+          call(w, undefined);
+        } catch (err) {
+          this.log.error({ err }, "commit callback failed");
+        }
+      }
       b.waiters = [];
       this.settleIdle();
       return;

@@ -42,6 +42,8 @@ const DERIVED_MAX = 8192;
 const CMID_WINDOW = 65536;
 /** Direct conversations known to be in `peers` (saves a write per message). */
 const KNOWN_PEERS = 100_000;
+/** Delivery cursors remembered. */
+const KNOWN_CURSORS = 100_000;
 /** History chunks read at a time. */
 const HIST_PAGE = 16;
 
@@ -80,6 +82,8 @@ export class MessageStore {
   private convCount = 0;
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
+  /** Cursors as last read or written (bounded, KNOWN_CURSORS): advances compare with them. */
+  private readonly knownCursors = new Map<string, number>();
   private cursorTimer: NodeJS.Timeout | undefined;
 
   constructor(
@@ -271,13 +275,26 @@ export class MessageStore {
     for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
     if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
     for (const [uid, seq] of this.cursors) ops.push(put(this.s.cursor, uid, seq));
+    const cursors = [...this.cursors];
     this.cursors.clear();
     this.writing = d;
     this.storage.commitLazy(ops);
-    this.storage.afterWrite(() => {
+    this.storage.afterWrite((err) => {
       if (this.writing === d) this.writing = undefined;
+      if (err) this.restore(d, cursors); // written again with the next generation
       if (this.pending.count > 0) this.armDerived();
+      if (this.cursors.size > 0) this.armCursor();
     });
+  }
+
+  /** A generation whose write failed: its entries wait again, before anything newer. */
+  private restore(d: Derived, cursors: [string, number][]): void {
+    const p = this.pending;
+    for (const [uid, seqs] of d.inbox) p.inbox.set(uid, [...seqs, ...(p.inbox.get(uid) ?? [])]);
+    for (const [key, v] of d.cmids) if (!p.cmids.has(key)) p.cmids.set(key, v);
+    p.count += d.count;
+    p.through = Math.max(p.through, d.through);
+    for (const [uid, seq] of cursors) if ((this.cursors.get(uid) ?? 0) < seq) this.cursors.set(uid, seq);
   }
 
   private rememberCmid(key: string, v: [string, number]): void {
@@ -421,16 +438,47 @@ export class MessageStore {
 
   /** The seq through which `uid`'s inbox has been delivered. */
   async cursor(uid: string): Promise<number> {
-    const mem = this.cursors.get(uid);
+    const mem = this.cursors.get(uid) ?? this.knownCursors.get(uid);
     if (mem !== undefined) return mem;
-    return ((await this.s.cursor.get(uid)) as number | undefined) ?? 0;
+    const stored = ((await this.s.cursor.get(uid)) as number | undefined) ?? 0;
+    // An advance may have landed while we read.
+    const now = Math.max(stored, this.cursors.get(uid) ?? 0, this.knownCursors.get(uid) ?? 0);
+    this.knowCursor(uid, now);
+    return now;
   }
 
-  /** Advances `uid`'s cursor. Written lazily: a lost advance only redelivers. */
+  /**
+   * Advances `uid`'s cursor; never backwards (a second device acknowledging less, a
+   * late confirmation). Written lazily: a lost advance only redelivers.
+   */
   advance(uid: string, seq: number): void {
-    const cur = this.cursors.get(uid);
-    if (cur !== undefined && cur >= seq) return;
+    const known = this.cursors.get(uid) ?? this.knownCursors.get(uid);
+    if (known !== undefined) {
+      if (seq > known) this.setCursor(uid, seq);
+      return;
+    }
+    this.cursor(uid).then(
+      (cur) => {
+        if (seq > cur) this.setCursor(uid, seq);
+      },
+      (err) => this.log.error({ err, uid }, "reading a delivery cursor failed"),
+    );
+  }
+
+  private setCursor(uid: string, seq: number): void {
     this.cursors.set(uid, seq);
+    this.knowCursor(uid, seq);
+    this.armCursor();
+  }
+
+  /** Remembers a cursor's value (bounded: the oldest are forgotten and read again). */
+  private knowCursor(uid: string, seq: number): void {
+    this.knownCursors.delete(uid);
+    this.knownCursors.set(uid, seq);
+    if (this.knownCursors.size > KNOWN_CURSORS) this.knownCursors.delete(this.knownCursors.keys().next().value as string);
+  }
+
+  private armCursor(): void {
     if (this.cursorTimer) return;
     this.cursorTimer = setTimeout(() => {
       this.cursorTimer = undefined;
@@ -454,7 +502,9 @@ export class MessageStore {
     }
     const [before, later] = await Promise.all([
       readEntries(this.s.inbox, { gt: `${uid}!`, lte: inboxKey(uid, after), reverse: true, limit: 1 }),
-      readEntries(this.s.inbox, { gt: inboxKey(uid, after), lt: `${uid}"` }),
+      // Each chunk holds at least one seq, and memory holds only newer ones: `limit`
+      // chunks are enough.
+      readEntries(this.s.inbox, { gt: inboxKey(uid, after), lt: `${uid}"`, limit }),
     ]);
     const all = new Set<number>(mem);
     for (const [, chunk] of [...(before as [string, InboxChunk][]), ...(later as [string, InboxChunk][])]) {

@@ -235,6 +235,11 @@ export class Connection implements Peer {
     if (this.drainWaiters && !this.congested) this.wake(true);
   }
 
+  forgetConfirmations(): void {
+    this.marks = undefined;
+    this.pendingConfirm = 0;
+  }
+
   /** Periodic check (the listener's sweep): marks can settle with no new traffic. */
   tick(): void {
     if (!this.socket.destroyed) this.progress();
