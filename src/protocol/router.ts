@@ -166,7 +166,9 @@ export class Router implements Delivery {
     const current = () => s.generation === gen && !s.peer.closed;
     s.syncing = true;
     try {
-      const start = since ?? (await this.inbox.cursor(uid));
+      // Without `since`: after the cursor, or after what this connection was already
+      // sent as this user (a second auth on one connection sends nothing twice).
+      const start = since ?? Math.max(await this.inbox.cursor(uid), s.lastInbox);
       if (!current()) return;
       s.lastInbox = start;
       for (;;) {

@@ -98,18 +98,21 @@ export class Session {
    * that follows the auth reply has sent what came before them.
    */
   login(uid: string, sid: string, nick: string): void {
+    // The same user again on this connection keeps what it was sent here (the next
+    // sync resumes after it); another user starts from nothing.
+    if (uid !== this.uid) this.lastInbox = 0;
     this.uid = uid;
     this.sid = sid;
     this.nick = nick;
     this.generation++;
     this.syncing = true;
     this.syncDirty = false;
-    this.lastInbox = 0;
     this.peer.forgetConfirmations();
   }
 
   logout(): void {
     this.uid = this.sid = this.nick = undefined;
+    this.lastInbox = 0;
     this.generation++;
     this.syncing = false;
     this.peer.forgetConfirmations();
