@@ -38,8 +38,4 @@ export class LocalLock implements KeyedLock {
     return next;
   }
 
-  /** Keys with work queued or running (bounded by the work in flight). */
-  get size(): number {
-    return this.tails.size;
-  }
 }

@@ -37,8 +37,6 @@ const HISTORY_MAX = 500;
 const HISTORY_PAGE = 20;
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
 
-type Sent = MessageSent;
-
 /** A message as an item of a history-like list (its attachment streams). */
 export function listItem(m: MessageRecord): Fields {
   const item: Fields = { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
@@ -50,7 +48,7 @@ export function listItem(m: MessageRecord): Fields {
 export function registerMessages(sv: Services): void {
   const { dispatcher, users, messages, channels, storage, router, blobs, locks } = sv;
   /** (sender, cmid) of messages whose commit is in flight → their eventual reply. */
-  const inflightCmids = new Map<string, Promise<Sent>>();
+  const inflightCmids = new Map<string, Promise<MessageSent>>();
 
   /** Resolves a `channel` argument to a channel the caller is a member of. */
   async function memberChannel(chid: string, me: string): Promise<string> {
@@ -71,7 +69,7 @@ export function registerMessages(sv: Services): void {
       readonly m: MessageRecord,
       readonly text: { json: string; cut: number } | undefined,
       readonly newPair: boolean,
-      readonly onStored: ((err: Error | undefined, sent?: Sent) => void) | undefined,
+      readonly onStored: ((err: Error | undefined, sent?: MessageSent) => void) | undefined,
     ) {}
 
     committed(err: Error | undefined): void {
@@ -89,7 +87,7 @@ export function registerMessages(sv: Services): void {
       } else {
         req.emit(ev, { channel: m.chid as string });
       }
-      d.resolve(sent as Sent);
+      d.resolve(sent as MessageSent);
     }
   }
 
@@ -102,7 +100,7 @@ export function registerMessages(sv: Services): void {
     to: string | undefined,
     channel: string | undefined,
     cmid: string | undefined,
-    onStored?: (err: Error | undefined, sent?: Sent) => void,
+    onStored?: (err: Error | undefined, sent?: MessageSent) => void,
   ): Deferred {
     const s = req.session;
     const me = s.uid as string;
@@ -130,7 +128,7 @@ export function registerMessages(sv: Services): void {
   /** A message with a cmid: the same (sender, cmid) is stored once, whoever sends it. */
   async function storeOnce(req: Request<MessageData>, to: string | undefined, channel: string | undefined, cmid: string): Promise<Deferred> {
     const key = `${req.session.uid}\u0000${cmid}`;
-    const follow = (p: Promise<Sent>) => {
+    const follow = (p: Promise<MessageSent>) => {
       const d = new Deferred();
       p.then(
         (sent) => d.resolve(sent),
@@ -144,12 +142,12 @@ export function registerMessages(sv: Services): void {
     if (earlier) return follow(Promise.resolve(new MessageSent(earlier[0], earlier[1])));
     const again = inflightCmids.get(key); // another request got there while we read
     if (again) return follow(again);
-    let done!: (err: Error | undefined, sent?: Sent) => void;
-    const settled = new Promise<Sent>((resolve, reject) => {
+    let done!: (err: Error | undefined, sent?: MessageSent) => void;
+    const settled = new Promise<MessageSent>((resolve, reject) => {
       done = (err, sent) => {
         inflightCmids.delete(key);
         if (err) reject(err);
-        else resolve(sent as Sent);
+        else resolve(sent as MessageSent);
       };
     });
     settled.catch(() => {});

@@ -20,12 +20,7 @@
 import type { Event, MessageEvent } from "./events.js";
 import type { Audience } from "./events.js";
 import type { Session } from "./session.js";
-import type { MessageRecord } from "../storage/layout.js";
-
-export interface InboxItem {
-  seq: number;
-  message: MessageRecord | undefined;
-}
+import type { InboxItem } from "../storage/messages.js";
 
 /** The inbox store as the router needs it (storage/messages.ts implements it). */
 export interface InboxSource {

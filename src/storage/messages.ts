@@ -160,11 +160,6 @@ export class MessageStore {
     if (moved > 0) this.log.info({ messages: moved }, "migrated messages from layout 1");
   }
 
-  /** The last seq handed out. */
-  get lastSeq(): number {
-    return this.seq.last;
-  }
-
   /**
    * Adds a message to the batch being gathered: assigns its mid, writes its record
    * into the log and its seq into its conversation's history chunk. Returns the

@@ -95,7 +95,8 @@ export class Connection implements Peer {
   lastActivity = Date.now();
   /** Set by whoever reads this connection's confirmations (the listener, for the router). */
   onConfirmed: ((conn: Connection, seq: number) => void) | undefined;
-  /** What the owner keeps with the connection (the listener: session and scanner). */
+  /** What the owner keeps with the connection (the listener: itself, session, scanner). */
+  owner: unknown;
   session: unknown;
   scanner: unknown;
 

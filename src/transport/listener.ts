@@ -16,8 +16,8 @@ import { CONNECTION, Connection, deliverySlack } from "./connection.js";
 import { FrameScanner, type FrameSink, type ScannerLimits } from "./scanner.js";
 
 type Tagged = net.Socket & { [CONNECTION]?: Connection };
-/** Listener of each connection, for the shared socket handlers. */
-const OWNER = new WeakMap<Connection, Listener>();
+/** The listener that accepted a connection, for the shared socket handlers. */
+const owner = (conn: Connection) => conn.owner as Listener;
 
 function onSocketData(this: Tagged, chunk: Buffer): void {
   const conn = this[CONNECTION] as Connection;
@@ -27,17 +27,17 @@ function onSocketData(this: Tagged, chunk: Buffer): void {
 
 function onSocketEnd(this: Tagged): void {
   const conn = this[CONNECTION] as Connection;
-  OWNER.get(conn)?.ended(conn);
+  owner(conn).ended(conn);
 }
 
 function onSocketClose(this: Tagged): void {
   const conn = this[CONNECTION] as Connection;
-  OWNER.get(conn)?.closed(conn);
+  owner(conn).closed(conn);
 }
 
 function onSocketError(this: Tagged, err: Error): void {
   const conn = this[CONNECTION];
-  if (conn) OWNER.get(conn)?.socketError(conn, err);
+  if (conn) owner(conn).socketError(conn, err);
 }
 
 /** An upload the listener can pace: it reports a full buffer and its draining. */
@@ -121,7 +121,7 @@ export class Listener {
     conn.onConfirmed = this.confirmed;
     conn.scanner = new FrameScanner<PacedUpload, Connection>(this.scannerLimits, this.sink, conn);
     this.connections.set(conn, session);
-    OWNER.set(conn, this);
+    conn.owner = this;
     socket.on("data", onSocketData);
     socket.on("end", onSocketEnd);
     socket.on("close", onSocketClose);
