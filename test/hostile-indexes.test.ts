@@ -1,0 +1,188 @@
+// Hostile clients (issue 9): `dialogs` answers from bounded, paged
+// range reads of indexes that stay right after new messages, deletions, restarts,
+// crashes and a layout upgrade.
+// Every test talks to a real server over TCP.
+import path from "node:path";
+import { Level } from "level";
+import { describe, expect, it } from "vitest";
+import { startServer } from "../src/server.js";
+import { openSpaces } from "../src/storage/layout.js";
+import { ChildServer, Client, registerUser, serveForFile, testConfig, uniqueName, useTempDirs, type Account } from "./helpers.js";
+
+// 105 peers of one user connect at once: more than the default per-address cap.
+const shared = serveForFile({ maxPerAddress: 1000 });
+const newDataDir = useTempDirs();
+
+async function closeAll(...clients: Client[]): Promise<void> {
+  for (const c of clients) c.close();
+  await Promise.all(clients.map((c) => c.closed));
+}
+
+async function say(from: Account, to: { uid?: string; channel?: string }, body: string): Promise<string> {
+  const r = await from.client.request("message", { ...to, body });
+  expect(r.status).toBe(0);
+  return r.mid;
+}
+
+/** The ids of a dialogs page, in order. */
+async function dialogIds(who: Client, data: Record<string, unknown> = {}): Promise<string[]> {
+  const r = await who.request("dialogs", data);
+  expect(r.status).toBe(0);
+  return r.dialogs.map((d: any) => d.uid ?? d.chid);
+}
+
+/** Every dialog of `who`, walked `limit` at a time with `before`. */
+async function walkDialogs(who: Client, limit: number): Promise<{ ids: string[]; pages: number[] }> {
+  const ids: string[] = [];
+  const pages: number[] = [];
+  let before: string | undefined;
+  for (;;) {
+    const r = await who.request("dialogs", before === undefined ? { limit } : { limit, before });
+    expect(r.status).toBe(0);
+    if (r.dialogs.length === 0) return { ids, pages };
+    pages.push(r.dialogs.length);
+    for (const d of r.dialogs) ids.push(d.uid ?? d.chid);
+    before = r.dialogs[r.dialogs.length - 1].last.mid;
+  }
+}
+
+describe("dialogs is paged", () => {
+  it("honours limit and before: every conversation once, newest first, pages of at most limit", async () => {
+    const a = await registerUser(shared.port);
+    const peers: Account[] = [];
+    for (let i = 0; i < 12; i++) peers.push(await registerUser(shared.port));
+    const expected: string[] = [];
+    const chid = (await a.client.request("createchannel", { name: uniqueName("pg") })).chid;
+    for (let i = 0; i < peers.length; i++) {
+      // some conversations are started by the peer, some by a
+      if (i % 2 === 0) await say(a, { uid: peers[i].uid }, `to ${i}`);
+      else await say(peers[i], { uid: a.uid }, `from ${i}`);
+      expected.unshift(peers[i].uid);
+      if (i === 5) {
+        await say(a, { channel: chid }, "in the channel");
+        expected.unshift(chid);
+      }
+    }
+    expect(await dialogIds(a.client)).toEqual(expected);
+    const walked = await walkDialogs(a.client, 5);
+    expect(walked.ids).toEqual(expected);
+    expect(walked.pages).toEqual([5, 5, 3]);
+    // a page in the middle, and a limit past the largest is the largest
+    expect(await dialogIds(a.client, { limit: 2, before: (await a.client.request("dialogs", { limit: 3 })).dialogs[2].last.mid })).toEqual(
+      expected.slice(3, 5),
+    );
+    expect((await dialogIds(a.client, { limit: 100000 })).length).toBe(13);
+    for (const bad of [{ limit: 0 }, { limit: "5" }, { before: "abc" }, { before: 5 }]) {
+      expect((await a.client.request("dialogs", bad)).status).toBe(3);
+    }
+    await closeAll(a.client, ...peers.map((p) => p.client));
+  });
+
+  it("answers at most 100 conversations by default", async () => {
+    const a = await registerUser(shared.port);
+    const peers = await Promise.all(Array.from({ length: 105 }, () => registerUser(shared.port)));
+    for (const p of peers) p.client.send("message", { uid: a.uid, body: "hi" });
+    for (const p of peers) expect((await p.client.reply("message")).data.status).toBe(0);
+    const first = await a.client.request("dialogs");
+    expect(first.dialogs.length).toBe(100);
+    const rest = await a.client.request("dialogs", { before: first.dialogs[99].last.mid });
+    expect(rest.dialogs.length).toBe(5);
+    expect(new Set([...first.dialogs, ...rest.dialogs].map((d: any) => d.uid))).toEqual(new Set(peers.map((p) => p.uid)));
+    await closeAll(a.client, ...peers.map((p) => p.client));
+  });
+});
+
+describe("the dialogs index", () => {
+  it("follows new messages and deletions at once, and keeps its order over a restart", async () => {
+    const config = testConfig({ dataDir: newDataDir() });
+    let server = await startServer(config);
+    const a = await registerUser(server.port);
+    const [b, c, d] = [await registerUser(server.port), await registerUser(server.port), await registerUser(server.port)];
+    const toB = await say(a, { uid: b.uid }, "to b");
+    const toC = await say(a, { uid: c.uid }, "to c");
+    await say(a, { uid: d.uid }, "to d");
+    await say(a, { uid: a.uid }, "note to self");
+    expect(await dialogIds(a.client)).toEqual([a.uid, d.uid, c.uid, b.uid]);
+    // an answer moves its conversation to the top, on both sides, at once
+    const fromB = await say(b, { uid: a.uid }, "b answers");
+    expect(await dialogIds(a.client)).toEqual([b.uid, a.uid, d.uid, c.uid]);
+    expect(await dialogIds(b.client)).toEqual([a.uid]);
+    // deleting the newest message puts the conversation back where its last one is
+    expect((await b.client.request("delmessage", { mid: fromB })).status).toBe(0);
+    const after = await a.client.request("dialogs");
+    expect(after.dialogs.map((x: any) => x.uid)).toEqual([a.uid, d.uid, c.uid, b.uid]);
+    expect(after.dialogs[3].last.mid).toBe(toB);
+    // a conversation whose every message is deleted leaves the list
+    expect((await a.client.request("delmessage", { mid: toC })).status).toBe(0);
+    expect(await dialogIds(a.client)).toEqual([a.uid, d.uid, b.uid]);
+    expect(await dialogIds(c.client)).toEqual([]);
+    // the same pages, read from disk after a restart
+    await closeAll(a.client, b.client, c.client, d.client);
+    await server.stop();
+    server = await startServer({ ...config, port: 0 });
+    const again = await Client.connect(server.port);
+    expect((await again.request("auth", { sid: a.sid })).status).toBe(0);
+    expect(await dialogIds(again)).toEqual([a.uid, d.uid, b.uid]);
+    expect(await dialogIds(again, { limit: 1, before: toB })).toEqual([]);
+    // a message after the restart moves its entry (the old one does not linger)
+    const dc = await Client.connect(server.port);
+    expect((await dc.request("auth", { sid: d.sid })).status).toBe(0);
+    expect((await dc.request("message", { uid: a.uid, body: "d again" })).status).toBe(0);
+    expect((await walkDialogs(again, 1)).ids).toEqual([d.uid, a.uid, b.uid]);
+    await closeAll(again, dc);
+    await server.stop();
+  });
+
+  it("is rebuilt from the log after kill -9", async () => {
+    const dataDir = newDataDir();
+    let child = await ChildServer.start(dataDir);
+    const a = await registerUser(child.port);
+    const peers = [await registerUser(child.port), await registerUser(child.port), await registerUser(child.port)];
+    // a burst the lazy index cannot have written before the kill
+    for (let i = 0; i < 30; i++) a.client.send("message", { uid: peers[i % 3].uid, body: `m${i}` });
+    for (let i = 0; i < 30; i++) expect((await a.client.reply("message")).data.status).toBe(0);
+    child.proc.kill("SIGKILL");
+    await child.exited;
+    child = await ChildServer.start(dataDir);
+    const c = await Client.connect(child.port);
+    expect((await c.request("auth", { sid: a.sid })).status).toBe(0);
+    const r = await c.request("dialogs");
+    expect(r.dialogs.map((x: any) => x.uid)).toEqual([peers[2].uid, peers[1].uid, peers[0].uid]);
+    expect(r.dialogs.map((x: any) => x.last.body)).toEqual(["m29", "m28", "m27"]);
+    c.close();
+    child.proc.kill("SIGTERM");
+    expect(await child.exited).toBe(0);
+  });
+
+  it("is built at start-up for a database of layout 2", async () => {
+    const config = testConfig({ dataDir: newDataDir() });
+    let server = await startServer(config);
+    const a = await registerUser(server.port);
+    const [b, c] = [await registerUser(server.port), await registerUser(server.port)];
+    await say(a, { uid: c.uid }, "first");
+    await say(b, { uid: a.uid }, "second");
+    const chid = (await a.client.request("createchannel", { name: uniqueName("old") })).chid;
+    expect((await a.client.request("createchannel", { name: uniqueName("old") })).status).toBe(0);
+    await say(a, { channel: chid }, "third");
+    await say(c, { uid: a.uid }, "fourth");
+    const before = (await a.client.request("dialogs")).dialogs;
+    expect(before.map((x: any) => x.uid ?? x.chid)).toEqual([c.uid, chid, b.uid]);
+    await closeAll(a.client, b.client, c.client);
+    await server.stop();
+
+    // What a layout-2 server left: no dialogs index, no owned-channels index.
+    const db = new Level<string, string>(path.join(config.dataDir, "db"), { keyEncoding: "utf8", valueEncoding: "utf8" });
+    await db.open();
+    const spaces = openSpaces(db);
+    for (const name of ["dialogs", "dialogat", "owned"] as const) await spaces[name].clear();
+    await spaces.meta.put("layout", 2);
+    await db.close();
+
+    server = await startServer({ ...config, port: 0 });
+    const again = await Client.connect(server.port);
+    expect((await again.request("auth", { sid: a.sid })).status).toBe(0);
+    expect((await again.request("dialogs")).dialogs).toEqual(before);
+    await closeAll(again);
+    await server.stop();
+  });
+});
