@@ -1,4 +1,4 @@
-// Hostile clients (issue 9): `dialogs` answers from bounded, paged
+// Hostile clients (issue 9): `dialogs` and `channellist` answer from bounded, paged
 // range reads of indexes that stay right after new messages, deletions, restarts,
 // crashes and a layout upgrade.
 // Every test talks to a real server over TCP.
@@ -184,5 +184,41 @@ describe("the dialogs index", () => {
     expect((await again.request("dialogs")).dialogs).toEqual(before);
     await closeAll(again);
     await server.stop();
+  });
+});
+
+describe("channellist is paged", () => {
+  it("honours limit and after: every channel once, pages of at most limit, 100 by default", async () => {
+    const owners = [await registerUser(shared.port), await registerUser(shared.port)];
+    const made = new Set<string>();
+    for (let i = 0; i < 105; i++) {
+      const r = await owners[i % 2].client.request("createchannel", { name: uniqueName("list") });
+      expect(r.status).toBe(0);
+      made.add(r.chid);
+    }
+    const reader = owners[0].client;
+    expect((await reader.request("channellist")).channels.length).toBe(100);
+    const seen: string[] = [];
+    let after: string | undefined;
+    for (;;) {
+      const r = await reader.request("channellist", after === undefined ? { limit: 40 } : { limit: 40, after });
+      expect(r.status).toBe(0);
+      expect(r.channels.length).toBeLessThanOrEqual(40);
+      if (r.channels.length === 0) break;
+      for (const ch of r.channels) {
+        expect(Object.keys(ch).sort()).toEqual(["chid", "descr", "name", "online"]);
+        seen.push(ch.chid);
+      }
+      after = r.channels[r.channels.length - 1].chid;
+    }
+    expect(new Set(seen).size).toBe(seen.length);
+    for (const chid of made) expect(seen).toContain(chid);
+    // a deleted channel is not listed; `after` may name one
+    const gone = [...made][50];
+    expect((await owners[50 % 2].client.request("deletechannel", { channel: gone })).status).toBe(0);
+    const page = await reader.request("channellist", { limit: 500, after: gone });
+    expect(page.channels.map((c: any) => c.chid)).toEqual(seen.slice(seen.indexOf(gone) + 1));
+    for (const bad of [{ limit: 0 }, { after: 5 }, { after: "" }]) expect((await reader.request("channellist", bad)).status).not.toBe(0);
+    await closeAll(...owners.map((o) => o.client));
   });
 });

@@ -13,6 +13,9 @@ import type { Services } from "./services.js";
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
+/** `channellist` page: default and largest. */
+const LIST_DEFAULT = 100;
+const LIST_MAX = 500;
 
 export function registerChannels(sv: Services): void {
   /** A channel's last messages for `enter`, read a page at a time as they are written. */
@@ -67,14 +70,18 @@ export function registerChannels(sv: Services): void {
     },
   });
 
-  dispatcher.register({
+  // Every channel, a page at a time (one range read of `limit` records); `online`
+  // counts each listed channel's members from the membership cache.
+  dispatcher.register<{ limit?: number; after?: string }>({
     name: "channellist",
-    schema: { type: "object" },
-    async handle() {
+    schema: { type: "object", properties: { limit: { type: "integer", minimum: 1 }, after: requiredString(64) } },
+    async handle(req) {
+      const limit = Math.min(req.data.limit ?? LIST_DEFAULT, LIST_MAX);
       const list = [];
-      for (const c of await channels.all()) {
-        const members = await channels.members(c.chid);
-        list.push({ chid: c.chid, name: c.name, descr: c.descr, online: members.filter((u) => router.isOnline(u)).length });
+      for (const c of await channels.page(limit, req.data.after)) {
+        let online = 0;
+        for (const uid of await channels.members(c.chid)) if (router.isOnline(uid)) online++;
+        list.push({ chid: c.chid, name: c.name, descr: c.descr, online });
       }
       return { channels: list };
     },

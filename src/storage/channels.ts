@@ -66,8 +66,9 @@ export class ChannelStore {
     return (await this.s.chname.get(name.toLowerCase())) as string | undefined;
   }
 
-  async all(): Promise<ChannelRecord[]> {
-    return readValues<ChannelRecord>(this.s.channels, {});
+  /** Up to `limit` channels after chid `after`, in key order (chids as text): one range read. */
+  async page(limit: number, after?: string): Promise<ChannelRecord[]> {
+    return readValues<ChannelRecord>(this.s.channels, after === undefined ? { limit } : { gt: after, limit });
   }
 
   /** Report with joined(c.chid, c.owner) once committed. */
