@@ -1,6 +1,6 @@
 // Hostile clients (issue 9): `dialogs` and `channellist` answer from bounded, paged
 // range reads of indexes that stay right after new messages, deletions, restarts,
-// crashes and a layout upgrade.
+// crashes and a layout upgrade; one user cannot own or join unlimited channels.
 // Every test talks to a real server over TCP.
 import path from "node:path";
 import { Level } from "level";
@@ -11,6 +11,7 @@ import { ChildServer, Client, registerUser, serveForFile, testConfig, uniqueName
 
 // 105 peers of one user connect at once: more than the default per-address cap.
 const shared = serveForFile({ maxPerAddress: 1000 });
+const capped = serveForFile({ maxOwnedChannels: 3, maxJoinedChannels: 5 });
 const newDataDir = useTempDirs();
 
 async function closeAll(...clients: Client[]): Promise<void> {
@@ -155,7 +156,7 @@ describe("the dialogs index", () => {
   });
 
   it("is built at start-up for a database of layout 2", async () => {
-    const config = testConfig({ dataDir: newDataDir() });
+    const config = testConfig({ dataDir: newDataDir(), maxOwnedChannels: 2 });
     let server = await startServer(config);
     const a = await registerUser(server.port);
     const [b, c] = [await registerUser(server.port), await registerUser(server.port)];
@@ -182,6 +183,11 @@ describe("the dialogs index", () => {
     const again = await Client.connect(server.port);
     expect((await again.request("auth", { sid: a.sid })).status).toBe(0);
     expect((await again.request("dialogs")).dialogs).toEqual(before);
+    // the channels a owned before the upgrade count against the cap
+    const over = await again.request("createchannel", { name: uniqueName("new") });
+    expect(over.status).toBe(13);
+    expect((await again.request("deletechannel", { channel: chid })).status).toBe(0);
+    expect((await again.request("createchannel", { name: uniqueName("new") })).status).toBe(0);
     await closeAll(again);
     await server.stop();
   });
@@ -220,5 +226,52 @@ describe("channellist is paged", () => {
     expect(page.channels.map((c: any) => c.chid)).toEqual(seen.slice(seen.indexOf(gone) + 1));
     for (const bad of [{ limit: 0 }, { after: 5 }, { after: "" }]) expect((await reader.request("channellist", bad)).status).not.toBe(0);
     await closeAll(...owners.map((o) => o.client));
+  });
+});
+
+describe("channel caps", () => {
+  it("refuses a channel past --max-owned-channels with 13, also when created concurrently", async () => {
+    const a = await registerUser(capped.port);
+    for (let i = 0; i < 6; i++) a.client.send("createchannel", { name: uniqueName("cap") });
+    const replies = [];
+    for (let i = 0; i < 6; i++) replies.push((await a.client.reply("createchannel")).data);
+    const made = replies.filter((r) => r.status === 0).map((r) => r.chid);
+    expect(made.length).toBe(3);
+    for (const r of replies.filter((r) => r.status !== 0)) {
+      expect(r.status).toBe(13);
+      expect(r.error).toMatch(/own 3 channels/);
+    }
+    // leaving does not free an owned slot; deleting does
+    expect((await a.client.request("leave", { channel: made[0] })).status).toBe(0);
+    expect((await a.client.request("createchannel", { name: uniqueName("cap") })).status).toBe(13);
+    expect((await a.client.request("deletechannel", { channel: made[0] })).status).toBe(0);
+    expect((await a.client.request("createchannel", { name: uniqueName("cap") })).status).toBe(0);
+    // another user is not affected
+    const b = await registerUser(capped.port);
+    expect((await b.client.request("createchannel", { name: uniqueName("cap") })).status).toBe(0);
+    await closeAll(a.client, b.client);
+  });
+
+  it("refuses an enter past --max-joined-channels with 13; leaving frees a place", async () => {
+    const owners = [await registerUser(capped.port), await registerUser(capped.port)];
+    const chids: string[] = [];
+    for (let i = 0; i < 6; i++) chids.push((await owners[i % 2].client.request("createchannel", { name: uniqueName("join") })).chid);
+    const u = await registerUser(capped.port);
+    for (const chid of chids) u.client.send("enter", { channel: chid });
+    const replies = [];
+    for (let i = 0; i < chids.length; i++) replies.push((await u.client.reply("enter")).data);
+    expect(replies.filter((r) => r.status === 0).length).toBe(5);
+    const refused = replies.filter((r) => r.status !== 0);
+    expect(refused.length).toBe(1);
+    expect(refused[0].status).toBe(13);
+    // entering a channel one is already in is not a new membership
+    const inside = chids[replies.findIndex((r) => r.status === 0)];
+    expect((await u.client.request("enter", { channel: inside })).status).toBe(0);
+    // a member of 5 cannot create one either (the owner is its first member)
+    expect((await u.client.request("createchannel", { name: uniqueName("join") })).status).toBe(13);
+    expect((await u.client.request("leave", { channel: inside })).status).toBe(0);
+    const outside = chids[replies.findIndex((r) => r.status !== 0)];
+    expect((await u.client.request("enter", { channel: outside })).status).toBe(0);
+    await closeAll(u.client, ...owners.map((o) => o.client));
   });
 });
