@@ -481,8 +481,6 @@ export class MessageStore {
   async removeOps(m: MessageRecord): Promise<BatchOp[]> {
     const seq = Number(m.mid);
     const conv = convOf(m);
-    const to = m.to;
-    if (to !== undefined) this.storage.afterWrite(() => this.recheck(m.from, to));
     const ops = [del(this.s.log, seqKey(seq))];
     const found = (await readEntries(this.s.hist, { gt: `${conv}!`, lte: histKey(conv, seq), reverse: true, limit: 1 })) as [string, HistChunk][];
     if (found.length > 0) {
@@ -496,6 +494,9 @@ export class MessageStore {
       this.pending.cmids.delete(key);
       ops.push(del(this.s.cmids, key));
     }
+    // Registered on the batch the caller's commit joins (no await from here to it).
+    const to = m.to;
+    if (to !== undefined) this.storage.afterWrite(() => this.recheck(m.from, to));
     return ops;
   }
 
