@@ -130,6 +130,12 @@ describe("the dialogs index", () => {
     expect((await dc.request("auth", { sid: d.sid })).status).toBe(0);
     expect((await dc.request("message", { uid: a.uid, body: "d again" })).status).toBe(0);
     expect((await walkDialogs(again, 1)).ids).toEqual([d.uid, a.uid, b.uid]);
+    // a deleted account's conversations stay in the other side's list, under the nick
+    // of its last message
+    expect((await dc.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    const left = (await again.request("dialogs")).dialogs;
+    expect(left.map((x: any) => x.uid)).toEqual([d.uid, a.uid, b.uid]);
+    expect(left[0]).toMatchObject({ nick: d.nick, last: { body: "d again" } });
     await closeAll(again, dc);
     await server.stop();
   });
