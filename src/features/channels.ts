@@ -13,6 +13,9 @@ import type { Services } from "./services.js";
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
+/** `channellist` page: default and largest. */
+const LIST_DEFAULT = 100;
+const LIST_MAX = 500;
 
 export function registerChannels(sv: Services): void {
   /** A channel's last messages for `enter`, read a page at a time as they are written. */
@@ -24,7 +27,7 @@ export function registerChannels(sv: Services): void {
     }
   }
 
-  const { dispatcher, channels, users, messages, storage, router } = sv;
+  const { dispatcher, channels, users, messages, storage, router, locks, config } = sv;
   /** Lower-case names of channels being created (not yet committed). */
   const creating = new Set<string>();
   /** (channel, user) joins in progress → whether it was a first entry. */
@@ -38,6 +41,22 @@ export function registerChannels(sv: Services): void {
 
   function tell(uids: readonly string[], ev: Event): void {
     router.publish(ev, { users: uids });
+  }
+
+  /**
+   * Runs `fn` (which commits a new membership) once the caller is under their caps:
+   * under a lock per user, so that concurrent requests cannot pass the count together.
+   */
+  function withinCaps<T>(me: string, owning: boolean, fn: () => Promise<T>): Promise<T> {
+    return locks.run(`channels-of:${me}`, async () => {
+      if (owning && (await channels.ownedCount(me, config.maxOwnedChannels)) >= config.maxOwnedChannels) {
+        throw new ProtocolError(Code.RateLimited, `you own ${config.maxOwnedChannels} channels, the most one user may; delete one first`);
+      }
+      if ((await channels.joinedCount(me, config.maxJoinedChannels)) >= config.maxJoinedChannels) {
+        throw new ProtocolError(Code.RateLimited, `you are a member of ${config.maxJoinedChannels} channels, the most one user may; leave one first`);
+      }
+      return fn();
+    });
   }
 
   dispatcher.register<{ name: string; descr?: string }>({
@@ -57,24 +76,30 @@ export function registerChannels(sv: Services): void {
       creating.add(key);
       try {
         if ((await channels.byName(name)) !== undefined) throw taken();
-        const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner: me, created: nowSeconds() };
-        await storage.commit(channels.createOps(c));
-        channels.joined(c.chid, me);
-        return { chid: c.chid };
+        return await withinCaps(me, true, async () => {
+          const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner: me, created: nowSeconds() };
+          await storage.commit(channels.createOps(c));
+          channels.joined(c.chid, me);
+          return { chid: c.chid };
+        });
       } finally {
         creating.delete(key);
       }
     },
   });
 
-  dispatcher.register({
+  // Every channel, a page at a time (one range read of `limit` records); `online`
+  // counts each listed channel's members from the membership cache.
+  dispatcher.register<{ limit?: number; after?: string }>({
     name: "channellist",
-    schema: { type: "object" },
-    async handle() {
+    schema: { type: "object", properties: { limit: { type: "integer", minimum: 1 }, after: requiredString(64) } },
+    async handle(req) {
+      const limit = Math.min(req.data.limit ?? LIST_DEFAULT, LIST_MAX);
       const list = [];
-      for (const c of await channels.all()) {
-        const members = await channels.members(c.chid);
-        list.push({ chid: c.chid, name: c.name, descr: c.descr, online: members.filter((u) => router.isOnline(u)).length });
+      for (const c of await channels.page(limit, req.data.after)) {
+        let online = 0;
+        for (const uid of await channels.members(c.chid)) if (router.isOnline(uid)) online++;
+        list.push({ chid: c.chid, name: c.name, descr: c.descr, online });
       }
       return { channels: list };
     },
@@ -96,9 +121,11 @@ export function registerChannels(sv: Services): void {
       } else {
         join = (async () => {
           if (await channels.isMember(c.chid, me)) return false;
-          await storage.commit(channels.joinOps(c.chid, me, nowSeconds()));
-          channels.joined(c.chid, me);
-          return true;
+          return withinCaps(me, false, async () => {
+            await storage.commit(channels.joinOps(c.chid, me, nowSeconds()));
+            channels.joined(c.chid, me);
+            return true;
+          });
         })();
         joins.set(joinKey, join);
         let first: boolean;

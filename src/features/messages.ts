@@ -36,6 +36,11 @@ const HISTORY_MAX = 500;
 /** History records read from disk at a time while the reply is written. */
 const HISTORY_PAGE = 20;
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
+/** `dialogs` page: default and largest. */
+const DIALOGS_DEFAULT = 100;
+const DIALOGS_MAX = 500;
+/** Channels whose last message `dialogs` reads at once. */
+const DIALOG_READS = 64;
 
 /** A message as an item of a history-like list (its attachment streams). */
 export function listItem(m: MessageRecord): Fields {
@@ -256,27 +261,46 @@ export function registerMessages(sv: Services): void {
     }
   }
 
-  dispatcher.register({
+  /**
+   * Up to `limit` of the caller's channels whose last message is older than `below`,
+   * newest first: one bounded read per channel the caller is a member of (at most
+   * --max-joined of them).
+   */
+  async function channelDialogs(me: string, limit: number, below: number): Promise<{ chid: string; seq: number }[]> {
+    const chids = await channels.channelsOf(me);
+    const rows: { chid: string; seq: number }[] = [];
+    for (let i = 0; i < chids.length; i += DIALOG_READS) {
+      const slice = chids.slice(i, i + DIALOG_READS);
+      const lasts = await Promise.all(slice.map((chid) => messages.lastSeq(channelConv(chid))));
+      slice.forEach((chid, j) => {
+        const seq = lasts[j];
+        if (seq !== undefined && seq < below) rows.push({ chid, seq });
+      });
+    }
+    return rows.sort((a, b) => b.seq - a.seq).slice(0, limit);
+  }
+
+  dispatcher.register<{ limit?: number; before?: string }>({
     name: "dialogs",
-    schema: { type: "object" },
+    schema: { type: "object", properties: { limit: { type: "integer", minimum: 1 }, before: MID } },
     async handle(req) {
       const me = req.session.uid as string;
-      const rows: { seq: number; row: Record<string, unknown> }[] = [];
-      const lastOf = async (conv: string) => (await messages.history(conv, 1))[0];
+      const limit = Math.min(req.data.limit ?? DIALOGS_DEFAULT, DIALOGS_MAX);
+      const below = req.data.before !== undefined ? Number(req.data.before) : Infinity;
+      const [direct, chans] = await Promise.all([messages.dialogs(me, limit, below), channelDialogs(me, limit, below)]);
+      const page = [...direct, ...chans].sort((a, b) => b.seq - a.seq).slice(0, limit);
+      const lasts = await messages.recordsAt(page.map((r) => r.seq));
       const summary = (m: MessageRecord) => ({ mid: m.mid, from: m.from, body: m.body, time: m.time });
-      for (const peer of await messages.peers(me)) {
-        const last = await lastOf(directConv(me, peer));
-        if (!last) continue;
-        const u = await users.get(peer);
-        rows.push({ seq: Number(last.mid), row: { uid: peer, nick: u?.nick ?? last.nick, last: summary(last) } });
-      }
-      for (const chid of await channels.channelsOf(me)) {
-        const [c, last] = await Promise.all([channels.get(chid), lastOf(channelConv(chid))]);
-        if (!c || !last) continue;
-        rows.push({ seq: Number(last.mid), row: { chid, name: c.name, last: summary(last) } });
-      }
-      rows.sort((a, b) => b.seq - a.seq);
-      return { dialogs: rows.map((r) => r.row) };
+      const rows = await Promise.all(
+        page.map(async (r, i) => {
+          const last = lasts[i];
+          if (!last) return undefined; // deleted since it was read
+          if ("peer" in r) return { uid: r.peer, nick: (await users.get(r.peer))?.nick ?? last.nick, last: summary(last) };
+          const c = await channels.get(r.chid);
+          return c ? { chid: r.chid, name: c.name, last: summary(last) } : undefined;
+        }),
+      );
+      return { dialogs: rows.filter((r) => r !== undefined) };
     },
   });
 

@@ -1,5 +1,6 @@
-// Channels, their unique names and their stored membership (both ways), with an LRU
-// cache of memberships so that a channel message does not read them from disk.
+// Channels, their unique names, the channels each user owns, and their stored
+// membership (both ways), with an LRU cache of memberships so that a channel message
+// does not read them from disk.
 //
 // The cache only ever holds committed state. Membership changes are written by the
 // caller (joinOps, leaveOps, createOps, removeOps), who reports each one once its
@@ -66,19 +67,35 @@ export class ChannelStore {
     return (await this.s.chname.get(name.toLowerCase())) as string | undefined;
   }
 
-  async all(): Promise<ChannelRecord[]> {
-    return readValues<ChannelRecord>(this.s.channels, {});
+  /** Up to `limit` channels after chid `after`, in key order (chids as text): one range read. */
+  async page(limit: number, after?: string): Promise<ChannelRecord[]> {
+    return readValues<ChannelRecord>(this.s.channels, after === undefined ? { limit } : { gt: after, limit });
+  }
+
+  /** How many channels `uid` owns, counted up to `upTo`: a read of at most that many keys. */
+  async ownedCount(uid: string, upTo: number): Promise<number> {
+    return (await readKeys(this.s.owned, { ...prefixRange(uid), limit: upTo })).length;
+  }
+
+  /** How many channels `uid` is a member of, counted up to `upTo`. */
+  async joinedCount(uid: string, upTo: number): Promise<number> {
+    return (await readKeys(this.s.memberof, { ...prefixRange(uid), limit: upTo })).length;
   }
 
   /** Report with joined(c.chid, c.owner) once committed. */
   createOps(c: ChannelRecord): BatchOp[] {
-    return [put(this.s.channels, c.chid, c), put(this.s.chname, c.name.toLowerCase(), c.chid), ...this.joinOps(c.chid, c.owner, c.created)];
+    return [
+      put(this.s.channels, c.chid, c),
+      put(this.s.chname, c.name.toLowerCase(), c.chid),
+      put(this.s.owned, pair(c.owner, c.chid), 1),
+      ...this.joinOps(c.chid, c.owner, c.created),
+    ];
   }
 
   /** Report with removed(c.chid) once committed. */
   removeOps(c: ChannelRecord, members: readonly string[]): BatchOp[] {
     this.changing(c.chid);
-    const ops = [del(this.s.channels, c.chid), del(this.s.chname, c.name.toLowerCase())];
+    const ops = [del(this.s.channels, c.chid), del(this.s.chname, c.name.toLowerCase()), del(this.s.owned, pair(c.owner, c.chid))];
     for (const uid of members) ops.push(...this.memberDels(c.chid, uid));
     return ops;
   }

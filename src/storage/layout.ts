@@ -21,11 +21,16 @@
 //   cursor      <uid>                          → seq delivered through (lazy)
 //   cmids       <sender uid>!<cmid>            → [mid, time]  (idempotent resend) [derived]
 //   blobrefs    <sha256>!<mid>                 → 1    (messages using an attachment blob)
-//   peers       <uid>!<peer uid>               → 1    (direct conversations of a user: dialogs)
+//   peers       <uid>!<peer uid>               → 1    (direct conversations of a user)
+//   dialogs     <uid>!<inverted seq>           → peer uid: a user's direct conversations,
+//                                                newest last message first [derived]
+//   dialogat    <uid>!<peer uid>               → seq of that conversation's `dialogs` key
+//                                                (to move it on) [derived]
 //   channels    <chid>                         → ChannelRecord
 //   chname      <lower-case name>              → chid
 //   members     <chid>!<uid>                   → unix s joined
 //   memberof    <uid>!<chid>                   → 1
+//   owned       <uid>!<chid>                   → 1    (channels a user owns: the cap)
 //
 // On disk: <dataDir>/db holds LevelDB, <dataDir>/blobs the attachment files (blobs.ts).
 //
@@ -39,6 +44,8 @@
 // kept records at `msgs <conversation>!<seq>` (with their conversation and cmid), a mid
 // index `mids <seq> → conversation`, an offline queue `queue <uid>!<seq>` deleted on
 // delivery, and `cmids` → mid; start-up migrates it (storage/messages.ts, migrateV1).
+// Version 2 had no `dialogs`, `dialogat` or `owned`: start-up builds them from `peers`
+// with `hist`, and from `channels` (migrateV2).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -126,7 +133,7 @@ export function recordJson(m: MessageRecord): { json: string; cut: number } {
 // A Level sublevel with string keys; values are JSON unless said otherwise.
 export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
-export const LAYOUT_VERSION = 2;
+export const LAYOUT_VERSION = 3;
 
 /** Keyspaces of layout version 1 that migration reads and empties. */
 export const V1_SPACES = ["msgs", "mids", "queue"] as const;
@@ -149,10 +156,13 @@ export const SPACES = [
   "cmids",
   "blobrefs",
   "peers",
+  "dialogs",
+  "dialogat",
   "channels",
   "chname",
   "members",
   "memberof",
+  "owned",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];
@@ -211,6 +221,18 @@ export function histKey(conv: string, seq: number): string {
 
 export function inboxKey(uid: string, seq: number): string {
   return `${uid}!${seqKey(seq)}`;
+}
+
+const SEQ_MAX = 10 ** SEQ_WIDTH - 1;
+
+/** A `dialogs` key: ascending key order is descending seq, newest first. */
+export function dialogKey(uid: string, seq: number): string {
+  return `${uid}!${seqKey(SEQ_MAX - seq)}`;
+}
+
+/** The seq a `dialogs` key holds. */
+export function dialogSeq(key: string): number {
+  return SEQ_MAX - Number(keyTail(key));
 }
 
 /** One conversation's seqs written in one batch, ascending. */

@@ -1,6 +1,7 @@
 // Messages: the message log, each conversation's history index, and the indexes
-// derived from the log (each user's inbox of direct messages, the cmid index),
-// delivery cursors and direct peers.
+// derived from the log (each user's inbox of direct messages, the cmid index, each
+// user's direct conversations by recency for dialogs), delivery cursors and direct
+// peers.
 //
 // A message's own synced batch holds its record, keyed by its seq in the log (`log`:
 // keys only ever grow, so LevelDB appends instead of inserting all over its tables,
@@ -11,15 +12,25 @@
 // together, lazily, with the watermark `meta indexed` in the same batch. At start-up
 // the log past the watermark is replayed, so a crash loses none of them. Readers merge
 // what is in memory with what is on disk.
+//
+// The dialogs index (`dialogs <uid>!<inverted seq>` → peer, with `dialogat` pointing
+// at each conversation's key) is derived the same way, but moving an entry needs its
+// old key: a generation with dialog entries first reads their `dialogat` pointers (one
+// getMany), then writes. Generations are written one at a time, so two never move
+// the same entry from the same old key. A deleted message may have been its
+// conversation's last: the removal queues a recheck, which the next generation
+// answers from the conversation's history (the truth), and readers meanwhile order by
+// what they find in history, not by the index alone.
 
 import type { Logger } from "pino";
 import { del, put, putText, type BatchOp, type Counter, type Storage } from "./db.js";
 import {
   convOf,
+  dialogKey,
+  dialogSeq,
   directConv,
   histKey,
   inboxKey,
-  keyTail,
   LAYOUT_VERSION,
   pair,
   prefixRange,
@@ -46,6 +57,8 @@ const KNOWN_PEERS = 100_000;
 const KNOWN_CURSORS = 100_000;
 /** History chunks read at a time. */
 const HIST_PAGE = 16;
+/** Index entries migrated or checked per batch. */
+const MIGRATE_PAGE = 1000;
 
 export interface InboxItem {
   seq: number;
@@ -57,6 +70,10 @@ export interface InboxItem {
 class Derived {
   inbox = new Map<string, InboxChunk>();
   cmids = new Map<string, [string, number]>();
+  /** uid → peer → seq of their newest direct message. */
+  dialogs = new Map<string, Map<string, number>>();
+  /** uid → peers whose conversation lost a message: its last seq is read again. */
+  rechecks = new Map<string, Set<string>>();
   count = 0;
   /** Highest seq whose derived entries are in here (or earlier generations). */
   through = 0;
@@ -71,6 +88,8 @@ export class MessageStore {
   private pending = new Derived();
   /** Handed to the batch being written. */
   private writing: Derived | undefined;
+  /** The dialog pointers of `writing` being read, before it is written. */
+  private preparing: Promise<void> | undefined;
   private derivedTimer: NodeJS.Timeout | undefined;
   private derivedDue = false;
   private readonly recentCmids = new Map<string, [string, number]>();
@@ -97,11 +116,14 @@ export class MessageStore {
 
   /** Migrates an older layout, then replays the log past the derived-index watermark. */
   async init(): Promise<void> {
-    const layout = (await this.s.meta.get("layout")) as number | undefined;
-    if (layout === undefined) await this.migrateV1();
-    else if (layout > LAYOUT_VERSION) {
+    let layout = (await this.s.meta.get("layout")) as number | undefined;
+    if (layout === undefined) {
+      await this.migrateV1();
+      layout = 2;
+    } else if (layout > LAYOUT_VERSION) {
       throw new Error(`the database has layout ${layout}, newer than this server's ${LAYOUT_VERSION}: upgrade wirechat`);
     }
+    if (layout < 3) await this.migrateV2();
     const through = ((await this.s.meta.get("indexed")) as number | undefined) ?? 0;
     let replayed = 0;
     for (let after = through; ; ) {
@@ -156,8 +178,47 @@ export class MessageStore {
         await this.storage.commit(ops);
       }
     }
-    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION), put(this.s.meta, "indexed", this.seq.last)]);
+    await this.storage.commit([put(this.s.meta, "layout", 2), put(this.s.meta, "indexed", this.seq.last)]);
     if (moved > 0) this.log.info({ messages: moved }, "migrated messages from layout 1");
+  }
+
+  /**
+   * Brings a layout-2 database to layout 3: builds the dialogs index from `peers` (each
+   * pair's last message read from its history) and the index of owned channels from
+   * `channels`. Every put is idempotent, so a crash part-way starts again cleanly.
+   */
+  private async migrateV2(): Promise<void> {
+    let pairs = 0;
+    for (let after = ""; ; ) {
+      const page = await readKeys(this.s.peers, { gt: after, limit: MIGRATE_PAGE });
+      if (page.length === 0) break;
+      const lasts = await Promise.all(
+        page.map((key) => {
+          const bang = key.indexOf("!");
+          return this.lastSeq(directConv(key.slice(0, bang), key.slice(bang + 1)));
+        }),
+      );
+      const ops: BatchOp[] = [];
+      page.forEach((key, i) => {
+        const last = lasts[i];
+        if (last === undefined) return;
+        const bang = key.indexOf("!");
+        ops.push(put(this.s.dialogs, dialogKey(key.slice(0, bang), last), key.slice(bang + 1)), put(this.s.dialogat, key, last));
+        pairs++;
+      });
+      await this.storage.commit(ops);
+      after = page[page.length - 1];
+    }
+    let owned = 0;
+    for (let after = ""; ; ) {
+      const page = await readValues<{ chid: string; owner: string }>(this.s.channels, { gt: after, limit: MIGRATE_PAGE });
+      if (page.length === 0) break;
+      await this.storage.commit(page.map((c) => put(this.s.owned, pair(c.owner, c.chid), 1)));
+      owned += page.length;
+      after = page[page.length - 1].chid;
+    }
+    await this.storage.commit([put(this.s.meta, "layout", 3)]);
+    if (pairs + owned > 0) this.log.info({ pairs, owned }, "built the dialogs and owned-channels indexes (layout 3)");
   }
 
   /**
@@ -232,6 +293,8 @@ export class MessageStore {
       if (list) list.push(seq);
       else p.inbox.set(m.to, [seq]);
       p.count++;
+      this.touchDialog(p, m.from, m.to, seq);
+      if (m.to !== m.from) this.touchDialog(p, m.to, m.from, seq);
     }
     if (m.cmid !== undefined) {
       const key = pair(m.from, m.cmid);
@@ -241,6 +304,31 @@ export class MessageStore {
       p.count++;
     }
     if (seq > p.through) p.through = seq;
+  }
+
+  private touchDialog(p: Derived, uid: string, peer: string, seq: number): void {
+    let peers = p.dialogs.get(uid);
+    if (!peers) p.dialogs.set(uid, (peers = new Map()));
+    const had = peers.get(peer);
+    if (had === undefined) p.count++;
+    if (had === undefined || seq > had) peers.set(peer, seq);
+  }
+
+  /** Both sides of a direct conversation that lost a message are checked again. */
+  private recheck(a: string, b: string): void {
+    this.recheckOne(a, b);
+    if (a !== b) this.recheckOne(b, a);
+    this.armDerived();
+  }
+
+  private recheckOne(uid: string, peer: string): void {
+    const p = this.pending;
+    let peers = p.rechecks.get(uid);
+    if (!peers) p.rechecks.set(uid, (peers = new Set()));
+    if (!peers.has(peer)) {
+      peers.add(peer);
+      p.count++;
+    }
   }
 
   private armDerived(): void {
@@ -268,11 +356,65 @@ export class MessageStore {
     const ops: BatchOp[] = [];
     for (const [uid, seqs] of d.inbox) ops.push(put(this.s.inbox, inboxKey(uid, seqs[0]), seqs));
     for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
-    if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
     for (const [uid, seq] of this.cursors) ops.push(put(this.s.cursor, uid, seq));
     const cursors = [...this.cursors];
     this.cursors.clear();
     this.writing = d;
+    if (d.dialogs.size === 0 && d.rechecks.size === 0) return this.commitDerived(d, cursors, ops);
+    const preparing = this.dialogOps(d).then(
+      (dialogOps) => {
+        for (const op of dialogOps) ops.push(op);
+        this.commitDerived(d, cursors, ops);
+      },
+      (err: unknown) => {
+        // Nothing of the generation was written: it waits again (the watermark did not
+        // move, so a restart would replay it too).
+        if (this.writing === d) this.writing = undefined;
+        this.restore(d, cursors);
+        if (this.storage.db.status !== "open") return; // closing: replayed at the next start
+        this.log.warn({ err }, "reading dialog pointers failed; the derived entries wait for the next write");
+        this.armDerived();
+      },
+    );
+    this.preparing = preparing;
+    void preparing.then(() => {
+      if (this.preparing === preparing) this.preparing = undefined;
+    });
+  }
+
+  /**
+   * The ops moving each touched conversation's `dialogs` entry to its new last seq: the
+   * newest message's for new messages, the history's last for a recheck (removed when
+   * the conversation is empty).
+   */
+  private async dialogOps(d: Derived): Promise<BatchOp[]> {
+    const targets: { uid: string; peer: string; seq: number | undefined }[] = [];
+    for (const [uid, peers] of d.dialogs) {
+      const again = d.rechecks.get(uid);
+      for (const [peer, seq] of peers) if (!again?.has(peer)) targets.push({ uid, peer, seq });
+    }
+    for (const [uid, peers] of d.rechecks) for (const peer of peers) targets.push({ uid, peer, seq: undefined });
+    const ops: BatchOp[] = [];
+    for (let i = 0; i < targets.length; i += MIGRATE_PAGE) {
+      const slice = targets.slice(i, i + MIGRATE_PAGE);
+      const [at, lasts] = await Promise.all([
+        this.s.dialogat.getMany(slice.map((t) => pair(t.uid, t.peer))) as Promise<(number | undefined)[]>,
+        Promise.all(slice.map((t) => (t.seq === undefined ? this.lastSeq(directConv(t.uid, t.peer)) : undefined))),
+      ]);
+      slice.forEach((t, j) => {
+        const old = at[j];
+        const next = t.seq === undefined ? lasts[j] : Math.max(old ?? 0, t.seq);
+        if (next === old) return;
+        if (old !== undefined) ops.push(del(this.s.dialogs, dialogKey(t.uid, old)));
+        if (next === undefined) ops.push(del(this.s.dialogat, pair(t.uid, t.peer)));
+        else ops.push(put(this.s.dialogs, dialogKey(t.uid, next), t.peer), put(this.s.dialogat, pair(t.uid, t.peer), next));
+      });
+    }
+    return ops;
+  }
+
+  private commitDerived(d: Derived, cursors: [string, number][], ops: BatchOp[]): void {
+    if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
     this.storage.commitLazy(ops);
     this.storage.afterWrite((err) => {
       if (this.writing === d) this.writing = undefined;
@@ -287,6 +429,16 @@ export class MessageStore {
     const p = this.pending;
     for (const [uid, seqs] of d.inbox) p.inbox.set(uid, [...seqs, ...(p.inbox.get(uid) ?? [])]);
     for (const [key, v] of d.cmids) if (!p.cmids.has(key)) p.cmids.set(key, v);
+    for (const [uid, peers] of d.dialogs) {
+      let now = p.dialogs.get(uid);
+      if (!now) p.dialogs.set(uid, (now = new Map()));
+      for (const [peer, seq] of peers) if (!((now.get(peer) ?? 0) >= seq)) now.set(peer, seq);
+    }
+    for (const [uid, peers] of d.rechecks) {
+      let set = p.rechecks.get(uid);
+      if (!set) p.rechecks.set(uid, (set = new Set()));
+      for (const peer of peers) set.add(peer);
+    }
     p.count += d.count;
     p.through = Math.max(p.through, d.through);
     for (const [uid, seq] of cursors) if ((this.cursors.get(uid) ?? 0) < seq) this.cursors.set(uid, seq);
@@ -323,6 +475,8 @@ export class MessageStore {
    * Ops removing a message: its record, its seq from its history chunk, its cmid. An
    * inbox entry stays: it names a record that no longer exists, which readers skip.
    * (History chunks are never rewritten otherwise, so this cannot race a commit.)
+   * Commit them in the same turn: once that batch is written, a direct conversation's
+   * dialogs entries are checked again (the message may have been its last).
    */
   async removeOps(m: MessageRecord): Promise<BatchOp[]> {
     const seq = Number(m.mid);
@@ -340,6 +494,9 @@ export class MessageStore {
       this.pending.cmids.delete(key);
       ops.push(del(this.s.cmids, key));
     }
+    // Registered on the batch the caller's commit joins (no await from here to it).
+    const to = m.to;
+    if (to !== undefined) this.storage.afterWrite(() => this.recheck(m.from, to));
     return ops;
   }
 
@@ -371,6 +528,12 @@ export class MessageStore {
     return found.filter((m): m is MessageRecord => m !== undefined);
   }
 
+  /** The records at `seqs`, in order, undefined where deleted. */
+  async recordsAt(seqs: readonly number[]): Promise<(MessageRecord | undefined)[]> {
+    if (seqs.length === 0) return [];
+    return (await this.s.log.getMany(seqs.map(seqKey))) as (MessageRecord | undefined)[];
+  }
+
   /** The newest `limit` messages of a conversation before `before`, oldest first. */
   async history(conv: string, limit: number, before?: string): Promise<MessageRecord[]> {
     return this.records(await this.historySeqs(conv, limit, before));
@@ -399,7 +562,9 @@ export class MessageStore {
     const ops: BatchOp[] = [del(this.s.cursor, uid)];
     this.cursors.delete(uid);
     this.pending.inbox.delete(uid);
-    for (const space of [this.s.inbox, this.s.cmids, this.s.peers]) {
+    this.pending.dialogs.delete(uid);
+    this.pending.rechecks.delete(uid);
+    for (const space of [this.s.inbox, this.s.cmids, this.s.peers, this.s.dialogs, this.s.dialogat]) {
       for (const key of await readKeys(space, prefixRange(uid))) ops.push(del(space, key));
     }
     return ops;
@@ -427,8 +592,87 @@ export class MessageStore {
     }
   }
 
-  async peers(uid: string): Promise<string[]> {
-    return (await readKeys(this.s.peers, prefixRange(uid))).map(keyTail);
+  /** The seq of a conversation's newest message, if it has any: one bounded read. */
+  async lastSeq(conv: string): Promise<number | undefined> {
+    const found = (await readEntries(this.s.hist, { ...prefixRange(conv), reverse: true, limit: 1 })) as [string, HistChunk][];
+    // A chunk is never empty: removing its last seq deletes it.
+    return found.length > 0 ? found[0][1][found[0][1].length - 1] : undefined;
+  }
+
+  /**
+   * Up to `limit` of `uid`'s direct conversations whose last message is older than
+   * `below` (a seq), newest first, each with that last message's seq: bounded range
+   * reads of the dialogs index, merged with the entries still in memory.
+   *
+   * The index orders conversations by their newest message ever; a deleted message
+   * leaves its entry too high until the recheck moves it (the next generation). So
+   * each candidate's actual last seq is read (its record still exists: that seq; else
+   * from its history), and a candidate is handed out only once the index has gone
+   * below its actual seq: no later candidate can be newer (actual ≤ index).
+   */
+  async dialogs(uid: string, limit: number, below = Infinity): Promise<{ peer: string; seq: number }[]> {
+    const mem = new Map<string, number>();
+    for (const d of [this.writing, this.pending]) {
+      const peers = d?.dialogs.get(uid);
+      if (peers) for (const [peer, seq] of peers) if ((mem.get(peer) ?? 0) < seq) mem.set(peer, seq);
+    }
+    const fromMem = [...mem].filter(([, seq]) => seq < below).sort((a, b) => b[1] - a[1]);
+    // A conversation newer than `below` in memory was on an earlier page.
+    const seen = new Set<string>([...mem].filter(([, seq]) => seq >= below).map(([peer]) => peer));
+    const out: { peer: string; seq: number }[] = [];
+    const held: { peer: string; seq: number }[] = [];
+    const release = (floor: number) => {
+      held.sort((a, b) => b.seq - a.seq);
+      while (held.length > 0 && out.length < limit && held[0].seq >= floor) out.push(held.shift() as { peer: string; seq: number });
+    };
+    let gt = below === Infinity ? `${uid}!` : dialogKey(uid, below);
+    let m = 0;
+    let diskDone = false;
+    const page = Math.min(Math.max(limit, 16), 256);
+    let disk: [string, string][] = [];
+    let d = 0;
+    while (out.length < limit) {
+      if (d >= disk.length && !diskDone) {
+        disk = (await readEntries(this.s.dialogs, { gt, lt: `${uid}"`, limit: page })) as [string, string][];
+        d = 0;
+        if (disk.length < page) diskDone = true;
+        if (disk.length > 0) gt = disk[disk.length - 1][0];
+      }
+      // The next candidates, in index order, up to a page of them.
+      const batch: { peer: string; seq: number }[] = [];
+      while (batch.length < page && (m < fromMem.length || d < disk.length)) {
+        if (d >= disk.length && !diskDone) break; // read on before going below this page
+        const diskSeq = d < disk.length ? dialogSeq(disk[d][0]) : -1;
+        let peer: string;
+        let seq: number;
+        if (m < fromMem.length && fromMem[m][1] >= diskSeq) [peer, seq] = fromMem[m++];
+        else [peer, seq] = [disk[d][1], diskSeq], d++;
+        if (seen.has(peer)) continue;
+        seen.add(peer);
+        batch.push({ peer, seq });
+      }
+      if (batch.length === 0) {
+        if (d < disk.length || !diskDone) continue;
+        break;
+      }
+      const found = (await this.s.log.getMany(batch.map((c) => seqKey(c.seq)))) as (MessageRecord | undefined)[];
+      const actual = await Promise.all(
+        batch.map((c, i) => {
+          if (found[i] !== undefined) return c.seq;
+          // Stale (a recheck lost in a crash, or not yet written): repaired on the way.
+          this.recheckOne(uid, c.peer);
+          return this.lastSeq(directConv(uid, c.peer));
+        }),
+      );
+      this.armDerived();
+      batch.forEach((c, i) => {
+        const seq = actual[i];
+        if (seq !== undefined && seq < below) held.push({ peer: c.peer, seq });
+      });
+      release(batch[batch.length - 1].seq);
+    }
+    release(-1);
+    return out;
   }
 
   /** The seq through which `uid`'s inbox has been delivered. */
@@ -513,10 +757,15 @@ export class MessageStore {
 
   /** Everything derived is written now (shutdown, start-up replay). */
   async flushDerived(): Promise<void> {
-    for (let i = 0; i < 2; i++) {
+    for (let i = 0; i < 3; i++) {
       this.derivedDue = true;
       this.storage.schedule();
       await this.storage.settle();
+      // A generation reading its dialog pointers is written after them.
+      if (this.preparing) {
+        await this.preparing;
+        await this.storage.settle();
+      }
       if (this.pending.count === 0 && this.cursors.size === 0) return;
     }
   }
