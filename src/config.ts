@@ -22,6 +22,8 @@ export interface Config {
   maxPerAddress: number;
   idleUnauth: number;
   idleAuth: number;
+  closeLinger: number;
+  tlsHandshakeTimeout: number;
   rate: number;
   burst: number;
   rateDisconnect: number;
@@ -66,9 +68,11 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "sessionTtl", flag: "--session-ttl", env: "WIRECHAT_SESSION_TTL", kind: "int", default: 30 * 24 * 3600, min: 1, help: "seconds a session id stays valid" },
   { key: "stats", flag: "--stats", env: "WIRECHAT_STATS", kind: "int", default: 0, min: 0, help: "1 enables the 'stats' action (event-loop delay, memory) for benchmarks and monitoring" },
   { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections (a new one past it gets status 16 and is closed)" },
-  { key: "maxPerAddress", flag: "--max-per-address", env: "WIRECHAT_MAX_PER_ADDRESS", kind: "int", default: 100, min: 1, help: "most simultaneous connections from one IP address (status 13 past it)" },
+  { key: "maxPerAddress", flag: "--max-per-address", env: "WIRECHAT_MAX_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "most simultaneous unauthenticated connections (and TLS handshakes) from one IP address (status 13 past it); logged-in ones do not count" },
   { key: "idleUnauth", flag: "--idle-unauth", env: "WIRECHAT_IDLE_UNAUTH", kind: "int", default: 60, min: 1, help: "seconds an unauthenticated connection may stay silent before it is closed" },
   { key: "idleAuth", flag: "--idle-auth", env: "WIRECHAT_IDLE_AUTH", kind: "int", default: 600, min: 1, help: "seconds an authenticated connection may stay silent (ping counts) before it is closed" },
+  { key: "closeLinger", flag: "--close-linger", env: "WIRECHAT_CLOSE_LINGER", kind: "int", default: 2, min: 1, help: "seconds a connection the server closes (quit, limits, refusals) may take its last frames, while what it still sends is discarded, before it is cut off" },
+  { key: "tlsHandshakeTimeout", flag: "--tls-handshake-timeout", env: "WIRECHAT_TLS_HANDSHAKE_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds a TLS handshake may take; it counts against the connection caps meanwhile" },
   { key: "rate", flag: "--rate", env: "WIRECHAT_RATE", kind: "int", default: 5000, min: 1, help: "requests per second one connection may sustain (status 13 past it)" },
   { key: "burst", flag: "--burst", env: "WIRECHAT_BURST", kind: "int", default: 10000, min: 1, help: "requests one connection may send at once above the rate" },
   { key: "rateDisconnect", flag: "--rate-disconnect", env: "WIRECHAT_RATE_DISCONNECT", kind: "int", default: 10000, min: 1, help: "requests refused for rate within the bad-frame window before the connection is closed" },

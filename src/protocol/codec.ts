@@ -124,7 +124,9 @@ export class NativeCodec implements Codec {
         const m = ev.m;
         const [head, tail] = messageParts(m, ev.text);
         if (!m.attach) return `{"action":"ev_message","data":${head}${NO_ATTACH}${tail}}\n`;
-        return this.withAttachment(`{"action":"ev_message","data":${head}`, m.attach.mime, m.attach.sha, `${tail}}\n`);
+        const frame = this.withAttachment(`{"action":"ev_message","data":${head}`, m.attach.mime, m.attach.sha, `${tail}}\n`);
+        frame.size = (frame.parts[0] as string).length + 4 * Math.ceil(m.attach.size / 3) + (frame.parts[2] as string).length;
+        return frame;
       }
       case "edit":
         return this.frame("ev_edit", { mid: ev.mid, body: ev.body, edited: ev.edited });

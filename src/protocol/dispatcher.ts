@@ -184,6 +184,8 @@ export class Dispatcher {
   /** Called when a connection closes (features clean up presence, router membership). */
   private readonly closeHooks: ((s: Session) => void)[] = [];
   private delivery: Delivery | undefined;
+  /** Starts an upload for an attachment that came inline in its frame (see execute). */
+  private newUpload: (() => Upload) | undefined;
 
   constructor(
     private readonly config: Config,
@@ -200,6 +202,16 @@ export class Dispatcher {
     const schema = spec.schema as { properties?: Record<string, unknown> };
     const withEnvelope = { ...schema, properties: { ...ENVELOPE, ...schema.properties } };
     this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(withEnvelope) });
+  }
+
+  /** Where an attachment that arrived inline (not streamed) is stored. */
+  uploads(newUpload: () => Upload): void {
+    this.newUpload = newUpload;
+  }
+
+  /** Whether the action takes a streamed field (the transport streams only for those). */
+  streams(action: string): boolean {
+    return (this.actions.get(action)?.spec.streams?.length ?? 0) > 0;
   }
 
   /** Every declared streamed field path (the scanner's configuration). */
@@ -248,6 +260,12 @@ export class Dispatcher {
       await new Promise((r) => setTimeout(r, 10));
     }
     return true;
+  }
+
+  /** Nothing the connection sent is queued, running or waiting for its reply. */
+  answered(s: Session): boolean {
+    const line = s.line as Line | undefined;
+    return !line || (!line.busy && line.slots.length === 0 && line.head >= line.inbox.length && line.deferred === 0);
   }
 
   /** The client will send no more: answer what it sent, then close the connection. */
@@ -401,7 +419,7 @@ export class Dispatcher {
       this.fill(s, line, slot, s.codec.error(item.action, item.code, item.reason));
       return;
     }
-    const { action, data, upload } = item;
+    const { action, data } = item;
     const entry = this.actions.get(action);
     let refusal: ProtocolError | undefined;
     try {
@@ -409,15 +427,25 @@ export class Dispatcher {
         ? new ProtocolError(Code.UnknownAction, `unknown action '${action}'`)
         : (this.gate(s, entry.spec, data) ?? entry.validate(data));
     } catch (err) {
-      upload?.release();
+      item.upload?.release();
       this.fill(s, line, slot, this.failure(s, action, err));
       return;
     }
     if (refusal || !entry) {
-      upload?.release();
+      item.upload?.release();
       this.fill(s, line, slot, s.codec.error(action, (refusal as ProtocolError).code, (refusal as ProtocolError).message));
       return;
     }
+    let upload = item.upload;
+    if (upload && !entry.spec.streams) {
+      // The frame named a streaming action first and another one last (a duplicate key).
+      upload.release();
+      this.fill(s, line, slot, s.codec.error(action, Code.InvalidData, `'${action}' takes no attachment`));
+      return;
+    }
+    // The transport streams an attachment only for a logged-in connection; one that was
+    // sent right behind its auth came inline, within the frame limit: store it now.
+    if (!upload && entry.spec.streams) item.upload = upload = this.inlineUpload(entry.spec.streams, data);
     if (upload) {
       line.busy = true;
       upload.finish().then(
@@ -438,6 +466,27 @@ export class Dispatcher {
       return;
     }
     this.handle(s, line, entry, item, slot, undefined);
+  }
+
+  /** The first non-empty string at one of `paths` in `data`, moved into a new upload. */
+  private inlineUpload(paths: readonly (readonly string[])[], data: Record<string, unknown>): Upload | undefined {
+    if (!this.newUpload) return undefined;
+    for (const p of paths) {
+      let parent: unknown = { data };
+      for (const key of p.slice(0, -1)) {
+        parent = parent !== null && typeof parent === "object" && Object.hasOwn(parent, key) ? (parent as Record<string, unknown>)[key] : undefined;
+      }
+      const last = p[p.length - 1];
+      if (parent === null || typeof parent !== "object" || !Object.hasOwn(parent, last)) continue;
+      const text = (parent as Record<string, unknown>)[last];
+      if (typeof text !== "string" || text === "") continue;
+      const up = this.newUpload();
+      // UTF-8: a character outside base64's alphabet stays invalid as bytes.
+      up.write(Buffer.from(text, "utf8"));
+      (parent as Record<string, unknown>)[last] = "";
+      return up;
+    }
+    return undefined;
   }
 
   private handle(

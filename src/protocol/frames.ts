@@ -9,6 +9,8 @@ export type Producer = () => AsyncIterable<string>;
 
 export interface StreamedFrame {
   parts: (string | Producer)[];
+  /** Characters the whole frame will take, when known (counts against the outbound cap while queued). */
+  size?: number;
 }
 
 export type OutFrame = string | StreamedFrame;

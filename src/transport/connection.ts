@@ -12,6 +12,16 @@
 // as a slow reader (its inbox entries stay unconfirmed, so nothing is lost); a reply
 // never does, because the dispatcher runs a connection's next request only once the
 // connection is no longer congested (a quarter of the cap), and large replies stream.
+// A queued streamed frame (an attachment) counts as the size it will take, up to a
+// quarter of the cap (it is written at the pace the client reads, so one larger than
+// the cap is fine; a pile of them behind a client that does not read is not).
+//
+// Closing is a lingering close, as HTTP servers do it: what is owed is flushed, the
+// sending side is shut (FIN), and what the client still sends is read and discarded
+// until it closes too or the linger time runs out; then the socket is destroyed. A
+// close that stopped reading would leave unread bytes in the kernel, and the reset
+// they cause makes the client's kernel drop the replies it has not yet read. The
+// linger time also bounds the close of a client that does not read at all.
 
 import { readFileSync } from "node:fs";
 import type { Socket } from "node:net";
@@ -69,6 +79,10 @@ function onDrain(this: Tagged): void {
   this[CONNECTION].progress();
 }
 
+function lingerOver(conn: Connection): void {
+  conn.destroy();
+}
+
 const NO_FRAMES: OutFrame[] = [];
 
 export class Connection implements Peer {
@@ -88,11 +102,17 @@ export class Connection implements Peer {
   /** A StreamedFrame is being written; everything queued waits behind it. */
   private pumping = false;
   private ending = false;
+  /** Cuts the connection off once it has lingered long enough (set by end()). */
+  private lingerTimer: NodeJS.Timeout | undefined;
   /** Why reading is paused: one bit per reason (see reasonBit). */
   private pausedFor = 0;
   private drainWaiters: ((ok: boolean) => void)[] | undefined;
+  /** Uploads started on this connection and not yet finished or discarded (see Listener). */
+  uploads = 0;
   /** Unix ms of the last bytes received. */
   lastActivity = Date.now();
+  /** Called once when the connection starts closing (the listener frees its cap slot). */
+  onEnding: ((conn: Connection) => void) | undefined;
   /** Set by whoever reads this connection's confirmations (the listener, for the router). */
   onConfirmed: ((conn: Connection, seq: number) => void) | undefined;
   /** What the owner keeps with the connection (the listener: itself, session, scanner). */
@@ -106,6 +126,8 @@ export class Connection implements Peer {
     /** Characters after a frame that prove the client read it (kernel buffers and more). */
     private readonly slack: number,
     private readonly log: Logger,
+    /** Milliseconds from end() to destroy at the latest. */
+    private readonly lingerMs = 2000,
   ) {
     this.address = socket.remoteAddress ?? "?";
     (socket as Tagged)[CONNECTION] = this;
@@ -119,6 +141,8 @@ export class Connection implements Peer {
 
   /** The socket closed: nothing queued will go out (its owner calls this on 'close'). */
   closedSocket(): void {
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    this.lingerTimer = undefined;
     this.q = NO_FRAMES;
     this.queuedChars = 0;
     this.marks = undefined;
@@ -127,6 +151,11 @@ export class Connection implements Peer {
 
   get closed(): boolean {
     return this.ending || this.socket.destroyed;
+  }
+
+  /** end() was called: the connection is flushing and lingering. */
+  get isEnding(): boolean {
+    return this.ending;
   }
 
   /** Characters waiting to go out: queued here and in the socket's buffer. */
@@ -153,14 +182,19 @@ export class Connection implements Peer {
 
   send(frame: OutFrame, event: boolean, confirm = 0): void {
     if (this.closed) return;
-    if (typeof frame === "string") {
-      this.queuedChars += frame.length;
-      if (event && this.queuedChars + this.socket.writableLength > this.outboundCap) return this.overflow();
-    }
+    // A reply may be what held input waits for (a login, an earlier upload).
+    if (!event) this.unhold();
+    const size = typeof frame === "string" ? frame.length : this.weight(frame);
+    this.queuedChars += size;
+    if (event && this.queuedChars + this.socket.writableLength > this.outboundCap) return this.overflow();
     if (this.q === NO_FRAMES) this.q = [];
     this.q.push(frame);
     if (confirm > this.pendingConfirm) this.pendingConfirm = confirm;
     this.schedule();
+  }
+
+  private weight(frame: StreamedFrame): number {
+    return Math.min(frame.size ?? 0, this.outboundCap / 4);
   }
 
   private schedule(): void {
@@ -195,9 +229,13 @@ export class Connection implements Peer {
     // included) are passed to the socket: that can only delay a confirmation.
     if (this.pendingConfirm > 0 && this.q.length === 0) this.mark(this.pendingConfirm);
     if (this.q.length > 0) {
-      void this.pump(this.q.shift() as StreamedFrame);
+      const frame = this.q.shift() as StreamedFrame;
+      this.queuedChars -= this.weight(frame);
+      void this.pump(frame);
     } else if (this.ending) {
-      this.socket.destroySoon();
+      // Everything owed is handed to the socket: send FIN after it, keep discarding
+      // input (see the top of this file).
+      this.socket.end();
     }
     this.progress();
   }
@@ -293,10 +331,20 @@ export class Connection implements Peer {
     this.queuedChars = 0;
   }
 
-  /** Flushes everything queued (streams included), then closes. */
+  /**
+   * Flushes everything queued (streams included), then shuts the sending side and
+   * discards input until the client closes; destroys it after `lingerMs` at the latest.
+   */
   end(): void {
-    if (this.ending) return;
+    if (this.ending || this.socket.destroyed) return;
     this.ending = true;
+    this.onEnding?.(this);
+    this.lingerTimer = setTimeout(lingerOver, this.lingerMs, this);
+    this.lingerTimer.unref();
+    // Read again whatever paused reading: input is discarded from now on (the owner
+    // checks `closed`), so that nothing unread is left to turn the close into a reset.
+    this.pausedFor = 0;
+    this.socket.resume();
     if (!this.pumping) this.flush();
   }
 
@@ -304,7 +352,20 @@ export class Connection implements Peer {
     this.socket.destroy();
   }
 
+  /** Input from `rest` on waits (the scanner answered HOLD) until unhold(). */
+  hold(rest: Buffer): void {
+    if (this.ending) return;
+    this.pause("hold");
+    this.socket.unshift(rest);
+  }
+
+  /** Feeds held input again (the scanner holds again if it still has to wait). */
+  unhold(): void {
+    this.resume("hold");
+  }
+
   pause(why: string): void {
+    if (this.ending) return; // a closing connection reads (and discards) to the end
     if (this.pausedFor === 0) this.socket.pause();
     this.pausedFor |= reasonBit(why);
   }

@@ -1,6 +1,14 @@
 // The listeners (TCP, and TLS when a certificate is configured): accept sockets, wire
 // each one's bytes through a FrameScanner into the dispatcher, enforce the connection
 // caps and idle timeouts, and shut down gracefully.
+//
+// The caps: --max-connections counts every connection and every TLS handshake in
+// progress; --max-per-address counts, per IP address, the connections not logged in
+// and the handshakes (a logged-in connection is accountable to its user instead).
+// Whether a connection is logged in is read from its session, when the address is at
+// its cap and at every sweep, so the protocol layer needs no hook for it. A refused
+// socket gets its one line, is read and discarded, and is destroyed after the linger
+// time, so it holds no slot and no descriptor for long, whatever the client does.
 
 import { readFileSync } from "node:fs";
 import net from "node:net";
@@ -13,7 +21,8 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Session, Upload } from "../protocol/session.js";
 import { CONNECTION, Connection, deliverySlack } from "./connection.js";
-import { FrameScanner, type FrameSink, type ScannerLimits } from "./scanner.js";
+import { RefusalLog } from "./refusal-log.js";
+import { FrameScanner, HOLD, type FrameSink, type ScannerLimits } from "./scanner.js";
 
 type Tagged = net.Socket & { [CONNECTION]?: Connection };
 /** The listener that accepted a connection, for the shared socket handlers. */
@@ -21,8 +30,21 @@ const owner = (conn: Connection) => conn.owner as Listener;
 
 function onSocketData(this: Tagged, chunk: Buffer): void {
   const conn = this[CONNECTION] as Connection;
+  if (conn.closed) return; // lingering: discarded
   conn.lastActivity = Date.now();
-  (conn.scanner as FrameScanner).push(chunk);
+  const taken = (conn.scanner as FrameScanner).push(chunk);
+  if (taken < chunk.length) conn.hold(chunk.subarray(taken));
+}
+
+function discard(): void {}
+
+/** Refused sockets lingering at once; past it a refused socket is destroyed at once. */
+const MAX_REFUSING = 1024;
+
+/** Unauthenticated connections and TLS handshakes of one address (see the top). */
+interface AddressSlots {
+  conns: Set<Connection>;
+  handshakes: number;
 }
 
 function onSocketEnd(this: Tagged): void {
@@ -51,7 +73,15 @@ export class Listener {
   readonly tlsServer: tls.Server | undefined;
   /** Live connections and the protocol session of each. */
   readonly connections = new Map<Connection, Session>();
-  private readonly perAddress = new Map<string, number>();
+  private readonly perAddress = new Map<string, AddressSlots>();
+  /** TLS handshakes in progress, by the client's address and port. */
+  private readonly handshaking = new Map<string, net.Socket>();
+  /** Refused sockets still lingering (destroyed at shutdown). */
+  private readonly refusing = new Set<net.Socket>();
+  private readonly refusals: RefusalLog;
+  /** Connections in `connections` that are closing: they no longer hold a cap slot. */
+  private lingering = 0;
+  private readonly lingerMs: number;
   private readonly idleSweep: NodeJS.Timeout;
   private readonly scannerLimits: ScannerLimits;
   private readonly slack = deliverySlack();
@@ -68,16 +98,28 @@ export class Listener {
     const paths = dispatcher.streamedPaths();
     if (paths.length > 1) throw new Error("the scanner streams one field path");
     this.scannerLimits = { maxFrame: config.maxFrame, maxDepth: config.maxDepth, streamPath: paths[0] };
+    this.lingerMs = config.closeLinger * 1000;
+    this.refusals = new RefusalLog(log);
+    dispatcher.uploads(newUpload);
     // allowHalfOpen: a client that closes its sending side (`nc -q1`, `nc -N`) still
     // gets every reply to what it sent; the server closes once they are out.
     this.server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
     this.server.on("error", (err) => this.log.error({ err }, "listener error"));
     if (config.tlsCert && config.tlsKey) {
       this.tlsServer = tls.createServer(
-        { cert: readFileSync(config.tlsCert), key: readFileSync(config.tlsKey), allowHalfOpen: true },
+        {
+          cert: readFileSync(config.tlsCert),
+          key: readFileSync(config.tlsKey),
+          allowHalfOpen: true,
+          handshakeTimeout: config.tlsHandshakeTimeout * 1000,
+        },
         (socket) => this.accept(socket),
       );
-      this.tlsServer.on("tlsClientError", (err) => this.log.debug({ err }, "TLS handshake failed"));
+      this.tlsServer.on("connection", (raw: net.Socket) => this.handshake(raw));
+      this.tlsServer.on("tlsClientError", (err, socket) => {
+        this.log.debug({ err }, "TLS handshake failed");
+        socket.destroy(); // with a listener, node leaves a failed or timed-out handshake open
+      });
       this.tlsServer.on("error", (err) => this.log.error({ err }, "TLS listener error"));
     }
     // One timer sweeps every connection (idle limits, delivery confirmations), not one each.
@@ -97,28 +139,101 @@ export class Listener {
     });
   }
 
+  /** The cap that a new connection (or handshake) from `address` is over, if any. */
+  private overCap(address: string): "full" | "address" | undefined {
+    if (this.connections.size - this.lingering + this.handshaking.size >= this.config.maxConnections) return "full";
+    if (this.unauthenticated(address) >= this.config.maxPerAddress) return "address";
+    return undefined;
+  }
+
+  /** Unauthenticated connections and handshakes from `address` (logged-in ones let go). */
+  private unauthenticated(address: string): number {
+    const slots = this.perAddress.get(address);
+    if (!slots) return 0;
+    if (slots.conns.size + slots.handshakes >= this.config.maxPerAddress) {
+      for (const c of slots.conns) if ((c.session as Session).uid !== undefined) slots.conns.delete(c);
+      this.dropIfEmpty(address, slots);
+    }
+    return slots.conns.size + slots.handshakes;
+  }
+
+  private slots(address: string): AddressSlots {
+    let slots = this.perAddress.get(address);
+    if (!slots) this.perAddress.set(address, (slots = { conns: new Set(), handshakes: 0 }));
+    return slots;
+  }
+
+  private dropIfEmpty(address: string, slots: AddressSlots): void {
+    if (slots.conns.size === 0 && slots.handshakes === 0) this.perAddress.delete(address);
+  }
+
+  /** A TLS client connected: its handshake holds a place until it completes or fails. */
+  private handshake(raw: net.Socket): void {
+    const address = raw.remoteAddress ?? "?";
+    const over = this.overCap(address);
+    if (over) {
+      // Nothing can be said before the handshake: the refusal is the close.
+      this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
+      raw.destroy();
+      return;
+    }
+    const key = `${address}:${raw.remotePort ?? 0}`;
+    this.handshaking.set(key, raw);
+    this.slots(address).handshakes++;
+    raw.once("close", () => this.handshakeOver(key, address));
+  }
+
+  private handshakeOver(key: string, address: string): void {
+    if (!this.handshaking.delete(key)) return;
+    const slots = this.perAddress.get(address);
+    if (!slots) return;
+    slots.handshakes--;
+    this.dropIfEmpty(address, slots);
+  }
+
+  private limitOf(over: "full" | "address"): number {
+    return over === "full" ? this.config.maxConnections : this.config.maxPerAddress;
+  }
+
+  /** One line, then the socket is read and discarded until it closes or lingers too long. */
+  private refuse(socket: net.Socket, over: "full" | "address"): void {
+    const address = socket.remoteAddress ?? "?";
+    this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
+    if (this.refusing.size >= MAX_REFUSING) {
+      socket.destroy();
+      return;
+    }
+    const line =
+      over === "full"
+        ? this.codec.error("unknown", Code.Unavailable, "the server is at its connection limit; try again later")
+        : this.codec.error("unknown", Code.RateLimited, "too many connections from your address; try again later");
+    this.refusing.add(socket);
+    socket.on("data", discard);
+    socket.end(line as string);
+    const timer = setTimeout(() => socket.destroy(), this.lingerMs);
+    timer.unref();
+    socket.once("close", () => {
+      clearTimeout(timer);
+      this.refusing.delete(socket);
+    });
+  }
+
   private accept(socket: net.Socket): void {
     socket.setNoDelay(true);
     socket.on("error", onSocketError);
     const address = socket.remoteAddress ?? "?";
-    if (this.connections.size >= this.config.maxConnections) {
-      this.log.warn({ remote: address, limit: this.config.maxConnections }, "connection refused: server full");
-      socket.end(this.codec.error("unknown", Code.Unavailable, "the server is at its connection limit; try again later") as string);
-      return;
-    }
-    const fromAddress = this.perAddress.get(address) ?? 0;
-    if (fromAddress >= this.config.maxPerAddress) {
-      this.log.warn({ remote: address, limit: this.config.maxPerAddress }, "connection refused: too many from one address");
-      socket.end(this.codec.error("unknown", Code.RateLimited, "too many connections from your address; try again later") as string);
-      return;
-    }
-    this.perAddress.set(address, fromAddress + 1);
+    // A TLS socket's handshake held its place until now.
+    if (socket instanceof tls.TLSSocket) this.handshakeOver(`${address}:${socket.remotePort ?? 0}`, address);
+    const over = this.overCap(address);
+    if (over) return this.refuse(socket, over);
     // No closure per connection: the socket handlers and the scanner's sink are shared
     // and find their connection through the socket (10,000 idle connections).
-    const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log);
+    const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log, this.lingerMs);
+    this.slots(address).conns.add(conn);
     const session = this.dispatcher.open(conn, this.codec);
     conn.session = session;
     conn.onConfirmed = this.confirmed;
+    conn.onEnding = this.ending;
     conn.scanner = new FrameScanner<PacedUpload, Connection>(this.scannerLimits, this.sink, conn);
     this.connections.set(conn, session);
     conn.owner = this;
@@ -130,19 +245,63 @@ export class Listener {
 
   private readonly confirmed = (conn: Connection, seq: number): void => this.router.confirmed(conn.session as Session, seq);
 
+  /** A closing connection lingers a little (see Connection.end) without holding a slot. */
+  private readonly ending = (conn: Connection): void => {
+    this.lingering++;
+    const slots = this.perAddress.get(conn.address);
+    if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.address, slots);
+  };
+
   /** The scanner's sink, shared by every connection of this listener. */
   private readonly sink: FrameSink<PacedUpload, Connection> = {
     frame: (bytes, upload, conn, ascii) => this.dispatcher.frame(conn.session as Session, bytes, upload, ascii),
     reject: (code, reason, action, conn) => this.dispatcher.reject(conn.session as Session, code, reason, action),
-    upload: (conn) => {
-      // Reading pauses while the blob file cannot keep up, so an attachment never
-      // piles up in memory.
-      const up = this.newUpload();
-      up.onFull = () => conn.pause("upload");
-      up.onDrain = () => conn.resume("upload");
-      return up;
+    upload: (conn, action) => {
+      // Only a logged-in connection streams, and only for an action that takes an
+      // attachment: anything else stays an ordinary string within the frame limit, so
+      // no file is opened for a client that has not proven who it is. A connection
+      // that is not logged in yet but has requests in flight (an auth sent just
+      // before) waits for their replies before this is decided.
+      if (action === undefined || !this.dispatcher.streams(action)) return undefined;
+      const session = conn.session as Session;
+      if (session.uid === undefined) return this.dispatcher.answered(session) ? undefined : HOLD;
+      // One upload at a time per connection: each holds a file open until it is
+      // finished, so input waits (with no memory held) until the previous one is done.
+      if (conn.uploads > 0) return HOLD;
+      return this.startUpload(conn);
     },
   };
+
+  private startUpload(conn: Connection): PacedUpload {
+    const up = this.newUpload();
+    conn.uploads++;
+    let open = true;
+    const done = () => {
+      if (!open) return;
+      open = false;
+      conn.uploads--;
+      conn.unhold();
+    };
+    const { finish, abort, release } = up;
+    up.finish = () => {
+      const p = finish.call(up);
+      p.then(done, done);
+      return p;
+    };
+    up.abort = () => {
+      abort.call(up);
+      done();
+    };
+    up.release = () => {
+      release.call(up);
+      done();
+    };
+    // Reading pauses while the blob file cannot keep up, so an attachment never
+    // piles up in memory.
+    up.onFull = () => conn.pause("upload");
+    up.onDrain = () => conn.resume("upload");
+    return up;
+  }
 
   socketError(conn: Connection, err: Error): void {
     this.log.debug({ err, remote: conn.address }, "socket error");
@@ -155,10 +314,9 @@ export class Listener {
 
   closed(conn: Connection): void {
     conn.closedSocket();
-    this.connections.delete(conn);
-    const n = (this.perAddress.get(conn.address) ?? 1) - 1;
-    if (n > 0) this.perAddress.set(conn.address, n);
-    else this.perAddress.delete(conn.address);
+    if (this.connections.delete(conn) && conn.isEnding) this.lingering--;
+    const slots = this.perAddress.get(conn.address);
+    if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.address, slots);
     (conn.scanner as FrameScanner<PacedUpload, Connection>).close();
     this.dispatcher.close(conn.session as Session);
   }
@@ -169,8 +327,10 @@ export class Listener {
    */
   private sweep(): void {
     const now = Date.now();
+    this.refusals.sweep(now);
     for (const [conn, session] of this.connections) {
       conn.tick();
+      this.recount(conn, session);
       const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
       if (conn.closed || now - conn.lastActivity <= limit * 1000) continue;
       this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
@@ -179,15 +339,31 @@ export class Listener {
     }
   }
 
+  /** A connection counts toward its address while it is not logged in (logged out: again). */
+  private recount(conn: Connection, session: Session): void {
+    if (conn.closed) return;
+    const unauth = session.uid === undefined;
+    const slots = this.perAddress.get(conn.address);
+    if (unauth === (slots?.conns.has(conn) ?? false)) return;
+    if (unauth) this.slots(conn.address).conns.add(conn);
+    else if (slots) {
+      slots.conns.delete(conn);
+      this.dropIfEmpty(conn.address, slots);
+    }
+  }
+
   /**
    * Graceful stop: no new connections, no more reading; requests already read are
    * answered (up to `timeoutMs`); then every connection is ended after flushing, and
-   * a peer that has not closed its side within `graceMs` is cut off.
+   * one not closed within `graceMs` (the linger time) is cut off. Refused sockets and
+   * TLS handshakes are cut off at once. Bounded whatever clients do.
    */
-  async close(timeoutMs: number, graceMs = 2000): Promise<void> {
+  async close(timeoutMs: number, graceMs = this.lingerMs): Promise<void> {
     clearInterval(this.idleSweep);
     const servers = [this.server, this.tlsServer].filter((x): x is net.Server => x !== undefined && x.listening);
     const closed = Promise.all(servers.map((srv) => new Promise<void>((r) => srv.close(() => r()))));
+    for (const socket of this.refusing) socket.destroy();
+    for (const socket of this.handshaking.values()) socket.destroy();
     for (const conn of this.connections.keys()) conn.pause("shutdown");
     if (!(await this.dispatcher.settled(timeoutMs, this.connections.values()))) {
       this.log.warn("requests still in progress at the shutdown timeout");
@@ -195,8 +371,14 @@ export class Listener {
     for (const conn of this.connections.keys()) conn.end();
     const timer = setTimeout(() => {
       for (const conn of this.connections.keys()) conn.destroy();
+      for (const socket of this.refusing) socket.destroy();
+      for (const socket of this.handshaking.values()) socket.destroy();
     }, graceMs);
-    await closed;
+    // A socket the listener does not know of must not hold the stop up either.
+    let last: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((r) => (last = setTimeout(() => r(false), graceMs + 1000)));
+    if (!(await Promise.race([closed.then(() => true), late]))) this.log.warn("sockets still open after the shutdown grace time");
     clearTimeout(timer);
+    clearTimeout(last);
   }
 }

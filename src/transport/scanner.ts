@@ -24,6 +24,12 @@ import { Code } from "../protocol/codes.js";
 import { ACTION_PEEK_BYTES, peekAction } from "../protocol/frames.js";
 import type { UploadSink } from "../protocol/session.js";
 
+/**
+ * From FrameSink.upload: not now. The scanner stops before the attachment's string;
+ * push() returns how far it got, and the caller feeds the rest again later.
+ */
+export const HOLD = Symbol("hold");
+
 export interface ScannerLimits {
   /** Largest frame in bytes. */
   maxFrame: number;
@@ -48,8 +54,13 @@ export interface FrameSink<U extends UploadSink = UploadSink, C = unknown> {
    * `ascii`: every byte is below 0x80 (valid UTF-8 as it stands).
    */
   frame(bytes: Buffer, upload: U | undefined, ctx: C, ascii: boolean): void;
-  /** The string at the stream path begins: where its text should go. */
-  upload(ctx: C): U;
+  /**
+   * The string at the stream path begins: where its text should go, or undefined to
+   * keep it in the frame as an ordinary string (within `maxFrame`), or HOLD to stop
+   * scanning here until the caller feeds the rest again. `action` is the frame's
+   * action when it is named before this point.
+   */
+  upload(ctx: C, action: string | undefined): U | undefined | typeof HOLD;
   /** A frame, or bytes at depth 0, that were skipped. `action` when it could be read. */
   reject(code: Code.InvalidData | Code.TooLarge, reason: string, action: string | undefined, ctx: C): void;
 }
@@ -87,6 +98,8 @@ const enum Fault {
   None,
   TooLarge,
   TooDeep,
+  /** The stream path occurs twice in one frame. */
+  TwoUploads,
 }
 
 // Per chunk, while one push() runs (pushes never nest, so one set serves every
@@ -153,6 +166,10 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private nonAscii = false;
   /** The upload of the frame being scanned, if its attachment has begun. */
   private uploadSink: U | undefined;
+  /** The frame has had its stream path (streamed or not): a second one is refused. */
+  private pathSeen = false;
+  /** The sink answered HOLD: push() stops where scanning stopped. */
+  private held = false;
   /** The stream path, as the key expected at each depth (shared by every scanner). */
   private readonly pathKeys: readonly Buffer[];
 
@@ -184,8 +201,13 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     return this.partsLength;
   }
 
-  push(chunk: Buffer): void {
+  /**
+   * Scans a chunk. Returns how many of its bytes were taken: all of them, unless the
+   * sink answered HOLD (the caller then feeds chunk[returned…] again later).
+   */
+  push(chunk: Buffer): number {
     const n = chunk.length;
+    this.held = false;
     chunkAscii = isAscii(chunk);
     nextBackslash = -1;
     nextLF = -1;
@@ -193,7 +215,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     if (!chunkAscii) this.nonAscii = true;
     let i = 0;
     this.start = 0; // a frame carried over from an earlier chunk continues at 0
-    while (i < n) {
+    while (i < n && !this.held) {
       switch (this.state) {
         case State.Idle: {
           const c = chunk[i];
@@ -232,7 +254,12 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
           break;
       }
     }
+    if (this.held) {
+      this.retain(chunk, this.start, i);
+      return i;
+    }
     if (this.state === State.Frame) this.retain(chunk, this.start, n);
+    return n;
   }
 
   /** The connection closed: an upload in progress is discarded. */
@@ -297,6 +324,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.keyMatched = -1;
     this.keyIsPath = false;
     this.uploadSink = undefined;
+    this.pathSeen = false;
     this.nonAscii = !chunkAscii;
   }
 
@@ -375,19 +403,35 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
             if (last === Byte.OpenCurly || last === Byte.Comma) {
               this.keyMatched = 0;
               this.keyIsPath = false;
-            } else if (
-              last === Byte.Colon &&
-              depth === this.pathKeys.length &&
-              this.keyIsPath &&
-              this.fault === Fault.None &&
-              this.frameLength + (i + 1 - start) <= this.limits.maxFrame
-            ) {
-              // data.attach.data: its text streams to an upload; the frame keeps "".
-              this.saveScan(depth, true, false, false, last);
-              this.retain(chunk, start, i + 1);
-              this.uploadSink = this.sink.upload(this.ctx);
-              this.state = State.Attachment;
-              return i + 1;
+            } else if (last === Byte.Colon && depth === this.pathKeys.length && this.keyIsPath) {
+              if (this.pathSeen) {
+                // A second data.attach.data in one frame never starts a second upload:
+                // the frame is refused and the first one is discarded.
+                this.uploadSink?.abort();
+                this.uploadSink = undefined;
+                if (this.fault === Fault.None) this.fault = Fault.TwoUploads;
+              } else if (this.fault === Fault.None && this.frameLength + (i + 1 - start) <= this.limits.maxFrame) {
+                this.pathSeen = true;
+                // data.attach.data: its text streams to an upload, if the sink takes
+                // it for this frame; the frame keeps "".
+                const up = this.sink.upload(this.ctx, peekAction(this.frameHead(chunk, start, i + 1)));
+                if (up === HOLD) {
+                  // Stop before the opening quote; it is scanned again when fed again.
+                  this.pathSeen = false;
+                  this.saveScan(depth, false, false, lineStart, last);
+                  this.held = true;
+                  return i;
+                }
+                if (up !== undefined) {
+                  this.saveScan(depth, true, false, false, last);
+                  this.retain(chunk, start, i + 1);
+                  this.uploadSink = up;
+                  this.state = State.Attachment;
+                  return i + 1;
+                }
+              } else {
+                this.pathSeen = true;
+              }
             }
           }
           break;
@@ -466,6 +510,21 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     }
   }
 
+  /** The frame's first bytes (up to ACTION_PEEK_BYTES): held parts, then chunk[start, end). */
+  private frameHead(chunk: Buffer, start: number, end: number): Buffer {
+    const tail = chunk.subarray(start, end);
+    if (this.parts === undefined) return tail;
+    const head: Buffer[] = [];
+    let len = 0;
+    for (const part of this.parts) {
+      if (len >= ACTION_PEEK_BYTES) break;
+      head.push(part);
+      len += part.length;
+    }
+    if (len < ACTION_PEEK_BYTES) head.push(tail);
+    return Buffer.concat(head);
+  }
+
   /** Starts the copy of the frame's first ACTION_PEEK_BYTES (held parts, then `tail`). */
   private keepHead(tail: Buffer): void {
     this.head = Buffer.alloc(0);
@@ -522,6 +581,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       case Fault.TooDeep: {
         const bytes = this.takeFrame(chunk, start, end);
         this.sink.reject(Code.InvalidData, `nesting deeper than ${this.limits.maxDepth}`, peekAction(bytes), this.ctx);
+        return;
+      }
+      case Fault.TwoUploads: {
+        const bytes = this.takeFrame(chunk, start, end);
+        this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice)", peekAction(bytes), this.ctx);
         return;
       }
       case Fault.None:

@@ -1,0 +1,345 @@
+// Hostile and broken clients at the transport, over real TCP: uploads before auth,
+// refused connections that never close, replies lost to a reset, non-readers that hold
+// their slot, the per-address cap, and the log of refused connections.
+import { readdirSync, readFileSync } from "node:fs";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { Writable } from "node:stream";
+import pino from "pino";
+import { describe, expect, it } from "vitest";
+import { startServer, type RunningServer } from "../src/server.js";
+import { Client, registerUser, startTestServer, testConfig } from "./helpers.js";
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function until(cond: () => boolean, ms = 10_000, what = "condition"): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`${what} not met in time`);
+    await sleep(20);
+  }
+}
+
+/** Rejects if `p` has not settled within `ms` (a hang is a failure, not a timeout of the whole file). */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
+    p.then(
+      (v) => (clearTimeout(t), resolve(v)),
+      (e) => (clearTimeout(t), reject(e)),
+    );
+  });
+}
+
+const openFds = () => readdirSync("/proc/self/fd").length;
+const tmpFiles = (server: RunningServer) => readdirSync(path.join(server.services.blobs.dir, "tmp"));
+
+/** A raw socket that records every line it gets and never fails the test on a reset. */
+function rawSocket(port: number, opts: { allowHalfOpen?: boolean } = {}) {
+  const socket = net.connect({ port, host: "127.0.0.1", allowHalfOpen: opts.allowHalfOpen ?? false });
+  let text = "";
+  let reset = false;
+  socket.on("data", (d) => (text += d.toString("latin1")));
+  socket.on("error", () => (reset = true));
+  const closed = new Promise<void>((r) => socket.on("close", () => r()));
+  /** The server closed its side (or the whole connection). */
+  const ended = new Promise<void>((r) => {
+    socket.on("end", () => r());
+    socket.on("close", () => r());
+  });
+  const connected = new Promise<void>((r) => socket.once("connect", () => r()));
+  return {
+    socket,
+    connected,
+    closed,
+    ended,
+    lines: () => text.split("\n").filter((l) => l !== ""),
+    get reset() {
+      return reset;
+    },
+  };
+}
+
+describe("uploads before auth", () => {
+  it("300 unauthenticated connections sending an attachment twice in a ping leave no descriptor and no temp file", async () => {
+    const server = await startTestServer({ maxPerAddress: 1000 });
+    const frame = JSON.stringify({ action: "ping", data: { attach: { data: "QUJD".repeat(4096) } } }).replace(
+      /}}}$/,
+      ',"data":""}}}\n',
+    );
+    expect(frame).toContain('"data":""}}}');
+    // let the server's own descriptors (database, blob dir) settle first
+    await sleep(100);
+    const before = openFds();
+    for (let batch = 0; batch < 6; batch++) {
+      await Promise.all(
+        Array.from({ length: 50 }, async (_, i) => {
+          const c = await Client.connect(server.port);
+          if (i % 5 === 0) {
+            // closed in the middle of the attachment's text
+            c.write(frame.slice(0, 9000));
+            await sleep(10);
+          } else {
+            c.write(frame);
+            // one attachment per frame: the second data key makes it a bad frame
+            expect((await c.reply("ping")).data.status).toBe(3);
+          }
+          c.close();
+          await c.closed;
+        }),
+      );
+    }
+    await until(() => server.listener.connections.size === 0, 10_000, "all connections closed");
+    await until(() => tmpFiles(server).length === 0 && openFds() <= before + 10, 10_000, "descriptors and temp files released");
+    expect(tmpFiles(server)).toEqual([]);
+    expect(openFds()).toBeLessThanOrEqual(before + 10);
+    await server.stop();
+  }, 60_000);
+
+  it("an unauthenticated message with an attachment is refused with 6 and writes no temp file", async () => {
+    const server = await startTestServer();
+    const c = await Client.connect(server.port);
+    const uploads: number[] = [];
+    const blobs = server.services.blobs;
+    const writer = blobs.writer.bind(blobs);
+    blobs.writer = (max: number) => (uploads.push(max), writer(max));
+    c.write(JSON.stringify({ action: "message", data: { uid: "1", body: "x", attach: { mime: "a/b", data: "QUJD".repeat(1000) } } }) + "\n");
+    expect((await c.reply("message")).data.status).toBe(6);
+    expect(uploads).toEqual([]);
+    c.close();
+    await server.stop();
+  });
+
+  it("a second data key in one attach is refused with 3, the first upload is discarded, and the connection goes on", async () => {
+    const server = await startTestServer();
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    const frame = `{"action":"message","data":{"uid":"${b.uid}","body":"x","attach":{"mime":"a/b","data":"${"QUJD".repeat(8192)}","data":"QUJD"}}}\n`;
+    a.client.write(frame);
+    const r = (await a.client.reply("message")).data;
+    expect(r.status).toBe(3);
+    expect(r.error).toMatch(/attachment/);
+    expect((await a.client.request("ping")).status).toBe(0);
+    await until(() => tmpFiles(server).length === 0, 5000, "temp files removed");
+    // a well-formed attachment still streams
+    const ok = await a.client.request("message", { uid: b.uid, body: "y", attach: { mime: "a/b", data: "QUJD" } });
+    expect(ok.status).toBe(0);
+    expect((await b.client.event("ev_message", (m) => m.body === "y")).attach.data).toBe("QUJD");
+    for (const x of [a, b]) x.client.close();
+    await server.stop();
+  });
+
+  it("an attachment larger than a frame, sent right behind auth before the login is done, still streams", async () => {
+    const server = await startTestServer({ maxFrame: 4096 });
+    const big = "QUJD".repeat(8192);
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    const c = await Client.connect(server.port);
+    c.write(
+      JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) +
+        "\n" +
+        JSON.stringify({ action: "message", data: { uid: b.uid, body: "piped", attach: { mime: "a/b", data: big } } }) +
+        "\n" +
+        JSON.stringify({ action: "message", data: { uid: b.uid, body: "piped2", attach: { mime: "a/b", data: big } } }) +
+        "\n",
+    );
+    expect((await c.reply("auth")).data.status).toBe(0);
+    expect((await c.reply("message")).data.status).toBe(0);
+    expect((await c.reply("message")).data.status).toBe(0);
+    expect((await b.client.event("ev_message", (m) => m.body === "piped")).attach.data).toBe(big);
+    expect((await b.client.event("ev_message", (m) => m.body === "piped2")).attach.data).toBe(big);
+    for (const x of [a.client, b.client, c]) x.close();
+    await server.stop();
+  });
+});
+
+describe("refused connections", () => {
+  it("a refused client that keeps sending and never closes is cut off, and shutdown does not wait for it", async () => {
+    const server = await startTestServer({ maxConnections: 1, closeLinger: 1, shutdownTimeout: 1 });
+    const held = await Client.connect(server.port);
+    const refused = rawSocket(server.port, { allowHalfOpen: true });
+    await refused.connected;
+    const timer = setInterval(() => !refused.socket.destroyed && refused.socket.write('{"action":"ping"}\n'), 5);
+    await within(refused.closed, 8000, "the refused connection's close");
+    clearInterval(timer);
+    expect(refused.lines()[0]).toMatch(/"status":16/);
+    // a second one, still open when the server stops
+    const another = rawSocket(server.port, { allowHalfOpen: true });
+    await another.connected;
+    await until(() => another.lines().length > 0, 5000, "the refusal");
+    await within(server.stop(), 8000, "stop()");
+    held.close();
+  }, 30_000);
+
+  it("shutdown finishes within its timeout with a non-reader and a half-open client", async () => {
+    const server = await startTestServer({ closeLinger: 1, shutdownTimeout: 1 });
+    const a = await registerUser(server.port);
+    const reader = await registerUser(server.port);
+    // a non-reader with a large reply owed
+    const stuck = rawSocket(server.port, { allowHalfOpen: true });
+    await stuck.connected;
+    stuck.socket.pause();
+    stuck.socket.write(JSON.stringify({ action: "auth", data: { sid: a.sid } }) + "\n");
+    for (let i = 0; i < 50; i++) reader.client.send("message", { uid: a.uid, body: "z".repeat(60_000) });
+    for (let i = 0; i < 50; i++) expect((await reader.client.reply("message")).data.status).toBe(0);
+    const halfOpen = rawSocket(server.port, { allowHalfOpen: true });
+    await halfOpen.connected;
+    halfOpen.socket.end();
+    await within(server.stop(), 10_000, "stop()");
+    for (const x of [a.client, reader.client]) x.close();
+    stuck.socket.destroy();
+  }, 30_000);
+
+  it("TLS handshakes time out and count against the connection cap", async () => {
+    const cert = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
+    const key = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
+    const server = await startTestServer({ tlsPort: 0, tlsCert: cert, tlsKey: key, maxConnections: 1, tlsHandshakeTimeout: 1 });
+    const silent = rawSocket(server.tlsPort as number, { allowHalfOpen: true });
+    await silent.connected;
+    await sleep(100);
+    // the handshake in progress holds the only slot
+    const plain = await Client.connect(server.port, { welcome: false });
+    expect((await plain.next()).data.status).toBe(16);
+    await within(silent.ended, 8000, "the silent handshake's close");
+    const after = await Client.connect(server.port);
+    expect((await after.request("ping")).status).toBe(0);
+    after.close();
+    plain.close();
+    await server.stop();
+    expect(readFileSync(cert).length).toBeGreaterThan(0);
+  }, 30_000);
+});
+
+describe("closing without a reset", () => {
+  it("a client that keeps sending after quit and reads 50 ms late gets the welcome, its ping reply and the quit reply", async () => {
+    const server = await startTestServer();
+    for (let run = 0; run < 5; run++) {
+      const c = rawSocket(server.port, { allowHalfOpen: true });
+      await c.connected;
+      c.socket.pause();
+      c.socket.write('{"action":"ping"}\n{"action":"quit"}\n');
+      const timer = setInterval(() => !c.socket.destroyed && c.socket.write('{"action":"ping"}\n'), 1);
+      await sleep(50);
+      c.socket.resume();
+      await until(() => c.lines().length >= 3 || c.reset, 10_000, "the replies");
+      clearInterval(timer);
+      const lines = c.lines();
+      expect(lines[0]).toMatch(/"action":"welcome"/);
+      expect(lines[1]).toMatch(/"action":"ping","data":\{"status":0/);
+      expect(lines[2]).toMatch(/"action":"quit","data":\{"status":0/);
+      c.socket.end();
+      await within(c.closed, 8000, "close");
+    }
+    await server.stop();
+  }, 60_000);
+
+  it("a client over the bad-frame limit that keeps sending gets the notice", async () => {
+    const server = await startTestServer();
+    for (let run = 0; run < 5; run++) {
+      const c = rawSocket(server.port, { allowHalfOpen: true });
+      await c.connected;
+      c.socket.pause();
+      c.socket.write("x\n".repeat(101));
+      const timer = setInterval(() => !c.socket.destroyed && c.socket.write("x\n"), 1);
+      await sleep(50);
+      c.socket.resume();
+      await until(() => c.lines().some((l) => /too many bad frames/.test(l)) || c.reset, 10_000, "the notice");
+      clearInterval(timer);
+      expect(c.lines().at(-1)).toMatch(/too many bad frames/);
+      c.socket.end();
+      await within(c.closed, 8000, "close");
+    }
+    await server.stop();
+  }, 60_000);
+});
+
+describe("clients that do not read", () => {
+  it("a non-reader owed ~5 MB is gone shortly after its idle limit, its memory freed", async () => {
+    const server = await startTestServer({ idleAuth: 1, idleUnauth: 1, closeLinger: 1 });
+    const a = await registerUser(server.port);
+    const sink = rawSocket(server.port, { allowHalfOpen: true });
+    await sink.connected;
+    const b = await registerUser(server.port);
+    sink.socket.write(JSON.stringify({ action: "auth", data: { sid: b.sid } }) + "\n");
+    b.client.close();
+    await until(() => sink.lines().some((l) => l.includes('"action":"auth"')), 5000, "auth");
+    sink.socket.pause(); // reads nothing more, never closes
+    const pinger = setInterval(() => a.client.send("ping"), 300);
+    for (let i = 0; i < 80; i++) a.client.send("message", { uid: b.uid, body: "y".repeat(64 * 1024) });
+    for (let i = 0; i < 80; i++) expect((await a.client.reply("message", 20_000)).data.status).toBe(0);
+    const conns = () => [...server.listener.connections.keys()].filter((c) => c.socket.remotePort === sink.socket.localPort);
+    await until(() => conns().length === 0, 15_000, "the non-reader removed");
+    clearInterval(pinger);
+    expect(a.client.isClosed).toBe(false);
+    a.client.close();
+    sink.socket.destroy();
+    await server.stop();
+  }, 40_000);
+
+  it("attachment events to a non-reader count against its outbound cap", async () => {
+    const server = await startTestServer({ outboundCap: 256 * 1024 });
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    b.client.socket.pause();
+    const data = "QUJD".repeat(16 * 1024); // 64 KiB of base64 each
+    for (let i = 0; i < 100; i++) {
+      const r = await a.client.request("message", { uid: b.uid, body: `${i}`, attach: { mime: "a/b", data } });
+      expect(r.status).toBe(0);
+      while (a.client.frames.length > 0) a.client.frames.pop();
+      if (b.client.isClosed) break;
+    }
+    b.client.socket.resume();
+    await within(b.client.closed, 10_000, "the slow reader's close");
+    a.client.close();
+    await server.stop();
+  }, 60_000);
+});
+
+describe("the per-address cap", () => {
+  it("200 clients from one address, each connecting and registering at once, all succeed by default", async () => {
+    const server = await startTestServer();
+    const accounts = await Promise.all(Array.from({ length: 200 }, () => registerUser(server.port)));
+    expect(new Set(accounts.map((x) => x.uid)).size).toBe(200);
+    for (const x of accounts) x.client.close();
+    await server.stop();
+  }, 60_000);
+
+  it("counts only unauthenticated connections", async () => {
+    const server = await startTestServer({ maxPerAddress: 3 });
+    const users = [];
+    for (let i = 0; i < 5; i++) users.push(await registerUser(server.port));
+    const anon = await Promise.all([1, 2, 3].map(() => Client.connect(server.port)));
+    const extra = await Client.connect(server.port, { welcome: false });
+    expect((await extra.next()).data.status).toBe(13);
+    for (const x of [...users.map((u) => u.client), ...anon]) expect((await x.request("ping")).status).toBe(0);
+    for (const x of [...users.map((u) => u.client), ...anon, extra]) x.close();
+    await server.stop();
+  });
+});
+
+describe("the log of refused connections", () => {
+  it("a flood of refused connections from one address logs a line, not one per connection", async () => {
+    const lines: string[] = [];
+    const log = pino(
+      { level: "info" },
+      new Writable({
+        write(chunk, _enc, cb) {
+          lines.push(chunk.toString());
+          cb();
+        },
+      }),
+    );
+    const server = await startServer(testConfig({ maxConnections: 1, logLevel: "info" }), log);
+    const held = await Client.connect(server.port);
+    for (let i = 0; i < 100; i++) {
+      const c = rawSocket(server.port);
+      await c.closed;
+    }
+    const refusals = lines.filter((l) => /connection refused/.test(l));
+    expect(refusals.length).toBeGreaterThanOrEqual(1);
+    expect(refusals.length).toBeLessThanOrEqual(2);
+    held.close();
+    await server.stop();
+  }, 30_000);
+});
