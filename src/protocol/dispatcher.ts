@@ -97,7 +97,7 @@ interface Action {
 }
 
 type Item =
-  | { kind: "request"; action: string; data: Record<string, unknown>; upload: Upload | undefined }
+  | { kind: "request"; action: string; data: Record<string, unknown>; upload: Upload | undefined; size: number }
   | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
 /** A place in a connection's line of replies (a request is one, with more to it). */
@@ -113,8 +113,14 @@ function settleRequest(this: Deferred, reply: ReplyBody | undefined, err: unknow
   req.dispatcher.deferredSettled(req, reply, err);
 }
 
-/** Requests read ahead of the one running before the connection stops being read. */
+/**
+ * Requests read ahead of the one running before the connection stops being read, and
+ * the bytes of frame they came from: 256 frames of up to --max-frame each would be
+ * 256 MiB held for one connection, so reading also stops past INBOX_BYTES (always after
+ * at least one frame).
+ */
 const INBOX_LIMIT = 256;
+const INBOX_BYTES = 4 * 1024 * 1024;
 
 class RequestImpl<D> extends Slot implements Request<D> {
   /** The first event (most requests have at most one), then the rest. */
@@ -156,6 +162,8 @@ const NO_SLOTS: Slot[] = [];
 class Line {
   inbox: Item[] = NO_ITEMS;
   head = 0;
+  /** Frame bytes of the requests in `inbox` past `head`. */
+  inboxBytes = 0;
   /** A handler (or an upload, or a wait) is in progress: the loop is parked. */
   busy = false;
   slots: Slot[] = NO_SLOTS;
@@ -299,7 +307,7 @@ export class Dispatcher {
     }
     const { action, data } = msg as { action?: unknown; data?: unknown };
     if (typeof action !== "string" || action === "") return this.refuseFrame(s, upload, "frame has no 'action' string", undefined);
-    this.dispatch(s, action, data, upload);
+    this.dispatch(s, action, data, upload, bytes.length);
   }
 
   private refuseFrame(s: Session, upload: Upload | undefined, reason: string, action: string | undefined): void {
@@ -308,7 +316,7 @@ export class Dispatcher {
   }
 
   /** A decoded request: `data` is anything the client sent (checked here). */
-  dispatch(s: Session, action: string, data: unknown, upload?: Upload): void {
+  dispatch(s: Session, action: string, data: unknown, upload?: Upload, size = 0): void {
     if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
       upload?.release();
       this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
@@ -319,7 +327,7 @@ export class Dispatcher {
       this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: "too many requests; slow down and retry" });
       return;
     }
-    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload });
+    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload, size });
   }
 
   /**
@@ -378,7 +386,8 @@ export class Dispatcher {
     }
     if (line.inbox === NO_ITEMS) line.inbox = [];
     line.inbox.push(item);
-    if (line.inbox.length - line.head > INBOX_LIMIT) s.peer.pause("inbox");
+    if (item.kind === "request") line.inboxBytes += item.size;
+    if (line.inbox.length - line.head > INBOX_LIMIT || line.inboxBytes > INBOX_BYTES) s.peer.pause("inbox");
     if (!line.busy && !line.awaitingDeferred) this.run(s, line);
   }
 
@@ -399,11 +408,12 @@ export class Dispatcher {
         return;
       }
       line.head++;
+      if (item.kind === "request") line.inboxBytes -= item.size;
       if (line.head === line.inbox.length) {
         line.inbox = NO_ITEMS;
         line.head = 0;
       }
-      if (line.inbox.length - line.head <= INBOX_LIMIT / 2) s.peer.resume("inbox");
+      if (line.inbox.length - line.head <= INBOX_LIMIT / 2 && line.inboxBytes <= INBOX_BYTES / 2) s.peer.resume("inbox");
       // A request is its own place in the line of replies.
       const slot = item.kind === "request" ? new RequestImpl(item.action, item.data, s, this) : new Slot();
       if (line.slots === NO_SLOTS) line.slots = [];
