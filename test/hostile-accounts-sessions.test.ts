@@ -104,6 +104,8 @@ describe("stored sessions", () => {
     expect((await second.request("auth", { sid: a.sid })).status).toBe(0);
     second.close();
     await second.closed;
+    // The server sees the close a little later than the client.
+    while (server.services.router.sessions(a.uid).length > 1) await new Promise((r) => setTimeout(r, 10));
     expect((await third.request("auth", { sid: a.sid })).status).toBe(0);
     await closeAll(a.client, third);
     await server.stop();
