@@ -30,6 +30,11 @@ export interface Config {
   authFailLogin: number;
   authFailAddr: number;
   authFailWindow: number;
+  authRate: number;
+  authBurst: number;
+  hashQueuePerAddress: number;
+  maxSessionsPerUser: number;
+  maxConnectionsPerUser: number;
   shutdownTimeout: number;
   tlsPort: number;
   tlsCert: string;
@@ -79,6 +84,11 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "authFailLogin", flag: "--auth-fail-login", env: "WIRECHAT_AUTH_FAIL_LOGIN", kind: "int", default: 5, min: 1, help: "failed logins for one login within the window before auth is refused with 13 (back-off doubles after each further failure)" },
   { key: "authFailAddr", flag: "--auth-fail-addr", env: "WIRECHAT_AUTH_FAIL_ADDR", kind: "int", default: 50, min: 1, help: "failed logins from one IP address within the window before auth is refused with 13" },
   { key: "authFailWindow", flag: "--auth-fail-window", env: "WIRECHAT_AUTH_FAIL_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds; also the longest back-off" },
+  { key: "authRate", flag: "--auth-rate", env: "WIRECHAT_AUTH_RATE", kind: "int", default: 20, min: 1, help: "password checks (register, auth with a password, changepassword, deleteaccount) per second one IP address may sustain (status 13 past it)" },
+  { key: "authBurst", flag: "--auth-burst", env: "WIRECHAT_AUTH_BURST", kind: "int", default: 300, min: 1, help: "password checks one IP address may start at once above --auth-rate" },
+  { key: "hashQueuePerAddress", flag: "--hash-queue-per-address", env: "WIRECHAT_HASH_QUEUE_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "password checks from one IP address waiting for the hasher (served round-robin between addresses; status 13 past it)" },
+  { key: "maxSessionsPerUser", flag: "--max-sessions-per-user", env: "WIRECHAT_MAX_SESSIONS_PER_USER", kind: "int", default: 64, min: 1, help: "stored sessions per user; a new one past it revokes the oldest" },
+  { key: "maxConnectionsPerUser", flag: "--max-connections-per-user", env: "WIRECHAT_MAX_CONNECTIONS_PER_USER", kind: "int", default: 100, min: 1, help: "simultaneous authenticated connections per user (auth past it gets status 13)" },
   { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },
   { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, help: "TLS port, used when --tls-cert and --tls-key are given" },
   { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener" },

@@ -50,6 +50,9 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const router = new Router(messages, channels, (err, what) => log.error({ err }, `${what} failed`));
   dispatcher.route(router);
   const locks = new LocalLock();
+  const sessions = new SessionStore(storage);
+  const sessionsAtStart = await sessions.init(Math.floor(Date.now() / 1000));
+  if (sessionsAtStart.migrated + sessionsAtStart.swept > 0) log.info(sessionsAtStart, "sessions migrated to hashed sids and expired ones swept");
   const blobs = new BlobStore(config.dataDir, storage, locks);
   const services: Services = {
     config,
@@ -60,7 +63,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     hooks: new Hooks(),
     storage,
     users: new UserStore(storage),
-    sessions: new SessionStore(storage),
+    sessions,
     contacts: new ContactStore(storage),
     messages,
     channels,
@@ -99,6 +102,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     listener,
     stop() {
       stopping ??= (async () => {
+        services.hooks.stop();
         await listener.close(config.shutdownTimeout * 1000);
         await messages.flushDerived();
         await storage.close();

@@ -297,7 +297,9 @@ describe("re-authentication and cursors (review findings)", () => {
     }
     expect((await c.request("auth", { sid: alice.sid })).status).toBe(0);
     expect((await c.event("ev_message")).mid).toBe(forAlice);
-    // Bob logs in on the same connection; his inbox (5 KB) takes Alice's mark past due.
+    // Bob logs in on the same connection (after Alice logs out: another user's auth on
+    // an authenticated connection is refused); his inbox (5 KB) takes Alice's mark past due.
+    expect((await c.request("logout")).status).toBe(0);
     expect((await c.request("auth", { sid: bob.sid })).status).toBe(0);
     for (let i = 0; i < 5; i++) await c.event("ev_message");
     await new Promise((r) => setTimeout(r, 300));

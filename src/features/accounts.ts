@@ -1,18 +1,20 @@
 // Accounts and sessions: register, auth (by password or by sid, throttled), logout,
-// changepassword, deleteaccount, hello, ping, quit.
+// changepassword, deleteaccount, hello, ping, quit; the per-user caps on sessions and
+// connections, and the sweep of expired sessions.
 
-import { createHash, randomBytes } from "node:crypto";
-import bcrypt from "bcrypt";
+import { randomBytes } from "node:crypto";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { nowSeconds } from "../protocol/frames.js";
 import { LoginThrottle } from "./login-throttle.js";
+import { PasswordHasher } from "./password-hasher.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
 import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
+import { sidHash } from "../storage/sessions.js";
 import type { UniqueIndex } from "../storage/users.js";
-import type { Services } from "./services.js";
+import { userLockKey, type Services } from "./services.js";
 
 export const PROTOCOL_VERSION = "1.0";
 
@@ -22,70 +24,76 @@ const LOGIN = { ...requiredString(64), pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" };
 const NICK = { ...requiredString(64), pattern: "^[^\\p{Cc}]+$" };
 const PASS = requiredString(1024);
 
-/**
- * bcrypt reads only the first 72 bytes of its input, so the client's secret is first
- * reduced to a fixed-size digest. Hashing runs on libuv's thread pool, which LevelDB
- * shares: at most two hashes run at once so a login storm cannot starve storage.
- */
-class PasswordHasher {
-  private running = 0;
-  private readonly waiting: (() => void)[] = [];
-  constructor(
-    private readonly cost: number,
-    private readonly parallel = 2,
-  ) {}
-
-  private static digest(pass: string): string {
-    return createHash("sha256").update(pass, "utf8").digest("base64");
-  }
-
-  private async slot<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.running >= this.parallel) await new Promise<void>((r) => this.waiting.push(r));
-    this.running++;
-    try {
-      return await fn();
-    } finally {
-      this.running--;
-      this.waiting.shift()?.();
-    }
-  }
-
-  hash(pass: string): Promise<string> {
-    return this.slot(() => bcrypt.hash(PasswordHasher.digest(pass), this.cost));
-  }
-
-  verify(pass: string, hash: string): Promise<boolean> {
-    return this.slot(() => bcrypt.compare(PasswordHasher.digest(pass), hash));
-  }
-}
-
 export function registerAccounts(sv: Services): void {
-  const { dispatcher, users, sessions, storage, router, hooks, config } = sv;
-  const hasher = new PasswordHasher(config.bcryptCost);
+  const { dispatcher, users, sessions, storage, router, hooks, config, locks } = sv;
+  const hasher = new PasswordHasher({
+    cost: config.bcryptCost,
+    queuePerAddress: config.hashQueuePerAddress,
+    rate: config.authRate,
+    burst: config.authBurst,
+  });
   const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
   const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);
 
-  /** 13 while this login or this address is backing off after failed logins. */
-  function checkThrottle(s: Session, login: string | undefined): void {
-    const wait = Math.max(byAddress.blockedFor(s.peer.address), login ? byLogin.blockedFor(login.toLowerCase()) : 0);
+  /**
+   * Everything that reads and then changes a user's credentials, sessions or profile
+   * runs under this lock: a login checks, under it, that what it verified still holds
+   * when it issues or resumes a session, and a change ends, under it, every session it
+   * revokes. So once changepassword, logout or deleteaccount has answered, nothing
+   * issued with the old credentials is left (profiles.ts takes the same lock).
+   */
+  function underUser<T>(uid: string, fn: () => Promise<T>): Promise<T> {
+    return locks.run(userLockKey(uid), fn);
+  }
+
+  /**
+   * Runs a login attempt. 13 while this login or this address is backing off. The
+   * attempt counts against its login when it starts, so that concurrent guesses for one
+   * login cannot all pass the check before the first failure is counted; a success, or
+   * a refusal other than 2 or 7, takes it back. Against the address a failure counts
+   * when it is known (how many checks one address runs at once is bounded by the
+   * hasher: a NAT logging 200 users in at once is not refused).
+   */
+  async function counted<T>(s: Session, login: string | undefined, fn: () => Promise<T>): Promise<T> {
+    const key = login?.toLowerCase();
+    const wait = Math.max(byAddress.blockedFor(s.peer.address), key ? byLogin.blockedFor(key) : 0);
     if (wait > 0) {
       throw new ProtocolError(Code.RateLimited, `too many failed logins; retry in ${Math.ceil(wait / 1000)} s`);
     }
-  }
-
-  function failed(s: Session, login: string | undefined, err: ProtocolError): never {
-    byAddress.fail(s.peer.address);
-    if (login) byLogin.fail(login.toLowerCase());
-    throw err;
+    if (key) byLogin.fail(key);
+    let result: T;
+    try {
+      result = await fn();
+    } catch (err) {
+      if (err instanceof ProtocolError && (err.code === Code.InvalidPass || err.code === Code.NeedRegister)) {
+        byAddress.fail(s.peer.address);
+      } else if (key) byLogin.undo(key);
+      throw err;
+    }
+    if (key) byLogin.succeed(key);
+    return result;
   }
 
   /** The caller's account and a check of its password (2 when wrong). */
   async function verifiedSelf(s: Session, pass: string): Promise<UserRecord> {
     const user = await users.get(s.uid as string);
     if (!user) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
-    checkThrottle(s, user.login);
-    if (!(await hasher.verify(pass, user.hash))) failed(s, user.login, new ProtocolError(Code.InvalidPass, "wrong password"));
+    await counted(s, user.login, async () => {
+      if (!(await hasher.verify(s.peer.address, pass, user.hash))) throw new ProtocolError(Code.InvalidPass, "wrong password");
+    });
     return user;
+  }
+
+  /**
+   * Under the user's lock, after a slow password check: the caller's session is still
+   * the one it had, and the password it checked is still the account's.
+   */
+  async function stillCurrent(s: Session, uid: string, sid: string, checked: UserRecord): Promise<UserRecord> {
+    if (s.uid !== uid || s.sid !== sid) throw new ProtocolError(Code.NeedAuth, "this session was ended meanwhile");
+    const cur = await users.get(uid);
+    if (!cur) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
+    if (cur.hash !== checked.hash) throw new ProtocolError(Code.InvalidPass, "the password was changed meanwhile");
+    return cur;
   }
 
   /**
@@ -110,21 +118,92 @@ export function registerAccounts(sv: Services): void {
   }
 
   /**
-   * Logs this connection in as `user` and returns the auth reply fields. Without `sid`
-   * a new session is stored, in one batch with `withOps` (a new account's records).
+   * Logs this connection in as `user` and returns the auth reply fields; call under
+   * the user's lock. Without `resumed` a new session is stored, in one batch with
+   * `withOps` (a new account's records) and the revocation of the user's oldest
+   * sessions past --max-sessions-per-user.
    */
-  async function startSession(s: Session, user: UserRecord, sid?: string, withOps: BatchOp[] = []) {
-    const now = nowSeconds();
-    if (sid === undefined) {
-      sid = sessions.newSid();
-      await storage.commit([...withOps, ...sessions.createOps(sid, { uid: user.uid, created: now, expires: now + config.sessionTtl })]);
+  async function startSession(s: Session, user: UserRecord, resumed?: { sid: string; expires: number }, withOps: BatchOp[] = []) {
+    // A connection that closed while its password was checked is not logged in (the
+    // router would keep it, and the user online, for good).
+    if (s.peer.closed) throw new ProtocolError(Code.Unavailable, "the connection closed");
+    const again = s.uid === user.uid;
+    if (!again && router.sessions(user.uid).length >= config.maxConnectionsPerUser) {
+      throw new ProtocolError(Code.RateLimited, `this account has ${config.maxConnectionsPerUser} connections logged in; close one first`);
     }
-    if (s.uid !== undefined) leave(s);
-    s.login(user.uid, sid, user.nick);
-    if (router.attach(s)) hooks.presence(user.uid, true, sv.log);
+    let sid: string;
+    let expires: number;
+    if (resumed === undefined) {
+      const now = nowSeconds();
+      sid = sessions.newSid();
+      expires = now + config.sessionTtl;
+      const ops = [...withOps, ...sessions.createOps(sid, { uid: user.uid, created: now, expires })];
+      const stored = withOps.length > 0 ? [] : await sessions.list(user.uid);
+      const evicted = new Set<string>();
+      if (stored.length >= config.maxSessionsPerUser) {
+        stored.sort((a, b) => a.issued - b.issued);
+        for (const old of stored.slice(0, stored.length - config.maxSessionsPerUser + 1)) {
+          ops.push(...sessions.revokeOps(user.uid, old.hash, old.expires));
+          evicted.add(old.hash);
+        }
+      }
+      await storage.commit(ops);
+      if (evicted.size > 0) {
+        endSessions(user.uid, (o) => o !== s && evicted.has(sidHash(o.sid as string)), "too many sessions: this one, the oldest, was ended", false);
+      }
+    } else ({ sid, expires } = resumed);
+    if (s.peer.closed) throw new ProtocolError(Code.Unavailable, "the connection closed");
+    // The same user again on this connection stays where it is in the router: no
+    // presence goes out (nothing changed for the user's contacts).
+    if (s.uid !== undefined && !again) leave(s);
+    s.login(user.uid, sid, user.nick, expires);
+    if (!again && router.attach(s)) hooks.presence(user.uid, true, sv.log);
     s.log.info("authenticated");
     return { sid, uid: user.uid, cid: user.uid, nick: user.nick };
   }
+
+  /** 5: an authenticated connection may log in again only as the same user. */
+  function sameUser(s: Session, uid: string): void {
+    if (s.uid !== undefined && s.uid !== uid) {
+      throw new ProtocolError(Code.AlreadyRegister, "this connection is authenticated as another user; logout first");
+    }
+  }
+
+  // Expired sessions: swept from storage at start-up (server.ts) and every minute (or
+  // every --session-ttl, if shorter), a bounded page at a time; a live connection on
+  // one gets ev_logout and is closed.
+  const SWEEP_PAGE = 1000;
+  let sweepTimer: NodeJS.Timeout | undefined;
+  let stopped = false;
+  async function sweepExpired(): Promise<void> {
+    const now = nowSeconds();
+    const gone = await sessions.sweep(now, SWEEP_PAGE);
+    for (const uid of new Set(gone.map((g) => g.uid))) {
+      await underUser(uid, async () => {
+        endSessions(uid, (o) => o.expires <= now, "the session expired", true);
+      });
+    }
+    if (gone.length === SWEEP_PAGE && !stopped) (sweepTimer = setTimeout(runSweep, 10)).unref();
+    else scheduleSweep();
+  }
+  function runSweep(): void {
+    sweepTimer = undefined;
+    if (stopped) return;
+    sweepExpired().catch((err) => {
+      if (!stopped) sv.log.error({ err }, "session sweep failed");
+      scheduleSweep();
+    });
+  }
+  function scheduleSweep(): void {
+    if (stopped || sweepTimer) return;
+    sweepTimer = setTimeout(runSweep, Math.min(60, config.sessionTtl) * 1000);
+    sweepTimer.unref();
+  }
+  scheduleSweep();
+  hooks.onStop(() => {
+    stopped = true;
+    if (sweepTimer) clearTimeout(sweepTimer);
+  });
 
   dispatcher.register<{ login: string; pass: string; nick: string }>({
     name: "register",
@@ -147,7 +226,7 @@ export function registerAccounts(sv: Services): void {
       let user: UserRecord;
       let auth;
       try {
-        const hash = await hasher.hash(pass);
+        const hash = await hasher.hash(s.peer.address, pass);
         user = {
           uid: await newUid(),
           login,
@@ -159,7 +238,8 @@ export function registerAccounts(sv: Services): void {
           status: "",
           created: nowSeconds(),
         };
-        auth = await startSession(s, user, undefined, users.saveOps(user));
+        const u = user;
+        auth = await underUser(u.uid, () => startSession(s, u, undefined, users.saveOps(u)));
         users.saved(user);
       } finally {
         users.release(unique);
@@ -191,24 +271,38 @@ export function registerAccounts(sv: Services): void {
       const { login, pass, sid, since } = req.data;
       let result;
       if (sid && !login) {
-        checkThrottle(s, undefined);
-        const rec = await sessions.get(sid);
-        const user = rec && rec.expires > nowSeconds() ? await users.get(rec.uid) : undefined;
-        if (!rec || !user) {
-          if (rec) storage.commitLazy(sessions.revokeOps(rec.uid, sid));
-          failed(s, undefined, new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass"));
-        }
-        result = await startSession(s, user, sid);
+        result = await counted(s, undefined, async () => {
+          const rec = await sessions.get(sid);
+          if (!rec) throw new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass");
+          sameUser(s, rec.uid);
+          // Read again under the lock: a logout or password change that answered
+          // before this point has revoked it, and one after it will end this connection.
+          return underUser(rec.uid, async () => {
+            const cur = await sessions.get(sid);
+            const user = cur && cur.expires > nowSeconds() ? await users.get(cur.uid) : undefined;
+            if (!cur || !user) {
+              if (cur) storage.commitLazy(sessions.revokeOps(cur.uid, sidHash(sid), cur.expires));
+              throw new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass");
+            }
+            return startSession(s, user, { sid, expires: cur.expires });
+          });
+        });
       } else {
         if (!login) throw new ProtocolError(Code.EmptyField, "'login' is required (or 'sid' alone to resume a session)");
         if (!pass) throw new ProtocolError(Code.EmptyField, "'pass' is required");
-        checkThrottle(s, login);
-        const uid = await users.lookup("login", login);
-        const user = uid === undefined ? undefined : await users.get(uid);
-        if (!user) failed(s, login, new ProtocolError(Code.NeedRegister, `no account with login '${login}'; register first`));
-        if (!(await hasher.verify(pass, user.hash))) failed(s, login, new ProtocolError(Code.InvalidPass, "wrong login or password"));
-        byLogin.succeed(login.toLowerCase());
-        result = await startSession(s, user);
+        result = await counted(s, login, async () => {
+          const uid = await users.lookup("login", login);
+          const user = uid === undefined ? undefined : await users.get(uid);
+          if (!user) throw new ProtocolError(Code.NeedRegister, `no account with login '${login}'; register first`);
+          sameUser(s, user.uid);
+          if (!(await hasher.verify(s.peer.address, pass, user.hash))) throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+          return underUser(user.uid, async () => {
+            // The password checked must still be the account's (not changed, not deleted).
+            const cur = await users.get(user.uid);
+            if (!cur || cur.hash !== user.hash) throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+            return startSession(s, cur);
+          });
+        });
       }
       req.after(() => void router.sync(s, since === undefined ? undefined : Number(since)));
       return result;
@@ -222,11 +316,14 @@ export function registerAccounts(sv: Services): void {
       const s = req.session;
       const uid = s.uid as string;
       const sid = s.sid as string;
-      await storage.commit(sessions.revokeOps(uid, sid));
-      // Other connections resumed with the same sid lose it too (they stay open).
-      endSessions(uid, (other) => other !== s && other.sid === sid, "the session was logged out", false);
-      leave(s);
-      s.logout();
+      await underUser(uid, async () => {
+        if (s.uid !== uid || s.sid !== sid) return; // ended meanwhile (changepassword elsewhere)
+        await storage.commit(sessions.revokeOps(uid, sidHash(sid), s.expires));
+        // Other connections resumed with the same sid lose it too (they stay open).
+        endSessions(uid, (other) => other !== s && other.sid === sid, "the session was logged out", false);
+        leave(s);
+        s.logout();
+      });
       return {};
     },
   });
@@ -236,14 +333,21 @@ export function registerAccounts(sv: Services): void {
     schema: { type: "object", required: ["pass", "newpass"], properties: { pass: PASS, newpass: PASS } },
     async handle(req) {
       const s = req.session;
+      const uid = s.uid as string;
+      const sid = s.sid as string;
       const user = await verifiedSelf(s, req.data.pass);
-      const next: UserRecord = { ...user, hash: await hasher.hash(req.data.newpass) };
-      // Every other session of the user is revoked in the same batch; the caller's stays.
-      const others = (await sessions.listSids(user.uid)).filter((sid) => sid !== s.sid);
-      await storage.commit([...users.saveOps(next, user), ...others.flatMap((sid) => sessions.revokeOps(user.uid, sid))]);
-      users.saved(next);
-      endSessions(user.uid, (other) => other.sid !== s.sid, "the password was changed", true);
-      s.log.info({ revoked: others.length }, "password changed");
+      const hash = await hasher.hash(s.peer.address, req.data.newpass);
+      await underUser(uid, async () => {
+        const cur = await stillCurrent(s, uid, sid, user);
+        const next: UserRecord = { ...cur, hash };
+        // Every other session of the user is revoked in the same batch; the caller's stays.
+        const mine = sidHash(sid);
+        const others = (await sessions.list(uid)).filter((o) => o.hash !== mine);
+        await storage.commit([...users.saveOps(next, cur), ...others.flatMap((o) => sessions.revokeOps(uid, o.hash, o.expires))]);
+        users.saved(next);
+        endSessions(uid, (other) => other.sid !== sid, "the password was changed", true);
+        s.log.info({ revoked: others.length }, "password changed");
+      });
       return {};
     },
   });
@@ -253,26 +357,30 @@ export function registerAccounts(sv: Services): void {
     schema: { type: "object", required: ["pass"], properties: { pass: PASS } },
     async handle(req) {
       const s = req.session;
-      const user = await verifiedSelf(s, req.data.pass);
-      const uid = user.uid;
+      const uid = s.uid as string;
+      const sid = s.sid as string;
+      const checked = await verifiedSelf(s, req.data.pass);
       const { contacts, channels, messages } = sv;
-      // One batch: the account and its indexes (freeing login, nick, email, phone),
-      // its contact list and its place in others' lists, its sessions, queue and
-      // channel memberships. Messages already sent stay in others' history.
-      const ops: BatchOp[] = [...users.removeOps(user)];
-      for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
-      for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
-      for (const sid of await sessions.listSids(uid)) ops.push(...sessions.revokeOps(uid, sid));
-      const chids = await channels.channelsOf(uid);
-      for (const chid of chids) ops.push(...channels.leaveOps(chid, uid));
-      ops.push(...(await messages.forgetUserOps(uid)));
-      await storage.commit(ops);
-      users.forget(uid);
-      req.after(() => void hooks.accountDeleted(uid, user.nick, chids, sv.log));
-      endSessions(uid, (other) => other !== s, "the account was deleted", true);
-      leave(s);
-      s.logout();
-      s.log.info({ uid }, "account deleted");
+      await underUser(uid, async () => {
+        const user = await stillCurrent(s, uid, sid, checked);
+        // One batch: the account and its indexes (freeing login, nick, email, phone),
+        // its contact list and its place in others' lists, its sessions, queue and
+        // channel memberships. Messages already sent stay in others' history.
+        const ops: BatchOp[] = [...users.removeOps(user)];
+        for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
+        for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
+        for (const o of await sessions.list(uid)) ops.push(...sessions.revokeOps(uid, o.hash, o.expires));
+        const chids = await channels.channelsOf(uid);
+        for (const chid of chids) ops.push(...channels.leaveOps(chid, uid));
+        ops.push(...(await messages.forgetUserOps(uid)));
+        await storage.commit(ops);
+        users.forget(uid);
+        req.after(() => void hooks.accountDeleted(uid, user.nick, chids, sv.log));
+        endSessions(uid, (other) => other !== s, "the account was deleted", true);
+        leave(s);
+        s.logout();
+        s.log.info({ uid }, "account deleted");
+      });
       return {};
     },
   });

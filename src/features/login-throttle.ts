@@ -1,6 +1,8 @@
 // Failed-login throttling: counts failures per key (a login, an address) in a window;
 // past the limit, further attempts are refused until a back-off runs out. The back-off
 // is 1 s at the limit and doubles with every further failure, up to the window.
+// An attempt is counted as a failure when it starts (so concurrent guesses cannot all
+// pass the check before the first is counted) and taken back if it succeeds.
 
 export class LoginThrottle {
   private readonly entries = new Map<string, { fails: number; first: number; until: number }>();
@@ -27,6 +29,14 @@ export class LoginThrottle {
     e.fails++;
     if (e.fails >= this.limit) e.until = now + Math.min(this.windowMs, 1000 * 2 ** (e.fails - this.limit));
     if (this.entries.size > this.maxEntries) this.sweep(now);
+  }
+
+  /** Takes back one attempt counted by `fail` that turned out not to be a failure. */
+  undo(key: string): void {
+    const e = this.entries.get(key);
+    if (!e || e.fails === 0) return;
+    e.fails--;
+    if (e.fails < this.limit) e.until = 0;
   }
 
   succeed(key: string): void {

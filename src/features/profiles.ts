@@ -5,7 +5,7 @@ import { optionalString, requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import type { UniqueIndex } from "../storage/users.js";
 import { isBase64, normaliseEmail, normalisePhone } from "./profile-fields.js";
-import type { Services } from "./services.js";
+import { userLockKey, type Services } from "./services.js";
 
 export function publicProfile(u: UserRecord) {
   return { uid: u.uid, nick: u.nick, email: u.email, phone: u.phone, picture: u.picture, user_status: u.status };
@@ -44,37 +44,42 @@ export function registerProfiles(sv: Services): void {
     },
     async handle(req) {
       const uid = req.session.uid as string;
-      const prev = await users.get(uid);
-      if (!prev) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
       const d = req.data;
-      // A field that is not sent stays as it was; an empty string clears it.
-      const next: UserRecord = { ...prev };
-      if (d.user_status !== undefined) next.status = d.user_status;
-      if (d.email !== undefined) {
-        const e = d.email === "" ? "" : normaliseEmail(d.email);
-        if (e === undefined) throw new ProtocolError(Code.InvalidData, "'email' is not an email address");
-        next.email = e;
-      }
-      if (d.phone !== undefined) {
-        const p = d.phone === "" ? "" : normalisePhone(d.phone);
-        if (p === undefined) throw new ProtocolError(Code.InvalidData, "'phone' is not a phone number");
-        next.phone = p;
-      }
-      if (d.picture !== undefined) {
-        if (!isBase64(d.picture)) throw new ProtocolError(Code.InvalidData, "'picture' is not valid base64");
-        next.picture = d.picture;
-      }
-      const unique: [UniqueIndex, string][] = [];
-      if (next.email && next.email !== prev.email) unique.push(["email", next.email]);
-      if (next.phone && next.phone !== prev.phone) unique.push(["phone", next.phone]);
-      const taken = await users.claim(unique, uid);
-      if (taken) throw new ProtocolError(Code.AlreadyExist, `that ${taken} belongs to another user`);
-      try {
-        await storage.commit(users.saveOps(next, prev));
-        users.saved(next);
-      } finally {
-        users.release(unique);
-      }
+      // Under the user's lock: the record read is the one the write replaces, so the
+      // batch removes the index entries it really had (two connections setting an email
+      // at once would otherwise leave the first one pointing at the user for good).
+      await sv.locks.run(userLockKey(uid), async () => {
+        const prev = await users.get(uid);
+        if (!prev) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
+        // A field that is not sent stays as it was; an empty string clears it.
+        const next: UserRecord = { ...prev };
+        if (d.user_status !== undefined) next.status = d.user_status;
+        if (d.email !== undefined) {
+          const e = d.email === "" ? "" : normaliseEmail(d.email);
+          if (e === undefined) throw new ProtocolError(Code.InvalidData, "'email' is not an email address");
+          next.email = e;
+        }
+        if (d.phone !== undefined) {
+          const p = d.phone === "" ? "" : normalisePhone(d.phone);
+          if (p === undefined) throw new ProtocolError(Code.InvalidData, "'phone' is not a phone number");
+          next.phone = p;
+        }
+        if (d.picture !== undefined) {
+          if (!isBase64(d.picture)) throw new ProtocolError(Code.InvalidData, "'picture' is not valid base64");
+          next.picture = d.picture;
+        }
+        const unique: [UniqueIndex, string][] = [];
+        if (next.email && next.email !== prev.email) unique.push(["email", next.email]);
+        if (next.phone && next.phone !== prev.phone) unique.push(["phone", next.phone]);
+        const taken = await users.claim(unique, uid);
+        if (taken) throw new ProtocolError(Code.AlreadyExist, `that ${taken} belongs to another user`);
+        try {
+          await storage.commit(users.saveOps(next, prev));
+          users.saved(next);
+        } finally {
+          users.release(unique);
+        }
+      });
       return {};
     },
   });

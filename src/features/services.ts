@@ -17,8 +17,15 @@ import type { UserStore } from "../storage/users.js";
 
 type PresenceHook = (uid: string, online: boolean) => void | Promise<void>;
 
+/** The KeyedLock key under which a user's credentials, sessions and profile change. */
+export function userLockKey(uid: string): string {
+  return `user:${uid}`;
+}
+
 export class Hooks {
   private readonly presenceFns: PresenceHook[] = [];
+
+  private readonly stopFns: (() => void)[] = [];
 
   private readonly deletedFns: ((uid: string, nick: string, chids: string[]) => Promise<void>)[] = [];
 
@@ -31,6 +38,15 @@ export class Hooks {
     for (const fn of this.deletedFns) {
       await fn(uid, nick, chids).catch((err) => log.error({ err, uid }, "account-deleted hook failed"));
     }
+  }
+
+  /** When the server starts to stop (timers end here). */
+  onStop(fn: () => void): void {
+    this.stopFns.push(fn);
+  }
+
+  stop(): void {
+    for (const fn of this.stopFns.splice(0)) fn();
   }
 
   /** When a user's first connection authenticates (true) or their last one goes (false). */

@@ -64,6 +64,8 @@ export class Session {
   uid: string | undefined;
   sid: string | undefined;
   nick: string | undefined;
+  /** When the session expires (unix s): the expiry sweep logs the connection out then. */
+  expires = 0;
   /** The client acknowledges inbox events (hello {ack: true}). */
   acks = false;
 
@@ -97,13 +99,14 @@ export class Session {
    * Logs the connection in. Live inbox events are held back (syncing) until the sync
    * that follows the auth reply has sent what came before them.
    */
-  login(uid: string, sid: string, nick: string): void {
+  login(uid: string, sid: string, nick: string, expires: number): void {
     // The same user again on this connection keeps what it was sent here (the next
     // sync resumes after it); another user starts from nothing.
     if (uid !== this.uid) this.lastInbox = 0;
     this.uid = uid;
     this.sid = sid;
     this.nick = nick;
+    this.expires = expires;
     this.generation++;
     this.syncing = true;
     this.syncDirty = false;
@@ -112,6 +115,7 @@ export class Session {
 
   logout(): void {
     this.uid = this.sid = this.nick = undefined;
+    this.expires = 0;
     this.lastInbox = 0;
     this.generation++;
     this.syncing = false;

@@ -7,8 +7,9 @@
 //   nick        <lower-case nick>              → uid
 //   email       <normalised email>             → uid
 //   phone       <normalised phone>             → uid
-//   sessions    <sid>                          → SessionRecord
-//   usessions   <uid>!<sid>                    → expiry (unix s)
+//   sessions    <sha256 of sid, hex>           → SessionRecord (the sid itself is never stored)
+//   usessions   <uid>!<sid hash>               → [expiry (unix s), issued (ms)]
+//   sessexp     <expiry, padded>!<sid hash>    → uid   (expired sessions are swept from here)
 //   contacts    <owner uid>!<contact uid>      → 1     (owner's list, in uid order)
 //   contactof   <contact uid>!<owner uid>      → 1     (who lists a user: presence, deletion)
 //   log         <seq>                          → MessageRecord: every message, in order
@@ -147,6 +148,7 @@ export const SPACES = [
   "phone",
   "sessions",
   "usessions",
+  "sessexp",
   "contacts",
   "contactof",
   "log",

@@ -1,0 +1,223 @@
+// Hostile clients against sessions, profiles and presence (issue 9): sids stored as
+// hashes, a cap on sessions and on connections per user, expired sessions swept and
+// enforced on live connections, concurrent profile writes leaving no stale index
+// entry, and re-authentication announcing no presence. Real servers over TCP.
+import { createHash } from "node:crypto";
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName } from "./helpers.js";
+
+async function closeAll(...clients: Client[]): Promise<void> {
+  for (const c of clients) c.close();
+  await Promise.all(clients.map((c) => c.closed));
+}
+
+const sha256 = (s: string) => createHash("sha256").update(s).digest("hex");
+
+describe("stored sessions", () => {
+  it("the database holds a hash of each sid, never the sid; a plain sid from an older version is migrated at start-up", async () => {
+    const dataDir = tempDir();
+    let server = await startTestServer({ dataDir });
+    const a = await registerUser(server.port);
+    const spaces = server.services.storage.spaces;
+    expect(await spaces.sessions.get(a.sid)).toBeUndefined();
+    const keys = (await spaces.sessions.keys().all()) as string[];
+    expect(keys).not.toContain(a.sid);
+    expect(keys).toContain(sha256(a.sid));
+    const ukeys = (await spaces.usessions.keys().all()) as string[];
+    expect(ukeys.some((k) => k.includes(a.sid))).toBe(false);
+    // A session as an older version stored it: the plain sid as the key (and no mark
+    // that the sessions were migrated).
+    await spaces.meta.del("sessions-hashed");
+    const plain = "0123456789abcdef0123456789abcdef";
+    const now = Math.floor(Date.now() / 1000);
+    await spaces.sessions.put(plain, { uid: a.uid, created: now, expires: now + 3600 });
+    await spaces.usessions.put(`${a.uid}!${plain}`, now + 3600);
+    a.client.close();
+    await server.stop();
+    server = await startTestServer({ dataDir });
+    const sp = server.services.storage.spaces;
+    expect(await sp.sessions.get(plain)).toBeUndefined();
+    const c = await Client.connect(server.port);
+    expect((await c.request("auth", { sid: plain })).status).toBe(0);
+    expect((await c.request("auth", { sid: a.sid })).status).toBe(0);
+    c.close();
+    await server.stop();
+    removeDir(dataDir);
+  });
+
+  it("past --max-sessions-per-user the oldest session is revoked and its connection logged out", async () => {
+    const server = await startTestServer({ maxSessionsPerUser: 3 });
+    const a = await registerUser(server.port);
+    const devices = [];
+    for (let i = 0; i < 3; i++) devices.push(await login(server.port, a.login));
+    // 4 sessions were issued: the first (register's) is gone.
+    const ev = await a.client.event("ev_logout");
+    expect(ev.reason).toMatch(/session/);
+    expect((await a.client.request("userinfo", { user: a.uid })).status).toBe(6);
+    const c = await Client.connect(server.port);
+    expect((await c.request("auth", { sid: a.sid })).status).toBe(2);
+    for (const d of devices) {
+      const c2 = await Client.connect(server.port);
+      expect((await c2.request("auth", { sid: d.auth.sid })).status).toBe(0);
+      c2.close();
+    }
+    expect((await server.services.storage.spaces.usessions.keys().all()).length).toBe(3);
+    await closeAll(c, a.client, ...devices.map((d) => d.client));
+    await server.stop();
+  });
+
+  it("an expired session is swept from the database and its live connection is told and closed", async () => {
+    const server = await startTestServer({ sessionTtl: 1 });
+    const a = await registerUser(server.port);
+    const ev = await a.client.event("ev_logout", () => true, 10_000);
+    expect(ev.reason).toMatch(/expired/);
+    await a.client.closed;
+    const keys = await server.services.storage.spaces.sessions.keys().all();
+    expect(keys).toEqual([]);
+    await server.stop();
+  });
+
+  it("expired sessions left in the database are swept at start-up", async () => {
+    const dataDir = tempDir();
+    let server = await startTestServer({ dataDir, sessionTtl: 1 });
+    const a = await registerUser(server.port);
+    a.client.close();
+    await server.stop();
+    await new Promise((r) => setTimeout(r, 2100));
+    server = await startTestServer({ dataDir });
+    const spaces = server.services.storage.spaces;
+    expect(await spaces.sessions.keys().all()).toEqual([]);
+    expect(await spaces.usessions.keys().all()).toEqual([]);
+    await server.stop();
+    removeDir(dataDir);
+  });
+
+  it("past --max-connections-per-user an auth gets 13", async () => {
+    const server = await startTestServer({ maxConnectionsPerUser: 2 });
+    const a = await registerUser(server.port);
+    const second = await Client.connect(server.port);
+    expect((await second.request("auth", { sid: a.sid })).status).toBe(0);
+    const third = await Client.connect(server.port);
+    expect((await third.request("auth", { sid: a.sid })).status).toBe(13);
+    expect((await third.request("auth", { login: a.login, pass: "secret" })).status).toBe(13);
+    // re-authenticating on a connection already counted is not refused
+    expect((await second.request("auth", { sid: a.sid })).status).toBe(0);
+    second.close();
+    await second.closed;
+    // The server sees the close a little later than the client.
+    while (server.services.router.sessions(a.uid).length > 1) await new Promise((r) => setTimeout(r, 10));
+    expect((await third.request("auth", { sid: a.sid })).status).toBe(0);
+    await closeAll(a.client, third);
+    await server.stop();
+  });
+});
+
+describe("profile races", () => {
+  const shared = serveForFile();
+
+  it("two connections setting email and phone at once leave only the final values indexed", async () => {
+    const u = await registerUser(shared.port);
+    const u2 = (await login(shared.port, u.login)).client;
+    const other = await registerUser(shared.port);
+    const t = uniqueName("m").replace(/\D/g, "").slice(-6);
+    const emails: string[] = [];
+    const phones: string[] = [];
+    for (let i = 0; i < 30; i++) {
+      emails.push(`e${i}x${t}@race.example`);
+      phones.push(`+7${t}${String(i).padStart(3, "0")}`);
+    }
+    for (let i = 0; i < 30; i++) {
+      (i % 2 ? u.client : u2).send("setuserinfo", { email: emails[i], phone: phones[i] });
+    }
+    await Promise.all([
+      ...Array.from({ length: 15 }, () => u.client.reply("setuserinfo", 20_000)),
+      ...Array.from({ length: 15 }, () => u2.reply("setuserinfo", 20_000)),
+    ]);
+    const final = await other.client.request("userinfo", { user: u.uid });
+    const contacts = emails.map((email, i) => ({ myid: i, email, phone: phones[i] }));
+    const found = (await other.client.request("import", { contacts })).list;
+    expect(found.map((x: any) => x.uid)).toEqual([u.uid]);
+    expect(found[0].email).toBe(final.email);
+    // Only the final email and phone are taken: the others are free for someone else.
+    for (let i = 0; i < 30; i++) {
+      if (emails[i] === final.email) continue;
+      const r = await other.client.request("setuserinfo", { email: emails[i] });
+      expect(r.status, `email ${emails[i]} still points at the user`).toBe(0);
+    }
+    for (let i = 0; i < 30; i++) {
+      if (phones[i] === final.phone) continue;
+      const r = await other.client.request("setuserinfo", { phone: phones[i] });
+      expect(r.status, `phone ${phones[i]} still points at the user`).toBe(0);
+    }
+    await closeAll(u.client, u2, other.client);
+  });
+
+  it("changepassword racing setuserinfo keeps the new email in the record and the index", async () => {
+    const u = await registerUser(shared.port, uniqueName("pw"), "p0");
+    const u2 = (await login(shared.port, u.login, "p0")).client;
+    const other = await registerUser(shared.port);
+    const t = uniqueName("r").replace(/\D/g, "").slice(-6);
+    u.client.send("changepassword", { pass: "p0", newpass: "p1" });
+    u2.send("setuserinfo", { email: `pw${t}@race.example` });
+    await u.client.reply("changepassword");
+    const set = await Promise.race([u2.reply("setuserinfo").then((f) => f.data.status), u2.closed.then(() => -1)]);
+    const info = await other.client.request("userinfo", { user: u.uid });
+    const found = (await other.client.request("import", { contacts: [{ myid: 1, email: `pw${t}@race.example` }] })).list;
+    if (set === 0) {
+      expect(info.email).toBe(`pw${t}@race.example`);
+      expect(found.map((x: any) => x.uid)).toEqual([u.uid]);
+    } else {
+      expect(info.email).toBe("");
+      expect(found).toEqual([]);
+    }
+    // Either way the record and the index agree.
+    expect(found.length === 1).toBe(info.email !== "");
+    await closeAll(u.client, u2, other.client);
+  });
+});
+
+describe("presence on re-authentication", () => {
+  const shared = serveForFile();
+
+  it("re-authenticating on the same connection announces nothing to contacts", async () => {
+    const u = await registerUser(shared.port);
+    const watcher = await registerUser(shared.port);
+    expect((await watcher.client.request("addcontact", { uid: u.uid })).status).toBe(0);
+    for (let i = 0; i < 10; i++) {
+      expect((await u.client.request("auth", { sid: u.sid })).status).toBe(0);
+      expect((await u.client.request("auth", { login: u.login, pass: "secret" })).status).toBe(0);
+    }
+    expect(await watcher.client.quiet(300, (f) => f.action === "ev_presence")).toBe(true);
+    // The real transition is still announced.
+    u.client.close();
+    expect(await watcher.client.event("ev_presence")).toEqual({ uid: u.uid, online: false });
+    await closeAll(watcher.client);
+  });
+});
+
+describe("a connection that closes while its password is checked", () => {
+  it("is not logged in: the user does not stay online", async () => {
+    const server = await startTestServer({ bcryptCost: 10 });
+    const u = await registerUser(server.port);
+    u.client.close();
+    await u.client.closed;
+    for (let i = 0; i < 5; i++) {
+      const c = await Client.connect(server.port);
+      c.send("auth", { login: u.login, pass: "secret" });
+      await new Promise((r) => setTimeout(r, 10));
+      c.socket.resetAndDestroy(); // a reset: the server's socket closes at once
+      await c.closed;
+    }
+    // Every check has finished well within this (bcrypt cost 10: tens of ms each),
+    // and with it the attempts counted against the login.
+    await new Promise((r) => setTimeout(r, 1500));
+    const check = await Client.connect(server.port);
+    expect((await check.request("auth", { login: u.login, pass: "secret" })).status).toBe(0);
+    check.close();
+    await check.closed;
+    await new Promise((r) => setTimeout(r, 200));
+    expect(server.services.router.isOnline(u.uid)).toBe(false);
+    expect(server.services.router.sessions(u.uid)).toHaveLength(0);
+    await server.stop();
+  });
+});
