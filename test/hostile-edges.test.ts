@@ -1,0 +1,62 @@
+// Hostile input at the edges of validation: strings that cannot be keys, ids of every
+// shape that name nothing.
+import { describe, expect, it } from "vitest";
+import { Client, registerUser, serveForFile, uniqueName } from "./helpers.js";
+
+const shared = serveForFile();
+
+/**
+ * Sends `data` with `field` set to a string holding the escape text `escape` (e.g.
+ * `\ud800`), which JSON.stringify would not produce: the frame is written by hand.
+ */
+async function rawRequest(c: Client, action: string, data: Record<string, unknown>, field: string, escaped: string): Promise<any> {
+  const json = JSON.stringify({ action, data: { ...data, [field]: "@@" } }).replace('"@@"', `"${escaped}"`);
+  c.write(json + "\n");
+  return (await c.reply(action)).data;
+}
+
+describe("lone surrogates in strings that become keys", () => {
+  it("are refused with 3 in register (login, nick), auth, createchannel, message cmid, setuserinfo, searchuser", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const anon = await Client.connect(shared.port);
+    for (const bad of ["x\\ud800", "\\udfffy", "a\\ud800\\ud800b", "\\udc00\\ud800"]) {
+      const login = uniqueName("lone");
+      expect(await rawRequest(anon, "register", { login, pass: "p" }, "nick", bad)).toMatchObject({ status: 3 });
+      expect(await rawRequest(anon, "register", { nick: login, pass: "p" }, "login", bad)).toMatchObject({ status: 3 });
+      expect(await rawRequest(anon, "auth", { pass: "p" }, "login", bad)).toMatchObject({ status: 3 });
+      expect(await rawRequest(a.client, "createchannel", {}, "name", bad)).toMatchObject({ status: 3 });
+      expect(await rawRequest(a.client, "message", { uid: b.uid, body: "hi" }, "cmid", bad)).toMatchObject({ status: 3 });
+      expect(await rawRequest(a.client, "message", { body: "hi" }, "uid", bad)).toMatchObject({ status: 3 });
+      expect(await rawRequest(a.client, "setuserinfo", {}, "email", `me${bad}@example.org`)).toMatchObject({ status: 3 });
+      expect(await rawRequest(a.client, "searchuser", {}, "q", bad)).toMatchObject({ status: 3 });
+      expect(await rawRequest(a.client, "enter", {}, "channel", bad)).toMatchObject({ status: 3 });
+      const reply = await rawRequest(a.client, "message", { uid: b.uid, body: "hi" }, "cmid", bad);
+      expect(reply.status).toBe(3);
+      expect(reply.error).toMatch(/cmid/);
+    }
+    // Nothing was stored under a U+FFFD spelling of those names.
+    expect((await anon.request("register", { login: uniqueName("ok"), pass: "p", nick: "x\ufffd" })).status).toBe(0);
+    // The connection is intact, and a proper pair (an emoji) is an ordinary character.
+    const emoji = await Client.connect(shared.port);
+    const nick = uniqueName("smile");
+    expect(await rawRequest(emoji, "register", { login: uniqueName("pair"), pass: "p" }, "nick", `${nick}\\ud83d\\ude00`)).toMatchObject({
+      status: 0,
+    });
+    expect((await a.client.request("searchuser", { q: nick })).list[0].nick).toBe(`${nick}\u{1F600}`);
+    for (const c of [a.client, b.client, anon, emoji]) c.close();
+  });
+
+  it("two nicks that differ only in their lone surrogate cannot both take one index entry", async () => {
+    const one = await Client.connect(shared.port);
+    const two = await Client.connect(shared.port);
+    const base = uniqueName("twin");
+    const [r1, r2] = await Promise.all([
+      rawRequest(one, "register", { login: uniqueName("t1"), pass: "p" }, "nick", `${base}\\ud800`),
+      rawRequest(two, "register", { login: uniqueName("t2"), pass: "p" }, "nick", `${base}\\ud801`),
+    ]);
+    expect([r1.status, r2.status]).toEqual([3, 3]);
+    one.close();
+    two.close();
+  });
+});
