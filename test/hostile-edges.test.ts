@@ -60,3 +60,35 @@ describe("lone surrogates in strings that become keys", () => {
     two.close();
   });
 });
+
+describe("an id that names nothing", () => {
+  it("is 14 for a mid of any shape in editmessage and delmessage, like an unknown number", async () => {
+    const a = await registerUser(shared.port);
+    for (const mid of ["999999999", "01", "abc", "12a", "-1", "1.5", " 1", "0x10", "1234567890123456", "a!b"]) {
+      expect(await a.client.request("editmessage", { mid, body: "x" }), mid).toMatchObject({ status: 14 });
+      expect(await a.client.request("delmessage", { mid }), mid).toMatchObject({ status: 14 });
+    }
+    // A string past the field's length limit, a non-string and an empty one keep their codes.
+    expect(await a.client.request("delmessage", { mid: "9".repeat(200) })).toMatchObject({ status: 3 });
+    expect(await a.client.request("editmessage", { mid: 5, body: "x" })).toMatchObject({ status: 3 });
+    expect(await a.client.request("delmessage", { mid: "" })).toMatchObject({ status: 4 });
+    a.client.close();
+  });
+
+  it("is 8 for a uid and 9 for a chid of any shape, on every action that takes one", async () => {
+    const a = await registerUser(shared.port);
+    for (const id of ["999999999999", "abc", "a!b", "-1", "../x", "\u0000"]) {
+      expect(await a.client.request("userinfo", { user: id }), id).toMatchObject({ status: 8 });
+      expect(await a.client.request("addcontact", { uid: id }), id).toMatchObject({ status: 8 });
+      expect(await a.client.request("delcontact", { uid: id }), id).toMatchObject({ status: 8 });
+      expect(await a.client.request("message", { uid: id, body: "x" }), id).toMatchObject({ status: 8 });
+      expect(await a.client.request("history", { uid: id }), id).toMatchObject({ status: 8 });
+      expect(await a.client.request("enter", { channel: id }), id).toMatchObject({ status: 9 });
+      expect(await a.client.request("leave", { channel: id }), id).toMatchObject({ status: 9 });
+      expect(await a.client.request("deletechannel", { channel: id }), id).toMatchObject({ status: 9 });
+      expect(await a.client.request("message", { channel: id, body: "x" }), id).toMatchObject({ status: 9 });
+      expect(await a.client.request("history", { channel: id }), id).toMatchObject({ status: 9 });
+    }
+    a.client.close();
+  });
+});

@@ -310,7 +310,8 @@ export class MessageStore {
 
   /** A message by mid: one read. */
   async get(mid: string): Promise<MessageRecord | undefined> {
-    if (!/^\d{1,15}$/.test(mid)) return undefined;
+    // A mid is its seq unpadded: "01" or "1.0" names no message.
+    if (!/^[1-9][0-9]{0,14}$/.test(mid)) return undefined;
     return (await this.s.log.get(seqKey(Number(mid)))) as MessageRecord | undefined;
   }
 
