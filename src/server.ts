@@ -5,6 +5,7 @@
 //   → storage (key layout, group commit, message log, typed stores, blob store).
 
 import pino, { type Logger } from "pino";
+import { Background } from "./background.js";
 import type { Config } from "./config.js";
 import { registerAccounts } from "./features/accounts.js";
 import { registerChannels } from "./features/channels.js";
@@ -50,14 +51,16 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const router = new Router(messages, channels, (err, what) => log.error({ err }, `${what} failed`));
   dispatcher.route(router);
   const locks = new LocalLock();
-  const blobs = new BlobStore(config.dataDir, storage, locks);
+  const background = new Background(log);
+  const blobs = new BlobStore(config.dataDir, storage, locks, background);
   const services: Services = {
     config,
     log,
     dispatcher,
     router,
     locks,
-    hooks: new Hooks(),
+    hooks: new Hooks(background),
+    background,
     storage,
     users: new UserStore(storage),
     sessions: new SessionStore(storage),
@@ -99,7 +102,13 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     listener,
     stop() {
       stopping ??= (async () => {
+        const deadline = Date.now() + config.shutdownTimeout * 1000;
         await listener.close(config.shutdownTimeout * 1000);
+        // Storage closes only behind every user of it: handlers still running on
+        // connections already closed, then background work (presence of the users just
+        // disconnected, collects, purges), which stops at its next step.
+        await dispatcher.idle(Math.max(0, deadline - Date.now()));
+        await background.stop(Math.max(0, deadline - Date.now()));
         await messages.flushDerived();
         await storage.close();
         log.info("wirechat stopped");

@@ -160,15 +160,23 @@ export function registerChannels(sv: Services): void {
 
   function afterRemoval(c: ChannelRecord, members: string[]): void {
     tell(members, { kind: "channelDeleted", chid: c.chid });
-    const purge = messages.purge(channelConv(c.chid), async (page) => {
-      // Blobs no longer used are collected once the page's references are gone.
-      const withBlobs = page.filter((m) => m.attach);
-      setImmediate(() => {
-        for (const m of withBlobs) void sv.blobs.collect(m.attach?.sha as string);
-      });
-      return withBlobs.flatMap((m) => sv.blobs.unrefOps(m.attach?.sha as string, m.mid));
-    });
-    purge.catch((err) => sv.log.error({ err, chid: c.chid }, "purging a deleted channel's messages failed"));
+    sv.background.run(
+      "purging a deleted channel's messages",
+      (signal) =>
+        messages.purge(
+          channelConv(c.chid),
+          async (page) => {
+            // Blobs no longer used are collected once the page's references are gone.
+            const withBlobs = page.filter((m) => m.attach);
+            setImmediate(() => {
+              for (const m of withBlobs) sv.blobs.collectLater(m.attach?.sha as string);
+            });
+            return withBlobs.flatMap((m) => sv.blobs.unrefOps(m.attach?.sha as string, m.mid));
+          },
+          signal,
+        ),
+      { chid: c.chid },
+    );
   }
 
   // A deleted account's channels: the ones it owned go (nobody could delete them

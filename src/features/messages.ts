@@ -346,7 +346,7 @@ export function registerMessages(sv: Services): void {
         await storage.commit(ops);
         return m;
       });
-      if (m.attach) void blobs.collect(m.attach.sha);
+      if (m.attach) blobs.collectLater(m.attach.sha);
       req.emit({ kind: "delete", mid: m.mid }, audienceOf(m));
       return { mid: m.mid };
     },

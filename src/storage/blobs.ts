@@ -19,6 +19,7 @@ import { createReadStream, createWriteStream, mkdirSync, rmSync, type WriteStrea
 import { access, mkdir, open, rename, unlink } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
+import type { Background } from "../background.js";
 import { LocalLock, type KeyedLock } from "../seams.js";
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import { pair, prefixRange, type Spaces } from "./layout.js";
@@ -98,6 +99,8 @@ export class BlobStore {
     storage: Storage,
     /** Per-sha: collect and the store step of an upload never interleave. */
     private readonly locks: KeyedLock = new LocalLock(),
+    /** Where collects that nobody waits for run (shutdown waits for them). */
+    private readonly background?: Background,
   ) {
     this.dir = path.join(dataDir, "blobs");
     this.tmp = path.join(this.dir, "tmp");
@@ -126,8 +129,14 @@ export class BlobStore {
     if (n > 0) this.pins.set(sha, n);
     else {
       this.pins.delete(sha);
-      void this.collect(sha);
+      this.collectLater(sha);
     }
+  }
+
+  /** collect() in the background: skipped once shutdown has begun (start-up sweeps it). */
+  collectLater(sha: string): void {
+    if (this.background) this.background.run("blob collect", () => this.collect(sha), { sha });
+    else void this.collect(sha);
   }
 
   refOps(sha: string, mid: string): BatchOp[] {

@@ -380,9 +380,10 @@ export class MessageStore {
   /**
    * Deletes every message of a conversation (a deleted channel), chunk page by chunk
    * page; `onPage` returns the ops for what the page's messages used (attachments).
+   * Stops between pages once `signal` is aborted (shutdown).
    */
-  async purge(conv: string, onPage: (page: MessageRecord[]) => Promise<BatchOp[]>): Promise<void> {
-    for (;;) {
+  async purge(conv: string, onPage: (page: MessageRecord[]) => Promise<BatchOp[]>, signal?: AbortSignal): Promise<void> {
+    while (!signal?.aborted) {
       const chunks = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
       if (chunks.length === 0) return;
       const seqs = chunks.flatMap(([, s]) => s);
