@@ -1,7 +1,10 @@
 // Hostile input at the edges of validation: strings that cannot be keys, ids of every
 // shape that name nothing.
+import { createHash } from "node:crypto";
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
+import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { Client, registerUser, serveForFile, uniqueName } from "./helpers.js";
+import { Client, registerUser, removeDir, serveForFile, startTestServer, uniqueName } from "./helpers.js";
 
 const shared = serveForFile();
 
@@ -90,5 +93,38 @@ describe("an id that names nothing", () => {
       expect(await a.client.request("history", { channel: id }), id).toMatchObject({ status: 9 });
     }
     a.client.close();
+  });
+});
+
+describe("error texts", () => {
+  it("never contain a filesystem path, even when the blob store fails under the server", async () => {
+    const server = await startTestServer();
+    try {
+      const dataDir = server.services.config.dataDir;
+      const a = await registerUser(server.port);
+      const b = await registerUser(server.port);
+      const data = Buffer.from("x".repeat(3000)).toString("base64");
+      // The upload directory vanishes: the upload cannot even open its file.
+      rmSync(path.join(dataDir, "blobs"), { recursive: true, force: true });
+      const r1 = await a.client.request("message", { uid: b.uid, body: "", attach: { mime: "text/plain", data } });
+      expect(r1.status).toBe(16);
+      // The directory comes back as a file: the upload opens, but cannot be moved into place.
+      mkdirSync(path.join(dataDir, "blobs", "tmp"), { recursive: true });
+      const sha = createHash("sha256").update(Buffer.from(data, "base64")).digest("hex");
+      writeFileSync(path.join(dataDir, "blobs", sha.slice(0, 2)), "in the way");
+      const r2 = await a.client.request("message", { uid: b.uid, body: "", attach: { mime: "text/plain", data } });
+      expect(r2.status).toBe(16);
+      for (const r of [r1, r2]) {
+        expect(r.error).not.toContain(dataDir);
+        expect(r.error).not.toMatch(/\/|\\|ENOENT|ENOTDIR|EEXIST/);
+      }
+      // The connection is intact.
+      expect((await a.client.request("ping")).status).toBe(0);
+      a.client.close();
+      b.client.close();
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
   });
 });

@@ -462,8 +462,13 @@ export class Dispatcher {
           this.active--;
           upload.release();
           const fault = (err as { fault?: string }).fault;
-          const code = fault === "invalid" ? Code.InvalidData : fault === "too-large" ? Code.TooLarge : Code.Unavailable;
-          this.fill(s, line, slot, s.codec.error(action, code, (err as Error).message));
+          if (fault === "invalid" || fault === "too-large") {
+            this.fill(s, line, slot, s.codec.error(action, fault === "invalid" ? Code.InvalidData : Code.TooLarge, (err as Error).message));
+          } else {
+            // An I/O failure: its text names files; the client gets a fixed one.
+            s.log.warn({ err }, "attachment upload failed");
+            this.fill(s, line, slot, s.codec.error(action, Code.Unavailable, "the attachment could not be stored; nothing was changed"));
+          }
           this.run(s, line);
         },
       );

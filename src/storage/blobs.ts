@@ -34,10 +34,18 @@ export interface BlobRef {
 
 export type BlobFault = "invalid" | "too-large" | "aborted";
 
+/**
+ * A failed upload. Its message is for the client: it never holds a path or an OS error
+ * text (those are in `cause`, for the log).
+ */
 export class BlobError extends Error {
-  constructor(readonly fault: BlobFault, message: string) {
-    super(message);
+  constructor(readonly fault: BlobFault, message: string, options?: { cause?: unknown }) {
+    super(message, options);
   }
+}
+
+function notStored(cause: unknown): BlobError {
+  return new BlobError("aborted", "the attachment could not be stored", { cause });
 }
 
 // Base64 alphabet → 6-bit value; 64 marks '=', 255 anything else.
@@ -251,7 +259,7 @@ export class BlobWriter {
   ) {
     this.file = createWriteStream(tmpPath, { flags: "wx" });
     this.file.on("error", (err) => {
-      this.fault ??= new BlobError("aborted", `attachment could not be stored: ${err.message}`);
+      this.fault ??= notStored(err);
     });
     this.file.on("drain", () => this.onDrain?.());
   }
@@ -331,21 +339,21 @@ export class BlobWriter {
     if (this.fault) throw this.fault;
     this.done = true;
     this.onDrain?.();
-    await new Promise<void>((resolve, reject) => {
-      this.file.end((err?: Error | null) => (err ? reject(err) : resolve()));
-    });
-    const fh = await open(this.tmpPath, "r+");
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
     const sha = this.hash.digest("hex");
     try {
+      await new Promise<void>((resolve, reject) => {
+        this.file.end((err?: Error | null) => (err ? reject(err) : resolve()));
+      });
+      const fh = await open(this.tmpPath, "r+");
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
       await this.store.storeUpload(this.tmpPath, sha);
     } catch (err) {
       await unlink(this.tmpPath).catch(() => {});
-      throw new BlobError("aborted", `attachment could not be stored: ${(err as Error).message}`);
+      throw notStored(err);
     }
     this.stored = { sha, size: this.size };
     return this.stored;
