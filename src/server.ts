@@ -75,6 +75,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   registerMessages(services);
   registerChannels(services);
 
+  // Attachment files no message uses (a crash between file and batch) go, in the background.
+  background.run("sweeping unused attachment files", async (signal) => {
+    const { checked, removed } = await blobs.sweep(signal);
+    if (removed > 0) log.info({ checked, removed }, "removed attachment files no message uses");
+  });
+
   const listener = new Listener(config, dispatcher, router, new NativeCodec(blobs), log, () => blobs.writer(config.maxAttach));
   registerStats(services, () => listener.connections.size);
 
@@ -85,6 +91,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
   } catch (err) {
     await listener.close(0);
+    await background.stop(config.shutdownTimeout * 1000);
     await storage.close();
     throw err;
   }

@@ -8,7 +8,8 @@
 // bytes, and writes them to a temp file, telling its caller when to pause the socket.
 // finish() syncs the file and renames it to its hash; a blob already stored is not
 // stored again. References live in LevelDB (`blobrefs <sha>!<mid>`, written in the
-// message's own batch); a blob with no reference left is deleted. While an upload or
+// message's own batch); a blob with no reference left is deleted, and at start-up a
+// sweep deletes those a crash left unreferenced (sweep). While an upload or
 // a message that uses a blob is in flight, the blob is pinned so that a concurrent
 // delete cannot remove it. Deleting (check pins and references, unlink) and storing
 // (pin, then keep the stored file or move the upload into place) hold the sha's lock,
@@ -16,7 +17,7 @@
 
 import { createHash, randomBytes, type Hash } from "node:crypto";
 import { createReadStream, createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
-import { access, mkdir, open, rename, unlink } from "node:fs/promises";
+import { access, mkdir, open, opendir, rename, unlink } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import type { Background } from "../background.js";
@@ -161,14 +162,51 @@ export class BlobStore {
    * the blob stays.
    */
   collect(sha: string): Promise<void> {
+    return this.collected(sha).then(() => {});
+  }
+
+  /** collect(), resolving whether a file was deleted. */
+  private collected(sha: string): Promise<boolean> {
     return this.locks
       .run(sha, async () => {
-        if (this.pins.has(sha)) return;
+        if (this.pins.has(sha)) return false;
         const refs = await readKeys(this.s.blobrefs, { ...prefixRange(sha), limit: 1 });
-        if (refs.length > 0 || this.pins.has(sha)) return;
-        await unlink(this.pathOf(sha)).catch(() => {});
+        if (refs.length > 0 || this.pins.has(sha)) return false;
+        return unlink(this.pathOf(sha)).then(
+          () => true,
+          () => false,
+        );
       })
-      .catch(() => {});
+      .catch(() => false);
+  }
+
+  /**
+   * Deletes every stored blob that no message references: files left by a crash
+   * between an upload's rename and its message's batch, or between a message's
+   * deletion and its collect. One file at a time, the directories read as a stream
+   * (memory stays flat whatever their size), until done or `signal` (shutdown).
+   */
+  async sweep(signal: AbortSignal): Promise<{ checked: number; removed: number }> {
+    let checked = 0;
+    let removed = 0;
+    const top = await opendir(this.dir);
+    try {
+      for await (const shard of top) {
+        if (signal.aborted) break;
+        if (!shard.isDirectory() || !/^[0-9a-f]{2}$/.test(shard.name)) continue;
+        const dir = await opendir(path.join(this.dir, shard.name)).catch(() => undefined);
+        if (!dir) continue;
+        for await (const file of dir) {
+          if (signal.aborted) break;
+          if (!file.isFile() || !/^[0-9a-f]{64}$/.test(file.name) || !file.name.startsWith(shard.name)) continue;
+          checked++;
+          if (await this.collected(file.name)) removed++;
+        }
+      }
+    } catch (err) {
+      if (!signal.aborted) throw err;
+    }
+    return { checked, removed };
   }
 
   /**

@@ -26,6 +26,9 @@
 //   chname      <lower-case name>              → chid
 //   members     <chid>!<uid>                   → unix s joined
 //   memberof    <uid>!<chid>                   → 1
+//   purges      <conversation>                 → 1    (a purge of a deleted channel's
+//                                                messages not yet finished: written with
+//                                                the deletion, resumed at start-up)
 //
 // On disk: <dataDir>/db holds LevelDB, <dataDir>/blobs the attachment files (blobs.ts).
 //
@@ -153,6 +156,7 @@ export const SPACES = [
   "chname",
   "members",
   "memberof",
+  "purges",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];
