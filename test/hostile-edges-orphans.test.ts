@@ -11,6 +11,7 @@ import { Storage } from "../src/storage/db.js";
 import { channelConv, prefixRange } from "../src/storage/layout.js";
 import { MessageStore } from "../src/storage/messages.js";
 import { readKeys } from "../src/storage/range.js";
+import { UserStore } from "../src/storage/users.js";
 import { login, registerUser, startTestServer, testConfig, useTempDirs } from "./helpers.js";
 import { startServer } from "../src/server.js";
 
@@ -98,6 +99,45 @@ describe("deletechannel", () => {
       expect((await a.client.request("deletechannel", { channel: chid })).status).toBe(0);
       await until("the files are gone", () => files.every((bytes) => !existsSync(blobPath(dataDir, bytes))));
       a.client.close();
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+describe("an account deletion cut short before its hooks ran", () => {
+  it("is finished at start-up: the channels it owned go, with their messages and files", async () => {
+    const dataDir = newDataDir();
+    let server = await startTestServer({ dataDir });
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    const chid = (await a.client.request("createchannel", { name: `owned${process.pid}` })).chid;
+    expect((await b.client.request("enter", { channel: chid })).status).toBe(0);
+    const bytes = Buffer.from("in the owner's channel ".repeat(50));
+    expect((await a.client.request("message", { channel: chid, body: "", attach: { mime: "text/plain", data: bytes.toString("base64") } })).status).toBe(0);
+    a.client.close();
+    b.client.close();
+    await server.stop();
+
+    // The crash: the deletion's batch is on disk (here: the account and its record),
+    // the hook that removes the channels it owned never ran.
+    const log = pino({ level: "silent" });
+    const storage = await Storage.open(dataDir, log);
+    const users = new UserStore(storage);
+    const user = (await users.get(a.uid))!;
+    await storage.commit([...users.removeOps(user), ...users.deletionMarkOps(a.uid, a.nick, [chid])]);
+    await storage.close();
+
+    server = await startServer(testConfig({ dataDir }));
+    try {
+      const { deleted, purges, hist } = server.services.storage.spaces;
+      await until("the deletion is finished", async () => (await readKeys(deleted, {})).length === 0 && (await readKeys(purges, {})).length === 0);
+      expect(await readKeys(hist, prefixRange(channelConv(chid)))).toEqual([]);
+      await until("the file is gone", () => !existsSync(blobPath(dataDir, bytes)));
+      const member = await login(server.port, b.login);
+      expect((await member.client.request("enter", { channel: chid })).status).toBe(9);
+      expect((await member.client.request("channellist")).channels).toEqual([]);
+      member.client.close();
     } finally {
       await server.stop();
     }

@@ -30,9 +30,20 @@ export class Hooks {
     this.deletedFns.push(fn);
   }
 
-  /** Runs the account-deleted hooks in the background; none once shutdown has begun. */
-  accountDeleted(uid: string, nick: string, chids: string[], _log?: Logger): void {
-    for (const fn of this.deletedFns) this.background.run("account-deleted hook", () => fn(uid, nick, chids), { uid });
+  /**
+   * Runs the account-deleted hooks in the background, one after another, then `done`
+   * (which forgets the deletion's record) when every hook succeeded. None once
+   * shutdown has begun: the record makes the next start run them.
+   */
+  accountDeleted(uid: string, nick: string, chids: string[], done: () => Promise<void>): void {
+    this.background.run(
+      "account-deleted hooks",
+      async () => {
+        for (const fn of this.deletedFns) await fn(uid, nick, chids);
+        await done();
+      },
+      { uid },
+    );
   }
 
   /** When a user's first connection authenticates (true) or their last one goes (false). */

@@ -26,6 +26,9 @@
 //   chname      <lower-case name>              → chid
 //   members     <chid>!<uid>                   → unix s joined
 //   memberof    <uid>!<chid>                   → 1
+//   deleted     <uid>                          → {nick, chids} (a deleted account whose
+//                                                clean-up hooks have not finished: written
+//                                                with the deletion, resumed at start-up)
 //   purges      <conversation>                 → 1    (a purge of a deleted channel's
 //                                                messages not yet finished: written with
 //                                                the deletion, resumed at start-up)
@@ -157,6 +160,7 @@ export const SPACES = [
   "members",
   "memberof",
   "purges",
+  "deleted",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];
