@@ -5,6 +5,7 @@
 //   → storage (key layout, group commit, message log, typed stores, blob store).
 
 import pino, { type Logger } from "pino";
+import { Background } from "./background.js";
 import type { Config } from "./config.js";
 import { registerAccounts } from "./features/accounts.js";
 import { registerChannels } from "./features/channels.js";
@@ -53,14 +54,16 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const sessions = new SessionStore(storage);
   const sessionsAtStart = await sessions.init(Math.floor(Date.now() / 1000));
   if (sessionsAtStart.migrated + sessionsAtStart.swept > 0) log.info(sessionsAtStart, "sessions migrated to hashed sids and expired ones swept");
-  const blobs = new BlobStore(config.dataDir, storage, locks);
+  const background = new Background(log);
+  const blobs = new BlobStore(config.dataDir, storage, locks, background);
   const services: Services = {
     config,
     log,
     dispatcher,
     router,
     locks,
-    hooks: new Hooks(),
+    hooks: new Hooks(background),
+    background,
     storage,
     users: new UserStore(storage),
     sessions,
@@ -75,6 +78,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   registerMessages(services);
   registerChannels(services);
 
+  // Attachment files no message uses (a crash between file and batch) go, in the background.
+  background.run("sweeping unused attachment files", async (signal) => {
+    const { checked, removed } = await blobs.sweep(signal);
+    if (removed > 0) log.info({ checked, removed }, "removed attachment files no message uses");
+  });
+
   const listener = new Listener(config, dispatcher, router, new NativeCodec(blobs), log, () => blobs.writer(config.maxAttach));
   registerStats(services, () => listener.connections.size);
 
@@ -85,6 +94,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
   } catch (err) {
     await listener.close(0);
+    await background.stop(config.shutdownTimeout * 1000);
     await storage.close();
     throw err;
   }
@@ -103,7 +113,13 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     stop() {
       stopping ??= (async () => {
         services.hooks.stop();
+        const deadline = Date.now() + config.shutdownTimeout * 1000;
         await listener.close(config.shutdownTimeout * 1000);
+        // Storage closes only behind every user of it: handlers still running on
+        // connections already closed, then background work (presence of the users just
+        // disconnected, collects, purges), which stops at its next step.
+        await dispatcher.idle(Math.max(0, deadline - Date.now()));
+        await background.stop(Math.max(0, deadline - Date.now()));
         await messages.flushDerived();
         await storage.close();
         log.info("wirechat stopped");

@@ -373,9 +373,10 @@ export function registerAccounts(sv: Services): void {
         const chids = await channels.channelsOf(uid);
         for (const chid of chids) ops.push(...channels.leaveOps(chid, uid));
         ops.push(...(await messages.forgetUserOps(uid)));
+        ops.push(...users.deletionMarkOps(uid, user.nick, chids));
         await storage.commit(ops);
         users.forget(uid);
-        req.after(() => void hooks.accountDeleted(uid, user.nick, chids, sv.log));
+        req.after(() => deleted(uid, user.nick, chids));
         endSessions(uid, (other) => other !== s, "the account was deleted", true);
         leave(s);
         s.logout();
@@ -420,6 +421,18 @@ export function registerAccounts(sv: Services): void {
       req.after(() => req.session.peer.end());
       return {};
     },
+  });
+
+  /** The hooks of a deleted account (its channels), then its deletion's record goes. */
+  function deleted(uid: string, nick: string, chids: string[]): void {
+    hooks.accountDeleted(uid, nick, chids, () => storage.commit(users.deletionDoneOps(uid)));
+  }
+
+  // Deletions whose hooks a crash or a shutdown cut short are finished.
+  sv.background.run("resuming account deletions", async () => {
+    const pending = await users.pendingDeletions();
+    if (pending.length > 0) sv.log.info({ accounts: pending.length }, "finishing interrupted account deletions");
+    for (const [uid, { nick, chids }] of pending) deleted(uid, nick, chids);
   });
 
   /** Takes the connection out of the router; the user goes offline with their last one. */

@@ -177,26 +177,43 @@ export function registerChannels(sv: Services): void {
     },
   });
 
-  /** Deletes a channel: its record, name and memberships now, its messages after. */
+  /**
+   * Deletes a channel: its record, name and memberships now, its messages after (the
+   * purge is recorded in the same batch, so a crash cannot leave them behind).
+   */
   async function remove(c: ChannelRecord): Promise<string[]> {
     const members = await channels.members(c.chid);
-    await storage.commit(channels.removeOps(c, members));
+    await storage.commit([...channels.removeOps(c, members), ...messages.purgeMarkOps(channelConv(c.chid))]);
     channels.removed(c.chid);
     return [...members];
   }
 
+  /** Removes a deleted channel's messages, until done or `signal` (shutdown). */
+  function purge(conv: string, signal: AbortSignal): Promise<void> {
+    return messages.purge(
+      conv,
+      async (page) => page.flatMap((m) => (m.attach ? sv.blobs.unrefOps(m.attach.sha, m.mid) : [])),
+      // Blobs no longer used are collected once the page's references are gone.
+      (page) => {
+        for (const m of page) if (m.attach) sv.blobs.collectLater(m.attach.sha);
+      },
+      signal,
+    );
+  }
+
   function afterRemoval(c: ChannelRecord, members: string[]): void {
     tell(members, { kind: "channelDeleted", chid: c.chid });
-    const purge = messages.purge(channelConv(c.chid), async (page) => {
-      // Blobs no longer used are collected once the page's references are gone.
-      const withBlobs = page.filter((m) => m.attach);
-      setImmediate(() => {
-        for (const m of withBlobs) void sv.blobs.collect(m.attach?.sha as string);
-      });
-      return withBlobs.flatMap((m) => sv.blobs.unrefOps(m.attach?.sha as string, m.mid));
-    });
-    purge.catch((err) => sv.log.error({ err, chid: c.chid }, "purging a deleted channel's messages failed"));
+    const conv = channelConv(c.chid);
+    sv.background.run("purging a deleted channel's messages", (signal) => purge(conv, signal), { chid: c.chid });
   }
+
+  // Purges that a crash or a shutdown cut short go on, one at a time.
+  sv.background.run("resuming interrupted purges", async (signal) => {
+    const convs = await messages.pendingPurges();
+    if (convs.length === 0) return;
+    sv.log.info({ purges: convs.length }, "resuming interrupted purges of deleted channels");
+    for (const conv of convs) if (!signal.aborted) await purge(conv, signal);
+  });
 
   // A deleted account's channels: the ones it owned go (nobody could delete them
   // any more); in the others, the remaining members hear that it left.

@@ -35,12 +35,18 @@ const HISTORY_DEFAULT = 50;
 const HISTORY_MAX = 500;
 /** History records read from disk at a time while the reply is written. */
 const HISTORY_PAGE = 20;
+/** A position in the message order (ack, history's `before`): digits. */
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
 /** `dialogs` page: default and largest. */
 const DIALOGS_DEFAULT = 100;
 const DIALOGS_MAX = 500;
 /** Channels whose last message `dialogs` reads at once. */
 const DIALOG_READS = 64;
+/**
+ * A mid naming the message to change: any string within the limit; one that names no
+ * message is 14 whatever its shape, as an unknown uid is 8 and an unknown chid 9.
+ */
+const MESSAGE_ID = requiredString(64);
 
 /** A message as an item of a history-like list (its attachment streams). */
 export function listItem(m: MessageRecord): Fields {
@@ -340,7 +346,7 @@ export function registerMessages(sv: Services): void {
 
   dispatcher.register<{ mid: string; body: string }>({
     name: "editmessage",
-    schema: { type: "object", required: ["mid", "body"], properties: { mid: MID, body: { type: "string", minLength: 1 } } },
+    schema: { type: "object", required: ["mid", "body"], properties: { mid: MESSAGE_ID, body: { type: "string", minLength: 1 } } },
     async handle(req) {
       const edited = await changing(req.data.mid, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
@@ -355,7 +361,7 @@ export function registerMessages(sv: Services): void {
 
   dispatcher.register<{ mid: string }>({
     name: "delmessage",
-    schema: { type: "object", required: ["mid"], properties: { mid: MID } },
+    schema: { type: "object", required: ["mid"], properties: { mid: MESSAGE_ID } },
     async handle(req) {
       const m = await changing(req.data.mid, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
@@ -364,7 +370,7 @@ export function registerMessages(sv: Services): void {
         await storage.commit(ops);
         return m;
       });
-      if (m.attach) void blobs.collect(m.attach.sha);
+      if (m.attach) blobs.collectLater(m.attach.sha);
       req.emit({ kind: "delete", mid: m.mid }, audienceOf(m));
       return { mid: m.mid };
     },

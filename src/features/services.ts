@@ -3,6 +3,7 @@
 // other's events without importing each other.
 
 import type { Logger } from "pino";
+import type { Background } from "../background.js";
 import type { Config } from "../config.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
@@ -29,15 +30,27 @@ export class Hooks {
 
   private readonly deletedFns: ((uid: string, nick: string, chids: string[]) => Promise<void>)[] = [];
 
+  constructor(private readonly background: Background) {}
+
   /** After an account is deleted, with the channels it was a member of. */
   onAccountDeleted(fn: (uid: string, nick: string, chids: string[]) => Promise<void>): void {
     this.deletedFns.push(fn);
   }
 
-  async accountDeleted(uid: string, nick: string, chids: string[], log: Logger): Promise<void> {
-    for (const fn of this.deletedFns) {
-      await fn(uid, nick, chids).catch((err) => log.error({ err, uid }, "account-deleted hook failed"));
-    }
+  /**
+   * Runs the account-deleted hooks in the background, one after another, then `done`
+   * (which forgets the deletion's record) when every hook succeeded. None once
+   * shutdown has begun: the record makes the next start run them.
+   */
+  accountDeleted(uid: string, nick: string, chids: string[], done: () => Promise<void>): void {
+    this.background.run(
+      "account-deleted hooks",
+      async () => {
+        for (const fn of this.deletedFns) await fn(uid, nick, chids);
+        await done();
+      },
+      { uid },
+    );
   }
 
   /** When the server starts to stop (timers end here). */
@@ -54,12 +67,9 @@ export class Hooks {
     this.presenceFns.push(fn);
   }
 
-  presence(uid: string, online: boolean, log: Logger): void {
-    for (const fn of this.presenceFns) {
-      Promise.resolve()
-        .then(() => fn(uid, online))
-        .catch((err) => log.error({ err, uid }, "presence hook failed"));
-    }
+  /** Runs the presence hooks in the background; none once shutdown has begun. */
+  presence(uid: string, online: boolean, _log?: Logger): void {
+    for (const fn of this.presenceFns) this.background.run("presence hook", () => fn(uid, online), { uid });
   }
 }
 
@@ -71,6 +81,8 @@ export interface Services {
   /** Per-key serialisation (seams.ts). */
   locks: KeyedLock;
   hooks: Hooks;
+  /** Background work: logged when it fails, waited for (or cut short) at shutdown. */
+  background: Background;
   storage: Storage;
   users: UserStore;
   sessions: SessionStore;

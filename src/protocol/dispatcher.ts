@@ -194,6 +194,8 @@ export class Dispatcher {
   private delivery: Delivery | undefined;
   /** Starts an upload for an attachment that came inline in its frame (see execute). */
   private newUpload: (() => Upload) | undefined;
+  /** Handlers, uploads and deferred replies in progress, on every connection. */
+  private active = 0;
 
   constructor(
     private readonly config: Config,
@@ -257,9 +259,11 @@ export class Dispatcher {
   async settled(timeoutMs: number, sessions: Iterable<Session>): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     const busy = () => {
+      if (this.active > 0) return true;
       for (const s of sessions) {
         const line = (s.line as Line | undefined);
-        if (line && (line.busy || line.slots.length > 0 || line.deferred > 0)) return true;
+        // What an open connection has queued is still to be answered.
+        if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length)) return true;
       }
       return false;
     };
@@ -274,6 +278,19 @@ export class Dispatcher {
   answered(s: Session): boolean {
     const line = s.line as Line | undefined;
     return !line || (!line.busy && line.slots.length === 0 && line.head >= line.inbox.length && line.deferred === 0);
+  }
+
+  /**
+   * Resolves once no handler is running on any connection (closed ones included), so
+   * that storage can close behind them; false at the timeout.
+   */
+  async idle(timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.active > 0) {
+      if (Date.now() > deadline) return false;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    return true;
   }
 
   /** The client will send no more: answer what it sent, then close the connection. */
@@ -393,6 +410,9 @@ export class Dispatcher {
 
   /** Runs queued requests until one has to wait (a promise, a commit, a full socket). */
   private run(s: Session, line: Line): void {
+    // A closed connection can be sent nothing more: what it queued is dropped, not run
+    // (at shutdown, storage may be closing behind it).
+    if (s.peer.closed) return this.drop(line);
     while (line.head < line.inbox.length && !line.busy && !line.awaitingDeferred) {
       if (s.peer.congested && !s.peer.closed) {
         line.busy = true;
@@ -421,6 +441,15 @@ export class Dispatcher {
       this.execute(s, line, item, slot);
     }
     this.endIfDone(s, line);
+  }
+
+  private drop(line: Line): void {
+    for (let i = line.head; i < line.inbox.length; i++) {
+      const item = line.inbox[i];
+      if (item.kind === "request") item.upload?.release();
+    }
+    line.inbox = NO_ITEMS;
+    line.head = 0;
   }
 
   private execute(s: Session, line: Line, item: Item, slot: Slot): void {
@@ -458,18 +487,26 @@ export class Dispatcher {
     if (!upload && entry.spec.streams) item.upload = upload = this.inlineUpload(entry.spec.streams, data);
     if (upload) {
       line.busy = true;
+      this.active++;
       upload.finish().then(
         (attachment) => {
           line.busy = false;
+          this.active--;
           this.handle(s, line, entry, item, slot, attachment);
           this.run(s, line);
         },
         (err) => {
           line.busy = false;
+          this.active--;
           upload.release();
           const fault = (err as { fault?: string }).fault;
-          const code = fault === "invalid" ? Code.InvalidData : fault === "too-large" ? Code.TooLarge : Code.Unavailable;
-          this.fill(s, line, slot, s.codec.error(action, code, (err as Error).message));
+          if (fault === "invalid" || fault === "too-large") {
+            this.fill(s, line, slot, s.codec.error(action, fault === "invalid" ? Code.InvalidData : Code.TooLarge, (err as Error).message));
+          } else {
+            // An I/O failure: its text names files; the client gets a fixed one.
+            s.log.warn({ err }, "attachment upload failed");
+            this.fill(s, line, slot, s.codec.error(action, Code.Unavailable, "the attachment could not be stored; nothing was changed"));
+          }
           this.run(s, line);
         },
       );
@@ -522,9 +559,11 @@ export class Dispatcher {
       this.deferredReply(s, line, slot, action, result, upload);
     } else if (result instanceof Promise) {
       line.busy = true;
+      this.active++;
       result.then(
         (r) => {
           line.busy = false;
+          this.active--;
           if (r instanceof Deferred) this.deferredReply(s, line, slot, action, r, upload);
           else {
             upload?.release();
@@ -534,6 +573,7 @@ export class Dispatcher {
         },
         (err) => {
           line.busy = false;
+          this.active--;
           upload?.release();
           this.fail(s, line, slot, action, err);
           this.run(s, line);
@@ -547,6 +587,7 @@ export class Dispatcher {
 
   private deferredReply(s: Session, line: Line, slot: Slot, action: string, d: Deferred, upload: Upload | undefined): void {
     line.deferred++;
+    this.active++;
     if (d === slot) {
       // The request is its own Deferred: no closure, and what the handler read is let go.
       const req = slot as RequestImpl<unknown>;
@@ -558,6 +599,7 @@ export class Dispatcher {
     }
     const settle = (reply: ReplyBody | undefined, err: unknown) => {
       line.deferred--;
+      this.active--;
       upload?.release();
       if (err === undefined) this.fill(s, line, slot, this.encode(s, action, reply as ReplyBody));
       else this.fail(s, line, slot, action, err);
@@ -572,6 +614,7 @@ export class Dispatcher {
     const s = req.session;
     const line = s.line as Line;
     line.deferred--;
+    this.active--;
     req.upload?.release();
     if (err === undefined) this.fill(s, line, req, this.encode(s, req.action, reply as ReplyBody));
     else this.fail(s, line, req, req.action, err);

@@ -2,6 +2,12 @@
 // A failing request is turned into the protocol's codes: a missing or empty required
 // string is 4, an over-limit size is 12 (when the schema says so with `errorCode`),
 // anything else (wrong type, bad format) is 3.
+//
+// Every string in a request must be well-formed UTF-16: a lone surrogate (`"\ud800"`
+// without its pair) becomes U+FFFD once encoded as UTF-8 for a LevelDB key, while the
+// in-memory checks (unique claims, caches, cmid maps) would still see the raw string,
+// so two different strings would share one key. compileSchema adds the check to every
+// string schema, so no action can forget it; it fails with 3.
 
 import { Ajv, type ErrorObject } from "ajv";
 import { Code, ProtocolError } from "./codes.js";
@@ -9,13 +15,41 @@ import { Code, ProtocolError } from "./codes.js";
 const ajv = new Ajv({ allErrors: false, strict: true, allowUnionTypes: true, verbose: true });
 // Metadata keyword: the status code a failure of this subschema's limits maps to.
 ajv.addKeyword({ keyword: "errorCode", schemaType: "number" });
+// With the u flag a surrogate pair is one code point; only a lone half is category Cs.
+const LONE_SURROGATE = /\p{Cs}/u;
+ajv.addKeyword({
+  keyword: "wellFormed",
+  type: "string",
+  schemaType: "boolean",
+  errors: false,
+  validate: (on: boolean, data: string) => !on || !LONE_SURROGATE.test(data),
+});
 
 export type Validator = (data: unknown) => ProtocolError | undefined;
 
 export function compileSchema(schema: object): Validator {
-  const validate = ajv.compile(schema);
+  const validate = ajv.compile(withWellFormedStrings(schema) as object);
   return (data) => (validate(data) ? undefined : toProtocolError(validate.errors?.[0]));
 }
+
+/** A copy of `schema` in which every subschema that admits a string also requires it well formed. */
+function withWellFormedStrings(schema: unknown): unknown {
+  if (typeof schema !== "object" || schema === null || Array.isArray(schema)) return schema;
+  const out: Record<string, unknown> = { ...schema };
+  for (const [k, v] of Object.entries(schema)) {
+    if (SUBSCHEMA.has(k)) out[k] = Array.isArray(v) ? v.map(withWellFormedStrings) : withWellFormedStrings(v);
+    else if (SUBSCHEMA_MAP.has(k) && typeof v === "object" && v !== null) {
+      out[k] = Object.fromEntries(Object.entries(v).map(([name, sub]) => [name, withWellFormedStrings(sub)]));
+    }
+  }
+  const type = (schema as { type?: unknown }).type;
+  if ((type === "string" || (Array.isArray(type) && type.includes("string"))) && out.wellFormed === undefined) out.wellFormed = true;
+  return out;
+}
+
+/** Keywords whose value is a subschema (or a list of them), and those with a map of them. */
+const SUBSCHEMA = new Set(["items", "additionalProperties", "not", "anyOf", "oneOf", "allOf", "if", "then", "else", "contains"]);
+const SUBSCHEMA_MAP = new Set(["properties", "patternProperties", "$defs", "definitions"]);
 
 function fieldName(e: ErrorObject): string {
   const path = e.instancePath
@@ -47,6 +81,8 @@ function toProtocolError(e: ErrorObject | undefined): ProtocolError {
     case "maxItems":
       if (override === Code.TooLarge) return new ProtocolError(Code.TooLarge, `'${field}' ${e.message}`);
       break;
+    case "wellFormed":
+      return new ProtocolError(Code.InvalidData, `'${field}' is not well-formed Unicode (it holds a lone surrogate)`);
     case "type":
       return new ProtocolError(Code.InvalidData, `'${field}' must be ${withArticle((e.params as { type: string | string[] }).type)}`);
   }

@@ -8,7 +8,8 @@
 // bytes, and writes them to a temp file, telling its caller when to pause the socket.
 // finish() syncs the file and renames it to its hash; a blob already stored is not
 // stored again. References live in LevelDB (`blobrefs <sha>!<mid>`, written in the
-// message's own batch); a blob with no reference left is deleted. While an upload or
+// message's own batch); a blob with no reference left is deleted, and at start-up a
+// sweep deletes those a crash left unreferenced (sweep). While an upload or
 // a message that uses a blob is in flight, the blob is pinned so that a concurrent
 // delete cannot remove it. Deleting (check pins and references, unlink) and storing
 // (pin, then keep the stored file or move the upload into place) hold the sha's lock,
@@ -16,9 +17,10 @@
 
 import { createHash, randomBytes, type Hash } from "node:crypto";
 import { createReadStream, createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
-import { access, mkdir, open, rename, unlink } from "node:fs/promises";
+import { access, mkdir, open, opendir, rename, unlink } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
+import type { Background } from "../background.js";
 import { LocalLock, type KeyedLock } from "../seams.js";
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import { pair, prefixRange, type Spaces } from "./layout.js";
@@ -33,10 +35,18 @@ export interface BlobRef {
 
 export type BlobFault = "invalid" | "too-large" | "aborted";
 
+/**
+ * A failed upload. Its message is for the client: it never holds a path or an OS error
+ * text (those are in `cause`, for the log).
+ */
 export class BlobError extends Error {
-  constructor(readonly fault: BlobFault, message: string) {
-    super(message);
+  constructor(readonly fault: BlobFault, message: string, options?: { cause?: unknown }) {
+    super(message, options);
   }
+}
+
+function notStored(cause: unknown): BlobError {
+  return new BlobError("aborted", "the attachment could not be stored", { cause });
 }
 
 // Base64 alphabet → 6-bit value; 64 marks '=', 255 anything else.
@@ -98,6 +108,8 @@ export class BlobStore {
     storage: Storage,
     /** Per-sha: collect and the store step of an upload never interleave. */
     private readonly locks: KeyedLock = new LocalLock(),
+    /** Where collects that nobody waits for run (shutdown waits for them). */
+    private readonly background?: Background,
   ) {
     this.dir = path.join(dataDir, "blobs");
     this.tmp = path.join(this.dir, "tmp");
@@ -126,8 +138,14 @@ export class BlobStore {
     if (n > 0) this.pins.set(sha, n);
     else {
       this.pins.delete(sha);
-      void this.collect(sha);
+      this.collectLater(sha);
     }
+  }
+
+  /** collect() in the background: skipped once shutdown has begun (start-up sweeps it). */
+  collectLater(sha: string): void {
+    if (this.background) this.background.run("blob collect", () => this.collect(sha), { sha });
+    else void this.collect(sha);
   }
 
   refOps(sha: string, mid: string): BatchOp[] {
@@ -144,14 +162,51 @@ export class BlobStore {
    * the blob stays.
    */
   collect(sha: string): Promise<void> {
+    return this.collected(sha).then(() => {});
+  }
+
+  /** collect(), resolving whether a file was deleted. */
+  private collected(sha: string): Promise<boolean> {
     return this.locks
       .run(sha, async () => {
-        if (this.pins.has(sha)) return;
+        if (this.pins.has(sha)) return false;
         const refs = await readKeys(this.s.blobrefs, { ...prefixRange(sha), limit: 1 });
-        if (refs.length > 0 || this.pins.has(sha)) return;
-        await unlink(this.pathOf(sha)).catch(() => {});
+        if (refs.length > 0 || this.pins.has(sha)) return false;
+        return unlink(this.pathOf(sha)).then(
+          () => true,
+          () => false,
+        );
       })
-      .catch(() => {});
+      .catch(() => false);
+  }
+
+  /**
+   * Deletes every stored blob that no message references: files left by a crash
+   * between an upload's rename and its message's batch, or between a message's
+   * deletion and its collect. One file at a time, the directories read as a stream
+   * (memory stays flat whatever their size), until done or `signal` (shutdown).
+   */
+  async sweep(signal: AbortSignal): Promise<{ checked: number; removed: number }> {
+    let checked = 0;
+    let removed = 0;
+    const top = await opendir(this.dir);
+    try {
+      for await (const shard of top) {
+        if (signal.aborted) break;
+        if (!shard.isDirectory() || !/^[0-9a-f]{2}$/.test(shard.name)) continue;
+        const dir = await opendir(path.join(this.dir, shard.name)).catch(() => undefined);
+        if (!dir) continue;
+        for await (const file of dir) {
+          if (signal.aborted) break;
+          if (!file.isFile() || !/^[0-9a-f]{64}$/.test(file.name) || !file.name.startsWith(shard.name)) continue;
+          checked++;
+          if (await this.collected(file.name)) removed++;
+        }
+      }
+    } catch (err) {
+      if (!signal.aborted) throw err;
+    }
+    return { checked, removed };
   }
 
   /**
@@ -242,7 +297,7 @@ export class BlobWriter {
   ) {
     this.file = createWriteStream(tmpPath, { flags: "wx" });
     this.file.on("error", (err) => {
-      this.fault ??= new BlobError("aborted", `attachment could not be stored: ${err.message}`);
+      this.fault ??= notStored(err);
     });
     this.file.on("drain", () => this.onDrain?.());
   }
@@ -322,21 +377,21 @@ export class BlobWriter {
     if (this.fault) throw this.fault;
     this.done = true;
     this.onDrain?.();
-    await new Promise<void>((resolve, reject) => {
-      this.file.end((err?: Error | null) => (err ? reject(err) : resolve()));
-    });
-    const fh = await open(this.tmpPath, "r+");
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
     const sha = this.hash.digest("hex");
     try {
+      await new Promise<void>((resolve, reject) => {
+        this.file.end((err?: Error | null) => (err ? reject(err) : resolve()));
+      });
+      const fh = await open(this.tmpPath, "r+");
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
       await this.store.storeUpload(this.tmpPath, sha);
     } catch (err) {
       await unlink(this.tmpPath).catch(() => {});
-      throw new BlobError("aborted", `attachment could not be stored: ${(err as Error).message}`);
+      throw notStored(err);
     }
     this.stored = { sha, size: this.size };
     return this.stored;

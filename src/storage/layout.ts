@@ -32,6 +32,12 @@
 //   members     <chid>!<uid>                   → unix s joined
 //   memberof    <uid>!<chid>                   → 1
 //   owned       <uid>!<chid>                   → 1    (channels a user owns: the cap)
+//   deleted     <uid>                          → {nick, chids} (a deleted account whose
+//                                                clean-up hooks have not finished: written
+//                                                with the deletion, resumed at start-up)
+//   purges      <conversation>                 → 1    (a purge of a deleted channel's
+//                                                messages not yet finished: written with
+//                                                the deletion, resumed at start-up)
 //
 // On disk: <dataDir>/db holds LevelDB, <dataDir>/blobs the attachment files (blobs.ts).
 //
@@ -165,6 +171,8 @@ export const SPACES = [
   "members",
   "memberof",
   "owned",
+  "purges",
+  "deleted",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];

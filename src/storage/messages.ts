@@ -462,7 +462,8 @@ export class MessageStore {
 
   /** A message by mid: one read. */
   async get(mid: string): Promise<MessageRecord | undefined> {
-    if (!/^\d{1,15}$/.test(mid)) return undefined;
+    // A mid is its seq unpadded: "01" or "1.0" names no message.
+    if (!/^[1-9][0-9]{0,14}$/.test(mid)) return undefined;
     return (await this.s.log.get(seqKey(Number(mid)))) as MessageRecord | undefined;
   }
 
@@ -540,17 +541,42 @@ export class MessageStore {
   }
 
   /**
-   * Deletes every message of a conversation (a deleted channel), chunk page by chunk
-   * page; `onPage` returns the ops for what the page's messages used (attachments).
+   * Ops recording that `conv`'s messages are to be purged, for the batch that deletes
+   * what owned them: a purge that a crash or a shutdown cuts short is resumed from it
+   * at start-up (pendingPurges).
    */
-  async purge(conv: string, onPage: (page: MessageRecord[]) => Promise<BatchOp[]>): Promise<void> {
-    for (;;) {
+  purgeMarkOps(conv: string): BatchOp[] {
+    return [put(this.s.purges, conv, 1)];
+  }
+
+  /** Conversations whose purge was recorded and has not finished. */
+  async pendingPurges(): Promise<string[]> {
+    return readKeys(this.s.purges, {});
+  }
+
+  /**
+   * Deletes every message of a conversation (a deleted channel), chunk page by chunk
+   * page; `onPage` returns the ops for what the page's messages used (attachments),
+   * and `onCommitted` hears of the page once they are on disk. Stops between pages
+   * once `signal` is aborted (shutdown); the last batch removes the purge's mark.
+   */
+  async purge(
+    conv: string,
+    onPage: (page: MessageRecord[]) => Promise<BatchOp[]>,
+    onCommitted: (page: MessageRecord[]) => void,
+    signal?: AbortSignal,
+  ): Promise<void> {
+    while (!signal?.aborted) {
       const chunks = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
-      if (chunks.length === 0) return;
+      if (chunks.length === 0) {
+        await this.storage.commit([del(this.s.purges, conv)]);
+        return;
+      }
       const seqs = chunks.flatMap(([, s]) => s);
       const page = await this.records(seqs);
       const ops = [...chunks.map(([key]) => del(this.s.hist, key)), ...seqs.map((q) => del(this.s.log, seqKey(q))), ...(await onPage(page))];
       await this.storage.commit(ops);
+      onCommitted(page);
     }
   }
 

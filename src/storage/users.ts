@@ -2,7 +2,7 @@
 
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import type { Spaces, UserRecord } from "./layout.js";
-import { readValues } from "./range.js";
+import { readEntries, readValues } from "./range.js";
 
 export type UniqueIndex = "login" | "nick" | "email" | "phone";
 
@@ -112,6 +112,23 @@ export class UserStore {
       if (u[index]) ops.push(del(this.s[index], indexKey(index, u[index])));
     }
     return ops;
+  }
+
+  /**
+   * Ops recording, in an account's deletion batch, what its clean-up hooks need, so
+   * that a crash before they finish cannot skip them (pendingDeletions at start-up).
+   */
+  deletionMarkOps(uid: string, nick: string, chids: readonly string[]): BatchOp[] {
+    return [put(this.s.deleted, uid, { nick, chids })];
+  }
+
+  deletionDoneOps(uid: string): BatchOp[] {
+    return [del(this.s.deleted, uid)];
+  }
+
+  /** Deleted accounts whose clean-up has not finished. */
+  async pendingDeletions(): Promise<[string, { nick: string; chids: string[] }][]> {
+    return readEntries(this.s.deleted, {});
   }
 
   forget(uid: string): void {

@@ -1,0 +1,49 @@
+// Background work of every layer, in one place so that shutdown can wait for it.
+
+import type { Logger } from "pino";
+
+/**
+ * Work that runs after a reply, in the background (presence, blob collection, purges,
+ * clean-up at start-up). Every task's failure is logged, never left unhandled. Once
+ * stop() is called no new task starts, and the ones running see `signal.aborted` and
+ * should end at their next step; stop() resolves when they have, so storage closes
+ * behind them, never under them.
+ */
+export class Background {
+  private readonly running = new Set<Promise<void>>();
+  private readonly abort = new AbortController();
+
+  constructor(private readonly log: Logger) {}
+
+  get stopping(): boolean {
+    return this.abort.signal.aborted;
+  }
+
+  /** Runs `fn` unless stopping; a failure is logged with `what` (quietly once stopping). */
+  run(what: string, fn: (signal: AbortSignal) => Promise<unknown> | unknown, context: Record<string, unknown> = {}): void {
+    if (this.stopping) return;
+    const task: Promise<void> = Promise.resolve()
+      .then(() => fn(this.abort.signal))
+      .then(
+        () => {},
+        (err) => {
+          if (this.stopping) this.log.debug({ err, ...context }, `${what} stopped by shutdown`);
+          else this.log.error({ err, ...context }, `${what} failed`);
+        },
+      )
+      .finally(() => this.running.delete(task));
+    this.running.add(task);
+  }
+
+  /** No new task starts; resolves when the running ones have ended (or at the timeout). */
+  async stop(timeoutMs: number): Promise<void> {
+    this.abort.abort();
+    const deadline = Date.now() + timeoutMs;
+    while (this.running.size > 0 && Date.now() < deadline) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.allSettled([...this.running]), new Promise((r) => (timer = setTimeout(r, deadline - Date.now())))]);
+      clearTimeout(timer);
+    }
+    if (this.running.size > 0) this.log.warn({ tasks: this.running.size }, "background tasks still running at the shutdown timeout");
+  }
+}

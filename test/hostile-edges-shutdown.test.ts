@@ -1,0 +1,77 @@
+// Shutdown with work still running: presence hooks of the users it disconnects, blob
+// collects and purges in the background. Each runs before storage closes or not at all,
+// and nothing is logged at error level or crashes the process.
+import { describe, expect, it } from "vitest";
+import { ChildServer, registerUser, useTempDirs, type Account } from "./helpers.js";
+
+const newDataDir = useTempDirs();
+
+/** pino lines of the child's output at level `min` or above. */
+function logged(out: string, min: number): string[] {
+  return out.split("\n").filter((line) => {
+    if (!line.startsWith("{")) return line.trim() !== "";
+    try {
+      return (JSON.parse(line) as { level?: number }).level! >= min;
+    } catch {
+      return true;
+    }
+  });
+}
+
+/** `count` users logged in, each listing every other as a contact. */
+async function friends(port: number, count: number): Promise<Account[]> {
+  const users = await Promise.all(Array.from({ length: count }, () => registerUser(port)));
+  await Promise.all(
+    users.map(async (u) => {
+      for (const v of users) if (v !== u) expect((await u.client.request("addcontact", { uid: v.uid })).status).toBe(0);
+    }),
+  );
+  return users;
+}
+
+describe("SIGTERM with logged-in users", () => {
+  it("runs their presence hooks before storage closes: exit 0, nothing logged at error level", async () => {
+    for (let round = 0; round < 3; round++) {
+      const child = await ChildServer.start(newDataDir());
+      const users = await friends(child.port, 12);
+      child.proc.kill("SIGTERM");
+      expect(await child.exited).toBe(0);
+      expect(logged(child.stdout(), 50)).toEqual([]);
+      expect(child.stdout()).toMatch(/wirechat stopped/);
+      for (const u of users) u.client.close();
+    }
+  }, 60_000);
+});
+
+describe("SIGTERM while blobs are collected and a channel is purged", () => {
+  it("exits 0 with nothing logged at error level and no unhandled rejection", async () => {
+    for (let round = 0; round < 3; round++) {
+      const child = await ChildServer.start(newDataDir());
+      const [a, b] = await Promise.all([registerUser(child.port), registerUser(child.port)]);
+      const chid = (await a.client.request("createchannel", { name: `purge${process.pid}x${round}` })).chid;
+      // Distinct attachments in a channel and in a direct conversation.
+      const mids: string[] = [];
+      for (let i = 0; i < 60; i++) {
+        const data = Buffer.from(`attachment ${round} ${i} `.repeat(40)).toString("base64");
+        a.client.send("message", { channel: chid, body: "", attach: { mime: "text/plain", data } });
+        a.client.send("message", { uid: b.uid, body: "", attach: { mime: "text/plain", data: data + "" } });
+      }
+      for (let i = 0; i < 120; i++) {
+        const r = (await a.client.reply("message", 15_000)).data;
+        expect(r.status).toBe(0);
+        mids.push(r.mid);
+      }
+      // Deletions (each collects its blob after its reply) and a channel purge in the
+      // background, cut short by SIGTERM.
+      a.client.send("deletechannel", { channel: chid });
+      for (const mid of mids) a.client.send("delmessage", { mid });
+      await a.client.reply("deletechannel", 15_000);
+      await a.client.reply("delmessage", 15_000);
+      child.proc.kill("SIGTERM");
+      expect(await child.exited).toBe(0);
+      expect(logged(child.stdout(), 50)).toEqual([]);
+      a.client.close();
+      b.client.close();
+    }
+  }, 90_000);
+});
