@@ -29,7 +29,7 @@
 // descriptors not back near their start count once every fuzz connection is closed;
 // a shutdown that does not finish within --shutdown-wait. Prints its figures either way.
 
-import { Canary, LineSocket, ServerUnderTest, actionOf, describeExit, flags, mib, ms, num, percentile, rng, sleep } from "./load-lib.js";
+import { Canary, LineSocket, ServerUnderTest, actionOf, chooser, describeExit, flags, maxOf, mib, ms, num, percentile, seedOf, sleep } from "./load-lib.js";
 
 const F = flags("Usage: scripts/fuzz [flags]   (npm run fuzz -- [flags])\nMutation fuzzer for a wirechat server; see the top of scripts/fuzz.ts.", {
   frames: { default: "2000000", help: "frames to send in all" },
@@ -57,7 +57,7 @@ const F = flags("Usage: scripts/fuzz [flags]   (npm run fuzz -- [flags])\nMutati
 });
 
 const TOTAL = num(F.frames, "frames", 1);
-const SEED = F.seed === "" ? (Date.now() ^ (process.pid << 16)) >>> 0 : num(F.seed, "seed");
+const SEED = seedOf(F.seed);
 const N_CHECKED = num(F.checked, "checked");
 const N_LIMIT = num(F.limit, "limit");
 const N_CHAOS = num(F.chaos, "chaos");
@@ -77,10 +77,7 @@ const CHAOS_SHARE = num(F["chaos-share"], "chaos-share");
 /** Predicted bad frames a checked connection may send per window: well under the limit. */
 const BAD_BUDGET = Math.max(0, Math.floor(BAD_LIMIT * 0.6));
 
-const rand = rng(SEED);
-const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)];
-const chance = (p: number) => rand() < p;
-const int = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
+const { rand, pick, chance, int } = chooser(SEED);
 
 // ---- what happened -------------------------------------------------------------------
 
@@ -710,12 +707,7 @@ async function setup(): Promise<void> {
 
 async function main(): Promise<void> {
   const t0 = performance.now();
-  if (F.host !== "" || F.port !== "") {
-    if (F.port === "") throw new Error("--host needs --port");
-    server = ServerUnderTest.external(F.host || "127.0.0.1", num(F.port, "port", 1), F.pid === "" ? undefined : num(F.pid, "pid", 1));
-  } else {
-    server = await ServerUnderTest.start(F.server.split(/\s+/).filter(Boolean));
-  }
+  server = await ServerUnderTest.fromFlags(F);
   console.log(`fuzz: ${TOTAL} frames, seed ${SEED}, ${N_CHECKED} checked + ${N_LIMIT} limit + ${N_CHAOS} chaos connections, server ${server.spawned ? `pid ${server.pid} (started here)` : `${server.host}:${server.port}`}`);
 
   await setup();
@@ -802,9 +794,8 @@ async function main(): Promise<void> {
   for (const p of canary.problems) problems.push(`canary: ${p}`);
   const stopProblem = server.exit ? undefined : await server.stop(SHUTDOWN_WAIT);
   if (stopProblem) problems.push(stopProblem);
-  if (server.severeCount > 0) {
-    problems.push(`${server.severeCount} server log line(s) at level >= 50, e.g.:\n    ${server.severe.slice(0, 5).map((s) => s.line).join("\n    ")}`);
-  }
+  const logProblem = server.severeProblem();
+  if (logProblem) problems.push(logProblem);
   for (const [kind, f] of failures) problems.push(`${kind}: ${f.count}\n    ${f.samples.join("\n    ")}`);
 
   const lat = canary.all;
@@ -817,7 +808,7 @@ async function main(): Promise<void> {
     ...[...closedWhy].sort((x, y) => y[1] - x[1]).map(([why, n]) => `  ${String(n).padStart(8)}  ${why}`),
     `server RSS            min ${mib(rssMin)}, max ${mib(rssMax)} (bound ${mib(RSS_LIMIT_KIB)})`,
     `server descriptors    ${fdStart} at the start, ${fdEnd} after the fuzz (slack ${FD_SLACK})`,
-    `canary ping           p50 ${ms(percentile(lat, 50))}, p99 ${ms(percentile(lat, 99))}, max ${ms(Math.max(...lat))} over ${lat.length} pings`,
+    `canary ping           p50 ${ms(percentile(lat, 50))}, p99 ${ms(percentile(lat, 99))}, max ${ms(maxOf(lat))} over ${lat.length} pings`,
     `server log            ${server.severeCount} lines at level >= 50; warnings: ${[...server.warnings].map(([m, n]) => `${m} ×${n}`).join(", ") || "none"}`,
   ];
   console.log(lines.join("\n"));

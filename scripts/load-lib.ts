@@ -3,7 +3,7 @@
 // whose VmRSS and open descriptors are sampled from /proc, or an external one), a
 // line-splitting socket, and the canary connection that round-trips ping.
 
-import { readdirSync, rmSync } from "node:fs";
+import { readFileSync, readdirSync, rmSync } from "node:fs";
 import net from "node:net";
 import { parseArgs } from "node:util";
 import { rssKiB, startServer, type Server } from "./bench-lib.js";
@@ -94,6 +94,20 @@ export class ServerUnderTest {
     return new ServerUnderTest(host, port, pid, undefined);
   }
 
+  /** The server the common flags name: --host/--port (and --pid) of a running one, else one started with --server's flags. */
+  static fromFlags(f: { host: string; port: string; pid: string; server: string }): Promise<ServerUnderTest> {
+    if (f.host === "" && f.port === "") return ServerUnderTest.start(f.server.split(/\s+/).filter(Boolean));
+    if (f.port === "") throw new Error("--host needs --port");
+    const pid = f.pid === "" ? undefined : num(f.pid, "pid", 1);
+    return Promise.resolve(ServerUnderTest.external(f.host || "127.0.0.1", num(f.port, "port", 1), pid));
+  }
+
+  /** The problem with the log, if a line reached level 50. */
+  severeProblem(): string | undefined {
+    if (this.severeCount === 0) return undefined;
+    return `${this.severeCount} server log line(s) at level >= 50, e.g.:\n    ${this.severe.slice(0, 5).map((s) => s.line).join("\n    ")}`;
+  }
+
   get spawned(): boolean {
     return this.child !== undefined;
   }
@@ -122,6 +136,18 @@ export class ServerUnderTest {
     if (this.pid === undefined || this.exit) return NaN;
     try {
       return rssKiB(this.pid);
+    } catch {
+      return NaN;
+    }
+  }
+
+  /** CPU seconds the server process has used (user + system), or NaN. */
+  cpuSeconds(): number {
+    if (this.pid === undefined || this.exit) return NaN;
+    try {
+      const stat = readFileSync(`/proc/${this.pid}/stat`, "utf8");
+      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
     } catch {
       return NaN;
     }
@@ -335,11 +361,39 @@ export function percentile(xs: readonly number[], p: number): number {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
 }
 
+/** Largest and smallest of many numbers (spreading a long array into Math.max overflows the stack). */
+export function maxOf(xs: readonly number[]): number {
+  let m = -Infinity;
+  for (const x of xs) if (x > m) m = x;
+  return m;
+}
+export function minOf(xs: readonly number[]): number {
+  let m = Infinity;
+  for (const x of xs) if (x < m) m = x;
+  return m;
+}
+
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export const mib = (kib: number) => (Number.isFinite(kib) ? `${(kib / 1024).toFixed(1)} MiB` : "n/a");
 
 export const ms = (v: number) => (Number.isFinite(v) ? `${v < 10 ? v.toFixed(2) : v.toFixed(1)} ms` : "n/a");
+
+/** The run's seed: --seed, else one made up (and printed by the caller). */
+export function seedOf(flag: string): number {
+  return flag === "" ? (Date.now() ^ (process.pid << 16)) >>> 0 : num(flag, "seed");
+}
+
+/** Random choices from one seeded PRNG. */
+export function chooser(seed: number) {
+  const rand = rng(seed);
+  return {
+    rand,
+    pick: <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)],
+    chance: (p: number) => rand() < p,
+    int: (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1)),
+  };
+}
 
 /** A small seeded PRNG (mulberry32), so a failing run can be repeated with its seed. */
 export function rng(seed: number): () => number {

@@ -21,7 +21,7 @@
 // warm-up by more than --rss-growth; a minute whose canary p99 is over --canary-p99;
 // a crash; a log line at level >= 50; a reply that matches no request.
 
-import { Canary, LineSocket, ServerUnderTest, describeExit, flags, mib, ms, num, percentile, rng, sleep } from "./load-lib.js";
+import { Canary, LineSocket, ServerUnderTest, chooser, describeExit, flags, maxOf, mib, minOf, ms, num, percentile, seedOf, sleep } from "./load-lib.js";
 
 const F = flags("Usage: scripts/soak [flags]   (npm run soak -- [flags])\nMixed-load soak for a wirechat server; see the top of scripts/soak.ts.", {
   minutes: { default: "30", help: "how long the load runs, minutes (fractions allowed)" },
@@ -61,13 +61,10 @@ const RSS_GROWTH = num(F["rss-growth"], "rss-growth");
 const CANARY_P99 = num(F["canary-p99"], "canary-p99");
 const SAMPLE_MS = num(F.sample, "sample", 1) * 1000;
 const SETTLE_MS = num(F.settle, "settle") * 1000;
-const SEED = F.seed === "" ? (Date.now() ^ (process.pid << 16)) >>> 0 : num(F.seed, "seed");
+const SEED = seedOf(F.seed);
 const WINDOW = 16; // requests in flight per device
 
-const rand = rng(SEED);
-const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)];
-const chance = (p: number) => rand() < p;
-const int = (lo: number, hi: number) => lo + Math.floor(rand() * (hi - lo + 1));
+const { rand, pick, chance, int } = chooser(SEED);
 
 // ---- bookkeeping -----------------------------------------------------------------------
 
@@ -398,12 +395,7 @@ interface Sample {
 }
 
 async function main(): Promise<void> {
-  if (F.host !== "" || F.port !== "") {
-    if (F.port === "") throw new Error("--host needs --port");
-    server = ServerUnderTest.external(F.host || "127.0.0.1", num(F.port, "port", 1), F.pid === "" ? undefined : num(F.pid, "pid", 1));
-  } else {
-    server = await ServerUnderTest.start(F.server.split(/\s+/).filter(Boolean));
-  }
+  server = await ServerUnderTest.fromFlags(F);
   console.log(
     `soak: ${MINUTES} min at ${RATE} req/s, ${USERS} users, ${CHANNELS} channels, warm-up ${WARMUP_MIN.toFixed(1)} min, seed ${SEED}, ` +
       `server ${server.spawned ? `pid ${server.pid} (started here)` : `${server.host}:${server.port}`}`,
@@ -473,7 +465,10 @@ async function main(): Promise<void> {
   const minutes: { p50: number; p99: number; max: number; n: number }[] = [];
   let minuteLat: number[] = [];
   let lastReq = 0;
-  console.log("    time      RSS   req/s   canary p50    p99");
+  console.log("    time        RSS   req/s   canary p50      p99   server CPU  soak CPU");
+  let lastCpu = server.cpuSeconds();
+  let lastOwn = process.cpuUsage();
+  let lastAt = performance.now();
   while (performance.now() < end && !server.exit) {
     await sleep(Math.min(SAMPLE_MS, end - performance.now()));
     const w = canary.takeWindow();
@@ -482,9 +477,19 @@ async function main(): Promise<void> {
     const s: Sample = { t, rssKiB: server.rssKiB(), requests: counts.requests - lastReq, p50: percentile(w, 50), p99: percentile(w, 99) };
     lastReq = counts.requests;
     samples.push(s);
-    console.log(`${t.toFixed(0).padStart(6)} s ${mib(s.rssKiB).padStart(10)} ${String(Math.round((s.requests * 1000) / SAMPLE_MS)).padStart(7)} ${ms(s.p50).padStart(12)} ${ms(s.p99).padStart(9)}`);
+    const now = performance.now();
+    const cpu = server.cpuSeconds();
+    const own = process.cpuUsage();
+    const span = (now - lastAt) / 1000;
+    const serverPct = ((cpu - lastCpu) / span) * 100;
+    const ownPct = ((own.user - lastOwn.user + own.system - lastOwn.system) / 1e6 / span) * 100;
+    [lastCpu, lastOwn, lastAt] = [cpu, own, now];
+    console.log(
+      `${t.toFixed(0).padStart(6)} s ${mib(s.rssKiB).padStart(10)} ${String(Math.round((s.requests * 1000) / SAMPLE_MS)).padStart(7)} ${ms(s.p50).padStart(12)} ${ms(s.p99).padStart(8)}` +
+        `   ${Number.isFinite(serverPct) ? serverPct.toFixed(0).padStart(6) + " %" : "     n/a"}  ${ownPct.toFixed(0).padStart(6)} %`,
+    );
     if (Math.floor(t / 60) > minutes.length || performance.now() >= end) {
-      minutes.push({ p50: percentile(minuteLat, 50), p99: percentile(minuteLat, 99), max: Math.max(...minuteLat), n: minuteLat.length });
+      minutes.push({ p50: percentile(minuteLat, 50), p99: percentile(minuteLat, 99), max: maxOf(minuteLat), n: minuteLat.length });
       minuteLat = [];
     }
   }
@@ -556,7 +561,7 @@ async function main(): Promise<void> {
       if (acked.length === 0) continue;
       await call("enter", { channel: ch });
       const have = new Set<number>();
-      const lowest = Math.min(...acked);
+      const lowest = minOf(acked);
       let before: string | undefined;
       for (;;) {
         const r = await call("history", before ? { channel: ch, limit: 500, before } : { channel: ch, limit: 500 });
@@ -577,7 +582,7 @@ async function main(): Promise<void> {
   let rssLine = "RSS after warm-up     not measured";
   if (after.length > 0) {
     const base = after[0].rssKiB;
-    const peak = Math.max(...after.map((s) => s.rssKiB));
+    const peak = maxOf(after.map((s) => s.rssKiB));
     const lastS = after[after.length - 1].rssKiB;
     rssLine = `RSS after warm-up     first ${mib(base)}, max ${mib(peak)} (+${(((peak - base) / base) * 100).toFixed(1)} %), last ${mib(lastS)}; bound +${(RSS_GROWTH * 100).toFixed(0)} %`;
     if (peak > base * (1 + RSS_GROWTH)) problems.push(`server RSS grew after warm-up from ${mib(base)} to ${mib(peak)}, over the bound of +${(RSS_GROWTH * 100).toFixed(0)} %`);
@@ -588,9 +593,8 @@ async function main(): Promise<void> {
   for (const p of canary.problems) problems.push(`canary: ${p}`);
   const stopProblem = crashed ? undefined : await server.stop(30_000);
   if (stopProblem) problems.push(stopProblem);
-  if (server.severeCount > 0) {
-    problems.push(`${server.severeCount} server log line(s) at level >= 50, e.g.:\n    ${server.severe.slice(0, 5).map((s) => s.line).join("\n    ")}`);
-  }
+  const logProblem = server.severeProblem();
+  if (logProblem) problems.push(logProblem);
 
   const runS = samples.length ? samples[samples.length - 1].t : 0;
   console.log("canary ping per minute:");
