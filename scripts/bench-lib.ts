@@ -14,7 +14,14 @@ export interface Server {
   dir: string;
 }
 
-export async function startServer(extra: string[] = []): Promise<Server> {
+export interface StartOptions {
+  /** Every line the server logs (pino JSON), from start-up on. */
+  onLog?: (line: string) => void;
+  /** Where the server's stderr goes (default: this process's). */
+  stderr?: "inherit" | "pipe";
+}
+
+export async function startServer(extra: string[] = [], opts: StartOptions = {}): Promise<Server> {
   const dir = mkdtempSync(path.join(tmpdir(), "wirechat-bench-"));
   const main = fileURLToPath(new URL("../src/main.js", import.meta.url));
   const proc = spawn(
@@ -22,18 +29,32 @@ export async function startServer(extra: string[] = []): Promise<Server> {
     [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info",
      // every benchmark client comes from 127.0.0.1: lift the per-address cap
      "--max-per-address", "1000000", ...extra],
-    { stdio: ["ignore", "pipe", "inherit"] },
+    { stdio: ["ignore", "pipe", opts.stderr ?? "inherit"] },
   );
+  const onLog = opts.onLog;
+  let partial = "";
+  let seen = "";
+  let listening = false;
   const port = await new Promise<number>((resolve, reject) => {
-    let out = "";
     proc.stdout!.on("data", (d: Buffer) => {
-      out += d.toString();
-      const m = /"port":(\d+)[^\n]*"msg":"wirechat listening"/.exec(out);
-      if (m) resolve(Number(m[1]));
+      const text = d.toString();
+      if (onLog) {
+        const lines = (partial + text).split("\n");
+        partial = lines.pop() as string;
+        for (const l of lines) onLog(l);
+      }
+      if (!listening) {
+        seen += text;
+        const m = /"port":(\d+)[^\n]*"msg":"wirechat listening"/.exec(seen);
+        if (m) {
+          listening = true;
+          seen = "";
+          resolve(Number(m[1]));
+        }
+      }
     });
     proc.on("exit", (code) => reject(new Error(`server exited ${code}`)));
   });
-  proc.stdout!.resume();
   return { proc, port, dir };
 }
 
