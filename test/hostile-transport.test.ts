@@ -121,6 +121,15 @@ describe("uploads before auth", () => {
     expect(r.status).toBe(3);
     expect(r.error).toMatch(/attachment/);
     expect((await a.client.request("ping")).status).toBe(0);
+    // The refusal names the action JSON.parse sees: the last of duplicate keys, not one
+    // nested deeper or written first.
+    const att = `"attach":{"mime":"a/b","data":"${"QUJD".repeat(64)}","data":"QUJD"}`;
+    a.client.write(`{"__proto__":{"action":"x"},"action":"message","data":{"uid":"${b.uid}",${att}}}\n`);
+    a.client.write(`{"action":"ping","action":"message","data":{"uid":"${b.uid}",${att}}}\n`);
+    for (let i = 0; i < 2; i++) {
+      const refused = await a.client.next();
+      expect([refused.action, refused.data.status]).toEqual(["message", 3]);
+    }
     await until(() => tmpFiles(server).length === 0, 5000, "temp files removed");
     // a well-formed attachment still streams
     const ok = await a.client.request("message", { uid: b.uid, body: "y", attach: { mime: "a/b", data: "QUJD" } });

@@ -23,6 +23,22 @@ export function nowSeconds(): number {
 export const ACTION_PEEK_BYTES = 4096;
 const ACTION_RE = /"action"\s*:\s*"([A-Za-z0-9_]{1,64})"/;
 
+/**
+ * The action of a well-formed frame refused for what it holds (not for its syntax): the
+ * one JSON.parse sees (the last of duplicate keys, never one nested deeper), so the
+ * error reply names the action a client that parses the frame would expect.
+ */
+export function parsedAction(bytes: Buffer): string | undefined {
+  try {
+    const msg: unknown = JSON.parse(bytes.toString("utf8"));
+    const action = (msg as { action?: unknown } | null)?.action;
+    if (typeof action === "string") return action;
+    return undefined;
+  } catch {
+    return peekAction(bytes);
+  }
+}
+
 /** The action named in (the start of) a frame that could not be parsed, if readable. */
 export function peekAction(bytes: Buffer | undefined): string | undefined {
   if (!bytes) return undefined;

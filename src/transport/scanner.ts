@@ -21,7 +21,7 @@
 
 import { isAscii } from "node:buffer";
 import { Code } from "../protocol/codes.js";
-import { ACTION_PEEK_BYTES, peekAction } from "../protocol/frames.js";
+import { ACTION_PEEK_BYTES, parsedAction, peekAction } from "../protocol/frames.js";
 import type { UploadSink } from "../protocol/session.js";
 
 /**
@@ -585,7 +585,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       }
       case Fault.TwoUploads: {
         const bytes = this.takeFrame(chunk, start, end);
-        this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice)", peekAction(bytes), this.ctx);
+        this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice)", parsedAction(bytes), this.ctx);
         return;
       }
       case Fault.None:
