@@ -33,6 +33,7 @@ export interface Config {
   authRate: number;
   authBurst: number;
   hashQueuePerAddress: number;
+  trustedAddresses: string;
   maxSessionsPerUser: number;
   maxConnectionsPerUser: number;
   shutdownTimeout: number;
@@ -86,6 +87,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "authFailWindow", flag: "--auth-fail-window", env: "WIRECHAT_AUTH_FAIL_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds; also the longest back-off" },
   { key: "authRate", flag: "--auth-rate", env: "WIRECHAT_AUTH_RATE", kind: "int", default: 20, min: 1, help: "password checks (register, auth with a password, changepassword, deleteaccount) per second one IP address may sustain (status 13 past it)" },
   { key: "authBurst", flag: "--auth-burst", env: "WIRECHAT_AUTH_BURST", kind: "int", default: 300, min: 1, help: "password checks one IP address may start at once above --auth-rate" },
+  { key: "trustedAddresses", flag: "--trusted-addresses", env: "WIRECHAT_TRUSTED_ADDRESSES", kind: "string", default: "127.0.0.1,::1", help: "comma-separated IP addresses exempt from --auth-rate/--auth-burst (a proxy on the same host, local test and conformance scripts); empty for none" },
   { key: "hashQueuePerAddress", flag: "--hash-queue-per-address", env: "WIRECHAT_HASH_QUEUE_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "password checks from one IP address waiting for the hasher (served round-robin between addresses; status 13 past it)" },
   { key: "maxSessionsPerUser", flag: "--max-sessions-per-user", env: "WIRECHAT_MAX_SESSIONS_PER_USER", kind: "int", default: 64, min: 1, help: "stored sessions per user; a new one past it revokes the oldest" },
   { key: "maxConnectionsPerUser", flag: "--max-connections-per-user", env: "WIRECHAT_MAX_CONNECTIONS_PER_USER", kind: "int", default: 100, min: 1, help: "simultaneous authenticated connections per user (auth past it gets status 13)" },

@@ -184,7 +184,7 @@ describe("password hashing is shared fairly between addresses", () => {
 
 describe("register and successful logins are throttled per address", () => {
   it("past --auth-burst password checks from one address, register and a right password get 13", async () => {
-    const server = await startTestServer({ authRate: 1, authBurst: 3 });
+    const server = await startTestServer({ authRate: 1, authBurst: 3, trustedAddresses: "" });
     const addr = "127.0.0.6";
     const cs: Client[] = [];
     for (let i = 0; i < 6; i++) cs.push(await connectFrom(server.port, addr));
@@ -207,6 +207,23 @@ describe("register and successful logins are throttled per address", () => {
     const elsewhere = await connectFrom(server.port, "127.0.0.7");
     expect((await elsewhere.request("auth", { login, pass: "p" })).status).toBe(0);
     await closeAll(elsewhere, ...cs, ...more);
+    await server.stop();
+  });
+
+  it("--trusted-addresses (loopback by default) take no part in the rate: a local script registers past the burst", async () => {
+    const server = await startTestServer({ authRate: 1, authBurst: 3 });
+    const local: Client[] = [];
+    for (let i = 0; i < 12; i++) local.push(await connectFrom(server.port, "127.0.0.1"));
+    local.forEach((c) => c.send("register", { login: uniqueName("tru"), pass: "p", nick: uniqueName("tru") }));
+    const statuses = (await Promise.all(local.map((c) => c.reply("register", 20_000)))).map((f) => f.data.status as number);
+    expect(statuses).toEqual(local.map(() => 0));
+    // Any other address is held to it.
+    const other: Client[] = [];
+    for (let i = 0; i < 6; i++) other.push(await connectFrom(server.port, "127.0.0.8"));
+    other.forEach((c) => c.send("register", { login: uniqueName("unt"), pass: "p", nick: uniqueName("unt") }));
+    const others = (await Promise.all(other.map((c) => c.reply("register", 20_000)))).map((f) => f.data.status as number);
+    expect(others).toContain(13);
+    await closeAll(...local, ...other);
     await server.stop();
   });
 

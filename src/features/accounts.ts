@@ -31,6 +31,13 @@ export function registerAccounts(sv: Services): void {
     queuePerAddress: config.hashQueuePerAddress,
     rate: config.authRate,
     burst: config.authBurst,
+    trusted: new Set(
+      config.trustedAddresses
+        .split(",")
+        .map((a) => a.trim())
+        .filter((a) => a !== "")
+        .map((a) => (a.startsWith("::ffff:") ? a.slice(7) : a)),
+    ),
   });
   const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
   const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);
