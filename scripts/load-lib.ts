@@ -6,6 +6,7 @@
 import { readFileSync, readdirSync, rmSync } from "node:fs";
 import net from "node:net";
 import { parseArgs } from "node:util";
+import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { rssKiB, startServer, type Server } from "./bench-lib.js";
 
 // ---- flags -------------------------------------------------------------------------
@@ -272,18 +273,14 @@ export function actionOf(line: Buffer): string {
 // ---- the canary --------------------------------------------------------------------
 
 /** One connection that round-trips ping every `intervalMs`, one at a time. */
-export class Canary {
+/** The canary's connection and ping loop; runs in its own worker thread (see Canary). */
+class CanaryProbe {
   private conn: LineSocket | undefined;
   private sentAt = 0;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
-  /** Latencies in ms since the last takeWindow(). */
-  private window: number[] = [];
-  readonly all: number[] = [];
-  /** Pings that got no reply within timeoutMs, and connections the server closed. */
-  timeouts = 0;
-  closes = 0;
-  problems: string[] = [];
+  /** Where each figure goes (the worker posts it to the main thread). */
+  report: (m: CanaryReport) => void = () => {};
 
   constructor(
     private readonly host: string,
@@ -306,15 +303,13 @@ export class Canary {
       if (this.sentAt > 0 && line.includes('"action":"ping"')) {
         const ms = performance.now() - this.sentAt;
         this.sentAt = 0;
-        this.window.push(ms);
-        this.all.push(ms);
+        this.report({ kind: "latency", ms });
         this.schedule(this.intervalMs);
       }
     };
     void c.done.then(() => {
       if (this.stopped) return;
-      this.closes++;
-      if (this.problems.length < 5) this.problems.push(`the server closed the canary connection (${c.error ?? "FIN"})`);
+      this.report({ kind: "closed", problem: `the server closed the canary connection (${c.error ?? "FIN"})` });
       clearTimeout(this.timer);
       setTimeout(() => void this.start().catch(() => {}), 100);
     });
@@ -329,14 +324,67 @@ export class Canary {
     if (this.stopped || !this.conn || this.conn.closed) return;
     if (this.sentAt > 0) {
       // still waiting: a timeout
-      this.timeouts++;
-      this.window.push(this.timeoutMs);
-      this.all.push(this.timeoutMs);
-      if (this.problems.length < 5) this.problems.push(`a canary ping got no reply within ${this.timeoutMs} ms`);
+      this.report({ kind: "timeout", ms: this.timeoutMs, problem: `a canary ping got no reply within ${this.timeoutMs} ms` });
     }
     this.sentAt = performance.now();
     this.conn.write('{"action":"ping"}\n');
     this.timer = setTimeout(() => this.ping(), this.timeoutMs);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.conn?.sock.destroy();
+  }
+}
+
+type CanaryReport =
+  | { kind: "ready" }
+  | { kind: "latency"; ms: number }
+  | { kind: "timeout"; ms: number; problem: string }
+  | { kind: "closed"; problem: string };
+
+/**
+ * A connection that round-trips `ping` every intervalMs and records the latency. It runs
+ * in a worker thread of its own: measured from the load's own event loop, every pause of
+ * the load generator (its GC over the ids it tracks grows with the run) would be
+ * counted as the server's.
+ */
+export class Canary {
+  private worker: Worker | undefined;
+  /** Latencies in ms since the last takeWindow(). */
+  private window: number[] = [];
+  readonly all: number[] = [];
+  /** Pings that got no reply within timeoutMs, and connections the server closed. */
+  timeouts = 0;
+  closes = 0;
+  problems: string[] = [];
+
+  constructor(
+    private readonly host: string,
+    private readonly port: number,
+    private readonly intervalMs: number,
+    private readonly timeoutMs = 10_000,
+  ) {}
+
+  start(): Promise<void> {
+    const worker = new Worker(new URL(import.meta.url), {
+      workerData: { canary: { host: this.host, port: this.port, intervalMs: this.intervalMs, timeoutMs: this.timeoutMs } },
+    });
+    this.worker = worker;
+    return new Promise((resolve, reject) => {
+      worker.once("error", reject);
+      worker.on("message", (m: CanaryReport) => {
+        if (m.kind === "ready") return resolve();
+        if (m.kind === "latency" || m.kind === "timeout") {
+          this.window.push(m.ms);
+          this.all.push(m.ms);
+        }
+        if (m.kind === "timeout") this.timeouts++;
+        if (m.kind === "closed") this.closes++;
+        if (m.kind !== "latency" && this.problems.length < 5) this.problems.push(m.problem);
+      });
+    });
   }
 
   /** The latencies since the last call. */
@@ -347,10 +395,15 @@ export class Canary {
   }
 
   stop(): void {
-    this.stopped = true;
-    clearTimeout(this.timer);
-    this.conn?.sock.destroy();
+    void this.worker?.terminate();
   }
+}
+
+if (!isMainThread && (workerData as { canary?: unknown } | null)?.canary) {
+  const o = (workerData as { canary: { host: string; port: number; intervalMs: number; timeoutMs: number } }).canary;
+  const probe = new CanaryProbe(o.host, o.port, o.intervalMs, o.timeoutMs);
+  probe.report = (m) => parentPort!.postMessage(m);
+  void probe.start().then(() => parentPort!.postMessage({ kind: "ready" } satisfies CanaryReport));
 }
 
 // ---- figures -----------------------------------------------------------------------
