@@ -305,6 +305,33 @@ describe("clients that do not read", () => {
   }, 60_000);
 });
 
+describe("a reader behind large attachments", () => {
+  it("is not closed as a slow reader by a dozen large attachments in a row", async () => {
+    const server = await startTestServer();
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    // b reads nothing while twelve 1.5 MiB attachments are sent to it: each used to
+    // count as 2 MiB (a quarter of the 8 MiB cap), so once the socket buffers were full
+    // the fifth one queued closed it.
+    b.client.socket.pause();
+    const data = Buffer.alloc(1536 * 1024, 7).toString("base64");
+    for (let i = 0; i < 12; i++) {
+      const r = await a.client.request("message", { uid: b.uid, body: `big ${i}`, attach: { mime: "a/b", data } });
+      expect(r.status).toBe(0);
+    }
+    await sleep(200);
+    expect(b.client.isClosed).toBe(false);
+    b.client.socket.resume();
+    for (let i = 0; i < 12; i++) {
+      const ev = await b.client.event("ev_message", (m) => m.body === `big ${i}`, 30_000);
+      expect(ev.attach.data.length).toBe(data.length);
+    }
+    expect(b.client.isClosed).toBe(false);
+    for (const x of [a, b]) x.client.close();
+    await server.stop();
+  }, 60_000);
+});
+
 describe("the per-address cap", () => {
   it("200 clients from one address, each connecting and registering at once, all succeed by default", async () => {
     const server = await startTestServer();

@@ -12,9 +12,14 @@
 // as a slow reader (its inbox entries stay unconfirmed, so nothing is lost); a reply
 // never does, because the dispatcher runs a connection's next request only once the
 // connection is no longer congested (a quarter of the cap), and large replies stream.
-// A queued streamed frame (an attachment) counts as the size it will take, up to a
-// quarter of the cap (it is written at the pace the client reads, so one larger than
-// the cap is fine; a pile of them behind a client that does not read is not).
+// A queued streamed frame (an attachment) counts as its text plus at most 64 KiB of
+// its data: the data stays on disk until the client reads it, so what a queued one
+// holds here is small, but a pile of them behind a client that does not read is
+// bounded too (128 with the default cap). Counting each as its full size (up to a
+// quarter of the cap) closed a client that was reading as fast as it could after five
+// large attachments in a row: anyone could disconnect a whole channel that way.
+//
+// (ATTACHMENT_WEIGHT below.)
 //
 // Closing is a lingering close, as HTTP servers do it: what is owed is flushed, the
 // sending side is shut (FIN), and what the client still sends is read and discarded
@@ -35,6 +40,9 @@ import type { Peer } from "../protocol/session.js";
  * connection (its send buffer and the peer's receive buffer, at their configured
  * maxima), and never less than 16 MiB.
  */
+
+/** What one queued attachment counts toward the outbound cap, at most (see the top). */
+const ATTACHMENT_WEIGHT = 64 * 1024;
 export function deliverySlack(): number {
   const max = (file: string) => {
     try {
@@ -194,7 +202,7 @@ export class Connection implements Peer {
   }
 
   private weight(frame: StreamedFrame): number {
-    return Math.min(frame.size ?? 0, this.outboundCap / 4);
+    return Math.min(frame.size ?? 0, ATTACHMENT_WEIGHT);
   }
 
   private schedule(): void {
