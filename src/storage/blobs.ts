@@ -298,6 +298,9 @@ export class BlobWriter {
     this.file = createWriteStream(tmpPath, { flags: "wx" });
     this.file.on("error", (err) => {
       this.fault ??= notStored(err);
+      // A connection paused for this file's buffer would wait for a drain that never
+      // comes: wake it, so the frame ends and finish() reports the fault.
+      this.onDrain?.();
     });
     this.file.on("drain", () => this.onDrain?.());
   }
