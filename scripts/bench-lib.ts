@@ -123,6 +123,18 @@ export function median(xs: number[]): number {
 }
 
 
+/**
+ * The resident set split: anonymous pages (the heap, buffers, LevelDB's memtables and
+ * cache, malloc) and file pages (mostly LevelDB's table files, which it maps read-only:
+ * page cache that grows with the data stored and that the kernel reclaims).
+ */
+export function rssSplitKiB(pid: number): { anon: number; file: number } {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const anon = /RssAnon:\s+(\d+) kB/.exec(status);
+  const file = /RssFile:\s+(\d+) kB/.exec(status);
+  return { anon: anon ? Number(anon[1]) : NaN, file: file ? Number(file[1]) : NaN };
+}
+
 export function rssKiB(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
   return m ? Number(m[1]) : NaN;

@@ -7,7 +7,7 @@ import { readFileSync, readdirSync, rmSync } from "node:fs";
 import net from "node:net";
 import { parseArgs } from "node:util";
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
-import { rssKiB, startServer, type Server } from "./bench-lib.js";
+import { rssKiB, rssSplitKiB, startServer, type Server } from "./bench-lib.js";
 
 // ---- flags -------------------------------------------------------------------------
 
@@ -139,6 +139,16 @@ export class ServerUnderTest {
       return rssKiB(this.pid);
     } catch {
       return NaN;
+    }
+  }
+
+  /** RssAnon and RssFile in KiB, or NaN. */
+  rssSplitKiB(): { anon: number; file: number } {
+    if (this.pid === undefined || this.exit) return { anon: NaN, file: NaN };
+    try {
+      return rssSplitKiB(this.pid);
+    } catch {
+      return { anon: NaN, file: NaN };
     }
   }
 

