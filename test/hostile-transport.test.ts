@@ -130,6 +130,9 @@ describe("uploads before auth", () => {
       const refused = await a.client.next();
       expect([refused.action, refused.data.status]).toEqual(["message", 3]);
     }
+    // An empty action is no action, as for any frame: "unknown".
+    a.client.write(`{"action":"message","action":"","data":{"uid":"${b.uid}",${att}}}\n`);
+    expect((await a.client.next()).action).toBe("unknown");
     await until(() => tmpFiles(server).length === 0, 5000, "temp files removed");
     // a well-formed attachment still streams
     const ok = await a.client.request("message", { uid: b.uid, body: "y", attach: { mime: "a/b", data: "QUJD" } });

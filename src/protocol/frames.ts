@@ -32,8 +32,8 @@ export function parsedAction(bytes: Buffer): string | undefined {
   try {
     const msg: unknown = JSON.parse(bytes.toString("utf8"));
     const action = (msg as { action?: unknown } | null)?.action;
-    if (typeof action === "string") return action;
-    return undefined;
+    // As the dispatcher answers a frame without one: no action, "unknown" in the reply.
+    return typeof action === "string" && action !== "" ? action : undefined;
   } catch {
     return peekAction(bytes);
   }
