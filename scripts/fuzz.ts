@@ -456,16 +456,26 @@ interface Expect {
 
 let sentinelSeq = 0;
 
-/** A checked (or, with `limit`, a limit-crossing) connection. Resolves when it has ended. */
-async function runChecked(limit: boolean, authed: boolean): Promise<void> {
+/** A new fuzz connection, counted and killable at the end. */
+function openConn(): { conn: LineSocket; self: { kill: () => void } } {
   stats.opened++;
   const conn = new LineSocket(server.host, server.port);
   const self = { kill: () => conn.sock.destroy() };
   live.add(self);
+  return { conn, self };
+}
+
+/** Waits for the welcome and, for an authenticated connection, registers. */
+async function setUp(conn: LineSocket, authed: boolean): Promise<Ctx> {
+  await welcomed(conn);
+  return ctxFor(authed ? await register(conn) : undefined);
+}
+
+/** A checked (or, with `limit`, a limit-crossing) connection. Resolves when it has ended. */
+async function runChecked(limit: boolean, authed: boolean): Promise<void> {
+  const { conn, self } = openConn();
   try {
-    await welcomed(conn);
-    const acct = authed ? await register(conn) : undefined;
-    const ctx = ctxFor(acct);
+    const ctx = await setUp(conn, authed);
     const queue: Expect[] = [];
     let head = 0;
     let sent = 0;
@@ -602,14 +612,9 @@ const GARBAGE = ["hello server\n", "\n\n", "   ", "}\n", "]]]\n", "\x00\x01\x02\
 
 /** A chaos connection: anything, then a probe that must be answered or the connection closed. */
 async function runChaos(authed: boolean): Promise<void> {
-  stats.opened++;
-  const conn = new LineSocket(server.host, server.port);
-  const self = { kill: () => conn.sock.destroy() };
-  live.add(self);
+  const { conn, self } = openConn();
   try {
-    await welcomed(conn);
-    const acct = authed ? await register(conn) : undefined;
-    const ctx = ctxFor(acct);
+    const ctx = await setUp(conn, authed);
     const probe = `zz_probe_${++sentinelSeq}`;
     let answered = false;
     let notice: string | undefined;
