@@ -2,7 +2,7 @@
 // collects and purges in the background. Each runs before storage closes or not at all,
 // and nothing is logged at error level or crashes the process.
 import { describe, expect, it } from "vitest";
-import { ChildServer, registerUser, useTempDirs, type Account } from "./helpers.js";
+import { ChildServer, Client, registerUser, useTempDirs, type Account } from "./helpers.js";
 
 const newDataDir = useTempDirs();
 
@@ -74,4 +74,24 @@ describe("SIGTERM while blobs are collected and a channel is purged", () => {
       b.client.close();
     }
   }, 90_000);
+});
+
+describe("SIGTERM with password checks queued", () => {
+  it("answers the waiting ones 16 at once: exit 0 within the shutdown timeout, nothing logged at error level", async () => {
+    // 40 registrations from one address at bcrypt cost 12 (a quarter second or more
+    // each, two at a time) queue for several seconds, longer than the 2 s shutdown
+    // timeout: had they been left to run, storage would close under their handlers.
+    const child = await ChildServer.start(newDataDir(), ["--bcrypt-cost", "12", "--shutdown-timeout", "2"]);
+    const clients = await Promise.all(Array.from({ length: 40 }, () => Client.connect(child.port)));
+    clients.forEach((c, i) => c.send("register", { login: `queued${process.pid}x${i}`, pass: "secret-pass", nick: `Queued${i}` }));
+    await new Promise((r) => setTimeout(r, 300));
+    child.proc.kill("SIGTERM");
+    const replies = await Promise.all(clients.map((c) => c.reply("register", 15_000).then((f) => f.data.status as number, () => -1)));
+    expect(await child.exited).toBe(0);
+    expect(logged(child.stdout(), 50)).toEqual([]);
+    // Checks that ran finished (0); the rest were answered 16 or cut by the close (-1).
+    expect(replies.filter((s) => s === 16).length).toBeGreaterThan(20);
+    expect(replies.every((s) => s === 0 || s === 16 || s === -1)).toBe(true);
+    for (const c of clients) c.close();
+  }, 60_000);
 });

@@ -39,6 +39,7 @@ export function registerAccounts(sv: Services): void {
         .map((a) => (a.startsWith("::ffff:") ? a.slice(7) : a)),
     ),
   });
+  hooks.onStop(() => hasher.stop());
   const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
   const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);
 

@@ -40,8 +40,11 @@ export interface HasherLimits {
   maxBuckets?: number;
 }
 
+const SHUTTING_DOWN = "the server is shutting down; retry in a moment";
+
 export class PasswordHasher {
   private running = 0;
+  private stopped = false;
   /** Addresses with checks waiting, in service order (the first is served next). */
   private readonly queues = new Map<string, Job[]>();
   private readonly buckets = new Map<string, Bucket>();
@@ -105,7 +108,19 @@ export class PasswordHasher {
     }
   }
 
+  /**
+   * Shutdown: checks still waiting are answered 16 at once and no new one starts, so
+   * that no handler is left waiting for hashes (up to --hash-queue-per-address per
+   * address, two at a time) while storage closes behind it. Running ones finish.
+   */
+  stop(): void {
+    this.stopped = true;
+    for (const q of this.queues.values()) for (const job of q) job.reject(new ProtocolError(Code.Unavailable, SHUTTING_DOWN));
+    this.queues.clear();
+  }
+
   private enqueue(address: string, run: () => Promise<unknown>): Promise<unknown> {
+    if (this.stopped) return Promise.reject(new ProtocolError(Code.Unavailable, SHUTTING_DOWN));
     const q = this.queues.get(address);
     if (q !== undefined && q.length >= this.limits.queuePerAddress) {
       return Promise.reject(new ProtocolError(Code.RateLimited, "too many password checks waiting from your address; retry later"));
