@@ -125,7 +125,7 @@ export function registerMessages(sv: Services): void {
     if (stored) m.attach = { mime: attach?.mime || "application/octet-stream", sha: stored.sha, size: stored.size };
     if (cmid !== undefined) m.cmid = cmid;
     // The record's text is the event's too, unless it holds what only the sender may see.
-    const stored_ = messages.append(m);
+    const stored_ = messages.append(m, req.plain, s.nickJson);
     const text = cmid === undefined ? stored_ : undefined;
     // In the same batch as the record: the first message of a pair records it for
     // dialogs; an attachment's reference keeps its blob.

@@ -64,6 +64,8 @@ export class Session {
   uid: string | undefined;
   sid: string | undefined;
   nick: string | undefined;
+  /** JSON.stringify(nick), made once at login (message records carry it). */
+  nickJson: string | undefined;
   /** When the session expires (unix s): the expiry sweep logs the connection out then. */
   expires = 0;
   /** The client acknowledges inbox events (hello {ack: true}). */
@@ -106,6 +108,7 @@ export class Session {
     this.uid = uid;
     this.sid = sid;
     this.nick = nick;
+    this.nickJson = JSON.stringify(nick);
     this.expires = expires;
     this.generation++;
     this.syncing = true;
@@ -114,7 +117,7 @@ export class Session {
   }
 
   logout(): void {
-    this.uid = this.sid = this.nick = undefined;
+    this.uid = this.sid = this.nick = this.nickJson = undefined;
     this.expires = 0;
     this.lastInbox = 0;
     this.generation++;

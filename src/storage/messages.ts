@@ -227,10 +227,10 @@ export class MessageStore {
    * record's JSON text (see recordJson). The caller waits for the batch with
    * storage.afterCommit before acknowledging.
    */
-  append(m: MessageRecord): { json: string; cut: number } {
+  append(m: MessageRecord, plainBody = false, nickJson?: string): { json: string; cut: number } {
     const seq = this.seq.next();
     m.mid = String(seq);
-    const text = recordJson(m);
+    const text = recordJson(m, plainBody, nickJson);
     this.storage.put(this.s.log.prefix + seqKey(seq), text.json);
     const conv = m.to !== undefined ? this.directConv(m.from, m.to) : convOf(m);
     const list = this.hist.get(conv);
