@@ -266,6 +266,34 @@ describe("closing without a reset", () => {
   }, 60_000);
 });
 
+describe("connections closing at once", () => {
+  it("past 1,024 lingering, a quit connection is cut off at once: one address cannot pile up descriptors by quitting", async () => {
+    // Linger 30 s: only the cap can end these closes early. A quit connection leaves its
+    // address's slot, so waves of 220 (under the per-address cap) go on and on.
+    const server = await startTestServer({ closeLinger: 30 });
+    const socks: ReturnType<typeof rawSocket>[] = [];
+    for (let wave = 0; wave < 6; wave++) {
+      const batch = Array.from({ length: 220 }, () => rawSocket(server.port, { allowHalfOpen: true }));
+      await Promise.all(batch.map((r) => r.connected));
+      for (const r of batch) r.socket.write('{"action":"quit"}\n');
+      await within(Promise.all(batch.map((r) => r.ended)), 10_000, "the quit replies");
+      socks.push(...batch);
+    }
+    // Every client got its quit reply; none closed its side. Bytes sent now are
+    // discarded by a lingering connection and reset by one that was cut off.
+    for (const r of socks) expect(r.lines().some((l) => l.includes('"quit"'))).toBe(true);
+    // (A reset shows on the write after the one it answers.)
+    for (const r of socks) r.socket.write("{}\n");
+    await sleep(200);
+    for (const r of socks) r.socket.write("{}\n");
+    await until(() => socks.filter((r) => r.reset).length >= socks.length - 1024, 5_000, "the closes past the cap");
+    await sleep(200);
+    expect(socks.filter((r) => r.reset).length).toBeLessThanOrEqual(socks.length - 1024 + 10);
+    for (const r of socks) r.socket.destroy();
+    await server.stop();
+  }, 60_000);
+});
+
 describe("clients that do not read", () => {
   it("a non-reader owed ~5 MB is gone shortly after its idle limit, its memory freed", async () => {
     const server = await startTestServer({ idleAuth: 1, idleUnauth: 1, closeLinger: 1 });

@@ -343,12 +343,22 @@ export class Connection implements Peer {
    * Flushes everything queued (streams included), then shuts the sending side and
    * discards input until the client closes; destroys it after `lingerMs` at the latest.
    */
+  /**
+   * Too many connections are lingering: this one is destroyed as soon as what it is owed
+   * has been handed to the socket (this turn), without waiting for its client.
+   */
+  cutLinger(): void {
+    if (!this.ending || this.socket.destroyed) return;
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    this.lingerTimer = setTimeout(lingerOver, 0, this);
+  }
+
   end(): void {
     if (this.ending || this.socket.destroyed) return;
     this.ending = true;
-    this.onEnding?.(this);
     this.lingerTimer = setTimeout(lingerOver, this.lingerMs, this);
     this.lingerTimer.unref();
+    this.onEnding?.(this);
     // Read again whatever paused reading: input is discarded from now on (the owner
     // checks `closed`), so that nothing unread is left to turn the close into a reset.
     this.pausedFor = 0;

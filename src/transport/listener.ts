@@ -40,6 +40,13 @@ function discard(): void {}
 
 /** Refused sockets lingering at once; past it a refused socket is destroyed at once. */
 const MAX_REFUSING = 1024;
+/**
+ * Closing connections lingering at once; past it a closing connection is destroyed
+ * once its last frames are handed to the socket. A closing connection holds no slot
+ * (neither its address's nor its user's), so without this one address could quit
+ * connections faster than they linger out and pile up descriptors.
+ */
+const MAX_LINGERING = 1024;
 
 /** Unauthenticated connections and TLS handshakes of one address (see the top). */
 interface AddressSlots {
@@ -247,7 +254,7 @@ export class Listener {
 
   /** A closing connection lingers a little (see Connection.end) without holding a slot. */
   private readonly ending = (conn: Connection): void => {
-    this.lingering++;
+    if (++this.lingering > MAX_LINGERING) conn.cutLinger();
     const slots = this.perAddress.get(conn.address);
     if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.address, slots);
   };
