@@ -527,8 +527,12 @@ export class Dispatcher {
   private inlineUpload(paths: readonly (readonly string[])[], data: Record<string, unknown>): Upload | undefined {
     if (!this.newUpload) return undefined;
     for (const p of paths) {
-      let parent: unknown = { data };
-      for (const key of p.slice(0, -1)) {
+      // Paths start at the frame's "data" (ActionSpec.streams); walked without allocating,
+      // since every message passes here.
+      if (p[0] !== "data" || p.length < 2) continue;
+      let parent: unknown = data;
+      for (let i = 1; i < p.length - 1 && parent !== undefined; i++) {
+        const key = p[i];
         parent = parent !== null && typeof parent === "object" && Object.hasOwn(parent, key) ? (parent as Record<string, unknown>)[key] : undefined;
       }
       const last = p[p.length - 1];
