@@ -7,9 +7,11 @@
 // syscall, not one per frame. (At setImmediate they also waited for every other
 // socket read in the same poll phase: S2 at 5,000 msg/s, five back-to-back pairs of
 // runs, p99 delivery 6.1-14.7 ms (median 8.1) at setImmediate against 4.8-11.5 ms
-// (median 5.7) at nextTick; S1 unchanged within its noise.) A streamed frame (an attachment read
-// from disk, a long list read page by page) is written piece by piece, each piece only
-// once the socket has drained, and frames queued behind it wait.
+// (median 5.7) at nextTick; S1 unchanged within its noise.)
+//
+// A streamed frame (an attachment read from disk, a long list read page by page) is
+// written piece by piece, each piece only once the socket has drained, and frames
+// queued behind it wait.
 //
 // Every outbound character counts: the characters queued here plus the socket's own
 // buffer. An event that would take that past the outbound cap closes the connection
@@ -21,9 +23,8 @@
 // holds here is small, but a pile of them behind a client that does not read is
 // bounded too (128 with the default cap). Counting each as its full size (up to a
 // quarter of the cap) closed a client that was reading as fast as it could after five
-// large attachments in a row: anyone could disconnect a whole channel that way.
-//
-// (ATTACHMENT_WEIGHT below.)
+// large attachments in a row: anyone could disconnect a whole channel that way
+// (ATTACHMENT_WEIGHT below).
 //
 // Closing is a lingering close, as HTTP servers do it: what is owed is flushed, the
 // sending side is shut (FIN), and what the client still sends is read and discarded
@@ -38,15 +39,15 @@ import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Peer } from "../protocol/session.js";
 
+/** What one queued attachment counts toward the outbound cap, at most (see the top). */
+const ATTACHMENT_WEIGHT = 64 * 1024;
+
 /**
  * Characters that must be handed to the OS after a frame before a client that does
  * not acknowledge can be taken to have read it: more than the kernel can hold for the
  * connection (its send buffer and the peer's receive buffer, at their configured
  * maxima), and never less than 16 MiB.
  */
-
-/** What one queued attachment counts toward the outbound cap, at most (see the top). */
-const ATTACHMENT_WEIGHT = 64 * 1024;
 export function deliverySlack(): number {
   const max = (file: string) => {
     try {
@@ -344,10 +345,6 @@ export class Connection implements Peer {
   }
 
   /**
-   * Flushes everything queued (streams included), then shuts the sending side and
-   * discards input until the client closes; destroys it after `lingerMs` at the latest.
-   */
-  /**
    * Too many connections are lingering: this one is destroyed as soon as what it is owed
    * has been handed to the socket (this turn), without waiting for its client.
    */
@@ -357,6 +354,10 @@ export class Connection implements Peer {
     this.lingerTimer = setTimeout(lingerOver, 0, this);
   }
 
+  /**
+   * Flushes everything queued (streams included), then shuts the sending side and
+   * discards input until the client closes; destroys it after `lingerMs` at the latest.
+   */
   end(): void {
     if (this.ending || this.socket.destroyed) return;
     this.ending = true;
