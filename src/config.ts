@@ -41,6 +41,7 @@ export interface Config {
   tlsCert: string;
   tlsKey: string;
   stats: number;
+  backgroundNice: number;
 }
 
 type Kind = "int" | "string";
@@ -53,6 +54,7 @@ interface OptionSpec {
   default: string | number;
   help: string;
   min?: number;
+  max?: number;
 }
 
 export const OPTIONS: readonly OptionSpec[] = [
@@ -92,6 +94,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "maxSessionsPerUser", flag: "--max-sessions-per-user", env: "WIRECHAT_MAX_SESSIONS_PER_USER", kind: "int", default: 64, min: 1, help: "stored sessions per user; a new one past it revokes the oldest" },
   { key: "maxConnectionsPerUser", flag: "--max-connections-per-user", env: "WIRECHAT_MAX_CONNECTIONS_PER_USER", kind: "int", default: 100, min: 1, help: "simultaneous authenticated connections per user (auth past it gets status 13)" },
   { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },
+  { key: "backgroundNice", flag: "--background-nice", env: "WIRECHAT_BACKGROUND_NICE", kind: "int", default: 10, min: 0, max: 19, help: "nice value (0-19) for the process's threads other than the event loop (LevelDB, the I/O pool, bcrypt, GC helpers), so they yield a shared core to it; 0 leaves them alone (Linux only)" },
   { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, help: "TLS port, used when --tls-cert and --tls-key are given" },
   { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener" },
   { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file" },
@@ -110,6 +113,7 @@ function convert(o: OptionSpec, raw: string, source: string): string | number {
   if (!/^\d+$/.test(raw)) throw new ConfigError(`${source}: expected a whole number, got "${raw}"`);
   const v = Number(raw);
   if (o.min !== undefined && v < o.min) throw new ConfigError(`${source}: must be at least ${o.min}`);
+  if (o.max !== undefined && v > o.max) throw new ConfigError(`${source}: must be at most ${o.max}`);
   return v;
 }
 

@@ -3,6 +3,7 @@
 
 import { ConfigError, helpText, parseArgs } from "./config.js";
 import { startServer } from "./server.js";
+import { ThreadPriority } from "./thread-priority.js";
 
 async function main(): Promise<void> {
   let parsed;
@@ -18,8 +19,12 @@ async function main(): Promise<void> {
     return;
   }
   const server = await startServer(parsed.config);
+  // The process is ours: its background threads yield the core to the event loop.
+  const priority = new ThreadPriority(parsed.config.backgroundNice, server.services.log);
+  priority.start();
   const shutdown = (signal: string) => {
     server.services.log.info({ signal }, "shutting down");
+    priority.stop();
     server.stop().then(
       () => process.exit(0),
       (err) => {

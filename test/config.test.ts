@@ -22,6 +22,7 @@ describe("options", () => {
     expect(() => parseArgs(["--port"], {})).toThrow(/needs a value/);
     expect(() => parseArgs(["--port", "abc"], {})).toThrow(/whole number/);
     expect(() => parseArgs(["--max-frame", "1"], {})).toThrow(/at least/);
+    expect(() => parseArgs(["--background-nice", "20"], {})).toThrow(/at most 19/);
     expect(() => parseArgs([], { WIRECHAT_PORT: "x" })).toThrow(/WIRECHAT_PORT/);
   });
 
