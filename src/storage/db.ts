@@ -54,12 +54,21 @@ export function del(sublevel: Space, key: string): BatchOp {
  * µs, from a larger skip list). The buffer is memory that is only filled under write
  * load. Compression stays on: it cost less CPU than writing uncompressed tables.
  * The block cache (16 MiB, default 8) keeps recent history and index blocks warm.
+ *
+ * At most 64 files open (default 1000): LevelDB maps every open table file into
+ * memory (on 64-bit, up to 1,000 of them) and reads through the mapping, so each page
+ * a read touches stays in the server's RSS for as long as its table is open. With
+ * 1,000 that grows with the database: a 30-minute soak's RSS rose 44 % after warm-up
+ * (mapped table pages 104 -> 198 MiB) while the anonymous memory rose 3 %. 64 open
+ * files (54 tables, ~2 MiB each past level 0) bound the mapped pages; a table read
+ * after it was closed is opened again (its index and filter read once more).
  */
 const LEVEL_OPTIONS = {
   keyEncoding: "utf8",
   valueEncoding: "utf8",
   writeBufferSize: 64 * 1024 * 1024,
   cacheSize: 16 * 1024 * 1024,
+  maxOpenFiles: 64,
 } as const;
 
 type Done = (err: Error | undefined) => void;
