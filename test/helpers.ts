@@ -201,13 +201,14 @@ export class ChildServer {
     readonly stdout: () => string,
   ) {}
 
-  static async start(dataDir: string, extra: string[] = []): Promise<ChildServer> {
+  /** `wrap`: a command that execs node in its place (e.g. `prlimit --fsize=N --`). */
+  static async start(dataDir: string, extra: string[] = [], wrap: string[] = []): Promise<ChildServer> {
     const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
-    const proc = spawn(
-      process.execPath,
-      [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dataDir, "--bcrypt-cost", "4", "--log-level", "info", ...extra],
-      { stdio: ["ignore", "pipe", "pipe"] },
-    );
+    const args = [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dataDir, "--bcrypt-cost", "4", "--log-level", "info", ...extra];
+    const proc =
+      wrap.length > 0
+        ? spawn(wrap[0], [...wrap.slice(1), process.execPath, ...args], { stdio: ["ignore", "pipe", "pipe"] })
+        : spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
     const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
     const port = await new Promise<number>((resolve, reject) => {

@@ -73,17 +73,17 @@ async function stopChild(child: ChildServer, dir: string): Promise<void> {
  * Starts child servers (built dist) on temp data dirs; each is killed and its dir
  * removed after the test (`scope: "each"`) or after the file (`scope: "all"`).
  */
-export function useChildServers(scope: "each" | "all" = "each"): (extra?: string[]) => Promise<ChildServer> {
+export function useChildServers(scope: "each" | "all" = "each"): (extra?: string[], wrap?: string[]) => Promise<ChildServer> {
   const started: { child: ChildServer; dir: string }[] = [];
   const cleanup = async () => {
     for (const { child, dir } of started.splice(0)) await stopChild(child, dir);
   };
   if (scope === "each") afterEach(cleanup);
   else afterAll(cleanup);
-  return async (extra: string[] = []) => {
+  return async (extra: string[] = [], wrap: string[] = []) => {
     const dir = tempDir();
     try {
-      const child = await ChildServer.start(dir, extra);
+      const child = await ChildServer.start(dir, extra, wrap);
       started.push({ child, dir });
       return child;
     } catch (err) {

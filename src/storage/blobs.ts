@@ -338,8 +338,11 @@ export class BlobWriter {
 
   private discard(): void {
     this.done = true;
+    const remove = () => void unlink(this.tmpPath).catch(() => {});
+    // A file that failed to write has closed already, and 'close' does not come twice.
+    if (this.file.closed) return remove();
     this.file.destroy();
-    this.file.once("close", () => void unlink(this.tmpPath).catch(() => {}));
+    this.file.once("close", remove);
   }
 
   /** The frame was broken or the connection went away mid-upload: nothing of it stays. */
