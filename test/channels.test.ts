@@ -132,6 +132,32 @@ describe("channellist", () => {
     expect((await lookup(b.client, ch.chid)).online).toBe(0);
     await closeAll(b.client);
   });
+
+  it("counts right whichever is larger, a channel's members or the users online", async () => {
+    // Its own server, so that who is online is known exactly.
+    const srv = await startServer(testConfig());
+    try {
+      const members = [];
+      for (let i = 0; i < 8; i++) members.push(await registerUser(srv.port));
+      const big = await newChannel(members[0]);
+      for (const u of members.slice(1)) expect((await u.client.request("enter", { channel: big.chid })).status).toBe(0);
+      const small = await newChannel(members[1]);
+      await closeAll(...members.slice(2).map((u) => u.client));
+      const others = [];
+      for (let i = 0; i < 4; i++) others.push(await registerUser(srv.port));
+      // Online: members 0 and 1 and the four others (6). big: 8 members, 2 of them
+      // online (counted over the users online); small: 1 member, online (over its members).
+      await eventually(async () => {
+        const r = await others[0].client.request("channellist");
+        const online = Object.fromEntries(r.channels.map((c: any) => [c.chid, c.online]));
+        expect(online).toEqual({ [big.chid]: 2, [small.chid]: 1 });
+      });
+      await closeAll(members[0].client, members[1].client, ...others.map((u) => u.client));
+    } finally {
+      await srv.stop();
+      removeDir(srv.services.config.dataDir);
+    }
+  });
 });
 
 describe("enter", () => {

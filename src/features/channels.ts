@@ -89,7 +89,8 @@ export function registerChannels(sv: Services): void {
   });
 
   // Every channel, a page at a time (one range read of `limit` records); `online`
-  // counts each listed channel's members from the membership cache.
+  // counts each listed channel's members online from the membership cache, over the
+  // smaller of its members and the users online (ChannelStore.countPresent).
   dispatcher.register<{ limit?: number; after?: string }>({
     name: "channellist",
     schema: { type: "object", properties: { limit: { type: "integer", minimum: 1 }, after: requiredString(64) } },
@@ -97,8 +98,7 @@ export function registerChannels(sv: Services): void {
       const limit = Math.min(req.data.limit ?? LIST_DEFAULT, LIST_MAX);
       const list = [];
       for (const c of await channels.page(limit, req.data.after)) {
-        let online = 0;
-        for (const uid of await channels.members(c.chid)) if (router.isOnline(uid)) online++;
+        const online = await channels.countPresent(c.chid, router.online);
         list.push({ chid: c.chid, name: c.name, descr: c.descr, online });
       }
       return { channels: list };

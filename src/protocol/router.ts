@@ -88,6 +88,11 @@ export class Router implements Delivery {
     return this.users.has(uid);
   }
 
+  /** The users online (a live view, keyed by uid; read it within the current turn). */
+  get online(): ReadonlyMap<string, unknown> {
+    return this.users;
+  }
+
   sessions(uid: string): readonly Session[] {
     const cur = this.users.get(uid);
     return cur === undefined ? NONE : Array.isArray(cur) ? cur : [cur];

@@ -135,6 +135,23 @@ export class ChannelStore {
     return [...(await this.load(chid))].sort();
   }
 
+  /**
+   * How many members of `chid` are in `present` (the users online): counted over the
+   * smaller of the two sets, without copying or sorting either, so a listed channel
+   * costs min(members, users online) lookups, not a copy of its member list.
+   */
+  async countPresent(chid: string, present: ReadonlyMap<string, unknown>): Promise<number> {
+    // A change in flight: the disk may be ahead of the cache (see the top).
+    const uids = this.fresh(chid)?.uids ?? (this.unreported.has(chid) ? new Set(await this.members(chid)) : await this.load(chid));
+    let n = 0;
+    if (uids.size <= present.size) {
+      for (const uid of uids) if (present.has(uid)) n++;
+    } else {
+      for (const uid of present.keys()) if (uids.has(uid)) n++;
+    }
+    return n;
+  }
+
   async isMember(chid: string, uid: string): Promise<boolean> {
     const hit = this.fresh(chid);
     if (hit) return hit.uids.has(uid);
