@@ -137,13 +137,13 @@ describe("channellist", () => {
     // Its own server, so that who is online is known exactly.
     const srv = await startServer(testConfig());
     try {
-      const members = [];
+      const members: Account[] = [];
       for (let i = 0; i < 8; i++) members.push(await registerUser(srv.port));
       const big = await newChannel(members[0]);
       for (const u of members.slice(1)) expect((await u.client.request("enter", { channel: big.chid })).status).toBe(0);
       const small = await newChannel(members[1]);
       await closeAll(...members.slice(2).map((u) => u.client));
-      const others = [];
+      const others: Account[] = [];
       for (let i = 0; i < 4; i++) others.push(await registerUser(srv.port));
       // Online: members 0 and 1 and the four others (6). big: 8 members, 2 of them
       // online (counted over the users online); small: 1 member, online (over its members).
