@@ -295,7 +295,13 @@ export function registerMessages(sv: Services): void {
       const below = req.data.before !== undefined ? Number(req.data.before) : Infinity;
       const [direct, chans] = await Promise.all([messages.dialogs(me, limit, below), channelDialogs(me, limit, below)]);
       const page = [...direct, ...chans].sort((a, b) => b.seq - a.seq).slice(0, limit);
-      const lasts = await messages.recordsAt(page.map((r) => r.seq));
+      // A direct conversation's last record was read while its entry was checked; the
+      // rest (channels, repaired entries) are read here, in one getMany.
+      const known = page.map((r) => ("record" in r ? r.record : undefined));
+      const missing = page.filter((_, i) => known[i] === undefined).map((r) => r.seq);
+      const read = await messages.recordsAt(missing);
+      let n = 0;
+      const lasts = known.map((m) => m ?? read[n++]);
       const summary = (m: MessageRecord) => ({ mid: m.mid, from: m.from, body: m.body, time: m.time });
       const rows = await Promise.all(
         page.map(async (r, i) => {

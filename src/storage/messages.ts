@@ -71,6 +71,13 @@ const MIGRATE_PAGE = 1000;
 /** Channels whose last seq is remembered (cleared when full, like KNOWN_PEERS). */
 const KNOWN_LASTS = 65_536;
 
+/** A direct conversation in `dialogs`: its peer, its last seq, and that record if read. */
+export interface DialogEntry {
+  peer: string;
+  seq: number;
+  record: MessageRecord | undefined;
+}
+
 export interface InboxItem {
   seq: number;
   /** undefined when the message has been deleted since. */
@@ -686,8 +693,10 @@ export class MessageStore {
    * each candidate's actual last seq is read (its record still exists: that seq; else
    * from its history), and a candidate is handed out only once the index has gone
    * below its actual seq: no later candidate can be newer (actual ≤ index).
+   * `record` is that last message when it was read on the way (most entries), so the
+   * caller need not read it again.
    */
-  async dialogs(uid: string, limit: number, below = Infinity): Promise<{ peer: string; seq: number }[]> {
+  async dialogs(uid: string, limit: number, below = Infinity): Promise<DialogEntry[]> {
     const mem = new Map<string, number>();
     for (const d of [this.writing, this.pending]) {
       const peers = d?.dialogs.get(uid);
@@ -696,11 +705,11 @@ export class MessageStore {
     const fromMem = [...mem].filter(([, seq]) => seq < below).sort((a, b) => b[1] - a[1]);
     // A conversation newer than `below` in memory was on an earlier page.
     const seen = new Set<string>([...mem].filter(([, seq]) => seq >= below).map(([peer]) => peer));
-    const out: { peer: string; seq: number }[] = [];
-    const held: { peer: string; seq: number }[] = [];
+    const out: DialogEntry[] = [];
+    const held: DialogEntry[] = [];
     const release = (floor: number) => {
       held.sort((a, b) => b.seq - a.seq);
-      while (held.length > 0 && out.length < limit && held[0].seq >= floor) out.push(held.shift() as { peer: string; seq: number });
+      while (held.length > 0 && out.length < limit && held[0].seq >= floor) out.push(held.shift() as DialogEntry);
     };
     let gt = below === Infinity ? `${uid}!` : dialogKey(uid, below);
     let m = 0;
@@ -744,7 +753,8 @@ export class MessageStore {
       this.armDerived();
       batch.forEach((c, i) => {
         const seq = actual[i];
-        if (seq !== undefined && seq < below) held.push({ peer: c.peer, seq });
+        // found[i] is the record at c.seq: when it exists, actual[i] is that seq.
+        if (seq !== undefined && seq < below) held.push({ peer: c.peer, seq, record: found[i] });
       });
       release(batch[batch.length - 1].seq);
     }
