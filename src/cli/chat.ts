@@ -1,0 +1,757 @@
+// `wirechat chat`: an interactive terminal client on top of src/client. It reads
+// lines from stdin (readline, with history on a terminal), sends plain lines to the
+// current conversation, runs `/commands`, and prints events as readable lines. It
+// must behave the same when stdin and stdout are pipes (scripts and tests drive it
+// that way): no prompt, no colours, no cursor tricks, and input lines handled one at a
+// time, in order, so output is deterministic.
+
+import { readFileSync } from "node:fs";
+import readline from "node:readline";
+import type { Readable, Writable } from "node:stream";
+import {
+  WirechatClient,
+  WirechatError,
+  base64DecodedLength,
+  hasAttachment,
+  saveAttachment,
+  type Attachment,
+  type ConnectOptions,
+  type HistoryMessage,
+  type MessageEvent,
+  type TlsOptions,
+  type WirechatEvent,
+} from "../client/index.js";
+
+export interface ChatIO {
+  stdin: Readable & { isTTY?: boolean; setRawMode?: (raw: boolean) => unknown };
+  stdout: Writable & { isTTY?: boolean; columns?: number };
+  stderr: Writable;
+}
+
+interface ChatArgs {
+  host: string;
+  port: number | undefined;
+  login: string;
+  pass: string | undefined;
+  register: boolean;
+  nick: string | undefined;
+  tls: boolean;
+  tlsCa: string | undefined;
+  tlsServername: string | undefined;
+  insecure: boolean;
+  raw: boolean;
+  color: boolean;
+  reconnect: boolean;
+  help: boolean;
+}
+
+class UsageError extends Error {}
+
+export const CHAT_HELP = `Usage: wirechat chat --login LOGIN [options]
+
+An interactive chat client for a wirechat server. Lines you type go to the current
+conversation; lines starting with / are commands (type /help once connected).
+
+Options:
+  --host HOST            server address (default 127.0.0.1)
+  --port PORT            server port (default 7788, or 7789 with --tls)
+  --login LOGIN          your login (required)
+  --pass PASS            your password; without it (and without $WIRECHAT_PASS)
+                         it is prompted for, or read as the first line of stdin
+                         when stdin is not a terminal
+  --register             create the account first (needs --nick, or uses LOGIN)
+  --nick NICK            the nick for --register
+  --tls                  connect over TLS
+  --tls-ca FILE          PEM file of the CA (or self-signed certificate) to trust
+  --tls-servername NAME  name to verify the certificate against
+  --insecure             with --tls: do not verify the certificate
+  --raw                  print events as the server's JSON frames; lines starting
+                         with { are sent as raw requests
+  --no-color             no ANSI colours even on a terminal (also NO_COLOR=1)
+  --no-reconnect         exit when the connection is lost instead of reconnecting
+  -h, --help             this text
+
+Exit status: 0 after /quit or end of input, 1 when connecting or logging in fails
+or the connection is lost for good, 2 for a usage error.`;
+
+const COMMANDS_HELP = `Commands:
+  /msg NICK [TEXT]     talk to NICK: sends TEXT, and makes NICK the current conversation
+  /join #CHANNEL       enter a channel (created if it does not exist) and talk there
+  /leave               leave the current channel
+  /history [N]         the last N messages (default 20) of the current conversation
+  /who                 members of the current channel, or your contacts and who is online
+  /add NICK            add NICK to your contacts (you then see when they come online)
+  /attach FILE         send FILE as an attachment to the current conversation
+  /save MID FILE       save the attachment of a message you received
+  /req ACTION [JSON]   send any request, print its reply
+  /help                this text
+  /quit                leave
+Any other line is sent to the current conversation.`;
+
+function parseChatArgs(argv: string[], env: NodeJS.ProcessEnv): ChatArgs {
+  const a: ChatArgs = {
+    host: "127.0.0.1",
+    port: undefined,
+    login: "",
+    pass: env.WIRECHAT_PASS || undefined,
+    register: false,
+    nick: undefined,
+    tls: false,
+    tlsCa: undefined,
+    tlsServername: undefined,
+    insecure: false,
+    raw: false,
+    color: !env.NO_COLOR,
+    reconnect: true,
+    help: false,
+  };
+  // A leading `chat` is allowed, so a dispatcher can hand over its argv as is.
+  const args = argv[0] === "chat" ? argv.slice(1) : argv;
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    const eq = arg.startsWith("--") ? arg.indexOf("=") : -1;
+    const flag = eq < 0 ? arg : arg.slice(0, eq);
+    const value = (): string => {
+      const v = eq >= 0 ? arg.slice(eq + 1) : args[++i];
+      if (v === undefined) throw new UsageError(`${flag} needs a value`);
+      return v;
+    };
+    switch (flag) {
+      case "-h":
+      case "--help":
+        a.help = true;
+        break;
+      case "--host":
+        a.host = value();
+        break;
+      case "--port": {
+        const v = value();
+        const n = Number(v);
+        if (!/^[0-9]+$/.test(v) || n < 1 || n > 65535) throw new UsageError(`--port must be a port number, not '${v}'`);
+        a.port = n;
+        break;
+      }
+      case "--login":
+        a.login = value();
+        break;
+      case "--pass":
+        a.pass = value();
+        break;
+      case "--register":
+        a.register = true;
+        break;
+      case "--nick":
+        a.nick = value();
+        break;
+      case "--tls":
+        a.tls = true;
+        break;
+      case "--tls-ca":
+        a.tlsCa = value();
+        a.tls = true;
+        break;
+      case "--tls-servername":
+        a.tlsServername = value();
+        break;
+      case "--insecure":
+        a.insecure = true;
+        break;
+      case "--raw":
+        a.raw = true;
+        break;
+      case "--no-color":
+        a.color = false;
+        break;
+      case "--no-reconnect":
+        a.reconnect = false;
+        break;
+      default:
+        throw new UsageError(`unknown option ${arg}`);
+    }
+  }
+  if (!a.help && !a.login) throw new UsageError("--login is required");
+  return a;
+}
+
+// ---------------------------------------------------------------- output
+
+type Paint = (s: string) => string;
+
+interface Palette {
+  nick: Paint;
+  me: Paint;
+  channel: Paint;
+  info: Paint;
+  error: Paint;
+  time: Paint;
+}
+
+function palette(on: boolean): Palette {
+  const c = (code: string): Paint => (on ? (s) => `\x1b[${code}m${s}\x1b[0m` : (s) => s);
+  return { nick: c("1;36"), me: c("1;32"), channel: c("35"), info: c("2"), error: c("31"), time: c("2") };
+}
+
+/** Writes whole lines; on a terminal it keeps the prompt and the typed text below them. */
+class Screen {
+  private rl: readline.Interface | undefined;
+  private barShown = false;
+
+  constructor(
+    private readonly out: ChatIO["stdout"],
+    readonly tty: boolean,
+  ) {}
+
+  attach(rl: readline.Interface): void {
+    this.rl = rl;
+  }
+
+  line(text: string): void {
+    if (this.tty) {
+      this.out.write("\r\x1b[K");
+      this.barShown = false;
+      this.out.write(text + "\n");
+      this.rl?.prompt(true);
+    } else {
+      this.out.write(text + "\n");
+    }
+  }
+
+  /** A progress line redrawn in place; only on a terminal. */
+  bar(text: string): void {
+    if (!this.tty) return;
+    this.out.write("\r\x1b[K" + text);
+    this.barShown = true;
+  }
+
+  endBar(): void {
+    if (this.barShown) this.out.write("\r\x1b[K");
+    this.barShown = false;
+  }
+}
+
+function clock(unix: number): string {
+  const d = new Date(unix * 1000);
+  return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+}
+
+function sizeText(n: number): string {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+function progressBar(sent: number, total: number | undefined, width = 30): string {
+  if (!total) return `  ${sizeText(sent)} sent`;
+  const frac = Math.min(1, sent / total);
+  const full = Math.round(frac * width);
+  return `  [${"#".repeat(full)}${"-".repeat(width - full)}] ${String(Math.floor(frac * 100)).padStart(3)}%  ${sizeText(sent)} / ${sizeText(total)}`;
+}
+
+// ---------------------------------------------------------------- input
+
+/** stdin lines as a queue, so each is handled after the one before has finished. */
+class LineQueue {
+  private lines: string[] = [];
+  private waiter: (() => void) | undefined;
+  ended = false;
+  /** Set to stop the loop from outside (the connection is gone for good). */
+  interrupted = false;
+
+  constructor(rl: readline.Interface) {
+    rl.on("line", (l) => {
+      this.lines.push(l);
+      this.wake();
+    });
+    rl.on("close", () => {
+      this.ended = true;
+      this.wake();
+    });
+  }
+
+  wake(): void {
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.();
+  }
+
+  async next(): Promise<string | undefined> {
+    for (;;) {
+      if (this.interrupted) return undefined;
+      if (this.lines.length > 0) return this.lines.shift();
+      if (this.ended) return undefined;
+      await new Promise<void>((r) => (this.waiter = r));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- the session
+
+type Conversation = { kind: "user"; uid: string; nick: string } | { kind: "channel"; chid: string; name: string };
+
+class ChatSession {
+  private target: Conversation | undefined;
+  private readonly nicks = new Map<string, string>();
+  private readonly channels = new Map<string, string>();
+  /** The last few received attachments, for /save; bounded because each can be 64 MiB. */
+  private readonly attachments = new Map<string, Attachment>();
+
+  constructor(
+    private readonly client: WirechatClient,
+    private readonly screen: Screen,
+    private readonly p: Palette,
+    private readonly raw: boolean,
+  ) {
+    if (client.uid && client.nick) this.nicks.set(client.uid, client.nick);
+  }
+
+  // ---------------- events
+
+  onEvent(ev: WirechatEvent): void {
+    const d = ev.data ?? {};
+    if (ev.action === "ev_message") {
+      this.nicks.set(d.from, d.nick);
+      if (hasAttachment(d.attach)) this.keepAttachment(d.mid, d.attach);
+    }
+    if ((ev.action === "ev_enter" || ev.action === "ev_leave") && d.uid) this.nicks.set(d.uid, d.nick);
+    if (this.raw) {
+      this.screen.line(JSON.stringify(ev));
+      return;
+    }
+    const line = this.describe(ev);
+    if (line !== undefined) this.screen.line(line);
+  }
+
+  private describe(ev: WirechatEvent): string | undefined {
+    const d = ev.data ?? {};
+    const p = this.p;
+    switch (ev.action) {
+      case "ev_message":
+        return this.messageLine(d as MessageEvent, d.chid, d.to);
+      case "ev_presence":
+        return p.info(`* ${this.nickOf(d.uid)} is ${d.online ? "online" : "offline"}`);
+      case "ev_enter":
+        return p.info(`* ${d.nick} entered ${this.channelName(d.chid)}`);
+      case "ev_leave":
+        return p.info(`* ${d.nick} left ${this.channelName(d.chid)}`);
+      case "ev_channel_deleted":
+        if (this.target?.kind === "channel" && this.target.chid === d.chid) this.target = undefined;
+        return p.info(`* ${this.channelName(d.chid)} was deleted`);
+      case "ev_edit":
+        return p.info(`* message ${d.mid} was edited: ${d.body}`);
+      case "ev_delmessage":
+        return p.info(`* message ${d.mid} was deleted`);
+      case "ev_logout":
+        return p.error(`* logged out by the server: ${d.reason}`);
+      case "ev_close":
+        return p.info(`* the server is closing the connection: ${d.reason}`);
+      default:
+        return p.info(`* ${ev.action.replace(/^ev_/, "")}`);
+    }
+  }
+
+  /** One message as a line: `[12:34] <Bob> hi`, `[12:34] #general <Bob> hi`, `[12:34] -> Bob: hi`. */
+  private messageLine(m: MessageEvent | HistoryMessage, chid: string | undefined, to: string | undefined): string {
+    const p = this.p;
+    const mine = m.from === this.client.uid;
+    let head: string;
+    if (chid !== undefined) head = `${p.channel(this.channelName(chid))} ${mine ? p.me(`<${m.nick}>`) : p.nick(`<${m.nick}>`)}`;
+    else if (mine && to !== undefined && to !== this.client.uid) head = `${p.me("->")} ${p.nick(this.nickOf(to))}:`;
+    else head = mine ? p.me(`<${m.nick}>`) : p.nick(`<${m.nick}>`);
+    let text = `${p.time(`[${clock(m.time)}]`)} ${head} ${m.body}`;
+    if (m.edited) text += p.info(" (edited)");
+    if (hasAttachment(m.attach)) {
+      text += p.info(` [attachment ${m.attach.mime || "application/octet-stream"}, ${sizeText(base64DecodedLength(m.attach.data))}; /save ${m.mid} FILE]`);
+    }
+    return text.trimEnd();
+  }
+
+  private keepAttachment(mid: string, attach: Attachment): void {
+    this.attachments.set(mid, attach);
+    while (this.attachments.size > 8) this.attachments.delete(this.attachments.keys().next().value!);
+  }
+
+  private nickOf(uid: string): string {
+    return this.nicks.get(uid) ?? uid;
+  }
+
+  private channelName(chid: string): string {
+    const name = this.channels.get(chid);
+    return name ? `#${name}` : `#${chid}`;
+  }
+
+  // ---------------- commands
+
+  /** Handles one input line; resolves false when the session should end. */
+  async handle(line: string): Promise<boolean> {
+    const trimmed = line.trim();
+    if (trimmed === "") return true;
+    try {
+      if (this.raw && trimmed.startsWith("{")) {
+        await this.rawRequest(trimmed);
+        return true;
+      }
+      if (!trimmed.startsWith("/")) {
+        await this.say(line);
+        return true;
+      }
+      const m = /^\/(\S+)\s*(.*)$/s.exec(trimmed)!;
+      const cmd = m[1].toLowerCase();
+      const rest = m[2];
+      switch (cmd) {
+        case "quit":
+        case "exit":
+          return false;
+        case "help":
+          for (const l of COMMANDS_HELP.split("\n")) this.screen.line(l);
+          return true;
+        case "msg":
+        case "query":
+          await this.msg(rest);
+          return true;
+        case "join":
+          await this.join(rest);
+          return true;
+        case "leave":
+        case "part":
+          await this.leave();
+          return true;
+        case "history":
+          await this.history(rest);
+          return true;
+        case "who":
+          await this.who();
+          return true;
+        case "add":
+          await this.add(rest);
+          return true;
+        case "attach":
+          await this.attach(rest);
+          return true;
+        case "save":
+          await this.save(rest);
+          return true;
+        case "req":
+          await this.req(rest);
+          return true;
+        default:
+          this.error(`unknown command /${cmd}; try /help`);
+          return true;
+      }
+    } catch (err) {
+      this.error(err instanceof WirechatError ? err.serverMessage : err instanceof Error ? err.message : String(err));
+      return true;
+    }
+  }
+
+  private info(text: string): void {
+    this.screen.line(this.p.info(text));
+  }
+
+  private error(text: string): void {
+    this.screen.line(this.p.error(`! ${text}`));
+  }
+
+  private needTarget(): Conversation {
+    if (!this.target) throw new Error("no conversation yet: /msg NICK or /join #CHANNEL first");
+    return this.target;
+  }
+
+  private toOf(t: Conversation): { uid: string } | { channel: string } {
+    return t.kind === "user" ? { uid: t.uid } : { channel: t.chid };
+  }
+
+  private async say(text: string): Promise<void> {
+    // The server echoes the message back as ev_message; that echo is what is printed,
+    // so what the screen shows is what the server stored.
+    await this.client.sendMessage(this.toOf(this.needTarget()), text);
+  }
+
+  /** Finds a user by nick with searchuser (prefix match on nick or login), keeping the exact nick. */
+  private async findUser(nick: string): Promise<{ uid: string; nick: string }> {
+    const name = nick.replace(/^@/, "");
+    const list = await this.client.searchUser(name);
+    for (const u of list) this.nicks.set(u.uid, u.nick);
+    const exact = list.find((u) => u.nick.toLowerCase() === name.toLowerCase());
+    if (exact) return exact;
+    if (list.length === 0) throw new Error(`no user with nick '${name}'`);
+    throw new Error(`no user with nick '${name}'; did you mean ${list.slice(0, 5).map((u) => u.nick).join(", ")}?`);
+  }
+
+  private async msg(rest: string): Promise<void> {
+    const m = /^(\S+)\s?(.*)$/s.exec(rest);
+    if (!m) throw new Error("usage: /msg NICK [TEXT]");
+    const user = await this.findUser(m[1]);
+    this.target = { kind: "user", uid: user.uid, nick: user.nick };
+    if (m[2].trim() !== "") await this.client.sendMessage({ uid: user.uid }, m[2]);
+    else this.info(`* talking to ${user.nick}`);
+  }
+
+  /** The chid of the channel called `name`, reading channellist a page at a time. */
+  private async findChannel(name: string): Promise<string | undefined> {
+    let after: string | undefined;
+    for (;;) {
+      const page = await this.client.channelList(after === undefined ? { limit: 500 } : { limit: 500, after });
+      if (page.length === 0) return undefined;
+      for (const c of page) this.channels.set(c.chid, c.name);
+      const hit = page.find((c) => c.name.toLowerCase() === name.toLowerCase());
+      if (hit) return hit.chid;
+      after = page[page.length - 1].chid;
+    }
+  }
+
+  private async join(rest: string): Promise<void> {
+    const name = rest.trim().replace(/^#/, "");
+    if (!name) throw new Error("usage: /join #CHANNEL");
+    let chid = await this.findChannel(name);
+    if (chid === undefined) {
+      try {
+        chid = await this.client.createChannel(name);
+        this.channels.set(chid, name);
+        this.info(`* created #${name}`);
+      } catch (err) {
+        // Someone created it between the lookup and now.
+        if (!(err instanceof WirechatError && err.code === 1)) throw err;
+        chid = await this.findChannel(name);
+        if (chid === undefined) throw err;
+      }
+    }
+    const { users, last_msg } = await this.client.enter(chid);
+    for (const u of users) this.nicks.set(u.uid, u.nick);
+    this.target = { kind: "channel", chid, name: this.channels.get(chid) ?? name };
+    this.info(`* now talking in #${this.target.name} (${users.length} member${users.length === 1 ? "" : "s"}, ${users.filter((u) => u.online).length} online)`);
+    for (const msg of last_msg) this.screen.line(this.messageLine(msg, chid, undefined));
+  }
+
+  private async leave(): Promise<void> {
+    const t = this.needTarget();
+    if (t.kind !== "channel") throw new Error("the current conversation is not a channel");
+    await this.client.leave(t.chid);
+    this.target = undefined;
+    this.info(`* left #${t.name}`);
+  }
+
+  private async history(rest: string): Promise<void> {
+    const t = this.needTarget();
+    const n = rest.trim() === "" ? 20 : Number(rest.trim());
+    if (!Number.isInteger(n) || n < 1) throw new Error("usage: /history [N]");
+    const messages = await this.client.history({ ...this.toOf(t), limit: Math.min(n, 500) });
+    if (messages.length === 0) this.info("* no messages yet");
+    for (const msg of messages) {
+      if (hasAttachment(msg.attach)) this.keepAttachment(msg.mid, msg.attach);
+      if (this.raw) this.screen.line(JSON.stringify(msg));
+      else if (t.kind === "channel") this.screen.line(this.messageLine(msg, t.chid, undefined));
+      // history has no `to`: in a direct conversation, ours went to the other side.
+      else this.screen.line(this.messageLine(msg, undefined, msg.from === this.client.uid ? t.uid : this.client.uid));
+    }
+  }
+
+  private async who(): Promise<void> {
+    const t = this.target;
+    if (t?.kind === "channel") {
+      // enter on a channel we are in changes nothing and lists its members.
+      const { users } = await this.client.enter(t.chid);
+      for (const u of users) this.nicks.set(u.uid, u.nick);
+      this.info(`* #${t.name}: ${users.map((u) => `${u.nick}${u.online ? " (online)" : ""}`).join(", ")}`);
+      return;
+    }
+    const contacts = await this.client.contactList();
+    for (const c of contacts) this.nicks.set(c.uid, c.nick);
+    if (contacts.length === 0) this.info("* no contacts yet; /add NICK to add one");
+    else this.info(`* contacts: ${contacts.map((c) => `${c.nick}${c.online ? " (online)" : ""}`).join(", ")}`);
+  }
+
+  private async add(rest: string): Promise<void> {
+    if (!rest.trim()) throw new Error("usage: /add NICK");
+    const user = await this.findUser(rest.trim());
+    await this.client.addContact(user.uid);
+    this.info(`* added ${user.nick} to your contacts`);
+  }
+
+  private async attach(rest: string): Promise<void> {
+    const file = rest.trim();
+    if (!file) throw new Error("usage: /attach FILE");
+    const t = this.needTarget();
+    const r = await this.client.sendFile(this.toOf(t), file, {
+      mime: guessMime(file),
+      onProgress: (sent, total) => this.screen.bar(progressBar(sent, total)),
+      // A large file can take a while to store; the reply comes after the last byte.
+      timeoutMs: 120_000,
+    });
+    this.screen.endBar();
+    this.info(`* sent ${file} (message ${r.mid})`);
+  }
+
+  private async save(rest: string): Promise<void> {
+    const m = /^(\d+)\s+(.+)$/.exec(rest.trim());
+    if (!m) throw new Error("usage: /save MID FILE");
+    const attach = this.attachments.get(m[1]);
+    if (!attach) throw new Error(`no recent attachment in message ${m[1]}`);
+    const n = await saveAttachment(attach, m[2]);
+    this.info(`* saved ${sizeText(n)} to ${m[2]}`);
+  }
+
+  private async req(rest: string): Promise<void> {
+    const m = /^(\S+)\s*(.*)$/s.exec(rest.trim());
+    if (!m) throw new Error("usage: /req ACTION [JSON]");
+    let data: Record<string, unknown> | undefined;
+    if (m[2].trim() !== "") {
+      const parsed = JSON.parse(m[2]);
+      if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) throw new Error("the request data must be a JSON object");
+      data = parsed;
+    }
+    const reply = await this.client.request(m[1], data);
+    this.screen.line(this.raw ? JSON.stringify({ action: m[1], data: reply }) : JSON.stringify(reply, null, 2));
+  }
+
+  private async rawRequest(text: string): Promise<void> {
+    const frame = JSON.parse(text);
+    if (!frame || typeof frame.action !== "string") throw new Error("a raw request needs an 'action'");
+    try {
+      const reply = await this.client.request(frame.action, frame.data);
+      this.screen.line(JSON.stringify({ action: frame.action, data: reply }));
+    } catch (err) {
+      if (!(err instanceof WirechatError && err.fromServer)) throw err;
+      this.screen.line(JSON.stringify({ action: frame.action, data: { status: err.code, error: err.serverMessage } }));
+    }
+  }
+}
+
+function guessMime(file: string): string {
+  const ext = /\.([a-z0-9]+)$/i.exec(file)?.[1]?.toLowerCase() ?? "";
+  const known: Record<string, string> = {
+    txt: "text/plain",
+    md: "text/markdown",
+    json: "application/json",
+    png: "image/png",
+    jpg: "image/jpeg",
+    jpeg: "image/jpeg",
+    gif: "image/gif",
+    webp: "image/webp",
+    pdf: "application/pdf",
+    zip: "application/zip",
+    mp3: "audio/mpeg",
+    mp4: "video/mp4",
+  };
+  return known[ext] ?? "application/octet-stream";
+}
+
+// ---------------------------------------------------------------- entry point
+
+/** Reads the password: hidden on a terminal, else the first line of input. */
+async function readPassword(rl: readline.Interface, queue: LineQueue, io: ChatIO, tty: boolean): Promise<string | undefined> {
+  if (!tty) return queue.next();
+  io.stdout.write("Password: ");
+  // readline has no public way to stop echoing; _writeToOutput is the hook everyone
+  // uses, restored as soon as the line is in.
+  const hook = rl as unknown as { _writeToOutput: (s: string) => void };
+  const original = hook._writeToOutput;
+  hook._writeToOutput = () => {};
+  try {
+    return await queue.next();
+  } finally {
+    hook._writeToOutput = original;
+    io.stdout.write("\n");
+  }
+}
+
+export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.stdin, stdout: process.stdout, stderr: process.stderr }): Promise<number> {
+  let args: ChatArgs;
+  try {
+    args = parseChatArgs(argv, process.env);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    io.stderr.write(`wirechat chat: ${err.message}\n(see wirechat chat --help)\n`);
+    return 2;
+  }
+  if (args.help) {
+    io.stdout.write(CHAT_HELP + "\n");
+    return 0;
+  }
+
+  const tty = !!io.stdin.isTTY && !!io.stdout.isTTY;
+  const p = palette(args.color && !!io.stdout.isTTY);
+  const screen = new Screen(io.stdout, tty);
+  const rl = readline.createInterface({
+    input: io.stdin,
+    output: tty ? io.stdout : undefined,
+    terminal: tty,
+    historySize: 1000,
+    prompt: "> ",
+  });
+  const queue = new LineQueue(rl);
+  let client: WirechatClient | undefined;
+  const fail = (text: string): number => {
+    io.stderr.write(`wirechat chat: ${text}\n`);
+    return 1;
+  };
+
+  try {
+    const pass = args.pass ?? (await readPassword(rl, queue, io, tty));
+    if (pass === undefined || pass === "") return fail("no password given");
+
+    let tlsOpt: ConnectOptions["tls"];
+    if (args.tls) {
+      const t: TlsOptions = {};
+      if (args.tlsCa) t.ca = readFileSync(args.tlsCa);
+      if (args.tlsServername) t.servername = args.tlsServername;
+      if (args.insecure) t.rejectUnauthorized = false;
+      tlsOpt = t;
+    }
+    try {
+      client = await WirechatClient.connect({
+        host: args.host,
+        port: args.port,
+        tls: tlsOpt,
+        reconnect: args.reconnect ? { minMs: 500, maxMs: 15_000 } : false,
+        keepAliveMs: 120_000,
+        clientName: "wirechat-chat",
+      });
+    } catch (err) {
+      return fail(`cannot connect to ${args.host}:${args.port ?? (args.tls ? 7789 : 7788)}: ${errText(err)}`);
+    }
+    const session = new ChatSession(client, screen, p, args.raw);
+    // Listen before logging in: the inbox follows the auth reply at once.
+    client.on("event", (ev) => session.onEvent(ev));
+    try {
+      if (args.register) await client.register(args.login, pass, args.nick ?? args.login);
+      else await client.auth({ login: args.login, pass });
+    } catch (err) {
+      return fail(`${args.register ? "registration" : "login"} failed: ${errText(err)}`);
+    }
+    client.on("disconnect", () => screen.line(p.error("* connection lost; reconnecting…")));
+    client.on("reconnect", () => screen.line(p.info("* reconnected")));
+    let lostForGood: Error | undefined;
+    let quitting = false;
+    client.on("close", (err) => {
+      if (quitting) return;
+      lostForGood = err ?? new Error("the connection closed");
+      queue.interrupted = true;
+      queue.wake();
+    });
+    screen.line(p.info(`* logged in as ${client.nick} (${client.uid}) on ${args.host}; /help for commands`));
+    screen.attach(rl);
+    if (tty) {
+      rl.on("SIGINT", () => rl.close());
+      rl.prompt();
+    }
+
+    for (;;) {
+      const line = await queue.next();
+      if (line === undefined) break;
+      if (!(await session.handle(line))) break;
+      if (tty) rl.prompt();
+    }
+    quitting = true;
+    if (lostForGood) return fail(`connection lost: ${errText(lostForGood)}`);
+    await client.close();
+    return 0;
+  } finally {
+    client?.destroy();
+    rl.close();
+  }
+}
+
+function errText(err: unknown): string {
+  if (err instanceof WirechatError) return err.serverMessage;
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,54 @@
+// The one error type the client rejects with. Server refusals carry the reply's
+// `status` (PROTOCOL.md §4, 1–16) and `error` text; failures that happen on this side
+// of the wire use negative codes so callers can switch on `code` alone.
+
+export const ClientCode = {
+  /** The connection closed (or was never open) before the reply came. */
+  Closed: -1,
+  /** No reply within the request's timeout. The connection stays usable. */
+  Timeout: -2,
+  /** The server sent something this client cannot make sense of. */
+  Protocol: -3,
+  /** The request was aborted locally (an attachment source failed, close() was called). */
+  Aborted: -4,
+} as const;
+
+/** Names of the server's status codes, PROTOCOL.md §4. */
+export const StatusName: Readonly<Record<number, string>> = {
+  0: "ErrOK",
+  1: "ErrAlreadyExist",
+  2: "ErrInvalidPass",
+  3: "ErrInvalidData",
+  4: "ErrEmptyField",
+  5: "ErrAlreadyRegister",
+  6: "ErrNeedAuth",
+  7: "ErrNeedRegister",
+  8: "ErrUserNotFound",
+  9: "ErrChannelNotFound",
+  10: "ErrInvalidChannel",
+  11: "ErrUnknownAction",
+  12: "ErrTooLarge",
+  13: "ErrRateLimited",
+  14: "ErrMessageNotFound",
+  15: "ErrForbidden",
+  16: "ErrUnavailable",
+};
+
+export class WirechatError extends Error {
+  override readonly name = "WirechatError";
+  constructor(
+    /** The reply's `status`, or a negative ClientCode. */
+    readonly code: number,
+    /** The server's `error` text, or a description of the local failure. */
+    readonly serverMessage: string,
+    /** The request's action, when the error belongs to one. */
+    readonly action?: string,
+  ) {
+    super(action ? `${action}: ${serverMessage} (status ${code})` : `${serverMessage} (status ${code})`);
+  }
+
+  /** True when the server answered with a non-zero status (as opposed to a local failure). */
+  get fromServer(): boolean {
+    return this.code > 0;
+  }
+}

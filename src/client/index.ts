@@ -1,0 +1,1040 @@
+// A typed client for wirechat's native protocol (PROTOCOL.md): one TCP or TLS
+// connection, NDJSON frames, requests answered in order, events in between.
+//
+// Matching replies to requests. The protocol has no request id: `cid` in a request is
+// the sender's own uid (§3 "cid and sid in requests"), and anything else there is
+// refused with status 6. What it guarantees instead is that every request gets exactly
+// one reply, in the order the requests arrived (§3 "Ordering"), and that replies are
+// the only frames whose action is not `ev_*` (apart from the welcome frame, the `auth`
+// frame after a successful `register`, and the final `unknown` notice before the
+// server drops a connection). So the client keeps the requests it has written in a
+// FIFO and gives each non-event frame to the oldest one, checking the action names
+// agree. Writes are serialized through one outbox so the FIFO order is the wire order,
+// which matters most while an attachment is being streamed: no other frame may be
+// written into the middle of it.
+
+import { EventEmitter, once } from "node:events";
+import { createReadStream } from "node:fs";
+import { stat } from "node:fs/promises";
+import net from "node:net";
+import tls from "node:tls";
+import type { Readable } from "node:stream";
+import { base64Chunks } from "./attach.js";
+import { ClientCode, WirechatError } from "./errors.js";
+import { NdjsonSplitter } from "./ndjson.js";
+import type {
+  AuthInfo,
+  ChannelInfo,
+  ChannelMember,
+  Contact,
+  HelloInfo,
+  HistoryMessage,
+  MessageEvent,
+  Reply,
+  ReplyData,
+  Target,
+  WelcomeFrame,
+  WirechatEvent,
+} from "./types.js";
+
+export * from "./types.js";
+export { ClientCode, StatusName, WirechatError } from "./errors.js";
+export { NdjsonSplitter, LineTooLongError } from "./ndjson.js";
+export { base64Chunks, base64DecodedLength, bufferSource, decodeAttachment, hasAttachment, saveAttachment } from "./attach.js";
+
+export interface TlsOptions {
+  /** PEM of the CA (or self-signed certificate) to trust; the system's CAs otherwise. */
+  ca?: string | Buffer | Array<string | Buffer>;
+  servername?: string;
+  rejectUnauthorized?: boolean;
+}
+
+export interface ReconnectOptions {
+  /** First delay before a reconnect attempt; doubles with every failed attempt. */
+  minMs?: number;
+  /** Cap on the delay. */
+  maxMs?: number;
+  /** Give up (and emit `close`) after this many failed attempts in a row. */
+  maxAttempts?: number;
+}
+
+export interface ConnectOptions {
+  host?: string;
+  port?: number;
+  /** `true` for TLS with the system's CAs, or the options for it. */
+  tls?: boolean | TlsOptions;
+  /**
+   * Reconnect after the connection is lost, with exponential backoff and jitter, and
+   * resume the session (`auth {sid, since}`). Off by default. `true` means
+   * `{minMs: 250, maxMs: 30000}`.
+   */
+  reconnect?: boolean | ReconnectOptions;
+  /**
+   * Opt in to acknowledgements (`hello {ack:true}`) and acknowledge every inbox
+   * message once the `ev_message` listeners have run. Default true.
+   */
+  ack?: boolean;
+  /** Default per-request timeout. Default 30 s; 0 disables it. */
+  requestTimeoutMs?: number;
+  /** How long connecting (TCP, TLS and the welcome frame) may take. Default 10 s. */
+  connectTimeoutMs?: number;
+  /** Send a `ping` after this long without writing anything (the server closes idle connections). 0 (default) disables it. */
+  keepAliveMs?: number;
+  /** Per-iterator buffer of `events()`, in events. Default 10,000. */
+  eventBufferSize?: number;
+  /** Largest frame accepted from the server. Default 128 MiB (a 64 MiB attachment is ~90 MB of base64). */
+  maxFrameBytes?: number;
+  /** The last inbox mid this client already has (from a previous run), used as `since`. */
+  since?: string;
+  /** Sent in `hello` as `client`. */
+  clientName?: string;
+}
+
+export interface RequestOptions {
+  /** Overrides the client's default timeout for this request; 0 disables it. */
+  timeoutMs?: number;
+}
+
+export interface SendAttachmentOptions extends RequestOptions {
+  mime?: string;
+  body?: string;
+  cmid?: string;
+  /** Called after each chunk is handed to the socket: bytes of the file sent so far, and its size if known. */
+  onProgress?: (sentBytes: number, totalBytes: number | undefined) => void;
+  /** Size of the file reads; a multiple of 3 keeps every chunk whole base64. Default 48 KiB. */
+  chunkBytes?: number;
+  /** Size of a Readable source, for progress (a file path's size is read from disk). */
+  size?: number;
+}
+
+/** Events of the client's EventEmitter. Every `ev_*` frame is also emitted under its own action name. */
+export interface ClientEvents {
+  /** Every event frame (`ev_*`), as `{action, data}`. */
+  event: [WirechatEvent];
+  ev_message: [MessageEvent];
+  /** The connection was lost; a reconnect follows if enabled. */
+  disconnect: [Error | undefined];
+  /** A reconnect attempt is scheduled. */
+  reconnecting: [{ attempt: number; delayMs: number }];
+  /** Connected again, and the session (if any) resumed. */
+  reconnect: [{ attempts: number; auth: AuthInfo | undefined }];
+  /** The client is closed for good (close(), or the connection lost without reconnect). */
+  close: [Error | undefined];
+  /** An `unknown` frame: the server's notice before it drops the connection (rate limit, bad frames). */
+  notice: [ReplyData];
+  /** An `events()` iterator dropped its oldest buffered events because it was full. */
+  overflow: [{ dropped: number }];
+  [ev: `ev_${string}`]: [any];
+}
+
+type State = "open" | "resuming" | "reconnecting" | "closed";
+
+interface Pending {
+  action: string;
+  resolve: (d: ReplyData) => void;
+  reject: (e: WirechatError) => void;
+  timer: NodeJS.Timeout | undefined;
+  /** Already rejected (timed out): its reply, when it comes, is only consumed. */
+  settled: boolean;
+  /** The `register` reply came with status 0; the unsolicited `auth` frame completes it. */
+  awaitingAuthFrame: boolean;
+  /** An error to report instead of the reply (an attachment source that failed mid-frame). */
+  failure: WirechatError | undefined;
+  internal: boolean;
+  timeoutMs: number;
+}
+
+/** Something to write: a whole frame, or a frame streamed by `run`. */
+interface OutItem {
+  pending: Pending;
+  text?: string;
+  run?: (socket: net.Socket) => Promise<void>;
+}
+
+class EventIterator implements AsyncIterableIterator<WirechatEvent> {
+  private buf: WirechatEvent[] = [];
+  private head = 0;
+  private waiter: ((r: IteratorResult<WirechatEvent>) => void) | undefined;
+  private done = false;
+  dropped = 0;
+
+  constructor(
+    private readonly cap: number,
+    private readonly onDone: (it: EventIterator) => void,
+    private readonly onOverflow: (dropped: number) => void,
+  ) {}
+
+  push(ev: WirechatEvent): void {
+    if (this.done) return;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = undefined;
+      w({ value: ev, done: false });
+      return;
+    }
+    if (this.buf.length - this.head >= this.cap) {
+      // Drop-oldest rather than backpressure: pausing the socket would also hold back
+      // replies, and a consumer that awaits a request inside its `for await` loop would
+      // then wait forever for a reply stuck behind its own unread events.
+      this.head++;
+      this.dropped++;
+      this.onOverflow(this.dropped);
+    }
+    this.buf.push(ev);
+    if (this.head > 1024 && this.head * 2 > this.buf.length) {
+      this.buf = this.buf.slice(this.head);
+      this.head = 0;
+    }
+  }
+
+  end(): void {
+    if (this.done) return;
+    this.done = true;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = undefined;
+      w({ value: undefined, done: true });
+    }
+  }
+
+  next(): Promise<IteratorResult<WirechatEvent>> {
+    if (this.head < this.buf.length) {
+      const value = this.buf[this.head++];
+      return Promise.resolve({ value, done: false });
+    }
+    if (this.done) return Promise.resolve({ value: undefined, done: true });
+    return new Promise((resolve) => (this.waiter = resolve));
+  }
+
+  return(): Promise<IteratorResult<WirechatEvent>> {
+    this.buf = [];
+    this.head = 0;
+    this.end();
+    this.onDone(this);
+    return Promise.resolve({ value: undefined, done: true });
+  }
+
+  [Symbol.asyncIterator](): AsyncIterableIterator<WirechatEvent> {
+    return this;
+  }
+}
+
+const DEFAULT_TIMEOUT_MS = 30_000;
+
+export class WirechatClient extends EventEmitter<ClientEvents> {
+  /** The welcome frame of the current connection. */
+  welcome: WelcomeFrame | undefined;
+  /** The reply to the last `hello`. */
+  helloInfo: HelloInfo | undefined;
+  uid: string | undefined;
+  sid: string | undefined;
+  nick: string | undefined;
+  /** Direct messages to this user seen twice (after a reconnect) and not passed on. */
+  duplicatesDropped = 0;
+
+  private state: State = "closed";
+  private socket: net.Socket | undefined;
+  private splitter: NdjsonSplitter;
+  private inflight: Pending[] = [];
+  private inflightHead = 0;
+  private outbox: OutItem[] = [];
+  private pumping = false;
+  /** User requests made while the connection is being re-established. */
+  private held: OutItem[] = [];
+  private iterators = new Set<EventIterator>();
+  private welcomeWaiter: { resolve: (w: WelcomeFrame) => void; reject: (e: Error) => void } | undefined;
+
+  private readonly host: string;
+  private readonly port: number;
+  private readonly reconnectOpts: Required<ReconnectOptions> | undefined;
+  private wantAck: boolean;
+  private ackEnabled = false;
+  private lastInbox: bigint | undefined;
+  private ackSent: bigint | undefined;
+  private ackTarget: bigint | undefined;
+  private ackBusy = false;
+  private closing = false;
+  private sessionEnded = false;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private keepAliveTimer: NodeJS.Timeout | undefined;
+  private lastWrite = Date.now();
+  private lastSocketError: Error | undefined;
+  private serverNotice: ReplyData | undefined;
+  /** Reconnect attempts since the connection was last up. */
+  private attempt = 0;
+  private finished = false;
+
+  private constructor(private readonly opts: ConnectOptions) {
+    super();
+    this.host = opts.host ?? "127.0.0.1";
+    this.port = opts.port ?? (opts.tls ? 7789 : 7788);
+    const r = opts.reconnect;
+    this.reconnectOpts = r
+      ? { minMs: 250, maxMs: 30_000, maxAttempts: Number.POSITIVE_INFINITY, ...(r === true ? {} : r) }
+      : undefined;
+    this.wantAck = opts.ack !== false;
+    this.splitter = new NdjsonSplitter(opts.maxFrameBytes ?? 128 * 1024 * 1024);
+    if (opts.since !== undefined) this.lastInbox = parseMid(opts.since);
+  }
+
+  /**
+   * Connects and resolves once the server's welcome frame is in (and, unless `ack` is
+   * false, once `hello {ack:true}` is answered). Rejects with a WirechatError carrying
+   * the refusal's status when the server turns the connection away (13, 16).
+   */
+  static async connect(opts: ConnectOptions = {}): Promise<WirechatClient> {
+    const c = new WirechatClient(opts);
+    await c.openTransport();
+    c.state = "open";
+    try {
+      if (c.wantAck) await c.hello({ ack: true });
+    } catch (err) {
+      c.destroy();
+      throw err;
+    }
+    c.startKeepAlive();
+    return c;
+  }
+
+  // ---------------------------------------------------------------- state
+
+  /** True while a connection is up and requests are written at once. */
+  get connected(): boolean {
+    return this.state === "open";
+  }
+
+  get closed(): boolean {
+    return this.state === "closed";
+  }
+
+  /** Whether this connection acknowledges inbox messages (the server said `ack: true`). */
+  get acking(): boolean {
+    return this.ackEnabled;
+  }
+
+  /**
+   * The largest mid of a direct message to this user received so far: what the client
+   * sends as `since` when it resumes. Persist it to resume a later run exactly.
+   */
+  get lastInboxMid(): string | undefined {
+    return this.lastInbox === undefined ? undefined : this.lastInbox.toString();
+  }
+
+  /** The last mid this connection acknowledged and the server confirmed. */
+  get lastAckedMid(): string | undefined {
+    return this.ackSent === undefined ? undefined : this.ackSent.toString();
+  }
+
+  // ---------------------------------------------------------------- requests
+
+  /**
+   * Sends `{"action": action, "data": data}` and resolves with the reply's data once
+   * its status is 0; rejects with a WirechatError (the status as `code`) otherwise.
+   * Works for any action, known to this client or not.
+   */
+  request<T extends Reply = Reply>(action: string, data?: Record<string, unknown>, options: RequestOptions = {}): Promise<T> {
+    const text = JSON.stringify(data === undefined ? { action } : { action, data }) + "\n";
+    return this.submit({ text }, action, options, false) as Promise<T>;
+  }
+
+  /** `hello`; with `{ack: true}` this connection (and every resumed one) acknowledges. */
+  async hello(data: { ack?: boolean; client?: string; version?: string } = {}, options?: RequestOptions): Promise<HelloInfo> {
+    const body: Record<string, unknown> = { ...data };
+    if (body.client === undefined && this.opts.clientName) body.client = this.opts.clientName;
+    return this.request<HelloInfo>("hello", body, options);
+  }
+
+  /** Creates an account; the connection is then logged in as it (the `auth` frame that follows). */
+  async register(login: string, pass: string, nick: string, options?: RequestOptions): Promise<AuthInfo> {
+    return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+  }
+
+  /**
+   * Logs in with a password or resumes a session. The sid is remembered for reconnects.
+   * `since` defaults to the last inbox mid this client has seen, so a second `auth`
+   * never brings back what was already passed on.
+   */
+  async auth(credentials: { login: string; pass: string; since?: string } | { sid: string; since?: string }, options?: RequestOptions): Promise<AuthInfo> {
+    const data: Record<string, unknown> = { ...credentials };
+    if (data.since === undefined && this.lastInbox !== undefined) data.since = this.lastInbox.toString();
+    return toAuthInfo(await this.request("auth", data, options));
+  }
+
+  async logout(options?: RequestOptions): Promise<void> {
+    await this.request("logout", undefined, options);
+  }
+
+  async ping(options?: RequestOptions): Promise<number> {
+    return (await this.request("ping", undefined, options)).time as number;
+  }
+
+  /** A direct message (`{uid}`) or a channel message (`{channel}`). */
+  async sendMessage(to: Target, body: string, extra: { cmid?: string } & RequestOptions = {}): Promise<{ mid: string; time: number }> {
+    const { timeoutMs, ...rest } = extra;
+    const r = await this.request("message", { ...to, body, ...rest }, { timeoutMs });
+    return { mid: r.mid, time: r.time };
+  }
+
+  async history(
+    of: Target & { limit?: number; before?: string },
+    options?: RequestOptions,
+  ): Promise<HistoryMessage[]> {
+    return (await this.request("history", { ...of }, options)).messages as HistoryMessage[];
+  }
+
+  async searchUser(q: string, options?: RequestOptions): Promise<Array<{ uid: string; nick: string }>> {
+    return (await this.request("searchuser", { q }, options)).list;
+  }
+
+  async userInfo(uid: string, options?: RequestOptions): Promise<Reply> {
+    return this.request("userinfo", { user: uid }, options);
+  }
+
+  async contactList(options?: RequestOptions): Promise<Contact[]> {
+    return (await this.request("contactlist", undefined, options)).list as Contact[];
+  }
+
+  async addContact(uid: string, options?: RequestOptions): Promise<Reply> {
+    return this.request("addcontact", { uid }, options);
+  }
+
+  async createChannel(name: string, descr?: string, options?: RequestOptions): Promise<string> {
+    return (await this.request("createchannel", descr === undefined ? { name } : { name, descr }, options)).chid as string;
+  }
+
+  async channelList(page: { limit?: number; after?: string } = {}, options?: RequestOptions): Promise<ChannelInfo[]> {
+    return (await this.request("channellist", page, options)).channels as ChannelInfo[];
+  }
+
+  /** Joins (or looks into) a channel: its members and last 20 messages. */
+  async enter(chid: string, options?: RequestOptions): Promise<{ users: ChannelMember[]; last_msg: HistoryMessage[] }> {
+    const r = await this.request("enter", { channel: chid }, options);
+    return { users: r.users, last_msg: r.last_msg };
+  }
+
+  async leave(chid: string, options?: RequestOptions): Promise<void> {
+    await this.request("leave", { channel: chid }, options);
+  }
+
+  /**
+   * Acknowledges inbox messages up to `mid` (cumulative). Done automatically when the
+   * client was connected with `ack` on; exposed for callers that turned that off and
+   * opted in themselves.
+   */
+  async ack(mid: string, options?: RequestOptions): Promise<void> {
+    await this.request("ack", { mid }, options);
+  }
+
+  /**
+   * Sends a message with an attachment, streaming the source's base64 into the socket
+   * chunk by chunk and waiting for `drain` whenever the socket's buffer is full, so
+   * neither the file nor its base64 is ever whole in memory. `source` is a file path or
+   * a byte stream. The request timeout starts once the last byte is written.
+   */
+  async sendAttachment(to: Target, source: string | Readable, options: SendAttachmentOptions = {}): Promise<{ mid: string; time: number }> {
+    const chunkBytes = Math.max(3, Math.floor((options.chunkBytes ?? 48 * 1024) / 3) * 3);
+    let total = options.size;
+    let open: () => AsyncIterable<Buffer | Uint8Array | string>;
+    if (typeof source === "string") {
+      total ??= (await stat(source)).size;
+      open = () => createReadStream(source, { highWaterMark: chunkBytes });
+    } else {
+      open = () => source;
+    }
+    // "action" before "data", and the key path data → attach → data written without
+    // escapes: only then does the server stream the text to disk instead of counting
+    // it against the frame limit (PROTOCOL.md §8 "Attachments").
+    const fields: string[] = [];
+    for (const [k, v] of Object.entries({ ...to, body: options.body, cmid: options.cmid })) {
+      if (v !== undefined) fields.push(`${JSON.stringify(k)}:${JSON.stringify(v)}`);
+    }
+    fields.push(`"attach":{"mime":${JSON.stringify(options.mime ?? "application/octet-stream")},"data":"`);
+    const head = `{"action":"message","data":{${fields.join(",")}`;
+    const onProgress = options.onProgress;
+    const run = async (socket: net.Socket, pending: Pending): Promise<void> => {
+      await this.write(socket, head);
+      let sent = 0;
+      onProgress?.(0, total);
+      try {
+        for await (const { text, bytes } of base64Chunks(open())) {
+          if (text.length > 0) await this.write(socket, text);
+          sent += bytes;
+          if (bytes > 0) onProgress?.(sent, total);
+        }
+      } catch (err) {
+        if (socket.destroyed) throw err;
+        // The frame is half written and cannot be taken back. A character outside the
+        // base64 alphabet makes the server refuse it with status 3 and keep nothing,
+        // and the connection stays in step; the caller hears the real cause.
+        pending.failure = new WirechatError(ClientCode.Aborted, `attachment source failed: ${errorText(err)}`, "message");
+        await this.write(socket, `*"}}}\n`);
+        return;
+      }
+      await this.write(socket, `"}}}\n`);
+    };
+    const r = await this.submit({}, "message", options, false, run);
+    return { mid: r.mid, time: r.time };
+  }
+
+  /** Sends a file (a path) as an attachment; see sendAttachment. */
+  sendFile(to: Target, path: string, options: SendAttachmentOptions = {}): Promise<{ mid: string; time: number }> {
+    return this.sendAttachment(to, path, options);
+  }
+
+  // ---------------------------------------------------------------- events
+
+  /**
+   * Every event frame from now on, in order, until the client closes. Each iterator
+   * has its own bounded buffer (`eventBufferSize`); when a consumer falls that far
+   * behind, the oldest buffered events are dropped (counted, and reported with an
+   * `overflow` event). The EventEmitter side never drops anything.
+   */
+  events(options: { bufferSize?: number } = {}): AsyncIterableIterator<WirechatEvent> {
+    const it = new EventIterator(
+      Math.max(1, options.bufferSize ?? this.opts.eventBufferSize ?? 10_000),
+      (x) => this.iterators.delete(x),
+      (dropped) => this.emit("overflow", { dropped }),
+    );
+    if (this.state === "closed") it.end();
+    else this.iterators.add(it);
+    return it;
+  }
+
+  // ---------------------------------------------------------------- closing
+
+  /** Says `quit`, waits briefly for the server to close, and closes for good. */
+  async close(): Promise<void> {
+    if (this.state === "closed") return;
+    this.closing = true;
+    clearTimeout(this.reconnectTimer);
+    const socket = this.socket;
+    if (socket && this.state === "open") {
+      try {
+        await this.request("quit", undefined, { timeoutMs: 2000 });
+      } catch {
+        // Closing anyway.
+      }
+    }
+    if (socket && !socket.destroyed && this.socket === socket) {
+      socket.end();
+      const t = setTimeout(() => socket.destroy(), 1000);
+      await once(socket, "close").catch(() => {});
+      clearTimeout(t);
+    }
+    this.finish(undefined);
+  }
+
+  /** Closes at once, without `quit`. */
+  destroy(): void {
+    this.closing = true;
+    clearTimeout(this.reconnectTimer);
+    this.socket?.destroy();
+    this.finish(undefined);
+  }
+
+  // ---------------------------------------------------------------- internals
+
+  private submit(
+    item: { text?: string },
+    action: string,
+    options: RequestOptions,
+    internal: boolean,
+    run?: (socket: net.Socket, pending: Pending) => Promise<void>,
+  ): Promise<ReplyData> {
+    return new Promise<ReplyData>((resolve, reject) => {
+      const timeoutMs = options.timeoutMs ?? this.opts.requestTimeoutMs ?? DEFAULT_TIMEOUT_MS;
+      const pending: Pending = {
+        action,
+        resolve,
+        reject,
+        timer: undefined,
+        settled: false,
+        awaitingAuthFrame: false,
+        failure: undefined,
+        internal,
+        timeoutMs,
+      };
+      const out: OutItem = { pending, text: item.text };
+      if (run) out.run = (socket) => run(socket, pending);
+      // A streamed frame's clock starts when its last byte is out (see write loop).
+      if (!run) this.armTimer(out);
+      if (this.state === "open" || (internal && this.state === "resuming")) {
+        this.outbox.push(out);
+        this.pump();
+      } else if (this.state === "resuming" || this.state === "reconnecting") {
+        this.held.push(out);
+      } else {
+        pending.settled = true;
+        clearTimeout(pending.timer);
+        reject(new WirechatError(ClientCode.Closed, "not connected", action));
+      }
+    });
+  }
+
+  private armTimer(out: OutItem): void {
+    const p = out.pending;
+    if (p.timeoutMs <= 0) return;
+    p.timer = setTimeout(() => {
+      if (p.settled) return;
+      p.settled = true;
+      // Not yet written: take it back, so it is never sent. Written: it stays in the
+      // FIFO, so its reply (whenever it comes) is still matched to it and not to the
+      // next request.
+      this.outbox = this.outbox.filter((x) => x !== out);
+      this.held = this.held.filter((x) => x !== out);
+      p.reject(new WirechatError(ClientCode.Timeout, `no reply within ${p.timeoutMs} ms`, p.action));
+    }, p.timeoutMs);
+    p.timer.unref?.();
+  }
+
+  /** Writes the outbox in order, one item at a time; streamed items hold the line. */
+  private pump(): void {
+    if (this.pumping) return;
+    this.pumping = true;
+    void (async () => {
+      try {
+        while (this.outbox.length > 0) {
+          const socket = this.socket;
+          if (!socket || socket.destroyed) return;
+          const out = this.outbox.shift()!;
+          if (out.pending.settled) continue;
+          this.inflight.push(out.pending);
+          if (out.text !== undefined) {
+            try {
+              await this.write(socket, out.text);
+            } catch {
+              return; // closed; its close handler deals with what is in flight
+            }
+          } else if (out.run) {
+            try {
+              await out.run(socket);
+              this.armTimer(out);
+            } catch (err) {
+              // The socket failed mid-frame; its close handler rejects what is in flight.
+              if (!socket.destroyed) socket.destroy(err instanceof Error ? err : new Error(String(err)));
+              return;
+            }
+          }
+        }
+      } finally {
+        this.pumping = false;
+        // Items queued while a stream held the line.
+        if (this.outbox.length > 0 && this.socket && !this.socket.destroyed && this.state !== "closed") this.pump();
+      }
+    })();
+  }
+
+  /** One write that respects backpressure: waits for `drain` when the buffer is full. */
+  private async write(socket: net.Socket, text: string): Promise<void> {
+    if (socket.destroyed) throw new WirechatError(ClientCode.Closed, "the connection closed");
+    this.lastWrite = Date.now();
+    if (socket.write(text)) return;
+    await new Promise<void>((resolve, reject) => {
+      const done = () => {
+        socket.off("drain", done);
+        socket.off("close", closed);
+        resolve();
+      };
+      const closed = () => {
+        socket.off("drain", done);
+        reject(new WirechatError(ClientCode.Closed, "the connection closed while writing"));
+      };
+      socket.on("drain", done);
+      socket.once("close", closed);
+    });
+  }
+
+  private openTransport(): Promise<WelcomeFrame> {
+    return new Promise<WelcomeFrame>((resolve, reject) => {
+      const t = this.opts.tls;
+      const socket: net.Socket = t
+        ? tls.connect({ host: this.host, port: this.port, ...(t === true ? {} : t), servername: (t !== true && t.servername) || (net.isIP(this.host) ? undefined : this.host) })
+        : net.connect({ host: this.host, port: this.port });
+      socket.setNoDelay(true);
+      this.socket = socket;
+      this.splitter = new NdjsonSplitter(this.opts.maxFrameBytes ?? 128 * 1024 * 1024);
+      this.lastSocketError = undefined;
+      this.serverNotice = undefined;
+      this.ackEnabled = false;
+      this.ackSent = undefined;
+      this.ackBusy = false;
+      const timer = setTimeout(() => {
+        fail(new WirechatError(ClientCode.Timeout, `no welcome frame within ${this.opts.connectTimeoutMs ?? 10_000} ms`));
+        socket.destroy();
+      }, this.opts.connectTimeoutMs ?? 10_000);
+      const fail = (err: Error) => {
+        if (!this.welcomeWaiter) return;
+        this.welcomeWaiter = undefined;
+        clearTimeout(timer);
+        reject(err);
+      };
+      this.welcomeWaiter = {
+        resolve: (w) => {
+          this.welcomeWaiter = undefined;
+          clearTimeout(timer);
+          this.welcome = w;
+          resolve(w);
+        },
+        reject: fail,
+      };
+      socket.on("data", (chunk: Buffer) => this.onData(socket, chunk));
+      socket.on("error", (err) => {
+        this.lastSocketError = err;
+        fail(err);
+      });
+      socket.on("close", () => {
+        fail(this.lastSocketError ?? new WirechatError(ClientCode.Closed, "the server closed the connection before its welcome frame"));
+        this.onSocketClose(socket);
+      });
+    });
+  }
+
+  private onData(socket: net.Socket, chunk: Buffer): void {
+    if (socket !== this.socket) return;
+    let lines: string[];
+    try {
+      lines = this.splitter.push(chunk);
+    } catch (err) {
+      socket.destroy(err as Error);
+      return;
+    }
+    for (const line of lines) {
+      let frame: any;
+      try {
+        frame = JSON.parse(line);
+      } catch {
+        this.protocolError(socket, `the server sent a line that is not JSON: ${line.slice(0, 120)}`);
+        return;
+      }
+      if (!frame || typeof frame !== "object" || typeof frame.action !== "string") {
+        this.protocolError(socket, `the server sent a frame without an action: ${line.slice(0, 120)}`);
+        return;
+      }
+      this.onFrame(socket, frame);
+      if (socket !== this.socket || socket.destroyed) return;
+    }
+  }
+
+  private protocolError(socket: net.Socket, text: string): void {
+    const err = new WirechatError(ClientCode.Protocol, text);
+    this.lastSocketError = err;
+    socket.destroy(err);
+  }
+
+  private onFrame(socket: net.Socket, frame: { action: string; data?: any; [k: string]: any }): void {
+    const action = frame.action;
+    if (this.welcomeWaiter) {
+      if (action === "welcome") this.welcomeWaiter.resolve(frame as WelcomeFrame);
+      else {
+        // A refusal (§1 "Connection limits") comes in place of the welcome frame.
+        const d = frame.data ?? {};
+        this.welcomeWaiter.reject(new WirechatError(typeof d.status === "number" ? d.status : ClientCode.Protocol, String(d.error ?? `unexpected ${action} frame before the welcome frame`)));
+        socket.destroy();
+      }
+      return;
+    }
+    if (action.startsWith("ev_")) {
+      this.onEvent({ action, data: frame.data ?? {} });
+      return;
+    }
+    const data: ReplyData = frame.data ?? { status: ClientCode.Protocol, error: "reply without data" };
+    if (action === "unknown") {
+      // Nothing this client writes can draw an `unknown` reply (it only sends
+      // well-formed frames), so this is the notice before the server drops us.
+      this.serverNotice = data;
+      this.emit("notice", data);
+      return;
+    }
+    const head = this.inflight[this.inflightHead];
+    if (head && head.awaitingAuthFrame && action === "auth") {
+      this.shiftInflight();
+      this.noteAuth(data);
+      this.settle(head, data);
+      return;
+    }
+    if (!head || head.action !== action) {
+      if (action === "auth" && data.status === 0) {
+        // An `auth` frame nobody waits for (a register whose caller timed out): still
+        // the session this connection now has.
+        this.noteAuth(data);
+        return;
+      }
+      this.protocolError(socket, `reply '${action}' does not match the oldest request '${head?.action ?? "(none)"}'`);
+      return;
+    }
+    if (action === "register" && data.status === 0) {
+      // The unsolicited `auth` frame follows at once and completes the registration.
+      head.awaitingAuthFrame = true;
+      return;
+    }
+    this.shiftInflight();
+    if (data.status === 0) this.noteReply(action, data);
+    this.settle(head, data);
+  }
+
+  private shiftInflight(): void {
+    this.inflightHead++;
+    if (this.inflightHead > 256 && this.inflightHead * 2 > this.inflight.length) {
+      this.inflight = this.inflight.slice(this.inflightHead);
+      this.inflightHead = 0;
+    }
+  }
+
+  private settle(p: Pending, data: ReplyData): void {
+    clearTimeout(p.timer);
+    if (p.settled) return;
+    p.settled = true;
+    if (p.failure) p.reject(p.failure);
+    else if (data.status === 0) p.resolve(data);
+    else p.reject(new WirechatError(typeof data.status === "number" ? data.status : ClientCode.Protocol, String(data.error ?? "no error text"), p.action));
+  }
+
+  /** Session bookkeeping from successful replies, whoever sent the request. */
+  private noteReply(action: string, data: ReplyData): void {
+    switch (action) {
+      case "auth":
+        this.noteAuth(data);
+        break;
+      case "hello":
+        this.helloInfo = data as HelloInfo;
+        this.ackEnabled = data.ack === true;
+        if (this.ackEnabled) this.wantAck = true;
+        break;
+      case "logout":
+      case "deleteaccount":
+        this.uid = this.sid = this.nick = undefined;
+        this.lastInbox = undefined;
+        this.ackSent = this.ackTarget = undefined;
+        break;
+    }
+  }
+
+  private noteAuth(data: ReplyData): void {
+    if (this.uid !== undefined && data.uid !== this.uid) {
+      // Another user's inbox: the old position means nothing there.
+      this.lastInbox = this.ackSent = this.ackTarget = undefined;
+    }
+    this.uid = data.uid;
+    this.sid = data.sid;
+    this.nick = data.nick;
+    this.sessionEnded = false;
+  }
+
+  private onEvent(ev: WirechatEvent): void {
+    if (ev.action === "ev_message" && this.uid !== undefined && ev.data.to === this.uid && typeof ev.data.mid === "string") {
+      // A direct message to us: an inbox message (§8 "Delivery"). The inbox comes in mid
+      // order, each once per connection, so one seen already can only be a resend after
+      // a reconnect; it is dropped here and never reaches the app twice.
+      const mid = parseMid(ev.data.mid);
+      if (mid !== undefined) {
+        if (this.lastInbox !== undefined && mid <= this.lastInbox) {
+          this.duplicatesDropped++;
+          this.scheduleAck(mid);
+          return;
+        }
+        this.lastInbox = mid;
+        this.deliver(ev);
+        // After the listeners ran: an ack says the app has it.
+        this.scheduleAck(mid);
+        return;
+      }
+    }
+    if (ev.action === "ev_logout") {
+      // The session is over (PROTOCOL.md §5 ev_logout): resuming it would fail with 2.
+      this.sessionEnded = true;
+      this.sid = undefined;
+    }
+    this.deliver(ev);
+  }
+
+  private deliver(ev: WirechatEvent): void {
+    for (const it of this.iterators) it.push(ev);
+    try {
+      this.emit("event", ev);
+      this.emit(ev.action as `ev_${string}`, ev.data);
+    } catch (err) {
+      // A listener's exception is the app's, and is rethrown as its own uncaught
+      // error; thrown here it would abandon the rest of the chunk's frames and leave
+      // replies unmatched.
+      process.nextTick(() => {
+        throw err;
+      });
+    }
+  }
+
+  private scheduleAck(mid: bigint): void {
+    if (!this.ackEnabled) return;
+    if (this.ackTarget === undefined || mid > this.ackTarget) this.ackTarget = mid;
+    if (this.ackBusy) return;
+    this.ackBusy = true;
+    // Coalesced: one cumulative ack covers everything that arrived in the same turn
+    // (an inbox of thousands after auth costs a handful of acks, not thousands).
+    setImmediate(() => void this.flushAcks());
+  }
+
+  private async flushAcks(): Promise<void> {
+    const socket = this.socket;
+    try {
+      while (this.ackEnabled && this.socket === socket && this.ackTarget !== undefined && (this.ackSent === undefined || this.ackTarget > this.ackSent)) {
+        const mid = this.ackTarget;
+        await this.submit({ text: JSON.stringify({ action: "ack", data: { mid: mid.toString() } }) + "\n" }, "ack", {}, true);
+        if (this.socket === socket) this.ackSent = mid;
+      }
+    } catch {
+      // A lost ack only means those messages may be offered again; the duplicate
+      // filter and `since` keep them from the app.
+    } finally {
+      if (this.socket === socket) this.ackBusy = false;
+    }
+  }
+
+  private onSocketClose(socket: net.Socket): void {
+    if (socket !== this.socket) return;
+    this.socket = undefined;
+    this.ackEnabled = false;
+    this.ackBusy = false;
+    clearInterval(this.keepAliveTimer);
+    const notice = this.serverNotice;
+    const cause: Error | undefined =
+      this.lastSocketError ?? (notice ? new WirechatError(typeof notice.status === "number" ? notice.status : ClientCode.Closed, String(notice.error)) : undefined);
+    const closedErr = new WirechatError(ClientCode.Closed, cause ? `the connection closed: ${cause.message}` : "the connection closed");
+    const inflight = this.inflight.slice(this.inflightHead);
+    this.inflight = [];
+    this.inflightHead = 0;
+    for (const p of inflight) {
+      clearTimeout(p.timer);
+      if (!p.settled) {
+        p.settled = true;
+        p.reject(closedErr);
+      }
+    }
+    if (this.state === "closed") return;
+    // A connect attempt that failed before its welcome frame: tryReconnect, which
+    // made it, schedules the next one.
+    if (this.state === "reconnecting") return;
+    const resumable = !this.closing && this.reconnectOpts !== undefined && !this.sessionEnded;
+    // Requests never written are safe to send on the next connection; internal ones
+    // (acks, the resume handshake) belong to the connection that is gone.
+    const unwritten = this.outbox.splice(0);
+    for (const out of unwritten) {
+      if (resumable && !out.pending.internal) this.held.push(out);
+      else this.rejectItem(out, closedErr);
+    }
+    if (!resumable) {
+      this.finish(cause);
+      return;
+    }
+    const wasOpen = this.state === "open";
+    this.state = "reconnecting";
+    if (wasOpen) this.emit("disconnect", cause);
+    this.scheduleReconnect();
+  }
+
+  private scheduleReconnect(): void {
+    const r = this.reconnectOpts!;
+    if (this.attempt >= r.maxAttempts) {
+      this.finish(new WirechatError(ClientCode.Closed, `could not reconnect after ${this.attempt} attempts`));
+      return;
+    }
+    // Exponential backoff with "equal jitter": at least half the step, so clients cut
+    // off together by a server restart do not all come back in the same instant.
+    const step = Math.min(r.maxMs, r.minMs * 2 ** Math.min(this.attempt, 30));
+    const delayMs = Math.round(step / 2 + Math.random() * (step / 2));
+    this.attempt++;
+    this.emit("reconnecting", { attempt: this.attempt, delayMs });
+    this.reconnectTimer = setTimeout(() => void this.tryReconnect(), delayMs);
+  }
+
+  private async tryReconnect(): Promise<void> {
+    if (this.state !== "reconnecting") return;
+    try {
+      await this.openTransport();
+    } catch {
+      if (this.state === "reconnecting" && !this.closing) this.scheduleReconnect();
+      return;
+    }
+    const socket = this.socket!;
+    if (this.state !== "reconnecting") {
+      socket.destroy();
+      return;
+    }
+    this.state = "resuming";
+    let auth: AuthInfo | undefined;
+    try {
+      if (this.wantAck) await this.submit({ text: JSON.stringify({ action: "hello", data: { ack: true } }) + "\n" }, "hello", {}, true);
+      if (this.sid !== undefined) {
+        const data: Record<string, unknown> = { sid: this.sid };
+        // `since`: everything after the last inbox message we passed on, whatever the
+        // server thinks was confirmed, so nothing is lost and nothing comes twice.
+        if (this.lastInbox !== undefined) data.since = this.lastInbox.toString();
+        auth = toAuthInfo(await this.submit({ text: JSON.stringify({ action: "auth", data }) + "\n" }, "auth", {}, true));
+      }
+    } catch (err) {
+      if (err instanceof WirechatError && err.code === 2) {
+        // The session is gone (expired, logged out elsewhere): nothing to resume.
+        this.sessionEnded = true;
+        this.sid = undefined;
+        this.finish(err);
+        socket.destroy();
+        return;
+      }
+      // Anything else (rate limit, the server stopping again): drop this connection;
+      // its close handler schedules the next attempt.
+      if (!socket.destroyed) socket.destroy();
+      return;
+    }
+    if (this.state !== "resuming" || socket !== this.socket) return;
+    this.state = "open";
+    const attempts = this.attempt;
+    this.attempt = 0;
+    this.outbox.push(...this.held.splice(0));
+    this.pump();
+    this.startKeepAlive();
+    this.emit("reconnect", { attempts, auth });
+  }
+
+  private startKeepAlive(): void {
+    clearInterval(this.keepAliveTimer);
+    const ms = this.opts.keepAliveMs ?? 0;
+    if (ms <= 0) return;
+    this.keepAliveTimer = setInterval(() => {
+      if (this.state === "open" && Date.now() - this.lastWrite >= ms) {
+        this.submit({ text: '{"action":"ping"}\n' }, "ping", {}, true).catch(() => {});
+      }
+    }, Math.max(100, Math.floor(ms / 2)));
+    this.keepAliveTimer.unref?.();
+  }
+
+  private rejectItem(out: OutItem, err: WirechatError): void {
+    const p = out.pending;
+    clearTimeout(p.timer);
+    if (p.settled) return;
+    p.settled = true;
+    p.reject(new WirechatError(err.code, err.serverMessage, p.action));
+  }
+
+  private finish(cause: Error | undefined): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.state = "closed";
+    clearTimeout(this.reconnectTimer);
+    clearInterval(this.keepAliveTimer);
+    const err = new WirechatError(ClientCode.Closed, cause ? `the client is closed: ${cause.message}` : "the client is closed");
+    for (const out of [...this.held.splice(0), ...this.outbox.splice(0)]) this.rejectItem(out, err);
+    for (const it of this.iterators) it.end();
+    this.iterators.clear();
+    this.emit("close", cause);
+  }
+}
+
+function toAuthInfo(d: ReplyData): AuthInfo {
+  return { sid: d.sid, uid: d.uid, cid: d.cid ?? d.uid, nick: d.nick };
+}
+
+function parseMid(mid: string): bigint | undefined {
+  return /^[0-9]{1,20}$/.test(mid) ? BigInt(mid) : undefined;
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,203 @@
+// The chat CLI as a person uses it, but through pipes: the built entry point
+// (dist/src/cli/chat-main.js, run `npx tsc -p tsconfig.build.json` first) is spawned,
+// lines are typed into its stdin, and its stdout is read. The other side of the
+// conversation is the client library on a real server.
+
+import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { readFileSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterEach, describe, expect, it } from "vitest";
+import { WirechatClient, bufferSource, decodeAttachment, type MessageEvent } from "../src/client/index.js";
+import type { Config } from "../src/config.js";
+import { serveForFile, uniqueName, useTempDirs } from "./helpers.js";
+import { waitFor } from "./pipeline-helpers.js";
+
+// No admin HTTP listener: its fixed default port would collide with other servers.
+const srv = serveForFile({ admin: "off" } as unknown as Partial<Config>);
+const newDir = useTempDirs();
+const MAIN = fileURLToPath(new URL("../dist/src/cli/chat-main.js", import.meta.url));
+
+interface Cli {
+  proc: ChildProcessWithoutNullStreams;
+  out: () => string;
+  err: () => string;
+  type: (line: string) => void;
+  /** Waits until stdout matches `re` (checked against everything printed so far). */
+  waitOut: (re: RegExp, ms?: number) => Promise<void>;
+  exited: Promise<number | null>;
+}
+
+const running: Cli[] = [];
+afterEach(() => {
+  for (const c of running.splice(0)) if (c.proc.exitCode === null) c.proc.kill("SIGKILL");
+});
+
+function cli(args: string[]): Cli {
+  const proc = spawn(process.execPath, [MAIN, ...args], { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "" } });
+  let out = "";
+  let err = "";
+  proc.stdout.on("data", (d: Buffer) => (out += d.toString()));
+  proc.stderr.on("data", (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+  const c: Cli = {
+    proc,
+    out: () => out,
+    err: () => err,
+    type: (line) => proc.stdin.write(line + "\n"),
+    waitOut: (re, ms = 5000) => waitFor(() => re.test(out), ms, () => `${re} in the chat's output:\n${out}\nstderr:\n${err}`),
+    exited,
+  };
+  running.push(c);
+  return c;
+}
+
+async function libUser(): Promise<{ c: WirechatClient; uid: string; nick: string; inbox: MessageEvent[] }> {
+  const c = await WirechatClient.connect({ port: srv.port });
+  const nick = uniqueName("Bob");
+  const a = await c.register(nick.toLowerCase(), "secret", nick);
+  const inbox: MessageEvent[] = [];
+  c.on("ev_message", (m) => {
+    if (m.to === a.uid) inbox.push(m);
+  });
+  return { c, uid: a.uid, nick, inbox };
+}
+
+describe("wirechat chat", () => {
+  it("registers, talks to another user both ways, shows history, sends a file, and quits", async () => {
+    const bob = await libUser();
+    try {
+      const login = uniqueName("alice");
+      const nick = uniqueName("Alice");
+      // No --pass: the password is the first line of input, as when it is piped in.
+      const alice = cli(["--host", "127.0.0.1", "--port", String(srv.port), "--login", login, "--register", "--nick", nick]);
+      alice.type("s3cret");
+      await alice.waitOut(new RegExp(`logged in as ${nick}`));
+
+      alice.type("hello before a conversation");
+      await alice.waitOut(/! no conversation yet/);
+
+      alice.type(`/msg ${bob.nick} hello bob`);
+      await waitFor(() => bob.inbox.length === 1, 5000, "Bob to get Alice's message");
+      expect(bob.inbox[0].body).toBe("hello bob");
+      expect(bob.inbox[0].nick).toBe(nick);
+      // The echo of her own message, shown as sent to Bob.
+      await alice.waitOut(new RegExp(`-> ${bob.nick}: hello bob`));
+
+      // A plain line now goes to Bob, the current conversation.
+      alice.type("and a second line");
+      await waitFor(() => bob.inbox.length === 2, 5000, "Bob to get the second line");
+      expect(bob.inbox[1].body).toBe("and a second line");
+
+      await bob.c.sendMessage({ uid: bob.inbox[0].from }, "hi alice");
+      await alice.waitOut(new RegExp(`\\[\\d\\d:\\d\\d\\] <${bob.nick}> hi alice`));
+
+      const file = path.join(newDir(), "notes.txt");
+      const bytes = randomBytes(200 * 1024);
+      writeFileSync(file, bytes);
+      alice.type(`/attach ${file}`);
+      await waitFor(() => bob.inbox.length === 3, 5000, "Bob to get the attachment");
+      expect(decodeAttachment(bob.inbox[2].attach).equals(bytes)).toBe(true);
+      expect(bob.inbox[2].attach.mime).toBe("text/plain");
+      await alice.waitOut(/\* sent .*notes\.txt \(message \d+\)/);
+
+      // Bob sends a file back; Alice saves it.
+      const back = randomBytes(1000);
+      const sent = await bob.c.sendAttachment({ uid: bob.inbox[0].from }, bufferSource(back), { mime: "application/octet-stream" });
+      await alice.waitOut(new RegExp(`\\[attachment application/octet-stream, 1000 B; /save ${sent.mid} FILE\\]`));
+      const saved = path.join(newDir(), "saved.bin");
+      alice.type(`/save ${sent.mid} ${saved}`);
+      await alice.waitOut(/\* saved 1000 B to /);
+      expect(readFileSync(saved).equals(back)).toBe(true);
+
+      const before = alice.out().length;
+      alice.type("/history 3");
+      await waitFor(() => (alice.out().slice(before).match(/\n/g) ?? []).length >= 3, 5000, "three history lines");
+      const hist = alice.out().slice(before);
+      expect(hist).toMatch(new RegExp(`<${bob.nick}> hi alice`));
+      expect(hist).toMatch(/\[attachment/);
+
+      alice.type("/who");
+      await alice.waitOut(/\* no contacts yet/);
+      alice.type(`/add ${bob.nick}`);
+      await alice.waitOut(new RegExp(`\\* added ${bob.nick}`));
+      alice.type("/who");
+      await alice.waitOut(new RegExp(`\\* contacts: ${bob.nick} \\(online\\)`));
+
+      alice.type("/quit");
+      expect(await alice.exited).toBe(0);
+      // Pipes: no colours, no cursor control, and never the server's JSON.
+      expect(alice.out()).not.toMatch(/\x1b\[/);
+      expect(alice.out()).not.toContain('"action"');
+      expect(alice.err()).toBe("");
+    } finally {
+      await bob.c.close();
+    }
+  });
+
+  it("joins a channel, lists its members, and talks there", async () => {
+    const bob = await libUser();
+    try {
+      const login = uniqueName("carol");
+      const carol = cli(["--port", String(srv.port), "--login", login, "--pass", "pw", "--register"]);
+      await carol.waitOut(/logged in as/);
+      const channel = uniqueName("room");
+      carol.type(`/join #${channel}`);
+      await carol.waitOut(new RegExp(`\\* now talking in #${channel} \\(1 member, 1 online\\)`));
+      const chid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === channel)!.chid;
+      const heard: MessageEvent[] = [];
+      bob.c.on("ev_message", (m) => {
+        if (m.chid === chid) heard.push(m);
+      });
+      await bob.c.enter(chid);
+      await carol.waitOut(new RegExp(`\\* ${bob.nick} entered #${channel}`));
+      carol.type("hi room");
+      await waitFor(() => heard.length === 1, 5000, "Bob to hear Carol in the channel");
+      await bob.c.sendMessage({ channel: chid }, "hello carol");
+      await carol.waitOut(new RegExp(`#${channel} <${bob.nick}> hello carol`));
+      carol.type("/who");
+      await carol.waitOut(new RegExp(`\\* #${channel}: .*${bob.nick} \\(online\\)`));
+      // End of input ends the session cleanly, like /quit.
+      carol.proc.stdin.end();
+      expect(await carol.exited).toBe(0);
+    } finally {
+      await bob.c.close();
+    }
+  });
+
+  it("prints --raw events as the server's frames", async () => {
+    const bob = await libUser();
+    try {
+      const login = uniqueName("dave");
+      const dave = cli(["--port", String(srv.port), "--login", login, "--pass", "pw", "--register", "--raw"]);
+      await dave.waitOut(/logged in as/);
+      dave.type('{"action":"ping"}');
+      await dave.waitOut(/\{"action":"ping","data":\{"status":0,"error":"OK","time":\d+\}\}/);
+      dave.type('{"action":"userinfo","data":{"user":"nobody"}}');
+      await dave.waitOut(/\{"action":"userinfo","data":\{"status":8,/);
+      const me = (await bob.c.searchUser(login)).find((u) => u.nick === login)!;
+      await bob.c.sendMessage({ uid: me.uid }, "raw hi");
+      await dave.waitOut(/\{"action":"ev_message","data":\{"mid":"\d+".*"body":"raw hi"/);
+      dave.type("/quit");
+      expect(await dave.exited).toBe(0);
+    } finally {
+      await bob.c.close();
+    }
+  });
+
+  it("explains itself with --help, and fails clearly on usage errors and bad logins", async () => {
+    const help = cli(["--help"]);
+    expect(await help.exited).toBe(0);
+    expect(help.out()).toMatch(/^Usage: wirechat chat --login LOGIN/);
+    expect(help.out()).toContain("--register");
+
+    const usage = cli(["--port", "x"]);
+    expect(await usage.exited).toBe(2);
+    expect(usage.err()).toMatch(/--port must be a port number/);
+
+    const bad = cli(["--port", String(srv.port), "--login", uniqueName("nobody"), "--pass", "x"]);
+    expect(await bad.exited).toBe(1);
+    expect(bad.err()).toMatch(/login failed: no account with login/);
+  });
+});

@@ -1,0 +1,342 @@
+// The client library (src/client) against a real server over real TCP: reply
+// matching with events in between, error codes, timeouts, the events iterator, acks,
+// reconnecting across a server restart without losing or repeating a message, TLS,
+// and streamed attachments.
+
+import { randomBytes } from "node:crypto";
+import { readFileSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { Readable } from "node:stream";
+import { fileURLToPath } from "node:url";
+import { afterEach, describe, expect, it } from "vitest";
+import {
+  ClientCode,
+  NdjsonSplitter,
+  WirechatClient,
+  WirechatError,
+  base64Chunks,
+  decodeAttachment,
+  type ConnectOptions,
+  type MessageEvent,
+} from "../src/client/index.js";
+import type { Config } from "../src/config.js";
+import { ChildServer, removeDir, serveForFile, startTestServer, uniqueName, useTempDirs } from "./helpers.js";
+import { isAlive, sleep, waitFor } from "./pipeline-helpers.js";
+
+// Servers here run no admin HTTP listener: its fixed default port would collide
+// between the several servers this file starts. (An env variable for the child
+// processes, so a build without that option simply ignores it.)
+const noAdmin = { admin: "off" } as unknown as Partial<Config>;
+process.env.WIRECHAT_ADMIN = "off";
+const srv = serveForFile(noAdmin);
+const clients: WirechatClient[] = [];
+const children: ChildServer[] = [];
+const newDir = useTempDirs();
+
+afterEach(async () => {
+  for (const c of clients.splice(0)) c.destroy();
+  for (const child of children.splice(0)) {
+    if (isAlive(child)) {
+      child.proc.kill("SIGKILL");
+      await child.exited;
+    }
+  }
+});
+
+async function connect(opts: ConnectOptions = {}): Promise<WirechatClient> {
+  const c = await WirechatClient.connect({ host: "127.0.0.1", port: srv.port, ...opts });
+  clients.push(c);
+  return c;
+}
+
+async function registered(opts: ConnectOptions = {}): Promise<{ c: WirechatClient; uid: string; sid: string; login: string }> {
+  const c = await connect(opts);
+  const login = uniqueName("cl");
+  const a = await c.register(login, "secret", login);
+  return { c, uid: a.uid, sid: a.sid, login };
+}
+
+async function rejection(p: Promise<unknown>): Promise<WirechatError> {
+  try {
+    await p;
+  } catch (err) {
+    expect(err).toBeInstanceOf(WirechatError);
+    return err as WirechatError;
+  }
+  throw new Error("expected a rejection");
+}
+
+function childOn(port: number, dir: string, extra: string[] = []): Promise<ChildServer> {
+  return ChildServer.start(dir, ["--port", String(port), ...extra]).then((c) => {
+    children.push(c);
+    return c;
+  });
+}
+
+describe("NdjsonSplitter", () => {
+  it("finds frames split anywhere, back to back, and across multi-byte characters", () => {
+    const frames = [{ action: "a", data: { t: "héllo 😀 ✓" } }, { action: "b" }, { action: "c", data: { n: 1 } }];
+    const bytes = Buffer.from(frames.map((f) => JSON.stringify(f) + "\n").join(""));
+    for (const step of [1, 2, 3, 7, bytes.length]) {
+      const s = new NdjsonSplitter();
+      const got: string[] = [];
+      for (let i = 0; i < bytes.length; i += step) got.push(...s.push(bytes.subarray(i, i + step)));
+      expect(got.map((l) => JSON.parse(l))).toEqual(frames);
+      expect(s.buffered).toBe(0);
+    }
+  });
+
+  it("refuses a line over its limit", () => {
+    const s = new NdjsonSplitter(10);
+    expect(() => s.push(Buffer.from("x".repeat(11)))).toThrow(/longer than 10 bytes/);
+  });
+});
+
+describe("base64Chunks", () => {
+  it("concatenates to the base64 of the whole input whatever the chunk sizes", async () => {
+    const data = randomBytes(1000);
+    const parts: Buffer[] = [];
+    let at = 0;
+    for (const n of [1, 2, 4, 5, 7, 100, 881]) {
+      parts.push(data.subarray(at, at + n));
+      at += n;
+    }
+    let text = "";
+    for await (const c of base64Chunks(Readable.from(parts))) text += c.text;
+    expect(text).toBe(data.toString("base64"));
+  });
+});
+
+describe("WirechatClient", () => {
+  it("matches replies to pipelined requests while events arrive in between", async () => {
+    const alice = await registered();
+    const bob = await registered();
+    const got: MessageEvent[] = [];
+    alice.c.on("ev_message", (m) => got.push(m));
+    // Bob's messages make Alice's connection carry events between her replies.
+    const sends = Array.from({ length: 20 }, (_, i) => bob.c.sendMessage({ uid: alice.uid }, `m${i}`));
+    const reqs: Promise<unknown>[] = [];
+    for (let i = 0; i < 30; i++) {
+      reqs.push(alice.c.userInfo(i % 2 ? bob.uid : alice.uid).then((r) => expect(r.uid).toBe(i % 2 ? bob.uid : alice.uid)));
+      reqs.push(alice.c.ping().then((t) => expect(typeof t).toBe("number")));
+      reqs.push(rejection(alice.c.request("userinfo", { user: `nobody${i}` })).then((e) => expect(e.code).toBe(8)));
+      reqs.push(alice.c.searchUser(bob.login).then((l) => expect(l.map((u) => u.uid)).toContain(bob.uid)));
+    }
+    await Promise.all([...sends, ...reqs]);
+    await waitFor(() => got.length === 20, 3000, "20 ev_messages");
+    expect(got.map((m) => m.body)).toEqual(Array.from({ length: 20 }, (_, i) => `m${i}`));
+  });
+
+  it("rejects with WirechatError carrying the status and the server's text", async () => {
+    const c = await connect();
+    let e = await rejection(c.request("contactlist"));
+    expect(e.code).toBe(6);
+    expect(e.serverMessage).toBe("'contactlist' needs an authenticated session");
+    expect(e.action).toBe("contactlist");
+    e = await rejection(c.request("no_such_action"));
+    expect(e.code).toBe(11);
+    e = await rejection(c.auth({ login: uniqueName("ghost"), pass: "x" }));
+    expect(e.code).toBe(7);
+    const a = await registered();
+    e = await rejection(c.register(a.login, "x", uniqueName("n")));
+    expect(e.code).toBe(1);
+    e = await rejection(c.auth({ login: a.login, pass: "wrong" }));
+    expect(e.code).toBe(2);
+    // The generic request still works for everything, and the connection is fine.
+    const auth = await c.request("auth", { login: a.login, pass: "secret" });
+    expect(auth.uid).toBe(a.uid);
+    expect(c.uid).toBe(a.uid);
+  });
+
+  it("times out a request without losing step: its late reply is not given to the next one", async () => {
+    const dir = newDir();
+    const child = await ChildServer.start(dir);
+    children.push(child);
+    const c = await WirechatClient.connect({ host: "127.0.0.1", port: child.port });
+    clients.push(c);
+    child.proc.kill("SIGSTOP");
+    try {
+      const e = await rejection(c.request("hello", {}, { timeoutMs: 200 }));
+      expect(e.code).toBe(ClientCode.Timeout);
+    } finally {
+      child.proc.kill("SIGCONT");
+    }
+    // The hello reply arrives now and must be swallowed, not taken for the ping's.
+    expect(typeof (await c.ping())).toBe("number");
+  });
+
+  it("delivers events to the iterator, acknowledges them, and drops the oldest past its buffer", async () => {
+    const bob = await registered();
+    const alice = await registered();
+    const aliceSid = alice.sid;
+    alice.c.destroy();
+    const mids: string[] = [];
+    for (let i = 0; i < 5; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, `offline ${i}`)).mid);
+
+    const c = await connect();
+    expect(c.acking).toBe(true);
+    const all = c.events();
+    const small = c.events({ bufferSize: 2 });
+    const overflows: number[] = [];
+    c.on("overflow", ({ dropped }) => overflows.push(dropped));
+    await c.auth({ sid: aliceSid });
+    const seen: string[] = [];
+    for await (const ev of all) {
+      if (ev.action !== "ev_message") continue;
+      seen.push(ev.data.body);
+      if (seen.length === 5) break;
+    }
+    expect(seen).toEqual([0, 1, 2, 3, 4].map((i) => `offline ${i}`));
+    await waitFor(() => c.lastAckedMid === mids[4], 3000, "the ack of the last inbox message");
+    const kept: string[] = [];
+    for await (const ev of small) {
+      kept.push(ev.data.body);
+      if (kept.length === 2) break;
+    }
+    expect(kept).toEqual(["offline 3", "offline 4"]);
+    expect(overflows.at(-1)).toBe(3);
+
+    // Acknowledged: the next login is owed nothing.
+    const again = await connect();
+    const late: MessageEvent[] = [];
+    again.on("ev_message", (m) => late.push(m));
+    await again.auth({ sid: aliceSid });
+    await again.ping();
+    await sleep(200);
+    expect(late).toEqual([]);
+  });
+
+  it("reconnects after a server restart and resumes with since: nothing lost, nothing twice", async () => {
+    const dir = newDir();
+    const first = await ChildServer.start(dir);
+    children.push(first);
+    const port = first.port;
+    const bobC = await WirechatClient.connect({ host: "127.0.0.1", port });
+    clients.push(bobC);
+    await bobC.register(uniqueName("rb"), "secret", uniqueName("RB"));
+    // Without acks the server counts none of Alice's messages as delivered (§8
+    // "Delivery"), so after the restart it would offer all of them again: only `since`
+    // on the resumed auth keeps the first three from coming twice.
+    const alice = await WirechatClient.connect({ host: "127.0.0.1", port, ack: false, reconnect: { minMs: 50, maxMs: 400 } });
+    clients.push(alice);
+    const aliceAuth = await alice.register(uniqueName("ra"), "secret", uniqueName("RA"));
+    const got: string[] = [];
+    alice.on("ev_message", (m) => {
+      if (m.to === aliceAuth.uid) got.push(m.body);
+    });
+    const events: string[] = [];
+    alice.on("disconnect", () => events.push("disconnect"));
+    alice.on("reconnect", () => events.push("reconnect"));
+
+    for (let i = 1; i <= 3; i++) await bobC.sendMessage({ uid: aliceAuth.uid }, `before ${i}`);
+    await waitFor(() => got.length === 3, 3000, "the first three messages");
+    // A kill, not a stop: nothing gets a chance to be tidied up.
+    first.proc.kill("SIGKILL");
+    await first.exited;
+    await waitFor(() => events.includes("disconnect"), 3000, "the disconnect");
+    // Asked while disconnected: held, then sent once the session is resumed.
+    const held = alice.request("userinfo", { user: aliceAuth.uid });
+
+    const second = await childOn(port, dir);
+    expect(second.port).toBe(port);
+    const bob2 = await WirechatClient.connect({ host: "127.0.0.1", port });
+    clients.push(bob2);
+    await bob2.auth({ sid: bobC.sid! });
+    const bob2Mids: string[] = [];
+    for (let i = 1; i <= 3; i++) bob2Mids.push((await bob2.sendMessage({ uid: aliceAuth.uid }, `after ${i}`)).mid);
+
+    expect((await held).uid).toBe(aliceAuth.uid);
+    await waitFor(() => got.length >= 6, 5000, () => `six messages; got ${JSON.stringify(got)}`);
+    await alice.ping();
+    await sleep(300);
+    expect(got).toEqual(["before 1", "before 2", "before 3", "after 1", "after 2", "after 3"]);
+    expect(events).toEqual(["disconnect", "reconnect"]);
+    expect(alice.connected).toBe(true);
+    expect(alice.sid).toBe(aliceAuth.sid);
+    // `since` did it, not the client's duplicate filter: the server resent nothing.
+    expect(alice.duplicatesDropped).toBe(0);
+    expect(alice.lastInboxMid).toBe(bob2Mids.at(-1));
+  });
+
+  it("streams a file attachment with progress, and the recipient gets the same bytes", async () => {
+    const alice = await registered();
+    const bob = await registered();
+    const file = path.join(newDir(), "blob.bin");
+    const bytes = randomBytes(700 * 1024 + 5); // not a multiple of 3 or of the chunk size
+    writeFileSync(file, bytes);
+    const progress: number[] = [];
+    const incoming = new Promise<MessageEvent>((resolve) => bob.c.on("ev_message", (m) => resolve(m)));
+    // Requests queued behind the attachment must wait for its frame to end.
+    const sent = alice.c.sendFile({ uid: bob.uid }, file, { mime: "application/x-test", body: "see attached", onProgress: (n, total) => {
+      expect(total).toBe(bytes.length);
+      progress.push(n);
+    } });
+    const pingAfter = alice.c.ping();
+    const r = await sent;
+    expect(typeof (await pingAfter)).toBe("number");
+    expect(r.mid).toMatch(/^\d+$/);
+    expect(progress.length).toBeGreaterThan(5);
+    expect(progress.at(-1)).toBe(bytes.length);
+    expect([...progress].sort((x, y) => x - y)).toEqual(progress);
+    const m = await incoming;
+    expect(m.mid).toBe(r.mid);
+    expect(m.body).toBe("see attached");
+    expect(m.attach.mime).toBe("application/x-test");
+    expect(decodeAttachment(m.attach).equals(bytes)).toBe(true);
+    const hist = await bob.c.history({ uid: alice.uid, limit: 1 });
+    expect(decodeAttachment(hist[0].attach).equals(bytes)).toBe(true);
+  });
+
+  it("reports a source that fails mid-attachment and keeps the connection in step", async () => {
+    const alice = await registered();
+    async function* failing() {
+      yield randomBytes(3000);
+      throw new Error("disk on fire");
+    }
+    const e = await rejection(alice.c.sendAttachment({ uid: alice.uid }, Readable.from(failing())));
+    expect(e.code).toBe(ClientCode.Aborted);
+    expect(e.serverMessage).toMatch(/disk on fire/);
+    expect(await alice.c.sendMessage({ uid: alice.uid }, "still fine")).toHaveProperty("mid");
+  });
+
+  it("connects over TLS", async () => {
+    const certPath = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
+    const keyPath = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
+    const server = await startTestServer({ ...noAdmin, tlsPort: 0, tlsCert: certPath, tlsKey: keyPath });
+    try {
+      const c = await WirechatClient.connect({ host: "127.0.0.1", port: server.tlsPort as number, tls: { ca: readFileSync(certPath), servername: "localhost" } });
+      clients.push(c);
+      const login = uniqueName("tlsc");
+      expect((await c.register(login, "p", login)).uid).toMatch(/\w+/);
+      await c.close();
+      expect(c.closed).toBe(true);
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
+  });
+
+  it("rejects connect() with the refusal's status when the server turns the connection away", async () => {
+    const server = await startTestServer({ ...noAdmin, maxPerAddress: 1 });
+    try {
+      const first = await WirechatClient.connect({ port: server.port, ack: false });
+      clients.push(first);
+      const e = await rejection(WirechatClient.connect({ port: server.port }));
+      expect(e.code).toBe(13);
+      expect(e.serverMessage).toMatch(/too many connections from your address/);
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
+  });
+
+  it("close() says quit and ends the events iterator", async () => {
+    const c = await connect();
+    const it = c.events();
+    const closed = new Promise<void>((r) => c.once("close", () => r()));
+    await c.close();
+    await closed;
+    expect(await it.next()).toEqual({ value: undefined, done: true });
+    expect((await rejection(c.ping())).code).toBe(ClientCode.Closed);
+  });
+});
