@@ -26,7 +26,7 @@ export async function startServer(extra: string[] = [], opts: StartOptions = {})
   const main = fileURLToPath(new URL("../src/main.js", import.meta.url));
   const proc = spawn(
     process.execPath,
-    [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info",
+    [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", "0",
      // every benchmark client comes from 127.0.0.1: lift the per-address cap
      "--max-per-address", "1000000", ...extra],
     { stdio: ["ignore", "pipe", opts.stderr ?? "inherit"] },

@@ -150,7 +150,7 @@ function startServer(kind: ServerKind, port: number, dir: string, log: number): 
   const args =
     kind === "wirechat"
       ? [WIRECHAT, "--host", "127.0.0.1", "--port", String(port), "--data-dir", data, "--log-level", "warn",
-         "--max-per-address", "100000", "--max-connections", "100000", "--bcrypt-cost", "4"]
+         "--max-per-address", "100000", "--max-connections", "100000", "--bcrypt-cost", "4", "--admin-port", "0"]
       : [BASELINE, "--host", "127.0.0.1", "--port", String(port), "--data-dir", data];
   return spawnPinned(SERVER_CPU, process.execPath, args, log, log);
 }

@@ -1,6 +1,8 @@
 // Every setting: its flag, environment variable, default and help text, in one table.
 // `--help` is printed from this table, and README/PROTOCOL.md quote it.
 
+import { readFileSync } from "node:fs";
+
 export interface Config {
   host: string;
   port: number;
@@ -42,11 +44,17 @@ export interface Config {
   tlsKey: string;
   stats: number;
   backgroundNice: number;
+  config: string;
+  admin: string;
+  adminHost: string;
+  adminPort: number;
+  adminToken: string;
+  registration: string;
 }
 
-type Kind = "int" | "string";
+type Kind = "int" | "string" | "enum";
 
-interface OptionSpec {
+export interface OptionSpec {
   key: keyof Config;
   flag: string;
   env: string;
@@ -55,30 +63,38 @@ interface OptionSpec {
   help: string;
   min?: number;
   max?: number;
+  /** The values an enum option takes. */
+  choices?: readonly string[];
+  /**
+   * SIGHUP applies a new value from the config file or the environment to the running
+   * server (every reader of it reads the shared Config when it acts); other options
+   * need a restart.
+   */
+  reload?: boolean;
 }
 
 export const OPTIONS: readonly OptionSpec[] = [
   { key: "host", flag: "--host", env: "WIRECHAT_HOST", kind: "string", default: "0.0.0.0", help: "address to listen on" },
   { key: "port", flag: "--port", env: "WIRECHAT_PORT", kind: "int", default: 7788, min: 0, help: "TCP port (0 = any free port)" },
   { key: "dataDir", flag: "--data-dir", env: "WIRECHAT_DATA_DIR", kind: "string", default: "./data", help: "directory of the LevelDB database" },
-  { key: "logLevel", flag: "--log-level", env: "WIRECHAT_LOG_LEVEL", kind: "string", default: "info", help: "pino level: fatal, error, warn, info, debug, trace or silent" },
+  { key: "logLevel", flag: "--log-level", env: "WIRECHAT_LOG_LEVEL", kind: "string", default: "info", help: "pino level: fatal, error, warn, info, debug, trace or silent", reload: true },
   { key: "maxFrame", flag: "--max-frame", env: "WIRECHAT_MAX_FRAME", kind: "int", default: 1024 * 1024, min: 64, help: "largest request frame in bytes (status 12 past it)" },
   { key: "maxDepth", flag: "--max-depth", env: "WIRECHAT_MAX_DEPTH", kind: "int", default: 32, min: 2, help: "deepest JSON nesting in a frame (status 3 past it)" },
   { key: "maxAttach", flag: "--max-attach", env: "WIRECHAT_MAX_ATTACH", kind: "int", default: 64 * 1024 * 1024, min: 0, help: "largest attachment in decoded bytes (status 12 past it)" },
   { key: "maxPicture", flag: "--max-picture", env: "WIRECHAT_MAX_PICTURE", kind: "int", default: 256 * 1024, min: 0, help: "largest profile picture, in characters of base64 (status 12 past it)" },
   { key: "maxImport", flag: "--max-import", env: "WIRECHAT_MAX_IMPORT", kind: "int", default: 5000, min: 1, help: "most address-book entries in one import (status 12 past it)" },
-  { key: "maxOwnedChannels", flag: "--max-owned-channels", env: "WIRECHAT_MAX_OWNED_CHANNELS", kind: "int", default: 100, min: 1, help: "most channels one user may own (createchannel past it: status 13)" },
-  { key: "maxJoinedChannels", flag: "--max-joined-channels", env: "WIRECHAT_MAX_JOINED_CHANNELS", kind: "int", default: 1000, min: 1, help: "most channels one user may be a member of (createchannel, enter past it: status 13)" },
+  { key: "maxOwnedChannels", flag: "--max-owned-channels", env: "WIRECHAT_MAX_OWNED_CHANNELS", kind: "int", default: 100, min: 1, help: "most channels one user may own (createchannel past it: status 13)", reload: true },
+  { key: "maxJoinedChannels", flag: "--max-joined-channels", env: "WIRECHAT_MAX_JOINED_CHANNELS", kind: "int", default: 1000, min: 1, help: "most channels one user may be a member of (createchannel, enter past it: status 13)", reload: true },
   { key: "badFrameLimit", flag: "--bad-frame-limit", env: "WIRECHAT_BAD_FRAME_LIMIT", kind: "int", default: 100, min: 1, help: "bad frames a connection may send within the window before it is closed" },
   { key: "badFrameWindow", flag: "--bad-frame-window", env: "WIRECHAT_BAD_FRAME_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds" },
   { key: "outboundCap", flag: "--outbound-cap", env: "WIRECHAT_OUTBOUND_CAP", kind: "int", default: 8 * 1024 * 1024, min: 65536, help: "bytes waiting to be sent to one connection before it is closed as a slow reader" },
   { key: "bcryptCost", flag: "--bcrypt-cost", env: "WIRECHAT_BCRYPT_COST", kind: "int", default: 10, min: 4, help: "bcrypt cost factor for stored password hashes" },
   { key: "sessionTtl", flag: "--session-ttl", env: "WIRECHAT_SESSION_TTL", kind: "int", default: 30 * 24 * 3600, min: 1, help: "seconds a session id stays valid" },
   { key: "stats", flag: "--stats", env: "WIRECHAT_STATS", kind: "int", default: 0, min: 0, help: "1 enables the 'stats' action (event-loop delay, memory) for benchmarks and monitoring" },
-  { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections (a new one past it gets status 16 and is closed)" },
-  { key: "maxPerAddress", flag: "--max-per-address", env: "WIRECHAT_MAX_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "most simultaneous unauthenticated connections (and TLS handshakes) from one IP address (status 13 past it); logged-in ones do not count" },
-  { key: "idleUnauth", flag: "--idle-unauth", env: "WIRECHAT_IDLE_UNAUTH", kind: "int", default: 60, min: 1, help: "seconds an unauthenticated connection may stay silent before it is closed" },
-  { key: "idleAuth", flag: "--idle-auth", env: "WIRECHAT_IDLE_AUTH", kind: "int", default: 600, min: 1, help: "seconds an authenticated connection may stay silent (ping counts) before it is closed" },
+  { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections (a new one past it gets status 16 and is closed)", reload: true },
+  { key: "maxPerAddress", flag: "--max-per-address", env: "WIRECHAT_MAX_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "most simultaneous unauthenticated connections (and TLS handshakes) from one IP address (status 13 past it); logged-in ones do not count", reload: true },
+  { key: "idleUnauth", flag: "--idle-unauth", env: "WIRECHAT_IDLE_UNAUTH", kind: "int", default: 60, min: 1, help: "seconds an unauthenticated connection may stay silent before it is closed", reload: true },
+  { key: "idleAuth", flag: "--idle-auth", env: "WIRECHAT_IDLE_AUTH", kind: "int", default: 600, min: 1, help: "seconds an authenticated connection may stay silent (ping counts) before it is closed", reload: true },
   { key: "closeLinger", flag: "--close-linger", env: "WIRECHAT_CLOSE_LINGER", kind: "int", default: 2, min: 1, help: "seconds a connection the server closes (quit, limits, refusals) may take its last frames, while what it still sends is discarded, before it is cut off" },
   { key: "tlsHandshakeTimeout", flag: "--tls-handshake-timeout", env: "WIRECHAT_TLS_HANDSHAKE_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds a TLS handshake may take; it counts against the connection caps meanwhile" },
   { key: "rate", flag: "--rate", env: "WIRECHAT_RATE", kind: "int", default: 5000, min: 1, help: "requests per second one connection may sustain (status 13 past it)" },
@@ -91,13 +107,19 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "authBurst", flag: "--auth-burst", env: "WIRECHAT_AUTH_BURST", kind: "int", default: 300, min: 1, help: "password checks one IP address may start at once above --auth-rate" },
   { key: "trustedAddresses", flag: "--trusted-addresses", env: "WIRECHAT_TRUSTED_ADDRESSES", kind: "string", default: "127.0.0.1,::1", help: "comma-separated IP addresses exempt from --auth-rate/--auth-burst (a proxy on the same host, local test and conformance scripts); empty for none" },
   { key: "hashQueuePerAddress", flag: "--hash-queue-per-address", env: "WIRECHAT_HASH_QUEUE_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "password checks from one IP address waiting for the hasher (served round-robin between addresses; status 13 past it)" },
-  { key: "maxSessionsPerUser", flag: "--max-sessions-per-user", env: "WIRECHAT_MAX_SESSIONS_PER_USER", kind: "int", default: 64, min: 1, help: "stored sessions per user; a new one past it revokes the oldest" },
-  { key: "maxConnectionsPerUser", flag: "--max-connections-per-user", env: "WIRECHAT_MAX_CONNECTIONS_PER_USER", kind: "int", default: 100, min: 1, help: "simultaneous authenticated connections per user (auth past it gets status 13)" },
+  { key: "maxSessionsPerUser", flag: "--max-sessions-per-user", env: "WIRECHAT_MAX_SESSIONS_PER_USER", kind: "int", default: 64, min: 1, help: "stored sessions per user; a new one past it revokes the oldest", reload: true },
+  { key: "maxConnectionsPerUser", flag: "--max-connections-per-user", env: "WIRECHAT_MAX_CONNECTIONS_PER_USER", kind: "int", default: 100, min: 1, help: "simultaneous authenticated connections per user (auth past it gets status 13)", reload: true },
   { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },
   { key: "backgroundNice", flag: "--background-nice", env: "WIRECHAT_BACKGROUND_NICE", kind: "int", default: 10, min: 0, max: 19, help: "nice value (0-19) for the process's threads other than the event loop (LevelDB, the I/O pool, bcrypt, GC helpers), so they yield a shared core to it; 0 leaves them alone (Linux only)" },
   { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, help: "TLS port, used when --tls-cert and --tls-key are given" },
-  { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener" },
-  { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file" },
+  { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener", reload: true },
+  { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file", reload: true },
+  { key: "registration", flag: "--registration", env: "WIRECHAT_REGISTRATION", kind: "enum", choices: ["open", "closed"], default: "open", reload: true, help: "closed: register is refused with status 15 (accounts are then made by an operator: wirechat user add)" },
+  { key: "admin", flag: "--admin", env: "WIRECHAT_ADMIN", kind: "enum", choices: ["on", "off"], default: "on", help: "the admin HTTP port: metrics, health, connections, operator actions" },
+  { key: "adminHost", flag: "--admin-host", env: "WIRECHAT_ADMIN_HOST", kind: "string", default: "127.0.0.1", help: "address the admin port listens on (keep it private: it can kick, ban and delete users)" },
+  { key: "adminPort", flag: "--admin-port", env: "WIRECHAT_ADMIN_PORT", kind: "int", default: 9090, min: 0, help: "admin HTTP port (0 = any free port)" },
+  { key: "adminToken", flag: "--admin-token", env: "WIRECHAT_ADMIN_TOKEN", kind: "string", default: "", help: "bearer token every admin request but /healthz and /readyz must carry (Authorization: Bearer <token>); empty: none" },
+  { key: "config", flag: "--config", env: "WIRECHAT_CONFIG", kind: "string", default: "", help: "JSON file of settings, keyed by flag name without the dashes ({\"port\": 7788, \"data-dir\": \"/var/lib/wirechat\"}); flags and environment variables win over it" },
 ];
 
 export class ConfigError extends Error {}
@@ -110,6 +132,10 @@ export function defaultConfig(): Config {
 
 function convert(o: OptionSpec, raw: string, source: string): string | number {
   if (o.kind === "string") return raw;
+  if (o.kind === "enum") {
+    if (!(o.choices as readonly string[]).includes(raw)) throw new ConfigError(`${source}: expected ${(o.choices as readonly string[]).join(" or ")}, got "${raw}"`);
+    return raw;
+  }
   if (!/^\d+$/.test(raw)) throw new ConfigError(`${source}: expected a whole number, got "${raw}"`);
   const v = Number(raw);
   if (o.min !== undefined && v < o.min) throw new ConfigError(`${source}: must be at least ${o.min}`);
@@ -120,20 +146,63 @@ function convert(o: OptionSpec, raw: string, source: string): string | number {
 export interface ParsedArgs {
   config: Config;
   help: boolean;
+  version: boolean;
 }
 
-/** Defaults, then environment variables, then flags (`--flag value` or `--flag=value`). */
+/** The option a config-file key names: the flag without its dashes. */
+function byFileKey(key: string): OptionSpec | undefined {
+  return OPTIONS.find((o) => o.flag === `--${key}`);
+}
+
+/**
+ * The settings of a JSON config file, checked like flags: an unknown key, a value of
+ * the wrong type or out of range is an error naming the file and the key.
+ */
+export function readConfigFile(file: string): Partial<Record<keyof Config, string | number>> {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new ConfigError(`cannot read the config file ${file}: ${(err as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch (err) {
+    throw new ConfigError(`${file}: not valid JSON (${(err as Error).message})`);
+  }
+  if (typeof doc !== "object" || doc === null || Array.isArray(doc)) throw new ConfigError(`${file}: expected a JSON object of settings`);
+  const out: Partial<Record<keyof Config, string | number>> = {};
+  for (const [key, value] of Object.entries(doc)) {
+    const o = byFileKey(key);
+    if (!o || o.key === "config") throw new ConfigError(`${file}: unknown setting "${key}" (the keys are the flags of --help without their dashes)`);
+    const source = `${file}: "${key}"`;
+    if (o.kind === "int" ? typeof value !== "number" && typeof value !== "string" : typeof value !== "string") {
+      throw new ConfigError(`${source}: expected ${o.kind === "int" ? "a whole number" : "a string"}`);
+    }
+    out[o.key] = convert(o, String(value), source);
+  }
+  return out;
+}
+
+/**
+ * Defaults, then the config file (--config or WIRECHAT_CONFIG), then environment
+ * variables, then flags (`--flag value` or `--flag=value`): each wins over the ones
+ * before it.
+ */
 export function parseArgs(argv: readonly string[], env: NodeJS.ProcessEnv): ParsedArgs {
   const c = defaultConfig() as unknown as Record<string, string | number>;
-  for (const o of OPTIONS) {
-    const raw = env[o.env];
-    if (raw !== undefined && raw !== "") c[o.key] = convert(o, raw, o.env);
-  }
+  const flags: [OptionSpec, string, string][] = [];
   let help = false;
+  let version = false;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === "--help" || arg === "-h") {
       help = true;
+      continue;
+    }
+    if (arg === "--version" || arg === "-v") {
+      version = true;
       continue;
     }
     const eq = arg.indexOf("=");
@@ -144,23 +213,52 @@ export function parseArgs(argv: readonly string[], env: NodeJS.ProcessEnv): Pars
     if (eq >= 0) raw = arg.slice(eq + 1);
     else raw = argv[++i];
     if (raw === undefined) throw new ConfigError(`${flag} needs a value`);
-    c[o.key] = convert(o, raw, flag);
+    flags.push([o, raw, flag]);
   }
-  return { config: c as unknown as Config, help };
+  const file = flags.findLast(([o]) => o.key === "config")?.[1] ?? env.WIRECHAT_CONFIG;
+  if (file) Object.assign(c, readConfigFile(file));
+  for (const o of OPTIONS) {
+    const raw = env[o.env];
+    if (raw !== undefined && raw !== "") c[o.key] = convert(o, raw, o.env);
+  }
+  for (const [o, raw, flag] of flags) c[o.key] = convert(o, raw, flag);
+  return { config: c as unknown as Config, help, version };
+}
+
+/** wirechat's version, from its package.json. */
+export function packageVersion(): string {
+  // dist/src/config.js when built, src/config.ts when run from source (tests).
+  for (const rel of ["../../package.json", "../package.json"]) {
+    try {
+      const pkg = JSON.parse(readFileSync(new URL(rel, import.meta.url), "utf8")) as { name?: string; version?: string };
+      if (pkg.name === "wirechat" && pkg.version) return pkg.version;
+    } catch {
+      // not there: the other layout
+    }
+  }
+  return "unknown";
 }
 
 export function helpText(): string {
   const lines = [
-    "Usage: wirechat [options]        (npm start -- [options])",
+    "Usage: wirechat [serve] [options]    run the server (npm start -- [options])",
+    "       wirechat <command> ...        operate it: wirechat help <command>",
+    "",
+    "Commands: serve (the default), check, user, ban, unban, backup, restore, export,",
+    "chat, version.",
     "",
     "Messenger server speaking newline-delimited JSON over TCP. Every option can also",
-    "be set by the environment variable shown; a flag wins over the variable.",
+    "be set by the environment variable shown, or in the --config file under the flag's",
+    "name without its dashes; a flag wins over the variable, the variable over the file.",
+    "Options marked (reload) take a new value from the file or environment on SIGHUP.",
     "",
   ];
   for (const o of OPTIONS) {
-    lines.push(`  ${(o.flag + " <" + (o.kind === "int" ? "n" : "s") + ">").padEnd(26)}${o.help}`);
-    lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default}`);
+    const arg = o.kind === "int" ? "n" : o.kind === "enum" ? (o.choices as readonly string[]).join("|") : "s";
+    lines.push(`  ${`${o.flag} <${arg}>`.padEnd(26)}${o.help}${o.reload ? " (reload)" : ""}`);
+    lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default === "" ? '""' : o.default}`);
   }
   lines.push(`  ${"-h, --help".padEnd(26)}this text`);
+  lines.push(`  ${"-v, --version".padEnd(26)}the version`);
   return lines.join("\n");
 }

@@ -27,6 +27,7 @@ export function testConfig(overrides: Partial<Config> = {}): Config {
     dataDir: tempDir(),
     logLevel: "silent",
     bcryptCost: 4,
+    adminPort: 0,
     ...overrides,
   };
 }
@@ -199,29 +200,35 @@ export class ChildServer {
     readonly port: number,
     readonly exited: Promise<number | null>,
     readonly stdout: () => string,
+    /** The admin port (--admin-port 0: any free one), undefined with --admin off. */
+    readonly adminPort: number | undefined,
   ) {}
 
   /** `wrap`: a command that execs node in its place (e.g. `prlimit --fsize=N --`). */
   static async start(dataDir: string, extra: string[] = [], wrap: string[] = []): Promise<ChildServer> {
     const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
-    const args = [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dataDir, "--bcrypt-cost", "4", "--log-level", "info", ...extra];
+    const args = [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dataDir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", "0", ...extra];
     const proc =
       wrap.length > 0
         ? spawn(wrap[0], [...wrap.slice(1), process.execPath, ...args], { stdio: ["ignore", "pipe", "pipe"] })
         : spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
     let out = "";
     const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+    let adminPort: number | undefined;
     const port = await new Promise<number>((resolve, reject) => {
       const onData = (d: Buffer) => {
         out += d.toString();
         const m = /"port":(\d+)[^\n]*"msg":"wirechat listening"/.exec(out);
-        if (m) resolve(Number(m[1]));
+        if (m) {
+          adminPort = Number(/"adminPort":(\d+)[^\n]*"msg":"wirechat listening"/.exec(out)?.[1]) || undefined;
+          resolve(Number(m[1]));
+        }
       };
       proc.stdout!.on("data", onData);
       proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
       proc.on("exit", (code) => reject(new Error(`server exited (${code}) before listening:\n${out}`)));
     });
-    return new ChildServer(proc, port, exited, () => out);
+    return new ChildServer(proc, port, exited, () => out, adminPort);
   }
 }
 

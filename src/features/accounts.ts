@@ -24,7 +24,22 @@ const LOGIN = { ...requiredString(64), pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" };
 const NICK = { ...requiredString(64), pattern: "^[^\\p{Cc}]+$" };
 const PASS = requiredString(1024);
 
-export function registerAccounts(sv: Services): void {
+/** What the operator (admin port, `wirechat user …`) may do to accounts. */
+export interface AccountOps {
+  /** A new account, as register makes it (1 when the login or nick is taken). */
+  create(login: string, pass: string, nick: string): Promise<UserRecord>;
+  /** A new password; every session of the user is revoked and their connections closed. */
+  setPassword(uid: string, pass: string): Promise<{ revoked: number }>;
+  /** Deletes the account as deleteaccount does; false when there is none. */
+  remove(uid: string): Promise<boolean>;
+  /** Closes every connection of the user (and with `revoke`, ends their sessions too). */
+  kick(uid: string, reason: string, revoke: boolean): Promise<{ connections: number; revoked: number }>;
+}
+
+/** The address the password hasher files operator work under (its own fair share). */
+const OPERATOR = "operator";
+
+export function registerAccounts(sv: Services): AccountOps {
   const { dispatcher, users, sessions, storage, router, hooks, config, locks } = sv;
   const hasher = new PasswordHasher({
     cost: config.bcryptCost,
@@ -65,7 +80,9 @@ export function registerAccounts(sv: Services): void {
   async function counted<T>(s: Session, login: string | undefined, fn: () => Promise<T>): Promise<T> {
     const key = login?.toLowerCase();
     const wait = Math.max(byAddress.blockedFor(s.peer.address), key ? byLogin.blockedFor(key) : 0);
+    const { auth } = sv.metrics;
     if (wait > 0) {
+      auth.throttled++;
       throw new ProtocolError(Code.RateLimited, `too many failed logins; retry in ${Math.ceil(wait / 1000)} s`);
     }
     if (key) byLogin.fail(key);
@@ -75,9 +92,16 @@ export function registerAccounts(sv: Services): void {
     } catch (err) {
       if (err instanceof ProtocolError && (err.code === Code.InvalidPass || err.code === Code.NeedRegister)) {
         byAddress.fail(s.peer.address);
-      } else if (key) byLogin.undo(key);
+        auth[err.code === Code.InvalidPass ? "wrong_password" : "unknown_login"]++;
+        // One line per failure, with the address and the login tried, for fail2ban.
+        sv.log.warn({ remote: s.peer.address, login: login ?? null, reason: err.message }, "failed login");
+      } else {
+        auth[err instanceof ProtocolError && err.code === Code.Forbidden ? "banned" : "other"]++;
+        if (key) byLogin.undo(key);
+      }
       throw err;
     }
+    auth.ok++;
     if (key) byLogin.succeed(key);
     return result;
   }
@@ -123,6 +147,11 @@ export function registerAccounts(sv: Services): void {
       const uid = randomBytes(6).toString("hex");
       if (!(await users.get(uid))) return uid;
     }
+  }
+
+  /** A new account's record (its login and nick claimed by the caller). */
+  async function newUser(login: string, nick: string, hash: string): Promise<UserRecord> {
+    return { uid: await newUid(), login, nick, hash, email: "", phone: "", picture: "", status: "", created: nowSeconds() };
   }
 
   /**
@@ -177,6 +206,47 @@ export function registerAccounts(sv: Services): void {
     }
   }
 
+  /**
+   * Deletes `user` (call under their lock), in one batch: the account and its indexes
+   * (freeing login, nick, email, phone), its contact list and its place in others'
+   * lists, its sessions, queue and channel memberships. Messages already sent stay in
+   * others' history. Every connection of the user but `keep` is told and closed.
+   */
+  async function removeUser(user: UserRecord, reason: string, keep?: Session): Promise<string[]> {
+    const { contacts, channels, messages } = sv;
+    const uid = user.uid;
+    const ops: BatchOp[] = [...users.removeOps(user)];
+    for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
+    for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
+    for (const o of await sessions.list(uid)) ops.push(...sessions.revokeOps(uid, o.hash, o.expires));
+    const chids = await channels.channelsOf(uid);
+    for (const chid of chids) ops.push(...channels.leaveOps(chid, uid));
+    ops.push(...(await messages.forgetUserOps(uid)));
+    ops.push(...users.deletionMarkOps(uid, user.nick, chids));
+    await storage.commit(ops);
+    users.forget(uid);
+    endSessions(uid, (other) => other !== keep, reason, true);
+    if (keep) {
+      leave(keep);
+      keep.logout();
+    }
+    return chids;
+  }
+
+  /** Revokes every stored session of `uid` (call under their lock); returns how many. */
+  async function revokeAll(uid: string): Promise<number> {
+    const all = await sessions.list(uid);
+    await storage.commit(all.flatMap((o) => sessions.revokeOps(uid, o.hash, o.expires)));
+    return all.length;
+  }
+
+  /** 15 for a banned account (checked before its password is hashed). */
+  function notBanned(user: UserRecord): void {
+    if (sv.bans.banned("login", user.login)) {
+      throw new ProtocolError(Code.Forbidden, "this account is banned");
+    }
+  }
+
   // Expired sessions: swept from storage at start-up (server.ts) and every minute (or
   // every --session-ttl, if shorter), a bounded page at a time; a live connection on
   // one gets ev_logout and is closed.
@@ -224,6 +294,9 @@ export function registerAccounts(sv: Services): void {
     async handle(req) {
       const s = req.session;
       if (s.uid !== undefined) throw new ProtocolError(Code.AlreadyRegister, "this connection is already authenticated");
+      if (config.registration === "closed") {
+        throw new ProtocolError(Code.Forbidden, "registration is closed on this server; ask its operator for an account");
+      }
       const { login, pass, nick } = req.data;
       const unique: [UniqueIndex, string][] = [
         ["login", login],
@@ -234,18 +307,7 @@ export function registerAccounts(sv: Services): void {
       let user: UserRecord;
       let auth;
       try {
-        const hash = await hasher.hash(s.peer.address, pass);
-        user = {
-          uid: await newUid(),
-          login,
-          nick,
-          hash,
-          email: "",
-          phone: "",
-          picture: "",
-          status: "",
-          created: nowSeconds(),
-        };
+        user = await newUser(login, nick, await hasher.hash(s.peer.address, pass));
         const u = user;
         auth = await underUser(u.uid, () => startSession(s, u, undefined, users.saveOps(u)));
         users.saved(user);
@@ -292,6 +354,7 @@ export function registerAccounts(sv: Services): void {
               if (cur) storage.commitLazy(sessions.revokeOps(cur.uid, sidHash(sid), cur.expires));
               throw new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass");
             }
+            notBanned(user);
             return startSession(s, user, { sid, expires: cur.expires });
           });
         });
@@ -303,6 +366,7 @@ export function registerAccounts(sv: Services): void {
           const user = uid === undefined ? undefined : await users.get(uid);
           if (!user) throw new ProtocolError(Code.NeedRegister, `no account with login '${login}'; register first`);
           sameUser(s, user.uid);
+          notBanned(user);
           if (!(await hasher.verify(s.peer.address, pass, user.hash))) throw new ProtocolError(Code.InvalidPass, "wrong login or password");
           return underUser(user.uid, async () => {
             // The password checked must still be the account's (not changed, not deleted).
@@ -368,26 +432,10 @@ export function registerAccounts(sv: Services): void {
       const uid = s.uid as string;
       const sid = s.sid as string;
       const checked = await verifiedSelf(s, req.data.pass);
-      const { contacts, channels, messages } = sv;
       await underUser(uid, async () => {
         const user = await stillCurrent(s, uid, sid, checked);
-        // One batch: the account and its indexes (freeing login, nick, email, phone),
-        // its contact list and its place in others' lists, its sessions, queue and
-        // channel memberships. Messages already sent stay in others' history.
-        const ops: BatchOp[] = [...users.removeOps(user)];
-        for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
-        for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
-        for (const o of await sessions.list(uid)) ops.push(...sessions.revokeOps(uid, o.hash, o.expires));
-        const chids = await channels.channelsOf(uid);
-        for (const chid of chids) ops.push(...channels.leaveOps(chid, uid));
-        ops.push(...(await messages.forgetUserOps(uid)));
-        ops.push(...users.deletionMarkOps(uid, user.nick, chids));
-        await storage.commit(ops);
-        users.forget(uid);
+        const chids = await removeUser(user, "the account was deleted", s);
         req.after(() => deleted(uid, user.nick, chids));
-        endSessions(uid, (other) => other !== s, "the account was deleted", true);
-        leave(s);
-        s.logout();
         s.log.info({ uid }, "account deleted");
       });
       return {};
@@ -452,4 +500,54 @@ export function registerAccounts(sv: Services): void {
   dispatcher.onClose((s) => {
     if (s.uid !== undefined) leave(s);
   });
+
+  return {
+    async create(login, pass, nick) {
+      const unique: [UniqueIndex, string][] = [
+        ["login", login],
+        ["nick", nick],
+      ];
+      const taken = await users.claim(unique);
+      if (taken) throw new ProtocolError(Code.AlreadyExist, `that ${taken} is already taken`);
+      try {
+        const user = await newUser(login, nick, await hasher.hash(OPERATOR, pass));
+        await storage.commit(users.saveOps(user));
+        users.saved(user);
+        return user;
+      } finally {
+        users.release(unique);
+      }
+    },
+    async setPassword(uid, pass) {
+      const hash = await hasher.hash(OPERATOR, pass);
+      return underUser(uid, async () => {
+        const cur = await users.get(uid);
+        if (!cur) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+        const next: UserRecord = { ...cur, hash };
+        const all = await sessions.list(uid);
+        await storage.commit([...users.saveOps(next, cur), ...all.flatMap((o) => sessions.revokeOps(uid, o.hash, o.expires))]);
+        users.saved(next);
+        endSessions(uid, () => true, "the password was changed by an operator", true);
+        return { revoked: all.length };
+      });
+    },
+    async remove(uid) {
+      return underUser(uid, async () => {
+        const user = await users.get(uid);
+        if (!user) return false;
+        const chids = await removeUser(user, "the account was deleted by an operator");
+        deleted(uid, user.nick, chids);
+        return true;
+      });
+    },
+    async kick(uid, reason, revoke) {
+      return underUser(uid, async () => {
+        const connections = router.sessions(uid).length;
+        const revoked = revoke ? await revokeAll(uid) : 0;
+        sv.metrics.closes.kicked += connections;
+        endSessions(uid, () => true, reason, true);
+        return { connections, revoked };
+      });
+    },
+  };
 }

@@ -5,9 +5,11 @@
 import type { Logger } from "pino";
 import type { Background } from "../background.js";
 import type { Config } from "../config.js";
+import type { Metrics } from "../metrics.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { KeyedLock } from "../seams.js";
+import type { BanStore } from "../storage/bans.js";
 import type { BlobStore } from "../storage/blobs.js";
 import type { Storage } from "../storage/db.js";
 import type { ChannelStore } from "../storage/channels.js";
@@ -76,6 +78,8 @@ export class Hooks {
 export interface Services {
   config: Config;
   log: Logger;
+  /** The server's counters (metrics.ts), read by the admin port. */
+  metrics: Metrics;
   dispatcher: Dispatcher;
   router: Router;
   /** Per-key serialisation (seams.ts). */
@@ -90,4 +94,5 @@ export interface Services {
   messages: MessageStore;
   channels: ChannelStore;
   blobs: BlobStore;
+  bans: BanStore;
 }

@@ -22,6 +22,7 @@
 import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
+import { Metrics } from "../metrics.js";
 import type { ReplyBody } from "./codec.js";
 import { Code, ProtocolError } from "./codes.js";
 import type { Audience, Event } from "./events.js";
@@ -207,6 +208,7 @@ export class Dispatcher {
   constructor(
     private readonly config: Config,
     private readonly log: Logger,
+    private readonly metrics: Metrics = new Metrics(),
   ) {}
 
   /** Where events emitted by handlers go (the router). */
@@ -219,6 +221,7 @@ export class Dispatcher {
     const schema = spec.schema as { properties?: Record<string, unknown> };
     const withEnvelope = { ...schema, properties: { ...ENVELOPE, ...schema.properties } };
     this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(withEnvelope) });
+    this.metrics.knowAction(spec.name);
   }
 
   /** Where an attachment that arrived inline (not streamed) is stored. */
@@ -375,6 +378,7 @@ export class Dispatcher {
       line.refused = 0;
     }
     if (++line.refused > rateDisconnect && !line.closing) {
+      this.metrics.closes.rate_limit++;
       s.log.warn({ refused: line.refused }, "request rate far over the limit; closing");
       this.enqueue(s, { kind: "reject", action: "unknown", code: Code.RateLimited, reason: "too many requests; closing the connection", last: true });
       line.closing = true;
@@ -393,6 +397,7 @@ export class Dispatcher {
       line.badFrames = 0;
     }
     if (++line.badFrames > this.config.badFrameLimit) {
+      this.metrics.closes.bad_frames++;
       s.log.warn({ badFrames: line.badFrames }, "too many bad frames; closing");
       // The notice waits behind the replies already owed, then the connection ends.
       this.enqueue(s, { kind: "reject", action: "unknown", code, reason: "too many bad frames; closing the connection", last: true });
@@ -463,7 +468,7 @@ export class Dispatcher {
   private execute(s: Session, line: Line, item: Item, slot: Slot): void {
     if (item.kind === "reject") {
       slot.last = item.last === true;
-      this.fill(s, line, slot, s.codec.error(item.action, item.code, item.reason));
+      this.fill(s, line, slot, this.errorFrame(s, item.action, item.code, item.reason));
       return;
     }
     const { action, data } = item;
@@ -480,14 +485,14 @@ export class Dispatcher {
     }
     if (refusal || !entry) {
       item.upload?.release();
-      this.fill(s, line, slot, s.codec.error(action, (refusal as ProtocolError).code, (refusal as ProtocolError).message));
+      this.fill(s, line, slot, this.errorFrame(s, action, (refusal as ProtocolError).code, (refusal as ProtocolError).message));
       return;
     }
     let upload = item.upload;
     if (upload && !entry.spec.streams) {
       // The frame named a streaming action first and another one last (a duplicate key).
       upload.release();
-      this.fill(s, line, slot, s.codec.error(action, Code.InvalidData, `'${action}' takes no attachment`));
+      this.fill(s, line, slot, this.errorFrame(s, action, Code.InvalidData, `'${action}' takes no attachment`));
       return;
     }
     // The transport streams an attachment only for a logged-in connection; one that was
@@ -509,11 +514,11 @@ export class Dispatcher {
           upload.release();
           const fault = (err as { fault?: string }).fault;
           if (fault === "invalid" || fault === "too-large") {
-            this.fill(s, line, slot, s.codec.error(action, fault === "invalid" ? Code.InvalidData : Code.TooLarge, (err as Error).message));
+            this.fill(s, line, slot, this.errorFrame(s, action, fault === "invalid" ? Code.InvalidData : Code.TooLarge, (err as Error).message));
           } else {
             // An I/O failure: its text names files; the client gets a fixed one.
             s.log.warn({ err }, "attachment upload failed");
-            this.fill(s, line, slot, s.codec.error(action, Code.Unavailable, "the attachment could not be stored; nothing was changed"));
+            this.fill(s, line, slot, this.errorFrame(s, action, Code.Unavailable, "the attachment could not be stored; nothing was changed"));
           }
           this.run(s, line);
         },
@@ -646,9 +651,17 @@ export class Dispatcher {
     this.fill(s, line, slot, this.failure(s, action, err));
   }
 
+  /** Every error reply the dispatcher makes: counted by action and code. */
+  private errorFrame(s: Session, action: string, code: Code, reason: string): OutFrame {
+    this.metrics.request(action, code);
+    return s.codec.error(action, code, reason);
+  }
+
   private encode(s: Session, action: string, body: ReplyBody): OutFrame {
     try {
-      return s.codec.reply(action, body);
+      const out = s.codec.reply(action, body);
+      this.metrics.request(action, Code.OK);
+      return out;
     } catch (err) {
       return this.failure(s, action, err);
     }
@@ -674,9 +687,9 @@ export class Dispatcher {
   }
 
   private failure(s: Session, action: string, err: unknown): OutFrame {
-    if (err instanceof ProtocolError) return s.codec.error(action, err.code, err.message);
+    if (err instanceof ProtocolError) return this.errorFrame(s, action, err.code, err.message);
     s.log.error({ err, action }, "request failed");
-    return s.codec.error(action, Code.Unavailable, "the server could not complete the request; nothing was changed");
+    return this.errorFrame(s, action, Code.Unavailable, "the server could not complete the request; nothing was changed");
   }
 
   private publish(s: Session, ev: Event, audience: Audience): void {

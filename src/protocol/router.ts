@@ -17,6 +17,7 @@
 //
 // The Delivery interface (seams.ts) is what a cluster transport will implement too.
 
+import { Metrics } from "../metrics.js";
 import type { Event, MessageEvent } from "./events.js";
 import type { Audience } from "./events.js";
 import type { Session } from "./session.js";
@@ -51,6 +52,7 @@ export class Router implements Delivery {
     private readonly inbox: InboxSource,
     private readonly channels: MembersSource,
     private readonly onError: (err: unknown, what: string) => void,
+    private readonly metrics: Metrics = new Metrics(),
   ) {}
 
   /** Returns true when this is the user's first live connection. */
@@ -133,15 +135,23 @@ export class Router implements Delivery {
 
   private toUser(uid: string, ev: Event): void {
     const cur = this.users.get(uid);
-    if (cur === undefined) return;
     const inbox = ev.kind === "message" && ev.inbox === uid;
+    if (cur === undefined) {
+      if (inbox) this.metrics.offlineQueue++;
+      return;
+    }
     if (Array.isArray(cur)) {
       for (const s of cur) {
         if (inbox) this.inboxEvent(s, ev as MessageEvent);
-        else s.peer.send(s.codec.event(ev), true);
+        else this.live(s, ev);
       }
     } else if (inbox) this.inboxEvent(cur, ev as MessageEvent);
-    else cur.peer.send(cur.codec.event(ev), true);
+    else this.live(cur, ev);
+  }
+
+  private live(s: Session, ev: Event): void {
+    if (ev.kind === "message") this.metrics.messagesDelivered++;
+    s.peer.send(s.codec.event(ev), true);
   }
 
   private inboxEvent(s: Session, ev: MessageEvent): void {
@@ -152,6 +162,7 @@ export class Router implements Delivery {
     const seq = Number(ev.m.mid);
     if (seq <= s.lastInbox) return;
     s.lastInbox = seq;
+    this.metrics.messagesDelivered++;
     s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
   }
 
@@ -181,6 +192,9 @@ export class Router implements Delivery {
           s.lastInbox = seq;
           if (!message) continue; // deleted since it was sent
           const ev: MessageEvent = { kind: "message", m: message, inbox: uid };
+          const metrics = this.metrics;
+          metrics.messagesDelivered++;
+          if (metrics.offlineQueue > 0) metrics.offlineQueue--;
           s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
         }
         if (page.length < SYNC_PAGE && !s.syncDirty) break;

@@ -17,7 +17,7 @@
 
 import { createHash, randomBytes, type Hash } from "node:crypto";
 import { createReadStream, createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
-import { access, mkdir, open, opendir, rename, unlink } from "node:fs/promises";
+import { access, mkdir, open, opendir, rename, stat, unlink } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import type { Background } from "../background.js";
@@ -102,6 +102,11 @@ export class BlobStore {
   private readonly s: Spaces;
   /** sha → number of uploads/messages in flight that use it. */
   private readonly pins = new Map<string, number>();
+  /**
+   * Bytes of the stored blob files: each file stored or collected since start, plus
+   * those the start-up sweep found (complete once it has finished).
+   */
+  storedBytes = 0;
 
   constructor(
     dataDir: string,
@@ -172,8 +177,12 @@ export class BlobStore {
         if (this.pins.has(sha)) return false;
         const refs = await readKeys(this.s.blobrefs, { ...prefixRange(sha), limit: 1 });
         if (refs.length > 0 || this.pins.has(sha)) return false;
+        const size = (await stat(this.pathOf(sha)).catch(() => undefined))?.size ?? 0;
         return unlink(this.pathOf(sha)).then(
-          () => true,
+          () => {
+            this.storedBytes = Math.max(0, this.storedBytes - size);
+            return true;
+          },
           () => false,
         );
       })
@@ -189,6 +198,8 @@ export class BlobStore {
   async sweep(signal: AbortSignal): Promise<{ checked: number; removed: number }> {
     let checked = 0;
     let removed = 0;
+    // Files stored since the sweep began were counted when they were stored.
+    const began = Date.now();
     const top = await opendir(this.dir);
     try {
       for await (const shard of top) {
@@ -201,6 +212,10 @@ export class BlobStore {
           if (!file.isFile() || !/^[0-9a-f]{64}$/.test(file.name) || !file.name.startsWith(shard.name)) continue;
           checked++;
           if (await this.collected(file.name)) removed++;
+          else {
+            const st = await stat(path.join(this.dir, shard.name, file.name)).catch(() => undefined);
+            if (st && st.mtimeMs < began) this.storedBytes += st.size;
+          }
         }
       }
     } catch (err) {
@@ -245,6 +260,7 @@ export class BlobStore {
     await mkdir(path.dirname(final), { recursive: true });
     await rename(tmpPath, final);
     await syncDir(path.dirname(final));
+    this.storedBytes += (await stat(final).catch(() => undefined))?.size ?? 0;
   }
 
   /** The blob's bytes as base64 text, read in pieces (for streaming out). */

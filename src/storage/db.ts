@@ -63,7 +63,7 @@ export function del(sublevel: Space, key: string): BatchOp {
  * files (54 tables, ~2 MiB each past level 0) bound the mapped pages; a table read
  * after it was closed is opened again (its index and filter read once more).
  */
-const LEVEL_OPTIONS = {
+export const LEVEL_OPTIONS = {
   keyEncoding: "utf8",
   valueEncoding: "utf8",
   writeBufferSize: 64 * 1024 * 1024,
@@ -121,6 +121,8 @@ export class Storage {
   private readonly counters: Counter[] = [];
   private readonly contributors: BatchContributor[] = [];
   private readonly idle: (() => void)[] = [];
+  /** Hears of every batch written: its operations and its write's duration in seconds. */
+  onBatch: ((ops: number, seconds: number) => void) | undefined;
 
   private constructor(
     readonly db: Level<string, string>,
@@ -239,8 +241,12 @@ export class Storage {
     this.open = new Batch();
     this.writing = true;
     const chain = b.chain as Chain;
+    const started = performance.now();
     chain.write(b.durable ? SYNC : NO_SYNC).then(
-      () => this.written(b, undefined),
+      () => {
+        this.onBatch?.(b.ops, (performance.now() - started) / 1000);
+        this.written(b, undefined);
+      },
       (err: Error) => {
         this.log.error({ err, ops: b.ops }, "batch write failed");
         this.written(b, err);

@@ -35,6 +35,8 @@
 //   deleted     <uid>                          → {nick, chids} (a deleted account whose
 //                                                clean-up hooks have not finished: written
 //                                                with the deletion, resumed at start-up)
+//   bans        login:<lower-case login>       → BanRecord  (operator bans, admin port
+//               addr:<IP address>              → BanRecord   and `wirechat ban`)
 //   purges      <conversation>                 → 1    (a purge of a deleted channel's
 //                                                messages not yet finished: written with
 //                                                the deletion, resumed at start-up)
@@ -61,6 +63,7 @@
 // reads; history is a reverse range read over `msgs <conversation>!…`, never a scan.
 
 import { Level } from "level";
+import { plainAddress } from "../addresses.js";
 
 export interface UserRecord {
   uid: string;
@@ -167,6 +170,7 @@ export const SPACES = [
   "owned",
   "purges",
   "deleted",
+  "bans",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];
@@ -183,6 +187,19 @@ export function openSpaces(db: Level<string, string>): Spaces {
 const SEQ_WIDTH = 15;
 
 const ZEROS = "0".repeat(SEQ_WIDTH);
+
+/** An operator's ban of a login or an IP address. */
+export interface BanRecord {
+  reason: string;
+  /** Unix seconds. */
+  at: number;
+}
+
+export type BanKind = "login" | "addr";
+
+export function banKey(kind: BanKind, value: string): string {
+  return `${kind}:${kind === "login" ? value.toLowerCase() : plainAddress(value)}`;
+}
 
 export function seqKey(seq: number): string {
   const s = String(seq);

@@ -127,6 +127,12 @@ export class MessageStore {
   /** Bumped when a conversation's last seq may have gone down: a read in flight must not fill it. */
   private lastsGen = 0;
 
+  /**
+   * Hears of each batch of messages on disk: how many, and the seconds from its first
+   * message's append to the commit (the longest wait in the batch).
+   */
+  onCommitted: ((messages: number, seconds: number) => void) | undefined;
+
   constructor(
     private readonly storage: Storage,
     private readonly seq: Counter,
@@ -271,8 +277,11 @@ export class MessageStore {
   private openBatch(): void {
     const batch: MessageRecord[] = [];
     this.batch = batch;
+    // One clock read per batch, not per message (the hot path).
+    const opened = this.onCommitted ? performance.now() : 0;
     this.storage.afterCommit((err) => {
       if (err) return;
+      this.onCommitted?.(batch.length, (performance.now() - opened) / 1000);
       for (const m of batch) {
         this.derive(m);
         if (m.chid !== undefined) this.lastIs(convOf(m), Number(m.mid));

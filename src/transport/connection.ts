@@ -124,8 +124,12 @@ export class Connection implements Peer {
   uploads = 0;
   /** Unix ms of the last bytes received. */
   lastActivity = Date.now();
+  /** Unix ms the connection was accepted. */
+  readonly since = this.lastActivity;
   /** Called once when the connection starts closing (the listener frees its cap slot). */
   onEnding: ((conn: Connection) => void) | undefined;
+  /** Called when the connection is closed as a slow reader (the listener counts it). */
+  onOverflow: ((conn: Connection) => void) | undefined;
   /** Set by whoever reads this connection's confirmations (the listener, for the router). */
   onConfirmed: ((conn: Connection, seq: number) => void) | undefined;
   /** What the owner keeps with the connection (the listener: itself, session, scanner). */
@@ -339,6 +343,7 @@ export class Connection implements Peer {
       { conn: this.id, remote: this.remote, waiting: this.outbound, cap: this.outboundCap },
       "slow reader over its outbound cap; closing",
     );
+    this.onOverflow?.(this);
     this.socket.destroy();
     this.q = NO_FRAMES;
     this.queuedChars = 0;

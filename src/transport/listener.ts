@@ -14,7 +14,9 @@ import { readFileSync } from "node:fs";
 import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
+import { plainAddress } from "../addresses.js";
 import type { Config } from "../config.js";
+import { Metrics } from "../metrics.js";
 import type { Codec } from "../protocol/codec.js";
 import { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
@@ -92,6 +94,8 @@ export class Listener {
   private readonly idleSweep: NodeJS.Timeout;
   private readonly scannerLimits: ScannerLimits;
   private readonly slack = deliverySlack();
+  /** Why connections from an address are refused (an operator's ban), if they are. */
+  refuseAddress: ((address: string) => string | undefined) | undefined;
 
   constructor(
     private readonly config: Config,
@@ -101,6 +105,7 @@ export class Listener {
     private readonly log: Logger,
     /** Starts the upload of an attachment's text (the blob store's writer). */
     private readonly newUpload: () => PacedUpload,
+    private readonly metrics: Metrics = new Metrics(),
   ) {
     const paths = dispatcher.streamedPaths();
     if (paths.length > 1) throw new Error("the scanner streams one field path");
@@ -133,6 +138,23 @@ export class Listener {
     const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
     this.idleSweep = setInterval(() => this.sweep(), every);
     this.idleSweep.unref();
+  }
+
+  /**
+   * Reads the certificate and key files again and uses them for new handshakes
+   * (SIGHUP after a renewal); connections already up keep theirs. A file that cannot
+   * be read or does not parse leaves the current certificate in place.
+   */
+  reloadTls(): boolean {
+    if (!this.tlsServer) return false;
+    try {
+      this.tlsServer.setSecureContext({ cert: readFileSync(this.config.tlsCert), key: readFileSync(this.config.tlsKey) });
+      this.log.info({ cert: this.config.tlsCert }, "TLS certificate reloaded");
+      return true;
+    } catch (err) {
+      this.log.error({ err }, "TLS certificate reload failed; keeping the current one");
+      return false;
+    }
   }
 
   listen(server: net.Server, port: number, host: string): Promise<net.AddressInfo> {
@@ -181,6 +203,7 @@ export class Listener {
     if (over) {
       // Nothing can be said before the handshake: the refusal is the close.
       this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
+      this.metrics.refused++;
       raw.destroy();
       return;
     }
@@ -203,9 +226,11 @@ export class Listener {
   }
 
   /** One line, then the socket is read and discarded until it closes or lingers too long. */
-  private refuse(socket: net.Socket, over: "full" | "address"): void {
+  private refuse(socket: net.Socket, over: "full" | "address" | "banned", reason = ""): void {
     const address = socket.remoteAddress ?? "?";
-    this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
+    this.metrics.refused++;
+    if (over === "banned") this.refusals.refused(address, "banned", 0);
+    else this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
     if (this.refusing.size >= MAX_REFUSING) {
       socket.destroy();
       return;
@@ -213,7 +238,9 @@ export class Listener {
     const line =
       over === "full"
         ? this.codec.error("unknown", Code.Unavailable, "the server is at its connection limit; try again later")
-        : this.codec.error("unknown", Code.RateLimited, "too many connections from your address; try again later");
+        : over === "banned"
+          ? this.codec.error("unknown", Code.Forbidden, `your address is banned${reason ? `: ${reason}` : ""}`)
+          : this.codec.error("unknown", Code.RateLimited, "too many connections from your address; try again later");
     this.refusing.add(socket);
     socket.on("data", discard);
     socket.end(line as string);
@@ -233,14 +260,18 @@ export class Listener {
     if (socket instanceof tls.TLSSocket) this.handshakeOver(`${address}:${socket.remotePort ?? 0}`, address);
     const over = this.overCap(address);
     if (over) return this.refuse(socket, over);
+    const banned = this.refuseAddress?.(address);
+    if (banned !== undefined) return this.refuse(socket, "banned", banned);
     // No closure per connection: the socket handlers and the scanner's sink are shared
     // and find their connection through the socket (10,000 idle connections).
     const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log, this.lingerMs);
     this.slots(address).conns.add(conn);
+    this.metrics.connectionsOpened++;
     const session = this.dispatcher.open(conn, this.codec);
     conn.session = session;
     conn.onConfirmed = this.confirmed;
     conn.onEnding = this.ending;
+    conn.onOverflow = this.overflowed;
     conn.scanner = new FrameScanner<PacedUpload, Connection>(this.scannerLimits, this.sink, conn);
     this.connections.set(conn, session);
     conn.owner = this;
@@ -248,7 +279,12 @@ export class Listener {
     socket.on("end", onSocketEnd);
     socket.on("close", onSocketClose);
     conn.send(this.codec.welcome(), false);
+    this.log.debug({ conn: conn.id, remote: conn.remote, tls: socket instanceof tls.TLSSocket }, "connection opened");
   }
+
+  private readonly overflowed = (): void => {
+    this.metrics.closes.slow_reader++;
+  };
 
   private readonly confirmed = (conn: Connection, seq: number): void => this.router.confirmed(conn.session as Session, seq);
 
@@ -314,12 +350,32 @@ export class Listener {
     this.log.debug({ err, remote: conn.address }, "socket error");
   }
 
+  /**
+   * Closes every connection from `address` (an operator's ban), after telling it why;
+   * returns how many.
+   */
+  closeAddress(address: string, reason: string): number {
+    const want = plainAddress(address);
+    let n = 0;
+    for (const [conn, session] of this.connections) {
+      if (conn.closed || plainAddress(conn.address) !== want) continue;
+      this.router.sendTo(session, { kind: "close", reason });
+      conn.end();
+      n++;
+    }
+    return n;
+  }
+
   /** The client will send no more. */
   ended(conn: Connection): void {
     this.dispatcher.inputEnded(conn.session as Session);
   }
 
   closed(conn: Connection): void {
+    const { bytesRead, bytesWritten } = conn.socket;
+    this.metrics.bytesInClosed += bytesRead;
+    this.metrics.bytesOutClosed += bytesWritten;
+    this.log.debug({ conn: conn.id, remote: conn.address, uid: (conn.session as Session).uid, bytesRead, bytesWritten }, "connection closed");
     conn.closedSocket();
     if (this.connections.delete(conn) && conn.isEnding) this.lingering--;
     const slots = this.perAddress.get(conn.address);
@@ -341,6 +397,7 @@ export class Listener {
       const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
       if (conn.closed || now - conn.lastActivity <= limit * 1000) continue;
       this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
+      this.metrics.closes.idle++;
       this.router.sendTo(session, { kind: "close", reason: `idle timeout: nothing received for ${limit} s` });
       conn.end();
     }

@@ -1,0 +1,177 @@
+// Backup, restore and export.
+//
+// A backup is a directory: `db.ndjson` holds every LevelDB key and value as
+// `[key, value]` lines, read through one iterator (LevelDB gives it an implicit
+// snapshot, so the copy is consistent as of its start while the server keeps
+// writing); `blobs/` holds every attachment file a message in that snapshot refers
+// to; `backup.json` says what it holds. Restore writes them into an empty data dir.
+// Export writes records (never password hashes) as NDJSON, for a user's data request
+// or a migration.
+
+import { once } from "node:events";
+import { createReadStream, createWriteStream, existsSync, mkdirSync, readdirSync, writeFileSync } from "node:fs";
+import { copyFile, mkdir, readFile } from "node:fs/promises";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { Level } from "level";
+import type { Writable } from "node:stream";
+import type { BlobStore } from "../storage/blobs.js";
+import { LEVEL_OPTIONS, type Storage } from "../storage/db.js";
+import { LAYOUT_VERSION, keyTail, type MessageRecord, type UserRecord } from "../storage/layout.js";
+import { readEntries, readKeys, readValues } from "../storage/range.js";
+
+export interface BackupInfo {
+  format: 1;
+  server: "wirechat";
+  version: string;
+  layout: number;
+  created: string;
+  keys: number;
+  blobs: number;
+  /** Attachment files referred to but gone (a message deleted while the backup ran). */
+  missing: number;
+}
+
+async function write(out: Writable, line: string): Promise<void> {
+  if (!out.write(line)) await once(out, "drain");
+}
+
+async function closeStream(out: Writable): Promise<void> {
+  out.end();
+  await once(out, "finish");
+}
+
+/** A directory to create, or an empty one: a backup never overwrites. */
+function emptyTarget(dir: string): void {
+  if (existsSync(dir) && readdirSync(dir).length > 0) throw new Error(`${dir} exists and is not empty; choose a new directory`);
+  mkdirSync(dir, { recursive: true });
+}
+
+export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
+  const target = path.resolve(dir);
+  emptyTarget(target);
+  const out = createWriteStream(path.join(target, "db.ndjson"));
+  const shas = new Set<string>();
+  let keys = 0;
+  const refsPrefix = `!blobrefs!`;
+  const it = storage.db.iterator({ keyEncoding: "utf8", valueEncoding: "utf8" });
+  try {
+    for (;;) {
+      const page = await it.nextv(1000);
+      if (page.length === 0) break;
+      for (const [k, v] of page) {
+        keys++;
+        if (k.startsWith(refsPrefix)) shas.add(k.slice(refsPrefix.length, k.indexOf("!", refsPrefix.length)));
+        await write(out, JSON.stringify([k, v]) + "\n");
+      }
+    }
+  } finally {
+    await it.close();
+    await closeStream(out);
+  }
+  let copied = 0;
+  let missing = 0;
+  for (const sha of shas) {
+    // Pinned while copied: a collect cannot remove it meanwhile.
+    blobs.pin(sha);
+    try {
+      const to = path.join(target, "blobs", sha.slice(0, 2), sha);
+      await mkdir(path.dirname(to), { recursive: true });
+      await copyFile(blobs.pathOf(sha), to);
+      copied++;
+    } catch {
+      missing++;
+    } finally {
+      blobs.unpin(sha);
+    }
+  }
+  const info: BackupInfo = { format: 1, server: "wirechat", version, layout: LAYOUT_VERSION, created: new Date().toISOString(), keys, blobs: copied, missing };
+  writeFileSync(path.join(target, "backup.json"), JSON.stringify(info, null, 2) + "\n");
+  return { ...info, dir: target };
+}
+
+/** Writes a backup into `dataDir`, which must hold no database yet. */
+export async function restore(from: string, dataDir: string): Promise<{ keys: number; blobs: number }> {
+  const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
+  if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
+  const dbDir = path.join(dataDir, "db");
+  if (existsSync(dbDir) && readdirSync(dbDir).length > 0) throw new Error(`${dataDir} already holds a database; restore into a new data dir`);
+  mkdirSync(dbDir, { recursive: true });
+  const db = new Level<string, string>(dbDir, { ...LEVEL_OPTIONS, keyEncoding: "utf8", valueEncoding: "utf8" });
+  await db.open();
+  let keys = 0;
+  try {
+    let batch = db.batch();
+    let n = 0;
+    const lines = createInterface({ input: createReadStream(path.join(from, "db.ndjson")), crlfDelay: Infinity });
+    for await (const line of lines) {
+      if (line === "") continue;
+      const [k, v] = JSON.parse(line) as [string, string];
+      batch.put(k, v);
+      keys++;
+      if (++n === 1000) {
+        await batch.write();
+        batch = db.batch();
+        n = 0;
+      }
+    }
+    await batch.write({ sync: true });
+  } finally {
+    await db.close();
+  }
+  let blobs = 0;
+  const src = path.join(from, "blobs");
+  if (existsSync(src)) {
+    for (const shard of readdirSync(src)) {
+      await mkdir(path.join(dataDir, "blobs", shard), { recursive: true });
+      for (const file of readdirSync(path.join(src, shard))) {
+        await copyFile(path.join(src, shard, file), path.join(dataDir, "blobs", shard, file));
+        blobs++;
+      }
+    }
+  }
+  if (keys !== info.keys) throw new Error(`the backup lists ${info.keys} keys but db.ndjson holds ${keys}: it is incomplete`);
+  return { keys, blobs };
+}
+
+function userLine(u: UserRecord): string {
+  const { hash: _hash, ...rest } = u;
+  return JSON.stringify({ type: "user", ...rest }) + "\n";
+}
+
+/**
+ * The records of `uid` (their account, contacts, channel memberships and every direct
+ * or channel message they sent or received directly), or of every user and message
+ * when `uid` is undefined. Page by page: memory stays flat.
+ */
+export async function* exportRecords(storage: Storage, uid: string | undefined): AsyncGenerator<string> {
+  const s = storage.spaces;
+  if (uid !== undefined) {
+    const u = (await s.users.get(uid)) as UserRecord | undefined;
+    if (u) yield userLine(u);
+  } else {
+    for (let after = ""; ; ) {
+      const page = await readValues<UserRecord>(s.users, { gt: after, limit: 500 });
+      if (page.length === 0) break;
+      for (const u of page) yield userLine(u);
+      after = page[page.length - 1].uid;
+    }
+  }
+  const prefix = uid === undefined ? {} : { gt: `${uid}!`, lt: `${uid}!\u{10FFFF}` };
+  for (const key of await readKeys(s.contacts, prefix)) {
+    const bang = key.indexOf("!");
+    yield JSON.stringify({ type: "contact", owner: key.slice(0, bang), contact: keyTail(key) }) + "\n";
+  }
+  for (const key of await readKeys(s.memberof, prefix)) {
+    const bang = key.indexOf("!");
+    yield JSON.stringify({ type: "membership", uid: key.slice(0, bang), chid: keyTail(key) }) + "\n";
+  }
+  for (let after = ""; ; ) {
+    const page = await readEntries<MessageRecord>(s.log, { gt: after, limit: 1000 });
+    if (page.length === 0) break;
+    for (const [, m] of page) {
+      if (uid === undefined || m.from === uid || m.to === uid) yield JSON.stringify({ type: "message", ...m }) + "\n";
+    }
+    after = page[page.length - 1][0];
+  }
+}

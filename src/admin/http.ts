@@ -1,0 +1,241 @@
+// The admin port: health, readiness, Prometheus metrics, connections (like NATS's
+// /connz) and the operator's actions, over HTTP on Fastify. It listens on 127.0.0.1
+// unless --admin-host says otherwise; with --admin-token every route but /healthz and
+// /readyz needs `Authorization: Bearer <token>`. Errors are JSON:
+// {"error": <text>, "code": <protocol status>, "name": <its name>}.
+
+import { timingSafeEqual } from "node:crypto";
+import type { AddressInfo } from "node:net";
+import { Readable } from "node:stream";
+import { TLSSocket } from "node:tls";
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
+import type { Logger } from "pino";
+import type client from "prom-client";
+import type { Config } from "../config.js";
+import type { AdminOps } from "../features/admin.js";
+import { CODES, Code, ProtocolError } from "../protocol/codes.js";
+import type { Session } from "../protocol/session.js";
+import type { BanKind } from "../storage/layout.js";
+import type { Listener } from "../transport/listener.js";
+
+export interface AdminDeps {
+  ops: AdminOps;
+  listener: Listener;
+  registry: client.Registry;
+  /** Why the server is not ready (undefined when it is). */
+  notReady: () => string | undefined;
+  /** Writes a consistent copy of the data to `dir` (backup.ts). */
+  backup: (dir: string) => Promise<BackupSummary>;
+  /** Every record of one user, or of the whole server, as NDJSON lines (8 first when no such user). */
+  exportLines: (user: string | undefined) => Promise<AsyncIterable<string>>;
+  version: string;
+}
+
+export interface BackupSummary {
+  dir: string;
+  keys: number;
+  blobs: number;
+  missing: number;
+}
+
+const HTTP_OF: Partial<Record<Code, number>> = {
+  [Code.UserNotFound]: 404,
+  [Code.AlreadyExist]: 409,
+  [Code.InvalidData]: 400,
+  [Code.EmptyField]: 400,
+  [Code.RateLimited]: 429,
+  [Code.Forbidden]: 403,
+  [Code.Unavailable]: 503,
+};
+
+function sendError(reply: FastifyReply, code: Code, text: string, http = HTTP_OF[code] ?? 500): FastifyReply {
+  return reply.code(http).send({ error: text, code, name: CODES[code].name });
+}
+
+const USER = { type: "string", minLength: 1, maxLength: 64 } as const;
+const PASS = { type: "string", minLength: 1, maxLength: 1024 } as const;
+const BAN_TARGET = {
+  type: "object",
+  properties: { login: USER, address: { type: "string", minLength: 1, maxLength: 64 }, reason: { type: "string", maxLength: 256 } },
+  additionalProperties: false,
+  minProperties: 1,
+} as const;
+
+/** The one of login and address a ban body names. */
+function banTarget(body: { login?: string; address?: string }): [BanKind, string] {
+  if ((body.login === undefined) === (body.address === undefined)) {
+    throw new ProtocolError(Code.InvalidData, "give either 'login' or 'address'");
+  }
+  return body.login !== undefined ? ["login", body.login] : ["addr", body.address as string];
+}
+
+/**
+ * Builds the admin app; `d` may be filled in later (routes read it when they run), so
+ * the server builds it first thing, before its storage and stores.
+ */
+export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyInstance {
+  const app = Fastify({
+    // Fastify logs every request at info: the admin port's own lines are warnings and
+    // errors only (the operator actions log through the server's logger).
+    loggerInstance: log.child({ door: "admin" }, { level: log.levelVal > 40 ? log.level : "warn" }) as unknown as FastifyBaseLogger,
+    bodyLimit: 64 * 1024,
+  });
+  const token = config.adminToken ? Buffer.from(`Bearer ${config.adminToken}`) : undefined;
+
+  app.addHook("onRequest", async (req, reply) => {
+    if (!token || req.url === "/healthz" || req.url === "/readyz") return;
+    const got = Buffer.from(req.headers.authorization ?? "");
+    if (got.length !== token.length || !timingSafeEqual(got, token)) {
+      log.warn({ remote: req.ip, url: req.url }, "admin request without the right token");
+      return sendError(reply.header("www-authenticate", "Bearer"), Code.NeedAuth, "this admin port needs 'Authorization: Bearer <token>'", 401);
+    }
+  });
+
+  app.setErrorHandler((err, req, reply) => {
+    if (err instanceof ProtocolError) return sendError(reply, err.code, err.message);
+    const e = err as { validation?: unknown; statusCode?: number; message: string };
+    if (e.validation || (e.statusCode !== undefined && e.statusCode < 500)) {
+      return reply.code(e.statusCode ?? 400).send({ error: e.message, code: Code.InvalidData, name: CODES[Code.InvalidData].name });
+    }
+    req.log.error({ err }, "admin request failed");
+    return sendError(reply, Code.Unavailable, "the request failed; see the server log");
+  });
+  app.setNotFoundHandler((req, reply) => sendError(reply, Code.UnknownAction, `no route ${req.method} ${req.url.split("?")[0]}`, 404));
+
+  app.get("/healthz", async () => ({ status: "ok" }));
+  app.get("/readyz", async (_req, reply) => {
+    const why = d.notReady();
+    return why === undefined ? { ready: true } : reply.code(503).send({ ready: false, reason: why });
+  });
+  app.get("/version", async () => ({ server: "wirechat", version: d.version }));
+  app.get("/metrics", async (_req, reply) => {
+    reply.header("content-type", d.registry.contentType);
+    return d.registry.metrics();
+  });
+
+  app.get<{ Querystring: { offset?: number; limit?: number; user?: string } }>(
+    "/connz",
+    {
+      schema: {
+        querystring: {
+          type: "object",
+          properties: { offset: { type: "integer", minimum: 0 }, limit: { type: "integer", minimum: 1, maximum: 1000 }, user: USER },
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req) => {
+      const { offset = 0, limit = 100 } = req.query;
+      const uid = req.query.user !== undefined ? (await d.ops.resolve(req.query.user)).uid : undefined;
+      const now = Date.now();
+      const conns = [];
+      let total = 0;
+      for (const [conn, s] of d.listener.connections) {
+        const session = s as Session;
+        if (uid !== undefined && session.uid !== uid) continue;
+        total++;
+        if (total <= offset || conns.length >= limit) continue;
+        conns.push({
+          id: conn.id,
+          remote: conn.remote,
+          door: conn.socket instanceof TLSSocket ? "tls" : "tcp",
+          uid: session.uid ?? null,
+          nick: session.nick ?? null,
+          state: conn.isEnding ? "closing" : session.uid !== undefined ? "authenticated" : "unauthenticated",
+          since: new Date(conn.since).toISOString(),
+          idle_ms: now - conn.lastActivity,
+          bytes_in: conn.socket.bytesRead,
+          bytes_out: conn.socket.bytesWritten,
+          queued: conn.outbound,
+        });
+      }
+      return { now: new Date(now).toISOString(), total, offset, limit, connections: conns };
+    },
+  );
+
+  app.get<{ Querystring: { after?: string; limit?: number } }>(
+    "/users",
+    {
+      schema: {
+        querystring: {
+          type: "object",
+          properties: { after: { type: "string", maxLength: 64 }, limit: { type: "integer", minimum: 1, maximum: 1000 } },
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req) => {
+      const users = await d.ops.list(req.query.after ?? "", req.query.limit ?? 100);
+      return { users, next: users.length > 0 ? users[users.length - 1].uid : null };
+    },
+  );
+  app.get<{ Params: { user: string } }>("/users/:user", async (req) => d.ops.summary(await d.ops.resolve(req.params.user)));
+  app.post<{ Body: { login: string; pass: string; nick?: string } }>(
+    "/users",
+    {
+      schema: {
+        body: {
+          type: "object",
+          required: ["login", "pass"],
+          properties: { login: { ...USER, pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" }, pass: PASS, nick: { ...USER, pattern: "^[^\\p{Cc}]+$" } },
+          additionalProperties: false,
+        },
+      },
+    },
+    async (req, reply) => reply.code(201).send(await d.ops.addUser(req.body.login, req.body.pass, req.body.nick ?? req.body.login)),
+  );
+  app.post<{ Body: { user: string; pass: string } }>(
+    "/users/passwd",
+    { schema: { body: { type: "object", required: ["user", "pass"], properties: { user: USER, pass: PASS }, additionalProperties: false } } },
+    async (req) => d.ops.passwd(req.body.user, req.body.pass),
+  );
+  app.post<{ Body: { user: string } }>(
+    "/users/delete",
+    { schema: { body: { type: "object", required: ["user"], properties: { user: USER }, additionalProperties: false } } },
+    async (req) => d.ops.deleteUser(req.body.user),
+  );
+  app.post<{ Body: { user: string } }>(
+    "/kick",
+    { schema: { body: { type: "object", required: ["user"], properties: { user: USER }, additionalProperties: false } } },
+    async (req) => d.ops.kick(req.body.user),
+  );
+  app.get("/bans", async () => ({ bans: d.ops.bans() }));
+  app.post<{ Body: { login?: string; address?: string; reason?: string } }>("/ban", { schema: { body: BAN_TARGET } }, async (req) => {
+    const [kind, value] = banTarget(req.body);
+    const ban = await d.ops.ban(kind, value, req.body.reason ?? "");
+    const closed = kind === "addr" ? d.listener.closeAddress(value, `your address was banned${ban.reason ? `: ${ban.reason}` : ""}`) : 0;
+    return { ban, closed };
+  });
+  app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {
+    const [kind, value] = banTarget(req.body);
+    return { lifted: await d.ops.unban(kind, value) };
+  });
+  app.get("/registration", async () => ({ registration: d.ops.registration() }));
+  app.post<{ Body: { open: boolean } }>(
+    "/registration",
+    { schema: { body: { type: "object", required: ["open"], properties: { open: { type: "boolean" } }, additionalProperties: false } } },
+    async (req) => ({ registration: d.ops.registration(req.body.open) }),
+  );
+  app.post<{ Body: { dir: string } }>(
+    "/backup",
+    { schema: { body: { type: "object", required: ["dir"], properties: { dir: { type: "string", minLength: 1, maxLength: 4096 } }, additionalProperties: false } } },
+    async (req) => d.backup(req.body.dir),
+  );
+  app.get<{ Querystring: { user?: string } }>(
+    "/export",
+    { schema: { querystring: { type: "object", properties: { user: USER }, additionalProperties: false } } },
+    async (req, reply) => {
+      const lines = await d.exportLines(req.query.user);
+      reply.header("content-type", "application/x-ndjson");
+      return reply.send(Readable.from(lines));
+    },
+  );
+
+  return app;
+}
+
+export async function listenAdmin(app: FastifyInstance, config: Config): Promise<{ port: number; host: string }> {
+  await app.listen({ port: config.adminPort, host: config.adminHost });
+  const addr = app.server.address() as AddressInfo;
+  return { port: addr.port, host: addr.address };
+}

@@ -1,0 +1,262 @@
+// `wirechat <command>`: the operator's commands. Each works on a stopped server's data
+// dir directly (the core opened without listeners) or, when a server has it open (its
+// LevelDB is locked), through that server's admin port, found from the same options,
+// environment and config file the server reads.
+
+import { readFileSync } from "node:fs";
+import path from "node:path";
+import pino from "pino";
+import { backup, exportRecords, restore } from "../admin/backup.js";
+import { ConfigError, packageVersion, parseArgs, type Config } from "../config.js";
+import type { AdminOps } from "../features/admin.js";
+import { ProtocolError } from "../protocol/codes.js";
+import { openCore, type Core } from "../server.js";
+
+export const COMMANDS = ["check", "user", "ban", "unban", "kick", "registration", "backup", "restore", "export", "version"] as const;
+
+export const COMMAND_HELP = `Operator commands (each also takes the server's options: --data-dir, --config,
+--admin-port, --admin-token, ...; on a running server they go through its admin port):
+
+  wirechat check [--config file]            validate the settings without starting
+  wirechat user add <login> [--nick n] [--pass p]   (no --pass: first line of stdin)
+  wirechat user del <login|uid>
+  wirechat user passwd <login|uid> [--pass p]       revokes every session of the user
+  wirechat user list [--after uid] [--limit n]
+  wirechat user show <login|uid>
+  wirechat ban <login> [--reason text]      revokes the user's sessions, refuses logins
+  wirechat ban --address <ip> [--reason t]  refuses (and closes) connections from it
+  wirechat unban <login> | --address <ip>
+  wirechat kick <login|uid>                 closes the user's connections (running server)
+  wirechat registration open|closed         (running server; until restart or SIGHUP)
+  wirechat backup <dir>                     a consistent copy, also of a running server
+  wirechat restore <dir>                    into --data-dir, which must hold no database
+  wirechat export [--user <login|uid>]      NDJSON on stdout (no password hashes)
+  wirechat version`;
+
+const OWN_FLAGS = new Set(["--pass", "--nick", "--reason", "--address", "--after", "--limit", "--user"]);
+
+interface Parsed {
+  positional: string[];
+  own: Map<string, string>;
+  config: Config;
+}
+
+function split(argv: readonly string[]): Parsed {
+  const positional: string[] = [];
+  const own = new Map<string, string>();
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const eq = a.indexOf("=");
+    const flag = a.startsWith("--") && eq > 0 ? a.slice(0, eq) : a;
+    if (OWN_FLAGS.has(flag)) {
+      const v = eq > 0 && flag !== a ? a.slice(eq + 1) : argv[++i];
+      if (v === undefined) throw new ConfigError(`${flag} needs a value`);
+      own.set(flag.slice(2), v);
+    } else if (a.startsWith("-")) {
+      rest.push(a);
+      if (eq < 0 && a !== "--help" && a !== "-h" && a !== "--version" && a !== "-v") {
+        if (argv[i + 1] !== undefined) rest.push(argv[++i]);
+      }
+    } else positional.push(a);
+  }
+  return { positional, own, config: parseArgs(rest, process.env).config };
+}
+
+/** What a command needs done, on the data dir or through the admin port. */
+interface Backend {
+  ops: Pick<AdminOps, "list" | "addUser" | "passwd" | "deleteUser" | "kick" | "bans" | "unban"> & {
+    show(user: string): Promise<unknown>;
+    ban(kind: "login" | "addr", value: string, reason: string): Promise<unknown>;
+    registration(open?: boolean): Promise<string>;
+    backup(dir: string): Promise<unknown>;
+    exportTo(user: string | undefined, out: NodeJS.WritableStream): Promise<void>;
+  };
+  close(): Promise<void>;
+}
+
+function isLocked(err: unknown): boolean {
+  return err instanceof Error && /is locked/.test(err.message);
+}
+
+async function direct(config: Config): Promise<Backend> {
+  const log = pino({ level: "warn" }, pino.destination(2));
+  const core: Core = await openCore({ ...config, logLevel: "warn" }, log);
+  const a = core.admin;
+  return {
+    ops: {
+      list: a.list,
+      addUser: a.addUser,
+      passwd: a.passwd,
+      deleteUser: a.deleteUser,
+      kick: async () => {
+        throw new Error("no server is running on this data dir: nobody to kick");
+      },
+      bans: a.bans,
+      unban: a.unban,
+      show: async (user) => a.summary(await a.resolve(user)),
+      ban: a.ban,
+      registration: async () => {
+        throw new Error("registration is set on a running server (admin port) or with --registration");
+      },
+      backup: (dir) => backup(core.services.storage, core.services.blobs, dir, packageVersion()),
+      exportTo: async (user, out) => {
+        const uid = user === undefined ? undefined : (await a.resolve(user)).uid;
+        for await (const line of exportRecords(core.services.storage, uid)) {
+          if (!out.write(line)) await new Promise((r) => out.once("drain", r));
+        }
+      },
+    },
+    close: () => core.close(),
+  };
+}
+
+function viaAdmin(config: Config): Backend {
+  const host = config.adminHost === "0.0.0.0" || config.adminHost === "::" ? "127.0.0.1" : config.adminHost;
+  const base = `http://${host.includes(":") ? `[${host}]` : host}:${config.adminPort}`;
+  const headers: Record<string, string> = config.adminToken ? { authorization: `Bearer ${config.adminToken}` } : {};
+  async function call(method: string, route: string, body?: unknown): Promise<any> {
+    let res: Response;
+    try {
+      res = await fetch(base + route, {
+        method,
+        headers: body === undefined ? headers : { ...headers, "content-type": "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new Error(`the data dir is in use and the admin port ${base} does not answer (${(err as Error).message})`);
+    }
+    const json = (await res.json().catch(() => ({}))) as { error?: string; code?: number };
+    if (!res.ok) throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${res.status}`);
+    return json;
+  }
+  return {
+    ops: {
+      list: async (after, limit) => (await call("GET", `/users?after=${encodeURIComponent(after)}&limit=${limit}`)).users,
+      addUser: (login, pass, nick) => call("POST", "/users", { login, pass, nick }),
+      passwd: (user, pass) => call("POST", "/users/passwd", { user, pass }),
+      deleteUser: (user) => call("POST", "/users/delete", { user }),
+      kick: (user) => call("POST", "/kick", { user }),
+      bans: () => {
+        throw new Error("unused");
+      },
+      unban: async (kind, value) => (await call("POST", "/unban", kind === "login" ? { login: value } : { address: value })).lifted,
+      show: (user) => call("GET", `/users/${encodeURIComponent(user)}`),
+      ban: (kind, value, reason) => call("POST", "/ban", kind === "login" ? { login: value, reason } : { address: value, reason }),
+      registration: async (open) => (await (open === undefined ? call("GET", "/registration") : call("POST", "/registration", { open }))).registration,
+      // The server writes the backup: the directory is on its machine, so make it absolute here.
+      backup: (dir) => call("POST", "/backup", { dir: path.resolve(dir) }),
+      exportTo: async (user, out) => {
+        const res = await fetch(base + "/export" + (user ? `?user=${encodeURIComponent(user)}` : ""), { headers });
+        if (!res.ok || !res.body) {
+          const json = (await res.json().catch(() => ({}))) as { error?: string; code?: number };
+          throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${res.status}`);
+        }
+        for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+          if (!out.write(chunk)) await new Promise((r) => out.once("drain", r));
+        }
+      },
+    },
+    close: async () => {},
+  };
+}
+
+async function backend(config: Config): Promise<Backend> {
+  try {
+    return await direct(config);
+  } catch (err) {
+    if (isLocked(err) && config.admin === "on") return viaAdmin(config);
+    throw err;
+  }
+}
+
+function readPassword(p: Parsed): string {
+  const given = p.own.get("pass");
+  if (given !== undefined) return given;
+  if (process.stdin.isTTY) throw new ConfigError("give the password with --pass or on stdin");
+  const line = readFileSync(0, "utf8").split(/\r?\n/)[0];
+  if (!line) throw new ConfigError("no password on stdin");
+  return line;
+}
+
+function need(p: Parsed, i: number, what: string): string {
+  const v = p.positional[i];
+  if (v === undefined) throw new ConfigError(`missing ${what} (see wirechat help)`);
+  return v;
+}
+
+function print(v: unknown): void {
+  process.stdout.write(JSON.stringify(v, null, 2) + "\n");
+}
+
+/** Runs one operator command; returns the exit code. */
+export async function runCommand(command: string, argv: readonly string[]): Promise<number> {
+  if (command === "version") {
+    process.stdout.write(`wirechat ${packageVersion()}\n`);
+    return 0;
+  }
+  const p = split(argv);
+  if (command === "check") {
+    const c = p.config;
+    process.stdout.write(`configuration OK${c.config ? ` (${c.config})` : ""}: port ${c.port}, data dir ${c.dataDir}, admin ${c.admin === "on" ? `${c.adminHost}:${c.adminPort}` : "off"}\n`);
+    return 0;
+  }
+  if (command === "restore") {
+    const from = need(p, 0, "the backup directory");
+    const r = await restore(from, p.config.dataDir);
+    process.stdout.write(`restored ${r.keys} keys and ${r.blobs} attachment files into ${p.config.dataDir}\n`);
+    return 0;
+  }
+  const b = await backend(p.config);
+  try {
+    const ops = b.ops;
+    switch (command) {
+      case "user": {
+        const sub = need(p, 0, "a user command: add, del, passwd, list or show");
+        if (sub === "add") {
+          const login = need(p, 1, "the login");
+          print(await ops.addUser(login, readPassword(p), p.own.get("nick") ?? login));
+        } else if (sub === "del") print(await ops.deleteUser(need(p, 1, "the user")));
+        else if (sub === "passwd") {
+          const user = need(p, 1, "the user");
+          print(await ops.passwd(user, readPassword(p)));
+        } else if (sub === "show") print(await ops.show(need(p, 1, "the user")));
+        else if (sub === "list") {
+          const limit = Number(p.own.get("limit") ?? 100);
+          for (const u of await ops.list(p.own.get("after") ?? "", limit)) {
+            process.stdout.write(`${u.uid}\t${u.login}\t${u.nick}${u.online ? `\tonline(${u.online})` : ""}${u.banned ? "\tbanned" : ""}\n`);
+          }
+        } else throw new ConfigError(`unknown user command '${sub}' (add, del, passwd, list, show)`);
+        return 0;
+      }
+      case "ban":
+      case "unban": {
+        const address = p.own.get("address");
+        const kind = address !== undefined ? "addr" : "login";
+        const value = address ?? need(p, 0, "the login (or --address <ip>)");
+        if (command === "ban") print(await ops.ban(kind, value, p.own.get("reason") ?? ""));
+        else print({ lifted: await ops.unban(kind, value) });
+        return 0;
+      }
+      case "kick":
+        print(await ops.kick(need(p, 0, "the user")));
+        return 0;
+      case "registration": {
+        const v = p.positional[0];
+        if (v !== undefined && v !== "open" && v !== "closed") throw new ConfigError("registration open|closed");
+        print({ registration: await ops.registration(v === undefined ? undefined : v === "open") });
+        return 0;
+      }
+      case "backup":
+        print(await ops.backup(need(p, 0, "the backup directory")));
+        return 0;
+      case "export":
+        await ops.exportTo(p.own.get("user"), process.stdout);
+        return 0;
+      default:
+        throw new ConfigError(`unknown command '${command}'`);
+    }
+  } finally {
+    await b.close();
+  }
+}

@@ -1,0 +1,110 @@
+// Operator actions: the admin port's POST routes and `wirechat user|ban …` call these,
+// on a running server or on a stopped server's data dir alike. A user is named by login
+// or by uid.
+
+import { Code, ProtocolError } from "../protocol/codes.js";
+import type { Ban } from "../storage/bans.js";
+import type { BanKind, UserRecord } from "../storage/layout.js";
+import { readValues } from "../storage/range.js";
+import type { AccountOps } from "./accounts.js";
+import type { Services } from "./services.js";
+
+/** A user as the operator sees it (never the password hash). */
+export interface UserSummary {
+  uid: string;
+  login: string;
+  nick: string;
+  email: string;
+  phone: string;
+  status: string;
+  created: number;
+  online: number;
+  banned: boolean;
+}
+
+export interface AdminOps {
+  /** The user a login or uid names (8 when none). */
+  resolve(user: string): Promise<UserRecord>;
+  summary(u: UserRecord): UserSummary;
+  /** Users in uid order after `after`, at most `limit`. */
+  list(after: string, limit: number): Promise<UserSummary[]>;
+  addUser(login: string, pass: string, nick: string): Promise<UserSummary>;
+  passwd(user: string, pass: string): Promise<{ uid: string; revoked: number }>;
+  deleteUser(user: string): Promise<{ uid: string }>;
+  kick(user: string): Promise<{ uid: string; connections: number }>;
+  /** Bans a login (its sessions are revoked, its connections closed) or an address. */
+  ban(kind: BanKind, value: string, reason: string): Promise<Ban>;
+  unban(kind: BanKind, value: string): Promise<boolean>;
+  bans(): Ban[];
+  registration(open?: boolean): "open" | "closed";
+}
+
+export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
+  const { users, router, bans, config } = sv;
+
+  async function resolve(user: string): Promise<UserRecord> {
+    const byLogin = await users.lookup("login", user);
+    const u = (byLogin !== undefined ? await users.get(byLogin) : undefined) ?? (await users.get(user));
+    if (!u) throw new ProtocolError(Code.UserNotFound, `no user with login or uid '${user}'`);
+    return u;
+  }
+
+  function summary(u: UserRecord): UserSummary {
+    const { uid, login, nick, email, phone, status, created } = u;
+    return { uid, login, nick, email, phone, status, created, online: router.sessions(uid).length, banned: bans.banned("login", login) !== undefined };
+  }
+
+  return {
+    resolve,
+    summary,
+    async list(after, limit) {
+      const page = await readValues<UserRecord>(sv.storage.spaces.users, { gt: after, limit });
+      return page.map(summary);
+    },
+    async addUser(login, pass, nick) {
+      return summary(await accounts.create(login, pass, nick));
+    },
+    async passwd(user, pass) {
+      const u = await resolve(user);
+      const { revoked } = await accounts.setPassword(u.uid, pass);
+      sv.log.info({ uid: u.uid, revoked }, "password set by an operator");
+      return { uid: u.uid, revoked };
+    },
+    async deleteUser(user) {
+      const u = await resolve(user);
+      if (!(await accounts.remove(u.uid))) throw new ProtocolError(Code.UserNotFound, `no user with login or uid '${user}'`);
+      sv.log.info({ uid: u.uid, login: u.login }, "account deleted by an operator");
+      return { uid: u.uid };
+    },
+    async kick(user) {
+      const u = await resolve(user);
+      const { connections } = await accounts.kick(u.uid, "disconnected by an operator", false);
+      sv.log.info({ uid: u.uid, connections }, "user kicked by an operator");
+      return { uid: u.uid, connections };
+    },
+    async ban(kind, value, reason) {
+      if (kind === "login") await resolve(value);
+      const ban = await bans.add(kind, value, reason);
+      if (!ban) throw new ProtocolError(Code.RateLimited, "the ban list is full");
+      if (kind === "login") {
+        const u = await resolve(value);
+        await accounts.kick(u.uid, "the account was banned", true);
+      }
+      sv.log.info({ kind, value, reason }, "banned by an operator");
+      return ban;
+    },
+    async unban(kind, value) {
+      const had = await bans.remove(kind, value);
+      if (had) sv.log.info({ kind, value }, "ban lifted by an operator");
+      return had;
+    },
+    bans: () => bans.list(),
+    registration(open) {
+      if (open !== undefined) {
+        config.registration = open ? "open" : "closed";
+        sv.log.info({ registration: config.registration }, "registration set by an operator");
+      }
+      return config.registration === "closed" ? "closed" : "open";
+    },
+  };
+}

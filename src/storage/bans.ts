@@ -1,0 +1,59 @@
+// Operator bans of logins and IP addresses. The whole list is read at start-up and
+// kept in memory (it is checked on every accept and every login); it changes only
+// through the admin port or `wirechat ban` on a stopped server.
+
+import { del, put, type Storage } from "./db.js";
+import { banKey, type BanKind, type BanRecord, type Space } from "./layout.js";
+import { readEntries } from "./range.js";
+
+/** Bans kept at most: an operator list, not a firewall (use one past this). */
+export const MAX_BANS = 100_000;
+
+export interface Ban extends BanRecord {
+  kind: BanKind;
+  value: string;
+}
+
+export class BanStore {
+  private readonly space: Space;
+  private readonly bans = new Map<string, Ban>();
+
+  constructor(private readonly storage: Storage) {
+    this.space = storage.spaces.bans;
+  }
+
+  async load(): Promise<void> {
+    for (const [key, rec] of (await readEntries(this.space, {})) as [string, BanRecord][]) {
+      const colon = key.indexOf(":");
+      this.bans.set(key, { kind: key.slice(0, colon) as BanKind, value: key.slice(colon + 1), ...rec });
+    }
+  }
+
+  banned(kind: BanKind, value: string): Ban | undefined {
+    return this.bans.size === 0 ? undefined : this.bans.get(banKey(kind, value));
+  }
+
+  list(): Ban[] {
+    return [...this.bans.values()];
+  }
+
+  /** Stores a ban (durable when this resolves); false when the list is full. */
+  async add(kind: BanKind, value: string, reason: string): Promise<Ban | undefined> {
+    const key = banKey(kind, value);
+    if (!this.bans.has(key) && this.bans.size >= MAX_BANS) return undefined;
+    const rec: BanRecord = { reason, at: Math.floor(Date.now() / 1000) };
+    await this.storage.commit([put(this.space, key, rec)]);
+    const ban: Ban = { kind, value: key.slice(kind.length + 1), ...rec };
+    this.bans.set(key, ban);
+    return ban;
+  }
+
+  /** Lifts a ban; false when there was none. */
+  async remove(kind: BanKind, value: string): Promise<boolean> {
+    const key = banKey(kind, value);
+    if (!this.bans.has(key)) return false;
+    await this.storage.commit([del(this.space, key)]);
+    this.bans.delete(key);
+    return true;
+  }
+}

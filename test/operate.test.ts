@@ -1,0 +1,291 @@
+// Operating wirechat from the command line and with signals: `wirechat user|ban|kick|
+// registration|backup|restore|export|check` on a stopped data dir and on a running
+// server (through its admin port), the config file, SIGHUP (TLS certificate and
+// settings), the second SIGINT, the locked data dir, the failed-login log line.
+
+import { execFileSync, spawnSync } from "node:child_process";
+import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import tls from "node:tls";
+import { fileURLToPath } from "node:url";
+import { afterAll, describe, expect, it } from "vitest";
+import { Client, login, registerUser, removeDir, uniqueName } from "./helpers.js";
+import { sleep, useChildServers, waitFor } from "./pipeline-helpers.js";
+
+const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
+const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
+
+const dirs: string[] = [];
+afterAll(() => {
+  for (const d of dirs) removeDir(d);
+});
+
+function tmp(): string {
+  const d = mkdtempSync(path.join(tmpdir(), "wirechat-op-"));
+  dirs.push(d);
+  return d;
+}
+
+/** Runs `wirechat <args>`; the admin port of a running server, when given, is where it looks. */
+function cli(args: string[], opts: { input?: string; env?: Record<string, string> } = {}): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [main, ...args], {
+    encoding: "utf8",
+    input: opts.input ?? "",
+    env: { ...process.env, WIRECHAT_LOG_LEVEL: "warn", ...opts.env },
+    timeout: 30_000,
+  });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function json(r: { status: number | null; stdout: string; stderr: string }): any {
+  if (r.status !== 0) throw new Error(`exit ${r.status}: ${r.stderr}`);
+  return JSON.parse(r.stdout);
+}
+
+describe("wirechat commands on a stopped data dir", () => {
+  const start = useChildServers();
+
+  it("add, show, list, passwd, ban and del users; the server then sees all of it", async () => {
+    const dir = tmp();
+    const d = ["--data-dir", dir, "--bcrypt-cost", "4"];
+    const alice = json(cli(["user", "add", "alice", "--pass", "pw1", "--nick", "Alice", ...d]));
+    expect(alice).toMatchObject({ login: "alice", nick: "Alice", online: 0, banned: false });
+    expect(alice.hash).toBeUndefined();
+    // The password from stdin when --pass is not given.
+    const bob = json(cli(["user", "add", "bob", ...d], { input: "pw2\n" }));
+    expect(json(cli(["user", "show", "alice", ...d])).uid).toBe(alice.uid);
+    expect(json(cli(["user", "show", bob.uid, ...d])).login).toBe("bob");
+    const list = cli(["user", "list", ...d]);
+    expect(list.status).toBe(0);
+    expect(list.stdout.trim().split("\n").map((l) => l.split("\t")[1]).sort()).toEqual(["alice", "bob"]);
+    expect(json(cli(["user", "passwd", "alice", "--pass", "pw3", ...d]))).toMatchObject({ uid: alice.uid });
+    expect(json(cli(["ban", "bob", "--reason", "spam", ...d]))).toMatchObject({ kind: "login", value: "bob", reason: "spam" });
+    const missing = cli(["user", "show", "nobody", ...d]);
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toMatch(/no user with login or uid 'nobody'/);
+    const usage = cli(["user", "frobnicate", ...d]);
+    expect(usage.status).toBe(2);
+
+    const srv = await start(["--data-dir", dir]);
+    const c = await Client.connect(srv.port);
+    expect((await c.request("auth", { login: "alice", pass: "pw1" })).status).toBe(2);
+    expect((await c.request("auth", { login: "alice", pass: "pw3" })).status).toBe(0);
+    const b = await Client.connect(srv.port);
+    expect((await b.request("auth", { login: "bob", pass: "pw2" })).status).toBe(15);
+    c.close();
+    b.close();
+  });
+
+  it("exports a user's data as NDJSON without password hashes", async () => {
+    const dir = tmp();
+    const srv = await start(["--data-dir", dir]);
+    const a = await registerUser(srv.port);
+    const b = await registerUser(srv.port);
+    await a.client.request("message", { uid: b.uid, body: "hello b" });
+    a.client.close();
+    b.client.close();
+    srv.proc.kill("SIGTERM");
+    await srv.exited;
+    const out = cli(["export", "--user", a.login, "--data-dir", dir]);
+    expect(out.status).toBe(0);
+    const lines = out.stdout.trim().split("\n").map((l) => JSON.parse(l));
+    expect(lines.find((l) => l.type === "user")).toMatchObject({ uid: a.uid, login: a.login });
+    expect(out.stdout).not.toMatch(/"hash"/);
+    expect(lines.filter((l) => l.type === "message").map((l) => l.body)).toEqual(["hello b"]);
+    const all = cli(["export", "--data-dir", dir]);
+    expect(all.stdout.trim().split("\n").filter((l) => JSON.parse(l).type === "user")).toHaveLength(2);
+  });
+});
+
+describe("wirechat commands on a running server (through its admin port)", () => {
+  const start = useChildServers();
+
+  it("user add, kick, registration, ban --address and user del go through the admin port", async () => {
+    const dir = tmp();
+    const srv = await start(["--data-dir", dir]);
+    const a = ["--data-dir", dir, "--admin-port", String(srv.adminPort)];
+    const carol = json(cli(["user", "add", "carol", "--pass", "pw", ...a]));
+    const c = await login(srv.port, "carol", "pw");
+    expect(json(cli(["user", "show", "carol", ...a]))).toMatchObject({ uid: carol.uid, online: 1 });
+    expect(json(cli(["kick", "carol", ...a]))).toEqual({ uid: carol.uid, connections: 1 });
+    await c.client.closed;
+    expect(json(cli(["registration", "closed", ...a]))).toEqual({ registration: "closed" });
+    const r = await Client.connect(srv.port);
+    expect((await r.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(15);
+    expect(json(cli(["registration", "open", ...a]))).toEqual({ registration: "open" });
+    r.close();
+    expect(json(cli(["user", "del", "carol", ...a]))).toEqual({ uid: carol.uid });
+    const gone = cli(["user", "show", "carol", ...a]);
+    expect(gone.status).toBe(1);
+    expect(gone.stderr).toMatch(/no user/);
+    const ban = json(cli(["ban", "--address", "10.9.8.7", "--reason", "test", ...a]));
+    expect(ban).toMatchObject({ ban: { kind: "addr", value: "10.9.8.7" }, closed: 0 });
+    expect(json(cli(["unban", "--address", "10.9.8.7", ...a]))).toEqual({ lifted: true });
+  });
+
+  it("says so when the data dir is in use and the admin port does not answer", async () => {
+    const dir = tmp();
+    await start(["--data-dir", dir, "--admin", "off"]);
+    const r = cli(["user", "list", "--data-dir", dir, "--admin-port", "1"]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/the data dir is in use and the admin port http:\/\/127.0.0.1:1 does not answer/);
+  });
+
+  it("a second server on the same data dir fails with the reason", async () => {
+    const dir = tmp();
+    await start(["--data-dir", dir]);
+    const r = cli(["--data-dir", dir, "--port", "0", "--admin-port", "0"]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/is locked: another wirechat is running on this data dir/);
+  });
+
+  it("backs up a server under message load; the restored copy has every message acknowledged before it", async () => {
+    const dir = tmp();
+    const srv = await start(["--data-dir", dir]);
+    const a = await registerUser(srv.port);
+    const b = await registerUser(srv.port);
+    const acked: string[] = [];
+    let stop = false;
+    const load = (async () => {
+      for (let i = 0; !stop; i++) {
+        const r = await a.client.request("message", { uid: b.uid, body: `load ${i}` });
+        if (r.status === 0) acked.push(r.mid);
+      }
+    })();
+    await waitFor(() => acked.length >= 200, 10_000, "200 messages acknowledged");
+    const before = acked.length;
+    const target = path.join(tmp(), "backup");
+    const info = json(cli(["backup", target, "--data-dir", dir, "--admin-port", String(srv.adminPort)]));
+    stop = true;
+    await load;
+    expect(info).toMatchObject({ format: 1, server: "wirechat", missing: 0 });
+    expect(acked.length).toBeGreaterThan(before); // the load went on during the backup
+    const restored = tmp();
+    const r = cli(["restore", target, "--data-dir", restored]);
+    expect(r.status).toBe(0);
+    expect(cli(["restore", target, "--data-dir", restored]).stderr).toMatch(/already holds a database/);
+    const exported = cli(["export", "--data-dir", restored]);
+    expect(exported.status).toBe(0);
+    const mids = new Set(exported.stdout.trim().split("\n").map((l) => JSON.parse(l)).filter((l) => l.type === "message").map((l) => l.mid));
+    const lost = acked.slice(0, before).filter((m) => !mids.has(m));
+    expect(lost).toEqual([]);
+    // And a server starts on it, with the accounts.
+    const again = await start(["--data-dir", restored]);
+    const c = await Client.connect(again.port);
+    expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
+    c.close();
+  });
+
+  it("logs one line per failed login with the address and the login (for fail2ban)", async () => {
+    const srv = await start([]);
+    const a = await registerUser(srv.port);
+    const c = await Client.connect(srv.port);
+    await c.request("auth", { login: a.login, pass: "nope" });
+    await c.request("auth", { login: "ghost-user", pass: "nope" });
+    await waitFor(() => (srv.stdout().match(/"msg":"failed login"/g) ?? []).length >= 2, 5000, "two failed-login lines");
+    const lines = srv.stdout().split("\n").filter((l) => l.includes('"msg":"failed login"')).map((l) => JSON.parse(l));
+    expect(lines[0]).toMatchObject({ level: 40, remote: "127.0.0.1", login: a.login });
+    expect(lines[1]).toMatchObject({ remote: "127.0.0.1", login: "ghost-user" });
+    c.close();
+    a.client.close();
+  });
+});
+
+describe("configuration and signals", () => {
+  const start = useChildServers();
+
+  it("wirechat check validates a config file without starting; flags and env win over it", () => {
+    const dir = tmp();
+    const good = path.join(dir, "good.json");
+    writeFileSync(good, JSON.stringify({ port: 7799, "data-dir": "/srv/wc", "admin-port": 9199 }));
+    const ok = cli(["check", "--config", good]);
+    expect(ok.status).toBe(0);
+    expect(ok.stdout).toMatch(/port 7799, data dir \/srv\/wc, admin 127\.0\.0\.1:9199/);
+    expect(cli(["check", "--config", good, "--port", "7000"]).stdout).toMatch(/port 7000,/);
+    expect(cli(["check", "--config", good], { env: { WIRECHAT_PORT: "7001" } }).stdout).toMatch(/port 7001,/);
+    expect(cli(["check"], { env: { WIRECHAT_CONFIG: good } }).stdout).toMatch(/port 7799,/);
+    const bad = path.join(dir, "bad.json");
+    writeFileSync(bad, JSON.stringify({ port: "x" }));
+    const r = cli(["check", "--config", bad]);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/bad\.json: "port": expected a whole number/);
+    writeFileSync(bad, JSON.stringify({ prot: 1 }));
+    expect(cli(["check", "--config", bad]).stderr).toMatch(/unknown setting "prot"/);
+    writeFileSync(bad, "{");
+    expect(cli(["check", "--config", bad]).stderr).toMatch(/not valid JSON/);
+    expect(cli(["check", "--config", path.join(dir, "none.json")]).stderr).toMatch(/cannot read the config file/);
+  });
+
+  it("the packaged example config and systemd unit's settings pass wirechat check", () => {
+    const example = fileURLToPath(new URL("../packaging/wirechat.example.json", import.meta.url));
+    const r = cli(["check", "--config", example, "--data-dir", "/var/lib/wirechat"]);
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/port 7788, data dir \/var\/lib\/wirechat, admin 127\.0\.0\.1:9090/);
+  });
+
+  it("prints its version", () => {
+    const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8"));
+    expect(execFileSync(process.execPath, [main, "--version"], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);
+    expect(execFileSync(process.execPath, [main, "version"], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);
+  });
+
+  it("SIGHUP swaps the TLS certificate for new handshakes, keeps connections, and reloads settings", async () => {
+    const dir = tmp();
+    const cert = path.join(dir, "cert.pem");
+    const key = path.join(dir, "key.pem");
+    copyFileSync(fixture("localhost.crt"), cert);
+    copyFileSync(fixture("localhost.key"), key);
+    const conf = path.join(dir, "wirechat.json");
+    writeFileSync(conf, JSON.stringify({ registration: "open" }));
+    const srv = await start(["--tls-port", "0", "--tls-cert", cert, "--tls-key", key, "--config", conf]);
+    const tlsPort = Number(/"tlsPort":(\d+)/.exec(srv.stdout())?.[1]);
+    const fingerprint = () =>
+      new Promise<string>((resolve, reject) => {
+        const s = tls.connect({ port: tlsPort, host: "127.0.0.1", rejectUnauthorized: false }, () => {
+          resolve(s.getPeerCertificate().fingerprint256);
+          s.destroy();
+        });
+        s.on("error", reject);
+      });
+    const first = await fingerprint();
+    const ca = readFileSync(fixture("localhost.crt"));
+    const kept = await Client.connectTls(tlsPort, ca);
+    // A new certificate and key in the same files, then SIGHUP.
+    execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost"], { stdio: "ignore" });
+    writeFileSync(conf, JSON.stringify({ registration: "closed" }));
+    srv.proc.kill("SIGHUP");
+    await waitFor(() => srv.stdout().includes('"msg":"configuration reloaded"'), 5000, "the reload");
+    const second = await fingerprint();
+    expect(second).not.toBe(first);
+    expect((await kept.request("ping")).status).toBe(0);
+    const c = await Client.connect(srv.port);
+    expect((await c.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(15);
+    // A broken file leaves everything as it was, and the server up.
+    writeFileSync(conf, "{");
+    srv.proc.kill("SIGHUP");
+    await waitFor(() => srv.stdout().includes("reload failed"), 5000, "the failed reload");
+    expect((await c.request("ping")).status).toBe(0);
+    kept.close();
+    c.close();
+  });
+
+  it("the second SIGINT exits at once while the first one's shutdown waits", async () => {
+    const srv = await start(["--close-linger", "30", "--shutdown-timeout", "30"]);
+    // A client that never closes keeps the first shutdown lingering.
+    const net = await import("node:net");
+    const stuck = net.connect({ port: srv.port, host: "127.0.0.1", allowHalfOpen: true });
+    stuck.on("data", () => {});
+    await new Promise((r) => stuck.once("connect", r));
+    srv.proc.kill("SIGINT");
+    await sleep(300);
+    expect(srv.proc.exitCode).toBe(null);
+    const t0 = Date.now();
+    srv.proc.kill("SIGINT");
+    expect(await srv.exited).toBe(1);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(srv.stdout()).toMatch(/second signal/);
+    stuck.destroy();
+  });
+});
+
