@@ -66,7 +66,7 @@ export interface OptionSpec {
   /** The values an enum option takes. */
   choices?: readonly string[];
   /**
-   * SIGHUP applies a new value from the config file or the environment to the running
+   * SIGHUP applies a new value from the config file to the running
    * server (every reader of it reads the shared Config when it acts); other options
    * need a restart.
    */
@@ -250,7 +250,7 @@ export function helpText(): string {
     "Messenger server speaking newline-delimited JSON over TCP. Every option can also",
     "be set by the environment variable shown, or in the --config file under the flag's",
     "name without its dashes; a flag wins over the variable, the variable over the file.",
-    "Options marked (reload) take a new value from the file or environment on SIGHUP.",
+    "Options marked (reload) take a new value from the config file on SIGHUP.",
     "",
   ];
   for (const o of OPTIONS) {

@@ -240,7 +240,9 @@ function applyReload(config: Config, next: Config, log: Logger, listener: Listen
   const n = next as unknown as Record<string, unknown>;
   for (const o of OPTIONS) {
     if (c[o.key] === n[o.key]) continue;
-    if (o.reload) {
+    // A certificate for a server started without TLS needs a listener: a restart.
+    const tlsOff = (o.key === "tlsCert" || o.key === "tlsKey") && !listener.tlsServer;
+    if (o.reload && !tlsOff) {
       c[o.key] = n[o.key];
       changed.push(o.flag.slice(2));
     } else needRestart.push(o.flag.slice(2));

@@ -1,6 +1,7 @@
 // The admin port over real HTTP: health, readiness, Prometheus metrics that move with
 // traffic, /connz, and the operator's actions (kick, ban, delete, registration).
 
+import http from "node:http";
 import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
@@ -184,6 +185,46 @@ describe("admin port with a token", () => {
     expect((await admin(ap, "GET", "/metrics", undefined, "s3cret")).status).toBe(200);
     expect((await admin(ap, "GET", "/healthz")).status).toBe(200);
     expect((await admin(ap, "GET", "/readyz")).status).toBe(200);
+  });
+});
+
+describe("admin port without a token", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer();
+  });
+  afterAll(async () => {
+    await server.stop();
+    removeDir(server.services.config.dataDir);
+  });
+
+  /** A request naming another host, as a web page does after DNS rebinding. */
+  function asHost(port: number, route: string, host: string): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const req = http.request({ port, host: "127.0.0.1", path: route, headers: { host } }, (res) => {
+        res.resume();
+        resolve(res.statusCode as number);
+      });
+      req.on("error", reject);
+      req.end();
+    });
+  }
+
+  it("answers operator routes only to requests that name it localhost", async () => {
+    const ap = server.adminPort as number;
+    expect(await asHost(ap, "/users", "evil.example:9090")).toBe(403);
+    expect(await asHost(ap, "/export", "evil.example")).toBe(403);
+    expect(await asHost(ap, "/users", `localhost:${ap}`)).toBe(200);
+    expect(await asHost(ap, "/metrics", "evil.example")).toBe(200);
+    expect(await asHost(ap, "/healthz", "evil.example")).toBe(200);
+  });
+
+  it("refuses an address ban that is not an IP address", async () => {
+    const ap = server.adminPort as number;
+    expect(await admin(ap, "POST", "/ban", { address: "example.com" })).toMatchObject({ status: 400, json: { code: 3 } });
+    const r = await admin(ap, "POST", "/ban", { address: "2001:DB8:0::1" });
+    expect(r.json.ban.value).toBe("2001:db8::1");
+    expect((await admin(ap, "POST", "/unban", { address: "2001:db8::1" })).json).toEqual({ lifted: true });
   });
 });
 

@@ -49,7 +49,11 @@ describe("wirechat commands on a stopped data dir", () => {
   it("add, show, list, passwd, ban and del users; the server then sees all of it", async () => {
     const dir = tmp();
     const d = ["--data-dir", dir, "--bcrypt-cost", "4"];
-    const alice = json(cli(["user", "add", "alice", "--pass", "pw1", "--nick", "Alice", ...d]));
+    // No database there yet: refused unless asked to make one.
+    const none = cli(["user", "add", "alice", "--pass", "pw1", ...d]);
+    expect(none.status).toBe(2);
+    expect(none.stderr).toMatch(/no wirechat database in .*--init creates one/);
+    const alice = json(cli(["user", "add", "alice", "--pass", "pw1", "--nick", "Alice", "--init", ...d]));
     expect(alice).toMatchObject({ login: "alice", nick: "Alice", online: 0, banned: false });
     expect(alice.hash).toBeUndefined();
     // The password from stdin when --pass is not given.
@@ -60,7 +64,10 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(list.status).toBe(0);
     expect(list.stdout.trim().split("\n").map((l) => l.split("\t")[1]).sort()).toEqual(["alice", "bob"]);
     expect(json(cli(["user", "passwd", "alice", "--pass", "pw3", ...d]))).toMatchObject({ uid: alice.uid });
-    expect(json(cli(["ban", "bob", "--reason", "spam", ...d]))).toMatchObject({ kind: "login", value: "bob", reason: "spam" });
+    // Named by uid, the ban is on the login (what auth checks).
+    expect(json(cli(["ban", bob.uid, "--reason", "spam", ...d]))).toMatchObject({ kind: "login", value: "bob", reason: "spam" });
+    expect(json(cli(["user", "show", "bob", ...d])).banned).toBe(true);
+    expect(cli(["ban", "--address", "10.0.0.1:80", ...d]).stderr).toMatch(/'10.0.0.1:80' is not an IP address/);
     const missing = cli(["user", "show", "nobody", ...d]);
     expect(missing.status).toBe(1);
     expect(missing.stderr).toMatch(/no user with login or uid 'nobody'/);

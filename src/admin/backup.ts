@@ -15,6 +15,7 @@ import path from "node:path";
 import { createInterface } from "node:readline";
 import { Level } from "level";
 import type { Writable } from "node:stream";
+import { Code, ProtocolError } from "../protocol/codes.js";
 import type { BlobStore } from "../storage/blobs.js";
 import { LEVEL_OPTIONS, type Storage } from "../storage/db.js";
 import { LAYOUT_VERSION, keyTail, type MessageRecord, type UserRecord } from "../storage/layout.js";
@@ -41,19 +42,26 @@ async function closeStream(out: Writable): Promise<void> {
   await once(out, "finish");
 }
 
-/** A directory to create, or an empty one: a backup never overwrites. */
+/**
+ * A directory to create, or an empty one: a backup never overwrites. Only its owner
+ * may read it (it holds password hashes and every message).
+ */
 function emptyTarget(dir: string): void {
-  if (existsSync(dir) && readdirSync(dir).length > 0) throw new Error(`${dir} exists and is not empty; choose a new directory`);
-  mkdirSync(dir, { recursive: true });
+  if (existsSync(dir) && readdirSync(dir).length > 0) {
+    throw new ProtocolError(Code.AlreadyExist, `${dir} exists and is not empty; choose a new directory`);
+  }
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
 }
 
 export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
   const target = path.resolve(dir);
   emptyTarget(target);
-  const out = createWriteStream(path.join(target, "db.ndjson"));
+  const out = createWriteStream(path.join(target, "db.ndjson"), { mode: 0o600 });
   const shas = new Set<string>();
   let keys = 0;
   const refsPrefix = `!blobrefs!`;
+  // No attachment file is deleted from before the snapshot until the copies are made.
+  const release = blobs.hold();
   const it = storage.db.iterator({ keyEncoding: "utf8", valueEncoding: "utf8" });
   try {
     for (;;) {
@@ -65,25 +73,28 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
         await write(out, JSON.stringify([k, v]) + "\n");
       }
     }
+  } catch (err) {
+    release();
+    throw err;
   } finally {
     await it.close();
     await closeStream(out);
   }
   let copied = 0;
   let missing = 0;
-  for (const sha of shas) {
-    // Pinned while copied: a collect cannot remove it meanwhile.
-    blobs.pin(sha);
-    try {
-      const to = path.join(target, "blobs", sha.slice(0, 2), sha);
-      await mkdir(path.dirname(to), { recursive: true });
-      await copyFile(blobs.pathOf(sha), to);
-      copied++;
-    } catch {
-      missing++;
-    } finally {
-      blobs.unpin(sha);
+  try {
+    for (const sha of shas) {
+      try {
+        const to = path.join(target, "blobs", sha.slice(0, 2), sha);
+        await mkdir(path.dirname(to), { recursive: true, mode: 0o700 });
+        await copyFile(blobs.pathOf(sha), to);
+        copied++;
+      } catch {
+        missing++;
+      }
     }
+  } finally {
+    release();
   }
   const info: BackupInfo = { format: 1, server: "wirechat", version, layout: LAYOUT_VERSION, created: new Date().toISOString(), keys, blobs: copied, missing };
   writeFileSync(path.join(target, "backup.json"), JSON.stringify(info, null, 2) + "\n");
@@ -157,14 +168,17 @@ export async function* exportRecords(storage: Storage, uid: string | undefined):
       after = page[page.length - 1].uid;
     }
   }
-  const prefix = uid === undefined ? {} : { gt: `${uid}!`, lt: `${uid}!\u{10FFFF}` };
-  for (const key of await readKeys(s.contacts, prefix)) {
-    const bang = key.indexOf("!");
-    yield JSON.stringify({ type: "contact", owner: key.slice(0, bang), contact: keyTail(key) }) + "\n";
-  }
-  for (const key of await readKeys(s.memberof, prefix)) {
-    const bang = key.indexOf("!");
-    yield JSON.stringify({ type: "membership", uid: key.slice(0, bang), chid: keyTail(key) }) + "\n";
+  const [from, to] = uid === undefined ? ["", "\u{10FFFF}"] : [`${uid}!`, `${uid}!\u{10FFFF}`];
+  for (const [space, type, a, b] of [
+    [s.contacts, "contact", "owner", "contact"],
+    [s.memberof, "membership", "uid", "chid"],
+  ] as const) {
+    for (let after = from; ; ) {
+      const page = await readKeys(space, { gt: after, lt: to, limit: 1000 });
+      if (page.length === 0) break;
+      for (const key of page) yield JSON.stringify({ type, [a]: key.slice(0, key.indexOf("!")), [b]: keyTail(key) }) + "\n";
+      after = page[page.length - 1];
+    }
   }
   for (let after = ""; ; ) {
     const page = await readEntries<MessageRecord>(s.log, { gt: after, limit: 1000 });

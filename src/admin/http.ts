@@ -61,6 +61,12 @@ const BAN_TARGET = {
   minProperties: 1,
 } as const;
 
+const LOOPBACK_HOST = /^(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$/i;
+
+function isLoopback(address: string): boolean {
+  return address === "::1" || address.startsWith("127.") || address.startsWith("::ffff:127.");
+}
+
 /** The one of login and address a ban body names. */
 function banTarget(body: { login?: string; address?: string }): [BanKind, string] {
   if ((body.login === undefined) === (body.address === undefined)) {
@@ -83,7 +89,18 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   const token = config.adminToken ? Buffer.from(`Bearer ${config.adminToken}`) : undefined;
 
   app.addHook("onRequest", async (req, reply) => {
-    if (!token || req.url === "/healthz" || req.url === "/readyz") return;
+    const path = req.url.split("?")[0];
+    if (path === "/healthz" || path === "/readyz") return;
+    if (!token) {
+      // Without a token, what can change or read users' data answers only a client on
+      // this machine that names it as such (a web page's request after DNS rebinding
+      // names its own host); health, readiness and metrics answer anyone who can connect.
+      if (path === "/metrics") return;
+      if (!isLoopback(req.socket.remoteAddress ?? "") || !LOOPBACK_HOST.test(req.headers.host ?? "")) {
+        return sendError(reply, Code.Forbidden, "without --admin-token this admin route answers only local clients (Host: localhost or 127.0.0.1)", 403);
+      }
+      return;
+    }
     const got = Buffer.from(req.headers.authorization ?? "");
     if (got.length !== token.length || !timingSafeEqual(got, token)) {
       log.warn({ remote: req.ip, url: req.url }, "admin request without the right token");
@@ -235,6 +252,9 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
 }
 
 export async function listenAdmin(app: FastifyInstance, config: Config): Promise<{ port: number; host: string }> {
+  if (!config.adminToken && !isLoopback(config.adminHost) && config.adminHost !== "localhost") {
+    app.log.warn({ host: config.adminHost }, "admin port beyond loopback without --admin-token: its operator routes answer local clients only");
+  }
   await app.listen({ port: config.adminPort, host: config.adminHost });
   const addr = app.server.address() as AddressInfo;
   return { port: addr.port, host: addr.address };

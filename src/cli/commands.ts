@@ -3,7 +3,7 @@
 // LevelDB is locked), through that server's admin port, found from the same options,
 // environment and config file the server reads.
 
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import pino from "pino";
 import { backup, exportRecords, restore } from "../admin/backup.js";
@@ -18,7 +18,8 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
 --admin-port, --admin-token, ...; on a running server they go through its admin port):
 
   wirechat check [--config file]            validate the settings without starting
-  wirechat user add <login> [--nick n] [--pass p]   (no --pass: first line of stdin)
+  wirechat user add <login> [--nick n] [--pass p]   (no --pass: first line of stdin;
+                                            --init on a data dir with no database yet)
   wirechat user del <login|uid>
   wirechat user passwd <login|uid> [--pass p]       revokes every session of the user
   wirechat user list [--after uid] [--limit n]
@@ -34,6 +35,8 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
   wirechat version`;
 
 const OWN_FLAGS = new Set(["--pass", "--nick", "--reason", "--address", "--after", "--limit", "--user"]);
+/** Flags of the commands that take no value. */
+const OWN_SWITCHES = new Set(["--init"]);
 
 interface Parsed {
   positional: string[];
@@ -49,7 +52,9 @@ function split(argv: readonly string[]): Parsed {
     const a = argv[i];
     const eq = a.indexOf("=");
     const flag = a.startsWith("--") && eq > 0 ? a.slice(0, eq) : a;
-    if (OWN_FLAGS.has(flag)) {
+    if (OWN_SWITCHES.has(a)) {
+      own.set(a.slice(2), "1");
+    } else if (OWN_FLAGS.has(flag)) {
       const v = eq > 0 && flag !== a ? a.slice(eq + 1) : argv[++i];
       if (v === undefined) throw new ConfigError(`${flag} needs a value`);
       own.set(flag.slice(2), v);
@@ -79,7 +84,12 @@ function isLocked(err: unknown): boolean {
   return err instanceof Error && /is locked/.test(err.message);
 }
 
-async function direct(config: Config): Promise<Backend> {
+async function direct(config: Config, init: boolean): Promise<Backend> {
+  // A mistyped or forgotten --data-dir (--config) must not quietly act on a new, empty
+  // database: one is made only when asked.
+  if (!init && !existsSync(path.join(config.dataDir, "db", "CURRENT"))) {
+    throw new ConfigError(`no wirechat database in ${path.resolve(config.dataDir)} (give --data-dir or --config; --init creates one)`);
+  }
   const log = pino({ level: "warn" }, pino.destination(2));
   const core: Core = await openCore({ ...config, logLevel: "warn" }, log);
   const a = core.admin;
@@ -161,9 +171,9 @@ function viaAdmin(config: Config): Backend {
   };
 }
 
-async function backend(config: Config): Promise<Backend> {
+async function backend(config: Config, init: boolean): Promise<Backend> {
   try {
-    return await direct(config);
+    return await direct(config, init);
   } catch (err) {
     if (isLocked(err) && config.admin === "on") return viaAdmin(config);
     throw err;
@@ -207,7 +217,7 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
     process.stdout.write(`restored ${r.keys} keys and ${r.blobs} attachment files into ${p.config.dataDir}\n`);
     return 0;
   }
-  const b = await backend(p.config);
+  const b = await backend(p.config, p.own.has("init"));
   try {
     const ops = b.ops;
     switch (command) {
@@ -247,9 +257,12 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
         print({ registration: await ops.registration(v === undefined ? undefined : v === "open") });
         return 0;
       }
-      case "backup":
-        print(await ops.backup(need(p, 0, "the backup directory")));
-        return 0;
+      case "backup": {
+        const info = (await ops.backup(need(p, 0, "the backup directory"))) as { missing?: number };
+        print(info);
+        if (info.missing) process.stderr.write(`wirechat backup: ${info.missing} attachment files were missing: the backup is incomplete\n`);
+        return info.missing ? 1 : 0;
+      }
       case "export":
         await ops.exportTo(p.own.get("user"), process.stdout);
         return 0;

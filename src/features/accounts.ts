@@ -225,6 +225,7 @@ export function registerAccounts(sv: Services): AccountOps {
     ops.push(...users.deletionMarkOps(uid, user.nick, chids));
     await storage.commit(ops);
     users.forget(uid);
+    router.forgetOffline(uid);
     endSessions(uid, (other) => other !== keep, reason, true);
     if (keep) {
       leave(keep);
@@ -372,6 +373,9 @@ export function registerAccounts(sv: Services): AccountOps {
             // The password checked must still be the account's (not changed, not deleted).
             const cur = await users.get(user.uid);
             if (!cur || cur.hash !== user.hash) throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+            // Again under the lock: a ban made while the password was checked, whose
+            // kick ran before this, must not be followed by a new session.
+            notBanned(cur);
             return startSession(s, cur);
           });
         });

@@ -2,6 +2,7 @@
 // on a running server or on a stopped server's data dir alike. A user is named by login
 // or by uid.
 
+import { canonicalAddress } from "../addresses.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Ban } from "../storage/bans.js";
 import type { BanKind, UserRecord } from "../storage/layout.js";
@@ -83,19 +84,24 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return { uid: u.uid, connections };
     },
     async ban(kind, value, reason) {
-      if (kind === "login") await resolve(value);
-      const ban = await bans.add(kind, value, reason);
+      // A user may be named by uid too; the ban is always on the login (what auth checks).
+      const u = kind === "login" ? await resolve(value) : undefined;
+      const key = u ? u.login : canonicalAddress(value);
+      const ban = await bans.add(kind, key, reason);
       if (!ban) throw new ProtocolError(Code.RateLimited, "the ban list is full");
-      if (kind === "login") {
-        const u = await resolve(value);
-        await accounts.kick(u.uid, "the account was banned", true);
-      }
-      sv.log.info({ kind, value, reason }, "banned by an operator");
+      if (u) await accounts.kick(u.uid, "the account was banned", true);
+      sv.log.info({ kind, value: key, reason }, "banned by an operator");
       return ban;
     },
     async unban(kind, value) {
-      const had = await bans.remove(kind, value);
-      if (had) sv.log.info({ kind, value }, "ban lifted by an operator");
+      let key = value;
+      if (kind === "login") {
+        const byLogin = await users.lookup("login", value);
+        const u = byLogin === undefined ? await users.get(value) : undefined;
+        if (u) key = u.login;
+      } else key = canonicalAddress(value);
+      const had = await bans.remove(kind, key);
+      if (had) sv.log.info({ kind, value: key }, "ban lifted by an operator");
       return had;
     },
     bans: () => bans.list(),

@@ -40,11 +40,16 @@ export interface Delivery {
   publish(ev: Event, audience: Audience): void;
 }
 
+/** Users whose offline messages the metrics count (see queuedOffline). */
+const OFFLINE_TRACKED = 100_000;
+
 /** Inbox entries read per page while syncing. */
 const SYNC_PAGE = 256;
 
 export class Router implements Delivery {
   private readonly users = new Map<string, Session | Session[]>();
+  /** Users with no connection → inbox messages stored for them since (metrics only). */
+  private readonly offline = new Map<string, number>();
   /** Channels whose events wait for a membership read (bounded by events in flight). */
   private readonly channelQueue = new Map<string, Promise<void>>();
 
@@ -54,6 +59,26 @@ export class Router implements Delivery {
     private readonly onError: (err: unknown, what: string) => void,
     private readonly metrics: Metrics = new Metrics(),
   ) {}
+
+  /**
+   * An inbox message for a user with no connection: counted (metrics' offline queue)
+   * until the user's next sync starts. Users tracked at most OFFLINE_TRACKED; past it
+   * the gauge stops growing for new ones.
+   */
+  private queuedOffline(uid: string): void {
+    const n = this.offline.get(uid);
+    if (n === undefined && this.offline.size >= OFFLINE_TRACKED) return;
+    this.offline.set(uid, (n ?? 0) + 1);
+    this.metrics.offlineQueue++;
+  }
+
+  /** A deleted user's queue is gone: it leaves the gauge. */
+  forgetOffline(uid: string): void {
+    const n = this.offline.get(uid);
+    if (n === undefined) return;
+    this.offline.delete(uid);
+    this.metrics.offlineQueue -= n;
+  }
 
   /** Returns true when this is the user's first live connection. */
   attach(s: Session): boolean {
@@ -137,7 +162,7 @@ export class Router implements Delivery {
     const cur = this.users.get(uid);
     const inbox = ev.kind === "message" && ev.inbox === uid;
     if (cur === undefined) {
-      if (inbox) this.metrics.offlineQueue++;
+      if (inbox) this.queuedOffline(uid);
       return;
     }
     if (Array.isArray(cur)) {
@@ -176,6 +201,11 @@ export class Router implements Delivery {
     const gen = s.generation;
     const current = () => s.generation === gen && !s.peer.closed;
     s.syncing = true;
+    const waiting = this.offline.get(uid);
+    if (waiting !== undefined) {
+      this.offline.delete(uid);
+      this.metrics.offlineQueue -= waiting;
+    }
     try {
       // Without `since`: after the cursor, or after what this connection was already
       // sent as this user (a second auth on one connection sends nothing twice).
@@ -192,9 +222,7 @@ export class Router implements Delivery {
           s.lastInbox = seq;
           if (!message) continue; // deleted since it was sent
           const ev: MessageEvent = { kind: "message", m: message, inbox: uid };
-          const metrics = this.metrics;
-          metrics.messagesDelivered++;
-          if (metrics.offlineQueue > 0) metrics.offlineQueue--;
+          this.metrics.messagesDelivered++;
           s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
         }
         if (page.length < SYNC_PAGE && !s.syncDirty) break;

@@ -96,12 +96,19 @@ function invalid(message: string): BlobError {
   return new BlobError("invalid", message);
 }
 
+/** Collects a hold defers, at most (the rest wait for the next start-up sweep). */
+const HELD_BACK_MAX = 100_000;
+
 export class BlobStore {
   readonly dir: string;
   private readonly tmp: string;
   private readonly s: Spaces;
   /** sha → number of uploads/messages in flight that use it. */
   private readonly pins = new Map<string, number>();
+  /** Backups running: while any is, no blob is deleted (see hold). */
+  private holds = 0;
+  /** Blobs whose collect came during a hold: collected when the last hold ends. */
+  private readonly heldBack = new Set<string>();
   /**
    * Bytes of the stored blob files: each file stored or collected since start, plus
    * those the start-up sweep found (complete once it has finished).
@@ -170,10 +177,33 @@ export class BlobStore {
     return this.collected(sha).then(() => {});
   }
 
+  /**
+   * Keeps every blob file while a backup copies them: a message deleted after the
+   * backup's snapshot must not take a file the snapshot refers to. Collects that come
+   * meanwhile run when the last hold ends (past HELD_BACK_MAX they are left for the
+   * start-up sweep).
+   */
+  hold(): () => void {
+    this.holds++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      if (--this.holds > 0) return;
+      const due = [...this.heldBack];
+      this.heldBack.clear();
+      for (const sha of due) this.collectLater(sha);
+    };
+  }
+
   /** collect(), resolving whether a file was deleted. */
   private collected(sha: string): Promise<boolean> {
     return this.locks
       .run(sha, async () => {
+        if (this.holds > 0) {
+          if (this.heldBack.size < HELD_BACK_MAX) this.heldBack.add(sha);
+          return false;
+        }
         if (this.pins.has(sha)) return false;
         const refs = await readKeys(this.s.blobrefs, { ...prefixRange(sha), limit: 1 });
         if (refs.length > 0 || this.pins.has(sha)) return false;
@@ -211,11 +241,10 @@ export class BlobStore {
           if (signal.aborted) break;
           if (!file.isFile() || !/^[0-9a-f]{64}$/.test(file.name) || !file.name.startsWith(shard.name)) continue;
           checked++;
+          // Counted first: a collect subtracts what it removes.
+          const st = await stat(path.join(this.dir, shard.name, file.name)).catch(() => undefined);
+          if (st && st.mtimeMs < began) this.storedBytes += st.size;
           if (await this.collected(file.name)) removed++;
-          else {
-            const st = await stat(path.join(this.dir, shard.name, file.name)).catch(() => undefined);
-            if (st && st.mtimeMs < began) this.storedBytes += st.size;
-          }
         }
       }
     } catch (err) {
