@@ -78,7 +78,7 @@ async function once(payload: Buffer): Promise<Run> {
   const done = new Promise<number>((resolve) => {
     let received = 0;
     recipient.c.socket.removeAllListeners("data");
-    recipient.c.socket.on("data", (chunk: string) => {
+    recipient.c.socket.on("data", (chunk: Buffer) => {
       received += chunk.length;
       if (received > b64.length && chunk.includes("\n")) resolve(performance.now());
     });

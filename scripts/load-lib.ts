@@ -8,6 +8,7 @@ import net from "node:net";
 import { parseArgs } from "node:util";
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { rssKiB, rssSplitKiB, startServer, type Server } from "./bench-lib.js";
+import { NdjsonSplitter } from "../src/client/ndjson.js";
 
 // ---- flags -------------------------------------------------------------------------
 
@@ -219,7 +220,8 @@ export function describeExit(e: { code: number | null; signal: string | null }):
 /** A socket whose input is split into lines (Buffers, without the '\n'). */
 export class LineSocket {
   readonly sock: net.Socket;
-  private rest: Buffer | null = null;
+  /** The client library's splitter: one way of cutting the server's output into frames. */
+  private readonly lines = new NdjsonSplitter();
   onLine: (line: Buffer) => void = () => {};
   closed = false;
   /** Set when the socket saw an error (ECONNRESET, …) before closing. */
@@ -249,24 +251,7 @@ export class LineSocket {
   }
 
   private onData(chunk: Buffer): void {
-    let s = 0;
-    if (this.rest) {
-      const nl = chunk.indexOf(0x0a);
-      if (nl < 0) {
-        this.rest = Buffer.concat([this.rest, chunk]);
-        return;
-      }
-      const head = Buffer.concat([this.rest, chunk.subarray(0, nl)]);
-      this.rest = null;
-      this.onLine(head);
-      s = nl + 1;
-    }
-    for (let nl = chunk.indexOf(0x0a, s); nl >= 0; nl = chunk.indexOf(0x0a, s)) {
-      this.onLine(chunk.subarray(s, nl));
-      s = nl + 1;
-    }
-    // copy the tail so that a large chunk is not kept alive by it
-    if (s < chunk.length) this.rest = Buffer.from(chunk.subarray(s));
+    for (const line of this.lines.pushBytes(chunk)) this.onLine(line);
   }
 }
 

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, afterEach, beforeAll } from "vitest";
+import { NdjsonSplitter } from "../src/client/ndjson.js";
 import { defaultConfig, type Config } from "../src/config.js";
 import { startServer, type RunningServer } from "../src/server.js";
 
@@ -47,14 +48,14 @@ export class Client {
   readonly frames: Frame[] = [];
   /** Every raw line received, for byte-level assertions. */
   readonly lines: string[] = [];
-  private pending: string[] = [];
+  /** The client library's splitter (src/client): one way of cutting frames. */
+  private readonly splitter = new NdjsonSplitter();
   private waiters: Waiter[] = [];
   readonly closed: Promise<void>;
   isClosed = false;
 
   private constructor(readonly socket: net.Socket) {
-    socket.setEncoding("utf8");
-    socket.on("data", (chunk: string) => this.onData(chunk));
+    socket.on("data", (chunk: Buffer) => this.onData(chunk));
     this.closed = new Promise((resolve) =>
       socket.on("close", () => {
         this.isClosed = true;
@@ -87,22 +88,16 @@ export class Client {
     return c;
   }
 
-  private onData(chunk: string): void {
-    // Only the new chunk is searched for newlines, so a 40 MB line costs linear time.
-    let from = 0;
-    let nl: number;
-    while ((nl = chunk.indexOf("\n", from)) >= 0) {
-      this.pending.push(chunk.slice(from, nl));
-      const line = this.pending.join("");
-      this.pending = [];
-      from = nl + 1;
+  private onData(chunk: Buffer): void {
+    // Raw lines, exactly as sent (no "\r" or blank line is hidden from the assertions).
+    for (const bytes of this.splitter.pushBytes(chunk)) {
+      const line = bytes.toString("utf8");
       this.lines.push(line);
       const f = JSON.parse(line) as Frame;
       const w = this.waiters.findIndex((x) => x.pred(f));
       if (w >= 0) this.waiters.splice(w, 1)[0].resolve(f);
       else this.frames.push(f);
     }
-    if (from < chunk.length) this.pending.push(chunk.slice(from));
   }
 
   write(raw: string | Buffer): void {

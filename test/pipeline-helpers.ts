@@ -4,6 +4,7 @@
 // replies of tens of MB (Client keeps every line it receives, which those would not
 // survive).
 
+import { NdjsonSplitter } from "../src/client/ndjson.js";
 import net from "node:net";
 import { afterAll, afterEach } from "vitest";
 import { ChildServer, Client, removeDir, tempDir, type Frame } from "./helpers.js";
@@ -165,7 +166,8 @@ export async function helloAck(c: Client): Promise<any> {
  * (Client keeps every line, so 30 replies of 28 MB would be held twice over).
  */
 export class LineConn {
-  private bufs: Buffer[] = [];
+  /** The client library's splitter (src/client): one way of cutting frames. */
+  private readonly splitter = new NdjsonSplitter();
   private onLineFn: ((line: Buffer) => void) | undefined;
   /** The start of lines that arrived while no reader was set. */
   readonly stray: string[] = [];
@@ -196,17 +198,10 @@ export class LineConn {
   }
 
   private onData(chunk: Buffer): void {
-    let from = 0;
-    let nl: number;
-    while ((nl = chunk.indexOf(10, from)) >= 0) {
-      this.bufs.push(chunk.subarray(from, nl));
-      const line = this.bufs.length === 1 ? this.bufs[0] : Buffer.concat(this.bufs);
-      this.bufs = [];
-      from = nl + 1;
+    for (const line of this.splitter.pushBytes(chunk)) {
       if (this.onLineFn) this.onLineFn(line);
       else this.stray.push(line.subarray(0, 300).toString("utf8"));
     }
-    if (from < chunk.length) this.bufs.push(chunk.subarray(from));
   }
 
   /** Hands every complete line to `fn` (replacing the previous reader). */

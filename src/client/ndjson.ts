@@ -23,6 +23,21 @@ export class NdjsonSplitter {
   /** Feeds a chunk; returns the complete lines it finished, without their "\n". */
   push(chunk: Buffer): string[] {
     const lines: string[] = [];
+    for (const line of this.pushBytes(chunk)) {
+      // Tolerate "\r\n" and blank lines: a proxy or a test double may add them.
+      let end = line.length;
+      if (end > 0 && line[end - 1] === 0x0d) end--;
+      if (end > 0) lines.push(line.toString("utf8", 0, end));
+    }
+    return lines;
+  }
+
+  /**
+   * The same, as bytes (views into `chunk` where a line sits inside it): for readers
+   * that look at a frame's first bytes before deciding to decode it (the benchmarks).
+   */
+  pushBytes(chunk: Buffer): Buffer[] {
+    const lines: Buffer[] = [];
     let from = 0;
     for (;;) {
       const nl = chunk.indexOf(0x0a, from);
@@ -38,10 +53,7 @@ export class NdjsonSplitter {
       }
       if (line.length > this.maxLineBytes) throw new LineTooLongError(this.maxLineBytes);
       from = nl + 1;
-      // Tolerate "\r\n" and blank lines: a proxy or a test double may add them.
-      let end = line.length;
-      if (end > 0 && line[end - 1] === 0x0d) end--;
-      if (end > 0) lines.push(line.toString("utf8", 0, end));
+      lines.push(line);
     }
     if (from < chunk.length) {
       // Copy the tail: the socket may reuse its buffer, and keeping a view would pin
