@@ -1,13 +1,15 @@
 // The admin port over real HTTP: health, readiness, Prometheus metrics that move with
 // traffic, /connz, and the operator's actions (kick, ban, delete, registration).
 
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { Client, login, registerUser, removeDir, startTestServer, uniqueName } from "./helpers.js";
 import { admin, parseProm, sample } from "./admin-helpers.js";
-import { waitFor } from "./pipeline-helpers.js";
+import { sleep, waitFor } from "./pipeline-helpers.js";
 
 describe("admin port", () => {
   let server: RunningServer;
@@ -225,6 +227,36 @@ describe("admin port without a token", () => {
     const r = await admin(ap, "POST", "/ban", { address: "2001:DB8:0::1" });
     expect(r.json.ban.value).toBe("2001:db8::1");
     expect((await admin(ap, "POST", "/unban", { address: "2001:db8::1" })).json).toEqual({ lifted: true });
+  });
+});
+
+describe("a backup's hold on attachment files", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer();
+  });
+  afterAll(async () => {
+    await server.stop();
+    removeDir(server.services.config.dataDir);
+  });
+
+  it("keeps a deleted message's file while a backup runs, and removes it when the backup ends", async () => {
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    const data = Buffer.from(`backup hold ${Date.now()} ${Math.random()}`.repeat(50)).toString("base64");
+    const sent = await a.client.request("message", { uid: b.uid, body: "file", attach: { mime: "text/plain", data } });
+    expect(sent.status).toBe(0);
+    const sha = createHash("sha256").update(Buffer.from(data, "base64")).digest("hex");
+    const file = server.services.blobs.pathOf(sha);
+    expect(existsSync(file)).toBe(true);
+    const release = server.services.blobs.hold();
+    expect((await a.client.request("delmessage", { mid: sent.mid })).status).toBe(0);
+    await sleep(300);
+    expect(existsSync(file)).toBe(true); // the message is gone, its file waits for the backup
+    release();
+    await waitFor(() => !existsSync(file), 5000, "the file collected after the hold");
+    a.client.close();
+    b.client.close();
   });
 });
 
