@@ -4,7 +4,7 @@
 
 import { COMMAND_HELP, COMMANDS, runCommand } from "./cli/commands.js";
 import { ConfigError, helpText, packageVersion, parseArgs, type ParsedArgs } from "./config.js";
-import { startServer } from "./server.js";
+import { startServer, type RunningServer } from "./server.js";
 import { ThreadPriority } from "./thread-priority.js";
 
 async function serve(argv: string[]): Promise<void> {
@@ -24,22 +24,16 @@ async function serve(argv: string[]): Promise<void> {
     process.stdout.write(`wirechat ${packageVersion()}\n`);
     return;
   }
-  const server = await startServer(parsed.config);
-  const log = server.services.log;
-  // The process is ours: its background threads yield the core to the event loop.
-  const priority = new ThreadPriority(parsed.config.backgroundNice, log);
-  priority.start();
-  let stopping = false;
-  const shutdown = (signal: string) => {
-    if (stopping) {
-      // The second signal: the operator does not want to wait.
-      log.warn({ signal }, "second signal: exiting now, without finishing the shutdown");
-      process.exit(1);
-    }
-    stopping = true;
+  // The handlers come first: a signal that arrives while the server starts (or right
+  // after its "listening" line) stops it once it is up, never by node's default.
+  let server: RunningServer | undefined;
+  let priority: ThreadPriority | undefined;
+  let stopping: string | undefined;
+  const stop = (signal: string, running: RunningServer) => {
+    const log = running.services.log;
     log.info({ signal }, "shutting down");
-    priority.stop();
-    server.stop().then(
+    priority?.stop();
+    running.stop().then(
       () => process.exit(0),
       (err) => {
         log.error({ err }, "shutdown failed");
@@ -47,17 +41,34 @@ async function serve(argv: string[]): Promise<void> {
       },
     );
   };
+  const shutdown = (signal: string) => {
+    if (stopping) {
+      // The second signal: the operator does not want to wait.
+      server?.services.log.warn({ signal }, "second signal: exiting now, without finishing the shutdown");
+      process.exit(1);
+    }
+    stopping = signal;
+    if (server) stop(signal, server);
+  };
   process.on("SIGTERM", () => shutdown("SIGTERM"));
   process.on("SIGINT", () => shutdown("SIGINT"));
   // SIGHUP reloads (the config file's reloadable settings, the TLS certificate); it
-  // never stops the server, and a bad file leaves everything as it was.
+  // never stops the server (before it is up, it is ignored), and a bad file leaves
+  // everything as it was.
   process.on("SIGHUP", () => {
+    if (!server) return;
     try {
       server.reload(parseArgs(argv, process.env).config);
     } catch (err) {
-      log.error({ err: err instanceof ConfigError ? err.message : err }, "reload failed; the settings are unchanged");
+      server.services.log.error({ err: err instanceof ConfigError ? err.message : err }, "reload failed; the settings are unchanged");
     }
   });
+  server = await startServer(parsed.config);
+  const log = server.services.log;
+  // The process is ours: its background threads yield the core to the event loop.
+  priority = new ThreadPriority(parsed.config.backgroundNice, log);
+  priority.start();
+  if (stopping) stop(stopping, server);
 }
 
 async function main(): Promise<void> {

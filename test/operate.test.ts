@@ -283,6 +283,7 @@ describe("configuration and signals", () => {
     const net = await import("node:net");
     const stuck = net.connect({ port: srv.port, host: "127.0.0.1", allowHalfOpen: true });
     stuck.on("data", () => {});
+    stuck.on("error", () => {}); // reset when the server exits
     await new Promise((r) => stuck.once("connect", r));
     srv.proc.kill("SIGINT");
     await sleep(300);
