@@ -139,6 +139,17 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     expect(r.stderr).toMatch(/the data dir is in use and the admin port http:\/\/127.0.0.1:1 does not answer/);
   });
 
+  it("a server whose admin port is taken says which port, and why", async () => {
+    const net = await import("node:net");
+    const taken = net.createServer();
+    await new Promise<void>((r) => taken.listen(0, "127.0.0.1", () => r()));
+    const port = (taken.address() as { port: number }).port;
+    const r = cli(["--data-dir", tmp(), "--port", "0", "--admin-port", String(port)]);
+    taken.close();
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(new RegExp(`cannot listen on the admin port 127\\.0\\.0\\.1:${port} \\(set --admin-port, or --admin off\\) \\(listen EADDRINUSE`));
+  });
+
   it("a second server on the same data dir fails with the reason", async () => {
     const dir = tmp();
     await start(["--data-dir", dir]);

@@ -255,7 +255,12 @@ export async function listenAdmin(app: FastifyInstance, config: Config): Promise
   if (!config.adminToken && !isLoopback(config.adminHost) && config.adminHost !== "localhost") {
     app.log.warn({ host: config.adminHost }, "admin port beyond loopback without --admin-token: its operator routes answer local clients only");
   }
-  await app.listen({ port: config.adminPort, host: config.adminHost });
+  try {
+    await app.listen({ port: config.adminPort, host: config.adminHost });
+  } catch (err) {
+    // Say which port: "address in use" alone reads like the protocol's port.
+    throw new Error(`cannot listen on the admin port ${config.adminHost}:${config.adminPort} (set --admin-port, or --admin off)`, { cause: err });
+  }
   const addr = app.server.address() as AddressInfo;
   return { port: addr.port, host: addr.address };
 }
