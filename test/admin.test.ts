@@ -5,42 +5,31 @@ import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { Client, login, registerUser, removeDir, startTestServer, uniqueName } from "./helpers.js";
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, removeDir, serveForFile, startTestServer, uniqueName } from "./helpers.js";
 import { admin, parseProm, sample } from "./admin-helpers.js";
 import { sleep, waitFor } from "./pipeline-helpers.js";
 
 describe("admin port", () => {
-  let server: RunningServer;
-  let port: number;
-  let ap: number;
-  beforeAll(async () => {
-    server = await startTestServer();
-    port = server.port;
-    ap = server.adminPort as number;
-  });
-  afterAll(async () => {
-    await server.stop();
-    removeDir(server.services.config.dataDir);
-  });
+  const served = serveForFile();
+  const ap = () => served.server.adminPort as number;
 
   it("answers /healthz and /readyz, and /version", async () => {
-    expect(await admin(ap, "GET", "/healthz")).toMatchObject({ status: 200, json: { status: "ok" } });
-    expect(await admin(ap, "GET", "/readyz")).toMatchObject({ status: 200, json: { ready: true } });
-    expect((await admin(ap, "GET", "/version")).json).toMatchObject({ server: "wirechat", version: expect.stringMatching(/^\d+\.\d+\.\d+/) });
+    expect(await admin(ap(), "GET", "/healthz")).toMatchObject({ status: 200, json: { status: "ok" } });
+    expect(await admin(ap(), "GET", "/readyz")).toMatchObject({ status: 200, json: { ready: true } });
+    expect((await admin(ap(), "GET", "/version")).json).toMatchObject({ server: "wirechat", version: expect.stringMatching(/^\d+\.\d+\.\d+/) });
   });
 
   it("serves /metrics as Prometheus text whose counters move with traffic", async () => {
-    const before = parseProm((await admin(ap, "GET", "/metrics")).text).samples;
-    const a = await registerUser(port);
-    const b = await registerUser(port);
+    const before = parseProm((await admin(ap(), "GET", "/metrics")).text).samples;
+    const a = await registerUser(served.port);
+    const b = await registerUser(served.port);
     for (let i = 0; i < 5; i++) await a.client.request("message", { uid: b.uid, body: `m${i}` });
     await waitFor(() => b.client.frames.filter((f) => f.action === "ev_message").length >= 5, 5000, "5 messages at b");
-    const bad = await Client.connect(port);
+    const bad = await Client.connect(served.port);
     expect((await bad.request("auth", { login: a.login, pass: "wrong" })).status).toBe(2);
-    const again = await login(port, b.login);
-    const res = await admin(ap, "GET", "/metrics");
+    const again = await login(served.port, b.login);
+    const res = await admin(ap(), "GET", "/metrics");
     expect(res.status).toBe(200);
     const { samples, types } = parseProm(res.text);
     const d = (name: string, labels: Record<string, string> = {}) => sample(samples, name, labels) - sample(before, name, labels);
@@ -65,123 +54,116 @@ describe("admin port", () => {
   });
 
   it("lists connections in /connz, paged and by user", async () => {
-    const a = await registerUser(port);
-    const anon = await Client.connect(port);
-    const all = (await admin(ap, "GET", "/connz?limit=1000")).json;
+    const a = await registerUser(served.port);
+    const anon = await Client.connect(served.port);
+    const all = (await admin(ap(), "GET", "/connz?limit=1000")).json;
     expect(all.total).toBeGreaterThanOrEqual(2);
-    const mine = (await admin(ap, "GET", `/connz?user=${a.login}`)).json;
+    const mine = (await admin(ap(), "GET", `/connz?user=${a.login}`)).json;
     expect(mine.total).toBe(1);
     expect(mine.connections[0]).toMatchObject({ uid: a.uid, nick: a.login, door: "tcp", state: "authenticated", remote: expect.stringMatching(/127\.0\.0\.1:\d+/) });
     expect(mine.connections[0].bytes_in).toBeGreaterThan(0);
     expect(mine.connections[0].bytes_out).toBeGreaterThan(0);
     expect(Date.parse(mine.connections[0].since)).toBeGreaterThan(Date.now() - 60_000);
-    const page = (await admin(ap, "GET", "/connz?offset=1&limit=1")).json;
+    const page = (await admin(ap(), "GET", "/connz?offset=1&limit=1")).json;
     expect(page.connections).toHaveLength(1);
-    expect((await admin(ap, "GET", "/connz?limit=0")).status).toBe(400);
-    expect((await admin(ap, "GET", "/connz?user=nobody-at-all")).status).toBe(404);
+    expect((await admin(ap(), "GET", "/connz?limit=0")).status).toBe(400);
+    expect((await admin(ap(), "GET", "/connz?user=nobody-at-all")).status).toBe(404);
     a.client.close();
     anon.close();
   });
 
   it("kicks a user: every connection is told and closed; the session still resumes", async () => {
-    const a = await registerUser(port);
-    const second = await login(port, a.login);
-    const r = await admin(ap, "POST", "/kick", { user: a.login });
+    const a = await registerUser(served.port);
+    const second = await login(served.port, a.login);
+    const r = await admin(ap(), "POST", "/kick", { user: a.login });
     expect(r).toMatchObject({ status: 200, json: { uid: a.uid, connections: 2 } });
     for (const c of [a.client, second.client]) {
       const ev = await c.next((f) => f.action === "ev_logout");
       expect(ev.data.reason).toMatch(/operator/);
       await c.closed;
     }
-    const again = await Client.connect(port);
+    const again = await Client.connect(served.port);
     expect((await again.request("auth", { sid: a.sid })).status).toBe(0);
     again.close();
   });
 
   it("bans and unbans a login: sessions revoked, logins refused with 15", async () => {
-    const a = await registerUser(port);
-    const r = await admin(ap, "POST", "/ban", { login: a.login, reason: "spam" });
+    const a = await registerUser(served.port);
+    const r = await admin(ap(), "POST", "/ban", { login: a.login, reason: "spam" });
     expect(r.status).toBe(200);
     expect(r.json.ban).toMatchObject({ kind: "login", value: a.login.toLowerCase(), reason: "spam" });
     await a.client.closed;
-    const c = await Client.connect(port);
+    const c = await Client.connect(served.port);
     const byPass = await c.request("auth", { login: a.login, pass: "secret" });
     expect(byPass.status).toBe(15);
     expect(byPass.error).toMatch(/banned/);
     expect((await c.request("auth", { sid: a.sid })).status).toBe(2); // revoked
-    expect((await admin(ap, "GET", "/bans")).json.bans.some((b: any) => b.value === a.login.toLowerCase())).toBe(true);
-    expect((await admin(ap, "POST", "/unban", { login: a.login })).json).toEqual({ lifted: true });
+    expect((await admin(ap(), "GET", "/bans")).json.bans.some((b: any) => b.value === a.login.toLowerCase())).toBe(true);
+    expect((await admin(ap(), "POST", "/unban", { login: a.login })).json).toEqual({ lifted: true });
     expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
-    expect((await admin(ap, "POST", "/unban", { login: a.login })).json).toEqual({ lifted: false });
-    expect((await admin(ap, "POST", "/ban", { login: a.login, address: "1.2.3.4" })).status).toBe(400);
-    expect((await admin(ap, "POST", "/ban", { login: "no-such-login-here" })).status).toBe(404);
+    expect((await admin(ap(), "POST", "/unban", { login: a.login })).json).toEqual({ lifted: false });
+    expect((await admin(ap(), "POST", "/ban", { login: a.login, address: "1.2.3.4" })).status).toBe(400);
+    expect((await admin(ap(), "POST", "/ban", { login: "no-such-login-here" })).status).toBe(404);
     c.close();
   });
 
   it("deletes a user: connections closed, the login is free again", async () => {
-    const a = await registerUser(port);
-    expect((await admin(ap, "POST", "/users/delete", { user: a.uid })).json).toEqual({ uid: a.uid });
+    const a = await registerUser(served.port);
+    expect((await admin(ap(), "POST", "/users/delete", { user: a.uid })).json).toEqual({ uid: a.uid });
     await a.client.closed;
-    const c = await Client.connect(port);
+    const c = await Client.connect(served.port);
     expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(7);
-    expect((await admin(ap, "POST", "/users/delete", { user: a.uid })).status).toBe(404);
+    expect((await admin(ap(), "POST", "/users/delete", { user: a.uid })).status).toBe(404);
     c.close();
   });
 
   it("closes and opens registration", async () => {
-    expect((await admin(ap, "POST", "/registration", { open: false })).json).toEqual({ registration: "closed" });
-    const c = await Client.connect(port);
+    expect((await admin(ap(), "POST", "/registration", { open: false })).json).toEqual({ registration: "closed" });
+    const c = await Client.connect(served.port);
     const refused = await c.request("register", { login: uniqueName(), pass: "secret", nick: uniqueName() });
     expect(refused.status).toBe(15);
     // An operator can still make accounts.
     const login1 = uniqueName();
-    const made = await admin(ap, "POST", "/users", { login: login1, pass: "pw1", nick: login1 });
+    const made = await admin(ap(), "POST", "/users", { login: login1, pass: "pw1", nick: login1 });
     expect(made.status).toBe(201);
     expect((await c.request("auth", { login: login1, pass: "pw1" })).status).toBe(0);
-    expect((await admin(ap, "POST", "/registration", { open: true })).json).toEqual({ registration: "open" });
-    const d = await Client.connect(port);
+    expect((await admin(ap(), "POST", "/registration", { open: true })).json).toEqual({ registration: "open" });
+    const d = await Client.connect(served.port);
     expect((await d.request("register", { login: uniqueName(), pass: "secret", nick: uniqueName() })).status).toBe(0);
-    expect((await admin(ap, "POST", "/registration", { open: "yes" })).status).toBe(400);
+    expect((await admin(ap(), "POST", "/registration", { open: "yes" })).status).toBe(400);
     c.close();
     d.close();
   });
 
   it("answers unknown routes and bad bodies with JSON errors", async () => {
-    expect(await admin(ap, "GET", "/nope")).toMatchObject({ status: 404, json: { code: 11 } });
-    expect(await admin(ap, "POST", "/kick", {})).toMatchObject({ status: 400, json: { code: 3 } });
-    const raw = await fetch(`http://127.0.0.1:${ap}/kick`, { method: "POST", headers: { "content-type": "application/json" }, body: "{not json" });
+    expect(await admin(ap(), "GET", "/nope")).toMatchObject({ status: 404, json: { code: 11 } });
+    expect(await admin(ap(), "POST", "/kick", {})).toMatchObject({ status: 400, json: { code: 3 } });
+    const raw = await fetch(`http://127.0.0.1:${ap()}/kick`, { method: "POST", headers: { "content-type": "application/json" }, body: "{not json" });
     expect(raw.status).toBe(400);
   });
 
   it("bans an address: its connections are closed and new ones refused with 15", async () => {
-    const a = await registerUser(port);
-    const r = await admin(ap, "POST", "/ban", { address: "127.0.0.1", reason: "abuse" });
+    const a = await registerUser(served.port);
+    const r = await admin(ap(), "POST", "/ban", { address: "127.0.0.1", reason: "abuse" });
     expect(r.status).toBe(200);
     expect(r.json.closed).toBeGreaterThanOrEqual(1);
     await a.client.closed;
-    const c = await Client.connect(port, { welcome: false });
+    const c = await Client.connect(served.port, { welcome: false });
     const line = await c.next(() => true);
     expect(line.data).toEqual({ status: 15, error: "your address is banned: abuse" });
     await c.closed;
-    expect((await admin(ap, "POST", "/unban", { address: "::ffff:127.0.0.1" })).json).toEqual({ lifted: true });
-    const d = await Client.connect(port);
+    expect((await admin(ap(), "POST", "/unban", { address: "::ffff:127.0.0.1" })).json).toEqual({ lifted: true });
+    const d = await Client.connect(served.port);
     expect((await d.request("ping")).status).toBe(0);
     d.close();
   });
 });
 
 describe("admin port with a token", () => {
-  let server: RunningServer;
-  beforeAll(async () => {
-    server = await startTestServer({ adminToken: "s3cret" });
-  });
-  afterAll(async () => {
-    await server.stop();
-    removeDir(server.services.config.dataDir);
-  });
+  const served = serveForFile({ adminToken: "s3cret" });
 
   it("refuses requests without the token, except health and readiness", async () => {
-    const ap = server.adminPort as number;
+    const ap = served.server.adminPort as number;
     expect((await admin(ap, "GET", "/metrics")).status).toBe(401);
     expect((await admin(ap, "GET", "/metrics", undefined, "wrong")).status).toBe(401);
     expect((await admin(ap, "GET", "/metrics", undefined, "s3cret")).status).toBe(200);
@@ -191,14 +173,7 @@ describe("admin port with a token", () => {
 });
 
 describe("admin port without a token", () => {
-  let server: RunningServer;
-  beforeAll(async () => {
-    server = await startTestServer();
-  });
-  afterAll(async () => {
-    await server.stop();
-    removeDir(server.services.config.dataDir);
-  });
+  const served = serveForFile();
 
   /** A request naming another host, as a web page does after DNS rebinding. */
   function asHost(port: number, route: string, host: string): Promise<number> {
@@ -213,7 +188,7 @@ describe("admin port without a token", () => {
   }
 
   it("answers operator routes only to requests that name it localhost", async () => {
-    const ap = server.adminPort as number;
+    const ap = served.server.adminPort as number;
     expect(await asHost(ap, "/users", "evil.example:9090")).toBe(403);
     expect(await asHost(ap, "/export", "evil.example")).toBe(403);
     expect(await asHost(ap, "/users", `localhost:${ap}`)).toBe(200);
@@ -222,7 +197,7 @@ describe("admin port without a token", () => {
   });
 
   it("refuses an address ban that is not an IP address", async () => {
-    const ap = server.adminPort as number;
+    const ap = served.server.adminPort as number;
     expect(await admin(ap, "POST", "/ban", { address: "example.com" })).toMatchObject({ status: 400, json: { code: 3 } });
     const r = await admin(ap, "POST", "/ban", { address: "2001:DB8:0::1" });
     expect(r.json.ban.value).toBe("2001:db8::1");
@@ -231,25 +206,18 @@ describe("admin port without a token", () => {
 });
 
 describe("a backup's hold on attachment files", () => {
-  let server: RunningServer;
-  beforeAll(async () => {
-    server = await startTestServer();
-  });
-  afterAll(async () => {
-    await server.stop();
-    removeDir(server.services.config.dataDir);
-  });
+  const served = serveForFile();
 
   it("keeps a deleted message's file while a backup runs, and removes it when the backup ends", async () => {
-    const a = await registerUser(server.port);
-    const b = await registerUser(server.port);
+    const a = await registerUser(served.server.port);
+    const b = await registerUser(served.server.port);
     const data = Buffer.from(`backup hold ${Date.now()} ${Math.random()}`.repeat(50)).toString("base64");
     const sent = await a.client.request("message", { uid: b.uid, body: "file", attach: { mime: "text/plain", data } });
     expect(sent.status).toBe(0);
     const sha = createHash("sha256").update(Buffer.from(data, "base64")).digest("hex");
-    const file = server.services.blobs.pathOf(sha);
+    const file = served.server.services.blobs.pathOf(sha);
     expect(existsSync(file)).toBe(true);
-    const release = server.services.blobs.hold();
+    const release = served.server.services.blobs.hold();
     expect((await a.client.request("delmessage", { mid: sent.mid })).status).toBe(0);
     await sleep(300);
     expect(existsSync(file)).toBe(true); // the message is gone, its file waits for the backup

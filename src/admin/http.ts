@@ -7,16 +7,17 @@
 import { timingSafeEqual } from "node:crypto";
 import type { AddressInfo } from "node:net";
 import { Readable } from "node:stream";
-import { TLSSocket } from "node:tls";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
 import type { Logger } from "pino";
 import type client from "prom-client";
 import type { Config } from "../config.js";
 import type { AdminOps } from "../features/admin.js";
+import { plainAddress } from "../addresses.js";
 import { CODES, Code, ProtocolError } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BanKind } from "../storage/layout.js";
 import type { Listener } from "../transport/listener.js";
+import { doorOf, stateOf } from "./connections.js";
 
 export interface AdminDeps {
   ops: AdminOps;
@@ -64,7 +65,8 @@ const BAN_TARGET = {
 const LOOPBACK_HOST = /^(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$/i;
 
 function isLoopback(address: string): boolean {
-  return address === "::1" || address.startsWith("127.") || address.startsWith("::ffff:127.");
+  const a = plainAddress(address);
+  return a === "::1" || a.startsWith("127.");
 }
 
 /** The one of login and address a ban body names. */
@@ -155,10 +157,10 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
         conns.push({
           id: conn.id,
           remote: conn.remote,
-          door: conn.socket instanceof TLSSocket ? "tls" : "tcp",
+          door: doorOf(conn),
           uid: session.uid ?? null,
           nick: session.nick ?? null,
-          state: conn.isEnding ? "closing" : session.uid !== undefined ? "authenticated" : "unauthenticated",
+          state: stateOf(conn, session),
           since: new Date(conn.since).toISOString(),
           idle_ms: now - conn.lastActivity,
           bytes_in: conn.socket.bytesRead,

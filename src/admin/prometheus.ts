@@ -4,13 +4,13 @@
 // the message path).
 
 import { createRequire } from "node:module";
-import { TLSSocket } from "node:tls";
 import client from "prom-client";
 import type { Metrics, Buckets } from "../metrics.js";
 import { CODES } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BlobStore } from "../storage/blobs.js";
 import type { Listener } from "../transport/listener.js";
+import { doorOf, stateOf } from "./connections.js";
 
 type Labels = Record<string, string | number>;
 interface Sample {
@@ -60,27 +60,36 @@ function defaultMetrics(registry: client.Registry): void {
   }
 }
 
+/** Connections by door and state, and the sums over them that the metrics report. */
+function readLive(listener: Listener) {
+  const byState = new Map<string, number>();
+  let queued = 0;
+  let uploads = 0;
+  let bytesIn = 0;
+  let bytesOut = 0;
+  for (const [conn, session] of listener.connections) {
+    const key = `${doorOf(conn)}\n${stateOf(conn, session as Session)}`;
+    byState.set(key, (byState.get(key) ?? 0) + 1);
+    queued += conn.outbound;
+    uploads += conn.uploads;
+    bytesIn += conn.socket.bytesRead;
+    bytesOut += conn.socket.bytesWritten;
+  }
+  return { byState, queued, uploads, bytesIn, bytesOut };
+}
+
 export function metricsRegistry(m: Metrics, listener: Listener, blobs: BlobStore): client.Registry {
   const registry = new client.Registry();
   defaultMetrics(registry);
 
+  // Live state is read once per scrape (every metric below shares it), not per metric.
+  let snapshot: ReturnType<typeof readLive> | undefined;
   const live = () => {
-    const byState = new Map<string, number>();
-    let queued = 0;
-    let uploads = 0;
-    let bytesIn = 0;
-    let bytesOut = 0;
-    for (const [conn, session] of listener.connections) {
-      const door = conn.socket instanceof TLSSocket ? "tls" : "tcp";
-      const state = conn.isEnding ? "closing" : (session as Session).uid !== undefined ? "authenticated" : "unauthenticated";
-      const key = `${door}\n${state}`;
-      byState.set(key, (byState.get(key) ?? 0) + 1);
-      queued += conn.outbound;
-      uploads += conn.uploads;
-      bytesIn += conn.socket.bytesRead;
-      bytesOut += conn.socket.bytesWritten;
+    if (!snapshot) {
+      snapshot = readLive(listener);
+      setImmediate(() => (snapshot = undefined));
     }
-    return { byState, queued, uploads, bytesIn, bytesOut };
+    return snapshot;
   };
 
   computed(registry, "wirechat_connections", "Open connections by door and state", "gauge", () => {

@@ -3,6 +3,7 @@
 // connections, and the sweep of expired sessions.
 
 import { randomBytes } from "node:crypto";
+import { plainAddress } from "../addresses.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { nowSeconds } from "../protocol/frames.js";
 import { LoginThrottle } from "./login-throttle.js";
@@ -51,7 +52,7 @@ export function registerAccounts(sv: Services): AccountOps {
         .split(",")
         .map((a) => a.trim())
         .filter((a) => a !== "")
-        .map((a) => (a.startsWith("::ffff:") ? a.slice(7) : a)),
+        .map(plainAddress),
     ),
   });
   hooks.onStop(() => hasher.stop());

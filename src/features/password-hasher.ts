@@ -11,6 +11,7 @@
 // local conformance scripts and benchmarks register thousands of users. They still
 // queue, take their turn and count failed logins like any address.
 
+import { plainAddress } from "../addresses.js";
 import { createHash } from "node:crypto";
 import bcrypt from "bcrypt";
 import { Code, ProtocolError } from "../protocol/codes.js";
@@ -75,7 +76,7 @@ export class PasswordHasher {
   private trusted(address: string): boolean {
     const t = this.limits.trusted;
     if (t === undefined || t.size === 0) return false;
-    return t.has(address.startsWith("::ffff:") ? address.slice(7) : address);
+    return t.has(plainAddress(address));
   }
 
   /** Takes a token from the address's bucket; false when it is empty. */
