@@ -50,6 +50,9 @@ export interface Config {
   adminPort: number;
   adminToken: string;
   registration: string;
+  rustPort: number;
+  rustSecret: string;
+  rustRoom: string;
 }
 
 type Kind = "int" | "string" | "enum";
@@ -119,6 +122,9 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "adminHost", flag: "--admin-host", env: "WIRECHAT_ADMIN_HOST", kind: "string", default: "127.0.0.1", help: "address the admin port listens on (keep it private: it can kick, ban and delete users)" },
   { key: "adminPort", flag: "--admin-port", env: "WIRECHAT_ADMIN_PORT", kind: "int", default: 9090, min: 0, help: "admin HTTP port (0 = any free port)" },
   { key: "adminToken", flag: "--admin-token", env: "WIRECHAT_ADMIN_TOKEN", kind: "string", default: "", help: "bearer token every admin request but /healthz and /readyz must carry (Authorization: Bearer <token>); empty: none" },
+  { key: "rustPort", flag: "--rust-port", env: "WIRECHAT_RUST_PORT", kind: "int", default: -1, min: -1, help: "TCP port of the rust_messages door (seed 000: {\"action\":…} lines, code 200/300/400); -1 = off, 0 = any free port" },
+  { key: "rustSecret", flag: "--rust-secret", env: "WIRECHAT_RUST_SECRET", kind: "string", default: "", help: "the rust_messages handshake secret; when set, a connection must send {\"action\":\"handshake\",\"secret\":…} with it first; empty: any handshake passes and none is required" },
+  { key: "rustRoom", flag: "--rust-room", env: "WIRECHAT_RUST_ROOM", kind: "string", default: "general", help: "the public channel a rust_messages connection is in after login (created at start-up when missing)" },
   { key: "config", flag: "--config", env: "WIRECHAT_CONFIG", kind: "string", default: "", help: "JSON file of settings, keyed by flag name without the dashes ({\"port\": 7788, \"data-dir\": \"/var/lib/wirechat\"}); flags and environment variables win over it" },
 ];
 

@@ -32,6 +32,9 @@ import { MessageStore } from "./storage/messages.js";
 import { SessionStore } from "./storage/sessions.js";
 import { UserStore } from "./storage/users.js";
 import { Listener } from "./transport/listener.js";
+import { nativeFront } from "./doors/native.js";
+import { RustDoor } from "./doors/rust.js";
+import { serverChannel } from "./features/channels.js";
 
 export interface RunningServer {
   readonly host: string;
@@ -40,8 +43,13 @@ export interface RunningServer {
   readonly tlsPort: number | undefined;
   /** The admin port, when it is on. */
   readonly adminPort: number | undefined;
+  /** The rust_messages door's port (seed 000), when it is on. */
+  readonly rustPort: number | undefined;
   readonly services: Services;
+  /** The native door's listener. */
   readonly listener: Listener;
+  /** Every TCP listener: the native door's first, then the seed doors'. */
+  readonly listeners: readonly Listener[];
   readonly admin: AdminOps;
   /** Applies a reloaded configuration's reloadable settings (SIGHUP). */
   reload(next: Config): string[];
@@ -161,23 +169,40 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const { services, admin } = core;
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
-  const listener = new Listener(config, dispatcher, router, new NativeCodec(blobs), log, () => blobs.writer(config.maxAttach), metrics);
-  listener.refuseAddress = (address) => services.bans.banned("addr", address)?.reason;
+  const newUpload = () => blobs.writer(config.maxAttach);
+  const listener = new Listener(config, dispatcher, router, nativeFront(dispatcher, new NativeCodec(blobs)), log, newUpload, metrics);
+  const listeners = [listener];
+  let rustListener: Listener | undefined;
+  if (config.rustPort >= 0) {
+    let defaultRoom: string;
+    try {
+      defaultRoom = await serverChannel(services, config.rustRoom);
+    } catch (err) {
+      await adminApp?.close();
+      await core.close();
+      throw err;
+    }
+    const door = new RustDoor(dispatcher, log, { config, defaultRoom, channelByName: (name) => services.channels.byName(name) });
+    listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
+  }
+  for (const l of listeners) l.refuseAddress = (address) => services.bans.banned("addr", address)?.reason;
   registerStats(services, () => listener.connections.size);
 
   let stopping: Promise<void> | undefined;
   let address;
   let tlsAddress;
+  let rustAddress;
   let adminAddress;
   try {
     address = await listener.listen(listener.server, config.port, config.host);
     if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
+    if (rustListener) rustAddress = await rustListener.listen(rustListener.server, config.rustPort, config.host);
     if (adminApp) {
       const version = packageVersion();
       Object.assign(adminDeps, {
         ops: admin,
-        listener,
-        registry: metricsRegistry(metrics, listener, blobs),
+        listeners,
+        registry: metricsRegistry(metrics, listeners, blobs),
         notReady: () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined),
         backup: (dir: string) => backup(storage, blobs, dir, version),
         exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
@@ -187,12 +212,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     }
   } catch (err) {
     await adminApp?.close();
-    await listener.close(0);
+    await Promise.all(listeners.map((l) => l.close(0)));
     await core.close();
     throw err;
   }
   log.info(
-    { host: address.address, port: address.port, tlsPort: tlsAddress?.port, adminPort: adminAddress?.port, dataDir: config.dataDir },
+    { host: address.address, port: address.port, tlsPort: tlsAddress?.port, rustPort: rustAddress?.port, adminPort: adminAddress?.port, dataDir: config.dataDir },
     "wirechat listening",
   );
 
@@ -201,8 +226,10 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     port: address.port,
     tlsPort: tlsAddress?.port,
     adminPort: adminAddress?.port,
+    rustPort: rustAddress?.port,
     services,
     listener,
+    listeners,
     admin,
     reload(next) {
       return applyReload(config, next, log, listener);
@@ -211,7 +238,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       stopping ??= (async () => {
         services.hooks.stop();
         const deadline = Date.now() + config.shutdownTimeout * 1000;
-        await listener.close(config.shutdownTimeout * 1000);
+        await Promise.all(listeners.map((l) => l.close(config.shutdownTimeout * 1000)));
         // Storage closes only behind every user of it: handlers still running on
         // connections already closed, then background work (presence of the users just
         // disconnected, collects, purges), which stops at its next step.

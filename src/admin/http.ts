@@ -17,11 +17,12 @@ import { CODES, Code, ProtocolError } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BanKind } from "../storage/layout.js";
 import type { Listener } from "../transport/listener.js";
-import { doorOf, stateOf } from "./connections.js";
+import { connectionsOf, doorOf, stateOf } from "./connections.js";
 
 export interface AdminDeps {
   ops: AdminOps;
-  listener: Listener;
+  /** Every TCP listener (the native door's and the seed doors'). */
+  listeners: readonly Listener[];
   registry: client.Registry;
   /** Why the server is not ready (undefined when it is). */
   notReady: () => string | undefined;
@@ -149,7 +150,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
       const now = Date.now();
       const conns = [];
       let total = 0;
-      for (const [conn, s] of d.listener.connections) {
+      for (const [conn, s] of connectionsOf(d.listeners)) {
         const session = s as Session;
         if (uid !== undefined && session.uid !== uid) continue;
         total++;
@@ -222,7 +223,8 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   app.post<{ Body: { login?: string; address?: string; reason?: string } }>("/ban", { schema: { body: BAN_TARGET } }, async (req) => {
     const [kind, value] = banTarget(req.body);
     const ban = await d.ops.ban(kind, value, req.body.reason ?? "");
-    const closed = kind === "addr" ? d.listener.closeAddress(value, `your address was banned${ban.reason ? `: ${ban.reason}` : ""}`) : 0;
+    const why = `your address was banned${ban.reason ? `: ${ban.reason}` : ""}`;
+    const closed = kind === "addr" ? d.listeners.reduce((n, l) => n + l.closeAddress(value, why), 0) : 0;
     return { ban, closed };
   });
   app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {

@@ -10,7 +10,7 @@ import { CODES } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BlobStore } from "../storage/blobs.js";
 import type { Listener } from "../transport/listener.js";
-import { doorOf, stateOf } from "./connections.js";
+import { connectionsOf, doorOf, stateOf } from "./connections.js";
 
 type Labels = Record<string, string | number>;
 interface Sample {
@@ -61,13 +61,13 @@ function defaultMetrics(registry: client.Registry): void {
 }
 
 /** Connections by door and state, and the sums over them that the metrics report. */
-function readLive(listener: Listener) {
+function readLive(listeners: readonly Listener[]) {
   const byState = new Map<string, number>();
   let queued = 0;
   let uploads = 0;
   let bytesIn = 0;
   let bytesOut = 0;
-  for (const [conn, session] of listener.connections) {
+  for (const [conn, session] of connectionsOf(listeners)) {
     const key = `${doorOf(conn)}\n${stateOf(conn, session as Session)}`;
     byState.set(key, (byState.get(key) ?? 0) + 1);
     queued += conn.outbound;
@@ -78,7 +78,7 @@ function readLive(listener: Listener) {
   return { byState, queued, uploads, bytesIn, bytesOut };
 }
 
-export function metricsRegistry(m: Metrics, listener: Listener, blobs: BlobStore): client.Registry {
+export function metricsRegistry(m: Metrics, listeners: readonly Listener[], blobs: BlobStore): client.Registry {
   const registry = new client.Registry();
   defaultMetrics(registry);
 
@@ -86,7 +86,7 @@ export function metricsRegistry(m: Metrics, listener: Listener, blobs: BlobStore
   let snapshot: ReturnType<typeof readLive> | undefined;
   const live = () => {
     if (!snapshot) {
-      snapshot = readLive(listener);
+      snapshot = readLive(listeners);
       setImmediate(() => (snapshot = undefined));
     }
     return snapshot;

@@ -242,3 +242,17 @@ export function registerChannels(sv: Services): void {
     },
   });
 }
+
+/**
+ * A public channel the server itself keeps (a seed door's room everyone starts in):
+ * created at start-up when missing, owned by no user, so no user can delete it.
+ * Returns its chid.
+ */
+export async function serverChannel(sv: Services, name: string): Promise<string> {
+  const found = await sv.channels.byName(name);
+  if (found !== undefined) return found;
+  const c: ChannelRecord = { chid: sv.channels.nextChid(), name, descr: "", owner: "", created: nowSeconds() };
+  await sv.storage.commit(sv.channels.createOps(c));
+  sv.log.info({ chid: c.chid, name }, "created the server's channel");
+  return c.chid;
+}

@@ -201,6 +201,8 @@ export class Connection implements Peer {
     if (this.closed) return;
     // A reply may be what held input waits for (a login, an earlier upload).
     if (!event) this.unhold();
+    // A seed door shows nothing for this one (an event its protocol has no frame for).
+    if (frame === "") return;
     const size = typeof frame === "string" ? frame.length : this.weight(frame);
     this.queuedChars += size;
     if (event && this.queuedChars + this.socket.writableLength > this.outboundCap) return this.overflow();

@@ -18,6 +18,7 @@ import { plainAddress } from "../addresses.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import type { Codec } from "../protocol/codec.js";
+import type { OutFrame } from "../protocol/frames.js";
 import { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
@@ -71,6 +72,30 @@ function onSocketError(this: Tagged, err: Error): void {
   if (conn) owner(conn).socketError(conn, err);
 }
 
+/**
+ * What a TCP listener speaks: the native protocol, or a seed dialect (src/doors/).
+ * The listener owns the socket, the caps, idle timeouts and shutdown for all of them;
+ * the front decodes each complete frame the scanner finds.
+ */
+export interface Front {
+  /** The door's name in logs, /connz and metrics ("native", "rust", "rooms"). */
+  readonly name: string;
+  /** The codec of a new connection (a dialect's may keep per-connection state). */
+  codec(): Codec;
+  /** The first frame a new connection gets, if the protocol has a greeting. */
+  greeting(codec: Codec): OutFrame | undefined;
+  /** The one line a refused connection gets before it is closed. */
+  refusal(code: Code, text: string): OutFrame;
+  /** A complete frame (with the attachment that streamed in with it: native only). */
+  frame(s: Session, bytes: Buffer, upload: Upload | undefined, ascii: boolean): void;
+  /** Bytes the scanner could not accept. */
+  reject(s: Session, code: Code, reason: string, action: string | undefined): void;
+  /** The client will send no more: answer what it sent, then close. */
+  inputEnded(s: Session): void;
+  /** Attachments stream to the blob store while frames are scanned (the native door). */
+  readonly streams: boolean;
+}
+
 /** An upload the listener can pace: it reports a full buffer and its draining. */
 export interface PacedUpload extends Upload {
   onFull: (() => void) | undefined;
@@ -101,13 +126,13 @@ export class Listener {
     private readonly config: Config,
     private readonly dispatcher: Dispatcher,
     private readonly router: Router,
-    private readonly codec: Codec,
+    readonly front: Front,
     private readonly log: Logger,
     /** Starts the upload of an attachment's text (the blob store's writer). */
     private readonly newUpload: () => PacedUpload,
     private readonly metrics: Metrics = new Metrics(),
   ) {
-    const paths = dispatcher.streamedPaths();
+    const paths = front.streams ? dispatcher.streamedPaths() : [];
     if (paths.length > 1) throw new Error("the scanner streams one field path");
     this.scannerLimits = { maxFrame: config.maxFrame, maxDepth: config.maxDepth, streamPath: paths[0] };
     this.lingerMs = config.closeLinger * 1000;
@@ -237,10 +262,10 @@ export class Listener {
     }
     const line =
       over === "full"
-        ? this.codec.error("unknown", Code.Unavailable, "the server is at its connection limit; try again later")
+        ? this.front.refusal(Code.Unavailable, "the server is at its connection limit; try again later")
         : over === "banned"
-          ? this.codec.error("unknown", Code.Forbidden, `your address is banned${reason ? `: ${reason}` : ""}`)
-          : this.codec.error("unknown", Code.RateLimited, "too many connections from your address; try again later");
+          ? this.front.refusal(Code.Forbidden, `your address is banned${reason ? `: ${reason}` : ""}`)
+          : this.front.refusal(Code.RateLimited, "too many connections from your address; try again later");
     this.refusing.add(socket);
     socket.on("data", discard);
     socket.end(line as string);
@@ -267,7 +292,7 @@ export class Listener {
     const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log, this.lingerMs);
     this.slots(address).conns.add(conn);
     this.metrics.connectionsOpened++;
-    const session = this.dispatcher.open(conn, this.codec);
+    const session = this.dispatcher.open(conn, this.front.codec());
     conn.session = session;
     conn.onConfirmed = this.confirmed;
     conn.onEnding = this.ending;
@@ -278,8 +303,9 @@ export class Listener {
     socket.on("data", onSocketData);
     socket.on("end", onSocketEnd);
     socket.on("close", onSocketClose);
-    conn.send(this.codec.welcome(), false);
-    this.log.debug({ conn: conn.id, remote: conn.remote, tls: socket instanceof tls.TLSSocket }, "connection opened");
+    const greeting = this.front.greeting(session.codec);
+    if (greeting !== undefined) conn.send(greeting, false);
+    this.log.debug({ conn: conn.id, remote: conn.remote, door: this.front.name, tls: socket instanceof tls.TLSSocket }, "connection opened");
   }
 
   private readonly overflowed = (): void => {
@@ -297,8 +323,8 @@ export class Listener {
 
   /** The scanner's sink, shared by every connection of this listener. */
   private readonly sink: FrameSink<PacedUpload, Connection> = {
-    frame: (bytes, upload, conn, ascii) => this.dispatcher.frame(conn.session as Session, bytes, upload, ascii),
-    reject: (code, reason, action, conn) => this.dispatcher.reject(conn.session as Session, code, reason, action),
+    frame: (bytes, upload, conn, ascii) => this.front.frame(conn.session as Session, bytes, upload, ascii),
+    reject: (code, reason, action, conn) => this.front.reject(conn.session as Session, code, reason, action),
     upload: (conn, action) => {
       // Only a logged-in connection streams, and only for an action that takes an
       // attachment: anything else stays an ordinary string within the frame limit, so
@@ -368,7 +394,7 @@ export class Listener {
 
   /** The client will send no more. */
   ended(conn: Connection): void {
-    this.dispatcher.inputEnded(conn.session as Session);
+    this.front.inputEnded(conn.session as Session);
   }
 
   closed(conn: Connection): void {

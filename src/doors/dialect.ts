@@ -1,0 +1,207 @@
+// What every seed door shares: a door is a front-end over the same dispatcher and
+// router as the native protocol, never a copy of feature logic.
+//
+// A door decodes its client's frame, runs native actions for it through the
+// dispatcher's decoded entry point (dispatch(session, action, data)) and answers in its
+// own shape. The connection's codec is a DialectCodec: the dispatcher's replies to the
+// door's calls come back to the door as data (an Answer), not as wire text, and
+// events from the router are rendered by the door (or skipped where its protocol has
+// no such event). Each connection's frames are handled one at a time, in order (a
+// door may need the answer of one native action to decide on the next: registration
+// then login), with a bounded queue: past it the connection stops being read.
+
+import type { Logger } from "pino";
+import type { Codec, ReplyBody } from "../protocol/codec.js";
+import { Code, codeText } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import type { Event } from "../protocol/events.js";
+import { peekAction, type OutFrame } from "../protocol/frames.js";
+import type { Session, Upload } from "../protocol/session.js";
+import type { Front } from "../transport/listener.js";
+
+/** A native action's outcome, as a door sees it. */
+export interface Answer {
+  ok: boolean;
+  code: Code;
+  /** The reply's data (ok only). */
+  body: ReplyBody | undefined;
+  /** The error text (or "OK"). */
+  text: string;
+}
+
+/** Frames a connection may have waiting before it is no longer read. */
+const QUEUE_HIGH = 64;
+const QUEUE_LOW = 16;
+
+type Item<M> = { msg: M } | { bad: { code: Code; reason: string; action: string | undefined } };
+
+/**
+ * A door connection's codec and state: the dispatcher's replies to the door's calls,
+ * the frames waiting, and what the door keeps per connection (`state`).
+ */
+export class DialectCodec<S, M = unknown> implements Codec {
+  private readonly waiting: { action: string; resolve: (a: Answer) => void }[] = [];
+  readonly queue: Item<M>[] = [];
+  running = false;
+  /** The client sent its last frame (half-close): close once they are answered. */
+  inputEnded = false;
+
+  constructor(
+    private readonly door: DialectDoor<S, M>,
+    readonly state: S,
+  ) {}
+
+  get name(): string {
+    return this.door.name;
+  }
+
+  expect(action: string): Promise<Answer> {
+    return new Promise((resolve) => this.waiting.push({ action, resolve }));
+  }
+
+  // A reply the door did not ask for (the auth frame register sends after its own
+  // reply) matches no waiting call and is dropped: the door says what its protocol says.
+  reply(action: string, body: ReplyBody): OutFrame {
+    const w = this.waiting[0];
+    if (w && w.action === action) {
+      this.waiting.shift();
+      w.resolve({ ok: true, code: Code.OK, body, text: codeText(Code.OK) });
+    }
+    return "";
+  }
+
+  error(action: string, code: Code, text: string = codeText(code)): OutFrame {
+    const w = this.waiting[0];
+    if (w && w.action === action) {
+      this.waiting.shift();
+      w.resolve({ ok: false, code, body: undefined, text });
+    }
+    return "";
+  }
+
+  welcome(): OutFrame {
+    return "";
+  }
+
+  event(ev: Event): OutFrame {
+    return this.door.render(this.state, ev);
+  }
+}
+
+/**
+ * A door whose clients send one JSON object per frame over a TCP listener (seeds 000
+ * and 001): JSON decoding, the per-connection line and calls into the dispatcher.
+ * A subclass says how to answer a frame, how bad input looks, and how events look.
+ */
+export abstract class DialectDoor<S, M = Record<string, unknown>> implements Front {
+  abstract readonly name: string;
+  readonly streams = false;
+
+  constructor(
+    protected readonly dispatcher: Dispatcher,
+    protected readonly log: Logger,
+  ) {}
+
+  /** A new connection's state. */
+  protected abstract initial(): S;
+  /** Answers one decoded frame: the frames to send, in order (none: nothing). */
+  protected abstract handle(s: Session, state: S, msg: M): Promise<OutFrame[]>;
+  /**
+   * The door's error frame for input it cannot take (bad JSON, too large, …); `action`
+   * is the request's name where the broken frame shows it.
+   */
+  abstract bad(code: Code, reason: string, action?: string): OutFrame;
+  /** An event in the door's shape for this connection, or "" when it shows none. */
+  abstract render(state: S, ev: Event): OutFrame;
+  /** A frame is one the door can take (a JSON object with what the door keys on). */
+  protected abstract decode(value: unknown): M | string;
+
+  codec(): Codec {
+    return new DialectCodec<S, M>(this, this.initial());
+  }
+
+  greeting(): OutFrame | undefined {
+    return undefined;
+  }
+
+  refusal(code: Code, text: string): OutFrame {
+    return this.bad(code, text);
+  }
+
+  frame(s: Session, bytes: Buffer, _upload: Upload | undefined, _ascii: boolean): void {
+    let value: unknown;
+    try {
+      value = JSON.parse(bytes.toString("utf8"));
+    } catch {
+      return this.reject(s, Code.InvalidData, "frame is not valid JSON", peekAction(bytes));
+    }
+    const msg = this.decode(value);
+    if (typeof msg === "string") return this.reject(s, Code.InvalidData, msg, undefined);
+    this.push(s, { msg });
+  }
+
+  reject(s: Session, code: Code, reason: string, action: string | undefined): void {
+    // Counted like the native door's bad frames: past --bad-frame-limit the dispatcher
+    // closes the connection (its own notice renders as nothing here: the door's error
+    // below is what the client reads).
+    this.dispatcher.reject(s, code, reason, undefined);
+    this.push(s, { bad: { code, reason, action } });
+  }
+
+  inputEnded(s: Session): void {
+    const c = s.codec as DialectCodec<S, M>;
+    c.inputEnded = true;
+    if (!c.running) this.dispatcher.inputEnded(s);
+  }
+
+  /** Sends `frame` and closes the connection once it is out. */
+  protected closeWith(s: Session, frame: OutFrame): OutFrame[] {
+    s.peer.send(frame, false);
+    s.peer.end();
+    return [];
+  }
+
+  /** Runs a native action for the connection; resolves with its outcome. */
+  protected call(s: Session, action: string, data: Record<string, unknown>): Promise<Answer> {
+    const p = (s.codec as DialectCodec<S, M>).expect(action);
+    this.dispatcher.dispatch(s, action, data);
+    return p;
+  }
+
+  private push(s: Session, item: Item<M>): void {
+    const c = s.codec as DialectCodec<S, M>;
+    c.queue.push(item);
+    if (c.queue.length > QUEUE_HIGH) s.peer.pause("door");
+    if (!c.running) void this.pump(s, c);
+  }
+
+  private async pump(s: Session, c: DialectCodec<S, M>): Promise<void> {
+    c.running = true;
+    try {
+      while (c.queue.length > 0 && !s.peer.closed) {
+        // A client that does not read its answers stops being served, not buffered.
+        if (s.peer.congested && !(await s.peer.drained())) return;
+        const item = c.queue.shift() as Item<M>;
+        if (c.queue.length <= QUEUE_LOW) s.peer.resume("door");
+        let out: OutFrame[];
+        try {
+          out = "bad" in item ? [this.bad(item.bad.code, item.bad.reason, item.bad.action)] : await this.handle(s, c.state, item.msg);
+        } catch (err) {
+          s.log.error({ err, door: this.name }, "door request failed");
+          out = [this.bad(Code.Unavailable, "the server could not complete the request; nothing was changed")];
+        }
+        for (const f of out) if (f !== "") s.peer.send(f, false);
+      }
+    } finally {
+      c.running = false;
+      // The dispatcher closes the connection once its own line is answered too.
+      if (c.inputEnded) this.dispatcher.inputEnded(s);
+    }
+  }
+}
+
+/** A JSON string field of a decoded frame, or undefined. */
+export function str(msg: Record<string, unknown>, key: string): string | undefined {
+  const v = msg[key];
+  return typeof v === "string" ? v : undefined;
+}

@@ -1,0 +1,240 @@
+// The rust_messages door (seed 000): `{"action": …}` objects, one per line, on their
+// own TCP port; every request is answered `{"action": <same>, "code": 200|300|400,
+// "message": <text>}` unless the seed says otherwise (get_messages, close_connection).
+//
+// A connection is in one room at a time: after login the server's default room
+// (--rust-room), then whatever change_room moves it to. Messages sent go to the
+// current room; `get_message` frames arrive for the current room only. Accounts,
+// rooms (public channels) and messages are wirechat's own: the same on every door.
+//
+// Choices the seed leaves open (PROTOCOL.md §13 lists them): passwords (the seed's
+// md5 "hashes") are passwords like any other; code 300 is used for what the server
+// tells a client on its own (its room was deleted, its session was ended elsewhere).
+
+import type { Logger } from "pino";
+import type { Config } from "../config.js";
+import { ListReply } from "../protocol/codec.js";
+import type { Code } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import type { Event } from "../protocol/events.js";
+import type { Fields, OutFrame } from "../protocol/frames.js";
+import type { Session } from "../protocol/session.js";
+import { DialectDoor, str, type Answer } from "./dialect.js";
+
+const OK = 200;
+const WARN = 300;
+const ERR = 400;
+/** get_messages answers at most this many (the last ones). */
+const MAX_MESSAGES = 500;
+
+interface RustState {
+  handshaken: boolean;
+  /** The login and password this connection logged in with (change_password needs the old one). */
+  login: string | undefined;
+  password: string | undefined;
+  room: { chid: string; name: string } | undefined;
+}
+
+type Msg = Record<string, unknown> & { action: string };
+
+export interface RustDeps {
+  config: Config;
+  /** The chid of a channel by name, if there is one. */
+  channelByName(name: string): Promise<string | undefined>;
+  /** The default room's chid (made at start-up). */
+  defaultRoom: string;
+}
+
+function line(fields: Fields): string {
+  return JSON.stringify(fields) + "\n";
+}
+
+function answer(action: string, code: number, message: string): OutFrame[] {
+  return [line({ action, code, message })];
+}
+
+export class RustDoor extends DialectDoor<RustState, Msg> {
+  readonly name = "rust";
+
+  constructor(
+    dispatcher: Dispatcher,
+    log: Logger,
+    private readonly deps: RustDeps,
+  ) {
+    super(dispatcher, log);
+  }
+
+  protected initial(): RustState {
+    return { handshaken: false, login: undefined, password: undefined, room: undefined };
+  }
+
+  protected decode(value: unknown): Msg | string {
+    if (typeof value !== "object" || value === null || Array.isArray(value)) return "frame must be a JSON object";
+    const action = (value as { action?: unknown }).action;
+    if (typeof action !== "string" || action === "") return "frame has no 'action' string";
+    return value as Msg;
+  }
+
+  bad(_code: Code, reason: string, action = "unknown"): OutFrame {
+    return line({ action, code: ERR, message: reason });
+  }
+
+  render(st: RustState, ev: Event): OutFrame {
+    switch (ev.kind) {
+      case "message": {
+        const m = ev.m;
+        if (m.chid === undefined || m.chid !== st.room?.chid) return "";
+        const wire = (ev.wire ??= {});
+        return (wire[this.name] ??= line({ action: "get_message", author: m.nick, text: m.body, timestamp: m.time }));
+      }
+      case "channelDeleted":
+        if (ev.chid !== st.room?.chid) return "";
+        st.room = undefined;
+        return line({ action: "change_room", code: WARN, message: "your room was deleted; change_room to another" });
+      case "logout":
+        st.login = st.password = undefined;
+        st.room = undefined;
+        return line({ action: "logout", code: WARN, message: ev.reason });
+      case "close":
+        return line({ action: "close_connection", code: WARN, message: ev.reason });
+      default:
+        return "";
+    }
+  }
+
+  protected async handle(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const { rustSecret } = this.deps.config;
+    if (action === "handshake") {
+      if (rustSecret !== "" && msg.secret !== rustSecret) return this.closeWith(s, answer(action, ERR, "wrong handshake secret")[0]);
+      st.handshaken = true;
+      return answer(action, OK, "OK");
+    }
+    if (action === "close_connection") {
+      s.peer.end();
+      return [];
+    }
+    if (rustSecret !== "" && !st.handshaken) return this.closeWith(s, answer(action, ERR, "send the handshake first")[0]);
+    switch (action) {
+      case "registration":
+      case "authentication":
+        return this.login(s, st, msg);
+      case "logout": {
+        if (s.uid === undefined) return answer(action, ERR, "not logged in");
+        const r = await this.call(s, "logout", {});
+        if (r.ok) st.login = st.password = st.room = undefined;
+        return this.result(action, r);
+      }
+    }
+    if (s.uid === undefined) return answer(action, ERR, "log in first (authentication or registration)");
+    switch (action) {
+      case "change_password":
+        return this.changePassword(s, st, msg);
+      case "delete_account":
+        return this.deleteAccount(s, st, msg);
+      case "create_room": {
+        const name = str(msg, "name");
+        if (!name) return answer(action, ERR, "'name' is required");
+        return this.result(action, await this.call(s, "createchannel", { name }));
+      }
+      case "delete_room":
+        return this.deleteRoom(s, st, msg);
+      case "change_room":
+        return this.changeRoom(s, st, msg);
+      case "send_message": {
+        const text = str(msg, "text");
+        if (text === undefined) return answer(action, ERR, "'text' must be a string");
+        if (!st.room) return answer(action, ERR, "you are in no room; change_room first");
+        return this.result(action, await this.call(s, "message", { channel: st.room.chid, body: text }));
+      }
+      case "get_messages":
+        return this.getMessages(s, st, msg);
+      default:
+        return answer(action, ERR, `unknown action '${action}'`);
+    }
+  }
+
+  private result(action: string, r: Answer): OutFrame[] {
+    return answer(action, r.ok ? OK : ERR, r.text);
+  }
+
+  private async login(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const login = str(msg, "login");
+    const password = str(msg, "password");
+    if (!login || !password) return answer(action, ERR, "'login' and 'password' are required");
+    if (s.uid !== undefined) return answer(action, ERR, "already logged in; logout first");
+    const r =
+      action === "registration"
+        ? await this.call(s, "register", { login, pass: password, nick: login })
+        : await this.call(s, "auth", { login, pass: password });
+    if (!r.ok) return this.result(action, r);
+    st.login = login;
+    st.password = password;
+    // Every connection starts in the default room (entering it again is a no-op).
+    const entered = await this.call(s, "enter", { channel: this.deps.defaultRoom });
+    st.room = entered.ok ? { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom } : undefined;
+    return answer(action, OK, "OK");
+  }
+
+  private async changePassword(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const next = str(msg, "new_password");
+    if (str(msg, "login") !== st.login) return answer(action, ERR, "you can only change the password of the login you are logged in as");
+    if (!next) return answer(action, ERR, "'new_password' is required");
+    const r = await this.call(s, "changepassword", { pass: st.password, newpass: next });
+    if (r.ok) st.password = next;
+    return this.result(action, r);
+  }
+
+  private async deleteAccount(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const password = str(msg, "password");
+    if (str(msg, "login") !== st.login) return answer(action, ERR, "you can only delete the account you are logged in as");
+    if (!password) return answer(action, ERR, "'password' is required");
+    const r = await this.call(s, "deleteaccount", { pass: password });
+    if (r.ok) st.login = st.password = st.room = undefined;
+    return this.result(action, r);
+  }
+
+  private async deleteRoom(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const name = str(msg, "name");
+    if (!name) return answer(action, ERR, "'name' is required");
+    const chid = await this.deps.channelByName(name);
+    if (chid === undefined) return answer(action, ERR, `no room named '${name}'`);
+    const r = await this.call(s, "deletechannel", { channel: chid });
+    if (r.ok && st.room?.chid === chid) st.room = undefined;
+    return this.result(action, r);
+  }
+
+  private async changeRoom(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const to = str(msg, "new_room_name");
+    const from = str(msg, "old_room_name");
+    if (!to) return answer(action, ERR, "'new_room_name' is required");
+    const chid = await this.deps.channelByName(to);
+    if (chid === undefined) return answer(action, ERR, `no room named '${to}'`);
+    const entered = await this.call(s, "enter", { channel: chid });
+    if (!entered.ok) return this.result(action, entered);
+    // One room at a time: the old one is left (its membership ends), unless it is the new one.
+    const old = from ? await this.deps.channelByName(from) : st.room?.chid;
+    if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
+    st.room = { chid, name: to };
+    return answer(action, OK, "OK");
+  }
+
+  private async getMessages(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const n = msg.number_of_messages;
+    if (typeof n !== "number" || !Number.isInteger(n) || n < 0) return answer(action, ERR, "'number_of_messages' must be a whole number");
+    if (!st.room) return answer(action, ERR, "you are in no room; change_room first");
+    const messages: Fields[] = [];
+    if (n > 0) {
+      const r = await this.call(s, "history", { channel: st.room.chid, limit: Math.min(n, MAX_MESSAGES) });
+      if (!r.ok) return this.result(action, r);
+      for await (const m of (r.body as ListReply).items()) messages.push({ author: m.nick, text: m.body, timestamp: m.time });
+    }
+    return [line({ action, messages })];
+  }
+}

@@ -1,0 +1,259 @@
+// The rust_messages door (seed 000) over real TCP: every example of the seed document,
+// the choices seed-doors.md makes for it, bad input, and native clients in the same
+// rooms.
+
+import { describe, expect, it } from "vitest";
+import { Client, registerUser, serveForFile, uniqueName, type Frame } from "./helpers.js";
+
+const open = serveForFile({ rustPort: 0, maxFrame: 4096 });
+const secret = serveForFile({ rustPort: 0, rustSecret: "handshake_secret" });
+
+async function rust(port: number): Promise<Client> {
+  return Client.connect(port, { welcome: false });
+}
+
+/** Sends one 000 request and returns the next frame with the same action. */
+async function ask(c: Client, req: Record<string, unknown>): Promise<Frame> {
+  c.write(JSON.stringify(req) + "\n");
+  return c.next((f) => f.action === req.action && "code" in f);
+}
+
+async function rustUser(port: number, login = uniqueName("r"), password = "0cc175b9c0f1b6a831c399e269772661"): Promise<{ c: Client; login: string; password: string }> {
+  const c = await rust(port);
+  expect(await ask(c, { action: "registration", login, password })).toEqual({ action: "registration", code: 200, message: "OK" });
+  return { c, login, password };
+}
+
+describe("rust_messages door: accounts", () => {
+  it("has no welcome frame, and answers requests before login with 400", async () => {
+    const c = await rust(open.server.rustPort as number);
+    expect(await c.quiet(150)).toBe(true);
+    const r = await ask(c, { action: "send_message", text: "hi", timestamp: 1 });
+    expect(r).toMatchObject({ action: "send_message", code: 400 });
+    expect(r.message).toMatch(/log in/);
+    expect(await ask(c, { action: "get_messages", number_of_messages: 1 })).toMatchObject({ code: 400 });
+    c.close();
+  });
+
+  it("registration logs the connection in; a taken login or an empty field is 400", async () => {
+    const port = open.server.rustPort as number;
+    const { c, login } = await rustUser(port);
+    expect(await ask(c, { action: "send_message", text: "first", timestamp: 1700000000 })).toEqual({ action: "send_message", code: 200, message: "OK" });
+    const d = await rust(port);
+    const taken = await ask(d, { action: "registration", login, password: "x" });
+    expect(taken.code).toBe(400);
+    expect(taken.message).toMatch(/taken/);
+    expect((await ask(d, { action: "registration", login: "", password: "x" })).code).toBe(400);
+    expect((await ask(d, { action: "registration", login: uniqueName("r") })).code).toBe(400);
+    c.close();
+    d.close();
+  });
+
+  it("authentication: 200 with the password, 400 without; logout keeps the connection", async () => {
+    const port = open.server.rustPort as number;
+    const { c, login, password } = await rustUser(port);
+    c.close();
+    const d = await rust(port);
+    const wrong = await ask(d, { action: "authentication", login, password: "nope" });
+    expect(wrong).toMatchObject({ action: "authentication", code: 400 });
+    expect((await ask(d, { action: "authentication", login: uniqueName("nobody"), password })).code).toBe(400);
+    expect(await ask(d, { action: "authentication", login, password })).toEqual({ action: "authentication", code: 200, message: "OK" });
+    expect(await ask(d, { action: "logout" })).toEqual({ action: "logout", code: 200, message: "OK" });
+    expect((await ask(d, { action: "send_message", text: "x", timestamp: 1 })).code).toBe(400);
+    expect((await ask(d, { action: "authentication", login, password })).code).toBe(200);
+    d.close();
+  });
+
+  it("close_connection closes without a reply", async () => {
+    const c = await rust(open.server.rustPort as number);
+    c.write('{"action": "close_connection"}\n');
+    await c.closed;
+    expect(c.lines).toEqual([]);
+  });
+
+  it("change_password: 200, the old password stops working and other sessions end", async () => {
+    const port = open.server.rustPort as number;
+    const { c, login, password } = await rustUser(port);
+    const other = await rust(port);
+    expect((await ask(other, { action: "authentication", login, password })).code).toBe(200);
+    expect((await ask(c, { action: "change_password", login: "someone-else", new_password: "n" })).code).toBe(400);
+    expect(await ask(c, { action: "change_password", login, new_password: "new_client_password_hash" })).toEqual({
+      action: "change_password",
+      code: 200,
+      message: "OK",
+    });
+    // The other connection hears that its session ended, and is closed (as natively).
+    const ended = await other.next((f) => f.action === "logout");
+    expect(ended).toMatchObject({ code: 300, message: "the password was changed" });
+    await other.closed;
+    // The connection that changed it stays logged in.
+    expect((await ask(c, { action: "send_message", text: "still here", timestamp: 1 })).code).toBe(200);
+    const d = await rust(port);
+    expect((await ask(d, { action: "authentication", login, password })).code).toBe(400);
+    expect((await ask(d, { action: "authentication", login, password: "new_client_password_hash" })).code).toBe(200);
+    for (const x of [c, other, d]) x.close();
+  });
+
+  it("delete_account: 400 on a wrong password, 200 then the login is gone", async () => {
+    const port = open.server.rustPort as number;
+    const { c, login, password } = await rustUser(port);
+    expect((await ask(c, { action: "delete_account", login, password: "wrong" })).code).toBe(400);
+    expect(await ask(c, { action: "delete_account", login, password })).toEqual({ action: "delete_account", code: 200, message: "OK" });
+    const d = await rust(port);
+    expect((await ask(d, { action: "authentication", login, password })).code).toBe(400);
+    c.close();
+    d.close();
+  });
+
+  it("with --rust-secret the handshake comes first: a wrong secret or another request is 400 and closed", async () => {
+    const port = secret.server.rustPort as number;
+    const a = await rust(port);
+    expect(await ask(a, { action: "handshake", secret: "handshake_secret" })).toEqual({ action: "handshake", code: 200, message: "OK" });
+    expect((await ask(a, { action: "registration", login: uniqueName("h"), password: "p" })).code).toBe(200);
+    const b = await rust(port);
+    expect((await ask(b, { action: "handshake", secret: "guess" })).code).toBe(400);
+    await b.closed;
+    const c = await rust(port);
+    expect((await ask(c, { action: "authentication", login: "x", password: "y" })).code).toBe(400);
+    await c.closed;
+    // Without a secret configured, any handshake passes and none is needed.
+    const d = await rust(open.server.rustPort as number);
+    expect((await ask(d, { action: "handshake", secret: "anything" })).code).toBe(200);
+    a.close();
+    d.close();
+  });
+});
+
+describe("rust_messages door: rooms and messages", () => {
+  it("send_message reaches every 000 connection in the room and native members; get_messages returns the last N oldest first", async () => {
+    const port = open.server.rustPort as number;
+    const room = uniqueName("room");
+    const a = await rustUser(port);
+    const b = await rustUser(port);
+    expect(await ask(a.c, { action: "create_room", name: room })).toEqual({ action: "create_room", code: 200, message: "OK" });
+    for (const u of [a, b]) expect((await ask(u.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    // A native client in the same room (a public channel of that name).
+    const native = await registerUser(open.port);
+    const list = await native.client.request("channellist", { limit: 500 });
+    const chid = list.channels.find((ch: { name: string }) => ch.name === room).chid;
+    expect((await native.client.request("enter", { channel: chid })).status).toBe(0);
+
+    for (let i = 1; i <= 3; i++) expect((await ask(a.c, { action: "send_message", text: `m${i}`, timestamp: 1 })).code).toBe(200);
+    for (let i = 1; i <= 3; i++) {
+      const got = await b.c.next((f) => f.action === "get_message" && f.text === `m${i}`);
+      expect(got).toEqual({ action: "get_message", author: a.login, text: `m${i}`, timestamp: expect.any(Number) });
+      // The server's clock, not the client's timestamp.
+      expect(Math.abs(got.timestamp - Date.now() / 1000)).toBeLessThan(60);
+      const ev = await native.client.event("ev_message", (d) => d.body === `m${i}`);
+      expect(ev).toMatchObject({ chid, nick: a.login });
+    }
+    // The native client's message reaches the 000 clients too.
+    expect((await native.client.request("message", { channel: chid, body: "from native" })).status).toBe(0);
+    expect(await b.c.next((f) => f.action === "get_message" && f.text === "from native")).toMatchObject({ author: native.nick });
+
+    b.c.write(JSON.stringify({ action: "get_messages", number_of_messages: 2 }) + "\n");
+    const two = await b.c.next((f) => f.action === "get_messages");
+    expect(two.messages.map((m: { text: string }) => m.text)).toEqual(["m3", "from native"]);
+    b.c.write(JSON.stringify({ action: "get_messages", number_of_messages: 100 }) + "\n");
+    const all = await b.c.next((f) => f.action === "get_messages");
+    expect(all.messages.map((m: { text: string }) => m.text)).toEqual(["m1", "m2", "m3", "from native"]);
+    expect(all.messages[0]).toEqual({ author: a.login, text: "m1", timestamp: expect.any(Number) });
+    for (const x of [a.c, b.c, native.client]) x.close();
+  });
+
+  it("one room at a time: change_room leaves the old room; 400 for a room that does not exist", async () => {
+    const port = open.server.rustPort as number;
+    const r1 = uniqueName("room");
+    const r2 = uniqueName("room");
+    const a = await rustUser(port);
+    const b = await rustUser(port);
+    for (const r of [r1, r2]) expect((await ask(a.c, { action: "create_room", name: r })).code).toBe(200);
+    expect((await ask(a.c, { action: "create_room", name: r1 })).code).toBe(400);
+    const missing = await ask(b.c, { action: "change_room", old_room_name: "general", new_room_name: uniqueName("nowhere") });
+    expect(missing.code).toBe(400);
+    expect((await ask(b.c, { action: "change_room", old_room_name: "general", new_room_name: r1 })).code).toBe(200);
+    expect((await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: r1 })).code).toBe(200);
+    expect((await ask(b.c, { action: "change_room", old_room_name: r1, new_room_name: r2 })).code).toBe(200);
+    // b is no longer in r1: a's message there does not reach it.
+    expect((await ask(a.c, { action: "send_message", text: "only r1", timestamp: 1 })).code).toBe(200);
+    expect(await b.c.quiet(300, (f) => f.action === "get_message")).toBe(true);
+    a.c.close();
+    b.c.close();
+  });
+
+  it("delete_room: the owner only; members are told, native members get ev_channel_deleted", async () => {
+    const port = open.server.rustPort as number;
+    const room = uniqueName("room");
+    const owner = await rustUser(port);
+    const member = await rustUser(port);
+    expect((await ask(owner.c, { action: "create_room", name: room })).code).toBe(200);
+    expect((await ask(member.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    const native = await registerUser(open.port);
+    const chid = (await native.client.request("channellist", { limit: 500 })).channels.find((ch: { name: string }) => ch.name === room).chid;
+    await native.client.request("enter", { channel: chid });
+    expect((await ask(member.c, { action: "delete_room", name: room })).code).toBe(400);
+    expect((await ask(owner.c, { action: "delete_room", name: uniqueName("none") })).code).toBe(400);
+    expect(await ask(owner.c, { action: "delete_room", name: room })).toEqual({ action: "delete_room", code: 200, message: "OK" });
+    expect(await native.client.event("ev_channel_deleted")).toEqual({ chid });
+    expect(await member.c.next((f) => f.action === "change_room" && f.code === 300)).toBeTruthy();
+    expect((await ask(member.c, { action: "send_message", text: "x", timestamp: 1 })).code).toBe(400);
+    expect((await ask(member.c, { action: "change_room", old_room_name: room, new_room_name: "general" })).code).toBe(200);
+    for (const x of [owner.c, member.c, native.client]) x.close();
+  });
+
+  it("an account made on the native door logs in here, and one made here logs in natively", async () => {
+    const port = open.server.rustPort as number;
+    const native = await registerUser(open.port);
+    const c = await rust(port);
+    expect((await ask(c, { action: "authentication", login: native.login, password: "secret" })).code).toBe(200);
+    const mine = await rustUser(port);
+    const n = await Client.connect(open.port);
+    expect((await n.request("auth", { login: mine.login, pass: mine.password })).status).toBe(0);
+    for (const x of [native.client, c, mine.c, n]) x.close();
+  });
+});
+
+describe("rust_messages door: bad input", () => {
+  it("malformed JSON, non-objects, no action, unknown actions, bad fields: 400 each, the connection stays", async () => {
+    const port = open.server.rustPort as number;
+    const { c } = await rustUser(port);
+    // The native door's framing rules (PROTOCOL.md §2), in this door's error shape.
+    const bad: [string, string, string][] = [
+      ["hello server", "unknown", "expected a JSON object"],
+      ['{"action":"send_message", text: 1}', "send_message", "frame is not valid JSON"],
+      ["[1,2]", "unknown", "frame must be a JSON object"],
+      ['{"text":"no action"}', "unknown", "frame has no 'action' string"],
+      ['{"action":5}', "unknown", "frame has no 'action' string"],
+    ];
+    for (const [b, action, message] of bad) {
+      c.write(b + "\n");
+      expect(await c.next((f) => f.code === 400)).toEqual({ action, code: 400, message });
+    }
+    expect(await ask(c, { action: "frobnicate" })).toMatchObject({ code: 400, message: "unknown action 'frobnicate'" });
+    expect((await ask(c, { action: "send_message", text: 5, timestamp: 1 })).code).toBe(400);
+    expect((await ask(c, { action: "get_messages", number_of_messages: "all" })).code).toBe(400);
+    expect((await ask(c, { action: "create_room" })).code).toBe(400);
+    expect((await ask(c, { action: "send_message", text: "still fine", timestamp: 1 })).code).toBe(200);
+    c.close();
+  });
+
+  it("an oversized frame is refused with 400 and the next frame is read", async () => {
+    const port = open.server.rustPort as number;
+    const { c } = await rustUser(port);
+    c.write(JSON.stringify({ action: "send_message", text: "x".repeat(10_000), timestamp: 1 }) + "\n");
+    const r = await c.next((f) => f.code === 400);
+    expect(r.message).toMatch(/large|limit|bytes/i);
+    expect((await ask(c, { action: "send_message", text: "after", timestamp: 1 })).code).toBe(200);
+    c.close();
+  });
+
+  it("a flood of bad frames closes the connection; the server stays up", async () => {
+    const port = open.server.rustPort as number;
+    const c = await rust(port);
+    c.write("{oops}\n".repeat(500));
+    await c.closed;
+    const d = await rust(port);
+    expect((await ask(d, { action: "logout" })).code).toBe(400);
+    d.close();
+  });
+});
