@@ -17,7 +17,7 @@ import { registerAccounts } from "./features/accounts.js";
 import { registerChannels } from "./features/channels.js";
 import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
-import { registerProfiles } from "./features/profiles.js";
+import { registerProfiles, type UserDirectory } from "./features/profiles.js";
 import { Hooks, type Services } from "./features/services.js";
 import { registerStats } from "./features/stats.js";
 import { NativeCodec } from "./protocol/codec.js";
@@ -43,6 +43,8 @@ export interface RunningServer {
   readonly services: Services;
   readonly listener: Listener;
   readonly admin: AdminOps;
+  /** Users by number and by email (for the doors). */
+  readonly directory: UserDirectory;
   /** Applies a reloaded configuration's reloadable settings (SIGHUP). */
   reload(next: Config): string[];
   /**
@@ -56,6 +58,7 @@ export interface RunningServer {
 export interface Core {
   services: Services;
   admin: AdminOps;
+  directory: UserDirectory;
   /** Stops background work and closes storage. */
   close(): Promise<void>;
 }
@@ -88,6 +91,9 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     metrics.deliveryLag.observe(seconds, n);
   };
   await messages.init();
+  // After messages.init: that brings an older layout to 3, this one from 3 to 4.
+  const users = new UserStore(storage, await storage.counter("usernum"));
+  await users.init(log);
   const channels = new ChannelStore(storage, await storage.counter("chid"));
   const router = new Router(messages, channels, (err, what) => log.error({ err }, `${what} failed`), metrics);
   dispatcher.route(router);
@@ -109,7 +115,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     hooks: new Hooks(background),
     background,
     storage,
-    users: new UserStore(storage),
+    users,
     sessions,
     contacts: new ContactStore(storage),
     messages,
@@ -118,7 +124,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     bans,
   };
   const accounts = registerAccounts(services);
-  registerProfiles(services);
+  const directory = registerProfiles(services);
   registerContacts(services);
   registerMessages(services);
   registerChannels(services);
@@ -133,6 +139,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   return {
     services,
     admin,
+    directory,
     async close() {
       services.hooks.stop();
       await background.stop(config.shutdownTimeout * 1000);
@@ -158,7 +165,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     await adminApp?.close();
     throw err;
   }
-  const { services, admin } = core;
+  const { services, admin, directory } = core;
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
   const listener = new Listener(config, dispatcher, router, new NativeCodec(blobs), log, () => blobs.writer(config.maxAttach), metrics);
@@ -204,6 +211,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     services,
     listener,
     admin,
+    directory,
     reload(next) {
       return applyReload(config, next, log, listener);
     },
