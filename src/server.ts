@@ -14,7 +14,7 @@ import { registerAdmin, type AdminOps } from "./features/admin.js";
 import { Metrics } from "./metrics.js";
 import { BanStore } from "./storage/bans.js";
 import { registerAccounts } from "./features/accounts.js";
-import { registerChannels } from "./features/channels.js";
+import { registerChannels, type ChannelOps } from "./features/channels.js";
 import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
 import { registerProfiles, type UserDirectory } from "./features/profiles.js";
@@ -45,6 +45,8 @@ export interface RunningServer {
   readonly admin: AdminOps;
   /** Users by number and by email (for the doors). */
   readonly directory: UserDirectory;
+  /** Channel creation with members, invite, membership (for the doors). */
+  readonly channelOps: ChannelOps;
   /** Applies a reloaded configuration's reloadable settings (SIGHUP). */
   reload(next: Config): string[];
   /**
@@ -59,6 +61,7 @@ export interface Core {
   services: Services;
   admin: AdminOps;
   directory: UserDirectory;
+  channelOps: ChannelOps;
   /** Stops background work and closes storage. */
   close(): Promise<void>;
 }
@@ -127,7 +130,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   const directory = registerProfiles(services);
   registerContacts(services);
   registerMessages(services);
-  registerChannels(services);
+  const channelOps = registerChannels(services);
   const admin = registerAdmin(services, accounts);
 
   // Attachment files no message uses (a crash between file and batch) go, in the background.
@@ -140,6 +143,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     services,
     admin,
     directory,
+    channelOps,
     async close() {
       services.hooks.stop();
       await background.stop(config.shutdownTimeout * 1000);
@@ -165,7 +169,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     await adminApp?.close();
     throw err;
   }
-  const { services, admin, directory } = core;
+  const { services, admin, directory, channelOps } = core;
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
   const listener = new Listener(config, dispatcher, router, new NativeCodec(blobs), log, () => blobs.writer(config.maxAttach), metrics);
@@ -212,6 +216,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     listener,
     admin,
     directory,
+    channelOps,
     reload(next) {
       return applyReload(config, next, log, listener);
     },

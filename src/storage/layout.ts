@@ -29,10 +29,16 @@
 //                                                newest last message first [derived]
 //   dialogat    <uid>!<peer uid>               → seq of that conversation's `dialogs` key
 //                                                (to move it on) [derived]
-//   channels    <chid>                         → ChannelRecord
-//   chname      <lower-case name>              → chid
+//   channels    <chid>                         → ChannelRecord of a public channel
+//   privchans   <chid>                         → ChannelRecord of a private channel
+//                                                (`private: true`; apart, so that
+//                                                channellist reads public ones only)
+//   chname      <lower-case name>              → chid  (public channels only: a private
+//                                                channel's name is not unique)
 //   members     <chid>!<uid>                   → unix s joined
 //   memberof    <uid>!<chid>                   → 1
+//   privof      <uid>!<chid>                   → 1    (the private channels a user is a
+//                                                member of: their channellist)
 //   owned       <uid>!<chid>                   → 1    (channels a user owns: the cap)
 //   deleted     <uid>                          → {nick, chids} (a deleted account whose
 //                                                clean-up hooks have not finished: written
@@ -58,7 +64,8 @@
 // Version 2 had no `dialogs`, `dialogat` or `owned`: start-up builds them from `peers`
 // with `hist`, and from `channels` (migrateV2).
 // Version 3 had no user numbers (UserRecord `num`, `usernum`): start-up numbers every
-// user in uid order (storage/users.ts, migrateV3).
+// user in uid order (storage/users.ts, UserStore.init). It had no private channels
+// either (`privchans`, `privof`), which start empty.
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -174,9 +181,11 @@ export const SPACES = [
   "dialogs",
   "dialogat",
   "channels",
+  "privchans",
   "chname",
   "members",
   "memberof",
+  "privof",
   "owned",
   "purges",
   "deleted",
@@ -236,6 +245,8 @@ export interface ChannelRecord {
   descr: string;
   owner: string;
   created: number;
+  /** Members only: listed to them alone, entered by them alone (invite adds members). */
+  private?: true;
 }
 
 export function directConv(a: string, b: string): string {
