@@ -14,10 +14,10 @@ import { registerAdmin, type AdminOps } from "./features/admin.js";
 import { Metrics } from "./metrics.js";
 import { BanStore } from "./storage/bans.js";
 import { registerAccounts } from "./features/accounts.js";
-import { registerChannels } from "./features/channels.js";
+import { registerChannels, type ChannelOps } from "./features/channels.js";
 import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
-import { registerProfiles } from "./features/profiles.js";
+import { registerProfiles, type UserDirectory } from "./features/profiles.js";
 import { Hooks, type Services } from "./features/services.js";
 import { registerStats } from "./features/stats.js";
 import { NativeCodec } from "./protocol/codec.js";
@@ -51,6 +51,10 @@ export interface RunningServer {
   /** Every TCP listener: the native door's first, then the seed doors'. */
   readonly listeners: readonly Listener[];
   readonly admin: AdminOps;
+  /** Users by number and by email (for the doors). */
+  readonly directory: UserDirectory;
+  /** Channel creation with members, invite, membership (for the doors). */
+  readonly channelOps: ChannelOps;
   /** Applies a reloaded configuration's reloadable settings (SIGHUP). */
   reload(next: Config): string[];
   /**
@@ -64,6 +68,8 @@ export interface RunningServer {
 export interface Core {
   services: Services;
   admin: AdminOps;
+  directory: UserDirectory;
+  channelOps: ChannelOps;
   /** Stops background work and closes storage. */
   close(): Promise<void>;
 }
@@ -96,6 +102,9 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     metrics.deliveryLag.observe(seconds, n);
   };
   await messages.init();
+  // After messages.init: that brings an older layout to 3, this one from 3 to 4.
+  const users = new UserStore(storage, await storage.counter("usernum"));
+  await users.init(log);
   const channels = new ChannelStore(storage, await storage.counter("chid"));
   const router = new Router(messages, channels, (err, what) => log.error({ err }, `${what} failed`), metrics);
   dispatcher.route(router);
@@ -117,7 +126,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     hooks: new Hooks(background),
     background,
     storage,
-    users: new UserStore(storage),
+    users,
     sessions,
     contacts: new ContactStore(storage),
     messages,
@@ -126,10 +135,10 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     bans,
   };
   const accounts = registerAccounts(services);
-  registerProfiles(services);
+  const directory = registerProfiles(services);
   registerContacts(services);
   registerMessages(services);
-  registerChannels(services);
+  const channelOps = registerChannels(services);
   const admin = registerAdmin(services, accounts);
 
   // Attachment files no message uses (a crash between file and batch) go, in the background.
@@ -141,6 +150,8 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   return {
     services,
     admin,
+    directory,
+    channelOps,
     async close() {
       services.hooks.stop();
       await background.stop(config.shutdownTimeout * 1000);
@@ -166,7 +177,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     await adminApp?.close();
     throw err;
   }
-  const { services, admin } = core;
+  const { services, admin, directory, channelOps } = core;
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
   const newUpload = () => blobs.writer(config.maxAttach);
@@ -231,6 +242,8 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     listener,
     listeners,
     admin,
+    directory,
+    channelOps,
     reload(next) {
       return applyReload(config, next, log, listener);
     },

@@ -123,7 +123,7 @@ describe("an account deletion cut short before its hooks ran", () => {
     // the hook that removes the channels it owned never ran.
     const log = pino({ level: "silent" });
     const storage = await Storage.open(dataDir, log);
-    const users = new UserStore(storage);
+    const users = new UserStore(storage, await storage.counter("usernum"));
     const user = (await users.get(a.uid))!;
     await storage.commit([...users.removeOps(user), ...users.deletionMarkOps(a.uid, a.nick, [chid])]);
     await storage.close();

@@ -20,6 +20,7 @@ describe("userinfo and setuserinfo", () => {
       status: 0,
       error: "OK",
       uid: a.uid,
+      num: expect.any(Number),
       nick: a.nick,
       email: `a${t}@example.com`,
       phone: `+1555${t}`,

@@ -77,6 +77,8 @@ export interface ChannelInfo {
   name: string;
   descr: string;
   online: number;
+  /** Only on a private channel (listed to its members alone). */
+  private?: true;
 }
 
 export interface Contact {

@@ -152,7 +152,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   /** A new account's record (its login and nick claimed by the caller). */
   async function newUser(login: string, nick: string, hash: string): Promise<UserRecord> {
-    return { uid: await newUid(), login, nick, hash, email: "", phone: "", picture: "", status: "", created: nowSeconds() };
+    return { uid: await newUid(), num: users.nextNum(), login, nick, hash, email: "", phone: "", picture: "", status: "", created: nowSeconds() };
   }
 
   /**

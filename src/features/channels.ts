@@ -1,23 +1,76 @@
-// Channels: createchannel, channellist, enter, leave, deletechannel, and the events
-// ev_enter, ev_leave, ev_channel_deleted. Membership is stored, so it survives
-// disconnects and restarts; messages to a channel are handled by the messages module.
+// Channels: createchannel (public or private, with members), channellist, enter,
+// invite, leave, deletechannel, and the events ev_enter, ev_leave, ev_channel_deleted.
+// Membership is stored, so it survives disconnects and restarts; messages to a channel
+// are handled by the messages module.
+//
+// A private channel is its members' alone: listed to them, entered by them (and its
+// owner), grown by invite. Its name is not in the public name index, so it neither
+// takes nor reveals a public name, and two private channels may share one.
 
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { ListReply } from "../protocol/codec.js";
 import type { Event } from "../protocol/events.js";
 import { nowSeconds, type Fields } from "../protocol/frames.js";
-import { optionalString, requiredString } from "../protocol/validation.js";
+import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv } from "../storage/layout.js";
-import type { Services } from "./services.js";
+import { userLockKey, type Services } from "./services.js";
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
 /** `channellist` page: default and largest. */
 const LIST_DEFAULT = 100;
 const LIST_MAX = 500;
+/**
+ * Most members one createchannel may name besides its creator (12 past it): each is
+ * checked, locked and written in the creation's one batch, and told with an event.
+ * More join by invite.
+ */
+export const MAX_CREATE_MEMBERS = 100;
 
-export function registerChannels(sv: Services): void {
+/** A createchannel request, and what ChannelOps.create takes. */
+export interface NewChannel {
+  name: string;
+  descr?: string;
+  private?: boolean;
+  /** uids of existing users, members at once (duplicates and the creator are ignored). */
+  members?: readonly string[];
+}
+
+const NEW_CHANNEL_SCHEMA = {
+  type: "object",
+  required: ["name"],
+  properties: {
+    name: { ...requiredString(64), pattern: "^[^\\p{Cc}]+$" },
+    descr: optionalString(1024),
+    private: { type: "boolean" },
+    members: { type: "array", maxItems: MAX_CREATE_MEMBERS, errorCode: Code.TooLarge, items: requiredString(64) },
+  },
+} as const;
+
+/**
+ * Channels for the other front doors: the same rules, codes and events as the native
+ * actions (a refusal is a ProtocolError with createchannel's or invite's code).
+ */
+export interface ChannelOps {
+  /**
+   * Creates a channel owned by `owner` whose members are the owner and `members`, as
+   * createchannel does (`spec` is checked against its schema); each member added gets
+   * ev_enter naming themselves. Codes 1 (a public channel's name is taken), 3, 4, 8 (a
+   * member does not exist), 12 (too many members), 13 (a cap).
+   */
+  create(owner: string, spec: NewChannel): Promise<ChannelRecord>;
+  /**
+   * `by`, a member of channel `chid` or its owner, makes user `uid` a member, as invite
+   * does: every member gets ev_enter. False when `uid` already was one (nothing sent).
+   * Codes 8, 9, 10 (`by` is not a member), 13 (`uid` is in as many channels as allowed).
+   */
+  invite(by: string, chid: string, uid: string): Promise<boolean>;
+  /** Whether `uid` is a member of channel `chid` (its events reach them, they may post). */
+  isMember(chid: string, uid: string): Promise<boolean>;
+}
+
+export function registerChannels(sv: Services): ChannelOps {
   /** A channel's last messages for `enter`, read a page at a time as they are written. */
   async function* lastMessages(seqs: readonly number[]): AsyncIterable<Fields> {
     for (let i = 0; i < seqs.length; i += 10) {
@@ -43,63 +96,166 @@ export function registerChannels(sv: Services): void {
     router.publish(ev, { users: uids });
   }
 
-  /**
-   * Runs `fn` (which commits a new membership) once the caller is under their caps:
-   * under a lock per user, so that concurrent requests cannot pass the count together.
-   */
-  function withinCaps<T>(me: string, owning: boolean, fn: () => Promise<T>): Promise<T> {
-    return locks.run(`channels-of:${me}`, async () => {
-      if (owning && (await channels.ownedCount(me, config.maxOwnedChannels)) >= config.maxOwnedChannels) {
-        throw new ProtocolError(Code.RateLimited, `you own ${config.maxOwnedChannels} channels, the most one user may; delete one first`);
-      }
-      if ((await channels.joinedCount(me, config.maxJoinedChannels)) >= config.maxJoinedChannels) {
-        throw new ProtocolError(Code.RateLimited, `you are a member of ${config.maxJoinedChannels} channels, the most one user may; leave one first`);
-      }
-      return fn();
-    });
+  function notMember(chid: string): ProtocolError {
+    return new ProtocolError(Code.InvalidChannel, `you are not a member of channel '${chid}'`);
   }
 
-  dispatcher.register<{ name: string; descr?: string }>({
-    name: "createchannel",
-    schema: {
-      type: "object",
-      required: ["name"],
-      properties: { name: { ...requiredString(64), pattern: "^[^\\p{Cc}]+$" }, descr: optionalString(1024) },
-    },
-    async handle(req) {
-      const me = req.session.uid as string;
-      const { name, descr = "" } = req.data;
-      const key = name.toLowerCase();
-      const taken = () => new ProtocolError(Code.AlreadyExist, `a channel named '${name}' already exists`);
-      // Claimed before the lookup, so two creations of one name cannot both pass it.
+  /**
+   * 13 when `uid` may not join one more channel (nor, `owning`, own one more). `who`
+   * names them in the refusal when they are not the caller. Call under their
+   * `channels-of` lock, so that concurrent joins cannot pass the count together.
+   */
+  async function checkCaps(uid: string, owning: boolean, who?: string): Promise<void> {
+    if (owning && (await channels.ownedCount(uid, config.maxOwnedChannels)) >= config.maxOwnedChannels) {
+      throw new ProtocolError(Code.RateLimited, `you own ${config.maxOwnedChannels} channels, the most one user may; delete one first`);
+    }
+    if ((await channels.joinedCount(uid, config.maxJoinedChannels)) >= config.maxJoinedChannels) {
+      throw new ProtocolError(
+        Code.RateLimited,
+        who === undefined
+          ? `you are a member of ${config.maxJoinedChannels} channels, the most one user may; leave one first`
+          : `${who} is a member of ${config.maxJoinedChannels} channels, the most one user may`,
+      );
+    }
+  }
+
+  /** Runs `fn` holding every lock in `keys`, taken in that order. */
+  function underLocks<T>(keys: readonly string[], fn: () => Promise<T>): Promise<T> {
+    return keys.length === 0 ? fn() : locks.run(keys[0], () => underLocks(keys.slice(1), fn));
+  }
+
+  /**
+   * Makes `uid` a member of `c` if they are not one and are under their cap (13,
+   * naming them as `who`); true when they were not a member. One join per (channel,
+   * user) at a time: two devices entering together, or an enter and an invite, make
+   * one first entry, not two. The promise is registered before any await.
+   */
+  async function join(c: ChannelRecord, uid: string, who?: string): Promise<boolean> {
+    const key = `${c.chid}\u0000${uid}`;
+    const running = joins.get(key);
+    if (running) {
+      await running;
+      return false;
+    }
+    const first = (async () => {
+      if (await channels.isMember(c.chid, uid)) return false;
+      return locks.run(`channels-of:${uid}`, async () => {
+        // Again under the lock: a creation naming them may have committed meanwhile.
+        if (await channels.isMember(c.chid, uid)) return false;
+        await checkCaps(uid, false, who);
+        await storage.commit(channels.joinOps(c.chid, uid, nowSeconds(), c.private === true));
+        channels.joined(c.chid, uid);
+        return true;
+      });
+    })();
+    joins.set(key, first);
+    try {
+      return await first;
+    } finally {
+      joins.delete(key);
+    }
+  }
+
+  /**
+   * Creates a channel (see ChannelOps.create) and returns it with the members added
+   * besides the owner. The members' user locks are held until the batch is written, so
+   * that none of them is deleted in between (their deletion would miss the new
+   * membership); then every new member's `channels-of` lock for the caps. All are
+   * taken in one order (user locks by uid, then `channels-of` by uid), as every other
+   * holder of more than one takes them, so two creations cannot wait on each other.
+   */
+  async function createChannel(owner: string, spec: NewChannel): Promise<{ c: ChannelRecord; added: { uid: string; nick: string }[] }> {
+    const { name, descr = "" } = spec;
+    const priv = spec.private === true;
+    const members = [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort();
+    const key = name.toLowerCase();
+    const taken = () => new ProtocolError(Code.AlreadyExist, `a channel named '${name}' already exists`);
+    // A public name is claimed before the lookup, so two creations of one name cannot
+    // both pass it. Private names are not unique.
+    if (!priv) {
       if (creating.has(key)) throw taken();
       creating.add(key);
-      try {
-        if ((await channels.byName(name)) !== undefined) throw taken();
-        return await withinCaps(me, true, async () => {
-          const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner: me, created: nowSeconds() };
-          await storage.commit(channels.createOps(c));
-          channels.joined(c.chid, me);
-          return { chid: c.chid };
-        });
-      } finally {
-        creating.delete(key);
-      }
+    }
+    try {
+      if (!priv && (await channels.byName(name)) !== undefined) throw taken();
+      const lockKeys = [...members.map(userLockKey), ...[owner, ...members].sort().map((uid) => `channels-of:${uid}`)];
+      return await underLocks(lockKeys, async () => {
+        const found = await Promise.all(members.map((uid) => users.get(uid)));
+        const missing = members.find((_, i) => found[i] === undefined);
+        if (missing !== undefined) throw new ProtocolError(Code.UserNotFound, `no user with uid '${missing}'`);
+        await checkCaps(owner, true);
+        for (const uid of members) await checkCaps(uid, false, `user '${uid}'`);
+        const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner, created: nowSeconds() };
+        if (priv) c.private = true;
+        await storage.commit([...channels.createOps(c), ...members.flatMap((uid) => channels.joinOps(c.chid, uid, c.created, priv))]);
+        channels.joined(c.chid, owner);
+        for (const uid of members) channels.joined(c.chid, uid);
+        return { c, added: members.map((uid, i) => ({ uid, nick: found[i]?.nick as string })) };
+      });
+    } finally {
+      if (!priv) creating.delete(key);
+    }
+  }
+
+  /**
+   * The ev_enter of a member added at creation, for that member alone: it tells them
+   * they are in (`enter` lists the others; N members told of each other would be N²).
+   */
+  function entered(chid: string, m: { uid: string; nick: string }): Event {
+    return { kind: "enter", chid, uid: m.uid, nick: m.nick };
+  }
+
+  dispatcher.register<NewChannel>({
+    name: "createchannel",
+    schema: NEW_CHANNEL_SCHEMA,
+    async handle(req) {
+      const { c, added } = await createChannel(req.session.uid as string, req.data);
+      for (const m of added) req.emit(entered(c.chid, m), { users: [m.uid] });
+      return { chid: c.chid };
     },
   });
 
-  // Every channel, a page at a time (one range read of `limit` records); `online`
-  // counts each listed channel's members online from the membership cache, over the
-  // smaller of its members and the users online (ChannelStore.countPresent).
+  /**
+   * `by` (a member of `chid`, or its owner) makes `uid` a member (see ChannelOps.invite).
+   * Under the invitee's user lock, so that their deletion cannot miss the membership.
+   */
+  async function inviteTo(by: string, chid: string, uid: string): Promise<{ c: ChannelRecord; added: boolean; nick: string }> {
+    const c = await channelOf(chid);
+    if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw notMember(c.chid);
+    return locks.run(userLockKey(uid), async () => {
+      const u = await users.get(uid);
+      if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+      return { c, added: await join(c, uid, `user '${uid}'`), nick: u.nick };
+    });
+  }
+
+  dispatcher.register<{ channel: string; uid: string }>({
+    name: "invite",
+    schema: { type: "object", required: ["channel", "uid"], properties: { channel: requiredString(64), uid: requiredString(64) } },
+    async handle(req) {
+      const { c, added, nick } = await inviteTo(req.session.uid as string, req.data.channel, req.data.uid);
+      // As for a first entry: every member hears of it, the invitee included.
+      if (added) req.emit({ kind: "enter", chid: c.chid, uid: req.data.uid, nick }, { channel: c.chid });
+      return {};
+    },
+  });
+
+  // The public channels and the caller's private ones, a page at a time in chid order
+  // (a range read of up to `limit` of each, merged); `online` counts each listed
+  // channel's members online from the membership cache, over the smaller of its
+  // members and the users online (ChannelStore.countPresent).
   dispatcher.register<{ limit?: number; after?: string }>({
     name: "channellist",
     schema: { type: "object", properties: { limit: { type: "integer", minimum: 1 }, after: requiredString(64) } },
     async handle(req) {
       const limit = Math.min(req.data.limit ?? LIST_DEFAULT, LIST_MAX);
+      const { after } = req.data;
+      const [open, mine] = await Promise.all([channels.page(limit, after), channels.privatePage(req.session.uid as string, limit, after)]);
+      const page = mine.length === 0 ? open : [...open, ...mine].sort((a, b) => (a.chid < b.chid ? -1 : a.chid > b.chid ? 1 : 0)).slice(0, limit);
       const list = [];
-      for (const c of await channels.page(limit, req.data.after)) {
+      for (const c of page) {
         const online = await channels.countPresent(c.chid, router.online);
-        list.push({ chid: c.chid, name: c.name, descr: c.descr, online });
+        list.push(c.private ? { chid: c.chid, name: c.name, descr: c.descr, online, private: true } : { chid: c.chid, name: c.name, descr: c.descr, online });
       }
       return { channels: list };
     },
@@ -112,34 +268,12 @@ export function registerChannels(sv: Services): void {
       const s = req.session;
       const me = s.uid as string;
       const c = await channelOf(req.data.channel);
-      // One join per (channel, user) at a time: two devices entering together make
-      // one first entry, not two. The promise is registered before any await.
-      const joinKey = `${c.chid}\u0000${me}`;
-      let join = joins.get(joinKey);
-      if (join) {
-        await join;
-      } else {
-        join = (async () => {
-          if (await channels.isMember(c.chid, me)) return false;
-          return withinCaps(me, false, async () => {
-            await storage.commit(channels.joinOps(c.chid, me, nowSeconds()));
-            channels.joined(c.chid, me);
-            return true;
-          });
-        })();
-        joins.set(joinKey, join);
-        let first: boolean;
-        try {
-          first = await join;
-        } finally {
-          joins.delete(joinKey);
-        }
-        if (first) {
-          // Every member hears of a first entry, the one entering included; entering
-          // again is a no-op.
-          req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
-        }
+      if (c.private && c.owner !== me && !(await channels.isMember(c.chid, me))) {
+        throw new ProtocolError(Code.InvalidChannel, `channel '${c.chid}' is private: only its members can enter it`);
       }
+      // Every member hears of a first entry, the one entering included; entering
+      // again is a no-op.
+      if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
       const list = [];
       for (const uid of await channels.members(c.chid)) {
         const u = await users.get(uid);
@@ -163,9 +297,7 @@ export function registerChannels(sv: Services): void {
         chids = await channels.channelsOf(me);
       } else {
         const c = await channelOf(req.data.channel);
-        if (!(await channels.isMember(c.chid, me))) {
-          throw new ProtocolError(Code.InvalidChannel, `you are not a member of channel '${c.chid}'`);
-        }
+        if (!(await channels.isMember(c.chid, me))) throw notMember(c.chid);
         chids = [c.chid];
       }
       await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
@@ -241,6 +373,23 @@ export function registerChannels(sv: Services): void {
       return {};
     },
   });
+
+  const checkNew = compileSchema(NEW_CHANNEL_SCHEMA);
+  return {
+    async create(owner, spec) {
+      const invalid = checkNew(spec);
+      if (invalid) throw invalid;
+      const { c, added } = await createChannel(owner, spec);
+      for (const m of added) tell([m.uid], entered(c.chid, m));
+      return c;
+    },
+    async invite(by, chid, uid) {
+      const { c, added, nick } = await inviteTo(by, chid, uid);
+      if (added) router.publish({ kind: "enter", chid: c.chid, uid, nick }, { channel: c.chid });
+      return added;
+    },
+    isMember: (chid, uid) => channels.isMember(chid, uid),
+  };
 }
 
 /**

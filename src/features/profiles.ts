@@ -1,4 +1,5 @@
-// Profiles: userinfo and setuserinfo.
+// Profiles: userinfo and setuserinfo, and the user directory other front doors use
+// (user numbers, lookup by email).
 
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
@@ -8,7 +9,7 @@ import { isBase64, normaliseEmail, normalisePhone } from "./profile-fields.js";
 import { userLockKey, type Services } from "./services.js";
 
 export function publicProfile(u: UserRecord) {
-  return { uid: u.uid, nick: u.nick, email: u.email, phone: u.phone, picture: u.picture, user_status: u.status };
+  return { uid: u.uid, num: u.num, nick: u.nick, email: u.email, phone: u.phone, picture: u.picture, user_status: u.status };
 }
 
 interface SetUserInfo {
@@ -18,7 +19,23 @@ interface SetUserInfo {
   picture?: string;
 }
 
-export function registerProfiles(sv: Services): void {
+/**
+ * Users as the doors that do not speak uids see them: by number (the seeds that show
+ * users as JSON numbers) and by email (the seed that logs in by email).
+ */
+export interface UserDirectory {
+  /** The number of user `uid`; undefined when there is no such user. */
+  numOf(uid: string): Promise<number | undefined>;
+  /** The uid of user number `num`; undefined when there is none (any more). */
+  uidOf(num: number): Promise<string | undefined>;
+  /**
+   * The user whose profile email is `email`, normalised as setuserinfo stores it
+   * (trimmed, lower-cased); undefined when nobody has it or it is not an address.
+   */
+  byEmail(email: string): Promise<UserRecord | undefined>;
+}
+
+export function registerProfiles(sv: Services): UserDirectory {
   const { dispatcher, users, storage, config } = sv;
 
   dispatcher.register<{ user: string }>({
@@ -83,4 +100,14 @@ export function registerProfiles(sv: Services): void {
       return {};
     },
   });
+
+  return {
+    numOf: (uid) => users.numOf(uid),
+    uidOf: (num) => users.uidOf(num),
+    async byEmail(email) {
+      const e = normaliseEmail(email);
+      const uid = e === undefined ? undefined : await users.lookup("email", e);
+      return uid === undefined ? undefined : users.get(uid);
+    },
+  };
 }

@@ -2,6 +2,11 @@
 // membership (both ways), with an LRU cache of memberships so that a channel message
 // does not read them from disk.
 //
+// A private channel's record is kept apart from the public ones (`privchans`), with no
+// entry in the name index, and each of its members has a `privof` entry besides the
+// `memberof` one: channellist reads the public channels and the caller's private ones,
+// never other users' private channels. Its chid comes from the same counter.
+//
 // The cache only ever holds committed state. Membership changes are written by the
 // caller (joinOps, leaveOps, createOps, removeOps), who reports each one once its
 // commit succeeded: joined, left, removed. Between building the ops and that report
@@ -76,7 +81,7 @@ export class ChannelStore {
     const hit = this.records.get(chid);
     if (hit) return hit;
     const gen = this.recordsGen;
-    const c = (await this.s.channels.get(chid)) as ChannelRecord | undefined;
+    const c = ((await this.s.channels.get(chid)) ?? (await this.s.privchans.get(chid))) as ChannelRecord | undefined;
     if (c && gen === this.recordsGen) {
       if (this.records.size >= CACHED_RECORDS) this.records.delete(this.records.keys().next().value as string);
       this.records.set(chid, c);
@@ -93,9 +98,17 @@ export class ChannelStore {
     return (await this.s.chname.get(name.toLowerCase())) as string | undefined;
   }
 
-  /** Up to `limit` channels after chid `after`, in key order (chids as text): one range read. */
+  /** Up to `limit` public channels after chid `after`, in key order (chids as text): one range read. */
   async page(limit: number, after?: string): Promise<ChannelRecord[]> {
     return readValues<ChannelRecord>(this.s.channels, after === undefined ? { limit } : { gt: after, limit });
+  }
+
+  /** Up to `limit` of the private channels `uid` is a member of after chid `after`, in the same order. */
+  async privatePage(uid: string, limit: number, after?: string): Promise<ChannelRecord[]> {
+    const all = prefixRange(uid);
+    const chids = (await readKeys(this.s.privof, after === undefined ? { ...all, limit } : { gt: pair(uid, after), lt: all.lt, limit })).map(keyTail);
+    const records = await Promise.all(chids.map((chid) => this.get(chid)));
+    return records.filter((c): c is ChannelRecord => c !== undefined);
   }
 
   /** How many channels `uid` owns, counted up to `upTo`: a read of at most that many keys. */
@@ -110,19 +123,16 @@ export class ChannelStore {
 
   /** Report with joined(c.chid, c.owner) once committed. */
   createOps(c: ChannelRecord): BatchOp[] {
-    return [
-      put(this.s.channels, c.chid, c),
-      put(this.s.chname, c.name.toLowerCase(), c.chid),
-      put(this.s.owned, pair(c.owner, c.chid), 1),
-      ...this.joinOps(c.chid, c.owner, c.created),
-    ];
+    const record = c.private ? [put(this.s.privchans, c.chid, c)] : [put(this.s.channels, c.chid, c), put(this.s.chname, c.name.toLowerCase(), c.chid)];
+    return [...record, put(this.s.owned, pair(c.owner, c.chid), 1), ...this.joinOps(c.chid, c.owner, c.created, c.private)];
   }
 
   /** Report with removed(c.chid) once committed. */
   removeOps(c: ChannelRecord, members: readonly string[]): BatchOp[] {
     this.changing(c.chid);
     this.dropRecord(c.chid);
-    const ops = [del(this.s.channels, c.chid), del(this.s.chname, c.name.toLowerCase()), del(this.s.owned, pair(c.owner, c.chid))];
+    const ops = c.private ? [del(this.s.privchans, c.chid)] : [del(this.s.channels, c.chid), del(this.s.chname, c.name.toLowerCase())];
+    ops.push(del(this.s.owned, pair(c.owner, c.chid)));
     for (const uid of members) ops.push(...this.memberDels(c.chid, uid));
     return ops;
   }
@@ -172,10 +182,12 @@ export class ChannelStore {
     return (await readKeys(this.s.memberof, prefixRange(uid))).map(keyTail);
   }
 
-  /** Report with joined(chid, uid) once committed. */
-  joinOps(chid: string, uid: string, time: number): BatchOp[] {
+  /** Report with joined(chid, uid) once committed. `priv`: the channel is private. */
+  joinOps(chid: string, uid: string, time: number, priv = false): BatchOp[] {
     this.changing(chid);
-    return [put(this.s.members, pair(chid, uid), time), put(this.s.memberof, pair(uid, chid), 1)];
+    const ops = [put(this.s.members, pair(chid, uid), time), put(this.s.memberof, pair(uid, chid), 1)];
+    if (priv) ops.push(put(this.s.privof, pair(uid, chid), 1));
+    return ops;
   }
 
   /** Report with left(chid, uid) once committed. */
@@ -216,8 +228,13 @@ export class ChannelStore {
     return { channels: this.cache.size, entries: this.entries };
   }
 
+  /**
+   * The `privof` entry goes whatever the channel (a delete of a key that is not there
+   * changes nothing): no caller has to know, and none can leave a private channel
+   * listed for a user who left it.
+   */
   private memberDels(chid: string, uid: string): BatchOp[] {
-    return [del(this.s.members, pair(chid, uid)), del(this.s.memberof, pair(uid, chid))];
+    return [del(this.s.members, pair(chid, uid)), del(this.s.memberof, pair(uid, chid)), del(this.s.privof, pair(uid, chid))];
   }
 
   private changing(chid: string): void {

@@ -3,6 +3,8 @@
 //
 //   meta        <counter name>                 → last value handed out (number)
 //   users       <uid>                          → UserRecord
+//   usernum     <num>                          → uid   (a user's number: the numeric id
+//                                                doors show for users; never reused)
 //   login       <lower-case login>             → uid
 //   nick        <lower-case nick>              → uid
 //   email       <normalised email>             → uid
@@ -27,10 +29,16 @@
 //                                                newest last message first [derived]
 //   dialogat    <uid>!<peer uid>               → seq of that conversation's `dialogs` key
 //                                                (to move it on) [derived]
-//   channels    <chid>                         → ChannelRecord
-//   chname      <lower-case name>              → chid
+//   channels    <chid>                         → ChannelRecord of a public channel
+//   privchans   <chid>                         → ChannelRecord of a private channel
+//                                                (`private: true`; apart, so that
+//                                                channellist reads public ones only)
+//   chname      <lower-case name>              → chid  (public channels only: a private
+//                                                channel's name is not unique)
 //   members     <chid>!<uid>                   → unix s joined
 //   memberof    <uid>!<chid>                   → 1
+//   privof      <uid>!<chid>                   → 1    (the private channels a user is a
+//                                                member of: their channellist)
 //   owned       <uid>!<chid>                   → 1    (channels a user owns: the cap)
 //   deleted     <uid>                          → {nick, chids} (a deleted account whose
 //                                                clean-up hooks have not finished: written
@@ -55,6 +63,9 @@
 // delivery, and `cmids` → mid; start-up migrates it (storage/messages.ts, migrateV1).
 // Version 2 had no `dialogs`, `dialogat` or `owned`: start-up builds them from `peers`
 // with `hist`, and from `channels` (migrateV2).
+// Version 3 had no user numbers (UserRecord `num`, `usernum`): start-up numbers every
+// user in uid order (storage/users.ts, UserStore.init). It had no private channels
+// either (`privchans`, `privof`), which start empty.
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -67,6 +78,11 @@ import { plainAddress } from "../addresses.js";
 
 export interface UserRecord {
   uid: string;
+  /**
+   * The user's number: a stable numeric alias of uid for the doors that show users as
+   * JSON numbers. From the `usernum` counter at registration; never handed out again.
+   */
+  num: number;
   login: string;
   nick: string;
   /** bcrypt hash of sha256(pass) */
@@ -137,7 +153,7 @@ export function recordJson(m: MessageRecord, plainBody = false, nickJson?: strin
 // A Level sublevel with string keys; values are JSON unless said otherwise.
 export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
-export const LAYOUT_VERSION = 3;
+export const LAYOUT_VERSION = 4;
 
 /** Keyspaces of layout version 1 that migration reads and empties. */
 export const V1_SPACES = ["msgs", "mids", "queue"] as const;
@@ -145,6 +161,7 @@ export const V1_SPACES = ["msgs", "mids", "queue"] as const;
 export const SPACES = [
   "meta",
   "users",
+  "usernum",
   "login",
   "nick",
   "email",
@@ -164,9 +181,11 @@ export const SPACES = [
   "dialogs",
   "dialogat",
   "channels",
+  "privchans",
   "chname",
   "members",
   "memberof",
+  "privof",
   "owned",
   "purges",
   "deleted",
@@ -226,6 +245,8 @@ export interface ChannelRecord {
   descr: string;
   owner: string;
   created: number;
+  /** Members only: listed to them alone, entered by them alone (invite adds members). */
+  private?: true;
 }
 
 export function directConv(a: string, b: string): string {

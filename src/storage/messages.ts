@@ -142,7 +142,10 @@ export class MessageStore {
     storage.contribute(() => this.contribute());
   }
 
-  /** Migrates an older layout, then replays the log past the derived-index watermark. */
+  /**
+   * Migrates an older layout up to 3 (UserStore.init takes it on to 4), then replays
+   * the log past the derived-index watermark.
+   */
   async init(): Promise<void> {
     let layout = (await this.s.meta.get("layout")) as number | undefined;
     if (layout === undefined) {

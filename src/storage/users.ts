@@ -1,6 +1,8 @@
-// Users and their unique indexes (login, nick, email, phone).
+// Users, their unique indexes (login, nick, email, phone) and their numbers (the
+// numeric alias of each uid, `usernum`).
 
-import { del, put, type BatchOp, type Storage } from "./db.js";
+import type { Logger } from "pino";
+import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
 import type { Spaces, UserRecord } from "./layout.js";
 import { readEntries, readValues } from "./range.js";
 
@@ -12,6 +14,8 @@ export function indexKey(index: UniqueIndex, value: string): string {
 }
 
 const CACHE_SIZE = 50_000;
+/** Users numbered per batch by the layout-3 migration. */
+const MIGRATE_PAGE = 1000;
 
 export class UserStore {
   private readonly cache = new Map<string, UserRecord>();
@@ -19,8 +23,54 @@ export class UserStore {
   private readonly claims = new Set<string>();
   private readonly s: Spaces;
 
-  constructor(storage: Storage) {
+  constructor(
+    private readonly storage: Storage,
+    /** User numbers: the counter `meta usernum`. */
+    private readonly nums: Counter,
+  ) {
     this.s = storage.spaces;
+  }
+
+  /**
+   * Layout 3 to 4: numbers every user who has no number yet, in uid order. A page of
+   * users is one batch (records, `usernum` entries and the counter's value together),
+   * so after a crash part-way the numbered users keep their numbers and the next start
+   * numbers the rest. Call after MessageStore.init, which brings the layout to 3.
+   */
+  async init(log: Logger): Promise<void> {
+    const layout = (await this.s.meta.get("layout")) as number | undefined;
+    if (layout !== undefined && layout >= 4) return;
+    let numbered = 0;
+    for (let after = ""; ; ) {
+      const page = await readValues<Omit<UserRecord, "num"> & { num?: number }>(this.s.users, { gt: after, limit: MIGRATE_PAGE });
+      if (page.length === 0) break;
+      const ops: BatchOp[] = [];
+      for (const old of page) {
+        if (old.num !== undefined) continue;
+        ops.push(...this.saveOps({ ...old, num: this.nextNum() }, old as UserRecord));
+        numbered++;
+      }
+      await this.storage.commit(ops);
+      after = page[page.length - 1].uid;
+    }
+    await this.storage.commit([put(this.s.meta, "layout", 4)]);
+    if (numbered > 0) log.info({ users: numbered }, "numbered the users (layout 4)");
+  }
+
+  /** A new user's number: the counter only goes up, so a deleted user's is never reused. */
+  nextNum(): number {
+    return this.nums.next();
+  }
+
+  /** The uid of the user numbered `num`. */
+  async uidOf(num: number): Promise<string | undefined> {
+    if (!Number.isSafeInteger(num) || num < 1) return undefined;
+    return (await this.s.usernum.get(String(num))) as string | undefined;
+  }
+
+  /** The number of user `uid`. */
+  async numOf(uid: string): Promise<number | undefined> {
+    return (await this.get(uid))?.num;
   }
 
   /** The user if cached (the hot path's check that a recipient exists). */
@@ -91,6 +141,8 @@ export class UserStore {
   /** Ops writing `next` (and its indexes) over `prev`; the cache is updated at once. */
   saveOps(next: UserRecord, prev?: UserRecord): BatchOp[] {
     const ops: BatchOp[] = [put(this.s.users, next.uid, next)];
+    // A number is given once (registration, or the migration of an older record).
+    if (next.num !== prev?.num) ops.push(put(this.s.usernum, String(next.num), next.uid));
     for (const index of ["login", "nick", "email", "phone"] as const) {
       const before = prev?.[index] ?? "";
       const after = next[index];
@@ -107,7 +159,7 @@ export class UserStore {
   }
 
   removeOps(u: UserRecord): BatchOp[] {
-    const ops: BatchOp[] = [del(this.s.users, u.uid)];
+    const ops: BatchOp[] = [del(this.s.users, u.uid), del(this.s.usernum, String(u.num))];
     for (const index of ["login", "nick", "email", "phone"] as const) {
       if (u[index]) ops.push(del(this.s[index], indexKey(index, u[index])));
     }
