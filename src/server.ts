@@ -33,8 +33,10 @@ import { SessionStore } from "./storage/sessions.js";
 import { UserStore } from "./storage/users.js";
 import { Listener } from "./transport/listener.js";
 import { nativeFront } from "./doors/native.js";
+import { RoomsDoor } from "./doors/rooms.js";
 import { RustDoor } from "./doors/rust.js";
-import { serverChannel } from "./features/channels.js";
+import { privateRoomOf, serverChannel } from "./features/channels.js";
+import { channelConv } from "./storage/layout.js";
 
 export interface RunningServer {
   readonly host: string;
@@ -45,6 +47,8 @@ export interface RunningServer {
   readonly adminPort: number | undefined;
   /** The rust_messages door's port (seed 000), when it is on. */
   readonly rustPort: number | undefined;
+  /** The rooms API door's port (seed 001), when it is on. */
+  readonly roomsPort: number | undefined;
   readonly services: Services;
   /** The native door's listener. */
   readonly listener: Listener;
@@ -196,18 +200,40 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     const door = new RustDoor(dispatcher, log, { config, defaultRoom, channelByName: (name) => services.channels.byName(name) });
     listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
   }
-  for (const l of listeners) l.refuseAddress = (address) => services.bans.banned("addr", address)?.reason;
+  let roomsListener: Listener | undefined;
+  if (config.roomsPort >= 0) {
+    const { users, messages } = services;
+    const door = new RoomsDoor(dispatcher, log, {
+      config,
+      blobs,
+      uidOfLogin: (login) => users.lookup("login", login),
+      loginsStartingWith: async (prefix, limit) => {
+        const uids = await users.prefixSearch("login", prefix, limit);
+        const found = await Promise.all(uids.map((uid) => users.get(uid)));
+        return found.flatMap((u) => (u ? [u.login] : []));
+      },
+      roomOf: (a, b) => privateRoomOf(services, a, b),
+      firstMid: (chid) => messages.firstSeq(channelConv(chid)),
+    });
+    listeners.push((roomsListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
+  }
+  for (const l of listeners) {
+    l.refuseAddress = (address) => services.bans.banned("addr", address)?.reason;
+    l.group = listeners; // one set of connection caps for every door
+  }
   registerStats(services, () => listener.connections.size);
 
   let stopping: Promise<void> | undefined;
   let address;
   let tlsAddress;
   let rustAddress;
+  let roomsAddress;
   let adminAddress;
   try {
     address = await listener.listen(listener.server, config.port, config.host);
     if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
     if (rustListener) rustAddress = await rustListener.listen(rustListener.server, config.rustPort, config.host);
+    if (roomsListener) roomsAddress = await roomsListener.listen(roomsListener.server, config.roomsPort, config.host);
     if (adminApp) {
       const version = packageVersion();
       Object.assign(adminDeps, {
@@ -228,7 +254,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     throw err;
   }
   log.info(
-    { host: address.address, port: address.port, tlsPort: tlsAddress?.port, rustPort: rustAddress?.port, adminPort: adminAddress?.port, dataDir: config.dataDir },
+    { host: address.address, port: address.port, tlsPort: tlsAddress?.port, rustPort: rustAddress?.port, roomsPort: roomsAddress?.port, adminPort: adminAddress?.port, dataDir: config.dataDir },
     "wirechat listening",
   );
 
@@ -238,6 +264,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     tlsPort: tlsAddress?.port,
     adminPort: adminAddress?.port,
     rustPort: rustAddress?.port,
+    roomsPort: roomsAddress?.port,
     services,
     listener,
     listeners,

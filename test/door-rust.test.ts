@@ -257,3 +257,33 @@ describe("rust_messages door: bad input", () => {
     d.close();
   });
 });
+
+describe("rust_messages door: limits shared with the native door", () => {
+  const capped = serveForFile({ rustPort: 0, maxConnections: 3, maxPerAddress: 100 });
+  const perAddr = serveForFile({ rustPort: 0, maxPerAddress: 2 });
+
+  it("--max-connections counts both doors' connections; the refusal comes in this door's shape", async () => {
+    const n1 = await Client.connect(capped.port);
+    const n2 = await Client.connect(capped.port);
+    const r1 = await rust(capped.server.rustPort as number);
+    expect(await r1.quiet(100)).toBe(true);
+    const r2 = await rust(capped.server.rustPort as number);
+    const refusal = await r2.next();
+    expect(refusal).toEqual({ action: "unknown", code: 400, message: "the server is at its connection limit; try again later" });
+    await r2.closed;
+    for (const c of [n1, n2, r1]) c.close();
+  });
+
+  it("--max-per-address counts unauthenticated connections of both doors", async () => {
+    const n1 = await Client.connect(perAddr.port);
+    const r1 = await rust(perAddr.server.rustPort as number);
+    expect(await r1.quiet(100)).toBe(true);
+    const n2 = await Client.connect(perAddr.port, { welcome: false });
+    expect((await n2.next()).data).toMatchObject({ status: 13 });
+    await n2.closed;
+    // Logged in, a connection no longer counts against its address.
+    expect((await ask(r1, { action: "registration", login: uniqueName("cap"), password: "p" })).code).toBe(200);
+    const n3 = await Client.connect(perAddr.port);
+    for (const c of [n1, r1, n3]) c.close();
+  });
+});

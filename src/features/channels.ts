@@ -405,3 +405,18 @@ export async function serverChannel(sv: Services, name: string): Promise<string>
   sv.log.info({ chid: c.chid, name }, "created the server's channel");
   return c.chid;
 }
+
+/**
+ * A private channel whose members are exactly `a` and `b` (a rooms-API room of two), if
+ * there is one: reads `a`'s channels (at most --max-joined-channels) and the members of
+ * the private ones among them.
+ */
+export async function privateRoomOf(sv: Services, a: string, b: string): Promise<string | undefined> {
+  for (const chid of await sv.channels.channelsOf(a)) {
+    const c = (await sv.channels.get(chid)) as (ChannelRecord & { private?: boolean }) | undefined;
+    if (!c?.private) continue;
+    const members = await sv.channels.members(chid);
+    if (members.length === 2 && members.includes(a) && members.includes(b)) return chid;
+  }
+  return undefined;
+}

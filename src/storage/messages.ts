@@ -677,6 +677,12 @@ export class MessageStore {
     }
   }
 
+  /** The seq of a conversation's oldest message, if it has any: one bounded read. */
+  async firstSeq(conv: string): Promise<number | undefined> {
+    const found = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: 1 })) as [string, HistChunk][];
+    return found.length > 0 ? found[0][1][0] : undefined;
+  }
+
   /** The seq of a conversation's newest message, if it has any: one bounded read. */
   async lastSeq(conv: string): Promise<number | undefined> {
     // Only channels are remembered (their commits keep `lasts` up to date).

@@ -193,18 +193,36 @@ export class Listener {
     });
   }
 
-  /** The cap that a new connection (or handshake) from `address` is over, if any. */
-  private overCap(address: string): "full" | "address" | undefined {
-    if (this.connections.size - this.lingering + this.handshaking.size >= this.config.maxConnections) return "full";
-    if (this.unauthenticated(address) >= this.config.maxPerAddress) return "address";
-    return undefined;
+  /**
+   * The listeners whose connections count together against the caps: every door's
+   * (server.ts sets it), so that a second door does not double --max-connections.
+   */
+  group: readonly Listener[] = [this];
+
+  /** Connections holding a slot (not lingering) and handshakes in progress. */
+  private get held(): number {
+    return this.connections.size - this.lingering + this.handshaking.size;
   }
 
-  /** Unauthenticated connections and handshakes from `address` (logged-in ones let go). */
-  private unauthenticated(address: string): number {
+  /** The cap that a new connection (or handshake) from `address` is over, if any. */
+  private overCap(address: string): "full" | "address" | undefined {
+    let held = 0;
+    for (const l of this.group) held += l.held;
+    if (held >= this.config.maxConnections) return "full";
+    let unauth = 0;
+    for (const l of this.group) unauth += l.unauthenticated(address, false);
+    if (unauth < this.config.maxPerAddress) return undefined;
+    // At the cap: count again without the connections that have logged in since.
+    unauth = 0;
+    for (const l of this.group) unauth += l.unauthenticated(address, true);
+    return unauth >= this.config.maxPerAddress ? "address" : undefined;
+  }
+
+  /** Unauthenticated connections and handshakes from `address` (with `prune`, logged-in ones let go). */
+  unauthenticated(address: string, prune: boolean): number {
     const slots = this.perAddress.get(address);
     if (!slots) return 0;
-    if (slots.conns.size + slots.handshakes >= this.config.maxPerAddress) {
+    if (prune) {
       for (const c of slots.conns) if ((c.session as Session).uid !== undefined) slots.conns.delete(c);
       this.dropIfEmpty(address, slots);
     }

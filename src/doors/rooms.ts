@@ -1,0 +1,296 @@
+// The rooms API door (seed 001): `{"type": …}` objects, one per line, on their own
+// TCP port. Rooms are private channels (members only) made for two people by
+// CREATE_ROOM; messages, edits and deletions are wirechat's own, so a native client
+// in the same channel sees them and its own reach this door.
+//
+// Ids are JSON numbers: a room's id is its chid, a message's id its mid (both decimal
+// numbers natively too). Dates are `YYYY-MM-DDTHH:MM:SS` in UTC. The type and status
+// constants are spelled as in the seed, typos included (SINGUP_OK, first_massage_id):
+// clients compare against them.
+
+import type { Logger } from "pino";
+import type { Config } from "../config.js";
+import { AttachmentRef, type BlobSource, type ListReply } from "../protocol/codec.js";
+import { Code } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import type { Event } from "../protocol/events.js";
+import type { Fields, OutFrame, StreamedFrame } from "../protocol/frames.js";
+import type { Session } from "../protocol/session.js";
+import type { MessageRecord } from "../storage/layout.js";
+import { DialectDoor, str, type Answer } from "./dialect.js";
+
+/** READ_MSG ALL answers at most this many (the latest). */
+const READ_MAX = 500;
+/** SEARCH_USER answers at most this many logins. */
+const SEARCH_MAX = 50;
+/** (user, room) pairs whose last message sent through this door is remembered (RESENT). */
+const SENT_MAX = 100_000;
+
+type Msg = Record<string, unknown> & { type: string };
+
+interface RoomsState {
+  uid: string | undefined;
+  login: string | undefined;
+}
+
+/** What the door reads besides native actions (lookups only: it never writes). */
+export interface RoomsDeps {
+  config: Config;
+  blobs: BlobSource;
+  /** The uid of a login, if there is an account. */
+  uidOfLogin(login: string): Promise<string | undefined>;
+  /** Logins starting with `prefix` (case-insensitively), at most `limit`. */
+  loginsStartingWith(prefix: string, limit: number): Promise<string[]>;
+  /** A private channel whose members are exactly these two users, if there is one. */
+  roomOf(a: string, b: string): Promise<string | undefined>;
+  /** The mid of a channel's first message, if it has one. */
+  firstMid(chid: string): Promise<number | undefined>;
+}
+
+/** `YYYY-MM-DDTHH:MM:SS` (UTC) for unix seconds. */
+export function roomsDate(seconds: number): string {
+  return new Date(seconds * 1000).toISOString().slice(0, 19);
+}
+
+function line(fields: Fields): string {
+  return JSON.stringify(fields) + "\n";
+}
+
+function error(type: string, text: string): OutFrame[] {
+  return [line({ type, status: "ERROR", error: text })];
+}
+
+/** The MIME type of an IMAGE's bytes from their first bytes (base64), as far as known. */
+export function sniffImage(base64: string): string {
+  const head = Buffer.from(base64.slice(0, 16), "base64");
+  if (head[0] === 0x89 && head.toString("latin1", 1, 4) === "PNG") return "image/png";
+  if (head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff) return "image/jpeg";
+  if (head.toString("latin1", 0, 4) === "GIF8") return "image/gif";
+  if (head.toString("latin1", 0, 4) === "RIFF" && head.toString("latin1", 8, 12) === "WEBP") return "image/webp";
+  if (head.toString("latin1", 0, 2) === "BM") return "image/bmp";
+  return "image/octet-stream";
+}
+
+function msgType(attach: { mime: string } | undefined): "TEXT" | "FILE" | "IMAGE" {
+  if (!attach) return "TEXT";
+  return attach.mime.startsWith("image/") ? "IMAGE" : "FILE";
+}
+
+export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
+  readonly name = "rooms";
+  /** `<uid>\0<chid>` → the newest mid this user was sent in that room through this door. */
+  private readonly sent = new Map<string, number>();
+
+  constructor(
+    dispatcher: Dispatcher,
+    log: Logger,
+    private readonly deps: RoomsDeps,
+  ) {
+    super(dispatcher, log);
+  }
+
+  protected initial(): RoomsState {
+    return { uid: undefined, login: undefined };
+  }
+
+  protected decode(value: unknown): Msg | string {
+    if (typeof value !== "object" || value === null || Array.isArray(value)) return "frame must be a JSON object";
+    const type = (value as { type?: unknown }).type;
+    if (typeof type !== "string" || type === "") return "frame has no 'type' string";
+    return value as Msg;
+  }
+
+  bad(_code: Code, reason: string): OutFrame {
+    return line({ type: "ERROR", status: "ERROR", error: reason });
+  }
+
+  /** Remembers what a user was sent in a room (for READ_MSG RESENT). */
+  private wasSent(uid: string, chid: string, mid: number): void {
+    const key = `${uid}\u0000${chid}`;
+    if ((this.sent.get(key) ?? 0) >= mid) return;
+    this.sent.delete(key);
+    if (this.sent.size >= SENT_MAX) this.sent.delete(this.sent.keys().next().value as string);
+    this.sent.set(key, mid);
+  }
+
+  /** A message as its READ_MSG frame (an attachment's base64 streamed from the blob store). */
+  private readFrame(m: Pick<MessageRecord, "mid" | "chid" | "nick" | "body" | "time">, attach: { mime: string; sha: string; size?: number } | undefined): OutFrame {
+    const head = { type: "READ_MSG", status: "OK", room_id: Number(m.chid), message_id: Number(m.mid), msg_type: msgType(attach) };
+    const tail = `,"date":${JSON.stringify(roomsDate(m.time))},"sender":${JSON.stringify(m.nick)}}\n`;
+    if (!attach) return `${JSON.stringify(head).slice(0, -1)},"message":${JSON.stringify(m.body)}${tail}`;
+    const sha = attach.sha;
+    const frame: StreamedFrame = { parts: [`${JSON.stringify(head).slice(0, -1)},"message":"`, () => this.deps.blobs.readBase64(sha), `"${tail}`] };
+    if (attach.size !== undefined) frame.size = 200 + 4 * Math.ceil(attach.size / 3);
+    return frame;
+  }
+
+  render(st: RoomsState, ev: Event): OutFrame {
+    const wire = (ev.wire ??= {});
+    switch (ev.kind) {
+      case "message": {
+        const m = ev.m;
+        if (m.chid === undefined) return ""; // direct messages have no room on this door
+        if (st.uid !== undefined) this.wasSent(st.uid, m.chid, Number(m.mid));
+        return (wire[this.name] ??= this.readFrame(m, m.attach));
+      }
+      case "edit":
+        return (wire[this.name] ??= line({ type: "EDIT_MSG", id: Number(ev.mid), new_msg: ev.body }));
+      case "delete":
+        return (wire[this.name] ??= line({ type: "DELETE_MSG", id: Number(ev.mid) }));
+      case "channelDeleted":
+        return (wire[this.name] ??= line({ type: "DELETE_ROOM", id: Number(ev.chid) }));
+      case "logout":
+        st.uid = st.login = undefined;
+        return "";
+      default:
+        return "";
+    }
+  }
+
+  protected async handle(s: Session, st: RoomsState, msg: Msg): Promise<OutFrame[]> {
+    const { type } = msg;
+    switch (type) {
+      case "REQUEST_SIGNUP":
+        return this.signup(s, st, msg);
+      case "REQUEST_LOGIN":
+        return this.login(s, st, msg);
+    }
+    if (s.uid === undefined) return error(type, "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)");
+    const username = msg.username;
+    if (username !== undefined && username !== st.login) return error(type, "'username' is not the user logged in on this connection");
+    switch (type) {
+      case "CREATE_ROOM":
+        return this.createRoom(s, st, msg);
+      case "SND_MSG":
+        return this.send(s, msg);
+      case "READ_MSG":
+        return this.read(s, st, msg);
+      case "SEARCH_USER": {
+        const q = str(msg, "user");
+        if (!q) return error(type, "'user' is required");
+        return [line({ type, user: await this.deps.loginsStartingWith(q, SEARCH_MAX) })];
+      }
+      case "DELETE_ROOM":
+        return this.byId(s, msg, "deletechannel", "channel");
+      case "DELETE_MSG":
+        return this.byId(s, msg, "delmessage", "mid");
+      case "EDIT_MSG": {
+        const text = str(msg, "new_msg");
+        if (text === undefined) return error(type, "'new_msg' must be a string");
+        return this.byId(s, msg, "editmessage", "mid", { body: text });
+      }
+      case "OLD_DIALOGS":
+        return this.dialogs(s, msg);
+      default:
+        return error(type, `unknown type '${type}'`);
+    }
+  }
+
+  private async signup(s: Session, st: RoomsState, msg: Msg): Promise<OutFrame[]> {
+    const out = (status: string, text?: string) => [line(text ? { type: "RESPONSE_SIGNUP", status, error: text } : { type: "RESPONSE_SIGNUP", status })];
+    const login = str(msg, "login");
+    const pass = str(msg, "pass");
+    if (!login || !pass) return out("SINGUP_FAIL", "'login' and 'pass' are required");
+    if (s.uid !== undefined) return out("SINGUP_FAIL", "already logged in on this connection");
+    const r = await this.call(s, "register", { login, pass, nick: login });
+    if (!r.ok) return r.code === Code.AlreadyExist ? out("SIGNUP_USER_EXIST") : out("SINGUP_FAIL", r.text);
+    st.uid = s.uid;
+    st.login = login;
+    return out("SINGUP_OK");
+  }
+
+  private async login(s: Session, st: RoomsState, msg: Msg): Promise<OutFrame[]> {
+    const out = (status: string, text?: string) => [line(text ? { type: "RESPONSE_LOGIN", status, error: text } : { type: "RESPONSE_LOGIN", status })];
+    const login = str(msg, "login");
+    const pass = str(msg, "pass");
+    if (!login || !pass) return out("LOGIN_WRONG_USER", "'login' and 'pass' are required");
+    if (s.uid !== undefined) return out("LOGIN_WRONG_USER", "already logged in on this connection");
+    const r = await this.call(s, "auth", { login, pass });
+    if (!r.ok) {
+      if (r.code === Code.NeedRegister) return out("LOGIN_WRONG_USER");
+      if (r.code === Code.InvalidPass) return out("LOGIN_WRONG_PASS");
+      return out("LOGIN_WRONG_PASS", r.text); // throttled, banned, …: the reason says which
+    }
+    st.uid = s.uid;
+    st.login = login;
+    return out("LOGIN_OK");
+  }
+
+  private async createRoom(s: Session, st: RoomsState, msg: Msg): Promise<OutFrame[]> {
+    const type = "CREATE_ROOM";
+    const customer = str(msg, "customer");
+    if (!customer) return error(type, "'customer' is required");
+    const other = await this.deps.uidOfLogin(customer);
+    if (other === undefined) return error(type, `no user with login '${customer}'`);
+    const me = st.uid as string;
+    let chid = await this.deps.roomOf(me, other);
+    if (chid === undefined) {
+      const name = `${st.login} & ${customer}`.slice(0, 64);
+      const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
+      if (!r.ok) return error(type, r.text);
+      chid = (r.body as { chid: string }).chid;
+    }
+    return [line({ type, id: Number(chid), customer })];
+  }
+
+  private async send(s: Session, msg: Msg): Promise<OutFrame[]> {
+    const type = "SND_MSG";
+    const room = msg.room_id;
+    const text = str(msg, "message");
+    const kind = msg.msg_type ?? "TEXT";
+    if (typeof room !== "number" || !Number.isSafeInteger(room) || room < 1) return error(type, "'room_id' must be a room's id");
+    if (text === undefined) return error(type, "'message' must be a string");
+    if (kind !== "TEXT" && kind !== "FILE" && kind !== "IMAGE") return error(type, "'msg_type' must be TEXT, FILE or IMAGE");
+    const data: Record<string, unknown> = { channel: String(room) };
+    if (kind === "TEXT") data.body = text;
+    else data.attach = { mime: kind === "IMAGE" ? sniffImage(text) : "application/octet-stream", data: text };
+    const r = await this.call(s, "message", data);
+    if (!r.ok) return [line({ type, status: "ERROR", room_id: room, error: r.text })];
+    const { mid, time } = r.body as unknown as { mid: string; time: number };
+    return [line({ type, status: "OK", room_id: room, message_id: Number(mid), date: roomsDate(time) })];
+  }
+
+  private async read(s: Session, st: RoomsState, msg: Msg): Promise<OutFrame[]> {
+    const type = "READ_MSG";
+    const room = msg.room_id;
+    const mode = msg.read ?? "ALL";
+    if (typeof room !== "number" || !Number.isSafeInteger(room) || room < 1) return error(type, "'room_id' must be a room's id");
+    if (mode !== "ALL" && mode !== "RESENT") return error(type, "'read' must be ALL or RESENT");
+    const chid = String(room);
+    const r = await this.call(s, "history", { channel: chid, limit: READ_MAX });
+    if (!r.ok) return [line({ type, status: "ERROR", room_id: room, error: r.text })];
+    const after = mode === "RESENT" ? (this.sent.get(`${st.uid}\u0000${chid}`) ?? 0) : 0;
+    const out: OutFrame[] = [];
+    for await (const item of (r.body as ListReply).items()) {
+      const mid = Number(item.mid);
+      if (mid <= after) continue;
+      const attach = item.attach instanceof AttachmentRef ? item.attach : undefined;
+      out.push(this.readFrame({ mid: String(item.mid), chid, nick: String(item.nick), body: String(item.body), time: Number(item.time) }, attach));
+      this.wasSent(st.uid as string, chid, mid);
+    }
+    return out;
+  }
+
+  /** DELETE_ROOM, DELETE_MSG, EDIT_MSG: members hear of it as events; only a failure is answered. */
+  private async byId(s: Session, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
+    const id = msg.id;
+    if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg.type, "'id' must be a number");
+    const r: Answer = await this.call(s, action, { [key]: String(id), ...extra });
+    return r.ok ? [] : [line({ type: msg.type, status: "ERROR", id, error: r.text })];
+  }
+
+  private async dialogs(s: Session, msg: Msg): Promise<OutFrame[]> {
+    const r = await this.call(s, "dialogs", { limit: 100 });
+    if (!r.ok) return error(msg.type, r.text);
+    const rooms = ((r.body as { dialogs: { chid?: string; name?: string }[] }).dialogs ?? []).filter((d) => d.chid !== undefined);
+    const firsts = await Promise.all(rooms.map((d) => this.deps.firstMid(d.chid as string)));
+    return [
+      line({
+        type: "OLD_DIALOGS",
+        dialogs: rooms.map((d) => d.name),
+        id: rooms.map((d) => Number(d.chid)),
+        first_massage_id: firsts.map((f) => f ?? null),
+      }),
+    ];
+  }
+}

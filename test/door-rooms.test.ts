@@ -1,0 +1,241 @@
+// The rooms API door (seed 001) over real TCP: every example of the seed document,
+// the choices seed-doors.md makes for it, bad input, and native clients in its rooms.
+
+import { describe, expect, it } from "vitest";
+import { Client, registerUser, serveForFile, uniqueName, type Frame } from "./helpers.js";
+
+const srv = serveForFile({ roomsPort: 0, maxFrame: 64 * 1024 });
+
+async function rooms(): Promise<Client> {
+  return Client.connect(srv.server.roomsPort as number, { welcome: false });
+}
+
+function send(c: Client, req: Record<string, unknown>): void {
+  c.write(JSON.stringify(req) + "\n");
+}
+
+/** Sends a request and returns the next frame of `type` (default: the request's). */
+async function ask(c: Client, req: Record<string, unknown>, type = String(req.type)): Promise<Frame> {
+  send(c, req);
+  return c.next((f) => f.type === type);
+}
+
+async function signup(login = uniqueName("r"), pass = "user_pass"): Promise<{ c: Client; login: string; pass: string }> {
+  const c = await rooms();
+  expect(await ask(c, { type: "REQUEST_SIGNUP", login, pass }, "RESPONSE_SIGNUP")).toEqual({ type: "RESPONSE_SIGNUP", status: "SINGUP_OK" });
+  return { c, login, pass };
+}
+
+const DATE = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$/;
+
+describe("rooms door: accounts", () => {
+  it("REQUEST_SIGNUP: SINGUP_OK (logged in), SIGNUP_USER_EXIST, SINGUP_FAIL", async () => {
+    const { c, login } = await signup();
+    const d = await rooms();
+    expect(await ask(d, { type: "REQUEST_SIGNUP", login, pass: "x" }, "RESPONSE_SIGNUP")).toEqual({ type: "RESPONSE_SIGNUP", status: "SIGNUP_USER_EXIST" });
+    expect(await ask(d, { type: "REQUEST_SIGNUP", login: "", pass: "x" }, "RESPONSE_SIGNUP")).toMatchObject({ status: "SINGUP_FAIL" });
+    expect(await ask(d, { type: "REQUEST_SIGNUP", login: "has space", pass: "x" }, "RESPONSE_SIGNUP")).toMatchObject({ status: "SINGUP_FAIL" });
+    // Logged in: it can search at once.
+    expect(await ask(c, { type: "SEARCH_USER", user: login })).toEqual({ type: "SEARCH_USER", user: [login] });
+    c.close();
+    d.close();
+  });
+
+  it("REQUEST_LOGIN: LOGIN_OK, LOGIN_WRONG_USER, LOGIN_WRONG_PASS; requests before it get ERROR", async () => {
+    const { c, login, pass } = await signup();
+    c.close();
+    const d = await rooms();
+    expect(await ask(d, { type: "SEARCH_USER", user: "x" })).toMatchObject({ type: "SEARCH_USER", status: "ERROR" });
+    expect(await ask(d, { type: "REQUEST_LOGIN", login: uniqueName("nobody"), pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_USER" });
+    expect(await ask(d, { type: "REQUEST_LOGIN", login, pass: "wrong" }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS" });
+    expect(await ask(d, { type: "REQUEST_LOGIN", login, pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_OK" });
+    d.close();
+  });
+
+  it("SEARCH_USER: logins by prefix, at most 50", async () => {
+    const prefix = uniqueName("srch");
+    const made: Client[] = [];
+    for (let i = 0; i < 3; i++) made.push((await signup(`${prefix}_${i}`)).c);
+    const r = await ask(made[0], { type: "SEARCH_USER", user: prefix });
+    expect(r.user.sort()).toEqual([`${prefix}_0`, `${prefix}_1`, `${prefix}_2`]);
+    for (const c of made) c.close();
+  });
+});
+
+describe("rooms door: rooms and messages", () => {
+  it("CREATE_ROOM makes a private room of two (the same one again), SND_MSG reaches both, READ_MSG ALL and RESENT", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    expect(room).toEqual({ type: "CREATE_ROOM", id: expect.any(Number), customer: b.login });
+    expect((await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login })).id).toBe(room.id);
+    expect((await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: uniqueName("ghost") })).status).toBe("ERROR");
+
+    const sent = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "hello b", msg_type: "TEXT" });
+    expect(sent).toEqual({ type: "SND_MSG", status: "OK", room_id: room.id, message_id: expect.any(Number), date: expect.stringMatching(DATE) });
+    const got = await b.c.next((f) => f.type === "READ_MSG");
+    expect(got).toEqual({
+      type: "READ_MSG",
+      status: "OK",
+      room_id: room.id,
+      message_id: sent.message_id,
+      msg_type: "TEXT",
+      message: "hello b",
+      date: sent.date,
+      sender: a.login,
+    });
+
+    // ALL: the room's history, one frame each, oldest first.
+    await ask(b.c, { type: "SND_MSG", username: b.login, room_id: room.id, message: "hi a", msg_type: "TEXT" });
+    send(a.c, { type: "READ_MSG", read: "ALL", room_id: room.id });
+    const first = await a.c.next((f) => f.type === "READ_MSG" && f.message === "hello b");
+    const second = await a.c.next((f) => f.type === "READ_MSG" && f.message === "hi a");
+    expect(first.message_id).toBeLessThan(second.message_id);
+
+    // RESENT: only what this user was not sent yet in this room through this door.
+    const c = await rooms();
+    expect((await ask(c, { type: "REQUEST_LOGIN", login: b.login, pass: b.pass }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "third", msg_type: "TEXT" });
+    await b.c.next((f) => f.type === "READ_MSG" && f.message === "third");
+    await c.next((f) => f.type === "READ_MSG" && f.message === "third");
+    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "fourth", msg_type: "TEXT" });
+    await c.next((f) => f.type === "READ_MSG" && f.message === "fourth");
+    send(c, { type: "READ_MSG", read: "RESENT", room_id: room.id });
+    expect(await c.quiet(300, (f) => f.type === "READ_MSG")).toBe(true);
+    send(c, { type: "READ_MSG", read: "ALL", room_id: room.id });
+    const all: string[] = [];
+    for (let i = 0; i < 4; i++) all.push((await c.next((f) => f.type === "READ_MSG")).message);
+    expect(all).toEqual(["hello b", "hi a", "third", "fourth"]);
+    for (const x of [a.c, b.c, c]) x.close();
+  });
+
+  it("a room is private: an outsider cannot read it or post to it, and a native member sees it", async () => {
+    const a = await signup();
+    const b = await signup();
+    const out = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const r1 = await ask(out.c, { type: "SND_MSG", username: out.login, room_id: room.id, message: "let me in", msg_type: "TEXT" });
+    expect(r1).toMatchObject({ type: "SND_MSG", status: "ERROR", room_id: room.id });
+    const r2 = await ask(out.c, { type: "READ_MSG", read: "ALL", room_id: room.id });
+    expect(r2).toMatchObject({ status: "ERROR" });
+    // b logged in natively: the room is a private channel it is a member of.
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { login: b.login, pass: b.pass })).status).toBe(0);
+    const list = await native.request("channellist", { limit: 500 });
+    expect(list.channels.some((ch: { chid: string }) => ch.chid === String(room.id))).toBe(true);
+    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "to both doors", msg_type: "TEXT" });
+    expect(await native.event("ev_message", (d) => d.body === "to both doors")).toMatchObject({ chid: String(room.id), nick: a.login });
+    expect((await native.request("message", { channel: String(room.id), body: "from native" })).status).toBe(0);
+    expect(await a.c.next((f) => f.type === "READ_MSG" && f.message === "from native")).toMatchObject({ sender: b.login });
+    for (const x of [a.c, b.c, out.c, native]) x.close();
+  });
+
+  it("EDIT_MSG and DELETE_MSG by the author reach every member (and native members); others get ERROR", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const native = await Client.connect(srv.port);
+    await native.request("auth", { login: b.login, pass: b.pass });
+    const sent = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "typo", msg_type: "TEXT" });
+    expect((await ask(b.c, { type: "EDIT_MSG", id: sent.message_id, new_msg: "not mine" })).status).toBe("ERROR");
+    send(a.c, { type: "EDIT_MSG", id: sent.message_id, new_msg: "fixed" });
+    for (const c of [a.c, b.c]) expect(await c.next((f) => f.type === "EDIT_MSG")).toEqual({ type: "EDIT_MSG", id: sent.message_id, new_msg: "fixed" });
+    expect(await native.event("ev_edit")).toMatchObject({ mid: String(sent.message_id), body: "fixed" });
+    expect((await ask(b.c, { type: "DELETE_MSG", id: sent.message_id })).status).toBe("ERROR");
+    send(a.c, { type: "DELETE_MSG", id: sent.message_id });
+    for (const c of [a.c, b.c]) expect(await c.next((f) => f.type === "DELETE_MSG")).toEqual({ type: "DELETE_MSG", id: sent.message_id });
+    expect(await native.event("ev_delmessage")).toEqual({ mid: String(sent.message_id) });
+    for (const x of [a.c, b.c, native]) x.close();
+  });
+
+  it("DELETE_ROOM by its owner: each member gets DELETE_ROOM; others get ERROR", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    expect((await ask(b.c, { type: "DELETE_ROOM", id: room.id })).status).toBe("ERROR");
+    send(a.c, { type: "DELETE_ROOM", id: room.id });
+    for (const c of [a.c, b.c]) expect(await c.next((f) => f.type === "DELETE_ROOM" && !("status" in f))).toEqual({ type: "DELETE_ROOM", id: room.id });
+    expect((await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "gone?", msg_type: "TEXT" })).status).toBe("ERROR");
+    a.c.close();
+    b.c.close();
+  });
+
+  it("OLD_DIALOGS: the user's rooms, most recent first, with each one's first message id", async () => {
+    const a = await signup();
+    const b = await signup();
+    const c = await signup();
+    const ab = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const ac = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: c.login });
+    const m1 = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: ab.id, message: "first ab", msg_type: "TEXT" });
+    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: ac.id, message: "first ac", msg_type: "TEXT" });
+    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: ab.id, message: "second ab", msg_type: "TEXT" });
+    const r = await ask(a.c, { type: "OLD_DIALOGS", username: a.login });
+    const i = r.id.indexOf(ab.id);
+    const j = r.id.indexOf(ac.id);
+    expect(i).toBeGreaterThanOrEqual(0);
+    expect(j).toBeGreaterThan(i); // ab has the newer message
+    expect(r.first_massage_id[i]).toBe(m1.message_id);
+    expect(r.dialogs.length).toBe(r.id.length);
+    expect(r.first_massage_id.length).toBe(r.id.length);
+    for (const x of [a.c, b.c, c.c]) x.close();
+  });
+
+  it("FILE and IMAGE messages are attachments: natively `attach`, back here as the same base64", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const png = Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), Buffer.alloc(600, 7)]).toString("base64");
+    const file = Buffer.from("a file's bytes\n".repeat(40)).toString("base64");
+    const native = await Client.connect(srv.port);
+    await native.request("auth", { login: b.login, pass: b.pass });
+    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: png, msg_type: "IMAGE" });
+    expect(await b.c.next((f) => f.type === "READ_MSG")).toMatchObject({ msg_type: "IMAGE", message: png });
+    expect((await native.event("ev_message")).attach).toEqual({ mime: "image/png", data: png });
+    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: file, msg_type: "FILE" });
+    expect(await b.c.next((f) => f.type === "READ_MSG")).toMatchObject({ msg_type: "FILE", message: file });
+    expect((await native.event("ev_message")).attach).toEqual({ mime: "application/octet-stream", data: file });
+    send(b.c, { type: "READ_MSG", read: "ALL", room_id: room.id });
+    expect(await b.c.next((f) => f.type === "READ_MSG")).toMatchObject({ msg_type: "IMAGE", message: png });
+    expect(await b.c.next((f) => f.type === "READ_MSG")).toMatchObject({ msg_type: "FILE", message: file });
+    expect((await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "@@not base64@@", msg_type: "FILE" })).status).toBe("ERROR");
+    for (const x of [a.c, b.c, native]) x.close();
+  });
+
+  it("an account made natively logs in here; one made here logs in natively", async () => {
+    const n = await registerUser(srv.port);
+    const c = await rooms();
+    expect((await ask(c, { type: "REQUEST_LOGIN", login: n.login, pass: "secret" }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    const mine = await signup();
+    const d = await Client.connect(srv.port);
+    expect((await d.request("auth", { login: mine.login, pass: mine.pass })).status).toBe(0);
+    for (const x of [n.client, c, mine.c, d]) x.close();
+  });
+});
+
+describe("rooms door: bad input", () => {
+  it("malformed frames, unknown types, wrong fields: an ERROR frame each, the connection stays", async () => {
+    const { c, login } = await signup();
+    for (const raw of ["hello", '{"type":"SND_MSG", room_id: 1}', "[1]", '{"kind":"x"}']) {
+      c.write(raw + "\n");
+      expect(await c.next((f) => f.status === "ERROR")).toMatchObject({ type: "ERROR", status: "ERROR", error: expect.any(String) });
+    }
+    expect(await ask(c, { type: "FROBNICATE" })).toMatchObject({ status: "ERROR", error: "unknown type 'FROBNICATE'" });
+    expect((await ask(c, { type: "SND_MSG", username: login, room_id: "one", message: "x" })).status).toBe("ERROR");
+    expect((await ask(c, { type: "SND_MSG", username: login, room_id: 1, message: "x", msg_type: "VIDEO" })).status).toBe("ERROR");
+    expect((await ask(c, { type: "READ_MSG", read: "SOME", room_id: 1 })).status).toBe("ERROR");
+    expect((await ask(c, { type: "SEARCH_USER", username: "someone else", user: "x" })).status).toBe("ERROR");
+    expect(await ask(c, { type: "SEARCH_USER", user: login })).toEqual({ type: "SEARCH_USER", user: [login] });
+    c.close();
+  });
+
+  it("an oversized frame gets ERROR, and a flood of bad frames closes the connection", async () => {
+    const { c, login } = await signup();
+    c.write(JSON.stringify({ type: "SND_MSG", username: login, room_id: 1, message: "x".repeat(100_000), msg_type: "TEXT" }) + "\n");
+    expect(await c.next((f) => f.status === "ERROR")).toMatchObject({ error: expect.stringMatching(/large|limit|bytes/i) });
+    expect(await ask(c, { type: "SEARCH_USER", user: login })).toEqual({ type: "SEARCH_USER", user: [login] });
+    const d = await rooms();
+    d.write("nope\n".repeat(500));
+    await d.closed;
+    c.close();
+  });
+});
