@@ -1,0 +1,103 @@
+// Cross-door: one conversation with a native client, a rust_messages (000) client and a
+// rooms-API (001) client; each sees the others' messages (and, where its protocol has
+// them, edits and deletions) in its own format. Accounts made on one door log in on
+// every other.
+
+import { describe, expect, it } from "vitest";
+import { Client, registerUser, serveForFile, uniqueName, type Frame } from "./helpers.js";
+
+const ROOM = "townhall";
+const srv = serveForFile({ rustPort: 0, roomsPort: 0, rustRoom: ROOM });
+
+function line(c: Client, req: Record<string, unknown>): void {
+  c.write(JSON.stringify(req) + "\n");
+}
+
+async function ask(c: Client, req: Record<string, unknown>, match: (f: Frame) => boolean): Promise<Frame> {
+  line(c, req);
+  return c.next(match);
+}
+
+describe("seed doors together", () => {
+  it("native, rust_messages and rooms-API clients in one channel see each other's messages, edits and deletions", async () => {
+    // native: a member of the rust_messages door's room (a public channel)
+    const native = await registerUser(srv.port);
+    const chid = (await native.client.request("channellist", { limit: 500 })).channels.find((c: { name: string }) => c.name === ROOM).chid;
+    expect((await native.client.request("enter", { channel: chid })).status).toBe(0);
+    // 000: in the room after login
+    const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });
+    const rl = uniqueName("rust");
+    expect((await ask(rust, { action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    // 001: an account that joined the channel (through the native door) reads it by room id
+    const rooms = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+    const ol = uniqueName("rooms");
+    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const olNative = await Client.connect(srv.port);
+    expect((await olNative.request("auth", { login: ol, pass: "pw" })).status).toBe(0);
+    expect((await olNative.request("enter", { channel: chid })).status).toBe(0);
+    olNative.close();
+
+    // native → 000 and 001
+    const n1 = await native.client.request("message", { channel: chid, body: "from native" });
+    expect(await rust.next((f) => f.action === "get_message" && f.text === "from native")).toEqual({
+      action: "get_message",
+      author: native.nick,
+      text: "from native",
+      timestamp: expect.any(Number),
+    });
+    expect(await rooms.next((f) => f.type === "READ_MSG" && f.message === "from native")).toMatchObject({
+      room_id: Number(chid),
+      message_id: Number(n1.mid),
+      msg_type: "TEXT",
+      sender: native.nick,
+    });
+    // 000 → native and 001
+    expect((await ask(rust, { action: "send_message", text: "from rust", timestamp: 1 }, (f) => f.action === "send_message")).code).toBe(200);
+    const r1 = await native.client.event("ev_message", (d) => d.body === "from rust");
+    expect(r1).toMatchObject({ chid, nick: rl });
+    expect(await rooms.next((f) => f.type === "READ_MSG" && f.message === "from rust")).toMatchObject({ sender: rl, message_id: Number(r1.mid) });
+    // 001 → native and 000
+    const o1 = await ask(rooms, { type: "SND_MSG", username: ol, room_id: Number(chid), message: "from rooms", msg_type: "TEXT" }, (f) => f.type === "SND_MSG");
+    expect(o1.status).toBe("OK");
+    expect(await native.client.event("ev_message", (d) => d.body === "from rooms")).toMatchObject({ mid: String(o1.message_id), nick: ol });
+    expect(await rust.next((f) => f.action === "get_message" && f.text === "from rooms")).toMatchObject({ author: ol });
+
+    // edits and deletions: the native client's and the rooms client's reach each other
+    // (rust_messages has no frame for them: it shows nothing)
+    expect((await native.client.request("editmessage", { mid: n1.mid, body: "from native (edited)" })).status).toBe(0);
+    expect(await rooms.next((f) => f.type === "EDIT_MSG")).toEqual({ type: "EDIT_MSG", id: Number(n1.mid), new_msg: "from native (edited)" });
+    line(rooms, { type: "EDIT_MSG", id: o1.message_id, new_msg: "from rooms (edited)" });
+    expect(await native.client.event("ev_edit", (d) => d.mid === String(o1.message_id))).toMatchObject({ body: "from rooms (edited)" });
+    line(rooms, { type: "DELETE_MSG", id: o1.message_id });
+    expect(await native.client.event("ev_delmessage", (d) => d.mid === String(o1.message_id))).toEqual({ mid: String(o1.message_id) });
+    expect((await native.client.request("delmessage", { mid: n1.mid })).status).toBe(0);
+    expect(await rooms.next((f) => f.type === "DELETE_MSG" && f.id === Number(n1.mid))).toEqual({ type: "DELETE_MSG", id: Number(n1.mid) });
+    // and the room's history on every door no longer has them
+    const left = await ask(rust, { action: "get_messages", number_of_messages: 10 }, (f) => f.action === "get_messages");
+    expect(left.messages.map((m: { text: string }) => m.text)).toEqual(["from rust"]);
+    expect(await rust.quiet(200, (f) => f.action !== "get_message")).toBe(true);
+    for (const c of [native.client, rust, rooms]) c.close();
+  });
+
+  it("an account made on any door logs in on every other", async () => {
+    const made = [
+      { door: "native", login: (await registerUser(srv.port, uniqueName("n"), "pw")).login },
+      { door: "rust", login: uniqueName("r") },
+      { door: "rooms", login: uniqueName("o") },
+    ];
+    const r = await Client.connect(srv.server.rustPort as number, { welcome: false });
+    expect((await ask(r, { action: "registration", login: made[1].login, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    const o = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+    expect((await ask(o, { type: "REQUEST_SIGNUP", login: made[2].login, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    for (const c of [r, o]) c.close();
+    for (const { login } of made) {
+      const n = await Client.connect(srv.port);
+      expect((await n.request("auth", { login, pass: "pw" })).status).toBe(0);
+      const rr = await Client.connect(srv.server.rustPort as number, { welcome: false });
+      expect((await ask(rr, { action: "authentication", login, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
+      const oo = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+      expect((await ask(oo, { type: "REQUEST_LOGIN", login, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+      for (const c of [n, rr, oo]) c.close();
+    }
+  });
+});
