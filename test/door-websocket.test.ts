@@ -143,6 +143,10 @@ describe("native protocol over WebSocket", () => {
     const refused = await WsClient.connect(port, "/wirechat");
     expect((await refused.next()).data).toEqual({ status: 15, error: "your address is banned: abuse" });
     expect((await refused.closed).code).toBe(1008);
+    // The HTTP/WS chat's routes refuse it too, in their shape.
+    const login = await fetch(`http://127.0.0.1:${port}/login`, { method: "POST", headers: { "content-type": "application/json" }, body: '{"email":"a@b.c","password":"x"}' });
+    expect(login.status).toBe(403);
+    expect(await login.json()).toEqual({ status: "error", message: "your address is banned: abuse" });
     expect((await admin("/unban", { address: "127.0.0.1" })).status).toBe(200);
     (await native(port)).close();
   });

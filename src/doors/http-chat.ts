@@ -319,10 +319,21 @@ function client(req: FastifyRequest): RouteClient {
 
 /**
  * Seed 003's routes, in a Fastify scope of their own (its errors in the seed's shape).
- * `accept` takes an upgraded /ws socket.
+ * `accept` takes an upgraded /ws socket; `banned` says why an address is refused.
  */
-export function chatRoutes(door: ChatDoor, accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void) {
+export function chatRoutes(
+  door: ChatDoor,
+  accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
+  banned: (address: string) => string | undefined,
+) {
   return async (app: FastifyInstance): Promise<void> => {
+    // A banned address is refused here as at a TCP door's accept (a WebSocket is refused
+    // by its listener, with a message and a close).
+    app.addHook("onRequest", async (req, reply) => {
+      if (req.ws) return;
+      const why = banned(req.socket.remoteAddress ?? "?");
+      if (why !== undefined) return send(reply, failure(403, `your address is banned${why ? `: ${why}` : ""}`));
+    });
     app.setErrorHandler((err, req, reply) => {
       const e = err as { validation?: unknown; statusCode?: number; code?: string; message: string };
       if (e.validation) return send(reply, failure(400, e.message));

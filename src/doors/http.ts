@@ -82,7 +82,7 @@ export class HttpDoor {
           wsHandler: (ws, req) => accept(ws, req, native),
         });
       });
-      await app.register(chatRoutes(d.chat, accept));
+      await app.register(chatRoutes(d.chat, accept, (address) => this.websockets.refuseAddress?.(address)));
     })();
   }
 
