@@ -72,7 +72,7 @@ function success(message: string): RouteAnswer {
   return { http: 200, body: { status: "success", message } };
 }
 
-export function failure(http: number, message: string): RouteAnswer {
+function failure(http: number, message: string): RouteAnswer {
   return { http, body: { status: "error", message } };
 }
 
