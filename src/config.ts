@@ -54,6 +54,9 @@ export interface Config {
   rustSecret: string;
   rustRoom: string;
   roomsPort: number;
+  httpPort: number;
+  httpHost: string;
+  lobby: string;
 }
 
 type Kind = "int" | "string" | "enum";
@@ -127,6 +130,9 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "rustSecret", flag: "--rust-secret", env: "WIRECHAT_RUST_SECRET", kind: "string", default: "", help: "the rust_messages handshake secret; when set, a connection must send {\"action\":\"handshake\",\"secret\":…} with it first; empty: any handshake passes and none is required" },
   { key: "rustRoom", flag: "--rust-room", env: "WIRECHAT_RUST_ROOM", kind: "string", default: "general", help: "the public channel a rust_messages connection is in after login (created at start-up when missing)" },
   { key: "roomsPort", flag: "--rooms-port", env: "WIRECHAT_ROOMS_PORT", kind: "int", default: -1, min: -1, help: "TCP port of the rooms API door (seed 001: {\"type\":…} lines; rooms are private channels); -1 = off, 0 = any free port" },
+  { key: "httpPort", flag: "--http-port", env: "WIRECHAT_HTTP_PORT", kind: "int", default: -1, min: -1, help: "HTTP/WebSocket port: the HTTP/WS chat at / and /ws (seed 003), the native protocol over WebSocket at /wirechat; -1 = off, 0 = any free port" },
+  { key: "httpHost", flag: "--http-host", env: "WIRECHAT_HTTP_HOST", kind: "string", default: "", help: "address the HTTP/WebSocket port listens on; empty: the same as --host" },
+  { key: "lobby", flag: "--lobby", env: "WIRECHAT_LOBBY", kind: "string", default: "lobby", help: "the public channel every HTTP/WS chat (seed 003) client is in (created at start-up when missing)" },
   { key: "config", flag: "--config", env: "WIRECHAT_CONFIG", kind: "string", default: "", help: "JSON file of settings, keyed by flag name without the dashes ({\"port\": 7788, \"data-dir\": \"/var/lib/wirechat\"}); flags and environment variables win over it" },
 ];
 

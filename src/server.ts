@@ -35,6 +35,8 @@ import { Listener } from "./transport/listener.js";
 import { nativeFront } from "./doors/native.js";
 import { RoomsDoor } from "./doors/rooms.js";
 import { RustDoor } from "./doors/rust.js";
+import { HttpDoor } from "./doors/http.js";
+import { ChatDoor } from "./doors/http-chat.js";
 import { privateRoomOf, serverChannel } from "./features/channels.js";
 import { channelConv } from "./storage/layout.js";
 
@@ -49,11 +51,15 @@ export interface RunningServer {
   readonly rustPort: number | undefined;
   /** The rooms API door's port (seed 001), when it is on. */
   readonly roomsPort: number | undefined;
+  /** The HTTP door's port (seed 003, native over WebSocket), when it is on. */
+  readonly httpPort: number | undefined;
   readonly services: Services;
   /** The native door's listener. */
   readonly listener: Listener;
   /** Every TCP listener: the native door's first, then the seed doors'. */
   readonly listeners: readonly Listener[];
+  /** The HTTP door (its Fastify app and its WebSockets), when it is on. */
+  readonly http: HttpDoor | undefined;
   readonly admin: AdminOps;
   /** Users by number and by email (for the doors). */
   readonly directory: UserDirectory;
@@ -185,18 +191,23 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
   const newUpload = () => blobs.writer(config.maxAttach);
-  const listener = new Listener(config, dispatcher, router, nativeFront(dispatcher, new NativeCodec(blobs)), log, newUpload, metrics);
+  const nativeCodec = new NativeCodec(blobs);
+  const listener = new Listener(config, dispatcher, router, nativeFront(dispatcher, nativeCodec), log, newUpload, metrics);
   const listeners = [listener];
   let rustListener: Listener | undefined;
-  if (config.rustPort >= 0) {
-    let defaultRoom: string;
-    try {
-      defaultRoom = await serverChannel(services, config.rustRoom);
-    } catch (err) {
-      await adminApp?.close();
-      await core.close();
-      throw err;
-    }
+  let http: HttpDoor | undefined;
+  // The seed doors' rooms are channels the server makes when they are missing.
+  let defaultRoom: string | undefined;
+  let lobby: string | undefined;
+  try {
+    if (config.rustPort >= 0) defaultRoom = await serverChannel(services, config.rustRoom);
+    if (config.httpPort >= 0) lobby = await serverChannel(services, config.lobby);
+  } catch (err) {
+    await adminApp?.close();
+    await core.close();
+    throw err;
+  }
+  if (defaultRoom !== undefined) {
     const door = new RustDoor(dispatcher, log, { config, defaultRoom, channelByName: (name) => services.channels.byName(name) });
     listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
   }
@@ -217,10 +228,24 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     });
     listeners.push((roomsListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
   }
-  for (const l of listeners) {
-    l.refuseAddress = (address) => services.bans.banned("addr", address)?.reason;
-    l.group = listeners; // one set of connection caps for every door
+  if (lobby !== undefined) {
+    const { users, channels } = services;
+    const chat = new ChatDoor(dispatcher, log, {
+      lobby,
+      lookup: (index, value) => users.lookup(index, value),
+      user: (uid) => users.get(uid),
+      cachedUser: (uid) => users.peek(uid),
+      isMember: (chid, uid) => channels.isMember(chid, uid),
+      publish: (ev, audience) => router.publish(ev, audience),
+    });
+    http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat });
   }
+  const refuseAddress = (address: string) => services.bans.banned("addr", address)?.reason;
+  for (const l of listeners) {
+    l.refuseAddress = refuseAddress;
+    l.group = listeners; // one set of connection caps for every TCP door
+  }
+  if (http) http.websockets.refuseAddress = refuseAddress;
   registerStats(services, () => listener.connections.size);
 
   let stopping: Promise<void> | undefined;
@@ -228,17 +253,20 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   let tlsAddress;
   let rustAddress;
   let roomsAddress;
+  let httpAddress;
   let adminAddress;
   try {
     address = await listener.listen(listener.server, config.port, config.host);
     if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
     if (rustListener) rustAddress = await rustListener.listen(rustListener.server, config.rustPort, config.host);
     if (roomsListener) roomsAddress = await roomsListener.listen(roomsListener.server, config.roomsPort, config.host);
+    if (http) httpAddress = await http.listen();
     if (adminApp) {
       const version = packageVersion();
       Object.assign(adminDeps, {
         ops: admin,
         listeners,
+        otherConnections: http ? [http.websockets] : [],
         registry: metricsRegistry(metrics, listeners, blobs),
         notReady: () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined),
         backup: (dir: string) => backup(storage, blobs, dir, version),
@@ -249,12 +277,21 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     }
   } catch (err) {
     await adminApp?.close();
-    await Promise.all(listeners.map((l) => l.close(0)));
+    await Promise.all([...listeners.map((l) => l.close(0)), http?.close(0)]);
     await core.close();
     throw err;
   }
   log.info(
-    { host: address.address, port: address.port, tlsPort: tlsAddress?.port, rustPort: rustAddress?.port, roomsPort: roomsAddress?.port, adminPort: adminAddress?.port, dataDir: config.dataDir },
+    {
+      host: address.address,
+      port: address.port,
+      tlsPort: tlsAddress?.port,
+      rustPort: rustAddress?.port,
+      roomsPort: roomsAddress?.port,
+      httpPort: httpAddress?.port,
+      adminPort: adminAddress?.port,
+      dataDir: config.dataDir,
+    },
     "wirechat listening",
   );
 
@@ -265,9 +302,11 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     adminPort: adminAddress?.port,
     rustPort: rustAddress?.port,
     roomsPort: roomsAddress?.port,
+    httpPort: httpAddress?.port,
     services,
     listener,
     listeners,
+    http,
     admin,
     directory,
     channelOps,
@@ -278,7 +317,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       stopping ??= (async () => {
         services.hooks.stop();
         const deadline = Date.now() + config.shutdownTimeout * 1000;
-        await Promise.all(listeners.map((l) => l.close(config.shutdownTimeout * 1000)));
+        await Promise.all([...listeners.map((l) => l.close(config.shutdownTimeout * 1000)), http?.close(config.shutdownTimeout * 1000)]);
         // Storage closes only behind every user of it: handlers still running on
         // connections already closed, then background work (presence of the users just
         // disconnected, collects, purges), which stops at its next step.

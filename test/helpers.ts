@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, afterEach, beforeAll } from "vitest";
+import WebSocket from "ws";
 import { NdjsonSplitter } from "../src/client/ndjson.js";
 import { defaultConfig, type Config } from "../src/config.js";
 import { startServer, type RunningServer } from "../src/server.js";
@@ -262,4 +263,87 @@ export function useTempDirs(): () => string {
     dirs.push(d);
     return d;
   };
+}
+
+type WsWaiter = { pred: (m: any) => boolean; resolve: (m: any) => void };
+
+/**
+ * A WebSocket client (the `ws` package) for the HTTP door: every message is parsed as
+ * JSON and kept until taken, as Client does with frames.
+ */
+export class WsClient {
+  /** Messages received and not yet taken by next(). */
+  readonly messages: any[] = [];
+  /** Every message's text, as received. */
+  readonly texts: string[] = [];
+  private waiters: WsWaiter[] = [];
+  /** Resolves with the close code and reason once the socket is closed. */
+  readonly closed: Promise<{ code: number; reason: string }>;
+  isClosed = false;
+
+  private constructor(readonly ws: WebSocket) {
+    ws.on("message", (data) => {
+      const text = data.toString();
+      this.texts.push(text);
+      const m = JSON.parse(text);
+      const w = this.waiters.findIndex((x) => x.pred(m));
+      if (w >= 0) this.waiters.splice(w, 1)[0].resolve(m);
+      else this.messages.push(m);
+    });
+    this.closed = new Promise((resolve) =>
+      ws.on("close", (code, reason) => {
+        this.isClosed = true;
+        resolve({ code, reason: reason.toString() });
+      }),
+    );
+    ws.on("error", () => {});
+  }
+
+  static async connect(port: number, path: string): Promise<WsClient> {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`);
+    const c = new WsClient(ws);
+    await new Promise<void>((resolve, reject) => {
+      ws.once("open", () => resolve());
+      ws.once("error", reject);
+    });
+    return c;
+  }
+
+  /** Sends an object as JSON text, or a string or Buffer as it is (a Buffer as a binary message). */
+  send(m: unknown): void {
+    this.ws.send(typeof m === "string" || Buffer.isBuffer(m) ? m : JSON.stringify(m));
+  }
+
+  next(pred: (m: any) => boolean = () => true, timeoutMs = 5000): Promise<any> {
+    const i = this.messages.findIndex(pred);
+    if (i >= 0) return Promise.resolve(this.messages.splice(i, 1)[0]);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        reject(new Error(`timed out waiting for a message; unclaimed: ${JSON.stringify(this.messages).slice(0, 500)}`));
+      }, timeoutMs);
+      const waiter: WsWaiter = {
+        pred,
+        resolve: (m) => {
+          clearTimeout(timer);
+          resolve(m);
+        },
+      };
+      this.waiters.push(waiter);
+    });
+  }
+
+  /** Resolves true if no message matching `pred` arrives within `ms`. */
+  async quiet(ms = 200, pred: (m: any) => boolean = () => true): Promise<boolean> {
+    try {
+      await this.next(pred, ms);
+      return false;
+    } catch {
+      return true;
+    }
+  }
+
+  close(): void {
+    this.ws.terminate();
+  }
 }

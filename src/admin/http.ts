@@ -23,6 +23,8 @@ export interface AdminDeps {
   ops: AdminOps;
   /** Every TCP listener (the native door's and the seed doors'). */
   listeners: readonly Listener[];
+  /** Connections held elsewhere (the HTTP door's WebSockets): an address ban closes them too. */
+  otherConnections?: readonly { closeAddress(address: string, reason: string): number }[];
   registry: client.Registry;
   /** Why the server is not ready (undefined when it is). */
   notReady: () => string | undefined;
@@ -224,7 +226,8 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     const [kind, value] = banTarget(req.body);
     const ban = await d.ops.ban(kind, value, req.body.reason ?? "");
     const why = `your address was banned${ban.reason ? `: ${ban.reason}` : ""}`;
-    const closed = kind === "addr" ? d.listeners.reduce((n, l) => n + l.closeAddress(value, why), 0) : 0;
+    const tables = [...d.listeners, ...(d.otherConnections ?? [])];
+    const closed = kind === "addr" ? tables.reduce((n, l) => n + l.closeAddress(value, why), 0) : 0;
     return { ban, closed };
   });
   app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {

@@ -89,9 +89,10 @@ export class DialectCodec<S, M = unknown> implements Codec {
 }
 
 /**
- * A door whose clients send one JSON object per frame over a TCP listener (seeds 000
- * and 001): JSON decoding, the per-connection line and calls into the dispatcher.
- * A subclass says how to answer a frame, how bad input looks, and how events look.
+ * A door whose clients send one JSON object per frame, over a TCP listener (seeds 000
+ * and 001) or as WebSocket messages (seed 003): JSON decoding, the per-connection line
+ * and calls into the dispatcher. A subclass says how to answer a frame, how bad input
+ * looks, and how events look.
  */
 export abstract class DialectDoor<S, M = Record<string, unknown>> implements Front {
   abstract readonly name: string;
@@ -115,6 +116,14 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   abstract render(state: S, ev: Event): OutFrame;
   /** A frame is one the door can take (a JSON object with what the door keys on). */
   protected abstract decode(value: unknown): M | string;
+
+  /**
+   * Answers input the door could not take, in its turn: the door's error frame. A door
+   * may do more (seed 003 closes a socket whose first message is not its login).
+   */
+  protected refused(_s: Session, _state: S, code: Code, reason: string, action: string | undefined): OutFrame[] {
+    return [this.bad(code, reason, action)];
+  }
 
   codec(): Codec {
     return new DialectCodec<S, M>(this, this.initial());
@@ -163,6 +172,8 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
 
   /** Runs a native action for the connection; resolves with its outcome. */
   protected call(s: Session, action: string, data: Record<string, unknown>): Promise<Answer> {
+    // The dispatcher takes nothing more from a closed connection: no answer would come.
+    if (s.peer.closed) return Promise.resolve({ ok: false, code: Code.Unavailable, body: undefined, text: "the connection closed" });
     const p = (s.codec as DialectCodec<S, M>).expect(action);
     this.dispatcher.dispatch(s, action, data);
     return p;
@@ -185,7 +196,7 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
         if (c.queue.length <= QUEUE_LOW) s.peer.resume("door");
         let out: OutFrame[];
         try {
-          out = "bad" in item ? [this.bad(item.bad.code, item.bad.reason, item.bad.action)] : await this.handle(s, c.state, item.msg);
+          out = "bad" in item ? this.refused(s, c.state, item.bad.code, item.bad.reason, item.bad.action) : await this.handle(s, c.state, item.msg);
         } catch (err) {
           s.log.error({ err, door: this.name }, "door request failed");
           out = [this.bad(Code.Unavailable, "the server could not complete the request; nothing was changed")];

@@ -144,6 +144,8 @@ export class NativeCodec implements Codec {
         return this.frame("ev_logout", { reason: ev.reason });
       case "close":
         return this.frame("ev_close", { reason: ev.reason });
+      case "notice":
+        return "";
     }
   }
 

@@ -13,7 +13,8 @@ export type Event =
   | { kind: "channelDeleted"; chid: string; wire?: Wire }
   | { kind: "presence"; uid: string; online: boolean; wire?: Wire }
   | { kind: "logout"; reason: string; wire?: Wire }
-  | { kind: "close"; reason: string; wire?: Wire };
+  | { kind: "close"; reason: string; wire?: Wire }
+  | NoticeEvent;
 
 /**
  * A message. `text` is its stored record's text when it was just written (the native
@@ -25,6 +26,20 @@ export interface MessageEvent {
   m: MessageRecord;
   text?: { json: string; cut: number };
   inbox?: string;
+  wire?: Wire;
+}
+
+/**
+ * A door's own notice to a channel's members on that door (seed 003's join and leave
+ * announcements): not stored, and not a membership change; every other codec shows
+ * nothing for it. `origin` is the id of the connection it came from (not told).
+ */
+export interface NoticeEvent {
+  kind: "notice";
+  door: string;
+  chid: string;
+  text: string;
+  origin: number;
   wire?: Wire;
 }
 

@@ -30,6 +30,13 @@ export interface Upload extends UploadSink {
   release(): void;
 }
 
+let lastPeerId = 0;
+
+/** A new Peer id: unique among every transport's connections (logs, /connz). */
+export function newPeerId(): number {
+  return ++lastPeerId;
+}
+
 /** What the protocol layer may do with a connection. Implemented by the transport. */
 export interface Peer {
   readonly id: number;

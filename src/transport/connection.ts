@@ -37,7 +37,7 @@ import { readFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
-import type { Peer } from "../protocol/session.js";
+import { newPeerId, type Peer } from "../protocol/session.js";
 
 /** What one queued attachment counts toward the outbound cap, at most (see the top). */
 const ATTACHMENT_WEIGHT = 64 * 1024;
@@ -71,8 +71,6 @@ function flushAll(): void {
   for (const c of list) c.flush();
 }
 
-let nextId = 1;
-
 const reasonBits = new Map<string, number>();
 function reasonBit(why: string): number {
   let bit = reasonBits.get(why);
@@ -99,7 +97,7 @@ function lingerOver(conn: Connection): void {
 const NO_FRAMES: OutFrame[] = [];
 
 export class Connection implements Peer {
-  readonly id = nextId++;
+  readonly id = newPeerId();
   readonly address: string;
   /** Frames not yet written, in order (NO_FRAMES when none: an idle connection keeps no array). */
   private q: OutFrame[] = NO_FRAMES;

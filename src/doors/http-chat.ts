@@ -1,0 +1,374 @@
+// The HTTP/WS chat door (seed 003), on the HTTP port: account routes at the root
+// (/status, /create_user, /change_password, /login, /delete_user) answering
+// `{"status": "success" | "error", "message": <text>}`, and the WebSocket /ws, whose
+// clients are all in one room: the public channel --lobby.
+//
+// Accounts are wirechat's own: create_user makes an account whose login is the email
+// (lower-cased), nick the username and profile email the email; /login, the account
+// routes and the WebSocket's auth find the account by its profile email (so an account
+// made on another door logs in here once it has set one), then log in with its login.
+// A route runs its native actions (auth, register, setuserinfo, changepassword,
+// deleteaccount) on a session of its own, through the dispatcher like any connection,
+// and logs it out after (no stored session is left behind).
+//
+// Choices the seed leaves open (PROTOCOL.md §13 lists them): a chat message comes back
+// to its sender too (it is "broadcast to all connected clients"); join and leave are
+// announcements to the other /ws sockets, not membership changes; the timestamp is
+// the server's, in whole seconds (".000Z"); errors after the login are
+// `{"status":"error","message":null,"info":<text>}` and the socket stays.
+
+import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import type { Logger } from "pino";
+import type WebSocket from "ws";
+import { Code } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import type { Audience, Event } from "../protocol/events.js";
+import type { OutFrame } from "../protocol/frames.js";
+import type { Session } from "../protocol/session.js";
+import type { MessageRecord, UserRecord } from "../storage/layout.js";
+import { normaliseEmail } from "../features/profile-fields.js";
+import { RequestPeer } from "../transport/request-peer.js";
+import type { Front } from "../transport/listener.js";
+import { DialectDoor, str, type Answer } from "./dialect.js";
+
+interface ChatState {
+  authed: boolean;
+  /** The connection's peer id, once logged in (a notice is not shown to its sender). */
+  peer: number;
+  nick: string;
+}
+
+type ChatMsg = Record<string, unknown> & { type: string };
+
+export interface ChatDeps {
+  /** The lobby's chid (made at start-up). */
+  lobby: string;
+  /** The uid holding a unique value (the users store's indexes; email normalised). */
+  lookup(index: "login" | "nick" | "email", value: string): Promise<string | undefined>;
+  user(uid: string): Promise<UserRecord | undefined>;
+  /** The user's record when it is cached (events are rendered synchronously). */
+  cachedUser(uid: string): UserRecord | undefined;
+  isMember(chid: string, uid: string): Promise<boolean>;
+  /** Hands an event to the router (join and leave notices). */
+  publish(ev: Event, audience: Audience): void;
+}
+
+/** A route's answer: the HTTP status and seed 003's ApiResponse. */
+export interface RouteAnswer {
+  http: number;
+  body: { status: "success" | "error"; message: string };
+}
+
+/** The HTTP client a route runs for (its address counts for the password throttles). */
+export interface RouteClient {
+  address: string;
+  port: number;
+}
+
+/** The seed's own wording for a failed login. */
+const INVALID = "Invalid email or password";
+
+function success(message: string): RouteAnswer {
+  return { http: 200, body: { status: "success", message } };
+}
+
+function failure(http: number, message: string): RouteAnswer {
+  return { http, body: { status: "error", message } };
+}
+
+/** The HTTP status of a native refusal. */
+function httpOf(code: Code): number {
+  switch (code) {
+    case Code.InvalidPass:
+    case Code.NeedRegister:
+    case Code.UserNotFound:
+      return 401;
+    case Code.AlreadyExist:
+      return 409;
+    case Code.RateLimited:
+      return 429;
+    case Code.Forbidden:
+      return 403;
+    case Code.Unavailable:
+      return 503;
+    default:
+      return 400;
+  }
+}
+
+/** A refusal as a route answers it (wrong credentials in the seed's words). */
+function refusal(r: Answer): RouteAnswer {
+  const http = httpOf(r.code);
+  return failure(http, http === 401 ? INVALID : r.text);
+}
+
+/** A WebSocket message in the seed's shape. */
+function frame(status: string, message: unknown, info: string | null): string {
+  return JSON.stringify({ status, message, info });
+}
+
+function error(info: string): string {
+  return frame("error", null, info);
+}
+
+function authFailed(why: string): string {
+  return error(`Authentication failed: ${why}`);
+}
+
+function chatText(m: MessageRecord, email: string): string {
+  const message = { user_email: email, username: m.nick, content: m.body, timestamp: new Date(m.time * 1000).toISOString() };
+  return frame("message", message, null);
+}
+
+export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
+  readonly name = "http-chat";
+
+  constructor(
+    dispatcher: Dispatcher,
+    log: Logger,
+    private readonly deps: ChatDeps,
+  ) {
+    super(dispatcher, log);
+  }
+
+  protected initial(): ChatState {
+    return { authed: false, peer: 0, nick: "" };
+  }
+
+  protected decode(value: unknown): ChatMsg | string {
+    if (typeof value !== "object" || value === null || Array.isArray(value)) return "a message must be a JSON object";
+    const type = (value as { type?: unknown }).type;
+    if (typeof type !== "string" || type === "") return "a message must have a 'type' string";
+    return value as ChatMsg;
+  }
+
+  bad(_code: Code, reason: string): OutFrame {
+    return error(reason);
+  }
+
+  /** Before the login, anything the door cannot read ends the socket, as a wrong first message does. */
+  protected override refused(s: Session, st: ChatState, code: Code, reason: string): OutFrame[] {
+    if (!st.authed) return this.closeWith(s, authFailed(reason));
+    return [this.bad(code, reason)];
+  }
+
+  render(st: ChatState, ev: Event): OutFrame {
+    switch (ev.kind) {
+      case "message": {
+        const m = ev.m;
+        if (!st.authed || m.chid !== this.deps.lobby) return "";
+        const wire = (ev.wire ??= {});
+        return (wire[this.name] ??= this.chatFrame(m));
+      }
+      case "notice":
+        if (!st.authed || ev.door !== this.name || ev.chid !== this.deps.lobby || ev.origin === st.peer) return "";
+        return ((ev.wire ??= {})[this.name] ??= frame("message", null, ev.text));
+      case "logout":
+        // Logged out by the server (a newer session evicted this one): a new auth may follow.
+        st.authed = false;
+        return error(ev.reason);
+      case "close":
+        return error(ev.reason);
+      default:
+        return "";
+    }
+  }
+
+  /** A chat message with its sender's profile email, read from storage when not cached. */
+  private chatFrame(m: MessageRecord): OutFrame {
+    const sender = this.deps.cachedUser(m.from);
+    if (sender) return chatText(m, sender.email);
+    const { user } = this.deps;
+    return {
+      parts: [
+        async function* () {
+          yield chatText(m, (await user(m.from))?.email ?? "");
+        },
+      ],
+    };
+  }
+
+  protected async handle(s: Session, st: ChatState, msg: ChatMsg): Promise<OutFrame[]> {
+    if (!st.authed) return this.auth(s, st, msg);
+    switch (msg.type) {
+      case "chat": {
+        const content = str(msg, "content");
+        if (content === undefined) return [error("'content' must be a string")];
+        const r = await this.call(s, "message", { channel: this.deps.lobby, body: content });
+        return r.ok ? [] : [error(r.text)];
+      }
+      case "join":
+      case "leave":
+        this.deps.publish(
+          { kind: "notice", door: this.name, chid: this.deps.lobby, text: `${st.nick} ${msg.type === "join" ? "joined" : "left"}`, origin: st.peer },
+          { channel: this.deps.lobby },
+        );
+        return [];
+      case "auth":
+        return [error("already authenticated")];
+      default:
+        return [error(`unknown message type '${msg.type}'`)];
+    }
+  }
+
+  private async auth(s: Session, st: ChatState, msg: ChatMsg): Promise<OutFrame[]> {
+    if (msg.type !== "auth") return this.closeWith(s, authFailed('the first message must be {"type":"auth","email":…,"password":…}'));
+    const email = str(msg, "email");
+    const password = str(msg, "password");
+    if (!email || !password) return this.closeWith(s, authFailed("'email' and 'password' are required"));
+    const r = await this.loginByEmail(s, email, password);
+    if (!r.ok) return this.closeWith(s, authFailed(httpOf(r.code) === 401 ? INVALID : r.text));
+    const uid = s.uid as string;
+    // The lobby is entered once: a member stays one (a native `leave` ends it until the next login here).
+    if (!(await this.deps.isMember(this.deps.lobby, uid))) {
+      const entered = await this.call(s, "enter", { channel: this.deps.lobby });
+      if (!entered.ok) return this.closeWith(s, authFailed(`could not enter the lobby: ${entered.text}`));
+    }
+    st.authed = true;
+    st.peer = s.peer.id;
+    st.nick = s.nick as string;
+    return [frame("authenticated", null, `Welcome, ${st.nick}!`)];
+  }
+
+  /** Native auth with the login of the account whose profile email is `email`. */
+  private async loginByEmail(s: Session, email: string, password: string): Promise<Answer> {
+    const e = normaliseEmail(email);
+    const uid = e === undefined ? undefined : await this.deps.lookup("email", e);
+    const user = uid === undefined ? undefined : await this.deps.user(uid);
+    if (!user) return { ok: false, code: Code.NeedRegister, body: undefined, text: INVALID };
+    return this.call(s, "auth", { login: user.login, pass: password });
+  }
+
+  /** Runs `fn` on a session of its own for one HTTP request; logs it out and closes it after. */
+  private async onRequest(client: RouteClient, fn: (s: Session) => Promise<RouteAnswer>): Promise<RouteAnswer> {
+    const peer = new RequestPeer(client.address, client.port);
+    const s = this.dispatcher.open(peer, this.codec());
+    try {
+      return await fn(s);
+    } finally {
+      if (s.uid !== undefined) await this.call(s, "logout", {});
+      peer.end();
+      this.dispatcher.close(s);
+    }
+  }
+
+  async createUser(client: RouteClient, username: string, password: string, email: string): Promise<RouteAnswer> {
+    const e = normaliseEmail(email);
+    if (e === undefined) return failure(400, "'email' is not an email address");
+    // Taken values are told apart before anything is written; a race past these
+    // checks still ends in 409 (the native action's own check).
+    if ((await this.deps.lookup("email", e)) !== undefined || (await this.deps.lookup("login", e)) !== undefined) {
+      return failure(409, "a user with that email already exists");
+    }
+    if ((await this.deps.lookup("nick", username)) !== undefined) return failure(409, "a user with that username already exists");
+    return this.onRequest(client, async (s) => {
+      const r = await this.call(s, "register", { login: e, pass: password, nick: username });
+      if (!r.ok) return refusal(r);
+      const set = await this.call(s, "setuserinfo", { email: e });
+      if (!set.ok) {
+        // The email was taken meanwhile: the account goes again, so nothing is half made.
+        await this.call(s, "deleteaccount", { pass: password });
+        return set.code === Code.AlreadyExist ? failure(409, "a user with that email already exists") : refusal(set);
+      }
+      return success("User created");
+    });
+  }
+
+  async login(client: RouteClient, email: string, password: string): Promise<RouteAnswer> {
+    return this.onRequest(client, async (s) => {
+      const r = await this.loginByEmail(s, email, password);
+      return r.ok ? success("Login successful") : refusal(r);
+    });
+  }
+
+  async changePassword(client: RouteClient, email: string, old: string, next: string): Promise<RouteAnswer> {
+    return this.onRequest(client, async (s) => {
+      const r = await this.loginByEmail(s, email, old);
+      if (!r.ok) return refusal(r);
+      // Every other session of the account ends, on every door; this one is logged out after.
+      const changed = await this.call(s, "changepassword", { pass: old, newpass: next });
+      return changed.ok ? success("Password changed") : refusal(changed);
+    });
+  }
+
+  async deleteUser(client: RouteClient, email: string, password: string): Promise<RouteAnswer> {
+    return this.onRequest(client, async (s) => {
+      const r = await this.loginByEmail(s, email, password);
+      if (!r.ok) return refusal(r);
+      const deleted = await this.call(s, "deleteaccount", { pass: password });
+      return deleted.ok ? success("User deleted") : refusal(deleted);
+    });
+  }
+}
+
+const TEXT = (max: number) => ({ type: "string", minLength: 1, maxLength: max }) as const;
+const EMAIL = TEXT(254);
+const PASSWORD = TEXT(1024);
+
+function body(required: Record<string, object>): object {
+  return { type: "object", required: Object.keys(required), properties: required };
+}
+
+function send(reply: FastifyReply, a: RouteAnswer): FastifyReply {
+  return reply.code(a.http).send(a.body);
+}
+
+function client(req: FastifyRequest): RouteClient {
+  return { address: req.socket.remoteAddress ?? "?", port: req.socket.remotePort ?? 0 };
+}
+
+/**
+ * Seed 003's routes, in a Fastify scope of their own (its errors in the seed's shape).
+ * `accept` takes an upgraded /ws socket; `banned` says why an address is refused.
+ */
+export function chatRoutes(
+  door: ChatDoor,
+  accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
+  banned: (address: string) => string | undefined,
+) {
+  return async (app: FastifyInstance): Promise<void> => {
+    // A banned address is refused here as at a TCP door's accept (a WebSocket is refused
+    // by its listener, with a message and a close).
+    app.addHook("onRequest", async (req, reply) => {
+      if (req.ws) return;
+      const why = banned(req.socket.remoteAddress ?? "?");
+      if (why !== undefined) return send(reply, failure(403, `your address is banned${why ? `: ${why}` : ""}`));
+    });
+    app.setErrorHandler((err, req, reply) => {
+      const e = err as { validation?: unknown; statusCode?: number; code?: string; message: string };
+      if (e.validation) return send(reply, failure(400, e.message));
+      if (e.statusCode !== undefined && e.statusCode < 500) return send(reply, failure(e.statusCode, e.message));
+      req.log.error({ err }, "HTTP chat request failed");
+      return send(reply, failure(500, "the server could not complete the request"));
+    });
+    app.setNotFoundHandler((req, reply) => send(reply, failure(404, `no route ${req.method} ${req.url.split("?")[0]}`)));
+
+    app.get("/status", async () => success("wirechat is running").body);
+    app.post<{ Body: { username: string; password: string; email: string } }>(
+      "/create_user",
+      { schema: { body: body({ username: { ...TEXT(64), pattern: "^[^\\p{Cc}]+$" }, password: PASSWORD, email: EMAIL }) } },
+      async (req, reply) => send(reply, await door.createUser(client(req), req.body.username, req.body.password, req.body.email)),
+    );
+    app.post<{ Body: { email: string; old_password: string; new_password: string } }>(
+      "/change_password",
+      { schema: { body: body({ email: EMAIL, old_password: PASSWORD, new_password: PASSWORD }) } },
+      async (req, reply) => send(reply, await door.changePassword(client(req), req.body.email, req.body.old_password, req.body.new_password)),
+    );
+    app.post<{ Body: { email: string; password: string } }>(
+      "/login",
+      { schema: { body: body({ email: EMAIL, password: PASSWORD }) } },
+      async (req, reply) => send(reply, await door.login(client(req), req.body.email, req.body.password)),
+    );
+    app.post<{ Body: { email: string; password: string } }>(
+      "/delete_user",
+      { schema: { body: body({ email: EMAIL, password: PASSWORD }) } },
+      async (req, reply) => send(reply, await door.deleteUser(client(req), req.body.email, req.body.password)),
+    );
+    app.route({
+      method: "GET",
+      url: "/ws",
+      handler: async (_req, reply) => send(reply, failure(426, "/ws is a WebSocket: connect with 'Upgrade: websocket'")),
+      wsHandler: (ws, req) => accept(ws, req, door),
+    });
+  };
+}

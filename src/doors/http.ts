@@ -1,0 +1,120 @@
+// The HTTP door's port (--http-port): one Fastify instance with @fastify/websocket
+// (ws) serving the HTTP/WS chat of seed 003 at the root and /ws (http-chat.ts), and
+// the native protocol over WebSocket at /wirechat: each text message is one native
+// frame, and each reply and event is one text message, without the NDJSON line
+// terminator (the message is the frame). The welcome frame comes first, as on TCP.
+//
+// Limits are the native door's: a request body and a WebSocket message are at most
+// --max-frame bytes (Fastify's bodyLimit, ws's maxPayload); WebSockets are counted
+// against --max-connections and --max-per-address, have the idle timeouts, are refused
+// from banned addresses, and are closed gracefully at shutdown (websocket-listener.ts).
+
+import type { AddressInfo } from "node:net";
+import fastifyWebsocket from "@fastify/websocket";
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRequest } from "fastify";
+import type { Logger } from "pino";
+import type WebSocket from "ws";
+import type { Config } from "../config.js";
+import type { Metrics } from "../metrics.js";
+import type { NativeCodec } from "../protocol/codec.js";
+import { Code } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import type { Router } from "../protocol/router.js";
+import type { Front } from "../transport/listener.js";
+import { WebSocketListener } from "../transport/websocket-listener.js";
+import { chatRoutes, type ChatDoor } from "./http-chat.js";
+import { nativeFront } from "./native.js";
+
+export interface HttpDoorDeps {
+  config: Config;
+  log: Logger;
+  dispatcher: Dispatcher;
+  router: Router;
+  metrics: Metrics;
+  /** The native door's codec (one for every native connection, TCP or WebSocket). */
+  nativeCodec: NativeCodec;
+  /** Seed 003's door. */
+  chat: ChatDoor;
+}
+
+export class HttpDoor {
+  readonly app: FastifyInstance;
+  readonly websockets: WebSocketListener;
+  private readonly ready: Promise<void>;
+
+  constructor(private readonly d: HttpDoorDeps) {
+    const { config, log, dispatcher, router, metrics } = d;
+    this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics);
+    const app = Fastify({
+      // Fastify logs every request at info: this port's own lines are warnings and errors.
+      loggerInstance: log.child({ door: "http" }, { level: log.levelVal > 40 ? log.level : "warn" }) as unknown as FastifyBaseLogger,
+      bodyLimit: config.maxFrame,
+      // A request must arrive within the unauthenticated idle time (slow senders hold no socket for long).
+      requestTimeout: config.idleUnauth * 1000,
+      // A number is not a string: the seed's fields are strings, and "5" is not made of 5.
+      ajv: { customOptions: { coerceTypes: false } },
+    });
+    this.app = app;
+    // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
+    // also counted, and refused with a message, by the listener).
+    app.server.maxConnections = config.maxConnections;
+    const accept = (ws: WebSocket, req: FastifyRequest, front: Front) =>
+      this.websockets.accept(ws, req.socket.remoteAddress ?? "?", req.socket.remotePort ?? 0, front);
+    const native = nativeFront(dispatcher, d.nativeCodec);
+    this.ready = (async () => {
+      await app.register(fastifyWebsocket, {
+        options: { maxPayload: config.maxFrame },
+        // ws closes a socket whose message is too large (1009) or malformed (1002) itself,
+        // and reports it here; anything else on an open socket cuts it off.
+        errorHandler: (err, ws) => {
+          log.debug({ err, door: "http" }, "WebSocket error");
+          if (ws.readyState === ws.OPEN) ws.terminate();
+        },
+        // WebSockets are closed by the listener's graceful stop (close below), not here.
+        preClose: (done) => done(),
+      });
+      await app.register(async (scope) => {
+        scope.route({
+          method: "GET",
+          url: "/wirechat",
+          handler: async (_req, reply) =>
+            reply.code(426).type("application/json").send(d.nativeCodec.error("unknown", Code.InvalidData, "/wirechat is a WebSocket: connect with 'Upgrade: websocket'") as string),
+          wsHandler: (ws, req) => accept(ws, req, native),
+        });
+      });
+      await app.register(chatRoutes(d.chat, accept, (address) => this.websockets.refuseAddress?.(address)));
+    })();
+  }
+
+  async listen(): Promise<AddressInfo> {
+    const { config } = this.d;
+    const host = config.httpHost || config.host;
+    await this.ready;
+    try {
+      await this.app.listen({ port: config.httpPort, host });
+    } catch (err) {
+      throw new Error(`cannot listen on the HTTP port ${host}:${config.httpPort} (set --http-port)`, { cause: err });
+    }
+    return this.app.server.address() as AddressInfo;
+  }
+
+  /**
+   * Graceful stop: WebSockets as the TCP listeners' connections; HTTP requests in
+   * progress are answered and new ones get 503, up to `timeoutMs`; then what is left
+   * is cut off.
+   */
+  async close(timeoutMs: number): Promise<void> {
+    const graceMs = this.d.config.closeLinger * 1000;
+    await this.ready.catch(() => undefined);
+    const websockets = this.websockets.close(timeoutMs, graceMs);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs + graceMs)));
+    const done = Promise.all([websockets, this.app.close()]).then(() => true);
+    if (!(await Promise.race([done, late]))) {
+      this.d.log.warn("HTTP connections still open after the shutdown timeout; closing them");
+      this.app.server.closeAllConnections();
+      await Promise.race([done, new Promise((r) => setTimeout(r, graceMs).unref())]);
+    }
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,290 @@
+// The WebSockets of the HTTP door, as listener.ts is for TCP sockets: each upgraded
+// socket becomes a WebSocketPeer with a session, its messages go to the door's Front,
+// and the caps, idle timeouts, address bans and the graceful stop are the TCP
+// listener's.
+//
+// The caps are counted here, for this door's WebSockets, against the same limits as
+// each TCP listener counts its own: --max-connections every WebSocket, and
+// --max-per-address those not logged in. A WebSocket over a cap is accepted, gets the
+// door's refusal as one message and is closed with 1013 (try again later; 1008 for a
+// banned address), as a TCP socket gets its one line: the check and the accept happen
+// in the same turn, so a burst of upgrades cannot all pass a check made earlier.
+//
+// A message is one frame. Its size is ws's maxPayload (--max-frame): a larger one is
+// refused by ws as soon as its length is known, before its payload is read, and the
+// socket is closed with 1009, as ws can refuse a message in no other way. Its nesting
+// is checked here (--max-depth), as the TCP scanner does. Binary messages are refused
+// with the door's error, the socket stays.
+
+import type { Logger } from "pino";
+import type WebSocket from "ws";
+import { plainAddress } from "../addresses.js";
+import type { Config } from "../config.js";
+import { Metrics } from "../metrics.js";
+import { Code } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import { peekAction } from "../protocol/frames.js";
+import type { Router } from "../protocol/router.js";
+import type { Session } from "../protocol/session.js";
+import { deliverySlack } from "./connection.js";
+import type { Front } from "./listener.js";
+import { RefusalLog } from "./refusal-log.js";
+import { WebSocketPeer } from "./websocket.js";
+
+/** Close codes of refusals (RFC 6455 §7.4.1, IANA registry). */
+const CLOSE_POLICY = 1008;
+const CLOSE_TRY_LATER = 1013;
+
+/** Refused sockets lingering at once; past it a refused socket is cut off at once. */
+const MAX_REFUSING = 1024;
+/** Closing connections lingering at once (see listener.ts). */
+const MAX_LINGERING = 1024;
+
+const PEER = Symbol("wirechat.websocketPeer");
+const FRONT = Symbol("wirechat.websocketFront");
+const OWNER = Symbol("wirechat.websocketListener");
+/** No closures per connection: the shared handlers find theirs through the socket. */
+type Tagged = WebSocket & { [PEER]: WebSocketPeer; [FRONT]: Front; [OWNER]: WebSocketListener };
+
+/** True when the JSON text nests no deeper than `max` (strings skipped, as the scanner does). */
+export function depthWithin(bytes: Buffer, max: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i];
+    if (inString) {
+      if (b === 0x5c) i++;
+      else if (b === 0x22) inString = false;
+    } else if (b === 0x22) inString = true;
+    else if (b === 0x7b || b === 0x5b) {
+      if (++depth > max) return false;
+    } else if (b === 0x7d || b === 0x5d) depth--;
+  }
+  return true;
+}
+
+export class WebSocketListener {
+  /** Live WebSockets and the protocol session of each. */
+  readonly connections = new Map<WebSocketPeer, Session>();
+  /** Connections not logged in, by address. */
+  private readonly perAddress = new Map<string, Set<WebSocketPeer>>();
+  private readonly refusing = new Set<WebSocket>();
+  private readonly refusals: RefusalLog;
+  /** Connections in `connections` that are closing: they no longer hold a cap slot. */
+  private lingering = 0;
+  private stopping = false;
+  private readonly lingerMs: number;
+  private readonly idleSweep: NodeJS.Timeout;
+  private readonly slack = deliverySlack();
+  /** Why connections from an address are refused (an operator's ban), if they are. */
+  refuseAddress: ((address: string) => string | undefined) | undefined;
+
+  constructor(
+    private readonly config: Config,
+    private readonly dispatcher: Dispatcher,
+    private readonly router: Router,
+    private readonly log: Logger,
+    private readonly metrics: Metrics = new Metrics(),
+  ) {
+    this.lingerMs = config.closeLinger * 1000;
+    this.refusals = new RefusalLog(log);
+    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
+    this.idleSweep = setInterval(() => this.sweep(), every);
+    this.idleSweep.unref();
+  }
+
+  /** An upgraded socket for `front`, from the client at `address`:`port`. */
+  accept(ws: WebSocket, address: string, port: number, front: Front): void {
+    const over = this.stopping ? "stopping" : this.overCap(address);
+    if (over) return this.refuse(ws, address, front, over);
+    const banned = this.refuseAddress?.(address);
+    if (banned !== undefined) return this.refuse(ws, address, front, "banned", banned);
+    const peer = new WebSocketPeer(ws, address, port, this.config.outboundCap, this.slack, this.log, this.lingerMs);
+    this.slots(address).add(peer);
+    this.metrics.connectionsOpened++;
+    const session = this.dispatcher.open(peer, front.codec());
+    peer.session = session;
+    peer.onConfirmed = this.confirmed;
+    peer.onEnding = this.ending;
+    peer.onOverflow = this.overflowed;
+    this.connections.set(peer, session);
+    const tagged = ws as Tagged;
+    tagged[PEER] = peer;
+    tagged[FRONT] = front;
+    tagged[OWNER] = this;
+    ws.on("message", onMessage);
+    ws.on("ping", onPing);
+    ws.on("close", onClose);
+    const greeting = front.greeting(session.codec);
+    if (greeting !== undefined) peer.send(greeting, false);
+    this.log.debug({ conn: peer.id, remote: peer.remote, door: front.name, websocket: true }, "connection opened");
+  }
+
+  /** The cap that a new connection from `address` is over, if any. */
+  private overCap(address: string): "full" | "address" | undefined {
+    if (this.connections.size - this.lingering >= this.config.maxConnections) return "full";
+    if (this.unauthenticated(address) >= this.config.maxPerAddress) return "address";
+    return undefined;
+  }
+
+  /** Connections from `address` not logged in (logged-in ones let go when it matters). */
+  private unauthenticated(address: string): number {
+    const slots = this.perAddress.get(address);
+    if (!slots) return 0;
+    if (slots.size >= this.config.maxPerAddress) {
+      for (const p of slots) if ((p.session as Session).uid !== undefined) slots.delete(p);
+      if (slots.size === 0) this.perAddress.delete(address);
+    }
+    return slots.size;
+  }
+
+  private slots(address: string): Set<WebSocketPeer> {
+    let slots = this.perAddress.get(address);
+    if (!slots) this.perAddress.set(address, (slots = new Set()));
+    return slots;
+  }
+
+  private unslot(peer: WebSocketPeer): void {
+    const slots = this.perAddress.get(peer.address);
+    if (slots?.delete(peer) && slots.size === 0) this.perAddress.delete(peer.address);
+  }
+
+  /** The door's refusal as one message, then a close; cut off after the linger time. */
+  private refuse(ws: WebSocket, address: string, front: Front, over: "full" | "address" | "banned" | "stopping", reason = ""): void {
+    this.metrics.refused++;
+    if (over === "banned") this.refusals.refused(address, "banned", 0);
+    else if (over !== "stopping") {
+      this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", over === "full" ? this.config.maxConnections : this.config.maxPerAddress);
+    }
+    if (this.refusing.size >= MAX_REFUSING) {
+      ws.terminate();
+      return;
+    }
+    const frame =
+      over === "full" || over === "stopping"
+        ? front.refusal(Code.Unavailable, over === "full" ? "the server is at its connection limit; try again later" : "the server is shutting down; try again later")
+        : over === "banned"
+          ? front.refusal(Code.Forbidden, `your address is banned${reason ? `: ${reason}` : ""}`)
+          : front.refusal(Code.RateLimited, "too many connections from your address; try again later");
+    this.refusing.add(ws);
+    const text = frame as string;
+    ws.send(text.endsWith("\n") ? text.slice(0, -1) : text);
+    ws.close(over === "banned" ? CLOSE_POLICY : CLOSE_TRY_LATER);
+    const timer = setTimeout(() => ws.terminate(), this.lingerMs);
+    timer.unref();
+    ws.once("close", () => {
+      clearTimeout(timer);
+      this.refusing.delete(ws);
+    });
+  }
+
+  private readonly overflowed = (): void => {
+    this.metrics.closes.slow_reader++;
+  };
+
+  private readonly confirmed = (peer: WebSocketPeer, seq: number): void => this.router.confirmed(peer.session as Session, seq);
+
+  /** A closing connection lingers a little without holding a slot. */
+  private readonly ending = (peer: WebSocketPeer): void => {
+    if (++this.lingering > MAX_LINGERING) peer.cutLinger();
+    this.unslot(peer);
+  };
+
+  /** One message from the client: one frame. */
+  message(peer: WebSocketPeer, front: Front, data: WebSocket.RawData, isBinary: boolean): void {
+    if (peer.closed) return; // closing: discarded
+    peer.lastActivity = Date.now();
+    const session = peer.session as Session;
+    if (isBinary) return front.reject(session, Code.InvalidData, "binary messages are not read: send each frame as one text message", undefined);
+    // binaryType "nodebuffer": one Buffer, fragments joined.
+    const bytes = data as Buffer;
+    if (!depthWithin(bytes, this.config.maxDepth)) {
+      return front.reject(session, Code.InvalidData, `nesting deeper than ${this.config.maxDepth}`, peekAction(bytes));
+    }
+    front.frame(session, bytes, undefined, false);
+  }
+
+  closed(peer: WebSocketPeer): void {
+    const session = peer.session as Session;
+    this.log.debug({ conn: peer.id, remote: peer.remote, uid: session.uid }, "connection closed");
+    peer.closedSocket();
+    if (this.connections.delete(peer) && peer.isEnding) this.lingering--;
+    this.unslot(peer);
+    this.dispatcher.close(session);
+  }
+
+  /**
+   * Closes every connection from `address` (an operator's ban), after telling it why;
+   * returns how many.
+   */
+  closeAddress(address: string, reason: string): number {
+    const want = plainAddress(address);
+    let n = 0;
+    for (const [peer, session] of this.connections) {
+      if (peer.closed || plainAddress(peer.address) !== want) continue;
+      this.router.sendTo(session, { kind: "close", reason });
+      peer.end();
+      n++;
+    }
+    return n;
+  }
+
+  /** Idle timeouts, delivery confirmations on quiet connections, per-address counts. */
+  private sweep(): void {
+    const now = Date.now();
+    this.refusals.sweep(now);
+    for (const [peer, session] of this.connections) {
+      peer.progress();
+      this.recount(peer, session);
+      const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
+      if (peer.closed || now - peer.lastActivity <= limit * 1000) continue;
+      this.log.info({ conn: peer.id, remote: peer.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
+      this.metrics.closes.idle++;
+      this.router.sendTo(session, { kind: "close", reason: `idle timeout: nothing received for ${limit} s` });
+      peer.end();
+    }
+  }
+
+  /** A connection counts toward its address while it is not logged in (logged out: again). */
+  private recount(peer: WebSocketPeer, session: Session): void {
+    if (peer.closed) return;
+    const unauth = session.uid === undefined;
+    if (unauth === (this.perAddress.get(peer.address)?.has(peer) ?? false)) return;
+    if (unauth) this.slots(peer.address).add(peer);
+    else this.unslot(peer);
+  }
+
+  /**
+   * Graceful stop, as the TCP listener's: no new connections, no more reading; requests
+   * already read are answered (up to `timeoutMs`); then every connection is closed
+   * after flushing, and one not closed within `graceMs` is cut off.
+   */
+  async close(timeoutMs: number, graceMs = this.lingerMs): Promise<void> {
+    this.stopping = true;
+    clearInterval(this.idleSweep);
+    for (const ws of this.refusing) ws.terminate();
+    for (const peer of this.connections.keys()) peer.pause("shutdown");
+    if (!(await this.dispatcher.settled(timeoutMs, this.connections.values()))) {
+      this.log.warn("WebSocket requests still in progress at the shutdown timeout");
+    }
+    for (const peer of this.connections.keys()) peer.end();
+    const deadline = Date.now() + graceMs;
+    while (this.connections.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    for (const peer of this.connections.keys()) peer.destroy();
+    for (const ws of this.refusing) ws.terminate();
+  }
+}
+
+function onMessage(this: WebSocket, data: WebSocket.RawData, isBinary: boolean): void {
+  const ws = this as Tagged;
+  ws[OWNER].message(ws[PEER], ws[FRONT], data, isBinary);
+}
+
+function onPing(this: WebSocket): void {
+  (this as Tagged)[PEER].lastActivity = Date.now();
+}
+
+function onClose(this: WebSocket): void {
+  const ws = this as Tagged;
+  ws[OWNER].closed(ws[PEER]);
+}

@@ -1,0 +1,304 @@
+// One WebSocket (the HTTP door's /wirechat and /ws): the Peer the protocol layer sends
+// through, with the same rules as a TCP Connection.
+//
+// A frame is one message. The native codec's frames end in the NDJSON line terminator;
+// on a WebSocket the message is the frame, so a trailing "\n" is dropped here, the one
+// place that knows it is not TCP. A streamed frame (an attachment's base64 read from
+// disk, a long list read page by page) cannot go out piece by piece, since a message
+// is sent whole: its parts are joined first, and frames queued behind it wait.
+//
+// One count of outbound characters per connection: the frames queued here (a streamed
+// one waiting counts as its text plus at most 64 KiB of its data, as on TCP; the one
+// being joined counts as what has been joined so far) plus ws's bufferedAmount (what
+// the socket has not taken yet). An event that would take it past --outbound-cap
+// closes the connection as a slow reader, as on TCP; a streamed frame whose text alone
+// would take it past the cap cannot be sent as one message, and the connection is
+// closed with 1009 (message too big) rather than hold it.
+//
+// Delivery confirmation (clients that do not acknowledge): as on TCP, a frame counts
+// as read once so much has been handed to the OS after it that it cannot still be in
+// kernel buffers (Connection's marks, with handed = passed - bufferedAmount).
+//
+// Closing: end() sends what is queued, then a close frame (1000); ws waits for the
+// client's close frame, and the socket is cut off after the linger time at the latest.
+
+import type { Logger } from "pino";
+import WebSocket from "ws";
+import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
+import { newPeerId, type Peer } from "../protocol/session.js";
+
+/** What one queued streamed frame counts toward the outbound cap (connection.ts). */
+const ATTACHMENT_WEIGHT = 64 * 1024;
+
+/** Confirmation marks kept per connection (older ones merge into the newest). */
+const MAX_MARKS = 32;
+
+/** Close codes (RFC 6455 §7.4.1). */
+export const CLOSE_NORMAL = 1000;
+export const CLOSE_TOO_BIG = 1009;
+export const CLOSE_ERROR = 1011;
+
+const reasonBits = new Map<string, number>();
+function reasonBit(why: string): number {
+  let bit = reasonBits.get(why);
+  if (bit === undefined) {
+    if (reasonBits.size >= 31) throw new Error("too many pause reasons");
+    bit = 1 << reasonBits.size;
+    reasonBits.set(why, bit);
+  }
+  return bit;
+}
+
+/** The message of a frame: its text without the NDJSON line terminator. */
+function message(text: string): string {
+  return text.charCodeAt(text.length - 1) === 10 ? text.slice(0, -1) : text;
+}
+
+function weight(frame: StreamedFrame): number {
+  return Math.min(frame.size ?? 0, ATTACHMENT_WEIGHT);
+}
+
+export class WebSocketPeer implements Peer {
+  readonly id = newPeerId();
+  /** Frames waiting behind a streamed frame being joined, each with its confirmation seq. */
+  private q: [OutFrame, number][] = [];
+  /** Characters of the frames in `q` (streamed ones by weight). */
+  private queuedChars = 0;
+  /** Characters of the streamed frame joined so far. */
+  private joinedChars = 0;
+  private joining = false;
+  private ending = false;
+  private lingerTimer: NodeJS.Timeout | undefined;
+  private pausedFor = 0;
+  private drainWaiters: ((ok: boolean) => void)[] | undefined;
+  /** A streamed frame waiting for the socket to take what it holds before it is joined. */
+  private flushWaiters: (() => void)[] | undefined;
+  /** Characters handed to ws.send so far. */
+  private passed = 0;
+  /** [passed + slack, seq] pairs, oldest first (see Connection). */
+  private marks: number[] | undefined;
+  /** Unix ms of the last message received. */
+  lastActivity = Date.now();
+  /** Unix ms the connection was accepted. */
+  readonly since = this.lastActivity;
+  /** Called once when the connection starts closing (its listener frees its cap slot). */
+  onEnding: ((peer: WebSocketPeer) => void) | undefined;
+  /** Called when the connection is closed as a slow reader. */
+  onOverflow: ((peer: WebSocketPeer) => void) | undefined;
+  /** Called with the highest inbox seq the client must have read. */
+  onConfirmed: ((peer: WebSocketPeer, seq: number) => void) | undefined;
+  /** What the owner keeps with the connection (its listener's session). */
+  session: unknown;
+  private readonly sent = (): void => this.progress();
+
+  constructor(
+    readonly ws: WebSocket,
+    readonly address: string,
+    private readonly port: number,
+    private readonly outboundCap: number,
+    private readonly slack: number,
+    private readonly log: Logger,
+    private readonly lingerMs: number,
+  ) {}
+
+  get remote(): string {
+    return `${this.address}:${this.port}`;
+  }
+
+  get closed(): boolean {
+    return this.ending || this.ws.readyState !== WebSocket.OPEN;
+  }
+
+  /** end() was called: the connection is flushing and closing. */
+  get isEnding(): boolean {
+    return this.ending;
+  }
+
+  /** Characters waiting to go out: queued here, being joined, and in the socket's buffer. */
+  get outbound(): number {
+    return this.queuedChars + this.joinedChars + this.ws.bufferedAmount;
+  }
+
+  get congested(): boolean {
+    return this.joining || this.outbound > this.outboundCap / 4;
+  }
+
+  drained(): Promise<boolean> {
+    if (this.ws.readyState !== WebSocket.OPEN) return Promise.resolve(false);
+    if (!this.congested) return Promise.resolve(true);
+    return new Promise((resolve) => (this.drainWaiters ??= []).push(resolve));
+  }
+
+  private wake(ok: boolean): void {
+    const waiters = this.drainWaiters;
+    if (!waiters) return;
+    this.drainWaiters = undefined;
+    for (const w of waiters) w(ok);
+  }
+
+  send(frame: OutFrame, event: boolean, confirm = 0): void {
+    if (this.closed) return;
+    // A door shows nothing for this one (an event its protocol has no frame for).
+    if (frame === "") return;
+    const size = typeof frame === "string" ? frame.length : weight(frame);
+    if (event && this.outbound + size > this.outboundCap) return this.overflow();
+    if (this.joining) {
+      this.q.push([frame, confirm]);
+      this.queuedChars += size;
+    } else if (typeof frame === "string") this.write(frame, confirm);
+    else void this.join(frame, confirm);
+  }
+
+  private write(text: string, confirm: number): void {
+    const msg = message(text);
+    this.passed += msg.length;
+    this.ws.send(msg, this.sent);
+    if (confirm > 0) this.mark(confirm);
+  }
+
+  /** Joins a streamed frame's parts into one message, then sends what waited behind it. */
+  private async join(frame: StreamedFrame, confirm: number): Promise<void> {
+    this.joining = true;
+    let text = "";
+    let ok = false;
+    try {
+      // The message may take what the socket does not hold: wait for it to drain first.
+      while (this.ws.bufferedAmount > this.outboundCap / 4) {
+        await new Promise<void>((resolve) => (this.flushWaiters ??= []).push(resolve));
+        if (this.ws.readyState !== WebSocket.OPEN) return;
+      }
+      for (const part of frame.parts) {
+        const pieces = typeof part === "string" ? [part] : part();
+        for await (const piece of pieces) {
+          if (this.ws.readyState !== WebSocket.OPEN) return;
+          text += piece;
+          this.joinedChars = text.length;
+          if (this.outbound > this.outboundCap) {
+            this.log.warn({ conn: this.id, remote: this.remote, cap: this.outboundCap }, "a frame larger than the outbound cap cannot be one WebSocket message; closing");
+            this.ws.close(CLOSE_TOO_BIG, "frame larger than the outbound cap");
+            this.cutOff();
+            return;
+          }
+        }
+      }
+      ok = true;
+    } catch (err) {
+      if (this.ws.readyState === WebSocket.OPEN) {
+        this.log.error({ err, conn: this.id }, "producing a frame failed; closing");
+        this.ws.close(CLOSE_ERROR, "the server could not produce a frame");
+        this.cutOff();
+      }
+    } finally {
+      this.joining = false;
+      this.joinedChars = 0;
+    }
+    if (!ok) return;
+    this.write(text, confirm);
+    while (this.q.length > 0 && !this.joining) {
+      const [next, seq] = this.q.shift() as [OutFrame, number];
+      this.queuedChars -= typeof next === "string" ? next.length : weight(next);
+      if (typeof next === "string") this.write(next, seq);
+      else void this.join(next, seq);
+    }
+    if (!this.joining && this.ending) this.ws.close(CLOSE_NORMAL);
+    this.progress();
+  }
+
+  private mark(seq: number): void {
+    const marks = (this.marks ??= []);
+    const at = this.passed + this.slack;
+    if (marks.length >= 2 * MAX_MARKS) {
+      marks[marks.length - 2] = at;
+      marks[marks.length - 1] = seq;
+    } else marks.push(at, seq);
+  }
+
+  /** Confirms marks the OS has been handed enough after, and wakes drain waiters. */
+  progress(): void {
+    const flushed = this.flushWaiters;
+    if (flushed) {
+      this.flushWaiters = undefined;
+      for (const w of flushed) w();
+    }
+    const marks = this.marks;
+    if (marks && marks.length > 0) {
+      const handed = this.passed - this.ws.bufferedAmount;
+      let i = 0;
+      let seq = 0;
+      while (i < marks.length && marks[i] <= handed) {
+        seq = marks[i + 1];
+        i += 2;
+      }
+      if (i > 0) {
+        marks.splice(0, i);
+        this.onConfirmed?.(this, seq);
+      }
+    }
+    if (this.drainWaiters && (this.ws.readyState !== WebSocket.OPEN || !this.congested)) this.wake(this.ws.readyState === WebSocket.OPEN);
+  }
+
+  forgetConfirmations(): void {
+    this.marks = undefined;
+    for (const entry of this.q) entry[1] = 0;
+  }
+
+  /** The socket closed: nothing queued will go out (its listener calls this). */
+  closedSocket(): void {
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    this.lingerTimer = undefined;
+    this.q = [];
+    this.queuedChars = 0;
+    this.marks = undefined;
+    this.progress();
+    this.wake(false);
+  }
+
+  private overflow(): void {
+    this.log.warn({ conn: this.id, remote: this.remote, waiting: this.outbound, cap: this.outboundCap }, "slow reader over its outbound cap; closing");
+    this.onOverflow?.(this);
+    this.q = [];
+    this.queuedChars = 0;
+    this.ws.terminate();
+  }
+
+  /** A close frame went out: the client gets the linger time to answer it. */
+  private cutOff(): void {
+    if (this.lingerTimer) return;
+    this.lingerTimer = setTimeout(() => this.ws.terminate(), this.lingerMs);
+    this.lingerTimer.unref();
+  }
+
+  /** Sends what is queued (a frame being joined included), then closes (1000). */
+  end(): void {
+    if (this.ending || this.ws.readyState !== WebSocket.OPEN) return;
+    this.ending = true;
+    this.cutOff();
+    this.onEnding?.(this);
+    // Read again whatever paused reading: the client's close frame must be read.
+    this.pausedFor = 0;
+    this.ws.resume();
+    if (!this.joining) this.ws.close(CLOSE_NORMAL);
+  }
+
+  destroy(): void {
+    this.ws.terminate();
+  }
+
+  /** The linger is over at once: too many connections are closing (see Listener). */
+  cutLinger(): void {
+    if (this.ending) this.ws.terminate();
+  }
+
+  pause(why: string): void {
+    if (this.ending) return;
+    if (this.pausedFor === 0) this.ws.pause();
+    this.pausedFor |= reasonBit(why);
+  }
+
+  resume(why: string): void {
+    const bit = reasonBit(why);
+    if ((this.pausedFor & bit) === 0) return;
+    this.pausedFor &= ~bit;
+    if (this.pausedFor === 0 && this.ws.readyState === WebSocket.OPEN) this.ws.resume();
+  }
+}

@@ -1,0 +1,291 @@
+// The HTTP/WS chat door (seed 003) over real HTTP (fetch) and real WebSockets (ws):
+// every example of the seed document, the choices seed-doors.md makes for it, bad
+// input, and native clients in the same lobby.
+
+import { describe, expect, it } from "vitest";
+import { Client, login, registerUser, serveForFile, startTestServer, removeDir, uniqueName, WsClient } from "./helpers.js";
+
+const open = serveForFile({ httpPort: 0, maxFrame: 4096, badFrameLimit: 20 });
+
+const ISO_MS = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/;
+
+function httpPort(): number {
+  return open.server.httpPort as number;
+}
+
+async function call(method: string, path: string, body?: unknown, headers: Record<string, string> = { "content-type": "application/json" }) {
+  const res = await fetch(`http://127.0.0.1:${httpPort()}${path}`, {
+    method,
+    headers: body === undefined ? {} : headers,
+    body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body),
+  });
+  return { status: res.status, body: (await res.json()) as any };
+}
+
+const post = (path: string, body: unknown) => call("POST", path, body);
+
+interface Person {
+  username: string;
+  email: string;
+  password: string;
+}
+
+async function createUser(p: Partial<Person> = {}): Promise<Person> {
+  const name = uniqueName("u");
+  const person = { username: `${name} Doe`, email: `${name}@example.com`, password: "your_password", ...p };
+  const r = await post("/create_user", person);
+  expect(r).toEqual({ status: 200, body: { status: "success", message: "User created" } });
+  return person;
+}
+
+/** A /ws socket logged in as `p`. */
+async function chatter(p: Person): Promise<WsClient> {
+  const ws = await WsClient.connect(httpPort(), "/ws");
+  ws.send({ type: "auth", email: p.email, password: p.password });
+  expect(await ws.next()).toEqual({ status: "authenticated", message: null, info: `Welcome, ${p.username}!` });
+  return ws;
+}
+
+async function lobbyChid(c: Client): Promise<string> {
+  const { channels } = await c.request("channellist", { limit: 500 });
+  return channels.find((ch: { name: string }) => ch.name === "lobby").chid;
+}
+
+/** A native client in the lobby. */
+async function nativeMember() {
+  const a = await registerUser(open.port);
+  const chid = await lobbyChid(a.client);
+  expect((await a.client.request("enter", { channel: chid })).status).toBe(0);
+  return { ...a, chid };
+}
+
+const chatOf = (content: string) => (m: any) => m.status === "message" && m.message?.content === content;
+
+describe("HTTP/WS chat door: the HTTP routes", () => {
+  it("GET /status answers success", async () => {
+    expect(await call("GET", "/status")).toEqual({ status: 200, body: { status: "success", message: "wirechat is running" } });
+  });
+
+  it("create_user: 200; a taken email or username is 409; a missing, empty or mistyped field is 400", async () => {
+    const p = await createUser();
+    const again = await post("/create_user", { ...p, username: uniqueName("other") });
+    expect(again).toEqual({ status: 409, body: { status: "error", message: "a user with that email already exists" } });
+    // Emails are compared as the profile stores them: trimmed and lower-cased.
+    expect((await post("/create_user", { ...p, email: ` ${p.email.toUpperCase()}`, username: uniqueName("other") })).status).toBe(409);
+    const sameName = await post("/create_user", { ...p, email: `${uniqueName("x")}@example.com` });
+    expect(sameName).toEqual({ status: 409, body: { status: "error", message: "a user with that username already exists" } });
+    for (const bad of [
+      { username: "x", password: "y" },
+      { username: "", password: "y", email: "e@example.com" },
+      { username: "x", password: "y", email: 5 },
+      { username: "x", password: "y", email: "not-an-email" },
+    ]) {
+      const r = await post("/create_user", bad);
+      expect(r.status).toBe(400);
+      expect(r.body.status).toBe("error");
+      expect(typeof r.body.message).toBe("string");
+    }
+  });
+
+  it("login: 200 with the password, 401 with a wrong one or an unknown email", async () => {
+    const p = await createUser();
+    expect(await post("/login", { email: p.email, password: p.password })).toEqual({ status: 200, body: { status: "success", message: "Login successful" } });
+    expect(await post("/login", { email: p.email.toUpperCase(), password: p.password })).toMatchObject({ status: 200 });
+    const wrong = { status: 401, body: { status: "error", message: "Invalid email or password" } };
+    expect(await post("/login", { email: p.email, password: "nope" })).toEqual(wrong);
+    expect(await post("/login", { email: `${uniqueName("nobody")}@example.com`, password: p.password })).toEqual(wrong);
+    expect((await post("/login", { email: p.email })).status).toBe(400);
+  });
+
+  it("change_password: 401 with a wrong old password; then the old one fails, the new one works, and sessions end on every door", async () => {
+    const p = await createUser();
+    const ws = await chatter(p);
+    // The account's login is its email: a native client logs in with it.
+    const native = await login(open.port, p.email, p.password);
+    expect(native.auth.status).toBe(0);
+    const wrong = await post("/change_password", { email: p.email, old_password: "nope", new_password: "n" });
+    expect(wrong).toEqual({ status: 401, body: { status: "error", message: "Invalid email or password" } });
+    const ok = await post("/change_password", { email: p.email, old_password: p.password, new_password: "new_password" });
+    expect(ok).toEqual({ status: 200, body: { status: "success", message: "Password changed" } });
+    expect(await ws.next()).toEqual({ status: "error", message: null, info: "the password was changed" });
+    expect((await ws.closed).code).toBe(1000);
+    expect(await native.client.event("ev_logout")).toEqual({ reason: "the password was changed" });
+    await native.client.closed;
+    expect((await post("/login", { email: p.email, password: p.password })).status).toBe(401);
+    expect((await post("/login", { email: p.email, password: "new_password" })).status).toBe(200);
+    expect((await post("/change_password", { email: p.email, old_password: "new_password" })).status).toBe(400);
+  });
+
+  it("delete_user: 401 with a wrong password; then the account is gone on every door", async () => {
+    const p = await createUser();
+    const ws = await chatter(p);
+    expect((await post("/delete_user", { email: p.email, password: "nope" })).status).toBe(401);
+    expect(await post("/delete_user", { email: p.email, password: p.password })).toEqual({ status: 200, body: { status: "success", message: "User deleted" } });
+    expect((await ws.next()).status).toBe("error");
+    await ws.closed;
+    expect((await post("/login", { email: p.email, password: p.password })).status).toBe(401);
+    expect((await login(open.port, p.email, p.password)).auth.status).toBe(7);
+    expect((await post("/delete_user", { email: p.email, password: p.password })).status).toBe(401);
+    // The email and username are free again.
+    await createUser(p);
+  });
+
+  it("bad requests get the seed's shape: malformed JSON 400, too large 413, other media types 415, unknown routes 404, /ws without upgrade 426", async () => {
+    const malformed = await post("/login", '{"email": "a@b.c", ');
+    expect(malformed.status).toBe(400);
+    expect(malformed.body).toMatchObject({ status: "error" });
+    const big = await post("/login", { email: "a@example.com", password: "x".repeat(5000) });
+    expect(big.status).toBe(413);
+    expect(big.body).toMatchObject({ status: "error" });
+    const form = await call("POST", "/login", "email=a", { "content-type": "application/x-www-form-urlencoded" });
+    expect(form.status).toBe(415);
+    expect(form.body.status).toBe("error");
+    expect(await call("GET", "/nowhere")).toEqual({ status: 404, body: { status: "error", message: "no route GET /nowhere" } });
+    expect((await call("GET", "/ws")).status).toBe(426);
+    expect((await call("GET", "/status")).status).toBe(200);
+  });
+});
+
+describe("HTTP/WS chat door: the WebSocket", () => {
+  it("auth first: the welcome; a wrong password, an unknown email, another first message or bad JSON: the error and the socket is closed", async () => {
+    const p = await createUser();
+    const ws = await chatter(p);
+    ws.close();
+    const failed = async (first: unknown, info: string) => {
+      const c = await WsClient.connect(httpPort(), "/ws");
+      c.send(first);
+      expect(await c.next()).toEqual({ status: "error", message: null, info });
+      expect((await c.closed).code).toBe(1000);
+    };
+    await failed({ type: "auth", email: p.email, password: "nope" }, "Authentication failed: Invalid email or password");
+    await failed({ type: "auth", email: `${uniqueName("nobody")}@example.com`, password: "x" }, "Authentication failed: Invalid email or password");
+    await failed({ type: "chat", content: "Hello, world!" }, 'Authentication failed: the first message must be {"type":"auth","email":…,"password":…}');
+    await failed({ type: "auth", email: p.email }, "Authentication failed: 'email' and 'password' are required");
+    await failed("hello server", "Authentication failed: frame is not valid JSON");
+  });
+
+  it("chat: every lobby socket gets it (the sender too), in the seed's shape; a native lobby member gets ev_message", async () => {
+    const alice = await createUser();
+    const bob = await createUser();
+    const a = await chatter(alice);
+    const b = await chatter(bob);
+    const native = await nativeMember();
+    a.send({ type: "chat", content: "Hello, world!" });
+    for (const ws of [a, b]) {
+      const m = await ws.next(chatOf("Hello, world!"));
+      expect(m).toEqual({
+        status: "message",
+        message: { user_email: alice.email, username: alice.username, content: "Hello, world!", timestamp: expect.stringMatching(ISO_MS) },
+        info: null,
+      });
+    }
+    const ev = await native.client.event("ev_message", (d) => d.body === "Hello, world!");
+    expect(ev).toMatchObject({ chid: native.chid, nick: alice.username });
+    const m = (await native.client.request("history", { channel: native.chid, limit: 1 })).messages[0];
+    expect(m.body).toBe("Hello, world!");
+    for (const x of [a, b, native.client]) x.close();
+  });
+
+  it("join and leave are notices to the other sockets only; a socket that left still gets the lobby's messages", async () => {
+    const alice = await createUser();
+    const bob = await createUser();
+    const a = await chatter(alice);
+    const b = await chatter(bob);
+    const native = await nativeMember();
+    a.send({ type: "join" });
+    expect(await b.next()).toEqual({ status: "message", message: null, info: `${alice.username} joined` });
+    a.send({ type: "leave" });
+    expect(await b.next()).toEqual({ status: "message", message: null, info: `${alice.username} left` });
+    b.send({ type: "chat", content: "still there?" });
+    expect(await a.next(chatOf("still there?"))).toBeTruthy();
+    expect(await a.quiet(200, (m) => m.message === null)).toBe(true);
+    // Its own ev_enter aside, the native member got the chat message and nothing for the notices.
+    expect(await native.client.quiet(200, (f) => f.action !== "ev_message" && f.action !== "ev_enter")).toBe(true);
+    for (const x of [a, b, native.client]) x.close();
+  });
+
+  it("a native member's message reaches the sockets, with the sender's profile email or \"\"", async () => {
+    const p = await createUser();
+    const ws = await chatter(p);
+    const native = await nativeMember();
+    await native.client.request("message", { channel: native.chid, body: "from native" });
+    expect((await ws.next(chatOf("from native"))).message).toMatchObject({ user_email: "", username: native.nick });
+    expect((await native.client.request("setuserinfo", { email: `${native.login}@Native.example` })).status).toBe(0);
+    await native.client.request("message", { channel: native.chid, body: "with email" });
+    expect((await ws.next(chatOf("with email"))).message.user_email).toBe(`${native.login}@native.example`);
+    ws.close();
+    native.client.close();
+  });
+
+  it("an account made natively with a profile email logs in through /login and the socket; one made by create_user logs in natively", async () => {
+    const native = await registerUser(open.port);
+    const email = `${native.login}@example.org`;
+    expect((await native.client.request("setuserinfo", { email })).status).toBe(0);
+    expect((await post("/login", { email, password: "secret" })).status).toBe(200);
+    const ws = await chatter({ username: native.nick, email, password: "secret" });
+    const p = await createUser();
+    const n = await login(open.port, p.email, p.password);
+    expect(n.auth).toMatchObject({ status: 0, nick: p.username });
+    const info = await n.client.request("userinfo", { user: n.auth.uid });
+    expect(info.email).toBe(p.email);
+    for (const x of [ws, native.client, n.client]) x.close();
+  });
+
+  it("bad messages after auth get an error and the socket stays", async () => {
+    const p = await createUser();
+    const ws = await chatter(p);
+    const errors = [
+      ["hello server", "frame is not valid JSON"],
+      [[1, 2], "a message must be a JSON object"],
+      [{ content: "no type" }, "a message must have a 'type' string"],
+      [{ type: "dance" }, "unknown message type 'dance'"],
+      [{ type: "chat", content: 5 }, "'content' must be a string"],
+      [{ type: "chat" }, "'content' must be a string"],
+      [{ type: "chat", content: "" }, "'body' is empty and there is no attachment"],
+      [{ type: "auth", email: p.email, password: p.password }, "already authenticated"],
+      [Buffer.from("binary"), "binary messages are not read: send each frame as one text message"],
+    ] as const;
+    for (const [m, info] of errors) {
+      ws.send(m);
+      expect(await ws.next()).toEqual({ status: "error", message: null, info });
+    }
+    ws.send({ type: "chat", content: "still fine" });
+    expect(await ws.next(chatOf("still fine"))).toBeTruthy();
+    ws.close();
+  });
+
+  it("an oversized message closes the socket with 1009; the server stays up", async () => {
+    const p = await createUser();
+    const ws = await chatter(p);
+    ws.send({ type: "chat", content: "x".repeat(5000) });
+    expect((await ws.closed).code).toBe(1009);
+    const again = await chatter(p);
+    again.send({ type: "chat", content: "after" });
+    expect(await again.next(chatOf("after"))).toBeTruthy();
+    again.close();
+  });
+
+  it("a flood of bad messages closes the socket; the server stays up", async () => {
+    const p = await createUser();
+    const ws = await chatter(p);
+    for (let i = 0; i < 100; i++) ws.send("{oops}");
+    const { code } = await ws.closed;
+    expect(code).toBe(1000);
+    expect(ws.messages.length).toBeLessThan(100);
+    expect((await call("GET", "/status")).status).toBe(200);
+    (await chatter(p)).close();
+  });
+});
+
+describe("HTTP door: off by default", () => {
+  it("a server without --http-port has no HTTP listener", async () => {
+    const server = await startTestServer();
+    try {
+      expect(server.httpPort).toBeUndefined();
+      expect(server.http).toBeUndefined();
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
+  });
+});

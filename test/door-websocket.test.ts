@@ -1,0 +1,165 @@
+// The native protocol over WebSocket (/wirechat on the HTTP port), through the `ws`
+// package against a running server: one frame per text message, native clients on
+// TCP in the same conversations, the framing limits, the caps, idle timeouts and
+// shutdown.
+
+import { describe, expect, it } from "vitest";
+import { Client, registerUser, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
+
+const open = serveForFile({ httpPort: 0, maxFrame: 256 * 1024, maxDepth: 8, outboundCap: 256 * 1024 });
+const capped = serveForFile({ httpPort: 0, maxPerAddress: 2 });
+const idle = serveForFile({ httpPort: 0, idleUnauth: 1 });
+const banning = serveForFile({ httpPort: 0 });
+
+async function native(port: number): Promise<WsClient> {
+  const ws = await WsClient.connect(port, "/wirechat");
+  expect((await ws.next()).action).toBe("welcome");
+  return ws;
+}
+
+/** Sends a request and returns its reply's data. */
+async function request(ws: WsClient, action: string, data: Record<string, unknown> = {}): Promise<any> {
+  ws.send({ action, data });
+  return (await ws.next((m) => m.action === action)).data;
+}
+
+/** A WebSocket registered as a new account: the auth frame's data. */
+async function wsUser(port: number) {
+  const ws = await native(port);
+  const login = uniqueName("w");
+  expect((await request(ws, "register", { login, pass: "secret", nick: login })).status).toBe(0);
+  const auth = (await ws.next((m) => m.action === "auth")).data;
+  return { ws, login, uid: auth.uid as string };
+}
+
+describe("native protocol over WebSocket", () => {
+  it("the welcome frame comes first, and every frame is one text message without the line terminator", async () => {
+    const ws = await native(open.server.httpPort as number);
+    expect(ws.texts[0].endsWith("}")).toBe(true);
+    const hello = await request(ws, "hello");
+    expect(hello).toMatchObject({ status: 0, server: "wirechat" });
+    expect(ws.texts.every((t) => !t.endsWith("\n"))).toBe(true);
+    ws.close();
+  });
+
+  it("register, auth, and direct messages to a TCP client and back", async () => {
+    const port = open.server.httpPort as number;
+    const { ws, login, uid } = await wsUser(port);
+    const tcp = await registerUser(open.port);
+    const sent = await request(ws, "message", { uid: tcp.uid, body: "over websocket" });
+    expect(sent.status).toBe(0);
+    expect(await tcp.client.event("ev_message")).toMatchObject({ mid: sent.mid, from: uid, nick: login, body: "over websocket" });
+    await tcp.client.request("message", { uid, body: "over tcp" });
+    expect((await ws.next((m) => m.action === "ev_message" && m.data.from === tcp.uid)).data).toMatchObject({ body: "over tcp" });
+    ws.close();
+    // The same account logs in again over WebSocket, and its inbox syncs.
+    await tcp.client.request("message", { uid, body: "while away" });
+    const again = await native(port);
+    expect((await request(again, "auth", { login, pass: "secret" })).status).toBe(0);
+    expect((await again.next((m) => m.action === "ev_message" && m.data.body === "while away")).data.from).toBe(tcp.uid);
+    again.close();
+    tcp.client.close();
+  });
+
+  it("errors: bad JSON, a binary message, too deep, before auth, unknown action; the socket stays", async () => {
+    const ws = await native(open.server.httpPort as number);
+    ws.send('{"action":"ping", oops}');
+    expect(await ws.next()).toEqual({ action: "ping", data: { status: 3, error: "frame is not valid JSON" } });
+    ws.send(Buffer.from('{"action":"ping"}'));
+    expect((await ws.next()).data).toEqual({ status: 3, error: "binary messages are not read: send each frame as one text message" });
+    ws.send({ action: "ping", data: { a: [[[[[[[[1]]]]]]]] } });
+    expect(await ws.next()).toEqual({ action: "ping", data: { status: 3, error: "nesting deeper than 8" } });
+    expect((await request(ws, "contactlist")).status).toBe(6);
+    expect((await request(ws, "frobnicate")).status).toBe(11);
+    // Two frames in one message are not one JSON text.
+    ws.send('{"action":"ping"}\n{"action":"ping"}');
+    expect((await ws.next()).data.status).toBe(3);
+    expect((await request(ws, "ping")).status).toBe(0);
+    ws.close();
+  });
+
+  it("a message over --max-frame closes the socket with 1009; the server stays up", async () => {
+    const port = open.server.httpPort as number;
+    const ws = await native(port);
+    ws.send({ action: "ping", data: { pad: "x".repeat(300 * 1024) } });
+    expect((await ws.closed).code).toBe(1009);
+    const again = await native(port);
+    expect((await request(again, "ping")).status).toBe(0);
+    again.close();
+  });
+
+  it("attachments: sent inline (within --max-frame), received whole as one message", async () => {
+    const port = open.server.httpPort as number;
+    const a = await wsUser(port);
+    const b = await wsUser(port);
+    const data = Buffer.alloc(12_000, 7).toString("base64");
+    const sent = await request(a.ws, "message", { uid: b.uid, body: "file", attach: { mime: "application/octet-stream", data } });
+    expect(sent.status).toBe(0);
+    const ev = (await b.ws.next((m) => m.action === "ev_message")).data;
+    expect(ev.attach).toEqual({ mime: "application/octet-stream", data });
+    a.ws.close();
+    b.ws.close();
+  });
+
+  it("a frame larger than --outbound-cap cannot be one message: that socket is closed with 1009", async () => {
+    const port = open.server.httpPort as number;
+    const w = await wsUser(port);
+    const tcp = await registerUser(open.port);
+    // Streamed to the TCP sender's own ev_message; ~300 KiB of base64 as one WebSocket message.
+    const data = Buffer.alloc(230 * 1024, 1).toString("base64");
+    tcp.client.write(JSON.stringify({ action: "message", data: { uid: w.uid, body: "big", attach: { mime: "application/octet-stream", data } } }) + "\n");
+    expect((await tcp.client.reply("message")).data.status).toBe(0);
+    expect((await w.ws.closed).code).toBe(1009);
+    tcp.client.close();
+  });
+
+  it("WebSockets count against --max-per-address until they log in; a refused one gets status 13 and 1013", async () => {
+    const port = capped.server.httpPort as number;
+    const a = await native(port);
+    const b = await native(port);
+    const refused = await WsClient.connect(port, "/wirechat");
+    expect((await refused.next()).data).toMatchObject({ status: 13 });
+    expect((await refused.closed).code).toBe(1013);
+    // A logged-in socket no longer counts against its address.
+    expect((await request(a, "register", { login: uniqueName("w"), pass: "secret", nick: uniqueName("n") })).status).toBe(0);
+    const c = await native(port);
+    for (const x of [a, b, c]) x.close();
+  });
+
+  it("an idle socket gets ev_close and is closed", async () => {
+    const ws = await native(idle.server.httpPort as number);
+    expect((await ws.next((m) => m.action === "ev_close", 5000)).data.reason).toMatch(/idle timeout/);
+    expect((await ws.closed).code).toBe(1000);
+  });
+
+  it("an address ban closes its WebSockets (ev_close) and refuses new ones with status 15 and 1008", async () => {
+    const port = banning.server.httpPort as number;
+    const admin = (path: string, body: unknown) =>
+      fetch(`http://127.0.0.1:${banning.server.adminPort}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+    const ws = await native(port);
+    expect((await admin("/ban", { address: "127.0.0.1", reason: "abuse" })).status).toBe(200);
+    expect((await ws.next((m) => m.action === "ev_close")).data).toEqual({ reason: "your address was banned: abuse" });
+    expect((await ws.closed).code).toBe(1000);
+    const refused = await WsClient.connect(port, "/wirechat");
+    expect((await refused.next()).data).toEqual({ status: 15, error: "your address is banned: abuse" });
+    expect((await refused.closed).code).toBe(1008);
+    // The HTTP/WS chat's routes refuse it too, in their shape.
+    const login = await fetch(`http://127.0.0.1:${port}/login`, { method: "POST", headers: { "content-type": "application/json" }, body: '{"email":"a@b.c","password":"x"}' });
+    expect(login.status).toBe(403);
+    expect(await login.json()).toEqual({ status: "error", message: "your address is banned: abuse" });
+    expect((await admin("/unban", { address: "127.0.0.1" })).status).toBe(200);
+    (await native(port)).close();
+  });
+
+  it("stopping the server closes its WebSockets (1000) and its HTTP port", async () => {
+    const server = await startTestServer({ httpPort: 0 });
+    const port = server.httpPort as number;
+    const ws = await native(port);
+    const tcp = await Client.connect(server.port);
+    await server.stop();
+    expect((await ws.closed).code).toBe(1000);
+    await expect(fetch(`http://127.0.0.1:${port}/status`)).rejects.toThrow();
+    tcp.close();
+    removeDir(server.services.config.dataDir);
+  });
+});
