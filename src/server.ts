@@ -13,7 +13,7 @@ import { OPTIONS, packageVersion, type Config } from "./config.js";
 import { registerAdmin, type AdminOps } from "./features/admin.js";
 import { Metrics } from "./metrics.js";
 import { BanStore } from "./storage/bans.js";
-import { registerAccounts } from "./features/accounts.js";
+import { registerAccounts, type AccountOps } from "./features/accounts.js";
 import { registerChannels, type ChannelOps } from "./features/channels.js";
 import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
@@ -37,6 +37,7 @@ import { RoomsDoor } from "./doors/rooms.js";
 import { RustDoor } from "./doors/rust.js";
 import { HttpDoor } from "./doors/http.js";
 import { ChatDoor } from "./doors/http-chat.js";
+import { EchatDoor } from "./doors/http-echat.js";
 import { privateRoomOf, serverChannel } from "./features/channels.js";
 import { channelConv } from "./storage/layout.js";
 
@@ -78,6 +79,8 @@ export interface RunningServer {
 export interface Core {
   services: Services;
   admin: AdminOps;
+  /** Account operations a door uses besides native actions (session checks). */
+  accounts: AccountOps;
   directory: UserDirectory;
   channelOps: ChannelOps;
   /** Stops background work and closes storage. */
@@ -160,6 +163,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   return {
     services,
     admin,
+    accounts,
     directory,
     channelOps,
     async close() {
@@ -238,7 +242,19 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       isMember: (chid, uid) => channels.isMember(chid, uid),
       publish: (ev, audience) => router.publish(ev, audience),
     });
-    http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat });
+    const echat = new EchatDoor(dispatcher, log, {
+      session: (sid) => core.accounts.session(sid),
+      user: (uid) => users.get(uid),
+      cachedUser: (uid) => users.peek(uid),
+      uidOfNum: (num) => directory.uidOf(num),
+      uidOfLogin: (login) => users.lookup("login", login),
+      loginsStartingWith: (prefix, limit) => users.prefixSearch("login", prefix, limit),
+      channel: (chid) => channels.get(chid),
+      channelsOf: (uid) => channels.channelsOf(uid),
+      members: (chid) => channels.members(chid),
+      isMember: (chid, uid) => channels.isMember(chid, uid),
+    });
+    http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat, echat });
   }
   const refuseAddress = (address: string) => services.bans.banned("addr", address)?.reason;
   for (const l of listeners) {

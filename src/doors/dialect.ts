@@ -33,7 +33,7 @@ export interface Answer {
 const QUEUE_HIGH = 64;
 const QUEUE_LOW = 16;
 
-type Item<M> = { msg: M } | { bad: { code: Code; reason: string; action: string | undefined } };
+type Item<M> = { msg: M } | { bad: { code: Code; reason: string; action: string | undefined } } | { open: true };
 
 /**
  * A door connection's codec and state: the dispatcher's replies to the door's calls,
@@ -179,6 +179,19 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     return p;
   }
 
+  /**
+   * A new connection's first step, before anything it sends is handled (a room socket
+   * logs in with its session): override `start` to have one.
+   */
+  opened(s: Session): void {
+    if (this.start !== DialectDoor.prototype.start) this.push(s, { open: true });
+  }
+
+  /** What a door does for a new connection before its first frame (nothing by default). */
+  protected async start(_s: Session, _state: S): Promise<OutFrame[]> {
+    return [];
+  }
+
   private push(s: Session, item: Item<M>): void {
     const c = s.codec as DialectCodec<S, M>;
     c.queue.push(item);
@@ -196,7 +209,12 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
         if (c.queue.length <= QUEUE_LOW) s.peer.resume("door");
         let out: OutFrame[];
         try {
-          out = "bad" in item ? this.refused(s, c.state, item.bad.code, item.bad.reason, item.bad.action) : await this.handle(s, c.state, item.msg);
+          out =
+            "bad" in item
+              ? this.refused(s, c.state, item.bad.code, item.bad.reason, item.bad.action)
+              : "open" in item
+                ? await this.start(s, c.state)
+                : await this.handle(s, c.state, item.msg);
         } catch (err) {
           s.log.error({ err, door: this.name }, "door request failed");
           out = [this.bad(Code.Unavailable, "the server could not complete the request; nothing was changed")];

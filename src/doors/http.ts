@@ -1,5 +1,6 @@
 // The HTTP door's port (--http-port): one Fastify instance with @fastify/websocket
-// (ws) serving the HTTP/WS chat of seed 003 at the root and /ws (http-chat.ts), and
+// (ws) serving e_chat_server (seed 002) under /v1/ (http-echat.ts), the HTTP/WS chat
+// of seed 003 at the root and /ws (http-chat.ts), and
 // the native protocol over WebSocket at /wirechat: each text message is one native
 // frame, and each reply and event is one text message, without the NDJSON line
 // terminator (the message is the frame). The welcome frame comes first, as on TCP.
@@ -23,6 +24,7 @@ import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
 import { WebSocketListener } from "../transport/websocket-listener.js";
 import { chatRoutes, type ChatDoor } from "./http-chat.js";
+import { echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
 
 export interface HttpDoorDeps {
@@ -35,6 +37,8 @@ export interface HttpDoorDeps {
   nativeCodec: NativeCodec;
   /** Seed 003's door. */
   chat: ChatDoor;
+  /** Seed 002's door. */
+  echat: EchatDoor;
 }
 
 export class HttpDoor {
@@ -82,7 +86,9 @@ export class HttpDoor {
           wsHandler: (ws, req) => accept(ws, req, native),
         });
       });
-      await app.register(chatRoutes(d.chat, accept, (address) => this.websockets.refuseAddress?.(address)));
+      const banned = (address: string) => this.websockets.refuseAddress?.(address);
+      await app.register(echatRoutes(d.echat, accept, banned), { prefix: "/v1" });
+      await app.register(chatRoutes(d.chat, accept, banned));
     })();
   }
 

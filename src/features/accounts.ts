@@ -35,6 +35,12 @@ export interface AccountOps {
   remove(uid: string): Promise<boolean>;
   /** Closes every connection of the user (and with `revoke`, ends their sessions too). */
   kick(uid: string, reason: string, revoke: boolean): Promise<{ connections: number; revoked: number }>;
+  /**
+   * The user of a stored, unexpired session of an account that is not banned, as
+   * `auth {sid}` accepts it; undefined otherwise. For a door that acts for a session
+   * per HTTP request (e_chat_server) without attaching a connection to the router.
+   */
+  session(sid: string): Promise<{ uid: string; nick: string; expires: number } | undefined>;
 }
 
 /** The address the password hasher files operator work under (its own fair share). */
@@ -553,6 +559,13 @@ export function registerAccounts(sv: Services): AccountOps {
         endSessions(uid, () => true, reason, true);
         return { connections, revoked };
       });
+    },
+    async session(sid) {
+      const rec = await sessions.get(sid);
+      if (!rec || rec.expires <= nowSeconds()) return undefined;
+      const user = await users.get(rec.uid);
+      if (!user || sv.bans.banned("login", user.login)) return undefined;
+      return { uid: user.uid, nick: user.nick, expires: rec.expires };
     },
   };
 }

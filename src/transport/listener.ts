@@ -84,6 +84,8 @@ export interface Front {
   codec(): Codec;
   /** The first frame a new connection gets, if the protocol has a greeting. */
   greeting(codec: Codec): OutFrame | undefined;
+  /** A new connection is set up (after its greeting): a door may start work for it. */
+  opened?(s: Session): void;
   /** The one line a refused connection gets before it is closed. */
   refusal(code: Code, text: string): OutFrame;
   /** A complete frame (with the attachment that streamed in with it: native only). */
@@ -323,6 +325,7 @@ export class Listener {
     socket.on("close", onSocketClose);
     const greeting = this.front.greeting(session.codec);
     if (greeting !== undefined) conn.send(greeting, false);
+    this.front.opened?.(session);
     this.log.debug({ conn: conn.id, remote: conn.remote, door: this.front.name, tls: socket instanceof tls.TLSSocket }, "connection opened");
   }
 

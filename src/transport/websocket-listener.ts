@@ -117,6 +117,7 @@ export class WebSocketListener {
     ws.on("close", onClose);
     const greeting = front.greeting(session.codec);
     if (greeting !== undefined) peer.send(greeting, false);
+    front.opened?.(session);
     this.log.debug({ conn: peer.id, remote: peer.remote, door: front.name, websocket: true }, "connection opened");
   }
 

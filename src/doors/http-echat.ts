@@ -1,0 +1,471 @@
+// The e_chat_server door (seed 002), on the HTTP port under /v1/: JSON routes for
+// accounts, users and rooms, and a WebSocket per room (/v1/rooms/{id}/chat).
+//
+// Rooms are private channels (members only) made with their member list; users, rooms
+// and messages show as the numbers every door shows (a user's `num`, the chid, the
+// mid). `created_at` is `YYYY-MM-DDTHH:MM:SS` (UTC). Errors are the seed's:
+// 422 {"error":{"code":"invalid_json"|"wrong_credentials"|"user_not_found"|
+// "user_already_exists"|"room_not_found"}} and 401 {"error":{"code":"unauthorized"}}.
+//
+// The session_id of register and login is a wirechat session (native `auth {sid}`
+// resumes it). A request presents it as the `session_id` cookie (set by register and
+// login), an `Authorization: Bearer` header, or a `session_id` query parameter. Each
+// request acts for its session on a session object of its own (no connection: nothing
+// is delivered to it, and the user's presence does not change); the room WebSocket
+// logs in with the session like any connection.
+
+import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import type { Logger } from "pino";
+import type WebSocket from "ws";
+import type { ListReply } from "../protocol/codec.js";
+import { Code } from "../protocol/codes.js";
+import type { Dispatcher } from "../protocol/dispatcher.js";
+import type { Event } from "../protocol/events.js";
+import type { Fields, OutFrame } from "../protocol/frames.js";
+import type { Session } from "../protocol/session.js";
+import type { ChannelRecord, MessageRecord, UserRecord } from "../storage/layout.js";
+import type { Front } from "../transport/listener.js";
+import { RequestPeer } from "../transport/request-peer.js";
+import { DialectCodec, DialectDoor, str } from "./dialect.js";
+import { roomsDate } from "./rooms.js";
+
+/** GET /v1/rooms/{id}/messages answers at most this many (the latest). */
+const HISTORY_MAX = 500;
+/** GET /v1/users/ answers at most this many. */
+const SEARCH_MAX = 50;
+/** Members a room may be made with (as createchannel allows). */
+const MAX_MEMBERS = 100;
+
+export interface EchatDeps {
+  /** The user of a valid session (AccountOps.session). */
+  session(sid: string): Promise<{ uid: string; nick: string; expires: number } | undefined>;
+  user(uid: string): Promise<UserRecord | undefined>;
+  /** The user's record when it is cached (events are rendered synchronously). */
+  cachedUser(uid: string): UserRecord | undefined;
+  uidOfNum(num: number): Promise<string | undefined>;
+  uidOfLogin(login: string): Promise<string | undefined>;
+  /** Uids whose login starts with `prefix` (case-insensitively), at most `limit`. */
+  loginsStartingWith(prefix: string, limit: number): Promise<string[]>;
+  channel(chid: string): Promise<ChannelRecord | undefined>;
+  channelsOf(uid: string): Promise<string[]>;
+  members(chid: string): Promise<readonly string[]>;
+  isMember(chid: string, uid: string): Promise<boolean>;
+}
+
+/** A route's answer: the HTTP status and its JSON body. */
+interface RouteAnswer {
+  http: number;
+  body: unknown;
+}
+
+const ok = (body: unknown): RouteAnswer => ({ http: 200, body });
+const fail = (http: number, code: string): RouteAnswer => ({ http, body: { error: { code } } });
+const UNAUTHORIZED = fail(401, "unauthorized");
+const INVALID_JSON = fail(422, "invalid_json");
+const ROOM_NOT_FOUND = fail(422, "room_not_found");
+
+/** A native refusal the seed has no code for, as HTTP status and code. */
+function other(code: Code): RouteAnswer {
+  switch (code) {
+    case Code.RateLimited:
+      return fail(429, "too_many_requests");
+    case Code.Forbidden:
+      return fail(403, "forbidden");
+    case Code.TooLarge:
+      return fail(413, "too_large");
+    case Code.Unavailable:
+      return fail(503, "unavailable");
+    default:
+      return INVALID_JSON;
+  }
+}
+
+interface EchatState {
+  /** The room of a /v1/rooms/{id}/chat socket, its session, and whether it is logged in. */
+  chid: string;
+  sid: string;
+  live: boolean;
+}
+
+type EchatMsg = Record<string, unknown>;
+
+export interface RouteClient {
+  address: string;
+  port: number;
+}
+
+export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
+  readonly name = "echat";
+
+  constructor(
+    dispatcher: Dispatcher,
+    log: Logger,
+    private readonly deps: EchatDeps,
+  ) {
+    super(dispatcher, log);
+  }
+
+  protected initial(): EchatState {
+    return { chid: "", sid: "", live: false };
+  }
+
+  /** The Front of one room socket: this door, with the socket's room and session. */
+  roomSocket(chid: string, sid: string): Front {
+    return {
+      name: this.name,
+      streams: false,
+      codec: () => new DialectCodec<EchatState, EchatMsg>(this, { chid, sid, live: false }),
+      greeting: () => undefined,
+      opened: (s) => this.opened(s),
+      refusal: (code, text) => this.refusal(code, text),
+      frame: (s, bytes, upload, ascii) => this.frame(s, bytes, upload, ascii),
+      reject: (s, code, reason, action) => this.reject(s, code, reason, action),
+      inputEnded: (s) => this.inputEnded(s),
+    };
+  }
+
+  protected decode(value: unknown): EchatMsg | string {
+    if (typeof value !== "object" || value === null || Array.isArray(value)) return "a message must be a JSON object";
+    return value as EchatMsg;
+  }
+
+  bad(_code: Code, reason: string): OutFrame {
+    return JSON.stringify({ error: { code: "invalid_json", message: reason } });
+  }
+
+  private num(uid: string): number | undefined {
+    return this.deps.cachedUser(uid)?.num;
+  }
+
+  private messageText(m: Pick<MessageRecord, "body" | "chid" | "time">, userId: number | null): string {
+    return JSON.stringify({ text: m.body, user_id: userId, room_id: Number(m.chid), created_at: roomsDate(m.time) });
+  }
+
+  render(st: EchatState, ev: Event): OutFrame {
+    switch (ev.kind) {
+      case "message": {
+        const m = ev.m;
+        if (!st.live || m.chid !== st.chid) return "";
+        const wire = (ev.wire ??= {});
+        const known = this.num(m.from);
+        if (known !== undefined) return (wire[this.name] ??= this.messageText(m, known));
+        const { user } = this.deps;
+        const text = (id: number | undefined) => this.messageText(m, id ?? null);
+        return (wire[this.name] ??= {
+          parts: [
+            async function* () {
+              yield text((await user(m.from))?.num);
+            },
+          ],
+        });
+      }
+      case "channelDeleted":
+        if (ev.chid !== st.chid) return "";
+        st.live = false;
+        return JSON.stringify({ error: { code: "room_not_found" } });
+      case "logout":
+        st.live = false;
+        return JSON.stringify({ error: { code: "unauthorized" } });
+      default:
+        return "";
+    }
+  }
+
+  /** A room socket logs in with its session first (before anything it sends is handled). */
+  protected override async start(s: Session, st: EchatState): Promise<OutFrame[]> {
+    const r = await this.call(s, "auth", { sid: st.sid });
+    if (!r.ok || !(await this.deps.isMember(st.chid, s.uid as string))) {
+      return this.closeWith(s, JSON.stringify({ error: { code: r.ok ? "room_not_found" : "unauthorized" } }));
+    }
+    st.live = true;
+    return [];
+  }
+
+  protected async handle(s: Session, st: EchatState, msg: EchatMsg): Promise<OutFrame[]> {
+    if (!st.live) return [JSON.stringify({ error: { code: "unauthorized" } })];
+    const text = str(msg, "text");
+    if (text === undefined) return [this.bad(Code.InvalidData, 'send {"text": <string>}')];
+    const r = await this.call(s, "message", { channel: st.chid, body: text });
+    if (r.ok) return [];
+    const gone = r.code === Code.InvalidChannel || r.code === Code.ChannelNotFound;
+    return [JSON.stringify({ error: { code: gone ? "room_not_found" : "invalid_json", message: r.text } })];
+  }
+
+  // ---- HTTP routes -------------------------------------------------------------
+
+  /**
+   * Runs `fn` on a session of its own for one request. With `sid`, the session acts as
+   * that session's user (401 when it is not valid); it is never logged out here, so the
+   * session_id stays valid for the next request.
+   */
+  private async onRequest(client: RouteClient, sid: string | undefined | null, fn: (s: Session) => Promise<RouteAnswer>): Promise<RouteAnswer> {
+    const peer = new RequestPeer(client.address, client.port);
+    const s = this.dispatcher.open(peer, this.codec());
+    try {
+      if (sid !== null) {
+        const who = sid === undefined ? undefined : await this.deps.session(sid);
+        if (!who) return UNAUTHORIZED;
+        s.login(who.uid, sid as string, who.nick, who.expires);
+      }
+      return await fn(s);
+    } finally {
+      peer.end();
+      this.dispatcher.close(s);
+    }
+  }
+
+  async register(client: RouteClient, body: unknown): Promise<RouteAnswer> {
+    const b = credentials(body);
+    if (!b) return INVALID_JSON;
+    return this.onRequest(client, null, async (s) => {
+      const r = await this.call(s, "register", { login: b.login, pass: b.password, nick: b.login });
+      if (!r.ok) return r.code === Code.AlreadyExist ? fail(422, "user_already_exists") : other(r.code);
+      return ok({ session_id: s.sid });
+    });
+  }
+
+  async login(client: RouteClient, body: unknown): Promise<RouteAnswer> {
+    const b = credentials(body);
+    if (!b) return INVALID_JSON;
+    return this.onRequest(client, null, async (s) => {
+      const r = await this.call(s, "auth", { login: b.login, pass: b.password });
+      if (r.ok) return ok({ session_id: (r.body as { sid: string }).sid });
+      if (r.code === Code.NeedRegister) return fail(422, "user_not_found");
+      if (r.code === Code.InvalidPass) return fail(422, "wrong_credentials");
+      return other(r.code);
+    });
+  }
+
+  async logout(client: RouteClient, sid: string | undefined): Promise<RouteAnswer> {
+    return this.onRequest(client, sid, async (s) => {
+      const r = await this.call(s, "logout", {});
+      return r.ok ? ok({}) : other(r.code);
+    });
+  }
+
+  async info(client: RouteClient, sid: string | undefined): Promise<RouteAnswer> {
+    return this.onRequest(client, sid, async (s) => {
+      const u = await this.deps.user(s.uid as string);
+      return u ? ok({ id: u.num, login: u.login }) : UNAUTHORIZED;
+    });
+  }
+
+  async users(client: RouteClient, sid: string | undefined, q: string): Promise<RouteAnswer> {
+    return this.onRequest(client, sid, async () => {
+      const uids = q === "" ? [] : await this.deps.loginsStartingWith(q, SEARCH_MAX);
+      return ok(await this.userList(uids));
+    });
+  }
+
+  private async userList(uids: readonly string[]): Promise<{ id: number; login: string }[]> {
+    const found = await Promise.all(uids.map((uid) => this.deps.user(uid)));
+    return found.flatMap((u) => (u ? [{ id: u.num, login: u.login }] : []));
+  }
+
+  private async room(chid: string): Promise<{ id: number; users: { id: number; login: string }[] }> {
+    return { id: Number(chid), users: await this.userList(await this.deps.members(chid)) };
+  }
+
+  async rooms(client: RouteClient, sid: string | undefined): Promise<RouteAnswer> {
+    return this.onRequest(client, sid, async (s) => {
+      const out = [];
+      for (const chid of await this.deps.channelsOf(s.uid as string)) {
+        const c = await this.deps.channel(chid);
+        if (c?.private) out.push(await this.room(chid));
+      }
+      return ok(out);
+    });
+  }
+
+  async createRoom(client: RouteClient, sid: string | undefined, body: unknown): Promise<RouteAnswer> {
+    const list = (body as { users?: unknown } | null)?.users;
+    if (!Array.isArray(list) || list.length > MAX_MEMBERS) return INVALID_JSON;
+    return this.onRequest(client, sid, async (s) => {
+      const uids: string[] = [];
+      const logins: string[] = [];
+      for (const item of list) {
+        if (typeof item !== "object" || item === null) return INVALID_JSON;
+        const { id, login } = item as { id?: unknown; login?: unknown };
+        let uid: string | undefined;
+        if (typeof id === "number" && Number.isSafeInteger(id) && id > 0) uid = await this.deps.uidOfNum(id);
+        else if (id === undefined && typeof login === "string" && login !== "") uid = await this.deps.uidOfLogin(login);
+        else return INVALID_JSON;
+        if (uid === undefined) return fail(422, "user_not_found");
+        const u = await this.deps.user(uid);
+        if (!u) return fail(422, "user_not_found");
+        if (!uids.includes(uid) && uid !== s.uid) {
+          uids.push(uid);
+          logins.push(u.login);
+        }
+      }
+      const me = await this.deps.user(s.uid as string);
+      const name = [me?.login ?? "", ...logins].join(", ").slice(0, 64);
+      const r = await this.call(s, "createchannel", { name, private: true, members: uids });
+      if (!r.ok) return r.code === Code.UserNotFound ? fail(422, "user_not_found") : other(r.code);
+      return ok(await this.room((r.body as { chid: string }).chid));
+    });
+  }
+
+  /** A room the caller is a member of, or undefined (room_not_found either way). */
+  private async memberRoom(uid: string, id: string): Promise<string | undefined> {
+    if (!/^[1-9][0-9]{0,14}$/.test(id)) return undefined;
+    const c = await this.deps.channel(id);
+    if (!c || !(await this.deps.isMember(id, uid))) return undefined;
+    return id;
+  }
+
+  async getRoom(client: RouteClient, sid: string | undefined, id: string): Promise<RouteAnswer> {
+    return this.onRequest(client, sid, async (s) => {
+      const chid = await this.memberRoom(s.uid as string, id);
+      return chid === undefined ? ROOM_NOT_FOUND : ok(await this.room(chid));
+    });
+  }
+
+  async messages(client: RouteClient, sid: string | undefined, id: string): Promise<RouteAnswer> {
+    return this.onRequest(client, sid, async (s) => {
+      const chid = await this.memberRoom(s.uid as string, id);
+      if (chid === undefined) return ROOM_NOT_FOUND;
+      const r = await this.call(s, "history", { channel: chid, limit: HISTORY_MAX });
+      if (!r.ok) return ROOM_NOT_FOUND;
+      const nums = new Map<string, number | null>();
+      const out: Fields[] = [];
+      for await (const item of (r.body as ListReply).items()) {
+        const from = String(item.from);
+        if (!nums.has(from)) nums.set(from, (await this.deps.user(from))?.num ?? null);
+        out.push({ text: item.body, user_id: nums.get(from), room_id: Number(chid), created_at: roomsDate(Number(item.time)) });
+      }
+      return ok(out);
+    });
+  }
+
+  /** Whether a room socket may open: its session and room, checked before the upgrade. */
+  async canOpen(sid: string | undefined, id: string): Promise<RouteAnswer | undefined> {
+    const who = sid === undefined ? undefined : await this.deps.session(sid);
+    if (!who) return UNAUTHORIZED;
+    return (await this.memberRoom(who.uid, id)) === undefined ? ROOM_NOT_FOUND : undefined;
+  }
+}
+
+function credentials(body: unknown): { login: string; password: string } | undefined {
+  if (typeof body !== "object" || body === null) return undefined;
+  const { login, password } = body as { login?: unknown; password?: unknown };
+  if (typeof login !== "string" || login === "" || typeof password !== "string" || password === "") return undefined;
+  return { login, password };
+}
+
+/** The session a request presents: cookie, bearer token, or query parameter. */
+export function sessionOf(req: FastifyRequest): string | undefined {
+  const auth = req.headers.authorization;
+  if (typeof auth === "string" && /^Bearer\s+/i.test(auth)) return auth.replace(/^Bearer\s+/i, "").trim() || undefined;
+  const cookie = req.headers.cookie;
+  if (typeof cookie === "string") {
+    for (const part of cookie.split(";")) {
+      const eq = part.indexOf("=");
+      if (eq > 0 && part.slice(0, eq).trim() === "session_id") return decodeURIComponent(part.slice(eq + 1).trim()) || undefined;
+    }
+  }
+  const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
+  return typeof q === "string" && q !== "" ? q : undefined;
+}
+
+function send(reply: FastifyReply, a: RouteAnswer): FastifyReply {
+  return reply.code(a.http).type("application/json; charset=utf-8").send(a.body);
+}
+
+function clientOf(req: FastifyRequest): RouteClient {
+  return { address: req.socket.remoteAddress ?? "?", port: req.socket.remotePort ?? 0 };
+}
+
+/** The session cookie register and login set (and logout clears). */
+function cookie(sid: string): string {
+  return `session_id=${encodeURIComponent(sid)}; Path=/v1; HttpOnly; SameSite=Lax`;
+}
+
+/**
+ * Seed 002's routes under /v1 (register this with `prefix: "/v1"`): errors in its shape.
+ * `accept` takes an upgraded room socket; `banned` says why an address is refused.
+ */
+export function echatRoutes(
+  door: EchatDoor,
+  accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
+  banned: (address: string) => string | undefined,
+) {
+  return async (app: FastifyInstance): Promise<void> => {
+    app.addHook("onRequest", async (req, reply) => {
+      const why = banned(req.socket.remoteAddress ?? "?");
+      if (why !== undefined) return send(reply, fail(403, "forbidden"));
+    });
+    // Bodies are parsed here, so that a bad one is the seed's invalid_json (422).
+    app.removeAllContentTypeParsers();
+    app.addContentTypeParser("*", { parseAs: "string" }, (_req, text, done) => {
+      if (text === "") return done(null, {});
+      try {
+        done(null, JSON.parse(text as string));
+      } catch {
+        done(null, BAD_BODY);
+      }
+    });
+    app.setErrorHandler((err, req, reply) => {
+      const e = err as { statusCode?: number; code?: string };
+      if (e.statusCode === 413 || e.code === "FST_ERR_CTP_BODY_TOO_LARGE") return send(reply, fail(413, "too_large"));
+      if (e.statusCode !== undefined && e.statusCode < 500) return send(reply, INVALID_JSON);
+      req.log.error({ err }, "e_chat_server request failed");
+      return send(reply, fail(500, "internal"));
+    });
+    app.setNotFoundHandler((_req, reply) => send(reply, fail(404, "not_found")));
+
+    const body = (req: FastifyRequest): unknown => (req.body === BAD_BODY ? undefined : req.body);
+    app.post("/register", async (req, reply) => {
+      const a = await door.register(clientOf(req), body(req));
+      const sid = (a.body as { session_id?: string }).session_id;
+      if (sid) reply.header("set-cookie", cookie(sid));
+      return send(reply, a);
+    });
+    app.post("/login", async (req, reply) => {
+      const a = await door.login(clientOf(req), body(req));
+      const sid = (a.body as { session_id?: string }).session_id;
+      if (sid) reply.header("set-cookie", cookie(sid));
+      return send(reply, a);
+    });
+    app.post("/logout", async (req, reply) => {
+      const a = await door.logout(clientOf(req), sessionOf(req));
+      if (a.http === 200) reply.header("set-cookie", `session_id=; Path=/v1; HttpOnly; SameSite=Lax; Max-Age=0`);
+      return send(reply, a);
+    });
+    app.get("/info", async (req, reply) => send(reply, await door.info(clientOf(req), sessionOf(req))));
+    app.get("/users/", async (req, reply) => {
+      const q = (req.query as { q?: unknown }).q;
+      return send(reply, await door.users(clientOf(req), sessionOf(req), typeof q === "string" ? q : ""));
+    });
+    app.get("/rooms", async (req, reply) => send(reply, await door.rooms(clientOf(req), sessionOf(req))));
+    app.post("/rooms", async (req, reply) => {
+      if (req.body === BAD_BODY) {
+        // Still 401 first for a caller without a session, as every other route.
+        const who = await door.canOpen(sessionOf(req), "0");
+        return send(reply, who === UNAUTHORIZED ? who : INVALID_JSON);
+      }
+      return send(reply, await door.createRoom(clientOf(req), sessionOf(req), req.body));
+    });
+    app.get<{ Params: { id: string } }>("/rooms/:id", async (req, reply) => send(reply, await door.getRoom(clientOf(req), sessionOf(req), req.params.id)));
+    app.get<{ Params: { id: string } }>("/rooms/:id/messages", async (req, reply) =>
+      send(reply, await door.messages(clientOf(req), sessionOf(req), req.params.id)),
+    );
+    app.route<{ Params: { id: string } }>({
+      method: "GET",
+      url: "/rooms/:id/chat",
+      // Checked before the upgrade: a socket opens only for a valid session and a room of its user.
+      preValidation: async (req, reply) => {
+        const refused = await door.canOpen(sessionOf(req), req.params.id);
+        if (refused) return send(reply, refused);
+      },
+      handler: async (_req, reply) => send(reply, fail(426, "websocket_required")),
+      wsHandler: (ws, req) => {
+        const sid = sessionOf(req) as string;
+        accept(ws, req, door.roomSocket(req.params.id, sid));
+      },
+    });
+  };
+}
+
+/** A request body that is not JSON (told apart from a JSON body by identity). */
+const BAD_BODY = Object.freeze({ invalid: true });

@@ -1,0 +1,172 @@
+// The e_chat_server door (seed 002) over real HTTP (fetch) and real WebSockets (ws):
+// every example of the seed document with its error shapes, the session's three
+// carriers, rooms as private channels, native members, bad input.
+
+import WebSocket from "ws";
+import { describe, expect, it } from "vitest";
+import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
+
+const srv = serveForFile({ httpPort: 0, maxFrame: 8192 });
+const DATE = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$/;
+
+function base(): string {
+  return `http://127.0.0.1:${srv.server.httpPort}`;
+}
+
+async function call(method: string, path: string, opts: { body?: unknown; sid?: string; raw?: string; headers?: Record<string, string> } = {}) {
+  const headers: Record<string, string> = { ...opts.headers };
+  if (opts.body !== undefined || opts.raw !== undefined) headers["content-type"] = "application/json";
+  if (opts.sid) headers.authorization = `Bearer ${opts.sid}`;
+  const res = await fetch(base() + path, { method, headers, body: opts.raw ?? (opts.body === undefined ? undefined : JSON.stringify(opts.body)) });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : undefined, cookie: res.headers.get("set-cookie") };
+}
+
+async function register(login = uniqueName("e"), password = "password"): Promise<{ login: string; password: string; sid: string; id: number }> {
+  const r = await call("POST", "/v1/register", { body: { login, password } });
+  expect(r.status).toBe(200);
+  expect(r.body).toEqual({ session_id: expect.stringMatching(/^[0-9a-f]{16,}$/) });
+  const info = await call("GET", "/v1/info", { sid: r.body.session_id });
+  return { login, password, sid: r.body.session_id, id: info.body.id };
+}
+
+describe("e_chat_server door: accounts", () => {
+  it("POST /v1/register: 200 {session_id}; 422 user_already_exists, invalid_json", async () => {
+    const a = await register();
+    expect(await call("POST", "/v1/register", { body: { login: a.login, password: "x" } })).toMatchObject({ status: 422, body: { error: { code: "user_already_exists" } } });
+    expect(await call("POST", "/v1/register", { raw: "{not json" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+    expect(await call("POST", "/v1/register", { body: { login: "x" } })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+  });
+
+  it("POST /v1/login: 200 {session_id} and the cookie; 422 wrong_credentials, user_not_found, invalid_json", async () => {
+    const a = await register();
+    const r = await call("POST", "/v1/login", { body: { login: a.login, password: a.password } });
+    expect(r.status).toBe(200);
+    expect(r.body.session_id).toEqual(expect.any(String));
+    expect(r.cookie).toContain(`session_id=${r.body.session_id}`);
+    expect(await call("POST", "/v1/login", { body: { login: a.login, password: "nope" } })).toMatchObject({ status: 422, body: { error: { code: "wrong_credentials" } } });
+    expect(await call("POST", "/v1/login", { body: { login: uniqueName("ghost"), password: "x" } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
+    expect(await call("POST", "/v1/login", { raw: "[]" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+  });
+
+  it("GET /v1/info with the session as bearer, cookie or query parameter; 401 without", async () => {
+    const a = await register();
+    expect(await call("GET", "/v1/info", { sid: a.sid })).toEqual({ status: 200, body: { id: expect.any(Number), login: a.login }, cookie: null });
+    expect((await call("GET", "/v1/info", { headers: { cookie: `session_id=${a.sid}` } })).body).toEqual({ id: a.id, login: a.login });
+    expect((await call("GET", `/v1/info?session_id=${a.sid}`)).body).toEqual({ id: a.id, login: a.login });
+    expect(await call("GET", "/v1/info")).toMatchObject({ status: 401, body: { error: { code: "unauthorized" } } });
+    expect(await call("GET", "/v1/info", { sid: "0".repeat(32) })).toMatchObject({ status: 401, body: { error: { code: "unauthorized" } } });
+  });
+
+  it("POST /v1/logout: 200 {}, then the session is gone; 401 without one", async () => {
+    const a = await register();
+    expect(await call("POST", "/v1/logout", { sid: a.sid, body: {} })).toMatchObject({ status: 200, body: {} });
+    expect((await call("GET", "/v1/info", { sid: a.sid })).status).toBe(401);
+    expect(await call("POST", "/v1/logout", { body: {} })).toMatchObject({ status: 401, body: { error: { code: "unauthorized" } } });
+  });
+
+  it("the session_id is a wirechat session: native auth {sid} resumes it; a native account logs in here", async () => {
+    const a = await register();
+    const n = await Client.connect(srv.port);
+    expect(await n.request("auth", { sid: a.sid })).toMatchObject({ status: 0, nick: a.login });
+    const native = uniqueName("nat");
+    const c = await Client.connect(srv.port);
+    expect((await c.request("register", { login: native, pass: "pw", nick: native })).status).toBe(0);
+    expect((await call("POST", "/v1/login", { body: { login: native, password: "pw" } })).status).toBe(200);
+    n.close();
+    c.close();
+  });
+
+  it("GET /v1/users/?q= : [{id, login}] by login prefix", async () => {
+    const prefix = uniqueName("srch");
+    const a = await register(`${prefix}_a`);
+    await register(`${prefix}_b`);
+    const r = await call("GET", `/v1/users/?q=${prefix}`, { sid: a.sid });
+    expect(r.status).toBe(200);
+    expect(r.body.map((u: { login: string }) => u.login).sort()).toEqual([`${prefix}_a`, `${prefix}_b`]);
+    expect(r.body.every((u: { id: unknown }) => typeof u.id === "number")).toBe(true);
+    expect((await call("GET", `/v1/users/?q=${prefix}`)).status).toBe(401);
+  });
+});
+
+describe("e_chat_server door: rooms", () => {
+  it("POST /v1/rooms makes a private room with the caller; GET /v1/rooms and /v1/rooms/{id}; room_not_found for others", async () => {
+    const a = await register();
+    const b = await register();
+    const out = await register();
+    const r = await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: b.id, login: b.login }] } });
+    expect(r.status).toBe(200);
+    expect(r.body).toEqual({ id: expect.any(Number), users: expect.arrayContaining([{ id: a.id, login: a.login }, { id: b.id, login: b.login }]) });
+    expect(r.body.users).toHaveLength(2);
+    const room = r.body.id;
+    expect((await call("GET", "/v1/rooms", { sid: b.sid })).body).toEqual([{ id: room, users: expect.arrayContaining([{ id: a.id, login: a.login }]) }]);
+    expect((await call("GET", `/v1/rooms/${room}`, { sid: b.sid })).body).toMatchObject({ id: room });
+    expect(await call("GET", `/v1/rooms/${room}`, { sid: out.sid })).toMatchObject({ status: 422, body: { error: { code: "room_not_found" } } });
+    expect(await call("GET", `/v1/rooms/999999`, { sid: a.sid })).toMatchObject({ status: 422, body: { error: { code: "room_not_found" } } });
+    expect(await call("GET", `/v1/rooms/abc`, { sid: a.sid })).toMatchObject({ status: 422, body: { error: { code: "room_not_found" } } });
+    expect((await call("GET", "/v1/rooms", { sid: out.sid })).body).toEqual([]);
+    expect((await call("GET", "/v1/rooms")).status).toBe(401);
+    expect(await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: 987654321 }] } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
+    expect(await call("POST", "/v1/rooms", { sid: a.sid, raw: "{" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+    expect(await call("POST", "/v1/rooms", { sid: a.sid, body: { users: "b" } })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+    expect((await call("POST", "/v1/rooms", { raw: "{" })).status).toBe(401);
+  });
+
+  it("WS /v1/rooms/{id}/chat: {text} reaches every member's room sockets and native members; GET messages returns them oldest first", async () => {
+    const a = await register();
+    const b = await register();
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: b.id, login: b.login }] } })).body.id;
+    const wa = await WsClient.connect(srv.server.httpPort as number, `/v1/rooms/${room}/chat?session_id=${a.sid}`);
+    const wb = await WsClient.connect(srv.server.httpPort as number, `/v1/rooms/${room}/chat?session_id=${b.sid}`);
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { login: b.login, pass: b.password })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 100)); // both sockets have logged in
+    wa.send({ text: "Привет" });
+    for (const w of [wa, wb]) {
+      expect(await w.next((m) => m.text === "Привет")).toEqual({ text: "Привет", user_id: a.id, room_id: room, created_at: expect.stringMatching(DATE) });
+    }
+    expect(await native.event("ev_message", (d) => d.body === "Привет")).toMatchObject({ chid: String(room), nick: a.login });
+    expect((await native.request("message", { channel: String(room), body: "И тебе привет" })).status).toBe(0);
+    expect(await wa.next((m) => m.text === "И тебе привет")).toMatchObject({ user_id: b.id, room_id: room });
+    const hist = await call("GET", `/v1/rooms/${room}/messages`, { sid: a.sid });
+    expect(hist.body).toEqual([
+      { text: "Привет", user_id: a.id, room_id: room, created_at: expect.stringMatching(DATE) },
+      { text: "И тебе привет", user_id: b.id, room_id: room, created_at: expect.stringMatching(DATE) },
+    ]);
+    expect((await call("GET", `/v1/rooms/${room}/messages`)).status).toBe(401);
+    wa.send("not json");
+    expect(await wa.next((m) => m.error)).toMatchObject({ error: { code: "invalid_json" } });
+    wa.send({ nothing: 1 });
+    expect(await wa.next((m) => m.error)).toMatchObject({ error: { code: "invalid_json" } });
+    wa.send({ text: "still open" });
+    expect(await wb.next((m) => m.text === "still open")).toBeTruthy();
+    for (const w of [wa, wb]) w.ws.close();
+    native.close();
+  });
+
+  it("a room socket without a valid session or for another's room is refused before the upgrade", async () => {
+    const a = await register();
+    const b = await register();
+    const out = await register();
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: b.id, login: b.login }] } })).body.id;
+    const status = (path: string) =>
+      new Promise<number>((resolve) => {
+        const ws = new WebSocket(`ws://127.0.0.1:${srv.server.httpPort}${path}`);
+        ws.on("unexpected-response", (_req, res) => resolve(res.statusCode ?? 0));
+        ws.on("open", () => resolve(101));
+        ws.on("error", () => {});
+      });
+    expect(await status(`/v1/rooms/${room}/chat`)).toBe(401);
+    expect(await status(`/v1/rooms/${room}/chat?session_id=${out.sid}`)).toBe(422);
+    expect(await status(`/v1/rooms/${room}/chat?session_id=${a.sid}`)).toBe(101);
+  });
+
+  it("bad input: unknown routes, oversized bodies; the server stays up", async () => {
+    const a = await register();
+    expect(await call("GET", "/v1/nowhere", { sid: a.sid })).toMatchObject({ status: 404, body: { error: { code: "not_found" } } });
+    const big = await call("POST", "/v1/login", { raw: JSON.stringify({ login: "x", password: "y".repeat(20000) }) });
+    expect(big.status).toBe(413);
+    expect(big.body).toEqual({ error: { code: "too_large" } });
+    expect((await call("GET", "/v1/info", { sid: a.sid })).status).toBe(200);
+  });
+});
