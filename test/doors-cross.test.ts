@@ -4,7 +4,7 @@
 // every other.
 
 import { describe, expect, it } from "vitest";
-import { Client, registerUser, serveForFile, uniqueName, type Frame } from "./helpers.js";
+import { Client, registerUser, serveForFile, uniqueName, WsClient, type Frame } from "./helpers.js";
 
 const ROOM = "townhall";
 const srv = serveForFile({ rustPort: 0, roomsPort: 0, rustRoom: ROOM });
@@ -98,6 +98,106 @@ describe("seed doors together", () => {
       const oo = await Client.connect(srv.server.roomsPort as number, { welcome: false });
       expect((await ask(oo, { type: "REQUEST_LOGIN", login, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
       for (const c of [n, rr, oo]) c.close();
+    }
+  });
+});
+
+describe("every door in one conversation", () => {
+  // The rust_messages room and the HTTP/WS chat's lobby are one public channel.
+  const all = serveForFile({ rustPort: 0, roomsPort: 0, httpPort: 0, rustRoom: "commons", lobby: "commons" });
+
+  async function http(method: string, path: string, body?: unknown, sid?: string) {
+    const headers: Record<string, string> = { "content-type": "application/json" };
+    if (sid) headers.authorization = `Bearer ${sid}`;
+    const res = await fetch(`http://127.0.0.1:${all.server.httpPort}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    return (await res.json()) as any;
+  }
+
+  it("native, 000, 001, 002 and 003 clients see each other's messages in the shared channel", async () => {
+    const hp = all.server.httpPort as number;
+    // 003: created and logged in on /ws: in the lobby
+    const name = uniqueName("c3");
+    const email = `${name}@example.com`;
+    expect((await http("POST", "/create_user", { username: name, password: "pw", email })).status).toBe("success");
+    const ws3 = await WsClient.connect(hp, "/ws");
+    ws3.send({ type: "auth", email, password: "pw" });
+    expect(await ws3.next((m) => m.status === "authenticated")).toBeTruthy();
+    // native: enters the channel
+    const native = await registerUser(all.port);
+    const chid = (await native.client.request("channellist", { limit: 500 })).channels.find((c: { name: string }) => c.name === "commons").chid;
+    expect((await native.client.request("enter", { channel: chid })).status).toBe(0);
+    // 000: in it after login
+    const rust = await Client.connect(all.server.rustPort as number, { welcome: false });
+    const rl = uniqueName("c0");
+    expect((await ask(rust, { action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    // 001 and 002 accounts join it once (natively), then read it by its number
+    const ol = uniqueName("c1");
+    const rooms = await Client.connect(all.server.roomsPort as number, { welcome: false });
+    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const el = uniqueName("c2");
+    const sid = (await http("POST", "/v1/register", { login: el, password: "pw" })).session_id as string;
+    for (const login of [ol, el]) {
+      const n = await Client.connect(all.port);
+      expect((await n.request("auth", { login, pass: "pw" })).status).toBe(0);
+      expect((await n.request("enter", { channel: chid })).status).toBe(0);
+      n.close();
+    }
+    const ws2 = await WsClient.connect(hp, `/v1/rooms/${chid}/chat?session_id=${sid}`);
+    await new Promise((r) => setTimeout(r, 100)); // the room socket has logged in
+
+    const says: [string, () => void][] = [
+      [native.nick, () => native.client.send("message", { channel: chid, body: "hi from native" })],
+      [rl, () => line(rust, { action: "send_message", text: "hi from 000", timestamp: 1 })],
+      [ol, () => line(rooms, { type: "SND_MSG", username: ol, room_id: Number(chid), message: "hi from 001", msg_type: "TEXT" })],
+      [el, () => ws2.send({ text: "hi from 002" })],
+      [name, () => ws3.send({ type: "chat", content: "hi from 003" })],
+    ];
+    for (const [, say] of says) say();
+    for (const text of ["hi from native", "hi from 000", "hi from 001", "hi from 002", "hi from 003"]) {
+      expect(await native.client.event("ev_message", (d) => d.body === text)).toMatchObject({ chid });
+      expect(await rust.next((f) => f.action === "get_message" && f.text === text)).toMatchObject({ timestamp: expect.any(Number) });
+      expect(await rooms.next((f) => f.type === "READ_MSG" && f.message === text)).toMatchObject({ room_id: Number(chid) });
+      expect(await ws2.next((m) => m.text === text)).toMatchObject({ room_id: Number(chid), user_id: expect.any(Number) });
+      expect(await ws3.next((m) => m.status === "message" && m.message?.content === text)).toMatchObject({ info: null });
+    }
+    for (const c of [native.client, rust, rooms]) c.close();
+    for (const w of [ws2, ws3]) w.ws.close();
+  });
+
+  it("an account made on any of the five doors logs in on all five", async () => {
+    const made: { login: string; email: string }[] = [];
+    const n0 = uniqueName("a");
+    made.push({ login: (await registerUser(all.port, n0, "pw")).login, email: `${n0}@example.com` });
+    const r0 = uniqueName("a");
+    const rust = await Client.connect(all.server.rustPort as number, { welcome: false });
+    expect((await ask(rust, { action: "registration", login: r0, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    made.push({ login: r0, email: `${r0}@example.com` });
+    const o0 = uniqueName("a");
+    const rooms = await Client.connect(all.server.roomsPort as number, { welcome: false });
+    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: o0, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    made.push({ login: o0, email: `${o0}@example.com` });
+    const e0 = uniqueName("a");
+    expect((await http("POST", "/v1/register", { login: e0, password: "pw" })).session_id).toEqual(expect.any(String));
+    made.push({ login: e0, email: `${e0}@example.com` });
+    const c0 = uniqueName("a");
+    expect((await http("POST", "/create_user", { username: c0, password: "pw", email: `${c0}@example.com` })).status).toBe("success");
+    made.push({ login: `${c0}@example.com`, email: `${c0}@example.com` });
+    for (const c of [rust, rooms]) c.close();
+
+    for (const { login, email } of made) {
+      const n = await Client.connect(all.port);
+      expect((await n.request("auth", { login, pass: "pw" })).status).toBe(0);
+      // The HTTP/WS chat finds an account by its profile email: set it where the door that made it did not.
+      const set = await n.request("setuserinfo", { email });
+      expect([0, 1]).toContain(set.status);
+      n.close();
+      const rr = await Client.connect(all.server.rustPort as number, { welcome: false });
+      expect((await ask(rr, { action: "authentication", login, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
+      const oo = await Client.connect(all.server.roomsPort as number, { welcome: false });
+      expect((await ask(oo, { type: "REQUEST_LOGIN", login, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+      expect((await http("POST", "/v1/login", { login, password: "pw" })).session_id).toEqual(expect.any(String));
+      expect(await http("POST", "/login", { email, password: "pw" })).toMatchObject({ status: "success" });
+      for (const c of [rr, oo]) c.close();
     }
   });
 });

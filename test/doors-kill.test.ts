@@ -1,8 +1,9 @@
 // kill -9 under load on the seed doors: every message a door acknowledged (000's
-// send_message 200, 001's SND_MSG OK) is there after the restart.
+// send_message 200, 001's SND_MSG OK; on the WebSocket doors, whose APIs have no
+// acknowledgement, the echo to the sender) is there after the restart.
 
 import { describe, expect, it } from "vitest";
-import { ChildServer, Client, uniqueName, useTempDirs, type Frame } from "./helpers.js";
+import { ChildServer, Client, uniqueName, useTempDirs, WsClient, type Frame } from "./helpers.js";
 
 const newDataDir = useTempDirs();
 
@@ -77,6 +78,65 @@ describe("seed doors: kill -9", () => {
     for (const t of acked.rooms) expect(seen.has(t)).toBe(true);
     expect(acked.rust.length).toBeGreaterThanOrEqual(killAfter);
     expect(acked.rooms.length).toBeGreaterThanOrEqual(killAfter);
+    child.proc.kill("SIGTERM");
+    await child.exited;
+  }, 60_000);
+});
+
+describe("HTTP doors: kill -9", () => {
+  it("loses no message the e_chat_server room socket or the HTTP/WS chat echoed back to its sender", async () => {
+    const dataDir = newDataDir();
+    const flags = ["--http-port", "0"];
+    let child = await ChildServer.start(dataDir, flags);
+    const hp = () => portOf(child, "httpPort");
+    const http = async (method: string, path: string, body?: unknown, sid?: string) => {
+      const headers: Record<string, string> = { "content-type": "application/json" };
+      if (sid) headers.authorization = `Bearer ${sid}`;
+      const res = await fetch(`http://127.0.0.1:${hp()}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+      return (await res.json()) as any;
+    };
+    const a = uniqueName("k");
+    const b = uniqueName("k");
+    const sid = (await http("POST", "/v1/register", { login: a, password: "p" })).session_id;
+    await http("POST", "/v1/register", { login: b, password: "p" });
+    const bId = (await http("GET", `/v1/users/?q=${b}`, undefined, sid))[0].id;
+    const room = (await http("POST", "/v1/rooms", { users: [{ id: bId }] }, sid)).id;
+    const email = `${uniqueName("k")}@example.com`;
+    expect((await http("POST", "/create_user", { username: uniqueName("k"), password: "p", email })).status).toBe("success");
+
+    const ws2 = await WsClient.connect(hp(), `/v1/rooms/${room}/chat?session_id=${sid}`);
+    const ws3 = await WsClient.connect(hp(), "/ws");
+    ws3.send({ type: "auth", email, password: "p" });
+    await ws3.next((m) => m.status === "authenticated");
+    await new Promise((r) => setTimeout(r, 100));
+    // A message is in the room (on disk) once its echo comes back: the echo is the acknowledgement.
+    for (let i = 0; i < 300; i++) {
+      ws2.send({ text: `e${i}` });
+      ws3.send({ type: "chat", content: `c${i}` });
+    }
+    const echoed = () => ({
+      e: ws2.messages.filter((m) => typeof m.text === "string").length,
+      c: ws3.messages.filter((m) => m.status === "message" && m.message).length,
+    });
+    while (echoed().e < 30 || echoed().c < 30) await new Promise((r) => setTimeout(r, 2));
+    child.proc.kill("SIGKILL");
+    await child.exited;
+    await Promise.all([ws2.closed, ws3.closed]);
+    const e = ws2.messages.filter((m) => typeof m.text === "string").map((m) => m.text as string);
+    const c = ws3.messages.filter((m) => m.status === "message" && m.message).map((m) => m.message.content as string);
+
+    child = await ChildServer.start(dataDir, flags);
+    const stored = (await http("GET", `/v1/rooms/${room}/messages`, undefined, sid)).map((m: { text: string }) => m.text);
+    for (const t of e) expect(stored).toContain(t);
+    const n = await Client.connect(child.port);
+    expect((await n.request("auth", { login: email, pass: "p" })).status).toBe(0);
+    const lobby = (await n.request("channellist", { limit: 500 })).channels.find((ch: { name: string }) => ch.name === "lobby").chid;
+    n.send("history", { channel: lobby, limit: 500 });
+    const hist = (await n.reply("history")).data.messages.map((m: { body: string }) => m.body);
+    for (const t of c) expect(hist).toContain(t);
+    expect(e.length).toBeGreaterThanOrEqual(30);
+    expect(c.length).toBeGreaterThanOrEqual(30);
+    n.close();
     child.proc.kill("SIGTERM");
     await child.exited;
   }, 60_000);
