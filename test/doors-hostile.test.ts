@@ -1,10 +1,18 @@
 // The seed doors (000 rust_messages, 001 rooms API) against clients that are hostile
 // or broken: what the review of src/doors found, each over real TCP.
 
+import net from "node:net";
 import { describe, expect, it } from "vitest";
-import { Client, serveForFile, uniqueName, type Frame } from "./helpers.js";
+import { Client, serveForFile, uniqueName, type ChildServer, type Frame } from "./helpers.js";
+import { isAlive, orClosed, sleep, useChildServers, waitFor } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ rustPort: 0, roomsPort: 0 });
+
+function portOf(child: ChildServer, key: string): number {
+  const m = new RegExp(`"${key}":(\\d+)[^\\n]*"msg":"wirechat listening"`).exec(child.stdout());
+  if (!m) throw new Error(`no ${key} in the listening line`);
+  return Number(m[1]);
+}
 
 function send(c: Client, req: Record<string, unknown>): void {
   c.write(JSON.stringify(req) + "\n");
@@ -65,4 +73,75 @@ describe("rooms door: CREATE_ROOM's room is the two users' own", () => {
     a.c.close();
     b.c.close();
   });
+});
+
+describe("long histories are streamed to clients that do not read, not held whole", () => {
+  const startChild = useChildServers("each");
+  // 300 messages of 100,000 characters: 30 MB of history. Four connections that ask for
+  // all of it and read nothing would hold 120 MB if the door built each answer whole;
+  // the server runs with a 96 MB heap. Streamed as the socket drains (as native history
+  // is), each holds about one page of messages.
+  const N = 300;
+  const SIZE = 100_000;
+  const flags = ["--rust-port", "0", "--rooms-port", "0"];
+  const smallHeap = ["env", "NODE_OPTIONS=--max-old-space-size=96"];
+
+  /** Connects, writes `lines`, and never reads. */
+  async function mute(port: number, lines: Record<string, unknown>[]): Promise<net.Socket> {
+    const s = net.connect(port, "127.0.0.1");
+    await new Promise<void>((resolve, reject) => s.once("connect", resolve).once("error", reject));
+    s.on("error", () => {});
+    s.pause();
+    s.write(lines.map((l) => JSON.stringify(l) + "\n").join(""));
+    return s;
+  }
+
+  it("000 get_messages", async () => {
+    const child = await startChild(flags, smallHeap);
+    const port = portOf(child, "rustPort");
+    const c = await Client.connect(port, { welcome: false });
+    const login = uniqueName("big");
+    send(c, { action: "registration", login, password: "pw" });
+    for (let i = 0; i < N; i++) send(c, { action: "send_message", text: `${i} `.padEnd(SIZE, "x"), timestamp: 1 });
+    await orClosed(c, waitFor(() => c.frames.filter((f) => f.action === "send_message" && f.code === 200).length === N, 60_000, "the messages"), "the messages", child);
+    c.frames.splice(0);
+    const muted = [];
+    for (let i = 0; i < 4; i++) muted.push(await mute(port, [{ action: "authentication", login, password: "pw" }, { action: "get_messages", number_of_messages: 500 }]));
+    await sleep(1500);
+    expect(isAlive(child), child.stdout().slice(-600)).toBe(true);
+    // A client that reads gets all of it.
+    send(c, { action: "get_messages", number_of_messages: 500 });
+    const all = await orClosed(c, c.next((f) => f.action === "get_messages", 30_000), "get_messages", child);
+    expect(all.messages.length).toBe(N);
+    expect(all.messages.map((m: { text: string }) => m.text.split(" ")[0])).toEqual(Array.from({ length: N }, (_, i) => String(i)));
+    for (const s of muted) s.destroy();
+    c.close();
+  }, 90_000);
+
+  it("001 READ_MSG", async () => {
+    const child = await startChild(flags, smallHeap);
+    const port = portOf(child, "roomsPort");
+    const a = uniqueName("big");
+    const b = uniqueName("big");
+    const c = await Client.connect(port, { welcome: false });
+    expect((await ask(c, { type: "REQUEST_SIGNUP", login: b, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    c.close();
+    const d = await Client.connect(port, { welcome: false });
+    expect((await ask(d, { type: "REQUEST_SIGNUP", login: a, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const room = (await ask(d, { type: "CREATE_ROOM", username: a, customer: b })).id;
+    for (let i = 0; i < N; i++) send(d, { type: "SND_MSG", room_id: room, message: `${i} `.padEnd(SIZE, "x"), msg_type: "TEXT" });
+    await orClosed(d, waitFor(() => d.frames.filter((f) => f.type === "SND_MSG" && f.status === "OK").length === N, 60_000, "the messages"), "the messages", child);
+    d.frames.splice(0);
+    const muted = [];
+    for (let i = 0; i < 4; i++) muted.push(await mute(port, [{ type: "REQUEST_LOGIN", login: a, pass: "pw" }, { type: "READ_MSG", read: "ALL", room_id: room }]));
+    await sleep(1500);
+    expect(isAlive(child), child.stdout().slice(-600)).toBe(true);
+    send(d, { type: "READ_MSG", read: "ALL", room_id: room });
+    send(d, { type: "zz_end" });
+    await orClosed(d, d.next((f) => f.type === "zz_end", 30_000), "READ_MSG", child);
+    const read = d.frames.filter((f) => f.type === "READ_MSG" && f.status === "OK");
+    expect(read.map((f) => f.message.split(" ")[0])).toEqual(Array.from({ length: N }, (_, i) => String(i)));
+    for (const s of muted) s.destroy();
+    d.close();
+  }, 90_000);
 });

@@ -259,16 +259,30 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const chid = String(room);
     const r = await this.call(s, "history", { channel: chid, limit: READ_MAX });
     if (!r.ok) return [line({ type, status: "ERROR", room_id: room, error: r.text })];
-    const after = mode === "RESENT" ? (this.sent.get(`${st.uid}\u0000${chid}`) ?? 0) : 0;
-    const out: OutFrame[] = [];
-    for await (const item of (r.body as ListReply).items()) {
+    const uid = st.uid as string;
+    const after = mode === "RESENT" ? (this.sent.get(`${uid}\u0000${chid}`) ?? 0) : 0;
+    // One frame per message, written as the connection drains and read a page at a time
+    // (as native history is): 500 messages of up to --max-frame each are never held
+    // whole, and a client that does not read holds one page.
+    const list = r.body as ListReply;
+    return [{ parts: [() => this.readFrames(list, uid, chid, after)] }];
+  }
+
+  private async *readFrames(list: ListReply, uid: string, chid: string, after: number): AsyncIterable<string> {
+    for await (const item of list.items()) {
       const mid = Number(item.mid);
       if (mid <= after) continue;
       const attach = item.attach instanceof AttachmentRef ? item.attach : undefined;
-      out.push(this.readFrame({ mid: String(item.mid), chid, nick: String(item.nick), body: String(item.body), time: Number(item.time) }, attach));
-      this.wasSent(st.uid as string, chid, mid);
+      const frame = this.readFrame({ mid: String(item.mid), chid, nick: String(item.nick), body: String(item.body), time: Number(item.time) }, attach);
+      if (typeof frame === "string") yield frame;
+      else {
+        for (const part of frame.parts) {
+          if (typeof part === "string") yield part;
+          else yield* part();
+        }
+      }
+      this.wasSent(uid, chid, mid);
     }
-    return out;
   }
 
   /** DELETE_ROOM, DELETE_MSG, EDIT_MSG: members hear of it as events; only a failure is answered. */

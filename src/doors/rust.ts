@@ -229,12 +229,21 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     const n = msg.number_of_messages;
     if (typeof n !== "number" || !Number.isInteger(n) || n < 0) return answer(action, ERR, "'number_of_messages' must be a whole number");
     if (!st.room) return answer(action, ERR, "you are in no room; change_room first");
-    const messages: Fields[] = [];
-    if (n > 0) {
-      const r = await this.call(s, "history", { channel: st.room.chid, limit: Math.min(n, MAX_MESSAGES) });
-      if (!r.ok) return this.result(action, r);
-      for await (const m of (r.body as ListReply).items()) messages.push({ author: m.nick, text: m.body, timestamp: m.time });
-    }
-    return [line({ action, messages })];
+    if (n === 0) return [line({ action, messages: [] })];
+    const r = await this.call(s, "history", { channel: st.room.chid, limit: Math.min(n, MAX_MESSAGES) });
+    if (!r.ok) return this.result(action, r);
+    // Written as the connection drains, the messages read a page at a time (as native
+    // history is): 500 messages of up to --max-frame each are never held whole, and a
+    // client that does not read holds one page.
+    const list = r.body as ListReply;
+    return [{ parts: [`{"action":"get_messages","messages":[`, () => messageItems(list), "]}\n"] }];
+  }
+}
+
+async function* messageItems(list: ListReply): AsyncIterable<string> {
+  let sep = "";
+  for await (const m of list.items()) {
+    yield sep + JSON.stringify({ author: m.nick, text: m.body, timestamp: m.time });
+    sep = ",";
   }
 }
