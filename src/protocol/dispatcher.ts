@@ -268,9 +268,12 @@ export class Dispatcher {
   /** Resolves once no connection has a request queued, running or awaiting its commit. */
   async settled(timeoutMs: number, sessions: Iterable<Session>): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
+    // Read once, walked at every check: an iterator (a Map's values()) walked again
+    // would be empty, and the check would see only the connections it walked first.
+    const all = [...sessions];
     const busy = () => {
       if (this.active > 0) return true;
-      for (const s of sessions) {
+      for (const s of all) {
         const line = (s.line as Line | undefined);
         // What an open connection has queued is still to be answered.
         if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length)) return true;
