@@ -145,3 +145,58 @@ describe("long histories are streamed to clients that do not read, not held whol
     d.close();
   }, 90_000);
 });
+
+describe("graceful stop with door requests read but not yet answered", () => {
+  const startChild = useChildServers("each");
+
+  it("answers every request the doors had read (a client slow to read included) before it closes their connections", async () => {
+    const child = await startChild(["--rust-port", "0", "--rooms-port", "0"]);
+    const M = 300;
+    const text = (i: number) => `${i} `.padEnd(1000, "x");
+    // 000: get_messages of M messages.
+    const rust = await Client.connect(portOf(child, "rustPort"), { welcome: false });
+    send(rust, { action: "registration", login: uniqueName("stop"), password: "pw" });
+    for (let i = 0; i < M; i++) send(rust, { action: "send_message", text: text(i), timestamp: 1 });
+    await orClosed(rust, waitFor(() => rust.frames.filter((f) => f.action === "send_message" && f.code === 200).length === M, 20_000, "the messages"), "the messages", child);
+    // 001: READ_MSG of a room of M messages, and SEARCH_USER (which the door answers
+    // without a native request).
+    const [a, b] = [uniqueName("stop"), uniqueName("stop")];
+    const other = await Client.connect(portOf(child, "roomsPort"), { welcome: false });
+    expect((await ask(other, { type: "REQUEST_SIGNUP", login: b, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    other.close();
+    const rooms = await Client.connect(portOf(child, "roomsPort"), { welcome: false });
+    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: a, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const room = (await ask(rooms, { type: "CREATE_ROOM", customer: b })).id;
+    for (let i = 0; i < M; i++) send(rooms, { type: "SND_MSG", room_id: room, message: text(i), msg_type: "TEXT" });
+    await orClosed(rooms, waitFor(() => rooms.frames.filter((f) => f.type === "SND_MSG" && f.status === "OK").length === M, 20_000, "the messages"), "the messages", child);
+    rust.frames.splice(0);
+    rooms.frames.splice(0);
+    const before = { rust: rust.lines.length, rooms: rooms.lines.length };
+
+    // Fewer than a door reads ahead (64), in one write each: all of them are read at
+    // once. 18 MB of answers on each connection, which stop reading for a while: the
+    // doors wait for them to drain, as the native door waits for a slow reader.
+    const K = 60;
+    rust.write(Array.from({ length: K }, () => JSON.stringify({ action: "get_messages", number_of_messages: M }) + "\n").join(""));
+    rooms.write(
+      Array.from({ length: K / 2 }, () => JSON.stringify({ type: "SEARCH_USER", user: a }) + "\n" + JSON.stringify({ type: "READ_MSG", read: "ALL", room_id: room }) + "\n").join(""),
+    );
+    await orClosed(rust, rust.next((f) => f.action === "get_messages", 10_000), "a get_messages answer", child);
+    await orClosed(rooms, rooms.next((f) => f.type === "SEARCH_USER", 10_000), "a SEARCH_USER answer", child);
+    rust.socket.pause();
+    rooms.socket.pause();
+    await sleep(300);
+    child.proc.kill("SIGTERM");
+    await sleep(300);
+    rust.socket.resume();
+    rooms.socket.resume();
+    expect(await child.exited).toBe(0);
+    await Promise.all([rust.closed, rooms.closed]);
+    const answered = {
+      get_messages: rust.lines.slice(before.rust).filter((l) => l.startsWith('{"action":"get_messages"')).length,
+      SEARCH_USER: rooms.lines.slice(before.rooms).filter((l) => l.startsWith('{"type":"SEARCH_USER"')).length,
+      READ_MSG: rooms.lines.slice(before.rooms).filter((l) => l.startsWith('{"type":"READ_MSG"')).length,
+    };
+    expect(answered).toEqual({ get_messages: K, SEARCH_USER: K / 2, READ_MSG: (K / 2) * M });
+  }, 60_000);
+});

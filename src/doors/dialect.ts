@@ -55,6 +55,11 @@ export class DialectCodec<S, M = unknown> implements Codec {
     return this.door.name;
   }
 
+  /** Frames read and not yet answered (a graceful stop waits for them). */
+  get pending(): boolean {
+    return this.running || this.queue.length > 0;
+  }
+
   expect(action: string): Promise<Answer> {
     return new Promise((resolve) => this.waiting.push({ action, resolve }));
   }

@@ -275,8 +275,8 @@ export class Dispatcher {
       if (this.active > 0) return true;
       for (const s of all) {
         const line = (s.line as Line | undefined);
-        // What an open connection has queued is still to be answered.
-        if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length)) return true;
+        // What an open connection has queued is still to be answered (a seed door's too).
+        if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length || s.codec.pending === true)) return true;
       }
       return false;
     };
