@@ -183,6 +183,8 @@ class Line {
   badSince = 0;
   /** Set once the connection is to be closed: nothing more is read or queued. */
   closing = false;
+  /** Past --bad-frame-limit: the close was logged and counted (once). */
+  doomed = false;
   /** The client half-closed: close once everything it sent is answered. */
   inputEnded = false;
   /** Token bucket of the request rate limit, refilled lazily from `tokensAt` (ms). */
@@ -390,18 +392,28 @@ export class Dispatcher {
     return false;
   }
 
-  /** Bytes the scanner or decoder could not accept: one error reply, in order. */
-  reject(s: Session, code: Code, reason: string, action: string | undefined): void {
-    const line = (s.line as Line | undefined);
-    if (!line) return;
+  /** One more bad frame; true past --bad-frame-limit (the close logged and counted once). */
+  private overBadFrames(s: Session, line: Line): boolean {
     const now = Date.now();
     if (now - line.badSince > this.config.badFrameWindow * 1000) {
       line.badSince = now;
       line.badFrames = 0;
     }
-    if (++line.badFrames > this.config.badFrameLimit) {
+    if (++line.badFrames <= this.config.badFrameLimit) return false;
+    if (!line.doomed) {
+      line.doomed = true;
       this.metrics.closes.bad_frames++;
       s.log.warn({ badFrames: line.badFrames }, "too many bad frames; closing");
+    }
+    return true;
+  }
+
+  /** Bytes the scanner or decoder could not accept: one error reply, in order. */
+  reject(s: Session, code: Code, reason: string, action: string | undefined): void {
+    const line = (s.line as Line | undefined);
+    if (!line) return;
+    if (this.overBadFrames(s, line)) {
+      if (line.closing) return;
       // The notice waits behind the replies already owed, then the connection ends.
       this.enqueue(s, { kind: "reject", action: "unknown", code, reason: "too many bad frames; closing the connection", last: true });
       line.closing = true;
