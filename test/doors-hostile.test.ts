@@ -75,6 +75,83 @@ describe("rooms door: CREATE_ROOM's room is the two users' own", () => {
   });
 });
 
+describe("past --bad-frame-limit and the request rate limit, as on the native door", () => {
+  const bad = serveForFile({ rustPort: 0, roomsPort: 0, badFrameLimit: 5 });
+  const rated = serveForFile({ rustPort: 0, roomsPort: 0, rate: 1, burst: 3, rateDisconnect: 3 });
+
+  it("a flood of bad frames: what was asked before is answered, each bad frame gets its error, then a notice in the door's shape, then the close", async () => {
+    const rust = await Client.connect(bad.server.rustPort as number, { welcome: false });
+    send(rust, { action: "registration", login: uniqueName("bf"), password: "pw" });
+    expect((await rust.next((f) => f.action === "registration")).code).toBe(200);
+    send(rust, { action: "send_message", text: "before", timestamp: 1 });
+    await rust.next((f) => f.action === "send_message");
+    rust.frames.splice(0);
+    const from = rust.lines.length;
+    rust.write('{"action":"get_messages","number_of_messages":5}\n' + "{oops}\n".repeat(6));
+    await rust.closed;
+    expect(rust.lines.slice(from).map((l) => JSON.parse(l))).toEqual([
+      { action: "get_messages", messages: [{ author: expect.any(String), text: "before", timestamp: expect.any(Number) }] },
+      ...Array.from({ length: 5 }, () => ({ action: "unknown", code: 400, message: "frame is not valid JSON" })),
+      { action: "unknown", code: 400, message: "too many bad frames; closing the connection" },
+    ]);
+
+    const [a, b] = [uniqueName("bf"), uniqueName("bf")];
+    const other = await Client.connect(bad.server.roomsPort as number, { welcome: false });
+    expect((await ask(other, { type: "REQUEST_SIGNUP", login: b, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const rooms = await Client.connect(bad.server.roomsPort as number, { welcome: false });
+    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: a, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const room = (await ask(rooms, { type: "CREATE_ROOM", customer: b })).id;
+    const sent = await ask(rooms, { type: "SND_MSG", room_id: room, message: "before", msg_type: "TEXT" });
+    await rooms.next((f) => f.type === "READ_MSG");
+    rooms.frames.splice(0);
+    const at = rooms.lines.length;
+    rooms.write(JSON.stringify({ type: "READ_MSG", read: "ALL", room_id: room }) + "\n" + "{oops}\n".repeat(6));
+    await rooms.closed;
+    expect(rooms.lines.slice(at).map((l) => JSON.parse(l))).toEqual([
+      expect.objectContaining({ type: "READ_MSG", status: "OK", message_id: sent.message_id, message: "before" }),
+      ...Array.from({ length: 5 }, () => ({ type: "ERROR", status: "ERROR", error: "frame is not valid JSON" })),
+      { type: "ERROR", status: "ERROR", error: "too many bad frames; closing the connection" },
+    ]);
+    other.close();
+  });
+
+  it("every door request counts against the rate, once: past it each is refused in the door's shape, and far past it the connection is closed with a notice", async () => {
+    const rust = await Client.connect(rated.server.rustPort as number, { welcome: false });
+    send(rust, { action: "registration", login: uniqueName("rl"), password: "pw" });
+    expect((await rust.next((f) => f.action === "registration")).code).toBe(200);
+    const from = rust.lines.length;
+    // Unknown actions: answered by the door alone, without a native request.
+    rust.write('{"action":"frobnicate"}\n'.repeat(10));
+    await Promise.race([rust.closed, sleep(3000)]);
+    const slow = { action: "frobnicate", code: 400, message: "too many requests; slow down and retry" };
+    expect(rust.lines.slice(from).map((l) => JSON.parse(l))).toEqual([
+      ...Array.from({ length: 2 }, () => ({ action: "frobnicate", code: 400, message: "unknown action 'frobnicate'" })),
+      slow,
+      slow,
+      slow,
+      { action: "unknown", code: 400, message: "too many requests; closing the connection" },
+    ]);
+
+    const login = uniqueName("rl");
+    const rooms = await Client.connect(rated.server.roomsPort as number, { welcome: false });
+    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const at = rooms.lines.length;
+    // SEARCH_USER: answered from lookups, without a native request.
+    rooms.write((JSON.stringify({ type: "SEARCH_USER", user: login }) + "\n").repeat(10));
+    await Promise.race([rooms.closed, sleep(3000)]);
+    const refused = { type: "SEARCH_USER", status: "ERROR", error: "too many requests; slow down and retry" };
+    expect(rooms.lines.slice(at).map((l) => JSON.parse(l))).toEqual([
+      { type: "SEARCH_USER", user: [login] },
+      { type: "SEARCH_USER", user: [login] },
+      refused,
+      refused,
+      refused,
+      { type: "ERROR", status: "ERROR", error: "too many requests; closing the connection" },
+    ]);
+    expect(rust.isClosed && rooms.isClosed).toBe(true);
+  });
+});
+
 describe("long histories are streamed to clients that do not read, not held whole", () => {
   const startChild = useChildServers("each");
   // 300 messages of 100,000 characters: 30 MB of history. Four connections that ask for

@@ -9,6 +9,11 @@
 // no such event). Each connection's frames are handled one at a time, in order (a
 // door may need the answer of one native action to decide on the next: registration
 // then login), with a bounded queue: past it the connection stops being read.
+//
+// Limits are the native door's: each frame counts once against the request rate (the
+// native requests a door makes for it do not count again), bad frames against
+// --bad-frame-limit; past either, what the connection is owed is answered, then the
+// door's notice, then the connection is closed.
 
 import type { Logger } from "pino";
 import type { Codec, ReplyBody } from "../protocol/codec.js";
@@ -33,7 +38,13 @@ export interface Answer {
 const QUEUE_HIGH = 64;
 const QUEUE_LOW = 16;
 
-type Item<M> = { msg: M } | { bad: { code: Code; reason: string; action: string | undefined } };
+type Item<M> =
+  | { msg: M }
+  | { bad: { code: Code; reason: string; action: string | undefined } }
+  /** Over the request rate: answered 13 in the door's shape, not run. */
+  | { refused: M }
+  /** The notice before the connection is closed (past a limit): the last item. */
+  | { last: OutFrame };
 
 /**
  * A door connection's codec and state: the dispatcher's replies to the door's calls,
@@ -45,6 +56,8 @@ export class DialectCodec<S, M = unknown> implements Codec {
   running = false;
   /** The client sent its last frame (half-close): close once they are answered. */
   inputEnded = false;
+  /** Past a limit: the notice is queued, nothing more is. */
+  closing = false;
 
   constructor(
     private readonly door: DialectDoor<S, M>,
@@ -118,6 +131,8 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   abstract bad(code: Code, reason: string, action?: string): OutFrame;
   /** An event in the door's shape for this connection, or "" when it shows none. */
   abstract render(state: S, ev: Event): OutFrame;
+  /** The door's answer to a request it will not run (over the request rate): `reason` says why. */
+  protected abstract refuse(msg: M, reason: string): OutFrame;
   /** A frame is one the door can take (a JSON object with what the door keys on). */
   protected abstract decode(value: unknown): M | string;
 
@@ -142,15 +157,31 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     }
     const msg = this.decode(value);
     if (typeof msg === "string") return this.reject(s, Code.InvalidData, msg, undefined);
-    this.push(s, { msg });
+    switch (this.dispatcher.rated(s)) {
+      case "ok":
+        return this.push(s, { msg });
+      case "refused":
+        return this.push(s, { refused: msg });
+      case "close":
+        return this.closeAfter(s, this.bad(Code.RateLimited, "too many requests; closing the connection"));
+    }
   }
 
   reject(s: Session, code: Code, reason: string, action: string | undefined): void {
-    // Counted like the native door's bad frames: past --bad-frame-limit the dispatcher
-    // closes the connection (its own notice renders as nothing here: the door's error
-    // below is what the client reads).
-    this.dispatcher.reject(s, code, reason, undefined);
+    // Counted like the native door's bad frames; past --bad-frame-limit, the notice
+    // comes after what the connection is owed.
+    if (this.dispatcher.badFrame(s, code)) return this.closeAfter(s, this.bad(code, "too many bad frames; closing the connection"));
     this.push(s, { bad: { code, reason, action } });
+  }
+
+  /** Stops reading; `notice` is sent after everything queued before it, then the connection closes. */
+  private closeAfter(s: Session, notice: OutFrame): void {
+    const c = s.codec as DialectCodec<S, M>;
+    if (c.closing) return;
+    c.closing = true;
+    s.peer.pause("closing");
+    c.queue.push({ last: notice });
+    if (!c.running) void this.pump(s, c);
   }
 
   inputEnded(s: Session): void {
@@ -169,12 +200,14 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   /** Runs a native action for the connection; resolves with its outcome. */
   protected call(s: Session, action: string, data: Record<string, unknown>): Promise<Answer> {
     const p = (s.codec as DialectCodec<S, M>).expect(action);
-    this.dispatcher.dispatch(s, action, data);
+    // The frame it serves was counted against the rate when it arrived.
+    this.dispatcher.dispatch(s, action, data, undefined, 0, false, false);
     return p;
   }
 
   private push(s: Session, item: Item<M>): void {
     const c = s.codec as DialectCodec<S, M>;
+    if (c.closing) return;
     c.queue.push(item);
     if (c.queue.length > QUEUE_HIGH) s.peer.pause("door");
     if (!c.running) void this.pump(s, c);
@@ -188,9 +221,16 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
         if (s.peer.congested && !(await s.peer.drained())) return;
         const item = c.queue.shift() as Item<M>;
         if (c.queue.length <= QUEUE_LOW) s.peer.resume("door");
+        if ("last" in item) {
+          s.peer.send(item.last, false);
+          s.peer.end();
+          break;
+        }
         let out: OutFrame[];
         try {
-          out = "bad" in item ? [this.bad(item.bad.code, item.bad.reason, item.bad.action)] : await this.handle(s, c.state, item.msg);
+          if ("bad" in item) out = [this.bad(item.bad.code, item.bad.reason, item.bad.action)];
+          else if ("refused" in item) out = [this.refuse(item.refused, "too many requests; slow down and retry")];
+          else out = await this.handle(s, c.state, item.msg);
         } catch (err) {
           s.log.error({ err, door: this.name }, "door request failed");
           out = [this.bad(Code.Unavailable, "the server could not complete the request; nothing was changed")];

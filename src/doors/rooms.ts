@@ -104,6 +104,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     return line({ type: "ERROR", status: "ERROR", error: reason });
   }
 
+  /** As a failed request of its type answers (a refused login as a throttled one does). */
+  protected refuse(msg: Msg, reason: string): OutFrame {
+    if (msg.type === "REQUEST_SIGNUP") return line({ type: "RESPONSE_SIGNUP", status: "SINGUP_FAIL", error: reason });
+    if (msg.type === "REQUEST_LOGIN") return line({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS", error: reason });
+    return error(msg.type, reason)[0];
+  }
+
   /** Remembers what a user was sent in a room (for READ_MSG RESENT). */
   private wasSent(uid: string, chid: string, mid: number): void {
     const key = `${uid}\u0000${chid}`;

@@ -79,6 +79,10 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     return line({ action, code: ERR, message: reason });
   }
 
+  protected refuse(msg: Msg, reason: string): OutFrame {
+    return line({ action: msg.action, code: ERR, message: reason });
+  }
+
   render(st: RustState, ev: Event): OutFrame {
     switch (ev.kind) {
       case "message": {
