@@ -75,6 +75,37 @@ describe("rooms door: CREATE_ROOM's room is the two users' own", () => {
   });
 });
 
+describe("frames that are not valid UTF-8", () => {
+  it("are refused as on the native door, not stored with replacement characters", async () => {
+    const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });
+    send(rust, { action: "registration", login: uniqueName("u8"), password: "pw" });
+    expect((await rust.next((f) => f.action === "registration")).code).toBe(200);
+    const room = uniqueName("u8");
+    send(rust, { action: "create_room", name: room });
+    expect((await rust.next((f) => f.action === "create_room")).code).toBe(200);
+    send(rust, { action: "change_room", old_room_name: "general", new_room_name: room });
+    expect((await rust.next((f) => f.action === "change_room")).code).toBe(200);
+    rust.write(Buffer.concat([Buffer.from('{"action":"send_message","text":"bad '), Buffer.from([0xff, 0xfe]), Buffer.from('","timestamp":1}\n')]));
+    expect(await rust.next((f) => f.action === "send_message")).toEqual({ action: "send_message", code: 400, message: "frame is not valid UTF-8" });
+    send(rust, { action: "get_messages", number_of_messages: 10 });
+    expect((await rust.next((f) => f.action === "get_messages")).messages).toEqual([]);
+
+    const [a, b] = [uniqueName("u8"), uniqueName("u8")];
+    const other = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+    expect((await ask(other, { type: "REQUEST_SIGNUP", login: b, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const rooms = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: a, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const id = (await ask(rooms, { type: "CREATE_ROOM", customer: b })).id;
+    rooms.write(Buffer.concat([Buffer.from(`{"type":"SND_MSG","room_id":${id},"message":"bad `), Buffer.from([0xc3, 0x28]), Buffer.from('","msg_type":"TEXT"}\n')]));
+    expect(await rooms.next()).toEqual({ type: "ERROR", status: "ERROR", error: "frame is not valid UTF-8" });
+    send(rooms, { type: "READ_MSG", read: "ALL", room_id: id });
+    send(rooms, { type: "zz_end" });
+    await rooms.next((f) => f.type === "zz_end");
+    expect(rooms.frames.filter((f) => f.type === "READ_MSG")).toEqual([]);
+    for (const c of [rust, rooms, other]) c.close();
+  });
+});
+
 describe("past --bad-frame-limit and the request rate limit, as on the native door", () => {
   const bad = serveForFile({ rustPort: 0, roomsPort: 0, badFrameLimit: 5 });
   const rated = serveForFile({ rustPort: 0, roomsPort: 0, rate: 1, burst: 3, rateDisconnect: 3 });

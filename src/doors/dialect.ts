@@ -15,6 +15,7 @@
 // --bad-frame-limit; past either, what the connection is owed is answered, then the
 // door's notice, then the connection is closed.
 
+import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Codec, ReplyBody } from "../protocol/codec.js";
 import { Code, codeText } from "../protocol/codes.js";
@@ -148,10 +149,12 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     return this.bad(code, text);
   }
 
-  frame(s: Session, bytes: Buffer, _upload: Upload | undefined, _ascii: boolean): void {
+  frame(s: Session, bytes: Buffer, _upload: Upload | undefined, ascii: boolean): void {
+    // As the native door (§2): decoding would turn bad bytes into U+FFFD silently.
+    if (!ascii && !isUtf8(bytes)) return this.reject(s, Code.InvalidData, "frame is not valid UTF-8", peekAction(bytes));
     let value: unknown;
     try {
-      value = JSON.parse(bytes.toString("utf8"));
+      value = JSON.parse(bytes.toString(ascii ? "latin1" : "utf8"));
     } catch {
       return this.reject(s, Code.InvalidData, "frame is not valid JSON", peekAction(bytes));
     }
