@@ -75,6 +75,33 @@ describe("rooms door: CREATE_ROOM's room is the two users' own", () => {
   });
 });
 
+describe("a login typed in another case", () => {
+  it("is the same login: logins are unique whatever their case, and the doors log in by any case", async () => {
+    const login = uniqueName("CaseUser");
+    const first = await Client.connect(srv.server.rustPort as number, { welcome: false });
+    send(first, { action: "registration", login, password: "pw" });
+    expect((await first.next((f) => f.action === "registration")).code).toBe(200);
+    first.close();
+    const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });
+    send(rust, { action: "authentication", login: login.toLowerCase(), password: "pw" });
+    expect((await rust.next((f) => f.action === "authentication")).code).toBe(200);
+    send(rust, { action: "change_password", login, new_password: "pw2" });
+    expect(await rust.next((f) => f.action === "change_password")).toEqual({ action: "change_password", code: 200, message: "OK" });
+    send(rust, { action: "delete_account", login: login.toUpperCase(), password: "pw2" });
+    expect(await rust.next((f) => f.action === "delete_account")).toEqual({ action: "delete_account", code: 200, message: "OK" });
+    rust.close();
+
+    const other = uniqueName("CaseUser");
+    const made = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+    expect((await ask(made, { type: "REQUEST_SIGNUP", login: other, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    made.close();
+    const rooms = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+    expect((await ask(rooms, { type: "REQUEST_LOGIN", login: other.toUpperCase(), pass: "pw" }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    expect(await ask(rooms, { type: "OLD_DIALOGS", username: other })).toEqual({ type: "OLD_DIALOGS", dialogs: [], id: [], first_massage_id: [] });
+    rooms.close();
+  });
+});
+
 describe("frames that are not valid UTF-8", () => {
   it("are refused as on the native door, not stored with replacement characters", async () => {
     const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });

@@ -248,6 +248,14 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   }
 }
 
+/**
+ * `given` (a frame's field) names the login `mine`: logins are unique whatever their
+ * case (the login index is lower-case), and a client may log in typing any case.
+ */
+export function sameLogin(given: unknown, mine: string | undefined): boolean {
+  return typeof given === "string" && mine !== undefined && given.toLowerCase() === mine.toLowerCase();
+}
+
 /** A JSON string field of a decoded frame, or undefined. */
 export function str(msg: Record<string, unknown>, key: string): string | undefined {
   const v = msg[key];

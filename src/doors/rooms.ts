@@ -17,7 +17,7 @@ import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import type { MessageRecord } from "../storage/layout.js";
-import { DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 /** READ_MSG ALL answers at most this many (the latest). */
 const READ_MAX = 500;
@@ -164,7 +164,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     }
     if (s.uid === undefined) return error(type, "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)");
     const username = msg.username;
-    if (username !== undefined && username !== st.login) return error(type, "'username' is not the user logged in on this connection");
+    if (username !== undefined && !sameLogin(username, st.login)) return error(type, "'username' is not the user logged in on this connection");
     switch (type) {
       case "CREATE_ROOM":
         return this.createRoom(s, st, msg);

@@ -19,7 +19,7 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
-import { DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 const OK = 200;
 const WARN = 300;
@@ -184,7 +184,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   private async changePassword(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
     const { action } = msg;
     const next = str(msg, "new_password");
-    if (str(msg, "login") !== st.login) return answer(action, ERR, "you can only change the password of the login you are logged in as");
+    if (!sameLogin(msg.login, st.login)) return answer(action, ERR, "you can only change the password of the login you are logged in as");
     if (!next) return answer(action, ERR, "'new_password' is required");
     const r = await this.call(s, "changepassword", { pass: st.password, newpass: next });
     if (r.ok) st.password = next;
@@ -194,7 +194,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   private async deleteAccount(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
     const { action } = msg;
     const password = str(msg, "password");
-    if (str(msg, "login") !== st.login) return answer(action, ERR, "you can only delete the account you are logged in as");
+    if (!sameLogin(msg.login, st.login)) return answer(action, ERR, "you can only delete the account you are logged in as");
     if (!password) return answer(action, ERR, "'password' is required");
     const r = await this.call(s, "deleteaccount", { pass: password });
     if (r.ok) st.login = st.password = st.room = undefined;
