@@ -59,6 +59,23 @@ describe("rooms door: CREATE_ROOM's room is the two users' own", () => {
     for (const x of [a.c, b.c, c]) x.close();
   });
 
+  it("two CREATE_ROOMs of the same two users at once make one room", async () => {
+    for (let round = 0; round < 5; round++) {
+      const a = await roomsUser();
+      const b = await roomsUser();
+      const a2 = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+      expect((await ask(a2, { type: "REQUEST_LOGIN", login: a.login, pass: a.pass }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+      const asked = [
+        ask(a.c, { type: "CREATE_ROOM", customer: b.login }),
+        ask(b.c, { type: "CREATE_ROOM", customer: a.login }),
+        ask(a2, { type: "CREATE_ROOM", customer: b.login }),
+      ];
+      const ids = (await Promise.all(asked)).map((f) => f.id);
+      expect(ids.every((id) => Number.isSafeInteger(id) && id === ids[0])).toBe(true);
+      for (const x of [a.c, b.c, a2]) x.close();
+    }
+  });
+
   it("CREATE_ROOM with oneself is a room of one, never a room shared with someone else", async () => {
     const a = await roomsUser();
     const b = await roomsUser();

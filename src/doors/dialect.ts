@@ -78,6 +78,15 @@ export class DialectCodec<S, M = unknown> implements Codec {
     return new Promise((resolve) => this.waiting.push({ action, resolve }));
   }
 
+  /**
+   * The connection closed: the dispatcher runs nothing more for it, so calls still
+   * waiting get a failure instead of waiting forever (with what the door holds, such as
+   * a lock, while it waits).
+   */
+  abandon(): void {
+    for (const w of this.waiting.splice(0)) w.resolve({ ok: false, code: Code.Unavailable, body: undefined, text: "the connection closed" });
+  }
+
   // A reply the door did not ask for (the auth frame register sends after its own
   // reply) matches no waiting call and is dropped: the door says what its protocol says.
   reply(action: string, body: ReplyBody): OutFrame {
@@ -119,7 +128,11 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   constructor(
     protected readonly dispatcher: Dispatcher,
     protected readonly log: Logger,
-  ) {}
+  ) {
+    dispatcher.onClose((s) => {
+      if (s.codec instanceof DialectCodec) s.codec.abandon();
+    });
+  }
 
   /** A new connection's state. */
   protected abstract initial(): S;

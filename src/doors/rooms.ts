@@ -80,6 +80,8 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   readonly name = "rooms";
   /** `<uid>\0<chid>` → the newest mid this user was sent in that room through this door. */
   private readonly sent = new Map<string, number>();
+  /** Pairs of users (`<uid>\0<uid>`, in order) whose room a CREATE_ROOM is finding or making. */
+  private readonly pairs = new Map<string, Promise<void>>();
 
   constructor(
     dispatcher: Dispatcher,
@@ -230,14 +232,33 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const other = await this.deps.uidOfLogin(customer);
     if (other === undefined) return error(type, `no user with login '${customer}'`);
     const me = st.uid as string;
-    let chid = await this.deps.roomOf(me, other);
-    if (chid === undefined) {
-      const name = `${st.login} & ${customer}`.slice(0, 64);
-      const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
-      if (!r.ok) return error(type, r.text);
-      chid = (r.body as { chid: string }).chid;
+    // One at a time per pair: two CREATE_ROOMs of the same two users at once (each
+    // opening the chat, or one on two connections) would each find no room and make one.
+    return this.forPair(me < other ? `${me}\u0000${other}` : `${other}\u0000${me}`, async () => {
+      let chid = await this.deps.roomOf(me, other);
+      if (chid === undefined) {
+        const name = `${st.login} & ${customer}`.slice(0, 64);
+        const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
+        if (!r.ok) return error(type, r.text);
+        chid = (r.body as { chid: string }).chid;
+      }
+      return [line({ type, id: Number(chid), customer })];
+    });
+  }
+
+  /** Runs `fn` once every earlier one for `key` has finished. */
+  private async forPair<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const before = this.pairs.get(key);
+    let done!: () => void;
+    const mine = new Promise<void>((resolve) => (done = resolve));
+    this.pairs.set(key, mine);
+    try {
+      if (before) await before;
+      return await fn();
+    } finally {
+      done();
+      if (this.pairs.get(key) === mine) this.pairs.delete(key);
     }
-    return [line({ type, id: Number(chid), customer })];
   }
 
   private async send(s: Session, msg: Msg): Promise<OutFrame[]> {
