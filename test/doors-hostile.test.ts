@@ -92,6 +92,62 @@ describe("rooms door: CREATE_ROOM's room is the two users' own", () => {
   });
 });
 
+describe("rooms door: DELETE_ROOM, DELETE_MSG and EDIT_MSG always answer the caller", () => {
+  it("answers in order, also when the caller has left the room (the members' event does not reach it then)", async () => {
+    const a = await roomsUser();
+    const b = await roomsUser();
+    const room = (await ask(a.c, { type: "CREATE_ROOM", customer: b.login })).id;
+    const m1 = (await ask(a.c, { type: "SND_MSG", room_id: room, message: "one", msg_type: "TEXT" })).message_id;
+    const m2 = (await ask(a.c, { type: "SND_MSG", room_id: room, message: "two", msg_type: "TEXT" })).message_id;
+    // a leaves the room (natively): its own messages there are still its own to change.
+    const n = await Client.connect(srv.port);
+    expect((await n.request("auth", { login: a.login, pass: a.pass })).status).toBe(0);
+    expect((await n.request("leave", { channel: String(room) })).status).toBe(0);
+    n.close();
+    a.c.frames.splice(0);
+    const from = a.c.lines.length;
+    for (const req of [
+      { type: "EDIT_MSG", id: m1, new_msg: "one, edited" },
+      { type: "DELETE_MSG", id: m2 },
+      { type: "DELETE_ROOM", id: room },
+      { type: "zz_end" },
+    ]) send(a.c, req);
+    await a.c.next((f) => f.type === "zz_end");
+    expect(a.c.lines.slice(from).map((l) => JSON.parse(l))).toEqual([
+      { type: "EDIT_MSG", id: m1, new_msg: "one, edited" },
+      { type: "DELETE_MSG", id: m2 },
+      { type: "DELETE_ROOM", id: room },
+      { type: "zz_end", status: "ERROR", error: "unknown type 'zz_end'" },
+    ]);
+    // b, a member, got each as an event.
+    expect(await b.c.next((f) => f.type === "EDIT_MSG")).toEqual({ type: "EDIT_MSG", id: m1, new_msg: "one, edited" });
+    expect(await b.c.next((f) => f.type === "DELETE_MSG")).toEqual({ type: "DELETE_MSG", id: m2 });
+    expect(await b.c.next((f) => f.type === "DELETE_ROOM")).toEqual({ type: "DELETE_ROOM", id: room });
+    a.c.close();
+    b.c.close();
+  });
+
+  it("a member caller gets one answer, not the answer and the event", async () => {
+    const a = await roomsUser();
+    const b = await roomsUser();
+    const room = (await ask(a.c, { type: "CREATE_ROOM", customer: b.login })).id;
+    const m = (await ask(a.c, { type: "SND_MSG", room_id: room, message: "x", msg_type: "TEXT" })).message_id;
+    await a.c.next((f) => f.type === "READ_MSG");
+    a.c.frames.splice(0);
+    const from = a.c.lines.length;
+    for (const req of [{ type: "EDIT_MSG", id: m, new_msg: "y" }, { type: "DELETE_MSG", id: m }, { type: "DELETE_ROOM", id: room }]) send(a.c, req);
+    await b.c.next((f) => f.type === "DELETE_ROOM");
+    await sleep(200);
+    expect(a.c.lines.slice(from).map((l) => JSON.parse(l))).toEqual([
+      { type: "EDIT_MSG", id: m, new_msg: "y" },
+      { type: "DELETE_MSG", id: m },
+      { type: "DELETE_ROOM", id: room },
+    ]);
+    a.c.close();
+    b.c.close();
+  });
+});
+
 describe("a login typed in another case", () => {
   it("is the same login: logins are unique whatever their case, and the doors log in by any case", async () => {
     const login = uniqueName("CaseUser");

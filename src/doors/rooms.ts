@@ -25,12 +25,20 @@ const READ_MAX = 500;
 const SEARCH_MAX = 50;
 /** (user, room) pairs whose last message sent through this door is remembered (RESENT). */
 const SENT_MAX = 100_000;
+/** How long a late copy of an event that already answered its caller is left out. */
+const ECHO_MS = 10_000;
 
 type Msg = Record<string, unknown> & { type: string };
 
 interface RoomsState {
   uid: string | undefined;
   login: string | undefined;
+  /**
+   * DELETE_ROOM, DELETE_MSG, EDIT_MSG this connection asked for (`<type>:<id>`), whose
+   * members' event it is not to show again (its answer was that frame) → until when
+   * (Infinity while the request runs).
+   */
+  echoes: Map<string, number>;
 }
 
 /** What the door reads besides native actions (lookups only: it never writes). */
@@ -92,7 +100,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   }
 
   protected initial(): RoomsState {
-    return { uid: undefined, login: undefined };
+    return { uid: undefined, login: undefined, echoes: new Map() };
   }
 
   protected decode(value: unknown): Msg | string {
@@ -143,10 +151,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return (wire[this.name] ??= this.readFrame(m, m.attach));
       }
       case "edit":
+        if (this.echoed(st, `EDIT_MSG:${ev.mid}`)) return "";
         return (wire[this.name] ??= line({ type: "EDIT_MSG", id: Number(ev.mid), new_msg: ev.body }));
       case "delete":
+        if (this.echoed(st, `DELETE_MSG:${ev.mid}`)) return "";
         return (wire[this.name] ??= line({ type: "DELETE_MSG", id: Number(ev.mid) }));
       case "channelDeleted":
+        if (this.echoed(st, `DELETE_ROOM:${ev.chid}`)) return "";
         return (wire[this.name] ??= line({ type: "DELETE_ROOM", id: Number(ev.chid) }));
       case "logout":
         st.uid = st.login = undefined;
@@ -180,13 +191,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return [line({ type, user: await this.deps.loginsStartingWith(q, SEARCH_MAX) })];
       }
       case "DELETE_ROOM":
-        return this.byId(s, msg, "deletechannel", "channel");
+        return this.byId(s, st, msg, "deletechannel", "channel");
       case "DELETE_MSG":
-        return this.byId(s, msg, "delmessage", "mid");
+        return this.byId(s, st, msg, "delmessage", "mid");
       case "EDIT_MSG": {
         const text = str(msg, "new_msg");
         if (text === undefined) return error(type, "'new_msg' must be a string");
-        return this.byId(s, msg, "editmessage", "mid", { body: text });
+        return this.byId(s, st, msg, "editmessage", "mid", { body: text });
       }
       case "OLD_DIALOGS":
         return this.dialogs(s, msg);
@@ -313,12 +324,36 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     }
   }
 
-  /** DELETE_ROOM, DELETE_MSG, EDIT_MSG: members hear of it as events; only a failure is answered. */
-  private async byId(s: Session, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
+  /**
+   * DELETE_ROOM, DELETE_MSG, EDIT_MSG: the members hear of it as an event, and the
+   * caller gets that frame as its answer, in order, whether or not it is a member any
+   * more (it may have left the room: its messages there are still its own), and only
+   * once: its own copy of the event, sent as the change is made or a little later (a
+   * room's members read from disk), is left out.
+   */
+  private async byId(s: Session, st: RoomsState, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
     const id = msg.id;
     if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg.type, "'id' must be a number");
+    const echo = `${msg.type}:${id}`;
+    const now = Date.now();
+    for (const [k, until] of st.echoes) if (until < now) st.echoes.delete(k);
+    st.echoes.set(echo, Infinity);
     const r: Answer = await this.call(s, action, { [key]: String(id), ...extra });
-    return r.ok ? [] : [line({ type: msg.type, status: "ERROR", id, error: r.text })];
+    if (!r.ok) {
+      st.echoes.delete(echo);
+      return [line({ type: msg.type, status: "ERROR", id, error: r.text })];
+    }
+    // Not seen yet: a copy may still come (or none, for a caller that is no member).
+    if (st.echoes.has(echo)) st.echoes.set(echo, Date.now() + ECHO_MS);
+    return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: extra.body } : { type: msg.type, id })];
+  }
+
+  /** The connection's own request was answered with this event's frame (see byId): true once. */
+  private echoed(st: RoomsState, key: string): boolean {
+    const until = st.echoes.get(key);
+    if (until === undefined) return false;
+    st.echoes.delete(key);
+    return until >= Date.now();
   }
 
   private async dialogs(s: Session, msg: Msg): Promise<OutFrame[]> {
