@@ -148,6 +148,54 @@ describe("rooms door: DELETE_ROOM, DELETE_MSG and EDIT_MSG always answer the cal
   });
 });
 
+describe("numeric edge cases", () => {
+  it("ids that are not a room's or a message's number get one ERROR each; a room's id written 1.0 or 1e0 is that room", async () => {
+    const a = await roomsUser();
+    const b = await roomsUser();
+    const room = (await ask(a.c, { type: "CREATE_ROOM", customer: b.login })).id as number;
+    const sent = await ask(a.c, { type: "SND_MSG", room_id: room, message: "x", msg_type: "TEXT" });
+    await a.c.next((f) => f.type === "READ_MSG");
+    const odd = ["1e308", "-1e308", "1e400", "-0", "0", "-1", "1.5", "9007199254740993", "9007199254740992", '"1"', `"${room}"`, "null", "true", `[${room}]`, `{"id":${room}}`];
+    for (const v of odd) {
+      for (const [type, field] of [
+        ["SND_MSG", `"room_id":${v},"message":"y","msg_type":"TEXT"`],
+        ["READ_MSG", `"room_id":${v},"read":"ALL"`],
+        ["DELETE_ROOM", `"id":${v}`],
+        ["DELETE_MSG", `"id":${v}`],
+        ["EDIT_MSG", `"id":${v},"new_msg":"z"`],
+      ]) {
+        a.c.write(`{"type":"${type}",${field}}\n{"type":"zz_end"}\n`);
+        await a.c.next((f) => f.type === "zz_end");
+        const got = a.c.frames.splice(0);
+        expect(got, `${type} ${v}`).toEqual([{ type, status: "ERROR", error: expect.stringMatching(/^'(room_id|id)' must be/) }]);
+      }
+    }
+    // The same number in another JSON spelling is the same room.
+    a.c.write(`{"type":"READ_MSG","read":"ALL","room_id":${room}.0}\n{"type":"READ_MSG","read":"ALL","room_id":${room}e0}\n{"type":"zz_end"}\n`);
+    await a.c.next((f) => f.type === "zz_end");
+    expect(a.c.frames.splice(0).map((f) => [f.room_id, f.message_id])).toEqual([
+      [room, sent.message_id],
+      [room, sent.message_id],
+    ]);
+
+    // 000: number_of_messages as a whole number, however written; anything else is 400.
+    const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });
+    send(rust, { action: "registration", login: uniqueName("num"), password: "pw" });
+    expect((await rust.next((f) => f.action === "registration")).code).toBe(200);
+    for (const v of ["1e308", "9007199254740993", "5.0", "-0"]) {
+      rust.write(`{"action":"get_messages","number_of_messages":${v}}\n`);
+      const r = await rust.next((f) => f.action === "get_messages");
+      expect(r.messages, v).toBeInstanceOf(Array);
+      if (v === "-0") expect(r.messages).toEqual([]);
+    }
+    for (const v of ["1e400", "-1", "1.5", '"1"', "null", "[1]", "{}"]) {
+      rust.write(`{"action":"get_messages","number_of_messages":${v}}\n`);
+      expect(await rust.next((f) => f.action === "get_messages"), v).toEqual({ action: "get_messages", code: 400, message: "'number_of_messages' must be a whole number" });
+    }
+    for (const x of [a.c, b.c, rust]) x.close();
+  });
+});
+
 describe("a login typed in another case", () => {
   it("is the same login: logins are unique whatever their case, and the doors log in by any case", async () => {
     const login = uniqueName("CaseUser");
