@@ -456,3 +456,102 @@ describe("graceful stop with door requests read but not yet answered", () => {
     expect(answered).toEqual({ get_messages: K, SEARCH_USER: K / 2, READ_MSG: (K / 2) * M });
   }, 60_000);
 });
+
+describe("one connection, one user after another; a session ended elsewhere", () => {
+  const one = serveForFile({ rustPort: 0, roomsPort: 0, maxSessionsPerUser: 1 });
+
+  it("000: after logout and a login as another user, the connection is that user's, in the default room, and hears nothing of the first user's room", async () => {
+    const port = one.server.rustPort as number;
+    const c = await Client.connect(port, { welcome: false });
+    const [a, b] = [uniqueName("sw"), uniqueName("sw")];
+    const room = uniqueName("swroom");
+    send(c, { action: "registration", login: a, password: "pw" });
+    expect((await c.next((f) => f.action === "registration")).code).toBe(200);
+    send(c, { action: "create_room", name: room });
+    expect((await c.next((f) => f.action === "create_room")).code).toBe(200);
+    send(c, { action: "change_room", old_room_name: "general", new_room_name: room });
+    expect((await c.next((f) => f.action === "change_room")).code).toBe(200);
+    send(c, { action: "logout" });
+    expect((await c.next((f) => f.action === "logout")).code).toBe(200);
+    send(c, { action: "registration", login: b, password: "pw" });
+    expect((await c.next((f) => f.action === "registration")).code).toBe(200);
+    // A member of a's room writes there: b's connection does not hear it.
+    const other = await Client.connect(port, { welcome: false });
+    send(other, { action: "registration", login: uniqueName("sw"), password: "pw" });
+    expect((await other.next((f) => f.action === "registration")).code).toBe(200);
+    send(other, { action: "change_room", old_room_name: "general", new_room_name: room });
+    expect((await other.next((f) => f.action === "change_room")).code).toBe(200);
+    send(other, { action: "send_message", text: "in a's room", timestamp: 1 });
+    expect((await other.next((f) => f.action === "send_message")).code).toBe(200);
+    // b writes to the default room, and reads it.
+    send(c, { action: "send_message", text: "b in general", timestamp: 1 });
+    expect((await c.next((f) => f.action === "send_message")).code).toBe(200);
+    send(c, { action: "get_messages", number_of_messages: 1 });
+    expect((await c.next((f) => f.action === "get_messages")).messages).toEqual([{ author: b, text: "b in general", timestamp: expect.any(Number) }]);
+    expect(await c.quiet(200, (f) => f.action === "get_message" && f.text === "in a's room")).toBe(true);
+    c.close();
+    other.close();
+  });
+
+  it("001: a connection whose session another login ended, logged in again as someone else, reads and remembers as that user only", async () => {
+    const port = one.server.roomsPort as number;
+    const connect = () => Client.connect(port, { welcome: false });
+    const [a, b, peer] = [uniqueName("sw"), uniqueName("sw"), uniqueName("sw")];
+    for (const login of [b, peer]) {
+      const x = await connect();
+      expect((await ask(x, { type: "REQUEST_SIGNUP", login, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+      x.close();
+    }
+    const c = await connect();
+    expect((await ask(c, { type: "REQUEST_SIGNUP", login: a, pass: "pw" }, "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const aRoom = (await ask(c, { type: "CREATE_ROOM", customer: peer })).id;
+    expect((await ask(c, { type: "SND_MSG", room_id: aRoom, message: "a's secret", msg_type: "TEXT" })).status).toBe("OK");
+    await c.next((f) => f.type === "READ_MSG" && f.message === "a's secret");
+    // a logs in elsewhere: one session per user here, so c's ends (c stays open).
+    const elsewhere = await connect();
+    expect((await ask(elsewhere, { type: "REQUEST_LOGIN", login: a, pass: "pw" }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    expect(await ask(c, { type: "SEARCH_USER", user: a })).toMatchObject({ status: "ERROR", error: expect.stringMatching(/log in/) });
+    // c logs in as b: a's room is not b's, and a's messages do not come here.
+    expect((await ask(c, { type: "REQUEST_LOGIN", login: b, pass: "pw" }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    expect(await ask(c, { type: "READ_MSG", read: "ALL", room_id: aRoom })).toMatchObject({ type: "READ_MSG", status: "ERROR", room_id: aRoom });
+    expect(await ask(c, { type: "READ_MSG", read: "RESENT", room_id: aRoom })).toMatchObject({ type: "READ_MSG", status: "ERROR", room_id: aRoom });
+    expect((await ask(elsewhere, { type: "SND_MSG", room_id: aRoom, message: "a again", msg_type: "TEXT" })).status).toBe("OK");
+    expect(await c.quiet(200, (f) => f.type === "READ_MSG")).toBe(true);
+    // b's own room: RESENT is b's bookkeeping.
+    const bRoom = (await ask(c, { type: "CREATE_ROOM", customer: peer })).id;
+    expect((await ask(c, { type: "SND_MSG", room_id: bRoom, message: "b's", msg_type: "TEXT" })).status).toBe("OK");
+    await c.next((f) => f.type === "READ_MSG" && f.message === "b's");
+    send(c, { type: "READ_MSG", read: "RESENT", room_id: bRoom });
+    send(c, { type: "zz_end" });
+    await c.next((f) => f.type === "zz_end");
+    expect(c.frames.splice(0).filter((f) => f.type === "READ_MSG")).toEqual([]);
+    c.close();
+    elsewhere.close();
+  });
+
+  it("requests queued on a connection whose session a password change elsewhere ends: answered until it closes, the server stays up", async () => {
+    const login = uniqueName("race");
+    const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });
+    send(rust, { action: "registration", login, password: "pw" });
+    expect((await rust.next((f) => f.action === "registration")).code).toBe(200);
+    const native = await Client.connect(srv.port);
+    for (let i = 0; i < 200; i++) send(rust, { action: "send_message", text: `m${i}`, timestamp: 1 });
+    expect((await native.request("auth", { login, pass: "pw" })).status).toBe(0);
+    expect((await native.request("changepassword", { pass: "pw", newpass: "pw2" })).status).toBe(0);
+    await rust.closed;
+    expect(rust.lines.map((l) => JSON.parse(l))).toContainEqual({ action: "logout", code: 300, message: "the password was changed" });
+    const answers = rust.lines.map((l) => JSON.parse(l)).filter((f) => f.action === "send_message");
+    // Every answer is one of the two a send_message can get; the 200s come first.
+    expect(answers.every((f) => (f.code === 200 && f.message === "OK") || f.code === 400)).toBe(true);
+    const firstRefused = answers.findIndex((f) => f.code !== 200);
+    expect(answers.slice(firstRefused < 0 ? answers.length : firstRefused).every((f) => f.code === 400)).toBe(true);
+    // What was acknowledged is stored.
+    const texts = new Set(
+      (await native.request("history", { channel: (await native.request("channellist", {})).channels.find((ch: { name: string }) => ch.name === "general").chid, limit: 500 })).messages.map(
+        (m: { body: string }) => m.body,
+      ),
+    );
+    for (let i = 0; i < answers.length; i++) if (answers[i].code === 200) expect(texts.has(`m${i}`)).toBe(true);
+    native.close();
+  });
+});
