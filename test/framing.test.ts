@@ -138,6 +138,16 @@ describe("resynchronisation", () => {
     expect(errors.length).toBe(21); // 20 answered, then the closing notice
     expect(errors.at(-1).data.error).toMatch(/too many bad frames/);
   });
+
+  it("a close for bad frames is counted and logged once, however many bad frames came after the limit", async () => {
+    const closes = shared.server.services.metrics.closes;
+    const before = closes.bad_frames;
+    const c = await Client.connect(shared.port);
+    // One read: every line past the 20th is over the limit.
+    c.write("junk\n".repeat(500));
+    await c.closed;
+    expect(closes.bad_frames - before).toBe(1);
+  });
 });
 
 describe("size limit", () => {

@@ -95,3 +95,32 @@ describe("SIGTERM with password checks queued", () => {
     for (const c of clients) c.close();
   }, 60_000);
 });
+
+describe("SIGTERM with a slow reader behind an idle connection", () => {
+  it("answers every request the slow reader had sent before it closes, whatever connection the listener lists first", async () => {
+    const child = await ChildServer.start(newDataDir());
+    // Listed first: a connection with nothing to answer.
+    const idle = await registerUser(child.port);
+    const slow = await registerUser(child.port);
+    const c = slow.client;
+    const chid = (await c.request("createchannel", { name: `slow${process.pid}` })).chid;
+    const M = 300;
+    for (let i = 0; i < M; i++) c.send("message", { channel: chid, body: `${i} `.padEnd(1000, "x") });
+    for (let i = 0; i < M; i++) expect((await c.reply("message", 15_000)).data.status).toBe(0);
+    const before = c.lines.length;
+    // 60 replies of 300 KB, read in one go; the client stops reading for a while, so the
+    // server holds the rest of them until it drains.
+    const K = 60;
+    c.write(Array.from({ length: K }, () => JSON.stringify({ action: "history", data: { channel: chid, limit: M } }) + "\n").join(""));
+    await c.reply("history", 10_000);
+    c.socket.pause();
+    await new Promise((r) => setTimeout(r, 300));
+    child.proc.kill("SIGTERM");
+    await new Promise((r) => setTimeout(r, 300));
+    c.socket.resume();
+    expect(await child.exited).toBe(0);
+    await c.closed;
+    expect(c.lines.slice(before).filter((l) => l.startsWith('{"action":"history"')).length).toBe(K);
+    idle.client.close();
+  }, 60_000);
+});

@@ -9,7 +9,13 @@
 // no such event). Each connection's frames are handled one at a time, in order (a
 // door may need the answer of one native action to decide on the next: registration
 // then login), with a bounded queue: past it the connection stops being read.
+//
+// Limits are the native door's: each frame counts once against the request rate (the
+// native requests a door makes for it do not count again), bad frames against
+// --bad-frame-limit; past either, what the connection is owed is answered, then the
+// door's notice, then the connection is closed.
 
+import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Codec, ReplyBody } from "../protocol/codec.js";
 import { Code, codeText } from "../protocol/codes.js";
@@ -33,7 +39,15 @@ export interface Answer {
 const QUEUE_HIGH = 64;
 const QUEUE_LOW = 16;
 
-type Item<M> = { msg: M } | { bad: { code: Code; reason: string; action: string | undefined } } | { open: true };
+type Item<M> =
+  | { msg: M }
+  | { bad: { code: Code; reason: string; action: string | undefined } }
+  /** Over the request rate: answered 13 in the door's shape, not run. */
+  | { refused: M }
+  /** The notice before the connection is closed (past a limit): the last item. */
+  | { last: OutFrame }
+  /** A new connection's first step (DialectDoor.start). */
+  | { open: true };
 
 /**
  * A door connection's codec and state: the dispatcher's replies to the door's calls,
@@ -45,6 +59,8 @@ export class DialectCodec<S, M = unknown> implements Codec {
   running = false;
   /** The client sent its last frame (half-close): close once they are answered. */
   inputEnded = false;
+  /** Past a limit: the notice is queued, nothing more is. */
+  closing = false;
 
   constructor(
     private readonly door: DialectDoor<S, M>,
@@ -55,8 +71,22 @@ export class DialectCodec<S, M = unknown> implements Codec {
     return this.door.name;
   }
 
+  /** Frames read and not yet answered (a graceful stop waits for them). */
+  get pending(): boolean {
+    return this.running || this.queue.length > 0;
+  }
+
   expect(action: string): Promise<Answer> {
     return new Promise((resolve) => this.waiting.push({ action, resolve }));
+  }
+
+  /**
+   * The connection closed: the dispatcher runs nothing more for it, so calls still
+   * waiting get a failure instead of waiting forever (with what the door holds, such as
+   * a lock, while it waits).
+   */
+  abandon(): void {
+    for (const w of this.waiting.splice(0)) w.resolve({ ok: false, code: Code.Unavailable, body: undefined, text: "the connection closed" });
   }
 
   // A reply the door did not ask for (the auth frame register sends after its own
@@ -101,7 +131,11 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   constructor(
     protected readonly dispatcher: Dispatcher,
     protected readonly log: Logger,
-  ) {}
+  ) {
+    dispatcher.onClose((s) => {
+      if (s.codec instanceof DialectCodec) s.codec.abandon();
+    });
+  }
 
   /** A new connection's state. */
   protected abstract initial(): S;
@@ -114,6 +148,8 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   abstract bad(code: Code, reason: string, action?: string): OutFrame;
   /** An event in the door's shape for this connection, or "" when it shows none. */
   abstract render(state: S, ev: Event): OutFrame;
+  /** The door's answer to a request it will not run (over the request rate): `reason` says why. */
+  protected abstract refuse(msg: M, reason: string): OutFrame;
   /** A frame is one the door can take (a JSON object with what the door keys on). */
   protected abstract decode(value: unknown): M | string;
 
@@ -137,24 +173,42 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     return this.bad(code, text);
   }
 
-  frame(s: Session, bytes: Buffer, _upload: Upload | undefined, _ascii: boolean): void {
+  frame(s: Session, bytes: Buffer, _upload: Upload | undefined, ascii: boolean): void {
+    // As the native door (§2): decoding would turn bad bytes into U+FFFD silently.
+    if (!ascii && !isUtf8(bytes)) return this.reject(s, Code.InvalidData, "frame is not valid UTF-8", peekAction(bytes));
     let value: unknown;
     try {
-      value = JSON.parse(bytes.toString("utf8"));
+      value = JSON.parse(bytes.toString(ascii ? "latin1" : "utf8"));
     } catch {
       return this.reject(s, Code.InvalidData, "frame is not valid JSON", peekAction(bytes));
     }
     const msg = this.decode(value);
     if (typeof msg === "string") return this.reject(s, Code.InvalidData, msg, undefined);
-    this.push(s, { msg });
+    switch (this.dispatcher.rated(s)) {
+      case "ok":
+        return this.push(s, { msg });
+      case "refused":
+        return this.push(s, { refused: msg });
+      case "close":
+        return this.closeAfter(s, this.bad(Code.RateLimited, "too many requests; closing the connection"));
+    }
   }
 
   reject(s: Session, code: Code, reason: string, action: string | undefined): void {
-    // Counted like the native door's bad frames: past --bad-frame-limit the dispatcher
-    // closes the connection (its own notice renders as nothing here: the door's error
-    // below is what the client reads).
-    this.dispatcher.reject(s, code, reason, undefined);
+    // Counted like the native door's bad frames; past --bad-frame-limit, the notice
+    // comes after what the connection is owed.
+    if (this.dispatcher.badFrame(s, code)) return this.closeAfter(s, this.bad(code, "too many bad frames; closing the connection"));
     this.push(s, { bad: { code, reason, action } });
+  }
+
+  /** Stops reading; `notice` is sent after everything queued before it, then the connection closes. */
+  private closeAfter(s: Session, notice: OutFrame): void {
+    const c = s.codec as DialectCodec<S, M>;
+    if (c.closing) return;
+    c.closing = true;
+    s.peer.pause("closing");
+    c.queue.push({ last: notice });
+    if (!c.running) void this.pump(s, c);
   }
 
   inputEnded(s: Session): void {
@@ -175,7 +229,8 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     // The dispatcher takes nothing more from a closed connection: no answer would come.
     if (s.peer.closed) return Promise.resolve({ ok: false, code: Code.Unavailable, body: undefined, text: "the connection closed" });
     const p = (s.codec as DialectCodec<S, M>).expect(action);
-    this.dispatcher.dispatch(s, action, data);
+    // The frame it serves was counted against the rate when it arrived.
+    this.dispatcher.dispatch(s, action, data, undefined, 0, false, false);
     return p;
   }
 
@@ -194,6 +249,7 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
 
   private push(s: Session, item: Item<M>): void {
     const c = s.codec as DialectCodec<S, M>;
+    if (c.closing) return;
     c.queue.push(item);
     if (c.queue.length > QUEUE_HIGH) s.peer.pause("door");
     if (!c.running) void this.pump(s, c);
@@ -207,14 +263,17 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
         if (s.peer.congested && !(await s.peer.drained())) return;
         const item = c.queue.shift() as Item<M>;
         if (c.queue.length <= QUEUE_LOW) s.peer.resume("door");
+        if ("last" in item) {
+          s.peer.send(item.last, false);
+          s.peer.end();
+          break;
+        }
         let out: OutFrame[];
         try {
-          out =
-            "bad" in item
-              ? this.refused(s, c.state, item.bad.code, item.bad.reason, item.bad.action)
-              : "open" in item
-                ? await this.start(s, c.state)
-                : await this.handle(s, c.state, item.msg);
+          if ("bad" in item) out = this.refused(s, c.state, item.bad.code, item.bad.reason, item.bad.action);
+          else if ("refused" in item) out = [this.refuse(item.refused, "too many requests; slow down and retry")];
+          else if ("open" in item) out = await this.start(s, c.state);
+          else out = await this.handle(s, c.state, item.msg);
         } catch (err) {
           s.log.error({ err, door: this.name }, "door request failed");
           out = [this.bad(Code.Unavailable, "the server could not complete the request; nothing was changed")];
@@ -227,6 +286,14 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
       if (c.inputEnded) this.dispatcher.inputEnded(s);
     }
   }
+}
+
+/**
+ * `given` (a frame's field) names the login `mine`: logins are unique whatever their
+ * case (the login index is lower-case), and a client may log in typing any case.
+ */
+export function sameLogin(given: unknown, mine: string | undefined): boolean {
+  return typeof given === "string" && mine !== undefined && given.toLowerCase() === mine.toLowerCase();
 }
 
 /** A JSON string field of a decoded frame, or undefined. */

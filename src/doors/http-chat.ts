@@ -146,6 +146,10 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     return error(reason);
   }
 
+  protected refuse(_msg: ChatMsg, reason: string): OutFrame {
+    return error(reason);
+  }
+
   /** Before the login, anything the door cannot read ends the socket, as a wrong first message does. */
   protected override refused(s: Session, st: ChatState, code: Code, reason: string): OutFrame[] {
     if (!st.authed) return this.closeWith(s, authFailed(reason));

@@ -132,6 +132,10 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
   bad(_code: Code, reason: string): OutFrame {
     return JSON.stringify({ error: { code: "invalid_json", message: reason } });
   }
+  protected refuse(_msg: EchatMsg, reason: string): OutFrame {
+    return JSON.stringify({ error: { code: "too_many_requests", message: reason } });
+  }
+
 
   private num(uid: string): number | undefined {
     return this.deps.cachedUser(uid)?.num;

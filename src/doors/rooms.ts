@@ -17,7 +17,7 @@ import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import type { MessageRecord } from "../storage/layout.js";
-import { DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 /** READ_MSG ALL answers at most this many (the latest). */
 const READ_MAX = 500;
@@ -25,12 +25,20 @@ const READ_MAX = 500;
 const SEARCH_MAX = 50;
 /** (user, room) pairs whose last message sent through this door is remembered (RESENT). */
 const SENT_MAX = 100_000;
+/** How long a late copy of an event that already answered its caller is left out. */
+const ECHO_MS = 10_000;
 
 type Msg = Record<string, unknown> & { type: string };
 
 interface RoomsState {
   uid: string | undefined;
   login: string | undefined;
+  /**
+   * DELETE_ROOM, DELETE_MSG, EDIT_MSG this connection asked for (`<type>:<id>`), whose
+   * members' event it is not to show again (its answer was that frame) → until when
+   * (Infinity while the request runs).
+   */
+  echoes: Map<string, number>;
 }
 
 /** What the door reads besides native actions (lookups only: it never writes). */
@@ -80,6 +88,8 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   readonly name = "rooms";
   /** `<uid>\0<chid>` → the newest mid this user was sent in that room through this door. */
   private readonly sent = new Map<string, number>();
+  /** Pairs of users (`<uid>\0<uid>`, in order) whose room a CREATE_ROOM is finding or making. */
+  private readonly pairs = new Map<string, Promise<void>>();
 
   constructor(
     dispatcher: Dispatcher,
@@ -90,7 +100,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   }
 
   protected initial(): RoomsState {
-    return { uid: undefined, login: undefined };
+    return { uid: undefined, login: undefined, echoes: new Map() };
   }
 
   protected decode(value: unknown): Msg | string {
@@ -102,6 +112,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
 
   bad(_code: Code, reason: string): OutFrame {
     return line({ type: "ERROR", status: "ERROR", error: reason });
+  }
+
+  /** As a failed request of its type answers (a refused login as a throttled one does). */
+  protected refuse(msg: Msg, reason: string): OutFrame {
+    if (msg.type === "REQUEST_SIGNUP") return line({ type: "RESPONSE_SIGNUP", status: "SINGUP_FAIL", error: reason });
+    if (msg.type === "REQUEST_LOGIN") return line({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS", error: reason });
+    return error(msg.type, reason)[0];
   }
 
   /** Remembers what a user was sent in a room (for READ_MSG RESENT). */
@@ -134,10 +151,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return (wire[this.name] ??= this.readFrame(m, m.attach));
       }
       case "edit":
+        if (this.echoed(st, `EDIT_MSG:${ev.mid}`)) return "";
         return (wire[this.name] ??= line({ type: "EDIT_MSG", id: Number(ev.mid), new_msg: ev.body }));
       case "delete":
+        if (this.echoed(st, `DELETE_MSG:${ev.mid}`)) return "";
         return (wire[this.name] ??= line({ type: "DELETE_MSG", id: Number(ev.mid) }));
       case "channelDeleted":
+        if (this.echoed(st, `DELETE_ROOM:${ev.chid}`)) return "";
         return (wire[this.name] ??= line({ type: "DELETE_ROOM", id: Number(ev.chid) }));
       case "logout":
         st.uid = st.login = undefined;
@@ -157,7 +177,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     }
     if (s.uid === undefined) return error(type, "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)");
     const username = msg.username;
-    if (username !== undefined && username !== st.login) return error(type, "'username' is not the user logged in on this connection");
+    if (username !== undefined && !sameLogin(username, st.login)) return error(type, "'username' is not the user logged in on this connection");
     switch (type) {
       case "CREATE_ROOM":
         return this.createRoom(s, st, msg);
@@ -171,13 +191,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return [line({ type, user: await this.deps.loginsStartingWith(q, SEARCH_MAX) })];
       }
       case "DELETE_ROOM":
-        return this.byId(s, msg, "deletechannel", "channel");
+        return this.byId(s, st, msg, "deletechannel", "channel");
       case "DELETE_MSG":
-        return this.byId(s, msg, "delmessage", "mid");
+        return this.byId(s, st, msg, "delmessage", "mid");
       case "EDIT_MSG": {
         const text = str(msg, "new_msg");
         if (text === undefined) return error(type, "'new_msg' must be a string");
-        return this.byId(s, msg, "editmessage", "mid", { body: text });
+        return this.byId(s, st, msg, "editmessage", "mid", { body: text });
       }
       case "OLD_DIALOGS":
         return this.dialogs(s, msg);
@@ -223,14 +243,33 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const other = await this.deps.uidOfLogin(customer);
     if (other === undefined) return error(type, `no user with login '${customer}'`);
     const me = st.uid as string;
-    let chid = await this.deps.roomOf(me, other);
-    if (chid === undefined) {
-      const name = `${st.login} & ${customer}`.slice(0, 64);
-      const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
-      if (!r.ok) return error(type, r.text);
-      chid = (r.body as { chid: string }).chid;
+    // One at a time per pair: two CREATE_ROOMs of the same two users at once (each
+    // opening the chat, or one on two connections) would each find no room and make one.
+    return this.forPair(me < other ? `${me}\u0000${other}` : `${other}\u0000${me}`, async () => {
+      let chid = await this.deps.roomOf(me, other);
+      if (chid === undefined) {
+        const name = `${st.login} & ${customer}`.slice(0, 64);
+        const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
+        if (!r.ok) return error(type, r.text);
+        chid = (r.body as { chid: string }).chid;
+      }
+      return [line({ type, id: Number(chid), customer })];
+    });
+  }
+
+  /** Runs `fn` once every earlier one for `key` has finished. */
+  private async forPair<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const before = this.pairs.get(key);
+    let done!: () => void;
+    const mine = new Promise<void>((resolve) => (done = resolve));
+    this.pairs.set(key, mine);
+    try {
+      if (before) await before;
+      return await fn();
+    } finally {
+      done();
+      if (this.pairs.get(key) === mine) this.pairs.delete(key);
     }
-    return [line({ type, id: Number(chid), customer })];
   }
 
   private async send(s: Session, msg: Msg): Promise<OutFrame[]> {
@@ -259,24 +298,62 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const chid = String(room);
     const r = await this.call(s, "history", { channel: chid, limit: READ_MAX });
     if (!r.ok) return [line({ type, status: "ERROR", room_id: room, error: r.text })];
-    const after = mode === "RESENT" ? (this.sent.get(`${st.uid}\u0000${chid}`) ?? 0) : 0;
-    const out: OutFrame[] = [];
-    for await (const item of (r.body as ListReply).items()) {
+    const uid = st.uid as string;
+    const after = mode === "RESENT" ? (this.sent.get(`${uid}\u0000${chid}`) ?? 0) : 0;
+    // One frame per message, written as the connection drains and read a page at a time
+    // (as native history is): 500 messages of up to --max-frame each are never held
+    // whole, and a client that does not read holds one page.
+    const list = r.body as ListReply;
+    return [{ parts: [() => this.readFrames(list, uid, chid, after)] }];
+  }
+
+  private async *readFrames(list: ListReply, uid: string, chid: string, after: number): AsyncIterable<string> {
+    for await (const item of list.items()) {
       const mid = Number(item.mid);
       if (mid <= after) continue;
       const attach = item.attach instanceof AttachmentRef ? item.attach : undefined;
-      out.push(this.readFrame({ mid: String(item.mid), chid, nick: String(item.nick), body: String(item.body), time: Number(item.time) }, attach));
-      this.wasSent(st.uid as string, chid, mid);
+      const frame = this.readFrame({ mid: String(item.mid), chid, nick: String(item.nick), body: String(item.body), time: Number(item.time) }, attach);
+      if (typeof frame === "string") yield frame;
+      else {
+        for (const part of frame.parts) {
+          if (typeof part === "string") yield part;
+          else yield* part();
+        }
+      }
+      this.wasSent(uid, chid, mid);
     }
-    return out;
   }
 
-  /** DELETE_ROOM, DELETE_MSG, EDIT_MSG: members hear of it as events; only a failure is answered. */
-  private async byId(s: Session, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
+  /**
+   * DELETE_ROOM, DELETE_MSG, EDIT_MSG: the members hear of it as an event, and the
+   * caller gets that frame as its answer, in order, whether or not it is a member any
+   * more (it may have left the room: its messages there are still its own), and only
+   * once: its own copy of the event, sent as the change is made or a little later (a
+   * room's members read from disk), is left out.
+   */
+  private async byId(s: Session, st: RoomsState, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
     const id = msg.id;
     if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg.type, "'id' must be a number");
+    const echo = `${msg.type}:${id}`;
+    const now = Date.now();
+    for (const [k, until] of st.echoes) if (until < now) st.echoes.delete(k);
+    st.echoes.set(echo, Infinity);
     const r: Answer = await this.call(s, action, { [key]: String(id), ...extra });
-    return r.ok ? [] : [line({ type: msg.type, status: "ERROR", id, error: r.text })];
+    if (!r.ok) {
+      st.echoes.delete(echo);
+      return [line({ type: msg.type, status: "ERROR", id, error: r.text })];
+    }
+    // Not seen yet: a copy may still come (or none, for a caller that is no member).
+    if (st.echoes.has(echo)) st.echoes.set(echo, Date.now() + ECHO_MS);
+    return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: extra.body } : { type: msg.type, id })];
+  }
+
+  /** The connection's own request was answered with this event's frame (see byId): true once. */
+  private echoed(st: RoomsState, key: string): boolean {
+    const until = st.echoes.get(key);
+    if (until === undefined) return false;
+    st.echoes.delete(key);
+    return until >= Date.now();
   }
 
   private async dialogs(s: Session, msg: Msg): Promise<OutFrame[]> {

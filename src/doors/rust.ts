@@ -19,7 +19,7 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
-import { DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 const OK = 200;
 const WARN = 300;
@@ -77,6 +77,10 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
 
   bad(_code: Code, reason: string, action = "unknown"): OutFrame {
     return line({ action, code: ERR, message: reason });
+  }
+
+  protected refuse(msg: Msg, reason: string): OutFrame {
+    return line({ action: msg.action, code: ERR, message: reason });
   }
 
   render(st: RustState, ev: Event): OutFrame {
@@ -180,7 +184,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   private async changePassword(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
     const { action } = msg;
     const next = str(msg, "new_password");
-    if (str(msg, "login") !== st.login) return answer(action, ERR, "you can only change the password of the login you are logged in as");
+    if (!sameLogin(msg.login, st.login)) return answer(action, ERR, "you can only change the password of the login you are logged in as");
     if (!next) return answer(action, ERR, "'new_password' is required");
     const r = await this.call(s, "changepassword", { pass: st.password, newpass: next });
     if (r.ok) st.password = next;
@@ -190,7 +194,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   private async deleteAccount(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
     const { action } = msg;
     const password = str(msg, "password");
-    if (str(msg, "login") !== st.login) return answer(action, ERR, "you can only delete the account you are logged in as");
+    if (!sameLogin(msg.login, st.login)) return answer(action, ERR, "you can only delete the account you are logged in as");
     if (!password) return answer(action, ERR, "'password' is required");
     const r = await this.call(s, "deleteaccount", { pass: password });
     if (r.ok) st.login = st.password = st.room = undefined;
@@ -229,12 +233,21 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     const n = msg.number_of_messages;
     if (typeof n !== "number" || !Number.isInteger(n) || n < 0) return answer(action, ERR, "'number_of_messages' must be a whole number");
     if (!st.room) return answer(action, ERR, "you are in no room; change_room first");
-    const messages: Fields[] = [];
-    if (n > 0) {
-      const r = await this.call(s, "history", { channel: st.room.chid, limit: Math.min(n, MAX_MESSAGES) });
-      if (!r.ok) return this.result(action, r);
-      for await (const m of (r.body as ListReply).items()) messages.push({ author: m.nick, text: m.body, timestamp: m.time });
-    }
-    return [line({ action, messages })];
+    if (n === 0) return [line({ action, messages: [] })];
+    const r = await this.call(s, "history", { channel: st.room.chid, limit: Math.min(n, MAX_MESSAGES) });
+    if (!r.ok) return this.result(action, r);
+    // Written as the connection drains, the messages read a page at a time (as native
+    // history is): 500 messages of up to --max-frame each are never held whole, and a
+    // client that does not read holds one page.
+    const list = r.body as ListReply;
+    return [{ parts: [`{"action":"get_messages","messages":[`, () => messageItems(list), "]}\n"] }];
+  }
+}
+
+async function* messageItems(list: ListReply): AsyncIterable<string> {
+  let sep = "";
+  for await (const m of list.items()) {
+    yield sep + JSON.stringify({ author: m.nick, text: m.body, timestamp: m.time });
+    sep = ",";
   }
 }

@@ -407,16 +407,19 @@ export async function serverChannel(sv: Services, name: string): Promise<string>
 }
 
 /**
- * A private channel whose members are exactly `a` and `b` (a rooms-API room of two), if
- * there is one: reads `a`'s channels (at most --max-joined-channels) and the members of
- * the private ones among them.
+ * A private channel whose members are exactly `a` and `b` (a rooms-API room of two; of
+ * one when they are the same user) and whose owner is one of them, if there is one:
+ * reads `a`'s channels (at most --max-joined-channels) and the members of the private
+ * ones among them. A channel owned by anyone else is not theirs alone, even when they
+ * are its only members: its owner may enter it again at any time and read it.
  */
 export async function privateRoomOf(sv: Services, a: string, b: string): Promise<string | undefined> {
+  const want = new Set([a, b]);
   for (const chid of await sv.channels.channelsOf(a)) {
     const c = (await sv.channels.get(chid)) as (ChannelRecord & { private?: boolean }) | undefined;
-    if (!c?.private) continue;
+    if (!c?.private || !want.has(c.owner)) continue;
     const members = await sv.channels.members(chid);
-    if (members.length === 2 && members.includes(a) && members.includes(b)) return chid;
+    if (members.length === want.size && members.every((m) => want.has(m))) return chid;
   }
   return undefined;
 }

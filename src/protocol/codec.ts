@@ -61,6 +61,12 @@ export interface Codec {
   /** The event's frame, made once per event and reused for every recipient. */
   event(ev: Event): OutFrame;
   welcome(): OutFrame;
+  /**
+   * The connection's front has frames of its own still to answer (a seed door's queue
+   * and the frame it is handling): a graceful stop waits for them as for the
+   * dispatcher's own (Dispatcher.settled).
+   */
+  readonly pending?: boolean;
 }
 
 export const WELCOME_TEXT = "Welcome to wirechat. Send one JSON object per line; try {\"action\":\"hello\"}";

@@ -183,6 +183,8 @@ class Line {
   badSince = 0;
   /** Set once the connection is to be closed: nothing more is read or queued. */
   closing = false;
+  /** Past --bad-frame-limit or --rate-disconnect: the close was logged and counted (once). */
+  doomed = false;
   /** The client half-closed: close once everything it sent is answered. */
   inputEnded = false;
   /** Token bucket of the request rate limit, refilled lazily from `tokensAt` (ms). */
@@ -268,12 +270,15 @@ export class Dispatcher {
   /** Resolves once no connection has a request queued, running or awaiting its commit. */
   async settled(timeoutMs: number, sessions: Iterable<Session>): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
+    // Read once, walked at every check: an iterator (a Map's values()) walked again
+    // would be empty, and the check would see only the connections it walked first.
+    const all = [...sessions];
     const busy = () => {
       if (this.active > 0) return true;
-      for (const s of sessions) {
+      for (const s of all) {
         const line = (s.line as Line | undefined);
-        // What an open connection has queued is still to be answered.
-        if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length)) return true;
+        // What an open connection has queued is still to be answered (a seed door's too).
+        if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length || s.codec.pending === true)) return true;
       }
       return false;
     };
@@ -343,14 +348,18 @@ export class Dispatcher {
     this.reject(s, Code.InvalidData, reason, action);
   }
 
-  /** A decoded request: `data` is anything the client sent (checked here). */
-  dispatch(s: Session, action: string, data: unknown, upload?: Upload, size = 0, plain = false): void {
+  /**
+   * A decoded request: `data` is anything the client sent (checked here). `counted`
+   * false: the front has counted it against the rate already (a seed door counts each
+   * of its frames once, not the native requests it makes for one).
+   */
+  dispatch(s: Session, action: string, data: unknown, upload?: Upload, size = 0, plain = false, counted = true): void {
     if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
       upload?.release();
       this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
       return;
     }
-    if (!this.withinRate(s)) {
+    if (counted && !this.withinRate(s)) {
       upload?.release();
       this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: "too many requests; slow down and retry" });
       return;
@@ -365,40 +374,74 @@ export class Dispatcher {
    */
   private withinRate(s: Session): boolean {
     const line = s.line as Line;
+    const verdict = this.rate(s, line);
+    if (verdict === "close" && !line.closing) {
+      this.enqueue(s, { kind: "reject", action: "unknown", code: Code.RateLimited, reason: "too many requests; closing the connection", last: true });
+      line.closing = true;
+      s.peer.pause("closing");
+    }
+    return verdict === "ok";
+  }
+
+  /** One request against the token bucket: taken, refused, or refused far past the limit (logged and counted once). */
+  private rate(s: Session, line: Line): "ok" | "refused" | "close" {
     const { rate, burst, rateDisconnect, badFrameWindow } = this.config;
     const now = Date.now();
     line.tokens = Math.min(burst, line.tokens + ((now - line.tokensAt) * rate) / 1000);
     line.tokensAt = now;
     if (line.tokens >= 1) {
       line.tokens -= 1;
-      return true;
+      return "ok";
     }
     if (now - line.refusedSince > badFrameWindow * 1000) {
       line.refusedSince = now;
       line.refused = 0;
     }
-    if (++line.refused > rateDisconnect && !line.closing) {
+    if (++line.refused <= rateDisconnect) return "refused";
+    if (!line.doomed) {
+      line.doomed = true;
       this.metrics.closes.rate_limit++;
       s.log.warn({ refused: line.refused }, "request rate far over the limit; closing");
-      this.enqueue(s, { kind: "reject", action: "unknown", code: Code.RateLimited, reason: "too many requests; closing the connection", last: true });
-      line.closing = true;
-      s.peer.pause("closing");
     }
-    return false;
+    return "close";
+  }
+
+  /**
+   * A request a front answers itself (a seed door's frame), against the connection's
+   * request rate as the native door's requests are: "ok"; "refused" (the front answers
+   * it 13 in its own shape); "close", past --rate-disconnect (logged and counted here:
+   * the front answers what it owes, then its notice, then closes the connection).
+   */
+  rated(s: Session): "ok" | "refused" | "close" {
+    const line = s.line as Line | undefined;
+    if (!line) return "ok";
+    const verdict = this.rate(s, line);
+    if (verdict !== "ok") this.metrics.request("unknown", Code.RateLimited);
+    return verdict;
+  }
+
+  /** One more bad frame; true past --bad-frame-limit (the close logged and counted once). */
+  private overBadFrames(s: Session, line: Line): boolean {
+    const now = Date.now();
+    if (now - line.badSince > this.config.badFrameWindow * 1000) {
+      line.badSince = now;
+      line.badFrames = 0;
+    }
+    if (++line.badFrames <= this.config.badFrameLimit) return false;
+    if (!line.doomed) {
+      line.doomed = true;
+      this.metrics.closes.bad_frames++;
+      s.log.warn({ badFrames: line.badFrames }, "too many bad frames; closing");
+    }
+    return true;
   }
 
   /** Bytes the scanner or decoder could not accept: one error reply, in order. */
   reject(s: Session, code: Code, reason: string, action: string | undefined): void {
     const line = (s.line as Line | undefined);
     if (!line) return;
-    const now = Date.now();
-    if (now - line.badSince > this.config.badFrameWindow * 1000) {
-      line.badSince = now;
-      line.badFrames = 0;
-    }
-    if (++line.badFrames > this.config.badFrameLimit) {
-      this.metrics.closes.bad_frames++;
-      s.log.warn({ badFrames: line.badFrames }, "too many bad frames; closing");
+    if (this.overBadFrames(s, line)) {
+      if (line.closing) return;
       // The notice waits behind the replies already owed, then the connection ends.
       this.enqueue(s, { kind: "reject", action: "unknown", code, reason: "too many bad frames; closing the connection", last: true });
       line.closing = true;
@@ -406,6 +449,18 @@ export class Dispatcher {
       return;
     }
     this.enqueue(s, { kind: "reject", action: action ?? "unknown", code, reason });
+  }
+
+  /**
+   * A bad frame a front answers itself (a seed door), counted as reject() counts them;
+   * true when it takes the connection past --bad-frame-limit (logged and counted here:
+   * the front answers what it owes, then its notice, then closes the connection).
+   */
+  badFrame(s: Session, code: Code): boolean {
+    const line = s.line as Line | undefined;
+    if (!line) return false;
+    this.metrics.request("unknown", code);
+    return this.overBadFrames(s, line);
   }
 
   private enqueue(s: Session, item: Item): void {
