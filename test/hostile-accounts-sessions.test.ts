@@ -221,3 +221,37 @@ describe("a connection that closes while its password is checked", () => {
     await server.stop();
   });
 });
+
+describe("a session that ends while its messages wait", () => {
+  it("messages in flight when a password change elsewhere ends the session are refused (6), never stored or sent under no name", async () => {
+    const dataDir = tempDir();
+    let server = await startTestServer({ dataDir });
+    const a = await registerUser(server.port);
+    const chids: string[] = [];
+    for (let i = 0; i < 60; i++) chids.push((await a.client.request("createchannel", { name: uniqueName("ended") })).chid);
+    await closeAll(a.client);
+    await server.stop();
+    // After a restart no channel's members are in memory: each first message to one
+    // reads them (its handler waits), and the session ends while they do.
+    server = await startTestServer({ dataDir });
+    const c = await Client.connect(server.port);
+    expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
+    const other = await Client.connect(server.port);
+    expect((await other.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
+    for (const chid of chids) c.send("message", { channel: chid, body: `to ${chid}` });
+    other.send("changepassword", { pass: "secret", newpass: "secret2" });
+    await c.closed;
+    // Every frame the server sent was JSON (the client parses each line; a bad one throws).
+    const replies = c.lines.map((l) => JSON.parse(l)).filter((f) => f.action === "message");
+    expect(replies.every((f) => f.data.status === 0 || f.data.status === 6)).toBe(true);
+    // What was acknowledged is stored, in the sender's name; nothing else is.
+    for (const [i, chid] of chids.entries()) {
+      const hist = await other.request("history", { channel: chid, limit: 10 });
+      for (const m of hist.messages) expect(m).toMatchObject({ from: a.uid, nick: a.nick });
+      if (replies[i]?.data.status === 0) expect(hist.messages).toHaveLength(1);
+    }
+    await closeAll(other);
+    await server.stop();
+    removeDir(dataDir);
+  });
+});

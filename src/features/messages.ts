@@ -108,13 +108,21 @@ export function registerMessages(sv: Services): void {
    */
   function store(
     req: Request<MessageData>,
+    sender: string,
     to: string | undefined,
     channel: string | undefined,
     cmid: string | undefined,
     onStored?: (err: Error | undefined, sent?: MessageSent) => void,
   ): Deferred {
     const s = req.session;
-    const me = s.uid as string;
+    // The request was let in for `sender`; a logout, a password change elsewhere or
+    // another login on this connection while it waited (the reads before the store)
+    // ends that: nothing is stored for a session that is over, and nothing in the
+    // name of the connection's next user.
+    if (s.uid !== sender || s.nickJson === undefined) {
+      throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
+    }
+    const me = sender;
     const { body = "", attach } = req.data;
     const stored = req.attachment && req.attachment.size > 0 ? req.attachment : undefined;
     const time = nowSeconds();
@@ -137,8 +145,8 @@ export function registerMessages(sv: Services): void {
   }
 
   /** A message with a cmid: the same (sender, cmid) is stored once, whoever sends it. */
-  async function storeOnce(req: Request<MessageData>, to: string | undefined, channel: string | undefined, cmid: string): Promise<Deferred> {
-    const key = `${req.session.uid}\u0000${cmid}`;
+  async function storeOnce(req: Request<MessageData>, sender: string, to: string | undefined, channel: string | undefined, cmid: string): Promise<Deferred> {
+    const key = `${sender}\u0000${cmid}`;
     const follow = (p: Promise<MessageSent>) => {
       const d = new Deferred();
       p.then(
@@ -149,7 +157,7 @@ export function registerMessages(sv: Services): void {
     };
     const inflight = inflightCmids.get(key);
     if (inflight) return follow(inflight);
-    const earlier = await messages.byCmid(req.session.uid as string, cmid);
+    const earlier = await messages.byCmid(sender, cmid);
     if (earlier) return follow(Promise.resolve(new MessageSent(earlier[0], earlier[1])));
     const again = inflightCmids.get(key); // another request got there while we read
     if (again) return follow(again);
@@ -164,7 +172,7 @@ export function registerMessages(sv: Services): void {
     settled.catch(() => {});
     inflightCmids.set(key, settled);
     try {
-      return store(req, to, channel, cmid, done);
+      return store(req, sender, to, channel, cmid, done);
     } catch (err) {
       done(err as Error); // never leave a resend waiting on a message that was not stored
       throw err;
@@ -205,12 +213,12 @@ export function registerMessages(sv: Services): void {
       const ready =
         cmid === undefined &&
         (to !== undefined ? users.peek(to) !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
-      if (ready) return store(req, to, channel, undefined);
+      if (ready) return store(req, me, to, channel, undefined);
       return (async () => {
         if (to !== undefined && !(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
         if (channel !== undefined) await memberChannel(channel, me);
-        if (cmid === undefined) return store(req, to, channel, undefined);
-        return storeOnce(req, to, channel, cmid);
+        if (cmid === undefined) return store(req, me, to, channel, undefined);
+        return storeOnce(req, me, to, channel, cmid);
       })();
     },
   });
