@@ -361,11 +361,24 @@ export function sessionOf(req: FastifyRequest): string | undefined {
   if (typeof cookie === "string") {
     for (const part of cookie.split(";")) {
       const eq = part.indexOf("=");
-      if (eq > 0 && part.slice(0, eq).trim() === "session_id") return decodeURIComponent(part.slice(eq + 1).trim()) || undefined;
+      if (eq > 0 && part.slice(0, eq).trim() === "session_id") return cookieValue(part.slice(eq + 1).trim()) || undefined;
     }
   }
   const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
   return typeof q === "string" && q !== "" ? q : undefined;
+}
+
+/**
+ * A cookie's value, percent-decoded as the cookie register and login set is encoded; a
+ * value that is not valid percent-encoding is taken as it is (no session has it, so
+ * the request is 401, not a server error).
+ */
+function cookieValue(raw: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    return raw;
+  }
 }
 
 function send(reply: FastifyReply, a: RouteAnswer): FastifyReply {
