@@ -37,3 +37,25 @@ describe("e_chat_server door: the session a request presents", () => {
     expect((await call("GET", "/v1/info", { headers: { cookie: `session_id=${encodeURIComponent(a.sid)}` } })).body).toMatchObject({ login: a.login });
   });
 });
+
+describe("HTTP port: URLs the router cannot take", () => {
+  it("a URL that is not valid percent-encoding gets the door's 404, in its shape", async () => {
+    const a = await echatUser();
+    expect(await call("GET", "/v1/rooms/%zz", { headers: { authorization: `Bearer ${a.sid}` } })).toEqual({ status: 404, body: { error: { code: "not_found" } } });
+    expect(await call("GET", "/v1/%E0%A4%A")).toEqual({ status: 404, body: { error: { code: "not_found" } } });
+    for (const path of ["/login%zz", "/%", "/ws%"]) {
+      const r = await call("GET", path);
+      expect(r.status).toBe(404);
+      expect(r.body).toEqual({ status: "error", message: expect.stringContaining("not valid percent-encoding") });
+    }
+  });
+
+  it("a path parameter of any length reaches its route: a room id of 120 digits is room_not_found", async () => {
+    const a = await echatUser();
+    const long = "1".repeat(120);
+    for (const path of [`/v1/rooms/${long}`, `/v1/rooms/${long}/messages`]) {
+      expect(await call("GET", path, { headers: { authorization: `Bearer ${a.sid}` } })).toEqual({ status: 422, body: { error: { code: "room_not_found" } } });
+    }
+    expect((await call("GET", `/v1/rooms/${long}/chat?session_id=${a.sid}`)).status).toBe(422);
+  });
+});

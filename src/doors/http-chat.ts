@@ -313,6 +313,11 @@ function send(reply: FastifyReply, a: RouteAnswer): FastifyReply {
   return reply.code(a.http).send(a.body);
 }
 
+/** 003's answer to a request no route takes: 404 with `message`. */
+export function chatNotFound(reply: FastifyReply, message: string): FastifyReply {
+  return send(reply, failure(404, message));
+}
+
 function client(req: FastifyRequest): RouteClient {
   return { address: req.socket.remoteAddress ?? "?", port: req.socket.remotePort ?? 0 };
 }
@@ -341,7 +346,7 @@ export function chatRoutes(
       req.log.error({ err }, "HTTP chat request failed");
       return send(reply, failure(500, "the server could not complete the request"));
     });
-    app.setNotFoundHandler((req, reply) => send(reply, failure(404, `no route ${req.method} ${req.url.split("?")[0]}`)));
+    app.setNotFoundHandler((req, reply) => chatNotFound(reply, `no route ${req.method} ${req.url.split("?")[0]}`));
 
     app.get("/status", async () => success("wirechat is running").body);
     app.post<{ Body: { username: string; password: string; email: string } }>(

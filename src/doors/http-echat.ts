@@ -389,6 +389,11 @@ function clientOf(req: FastifyRequest): RouteClient {
   return { address: req.socket.remoteAddress ?? "?", port: req.socket.remotePort ?? 0 };
 }
 
+/** 002's answer to a request no route takes: 404 not_found. */
+export function echatNotFound(reply: FastifyReply): FastifyReply {
+  return send(reply, fail(404, "not_found"));
+}
+
 /** The session cookie register and login set (and logout clears). */
 function cookie(sid: string): string {
   return `session_id=${encodeURIComponent(sid)}; Path=/v1; HttpOnly; SameSite=Lax`;
@@ -425,7 +430,7 @@ export function echatRoutes(
       req.log.error({ err }, "e_chat_server request failed");
       return send(reply, fail(500, "internal"));
     });
-    app.setNotFoundHandler((_req, reply) => send(reply, fail(404, "not_found")));
+    app.setNotFoundHandler((_req, reply) => echatNotFound(reply));
 
     const body = (req: FastifyRequest): unknown => (req.body === BAD_BODY ? undefined : req.body);
     app.post("/register", async (req, reply) => {

@@ -23,8 +23,8 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
 import { WebSocketListener } from "../transport/websocket-listener.js";
-import { chatRoutes, type ChatDoor } from "./http-chat.js";
-import { echatRoutes, type EchatDoor } from "./http-echat.js";
+import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
+import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
 
 export interface HttpDoorDeps {
@@ -57,6 +57,17 @@ export class HttpDoor {
       requestTimeout: config.idleUnauth * 1000,
       // A number is not a string: the seed's fields are strings, and "5" is not made of 5.
       ajv: { customOptions: { coerceTypes: false } },
+      // Every path parameter reaches its route, which answers for it in its door's shape
+      // (Fastify's own limit, 100, answered 414 in Fastify's shape); node's header
+      // limit (16 KiB) bounds a URL anyway.
+      maxParamLength: 16 * 1024,
+      // A URL that is not valid percent-encoding names no route: the door's 404, in its
+      // shape (Fastify's own answer is a 400 in neither door's).
+      frameworkErrors: (_err, req, reply) => {
+        const path = req.url.split("?")[0];
+        if (/^\/v1(?:\/|$)/.test(path)) return echatNotFound(reply);
+        return chatNotFound(reply, `no route ${req.method} ${path}: the URL is not valid percent-encoding`);
+      },
     });
     this.app = app;
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
