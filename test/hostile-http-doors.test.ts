@@ -59,3 +59,19 @@ describe("HTTP port: URLs the router cannot take", () => {
     expect((await call("GET", `/v1/rooms/${long}/chat?session_id=${a.sid}`)).status).toBe(422);
   });
 });
+
+describe("HTTP/WS chat door: media types", () => {
+  it("a body that is not application/json is 415, text/plain included, in the seed's shape", async () => {
+    const body = JSON.stringify({ email: "a@example.com", password: "x" });
+    for (const type of ["text/plain", "text/plain; charset=utf-8", "application/octet-stream"]) {
+      const r = await call("POST", "/login", { body, headers: { "content-type": type } });
+      expect(r.status).toBe(415);
+      expect(r.body).toEqual({ status: "error", message: expect.any(String) });
+    }
+    // Without a content type at all (a body of bytes: fetch adds none).
+    const res = await fetch(`${base()}/login`, { method: "POST", body: Buffer.from(body) });
+    expect(res.status).toBe(415);
+    expect(await res.json()).toEqual({ status: "error", message: expect.any(String) });
+    expect((await call("POST", "/login", { body })).status).toBe(401);
+  });
+});

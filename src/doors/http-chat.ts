@@ -339,6 +339,9 @@ export function chatRoutes(
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, failure(403, `your address is banned${why ? `: ${why}` : ""}`));
     });
+    // Bodies are JSON: Fastify's text/plain parser would hand a route a string, which its
+    // schema refused with 400 "body must be object"; any other media type is 415.
+    app.removeContentTypeParser("text/plain");
     app.setErrorHandler((err, req, reply) => {
       const e = err as { validation?: unknown; statusCode?: number; code?: string; message: string };
       if (e.validation) return send(reply, failure(400, e.message));
