@@ -38,6 +38,17 @@ describe("e_chat_server door: the session a request presents", () => {
   });
 });
 
+describe("e_chat_server door: 401 first", () => {
+  it("POST /v1/rooms without a session is 401 whatever its body, as every other route", async () => {
+    const many = { users: Array.from({ length: 101 }, (_, i) => ({ id: i + 1 })) };
+    for (const body of ["[null]", "{}", '{"users":"x"}', '"x"', "null", JSON.stringify(many), "{oops"]) {
+      expect(await call("POST", "/v1/rooms", { body })).toEqual({ status: 401, body: { error: { code: "unauthorized" } } });
+    }
+    const a = await echatUser();
+    expect(await call("POST", "/v1/rooms", { body: "[null]", headers: { authorization: `Bearer ${a.sid}` } })).toEqual({ status: 422, body: { error: { code: "invalid_json" } } });
+  });
+});
+
 describe("HTTP port: URLs the router cannot take", () => {
   it("a URL that is not valid percent-encoding gets the door's 404, in its shape", async () => {
     const a = await echatUser();

@@ -277,10 +277,11 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     });
   }
 
+  /** `body` is undefined when the request's was not JSON (invalid_json, after the session's 401). */
   async createRoom(client: RouteClient, sid: string | undefined, body: unknown): Promise<RouteAnswer> {
-    const list = (body as { users?: unknown } | null)?.users;
-    if (!Array.isArray(list) || list.length > MAX_MEMBERS) return INVALID_JSON;
     return this.onRequest(client, sid, async (s) => {
+      const list = (body as { users?: unknown } | null | undefined)?.users;
+      if (!Array.isArray(list) || list.length > MAX_MEMBERS) return INVALID_JSON;
       const uids: string[] = [];
       const logins: string[] = [];
       for (const item of list) {
@@ -456,14 +457,7 @@ export function echatRoutes(
       return send(reply, await door.users(clientOf(req), sessionOf(req), typeof q === "string" ? q : ""));
     });
     app.get("/rooms", async (req, reply) => send(reply, await door.rooms(clientOf(req), sessionOf(req))));
-    app.post("/rooms", async (req, reply) => {
-      if (req.body === BAD_BODY) {
-        // Still 401 first for a caller without a session, as every other route.
-        const who = await door.canOpen(sessionOf(req), "0");
-        return send(reply, who === UNAUTHORIZED ? who : INVALID_JSON);
-      }
-      return send(reply, await door.createRoom(clientOf(req), sessionOf(req), req.body));
-    });
+    app.post("/rooms", async (req, reply) => send(reply, await door.createRoom(clientOf(req), sessionOf(req), body(req))));
     app.get<{ Params: { id: string } }>("/rooms/:id", async (req, reply) => send(reply, await door.getRoom(clientOf(req), sessionOf(req), req.params.id)));
     app.get<{ Params: { id: string } }>("/rooms/:id/messages", async (req, reply) =>
       send(reply, await door.messages(clientOf(req), sessionOf(req), req.params.id)),
