@@ -38,6 +38,19 @@ describe("e_chat_server door: the session a request presents", () => {
   });
 });
 
+describe("e_chat_server door: bodies are JSON whatever their content type says", () => {
+  it("a Content-Type header that is not a media type does not stop the route: 401 first, then the body as JSON", async () => {
+    for (const type of ["application/json, text/plain", ";;", "json"]) {
+      const headers = { "content-type": type };
+      expect(await call("POST", "/v1/logout", { body: "{}", headers })).toEqual({ status: 401, body: { error: { code: "unauthorized" } } });
+      const a = await echatUser();
+      const login = await call("POST", "/v1/login", { body: { login: a.login, password: "pw" }, headers });
+      expect(login).toEqual({ status: 200, body: { session_id: expect.any(String) } });
+      expect(await call("POST", "/v1/logout", { body: "{}", headers: { ...headers, authorization: `Bearer ${login.body.session_id}` } })).toEqual({ status: 200, body: {} });
+    }
+  });
+});
+
 describe("e_chat_server door: 401 first", () => {
   it("POST /v1/rooms without a session is 401 whatever its body, as every other route", async () => {
     const many = { users: Array.from({ length: 101 }, (_, i) => ({ id: i + 1 })) };

@@ -413,6 +413,10 @@ export function echatRoutes(
     app.addHook("onRequest", async (req, reply) => {
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, fail(403, "forbidden"));
+      // Every body is read as JSON, whatever its Content-Type says (below): a header that
+      // is not even a media type ("application/json, text/plain") must not end the
+      // request before its route (Fastify's 415, before the session's 401).
+      if (req.headers["content-type"] !== undefined) req.headers["content-type"] = "application/json";
     });
     // Bodies are parsed here, so that a bad one is the seed's invalid_json (422).
     app.removeAllContentTypeParsers();
