@@ -241,6 +241,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       cachedUser: (uid) => users.peek(uid),
       isMember: (chid, uid) => channels.isMember(chid, uid),
       publish: (ev, audience) => router.publish(ev, audience),
+      revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
     });
     const echat = new EchatDoor(dispatcher, log, {
       session: (sid) => core.accounts.session(sid),

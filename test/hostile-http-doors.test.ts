@@ -2,7 +2,8 @@
 // WebSockets (ws): each test is a defect that was found, in the input that showed it.
 
 import { describe, expect, it } from "vitest";
-import { serveForFile, uniqueName } from "./helpers.js";
+import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
+import { sleep } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ httpPort: 0 });
 
@@ -97,5 +98,46 @@ describe("HTTP/WS chat door: media types", () => {
     expect(res.status).toBe(415);
     expect(await res.json()).toEqual({ status: "error", message: expect.any(String) });
     expect((await call("POST", "/login", { body })).status).toBe(401);
+  });
+});
+
+describe("HTTP/WS chat door: the session of a /ws login", () => {
+  const few = serveForFile({ httpPort: 0, maxSessionsPerUser: 3 });
+
+  it("ends with its socket: reconnecting /ws clients do not push the account's other sessions out", async () => {
+    const port = few.server.httpPort as number;
+    const post = async (path: string, body: unknown) => {
+      const res = await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+      return { status: res.status, body: (await res.json()) as any };
+    };
+    const email = `${uniqueName("ws")}@example.com`;
+    expect((await post("/create_user", { username: uniqueName("W"), password: "pw", email })).status).toBe(200);
+    // Two sessions the user holds: an e_chat_server session_id and a native device's sid.
+    const echat = await post("/v1/login", { login: email, password: "pw" });
+    expect(echat.status).toBe(200);
+    const device = await Client.connect(few.port);
+    const { sid } = await device.request("auth", { login: email, pass: "pw" });
+    device.close();
+    // A web client reconnects to /ws again and again (each time logging in with the password).
+    for (let i = 0; i < 5; i++) {
+      const ws = await WsClient.connect(port, "/ws");
+      ws.send({ type: "auth", email, password: "pw" });
+      expect((await ws.next()).status).toBe("authenticated");
+      ws.ws.close();
+      await ws.closed;
+      await sleep(50);
+    }
+    const info = await fetch(`http://127.0.0.1:${port}/v1/info`, { headers: { authorization: `Bearer ${echat.body.session_id}` } });
+    expect(info.status).toBe(200);
+    const again = await Client.connect(few.port);
+    expect((await again.request("auth", { sid })).status).toBe(0);
+    again.close();
+    // While a socket is open its session holds: one more open /ws socket and the two stored ones fit.
+    const open = await WsClient.connect(port, "/ws");
+    open.send({ type: "auth", email, password: "pw" });
+    expect((await open.next()).status).toBe("authenticated");
+    open.send({ type: "chat", content: "still here" });
+    expect((await open.next()).message).toMatchObject({ content: "still here" });
+    open.close();
   });
 });

@@ -29,7 +29,7 @@ import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { normaliseEmail } from "../features/profile-fields.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";
-import { DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectCodec, DialectDoor, str, type Answer } from "./dialect.js";
 
 interface ChatState {
   authed: boolean;
@@ -51,6 +51,8 @@ export interface ChatDeps {
   isMember(chid: string, uid: string): Promise<boolean>;
   /** Hands an event to the router (join and leave notices). */
   publish(ev: Event, audience: Audience): void;
+  /** Removes a stored session nobody can present again (AccountOps.revoke). */
+  revoke(uid: string, sid: string, expires: number): void;
 }
 
 /** A route's answer: the HTTP status and seed 003's ApiResponse. */
@@ -228,6 +230,17 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     st.peer = s.peer.id;
     st.nick = s.nick as string;
     return [frame("authenticated", null, `Welcome, ${st.nick}!`)];
+  }
+
+  /**
+   * A /ws socket closed. Its login stored a session whose sid the client never sees: it
+   * ends with the socket, or reconnecting clients would pile sessions up until the
+   * oldest of the account's (another door's session_id, a native device's sid) were
+   * revoked for them (--max-sessions-per-user).
+   */
+  closed(s: Session): void {
+    const st = (s.codec as DialectCodec<ChatState, ChatMsg>).state;
+    if (st.authed && s.uid !== undefined && s.sid !== undefined) this.deps.revoke(s.uid, s.sid, s.expires);
   }
 
   /** Native auth with the login of the account whose profile email is `email`. */

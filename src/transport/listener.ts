@@ -94,6 +94,8 @@ export interface Front {
   reject(s: Session, code: Code, reason: string, action: string | undefined): void;
   /** The client will send no more: answer what it sent, then close. */
   inputEnded(s: Session): void;
+  /** The connection closed: the door lets go of what it holds for it (before the dispatcher's close hooks). */
+  closed?(s: Session): void;
   /** Attachments stream to the blob store while frames are scanned (the native door). */
   readonly streams: boolean;
 }
@@ -428,6 +430,7 @@ export class Listener {
     const slots = this.perAddress.get(conn.address);
     if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.address, slots);
     (conn.scanner as FrameScanner<PacedUpload, Connection>).close();
+    this.front.closed?.(conn.session as Session);
     this.dispatcher.close(conn.session as Session);
   }
 

@@ -205,12 +205,13 @@ export class WebSocketListener {
     front.frame(session, bytes, undefined, false);
   }
 
-  closed(peer: WebSocketPeer): void {
+  closed(peer: WebSocketPeer, front: Front): void {
     const session = peer.session as Session;
     this.log.debug({ conn: peer.id, remote: peer.remote, uid: session.uid }, "connection closed");
     peer.closedSocket();
     if (this.connections.delete(peer) && peer.isEnding) this.lingering--;
     this.unslot(peer);
+    front.closed?.(session);
     this.dispatcher.close(session);
   }
 
@@ -287,5 +288,5 @@ function onPing(this: WebSocket): void {
 
 function onClose(this: WebSocket): void {
   const ws = this as Tagged;
-  ws[OWNER].closed(ws[PEER]);
+  ws[OWNER].closed(ws[PEER], ws[FRONT]);
 }
