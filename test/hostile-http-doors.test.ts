@@ -2,6 +2,7 @@
 // WebSockets (ws): each test is a defect that was found, in the input that showed it.
 
 import { describe, expect, it } from "vitest";
+import WebSocket from "ws";
 import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
 import { sleep } from "./pipeline-helpers.js";
 
@@ -36,6 +37,31 @@ describe("e_chat_server door: the session a request presents", () => {
     }
     const a = await echatUser();
     expect((await call("GET", "/v1/info", { headers: { cookie: `session_id=${encodeURIComponent(a.sid)}` } })).body).toMatchObject({ login: a.login });
+  });
+
+  it("the session the request names (header, then query) wins over the cookie the client carries along", async () => {
+    const a = await echatUser();
+    const b = await echatUser();
+    // A client with b's cookie in its jar asks as a, in the query (a WebSocket client's way) or the header.
+    const cookie = `session_id=${b.sid}`;
+    expect((await call("GET", `/v1/info?session_id=${a.sid}`, { headers: { cookie } })).body).toMatchObject({ login: a.login });
+    expect((await call("GET", "/v1/info", { headers: { cookie, authorization: `Bearer ${a.sid}` } })).body).toMatchObject({ login: a.login });
+    expect((await call("GET", `/v1/info?session_id=${b.sid}`, { headers: { authorization: `Bearer ${a.sid}` } })).body).toMatchObject({ login: a.login });
+    // An empty carrier is no carrier: the next one is read.
+    expect((await call("GET", "/v1/info", { headers: { cookie: `session_id=${a.sid}`, authorization: "Bearer " } })).body).toMatchObject({ login: a.login });
+    expect((await call("GET", `/v1/info?session_id=${a.sid}`, { headers: { cookie: "session_id=" } })).body).toMatchObject({ login: a.login });
+    // The room socket of a's room opens for a (b is not in it: with b's session it is room_not_found).
+    const room = (await call("POST", "/v1/rooms", { body: { users: [] }, headers: { authorization: `Bearer ${a.sid}` } })).body.id;
+    const ws = await new Promise<WebSocket>((resolve, reject) => {
+      const w = new WebSocket(`ws://127.0.0.1:${srv.server.httpPort}/v1/rooms/${room}/chat?session_id=${a.sid}`, { headers: { cookie } });
+      w.on("open", () => resolve(w));
+      w.on("unexpected-response", (_req, res) => reject(new Error(`HTTP ${res.statusCode}`)));
+      w.on("error", reject);
+    });
+    const echo = new Promise<string>((r) => ws.once("message", (m) => r(m.toString())));
+    ws.send(JSON.stringify({ text: "as a" }));
+    expect(JSON.parse(await echo)).toMatchObject({ text: "as a", room_id: room });
+    ws.close();
   });
 });
 

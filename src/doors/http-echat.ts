@@ -8,11 +8,12 @@
 // "user_already_exists"|"room_not_found"}} and 401 {"error":{"code":"unauthorized"}}.
 //
 // The session_id of register and login is a wirechat session (native `auth {sid}`
-// resumes it). A request presents it as the `session_id` cookie (set by register and
-// login), an `Authorization: Bearer` header, or a `session_id` query parameter. Each
-// request acts for its session on a session object of its own (no connection: nothing
-// is delivered to it, and the user's presence does not change); the room WebSocket
-// logs in with the session like any connection.
+// resumes it). A request presents it as an `Authorization: Bearer` header, a
+// `session_id` query parameter, or the `session_id` cookie (set by register and login),
+// in that order of precedence (sessionOf). Each request acts for its session on a
+// session object of its own (no connection: nothing is delivered to it, and the user's
+// presence does not change); the room WebSocket logs in with the session like any
+// connection.
 
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { Logger } from "pino";
@@ -354,19 +355,32 @@ function credentials(body: unknown): { login: string; password: string } | undef
   return { login, password };
 }
 
-/** The session a request presents: cookie, bearer token, or query parameter. */
+/**
+ * The session a request presents. The ones it names itself come first: the
+ * `Authorization: Bearer` header, then the `session_id` query parameter (WebSocket
+ * clients that cannot set headers); the `session_id` cookie, which a client carries
+ * along from whichever login set it last, only when the request names none. An empty
+ * carrier is no carrier.
+ */
 export function sessionOf(req: FastifyRequest): string | undefined {
   const auth = req.headers.authorization;
-  if (typeof auth === "string" && /^Bearer\s+/i.test(auth)) return auth.replace(/^Bearer\s+/i, "").trim() || undefined;
+  if (typeof auth === "string" && /^Bearer\s+/i.test(auth)) {
+    const token = auth.replace(/^Bearer\s+/i, "").trim();
+    if (token !== "") return token;
+  }
+  const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
+  if (typeof q === "string" && q !== "") return q;
   const cookie = req.headers.cookie;
   if (typeof cookie === "string") {
     for (const part of cookie.split(";")) {
       const eq = part.indexOf("=");
-      if (eq > 0 && part.slice(0, eq).trim() === "session_id") return cookieValue(part.slice(eq + 1).trim()) || undefined;
+      if (eq > 0 && part.slice(0, eq).trim() === "session_id") {
+        const value = cookieValue(part.slice(eq + 1).trim());
+        if (value !== "") return value;
+      }
     }
   }
-  const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
-  return typeof q === "string" && q !== "" ? q : undefined;
+  return undefined;
 }
 
 /**
