@@ -167,3 +167,32 @@ describe("HTTP/WS chat door: the session of a /ws login", () => {
     open.close();
   });
 });
+
+describe("HTTP/WS chat door: the rate limit", () => {
+  const slow = serveForFile({ httpPort: 0, rate: 1, burst: 5 });
+
+  it("join and leave count against --rate/--burst like any request: a flood of them does not reach every socket", async () => {
+    const port = slow.server.httpPort as number;
+    const person = async () => {
+      const email = `${uniqueName("r")}@example.com`;
+      const res = await fetch(`http://127.0.0.1:${port}/create_user`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ username: uniqueName("R"), password: "pw", email }) });
+      expect(res.status).toBe(200);
+      const ws = await WsClient.connect(port, "/ws");
+      ws.send({ type: "auth", email, password: "pw" });
+      expect((await ws.next()).status).toBe("authenticated");
+      return ws;
+    };
+    const flooder = await person();
+    const other = await person();
+    await sleep(1500); // both buckets refill past what their logins took
+    for (let i = 0; i < 30; i++) flooder.send({ type: i % 2 ? "leave" : "join" });
+    await sleep(500);
+    const notices = other.messages.filter((m) => m.status === "message" && m.message === null);
+    expect(notices.length).toBeGreaterThan(0);
+    expect(notices.length).toBeLessThanOrEqual(7);
+    const refused = flooder.messages.filter((m) => m.status === "error" && /too many requests/.test(m.info));
+    expect(refused.length).toBeGreaterThanOrEqual(30 - 7);
+    flooder.close();
+    other.close();
+  });
+});
