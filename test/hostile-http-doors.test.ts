@@ -3,7 +3,8 @@
 
 import { describe, expect, it } from "vitest";
 import WebSocket from "ws";
-import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
+import net from "node:net";
+import { Client, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
 import { sleep } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ httpPort: 0 });
@@ -195,4 +196,66 @@ describe("HTTP/WS chat door: the rate limit", () => {
     flooder.close();
     other.close();
   });
+});
+
+describe("WebSocket slow readers", () => {
+  const capped = serveForFile({ httpPort: 0, outboundCap: 64 * 1024 });
+
+  it("a WebSocket client that stops reading is closed at --outbound-cap, and what waits for it never passes the cap", async () => {
+    const server = capped.server;
+    const ws = await WsClient.connect(server.httpPort as number, "/wirechat");
+    const login = uniqueName("slow");
+    ws.send({ action: "register", data: { login, pass: "pw", nick: login } });
+    const auth = await ws.next((m) => m.action === "auth");
+    // The client reads nothing more (its TCP socket is paused), and never closes.
+    (ws.ws as unknown as { _socket: { pause(): void } })._socket.pause();
+    const peers = () => [...(server.http?.websockets.connections.keys() ?? [])];
+    expect(peers()).toHaveLength(1);
+    const before = server.services.metrics.closes.slow_reader;
+    const sender = await Client.connect(capped.port);
+    const other = uniqueName("fast");
+    expect((await sender.request("register", { login: other, pass: "pw", nick: other })).status).toBe(0);
+    let most = 0;
+    for (let i = 0; i < 1000 && peers().length > 0; i++) {
+      expect((await sender.request("message", { uid: auth.data.uid, body: "z".repeat(32 * 1024) })).status).toBe(0);
+      for (const p of peers()) most = Math.max(most, p.outbound);
+      sender.frames.splice(0);
+    }
+    expect(peers()).toHaveLength(0);
+    expect(server.services.metrics.closes.slow_reader).toBe(before + 1);
+    expect(most).toBeLessThanOrEqual(64 * 1024);
+    sender.close();
+    ws.close();
+  }, 60_000);
+});
+
+describe("shutdown with HTTP-port clients that do not cooperate", () => {
+  it("is bounded: WebSockets that neither read nor answer the close, a request half sent, an idle keep-alive", async () => {
+    const server = await startTestServer({ httpPort: 0, shutdownTimeout: 1, closeLinger: 1 });
+    const port = server.httpPort as number;
+    const raw = async (text: string) => {
+      const socket = net.connect(port, "127.0.0.1");
+      socket.on("error", () => {});
+      await new Promise((r) => socket.once("connect", r));
+      socket.write(text);
+      return socket;
+    };
+    const upgrade = (path: string) =>
+      `GET ${path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`;
+    const sockets = [
+      await raw(upgrade("/wirechat")),
+      await raw(upgrade("/ws")),
+      await raw("POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"email\":"),
+      await raw("GET /status HTTP/1.1\r\nHost: x\r\n\r\n"),
+      await raw("GET /v1/info HTTP/1.1\r\nHost: x\r\n"),
+    ];
+    await sleep(200);
+    for (const s of sockets) s.pause(); // nothing more is read: the close frames and FINs wait unread
+    const started = Date.now();
+    await server.stop();
+    // --shutdown-timeout (1 s) for requests in progress, then the linger (1 s) for closes, and a margin.
+    expect(Date.now() - started).toBeLessThan(4500);
+    for (const s of sockets) s.destroy();
+    removeDir(server.services.config.dataDir);
+  }, 20_000);
 });
