@@ -48,7 +48,8 @@ export class HttpDoor {
 
   constructor(private readonly d: HttpDoorDeps) {
     const { config, log, dispatcher, router, metrics } = d;
-    this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics);
+    const native = nativeFront(dispatcher, d.nativeCodec);
+    this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics, [native, d.echat, d.chat]);
     const app = Fastify({
       // Fastify logs every request at info: this port's own lines are warnings and errors.
       loggerInstance: log.child({ door: "http" }, { level: log.levelVal > 40 ? log.level : "warn" }) as unknown as FastifyBaseLogger,
@@ -73,9 +74,7 @@ export class HttpDoor {
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
     // also counted, and refused with a message, by the listener).
     app.server.maxConnections = config.maxConnections;
-    const accept = (ws: WebSocket, req: FastifyRequest, front: Front) =>
-      this.websockets.accept(ws, req.socket.remoteAddress ?? "?", req.socket.remotePort ?? 0, front);
-    const native = nativeFront(dispatcher, d.nativeCodec);
+    const accept = (ws: WebSocket, req: FastifyRequest, front: Front) => this.websockets.accept(ws, req.socket, front);
     this.ready = (async () => {
       await app.register(fastifyWebsocket, {
         options: { maxPayload: config.maxFrame },

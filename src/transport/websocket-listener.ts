@@ -17,6 +17,7 @@
 // with the door's error, the socket stays.
 
 import type { Logger } from "pino";
+import type { Socket } from "node:net";
 import type WebSocket from "ws";
 import { plainAddress } from "../addresses.js";
 import type { Config } from "../config.js";
@@ -28,6 +29,7 @@ import type { Router } from "../protocol/router.js";
 import type { Session } from "../protocol/session.js";
 import { deliverySlack } from "./connection.js";
 import type { Front } from "./listener.js";
+import type { ConnectionTable } from "./live.js";
 import { RefusalLog } from "./refusal-log.js";
 import { WebSocketPeer } from "./websocket.js";
 
@@ -63,9 +65,16 @@ export function depthWithin(bytes: Buffer, max: number): boolean {
   return true;
 }
 
-export class WebSocketListener {
+/** The door a WebSocket shows: "websocket" for the native protocol, else its front's name. */
+function doorOf(front: Front): string {
+  return front.name === "native" ? "websocket" : front.name;
+}
+
+export class WebSocketListener implements ConnectionTable {
   /** Live WebSockets and the protocol session of each. */
   readonly connections = new Map<WebSocketPeer, Session>();
+  /** The doors of the fronts its sockets speak. */
+  readonly doors: readonly string[];
   /** Connections not logged in, by address. */
   private readonly perAddress = new Map<string, Set<WebSocketPeer>>();
   private readonly refusing = new Set<WebSocket>();
@@ -85,7 +94,10 @@ export class WebSocketListener {
     private readonly router: Router,
     private readonly log: Logger,
     private readonly metrics: Metrics = new Metrics(),
+    /** The fronts its sockets may speak (their door names; accept takes any). */
+    fronts: readonly Front[] = [],
   ) {
+    this.doors = [...new Set(fronts.map(doorOf))];
     this.lingerMs = config.closeLinger * 1000;
     this.refusals = new RefusalLog(log);
     const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
@@ -93,13 +105,14 @@ export class WebSocketListener {
     this.idleSweep.unref();
   }
 
-  /** An upgraded socket for `front`, from the client at `address`:`port`. */
-  accept(ws: WebSocket, address: string, port: number, front: Front): void {
+  /** An upgraded socket for `front`, over the TCP socket `socket`. */
+  accept(ws: WebSocket, socket: Socket, front: Front): void {
+    const address = socket.remoteAddress ?? "?";
     const over = this.stopping ? "stopping" : this.overCap(address);
     if (over) return this.refuse(ws, address, front, over);
     const banned = this.refuseAddress?.(address);
     if (banned !== undefined) return this.refuse(ws, address, front, "banned", banned);
-    const peer = new WebSocketPeer(ws, address, port, this.config.outboundCap, this.slack, this.log, this.lingerMs);
+    const peer = new WebSocketPeer(ws, socket, doorOf(front), this.config.outboundCap, this.slack, this.log, this.lingerMs);
     this.slots(address).add(peer);
     this.metrics.connectionsOpened++;
     const session = this.dispatcher.open(peer, front.codec());
@@ -118,7 +131,7 @@ export class WebSocketListener {
     const greeting = front.greeting(session.codec);
     if (greeting !== undefined) peer.send(greeting, false);
     front.opened?.(session);
-    this.log.debug({ conn: peer.id, remote: peer.remote, door: front.name, websocket: true }, "connection opened");
+    this.log.debug({ conn: peer.id, remote: peer.remote, door: peer.door }, "connection opened");
   }
 
   /** The cap that a new connection from `address` is over, if any. */
@@ -207,7 +220,10 @@ export class WebSocketListener {
 
   closed(peer: WebSocketPeer, front: Front): void {
     const session = peer.session as Session;
-    this.log.debug({ conn: peer.id, remote: peer.remote, uid: session.uid }, "connection closed");
+    const { bytesIn: bytesRead, bytesOut: bytesWritten } = peer;
+    this.metrics.bytesInClosed += bytesRead;
+    this.metrics.bytesOutClosed += bytesWritten;
+    this.log.debug({ conn: peer.id, remote: peer.remote, uid: session.uid, bytesRead, bytesWritten }, "connection closed");
     peer.closedSocket();
     if (this.connections.delete(peer) && peer.isEnding) this.lingering--;
     this.unslot(peer);
