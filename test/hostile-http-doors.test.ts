@@ -259,3 +259,46 @@ describe("shutdown with HTTP-port clients that do not cooperate", () => {
     removeDir(server.services.config.dataDir);
   }, 20_000);
 });
+
+describe("e_chat_server room sockets after their user leaves the room or their session ends", () => {
+  it("get no more of the room's messages: after a native leave, after a logout elsewhere (unauthorized), after a password change (closed)", async () => {
+    const port = srv.server.httpPort as number;
+    const a = await echatUser();
+    const b = await echatUser();
+    const c = await echatUser();
+    const ids = await Promise.all([b, c].map(async (u) => (await call("GET", "/v1/info", { headers: { authorization: `Bearer ${u.sid}` } })).body.id));
+    const room = (await call("POST", "/v1/rooms", { body: { users: ids.map((id) => ({ id })) }, headers: { authorization: `Bearer ${a.sid}` } })).body.id;
+    const socket = async (sid: string) => {
+      const ws = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`);
+      ws.send({ text: `ready ${sid}` });
+      await ws.next((m) => m.text === `ready ${sid}`);
+      return ws;
+    };
+    const [wa, wb, wc] = [await socket(a.sid), await socket(b.sid), await socket(c.sid)];
+    // b leaves the room natively, with its session.
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { sid: b.sid })).status).toBe(0);
+    expect((await native.request("leave", { channel: String(room) })).status).toBe(0);
+    // c's session is logged out by an HTTP request.
+    expect((await call("POST", "/v1/logout", { body: {}, headers: { authorization: `Bearer ${c.sid}` } })).status).toBe(200);
+    expect(await wc.next((m) => m.error)).toEqual({ error: { code: "unauthorized" } });
+    wa.send({ text: "after" });
+    await wa.next((m) => m.text === "after");
+    expect(await wb.quiet(300, (m) => m.text === "after")).toBe(true);
+    expect(await wc.quiet(0, (m) => m.text === "after")).toBe(true);
+    wc.send({ text: "as c?" });
+    expect(await wc.next((m) => m.error)).toEqual({ error: { code: "unauthorized" } });
+    wb.send({ text: "as b?" });
+    expect((await wb.next((m) => m.error)).error.code).toBe("room_not_found");
+    // a's password changes natively (its other sessions end): a's room socket is closed.
+    const me = await Client.connect(srv.port);
+    expect((await me.request("auth", { login: a.login, pass: "pw" })).status).toBe(0);
+    expect((await me.request("changepassword", { pass: "pw", newpass: "pw2" })).status).toBe(0);
+    expect(await wa.next((m) => m.error)).toEqual({ error: { code: "unauthorized" } });
+    await wa.closed;
+    expect((await call("GET", "/v1/info", { headers: { authorization: `Bearer ${a.sid}` } })).status).toBe(401);
+    for (const x of [wb, wc]) x.close();
+    native.close();
+    me.close();
+  });
+});
