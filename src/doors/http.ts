@@ -61,7 +61,7 @@ export class HttpDoor {
       // Every path parameter reaches its route, which answers for it in its door's shape
       // (Fastify's own limit, 100, answered 414 in Fastify's shape); node's header
       // limit (16 KiB) bounds a URL anyway.
-      maxParamLength: 16 * 1024,
+      routerOptions: { maxParamLength: 16 * 1024 },
       // A URL that is not valid percent-encoding names no route: the door's 404, in its
       // shape (Fastify's own answer is a 400 in neither door's).
       frameworkErrors: (_err, req, reply) => {
