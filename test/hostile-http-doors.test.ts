@@ -302,3 +302,34 @@ describe("e_chat_server room sockets after their user leaves the room or their s
     me.close();
   });
 });
+
+describe("HTTP port: sockets per address", () => {
+  const few = serveForFile({ httpPort: 0, maxPerAddress: 3 });
+
+  it("one address holds at most --max-per-address sockets that are not WebSockets: silent sockets cannot take the whole port", async () => {
+    const port = few.server.httpPort as number;
+    const open = async () => {
+      const socket = net.connect(port, "127.0.0.1");
+      socket.on("error", () => {});
+      const closed = new Promise<void>((r) => socket.once("close", () => r()));
+      await new Promise((r) => socket.once("connect", r));
+      return { socket, closed };
+    };
+    // A WebSocket counts among the address's WebSockets once upgraded, not here.
+    const ws = await WsClient.connect(port, "/wirechat");
+    expect((await ws.next()).action).toBe("welcome");
+    const silent = [await open(), await open(), await open()];
+    // The next one is closed at once, before it can send anything.
+    const over = await open();
+    await Promise.race([over.closed, sleep(2000).then(() => Promise.reject(new Error("the socket over the cap stayed open")))]);
+    await expect(fetch(`http://127.0.0.1:${port}/status`)).rejects.toThrow();
+    expect((await new Promise<any>((r) => { ws.send({ action: "ping" }); r(ws.next()); })).data.status).toBe(0);
+    // One silent socket goes: a request gets through again.
+    silent[0].socket.destroy();
+    await silent[0].closed;
+    await sleep(50);
+    expect((await fetch(`http://127.0.0.1:${port}/status`)).status).toBe(200);
+    for (const s of silent) s.socket.destroy();
+    ws.close();
+  });
+});

@@ -10,7 +10,7 @@
 // against --max-connections and --max-per-address, have the idle timeouts, are refused
 // from banned addresses, and are closed gracefully at shutdown (websocket-listener.ts).
 
-import type { AddressInfo } from "node:net";
+import type { AddressInfo, Socket } from "node:net";
 import fastifyWebsocket from "@fastify/websocket";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRequest } from "fastify";
 import type { Logger } from "pino";
@@ -74,6 +74,8 @@ export class HttpDoor {
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
     // also counted, and refused with a message, by the listener).
     app.server.maxConnections = config.maxConnections;
+    // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
+    app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
     const accept = (ws: WebSocket, req: FastifyRequest, front: Front) => this.websockets.accept(ws, req.socket, front);
     this.ready = (async () => {
       await app.register(fastifyWebsocket, {

@@ -10,6 +10,12 @@
 // banned address), as a TCP socket gets its one line: the check and the accept happen
 // in the same turn, so a burst of upgrades cannot all pass a check made earlier.
 //
+// The port's plain sockets (HTTP requests, and upgrades before they are WebSockets)
+// are counted here too, per address against --max-per-address: nothing is logged in
+// on them, and without it one address could hold every socket the port takes
+// (--max-connections) with silent or idle keep-alive ones. One past it is closed at
+// once: nothing can be said before a request is read (as a TLS handshake is refused).
+//
 // A message is one frame. Its size is ws's maxPayload (--max-frame): a larger one is
 // refused by ws as soon as its length is known, before its payload is read, and the
 // socket is closed with 1009, as ws can refuse a message in no other way. Its nesting
@@ -43,6 +49,10 @@ const MAX_REFUSING = 1024;
 const MAX_LINGERING = 1024;
 
 const PEER = Symbol("wirechat.websocketPeer");
+/** The listener counting a plain socket of the port (see `socket`), and the address it counts it under. */
+const PLAIN = Symbol("wirechat.plainSocket");
+const PLAIN_ADDRESS = Symbol("wirechat.plainAddress");
+type PlainTagged = Socket & { [PLAIN]?: WebSocketListener; [PLAIN_ADDRESS]?: string };
 const FRONT = Symbol("wirechat.websocketFront");
 const OWNER = Symbol("wirechat.websocketListener");
 /** No closures per connection: the shared handlers find theirs through the socket. */
@@ -77,6 +87,8 @@ export class WebSocketListener implements ConnectionTable {
   readonly doors: readonly string[];
   /** Connections not logged in, by address. */
   private readonly perAddress = new Map<string, Set<WebSocketPeer>>();
+  /** Plain sockets of the port (not WebSockets), by address. */
+  private readonly plainPerAddress = new Map<string, number>();
   private readonly refusing = new Set<WebSocket>();
   private readonly refusals: RefusalLog;
   /** Connections in `connections` that are closing: they no longer hold a cap slot. */
@@ -105,8 +117,39 @@ export class WebSocketListener implements ConnectionTable {
     this.idleSweep.unref();
   }
 
+  /**
+   * A new TCP socket on the HTTP port: counted against --max-per-address among the
+   * address's plain sockets until it closes or becomes a WebSocket; past it, closed.
+   */
+  socket(socket: Socket): void {
+    const address = socket.remoteAddress ?? "?";
+    const n = this.plainPerAddress.get(address) ?? 0;
+    if (n >= this.config.maxPerAddress) {
+      this.metrics.refused++;
+      this.refusals.refused(address, "too many HTTP sockets from one address", this.config.maxPerAddress);
+      socket.destroy();
+      return;
+    }
+    this.plainPerAddress.set(address, n + 1);
+    (socket as PlainTagged)[PLAIN] = this;
+    (socket as PlainTagged)[PLAIN_ADDRESS] = address;
+    socket.once("close", onPlainClose);
+  }
+
+  /** A plain socket closed or became a WebSocket: its address's count goes down. */
+  unplain(socket: Socket): void {
+    const tagged = socket as PlainTagged;
+    if (tagged[PLAIN] !== this) return;
+    tagged[PLAIN] = undefined;
+    const address = tagged[PLAIN_ADDRESS] as string;
+    const n = (this.plainPerAddress.get(address) ?? 1) - 1;
+    if (n > 0) this.plainPerAddress.set(address, n);
+    else this.plainPerAddress.delete(address);
+  }
+
   /** An upgraded socket for `front`, over the TCP socket `socket`. */
   accept(ws: WebSocket, socket: Socket, front: Front): void {
+    this.unplain(socket);
     const address = socket.remoteAddress ?? "?";
     const over = this.stopping ? "stopping" : this.overCap(address);
     if (over) return this.refuse(ws, address, front, over);
@@ -300,6 +343,10 @@ function onMessage(this: WebSocket, data: WebSocket.RawData, isBinary: boolean):
 
 function onPing(this: WebSocket): void {
   (this as Tagged)[PEER].lastActivity = Date.now();
+}
+
+function onPlainClose(this: Socket): void {
+  (this as PlainTagged)[PLAIN]?.unplain(this);
 }
 
 function onClose(this: WebSocket): void {
