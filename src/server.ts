@@ -32,6 +32,7 @@ import { MessageStore } from "./storage/messages.js";
 import { SessionStore } from "./storage/sessions.js";
 import { UserStore } from "./storage/users.js";
 import { Listener } from "./transport/listener.js";
+import type { ConnectionTable } from "./transport/live.js";
 import { nativeFront } from "./doors/native.js";
 import { RoomsDoor } from "./doors/rooms.js";
 import { RustDoor } from "./doors/rust.js";
@@ -241,6 +242,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       cachedUser: (uid) => users.peek(uid),
       isMember: (chid, uid) => channels.isMember(chid, uid),
       publish: (ev, audience) => router.publish(ev, audience),
+      revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
     });
     const echat = new EchatDoor(dispatcher, log, {
       session: (sid) => core.accounts.session(sid),
@@ -262,6 +264,8 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     l.group = listeners; // one set of connection caps for every TCP door
   }
   if (http) http.websockets.refuseAddress = refuseAddress;
+  // Every listener's connections, as the admin port lists, counts and bans them.
+  const tables: readonly ConnectionTable[] = [...listeners, ...(http ? [http.websockets] : [])];
   registerStats(services, () => listener.connections.size);
 
   let stopping: Promise<void> | undefined;
@@ -281,9 +285,8 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       const version = packageVersion();
       Object.assign(adminDeps, {
         ops: admin,
-        listeners,
-        otherConnections: http ? [http.websockets] : [],
-        registry: metricsRegistry(metrics, listeners, blobs),
+        connections: tables,
+        registry: metricsRegistry(metrics, tables, blobs),
         notReady: () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined),
         backup: (dir: string) => backup(storage, blobs, dir, version),
         exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),

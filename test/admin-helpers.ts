@@ -19,7 +19,8 @@ export function parseProm(text: string): { samples: PromSample[]; types: Map<str
       types.set(name, type);
       continue;
     }
-    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.eE+-]+|NaN|\+Inf|-Inf)$/.exec(line);
+    // NaN in any case, as Prometheus reads it (prom-client writes "Nan" for a histogram with no samples yet).
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.eE+-]+|[Nn][Aa][Nn]|\+Inf|-Inf)$/.exec(line);
     if (!m) throw new Error(`not Prometheus text: ${line}`);
     const labels: Record<string, string> = {};
     if (m[2]) {

@@ -6,7 +6,7 @@ import { existsSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import { describe, expect, it } from "vitest";
-import { Client, login, registerUser, removeDir, serveForFile, startTestServer, uniqueName } from "./helpers.js";
+import { Client, login, registerUser, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
 import { admin, parseProm, sample } from "./admin-helpers.js";
 import { sleep, waitFor } from "./pipeline-helpers.js";
 
@@ -156,6 +156,83 @@ describe("admin port", () => {
     const d = await Client.connect(served.port);
     expect((await d.request("ping")).status).toBe(0);
     d.close();
+  });
+});
+
+describe("admin port and the HTTP port's WebSockets", () => {
+  const served = serveForFile({ httpPort: 0 });
+  const ap = () => served.server.adminPort as number;
+  const hp = () => served.server.httpPort as number;
+
+  it("/connz lists WebSockets with their door, state and bytes; /metrics counts them by door; their bytes stay counted after they close", async () => {
+    // Native over WebSocket, logged in, and one that is not.
+    const native = await WsClient.connect(hp(), "/wirechat");
+    const nativeLogin = uniqueName("adm");
+    native.send({ action: "register", data: { login: nativeLogin, pass: "pw", nick: nativeLogin } });
+    await native.next((m) => m.action === "auth");
+    const anon = await WsClient.connect(hp(), "/wirechat");
+    await anon.next((m) => m.action === "welcome");
+    // The HTTP/WS chat's /ws.
+    const email = `${uniqueName("adm")}@example.com`;
+    const post = (path: string, body: unknown, sid?: string) =>
+      fetch(`http://127.0.0.1:${hp()}${path}`, { method: "POST", headers: { "content-type": "application/json", ...(sid ? { authorization: `Bearer ${sid}` } : {}) }, body: JSON.stringify(body) });
+    expect((await post("/create_user", { username: uniqueName("Adm"), password: "pw", email })).status).toBe(200);
+    const chat = await WsClient.connect(hp(), "/ws");
+    chat.send({ type: "auth", email, password: "pw" });
+    expect((await chat.next()).status).toBe("authenticated");
+    // An e_chat_server room socket.
+    const echatLogin = uniqueName("adm");
+    const sid = ((await (await post("/v1/register", { login: echatLogin, password: "pw" })).json()) as { session_id: string }).session_id;
+    const room = ((await (await post("/v1/rooms", { users: [] }, sid)).json()) as { id: number }).id;
+    const echat = await WsClient.connect(hp(), `/v1/rooms/${room}/chat?session_id=${sid}`);
+    echat.send({ text: "hello" });
+    await echat.next((m) => m.text === "hello");
+
+    const all = (await admin(ap(), "GET", "/connz?limit=1000")).json;
+    const byDoor = (door: string) => all.connections.filter((c: any) => c.door === door);
+    expect(byDoor("websocket").map((c: any) => c.state).sort()).toEqual(["authenticated", "unauthenticated"]);
+    for (const door of ["http-chat", "echat"]) expect(byDoor(door).map((c: any) => c.state)).toEqual(["authenticated"]);
+    const mine = (await admin(ap(), "GET", `/connz?user=${nativeLogin}`)).json;
+    expect(mine.total).toBe(1);
+    expect(mine.connections[0]).toMatchObject({ door: "websocket", state: "authenticated", nick: nativeLogin, remote: expect.stringMatching(/127\.0\.0\.1:\d+/) });
+    expect(mine.connections[0].bytes_in).toBeGreaterThan(0);
+    expect(mine.connections[0].bytes_out).toBeGreaterThan(0);
+    expect((await admin(ap(), "GET", `/connz?user=${echatLogin}`)).json.connections[0]).toMatchObject({ door: "echat", state: "authenticated" });
+
+    const { samples } = parseProm((await admin(ap(), "GET", "/metrics")).text);
+    const gauge = (door: string, state: string) => sample(samples, "wirechat_connections", { door, state });
+    expect(gauge("websocket", "authenticated")).toBe(1);
+    expect(gauge("websocket", "unauthenticated")).toBe(1);
+    expect(gauge("http-chat", "authenticated")).toBe(1);
+    expect(gauge("echat", "authenticated")).toBe(1);
+    // Every door of the server has its series, at zero too.
+    const doors = new Set(samples.filter((x) => x.name === "wirechat_connections").map((x) => x.labels.door));
+    expect([...doors].sort()).toEqual(["echat", "http-chat", "tcp", "tls", "websocket"]);
+    const bytesIn = sample(samples, "wirechat_bytes_in_total");
+    const bytesOut = sample(samples, "wirechat_bytes_out_total");
+
+    for (const w of [native, anon, chat, echat]) w.ws.close();
+    await waitFor(() => served.server.http?.websockets.connections.size === 0, 5000, "the WebSockets closed");
+    const after = parseProm((await admin(ap(), "GET", "/metrics")).text).samples;
+    expect(sample(after, "wirechat_bytes_in_total")).toBeGreaterThanOrEqual(bytesIn);
+    expect(sample(after, "wirechat_bytes_out_total")).toBeGreaterThanOrEqual(bytesOut);
+    expect(sample(after, "wirechat_connections", { door: "websocket" })).toBe(0);
+  });
+});
+
+describe("admin port and the seed doors on TCP", () => {
+  const served = serveForFile({ rustPort: 0, roomsPort: 0 });
+
+  it("/metrics has a wirechat_connections series for each of them, as /connz names them", async () => {
+    const rust = await Client.connect(served.server.rustPort as number, { welcome: false });
+    await waitFor(() => served.server.listeners.some((l) => l.connections.size > 0 && l.doors.includes("rust")), 5000, "the rust connection");
+    const conns = (await admin(served.server.adminPort as number, "GET", "/connz")).json.connections;
+    expect(conns.map((c: any) => c.door)).toEqual(["rust"]);
+    const { samples } = parseProm((await admin(served.server.adminPort as number, "GET", "/metrics")).text);
+    expect(sample(samples, "wirechat_connections", { door: "rust", state: "unauthenticated" })).toBe(1);
+    const doors = new Set(samples.filter((x) => x.name === "wirechat_connections").map((x) => x.labels.door));
+    expect([...doors].sort()).toEqual(["rooms", "rust", "tcp", "tls"]);
+    rust.close();
   });
 });
 

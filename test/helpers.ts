@@ -200,6 +200,12 @@ export class ChildServer {
     readonly adminPort: number | undefined,
   ) {}
 
+  /** A port of the "wirechat listening" line ("httpPort", "rustPort", …), if it is there. */
+  portOf(key: string): number | undefined {
+    const m = new RegExp(`"${key}":(\\d+)[^\\n]*"msg":"wirechat listening"`).exec(this.stdout());
+    return m ? Number(m[1]) : undefined;
+  }
+
   /** `wrap`: a command that execs node in its place (e.g. `prlimit --fsize=N --`). */
   static async start(dataDir: string, extra: string[] = [], wrap: string[] = []): Promise<ChildServer> {
     const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));

@@ -1,22 +1,20 @@
-// How the admin port names a connection's door and state (/connz and /metrics alike).
+// How the admin port reads live connections (/connz and /metrics alike): every
+// listener's table, TCP doors and the HTTP port's WebSockets, through the one interface
+// both connection kinds implement (transport/live.ts).
 
-import { TLSSocket } from "node:tls";
 import type { Session } from "../protocol/session.js";
-import type { Connection } from "../transport/connection.js";
-import type { Listener } from "../transport/listener.js";
+import type { ConnectionTable, LiveConnection } from "../transport/live.js";
 
-/** "tcp" or "tls" for the native door; a seed door's name otherwise ("rust", "rooms"). */
-export function doorOf(conn: Connection): string {
-  const front = (conn.owner as Listener).front.name;
-  if (front !== "native") return front;
-  return conn.socket instanceof TLSSocket ? "tls" : "tcp";
-}
-
-export function stateOf(conn: Connection, session: Session): "closing" | "authenticated" | "unauthenticated" {
+export function stateOf(conn: LiveConnection, session: Session): "closing" | "authenticated" | "unauthenticated" {
   return conn.isEnding ? "closing" : session.uid !== undefined ? "authenticated" : "unauthenticated";
 }
 
-/** The live connections of every listener, without copying them. */
-export function* connectionsOf(listeners: readonly Listener[]): Iterable<[Connection, Session]> {
-  for (const l of listeners) yield* l.connections;
+/** The live connections of every table, without copying them. */
+export function* connectionsOf(tables: readonly ConnectionTable[]): Iterable<[LiveConnection, Session]> {
+  for (const t of tables) yield* t.connections;
+}
+
+/** Every door the tables' connections can show, each once, in the tables' order. */
+export function doorsOf(tables: readonly ConnectionTable[]): string[] {
+  return [...new Set(tables.flatMap((t) => t.doors))];
 }

@@ -16,15 +16,13 @@ import { plainAddress } from "../addresses.js";
 import { CODES, Code, ProtocolError } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BanKind } from "../storage/layout.js";
-import type { Listener } from "../transport/listener.js";
-import { connectionsOf, doorOf, stateOf } from "./connections.js";
+import type { ConnectionTable } from "../transport/live.js";
+import { connectionsOf, stateOf } from "./connections.js";
 
 export interface AdminDeps {
   ops: AdminOps;
-  /** Every TCP listener (the native door's and the seed doors'). */
-  listeners: readonly Listener[];
-  /** Connections held elsewhere (the HTTP door's WebSockets): an address ban closes them too. */
-  otherConnections?: readonly { closeAddress(address: string, reason: string): number }[];
+  /** Every listener's connections: the TCP doors' and the HTTP port's WebSockets. */
+  connections: readonly ConnectionTable[];
   registry: client.Registry;
   /** Why the server is not ready (undefined when it is). */
   notReady: () => string | undefined;
@@ -152,7 +150,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
       const now = Date.now();
       const conns = [];
       let total = 0;
-      for (const [conn, s] of connectionsOf(d.listeners)) {
+      for (const [conn, s] of connectionsOf(d.connections)) {
         const session = s as Session;
         if (uid !== undefined && session.uid !== uid) continue;
         total++;
@@ -160,14 +158,14 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
         conns.push({
           id: conn.id,
           remote: conn.remote,
-          door: doorOf(conn),
+          door: conn.door,
           uid: session.uid ?? null,
           nick: session.nick ?? null,
           state: stateOf(conn, session),
           since: new Date(conn.since).toISOString(),
           idle_ms: now - conn.lastActivity,
-          bytes_in: conn.socket.bytesRead,
-          bytes_out: conn.socket.bytesWritten,
+          bytes_in: conn.bytesIn,
+          bytes_out: conn.bytesOut,
           queued: conn.outbound,
         });
       }
@@ -226,8 +224,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     const [kind, value] = banTarget(req.body);
     const ban = await d.ops.ban(kind, value, req.body.reason ?? "");
     const why = `your address was banned${ban.reason ? `: ${ban.reason}` : ""}`;
-    const tables = [...d.listeners, ...(d.otherConnections ?? [])];
-    const closed = kind === "addr" ? tables.reduce((n, l) => n + l.closeAddress(value, why), 0) : 0;
+    const closed = kind === "addr" ? d.connections.reduce((n, t) => n + t.closeAddress(value, why), 0) : 0;
     return { ban, closed };
   });
   app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {

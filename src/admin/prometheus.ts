@@ -9,8 +9,8 @@ import type { Metrics, Buckets } from "../metrics.js";
 import { CODES } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BlobStore } from "../storage/blobs.js";
-import type { Listener } from "../transport/listener.js";
-import { connectionsOf, doorOf, stateOf } from "./connections.js";
+import type { ConnectionTable } from "../transport/live.js";
+import { connectionsOf, doorsOf, stateOf } from "./connections.js";
 
 type Labels = Record<string, string | number>;
 interface Sample {
@@ -61,24 +61,24 @@ function defaultMetrics(registry: client.Registry): void {
 }
 
 /** Connections by door and state, and the sums over them that the metrics report. */
-function readLive(listeners: readonly Listener[]) {
+function readLive(tables: readonly ConnectionTable[]) {
   const byState = new Map<string, number>();
   let queued = 0;
   let uploads = 0;
   let bytesIn = 0;
   let bytesOut = 0;
-  for (const [conn, session] of connectionsOf(listeners)) {
-    const key = `${doorOf(conn)}\n${stateOf(conn, session as Session)}`;
+  for (const [conn, session] of connectionsOf(tables)) {
+    const key = `${conn.door}\n${stateOf(conn, session as Session)}`;
     byState.set(key, (byState.get(key) ?? 0) + 1);
     queued += conn.outbound;
     uploads += conn.uploads;
-    bytesIn += conn.socket.bytesRead;
-    bytesOut += conn.socket.bytesWritten;
+    bytesIn += conn.bytesIn;
+    bytesOut += conn.bytesOut;
   }
   return { byState, queued, uploads, bytesIn, bytesOut };
 }
 
-export function metricsRegistry(m: Metrics, listeners: readonly Listener[], blobs: BlobStore): client.Registry {
+export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], blobs: BlobStore): client.Registry {
   const registry = new client.Registry();
   defaultMetrics(registry);
 
@@ -86,7 +86,7 @@ export function metricsRegistry(m: Metrics, listeners: readonly Listener[], blob
   let snapshot: ReturnType<typeof readLive> | undefined;
   const live = () => {
     if (!snapshot) {
-      snapshot = readLive(listeners);
+      snapshot = readLive(tables);
       setImmediate(() => (snapshot = undefined));
     }
     return snapshot;
@@ -95,7 +95,8 @@ export function metricsRegistry(m: Metrics, listeners: readonly Listener[], blob
   computed(registry, "wirechat_connections", "Open connections by door and state", "gauge", () => {
     const { byState } = live();
     const out: Sample[] = [];
-    for (const door of ["tcp", "tls"]) {
+    // Every door the server has, at zero too (a series that vanished would read as stale).
+    for (const door of doorsOf(tables)) {
       for (const state of ["unauthenticated", "authenticated", "closing"]) out.push({ labels: { door, state }, value: byState.get(`${door}\n${state}`) ?? 0 });
     }
     return out;

@@ -29,7 +29,7 @@ import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { normaliseEmail } from "../features/profile-fields.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";
-import { DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectCodec, DialectDoor, str, type Answer } from "./dialect.js";
 
 interface ChatState {
   authed: boolean;
@@ -51,6 +51,8 @@ export interface ChatDeps {
   isMember(chid: string, uid: string): Promise<boolean>;
   /** Hands an event to the router (join and leave notices). */
   publish(ev: Event, audience: Audience): void;
+  /** Removes a stored session nobody can present again (AccountOps.revoke). */
+  revoke(uid: string, sid: string, expires: number): void;
 }
 
 /** A route's answer: the HTTP status and seed 003's ApiResponse. */
@@ -203,6 +205,8 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
       }
       case "join":
       case "leave":
+        // Each reaches every other /ws socket: one costs a request of the rate limit.
+        if (!this.dispatcher.admit(s)) return [error("too many requests; slow down and retry")];
         this.deps.publish(
           { kind: "notice", door: this.name, chid: this.deps.lobby, text: `${st.nick} ${msg.type === "join" ? "joined" : "left"}`, origin: st.peer },
           { channel: this.deps.lobby },
@@ -232,6 +236,17 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     st.peer = s.peer.id;
     st.nick = s.nick as string;
     return [frame("authenticated", null, `Welcome, ${st.nick}!`)];
+  }
+
+  /**
+   * A /ws socket closed. Its login stored a session whose sid the client never sees: it
+   * ends with the socket, or reconnecting clients would pile sessions up until the
+   * oldest of the account's (another door's session_id, a native device's sid) were
+   * revoked for them (--max-sessions-per-user).
+   */
+  closed(s: Session): void {
+    const st = (s.codec as DialectCodec<ChatState, ChatMsg>).state;
+    if (st.authed && s.uid !== undefined && s.sid !== undefined) this.deps.revoke(s.uid, s.sid, s.expires);
   }
 
   /** Native auth with the login of the account whose profile email is `email`. */
@@ -317,6 +332,11 @@ function send(reply: FastifyReply, a: RouteAnswer): FastifyReply {
   return reply.code(a.http).send(a.body);
 }
 
+/** 003's answer to a request no route takes: 404 with `message`. */
+export function chatNotFound(reply: FastifyReply, message: string): FastifyReply {
+  return send(reply, failure(404, message));
+}
+
 function client(req: FastifyRequest): RouteClient {
   return { address: req.socket.remoteAddress ?? "?", port: req.socket.remotePort ?? 0 };
 }
@@ -338,6 +358,9 @@ export function chatRoutes(
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, failure(403, `your address is banned${why ? `: ${why}` : ""}`));
     });
+    // Bodies are JSON: Fastify's text/plain parser would hand a route a string, which its
+    // schema refused with 400 "body must be object"; any other media type is 415.
+    app.removeContentTypeParser("text/plain");
     app.setErrorHandler((err, req, reply) => {
       const e = err as { validation?: unknown; statusCode?: number; code?: string; message: string };
       if (e.validation) return send(reply, failure(400, e.message));
@@ -345,7 +368,7 @@ export function chatRoutes(
       req.log.error({ err }, "HTTP chat request failed");
       return send(reply, failure(500, "the server could not complete the request"));
     });
-    app.setNotFoundHandler((req, reply) => send(reply, failure(404, `no route ${req.method} ${req.url.split("?")[0]}`)));
+    app.setNotFoundHandler((req, reply) => chatNotFound(reply, `no route ${req.method} ${req.url.split("?")[0]}`));
 
     app.get("/status", async () => success("wirechat is running").body);
     app.post<{ Body: { username: string; password: string; email: string } }>(

@@ -8,11 +8,12 @@
 // "user_already_exists"|"room_not_found"}} and 401 {"error":{"code":"unauthorized"}}.
 //
 // The session_id of register and login is a wirechat session (native `auth {sid}`
-// resumes it). A request presents it as the `session_id` cookie (set by register and
-// login), an `Authorization: Bearer` header, or a `session_id` query parameter. Each
-// request acts for its session on a session object of its own (no connection: nothing
-// is delivered to it, and the user's presence does not change); the room WebSocket
-// logs in with the session like any connection.
+// resumes it). A request presents it as an `Authorization: Bearer` header, a
+// `session_id` query parameter, or the `session_id` cookie (set by register and login),
+// in that order of precedence (sessionOf). Each request acts for its session on a
+// session object of its own (no connection: nothing is delivered to it, and the user's
+// presence does not change); the room WebSocket logs in with the session like any
+// connection.
 
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { Logger } from "pino";
@@ -281,10 +282,11 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     });
   }
 
+  /** `body` is undefined when the request's was not JSON (invalid_json, after the session's 401). */
   async createRoom(client: RouteClient, sid: string | undefined, body: unknown): Promise<RouteAnswer> {
-    const list = (body as { users?: unknown } | null)?.users;
-    if (!Array.isArray(list) || list.length > MAX_MEMBERS) return INVALID_JSON;
     return this.onRequest(client, sid, async (s) => {
+      const list = (body as { users?: unknown } | null | undefined)?.users;
+      if (!Array.isArray(list) || list.length > MAX_MEMBERS) return INVALID_JSON;
       const uids: string[] = [];
       const logins: string[] = [];
       for (const item of list) {
@@ -357,19 +359,45 @@ function credentials(body: unknown): { login: string; password: string } | undef
   return { login, password };
 }
 
-/** The session a request presents: cookie, bearer token, or query parameter. */
+/**
+ * The session a request presents. The ones it names itself come first: the
+ * `Authorization: Bearer` header, then the `session_id` query parameter (WebSocket
+ * clients that cannot set headers); the `session_id` cookie, which a client carries
+ * along from whichever login set it last, only when the request names none. An empty
+ * carrier is no carrier.
+ */
 export function sessionOf(req: FastifyRequest): string | undefined {
   const auth = req.headers.authorization;
-  if (typeof auth === "string" && /^Bearer\s+/i.test(auth)) return auth.replace(/^Bearer\s+/i, "").trim() || undefined;
+  if (typeof auth === "string" && /^Bearer\s+/i.test(auth)) {
+    const token = auth.replace(/^Bearer\s+/i, "").trim();
+    if (token !== "") return token;
+  }
+  const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
+  if (typeof q === "string" && q !== "") return q;
   const cookie = req.headers.cookie;
   if (typeof cookie === "string") {
     for (const part of cookie.split(";")) {
       const eq = part.indexOf("=");
-      if (eq > 0 && part.slice(0, eq).trim() === "session_id") return decodeURIComponent(part.slice(eq + 1).trim()) || undefined;
+      if (eq > 0 && part.slice(0, eq).trim() === "session_id") {
+        const value = cookieValue(part.slice(eq + 1).trim());
+        if (value !== "") return value;
+      }
     }
   }
-  const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
-  return typeof q === "string" && q !== "" ? q : undefined;
+  return undefined;
+}
+
+/**
+ * A cookie's value, percent-decoded as the cookie register and login set is encoded; a
+ * value that is not valid percent-encoding is taken as it is (no session has it, so
+ * the request is 401, not a server error).
+ */
+function cookieValue(raw: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    return raw;
+  }
 }
 
 function send(reply: FastifyReply, a: RouteAnswer): FastifyReply {
@@ -378,6 +406,11 @@ function send(reply: FastifyReply, a: RouteAnswer): FastifyReply {
 
 function clientOf(req: FastifyRequest): RouteClient {
   return { address: req.socket.remoteAddress ?? "?", port: req.socket.remotePort ?? 0 };
+}
+
+/** 002's answer to a request no route takes: 404 not_found. */
+export function echatNotFound(reply: FastifyReply): FastifyReply {
+  return send(reply, fail(404, "not_found"));
 }
 
 /** The session cookie register and login set (and logout clears). */
@@ -398,6 +431,10 @@ export function echatRoutes(
     app.addHook("onRequest", async (req, reply) => {
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, fail(403, "forbidden"));
+      // Every body is read as JSON, whatever its Content-Type says (below): a header that
+      // is not even a media type ("application/json, text/plain") must not end the
+      // request before its route (Fastify's 415, before the session's 401).
+      if (req.headers["content-type"] !== undefined) req.headers["content-type"] = "application/json";
     });
     // Bodies are parsed here, so that a bad one is the seed's invalid_json (422).
     app.removeAllContentTypeParsers();
@@ -416,7 +453,7 @@ export function echatRoutes(
       req.log.error({ err }, "e_chat_server request failed");
       return send(reply, fail(500, "internal"));
     });
-    app.setNotFoundHandler((_req, reply) => send(reply, fail(404, "not_found")));
+    app.setNotFoundHandler((_req, reply) => echatNotFound(reply));
 
     const body = (req: FastifyRequest): unknown => (req.body === BAD_BODY ? undefined : req.body);
     app.post("/register", async (req, reply) => {
@@ -442,14 +479,7 @@ export function echatRoutes(
       return send(reply, await door.users(clientOf(req), sessionOf(req), typeof q === "string" ? q : ""));
     });
     app.get("/rooms", async (req, reply) => send(reply, await door.rooms(clientOf(req), sessionOf(req))));
-    app.post("/rooms", async (req, reply) => {
-      if (req.body === BAD_BODY) {
-        // Still 401 first for a caller without a session, as every other route.
-        const who = await door.canOpen(sessionOf(req), "0");
-        return send(reply, who === UNAUTHORIZED ? who : INVALID_JSON);
-      }
-      return send(reply, await door.createRoom(clientOf(req), sessionOf(req), req.body));
-    });
+    app.post("/rooms", async (req, reply) => send(reply, await door.createRoom(clientOf(req), sessionOf(req), body(req))));
     app.get<{ Params: { id: string } }>("/rooms/:id", async (req, reply) => send(reply, await door.getRoom(clientOf(req), sessionOf(req), req.params.id)));
     app.get<{ Params: { id: string } }>("/rooms/:id/messages", async (req, reply) =>
       send(reply, await door.messages(clientOf(req), sessionOf(req), req.params.id)),

@@ -10,7 +10,7 @@
 // against --max-connections and --max-per-address, have the idle timeouts, are refused
 // from banned addresses, and are closed gracefully at shutdown (websocket-listener.ts).
 
-import type { AddressInfo } from "node:net";
+import type { AddressInfo, Socket } from "node:net";
 import fastifyWebsocket from "@fastify/websocket";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRequest } from "fastify";
 import type { Logger } from "pino";
@@ -23,8 +23,8 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
 import { WebSocketListener } from "../transport/websocket-listener.js";
-import { chatRoutes, type ChatDoor } from "./http-chat.js";
-import { echatRoutes, type EchatDoor } from "./http-echat.js";
+import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
+import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
 
 export interface HttpDoorDeps {
@@ -48,7 +48,8 @@ export class HttpDoor {
 
   constructor(private readonly d: HttpDoorDeps) {
     const { config, log, dispatcher, router, metrics } = d;
-    this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics);
+    const native = nativeFront(dispatcher, d.nativeCodec);
+    this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics, [native, d.echat, d.chat]);
     const app = Fastify({
       // Fastify logs every request at info: this port's own lines are warnings and errors.
       loggerInstance: log.child({ door: "http" }, { level: log.levelVal > 40 ? log.level : "warn" }) as unknown as FastifyBaseLogger,
@@ -57,14 +58,25 @@ export class HttpDoor {
       requestTimeout: config.idleUnauth * 1000,
       // A number is not a string: the seed's fields are strings, and "5" is not made of 5.
       ajv: { customOptions: { coerceTypes: false } },
+      // Every path parameter reaches its route, which answers for it in its door's shape
+      // (Fastify's own limit, 100, answered 414 in Fastify's shape); node's header
+      // limit (16 KiB) bounds a URL anyway.
+      routerOptions: { maxParamLength: 16 * 1024 },
+      // A URL that is not valid percent-encoding names no route: the door's 404, in its
+      // shape (Fastify's own answer is a 400 in neither door's).
+      frameworkErrors: (_err, req, reply) => {
+        const path = req.url.split("?")[0];
+        if (/^\/v1(?:\/|$)/.test(path)) return echatNotFound(reply);
+        return chatNotFound(reply, `no route ${req.method} ${path}: the URL is not valid percent-encoding`);
+      },
     });
     this.app = app;
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
     // also counted, and refused with a message, by the listener).
     app.server.maxConnections = config.maxConnections;
-    const accept = (ws: WebSocket, req: FastifyRequest, front: Front) =>
-      this.websockets.accept(ws, req.socket.remoteAddress ?? "?", req.socket.remotePort ?? 0, front);
-    const native = nativeFront(dispatcher, d.nativeCodec);
+    // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
+    app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
+    const accept = (ws: WebSocket, req: FastifyRequest, front: Front) => this.websockets.accept(ws, req.socket, front);
     this.ready = (async () => {
       await app.register(fastifyWebsocket, {
         options: { maxPayload: config.maxFrame },

@@ -41,6 +41,11 @@ export interface AccountOps {
    * per HTTP request (e_chat_server) without attaching a connection to the router.
    */
   session(sid: string): Promise<{ uid: string; nick: string; expires: number } | undefined>;
+  /**
+   * Removes one stored session that no client can present again (a door's login whose
+   * sid its client never sees), in a lazy batch: a crash may leave it until it expires.
+   */
+  revoke(uid: string, sid: string, expires: number): void;
 }
 
 /** The address the password hasher files operator work under (its own fair share). */
@@ -566,6 +571,9 @@ export function registerAccounts(sv: Services): AccountOps {
       const user = await users.get(rec.uid);
       if (!user || sv.bans.banned("login", user.login)) return undefined;
       return { uid: user.uid, nick: user.nick, expires: rec.expires };
+    },
+    revoke(uid, sid, expires) {
+      storage.commitLazy(sessions.revokeOps(uid, sidHash(sid), expires));
     },
   };
 }

@@ -38,6 +38,7 @@ import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
+import type { LiveConnection } from "./live.js";
 
 /** What one queued attachment counts toward the outbound cap, at most (see the top). */
 const ATTACHMENT_WEIGHT = 64 * 1024;
@@ -96,9 +97,11 @@ function lingerOver(conn: Connection): void {
 
 const NO_FRAMES: OutFrame[] = [];
 
-export class Connection implements Peer {
+export class Connection implements Peer, LiveConnection {
   readonly id = newPeerId();
   readonly address: string;
+  /** Its door's name (its listener sets it: see LiveConnection). */
+  door = "tcp";
   /** Frames not yet written, in order (NO_FRAMES when none: an idle connection keeps no array). */
   private q: OutFrame[] = NO_FRAMES;
   /** Characters in queued string frames. */
@@ -152,6 +155,14 @@ export class Connection implements Peer {
   /** The client's address and port, for logs (made when asked). */
   get remote(): string {
     return `${this.address}:${this.socket.remotePort ?? 0}`;
+  }
+
+  get bytesIn(): number {
+    return this.socket.bytesRead;
+  }
+
+  get bytesOut(): number {
+    return this.socket.bytesWritten;
   }
 
   /** The socket closed: nothing queued will go out (its owner calls this on 'close'). */

@@ -24,6 +24,7 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Session, Upload } from "../protocol/session.js";
 import { CONNECTION, Connection, deliverySlack } from "./connection.js";
+import type { ConnectionTable } from "./live.js";
 import { RefusalLog } from "./refusal-log.js";
 import { FrameScanner, HOLD, type FrameSink, type ScannerLimits } from "./scanner.js";
 
@@ -94,6 +95,8 @@ export interface Front {
   reject(s: Session, code: Code, reason: string, action: string | undefined): void;
   /** The client will send no more: answer what it sent, then close. */
   inputEnded(s: Session): void;
+  /** The connection closed: the door lets go of what it holds for it (before the dispatcher's close hooks). */
+  closed?(s: Session): void;
   /** Attachments stream to the blob store while frames are scanned (the native door). */
   readonly streams: boolean;
 }
@@ -104,7 +107,7 @@ export interface PacedUpload extends Upload {
   onDrain: (() => void) | undefined;
 }
 
-export class Listener {
+export class Listener implements ConnectionTable {
   readonly server: net.Server;
   readonly tlsServer: tls.Server | undefined;
   /** Live connections and the protocol session of each. */
@@ -193,6 +196,11 @@ export class Listener {
         resolve(server.address() as net.AddressInfo);
       });
     });
+  }
+
+  /** The doors its connections show: "tcp" and "tls" for the native door, else the door's name. */
+  get doors(): readonly string[] {
+    return this.front.name === "native" ? ["tcp", "tls"] : [this.front.name];
   }
 
   /**
@@ -310,6 +318,8 @@ export class Listener {
     // No closure per connection: the socket handlers and the scanner's sink are shared
     // and find their connection through the socket (10,000 idle connections).
     const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log, this.lingerMs);
+    if (this.front.name !== "native") conn.door = this.front.name;
+    else if (socket instanceof tls.TLSSocket) conn.door = "tls";
     this.slots(address).conns.add(conn);
     this.metrics.connectionsOpened++;
     const session = this.dispatcher.open(conn, this.front.codec());
@@ -419,7 +429,7 @@ export class Listener {
   }
 
   closed(conn: Connection): void {
-    const { bytesRead, bytesWritten } = conn.socket;
+    const { bytesIn: bytesRead, bytesOut: bytesWritten } = conn;
     this.metrics.bytesInClosed += bytesRead;
     this.metrics.bytesOutClosed += bytesWritten;
     this.log.debug({ conn: conn.id, remote: conn.address, uid: (conn.session as Session).uid, bytesRead, bytesWritten }, "connection closed");
@@ -428,6 +438,7 @@ export class Listener {
     const slots = this.perAddress.get(conn.address);
     if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.address, slots);
     (conn.scanner as FrameScanner<PacedUpload, Connection>).close();
+    this.front.closed?.(conn.session as Session);
     this.dispatcher.close(conn.session as Session);
   }
 

@@ -10,6 +10,12 @@
 // banned address), as a TCP socket gets its one line: the check and the accept happen
 // in the same turn, so a burst of upgrades cannot all pass a check made earlier.
 //
+// The port's plain sockets (HTTP requests, and upgrades before they are WebSockets)
+// are counted here too, per address against --max-per-address: nothing is logged in
+// on them, and without it one address could hold every socket the port takes
+// (--max-connections) with silent or idle keep-alive ones. One past it is closed at
+// once: nothing can be said before a request is read (as a TLS handshake is refused).
+//
 // A message is one frame. Its size is ws's maxPayload (--max-frame): a larger one is
 // refused by ws as soon as its length is known, before its payload is read, and the
 // socket is closed with 1009, as ws can refuse a message in no other way. Its nesting
@@ -17,6 +23,7 @@
 // with the door's error, the socket stays.
 
 import type { Logger } from "pino";
+import type { Socket } from "node:net";
 import type WebSocket from "ws";
 import { plainAddress } from "../addresses.js";
 import type { Config } from "../config.js";
@@ -28,6 +35,7 @@ import type { Router } from "../protocol/router.js";
 import type { Session } from "../protocol/session.js";
 import { deliverySlack } from "./connection.js";
 import type { Front } from "./listener.js";
+import type { ConnectionTable } from "./live.js";
 import { RefusalLog } from "./refusal-log.js";
 import { WebSocketPeer } from "./websocket.js";
 
@@ -41,6 +49,10 @@ const MAX_REFUSING = 1024;
 const MAX_LINGERING = 1024;
 
 const PEER = Symbol("wirechat.websocketPeer");
+/** The listener counting a plain socket of the port (see `socket`), and the address it counts it under. */
+const PLAIN = Symbol("wirechat.plainSocket");
+const PLAIN_ADDRESS = Symbol("wirechat.plainAddress");
+type PlainTagged = Socket & { [PLAIN]?: WebSocketListener; [PLAIN_ADDRESS]?: string };
 const FRONT = Symbol("wirechat.websocketFront");
 const OWNER = Symbol("wirechat.websocketListener");
 /** No closures per connection: the shared handlers find theirs through the socket. */
@@ -63,11 +75,20 @@ export function depthWithin(bytes: Buffer, max: number): boolean {
   return true;
 }
 
-export class WebSocketListener {
+/** The door a WebSocket shows: "websocket" for the native protocol, else its front's name. */
+function doorOf(front: Front): string {
+  return front.name === "native" ? "websocket" : front.name;
+}
+
+export class WebSocketListener implements ConnectionTable {
   /** Live WebSockets and the protocol session of each. */
   readonly connections = new Map<WebSocketPeer, Session>();
+  /** The doors of the fronts its sockets speak. */
+  readonly doors: readonly string[];
   /** Connections not logged in, by address. */
   private readonly perAddress = new Map<string, Set<WebSocketPeer>>();
+  /** Plain sockets of the port (not WebSockets), by address. */
+  private readonly plainPerAddress = new Map<string, number>();
   private readonly refusing = new Set<WebSocket>();
   private readonly refusals: RefusalLog;
   /** Connections in `connections` that are closing: they no longer hold a cap slot. */
@@ -85,7 +106,10 @@ export class WebSocketListener {
     private readonly router: Router,
     private readonly log: Logger,
     private readonly metrics: Metrics = new Metrics(),
+    /** The fronts its sockets may speak (their door names; accept takes any). */
+    fronts: readonly Front[] = [],
   ) {
+    this.doors = [...new Set(fronts.map(doorOf))];
     this.lingerMs = config.closeLinger * 1000;
     this.refusals = new RefusalLog(log);
     const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
@@ -93,13 +117,45 @@ export class WebSocketListener {
     this.idleSweep.unref();
   }
 
-  /** An upgraded socket for `front`, from the client at `address`:`port`. */
-  accept(ws: WebSocket, address: string, port: number, front: Front): void {
+  /**
+   * A new TCP socket on the HTTP port: counted against --max-per-address among the
+   * address's plain sockets until it closes or becomes a WebSocket; past it, closed.
+   */
+  socket(socket: Socket): void {
+    const address = socket.remoteAddress ?? "?";
+    const n = this.plainPerAddress.get(address) ?? 0;
+    if (n >= this.config.maxPerAddress) {
+      this.metrics.refused++;
+      this.refusals.refused(address, "too many HTTP sockets from one address", this.config.maxPerAddress);
+      socket.destroy();
+      return;
+    }
+    this.plainPerAddress.set(address, n + 1);
+    (socket as PlainTagged)[PLAIN] = this;
+    (socket as PlainTagged)[PLAIN_ADDRESS] = address;
+    socket.once("close", onPlainClose);
+  }
+
+  /** A plain socket closed or became a WebSocket: its address's count goes down. */
+  unplain(socket: Socket): void {
+    const tagged = socket as PlainTagged;
+    if (tagged[PLAIN] !== this) return;
+    tagged[PLAIN] = undefined;
+    const address = tagged[PLAIN_ADDRESS] as string;
+    const n = (this.plainPerAddress.get(address) ?? 1) - 1;
+    if (n > 0) this.plainPerAddress.set(address, n);
+    else this.plainPerAddress.delete(address);
+  }
+
+  /** An upgraded socket for `front`, over the TCP socket `socket`. */
+  accept(ws: WebSocket, socket: Socket, front: Front): void {
+    this.unplain(socket);
+    const address = socket.remoteAddress ?? "?";
     const over = this.stopping ? "stopping" : this.overCap(address);
     if (over) return this.refuse(ws, address, front, over);
     const banned = this.refuseAddress?.(address);
     if (banned !== undefined) return this.refuse(ws, address, front, "banned", banned);
-    const peer = new WebSocketPeer(ws, address, port, this.config.outboundCap, this.slack, this.log, this.lingerMs);
+    const peer = new WebSocketPeer(ws, socket, doorOf(front), this.config.outboundCap, this.slack, this.log, this.lingerMs);
     this.slots(address).add(peer);
     this.metrics.connectionsOpened++;
     const session = this.dispatcher.open(peer, front.codec());
@@ -118,7 +174,7 @@ export class WebSocketListener {
     const greeting = front.greeting(session.codec);
     if (greeting !== undefined) peer.send(greeting, false);
     front.opened?.(session);
-    this.log.debug({ conn: peer.id, remote: peer.remote, door: front.name, websocket: true }, "connection opened");
+    this.log.debug({ conn: peer.id, remote: peer.remote, door: peer.door }, "connection opened");
   }
 
   /** The cap that a new connection from `address` is over, if any. */
@@ -205,12 +261,16 @@ export class WebSocketListener {
     front.frame(session, bytes, undefined, false);
   }
 
-  closed(peer: WebSocketPeer): void {
+  closed(peer: WebSocketPeer, front: Front): void {
     const session = peer.session as Session;
-    this.log.debug({ conn: peer.id, remote: peer.remote, uid: session.uid }, "connection closed");
+    const { bytesIn: bytesRead, bytesOut: bytesWritten } = peer;
+    this.metrics.bytesInClosed += bytesRead;
+    this.metrics.bytesOutClosed += bytesWritten;
+    this.log.debug({ conn: peer.id, remote: peer.remote, uid: session.uid, bytesRead, bytesWritten }, "connection closed");
     peer.closedSocket();
     if (this.connections.delete(peer) && peer.isEnding) this.lingering--;
     this.unslot(peer);
+    front.closed?.(session);
     this.dispatcher.close(session);
   }
 
@@ -285,7 +345,11 @@ function onPing(this: WebSocket): void {
   (this as Tagged)[PEER].lastActivity = Date.now();
 }
 
+function onPlainClose(this: Socket): void {
+  (this as PlainTagged)[PLAIN]?.unplain(this);
+}
+
 function onClose(this: WebSocket): void {
   const ws = this as Tagged;
-  ws[OWNER].closed(ws[PEER]);
+  ws[OWNER].closed(ws[PEER], ws[FRONT]);
 }

@@ -22,10 +22,12 @@
 // Closing: end() sends what is queued, then a close frame (1000); ws waits for the
 // client's close frame, and the socket is cut off after the linger time at the latest.
 
+import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import WebSocket from "ws";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
+import type { LiveConnection } from "./live.js";
 
 /** What one queued streamed frame counts toward the outbound cap (connection.ts). */
 const ATTACHMENT_WEIGHT = 64 * 1024;
@@ -58,8 +60,12 @@ function weight(frame: StreamedFrame): number {
   return Math.min(frame.size ?? 0, ATTACHMENT_WEIGHT);
 }
 
-export class WebSocketPeer implements Peer {
+export class WebSocketPeer implements Peer, LiveConnection {
   readonly id = newPeerId();
+  /** The client's IP address (as the socket had it when accepted). */
+  readonly address: string;
+  /** Attachments come inline in their message: none streams in. */
+  readonly uploads = 0;
   /** Frames waiting behind a streamed frame being joined, each with its confirmation seq. */
   private q: [OutFrame, number][] = [];
   /** Characters of the frames in `q` (streamed ones by weight). */
@@ -93,16 +99,29 @@ export class WebSocketPeer implements Peer {
 
   constructor(
     readonly ws: WebSocket,
-    readonly address: string,
-    private readonly port: number,
+    /** The TCP socket under it (the upgraded request's). */
+    private readonly socket: Socket,
+    /** Its door's name (see LiveConnection). */
+    readonly door: string,
     private readonly outboundCap: number,
     private readonly slack: number,
     private readonly log: Logger,
     private readonly lingerMs: number,
-  ) {}
+  ) {
+    this.address = socket.remoteAddress ?? "?";
+  }
 
   get remote(): string {
-    return `${this.address}:${this.port}`;
+    return `${this.address}:${this.socket.remotePort ?? 0}`;
+  }
+
+  /** Bytes of the socket, the HTTP upgrade included. */
+  get bytesIn(): number {
+    return this.socket.bytesRead;
+  }
+
+  get bytesOut(): number {
+    return this.socket.bytesWritten;
   }
 
   get closed(): boolean {

@@ -1,0 +1,335 @@
+// Hostile and broken clients of the HTTP port's doors, over real HTTP (fetch) and real
+// WebSockets (ws): each test is a defect that was found, in the input that showed it.
+
+import { describe, expect, it } from "vitest";
+import WebSocket from "ws";
+import net from "node:net";
+import { Client, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
+import { sleep } from "./pipeline-helpers.js";
+
+const srv = serveForFile({ httpPort: 0 });
+
+function base(): string {
+  return `http://127.0.0.1:${srv.server.httpPort}`;
+}
+
+async function call(method: string, path: string, opts: { body?: unknown; headers?: Record<string, string> } = {}) {
+  const headers: Record<string, string> = { ...opts.headers };
+  if (opts.body !== undefined && headers["content-type"] === undefined) headers["content-type"] = "application/json";
+  const body = opts.body === undefined ? undefined : typeof opts.body === "string" ? opts.body : JSON.stringify(opts.body);
+  const res = await fetch(base() + path, { method, headers, body });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : undefined };
+}
+
+/** A new e_chat_server account: its login and session. */
+async function echatUser(): Promise<{ login: string; sid: string }> {
+  const login = uniqueName("h");
+  const r = await call("POST", "/v1/register", { body: { login, password: "pw" } });
+  expect(r.status).toBe(200);
+  return { login, sid: r.body.session_id };
+}
+
+describe("e_chat_server door: the session a request presents", () => {
+  it("a session_id cookie that is not valid percent-encoding is no session (401), not a server error", async () => {
+    for (const value of ["%", "%E0%A4%A", "%zz"]) {
+      expect(await call("GET", "/v1/info", { headers: { cookie: `session_id=${value}` } })).toEqual({ status: 401, body: { error: { code: "unauthorized" } } });
+      expect(await call("POST", "/v1/logout", { body: {}, headers: { cookie: `session_id=${value}` } })).toEqual({ status: 401, body: { error: { code: "unauthorized" } } });
+    }
+    const a = await echatUser();
+    expect((await call("GET", "/v1/info", { headers: { cookie: `session_id=${encodeURIComponent(a.sid)}` } })).body).toMatchObject({ login: a.login });
+  });
+
+  it("the session the request names (header, then query) wins over the cookie the client carries along", async () => {
+    const a = await echatUser();
+    const b = await echatUser();
+    // A client with b's cookie in its jar asks as a, in the query (a WebSocket client's way) or the header.
+    const cookie = `session_id=${b.sid}`;
+    expect((await call("GET", `/v1/info?session_id=${a.sid}`, { headers: { cookie } })).body).toMatchObject({ login: a.login });
+    expect((await call("GET", "/v1/info", { headers: { cookie, authorization: `Bearer ${a.sid}` } })).body).toMatchObject({ login: a.login });
+    expect((await call("GET", `/v1/info?session_id=${b.sid}`, { headers: { authorization: `Bearer ${a.sid}` } })).body).toMatchObject({ login: a.login });
+    // An empty carrier is no carrier: the next one is read.
+    expect((await call("GET", "/v1/info", { headers: { cookie: `session_id=${a.sid}`, authorization: "Bearer " } })).body).toMatchObject({ login: a.login });
+    expect((await call("GET", `/v1/info?session_id=${a.sid}`, { headers: { cookie: "session_id=" } })).body).toMatchObject({ login: a.login });
+    // The room socket of a's room opens for a (b is not in it: with b's session it is room_not_found).
+    const room = (await call("POST", "/v1/rooms", { body: { users: [] }, headers: { authorization: `Bearer ${a.sid}` } })).body.id;
+    const ws = await new Promise<WebSocket>((resolve, reject) => {
+      const w = new WebSocket(`ws://127.0.0.1:${srv.server.httpPort}/v1/rooms/${room}/chat?session_id=${a.sid}`, { headers: { cookie } });
+      w.on("open", () => resolve(w));
+      w.on("unexpected-response", (_req, res) => reject(new Error(`HTTP ${res.statusCode}`)));
+      w.on("error", reject);
+    });
+    const echo = new Promise<string>((r) => ws.once("message", (m) => r(m.toString())));
+    ws.send(JSON.stringify({ text: "as a" }));
+    expect(JSON.parse(await echo)).toMatchObject({ text: "as a", room_id: room });
+    ws.close();
+  });
+});
+
+describe("e_chat_server door: bodies are JSON whatever their content type says", () => {
+  it("a Content-Type header that is not a media type does not stop the route: 401 first, then the body as JSON", async () => {
+    for (const type of ["application/json, text/plain", ";;", "json"]) {
+      const headers = { "content-type": type };
+      expect(await call("POST", "/v1/logout", { body: "{}", headers })).toEqual({ status: 401, body: { error: { code: "unauthorized" } } });
+      const a = await echatUser();
+      const login = await call("POST", "/v1/login", { body: { login: a.login, password: "pw" }, headers });
+      expect(login).toEqual({ status: 200, body: { session_id: expect.any(String) } });
+      expect(await call("POST", "/v1/logout", { body: "{}", headers: { ...headers, authorization: `Bearer ${login.body.session_id}` } })).toEqual({ status: 200, body: {} });
+    }
+  });
+});
+
+describe("e_chat_server door: 401 first", () => {
+  it("POST /v1/rooms without a session is 401 whatever its body, as every other route", async () => {
+    const many = { users: Array.from({ length: 101 }, (_, i) => ({ id: i + 1 })) };
+    for (const body of ["[null]", "{}", '{"users":"x"}', '"x"', "null", JSON.stringify(many), "{oops"]) {
+      expect(await call("POST", "/v1/rooms", { body })).toEqual({ status: 401, body: { error: { code: "unauthorized" } } });
+    }
+    const a = await echatUser();
+    expect(await call("POST", "/v1/rooms", { body: "[null]", headers: { authorization: `Bearer ${a.sid}` } })).toEqual({ status: 422, body: { error: { code: "invalid_json" } } });
+  });
+});
+
+describe("HTTP port: URLs the router cannot take", () => {
+  it("a URL that is not valid percent-encoding gets the door's 404, in its shape", async () => {
+    const a = await echatUser();
+    expect(await call("GET", "/v1/rooms/%zz", { headers: { authorization: `Bearer ${a.sid}` } })).toEqual({ status: 404, body: { error: { code: "not_found" } } });
+    expect(await call("GET", "/v1/%E0%A4%A")).toEqual({ status: 404, body: { error: { code: "not_found" } } });
+    for (const path of ["/login%zz", "/%", "/ws%"]) {
+      const r = await call("GET", path);
+      expect(r.status).toBe(404);
+      expect(r.body).toEqual({ status: "error", message: expect.stringContaining("not valid percent-encoding") });
+    }
+  });
+
+  it("a path parameter of any length reaches its route: a room id of 120 digits is room_not_found", async () => {
+    const a = await echatUser();
+    const long = "1".repeat(120);
+    for (const path of [`/v1/rooms/${long}`, `/v1/rooms/${long}/messages`]) {
+      expect(await call("GET", path, { headers: { authorization: `Bearer ${a.sid}` } })).toEqual({ status: 422, body: { error: { code: "room_not_found" } } });
+    }
+    expect((await call("GET", `/v1/rooms/${long}/chat?session_id=${a.sid}`)).status).toBe(422);
+  });
+});
+
+describe("HTTP/WS chat door: media types", () => {
+  it("a body that is not application/json is 415, text/plain included, in the seed's shape", async () => {
+    const body = JSON.stringify({ email: "a@example.com", password: "x" });
+    for (const type of ["text/plain", "text/plain; charset=utf-8", "application/octet-stream"]) {
+      const r = await call("POST", "/login", { body, headers: { "content-type": type } });
+      expect(r.status).toBe(415);
+      expect(r.body).toEqual({ status: "error", message: expect.any(String) });
+    }
+    // Without a content type at all (a body of bytes: fetch adds none).
+    const res = await fetch(`${base()}/login`, { method: "POST", body: Buffer.from(body) });
+    expect(res.status).toBe(415);
+    expect(await res.json()).toEqual({ status: "error", message: expect.any(String) });
+    expect((await call("POST", "/login", { body })).status).toBe(401);
+  });
+});
+
+describe("HTTP/WS chat door: the session of a /ws login", () => {
+  const few = serveForFile({ httpPort: 0, maxSessionsPerUser: 3 });
+
+  it("ends with its socket: reconnecting /ws clients do not push the account's other sessions out", async () => {
+    const port = few.server.httpPort as number;
+    const post = async (path: string, body: unknown) => {
+      const res = await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+      return { status: res.status, body: (await res.json()) as any };
+    };
+    const email = `${uniqueName("ws")}@example.com`;
+    expect((await post("/create_user", { username: uniqueName("W"), password: "pw", email })).status).toBe(200);
+    // Two sessions the user holds: an e_chat_server session_id and a native device's sid.
+    const echat = await post("/v1/login", { login: email, password: "pw" });
+    expect(echat.status).toBe(200);
+    const device = await Client.connect(few.port);
+    const { sid } = await device.request("auth", { login: email, pass: "pw" });
+    device.close();
+    // A web client reconnects to /ws again and again (each time logging in with the password).
+    for (let i = 0; i < 5; i++) {
+      const ws = await WsClient.connect(port, "/ws");
+      ws.send({ type: "auth", email, password: "pw" });
+      expect((await ws.next()).status).toBe("authenticated");
+      ws.ws.close();
+      await ws.closed;
+      await sleep(50);
+    }
+    const info = await fetch(`http://127.0.0.1:${port}/v1/info`, { headers: { authorization: `Bearer ${echat.body.session_id}` } });
+    expect(info.status).toBe(200);
+    const again = await Client.connect(few.port);
+    expect((await again.request("auth", { sid })).status).toBe(0);
+    again.close();
+    // While a socket is open its session holds: one more open /ws socket and the two stored ones fit.
+    const open = await WsClient.connect(port, "/ws");
+    open.send({ type: "auth", email, password: "pw" });
+    expect((await open.next()).status).toBe("authenticated");
+    open.send({ type: "chat", content: "still here" });
+    expect((await open.next()).message).toMatchObject({ content: "still here" });
+    open.close();
+  });
+});
+
+describe("HTTP/WS chat door: the rate limit", () => {
+  const slow = serveForFile({ httpPort: 0, rate: 1, burst: 5 });
+
+  it("join and leave count against --rate/--burst like any request: a flood of them does not reach every socket", async () => {
+    const port = slow.server.httpPort as number;
+    const person = async () => {
+      const email = `${uniqueName("r")}@example.com`;
+      const res = await fetch(`http://127.0.0.1:${port}/create_user`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ username: uniqueName("R"), password: "pw", email }) });
+      expect(res.status).toBe(200);
+      const ws = await WsClient.connect(port, "/ws");
+      ws.send({ type: "auth", email, password: "pw" });
+      expect((await ws.next()).status).toBe("authenticated");
+      return ws;
+    };
+    const flooder = await person();
+    const other = await person();
+    await sleep(1500); // both buckets refill past what their logins took
+    for (let i = 0; i < 30; i++) flooder.send({ type: i % 2 ? "leave" : "join" });
+    await sleep(500);
+    const notices = other.messages.filter((m) => m.status === "message" && m.message === null);
+    expect(notices.length).toBeGreaterThan(0);
+    expect(notices.length).toBeLessThanOrEqual(7);
+    const refused = flooder.messages.filter((m) => m.status === "error" && /too many requests/.test(m.info));
+    expect(refused.length).toBeGreaterThanOrEqual(30 - 7);
+    flooder.close();
+    other.close();
+  });
+});
+
+describe("WebSocket slow readers", () => {
+  const capped = serveForFile({ httpPort: 0, outboundCap: 64 * 1024 });
+
+  it("a WebSocket client that stops reading is closed at --outbound-cap, and what waits for it never passes the cap", async () => {
+    const server = capped.server;
+    const ws = await WsClient.connect(server.httpPort as number, "/wirechat");
+    const login = uniqueName("slow");
+    ws.send({ action: "register", data: { login, pass: "pw", nick: login } });
+    const auth = await ws.next((m) => m.action === "auth");
+    // The client reads nothing more (its TCP socket is paused), and never closes.
+    (ws.ws as unknown as { _socket: { pause(): void } })._socket.pause();
+    const peers = () => [...(server.http?.websockets.connections.keys() ?? [])];
+    expect(peers()).toHaveLength(1);
+    const before = server.services.metrics.closes.slow_reader;
+    const sender = await Client.connect(capped.port);
+    const other = uniqueName("fast");
+    expect((await sender.request("register", { login: other, pass: "pw", nick: other })).status).toBe(0);
+    let most = 0;
+    for (let i = 0; i < 1000 && peers().length > 0; i++) {
+      expect((await sender.request("message", { uid: auth.data.uid, body: "z".repeat(32 * 1024) })).status).toBe(0);
+      for (const p of peers()) most = Math.max(most, p.outbound);
+      sender.frames.splice(0);
+    }
+    expect(peers()).toHaveLength(0);
+    expect(server.services.metrics.closes.slow_reader).toBe(before + 1);
+    expect(most).toBeLessThanOrEqual(64 * 1024);
+    sender.close();
+    ws.close();
+  }, 60_000);
+});
+
+describe("shutdown with HTTP-port clients that do not cooperate", () => {
+  it("is bounded: WebSockets that neither read nor answer the close, a request half sent, an idle keep-alive", async () => {
+    const server = await startTestServer({ httpPort: 0, shutdownTimeout: 1, closeLinger: 1 });
+    const port = server.httpPort as number;
+    const raw = async (text: string) => {
+      const socket = net.connect(port, "127.0.0.1");
+      socket.on("error", () => {});
+      await new Promise((r) => socket.once("connect", r));
+      socket.write(text);
+      return socket;
+    };
+    const upgrade = (path: string) =>
+      `GET ${path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`;
+    const sockets = [
+      await raw(upgrade("/wirechat")),
+      await raw(upgrade("/ws")),
+      await raw("POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"email\":"),
+      await raw("GET /status HTTP/1.1\r\nHost: x\r\n\r\n"),
+      await raw("GET /v1/info HTTP/1.1\r\nHost: x\r\n"),
+    ];
+    await sleep(200);
+    for (const s of sockets) s.pause(); // nothing more is read: the close frames and FINs wait unread
+    const started = Date.now();
+    await server.stop();
+    // --shutdown-timeout (1 s) for requests in progress, then the linger (1 s) for closes, and a margin.
+    expect(Date.now() - started).toBeLessThan(4500);
+    for (const s of sockets) s.destroy();
+    removeDir(server.services.config.dataDir);
+  }, 20_000);
+});
+
+describe("e_chat_server room sockets after their user leaves the room or their session ends", () => {
+  it("get no more of the room's messages: after a native leave, after a logout elsewhere (unauthorized), after a password change (closed)", async () => {
+    const port = srv.server.httpPort as number;
+    const a = await echatUser();
+    const b = await echatUser();
+    const c = await echatUser();
+    const ids = await Promise.all([b, c].map(async (u) => (await call("GET", "/v1/info", { headers: { authorization: `Bearer ${u.sid}` } })).body.id));
+    const room = (await call("POST", "/v1/rooms", { body: { users: ids.map((id) => ({ id })) }, headers: { authorization: `Bearer ${a.sid}` } })).body.id;
+    const socket = async (sid: string) => {
+      const ws = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`);
+      ws.send({ text: `ready ${sid}` });
+      await ws.next((m) => m.text === `ready ${sid}`);
+      return ws;
+    };
+    const [wa, wb, wc] = [await socket(a.sid), await socket(b.sid), await socket(c.sid)];
+    // b leaves the room natively, with its session.
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { sid: b.sid })).status).toBe(0);
+    expect((await native.request("leave", { channel: String(room) })).status).toBe(0);
+    // c's session is logged out by an HTTP request.
+    expect((await call("POST", "/v1/logout", { body: {}, headers: { authorization: `Bearer ${c.sid}` } })).status).toBe(200);
+    expect(await wc.next((m) => m.error)).toEqual({ error: { code: "unauthorized" } });
+    wa.send({ text: "after" });
+    await wa.next((m) => m.text === "after");
+    expect(await wb.quiet(300, (m) => m.text === "after")).toBe(true);
+    expect(await wc.quiet(0, (m) => m.text === "after")).toBe(true);
+    wc.send({ text: "as c?" });
+    expect(await wc.next((m) => m.error)).toEqual({ error: { code: "unauthorized" } });
+    wb.send({ text: "as b?" });
+    expect((await wb.next((m) => m.error)).error.code).toBe("room_not_found");
+    // a's password changes natively (its other sessions end): a's room socket is closed.
+    const me = await Client.connect(srv.port);
+    expect((await me.request("auth", { login: a.login, pass: "pw" })).status).toBe(0);
+    expect((await me.request("changepassword", { pass: "pw", newpass: "pw2" })).status).toBe(0);
+    expect(await wa.next((m) => m.error)).toEqual({ error: { code: "unauthorized" } });
+    await wa.closed;
+    expect((await call("GET", "/v1/info", { headers: { authorization: `Bearer ${a.sid}` } })).status).toBe(401);
+    for (const x of [wb, wc]) x.close();
+    native.close();
+    me.close();
+  });
+});
+
+describe("HTTP port: sockets per address", () => {
+  const few = serveForFile({ httpPort: 0, maxPerAddress: 3 });
+
+  it("one address holds at most --max-per-address sockets that are not WebSockets: silent sockets cannot take the whole port", async () => {
+    const port = few.server.httpPort as number;
+    const open = async () => {
+      const socket = net.connect(port, "127.0.0.1");
+      socket.on("error", () => {});
+      const closed = new Promise<void>((r) => socket.once("close", () => r()));
+      await new Promise((r) => socket.once("connect", r));
+      return { socket, closed };
+    };
+    // A WebSocket counts among the address's WebSockets once upgraded, not here.
+    const ws = await WsClient.connect(port, "/wirechat");
+    expect((await ws.next()).action).toBe("welcome");
+    const silent = [await open(), await open(), await open()];
+    // The next one is closed at once, before it can send anything.
+    const over = await open();
+    await Promise.race([over.closed, sleep(2000).then(() => Promise.reject(new Error("the socket over the cap stayed open")))]);
+    await expect(fetch(`http://127.0.0.1:${port}/status`)).rejects.toThrow();
+    expect((await new Promise<any>((r) => { ws.send({ action: "ping" }); r(ws.next()); })).data.status).toBe(0);
+    // One silent socket goes: a request gets through again.
+    silent[0].socket.destroy();
+    await silent[0].closed;
+    await sleep(50);
+    expect((await fetch(`http://127.0.0.1:${port}/status`)).status).toBe(200);
+    for (const s of silent) s.socket.destroy();
+    ws.close();
+  });
+});
