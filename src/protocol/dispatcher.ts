@@ -368,16 +368,6 @@ export class Dispatcher {
   }
 
   /**
-   * Counts a request a door answers itself, without a native action (seed 003's join
-   * and leave), against the connection's rate limit as dispatch() counts each one:
-   * false when it is over (the door refuses it); far over, the connection is closed
-   * as for native requests.
-   */
-  admit(s: Session): boolean {
-    return this.withinRate(s);
-  }
-
-  /**
    * The per-connection token bucket: `rate` requests a second, `burst` at once. A
    * request over it is answered 13 and not run; a client that keeps going past
    * `rateDisconnect` refusals within the window is closed.
