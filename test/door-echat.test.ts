@@ -170,3 +170,34 @@ describe("e_chat_server door: rooms", () => {
     expect((await call("GET", "/v1/info", { sid: a.sid })).status).toBe(200);
   });
 });
+
+describe("e_chat_server door: a large public channel", () => {
+  // Its own server: 1,000 accounts made as an operator makes them pass the password throttle.
+  const big = serveForFile({ httpPort: 0, authRate: 1_000_000, authBurst: 1_000_000 });
+
+  it("GET /v1/rooms/{id} of a channel with more than 1,000 members lists 1,000 of them", async () => {
+    const http = async (method: string, path: string, body?: unknown, sid?: string) => {
+      const headers: Record<string, string> = { "content-type": "application/json" };
+      if (sid) headers.authorization = `Bearer ${sid}`;
+      const res = await fetch(`http://127.0.0.1:${big.server.httpPort}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+      return { status: res.status, body: (await res.json()) as any };
+    };
+    const login = uniqueName("big");
+    const sid = (await http("POST", "/v1/register", { login, password: "pw" })).body.session_id;
+    const n = await Client.connect(big.port);
+    expect((await n.request("auth", { login, pass: "pw" })).status).toBe(0);
+    const chid = (await n.request("createchannel", { name: uniqueName("big") })).chid;
+    const { admin, services } = big.server;
+    const ops = [];
+    for (let i = 0; i < 1005; i++) {
+      const u = await admin.addUser(uniqueName("m"), "pw", uniqueName("m"));
+      ops.push(...services.channels.joinOps(chid, u.uid, 1));
+    }
+    await services.storage.commit(ops);
+    const r = await http("GET", `/v1/rooms/${chid}`, undefined, sid);
+    expect(r.status).toBe(200);
+    expect(r.body.id).toBe(Number(chid));
+    expect(r.body.users).toHaveLength(1000);
+    n.close();
+  }, 60_000);
+});

@@ -34,6 +34,8 @@ import { roomsDate } from "./rooms.js";
 const HISTORY_MAX = 500;
 /** GET /v1/users/ answers at most this many. */
 const SEARCH_MAX = 50;
+/** Members a room's answer lists at most (private rooms have at most 101). */
+const ROOM_USERS_MAX = 1000;
 /** Members a room may be made with (as createchannel allows). */
 const MAX_MEMBERS = 100;
 
@@ -267,8 +269,9 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     return found.flatMap((u) => (u ? [{ id: u.num, login: u.login }] : []));
   }
 
+  /** A room with its members: the first ROOM_USERS_MAX of them (a large public channel joined elsewhere is not listed whole). */
   private async room(chid: string): Promise<{ id: number; users: { id: number; login: string }[] }> {
-    return { id: Number(chid), users: await this.userList(await this.deps.members(chid)) };
+    return { id: Number(chid), users: await this.userList((await this.deps.members(chid)).slice(0, ROOM_USERS_MAX)) };
   }
 
   async rooms(client: RouteClient, sid: string | undefined): Promise<RouteAnswer> {
