@@ -101,15 +101,30 @@ describe("native protocol over WebSocket", () => {
     b.ws.close();
   });
 
-  it("a frame larger than --outbound-cap cannot be one message: that socket is closed with 1009", async () => {
+  it("a frame larger than --outbound-cap goes out as one message in fragments, live and in the sync after a login", async () => {
     const port = open.server.httpPort as number;
     const w = await wsUser(port);
     const tcp = await registerUser(open.port);
-    // Streamed to the TCP sender's own ev_message; ~300 KiB of base64 as one WebSocket message.
+    // ~300 KiB of base64 (the cap is 256 KiB): streamed from the blob store a piece at a time.
     const data = Buffer.alloc(230 * 1024, 1).toString("base64");
-    tcp.client.write(JSON.stringify({ action: "message", data: { uid: w.uid, body: "big", attach: { mime: "application/octet-stream", data } } }) + "\n");
+    const big = (body: string) => JSON.stringify({ action: "message", data: { uid: w.uid, body, attach: { mime: "application/octet-stream", data } } }) + "\n";
+    tcp.client.write(big("live"));
     expect((await tcp.client.reply("message")).data.status).toBe(0);
-    expect((await w.ws.closed).code).toBe(1009);
+    const live = await w.ws.next((m) => m.action === "ev_message" && m.data.body === "live");
+    expect(live.data.attach).toEqual({ mime: "application/octet-stream", data });
+    expect((await request(w.ws, "ping")).status).toBe(0);
+    // Stored while the user is away: the sync after the next login sends it (it used to close the socket at every login).
+    w.ws.ws.close();
+    await w.ws.closed;
+    tcp.client.write(big("offline"));
+    expect((await tcp.client.reply("message")).data.status).toBe(0);
+    const again = await native(port);
+    expect((await request(again, "auth", { login: w.login, pass: "secret" })).status).toBe(0);
+    const synced = await again.next((m) => m.action === "ev_message" && m.data.body === "offline");
+    expect(synced.data.attach.data).toBe(data);
+    expect((await request(again, "ping")).status).toBe(0);
+    expect(again.isClosed).toBe(false);
+    again.ws.close();
     tcp.client.close();
   });
 

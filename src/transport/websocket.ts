@@ -4,16 +4,15 @@
 // A frame is one message. The native codec's frames end in the NDJSON line terminator;
 // on a WebSocket the message is the frame, so a trailing "\n" is dropped here, the one
 // place that knows it is not TCP. A streamed frame (an attachment's base64 read from
-// disk, a long list read page by page) cannot go out piece by piece, since a message
-// is sent whole: its parts are joined first, and frames queued behind it wait.
+// disk, a long list read page by page) goes out as one message in fragments (RFC 6455
+// §5.4: continuation frames), a piece at a time as the socket drains, so it is never
+// whole in memory and may be larger than the outbound cap; frames queued behind it wait.
 //
 // One count of outbound characters per connection: the frames queued here (a streamed
-// one waiting counts as its text plus at most 64 KiB of its data, as on TCP; the one
-// being joined counts as what has been joined so far) plus ws's bufferedAmount (what
-// the socket has not taken yet). An event that would take it past --outbound-cap
-// closes the connection as a slow reader, as on TCP; a streamed frame whose text alone
-// would take it past the cap cannot be sent as one message, and the connection is
-// closed with 1009 (message too big) rather than hold it.
+// one waiting counts as its text plus at most 64 KiB of its data, as on TCP) plus ws's
+// bufferedAmount (what the socket has not taken yet, the fragments of a streamed frame
+// included). An event that would take it past --outbound-cap closes the connection as
+// a slow reader, as on TCP.
 //
 // Delivery confirmation (clients that do not acknowledge): as on TCP, a frame counts
 // as read once so much has been handed to the OS after it that it cannot still be in
@@ -70,8 +69,6 @@ export class WebSocketPeer implements Peer, LiveConnection {
   private q: [OutFrame, number][] = [];
   /** Characters of the frames in `q` (streamed ones by weight). */
   private queuedChars = 0;
-  /** Characters of the streamed frame joined so far. */
-  private joinedChars = 0;
   private joining = false;
   private ending = false;
   private lingerTimer: NodeJS.Timeout | undefined;
@@ -133,9 +130,9 @@ export class WebSocketPeer implements Peer, LiveConnection {
     return this.ending;
   }
 
-  /** Characters waiting to go out: queued here, being joined, and in the socket's buffer. */
+  /** Characters waiting to go out: queued here and in the socket's buffer (a streamed frame's fragments included). */
   get outbound(): number {
-    return this.queuedChars + this.joinedChars + this.ws.bufferedAmount;
+    return this.queuedChars + this.ws.bufferedAmount;
   }
 
   get congested(): boolean {
@@ -175,44 +172,39 @@ export class WebSocketPeer implements Peer, LiveConnection {
     if (confirm > 0) this.mark(confirm);
   }
 
-  /** Joins a streamed frame's parts into one message, then sends what waited behind it. */
+  /**
+   * Sends a streamed frame as one message in fragments, a piece at a time, waiting for
+   * the socket to take what it holds between pieces; then sends what waited behind it.
+   */
   private async join(frame: StreamedFrame, confirm: number): Promise<void> {
     this.joining = true;
-    let text = "";
     let ok = false;
     try {
-      // The message may take what the socket does not hold: wait for it to drain first.
-      while (this.ws.bufferedAmount > this.outboundCap / 4) {
-        await new Promise<void>((resolve) => (this.flushWaiters ??= []).push(resolve));
-        if (this.ws.readyState !== WebSocket.OPEN) return;
-      }
+      // A piece is held back until the next one comes: the last one ends the message.
+      let held: string | undefined;
       for (const part of frame.parts) {
         const pieces = typeof part === "string" ? [part] : part();
         for await (const piece of pieces) {
           if (this.ws.readyState !== WebSocket.OPEN) return;
-          text += piece;
-          this.joinedChars = text.length;
-          if (this.outbound > this.outboundCap) {
-            this.log.warn({ conn: this.id, remote: this.remote, cap: this.outboundCap }, "a frame larger than the outbound cap cannot be one WebSocket message; closing");
-            this.ws.close(CLOSE_TOO_BIG, "frame larger than the outbound cap");
-            this.cutOff();
-            return;
-          }
+          if (piece === "") continue;
+          if (held !== undefined && !(await this.fragment(held, false))) return;
+          held = piece;
         }
       }
+      if (!(await this.fragment(message(held ?? ""), true))) return;
       ok = true;
     } catch (err) {
       if (this.ws.readyState === WebSocket.OPEN) {
+        // Fragments may have gone out: the message cannot be finished, so the socket closes.
         this.log.error({ err, conn: this.id }, "producing a frame failed; closing");
         this.ws.close(CLOSE_ERROR, "the server could not produce a frame");
         this.cutOff();
       }
     } finally {
       this.joining = false;
-      this.joinedChars = 0;
     }
     if (!ok) return;
-    this.write(text, confirm);
+    if (confirm > 0) this.mark(confirm);
     while (this.q.length > 0 && !this.joining) {
       const [next, seq] = this.q.shift() as [OutFrame, number];
       this.queuedChars -= typeof next === "string" ? next.length : weight(next);
@@ -221,6 +213,18 @@ export class WebSocketPeer implements Peer, LiveConnection {
     }
     if (!this.joining && this.ending) this.ws.close(CLOSE_NORMAL);
     this.progress();
+  }
+
+  /** One fragment of a streamed message, once the socket holds less than a quarter of the cap; false if it closed. */
+  private async fragment(text: string, fin: boolean): Promise<boolean> {
+    while (this.ws.bufferedAmount > this.outboundCap / 4) {
+      await new Promise<void>((resolve) => (this.flushWaiters ??= []).push(resolve));
+      if (this.ws.readyState !== WebSocket.OPEN) return false;
+    }
+    if (this.ws.readyState !== WebSocket.OPEN) return false;
+    this.passed += text.length;
+    this.ws.send(text, { binary: false, fin }, this.sent);
+    return true;
   }
 
   private mark(seq: number): void {
