@@ -38,6 +38,7 @@ import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
+import { addMark, reasonBit, settleMarks } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 /** What one queued attachment counts toward the outbound cap, at most (see the top). */
@@ -60,8 +61,6 @@ export function deliverySlack(): number {
   return Math.max(16 * 1024 * 1024, 2 * (max("/proc/sys/net/ipv4/tcp_wmem") + max("/proc/sys/net/ipv4/tcp_rmem")));
 }
 
-/** Confirmation marks kept per connection (older ones merge into the newest). */
-const MAX_MARKS = 32;
 
 const dirty: Connection[] = [];
 let flushScheduled = false;
@@ -72,16 +71,6 @@ function flushAll(): void {
   for (const c of list) c.flush();
 }
 
-const reasonBits = new Map<string, number>();
-function reasonBit(why: string): number {
-  let bit = reasonBits.get(why);
-  if (bit === undefined) {
-    if (reasonBits.size >= 31) throw new Error("too many pause reasons");
-    bit = 1 << reasonBits.size;
-    reasonBits.set(why, bit);
-  }
-  return bit;
-}
 
 /** The Connection a socket belongs to, for the socket handlers shared by every one. */
 export const CONNECTION = Symbol("wirechat.connection");
@@ -275,30 +264,13 @@ export class Connection implements Peer, LiveConnection {
 
   private mark(seq: number): void {
     this.pendingConfirm = 0;
-    const marks = (this.marks ??= []);
-    const at = this.passed + this.slack;
-    if (marks.length >= 2 * MAX_MARKS) {
-      marks[marks.length - 2] = at;
-      marks[marks.length - 1] = seq;
-    } else marks.push(at, seq);
+    this.marks = addMark(this.marks, this.passed + this.slack, seq);
   }
 
   /** Confirms marks the OS has been handed enough after, and wakes drain waiters. */
   progress(): void {
-    const marks = this.marks;
-    if (marks && marks.length > 0) {
-      const handed = this.passed - this.socket.writableLength;
-      let i = 0;
-      let seq = 0;
-      while (i < marks.length && marks[i] <= handed) {
-        seq = marks[i + 1];
-        i += 2;
-      }
-      if (i > 0) {
-        marks.splice(0, i);
-        this.onConfirmed?.(this, seq);
-      }
-    }
+    const seq = settleMarks(this.marks, this.passed - this.socket.writableLength);
+    if (seq > 0) this.onConfirmed?.(this, seq);
     if (this.drainWaiters && !this.congested) this.wake(true);
   }
 

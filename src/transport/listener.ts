@@ -14,7 +14,7 @@ import { readFileSync } from "node:fs";
 import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
-import { plainAddress } from "../addresses.js";
+import { closeFromAddress, closeIfIdle } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import type { Codec } from "../protocol/codec.js";
@@ -412,15 +412,7 @@ export class Listener implements ConnectionTable {
    * returns how many.
    */
   closeAddress(address: string, reason: string): number {
-    const want = plainAddress(address);
-    let n = 0;
-    for (const [conn, session] of this.connections) {
-      if (conn.closed || plainAddress(conn.address) !== want) continue;
-      this.router.sendTo(session, { kind: "close", reason });
-      conn.end();
-      n++;
-    }
-    return n;
+    return closeFromAddress(this.connections, address, reason, this.router);
   }
 
   /** The client will send no more. */
@@ -452,12 +444,7 @@ export class Listener implements ConnectionTable {
     for (const [conn, session] of this.connections) {
       conn.tick();
       this.recount(conn, session);
-      const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
-      if (conn.closed || now - conn.lastActivity <= limit * 1000) continue;
-      this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
-      this.metrics.closes.idle++;
-      this.router.sendTo(session, { kind: "close", reason: `idle timeout: nothing received for ${limit} s` });
-      conn.end();
+      closeIfIdle(conn, session, now, this.config, this.log, this.metrics, this.router);
     }
   }
 

@@ -25,7 +25,7 @@
 import type { Logger } from "pino";
 import type { Socket } from "node:net";
 import type WebSocket from "ws";
-import { plainAddress } from "../addresses.js";
+import { closeFromAddress, closeIfIdle } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import { Code } from "../protocol/codes.js";
@@ -279,15 +279,7 @@ export class WebSocketListener implements ConnectionTable {
    * returns how many.
    */
   closeAddress(address: string, reason: string): number {
-    const want = plainAddress(address);
-    let n = 0;
-    for (const [peer, session] of this.connections) {
-      if (peer.closed || plainAddress(peer.address) !== want) continue;
-      this.router.sendTo(session, { kind: "close", reason });
-      peer.end();
-      n++;
-    }
-    return n;
+    return closeFromAddress(this.connections, address, reason, this.router);
   }
 
   /** Idle timeouts, delivery confirmations on quiet connections, per-address counts. */
@@ -297,12 +289,7 @@ export class WebSocketListener implements ConnectionTable {
     for (const [peer, session] of this.connections) {
       peer.progress();
       this.recount(peer, session);
-      const limit = session.uid === undefined ? this.config.idleUnauth : this.config.idleAuth;
-      if (peer.closed || now - peer.lastActivity <= limit * 1000) continue;
-      this.log.info({ conn: peer.id, remote: peer.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
-      this.metrics.closes.idle++;
-      this.router.sendTo(session, { kind: "close", reason: `idle timeout: nothing received for ${limit} s` });
-      peer.end();
+      closeIfIdle(peer, session, now, this.config, this.log, this.metrics, this.router);
     }
   }
 

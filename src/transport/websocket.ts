@@ -26,29 +26,18 @@ import type { Logger } from "pino";
 import WebSocket from "ws";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
+import { addMark, reasonBit, settleMarks } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 /** What one queued streamed frame counts toward the outbound cap (connection.ts). */
 const ATTACHMENT_WEIGHT = 64 * 1024;
 
-/** Confirmation marks kept per connection (older ones merge into the newest). */
-const MAX_MARKS = 32;
 
 /** Close codes (RFC 6455 §7.4.1). */
 export const CLOSE_NORMAL = 1000;
 export const CLOSE_TOO_BIG = 1009;
 export const CLOSE_ERROR = 1011;
 
-const reasonBits = new Map<string, number>();
-function reasonBit(why: string): number {
-  let bit = reasonBits.get(why);
-  if (bit === undefined) {
-    if (reasonBits.size >= 31) throw new Error("too many pause reasons");
-    bit = 1 << reasonBits.size;
-    reasonBits.set(why, bit);
-  }
-  return bit;
-}
 
 /** The message of a frame: its text without the NDJSON line terminator. */
 function message(text: string): string {
@@ -228,12 +217,7 @@ export class WebSocketPeer implements Peer, LiveConnection {
   }
 
   private mark(seq: number): void {
-    const marks = (this.marks ??= []);
-    const at = this.passed + this.slack;
-    if (marks.length >= 2 * MAX_MARKS) {
-      marks[marks.length - 2] = at;
-      marks[marks.length - 1] = seq;
-    } else marks.push(at, seq);
+    this.marks = addMark(this.marks, this.passed + this.slack, seq);
   }
 
   /** Confirms marks the OS has been handed enough after, and wakes drain waiters. */
@@ -243,20 +227,8 @@ export class WebSocketPeer implements Peer, LiveConnection {
       this.flushWaiters = undefined;
       for (const w of flushed) w();
     }
-    const marks = this.marks;
-    if (marks && marks.length > 0) {
-      const handed = this.passed - this.ws.bufferedAmount;
-      let i = 0;
-      let seq = 0;
-      while (i < marks.length && marks[i] <= handed) {
-        seq = marks[i + 1];
-        i += 2;
-      }
-      if (i > 0) {
-        marks.splice(0, i);
-        this.onConfirmed?.(this, seq);
-      }
-    }
+    const seq = settleMarks(this.marks, this.passed - this.ws.bufferedAmount);
+    if (seq > 0) this.onConfirmed?.(this, seq);
     if (this.drainWaiters && (this.ws.readyState !== WebSocket.OPEN || !this.congested)) this.wake(this.ws.readyState === WebSocket.OPEN);
   }
 

@@ -1,0 +1,90 @@
+// What the TCP and the WebSocket transports do the same way: delivery confirmation
+// marks (for clients that do not acknowledge), the reasons reading is paused, and, for
+// their listeners, the idle timeout and an address ban's closing. One home, so the two
+// transports cannot drift apart.
+
+import type { Logger } from "pino";
+import { plainAddress } from "../addresses.js";
+import type { Config } from "../config.js";
+import type { Metrics } from "../metrics.js";
+import type { Router } from "../protocol/router.js";
+import type { Session } from "../protocol/session.js";
+
+/** What the listeners' shared steps need of a connection. */
+interface Closable {
+  readonly id: number;
+  readonly remote: string;
+  readonly address: string;
+  readonly closed: boolean;
+  readonly lastActivity: number;
+  end(): void;
+}
+
+/** Confirmation marks kept per connection (older ones merge into the newest). */
+const MAX_MARKS = 32;
+
+/**
+ * Adds the mark "once `at` characters are handed to the OS, everything through inbox
+ * seq `seq` has been read" to `marks` (flat [at, seq] pairs, oldest first; made on
+ * first use, so an idle connection holds none). Past MAX_MARKS the newest absorbs it.
+ */
+export function addMark(marks: number[] | undefined, at: number, seq: number): number[] {
+  const m = marks ?? [];
+  if (m.length >= 2 * MAX_MARKS) {
+    m[m.length - 2] = at;
+    m[m.length - 1] = seq;
+  } else m.push(at, seq);
+  return m;
+}
+
+/** Removes the marks at or below `handed` and returns the highest seq they confirm (0: none). */
+export function settleMarks(marks: number[] | undefined, handed: number): number {
+  if (!marks || marks.length === 0) return 0;
+  let i = 0;
+  let seq = 0;
+  while (i < marks.length && marks[i] <= handed) {
+    seq = marks[i + 1];
+    i += 2;
+  }
+  if (i > 0) marks.splice(0, i);
+  return seq;
+}
+
+const reasonBits = new Map<string, number>();
+
+/** The bit of a reason reading is paused for (each transport keeps the set as one number). */
+export function reasonBit(why: string): number {
+  let bit = reasonBits.get(why);
+  if (bit === undefined) {
+    if (reasonBits.size >= 31) throw new Error("too many pause reasons");
+    bit = 1 << reasonBits.size;
+    reasonBits.set(why, bit);
+  }
+  return bit;
+}
+
+/**
+ * Closes a connection silent for longer than its idle limit (any request counts),
+ * after telling it why.
+ */
+export function closeIfIdle(conn: Closable, session: Session, now: number, config: Config, log: Logger, metrics: Metrics, router: Router): void {
+  const limit = session.uid === undefined ? config.idleUnauth : config.idleAuth;
+  if (conn.closed || now - conn.lastActivity <= limit * 1000) return;
+  log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, idle: limit }, "idle timeout; closing");
+  metrics.closes.idle++;
+  router.sendTo(session, { kind: "close", reason: `idle timeout: nothing received for ${limit} s` });
+  conn.end();
+}
+
+/** Closes every connection from `address` (an operator's ban), after telling it why; returns how many. */
+export function closeFromAddress<C extends Closable>(connections: ReadonlyMap<C, Session>, address: string, reason: string, router: Router): number {
+  const want = plainAddress(address);
+  let n = 0;
+  for (const [conn, session] of connections) {
+    if (conn.closed || plainAddress(conn.address) !== want) continue;
+    router.sendTo(session, { kind: "close", reason });
+    conn.end();
+    n++;
+  }
+  return n;
+}
