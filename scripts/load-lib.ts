@@ -426,6 +426,7 @@ export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
 export const mib = (kib: number) => (Number.isFinite(kib) ? `${(kib / 1024).toFixed(1)} MiB` : "n/a");
 
 export const ms = (v: number) => (Number.isFinite(v) ? `${v < 10 ? v.toFixed(2) : v.toFixed(1)} ms` : "n/a");
+export const pct = (v: number) => (Number.isFinite(v) ? `${v.toFixed(0)} %` : "n/a");
 
 /** The run's seed: --seed, else one made up (and printed by the caller). */
 export function seedOf(flag: string): number {
@@ -453,4 +454,25 @@ export function rng(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/**
+ * The machine's CPU time so far in clock ticks, and the part of it the hypervisor gave
+ * to others while this machine's CPUs wanted to run ("steal", /proc/stat): on a shared
+ * virtual machine, latency measured in a window with much steal is the host's, not the
+ * server's. Zeros where /proc/stat is not there.
+ */
+export function machineTicks(): { total: number; steal: number } {
+  try {
+    const cpu = readFileSync("/proc/stat", "utf8").split("\n", 1)[0].trim().split(/\s+/).slice(1).map(Number);
+    // user nice system idle iowait irq softirq steal (guest time is counted in user)
+    return { total: cpu.slice(0, 8).reduce((a, b) => a + b, 0), steal: cpu[7] ?? 0 };
+  } catch {
+    return { total: 0, steal: 0 };
+  }
+}
+
+/** Percent of the machine's CPU time stolen between two machineTicks() readings (NaN if unknown). */
+export function stealPct(a: { total: number; steal: number }, b: { total: number; steal: number }): number {
+  return b.total > a.total ? ((b.steal - a.steal) / (b.total - a.total)) * 100 : NaN;
 }

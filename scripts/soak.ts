@@ -21,7 +21,7 @@
 // sample of the first minute after warm-up by more than --rss-growth; a minute whose canary p99 is over --canary-p99;
 // a crash; a log line at level >= 50; a reply that matches no request.
 
-import { Canary, LineSocket, ServerUnderTest, chooser, describeExit, flags, maxOf, mib, minOf, ms, num, percentile, seedOf, sleep } from "./load-lib.js";
+import { Canary, LineSocket, ServerUnderTest, chooser, describeExit, flags, machineTicks, maxOf, mib, minOf, ms, num, pct, percentile, seedOf, sleep, stealPct } from "./load-lib.js";
 
 const F = flags("Usage: scripts/soak [flags]   (npm run soak -- [flags])\nMixed-load soak for a wirechat server; see the top of scripts/soak.ts.", {
   minutes: { default: "30", help: "how long the load runs, minutes (fractions allowed)" },
@@ -464,11 +464,13 @@ async function main(): Promise<void> {
   }, 500);
 
   const samples: Sample[] = [];
-  const minutes: { p50: number; p99: number; max: number; n: number }[] = [];
+  const minutes: { p50: number; p99: number; max: number; n: number; steal: number }[] = [];
   let minuteLat: number[] = [];
   let lastReq = 0;
-  console.log("    time        RSS       anon       file   req/s   canary p50      p99   server CPU  soak CPU");
+  console.log("    time        RSS       anon       file   req/s   canary p50      p99   server CPU  soak CPU  steal");
   let lastCpu = server.cpuSeconds();
+  let lastTicks = machineTicks();
+  let minuteTicks = lastTicks;
   let lastOwn = process.cpuUsage();
   let lastAt = performance.now();
   while (performance.now() < end && !server.exit) {
@@ -486,14 +488,17 @@ async function main(): Promise<void> {
     const span = (now - lastAt) / 1000;
     const serverPct = ((cpu - lastCpu) / span) * 100;
     const ownPct = ((own.user - lastOwn.user + own.system - lastOwn.system) / 1e6 / span) * 100;
-    [lastCpu, lastOwn, lastAt] = [cpu, own, now];
+    const ticks = machineTicks();
+    const steal = stealPct(lastTicks, ticks);
+    [lastCpu, lastOwn, lastAt, lastTicks] = [cpu, own, now, ticks];
     console.log(
       `${t.toFixed(0).padStart(6)} s ${mib(s.rssKiB).padStart(10)} ${mib(s.anonKiB).padStart(10)} ${mib(s.fileKiB).padStart(10)} ${String(Math.round((s.requests * 1000) / SAMPLE_MS)).padStart(7)} ${ms(s.p50).padStart(12)} ${ms(s.p99).padStart(8)}` +
-        `   ${Number.isFinite(serverPct) ? serverPct.toFixed(0).padStart(6) + " %" : "     n/a"}  ${ownPct.toFixed(0).padStart(6)} %`,
+        `   ${Number.isFinite(serverPct) ? serverPct.toFixed(0).padStart(6) + " %" : "     n/a"}  ${ownPct.toFixed(0).padStart(6)} %  ${pct(steal).padStart(5)}`,
     );
     if (Math.floor(t / 60) > minutes.length || performance.now() >= end) {
-      minutes.push({ p50: percentile(minuteLat, 50), p99: percentile(minuteLat, 99), max: maxOf(minuteLat), n: minuteLat.length });
+      minutes.push({ p50: percentile(minuteLat, 50), p99: percentile(minuteLat, 99), max: maxOf(minuteLat), n: minuteLat.length, steal: stealPct(minuteTicks, ticks) });
       minuteLat = [];
+      minuteTicks = ticks;
     }
   }
   loadOn = false;
@@ -603,7 +608,9 @@ async function main(): Promise<void> {
     if (anonPeak > anonBase * (1 + RSS_GROWTH)) problems.push(`server anonymous RSS grew after warm-up from ${mib(anonBase)} to ${mib(anonPeak)}, over the bound of +${(RSS_GROWTH * 100).toFixed(0)} %`);
   }
   minutes.forEach((m, i) => {
-    if (m.p99 > CANARY_P99) problems.push(`minute ${i + 1}: canary ping p99 ${ms(m.p99)}, over ${CANARY_P99} ms`);
+    // The bound holds whatever the host did; the steal is said so that a reader can tell.
+    const stolen = m.steal >= 5 ? ` (the hypervisor took ${pct(m.steal)} of the machine's CPU time that minute)` : "";
+    if (m.p99 > CANARY_P99) problems.push(`minute ${i + 1}: canary ping p99 ${ms(m.p99)}, over ${CANARY_P99} ms${stolen}`);
   });
   for (const p of canary.problems) problems.push(`canary: ${p}`);
   const stopProblem = crashed ? undefined : await server.stop(30_000);
@@ -613,8 +620,8 @@ async function main(): Promise<void> {
 
   const runS = samples.length ? samples[samples.length - 1].t : 0;
   console.log("canary ping per minute:");
-  console.log("  minute      p50       p99       max   pings");
-  minutes.forEach((m, i) => console.log(`  ${String(i + 1).padStart(6)} ${ms(m.p50).padStart(9)} ${ms(m.p99).padStart(9)} ${ms(m.max).padStart(9)} ${String(m.n).padStart(7)}`));
+  console.log("  minute      p50       p99       max   pings  steal");
+  minutes.forEach((m, i) => console.log(`  ${String(i + 1).padStart(6)} ${ms(m.p50).padStart(9)} ${ms(m.p99).padStart(9)} ${ms(m.max).padStart(9)} ${String(m.n).padStart(7)}  ${pct(m.steal).padStart(5)}`));
   const top = (m: Map<string, number>) => [...m].sort((a, b) => b[1] - a[1]).slice(0, 8).map(([k, n]) => `${k} ×${n}`).join("; ") || "none";
   console.log(
     [

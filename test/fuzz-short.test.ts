@@ -45,6 +45,8 @@ describe("scripts/soak, smoke", () => {
     expect(out, out).toMatch(/^direct messages +[1-9]\d* acknowledged, 0 missing/m);
     expect(out).toMatch(/^channel messages +[1-9]\d* acknowledged, 0 missing from history/m);
     expect(out).toMatch(/^server log +0 lines at level >= 50/m);
+    // Each minute says how much CPU time the hypervisor took from the machine.
+    expect(out).toMatch(/^ +minute +p50 +p99 +max +pings +steal\n +1 .* (\d+ %|n\/a)$/m);
     expect(out).toMatch(/^PASS \(seed 7\)$/m);
     expect(code).toBe(0);
   }, 180_000);
