@@ -44,6 +44,7 @@ export interface Config {
   tlsKey: string;
   stats: number;
   backgroundNice: number;
+  heapGrowth: number;
   config: string;
   admin: string;
   adminHost: string;
@@ -118,6 +119,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "maxConnectionsPerUser", flag: "--max-connections-per-user", env: "WIRECHAT_MAX_CONNECTIONS_PER_USER", kind: "int", default: 100, min: 1, help: "simultaneous authenticated connections per user (auth past it gets status 13)", reload: true },
   { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },
   { key: "backgroundNice", flag: "--background-nice", env: "WIRECHAT_BACKGROUND_NICE", kind: "int", default: 10, min: 0, max: 19, help: "nice value (0-19) for the process's threads other than the event loop (LevelDB, the I/O pool, bcrypt, GC helpers), so they yield a shared core to it; 0 leaves them alone (Linux only)" },
+  { key: "heapGrowth", flag: "--heap-growth", env: "WIRECHAT_HEAP_GROWTH", kind: "int", default: 0, min: 0, max: 300, help: "percent the JavaScript heap may grow past what the last full garbage collection kept before it collects again (e.g. 50: memory stays near the live heap, at the price of more full collections and throughput under heavy load); 0 leaves it to V8, which allows up to 300" },
   { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, help: "TLS port, used when --tls-cert and --tls-key are given" },
   { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener", reload: true },
   { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file", reload: true },

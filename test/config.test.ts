@@ -23,6 +23,8 @@ describe("options", () => {
     expect(() => parseArgs(["--port", "abc"], {})).toThrow(/whole number/);
     expect(() => parseArgs(["--max-frame", "1"], {})).toThrow(/at least/);
     expect(() => parseArgs(["--background-nice", "20"], {})).toThrow(/at most 19/);
+    expect(() => parseArgs(["--heap-growth", "301"], {})).toThrow(/at most 300/);
+    expect(parseArgs(["--heap-growth", "50"], {}).config.heapGrowth).toBe(50);
     expect(() => parseArgs([], { WIRECHAT_PORT: "x" })).toThrow(/WIRECHAT_PORT/);
   });
 
