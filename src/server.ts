@@ -330,7 +330,9 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     directory,
     channelOps,
     reload(next) {
-      return applyReload(config, next, log, listener);
+      const changed = applyReload(config, next, log, listener);
+      http?.reloaded();
+      return changed;
     },
     stop() {
       stopping ??= (async () => {

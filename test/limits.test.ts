@@ -1,5 +1,6 @@
 // Abuse limits and pressure over real TCP: login throttling, the request rate limit,
 // connection caps, idle timeouts and slow readers.
+import net from "node:net";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, startTestServer, uniqueName } from "./helpers.js";
 
@@ -93,6 +94,38 @@ describe("connection caps", () => {
     expect((await extra.next()).data.status).toBe(16);
     await extra.closed;
     for (const c of ok) c.close();
+    await server.stop();
+  });
+});
+
+describe("the HTTP port's socket cap", () => {
+  /** A plain TCP socket to `port`: resolves to whether it was still open after a moment. */
+  async function held(port: number, sockets: net.Socket[]): Promise<boolean> {
+    const s = net.connect({ port, host: "127.0.0.1" });
+    sockets.push(s);
+    s.on("error", () => {});
+    let closed = false;
+    s.once("close", () => (closed = true));
+    await new Promise((r) => s.once("connect", r));
+    await sleep(150);
+    return !closed;
+  }
+
+  it("follows --max-connections when SIGHUP's reload changes it", async () => {
+    const server = await startTestServer({ maxConnections: 2, httpPort: 0 });
+    const port = server.httpPort as number;
+    const sockets: net.Socket[] = [];
+    expect(await held(port, sockets)).toBe(true);
+    expect(await held(port, sockets)).toBe(true);
+    expect(await held(port, sockets)).toBe(false); // past the cap: closed at once
+    server.reload({ ...server.services.config, maxConnections: 4 });
+    expect(await held(port, sockets)).toBe(true); // was refused before the fix: the cap stayed 2
+    // And it serves: an HTTP request on the socket past the old cap is answered.
+    const last = sockets[sockets.length - 1];
+    const answer = new Promise<string>((r) => last.once("data", (b) => r(b.toString("latin1"))));
+    last.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    expect(await answer).toMatch(/^HTTP\/1\.1 /);
+    for (const s of sockets) s.destroy();
     await server.stop();
   });
 });

@@ -121,6 +121,11 @@ export class HttpDoor {
    * progress are answered and new ones get 503, up to `timeoutMs`; then what is left
    * is cut off.
    */
+  /** After SIGHUP: the port's socket backstop follows a changed --max-connections. */
+  reloaded(): void {
+    this.app.server.maxConnections = this.d.config.maxConnections;
+  }
+
   async close(timeoutMs: number): Promise<void> {
     const graceMs = this.d.config.closeLinger * 1000;
     await this.ready.catch(() => undefined);
