@@ -26,6 +26,7 @@ import fc from "fast-check";
 import { beforeAll, describe, expect, it } from "vitest";
 import { Client, uniqueName, type ChildServer, type Frame } from "./helpers.js";
 import { isAlive, orClosed, sleep, useChildServers } from "./pipeline-helpers.js";
+import { NASTY_OBJECTS, PROTO_KEYS } from "./fuzz-values.js";
 
 const startChild = useChildServers("all");
 
@@ -35,15 +36,10 @@ function portOf(child: ChildServer, key: string): number {
   return Number(m[1]);
 }
 
-/** Keys that mean something to JavaScript objects. */
-const PROTO_KEYS = ["__proto__", "constructor", "toString", "valueOf", "hasOwnProperty", "prototype", "toJSON", "length"];
 
 /** Hand-picked JSON texts that have broken servers before (or could). */
 const NASTY = [
-  '{"toString":1,"valueOf":1}',
-  '{"toString":{},"valueOf":[]}',
-  '{"__proto__":{"admin":true,"status":0}}',
-  '{"constructor":{"prototype":{"polluted":1}}}',
+  ...NASTY_OBJECTS,
   '{"length":1e308}',
   '"__proto__"',
   '"\\u0000wirechat-blob-0\\u0000"',

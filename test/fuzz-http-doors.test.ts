@@ -26,6 +26,7 @@ import { beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import type { ChildServer } from "./helpers.js";
 import { isAlive, orExit, useChildServers } from "./pipeline-helpers.js";
+import { PROTO_KEYS } from "./fuzz-values.js";
 
 const startChild = useChildServers("all");
 
@@ -35,8 +36,6 @@ const SEED = Number(process.env.WIRECHAT_FUZZ_SEED ?? 20261202);
 const RUNS = Number(process.env.WIRECHAT_FUZZ_RUNS ?? 1);
 const runs = (n: number) => Math.max(1, Math.round(n * RUNS));
 
-/** Keys that mean something to JavaScript objects. */
-const PROTO_KEYS = ["__proto__", "constructor", "toString", "valueOf", "hasOwnProperty", "prototype", "toJSON", "length"];
 
 /** JSON texts that have broken servers before (or could): some JSON.stringify cannot make. */
 const NASTY_JSON = [

@@ -15,6 +15,7 @@ import { beforeAll, describe, expect, it } from "vitest";
 import type { Account, ChildServer, Frame } from "./helpers.js";
 import { Client, registerUser } from "./helpers.js";
 import { isAlive, orClosed, useChildServers } from "./pipeline-helpers.js";
+import { NASTY_OBJECTS, PROTO_KEYS } from "./fuzz-values.js";
 
 const startChild = useChildServers("all");
 
@@ -28,15 +29,10 @@ const FIELDS = [
   "ack", "reset", "cmid", "client", "version",
 ] as const;
 
-/** Keys that mean something to JavaScript objects. */
-const PROTO_KEYS = ["__proto__", "constructor", "toString", "valueOf", "hasOwnProperty", "prototype", "toJSON", "length"];
 
 /** Hand-picked JSON texts that have broken servers before (or could). */
 const NASTY = [
-  '{"toString":1,"valueOf":1}',
-  '{"toString":{},"valueOf":[]}',
-  '{"__proto__":{"admin":true,"status":0}}',
-  '{"constructor":{"prototype":{"polluted":1}}}',
+  ...NASTY_OBJECTS,
   '[{"myid":true}]',
   '[{"myid":{"toString":1}},{"email":[]},{"phone":{}}]',
   '{"mime":{"toString":1},"data":"QUJD"}',
