@@ -1,0 +1,428 @@
+// The replicated log of cluster mode, on NATS JetStream (shared/spec/cluster.md).
+//
+// Every node appends the commands its clients cause to one stream, and applies the
+// whole stream, in stream order, to its own view (its LevelDB). The order, the
+// durability and the replication come from JetStream; a node only ever applies what
+// the stream holds, so every node reaches the same state and the same verdicts (a
+// contested login is won by whichever claim comes first in the stream, on every node).
+//
+// Appends are group-committed like LevelDB batches (storage/db.ts): one publish is in
+// flight per node, and the commands proposed meanwhile form the next entry. An append
+// resolves once its entry is stored (the PubAck, with the stream's replication) *and*
+// applied on this node, with the outcome the apply gave its command: a reply sent
+// after it is durable, and the next read on this node sees the write.
+//
+// Duplicates: an entry is published with Nats-Msg-Id `<origin>:<n>` (origin = node id
+// and start time, n its number), and a publish that failed is retried with the same
+// id. JetStream drops a repeat of an id it stored within the stream's duplicate
+// window, and retries stop well inside that window (WRITE_BUDGET_MS against
+// DUPLICATE_WINDOW_MS), so an entry is stored at most once. A publish that gave up
+// may still have been stored: the caller hears "unavailable" (16), never a success it
+// cannot prove, and a resend with the same cmid finds the first one.
+//
+// Reads across nodes: sync() resolves once this node has applied everything the
+// stream held when it was called, so a client that wrote through another node sees
+// its write here once its request waits for sync().
+
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import {
+  DeliverPolicy,
+  jetstream,
+  jetstreamManager,
+  StorageType,
+  type ConsumerMessages,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+} from "@nats-io/jetstream";
+import type { Logger } from "pino";
+import { Code, ProtocolError } from "../protocol/codes.js";
+
+/** One append: the commands one node proposed together. */
+export interface LogEntry<C> {
+  /** Origin: `<node id>@<start time>`. */
+  o: string;
+  /** The origin's entry number, from 1. */
+  n: number;
+  c: C[];
+}
+
+/** An entry as the stream holds it. */
+export interface StoredEntry<C> {
+  seq: number;
+  /** Its Nats-Msg-Id. */
+  id: string;
+  entry: LogEntry<C>;
+}
+
+/** Where a view stands in the stream; the view stores it with what it applied. */
+export interface ViewPosition {
+  /** Creation time of the stream the view was built from ("" for an empty view). */
+  created: string;
+  /** Sequence of the last entry applied (0 for an empty view). */
+  seq: number;
+  /** Nats-Msg-Id of that entry ("" for an empty view). */
+  id: string;
+}
+
+export const EMPTY_VIEW: ViewPosition = { created: "", seq: 0, id: "" };
+
+/**
+ * Applies entries in stream order and stores the new position with their effects (one
+ * atomic write). Returns, per entry, the outcome of each of its commands.
+ */
+export type Apply<C, R> = (entries: StoredEntry<C>[], position: ViewPosition) => Promise<R[][]>;
+
+export interface JetStreamLogOptions<C, R> {
+  /** nats://host:port, comma-separated for several servers. */
+  servers: string;
+  /** Stream name; its subject is `<stream>.log`. */
+  stream: string;
+  /** Replicas of the stream (1 for one nats-server, 3 for a three-server cluster). */
+  replicas: number;
+  /** Names this node in the entries it appends (with its start time). */
+  nodeId: string;
+  /** The view's position as stored. */
+  view: ViewPosition;
+  apply: Apply<C, R>;
+  log: Logger;
+  /** How long an append may keep retrying before it answers unavailable (ms). */
+  writeBudgetMs?: number;
+}
+
+/** The view cannot be trusted for this stream: the caller empties it and opens again. */
+export class ViewMismatch extends Error {}
+
+/** A publish waits this long for its PubAck before it is retried. */
+const PUBLISH_TIMEOUT_MS = 2_000;
+/** Default for writeBudgetMs. */
+export const WRITE_BUDGET_MS = 10_000;
+/** The stream's duplicate window: well past any append's retries. */
+const DUPLICATE_WINDOW_MS = 120_000;
+/** Bytes of commands per entry: below NATS's default max_payload of 1 MiB, with room for headers. */
+const MAX_ENTRY_BYTES = 900 * 1024;
+/** Entries received and not yet applied before reading from the stream pauses. */
+const MAX_UNAPPLIED = 1_024;
+
+interface Proposal<C, R> {
+  cmd: C;
+  bytes: number;
+  resolve: (r: R) => void;
+  reject: (err: Error) => void;
+}
+
+interface Open<C, R> {
+  n: number;
+  proposals: Proposal<C, R>[];
+  /** Resolves the proposals once the entry at `seq` is applied. */
+  seq: number;
+}
+
+export class JetStreamLog<C, R> {
+  private readonly origin: string;
+  private next = 1;
+  private gathering: Proposal<C, R>[] = [];
+  private gatheringBytes = 0;
+  private publishing = false;
+  /** Entries stored by this node, waiting for their apply (in seq order: one publish at a time). */
+  private stored: Open<C, R>[] = [];
+  private applied: ViewPosition;
+  /** sync() callers: resolved once `applied.seq` reaches `seq`. */
+  private barriers: { seq: number; resolve: () => void }[] = [];
+  private unapplied: StoredEntry<C>[] = [];
+  private applying = false;
+  private resumeReading: (() => void) | undefined;
+  private messages: ConsumerMessages | undefined;
+  private connected = true;
+  private closed = false;
+  private readonly writeBudgetMs: number;
+  private failure: Error | undefined;
+  /** Outcomes of this node's entry applied before its PubAck arrived (only the one in flight can be). */
+  private readonly early = new Map<number, R[]>();
+
+  private constructor(
+    private readonly nc: NatsConnection,
+    private readonly js: JetStreamClient,
+    private readonly jsm: JetStreamManager,
+    private readonly opts: JetStreamLogOptions<C, R>,
+    readonly created: string,
+  ) {
+    this.origin = `${opts.nodeId}@${Date.now()}`;
+    this.applied = { ...opts.view, created };
+    this.writeBudgetMs = opts.writeBudgetMs ?? WRITE_BUDGET_MS;
+  }
+
+  /**
+   * Connects, makes sure the stream exists, checks that the view was built from it
+   * (ViewMismatch if not), and applies the stream up to its end before resolving.
+   */
+  static async open<C, R>(opts: JetStreamLogOptions<C, R>): Promise<JetStreamLog<C, R>> {
+    const nc = await connect({ servers: opts.servers.split(","), name: opts.nodeId, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
+    try {
+      const jsm = await jetstreamManager(nc);
+      const info = await ensureStream(jsm, opts);
+      const created = info.created;
+      await verifyView(jsm, opts.stream, opts.view, created, info.state.first_seq, info.state.last_seq);
+      const log = new JetStreamLog<C, R>(nc, jetstream(nc), jsm, opts, created);
+      log.watchStatus();
+      await log.startReading();
+      await log.syncTo(info.state.last_seq);
+      return log;
+    } catch (err) {
+      await nc.close().catch(() => {});
+      throw err;
+    }
+  }
+
+  get subject(): string {
+    return `${this.opts.stream}.log`;
+  }
+
+  /** The view's position (what it has applied). */
+  get position(): ViewPosition {
+    return this.applied;
+  }
+
+  /**
+   * Appends one command; resolves with the outcome of its apply on this node once its
+   * entry is stored and applied. Rejects with ProtocolError 16 when the engine cannot
+   * confirm it within the write budget.
+   */
+  append(cmd: C): Promise<R> {
+    if (this.closed) return Promise.reject(unavailable("this node is shutting down"));
+    if (this.failure) return Promise.reject(this.failure);
+    if (!this.connected) return Promise.reject(unavailable("the cluster's message store is unreachable"));
+    const bytes = Buffer.byteLength(JSON.stringify(cmd));
+    if (bytes > MAX_ENTRY_BYTES) return Promise.reject(new ProtocolError(Code.TooLarge, `the request is too large for the cluster log (${bytes} bytes)`));
+    return new Promise<R>((resolve, reject) => {
+      this.gathering.push({ cmd, bytes, resolve, reject });
+      this.gatheringBytes += bytes;
+      if (!this.publishing) void this.publish();
+    });
+  }
+
+  /** Resolves once every entry the stream holds now is applied on this node. */
+  async sync(): Promise<void> {
+    if (this.failure) throw this.failure;
+    let last: number;
+    try {
+      last = (await this.jsm.streams.info(this.opts.stream)).state.last_seq;
+    } catch (err) {
+      throw unavailable("the cluster's message store is unreachable", err);
+    }
+    await this.syncTo(last);
+  }
+
+  private syncTo(seq: number): Promise<void> {
+    if (this.applied.seq >= seq) return Promise.resolve();
+    return new Promise((resolve) => this.barriers.push({ seq, resolve }));
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.messages?.stop();
+    await this.nc.drain().catch(() => {});
+  }
+
+  /** Publishes gathered commands, one entry at a time, until none are left. */
+  private async publish(): Promise<void> {
+    this.publishing = true;
+    try {
+      while (this.gathering.length > 0 && !this.closed) {
+        // One entry: as many commands as fit under MAX_ENTRY_BYTES (at least one).
+        let take = 0;
+        let size = 0;
+        while (take < this.gathering.length && (take === 0 || size + this.gathering[take].bytes <= MAX_ENTRY_BYTES)) {
+          size += this.gathering[take].bytes;
+          take++;
+        }
+        const proposals = this.gathering.splice(0, take);
+        this.gatheringBytes -= size;
+        const n = this.next++;
+        const entry: LogEntry<C> = { o: this.origin, n, c: proposals.map((p) => p.cmd) };
+        let seq: number;
+        try {
+          seq = await this.publishEntry(`${this.origin}:${n}`, JSON.stringify(entry));
+        } catch (err) {
+          for (const p of proposals) p.reject(err as Error);
+          continue;
+        }
+        if (seq <= this.applied.seq) {
+          // Applied already (the consumer can overtake the PubAck): its outcomes were
+          // handed out at apply if it was waited for; it was not, so ask nothing more.
+          this.settleApplied({ n, proposals, seq }, undefined);
+        } else {
+          this.stored.push({ n, proposals, seq });
+        }
+      }
+    } finally {
+      this.publishing = false;
+    }
+  }
+
+  /** Publishes with retries (same Nats-Msg-Id) within the write budget; the stream seq. */
+  private async publishEntry(id: string, data: string): Promise<number> {
+    const deadline = Date.now() + this.writeBudgetMs;
+    let wait = 250;
+    for (;;) {
+      try {
+        const ack = await this.js.publish(this.subject, data, { msgID: id, timeout: PUBLISH_TIMEOUT_MS, expect: { streamName: this.opts.stream } });
+        return ack.seq;
+      } catch (err) {
+        if (this.closed || Date.now() + wait > deadline) {
+          throw unavailable("the cluster could not confirm the request; it may still be applied (a resend with the same cmid finds it)", err);
+        }
+        this.opts.log.warn({ err, id }, "appending to the cluster log failed; retrying");
+        await new Promise((r) => setTimeout(r, wait));
+        wait = Math.min(wait * 2, 2_000);
+      }
+    }
+  }
+
+  private watchStatus(): void {
+    void (async () => {
+      for await (const s of this.nc.status()) {
+        if (s.type === "disconnect") {
+          this.connected = false;
+          this.opts.log.warn({ server: s.server }, "cluster engine disconnected");
+        } else if (s.type === "reconnect") {
+          this.connected = true;
+          this.opts.log.info({ server: s.server }, "cluster engine reconnected");
+        }
+      }
+    })();
+  }
+
+  /** Reads the stream from the view's position on, in order, into the apply queue. */
+  private async startReading(): Promise<void> {
+    const consumer = await this.js.consumers.get(this.opts.stream, {
+      deliver_policy: DeliverPolicy.StartSequence,
+      opt_start_seq: this.applied.seq + 1,
+    });
+    const messages = await consumer.consume({ max_messages: 256 });
+    this.messages = messages;
+    void (async () => {
+      try {
+        for await (const m of messages) {
+          this.unapplied.push(decode<C>(m));
+          if (!this.applying) void this.applyQueued();
+          if (this.unapplied.length >= MAX_UNAPPLIED) await new Promise<void>((r) => (this.resumeReading = r));
+        }
+      } catch (err) {
+        if (!this.closed) this.fail(err);
+      }
+    })();
+  }
+
+  /** Applies what was read, in batches, one batch at a time. */
+  private async applyQueued(): Promise<void> {
+    this.applying = true;
+    try {
+      while (this.unapplied.length > 0 && !this.failure) {
+        const batch = this.unapplied.splice(0, this.unapplied.length);
+        this.resumeReading?.();
+        this.resumeReading = undefined;
+        const last = batch[batch.length - 1];
+        if (batch[0].seq !== this.applied.seq + 1) {
+          throw new Error(`the cluster log skipped from ${this.applied.seq} to ${batch[0].seq}`);
+        }
+        const position: ViewPosition = { created: this.created, seq: last.seq, id: last.id };
+        const outcomes = await this.opts.apply(batch, position);
+        this.applied = position;
+        batch.forEach((e, i) => {
+          if (e.entry.o !== this.origin) return;
+          const mine = this.stored.findIndex((s) => s.n === e.entry.n);
+          if (mine >= 0) this.settleApplied(this.stored.splice(mine, 1)[0], outcomes[i]);
+          // Its PubAck is on the way. (An entry whose publish gave up but was stored is
+          // applied like any other; its proposers were told "unavailable".)
+          else if (this.publishing && e.entry.n === this.next - 1) this.early.set(e.entry.n, outcomes[i]);
+        });
+        this.releaseBarriers();
+      }
+    } catch (err) {
+      this.fail(err);
+    } finally {
+      this.applying = false;
+    }
+  }
+
+  private settleApplied(open: Open<C, R>, outcomes: R[] | undefined): void {
+    const got = outcomes ?? this.early.get(open.n);
+    this.early.delete(open.n);
+    open.proposals.forEach((p, i) => {
+      if (got) p.resolve(got[i]);
+      else p.reject(new Error(`entry ${open.n} was applied without its outcomes`));
+    });
+  }
+
+  private releaseBarriers(): void {
+    if (this.barriers.length === 0) return;
+    const seq = this.applied.seq;
+    const waiting = this.barriers;
+    this.barriers = [];
+    for (const b of waiting) {
+      if (b.seq <= seq) b.resolve();
+      else this.barriers.push(b);
+    }
+  }
+
+  /**
+   * The view could not apply an entry (a storage failure, a gap in the stream): it
+   * no longer follows the log, so this node refuses every request that needs it.
+   */
+  private fail(err: unknown): void {
+    if (this.failure) return;
+    this.opts.log.error({ err }, "applying the cluster log failed; this node stops taking writes");
+    this.failure = unavailable("this node stopped following the cluster log", err);
+    for (const p of this.gathering.splice(0)) p.reject(this.failure);
+    for (const s of this.stored.splice(0)) for (const p of s.proposals) p.reject(this.failure);
+  }
+}
+
+function unavailable(text: string, cause?: unknown): ProtocolError {
+  const err = new ProtocolError(Code.Unavailable, text);
+  if (cause !== undefined) (err as Error & { cause?: unknown }).cause = cause;
+  return err;
+}
+
+function decode<C>(m: JsMsg): StoredEntry<C> {
+  return { seq: m.seq, id: m.headers?.get("Nats-Msg-Id") ?? "", entry: m.json<LogEntry<C>>() };
+}
+
+async function ensureStream<C, R>(jsm: JetStreamManager, opts: JetStreamLogOptions<C, R>) {
+  try {
+    return await jsm.streams.info(opts.stream);
+  } catch (err) {
+    if (!String((err as Error).message).includes("stream not found")) throw err;
+  }
+  try {
+    return await jsm.streams.add({
+      name: opts.stream,
+      subjects: [`${opts.stream}.log`],
+      storage: StorageType.File,
+      num_replicas: opts.replicas,
+      duplicate_window: DUPLICATE_WINDOW_MS * 1_000_000,
+    });
+  } catch (err) {
+    // Another node created it at the same moment.
+    if (String((err as Error).message).includes("already in use")) return jsm.streams.info(opts.stream);
+    throw err;
+  }
+}
+
+/**
+ * A view is only used for the stream it was built from, and only if the stream still
+ * holds what it applied last (a stream deleted and created again, or a view from
+ * elsewhere, is rebuilt from the log: ViewMismatch).
+ */
+async function verifyView(jsm: JetStreamManager, stream: string, view: ViewPosition, created: string, firstSeq: number, lastSeq: number): Promise<void> {
+  if (view.seq === 0) {
+    if (firstSeq > 1) throw new Error(`the cluster log starts at entry ${firstSeq}: a new node cannot be built from it`);
+    return;
+  }
+  if (view.created !== created) throw new ViewMismatch(`the view was built from another stream (created ${view.created}, this one ${created})`);
+  if (view.seq > lastSeq) throw new ViewMismatch(`the view has applied entry ${view.seq}, past the log's end (${lastSeq})`);
+  const stored = await jsm.streams.getMessage(stream, { seq: view.seq });
+  const id = stored?.header?.get("Nats-Msg-Id") ?? "";
+  if (id !== view.id) throw new ViewMismatch(`entry ${view.seq} of the log is not the one the view applied`);
+}

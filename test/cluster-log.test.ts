@@ -1,0 +1,168 @@
+// The cluster's replicated log against a real nats-server: every node applies the same
+// entries in the same order, contested claims get one winner everywhere, a node
+// resumes from its view, a view from another stream is refused, and an unreachable
+// engine answers 16, never a success it cannot prove.
+
+import pino from "pino";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { EMPTY_VIEW, JetStreamLog, ViewMismatch, type StoredEntry, type ViewPosition } from "../src/cluster/jetstream-log.js";
+import { Code, ProtocolError } from "../src/protocol/codes.js";
+import { NatsServer } from "./nats-helpers.js";
+
+type Cmd = { k: "note"; text: string } | { k: "claim"; name: string; by: string };
+type Outcome = string;
+
+/** A node's view: what it applied, in order, and who holds each claimed name. */
+class MemoryView {
+  applied: string[] = [];
+  claims = new Map<string, string>();
+  position: ViewPosition = EMPTY_VIEW;
+  applyCalls = 0;
+
+  apply = async (entries: StoredEntry<Cmd>[], position: ViewPosition): Promise<Outcome[][]> => {
+    this.applyCalls++;
+    const outcomes = entries.map((e) =>
+      e.entry.c.map((c) => {
+        this.applied.push(`${e.seq}:${JSON.stringify(c)}`);
+        if (c.k === "note") return `noted at ${e.seq}`;
+        if (this.claims.has(c.name)) return `taken by ${this.claims.get(c.name)}`;
+        this.claims.set(c.name, c.by);
+        return "won";
+      }),
+    );
+    this.position = position;
+    return outcomes;
+  };
+}
+
+const silent = pino({ level: "silent" });
+let nats: NatsServer;
+let streams = 0;
+
+beforeAll(async () => {
+  nats = await NatsServer.start();
+});
+afterAll(async () => {
+  await nats?.stop();
+});
+
+function open(stream: string, nodeId: string, view: MemoryView, writeBudgetMs?: number) {
+  return JetStreamLog.open<Cmd, Outcome>({
+    servers: nats.url,
+    stream,
+    replicas: 1,
+    nodeId,
+    view: view.position,
+    apply: view.apply,
+    log: silent,
+    writeBudgetMs,
+  });
+}
+
+describe("the replicated log", () => {
+  it("applies the same entries in the same order on every node, each append answered with its own apply's outcome", async () => {
+    const stream = `LOG${++streams}`;
+    const views = [new MemoryView(), new MemoryView(), new MemoryView()];
+    const nodes = await Promise.all(views.map((v, i) => open(stream, `n${i}`, v)));
+    const results = await Promise.all(
+      nodes.flatMap((node, i) => Array.from({ length: 150 }, (_, j) => node.append({ k: "note", text: `${i}.${j}` }))),
+    );
+    expect(results.every((r) => /^noted at \d+$/.test(r))).toBe(true);
+    await Promise.all(nodes.map((n) => n.sync()));
+    expect(views[0].applied).toHaveLength(450);
+    expect(views[1].applied).toEqual(views[0].applied);
+    expect(views[2].applied).toEqual(views[0].applied);
+    // Each node's own appends keep their order in the log.
+    for (let i = 0; i < 3; i++) {
+      const mine = views[0].applied.map((a) => JSON.parse(a.slice(a.indexOf(":") + 1)).text as string).filter((t) => t.startsWith(`${i}.`));
+      expect(mine).toEqual(Array.from({ length: 150 }, (_, j) => `${i}.${j}`));
+    }
+    // Group commit: far fewer entries than commands.
+    const entries = new Set(views[0].applied.map((a) => a.slice(0, a.indexOf(":")))).size;
+    expect(entries).toBeLessThan(450);
+    await Promise.all(nodes.map((n) => n.close()));
+  });
+
+  it("gives a name claimed on three nodes at once to exactly one of them, and every node agrees", async () => {
+    const stream = `LOG${++streams}`;
+    const views = [new MemoryView(), new MemoryView(), new MemoryView()];
+    const nodes = await Promise.all(views.map((v, i) => open(stream, `n${i}`, v)));
+    for (let round = 0; round < 20; round++) {
+      const name = `login${round}`;
+      const outcomes = await Promise.all(nodes.map((n, i) => n.append({ k: "claim", name, by: `n${i}` })));
+      expect(outcomes.filter((o) => o === "won")).toHaveLength(1);
+      const winner = `n${outcomes.indexOf("won")}`;
+      expect(outcomes.filter((o) => o === `taken by ${winner}`)).toHaveLength(2);
+    }
+    await Promise.all(nodes.map((n) => n.sync()));
+    expect([...views[1].claims]).toEqual([...views[0].claims]);
+    expect([...views[2].claims]).toEqual([...views[0].claims]);
+    await Promise.all(nodes.map((n) => n.close()));
+  });
+
+  it("a node that comes back applies only what it missed; a view of another stream is refused and rebuilt", async () => {
+    const stream = `LOG${++streams}`;
+    const a = new MemoryView();
+    const b = new MemoryView();
+    const nodeA = await open(stream, "a", a);
+    let nodeB = await open(stream, "b", b);
+    for (let i = 0; i < 10; i++) await nodeB.append({ k: "note", text: `before ${i}` });
+    await nodeB.close();
+    for (let i = 0; i < 10; i++) await nodeA.append({ k: "note", text: `while b was away ${i}` });
+    const appliedBefore = b.applied.length;
+    nodeB = await open(stream, "b", b); // resolves only once b has caught up
+    expect(b.applied).toHaveLength(appliedBefore + 10);
+    expect(b.applied).toEqual(a.applied);
+    await nodeB.close();
+    await nodeA.close();
+
+    // The stream is deleted and created again: b's view belongs to the old one.
+    const { jetstreamManager } = await import("@nats-io/jetstream");
+    const { connect } = await import("@nats-io/transport-node");
+    const nc = await connect({ servers: nats.url });
+    await (await jetstreamManager(nc)).streams.delete(stream);
+    await nc.close();
+    const fresh = await open(stream, "a", new MemoryView());
+    await fresh.append({ k: "note", text: "new stream" });
+    await expect(open(stream, "b", b)).rejects.toBeInstanceOf(ViewMismatch);
+    const rebuilt = new MemoryView();
+    const nodeB2 = await open(stream, "b", rebuilt);
+    expect(rebuilt.applied).toHaveLength(1);
+    await nodeB2.close();
+    await fresh.close();
+  });
+
+  it("answers 16 while the engine is down, never a false success, and works again once it is back", async () => {
+    const stream = `LOG${++streams}`;
+    const a = new MemoryView();
+    const b = new MemoryView();
+    const nodeA = await open(stream, "a", a, 1_500);
+    const nodeB = await open(stream, "b", b, 1_500);
+    expect(await nodeA.append({ k: "claim", name: "x", by: "a" })).toBe("won");
+    await nats.kill();
+    // Within the write budget (1.5 s here), not for as long as the engine is away.
+    const down = await Promise.allSettled([nodeA.append({ k: "note", text: "during" }), nodeB.sync()]);
+    for (const r of down) {
+      expect(r.status).toBe("rejected");
+      const err = (r as PromiseRejectedResult).reason;
+      expect(err).toBeInstanceOf(ProtocolError);
+      expect((err as ProtocolError).code).toBe(Code.Unavailable);
+    }
+    await nats.restart();
+    // Reconnection is the client's: wait for it, then everything works as before.
+    let outcome: string | undefined;
+    for (let i = 0; i < 50 && outcome === undefined; i++) {
+      outcome = await nodeB.append({ k: "claim", name: "x", by: "b" }).catch(() => undefined);
+      if (outcome === undefined) await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(outcome).toBe("taken by a");
+    await nodeA.sync();
+    await nodeB.sync();
+    expect(b.applied).toEqual(a.applied);
+    // Whatever was applied is exactly what the stream holds: a rejected append may or
+    // may not be there, a confirmed one always is.
+    expect(a.applied.some((x) => x.includes('"claim"') && x.includes('"by":"a"'))).toBe(true);
+    await nodeA.close();
+    await nodeB.close();
+  });
+});
