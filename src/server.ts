@@ -4,6 +4,9 @@
 //   codec, events, router) → features (accounts, profiles, contacts, messages, channels)
 //   → storage (key layout, group commit, message log, typed stores, blob store).
 
+import { rmSync } from "node:fs";
+import { hostname } from "node:os";
+import path from "node:path";
 import pino, { type Logger } from "pino";
 import { Background } from "./background.js";
 import { backup, exportRecords } from "./admin/backup.js";
@@ -19,6 +22,7 @@ import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
 import { registerProfiles, type UserDirectory } from "./features/profiles.js";
 import { Hooks, type Services } from "./features/services.js";
+import type { Cluster } from "./features/cluster.js";
 import { registerStats } from "./features/stats.js";
 import { NativeCodec } from "./protocol/codec.js";
 import { Dispatcher } from "./protocol/dispatcher.js";
@@ -124,7 +128,9 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   dispatcher.route(router);
   const locks = new LocalLock();
   const sessions = new SessionStore(storage);
-  const sessionsAtStart = await sessions.init(Math.floor(Date.now() / 1000));
+  // In cluster mode the log alone changes the view: expired sessions stay stored (auth
+  // refuses them by their expiry) until the cluster has its own sweep.
+  const sessionsAtStart = await sessions.init(config.nats ? 0 : Math.floor(Date.now() / 1000));
   if (sessionsAtStart.migrated + sessionsAtStart.swept > 0) log.info(sessionsAtStart, "sessions migrated to hashed sids and expired ones swept");
   const bans = new BanStore(storage);
   await bans.load();
@@ -148,6 +154,16 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     blobs,
     bans,
   };
+  if (config.nats) {
+    // The NATS client is loaded only in cluster mode.
+    const { Cluster } = await import("./features/cluster.js");
+    dispatcher.clusterMode = true;
+    services.cluster = new Cluster(
+      services,
+      { servers: config.nats, stream: config.natsStream, replicas: config.replicas, nodeId: config.nodeId || `${hostname()}:${config.port}` },
+      log,
+    );
+  }
   const accounts = registerAccounts(services);
   const directory = registerProfiles(services);
   registerContacts(services);
@@ -169,6 +185,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     channelOps,
     async close() {
       services.hooks.stop();
+      await services.cluster?.close();
       await background.stop(config.shutdownTimeout * 1000);
       await messages.flushDerived();
       await storage.close();
@@ -187,7 +204,9 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const adminApp = config.admin === "on" ? buildAdmin(config, log, adminDeps) : undefined;
   let core: Core;
   try {
+    if (config.nats) clusterModeAllows(config);
     core = await openCore(config, log);
+    if (core.services.cluster) core = await joinCluster(core, config, log);
   } catch (err) {
     await adminApp?.close();
     throw err;
@@ -343,6 +362,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
         // connections already closed, then background work (presence of the users just
         // disconnected, collects, purges), which stops at its next step.
         await dispatcher.idle(Math.max(0, deadline - Date.now()));
+        await services.cluster?.close();
         await background.stop(Math.max(0, deadline - Date.now()));
         await messages.flushDerived();
         await storage.close();
@@ -353,6 +373,46 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       return stopping;
     },
   };
+}
+
+/** The doors cluster mode does not serve yet refuse to start, rather than diverge. */
+function clusterModeAllows(config: Config): void {
+  const doors = [
+    ["--rust-port", config.rustPort],
+    ["--rooms-port", config.roomsPort],
+    ["--http-port", config.httpPort],
+  ] as const;
+  const on = doors.filter(([, port]) => port >= 0).map(([flag]) => flag);
+  if (on.length > 0) throw new Error(`${on.join(", ")}: the seed doors are not available in cluster mode (--nats) yet`);
+}
+
+/**
+ * Catches the view up with the cluster log before anything listens. A view built from
+ * another stream (a stream recreated, a data dir copied from elsewhere) is never
+ * trusted: its database is emptied and rebuilt from the log.
+ */
+async function joinCluster(core: Core, config: Config, log: Logger): Promise<Core> {
+  const { ViewMismatch } = await import("./cluster/jetstream-log.js");
+  try {
+    await (core.services.cluster as Cluster).open();
+    return core;
+  } catch (err) {
+    if (!(err instanceof ViewMismatch)) {
+      await core.close();
+      throw new Error(`cannot join the cluster at ${config.nats}: ${(err as Error).message}`, { cause: err });
+    }
+    log.warn({ reason: err.message }, "the local view does not match the cluster log; rebuilding it from the log");
+    await core.close();
+    rmSync(path.join(config.dataDir, "db"), { recursive: true, force: true });
+    const fresh = await openCore(config, log);
+    try {
+      await (fresh.services.cluster as Cluster).open();
+    } catch (again) {
+      await fresh.close();
+      throw again;
+    }
+    return fresh;
+  }
 }
 
 /**

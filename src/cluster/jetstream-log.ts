@@ -119,7 +119,8 @@ interface Open<C, R> {
 }
 
 export class JetStreamLog<C, R> {
-  private readonly origin: string;
+  /** This node's name in the entries it appends: `<node id>@<start time>`. */
+  readonly origin: string;
   private next = 1;
   private gathering: Proposal<C, R>[] = [];
   private gatheringBytes = 0;

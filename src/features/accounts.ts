@@ -260,6 +260,39 @@ export function registerAccounts(sv: Services): AccountOps {
     }
   }
 
+  if (sv.cluster) {
+    sv.cluster.onSessionsEnded = (uid, hashes) =>
+      endSessions(uid, (o) => o.sid !== undefined && hashes.has(sidHash(o.sid)), "too many sessions: this one, the oldest, was ended", false);
+  }
+
+  /**
+   * Cluster mode: a new session for `user` through the log (the hash checked must still
+   * be the account's when the log gets there); then this connection logs in.
+   */
+  async function clusterSession(s: Session, user: UserRecord) {
+    const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
+    const sid = sessions.newSid();
+    const t = nowSeconds();
+    const expires = t + config.sessionTtl;
+    const out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
+    if (out.k !== "session") throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+    return startSession(s, user, { sid, expires });
+  }
+
+  /** Cluster mode's register: the log decides who gets a contested login or nick. */
+  async function clusterRegister(s: Session, login: string, pass: string, nick: string) {
+    const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
+    const hash = await hasher.hash(s.peer.address, pass);
+    const sid = sessions.newSid();
+    const t = nowSeconds();
+    const expires = t + config.sessionTtl;
+    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, sid: sidHash(sid), expires });
+    if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
+    if (out.k !== "registered") throw new ProtocolError(Code.Unavailable, "the account could not be created; try again");
+    const user = out.user;
+    return underUser(user.uid, () => startSession(s, user, { sid, expires }));
+  }
+
   // Expired sessions: swept from storage at start-up (server.ts) and every minute (or
   // every --session-ttl, if shorter), a bounded page at a time; a live connection on
   // one gets ev_logout and is closed.
@@ -286,7 +319,8 @@ export function registerAccounts(sv: Services): AccountOps {
     });
   }
   function scheduleSweep(): void {
-    if (stopped || sweepTimer) return;
+    // Cluster mode: the view changes only by the log (see server.ts, sessions.init).
+    if (stopped || sweepTimer || sv.cluster) return;
     sweepTimer = setTimeout(runSweep, Math.min(60, config.sessionTtl) * 1000);
     sweepTimer.unref();
   }
@@ -298,6 +332,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register<{ login: string; pass: string; nick: string }>({
     name: "register",
+    cluster: true,
     public: true,
     schema: {
       type: "object",
@@ -311,6 +346,14 @@ export function registerAccounts(sv: Services): AccountOps {
         throw new ProtocolError(Code.Forbidden, "registration is closed on this server; ask its operator for an account");
       }
       const { login, pass, nick } = req.data;
+      if (sv.cluster) {
+        const auth = await clusterRegister(s, login, pass, nick);
+        req.after(() => {
+          s.peer.send(s.codec.reply("auth", auth), false);
+          void router.sync(s, undefined);
+        });
+        return {};
+      }
       const unique: [UniqueIndex, string][] = [
         ["login", login],
         ["nick", nick],
@@ -338,6 +381,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register<{ login?: string; pass?: string; sid?: string; since?: string }>({
     name: "auth",
+    cluster: true,
     public: true,
     schema: {
       type: "object",
@@ -352,6 +396,8 @@ export function registerAccounts(sv: Services): AccountOps {
     async handle(req) {
       const s = req.session;
       const { login, pass, sid, since } = req.data;
+      // Cluster mode: whatever the client wrote through any node is applied here first.
+      await sv.cluster?.sync();
       let result;
       if (sid && !login) {
         result = await counted(s, undefined, async () => {
@@ -364,7 +410,7 @@ export function registerAccounts(sv: Services): AccountOps {
             const cur = await sessions.get(sid);
             const user = cur && cur.expires > nowSeconds() ? await users.get(cur.uid) : undefined;
             if (!cur || !user) {
-              if (cur) storage.commitLazy(sessions.revokeOps(cur.uid, sidHash(sid), cur.expires));
+              if (cur && !sv.cluster) storage.commitLazy(sessions.revokeOps(cur.uid, sidHash(sid), cur.expires));
               throw new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass");
             }
             notBanned(user);
@@ -388,7 +434,7 @@ export function registerAccounts(sv: Services): AccountOps {
             // Again under the lock: a ban made while the password was checked, whose
             // kick ran before this, must not be followed by a new session.
             notBanned(cur);
-            return startSession(s, cur);
+            return sv.cluster ? clusterSession(s, cur) : startSession(s, cur);
           });
         });
       }
@@ -460,6 +506,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register<{ client?: string; version?: string; ack?: boolean }>({
     name: "hello",
+    cluster: true,
     public: true,
     schema: {
       type: "object",
@@ -480,6 +527,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register({
     name: "ping",
+    cluster: true,
     public: true,
     schema: { type: "object" },
     handle: () => ({ time: nowSeconds() }),
@@ -487,6 +535,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register({
     name: "quit",
+    cluster: true,
     public: true,
     schema: { type: "object" },
     handle(req: Request<unknown>) {

@@ -50,6 +50,11 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
     return u;
   }
 
+  /** Operator writes are not in the cluster log yet: on one node they would change that node alone. */
+  function local(what: string): void {
+    if (sv.cluster) throw new ProtocolError(Code.Unavailable, `${what} is not available in cluster mode yet`);
+  }
+
   function summary(u: UserRecord): UserSummary {
     const { uid, login, nick, email, phone, status, created } = u;
     return { uid, login, nick, email, phone, status, created, online: router.sessions(uid).length, banned: bans.banned("login", login) !== undefined };
@@ -63,15 +68,18 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return page.map(summary);
     },
     async addUser(login, pass, nick) {
+      local("adding a user");
       return summary(await accounts.create(login, pass, nick));
     },
     async passwd(user, pass) {
+      local("setting a password");
       const u = await resolve(user);
       const { revoked } = await accounts.setPassword(u.uid, pass);
       sv.log.info({ uid: u.uid, revoked }, "password set by an operator");
       return { uid: u.uid, revoked };
     },
     async deleteUser(user) {
+      local("deleting a user");
       const u = await resolve(user);
       if (!(await accounts.remove(u.uid))) throw new ProtocolError(Code.UserNotFound, `no user with login or uid '${user}'`);
       sv.log.info({ uid: u.uid, login: u.login }, "account deleted by an operator");
@@ -84,6 +92,7 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return { uid: u.uid, connections };
     },
     async ban(kind, value, reason) {
+      local("banning");
       // A user may be named by uid too; the ban is always on the login (what auth checks).
       const u = kind === "login" ? await resolve(value) : undefined;
       const key = u ? u.login : canonicalAddress(value);
@@ -94,6 +103,7 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return ban;
     },
     async unban(kind, value) {
+      local("lifting a ban");
       let key = value;
       if (kind === "login") {
         const byLogin = await users.lookup("login", value);

@@ -246,6 +246,7 @@ export function registerChannels(sv: Services): ChannelOps {
   // members and the users online (ChannelStore.countPresent).
   dispatcher.register<{ limit?: number; after?: string }>({
     name: "channellist",
+    cluster: true,
     schema: { type: "object", properties: { limit: { type: "integer", minimum: 1 }, after: requiredString(64) } },
     async handle(req) {
       const limit = Math.min(req.data.limit ?? LIST_DEFAULT, LIST_MAX);

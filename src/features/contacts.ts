@@ -31,6 +31,7 @@ export function registerContacts(sv: Services): void {
 
   dispatcher.register<{ q: string }>({
     name: "searchuser",
+    cluster: true,
     schema: { type: "object", required: ["q"], properties: { q: requiredString(64) } },
     async handle(req) {
       // Prefix range reads on the nick and login indexes (both lower-case): at most 50
@@ -51,6 +52,7 @@ export function registerContacts(sv: Services): void {
 
   dispatcher.register({
     name: "contactlist",
+    cluster: true,
     schema: { type: "object" },
     async handle(req) {
       const uids = await contacts.list(req.session.uid as string);
@@ -97,6 +99,7 @@ export function registerContacts(sv: Services): void {
 
   dispatcher.register<{ contacts: ImportEntry[] }>({
     name: "import",
+    cluster: true,
     schema: {
       type: "object",
       required: ["contacts"],

@@ -179,8 +179,30 @@ export function registerMessages(sv: Services): void {
     }
   }
 
+  /**
+   * Cluster mode: the message goes through the log (features/cluster.ts), where its
+   * mid is assigned and a cmid already used is found; the reply waits for the local
+   * apply.
+   */
+  async function clusterMessage(req: Request<MessageData>, me: string, to: string | undefined, channel: string | undefined, body: string, cmid: string | undefined): Promise<MessageSent> {
+    const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
+    if (channel !== undefined) throw new ProtocolError(Code.Unavailable, "channel messages are not available in cluster mode yet");
+    if (req.attachment) throw new ProtocolError(Code.Unavailable, "attachments are not available in cluster mode yet");
+    const s = req.session;
+    const nick = s.nick as string;
+    // A recipient registered through another node a moment ago: this node may not have it yet.
+    if (!(await users.get(to as string))) await cluster.sync();
+    if (s.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
+    const out = await cluster.append({ k: "msg", t: nowSeconds(), from: me, nick, to: to as string, body, ...(cmid === undefined ? {} : { cmid }) });
+    if (out.k === "nouser") throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
+    if (out.k !== "sent") throw new ProtocolError(Code.Unavailable, "the message could not be stored; resend it with the same cmid");
+    // Its event is the applier's to send, in log order (features/cluster.ts).
+    return out.sent;
+  }
+
   dispatcher.register<MessageData>({
     name: "message",
+    cluster: true,
     pipelined: true,
     streams: [["data", "attach", "data"]],
     schema: {
@@ -210,6 +232,7 @@ export function registerMessages(sv: Services): void {
       if (body === "" && !(req.attachment && req.attachment.size > 0)) {
         throw new ProtocolError(Code.EmptyField, "'body' is empty and there is no attachment");
       }
+      if (sv.cluster) return clusterMessage(req, me, to, channel, body, cmid);
       const ready =
         cmid === undefined &&
         (to !== undefined ? users.peek(to) !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
@@ -225,6 +248,7 @@ export function registerMessages(sv: Services): void {
 
   dispatcher.register<{ mid: string }>({
     name: "ack",
+    cluster: true,
     schema: { type: "object", required: ["mid"], properties: { mid: MID } },
     handle(req) {
       const s = req.session;
@@ -236,6 +260,7 @@ export function registerMessages(sv: Services): void {
 
   dispatcher.register<{ uid?: string; channel?: string; limit?: number; before?: string }>({
     name: "history",
+    cluster: true,
     schema: {
       type: "object",
       properties: {
@@ -296,6 +321,7 @@ export function registerMessages(sv: Services): void {
 
   dispatcher.register<{ limit?: number; before?: string }>({
     name: "dialogs",
+    cluster: true,
     schema: { type: "object", properties: { limit: { type: "integer", minimum: 1 }, before: MID } },
     async handle(req) {
       const me = req.session.uid as string;

@@ -40,6 +40,7 @@ export function registerProfiles(sv: Services): UserDirectory {
 
   dispatcher.register<{ user: string }>({
     name: "userinfo",
+    cluster: true,
     schema: { type: "object", required: ["user"], properties: { user: requiredString(64) } },
     async handle(req) {
       const u = await users.get(req.data.user);

@@ -17,6 +17,7 @@ import type { ContactStore } from "../storage/contacts.js";
 import type { MessageStore } from "../storage/messages.js";
 import type { SessionStore } from "../storage/sessions.js";
 import type { UserStore } from "../storage/users.js";
+import type { Cluster } from "./cluster.js";
 
 type PresenceHook = (uid: string, online: boolean) => void | Promise<void>;
 
@@ -95,4 +96,6 @@ export interface Services {
   channels: ChannelStore;
   blobs: BlobStore;
   bans: BanStore;
+  /** Cluster mode (--nats): writes go through the shared log (features/cluster.ts). */
+  cluster?: Cluster;
 }

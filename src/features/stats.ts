@@ -16,6 +16,7 @@ export function registerStats(sv: Services, connections: () => number): void {
 
   sv.dispatcher.register<{ reset?: boolean }>({
     name: "stats",
+    cluster: true,
     schema: { type: "object", properties: { reset: { type: "boolean" } } },
     handle(req) {
       const mem = process.memoryUsage();

@@ -95,6 +95,8 @@ export interface ActionSpec<D = never> {
    * (["data", "attach", "data"]): the scanner is configured from these.
    */
   streams?: readonly (readonly string[])[];
+  /** Served in cluster mode (--nats); any other action answers 16 there until it is. */
+  cluster?: boolean;
   handle(req: Request<D>): Promise<Result> | Result;
 }
 
@@ -206,6 +208,8 @@ export class Dispatcher {
   private newUpload: (() => Upload) | undefined;
   /** Handlers, uploads and deferred replies in progress, on every connection. */
   private active = 0;
+  /** Cluster mode: only actions declared `cluster` are served. */
+  clusterMode = false;
 
   constructor(
     private readonly config: Config,
@@ -532,7 +536,9 @@ export class Dispatcher {
     try {
       refusal = !entry
         ? new ProtocolError(Code.UnknownAction, `unknown action '${action}'`)
-        : (this.gate(s, entry.spec, data) ?? entry.validate(data));
+        : this.clusterMode && !entry.spec.cluster
+          ? new ProtocolError(Code.Unavailable, `'${action}' is not available in cluster mode yet`)
+          : (this.gate(s, entry.spec, data) ?? entry.validate(data));
     } catch (err) {
       item.upload?.release();
       this.fill(s, line, slot, this.failure(s, action, err));

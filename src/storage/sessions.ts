@@ -69,7 +69,11 @@ export class SessionStore {
   }
 
   createOps(sid: string, rec: SessionRecord, issued = (this.lastIssued = Math.max(Date.now(), this.lastIssued + 1))): BatchOp[] {
-    const h = sidHash(sid);
+    return this.createHashedOps(sidHash(sid), rec, issued);
+  }
+
+  /** createOps for a session known by its hash (cluster mode: the log never carries a sid). */
+  createHashedOps(h: string, rec: SessionRecord, issued: number): BatchOp[] {
     return [
       put(this.s.sessions, h, rec),
       put(this.s.usessions, pair(rec.uid, h), [rec.expires, issued]),

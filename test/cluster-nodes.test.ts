@@ -1,0 +1,191 @@
+// Cluster mode, end to end: wirechat nodes sharing one nats-server (JetStream), each
+// with its own LevelDB, behave as one server for what cluster mode serves so far:
+// accounts and sessions made on one node work on the others, contested logins have one
+// winner, direct messages reach the recipient on another node (live, and offline through
+// the inbox after auth) in order, cmid holds across nodes, a node that was down catches
+// up before it listens, and what is not served yet answers 16.
+
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server.js";
+import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
+import { NatsServer } from "./nats-helpers.js";
+
+let nats: NatsServer;
+const nodes: RunningServer[] = [];
+const stream = `WIRECHAT_T${process.pid}`;
+
+function node(i: number): number {
+  return nodes[i].port;
+}
+
+beforeAll(async () => {
+  nats = await NatsServer.start();
+  for (let i = 0; i < 3; i++) nodes.push(await startTestServer({ nats: nats.url, natsStream: stream, nodeId: `n${i}` }));
+});
+
+afterAll(async () => {
+  for (const n of nodes) {
+    await n.stop();
+    removeDir(n.services.config.dataDir);
+  }
+  await nats?.stop();
+});
+
+async function evMessages(c: Client, n: number, timeoutMs = 10_000): Promise<any[]> {
+  const got: any[] = [];
+  while (got.length < n) got.push((await c.next((f) => f.action === "ev_message", timeoutMs)).data);
+  return got;
+}
+
+describe("cluster mode: accounts", () => {
+  it("an account registered through one node logs in through another, by password and by sid", async () => {
+    const a = await registerUser(node(0));
+    const byPass = await login(node(1), a.login);
+    expect(byPass.auth.status).toBe(0);
+    expect(byPass.auth.uid).toBe(a.uid);
+    const c = await Client.connect(node(2));
+    const bySid = await c.request("auth", { sid: a.sid });
+    expect(bySid.status).toBe(0);
+    expect(bySid.uid).toBe(a.uid);
+    // The session made on node 1 resumes on node 0.
+    const d = await Client.connect(node(0));
+    expect((await d.request("auth", { sid: byPass.auth.sid })).uid).toBe(a.uid);
+    const wrong = await (await Client.connect(node(2))).request("auth", { login: a.login, pass: "not it" });
+    expect(wrong.status).toBe(2);
+    for (const x of [a.client, byPass.client, c, d]) x.close();
+  });
+
+  it("the same login registered on three nodes at once: exactly one wins, and every node agrees", async () => {
+    for (let round = 0; round < 5; round++) {
+      const name = uniqueName("race");
+      const clients = await Promise.all([0, 1, 2].map((i) => Client.connect(node(i))));
+      const replies = await Promise.all(clients.map((c, i) => c.request("register", { login: name, pass: `p${i}`, nick: `${name}n${i}` })));
+      expect(replies.map((r) => r.status).sort()).toEqual([0, 1, 1]);
+      const winner = replies.findIndex((r) => r.status === 0);
+      // The winner's password works everywhere; the losers' nowhere.
+      for (let i = 0; i < 3; i++) {
+        const { client, auth } = await login(node(i), name, `p${winner}`);
+        expect(auth.status).toBe(0);
+        client.close();
+        const { client: other, auth: refused } = await login(node(i), name, `p${(winner + 1) % 3}`);
+        expect(refused.status).toBe(2);
+        other.close();
+      }
+      for (const c of clients) c.close();
+    }
+  });
+});
+
+describe("cluster mode: direct messages", () => {
+  it("reach the recipient on another node live, in the sender's order, with the echo on the sender's other node", async () => {
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(node(1));
+    const aliceElsewhere = await login(node(2), alice.login);
+    expect(aliceElsewhere.auth.status).toBe(0);
+    const n = 100;
+    for (let i = 0; i < n; i++) alice.client.send("message", { uid: bob.uid, body: `m${i}` });
+    const mids: string[] = [];
+    for (let i = 0; i < n; i++) {
+      const r = (await alice.client.reply("message", 15_000)).data;
+      expect(r.status).toBe(0);
+      mids.push(r.mid);
+    }
+    expect(mids.map(Number)).toEqual([...mids.map(Number)].sort((x, y) => x - y));
+    const atBob = await evMessages(bob.client, n);
+    expect(atBob.map((m) => m.body)).toEqual(Array.from({ length: n }, (_, i) => `m${i}`));
+    expect(atBob.map((m) => m.mid)).toEqual(mids);
+    expect(atBob[0].from).toBe(alice.uid);
+    const echoes = await evMessages(aliceElsewhere.client, n);
+    expect(echoes.map((m) => m.mid)).toEqual(mids);
+    // History is the same through every node.
+    const histories = await Promise.all([alice.client, bob.client, aliceElsewhere.client].map((c) => c.request("history", { uid: c === bob.client ? alice.uid : bob.uid, limit: 500 })));
+    for (const h of histories) expect(h.messages.map((m: any) => m.mid).sort()).toEqual([...mids].sort());
+    for (const c of [alice.client, bob.client, aliceElsewhere.client]) c.close();
+  });
+
+  it("reach an offline recipient through the inbox when they log in on any node", async () => {
+    const alice = await registerUser(node(2));
+    const bob = await registerUser(node(0));
+    bob.client.close();
+    await bob.client.closed;
+    for (let i = 0; i < 20; i++) expect((await alice.client.request("message", { uid: bob.uid, body: `offline ${i}` })).status).toBe(0);
+    const back = await Client.connect(node(1));
+    expect((await back.request("auth", { sid: bob.sid })).status).toBe(0);
+    const got = await evMessages(back, 20);
+    expect(got.map((m) => m.body)).toEqual(Array.from({ length: 20 }, (_, i) => `offline ${i}`));
+    expect(await back.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    alice.client.close();
+    back.close();
+  });
+
+  it("a cmid retried through another node returns the first mid and delivers once", async () => {
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(node(2));
+    const first = await alice.client.request("message", { uid: bob.uid, body: "once", cmid: "c-1" });
+    expect(first.status).toBe(0);
+    const again = await login(node(1), alice.login);
+    const retry = await again.client.request("message", { uid: bob.uid, body: "once", cmid: "c-1" });
+    expect(retry.status).toBe(0);
+    expect(retry.mid).toBe(first.mid);
+    // The same cmid on two nodes at the same moment: one mid.
+    const [x, y] = await Promise.all([
+      alice.client.request("message", { uid: bob.uid, body: "race", cmid: "c-2" }),
+      again.client.request("message", { uid: bob.uid, body: "race", cmid: "c-2" }),
+    ]);
+    expect(x.mid).toBe(y.mid);
+    const got = await evMessages(bob.client, 2);
+    expect(got.map((m) => m.body)).toEqual(["once", "race"]);
+    expect(await bob.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    for (const c of [alice.client, bob.client, again.client]) c.close();
+  });
+
+  it("what cluster mode does not serve yet answers 16, and the connection stays usable", async () => {
+    const a = await registerUser(node(1));
+    const r = await a.client.request("createchannel", { name: uniqueName("ch") });
+    expect(r.status).toBe(16);
+    expect(r.error).toMatch(/cluster mode/);
+    expect((await a.client.request("ping")).status).toBe(0);
+    a.client.close();
+  });
+});
+
+describe("cluster mode: a node that was away", () => {
+  it("catches up from the log before it listens, and a new node builds its view from the start", async () => {
+    const dir = tempDir();
+    const extra = ["--nats", nats.url, "--nats-stream", stream, "--node-id", "away", "--admin", "off"];
+    let away = await ChildServer.start(dir, extra);
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(away.port);
+    away.proc.kill("SIGKILL");
+    await away.exited;
+    // While it is down: a new user, and messages to bob.
+    const carol = await registerUser(node(1));
+    for (let i = 0; i < 10; i++) expect((await alice.client.request("message", { uid: bob.uid, body: `while away ${i}` })).status).toBe(0);
+    away = await ChildServer.start(dir, extra);
+    // Listening means caught up: carol exists there, bob's inbox is complete.
+    const c = await Client.connect(away.port);
+    expect((await c.request("auth", { login: carol.login, pass: "secret" })).status).toBe(0);
+    const b = await Client.connect(away.port);
+    expect((await b.request("auth", { sid: bob.sid })).status).toBe(0);
+    expect((await evMessages(b, 10)).map((m) => m.body)).toEqual(Array.from({ length: 10 }, (_, i) => `while away ${i}`));
+    for (const x of [alice.client, bob.client, carol.client, c, b]) x.close();
+    away.proc.kill("SIGTERM");
+    await away.exited;
+    removeDir(dir);
+
+    const newDir = tempDir();
+    const fresh = await ChildServer.start(newDir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "new", "--admin", "off"]);
+    const again = await login(fresh.port, alice.login);
+    expect(again.auth.status).toBe(0);
+    const h = await again.client.request("history", { uid: bob.uid, limit: 50 });
+    expect(h.messages).toHaveLength(10);
+    again.client.close();
+    fresh.proc.kill("SIGTERM");
+    await fresh.exited;
+    removeDir(newDir);
+  });
+
+  it("refuses to start with a seed door on, rather than serve it from one node's view", async () => {
+    await expect(startTestServer({ nats: nats.url, natsStream: stream, httpPort: 0 })).rejects.toThrow(/not available in cluster mode/);
+  });
+});
