@@ -189,3 +189,54 @@ describe("cluster mode: a node that was away", () => {
     await expect(startTestServer({ nats: nats.url, natsStream: stream, httpPort: 0 })).rejects.toThrow(/not available in cluster mode/);
   });
 });
+
+describe("cluster mode: faults", () => {
+  it("kill -9 of the sender's node under load loses no acknowledged message; resent through another node, each arrives once", async () => {
+    const dir = tempDir();
+    const k = await ChildServer.start(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "doomed", "--admin", "off"]);
+    const alice = await registerUser(k.port);
+    const bob = await registerUser(node(0));
+    const n = 1500;
+    const acked = new Map<string, string>(); // cmid -> mid
+    let killed = false;
+    const replies = (async () => {
+      for (;;) {
+        const f = await Promise.race([alice.client.next((x) => x.action === "message", 20_000).catch(() => undefined), alice.client.closed.then(() => undefined)]);
+        if (!f) return;
+        expect(f.data.status).toBe(0);
+        // Replies come in request order: the i-th answers cmid k<i>.
+        acked.set(String(acked.size), f.data.mid);
+        if (acked.size >= 300 && !killed) {
+          killed = true;
+          k.proc.kill("SIGKILL");
+        }
+      }
+    })();
+    for (let i = 0; i < n; i++) alice.client.send("message", { uid: bob.uid, body: `k${i}`, cmid: `k${i}` });
+    await k.exited;
+    await alice.client.closed;
+    await replies;
+    expect(killed).toBe(true);
+    const ackedCount = acked.size;
+    expect(ackedCount).toBeGreaterThanOrEqual(300);
+    expect(ackedCount).toBeLessThan(n);
+    // The client reconnects to another node and resends everything it has no reply for.
+    const again = await Client.connect(node(1));
+    expect((await again.request("auth", { sid: alice.sid })).status).toBe(0);
+    for (let i = ackedCount; i < n; i++) again.send("message", { uid: bob.uid, body: `k${i}`, cmid: `k${i}` });
+    for (let i = ackedCount; i < n; i++) {
+      const r = (await again.reply("message", 20_000)).data;
+      expect(r.status).toBe(0);
+      acked.set(String(i), r.mid);
+    }
+    const got = await evMessages(bob.client, n, 20_000);
+    expect(got.map((m) => m.body)).toEqual(Array.from({ length: n }, (_, i) => `k${i}`));
+    expect(new Set(got.map((m) => m.mid)).size).toBe(n);
+    // Every mid a reply gave (before and after the kill) is the one bob received.
+    for (let i = 0; i < n; i++) expect(got[i].mid).toBe(acked.get(String(i)));
+    expect(await bob.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    again.close();
+    bob.client.close();
+    removeDir(dir);
+  });
+});
