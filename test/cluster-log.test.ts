@@ -132,6 +132,25 @@ describe("the replicated log", () => {
     await fresh.close();
   });
 
+  it("a node whose view cannot apply an entry stops taking writes, and does not start on such a log", async () => {
+    const stream = `LOG${++streams}`;
+    const a = new MemoryView();
+    const picky = new MemoryView();
+    const apply = picky.apply;
+    picky.apply = async (entries, position) => {
+      if (entries.some((e) => e.entry.c.some((c) => c.k === "note" && c.text === "poison"))) throw new Error("cannot apply this");
+      return apply(entries, position);
+    };
+    const nodeA = await open(stream, "a", a);
+    const nodeP = await open(stream, "p", picky);
+    await nodeA.append({ k: "note", text: "poison" });
+    await expect(nodeP.sync()).rejects.toMatchObject({ code: Code.Unavailable });
+    await expect(nodeP.append({ k: "note", text: "after" })).rejects.toMatchObject({ code: Code.Unavailable });
+    await nodeP.close();
+    await expect(open(stream, "p2", picky)).rejects.toMatchObject({ code: Code.Unavailable });
+    await nodeA.close();
+  });
+
   it("answers 16 while the engine is down, never a false success, and works again once it is back", async () => {
     const stream = `LOG${++streams}`;
     const a = new MemoryView();

@@ -76,6 +76,103 @@ describe("cluster mode: accounts", () => {
   });
 });
 
+describe("cluster mode: sessions, profiles and contacts", () => {
+  it("logout on one node ends that session's connections on the others; the sid is refused everywhere", async () => {
+    const a = await registerUser(node(0));
+    const elsewhere = await Client.connect(node(1));
+    expect((await elsewhere.request("auth", { sid: a.sid })).status).toBe(0);
+    expect((await a.client.request("logout")).status).toBe(0);
+    const ev = await elsewhere.event("ev_logout");
+    expect(ev.reason).toMatch(/logged out/);
+    for (let i = 0; i < 3; i++) {
+      const c = await Client.connect(node(i));
+      expect((await c.request("auth", { sid: a.sid })).status).toBe(2);
+      c.close();
+    }
+    a.client.close();
+    elsewhere.close();
+  });
+
+  it("changepassword on one node closes the user's other sessions on every node; only the new password works", async () => {
+    const a = await registerUser(node(1));
+    const onA = await login(node(0), a.login);
+    const onC = await login(node(2), a.login);
+    expect((await a.client.request("changepassword", { pass: "secret", newpass: "fresh" })).status).toBe(0);
+    await onA.client.closed;
+    await onC.client.closed;
+    expect((await a.client.request("ping")).status).toBe(0); // the caller keeps its session
+    for (let i = 0; i < 3; i++) {
+      expect((await login(node(i), a.login, "secret")).auth.status).toBe(2);
+      expect((await login(node(i), a.login, "fresh")).auth.status).toBe(0);
+      const c = await Client.connect(node(i));
+      expect((await c.request("auth", { sid: onA.auth.sid })).status).toBe(2);
+      c.close();
+    }
+    a.client.close();
+  });
+
+  it("profiles and contacts written on one node read the same on the others; a contested email has one owner", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    expect((await a.client.request("setuserinfo", { user_status: "away for lunch" })).status).toBe(0);
+    expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    const aOnC = await login(node(2), a.login);
+    expect((await aOnC.client.request("userinfo", { user: a.uid })).user_status).toBe("away for lunch");
+    const list = await aOnC.client.request("contactlist");
+    expect(list.list.map((x: any) => x.uid)).toEqual([b.uid]);
+    const email = `${uniqueName("e")}@example.com`;
+    const [x, y] = await Promise.all([a.client.request("setuserinfo", { email }), b.client.request("setuserinfo", { email })]);
+    expect([x.status, y.status].sort()).toEqual([0, 1]);
+    const owner = x.status === 0 ? a.uid : b.uid;
+    for (let i = 0; i < 3; i++) {
+      const c = await login(node(i), a.login);
+      expect((await c.client.request("userinfo", { user: owner })).email).toBe(email);
+      expect((await c.client.request("userinfo", { user: owner === a.uid ? b.uid : a.uid })).email).toBe("");
+      c.client.close();
+    }
+    expect((await aOnC.client.request("delcontact", { uid: b.uid })).status).toBe(0);
+    expect((await a.client.request("contactlist")).list).toEqual([]);
+    for (const c of [a.client, b.client, aOnC.client]) c.close();
+  });
+});
+
+describe("cluster mode: presence", () => {
+  it("a contact coming online or going offline on another node is told, and contactlist shows it online", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    b.client.close();
+    await b.client.closed;
+    expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 300)); // b's going offline has reached node 0
+    const bBack = await Client.connect(node(2));
+    expect((await bBack.request("auth", { sid: b.sid })).status).toBe(0);
+    expect(await a.client.event("ev_presence", (d) => d.uid === b.uid)).toMatchObject({ uid: b.uid, online: true });
+    expect((await a.client.request("contactlist")).list[0]).toMatchObject({ uid: b.uid, online: true });
+    // A second connection elsewhere changes nothing for the contact.
+    const bAgain = await login(node(0), b.login);
+    expect(await a.client.quiet(300, (f) => f.action === "ev_presence")).toBe(true);
+    bAgain.client.close();
+    bBack.close();
+    expect(await a.client.event("ev_presence", (d) => d.uid === b.uid)).toMatchObject({ uid: b.uid, online: false });
+    expect((await a.client.request("contactlist")).list[0]).toMatchObject({ uid: b.uid, online: false });
+    a.client.close();
+  });
+
+  it("the users of a node that is killed go offline on the others", async () => {
+    const dir = tempDir();
+    const k = await ChildServer.start(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "mortal", "--admin", "off"]);
+    const a = await registerUser(node(0));
+    const c = await registerUser(k.port);
+    expect((await a.client.request("addcontact", { uid: c.uid })).status).toBe(0);
+    expect((await a.client.request("contactlist")).list[0]).toMatchObject({ uid: c.uid, online: true });
+    k.proc.kill("SIGKILL");
+    await k.exited;
+    expect(await a.client.event("ev_presence", (d) => d.uid === c.uid, 15_000)).toMatchObject({ uid: c.uid, online: false });
+    a.client.close();
+    removeDir(dir);
+  });
+});
+
 describe("cluster mode: direct messages", () => {
   it("reach the recipient on another node live, in the sender's order, with the echo on the sender's other node", async () => {
     const alice = await registerUser(node(0));

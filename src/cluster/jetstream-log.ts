@@ -129,7 +129,7 @@ export class JetStreamLog<C, R> {
   private stored: Open<C, R>[] = [];
   private applied: ViewPosition;
   /** sync() callers: resolved once `applied.seq` reaches `seq`. */
-  private barriers: { seq: number; resolve: () => void }[] = [];
+  private barriers: { seq: number; resolve: () => void; reject: (err: Error) => void }[] = [];
   private unapplied: StoredEntry<C>[] = [];
   private applying = false;
   private resumeReading: (() => void) | undefined;
@@ -175,6 +175,11 @@ export class JetStreamLog<C, R> {
     }
   }
 
+  /** The connection, for what this node says over core NATS (presence). */
+  get connection(): NatsConnection {
+    return this.nc;
+  }
+
   get subject(): string {
     return `${this.opts.stream}.log`;
   }
@@ -215,8 +220,9 @@ export class JetStreamLog<C, R> {
   }
 
   private syncTo(seq: number): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
     if (this.applied.seq >= seq) return Promise.resolve();
-    return new Promise((resolve) => this.barriers.push({ seq, resolve }));
+    return new Promise((resolve, reject) => this.barriers.push({ seq, resolve, reject }));
   }
 
   async close(): Promise<void> {
@@ -377,6 +383,8 @@ export class JetStreamLog<C, R> {
     this.failure = unavailable("this node stopped following the cluster log", err);
     for (const p of this.gathering.splice(0)) p.reject(this.failure);
     for (const s of this.stored.splice(0)) for (const p of s.proposals) p.reject(this.failure);
+    // Catching up at start-up too: the node does not start on a view that stopped.
+    for (const b of this.barriers.splice(0)) b.reject(this.failure);
   }
 }
 

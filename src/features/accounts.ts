@@ -206,7 +206,7 @@ export function registerAccounts(sv: Services): AccountOps {
     // presence goes out (nothing changed for the user's contacts).
     if (s.uid !== undefined && !again) leave(s);
     s.login(user.uid, sid, user.nick, expires);
-    if (!again && router.attach(s)) hooks.presence(user.uid, true, sv.log);
+    if (!again && router.attach(s)) presenceChanged(user.uid, true);
     s.log.info("authenticated");
     return { sid, uid: user.uid, cid: user.uid, nick: user.nick };
   }
@@ -261,8 +261,19 @@ export function registerAccounts(sv: Services): AccountOps {
   }
 
   if (sv.cluster) {
-    sv.cluster.onSessionsEnded = (uid, hashes) =>
-      endSessions(uid, (o) => o.sid !== undefined && hashes.has(sidHash(o.sid)), "too many sessions: this one, the oldest, was ended", false);
+    // Sessions the log ended (logout, a new password, evictions past the cap), on this
+    // node's connections; the proposer's own connection is its handler's to log out.
+    sv.cluster.onSessionsEnded = (e, mine) =>
+      endSessions(
+        e.uid,
+        (o) => {
+          if (o.sid === undefined || (mine && o.peer.id === e.conn)) return false;
+          const h = sidHash(o.sid);
+          return e.hashes ? e.hashes.has(h) : h !== e.except;
+        },
+        e.reason,
+        e.close,
+      );
   }
 
   /**
@@ -445,6 +456,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register({
     name: "logout",
+    cluster: true,
     schema: { type: "object" },
     async handle(req) {
       const s = req.session;
@@ -452,6 +464,13 @@ export function registerAccounts(sv: Services): AccountOps {
       const sid = s.sid as string;
       await underUser(uid, async () => {
         if (s.uid !== uid || s.sid !== sid) return; // ended meanwhile (changepassword elsewhere)
+        if (sv.cluster) {
+          // Every node (this one included) ends the sid's other connections as it applies this.
+          await sv.cluster.append({ k: "logout", uid, sid: sidHash(sid), expires: s.expires, conn: s.peer.id });
+          leave(s);
+          s.logout();
+          return;
+        }
         await storage.commit(sessions.revokeOps(uid, sidHash(sid), s.expires));
         // Other connections resumed with the same sid lose it too (they stay open).
         endSessions(uid, (other) => other !== s && other.sid === sid, "the session was logged out", false);
@@ -464,6 +483,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register<{ pass: string; newpass: string }>({
     name: "changepassword",
+    cluster: true,
     schema: { type: "object", required: ["pass", "newpass"], properties: { pass: PASS, newpass: PASS } },
     async handle(req) {
       const s = req.session;
@@ -473,6 +493,12 @@ export function registerAccounts(sv: Services): AccountOps {
       const hash = await hasher.hash(s.peer.address, req.data.newpass);
       await underUser(uid, async () => {
         const cur = await stillCurrent(s, uid, sid, user);
+        if (sv.cluster) {
+          const out = await sv.cluster.append({ k: "password", uid, hash, checked: cur.hash, keep: sidHash(sid) });
+          if (out.k !== "done") throw new ProtocolError(Code.InvalidPass, "the password was changed meanwhile");
+          s.log.info("password changed");
+          return;
+        }
         const next: UserRecord = { ...cur, hash };
         // Every other session of the user is revoked in the same batch; the caller's stays.
         const mine = sidHash(sid);
@@ -559,7 +585,13 @@ export function registerAccounts(sv: Services): AccountOps {
   /** Takes the connection out of the router; the user goes offline with their last one. */
   function leave(s: Session): void {
     const uid = s.uid as string;
-    if (router.detach(s)) hooks.presence(uid, false, sv.log);
+    if (router.detach(s)) presenceChanged(uid, false);
+  }
+
+  /** A user's first connection here, or their last one gone (in cluster mode, told to every node). */
+  function presenceChanged(uid: string, online: boolean): void {
+    if (sv.cluster) sv.cluster.presenceChanged(uid, online);
+    else hooks.presence(uid, online, sv.log);
   }
 
   dispatcher.onClose((s) => {

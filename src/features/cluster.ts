@@ -15,18 +15,20 @@
 // one call see each other's effects through a small overlay (the names claimed, the
 // sessions issued and the cmids taken so far in the call).
 //
-// What cluster mode serves so far: register, auth (password and sid), direct messages
-// (with cmid), and the read-only actions; every other action answers 16 (see
-// ActionSpec.cluster). Presence, channels, attachments, logout and account changes
-// come next (issue 12).
+// What cluster mode serves so far: register, auth (password and sid), logout,
+// changepassword, setuserinfo, addcontact, delcontact, direct messages (with cmid), and
+// the read-only actions; every other action answers 16 (see ActionSpec.cluster).
+// Presence, channels, attachments, deleteaccount and the operator's writes come next
+// (issue 12).
 
 import type { Logger } from "pino";
+import { ClusterPresence } from "../cluster/presence.js";
 import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from "../cluster/jetstream-log.js";
 import { MessageSent } from "../protocol/codec.js";
 import type { Event, Audience, MessageEvent } from "../protocol/events.js";
 import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { put } from "../storage/db.js";
-import { indexKey } from "../storage/users.js";
+import { indexKey, type UniqueIndex } from "../storage/users.js";
 import type { StoredSession } from "../storage/sessions.js";
 import type { Services } from "./services.js";
 
@@ -55,11 +57,19 @@ export type Command =
       /** --max-sessions-per-user on the proposing node. */
       cap: number;
     }
-  | { k: "msg"; t: number; from: string; nick: string; to: string; body: string; cmid?: string };
+  | { k: "msg"; t: number; from: string; nick: string; to: string; body: string; cmid?: string }
+  /** One session ended by its owner; `conn` is the proposer's connection, which logs itself out. */
+  | { k: "logout"; uid: string; sid: string; expires: number; conn: number }
+  /** A new password hash; every session but `keep` (the caller's) is revoked. */
+  | { k: "password"; uid: string; hash: string; checked: string; keep: string }
+  | { k: "contact"; owner: string; uid: string; add: boolean }
+  /** setuserinfo: the fields given (already normalised); email and phone are unique. */
+  | { k: "profile"; uid: string; status?: string; email?: string; phone?: string; picture?: string };
 
 export type Outcome =
   | { k: "registered"; user: UserRecord }
-  | { k: "taken"; index: "login" | "nick" }
+  | { k: "taken"; index: UniqueIndex }
+  | { k: "done" }
   | { k: "session" }
   | { k: "refused"; reason: string }
   | { k: "sent"; sent: MessageSent; event: MessageEvent | undefined; audience: Audience }
@@ -75,10 +85,24 @@ export interface ClusterOptions {
   nodeId: string;
 }
 
+/**
+ * Sessions an applied command ended, for every node to end on its connections: those
+ * whose sid hash is in `hashes`, or every one but `except`; never the proposer's own
+ * connection `conn` (on the node that proposed it, which handles it itself).
+ */
+export interface SessionsEnded {
+  uid: string;
+  hashes?: ReadonlySet<string>;
+  except?: string;
+  reason: string;
+  close: boolean;
+  conn?: number;
+}
+
 export class Cluster {
   private journal: JetStreamLog<Command, Outcome> | undefined;
-  /** Sessions of a user ended by an apply (evicted past the cap): the accounts feature ends their connections here. */
-  onSessionsEnded: ((uid: string, hashes: ReadonlySet<string>) => void) | undefined;
+  /** The accounts feature ends the connections of sessions an apply ended (`mine`: this node proposed it). */
+  onSessionsEnded: ((ended: SessionsEnded, mine: boolean) => void) | undefined;
 
   constructor(
     private readonly sv: Services,
@@ -104,9 +128,35 @@ export class Cluster {
       log: this.log,
     });
     this.log.info({ stream: this.opts.stream, applied: this.journal.position.seq, node: this.opts.nodeId }, "caught up with the cluster log");
+    const { router, hooks } = this.sv;
+    this.presence = new ClusterPresence(
+      this.journal.connection,
+      `${this.opts.stream}.presence`,
+      this.journal.origin,
+      (uid) => router.isHere(uid),
+      () => router.here.keys(),
+      (uid, online) => hooks.presence(uid, online, this.log),
+      this.log,
+    );
+    router.elsewhere = this.presence.users;
+    this.presence.start();
+  }
+
+  /** Who is online on the other nodes; set once open. */
+  private presence: ClusterPresence | undefined;
+
+  /**
+   * This node's first connection of a user (true) or its last one gone (false): told to
+   * the other nodes; the presence hooks run, on every node, when the user's state
+   * changes cluster-wide.
+   */
+  presenceChanged(uid: string, online: boolean): void {
+    if (this.presence) this.presence.local(uid, online);
+    else this.sv.hooks.presence(uid, online, this.log);
   }
 
   async close(): Promise<void> {
+    this.presence?.stop();
     await this.journal?.close();
   }
 
@@ -140,6 +190,24 @@ export class Cluster {
                 const [user, earlier] = await Promise.all([users.get(c.to), c.cmid === undefined ? undefined : messages.byCmid(c.from, c.cmid)]);
                 return { user, earlier };
               }
+              case "logout":
+                return {};
+              case "password": {
+                const [user, list] = await Promise.all([users.get(c.uid), sessions.list(c.uid)]);
+                return { user, sessions: list };
+              }
+              case "contact":
+                return { user: await users.get(c.uid) };
+              case "profile": {
+                const [user, email, phone] = await Promise.all([
+                  users.get(c.uid),
+                  c.email ? users.lookup("email", c.email) : undefined,
+                  c.phone ? users.lookup("phone", c.phone) : undefined,
+                ]);
+                return { user, email, phone };
+              }
+              default:
+                throw unknownCommand(c);
             }
           }),
         ),
@@ -148,12 +216,13 @@ export class Cluster {
     // Phase 2: decide and write, in log order, in one synchronous pass.
     const overlay = new Overlay();
     const events: [Event, Audience][] = [];
-    const ended: [string, Set<string>][] = [];
+    const ended: [SessionsEnded, boolean][] = [];
     const newPairs: [string, string][] = [];
+    const mine = this.journal?.origin;
     const outcomes = entries.map((e, i) =>
       e.entry.c.map((c, j) => {
         const r = reads[i][j];
-        const out = this.decide(c, r, overlay, ended, newPairs);
+        const out = this.decide(c, r, overlay, (x) => ended.push([x, e.entry.o === mine]), newPairs);
         if (out.k === "sent" && out.event) events.push([out.event, out.audience]);
         return out;
       }),
@@ -162,7 +231,7 @@ export class Cluster {
     await new Promise<void>((resolve, reject) => storage.afterCommit((err) => (err ? reject(err) : resolve())));
     for (const u of overlay.users.values()) users.saved(u);
     for (const [a, b] of newPairs) messages.peersKnown(a, b);
-    for (const [uid, hashes] of ended) this.onSessionsEnded?.(uid, hashes);
+    for (const [x, byMe] of ended) this.onSessionsEnded?.(x, byMe);
     // Every event, this node's own included, goes out in log order: a connection is sent
     // messages in mid order, which its inbox position relies on (Router.inboxEvent). They
     // go after this turn, so the proposers' replies (resolved now) are sent first.
@@ -172,17 +241,17 @@ export class Cluster {
     return outcomes;
   }
 
-  private decide(c: Command, r: Reads, overlay: Overlay, ended: [string, Set<string>][], newPairs: [string, string][]): Outcome {
+  private decide(c: Command, r: Reads, overlay: Overlay, end: (x: SessionsEnded) => void, newPairs: [string, string][]): Outcome {
     const { storage, users, sessions, messages } = this.sv;
     switch (c.k) {
       case "register": {
-        if ((r.login !== undefined || overlay.claimed("login", c.login)) ) return { k: "taken", index: "login" };
-        if (r.nick !== undefined || overlay.claimed("nick", c.nick)) return { k: "taken", index: "nick" };
+        if (overlay.holder("login", c.login, r.login) !== undefined) return { k: "taken", index: "login" };
+        if (overlay.holder("nick", c.nick, r.nick) !== undefined) return { k: "taken", index: "nick" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
         const user: UserRecord = { uid: c.uid, num: users.nextNum(), login: c.login, nick: c.nick, hash: c.hash, email: "", phone: "", picture: "", status: "", created: c.t };
         storage.commitLazy([...users.saveOps(user), ...sessions.createHashedOps(c.sid, { uid: c.uid, created: c.t, expires: c.expires }, c.t * 1000)]);
-        overlay.claim("login", c.login);
-        overlay.claim("nick", c.nick);
+        overlay.claim("login", c.login, c.uid);
+        overlay.claim("nick", c.nick, c.uid);
         overlay.users.set(c.uid, user);
         overlay.sessions.set(c.uid, [{ hash: c.sid, expires: c.expires, issued: c.t * 1000 }]);
         return { k: "registered", user };
@@ -205,7 +274,7 @@ export class Cluster {
         }
         storage.commitLazy(ops);
         overlay.sessions.set(c.uid, list.filter((s) => !evicted.has(s.hash)));
-        if (evicted.size > 0) ended.push([c.uid, evicted]);
+        if (evicted.size > 0) end({ uid: c.uid, hashes: evicted, reason: "too many sessions: this one, the oldest, was ended", close: false });
         return { k: "session" };
       }
       case "msg": {
@@ -228,13 +297,71 @@ export class Cluster {
         const event: MessageEvent = { kind: "message", m, text: c.cmid === undefined ? text : undefined, inbox: c.to };
         return { k: "sent", sent: new MessageSent(m.mid, m.time), event, audience };
       }
+      case "logout": {
+        storage.commitLazy(sessions.revokeOps(c.uid, c.sid, c.expires));
+        const list = overlay.sessions.get(c.uid);
+        if (list) overlay.sessions.set(c.uid, list.filter((x) => x.hash !== c.sid));
+        end({ uid: c.uid, hashes: new Set([c.sid]), reason: "the session was logged out", close: false, conn: c.conn });
+        return { k: "done" };
+      }
+      case "password": {
+        const prev = overlay.users.get(c.uid) ?? r.user;
+        if (!prev || prev.hash !== c.checked) return { k: "refused", reason: "the password was changed meanwhile" };
+        const next: UserRecord = { ...prev, hash: c.hash };
+        const others = (overlay.sessions.get(c.uid) ?? r.sessions ?? []).filter((x) => x.hash !== c.keep);
+        storage.commitLazy([...users.saveOps(next, prev), ...others.flatMap((x) => sessions.revokeOps(c.uid, x.hash, x.expires))]);
+        overlay.users.set(c.uid, next);
+        overlay.sessions.set(c.uid, (overlay.sessions.get(c.uid) ?? r.sessions ?? []).filter((x) => x.hash === c.keep));
+        end({ uid: c.uid, except: c.keep, reason: "the password was changed", close: true });
+        return { k: "done" };
+      }
+      case "contact": {
+        if (c.add && !r.user && !overlay.users.has(c.uid)) return { k: "nouser" };
+        storage.commitLazy(c.add ? this.sv.contacts.addOps(c.owner, c.uid) : this.sv.contacts.removeOps(c.owner, c.uid));
+        return { k: "done" };
+      }
+      case "profile": {
+        const prev = overlay.users.get(c.uid) ?? r.user;
+        if (!prev) return { k: "nouser" };
+        const next: UserRecord = { ...prev };
+        if (c.status !== undefined) next.status = c.status;
+        if (c.email !== undefined) next.email = c.email;
+        if (c.phone !== undefined) next.phone = c.phone;
+        if (c.picture !== undefined) next.picture = c.picture;
+        const heldByOther = (index: "email" | "phone", inView: string | undefined) => {
+          const h = overlay.holder(index, next[index], inView);
+          return h !== undefined && h !== c.uid;
+        };
+        if (next.email && next.email !== prev.email && heldByOther("email", r.email)) return { k: "taken", index: "email" };
+        if (next.phone && next.phone !== prev.phone && heldByOther("phone", r.phone)) return { k: "taken", index: "phone" };
+        storage.commitLazy(users.saveOps(next, prev));
+        if (next.email !== prev.email) {
+          overlay.release("email", prev.email);
+          if (next.email) overlay.claim("email", next.email, c.uid);
+        }
+        if (next.phone !== prev.phone) {
+          overlay.release("phone", prev.phone);
+          if (next.phone) overlay.claim("phone", next.phone, c.uid);
+        }
+        overlay.users.set(c.uid, next);
+        return { k: "done" };
+      }
+      default:
+        throw unknownCommand(c);
     }
   }
+}
+
+/** A command of a newer version: this node cannot follow the log until it is upgraded. */
+function unknownCommand(c: never): Error {
+  return new Error(`the cluster log holds a command this version does not know (${JSON.stringify((c as { k?: unknown }).k)}): upgrade this node`);
 }
 
 interface Reads {
   login?: string;
   nick?: string;
+  email?: string;
+  phone?: string;
   user?: UserRecord;
   sessions?: StoredSession[];
   earlier?: [string, number];
@@ -242,16 +369,24 @@ interface Reads {
 
 /** What the commands of one apply call have done so far (see the top of the file). */
 class Overlay {
-  private readonly names = new Set<string>();
+  /** Unique values claimed (→ uid) or released (→ "") so far in this call. */
+  private readonly names = new Map<string, string>();
   readonly users = new Map<string, UserRecord>();
   readonly sessions = new Map<string, StoredSession[]>();
   readonly cmids = new Map<string, [string, number]>();
 
-  claim(index: "login" | "nick", value: string): void {
-    this.names.add(`${index}:${indexKey(index, value)}`);
+  claim(index: UniqueIndex, value: string, uid: string): void {
+    this.names.set(`${index}:${indexKey(index, value)}`, uid);
   }
 
-  claimed(index: "login" | "nick", value: string): boolean {
-    return this.names.has(`${index}:${indexKey(index, value)}`);
+  release(index: UniqueIndex, value: string): void {
+    if (value) this.names.set(`${index}:${indexKey(index, value)}`, "");
+  }
+
+  /** Who holds `value` after this call's commands so far; `inView`: its holder in the view. */
+  holder(index: UniqueIndex, value: string, inView: string | undefined): string | undefined {
+    const h = this.names.get(`${index}:${indexKey(index, value)}`);
+    if (h === undefined) return inView;
+    return h === "" ? undefined : h;
   }
 }

@@ -69,6 +69,7 @@ export function registerContacts(sv: Services): void {
 
   dispatcher.register<{ uid: string }>({
     name: "addcontact",
+    cluster: true,
     schema: { type: "object", required: ["uid"], properties: { uid: requiredString(64) } },
     async handle(req) {
       const me = req.session.uid as string;
@@ -77,6 +78,12 @@ export function registerContacts(sv: Services): void {
       const u = await users.get(uid);
       if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
       if (await contacts.has(me, uid)) throw new ProtocolError(Code.AlreadyExist, "that user is already in your contact list");
+      if (sv.cluster) {
+        if ((await sv.cluster.append({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
+          throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+        }
+        return { user: contactCard(u) };
+      }
       await storage.commit(contacts.addOps(me, uid));
       return { user: contactCard(u) };
     },
@@ -84,6 +91,7 @@ export function registerContacts(sv: Services): void {
 
   dispatcher.register<{ uid: string }>({
     name: "delcontact",
+    cluster: true,
     schema: { type: "object", required: ["uid"], properties: { uid: requiredString(64) } },
     async handle(req) {
       const me = req.session.uid as string;
@@ -92,7 +100,8 @@ export function registerContacts(sv: Services): void {
         if (!(await users.get(uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         return { uid }; // not listed: nothing to remove
       }
-      await storage.commit(contacts.removeOps(me, uid));
+      if (sv.cluster) await sv.cluster.append({ k: "contact", owner: me, uid, add: false });
+      else await storage.commit(contacts.removeOps(me, uid));
       return { uid };
     },
   });

@@ -51,6 +51,7 @@ export function registerProfiles(sv: Services): UserDirectory {
 
   dispatcher.register<SetUserInfo>({
     name: "setuserinfo",
+    cluster: true,
     schema: {
       type: "object",
       properties: {
@@ -85,6 +86,20 @@ export function registerProfiles(sv: Services): UserDirectory {
         if (d.picture !== undefined) {
           if (!isBase64(d.picture)) throw new ProtocolError(Code.InvalidData, "'picture' is not valid base64");
           next.picture = d.picture;
+        }
+        if (sv.cluster) {
+          // The log decides who gets a contested email or phone (features/cluster.ts).
+          const out = await sv.cluster.append({
+            k: "profile",
+            uid,
+            status: d.user_status,
+            email: d.email === undefined ? undefined : next.email,
+            phone: d.phone === undefined ? undefined : next.phone,
+            picture: d.picture,
+          });
+          if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} belongs to another user`);
+          if (out.k !== "done") throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
+          return;
         }
         const unique: [UniqueIndex, string][] = [];
         if (next.email && next.email !== prev.email) unique.push(["email", next.email]);

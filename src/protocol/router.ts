@@ -111,13 +111,27 @@ export class Router implements Delivery {
     return false;
   }
 
+  /** Cluster mode: the users other nodes have online (cluster/presence.ts). */
+  elsewhere: ReadonlyMap<string, unknown> | undefined;
+
+  /** Online here or, in cluster mode, on another node. */
   isOnline(uid: string): boolean {
+    return this.users.has(uid) || this.elsewhere?.has(uid) === true;
+  }
+
+  /** Has a connection to this process. */
+  isHere(uid: string): boolean {
     return this.users.has(uid);
   }
 
-  /** The users online (a live view, keyed by uid; read it within the current turn). */
-  get online(): ReadonlyMap<string, unknown> {
+  /** This process's users online (a live view, keyed by uid; read it within the current turn). */
+  get here(): ReadonlyMap<string, unknown> {
     return this.users;
+  }
+
+  /** The users online, on any node (a live view; read it within the current turn). */
+  get online(): UserSet {
+    return this.elsewhere ? new Union(this.users, this.elsewhere) : this.users;
   }
 
   sessions(uid: string): readonly Session[] {
@@ -253,3 +267,24 @@ export class Router implements Delivery {
 }
 
 const NONE: readonly Session[] = [];
+
+/** A set of uids as the presence counts read it. */
+export type UserSet = Pick<ReadonlyMap<string, unknown>, "has" | "size" | "keys">;
+
+/** Two key sets read as one (their sizes add up: an upper bound, enough for a choice of loop). */
+class Union implements UserSet {
+  constructor(
+    private readonly a: ReadonlyMap<string, unknown>,
+    private readonly b: ReadonlyMap<string, unknown>,
+  ) {}
+  has(key: string): boolean {
+    return this.a.has(key) || this.b.has(key);
+  }
+  get size(): number {
+    return this.a.size + this.b.size;
+  }
+  *keys(): MapIterator<string> {
+    yield* this.a.keys();
+    for (const k of this.b.keys()) if (!this.a.has(k)) yield k;
+  }
+}

@@ -150,7 +150,7 @@ export class ChannelStore {
    * smaller of the two sets, without copying or sorting either, so a listed channel
    * costs min(members, users online) lookups, not a copy of its member list.
    */
-  async countPresent(chid: string, present: ReadonlyMap<string, unknown>): Promise<number> {
+  async countPresent(chid: string, present: Pick<ReadonlyMap<string, unknown>, "has" | "size" | "keys">): Promise<number> {
     // A change in flight: the disk may be ahead of the cache (see the top).
     const uids = this.fresh(chid)?.uids ?? (this.unreported.has(chid) ? new Set(await this.members(chid)) : await this.load(chid));
     let n = 0;

@@ -1,0 +1,142 @@
+// Who is online across the cluster's nodes, over core NATS (not stored: presence is
+// what is true now, and a node that starts asks the others).
+//
+// Each node announces its own users' transitions (first connection, last one gone) on
+// `<stream>.presence`, a heartbeat every HEARTBEAT_MS, and its whole list when a node
+// says hello (in pages). A node silent for EXPIRE_MS (killed) loses its users. A user
+// is online when any node has a connection of theirs; `onChange` hears the cluster-wide
+// transitions, on every node, so each sends ev_presence to its own connections.
+
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
+import type { Logger } from "pino";
+
+const HEARTBEAT_MS = 2_000;
+const EXPIRE_MS = 3 * HEARTBEAT_MS + 500;
+/** uids per snapshot message (well under NATS's 1 MiB payload). */
+const PAGE = 5_000;
+
+type Note =
+  | { o: string; u: string; on: boolean }
+  | { o: string; hb: true }
+  | { o: string; hello: true }
+  | { o: string; all: string[] };
+
+export class ClusterPresence {
+  /** Other nodes' online users: uid → the origins that have them. */
+  private readonly remote = new Map<string, Set<string>>();
+  private readonly byOrigin = new Map<string, { seen: number; users: Set<string> }>();
+  private sub: Subscription | undefined;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly nc: NatsConnection,
+    private readonly subject: string,
+    private readonly origin: string,
+    /** This node's users online (the router's). */
+    private readonly localHas: (uid: string) => boolean,
+    private readonly localUsers: () => Iterable<string>,
+    private readonly onChange: (uid: string, online: boolean) => void,
+    private readonly log: Logger,
+  ) {}
+
+  start(): void {
+    const sub = this.nc.subscribe(this.subject);
+    this.sub = sub;
+    void (async () => {
+      for await (const m of sub) {
+        try {
+          this.receive(m.json<Note>());
+        } catch (err) {
+          this.log.warn({ err }, "a presence note could not be read");
+        }
+      }
+    })();
+    this.send({ o: this.origin, hello: true });
+    this.timer = setInterval(() => {
+      this.send({ o: this.origin, hb: true });
+      this.expire();
+    }, HEARTBEAT_MS);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.sub?.unsubscribe();
+  }
+
+  /** Whether another node has a connection of `uid`. */
+  has(uid: string): boolean {
+    return this.remote.has(uid);
+  }
+
+  /** Other nodes' online users (a live view). */
+  get users(): ReadonlyMap<string, unknown> {
+    return this.remote;
+  }
+
+  /** This node's first connection of `uid` (true) or its last one gone (false). */
+  local(uid: string, online: boolean): void {
+    this.send({ o: this.origin, u: uid, on: online });
+    if (!this.remote.has(uid)) this.onChange(uid, online);
+  }
+
+  private send(note: Note): void {
+    try {
+      this.nc.publish(this.subject, JSON.stringify(note));
+    } catch (err) {
+      // Disconnected: the next hello or snapshot after the reconnect puts it right.
+      this.log.debug({ err }, "presence note not sent");
+    }
+  }
+
+  private receive(note: Note): void {
+    if (note.o === this.origin) return;
+    const node = this.node(note.o);
+    if ("hello" in note) {
+      const all = [...this.localUsers()];
+      for (let i = 0; i < all.length || i === 0; i += PAGE) this.send({ o: this.origin, all: all.slice(i, i + PAGE) });
+    } else if ("all" in note) {
+      for (const uid of note.all) this.set(note.o, node.users, uid, true);
+    } else if ("u" in note) {
+      this.set(note.o, node.users, note.u, note.on);
+    }
+  }
+
+  private node(origin: string): { seen: number; users: Set<string> } {
+    let node = this.byOrigin.get(origin);
+    if (!node) {
+      this.byOrigin.set(origin, (node = { seen: 0, users: new Set() }));
+      // A node heard of for the first time (it started, or this one did): its list.
+      this.send({ o: this.origin, hello: true });
+    }
+    node.seen = Date.now();
+    return node;
+  }
+
+  private set(origin: string, users: Set<string>, uid: string, online: boolean): void {
+    const before = this.localHas(uid) || this.remote.has(uid);
+    let origins = this.remote.get(uid);
+    if (online) {
+      users.add(uid);
+      if (!origins) this.remote.set(uid, (origins = new Set()));
+      origins.add(origin);
+    } else {
+      users.delete(uid);
+      origins?.delete(origin);
+      if (origins?.size === 0) this.remote.delete(uid);
+    }
+    const after = this.localHas(uid) || this.remote.has(uid);
+    if (before !== after) this.onChange(uid, after);
+  }
+
+  /** Nodes not heard from for EXPIRE_MS (killed) lose their users. */
+  private expire(): void {
+    const now = Date.now();
+    for (const [origin, node] of this.byOrigin) {
+      if (now - node.seen < EXPIRE_MS) continue;
+      this.byOrigin.delete(origin);
+      this.log.warn({ node: origin, users: node.users.size }, "a cluster node went silent; its users are offline");
+      for (const uid of [...node.users]) this.set(origin, node.users, uid, false);
+    }
+  }
+}
