@@ -24,6 +24,8 @@ import net from "node:net";
 export interface GenConfig {
   proto: "wirechat" | "baseline";
   port: number;
+  /** s1/s2: the port recipients connect to (another cluster node); default `port`. */
+  recvPort?: number;
   serverPid: number;
   scenario: "s1" | "s2" | "s3";
   pairs: number;
@@ -123,8 +125,8 @@ class Conn {
   closed = false;
   private readonly connected: Promise<void>;
 
-  constructor() {
-    this.sock = net.connect({ host: HOST, port: cfg.port, noDelay: true });
+  constructor(port = cfg.port) {
+    this.sock = net.connect({ host: HOST, port, noDelay: true });
     this.connected = new Promise((resolve, reject) => {
       this.sock.once("connect", resolve);
       this.sock.once("error", reject);
@@ -316,8 +318,8 @@ interface Login {
   id: string;
 }
 
-async function logIn(name: string): Promise<Login> {
-  const conn = new Conn();
+async function logIn(name: string, port: number): Promise<Login> {
+  const conn = new Conn(port);
   try {
     await conn.ready();
     let id: string;
@@ -359,7 +361,8 @@ async function logInAll(n: number): Promise<{ logins: (Login | null)[]; failed: 
     while (next < n) {
       const i = next++;
       try {
-        logins[i] = await logIn(prefix + i);
+        // Pairs are (even, odd): recipients are the odd ones.
+        logins[i] = await logIn(prefix + i, i % 2 === 1 && cfg.scenario !== "s3" ? (cfg.recvPort ?? cfg.port) : cfg.port);
       } catch (e) {
         failed++;
         if (errorSamples.length < 5) errorSamples.push(`set-up: ${(e as Error).message}`.slice(0, 300));

@@ -151,6 +151,28 @@ describe("the replicated log", () => {
     await nodeA.close();
   });
 
+  it("sync() answers 16 when this node's apply does not reach the log's end within the write budget", async () => {
+    const stream = `LOG${++streams}`;
+    const a = new MemoryView();
+    const stuck = new MemoryView();
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const apply = stuck.apply;
+    stuck.apply = async (entries, position) => {
+      await held; // a view that stopped making progress (a stalled disk)
+      return apply(entries, position);
+    };
+    const nodeA = await open(stream, "a", a);
+    const nodeS = await open(stream, "s", stuck, 1_000);
+    await nodeA.append({ k: "note", text: "x" });
+    await expect(nodeS.sync()).rejects.toMatchObject({ code: Code.Unavailable });
+    release();
+    await nodeS.sync(); // caught up once the view moves again
+    expect(stuck.applied).toEqual(a.applied);
+    await nodeA.close();
+    await nodeS.close();
+  });
+
   it("answers 16 while the engine is down, never a false success, and works again once it is back", async () => {
     const stream = `LOG${++streams}`;
     const a = new MemoryView();

@@ -288,14 +288,35 @@ describe("cluster mode: a node that was away", () => {
 });
 
 describe("cluster mode: faults", () => {
+  it("with the engine gone, requests that need it answer 16 and SIGTERM still stops the node", async () => {
+    const own = await NatsServer.start();
+    const dir = tempDir();
+    const k = await ChildServer.start(dir, ["--nats", own.url, "--node-id", "orphan", "--admin", "off"]);
+    const a = await registerUser(k.port);
+    await own.kill();
+    // Within the write budget (10 s): at once once the client has seen the disconnect.
+    a.client.send("message", { uid: a.uid, body: "to myself", cmid: "x" });
+    const r = (await a.client.reply("message", 20_000)).data;
+    expect(r.status).toBe(16);
+    expect((await a.client.request("ping")).status).toBe(0);
+    k.proc.kill("SIGTERM");
+    expect(await k.exited).toBe(0);
+    a.client.close();
+    await own.stop();
+    removeDir(dir);
+  });
+
+
   it("kill -9 of the sender's node under load loses no acknowledged message; resent through another node, each arrives once", async () => {
     const dir = tempDir();
     const k = await ChildServer.start(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "doomed", "--admin", "off"]);
     const alice = await registerUser(k.port);
     const bob = await registerUser(node(0));
-    const n = 1500;
-    const acked = new Map<string, string>(); // cmid -> mid
+    const n = 3000;
+    const windowSize = 100;
+    const acked = new Map<string, string>(); // index -> mid
     let killed = false;
+    let wake: (() => void) | undefined;
     const replies = (async () => {
       for (;;) {
         const f = await Promise.race([alice.client.next((x) => x.action === "message", 20_000).catch(() => undefined), alice.client.closed.then(() => undefined)]);
@@ -303,13 +324,23 @@ describe("cluster mode: faults", () => {
         expect(f.data.status).toBe(0);
         // Replies come in request order: the i-th answers cmid k<i>.
         acked.set(String(acked.size), f.data.mid);
+        wake?.();
         if (acked.size >= 300 && !killed) {
           killed = true;
           k.proc.kill("SIGKILL");
         }
       }
     })();
-    for (let i = 0; i < n; i++) alice.client.send("message", { uid: bob.uid, body: `k${i}`, cmid: `k${i}` });
+    // A client with up to 100 messages in flight, until its connection is cut.
+    let sent = 0;
+    while (sent < n && !alice.client.isClosed) {
+      if (sent - acked.size >= windowSize) {
+        await Promise.race([new Promise<void>((r) => (wake = r)), alice.client.closed]);
+        continue;
+      }
+      alice.client.send("message", { uid: bob.uid, body: `k${sent}`, cmid: `k${sent}` });
+      sent++;
+    }
     await k.exited;
     await alice.client.closed;
     await replies;

@@ -101,6 +101,8 @@ export const WRITE_BUDGET_MS = 10_000;
 const DUPLICATE_WINDOW_MS = 120_000;
 /** Bytes of commands per entry: below NATS's default max_payload of 1 MiB, with room for headers. */
 const MAX_ENTRY_BYTES = 900 * 1024;
+/** How long close() lets the connection drain. */
+const CLOSE_WAIT_MS = 2_000;
 /** Entries received and not yet applied before reading from the stream pauses. */
 const MAX_UNAPPLIED = 1_024;
 
@@ -216,19 +218,44 @@ export class JetStreamLog<C, R> {
     } catch (err) {
       throw unavailable("the cluster's message store is unreachable", err);
     }
-    await this.syncTo(last);
+    await this.syncTo(last, this.writeBudgetMs);
   }
 
-  private syncTo(seq: number): Promise<void> {
+  /** Resolves once `seq` is applied; past `withinMs` (if given), 16: the log stopped coming. */
+  private syncTo(seq: number, withinMs?: number): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.applied.seq >= seq) return Promise.resolve();
-    return new Promise((resolve, reject) => this.barriers.push({ seq, resolve, reject }));
+    return new Promise((resolve, reject) => {
+      const barrier = { seq, resolve, reject };
+      this.barriers.push(barrier);
+      if (withinMs === undefined) return;
+      const timer = setTimeout(() => {
+        const i = this.barriers.indexOf(barrier);
+        if (i < 0) return;
+        this.barriers.splice(i, 1);
+        reject(unavailable("this node is behind the cluster log and not catching up; try again"));
+      }, withinMs);
+      barrier.resolve = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      barrier.reject = (err) => {
+        clearTimeout(timer);
+        reject(err);
+      };
+    });
   }
 
   async close(): Promise<void> {
     this.closed = true;
     this.messages?.stop();
-    await this.nc.drain().catch(() => {});
+    // A drain flushes what is pending; with the engine unreachable it would wait for the
+    // reconnect for ever, and a stopping node must stop.
+    let timer: NodeJS.Timeout | undefined;
+    const gaveUp = new Promise<void>((resolve) => (timer = setTimeout(resolve, CLOSE_WAIT_MS)));
+    await Promise.race([this.nc.drain().catch(() => {}), gaveUp]);
+    clearTimeout(timer);
+    if (!this.nc.isClosed()) await this.nc.close().catch(() => {});
   }
 
   /** Publishes gathered commands, one entry at a time, until none are left. */

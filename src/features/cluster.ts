@@ -191,7 +191,7 @@ export class Cluster {
                 return { user, earlier };
               }
               case "logout":
-                return {};
+                return { sessions: await sessions.list(c.uid) };
               case "password": {
                 const [user, list] = await Promise.all([users.get(c.uid), sessions.list(c.uid)]);
                 return { user, sessions: list };
@@ -299,8 +299,8 @@ export class Cluster {
       }
       case "logout": {
         storage.commitLazy(sessions.revokeOps(c.uid, c.sid, c.expires));
-        const list = overlay.sessions.get(c.uid);
-        if (list) overlay.sessions.set(c.uid, list.filter((x) => x.hash !== c.sid));
+        // Later commands of this call see it gone, however the calls were cut on other nodes.
+        overlay.sessions.set(c.uid, (overlay.sessions.get(c.uid) ?? r.sessions ?? []).filter((x) => x.hash !== c.sid));
         end({ uid: c.uid, hashes: new Set([c.sid]), reason: "the session was logged out", close: false, conn: c.conn });
         return { k: "done" };
       }

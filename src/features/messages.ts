@@ -182,22 +182,34 @@ export function registerMessages(sv: Services): void {
   /**
    * Cluster mode: the message goes through the log (features/cluster.ts), where its
    * mid is assigned and a cmid already used is found; the reply waits for the local
-   * apply.
+   * apply. Like a single node's, it is pipelined: the request's Deferred settles then,
+   * and the connection's next request starts at once (appends keep its order).
    */
-  async function clusterMessage(req: Request<MessageData>, me: string, to: string | undefined, channel: string | undefined, body: string, cmid: string | undefined): Promise<MessageSent> {
+  function clusterMessage(req: Request<MessageData>, me: string, to: string | undefined, channel: string | undefined, body: string, cmid: string | undefined): Deferred | Promise<Deferred> {
     const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
     if (channel !== undefined) throw new ProtocolError(Code.Unavailable, "channel messages are not available in cluster mode yet");
     if (req.attachment) throw new ProtocolError(Code.Unavailable, "attachments are not available in cluster mode yet");
-    const s = req.session;
-    const nick = s.nick as string;
-    // A recipient registered through another node a moment ago: this node may not have it yet.
-    if (!(await users.get(to as string))) await cluster.sync();
-    if (s.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
-    const out = await cluster.append({ k: "msg", t: nowSeconds(), from: me, nick, to: to as string, body, ...(cmid === undefined ? {} : { cmid }) });
-    if (out.k === "nouser") throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
-    if (out.k !== "sent") throw new ProtocolError(Code.Unavailable, "the message could not be stored; resend it with the same cmid");
-    // Its event is the applier's to send, in log order (features/cluster.ts).
-    return out.sent;
+    const append = (): Deferred => {
+      const s = req.session;
+      if (s.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
+      const d = req.deferred();
+      cluster.append({ k: "msg", t: nowSeconds(), from: me, nick: s.nick as string, to: to as string, body, ...(cmid === undefined ? {} : { cmid }) }).then(
+        (out) => {
+          // Its event is the applier's to send, in log order (features/cluster.ts).
+          if (out.k === "sent") d.resolve(out.sent);
+          else if (out.k === "nouser") d.reject(new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`));
+          else d.reject(new ProtocolError(Code.Unavailable, "the message could not be stored; resend it with the same cmid"));
+        },
+        (err: unknown) => d.reject(err),
+      );
+      return d;
+    };
+    if (users.peek(to as string) !== undefined) return append();
+    return (async () => {
+      // A recipient registered through another node a moment ago: this node may not have it yet.
+      if (!(await users.get(to as string))) await cluster.sync();
+      return append();
+    })();
   }
 
   dispatcher.register<MessageData>({
