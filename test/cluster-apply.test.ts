@@ -2,7 +2,8 @@
 // outcomes on every node, however each node happened to cut the log into apply calls
 // (one node applies entries one by one, another gathered many in one call). A
 // fast-check property over random command sequences with contested logins, nicks,
-// emails, sessions past the cap, logouts, password changes, contacts and cmids.
+// emails, sessions past the cap, logouts, password changes, contacts, cmids, edits
+// and deletions.
 
 import fc from "fast-check";
 import pino from "pino";
@@ -58,6 +59,8 @@ const command: fc.Arbitrary<Command> = fc.oneof(
     },
     { requiredKeys: ["k", "t", "from", "nick", "to", "body"] },
   ),
+  fc.record({ k: fc.constant("edit" as const), t: fc.integer({ min: 2000, max: 3000 }), mid: fc.constantFrom("1", "2", "3", "4"), by: fc.constantFrom(...UIDS), body: fc.constantFrom("fixed", "again") }),
+  fc.record({ k: fc.constant("del" as const), mid: fc.constantFrom("1", "2", "3", "4"), by: fc.constantFrom(...UIDS) }),
 );
 
 type Apply = (entries: StoredEntry<Command>[], position: ViewPosition) => Promise<Outcome[][]>;
@@ -82,6 +85,10 @@ function brief(o: Outcome): string {
       return `sent ${o.sent.mid} ${o.event ? "new" : "again"}`;
     case "taken":
       return `taken ${o.index}`;
+    case "edited":
+      return `edited ${o.edited}`;
+    case "nomsg":
+      return `nomsg ${o.forbidden}`;
     case "registered":
       return `registered ${o.user.uid} ${o.user.num}`;
     default:
@@ -132,6 +139,18 @@ describe("cluster apply", () => {
               { k: "session", t: 1003, uid: "u0", sid: "s3", expires: 1_000_000, checked: "h0", cap: 2 },
             ],
             [true, true, true, false, true, ...Array<boolean>(35).fill(true)],
+          ],
+          // A message and its edit, then its deletion, in one call: each change must see
+          // the message written, as a node that applied them apart does.
+          [
+            [
+              { k: "register", t: 1000, uid: "u0", login: "ann", nick: "n0", hash: "h0", sid: "s0", expires: 1_000_000 },
+              { k: "msg", t: 1001, from: "u0", nick: "n0", to: "u0", body: "hi" },
+              { k: "edit", t: 2000, mid: "1", by: "u0", body: "fixed" },
+              { k: "msg", t: 1002, from: "u0", nick: "n0", to: "u0", body: "yo" },
+              { k: "del", mid: "2", by: "u0" },
+            ],
+            [true, false, false, false, true, ...Array<boolean>(35).fill(true)],
           ],
         ],
       },

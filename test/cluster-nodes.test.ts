@@ -236,6 +236,24 @@ describe("cluster mode: direct messages", () => {
     for (const c of [alice.client, bob.client, again.client]) c.close();
   });
 
+  it("an edit and a delete made through one node reach the conversation on the others; only the author may", async () => {
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(node(1));
+    const sent = await alice.client.request("message", { uid: bob.uid, body: "typo" });
+    expect((await evMessages(bob.client, 1))[0].mid).toBe(sent.mid);
+    const aliceElsewhere = await login(node(2), alice.login);
+    const edit = await aliceElsewhere.client.request("editmessage", { mid: sent.mid, body: "fixed" });
+    expect(edit.status).toBe(0);
+    expect(await bob.client.event("ev_edit")).toMatchObject({ mid: sent.mid, body: "fixed", edited: edit.edited });
+    expect((await bob.client.request("editmessage", { mid: sent.mid, body: "mine now" })).status).toBe(15);
+    expect((await bob.client.request("history", { uid: alice.uid })).messages[0]).toMatchObject({ mid: sent.mid, body: "fixed" });
+    expect((await alice.client.request("delmessage", { mid: sent.mid })).status).toBe(0);
+    expect(await bob.client.event("ev_delmessage")).toMatchObject({ mid: sent.mid });
+    for (const c of [alice.client, bob.client, aliceElsewhere.client]) expect((await c.request("history", { uid: c === bob.client ? alice.uid : bob.uid })).messages).toEqual([]);
+    expect((await aliceElsewhere.client.request("delmessage", { mid: sent.mid })).status).toBe(14);
+    for (const c of [alice.client, bob.client, aliceElsewhere.client]) c.close();
+  });
+
   it("what cluster mode does not serve yet answers 16, and the connection stays usable", async () => {
     const a = await registerUser(node(1));
     const r = await a.client.request("createchannel", { name: uniqueName("ch") });

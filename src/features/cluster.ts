@@ -8,18 +8,20 @@
 // come from the same counters at the same place in the log, and a contested login is
 // won, on every node, by whichever register the stream holds first.
 //
-// One apply call is one LevelDB batch, written with the log position it reaches: a
-// node that stops resumes from a position its view really has. All reads an apply
+// One apply segment is one LevelDB batch, written with the log position it reaches: a
+// node that stops resumes from a position its view really has. A segment is the
+// entries of one apply call, except that an entry editing or deleting a message is a
+// segment of its own (its reads must see the messages before it written). All reads an apply
 // needs are made first (phase 1); then every command is decided and written in one
 // synchronous pass (phase 2), so no batch can be flushed half-way. Commands within
-// one call see each other's effects through a small overlay (the names claimed, the
-// sessions issued and the cmids taken so far in the call).
+// one segment see each other's effects through a small overlay (the names claimed, the
+// sessions issued, the cmids taken and the messages changed so far in the segment).
 //
 // What cluster mode serves so far: register, auth (password and sid), logout,
-// changepassword, setuserinfo, addcontact, delcontact, direct messages (with cmid), and
-// the read-only actions; every other action answers 16 (see ActionSpec.cluster).
-// Presence, channels, attachments, deleteaccount and the operator's writes come next
-// (issue 12).
+// changepassword, setuserinfo, addcontact, delcontact, direct messages (with cmid),
+// their edits and deletions, and the read-only actions; every other action answers 16
+// (see ActionSpec.cluster). Channels, attachments, deleteaccount and the operator's
+// writes come next (issue 12).
 
 import type { Logger } from "pino";
 import { ClusterPresence } from "../cluster/presence.js";
@@ -27,7 +29,7 @@ import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from ".
 import { MessageSent } from "../protocol/codec.js";
 import type { Event, Audience, MessageEvent } from "../protocol/events.js";
 import type { MessageRecord, UserRecord } from "../storage/layout.js";
-import { put } from "../storage/db.js";
+import { put, type BatchOp } from "../storage/db.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
 import type { StoredSession } from "../storage/sessions.js";
 import type { Services } from "./services.js";
@@ -64,12 +66,18 @@ export type Command =
   | { k: "password"; uid: string; hash: string; checked: string; keep: string }
   | { k: "contact"; owner: string; uid: string; add: boolean }
   /** setuserinfo: the fields given (already normalised); email and phone are unique. */
-  | { k: "profile"; uid: string; status?: string; email?: string; phone?: string; picture?: string };
+  | { k: "profile"; uid: string; status?: string; email?: string; phone?: string; picture?: string }
+  /** editmessage and delmessage, by the message's author `by`. */
+  | { k: "edit"; t: number; mid: string; by: string; body: string }
+  | { k: "del"; mid: string; by: string };
 
 export type Outcome =
   | { k: "registered"; user: UserRecord }
   | { k: "taken"; index: UniqueIndex }
   | { k: "done" }
+  | { k: "edited"; edited: number }
+  /** The message is gone (14), or `forbidden`: it is someone else's (15). */
+  | { k: "nomsg"; forbidden: boolean }
   | { k: "session" }
   | { k: "refused"; reason: string }
   | { k: "sent"; sent: MessageSent; event: MessageEvent | undefined; audience: Audience }
@@ -170,7 +178,27 @@ export class Cluster {
     return (this.journal as JetStreamLog<Command, Outcome>).sync();
   }
 
+  /**
+   * Applies entries in segments: an entry that edits or deletes a message is a segment
+   * of its own, so that its reads (the record, its history chunk) see every message
+   * before it already written, however the log was cut into calls.
+   */
   private async apply(entries: StoredEntry<Command>[], position: ViewPosition): Promise<Outcome[][]> {
+    const outcomes: Outcome[][] = [];
+    let from = 0;
+    while (from < entries.length) {
+      let to = from + 1;
+      if (!changesMessages(entries[from])) while (to < entries.length && !changesMessages(entries[to])) to++;
+      const segment = entries.slice(from, to);
+      const last = segment[segment.length - 1];
+      const at = to === entries.length ? position : { created: position.created, seq: last.seq, id: last.id };
+      for (const o of await this.applySegment(segment, at)) outcomes.push(o);
+      from = to;
+    }
+    return outcomes;
+  }
+
+  private async applySegment(entries: StoredEntry<Command>[], position: ViewPosition): Promise<Outcome[][]> {
     const { storage, users, sessions, messages, router } = this.sv;
     // Phase 1: every read the commands need, before anything is written.
     const reads = await Promise.all(
@@ -206,6 +234,12 @@ export class Cluster {
                 ]);
                 return { user, email, phone };
               }
+              case "edit":
+                return { message: await messages.get(c.mid) };
+              case "del": {
+                const m = await messages.get(c.mid);
+                return { message: m, removal: m && m.from === c.by ? await messages.removeOps(m) : undefined };
+              }
               default:
                 throw unknownCommand(c);
             }
@@ -222,7 +256,7 @@ export class Cluster {
     const outcomes = entries.map((e, i) =>
       e.entry.c.map((c, j) => {
         const r = reads[i][j];
-        const out = this.decide(c, r, overlay, (x) => ended.push([x, e.entry.o === mine]), newPairs);
+        const out = this.decide(c, r, overlay, (x) => ended.push([x, e.entry.o === mine]), newPairs, events);
         if (out.k === "sent" && out.event) events.push([out.event, out.audience]);
         return out;
       }),
@@ -241,7 +275,7 @@ export class Cluster {
     return outcomes;
   }
 
-  private decide(c: Command, r: Reads, overlay: Overlay, end: (x: SessionsEnded) => void, newPairs: [string, string][]): Outcome {
+  private decide(c: Command, r: Reads, overlay: Overlay, end: (x: SessionsEnded) => void, newPairs: [string, string][], events: [Event, Audience][]): Outcome {
     const { storage, users, sessions, messages } = this.sv;
     switch (c.k) {
       case "register": {
@@ -346,6 +380,23 @@ export class Cluster {
         overlay.users.set(c.uid, next);
         return { k: "done" };
       }
+      case "edit": {
+        const m = overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message;
+        if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
+        const next: MessageRecord = { ...m, body: c.body, edited: c.t };
+        storage.commitLazy(messages.updateOps(next));
+        overlay.messages.set(c.mid, next);
+        events.push([{ kind: "edit", mid: c.mid, body: c.body, edited: c.t }, messageAudience(m)]);
+        return { k: "edited", edited: c.t };
+      }
+      case "del": {
+        const m = overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message;
+        if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
+        storage.commitLazy(r.removal ?? []);
+        overlay.messages.set(c.mid, undefined);
+        events.push([{ kind: "delete", mid: c.mid }, messageAudience(m)]);
+        return { k: "done" };
+      }
       default:
         throw unknownCommand(c);
     }
@@ -357,6 +408,16 @@ function unknownCommand(c: never): Error {
   return new Error(`the cluster log holds a command this version does not know (${JSON.stringify((c as { k?: unknown }).k)}): upgrade this node`);
 }
 
+/** An entry that edits or deletes a message (applied as a segment of its own). */
+function changesMessages(e: StoredEntry<Command>): boolean {
+  return e.entry.c.some((c) => c.k === "edit" || c.k === "del");
+}
+
+function messageAudience(m: MessageRecord): Audience {
+  const to = m.to as string;
+  return { users: to === m.from ? [to] : [to, m.from] };
+}
+
 interface Reads {
   login?: string;
   nick?: string;
@@ -365,6 +426,8 @@ interface Reads {
   user?: UserRecord;
   sessions?: StoredSession[];
   earlier?: [string, number];
+  message?: MessageRecord;
+  removal?: BatchOp[];
 }
 
 /** What the commands of one apply call have done so far (see the top of the file). */
@@ -374,6 +437,8 @@ class Overlay {
   readonly users = new Map<string, UserRecord>();
   readonly sessions = new Map<string, StoredSession[]>();
   readonly cmids = new Map<string, [string, number]>();
+  /** Messages edited (the new record) or deleted (undefined) in this call. */
+  readonly messages = new Map<string, MessageRecord | undefined>();
 
   claim(index: UniqueIndex, value: string, uid: string): void {
     this.names.set(`${index}:${indexKey(index, value)}`, uid);

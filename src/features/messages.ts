@@ -21,6 +21,7 @@ import type { MessageEvent } from "../protocol/events.js";
 import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
 import { channelConv, convOf, directConv, type MessageRecord } from "../storage/layout.js";
+import type { Outcome } from "./cluster.js";
 import type { Services } from "./services.js";
 
 interface MessageData {
@@ -363,6 +364,13 @@ export function registerMessages(sv: Services): void {
   });
 
   /** Who hears of a change to `m`: both parties, or the channel's members. */
+  /** Why the log refused an edit or a delete (its events are the applier's to send). */
+  function clusterRefusal(out: Outcome, mid: string): ProtocolError {
+    if (out.k === "nomsg" && out.forbidden) return new ProtocolError(Code.Forbidden, "only its author can change a message");
+    if (out.k === "nomsg") return new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
+    return new ProtocolError(Code.Unavailable, "the change could not be applied; try again");
+  }
+
   function audienceOf(m: MessageRecord) {
     if (m.chid !== undefined) return { channel: m.chid };
     const to = m.to as string;
@@ -398,8 +406,16 @@ export function registerMessages(sv: Services): void {
 
   dispatcher.register<{ mid: string; body: string }>({
     name: "editmessage",
+    cluster: true,
     schema: { type: "object", required: ["mid", "body"], properties: { mid: MESSAGE_ID, body: { type: "string", minLength: 1 } } },
     async handle(req) {
+      if (sv.cluster) {
+        const me = req.session.uid as string;
+        await ownMessage(req.data.mid, me); // 14 or 15 from this node's view first
+        const out = await sv.cluster.append({ k: "edit", t: nowSeconds(), mid: req.data.mid, by: me, body: req.data.body });
+        if (out.k !== "edited") throw clusterRefusal(out, req.data.mid);
+        return { mid: req.data.mid, edited: out.edited };
+      }
       const edited = await changing(req.data.mid, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
         const next: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
@@ -413,8 +429,16 @@ export function registerMessages(sv: Services): void {
 
   dispatcher.register<{ mid: string }>({
     name: "delmessage",
+    cluster: true,
     schema: { type: "object", required: ["mid"], properties: { mid: MESSAGE_ID } },
     async handle(req) {
+      if (sv.cluster) {
+        const me = req.session.uid as string;
+        await ownMessage(req.data.mid, me);
+        const out = await sv.cluster.append({ k: "del", mid: req.data.mid, by: me });
+        if (out.k !== "done") throw clusterRefusal(out, req.data.mid);
+        return { mid: req.data.mid };
+      }
       const m = await changing(req.data.mid, async () => {
         const m = await ownMessage(req.data.mid, req.session.uid as string);
         const ops = await messages.removeOps(m);
