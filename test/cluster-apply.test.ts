@@ -2,8 +2,8 @@
 // outcomes on every node, however each node happened to cut the log into apply calls
 // (one node applies entries one by one, another gathered many in one call). A
 // fast-check property over random command sequences with contested logins, nicks,
-// emails, sessions past the cap, logouts, password changes, contacts, cmids, edits
-// and deletions.
+// emails, sessions past the cap, logouts, password changes, contacts, cmids, edits,
+// deletions and deleted accounts.
 
 import fc from "fast-check";
 import pino from "pino";
@@ -61,6 +61,7 @@ const command: fc.Arbitrary<Command> = fc.oneof(
   ),
   fc.record({ k: fc.constant("edit" as const), t: fc.integer({ min: 2000, max: 3000 }), mid: fc.constantFrom("1", "2", "3", "4"), by: fc.constantFrom(...UIDS), body: fc.constantFrom("fixed", "again") }),
   fc.record({ k: fc.constant("del" as const), mid: fc.constantFrom("1", "2", "3", "4"), by: fc.constantFrom(...UIDS) }),
+  fc.record({ k: fc.constant("deleteAccount" as const), uid: fc.constantFrom(...UIDS), checked: fc.constantFrom(...HASHES), conn: fc.constant(1) }),
 );
 
 type Apply = (entries: StoredEntry<Command>[], position: ViewPosition) => Promise<Outcome[][]>;

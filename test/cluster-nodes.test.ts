@@ -111,6 +111,27 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     a.client.close();
   });
 
+  it("deleteaccount on one node closes the account's connections on every node and frees its login everywhere", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(2));
+    expect((await b.client.request("addcontact", { uid: a.uid })).status).toBe(0);
+    const onB = await login(node(1), a.login);
+    const onC = await login(node(2), a.login);
+    expect((await a.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    await onB.client.closed;
+    await onC.client.closed;
+    expect((await b.client.request("contactlist")).list).toEqual([]);
+    for (let i = 0; i < 3; i++) {
+      const c = await Client.connect(node(i));
+      expect((await c.request("auth", { sid: a.sid })).status).toBe(2);
+      expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(7);
+      c.close();
+    }
+    const again = await registerUser(node(1), a.login);
+    expect(again.uid).not.toBe(a.uid);
+    for (const c of [a.client, b.client, again.client]) c.close();
+  });
+
   it("profiles and contacts written on one node read the same on the others; a contested email has one owner", async () => {
     const a = await registerUser(node(0));
     const b = await registerUser(node(1));

@@ -514,6 +514,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   dispatcher.register<{ pass: string }>({
     name: "deleteaccount",
+    cluster: true,
     schema: { type: "object", required: ["pass"], properties: { pass: PASS } },
     async handle(req) {
       const s = req.session;
@@ -522,6 +523,15 @@ export function registerAccounts(sv: Services): AccountOps {
       const checked = await verifiedSelf(s, req.data.pass);
       await underUser(uid, async () => {
         const user = await stillCurrent(s, uid, sid, checked);
+        if (sv.cluster) {
+          // Every node closes the account's connections as it applies this; this one is the handler's.
+          const out = await sv.cluster.append({ k: "deleteAccount", uid, checked: user.hash, conn: s.peer.id });
+          if (out.k !== "done") throw new ProtocolError(Code.InvalidPass, "the password was changed meanwhile");
+          leave(s);
+          s.logout();
+          s.log.info({ uid }, "account deleted");
+          return;
+        }
         const chids = await removeUser(user, "the account was deleted", s);
         req.after(() => deleted(uid, user.nick, chids));
         s.log.info({ uid }, "account deleted");

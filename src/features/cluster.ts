@@ -11,7 +11,8 @@
 // One apply segment is one LevelDB batch, written with the log position it reaches: a
 // node that stops resumes from a position its view really has. A segment is the
 // entries of one apply call, except that an entry editing or deleting a message is a
-// segment of its own (its reads must see the messages before it written). All reads an apply
+// segment of its own, and so is one that deletes an account (their reads must see
+// everything before them written). All reads an apply
 // needs are made first (phase 1); then every command is decided and written in one
 // synchronous pass (phase 2), so no batch can be flushed half-way. Commands within
 // one segment see each other's effects through a small overlay (the names claimed, the
@@ -19,8 +20,8 @@
 //
 // What cluster mode serves so far: register, auth (password and sid), logout,
 // changepassword, setuserinfo, addcontact, delcontact, direct messages (with cmid),
-// their edits and deletions, and the read-only actions; every other action answers 16
-// (see ActionSpec.cluster). Channels, attachments, deleteaccount and the operator's
+// their edits and deletions, deleteaccount, and the read-only actions; every other
+// action answers 16 (see ActionSpec.cluster). Channels, attachments and the operator's
 // writes come next (issue 12).
 
 import type { Logger } from "pino";
@@ -69,7 +70,9 @@ export type Command =
   | { k: "profile"; uid: string; status?: string; email?: string; phone?: string; picture?: string }
   /** editmessage and delmessage, by the message's author `by`. */
   | { k: "edit"; t: number; mid: string; by: string; body: string }
-  | { k: "del"; mid: string; by: string };
+  | { k: "del"; mid: string; by: string }
+  /** deleteaccount: refused if the hash checked is no longer the account's; `conn` is the caller's connection. */
+  | { k: "deleteAccount"; uid: string; checked: string; conn: number };
 
 export type Outcome =
   | { k: "registered"; user: UserRecord }
@@ -234,6 +237,26 @@ export class Cluster {
                 ]);
                 return { user, email, phone };
               }
+              case "deleteAccount": {
+                // Cluster mode has no channels yet, so there are no memberships to end.
+                const user = await users.get(c.uid);
+                if (!user || user.hash !== c.checked) return { user };
+                const { contacts } = this.sv;
+                const [mine, listedBy, list, forget] = await Promise.all([
+                  contacts.list(c.uid),
+                  contacts.listedBy(c.uid),
+                  sessions.list(c.uid),
+                  messages.forgetUserOps(c.uid),
+                ]);
+                const removal = [
+                  ...users.removeOps(user),
+                  ...mine.flatMap((x) => contacts.removeOps(c.uid, x)),
+                  ...listedBy.flatMap((owner) => contacts.removeOps(owner, c.uid)),
+                  ...list.flatMap((x) => sessions.revokeOps(c.uid, x.hash, x.expires)),
+                  ...forget,
+                ];
+                return { user, removal };
+              }
               case "edit":
                 return { message: await messages.get(c.mid) };
               case "del": {
@@ -264,6 +287,10 @@ export class Cluster {
     storage.commitLazy([put(storage.spaces.meta, POSITION_KEY, position)]);
     await new Promise<void>((resolve, reject) => storage.afterCommit((err) => (err ? reject(err) : resolve())));
     for (const u of overlay.users.values()) users.saved(u);
+    for (const uid of overlay.gone) {
+      users.forget(uid);
+      router.forgetOffline(uid);
+    }
     for (const [a, b] of newPairs) messages.peersKnown(a, b);
     for (const [x, byMe] of ended) this.onSessionsEnded?.(x, byMe);
     // Every event, this node's own included, goes out in log order: a connection is sent
@@ -380,6 +407,14 @@ export class Cluster {
         overlay.users.set(c.uid, next);
         return { k: "done" };
       }
+      case "deleteAccount": {
+        if (!r.user) return { k: "nouser" };
+        if (!r.removal) return { k: "refused", reason: "the password was changed meanwhile" };
+        storage.commitLazy(r.removal);
+        overlay.gone.push(c.uid);
+        end({ uid: c.uid, reason: "the account was deleted", close: true, conn: c.conn });
+        return { k: "done" };
+      }
       case "edit": {
         const m = overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message;
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
@@ -408,9 +443,12 @@ function unknownCommand(c: never): Error {
   return new Error(`the cluster log holds a command this version does not know (${JSON.stringify((c as { k?: unknown }).k)}): upgrade this node`);
 }
 
-/** An entry that edits or deletes a message (applied as a segment of its own). */
+/**
+ * An entry applied as a segment of its own: it edits or deletes a message, or deletes
+ * an account (their reads must see everything before them written).
+ */
 function changesMessages(e: StoredEntry<Command>): boolean {
-  return e.entry.c.some((c) => c.k === "edit" || c.k === "del");
+  return e.entry.c.some((c) => c.k === "edit" || c.k === "del" || c.k === "deleteAccount");
 }
 
 function messageAudience(m: MessageRecord): Audience {
@@ -437,6 +475,8 @@ class Overlay {
   readonly users = new Map<string, UserRecord>();
   readonly sessions = new Map<string, StoredSession[]>();
   readonly cmids = new Map<string, [string, number]>();
+  /** Accounts deleted in this segment (their caches go once it is written). */
+  readonly gone: string[] = [];
   /** Messages edited (the new record) or deleted (undefined) in this call. */
   readonly messages = new Map<string, MessageRecord | undefined>();
 
