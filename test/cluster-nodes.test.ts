@@ -14,6 +14,14 @@ let nats: NatsServer;
 const nodes: RunningServer[] = [];
 const stream = `WIRECHAT_T${process.pid}`;
 
+/** Child-process nodes, killed after the file even when a test failed half-way. */
+const children: ChildServer[] = [];
+async function startChild(dir: string, extra: string[]): Promise<ChildServer> {
+  const c = await ChildServer.start(dir, extra);
+  children.push(c);
+  return c;
+}
+
 function node(i: number): number {
   return nodes[i].port;
 }
@@ -24,6 +32,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  for (const c of children) if (c.proc.exitCode === null && c.proc.signalCode === null) c.proc.kill("SIGKILL");
   for (const n of nodes) {
     await n.stop();
     removeDir(n.services.config.dataDir);
@@ -181,7 +190,7 @@ describe("cluster mode: presence", () => {
 
   it("the users of a node that is killed go offline on the others", async () => {
     const dir = tempDir();
-    const k = await ChildServer.start(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "mortal", "--admin", "off"]);
+    const k = await startChild(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "mortal", "--admin", "off"]);
     const a = await registerUser(node(0));
     const c = await registerUser(k.port);
     expect((await a.client.request("addcontact", { uid: c.uid })).status).toBe(0);
@@ -289,7 +298,7 @@ describe("cluster mode: a node that was away", () => {
   it("catches up from the log before it listens, and a new node builds its view from the start", async () => {
     const dir = tempDir();
     const extra = ["--nats", nats.url, "--nats-stream", stream, "--node-id", "away", "--admin", "off"];
-    let away = await ChildServer.start(dir, extra);
+    let away = await startChild(dir, extra);
     const alice = await registerUser(node(0));
     const bob = await registerUser(away.port);
     away.proc.kill("SIGKILL");
@@ -297,7 +306,7 @@ describe("cluster mode: a node that was away", () => {
     // While it is down: a new user, and messages to bob.
     const carol = await registerUser(node(1));
     for (let i = 0; i < 10; i++) expect((await alice.client.request("message", { uid: bob.uid, body: `while away ${i}` })).status).toBe(0);
-    away = await ChildServer.start(dir, extra);
+    away = await startChild(dir, extra);
     // Listening means caught up: carol exists there, bob's inbox is complete.
     const c = await Client.connect(away.port);
     expect((await c.request("auth", { login: carol.login, pass: "secret" })).status).toBe(0);
@@ -310,7 +319,7 @@ describe("cluster mode: a node that was away", () => {
     removeDir(dir);
 
     const newDir = tempDir();
-    const fresh = await ChildServer.start(newDir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "new", "--admin", "off"]);
+    const fresh = await startChild(newDir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "new", "--admin", "off"]);
     const again = await login(fresh.port, alice.login);
     expect(again.auth.status).toBe(0);
     const h = await again.client.request("history", { uid: bob.uid, limit: 50 });
@@ -330,7 +339,7 @@ describe("cluster mode: faults", () => {
   it("with the engine gone, requests that need it answer 16 and SIGTERM still stops the node", async () => {
     const own = await NatsServer.start();
     const dir = tempDir();
-    const k = await ChildServer.start(dir, ["--nats", own.url, "--node-id", "orphan", "--admin", "off"]);
+    const k = await startChild(dir, ["--nats", own.url, "--node-id", "orphan", "--admin", "off"]);
     const a = await registerUser(k.port);
     await own.kill();
     // Within the write budget (10 s): at once once the client has seen the disconnect.
@@ -348,7 +357,7 @@ describe("cluster mode: faults", () => {
 
   it("kill -9 of the sender's node under load loses no acknowledged message; resent through another node, each arrives once", async () => {
     const dir = tempDir();
-    const k = await ChildServer.start(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "doomed", "--admin", "off"]);
+    const k = await startChild(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "doomed", "--admin", "off"]);
     const alice = await registerUser(k.port);
     const bob = await registerUser(node(0));
     const n = 3000;
