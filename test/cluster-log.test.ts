@@ -18,8 +18,11 @@ class MemoryView {
   claims = new Map<string, string>();
   position: ViewPosition = EMPTY_VIEW;
   applyCalls = 0;
+  /** Runs before each apply: a test makes the view fail (throw) or stall (wait) here. */
+  before: (entries: StoredEntry<Cmd>[]) => Promise<void> | void = () => {};
 
   apply = async (entries: StoredEntry<Cmd>[], position: ViewPosition): Promise<Outcome[][]> => {
+    await this.before(entries);
     this.applyCalls++;
     const outcomes = entries.map((e) =>
       e.entry.c.map((c) => {
@@ -136,10 +139,8 @@ describe("the replicated log", () => {
     const stream = `LOG${++streams}`;
     const a = new MemoryView();
     const picky = new MemoryView();
-    const apply = picky.apply;
-    picky.apply = async (entries, position) => {
+    picky.before = (entries) => {
       if (entries.some((e) => e.entry.c.some((c) => c.k === "note" && c.text === "poison"))) throw new Error("cannot apply this");
-      return apply(entries, position);
     };
     const nodeA = await open(stream, "a", a);
     const nodeP = await open(stream, "p", picky);
@@ -157,11 +158,7 @@ describe("the replicated log", () => {
     const stuck = new MemoryView();
     let release!: () => void;
     const held = new Promise<void>((r) => (release = r));
-    const apply = stuck.apply;
-    stuck.apply = async (entries, position) => {
-      await held; // a view that stopped making progress (a stalled disk)
-      return apply(entries, position);
-    };
+    stuck.before = () => held; // a view that stopped making progress (a stalled disk)
     const nodeA = await open(stream, "a", a);
     const nodeS = await open(stream, "s", stuck, 1_000);
     await nodeA.append({ k: "note", text: "x" });

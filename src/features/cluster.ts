@@ -191,7 +191,7 @@ export class Cluster {
     let from = 0;
     while (from < entries.length) {
       let to = from + 1;
-      if (!changesMessages(entries[from])) while (to < entries.length && !changesMessages(entries[to])) to++;
+      if (!appliedAlone(entries[from])) while (to < entries.length && !appliedAlone(entries[to])) to++;
       const segment = entries.slice(from, to);
       const last = segment[segment.length - 1];
       const at = to === entries.length ? position : { created: position.created, seq: last.seq, id: last.id };
@@ -447,7 +447,7 @@ function unknownCommand(c: never): Error {
  * An entry applied as a segment of its own: it edits or deletes a message, or deletes
  * an account (their reads must see everything before them written).
  */
-function changesMessages(e: StoredEntry<Command>): boolean {
+function appliedAlone(e: StoredEntry<Command>): boolean {
   return e.entry.c.some((c) => c.k === "edit" || c.k === "del" || c.k === "deleteAccount");
 }
 
