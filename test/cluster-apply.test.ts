@@ -3,7 +3,8 @@
 // (one node applies entries one by one, another gathered many in one call). A
 // fast-check property over random command sequences with contested logins, nicks,
 // emails, sessions past the cap, logouts, password changes, contacts, cmids, edits,
-// deletions and deleted accounts.
+// deletions, deleted accounts, and channels (contested names, caps, joins, invites,
+// leaves, deletions, channel messages).
 
 import fc from "fast-check";
 import pino from "pino";
@@ -20,6 +21,8 @@ const NAMES = ["ann", "bob", "ann"]; // a contested login
 const NICKS = ["n0", "n1", "n2"];
 const SIDS = ["s0", "s1", "s2", "s3", "s4"];
 const EMAILS = ["x@example.com", "y@example.com"];
+const CHANNEL_NAMES = ["r0", "R0", "r1"]; // names are unique whatever their case
+const CHIDS = ["1", "2", "3"];
 // Mostly one hash, so that most session checks pass and sessions pile up past the cap.
 const HASHES = ["h0", "h0", "h0", "h1"];
 
@@ -62,6 +65,44 @@ const command: fc.Arbitrary<Command> = fc.oneof(
   fc.record({ k: fc.constant("edit" as const), t: fc.integer({ min: 2000, max: 3000 }), mid: fc.constantFrom("1", "2", "3", "4"), by: fc.constantFrom(...UIDS), body: fc.constantFrom("fixed", "again") }),
   fc.record({ k: fc.constant("del" as const), mid: fc.constantFrom("1", "2", "3", "4"), by: fc.constantFrom(...UIDS) }),
   fc.record({ k: fc.constant("deleteAccount" as const), uid: fc.constantFrom(...UIDS), checked: fc.constantFrom(...HASHES), conn: fc.constant(1) }),
+  fc
+    .record({
+      k: fc.constant("chcreate" as const),
+      t: fc.integer({ min: 1000, max: 2000 }),
+      owner: fc.constantFrom(...UIDS),
+      name: fc.constantFrom(...CHANNEL_NAMES),
+      descr: fc.constant(""),
+      priv: fc.boolean(),
+      members: fc.subarray([...UIDS, "u9"]),
+      maxOwned: fc.constantFrom(1, 2),
+      maxJoined: fc.constantFrom(1, 2, 3),
+    })
+    .map((c) => ({ ...c, members: c.members.filter((uid) => uid !== c.owner).sort() })),
+  fc.record(
+    {
+      k: fc.constant("join" as const),
+      t: fc.integer({ min: 1000, max: 2000 }),
+      chid: fc.constantFrom(...CHIDS),
+      uid: fc.constantFrom(...UIDS),
+      by: fc.constantFrom(...UIDS),
+      cap: fc.constantFrom(1, 2, 3),
+    },
+    { requiredKeys: ["k", "t", "chid", "uid", "cap"] },
+  ),
+  fc.record({ k: fc.constant("leave" as const), uid: fc.constantFrom(...UIDS), nick: fc.constantFrom(...NICKS), chid: fc.constantFrom(...CHIDS, "*") }),
+  fc.record({ k: fc.constant("chdelete" as const), chid: fc.constantFrom(...CHIDS), by: fc.constantFrom(...UIDS) }),
+  fc.record(
+    {
+      k: fc.constant("msg" as const),
+      t: fc.integer({ min: 1000, max: 2000 }),
+      from: fc.constantFrom(...UIDS),
+      nick: fc.constantFrom(...NICKS),
+      chid: fc.constantFrom(...CHIDS),
+      body: fc.constantFrom("all", "hey"),
+      cmid: fc.constantFrom("c0", "c2"),
+    },
+    { requiredKeys: ["k", "t", "from", "nick", "chid", "body"] },
+  ),
 );
 
 type Apply = (entries: StoredEntry<Command>[], position: ViewPosition) => Promise<Outcome[][]>;
@@ -72,11 +113,19 @@ async function view(): Promise<{ core: Core; apply: Apply }> {
   return { core, apply: (e, p) => cluster.apply(e, p) };
 }
 
-/** The state a client can see: accounts, contacts, messages, and every stored session. */
+/**
+ * The state a client can see: accounts, contacts, memberships, messages, every stored
+ * session, and the channels with their names, owners and members. A deleted channel's
+ * messages are purged by each node in the background: read once no purge is pending.
+ */
 async function state(core: Core): Promise<string[]> {
+  const { spaces } = core.services.storage;
+  for (let i = 0; i < 200 && (await readEntries(spaces.purges, {})).length > 0; i++) await new Promise((r) => setTimeout(r, 25));
   const lines: string[] = [];
   for await (const line of exportRecords(core.services.storage, undefined)) lines.push(line);
-  for (const [k, v] of await readEntries(core.services.storage.spaces.usessions, {})) lines.push(`session ${k} ${JSON.stringify(v)}`);
+  for (const space of ["usessions", "channels", "privchans", "chname", "owned", "members", "privof", "purges"] as const) {
+    for (const [k, v] of await readEntries(spaces[space], {})) lines.push(`${space} ${k} ${JSON.stringify(v)}`);
+  }
   return lines;
 }
 
@@ -92,6 +141,12 @@ function brief(o: Outcome): string {
       return `nomsg ${o.forbidden}`;
     case "registered":
       return `registered ${o.user.uid} ${o.user.num}`;
+    case "error":
+      return `error ${o.err.code} ${o.err.message}`;
+    case "channel":
+      return `channel ${o.chid}`;
+    case "joined":
+      return `joined ${o.added} ${o.nick}`;
     default:
       return o.k;
   }
@@ -152,6 +207,29 @@ describe("cluster apply", () => {
               { k: "del", mid: "2", by: "u0" },
             ],
             [true, false, false, false, true, ...Array<boolean>(35).fill(true)],
+          ],
+          // A channel's life in one call: each join, message, leave and deletion must see
+          // the ones before it, and the caps count them, as a node that applied them apart does.
+          [
+            [
+              { k: "register", t: 1000, uid: "u0", login: "ann", nick: "n0", hash: "h0", sid: "s0", expires: 1_000_000 },
+              { k: "register", t: 1000, uid: "u1", login: "bob", nick: "n1", hash: "h0", sid: "s1", expires: 1_000_000 },
+              { k: "chcreate", t: 1001, owner: "u0", name: "r0", descr: "", priv: false, members: [], maxOwned: 2, maxJoined: 3 },
+              { k: "chcreate", t: 1001, owner: "u1", name: "R0", descr: "", priv: false, members: [], maxOwned: 2, maxJoined: 3 },
+              { k: "join", t: 1002, chid: "1", uid: "u1", cap: 2 },
+              { k: "msg", t: 1003, from: "u1", nick: "n1", chid: "1", body: "all" },
+              { k: "chcreate", t: 1004, owner: "u1", name: "r1", descr: "", priv: true, members: ["u0"], maxOwned: 2, maxJoined: 2 },
+              { k: "leave", uid: "u1", nick: "n1", chid: "*" },
+              { k: "msg", t: 1005, from: "u1", nick: "n1", chid: "1", body: "hey" },
+              { k: "join", t: 1006, chid: "1", uid: "u1", by: "u0", cap: 1 },
+              { k: "chdelete", chid: "1", by: "u1" },
+              { k: "chdelete", chid: "1", by: "u0" },
+              { k: "join", t: 1007, chid: "1", uid: "u1", cap: 3 },
+              { k: "chcreate", t: 1008, owner: "u1", name: "r0", descr: "", priv: false, members: ["u0"], maxOwned: 1, maxJoined: 3 },
+              { k: "deleteAccount", uid: "u0", checked: "h0", conn: 1 },
+              { k: "msg", t: 1009, from: "u1", nick: "n1", chid: "3", body: "all" },
+            ],
+            Array<boolean>(40).fill(false),
           ],
         ],
       },

@@ -1,9 +1,10 @@
 // Cluster mode, end to end: wirechat nodes sharing one nats-server (JetStream), each
 // with its own LevelDB, behave as one server for what cluster mode serves so far:
-// accounts and sessions made on one node work on the others, contested logins have one
-// winner, direct messages reach the recipient on another node (live, and offline through
-// the inbox after auth) in order, cmid holds across nodes, a node that was down catches
-// up before it listens, and what is not served yet answers 16.
+// accounts and sessions made on one node work on the others, contested logins and
+// channel names have one winner, direct and channel messages reach their recipients on
+// other nodes (live, and offline through the inbox after auth) in order, channel events
+// reach members on every node, cmid holds across nodes, a node that was down catches up
+// before it listens, and what is not served yet answers 16.
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
@@ -284,13 +285,116 @@ describe("cluster mode: direct messages", () => {
     for (const c of [alice.client, bob.client, aliceElsewhere.client]) c.close();
   });
 
-  it("what cluster mode does not serve yet answers 16, and the connection stays usable", async () => {
+  it("what cluster mode does not serve yet (attachments) answers 16, and the connection stays usable", async () => {
     const a = await registerUser(node(1));
-    const r = await a.client.request("createchannel", { name: uniqueName("ch") });
+    const r = await a.client.request("message", { uid: a.uid, body: "file", attach: { mime: "text/plain", data: "aGVsbG8=" } });
     expect(r.status).toBe(16);
     expect(r.error).toMatch(/cluster mode/);
     expect((await a.client.request("ping")).status).toBe(0);
     a.client.close();
+  });
+});
+
+describe("cluster mode: channels", () => {
+  it("one public channel name created on three nodes at once: exactly one wins, and every node lists it", async () => {
+    const owners = await Promise.all([0, 1, 2].map((i) => registerUser(node(i))));
+    const name = uniqueName("room");
+    const rs = await Promise.all(owners.map((u) => u.client.request("createchannel", { name, descr: "contested" })));
+    expect(rs.map((r) => r.status).sort()).toEqual([0, 1, 1]);
+    const chid = rs.find((r) => r.status === 0).chid;
+    for (const u of owners) {
+      const listed = (await u.client.request("channellist", { limit: 500 })).channels.filter((c: any) => c.name === name);
+      expect(listed).toEqual([{ chid, name, descr: "contested", online: 1 }]);
+    }
+    for (const u of owners) u.client.close();
+  });
+
+  it("members on three nodes: enter, invite, messages in order, leave and delete reach every node; online counts every node", async () => {
+    const owner = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    const c = await registerUser(node(2));
+    const name = uniqueName("room");
+    const { chid } = await owner.client.request("createchannel", { name });
+    const entered = await b.client.request("enter", { channel: chid });
+    expect(entered.status).toBe(0);
+    expect(entered.users).toEqual(expect.arrayContaining([{ uid: owner.uid, nick: owner.nick, online: true }, { uid: b.uid, nick: b.nick, online: true }]));
+    expect(await owner.client.event("ev_enter", (d) => d.uid === b.uid)).toEqual({ chid, uid: b.uid, nick: b.nick });
+    // Entering again changes nothing and tells nobody.
+    expect((await b.client.request("enter", { channel: chid })).status).toBe(0);
+    expect((await b.client.request("invite", { channel: chid, uid: c.uid })).status).toBe(0);
+    expect(await c.client.event("ev_enter", (d) => d.uid === c.uid)).toEqual({ chid, uid: c.uid, nick: c.nick });
+    expect(await owner.client.event("ev_enter", (d) => d.uid === c.uid)).toEqual({ chid, uid: c.uid, nick: c.nick });
+    expect(await owner.client.quiet(300, (f) => f.action === "ev_enter")).toBe(true);
+
+    const n = 50;
+    for (let i = 0; i < n; i++) owner.client.send("message", { channel: chid, body: `c${i}` });
+    const mids: string[] = [];
+    for (let i = 0; i < n; i++) {
+      const r = (await owner.client.reply("message", 15_000)).data;
+      expect(r.status).toBe(0);
+      mids.push(r.mid);
+    }
+    for (const member of [b, c, owner]) {
+      const got = await evMessages(member.client, n);
+      expect(got.map((m) => m.body)).toEqual(Array.from({ length: n }, (_, i) => `c${i}`));
+      expect(got.map((m) => m.mid)).toEqual(mids);
+      expect(got[0]).toMatchObject({ from: owner.uid, chid });
+    }
+    for (const member of [owner, b, c]) {
+      expect((await member.client.request("channellist", { limit: 500 })).channels.find((x: any) => x.chid === chid)).toMatchObject({ name, online: 3 });
+      const h = await member.client.request("history", { channel: chid, limit: 100 });
+      expect(h.messages.map((m: any) => m.mid).sort()).toEqual([...mids].sort());
+    }
+
+    // A non-member may neither post nor delete; only the owner deletes.
+    const d = await registerUser(node(2));
+    expect((await d.client.request("message", { channel: chid, body: "let me in" })).status).toBe(10);
+    expect((await b.client.request("deletechannel", { channel: chid })).status).toBe(15);
+
+    expect((await c.client.request("leave", { channel: chid })).status).toBe(0);
+    for (const member of [owner, b]) expect(await member.client.event("ev_leave", (x) => x.uid === c.uid)).toEqual({ chid, uid: c.uid, nick: c.nick });
+    expect((await c.client.request("message", { channel: chid, body: "gone" })).status).toBe(10);
+
+    expect((await owner.client.request("deletechannel", { channel: chid })).status).toBe(0);
+    expect(await b.client.event("ev_channel_deleted")).toEqual({ chid });
+    expect(await owner.client.event("ev_channel_deleted")).toEqual({ chid });
+    expect(await c.client.quiet(300, (f) => f.action === "ev_channel_deleted")).toBe(true);
+    for (const u of [owner, b, c]) expect((await u.client.request("enter", { channel: chid })).status).toBe(9);
+    // Its name is free again, on every node.
+    expect((await c.client.request("createchannel", { name })).status).toBe(0);
+    for (const u of [owner, b, c, d]) u.client.close();
+  });
+
+  it("a private channel is its members' alone on every node, and a deleted owner's channels go everywhere", async () => {
+    const owner = await registerUser(node(0));
+    const m = await registerUser(node(1));
+    const x = await registerUser(node(2));
+    const priv = await owner.client.request("createchannel", { name: uniqueName("p"), private: true, members: [m.uid] });
+    expect(priv.status).toBe(0);
+    expect(await m.client.event("ev_enter", (d) => d.chid === priv.chid)).toEqual({ chid: priv.chid, uid: m.uid, nick: m.nick });
+    expect((await x.client.request("enter", { channel: priv.chid })).status).toBe(10);
+    expect((await m.client.request("channellist", { limit: 500 })).channels.find((c: any) => c.chid === priv.chid)).toMatchObject({ private: true, online: 2 });
+    expect((await x.client.request("channellist", { limit: 500 })).channels.find((c: any) => c.chid === priv.chid)).toBeUndefined();
+    // A member that does not exist: 8, and nothing is created.
+    expect((await owner.client.request("createchannel", { name: uniqueName("p"), members: ["nobody-here"] })).status).toBe(8);
+
+    const pub = await owner.client.request("createchannel", { name: uniqueName("pub") });
+    expect((await x.client.request("enter", { channel: pub.chid })).status).toBe(0);
+    // A channel of m's that the owner is a member of: m hears the owner leave it.
+    const mine = await m.client.request("createchannel", { name: uniqueName("m") });
+    expect((await owner.client.request("enter", { channel: mine.chid })).status).toBe(0);
+
+    expect((await owner.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    expect(await m.client.event("ev_channel_deleted", (d) => d.chid === priv.chid)).toEqual({ chid: priv.chid });
+    expect(await x.client.event("ev_channel_deleted", (d) => d.chid === pub.chid)).toEqual({ chid: pub.chid });
+    expect(await m.client.event("ev_leave", (d) => d.chid === mine.chid)).toEqual({ chid: mine.chid, uid: owner.uid, nick: owner.nick });
+    for (const u of [m, x]) {
+      expect((await u.client.request("enter", { channel: pub.chid })).status).toBe(9);
+      expect((await u.client.request("enter", { channel: priv.chid })).status).toBe(9);
+    }
+    const left = await x.client.request("enter", { channel: mine.chid });
+    expect(left.users.map((u: any) => u.uid).sort()).toEqual([m.uid, x.uid].sort());
+    for (const u of [owner, m, x]) u.client.close();
   });
 });
 

@@ -14,6 +14,7 @@ import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv } from "../storage/layout.js";
+import type { Command, Outcome } from "./cluster.js";
 import { userLockKey, type Services } from "./services.js";
 
 /** Messages shown by `enter`. */
@@ -47,6 +48,23 @@ const NEW_CHANNEL_SCHEMA = {
     members: { type: "array", maxItems: MAX_CREATE_MEMBERS, errorCode: Code.TooLarge, items: requiredString(64) },
   },
 } as const;
+
+/** The channel actions' refusals: one text each, for the handlers and cluster mode's apply. */
+export const channelErrors = {
+  taken: (name: string) => new ProtocolError(Code.AlreadyExist, `a channel named '${name}' already exists`),
+  notFound: (chid: string) => new ProtocolError(Code.ChannelNotFound, `no channel with id '${chid}'`),
+  notMember: (chid: string) => new ProtocolError(Code.InvalidChannel, `you are not a member of channel '${chid}'`),
+  privateChannel: (chid: string) => new ProtocolError(Code.InvalidChannel, `channel '${chid}' is private: only its members can enter it`),
+  noUser: (uid: string) => new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`),
+  notOwner: () => new ProtocolError(Code.Forbidden, "only the channel's owner can delete it"),
+  ownedCap: (cap: number) => new ProtocolError(Code.RateLimited, `you own ${cap} channels, the most one user may; delete one first`),
+  /** `who` names the user when they are not the caller. */
+  joinedCap: (cap: number, who?: string) =>
+    new ProtocolError(
+      Code.RateLimited,
+      who === undefined ? `you are a member of ${cap} channels, the most one user may; leave one first` : `${who} is a member of ${cap} channels, the most one user may`,
+    ),
+};
 
 /**
  * Channels for the other front doors: the same rules, codes and events as the native
@@ -88,16 +106,22 @@ export function registerChannels(sv: Services): ChannelOps {
 
   async function channelOf(chid: string): Promise<ChannelRecord> {
     const c = await channels.get(chid);
-    if (!c) throw new ProtocolError(Code.ChannelNotFound, `no channel with id '${chid}'`);
+    if (!c) throw channelErrors.notFound(chid);
     return c;
+  }
+
+  /**
+   * Cluster mode: appends a channel command (features/cluster.ts); its refusal is
+   * thrown. Its events are the applier's, sent on every node in log order.
+   */
+  async function inCluster(cmd: Command): Promise<Outcome> {
+    const out = await (sv.cluster as NonNullable<typeof sv.cluster>).append(cmd);
+    if (out.k === "error") throw out.err;
+    return out;
   }
 
   function tell(uids: readonly string[], ev: Event): void {
     router.publish(ev, { users: uids });
-  }
-
-  function notMember(chid: string): ProtocolError {
-    return new ProtocolError(Code.InvalidChannel, `you are not a member of channel '${chid}'`);
   }
 
   /**
@@ -107,15 +131,10 @@ export function registerChannels(sv: Services): ChannelOps {
    */
   async function checkCaps(uid: string, owning: boolean, who?: string): Promise<void> {
     if (owning && (await channels.ownedCount(uid, config.maxOwnedChannels)) >= config.maxOwnedChannels) {
-      throw new ProtocolError(Code.RateLimited, `you own ${config.maxOwnedChannels} channels, the most one user may; delete one first`);
+      throw channelErrors.ownedCap(config.maxOwnedChannels);
     }
     if ((await channels.joinedCount(uid, config.maxJoinedChannels)) >= config.maxJoinedChannels) {
-      throw new ProtocolError(
-        Code.RateLimited,
-        who === undefined
-          ? `you are a member of ${config.maxJoinedChannels} channels, the most one user may; leave one first`
-          : `${who} is a member of ${config.maxJoinedChannels} channels, the most one user may`,
-      );
+      throw channelErrors.joinedCap(config.maxJoinedChannels, who);
     }
   }
 
@@ -169,7 +188,7 @@ export function registerChannels(sv: Services): ChannelOps {
     const priv = spec.private === true;
     const members = [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort();
     const key = name.toLowerCase();
-    const taken = () => new ProtocolError(Code.AlreadyExist, `a channel named '${name}' already exists`);
+    const taken = () => channelErrors.taken(name);
     // A public name is claimed before the lookup, so two creations of one name cannot
     // both pass it. Private names are not unique.
     if (!priv) {
@@ -182,7 +201,7 @@ export function registerChannels(sv: Services): ChannelOps {
       return await underLocks(lockKeys, async () => {
         const found = await Promise.all(members.map((uid) => users.get(uid)));
         const missing = members.find((_, i) => found[i] === undefined);
-        if (missing !== undefined) throw new ProtocolError(Code.UserNotFound, `no user with uid '${missing}'`);
+        if (missing !== undefined) throw channelErrors.noUser(missing);
         await checkCaps(owner, true);
         for (const uid of members) await checkCaps(uid, false, `user '${uid}'`);
         const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner, created: nowSeconds() };
@@ -207,8 +226,25 @@ export function registerChannels(sv: Services): ChannelOps {
 
   dispatcher.register<NewChannel>({
     name: "createchannel",
+    cluster: true,
     schema: NEW_CHANNEL_SCHEMA,
     async handle(req) {
+      if (sv.cluster) {
+        const owner = req.session.uid as string;
+        const { name, descr = "", members = [] } = req.data;
+        const out = await inCluster({
+          k: "chcreate",
+          t: nowSeconds(),
+          owner,
+          name,
+          descr,
+          priv: req.data.private === true,
+          members: [...new Set(members)].filter((uid) => uid !== owner).sort(),
+          maxOwned: config.maxOwnedChannels,
+          maxJoined: config.maxJoinedChannels,
+        });
+        return { chid: (out as { chid: string }).chid };
+      }
       const { c, added } = await createChannel(req.session.uid as string, req.data);
       for (const m of added) req.emit(entered(c.chid, m), { users: [m.uid] });
       return { chid: c.chid };
@@ -221,18 +257,24 @@ export function registerChannels(sv: Services): ChannelOps {
    */
   async function inviteTo(by: string, chid: string, uid: string): Promise<{ c: ChannelRecord; added: boolean; nick: string }> {
     const c = await channelOf(chid);
-    if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw notMember(c.chid);
+    if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
     return locks.run(userLockKey(uid), async () => {
       const u = await users.get(uid);
-      if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+      if (!u) throw channelErrors.noUser(uid);
       return { c, added: await join(c, uid, `user '${uid}'`), nick: u.nick };
     });
   }
 
   dispatcher.register<{ channel: string; uid: string }>({
     name: "invite",
+    cluster: true,
     schema: { type: "object", required: ["channel", "uid"], properties: { channel: requiredString(64), uid: requiredString(64) } },
     async handle(req) {
+      if (sv.cluster) {
+        const { channel, uid } = req.data;
+        await inCluster({ k: "join", t: nowSeconds(), chid: channel, uid, by: req.session.uid as string, cap: config.maxJoinedChannels });
+        return {};
+      }
       const { c, added, nick } = await inviteTo(req.session.uid as string, req.data.channel, req.data.uid);
       // As for a first entry: every member hears of it, the invitee included.
       if (added) req.emit({ kind: "enter", chid: c.chid, uid: req.data.uid, nick }, { channel: c.chid });
@@ -264,17 +306,28 @@ export function registerChannels(sv: Services): ChannelOps {
 
   dispatcher.register<{ channel: string }>({
     name: "enter",
+    cluster: true,
     schema: { type: "object", required: ["channel"], properties: { channel: requiredString(64) } },
     async handle(req) {
       const s = req.session;
       const me = s.uid as string;
-      const c = await channelOf(req.data.channel);
-      if (c.private && c.owner !== me && !(await channels.isMember(c.chid, me))) {
-        throw new ProtocolError(Code.InvalidChannel, `channel '${c.chid}' is private: only its members can enter it`);
+      let c: ChannelRecord;
+      if (sv.cluster) {
+        // A member (in this node's view) entering again changes nothing: no command.
+        const chid = req.data.channel;
+        if (!((await channels.get(chid)) && (await channels.isMember(chid, me)))) {
+          await inCluster({ k: "join", t: nowSeconds(), chid, uid: me, cap: config.maxJoinedChannels });
+        }
+        c = await channelOf(chid);
+      } else {
+        c = await channelOf(req.data.channel);
+        if (c.private && c.owner !== me && !(await channels.isMember(c.chid, me))) {
+          throw channelErrors.privateChannel(c.chid);
+        }
+        // Every member hears of a first entry, the one entering included; entering
+        // again is a no-op.
+        if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
       }
-      // Every member hears of a first entry, the one entering included; entering
-      // again is a no-op.
-      if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
       const list = [];
       for (const uid of await channels.members(c.chid)) {
         const u = await users.get(uid);
@@ -289,16 +342,21 @@ export function registerChannels(sv: Services): ChannelOps {
 
   dispatcher.register<{ channel: string }>({
     name: "leave",
+    cluster: true,
     schema: { type: "object", required: ["channel"], properties: { channel: requiredString(64) } },
     async handle(req) {
       const s = req.session;
       const me = s.uid as string;
+      if (sv.cluster) {
+        await inCluster({ k: "leave", uid: me, nick: s.nick as string, chid: req.data.channel });
+        return {};
+      }
       let chids: string[];
       if (req.data.channel === "*") {
         chids = await channels.channelsOf(me);
       } else {
         const c = await channelOf(req.data.channel);
-        if (!(await channels.isMember(c.chid, me))) throw notMember(c.chid);
+        if (!(await channels.isMember(c.chid, me))) throw channelErrors.notMember(c.chid);
         chids = [c.chid];
       }
       await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
@@ -348,6 +406,15 @@ export function registerChannels(sv: Services): ChannelOps {
     for (const conv of convs) if (!signal.aborted) await purge(conv, signal);
   });
 
+  // Cluster mode: the log's apply removes a channel on every node (features/cluster.ts);
+  // each node purges its messages from its own view.
+  if (sv.cluster) {
+    sv.cluster.onChannelRemoved = (chid) => {
+      const conv = channelConv(chid);
+      sv.background.run("purging a deleted channel's messages", (signal) => purge(conv, signal), { chid });
+    };
+  }
+
   // A deleted account's channels: the ones it owned go (nobody could delete them
   // any more); in the others, the remaining members hear that it left.
   sv.hooks.onAccountDeleted(async (uid, nick, chids) => {
@@ -364,11 +431,16 @@ export function registerChannels(sv: Services): ChannelOps {
 
   dispatcher.register<{ channel: string }>({
     name: "deletechannel",
+    cluster: true,
     schema: { type: "object", required: ["channel"], properties: { channel: requiredString(64) } },
     async handle(req) {
       const me = req.session.uid as string;
+      if (sv.cluster) {
+        await inCluster({ k: "chdelete", chid: req.data.channel, by: me });
+        return {};
+      }
       const c = await channelOf(req.data.channel);
-      if (c.owner !== me) throw new ProtocolError(Code.Forbidden, "only the channel's owner can delete it");
+      if (c.owner !== me) throw channelErrors.notOwner();
       const members = await remove(c);
       req.after(() => afterRemoval(c, members));
       return {};

@@ -19,20 +19,22 @@
 // sessions issued, the cmids taken and the messages changed so far in the segment).
 //
 // What cluster mode serves so far: register, auth (password and sid), logout,
-// changepassword, setuserinfo, addcontact, delcontact, direct messages (with cmid),
-// their edits and deletions, deleteaccount, and the read-only actions; every other
-// action answers 16 (see ActionSpec.cluster). Channels, attachments and the operator's
-// writes come next (issue 12).
+// changepassword, setuserinfo, addcontact, delcontact, channels (createchannel, enter,
+// invite, leave, deletechannel), direct and channel messages (with cmid), their edits
+// and deletions, deleteaccount, and the read-only actions; every other action answers
+// 16 (see ActionSpec.cluster). Attachments and the operator's writes come next (issue 12).
 
 import type { Logger } from "pino";
 import { ClusterPresence } from "../cluster/presence.js";
 import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from "../cluster/jetstream-log.js";
 import { MessageSent } from "../protocol/codec.js";
+import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Event, Audience, MessageEvent } from "../protocol/events.js";
-import type { MessageRecord, UserRecord } from "../storage/layout.js";
+import { channelConv, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
 import type { StoredSession } from "../storage/sessions.js";
+import { channelErrors } from "./channels.js";
 import type { Services } from "./services.js";
 
 export type Command =
@@ -60,7 +62,8 @@ export type Command =
       /** --max-sessions-per-user on the proposing node. */
       cap: number;
     }
-  | { k: "msg"; t: number; from: string; nick: string; to: string; body: string; cmid?: string }
+  /** A message to user `to` or to channel `chid` (one of the two). */
+  | { k: "msg"; t: number; from: string; nick: string; to?: string; chid?: string; body: string; cmid?: string }
   /** One session ended by its owner; `conn` is the proposer's connection, which logs itself out. */
   | { k: "logout"; uid: string; sid: string; expires: number; conn: number }
   /** A new password hash; every session but `keep` (the caller's) is revoked. */
@@ -72,7 +75,18 @@ export type Command =
   | { k: "edit"; t: number; mid: string; by: string; body: string }
   | { k: "del"; mid: string; by: string }
   /** deleteaccount: refused if the hash checked is no longer the account's; `conn` is the caller's connection. */
-  | { k: "deleteAccount"; uid: string; checked: string; conn: number };
+  | { k: "deleteAccount"; uid: string; checked: string; conn: number }
+  /**
+   * createchannel by `owner`, with `members` (uids besides the owner, sorted, no
+   * duplicates); the caps are the proposer's --max-owned-channels and --max-joined-channels.
+   */
+  | { k: "chcreate"; t: number; owner: string; name: string; descr: string; priv: boolean; members: string[]; maxOwned: number; maxJoined: number }
+  /** `uid` becomes a member of `chid`: by enter, or by `by`'s invite; `cap` is --max-joined-channels. */
+  | { k: "join"; t: number; chid: string; uid: string; by?: string; cap: number }
+  /** `uid` leaves channel `chid`, or every channel ("*"). */
+  | { k: "leave"; uid: string; nick: string; chid: string }
+  /** deletechannel by `by` (only its owner may). */
+  | { k: "chdelete"; chid: string; by: string };
 
 export type Outcome =
   | { k: "registered"; user: UserRecord }
@@ -84,7 +98,12 @@ export type Outcome =
   | { k: "session" }
   | { k: "refused"; reason: string }
   | { k: "sent"; sent: MessageSent; event: MessageEvent | undefined; audience: Audience }
-  | { k: "nouser" };
+  | { k: "nouser" }
+  /** Refused with this error (the channel commands'). */
+  | { k: "error"; err: ProtocolError }
+  | { k: "channel"; chid: string }
+  /** A join: `added` is false when `uid` already was a member (nothing changed). */
+  | { k: "joined"; added: boolean; nick: string };
 
 /** The meta key of the view's log position (written with every apply). */
 const POSITION_KEY = "cluster";
@@ -112,6 +131,8 @@ export interface SessionsEnded {
 
 export class Cluster {
   private journal: JetStreamLog<Command, Outcome> | undefined;
+  /** The channels feature purges a deleted channel's messages (local work, on every node). */
+  onChannelRemoved: ((chid: string) => void) | undefined;
   /** The accounts feature ends the connections of sessions an apply ended (`mine`: this node proposed it). */
   onSessionsEnded: ((ended: SessionsEnded, mine: boolean) => void) | undefined;
 
@@ -202,7 +223,7 @@ export class Cluster {
   }
 
   private async applySegment(entries: StoredEntry<Command>[], position: ViewPosition): Promise<Outcome[][]> {
-    const { storage, users, sessions, messages, router } = this.sv;
+    const { storage, users, sessions, messages, channels, router } = this.sv;
     // Phase 1: every read the commands need, before anything is written.
     const reads = await Promise.all(
       entries.map((e) =>
@@ -218,8 +239,43 @@ export class Cluster {
                 return { user, sessions: list };
               }
               case "msg": {
-                const [user, earlier] = await Promise.all([users.get(c.to), c.cmid === undefined ? undefined : messages.byCmid(c.from, c.cmid)]);
-                return { user, earlier };
+                const earlier = c.cmid === undefined ? undefined : messages.byCmid(c.from, c.cmid);
+                if (c.chid !== undefined) {
+                  const [channel, member] = await Promise.all([channels.get(c.chid), channels.isMember(c.chid, c.from)]);
+                  return { channel, member, earlier: await earlier };
+                }
+                const [user, e] = await Promise.all([users.get(c.to as string), earlier]);
+                return { user, earlier: e };
+              }
+              case "chcreate": {
+                const [named, owned, joined, user, found, counts] = await Promise.all([
+                  c.priv ? undefined : channels.byName(c.name),
+                  channels.ownedCount(c.owner, c.maxOwned + COUNT_SLACK),
+                  channels.joinedCount(c.owner, c.maxJoined + COUNT_SLACK),
+                  users.get(c.owner),
+                  Promise.all(c.members.map((uid) => users.get(uid))),
+                  Promise.all(c.members.map((uid) => channels.joinedCount(uid, c.maxJoined + COUNT_SLACK))),
+                ]);
+                return { chname: named, owned, joined, user, found, counts };
+              }
+              case "join": {
+                const [channel, member, byMember, user, joined] = await Promise.all([
+                  channels.get(c.chid),
+                  channels.isMember(c.chid, c.uid),
+                  c.by === undefined ? false : channels.isMember(c.chid, c.by),
+                  users.get(c.uid),
+                  channels.joinedCount(c.uid, c.cap + COUNT_SLACK),
+                ]);
+                return { channel, member, byMember, user, joined };
+              }
+              case "leave": {
+                if (c.chid === "*") return { chids: await channels.channelsOf(c.uid) };
+                const [channel, member] = await Promise.all([channels.get(c.chid), channels.isMember(c.chid, c.uid)]);
+                return { channel, member };
+              }
+              case "chdelete": {
+                const [channel, members] = await Promise.all([channels.get(c.chid), channels.members(c.chid)]);
+                return { channel, members };
               }
               case "logout":
                 return { sessions: await sessions.list(c.uid) };
@@ -238,16 +294,24 @@ export class Cluster {
                 return { user, email, phone };
               }
               case "deleteAccount": {
-                // Cluster mode has no channels yet, so there are no memberships to end.
                 const user = await users.get(c.uid);
                 if (!user || user.hash !== c.checked) return { user };
                 const { contacts } = this.sv;
-                const [mine, listedBy, list, forget] = await Promise.all([
+                const [mine, listedBy, list, forget, chids] = await Promise.all([
                   contacts.list(c.uid),
                   contacts.listedBy(c.uid),
                   sessions.list(c.uid),
                   messages.forgetUserOps(c.uid),
+                  channels.channelsOf(c.uid),
                 ]);
+                // Its channels: the records, and the members of those it owns (they go).
+                const held = new Map<string, HeldChannel>();
+                await Promise.all(
+                  chids.map(async (chid) => {
+                    const record = await channels.get(chid);
+                    held.set(chid, { record, members: record?.owner === c.uid ? await channels.members(chid) : [] });
+                  }),
+                );
                 const removal = [
                   ...users.removeOps(user),
                   ...mine.flatMap((x) => contacts.removeOps(c.uid, x)),
@@ -255,7 +319,7 @@ export class Cluster {
                   ...list.flatMap((x) => sessions.revokeOps(c.uid, x.hash, x.expires)),
                   ...forget,
                 ];
-                return { user, removal };
+                return { user, removal, chids, held };
               }
               case "edit":
                 return { message: await messages.get(c.mid) };
@@ -271,28 +335,27 @@ export class Cluster {
       ),
     );
     // Phase 2: decide and write, in log order, in one synchronous pass.
-    const overlay = new Overlay();
-    const events: [Event, Audience][] = [];
-    const ended: [SessionsEnded, boolean][] = [];
-    const newPairs: [string, string][] = [];
+    const t = new Turn();
     const mine = this.journal?.origin;
     const outcomes = entries.map((e, i) =>
       e.entry.c.map((c, j) => {
-        const r = reads[i][j];
-        const out = this.decide(c, r, overlay, (x) => ended.push([x, e.entry.o === mine]), newPairs, events);
-        if (out.k === "sent" && out.event) events.push([out.event, out.audience]);
+        t.byMe = e.entry.o === mine;
+        const out = this.decide(c, reads[i][j], t);
+        if (out.k === "sent" && out.event) t.events.push([out.event, out.audience]);
         return out;
       }),
     );
     storage.commitLazy([put(storage.spaces.meta, POSITION_KEY, position)]);
     await new Promise<void>((resolve, reject) => storage.afterCommit((err) => (err ? reject(err) : resolve())));
+    const { overlay, events } = t;
     for (const u of overlay.users.values()) users.saved(u);
     for (const uid of overlay.gone) {
       users.forget(uid);
       router.forgetOffline(uid);
     }
-    for (const [a, b] of newPairs) messages.peersKnown(a, b);
-    for (const [x, byMe] of ended) this.onSessionsEnded?.(x, byMe);
+    for (const [a, b] of t.newPairs) messages.peersKnown(a, b);
+    for (const report of t.after) report();
+    for (const [x, byMe] of t.ended) this.onSessionsEnded?.(x, byMe);
     // Every event, this node's own included, goes out in log order: a connection is sent
     // messages in mid order, which its inbox position relies on (Router.inboxEvent). They
     // go after this turn, so the proposers' replies (resolved now) are sent first.
@@ -302,8 +365,10 @@ export class Cluster {
     return outcomes;
   }
 
-  private decide(c: Command, r: Reads, overlay: Overlay, end: (x: SessionsEnded) => void, newPairs: [string, string][], events: [Event, Audience][]): Outcome {
-    const { storage, users, sessions, messages } = this.sv;
+  private decide(c: Command, r: Reads, t: Turn): Outcome {
+    const { storage, users, sessions, messages, channels } = this.sv;
+    const { overlay, newPairs, events } = t;
+    const end = (x: SessionsEnded) => t.ended.push([x, t.byMe]);
     switch (c.k) {
       case "register": {
         if (overlay.holder("login", c.login, r.login) !== undefined) return { k: "taken", index: "login" };
@@ -339,23 +404,35 @@ export class Cluster {
         return { k: "session" };
       }
       case "msg": {
-        if (!r.user && !overlay.users.has(c.to)) return { k: "nouser" };
-        const audience: Audience = { users: c.to === c.from ? [c.to] : [c.to, c.from] };
+        let audience: Audience;
+        if (c.chid !== undefined) {
+          if (!overlay.channel(c.chid, r.channel)) return { k: "error", err: channelErrors.notFound(c.chid) };
+          if (!overlay.member(c.chid, c.from, r.member === true)) return { k: "error", err: channelErrors.notMember(c.chid) };
+          audience = { channel: c.chid };
+        } else {
+          const to = c.to as string;
+          if (!r.user && !overlay.users.has(to)) return { k: "nouser" };
+          audience = { users: to === c.from ? [to] : [to, c.from] };
+        }
         if (c.cmid !== undefined) {
           const earlier = overlay.cmids.get(`${c.from}\u0000${c.cmid}`) ?? r.earlier;
           if (earlier) return { k: "sent", sent: new MessageSent(earlier[0], earlier[1]), event: undefined, audience };
         }
-        const m: MessageRecord = { mid: "", from: c.from, nick: c.nick, body: c.body, time: c.t, to: c.to };
+        const m: MessageRecord =
+          c.chid !== undefined
+            ? { mid: "", chid: c.chid, from: c.from, nick: c.nick, body: c.body, time: c.t }
+            : { mid: "", from: c.from, nick: c.nick, body: c.body, time: c.t, to: c.to };
         if (c.cmid !== undefined) m.cmid = c.cmid;
         const text = messages.append(m);
-        const pair = messages.peerOps(c.from, c.to);
+        const pair = c.to === undefined ? undefined : messages.peerOps(c.from, c.to);
         if (pair) {
           storage.commitLazy(pair);
-          newPairs.push([c.from, c.to]);
+          newPairs.push([c.from, c.to as string]);
         }
         if (c.cmid !== undefined) overlay.cmids.set(`${c.from}\u0000${c.cmid}`, [m.mid, m.time]);
         // The record's text is the event's too, unless it holds the cmid (the sender's only).
-        const event: MessageEvent = { kind: "message", m, text: c.cmid === undefined ? text : undefined, inbox: c.to };
+        const event: MessageEvent = { kind: "message", m, text: c.cmid === undefined ? text : undefined };
+        if (c.to !== undefined) event.inbox = c.to;
         return { k: "sent", sent: new MessageSent(m.mid, m.time), event, audience };
       }
       case "logout": {
@@ -411,6 +488,15 @@ export class Cluster {
         if (!r.user) return { k: "nouser" };
         if (!r.removal) return { k: "refused", reason: "the password was changed meanwhile" };
         storage.commitLazy(r.removal);
+        // Its channels: those it owns go (nobody could delete them any more); in the
+        // others, the remaining members hear that it left.
+        for (const chid of overlay.channelsOf(c.uid, r.chids ?? [])) {
+          const held = r.held?.get(chid);
+          const ch = overlay.channel(chid, held?.record);
+          if (!ch) continue;
+          if (ch.owner === c.uid) this.removeChannel(ch, overlay.membersOf(chid, held?.members ?? []), t);
+          else this.leaveChannel(chid, c.uid, r.user.nick, t);
+        }
         overlay.gone.push(c.uid);
         end({ uid: c.uid, reason: "the account was deleted", close: true, conn: c.conn });
         return { k: "done" };
@@ -432,9 +518,100 @@ export class Cluster {
         events.push([{ kind: "delete", mid: c.mid }, messageAudience(m)]);
         return { k: "done" };
       }
+      case "chcreate": {
+        const refuse = (err: ProtocolError): Outcome => ({ k: "error", err });
+        if (!(overlay.users.get(c.owner) ?? r.user) || overlay.gone.includes(c.owner)) {
+          return refuse(new ProtocolError(Code.NeedAuth, "your account was deleted"));
+        }
+        if (!c.priv && overlay.channelName(c.name, r.chname) !== undefined) return refuse(channelErrors.taken(c.name));
+        const found = c.members.map((uid, i) => (overlay.gone.includes(uid) ? undefined : (overlay.users.get(uid) ?? r.found?.[i])));
+        const missing = found.findIndex((u) => u === undefined);
+        if (missing >= 0) return refuse(channelErrors.noUser(c.members[missing]));
+        if ((r.owned ?? 0) + overlay.delta("owned", c.owner) >= c.maxOwned) return refuse(channelErrors.ownedCap(c.maxOwned));
+        if ((r.joined ?? 0) + overlay.delta("joined", c.owner) >= c.maxJoined) return refuse(channelErrors.joinedCap(c.maxJoined));
+        for (let i = 0; i < c.members.length; i++) {
+          const uid = c.members[i];
+          if ((r.counts?.[i] ?? 0) + overlay.delta("joined", uid) >= c.maxJoined) return refuse(channelErrors.joinedCap(c.maxJoined, `user '${uid}'`));
+        }
+        const ch: ChannelRecord = { chid: channels.nextChid(), name: c.name, descr: c.descr, owner: c.owner, created: c.t };
+        if (c.priv) ch.private = true;
+        storage.commitLazy([...channels.createOps(ch), ...c.members.flatMap((uid) => channels.joinOps(ch.chid, uid, c.t, c.priv))]);
+        overlay.created(ch);
+        for (const uid of c.members) overlay.join(ch.chid, uid);
+        t.after.push(() => {
+          for (const uid of [c.owner, ...c.members]) channels.joined(ch.chid, uid);
+        });
+        // Each member added hears that they are in (enter lists the others).
+        c.members.forEach((uid, i) => events.push([{ kind: "enter", chid: ch.chid, uid, nick: (found[i] as UserRecord).nick }, { users: [uid] }]));
+        return { k: "channel", chid: ch.chid };
+      }
+      case "join": {
+        const refuse = (err: ProtocolError): Outcome => ({ k: "error", err });
+        const ch = overlay.channel(c.chid, r.channel);
+        if (!ch) return refuse(channelErrors.notFound(c.chid));
+        const member = overlay.member(c.chid, c.uid, r.member === true);
+        if (c.by !== undefined) {
+          if (ch.owner !== c.by && !overlay.member(c.chid, c.by, r.byMember === true)) return refuse(channelErrors.notMember(c.chid));
+        } else if (ch.private && ch.owner !== c.uid && !member) return refuse(channelErrors.privateChannel(c.chid));
+        const user = overlay.gone.includes(c.uid) ? undefined : (overlay.users.get(c.uid) ?? r.user);
+        if (!user) return refuse(channelErrors.noUser(c.uid));
+        if (member) return { k: "joined", added: false, nick: user.nick };
+        if ((r.joined ?? 0) + overlay.delta("joined", c.uid) >= c.cap) {
+          return refuse(channelErrors.joinedCap(c.cap, c.by === undefined ? undefined : `user '${c.uid}'`));
+        }
+        storage.commitLazy(channels.joinOps(c.chid, c.uid, c.t, ch.private === true));
+        overlay.join(c.chid, c.uid);
+        t.after.push(() => channels.joined(c.chid, c.uid));
+        // Every member hears of a first entry, the one entering included.
+        events.push([{ kind: "enter", chid: c.chid, uid: c.uid, nick: user.nick }, { channel: c.chid }]);
+        return { k: "joined", added: true, nick: user.nick };
+      }
+      case "leave": {
+        let chids: string[];
+        if (c.chid === "*") chids = overlay.channelsOf(c.uid, r.chids ?? []);
+        else {
+          if (!overlay.channel(c.chid, r.channel)) return { k: "error", err: channelErrors.notFound(c.chid) };
+          if (!overlay.member(c.chid, c.uid, r.member === true)) return { k: "error", err: channelErrors.notMember(c.chid) };
+          chids = [c.chid];
+        }
+        for (const chid of chids) this.leaveChannel(chid, c.uid, c.nick, t);
+        return { k: "done" };
+      }
+      case "chdelete": {
+        const ch = overlay.channel(c.chid, r.channel);
+        if (!ch) return { k: "error", err: channelErrors.notFound(c.chid) };
+        if (ch.owner !== c.by) return { k: "error", err: channelErrors.notOwner() };
+        this.removeChannel(ch, overlay.membersOf(c.chid, r.members ?? []), t);
+        return { k: "done" };
+      }
       default:
         throw unknownCommand(c);
     }
+  }
+
+  /** `uid` (a member) leaves `chid`; the remaining members hear of it. */
+  private leaveChannel(chid: string, uid: string, nick: string, t: Turn): void {
+    const { storage, channels } = this.sv;
+    storage.commitLazy(channels.leaveOps(chid, uid));
+    t.overlay.leave(chid, uid);
+    t.after.push(() => channels.left(chid, uid));
+    t.events.push([{ kind: "leave", chid, uid, nick }, { channel: chid }]);
+  }
+
+  /**
+   * Deletes a channel: its record, name and memberships now; its messages after, on
+   * each node, as local work (the purge is recorded in the same batch, and a chid is
+   * never used again, so no later message can land in it).
+   */
+  private removeChannel(ch: ChannelRecord, members: string[], t: Turn): void {
+    const { storage, channels, messages } = this.sv;
+    storage.commitLazy([...channels.removeOps(ch, members), ...messages.purgeMarkOps(channelConv(ch.chid))]);
+    t.overlay.removed(ch, members);
+    t.after.push(() => {
+      channels.removed(ch.chid);
+      this.onChannelRemoved?.(ch.chid);
+    });
+    t.events.push([{ kind: "channelDeleted", chid: ch.chid }, { users: members }]);
   }
 }
 
@@ -452,8 +629,21 @@ function appliedAlone(e: StoredEntry<Command>): boolean {
 }
 
 function messageAudience(m: MessageRecord): Audience {
+  if (m.chid !== undefined) return { channel: m.chid };
   const to = m.to as string;
   return { users: to === m.from ? [to] : [to, m.from] };
+}
+
+/**
+ * Counts read for a cap (channels owned, joined) go this far past it, so that leaves
+ * earlier in the same apply call are subtracted from the true count.
+ */
+const COUNT_SLACK = 16;
+
+/** A channel of an account being deleted, as read: its record and, if it owns it, its members. */
+interface HeldChannel {
+  record: ChannelRecord | undefined;
+  members: string[];
 }
 
 interface Reads {
@@ -466,6 +656,35 @@ interface Reads {
   earlier?: [string, number];
   message?: MessageRecord;
   removal?: BatchOp[];
+  channel?: ChannelRecord;
+  /** The command's user is a member of its channel (`byMember`: its inviter is). */
+  member?: boolean;
+  byMember?: boolean;
+  /** A channel name's holder (chid). */
+  chname?: string;
+  /** Channels owned and joined (counted up to the cap and COUNT_SLACK). */
+  owned?: number;
+  joined?: number;
+  /** createchannel's members: their records and channels joined, in command order. */
+  found?: (UserRecord | undefined)[];
+  counts?: number[];
+  /** A channel's members, or a user's channels. */
+  members?: string[];
+  chids?: string[];
+  held?: Map<string, HeldChannel>;
+}
+
+/** One apply segment's decisions so far: what it changed, and what to do once it is written. */
+class Turn {
+  readonly overlay = new Overlay();
+  readonly events: [Event, Audience][] = [];
+  /** Sessions ended, and whether this node proposed the command. */
+  readonly ended: [SessionsEnded, boolean][] = [];
+  readonly newPairs: [string, string][] = [];
+  /** Once written: the caches' reports (ChannelStore.joined, left, removed) and local work. */
+  readonly after: (() => void)[] = [];
+  /** The command being decided was proposed by this node. */
+  byMe = false;
 }
 
 /** What the commands of one apply call have done so far (see the top of the file). */
@@ -493,5 +712,86 @@ class Overlay {
     const h = this.names.get(`${index}:${indexKey(index, value)}`);
     if (h === undefined) return inView;
     return h === "" ? undefined : h;
+  }
+
+  /** Channels created (→ record) or deleted (→ undefined) in this call. */
+  private readonly channels = new Map<string, ChannelRecord | undefined>();
+  /** Memberships changed in this call: `chid\0uid` → member. */
+  private readonly memberships = new Map<string, boolean>();
+  /** Channels owned and joined, per user, since the view: `owned:uid` / `joined:uid` → change. */
+  private readonly counts = new Map<string, number>();
+
+  channel(chid: string, inView: ChannelRecord | undefined): ChannelRecord | undefined {
+    return this.channels.has(chid) ? this.channels.get(chid) : inView;
+  }
+
+  /** The chid holding public channel name `name`, or undefined. */
+  channelName(name: string, inView: string | undefined): string | undefined {
+    const h = this.names.get(`chname:${name.toLowerCase()}`);
+    if (h === undefined) return inView;
+    return h === "" ? undefined : h;
+  }
+
+  member(chid: string, uid: string, inView: boolean): boolean {
+    return this.memberships.get(`${chid}\u0000${uid}`) ?? inView;
+  }
+
+  delta(kind: "owned" | "joined", uid: string): number {
+    return this.counts.get(`${kind}:${uid}`) ?? 0;
+  }
+
+  /** `inView` (a channel's members in the view) with this call's changes, in uid order. */
+  membersOf(chid: string, inView: readonly string[]): string[] {
+    const all = new Set(inView);
+    for (const [key, on] of this.memberships) {
+      const [c, uid] = key.split("\u0000");
+      if (c !== chid) continue;
+      if (on) all.add(uid);
+      else all.delete(uid);
+    }
+    return [...all].sort();
+  }
+
+  /** `inView` (a user's channels in the view) with this call's changes. */
+  channelsOf(uid: string, inView: readonly string[]): string[] {
+    const all = new Set(inView);
+    for (const [key, on] of this.memberships) {
+      const [chid, u] = key.split("\u0000");
+      if (u !== uid) continue;
+      if (on) all.add(chid);
+      else all.delete(chid);
+    }
+    return [...all].sort();
+  }
+
+  /** `uid` joined `chid` (they were not a member). */
+  join(chid: string, uid: string): void {
+    this.memberships.set(`${chid}\u0000${uid}`, true);
+    this.count("joined", uid, 1);
+  }
+
+  /** `uid` left `chid` (they were a member). */
+  leave(chid: string, uid: string): void {
+    this.memberships.set(`${chid}\u0000${uid}`, false);
+    this.count("joined", uid, -1);
+  }
+
+  created(c: ChannelRecord): void {
+    this.channels.set(c.chid, c);
+    if (!c.private) this.names.set(`chname:${c.name.toLowerCase()}`, c.chid);
+    this.count("owned", c.owner, 1);
+    this.join(c.chid, c.owner);
+  }
+
+  /** `c` was deleted; `members`: its members then. */
+  removed(c: ChannelRecord, members: readonly string[]): void {
+    this.channels.set(c.chid, undefined);
+    if (!c.private) this.names.set(`chname:${c.name.toLowerCase()}`, "");
+    this.count("owned", c.owner, -1);
+    for (const uid of members) this.leave(c.chid, uid);
+  }
+
+  private count(kind: "owned" | "joined", uid: string, by: number): void {
+    this.counts.set(`${kind}:${uid}`, this.delta(kind, uid) + by);
   }
 }

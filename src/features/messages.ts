@@ -21,6 +21,7 @@ import type { MessageEvent } from "../protocol/events.js";
 import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { optionalString, requiredString } from "../protocol/validation.js";
 import { channelConv, convOf, directConv, type MessageRecord } from "../storage/layout.js";
+import { channelErrors } from "./channels.js";
 import type { Outcome } from "./cluster.js";
 import type { Services } from "./services.js";
 
@@ -64,10 +65,8 @@ export function registerMessages(sv: Services): void {
 
   /** Resolves a `channel` argument to a channel the caller is a member of. */
   async function memberChannel(chid: string, me: string): Promise<string> {
-    if (!(await channels.get(chid))) throw new ProtocolError(Code.ChannelNotFound, `no channel with id '${chid}'`);
-    if (!(await channels.isMember(chid, me))) {
-      throw new ProtocolError(Code.InvalidChannel, `you are not a member of channel '${chid}'`);
-    }
+    if (!(await channels.get(chid))) throw channelErrors.notFound(chid);
+    if (!(await channels.isMember(chid, me))) throw channelErrors.notMember(chid);
     return chid;
   }
 
@@ -188,24 +187,26 @@ export function registerMessages(sv: Services): void {
    */
   function clusterMessage(req: Request<MessageData>, me: string, to: string | undefined, channel: string | undefined, body: string, cmid: string | undefined): Deferred | Promise<Deferred> {
     const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
-    if (channel !== undefined) throw new ProtocolError(Code.Unavailable, "channel messages are not available in cluster mode yet");
     if (req.attachment) throw new ProtocolError(Code.Unavailable, "attachments are not available in cluster mode yet");
     const append = (): Deferred => {
       const s = req.session;
       if (s.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
       const d = req.deferred();
-      cluster.append({ k: "msg", t: nowSeconds(), from: me, nick: s.nick as string, to: to as string, body, ...(cmid === undefined ? {} : { cmid }) }).then(
+      const addressed = channel !== undefined ? { chid: channel } : { to: to as string };
+      cluster.append({ k: "msg", t: nowSeconds(), from: me, nick: s.nick as string, ...addressed, body, ...(cmid === undefined ? {} : { cmid }) }).then(
         (out) => {
           // Its event is the applier's to send, in log order (features/cluster.ts).
           if (out.k === "sent") d.resolve(out.sent);
           else if (out.k === "nouser") d.reject(new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`));
+          else if (out.k === "error") d.reject(out.err);
           else d.reject(new ProtocolError(Code.Unavailable, "the message could not be stored; resend it with the same cmid"));
         },
         (err: unknown) => d.reject(err),
       );
       return d;
     };
-    if (users.peek(to as string) !== undefined) return append();
+    // A channel's membership is decided by the log's apply (9 or 10 from there).
+    if (channel !== undefined || users.peek(to as string) !== undefined) return append();
     return (async () => {
       // A recipient registered through another node a moment ago: this node may not have it yet.
       if (!(await users.get(to as string))) await cluster.sync();
