@@ -13,14 +13,12 @@
 // machine's cores, so the figures say what the log costs here, not what a cluster of
 // machines would do. Needs nats-server (apt-get install nats-server).
 
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import path from "node:path";
+import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import type { GenConfig, GenResult } from "./bench-gen.js";
 import { median, startServer, stopServer, type Server } from "./bench-lib.js";
+import { NatsServer } from "./nats-server.js";
 
 const { values: opts } = parseArgs({
   options: {
@@ -41,28 +39,6 @@ const LABEL: Record<Row, string> = {
   cross: "cluster of 3, sender and recipient on different nodes",
 };
 
-function natsServer(): string {
-  for (const bin of ["nats-server", "/usr/sbin/nats-server", "/usr/local/bin/nats-server"]) {
-    if (bin.startsWith("/") && !existsSync(bin)) continue;
-    if (spawnSync(bin, ["--version"]).status === 0) return bin;
-  }
-  throw new Error("nats-server not found: apt-get install nats-server (Debian, Ubuntu), or put it on PATH");
-}
-
-async function startNats(dir: string): Promise<{ proc: ChildProcess; url: string }> {
-  const proc = spawn(natsServer(), ["-a", "127.0.0.1", "-p", "-1", "-js", "-sd", dir], { stdio: ["ignore", "ignore", "pipe"] });
-  let text = "";
-  const port = await new Promise<number>((resolve, reject) => {
-    proc.stderr!.on("data", (d: Buffer) => {
-      text += d.toString();
-      const m = /Listening for client connections on [^\s]*:(\d+)/.exec(text);
-      if (m && text.includes("Server is ready")) resolve(Number(m[1]));
-    });
-    proc.once("exit", (code) => reject(new Error(`nats-server exited (${code}):\n${text}`)));
-  });
-  return { proc, url: `nats://127.0.0.1:${port}` };
-}
-
 function runGenerator(cfg: GenConfig): Promise<GenResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [GEN, JSON.stringify(cfg)], { stdio: ["ignore", "pipe", "inherit"] });
@@ -82,13 +58,12 @@ async function runOnce(row: Row): Promise<GenResult> {
   // (bench-lib's servers log at info: it waits for the "listening" line.)
   const common = ["--max-connections", "100000", "--admin", "off"];
   const servers: Server[] = [];
-  let nats: { proc: ChildProcess; url: string } | undefined;
-  const natsDir = mkdtempSync(path.join(tmpdir(), "wirechat-bench-nats-"));
+  let nats: NatsServer | undefined;
   try {
     if (row === "single") {
       servers.push(await startServer(common, { stderr: "pipe" }));
     } else {
-      nats = await startNats(natsDir);
+      nats = await NatsServer.start();
       for (let i = 0; i < 3; i++) {
         servers.push(await startServer([...common, "--nats", nats.url, "--node-id", `bench${i}`], { stderr: "pipe" }));
       }
@@ -115,12 +90,7 @@ async function runOnce(row: Row): Promise<GenResult> {
     return await runGenerator(cfg);
   } finally {
     for (const s of servers) await stopServer(s);
-    if (nats) {
-      const exited = new Promise((r) => nats!.proc.once("exit", r));
-      nats.proc.kill("SIGTERM");
-      await exited;
-    }
-    rmSync(natsDir, { recursive: true, force: true });
+    await nats?.stop();
   }
 }
 

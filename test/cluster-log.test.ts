@@ -7,7 +7,7 @@ import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EMPTY_VIEW, JetStreamLog, ViewMismatch, type StoredEntry, type ViewPosition } from "../src/cluster/jetstream-log.js";
 import { Code, ProtocolError } from "../src/protocol/codes.js";
-import { NatsServer } from "./nats-helpers.js";
+import { NatsServer } from "../scripts/nats-server.js";
 
 type Cmd = { k: "note"; text: string } | { k: "claim"; name: string; by: string };
 type Outcome = string;

@@ -9,7 +9,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
-import { NatsServer } from "./nats-helpers.js";
+import { NatsServer } from "../scripts/nats-server.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];

@@ -1,0 +1,164 @@
+// A real nats-server with JetStream, started as a child process: one on its own, or
+// several routed into one NATS cluster. Shared by the cluster tests and the cluster
+// benchmark. Each server listens for clients on an ephemeral port of 127.0.0.1 and
+// stores under a temporary directory of its own.
+//
+// `npm test` installs nats-server first when it is missing (ensure-nats-server.sh);
+// without it, natsServerPath() throws an error that says how to get it.
+
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import path from "node:path";
+
+const INSTALL_HINT = "cluster mode needs nats-server >= 2.9 with JetStream: apt-get install nats-server (Debian, Ubuntu), or put nats-server on PATH";
+
+/** The nats-server program, checked to be 2.9 or later. */
+export function natsServerPath(): string {
+  const candidates = ["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"];
+  for (const bin of candidates) {
+    if (bin.startsWith("/") && !existsSync(bin)) continue;
+    const r = spawnSync(bin, ["--version"], { encoding: "utf8" });
+    if (r.error || r.status !== 0) continue;
+    const m = /v(\d+)\.(\d+)\./.exec(r.stdout + r.stderr);
+    if (m && (Number(m[1]) > 2 || (Number(m[1]) === 2 && Number(m[2]) >= 9))) return bin;
+    throw new Error(`${bin} is ${(r.stdout + r.stderr).trim()}; ${INSTALL_HINT}`);
+  }
+  throw new Error(`nats-server not found; ${INSTALL_HINT}`);
+}
+
+/** A free TCP port of 127.0.0.1 (bound, then released). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** A member of a NATS cluster: its name, its route port, and the other members' route ports. */
+export interface ClusterRoute {
+  cluster: string;
+  name: string;
+  port: number;
+  routes: number[];
+}
+
+export class NatsServer {
+  private child: ChildProcess | undefined;
+  private exited: Promise<void> = Promise.resolve();
+
+  private constructor(
+    readonly storeDir: string,
+    public port: number,
+    readonly route: ClusterRoute | undefined,
+  ) {}
+
+  get url(): string {
+    return `nats://127.0.0.1:${this.port}`;
+  }
+
+  /** Its server name (a cluster member's, else "nats"). */
+  get name(): string {
+    return this.route?.name ?? "nats";
+  }
+
+  /** Starts a server on a free client port, alone or (`route`) as a member of a cluster. */
+  static async start(route?: ClusterRoute): Promise<NatsServer> {
+    const s = new NatsServer(mkdtempSync(path.join(tmpdir(), "wirechat-nats-")), -1, route);
+    await s.launch();
+    return s;
+  }
+
+  private async launch(): Promise<void> {
+    const args = ["-a", "127.0.0.1", "-p", String(this.port), "-js", "-sd", this.storeDir];
+    const r = this.route;
+    if (r) {
+      args.push("-n", r.name, "--cluster_name", r.cluster, "--cluster", `nats://127.0.0.1:${r.port}`);
+      args.push("--routes", r.routes.map((p) => `nats://127.0.0.1:${p}`).join(","));
+    }
+    const child = spawn(natsServerPath(), args, { stdio: ["ignore", "ignore", "pipe"] });
+    this.child = child;
+    this.exited = new Promise((resolve) => child.once("exit", () => resolve()));
+    let text = "";
+    this.port = await new Promise<number>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`nats-server did not start:\n${text}`)), 10_000);
+      child.stderr?.on("data", (chunk: Buffer) => {
+        // Only the start-up lines are kept: a cluster member logs on for its whole life.
+        if (text.length < 64 * 1024) text += chunk.toString();
+        const port = /Listening for client connections on [^\s]*:(\d+)/.exec(text);
+        if (port && text.includes("Server is ready")) {
+          clearTimeout(timer);
+          resolve(Number(port[1]));
+        }
+      });
+      child.once("exit", (code) => {
+        clearTimeout(timer);
+        reject(new Error(`nats-server exited (${code}):\n${text}`));
+      });
+    });
+  }
+
+  /** kill -9, as a crash. */
+  async kill(): Promise<void> {
+    this.child?.kill("SIGKILL");
+    await this.exited;
+  }
+
+  /** Starts again on the same ports and store (after kill()). */
+  async restart(): Promise<void> {
+    await this.launch();
+  }
+
+  async stop(): Promise<void> {
+    this.child?.kill("SIGTERM");
+    await this.exited;
+    rmSync(this.storeDir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * `n` nats-servers routed into one NATS cluster (server names n1…nN), started together;
+ * resolves once JetStream answers through every one of them (its meta leader elected),
+ * so a stream with n replicas can be created at once.
+ */
+export async function startNatsCluster(n: number, name = `wc${process.pid}`): Promise<NatsServer[]> {
+  const ports: number[] = [];
+  for (let i = 0; i < n; i++) ports.push(await freePort());
+  const servers = await Promise.all(
+    ports.map((port, i) => NatsServer.start({ cluster: name, name: `n${i + 1}`, port, routes: ports.filter((p) => p !== port) })),
+  );
+  try {
+    for (const s of servers) await jetStreamReady(s.url, 30_000);
+  } catch (err) {
+    await Promise.all(servers.map((s) => s.stop()));
+    throw err;
+  }
+  return servers;
+}
+
+/** Waits until JetStream answers an account-info request through `url`. */
+async function jetStreamReady(url: string, timeoutMs: number): Promise<void> {
+  const { connect } = await import("@nats-io/transport-node");
+  const { jetstreamManager } = await import("@nats-io/jetstream");
+  const deadline = Date.now() + timeoutMs;
+  const nc = await connect({ servers: url });
+  try {
+    for (;;) {
+      try {
+        const jsm = await jetstreamManager(nc, { timeout: 2000 });
+        await jsm.getAccountInfo();
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw new Error(`JetStream of the NATS cluster not ready at ${url}: ${(err as Error).message}`);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    }
+  } finally {
+    await nc.close();
+  }
+}
