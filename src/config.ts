@@ -141,7 +141,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "lobby", flag: "--lobby", env: "WIRECHAT_LOBBY", kind: "string", default: "lobby", help: "the public channel every HTTP/WS chat (seed 003) client is in (created at start-up when missing)" },
   { key: "nats", flag: "--nats", env: "WIRECHAT_NATS", kind: "string", default: "", help: "cluster mode: the NATS server(s) with JetStream whose log this node shares with the others (nats://host:port, comma-separated); empty: a single node on its own LevelDB. Not every action is served in cluster mode yet: see README, Cluster mode" },
   { key: "nodeId", flag: "--node-id", env: "WIRECHAT_NODE_ID", kind: "string", default: "", help: "this node's name in logs and in the cluster log; empty: <host name>:<port>" },
-  { key: "replicas", flag: "--replicas", env: "WIRECHAT_REPLICAS", kind: "int", default: 1, min: 1, max: 5, help: "copies JetStream keeps of the cluster log when this node creates it (1 for one nats-server, 3 for a three-server NATS cluster)" },
+  { key: "replicas", flag: "--replicas", env: "WIRECHAT_REPLICAS", kind: "int", default: 1, min: 1, max: 5, help: "copies JetStream keeps of the cluster log (1 for one nats-server, 3 for a three-server NATS cluster); a node refuses to start when the stream keeps another number" },
   { key: "natsStream", flag: "--nats-stream", env: "WIRECHAT_NATS_STREAM", kind: "string", default: "WIRECHAT", help: "name of the JetStream stream holding the cluster log (one per wirechat cluster)" },
   { key: "config", flag: "--config", env: "WIRECHAT_CONFIG", kind: "string", default: "", help: "JSON file of settings, keyed by flag name without the dashes ({\"port\": 7788, \"data-dir\": \"/var/lib/wirechat\"}); flags and environment variables win over it" },
 ];

@@ -152,7 +152,7 @@ describe("the replicated log", () => {
     await nodeA.close();
   });
 
-  it("sync() answers 16 when this node's apply does not reach the log's end within the write budget", async () => {
+  it("sync() and an append answer 16 when this node's apply does not get there within the write budget", async () => {
     const stream = `LOG${++streams}`;
     const a = new MemoryView();
     const stuck = new MemoryView();
@@ -163,9 +163,15 @@ describe("the replicated log", () => {
     const nodeS = await open(stream, "s", stuck, 1_000);
     await nodeA.append({ k: "note", text: "x" });
     await expect(nodeS.sync()).rejects.toMatchObject({ code: Code.Unavailable });
+    // Its own append is stored (PubAck) but not applied here: 16 once the budget is
+    // spent (the watchdog looks once a second), never a wait without end.
+    const started = Date.now();
+    await expect(nodeS.append({ k: "note", text: "mine" })).rejects.toMatchObject({ code: Code.Unavailable, message: expect.stringMatching(/not applied it yet/) });
+    expect(Date.now() - started).toBeLessThan(5_000);
     release();
     await nodeS.sync(); // caught up once the view moves again
     expect(stuck.applied).toEqual(a.applied);
+    expect(stuck.applied.some((x) => x.includes('"mine"'))).toBe(true);
     await nodeA.close();
     await nodeS.close();
   });

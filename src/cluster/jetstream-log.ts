@@ -103,8 +103,17 @@ const DUPLICATE_WINDOW_MS = 120_000;
 const MAX_ENTRY_BYTES = 900 * 1024;
 /** How long close() lets the connection drain. */
 const CLOSE_WAIT_MS = 2_000;
+/** How long start-up waits for a JetStream that answers "temporarily unavailable". */
+const STARTUP_WAIT_MS = 30_000;
 /** Entries received and not yet applied before reading from the stream pauses. */
 const MAX_UNAPPLIED = 1_024;
+/** How often the watchdog looks at what waits (see watch()). */
+const WATCH_EVERY_MS = 1_000;
+/**
+ * Nothing read or applied for this long while something waits for the log: the reader
+ * is checked against the stream's end, and re-opened if it is behind.
+ */
+const READER_STALL_MS = 3_000;
 
 interface Proposal<C, R> {
   cmd: C;
@@ -118,6 +127,8 @@ interface Open<C, R> {
   proposals: Proposal<C, R>[];
   /** Resolves the proposals once the entry at `seq` is applied. */
   seq: number;
+  /** When its PubAck came (Date.now()). */
+  at: number;
 }
 
 export class JetStreamLog<C, R> {
@@ -136,6 +147,12 @@ export class JetStreamLog<C, R> {
   private applying = false;
   private resumeReading: (() => void) | undefined;
   private messages: ConsumerMessages | undefined;
+  /** The last stream seq read (at or past `applied`); a re-opened reader starts after it. */
+  private lastRead = 0;
+  /** When an entry was last read or applied (Date.now()). */
+  private lastProgress = Date.now();
+  private watchdog: NodeJS.Timeout | undefined;
+  private watching = false;
   private connected = true;
   private closed = false;
   private readonly writeBudgetMs: number;
@@ -248,6 +265,7 @@ export class JetStreamLog<C, R> {
 
   async close(): Promise<void> {
     this.closed = true;
+    clearInterval(this.watchdog);
     this.messages?.stop();
     // A drain flushes what is pending; with the engine unreachable it would wait for the
     // reconnect for ever, and a stopping node must stop.
@@ -284,9 +302,9 @@ export class JetStreamLog<C, R> {
         if (seq <= this.applied.seq) {
           // Applied already (the consumer can overtake the PubAck): its outcomes were
           // handed out at apply if it was waited for; it was not, so ask nothing more.
-          this.settleApplied({ n, proposals, seq }, undefined);
+          this.settleApplied({ n, proposals, seq, at: Date.now() }, undefined);
         } else {
-          this.stored.push({ n, proposals, seq });
+          this.stored.push({ n, proposals, seq, at: Date.now() });
         }
       }
     } finally {
@@ -327,25 +345,78 @@ export class JetStreamLog<C, R> {
     })();
   }
 
-  /** Reads the stream from the view's position on, in order, into the apply queue. */
+  /**
+   * Reads the stream from the view's position on, in order, into the apply queue,
+   * through an ordered consumer (an ephemeral one, on one server of the NATS cluster),
+   * and starts the watchdog.
+   */
   private async startReading(): Promise<void> {
+    this.lastRead = this.applied.seq;
+    await this.openReader();
+    this.watchdog = setInterval(() => void this.watch(), WATCH_EVERY_MS);
+    this.watchdog.unref();
+  }
+
+  private async openReader(): Promise<void> {
     const consumer = await this.js.consumers.get(this.opts.stream, {
       deliver_policy: DeliverPolicy.StartSequence,
-      opt_start_seq: this.applied.seq + 1,
+      opt_start_seq: this.lastRead + 1,
     });
-    const messages = await consumer.consume({ max_messages: 256 });
+    // Pulls expire every 5 s (heartbeats every 2.5 s), so a reader whose consumer went
+    // with its server notices within seconds, not the client's default 30.
+    const messages = await consumer.consume({ max_messages: 256, expires: 5_000 });
     this.messages = messages;
     void (async () => {
       try {
         for await (const m of messages) {
+          if (this.messages !== messages) return; // replaced by the watchdog
+          // A reader re-opened after the last one read: nothing twice.
+          if (m.seq <= this.lastRead) continue;
+          this.lastRead = m.seq;
+          this.lastProgress = Date.now();
           this.unapplied.push(decode<C>(m));
           if (!this.applying) void this.applyQueued();
           if (this.unapplied.length >= MAX_UNAPPLIED) await new Promise<void>((r) => (this.resumeReading = r));
         }
       } catch (err) {
-        if (!this.closed) this.fail(err);
+        if (!this.closed && this.messages === messages) this.fail(err);
       }
     })();
+  }
+
+  /**
+   * Once a second: an answer whose entry is stored but not applied here within the
+   * write budget is 16 (its apply may still come; a resend with the same cmid finds
+   * it); and a reader that has read nothing for READER_STALL_MS is checked against the
+   * stream's end (one request; an idle node makes one every few seconds) and re-opened
+   * after the last entry it read when it is behind (its consumer lived on a server that
+   * died: the NATS client's own recovery can take minutes).
+   */
+  private async watch(): Promise<void> {
+    if (this.closed || this.failure || this.watching) return;
+    const now = Date.now();
+    while (this.stored.length > 0 && now - this.stored[0].at > this.writeBudgetMs) {
+      const late = this.stored.shift() as Open<C, R>;
+      const err = unavailable("the cluster stored the request but this node has not applied it yet; a resend with the same cmid finds it");
+      for (const p of late.proposals) p.reject(err);
+    }
+    // Also on a node with nothing of its own waiting: its clients wait for the others' messages.
+    if (!this.connected || now - this.lastProgress < READER_STALL_MS || this.unapplied.length > 0) return;
+    this.watching = true;
+    try {
+      const last = (await this.jsm.streams.info(this.opts.stream)).state.last_seq;
+      if (last <= this.lastRead || this.closed) return;
+      this.opts.log.warn({ read: this.lastRead, last }, "reading the cluster log stalled; re-opening the reader");
+      const old = this.messages;
+      this.messages = undefined;
+      old?.stop();
+      await this.openReader();
+    } catch (err) {
+      this.opts.log.warn({ err }, "checking the cluster log's reader failed; trying again");
+    } finally {
+      this.lastProgress = Date.now();
+      this.watching = false;
+    }
   }
 
   /** Applies what was read, in batches, one batch at a time. */
@@ -363,6 +434,7 @@ export class JetStreamLog<C, R> {
         const position: ViewPosition = { created: this.created, seq: last.seq, id: last.id };
         const outcomes = await this.opts.apply(batch, position);
         this.applied = position;
+        this.lastProgress = Date.now();
         batch.forEach((e, i) => {
           if (e.entry.o !== this.origin) return;
           const mine = this.stored.findIndex((s) => s.n === e.entry.n);
@@ -425,7 +497,32 @@ function decode<C>(m: JsMsg): StoredEntry<C> {
   return { seq: m.seq, id: m.headers?.get("Nats-Msg-Id") ?? "", entry: m.json<LogEntry<C>>() };
 }
 
+/**
+ * The stream's info, made if missing, with as many copies as this node was told: a
+ * node whose --replicas differs refuses to start (its 0s would promise copies the
+ * stream does not keep). A JetStream not answering yet (a NATS cluster electing its
+ * leader) is waited for, up to STARTUP_WAIT_MS.
+ */
 async function ensureStream<C, R>(jsm: JetStreamManager, opts: JetStreamLogOptions<C, R>) {
+  const deadline = Date.now() + STARTUP_WAIT_MS;
+  for (;;) {
+    try {
+      const info = await streamInfoOrCreate(jsm, opts);
+      if (info.config.num_replicas !== opts.replicas) {
+        throw new Error(`stream ${opts.stream} keeps ${info.config.num_replicas} copies of the log, and this node was started with --replicas ${opts.replicas}: start every node with the stream's number`);
+      }
+      return info;
+    } catch (err) {
+      const text = String((err as Error).message);
+      const transient = /temporarily unavailable|no responders|timeout|503/i.test(text);
+      if (!transient || Date.now() > deadline) throw err;
+      opts.log.warn({ err: text }, "JetStream is not answering yet; waiting for it");
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
+async function streamInfoOrCreate<C, R>(jsm: JetStreamManager, opts: JetStreamLogOptions<C, R>) {
   try {
     return await jsm.streams.info(opts.stream);
   } catch (err) {
