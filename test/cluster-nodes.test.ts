@@ -3,9 +3,12 @@
 // accounts and sessions made on one node work on the others, contested logins and
 // channel names have one winner, direct and channel messages reach their recipients on
 // other nodes (live, and offline through the inbox after auth) in order, channel events
-// reach members on every node, cmid holds across nodes, a node that was down catches up
-// before it listens, and what is not served yet answers 16.
+// reach members on every node, attachments uploaded on one node are delivered through
+// the others (JetStream object store), cmid holds across nodes, and a node that was
+// down catches up before it listens.
 
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
@@ -285,13 +288,44 @@ describe("cluster mode: direct messages", () => {
     for (const c of [alice.client, bob.client, aliceElsewhere.client]) c.close();
   });
 
-  it("what cluster mode does not serve yet (attachments) answers 16, and the connection stays usable", async () => {
-    const a = await registerUser(node(1));
-    const r = await a.client.request("message", { uid: a.uid, body: "file", attach: { mime: "text/plain", data: "aGVsbG8=" } });
-    expect(r.status).toBe(16);
-    expect(r.error).toMatch(/cluster mode/);
-    expect((await a.client.request("ping")).status).toBe(0);
-    a.client.close();
+  it("an attachment uploaded through one node reaches the recipient through another, and history through a third", async () => {
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(node(1));
+    const aliceElsewhere = await login(node(2), alice.login);
+    const data = randomBytes(300_000).toString("base64");
+    const sent = await alice.client.request("message", { uid: bob.uid, body: "file", attach: { mime: "image/png", data }, cmid: "att-1" });
+    expect(sent.status).toBe(0);
+    const got = await bob.client.event("ev_message", (d) => d.mid === sent.mid, 15_000);
+    expect(got).toMatchObject({ body: "file", attach: { mime: "image/png", data } });
+    const echo = await aliceElsewhere.client.event("ev_message", (d) => d.mid === sent.mid, 15_000);
+    expect(echo.attach.data).toBe(data);
+    const h = await aliceElsewhere.client.request("history", { uid: bob.uid });
+    expect(h.messages.find((m: any) => m.mid === sent.mid).attach).toEqual({ mime: "image/png", data });
+    // Resent through another node with its cmid: the first mid, nothing delivered again.
+    const again = await aliceElsewhere.client.request("message", { uid: bob.uid, body: "file", attach: { mime: "image/png", data }, cmid: "att-1" });
+    expect(again.mid).toBe(sent.mid);
+    expect(await bob.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    // Deleted through the recipient's node... by its author: its blob goes from every node's disk.
+    expect((await alice.client.request("delmessage", { mid: sent.mid })).status).toBe(0);
+    expect(await bob.client.event("ev_delmessage")).toEqual({ mid: sent.mid });
+    const sha = createHash("sha256").update(Buffer.from(data, "base64")).digest("hex");
+    for (const n of nodes) {
+      const file = n.services.blobs.pathOf(sha);
+      for (let i = 0; i < 100 && existsSync(file); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(existsSync(file)).toBe(false);
+    }
+    for (const c of [alice.client, bob.client, aliceElsewhere.client]) c.close();
+  });
+
+  it("an attachment in a channel reaches members on every node", async () => {
+    const owner = await registerUser(node(2));
+    const m = await registerUser(node(0));
+    const { chid } = await owner.client.request("createchannel", { name: uniqueName("files"), members: [m.uid] });
+    const data = randomBytes(5_000).toString("base64");
+    const sent = await owner.client.request("message", { channel: chid, attach: { mime: "text/plain", data } });
+    expect(sent.status).toBe(0);
+    expect(await m.client.event("ev_message", (d) => d.mid === sent.mid, 15_000)).toMatchObject({ chid, attach: { mime: "text/plain", data } });
+    for (const c of [owner.client, m.client]) c.close();
   });
 });
 

@@ -88,6 +88,8 @@ export interface JetStreamLogOptions<C, R> {
   log: Logger;
   /** How long an append may keep retrying before it answers unavailable (ms). */
   writeBudgetMs?: number;
+  /** Called once connected and the stream is there, before anything is applied (what apply needs of the engine). */
+  connected?: (nc: NatsConnection) => Promise<void>;
 }
 
 /** The view cannot be trusted for this stream: the caller empties it and opens again. */
@@ -183,6 +185,7 @@ export class JetStreamLog<C, R> {
       const info = await ensureStream(jsm, opts);
       const created = info.created;
       await verifyView(jsm, opts.stream, opts.view, created, info.state.first_seq, info.state.last_seq);
+      await opts.connected?.(nc);
       const log = new JetStreamLog<C, R>(nc, jetstream(nc), jsm, opts, created);
       log.watchStatus();
       await log.startReading();
@@ -487,7 +490,8 @@ export class JetStreamLog<C, R> {
   }
 }
 
-function unavailable(text: string, cause?: unknown): ProtocolError {
+/** A 16 whose cause (the engine's error) is kept for the log. */
+export function unavailable(text: string, cause?: unknown): ProtocolError {
   const err = new ProtocolError(Code.Unavailable, text);
   if (cause !== undefined) (err as Error & { cause?: unknown }).cause = cause;
   return err;

@@ -25,6 +25,7 @@
 // 16 (see ActionSpec.cluster). Attachments and the operator's writes come next (issue 12).
 
 import type { Logger } from "pino";
+import { ClusterBlobs } from "../cluster/blobs.js";
 import { ClusterPresence } from "../cluster/presence.js";
 import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from "../cluster/jetstream-log.js";
 import { MessageSent } from "../protocol/codec.js";
@@ -63,7 +64,7 @@ export type Command =
       cap: number;
     }
   /** A message to user `to` or to channel `chid` (one of the two). */
-  | { k: "msg"; t: number; from: string; nick: string; to?: string; chid?: string; body: string; cmid?: string }
+  | { k: "msg"; t: number; from: string; nick: string; to?: string; chid?: string; body: string; cmid?: string; attach?: Attachment }
   /** One session ended by its owner; `conn` is the proposer's connection, which logs itself out. */
   | { k: "logout"; uid: string; sid: string; expires: number; conn: number }
   /** A new password hash; every session but `keep` (the caller's) is revoked. */
@@ -87,6 +88,13 @@ export type Command =
   | { k: "leave"; uid: string; nick: string; chid: string }
   /** deletechannel by `by` (only its owner may). */
   | { k: "chdelete"; chid: string; by: string };
+
+/** A message's attachment: its blob (in the object store, put before the message was appended). */
+export interface Attachment {
+  mime: string;
+  sha: string;
+  size: number;
+}
 
 export type Outcome =
   | { k: "registered"; user: UserRecord }
@@ -158,6 +166,10 @@ export class Cluster {
       view: await this.storedPosition(),
       apply: (entries, position) => this.apply(entries, position),
       log: this.log,
+      // Attachments: the object store, before the catch-up applies entries that name blobs.
+      connected: async (nc) => {
+        this.remoteBlobs = await ClusterBlobs.open(nc, `${this.opts.stream}_BLOBS`, this.opts.replicas, this.sv.blobs, this.log);
+      },
     });
     this.log.info({ stream: this.opts.stream, applied: this.journal.position.seq, node: this.opts.nodeId }, "caught up with the cluster log");
     const { router, hooks } = this.sv;
@@ -172,6 +184,17 @@ export class Cluster {
     );
     router.elsewhere = this.presence.users;
     this.presence.start();
+  }
+
+  /** The attachments' object store; set once connected. */
+  private remoteBlobs: ClusterBlobs | undefined;
+
+  /**
+   * Puts this node's blob into the cluster's object store, before a message naming it
+   * is appended (16 when the store cannot take it).
+   */
+  putBlob(sha: string, size: number): Promise<void> {
+    return (this.remoteBlobs as ClusterBlobs).put(sha, size);
   }
 
   /** Who is online on the other nodes; set once open. */
@@ -223,6 +246,17 @@ export class Cluster {
   }
 
   private async applySegment(entries: StoredEntry<Command>[], position: ViewPosition): Promise<Outcome[][]> {
+    const { blobs } = this.sv;
+    // Blobs fetched (or found) for this segment's messages: pinned until it is written.
+    const pinned: string[] = [];
+    try {
+      return await this.applyPinned(entries, position, pinned);
+    } finally {
+      for (const sha of pinned) blobs.unpin(sha);
+    }
+  }
+
+  private async applyPinned(entries: StoredEntry<Command>[], position: ViewPosition, pinned: string[]): Promise<Outcome[][]> {
     const { storage, users, sessions, messages, channels, router } = this.sv;
     // Phase 1: every read the commands need, before anything is written.
     const reads = await Promise.all(
@@ -239,6 +273,7 @@ export class Cluster {
                 return { user, sessions: list };
               }
               case "msg": {
+                if (c.attach && this.remoteBlobs && (await this.remoteBlobs.fetch(c.attach.sha)) === "pinned") pinned.push(c.attach.sha);
                 const earlier = c.cmid === undefined ? undefined : messages.byCmid(c.from, c.cmid);
                 if (c.chid !== undefined) {
                   const [channel, member] = await Promise.all([channels.get(c.chid), channels.isMember(c.chid, c.from)]);
@@ -325,7 +360,10 @@ export class Cluster {
                 return { message: await messages.get(c.mid) };
               case "del": {
                 const m = await messages.get(c.mid);
-                return { message: m, removal: m && m.from === c.by ? await messages.removeOps(m) : undefined };
+                if (!m || m.from !== c.by) return { message: m };
+                const removal = await messages.removeOps(m);
+                if (m.attach) removal.push(...this.sv.blobs.unrefOps(m.attach.sha, m.mid));
+                return { message: m, removal };
               }
               default:
                 throw unknownCommand(c);
@@ -423,7 +461,9 @@ export class Cluster {
             ? { mid: "", chid: c.chid, from: c.from, nick: c.nick, body: c.body, time: c.t }
             : { mid: "", from: c.from, nick: c.nick, body: c.body, time: c.t, to: c.to };
         if (c.cmid !== undefined) m.cmid = c.cmid;
+        if (c.attach) m.attach = c.attach;
         const text = messages.append(m);
+        if (c.attach) storage.commitLazy(this.sv.blobs.refOps(c.attach.sha, m.mid));
         const pair = c.to === undefined ? undefined : messages.peerOps(c.from, c.to);
         if (pair) {
           storage.commitLazy(pair);
@@ -515,6 +555,11 @@ export class Cluster {
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         storage.commitLazy(r.removal ?? []);
         overlay.messages.set(c.mid, undefined);
+        // Its blob goes once nothing references it (another message may).
+        if (m.attach) {
+          const sha = m.attach.sha;
+          t.after.push(() => this.sv.blobs.collectLater(sha));
+        }
         events.push([{ kind: "delete", mid: c.mid }, messageAudience(m)]);
         return { k: "done" };
       }

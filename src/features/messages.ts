@@ -183,17 +183,20 @@ export function registerMessages(sv: Services): void {
    * Cluster mode: the message goes through the log (features/cluster.ts), where its
    * mid is assigned and a cmid already used is found; the reply waits for the local
    * apply. Like a single node's, it is pipelined: the request's Deferred settles then,
-   * and the connection's next request starts at once (appends keep its order).
+   * and the connection's next request starts at once (appends keep its order). An
+   * attachment's blob is put into the cluster's object store first (cluster/blobs.ts).
    */
   function clusterMessage(req: Request<MessageData>, me: string, to: string | undefined, channel: string | undefined, body: string, cmid: string | undefined): Deferred | Promise<Deferred> {
     const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
-    if (req.attachment) throw new ProtocolError(Code.Unavailable, "attachments are not available in cluster mode yet");
+    const upload = req.attachment && req.attachment.size > 0 ? req.attachment : undefined;
+    const attach = upload ? { mime: req.data.attach?.mime || "application/octet-stream", sha: upload.sha, size: upload.size } : undefined;
     const append = (): Deferred => {
       const s = req.session;
       if (s.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
       const d = req.deferred();
       const addressed = channel !== undefined ? { chid: channel } : { to: to as string };
-      cluster.append({ k: "msg", t: nowSeconds(), from: me, nick: s.nick as string, ...addressed, body, ...(cmid === undefined ? {} : { cmid }) }).then(
+      const extra = { ...(cmid === undefined ? {} : { cmid }), ...(attach ? { attach } : {}) };
+      cluster.append({ k: "msg", t: nowSeconds(), from: me, nick: s.nick as string, ...addressed, body, ...extra }).then(
         (out) => {
           // Its event is the applier's to send, in log order (features/cluster.ts).
           if (out.k === "sent") d.resolve(out.sent);
@@ -206,10 +209,13 @@ export function registerMessages(sv: Services): void {
       return d;
     };
     // A channel's membership is decided by the log's apply (9 or 10 from there).
-    if (channel !== undefined || users.peek(to as string) !== undefined) return append();
+    if (!attach && (channel !== undefined || users.peek(to as string) !== undefined)) return append();
     return (async () => {
       // A recipient registered through another node a moment ago: this node may not have it yet.
-      if (!(await users.get(to as string))) await cluster.sync();
+      if (channel === undefined && !(await users.get(to as string))) await cluster.sync();
+      // The blob is in the cluster's object store before any entry names it (the
+      // upload's pin keeps the local file until the reply).
+      if (attach) await cluster.putBlob(attach.sha, attach.size);
       return append();
     })();
   }

@@ -269,6 +269,47 @@ export class BlobStore {
     });
   }
 
+  /** Pins `sha` if it is stored here (under its lock: no collect in between); whether it was. */
+  async pinIfStored(sha: string): Promise<boolean> {
+    return this.locks.run(sha, async () => {
+      if (!(await this.exists(sha))) return false;
+      this.pin(sha);
+      return true;
+    });
+  }
+
+  /**
+   * Stores a blob's bytes read from elsewhere (cluster mode's object store), synced,
+   * and pins it like a finished upload (the caller unpins it once the message that
+   * references it is written). False, and nothing stored, when the bytes do not hash
+   * to `sha`.
+   */
+  async storeFetched(sha: string, source: AsyncIterable<Uint8Array>): Promise<boolean> {
+    const tmpPath = path.join(this.tmp, randomBytes(12).toString("hex"));
+    const hash = createHash("sha256");
+    try {
+      const fh = await open(tmpPath, "w");
+      try {
+        for await (const chunk of source) {
+          hash.update(chunk);
+          await fh.write(chunk);
+        }
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      if (hash.digest("hex") !== sha) {
+        await unlink(tmpPath).catch(() => {});
+        return false;
+      }
+      await this.storeUpload(tmpPath, sha);
+      return true;
+    } catch (err) {
+      await unlink(tmpPath).catch(() => {});
+      throw err;
+    }
+  }
+
   async exists(sha: string): Promise<boolean> {
     return access(this.pathOf(sha)).then(
       () => true,

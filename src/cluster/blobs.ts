@@ -1,0 +1,83 @@
+// Attachments in cluster mode. The bytes live in a JetStream object store (one bucket
+// per cluster log, object name = the blob's sha256, file storage, --replicas copies):
+// the node that received an upload puts it there before the message is appended to
+// the log, so an entry that names a blob is never in the log before the blob is in the
+// store. Every node, as it applies that entry, fetches the blob into its own blob
+// directory (checked against its sha256) unless it has it: deliveries, history and
+// `enter` read local files, as on a single node, and the local references and sweep
+// work unchanged. Objects are never deleted from the store yet: a delete racing
+// another node's upload of the same bytes would lose them (see the README).
+
+import { StorageType } from "@nats-io/jetstream";
+import { Objm, type ObjectStore } from "@nats-io/obj";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { createReadStream } from "node:fs";
+import { Readable } from "node:stream";
+import type { Logger } from "pino";
+import type { BlobStore } from "../storage/blobs.js";
+import { unavailable } from "./jetstream-log.js";
+
+/** A fetch that fails (the engine unreachable) is tried this many times, backing off to 2 s. */
+const FETCH_ATTEMPTS = 30;
+
+export class ClusterBlobs {
+  private constructor(
+    private readonly os: ObjectStore,
+    private readonly blobs: BlobStore,
+    private readonly log: Logger,
+  ) {}
+
+  static async open(nc: NatsConnection, bucket: string, replicas: number, blobs: BlobStore, log: Logger): Promise<ClusterBlobs> {
+    const os = await new Objm(nc).create(bucket, { storage: StorageType.File, replicas });
+    return new ClusterBlobs(os, blobs, log);
+  }
+
+  /**
+   * Puts this node's blob `sha` (`size` bytes) into the object store, unless it is
+   * there already. 16 when the store cannot be reached.
+   */
+  async put(sha: string, size: number): Promise<void> {
+    try {
+      const info = await this.os.info(sha);
+      if (info && !info.deleted && info.size === size) return;
+      const stream = Readable.toWeb(createReadStream(this.blobs.pathOf(sha), { highWaterMark: 128 * 1024 })) as ReadableStream<Uint8Array>;
+      await this.os.put({ name: sha }, stream);
+    } catch (err) {
+      throw unavailable("the attachment could not be stored in the cluster; send the message again", err);
+    }
+  }
+
+  /**
+   * Makes blob `sha` a local file, pinned (the caller unpins it once the entry that
+   * references it is written): "pinned". "missing" when the store does not have it
+   * (or gave bytes of another hash), or could not be reached after FETCH_ATTEMPTS:
+   * the message is applied all the same, and this node cannot send that attachment.
+   */
+  async fetch(sha: string): Promise<"pinned" | "missing"> {
+    if (await this.blobs.pinIfStored(sha)) return "pinned";
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const r = await this.os.get(sha);
+        if (!r) {
+          this.log.error({ sha }, "an attachment the cluster log names is not in the object store");
+          return "missing";
+        }
+        const ok = await this.blobs.storeFetched(sha, r.data as unknown as AsyncIterable<Uint8Array>);
+        const failed = await r.error;
+        if (failed) throw failed;
+        if (!ok) {
+          this.log.error({ sha }, "the object store's copy of an attachment does not match its hash");
+          return "missing";
+        }
+        return "pinned";
+      } catch (err) {
+        if (attempt >= FETCH_ATTEMPTS) {
+          this.log.error({ err, sha }, "fetching an attachment from the object store failed; this node cannot send it");
+          return "missing";
+        }
+        this.log.warn({ err, sha, attempt }, "fetching an attachment from the object store failed; retrying");
+        await new Promise((r) => setTimeout(r, Math.min(250 * 2 ** attempt, 2_000)));
+      }
+    }
+  }
+}
