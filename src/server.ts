@@ -285,6 +285,13 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   if (http) http.websockets.refuseAddress = refuseAddress;
   // Every listener's connections, as the admin port lists, counts and bans them.
   const tables: readonly ConnectionTable[] = [...listeners, ...(http ? [http.websockets] : [])];
+  // Cluster mode: an address banned through another node's admin port is cut here too.
+  if (services.cluster) {
+    services.cluster.onAddressBanned = (address, reason) => {
+      const why = `your address was banned${reason ? `: ${reason}` : ""}`;
+      for (const t of tables) t.closeAddress(address, why);
+    };
+  }
   registerStats(services, () => listener.connections.size);
 
   let stopping: Promise<void> | undefined;

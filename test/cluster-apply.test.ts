@@ -4,7 +4,7 @@
 // fast-check property over random command sequences with contested logins, nicks,
 // emails, sessions past the cap, logouts, password changes, contacts, cmids, edits,
 // deletions, deleted accounts, and channels (contested names, caps, joins, invites,
-// leaves, deletions, channel messages).
+// leaves, deletions, channel messages), and the operator's kicks, bans and unbans.
 
 import fc from "fast-check";
 import pino from "pino";
@@ -91,6 +91,19 @@ const command: fc.Arbitrary<Command> = fc.oneof(
   ),
   fc.record({ k: fc.constant("leave" as const), uid: fc.constantFrom(...UIDS), nick: fc.constantFrom(...NICKS), chid: fc.constantFrom(...CHIDS, "*") }),
   fc.record({ k: fc.constant("chdelete" as const), chid: fc.constantFrom(...CHIDS), by: fc.constantFrom(...UIDS) }),
+  fc.record({ k: fc.constant("kick" as const), uid: fc.constantFrom(...UIDS), reason: fc.constant("bye"), revoke: fc.boolean() }),
+  fc.record(
+    {
+      k: fc.constant("ban" as const),
+      kind: fc.constantFrom("login" as const, "addr" as const),
+      value: fc.constantFrom("ann", "bob", "10.0.0.1"),
+      reason: fc.constantFrom("spam", ""),
+      at: fc.integer({ min: 1000, max: 2000 }),
+      uid: fc.constantFrom(...UIDS),
+    },
+    { requiredKeys: ["k", "kind", "value", "reason", "at"] },
+  ),
+  fc.record({ k: fc.constant("unban" as const), kind: fc.constantFrom("login" as const, "addr" as const), value: fc.constantFrom("ann", "bob", "10.0.0.1") }),
   fc.record(
     {
       k: fc.constant("msg" as const),
@@ -123,7 +136,7 @@ async function state(core: Core): Promise<string[]> {
   for (let i = 0; i < 200 && (await readEntries(spaces.purges, {})).length > 0; i++) await new Promise((r) => setTimeout(r, 25));
   const lines: string[] = [];
   for await (const line of exportRecords(core.services.storage, undefined)) lines.push(line);
-  for (const space of ["usessions", "channels", "privchans", "chname", "owned", "members", "privof", "purges"] as const) {
+  for (const space of ["usessions", "channels", "privchans", "chname", "owned", "members", "privof", "purges", "bans"] as const) {
     for (const [k, v] of await readEntries(spaces[space], {})) lines.push(`${space} ${k} ${JSON.stringify(v)}`);
   }
   return lines;
@@ -139,6 +152,8 @@ function brief(o: Outcome): string {
       return `edited ${o.edited}`;
     case "nomsg":
       return `nomsg ${o.forbidden}`;
+    case "done":
+      return `done ${o.n ?? ""}`;
     case "registered":
       return `registered ${o.user.uid} ${o.user.num}`;
     case "error":

@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
 import { NatsServer } from "../scripts/nats-server.js";
+import { admin } from "./admin-helpers.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];
@@ -429,6 +430,48 @@ describe("cluster mode: channels", () => {
     const left = await x.client.request("enter", { channel: mine.chid });
     expect(left.users.map((u: any) => u.uid).sort()).toEqual([m.uid, x.uid].sort());
     for (const u of [owner, m, x]) u.client.close();
+  });
+});
+
+describe("cluster mode: the operator", () => {
+  it("the admin port's writes on one node take effect on every node", async () => {
+    const port = (i: number) => nodes[i].adminPort as number;
+    const name = uniqueName("op");
+    expect((await admin(port(0), "POST", "/users", { login: name, pass: "secret" })).status).toBe(201);
+    // The same login added through another node: taken.
+    expect((await admin(port(1), "POST", "/users", { login: name, pass: "other" })).json).toMatchObject({ code: 1 });
+    const a = await login(node(1), name);
+    const b = await login(node(2), name);
+    expect([a.auth.status, b.auth.status]).toEqual([0, 0]);
+
+    const pw = await admin(port(2), "POST", "/users/passwd", { user: name, pass: "changed" });
+    expect(pw.json).toMatchObject({ uid: a.auth.uid, revoked: 2 });
+    await Promise.all([a.client.closed, b.client.closed]);
+    expect((await login(node(0), name)).auth.status).toBe(2);
+    const c = await login(node(0), name, "changed");
+    expect(c.auth.status).toBe(0);
+
+    expect((await admin(port(1), "POST", "/kick", { user: name })).status).toBe(200);
+    expect(await c.client.event("ev_logout")).toMatchObject({ reason: "disconnected by an operator" });
+    await c.client.closed;
+
+    const d = await login(node(2), name, "changed");
+    const ban = await admin(port(0), "POST", "/ban", { login: name, reason: "spam" });
+    expect(ban.json.ban).toMatchObject({ kind: "login", value: name, reason: "spam" });
+    await d.client.closed;
+    for (let i = 0; i < 3; i++) {
+      expect((await login(node(i), name, "changed")).auth.status).toBe(15);
+      expect((await admin(port(i), "GET", "/bans")).json.bans).toEqual(expect.arrayContaining([expect.objectContaining({ kind: "login", value: name })]));
+    }
+    expect((await admin(port(1), "POST", "/unban", { login: name })).json).toEqual({ lifted: true });
+    expect((await admin(port(2), "POST", "/unban", { login: name })).json).toEqual({ lifted: false });
+    const e = await login(node(2), name, "changed");
+    expect(e.auth.status).toBe(0);
+
+    expect((await admin(port(2), "POST", "/users/delete", { user: name })).status).toBe(200);
+    await e.client.closed;
+    for (let i = 0; i < 3; i++) expect((await login(node(i), name, "changed")).auth.status).toBe(7);
+    expect((await admin(port(1), "POST", "/users/delete", { user: name })).status).toBe(404);
   });
 });
 

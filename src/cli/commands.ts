@@ -1,7 +1,8 @@
 // `wirechat <command>`: the operator's commands. Each works on a stopped server's data
 // dir directly (the core opened without listeners) or, when a server has it open (its
 // LevelDB is locked), through that server's admin port, found from the same options,
-// environment and config file the server reads.
+// environment and config file the server reads. In cluster mode (--nats) always
+// through a running node's admin port: its writes are entries of the cluster log.
 
 import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
@@ -172,6 +173,13 @@ function viaAdmin(config: Config): Backend {
 }
 
 async function backend(config: Config, init: boolean): Promise<Backend> {
+  // A cluster node's data dir is a view of the cluster log: a write there would be
+  // this node's alone (and undone when the view is rebuilt). Its writes go through a
+  // running node's admin port, into the log.
+  if (config.nats) {
+    if (config.admin !== "on") throw new ConfigError("with --nats the operator's commands go through a running node's admin port (--admin on)");
+    return viaAdmin(config);
+  }
   try {
     return await direct(config, init);
   } catch (err) {

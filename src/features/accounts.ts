@@ -610,6 +610,13 @@ export function registerAccounts(sv: Services): AccountOps {
 
   return {
     async create(login, pass, nick) {
+      if (sv.cluster) {
+        // The log decides a contested login or nick (no session: an operator's account).
+        const out = await sv.cluster.append({ k: "register", t: nowSeconds(), uid: randomBytes(6).toString("hex"), login, nick, hash: await hasher.hash(OPERATOR, pass) });
+        if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
+        if (out.k !== "registered") throw new ProtocolError(Code.Unavailable, "the account could not be created; try again");
+        return out.user;
+      }
       const unique: [UniqueIndex, string][] = [
         ["login", login],
         ["nick", nick],
@@ -627,6 +634,14 @@ export function registerAccounts(sv: Services): AccountOps {
     },
     async setPassword(uid, pass) {
       const hash = await hasher.hash(OPERATOR, pass);
+      if (sv.cluster) {
+        // Every session goes, on every node, as each applies it.
+        const cur = await users.get(uid);
+        if (!cur) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+        const out = await sv.cluster.append({ k: "password", uid, hash, checked: cur.hash, keep: "", reason: "the password was changed by an operator" });
+        if (out.k !== "done") throw new ProtocolError(Code.Unavailable, "the password was changed meanwhile; try again");
+        return { revoked: out.n ?? 0 };
+      }
       return underUser(uid, async () => {
         const cur = await users.get(uid);
         if (!cur) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
@@ -639,6 +654,14 @@ export function registerAccounts(sv: Services): AccountOps {
       });
     },
     async remove(uid) {
+      if (sv.cluster) {
+        const user = await users.get(uid);
+        if (!user) return false;
+        const out = await sv.cluster.append({ k: "deleteAccount", uid, checked: user.hash, conn: -1, reason: "the account was deleted by an operator" });
+        if (out.k === "nouser") return false;
+        if (out.k !== "done") throw new ProtocolError(Code.Unavailable, "the password was changed meanwhile; try again");
+        return true;
+      }
       return underUser(uid, async () => {
         const user = await users.get(uid);
         if (!user) return false;
@@ -648,6 +671,13 @@ export function registerAccounts(sv: Services): AccountOps {
       });
     },
     async kick(uid, reason, revoke) {
+      if (sv.cluster) {
+        // Ended on every node as each applies it; counted here: this node's connections.
+        const connections = router.sessions(uid).length;
+        const out = await sv.cluster.append({ k: "kick", uid, reason, revoke });
+        sv.metrics.closes.kicked += connections;
+        return { connections, revoked: out.k === "done" ? (out.n ?? 0) : 0 };
+      }
       return underUser(uid, async () => {
         const connections = router.sessions(uid).length;
         const revoked = revoke ? await revokeAll(uid) : 0;

@@ -50,11 +50,6 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
     return u;
   }
 
-  /** Operator writes are not in the cluster log yet: on one node they would change that node alone. */
-  function local(what: string): void {
-    if (sv.cluster) throw new ProtocolError(Code.Unavailable, `${what} is not available in cluster mode yet`);
-  }
-
   function summary(u: UserRecord): UserSummary {
     const { uid, login, nick, email, phone, status, created } = u;
     return { uid, login, nick, email, phone, status, created, online: router.sessions(uid).length, banned: bans.banned("login", login) !== undefined };
@@ -68,18 +63,15 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return page.map(summary);
     },
     async addUser(login, pass, nick) {
-      local("adding a user");
       return summary(await accounts.create(login, pass, nick));
     },
     async passwd(user, pass) {
-      local("setting a password");
       const u = await resolve(user);
       const { revoked } = await accounts.setPassword(u.uid, pass);
       sv.log.info({ uid: u.uid, revoked }, "password set by an operator");
       return { uid: u.uid, revoked };
     },
     async deleteUser(user) {
-      local("deleting a user");
       const u = await resolve(user);
       if (!(await accounts.remove(u.uid))) throw new ProtocolError(Code.UserNotFound, `no user with login or uid '${user}'`);
       sv.log.info({ uid: u.uid, login: u.login }, "account deleted by an operator");
@@ -92,25 +84,37 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return { uid: u.uid, connections };
     },
     async ban(kind, value, reason) {
-      local("banning");
       // A user may be named by uid too; the ban is always on the login (what auth checks).
       const u = kind === "login" ? await resolve(value) : undefined;
       const key = u ? u.login : canonicalAddress(value);
-      const ban = await bans.add(kind, key, reason);
-      if (!ban) throw new ProtocolError(Code.RateLimited, "the ban list is full");
-      if (u) await accounts.kick(u.uid, "the account was banned", true);
+      let ban: Ban | undefined;
+      if (sv.cluster) {
+        // One command: every node stores the ban and ends the account's sessions there.
+        const at = Math.floor(Date.now() / 1000);
+        const out = await sv.cluster.append({ k: "ban", kind, value: key, reason, at, ...(u ? { uid: u.uid } : {}) });
+        if (out.k === "error") throw out.err;
+        ban = bans.banned(kind, key);
+        if (!ban) throw new ProtocolError(Code.Unavailable, "the ban could not be confirmed; try again");
+      } else {
+        ban = await bans.add(kind, key, reason);
+        if (!ban) throw new ProtocolError(Code.RateLimited, "the ban list is full");
+        if (u) await accounts.kick(u.uid, "the account was banned", true);
+      }
       sv.log.info({ kind, value: key, reason }, "banned by an operator");
       return ban;
     },
     async unban(kind, value) {
-      local("lifting a ban");
       let key = value;
       if (kind === "login") {
         const byLogin = await users.lookup("login", value);
         const u = byLogin === undefined ? await users.get(value) : undefined;
         if (u) key = u.login;
       } else key = canonicalAddress(value);
-      const had = await bans.remove(kind, key);
+      let had: boolean;
+      if (sv.cluster) {
+        const out = await sv.cluster.append({ k: "unban", kind, value: key });
+        had = out.k === "done" && out.n === 1;
+      } else had = await bans.remove(kind, key);
       if (had) sv.log.info({ kind, value: key }, "ban lifted by an operator");
       return had;
     },

@@ -31,7 +31,8 @@ import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from ".
 import { MessageSent } from "../protocol/codec.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Event, Audience, MessageEvent } from "../protocol/events.js";
-import { channelConv, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
+import { MAX_BANS } from "../storage/bans.js";
+import { banKey, channelConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
 import type { StoredSession } from "../storage/sessions.js";
@@ -48,9 +49,9 @@ export type Command =
       nick: string;
       /** bcrypt hash of the password. */
       hash: string;
-      /** The first session: its sid's hash (never the sid) and expiry. */
-      sid: string;
-      expires: number;
+      /** The first session: its sid's hash (never the sid) and expiry; none for an account an operator adds. */
+      sid?: string;
+      expires?: number;
     }
   | {
       k: "session";
@@ -67,8 +68,8 @@ export type Command =
   | { k: "msg"; t: number; from: string; nick: string; to?: string; chid?: string; body: string; cmid?: string; attach?: Attachment }
   /** One session ended by its owner; `conn` is the proposer's connection, which logs itself out. */
   | { k: "logout"; uid: string; sid: string; expires: number; conn: number }
-  /** A new password hash; every session but `keep` (the caller's) is revoked. */
-  | { k: "password"; uid: string; hash: string; checked: string; keep: string }
+  /** A new password hash; every session but `keep` (the caller's; "" for none) is revoked. */
+  | { k: "password"; uid: string; hash: string; checked: string; keep: string; reason?: string }
   | { k: "contact"; owner: string; uid: string; add: boolean }
   /** setuserinfo: the fields given (already normalised); email and phone are unique. */
   | { k: "profile"; uid: string; status?: string; email?: string; phone?: string; picture?: string }
@@ -76,7 +77,12 @@ export type Command =
   | { k: "edit"; t: number; mid: string; by: string; body: string }
   | { k: "del"; mid: string; by: string }
   /** deleteaccount: refused if the hash checked is no longer the account's; `conn` is the caller's connection. */
-  | { k: "deleteAccount"; uid: string; checked: string; conn: number }
+  | { k: "deleteAccount"; uid: string; checked: string; conn: number; reason?: string }
+  /** An operator ends the user's connections on every node (`revoke`: and their sessions). */
+  | { k: "kick"; uid: string; reason: string; revoke: boolean }
+  /** An operator's ban (`at`: unix seconds); a login's owner `uid` has their sessions revoked and connections closed. */
+  | { k: "ban"; kind: BanKind; value: string; reason: string; at: number; uid?: string }
+  | { k: "unban"; kind: BanKind; value: string }
   /**
    * createchannel by `owner`, with `members` (uids besides the owner, sorted, no
    * duplicates); the caps are the proposer's --max-owned-channels and --max-joined-channels.
@@ -99,7 +105,8 @@ export interface Attachment {
 export type Outcome =
   | { k: "registered"; user: UserRecord }
   | { k: "taken"; index: UniqueIndex }
-  | { k: "done" }
+  /** Done; `n`: how many (sessions revoked, bans lifted) where the command says. */
+  | { k: "done"; n?: number }
   | { k: "edited"; edited: number }
   /** The message is gone (14), or `forbidden`: it is someone else's (15). */
   | { k: "nomsg"; forbidden: boolean }
@@ -139,6 +146,8 @@ export interface SessionsEnded {
 
 export class Cluster {
   private journal: JetStreamLog<Command, Outcome> | undefined;
+  /** The server closes this node's connections from an address banned through another node. */
+  onAddressBanned: ((address: string, reason: string) => void) | undefined;
   /** The channels feature purges a deleted channel's messages (local work, on every node). */
   onChannelRemoved: ((chid: string) => void) | undefined;
   /** The accounts feature ends the connections of sessions an apply ended (`mine`: this node proposed it). */
@@ -356,6 +365,12 @@ export class Cluster {
                 ];
                 return { user, removal, chids, held };
               }
+              case "kick":
+                return { sessions: c.revoke ? await sessions.list(c.uid) : [] };
+              case "ban":
+                return { sessions: c.uid === undefined ? [] : await sessions.list(c.uid) };
+              case "unban":
+                return {};
               case "edit":
                 return { message: await messages.get(c.mid) };
               case "del": {
@@ -413,11 +428,12 @@ export class Cluster {
         if (overlay.holder("nick", c.nick, r.nick) !== undefined) return { k: "taken", index: "nick" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
         const user: UserRecord = { uid: c.uid, num: users.nextNum(), login: c.login, nick: c.nick, hash: c.hash, email: "", phone: "", picture: "", status: "", created: c.t };
-        storage.commitLazy([...users.saveOps(user), ...sessions.createHashedOps(c.sid, { uid: c.uid, created: c.t, expires: c.expires }, c.t * 1000)]);
+        const first = c.sid === undefined ? undefined : { hash: c.sid, expires: c.expires ?? 0, issued: c.t * 1000 };
+        storage.commitLazy([...users.saveOps(user), ...(first ? sessions.createHashedOps(first.hash, { uid: c.uid, created: c.t, expires: first.expires }, first.issued) : [])]);
         overlay.claim("login", c.login, c.uid);
         overlay.claim("nick", c.nick, c.uid);
         overlay.users.set(c.uid, user);
-        overlay.sessions.set(c.uid, [{ hash: c.sid, expires: c.expires, issued: c.t * 1000 }]);
+        overlay.sessions.set(c.uid, first ? [first] : []);
         return { k: "registered", user };
       }
       case "session": {
@@ -490,8 +506,8 @@ export class Cluster {
         storage.commitLazy([...users.saveOps(next, prev), ...others.flatMap((x) => sessions.revokeOps(c.uid, x.hash, x.expires))]);
         overlay.users.set(c.uid, next);
         overlay.sessions.set(c.uid, (overlay.sessions.get(c.uid) ?? r.sessions ?? []).filter((x) => x.hash === c.keep));
-        end({ uid: c.uid, except: c.keep, reason: "the password was changed", close: true });
-        return { k: "done" };
+        end({ uid: c.uid, except: c.keep, reason: c.reason ?? "the password was changed", close: true });
+        return { k: "done", n: others.length };
       }
       case "contact": {
         if (c.add && !r.user && !overlay.users.has(c.uid)) return { k: "nouser" };
@@ -538,8 +554,45 @@ export class Cluster {
           else this.leaveChannel(chid, c.uid, r.user.nick, t);
         }
         overlay.gone.push(c.uid);
-        end({ uid: c.uid, reason: "the account was deleted", close: true, conn: c.conn });
+        end({ uid: c.uid, reason: c.reason ?? "the account was deleted", close: true, conn: c.conn });
         return { k: "done" };
+      }
+      case "kick": {
+        let n = 0;
+        if (c.revoke) n = this.revokeAll(c.uid, r, t);
+        end({ uid: c.uid, reason: c.reason, close: true });
+        return { k: "done", n };
+      }
+      case "ban": {
+        const key = banKey(c.kind, c.value);
+        const has = overlay.bans.get(key) ?? this.sv.bans.banned(c.kind, c.value) !== undefined;
+        if (!has && this.sv.bans.size + overlay.banDelta >= MAX_BANS) return { k: "error", err: new ProtocolError(Code.RateLimited, "the ban list is full") };
+        const rec = { reason: c.reason, at: c.at };
+        storage.commitLazy(this.sv.bans.addOps(c.kind, c.value, rec));
+        if (!has) overlay.banDelta++;
+        overlay.bans.set(key, true);
+        const byMe = t.byMe;
+        t.after.push(() => {
+          this.sv.bans.added(c.kind, c.value, rec);
+          // The proposing node's admin port closes its own (and counts them).
+          if (c.kind === "addr" && !byMe) this.onAddressBanned?.(c.value, c.reason);
+        });
+        let n = 0;
+        if (c.uid !== undefined) {
+          n = this.revokeAll(c.uid, r, t);
+          end({ uid: c.uid, reason: "the account was banned", close: true });
+        }
+        return { k: "done", n };
+      }
+      case "unban": {
+        const key = banKey(c.kind, c.value);
+        const has = overlay.bans.get(key) ?? this.sv.bans.banned(c.kind, c.value) !== undefined;
+        if (!has) return { k: "done", n: 0 };
+        storage.commitLazy(this.sv.bans.removeOps(c.kind, c.value));
+        overlay.banDelta--;
+        overlay.bans.set(key, false);
+        t.after.push(() => this.sv.bans.removed(c.kind, c.value));
+        return { k: "done", n: 1 };
       }
       case "edit": {
         const m = overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message;
@@ -632,6 +685,14 @@ export class Cluster {
       default:
         throw unknownCommand(c);
     }
+  }
+
+  /** Revokes every session of `uid` (as read, with this segment's changes); how many. */
+  private revokeAll(uid: string, r: Reads, t: Turn): number {
+    const all = t.overlay.sessions.get(uid) ?? r.sessions ?? [];
+    this.sv.storage.commitLazy(all.flatMap((x) => this.sv.sessions.revokeOps(uid, x.hash, x.expires)));
+    t.overlay.sessions.set(uid, []);
+    return all.length;
   }
 
   /** `uid` (a member) leaves `chid`; the remaining members hear of it. */
@@ -743,6 +804,9 @@ class Overlay {
   readonly gone: string[] = [];
   /** Messages edited (the new record) or deleted (undefined) in this call. */
   readonly messages = new Map<string, MessageRecord | undefined>();
+  /** Bans added (true) or lifted (false) in this call, by ban key; and the list's change in size. */
+  readonly bans = new Map<string, boolean>();
+  banDelta = 0;
 
   claim(index: UniqueIndex, value: string, uid: string): void {
     this.names.set(`${index}:${indexKey(index, value)}`, uid);

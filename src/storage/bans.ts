@@ -2,7 +2,7 @@
 // kept in memory (it is checked on every accept and every login); it changes only
 // through the admin port or `wirechat ban` on a stopped server.
 
-import { del, put, type Storage } from "./db.js";
+import { del, put, type BatchOp, type Storage } from "./db.js";
 import { banKey, type BanKind, type BanRecord, type Space } from "./layout.js";
 import { readEntries } from "./range.js";
 
@@ -33,27 +33,53 @@ export class BanStore {
     return this.bans.size === 0 ? undefined : this.bans.get(banKey(kind, value));
   }
 
+  get size(): number {
+    return this.bans.size;
+  }
+
   list(): Ban[] {
     return [...this.bans.values()];
   }
 
   /** Stores a ban (durable when this resolves); false when the list is full. */
   async add(kind: BanKind, value: string, reason: string): Promise<Ban | undefined> {
-    const key = banKey(kind, value);
-    if (!this.bans.has(key) && this.bans.size >= MAX_BANS) return undefined;
+    if (this.full(kind, value)) return undefined;
     const rec: BanRecord = { reason, at: Math.floor(Date.now() / 1000) };
-    await this.storage.commit([put(this.space, key, rec)]);
+    await this.storage.commit(this.addOps(kind, value, rec));
+    return this.added(kind, value, rec);
+  }
+
+  /** Lifts a ban; false when there was none. */
+  async remove(kind: BanKind, value: string): Promise<boolean> {
+    if (!this.banned(kind, value)) return false;
+    await this.storage.commit(this.removeOps(kind, value));
+    this.removed(kind, value);
+    return true;
+  }
+
+  /** Whether a new ban of `value` would pass MAX_BANS. */
+  full(kind: BanKind, value: string): boolean {
+    return !this.bans.has(banKey(kind, value)) && this.bans.size >= MAX_BANS;
+  }
+
+  /** Report with added() once written (cluster mode's apply writes them in its batch). */
+  addOps(kind: BanKind, value: string, rec: BanRecord): BatchOp[] {
+    return [put(this.space, banKey(kind, value), rec)];
+  }
+
+  added(kind: BanKind, value: string, rec: BanRecord): Ban {
+    const key = banKey(kind, value);
     const ban: Ban = { kind, value: key.slice(kind.length + 1), ...rec };
     this.bans.set(key, ban);
     return ban;
   }
 
-  /** Lifts a ban; false when there was none. */
-  async remove(kind: BanKind, value: string): Promise<boolean> {
-    const key = banKey(kind, value);
-    if (!this.bans.has(key)) return false;
-    await this.storage.commit([del(this.space, key)]);
-    this.bans.delete(key);
-    return true;
+  /** Report with removed() once written. */
+  removeOps(kind: BanKind, value: string): BatchOp[] {
+    return [del(this.space, banKey(kind, value))];
+  }
+
+  removed(kind: BanKind, value: string): void {
+    this.bans.delete(banKey(kind, value));
   }
 }
