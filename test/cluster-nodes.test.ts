@@ -433,6 +433,35 @@ describe("cluster mode: channels", () => {
   });
 });
 
+describe("cluster mode: read your writes", () => {
+  it("a client sees its own writes on its next request through a node that lags behind the log", async () => {
+    process.env.WIRECHAT_TEST_APPLY_DELAY_MS = "1500";
+    let lagging: RunningServer;
+    try {
+      lagging = await startTestServer({ nats: nats.url, natsStream: stream, nodeId: "laggard" });
+    } finally {
+      delete process.env.WIRECHAT_TEST_APPLY_DELAY_MS;
+    }
+    try {
+      const alice = await registerUser(node(0));
+      const bob = await registerUser(node(1));
+      expect((await alice.client.request("setuserinfo", { user_status: "written on node 0" })).status).toBe(0);
+      expect((await alice.client.request("message", { uid: bob.uid, body: "fresh" })).status).toBe(0);
+      // Straight to the lagging node: auth waits for its view to reach the log's end.
+      const a2 = await Client.connect(lagging.port);
+      expect((await a2.request("auth", { sid: alice.sid })).status).toBe(0);
+      expect((await a2.request("userinfo", { user: alice.uid })).user_status).toBe("written on node 0");
+      const b2 = await Client.connect(lagging.port);
+      expect((await b2.request("auth", { login: bob.login, pass: "secret" })).status).toBe(0);
+      expect((await b2.request("history", { uid: alice.uid })).messages.map((m: any) => m.body)).toEqual(["fresh"]);
+      for (const c of [alice.client, bob.client, a2, b2]) c.close();
+    } finally {
+      await lagging.stop();
+      removeDir(lagging.services.config.dataDir);
+    }
+  });
+});
+
 describe("cluster mode: the operator", () => {
   it("the admin port's writes on one node take effect on every node", async () => {
     const port = (i: number) => nodes[i].adminPort as number;
@@ -535,6 +564,48 @@ describe("cluster mode: faults", () => {
     removeDir(dir);
   });
 
+
+  it("the engine stopped and started again: requests answer 16 meanwhile, never a false 0, and the nodes recover and deliver", async () => {
+    const own = await NatsServer.start();
+    const s = `WIRECHAT_E${process.pid}`;
+    const pair: RunningServer[] = [];
+    try {
+      for (let i = 0; i < 2; i++) pair.push(await startTestServer({ nats: own.url, natsStream: s, nodeId: `e${i}` }));
+      const alice = await registerUser(pair[0].port);
+      const bob = await registerUser(pair[1].port);
+      const send = async (body: string) => {
+        alice.client.send("message", { uid: bob.uid, body, cmid: body });
+        return (await alice.client.reply("message", 20_000)).data;
+      };
+      for (let i = 0; i < 5; i++) expect((await send(`before ${i}`)).status).toBe(0);
+      await own.kill();
+      for (let i = 0; i < 3; i++) expect((await send(`during ${i}`)).status).toBe(16);
+      // Reads the view can answer go on.
+      expect((await alice.client.request("history", { uid: bob.uid })).messages).toHaveLength(5);
+      await own.restart();
+      // Both nodes reconnect by themselves; what was refused is resent with its cmid.
+      for (let attempt = 0; ; attempt++) {
+        const r = await send("during 0");
+        if (r.status === 0) break;
+        expect(r.status).toBe(16);
+        expect(attempt).toBeLessThan(60);
+        await new Promise((res) => setTimeout(res, 500));
+      }
+      for (let i = 1; i < 3; i++) expect((await send(`during ${i}`)).status).toBe(0);
+      expect((await send("after")).status).toBe(0);
+      const got = await evMessages(bob.client, 9, 20_000);
+      expect(got.map((m) => m.body)).toEqual([...Array.from({ length: 5 }, (_, i) => `before ${i}`), "during 0", "during 1", "during 2", "after"]);
+      expect(await bob.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+      alice.client.close();
+      bob.client.close();
+    } finally {
+      for (const n of pair) {
+        await n.stop();
+        removeDir(n.services.config.dataDir);
+      }
+      await own.stop();
+    }
+  });
 
   it("kill -9 of the sender's node under load loses no acknowledged message; resent through another node, each arrives once", async () => {
     const dir = tempDir();

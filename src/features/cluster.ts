@@ -153,6 +153,13 @@ export class Cluster {
   /** The accounts feature ends the connections of sessions an apply ended (`mine`: this node proposed it). */
   onSessionsEnded: ((ended: SessionsEnded, mine: boolean) => void) | undefined;
 
+  /**
+   * Test hook: WIRECHAT_TEST_APPLY_DELAY_MS makes this node apply every batch that much
+   * late (read once, when the node starts), so that a test proves reads across nodes
+   * wait for the log (sync) instead of relying on a node being quick. Not for production.
+   */
+  private readonly applyDelayMs = Math.max(0, Number(process.env.WIRECHAT_TEST_APPLY_DELAY_MS ?? 0) || 0);
+
   constructor(
     private readonly sv: Services,
     private readonly opts: ClusterOptions,
@@ -240,6 +247,7 @@ export class Cluster {
    * before it already written, however the log was cut into calls.
    */
   private async apply(entries: StoredEntry<Command>[], position: ViewPosition): Promise<Outcome[][]> {
+    if (this.applyDelayMs > 0) await new Promise((r) => setTimeout(r, this.applyDelayMs));
     const outcomes: Outcome[][] = [];
     let from = 0;
     while (from < entries.length) {
