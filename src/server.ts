@@ -128,8 +128,8 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   dispatcher.route(router);
   const locks = new LocalLock();
   const sessions = new SessionStore(storage);
-  // In cluster mode the log alone changes the view: expired sessions stay stored (auth
-  // refuses them by their expiry) until the cluster has its own sweep.
+  // In cluster mode the log alone changes the view: expired sessions are swept by a
+  // command in the log (features/accounts.ts), not here.
   const sessionsAtStart = await sessions.init(config.nats ? 0 : Math.floor(Date.now() / 1000));
   if (sessionsAtStart.migrated + sessionsAtStart.swept > 0) log.info(sessionsAtStart, "sessions migrated to hashed sids and expired ones swept");
   const bans = new BanStore(storage);

@@ -4,7 +4,7 @@
 // fast-check property over random command sequences with contested logins, nicks,
 // emails, sessions past the cap, logouts, password changes, contacts, cmids, edits,
 // deletions, deleted accounts, and channels (contested names, caps, joins, invites,
-// leaves, deletions, channel messages), and the operator's kicks, bans and unbans.
+// leaves, deletions, channel messages), the operator's kicks, bans and unbans, and session sweeps.
 
 import fc from "fast-check";
 import pino from "pino";
@@ -35,14 +35,14 @@ const command: fc.Arbitrary<Command> = fc.oneof(
     nick: fc.constantFrom(...NICKS),
     hash: fc.constantFrom(...HASHES),
     sid: fc.constantFrom(...SIDS),
-    expires: fc.constant(1_000_000),
+    expires: fc.constantFrom(1_500, 1_000_000),
   }),
   fc.record({
     k: fc.constant("session" as const),
     t: fc.integer({ min: 1000, max: 2000 }),
     uid: fc.constantFrom(...UIDS),
     sid: fc.constantFrom(...SIDS),
-    expires: fc.constant(1_000_000),
+    expires: fc.constantFrom(1_500, 1_000_000),
     checked: fc.constantFrom(...HASHES),
     cap: fc.constantFrom(1, 2, 3),
   }),
@@ -91,6 +91,7 @@ const command: fc.Arbitrary<Command> = fc.oneof(
   ),
   fc.record({ k: fc.constant("leave" as const), uid: fc.constantFrom(...UIDS), nick: fc.constantFrom(...NICKS), chid: fc.constantFrom(...CHIDS, "*") }),
   fc.record({ k: fc.constant("chdelete" as const), chid: fc.constantFrom(...CHIDS), by: fc.constantFrom(...UIDS) }),
+  fc.record({ k: fc.constant("sweep" as const), before: fc.integer({ min: 1000, max: 2000 }), limit: fc.constantFrom(1, 2, 10) }),
   fc.record({ k: fc.constant("kick" as const), uid: fc.constantFrom(...UIDS), reason: fc.constant("bye"), revoke: fc.boolean() }),
   fc.record(
     {

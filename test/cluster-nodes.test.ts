@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
 import { NatsServer } from "../scripts/nats-server.js";
+import { readEntries } from "../src/storage/range.js";
 import { admin } from "./admin-helpers.js";
 
 let nats: NatsServer;
@@ -250,6 +251,29 @@ describe("cluster mode: direct messages", () => {
     back.close();
   });
 
+  it("what a client acknowledged on one node is not sent again when it logs in on another", async () => {
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(node(1));
+    const acking = await Client.connect(node(1));
+    expect((await acking.request("hello", { ack: true })).ack).toBe(true);
+    expect((await acking.request("auth", { sid: bob.sid })).status).toBe(0);
+    for (let i = 0; i < 5; i++) expect((await alice.client.request("message", { uid: bob.uid, body: `acked ${i}` })).status).toBe(0);
+    const got = await evMessages(acking, 5);
+    expect((await acking.request("ack", { mid: got[4].mid })).status).toBe(0);
+    acking.close();
+    bob.client.close();
+    // One more, not acknowledged anywhere; the cursors reach the log within a second.
+    expect((await alice.client.request("message", { uid: bob.uid, body: "unread" })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 2_500));
+    const elsewhere = await Client.connect(node(2));
+    expect((await elsewhere.request("hello", { ack: true })).ack).toBe(true);
+    expect((await elsewhere.request("auth", { sid: bob.sid })).status).toBe(0);
+    expect((await evMessages(elsewhere, 1)).map((m) => m.body)).toEqual(["unread"]);
+    expect(await elsewhere.quiet(500, (f) => f.action === "ev_message")).toBe(true);
+    elsewhere.close();
+    alice.client.close();
+  });
+
   it("a cmid retried through another node returns the first mid and delivers once", async () => {
     const alice = await registerUser(node(0));
     const bob = await registerUser(node(2));
@@ -458,6 +482,30 @@ describe("cluster mode: read your writes", () => {
     } finally {
       await lagging.stop();
       removeDir(lagging.services.config.dataDir);
+    }
+  });
+});
+
+describe("cluster mode: expired sessions", () => {
+  it("are swept through the log: their connections on every node are closed and their records go", async () => {
+    const s = `WIRECHAT_X${process.pid}`;
+    const pair: RunningServer[] = [];
+    try {
+      for (let i = 0; i < 2; i++) pair.push(await startTestServer({ nats: nats.url, natsStream: s, nodeId: `x${i}`, sessionTtl: 2 }));
+      const alice = await registerUser(pair[0].port);
+      const elsewhere = await Client.connect(pair[1].port);
+      expect((await elsewhere.request("auth", { sid: alice.sid })).status).toBe(0);
+      for (const c of [alice.client, elsewhere]) expect(await c.event("ev_logout", () => true, 10_000)).toEqual({ reason: "the session expired" });
+      await Promise.all([alice.client.closed, elsewhere.closed]);
+      for (const n of pair) {
+        for (let i = 0; i < 50 && (await readEntries(n.services.storage.spaces.sessexp, {})).length > 0; i++) await new Promise((r) => setTimeout(r, 100));
+        expect(await readEntries(n.services.storage.spaces.sessions, {})).toEqual([]);
+      }
+    } finally {
+      for (const n of pair) {
+        await n.stop();
+        removeDir(n.services.config.dataDir);
+      }
     }
   });
 });

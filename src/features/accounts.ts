@@ -306,12 +306,21 @@ export function registerAccounts(sv: Services): AccountOps {
 
   // Expired sessions: swept from storage at start-up (server.ts) and every minute (or
   // every --session-ttl, if shorter), a bounded page at a time; a live connection on
-  // one gets ev_logout and is closed.
+  // one gets ev_logout and is closed. In cluster mode through the log (a sweep command).
   const SWEEP_PAGE = 1000;
   let sweepTimer: NodeJS.Timeout | undefined;
   let stopped = false;
   async function sweepExpired(): Promise<void> {
     const now = nowSeconds();
+    if (sv.cluster) {
+      // The view changes only by the log: a sweep command when this view holds expired
+      // sessions; every node removes them and closes their connections as it applies it.
+      const found = (await sessions.due(now, 1)).length > 0;
+      const out = found ? await sv.cluster.append({ k: "sweep", before: now, limit: SWEEP_PAGE }) : undefined;
+      if (out?.k === "done" && out.n === SWEEP_PAGE && !stopped) (sweepTimer = setTimeout(runSweep, 10)).unref();
+      else scheduleSweep();
+      return;
+    }
     const gone = await sessions.sweep(now, SWEEP_PAGE);
     for (const uid of new Set(gone.map((g) => g.uid))) {
       await underUser(uid, async () => {
@@ -330,8 +339,7 @@ export function registerAccounts(sv: Services): AccountOps {
     });
   }
   function scheduleSweep(): void {
-    // Cluster mode: the view changes only by the log (see server.ts, sessions.init).
-    if (stopped || sweepTimer || sv.cluster) return;
+    if (stopped || sweepTimer) return;
     sweepTimer = setTimeout(runSweep, Math.min(60, config.sessionTtl) * 1000);
     sweepTimer.unref();
   }

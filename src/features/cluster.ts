@@ -35,7 +35,7 @@ import { MAX_BANS } from "../storage/bans.js";
 import { banKey, channelConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
-import type { StoredSession } from "../storage/sessions.js";
+import type { ExpiredSession, StoredSession } from "../storage/sessions.js";
 import { channelErrors } from "./channels.js";
 import type { Services } from "./services.js";
 
@@ -84,6 +84,18 @@ export type Command =
   | { k: "ban"; kind: BanKind; value: string; reason: string; at: number; uid?: string }
   | { k: "unban"; kind: BanKind; value: string }
   /**
+   * Delivery cursors advanced on the proposing node (uid → inbox seq), shared about once
+   * a second: a client that reconnects elsewhere is not sent again what it had. Each
+   * node keeps the largest (its cursors are local, derived state, written lazily).
+   */
+  | { k: "cursors"; at: Record<string, number> }
+  /**
+   * Removes up to `limit` stored sessions expired at `before` (the proposer's clock);
+   * their connections are closed on every node. Every node proposes one now and then
+   * when its view holds expired sessions; a second finds nothing left.
+   */
+  | { k: "sweep"; before: number; limit: number }
+  /**
    * createchannel by `owner`, with `members` (uids besides the owner, sorted, no
    * duplicates); the caps are the proposer's --max-owned-channels and --max-joined-channels.
    */
@@ -119,6 +131,13 @@ export type Outcome =
   | { k: "channel"; chid: string }
   /** A join: `added` is false when `uid` already was a member (nothing changed). */
   | { k: "joined"; added: boolean; nick: string };
+
+/** Cursor advances are appended at most this often... */
+const CURSOR_EVERY_MS = 1_000;
+/** ...or at once when this many users' cursors moved (one entry stays far below its size limit). */
+const CURSORS_PER_ENTRY = 5_000;
+/** Cursors kept for the next try while the log cannot take them: past it, they are dropped (they only redeliver). */
+const CURSORS_KEPT = 100_000;
 
 /** The meta key of the view's log position (written with every apply). */
 const POSITION_KEY = "cluster";
@@ -200,7 +219,43 @@ export class Cluster {
     );
     router.elsewhere = this.presence.users;
     this.presence.start();
+    this.sv.messages.onAdvance = (uid, seq) => this.cursorMoved(uid, seq);
   }
+
+  /** Cursor advances made here, not yet appended (uid → seq): see shareCursors. */
+  private cursors = new Map<string, number>();
+  private cursorTimer: NodeJS.Timeout | undefined;
+  /** Set while the applier advances cursors from the log (not shared again). */
+  private applyingCursors = false;
+
+  /** A cursor advanced on this node: shared with the others within CURSOR_EVERY_MS. */
+  private cursorMoved(uid: string, seq: number): void {
+    if (this.applyingCursors) return;
+    if ((this.cursors.get(uid) ?? 0) >= seq) return;
+    this.cursors.set(uid, seq);
+    if (this.cursors.size >= CURSORS_PER_ENTRY) this.shareCursors();
+    else this.cursorTimer ??= setTimeout(() => this.shareCursors(), CURSOR_EVERY_MS);
+  }
+
+  /**
+   * Appends the cursors gathered since the last time. Nobody waits for it: when the
+   * log cannot take it, they are kept (the largest of each) for the next try; a cursor
+   * lost in a crash only redelivers, as on a single node.
+   */
+  private shareCursors(): void {
+    clearTimeout(this.cursorTimer);
+    this.cursorTimer = undefined;
+    if (this.cursors.size === 0 || !this.journal) return;
+    const at = Object.fromEntries(this.cursors);
+    this.cursors = new Map();
+    this.append({ k: "cursors", at }).catch(() => {
+      if (this.closing) return;
+      for (const [uid, seq] of Object.entries(at)) if ((this.cursors.get(uid) ?? 0) < seq && this.cursors.size < CURSORS_KEPT) this.cursors.set(uid, seq);
+      this.cursorTimer ??= setTimeout(() => this.shareCursors(), CURSOR_EVERY_MS);
+    });
+  }
+
+  private closing = false;
 
   /** The attachments' object store; set once connected. */
   private remoteBlobs: ClusterBlobs | undefined;
@@ -227,6 +282,9 @@ export class Cluster {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
+    this.shareCursors();
+    clearTimeout(this.cursorTimer);
     this.presence?.stop();
     await this.journal?.close();
   }
@@ -378,7 +436,10 @@ export class Cluster {
               case "ban":
                 return { sessions: c.uid === undefined ? [] : await sessions.list(c.uid) };
               case "unban":
+              case "cursors":
                 return {};
+              case "sweep":
+                return { expired: await sessions.due(c.before, c.limit) };
               case "edit":
                 return { message: await messages.get(c.mid) };
               case "del": {
@@ -592,6 +653,34 @@ export class Cluster {
         }
         return { k: "done", n };
       }
+      case "sweep": {
+        const expired = r.expired ?? [];
+        storage.commitLazy(sessions.sweepOps(expired));
+        const byUser = new Map<string, Set<string>>();
+        for (const x of expired) {
+          let hashes = byUser.get(x.uid);
+          if (!hashes) byUser.set(x.uid, (hashes = new Set()));
+          hashes.add(x.hash);
+        }
+        for (const [uid, hashes] of byUser) {
+          const kept = overlay.sessions.get(uid);
+          if (kept) overlay.sessions.set(uid, kept.filter((x) => !hashes.has(x.hash)));
+          end({ uid, hashes, reason: "the session expired", close: true });
+        }
+        return { k: "done", n: expired.length };
+      }
+      case "cursors": {
+        const at = c.at;
+        t.after.push(() => {
+          this.applyingCursors = true;
+          try {
+            for (const uid of Object.keys(at)) messages.advance(uid, at[uid]);
+          } finally {
+            this.applyingCursors = false;
+          }
+        });
+        return { k: "done" };
+      }
       case "unban": {
         const key = banKey(c.kind, c.value);
         const has = overlay.bans.get(key) ?? this.sv.bans.banned(c.kind, c.value) !== undefined;
@@ -735,11 +824,11 @@ function unknownCommand(c: never): Error {
 }
 
 /**
- * An entry applied as a segment of its own: it edits or deletes a message, or deletes
- * an account (their reads must see everything before them written).
+ * An entry applied as a segment of its own: it edits or deletes a message, deletes an
+ * account or sweeps sessions (their reads must see everything before them written).
  */
 function appliedAlone(e: StoredEntry<Command>): boolean {
-  return e.entry.c.some((c) => c.k === "edit" || c.k === "del" || c.k === "deleteAccount");
+  return e.entry.c.some((c) => c.k === "edit" || c.k === "del" || c.k === "deleteAccount" || c.k === "sweep");
 }
 
 function messageAudience(m: MessageRecord): Audience {
@@ -786,6 +875,7 @@ interface Reads {
   members?: string[];
   chids?: string[];
   held?: Map<string, HeldChannel>;
+  expired?: ExpiredSession[];
 }
 
 /** One apply segment's decisions so far: what it changed, and what to do once it is written. */

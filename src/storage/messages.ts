@@ -780,6 +780,9 @@ export class MessageStore {
     return out;
   }
 
+  /** Told of every advance (cluster mode shares them with the other nodes). */
+  onAdvance: ((uid: string, seq: number) => void) | undefined;
+
   /** The seq through which `uid`'s inbox has been delivered. */
   async cursor(uid: string): Promise<number> {
     const mem = this.cursors.get(uid) ?? this.knownCursors.get(uid);
@@ -796,6 +799,7 @@ export class MessageStore {
    * late confirmation). Written lazily: a lost advance only redelivers.
    */
   advance(uid: string, seq: number): void {
+    this.onAdvance?.(uid, seq);
     const known = this.cursors.get(uid) ?? this.knownCursors.get(uid);
     if (known !== undefined) {
       if (seq > known) this.setCursor(uid, seq);

@@ -104,15 +104,25 @@ export class SessionStore {
    * fewer than `limit` means none is left.
    */
   async sweep(now: number, limit: number): Promise<{ uid: string; hash: string }[]> {
-    const due = await readEntries<string>(this.s.sessexp, { lt: seqKey(now + 1), limit });
-    const ops: BatchOp[] = [];
-    const out = [];
-    for (const [key, uid] of due) {
-      const hash = keyTail(key);
-      ops.push(del(this.s.sessexp, key), del(this.s.sessions, hash), del(this.s.usessions, pair(uid, hash)));
-      out.push({ uid, hash });
-    }
-    await this.storage.commit(ops);
-    return out;
+    const due = await this.due(now, limit);
+    await this.storage.commit(this.sweepOps(due));
+    return due.map(({ uid, hash }) => ({ uid, hash }));
   }
+
+  /** Up to `limit` stored sessions expired at `now`, soonest first. */
+  async due(now: number, limit: number): Promise<ExpiredSession[]> {
+    return (await readEntries<string>(this.s.sessexp, { lt: seqKey(now + 1), limit })).map(([key, uid]) => ({ key, uid, hash: keyTail(key) }));
+  }
+
+  /** Removes the sessions `due` found. */
+  sweepOps(due: readonly ExpiredSession[]): BatchOp[] {
+    return due.flatMap(({ key, uid, hash }) => [del(this.s.sessexp, key), del(this.s.sessions, hash), del(this.s.usessions, pair(uid, hash))]);
+  }
+}
+
+/** An expired session as the sweep reads it (its `sessexp` key, owner and sid hash). */
+export interface ExpiredSession {
+  key: string;
+  uid: string;
+  hash: string;
 }
