@@ -204,7 +204,6 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const adminApp = config.admin === "on" ? buildAdmin(config, log, adminDeps) : undefined;
   let core: Core;
   try {
-    if (config.nats) clusterModeAllows(config);
     core = await openCore(config, log);
     if (core.services.cluster) core = await joinCluster(core, config, log);
   } catch (err) {
@@ -260,7 +259,11 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       user: (uid) => users.get(uid),
       cachedUser: (uid) => users.peek(uid),
       isMember: (chid, uid) => channels.isMember(chid, uid),
-      publish: (ev, audience) => router.publish(ev, audience),
+      publish: (ev, audience) => {
+        router.publish(ev, audience);
+        // Cluster mode: the door's notices reach its connections on the other nodes too.
+        if (ev.kind === "notice") services.cluster?.shareNotice(ev, audience);
+      },
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
     });
     const echat = new EchatDoor(dispatcher, log, {
@@ -380,17 +383,6 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       return stopping;
     },
   };
-}
-
-/** The doors cluster mode does not serve yet refuse to start, rather than diverge. */
-function clusterModeAllows(config: Config): void {
-  const doors = [
-    ["--rust-port", config.rustPort],
-    ["--rooms-port", config.roomsPort],
-    ["--http-port", config.httpPort],
-  ] as const;
-  const on = doors.filter(([, port]) => port >= 0).map(([flag]) => flag);
-  if (on.length > 0) throw new Error(`${on.join(", ")}: the seed doors are not available in cluster mode (--nats) yet`);
 }
 
 /**

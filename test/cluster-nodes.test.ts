@@ -588,9 +588,6 @@ describe("cluster mode: a node that was away", () => {
     removeDir(newDir);
   });
 
-  it("refuses to start with a seed door on, rather than serve it from one node's view", async () => {
-    await expect(startTestServer({ nats: nats.url, natsStream: stream, httpPort: 0 })).rejects.toThrow(/not available in cluster mode/);
-  });
 });
 
 describe("cluster mode: faults", () => {

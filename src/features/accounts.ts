@@ -695,13 +695,19 @@ export function registerAccounts(sv: Services): AccountOps {
       });
     },
     async session(sid) {
-      const rec = await sessions.get(sid);
+      // Cluster mode: a sid issued through another node a moment ago may not be here yet.
+      const rec = (await sessions.get(sid)) ?? (sv.cluster ? await sv.cluster.sync().then(() => sessions.get(sid)) : undefined);
       if (!rec || rec.expires <= nowSeconds()) return undefined;
       const user = await users.get(rec.uid);
       if (!user || sv.bans.banned("login", user.login)) return undefined;
       return { uid: user.uid, nick: user.nick, expires: rec.expires };
     },
     revoke(uid, sid, expires) {
+      if (sv.cluster) {
+        // Through the log (nobody waits: a session left stored expires in its time).
+        sv.cluster.append({ k: "logout", uid, sid: sidHash(sid), expires, conn: -1 }).catch((err: unknown) => sv.log.warn({ err, uid }, "revoking a door's session failed"));
+        return;
+      }
       storage.commitLazy(sessions.revokeOps(uid, sidHash(sid), expires));
     },
   };

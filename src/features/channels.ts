@@ -471,6 +471,20 @@ export function registerChannels(sv: Services): ChannelOps {
  * Returns its chid.
  */
 export async function serverChannel(sv: Services, name: string): Promise<string> {
+  if (sv.cluster) {
+    // Through the log: nodes starting together create it once (the first in the log wins).
+    await sv.cluster.sync();
+    for (;;) {
+      const found = await sv.channels.byName(name);
+      if (found !== undefined) return found;
+      const out = await sv.cluster.append({ k: "chcreate", t: nowSeconds(), owner: "", name, descr: "", priv: false, members: [], maxOwned: 0, maxJoined: 0 });
+      if (out.k === "channel") {
+        sv.log.info({ chid: out.chid, name }, "created the server's channel");
+        return out.chid;
+      }
+      if (out.k !== "error" || out.err.code !== Code.AlreadyExist) throw out.k === "error" ? out.err : new Error(`creating the server's channel '${name}' failed`);
+    }
+  }
   const found = await sv.channels.byName(name);
   if (found !== undefined) return found;
   const c: ChannelRecord = { chid: sv.channels.nextChid(), name, descr: "", owner: "", created: nowSeconds() };

@@ -30,7 +30,8 @@ import { ClusterPresence } from "../cluster/presence.js";
 import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from "../cluster/jetstream-log.js";
 import { MessageSent } from "../protocol/codec.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
-import type { Event, Audience, MessageEvent } from "../protocol/events.js";
+import type { Event, Audience, MessageEvent, NoticeEvent } from "../protocol/events.js";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { MAX_BANS } from "../storage/bans.js";
 import { banKey, channelConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
@@ -219,6 +220,7 @@ export class Cluster {
     );
     router.elsewhere = this.presence.users;
     this.presence.start();
+    this.receiveNotices(this.journal.connection, this.journal.origin);
     this.sv.messages.onAdvance = (uid, seq) => this.cursorMoved(uid, seq);
   }
 
@@ -268,6 +270,38 @@ export class Cluster {
     return (this.remoteBlobs as ClusterBlobs).put(sha, size);
   }
 
+  /** The notices subscription (a door's join and leave lines, not stored). */
+  private notices: Subscription | undefined;
+
+  /**
+   * A door's notice (seed 003's join and leave lines) for every node's connections:
+   * published here by the caller, and over core NATS to the others (not stored: a
+   * notice lost while a node reconnects is not sent again, as on a single node's
+   * connection that drops).
+   */
+  shareNotice(ev: NoticeEvent, audience: Audience): void {
+    const nc = this.journal?.connection;
+    if (!nc || nc.isClosed()) return;
+    const { wire: _, ...plain } = ev;
+    nc.publish(`${this.opts.stream}.notice`, JSON.stringify({ o: this.journal?.origin, ev: plain, audience }));
+  }
+
+  private receiveNotices(nc: NatsConnection, origin: string): void {
+    const sub = nc.subscribe(`${this.opts.stream}.notice`);
+    this.notices = sub;
+    void (async () => {
+      for await (const m of sub) {
+        try {
+          const note = m.json<{ o: string; ev: NoticeEvent; audience: Audience }>();
+          // Its origin connection is on another node: every connection here is told.
+          if (note.o !== origin) this.sv.router.publish({ ...note.ev, origin: -1 }, note.audience);
+        } catch (err) {
+          this.log.warn({ err }, "a door notice from another node could not be read");
+        }
+      }
+    })();
+  }
+
   /** Who is online on the other nodes; set once open. */
   private presence: ClusterPresence | undefined;
 
@@ -286,6 +320,7 @@ export class Cluster {
     this.shareCursors();
     clearTimeout(this.cursorTimer);
     this.presence?.stop();
+    this.notices?.unsubscribe();
     await this.journal?.close();
   }
 
@@ -715,15 +750,17 @@ export class Cluster {
       }
       case "chcreate": {
         const refuse = (err: ProtocolError): Outcome => ({ k: "error", err });
-        if (!(overlay.users.get(c.owner) ?? r.user) || overlay.gone.includes(c.owner)) {
+        // Owner "": the server's own channel (a seed door's room), under no user's caps.
+        const server = c.owner === "";
+        if (!server && (!(overlay.users.get(c.owner) ?? r.user) || overlay.gone.includes(c.owner))) {
           return refuse(new ProtocolError(Code.NeedAuth, "your account was deleted"));
         }
         if (!c.priv && overlay.channelName(c.name, r.chname) !== undefined) return refuse(channelErrors.taken(c.name));
         const found = c.members.map((uid, i) => (overlay.gone.includes(uid) ? undefined : (overlay.users.get(uid) ?? r.found?.[i])));
         const missing = found.findIndex((u) => u === undefined);
         if (missing >= 0) return refuse(channelErrors.noUser(c.members[missing]));
-        if ((r.owned ?? 0) + overlay.delta("owned", c.owner) >= c.maxOwned) return refuse(channelErrors.ownedCap(c.maxOwned));
-        if ((r.joined ?? 0) + overlay.delta("joined", c.owner) >= c.maxJoined) return refuse(channelErrors.joinedCap(c.maxJoined));
+        if (!server && (r.owned ?? 0) + overlay.delta("owned", c.owner) >= c.maxOwned) return refuse(channelErrors.ownedCap(c.maxOwned));
+        if (!server && (r.joined ?? 0) + overlay.delta("joined", c.owner) >= c.maxJoined) return refuse(channelErrors.joinedCap(c.maxJoined));
         for (let i = 0; i < c.members.length; i++) {
           const uid = c.members[i];
           if ((r.counts?.[i] ?? 0) + overlay.delta("joined", uid) >= c.maxJoined) return refuse(channelErrors.joinedCap(c.maxJoined, `user '${uid}'`));
