@@ -172,6 +172,37 @@ describe("cluster mode: sessions, profiles and contacts", () => {
   });
 });
 
+describe("cluster mode: the same answers on every node", () => {
+  it("dialogs, searchuser, history, contactlist, userinfo and channellist read the same through every node", async () => {
+    const alice = await registerUser(node(0), uniqueName("same"));
+    const bob = await registerUser(node(1));
+    const carol = await registerUser(node(2));
+    expect((await alice.client.request("message", { uid: bob.uid, body: "to bob" })).status).toBe(0);
+    expect((await alice.client.request("message", { uid: carol.uid, body: "to carol" })).status).toBe(0);
+    expect((await bob.client.request("message", { uid: alice.uid, body: "back" })).status).toBe(0);
+    expect((await alice.client.request("addcontact", { uid: carol.uid })).status).toBe(0);
+    expect((await alice.client.request("createchannel", { name: uniqueName("same") })).status).toBe(0);
+    const answers: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await login(node(i), alice.login);
+      const got = await Promise.all([
+        c.client.request("dialogs"),
+        c.client.request("searchuser", { q: alice.login }),
+        c.client.request("history", { uid: bob.uid }),
+        c.client.request("contactlist"),
+        c.client.request("userinfo", { user: bob.uid }),
+        c.client.request("channellist", { limit: 500 }),
+      ]);
+      answers.push(JSON.stringify(got));
+      c.client.close();
+    }
+    expect(JSON.parse(answers[0])[0].dialogs.map((d: any) => d.uid ?? d.peer ?? d)).toHaveLength(2);
+    expect(answers[1]).toBe(answers[0]);
+    expect(answers[2]).toBe(answers[0]);
+    for (const c of [alice.client, bob.client, carol.client]) c.close();
+  });
+});
+
 describe("cluster mode: presence", () => {
   it("a contact coming online or going offline on another node is told, and contactlist shows it online", async () => {
     const a = await registerUser(node(0));

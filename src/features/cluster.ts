@@ -986,24 +986,26 @@ class Overlay {
 
   /** `inView` (a channel's members in the view) with this call's changes, in uid order. */
   membersOf(chid: string, inView: readonly string[]): string[] {
-    const all = new Set(inView);
-    for (const [key, on] of this.memberships) {
-      const [c, uid] = key.split("\u0000");
-      if (c !== chid) continue;
-      if (on) all.add(uid);
-      else all.delete(uid);
-    }
-    return [...all].sort();
+    return this.withChanges(inView, 0, chid);
   }
 
-  /** `inView` (a user's channels in the view) with this call's changes. */
+  /** `inView` (a user's channels in the view) with this call's changes, in chid order. */
   channelsOf(uid: string, inView: readonly string[]): string[] {
+    return this.withChanges(inView, 1, uid);
+  }
+
+  /**
+   * `inView` with this call's membership changes whose `chid\0uid` key has `fixed` at
+   * `side` (0: the chid, 1: the uid); the other side is what is added or removed.
+   */
+  private withChanges(inView: readonly string[], side: 0 | 1, fixed: string): string[] {
     const all = new Set(inView);
     for (const [key, on] of this.memberships) {
-      const [chid, u] = key.split("\u0000");
-      if (u !== uid) continue;
-      if (on) all.add(chid);
-      else all.delete(chid);
+      const parts = key.split("\u0000");
+      if (parts[side] !== fixed) continue;
+      const other = parts[1 - side];
+      if (on) all.add(other);
+      else all.delete(other);
     }
     return [...all].sort();
   }
