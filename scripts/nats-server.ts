@@ -56,6 +56,8 @@ export class NatsServer {
     readonly storeDir: string,
     public port: number,
     readonly route: ClusterRoute | undefined,
+    /** More nats-server arguments (authentication, TLS). */
+    readonly extra: readonly string[] = [],
   ) {}
 
   get url(): string {
@@ -67,15 +69,15 @@ export class NatsServer {
     return this.route?.name ?? "nats";
   }
 
-  /** Starts a server on a free client port, alone or (`route`) as a member of a cluster. */
-  static async start(route?: ClusterRoute): Promise<NatsServer> {
-    const s = new NatsServer(mkdtempSync(path.join(tmpdir(), "wirechat-nats-")), -1, route);
+  /** Starts a server on a free client port, alone or (`route`) as a member of a cluster; `extra`: more of its flags. */
+  static async start(route?: ClusterRoute, extra: readonly string[] = []): Promise<NatsServer> {
+    const s = new NatsServer(mkdtempSync(path.join(tmpdir(), "wirechat-nats-")), -1, route, extra);
     await s.launch();
     return s;
   }
 
   private async launch(): Promise<void> {
-    const args = ["-a", "127.0.0.1", "-p", String(this.port), "-js", "-sd", this.storeDir];
+    const args = ["-a", "127.0.0.1", "-p", String(this.port), "-js", "-sd", this.storeDir, ...this.extra];
     const r = this.route;
     if (r) {
       args.push("-n", r.name, "--cluster_name", r.cluster, "--cluster", `nats://127.0.0.1:${r.port}`);

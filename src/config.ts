@@ -62,6 +62,13 @@ export interface Config {
   nodeId: string;
   replicas: number;
   natsStream: string;
+  natsUser: string;
+  natsPass: string;
+  natsToken: string;
+  natsCreds: string;
+  natsTlsCa: string;
+  natsTlsCert: string;
+  natsTlsKey: string;
 }
 
 type Kind = "int" | "string" | "enum";
@@ -143,6 +150,13 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "nodeId", flag: "--node-id", env: "WIRECHAT_NODE_ID", kind: "string", default: "", help: "this node's name in logs and in the cluster log; empty: <host name>:<port>" },
   { key: "replicas", flag: "--replicas", env: "WIRECHAT_REPLICAS", kind: "int", default: 1, min: 1, max: 5, help: "copies JetStream keeps of the cluster log (1 for one nats-server, 3 for a three-server NATS cluster); a node refuses to start when the stream keeps another number" },
   { key: "natsStream", flag: "--nats-stream", env: "WIRECHAT_NATS_STREAM", kind: "string", default: "WIRECHAT", help: "name of the JetStream stream holding the cluster log (one per wirechat cluster)" },
+  { key: "natsUser", flag: "--nats-user", env: "WIRECHAT_NATS_USER", kind: "string", default: "", help: "cluster mode: the user name this node gives NATS (with --nats-pass)" },
+  { key: "natsPass", flag: "--nats-pass", env: "WIRECHAT_NATS_PASS", kind: "string", default: "", help: "cluster mode: the password of --nats-user (prefer the environment variable to the flag)" },
+  { key: "natsToken", flag: "--nats-token", env: "WIRECHAT_NATS_TOKEN", kind: "string", default: "", help: "cluster mode: a NATS authentication token (instead of a user and password)" },
+  { key: "natsCreds", flag: "--nats-creds", env: "WIRECHAT_NATS_CREDS", kind: "string", default: "", help: "cluster mode: a NATS credentials file (.creds: a user JWT and its NKey seed), for a decentralised-auth NATS deployment" },
+  { key: "natsTlsCa", flag: "--nats-tls-ca", env: "WIRECHAT_NATS_TLS_CA", kind: "string", default: "", help: "cluster mode: PEM file of the CA that signed the NATS servers' certificates (turns TLS on); empty with the others empty: no TLS" },
+  { key: "natsTlsCert", flag: "--nats-tls-cert", env: "WIRECHAT_NATS_TLS_CERT", kind: "string", default: "", help: "cluster mode: this node's PEM client certificate, for NATS servers that verify clients (with --nats-tls-key)" },
+  { key: "natsTlsKey", flag: "--nats-tls-key", env: "WIRECHAT_NATS_TLS_KEY", kind: "string", default: "", help: "cluster mode: the PEM private key of --nats-tls-cert" },
   { key: "config", flag: "--config", env: "WIRECHAT_CONFIG", kind: "string", default: "", help: "JSON file of settings, keyed by flag name without the dashes ({\"port\": 7788, \"data-dir\": \"/var/lib/wirechat\"}); flags and environment variables win over it" },
 ];
 

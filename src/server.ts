@@ -160,7 +160,21 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     dispatcher.clusterMode = true;
     services.cluster = new Cluster(
       services,
-      { servers: config.nats, stream: config.natsStream, replicas: config.replicas, nodeId: config.nodeId || `${hostname()}:${config.port}` },
+      {
+        servers: config.nats,
+        stream: config.natsStream,
+        replicas: config.replicas,
+        nodeId: config.nodeId || `${hostname()}:${config.port}`,
+        access: {
+          user: config.natsUser,
+          pass: config.natsPass,
+          token: config.natsToken,
+          creds: config.natsCreds,
+          tlsCa: config.natsTlsCa,
+          tlsCert: config.natsTlsCert,
+          tlsKey: config.natsTlsKey,
+        },
+      },
       log,
     );
   }

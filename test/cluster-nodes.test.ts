@@ -9,6 +9,7 @@
 
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
@@ -619,6 +620,32 @@ describe("cluster mode: a node that was away", () => {
     removeDir(newDir);
   });
 
+});
+
+describe("cluster mode: NATS authentication and TLS", () => {
+  it("joins a NATS server that wants a user, a password and TLS; a wrong password or an unknown CA stops start-up with the reason", async () => {
+    const crt = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
+    const key = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
+    const secured = await NatsServer.start(undefined, ["--user", "wirechat", "--pass", "s3cret-pass", "--tls", "--tlscert", crt, "--tlskey", key]);
+    const s = `WIRECHAT_A${process.pid}`;
+    try {
+      await expect(startTestServer({ nats: secured.url, natsStream: s, natsUser: "wirechat", natsPass: "wrong", natsTlsCa: crt })).rejects.toThrow(/authorization/i);
+      await expect(startTestServer({ nats: secured.url, natsStream: s, natsUser: "wirechat", natsPass: "s3cret-pass" })).rejects.toThrow(/self-signed certificate/);
+      await expect(startTestServer({ nats: secured.url, natsStream: s, natsPass: "s3cret-pass", natsTlsCa: crt })).rejects.toThrow(/--nats-pass needs --nats-user/);
+      const ok = await startTestServer({ nats: secured.url, natsStream: s, nodeId: "secure", natsUser: "wirechat", natsPass: "s3cret-pass", natsTlsCa: crt });
+      try {
+        const a = await registerUser(ok.port);
+        expect((await a.client.request("message", { uid: a.uid, body: "over TLS" })).status).toBe(0);
+        expect((await evMessages(a.client, 1))[0].body).toBe("over TLS");
+        a.client.close();
+      } finally {
+        await ok.stop();
+        removeDir(ok.services.config.dataDir);
+      }
+    } finally {
+      await secured.stop();
+    }
+  });
 });
 
 describe("cluster mode: faults", () => {

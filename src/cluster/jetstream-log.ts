@@ -24,7 +24,7 @@
 // stream held when it was called, so a client that wrote through another node sees
 // its write here once its request waits for sync().
 
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { connect, type ConnectionOptions, type NatsConnection } from "@nats-io/transport-node";
 import {
   DeliverPolicy,
   jetstream,
@@ -88,6 +88,8 @@ export interface JetStreamLogOptions<C, R> {
   log: Logger;
   /** How long an append may keep retrying before it answers unavailable (ms). */
   writeBudgetMs?: number;
+  /** Authentication and TLS for the connection (cluster/access.ts). */
+  connectOptions?: Partial<ConnectionOptions>;
   /** Called once connected and the stream is there, before anything is applied (what apply needs of the engine). */
   connected?: (nc: NatsConnection) => Promise<void>;
 }
@@ -179,7 +181,7 @@ export class JetStreamLog<C, R> {
    * (ViewMismatch if not), and applies the stream up to its end before resolving.
    */
   static async open<C, R>(opts: JetStreamLogOptions<C, R>): Promise<JetStreamLog<C, R>> {
-    const nc = await connect({ servers: opts.servers.split(","), name: opts.nodeId, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
+    const nc = await connect({ ...opts.connectOptions, servers: opts.servers.split(","), name: opts.nodeId, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
     try {
       const jsm = await jetstreamManager(nc);
       const info = await ensureStream(jsm, opts);

@@ -25,6 +25,7 @@
 // 16 (see ActionSpec.cluster). Attachments and the operator's writes come next (issue 12).
 
 import type { Logger } from "pino";
+import { natsConnectOptions, type NatsAccess } from "../cluster/access.js";
 import { ClusterBlobs } from "../cluster/blobs.js";
 import { ClusterPresence } from "../cluster/presence.js";
 import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from "../cluster/jetstream-log.js";
@@ -148,6 +149,8 @@ export interface ClusterOptions {
   stream: string;
   replicas: number;
   nodeId: string;
+  /** Authentication and TLS towards NATS. */
+  access: NatsAccess;
 }
 
 /**
@@ -202,6 +205,7 @@ export class Cluster {
       view: await this.storedPosition(),
       apply: (entries, position) => this.apply(entries, position),
       log: this.log,
+      connectOptions: natsConnectOptions(this.opts.access),
       // Attachments: the object store, before the catch-up applies entries that name blobs.
       connected: async (nc) => {
         this.remoteBlobs = await ClusterBlobs.open(nc, `${this.opts.stream}_BLOBS`, this.opts.replicas, this.sv.blobs, this.log);
