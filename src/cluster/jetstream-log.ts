@@ -88,6 +88,11 @@ export interface JetStreamLogOptions<C, R> {
   log: Logger;
   /** How long an append may keep retrying before it answers unavailable (ms). */
   writeBudgetMs?: number;
+  /**
+   * Commands published in an entry of their own (no other command before or after
+   * them in it), so that an apply can give them a segment of their own.
+   */
+  alone?: (cmd: C) => boolean;
   /** Authentication and TLS for the connection (cluster/access.ts). */
   connectOptions?: Partial<ConnectionOptions>;
   /** Called once connected and the stream is there, before anything is applied (what apply needs of the engine). */
@@ -286,12 +291,16 @@ export class JetStreamLog<C, R> {
     this.publishing = true;
     try {
       while (this.gathering.length > 0 && !this.closed) {
-        // One entry: as many commands as fit under MAX_ENTRY_BYTES (at least one).
-        let take = 0;
-        let size = 0;
-        while (take < this.gathering.length && (take === 0 || size + this.gathering[take].bytes <= MAX_ENTRY_BYTES)) {
-          size += this.gathering[take].bytes;
-          take++;
+        // One entry: as many commands as fit under MAX_ENTRY_BYTES (at least one), up
+        // to the next that goes alone; one that goes alone is an entry by itself.
+        const alone = (i: number) => this.opts.alone?.(this.gathering[i].cmd) === true;
+        let take = 1;
+        let size = this.gathering[0].bytes;
+        if (!alone(0)) {
+          while (take < this.gathering.length && !alone(take) && size + this.gathering[take].bytes <= MAX_ENTRY_BYTES) {
+            size += this.gathering[take].bytes;
+            take++;
+          }
         }
         const proposals = this.gathering.splice(0, take);
         this.gatheringBytes -= size;
@@ -370,6 +379,10 @@ export class JetStreamLog<C, R> {
     // Pulls expire every 5 s (heartbeats every 2.5 s), so a reader whose consumer went
     // with its server notices within seconds, not the client's default 30.
     const messages = await consumer.consume({ max_messages: 256, expires: 5_000 });
+    if (this.closed) {
+      messages.stop(); // closed while it was being opened
+      return;
+    }
     this.messages = messages;
     void (async () => {
       try {

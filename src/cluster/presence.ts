@@ -43,12 +43,17 @@ export class ClusterPresence {
     const sub = this.nc.subscribe(this.subject);
     this.sub = sub;
     void (async () => {
-      for await (const m of sub) {
-        try {
-          this.receive(m.json<Note>());
-        } catch (err) {
-          this.log.warn({ err }, "a presence note could not be read");
+      try {
+        for await (const m of sub) {
+          try {
+            this.receive(m.json<Note>());
+          } catch (err) {
+            this.log.warn({ err }, "a presence note could not be read");
+          }
         }
+      } catch (err) {
+        // A permission NATS refuses ends the subscription, not the process.
+        this.log.error({ err }, "presence notes from other nodes stopped");
       }
     })();
     this.send({ o: this.origin, hello: true });

@@ -533,7 +533,16 @@ export function registerAccounts(sv: Services): AccountOps {
         const user = await stillCurrent(s, uid, sid, checked);
         if (sv.cluster) {
           // Every node closes the account's connections as it applies this; this one is the handler's.
-          const out = await sv.cluster.append({ k: "deleteAccount", uid, checked: user.hash, conn: s.peer.id });
+          let out;
+          try {
+            out = await sv.cluster.append({ k: "deleteAccount", uid, checked: user.hash, conn: s.peer.id });
+          } catch (err) {
+            // 16: it may still be applied, and then every other node closes the account's
+            // connections but this one (its handler's to end): the session ends here now.
+            leave(s);
+            s.logout();
+            throw err;
+          }
           if (out.k !== "done") throw new ProtocolError(Code.InvalidPass, "the password was changed meanwhile");
           leave(s);
           s.logout();

@@ -313,9 +313,11 @@ export function registerChannels(sv: Services): ChannelOps {
       const me = s.uid as string;
       let c: ChannelRecord;
       if (sv.cluster) {
-        // A member (in this node's view) entering again changes nothing: no command.
+        // A member entering again changes nothing: no command. This node's view may
+        // lag (a leave through another node a moment ago): it is checked at the log's end.
         const chid = req.data.channel;
-        if (!((await channels.get(chid)) && (await channels.isMember(chid, me)))) {
+        const isMemberHere = async () => (await channels.get(chid)) !== undefined && (await channels.isMember(chid, me));
+        if (!((await isMemberHere()) && (await (sv.cluster as NonNullable<typeof sv.cluster>).sync().then(isMemberHere)))) {
           await inCluster({ k: "join", t: nowSeconds(), chid, uid: me, cap: config.maxJoinedChannels });
         }
         c = await channelOf(chid);
@@ -452,11 +454,31 @@ export function registerChannels(sv: Services): ChannelOps {
     async create(owner, spec) {
       const invalid = checkNew(spec);
       if (invalid) throw invalid;
+      if (sv.cluster) {
+        const out = await inCluster({
+          k: "chcreate",
+          t: nowSeconds(),
+          owner,
+          name: spec.name,
+          descr: spec.descr ?? "",
+          priv: spec.private === true,
+          members: [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort(),
+          maxOwned: config.maxOwnedChannels,
+          maxJoined: config.maxJoinedChannels,
+        });
+        const c = await channels.get((out as { chid: string }).chid);
+        if (!c) throw channelErrors.notFound((out as { chid: string }).chid);
+        return c;
+      }
       const { c, added } = await createChannel(owner, spec);
       for (const m of added) tell([m.uid], entered(c.chid, m));
       return c;
     },
     async invite(by, chid, uid) {
+      if (sv.cluster) {
+        const out = await inCluster({ k: "join", t: nowSeconds(), chid, uid, by, cap: config.maxJoinedChannels });
+        return out.k === "joined" && out.added;
+      }
       const { c, added, nick } = await inviteTo(by, chid, uid);
       if (added) router.publish({ kind: "enter", chid: c.chid, uid, nick }, { channel: c.chid });
       return added;

@@ -206,6 +206,7 @@ export class Cluster {
       apply: (entries, position) => this.apply(entries, position),
       log: this.log,
       connectOptions: natsConnectOptions(this.opts.access),
+      alone,
       // Attachments: the object store, before the catch-up applies entries that name blobs.
       connected: async (nc) => {
         this.remoteBlobs = await ClusterBlobs.open(nc, `${this.opts.stream}_BLOBS`, this.opts.replicas, this.sv.blobs, this.log);
@@ -238,8 +239,9 @@ export class Cluster {
   private cursorMoved(uid: string, seq: number): void {
     if (this.applyingCursors) return;
     if ((this.cursors.get(uid) ?? 0) >= seq) return;
+    if (!this.cursors.has(uid) && this.cursors.size >= CURSORS_KEPT) return; // only redelivers
     this.cursors.set(uid, seq);
-    if (this.cursors.size >= CURSORS_PER_ENTRY) this.shareCursors();
+    if (this.cursors.size >= CURSORS_PER_ENTRY && !this.sharing) this.shareCursors();
     else this.cursorTimer ??= setTimeout(() => this.shareCursors(), CURSOR_EVERY_MS);
   }
 
@@ -251,15 +253,32 @@ export class Cluster {
   private shareCursors(): void {
     clearTimeout(this.cursorTimer);
     this.cursorTimer = undefined;
-    if (this.cursors.size === 0 || !this.journal) return;
-    const at = Object.fromEntries(this.cursors);
-    this.cursors = new Map();
-    this.append({ k: "cursors", at }).catch(() => {
-      if (this.closing) return;
-      for (const [uid, seq] of Object.entries(at)) if ((this.cursors.get(uid) ?? 0) < seq && this.cursors.size < CURSORS_KEPT) this.cursors.set(uid, seq);
-      this.cursorTimer ??= setTimeout(() => this.shareCursors(), CURSOR_EVERY_MS);
-    });
+    if (this.cursors.size === 0 || !this.journal || this.sharing) return;
+    // At most CURSORS_PER_ENTRY in one command (its size stays far below an entry's).
+    const at: Record<string, number> = {};
+    let n = 0;
+    for (const [uid, seq] of this.cursors) {
+      if (n++ >= CURSORS_PER_ENTRY) break;
+      at[uid] = seq;
+      this.cursors.delete(uid);
+    }
+    this.sharing = true;
+    this.append({ k: "cursors", at }).then(
+      () => {
+        this.sharing = false;
+        if (this.cursors.size > 0 && !this.closing) this.cursorTimer ??= setTimeout(() => this.shareCursors(), this.cursors.size >= CURSORS_PER_ENTRY ? 0 : CURSOR_EVERY_MS);
+      },
+      () => {
+        this.sharing = false;
+        if (this.closing) return;
+        for (const [uid, seq] of Object.entries(at)) if ((this.cursors.get(uid) ?? 0) < seq && this.cursors.size < CURSORS_KEPT) this.cursors.set(uid, seq);
+        this.cursorTimer ??= setTimeout(() => this.shareCursors(), CURSOR_EVERY_MS);
+      },
+    );
   }
+
+  /** A cursors command is in flight (one at a time). */
+  private sharing = false;
 
   private closing = false;
 
@@ -294,14 +313,19 @@ export class Cluster {
     const sub = nc.subscribe(`${this.opts.stream}.notice`);
     this.notices = sub;
     void (async () => {
-      for await (const m of sub) {
-        try {
-          const note = m.json<{ o: string; ev: NoticeEvent; audience: Audience }>();
-          // Its origin connection is on another node: every connection here is told.
-          if (note.o !== origin) this.sv.router.publish({ ...note.ev, origin: -1 }, note.audience);
-        } catch (err) {
-          this.log.warn({ err }, "a door notice from another node could not be read");
+      try {
+        for await (const m of sub) {
+          try {
+            const note = m.json<{ o: string; ev: NoticeEvent; audience: Audience }>();
+            // Its origin connection is on another node: every connection here is told.
+            if (note.o !== origin) this.sv.router.publish({ ...note.ev, origin: -1 }, note.audience);
+          } catch (err) {
+            this.log.warn({ err }, "a door notice from another node could not be read");
+          }
         }
+      } catch (err) {
+        // A permission NATS refuses ends the subscription, not the process.
+        this.log.error({ err }, "door notices from other nodes stopped");
       }
     })();
   }
@@ -399,11 +423,11 @@ export class Cluster {
               case "chcreate": {
                 const [named, owned, joined, user, found, counts] = await Promise.all([
                   c.priv ? undefined : channels.byName(c.name),
-                  channels.ownedCount(c.owner, c.maxOwned + COUNT_SLACK),
-                  channels.joinedCount(c.owner, c.maxJoined + COUNT_SLACK),
+                  channels.ownedCount(c.owner, COUNT_ALL),
+                  channels.joinedCount(c.owner, COUNT_ALL),
                   users.get(c.owner),
                   Promise.all(c.members.map((uid) => users.get(uid))),
-                  Promise.all(c.members.map((uid) => channels.joinedCount(uid, c.maxJoined + COUNT_SLACK))),
+                  Promise.all(c.members.map((uid) => channels.joinedCount(uid, COUNT_ALL))),
                 ]);
                 return { chname: named, owned, joined, user, found, counts };
               }
@@ -413,7 +437,7 @@ export class Cluster {
                   channels.isMember(c.chid, c.uid),
                   c.by === undefined ? false : channels.isMember(c.chid, c.by),
                   users.get(c.uid),
-                  channels.joinedCount(c.uid, c.cap + COUNT_SLACK),
+                  channels.joinedCount(c.uid, COUNT_ALL),
                 ]);
                 return { channel, member, byMember, user, joined };
               }
@@ -869,7 +893,17 @@ function unknownCommand(c: never): Error {
  * account or sweeps sessions (their reads must see everything before them written).
  */
 function appliedAlone(e: StoredEntry<Command>): boolean {
-  return e.entry.c.some((c) => c.k === "edit" || c.k === "del" || c.k === "deleteAccount" || c.k === "sweep");
+  return e.entry.c.some(alone);
+}
+
+/**
+ * A command published in an entry of its own (JetStreamLogOptions.alone), so that its
+ * segment holds nothing else: its reads see every command before it written, and no
+ * command after it in the same entry (an account's message after its deletion) can
+ * slip past what it did.
+ */
+function alone(c: Command): boolean {
+  return c.k === "edit" || c.k === "del" || c.k === "deleteAccount" || c.k === "sweep";
 }
 
 function messageAudience(m: MessageRecord): Audience {
@@ -879,10 +913,11 @@ function messageAudience(m: MessageRecord): Audience {
 }
 
 /**
- * Counts read for a cap (channels owned, joined) go this far past it, so that leaves
- * earlier in the same apply call are subtracted from the true count.
+ * Channels owned and joined are counted in full for a cap (not only up to it): a cap
+ * lowered by a reload leaves users above it, and a count cut short would make a
+ * verdict depend on how the log was cut into apply calls.
  */
-const COUNT_SLACK = 16;
+const COUNT_ALL = 1_000_000;
 
 /** A channel of an account being deleted, as read: its record and, if it owns it, its members. */
 interface HeldChannel {
@@ -906,7 +941,7 @@ interface Reads {
   byMember?: boolean;
   /** A channel name's holder (chid). */
   chname?: string;
-  /** Channels owned and joined (counted up to the cap and COUNT_SLACK). */
+  /** Channels owned and joined (counted in full: COUNT_ALL). */
   owned?: number;
   joined?: number;
   /** createchannel's members: their records and channels joined, in command order. */

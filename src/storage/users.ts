@@ -85,10 +85,15 @@ export class UserStore {
       this.cache.set(uid, hit);
       return hit;
     }
+    const gen = this.gen;
     const u = (await this.s.users.get(uid)) as UserRecord | undefined;
-    if (u) this.remember(u);
+    // A save or a deletion reported while we read: what we read may be older than it.
+    if (u && gen === this.gen) this.remember(u);
     return u;
   }
+
+  /** Bumped by every report (saved, forget): a read that spans one does not fill the cache. */
+  private gen = 0;
 
   private remember(u: UserRecord): void {
     this.cache.delete(u.uid);
@@ -155,6 +160,7 @@ export class UserStore {
 
   /** Call once the ops from saveOps are committed. */
   saved(u: UserRecord): void {
+    this.gen++;
     this.remember(u);
   }
 
@@ -184,6 +190,7 @@ export class UserStore {
   }
 
   forget(uid: string): void {
+    this.gen++;
     this.cache.delete(uid);
   }
 }
