@@ -508,9 +508,9 @@ export class Cluster {
               case "del": {
                 const m = await messages.get(c.mid);
                 if (!m || m.from !== c.by) return { message: m };
-                const removal = await messages.removeOps(m);
+                const { ops: removal, written } = await messages.removal(m);
                 if (m.attach) removal.push(...this.sv.blobs.unrefOps(m.attach.sha, m.mid));
-                return { message: m, removal };
+                return { message: m, removal, written };
               }
               default:
                 throw unknownCommand(c);
@@ -767,6 +767,7 @@ export class Cluster {
         const m = overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message;
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         storage.commitLazy(r.removal ?? []);
+        if (r.written) t.after.push(r.written);
         overlay.messages.set(c.mid, undefined);
         // Its blob goes once nothing references it (another message may).
         if (m.attach) {
@@ -952,6 +953,8 @@ interface Reads {
   chids?: string[];
   held?: Map<string, HeldChannel>;
   expired?: ExpiredSession[];
+  /** A message's removal is written: its caches are told (MessageStore.removal). */
+  written?: () => void;
 }
 
 /** One apply segment's decisions so far: what it changed, and what to do once it is written. */

@@ -536,6 +536,17 @@ export class MessageStore {
    * dialogs entries are checked again (the message may have been its last).
    */
   async removeOps(m: MessageRecord): Promise<BatchOp[]> {
+    const { ops, written } = await this.removal(m);
+    // Registered on the batch the caller's commit joins (no await from here to it).
+    this.storage.afterWrite(written);
+    return ops;
+  }
+
+  /**
+   * removeOps for a caller that writes them later (cluster mode's apply reads first and
+   * writes after): call `written` once they are.
+   */
+  async removal(m: MessageRecord): Promise<{ ops: BatchOp[]; written: () => void }> {
     const seq = Number(m.mid);
     const conv = convOf(m);
     const ops = [del(this.s.log, seqKey(seq))];
@@ -551,13 +562,12 @@ export class MessageStore {
       this.pending.cmids.delete(key);
       ops.push(del(this.s.cmids, key));
     }
-    // Registered on the batch the caller's commit joins (no await from here to it).
     const to = m.to;
-    this.storage.afterWrite(() => {
+    const written = () => {
       this.forget(conv);
       if (to !== undefined) this.recheck(m.from, to);
-    });
-    return ops;
+    };
+    return { ops, written };
   }
 
   /**
