@@ -27,6 +27,9 @@ export class ClusterBlobs {
     private readonly log: Logger,
   ) {}
 
+  /** Set when the node stops: a fetch still retrying gives up (its apply is cut short). */
+  closed = false;
+
   static async open(nc: NatsConnection, bucket: string, replicas: number, blobs: BlobStore, log: Logger): Promise<ClusterBlobs> {
     const os = await new Objm(nc).create(bucket, { storage: StorageType.File, replicas });
     return new ClusterBlobs(os, blobs, log);
@@ -70,6 +73,8 @@ export class ClusterBlobs {
         this.log.error({ sha }, "the object store's copy of an attachment does not match its hash");
         return "missing";
       } catch (err) {
+        // The apply waiting for it is cut short; the node applies the entry again when it starts.
+        if (this.closed) throw new Error("the node is stopping", { cause: err });
         if (attempt >= FETCH_ATTEMPTS) {
           this.log.error({ err, sha }, "fetching an attachment from the object store failed; this node cannot send it");
           return "missing";

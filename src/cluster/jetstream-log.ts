@@ -496,7 +496,9 @@ export class JetStreamLog<C, R> {
    */
   private fail(err: unknown): void {
     if (this.failure) return;
-    this.opts.log.error({ err }, "applying the cluster log failed; this node stops taking writes");
+    // Stopping: an apply cut short is applied again at the next start (its position was not written).
+    if (this.closed) this.opts.log.info({ err: String((err as Error)?.message ?? err) }, "an apply was cut short by the shutdown");
+    else this.opts.log.error({ err }, "applying the cluster log failed; this node stops taking writes");
     this.failure = unavailable("this node stopped following the cluster log", err);
     for (const p of this.gathering.splice(0)) p.reject(this.failure);
     for (const s of this.stored.splice(0)) for (const p of s.proposals) p.reject(this.failure);

@@ -349,6 +349,7 @@ export class Cluster {
     clearTimeout(this.cursorTimer);
     this.presence?.stop();
     this.notices?.unsubscribe();
+    if (this.remoteBlobs) this.remoteBlobs.closed = true;
     await this.journal?.close();
   }
 
