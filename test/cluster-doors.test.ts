@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NatsServer } from "../scripts/nats-server.js";
 import type { RunningServer } from "../src/server.js";
-import { Client, registerUser, removeDir, startTestServer, uniqueName, WsClient, type Frame } from "./helpers.js";
+import { Client, registerUser, removeDir, startTestServer, uniqueName, WsClient } from "./helpers.js";
 
 const ROOM = "commons";
 let nats: NatsServer;
@@ -32,14 +32,7 @@ afterAll(async () => {
   await nats?.stop();
 });
 
-function line(c: Client, req: Record<string, unknown>): void {
-  c.write(JSON.stringify(req) + "\n");
-}
 
-async function ask(c: Client, req: Record<string, unknown>, match: (f: Frame) => boolean): Promise<Frame> {
-  line(c, req);
-  return c.next(match);
-}
 
 async function post(node: RunningServer, path: string, body: unknown): Promise<any> {
   const res = await fetch(`http://127.0.0.1:${node.httpPort}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
@@ -78,10 +71,10 @@ describe("cluster mode with the seed doors", () => {
     expect((await native.client.request("enter", { channel: chid })).status).toBe(0);
     const rust = await Client.connect(a.rustPort as number, { welcome: false });
     const rl = uniqueName("rust");
-    expect((await ask(rust, { action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    expect((await rust.ask({ action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
     const ol = uniqueName("rooms");
     const rooms = await Client.connect(b.roomsPort as number, { welcome: false });
-    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
     const olNative = await Client.connect(a.port);
     expect((await olNative.request("auth", { login: ol, pass: "pw" })).status).toBe(0);
     expect((await olNative.request("enter", { channel: chid })).status).toBe(0);
@@ -91,17 +84,17 @@ describe("cluster mode with the seed doors", () => {
     expect(n1.status).toBe(0);
     expect(await rust.next((f) => f.action === "get_message" && f.text === "from native", 10_000)).toMatchObject({ author: native.nick });
     expect(await rooms.next((f) => f.type === "READ_MSG" && f.message === "from native", 10_000)).toMatchObject({ room_id: Number(chid), message_id: Number(n1.mid) });
-    expect((await ask(rust, { action: "send_message", text: "from rust", timestamp: 1 }, (f) => f.action === "send_message")).code).toBe(200);
+    expect((await rust.ask({ action: "send_message", text: "from rust", timestamp: 1 }, (f) => f.action === "send_message")).code).toBe(200);
     const r1 = await native.client.event("ev_message", (d) => d.body === "from rust", 10_000);
     expect(r1).toMatchObject({ chid, nick: rl });
     expect(await rooms.next((f) => f.type === "READ_MSG" && f.message === "from rust", 10_000)).toMatchObject({ sender: rl, message_id: Number(r1.mid) });
-    const o1 = await ask(rooms, { type: "SND_MSG", username: ol, room_id: Number(chid), message: "from rooms", msg_type: "TEXT" }, (f) => f.type === "SND_MSG");
+    const o1 = await rooms.ask({ type: "SND_MSG", username: ol, room_id: Number(chid), message: "from rooms", msg_type: "TEXT" }, (f) => f.type === "SND_MSG");
     expect(o1.status).toBe("OK");
     expect(await rust.next((f) => f.action === "get_message" && f.text === "from rooms", 10_000)).toMatchObject({ author: ol });
     // The room's history is the same through the other node's 000 door.
     const rust2 = await Client.connect(b.rustPort as number, { welcome: false });
-    expect((await ask(rust2, { action: "authentication", login: rl, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
-    const got = await ask(rust2, { action: "get_messages", number_of_messages: 10 }, (f) => f.action === "get_messages");
+    expect((await rust2.ask({ action: "authentication", login: rl, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
+    const got = await rust2.ask({ action: "get_messages", number_of_messages: 10 }, (f) => f.action === "get_messages");
     expect(got.messages.map((m: { text: string }) => m.text)).toEqual(["from native", "from rust", "from rooms"]);
     for (const c of [native.client, rust, rooms, rust2]) c.close();
   });

@@ -4,19 +4,12 @@
 // every other.
 
 import { describe, expect, it } from "vitest";
-import { Client, registerUser, serveForFile, uniqueName, WsClient, type Frame } from "./helpers.js";
+import { Client, registerUser, serveForFile, uniqueName, WsClient } from "./helpers.js";
 
 const ROOM = "townhall";
 const srv = serveForFile({ rustPort: 0, roomsPort: 0, rustRoom: ROOM });
 
-function line(c: Client, req: Record<string, unknown>): void {
-  c.write(JSON.stringify(req) + "\n");
-}
 
-async function ask(c: Client, req: Record<string, unknown>, match: (f: Frame) => boolean): Promise<Frame> {
-  line(c, req);
-  return c.next(match);
-}
 
 describe("seed doors together", () => {
   it("native, rust_messages and rooms-API clients in one channel see each other's messages, edits and deletions", async () => {
@@ -27,11 +20,11 @@ describe("seed doors together", () => {
     // 000: in the room after login
     const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });
     const rl = uniqueName("rust");
-    expect((await ask(rust, { action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    expect((await rust.ask({ action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
     // 001: an account that joined the channel (through the native door) reads it by room id
     const rooms = await Client.connect(srv.server.roomsPort as number, { welcome: false });
     const ol = uniqueName("rooms");
-    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
     const olNative = await Client.connect(srv.port);
     expect((await olNative.request("auth", { login: ol, pass: "pw" })).status).toBe(0);
     expect((await olNative.request("enter", { channel: chid })).status).toBe(0);
@@ -52,12 +45,12 @@ describe("seed doors together", () => {
       sender: native.nick,
     });
     // 000 → native and 001
-    expect((await ask(rust, { action: "send_message", text: "from rust", timestamp: 1 }, (f) => f.action === "send_message")).code).toBe(200);
+    expect((await rust.ask({ action: "send_message", text: "from rust", timestamp: 1 }, (f) => f.action === "send_message")).code).toBe(200);
     const r1 = await native.client.event("ev_message", (d) => d.body === "from rust");
     expect(r1).toMatchObject({ chid, nick: rl });
     expect(await rooms.next((f) => f.type === "READ_MSG" && f.message === "from rust")).toMatchObject({ sender: rl, message_id: Number(r1.mid) });
     // 001 → native and 000
-    const o1 = await ask(rooms, { type: "SND_MSG", username: ol, room_id: Number(chid), message: "from rooms", msg_type: "TEXT" }, (f) => f.type === "SND_MSG");
+    const o1 = await rooms.ask({ type: "SND_MSG", username: ol, room_id: Number(chid), message: "from rooms", msg_type: "TEXT" }, (f) => f.type === "SND_MSG");
     expect(o1.status).toBe("OK");
     expect(await native.client.event("ev_message", (d) => d.body === "from rooms")).toMatchObject({ mid: String(o1.message_id), nick: ol });
     expect(await rust.next((f) => f.action === "get_message" && f.text === "from rooms")).toMatchObject({ author: ol });
@@ -66,14 +59,14 @@ describe("seed doors together", () => {
     // (rust_messages has no frame for them: it shows nothing)
     expect((await native.client.request("editmessage", { mid: n1.mid, body: "from native (edited)" })).status).toBe(0);
     expect(await rooms.next((f) => f.type === "EDIT_MSG")).toEqual({ type: "EDIT_MSG", id: Number(n1.mid), new_msg: "from native (edited)" });
-    line(rooms, { type: "EDIT_MSG", id: o1.message_id, new_msg: "from rooms (edited)" });
+    rooms.line({ type: "EDIT_MSG", id: o1.message_id, new_msg: "from rooms (edited)" });
     expect(await native.client.event("ev_edit", (d) => d.mid === String(o1.message_id))).toMatchObject({ body: "from rooms (edited)" });
-    line(rooms, { type: "DELETE_MSG", id: o1.message_id });
+    rooms.line({ type: "DELETE_MSG", id: o1.message_id });
     expect(await native.client.event("ev_delmessage", (d) => d.mid === String(o1.message_id))).toEqual({ mid: String(o1.message_id) });
     expect((await native.client.request("delmessage", { mid: n1.mid })).status).toBe(0);
     expect(await rooms.next((f) => f.type === "DELETE_MSG" && f.id === Number(n1.mid))).toEqual({ type: "DELETE_MSG", id: Number(n1.mid) });
     // and the room's history on every door no longer has them
-    const left = await ask(rust, { action: "get_messages", number_of_messages: 10 }, (f) => f.action === "get_messages");
+    const left = await rust.ask({ action: "get_messages", number_of_messages: 10 }, (f) => f.action === "get_messages");
     expect(left.messages.map((m: { text: string }) => m.text)).toEqual(["from rust"]);
     expect(await rust.quiet(200, (f) => f.action !== "get_message")).toBe(true);
     for (const c of [native.client, rust, rooms]) c.close();
@@ -86,17 +79,17 @@ describe("seed doors together", () => {
       { door: "rooms", login: uniqueName("o") },
     ];
     const r = await Client.connect(srv.server.rustPort as number, { welcome: false });
-    expect((await ask(r, { action: "registration", login: made[1].login, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    expect((await r.ask({ action: "registration", login: made[1].login, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
     const o = await Client.connect(srv.server.roomsPort as number, { welcome: false });
-    expect((await ask(o, { type: "REQUEST_SIGNUP", login: made[2].login, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    expect((await o.ask({ type: "REQUEST_SIGNUP", login: made[2].login, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
     for (const c of [r, o]) c.close();
     for (const { login } of made) {
       const n = await Client.connect(srv.port);
       expect((await n.request("auth", { login, pass: "pw" })).status).toBe(0);
       const rr = await Client.connect(srv.server.rustPort as number, { welcome: false });
-      expect((await ask(rr, { action: "authentication", login, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
+      expect((await rr.ask({ action: "authentication", login, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
       const oo = await Client.connect(srv.server.roomsPort as number, { welcome: false });
-      expect((await ask(oo, { type: "REQUEST_LOGIN", login, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+      expect((await oo.ask({ type: "REQUEST_LOGIN", login, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
       for (const c of [n, rr, oo]) c.close();
     }
   });
@@ -129,11 +122,11 @@ describe("every door in one conversation", () => {
     // 000: in it after login
     const rust = await Client.connect(all.server.rustPort as number, { welcome: false });
     const rl = uniqueName("c0");
-    expect((await ask(rust, { action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    expect((await rust.ask({ action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
     // 001 and 002 accounts join it once (natively), then read it by its number
     const ol = uniqueName("c1");
     const rooms = await Client.connect(all.server.roomsPort as number, { welcome: false });
-    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
     const el = uniqueName("c2");
     const sid = (await http("POST", "/v1/register", { login: el, password: "pw" })).session_id as string;
     for (const login of [ol, el]) {
@@ -147,8 +140,8 @@ describe("every door in one conversation", () => {
 
     const says: [string, () => void][] = [
       [native.nick, () => native.client.send("message", { channel: chid, body: "hi from native" })],
-      [rl, () => line(rust, { action: "send_message", text: "hi from 000", timestamp: 1 })],
-      [ol, () => line(rooms, { type: "SND_MSG", username: ol, room_id: Number(chid), message: "hi from 001", msg_type: "TEXT" })],
+      [rl, () => rust.line({ action: "send_message", text: "hi from 000", timestamp: 1 })],
+      [ol, () => rooms.line({ type: "SND_MSG", username: ol, room_id: Number(chid), message: "hi from 001", msg_type: "TEXT" })],
       [el, () => ws2.send({ text: "hi from 002" })],
       [name, () => ws3.send({ type: "chat", content: "hi from 003" })],
     ];
@@ -170,11 +163,11 @@ describe("every door in one conversation", () => {
     made.push({ login: (await registerUser(all.port, n0, "pw")).login, email: `${n0}@example.com` });
     const r0 = uniqueName("a");
     const rust = await Client.connect(all.server.rustPort as number, { welcome: false });
-    expect((await ask(rust, { action: "registration", login: r0, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+    expect((await rust.ask({ action: "registration", login: r0, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
     made.push({ login: r0, email: `${r0}@example.com` });
     const o0 = uniqueName("a");
     const rooms = await Client.connect(all.server.roomsPort as number, { welcome: false });
-    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: o0, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: o0, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
     made.push({ login: o0, email: `${o0}@example.com` });
     const e0 = uniqueName("a");
     expect((await http("POST", "/v1/register", { login: e0, password: "pw" })).session_id).toEqual(expect.any(String));
@@ -192,9 +185,9 @@ describe("every door in one conversation", () => {
       expect([0, 1]).toContain(set.status);
       n.close();
       const rr = await Client.connect(all.server.rustPort as number, { welcome: false });
-      expect((await ask(rr, { action: "authentication", login, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
+      expect((await rr.ask({ action: "authentication", login, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
       const oo = await Client.connect(all.server.roomsPort as number, { welcome: false });
-      expect((await ask(oo, { type: "REQUEST_LOGIN", login, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+      expect((await oo.ask({ type: "REQUEST_LOGIN", login, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
       expect((await http("POST", "/v1/login", { login, password: "pw" })).session_id).toEqual(expect.any(String));
       expect(await http("POST", "/login", { email, password: "pw" })).toMatchObject({ status: "success" });
       for (const c of [rr, oo]) c.close();

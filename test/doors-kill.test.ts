@@ -3,7 +3,7 @@
 // acknowledgement, the echo to the sender) is there after the restart.
 
 import { describe, expect, it } from "vitest";
-import { ChildServer, Client, uniqueName, useTempDirs, WsClient, type Frame } from "./helpers.js";
+import { ChildServer, Client, uniqueName, useTempDirs, WsClient } from "./helpers.js";
 
 const newDataDir = useTempDirs();
 
@@ -13,10 +13,6 @@ function portOf(child: ChildServer, key: string): number {
   return Number(m[1]);
 }
 
-async function ask(c: Client, req: Record<string, unknown>, match: (f: Frame) => boolean): Promise<Frame> {
-  c.write(JSON.stringify(req) + "\n");
-  return c.next(match);
-}
 
 describe("seed doors: kill -9", () => {
   it("loses no message acknowledged on the rust_messages or rooms door", async () => {
@@ -28,11 +24,11 @@ describe("seed doors: kill -9", () => {
     const rl = uniqueName("k");
     const a = uniqueName("k");
     const b = uniqueName("k");
-    expect((await ask(rust, { action: "registration", login: rl, password: "p" }, (f) => f.action === "registration")).code).toBe(200);
-    expect((await ask(rooms, { type: "REQUEST_SIGNUP", login: a, pass: "p" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    expect((await rust.ask({ action: "registration", login: rl, password: "p" }, (f) => f.action === "registration")).code).toBe(200);
+    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: a, pass: "p" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
     const other = await Client.connect(portOf(child, "roomsPort"), { welcome: false });
-    expect((await ask(other, { type: "REQUEST_SIGNUP", login: b, pass: "p" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
-    const room = (await ask(rooms, { type: "CREATE_ROOM", username: a, customer: b }, (f) => f.type === "CREATE_ROOM")).id as number;
+    expect((await other.ask({ type: "REQUEST_SIGNUP", login: b, pass: "p" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    const room = (await rooms.ask({ type: "CREATE_ROOM", username: a, customer: b }, (f) => f.type === "CREATE_ROOM")).id as number;
 
     // Both doors send without waiting; the server is killed while messages are in flight.
     const N = 400;
@@ -59,13 +55,13 @@ describe("seed doors: kill -9", () => {
 
     child = await ChildServer.start(dataDir, flags);
     const r2 = await Client.connect(portOf(child, "rustPort"), { welcome: false });
-    expect((await ask(r2, { action: "authentication", login: rl, password: "p" }, (f) => f.action === "authentication")).code).toBe(200);
-    const got = await ask(r2, { action: "get_messages", number_of_messages: 500 }, (f) => f.action === "get_messages");
+    expect((await r2.ask({ action: "authentication", login: rl, password: "p" }, (f) => f.action === "authentication")).code).toBe(200);
+    const got = await r2.ask({ action: "get_messages", number_of_messages: 500 }, (f) => f.action === "get_messages");
     const texts = new Set(got.messages.map((m: { text: string }) => m.text));
     for (const t of acked.rust) expect(texts.has(t)).toBe(true);
 
     const o2 = await Client.connect(portOf(child, "roomsPort"), { welcome: false });
-    expect((await ask(o2, { type: "REQUEST_LOGIN", login: a, pass: "p" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    expect((await o2.ask({ type: "REQUEST_LOGIN", login: a, pass: "p" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
     o2.write(JSON.stringify({ type: "READ_MSG", read: "ALL", room_id: room }) + "\n");
     const seen = new Set<string>();
     for (;;) {

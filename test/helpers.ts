@@ -105,6 +105,17 @@ export class Client {
     this.socket.write(raw);
   }
 
+  /** Writes `req` as one line (a seed door's request, in its own shape). */
+  line(req: Record<string, unknown>): void {
+    this.write(JSON.stringify(req) + "\n");
+  }
+
+  /** line(), then the next frame matching `match`. */
+  ask(req: Record<string, unknown>, match: (f: Frame) => boolean): Promise<Frame> {
+    this.line(req);
+    return this.next(match);
+  }
+
   send(action: string, data?: Record<string, unknown>): void {
     this.write(JSON.stringify(data === undefined ? { action } : { action, data }) + "\n");
   }

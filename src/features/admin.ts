@@ -91,8 +91,7 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       if (sv.cluster) {
         // One command: every node stores the ban and ends the account's sessions there.
         const at = Math.floor(Date.now() / 1000);
-        const out = await sv.cluster.append({ k: "ban", kind, value: key, reason, at, ...(u ? { uid: u.uid } : {}) });
-        if (out.k === "error") throw out.err;
+        await sv.cluster.run({ k: "ban", kind, value: key, reason, at, ...(u ? { uid: u.uid } : {}) });
         ban = bans.banned(kind, key);
         if (!ban) throw new ProtocolError(Code.Unavailable, "the ban could not be confirmed; try again");
       } else {

@@ -114,10 +114,24 @@ export function registerChannels(sv: Services): ChannelOps {
    * Cluster mode: appends a channel command (features/cluster.ts); its refusal is
    * thrown. Its events are the applier's, sent on every node in log order.
    */
-  async function inCluster(cmd: Command): Promise<Outcome> {
-    const out = await (sv.cluster as NonNullable<typeof sv.cluster>).append(cmd);
-    if (out.k === "error") throw out.err;
-    return out;
+  function inCluster(cmd: Command): Promise<Outcome> {
+    return (sv.cluster as NonNullable<typeof sv.cluster>).run(cmd);
+  }
+
+  /** Cluster mode's createchannel: the channel's chid once every node has it. */
+  async function createInCluster(owner: string, spec: NewChannel): Promise<string> {
+    const out = await inCluster({
+      k: "chcreate",
+      t: nowSeconds(),
+      owner,
+      name: spec.name,
+      descr: spec.descr ?? "",
+      priv: spec.private === true,
+      members: [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort(),
+      maxOwned: config.maxOwnedChannels,
+      maxJoined: config.maxJoinedChannels,
+    });
+    return (out as { chid: string }).chid;
   }
 
   function tell(uids: readonly string[], ev: Event): void {
@@ -229,22 +243,7 @@ export function registerChannels(sv: Services): ChannelOps {
     cluster: true,
     schema: NEW_CHANNEL_SCHEMA,
     async handle(req) {
-      if (sv.cluster) {
-        const owner = req.session.uid as string;
-        const { name, descr = "", members = [] } = req.data;
-        const out = await inCluster({
-          k: "chcreate",
-          t: nowSeconds(),
-          owner,
-          name,
-          descr,
-          priv: req.data.private === true,
-          members: [...new Set(members)].filter((uid) => uid !== owner).sort(),
-          maxOwned: config.maxOwnedChannels,
-          maxJoined: config.maxJoinedChannels,
-        });
-        return { chid: (out as { chid: string }).chid };
-      }
+      if (sv.cluster) return { chid: await createInCluster(req.session.uid as string, req.data) };
       const { c, added } = await createChannel(req.session.uid as string, req.data);
       for (const m of added) req.emit(entered(c.chid, m), { users: [m.uid] });
       return { chid: c.chid };
@@ -455,19 +454,9 @@ export function registerChannels(sv: Services): ChannelOps {
       const invalid = checkNew(spec);
       if (invalid) throw invalid;
       if (sv.cluster) {
-        const out = await inCluster({
-          k: "chcreate",
-          t: nowSeconds(),
-          owner,
-          name: spec.name,
-          descr: spec.descr ?? "",
-          priv: spec.private === true,
-          members: [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort(),
-          maxOwned: config.maxOwnedChannels,
-          maxJoined: config.maxJoinedChannels,
-        });
-        const c = await channels.get((out as { chid: string }).chid);
-        if (!c) throw channelErrors.notFound((out as { chid: string }).chid);
+        const chid = await createInCluster(owner, spec);
+        const c = await channels.get(chid);
+        if (!c) throw channelErrors.notFound(chid);
         return c;
       }
       const { c, added } = await createChannel(owner, spec);

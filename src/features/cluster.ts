@@ -358,6 +358,13 @@ export class Cluster {
     return (this.journal as JetStreamLog<Command, Outcome>).append(cmd);
   }
 
+  /** append(), with a refusal the apply decided (an "error" outcome) thrown. */
+  async run(cmd: Command): Promise<Outcome> {
+    const out = await this.append(cmd);
+    if (out.k === "error") throw out.err;
+    return out;
+  }
+
   /** Waits until this node has applied everything appended anywhere before the call. */
   sync(): Promise<void> {
     return (this.journal as JetStreamLog<Command, Outcome>).sync();
