@@ -1,5 +1,6 @@
 // Storage reads on a real LevelDB: range.ts's paged reads, and ChannelStore's bounded
 // membership cache (loads shared, reports applied, stale loads dropped, LRU bounds).
+import { readFileSync } from "node:fs";
 import pino from "pino";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ChannelStore } from "../src/storage/channels.js";
@@ -186,5 +187,40 @@ describe("channel membership cache", () => {
     // a reported join can push past the bound too
     await join(ch, "5", "m7", "m8");
     expect(ch.cacheSize.entries).toBeLessThanOrEqual(10);
+  });
+});
+
+describe("group commit through classic-level's pinned private batch methods", () => {
+  it("package.json pins the classic-level version db.ts was written against", async () => {
+    const { PINNED_CLASSIC_LEVEL } = await import("../src/storage/db.js");
+    const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { dependencies: Record<string, string> };
+    expect(pkg.dependencies["classic-level"]).toBe(PINNED_CLASSIC_LEVEL);
+  });
+
+  it("every put and del of a batch is on disk after its commit, the first (public) and the rest (private) alike", async () => {
+    const dir = newDir();
+    const s1 = await Storage.open(dir, pino({ level: "silent" }));
+    const meta = s1.spaces.meta;
+    await s1.commit(Array.from({ length: 50 }, (_, i) => ({ type: "put" as const, key: `${meta.prefix}k${i}`, value: JSON.stringify(i) })));
+    // A batch that starts with a del, then puts: the del goes through the public API.
+    await s1.commit([
+      { type: "del", key: `${meta.prefix}k0` },
+      { type: "del", key: `${meta.prefix}k1` },
+      { type: "put", key: `${meta.prefix}k1`, value: JSON.stringify("again") },
+    ]);
+    s1.put(`${meta.prefix}hot`, JSON.stringify("hot path"));
+    await new Promise<void>((resolve, reject) => s1.afterCommit((err) => (err ? reject(err) : resolve())));
+    await s1.close();
+    const s2 = await Storage.open(dir, pino({ level: "silent" }));
+    try {
+      const m = s2.spaces.meta;
+      expect(await m.get("k0")).toBeUndefined();
+      expect(await m.get("k1")).toBe("again");
+      expect(await m.get("k49")).toBe(49);
+      expect(await m.get("hot")).toBe("hot path");
+      expect((await readKeys(m, { gte: "k", lt: "l" })).length).toBe(49);
+    } finally {
+      await s2.close();
+    }
   });
 });
