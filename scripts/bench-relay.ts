@@ -1,6 +1,7 @@
 // Relay benchmark: wirechat against a durable baseline measured in the same run.
 //
 //   npm run bench:relay -- [--scenarios s1,s2,s2-20k,s3-10k] [--runs 3] [--seconds 10] [--check]
+//                          [--node-flags=--max-semi-space-size=64]   (node flags for wirechat only)
 //
 // The baseline (scripts/baseline-relay.ts) is the cheapest Node server that makes the
 // same durability promise as wirechat: it appends every message to LevelDB in
@@ -36,9 +37,12 @@ const { values: opts } = parseArgs({
     runs: { type: "string", default: "3" },
     seconds: { type: "string", default: "10" },
     check: { type: "boolean", default: false },
+    "node-flags": { type: "string", default: "" },
   },
 });
 const RUNS = Number(opts.runs);
+/** Flags for wirechat's node (README "Memory": the young generation's trade-off); not the baseline's. */
+const NODE_FLAGS = (opts["node-flags"] as string).split(/\s+/).filter((f) => f !== "");
 const SECONDS = Number(opts.seconds);
 const OTHER_MAX = 10; // % of one core used by other processes that voids a load run
 const SERVER_CPU = "0";
@@ -149,7 +153,7 @@ function startServer(kind: ServerKind, port: number, dir: string, log: number): 
   const data = path.join(dir, "data");
   const args =
     kind === "wirechat"
-      ? [WIRECHAT, "--host", "127.0.0.1", "--port", String(port), "--data-dir", data, "--log-level", "warn",
+      ? [...NODE_FLAGS, WIRECHAT, "--host", "127.0.0.1", "--port", String(port), "--data-dir", data, "--log-level", "warn",
          "--max-per-address", "100000", "--max-connections", "100000", "--bcrypt-cost", "4", "--admin-port", "0"]
       : [BASELINE, "--host", "127.0.0.1", "--port", String(port), "--data-dir", data];
   return spawnPinned(SERVER_CPU, process.execPath, args, log, log);
@@ -298,6 +302,7 @@ async function main(): Promise<void> {
     if (!ok) missed++;
     lines.push(`${scen.label} | ${w} | ${b} | ${ratio.toFixed(2)} | ${scen.higher ? ">=" : "<="} ${scen.bar} ${ok ? "ok" : "FAIL"}`);
   }
+  if (NODE_FLAGS.length > 0) console.log(`wirechat ran as: node ${NODE_FLAGS.join(" ")} dist/src/main.js …`);
   console.log("scenario | wirechat | baseline (durable relay) | wirechat/baseline | bar");
   for (const l of lines) console.log(l);
   console.log(`${names.length - missed} of ${names.length} within their bars`);
