@@ -30,6 +30,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import type { GenConfig, GenResult } from "./bench-gen.js";
+import { freePort } from "./nats-server.js";
 
 const { values: opts } = parseArgs({
   options: {
@@ -111,16 +112,6 @@ function spawnPinned(cpu: string, cmd: string, args: string[], stdout: "pipe" | 
   return spawn("bash", ["-c", script, "bash", cmd, ...args], { cwd: ROOT, stdio: ["ignore", stdout, stderr] });
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function waitPort(port: number, proc: ChildProcess, ms: number): Promise<void> {
   const end = Date.now() + ms;

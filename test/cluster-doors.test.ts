@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { NatsServer } from "../scripts/nats-server.js";
 import type { RunningServer } from "../src/server.js";
-import { Client, registerUser, removeDir, startTestServer, uniqueName, WsClient } from "./helpers.js";
+import { Client, registerUser, removeDir, seedDoorClients, startTestServer, uniqueName, WsClient } from "./helpers.js";
 
 const ROOM = "commons";
 let nats: NatsServer;
@@ -69,16 +69,7 @@ describe("cluster mode with the seed doors", () => {
     const native = await registerUser(b.port);
     const chid = (await native.client.request("channellist", { limit: 500 })).channels.find((c: { name: string }) => c.name === ROOM).chid;
     expect((await native.client.request("enter", { channel: chid })).status).toBe(0);
-    const rust = await Client.connect(a.rustPort as number, { welcome: false });
-    const rl = uniqueName("rust");
-    expect((await rust.ask({ action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
-    const ol = uniqueName("rooms");
-    const rooms = await Client.connect(b.roomsPort as number, { welcome: false });
-    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
-    const olNative = await Client.connect(a.port);
-    expect((await olNative.request("auth", { login: ol, pass: "pw" })).status).toBe(0);
-    expect((await olNative.request("enter", { channel: chid })).status).toBe(0);
-    olNative.close();
+    const { rust, rl, rooms, ol } = await seedDoorClients({ rust: a.rustPort as number, rooms: b.roomsPort as number, native: a.port }, chid);
 
     const n1 = await native.client.request("message", { channel: chid, body: "from native" });
     expect(n1.status).toBe(0);

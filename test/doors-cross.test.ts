@@ -4,7 +4,7 @@
 // every other.
 
 import { describe, expect, it } from "vitest";
-import { Client, registerUser, serveForFile, uniqueName, WsClient } from "./helpers.js";
+import { Client, registerUser, seedDoorClients, serveForFile, uniqueName, WsClient } from "./helpers.js";
 
 const ROOM = "townhall";
 const srv = serveForFile({ rustPort: 0, roomsPort: 0, rustRoom: ROOM });
@@ -17,18 +17,9 @@ describe("seed doors together", () => {
     const native = await registerUser(srv.port);
     const chid = (await native.client.request("channellist", { limit: 500 })).channels.find((c: { name: string }) => c.name === ROOM).chid;
     expect((await native.client.request("enter", { channel: chid })).status).toBe(0);
-    // 000: in the room after login
-    const rust = await Client.connect(srv.server.rustPort as number, { welcome: false });
-    const rl = uniqueName("rust");
-    expect((await rust.ask({ action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
-    // 001: an account that joined the channel (through the native door) reads it by room id
-    const rooms = await Client.connect(srv.server.roomsPort as number, { welcome: false });
-    const ol = uniqueName("rooms");
-    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
-    const olNative = await Client.connect(srv.port);
-    expect((await olNative.request("auth", { login: ol, pass: "pw" })).status).toBe(0);
-    expect((await olNative.request("enter", { channel: chid })).status).toBe(0);
-    olNative.close();
+    // 000: in the room after login; 001: an account that joined the channel (through the
+    // native door) reads it by room id
+    const { rust, rl, rooms, ol } = await seedDoorClients({ rust: srv.server.rustPort as number, rooms: srv.server.roomsPort as number, native: srv.port }, chid);
 
     // native → 000 and 001
     const n1 = await native.client.request("message", { channel: chid, body: "from native" });

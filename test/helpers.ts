@@ -9,7 +9,7 @@ import tls from "node:tls";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { afterAll, afterEach, beforeAll } from "vitest";
+import { afterAll, afterEach, beforeAll, expect } from "vitest";
 import WebSocket from "ws";
 import { NdjsonSplitter } from "../src/client/ndjson.js";
 import { defaultConfig, type Config } from "../src/config.js";
@@ -191,6 +191,26 @@ export async function registerUser(port: number, login = uniqueName(), pass = "s
   if (reg.status !== 0) throw new Error(`register failed: ${JSON.stringify(reg)}`);
   const auth = (await client.reply("auth")).data;
   return { client, uid: auth.uid, sid: auth.sid, login, nick };
+}
+
+/**
+ * The seed doors' side of a cross-door conversation in channel `chid`: a rust_messages
+ * (000) client registered on `rustPort` (in the server's room once logged in), and a
+ * rooms-API (001) account signed up on `roomsPort` that joined `chid` through the
+ * native door on `nativePort`.
+ */
+export async function seedDoorClients(ports: { rust: number; rooms: number; native: number }, chid: string): Promise<{ rust: Client; rl: string; rooms: Client; ol: string }> {
+  const rust = await Client.connect(ports.rust, { welcome: false });
+  const rl = uniqueName("rust");
+  expect((await rust.ask({ action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+  const rooms = await Client.connect(ports.rooms, { welcome: false });
+  const ol = uniqueName("rooms");
+  expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+  const olNative = await Client.connect(ports.native);
+  expect((await olNative.request("auth", { login: ol, pass: "pw" })).status).toBe(0);
+  expect((await olNative.request("enter", { channel: chid })).status).toBe(0);
+  olNative.close();
+  return { rust, rl, rooms, ol };
 }
 
 /** Connects a second device and logs in with the password. */

@@ -290,17 +290,26 @@ export function registerAccounts(sv: Services): AccountOps {
     return startSession(s, user, { sid, expires });
   }
 
-  /** Cluster mode's register: the log decides who gets a contested login or nick. */
-  async function clusterRegister(s: Session, login: string, pass: string, nick: string) {
+  /**
+   * Cluster mode's account creation: the log decides who gets a contested login or nick.
+   * `first`: the session the account starts with (none for an operator's account).
+   */
+  async function registerInCluster(t: number, login: string, nick: string, hash: string, first?: { sid: string; expires: number }): Promise<UserRecord> {
     const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
+    const session = first ? { sid: sidHash(first.sid), expires: first.expires } : {};
+    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, ...session });
+    if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
+    if (out.k !== "registered") throw new ProtocolError(Code.Unavailable, "the account could not be created; try again");
+    return out.user;
+  }
+
+  /** Cluster mode's register, with the session it logs in. */
+  async function clusterRegister(s: Session, login: string, pass: string, nick: string) {
     const hash = await hasher.hash(s.peer.address, pass);
     const sid = sessions.newSid();
     const t = nowSeconds();
     const expires = t + config.sessionTtl;
-    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, sid: sidHash(sid), expires });
-    if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
-    if (out.k !== "registered") throw new ProtocolError(Code.Unavailable, "the account could not be created; try again");
-    const user = out.user;
+    const user = await registerInCluster(t, login, nick, hash, { sid, expires });
     return underUser(user.uid, () => startSession(s, user, { sid, expires }));
   }
 
@@ -311,25 +320,33 @@ export function registerAccounts(sv: Services): AccountOps {
   let sweepTimer: NodeJS.Timeout | undefined;
   let stopped = false;
   async function sweepExpired(): Promise<void> {
-    const now = nowSeconds();
-    if (sv.cluster) {
-      // The view changes only by the log: a sweep command when this view holds expired
-      // sessions; every node removes them and closes their connections as it applies it.
-      const found = (await sessions.due(now, 1)).length > 0;
-      const out = found ? await sv.cluster.append({ k: "sweep", before: now, limit: SWEEP_PAGE }) : undefined;
-      if (out?.k === "done" && out.n === SWEEP_PAGE && !stopped) (sweepTimer = setTimeout(runSweep, 10)).unref();
-      else scheduleSweep();
-      return;
-    }
+    const n = sv.cluster ? await sweepThroughLog(sv.cluster, nowSeconds()) : await sweepHere(nowSeconds());
+    // A full page: more may be due at once.
+    if (n === SWEEP_PAGE && !stopped) (sweepTimer = setTimeout(runSweep, 10)).unref();
+    else scheduleSweep();
+  }
+
+  /**
+   * The view changes only by the log: a sweep command when this view holds expired
+   * sessions; every node removes them and closes their connections as it applies it.
+   */
+  async function sweepThroughLog(cluster: NonNullable<typeof sv.cluster>, now: number): Promise<number> {
+    if ((await sessions.due(now, 1)).length === 0) return 0;
+    const out = await cluster.append({ k: "sweep", before: now, limit: SWEEP_PAGE });
+    return out.k === "done" ? (out.n ?? 0) : 0;
+  }
+
+  /** Sessions swept on this node: how many. */
+  async function sweepHere(now: number): Promise<number> {
     const gone = await sessions.sweep(now, SWEEP_PAGE);
     for (const uid of new Set(gone.map((g) => g.uid))) {
       await underUser(uid, async () => {
         endSessions(uid, (o) => o.expires <= now, "the session expired", true);
       });
     }
-    if (gone.length === SWEEP_PAGE && !stopped) (sweepTimer = setTimeout(runSweep, 10)).unref();
-    else scheduleSweep();
+    return gone.length;
   }
+
   function runSweep(): void {
     sweepTimer = undefined;
     if (stopped) return;
@@ -628,11 +645,8 @@ export function registerAccounts(sv: Services): AccountOps {
   return {
     async create(login, pass, nick) {
       if (sv.cluster) {
-        // The log decides a contested login or nick (no session: an operator's account).
-        const out = await sv.cluster.append({ k: "register", t: nowSeconds(), uid: randomBytes(6).toString("hex"), login, nick, hash: await hasher.hash(OPERATOR, pass) });
-        if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
-        if (out.k !== "registered") throw new ProtocolError(Code.Unavailable, "the account could not be created; try again");
-        return out.user;
+        // No session: an operator's account.
+        return registerInCluster(nowSeconds(), login, nick, await hasher.hash(OPERATOR, pass));
       }
       const unique: [UniqueIndex, string][] = [
         ["login", login],

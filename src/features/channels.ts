@@ -454,10 +454,7 @@ export function registerChannels(sv: Services): ChannelOps {
       const invalid = checkNew(spec);
       if (invalid) throw invalid;
       if (sv.cluster) {
-        const chid = await createInCluster(owner, spec);
-        const c = await channels.get(chid);
-        if (!c) throw channelErrors.notFound(chid);
-        return c;
+        return channelOf(await createInCluster(owner, spec));
       }
       const { c, added } = await createChannel(owner, spec);
       for (const m of added) tell([m.uid], entered(c.chid, m));

@@ -189,6 +189,12 @@ export class Cluster {
     private readonly log: Logger,
   ) {}
 
+  /** A ban's key, and whether it is in force after this segment's commands so far. */
+  private banState(overlay: Overlay, kind: BanKind, value: string): { key: string; has: boolean } {
+    const key = banKey(kind, value);
+    return { key, has: overlay.bans.get(key) ?? this.sv.bans.banned(kind, value) !== undefined };
+  }
+
   /** The view's position as stored ({} → an empty view). */
   async storedPosition(): Promise<ViewPosition> {
     const v = (await this.sv.storage.spaces.meta.get(POSITION_KEY)) as ViewPosition | undefined;
@@ -232,12 +238,9 @@ export class Cluster {
   /** Cursor advances made here, not yet appended (uid → seq): see shareCursors. */
   private cursors = new Map<string, number>();
   private cursorTimer: NodeJS.Timeout | undefined;
-  /** Set while the applier advances cursors from the log (not shared again). */
-  private applyingCursors = false;
 
   /** A cursor advanced on this node: shared with the others within CURSOR_EVERY_MS. */
   private cursorMoved(uid: string, seq: number): void {
-    if (this.applyingCursors) return;
     if ((this.cursors.get(uid) ?? 0) >= seq) return;
     if (!this.cursors.has(uid) && this.cursors.size >= CURSORS_KEPT) return; // only redelivers
     this.cursors.set(uid, seq);
@@ -704,8 +707,7 @@ export class Cluster {
         return { k: "done", n };
       }
       case "ban": {
-        const key = banKey(c.kind, c.value);
-        const has = overlay.bans.get(key) ?? this.sv.bans.banned(c.kind, c.value) !== undefined;
+        const { key, has } = this.banState(overlay, c.kind, c.value);
         if (!has && this.sv.bans.size + overlay.banDelta >= MAX_BANS) return { k: "error", err: new ProtocolError(Code.RateLimited, "the ban list is full") };
         const rec = { reason: c.reason, at: c.at };
         storage.commitLazy(this.sv.bans.addOps(c.kind, c.value, rec));
@@ -743,18 +745,12 @@ export class Cluster {
       case "cursors": {
         const at = c.at;
         t.after.push(() => {
-          this.applyingCursors = true;
-          try {
-            for (const uid of Object.keys(at)) messages.advance(uid, at[uid]);
-          } finally {
-            this.applyingCursors = false;
-          }
+          for (const uid of Object.keys(at)) messages.advance(uid, at[uid], true);
         });
         return { k: "done" };
       }
       case "unban": {
-        const key = banKey(c.kind, c.value);
-        const has = overlay.bans.get(key) ?? this.sv.bans.banned(c.kind, c.value) !== undefined;
+        const { key, has } = this.banState(overlay, c.kind, c.value);
         if (!has) return { k: "done", n: 0 };
         storage.commitLazy(this.sv.bans.removeOps(c.kind, c.value));
         overlay.banDelta--;

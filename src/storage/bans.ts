@@ -58,7 +58,7 @@ export class BanStore {
   }
 
   /** Whether a new ban of `value` would pass MAX_BANS. */
-  full(kind: BanKind, value: string): boolean {
+  private full(kind: BanKind, value: string): boolean {
     return !this.bans.has(banKey(kind, value)) && this.bans.size >= MAX_BANS;
   }
 

@@ -98,7 +98,7 @@ export const PINNED_CLASSIC_LEVEL = "3.0.0";
  * Refuses to run on a classic-level other than the pinned one, or one whose chained
  * batch lacks the private methods: a silent change there could drop writes.
  */
-export function checkPinnedLevel(db: Level<string, string>): void {
+function checkPinnedLevel(db: Level<string, string>): void {
   const version = (createRequire(import.meta.url)("classic-level/package.json") as { version: string }).version;
   const chain = db.batch() as unknown as Partial<RawChain>;
   const ok = typeof chain._put === "function" && typeof chain._del === "function";

@@ -790,7 +790,7 @@ export class MessageStore {
     return out;
   }
 
-  /** Told of every advance (cluster mode shares them with the other nodes). */
+  /** Told of every advance made on this node (cluster mode shares them with the others). */
   onAdvance: ((uid: string, seq: number) => void) | undefined;
 
   /** The seq through which `uid`'s inbox has been delivered. */
@@ -806,10 +806,11 @@ export class MessageStore {
 
   /**
    * Advances `uid`'s cursor; never backwards (a second device acknowledging less, a
-   * late confirmation). Written lazily: a lost advance only redelivers.
+   * late confirmation). Written lazily: a lost advance only redelivers. `fromLog`: the
+   * advance is another node's, read from the cluster's log (onAdvance does not hear it).
    */
-  advance(uid: string, seq: number): void {
-    this.onAdvance?.(uid, seq);
+  advance(uid: string, seq: number, fromLog = false): void {
+    if (!fromLog) this.onAdvance?.(uid, seq);
     const known = this.cursors.get(uid) ?? this.knownCursors.get(uid);
     if (known !== undefined) {
       if (seq > known) this.setCursor(uid, seq);

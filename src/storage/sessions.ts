@@ -106,7 +106,7 @@ export class SessionStore {
   async sweep(now: number, limit: number): Promise<{ uid: string; hash: string }[]> {
     const due = await this.due(now, limit);
     await this.storage.commit(this.sweepOps(due));
-    return due.map(({ uid, hash }) => ({ uid, hash }));
+    return due;
   }
 
   /** Up to `limit` stored sessions expired at `now`, soonest first. */
