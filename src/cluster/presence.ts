@@ -8,6 +8,7 @@
 // transitions, on every node, so each sends ev_presence to its own connections.
 
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
+import { listenForNotes } from "./notes.js";
 import type { Logger } from "pino";
 
 const HEARTBEAT_MS = 2_000;
@@ -40,22 +41,13 @@ export class ClusterPresence {
   ) {}
 
   start(): void {
-    const sub = this.nc.subscribe(this.subject);
-    this.sub = sub;
-    void (async () => {
-      try {
-        for await (const m of sub) {
-          try {
-            this.receive(m.json<Note>());
-          } catch (err) {
-            this.log.warn({ err }, "a presence note could not be read");
-          }
-        }
-      } catch (err) {
-        // A permission NATS refuses ends the subscription, not the process.
-        this.log.error({ err }, "presence notes from other nodes stopped");
-      }
-    })();
+    this.sub = listenForNotes<Note>(
+      this.nc,
+      this.subject,
+      { unreadable: "a presence note could not be read", stopped: "presence notes from other nodes stopped" },
+      this.log,
+      (note) => this.receive(note),
+    );
     this.send({ o: this.origin, hello: true });
     this.timer = setInterval(() => {
       this.send({ o: this.origin, hb: true });

@@ -26,6 +26,7 @@
 
 import type { Logger } from "pino";
 import { natsConnectOptions, type NatsAccess } from "../cluster/access.js";
+import { listenForNotes } from "../cluster/notes.js";
 import { ClusterBlobs } from "../cluster/blobs.js";
 import { ClusterPresence } from "../cluster/presence.js";
 import { EMPTY_VIEW, JetStreamLog, type StoredEntry, type ViewPosition } from "../cluster/jetstream-log.js";
@@ -313,24 +314,16 @@ export class Cluster {
   }
 
   private receiveNotices(nc: NatsConnection, origin: string): void {
-    const sub = nc.subscribe(`${this.opts.stream}.notice`);
-    this.notices = sub;
-    void (async () => {
-      try {
-        for await (const m of sub) {
-          try {
-            const note = m.json<{ o: string; ev: NoticeEvent; audience: Audience }>();
-            // Its origin connection is on another node: every connection here is told.
-            if (note.o !== origin) this.sv.router.publish({ ...note.ev, origin: -1 }, note.audience);
-          } catch (err) {
-            this.log.warn({ err }, "a door notice from another node could not be read");
-          }
-        }
-      } catch (err) {
-        // A permission NATS refuses ends the subscription, not the process.
-        this.log.error({ err }, "door notices from other nodes stopped");
-      }
-    })();
+    this.notices = listenForNotes<{ o: string; ev: NoticeEvent; audience: Audience }>(
+      nc,
+      `${this.opts.stream}.notice`,
+      { unreadable: "a door notice from another node could not be read", stopped: "door notices from other nodes stopped" },
+      this.log,
+      (note) => {
+        // Its origin connection is on another node: every connection here is told.
+        if (note.o !== origin) this.sv.router.publish({ ...note.ev, origin: -1 }, note.audience);
+      },
+    );
   }
 
   /** Who is online on the other nodes; set once open. */
