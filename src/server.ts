@@ -165,15 +165,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
         stream: config.natsStream,
         replicas: config.replicas,
         nodeId: config.nodeId || `${hostname()}:${config.port}`,
-        access: {
-          user: config.natsUser,
-          pass: config.natsPass,
-          token: config.natsToken,
-          creds: config.natsCreds,
-          tlsCa: config.natsTlsCa,
-          tlsCert: config.natsTlsCert,
-          tlsKey: config.natsTlsKey,
-        },
+        access: config,
       },
       log,
     );

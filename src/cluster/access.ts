@@ -5,44 +5,38 @@
 
 import { credsAuthenticator, type ConnectionOptions } from "@nats-io/transport-node";
 import { readFileSync } from "node:fs";
+import type { Config } from "../config.js";
 
-export interface NatsAccess {
-  user: string;
-  pass: string;
-  token: string;
-  creds: string;
-  tlsCa: string;
-  tlsCert: string;
-  tlsKey: string;
-}
+/** The --nats-* flags this reads (the options table's, config.ts). */
+export type NatsAccess = Pick<Config, "natsUser" | "natsPass" | "natsToken" | "natsCreds" | "natsTlsCa" | "natsTlsCert" | "natsTlsKey">;
 
 /** The connection options for `access`; throws a plain error naming the flags when they do not fit together. */
 export function natsConnectOptions(access: NatsAccess): Partial<ConnectionOptions> {
   const o: Partial<ConnectionOptions> = {};
-  const ways = [access.user || access.pass ? "--nats-user/--nats-pass" : "", access.token ? "--nats-token" : "", access.creds ? "--nats-creds" : ""].filter(Boolean);
+  const ways = [access.natsUser || access.natsPass ? "--nats-user/--nats-pass" : "", access.natsToken ? "--nats-token" : "", access.natsCreds ? "--nats-creds" : ""].filter(Boolean);
   if (ways.length > 1) throw new Error(`give one way to authenticate to NATS, not ${ways.join(" and ")}`);
-  if (access.pass && !access.user) throw new Error("--nats-pass needs --nats-user");
-  if (access.user) {
-    o.user = access.user;
-    o.pass = access.pass;
+  if (access.natsPass && !access.natsUser) throw new Error("--nats-pass needs --nats-user");
+  if (access.natsUser) {
+    o.user = access.natsUser;
+    o.pass = access.natsPass;
   }
-  if (access.token) o.token = access.token;
-  if (access.creds) {
+  if (access.natsToken) o.token = access.natsToken;
+  if (access.natsCreds) {
     let creds: Uint8Array;
     try {
-      creds = readFileSync(access.creds);
+      creds = readFileSync(access.natsCreds);
     } catch (err) {
-      throw new Error(`cannot read --nats-creds ${access.creds}: ${(err as Error).message}`);
+      throw new Error(`cannot read --nats-creds ${access.natsCreds}: ${(err as Error).message}`);
     }
     o.authenticator = credsAuthenticator(creds);
   }
-  if (Boolean(access.tlsCert) !== Boolean(access.tlsKey)) throw new Error("--nats-tls-cert and --nats-tls-key go together");
-  if (access.tlsCa || access.tlsCert) {
+  if (Boolean(access.natsTlsCert) !== Boolean(access.natsTlsKey)) throw new Error("--nats-tls-cert and --nats-tls-key go together");
+  if (access.natsTlsCa || access.natsTlsCert) {
     o.tls = {};
-    if (access.tlsCa) o.tls.caFile = access.tlsCa;
-    if (access.tlsCert) {
-      o.tls.certFile = access.tlsCert;
-      o.tls.keyFile = access.tlsKey;
+    if (access.natsTlsCa) o.tls.caFile = access.natsTlsCa;
+    if (access.natsTlsCert) {
+      o.tls.certFile = access.natsTlsCert;
+      o.tls.keyFile = access.natsTlsKey;
     }
   }
   return o;
