@@ -120,17 +120,7 @@ export function registerChannels(sv: Services): ChannelOps {
 
   /** Cluster mode's createchannel: the channel's chid once every node has it. */
   async function createInCluster(owner: string, spec: NewChannel): Promise<string> {
-    const out = await inCluster({
-      k: "chcreate",
-      t: nowSeconds(),
-      owner,
-      name: spec.name,
-      descr: spec.descr ?? "",
-      priv: spec.private === true,
-      members: [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort(),
-      maxOwned: config.maxOwnedChannels,
-      maxJoined: config.maxJoinedChannels,
-    });
+    const out = await inCluster(chcreateCommand(owner, spec, config.maxOwnedChannels, config.maxJoinedChannels));
     return (out as { chid: string }).chid;
   }
 
@@ -478,6 +468,24 @@ export function registerChannels(sv: Services): ChannelOps {
  * created at start-up when missing, owned by no user, so no user can delete it.
  * Returns its chid.
  */
+/**
+ * The log's command creating channel `spec` for `owner` ("": the server's own), with the
+ * caps its apply checks (0: none).
+ */
+function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJoined: number): Command {
+  return {
+    k: "chcreate",
+    t: nowSeconds(),
+    owner,
+    name: spec.name,
+    descr: spec.descr ?? "",
+    priv: spec.private === true,
+    members: [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort(),
+    maxOwned,
+    maxJoined,
+  };
+}
+
 export async function serverChannel(sv: Services, name: string): Promise<string> {
   if (sv.cluster) {
     // Through the log: nodes starting together create it once (the first in the log wins).
@@ -485,7 +493,7 @@ export async function serverChannel(sv: Services, name: string): Promise<string>
     for (;;) {
       const found = await sv.channels.byName(name);
       if (found !== undefined) return found;
-      const out = await sv.cluster.append({ k: "chcreate", t: nowSeconds(), owner: "", name, descr: "", priv: false, members: [], maxOwned: 0, maxJoined: 0 });
+      const out = await sv.cluster.append(chcreateCommand("", { name }, 0, 0));
       if (out.k === "channel") {
         sv.log.info({ chid: out.chid, name }, "created the server's channel");
         return out.chid;
