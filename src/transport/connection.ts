@@ -24,7 +24,7 @@
 // bounded too (128 with the default cap). Counting each as its full size (up to a
 // quarter of the cap) closed a client that was reading as fast as it could after five
 // large attachments in a row: anyone could disconnect a whole channel that way
-// (ATTACHMENT_WEIGHT below).
+// (frameWeight in peer-common.ts, shared with the WebSocket transport).
 //
 // Closing is a lingering close, as HTTP servers do it: what is owed is flushed, the
 // sending side is shut (FIN), and what the client still sends is read and discarded
@@ -38,11 +38,8 @@ import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, reasonBit, settleMarks } from "./peer-common.js";
+import { addMark, frameWeight, reasonBit, settleMarks } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
-
-/** What one queued attachment counts toward the outbound cap, at most (see the top). */
-const ATTACHMENT_WEIGHT = 64 * 1024;
 
 /**
  * Characters that must be handed to the OS after a frame before a client that does
@@ -201,17 +198,13 @@ export class Connection implements Peer, LiveConnection {
     if (!event) this.unhold();
     // A seed door shows nothing for this one (an event its protocol has no frame for).
     if (frame === "") return;
-    const size = typeof frame === "string" ? frame.length : this.weight(frame);
+    const size = frameWeight(frame);
     this.queuedChars += size;
     if (event && this.queuedChars + this.socket.writableLength > this.outboundCap) return this.overflow();
     if (this.q === NO_FRAMES) this.q = [];
     this.q.push(frame);
     if (confirm > this.pendingConfirm) this.pendingConfirm = confirm;
     this.schedule();
-  }
-
-  private weight(frame: StreamedFrame): number {
-    return Math.min(frame.size ?? 0, ATTACHMENT_WEIGHT);
   }
 
   private schedule(): void {
@@ -247,7 +240,7 @@ export class Connection implements Peer, LiveConnection {
     if (this.pendingConfirm > 0 && this.q.length === 0) this.mark(this.pendingConfirm);
     if (this.q.length > 0) {
       const frame = this.q.shift() as StreamedFrame;
-      this.queuedChars -= this.weight(frame);
+      this.queuedChars -= frameWeight(frame);
       void this.pump(frame);
     } else if (this.ending) {
       // Everything owed is handed to the socket: send FIN after it, keep discarding

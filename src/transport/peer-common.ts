@@ -7,6 +7,7 @@ import type { Logger } from "pino";
 import { plainAddress } from "../addresses.js";
 import type { Config } from "../config.js";
 import type { Metrics } from "../metrics.js";
+import type { OutFrame } from "../protocol/frames.js";
 import type { Router } from "../protocol/router.js";
 import type { Session } from "../protocol/session.js";
 
@@ -18,6 +19,19 @@ interface Closable {
   readonly closed: boolean;
   readonly lastActivity: number;
   end(): void;
+}
+
+/** What one queued streamed frame counts toward the outbound cap, at most (see frameWeight). */
+const STREAMED_WEIGHT = 64 * 1024;
+
+/**
+ * What a queued frame counts toward its connection's outbound cap: a string its
+ * characters; a streamed frame (an attachment read from disk while it is written) its
+ * size, but at most STREAMED_WEIGHT, because its data stays on disk until the client
+ * reads it (the reasons are at the top of connection.ts).
+ */
+export function frameWeight(frame: OutFrame): number {
+  return typeof frame === "string" ? frame.length : Math.min(frame.size ?? 0, STREAMED_WEIGHT);
 }
 
 /** Confirmation marks kept per connection (older ones merge into the newest). */

@@ -26,11 +26,8 @@ import type { Logger } from "pino";
 import WebSocket from "ws";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, reasonBit, settleMarks } from "./peer-common.js";
+import { addMark, frameWeight, reasonBit, settleMarks } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
-
-/** What one queued streamed frame counts toward the outbound cap (connection.ts). */
-const ATTACHMENT_WEIGHT = 64 * 1024;
 
 
 /** Close codes (RFC 6455 §7.4.1). */
@@ -42,10 +39,6 @@ export const CLOSE_ERROR = 1011;
 /** The message of a frame: its text without the NDJSON line terminator. */
 function message(text: string): string {
   return text.charCodeAt(text.length - 1) === 10 ? text.slice(0, -1) : text;
-}
-
-function weight(frame: StreamedFrame): number {
-  return Math.min(frame.size ?? 0, ATTACHMENT_WEIGHT);
 }
 
 export class WebSocketPeer implements Peer, LiveConnection {
@@ -145,7 +138,7 @@ export class WebSocketPeer implements Peer, LiveConnection {
     if (this.closed) return;
     // A door shows nothing for this one (an event its protocol has no frame for).
     if (frame === "") return;
-    const size = typeof frame === "string" ? frame.length : weight(frame);
+    const size = frameWeight(frame);
     if (event && this.outbound + size > this.outboundCap) return this.overflow();
     if (this.joining) {
       this.q.push([frame, confirm]);
@@ -196,7 +189,7 @@ export class WebSocketPeer implements Peer, LiveConnection {
     if (confirm > 0) this.mark(confirm);
     while (this.q.length > 0 && !this.joining) {
       const [next, seq] = this.q.shift() as [OutFrame, number];
-      this.queuedChars -= typeof next === "string" ? next.length : weight(next);
+      this.queuedChars -= frameWeight(next);
       if (typeof next === "string") this.write(next, seq);
       else void this.join(next, seq);
     }
