@@ -42,16 +42,49 @@ export function removeDir(dir: string): void {
   rmSync(dir, { recursive: true, force: true });
 }
 
-type Waiter = { pred: (f: Frame) => boolean; resolve: (f: Frame) => void };
+/** What a test client received and has not taken yet, and the next() calls waiting. */
+class Inbox<T> {
+  readonly items: T[] = [];
+  private waiters: { pred: (x: T) => boolean; resolve: (x: T) => void }[] = [];
+
+  /** `what`: a frame, a message (for the timeout's error). */
+  constructor(private readonly what: string) {}
+
+  push(x: T): void {
+    const w = this.waiters.findIndex((w) => w.pred(x));
+    if (w >= 0) this.waiters.splice(w, 1)[0].resolve(x);
+    else this.items.push(x);
+  }
+
+  /** The next item matching `pred` (already received or still to come). */
+  next(pred: (x: T) => boolean, timeoutMs: number): Promise<T> {
+    const i = this.items.findIndex(pred);
+    if (i >= 0) return Promise.resolve(this.items.splice(i, 1)[0]);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        reject(new Error(`timed out waiting for ${this.what}; unclaimed: ${JSON.stringify(this.items).slice(0, 500)}`));
+      }, timeoutMs);
+      const waiter = {
+        pred,
+        resolve: (x: T) => {
+          clearTimeout(timer);
+          resolve(x);
+        },
+      };
+      this.waiters.push(waiter);
+    });
+  }
+}
 
 export class Client {
+  private readonly inbox = new Inbox<Frame>("a frame");
   /** Frames received and not yet taken by next()/request(). */
-  readonly frames: Frame[] = [];
+  readonly frames: Frame[] = this.inbox.items;
   /** Every raw line received, for byte-level assertions. */
   readonly lines: string[] = [];
   /** The client library's splitter (src/client): one way of cutting frames. */
   private readonly splitter = new NdjsonSplitter();
-  private waiters: Waiter[] = [];
   readonly closed: Promise<void>;
   isClosed = false;
 
@@ -94,10 +127,7 @@ export class Client {
     for (const bytes of this.splitter.pushBytes(chunk)) {
       const line = bytes.toString("utf8");
       this.lines.push(line);
-      const f = JSON.parse(line) as Frame;
-      const w = this.waiters.findIndex((x) => x.pred(f));
-      if (w >= 0) this.waiters.splice(w, 1)[0].resolve(f);
-      else this.frames.push(f);
+      this.inbox.push(JSON.parse(line) as Frame);
     }
   }
 
@@ -122,22 +152,7 @@ export class Client {
 
   /** The next frame matching `pred` (already received or still to come). */
   next(pred: (f: Frame) => boolean = () => true, timeoutMs = 5000): Promise<Frame> {
-    const i = this.frames.findIndex(pred);
-    if (i >= 0) return Promise.resolve(this.frames.splice(i, 1)[0]);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(new Error(`timed out waiting for a frame; unclaimed: ${JSON.stringify(this.frames).slice(0, 500)}`));
-      }, timeoutMs);
-      const waiter: Waiter = {
-        pred,
-        resolve: (f) => {
-          clearTimeout(timer);
-          resolve(f);
-        },
-      };
-      this.waiters.push(waiter);
-    });
+    return this.inbox.next(pred, timeoutMs);
   }
 
   /** The next reply frame for `action` (not an event). */
@@ -302,18 +317,16 @@ export function useTempDirs(): () => string {
   };
 }
 
-type WsWaiter = { pred: (m: any) => boolean; resolve: (m: any) => void };
-
 /**
  * A WebSocket client (the `ws` package) for the HTTP door: every message is parsed as
  * JSON and kept until taken, as Client does with frames.
  */
 export class WsClient {
+  private readonly inbox = new Inbox<any>("a message");
   /** Messages received and not yet taken by next(). */
-  readonly messages: any[] = [];
+  readonly messages: any[] = this.inbox.items;
   /** Every message's text, as received. */
   readonly texts: string[] = [];
-  private waiters: WsWaiter[] = [];
   /** Resolves with the close code and reason once the socket is closed. */
   readonly closed: Promise<{ code: number; reason: string }>;
   isClosed = false;
@@ -322,10 +335,7 @@ export class WsClient {
     ws.on("message", (data) => {
       const text = data.toString();
       this.texts.push(text);
-      const m = JSON.parse(text);
-      const w = this.waiters.findIndex((x) => x.pred(m));
-      if (w >= 0) this.waiters.splice(w, 1)[0].resolve(m);
-      else this.messages.push(m);
+      this.inbox.push(JSON.parse(text));
     });
     this.closed = new Promise((resolve) =>
       ws.on("close", (code, reason) => {
@@ -352,22 +362,7 @@ export class WsClient {
   }
 
   next(pred: (m: any) => boolean = () => true, timeoutMs = 5000): Promise<any> {
-    const i = this.messages.findIndex(pred);
-    if (i >= 0) return Promise.resolve(this.messages.splice(i, 1)[0]);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(new Error(`timed out waiting for a message; unclaimed: ${JSON.stringify(this.messages).slice(0, 500)}`));
-      }, timeoutMs);
-      const waiter: WsWaiter = {
-        pred,
-        resolve: (m) => {
-          clearTimeout(timer);
-          resolve(m);
-        },
-      };
-      this.waiters.push(waiter);
-    });
+    return this.inbox.next(pred, timeoutMs);
   }
 
   /** Resolves true if no message matching `pred` arrives within `ms`. */
