@@ -10,8 +10,9 @@
 // (median 5.7) at nextTick; S1 unchanged within its noise.)
 //
 // A streamed frame (an attachment read from disk, a long list read page by page) is
-// written piece by piece, each piece only once the socket has drained, and frames
-// queued behind it wait.
+// written piece by piece (what its parts yield, joined to 64 KiB writes: streamPieces
+// in peer-common.ts), each piece only once the socket has drained, and frames queued
+// behind it wait.
 //
 // Every outbound character counts: the characters queued here plus the socket's own
 // buffer. An event that would take that past the outbound cap closes the connection
@@ -38,7 +39,7 @@ import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, frameWeight, reasonBit, settleMarks } from "./peer-common.js";
+import { addMark, frameWeight, reasonBit, settleMarks, streamPieces } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 /**
@@ -282,10 +283,7 @@ export class Connection implements Peer, LiveConnection {
     this.pumping = true;
     let ok = false;
     try {
-      for (const part of frame.parts) {
-        if (typeof part === "string") await this.writePiece(part);
-        else for await (const piece of part()) await this.writePiece(piece);
-      }
+      for await (const piece of streamPieces(frame)) await this.writePiece(piece);
       ok = true;
     } catch (err) {
       // Half a frame has gone out: the stream cannot be resynchronised. Close it.

@@ -7,7 +7,7 @@ import type { Logger } from "pino";
 import { plainAddress } from "../addresses.js";
 import type { Config } from "../config.js";
 import type { Metrics } from "../metrics.js";
-import type { OutFrame } from "../protocol/frames.js";
+import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Router } from "../protocol/router.js";
 import type { Session } from "../protocol/session.js";
 
@@ -32,6 +32,37 @@ const STREAMED_WEIGHT = 64 * 1024;
  */
 export function frameWeight(frame: OutFrame): number {
   return typeof frame === "string" ? frame.length : Math.min(frame.size ?? 0, STREAMED_WEIGHT);
+}
+
+/** A streamed frame's text goes out in writes of at least this many characters (but its last). */
+const STREAM_WRITE_CHARS = 64 * 1024;
+
+/**
+ * The text of a streamed frame in the pieces it is written in: what its parts yield,
+ * joined up to STREAM_WRITE_CHARS a write. A list reply yields an item at a time, and
+ * a write per item was a syscall per item (a 20-message history page: 22 writes, each
+ * 10-20 µs of kernel time on this kind of host). What is held here at once is at most
+ * STREAM_WRITE_CHARS plus one piece of a part (an attachment's: 64 KiB of base64).
+ */
+export async function* streamPieces(frame: StreamedFrame): AsyncIterable<string> {
+  let held = "";
+  for (const part of frame.parts) {
+    if (typeof part === "string") held += part;
+    else {
+      for await (const piece of part()) {
+        held += piece;
+        if (held.length >= STREAM_WRITE_CHARS) {
+          yield held;
+          held = "";
+        }
+      }
+    }
+    if (held.length >= STREAM_WRITE_CHARS) {
+      yield held;
+      held = "";
+    }
+  }
+  if (held !== "") yield held;
 }
 
 /** Confirmation marks kept per connection (older ones merge into the newest). */

@@ -5,8 +5,9 @@
 // on a WebSocket the message is the frame, so a trailing "\n" is dropped here, the one
 // place that knows it is not TCP. A streamed frame (an attachment's base64 read from
 // disk, a long list read page by page) goes out as one message in fragments (RFC 6455
-// §5.4: continuation frames), a piece at a time as the socket drains, so it is never
-// whole in memory and may be larger than the outbound cap; frames queued behind it wait.
+// §5.4: continuation frames), a piece at a time (joined to 64 KiB: streamPieces) as the
+// socket drains, so it is never whole in memory and may be larger than the outbound
+// cap; frames queued behind it wait.
 //
 // One count of outbound characters per connection: the frames queued here (a streamed
 // one waiting counts as its text plus at most 64 KiB of its data, as on TCP) plus ws's
@@ -26,7 +27,7 @@ import type { Logger } from "pino";
 import WebSocket from "ws";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, frameWeight, reasonBit, settleMarks } from "./peer-common.js";
+import { addMark, frameWeight, reasonBit, settleMarks, streamPieces } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 
@@ -164,14 +165,10 @@ export class WebSocketPeer implements Peer, LiveConnection {
     try {
       // A piece is held back until the next one comes: the last one ends the message.
       let held: string | undefined;
-      for (const part of frame.parts) {
-        const pieces = typeof part === "string" ? [part] : part();
-        for await (const piece of pieces) {
-          if (this.ws.readyState !== WebSocket.OPEN) return;
-          if (piece === "") continue;
-          if (held !== undefined && !(await this.fragment(held, false))) return;
-          held = piece;
-        }
+      for await (const piece of streamPieces(frame)) {
+        if (this.ws.readyState !== WebSocket.OPEN) return;
+        if (held !== undefined && !(await this.fragment(held, false))) return;
+        held = piece;
       }
       if (!(await this.fragment(message(held ?? ""), true))) return;
       ok = true;
