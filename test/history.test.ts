@@ -326,6 +326,30 @@ describe("dialogs", () => {
     await closeAll(a.client, b.client, c.client);
   });
 
+  it("shows an edited last message, the one before a deleted last message, and long bodies whole", async () => {
+    // The newest record of each conversation is kept in memory for dialogs: an edit or
+    // a delete must not leave the old one on show.
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const chid = (await a.client.request("createchannel", { name: uniqueName("dlge"), descr: "" })).chid;
+    const lastOf = async (key: string) => (await a.client.request("dialogs")).dialogs.find((x: any) => (x.uid ?? x.chid) === key).last;
+    for (const [to, key] of [
+      [{ uid: b.uid }, b.uid],
+      [{ channel: chid }, chid],
+    ] as const) {
+      const before = await say(a, to, "before");
+      const last = await say(a, to, "last");
+      expect(await lastOf(key)).toMatchObject({ mid: last.mid, body: "last" });
+      expect((await a.client.request("editmessage", { mid: last.mid, body: "last, edited" })).status).toBe(0);
+      expect(await lastOf(key)).toMatchObject({ mid: last.mid, body: "last, edited" });
+      expect((await a.client.request("delmessage", { mid: last.mid })).status).toBe(0);
+      expect(await lastOf(key)).toMatchObject({ mid: before.mid, body: "before" });
+      const long = await say(a, to, "x".repeat(5000));
+      expect(await lastOf(key)).toMatchObject({ mid: long.mid, body: "x".repeat(5000) });
+    }
+    await closeAll(a.client, b.client);
+  });
+
   it("answers 6 before auth", async () => {
     const anon = await Client.connect(shared.port);
     for (const [action, data] of [

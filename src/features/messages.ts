@@ -349,11 +349,11 @@ export function registerMessages(sv: Services): void {
       const below = req.data.before !== undefined ? Number(req.data.before) : Infinity;
       const [direct, chans] = await Promise.all([messages.dialogs(me, limit, below), channelDialogs(me, limit, below)]);
       const page = [...direct, ...chans].sort((a, b) => b.seq - a.seq).slice(0, limit);
-      // A direct conversation's last record was read while its entry was checked; the
-      // rest (channels, repaired entries) are read here, in one getMany.
+      // A direct conversation's last record was found while its entry was checked; the
+      // rest (channels, repaired entries) are found here, in memory or in one getMany.
       const known = page.map((r) => ("record" in r ? r.record : undefined));
-      const missing = page.filter((_, i) => known[i] === undefined).map((r) => r.seq);
-      const read = await messages.recordsAt(missing);
+      const missing = page.filter((_, i) => known[i] === undefined).map((r) => ({ conv: "peer" in r ? directConv(me, r.peer) : channelConv(r.chid), seq: r.seq }));
+      const read = await messages.lastRecordsAt(missing);
       let n = 0;
       const lasts = known.map((m) => m ?? read[n++]);
       const summary = (m: MessageRecord) => ({ mid: m.mid, from: m.from, body: m.body, time: m.time });

@@ -70,6 +70,14 @@ const HIST_PAGE = 16;
 const MIGRATE_PAGE = 1000;
 /** Channels whose last seq is remembered (cleared when full, like KNOWN_PEERS). */
 const KNOWN_LASTS = 65_536;
+/**
+ * Conversations whose newest record is kept in memory for `dialogs` (a page of it is
+ * each conversation's newest record: reading and decoding them was most of its cost),
+ * the oldest entry evicted first; a record whose body is longer than LAST_RECORD_BODY
+ * is not kept. At most 32,768 bodies of 512 characters (16 MiB) and their records.
+ */
+const KNOWN_LAST_RECORDS = 32_768;
+const LAST_RECORD_BODY = 512;
 
 /** A direct conversation in `dialogs`: its peer, its last seq, and that record if read. */
 export interface DialogEntry {
@@ -126,6 +134,8 @@ export class MessageStore {
   private readonly lasts = new Map<string, number>();
   /** Bumped when a conversation's last seq may have gone down: a read in flight must not fill it. */
   private lastsGen = 0;
+  /** conversation → its newest committed record (KNOWN_LAST_RECORDS), for dialogs. */
+  private readonly lastRecords = new Map<string, MessageRecord>();
 
   /**
    * Hears of each batch of messages on disk: how many, and the seconds from its first
@@ -287,7 +297,9 @@ export class MessageStore {
       this.onCommitted?.(batch.length, (performance.now() - opened) / 1000);
       for (const m of batch) {
         this.derive(m);
-        if (m.chid !== undefined) this.lastIs(convOf(m), Number(m.mid));
+        const conv = m.to !== undefined ? this.directConv(m.from, m.to) : convOf(m);
+        if (m.chid !== undefined) this.lastIs(conv, Number(m.mid));
+        this.lastRecordIs(conv, m);
       }
       this.armDerived();
     });
@@ -301,8 +313,44 @@ export class MessageStore {
     }
   }
 
-  /** After a delete or purge in `conv` is written: its last seq is read again. */
+  /** A committed message is its conversation's newest record. */
+  private lastRecordIs(conv: string, m: MessageRecord): void {
+    const had = this.lastRecords.get(conv);
+    if (had !== undefined && Number(had.mid) > Number(m.mid)) return;
+    if (m.body.length > LAST_RECORD_BODY) {
+      this.lastRecords.delete(conv);
+      return;
+    }
+    if (had === undefined && this.lastRecords.size >= KNOWN_LAST_RECORDS) {
+      this.lastRecords.delete(this.lastRecords.keys().next().value as string);
+    }
+    this.lastRecords.set(conv, m);
+  }
+
+  /**
+   * The records at `rows` (each the seq of its conversation's newest message, as
+   * dialogs lists them), undefined where deleted: from memory where known, the rest in
+   * one read.
+   */
+  async lastRecordsAt(rows: readonly { conv: string; seq: number }[]): Promise<(MessageRecord | undefined)[]> {
+    const out = new Array<MessageRecord | undefined>(rows.length);
+    const missing: number[] = [];
+    const at: number[] = [];
+    rows.forEach((r, i) => {
+      const m = this.lastRecords.get(r.conv);
+      if (m !== undefined && m.mid === String(r.seq)) out[i] = m;
+      else {
+        missing.push(r.seq);
+        at.push(i);
+      }
+    });
+    if (missing.length > 0) (await this.readRecords(missing)).forEach((m, j) => (out[at[j]] = m));
+    return out;
+  }
+
+  /** After a delete or purge in `conv` is written: its last seq and record are read again. */
   private forget(conv: string): void {
+    this.lastRecords.delete(conv);
     this.lasts.delete(conv);
     this.lastsGen++;
   }
@@ -525,6 +573,8 @@ export class MessageStore {
 
   /** Ops replacing a stored message's record (an edit). */
   updateOps(m: MessageRecord): BatchOp[] {
+    // Dialogs reads the edited record from disk from now on (until a newer message).
+    this.lastRecords.delete(convOf(m));
     return [putText(this.s.log, seqKey(Number(m.mid)), recordJson(m).json)];
   }
 
@@ -595,12 +645,6 @@ export class MessageStore {
   async records(seqs: readonly number[]): Promise<MessageRecord[]> {
     if (seqs.length === 0) return [];
     return (await this.readRecords(seqs)).filter((m): m is MessageRecord => m !== undefined);
-  }
-
-  /** The records at `seqs`, in order, undefined where deleted. */
-  async recordsAt(seqs: readonly number[]): Promise<(MessageRecord | undefined)[]> {
-    if (seqs.length === 0) return [];
-    return this.readRecords(seqs);
   }
 
   /** The newest `limit` messages of a conversation before `before`, oldest first. */
@@ -769,7 +813,7 @@ export class MessageStore {
         if (d < disk.length || !diskDone) continue;
         break;
       }
-      const found = await this.readRecords(batch.map((c) => c.seq));
+      const found = await this.lastRecordsAt(batch.map((c) => ({ conv: this.directConv(uid, c.peer), seq: c.seq })));
       const actual = await Promise.all(
         batch.map((c, i) => {
           if (found[i] !== undefined) return c.seq;
