@@ -50,6 +50,41 @@ async function closeAll(...clients: Client[]): Promise<void> {
 const isEv = (action: string) => (f: { action: string }) => f.action === action;
 
 describe("history", () => {
+  it("pages the newest messages (kept in memory) and older ones (read from disk) alike, before and after deletes", async () => {
+    // A conversation's newest seqs are kept in memory; older pages come from disk. Every
+    // page must be the same either way, and a delete must not leave a gap in a page.
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const chid = await newChannel(a, b);
+    for (const to of [{ uid: b.uid }, { channel: chid }]) {
+      let sent = await pipeline(a, to, 150, "m");
+      const page = async (limit: number, before?: string) =>
+        ((await a.client.request("history", { ...to, limit, ...(before ? { before } : {}) })).messages as any[]).map((m) => m.body);
+      const expected = (limit: number, below: number) => sent.slice(Math.max(0, below - limit), below).map((m) => m.body);
+      for (const [limit, below] of [
+        [10, 150],
+        [50, 150],
+        [64, 150],
+        [65, 150],
+        [30, 140],
+        [50, 100],
+        [50, 70],
+        [200, 150],
+      ]) {
+        expect(await page(limit, below === 150 ? undefined : sent[below].mid)).toEqual(expected(limit, below));
+      }
+      // delete the newest and one in the middle of the newest page
+      for (const i of [149, 140]) expect((await a.client.request("delmessage", { mid: sent[i].mid })).status).toBe(0);
+      sent = sent.filter((_, i) => i !== 149 && i !== 140);
+      expect(await page(10)).toEqual(expected(10, sent.length));
+      expect(await page(50)).toEqual(expected(50, sent.length));
+      const more = await pipeline(a, to, 3, "n");
+      sent = [...sent, ...more];
+      expect(await page(10)).toEqual(expected(10, sent.length));
+    }
+    await closeAll(a.client, b.client);
+  });
+
   it("returns a direct conversation, oldest first, as {mid, from, nick, body, time} for both sides", async () => {
     const a = await registerUser(shared.port);
     const b = await registerUser(shared.port);

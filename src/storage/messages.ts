@@ -78,6 +78,14 @@ const KNOWN_LASTS = 65_536;
  */
 const KNOWN_LAST_RECORDS = 32_768;
 const LAST_RECORD_BODY = 512;
+/**
+ * The newest seqs of recently active conversations, kept in memory so that their
+ * newest history page (history, enter) needs no range read of history chunks: up to
+ * TAIL seqs for each of KNOWN_TAILS conversations (the oldest evicted first): at most
+ * 16,384 × 64 numbers, 8 MiB.
+ */
+const KNOWN_TAILS = 16_384;
+const TAIL = 64;
 
 /** A direct conversation in `dialogs`: its peer, its last seq, and that record if read. */
 export interface DialogEntry {
@@ -136,6 +144,12 @@ export class MessageStore {
   private lastsGen = 0;
   /** conversation → its newest committed record (KNOWN_LAST_RECORDS), for dialogs. */
   private readonly lastRecords = new Map<string, MessageRecord>();
+  /**
+   * conversation → its newest committed seqs, ascending (KNOWN_TAILS, TAIL): always a
+   * suffix of the conversation's whole list (seqs only join at its end, and a delete
+   * drops the tail), so any page of it is a page of the conversation.
+   */
+  private readonly tails = new Map<string, number[]>();
 
   /**
    * Hears of each batch of messages on disk: how many, and the seconds from its first
@@ -300,6 +314,7 @@ export class MessageStore {
         const conv = m.to !== undefined ? this.directConv(m.from, m.to) : convOf(m);
         if (m.chid !== undefined) this.lastIs(conv, Number(m.mid));
         this.lastRecordIs(conv, m);
+        this.tailGrows(conv, Number(m.mid));
       }
       this.armDerived();
     });
@@ -327,6 +342,20 @@ export class MessageStore {
     this.lastRecords.set(conv, m);
   }
 
+  /** A committed message joins the end of its conversation's tail. */
+  private tailGrows(conv: string, seq: number): void {
+    const tail = this.tails.get(conv);
+    if (tail === undefined) {
+      if (this.tails.size >= KNOWN_TAILS) this.tails.delete(this.tails.keys().next().value as string);
+      this.tails.set(conv, [seq]);
+    } else if (seq > tail[tail.length - 1]) {
+      if (tail.length >= TAIL) tail.shift();
+      tail.push(seq);
+    } else {
+      this.tails.delete(conv); // out of order: not a suffix any more
+    }
+  }
+
   /**
    * The records at `rows` (each the seq of its conversation's newest message, as
    * dialogs lists them), undefined where deleted: from memory where known, the rest in
@@ -350,6 +379,7 @@ export class MessageStore {
 
   /** After a delete or purge in `conv` is written: its last seq and record are read again. */
   private forget(conv: string): void {
+    this.tails.delete(conv);
     this.lastRecords.delete(conv);
     this.lasts.delete(conv);
     this.lastsGen++;
@@ -628,6 +658,14 @@ export class MessageStore {
   async historySeqs(conv: string, limit: number, before?: string): Promise<number[]> {
     const below = before !== undefined ? Number(before) : Infinity;
     const out: number[] = [];
+    const tail = this.tails.get(conv);
+    if (tail !== undefined) {
+      // The tail is a suffix of the whole list: if it holds `limit` seqs below `below`,
+      // they are the page.
+      for (let i = tail.length - 1; i >= 0 && out.length < limit; i--) if (tail[i] < below) out.push(tail[i]);
+      if (out.length === limit) return out.reverse();
+      out.length = 0;
+    }
     // Chunks that start at or before `before` (the one holding it may start before it).
     let lt = before !== undefined ? histKey(conv, below + 1) : `${conv}"`;
     while (out.length < limit) {
