@@ -287,7 +287,7 @@ export class MessageStore {
     m.mid = String(seq);
     const text = recordJson(m, plainBody, nickJson);
     this.storage.put(this.s.log.prefix + seqKey(seq), text.json);
-    const conv = m.to !== undefined ? this.directConv(m.from, m.to) : convOf(m);
+    const conv = this.convOf(m);
     const list = this.hist.get(conv);
     if (list) list.push(seq);
     else this.hist.set(conv, [seq]);
@@ -311,7 +311,7 @@ export class MessageStore {
       this.onCommitted?.(batch.length, (performance.now() - opened) / 1000);
       for (const m of batch) {
         this.derive(m);
-        const conv = m.to !== undefined ? this.directConv(m.from, m.to) : convOf(m);
+        const conv = this.convOf(m);
         if (m.chid !== undefined) this.lastIs(conv, Number(m.mid));
         this.lastRecordIs(conv, m);
         this.tailGrows(conv, Number(m.mid));
@@ -388,6 +388,11 @@ export class MessageStore {
   /** The records at `seqs`, undefined where there is none: one getMany. */
   private async readRecords(seqs: readonly number[]): Promise<(MessageRecord | undefined)[]> {
     return (await this.s.log.getMany(seqs.map(seqKey))) as (MessageRecord | undefined)[];
+  }
+
+  /** convOf, with a direct conversation's name remembered (directConv below). */
+  private convOf(m: MessageRecord): string {
+    return m.to !== undefined ? this.directConv(m.from, m.to) : convOf(m);
   }
 
   /** directConv, remembered: the same string each time, so maps hash it once. */
