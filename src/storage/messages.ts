@@ -592,11 +592,18 @@ export class MessageStore {
   /** The [mid, time] of the sender's message with this cmid, if it is stored. */
   async byCmid(from: string, cmid: string): Promise<[string, number] | undefined> {
     const key = pair(from, cmid);
-    const hit = this.recentCmids.get(key) ?? this.pending.cmids.get(key) ?? this.writing?.cmids.get(key);
+    const hit = this.cmidInMemory(key);
     if (hit) return hit;
     const v = (await this.s.cmids.get(key)) as [string, number] | undefined;
     if (v) this.rememberCmid(key, v);
-    return v;
+    // A message with this cmid may have committed while the read waited: the read saw
+    // the index before its (lazily written) entry, and the caller's own guard against
+    // a store in flight is gone by then. Asking memory again closes that window.
+    return v ?? this.cmidInMemory(key);
+  }
+
+  private cmidInMemory(key: string): [string, number] | undefined {
+    return this.recentCmids.get(key) ?? this.pending.cmids.get(key) ?? this.writing?.cmids.get(key);
   }
 
   /** A message by mid: one read. */
