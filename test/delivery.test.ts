@@ -264,6 +264,44 @@ describe("cmid raced from two connections of one sender", () => {
   });
 });
 
+describe("cmid of a deleted message", () => {
+  it("is free again when the message was deleted while its index entry waited to be written", async () => {
+    // The cmid index entry is written with the next derived generation, after the
+    // dialog pointers are read; those reads are made slow here (a loaded disk), and the
+    // message is deleted meanwhile. The generation must not put the entry back.
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const sv = shared.server.services;
+    const space = sv.storage.spaces.dialogat;
+    const getMany = space.getMany.bind(space);
+    space.getMany = (async (...args: Parameters<typeof getMany>) => {
+      const v = await getMany(...args);
+      await new Promise((r) => setTimeout(r, 400));
+      return v;
+    }) as typeof space.getMany;
+    let first: any;
+    try {
+      first = await a.client.request("message", { uid: b.uid, body: "first", cmid: "gone" });
+      expect(first.status).toBe(0);
+      const store = sv.messages as unknown as { writing?: unknown };
+      for (let i = 0; i < 100 && store.writing === undefined; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(store.writing, "the derived generation is being written").toBeDefined();
+      expect((await a.client.request("delmessage", { mid: first.mid })).status).toBe(0);
+    } finally {
+      delete (space as any).getMany;
+    }
+    await new Promise((r) => setTimeout(r, 600));
+    await sv.storage.settle();
+    const again = await a.client.request("message", { uid: b.uid, body: "second", cmid: "gone" });
+    expect(again.status).toBe(0);
+    expect(again.mid, "a new message, not the deleted one's mid").not.toBe(first.mid);
+    const h = await a.client.request("history", { uid: b.uid });
+    expect(h.messages.map((m: any) => m.body)).toEqual(["second"]);
+    a.client.close();
+    b.client.close();
+  });
+});
+
 describe("re-authentication and cursors (review findings)", () => {
   it("two auths back to back on one connection: every inbox message once, in order", async () => {
     const a = await registerUser(shared.port);

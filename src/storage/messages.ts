@@ -494,7 +494,6 @@ export class MessageStore {
     }
     const ops: BatchOp[] = [];
     for (const [uid, seqs] of d.inbox) ops.push(put(this.s.inbox, inboxKey(uid, seqs[0]), seqs));
-    for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
     for (const [uid, seq] of this.cursors) ops.push(put(this.s.cursor, uid, seq));
     const cursors = [...this.cursors];
     this.cursors.clear();
@@ -553,6 +552,9 @@ export class MessageStore {
   }
 
   private commitDerived(d: Derived, cursors: [string, number][], ops: BatchOp[]): void {
+    // The cmids last, at the commit: a message deleted while the dialog pointers were
+    // read took its cmid out of `d` (removal), and must not be put back after its delete.
+    for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
     if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
     this.storage.commitLazy(ops);
     this.storage.afterWrite((err) => {
@@ -650,8 +652,10 @@ export class MessageStore {
     }
     if (m.cmid !== undefined) {
       const key = pair(m.from, m.cmid);
+      // Out of every generation not yet written, so none puts it back after this delete.
       this.recentCmids.delete(key);
       this.pending.cmids.delete(key);
+      this.writing?.cmids.delete(key);
       ops.push(del(this.s.cmids, key));
     }
     const to = m.to;
