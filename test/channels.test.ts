@@ -469,6 +469,47 @@ describe("deletechannel", () => {
     expect((await a.client.request("message", { channel: again.chid, body: "x" })).status).toBe(10);
     await closeAll(a.client, a2.client, b.client, outsider.client);
   });
+
+  it("leaves no membership behind when it races enters whose cap check is slow", async () => {
+    // A loaded disk, simulated: each read of the memberof index (the joined-channels
+    // cap check of every enter) waits 200 ms. The owner deletes the channel while the
+    // enters are in that read; each enter is then refused (9) or its member is told
+    // of the deletion, and no one is left a member of a channel that is gone.
+    const a = await registerUser(shared.port);
+    const joiners = await Promise.all([0, 1, 2, 3].map(() => registerUser(shared.port)));
+    const ch = await newChannel(a);
+    const sv = shared.server.services;
+    const space = sv.storage.spaces.memberof;
+    const keys = space.keys.bind(space);
+    space.keys = ((options: any) => {
+      const it = keys(options);
+      const delay = new Promise((r) => setTimeout(r, 200));
+      for (const name of ["next", "nextv", "all"] as const) {
+        const read = (it[name] as any).bind(it);
+        (it as any)[name] = async (...args: unknown[]) => {
+          await delay;
+          return read(...args);
+        };
+      }
+      return it;
+    }) as typeof space.keys;
+    let enters: any[];
+    try {
+      const entering = joiners.map((j) => j.client.request("enter", { channel: ch.chid }));
+      await new Promise((r) => setTimeout(r, 50));
+      expect((await a.client.request("deletechannel", { channel: ch.chid })).status).toBe(0);
+      enters = await Promise.all(entering);
+    } finally {
+      delete (space as any).keys;
+    }
+    for (const [i, j] of joiners.entries()) {
+      expect([0, 9], `enter of joiner ${i}`).toContain(enters[i].status);
+      if (enters[i].status === 0) expect(await j.client.event("ev_channel_deleted")).toEqual({ chid: ch.chid });
+      expect(await sv.channels.channelsOf(j.uid), `joiner ${i}'s channels`).toEqual([]);
+    }
+    expect(await sv.channels.members(ch.chid)).toEqual([]);
+    await closeAll(a.client, ...joiners.map((j) => j.client));
+  });
 });
 
 describe("restart", () => {

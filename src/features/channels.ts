@@ -142,6 +142,14 @@ export function registerChannels(sv: Services): ChannelOps {
     }
   }
 
+  /**
+   * The lock of one channel's membership as a whole: joins from their last check to
+   * their commit, and a removal. Always the last one taken.
+   */
+  function chanLockKey(chid: string): string {
+    return `chan:${chid}`;
+  }
+
   /** Runs `fn` holding every lock in `keys`, taken in that order. */
   function underLocks<T>(keys: readonly string[], fn: () => Promise<T>): Promise<T> {
     return keys.length === 0 ? fn() : locks.run(keys[0], () => underLocks(keys.slice(1), fn));
@@ -162,10 +170,13 @@ export function registerChannels(sv: Services): ChannelOps {
     }
     const first = (async () => {
       if (await channels.isMember(c.chid, uid)) return false;
-      return locks.run(`channels-of:${uid}`, async () => {
+      return underLocks([`channels-of:${uid}`, chanLockKey(c.chid)], async () => {
         // Again under the lock: a creation naming them may have committed meanwhile.
         if (await channels.isMember(c.chid, uid)) return false;
         await checkCaps(uid, false, who);
+        // The channel lock keeps a removal from reading the members between this check
+        // and the commit (the membership would outlive the channel).
+        if (channels.isGone(c.chid)) throw channelErrors.notFound(c.chid);
         await storage.commit(channels.joinOps(c.chid, uid, nowSeconds(), c.private === true));
         channels.joined(c.chid, uid);
         return true;
@@ -363,11 +374,16 @@ export function registerChannels(sv: Services): ChannelOps {
    * Deletes a channel: its record, name and memberships now, its messages after (the
    * purge is recorded in the same batch, so a crash cannot leave them behind).
    */
-  async function remove(c: ChannelRecord): Promise<string[]> {
-    const members = await channels.members(c.chid);
-    await storage.commit([...channels.removeOps(c, members), ...messages.purgeMarkOps(channelConv(c.chid))]);
-    channels.removed(c.chid);
-    return [...members];
+  async function remove(c: ChannelRecord): Promise<string[] | undefined> {
+    // Under the channel's lock, which joins hold from their last check to their commit:
+    // the members read here are all there are. Undefined when another removal won.
+    return locks.run(chanLockKey(c.chid), async () => {
+      if (channels.isGone(c.chid)) return undefined;
+      const members = await channels.members(c.chid);
+      await storage.commit([...channels.removeOps(c, members), ...messages.purgeMarkOps(channelConv(c.chid))]);
+      channels.removed(c.chid);
+      return [...members];
+    });
   }
 
   /** Removes a deleted channel's messages, until done or `signal` (shutdown). */
@@ -412,7 +428,10 @@ export function registerChannels(sv: Services): ChannelOps {
     for (const chid of chids) {
       const c = await channels.get(chid);
       if (!c) continue;
-      if (c.owner === uid) afterRemoval(c, await remove(c));
+      if (c.owner === uid) {
+        const members = await remove(c);
+        if (members) afterRemoval(c, members);
+      }
       else {
         channels.left(chid, uid);
         tell(await channels.members(chid), { kind: "leave", chid, uid, nick });
@@ -433,6 +452,7 @@ export function registerChannels(sv: Services): ChannelOps {
       const c = await channelOf(req.data.channel);
       if (c.owner !== me) throw channelErrors.notOwner();
       const members = await remove(c);
+      if (!members) throw channelErrors.notFound(c.chid);
       req.after(() => afterRemoval(c, members));
       return {};
     },

@@ -122,6 +122,9 @@ export function registerMessages(sv: Services): void {
     if (s.uid !== sender || s.nickJson === undefined) {
       throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
     }
+    // A channel removed since the membership check: its purge may have read the
+    // history already, and would leave this message behind.
+    if (channel !== undefined && channels.isGone(channel)) throw channelErrors.notFound(channel);
     const me = sender;
     const { body = "", attach } = req.data;
     const stored = req.attachment && req.attachment.size > 0 ? req.attachment : undefined;
