@@ -470,6 +470,41 @@ describe("deletechannel", () => {
     await closeAll(a.client, a2.client, b.client, outsider.client);
   });
 
+  it("of a deleted owner cannot exist: createchannel racing deleteaccount from the owner's other connection", async () => {
+    // The owned-channels cap check of the creation is slowed by 200 ms (a loaded
+    // disk); the owner's other connection deletes the account meanwhile. Either the
+    // creation is refused, or the channel is deleted with the account: never a channel
+    // whose owner is gone (nobody could delete it, and its name would stay taken).
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const sv = shared.server.services;
+    const space = sv.storage.spaces.owned;
+    const keys = space.keys.bind(space);
+    space.keys = ((options: any) => {
+      const it = keys(options);
+      const delay = new Promise((r) => setTimeout(r, 200));
+      for (const name of ["next", "nextv", "all"] as const) {
+        const read = (it[name] as any).bind(it);
+        (it as any)[name] = async (...args: unknown[]) => {
+          await delay;
+          return read(...args);
+        };
+      }
+      return it;
+    }) as typeof space.keys;
+    const name = uniqueName("orphan");
+    try {
+      const creating = a.client.request("createchannel", { name, descr: "x" }).catch(() => undefined);
+      await new Promise((r) => setTimeout(r, 50));
+      expect((await a2.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      await creating;
+    } finally {
+      delete (space as any).keys;
+    }
+    await eventually(async () => expect(await sv.channels.byName(name)).toBeUndefined());
+    await closeAll(a.client, a2.client);
+  });
+
   it("leaves no membership behind when it races enters whose cap check is slow", async () => {
     // A loaded disk, simulated: each read of the memberof index (the joined-channels
     // cap check of every enter) waits 200 ms. The owner deletes the channel while the

@@ -150,6 +150,11 @@ export function registerChannels(sv: Services): ChannelOps {
     return `chan:${chid}`;
   }
 
+  /** NeedAuth when `uid`'s account was deleted (from another connection) meanwhile. Call under their user lock. */
+  async function stillThere(uid: string): Promise<void> {
+    if (!(await users.get(uid))) throw new ProtocolError(Code.NeedAuth, "the account was deleted; nothing was changed");
+  }
+
   /** Runs `fn` holding every lock in `keys`, taken in that order. */
   function underLocks<T>(keys: readonly string[], fn: () => Promise<T>): Promise<T> {
     return keys.length === 0 ? fn() : locks.run(keys[0], () => underLocks(keys.slice(1), fn));
@@ -192,9 +197,10 @@ export function registerChannels(sv: Services): ChannelOps {
 
   /**
    * Creates a channel (see ChannelOps.create) and returns it with the members added
-   * besides the owner. The members' user locks are held until the batch is written, so
-   * that none of them is deleted in between (their deletion would miss the new
-   * membership); then every new member's `channels-of` lock for the caps. All are
+   * besides the owner. The user locks of the owner and the members are held until the
+   * batch is written, so that none of them is deleted in between (their deletion would
+   * miss the new membership, and a channel of a deleted owner could never be deleted);
+   * then every new member's `channels-of` lock for the caps. All are
    * taken in one order (user locks by uid, then `channels-of` by uid), as every other
    * holder of more than one takes them, so two creations cannot wait on each other.
    */
@@ -212,8 +218,10 @@ export function registerChannels(sv: Services): ChannelOps {
     }
     try {
       if (!priv && (await channels.byName(name)) !== undefined) throw taken();
-      const lockKeys = [...members.map(userLockKey), ...[owner, ...members].sort().map((uid) => `channels-of:${uid}`)];
+      const everyone = [owner, ...members].sort();
+      const lockKeys = [...everyone.map(userLockKey), ...everyone.map((uid) => `channels-of:${uid}`)];
       return await underLocks(lockKeys, async () => {
+        await stillThere(owner);
         const found = await Promise.all(members.map((uid) => users.get(uid)));
         const missing = members.find((_, i) => found[i] === undefined);
         if (missing !== undefined) throw channelErrors.noUser(missing);
@@ -327,8 +335,13 @@ export function registerChannels(sv: Services): ChannelOps {
           throw channelErrors.privateChannel(c.chid);
         }
         // Every member hears of a first entry, the one entering included; entering
-        // again is a no-op.
-        if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
+        // again is a no-op. Under the user's lock, like an invite: a deletion of the
+        // account from another connection cannot miss the membership.
+        const first = await locks.run(userLockKey(me), async () => {
+          await stillThere(me);
+          return join(c, me);
+        });
+        if (first) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
       }
       const list = [];
       for (const uid of await channels.members(c.chid)) {
