@@ -135,6 +135,11 @@ export class MessageStore {
   private convCount = 0;
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
+  /**
+   * The cursors of the generation being written (taken out of `cursors`): until that
+   * write lands the disk is behind them, and knownCursors may have forgotten one.
+   */
+  private writingCursors: ReadonlyMap<string, number> | undefined;
   /** Cursors as last read or written (bounded, KNOWN_CURSORS): advances compare with them. */
   private readonly knownCursors = new Map<string, number>();
   private cursorTimer: NodeJS.Timeout | undefined;
@@ -495,8 +500,9 @@ export class MessageStore {
     const ops: BatchOp[] = [];
     for (const [uid, seqs] of d.inbox) ops.push(put(this.s.inbox, inboxKey(uid, seqs[0]), seqs));
     for (const [uid, seq] of this.cursors) ops.push(put(this.s.cursor, uid, seq));
-    const cursors = [...this.cursors];
+    const cursors = new Map(this.cursors);
     this.cursors.clear();
+    this.writingCursors = cursors;
     this.writing = d;
     if (d.dialogs.size === 0 && d.rechecks.size === 0) return this.commitDerived(d, cursors, ops);
     const preparing = this.dialogOps(d).then(
@@ -508,6 +514,7 @@ export class MessageStore {
         // Nothing of the generation was written: it waits again (the watermark did not
         // move, so a restart would replay it too).
         if (this.writing === d) this.writing = undefined;
+        if (this.writingCursors === cursors) this.writingCursors = undefined;
         this.restore(d, cursors);
         if (this.storage.db.status !== "open") return; // closing: replayed at the next start
         this.log.warn({ err }, "reading dialog pointers failed; the derived entries wait for the next write");
@@ -551,7 +558,7 @@ export class MessageStore {
     return ops;
   }
 
-  private commitDerived(d: Derived, cursors: [string, number][], ops: BatchOp[]): void {
+  private commitDerived(d: Derived, cursors: ReadonlyMap<string, number>, ops: BatchOp[]): void {
     // The cmids last, at the commit: a message deleted while the dialog pointers were
     // read took its cmid out of `d` (removal), and must not be put back after its delete.
     for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
@@ -559,6 +566,7 @@ export class MessageStore {
     this.storage.commitLazy(ops);
     this.storage.afterWrite((err) => {
       if (this.writing === d) this.writing = undefined;
+      if (this.writingCursors === cursors) this.writingCursors = undefined;
       if (err) this.restore(d, cursors); // written again with the next generation
       if (this.pending.count > 0) this.armDerived();
       if (this.cursors.size > 0) this.armCursor();
@@ -566,7 +574,7 @@ export class MessageStore {
   }
 
   /** A generation whose write failed: its entries wait again, before anything newer. */
-  private restore(d: Derived, cursors: [string, number][]): void {
+  private restore(d: Derived, cursors: ReadonlyMap<string, number>): void {
     const p = this.pending;
     for (const [uid, seqs] of d.inbox) p.inbox.set(uid, [...seqs, ...(p.inbox.get(uid) ?? [])]);
     for (const [key, v] of d.cmids) if (!p.cmids.has(key)) p.cmids.set(key, v);
@@ -893,13 +901,19 @@ export class MessageStore {
 
   /** The seq through which `uid`'s inbox has been delivered. */
   async cursor(uid: string): Promise<number> {
-    const mem = this.cursors.get(uid) ?? this.knownCursors.get(uid);
+    const mem = this.cursorInMemory(uid);
     if (mem !== undefined) return mem;
     const stored = ((await this.s.cursor.get(uid)) as number | undefined) ?? 0;
     // An advance may have landed while we read.
-    const now = Math.max(stored, this.cursors.get(uid) ?? 0, this.knownCursors.get(uid) ?? 0);
+    const now = Math.max(stored, this.cursorInMemory(uid) ?? 0);
     this.knowCursor(uid, now);
     return now;
+  }
+
+  /** The newest value memory holds (unwritten, remembered, or being written), if any. */
+  private cursorInMemory(uid: string): number | undefined {
+    const mem = this.cursors.get(uid) ?? this.knownCursors.get(uid);
+    return mem ?? this.writingCursors?.get(uid);
   }
 
   /**
@@ -909,7 +923,7 @@ export class MessageStore {
    */
   advance(uid: string, seq: number, fromLog = false): void {
     if (!fromLog) this.onAdvance?.(uid, seq);
-    const known = this.cursors.get(uid) ?? this.knownCursors.get(uid);
+    const known = this.cursorInMemory(uid);
     if (known !== undefined) {
       if (seq > known) this.setCursor(uid, seq);
       return;
