@@ -247,6 +247,22 @@ describe("frame size limit", () => {
     expect(calls).toEqual([{ reject: Code.TooLarge, reason: expect.any(String), action: "send" }, { frame: ping }]);
   });
 
+  it("holds a frame that arrives a byte per read in a few copied parts, not one view per read", () => {
+    // One Buffer view per read would cost a few hundred bytes of heap per byte sent
+    // while `buffered` stayed under maxFrame.
+    const { scanner, calls } = connection();
+    const frame = `{"action":"ping","data":{"x":"${"a".repeat(300_000)}"}}`;
+    const bytes = Buffer.from(frame + "\n");
+    let mostParts = 0;
+    for (let i = 0; i < bytes.length; i++) {
+      scanner.push(Buffer.from([bytes[i]]));
+      mostParts = Math.max(mostParts, (scanner as unknown as { parts?: Buffer[] }).parts?.length ?? 0);
+    }
+    expect(mostParts, "parts held at most").toBeLessThanOrEqual(16);
+    expect(calls).toEqual([{ frame }]);
+    expect(scanner.buffered).toBe(0);
+  });
+
   it("frames an object of exactly maxFrame bytes and rejects one byte more", () => {
     const exact = (n: number) => {
       const shell = JSON.stringify({ action: "send", text: "" });

@@ -74,6 +74,10 @@ const enum State {
 }
 
 const SLASH = Buffer.from("/");
+/** A piece of a frame shorter than this is copied into a stage, not held as a view. */
+const COPY_BELOW = 1024;
+const STAGE_MIN = 1024;
+const STAGE_MAX = 64 * 1024;
 
 const enum Byte {
   Slash = 0x2f,
@@ -136,6 +140,14 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   /** Bytes of the current frame held from earlier chunks (made when first needed). */
   private parts: Buffer[] | undefined;
   private partsLength = 0;
+  /**
+   * Small pieces are copied here instead of held as views: one view per read would
+   * cost a Buffer and its backing store per read, so a frame sent a byte per segment
+   * would hold some hundred bytes per byte while `partsLength` stayed under the limit.
+   * Its first `stageUsed` bytes follow `parts` (sealStage moves them there).
+   */
+  private stage: Buffer | undefined;
+  private stageUsed = 0;
   /** Frame bytes seen so far, including any no longer held. */
   private frameLength = 0;
   /** Up to the first bytes of an oversized frame, to echo its action. */
@@ -504,15 +516,37 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       this.dropParts();
       return;
     }
-    if (len > 0) {
+    if (len === 0) return;
+    this.partsLength += len;
+    if (len >= COPY_BELOW) {
+      this.sealStage();
       (this.parts ??= []).push(chunk.subarray(start, end));
-      this.partsLength += len;
+      return;
     }
+    let stage = this.stage;
+    if (stage === undefined || stage.length - this.stageUsed < len) {
+      // Each new stage twice the last (up to STAGE_MAX): few parts, at most about
+      // twice the bytes held.
+      const size = stage === undefined ? STAGE_MIN : Math.min(stage.length * 2, STAGE_MAX);
+      this.sealStage();
+      stage = this.stage = Buffer.allocUnsafe(size);
+    }
+    chunk.copy(stage, this.stageUsed, start, end);
+    this.stageUsed += len;
+  }
+
+  /** Moves the stage's bytes to the end of `parts` (before parts are read or added to). */
+  private sealStage(): void {
+    if (this.stage === undefined) return;
+    if (this.stageUsed > 0) (this.parts ??= []).push(this.stage.subarray(0, this.stageUsed));
+    this.stage = undefined;
+    this.stageUsed = 0;
   }
 
   /** The frame's first bytes (up to ACTION_PEEK_BYTES): held parts, then chunk[start, end). */
   private frameHead(chunk: Buffer, start: number, end: number): Buffer {
     const tail = chunk.subarray(start, end);
+    this.sealStage();
     if (this.parts === undefined) return tail;
     const head: Buffer[] = [];
     let len = 0;
@@ -528,6 +562,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   /** Starts the copy of the frame's first ACTION_PEEK_BYTES (held parts, then `tail`). */
   private keepHead(tail: Buffer): void {
     this.head = Buffer.alloc(0);
+    this.sealStage();
     for (const part of this.parts ?? []) this.growHead(part);
     this.growHead(tail);
   }
@@ -543,10 +578,13 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private dropParts(): void {
     this.parts = undefined;
     this.partsLength = 0;
+    this.stage = undefined;
+    this.stageUsed = 0;
   }
 
   private takeFrame(chunk: Buffer, start: number, end: number): Buffer {
     const tail = chunk.subarray(start, end);
+    this.sealStage();
     if (this.parts === undefined) return tail;
     this.parts.push(tail);
     const whole = Buffer.concat(this.parts, this.partsLength + tail.length);
