@@ -404,6 +404,37 @@ describe("long histories are streamed to clients that do not read, not held whol
   }, 90_000);
 });
 
+describe("a door client that sends large frames and does not read its answers", () => {
+  const startChild = useChildServers("each");
+
+  it("is read at most about 4 MiB ahead, as on the native door, not 64 frames of up to --max-frame", async () => {
+    // Seven frames whose answers echo 1 MB each fill the kernel's buffers and leave
+    // the server's answers waiting (the door stops serving the connection until it
+    // reads); then 60 frames of 900 KB. Held as 64 decoded frames each, two such
+    // clients would be over 100 MB on a 96 MB heap; bounded by bytes, a few MB each.
+    const child = await startChild(["--rust-port", "0"], ["env", "NODE_OPTIONS=--max-old-space-size=96"]);
+    const port = portOf(child, "rustPort");
+    const muted: net.Socket[] = [];
+    for (let k = 0; k < 2; k++) {
+      const s = net.connect(port, "127.0.0.1");
+      await new Promise<void>((resolve, reject) => s.once("connect", resolve).once("error", reject));
+      s.on("error", () => {});
+      s.pause();
+      for (let i = 0; i < 7; i++) s.write(JSON.stringify({ action: `${i}`.padEnd(1_000_000, "x") }) + "\n");
+      for (let i = 0; i < 60; i++) s.write(JSON.stringify({ action: "get_messages", pad: `${i}`.padEnd(900_000, "y") }) + "\n");
+      muted.push(s);
+    }
+    await sleep(3000);
+    expect(isAlive(child), child.stdout().slice(-600)).toBe(true);
+    // The server still serves others.
+    const c = await Client.connect(port, { welcome: false });
+    send(c, { action: "registration", login: uniqueName("q"), password: "pw" });
+    expect((await orClosed(c, c.next((f) => f.action === "registration", 10_000), "registration", child)).code).toBe(200);
+    for (const s of muted) s.destroy();
+    c.close();
+  }, 60_000);
+});
+
 describe("graceful stop with door requests read but not yet answered", () => {
   const startChild = useChildServers("each");
 

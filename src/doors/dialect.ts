@@ -19,7 +19,7 @@ import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Codec, ReplyBody } from "../protocol/codec.js";
 import { Code, codeText } from "../protocol/codes.js";
-import type { Dispatcher } from "../protocol/dispatcher.js";
+import { INBOX_BYTES, type Dispatcher } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import { peekAction, type OutFrame } from "../protocol/frames.js";
 import type { Session, Upload } from "../protocol/session.js";
@@ -35,15 +35,20 @@ export interface Answer {
   text: string;
 }
 
-/** Frames a connection may have waiting before it is no longer read. */
+/**
+ * Frames a connection may have waiting before it is no longer read, and their bytes
+ * (as the native door's read-ahead, INBOX_BYTES): 64 frames of up to --max-frame each
+ * would be 64 MiB held for a client that does not read its answers.
+ */
 const QUEUE_HIGH = 64;
 const QUEUE_LOW = 16;
 
 type Item<M> =
-  | { msg: M }
+  /** `size`: the bytes of the frame it was decoded from (counted while queued). */
+  | { msg: M; size: number }
   | { bad: { code: Code; reason: string; action: string | undefined } }
   /** Over the request rate: answered 13 in the door's shape, not run. */
-  | { refused: M }
+  | { refused: M; size: number }
   /** The notice before the connection is closed (past a limit): the last item. */
   | { last: OutFrame }
   /** A new connection's first step (DialectDoor.start). */
@@ -56,6 +61,8 @@ type Item<M> =
 export class DialectCodec<S, M = unknown> implements Codec {
   private readonly waiting: { action: string; resolve: (a: Answer) => void }[] = [];
   readonly queue: Item<M>[] = [];
+  /** The frame bytes of the queued items. */
+  queuedBytes = 0;
   running = false;
   /** The client sent its last frame (half-close): close once they are answered. */
   inputEnded = false;
@@ -186,9 +193,9 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     if (typeof msg === "string") return this.reject(s, Code.InvalidData, msg, undefined);
     switch (this.dispatcher.rated(s)) {
       case "ok":
-        return this.push(s, { msg });
+        return this.push(s, { msg, size: bytes.length });
       case "refused":
-        return this.push(s, { refused: msg });
+        return this.push(s, { refused: msg, size: bytes.length });
       case "close":
         return this.closeAfter(s, this.bad(Code.RateLimited, "too many requests; closing the connection"));
     }
@@ -251,7 +258,8 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     const c = s.codec as DialectCodec<S, M>;
     if (c.closing) return;
     c.queue.push(item);
-    if (c.queue.length > QUEUE_HIGH) s.peer.pause("door");
+    if ("size" in item) c.queuedBytes += item.size;
+    if (c.queue.length > QUEUE_HIGH || c.queuedBytes > INBOX_BYTES) s.peer.pause("door");
     if (!c.running) void this.pump(s, c);
   }
 
@@ -262,7 +270,8 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
         // A client that does not read its answers stops being served, not buffered.
         if (s.peer.congested && !(await s.peer.drained())) return;
         const item = c.queue.shift() as Item<M>;
-        if (c.queue.length <= QUEUE_LOW) s.peer.resume("door");
+        if ("size" in item) c.queuedBytes -= item.size;
+        if (c.queue.length <= QUEUE_LOW && c.queuedBytes <= INBOX_BYTES / 2) s.peer.resume("door");
         if ("last" in item) {
           s.peer.send(item.last, false);
           s.peer.end();

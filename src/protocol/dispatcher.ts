@@ -129,7 +129,8 @@ function settleRequest(this: Deferred, reply: ReplyBody | undefined, err: unknow
  * at least one frame).
  */
 const INBOX_LIMIT = 256;
-const INBOX_BYTES = 4 * 1024 * 1024;
+/** Also the bound of a door's queue of decoded frames (doors/dialect.ts). */
+export const INBOX_BYTES = 4 * 1024 * 1024;
 
 class RequestImpl<D> extends Slot implements Request<D> {
   /** The first event (most requests have at most one), then the rest. */
