@@ -287,11 +287,16 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat, echat });
   }
   const refuseAddress = (address: string) => services.bans.banned("addr", address)?.reason;
+  // One set of connection caps for every door, TCP and WebSocket.
+  const capGroup = [...listeners, ...(http ? [http.websockets] : [])];
   for (const l of listeners) {
     l.refuseAddress = refuseAddress;
-    l.group = listeners; // one set of connection caps for every TCP door
+    l.group = capGroup;
   }
-  if (http) http.websockets.refuseAddress = refuseAddress;
+  if (http) {
+    http.websockets.refuseAddress = refuseAddress;
+    http.websockets.group = capGroup;
+  }
   // Every listener's connections, as the admin port lists, counts and bans them.
   const tables: readonly ConnectionTable[] = [...listeners, ...(http ? [http.websockets] : [])];
   // Cluster mode: an address banned through another node's admin port is cut here too.

@@ -10,6 +10,7 @@ const open = serveForFile({ httpPort: 0, maxFrame: 256 * 1024, maxDepth: 8, outb
 const capped = serveForFile({ httpPort: 0, maxPerAddress: 2 });
 const idle = serveForFile({ httpPort: 0, idleUnauth: 1 });
 const banning = serveForFile({ httpPort: 0 });
+const full = serveForFile({ httpPort: 0, maxConnections: 2 });
 
 async function native(port: number): Promise<WsClient> {
   const ws = await WsClient.connect(port, "/wirechat");
@@ -139,6 +140,31 @@ describe("native protocol over WebSocket", () => {
     expect((await request(a, "register", { login: uniqueName("w"), pass: "secret", nick: uniqueName("n") })).status).toBe(0);
     const c = await native(port);
     for (const x of [a, b, c]) x.close();
+  });
+
+  it("WebSockets and TCP connections count together against --max-connections", async () => {
+    const tcp = await Client.connect(full.server.port);
+    const ws = await native(full.server.httpPort as number);
+    // Two held, one of each door: a third is refused whichever door it comes through.
+    const refusedWs = await WsClient.connect(full.server.httpPort as number, "/wirechat");
+    expect((await refusedWs.next()).data).toMatchObject({ status: 16 });
+    expect((await refusedWs.closed).code).toBe(1013);
+    const refusedTcp = await Client.connect(full.server.port, { welcome: false });
+    expect((await refusedTcp.next()).data).toMatchObject({ status: 16 });
+    await refusedTcp.closed;
+    // A slot freed on one door is taken on the other.
+    tcp.close();
+    await tcp.closed;
+    let again: WsClient | undefined;
+    for (let i = 0; i < 50 && again === undefined; i++) {
+      const w = await native(full.server.httpPort as number).catch(() => undefined);
+      if (w && !w.isClosed) again = w;
+      else await new Promise((r) => setTimeout(r, 50));
+    }
+    expect(again, "a WebSocket once the TCP connection closed").toBeDefined();
+    expect((await request(again as WsClient, "ping")).status).toBe(0);
+    again?.ws.close();
+    ws.close();
   });
 
   it("an idle socket gets ev_close and is closed", async () => {

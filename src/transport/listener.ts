@@ -14,7 +14,7 @@ import { readFileSync } from "node:fs";
 import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
-import { closeFromAddress, closeIfIdle } from "./peer-common.js";
+import { closeFromAddress, closeIfIdle, overCap, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import type { Codec } from "../protocol/codec.js";
@@ -107,7 +107,7 @@ export interface PacedUpload extends Upload {
   onDrain: (() => void) | undefined;
 }
 
-export class Listener implements ConnectionTable {
+export class Listener implements ConnectionTable, SlotCounter {
   readonly server: net.Server;
   readonly tlsServer: tls.Server | undefined;
   /** Live connections and the protocol session of each. */
@@ -207,25 +207,16 @@ export class Listener implements ConnectionTable {
    * The listeners whose connections count together against the caps: every door's
    * (server.ts sets it), so that a second door does not double --max-connections.
    */
-  group: readonly Listener[] = [this];
+  group: readonly SlotCounter[] = [this];
 
   /** Connections holding a slot (not lingering) and handshakes in progress. */
-  private get held(): number {
+  get held(): number {
     return this.connections.size - this.lingering + this.handshaking.size;
   }
 
   /** The cap that a new connection (or handshake) from `address` is over, if any. */
   private overCap(address: string): "full" | "address" | undefined {
-    let held = 0;
-    for (const l of this.group) held += l.held;
-    if (held >= this.config.maxConnections) return "full";
-    let unauth = 0;
-    for (const l of this.group) unauth += l.unauthenticated(address, false);
-    if (unauth < this.config.maxPerAddress) return undefined;
-    // At the cap: count again without the connections that have logged in since.
-    unauth = 0;
-    for (const l of this.group) unauth += l.unauthenticated(address, true);
-    return unauth >= this.config.maxPerAddress ? "address" : undefined;
+    return overCap(this.group, address, this.config);
   }
 
   /** Unauthenticated connections and handshakes from `address` (with `prune`, logged-in ones let go). */

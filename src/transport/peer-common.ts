@@ -25,6 +25,32 @@ interface Closable {
 const STREAMED_WEIGHT = 64 * 1024;
 
 /**
+ * What one listener (a TCP door, the WebSocket door) holds against the connection
+ * caps. Every door's listener counts them together (server.ts gives each the same
+ * group): --max-connections and --max-per-address are for the server, not per door.
+ */
+export interface SlotCounter {
+  /** Connections holding a slot (not lingering), handshakes included. */
+  readonly held: number;
+  /** Connections (and handshakes) from `address` not logged in; `prune` lets logged-in ones go. */
+  unauthenticated(address: string, prune: boolean): number;
+}
+
+/** The cap a new connection from `address` is over, counted over the whole group, if any. */
+export function overCap(group: readonly SlotCounter[], address: string, config: Pick<Config, "maxConnections" | "maxPerAddress">): "full" | "address" | undefined {
+  let held = 0;
+  for (const l of group) held += l.held;
+  if (held >= config.maxConnections) return "full";
+  let unauth = 0;
+  for (const l of group) unauth += l.unauthenticated(address, false);
+  if (unauth < config.maxPerAddress) return undefined;
+  // At the cap: count again without the connections that have logged in since.
+  unauth = 0;
+  for (const l of group) unauth += l.unauthenticated(address, true);
+  return unauth >= config.maxPerAddress ? "address" : undefined;
+}
+
+/**
  * What a queued frame counts toward its connection's outbound cap: a string its
  * characters; a streamed frame (an attachment read from disk while it is written) its
  * size, but at most STREAMED_WEIGHT, because its data stays on disk until the client

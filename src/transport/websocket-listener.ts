@@ -25,7 +25,7 @@
 import type { Logger } from "pino";
 import type { Socket } from "node:net";
 import type WebSocket from "ws";
-import { closeFromAddress, closeIfIdle } from "./peer-common.js";
+import { closeFromAddress, closeIfIdle, overCap, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import { Code } from "../protocol/codes.js";
@@ -80,7 +80,7 @@ function doorOf(front: Front): string {
   return front.name === "native" ? "websocket" : front.name;
 }
 
-export class WebSocketListener implements ConnectionTable {
+export class WebSocketListener implements ConnectionTable, SlotCounter {
   /** Live WebSockets and the protocol session of each. */
   readonly connections = new Map<WebSocketPeer, Session>();
   /** The doors of the fronts its sockets speak. */
@@ -177,18 +177,27 @@ export class WebSocketListener implements ConnectionTable {
     this.log.debug({ conn: peer.id, remote: peer.remote, door: peer.door }, "connection opened");
   }
 
-  /** The cap that a new connection from `address` is over, if any. */
-  private overCap(address: string): "full" | "address" | undefined {
-    if (this.connections.size - this.lingering >= this.config.maxConnections) return "full";
-    if (this.unauthenticated(address) >= this.config.maxPerAddress) return "address";
-    return undefined;
+  /**
+   * The listeners whose connections count together against the caps: every door's
+   * (server.ts sets it), so that the WebSocket door does not double --max-connections.
+   */
+  group: readonly SlotCounter[] = [this];
+
+  /** Sockets holding a slot (not lingering). */
+  get held(): number {
+    return this.connections.size - this.lingering;
   }
 
-  /** Connections from `address` not logged in (logged-in ones let go when it matters). */
-  private unauthenticated(address: string): number {
+  /** The cap that a new connection from `address` is over, if any. */
+  private overCap(address: string): "full" | "address" | undefined {
+    return overCap(this.group, address, this.config);
+  }
+
+  /** Sockets from `address` not logged in (`prune`: logged-in ones let go). */
+  unauthenticated(address: string, prune: boolean): number {
     const slots = this.perAddress.get(address);
     if (!slots) return 0;
-    if (slots.size >= this.config.maxPerAddress) {
+    if (prune) {
       for (const p of slots) if ((p.session as Session).uid !== undefined) slots.delete(p);
       if (slots.size === 0) this.perAddress.delete(address);
     }
