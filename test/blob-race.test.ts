@@ -6,6 +6,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { login, registerUser, serveForFile, type Client } from "./helpers.js";
+import { slowKeyReads } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -75,23 +76,11 @@ describe("deleting an attachment while the same bytes are uploaded again", () =>
     // a snapshot taken when it was asked for (as LevelDB's are), so the new message's
     // reference, committed meanwhile, is not in it.
     const space = shared.server.services.storage.spaces.blobrefs;
-    const keys = space.keys.bind(space);
-    space.keys = ((options: any) => {
-      const it = keys(options);
-      const delay = sleep(50);
-      for (const name of ["next", "nextv", "all"] as const) {
-        const read = (it[name] as any).bind(it);
-        (it as any)[name] = async (...args: unknown[]) => {
-          await delay;
-          return read(...args);
-        };
-      }
-      return it;
-    }) as typeof space.keys;
+    const restore = slowKeyReads(space, 50);
     try {
       await expectReadable(await race(20, () => "after-delete"));
     } finally {
-      delete (space as any).keys;
+      restore();
     }
   });
 });

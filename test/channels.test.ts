@@ -4,6 +4,7 @@
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
+import { slowKeyReads } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -479,19 +480,7 @@ describe("deletechannel", () => {
     const a2 = await login(shared.port, a.login);
     const sv = shared.server.services;
     const space = sv.storage.spaces.owned;
-    const keys = space.keys.bind(space);
-    space.keys = ((options: any) => {
-      const it = keys(options);
-      const delay = new Promise((r) => setTimeout(r, 200));
-      for (const name of ["next", "nextv", "all"] as const) {
-        const read = (it[name] as any).bind(it);
-        (it as any)[name] = async (...args: unknown[]) => {
-          await delay;
-          return read(...args);
-        };
-      }
-      return it;
-    }) as typeof space.keys;
+    const restore = slowKeyReads(space, 200);
     const name = uniqueName("orphan");
     try {
       const creating = a.client.request("createchannel", { name, descr: "x" }).catch(() => undefined);
@@ -499,7 +488,7 @@ describe("deletechannel", () => {
       expect((await a2.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
       await creating;
     } finally {
-      delete (space as any).keys;
+      restore();
     }
     await eventually(async () => expect(await sv.channels.byName(name)).toBeUndefined());
     await closeAll(a.client, a2.client);
@@ -515,19 +504,7 @@ describe("deletechannel", () => {
     const ch = await newChannel(a);
     const sv = shared.server.services;
     const space = sv.storage.spaces.memberof;
-    const keys = space.keys.bind(space);
-    space.keys = ((options: any) => {
-      const it = keys(options);
-      const delay = new Promise((r) => setTimeout(r, 200));
-      for (const name of ["next", "nextv", "all"] as const) {
-        const read = (it[name] as any).bind(it);
-        (it as any)[name] = async (...args: unknown[]) => {
-          await delay;
-          return read(...args);
-        };
-      }
-      return it;
-    }) as typeof space.keys;
+    const restore = slowKeyReads(space, 200);
     let enters: any[];
     try {
       const entering = joiners.map((j) => j.client.request("enter", { channel: ch.chid }));
@@ -535,7 +512,7 @@ describe("deletechannel", () => {
       expect((await a.client.request("deletechannel", { channel: ch.chid })).status).toBe(0);
       enters = await Promise.all(entering);
     } finally {
-      delete (space as any).keys;
+      restore();
     }
     for (const [i, j] of joiners.entries()) {
       expect([0, 9], `enter of joiner ${i}`).toContain(enters[i].status);

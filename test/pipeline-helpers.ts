@@ -236,3 +236,27 @@ export class LineConn {
     return f.data;
   }
 }
+
+/**
+ * A loaded disk, simulated on one keyspace: every key range read started on `space`
+ * (keys()) waits `ms` before it runs, on the snapshot taken when it was asked for (as
+ * LevelDB's iterators are), so what commits meanwhile is not in it. Returns the undo.
+ */
+export function slowKeyReads(space: { keys: (...args: any[]) => any }, ms: number): () => void {
+  const keys = space.keys.bind(space);
+  space.keys = (options: unknown) => {
+    const it = keys(options);
+    const delay = sleep(ms);
+    for (const name of ["next", "nextv", "all"] as const) {
+      const read = it[name].bind(it);
+      it[name] = async (...args: unknown[]) => {
+        await delay;
+        return read(...args);
+      };
+    }
+    return it;
+  };
+  return () => {
+    delete (space as { keys?: unknown }).keys;
+  };
+}
