@@ -36,7 +36,6 @@ import { MessageStore } from "./storage/messages.js";
 import { SessionStore } from "./storage/sessions.js";
 import { UserStore } from "./storage/users.js";
 import { Listener } from "./transport/listener.js";
-import type { ConnectionTable } from "./transport/live.js";
 import { nativeFront } from "./doors/native.js";
 import { RoomsDoor } from "./doors/rooms.js";
 import { RustDoor } from "./doors/rust.js";
@@ -287,18 +286,13 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat, echat });
   }
   const refuseAddress = (address: string) => services.bans.banned("addr", address)?.reason;
-  // One set of connection caps for every door, TCP and WebSocket.
-  const capGroup = [...listeners, ...(http ? [http.websockets] : [])];
-  for (const l of listeners) {
+  // Every door's listener: one set of connection caps for them all, and their
+  // connections as the admin port lists, counts and bans them.
+  const tables = [...listeners, ...(http ? [http.websockets] : [])];
+  for (const l of tables) {
     l.refuseAddress = refuseAddress;
-    l.group = capGroup;
+    l.group = tables;
   }
-  if (http) {
-    http.websockets.refuseAddress = refuseAddress;
-    http.websockets.group = capGroup;
-  }
-  // Every listener's connections, as the admin port lists, counts and bans them.
-  const tables: readonly ConnectionTable[] = [...listeners, ...(http ? [http.websockets] : [])];
   // Cluster mode: an address banned through another node's admin port is cut here too.
   if (services.cluster) {
     services.cluster.onAddressBanned = (address, reason) => {

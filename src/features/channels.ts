@@ -150,9 +150,13 @@ export function registerChannels(sv: Services): ChannelOps {
     return `chan:${chid}`;
   }
 
-  /** NeedAuth when `uid`'s account was deleted (from another connection) meanwhile. Call under their user lock. */
-  async function stillThere(uid: string): Promise<void> {
-    if (!(await users.get(uid))) throw new ProtocolError(Code.NeedAuth, "the account was deleted; nothing was changed");
+  /**
+   * 8 naming `who` (an invitee), else NeedAuth (the caller's own account), when `uid`'s
+   * account was deleted meanwhile. Call under their user lock.
+   */
+  async function stillThere(uid: string, who?: string): Promise<void> {
+    if (await users.get(uid)) return;
+    throw who === undefined ? new ProtocolError(Code.NeedAuth, "the account was deleted; nothing was changed") : channelErrors.noUser(uid);
   }
 
   /** Runs `fn` holding every lock in `keys`, taken in that order. */
@@ -164,7 +168,9 @@ export function registerChannels(sv: Services): ChannelOps {
    * Makes `uid` a member of `c` if they are not one and are under their cap (13,
    * naming them as `who`); true when they were not a member. One join per (channel,
    * user) at a time: two devices entering together, or an enter and an invite, make
-   * one first entry, not two. The promise is registered before any await.
+   * one first entry, not two. The promise is registered before any await. Under the
+   * user's lock (then their `channels-of` lock, then the channel's), so that a deletion
+   * of the account cannot miss the membership.
    */
   async function join(c: ChannelRecord, uid: string, who?: string): Promise<boolean> {
     const key = `${c.chid}\u0000${uid}`;
@@ -175,7 +181,8 @@ export function registerChannels(sv: Services): ChannelOps {
     }
     const first = (async () => {
       if (await channels.isMember(c.chid, uid)) return false;
-      return underLocks([`channels-of:${uid}`, chanLockKey(c.chid)], async () => {
+      return underLocks([userLockKey(uid), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
+        await stillThere(uid, who);
         // Again under the lock: a creation naming them may have committed meanwhile.
         if (await channels.isMember(c.chid, uid)) return false;
         await checkCaps(uid, false, who);
@@ -261,16 +268,13 @@ export function registerChannels(sv: Services): ChannelOps {
 
   /**
    * `by` (a member of `chid`, or its owner) makes `uid` a member (see ChannelOps.invite).
-   * Under the invitee's user lock, so that their deletion cannot miss the membership.
    */
   async function inviteTo(by: string, chid: string, uid: string): Promise<{ c: ChannelRecord; added: boolean; nick: string }> {
     const c = await channelOf(chid);
     if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
-    return locks.run(userLockKey(uid), async () => {
-      const u = await users.get(uid);
-      if (!u) throw channelErrors.noUser(uid);
-      return { c, added: await join(c, uid, `user '${uid}'`), nick: u.nick };
-    });
+    const u = await users.get(uid);
+    if (!u) throw channelErrors.noUser(uid);
+    return { c, added: await join(c, uid, `user '${uid}'`), nick: u.nick };
   }
 
   dispatcher.register<{ channel: string; uid: string }>({
@@ -335,13 +339,8 @@ export function registerChannels(sv: Services): ChannelOps {
           throw channelErrors.privateChannel(c.chid);
         }
         // Every member hears of a first entry, the one entering included; entering
-        // again is a no-op. Under the user's lock, like an invite: a deletion of the
-        // account from another connection cannot miss the membership.
-        const first = await locks.run(userLockKey(me), async () => {
-          await stillThere(me);
-          return join(c, me);
-        });
-        if (first) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
+        // again is a no-op.
+        if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
       }
       const list = [];
       for (const uid of await channels.members(c.chid)) {

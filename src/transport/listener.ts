@@ -214,11 +214,6 @@ export class Listener implements ConnectionTable, SlotCounter {
     return this.connections.size - this.lingering + this.handshaking.size;
   }
 
-  /** The cap that a new connection (or handshake) from `address` is over, if any. */
-  private overCap(address: string): "full" | "address" | undefined {
-    return overCap(this.group, address, this.config);
-  }
-
   /** Unauthenticated connections and handshakes from `address` (with `prune`, logged-in ones let go). */
   unauthenticated(address: string, prune: boolean): number {
     const slots = this.perAddress.get(address);
@@ -243,7 +238,7 @@ export class Listener implements ConnectionTable, SlotCounter {
   /** A TLS client connected: its handshake holds a place until it completes or fails. */
   private handshake(raw: net.Socket): void {
     const address = raw.remoteAddress ?? "?";
-    const over = this.overCap(address);
+    const over = overCap(this.group, address, this.config);
     if (over) {
       // Nothing can be said before the handshake: the refusal is the close.
       this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
@@ -302,7 +297,7 @@ export class Listener implements ConnectionTable, SlotCounter {
     const address = socket.remoteAddress ?? "?";
     // A TLS socket's handshake held its place until now.
     if (socket instanceof tls.TLSSocket) this.handshakeOver(`${address}:${socket.remotePort ?? 0}`, address);
-    const over = this.overCap(address);
+    const over = overCap(this.group, address, this.config);
     if (over) return this.refuse(socket, over);
     const banned = this.refuseAddress?.(address);
     if (banned !== undefined) return this.refuse(socket, "banned", banned);

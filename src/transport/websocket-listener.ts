@@ -151,7 +151,7 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   accept(ws: WebSocket, socket: Socket, front: Front): void {
     this.unplain(socket);
     const address = socket.remoteAddress ?? "?";
-    const over = this.stopping ? "stopping" : this.overCap(address);
+    const over = this.stopping ? "stopping" : overCap(this.group, address, this.config);
     if (over) return this.refuse(ws, address, front, over);
     const banned = this.refuseAddress?.(address);
     if (banned !== undefined) return this.refuse(ws, address, front, "banned", banned);
@@ -186,11 +186,6 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   /** Sockets holding a slot (not lingering). */
   get held(): number {
     return this.connections.size - this.lingering;
-  }
-
-  /** The cap that a new connection from `address` is over, if any. */
-  private overCap(address: string): "full" | "address" | undefined {
-    return overCap(this.group, address, this.config);
   }
 
   /** Sockets from `address` not logged in (`prune`: logged-in ones let go). */
