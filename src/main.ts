@@ -69,7 +69,7 @@ async function serve(argv: string[]): Promise<void> {
   const log = server.services.log;
   // The process is ours: its background threads yield the core to the event loop.
   priority = new ThreadPriority(parsed.config.backgroundNice, log);
-  priority.start();
+  void priority.start();
   if (stopping) stop(stopping, server);
 }
 

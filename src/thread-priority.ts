@@ -1,39 +1,77 @@
-// The event loop before background threads.
+// The event loop and its I/O pool before the other background threads.
 //
-// Every client is served by one thread, the event loop; everything else in the process
-// works for it in the background: libuv's pool (LevelDB reads and batch writes,
-// bcrypt), LevelDB's compaction thread, V8's garbage-collection helpers. When they
-// share a core with the loop (one core, or more runnable threads than cores) the
-// kernel gives each runnable thread an equal share, so a compaction or a burst of
-// history reads in the pool stretches the latency of every request, a ping included.
-// Raising their nice value (as RocksDB lowers its compaction threads' priority) gives
-// the loop the core whenever it has work; they run in the time it leaves, and never
-// starve: at nice 10 a thread still gets about a tenth of a core the loop saturates
-// (weights 110 against 1024), so commits, reads and hashes keep moving, only later.
-// On a machine with idle cores it changes nothing.
+// Every client is served by one thread, the event loop; the rest of the process works
+// for it. libuv's pool runs the loop's I/O: LevelDB's batch writes (every message's
+// group commit) and reads, file work for attachments, and bcrypt. The other threads
+// are background proper: LevelDB's compaction thread and V8's garbage-collection
+// helpers. When they share a core with the loop (one core, or more runnable threads
+// than cores) the kernel gives each runnable thread an equal share, so a compaction
+// stretches the latency of every request, a ping included. Raising their nice value (as RocksDB
+// lowers its compaction threads' priority) gives the loop the core whenever it has
+// work; they run in the time it leaves, and never starve: at nice 10 a thread still
+// gets about a tenth of a core the loop saturates (weights 110 against 1024).
 //
-// Measured (server and load pinned to one core each, as ../shared/bench does it): the
-// 5-minute soak at 2,400 requests/s, seed 20261203, canary ping p50 1.6-2.8 ms ->
-// 0.6-0.9 ms and per-minute p99 20-50 ms -> 17-20 ms; S2 at 20,000 msg/s, two pairs
-// of runs, p99 32.6 / 28.5 ms -> 14.3 / 17.8 ms; S1 and S2 at 5,000 msg/s within
-// their noise.
+// The pool stays at the loop's priority: a commit is on the path of every message, so
+// a pool thread that yields to a busy loop holds the acknowledgements and deliveries
+// the loop is waiting to send. Measured with the pool at nice 10 (S1, server and load
+// pinned to one core each): each group-commit write took 20 ms for ~900 messages, of
+// which fsync was ~6 ms, the loop sat idle 25 % of the time waiting for it, and S1 was
+// 0.53-0.56 of the baseline in two paired runs; with the pool at 0 it was 0.64 and 0.79.
+//
+// When the pool was lowered too, the 5-minute soak at 2,400 requests/s (seed
+// 20261203) measured canary ping p50 1.6-2.8 ms -> 0.6-0.9 ms; part of that was bcrypt,
+// which runs on the pool and so is no longer lowered.
 //
 // Linux only: the threads are listed in /proc/self/task, and setpriority() on a thread
 // id sets that thread's nice value. A thread inherits its creator's nice value, and
-// the ones the loop starts later (LevelDB's compaction thread, at the first flush) are
-// caught by reading the list again every few seconds. Only the process's own entry
-// point (main.ts) does this: an embedding program's threads are not ours to reorder.
+// the ones started later (LevelDB's compaction thread, at the first flush) are caught
+// by reading the list again every few seconds. The pool's threads are told apart by
+// asking them: a readlink of /proc/thread-self queued to the pool runs on one of its
+// threads and names it; enough of them at once, each followed by a job that keeps its
+// thread busy, reach every thread, and the question is asked again at every scan. Only the process's own entry point (main.ts) does this:
+// an embedding program's threads are not ours to reorder.
 
-import { readdirSync, readlinkSync } from "node:fs";
+import { readdirSync, readlink, readlinkSync } from "node:fs";
+import { pbkdf2 } from "node:crypto";
 import os from "node:os";
 import type { Logger } from "pino";
 
 /** How often the thread list is read again (new threads run at nice 0 until then). */
 const RESCAN_MS = 5000;
 
+/** libuv's pool size (its threads are asked who they are twice this many times). */
+const POOL_SIZE = Math.max(1, Number(process.env.UV_THREADPOOL_SIZE) || 4);
+/** Times the pool is asked per scan at most, while some of its threads have not answered. */
+const ASK_ROUNDS = 20;
+
+/**
+ * The ids of the pool threads that answer `asks` readlinks of /proc/thread-self queued
+ * at once. Each readlink is followed by a job that keeps its thread busy for a
+ * millisecond or two (a small PBKDF2), so the next readlink is left to another thread:
+ * without them one thread could answer them all before the others woke.
+ */
+function askPool(asks: number): Promise<Set<number>> {
+  return new Promise((resolve) => {
+    const found = new Set<number>();
+    let left = asks * 2;
+    const done = () => {
+      if (--left === 0) resolve(found);
+    };
+    for (let i = 0; i < asks; i++) {
+      readlink("/proc/thread-self", (err, link) => {
+        if (!err) found.add(Number(link.split("/").pop()));
+        done();
+      });
+      pbkdf2("wirechat", "pool", 2000, 16, "sha256", done);
+    }
+  });
+}
+
 export class ThreadPriority {
-  /** Threads already set (pruned to the live ones at every scan). */
+  /** Threads lowered (pruned to the live ones at every scan). */
   private readonly set = new Set<number>();
+  /** libuv's pool threads seen so far: they keep the loop's priority. */
+  private readonly pool = new Set<number>();
   private timer: NodeJS.Timeout | undefined;
   private loop: number | undefined;
 
@@ -42,8 +80,8 @@ export class ThreadPriority {
     private readonly log: Logger,
   ) {}
 
-  /** Lowers every thread but the loop's now and every RESCAN_MS; false where it cannot. */
-  start(): boolean {
+  /** Lowers every thread but the loop's and the pool's now and every RESCAN_MS; false where it cannot. */
+  async start(): Promise<boolean> {
     if (this.nice === 0 || process.platform !== "linux") return false;
     try {
       // "<pid>/task/<tid>": the thread this code runs on, the event loop.
@@ -52,9 +90,9 @@ export class ThreadPriority {
       this.log.warn({ err }, "cannot tell the event loop's thread; background threads keep their priority");
       return false;
     }
-    const n = this.scan();
-    this.log.info({ nice: this.nice, threads: n }, "background threads lowered below the event loop");
-    this.timer = setInterval(() => this.scan(), RESCAN_MS);
+    const n = await this.scan();
+    this.log.info({ nice: this.nice, threads: n, pool: this.pool.size }, "background threads lowered below the event loop");
+    this.timer = setInterval(() => void this.scan(), RESCAN_MS);
     this.timer.unref();
     return true;
   }
@@ -64,8 +102,13 @@ export class ThreadPriority {
     this.timer = undefined;
   }
 
-  /** Sets the threads not yet set; returns how many are set in all. */
-  scan(): number {
+  /** Finds the pool's threads, then lowers the other threads not yet lowered; resolves to how many are lowered. */
+  async scan(): Promise<number> {
+    // Asked again until every pool thread has answered (threads the pool has just
+    // started may not run yet), a bounded number of times.
+    for (let round = 0; round < ASK_ROUNDS && this.pool.size < POOL_SIZE; round++) {
+      for (const tid of await askPool(POOL_SIZE * 2)) this.pool.add(tid);
+    }
     let live: number[];
     try {
       live = readdirSync("/proc/self/task").map(Number);
@@ -74,16 +117,28 @@ export class ThreadPriority {
     }
     const alive = new Set(live);
     for (const tid of this.set) if (!alive.has(tid)) this.set.delete(tid); // ended (its id may come back)
+    for (const tid of this.pool) if (!alive.has(tid)) this.pool.delete(tid);
     for (const tid of live) {
-      if (tid === this.loop || this.set.has(tid)) continue;
-      this.set.add(tid);
-      try {
-        os.setPriority(tid, this.nice);
-      } catch (err) {
-        // Ended between the listing and now, or not permitted: nothing to retry.
-        this.log.debug({ err, tid }, "could not lower a thread's priority");
+      if (tid === this.loop) continue;
+      if (this.pool.has(tid)) {
+        // Lowered before it was known as a pool thread (rare: the pool is asked before
+        // anything is lowered): back to the loop's priority, where that is permitted.
+        if (this.set.delete(tid)) this.setNice(tid, 0);
+        continue;
       }
+      if (this.set.has(tid)) continue;
+      this.set.add(tid);
+      this.setNice(tid, this.nice);
     }
     return this.set.size;
+  }
+
+  private setNice(tid: number, nice: number): void {
+    try {
+      os.setPriority(tid, nice);
+    } catch (err) {
+      // Ended between the listing and now, or not permitted: nothing to retry.
+      this.log.debug({ err, tid }, "could not set a thread's priority");
+    }
   }
 }

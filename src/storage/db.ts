@@ -297,6 +297,12 @@ export class Storage {
 
   private written(b: Batch, err: Error | undefined): void {
     this.writing = false;
+    // What arrived during the write goes out now (it has waited one write already),
+    // before this batch's waiters run: its write and fsync then overlap their work
+    // (delivering and acknowledging a batch of messages took the event loop as long as
+    // the disk took to sync the next one, and the disk sat idle meanwhile).
+    const next = this.open.ops > 0;
+    if (next) this.flush();
     for (const w of b.waiters) {
       try {
         call(w, err);
@@ -304,7 +310,8 @@ export class Storage {
         this.log.error({ err: e }, "commit callback failed");
       }
     }
-    // What arrived during the write goes out now: it has waited one write already.
+    // Waiters on an empty batch are called after this batch's, in the order they came.
+    if (next) return;
     if (this.open.ops > 0 || this.open.waiters.length > 0) this.flush();
     else this.settleIdle();
   }
