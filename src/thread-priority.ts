@@ -2,11 +2,12 @@
 //
 // Every client is served by one thread, the event loop; the rest of the process works
 // for it. libuv's pool runs the loop's I/O: LevelDB's batch writes (every message's
-// group commit) and reads, file work for attachments, and bcrypt. The other threads
-// are background proper: LevelDB's compaction thread and V8's garbage-collection
-// helpers. When they share a core with the loop (one core, or more runnable threads
-// than cores) the kernel gives each runnable thread an equal share, so a compaction
-// stretches the latency of every request, a ping included. Raising their nice value (as RocksDB
+// group commit) and reads, and file work for attachments. The other threads are
+// background proper: the password-hashing threads (features/password-hasher.ts),
+// LevelDB's compaction thread and V8's garbage-collection helpers. When they share a
+// core with the loop (one core, or more runnable threads than cores) the kernel gives
+// each runnable thread an equal share, so a burst of logins or a compaction stretches
+// the latency of every request, a ping included. Raising their nice value (as RocksDB
 // lowers its compaction threads' priority) gives the loop the core whenever it has
 // work; they run in the time it leaves, and never starve: at nice 10 a thread still
 // gets about a tenth of a core the loop saturates (weights 110 against 1024).
@@ -18,9 +19,9 @@
 // which fsync was ~6 ms, the loop sat idle 25 % of the time waiting for it, and S1 was
 // 0.53-0.56 of the baseline in two paired runs; with the pool at 0 it was 0.64 and 0.79.
 //
-// When the pool was lowered too, the 5-minute soak at 2,400 requests/s (seed
-// 20261203) measured canary ping p50 1.6-2.8 ms -> 0.6-0.9 ms; part of that was bcrypt,
-// which runs on the pool and so is no longer lowered.
+// Lowering the background (then with bcrypt on the pool, the pool lowered too), the
+// 5-minute soak at 2,400 requests/s (seed 20261203) measured canary ping p50 1.6-2.8
+// ms -> 0.6-0.9 ms.
 //
 // Linux only: the threads are listed in /proc/self/task, and setpriority() on a thread
 // id sets that thread's nice value. A thread inherits its creator's nice value, and

@@ -3,7 +3,7 @@
 // does.
 import { readdirSync, readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
-import { Client } from "./helpers.js";
+import { Client, registerUser } from "./helpers.js";
 import { useChildServers } from "./pipeline-helpers.js";
 
 const startChild = useChildServers("each");
@@ -58,4 +58,24 @@ describe("background thread priority", () => {
     expect([...niceByThread(pid).values()].every((n) => n === 0)).toBe(true);
     expect(child.stdout()).not.toMatch(/background threads lowered/);
   });
+
+  it("hashes passwords on threads of their own: a commit does not wait behind a hash, even with a pool of one thread", async () => {
+    // Cost 13 takes about a second a hash here; with bcrypt on libuv's pool (one
+    // thread) every commit queued behind it, so no message was acknowledged until the
+    // registration's hash was done.
+    const child = await startChild(["--bcrypt-cost", "13"], ["env", "UV_THREADPOOL_SIZE=1"]);
+    const [a, b] = await Promise.all([registerUser(child.port), registerUser(child.port)]);
+    const c = await Client.connect(child.port);
+    c.send("register", { login: `slow${process.pid}`, pass: "secret", nick: "slow" });
+    const order: string[] = [];
+    const registered = c.reply("register", 30000).then((f) => order.push(`register ${f.data.status}`));
+    for (let i = 0; i < 5; i++) {
+      const r = await a.client.request("message", { uid: b.uid, body: `during the hash ${i}` });
+      order.push(`message ${r.status}`);
+    }
+    await registered;
+    expect(order).toEqual(["message 0", "message 0", "message 0", "message 0", "message 0", "register 0"]);
+    for (const x of [a.client, b.client, c]) x.close();
+  }, 60000);
 });
+

@@ -66,6 +66,7 @@ export function registerAccounts(sv: Services): AccountOps {
         .map(plainAddress),
     ),
   });
+  hasher.start();
   hooks.onStop(() => hasher.stop());
   const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
   const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);

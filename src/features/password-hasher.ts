@@ -1,5 +1,10 @@
-// Password hashing, shared fairly. bcrypt runs on libuv's thread pool, which LevelDB
-// shares, so at most two hashes run at once. Checks wait in one queue per client
+// Password hashing, shared fairly. bcrypt runs on threads of its own (worker threads,
+// one per hash that may run at once, two by default), not on libuv's pool: the pool
+// writes every group commit and serves every read, so a hash there would hold a commit
+// back for as long as it runs (50-150 ms at cost 10 here), and the pool runs at the
+// event loop's priority (thread-priority.ts) while these threads are lowered with the
+// other background work, so a burst of logins yields the core to the loop. Each worker
+// costs about 9 MiB of memory; they start with the server. Checks wait in one queue per client
 // address, and the addresses are served round-robin: a login from one address waits
 // for about one hash per other busy address, however many connections those have.
 // Each connection has at most one check waiting (auth, register, changepassword and
@@ -13,11 +18,12 @@
 
 import { plainAddress } from "../addresses.js";
 import { createHash } from "node:crypto";
-import bcrypt from "bcrypt";
+import { createRequire } from "node:module";
+import { Worker } from "node:worker_threads";
 import { Code, ProtocolError } from "../protocol/codes.js";
 
 interface Job {
-  run: () => Promise<unknown>;
+  req: HashRequest;
   resolve: (v: unknown) => void;
   reject: (err: unknown) => void;
 }
@@ -34,6 +40,7 @@ export interface HasherLimits {
   /** Checks per second per address, and at once. */
   rate: number;
   burst: number;
+  /** Hashes run at once, each on its own worker thread (default 2). */
   parallel?: number;
   /** Addresses that take no token (IPv4-mapped IPv6 forms match their IPv4 address). */
   trusted?: ReadonlySet<string>;
@@ -41,11 +48,91 @@ export interface HasherLimits {
   maxBuckets?: number;
 }
 
+/** What a hash thread runs: bcrypt's synchronous calls, one request at a time. */
+const HASH_THREAD_SOURCE = `
+const { parentPort, workerData } = require("node:worker_threads");
+const bcrypt = require(workerData.bcrypt);
+parentPort.on("message", (m) => {
+  let reply;
+  try {
+    reply = { value: m.hash === undefined ? bcrypt.hashSync(m.pass, m.cost) : bcrypt.compareSync(m.pass, m.hash) };
+  } catch (err) {
+    reply = { error: String((err && err.message) || err) };
+  }
+  parentPort.postMessage(reply);
+});
+`;
+
+/** A bcrypt request: hash `pass` at `cost`, or compare it with `hash`. */
+interface HashRequest {
+  pass: string;
+  cost?: number;
+  hash?: string;
+}
+
+const BCRYPT_PATH = createRequire(import.meta.url).resolve("bcrypt");
+
+/**
+ * One worker thread that hashes, one request at a time (the hasher gives it one only
+ * when it is free). A thread that dies fails its request and is replaced at the next.
+ */
+class HashThread {
+  private worker: Worker | undefined;
+  private pending: { resolve: (v: unknown) => void; reject: (err: unknown) => void } | undefined;
+
+  private spawn(): Worker {
+    const w = new Worker(HASH_THREAD_SOURCE, {
+      eval: true,
+      workerData: { bcrypt: BCRYPT_PATH },
+      // bcrypt's work is native: the thread's own heap holds little more than a request.
+      resourceLimits: { maxOldGenerationSizeMb: 16, maxYoungGenerationSizeMb: 2 },
+    });
+    w.unref(); // an idle hasher does not keep the process alive
+    w.on("message", (m: { value?: unknown; error?: string }) => {
+      const p = this.pending;
+      this.pending = undefined;
+      if (m.error !== undefined) p?.reject(new Error(`password hashing failed: ${m.error}`));
+      else p?.resolve(m.value);
+    });
+    const lost = (err: unknown) => {
+      if (this.worker !== w) return;
+      this.worker = undefined;
+      const p = this.pending;
+      this.pending = undefined;
+      p?.reject(err instanceof Error ? err : new Error("the password hashing thread stopped"));
+    };
+    w.on("error", lost);
+    w.on("exit", () => lost(undefined));
+    return w;
+  }
+
+  /** Starts the thread now rather than at its first request. */
+  start(): void {
+    this.worker ??= this.spawn();
+  }
+
+  run(req: HashRequest): Promise<unknown> {
+    const w = (this.worker ??= this.spawn());
+    return new Promise((resolve, reject) => {
+      this.pending = { resolve, reject };
+      w.postMessage(req);
+    });
+  }
+
+  stop(): void {
+    const w = this.worker;
+    this.worker = undefined;
+    if (w) void w.terminate();
+  }
+}
+
 const SHUTTING_DOWN = "the server is shutting down; retry in a moment";
 
 export class PasswordHasher {
-  private running = 0;
   private stopped = false;
+  /** Hash threads not running a check. */
+  private readonly free: HashThread[] = [];
+  private readonly threads: HashThread[] = [];
   /** Addresses with checks waiting, in service order (the first is served next). */
   private readonly queues = new Map<string, Job[]>();
   private readonly buckets = new Map<string, Bucket>();
@@ -55,6 +142,13 @@ export class PasswordHasher {
   constructor(private readonly limits: HasherLimits) {
     this.parallel = limits.parallel ?? 2;
     this.maxBuckets = limits.maxBuckets ?? 100_000;
+    for (let i = 0; i < this.parallel; i++) this.threads.push(new HashThread());
+    this.free.push(...this.threads);
+  }
+
+  /** Starts the hash threads now (a server does, so its first logins do not wait for them). */
+  start(): void {
+    for (const t of this.threads) t.start();
   }
 
   /**
@@ -66,11 +160,11 @@ export class PasswordHasher {
   }
 
   hash(address: string, pass: string): Promise<string> {
-    return this.enqueue(address, () => bcrypt.hash(PasswordHasher.digest(pass), this.limits.cost)) as Promise<string>;
+    return this.enqueue(address, { pass: PasswordHasher.digest(pass), cost: this.limits.cost }) as Promise<string>;
   }
 
   verify(address: string, pass: string, hash: string): Promise<boolean> {
-    return this.enqueue(address, () => bcrypt.compare(PasswordHasher.digest(pass), hash)) as Promise<boolean>;
+    return this.enqueue(address, { pass: PasswordHasher.digest(pass), hash }) as Promise<boolean>;
   }
 
   private trusted(address: string): boolean {
@@ -112,15 +206,17 @@ export class PasswordHasher {
   /**
    * Shutdown: checks still waiting are answered 16 at once and no new one starts, so
    * that no handler is left waiting for hashes (up to --hash-queue-per-address per
-   * address, two at a time) while storage closes behind it. Running ones finish.
+   * address, two at a time) while storage closes behind it. Running ones finish; the
+   * threads end once they have.
    */
   stop(): void {
     this.stopped = true;
     for (const q of this.queues.values()) for (const job of q) job.reject(new ProtocolError(Code.Unavailable, SHUTTING_DOWN));
     this.queues.clear();
+    for (const t of this.free.splice(0)) t.stop();
   }
 
-  private enqueue(address: string, run: () => Promise<unknown>): Promise<unknown> {
+  private enqueue(address: string, req: HashRequest): Promise<unknown> {
     if (this.stopped) return Promise.reject(new ProtocolError(Code.Unavailable, SHUTTING_DOWN));
     const q = this.queues.get(address);
     if (q !== undefined && q.length >= this.limits.queuePerAddress) {
@@ -130,7 +226,7 @@ export class PasswordHasher {
       return Promise.reject(new ProtocolError(Code.RateLimited, "too many logins and registrations from your address; retry later"));
     }
     return new Promise((resolve, reject) => {
-      const job = { run, resolve, reject };
+      const job = { req, resolve, reject };
       if (q === undefined) this.queues.set(address, [job]);
       else q.push(job);
       this.pump();
@@ -138,15 +234,16 @@ export class PasswordHasher {
   }
 
   private pump(): void {
-    while (this.running < this.parallel && this.queues.size > 0) {
+    while (this.free.length > 0 && this.queues.size > 0) {
       const [address, q] = this.queues.entries().next().value as [string, Job[]];
       const job = q.shift() as Job;
       // Round-robin: the address goes to the back of the line, or leaves it.
       this.queues.delete(address);
       if (q.length > 0) this.queues.set(address, q);
-      this.running++;
-      job.run().then(job.resolve, job.reject).finally(() => {
-        this.running--;
+      const thread = this.free.pop() as HashThread;
+      thread.run(job.req).then(job.resolve, job.reject).finally(() => {
+        if (this.stopped) return thread.stop();
+        this.free.push(thread);
         this.pump();
       });
     }
