@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { registerUser, serveForFile } from "./helpers.js";
+import { login, registerUser, serveForFile } from "./helpers.js";
 
 
 const shared = serveForFile({ maxPicture: 4096, maxImport: 50 });
@@ -107,6 +107,57 @@ describe("contacts", () => {
     expect((await a.client.request("addcontact", {})).status).toBe(4);
     expect((await a.client.request("delcontact", { uid: "000000000000" })).status).toBe(8);
     expect((await a.client.request("delcontact", { uid: "" })).status).toBe(4);
+    a.client.close();
+    b.client.close();
+  });
+
+  /** The contacts keyspace's point reads (addcontact's "already listed?") wait `ms` first: a loaded disk. Returns the undo. */
+  function slowContactGets(ms: number): () => void {
+    const space = shared.server.services.storage.spaces.contacts as unknown as { get: (...args: unknown[]) => Promise<unknown> };
+    const get = space.get.bind(space);
+    space.get = async (...args: unknown[]) => {
+      await new Promise((r) => setTimeout(r, ms));
+      return get(...args);
+    };
+    return () => {
+      delete (space as { get?: unknown }).get;
+    };
+  }
+
+  it("two devices adding the same contact at once: one 0, the other 1", async () => {
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const restore = slowContactGets(100);
+    let replies: any[];
+    try {
+      replies = await Promise.all([a.client.request("addcontact", { uid: b.uid }), a2.client.request("addcontact", { uid: b.uid })]);
+    } finally {
+      restore();
+    }
+    expect(replies.map((r) => r.status).sort()).toEqual([0, 1]);
+    expect((await a.client.request("contactlist")).list.map((x: any) => x.uid)).toEqual([b.uid]);
+    for (const x of [a.client, a2.client, b.client]) x.close();
+  });
+
+  it("leaves no contact entry for an account deleted while it was being added", async () => {
+    // The "already listed?" read of the addcontact waits 200 ms; the contact deletes
+    // their account meanwhile. Either the add comes first and the deletion removes the
+    // entry, or the deletion does and the add gets 8: never an entry for a deleted user.
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const sv = shared.server.services;
+    const restore = slowContactGets(200);
+    try {
+      const adding = a.client.request("addcontact", { uid: b.uid });
+      await new Promise((r) => setTimeout(r, 50));
+      expect((await b.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      expect([0, 8]).toContain((await adding).status);
+    } finally {
+      restore();
+    }
+    expect(await sv.contacts.list(a.uid)).toEqual([]);
+    expect(await sv.contacts.listedBy(b.uid)).toEqual([]);
     a.client.close();
     b.client.close();
   });

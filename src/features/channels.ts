@@ -15,7 +15,7 @@ import { compileSchema, optionalString, requiredString } from "../protocol/valid
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv } from "../storage/layout.js";
 import type { Command, Outcome } from "./cluster.js";
-import { userLockKey, type Services } from "./services.js";
+import { underLocks, userLockKey, type Services } from "./services.js";
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
@@ -159,11 +159,6 @@ export function registerChannels(sv: Services): ChannelOps {
     throw who === undefined ? new ProtocolError(Code.NeedAuth, "the account was deleted; nothing was changed") : channelErrors.noUser(uid);
   }
 
-  /** Runs `fn` holding every lock in `keys`, taken in that order. */
-  function underLocks<T>(keys: readonly string[], fn: () => Promise<T>): Promise<T> {
-    return keys.length === 0 ? fn() : locks.run(keys[0], () => underLocks(keys.slice(1), fn));
-  }
-
   /**
    * Makes `uid` a member of `c` if they are not one and are under their cap (13,
    * naming them as `who`); true when they were not a member. One join per (channel,
@@ -181,7 +176,7 @@ export function registerChannels(sv: Services): ChannelOps {
     }
     const first = (async () => {
       if (await channels.isMember(c.chid, uid)) return false;
-      return underLocks([userLockKey(uid), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
+      return underLocks(locks, [userLockKey(uid), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
         await stillThere(uid, who);
         // Again under the lock: a creation naming them may have committed meanwhile.
         if (await channels.isMember(c.chid, uid)) return false;
@@ -227,7 +222,7 @@ export function registerChannels(sv: Services): ChannelOps {
       if (!priv && (await channels.byName(name)) !== undefined) throw taken();
       const everyone = [owner, ...members].sort();
       const lockKeys = [...everyone.map(userLockKey), ...everyone.map((uid) => `channels-of:${uid}`)];
-      return await underLocks(lockKeys, async () => {
+      return await underLocks(locks, lockKeys, async () => {
         await stillThere(owner);
         const found = await Promise.all(members.map((uid) => users.get(uid)));
         const missing = members.find((_, i) => found[i] === undefined);

@@ -5,7 +5,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
-import type { Services } from "./services.js";
+import { underLocks, userLockKey, type Services } from "./services.js";
 
 interface ImportEntry {
   myid?: string | number;
@@ -21,7 +21,7 @@ function contactCard(u: UserRecord) {
 const SEARCH_LIMIT = 50;
 
 export function registerContacts(sv: Services): void {
-  const { dispatcher, users, contacts, storage, router, hooks, config } = sv;
+  const { dispatcher, users, contacts, storage, router, hooks, config, locks } = sv;
 
   // Presence: the users who list someone hear when their first connection opens and
   // when their last one closes.
@@ -75,17 +75,28 @@ export function registerContacts(sv: Services): void {
       const me = req.session.uid as string;
       const { uid } = req.data;
       if (uid === me) throw new ProtocolError(Code.AlreadyExist, "you cannot add yourself as a contact");
-      const u = await users.get(uid);
-      if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
-      if (await contacts.has(me, uid)) throw new ProtocolError(Code.AlreadyExist, "that user is already in your contact list");
+      const check = async () => {
+        const u = await users.get(uid);
+        if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+        if (await contacts.has(me, uid)) throw new ProtocolError(Code.AlreadyExist, "that user is already in your contact list");
+        return u;
+      };
       if (sv.cluster) {
+        const u = await check();
         if ((await sv.cluster.append({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         }
         return { user: contactCard(u) };
       }
-      await storage.commit(contacts.addOps(me, uid));
-      return { user: contactCard(u) };
+      // Under both users' locks (sorted): a second device adding the same contact at
+      // once gets 1, not a second 0, and a deletion of either account (under its lock)
+      // sees the entry and removes it, or comes first and this gets 8 or NeedAuth.
+      return underLocks(locks, [me, uid].sort().map(userLockKey), async () => {
+        if (!(await users.get(me))) throw new ProtocolError(Code.NeedAuth, "the account was deleted; nothing was changed");
+        const u = await check();
+        await storage.commit(contacts.addOps(me, uid));
+        return { user: contactCard(u) };
+      });
     },
   });
 

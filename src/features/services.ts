@@ -26,6 +26,14 @@ export function userLockKey(uid: string): string {
   return `user:${uid}`;
 }
 
+/**
+ * Runs `fn` holding every lock in `keys`, taken in that order. Callers that take
+ * several users' locks sort the users first (one order everywhere: no deadlock).
+ */
+export function underLocks<T>(locks: KeyedLock, keys: readonly string[], fn: () => Promise<T>): Promise<T> {
+  return keys.length === 0 ? fn() : locks.run(keys[0], () => underLocks(locks, keys.slice(1), fn));
+}
+
 export class Hooks {
   private readonly presenceFns: PresenceHook[] = [];
 
