@@ -4,9 +4,10 @@
 // back for as long as it runs (50-150 ms at cost 10 here), and the pool runs at the
 // event loop's priority (thread-priority.ts) while these threads are lowered with the
 // other background work, so a burst of logins yields the core to the loop. Each worker
-// costs about 9 MiB of memory; they start with the server. Checks wait in one queue per client
-// address, and the addresses are served round-robin: a login from one address waits
-// for about one hash per other busy address, however many connections those have.
+// costs about 9 MiB of memory; they start with the server. Checks wait in one queue
+// per client address, and the addresses are served round-robin: a login from one
+// address waits for about one hash per other busy address, however many connections
+// those have.
 // Each connection has at most one check waiting (auth, register, changepassword and
 // deleteaccount are not pipelined: the dispatcher runs them one at a time). An
 // address's queue is bounded, and every check it starts takes a token from its
@@ -136,13 +137,11 @@ export class PasswordHasher {
   /** Addresses with checks waiting, in service order (the first is served next). */
   private readonly queues = new Map<string, Job[]>();
   private readonly buckets = new Map<string, Bucket>();
-  private readonly parallel: number;
   private readonly maxBuckets: number;
 
   constructor(private readonly limits: HasherLimits) {
-    this.parallel = limits.parallel ?? 2;
     this.maxBuckets = limits.maxBuckets ?? 100_000;
-    for (let i = 0; i < this.parallel; i++) this.threads.push(new HashThread());
+    for (let i = 0; i < (limits.parallel ?? 2); i++) this.threads.push(new HashThread());
     this.free.push(...this.threads);
   }
 
