@@ -2,6 +2,7 @@
 // below the event loop and libuv's pool, read back from /proc like `ps -L -o tid,nice`
 // does.
 import { readdirSync, readFileSync } from "node:fs";
+import os from "node:os";
 import { describe, expect, it } from "vitest";
 import { Client, registerUser } from "./helpers.js";
 import { useChildServers } from "./pipeline-helpers.js";
@@ -57,6 +58,20 @@ describe("background thread priority", () => {
     c.close();
     expect([...niceByThread(pid).values()].every((n) => n === 0)).toBe(true);
     expect(child.stdout()).not.toMatch(/background threads lowered/);
+  });
+
+  it("scavenges on the event loop alone when the process may run on one CPU (taskset), and keeps V8's parallel scavenge with more", async () => {
+    const line = /"cpus":1,"parallelScavenge":false,"msg":"one CPU to run on: young-generation collections run on the event loop alone"/;
+    const one = await startChild([], ["taskset", "-c", "0"]);
+    const c = await Client.connect(one.port);
+    expect((await c.request("ping")).status).toBe(0); // the line follows "listening"
+    c.close();
+    await expect.poll(() => one.stdout(), { timeout: 5000 }).toMatch(line);
+    const all = await startChild();
+    const d = await Client.connect(all.port);
+    expect((await d.request("ping")).status).toBe(0);
+    d.close();
+    expect(line.test(all.stdout())).toBe(os.availableParallelism() === 1);
   });
 
   it("hashes passwords on threads of their own: a commit does not wait behind a hash, even with a pool of one thread", async () => {
