@@ -49,11 +49,16 @@ export interface HasherLimits {
   maxBuckets?: number;
 }
 
-/** What a hash thread runs: bcrypt's synchronous calls, one request at a time. */
+/**
+ * What a hash thread runs: bcrypt's synchronous calls, one request at a time. It says
+ * "ready" once bcrypt is loaded, and ends itself on "stop" (see HashThread.stop).
+ */
 const HASH_THREAD_SOURCE = `
 const { parentPort, workerData } = require("node:worker_threads");
 const bcrypt = require(workerData.bcrypt);
+parentPort.postMessage("ready");
 parentPort.on("message", (m) => {
+  if (m === "stop") return parentPort.close();
   let reply;
   try {
     reply = { value: m.hash === undefined ? bcrypt.hashSync(m.pass, m.cost) : bcrypt.compareSync(m.pass, m.hash) };
@@ -80,6 +85,8 @@ const BCRYPT_PATH = createRequire(import.meta.url).resolve("bcrypt");
 class HashThread {
   private worker: Worker | undefined;
   private pending: { resolve: (v: unknown) => void; reject: (err: unknown) => void } | undefined;
+  /** Stops the current worker: at once if it has loaded bcrypt, else as soon as it has. */
+  private stopWorker: (() => void) | undefined;
 
   private spawn(): Worker {
     const w = new Worker(HASH_THREAD_SOURCE, {
@@ -89,7 +96,18 @@ class HashThread {
       resourceLimits: { maxOldGenerationSizeMb: 16, maxYoungGenerationSizeMb: 2 },
     });
     w.unref(); // an idle hasher does not keep the process alive
-    w.on("message", (m: { value?: unknown; error?: string }) => {
+    let loaded = false;
+    let stopAsked = false;
+    this.stopWorker = () => {
+      if (loaded) w.postMessage("stop");
+      else stopAsked = true;
+    };
+    w.on("message", (m: { value?: unknown; error?: string } | "ready") => {
+      if (m === "ready") {
+        loaded = true;
+        if (stopAsked) w.postMessage("stop");
+        return;
+      }
       const p = this.pending;
       this.pending = undefined;
       if (m.error !== undefined) p?.reject(new Error(`password hashing failed: ${m.error}`));
@@ -120,10 +138,19 @@ class HashThread {
     });
   }
 
+  /**
+   * Ends the thread by asking it to, never with terminate(): terminating a worker while
+   * it loads bcrypt makes the addon's initialisation throw a C++ exception nothing
+   * catches, and the whole process aborts ("terminate called after throwing an instance
+   * of 'Napi::Error'", seen when a server stopped right after it started). Only idle
+   * threads are stopped (a busy one after its request), so "stop" is the next message
+   * the thread reads.
+   */
   stop(): void {
-    const w = this.worker;
+    const stop = this.stopWorker;
     this.worker = undefined;
-    if (w) void w.terminate();
+    this.stopWorker = undefined;
+    stop?.();
   }
 }
 
