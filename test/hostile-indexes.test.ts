@@ -199,6 +199,47 @@ describe("the dialogs index", () => {
   });
 });
 
+describe("a deleted account's derived entries", () => {
+  it("are not written back by a generation prepared before the deletion", async () => {
+    // The generation holding b's inbox entry and dialog pointers reads the old pointers
+    // (dialogat) before it writes; that read is held until b has asked to be deleted.
+    // Before the fix the deletion removed what was on disk and the generation then
+    // wrote b's entries back: keys of a user who no longer exists.
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const spaces = shared.server.services.storage.spaces;
+    const dialogat = spaces.dialogat as unknown as { getMany: (...args: unknown[]) => Promise<unknown> };
+    const getMany = dialogat.getMany.bind(dialogat);
+    let reading!: () => void;
+    const readStarted = new Promise<void>((r) => (reading = r));
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    dialogat.getMany = async (...args: unknown[]) => {
+      reading();
+      await released;
+      return getMany(...args);
+    };
+    try {
+      await say(a, { uid: b.uid }, "to b, who is about to go");
+      await readStarted; // within the derived delay (a second)
+      const deleting = b.client.request("deleteaccount", { pass: "secret" });
+      setTimeout(release, 200);
+      expect((await deleting).status).toBe(0);
+    } finally {
+      delete (dialogat as { getMany?: unknown }).getMany;
+      release();
+    }
+    await shared.server.services.storage.settle();
+    for (const space of [spaces.inbox, spaces.cmids, spaces.dialogs, spaces.dialogat]) {
+      expect(await space.keys({ gte: `${b.uid}!`, lt: `${b.uid}!\uffff` }).all()).toEqual([]);
+    }
+    expect(await spaces.cursor.get(b.uid)).toBeUndefined();
+    // a keeps the conversation (messages stay in others' history).
+    expect(await dialogIds(a.client)).toContain(b.uid);
+    await closeAll(a.client, b.client);
+  });
+});
+
 describe("channellist is paged", () => {
   it("honours limit and after: every channel once, pages of at most limit, 100 by default", async () => {
     const owners = [await registerUser(shared.port), await registerUser(shared.port)];

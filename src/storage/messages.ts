@@ -70,6 +70,8 @@ const DERIVED_DELAY_MS = 1000;
 const DERIVED_MAX = 8192;
 /** Recent (sender, cmid) → [mid, time] kept in memory: resends within it read nothing. */
 const CMID_WINDOW = 65536;
+/** Deleted users whose derived entries are never written again (the oldest forgotten first). */
+const KNOWN_GONE = 65_536;
 /** Direct conversations known to be in `peers` (saves a write per message). */
 const KNOWN_PEERS = 100_000;
 /** Delivery cursors remembered. */
@@ -143,6 +145,12 @@ export class MessageStore {
   /** sender → recipient → their conversation's name (bounded like knownPeers): made once. */
   private readonly convs = new Map<string, Map<string, string>>();
   private convCount = 0;
+  /**
+   * Users deleted since start (KNOWN_GONE): a generation of derived entries prepared
+   * before the deletion, or a late advance, must not write their entries back after
+   * the deletion removed them (commitDerived leaves them out).
+   */
+  private readonly gone = new Set<string>();
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
   /**
@@ -573,7 +581,7 @@ export class MessageStore {
     // read took its cmid out of `d` (removal), and must not be put back after its delete.
     for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
     if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
-    this.storage.commitLazy(ops);
+    this.storage.commitLazy(this.gone.size > 0 ? ops.filter((op) => !this.gone.has(this.ownerOf(op.key))) : ops);
     this.storage.afterWrite((err) => {
       if (this.writing === d) this.writing = undefined;
       if (this.writingCursors === cursors) this.writingCursors = undefined;
@@ -581,6 +589,16 @@ export class MessageStore {
       if (this.pending.count > 0) this.armDerived();
       if (this.cursors.size > 0) this.armCursor();
     });
+  }
+
+  /** The user a derived entry belongs to (its key's first part), "" for any other key. */
+  private ownerOf(key: string): string {
+    for (const space of [this.s.inbox, this.s.cursor, this.s.cmids, this.s.dialogs, this.s.dialogat]) {
+      if (!key.startsWith(space.prefix)) continue;
+      const bang = key.indexOf("!", space.prefix.length);
+      return bang < 0 ? key.slice(space.prefix.length) : key.slice(space.prefix.length, bang);
+    }
+    return "";
   }
 
   /** A generation whose write failed: its entries wait again, before anything newer. */
@@ -770,11 +788,17 @@ export class MessageStore {
    * list of direct peers. Their messages stay in others' history.
    */
   async forgetUserOps(uid: string): Promise<BatchOp[]> {
+    if (this.gone.size >= KNOWN_GONE) this.gone.delete(this.gone.values().next().value as string);
+    this.gone.add(uid);
     const ops: BatchOp[] = [del(this.s.cursor, uid)];
     this.cursors.delete(uid);
     this.pending.inbox.delete(uid);
     this.pending.dialogs.delete(uid);
     this.pending.rechecks.delete(uid);
+    // A generation being prepared now commits without the user's entries; one already
+    // in a batch is on disk once that batch is written, and the reads below find it.
+    await this.preparing?.catch(() => {});
+    await new Promise<void>((resolve) => this.storage.afterWrite(() => resolve()));
     for (const space of [this.s.inbox, this.s.cmids, this.s.peers, this.s.dialogs, this.s.dialogat]) {
       for (const key of await readKeys(space, prefixRange(uid))) ops.push(del(space, key));
     }
