@@ -104,9 +104,9 @@ function boundHeapGrowth(percent: number): void {
  * millisecond, yet paused the loop 1.4-15.7 ms (4-5 ms typically), almost all of it
  * waiting for the helper (its time matched the pause), at one scavenge every 0.4 s:
  * about 1 % of the time, enough to set the p99 delivery latency. On the loop alone the
- * same load's scavenges paused 1.4-4.4 ms (2-3 ms typically). V8 reads the flag at every scavenge, so setting it
- * at start-up takes effect. More CPUs keep V8's default. Only the process's own entry
- * point does this (as boundHeapGrowth).
+ * same load's scavenges paused 1.4-4.4 ms (2-3 ms typically). V8 reads the flag at
+ * every scavenge, so setting it at start-up takes effect. More CPUs keep V8's default.
+ * Only the process's own entry point does this (as boundHeapGrowth).
  */
 function scavengeOnLoopAlone(): boolean {
   if (os.availableParallelism() > 1) return false;
