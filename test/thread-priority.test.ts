@@ -60,8 +60,8 @@ describe("background thread priority", () => {
     expect(child.stdout()).not.toMatch(/background threads lowered/);
   });
 
-  it("scavenges on the event loop alone when the process may run on one CPU (taskset), and keeps V8's parallel scavenge with more", async () => {
-    const line = /"cpus":1,"parallelScavenge":false,"msg":"one CPU to run on: young-generation collections run on the event loop alone"/;
+  it("scavenges and sweeps freed buffers on the event loop alone when the process may run on one CPU (taskset), and keeps V8's helpers with more", async () => {
+    const line = /"cpus":1,"parallelScavenge":false,"concurrentArrayBufferSweeping":false,"msg":"one CPU to run on: young-generation collections run on the event loop alone"/;
     const one = await startChild([], ["taskset", "-c", "0"]);
     const c = await Client.connect(one.port);
     expect((await c.request("ping")).status).toBe(0); // the line follows "listening"
