@@ -58,7 +58,11 @@ describe("cluster mode on a three-server NATS cluster (--replicas 3)", () => {
     const replies = (async () => {
       for (let i = 0; i < n; i++) {
         // Replies come in request order; one may wait out the write budget (10 s) in the stall.
-        const r = (await alice.client.reply("message", 30_000)).data;
+        const r = (
+          await alice.client.reply("message", 30_000).catch((err: Error) => {
+            throw new Error(`reply ${i + 1} of ${n} (leader killed: ${killed}): ${err.message}`);
+          })
+        ).data;
         if (r.status === 0) mids.set(i, r.mid);
         else {
           expect(r.status).toBe(16);
@@ -97,7 +101,14 @@ describe("cluster mode on a three-server NATS cluster (--replicas 3)", () => {
     }
     expect(mids.size).toBe(n);
     const got: any[] = [];
-    while (got.length < n) got.push((await bob.client.next((f) => f.action === "ev_message", 30_000)).data);
+    while (got.length < n) {
+      const ev = await bob.client.next((f) => f.action === "ev_message", 30_000).catch((err: Error) => {
+        const seen = new Set(got.map((m) => m.mid));
+        const missing = [...mids].filter(([, mid]) => !seen.has(mid));
+        throw new Error(`bob got ${got.length} of ${n}; not delivered: ${missing.length}, e.g. ${JSON.stringify(missing.slice(0, 5))}: ${err.message}`);
+      });
+      got.push(ev.data);
+    }
     expect(await bob.client.quiet(500, (f) => f.action === "ev_message")).toBe(true);
     // Each message once, in mid order, and each acknowledged mid is the one delivered.
     expect(new Set(got.map((m) => m.mid)).size).toBe(n);
