@@ -240,6 +240,12 @@ export function prefixRange(prefix: string): { gt: string; lt: string } {
   return { gt: `${prefix}!`, lt: `${prefix}"` };
 }
 
+/** The first part of a `<a>!<b>` key (the whole key when it has one part). */
+export function keyHead(key: string): string {
+  const bang = key.indexOf("!");
+  return bang < 0 ? key : key.slice(0, bang);
+}
+
 /** The second part of a `<a>!<b>` key. */
 export function keyTail(key: string): string {
   return key.slice(key.indexOf("!") + 1);

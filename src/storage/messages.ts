@@ -40,6 +40,7 @@ import {
   directConv,
   histKey,
   inboxKey,
+  keyHead,
   LAYOUT_VERSION,
   pair,
   prefixRange,
@@ -594,9 +595,7 @@ export class MessageStore {
   /** The user a derived entry belongs to (its key's first part), "" for any other key. */
   private ownerOf(key: string): string {
     for (const space of [this.s.inbox, this.s.cursor, this.s.cmids, this.s.dialogs, this.s.dialogat]) {
-      if (!key.startsWith(space.prefix)) continue;
-      const bang = key.indexOf("!", space.prefix.length);
-      return bang < 0 ? key.slice(space.prefix.length) : key.slice(space.prefix.length, bang);
+      if (key.startsWith(space.prefix)) return keyHead(key.slice(space.prefix.length));
     }
     return "";
   }
