@@ -1,17 +1,32 @@
 // Contact lists, stored both ways: an owner's list and, for each user, who lists them.
 
 import { del, put, type BatchOp, type Storage } from "./db.js";
-import { keyTail, pair, prefixRange, type Spaces } from "./layout.js";
+import { keyHead, keyTail, pair, prefixRange, type Spaces } from "./layout.js";
 import { readKeys } from "./range.js";
+import { ReadCache } from "./read-cache.js";
+
+/**
+ * Contact lists remembered (contactlist reads its caller's on every call; a soak's 80 a
+ * second were a sixth of its range reads): at most this many uids in all, the least
+ * recently read list evicted first. A write to an owner's list drops it (read-cache.ts).
+ */
+const LIST_CACHE_UIDS = 262_144;
 
 export class ContactStore {
   private readonly s: Spaces;
+  private readonly lists = new ReadCache<string[]>(LIST_CACHE_UIDS, keyHead, (uids) => Math.max(uids.length, 1));
   constructor(storage: Storage) {
     this.s = storage.spaces;
+    storage.watch(this.s.contacts, this.lists);
   }
 
   async list(owner: string): Promise<string[]> {
-    return (await readKeys(this.s.contacts, prefixRange(owner))).map(keyTail);
+    const hit = this.lists.get(owner);
+    if (hit !== undefined) return hit.slice();
+    const token = this.lists.token();
+    const uids = (await readKeys(this.s.contacts, prefixRange(owner))).map(keyTail);
+    this.lists.fill(owner, owner, uids.slice(), token);
+    return uids;
   }
 
   /** Users who have `uid` in their contact list. */

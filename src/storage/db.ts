@@ -43,19 +43,45 @@ export interface BatchOp {
   type: "put" | "del";
   key: string;
   value?: string;
+  /** Who hears of this write (its space is watched), with its key in the space. */
+  watch?: SpaceWatcher;
+  spaceKey?: string;
+}
+
+/**
+ * Hears of each write to a watched space (Storage.watch): when it joins a batch, and
+ * again once that batch is written or has failed. Keys come without the space's prefix.
+ * (Only writes made with put/putText/del below: the message hot path's own puts are to
+ * spaces nobody watches.)
+ */
+export interface SpaceWatcher {
+  queued(key: string): void;
+  written(key: string): void;
+}
+
+const watchers = new WeakMap<Space, SpaceWatcher>();
+
+function op(type: "put" | "del", sublevel: Space, key: string, value: string | undefined): BatchOp {
+  const watch = watchers.get(sublevel);
+  const o: BatchOp = { type, key: sublevel.prefix + key, value };
+  if (watch !== undefined) {
+    o.watch = watch;
+    o.spaceKey = key;
+  }
+  return o;
 }
 
 export function put(sublevel: Space, key: string, value: unknown): BatchOp {
-  return { type: "put", key: sublevel.prefix + key, value: JSON.stringify(value) };
+  return op("put", sublevel, key, JSON.stringify(value));
 }
 
 /** A put whose value is already JSON text (serialised once, used for disk and wire). */
 export function putText(sublevel: Space, key: string, json: string): BatchOp {
-  return { type: "put", key: sublevel.prefix + key, value: json };
+  return op("put", sublevel, key, json);
 }
 
 export function del(sublevel: Space, key: string): BatchOp {
-  return { type: "del", key: sublevel.prefix + key };
+  return op("del", sublevel, key, undefined);
 }
 
 /**
@@ -140,6 +166,8 @@ class Batch {
   waiters: (Done | CommitWaiter)[] = [];
   /** Resolved/rejected form for commit() callers, made on first use. */
   promise: Promise<void> | undefined;
+  /** Its writes to watched spaces, told again once it is written. */
+  watched: BatchOp[] | undefined;
 }
 
 /** A monotonic number kept in `meta`; the latest value rides along in each batch. */
@@ -228,11 +256,22 @@ export class Storage {
   }
 
   private add(op: BatchOp): void {
-    if (op.type === "put") return this.put(op.key, op.value as string);
-    if (this.closed) throw new Error("storage is closed");
-    const b = this.open;
-    this.binding.batch_del(b.native ?? this.take(b), op.key);
-    b.ops++;
+    if (op.type === "put") this.put(op.key, op.value as string);
+    else {
+      if (this.closed) throw new Error("storage is closed");
+      const b = this.open;
+      this.binding.batch_del(b.native ?? this.take(b), op.key);
+      b.ops++;
+    }
+    if (op.watch !== undefined) {
+      op.watch.queued(op.spaceKey as string);
+      (this.open.watched ??= []).push(op);
+    }
+  }
+
+  /** Tells `watcher` of every write to `space` from now on (see SpaceWatcher). */
+  watch(space: Space, watcher: SpaceWatcher): void {
+    watchers.set(space, watcher);
   }
 
   /** Gives the batch being gathered a native batch (there is always one spare). */
@@ -339,6 +378,15 @@ export class Storage {
     b.native = undefined;
     this.binding.batch_clear(native);
     this.spare.push(native);
+    if (b.watched !== undefined) {
+      for (const op of b.watched) {
+        try {
+          op.watch?.written(op.spaceKey as string);
+        } catch (e) {
+          this.log.error({ err: e }, "write watcher failed");
+        }
+      }
+    }
     // What arrived during the write goes out now (it has waited one write already),
     // before this batch's waiters run: its write and fsync then overlap their work
     // (delivering and acknowledging a batch of messages took the event loop as long as
