@@ -3,6 +3,7 @@
 // however it interleaves with reads in flight, is seen by the next request sent after
 // its reply. Against a real server over TCP.
 import { describe, expect, it } from "vitest";
+import { rng } from "../scripts/load-lib.js";
 import { Client, login, registerUser, uniqueName, serveForFile, type Account } from "./helpers.js";
 
 const shared = serveForFile();
@@ -10,18 +11,6 @@ const shared = serveForFile();
 async function closeAll(...clients: Client[]): Promise<void> {
   for (const c of clients) c.close();
   await Promise.all(clients.map((c) => c.closed));
-}
-
-/** A small deterministic PRNG (mulberry32), so a failure can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Every reply for `action` still owed to `c`, taken so later reads see only theirs. */
@@ -88,7 +77,7 @@ describe("searchuser's remembered results", () => {
 describe("contactlist's remembered lists", () => {
   it("equal the model after every add and delete, with lists read from a second device all along (random interleaving)", async () => {
     const seed = 20261203;
-    const rand = prng(seed);
+    const rand = rng(seed);
     const owner = await registerUser(shared.port);
     const second = await login(shared.port, owner.login);
     expect(second.auth.status).toBe(0);

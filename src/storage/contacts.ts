@@ -14,19 +14,14 @@ const LIST_CACHE_UIDS = 262_144;
 
 export class ContactStore {
   private readonly s: Spaces;
-  private readonly lists = new ReadCache<string[]>(LIST_CACHE_UIDS, keyHead, (uids) => Math.max(uids.length, 1));
+  private readonly lists = new ReadCache<string>(LIST_CACHE_UIDS, keyHead);
   constructor(storage: Storage) {
     this.s = storage.spaces;
     storage.watch(this.s.contacts, this.lists);
   }
 
   async list(owner: string): Promise<string[]> {
-    const hit = this.lists.get(owner);
-    if (hit !== undefined) return hit.slice();
-    const token = this.lists.token();
-    const uids = (await readKeys(this.s.contacts, prefixRange(owner))).map(keyTail);
-    this.lists.fill(owner, owner, uids.slice(), token);
-    return uids;
+    return this.lists.read(owner, owner, async () => (await readKeys(this.s.contacts, prefixRange(owner))).map(keyTail));
   }
 
   /** Users who have `uid` in their contact list. */

@@ -137,7 +137,7 @@ function nativeBatches(db: Level<string, string>): { binding: Binding; batches: 
   const require = createRequire(import.meta.url);
   const version = (require("classic-level/package.json") as { version: string }).version;
   const binding = require("classic-level/binding") as Partial<Binding>;
-  const take = (): NativeBatch | undefined => {
+  const grab = (): NativeBatch | undefined => {
     // A chained batch holds its native batch under a symbol named "context"; the
     // native batch lives as long as something holds it (a finaliser frees it).
     const chain = db.batch();
@@ -146,8 +146,8 @@ function nativeBatches(db: Level<string, string>): { binding: Binding; batches: 
     void chain.close();
     return native !== undefined && typeof native === "object" ? native : undefined;
   };
-  const a = take();
-  const b = take();
+  const a = grab();
+  const b = grab();
   const ok = ["batch_put", "batch_del", "batch_clear", "batch_write"].every((f) => typeof binding[f as keyof Binding] === "function") && a && b;
   if (version !== PINNED_CLASSIC_LEVEL || !ok) {
     throw new Error(
@@ -249,23 +249,19 @@ export class Storage {
 
   /** Adds one put to the batch being gathered (the hot path: no op object). */
   put(key: string, value: string): void {
-    if (this.closed) throw new Error("storage is closed");
     const b = this.open;
-    this.binding.batch_put(b.native ?? this.take(b), key, value);
+    this.binding.batch_put(this.nativeOf(b), key, value);
     b.ops++;
   }
 
   private add(op: BatchOp): void {
-    if (op.type === "put") this.put(op.key, op.value as string);
-    else {
-      if (this.closed) throw new Error("storage is closed");
-      const b = this.open;
-      this.binding.batch_del(b.native ?? this.take(b), op.key);
-      b.ops++;
-    }
+    const b = this.open;
+    if (op.type === "put") this.binding.batch_put(this.nativeOf(b), op.key, op.value as string);
+    else this.binding.batch_del(this.nativeOf(b), op.key);
+    b.ops++;
     if (op.watch !== undefined) {
       op.watch.queued(op.spaceKey as string);
-      (this.open.watched ??= []).push(op);
+      (b.watched ??= []).push(op);
     }
   }
 
@@ -274,8 +270,10 @@ export class Storage {
     watchers.set(space, watcher);
   }
 
-  /** Gives the batch being gathered a native batch (there is always one spare). */
-  private take(b: Batch): NativeBatch {
+  /** `b`'s native batch, taken from the spares on its first operation (one is always free). */
+  private nativeOf(b: Batch): NativeBatch {
+    if (this.closed) throw new Error("storage is closed");
+    if (b.native !== undefined) return b.native;
     const native = this.spare.pop();
     if (native === undefined) throw new Error("no native batch free (two batches in use)");
     b.native = native;

@@ -1,5 +1,5 @@
-// A bounded cache of what a read found in the database, kept exact by the writes it
-// depends on.
+// A bounded cache of lists read from the database (a contact list, a prefix search's
+// uids), kept exact by the writes they depend on.
 //
 // Storage tells the cache of every write to the spaces it watches (Storage.watch)
 // twice: when the write joins a batch, and once that batch is written (or failed).
@@ -11,21 +11,21 @@
 // filled, or after it, and fills nothing. So an entry is never older than the
 // database, whatever order reads and writes interleave in.
 //
-// Bounds: entries by total weight (a list counts its length), the least recently used
-// evicted first; the record of recently written groups is cleared past 4× the entry
+// Bounds: entries by the total length of their lists, the least recently used evicted
+// first; the record of recently written groups is cleared past 4× the entry
 // bound, after which reads begun before the clear do not fill.
 
 import type { SpaceWatcher } from "./db.js";
 
-interface Entry<V> {
-  v: V;
+interface Entry<T> {
+  list: readonly T[];
   weight: number;
   group: string;
 }
 
-export class ReadCache<V> implements SpaceWatcher {
+export class ReadCache<T> implements SpaceWatcher {
   /** Entries by key, least recently used first. */
-  private readonly entries = new Map<string, Entry<V>>();
+  private readonly entries = new Map<string, Entry<T>>();
   /** Group → the keys of its entries. */
   private readonly groups = new Map<string, Set<string>>();
   private weight = 0;
@@ -36,37 +36,40 @@ export class ReadCache<V> implements SpaceWatcher {
   private floor = 0;
 
   constructor(
-    private readonly maxWeight: number,
+    /** Most items held, over all lists. */
+    private readonly maxItems: number,
     /** The group a written key (without its space's prefix) belongs to. */
     private readonly groupOf: (key: string) => string,
-    private readonly weigh: (v: V) => number = () => 1,
   ) {}
 
-  /** Taken before a read whose result may fill the cache. */
-  token(): number {
-    return this.clock;
-  }
-
-  get(key: string): V | undefined {
+  /**
+   * The list at `key` (of `group`): remembered, or what `load` reads, kept unless a
+   * write of `group` was noticed meanwhile. The caller gets its own copy.
+   */
+  async read(group: string, key: string, load: () => Promise<T[]>): Promise<T[]> {
     const hit = this.entries.get(key);
-    if (hit === undefined) return undefined;
-    this.entries.delete(key);
-    this.entries.set(key, hit);
-    return hit.v;
+    if (hit !== undefined) {
+      this.entries.delete(key);
+      this.entries.set(key, hit);
+      return hit.list.slice();
+    }
+    const token = this.clock;
+    const list = await load();
+    this.fill(group, key, list.slice(), token);
+    return list;
   }
 
-  /** Keeps what a read begun at `token` found, unless a write of `group` was noticed since. */
-  fill(group: string, key: string, v: V, token: number): void {
+  private fill(group: string, key: string, list: readonly T[], token: number): void {
     if (token < this.floor || (this.touched.get(group) ?? -1) > token) return;
-    const weight = this.weigh(v);
-    if (weight > this.maxWeight) return;
+    const weight = Math.max(list.length, 1);
+    if (weight > this.maxItems) return;
     this.remove(key);
-    this.entries.set(key, { v, weight, group });
+    this.entries.set(key, { list, weight, group });
     let keys = this.groups.get(group);
     if (keys === undefined) this.groups.set(group, (keys = new Set()));
     keys.add(key);
     this.weight += weight;
-    while (this.weight > this.maxWeight) this.remove(this.entries.keys().next().value as string);
+    while (this.weight > this.maxItems) this.remove(this.entries.keys().next().value as string);
   }
 
   queued(key: string): void {

@@ -29,7 +29,7 @@ export class UserStore {
   /** Index keys being written by a batch not yet on disk (`<index>:<key>`). */
   private readonly claims = new Set<string>();
   private readonly s: Spaces;
-  private readonly searches = new ReadCache<string[]>(SEARCH_CACHE_UIDS, () => "", (uids) => Math.max(uids.length, 1));
+  private readonly searches = new ReadCache<string>(SEARCH_CACHE_UIDS, () => "");
 
   constructor(
     private readonly storage: Storage,
@@ -119,13 +119,7 @@ export class UserStore {
   async prefixSearch(index: "login" | "nick", prefix: string, limit: number): Promise<string[]> {
     const from = indexKey(index, prefix);
     // One group for both indexes: the cache keys entries by the whole query.
-    const query = `${index}\u0000${limit}\u0000${from}`;
-    const hit = this.searches.get(query);
-    if (hit !== undefined) return hit.slice();
-    const token = this.searches.token();
-    const uids = await readValues<string>(this.s[index], { gte: from, lt: from + "\u{10FFFF}", limit });
-    this.searches.fill("", query, uids.slice(), token);
-    return uids;
+    return this.searches.read("", `${index}\u0000${limit}\u0000${from}`, () => readValues<string>(this.s[index], { gte: from, lt: from + "\u{10FFFF}", limit }));
   }
 
   /** Index lookups for many values at once (undefined entries are skipped). */
