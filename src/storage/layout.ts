@@ -227,8 +227,50 @@ export function banKey(kind: BanKind, value: string): string {
 }
 
 export function seqKey(seq: number): string {
-  const s = String(seq);
+  const s = decimal(seq);
   return ZEROS.slice(s.length) + s;
+}
+
+const fcc = String.fromCharCode;
+
+/** Eight decimal digits of 0 <= n < 1e8, zero-padded, as one flat string. */
+function digits8(n: number): string {
+  const hi = (n / 1e4) | 0;
+  const lo = n - hi * 1e4;
+  return fcc(
+    48 + ((hi / 1000) | 0), 48 + (((hi / 100) | 0) % 10), 48 + (((hi / 10) | 0) % 10), 48 + (hi % 10),
+    48 + ((lo / 1000) | 0), 48 + (((lo / 100) | 0) % 10), 48 + (((lo / 10) | 0) % 10), 48 + (lo % 10),
+  );
+}
+
+/**
+ * String(n) for a non-negative integer below 2^53 (a seq), without V8's number-string
+ * cache. String(), template literals and + put every number they convert into that
+ * cache, an old-space table of up to 16,384 entries that is only emptied by a full GC:
+ * each new seq's string (every message makes one) stayed alive through the scavenges
+ * of the next seconds and was promoted. Measured in S2 (5,000 msg/s, steady state):
+ * scavenges went from 2.4-2.6 ms to 1.4 ms, their copying from 1.2 to 0.4 ms, the
+ * bytes promoted by each from 105-111 KB to 58-59 KB. It is also faster than a cache
+ * miss (25-50 ns against 62 ns in a micro-benchmark).
+ */
+export function decimal(n: number): string {
+  if (n >= 1e8) {
+    const hi = Math.floor(n / 1e8);
+    return decimal(hi) + digits8(n - hi * 1e8);
+  }
+  if (n < 1e4) {
+    if (n < 10) return fcc(48 + n);
+    if (n < 100) return fcc(48 + ((n / 10) | 0), 48 + (n % 10));
+    if (n < 1000) return fcc(48 + ((n / 100) | 0), 48 + (((n / 10) | 0) % 10), 48 + (n % 10));
+    return fcc(48 + ((n / 1000) | 0), 48 + (((n / 100) | 0) % 10), 48 + (((n / 10) | 0) % 10), 48 + (n % 10));
+  }
+  const hi = (n / 1e4) | 0;
+  const lo = n - hi * 1e4;
+  const a = 48 + ((lo / 1000) | 0), b = 48 + (((lo / 100) | 0) % 10), c = 48 + (((lo / 10) | 0) % 10), d = 48 + (lo % 10);
+  if (hi >= 1000) return fcc(48 + ((hi / 1000) | 0), 48 + (((hi / 100) | 0) % 10), 48 + (((hi / 10) | 0) % 10), 48 + (hi % 10), a, b, c, d);
+  if (hi >= 100) return fcc(48 + ((hi / 100) | 0), 48 + (((hi / 10) | 0) % 10), 48 + (hi % 10), a, b, c, d);
+  if (hi >= 10) return fcc(48 + ((hi / 10) | 0), 48 + (hi % 10), a, b, c, d);
+  return fcc(48 + hi, a, b, c, d);
 }
 
 export function pair(a: string, b: string): string {

@@ -35,6 +35,7 @@ import type { Logger } from "pino";
 import { del, put, putText, type BatchOp, type Counter, type Storage } from "./db.js";
 import {
   convOf,
+  decimal,
   dialogKey,
   dialogSeq,
   directConv,
@@ -308,7 +309,7 @@ export class MessageStore {
    */
   append(m: MessageRecord, plainBody = false, nickJson?: string): { json: string; cut: number } {
     const seq = this.seq.next();
-    m.mid = String(seq);
+    m.mid = decimal(seq);
     const text = recordJson(m, plainBody, nickJson);
     this.storage.put(this.s.log.prefix + seqKey(seq), text.json);
     const conv = this.convOf(m);
