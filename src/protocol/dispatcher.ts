@@ -27,6 +27,7 @@ import type { ReplyBody } from "./codec.js";
 import { Code, ProtocolError } from "./codes.js";
 import type { Audience, Event } from "./events.js";
 import { peekAction, type OutFrame } from "./frames.js";
+import { decodeFrame } from "./native-decode.js";
 import type { Delivery } from "./router.js";
 import { Session, type Peer, type StoredAttachment, type Upload } from "./session.js";
 import type { Codec } from "./codec.js";
@@ -331,11 +332,11 @@ export class Dispatcher {
    */
   frame(s: Session, bytes: Buffer, upload?: Upload, ascii = false): void {
     if (!ascii && !isUtf8(bytes)) return this.refuseFrame(s, upload, "frame is not valid UTF-8", peekAction(bytes));
+    // memchr over the frame: a few ns, and the message record is then joined, not stringified.
+    const plain = bytes.indexOf(0x5c) === -1;
     let msg: unknown;
     try {
-      // The scanner saw every byte: an ASCII frame decodes as latin1, a faster path to
-      // the same string.
-      msg = JSON.parse(bytes.toString(ascii ? "latin1" : "utf8"));
+      msg = decodeFrame(bytes, ascii, plain);
     } catch {
       return this.refuseFrame(s, upload, "frame is not valid JSON", peekAction(bytes));
     }
@@ -344,8 +345,7 @@ export class Dispatcher {
     }
     const { action, data } = msg as { action?: unknown; data?: unknown };
     if (typeof action !== "string" || action === "") return this.refuseFrame(s, upload, "frame has no 'action' string", undefined);
-    // memchr over the frame: a few ns, and the message record is then joined, not stringified.
-    this.dispatch(s, action, data, upload, bytes.length, bytes.indexOf(0x5c) === -1);
+    this.dispatch(s, action, data, upload, bytes.length, plain);
   }
 
   private refuseFrame(s: Session, upload: Upload | undefined, reason: string, action: string | undefined): void {

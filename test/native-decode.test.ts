@@ -1,0 +1,112 @@
+// The native decoder's fast path for `message` frames: whenever it answers, it answers
+// what JSON.parse would; over real TCP, frames it passes on are refused or served as before.
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { decodeFrame, fastMessage } from "../src/protocol/native-decode.js";
+import { registerUser, serveForFile } from "./helpers.js";
+
+const shared = serveForFile();
+
+/** What the scanner tells the decoder about a frame's bytes. */
+const flags = (b: Buffer) => ({ ascii: b.every((x) => x < 0x80), plain: !b.includes(0x5c) });
+
+/** decodeFrame's value, or "throws" (as the dispatcher sees it). */
+function decoded(b: Buffer): unknown {
+  const { ascii, plain } = flags(b);
+  try {
+    return decodeFrame(b, ascii, plain);
+  } catch {
+    return "throws";
+  }
+}
+
+/** JSON.parse's value for the same bytes, or "throws". */
+function parsed(b: Buffer): unknown {
+  try {
+    return JSON.parse(b.toString("utf8"));
+  } catch {
+    return "throws";
+  }
+}
+
+const KEYS = ["uid", "channel", "body", "cmid"];
+/** Printable ASCII without backslash or quote: what the fast path reads itself. */
+const plainText = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).filter((c) => c !== 0x22 && c !== 0x5c).map((c) => String.fromCharCode(c)), maxLength: 40 });
+/** The common shape, keys in any order, repeats included. */
+const canonical = fc
+  .array(fc.tuple(fc.constantFrom(...KEYS), plainText), { minLength: 1, maxLength: 5 })
+  .map((fields) => Buffer.from(`{"action":"message","data":{${fields.map(([k, v]) => `"${k}":"${v}"`).join(",")}}}`, "latin1"));
+
+/** Bytes that matter to JSON's syntax, control and high bytes among them. */
+const NOISE = [..."{}[]\":,\\ \t\r\nabu0", "\u0000", "\u001f", "\u007f"].map((c) => c.charCodeAt(0)).concat([0x80, 0xc3, 0xa9, 0xff]);
+
+/** A canonical frame with a few bytes inserted, replaced or removed, or cut short. */
+const nearMiss = fc
+  .tuple(
+    canonical,
+    fc.array(fc.tuple(fc.constantFrom("insert", "replace", "delete"), fc.nat(), fc.constantFrom(...NOISE)), { minLength: 1, maxLength: 3 }),
+    fc.option(fc.nat()),
+  )
+  .map(([frame, edits, cut]) => {
+    const bytes = [...frame];
+    for (const [op, at, byte] of edits) {
+      const i = at % (bytes.length + 1);
+      if (op === "insert") bytes.splice(i, 0, byte);
+      else if (op === "replace" && i < bytes.length) bytes[i] = byte;
+      else if (op === "delete" && i < bytes.length) bytes.splice(i, 1);
+    }
+    return Buffer.from(cut === null ? bytes : bytes.slice(0, cut % (bytes.length + 1)));
+  });
+
+describe("native frame decoding", () => {
+  it("reads every frame of the common shape itself, as JSON.parse reads it", () => {
+    fc.assert(
+      fc.property(canonical, (b) => {
+        const fast = fastMessage(b);
+        expect(fast).toBeDefined();
+        expect(fast).toEqual(JSON.parse(b.toString("latin1")));
+      }),
+      { numRuns: 2000 },
+    );
+  });
+
+  it("gives JSON.parse's value or its refusal for anything near that shape", () => {
+    fc.assert(
+      fc.property(nearMiss, (b) => {
+        expect(decoded(b)).toEqual(parsed(b));
+      }),
+      { numRuns: 20_000 },
+    );
+  });
+
+  it("passes on spaces, escapes, other fields and other actions", () => {
+    for (const text of [
+      '{"action":"message","data":{"uid":"a", "body":"b"}}',
+      '{"action":"message","data":{"uid":"a","body":"b\\"c"}}',
+      '{"action":"message","data":{"uid":"a","body":"b","attach":{"mime":"x","data":""}}}',
+      '{"action":"message","data":{"uid":"a","to":"b"}}',
+      '{"action":"message","data":{"uid":"a","body":1}}',
+      '{"action":"messages","data":{"uid":"a","body":"b"}}',
+      '{"data":{"uid":"a","body":"b"},"action":"message"}',
+      '{"action":"message","data":{"__proto__":"a"}}',
+      '{"action":"message","data":{}}',
+      '{"action":"message","data":{"uid":"a\u0001"}}',
+    ]) {
+      const b = Buffer.from(text);
+      expect(fastMessage(b), text).toBeUndefined();
+      expect(decoded(b), text).toEqual(parsed(b));
+    }
+  });
+
+  it("over TCP: a control character in a body is refused as JSON.parse refuses it, and the connection goes on", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    a.client.write(`{"action":"message","data":{"uid":"${b.uid}","body":"bad\u0001byte"}}\n`);
+    expect((await a.client.reply("message")).data).toEqual({ status: 3, error: "frame is not valid JSON" });
+    a.client.write(`{"action":"message","data":{"body":"fine","uid":"${b.uid}"}}\n`);
+    expect((await a.client.reply("message")).data.status).toBe(0);
+    expect((await b.client.reply("ev_message")).data).toMatchObject({ from: a.uid, body: "fine", to: b.uid });
+    a.client.close();
+    b.client.close();
+  });
+});
