@@ -2,10 +2,15 @@
 // what JSON.parse would; over real TCP, frames it passes on are refused or served as before.
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { decodeFrame, fastMessage } from "../src/protocol/native-decode.js";
+import { decodeFrame, FastShapes } from "../src/protocol/native-decode.js";
 import { registerUser, serveForFile } from "./helpers.js";
 
 const shared = serveForFile();
+
+/** message's declared shape, as features/messages.ts registers it. */
+const shapes = new FastShapes();
+shapes.add("message", ["uid", "channel", "body", "cmid"]);
+const fastMessage = (b: Buffer) => shapes.decode(b);
 
 /** What the scanner tells the decoder about a frame's bytes. */
 const flags = (b: Buffer) => ({ ascii: b.every((x) => x < 0x80), plain: !b.includes(0x5c) });
@@ -14,7 +19,7 @@ const flags = (b: Buffer) => ({ ascii: b.every((x) => x < 0x80), plain: !b.inclu
 function decoded(b: Buffer): unknown {
   const { ascii, plain } = flags(b);
   try {
-    return decodeFrame(b, ascii, plain);
+    return decodeFrame(b, ascii, plain, shapes);
   } catch {
     return "throws";
   }

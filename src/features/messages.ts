@@ -228,6 +228,7 @@ export function registerMessages(sv: Services): void {
     cluster: true,
     pipelined: true,
     streams: [["data", "attach", "data"]],
+    fastFields: ["uid", "channel", "body", "cmid"],
     schema: {
       type: "object",
       properties: {

@@ -27,7 +27,7 @@ import type { ReplyBody } from "./codec.js";
 import { Code, ProtocolError } from "./codes.js";
 import type { Audience, Event } from "./events.js";
 import { peekAction, type OutFrame } from "./frames.js";
-import { decodeFrame } from "./native-decode.js";
+import { decodeFrame, FastShapes } from "./native-decode.js";
 import type { Delivery } from "./router.js";
 import { Session, type Peer, type StoredAttachment, type Upload } from "./session.js";
 import type { Codec } from "./codec.js";
@@ -96,6 +96,12 @@ export interface ActionSpec<D = never> {
    * (["data", "attach", "data"]): the scanner is configured from these.
    */
   streams?: readonly (readonly string[])[];
+  /**
+   * The string fields of `data` a frame of this action's common shape holds (no spaces,
+   * no escapes, no other field): such frames are read straight from their bytes
+   * (protocol/native-decode.ts), others through JSON.parse, to the same value.
+   */
+  fastFields?: readonly string[];
   /** Served in cluster mode (--nats); any other action answers 16 there until it is. */
   cluster?: boolean;
   handle(req: Request<D>): Promise<Result> | Result;
@@ -203,6 +209,8 @@ class Line {
 
 export class Dispatcher {
   private readonly actions = new Map<string, Action>();
+  /** The declared common shapes read without JSON.parse (ActionSpec.fastFields). */
+  private readonly fastShapes = new FastShapes();
   /** Called when a connection closes (features clean up presence, router membership). */
   private readonly closeHooks: ((s: Session) => void)[] = [];
   private delivery: Delivery | undefined;
@@ -229,6 +237,7 @@ export class Dispatcher {
     const schema = spec.schema as { properties?: Record<string, unknown> };
     const withEnvelope = { ...schema, properties: { ...ENVELOPE, ...schema.properties } };
     this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(withEnvelope) });
+    if (spec.fastFields) this.fastShapes.add(spec.name, spec.fastFields);
     this.metrics.knowAction(spec.name);
   }
 
@@ -336,7 +345,7 @@ export class Dispatcher {
     const plain = bytes.indexOf(0x5c) === -1;
     let msg: unknown;
     try {
-      msg = decodeFrame(bytes, ascii, plain);
+      msg = decodeFrame(bytes, ascii, plain, this.fastShapes);
     } catch {
       return this.refuseFrame(s, upload, "frame is not valid JSON", peekAction(bytes));
     }
