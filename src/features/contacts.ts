@@ -82,6 +82,8 @@ export function registerContacts(sv: Services): void {
         return u;
       };
       if (sv.cluster) {
+        // A user registered through another node a moment ago: this node may not have it yet.
+        if (!(await users.get(uid))) await sv.cluster.sync();
         const u = await check();
         if ((await sv.cluster.append({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
