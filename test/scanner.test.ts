@@ -4,6 +4,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { Code } from "../src/protocol/codes.js";
 import { ACTION_PEEK_BYTES } from "../src/protocol/frames.js";
+import { FastShapes } from "../src/protocol/native-decode.js";
 import { FrameScanner, type ScannerLimits } from "../src/transport/scanner.js";
 
 type SinkCall =
@@ -433,6 +434,92 @@ describe("properties", () => {
       ),
       { numRuns: 300 },
     );
+  });
+});
+
+describe("frames decoded where they lie (ScannerLimits.fast)", () => {
+  const shapes = new FastShapes();
+  shapes.add("message", ["uid", "channel", "body", "cmid"]);
+  type Seen = { value: unknown; size: number } | { reject: Code; reason: string; action: string | undefined };
+
+  /** Every frame as its value and size, whether the scanner or the fast reader read it. */
+  function values(limits: ScannerLimits, chunks: readonly Buffer[]): { seen: Seen[]; fast: number } {
+    const seen: Seen[] = [];
+    let fast = 0;
+    const scanner = new FrameScanner<TextUpload>(limits, {
+      frame: (bytes) => {
+        let value: unknown;
+        try {
+          value = JSON.parse(bytes.toString("utf8"));
+        } catch {
+          value = "not JSON";
+        }
+        seen.push({ value, size: bytes.length });
+      },
+      decoded: (value, size) => {
+        fast++;
+        seen.push({ value, size });
+      },
+      reject: (code, reason, action) => seen.push({ reject: code, reason, action }),
+      upload: () => new TextUpload(),
+    });
+    for (const chunk of chunks) scanner.push(chunk);
+    return { seen, fast };
+  }
+
+  const plainValue = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).filter((c) => c !== 0x22 && c !== 0x5c).map((c) => String.fromCharCode(c)), maxLength: 30 });
+  const messageFrame = fc
+    .array(fc.tuple(fc.constantFrom("uid", "channel", "body", "cmid"), plainValue), { minLength: 1, maxLength: 4 })
+    .map((fields) => `{"action":"message","data":{${fields.map(([k, v]) => `"${k}":"${v}"`).join(",")}}}`);
+  /** Message frames as clients write them, and a byte or two away from that shape. */
+  const segment = fc.oneof(
+    fc.tuple(messageFrame, fc.constantFrom("\n", "\r\n", "", " ")).map(([f, sep]) => Buffer.from(f + sep, "latin1")),
+    fc
+      .tuple(messageFrame, fc.nat(), fc.constantFrom(..."{}[]\":,\\ \n\u0000\u00e9a"))
+      .map(([f, at, c]) => {
+        const i = at % (f.length + 1);
+        return Buffer.from(f.slice(0, i) + c + f.slice(i) + "\n", "utf8");
+      }),
+    fc.tuple(messageFrame, fc.nat()).map(([f, cut]) => Buffer.from(f.slice(0, cut % (f.length + 1)) + "\n", "latin1")),
+    streamSegment(256),
+  );
+
+  it("gives the same frames, sizes and refusals as scanning, for any stream, split and limits", () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 16, max: 300 }),
+        fc.integer({ min: 1, max: 6 }),
+        fc.array(segment, { maxLength: 10 }),
+        cuts,
+        (maxFrame, maxDepth, segments, cutPoints) => {
+          const stream = Buffer.concat(segments);
+          const chunks = splitAt(stream, cutPoints);
+          const scanned = values({ maxFrame, maxDepth, streamPath: LIMITS.streamPath }, chunks);
+          expect(scanned.fast).toBe(0);
+          const read = values({ maxFrame, maxDepth, streamPath: LIMITS.streamPath, fast: shapes }, chunks);
+          expect(read.seen).toEqual(scanned.seen);
+        },
+      ),
+      { numRuns: 1000 },
+    );
+  });
+
+  it("reads whole message frames itself, back to back or not, and scans the rest", () => {
+    const limits = { ...LIMITS, fast: shapes };
+    const m = '{"action":"message","data":{"uid":"u2","body":"hi"}}';
+    const stream = Buffer.from(`${m}\n${m}${m}\r\n{"action":"ping"}\n${m.replace("hi", "h\\u00e9")}\n`, "latin1");
+    const whole = values(limits, [stream]);
+    expect(whole.fast).toBe(3);
+    expect(whole.seen.map((x) => ("value" in x ? (x.value as { action: string }).action : x))).toEqual(["message", "message", "message", "ping", "message"]);
+    // Cut inside the second frame: it is scanned from the held bytes; the others are read.
+    const cut = values(limits, splitAt(stream, [m.length + 10]));
+    expect(cut.fast).toBe(2);
+    expect(cut.seen).toEqual(whole.seen);
+    // At the frame limit exactly it is read; a byte under, it is refused as scanning refuses it.
+    expect(values({ ...limits, maxFrame: m.length }, [Buffer.from(m)]).fast).toBe(1);
+    const over = values({ ...limits, maxFrame: m.length - 1 }, [Buffer.from(m)]);
+    expect(over.fast).toBe(0);
+    expect(over.seen).toEqual([{ reject: Code.TooLarge, reason: `frame of ${m.length} bytes is over the limit of ${m.length - 1}`, action: "message" }]);
   });
 });
 

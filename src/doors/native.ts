@@ -14,6 +14,8 @@ export function nativeFront(dispatcher: Dispatcher, codec: NativeCodec): Front {
     greeting: () => codec.welcome(),
     refusal: (code: Code, text: string) => codec.error("unknown", code, text),
     frame: (s, bytes, upload, ascii) => dispatcher.frame(s, bytes, upload, ascii),
+    fast: dispatcher.fastFrames,
+    decoded: (s, value, size) => dispatcher.decoded(s, value, size),
     reject: (s, code, reason, action) => dispatcher.reject(s, code, reason, action),
     inputEnded: (s) => dispatcher.inputEnded(s),
   };

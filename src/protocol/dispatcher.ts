@@ -210,7 +210,8 @@ class Line {
 export class Dispatcher {
   private readonly actions = new Map<string, Action>();
   /** The declared common shapes read without JSON.parse (ActionSpec.fastFields). */
-  private readonly fastShapes = new FastShapes();
+  /** The common shapes actions declare (ActionSpec.fastFields), read by the scanner and by frame(). */
+  readonly fastFrames = new FastShapes();
   /** Called when a connection closes (features clean up presence, router membership). */
   private readonly closeHooks: ((s: Session) => void)[] = [];
   private delivery: Delivery | undefined;
@@ -237,7 +238,7 @@ export class Dispatcher {
     const schema = spec.schema as { properties?: Record<string, unknown> };
     const withEnvelope = { ...schema, properties: { ...ENVELOPE, ...schema.properties } };
     this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(withEnvelope) });
-    if (spec.fastFields) this.fastShapes.add(spec.name, spec.fastFields);
+    if (spec.fastFields) this.fastFrames.add(spec.name, spec.fastFields);
     this.metrics.knowAction(spec.name);
   }
 
@@ -345,7 +346,7 @@ export class Dispatcher {
     const plain = bytes.indexOf(0x5c) === -1;
     let msg: unknown;
     try {
-      msg = decodeFrame(bytes, ascii, plain, this.fastShapes);
+      msg = decodeFrame(bytes, ascii, plain, this.fastFrames);
     } catch {
       return this.refuseFrame(s, upload, "frame is not valid JSON", peekAction(bytes));
     }
@@ -355,6 +356,15 @@ export class Dispatcher {
     const { action, data } = msg as { action?: unknown; data?: unknown };
     if (typeof action !== "string" || action === "") return this.refuseFrame(s, upload, "frame has no 'action' string", undefined);
     this.dispatch(s, action, data, upload, bytes.length, plain);
+  }
+
+  /**
+   * A frame of a declared common shape, decoded by the scanner where it lay
+   * (FastShapes.read): `{action, data}` of plain strings, no attachment.
+   */
+  decoded(s: Session, msg: unknown, size: number): void {
+    const { action, data } = msg as { action: string; data: Record<string, string> };
+    this.dispatch(s, action, data, undefined, size, true);
   }
 
   private refuseFrame(s: Session, upload: Upload | undefined, reason: string, action: string | undefined): void {

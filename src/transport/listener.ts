@@ -26,7 +26,7 @@ import type { Session, Upload } from "../protocol/session.js";
 import { CONNECTION, Connection, deliverySlack } from "./connection.js";
 import type { ConnectionTable } from "./live.js";
 import { RefusalLog } from "./refusal-log.js";
-import { FrameScanner, HOLD, type FrameSink, type ScannerLimits } from "./scanner.js";
+import { FrameScanner, HOLD, type FastReader, type FrameSink, type ScannerLimits } from "./scanner.js";
 
 type Tagged = net.Socket & { [CONNECTION]?: Connection };
 /** The listener that accepted a connection, for the shared socket handlers. */
@@ -91,6 +91,10 @@ export interface Front {
   refusal(code: Code, text: string): OutFrame;
   /** A complete frame (with the attachment that streamed in with it: native only). */
   frame(s: Session, bytes: Buffer, upload: Upload | undefined, ascii: boolean): void;
+  /** Frames of a common shape the scanner decodes as it finds them (ScannerLimits.fast), to `decoded`. */
+  readonly fast?: FastReader;
+  /** A frame `fast` read: its value and its size in bytes. */
+  decoded?(s: Session, value: unknown, size: number): void;
   /** Bytes the scanner could not accept. */
   reject(s: Session, code: Code, reason: string, action: string | undefined): void;
   /** The client will send no more: answer what it sent, then close. */
@@ -139,7 +143,7 @@ export class Listener implements ConnectionTable, SlotCounter {
   ) {
     const paths = front.streams ? dispatcher.streamedPaths() : [];
     if (paths.length > 1) throw new Error("the scanner streams one field path");
-    this.scannerLimits = { maxFrame: config.maxFrame, maxDepth: config.maxDepth, streamPath: paths[0] };
+    this.scannerLimits = { maxFrame: config.maxFrame, maxDepth: config.maxDepth, streamPath: paths[0], fast: front.decoded ? front.fast : undefined };
     this.lingerMs = config.closeLinger * 1000;
     this.refusals = new RefusalLog(log);
     dispatcher.uploads(newUpload);
@@ -341,6 +345,7 @@ export class Listener implements ConnectionTable, SlotCounter {
   /** The scanner's sink, shared by every connection of this listener. */
   private readonly sink: FrameSink<PacedUpload, Connection> = {
     frame: (bytes, upload, conn, ascii) => this.front.frame(conn.session as Session, bytes, upload, ascii),
+    decoded: (value, size, conn) => this.front.decoded?.(conn.session as Session, value, size),
     reject: (code, reason, action, conn) => this.front.reject(conn.session as Session, code, reason, action),
     upload: (conn, action) => {
       // Only a logged-in connection streams, and only for an action that takes an

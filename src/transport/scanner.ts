@@ -41,6 +41,22 @@ export interface ScannerLimits {
    * when absent.
    */
   streamPath?: readonly string[];
+  /**
+   * Reads a frame of a common shape where it lies in the chunk (the native door's
+   * `message` frames, protocol/native-decode.ts): such a frame, whole in one chunk, is
+   * decoded as it is found and handed to FrameSink.decoded, instead of scanned here
+   * and then decoded from its bytes. It holds no stream path, escape, control or
+   * non-ASCII byte, so everything the scanner checks holds for it.
+   */
+  fast?: FastReader;
+}
+
+/** See ScannerLimits.fast. */
+export interface FastReader {
+  /** The frame's value when `chunk[at…]` is one it reads whole before `limit`; undefined otherwise. */
+  read(chunk: Buffer, at: number, limit: number): unknown;
+  /** After a read that answered: one past the frame's last byte. */
+  readonly end: number;
 }
 
 /**
@@ -54,6 +70,8 @@ export interface FrameSink<U extends UploadSink = UploadSink, C = unknown> {
    * `ascii`: every byte is below 0x80 (valid UTF-8 as it stands).
    */
   frame(bytes: Buffer, upload: U | undefined, ctx: C, ascii: boolean): void;
+  /** A frame ScannerLimits.fast read: its value and its size in bytes. */
+  decoded?(value: unknown, size: number, ctx: C): void;
   /**
    * The string at the stream path begins: where its text should go, or undefined to
    * keep it in the frame as an ordinary string (within `maxFrame`), or HOLD to stop
@@ -184,6 +202,8 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private held = false;
   /** The stream path, as the key expected at each depth (shared by every scanner). */
   private readonly pathKeys: readonly Buffer[];
+  /** ScannerLimits.fast, when the sink takes decoded frames and the depth limit lets an object hold one. */
+  private readonly fast: FastReader | undefined;
 
   constructor(
     private readonly limits: ScannerLimits,
@@ -192,6 +212,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   ) {
     if (limits.maxDepth > 32) this.deepContainers = new Uint8Array(limits.maxDepth + 1);
     this.pathKeys = pathKeys(limits.streamPath);
+    this.fast = sink.decoded !== undefined && limits.maxDepth >= 2 ? limits.fast : undefined;
   }
 
   /** 1 for an object, 0 for an array, at an open depth ≤ maxDepth. */
@@ -231,6 +252,19 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       switch (this.state) {
         case State.Idle: {
           const c = chunk[i];
+          if (c === Byte.OpenCurly && this.fast !== undefined) {
+            // Parse bytes once: a common frame, whole within the limit in this chunk,
+            // is decoded where it lies. Anything else is scanned from the same byte.
+            const value = this.fast.read(chunk, i, Math.min(n, i + this.limits.maxFrame));
+            if (value !== undefined) {
+              const end = this.fast.end;
+              this.afterBroken = false;
+              this.lineStart = false;
+              (this.sink.decoded as NonNullable<FrameSink<U, C>["decoded"]>)(value, end - i, this.ctx);
+              i = end;
+              break;
+            }
+          }
           if (c === Byte.OpenCurly || c === Byte.OpenSquare) {
             this.beginFrame(i);
             i = this.scanFrame(chunk, i);
