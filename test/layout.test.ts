@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { decimal, seqKey } from "../src/storage/layout.js";
+import { decimal, recordJson, seqKey, type MessageRecord } from "../src/storage/layout.js";
 
 describe("decimal (seq to text without V8's number-string cache)", () => {
   it("is String(n) at every digit count's edges", () => {
@@ -23,6 +23,24 @@ describe("decimal (seq to text without V8's number-string cache)", () => {
         const [ka, kb] = [seqKey(a), seqKey(b)];
         return ka.length === 15 && Number(ka) === a && (a < b) === (ka < kb);
       }),
+    );
+  });
+});
+
+describe("recordJson", () => {
+  const plain = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).filter((c) => c !== 0x22 && c !== 0x5c).map((c) => String.fromCharCode(c)), maxLength: 40 });
+  it("is the record's JSON, and bodyAt is where a plain body's text lies in it", () => {
+    fc.assert(
+      fc.property(plain, plain, fc.string({ maxLength: 12 }), fc.option(plain, { nil: undefined }), fc.nat(), (from, body, nick, chid, time) => {
+        const m: MessageRecord = chid === undefined ? { mid: "7", from, nick, body, time, to: "u2" } : { mid: "7", chid, from, nick, body, time };
+        const text = recordJson(m, true, JSON.stringify(nick));
+        expect(JSON.parse(text.json)).toEqual(m);
+        expect(text.json.slice(text.bodyAt, text.bodyAt + body.length)).toBe(body);
+        expect(text.json[text.bodyAt - 1]).toBe('"');
+        expect(recordJson(m).json).toBe(text.json);
+        expect(recordJson(m).bodyAt).toBe(-1);
+      }),
+      { numRuns: 500 },
     );
   });
 });

@@ -257,10 +257,11 @@ export function registerMessages(sv: Services): void {
         throw new ProtocolError(Code.EmptyField, "'body' is empty and there is no attachment");
       }
       if (sv.cluster) return clusterMessage(req, me, to, channel, body, cmid);
-      const ready =
-        cmid === undefined &&
-        (to !== undefined ? users.peek(to) !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
-      if (ready) return store(req, me, to, channel, undefined);
+      // A known recipient is named by its record's uid: the string read from the frame
+      // dies young instead of staying with the message until its batch is written.
+      const known = to !== undefined ? users.peek(to)?.uid : undefined;
+      const ready = cmid === undefined && (to !== undefined ? known !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
+      if (ready) return store(req, me, known, channel, undefined);
       return (async () => {
         if (to !== undefined && !(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
         if (channel !== undefined) await memberChannel(channel, me);

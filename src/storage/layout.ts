@@ -131,9 +131,11 @@ export function convOf(m: MessageRecord): string {
 /**
  * The stored text of a record, built once: JSON with the fields in MessageRecord's
  * order. `cut` is where a direct message's `to` begins (a channel message's end), so
- * that a codec can put fields the record lacks in the wire's order without searching.
+ * that a codec can put fields the record lacks in the wire's order without searching;
+ * `bodyAt` is where the body's text begins when it is written as it is (`plainBody`),
+ * else -1.
  */
-export function recordJson(m: MessageRecord, plainBody = false, nickJson?: string): { json: string; cut: number } {
+export function recordJson(m: MessageRecord, plainBody = false, nickJson?: string): { json: string; cut: number; bodyAt: number } {
   // One joined form for every record. mid, uids and chids are made by the server
   // (digits, hex) and need no escape; a body from a frame without a backslash is its
   // own JSON between quotes (see Request.plain), and a session knows its nick's JSON.
@@ -153,7 +155,7 @@ export function recordJson(m: MessageRecord, plainBody = false, nickJson?: strin
   if (m.edited !== undefined) tail += ',"edited":' + m.edited;
   if (m.cmid !== undefined) tail += ',"cmid":' + JSON.stringify(m.cmid);
   const json = [open, m.from, '","nick":', nick, bodyOpen, body, timeOpen, m.time, tail, "}"].join("");
-  return { json, cut: json.length - tail.length - 1 };
+  return { json, cut: json.length - tail.length - 1, bodyAt: plainBody ? open.length + m.from.length + 9 + nick.length + 9 : -1 };
 }
 
 // A Level sublevel with string keys; values are JSON unless said otherwise.
