@@ -15,7 +15,7 @@ import { compileSchema, optionalString, requiredString } from "../protocol/valid
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv } from "../storage/layout.js";
 import type { Command, Outcome } from "./cluster.js";
-import { underLocks, userLockKey, type Services } from "./services.js";
+import { findUser, underLocks, userLockKey, type Services } from "./services.js";
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
@@ -224,7 +224,7 @@ export function registerChannels(sv: Services): ChannelOps {
       const lockKeys = [...everyone.map(userLockKey), ...everyone.map((uid) => `channels-of:${uid}`)];
       return await underLocks(locks, lockKeys, async () => {
         await stillThere(owner);
-        const found = await Promise.all(members.map((uid) => users.get(uid)));
+        const found = await Promise.all(members.map((uid) => findUser(sv, uid)));
         const missing = members.find((_, i) => found[i] === undefined);
         if (missing !== undefined) throw channelErrors.noUser(missing);
         await checkCaps(owner, true);
@@ -267,7 +267,7 @@ export function registerChannels(sv: Services): ChannelOps {
   async function inviteTo(by: string, chid: string, uid: string): Promise<{ c: ChannelRecord; added: boolean; nick: string }> {
     const c = await channelOf(chid);
     if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
-    const u = await users.get(uid);
+    const u = await findUser(sv, uid);
     if (!u) throw channelErrors.noUser(uid);
     return { c, added: await join(c, uid, `user '${uid}'`), nick: u.nick };
   }

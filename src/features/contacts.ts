@@ -5,7 +5,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
-import { underLocks, userLockKey, type Services } from "./services.js";
+import { findUser, underLocks, userLockKey, type Services } from "./services.js";
 
 interface ImportEntry {
   myid?: string | number;
@@ -83,7 +83,7 @@ export function registerContacts(sv: Services): void {
       };
       if (sv.cluster) {
         // A user registered through another node a moment ago: this node may not have it yet.
-        if (!(await users.get(uid))) await sv.cluster.sync();
+        await findUser(sv, uid);
         const u = await check();
         if ((await sv.cluster.append({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
@@ -110,7 +110,7 @@ export function registerContacts(sv: Services): void {
       const me = req.session.uid as string;
       const { uid } = req.data;
       if (!(await contacts.has(me, uid))) {
-        if (!(await users.get(uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
+        if (!(await findUser(sv, uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         return { uid }; // not listed: nothing to remove
       }
       if (sv.cluster) await sv.cluster.append({ k: "contact", owner: me, uid, add: false });

@@ -23,7 +23,7 @@ import { optionalString, requiredString } from "../protocol/validation.js";
 import { channelConv, convOf, directConv, type MessageRecord } from "../storage/layout.js";
 import { channelErrors } from "./channels.js";
 import type { Outcome } from "./cluster.js";
-import type { Services } from "./services.js";
+import { findUser, type Services } from "./services.js";
 
 interface MessageData {
   uid?: string;
@@ -215,7 +215,7 @@ export function registerMessages(sv: Services): void {
     if (!attach && (channel !== undefined || users.peek(to as string) !== undefined)) return append();
     return (async () => {
       // A recipient registered through another node a moment ago: this node may not have it yet.
-      if (channel === undefined && !(await users.get(to as string))) await cluster.sync();
+      if (channel === undefined) await findUser(sv, to as string);
       // The blob is in the cluster's object store before any entry names it (the
       // upload's pin keeps the local file until the reply).
       if (attach) await cluster.putBlob(attach.sha, attach.size);
@@ -311,7 +311,7 @@ export function registerMessages(sv: Services): void {
         throw new ProtocolError(Code.EmptyField, "'uid' or 'channel' is required");
       }
       const seqs = await messages.historySeqs(conv, limit, before);
-      if (seqs.length === 0 && channel === undefined && !(await users.get(uid as string))) {
+      if (seqs.length === 0 && channel === undefined && !(await findUser(sv, uid as string))) {
         throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
       }
       return new ListReply({}, "messages", () => historyItems(seqs));

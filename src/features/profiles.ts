@@ -6,7 +6,7 @@ import { optionalString, requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import type { UniqueIndex } from "../storage/users.js";
 import { isBase64, normaliseEmail, normalisePhone } from "./profile-fields.js";
-import { userLockKey, type Services } from "./services.js";
+import { findUser, userLockKey, type Services } from "./services.js";
 
 export function publicProfile(u: UserRecord) {
   return { uid: u.uid, num: u.num, nick: u.nick, email: u.email, phone: u.phone, picture: u.picture, user_status: u.status };
@@ -43,7 +43,7 @@ export function registerProfiles(sv: Services): UserDirectory {
     cluster: true,
     schema: { type: "object", required: ["user"], properties: { user: requiredString(64) } },
     async handle(req) {
-      const u = await users.get(req.data.user);
+      const u = await findUser(sv, req.data.user);
       if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${req.data.user}'`);
       return publicProfile(u);
     },

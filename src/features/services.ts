@@ -17,6 +17,7 @@ import type { ContactStore } from "../storage/contacts.js";
 import type { MessageStore } from "../storage/messages.js";
 import type { SessionStore } from "../storage/sessions.js";
 import type { UserStore } from "../storage/users.js";
+import type { UserRecord } from "../storage/layout.js";
 import type { Cluster } from "./cluster.js";
 
 type PresenceHook = (uid: string, online: boolean) => void | Promise<void>;
@@ -32,6 +33,18 @@ export function userLockKey(uid: string): string {
  */
 export function underLocks<T>(locks: KeyedLock, keys: readonly string[], fn: () => Promise<T>): Promise<T> {
   return keys.length === 0 ? fn() : locks.run(keys[0], () => underLocks(locks, keys.slice(1), fn));
+}
+
+/**
+ * The user `uid`. In cluster mode (--nats) a uid unknown here is looked up again once
+ * this node has applied everything the log held when it was asked: a user registered
+ * through another node a moment ago is found, not answered 8 "no user".
+ */
+export async function findUser(sv: Pick<Services, "users" | "cluster">, uid: string): Promise<UserRecord | undefined> {
+  const u = await sv.users.get(uid);
+  if (u !== undefined || !sv.cluster) return u;
+  await sv.cluster.sync();
+  return sv.users.get(uid);
 }
 
 export class Hooks {
