@@ -22,6 +22,7 @@
 import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
+import { clockMs } from "../clock.js";
 import { Metrics } from "../metrics.js";
 import type { ReplyBody } from "./codec.js";
 import { Code, ProtocolError } from "./codes.js";
@@ -199,7 +200,7 @@ class Line {
   inputEnded = false;
   /** Token bucket of the request rate limit, refilled lazily from `tokensAt` (ms). */
   tokens: number;
-  tokensAt = Date.now();
+  tokensAt = clockMs();
   refused = 0;
   refusedSince = 0;
   constructor(burst: number) {
@@ -410,7 +411,7 @@ export class Dispatcher {
   /** One request against the token bucket: taken, refused, or refused far past the limit (logged and counted once). */
   private rate(s: Session, line: Line): "ok" | "refused" | "close" {
     const { rate, burst, rateDisconnect, badFrameWindow } = this.config;
-    const now = Date.now();
+    const now = clockMs();
     line.tokens = Math.min(burst, line.tokens + ((now - line.tokensAt) * rate) / 1000);
     line.tokensAt = now;
     if (line.tokens >= 1) {

@@ -2,6 +2,8 @@
 // parts some of which are produced while it is written (an attachment's base64 read
 // from disk, a long list read page by page), so that it never sits whole in memory.
 
+import { clockMs } from "../clock.js";
+
 export type Fields = Record<string, unknown>;
 
 /** A part produced while the frame is written; each piece is written in order. */
@@ -15,8 +17,9 @@ export interface StreamedFrame {
 
 export type OutFrame = string | StreamedFrame;
 
+/** Unix seconds, as of the current task (clock.ts). */
 export function nowSeconds(): number {
-  return Math.floor(Date.now() / 1000);
+  return Math.floor(clockMs() / 1000);
 }
 
 /** How much of a frame is searched for its action name when it cannot be parsed. */

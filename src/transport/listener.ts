@@ -17,6 +17,7 @@ import type { Logger } from "pino";
 import { closeFromAddress, closeIfIdle, overCap, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
+import { clockMs } from "../clock.js";
 import type { Codec } from "../protocol/codec.js";
 import type { OutFrame } from "../protocol/frames.js";
 import { Code } from "../protocol/codes.js";
@@ -35,7 +36,7 @@ const owner = (conn: Connection) => conn.owner as Listener;
 function onSocketData(this: Tagged, chunk: Buffer): void {
   const conn = this[CONNECTION] as Connection;
   if (conn.closed) return; // lingering: discarded
-  conn.lastActivity = Date.now();
+  conn.lastActivity = clockMs();
   const taken = (conn.scanner as FrameScanner).push(chunk);
   if (taken < chunk.length) conn.hold(chunk.subarray(taken));
 }
