@@ -210,7 +210,6 @@ class Line {
 
 export class Dispatcher {
   private readonly actions = new Map<string, Action>();
-  /** The declared common shapes read without JSON.parse (ActionSpec.fastFields). */
   /** The common shapes actions declare (ActionSpec.fastFields), read by the scanner and by frame(). */
   readonly fastFrames = new FastShapes();
   /** Called when a connection closes (features clean up presence, router membership). */
