@@ -76,14 +76,14 @@ export function registerContacts(sv: Services): void {
       const { uid } = req.data;
       if (uid === me) throw new ProtocolError(Code.AlreadyExist, "you cannot add yourself as a contact");
       const check = async () => {
-        const u = await users.get(uid);
+        // In cluster mode a user registered through another node a moment ago may not be
+        // applied here yet: findUser syncs with the log before answering 8.
+        const u = await findUser(sv, uid);
         if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         if (await contacts.has(me, uid)) throw new ProtocolError(Code.AlreadyExist, "that user is already in your contact list");
         return u;
       };
       if (sv.cluster) {
-        // A user registered through another node a moment ago: this node may not have it yet.
-        await findUser(sv, uid);
         const u = await check();
         if ((await sv.cluster.append({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
