@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { decimal, recordJson, seqKey, type MessageRecord } from "../src/storage/layout.js";
+import { decimal, midAbove, recordJson, seqKey, type MessageRecord } from "../src/storage/layout.js";
 
 describe("decimal (seq to text without V8's number-string cache)", () => {
   it("is String(n) at every digit count's edges", () => {
@@ -15,6 +15,16 @@ describe("decimal (seq to text without V8's number-string cache)", () => {
       fc.property(fc.oneof(fc.nat(), fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER })), (n) => decimal(n) === String(n)),
       { numRuns: 20_000 },
     );
+  });
+
+  it("orders mids as their seqs (midAbove)", () => {
+    const seq = fc.oneof(fc.nat(), fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }));
+    fc.assert(
+      fc.property(seq, seq, (a, b) => midAbove(decimal(a), decimal(b)) === a > b && midAbove(decimal(a), decimal(a)) === false),
+      { numRuns: 20_000 },
+    );
+    expect(midAbove("10", "9")).toBe(true);
+    expect(midAbove("9", "10")).toBe(false);
   });
 
   it("keeps seq keys fixed-width and ordered", () => {

@@ -275,6 +275,15 @@ export function decimal(n: number): string {
   return fcc(48 + hi, a, b, c, d);
 }
 
+/**
+ * Mid `a` names a later message than mid `b` (each a seq in decimal, as decimal makes
+ * it): compared as text, the longer first, without parsing either (Number() of a mid
+ * was 0.9 % of the server's CPU in S1, called once per message on the commit path).
+ */
+export function midAbove(a: string, b: string): boolean {
+  return a.length !== b.length ? a.length > b.length : a > b;
+}
+
 export function pair(a: string, b: string): string {
   return `${a}!${b}`;
 }

@@ -43,6 +43,7 @@ import {
   inboxKey,
   keyHead,
   LAYOUT_VERSION,
+  midAbove,
   pair,
   prefixRange,
   recordJson,
@@ -116,6 +117,13 @@ export interface InboxItem {
   message: MessageRecord | undefined;
 }
 
+/** The messages of the batch being gathered, in append (seq) order. */
+interface PendingBatch {
+  records: MessageRecord[];
+  seqs: number[];
+  convs: string[];
+}
+
 /** Derived entries of committed batches, by state. */
 class Derived {
   inbox = new Map<string, InboxChunk>();
@@ -131,8 +139,12 @@ class Derived {
 
 export class MessageStore {
   private readonly s: Spaces;
-  /** The batch being gathered: its messages, and its history chunks by conversation. */
-  private batch: MessageRecord[] | undefined;
+  /**
+   * The batch being gathered: its messages, with each one's seq and conversation (known
+   * at append, so the commit parses and looks up neither again), and its history chunks
+   * by conversation.
+   */
+  private batch: PendingBatch | undefined;
   private hist = new Map<string, number[]>();
   /** Committed, not yet handed to a batch. */
   private pending = new Derived();
@@ -211,7 +223,7 @@ export class MessageStore {
     for (let after = through; ; ) {
       const page = (await readValues(this.s.log, { gt: seqKey(after), limit: 1000 })) as MessageRecord[];
       if (page.length === 0) break;
-      for (const m of page) this.derive(m);
+      for (const m of page) this.derive(m, Number(m.mid));
       replayed += page.length;
       after = Number(page[page.length - 1].mid);
     }
@@ -323,8 +335,10 @@ export class MessageStore {
     const list = this.hist.get(conv);
     if (list) list.push(seq);
     else this.hist.set(conv, [seq]);
-    if (!this.batch) this.openBatch();
-    (this.batch as MessageRecord[]).push(m);
+    const batch = this.batch ?? this.openBatch();
+    batch.records.push(m);
+    batch.seqs.push(seq);
+    batch.convs.push(conv);
     return text;
   }
 
@@ -333,23 +347,27 @@ export class MessageStore {
    * before any of its messages' own, so their entries are derived (and visible to
    * byCmid and inboxAfter) before anyone hears of them.
    */
-  private openBatch(): void {
-    const batch: MessageRecord[] = [];
+  private openBatch(): PendingBatch {
+    const batch: PendingBatch = { records: [], seqs: [], convs: [] };
     this.batch = batch;
     // One clock read per batch, not per message (the hot path).
     const opened = this.onCommitted ? performance.now() : 0;
     this.storage.afterCommit((err) => {
       if (err) return;
-      this.onCommitted?.(batch.length, (performance.now() - opened) / 1000);
-      for (const m of batch) {
-        this.derive(m);
-        const conv = this.convOf(m);
-        if (m.chid !== undefined) this.lastIs(conv, Number(m.mid));
+      const { records, seqs, convs } = batch;
+      this.onCommitted?.(records.length, (performance.now() - opened) / 1000);
+      for (let i = 0; i < records.length; i++) {
+        const m = records[i];
+        const seq = seqs[i];
+        const conv = convs[i];
+        this.derive(m, seq);
+        if (m.chid !== undefined) this.lastIs(conv, seq);
         this.lastRecordIs(conv, m);
-        this.tailGrows(conv, Number(m.mid));
+        this.tailGrows(conv, seq);
       }
       this.armDerived();
     });
+    return batch;
   }
 
   /** A committed channel message is its channel's newest. */
@@ -363,7 +381,7 @@ export class MessageStore {
   /** A committed message is its conversation's newest record. */
   private lastRecordIs(conv: string, m: MessageRecord): void {
     const had = this.lastRecords.get(conv);
-    if (had !== undefined && Number(had.mid) > Number(m.mid)) return;
+    if (had !== undefined && midAbove(had.mid, m.mid)) return;
     if (m.body.length > LAST_RECORD_BODY) {
       this.lastRecords.delete(conv);
       return;
@@ -456,9 +474,9 @@ export class MessageStore {
     }
   }
 
-  private derive(m: MessageRecord): void {
+  /** Derives the entries of a committed message whose mid is `seq`. */
+  private derive(m: MessageRecord, seq: number): void {
     const p = this.pending;
-    const seq = Number(m.mid);
     if (m.to !== undefined) {
       const list = p.inbox.get(m.to);
       if (list) list.push(seq);
