@@ -78,6 +78,99 @@ describe("crash", () => {
   });
 });
 
+describe("history chunks derived from the log", () => {
+  it("a burst past the in-memory tail reads back once and in order, before the chunks are written, after a delete and after kill -9", async () => {
+    const dataDir = newDataDir();
+    let child = await ChildServer.start(dataDir);
+    const a = await registerUser(child.port);
+    const b = await registerUser(child.port);
+    const n = 100; // more than the 64 newest seqs kept per conversation
+    for (let i = 0; i < n; i++) a.client.send("message", { uid: b.uid, body: `burst ${i}` });
+    const mids: string[] = [];
+    for (let i = 0; i < n; i++) mids.push((await a.client.reply("message")).data.mid);
+    // Within the second the history chunks wait in memory: memory and disk merged.
+    const bodies = (h: any) => h.messages.map((m: any) => m.body);
+    const all = Array.from({ length: n }, (_, i) => `burst ${i}`);
+    expect(bodies(await a.client.request("history", { uid: b.uid, limit: n }))).toEqual(all);
+    expect((await a.client.request("delmessage", { mid: mids[3] })).status).toBe(0);
+    const left = all.filter((_, i) => i !== 3);
+    expect(bodies(await a.client.request("history", { uid: b.uid, limit: n }))).toEqual(left);
+    const older = await a.client.request("history", { uid: b.uid, limit: 10, before: mids[20] });
+    expect(bodies(older)).toEqual(left.slice(9, 19));
+    // a full page across the deleted one
+    const across = ["burst 1", "burst 2", "burst 4", "burst 5", "burst 6"];
+    expect(bodies(await a.client.request("history", { uid: b.uid, limit: 5, before: mids[7] }))).toEqual(across);
+    child.proc.kill("SIGKILL");
+    await child.exited;
+
+    child = await ChildServer.start(dataDir);
+    const again = await login(child.port, a.login);
+    expect(bodies(await again.client.request("history", { uid: b.uid, limit: n }))).toEqual(left);
+    expect(bodies(await again.client.request("history", { uid: b.uid, limit: 5, before: mids[7] }))).toEqual(across);
+    again.client.close();
+    child.proc.kill("SIGTERM");
+    expect(await child.exited).toBe(0);
+  });
+});
+
+describe("upgrading a layout-4 database", () => {
+  it("adds no second history chunk for logged messages past the watermark, and records layout 5", async () => {
+    const dataDir = newDataDir();
+    const config = testConfig({ dataDir });
+    let server = await startServer(config);
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    a.client.close();
+    b.client.close();
+    await server.stop();
+
+    // What a layout-4 server had on disk right after committing three messages a → b,
+    // before their derived entries were written: the records, their history chunks
+    // (written with them), and the watermark behind them.
+    const { Level } = await import("level");
+    const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
+    await db.open();
+    const conv = a.uid < b.uid ? `d:${a.uid}:${b.uid}` : `d:${b.uid}:${a.uid}`;
+    const pad = (n: number) => String(n).padStart(15, "0");
+    const seq = Number(await db.get("!meta!seq").catch(() => "0")) || 0;
+    const rec = (q: number) => JSON.stringify({ mid: String(q), from: a.uid, nick: a.nick, body: `v4 ${q}`, time: 1700000000 + q, to: b.uid });
+    const qs = [seq + 1, seq + 2, seq + 3];
+    await db.batch([
+      ...qs.map((q) => ({ type: "put" as const, key: `!log!${pad(q)}`, value: rec(q) })),
+      // two batches: the first message alone, then the other two
+      { type: "put", key: `!hist!${conv}!${pad(qs[0])}`, value: JSON.stringify([qs[0]]) },
+      { type: "put", key: `!hist!${conv}!${pad(qs[1])}`, value: JSON.stringify([qs[1], qs[2]]) },
+      { type: "put", key: "!meta!seq", value: String(qs[2]) },
+      { type: "put", key: "!meta!indexed", value: String(seq) },
+      { type: "put", key: "!meta!layout", value: "4" },
+    ]);
+    await db.close();
+
+    server = await startServer({ ...config, port: 0 });
+    const bc = await Client.connect(server.port);
+    expect((await bc.request("auth", { sid: b.sid })).status).toBe(0);
+    // replayed into b's inbox, each once
+    for (const q of qs) expect(await bc.event("ev_message")).toMatchObject({ mid: String(q), body: `v4 ${q}` });
+    expect((await bc.request("message", { uid: a.uid, body: "after the upgrade" })).status).toBe(0);
+    const history = await bc.request("history", { uid: a.uid });
+    expect(history.messages.map((m: any) => m.body)).toEqual(["v4 " + qs[0], "v4 " + qs[1], "v4 " + qs[2], "after the upgrade"]);
+    bc.close();
+    await server.stop();
+
+    const check = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
+    await check.open();
+    expect(await check.get("!meta!layout")).toBe("5");
+    await check.close();
+    // and once more from disk alone, after a restart
+    server = await startServer({ ...config, port: 0 });
+    const again = await login(server.port, b.login);
+    const after = await again.client.request("history", { uid: a.uid });
+    expect(after.messages.map((m: any) => m.body)).toEqual(["v4 " + qs[0], "v4 " + qs[1], "v4 " + qs[2], "after the upgrade"]);
+    again.client.close();
+    await server.stop();
+  });
+});
+
 describe("upgrading a layout-1 database", () => {
   it("delivers what was queued, finds old messages by mid and keeps their cmids", async () => {
     const dataDir = newDataDir();

@@ -17,8 +17,8 @@
 //   log         <seq>                          → MessageRecord: every message, in order
 //                                                (find by mid = one read)
 //   hist        <conversation>!<seq>           → HistChunk: the seqs of one conversation
-//                                                written in one batch, from <seq> on
-//                                                (history = reverse range read)
+//                                                derived together, from <seq> on
+//                                                (history = reverse range read) [derived]
 //   inbox       <uid>!<seq>                    → InboxChunk: seqs of direct messages to
 //                                                <uid>, from <seq> on (delivery, sync) [derived]
 //   cursor      <uid>                          → seq delivered through (lazy)
@@ -53,9 +53,7 @@
 //
 // [derived]: written after the message's own batch, from the log, and rebuilt from it
 // at start-up past the watermark `meta indexed` (storage/messages.ts). A message
-// costs at most two puts in its synced batch: its record, appended to the log, and its
-// conversation's history chunk, which all of that conversation's messages in the batch
-// share.
+// costs one put in its synced batch: its record, appended to the log.
 //
 // `meta layout` is this layout's version (LAYOUT_VERSION). Version 1 (no `meta layout`)
 // kept records at `msgs <conversation>!<seq>` (with their conversation and cmid), a mid
@@ -66,6 +64,9 @@
 // Version 3 had no user numbers (UserRecord `num`, `usernum`): start-up numbers every
 // user in uid order (storage/users.ts, UserStore.init). It had no private channels
 // either (`privchans`, `privof`), which start empty.
+// Version 4 wrote each message's history chunk in the message's own batch; from 5 on
+// it is derived. Start-up's replay of a version-4 log adds no chunk (each logged
+// message has one) and then records 5.
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -161,7 +162,7 @@ export function recordJson(m: MessageRecord, plainBody = false, nickJson?: strin
 // A Level sublevel with string keys; values are JSON unless said otherwise.
 export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
-export const LAYOUT_VERSION = 4;
+export const LAYOUT_VERSION = 5;
 
 /** Keyspaces of layout version 1 that migration reads and empties. */
 export const V1_SPACES = ["msgs", "mids", "queue"] as const;

@@ -3,7 +3,7 @@
 
 import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import type { Spaces, UserRecord } from "./layout.js";
+import { LAYOUT_VERSION, type Spaces, type UserRecord } from "./layout.js";
 import { readEntries, readValues } from "./range.js";
 import { ReadCache } from "./read-cache.js";
 
@@ -45,7 +45,8 @@ export class UserStore {
    * Layout 3 to 4: numbers every user who has no number yet, in uid order. A page of
    * users is one batch (records, `usernum` entries and the counter's value together),
    * so after a crash part-way the numbered users keep their numbers and the next start
-   * numbers the rest. Call after MessageStore.init, which brings the layout to 3.
+   * numbers the rest. Call after MessageStore.init, which brings the layout to 3 (and
+   * a layout-4 database to 5).
    */
   async init(log: Logger): Promise<void> {
     const layout = (await this.s.meta.get("layout")) as number | undefined;
@@ -63,7 +64,9 @@ export class UserStore {
       await this.storage.commit(ops);
       after = page[page.length - 1].uid;
     }
-    await this.storage.commit([put(this.s.meta, "layout", 4)]);
+    // Straight to the newest layout: 4 -> 5 (history chunks derived from the log) needs
+    // only MessageStore.init's replay, which has run.
+    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION)]);
     if (numbered > 0) log.info({ users: numbered }, "numbered the users (layout 4)");
   }
 
