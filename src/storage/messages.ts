@@ -718,13 +718,10 @@ export class MessageStore {
     const seq = Number(m.mid);
     const conv = convOf(m);
     const ops = [del(this.s.log, seqKey(seq))];
-    // Out of the history chunks not yet written. One already handed to a batch (the
-    // generation being written) is on disk before the read below, which then finds it.
-    this.dropHist(this.pending, conv, seq);
-    if (this.dropHist(this.writing, conv, seq)) {
-      await this.preparing?.catch(() => {});
-      await new Promise<void>((resolve) => this.storage.afterWrite(() => resolve()));
-    }
+    // Its history entry is written first, so the chunk read below holds it and the
+    // delete rewrites that chunk in the same batch as the record's delete: a crash
+    // before that batch leaves the message whole, after it leaves no trace.
+    await this.histOnDisk(conv, seq);
     const found = (await readEntries(this.s.hist, { gt: `${conv}!`, lte: histKey(conv, seq), reverse: true, limit: 1 })) as [string, HistChunk][];
     if (found.length > 0) {
       const [key, seqs] = found[0];
@@ -747,14 +744,25 @@ export class MessageStore {
     return { ops, written };
   }
 
-  /** Takes `seq` out of `d`'s history chunk of `conv`; whether it was there. */
-  private dropHist(d: Derived | undefined, conv: string, seq: number): boolean {
-    const list = d?.hist.get(conv);
-    const at = list === undefined ? -1 : list.indexOf(seq);
-    if (at < 0) return false;
-    (list as number[]).splice(at, 1);
-    if ((list as number[]).length === 0) d?.hist.delete(conv);
-    return true;
+  /** Whether `seq`'s history entry of `conv` waits in generation `d`. */
+  private histHas(d: Derived | undefined, conv: string, seq: number): boolean {
+    return d?.hist.get(conv)?.includes(seq) === true;
+  }
+
+  /**
+   * Resolves once `seq`'s history entry of `conv` is on disk: its generation is written
+   * now, not when due (a few batches at most; a write that keeps failing gives up after
+   * a few, and the caller then finds no chunk for it).
+   */
+  private async histOnDisk(conv: string, seq: number): Promise<void> {
+    for (let i = 0; i < 8; i++) {
+      const waiting = this.histHas(this.pending, conv, seq);
+      if (!waiting && !this.histHas(this.writing, conv, seq)) return;
+      if (waiting) this.derivedDue = true;
+      // A generation with dialog entries joins a batch once its pointers are read.
+      await this.preparing?.catch(() => {});
+      await new Promise<void>((resolve) => this.storage.afterWrite(() => resolve()));
+    }
   }
 
   /**
@@ -840,9 +848,11 @@ export class MessageStore {
     onCommitted: (page: MessageRecord[]) => void,
     signal?: AbortSignal,
   ): Promise<void> {
-    // Its last messages' history chunks may still wait in memory: written first, so the
-    // pages below find them (nothing joins a deleted channel's conversation).
-    for (let i = 0; i < 3 && this.histInMemory(conv).length > 0; i++) await this.flushDerived();
+    // Its last messages' history entries may still wait in memory: written first, so
+    // the pages below find them (nothing joins a deleted channel's conversation, and
+    // the newest one's generation holds or follows the others').
+    const waiting = this.histInMemory(conv);
+    if (waiting.length > 0) await this.histOnDisk(conv, waiting[waiting.length - 1]);
     while (!signal?.aborted) {
       const chunks = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
       if (chunks.length === 0) {
