@@ -6,6 +6,30 @@ import { ChildServer, Client, login, registerUser, testConfig, useTempDirs } fro
 
 const newDataDir = useTempDirs();
 
+/** Two users registered on a server that is then stopped, for tests that write its database as an older layout did. */
+async function twoUsersStopped() {
+  const dataDir = newDataDir();
+  const config = testConfig({ dataDir });
+  const server = await startServer(config);
+  const a = await registerUser(server.port);
+  const b = await registerUser(server.port);
+  a.client.close();
+  b.client.close();
+  await server.stop();
+  return { dataDir, config, a, b };
+}
+
+/** The stopped server's LevelDB, opened raw (keys as stored, values as text). */
+async function rawDb(dataDir: string) {
+  const { Level } = await import("level");
+  const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
+  await db.open();
+  return db;
+}
+
+const directConvOf = (a: string, b: string) => (a < b ? `d:${a}:${b}` : `d:${b}:${a}`);
+const pad = (n: number) => String(n).padStart(15, "0");
+
 describe("restart", () => {
   it("keeps accounts, sessions, contacts, profiles and queued messages", async () => {
     const dataDir = newDataDir();
@@ -115,23 +139,13 @@ describe("history chunks derived from the log", () => {
 
 describe("upgrading a layout-4 database", () => {
   it("adds no second history chunk for logged messages past the watermark, and records layout 5", async () => {
-    const dataDir = newDataDir();
-    const config = testConfig({ dataDir });
-    let server = await startServer(config);
-    const a = await registerUser(server.port);
-    const b = await registerUser(server.port);
-    a.client.close();
-    b.client.close();
-    await server.stop();
+    const { dataDir, config, a, b } = await twoUsersStopped();
 
     // What a layout-4 server had on disk right after committing three messages a → b,
     // before their derived entries were written: the records, their history chunks
     // (written with them), and the watermark behind them.
-    const { Level } = await import("level");
-    const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
-    await db.open();
-    const conv = a.uid < b.uid ? `d:${a.uid}:${b.uid}` : `d:${b.uid}:${a.uid}`;
-    const pad = (n: number) => String(n).padStart(15, "0");
+    const db = await rawDb(dataDir);
+    const conv = directConvOf(a.uid, b.uid);
     const seq = Number(await db.get("!meta!seq").catch(() => "0")) || 0;
     const rec = (q: number) => JSON.stringify({ mid: String(q), from: a.uid, nick: a.nick, body: `v4 ${q}`, time: 1700000000 + q, to: b.uid });
     const qs = [seq + 1, seq + 2, seq + 3];
@@ -146,7 +160,7 @@ describe("upgrading a layout-4 database", () => {
     ]);
     await db.close();
 
-    server = await startServer({ ...config, port: 0 });
+    let server = await startServer({ ...config, port: 0 });
     const bc = await Client.connect(server.port);
     expect((await bc.request("auth", { sid: b.sid })).status).toBe(0);
     // replayed into b's inbox, each once
@@ -157,8 +171,7 @@ describe("upgrading a layout-4 database", () => {
     bc.close();
     await server.stop();
 
-    const check = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
-    await check.open();
+    const check = await rawDb(dataDir);
     expect(await check.get("!meta!layout")).toBe("5");
     await check.close();
     // and once more from disk alone, after a restart
@@ -173,23 +186,13 @@ describe("upgrading a layout-4 database", () => {
 
 describe("upgrading a layout-1 database", () => {
   it("delivers what was queued, finds old messages by mid and keeps their cmids", async () => {
-    const dataDir = newDataDir();
-    const config = testConfig({ dataDir });
-    let server = await startServer(config);
-    const a = await registerUser(server.port);
-    const b = await registerUser(server.port);
-    a.client.close();
-    b.client.close();
-    await server.stop();
+    const { dataDir, config, a, b } = await twoUsersStopped();
 
     // Write what the previous server wrote for two messages a → b, the second still
     // queued for b: records (with conv and cmid), the mid index, the queue, the cmid
     // index; and no layout version.
-    const { Level } = await import("level");
-    const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
-    await db.open();
-    const conv = a.uid < b.uid ? `d:${a.uid}:${b.uid}` : `d:${b.uid}:${a.uid}`;
-    const pad = (n: number) => String(n).padStart(15, "0");
+    const db = await rawDb(dataDir);
+    const conv = directConvOf(a.uid, b.uid);
     const rec = (mid: number, body: string, cmid?: string) =>
       JSON.stringify({ mid: String(mid), conv, from: a.uid, nick: a.nick, body, time: 1700000000 + mid, to: b.uid, ...(cmid ? { cmid } : {}) });
     await db.batch([
@@ -204,7 +207,7 @@ describe("upgrading a layout-1 database", () => {
     ]);
     await db.close();
 
-    server = await startServer({ ...config, port: 0 });
+    let server = await startServer({ ...config, port: 0 });
     const bc = await Client.connect(server.port);
     expect((await bc.request("auth", { sid: b.sid })).status).toBe(0);
     expect(await bc.event("ev_message")).toMatchObject({ mid: "2", body: "still queued", from: a.uid });

@@ -148,8 +148,7 @@ export class MessageStore {
   private readonly s: Spaces;
   /**
    * The batch being gathered: its messages, with each one's seq and conversation (known
-   * at append, so the commit parses and looks up neither again), and its history chunks
-   * by conversation.
+   * at append, so the commit parses and looks up neither again).
    */
   private batch: PendingBatch | undefined;
   /** Committed, not yet handed to a batch. */
@@ -926,10 +925,14 @@ export class MessageStore {
     const known = cached ? this.lasts.get(conv) : undefined;
     if (known !== undefined) return known;
     const gen = this.lastsGen;
+    // What waits in memory is newer than anything on disk.
     const mem = this.histInMemory(conv);
-    // A chunk is never empty: removing its last seq deletes it.
-    const found = mem.length > 0 ? [] : ((await readEntries(this.s.hist, { ...prefixRange(conv), reverse: true, limit: 1 })) as [string, HistChunk][]);
-    const last = mem.length > 0 ? mem[mem.length - 1] : found.length > 0 ? found[0][1][found[0][1].length - 1] : undefined;
+    let last = mem.length > 0 ? mem[mem.length - 1] : undefined;
+    if (last === undefined) {
+      const found = (await readEntries(this.s.hist, { ...prefixRange(conv), reverse: true, limit: 1 })) as [string, HistChunk][];
+      // A chunk is never empty: removing its last seq deletes it.
+      if (found.length > 0) last = found[0][1][found[0][1].length - 1];
+    }
     if (!cached) return last;
     // A message committed meanwhile may be newer; a removal meanwhile makes this stale.
     const now = this.lasts.get(conv);
