@@ -51,6 +51,7 @@ export interface ClusterRoute {
 export class NatsServer {
   private child: ChildProcess | undefined;
   private exited: Promise<void> = Promise.resolve();
+  private running = false;
 
   private constructor(
     readonly storeDir: string,
@@ -59,6 +60,11 @@ export class NatsServer {
     /** More nats-server arguments (authentication, TLS). */
     readonly extra: readonly string[] = [],
   ) {}
+
+  /** Whether its process is running (false once it exited, e.g. on a route port taken meanwhile). */
+  get alive(): boolean {
+    return this.running;
+  }
 
   get url(): string {
     return `nats://127.0.0.1:${this.port}`;
@@ -72,7 +78,12 @@ export class NatsServer {
   /** Starts a server on a free client port, alone or (`route`) as a member of a cluster; `extra`: more of its flags. */
   static async start(route?: ClusterRoute, extra: readonly string[] = []): Promise<NatsServer> {
     const s = new NatsServer(mkdtempSync(path.join(tmpdir(), "wirechat-nats-")), -1, route, extra);
-    await s.launch();
+    try {
+      await s.launch();
+    } catch (err) {
+      rmSync(s.storeDir, { recursive: true, force: true });
+      throw err;
+    }
     return s;
   }
 
@@ -85,7 +96,13 @@ export class NatsServer {
     }
     const child = spawn(natsServerPath(), args, { stdio: ["ignore", "ignore", "pipe"] });
     this.child = child;
-    this.exited = new Promise((resolve) => child.once("exit", () => resolve()));
+    this.running = true;
+    this.exited = new Promise((resolve) =>
+      child.once("exit", () => {
+        this.running = false;
+        resolve();
+      }),
+    );
     let text = "";
     this.port = await new Promise<number>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`nats-server did not start:\n${text}`)), 10_000);
@@ -127,20 +144,31 @@ export class NatsServer {
  * `n` nats-servers routed into one NATS cluster (server names n1…nN), started together;
  * resolves once JetStream answers through every one of them (its meta leader elected),
  * so a stream with n replicas can be created at once.
+ *
+ * The route ports are picked free and bound by nats-server a moment later, after it has
+ * said it is ready; a parallel test that takes one meanwhile makes that member exit (a
+ * fatal listen error). Then the whole cluster starts again on new ports (3 attempts).
  */
 export async function startNatsCluster(n: number, name = `wc${process.pid}`): Promise<NatsServer[]> {
-  const ports: number[] = [];
-  for (let i = 0; i < n; i++) ports.push(await freePort());
-  const servers = await Promise.all(
-    ports.map((port, i) => NatsServer.start({ cluster: name, name: `n${i + 1}`, port, routes: ports.filter((p) => p !== port) })),
-  );
-  try {
-    for (const s of servers) await jetStreamReady(s.url, 30_000);
-  } catch (err) {
-    await Promise.all(servers.map((s) => s.stop()));
-    throw err;
+  for (let attempt = 1; ; attempt++) {
+    const ports: number[] = [];
+    for (let i = 0; i < n; i++) ports.push(await freePort());
+    const started = await Promise.allSettled(
+      ports.map((port, i) => NatsServer.start({ cluster: name, name: `n${i + 1}`, port, routes: ports.filter((p) => p !== port) })),
+    );
+    const servers = started.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+    try {
+      const failed = started.find((r) => r.status === "rejected");
+      if (failed) throw failed.reason;
+      for (const s of servers) await jetStreamReady(s.url, 30_000);
+      if (servers.every((s) => s.alive)) return servers;
+      throw new Error(`a member of the NATS cluster exited: ${servers.filter((s) => !s.alive).map((s) => s.name).join(", ")}`);
+    } catch (err) {
+      const memberDied = servers.length < n || servers.some((s) => !s.alive);
+      await Promise.all(servers.map((s) => s.stop()));
+      if (!memberDied || attempt === 3) throw err;
+    }
   }
-  return servers;
 }
 
 /** Waits until JetStream answers an account-info request through `url`. */
