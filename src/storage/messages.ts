@@ -160,6 +160,11 @@ export class MessageStore {
   private derivedTimer: NodeJS.Timeout | undefined;
   private derivedDue = false;
   private readonly recentCmids = new Map<string, [string, number]>();
+  /**
+   * Bumped when a deleted message's cmid is off the disk: a byCmid read in flight may
+   * have seen it before, and must not put it back in recentCmids.
+   */
+  private cmidGen = 0;
   /** sender → recipients whose pair is known to be in `peers` (bounded, see KNOWN_PEERS). */
   private readonly knownPeers = new Map<string, Set<string>>();
   private knownPeerCount = 0;
@@ -669,8 +674,9 @@ export class MessageStore {
     const key = pair(from, cmid);
     const hit = this.cmidInMemory(key);
     if (hit) return hit;
+    const gen = this.cmidGen;
     const v = (await this.s.cmids.get(key)) as [string, number] | undefined;
-    if (v) this.rememberCmid(key, v);
+    if (v && gen === this.cmidGen) this.rememberCmid(key, v);
     // A message with this cmid may have committed while the read waited: the read saw
     // the index before its (lazily written) entry, and the caller's own guard against
     // a store in flight is gone by then. Asking memory again closes that window.
@@ -736,9 +742,18 @@ export class MessageStore {
       ops.push(del(this.s.cmids, key));
     }
     const to = m.to;
+    const cmidKey = m.cmid === undefined ? undefined : pair(m.from, m.cmid);
     const written = () => {
       this.forget(conv);
       if (to !== undefined) this.recheck(m.from, to);
+      if (cmidKey !== undefined) {
+        // Until this batch was written the disk still had the cmid: a byCmid read in
+        // that window may have remembered it. A resend from now on stores anew (a
+        // message stored meanwhile with the same cmid waits in a generation or is on
+        // disk, where byCmid finds it).
+        this.cmidGen++;
+        this.recentCmids.delete(cmidKey);
+      }
     };
     return { ops, written };
   }
