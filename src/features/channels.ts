@@ -15,7 +15,7 @@ import { compileSchema, optionalString, requiredString } from "../protocol/valid
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv } from "../storage/layout.js";
 import type { Command, Outcome } from "./cluster.js";
-import { findUser, underLocks, userLockKey, type Services } from "./services.js";
+import { convLockKey, findUser, underLocks, userLockKey, type Services } from "./services.js";
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
@@ -402,6 +402,10 @@ export function registerChannels(sv: Services): ChannelOps {
       (page) => {
         for (const m of page) if (m.attach) sv.blobs.collectLater(m.attach.sha);
       },
+      // Each page under the lock edits and deletes take: one in flight when the channel
+      // was deleted would otherwise write its record (or history chunk) back after the
+      // page removed it.
+      (fn) => locks.run(convLockKey(conv), fn),
       signal,
     );
   }

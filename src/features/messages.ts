@@ -23,7 +23,7 @@ import { optionalString, requiredString } from "../protocol/validation.js";
 import { channelConv, convOf, directConv, type MessageRecord } from "../storage/layout.js";
 import { channelErrors } from "./channels.js";
 import type { Outcome } from "./cluster.js";
-import { findUser, type Services } from "./services.js";
+import { convLockKey, findUser, type Services } from "./services.js";
 
 interface MessageData {
   uid?: string;
@@ -406,14 +406,15 @@ export function registerMessages(sv: Services): void {
 
   /**
    * Runs a change to message `mid` under its conversation's lock, so that changes run
-   * one at a time, each reading the message afresh: an edit racing a delete must not
-   * write the deleted message back, and two deletes must not rewrite one history chunk
-   * at once. 14 when there is no such message.
+   * one at a time, each reading the message afresh: an edit racing a delete (or a
+   * deleted channel's purge, which takes the same lock page by page) must not write
+   * the deleted message back, and two deletes must not rewrite one history chunk at
+   * once. 14 when there is no such message.
    */
   async function changing<T>(mid: string, fn: () => Promise<T>): Promise<T> {
     const m = await messages.get(mid);
     if (!m) throw new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
-    return locks.run(`conv:${convOf(m)}`, fn);
+    return locks.run(convLockKey(convOf(m)), fn);
   }
 
   dispatcher.register<{ mid: string; body: string }>({

@@ -28,6 +28,14 @@ export function userLockKey(uid: string): string {
 }
 
 /**
+ * The KeyedLock key under which a conversation's stored messages change (edits,
+ * deletes, a deleted channel's purge): one at a time, each reading afresh.
+ */
+export function convLockKey(conv: string): string {
+  return `conv:${conv}`;
+}
+
+/**
  * Runs `fn` holding every lock in `keys`, taken in that order. Callers that take
  * several users' locks sort the users first (one order everywhere: no deadlock).
  */

@@ -860,6 +860,7 @@ export class MessageStore {
     conv: string,
     onPage: (page: MessageRecord[]) => Promise<BatchOp[]>,
     onCommitted: (page: MessageRecord[]) => void,
+    exclusive: <T>(fn: () => Promise<T>) => Promise<T>,
     signal?: AbortSignal,
   ): Promise<void> {
     // Its last messages' history entries may still wait in memory: written first, so
@@ -868,16 +869,25 @@ export class MessageStore {
     const waiting = this.histInMemory(conv);
     if (waiting.length > 0) await this.histOnDisk(conv, waiting[waiting.length - 1]);
     while (!signal?.aborted) {
-      const chunks = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
-      if (chunks.length === 0) {
+      // Read and removed under `exclusive` (the conversation's lock, which edits and
+      // deletes hold from their read to their write).
+      const page = await exclusive(async () => {
+        const chunks = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
+        if (chunks.length === 0) return undefined;
+        const seqs = chunks.flatMap(([, s]) => s);
+        const records = await this.records(seqs);
+        await this.storage.commit([
+          ...chunks.map(([key]) => del(this.s.hist, key)),
+          ...seqs.map((q) => del(this.s.log, seqKey(q))),
+          ...(await onPage(records)),
+        ]);
+        this.forget(conv);
+        return records;
+      });
+      if (page === undefined) {
         await this.storage.commit([del(this.s.purges, conv)]);
         return;
       }
-      const seqs = chunks.flatMap(([, s]) => s);
-      const page = await this.records(seqs);
-      const ops = [...chunks.map(([key]) => del(this.s.hist, key)), ...seqs.map((q) => del(this.s.log, seqKey(q))), ...(await onPage(page))];
-      await this.storage.commit(ops);
-      this.forget(conv);
       onCommitted(page);
     }
   }
