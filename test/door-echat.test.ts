@@ -144,6 +144,29 @@ describe("e_chat_server door: rooms", () => {
     native.close();
   });
 
+  it("GET /v1/rooms/{id}/messages streams its answer: chunked, message by message, valid JSON; [] for an empty room", async () => {
+    const a = await register();
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [] } })).body.id;
+    const empty = await fetch(`${base()}/v1/rooms/${room}/messages`, { headers: { authorization: `Bearer ${a.sid}` } });
+    expect(empty.status).toBe(200);
+    expect(await empty.json()).toEqual([]);
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { login: a.login, pass: a.password })).status).toBe(0);
+    // Bodies near --max-frame (8 KiB here): 500 such at the default limit were too much
+    // to build whole (eight answers at once ran the server out of heap).
+    const texts = Array.from({ length: 40 }, (_, i) => `${i} "quoted" ${"é".repeat(3000)}`);
+    for (const body of texts) expect((await native.request("message", { channel: String(room), body })).status).toBe(0);
+    const res = await fetch(`${base()}/v1/rooms/${room}/messages`, { headers: { authorization: `Bearer ${a.sid}` } });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("content-type")).toBe("application/json; charset=utf-8");
+    expect(res.headers.get("transfer-encoding")).toBe("chunked");
+    expect(res.headers.get("content-length")).toBeNull();
+    const got = (await res.json()) as { text: string; user_id: number; room_id: number }[];
+    expect(got.map((m) => m.text)).toEqual(texts);
+    expect(got.every((m) => m.user_id === a.id && m.room_id === room)).toBe(true);
+    native.close();
+  });
+
   it("a room socket without a valid session or for another's room is refused before the upgrade", async () => {
     const a = await register();
     const b = await register();
