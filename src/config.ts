@@ -103,7 +103,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "maxPicture", flag: "--max-picture", env: "WIRECHAT_MAX_PICTURE", kind: "int", default: 256 * 1024, min: 0, help: "largest profile picture, in characters of base64 (status 12 past it)" },
   { key: "maxImport", flag: "--max-import", env: "WIRECHAT_MAX_IMPORT", kind: "int", default: 5000, min: 1, help: "most address-book entries in one import (status 12 past it)" },
   { key: "maxOwnedChannels", flag: "--max-owned-channels", env: "WIRECHAT_MAX_OWNED_CHANNELS", kind: "int", default: 100, min: 1, help: "most channels one user may own (createchannel past it: status 13)", reload: true },
-  { key: "maxJoinedChannels", flag: "--max-joined-channels", env: "WIRECHAT_MAX_JOINED_CHANNELS", kind: "int", default: 1000, min: 1, help: "most channels one user may be a member of (createchannel, enter past it: status 13)", reload: true },
+  { key: "maxJoinedChannels", flag: "--max-joined-channels", env: "WIRECHAT_MAX_JOINED_CHANNELS", kind: "int", default: 1000, min: 1, help: "most channels one user may be a member of (createchannel, enter past it: status 13); others may add a user to nine tenths of them", reload: true },
   { key: "badFrameLimit", flag: "--bad-frame-limit", env: "WIRECHAT_BAD_FRAME_LIMIT", kind: "int", default: 100, min: 1, help: "bad frames a connection may send within the window before it is closed" },
   { key: "badFrameWindow", flag: "--bad-frame-window", env: "WIRECHAT_BAD_FRAME_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds" },
   { key: "outboundCap", flag: "--outbound-cap", env: "WIRECHAT_OUTBOUND_CAP", kind: "int", default: 8 * 1024 * 1024, min: 65536, help: "bytes waiting to be sent to one connection before it is closed as a slow reader" },

@@ -254,14 +254,44 @@ describe("private channels across a restart", () => {
 });
 
 describe("caps and the door API", () => {
-  it("a member at --max-joined-channels refuses creation and invite with 13; ChannelOps does as the actions do", async () => {
-    const config = testConfig({ maxJoinedChannels: 2 });
+  it("others cannot fill a user's memberships: the last tenth of --max-joined-channels is the user's own", async () => {
+    const config = testConfig({ maxJoinedChannels: 10 });
+    const server = await startServer(config);
+    try {
+      const [victim, x, y] = [await registerUser(server.port), await registerUser(server.port), await registerUser(server.port)];
+      // Nine private channels made with the victim as a member (by two accounts), then
+      // both ways of adding a tenth are refused.
+      for (let i = 0; i < 9; i++) {
+        const by = i % 2 === 0 ? x : y;
+        expect((await by.client.request("createchannel", { name: uniqueName("junk"), private: true, members: [victim.uid] })).status).toBe(0);
+      }
+      const refusal = `user '${victim.uid}' is a member of 9 channels, the most others may add them to (they may still join more themselves)`;
+      expect(await x.client.request("createchannel", { name: uniqueName("junk"), private: true, members: [victim.uid] })).toEqual({ status: 13, error: refusal });
+      const { chid } = await newPrivate(y, [x]);
+      expect(await y.client.request("invite", { channel: chid, uid: victim.uid })).toEqual({ status: 13, error: refusal });
+      // The victim still enters a public channel of their choice, and then is at the cap.
+      const open = await x.client.request("createchannel", { name: uniqueName("pub") });
+      expect((await victim.client.request("enter", { channel: open.chid })).status).toBe(0);
+      expect(await victim.client.request("createchannel", { name: uniqueName("mine") })).toEqual({
+        status: 13,
+        error: "you are a member of 10 channels, the most one user may; leave one first",
+      });
+      await closeAll(victim.client, x.client, y.client);
+    } finally {
+      await server.stop();
+      removeDir(config.dataDir);
+    }
+  });
+
+  it("a member at the cap others may fill refuses creation and invite with 13; ChannelOps does as the actions do", async () => {
+    // --max-joined-channels 3: others may add a user to 2 channels (othersJoinCap).
+    const config = testConfig({ maxJoinedChannels: 3 });
     const server = await startServer(config);
     try {
       const [a, b, c] = [await registerUser(server.port), await registerUser(server.port), await registerUser(server.port)];
       for (let i = 0; i < 2; i++) expect((await b.client.request("createchannel", { name: uniqueName("own") })).status).toBe(0);
       const full = await a.client.request("createchannel", { name: uniqueName("p"), private: true, members: [b.uid] });
-      expect(full).toEqual({ status: 13, error: `user '${b.uid}' is a member of 2 channels, the most one user may` });
+      expect(full).toEqual({ status: 13, error: `user '${b.uid}' is a member of 2 channels, the most others may add them to (they may still join more themselves)` });
       const { chid } = await newPrivate(a, [c]);
       expect((await a.client.request("invite", { channel: chid, uid: b.uid })).status).toBe(13);
       expect(await server.channelOps.isMember(chid, b.uid)).toBe(false);

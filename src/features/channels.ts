@@ -58,13 +58,23 @@ export const channelErrors = {
   noUser: (uid: string) => new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`),
   notOwner: () => new ProtocolError(Code.Forbidden, "only the channel's owner can delete it"),
   ownedCap: (cap: number) => new ProtocolError(Code.RateLimited, `you own ${cap} channels, the most one user may; delete one first`),
-  /** `who` names the user when they are not the caller. */
-  joinedCap: (cap: number, who?: string) =>
-    new ProtocolError(
-      Code.RateLimited,
-      who === undefined ? `you are a member of ${cap} channels, the most one user may; leave one first` : `${who} is a member of ${cap} channels, the most one user may`,
-    ),
+  joinedCap: (cap: number) => new ProtocolError(Code.RateLimited, `you are a member of ${cap} channels, the most one user may; leave one first`),
+  /** Someone else adding `who` (createchannel's members, invite): see othersJoinCap. */
+  addedCap: (cap: number, who: string) =>
+    new ProtocolError(Code.RateLimited, `${who} is a member of ${cap} channels, the most others may add them to (they may still join more themselves)`),
 };
+
+/**
+ * Of --max-joined-channels, the memberships others may give a user (createchannel's
+ * members, invite): the last tenth (at least one) is only the user's own to fill, by
+ * entering or creating a channel. Otherwise anyone could fill a user's memberships
+ * and lock them out of every channel and door that enters one (a review did it with
+ * ten accounts of 100 private channels each, in 2.5 s: the victim could neither enter
+ * nor create a channel, nor log in on the seed-003 door, which enters its lobby).
+ */
+export function othersJoinCap(maxJoined: number): number {
+  return maxJoined - Math.ceil(maxJoined / 10);
+}
 
 /**
  * Channels for the other front doors: the same rules, codes and events as the native
@@ -137,8 +147,9 @@ export function registerChannels(sv: Services): ChannelOps {
     if (owning && (await channels.ownedCount(uid, config.maxOwnedChannels)) >= config.maxOwnedChannels) {
       throw channelErrors.ownedCap(config.maxOwnedChannels);
     }
-    if ((await channels.joinedCount(uid, config.maxJoinedChannels)) >= config.maxJoinedChannels) {
-      throw channelErrors.joinedCap(config.maxJoinedChannels, who);
+    const cap = who === undefined ? config.maxJoinedChannels : othersJoinCap(config.maxJoinedChannels);
+    if ((await channels.joinedCount(uid, config.maxJoinedChannels)) >= cap) {
+      throw who === undefined ? channelErrors.joinedCap(cap) : channelErrors.addedCap(cap, who);
     }
   }
 
@@ -279,7 +290,7 @@ export function registerChannels(sv: Services): ChannelOps {
     async handle(req) {
       if (sv.cluster) {
         const { channel, uid } = req.data;
-        await inCluster({ k: "join", t: nowSeconds(), chid: channel, uid, by: req.session.uid as string, cap: config.maxJoinedChannels });
+        await inCluster({ k: "join", t: nowSeconds(), chid: channel, uid, by: req.session.uid as string, cap: othersJoinCap(config.maxJoinedChannels) });
         return {};
       }
       const { c, added, nick } = await inviteTo(req.session.uid as string, req.data.channel, req.data.uid);
@@ -483,7 +494,7 @@ export function registerChannels(sv: Services): ChannelOps {
     },
     async invite(by, chid, uid) {
       if (sv.cluster) {
-        const out = await inCluster({ k: "join", t: nowSeconds(), chid, uid, by, cap: config.maxJoinedChannels });
+        const out = await inCluster({ k: "join", t: nowSeconds(), chid, uid, by, cap: othersJoinCap(config.maxJoinedChannels) });
         return out.k === "joined" && out.added;
       }
       const { c, added, nick } = await inviteTo(by, chid, uid);
@@ -514,6 +525,7 @@ function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJ
     members: [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort(),
     maxOwned,
     maxJoined,
+    maxAdded: maxJoined > 0 ? othersJoinCap(maxJoined) : 0,
   };
 }
 

@@ -102,7 +102,19 @@ export type Command =
    * createchannel by `owner`, with `members` (uids besides the owner, sorted, no
    * duplicates); the caps are the proposer's --max-owned-channels and --max-joined-channels.
    */
-  | { k: "chcreate"; t: number; owner: string; name: string; descr: string; priv: boolean; members: string[]; maxOwned: number; maxJoined: number }
+  | {
+      k: "chcreate";
+      t: number;
+      owner: string;
+      name: string;
+      descr: string;
+      priv: boolean;
+      members: string[];
+      maxOwned: number;
+      maxJoined: number;
+      /** The members' cap (othersJoinCap); older log entries have none and used maxJoined. */
+      maxAdded?: number;
+    }
   /** `uid` becomes a member of `chid`: by enter, or by `by`'s invite; `cap` is --max-joined-channels. */
   | { k: "join"; t: number; chid: string; uid: string; by?: string; cap: number }
   /** `uid` leaves channel `chid`, or every channel ("*"). */
@@ -787,9 +799,10 @@ export class Cluster {
         if (missing >= 0) return refuse(channelErrors.noUser(c.members[missing]));
         if (!server && (r.owned ?? 0) + overlay.delta("owned", c.owner) >= c.maxOwned) return refuse(channelErrors.ownedCap(c.maxOwned));
         if (!server && (r.joined ?? 0) + overlay.delta("joined", c.owner) >= c.maxJoined) return refuse(channelErrors.joinedCap(c.maxJoined));
+        const maxAdded = c.maxAdded ?? c.maxJoined;
         for (let i = 0; i < c.members.length; i++) {
           const uid = c.members[i];
-          if ((r.counts?.[i] ?? 0) + overlay.delta("joined", uid) >= c.maxJoined) return refuse(channelErrors.joinedCap(c.maxJoined, `user '${uid}'`));
+          if ((r.counts?.[i] ?? 0) + overlay.delta("joined", uid) >= maxAdded) return refuse(channelErrors.addedCap(maxAdded, `user '${uid}'`));
         }
         const ch: ChannelRecord = { chid: channels.nextChid(), name: c.name, descr: c.descr, owner: c.owner, created: c.t };
         if (c.priv) ch.private = true;
@@ -815,7 +828,7 @@ export class Cluster {
         if (!user) return refuse(channelErrors.noUser(c.uid));
         if (member) return { k: "joined", added: false, nick: user.nick };
         if ((r.joined ?? 0) + overlay.delta("joined", c.uid) >= c.cap) {
-          return refuse(channelErrors.joinedCap(c.cap, c.by === undefined ? undefined : `user '${c.uid}'`));
+          return refuse(c.by === undefined ? channelErrors.joinedCap(c.cap) : channelErrors.addedCap(c.cap, `user '${c.uid}'`));
         }
         storage.commitLazy(channels.joinOps(c.chid, c.uid, c.t, ch.private === true));
         overlay.join(c.chid, c.uid);
