@@ -29,6 +29,11 @@
 //                                                newest last message first [derived]
 //   dialogat    <uid>!<peer uid>               → seq of that conversation's `dialogs` key
 //                                                (to move it on) [derived]
+//   rechecks    <uid>!<peer uid>               → 1    (a direct conversation that lost a
+//                                                message since its `dialogs` entry was
+//                                                written: put with the delete, taken out
+//                                                by the generation that moves the entry,
+//                                                loaded at start-up)
 //   channels    <chid>                         → ChannelRecord of a public channel
 //   privchans   <chid>                         → ChannelRecord of a private channel
 //                                                (`private: true`; apart, so that
@@ -189,6 +194,7 @@ export const SPACES = [
   "peers",
   "dialogs",
   "dialogat",
+  "rechecks",
   "channels",
   "privchans",
   "chname",

@@ -165,6 +165,16 @@ export class MessageStore {
    * have seen it before, and must not put it back in recentCmids.
    */
   private cmidGen = 0;
+  /**
+   * Pairs whose `rechecks` marker a delete put: Infinity while the delete's batch is
+   * not written, then the tick of its writing. A generation takes a marker out only
+   * when the pair's tick is older than the generation (taken at writeDerived), so its
+   * check saw the delete; a later delete's marker waits for its own recheck.
+   */
+  private readonly marked = new Map<string, number>();
+  private markTick = 0;
+  /** markTick when the generation being written was taken. */
+  private writingTick = 0;
   /** sender → recipients whose pair is known to be in `peers` (bounded, see KNOWN_PEERS). */
   private readonly knownPeers = new Map<string, Set<string>>();
   private knownPeerCount = 0;
@@ -240,10 +250,20 @@ export class MessageStore {
       replayed += page.length;
       after = Number(page[page.length - 1].mid);
     }
-    if (replayed > 0) {
-      this.log.info({ replayed, through }, "rebuilt derived message indexes from the log");
-      await this.flushDerived();
+    // Dialogs entries a delete left to check again, when a crash came first.
+    let rechecks = 0;
+    for (let after = ""; ; ) {
+      const page = (await readKeys(this.s.rechecks, { gt: after, limit: MIGRATE_PAGE })) as string[];
+      if (page.length === 0) break;
+      for (const key of page) {
+        const bang = key.indexOf("!");
+        this.recheckOne(key.slice(0, bang), key.slice(bang + 1));
+      }
+      rechecks += page.length;
+      after = page[page.length - 1];
     }
+    if (replayed > 0) this.log.info({ replayed, through }, "rebuilt derived message indexes from the log");
+    if (replayed + rechecks > 0) await this.flushDerived();
     // Every logged message now has its history chunk, and from here on chunks are
     // derived. (Layout 3 goes on to UserStore.init, which writes LAYOUT_VERSION.)
     if (layout === 4) await this.storage.commit([put(this.s.meta, "layout", 5)]);
@@ -552,6 +572,7 @@ export class MessageStore {
   private writeDerived(): void {
     const d = this.pending;
     this.pending = new Derived();
+    this.writingTick = ++this.markTick;
     this.derivedDue = false;
     if (this.derivedTimer) {
       clearTimeout(this.derivedTimer);
@@ -623,6 +644,15 @@ export class MessageStore {
     // The cmids last, at the commit: a message deleted while the dialog pointers were
     // read took its cmid out of `d` (removal), and must not be put back after its delete.
     for (const [key, v] of d.cmids) ops.push(put(this.s.cmids, key, v));
+    for (const [uid, peers] of d.rechecks) {
+      for (const peer of peers) {
+        const key = pair(uid, peer);
+        const tick = this.marked.get(key);
+        if (tick !== undefined && tick > this.writingTick) continue; // a later delete's: its own recheck takes it out
+        this.marked.delete(key);
+        ops.push(del(this.s.rechecks, key));
+      }
+    }
     if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
     this.storage.commitLazy(this.gone.size > 0 ? ops.filter((op) => !this.gone.has(this.ownerOf(op.key))) : ops);
     this.storage.afterWrite((err) => {
@@ -742,10 +772,23 @@ export class MessageStore {
       ops.push(del(this.s.cmids, key));
     }
     const to = m.to;
+    if (to !== undefined) {
+      // Both sides' dialogs entries are checked again by a later generation (written
+      // below); the marker makes that survive a crash before it.
+      ops.push(put(this.s.rechecks, pair(m.from, to), 1));
+      if (to !== m.from) ops.push(put(this.s.rechecks, pair(to, m.from), 1));
+      this.marked.set(pair(m.from, to), Infinity);
+      this.marked.set(pair(to, m.from), Infinity);
+    }
     const cmidKey = m.cmid === undefined ? undefined : pair(m.from, m.cmid);
     const written = () => {
       this.forget(conv);
-      if (to !== undefined) this.recheck(m.from, to);
+      if (to !== undefined) {
+        const tick = ++this.markTick;
+        this.marked.set(pair(m.from, to), tick);
+        this.marked.set(pair(to, m.from), tick);
+        this.recheck(m.from, to);
+      }
       if (cmidKey !== undefined) {
         // Until this batch was written the disk still had the cmid: a byCmid read in
         // that window may have remembered it. A resend from now on stores anew (a
@@ -908,7 +951,7 @@ export class MessageStore {
     // in a batch is on disk once that batch is written, and the reads below find it.
     await this.preparing?.catch(() => {});
     await new Promise<void>((resolve) => this.storage.afterWrite(() => resolve()));
-    for (const space of [this.s.inbox, this.s.cmids, this.s.peers, this.s.dialogs, this.s.dialogat]) {
+    for (const space of [this.s.inbox, this.s.cmids, this.s.peers, this.s.dialogs, this.s.dialogat, this.s.rechecks]) {
       for (const key of await readKeys(space, prefixRange(uid))) ops.push(del(space, key));
     }
     return ops;
@@ -980,16 +1023,28 @@ export class MessageStore {
    * caller need not read it again.
    */
   async dialogs(uid: string, limit: number, below = Infinity): Promise<DialogEntry[]> {
+    // Conversations that lost a message since their entries were last written: their
+    // index seq (in memory or on disk) may be too high, and a page below it would
+    // never meet them. Each is placed by its actual last seq, read first.
+    const again = new Set<string>();
+    for (const d of [this.writing, this.pending]) for (const peer of d?.rechecks.get(uid) ?? []) again.add(peer);
     const mem = new Map<string, number>();
     for (const d of [this.writing, this.pending]) {
       const peers = d?.dialogs.get(uid);
-      if (peers) for (const [peer, seq] of peers) if ((mem.get(peer) ?? 0) < seq) mem.set(peer, seq);
+      if (peers) for (const [peer, seq] of peers) if (!again.has(peer) && (mem.get(peer) ?? 0) < seq) mem.set(peer, seq);
     }
     const fromMem = [...mem].filter(([, seq]) => seq < below).sort((a, b) => b[1] - a[1]);
     // A conversation newer than `below` in memory was on an earlier page.
     const seen = new Set<string>([...mem].filter(([, seq]) => seq >= below).map(([peer]) => peer));
     const out: DialogEntry[] = [];
     const held: DialogEntry[] = [];
+    const peers = [...again];
+    const lasts = await Promise.all(peers.map((peer) => this.lastSeq(directConv(uid, peer))));
+    peers.forEach((peer, i) => {
+      seen.add(peer);
+      const seq = lasts[i];
+      if (seq !== undefined && seq < below) held.push({ peer, seq, record: undefined });
+    });
     const release = (floor: number) => {
       held.sort((a, b) => b.seq - a.seq);
       while (held.length > 0 && out.length < limit && held[0].seq >= floor) out.push(held.shift() as DialogEntry);
