@@ -243,12 +243,28 @@ export class MessageStore {
     const histDerived = layout >= 5;
     const through = ((await this.s.meta.get("indexed")) as number | undefined) ?? 0;
     let replayed = 0;
+    const parties = new Set<string>();
     for (let after = through; ; ) {
       const page = (await readValues(this.s.log, { gt: seqKey(after), limit: 1000 })) as MessageRecord[];
       if (page.length === 0) break;
-      for (const m of page) this.derive(m, Number(m.mid), this.convOf(m), histDerived);
+      for (const m of page) {
+        this.derive(m, Number(m.mid), this.convOf(m), histDerived);
+        parties.add(m.from);
+        if (m.to !== undefined) parties.add(m.to);
+      }
       replayed += page.length;
       after = Number(page[page.length - 1].mid);
+    }
+    // A user deleted after these messages (their account's batch removed their user
+    // record and what was on disk of their entries; the rest waited in memory, left out
+    // by \`gone\`, which the crash lost) gets none of them back.
+    const uids = [...parties];
+    for (let i = 0; i < uids.length; i += MIGRATE_PAGE) {
+      const slice = uids.slice(i, i + MIGRATE_PAGE);
+      const found = await this.s.users.getMany(slice);
+      slice.forEach((uid, j) => {
+        if (found[j] === undefined) this.gone.add(uid);
+      });
     }
     // Dialogs entries a delete left to check again, when a crash came first.
     let rechecks = 0;
