@@ -257,7 +257,7 @@ export class MessageStore {
     }
     // A user deleted after these messages (their account's batch removed their user
     // record and what was on disk of their entries; the rest waited in memory, left out
-    // by \`gone\`, which the crash lost) gets none of them back.
+    // by `gone`, which the crash lost) gets none of them back.
     const uids = [...parties];
     for (let i = 0; i < uids.length; i += MIGRATE_PAGE) {
       const slice = uids.slice(i, i + MIGRATE_PAGE);
@@ -963,6 +963,7 @@ export class MessageStore {
     this.pending.inbox.delete(uid);
     this.pending.dialogs.delete(uid);
     this.pending.rechecks.delete(uid);
+    for (const key of this.marked.keys()) if (keyHead(key) === uid) this.marked.delete(key);
     // A generation being prepared now commits without the user's entries; one already
     // in a batch is on disk once that batch is written, and the reads below find it.
     await this.preparing?.catch(() => {});
