@@ -32,10 +32,12 @@ const command: fc.Arbitrary<Command> = fc.oneof(
     t: fc.integer({ min: 1000, max: 2000 }),
     uid: fc.constantFrom(...UIDS),
     login: fc.constantFrom(...NAMES),
-    nick: fc.constantFrom(...NICKS),
+    // "bob" as a nick contests a login (one namespace for commands with `names`).
+    nick: fc.constantFrom(...NICKS, "bob"),
     hash: fc.constantFrom(...HASHES),
     sid: fc.constantFrom(...SIDS),
     expires: fc.constantFrom(1_500, 1_000_000),
+    names: fc.option(fc.constant(true as const), { nil: undefined }),
   }),
   fc.record({
     k: fc.constant("session" as const),
@@ -200,6 +202,17 @@ describe("cluster apply", () => {
       {
         numRuns: 60,
         examples: [
+          // Logins and nicks as one namespace (names): a login taken as a nick earlier in
+          // the same call, and a nick taken as a login, as a node that applied them apart.
+          [
+            [
+              { k: "register", t: 1000, uid: "u0", login: "ann", nick: "bob", hash: "h0", sid: "s0", expires: 1_000_000, names: true },
+              { k: "register", t: 1000, uid: "u1", login: "bob", nick: "n1", hash: "h0", sid: "s1", expires: 1_000_000, names: true },
+              { k: "register", t: 1000, uid: "u1", login: "n2", nick: "ann", hash: "h0", sid: "s1", expires: 1_000_000, names: true },
+              { k: "register", t: 1000, uid: "u1", login: "n2", nick: "n2", hash: "h0", sid: "s1", expires: 1_000_000, names: true },
+            ],
+            [false, false, false, ...Array<boolean>(37).fill(true)],
+          ],
           // A logout and a new session of one user in one call: the session's cap must
           // count the logged-out one as gone, as a node that applied them apart does.
           [

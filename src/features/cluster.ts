@@ -55,6 +55,11 @@ export type Command =
       /** The first session: its sid's hash (never the sid) and expiry; none for an account an operator adds. */
       sid?: string;
       expires?: number;
+      /**
+       * Logins and nicks are one namespace (UserStore.claim): neither may be another
+       * user's login or nick. Older log entries have no flag and checked each apart.
+       */
+      names?: true;
     }
   | {
       k: "session";
@@ -419,8 +424,14 @@ export class Cluster {
           e.entry.c.map(async (c): Promise<Reads> => {
             switch (c.k) {
               case "register": {
-                const [login, nick, existing] = await Promise.all([users.lookup("login", c.login), users.lookup("nick", c.nick), users.get(c.uid)]);
-                return { login, nick, user: existing };
+                const [login, nick, existing, loginAsNick, nickAsLogin] = await Promise.all([
+                  users.lookup("login", c.login),
+                  users.lookup("nick", c.nick),
+                  users.get(c.uid),
+                  c.names ? users.lookup("nick", c.login) : undefined,
+                  c.names ? users.lookup("login", c.nick) : undefined,
+                ]);
+                return { login, nick, user: existing, loginAsNick, nickAsLogin };
               }
               case "session": {
                 const [user, list] = await Promise.all([users.get(c.uid), sessions.list(c.uid)]);
@@ -574,6 +585,8 @@ export class Cluster {
       case "register": {
         if (overlay.holder("login", c.login, r.login) !== undefined) return { k: "taken", index: "login" };
         if (overlay.holder("nick", c.nick, r.nick) !== undefined) return { k: "taken", index: "nick" };
+        if (c.names && (overlay.holder("nick", c.login, r.loginAsNick) ?? c.uid) !== c.uid) return { k: "taken", index: "login" };
+        if (c.names && (overlay.holder("login", c.nick, r.nickAsLogin) ?? c.uid) !== c.uid) return { k: "taken", index: "nick" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
         const user: UserRecord = { uid: c.uid, num: users.nextNum(), login: c.login, nick: c.nick, hash: c.hash, email: "", phone: "", picture: "", status: "", created: c.t };
         const first = c.sid === undefined ? undefined : { hash: c.sid, expires: c.expires ?? 0, issued: c.t * 1000 };
@@ -939,6 +952,9 @@ interface HeldChannel {
 interface Reads {
   login?: string;
   nick?: string;
+  /** register with `names`: who holds its login as a nick, and its nick as a login. */
+  loginAsNick?: string;
+  nickAsLogin?: string;
   email?: string;
   phone?: string;
   user?: UserRecord;

@@ -14,6 +14,13 @@ export function indexKey(index: UniqueIndex, value: string): string {
   return index === "phone" ? value : value.toLowerCase();
 }
 
+/** The indexes whose values are unique across both (UserStore.claim). */
+const NAMES: readonly UniqueIndex[] = ["login", "nick"];
+
+function claimKey(index: UniqueIndex, value: string): string {
+  return `${NAMES.includes(index) ? "name" : index}:${indexKey(index, value)}`;
+}
+
 const CACHE_SIZE = 50_000;
 /**
  * Prefix searches (searchuser) remembered: their uids, at most this many in all. Any
@@ -137,24 +144,30 @@ export class UserStore {
   /**
    * Reserves unique values for a write about to be committed: false when one is taken
    * on disk or by another write in flight. Pair with `release` after the commit.
+   *
+   * Logins and nicks are one namespace (NAMES): the seed TCP doors show a user by the
+   * nick where their clients take it for the login (they register with nick = login),
+   * so one user's nick equal to another's login let them pass for that user there.
    */
   async claim(values: ReadonlyArray<[UniqueIndex, string]>, owner?: string): Promise<UniqueIndex | undefined> {
-    const keys = values.map(([i, v]) => `${i}:${indexKey(i, v)}`);
+    const keys = values.map(([i, v]) => claimKey(i, v));
     const busy = values.findIndex((_, n) => this.claims.has(keys[n]));
     if (busy >= 0) return values[busy][0];
     for (const k of keys) this.claims.add(k);
     for (const [index, value] of values) {
-      const holder = await this.lookup(index, value);
-      if (holder !== undefined && holder !== owner) {
-        this.release(values);
-        return index;
+      for (const where of NAMES.includes(index) ? NAMES : [index]) {
+        const holder = await this.lookup(where, value);
+        if (holder !== undefined && holder !== owner) {
+          this.release(values);
+          return index;
+        }
       }
     }
     return undefined;
   }
 
   release(values: ReadonlyArray<[UniqueIndex, string]>): void {
-    for (const [i, v] of values) this.claims.delete(`${i}:${indexKey(i, v)}`);
+    for (const [i, v] of values) this.claims.delete(claimKey(i, v));
   }
 
   /** Ops writing `next` (and its indexes) over `prev`; the cache is updated at once. */
