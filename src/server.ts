@@ -253,6 +253,15 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       },
       roomOf: (a, b) => privateRoomOf(services, a, b),
       firstMid: (chid) => messages.firstSeq(channelConv(chid)),
+      roomsOf: async (uid) => {
+        const found = await Promise.all(
+          (await services.channels.channelsOf(uid)).map(async (chid) => {
+            const [c, last] = await Promise.all([services.channels.get(chid), messages.lastSeq(channelConv(chid))]);
+            return c ? [{ chid, name: c.name, last }] : [];
+          }),
+        );
+        return found.flat();
+      },
     });
     listeners.push((roomsListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
   }

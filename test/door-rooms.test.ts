@@ -180,6 +180,28 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, c.c]) x.close();
   });
 
+  it("OLD_DIALOGS lists a room without messages (first_massage_id null), and direct messages do not push rooms out", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const before = await ask(a.c, { type: "OLD_DIALOGS", username: a.login });
+    expect(before.id).toEqual([room.id]);
+    expect(before.first_massage_id).toEqual([null]);
+    // More native direct conversations than native dialogs' page of 100 (which the
+    // door used to read): the room stays listed.
+    const n = await Client.connect(srv.port);
+    const me = (await n.request("auth", { login: a.login, pass: a.pass })).uid;
+    for (let i = 0; i < 101; i++) {
+      const u = await registerUser(srv.port);
+      expect((await u.client.request("message", { uid: me, body: `dm ${i}` })).status).toBe(0);
+      u.client.close();
+    }
+    const after = await ask(a.c, { type: "OLD_DIALOGS", username: a.login });
+    expect(after.id).toEqual([room.id]);
+    n.close();
+    for (const x of [a.c, b.c]) x.close();
+  });
+
   it("FILE and IMAGE messages are attachments: natively `attach`, back here as the same base64", async () => {
     const a = await signup();
     const b = await signup();

@@ -53,6 +53,8 @@ export interface RoomsDeps {
   roomOf(a: string, b: string): Promise<string | undefined>;
   /** The mid of a channel's first message, if it has one. */
   firstMid(chid: string): Promise<number | undefined>;
+  /** Every channel `uid` is a member of: its name and the seq of its last message, if any. */
+  roomsOf(uid: string): Promise<{ chid: string; name: string; last: number | undefined }[]>;
 }
 
 /** `YYYY-MM-DDTHH:MM:SS` (UTC) for unix seconds. */
@@ -200,7 +202,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return this.byId(s, st, msg, "editmessage", "mid", { body: text });
       }
       case "OLD_DIALOGS":
-        return this.dialogs(s, msg);
+        return this.dialogs(s);
       default:
         return error(type, `unknown type '${type}'`);
     }
@@ -356,11 +358,18 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     return until >= Date.now();
   }
 
-  private async dialogs(s: Session, msg: Msg): Promise<OutFrame[]> {
-    const r = await this.call(s, "dialogs", { limit: 100 });
-    if (!r.ok) return error(msg.type, r.text);
-    const rooms = ((r.body as { dialogs: { chid?: string; name?: string }[] }).dialogs ?? []).filter((d) => d.chid !== undefined);
-    const firsts = await Promise.all(rooms.map((d) => this.deps.firstMid(d.chid as string)));
+  /**
+   * Every room of the caller (at most --max-joined-channels), the most recently written
+   * first, then the ones without messages (newest first). Read from the memberships, not
+   * from native `dialogs`: its page of 100 also holds direct conversations, which this
+   * door does not show (100 of them pushed every room out), and it leaves out
+   * conversations without messages (a room just created).
+   */
+  private async dialogs(s: Session): Promise<OutFrame[]> {
+    const rooms = (await this.deps.roomsOf(s.uid as string)).sort(
+      (a, b) => (b.last ?? -1) - (a.last ?? -1) || Number(b.chid) - Number(a.chid),
+    );
+    const firsts = await Promise.all(rooms.map((d) => this.deps.firstMid(d.chid)));
     return [
       line({
         type: "OLD_DIALOGS",
