@@ -119,7 +119,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "rate", flag: "--rate", env: "WIRECHAT_RATE", kind: "int", default: 5000, min: 1, help: "requests per second one connection may sustain (status 13 past it)" },
   { key: "burst", flag: "--burst", env: "WIRECHAT_BURST", kind: "int", default: 10000, min: 1, help: "requests one connection may send at once above the rate" },
   { key: "rateDisconnect", flag: "--rate-disconnect", env: "WIRECHAT_RATE_DISCONNECT", kind: "int", default: 10000, min: 1, help: "requests refused for rate within the bad-frame window before the connection is closed" },
-  { key: "authFailLogin", flag: "--auth-fail-login", env: "WIRECHAT_AUTH_FAIL_LOGIN", kind: "int", default: 5, min: 1, help: "failed logins for one login within the window before auth is refused with 13 (back-off doubles after each further failure)" },
+  { key: "authFailLogin", flag: "--auth-fail-login", env: "WIRECHAT_AUTH_FAIL_LOGIN", kind: "int", default: 5, min: 1, help: "failed logins for one login from one address within the window before auth is refused with 13 (back-off doubles after each further failure)" },
   { key: "authFailAddr", flag: "--auth-fail-addr", env: "WIRECHAT_AUTH_FAIL_ADDR", kind: "int", default: 50, min: 1, help: "failed logins from one IP address within the window before auth is refused with 13" },
   { key: "authFailWindow", flag: "--auth-fail-window", env: "WIRECHAT_AUTH_FAIL_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds; also the longest back-off" },
   { key: "authRate", flag: "--auth-rate", env: "WIRECHAT_AUTH_RATE", kind: "int", default: 20, min: 1, help: "password checks (register, auth with a password, changepassword, deleteaccount) per second one IP address may sustain (status 13 past it)" },

@@ -99,8 +99,9 @@ export class Client {
     socket.on("error", () => {});
   }
 
-  static async connect(port: number, opts: { welcome?: boolean } = {}): Promise<Client> {
-    const socket = net.connect(port, "127.0.0.1");
+  /** `from`: the local address to connect from (another loopback address is another client address). */
+  static async connect(port: number, opts: { welcome?: boolean; from?: string } = {}): Promise<Client> {
+    const socket = net.connect({ port, host: "127.0.0.1", localAddress: opts.from });
     await new Promise<void>((resolve, reject) => {
       socket.once("connect", resolve);
       socket.once("error", reject);

@@ -113,6 +113,17 @@ describe("failed logins are counted when they start", () => {
     expect(statuses.filter((s) => s === 13)).toHaveLength(45);
     await closeAll(a.client, ...cs);
   });
+
+  it("guesses from another address do not lock the account: a login backs off per address", async () => {
+    const victim = await registerUser(shared.port);
+    const attacker = await Client.connect(shared.port, { from: "127.0.0.2" });
+    for (let i = 0; i < 5; i++) expect((await attacker.request("auth", { login: victim.login, pass: `guess${i}` })).status).toBe(2);
+    expect(await attacker.request("auth", { login: victim.login, pass: "secret" })).toMatchObject({ status: 13, error: expect.stringMatching(/^too many failed logins/) });
+    // The victim, from their own address, with the right password.
+    const own = await Client.connect(shared.port);
+    expect((await own.request("auth", { login: victim.login.toUpperCase(), pass: "secret" })).status).toBe(0);
+    await closeAll(victim.client, attacker, own);
+  });
 });
 
 describe("auth on an authenticated connection", () => {

@@ -83,16 +83,23 @@ export function registerAccounts(sv: Services): AccountOps {
   }
 
   /**
-   * Runs a login attempt. 13 while this login or this address is backing off. The
-   * attempt counts against its login when it starts, so that concurrent guesses for one
-   * login cannot all pass the check before the first failure is counted; a success, or
-   * a refusal other than 2 or 7, takes it back. Against the address a failure counts
-   * when it is known (how many checks one address runs at once is bounded by the
-   * hasher: a NAT logging 200 users in at once is not refused).
+   * Runs a login attempt. 13 while this login from this address, or this address, is
+   * backing off. The attempt counts against its login (from its address) when it
+   * starts, so that concurrent guesses for one login cannot all pass the check before
+   * the first failure is counted; a success, or a refusal other than 2 or 7, takes it
+   * back. Against the address a failure counts when it is known (how many checks one
+   * address runs at once is bounded by the hasher: a NAT logging 200 users in at once
+   * is not refused).
+   *
+   * A login is counted per address: counted alone, five wrong guesses from anyone made
+   * the account's right password fail on every door for as long as the guessing went
+   * on (a review locked a user out that way with ten guesses a minute).
    */
   async function counted<T>(s: Session, login: string | undefined, fn: () => Promise<T>): Promise<T> {
-    const key = login?.toLowerCase();
-    const wait = Math.max(byAddress.blockedFor(s.peer.address), key ? byLogin.blockedFor(key) : 0);
+    // One address however it arrived (an IPv4 client of a dual-stack listener is ::ffff:…).
+    const address = plainAddress(s.peer.address);
+    const key = login === undefined ? undefined : `${login.toLowerCase()}\u0000${address}`;
+    const wait = Math.max(byAddress.blockedFor(address), key ? byLogin.blockedFor(key) : 0);
     const { auth } = sv.metrics;
     if (wait > 0) {
       auth.throttled++;
@@ -104,7 +111,7 @@ export function registerAccounts(sv: Services): AccountOps {
       result = await fn();
     } catch (err) {
       if (err instanceof ProtocolError && (err.code === Code.InvalidPass || err.code === Code.NeedRegister)) {
-        byAddress.fail(s.peer.address);
+        byAddress.fail(address);
         auth[err.code === Code.InvalidPass ? "wrong_password" : "unknown_login"]++;
         // One line per failure, with the address and the login tried, for fail2ban.
         sv.log.warn({ remote: s.peer.address, login: login ?? null, reason: err.message }, "failed login");
