@@ -236,7 +236,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     throw err;
   }
   if (defaultRoom !== undefined) {
-    const door = new RustDoor(dispatcher, log, { config, defaultRoom, channelByName: (name) => services.channels.byName(name) });
+    const door = new RustDoor(dispatcher, log, {
+      config,
+      defaultRoom,
+      channelByName: (name) => services.channels.byName(name),
+      revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
+    });
     listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
   }
   let roomsListener: Listener | undefined;
@@ -253,6 +258,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       },
       roomOf: (a, b) => privateRoomOf(services, a, b),
       firstMid: (chid) => messages.firstSeq(channelConv(chid)),
+      revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
       roomsOf: async (uid) => {
         const found = await Promise.all(
           (await services.channels.channelsOf(uid)).map(async (chid) => {

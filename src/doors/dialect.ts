@@ -144,6 +144,17 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     });
   }
 
+  /**
+   * For a door whose login stores a session whose sid its client never sees (seeds 000,
+   * 001 and 003): the session ends with the connection. Kept, reconnecting clients
+   * piled sessions up until the account's oldest (another door's session id, a native
+   * device's sid) were revoked for them (--max-sessions-per-user; a review: 64 logins
+   * on the rooms door ended a phone's session).
+   */
+  protected endSession(s: Session, revoke: (uid: string, sid: string, expires: number) => void): void {
+    if (s.uid !== undefined && s.sid !== undefined) revoke(s.uid, s.sid, s.expires);
+  }
+
   /** A new connection's state. */
   protected abstract initial(): S;
   /** Answers one decoded frame: the frames to send, in order (none: nothing). */

@@ -238,15 +238,9 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     return [frame("authenticated", null, `Welcome, ${st.nick}!`)];
   }
 
-  /**
-   * A /ws socket closed. Its login stored a session whose sid the client never sees: it
-   * ends with the socket, or reconnecting clients would pile sessions up until the
-   * oldest of the account's (another door's session_id, a native device's sid) were
-   * revoked for them (--max-sessions-per-user).
-   */
+  /** A /ws socket closed: the session its login stored ends (endSession). */
   closed(s: Session): void {
-    const st = (s.codec as DialectCodec<ChatState, ChatMsg>).state;
-    if (st.authed && s.uid !== undefined && s.sid !== undefined) this.deps.revoke(s.uid, s.sid, s.expires);
+    if ((s.codec as DialectCodec<ChatState, ChatMsg>).state.authed) this.endSession(s, this.deps.revoke);
   }
 
   /** Native auth with the login of the account whose profile email is `email`. */

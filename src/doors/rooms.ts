@@ -43,6 +43,8 @@ interface RoomsState {
 
 /** What the door reads besides native actions (lookups only: it never writes). */
 export interface RoomsDeps {
+  /** Removes a stored session nobody can present again (AccountOps.revoke). */
+  revoke(uid: string, sid: string, expires: number): void;
   config: Config;
   blobs: BlobSource;
   /** The uid of a login, if there is an account. */
@@ -99,6 +101,11 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     private readonly deps: RoomsDeps,
   ) {
     super(dispatcher, log);
+  }
+
+  /** The connection closed: the session its login stored ends (endSession). */
+  closed(s: Session): void {
+    this.endSession(s, this.deps.revoke);
   }
 
   protected initial(): RoomsState {

@@ -38,6 +38,8 @@ interface RustState {
 type Msg = Record<string, unknown> & { action: string };
 
 export interface RustDeps {
+  /** Removes a stored session nobody can present again (AccountOps.revoke). */
+  revoke(uid: string, sid: string, expires: number): void;
   config: Config;
   /** The chid of a channel by name, if there is one. */
   channelByName(name: string): Promise<string | undefined>;
@@ -62,6 +64,11 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     private readonly deps: RustDeps,
   ) {
     super(dispatcher, log);
+  }
+
+  /** The connection closed: the session its login stored ends (endSession). */
+  closed(s: Session): void {
+    this.endSession(s, this.deps.revoke);
   }
 
   protected initial(): RustState {
