@@ -2,6 +2,7 @@
 // every example of the seed document with its error shapes, the session's three
 // carriers, rooms as private channels, native members, bad input.
 
+import http from "node:http";
 import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
 import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
@@ -47,6 +48,36 @@ describe("e_chat_server door: accounts", () => {
     expect(await call("POST", "/v1/login", { body: { login: a.login, password: "nope" } })).toMatchObject({ status: 422, body: { error: { code: "wrong_credentials" } } });
     expect(await call("POST", "/v1/login", { body: { login: uniqueName("ghost"), password: "x" } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
     expect(await call("POST", "/v1/login", { raw: "[]" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+  });
+
+  it("the cookie carries no session from a page of another origin (Origin checked); headers and the query do", async () => {
+    const a = await register();
+    const port = srv.server.httpPort as number;
+    // node:http, so that Origin is sent as written (fetch may not send it).
+    const get = (headers: Record<string, string>) =>
+      new Promise<number>((resolve, reject) => {
+        http.get({ host: "127.0.0.1", port, path: "/v1/info", headers }, (res) => {
+          res.resume();
+          resolve(res.statusCode as number);
+        }).on("error", reject);
+      });
+    const cookie = `session_id=${a.sid}`;
+    expect(await get({ cookie, origin: "http://other-app.example.com:8080" })).toBe(401);
+    expect(await get({ cookie, origin: "null" })).toBe(401);
+    expect(await get({ cookie, origin: `http://127.0.0.1:${port}` })).toBe(200);
+    expect(await get({ cookie })).toBe(200);
+    expect(await get({ authorization: `Bearer ${a.sid}`, origin: "http://other-app.example.com:8080" })).toBe(200);
+    // The room socket too: refused before the upgrade.
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [] } })).body.id;
+    const refused = await new Promise<number>((resolve) => {
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/v1/rooms/${room}/chat`, { headers: { cookie }, origin: "http://other-app.example.com:8080" });
+      ws.on("unexpected-response", (_req, res) => resolve(res.statusCode as number));
+      ws.on("open", () => {
+        ws.close();
+        resolve(101);
+      });
+    });
+    expect(refused).toBe(401);
   });
 
   it("GET /v1/info with the session as bearer, cookie or query parameter; 401 without", async () => {

@@ -388,7 +388,7 @@ export function sessionOf(req: FastifyRequest): string | undefined {
   const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
   if (typeof q === "string" && q !== "") return q;
   const cookie = req.headers.cookie;
-  if (typeof cookie === "string") {
+  if (typeof cookie === "string" && sameOrigin(req)) {
     for (const part of cookie.split(";")) {
       const eq = part.indexOf("=");
       if (eq > 0 && part.slice(0, eq).trim() === "session_id") {
@@ -398,6 +398,26 @@ export function sessionOf(req: FastifyRequest): string | undefined {
     }
   }
   return undefined;
+}
+
+/**
+ * Whether a request may carry the session in its cookie: a browser sends the cookie
+ * with requests that pages of other origins of the same site make (another port or
+ * subdomain: SameSite=Lax lets them through), and names that origin in `Origin`. Such
+ * a request is taken as carrying no session (401), as one without its cookie would be;
+ * a request without `Origin` (a client that is not a browser, a same-origin GET) and
+ * the session in a header or the query (which a page cannot send for another origin's
+ * user) are unaffected. A review had a page on another port create a room and read
+ * and write its chat through the cookie.
+ */
+function sameOrigin(req: FastifyRequest): boolean {
+  const origin = req.headers.origin;
+  if (origin === undefined) return true;
+  try {
+    return new URL(origin).host.toLowerCase() === String(req.headers.host ?? "").toLowerCase();
+  } catch {
+    return false; // "null" (a sandboxed page, a file) and anything unparsable
+  }
 }
 
 /**
