@@ -41,7 +41,7 @@ interface RoomsState {
   echoes: Map<string, number>;
 }
 
-/** What the door reads besides native actions (lookups only: it never writes). */
+/** What the door reads besides native actions (lookups), and the end of its logins' sessions. */
 export interface RoomsDeps {
   /** Removes a stored session nobody can present again (AccountOps.revoke). */
   revoke(uid: string, sid: string, expires: number): void;
