@@ -3,20 +3,13 @@
 // past the watermark derived them again, since the in-memory set of deleted users
 // that keeps them out was lost in the crash.
 import { describe, expect, it } from "vitest";
-import { ChildServer, registerUser, useTempDirs } from "./helpers.js";
+import { ChildServer, registerUser, storedKeys, useTempDirs } from "./helpers.js";
 
 const newDataDir = useTempDirs();
 
-async function keysOf(dataDir: string, uid: string): Promise<string[]> {
-  const { Level } = await import("level");
-  const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
-  await db.open();
-  const out: string[] = [];
-  for (const space of ["inbox", "cmids", "dialogs", "dialogat", "rechecks", "peers", "cursor"]) {
-    for await (const k of db.keys({ gt: `!${space}!${uid}!`, lt: `!${space}!${uid}"` })) out.push(k);
-  }
-  await db.close();
-  return out;
+function keysOf(dataDir: string, uid: string): Promise<string[]> {
+  const spaces = ["inbox", "cmids", "dialogs", "dialogat", "rechecks", "peers", "cursor"];
+  return storedKeys(dataDir, spaces.map((space) => ({ gt: `!${space}!${uid}!`, lt: `!${space}!${uid}"` })));
 }
 
 describe("account deletion vs kill -9", () => {

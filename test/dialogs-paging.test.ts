@@ -4,20 +4,26 @@
 // above the page, and the page before held it back): while the recheck waited in
 // memory, and for good after kill -9, which lost the recheck.
 import { describe, expect, it } from "vitest";
-import { ChildServer, login, registerUser, serveForFile, useTempDirs } from "./helpers.js";
+import { ChildServer, login, registerUser, serveForFile, storedKeys, useTempDirs } from "./helpers.js";
 
 const shared = serveForFile();
 const newDataDir = useTempDirs();
 
+/** A writes b1 to B, c1 to C, b2 to B, and deletes b2: B's last is b1, older than C's c1. */
+async function lastOfBDeleted(port: number) {
+  const a = await registerUser(port);
+  const b = await registerUser(port);
+  const c = await registerUser(port);
+  const b1 = (await a.client.request("message", { uid: b.uid, body: "b1" })).mid as string;
+  const c1 = (await a.client.request("message", { uid: c.uid, body: "c1" })).mid as string;
+  const b2 = (await a.client.request("message", { uid: b.uid, body: "b2" })).mid as string;
+  expect((await a.client.request("delmessage", { mid: b2 })).status).toBe(0);
+  return { a, b, c, b1, c1 };
+}
+
 describe("dialogs paging after a delete", () => {
   it("page 2 (before = page 1's last seq) lists the conversation whose last message was deleted", async () => {
-    const a = await registerUser(shared.port);
-    const b = await registerUser(shared.port);
-    const c = await registerUser(shared.port);
-    const b1 = (await a.client.request("message", { uid: b.uid, body: "b1" })).mid;
-    const c1 = (await a.client.request("message", { uid: c.uid, body: "c1" })).mid;
-    const b2 = (await a.client.request("message", { uid: b.uid, body: "b2" })).mid;
-    expect((await a.client.request("delmessage", { mid: b2 })).status).toBe(0);
+    const { a, b, c, b1, c1 } = await lastOfBDeleted(shared.port);
     // Truth now: c (last c1) then b (last b1).
     const p1 = (await a.client.request("dialogs", { limit: 1 })).dialogs;
     expect(p1.map((d: any) => d.last.mid)).toEqual([c1]);
@@ -29,13 +35,7 @@ describe("dialogs paging after a delete", () => {
   it("after kill -9 right after the delete, paging with before skips b until someone reads page 1", async () => {
     const dataDir = newDataDir();
     let child = await ChildServer.start(dataDir);
-    const a = await registerUser(child.port);
-    const b = await registerUser(child.port);
-    const c = await registerUser(child.port);
-    const b1 = (await a.client.request("message", { uid: b.uid, body: "b1" })).mid;
-    const c1 = (await a.client.request("message", { uid: c.uid, body: "c1" })).mid;
-    const b2 = (await a.client.request("message", { uid: b.uid, body: "b2" })).mid;
-    expect((await a.client.request("delmessage", { mid: b2 })).status).toBe(0);
+    const { a, b, c, b1, c1 } = await lastOfBDeleted(child.port);
     child.proc.kill("SIGKILL");
     await child.exited;
     child = await ChildServer.start(dataDir);
@@ -49,12 +49,6 @@ describe("dialogs paging after a delete", () => {
     child.proc.kill("SIGTERM");
     expect(await child.exited).toBe(0);
     // The delete's markers (one per side) are taken out once the entries are moved.
-    const { Level } = await import("level");
-    const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
-    await db.open();
-    const left: string[] = [];
-    for await (const k of db.keys({ gt: "!rechecks!", lt: "!rechecks~" })) left.push(k);
-    await db.close();
-    expect(left).toEqual([]);
+    expect(await storedKeys(dataDir, [{ gt: "!rechecks!", lt: "!rechecks~" }])).toEqual([]);
   });
 });

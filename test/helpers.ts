@@ -393,3 +393,23 @@ export class WsClient {
     this.ws.terminate();
   }
 }
+
+/** A stopped server's LevelDB, opened directly (crash tests read and write its keys). */
+export async function rawDb(dataDir: string) {
+  const { Level } = await import("level");
+  const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
+  await db.open();
+  return db;
+}
+
+/** The keys of a stopped server's LevelDB within each [gt, lt) range, in order. */
+export async function storedKeys(dataDir: string, ranges: readonly { gt: string; lt: string }[]): Promise<string[]> {
+  const db = await rawDb(dataDir);
+  const out: string[] = [];
+  try {
+    for (const range of ranges) for await (const k of db.keys(range)) out.push(k);
+  } finally {
+    await db.close();
+  }
+  return out;
+}

@@ -2,7 +2,7 @@
 // was acknowledged survives kill -9.
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
-import { ChildServer, Client, login, registerUser, testConfig, useTempDirs } from "./helpers.js";
+import { ChildServer, Client, login, rawDb, registerUser, testConfig, useTempDirs } from "./helpers.js";
 
 const newDataDir = useTempDirs();
 
@@ -20,13 +20,6 @@ async function twoUsersStopped() {
 }
 
 /** The stopped server's LevelDB, opened raw (keys as stored, values as text). */
-async function rawDb(dataDir: string) {
-  const { Level } = await import("level");
-  const db = new Level<string, string>(`${dataDir}/db`, { keyEncoding: "utf8", valueEncoding: "utf8" });
-  await db.open();
-  return db;
-}
-
 const directConvOf = (a: string, b: string) => (a < b ? `d:${a}:${b}` : `d:${b}:${a}`);
 const pad = (n: number) => String(n).padStart(15, "0");
 

@@ -525,7 +525,7 @@ function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJ
     members: [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort(),
     maxOwned,
     maxJoined,
-    maxAdded: maxJoined > 0 ? othersJoinCap(maxJoined) : 0,
+    maxAdded: othersJoinCap(maxJoined),
   };
 }
 
