@@ -364,6 +364,9 @@ describe("cluster mode: direct messages", () => {
     expect((await bob.client.request("history", { uid: alice.uid })).messages[0]).toMatchObject({ mid: sent.mid, body: "fixed" });
     expect((await alice.client.request("delmessage", { mid: sent.mid })).status).toBe(0);
     expect(await bob.client.event("ev_delmessage")).toMatchObject({ mid: sent.mid });
+    // Each node applies the log on its own: node 2 answers for the delete once it has
+    // sent its event (node 0 applied it before its reply, node 1 before bob's event).
+    expect(await aliceElsewhere.client.event("ev_delmessage")).toMatchObject({ mid: sent.mid });
     for (const c of [alice.client, bob.client, aliceElsewhere.client]) expect((await c.request("history", { uid: c === bob.client ? alice.uid : bob.uid })).messages).toEqual([]);
     expect((await aliceElsewhere.client.request("delmessage", { mid: sent.mid })).status).toBe(14);
     for (const c of [alice.client, bob.client, aliceElsewhere.client]) c.close();
