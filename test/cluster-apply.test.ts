@@ -17,7 +17,9 @@ import { readEntries } from "../src/storage/range.js";
 import { removeDir, testConfig } from "./helpers.js";
 
 const UIDS = ["u0", "u1"];
-const NAMES = ["ann", "bob", "ann"]; // a contested login
+// A contested login, and one that is also an email (profile commands with `logins` may
+// not take another user's login as their email).
+const NAMES = ["ann", "bob", "ann", "x@example.com"];
 const NICKS = ["n0", "n1", "n2"];
 const SIDS = ["s0", "s1", "s2", "s3", "s4"];
 const EMAILS = ["x@example.com", "y@example.com"];
@@ -51,7 +53,13 @@ const command: fc.Arbitrary<Command> = fc.oneof(
   fc.record({ k: fc.constant("logout" as const), uid: fc.constantFrom(...UIDS), sid: fc.constantFrom(...SIDS), expires: fc.constant(1_000_000), conn: fc.constant(1) }),
   fc.record({ k: fc.constant("password" as const), uid: fc.constantFrom(...UIDS), hash: fc.constantFrom(...HASHES), checked: fc.constantFrom(...HASHES), keep: fc.constantFrom(...SIDS) }),
   fc.record({ k: fc.constant("contact" as const), owner: fc.constantFrom(...UIDS), uid: fc.constantFrom(...UIDS), add: fc.boolean() }),
-  fc.record({ k: fc.constant("profile" as const), uid: fc.constantFrom(...UIDS), email: fc.constantFrom(...EMAILS), status: fc.constantFrom("a", "b") }),
+  fc.record({
+    k: fc.constant("profile" as const),
+    uid: fc.constantFrom(...UIDS),
+    email: fc.constantFrom(...EMAILS),
+    status: fc.constantFrom("a", "b"),
+    logins: fc.option(fc.constant(true as const), { nil: undefined }),
+  }),
   fc.record(
     {
       k: fc.constant("msg" as const),
@@ -213,6 +221,19 @@ describe("cluster apply", () => {
             ],
             [false, false, false, ...Array<boolean>(37).fill(true)],
           ],
+          // An email that is another user's login (`logins`), registered earlier in the
+          // same call, and one released by its holder's deletion in the same call.
+          [
+            [
+              { k: "register", t: 1000, uid: "u0", login: "x@example.com", nick: "n0", hash: "h0", sid: "s0", expires: 1_000_000, names: true },
+              { k: "register", t: 1000, uid: "u1", login: "bob", nick: "n1", hash: "h0", sid: "s1", expires: 1_000_000, names: true },
+              { k: "profile", uid: "u1", email: "X@example.com", logins: true },
+              { k: "profile", uid: "u0", email: "x@example.com", logins: true },
+              { k: "deleteAccount", uid: "u0", checked: "h0", conn: 1 },
+              { k: "profile", uid: "u1", email: "x@example.com", logins: true },
+            ],
+            [false, false, false, false, false, ...Array<boolean>(35).fill(true)],
+          ],
           // A logout and a new session of one user in one call: the session's cap must
           // count the logged-out one as gone, as a node that applied them apart does.
           [
@@ -264,4 +285,25 @@ describe("cluster apply", () => {
       },
     );
   }, 120_000);
+
+  it("refuses a profile email that is another user's login (whatever its case), not one's own", async () => {
+    const v = await view();
+    try {
+      const cmds: Command[] = [
+        { k: "register", t: 1000, uid: "u0", login: "x@example.com", nick: "n0", hash: "h0", sid: "s0", expires: 1_000_000, names: true },
+        { k: "register", t: 1000, uid: "u1", login: "bob", nick: "n1", hash: "h0", sid: "s1", expires: 1_000_000, names: true },
+        { k: "profile", uid: "u1", email: "X@example.com", logins: true },
+        // An entry written before the rule (no flag) is decided as it was then.
+        { k: "profile", uid: "u1", email: "x@example.com" },
+        { k: "profile", uid: "u1", email: "" },
+        { k: "profile", uid: "u0", email: "x@example.com", logins: true },
+      ];
+      const out: string[] = [];
+      for (const [i, c] of cmds.entries()) out.push(...(await v.apply([{ seq: i + 1, id: `x:${i + 1}`, entry: { o: "x", n: i + 1, c: [c] } }], { created: "t", seq: i + 1, id: `x:${i + 1}` })).flat().map(brief));
+      expect(out.slice(2)).toEqual(["taken email", "done ", "done ", "done "]);
+    } finally {
+      await v.core.close();
+      removeDir(v.core.services.config.dataDir);
+    }
+  });
 });

@@ -231,6 +231,17 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     for (const x of [ws, native.client, n.client]) x.close();
   });
 
+  it("a profile email may not be another account's login: that account keeps /login by its own", async () => {
+    const victim = await registerUser(open.port, `${uniqueName("v")}@example.org`);
+    const squatter = await registerUser(open.port);
+    for (const email of [victim.login, victim.login.toUpperCase()]) {
+      expect(await squatter.client.request("setuserinfo", { email })).toMatchObject({ status: 1, error: "that email belongs to another user" });
+    }
+    expect((await victim.client.request("setuserinfo", { email: victim.login })).status).toBe(0);
+    expect((await post("/login", { email: victim.login, password: "secret" })).status).toBe(200);
+    for (const x of [victim.client, squatter.client]) x.close();
+  });
+
   it("bad messages after auth get an error and the socket stays", async () => {
     const p = await createUser();
     const ws = await chatter(p);

@@ -79,8 +79,12 @@ export type Command =
   /** A new password hash; every session but `keep` (the caller's; "" for none) is revoked. */
   | { k: "password"; uid: string; hash: string; checked: string; keep: string; reason?: string }
   | { k: "contact"; owner: string; uid: string; add: boolean }
-  /** setuserinfo: the fields given (already normalised); email and phone are unique. */
-  | { k: "profile"; uid: string; status?: string; email?: string; phone?: string; picture?: string }
+  /**
+   * setuserinfo: the fields given (already normalised); email and phone are unique.
+   * With `logins`, an email may not be another user's login either (the seed-003 door
+   * logs in by email); older log entries have no flag and did not check it.
+   */
+  | { k: "profile"; uid: string; status?: string; email?: string; phone?: string; picture?: string; logins?: true }
   /** editmessage and delmessage, by the message's author `by`. */
   | { k: "edit"; t: number; mid: string; by: string; body: string }
   | { k: "del"; mid: string; by: string }
@@ -486,12 +490,13 @@ export class Cluster {
               case "contact":
                 return { user: await users.get(c.uid) };
               case "profile": {
-                const [user, email, phone] = await Promise.all([
+                const [user, email, phone, emailAsLogin] = await Promise.all([
                   users.get(c.uid),
                   c.email ? users.lookup("email", c.email) : undefined,
                   c.phone ? users.lookup("phone", c.phone) : undefined,
+                  c.logins && c.email ? users.lookup("login", c.email) : undefined,
                 ]);
-                return { user, email, phone };
+                return { user, email, phone, emailAsLogin };
               }
               case "deleteAccount": {
                 const user = await users.get(c.uid);
@@ -688,6 +693,9 @@ export class Cluster {
           return h !== undefined && h !== c.uid;
         };
         if (next.email && next.email !== prev.email && heldByOther("email", r.email)) return { k: "taken", index: "email" };
+        if (c.logins && next.email && next.email !== prev.email && (overlay.holder("login", next.email, r.emailAsLogin) ?? c.uid) !== c.uid) {
+          return { k: "taken", index: "email" };
+        }
         if (next.phone && next.phone !== prev.phone && heldByOther("phone", r.phone)) return { k: "taken", index: "phone" };
         storage.commitLazy(users.saveOps(next, prev));
         if (next.email !== prev.email) {
@@ -956,6 +964,8 @@ interface Reads {
   loginAsNick?: string;
   nickAsLogin?: string;
   email?: string;
+  /** profile with `logins`: who holds its email as a login. */
+  emailAsLogin?: string;
   phone?: string;
   user?: UserRecord;
   sessions?: StoredSession[];

@@ -96,6 +96,7 @@ export function registerProfiles(sv: Services): UserDirectory {
             email: d.email === undefined ? undefined : next.email,
             phone: d.phone === undefined ? undefined : next.phone,
             picture: d.picture,
+            logins: true,
           });
           if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} belongs to another user`);
           if (out.k !== "done") throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
@@ -104,6 +105,11 @@ export function registerProfiles(sv: Services): UserDirectory {
         const unique: [UniqueIndex, string][] = [];
         if (next.email && next.email !== prev.email) unique.push(["email", next.email]);
         if (next.phone && next.phone !== prev.phone) unique.push(["phone", next.phone]);
+        // An email may not be another user's login: the seed-003 door logs in by email,
+        // and would take that user's login for this account's email.
+        if (next.email && next.email !== prev.email && ((await users.lookup("login", next.email)) ?? uid) !== uid) {
+          throw new ProtocolError(Code.AlreadyExist, "that email belongs to another user");
+        }
         const taken = await users.claim(unique, uid);
         if (taken) throw new ProtocolError(Code.AlreadyExist, `that ${taken} belongs to another user`);
         try {
