@@ -73,7 +73,12 @@ async function serve(argv: string[]): Promise<void> {
   if (scavengeAlone) log.info({ cpus: 1, parallelScavenge: false, concurrentArrayBufferSweeping: false }, "one CPU to run on: young-generation collections run on the event loop alone");
   // The process is ours: its background threads yield the core to the event loop.
   priority = new ThreadPriority(parsed.config.backgroundNice, log);
-  void priority.start();
+  const lowering = priority.start();
+  // LevelDB's background thread, started now, is lowered with the others (Storage.startBackgroundThread).
+  server.services.storage.startBackgroundThread().then(
+    () => lowering.then((on) => (on ? priority?.scan() : undefined)),
+    (err: unknown) => log.warn({ err }, "could not start the database's background thread early"),
+  );
   if (stopping) stop(stopping, server);
 }
 

@@ -256,6 +256,7 @@ export class ChildServer {
     readonly stdout: () => string,
     /** The admin port (--admin-port 0: any free one), undefined with --admin off. */
     readonly adminPort: number | undefined,
+    readonly dataDir: string,
   ) {}
 
   /** A port of the "wirechat listening" line ("httpPort", "rustPort", …), if it is there. */
@@ -290,7 +291,7 @@ export class ChildServer {
       proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
       proc.on("exit", (code) => reject(new Error(`server exited (${code}) before listening:\n${out}`)));
     });
-    return new ChildServer(proc, port, exited, () => out, adminPort);
+    return new ChildServer(proc, port, exited, () => out, adminPort, dataDir);
   }
 }
 

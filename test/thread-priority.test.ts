@@ -1,6 +1,7 @@
 // The server process lowers its background threads (LevelDB's compaction, V8's helpers)
 // below the event loop and libuv's pool, read back from /proc like `ps -L -o tid,nice`
 // does.
+import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
 import os from "node:os";
 import { describe, expect, it } from "vitest";
@@ -49,6 +50,27 @@ describe("background thread priority", () => {
     expect(threads.get(pid)).toBe(0);
     expect([...threads.values()].filter((n) => n === 10).length).toBeGreaterThan(1); // V8's helpers at least
   });
+
+  it("starts LevelDB's background thread lowered: a memtable flush under load runs on a thread already at 10", async () => {
+    const child = await startChild();
+    const pid = child.proc.pid as number;
+    const u = await registerUser(child.port);
+    await expect.poll(() => child.stdout(), { timeout: 15000, interval: 200 }).toMatch(/"msg":"background threads lowered below the event loop"/);
+    // The loop and the pool's four threads at 0, every other thread at 10.
+    await expect.poll(() => [...niceByThread(pid)].filter(([, n]) => n === 0).length, { timeout: 15000, interval: 200 }).toBe(5);
+    const before = new Set(niceByThread(pid).keys());
+    // More than the 64 MiB write buffer, so LevelDB flushes its memtable to a table;
+    // random, so that the table (Snappy-compressed) is as large as the LOG line expects.
+    const body = randomBytes(675_000).toString("base64");
+    for (let i = 0; i < 80; i++) expect((await u.client.request("message", { uid: u.uid, body })).status).toBe(0);
+    const log = () => readFileSync(`${child.dataDir}/db/LOG`, "utf8");
+    await expect.poll(() => /Level-0 table #\d+: \d{8,} bytes OK/.test(log()), { timeout: 30000, interval: 200 }).toBe(true);
+    // The flush ran on a thread that was there, lowered, before the load: none was added.
+    const after = niceByThread(pid);
+    expect([...after.keys()].filter((tid) => !before.has(tid))).toEqual([]);
+    expect([...after].filter(([tid, n]) => tid !== pid && n !== 0 && n !== 10)).toEqual([]);
+    u.client.close();
+  }, 60_000);
 
   it("changes nothing with --background-nice 0", async () => {
     const child = await startChild(["--background-nice", "0"]);
