@@ -117,6 +117,16 @@ describe("admin port", () => {
     c.close();
   });
 
+  it("takes a uid for its user before a login: a login equal to another user's uid does not shadow it", async () => {
+    const victim = await registerUser(served.port);
+    const c = await Client.connect(served.port);
+    expect((await c.request("register", { login: victim.uid, pass: "secret", nick: uniqueName() })).status).toBe(0);
+    expect((await admin(ap(), "GET", `/users/${victim.uid}`)).json).toMatchObject({ uid: victim.uid, login: victim.login });
+    expect((await admin(ap(), "POST", "/kick", { user: victim.uid })).json).toMatchObject({ uid: victim.uid, connections: 1 });
+    await victim.client.closed;
+    c.close();
+  });
+
   it("closes and opens registration", async () => {
     expect((await admin(ap(), "POST", "/registration", { open: false })).json).toEqual({ registration: "closed" });
     const c = await Client.connect(served.port);

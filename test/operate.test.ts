@@ -73,6 +73,13 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(missing.stderr).toMatch(/no user with login or uid 'nobody'/);
     const usage = cli(["user", "frobnicate", ...d]);
     expect(usage.status).toBe(2);
+    // Asked for help or the version, a command only prints it: bob is still there.
+    for (const ask of ["--help", "-h", "--version", "-v"]) {
+      const r = cli(["user", "del", "bob", ask, ...d]);
+      expect(r.status).toBe(0);
+      expect(r.stdout).toMatch(ask.includes("v") ? /^wirechat \d+\.\d+\.\d+/ : /wirechat user del <login\|uid>/);
+    }
+    expect(json(cli(["user", "show", "bob", ...d])).uid).toBe(bob.uid);
 
     const srv = await start(["--data-dir", dir]);
     const c = await Client.connect(srv.port);
@@ -102,6 +109,10 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(lines.filter((l) => l.type === "message").map((l) => l.body)).toEqual(["hello b"]);
     const all = cli(["export", "--data-dir", dir]);
     expect(all.stdout.trim().split("\n").filter((l) => JSON.parse(l).type === "user")).toHaveLength(2);
+    // An empty --user (a script's unset variable) names nobody: refused, not everyone's data.
+    const empty = cli(["export", "--user", "", "--data-dir", dir]);
+    expect(empty).toMatchObject({ status: 2, stdout: "" });
+    expect(empty.stderr).toMatch(/--user needs a login or uid/);
   });
 });
 

@@ -32,8 +32,11 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
   wirechat registration open|closed         (running server; until restart or SIGHUP)
   wirechat backup <dir>                     a consistent copy, also of a running server
   wirechat restore <dir>                    into --data-dir, which must hold no database
-  wirechat export [--user <login|uid>]      NDJSON on stdout (no password hashes)
-  wirechat version`;
+uid>]      NDJSON on stdout (no password hashes)|uid>]      NDJSON on stdout (no password hashes)
+  wirechat version
+
+A user named <login|uid> is matched by uid first. --help or --version after any
+command prints that and runs nothing.`;
 
 const OWN_FLAGS = new Set(["--pass", "--nick", "--reason", "--address", "--after", "--limit", "--user"]);
 /** Flags of the commands that take no value. */
@@ -43,6 +46,8 @@ interface Parsed {
   positional: string[];
   own: Map<string, string>;
   config: Config;
+  help: boolean;
+  version: boolean;
 }
 
 function split(argv: readonly string[]): Parsed {
@@ -66,7 +71,8 @@ function split(argv: readonly string[]): Parsed {
       }
     } else positional.push(a);
   }
-  return { positional, own, config: parseArgs(rest, process.env).config };
+  const { config, help, version } = parseArgs(rest, process.env);
+  return { positional, own, config, help, version };
 }
 
 /** What a command needs done, on the data dir or through the admin port. */
@@ -158,7 +164,12 @@ function viaAdmin(config: Config): Backend {
       // The server writes the backup: the directory is on its machine, so make it absolute here.
       backup: (dir) => call("POST", "/backup", { dir: path.resolve(dir) }),
       exportTo: async (user, out) => {
-        const res = await fetch(base + "/export" + (user ? `?user=${encodeURIComponent(user)}` : ""), { headers });
+        let res: Response;
+        try {
+          res = await fetch(base + "/export" + (user !== undefined ? `?user=${encodeURIComponent(user)}` : ""), { headers });
+        } catch (err) {
+          throw new Error(`the data dir is in use and the admin port ${base} does not answer (${(err as Error).message})`);
+        }
         if (!res.ok || !res.body) {
           const json = (await res.json().catch(() => ({}))) as { error?: string; code?: number };
           throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${res.status}`);
@@ -214,6 +225,16 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
     return 0;
   }
   const p = split(argv);
+  // Asked for help or the version, a command does nothing else: `user del bob --help`
+  // must not delete bob.
+  if (p.help) {
+    process.stdout.write(`${COMMAND_HELP}\n`);
+    return 0;
+  }
+  if (p.version) {
+    process.stdout.write(`wirechat ${packageVersion()}\n`);
+    return 0;
+  }
   if (command === "check") {
     const c = p.config;
     process.stdout.write(`configuration OK${c.config ? ` (${c.config})` : ""}: port ${c.port}, data dir ${c.dataDir}, admin ${c.admin === "on" ? `${c.adminHost}:${c.adminPort}` : "off"}\n`);
@@ -271,9 +292,13 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
         if (info.missing) process.stderr.write(`wirechat backup: ${info.missing} attachment files were missing: the backup is incomplete\n`);
         return info.missing ? 1 : 0;
       }
-      case "export":
-        await ops.exportTo(p.own.get("user"), process.stdout);
+      case "export": {
+        // An empty --user (a script's unset variable) names nobody: it must not export everyone.
+        const user = p.own.get("user");
+        if (user === "") throw new ConfigError("--user needs a login or uid (leave it out to export the whole server)");
+        await ops.exportTo(user, process.stdout);
         return 0;
+      }
       default:
         throw new ConfigError(`unknown command '${command}'`);
     }

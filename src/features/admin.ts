@@ -44,8 +44,14 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
   const { users, router, bans, config } = sv;
 
   async function resolve(user: string): Promise<UserRecord> {
-    const byLogin = await users.lookup("login", user);
-    const u = (byLogin !== undefined ? await users.get(byLogin) : undefined) ?? (await users.get(user));
+    // A uid first: uids are the server's, logins anyone's. A login chosen to equal a
+    // victim's uid (both can be 12 hex digits) must not take the operator's kick, ban,
+    // delete or export of that uid onto a decoy account.
+    let u = await users.get(user);
+    if (u === undefined) {
+      const byLogin = await users.lookup("login", user);
+      u = byLogin !== undefined ? await users.get(byLogin) : undefined;
+    }
     if (!u) throw new ProtocolError(Code.UserNotFound, `no user with login or uid '${user}'`);
     return u;
   }
