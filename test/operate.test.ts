@@ -4,7 +4,7 @@
 // settings), the second SIGINT, the locked data dir, the failed-login log line.
 
 import { execFileSync, spawnSync } from "node:child_process";
-import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { copyFileSync, cpSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import tls from "node:tls";
@@ -191,6 +191,22 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     expect(info).toMatchObject({ format: 1, server: "wirechat", missing: 0 });
     expect(acked.length).toBeGreaterThan(before); // the load went on during the backup
     const restored = tmp();
+    // A damaged backup (cut short, or a line that is not a pair) restores nothing: the
+    // data dir holds no database afterwards and takes the good backup next.
+    const lines = readFileSync(path.join(target, "db.ndjson"), "utf8").split("\n");
+    for (const [damage, why] of [
+      [lines.slice(0, 50).join("\n") + "\n", /lists \d+ keys but db.ndjson holds 50: it is incomplete/],
+      [lines.slice(0, 50).join("\n") + '\n["half', /line 51 is not a \[key, value\] pair/],
+      ["5\n" + lines.join("\n"), /line 1 is not a \[key, value\] pair/],
+    ] as const) {
+      const bad = path.join(tmp(), "bad");
+      cpSync(target, bad, { recursive: true });
+      writeFileSync(path.join(bad, "db.ndjson"), damage);
+      const failed = cli(["restore", bad, "--data-dir", restored]);
+      expect(failed.status).toBe(1);
+      expect(failed.stderr).toMatch(why);
+      expect(readdirSync(restored)).toEqual([]);
+    }
     const r = cli(["restore", target, "--data-dir", restored]);
     expect(r.status).toBe(0);
     expect(cli(["restore", target, "--data-dir", restored]).stderr).toMatch(/already holds a database/);

@@ -9,7 +9,7 @@
 // or a migration.
 
 import { once } from "node:events";
-import { createReadStream, createWriteStream, existsSync, mkdirSync, readdirSync, writeFileSync } from "node:fs";
+import { createReadStream, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { copyFile, mkdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -56,7 +56,16 @@ function emptyTarget(dir: string): void {
 export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
   const target = path.resolve(dir);
   emptyTarget(target);
-  const out = createWriteStream(path.join(target, "db.ndjson"), { mode: 0o600 });
+  // Created exclusively: of two backups started into one new directory at once, one
+  // goes on and the other is told the directory is taken (both passed emptyTarget).
+  let fd: number;
+  try {
+    fd = openSync(path.join(target, "db.ndjson"), "wx", 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "EEXIST") throw new ProtocolError(Code.AlreadyExist, `${target} is being written by another backup; choose a new directory`);
+    throw err;
+  }
+  const out = createWriteStream("", { fd });
   const shas = new Set<string>();
   let keys = 0;
   const refsPrefix = `!blobrefs!`;
@@ -101,24 +110,65 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   return { ...info, dir: target };
 }
 
-/** Writes a backup into `dataDir`, which must hold no database yet. */
+/**
+ * Restores the backup in `from` into `dataDir`, which must hold no database. Everything
+ * is written into a staging directory inside `dataDir` first and checked (every line a
+ * [key, value] pair, as many keys and attachment files as backup.json lists); only then
+ * do the attachment files and, last, the database move into place (renames on the same
+ * file system). A backup that is cut short or damaged leaves `dataDir` as it was, so
+ * the restore can be run again once the backup is fixed, and no server starts on half
+ * a database.
+ */
 export async function restore(from: string, dataDir: string): Promise<{ keys: number; blobs: number }> {
   const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
   if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
   const dbDir = path.join(dataDir, "db");
   if (existsSync(dbDir) && readdirSync(dbDir).length > 0) throw new Error(`${dataDir} already holds a database; restore into a new data dir`);
-  mkdirSync(dbDir, { recursive: true });
+  mkdirSync(dataDir, { recursive: true });
+  const staging = mkdtempSync(path.join(dataDir, ".restore-"));
+  try {
+    const keys = await restoreKeys(path.join(from, "db.ndjson"), path.join(staging, "db"));
+    if (keys !== info.keys) throw new Error(`the backup lists ${info.keys} keys but db.ndjson holds ${keys}: it is incomplete`);
+    const blobs = await copyBlobs(path.join(from, "blobs"), path.join(staging, "blobs"));
+    if (blobs !== info.blobs) throw new Error(`the backup lists ${info.blobs} attachment files but holds ${blobs}: it is incomplete`);
+    // Into place: the attachment files first, the database last (a server starts only on a database).
+    for (const shard of existsSync(path.join(staging, "blobs")) ? readdirSync(path.join(staging, "blobs")) : []) {
+      mkdirSync(path.join(dataDir, "blobs", shard), { recursive: true });
+      for (const file of readdirSync(path.join(staging, "blobs", shard))) {
+        renameSync(path.join(staging, "blobs", shard, file), path.join(dataDir, "blobs", shard, file));
+      }
+    }
+    if (existsSync(dbDir)) rmdirSync(dbDir); // empty, checked above
+    renameSync(path.join(staging, "db"), dbDir);
+    return { keys, blobs };
+  } finally {
+    rmSync(staging, { recursive: true, force: true });
+  }
+}
+
+/** Writes db.ndjson's pairs into a new LevelDB at `dbDir`; returns how many. */
+async function restoreKeys(file: string, dbDir: string): Promise<number> {
   const db = new Level<string, string>(dbDir, { ...LEVEL_OPTIONS, keyEncoding: "utf8", valueEncoding: "utf8" });
   await db.open();
   let keys = 0;
   try {
     let batch = db.batch();
     let n = 0;
-    const lines = createInterface({ input: createReadStream(path.join(from, "db.ndjson")), crlfDelay: Infinity });
+    let lineNo = 0;
+    const lines = createInterface({ input: createReadStream(file), crlfDelay: Infinity });
     for await (const line of lines) {
+      lineNo++;
       if (line === "") continue;
-      const [k, v] = JSON.parse(line) as [string, string];
-      batch.put(k, v);
+      let pair: unknown;
+      try {
+        pair = JSON.parse(line);
+      } catch {
+        pair = undefined;
+      }
+      if (!Array.isArray(pair) || pair.length !== 2 || typeof pair[0] !== "string" || typeof pair[1] !== "string") {
+        throw new Error(`db.ndjson line ${lineNo} is not a [key, value] pair of strings: the backup is damaged`);
+      }
+      batch.put(pair[0], pair[1]);
       keys++;
       if (++n === 1000) {
         await batch.write();
@@ -130,19 +180,21 @@ export async function restore(from: string, dataDir: string): Promise<{ keys: nu
   } finally {
     await db.close();
   }
+  return keys;
+}
+
+/** Copies a backup's attachment files (`<shard>/<file>`) into `to`; returns how many. */
+async function copyBlobs(src: string, to: string): Promise<number> {
   let blobs = 0;
-  const src = path.join(from, "blobs");
-  if (existsSync(src)) {
-    for (const shard of readdirSync(src)) {
-      await mkdir(path.join(dataDir, "blobs", shard), { recursive: true });
-      for (const file of readdirSync(path.join(src, shard))) {
-        await copyFile(path.join(src, shard, file), path.join(dataDir, "blobs", shard, file));
-        blobs++;
-      }
+  if (!existsSync(src)) return 0;
+  for (const shard of readdirSync(src)) {
+    await mkdir(path.join(to, shard), { recursive: true });
+    for (const file of readdirSync(path.join(src, shard))) {
+      await copyFile(path.join(src, shard, file), path.join(to, shard, file));
+      blobs++;
     }
   }
-  if (keys !== info.keys) throw new Error(`the backup lists ${info.keys} keys but db.ndjson holds ${keys}: it is incomplete`);
-  return { keys, blobs };
+  return blobs;
 }
 
 function userLine(u: UserRecord): string {

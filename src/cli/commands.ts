@@ -32,7 +32,7 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
   wirechat registration open|closed         (running server; until restart or SIGHUP)
   wirechat backup <dir>                     a consistent copy, also of a running server
   wirechat restore <dir>                    into --data-dir, which must hold no database
-uid>]      NDJSON on stdout (no password hashes)|uid>]      NDJSON on stdout (no password hashes)
+  wirechat export [--user <login|uid>]      NDJSON on stdout (no password hashes)
   wirechat version
 
 A user named <login|uid> is matched by uid first. --help or --version after any
