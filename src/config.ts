@@ -94,9 +94,9 @@ export interface OptionSpec {
 
 export const OPTIONS: readonly OptionSpec[] = [
   { key: "host", flag: "--host", env: "WIRECHAT_HOST", kind: "string", default: "0.0.0.0", help: "address to listen on" },
-  { key: "port", flag: "--port", env: "WIRECHAT_PORT", kind: "int", default: 7788, min: 0, help: "TCP port (0 = any free port)" },
+  { key: "port", flag: "--port", env: "WIRECHAT_PORT", kind: "int", default: 7788, min: 0, max: 65535, help: "TCP port (0 = any free port)" },
   { key: "dataDir", flag: "--data-dir", env: "WIRECHAT_DATA_DIR", kind: "string", default: "./data", help: "directory of the LevelDB database" },
-  { key: "logLevel", flag: "--log-level", env: "WIRECHAT_LOG_LEVEL", kind: "string", default: "info", help: "pino level: fatal, error, warn, info, debug, trace or silent", reload: true },
+  { key: "logLevel", flag: "--log-level", env: "WIRECHAT_LOG_LEVEL", kind: "enum", choices: ["fatal", "error", "warn", "info", "debug", "trace", "silent"], default: "info", help: "pino level: fatal, error, warn, info, debug, trace or silent", reload: true },
   { key: "maxFrame", flag: "--max-frame", env: "WIRECHAT_MAX_FRAME", kind: "int", default: 1024 * 1024, min: 64, help: "largest request frame in bytes (status 12 past it)" },
   { key: "maxDepth", flag: "--max-depth", env: "WIRECHAT_MAX_DEPTH", kind: "int", default: 32, min: 2, help: "deepest JSON nesting in a frame (status 3 past it)" },
   { key: "maxAttach", flag: "--max-attach", env: "WIRECHAT_MAX_ATTACH", kind: "int", default: 64 * 1024 * 1024, min: 0, help: "largest attachment in decoded bytes (status 12 past it)" },
@@ -131,19 +131,19 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },
   { key: "backgroundNice", flag: "--background-nice", env: "WIRECHAT_BACKGROUND_NICE", kind: "int", default: 10, min: 0, max: 19, help: "nice value (0-19) for the process's background threads (password hashing, LevelDB's compaction, GC helpers), so they yield a shared core to the event loop and its I/O pool (commits, reads), which stay at 0; 0 leaves them alone (Linux only)" },
   { key: "heapGrowth", flag: "--heap-growth", env: "WIRECHAT_HEAP_GROWTH", kind: "int", default: 0, min: 0, max: 300, help: "percent the JavaScript heap may grow past what the last full garbage collection kept before it collects again (e.g. 50: memory stays near the live heap, at the price of more full collections and throughput under heavy load); 0 leaves it to V8, which allows up to 300" },
-  { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, help: "TLS port, used when --tls-cert and --tls-key are given" },
+  { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, max: 65535, help: "TLS port, used when --tls-cert and --tls-key are given" },
   { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener", reload: true },
   { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file", reload: true },
   { key: "registration", flag: "--registration", env: "WIRECHAT_REGISTRATION", kind: "enum", choices: ["open", "closed"], default: "open", reload: true, help: "closed: register is refused with status 15 (accounts are then made by an operator: wirechat user add)" },
   { key: "admin", flag: "--admin", env: "WIRECHAT_ADMIN", kind: "enum", choices: ["on", "off"], default: "on", help: "the admin HTTP port: metrics, health, connections, operator actions" },
   { key: "adminHost", flag: "--admin-host", env: "WIRECHAT_ADMIN_HOST", kind: "string", default: "127.0.0.1", help: "address the admin port listens on (keep it private: it can kick, ban and delete users)" },
-  { key: "adminPort", flag: "--admin-port", env: "WIRECHAT_ADMIN_PORT", kind: "int", default: 9090, min: 0, help: "admin HTTP port (0 = any free port)" },
+  { key: "adminPort", flag: "--admin-port", env: "WIRECHAT_ADMIN_PORT", kind: "int", default: 9090, min: 0, max: 65535, help: "admin HTTP port (0 = any free port)" },
   { key: "adminToken", flag: "--admin-token", env: "WIRECHAT_ADMIN_TOKEN", kind: "string", default: "", help: "bearer token every admin request but /healthz and /readyz must carry (Authorization: Bearer <token>); empty: none" },
-  { key: "rustPort", flag: "--rust-port", env: "WIRECHAT_RUST_PORT", kind: "int", default: -1, min: -1, help: "TCP port of the rust_messages door (seed 000: {\"action\":…} lines, code 200/300/400); -1 = off, 0 = any free port" },
+  { key: "rustPort", flag: "--rust-port", env: "WIRECHAT_RUST_PORT", kind: "int", default: -1, min: -1, max: 65535, help: "TCP port of the rust_messages door (seed 000: {\"action\":…} lines, code 200/300/400); -1 = off, 0 = any free port" },
   { key: "rustSecret", flag: "--rust-secret", env: "WIRECHAT_RUST_SECRET", kind: "string", default: "", help: "the rust_messages handshake secret; when set, a connection must send {\"action\":\"handshake\",\"secret\":…} with it first; empty: any handshake passes and none is required" },
   { key: "rustRoom", flag: "--rust-room", env: "WIRECHAT_RUST_ROOM", kind: "string", default: "general", help: "the public channel a rust_messages connection is in after login (created at start-up when missing)" },
-  { key: "roomsPort", flag: "--rooms-port", env: "WIRECHAT_ROOMS_PORT", kind: "int", default: -1, min: -1, help: "TCP port of the rooms API door (seed 001: {\"type\":…} lines; rooms are private channels); -1 = off, 0 = any free port" },
-  { key: "httpPort", flag: "--http-port", env: "WIRECHAT_HTTP_PORT", kind: "int", default: -1, min: -1, help: "HTTP/WebSocket port: e_chat_server under /v1/ (seed 002), the HTTP/WS chat at / and /ws (seed 003), the native protocol over WebSocket at /wirechat; -1 = off, 0 = any free port" },
+  { key: "roomsPort", flag: "--rooms-port", env: "WIRECHAT_ROOMS_PORT", kind: "int", default: -1, min: -1, max: 65535, help: "TCP port of the rooms API door (seed 001: {\"type\":…} lines; rooms are private channels); -1 = off, 0 = any free port" },
+  { key: "httpPort", flag: "--http-port", env: "WIRECHAT_HTTP_PORT", kind: "int", default: -1, min: -1, max: 65535, help: "HTTP/WebSocket port: e_chat_server under /v1/ (seed 002), the HTTP/WS chat at / and /ws (seed 003), the native protocol over WebSocket at /wirechat; -1 = off, 0 = any free port" },
   { key: "httpHost", flag: "--http-host", env: "WIRECHAT_HTTP_HOST", kind: "string", default: "", help: "address the HTTP/WebSocket port listens on; empty: the same as --host" },
   { key: "lobby", flag: "--lobby", env: "WIRECHAT_LOBBY", kind: "string", default: "lobby", help: "the public channel every HTTP/WS chat (seed 003) client is in (created at start-up when missing)" },
   { key: "nats", flag: "--nats", env: "WIRECHAT_NATS", kind: "string", default: "", help: "cluster mode: the NATS server(s) with JetStream whose log this node shares with the others (nats://host:port, comma-separated); empty: a single node on its own LevelDB (see README, Cluster mode)" },
@@ -174,7 +174,8 @@ function convert(o: OptionSpec, raw: string, source: string): string | number {
     if (!(o.choices as readonly string[]).includes(raw)) throw new ConfigError(`${source}: expected ${(o.choices as readonly string[]).join(" or ")}, got "${raw}"`);
     return raw;
   }
-  if (!/^\d+$/.test(raw)) throw new ConfigError(`${source}: expected a whole number, got "${raw}"`);
+  // A negative number only where the option takes one (the doors' ports: -1 = off).
+  if (!(o.min !== undefined && o.min < 0 ? /^-?\d+$/ : /^\d+$/).test(raw)) throw new ConfigError(`${source}: expected a whole number, got "${raw}"`);
   const v = Number(raw);
   if (o.min !== undefined && v < o.min) throw new ConfigError(`${source}: must be at least ${o.min}`);
   if (o.max !== undefined && v > o.max) throw new ConfigError(`${source}: must be at most ${o.max}`);
@@ -293,7 +294,10 @@ export function helpText(): string {
   ];
   for (const o of OPTIONS) {
     const arg = o.kind === "int" ? "n" : o.kind === "enum" ? (o.choices as readonly string[]).join("|") : "s";
-    lines.push(`  ${`${o.flag} <${arg}>`.padEnd(26)}${o.help}${o.reload ? " (reload)" : ""}`);
+    const head = `${o.flag} <${arg}>`;
+    // A long flag (an enum's choices) has its text on the next line.
+    if (head.length >= 26) lines.push(`  ${head}`);
+    lines.push(`  ${(head.length >= 26 ? "" : head).padEnd(26)}${o.help}${o.reload ? " (reload)" : ""}`);
     lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default === "" ? '""' : o.default}`);
   }
   lines.push(`  ${"-h, --help".padEnd(26)}this text`);

@@ -26,6 +26,12 @@ describe("options", () => {
     expect(() => parseArgs(["--heap-growth", "301"], {})).toThrow(/at most 300/);
     expect(parseArgs(["--heap-growth", "50"], {}).config.heapGrowth).toBe(50);
     expect(() => parseArgs([], { WIRECHAT_PORT: "x" })).toThrow(/WIRECHAT_PORT/);
+    expect(() => parseArgs(["--log-level", "loud"], {})).toThrow(/--log-level: expected fatal or error or warn or info or debug or trace or silent, got "loud"/);
+    expect(() => parseArgs(["--port", "99999"], {})).toThrow(/--port: must be at most 65535/);
+    expect(() => parseArgs(["--port", "-1"], {})).toThrow(/whole number/);
+    // -1 turns a door off, from a flag or the environment too (over a config file that turned it on).
+    expect(parseArgs(["--rust-port", "-1"], { WIRECHAT_HTTP_PORT: "-1" }).config).toMatchObject({ rustPort: -1, httpPort: -1 });
+    expect(() => parseArgs(["--rooms-port", "-2"], {})).toThrow(/at least -1/);
   });
 
   it("--help lists every flag and environment variable", () => {

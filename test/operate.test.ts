@@ -260,6 +260,11 @@ describe("configuration and signals", () => {
     writeFileSync(bad, "{");
     expect(cli(["check", "--config", bad]).stderr).toMatch(/not valid JSON/);
     expect(cli(["check", "--config", path.join(dir, "none.json")]).stderr).toMatch(/cannot read the config file/);
+    // What start-up would read: a certificate and key that are not there fail the check.
+    const tlsMissing = cli(["check", "--tls-cert", path.join(dir, "none.crt"), "--tls-key", path.join(dir, "none.key")]);
+    expect(tlsMissing.status).toBe(2);
+    expect(tlsMissing.stderr).toMatch(/--tls-cert .*none\.crt .*ENOENT/);
+    expect(cli(["check", "--tls-cert", fixture("localhost.crt"), "--tls-key", fixture("localhost.key")]).status).toBe(0);
   });
 
   it("the packaged example config and systemd unit's settings pass wirechat check", () => {
@@ -311,6 +316,12 @@ describe("configuration and signals", () => {
     srv.proc.kill("SIGHUP");
     await waitFor(() => srv.stdout().includes("reload failed"), 5000, "the failed reload");
     expect((await c.request("ping")).status).toBe(0);
+    // A file with one bad value changes nothing either: registration stays closed.
+    writeFileSync(conf, JSON.stringify({ registration: "open", "log-level": "loud" }));
+    srv.proc.kill("SIGHUP");
+    await waitFor(() => (srv.stdout().match(/reload failed/g) ?? []).length >= 2, 5000, "the second failed reload");
+    expect(srv.stdout()).toMatch(/log-level\\": expected fatal or error/);
+    expect((await c.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(15);
     kept.close();
     c.close();
   });

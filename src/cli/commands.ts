@@ -6,6 +6,7 @@
 
 import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
+import { createSecureContext } from "node:tls";
 import pino from "pino";
 import { backup, exportRecords, restore } from "../admin/backup.js";
 import { ConfigError, packageVersion, parseArgs, type Config } from "../config.js";
@@ -237,6 +238,16 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
   }
   if (command === "check") {
     const c = p.config;
+    // What start-up would read besides the options: the TLS certificate and key, as a pair.
+    if (c.tlsCert && c.tlsKey) {
+      try {
+        createSecureContext({ cert: readFileSync(c.tlsCert), key: readFileSync(c.tlsKey) });
+      } catch (err) {
+        throw new ConfigError(`--tls-cert ${c.tlsCert} / --tls-key ${c.tlsKey}: ${(err as Error).message}`);
+      }
+    } else if (c.tlsCert || c.tlsKey) {
+      process.stderr.write("wirechat check: --tls-cert and --tls-key go together; with one of them TLS stays off\n");
+    }
     process.stdout.write(`configuration OK${c.config ? ` (${c.config})` : ""}: port ${c.port}, data dir ${c.dataDir}, admin ${c.admin === "on" ? `${c.adminHost}:${c.adminPort}` : "off"}\n`);
     return 0;
   }
