@@ -141,6 +141,11 @@ describe("admin port", () => {
     const d = await Client.connect(served.port);
     expect((await d.request("register", { login: uniqueName(), pass: "secret", nick: uniqueName() })).status).toBe(0);
     expect((await admin(ap(), "POST", "/registration", { open: "yes" })).status).toBe(400);
+    // A body's value of the wrong type is refused, not converted: registration stays open.
+    for (const open of ["false", null, 0, [false]]) expect((await admin(ap(), "POST", "/registration", { open })).status).toBe(400);
+    expect((await admin(ap(), "POST", "/kick", { user: [login1] })).status).toBe(400);
+    expect((await admin(ap(), "POST", "/users", { login: 5, pass: "pw1", nick: "five" })).status).toBe(400);
+    expect((await admin(ap(), "GET", "/registration")).json).toEqual({ registration: "open" });
     c.close();
     d.close();
   });
@@ -254,6 +259,11 @@ describe("admin port with a token", () => {
     expect((await admin(ap, "GET", "/metrics")).status).toBe(401);
     expect((await admin(ap, "GET", "/metrics", undefined, "wrong")).status).toBe(401);
     expect((await admin(ap, "GET", "/metrics", undefined, "s3cret")).status).toBe(200);
+    const raw = (authorization: string) => fetch(`http://127.0.0.1:${ap}/metrics`, { headers: { authorization } }).then((r) => r.status);
+    // The scheme in any case (RFC 7235); a header as long as the right one but not it, even in bytes, is refused.
+    expect(await raw("bearer s3cret")).toBe(200);
+    expect(await raw("Bearer s3creé")).toBe(401);
+    expect(await raw("Basic  s3cret")).toBe(401);
     expect((await admin(ap, "GET", "/healthz")).status).toBe(200);
     expect((await admin(ap, "GET", "/readyz")).status).toBe(200);
   });

@@ -7,6 +7,7 @@
 import { timingSafeEqual } from "node:crypto";
 import type { AddressInfo } from "node:net";
 import { Readable } from "node:stream";
+import { Ajv } from "ajv";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
 import type { Logger } from "pino";
 import type client from "prom-client";
@@ -79,6 +80,19 @@ function banTarget(body: { login?: string; address?: string }): [BanKind, string
 }
 
 /**
+ * Whether an Authorization header carries `expected` ("Bearer <token>"): the scheme in
+ * any case (RFC 7235), the token compared in constant time.
+ */
+function hasToken(header: string | undefined, expected: string): boolean {
+  const got = Buffer.from(header ?? "");
+  const want = Buffer.from(expected);
+  if (got.length !== want.length) return false;
+  const space = want.indexOf(0x20);
+  if (got.toString("latin1", 0, space).toLowerCase() !== want.toString("latin1", 0, space).toLowerCase()) return false;
+  return timingSafeEqual(got.subarray(space), want.subarray(space));
+}
+
+/**
  * Builds the admin app; `d` may be filled in later (routes read it when they run), so
  * the server builds it first thing, before its storage and stores.
  */
@@ -89,7 +103,13 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     loggerInstance: log.child({ door: "admin" }, { level: log.levelVal > 40 ? log.level : "warn" }) as unknown as FastifyBaseLogger,
     bodyLimit: 64 * 1024,
   });
-  const token = config.adminToken ? Buffer.from(`Bearer ${config.adminToken}`) : undefined;
+  // A body is JSON: a value of the wrong type is refused, never converted (Fastify's
+  // default coerced {"open":"false"} and {"open":null} to false and closed registration,
+  // {"user":["bob"]} to "bob"). A query string is text: its numbers are converted.
+  const bodyAjv = new Ajv({ coerceTypes: false, useDefaults: true, allErrors: false, strict: false });
+  const queryAjv = new Ajv({ coerceTypes: "array", useDefaults: true, removeAdditional: true, allErrors: false, strict: false });
+  app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === "body" ? bodyAjv : queryAjv).compile(schema));
+  const token = config.adminToken ? `Bearer ${config.adminToken}` : undefined;
 
   app.addHook("onRequest", async (req, reply) => {
     const path = req.url.split("?")[0];
@@ -104,8 +124,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
       }
       return;
     }
-    const got = Buffer.from(req.headers.authorization ?? "");
-    if (got.length !== token.length || !timingSafeEqual(got, token)) {
+    if (!hasToken(req.headers.authorization, token)) {
       log.warn({ remote: req.ip, url: req.url }, "admin request without the right token");
       return sendError(reply.header("www-authenticate", "Bearer"), Code.NeedAuth, "this admin port needs 'Authorization: Bearer <token>'", 401);
     }
