@@ -80,6 +80,19 @@ describe("wirechat commands on a stopped data dir", () => {
       expect(r.stdout).toMatch(ask.includes("v") ? /^wirechat \d+\.\d+\.\d+/ : /wirechat user del <login\|uid>/);
     }
     expect(json(cli(["user", "show", "bob", ...d])).uid).toBe(bob.uid);
+    // The operator's accounts follow register's rules: none its owner could not log in with.
+    for (const [args, why] of [
+      [["user", "add", "", "--pass", "pw"], /'login' must not be empty/],
+      [["user", "add", "two\nlines", "--pass", "pw"], /'login' must match pattern/],
+      [["user", "add", "x".repeat(65), "--pass", "pw"], /'login' must NOT have more than 64 characters/],
+      [["user", "add", "carol", "--pass", "pw", "--nick", "bell\u0007"], /'nick' must match pattern/],
+      [["user", "passwd", "alice", "--pass", ""], /'pass' must not be empty/],
+    ] as const) {
+      const r = cli([...args, ...d]);
+      expect(r.status).toBe(1);
+      expect(r.stderr).toMatch(why);
+    }
+    for (const limit of ["abc", "-1", "0", "1001"]) expect(cli(["user", "list", "--limit", limit, ...d]).stderr).toMatch(/--limit: expected a whole number from 1 to 1000/);
 
     const srv = await start(["--data-dir", dir]);
     const c = await Client.connect(srv.port);

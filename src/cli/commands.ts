@@ -272,7 +272,9 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
           print(await ops.passwd(user, readPassword(p)));
         } else if (sub === "show") print(await ops.show(need(p, 1, "the user")));
         else if (sub === "list") {
-          const limit = Number(p.own.get("limit") ?? 100);
+          const given = p.own.get("limit") ?? "100";
+          const limit = Number(given);
+          if (!/^\d+$/.test(given) || limit < 1 || limit > 1000) throw new ConfigError(`--limit: expected a whole number from 1 to 1000, got "${given}"`);
           for (const u of await ops.list(p.own.get("after") ?? "", limit)) {
             process.stdout.write(`${u.uid}\t${u.login}\t${u.nick}${u.online ? `\tonline(${u.online})` : ""}${u.banned ? "\tbanned" : ""}\n`);
           }

@@ -10,7 +10,7 @@ import { LoginThrottle } from "./login-throttle.js";
 import { PasswordHasher } from "./password-hasher.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
-import { optionalString, requiredString } from "../protocol/validation.js";
+import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
 import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
 import { sidHash } from "../storage/sessions.js";
@@ -24,6 +24,10 @@ const LOGIN = { ...requiredString(64), pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" };
 // Nicks: any printable text.
 const NICK = { ...requiredString(64), pattern: "^[^\\p{Cc}]+$" };
 const PASS = requiredString(1024);
+// The operator's accounts (admin port, `wirechat user` on a data dir) follow the same
+// rules as register's: an account its owner could never log in with is no account.
+const OPERATOR_ACCOUNT = compileSchema({ type: "object", required: ["login", "pass", "nick"], properties: { login: LOGIN, pass: PASS, nick: NICK } });
+const OPERATOR_PASS = compileSchema({ type: "object", required: ["pass"], properties: { pass: PASS } });
 
 /** What the operator (admin port, `wirechat user …`) may do to accounts. */
 export interface AccountOps {
@@ -652,6 +656,8 @@ export function registerAccounts(sv: Services): AccountOps {
 
   return {
     async create(login, pass, nick) {
+      const bad = OPERATOR_ACCOUNT({ login, pass, nick });
+      if (bad) throw bad;
       if (sv.cluster) {
         // No session: an operator's account.
         return registerInCluster(nowSeconds(), login, nick, await hasher.hash(OPERATOR, pass));
@@ -672,6 +678,8 @@ export function registerAccounts(sv: Services): AccountOps {
       }
     },
     async setPassword(uid, pass) {
+      const bad = OPERATOR_PASS({ pass });
+      if (bad) throw bad;
       const hash = await hasher.hash(OPERATOR, pass);
       if (sv.cluster) {
         // Every session goes, on every node, as each applies it.
