@@ -4,7 +4,7 @@
 //   codec, events, router) → features (accounts, profiles, contacts, messages, channels)
 //   → storage (key layout, group commit, message log, typed stores, blob store).
 
-import { rmSync } from "node:fs";
+import { realpathSync, rmSync } from "node:fs";
 import { hostname } from "node:os";
 import path from "node:path";
 import pino, { type Logger } from "pino";
@@ -340,6 +340,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
         backup: (dir: string) => backup(storage, blobs, dir, version),
         exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
         version,
+        dataDir: realpathSync(config.dataDir),
       } satisfies AdminDeps);
       adminAddress = await listenAdmin(adminApp, config);
     }

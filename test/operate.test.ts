@@ -153,6 +153,15 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     const ban = json(cli(["ban", "--address", "10.9.8.7", "--reason", "test", ...a]));
     expect(ban).toMatchObject({ ban: { kind: "addr", value: "10.9.8.7" }, closed: 0 });
     expect(json(cli(["unban", "--address", "10.9.8.7", ...a]))).toEqual({ lifted: true });
+    // Another server's admin port is not this data dir's: refused, nothing done there.
+    const otherDir = tmp();
+    const other = await start(["--data-dir", otherDir]);
+    const dave = json(cli(["user", "add", "dave", "--pass", "pw", "--data-dir", otherDir, "--admin-port", String(other.adminPort)]));
+    const wrong = cli(["user", "del", "dave", "--data-dir", dir, "--admin-port", String(other.adminPort)]);
+    expect(wrong.status).toBe(2);
+    expect(wrong.stderr).toMatch(/belongs to the server on .*, not to the one holding .*: give its --admin-port/);
+    expect(cli(["export", "--data-dir", dir, "--admin-port", String(other.adminPort)]).stderr).toMatch(/belongs to the server on/);
+    expect(json(cli(["user", "show", "dave", "--data-dir", otherDir, "--admin-port", String(other.adminPort)])).uid).toBe(dave.uid);
   });
 
   it("says so when the data dir is in use and the admin port does not answer", async () => {

@@ -32,6 +32,8 @@ export interface AdminDeps {
   /** Every record of one user, or of the whole server, as NDJSON lines (8 first when no such user). */
   exportLines: (user: string | undefined) => Promise<AsyncIterable<string>>;
   version: string;
+  /** The data dir this server holds (absolute, symlinks resolved): the CLI checks it is the one it was given. */
+  dataDir: string;
 }
 
 export interface BackupSummary {
@@ -146,7 +148,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     const why = d.notReady();
     return why === undefined ? { ready: true } : reply.code(503).send({ ready: false, reason: why });
   });
-  app.get("/version", async () => ({ server: "wirechat", version: d.version }));
+  app.get("/version", async () => ({ server: "wirechat", version: d.version, dataDir: d.dataDir }));
   app.get("/metrics", async (_req, reply) => {
     reply.header("content-type", d.registry.contentType);
     return d.registry.metrics();

@@ -4,7 +4,7 @@
 // environment and config file the server reads. In cluster mode (--nats) always
 // through a running node's admin port: its writes are entries of the cluster log.
 
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
 import path from "node:path";
 import { createSecureContext } from "node:tls";
 import pino from "pino";
@@ -133,7 +133,24 @@ function viaAdmin(config: Config): Backend {
   const host = config.adminHost === "0.0.0.0" || config.adminHost === "::" ? "127.0.0.1" : config.adminHost;
   const base = `http://${host.includes(":") ? `[${host}]` : host}:${config.adminPort}`;
   const headers: Record<string, string> = config.adminToken ? { authorization: `Bearer ${config.adminToken}` } : {};
+  // The admin port must be that of the server holding this data dir: another server's
+  // (a second instance, a mistyped --admin-port) would take the command for its own
+  // users. Checked once, before the first request; in cluster mode any node will do.
+  let checked: Promise<void> | undefined;
+  const ours = () =>
+    (checked ??= (async () => {
+      if (config.nats) return;
+      const { dataDir } = (await send("GET", "/version")) as { dataDir?: string };
+      const want = realpathSync(config.dataDir);
+      if (dataDir !== want) {
+        throw new ConfigError(`the admin port ${base} belongs to the server on ${dataDir ?? "another data dir"}, not to the one holding ${want}: give its --admin-port`);
+      }
+    })());
   async function call(method: string, route: string, body?: unknown): Promise<any> {
+    await ours();
+    return send(method, route, body);
+  }
+  async function send(method: string, route: string, body?: unknown): Promise<any> {
     let res: Response;
     try {
       res = await fetch(base + route, {
@@ -165,6 +182,7 @@ function viaAdmin(config: Config): Backend {
       // The server writes the backup: the directory is on its machine, so make it absolute here.
       backup: (dir) => call("POST", "/backup", { dir: path.resolve(dir) }),
       exportTo: async (user, out) => {
+        await ours();
         let res: Response;
         try {
           res = await fetch(base + "/export" + (user !== undefined ? `?user=${encodeURIComponent(user)}` : ""), { headers });
