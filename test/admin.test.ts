@@ -152,6 +152,10 @@ describe("admin port", () => {
 
   it("answers unknown routes and bad bodies with JSON errors", async () => {
     expect(await admin(ap(), "GET", "/nope")).toMatchObject({ status: 404, json: { code: 11 } });
+    // A backup directory the server cannot make is the request's fault: 400 with the reason.
+    for (const dir of ["/etc/passwd", "/etc/passwd/sub"]) {
+      expect(await admin(ap(), "POST", "/backup", { dir })).toMatchObject({ status: 400, json: { code: 3, error: expect.stringMatching(/cannot write a backup into .*ENOTDIR/) } });
+    }
     expect(await admin(ap(), "POST", "/kick", {})).toMatchObject({ status: 400, json: { code: 3 } });
     const raw = await fetch(`http://127.0.0.1:${ap()}/kick`, { method: "POST", headers: { "content-type": "application/json" }, body: "{not json" });
     expect(raw.status).toBe(400);

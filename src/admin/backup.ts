@@ -47,10 +47,17 @@ async function closeStream(out: Writable): Promise<void> {
  * may read it (it holds password hashes and every message).
  */
 function emptyTarget(dir: string): void {
-  if (existsSync(dir) && readdirSync(dir).length > 0) {
-    throw new ProtocolError(Code.AlreadyExist, `${dir} exists and is not empty; choose a new directory`);
+  try {
+    if (existsSync(dir) && readdirSync(dir).length > 0) {
+      throw new ProtocolError(Code.AlreadyExist, `${dir} exists and is not empty; choose a new directory`);
+    }
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+  } catch (err) {
+    // A path that is a file, or not writable by the server: the request's fault, said so.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== undefined) throw new ProtocolError(Code.InvalidData, `cannot write a backup into ${dir}: ${code} (${(err as Error).message})`);
+    throw err;
   }
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
 }
 
 export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
@@ -62,7 +69,9 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   try {
     fd = openSync(path.join(target, "db.ndjson"), "wx", 0o600);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "EEXIST") throw new ProtocolError(Code.AlreadyExist, `${target} is being written by another backup; choose a new directory`);
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "EEXIST") throw new ProtocolError(Code.AlreadyExist, `${target} is being written by another backup; choose a new directory`);
+    if (code !== undefined) throw new ProtocolError(Code.InvalidData, `cannot write a backup into ${target}: ${code} (${(err as Error).message})`);
     throw err;
   }
   const out = createWriteStream("", { fd });
