@@ -1,6 +1,6 @@
 // Streamed attachments over real TCP: byte-identical relay online and offline, stored
 // once, limits and bad base64 without leftovers, disconnects mid-upload, slow readers.
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { readdirSync } from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -155,5 +155,40 @@ describe("a recipient that reads slowly", () => {
     const ev = await slow.client.event("ev_message", () => true, 60_000);
     expect(ev.attach.data === b64).toBe(true);
     for (const c of [a.client, slow.client, x.client, y.client]) c.close();
+  });
+});
+
+describe("a message deleted before its recipient read it", () => {
+  it("goes out with an empty attachment and its ev_delmessage; the reader keeps its connection", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const big = randomBytes(12 * MiB).toString("base64");
+    const small = Buffer.from("small one").toString("base64");
+    b.client.socket.pause();
+    a.client.write(attachFrame(b.uid, big));
+    expect((await a.client.reply("message", 60_000)).data.status).toBe(0);
+    const second = await a.client.request("message", { uid: b.uid, body: "second", attach: { mime: "text/plain", data: small } });
+    expect(second.status).toBe(0);
+    // Queued behind the large one at b; deleted (and its file with it) before b reads it.
+    expect((await a.client.request("delmessage", { mid: second.mid })).status).toBe(0);
+    await until(() => !blobFiles().some((f) => f === createHash("sha256").update("small one").digest("hex")));
+    b.client.socket.resume();
+    expect((await b.client.event("ev_message", (d) => d.body === "file", 60_000)).attach.data === big).toBe(true);
+    expect((await b.client.event("ev_message", (d) => d.body === "second", 10_000)).attach).toEqual({ mime: "text/plain", data: "" });
+    expect(await b.client.event("ev_delmessage", (d) => d.mid === second.mid, 10_000)).toMatchObject({ mid: second.mid });
+    // history, asked while not reading, then the file deleted: the same
+    const third = await a.client.request("message", { uid: b.uid, body: "third", attach: { mime: "text/plain", data: small } });
+    b.client.socket.pause();
+    b.client.write(JSON.stringify({ action: "history", data: { uid: a.uid } }) + "\n");
+    await new Promise((r) => setTimeout(r, 200));
+    expect((await a.client.request("delmessage", { mid: third.mid })).status).toBe(0);
+    await until(() => !blobFiles().some((f) => f === createHash("sha256").update("small one").digest("hex")));
+    b.client.socket.resume();
+    const hist = await b.client.reply("history", 60_000);
+    expect(hist.data.status).toBe(0);
+    expect(hist.data.messages.find((m: { mid: string }) => m.mid === third.mid)?.attach).toEqual({ mime: "text/plain", data: "" });
+    expect((await b.client.request("ping")).status).toBe(0);
+    a.client.close();
+    b.client.close();
   });
 });

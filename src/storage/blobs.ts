@@ -16,8 +16,8 @@
 // so an upload never keeps a file that a delete has already decided to unlink.
 
 import { createHash, randomBytes, type Hash } from "node:crypto";
-import { createReadStream, createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
-import { access, mkdir, open, opendir, rename, stat, unlink } from "node:fs/promises";
+import { createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
+import { access, mkdir, open, opendir, rename, stat, unlink, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import type { Background } from "../background.js";
@@ -333,9 +333,25 @@ export class BlobStore {
     this.storedBytes += (await stat(final).catch(() => undefined))?.size ?? 0;
   }
 
-  /** The blob's bytes as base64 text, read in pieces (for streaming out). */
-  readBase64(sha: string): AsyncIterable<string> {
-    return base64Stream(createReadStream(this.pathOf(sha), { highWaterMark: 3 * 16 * 1024 }));
+  /**
+   * The blob's bytes as base64 text, read in pieces (for streaming out), or nothing when
+   * the file is gone. A frame is read when its connection gets to it, which can be long
+   * after it was made (a history reply, an event queued behind a large one): the message
+   * may have been deleted meanwhile, and its file with it. Its attachment then goes out
+   * empty, and the deletion's ev_delmessage follows; the reader keeps its connection
+   * (before, the failed read closed it halfway through a frame, so any sender could cut a
+   * recipient off by deleting a message the recipient had not yet read). Once opened, the
+   * file reads whole even if it is deleted meanwhile.
+   */
+  async *readBase64(sha: string): AsyncIterable<string> {
+    let file: FileHandle;
+    try {
+      file = await open(this.pathOf(sha), "r");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
+      throw err;
+    }
+    yield* base64Stream(file.createReadStream({ highWaterMark: 3 * 16 * 1024 }));
   }
 }
 
