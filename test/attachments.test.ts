@@ -192,3 +192,22 @@ describe("a message deleted before its recipient read it", () => {
     b.client.close();
   });
 });
+
+describe("a deleted account", () => {
+  it("takes its messages to itself and their attachment files with it; its messages to others stay", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const own = randomBytes(256 * 1024).toString("base64");
+    const toB = randomBytes(256 * 1024).toString("base64");
+    const sha = (b64: string) => createHash("sha256").update(Buffer.from(b64, "base64")).digest("hex");
+    expect((await a.client.request("message", { uid: a.uid, body: "note to self", attach: { mime: "x/y", data: own } })).status).toBe(0);
+    expect((await a.client.request("message", { uid: b.uid, body: "for b", attach: { mime: "x/y", data: toB } })).status).toBe(0);
+    expect(blobFiles()).toEqual(expect.arrayContaining([sha(own), sha(toB)]));
+    expect((await a.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    await until(() => !blobFiles().includes(sha(own)), 10_000);
+    expect(blobFiles()).toContain(sha(toB));
+    const hist = await b.client.request("history", { uid: a.uid });
+    expect(hist.messages.map((m: { body: string }) => m.body)).toEqual(["for b"]);
+    b.client.close();
+  });
+});

@@ -13,7 +13,7 @@ import type { Event } from "../protocol/events.js";
 import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
 import type { ChannelRecord } from "../storage/layout.js";
-import { channelConv } from "../storage/layout.js";
+import { channelConv, directConv } from "../storage/layout.js";
 import type { Command, Outcome } from "./cluster.js";
 import { convLockKey, findUser, underLocks, userLockKey, type Services } from "./services.js";
 
@@ -442,6 +442,14 @@ export function registerChannels(sv: Services): ChannelOps {
       const conv = channelConv(chid);
       sv.background.run("purging a deleted channel's messages", (signal) => purge(conv, signal), { chid });
     };
+  }
+
+  // A deleted account's messages to itself go too: nobody can read them any more (its
+  // conversations with others stay in the others' history), and they held its
+  // attachments' files for good. The deletion's record keeps this hook until it is
+  // done, so a purge cut short runs again at the next start.
+  if (!sv.cluster) {
+    sv.hooks.onAccountDeleted((uid) => purge(directConv(uid, uid), new AbortController().signal));
   }
 
   // A deleted account's channels: the ones it owned go (nobody could delete them
