@@ -109,6 +109,15 @@ describe("refusals leave nothing behind", () => {
     expect((await a.client.reply("message")).data.status).toBe(8);
     a.client.write(JSON.stringify({ action: "ping", data: { attach: { mime: "x", data: unique() } } }) + "\n");
     expect((await a.client.reply("ping")).data.status).toBe(0);
+    // Streamed from a "data" that a second "data" replaced: the request as parsed has no
+    // attachment, so none is stored or delivered with it.
+    const b = await registerUser(shared.port);
+    a.client.write(`{"action":"message","data":{"uid":"${a.uid}","attach":{"mime":"secret/x","data":"${unique()}"}},"data":{"uid":"${b.uid}","body":"hi"}}\n`);
+    const dup = (await a.client.reply("message")).data;
+    expect(dup).toMatchObject({ status: 3, error: expect.stringMatching(/not in the frame's final 'data'/) });
+    expect((await a.client.request("message", { uid: b.uid, body: "after" })).status).toBe(0);
+    expect((await b.client.event("ev_message", () => true)).body).toBe("after");
+    b.client.close();
     await until(() => blobFiles().length === before && tmpFiles().length === 0);
     c.close();
     a.client.close();

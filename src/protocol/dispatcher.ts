@@ -576,6 +576,13 @@ export class Dispatcher {
       this.fill(s, line, slot, this.errorFrame(s, action, Code.InvalidData, `'${action}' takes no attachment`));
       return;
     }
+    if (upload && !entry.spec.streams?.some((p) => valueAt(p, data) === "")) {
+      // Streamed from a `data` that a later duplicate key replaced: the request as
+      // parsed (the last key wins) holds no attachment, so none may be stored with it.
+      upload.release();
+      this.fill(s, line, slot, this.errorFrame(s, action, Code.InvalidData, "the attachment is not in the frame's final 'data' (a key given twice)"));
+      return;
+    }
     // The transport streams an attachment only for a logged-in connection; one that was
     // sent right behind its auth came inline, within the frame limit: store it now.
     if (!upload && entry.spec.streams) item.upload = upload = this.inlineUpload(entry.spec.streams, data);
@@ -808,4 +815,14 @@ export class Dispatcher {
     if (slots.length === 0) line.slots = NO_SLOTS;
     this.endIfDone(s, line);
   }
+}
+
+/** The value at a stream path (ActionSpec.streams: from the frame's "data") in `data`, if there is one. */
+function valueAt(p: readonly string[], data: unknown): unknown {
+  let v = data;
+  for (let i = 1; i < p.length; i++) {
+    if (v === null || typeof v !== "object" || !Object.hasOwn(v, p[i])) return undefined;
+    v = (v as Record<string, unknown>)[p[i]];
+  }
+  return p[0] === "data" ? v : undefined;
 }
