@@ -150,17 +150,20 @@ function viaAdmin(config: Config): Backend {
     await ours();
     return send(method, route, body);
   }
-  async function send(method: string, route: string, body?: unknown): Promise<any> {
-    let res: Response;
+  /** fetch, with a refused or failed connection said in the operator's terms. */
+  async function reach(route: string, init: RequestInit): Promise<Response> {
     try {
-      res = await fetch(base + route, {
-        method,
-        headers: body === undefined ? headers : { ...headers, "content-type": "application/json" },
-        body: body === undefined ? undefined : JSON.stringify(body),
-      });
+      return await fetch(base + route, init);
     } catch (err) {
       throw new Error(`the data dir is in use and the admin port ${base} does not answer (${(err as Error).message})`);
     }
+  }
+  async function send(method: string, route: string, body?: unknown): Promise<any> {
+    const res = await reach(route, {
+      method,
+      headers: body === undefined ? headers : { ...headers, "content-type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
     const json = (await res.json().catch(() => ({}))) as { error?: string; code?: number };
     if (!res.ok) throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${res.status}`);
     return json;
@@ -183,12 +186,7 @@ function viaAdmin(config: Config): Backend {
       backup: (dir) => call("POST", "/backup", { dir: path.resolve(dir) }),
       exportTo: async (user, out) => {
         await ours();
-        let res: Response;
-        try {
-          res = await fetch(base + "/export" + (user !== undefined ? `?user=${encodeURIComponent(user)}` : ""), { headers });
-        } catch (err) {
-          throw new Error(`the data dir is in use and the admin port ${base} does not answer (${(err as Error).message})`);
-        }
+        const res = await reach("/export" + (user !== undefined ? `?user=${encodeURIComponent(user)}` : ""), { headers });
         if (!res.ok || !res.body) {
           const json = (await res.json().catch(() => ({}))) as { error?: string; code?: number };
           throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${res.status}`);

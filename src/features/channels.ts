@@ -404,8 +404,8 @@ export function registerChannels(sv: Services): ChannelOps {
     });
   }
 
-  /** Removes a deleted channel's messages, until done or `signal` (shutdown). */
-  function purge(conv: string, signal: AbortSignal): Promise<void> {
+  /** Removes a conversation's messages (a deleted channel's, a deleted account's own), until done or `signal` (shutdown). */
+  function purge(conv: string, signal?: AbortSignal): Promise<void> {
     return messages.purge(
       conv,
       async (page) => page.flatMap((m) => (m.attach ? sv.blobs.unrefOps(m.attach.sha, m.mid) : [])),
@@ -449,7 +449,7 @@ export function registerChannels(sv: Services): ChannelOps {
   // attachments' files for good. The deletion's record keeps this hook until it is
   // done, so a purge cut short runs again at the next start.
   if (!sv.cluster) {
-    sv.hooks.onAccountDeleted((uid) => purge(directConv(uid, uid), new AbortController().signal));
+    sv.hooks.onAccountDeleted((uid) => purge(directConv(uid, uid)));
   }
 
   // A deleted account's channels: the ones it owned go (nobody could delete them
