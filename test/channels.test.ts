@@ -431,6 +431,25 @@ describe("deletechannel", () => {
     await closeAll(a.client, b.client);
   });
 
+  it("frees its messages' cmids: a later message with one of them is a new message, stored and delivered", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const ch = await newChannel(a);
+    const first = await a.client.request("message", { channel: ch.chid, body: "in channel", cmid: "c-1" });
+    expect(first.status).toBe(0);
+    expect((await a.client.request("deletechannel", { channel: ch.chid })).status).toBe(0);
+    // Until the purge has run the cmid still names the channel's message; then it is free.
+    let sent: { status: number; mid: string } | undefined;
+    await eventually(async () => {
+      sent = await a.client.request("message", { uid: b.uid, body: "hello b", cmid: "c-1" });
+      expect(sent.mid).not.toBe(first.mid);
+    }, 10_000);
+    expect(sent?.status).toBe(0);
+    expect((await b.client.event("ev_message", (d) => d.body === "hello b")).mid).toBe(sent?.mid);
+    expect((await b.client.request("history", { uid: a.uid })).messages.map((m: { body: string }) => m.body)).toEqual(["hello b"]);
+    await closeAll(a.client, b.client);
+  });
+
   it("tells every member with ev_channel_deleted; afterwards the channel is gone and its name free", async () => {
     const a = await registerUser(shared.port);
     const a2 = await login(shared.port, a.login);

@@ -779,14 +779,8 @@ export class MessageStore {
       const rest = seqs.filter((q) => q !== seq);
       if (rest.length !== seqs.length) ops.push(rest.length > 0 ? put(this.s.hist, key, rest) : del(this.s.hist, key));
     }
-    if (m.cmid !== undefined) {
-      const key = pair(m.from, m.cmid);
-      // Out of every generation not yet written, so none puts it back after this delete.
-      this.recentCmids.delete(key);
-      this.pending.cmids.delete(key);
-      this.writing?.cmids.delete(key);
-      ops.push(del(this.s.cmids, key));
-    }
+    const cmidOp = this.cmidRemoval(m);
+    if (cmidOp !== undefined) ops.push(cmidOp);
     const to = m.to;
     if (to !== undefined) {
       // Both sides' dialogs entries are checked again by a later generation (written
@@ -805,16 +799,32 @@ export class MessageStore {
         this.marked.set(pair(to, m.from), tick);
         this.recheck(m.from, to);
       }
-      if (cmidKey !== undefined) {
-        // Until this batch was written the disk still had the cmid: a byCmid read in
-        // that window may have remembered it. A resend from now on stores anew (a
-        // message stored meanwhile with the same cmid waits in a generation or is on
-        // disk, where byCmid finds it).
-        this.cmidGen++;
-        this.recentCmids.delete(cmidKey);
-      }
+      if (cmidKey !== undefined) this.cmidRemoved(cmidKey);
     };
     return { ops, written };
+  }
+
+  /**
+   * The op deleting a removed message's cmid entry, if it has one; the entry is taken
+   * out of every generation not yet written, so none puts it back after the delete.
+   * Call cmidRemoved once the op is written.
+   */
+  private cmidRemoval(m: MessageRecord): BatchOp | undefined {
+    if (m.cmid === undefined) return undefined;
+    const key = pair(m.from, m.cmid);
+    this.recentCmids.delete(key);
+    this.pending.cmids.delete(key);
+    this.writing?.cmids.delete(key);
+    return del(this.s.cmids, key);
+  }
+
+  private cmidRemoved(key: string): void {
+    // Until the delete was written the disk still had the cmid: a byCmid read in that
+    // window may have remembered it. A resend from now on stores anew (a message stored
+    // meanwhile with the same cmid waits in a generation or is on disk, where byCmid
+    // finds it).
+    this.cmidGen++;
+    this.recentCmids.delete(key);
   }
 
   /** Whether `seq`'s history entry of `conv` waits in generation `d`. */
@@ -935,11 +945,19 @@ export class MessageStore {
         if (chunks.length === 0) return undefined;
         const seqs = chunks.flatMap(([, s]) => s);
         const records = await this.records(seqs);
+        // Their cmids go with them: a later message with one of them is a new message.
+        const cmidOps: BatchOp[] = [];
+        for (const m of records) {
+          const op = this.cmidRemoval(m);
+          if (op !== undefined) cmidOps.push(op);
+        }
         await this.storage.commit([
           ...chunks.map(([key]) => del(this.s.hist, key)),
           ...seqs.map((q) => del(this.s.log, seqKey(q))),
+          ...cmidOps,
           ...(await onPage(records)),
         ]);
+        for (const m of records) if (m.cmid !== undefined) this.cmidRemoved(pair(m.from, m.cmid));
         this.forget(conv);
         return records;
       });
