@@ -441,8 +441,9 @@ describe("deletechannel", () => {
     // Until the purge has run the cmid still names the channel's message; then it is free.
     let sent: { status: number; mid: string } | undefined;
     await eventually(async () => {
-      sent = await a.client.request("message", { uid: b.uid, body: "hello b", cmid: "c-1" });
-      expect(sent.mid).not.toBe(first.mid);
+      const r = await a.client.request("message", { uid: b.uid, body: "hello b", cmid: "c-1" });
+      sent = r;
+      expect(r.mid).not.toBe(first.mid);
     }, 10_000);
     expect(sent?.status).toBe(0);
     expect((await b.client.event("ev_message", (d) => d.body === "hello b")).mid).toBe(sent?.mid);

@@ -180,10 +180,15 @@ export function registerChannels(sv: Services): ChannelOps {
    */
   async function join(c: ChannelRecord, uid: string, who?: string): Promise<boolean> {
     const key = `${c.chid}\u0000${uid}`;
-    const running = joins.get(key);
-    if (running) {
-      await running;
-      return false;
+    for (let running = joins.get(key); running !== undefined; running = joins.get(key)) {
+      try {
+        await running;
+        return false;
+      } catch {
+        // That join failed its own checks, which may not be ours (an invite is held to
+        // the cap others may fill, the user's own enter to the whole cap): ours is made
+        // and checked anew, so an invite sent alongside cannot refuse the user's enter.
+      }
     }
     const first = (async () => {
       if (await channels.isMember(c.chid, uid)) return false;
