@@ -130,6 +130,27 @@ describe("history chunks derived from the log", () => {
   });
 });
 
+describe("a cmid entry whose message is gone (left by a purge before 4f97fd9)", () => {
+  it("names nothing: a message sent with that cmid is stored and delivered", async () => {
+    const { dataDir, config, a, b } = await twoUsersStopped();
+    const db = await rawDb(dataDir);
+    await db.put(`!cmids!${a.uid}!orphan-1`, JSON.stringify(["999999", 1700000000]));
+    await db.close();
+    const server = await startServer({ ...config, port: 0 });
+    const ac = await login(server.port, a.login);
+    const bc = await login(server.port, b.login);
+    const sent = await ac.client.request("message", { uid: b.uid, body: "not a resend", cmid: "orphan-1" });
+    expect(sent.status).toBe(0);
+    expect(sent.mid).not.toBe("999999");
+    expect((await bc.client.event("ev_message", (d) => d.body === "not a resend")).mid).toBe(sent.mid);
+    // and a real resend of it is still one message
+    expect((await ac.client.request("message", { uid: b.uid, body: "not a resend", cmid: "orphan-1" })).mid).toBe(sent.mid);
+    ac.client.close();
+    bc.client.close();
+    await server.stop();
+  });
+});
+
 describe("upgrading a layout-4 database", () => {
   it("adds no second history chunk for logged messages past the watermark, and records layout 5", async () => {
     const { dataDir, config, a, b } = await twoUsersStopped();

@@ -721,7 +721,11 @@ export class MessageStore {
     const hit = this.cmidInMemory(key);
     if (hit) return hit;
     const gen = this.cmidGen;
-    const v = (await this.s.cmids.get(key)) as [string, number] | undefined;
+    let v = (await this.s.cmids.get(key)) as [string, number] | undefined;
+    // An entry whose message is gone names nothing: its cmid is free. (A deleted
+    // channel's purge left such entries before 4f97fd9, and a message sent with one of
+    // them was answered 0 but never stored.) Only a resend past the memory reads this.
+    if (v && (await this.s.log.get(seqKey(Number(v[0])))) === undefined) v = undefined;
     if (v && gen === this.cmidGen) this.rememberCmid(key, v);
     // A message with this cmid may have committed while the read waited: the read saw
     // the index before its (lazily written) entry, and the caller's own guard against
