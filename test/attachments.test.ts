@@ -185,20 +185,12 @@ describe("a message deleted before its recipient read it", () => {
     expect((await b.client.event("ev_message", (d) => d.body === "file", 60_000)).attach.data === big).toBe(true);
     expect((await b.client.event("ev_message", (d) => d.body === "second", 10_000)).attach).toEqual({ mime: "text/plain", data: "" });
     expect(await b.client.event("ev_delmessage", (d) => d.mid === second.mid, 10_000)).toMatchObject({ mid: second.mid });
-    // history, asked while not reading, then the file deleted: the same
-    const third = await a.client.request("message", { uid: b.uid, body: "third", attach: { mime: "text/plain", data: small } });
-    b.client.socket.pause();
-    b.client.write(JSON.stringify({ action: "history", data: { uid: a.uid } }) + "\n");
-    await new Promise((r) => setTimeout(r, 200));
-    expect((await a.client.request("delmessage", { mid: third.mid })).status).toBe(0);
-    await until(() => !blobFiles().some((f) => f === createHash("sha256").update("small one").digest("hex")));
-    b.client.socket.resume();
-    const hist = await b.client.reply("history", 60_000);
-    expect(hist.data.status).toBe(0);
-    expect(hist.data.messages.find((m: { mid: string }) => m.mid === third.mid)?.attach).toEqual({ mime: "text/plain", data: "" });
+    // (A history reply takes its attachments through the same reader. It is not tested
+    // here: once b has read 16 MB its receive buffer has grown (tcp_rmem allows 32 MiB
+    // here) and takes a whole reply unread, and on a new connection the page is read
+    // after the delete.)
     expect((await b.client.request("ping")).status).toBe(0);
-    a.client.close();
-    b.client.close();
+    for (const c of [a.client, b.client]) c.close();
   });
 });
 
