@@ -296,8 +296,9 @@ export function helpText(): string {
     const arg = o.kind === "int" ? "n" : o.kind === "enum" ? (o.choices as readonly string[]).join("|") : "s";
     const head = `${o.flag} <${arg}>`;
     // A long flag (an enum's choices) has its text on the next line.
-    if (head.length >= 26) lines.push(`  ${head}`);
-    lines.push(`  ${(head.length >= 26 ? "" : head).padEnd(26)}${o.help}${o.reload ? " (reload)" : ""}`);
+    const long = head.length >= 26;
+    if (long) lines.push(`  ${head}`);
+    lines.push(`  ${(long ? "" : head).padEnd(26)}${o.help}${o.reload ? " (reload)" : ""}`);
     lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default === "" ? '""' : o.default}`);
   }
   lines.push(`  ${"-h, --help".padEnd(26)}this text`);

@@ -2,7 +2,9 @@
 // traffic, /connz, and the operator's actions (kick, ban, delete, registration).
 
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import http from "node:http";
 import net from "node:net";
 import { describe, expect, it } from "vitest";
@@ -156,6 +158,11 @@ describe("admin port", () => {
     for (const dir of ["/etc/passwd", "/etc/passwd/sub"]) {
       expect(await admin(ap(), "POST", "/backup", { dir })).toMatchObject({ status: 400, json: { code: 3, error: expect.stringMatching(/cannot write a backup into .*ENOTDIR/) } });
     }
+    // A directory that holds something is never overwritten: 409.
+    const full = mkdtempSync(path.join(tmpdir(), "wirechat-full-"));
+    writeFileSync(path.join(full, "keep"), "x");
+    expect(await admin(ap(), "POST", "/backup", { dir: full })).toMatchObject({ status: 409, json: { code: 1, error: expect.stringMatching(/exists and is not empty/) } });
+    removeDir(full);
     expect(await admin(ap(), "POST", "/kick", {})).toMatchObject({ status: 400, json: { code: 3 } });
     const raw = await fetch(`http://127.0.0.1:${ap()}/kick`, { method: "POST", headers: { "content-type": "application/json" }, body: "{not json" });
     expect(raw.status).toBe(400);

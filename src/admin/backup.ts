@@ -53,11 +53,15 @@ function emptyTarget(dir: string): void {
     }
     mkdirSync(dir, { recursive: true, mode: 0o700 });
   } catch (err) {
-    // A path that is a file, or not writable by the server: the request's fault, said so.
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code !== undefined) throw new ProtocolError(Code.InvalidData, `cannot write a backup into ${dir}: ${code} (${(err as Error).message})`);
-    throw err;
+    throw unwritable(dir, err);
   }
+}
+
+/** A path that is a file, or not writable by the server: the request's fault, said so. */
+function unwritable(dir: string, err: unknown): unknown {
+  // An errno's code is a string ("ENOTDIR"); a ProtocolError's (not empty: 1) is not.
+  const code = (err as NodeJS.ErrnoException).code;
+  return typeof code !== "string" ? err : new ProtocolError(Code.InvalidData, `cannot write a backup into ${dir}: ${code} (${(err as Error).message})`);
 }
 
 export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
@@ -71,8 +75,7 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === "EEXIST") throw new ProtocolError(Code.AlreadyExist, `${target} is being written by another backup; choose a new directory`);
-    if (code !== undefined) throw new ProtocolError(Code.InvalidData, `cannot write a backup into ${target}: ${code} (${(err as Error).message})`);
-    throw err;
+    throw unwritable(target, err);
   }
   const out = createWriteStream("", { fd });
   const shas = new Set<string>();

@@ -622,15 +622,10 @@ export class Dispatcher {
     for (const p of paths) {
       // Paths start at the frame's "data" (ActionSpec.streams); walked without allocating,
       // since every message passes here.
-      if (p[0] !== "data" || p.length < 2) continue;
-      let parent: unknown = data;
-      for (let i = 1; i < p.length - 1 && parent !== undefined; i++) {
-        const key = p[i];
-        parent = parent !== null && typeof parent === "object" && Object.hasOwn(parent, key) ? (parent as Record<string, unknown>)[key] : undefined;
-      }
+      const parent = parentAt(p, data);
+      if (parent === undefined) continue;
       const last = p[p.length - 1];
-      if (parent === null || typeof parent !== "object" || !Object.hasOwn(parent, last)) continue;
-      const text = (parent as Record<string, unknown>)[last];
+      const text = parent[last];
       if (typeof text !== "string" || text === "") continue;
       const up = this.newUpload();
       // UTF-8: a character outside base64's alphabet stays invalid as bytes.
@@ -817,12 +812,23 @@ export class Dispatcher {
   }
 }
 
-/** The value at a stream path (ActionSpec.streams: from the frame's "data") in `data`, if there is one. */
-function valueAt(p: readonly string[], data: unknown): unknown {
+/**
+ * The object holding a stream path's last key (ActionSpec.streams: from the frame's
+ * "data") in `data`, when it has that key. Walked without allocating: every message
+ * passes here.
+ */
+function parentAt(p: readonly string[], data: unknown): Record<string, unknown> | undefined {
+  if (p[0] !== "data" || p.length < 2) return undefined;
   let v = data;
   for (let i = 1; i < p.length; i++) {
     if (v === null || typeof v !== "object" || !Object.hasOwn(v, p[i])) return undefined;
+    if (i === p.length - 1) return v as Record<string, unknown>;
     v = (v as Record<string, unknown>)[p[i]];
   }
-  return p[0] === "data" ? v : undefined;
+  return undefined;
+}
+
+/** The value at a stream path in `data`, if there is one. */
+function valueAt(p: readonly string[], data: unknown): unknown {
+  return parentAt(p, data)?.[p[p.length - 1]];
 }

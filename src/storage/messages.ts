@@ -794,7 +794,6 @@ export class MessageStore {
       this.marked.set(pair(m.from, to), Infinity);
       this.marked.set(pair(to, m.from), Infinity);
     }
-    const cmidKey = m.cmid === undefined ? undefined : pair(m.from, m.cmid);
     const written = () => {
       this.forget(conv);
       if (to !== undefined) {
@@ -803,7 +802,7 @@ export class MessageStore {
         this.marked.set(pair(to, m.from), tick);
         this.recheck(m.from, to);
       }
-      if (cmidKey !== undefined) this.cmidRemoved(cmidKey);
+      this.cmidRemoved(m);
     };
     return { ops, written };
   }
@@ -822,13 +821,14 @@ export class MessageStore {
     return del(this.s.cmids, key);
   }
 
-  private cmidRemoved(key: string): void {
+  private cmidRemoved(m: MessageRecord): void {
+    if (m.cmid === undefined) return;
     // Until the delete was written the disk still had the cmid: a byCmid read in that
     // window may have remembered it. A resend from now on stores anew (a message stored
     // meanwhile with the same cmid waits in a generation or is on disk, where byCmid
     // finds it).
     this.cmidGen++;
-    this.recentCmids.delete(key);
+    this.recentCmids.delete(pair(m.from, m.cmid));
   }
 
   /** Whether `seq`'s history entry of `conv` waits in generation `d`. */
@@ -961,7 +961,7 @@ export class MessageStore {
           ...cmidOps,
           ...(await onPage(records)),
         ]);
-        for (const m of records) if (m.cmid !== undefined) this.cmidRemoved(pair(m.from, m.cmid));
+        for (const m of records) this.cmidRemoved(m);
         this.forget(conv);
         return records;
       });
