@@ -58,7 +58,8 @@ DECODE["=".charCodeAt(0)] = 64;
 
 /**
  * Incremental, validating base64 decoder: feed text pieces, get decoded bytes. Each
- * piece is checked byte by byte against the alphabet (padding only at the very end),
+ * piece is checked byte by byte against the alphabet (padding only at the very end,
+ * canonical: no bits set in what the padding leaves over),
  * then its quad-aligned part is decoded natively; up to 3 characters carry over.
  */
 export class Base64Decoder {
@@ -78,6 +79,12 @@ export class Base64Decoder {
         const pos = i % 4;
         const ok = pos >= 2 && (pos === 3 || DECODE[buf[i + 1]] === 64) && i + (4 - pos) === buf.length;
         if (!ok) throw invalid("attachment data is not valid base64 (misplaced padding)");
+        // The bits the padding leaves over must be zero ("QR==" is not canonical): other
+        // text would decode to bytes that encode back to something else, and the
+        // message's attachment would not be the text its sender sent.
+        if ((DECODE[buf[i - 1]] & (pos === 2 ? 0x0f : 0x03)) !== 0) {
+          throw invalid("attachment data is not canonical base64 (bits set before its padding)");
+        }
         this.ended = true;
         break;
       }
