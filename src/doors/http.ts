@@ -65,6 +65,13 @@ export class HttpDoor {
       // A URL that is not valid percent-encoding names no route: the door's 404, in its
       // shape (Fastify's own answer is a 400 in neither door's).
       frameworkErrors: (_err, req, reply) => {
+        // An upgrade request's socket left the HTTP server (no keep-alive or timeout
+        // applies) and no hook will close it: closed once the answer is out, or it
+        // stayed open, holding its address's slot, for as long as the client liked.
+        if (req.headers.upgrade !== undefined) {
+          reply.header("connection", "close");
+          reply.raw.once("finish", () => req.raw.socket.destroySoon());
+        }
         const path = req.url.split("?")[0];
         if (/^\/v1(?:\/|$)/.test(path)) return echatNotFound(reply);
         return chatNotFound(reply, `no route ${req.method} ${path}: the URL is not valid percent-encoding`);
@@ -76,10 +83,29 @@ export class HttpDoor {
     app.server.maxConnections = config.maxConnections;
     // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
     app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
+    // An upgrade request's socket leaves the HTTP server's timeouts: until ws takes it
+    // (ws clears the timeout), it gets the unauthenticated idle time, so that an upgrade
+    // no route takes over cannot hold its socket open.
+    app.server.prependListener("upgrade", (_req: unknown, socket: Socket) => {
+      socket.setTimeout(config.idleUnauth * 1000, () => socket.destroy());
+    });
     const accept = (ws: WebSocket, req: FastifyRequest, front: Front) => this.websockets.accept(ws, req.socket, front);
     this.ready = (async () => {
       await app.register(fastifyWebsocket, {
-        options: { maxPayload: config.maxFrame },
+        options: {
+          maxPayload: config.maxFrame,
+          // Bytes are checked by the door that reads them (dispatcher, dialect doors),
+          // which answers invalid UTF-8 with status 3 in its own shape and keeps the
+          // socket, as on TCP (ws closed it with 1007 and no word).
+          skipUTF8Validation: true,
+          // A message may come in fragments (Go's gorilla client sends one per 4 KiB),
+          // but not in more than a --max-frame message needs at 1 KiB each; ws's
+          // default, 16,384, let a client hold that many pieces. A read held in pieces
+          // (one byte per TCP segment: ~170 bytes of memory per byte) is bounded the
+          // same way: a --max-frame message in 128-byte reads at the least.
+          maxFragments: Math.max(1024, Math.ceil(config.maxFrame / 1024)),
+          maxBufferedChunks: Math.max(4096, Math.ceil(config.maxFrame / 128)),
+        },
         // ws closes a socket whose message is too large (1009) or malformed (1002) itself,
         // and reports it here; anything else on an open socket cuts it off.
         errorHandler: (err, ws) => {

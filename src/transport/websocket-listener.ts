@@ -37,7 +37,7 @@ import { deliverySlack } from "./connection.js";
 import type { Front } from "./listener.js";
 import type { ConnectionTable } from "./live.js";
 import { RefusalLog } from "./refusal-log.js";
-import { WebSocketPeer } from "./websocket.js";
+import { copySmallPieces, WebSocketPeer } from "./websocket.js";
 
 /** Close codes of refusals (RFC 6455 §7.4.1, IANA registry). */
 const CLOSE_POLICY = 1008;
@@ -93,6 +93,8 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   private readonly refusals: RefusalLog;
   /** Connections in `connections` that are closing: they no longer hold a cap slot. */
   private lingering = 0;
+  /** copySmallPieces found no receiver to change (logged once). */
+  private warnedPieces = false;
   private stopping = false;
   private readonly lingerMs: number;
   private readonly idleSweep: NodeJS.Timeout;
@@ -150,6 +152,10 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   /** An upgraded socket for `front`, over the TCP socket `socket`. */
   accept(ws: WebSocket, socket: Socket, front: Front): void {
     this.unplain(socket);
+    if (!copySmallPieces(ws) && !this.warnedPieces) {
+      this.warnedPieces = true;
+      this.log.warn("this ws version's receiver has no consume(n): fragments keep the reads they arrived in (bounded by ws's limits only)");
+    }
     const address = socket.remoteAddress ?? "?";
     const over = this.stopping ? "stopping" : overCap(this.group, address, this.config);
     if (over) return this.refuse(ws, address, front, over);

@@ -37,6 +37,35 @@ export const CLOSE_TOO_BIG = 1009;
 export const CLOSE_ERROR = 1011;
 
 
+/**
+ * Makes `ws`'s receiver copy each piece it takes from a read that is a small part of
+ * that read (false when ws has no such receiver: nothing is changed).
+ *
+ * ws hands out a frame's payload as a view of the socket read it arrived in. A fragment
+ * of a message is held until the message ends, and so is the whole read behind it: a
+ * client sending one-byte fragments inside 60 KiB reads padded with pongs (ws drops
+ * them) held 60 KiB per payload byte, past --max-frame (which counts payload): a review
+ * grew the server by 440 MB with one socket and 7,500 payload bytes. Copied, a
+ * fragment holds its own bytes; a piece that is most of its read (a large frame, a
+ * message alone in its read) is not copied. ws's `consume` is not public API: its
+ * shape is checked, and without it the door still has ws's limits (maxFragments,
+ * maxBufferedChunks: see doors/http.ts).
+ */
+export function copySmallPieces(ws: WebSocket): boolean {
+  const receiver = (ws as unknown as { _receiver?: { consume?: (n: number) => Buffer } })._receiver;
+  const consume = receiver?.consume;
+  if (receiver === undefined || typeof consume !== "function" || consume.length !== 1) return false;
+  receiver.consume = function (this: unknown, n: number): Buffer {
+    const piece = consume.call(this, n);
+    if (piece.byteLength * 2 >= piece.buffer.byteLength) return piece;
+    // Not from Buffer's shared pool: a fragment copied there would hold an 8 KiB slab.
+    const own = Buffer.allocUnsafeSlow(piece.byteLength);
+    piece.copy(own);
+    return own;
+  };
+  return true;
+}
+
 /** The message of a frame: its text without the NDJSON line terminator. */
 function message(text: string): string {
   return text.charCodeAt(text.length - 1) === 10 ? text.slice(0, -1) : text;
