@@ -443,13 +443,13 @@ export class Cluster {
               }
               case "msg": {
                 if (c.attach && this.remoteBlobs && (await this.remoteBlobs.fetch(c.attach.sha)) === "pinned") pinned.push(c.attach.sha);
-                const earlier = c.cmid === undefined ? undefined : messages.byCmid(c.from, c.cmid);
+                const earlier = c.cmid === undefined ? undefined : this.earlierCmid(c.from, c.cmid);
                 if (c.chid !== undefined) {
                   const [channel, member] = await Promise.all([channels.get(c.chid), channels.isMember(c.chid, c.from)]);
-                  return { channel, member, earlier: await earlier };
+                  return { channel, member, ...(await earlier) };
                 }
                 const [user, e] = await Promise.all([users.get(c.to as string), earlier]);
-                return { user, earlier: e };
+                return { user, ...e };
               }
               case "chcreate": {
                 const [named, owned, joined, user, found, counts] = await Promise.all([
@@ -535,14 +535,19 @@ export class Cluster {
                 return {};
               case "sweep":
                 return { expired: await sessions.due(c.before, c.limit) };
-              case "edit":
-                return { message: await messages.get(c.mid) };
+              case "edit": {
+                const message = await messages.get(c.mid);
+                return { message, channel: message?.chid === undefined ? undefined : await channels.get(message.chid) };
+              }
               case "del": {
                 const m = await messages.get(c.mid);
                 if (!m || m.from !== c.by) return { message: m };
+                // A deleted channel's message waits for its purge: gone already (decide).
+                const channel = m.chid === undefined ? undefined : await channels.get(m.chid);
+                if (m.chid !== undefined && !channel) return { message: m };
                 const { ops: removal, written } = await messages.removal(m);
                 if (m.attach) removal.push(...this.sv.blobs.unrefOps(m.attach.sha, m.mid));
-                return { message: m, removal, written };
+                return { message: m, channel, removal, written };
               }
               default:
                 throw unknownCommand(c);
@@ -580,6 +585,50 @@ export class Cluster {
       for (const [ev, audience] of events) router.publish(ev, audience);
     });
     return outcomes;
+  }
+
+  /**
+   * The sender's earlier message with this cmid as the view holds it, with what decides
+   * whether it still counts (cmidHolder): its record and, for a channel's, the channel.
+   * A deleted channel's messages and their cmid entries are removed by each node's own
+   * purge, on its own schedule, outside the log: whether they are still here differs
+   * from node to node, so the verdict must not rest on them.
+   */
+  private async earlierCmid(from: string, cmid: string): Promise<Pick<Reads, "earlier" | "earlierMessage" | "earlierChannel">> {
+    const { messages, channels } = this.sv;
+    const earlier = await messages.byCmid(from, cmid);
+    if (!earlier) return {};
+    const m = await messages.get(earlier[0]);
+    const channel = m?.chid === undefined ? undefined : await channels.get(m.chid);
+    return { earlier, earlierMessage: m, earlierChannel: channel };
+  }
+
+  /**
+   * The [mid, time] a cmid names at this point of the log, or undefined when it is free:
+   * the message it named is gone when its record is (a delete, written in log order, or
+   * a purge, which only follows its channel's deletion) or when its channel was deleted
+   * (here or earlier in the log), whether or not this node's purge has reached it yet.
+   * Every node, a new one replaying the log included, decides the same.
+   */
+  private cmidHolder(overlay: Overlay, inSegment: [string, number, string?] | undefined, r: Reads): [string, number] | undefined {
+    if (inSegment) {
+      // Stored in this segment, in a channel that existed then.
+      const [mid, time, chid] = inSegment;
+      return chid !== undefined && overlay.channelDeleted(chid) ? undefined : [mid, time];
+    }
+    if (!r.earlier || !r.earlierMessage) return undefined;
+    const chid = r.earlierMessage.chid;
+    if (chid !== undefined && !overlay.channel(chid, r.earlierChannel)) return undefined;
+    return r.earlier;
+  }
+
+  /**
+   * An edit's or delete's message as it stands at this point of the log: a deleted
+   * channel's message is gone, even while this node's purge has not removed it yet.
+   */
+  private liveMessage(overlay: Overlay, m: MessageRecord | undefined, r: Reads): MessageRecord | undefined {
+    if (m?.chid === undefined) return m;
+    return overlay.channel(m.chid, r.channel) ? m : undefined;
   }
 
   private decide(c: Command, r: Reads, t: Turn): Outcome {
@@ -635,7 +684,7 @@ export class Cluster {
           audience = { users: to === c.from ? [to] : [to, c.from] };
         }
         if (c.cmid !== undefined) {
-          const earlier = overlay.cmids.get(`${c.from}\u0000${c.cmid}`) ?? r.earlier;
+          const earlier = this.cmidHolder(overlay, overlay.cmids.get(`${c.from}\u0000${c.cmid}`), r);
           if (earlier) return { k: "sent", sent: new MessageSent(earlier[0], earlier[1]), event: undefined, audience };
         }
         const m: MessageRecord =
@@ -651,7 +700,7 @@ export class Cluster {
           storage.commitLazy(pair);
           newPairs.push([c.from, c.to as string]);
         }
-        if (c.cmid !== undefined) overlay.cmids.set(`${c.from}\u0000${c.cmid}`, [m.mid, m.time]);
+        if (c.cmid !== undefined) overlay.cmids.set(`${c.from}\u0000${c.cmid}`, [m.mid, m.time, c.chid]);
         // The record's text is the event's too, unless it holds the cmid (the sender's only).
         const event: MessageEvent = { kind: "message", m, text: c.cmid === undefined ? text : undefined };
         if (c.to !== undefined) event.inbox = c.to;
@@ -785,7 +834,7 @@ export class Cluster {
         return { k: "done", n: 1 };
       }
       case "edit": {
-        const m = overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message;
+        const m = this.liveMessage(overlay, overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         const next: MessageRecord = { ...m, body: c.body, edited: c.t };
         storage.commitLazy(messages.updateOps(next));
@@ -794,7 +843,7 @@ export class Cluster {
         return { k: "edited", edited: c.t };
       }
       case "del": {
-        const m = overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message;
+        const m = this.liveMessage(overlay, overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         storage.commitLazy(r.removal ?? []);
         if (r.written) t.after.push(r.written);
@@ -970,6 +1019,9 @@ interface Reads {
   user?: UserRecord;
   sessions?: StoredSession[];
   earlier?: [string, number];
+  /** The record `earlier` names, and its channel (a channel message's). */
+  earlierMessage?: MessageRecord;
+  earlierChannel?: ChannelRecord;
   message?: MessageRecord;
   removal?: BatchOp[];
   channel?: ChannelRecord;
@@ -1012,7 +1064,8 @@ class Overlay {
   private readonly names = new Map<string, string>();
   readonly users = new Map<string, UserRecord>();
   readonly sessions = new Map<string, StoredSession[]>();
-  readonly cmids = new Map<string, [string, number]>();
+  /** (sender, cmid) → [mid, time, chid of a channel message] stored in this segment. */
+  readonly cmids = new Map<string, [string, number, string?]>();
   /** Accounts deleted in this segment (their caches go once it is written). */
   readonly gone: string[] = [];
   /** Messages edited (the new record) or deleted (undefined) in this call. */
@@ -1045,6 +1098,11 @@ class Overlay {
 
   channel(chid: string, inView: ChannelRecord | undefined): ChannelRecord | undefined {
     return this.channels.has(chid) ? this.channels.get(chid) : inView;
+  }
+
+  /** Whether `chid` was deleted in this call. */
+  channelDeleted(chid: string): boolean {
+    return this.channels.has(chid) && this.channels.get(chid) === undefined;
   }
 
   /** The chid holding public channel name `name`, or undefined. */

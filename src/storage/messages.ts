@@ -165,6 +165,8 @@ export class MessageStore {
    * have seen it before, and must not put it back in recentCmids.
    */
   private cmidGen = 0;
+  /** Bumped when a generation holding cmid entries is on disk (purgedCmidOps). */
+  private cmidWrites = 0;
   /**
    * Pairs whose `rechecks` marker a delete put: Infinity while the delete's batch is
    * not written, then the tick of its writing. A generation takes a marker out only
@@ -672,6 +674,7 @@ export class MessageStore {
     if (d.through > 0) ops.push(put(this.s.meta, "indexed", d.through));
     this.storage.commitLazy(this.gone.size > 0 ? ops.filter((op) => !this.gone.has(this.ownerOf(op.key))) : ops);
     this.storage.afterWrite((err) => {
+      if (!err && d.cmids.size > 0) this.cmidWrites++;
       if (this.writing === d) this.writing = undefined;
       if (this.writingCursors === cursors) this.writingCursors = undefined;
       if (err) this.restore(d, cursors); // written again with the next generation
@@ -821,6 +824,39 @@ export class MessageStore {
     return del(this.s.cmids, key);
   }
 
+  /**
+   * The ops deleting a purged page's cmid entries, each only while it still names the
+   * purged message; memory forgets them likewise. In cluster mode a message stored
+   * after its channel's deletion may reuse such a cmid (features/cluster.ts decides so
+   * in log order), and this node's purge, which runs on its own schedule, must not
+   * take that message's entry away: a resend would then be stored twice here and once
+   * elsewhere. An entry left behind names a missing record, which byCmid counts as free.
+   */
+  private async purgedCmidOps(records: readonly MessageRecord[]): Promise<BatchOp[]> {
+    const withCmid = records.filter((m) => m.cmid !== undefined);
+    if (withCmid.length === 0) return [];
+    const keys = withCmid.map((m) => pair(m.from, m.cmid as string));
+    const inMemory = (key: string) => this.pending.cmids.get(key) ?? this.writing?.cmids.get(key);
+    const newer = (i: number) => {
+      const v = inMemory(keys[i]);
+      return v !== undefined && v[0] !== withCmid[i].mid;
+    };
+    const skip = withCmid.map((_, i) => newer(i));
+    const writes = this.cmidWrites;
+    const onDisk = (await this.s.cmids.getMany(keys)) as ([string, number] | undefined)[];
+    // A generation written during the read may hold a newer entry the read missed:
+    // nothing is deleted from disk then (what is left is harmless, see above).
+    const diskSure = writes === this.cmidWrites;
+    const ops: BatchOp[] = [];
+    withCmid.forEach((m, i) => {
+      const key = keys[i];
+      if (skip[i] || newer(i)) return;
+      for (const held of [this.recentCmids, this.pending.cmids, this.writing?.cmids]) if (held?.get(key)?.[0] === m.mid) held.delete(key);
+      if (diskSure && onDisk[i]?.[0] === m.mid) ops.push(del(this.s.cmids, key));
+    });
+    return ops;
+  }
+
   private cmidRemoved(m: MessageRecord): void {
     if (m.cmid === undefined) return;
     // Until the delete was written the disk still had the cmid: a byCmid read in that
@@ -949,18 +985,11 @@ export class MessageStore {
         if (chunks.length === 0) return undefined;
         const seqs = chunks.flatMap(([, s]) => s);
         const records = await this.records(seqs);
+        const pageOps = await onPage(records);
         // Their cmids go with them: a later message with one of them is a new message.
-        const cmidOps: BatchOp[] = [];
-        for (const m of records) {
-          const op = this.cmidRemoval(m);
-          if (op !== undefined) cmidOps.push(op);
-        }
-        await this.storage.commit([
-          ...chunks.map(([key]) => del(this.s.hist, key)),
-          ...seqs.map((q) => del(this.s.log, seqKey(q))),
-          ...cmidOps,
-          ...(await onPage(records)),
-        ]);
+        // Built last, with no wait between them and the commit (purgedCmidOps).
+        const cmidOps = await this.purgedCmidOps(records);
+        await this.storage.commit([...chunks.map(([key]) => del(this.s.hist, key)), ...seqs.map((q) => del(this.s.log, seqKey(q))), ...cmidOps, ...pageOps]);
         for (const m of records) this.cmidRemoved(m);
         this.forget(conv);
         return records;
