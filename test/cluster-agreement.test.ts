@@ -5,7 +5,7 @@
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
-import { login, registerUser, removeDir, startTestServer, uniqueName } from "./helpers.js";
+import { Client, login, registerUser, removeDir, startTestServer, uniqueName } from "./helpers.js";
 import { NatsServer } from "../scripts/nats-server.js";
 
 let nats: NatsServer;
@@ -105,5 +105,44 @@ describe("cluster mode: a cmid of a deleted channel's message", () => {
       expect(await historyOn(port, dave, carol.uid)).toEqual([`${dm.mid} ${carol.uid} after the channel`, `${next.mid} ${dave.uid} next`]);
     }
     for (const c of [carol.client, dave.client, erin.client, second.client]) c.close();
+  });
+});
+
+/** A node that applies every batch `ms` late (the test hook), for requests let in before it hears of a change. */
+async function startLagging(nodeId: string, ms: number): Promise<RunningServer> {
+  process.env.WIRECHAT_TEST_APPLY_DELAY_MS = String(ms);
+  try {
+    return await startNode(nodeId);
+  } finally {
+    delete process.env.WIRECHAT_TEST_APPLY_DELAY_MS;
+  }
+}
+
+describe("cluster mode: a deleted account", () => {
+  it("cannot send, edit, or add a contact through a node that has not applied its deletion yet", async () => {
+    const lagging = await startLagging("late", 1_500);
+    const y = await registerUser(node(1), uniqueName("y"));
+    const z = await registerUser(node(0), uniqueName("z"));
+    // Connections of z on the lagging node, one per request (each is closed there once
+    // it applies the deletion; what they sent by then is in the log after it).
+    const onLate = await Promise.all([0, 1, 2].map(() => Client.connect(lagging.port)));
+    for (const c of onLate) expect((await c.request("auth", { sid: z.sid })).status).toBe(0);
+    const before = await onLate[0].request("message", { uid: y.uid, body: "before" });
+    expect(before.status).toBe(0);
+    expect((await z.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    // The lagging node still holds z's sessions: these reach the log after the deletion.
+    onLate[0].send("message", { uid: y.uid, body: "after the deletion" });
+    onLate[1].send("editmessage", { mid: before.mid, body: "edited after the deletion" });
+    onLate[2].send("addcontact", { uid: y.uid });
+    for (const c of onLate) await c.closed;
+    for (const port of [node(0), node(1), node(2), lagging.port]) {
+      // Login waits for the node to reach the log's end.
+      expect(await historyOn(port, y, z.uid)).toEqual([`${before.mid} ${z.uid} before`]);
+      const { client } = await login(port, y.login);
+      expect((await client.request("userinfo", { user: z.uid })).status).toBe(8);
+      client.close();
+    }
+    for (const n of [...nodes.slice(0, 3), lagging]) expect(await n.services.contacts.list(z.uid)).toEqual([]);
+    y.client.close();
   });
 });

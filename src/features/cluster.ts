@@ -444,12 +444,13 @@ export class Cluster {
               case "msg": {
                 if (c.attach && this.remoteBlobs && (await this.remoteBlobs.fetch(c.attach.sha)) === "pinned") pinned.push(c.attach.sha);
                 const earlier = c.cmid === undefined ? undefined : this.earlierCmid(c.from, c.cmid);
+                const sender = users.get(c.from);
                 if (c.chid !== undefined) {
                   const [channel, member] = await Promise.all([channels.get(c.chid), channels.isMember(c.chid, c.from)]);
-                  return { channel, member, ...(await earlier) };
+                  return { channel, member, actor: await sender, ...(await earlier) };
                 }
-                const [user, e] = await Promise.all([users.get(c.to as string), earlier]);
-                return { user, ...e };
+                const [user, actor, e] = await Promise.all([users.get(c.to as string), sender, earlier]);
+                return { user, actor, ...e };
               }
               case "chcreate": {
                 const [named, owned, joined, user, found, counts] = await Promise.all([
@@ -463,14 +464,15 @@ export class Cluster {
                 return { chname: named, owned, joined, user, found, counts };
               }
               case "join": {
-                const [channel, member, byMember, user, joined] = await Promise.all([
+                const [channel, member, byMember, user, joined, actor] = await Promise.all([
                   channels.get(c.chid),
                   channels.isMember(c.chid, c.uid),
                   c.by === undefined ? false : channels.isMember(c.chid, c.by),
                   users.get(c.uid),
                   channels.joinedCount(c.uid, COUNT_ALL),
+                  users.get(c.by ?? c.uid),
                 ]);
-                return { channel, member, byMember, user, joined };
+                return { channel, member, byMember, user, joined, actor };
               }
               case "leave": {
                 if (c.chid === "*") return { chids: await channels.channelsOf(c.uid) };
@@ -487,8 +489,10 @@ export class Cluster {
                 const [user, list] = await Promise.all([users.get(c.uid), sessions.list(c.uid)]);
                 return { user, sessions: list };
               }
-              case "contact":
-                return { user: await users.get(c.uid) };
+              case "contact": {
+                const [user, actor] = await Promise.all([users.get(c.uid), users.get(c.owner)]);
+                return { user, actor };
+              }
               case "profile": {
                 const [user, email, phone, emailAsLogin] = await Promise.all([
                   users.get(c.uid),
@@ -536,18 +540,18 @@ export class Cluster {
               case "sweep":
                 return { expired: await sessions.due(c.before, c.limit) };
               case "edit": {
-                const message = await messages.get(c.mid);
-                return { message, channel: message?.chid === undefined ? undefined : await channels.get(message.chid) };
+                const [message, actor] = await Promise.all([messages.get(c.mid), users.get(c.by)]);
+                return { message, actor, channel: message?.chid === undefined ? undefined : await channels.get(message.chid) };
               }
               case "del": {
-                const m = await messages.get(c.mid);
-                if (!m || m.from !== c.by) return { message: m };
+                const [m, actor] = await Promise.all([messages.get(c.mid), users.get(c.by)]);
+                if (!m || m.from !== c.by || !actor) return { message: m, actor };
                 // A deleted channel's message waits for its purge: gone already (decide).
                 const channel = m.chid === undefined ? undefined : await channels.get(m.chid);
                 if (m.chid !== undefined && !channel) return { message: m };
                 const { ops: removal, written } = await messages.removal(m);
                 if (m.attach) removal.push(...this.sv.blobs.unrefOps(m.attach.sha, m.mid));
-                return { message: m, channel, removal, written };
+                return { message: m, channel, actor, removal, written };
               }
               default:
                 throw unknownCommand(c);
@@ -631,6 +635,15 @@ export class Cluster {
     return overlay.channel(m.chid, r.channel) ? m : undefined;
   }
 
+  /**
+   * Whether `uid`, who a command acts for, still has an account at this point of the
+   * log (`r.actor`: its record as read). A request let in before its account's deletion
+   * may reach the log after it: nothing is done in a deleted account's name.
+   */
+  private hasAccount(overlay: Overlay, uid: string, r: Reads): boolean {
+    return !overlay.gone.includes(uid) && (overlay.users.get(uid) ?? r.actor) !== undefined;
+  }
+
   private decide(c: Command, r: Reads, t: Turn): Outcome {
     const { storage, users, sessions, messages, channels } = this.sv;
     const { overlay, newPairs, events } = t;
@@ -673,6 +686,7 @@ export class Cluster {
         return { k: "session" };
       }
       case "msg": {
+        if (!this.hasAccount(overlay, c.from, r)) return { k: "error", err: accountGone() };
         let audience: Audience;
         if (c.chid !== undefined) {
           if (!overlay.channel(c.chid, r.channel)) return { k: "error", err: channelErrors.notFound(c.chid) };
@@ -725,12 +739,13 @@ export class Cluster {
         return { k: "done", n: others.length };
       }
       case "contact": {
+        if (!this.hasAccount(overlay, c.owner, r)) return { k: "error", err: accountGone() };
         if (c.add && !r.user && !overlay.users.has(c.uid)) return { k: "nouser" };
         storage.commitLazy(c.add ? this.sv.contacts.addOps(c.owner, c.uid) : this.sv.contacts.removeOps(c.owner, c.uid));
         return { k: "done" };
       }
       case "profile": {
-        const prev = overlay.users.get(c.uid) ?? r.user;
+        const prev = overlay.gone.includes(c.uid) ? undefined : (overlay.users.get(c.uid) ?? r.user);
         if (!prev) return { k: "nouser" };
         const next: UserRecord = { ...prev };
         if (c.status !== undefined) next.status = c.status;
@@ -834,6 +849,7 @@ export class Cluster {
         return { k: "done", n: 1 };
       }
       case "edit": {
+        if (!this.hasAccount(overlay, c.by, r)) return { k: "error", err: accountGone() };
         const m = this.liveMessage(overlay, overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         const next: MessageRecord = { ...m, body: c.body, edited: c.t };
@@ -843,6 +859,7 @@ export class Cluster {
         return { k: "edited", edited: c.t };
       }
       case "del": {
+        if (!this.hasAccount(overlay, c.by, r)) return { k: "error", err: accountGone() };
         const m = this.liveMessage(overlay, overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         storage.commitLazy(r.removal ?? []);
@@ -888,6 +905,8 @@ export class Cluster {
       }
       case "join": {
         const refuse = (err: ProtocolError): Outcome => ({ k: "error", err });
+        // The one entering, or the one inviting: their account must still be there.
+        if (!this.hasAccount(overlay, c.by ?? c.uid, r)) return refuse(accountGone());
         const ch = overlay.channel(c.chid, r.channel);
         if (!ch) return refuse(channelErrors.notFound(c.chid));
         const member = overlay.member(c.chid, c.uid, r.member === true);
@@ -964,6 +983,11 @@ export class Cluster {
   }
 }
 
+/** A command by an account deleted earlier in the log: 6, as a single node answers it. */
+function accountGone(): ProtocolError {
+  return new ProtocolError(Code.NeedAuth, "your account was deleted; nothing was changed");
+}
+
 /** A command of a newer version: this node cannot follow the log until it is upgraded. */
 function unknownCommand(c: never): Error {
   return new Error(`the cluster log holds a command this version does not know (${JSON.stringify((c as { k?: unknown }).k)}): upgrade this node`);
@@ -1017,6 +1041,8 @@ interface Reads {
   emailAsLogin?: string;
   phone?: string;
   user?: UserRecord;
+  /** The account a command acts for (a message's sender, a contact list's owner, an editor, an inviter). */
+  actor?: UserRecord;
   sessions?: StoredSession[];
   earlier?: [string, number];
   /** The record `earlier` names, and its channel (a channel message's). */

@@ -85,7 +85,7 @@ export function registerContacts(sv: Services): void {
       };
       if (sv.cluster) {
         const u = await check();
-        if ((await sv.cluster.append({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
+        if ((await sv.cluster.run({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         }
         return { user: contactCard(u) };
@@ -113,7 +113,7 @@ export function registerContacts(sv: Services): void {
         if (!(await findUser(sv, uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         return { uid }; // not listed: nothing to remove
       }
-      if (sv.cluster) await sv.cluster.append({ k: "contact", owner: me, uid, add: false });
+      if (sv.cluster) await sv.cluster.run({ k: "contact", owner: me, uid, add: false });
       else await storage.commit(contacts.removeOps(me, uid));
       return { uid };
     },

@@ -380,6 +380,7 @@ export function registerMessages(sv: Services): void {
   function clusterRefusal(out: Outcome, mid: string): ProtocolError {
     if (out.k === "nomsg" && out.forbidden) return new ProtocolError(Code.Forbidden, "only its author can change a message");
     if (out.k === "nomsg") return new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
+    if (out.k === "error") return out.err;
     return new ProtocolError(Code.Unavailable, "the change could not be applied; try again");
   }
 
