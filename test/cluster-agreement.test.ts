@@ -146,3 +146,26 @@ describe("cluster mode: a deleted account", () => {
     y.client.close();
   });
 });
+
+describe("cluster mode: your own message, through a node behind the log", () => {
+  it("is edited and deleted there (it waits for the log before it answers 14)", async () => {
+    const lagging = await startLagging("late2", 800);
+    const sam = await registerUser(node(0), uniqueName("sam"));
+    const pat = await registerUser(node(1), uniqueName("pat"));
+    const samLate = await Client.connect(lagging.port);
+    expect((await samLate.request("auth", { sid: sam.sid })).status).toBe(0);
+    const direct = await sam.client.request("message", { uid: pat.uid, body: "typo" });
+    expect(direct.status).toBe(0);
+    expect(await samLate.request("editmessage", { mid: direct.mid, body: "fixed" })).toMatchObject({ status: 0, mid: direct.mid });
+    const { chid } = await sam.client.request("createchannel", { name: uniqueName("late") });
+    const inChannel = await sam.client.request("message", { channel: chid, body: "gone soon" });
+    expect(inChannel.status).toBe(0);
+    expect(await samLate.request("delmessage", { mid: inChannel.mid })).toMatchObject({ status: 0, mid: inChannel.mid });
+    // Still 14 for a mid that no node has, and 15 for someone else's.
+    expect((await samLate.request("editmessage", { mid: "999999", body: "x" })).status).toBe(14);
+    const fromPat = await pat.client.request("message", { uid: sam.uid, body: "mine" });
+    expect((await samLate.request("editmessage", { mid: fromPat.mid, body: "x" })).status).toBe(15);
+    expect(await historyOn(node(1), pat, sam.uid)).toEqual([`${direct.mid} ${sam.uid} fixed`, `${fromPat.mid} ${pat.uid} mine`]);
+    for (const c of [sam.client, pat.client, samLate]) c.close();
+  });
+});

@@ -396,13 +396,25 @@ export function registerMessages(sv: Services): void {
    * when it is another participant's.
    */
   async function ownMessage(mid: string, me: string): Promise<MessageRecord> {
-    const m = await messages.get(mid);
     const notFound = () => new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
-    if (!m) throw notFound();
+    let m = await messages.get(mid);
+    let party = m !== undefined && (await isParty(m, me));
+    // Cluster mode: this node's view may lag the log (the message sent, or the channel
+    // entered, through another node a moment ago): 14 only once it has caught up.
+    if (!party && sv.cluster) {
+      await sv.cluster.sync();
+      m = await messages.get(mid);
+      party = m !== undefined && (await isParty(m, me));
+    }
+    if (!m || !party) throw notFound();
     if (m.from === me) return m;
-    const party = m.chid !== undefined ? await channels.isMember(m.chid, me) : m.to === me;
-    if (!party) throw notFound();
     throw new ProtocolError(Code.Forbidden, "only its author can change a message");
+  }
+
+  /** Whether `me` is in `m`'s conversation (its author, its recipient, or a member of its channel). */
+  async function isParty(m: MessageRecord, me: string): Promise<boolean> {
+    if (m.from === me) return true;
+    return m.chid !== undefined ? channels.isMember(m.chid, me) : m.to === me;
   }
 
   /**
