@@ -128,12 +128,25 @@ export class NatsServer {
     await this.exited;
   }
 
+  /**
+   * kill -STOP: the process stalls with its connections open, so its clients see no
+   * disconnect for minutes (resume() with kill -CONT).
+   */
+  pause(): void {
+    this.child?.kill("SIGSTOP");
+  }
+
+  resume(): void {
+    this.child?.kill("SIGCONT");
+  }
+
   /** Starts again on the same ports and store (after kill()). */
   async restart(): Promise<void> {
     await this.launch();
   }
 
   async stop(): Promise<void> {
+    this.resume(); // a paused process would hold SIGTERM until it is continued
     this.child?.kill("SIGTERM");
     await this.exited;
     rmSync(this.storeDir, { recursive: true, force: true });

@@ -86,8 +86,10 @@ export interface JetStreamLogOptions<C, R> {
   view: ViewPosition;
   apply: Apply<C, R>;
   log: Logger;
-  /** How long an append may keep retrying before it answers unavailable (ms). */
+  /** How long an append may wait, from the call, before it answers unavailable (ms). */
   writeBudgetMs?: number;
+  /** Bytes of commands appended and not yet settled past which appends answer unavailable. */
+  maxPendingBytes?: number;
   /**
    * Commands published in an entry of their own (no other command before or after
    * them in it), so that an apply can give them a segment of their own.
@@ -110,6 +112,16 @@ export const WRITE_BUDGET_MS = 10_000;
 const DUPLICATE_WINDOW_MS = 120_000;
 /** Bytes of commands per entry: below NATS's default max_payload of 1 MiB, with room for headers. */
 const MAX_ENTRY_BYTES = 900 * 1024;
+/**
+ * Default for maxPendingBytes: commands appended on this node and not yet answered
+ * (gathered, being published, or stored and waiting for their apply). A nats-server
+ * that stops answering without closing the connection (a stalled process, a network
+ * that drops packets) looks connected for minutes: without a cap, one client that
+ * pipelines 800 KB messages grew a node from 250 MB to 1,230 MB in 12 s. Past it an
+ * append answers 16 at once, as when the engine is unreachable; 32 MiB is dozens of
+ * entries of the largest size, far more than a healthy engine ever leaves waiting.
+ */
+export const MAX_PENDING_BYTES = 32 * 1024 * 1024;
 /** How long close() lets the connection drain. */
 const CLOSE_WAIT_MS = 2_000;
 /** How long start-up waits for a JetStream that answers "temporarily unavailable". */
@@ -127,6 +139,8 @@ const READER_STALL_MS = 3_000;
 interface Proposal<C, R> {
   cmd: C;
   bytes: number;
+  /** Date.now() past which it answers 16: the write budget counts from the append. */
+  deadline: number;
   resolve: (r: R) => void;
   reject: (err: Error) => void;
 }
@@ -136,8 +150,8 @@ interface Open<C, R> {
   proposals: Proposal<C, R>[];
   /** Resolves the proposals once the entry at `seq` is applied. */
   seq: number;
-  /** When its PubAck came (Date.now()). */
-  at: number;
+  /** Its proposals' earliest deadline (Date.now()): past it, they answer 16. */
+  deadline: number;
 }
 
 export class JetStreamLog<C, R> {
@@ -146,6 +160,9 @@ export class JetStreamLog<C, R> {
   private next = 1;
   private gathering: Proposal<C, R>[] = [];
   private gatheringBytes = 0;
+  /** Bytes of the proposals not yet settled (gathered, publishing or stored): see MAX_PENDING_BYTES. */
+  private pendingBytes = 0;
+  private readonly maxPendingBytes: number;
   private publishing = false;
   /** Entries stored by this node, waiting for their apply (in seq order: one publish at a time). */
   private stored: Open<C, R>[] = [];
@@ -179,6 +196,7 @@ export class JetStreamLog<C, R> {
     this.origin = `${opts.nodeId}@${Date.now()}`;
     this.applied = { ...opts.view, created };
     this.writeBudgetMs = opts.writeBudgetMs ?? WRITE_BUDGET_MS;
+    this.maxPendingBytes = opts.maxPendingBytes ?? MAX_PENDING_BYTES;
   }
 
   /**
@@ -227,10 +245,31 @@ export class JetStreamLog<C, R> {
     if (this.closed) return Promise.reject(unavailable("this node is shutting down"));
     if (this.failure) return Promise.reject(this.failure);
     if (!this.connected) return Promise.reject(unavailable("the cluster's message store is unreachable"));
+    // Full already: refused before the command is serialised (a refused large message
+    // leaves no copy behind).
+    if (this.pendingBytes >= this.maxPendingBytes) return Promise.reject(unavailable("the cluster's message store is not keeping up; try again"));
     const bytes = Buffer.byteLength(JSON.stringify(cmd));
     if (bytes > MAX_ENTRY_BYTES) return Promise.reject(new ProtocolError(Code.TooLarge, `the request is too large for the cluster log (${bytes} bytes)`));
+    if (this.pendingBytes + bytes > this.maxPendingBytes) {
+      return Promise.reject(unavailable("the cluster's message store is not keeping up; try again"));
+    }
     return new Promise<R>((resolve, reject) => {
-      this.gathering.push({ cmd, bytes, resolve, reject });
+      // Its bytes count until it is answered, however that happens.
+      this.pendingBytes += bytes;
+      let settled = false;
+      const done = () => {
+        if (settled) return false;
+        settled = true;
+        this.pendingBytes -= bytes;
+        return true;
+      };
+      this.gathering.push({
+        cmd,
+        bytes,
+        deadline: Date.now() + this.writeBudgetMs,
+        resolve: (r) => done() && resolve(r),
+        reject: (err) => done() && reject(err),
+      });
       this.gatheringBytes += bytes;
       if (!this.publishing) void this.publish();
     });
@@ -291,6 +330,8 @@ export class JetStreamLog<C, R> {
     this.publishing = true;
     try {
       while (this.gathering.length > 0 && !this.closed) {
+        this.dropExpired();
+        if (this.gathering.length === 0) break;
         // One entry: as many commands as fit under MAX_ENTRY_BYTES (at least one), up
         // to the next that goes alone; one that goes alone is an entry by itself.
         const alone = (i: number) => this.opts.alone?.(this.gathering[i].cmd) === true;
@@ -306,9 +347,11 @@ export class JetStreamLog<C, R> {
         this.gatheringBytes -= size;
         const n = this.next++;
         const entry: LogEntry<C> = { o: this.origin, n, c: proposals.map((p) => p.cmd) };
+        // FIFO: the first proposal's deadline is the entry's earliest.
+        const deadline = proposals[0].deadline;
         let seq: number;
         try {
-          seq = await this.publishEntry(`${this.origin}:${n}`, JSON.stringify(entry));
+          seq = await this.publishEntry(`${this.origin}:${n}`, JSON.stringify(entry), deadline);
         } catch (err) {
           for (const p of proposals) p.reject(err as Error);
           continue;
@@ -316,9 +359,9 @@ export class JetStreamLog<C, R> {
         if (seq <= this.applied.seq) {
           // Applied already (the consumer can overtake the PubAck): its outcomes were
           // handed out at apply if it was waited for; it was not, so ask nothing more.
-          this.settleApplied({ n, proposals, seq, at: Date.now() }, undefined);
+          this.settleApplied({ n, proposals, seq, deadline }, undefined);
         } else {
-          this.stored.push({ n, proposals, seq, at: Date.now() });
+          this.stored.push({ n, proposals, seq, deadline });
         }
       }
     } finally {
@@ -326,9 +369,27 @@ export class JetStreamLog<C, R> {
     }
   }
 
-  /** Publishes with retries (same Nats-Msg-Id) within the write budget; the stream seq. */
-  private async publishEntry(id: string, data: string): Promise<number> {
-    const deadline = Date.now() + this.writeBudgetMs;
+  /**
+   * Gathered proposals whose write budget ran out while they waited for the publish
+   * before them (an engine that stalled): 16, never published.
+   */
+  private dropExpired(): void {
+    const now = Date.now();
+    if (this.gathering.length === 0 || this.gathering[0].deadline > now) return;
+    const err = unavailable("the cluster could not take the request in time; nothing was stored");
+    const kept: Proposal<C, R>[] = [];
+    for (const p of this.gathering) {
+      if (p.deadline > now) kept.push(p);
+      else {
+        this.gatheringBytes -= p.bytes;
+        p.reject(err);
+      }
+    }
+    this.gathering = kept;
+  }
+
+  /** Publishes with retries (same Nats-Msg-Id) until `deadline`; the stream seq. */
+  private async publishEntry(id: string, data: string, deadline: number): Promise<number> {
     let wait = 250;
     for (;;) {
       try {
@@ -413,7 +474,9 @@ export class JetStreamLog<C, R> {
   private async watch(): Promise<void> {
     if (this.closed || this.failure || this.watching) return;
     const now = Date.now();
-    while (this.stored.length > 0 && now - this.stored[0].at > this.writeBudgetMs) {
+    // Also while a publish hangs on a stalled engine: what waits behind it answers in time.
+    this.dropExpired();
+    while (this.stored.length > 0 && now > this.stored[0].deadline) {
       const late = this.stored.shift() as Open<C, R>;
       const err = unavailable("the cluster stored the request but this node has not applied it yet; a resend with the same cmid finds it");
       for (const p of late.proposals) p.reject(err);
