@@ -175,6 +175,14 @@ class RequestImpl<D> extends Slot implements Request<D> {
 // Shared stand-ins for a line's empty queues (never pushed to): an idle connection
 // keeps no arrays.
 const NO_ITEMS: Item[] = [];
+/**
+ * What a taken item's place in the inbox holds until the inbox empties: while a client
+ * keeps it from emptying (requests arriving as fast as they are taken), the places
+ * taken would otherwise keep every frame's data since it last did.
+ */
+const TAKEN: Item = { kind: "reject", action: "", code: Code.InvalidData, reason: "" };
+/** Taken places past which the inbox is compacted (its array does not grow for good either). */
+const TAKEN_COMPACT = 1024;
 const NO_SLOTS: Slot[] = [];
 
 /** Per-connection request state, kept on the Session (Session.line). */
@@ -519,10 +527,13 @@ export class Dispatcher {
         line.awaitingDeferred = true;
         return;
       }
-      line.head++;
+      line.inbox[line.head++] = TAKEN;
       if (item.kind === "request") line.inboxBytes -= item.size;
       if (line.head === line.inbox.length) {
         line.inbox = NO_ITEMS;
+        line.head = 0;
+      } else if (line.head >= TAKEN_COMPACT) {
+        line.inbox.splice(0, line.head);
         line.head = 0;
       }
       if (line.inbox.length - line.head <= INBOX_LIMIT / 2 && line.inboxBytes <= INBOX_BYTES / 2) s.peer.resume("inbox");
@@ -716,6 +727,9 @@ export class Dispatcher {
     line.deferred--;
     this.active--;
     req.upload?.release();
+    // Answered: the slot may wait in line behind earlier requests holding only its frame.
+    req.reply = undefined;
+    req.err = undefined;
     if (err === undefined) this.fill(s, line, req, this.encode(s, req.action, reply as ReplyBody));
     else this.fail(s, line, req, req.action, err);
     this.resumeAfterDeferred(s, line);
