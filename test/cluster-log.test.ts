@@ -7,7 +7,7 @@ import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EMPTY_VIEW, JetStreamLog, ViewMismatch, type StoredEntry, type ViewPosition } from "../src/cluster/jetstream-log.js";
 import { Code, ProtocolError } from "../src/protocol/codes.js";
-import { NatsServer } from "../scripts/nats-server.js";
+import { freePort, NatsServer } from "../scripts/nats-server.js";
 
 type Cmd = { k: "note"; text: string } | { k: "claim"; name: string; by: string };
 type Outcome = string;
@@ -41,9 +41,12 @@ class MemoryView {
 const silent = pino({ level: "silent" });
 let nats: NatsServer;
 let streams = 0;
+/** The server's monitoring port (its /jsz counts JetStream API requests). */
+let monitor: number;
 
 beforeAll(async () => {
-  nats = await NatsServer.start();
+  monitor = await freePort();
+  nats = await NatsServer.start(undefined, ["-m", String(monitor)]);
 });
 afterAll(async () => {
   await nats?.stop();
@@ -150,6 +153,25 @@ describe("the replicated log", () => {
     await nodeP.close();
     await expect(open(stream, "p2", picky)).rejects.toMatchObject({ code: Code.Unavailable });
     await nodeA.close();
+  });
+
+  it("sync() from many callers at once asks the engine once per round trip, and each still sees the writes made before it", async () => {
+    const stream = `LOG${++streams}`;
+    const w = new MemoryView();
+    const r = new MemoryView();
+    const writer = await open(stream, "w", w);
+    const reader = await open(stream, "r", r);
+    const apiRequests = async () => ((await (await fetch(`http://127.0.0.1:${monitor}/jsz`)).json()) as { api: { total: number } }).api.total;
+    const before = await apiRequests();
+    for (let round = 0; round < 5; round++) {
+      await writer.append({ k: "note", text: `round ${round}` });
+      // Every auth syncs, unauthenticated ones included: a flood of them is this.
+      await Promise.all(Array.from({ length: 100 }, () => reader.sync()));
+      expect(r.applied.at(-1)).toMatch(new RegExp(`"round ${round}"`));
+    }
+    // 500 syncs: one stream-info request each was 500 (and more under a real flood).
+    expect((await apiRequests()) - before).toBeLessThan(50);
+    await Promise.all([writer.close(), reader.close()]);
   });
 
   it("sync() and an append answer 16 when this node's apply does not get there within the write budget", async () => {

@@ -169,6 +169,9 @@ export class JetStreamLog<C, R> {
   private applied: ViewPosition;
   /** sync() callers: resolved once `applied.seq` reaches `seq`. */
   private barriers: { seq: number; resolve: () => void; reject: (err: Error) => void }[] = [];
+  /** lastSeq(): the stream-info request out, and the one the callers since then wait for. */
+  private infoOut: Promise<number> | undefined;
+  private infoNext: Promise<number> | undefined;
   private unapplied: StoredEntry<C>[] = [];
   private applying = false;
   private resumeReading: (() => void) | undefined;
@@ -280,11 +283,41 @@ export class JetStreamLog<C, R> {
     if (this.failure) throw this.failure;
     let last: number;
     try {
-      last = (await this.jsm.streams.info(this.opts.stream)).state.last_seq;
+      last = await this.lastSeq();
     } catch (err) {
       throw unavailable("the cluster's message store is unreachable", err);
     }
     await this.syncTo(last, this.writeBudgetMs);
+  }
+
+  /**
+   * The stream's last seq, as the engine answers a request made after this call: one
+   * request at a time, shared by every caller that came while the one before it was
+   * out (that one may have been answered before a write they must see). Every `auth`
+   * syncs, unauthenticated ones included, so this is what bounds the engine's API
+   * requests a flood of them makes: one per round trip, not one per frame (256 idle
+   * sockets of one address, each at --rate, could ask thousands per second).
+   */
+  private lastSeq(): Promise<number> {
+    if (this.infoOut === undefined) {
+      const out = this.jsm.streams.info(this.opts.stream).then((i) => i.state.last_seq);
+      this.infoOut = out;
+      const clear = () => {
+        if (this.infoOut === out) this.infoOut = undefined;
+      };
+      out.then(clear, clear);
+      return out;
+    }
+    this.infoNext ??= this.infoOut.then(
+      () => this.nextInfo(),
+      () => this.nextInfo(),
+    );
+    return this.infoNext;
+  }
+
+  private nextInfo(): Promise<number> {
+    this.infoNext = undefined;
+    return this.lastSeq();
   }
 
   /** Resolves once `seq` is applied; past `withinMs` (if given), 16: the log stopped coming. */
