@@ -2,7 +2,8 @@
 // the choices seed-doors.md makes for it, bad input, and native clients in its rooms.
 
 import { describe, expect, it } from "vitest";
-import { Client, registerUser, serveForFile, uniqueName, type Frame } from "./helpers.js";
+import { Client, registerUser, serveForFile, startTestServer, uniqueName, type Frame } from "./helpers.js";
+import { sleep } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ roomsPort: 0, maxFrame: 64 * 1024 });
 
@@ -261,3 +262,35 @@ describe("rooms door: bad input", () => {
     c.close();
   });
 });
+
+describe("rooms door: one user's unread answers", () => {
+  it("do not hold another user's CREATE_ROOM with them, nor the frames behind it", async () => {
+    const server = await startTestServer({ roomsPort: 0 });
+    const port = server.roomsPort as number;
+    try {
+      // The attacker fills its room with ~8 MB of attachments, then asks for all of it
+      // and for a room with the victim, and reads nothing.
+      const attacker = await Client.connect(port, { welcome: false });
+      const login = uniqueName("att");
+      expect(await ask(attacker, { type: "REQUEST_SIGNUP", login, pass: "p" }, "RESPONSE_SIGNUP")).toMatchObject({ status: "SINGUP_OK" });
+      const room = (await ask(attacker, { type: "CREATE_ROOM", customer: login })).id;
+      const file = Buffer.alloc(700_000, 1).toString("base64");
+      for (let i = 0; i < 12; i++) await ask(attacker, { type: "SND_MSG", room_id: room, message: file, msg_type: "FILE" });
+      const victim = { c: await Client.connect(port, { welcome: false }), login: uniqueName("vic") };
+      expect(await ask(victim.c, { type: "REQUEST_SIGNUP", login: victim.login, pass: "p" }, "RESPONSE_SIGNUP")).toMatchObject({ status: "SINGUP_OK" });
+      attacker.socket.pause();
+      attacker.socket.removeAllListeners("data");
+      attacker.write(JSON.stringify({ type: "READ_MSG", read: "ALL", room_id: room }) + "\n" + JSON.stringify({ type: "CREATE_ROOM", customer: victim.login }) + "\n");
+      await sleep(500);
+      // Before, both waited until the attacker read or left.
+      const made = await ask(victim.c, { type: "CREATE_ROOM", customer: login });
+      expect(made).toEqual({ type: "CREATE_ROOM", id: expect.any(Number), customer: login });
+      expect(await ask(victim.c, { type: "SEARCH_USER", user: login })).toEqual({ type: "SEARCH_USER", user: [login] });
+      victim.c.close();
+      attacker.close();
+    } finally {
+      await server.stop();
+    }
+  }, 30_000);
+});
+

@@ -114,7 +114,20 @@ interface Action {
 }
 
 type Item =
-  | { kind: "request"; action: string; data: Record<string, unknown>; upload: Upload | undefined; size: number; plain: boolean }
+  | {
+      kind: "request";
+      action: string;
+      data: Record<string, unknown>;
+      upload: Upload | undefined;
+      size: number;
+      plain: boolean;
+      /**
+       * Waits for the connection to drain before it runs. A seed door's own call is not:
+       * the door waited before the frame it serves, and may hold a lock shared with
+       * another user while it waits for the answer (see run()).
+       */
+      paced: boolean;
+    }
   | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
 /** A place in a connection's line of replies (a request is one, with more to it). */
@@ -396,7 +409,7 @@ export class Dispatcher {
       this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: "too many requests; slow down and retry" });
       return;
     }
-    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload, size, plain });
+    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload, size, plain, paced: counted });
   }
 
   /**
@@ -514,7 +527,12 @@ export class Dispatcher {
     // (at shutdown, storage may be closing behind it).
     if (s.peer.closed) return this.drop(line);
     while (line.head < line.inbox.length && !line.busy && !line.awaitingDeferred) {
-      if (s.peer.congested && !s.peer.closed) {
+      // A seed door's call (not paced) runs whatever the socket holds: the rooms door's
+      // CREATE_ROOM waited here inside its lock of the two users while the caller did
+      // not read, and the other user's CREATE_ROOM with them waited on that lock, with
+      // every frame behind it on their connection (a review froze one that way).
+      const next = line.inbox[line.head];
+      if (s.peer.congested && !s.peer.closed && !(next.kind === "request" && !next.paced)) {
         line.busy = true;
         void s.peer.drained().then(() => {
           line.busy = false;
