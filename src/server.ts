@@ -21,7 +21,7 @@ import { registerChannels, type ChannelOps } from "./features/channels.js";
 import { registerContacts } from "./features/contacts.js";
 import { registerMessages } from "./features/messages.js";
 import { registerProfiles, type UserDirectory } from "./features/profiles.js";
-import { Hooks, type Services } from "./features/services.js";
+import { Hooks, readSynced, type Services } from "./features/services.js";
 import type { Cluster } from "./features/cluster.js";
 import { registerStats } from "./features/stats.js";
 import { NativeCodec } from "./protocol/codec.js";
@@ -239,7 +239,8 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     const door = new RustDoor(dispatcher, log, {
       config,
       defaultRoom,
-      channelByName: (name) => services.channels.byName(name),
+      // Door lookups of what another node may have just written (see readSynced).
+      channelByName: (name) => readSynced(services, () => services.channels.byName(name)),
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
     });
     listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
@@ -250,13 +251,13 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     const door = new RoomsDoor(dispatcher, log, {
       config,
       blobs,
-      uidOfLogin: (login) => users.lookup("login", login),
+      uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
       loginsStartingWith: async (prefix, limit) => {
         const uids = await users.prefixSearch("login", prefix, limit);
         const found = await Promise.all(uids.map((uid) => users.get(uid)));
         return found.flatMap((u) => (u ? [u.login] : []));
       },
-      roomOf: (a, b) => privateRoomOf(services, a, b),
+      roomOf: (a, b) => readSynced(services, () => privateRoomOf(services, a, b)),
       firstMid: (chid) => messages.firstSeq(channelConv(chid)),
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
       roomsOf: async (uid) => {
@@ -290,13 +291,13 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       session: (sid) => core.accounts.session(sid),
       user: (uid) => users.get(uid),
       cachedUser: (uid) => users.peek(uid),
-      uidOfNum: (num) => directory.uidOf(num),
-      uidOfLogin: (login) => users.lookup("login", login),
+      uidOfNum: (num) => readSynced(services, () => directory.uidOf(num)),
+      uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
       loginsStartingWith: (prefix, limit) => users.prefixSearch("login", prefix, limit),
-      channel: (chid) => channels.get(chid),
+      channel: (chid) => readSynced(services, () => channels.get(chid)),
       channelsOf: (uid) => channels.channelsOf(uid),
       members: (chid) => channels.members(chid),
-      isMember: (chid, uid) => channels.isMember(chid, uid),
+      isMember: (chid, uid) => readSynced(services, () => channels.isMember(chid, uid), (member) => !member),
     });
     http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat, echat });
   }

@@ -125,6 +125,43 @@ describe("cluster mode with the seed doors", () => {
     ws2.close();
   });
 
+  it("a door's lookups on a node behind the log wait for it: a room made on the other node a moment ago is found", async () => {
+    const [a] = nodes;
+    process.env.WIRECHAT_TEST_APPLY_DELAY_MS = "1500";
+    let lagging: RunningServer;
+    try {
+      lagging = await startTestServer({ nats: nats.url, natsStream: a.services.config.natsStream, nodeId: "lag2", rustPort: 0, httpPort: 0, rustRoom: ROOM, lobby: ROOM });
+    } finally {
+      delete process.env.WIRECHAT_TEST_APPLY_DELAY_MS;
+    }
+    try {
+      // 000: logged in on both nodes, a room made through one and deleted through the other.
+      const rl = uniqueName("rl");
+      const here = await Client.connect(a.rustPort as number, { welcome: false });
+      expect((await here.ask({ action: "registration", login: rl, password: "pw" }, (f) => f.action === "registration")).code).toBe(200);
+      const there = await Client.connect(lagging.rustPort as number, { welcome: false });
+      expect((await there.ask({ action: "authentication", login: rl, password: "pw" }, (f) => f.action === "authentication")).code).toBe(200);
+      const room = uniqueName("lagroom");
+      expect((await here.ask({ action: "create_room", name: room }, (f) => f.action === "create_room")).code).toBe(200);
+      // Before, the lagging node answered 400 "no room named …".
+      expect((await there.ask({ action: "delete_room", name: room }, (f) => f.action === "delete_room")).code).toBe(200);
+      // 002: a room made through one node is read through the other at once.
+      const el = uniqueName("el");
+      const sid = (await post(a, "/v1/register", { login: el, password: "pw" })).body.session_id as string;
+      const auth = { authorization: `Bearer ${sid}` };
+      expect((await fetch(`http://127.0.0.1:${lagging.httpPort}/v1/info`, { headers: auth })).status).toBe(200);
+      const made = await fetch(`http://127.0.0.1:${a.httpPort}/v1/rooms`, { method: "POST", headers: { ...auth, "content-type": "application/json" }, body: JSON.stringify({ users: [] }) });
+      const id = ((await made.json()) as { id: number }).id;
+      // Before, 422 room_not_found.
+      expect((await fetch(`http://127.0.0.1:${lagging.httpPort}/v1/rooms/${id}`, { headers: auth })).status).toBe(200);
+      here.close();
+      there.close();
+    } finally {
+      await lagging.stop();
+      removeDir(lagging.services.config.dataDir);
+    }
+  }, 30_000);
+
   it("003 join and leave notices reach the sockets on the other node, never their sender", async () => {
     const [a, b] = nodes;
     const alice = await chatter(a, b);

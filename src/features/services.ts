@@ -55,6 +55,23 @@ export async function findUser(sv: Pick<Services, "users" | "cluster">, uid: str
   return sv.users.get(uid);
 }
 
+/**
+ * `read()`, and in cluster mode, when it finds nothing (`missed`), once more after this
+ * node has applied everything the log holds: what a client wrote through another node
+ * a moment ago (its account, its room) is found, as its next request must see it. A
+ * log that cannot be reached leaves the first answer (nothing found).
+ */
+export async function readSynced<T>(sv: Pick<Services, "cluster">, read: () => Promise<T>, missed: (v: T) => boolean = (v) => v === undefined): Promise<T> {
+  const v = await read();
+  if (!missed(v) || !sv.cluster) return v;
+  try {
+    await sv.cluster.sync();
+  } catch {
+    return v;
+  }
+  return read();
+}
+
 export class Hooks {
   private readonly presenceFns: PresenceHook[] = [];
 
