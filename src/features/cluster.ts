@@ -630,7 +630,9 @@ export class Cluster {
    * An edit's or delete's message as it stands at this point of the log: a deleted
    * channel's message is gone, even while this node's purge has not removed it yet.
    */
-  private liveMessage(overlay: Overlay, m: MessageRecord | undefined, r: Reads): MessageRecord | undefined {
+  private liveMessage(overlay: Overlay, mid: string, r: Reads): MessageRecord | undefined {
+    // Edited or deleted earlier in this call, else as read.
+    const m = overlay.messages.has(mid) ? overlay.messages.get(mid) : r.message;
     if (m?.chid === undefined) return m;
     return overlay.channel(m.chid, r.channel) ? m : undefined;
   }
@@ -850,7 +852,7 @@ export class Cluster {
       }
       case "edit": {
         if (!this.hasAccount(overlay, c.by, r)) return { k: "error", err: accountGone() };
-        const m = this.liveMessage(overlay, overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message, r);
+        const m = this.liveMessage(overlay, c.mid, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         const next: MessageRecord = { ...m, body: c.body, edited: c.t };
         storage.commitLazy(messages.updateOps(next));
@@ -860,7 +862,7 @@ export class Cluster {
       }
       case "del": {
         if (!this.hasAccount(overlay, c.by, r)) return { k: "error", err: accountGone() };
-        const m = this.liveMessage(overlay, overlay.messages.has(c.mid) ? overlay.messages.get(c.mid) : r.message, r);
+        const m = this.liveMessage(overlay, c.mid, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
         storage.commitLazy(r.removal ?? []);
         if (r.written) t.after.push(r.written);
