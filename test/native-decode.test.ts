@@ -3,6 +3,8 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { decodeFrame, FastShapes } from "../src/protocol/native-decode.js";
+import { MESSAGE_FAST_FIELDS, MESSAGE_SCHEMA } from "../src/features/messages.js";
+import { compileFastCheck, compileSchema, ENVELOPE } from "../src/protocol/validation.js";
 import { registerUser, serveForFile } from "./helpers.js";
 
 const shared = serveForFile();
@@ -113,5 +115,42 @@ describe("native frame decoding", () => {
     expect((await b.client.reply("ev_message")).data).toMatchObject({ from: a.uid, body: "fine", to: b.uid });
     a.client.close();
     b.client.close();
+  });
+});
+
+describe("the length check that stands for the validator on the common shape", () => {
+  // What the dispatcher compiles for `message` (Dispatcher.register).
+  const validate = compileSchema({ ...MESSAGE_SCHEMA, properties: { ...ENVELOPE, ...MESSAGE_SCHEMA.properties } });
+  const fastValid = compileFastCheck(MESSAGE_SCHEMA, MESSAGE_FAST_FIELDS);
+
+  it("agrees with the schema's validator on every frame the fast path decodes", () => {
+    expect(fastValid).toBeDefined();
+    // Lengths around every limit of the schema (1, 64, 128), keys repeated or missing.
+    const value = fc.tuple(fc.integer({ min: 0, max: 140 }), fc.constantFrom("a", "Z", "0", " ", "~", "{")).map(([n, c]) => c.repeat(n));
+    const frame = fc
+      .array(fc.tuple(fc.constantFrom(...KEYS), value), { minLength: 1, maxLength: 5 })
+      .map((fields) => Buffer.from(`{"action":"message","data":{${fields.map(([k, v]) => `"${k}":"${v}"`).join(",")}}}`, "latin1"));
+    let refused = 0;
+    fc.assert(
+      fc.property(frame, (bytes) => {
+        const msg = fastMessage(bytes);
+        expect(msg).toBeDefined();
+        const data = (msg as { data: Record<string, string> }).data;
+        const verdict = validate(data);
+        if (verdict) refused++;
+        expect(fastValid?.(data)).toBe(verdict === undefined);
+      }),
+      { numRuns: 3000 },
+    );
+    expect(refused).toBeGreaterThan(100); // the limits were reached, not only passed
+  });
+
+  it("leaves a schema that asks more of the shape to the validator", () => {
+    const str = { type: "string", maxLength: 8 };
+    expect(compileFastCheck({ type: "object", required: ["uid"], properties: { uid: str } }, ["uid"])).toBeUndefined();
+    expect(compileFastCheck({ type: "object", properties: { uid: { ...str, pattern: "^[a-z]+$" } } }, ["uid"])).toBeUndefined();
+    expect(compileFastCheck({ type: "object", properties: { uid: { type: ["string", "null"] } } }, ["uid"])).toBeUndefined();
+    expect(compileFastCheck({ type: "object", properties: {} }, ["uid"])).toBeUndefined();
+    expect(compileFastCheck({ type: "object", properties: { uid: str } }, ["uid"])?.({ uid: "123456789" })).toBe(false);
   });
 });

@@ -58,6 +58,25 @@ export function listItem(m: MessageRecord): Fields {
   return item;
 }
 
+/** The `message` request's data (exported for the tests of its fast check). */
+export const MESSAGE_SCHEMA = {
+  type: "object",
+  properties: {
+    uid: requiredString(64),
+    channel: requiredString(64),
+    body: { type: "string" },
+    attach: {
+      type: "object",
+      required: ["mime", "data"],
+      properties: { mime: optionalString(255), data: { type: "string" } },
+    },
+    cmid: requiredString(128),
+  },
+} as const;
+
+/** The string fields of a `message` frame's common shape (protocol/native-decode.ts). */
+export const MESSAGE_FAST_FIELDS = ["uid", "channel", "body", "cmid"] as const;
+
 export function registerMessages(sv: Services): void {
   const { dispatcher, users, messages, channels, storage, router, blobs, locks } = sv;
   /** (sender, cmid) of messages whose commit is in flight → their eventual reply. */
@@ -228,21 +247,8 @@ export function registerMessages(sv: Services): void {
     cluster: true,
     pipelined: true,
     streams: [["data", "attach", "data"]],
-    fastFields: ["uid", "channel", "body", "cmid"],
-    schema: {
-      type: "object",
-      properties: {
-        uid: requiredString(64),
-        channel: requiredString(64),
-        body: { type: "string" },
-        attach: {
-          type: "object",
-          required: ["mime", "data"],
-          properties: { mime: optionalString(255), data: { type: "string" } },
-        },
-        cmid: requiredString(128),
-      },
-    },
+    fastFields: MESSAGE_FAST_FIELDS,
+    schema: MESSAGE_SCHEMA,
     handle(req) {
       const me = req.session.uid as string;
       const { uid: to, channel, body = "", attach, cmid } = req.data;

@@ -32,7 +32,7 @@ import { decodeFrame, FastShapes } from "./native-decode.js";
 import type { Delivery } from "./router.js";
 import { Session, type Peer, type StoredAttachment, type Upload } from "./session.js";
 import type { Codec } from "./codec.js";
-import { compileSchema, ENVELOPE, type Validator } from "./validation.js";
+import { compileFastCheck, compileSchema, ENVELOPE, type Validator } from "./validation.js";
 
 /**
  * The reply of a pipelined handler, settled once its commit lands. A request can be
@@ -111,6 +111,8 @@ export interface ActionSpec<D = never> {
 interface Action {
   spec: ActionSpec<unknown>;
   validate: Validator;
+  /** For a frame of the action's common shape: passes the schema (validation.ts, compileFastCheck). */
+  fastValid: ((data: Record<string, string>) => boolean) | undefined;
 }
 
 type Item =
@@ -127,6 +129,8 @@ type Item =
        * another user while it waits for the answer (see run()).
        */
       paced: boolean;
+      /** Decoded from its common shape (Dispatcher.decoded): only its length limits are left to check. */
+      fast: boolean;
     }
   | { kind: "reject"; action: string; code: Code; reason: string; last?: boolean };
 
@@ -258,7 +262,11 @@ export class Dispatcher {
     if (this.actions.has(spec.name)) throw new Error(`action ${spec.name} registered twice`);
     const schema = spec.schema as { properties?: Record<string, unknown> };
     const withEnvelope = { ...schema, properties: { ...ENVELOPE, ...schema.properties } };
-    this.actions.set(spec.name, { spec: spec as unknown as ActionSpec<unknown>, validate: compileSchema(withEnvelope) });
+    this.actions.set(spec.name, {
+      spec: spec as unknown as ActionSpec<unknown>,
+      validate: compileSchema(withEnvelope),
+      fastValid: spec.fastFields ? compileFastCheck(schema, spec.fastFields) : undefined,
+    });
     if (spec.fastFields) this.fastFrames.add(spec.name, spec.fastFields);
     this.metrics.knowAction(spec.name);
   }
@@ -385,7 +393,7 @@ export class Dispatcher {
    */
   decoded(s: Session, msg: unknown, size: number): void {
     const { action, data } = msg as { action: string; data: Record<string, string> };
-    this.dispatch(s, action, data, undefined, size, true);
+    this.dispatch(s, action, data, undefined, size, true, true, true);
   }
 
   private refuseFrame(s: Session, upload: Upload | undefined, reason: string, action: string | undefined): void {
@@ -398,7 +406,7 @@ export class Dispatcher {
    * false: the front has counted it against the rate already (a seed door counts each
    * of its frames once, not the native requests it makes for one).
    */
-  dispatch(s: Session, action: string, data: unknown, upload?: Upload, size = 0, plain = false, counted = true): void {
+  dispatch(s: Session, action: string, data: unknown, upload?: Upload, size = 0, plain = false, counted = true, fast = false): void {
     if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
       upload?.release();
       this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
@@ -409,7 +417,7 @@ export class Dispatcher {
       this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: "too many requests; slow down and retry" });
       return;
     }
-    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload, size, plain, paced: counted });
+    this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload, size, plain, paced: counted, fast });
   }
 
   /**
@@ -587,7 +595,7 @@ export class Dispatcher {
         ? new ProtocolError(Code.UnknownAction, `unknown action '${action}'`)
         : this.clusterMode && !entry.spec.cluster
           ? new ProtocolError(Code.Unavailable, `'${action}' is not available in cluster mode yet`)
-          : (this.gate(s, entry.spec, data) ?? entry.validate(data));
+          : (this.gate(s, entry.spec, data) ?? (item.fast && entry.fastValid?.(data as Record<string, string>) ? undefined : entry.validate(data)));
     } catch (err) {
       item.upload?.release();
       this.fill(s, line, slot, this.failure(s, action, err));

@@ -32,6 +32,37 @@ export function compileSchema(schema: object): Validator {
   return (data) => (validate(data) ? undefined : toProtocolError(validate.errors?.[0]));
 }
 
+/**
+ * A frame of an action's common shape (ActionSpec.fastFields, protocol/native-decode.ts)
+ * holds only those fields, each a string of printable ASCII without a backslash, so
+ * every string is well formed and its length is its count of code points: of the
+ * schema, only the fields' length limits are left to check. This returns that check
+ * (true: `data` passes the schema; false: the schema's validator says why), or
+ * undefined when the schema asks more of such a frame (a required field, a pattern, an
+ * enum…), whose frames then go through the validator like any other.
+ *
+ * Run for every `message` of the hot path: ajv's validator (a code point count and a
+ * surrogate search per string) was 1.3 % of the server's CPU in S1.
+ */
+export function compileFastCheck(schema: object, fields: readonly string[]): ((data: Record<string, string>) => boolean) | undefined {
+  const top = schema as { type?: unknown; properties?: Record<string, unknown> } & Record<string, unknown>;
+  if (Object.keys(top).some((k) => k !== "type" && k !== "properties") || top.type !== "object") return undefined;
+  const bounds: [field: string, min: number, max: number][] = [];
+  for (const f of fields) {
+    const sub = top.properties?.[f] as Record<string, unknown> | undefined;
+    if (sub === undefined || sub.type !== "string") return undefined;
+    if (Object.keys(sub).some((k) => k !== "type" && k !== "minLength" && k !== "maxLength")) return undefined;
+    bounds.push([f, (sub.minLength as number | undefined) ?? 0, (sub.maxLength as number | undefined) ?? Infinity]);
+  }
+  return (data) => {
+    for (const [f, min, max] of bounds) {
+      const v = data[f];
+      if (v !== undefined && (v.length < min || v.length > max)) return false;
+    }
+    return true;
+  };
+}
+
 /** A copy of `schema` in which every subschema that admits a string also requires it well formed. */
 function withWellFormedStrings(schema: unknown): unknown {
   if (typeof schema !== "object" || schema === null || Array.isArray(schema)) return schema;
