@@ -52,15 +52,17 @@ export function compileFastCheck(schema: object, fields: readonly string[]): ((d
     const sub = top.properties?.[f] as Record<string, unknown> | undefined;
     if (sub === undefined || sub.type !== "string") return undefined;
     if (Object.keys(sub).some((k) => k !== "type" && k !== "minLength" && k !== "maxLength")) return undefined;
-    bounds.push([f, (sub.minLength as number | undefined) ?? 0, (sub.maxLength as number | undefined) ?? Infinity]);
+    const min = sub.minLength ?? 0;
+    const max = sub.maxLength ?? Infinity;
+    if (!Number.isSafeInteger(min) || !(Number.isSafeInteger(max) || max === Infinity)) return undefined;
+    bounds.push([f, min as number, max as number]);
   }
-  return (data) => {
-    for (const [f, min, max] of bounds) {
-      const v = data[f];
-      if (v !== undefined && (v.length < min || v.length > max)) return false;
-    }
-    return true;
-  };
+  // Compiled like ajv's validators, to named property loads (a loop over the field
+  // names made each load a keyed one, and cost as much as the validator it replaces).
+  const checks = bounds.map(
+    ([f, min, max]) => `v = d[${JSON.stringify(f)}]; if (v !== undefined && (v.length < ${min} || v.length > ${max})) return false;`,
+  );
+  return new Function("d", `let v;\n${checks.join("\n")}\nreturn true;`) as (data: Record<string, string>) => boolean;
 }
 
 /** A copy of `schema` in which every subschema that admits a string also requires it well formed. */
