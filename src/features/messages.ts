@@ -108,11 +108,12 @@ export function registerMessages(sv: Services): void {
       const sent = err ? undefined : new MessageSent(m.mid, m.time);
       this.onStored?.(err, sent);
       if (err) return d.reject(err);
-      const ev: MessageEvent = { kind: "message", m, text: this.text };
       const to = m.to;
+      // Every field in the literal: one added later (inbox, the codecs' wire) grew the
+      // object by a property array, per message.
+      const ev: MessageEvent = { kind: "message", m, text: this.text, inbox: to, wire: undefined };
       if (to !== undefined) {
         if (this.newPair) messages.peersKnown(m.from, to);
-        ev.inbox = to;
         req.emit(ev, { users: to === m.from ? [to] : [to, m.from] });
       } else {
         req.emit(ev, { channel: m.chid as string });

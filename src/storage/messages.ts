@@ -429,14 +429,19 @@ export class MessageStore {
       if (err) return;
       const { records, seqs, convs } = batch;
       this.onCommitted?.(records.length, (performance.now() - opened) / 1000);
-      for (let i = 0; i < records.length; i++) {
-        const m = records[i];
-        const seq = seqs[i];
+      // By runs of one conversation (a sender's messages come in runs): the newest of a
+      // run is what its conversation's last seq and last record become, whatever came
+      // before it, and its tail is looked up once.
+      for (let i = 0; i < records.length; ) {
         const conv = convs[i];
-        this.derive(m, seq, conv);
-        if (m.chid !== undefined) this.lastIs(conv, seq);
-        this.lastRecordIs(conv, m);
-        this.tailGrows(conv, seq);
+        let j = i + 1;
+        while (j < records.length && convs[j] === conv) j++;
+        for (let k = i; k < j; k++) this.derive(records[k], seqs[k], conv);
+        const newest = records[j - 1];
+        if (newest.chid !== undefined) this.lastIs(conv, seqs[j - 1]);
+        this.lastRecordIs(conv, newest);
+        this.tailGrows(conv, seqs, i, j);
+        i = j;
       }
       this.armDerived();
     });
@@ -465,17 +470,21 @@ export class MessageStore {
     this.lastRecords.set(conv, m);
   }
 
-  /** A committed message joins the end of its conversation's tail. */
-  private tailGrows(conv: string, seq: number): void {
-    const tail = this.tails.get(conv);
-    if (tail === undefined) {
-      if (this.tails.size >= KNOWN_TAILS) this.tails.delete(this.tails.keys().next().value as string);
-      this.tails.set(conv, [seq]);
-    } else if (seq > tail[tail.length - 1]) {
-      if (tail.length >= TAIL) tail.shift();
-      tail.push(seq);
-    } else {
-      this.tails.delete(conv); // out of order: not a suffix any more
+  /** Committed messages (seqs[from..to), ascending) join the end of their conversation's tail. */
+  private tailGrows(conv: string, seqs: readonly number[], from: number, to: number): void {
+    let tail = this.tails.get(conv);
+    for (let k = from; k < to; k++) {
+      const seq = seqs[k];
+      if (tail === undefined) {
+        if (this.tails.size >= KNOWN_TAILS) this.tails.delete(this.tails.keys().next().value as string);
+        this.tails.set(conv, (tail = [seq]));
+      } else if (seq > tail[tail.length - 1]) {
+        if (tail.length >= TAIL) tail.shift();
+        tail.push(seq);
+      } else {
+        this.tails.delete(conv); // out of order: not a suffix any more
+        tail = undefined;
+      }
     }
   }
 
