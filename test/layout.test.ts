@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { decimal, midAbove, recordJson, seqKey, type MessageRecord } from "../src/storage/layout.js";
+import { decimal, midAbove, recordJson, SEQ_KEY_MAX, seqKey, writeSeqKey, type MessageRecord } from "../src/storage/layout.js";
 
 describe("decimal (seq to text without V8's number-string cache)", () => {
   it("is String(n) at every digit count's edges", () => {
@@ -52,5 +52,19 @@ describe("recordJson", () => {
       }),
       { numRuns: 500 },
     );
+  });
+});
+
+describe("writeSeqKey (the message path's log key, written in place)", () => {
+  it("writes seqKey's bytes for every seq up to SEQ_KEY_MAX, at the edges and anywhere", () => {
+    const buf = Buffer.from("!log!" + "x".repeat(15), "latin1");
+    const check = (n: number) => {
+      writeSeqKey(buf, buf.length, n);
+      expect(buf.toString("latin1")).toBe("!log!" + seqKey(n));
+    };
+    for (let p = 1; p <= SEQ_KEY_MAX; p *= 10) for (const n of [p - 1, p, p + 1, 9 * p]) check(n);
+    check(SEQ_KEY_MAX);
+    fc.assert(fc.property(fc.oneof(fc.nat(), fc.integer({ min: 0, max: SEQ_KEY_MAX })), (n) => check(n)), { numRuns: 20_000 });
+    expect(seqKey(SEQ_KEY_MAX + 1).length).toBe(16); // past it, the string path
   });
 });

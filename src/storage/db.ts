@@ -119,7 +119,7 @@ export interface CommitWaiter {
 type NativeBatch = object & { readonly __native: unique symbol };
 /** The parts of classic-level's binding this file calls (see the top of the file). */
 interface Binding {
-  batch_put(b: NativeBatch, key: string, value: string): void;
+  batch_put(b: NativeBatch, key: string | Uint8Array, value: string): void;
   batch_del(b: NativeBatch, key: string): void;
   batch_clear(b: NativeBatch): void;
   batch_write(b: NativeBatch, options: { sync: boolean }): Promise<void>;
@@ -268,6 +268,16 @@ export class Storage {
 
   /** Adds one put to the batch being gathered (the hot path: no op object). */
   put(key: string, value: string): void {
+    const b = this.open;
+    this.binding.batch_put(this.nativeOf(b), key, value);
+    b.ops++;
+  }
+
+  /**
+   * put(), with the key as bytes (the binding copies them at once: the caller may reuse
+   * its buffer).
+   */
+  putBytes(key: Uint8Array, value: string): void {
     const b = this.open;
     this.binding.batch_put(this.nativeOf(b), key, value);
     b.ops++;

@@ -240,6 +240,24 @@ export function seqKey(seq: number): string {
   return ZEROS.slice(s.length) + s;
 }
 
+/** The highest seq whose key writeSeqKey writes (seqKey is longer past it). */
+export const SEQ_KEY_MAX = 10 ** SEQ_WIDTH - 1;
+
+/**
+ * Writes seqKey(seq)'s ASCII digits into buf[end - 15, end), for 0 <= seq <= SEQ_KEY_MAX.
+ * The message path's log key is one buffer it rewrites: a string key was a rope of
+ * three pieces that LevelDB's binding flattened into a copy and then encoded, per
+ * message (~1 % of the server's CPU in S1).
+ */
+export function writeSeqKey(buf: Uint8Array, end: number, seq: number): void {
+  let n = seq;
+  for (let i = end - 1; i >= end - SEQ_WIDTH; i--) {
+    const q = Math.floor(n / 10);
+    buf[i] = 48 + n - q * 10;
+    n = q;
+  }
+}
+
 const fcc = String.fromCharCode;
 
 /** Eight decimal digits of 0 <= n < 1e8, zero-padded, as one flat string. */

@@ -53,6 +53,8 @@ import {
   prefixRange,
   recordJson,
   seqKey,
+  SEQ_KEY_MAX,
+  writeSeqKey,
   V1_SPACES,
   type HistChunk,
   type InboxChunk,
@@ -239,6 +241,8 @@ export class MessageStore {
    * message's append to the commit (the longest wait in the batch).
    */
   onCommitted: ((messages: number, seconds: number) => void) | undefined;
+  /** The key of the record append() writes, rewritten in place for each (writeSeqKey). */
+  private readonly logKey: Buffer;
 
   constructor(
     private readonly storage: Storage,
@@ -246,6 +250,7 @@ export class MessageStore {
     private readonly log: Logger,
   ) {
     this.s = storage.spaces;
+    this.logKey = Buffer.from(this.s.log.prefix + seqKey(0), "utf8");
     storage.contribute(() => this.contribute());
   }
 
@@ -401,7 +406,11 @@ export class MessageStore {
     const seq = this.seq.next();
     m.mid = decimal(seq);
     const text = recordJson(m, plainBody, nickJson);
-    this.storage.put(this.s.log.prefix + seqKey(seq), text.json);
+    if (seq <= SEQ_KEY_MAX) {
+      const key = this.logKey;
+      writeSeqKey(key, key.length, seq);
+      this.storage.putBytes(key, text.json);
+    } else this.storage.put(this.s.log.prefix + seqKey(seq), text.json);
     // The record keeps its body as a view of the text it is written in (kept anyway for
     // the event), so the copy read from the frame dies young: S1 keeps ~3,000 messages
     // waiting for their batch, alive at every scavenge, and their bodies were a fifth
