@@ -221,6 +221,11 @@ describe("rooms door: rooms and messages", () => {
     expect(await b.c.next((f) => f.type === "READ_MSG")).toMatchObject({ msg_type: "IMAGE", message: png });
     expect(await b.c.next((f) => f.type === "READ_MSG")).toMatchObject({ msg_type: "FILE", message: file });
     expect((await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "@@not base64@@", msg_type: "FILE" })).status).toBe("ERROR");
+    // An empty message of any kind is refused in this door's words (not the native fields')
+    for (const kind of ["TEXT", "FILE", "IMAGE"]) {
+      const r = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "", msg_type: kind });
+      expect(r).toEqual({ type: "SND_MSG", status: "ERROR", room_id: room.id, error: "'message' is empty" });
+    }
     for (const x of [a.c, b.c, native]) x.close();
   });
 

@@ -289,6 +289,8 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     if (typeof room !== "number" || !Number.isSafeInteger(room) || room < 1) return error(type, "'room_id' must be a room's id");
     if (text === undefined) return error(type, "'message' must be a string");
     if (kind !== "TEXT" && kind !== "FILE" && kind !== "IMAGE") return error(type, "'msg_type' must be TEXT, FILE or IMAGE");
+    // Said here in this door's words: the native refusal names its own fields.
+    if (text === "") return [line({ type, status: "ERROR", room_id: room, error: "'message' is empty" })];
     const data: Record<string, unknown> = { channel: String(room) };
     if (kind === "TEXT") data.body = text;
     else data.attach = { mime: kind === "IMAGE" ? sniffImage(text) : "application/octet-stream", data: text };
