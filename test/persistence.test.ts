@@ -242,8 +242,8 @@ describe("upgrading a layout-1 database", () => {
 
 describe("runs of messages in every direction", () => {
   // A sender's messages come in runs that commit together; the server derives each
-  // conversation's history, each recipient's inbox and each user's dialogs from the
-  // run it saw last (storage/messages.ts, MessageStore.run). Runs of two senders are
+  // conversation's history, each recipient's inbox and each user's dialogs a run at a
+  // time (storage/messages.ts, MessageStore.deriveRun). Runs of two senders are
   // interleaved here, to each other, to a third user who is away and to themselves.
   it("are read back the same from history, dialogs and the inbox, before and after a restart", async () => {
     const dataDir = newDataDir();

@@ -52,9 +52,9 @@ export function codeText(code: Code): string {
   return CODES[code].text;
 }
 
-/** A refusal a handler throws; the dispatcher turns it into the reply's status and error. */
 /**
- * A request's answer other than success: its code and text go to the client. It
+ * A refusal a handler throws; the dispatcher turns it into the reply's status and
+ * error: its code and text go to the client. It
  * carries no stack trace: it is an outcome, not a fault (none is logged with one), and
  * a captured trace holds the closures it was thrown through, with what they hold. A
  * cluster node refusing pipelined 800 KB messages while its engine stalled kept each

@@ -266,18 +266,11 @@ export class Storage {
     this.contributors.push(fn);
   }
 
-  /** Adds one put to the batch being gathered (the hot path: no op object). */
-  put(key: string, value: string): void {
-    const b = this.open;
-    this.binding.batch_put(this.nativeOf(b), key, value);
-    b.ops++;
-  }
-
   /**
-   * put(), with the key as bytes (the binding copies them at once: the caller may reuse
-   * its buffer).
+   * Adds one put to the batch being gathered (the hot path: no op object). A key given
+   * as bytes is copied by the binding at once: the caller may reuse its buffer.
    */
-  putBytes(key: Uint8Array, value: string): void {
+  put(key: string | Uint8Array, value: string): void {
     const b = this.open;
     this.binding.batch_put(this.nativeOf(b), key, value);
     b.ops++;
