@@ -64,6 +64,50 @@ describe("cluster mode with the seed doors", () => {
     expect(lists[1]).toEqual([{ ...lists[0][0], online: expect.any(Number) }]);
   });
 
+  it("the same pair's CREATE_ROOMs on two nodes at the same moment answer one room, and leave one", async () => {
+    const [a, b] = nodes;
+    const signup = async (port: number) => {
+      const c = await Client.connect(port, { welcome: false });
+      const login = uniqueName("pair");
+      expect((await c.ask({ type: "REQUEST_SIGNUP", login, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+      return { c, login };
+    };
+    // Several pairs at once: each pair's two requests race on the two nodes.
+    const pairs = await Promise.all([0, 1, 2, 3].map(async () => ({ x: await signup(a.roomsPort as number), y: await signup(b.roomsPort as number) })));
+    const answers = await Promise.all(
+      pairs.map(({ x, y }) =>
+        Promise.all([
+          x.c.ask({ type: "CREATE_ROOM", customer: y.login }, (f) => f.type === "CREATE_ROOM"),
+          y.c.ask({ type: "CREATE_ROOM", customer: x.login }, (f) => f.type === "CREATE_ROOM"),
+        ]),
+      ),
+    );
+    for (const [rx, ry] of answers) {
+      expect(rx).toMatchObject({ type: "CREATE_ROOM", id: expect.any(Number) });
+      expect(ry.id).toBe(rx.id);
+    }
+    // One room of the two is left, on both nodes (the other node may apply the delete a moment later).
+    for (const [i, { x }] of pairs.entries()) {
+      for (const node of nodes) {
+        const native = await Client.connect(node.port);
+        expect((await native.request("auth", { login: x.login, pass: "pw" })).status).toBe(0);
+        let mine: { chid: string }[] = [];
+        for (let tries = 0; tries < 50; tries++) {
+          const { channels } = await native.request("channellist", { limit: 500 });
+          mine = channels.filter((ch: { name: string }) => ch.name.includes(x.login));
+          if (mine.length === 1) break;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        expect(mine.map((ch) => ch.chid)).toEqual([String(answers[i][0].id)]);
+        native.close();
+      }
+    }
+    for (const { x, y } of pairs) {
+      x.c.close();
+      y.c.close();
+    }
+  });
+
   it("a conversation across doors and nodes: 000 on one node, 001 and native on the other", async () => {
     const [a, b] = nodes;
     const native = await registerUser(b.port);

@@ -261,6 +261,21 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
         if (!r.ok) return error(type, r.text);
         chid = (r.body as { chid: string }).chid;
+        // Cluster mode: the pair's CREATE_ROOM on another node may have found no room
+        // either and made one. Every node applies the log in one order and ours is
+        // applied here by now (and all before it), so the pair's room read again is the
+        // one the log made first, the same on every node (privateRoomOf). When that is
+        // not ours, ours goes (its DELETE_ROOM is not this connection's to hear) and the
+        // first is the answer; the other node keeps its own, which is that one.
+        const first = await this.deps.roomOf(me, other);
+        if (first !== undefined && first !== chid) {
+          const echo = `DELETE_ROOM:${chid}`;
+          st.echoes.set(echo, Infinity);
+          const gone = await this.call(s, "deletechannel", { channel: chid });
+          if (!gone.ok) st.echoes.delete(echo);
+          else if (st.echoes.has(echo)) st.echoes.set(echo, Date.now() + ECHO_MS);
+          chid = first;
+        }
       }
       return [line({ type, id: Number(chid), customer })];
     });

@@ -570,15 +570,20 @@ export async function serverChannel(sv: Services, name: string): Promise<string>
  * one when they are the same user) and whose owner is one of them, if there is one:
  * reads `a`'s channels (at most --max-joined-channels) and the members of the private
  * ones among them. A channel owned by anyone else is not theirs alone, even when they
- * are its only members: its owner may enter it again at any time and read it.
+ * are its only members: its owner may enter it again at any time and read it. Of two
+ * such channels (two nodes of a cluster each made one at the same moment) the one made
+ * first, the lowest chid, is the room: every node answers the same one (see the rooms
+ * door's CREATE_ROOM).
  */
 export async function privateRoomOf(sv: Services, a: string, b: string): Promise<string | undefined> {
   const want = new Set([a, b]);
+  let first: string | undefined;
   for (const chid of await sv.channels.channelsOf(a)) {
+    if (first !== undefined && Number(chid) > Number(first)) continue;
     const c = (await sv.channels.get(chid)) as (ChannelRecord & { private?: boolean }) | undefined;
     if (!c?.private || !want.has(c.owner)) continue;
     const members = await sv.channels.members(chid);
-    if (members.length === want.size && members.every((m) => want.has(m))) return chid;
+    if (members.length === want.size && members.every((m) => want.has(m))) first = chid;
   }
-  return undefined;
+  return first;
 }
