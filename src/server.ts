@@ -4,7 +4,7 @@
 //   codec, events, router) → features (accounts, profiles, contacts, messages, channels)
 //   → storage (key layout, group commit, message log, typed stores, blob store).
 
-import { realpathSync, rmSync } from "node:fs";
+import { realpathSync, renameSync } from "node:fs";
 import { hostname } from "node:os";
 import path from "node:path";
 import pino, { type Logger } from "pino";
@@ -410,7 +410,10 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
 /**
  * Catches the view up with the cluster log before anything listens. A view built from
  * another stream (a stream recreated, a data dir copied from elsewhere) is never
- * trusted: its database is emptied and rebuilt from the log.
+ * trusted: it is rebuilt from the log. The old database is set aside in the data dir
+ * (`db.replaced-<time>`), never deleted: a stream can also be "new" because
+ * nats-server lost its store, and then the views are the only copy of what the
+ * cluster held.
  */
 async function joinCluster(core: Core, config: Config, log: Logger): Promise<Core> {
   const { ViewMismatch } = await import("./cluster/jetstream-log.js");
@@ -422,9 +425,10 @@ async function joinCluster(core: Core, config: Config, log: Logger): Promise<Cor
       await core.close();
       throw new Error(`cannot join the cluster at ${config.nats}: ${(err as Error).message}`, { cause: err });
     }
-    log.warn({ reason: err.message }, "the local view does not match the cluster log; rebuilding it from the log");
     await core.close();
-    rmSync(path.join(config.dataDir, "db"), { recursive: true, force: true });
+    const kept = path.join(config.dataDir, `db.replaced-${new Date().toISOString().replace(/[:.]/g, "-")}`);
+    renameSync(path.join(config.dataDir, "db"), kept);
+    log.warn({ reason: err.message, kept }, "the local view does not match the cluster log; rebuilding it from the log (the old view is kept)");
     const fresh = await openCore(config, log);
     try {
       await (fresh.services.cluster as Cluster).open();

@@ -8,7 +8,8 @@
 // down catches up before it listens.
 
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
+import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
@@ -612,6 +613,42 @@ describe("cluster mode: the operator", () => {
 });
 
 describe("cluster mode: a node that was away", () => {
+  it("a view of a stream that is gone is rebuilt from the new one, and the old view is kept, not deleted", async () => {
+    const dir = tempDir();
+    const own = `${stream}_GONE`;
+    const extra = ["--nats", nats.url, "--nats-stream", own, "--node-id", "gone", "--admin", "off"];
+    let child = await startChild(dir, extra);
+    const alice = await registerUser(child.port);
+    alice.client.close();
+    child.proc.kill("SIGTERM");
+    await child.exited;
+    // The stream goes (nats-server lost its store, or an operator deleted it).
+    const { jetstreamManager } = await import("@nats-io/jetstream");
+    const { connect } = await import("@nats-io/transport-node");
+    const nc = await connect({ servers: nats.url });
+    await (await jetstreamManager(nc)).streams.delete(own);
+    await nc.close();
+    child = await startChild(dir, extra);
+    expect(child.stdout()).toContain("rebuilding it from the log (the old view is kept)");
+    // The node follows the new (empty) log: alice is not there.
+    const c = await Client.connect(child.port);
+    expect((await c.request("auth", { login: alice.login, pass: "secret" })).status).not.toBe(0);
+    c.close();
+    child.proc.kill("SIGTERM");
+    await child.exited;
+    // What it held is set aside in the data dir, alice's record with it.
+    const kept = readdirSync(dir).filter((f) => f.startsWith("db.replaced-"));
+    expect(kept).toHaveLength(1);
+    const { Level } = await import("level");
+    const old = new Level<string, string>(path.join(dir, kept[0]));
+    await old.open();
+    const values: string[] = [];
+    for await (const v of old.values()) values.push(v);
+    await old.close();
+    expect(values.some((v) => v.includes(alice.login))).toBe(true);
+    removeDir(dir);
+  });
+
   it("catches up from the log before it listens, and a new node builds its view from the start", async () => {
     const dir = tempDir();
     const extra = ["--nats", nats.url, "--nats-stream", stream, "--node-id", "away", "--admin", "off"];
