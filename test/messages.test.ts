@@ -28,6 +28,17 @@ describe("message", () => {
     b.client.close();
   });
 
+  it("to a recipient deleted between two messages of a run: the second is refused with 8", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    // A run to b on one connection (the server remembers the connection's last recipient).
+    for (let i = 0; i < 3; i++) expect((await a.client.request("message", { uid: b.uid, body: `run ${i}` })).status).toBe(0);
+    expect((await b.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    expect(await a.client.request("message", { uid: b.uid, body: "after" })).toMatchObject({ status: 8 });
+    a.client.close();
+    b.client.close();
+  });
+
   it("any body arrives and is stored exactly as sent, escaped in its frame or not (property)", async () => {
     // A frame without a backslash takes the joined (not stringified) record path; one
     // with escapes the JSON.stringify path. Both must give back the same string.

@@ -89,6 +89,14 @@ export class Session {
   generation = 0;
   /** The dispatcher's request line for this connection. */
   line: unknown;
+  /**
+   * The recipient of this connection's last direct message, as the frame named it and
+   * as its account names it, while the account store's generation is `sentToGen`
+   * (features/messages.ts: a sender's messages come in runs to one recipient).
+   */
+  sentTo: string | undefined = undefined;
+  sentToUid: string | undefined = undefined;
+  sentToGen = -1;
 
   constructor(
     readonly peer: Peer,

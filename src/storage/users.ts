@@ -115,6 +115,11 @@ export class UserStore {
   /** Bumped by every report (saved, forget): a read that spans one does not fill the cache. */
   private gen = 0;
 
+  /** Changes whenever an account is saved or forgotten (what was peeked may be stale). */
+  get generation(): number {
+    return this.gen;
+  }
+
   private remember(u: UserRecord): void {
     this.cache.delete(u.uid);
     this.cache.set(u.uid, u);
