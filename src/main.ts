@@ -170,15 +170,15 @@ const MMAP_THRESHOLD_MAX = 32 * 1024 * 1024;
  * maximum at start-up puts them at ~32 and ~64 MiB, so a freed write buffer stays in
  * its arenas for the next one, as MALLOC_TRIM_THRESHOLD_ would (which only works in
  * the environment before the process starts). Measured under S1: page faults 29,500
- * and 32,900 per 5 s -> 20,700 and 26,900 (MALLOC_TRIM_THRESHOLD_=256 MiB: 20,300),
+ * and 32,900 per 5 s -> 20,500 and 21,000 (MALLOC_TRIM_THRESHOLD_=256 MiB: 20,300),
  * and with the environment variable 2.8 % fewer CPU samples per message. The cost is
  * memory kept rather than returned: what LevelDB freed, up to ~64 MiB per arena,
  * stays in the process for its next write buffer, and so does what the event loop
  * freed (S3, 10,000 idle connections after their logins: 5.35 / 5.41 -> 5.75 / 5.74
- * KiB of RSS per connection; a 16 MiB block, trim threshold 32 MiB, kept more: 7.3). The block is never touched (no
- * resident pages) and is freed by a transfer to a closed port, which frees its memory
- * with free() as the port is closed. Only on glibc, and only the process's own entry
- * point does this (as boundHeapGrowth).
+ * KiB of RSS per connection; a 16 MiB block, trim threshold 32 MiB, kept more: 7.3).
+ * The block is never touched (no resident pages) and is freed by a transfer to a
+ * closed port, which frees its memory with free() as the port is closed. Only on
+ * glibc, and only the process's own entry point does this (as boundHeapGrowth).
  */
 function keepFreedMallocMemory(): void {
   if (process.platform !== "linux") return;

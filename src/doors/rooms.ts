@@ -269,11 +269,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         // first is the answer; the other node keeps its own, which is that one.
         const first = await this.deps.roomOf(me, other);
         if (first !== undefined && first !== chid) {
-          const echo = `DELETE_ROOM:${chid}`;
-          st.echoes.set(echo, Infinity);
-          const gone = await this.call(s, "deletechannel", { channel: chid });
-          if (!gone.ok) st.echoes.delete(echo);
-          else if (st.echoes.has(echo)) st.echoes.set(echo, Date.now() + ECHO_MS);
+          await this.callEchoed(s, st, `DELETE_ROOM:${chid}`, "deletechannel", { channel: chid });
           chid = first;
         }
       }
@@ -360,18 +356,21 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   private async byId(s: Session, st: RoomsState, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
     const id = msg.id;
     if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg.type, "'id' must be a number");
-    const echo = `${msg.type}:${id}`;
+    const r = await this.callEchoed(s, st, `${msg.type}:${id}`, action, { [key]: String(id), ...extra });
+    if (!r.ok) return [line({ type: msg.type, status: "ERROR", id, error: r.text })];
+    return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: extra.body } : { type: msg.type, id })];
+  }
+
+  /** Calls `action`; the event it makes is not sent to this connection (`echo`, see byId and echoed). */
+  private async callEchoed(s: Session, st: RoomsState, echo: string, action: string, data: Record<string, unknown>): Promise<Answer> {
     const now = Date.now();
     for (const [k, until] of st.echoes) if (until < now) st.echoes.delete(k);
     st.echoes.set(echo, Infinity);
-    const r: Answer = await this.call(s, action, { [key]: String(id), ...extra });
-    if (!r.ok) {
-      st.echoes.delete(echo);
-      return [line({ type: msg.type, status: "ERROR", id, error: r.text })];
-    }
+    const r: Answer = await this.call(s, action, data);
+    if (!r.ok) st.echoes.delete(echo);
     // Not seen yet: a copy may still come (or none, for a caller that is no member).
-    if (st.echoes.has(echo)) st.echoes.set(echo, Date.now() + ECHO_MS);
-    return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: extra.body } : { type: msg.type, id })];
+    else if (st.echoes.has(echo)) st.echoes.set(echo, Date.now() + ECHO_MS);
+    return r;
   }
 
   /** The connection's own request was answered with this event's frame (see byId): true once. */

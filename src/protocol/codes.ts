@@ -54,9 +54,9 @@ export function codeText(code: Code): string {
 
 /**
  * A refusal a handler throws; the dispatcher turns it into the reply's status and
- * error: its code and text go to the client. It
- * carries no stack trace: it is an outcome, not a fault (none is logged with one), and
- * a captured trace holds the closures it was thrown through, with what they hold. A
+ * error: its code and text go to the client. It carries no stack trace: it is an
+ * outcome, not a fault (none is logged with one), and a captured trace holds the
+ * closures it was thrown through, with what they hold. A
  * cluster node refusing pipelined 800 KB messages while its engine stalled kept each
  * message's body alive through its refusal's trace, waiting in line for its reply, and
  * ran out of memory (255 MB of bodies at a 256 MB heap, 600 messages).
