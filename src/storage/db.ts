@@ -302,6 +302,11 @@ export class Storage {
     return native;
   }
 
+  /** Operations in the batch being gathered. */
+  get gathering(): number {
+    return this.open.ops;
+  }
+
   /** Calls `done` once everything added so far is on disk (synced), or failed. */
   afterCommit(done: Done | CommitWaiter): void {
     if (this.closed) {
