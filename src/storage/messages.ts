@@ -8,10 +8,10 @@
 // tables, and finding a message by mid is one read). Everything else is derived from
 // the log: once the batch is on disk its history, inbox and cmid entries wait in
 // memory (at most DERIVED_DELAY_MS or DERIVED_MAX entries) and are then written
-// together, lazily (in chunks over a few batches: drain), with the watermark `meta
-// indexed` last: one history chunk per conversation per generation. At start-up the log past the watermark is
-// replayed, so a crash loses none of them. Readers merge what is in memory with what
-// is on disk.
+// together, lazily, a chunk with each of the next few batches (drain), the watermark
+// `meta indexed` last: one history chunk per conversation per generation. At start-up
+// the log past the watermark is replayed, so a crash loses none of them. Readers merge
+// what is in memory with what is on disk.
 //
 // (Until layout 5 each batch also held one history chunk per conversation. Under S2 at
 // 20,000 msg/s that was a put per message, at a key anywhere in LevelDB's 64 MiB skip
@@ -161,8 +161,9 @@ interface Drain {
   at: number;
   /** Then these, made as each chunk is added (see tailOps). */
   tail: Iterator<BatchOp>;
-  /** Settles `drained`. */
-  done: () => void;
+  /** Settles once the last chunk is written, or a chunk's write has failed. */
+  settled: Promise<void>;
+  settle: () => void;
 }
 
 export class MessageStore {
@@ -178,9 +179,7 @@ export class MessageStore {
   private writing: Derived | undefined;
   /** The dialog pointers of `writing` being read, before it is written. */
   private preparing: Promise<void> | undefined;
-  /** What is left of `writing` to hand to batches, once its pointers are read (see drain). */
-  private draining: Drain | undefined;
-  /** Settles once `writing` is on disk, or its write has failed. */
+  /** Settles once `writing` is on disk, or its write has failed (set once it drains). */
   private drained: Promise<void> | undefined;
   private derivedTimer: NodeJS.Timeout | undefined;
   private derivedDue = false;
@@ -738,10 +737,10 @@ export class MessageStore {
   }
 
   private commitDerived(d: Derived, cursors: ReadonlyMap<string, number>, ops: BatchOp[]): void {
-    let done!: () => void;
-    this.drained = new Promise<void>((resolve) => (done = resolve));
-    this.draining = { d, cursors, ops, at: 0, tail: this.tailOps(d), done };
-    this.drain();
+    let settle!: () => void;
+    const settled = new Promise<void>((resolve) => (settle = resolve));
+    this.drained = settled;
+    this.drain({ d, cursors, ops, at: 0, tail: this.tailOps(d), settled, settle });
   }
 
   /**
@@ -759,8 +758,7 @@ export class MessageStore {
    * delete that comes first is seen, and one that comes after is written after them.
    * A deleted user's entries are left out of every chunk added after the deletion.
    */
-  private drain(): void {
-    const g = this.draining as Drain;
+  private drain(g: Drain): void {
     const room = Math.max(DERIVED_CHUNK, this.storage.gathering);
     const chunk: BatchOp[] = [];
     while (chunk.length < room && g.at < g.ops.length) chunk.push(g.ops[g.at++]);
@@ -777,15 +775,12 @@ export class MessageStore {
     this.storage.afterWrite((err) => {
       // A chunk past the head may have held cmid entries (purgedCmidOps).
       if (!err && g.at === g.ops.length && g.d.cmids.size > 0) this.cmidWrites++;
-      if (!err && !last) return this.drain();
+      if (!err && !last) return this.drain(g);
       if (this.writing === g.d) this.writing = undefined;
       if (this.writingCursors === g.cursors) this.writingCursors = undefined;
-      if (this.draining === g) {
-        this.draining = undefined;
-        this.drained = undefined;
-      }
+      if (this.drained === g.settled) this.drained = undefined;
       if (err) this.restore(g.d, g.cursors); // written again with the next generation
-      g.done();
+      g.settle();
       if (this.pending.count > 0) this.armDerived();
       if (this.cursors.size > 0) this.armCursor();
     });
