@@ -6,7 +6,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ChannelStore } from "../src/storage/channels.js";
 import { Storage } from "../src/storage/db.js";
 import { prefixRange, type Space } from "../src/storage/layout.js";
-import { readEntries, readKeys, readValues } from "../src/storage/range.js";
+import { MAX_OPEN, rangeReads, readEntries, readKeys, readValues } from "../src/storage/range.js";
 import { useTempDirs } from "./helpers.js";
 
 const newDir = useTempDirs();
@@ -88,6 +88,32 @@ describe("range reads", () => {
     await expect(readKeys(s, prefixRange("k"))).rejects.toThrow("disk on fire");
     expect(failing).toMatchObject({ opened: 1, closed: 1 });
     failing.restore();
+  });
+
+  it("keep at most MAX_OPEN iterators open; the rest wait their turn, failures free theirs", async () => {
+    const s = storage.spaces.contactof;
+    await s.batch(Array.from({ length: 100 }, (_, i) => ({ type: "put" as const, key: key("p", i), value: 1 })));
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    // The first read fails once released; the others each read their own key.
+    let first = true;
+    const w = watch(s, () => {
+      if (!first) return gate;
+      first = false;
+      return gate.then(() => Promise.reject(new Error("disk on fire")));
+    });
+    const reads = Array.from({ length: 100 }, (_, i) => readKeys(s, { gte: key("p", i), lte: key("p", i) }));
+    const failed = expect(reads[0]).rejects.toThrow("disk on fire");
+    await new Promise((r) => setTimeout(r, 20));
+    expect(w.opened).toBe(MAX_OPEN);
+    expect(rangeReads()).toEqual({ open: MAX_OPEN, waiting: 100 - MAX_OPEN });
+    release();
+    await failed;
+    const got = await Promise.all(reads.slice(1));
+    expect(got).toEqual(Array.from({ length: 99 }, (_, i) => [key("p", i + 1)]));
+    expect(w).toMatchObject({ opened: 100, closed: 100 });
+    expect(rangeReads()).toEqual({ open: 0, waiting: 0 });
+    w.restore();
   });
 });
 
