@@ -88,15 +88,19 @@ async function serve(argv: string[]): Promise<void> {
  * How far V8 lets the heap grow past the live data before its next full collection.
  * Left to itself it allows up to 4x after a quick collection: under the soak's mixed
  * load (seed 20261203) the server keeps 27-29 MiB live after each mark-compact, and the
- * heap grew to 95-170 MiB between them, so RSS swung by 100 MiB with nothing leaking.
- * At 50 % the heap stayed at 75-85 MiB for the same load. The price is more full
- * collections where much is promoted: S1 (3,200 messages in flight) delivered about a
- * fifth less at 50 % (alternated runs: 50.7, 63.3, 60.1 k msg/s against 67.3, 72.1,
- * 85.3 k), so the default leaves V8's choice and --heap-growth is the operator's
- * trade of throughput for flat memory. V8 reads this flag at every full collection,
- * so setting it at start-up takes effect (measured: a 20 MiB live set with a
- * promotion-heavy churn peaks at 86 MiB with 20 %, 125 MiB without). Only the
- * process's own entry point does this: an embedding program's heap is its own.
+ * heap grew to 95-170 MiB between them, so RSS swung by 100 MiB with nothing leaking;
+ * after S3's 10,000 logins the old generation held 56-84 MiB depending on when its last
+ * full collection came (5.5-9.3 KiB of RSS per idle connection over 19 runs). At 20 %
+ * S3 measured 5.1-6.3 KiB (12 runs). Since pretenuring is off (noPretenuring) the
+ * price is small: S1's throughput unchanged (alternated pairs; 17 full collections in
+ * a run instead of 5), S2's p99 at 5,000 msg/s unchanged (six pairs), but at 20,000
+ * msg/s one or two more full collections per run, 5-9 ms pauses, and the slowest
+ * delivery 35-40 ms in all four runs against 13-33. So the default leaves V8's
+ * choice and --heap-growth is the operator's trade of latency under heavy load for
+ * flat memory. V8 reads this flag at every full collection, so setting it at start-up
+ * takes effect (measured: a 20 MiB live set with a promotion-heavy churn peaks at 86
+ * MiB with 20 %, 125 MiB without). Only the process's own entry point does this: an
+ * embedding program's heap is its own.
  */
 function boundHeapGrowth(percent: number): void {
   if (percent > 0) v8.setFlagsFromString(`--heap-growing-percent=${percent}`);
