@@ -8,9 +8,10 @@
 // core with the loop (one core, or more runnable threads than cores) the kernel gives
 // each runnable thread an equal share, so a burst of logins or a compaction stretches
 // the latency of every request, a ping included. Raising their nice value (as RocksDB
-// lowers its compaction threads' priority) gives the loop the core whenever it has
-// work; they run in the time it leaves, and never starve: at nice 10 a thread still
-// gets about a tenth of a core the loop saturates (weights 110 against 1024).
+// lowers its compaction threads' priority) gives the loop most of the core whenever it
+// has work (how soon it gets it back depends on the scheduler: below); they run in the
+// time it leaves, and never starve: at nice 10 a thread still gets about a tenth of a
+// core the loop saturates (weights 110 against 1024).
 //
 // The pool stays at the loop's priority: a commit is on the path of every message, so
 // a pool thread that yields to a busy loop holds the acknowledgements and deliveries
@@ -22,6 +23,20 @@
 // Lowering the background (then with bcrypt on the pool, the pool lowered too), the
 // 5-minute soak at 2,400 requests/s (seed 20261203) measured canary ping p50 1.6-2.8
 // ms -> 0.6-0.9 ms.
+//
+// What nice buys depends on the kernel's scheduler. Under EEVDF (Linux 6.6 and later)
+// it sets a thread's share of the core, but a lowered thread that is running can keep
+// the core for the rest of its slice when the loop wakes (run to parity), until the
+// next tick. Measured on 6.18 (S2 at 5,000 msg/s, server on one core, perf on that
+// core): the loop never ran longer than 3 ms at a stretch, yet its 1 ms timer was 4-7
+// ms late while V8's compiler or marking threads held the core (or the host's kdamond,
+// which is not ours to lower). Putting the lowered threads at SCHED_IDLE, which a
+// waking thread always preempts, made no difference that stood out of the run-to-run
+// spread (p99 delivery 4.58 / 3.82 / 4.83 ms against 5.98 / 4.05 / 3.79), nor did nice
+// 19 against 10 (four pairs); and SCHED_IDLE would leave LevelDB's compaction thread a
+// third of a per cent of a core the loop saturates, so writes would stall behind it.
+// The kernel's own answer is a shorter slice for the loop (sched_setattr's
+// sched_runtime, Linux 6.12 and later), which node has no call for.
 //
 // Linux only: the threads are listed in /proc/self/task, and setpriority() on a thread
 // id sets that thread's nice value. A thread inherits its creator's nice value, and
