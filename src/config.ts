@@ -35,6 +35,7 @@ export interface Config {
   authRate: number;
   authBurst: number;
   hashQueuePerAddress: number;
+  hashThreadIdle: number;
   trustedAddresses: string;
   maxSessionsPerUser: number;
   maxConnectionsPerUser: number;
@@ -126,6 +127,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "authBurst", flag: "--auth-burst", env: "WIRECHAT_AUTH_BURST", kind: "int", default: 300, min: 1, help: "password checks one IP address may start at once above --auth-rate" },
   { key: "trustedAddresses", flag: "--trusted-addresses", env: "WIRECHAT_TRUSTED_ADDRESSES", kind: "string", default: "127.0.0.1,::1", help: "comma-separated IP addresses exempt from --auth-rate/--auth-burst (a proxy on the same host, local test and conformance scripts); empty for none" },
   { key: "hashQueuePerAddress", flag: "--hash-queue-per-address", env: "WIRECHAT_HASH_QUEUE_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "password checks from one IP address waiting for the hasher (served round-robin between addresses; status 13 past it)" },
+  { key: "hashThreadIdle", flag: "--hash-thread-idle", env: "WIRECHAT_HASH_THREAD_IDLE", kind: "int", default: 5, min: 0, help: "seconds the password-hashing threads (~6 MiB each) wait for a check before they end; the next check starts them again (tens of milliseconds); 0 keeps them running" },
   { key: "maxSessionsPerUser", flag: "--max-sessions-per-user", env: "WIRECHAT_MAX_SESSIONS_PER_USER", kind: "int", default: 64, min: 1, help: "stored sessions per user; a new one past it revokes the oldest", reload: true },
   { key: "maxConnectionsPerUser", flag: "--max-connections-per-user", env: "WIRECHAT_MAX_CONNECTIONS_PER_USER", kind: "int", default: 100, min: 1, help: "simultaneous authenticated connections per user (auth past it gets status 13)", reload: true },
   { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },

@@ -96,6 +96,36 @@ describe("background thread priority", () => {
     expect(line.test(all.stdout())).toBe(os.availableParallelism() === 1);
   });
 
+  it("ends the password-hashing threads after --hash-thread-idle seconds without a check, and starts one, already lowered, for the next", async () => {
+    const child = await startChild(["--hash-thread-idle", "1"]);
+    const pid = child.proc.pid as number;
+    const first = await registerUser(child.port); // the threads started with the server have hashed
+    first.client.close();
+    const busy = new Set(niceByThread(pid).keys());
+    // Idle for a second: both threads end (no other thread of the process comes or goes here).
+    await expect.poll(() => niceByThread(pid).size, { timeout: 10000, interval: 100 }).toBe(busy.size - 2);
+    const idle = new Set(niceByThread(pid).keys());
+    // The next check starts a thread again. It lowers itself as it starts: by the time
+    // its hash is answered it is at 10, where the 5-second rescan would reach it later.
+    const c = await Client.connect(child.port);
+    expect((await c.request("register", { login: `back${process.pid}`, pass: "secret", nick: "back" })).status).toBe(0);
+    const fresh = [...niceByThread(pid)].filter(([tid]) => !idle.has(tid));
+    expect(fresh.length).toBe(1);
+    expect(fresh[0][1]).toBe(10);
+    expect((await c.request("auth", { login: `back${process.pid}`, pass: "secret" })).status).toBe(0);
+    c.close();
+  });
+
+  it("keeps the password-hashing threads with --hash-thread-idle 0", async () => {
+    const child = await startChild(["--hash-thread-idle", "0"]);
+    const pid = child.proc.pid as number;
+    const u = await registerUser(child.port);
+    u.client.close();
+    const before = niceByThread(pid).size;
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(niceByThread(pid).size).toBe(before);
+  });
+
   it("hashes passwords on threads of their own: a commit does not wait behind a hash, even with a pool of one thread", async () => {
     // Cost 13 takes about a second a hash here; with bcrypt on libuv's pool (one
     // thread) every commit queued behind it, so no message was acknowledged until the

@@ -60,6 +60,8 @@ export function registerAccounts(sv: Services): AccountOps {
   const hasher = new PasswordHasher({
     cost: config.bcryptCost,
     queuePerAddress: config.hashQueuePerAddress,
+    idleStopMs: config.hashThreadIdle * 1000,
+    nice: config.backgroundNice,
     rate: config.authRate,
     burst: config.authBurst,
     trusted: new Set(

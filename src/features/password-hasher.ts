@@ -3,8 +3,15 @@
 // writes every group commit and serves every read, so a hash there would hold a commit
 // back for as long as it runs (50-150 ms at cost 10 here), and the pool runs at the
 // event loop's priority (thread-priority.ts) while these threads are lowered with the
-// other background work, so a burst of logins yields the core to the loop. Each worker
-// costs about 9 MiB of memory; they start with the server. Checks wait in one queue
+// other background work, so a burst of logins yields the core to the loop (each thread
+// lowers itself as it starts, before thread-priority.ts's next rescan would). They
+// start with the server and end after --hash-thread-idle seconds (5) without a check;
+// the next check starts one again, ~50 ms more for that login. Ended, they cost
+// nothing: alive, each is a V8 isolate (RSS 12 MiB lower once both have ended) whose
+// memory reducer runs full collections 6-8 s after it goes quiet, 20-45 ms each on a
+// core shared with the loop (--trace-gc under S2, inside its measured window after the
+// start-up logins; ended first, S2's p99 at 5,000 msg/s was lower in 8 of 12
+// alternated pairs and higher in 2, medians 4.3 against 5.2 ms). Checks wait in one queue
 // per client address, and the addresses are served round-robin: a login from one
 // address waits for about one hash per other busy address, however many connections
 // those have.
@@ -47,6 +54,10 @@ export interface HasherLimits {
   trusted?: ReadonlySet<string>;
   /** Buckets kept (one per address seen recently). */
   maxBuckets?: number;
+  /** Milliseconds the threads wait for a check before they end; 0: never (default 5,000). */
+  idleStopMs?: number;
+  /** Nice value each thread sets itself to as it starts (Linux; 0 or absent: unchanged). */
+  nice?: number;
 }
 
 /**
@@ -55,6 +66,12 @@ export interface HasherLimits {
  */
 const HASH_THREAD_SOURCE = `
 const { parentPort, workerData } = require("node:worker_threads");
+if (workerData.nice > 0) {
+  try {
+    const tid = Number(require("node:fs").readlinkSync("/proc/thread-self").split("/").pop());
+    require("node:os").setPriority(tid, workerData.nice);
+  } catch {}
+}
 const bcrypt = require(workerData.bcrypt);
 parentPort.postMessage("ready");
 parentPort.on("message", (m) => {
@@ -88,10 +105,13 @@ class HashThread {
   /** Stops the current worker: at once if it has loaded bcrypt, else as soon as it has. */
   private stopWorker: (() => void) | undefined;
 
+  /** `nice`: what the thread lowers itself to as it starts (0: left at its creator's). */
+  constructor(private readonly nice: number) {}
+
   private spawn(): Worker {
     const w = new Worker(HASH_THREAD_SOURCE, {
       eval: true,
-      workerData: { bcrypt: BCRYPT_PATH },
+      workerData: { bcrypt: BCRYPT_PATH, nice: this.nice },
       // bcrypt's work is native: the thread's own heap holds little more than a request.
       resourceLimits: { maxOldGenerationSizeMb: 16, maxYoungGenerationSizeMb: 2 },
     });
@@ -166,15 +186,19 @@ export class PasswordHasher {
   private readonly buckets = new Map<string, Bucket>();
   private readonly maxBuckets: number;
 
+  /** Ends the threads once none has had a check for idleStopMs (see IDLE_STOP_MS). */
+  private idleTimer: NodeJS.Timeout | undefined;
+
   constructor(private readonly limits: HasherLimits) {
     this.maxBuckets = limits.maxBuckets ?? 100_000;
-    for (let i = 0; i < (limits.parallel ?? 2); i++) this.threads.push(new HashThread());
+    for (let i = 0; i < (limits.parallel ?? 2); i++) this.threads.push(new HashThread(limits.nice ?? 0));
     this.free.push(...this.threads);
   }
 
   /** Starts the hash threads now (a server does, so its first logins do not wait for them). */
   start(): void {
     for (const t of this.threads) t.start();
+    this.armIdleStop();
   }
 
   /**
@@ -237,6 +261,7 @@ export class PasswordHasher {
    */
   stop(): void {
     this.stopped = true;
+    if (this.idleTimer !== undefined) clearTimeout(this.idleTimer);
     for (const q of this.queues.values()) for (const job of q) job.reject(new ProtocolError(Code.Unavailable, SHUTTING_DOWN));
     this.queues.clear();
     for (const t of this.free.splice(0)) t.stop();
@@ -271,7 +296,27 @@ export class PasswordHasher {
         if (this.stopped) return thread.stop();
         this.free.push(thread);
         this.pump();
+        if (this.free.length === this.threads.length) this.armIdleStop();
       });
+    }
+  }
+
+  /**
+   * All threads are free: they end if none gets a check within the idle time. A thread
+   * that ends is started again by its next run(); one that is loading bcrypt when told
+   * to stop ends once it has (HashThread.stop).
+   */
+  private armIdleStop(): void {
+    const idle = this.limits.idleStopMs ?? 5000;
+    if (idle <= 0) return;
+    if (this.idleTimer !== undefined) this.idleTimer.refresh();
+    else {
+      this.idleTimer = setTimeout(() => {
+        this.idleTimer = undefined;
+        if (this.stopped || this.free.length < this.threads.length) return;
+        for (const t of this.threads) t.stop();
+      }, idle);
+      this.idleTimer.unref();
     }
   }
 }
