@@ -186,7 +186,7 @@ export class PasswordHasher {
   private readonly buckets = new Map<string, Bucket>();
   private readonly maxBuckets: number;
 
-  /** Ends the threads once none has had a check for idleStopMs (see IDLE_STOP_MS). */
+  /** Ends the threads once none has had a check for idleStopMs (armIdleStop). */
   private idleTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly limits: HasherLimits) {
