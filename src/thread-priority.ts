@@ -42,11 +42,12 @@
 // id sets that thread's nice value. A thread inherits its creator's nice value, and
 // the ones started later (LevelDB's compaction thread, at the first flush) are caught
 // by reading the list again every few seconds; the password-hashing threads, which
-// end when idle and start again at the next login, lower themselves as they start. The pool's threads are told apart by
-// asking them: a readlink of /proc/thread-self queued to the pool runs on one of its
-// threads and names it; enough of them at once, each followed by a job that keeps its
-// thread busy, reach every thread (asked again until all have answered; the pool's
-// threads never change after that). Only the process's own entry point (main.ts) does
+// end when idle and start again at the next login, lower themselves as they start
+// (the same readlink and setpriority, in their own source: features/password-hasher.ts).
+// The pool's threads are told apart by asking them: a readlink of /proc/thread-self
+// queued to the pool runs on one of its threads and names it; enough of them at once,
+// each followed by a job that keeps its thread busy, reach every thread (asked again
+// until all have answered; the pool's threads never change after that). Only the process's own entry point (main.ts) does
 // this: an embedding program's threads are not ours to reorder.
 
 import { readdirSync, readlink, readlinkSync } from "node:fs";

@@ -54,7 +54,7 @@ export interface HasherLimits {
   trusted?: ReadonlySet<string>;
   /** Buckets kept (one per address seen recently). */
   maxBuckets?: number;
-  /** Milliseconds the threads wait for a check before they end; 0: never (default 5,000). */
+  /** Milliseconds the threads wait for a check before they end; 0 or absent: never (the server passes --hash-thread-idle). */
   idleStopMs?: number;
   /** Nice value each thread sets itself to as it starts (Linux; 0 or absent: unchanged). */
   nice?: number;
@@ -307,7 +307,7 @@ export class PasswordHasher {
    * to stop ends once it has (HashThread.stop).
    */
   private armIdleStop(): void {
-    const idle = this.limits.idleStopMs ?? 5000;
+    const idle = this.limits.idleStopMs ?? 0;
     if (idle <= 0) return;
     if (this.idleTimer !== undefined) this.idleTimer.refresh();
     else {
