@@ -86,6 +86,38 @@ describe("native frame decoding", () => {
     );
   });
 
+  it("reads values a word at a time exactly: every byte at every place of a value, at every alignment", () => {
+    // The value loop passes four plain bytes at a time (native-decode.ts, unplain): a
+    // byte of any value, at any place in a value of any length mod 4, in a frame at any
+    // offset of its chunk with more bytes after it, is read as JSON.parse reads it, or
+    // the frame is left to it.
+    let checked = 0;
+    for (let len = 1; len <= 9; len++) {
+      for (let pos = 0; pos < len; pos++) {
+        for (let byte = 0; byte < 256; byte++) {
+          const value = Buffer.alloc(len, 0x61);
+          value[pos] = byte;
+          const frame = Buffer.concat([Buffer.from('{"action":"message","data":{"uid":"u1","body":"'), value, Buffer.from('"}}')]);
+          const plainByte = byte >= 0x20 && byte <= 0x7e && byte !== 0x22 && byte !== 0x5c;
+          for (const offset of [0, 1, 2, 3]) {
+            const chunk = Buffer.concat([Buffer.alloc(offset, 0x20), frame, Buffer.from('\n{"action":"ping"}\n')]);
+            const value_ = shapes.read(chunk, offset, chunk.length);
+            if (plainByte) {
+              expect(value_).toEqual(JSON.parse(frame.toString("latin1")));
+              expect(shapes.end).toBe(offset + frame.length);
+            } else {
+              // Anything else is JSON.parse's to read or refuse (a quote may even end
+              // the value early into a frame the fast path cannot take).
+              if (value_ !== undefined) expect(value_).toEqual(JSON.parse(chunk.subarray(offset, shapes.end).toString("utf8")));
+            }
+            checked++;
+          }
+        }
+      }
+    }
+    expect(checked).toBe(45 * 256 * 4);
+  });
+
   it("passes on spaces, escapes, other fields and other actions", () => {
     for (const text of [
       '{"action":"message","data":{"uid":"a", "body":"b"}}',
