@@ -20,14 +20,19 @@ export interface StartOptions {
   onLog?: (line: string) => void;
   /** Where the server's stderr goes (default: this process's). */
   stderr?: "inherit" | "pipe";
+  /** Another build's entry point (default: this one's, dist/src/main.js). */
+  main?: string;
+  /** A command the server runs under, with its arguments (valgrind …): node follows it. */
+  wrap?: string[];
 }
 
 export async function startServer(extra: string[] = [], opts: StartOptions = {}): Promise<Server> {
   const dir = mkdtempSync(path.join(tmpdir(), "wirechat-bench-"));
-  const main = fileURLToPath(new URL("../src/main.js", import.meta.url));
+  const main = opts.main ?? fileURLToPath(new URL("../src/main.js", import.meta.url));
+  const wrap = opts.wrap ?? [];
   const proc = spawn(
-    process.execPath,
-    [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", "0",
+    wrap.length > 0 ? wrap[0] : process.execPath,
+    [...wrap.slice(1), ...(wrap.length > 0 ? [process.execPath] : []), main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", "0",
      // every benchmark client comes from 127.0.0.1: lift the per-address cap
      "--max-per-address", "1000000", ...extra],
     { stdio: ["ignore", "pipe", opts.stderr ?? "inherit"] },
