@@ -135,10 +135,10 @@ function unplain(w: number): number {
 
 // The head and the values are read a 4-byte word at a time through a DataView (one load
 // each, where the byte loop made four loads and four sets of tests). Counted with
-// valgrind's callgrind over a fixed S1-like load (10 pairs, 2,000 messages each after
-// as many to warm up, server on one core), the server's instructions per delivered
-// message went from 41.3k / 41.8k to 39.5k / 38.9k; S1's frames in a micro-benchmark,
-// 271 -> 224 ns per frame read.
+// valgrind's callgrind over a fixed S1-like load (npm run bench:instructions: 10 pairs,
+// 2,000 messages each after as many to warm up), the server's instructions per
+// delivered message went from 41.3k / 41.8k to 39.5k / 38.9k; S1's frames in a
+// micro-benchmark, 271 -> 224 ns per frame read.
 function readShape(shape: Shape, b: Buffer, view: DataView, at: number, n: number): Record<string, string> | undefined {
   const head = shape.head;
   const words = shape.words;
