@@ -90,7 +90,7 @@ function round(senders: BenchClient[], recipients: { c: BenchClient; uid: string
 
 async function measure(main: string): Promise<number> {
   const out = mkdtempSync(path.join(tmpdir(), "wirechat-callgrind-"));
-  const server = await startServer(["--log-level", "info"], {
+  const server = await startServer([], {
     main,
     wrap: ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file", `--callgrind-out-file=${out}/cg.out`, `--log-file=${out}/valgrind.log`],
   });

@@ -29,10 +29,10 @@ export interface StartOptions {
 export async function startServer(extra: string[] = [], opts: StartOptions = {}): Promise<Server> {
   const dir = mkdtempSync(path.join(tmpdir(), "wirechat-bench-"));
   const main = opts.main ?? fileURLToPath(new URL("../src/main.js", import.meta.url));
-  const wrap = opts.wrap ?? [];
+  const [command, ...prefix] = [...(opts.wrap ?? []), process.execPath];
   const proc = spawn(
-    wrap.length > 0 ? wrap[0] : process.execPath,
-    [...wrap.slice(1), ...(wrap.length > 0 ? [process.execPath] : []), main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", "0",
+    command,
+    [...prefix, main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", "0",
      // every benchmark client comes from 127.0.0.1: lift the per-address cap
      "--max-per-address", "1000000", ...extra],
     { stdio: ["ignore", "pipe", opts.stderr ?? "inherit"] },

@@ -40,7 +40,8 @@ export function testConfig(overrides: Partial<Config> = {}): Config {
     ...defaultConfig(),
     host: "127.0.0.1",
     port: 0,
-    dataDir: tempDir(),
+    // A dir of its own unless the test names one (then none is made to go unused).
+    dataDir: overrides.dataDir ?? tempDir(),
     logLevel: "silent",
     bcryptCost: 4,
     adminPort: 0,
