@@ -8,7 +8,7 @@ import { MessageChannel } from "node:worker_threads";
 import { COMMAND_HELP, COMMANDS, runCommand } from "./cli/commands.js";
 import { ConfigError, helpText, packageVersion, parseArgs, type ParsedArgs } from "./config.js";
 import { startServer, type RunningServer } from "./server.js";
-import { ThreadPriority } from "./thread-priority.js";
+import { CompactionCatchUp, ThreadPriority } from "./thread-priority.js";
 
 async function serve(argv: string[]): Promise<void> {
   let parsed: ParsedArgs;
@@ -31,11 +31,13 @@ async function serve(argv: string[]): Promise<void> {
   // after its "listening" line) stops it once it is up, never by node's default.
   let server: RunningServer | undefined;
   let priority: ThreadPriority | undefined;
+  let catchUp: CompactionCatchUp | undefined;
   let stopping: string | undefined;
   const stop = (signal: string, running: RunningServer) => {
     const log = running.services.log;
     log.info({ signal }, "shutting down");
     priority?.stop();
+    catchUp?.stop();
     running.stop().then(
       () => process.exit(0),
       (err) => {
@@ -76,8 +78,13 @@ async function serve(argv: string[]): Promise<void> {
   // The process is ours: its background threads yield the core to the event loop.
   priority = new ThreadPriority(parsed.config.backgroundNice, log);
   const lowering = priority.start();
+  // Lowered, LevelDB's compaction can fall behind a sustained load: it gets the loop's
+  // priority back while it is (thread-priority.ts).
+  const storage = server.services.storage;
+  catchUp = new CompactionCatchUp(() => storage.level0Tables(), priority, log);
+  void lowering.then((on) => (on ? catchUp?.start() : undefined));
   // LevelDB's background thread, started now, is lowered with the others (Storage.startBackgroundThread).
-  server.services.storage.startBackgroundThread().then(
+  storage.startBackgroundThread().then(
     () => lowering.then((on) => (on ? priority?.scan() : undefined)),
     (err: unknown) => log.warn({ err }, "could not start the database's background thread early"),
   );

@@ -336,7 +336,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       Object.assign(adminDeps, {
         ops: admin,
         connections: tables,
-        registry: metricsRegistry(metrics, tables, blobs),
+        registry: metricsRegistry(metrics, tables, blobs, storage),
         notReady: () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined),
         backup: (dir: string) => backup(storage, blobs, dir, version),
         exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),

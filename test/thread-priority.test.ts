@@ -1,11 +1,17 @@
 // The server process lowers its background threads (LevelDB's compaction, V8's helpers)
 // below the event loop and libuv's pool, read back from /proc like `ps -L -o tid,nice`
 // does.
+import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
 import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import pino from "pino";
 import { describe, expect, it } from "vitest";
-import { Client, registerUser } from "./helpers.js";
+import { CompactionCatchUp } from "../src/thread-priority.js";
+import { admin, parseProm, sample } from "./admin-helpers.js";
+import { ChildServer, Client, registerUser } from "./helpers.js";
 import { useChildServers } from "./pipeline-helpers.js";
 
 const startChild = useChildServers("each");
@@ -144,5 +150,107 @@ describe("background thread priority", () => {
     expect(order).toEqual(["message 0", "message 0", "message 0", "message 0", "message 0", "register 0"]);
     for (const x of [a.client, b.client, c]) x.close();
   }, 60000);
+});
+
+/** Runs a module in a process of its own that lowers its threads, raises them and lowers them again, reading each state back from /proc. */
+function raiseInChild(wrap: string[] = []): { lowered: number[]; raise: { threads: number; refused: number }; raised: number[]; again: number[] } {
+  const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+  const script = `
+    import { readdirSync, readFileSync } from "node:fs";
+    import pino from "pino";
+    import { ThreadPriority } from ${JSON.stringify(path.join(root, "dist/src/thread-priority.js"))};
+    const nices = () => readdirSync("/proc/self/task").filter((t) => Number(t) !== process.pid).map((t) => {
+      const stat = readFileSync("/proc/self/task/" + t + "/stat", "utf8");
+      return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+    });
+    const p = new ThreadPriority(10, pino({ level: "silent" }));
+    await p.start();
+    const lowered = nices();
+    const raise = p.raise(true);
+    const raised = nices();
+    p.raise(false);
+    console.log(JSON.stringify({ lowered, raise, raised, again: nices() }));
+    p.stop();`;
+  const [command, ...args] = [...wrap, process.execPath, "--input-type=module", "-e", script];
+  return JSON.parse(execFileSync(command, args, { cwd: root, encoding: "utf8" }));
+}
+
+describe("compaction catch-up", () => {
+  const startChild = useChildServers("each");
+
+  it("shows LevelDB's level 0 in /metrics: a log replayed at start-up is written there as a table", async () => {
+    const level0 = async (port: number) => {
+      const { samples, types } = parseProm((await admin(port, "GET", "/metrics")).text);
+      expect(types.get("wirechat_leveldb_level0_tables")).toBe("gauge");
+      return sample(samples, "wirechat_leveldb_level0_tables");
+    };
+    const first = await startChild();
+    // A fresh database's first tables go below level 0 (nothing there to overlap).
+    expect(await level0(first.adminPort as number)).toBe(0);
+    const u = await registerUser(first.port);
+    expect((await u.client.request("message", { uid: u.uid, body: "into the log" })).status).toBe(0);
+    u.client.close();
+    first.proc.kill("SIGKILL");
+    await first.exited;
+    // LevelDB recovers the write-ahead log into a table of level 0 as it opens (and the
+    // start-up's own writes may add another).
+    const again = await ChildServer.start(first.dataDir);
+    try {
+      expect(await level0(again.adminPort as number)).toBeGreaterThanOrEqual(1);
+    } finally {
+      again.proc.kill("SIGKILL");
+      await again.exited;
+    }
+  });
+
+  it("raise() runs the lowered threads at the loop's priority and lower() puts them back, in a real process", () => {
+    const r = raiseInChild();
+    const at = (xs: number[], n: number) => xs.filter((x) => x === n).length;
+    expect(at(r.lowered, 10)).toBeGreaterThan(1); // V8's helpers at least; the pool stays at 0
+    expect(r.raise).toEqual({ threads: at(r.lowered, 10), refused: 0 });
+    expect(r.raised.every((n) => n === 0)).toBe(true);
+    expect(r.again).toEqual(r.lowered);
+  });
+
+  it("counts the threads it may not raise again without CAP_SYS_NICE (and leaves them lowered)", () => {
+    const r = raiseInChild(["setpriv", "--bounding-set=-sys_nice"]);
+    const lowered = r.lowered.filter((n) => n === 10).length;
+    expect(lowered).toBeGreaterThan(1);
+    expect(r.raise).toEqual({ threads: 0, refused: lowered });
+    expect(r.raised).toEqual(r.lowered);
+  });
+
+  it("raises the background from 8 tables in LevelDB's level 0 until fewer than 4 remain, and logs both", () => {
+    const lines: { level: number; msg: string; level0Tables?: number; refused?: number }[] = [];
+    const log = pino({ level: "debug" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+    const calls: boolean[] = [];
+    let tables: number | undefined = 0;
+    let refused = 0;
+    const c = new CompactionCatchUp(() => tables, { raise: (on) => (calls.push(on), { threads: 6, refused }) }, log);
+    const feed = (...ns: (number | undefined)[]) => ns.forEach((n) => ((tables = n), c.check()));
+    feed(0, 3, 7, undefined);
+    expect(calls).toEqual([]);
+    feed(8);
+    expect(calls).toEqual([true]);
+    feed(12, 9, 6, 4, undefined);
+    expect(calls).toEqual([true]);
+    feed(3);
+    expect(calls).toEqual([true, false]);
+    feed(2, 7);
+    expect(calls).toEqual([true, false]);
+    expect(lines.map((l) => [l.level, l.level0Tables])).toEqual([
+      [40, 8],
+      [30, 3],
+    ]);
+    expect(lines[0].msg).toMatch(/LevelDB's compaction is behind the writes/);
+    // Where raising is refused, the operator is told once what to grant.
+    refused = 6;
+    feed(9, 1, 10, 0);
+    expect(calls).toEqual([true, false, true, false, true, false]);
+    const told = lines.filter((l) => /not permitted to raise/.test(l.msg));
+    expect(told).toHaveLength(1);
+    expect(told[0]).toMatchObject({ level: 40, refused: 6 });
+    expect(told[0].msg).toMatch(/LimitNICE=\+0/);
+  });
 });
 

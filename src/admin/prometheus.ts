@@ -9,6 +9,7 @@ import type { Metrics, Buckets } from "../metrics.js";
 import { CODES } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BlobStore } from "../storage/blobs.js";
+import type { Storage } from "../storage/db.js";
 import type { ConnectionTable } from "../transport/live.js";
 import { connectionsOf, doorsOf, stateOf } from "./connections.js";
 
@@ -78,7 +79,7 @@ function readLive(tables: readonly ConnectionTable[]) {
   return { byState, queued, uploads, bytesIn, bytesOut };
 }
 
-export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], blobs: BlobStore): client.Registry {
+export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], blobs: BlobStore, storage: Pick<Storage, "level0Tables">): client.Registry {
   const registry = new client.Registry();
   defaultMetrics(registry);
 
@@ -125,5 +126,9 @@ export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], 
   computed(registry, "wirechat_outbound_queued_bytes", "Bytes waiting to be sent, over every connection", "gauge", () => [{ value: live().queued }]);
   computed(registry, "wirechat_attachments_in_flight", "Attachment uploads streaming in", "gauge", () => [{ value: live().uploads }]);
   computed(registry, "wirechat_attachments_stored_bytes", "Bytes of stored attachment files", "gauge", () => [{ value: blobs.storedBytes }]);
+  computed(registry, "wirechat_leveldb_level0_tables", "Tables in LevelDB's level 0 (it slows writes from 8 and stops them at 12 until its compaction catches up)", "gauge", () => {
+    const n = storage.level0Tables();
+    return n === undefined ? [] : [{ value: n }];
+  });
   return registry;
 }
