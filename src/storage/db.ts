@@ -125,6 +125,12 @@ interface Binding {
   batch_write(b: NativeBatch, options: { sync: boolean }): Promise<void>;
 }
 
+/** classic-level's own database calls this file makes (Storage.classic). */
+interface ClassicCalls {
+  compactRange(start: string, end: string): Promise<void>;
+  getProperty(name: string): string;
+}
+
 /** The classic-level whose binding this file calls (package.json pins it). */
 export const PINNED_CLASSIC_LEVEL = "3.0.0";
 
@@ -250,8 +256,15 @@ export class Storage {
    * starts the thread; nothing is rewritten. It may wait for a compaction under way.
    */
   async startBackgroundThread(): Promise<void> {
-    // `level` runs classic-level in Node; its types are the browser's too, without this.
-    await (this.db as unknown as { compactRange(start: string, end: string): Promise<void> }).compactRange("\u0000", "\u0000");
+    await this.classic.compactRange("\u0000", "\u0000");
+  }
+
+  /**
+   * The database as classic-level, which `level` runs in Node: its types are the
+   * browser's too, without the calls only classic-level has.
+   */
+  private get classic(): ClassicCalls {
+    return this.db as unknown as ClassicCalls;
   }
 
   /**
@@ -263,8 +276,7 @@ export class Storage {
   level0Tables(): number | undefined {
     if (this.closed) return undefined;
     try {
-      // `level` runs classic-level in Node; its types are the browser's too, without this.
-      return Number((this.db as unknown as { getProperty(name: string): string }).getProperty("leveldb.num-files-at-level0"));
+      return Number(this.classic.getProperty("leveldb.num-files-at-level0"));
     } catch {
       return undefined; // closing meanwhile
     }
