@@ -26,14 +26,27 @@ afterAll(async () => {
   for (const s of nats) await s.stop();
 });
 
-/** The stream's replica group as JetStream reports it: its leader's server name and how many copies it keeps. */
+/**
+ * The stream's replica group as JetStream reports it: its leader's server name and how
+ * many copies it keeps. Asked again while JetStream's API times out: after a kill -9
+ * the remaining servers may still be electing the leader of JetStream's own metadata
+ * (which answers these requests) when the stream's new leader already serves the
+ * stream (a CI run timed out here after every message had been delivered).
+ */
 async function streamCluster(): Promise<{ leader: string; replicas: number }> {
   const { connect } = await import("@nats-io/transport-node");
   const { jetstreamManager } = await import("@nats-io/jetstream");
   const nc = await connect({ servers: nats.map((s) => s.url) });
   try {
-    const info = await (await jetstreamManager(nc)).streams.info(stream);
-    return { leader: info.cluster?.leader ?? "", replicas: info.config.num_replicas };
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      try {
+        const info = await (await jetstreamManager(nc)).streams.info(stream);
+        return { leader: info.cluster?.leader ?? "", replicas: info.config.num_replicas };
+      } catch (err) {
+        if ((err as Error).name !== "TimeoutError" || Date.now() > deadline) throw err;
+      }
+    }
   } finally {
     await nc.close();
   }
