@@ -280,13 +280,13 @@ export function packageVersion(): string {
   return "unknown";
 }
 
-export function helpText(): string {
+/** `--help`: the usage, the commands (`commands`: the operator's, from cli/commands.ts) and every option. */
+export function helpText(commands: readonly string[]): string {
   const lines = [
     "Usage: wirechat [serve] [options]    run the server (npm start -- [options])",
     "       wirechat <command> ...        operate it: wirechat help <command>",
     "",
-    "Commands: serve (the default), check, user, ban, unban, backup, restore, export,",
-    "chat, version.",
+    ...wrap(`Commands: serve (the default), ${commands.join(", ")}, chat.`, 82),
     "",
     "Messenger server speaking newline-delimited JSON over TCP. Every option can also",
     "be set by the environment variable shown, or in the --config file under the flag's",
@@ -301,9 +301,23 @@ export function helpText(): string {
     const long = head.length >= 26;
     if (long) lines.push(`  ${head}`);
     lines.push(`  ${(long ? "" : head).padEnd(26)}${o.help}${o.reload ? " (reload)" : ""}`);
-    lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default === "" ? '""' : o.default}`);
+    lines.push(`  ${"".padEnd(26)}env ${o.env}, default ${o.default === "" ? "(none)" : o.default}`);
   }
   lines.push(`  ${"-h, --help".padEnd(26)}this text`);
   lines.push(`  ${"-v, --version".padEnd(26)}the version`);
   return lines.join("\n");
+}
+
+/** `text` in lines of at most `width` characters, broken at spaces. */
+function wrap(text: string, width: number): string[] {
+  const out: string[] = [];
+  let line = "";
+  for (const word of text.split(" ")) {
+    if (line !== "" && line.length + 1 + word.length > width) {
+      out.push(line);
+      line = word;
+    } else line = line === "" ? word : `${line} ${word}`;
+  }
+  if (line !== "") out.push(line);
+  return out;
 }

@@ -20,7 +20,7 @@ async function serve(argv: string[]): Promise<void> {
     process.exit(2);
   }
   if (parsed.help) {
-    process.stdout.write(helpText() + "\n");
+    process.stdout.write(helpText(COMMANDS) + "\n");
     return;
   }
   if (parsed.version) {
@@ -209,7 +209,7 @@ async function main(): Promise<void> {
     return serve(command === "serve" ? argv.slice(1) : argv);
   }
   if (command === "help") {
-    process.stdout.write(argv[1] === undefined || argv[1] === "serve" ? `${helpText()}\n\n${COMMAND_HELP}\n` : `${COMMAND_HELP}\n`);
+    process.stdout.write(argv[1] === undefined || argv[1] === "serve" ? `${helpText(COMMANDS)}\n\n${COMMAND_HELP}\n` : `${COMMAND_HELP}\n`);
     return;
   }
   if (command === "chat") {

@@ -168,11 +168,12 @@ describe("admin port", () => {
     expect(raw.status).toBe(400);
   });
 
-  it("bans an address: its connections are closed and new ones refused with 15", async () => {
+  it("bans an address: its connections get ev_close and are closed, new ones refused with 15", async () => {
     const a = await registerUser(served.port);
     const r = await admin(ap(), "POST", "/ban", { address: "127.0.0.1", reason: "abuse" });
     expect(r.status).toBe(200);
     expect(r.json.closed).toBeGreaterThanOrEqual(1);
+    expect(await a.client.event("ev_close")).toEqual({ reason: "your address was banned: abuse" });
     await a.client.closed;
     const c = await Client.connect(served.port, { welcome: false });
     const line = await c.next(() => true);

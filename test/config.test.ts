@@ -1,6 +1,7 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
+import { COMMAND_HELP, COMMANDS } from "../src/cli/commands.js";
 import { ConfigError, OPTIONS, defaultConfig, helpText, parseArgs } from "../src/config.js";
 
 const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
@@ -36,11 +37,21 @@ describe("options", () => {
 
   it("--help lists every flag and environment variable", () => {
     const out = execFileSync(process.execPath, [main, "--help"], { encoding: "utf8" });
-    expect(out).toBe(helpText() + "\n");
+    expect(out).toBe(helpText(COMMANDS) + "\n");
     for (const o of OPTIONS) {
       expect(out).toContain(o.flag);
       expect(out).toContain(o.env);
     }
+  });
+
+  it("--help names every operator command, and `wirechat help` shows how to call each", () => {
+    const out = execFileSync(process.execPath, [main, "--help"], { encoding: "utf8" });
+    const from = out.indexOf("Commands: ") + "Commands: ".length;
+    const listed = out.slice(from, out.indexOf(".\n", from)).replace(/\s+/g, " ").replace(" (the default)", "").split(", ");
+    expect(listed.sort()).toEqual([...COMMANDS, "serve", "chat"].sort());
+    const help = execFileSync(process.execPath, [main, "help", "user"], { encoding: "utf8" });
+    expect(help).toBe(COMMAND_HELP + "\n");
+    for (const c of COMMANDS) expect(COMMAND_HELP).toContain(`wirechat ${c}`);
   });
 
   it("the binary exits 2 with a message for a bad option", () => {
