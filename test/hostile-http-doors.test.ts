@@ -3,6 +3,7 @@
 
 import { describe, expect, it } from "vitest";
 import WebSocket from "ws";
+import http from "node:http";
 import net from "node:net";
 import { randomBytes } from "node:crypto";
 import v8 from "node:v8";
@@ -201,6 +202,85 @@ describe("HTTP/WS chat door: the rate limit", () => {
     expect(refused.length).toBeGreaterThanOrEqual(30 - 7);
     flooder.close();
     other.close();
+  });
+});
+
+describe("the HTTP routes: the request rate, per socket", () => {
+  const strict = serveForFile({ httpPort: 0, rate: 1, burst: 3, rateDisconnect: 2 });
+
+  /** GETs `paths` one after another on one kept-alive socket: each answer, and whether it came on the first socket. */
+  async function onOneSocket(paths: string[]) {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    const out: { status: number; body: any; connection: string | undefined; reused: boolean }[] = [];
+    let first: net.Socket | undefined;
+    for (const path of paths) {
+      out.push(
+        await new Promise((resolve, reject) => {
+          const req = http.get({ host: "127.0.0.1", port: strict.server.httpPort as number, path, agent }, (res) => {
+            let text = "";
+            res.setEncoding("utf8");
+            res.on("data", (c: string) => (text += c));
+            res.on("end", () => resolve({ status: res.statusCode as number, body: JSON.parse(text), connection: res.headers.connection, reused: req.socket === first }));
+          });
+          req.on("socket", (sock: net.Socket) => (first ??= sock));
+          req.on("error", reject);
+        }),
+      );
+    }
+    agent.destroy();
+    return out;
+  }
+
+  it("seed 003's routes: the burst is served, then 429 in the door's shape, and past --rate-disconnect the answer closes the socket", async () => {
+    const before = strict.server.services.metrics.closes.rate_limit;
+    const r = await onOneSocket(["/status", "/status", "/status", "/status", "/status", "/status", "/status"]);
+    expect(r.slice(0, 3).map((x) => x.status)).toEqual([200, 200, 200]);
+    expect(r.slice(3, 5)).toEqual([
+      { status: 429, body: { status: "error", message: "too many requests; slow down and retry" }, connection: "keep-alive", reused: true },
+      { status: 429, body: { status: "error", message: "too many requests; slow down and retry" }, connection: "keep-alive", reused: true },
+    ]);
+    expect(r[5]).toEqual({ status: 429, body: { status: "error", message: "too many requests; closing the connection" }, connection: "close", reused: true });
+    // The next request is on a new socket, with a budget of its own.
+    expect(r[6]).toMatchObject({ status: 200, reused: false });
+    expect(strict.server.services.metrics.closes.rate_limit).toBe(before + 1);
+  });
+
+  it("seed 002's routes: the rate is checked before the session, in the door's own error shape", async () => {
+    const r = await onOneSocket(["/v1/info", "/v1/info", "/v1/info", "/v1/info", "/v1/info", "/v1/info"]);
+    expect(r.slice(0, 3).map((x) => [x.status, x.body])).toEqual(Array(3).fill([401, { error: { code: "unauthorized" } }]));
+    expect(r.slice(3).map((x) => [x.status, x.body.error, x.connection])).toEqual([
+      [429, { code: "too_many_requests", message: "too many requests; slow down and retry" }, "keep-alive"],
+      [429, { code: "too_many_requests", message: "too many requests; slow down and retry" }, "keep-alive"],
+      [429, { code: "too_many_requests", message: "too many requests; closing the connection" }, "close"],
+    ]);
+  });
+});
+
+describe("HTTP/WS chat door: a login that cannot enter the lobby", () => {
+  const full = serveForFile({ httpPort: 0, maxJoinedChannels: 2 });
+
+  it("ends the session it stored: refused logins do not pile up sessions against --max-sessions-per-user", async () => {
+    const port = full.server.httpPort as number;
+    const email = `${uniqueName("full")}@example.com`;
+    const res = await fetch(`http://127.0.0.1:${port}/create_user`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ username: uniqueName("F"), password: "pw", email }) });
+    expect(res.status).toBe(200);
+    // The account (its login is the email) joins as many channels as it may, none of them the lobby.
+    const c = await Client.connect(full.port);
+    const auth = await c.request("auth", { login: email, pass: "pw" });
+    expect(auth.status).toBe(0);
+    for (const name of [uniqueName("c"), uniqueName("c")]) expect((await c.request("createchannel", { name })).status).toBe(0);
+    const sessions = () => full.server.services.sessions.list(auth.uid);
+    expect(await sessions()).toHaveLength(1);
+    for (let i = 0; i < 3; i++) {
+      const ws = await WsClient.connect(port, "/ws");
+      ws.send({ type: "auth", email, password: "pw" });
+      expect(await ws.next()).toMatchObject({ status: "error", info: expect.stringMatching(/could not enter the lobby/) });
+      await ws.closed;
+    }
+    // Each socket's session ends as it closes (a write of its own, maybe a moment later).
+    for (let i = 0; i < 60 && (await sessions()).length > 1; i++) await sleep(50);
+    expect(await sessions()).toHaveLength(1);
+    c.close();
   });
 });
 

@@ -19,7 +19,7 @@ import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Codec, ReplyBody } from "../protocol/codec.js";
 import { Code, codeText } from "../protocol/codes.js";
-import { INBOX_BYTES, type Dispatcher } from "../protocol/dispatcher.js";
+import { INBOX_BYTES, RATE_CLOSING, RATE_REFUSED, type Dispatcher } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import { peekAction, type OutFrame } from "../protocol/frames.js";
 import type { Session, Upload } from "../protocol/session.js";
@@ -208,7 +208,7 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
       case "refused":
         return this.push(s, { refused: msg, size: bytes.length });
       case "close":
-        return this.closeAfter(s, this.bad(Code.RateLimited, "too many requests; closing the connection"));
+        return this.closeAfter(s, this.bad(Code.RateLimited, RATE_CLOSING));
     }
   }
 
@@ -291,7 +291,7 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
         let out: OutFrame[];
         try {
           if ("bad" in item) out = this.refused(s, c.state, item.bad.code, item.bad.reason, item.bad.action);
-          else if ("refused" in item) out = [this.refuse(item.refused, "too many requests; slow down and retry")];
+          else if ("refused" in item) out = [this.refuse(item.refused, RATE_REFUSED)];
           else if ("open" in item) out = await this.start(s, c.state);
           else out = await this.handle(s, c.state, item.msg);
         } catch (err) {

@@ -21,7 +21,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { Logger } from "pino";
 import type WebSocket from "ws";
 import { Code } from "../protocol/codes.js";
-import type { Dispatcher } from "../protocol/dispatcher.js";
+import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from "../protocol/dispatcher.js";
 import type { Audience, Event } from "../protocol/events.js";
 import type { OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
@@ -29,7 +29,7 @@ import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { normaliseEmail } from "../features/profile-fields.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";
-import { DialectCodec, DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectDoor, str, type Answer } from "./dialect.js";
 
 interface ChatState {
   authed: boolean;
@@ -238,9 +238,14 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     return [frame("authenticated", null, `Welcome, ${st.nick}!`)];
   }
 
-  /** A /ws socket closed: the session its login stored ends (endSession). */
+  /**
+   * A /ws socket closed: the session its login stored ends (endSession), also when the
+   * login was refused after it (the lobby could not be entered): that session was left
+   * stored until --session-ttl, and retries filled the account's sessions, the cap then
+   * revoking its real devices' oldest.
+   */
   closed(s: Session): void {
-    if ((s.codec as DialectCodec<ChatState, ChatMsg>).state.authed) this.endSession(s, this.deps.revoke);
+    this.endSession(s, this.deps.revoke);
   }
 
   /** Native auth with the login of the account whose profile email is `email`. */
@@ -343,14 +348,19 @@ export function chatRoutes(
   door: ChatDoor,
   accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
   banned: (address: string) => string | undefined,
+  rated: (req: FastifyRequest) => RateVerdict,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
     // A banned address is refused here as at a TCP door's accept (a WebSocket is refused
-    // by its listener, with a message and a close).
+    // by its listener, with a message and a close). Each request counts against its
+    // socket's budget (a WebSocket counts its messages).
     app.addHook("onRequest", async (req, reply) => {
       if (req.ws) return;
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, failure(403, `your address is banned${why ? `: ${why}` : ""}`));
+      const verdict = rated(req);
+      if (verdict === "close") reply.header("connection", "close");
+      if (verdict !== "ok") return send(reply, failure(429, verdict === "close" ? RATE_CLOSING : RATE_REFUSED));
     });
     // Bodies are JSON: Fastify's text/plain parser would hand a route a string, which its
     // schema refused with 400 "body must be object"; any other media type is 415.

@@ -21,7 +21,7 @@ import { Readable } from "node:stream";
 import type WebSocket from "ws";
 import type { ListReply } from "../protocol/codec.js";
 import { Code } from "../protocol/codes.js";
-import type { Dispatcher } from "../protocol/dispatcher.js";
+import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
@@ -459,11 +459,18 @@ export function echatRoutes(
   door: EchatDoor,
   accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
   banned: (address: string) => string | undefined,
+  rated: (req: FastifyRequest) => RateVerdict,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
     app.addHook("onRequest", async (req, reply) => {
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, fail(403, "forbidden"));
+      // A room's WebSocket counts its messages; a route counts against its socket's budget.
+      const verdict = req.ws ? "ok" : rated(req);
+      if (verdict !== "ok") {
+        if (verdict === "close") reply.header("connection", "close");
+        return send(reply, { http: 429, body: { error: { code: "too_many_requests", message: verdict === "close" ? RATE_CLOSING : RATE_REFUSED } } });
+      }
       // Every body is read as JSON, whatever its Content-Type says (below): a header that
       // is not even a media type ("application/json, text/plain") must not end the
       // request before its route (Fastify's 415, before the session's 401).

@@ -19,7 +19,7 @@ import type { Config } from "../config.js";
 import type { Metrics } from "../metrics.js";
 import type { NativeCodec } from "../protocol/codec.js";
 import { Code } from "../protocol/codes.js";
-import type { Dispatcher } from "../protocol/dispatcher.js";
+import { fullBudget, takeRequest, type Dispatcher, type RateVerdict, type RequestBudget } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
 import { WebSocketListener } from "../transport/websocket-listener.js";
@@ -90,6 +90,23 @@ export class HttpDoor {
       socket.setTimeout(config.idleUnauth * 1000, () => socket.destroy());
     });
     const accept = (ws: WebSocket, req: FastifyRequest, front: Front) => this.websockets.accept(ws, req.socket, front);
+    // The routes' request rate: each HTTP request counts once against its socket's budget
+    // (a kept-alive socket's requests one after another, as a connection's frames on the
+    // other doors; a WebSocket's messages count in its own line). Past --rate-disconnect
+    // refusals the answer closes the socket, logged and counted once.
+    const budgets = new WeakMap<Socket, RequestBudget & { doomed?: boolean }>();
+    const rated = (req: FastifyRequest): RateVerdict => {
+      let b = budgets.get(req.socket);
+      if (b === undefined) budgets.set(req.socket, (b = fullBudget(config)));
+      const verdict = takeRequest(b, config);
+      if (verdict !== "ok") metrics.request("unknown", Code.RateLimited);
+      if (verdict === "close" && !b.doomed) {
+        b.doomed = true;
+        metrics.closes.rate_limit++;
+        log.warn({ door: "http", remote: req.socket.remoteAddress, refused: b.refused }, "request rate far over the limit; closing");
+      }
+      return verdict;
+    };
     this.ready = (async () => {
       await app.register(fastifyWebsocket, {
         options: {
@@ -125,8 +142,8 @@ export class HttpDoor {
         });
       });
       const banned = (address: string) => this.websockets.refuseAddress?.(address);
-      await app.register(echatRoutes(d.echat, accept, banned), { prefix: "/v1" });
-      await app.register(chatRoutes(d.chat, accept, banned));
+      await app.register(echatRoutes(d.echat, accept, banned, rated), { prefix: "/v1" });
+      await app.register(chatRoutes(d.chat, accept, banned, rated));
     })();
   }
 

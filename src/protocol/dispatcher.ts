@@ -223,7 +223,7 @@ class Line {
   doomed = false;
   /** The client half-closed: close once everything it sent is answered. */
   inputEnded = false;
-  /** Token bucket of the request rate limit, refilled lazily from `tokensAt` (ms). */
+  /** Token bucket of the request rate limit (RequestBudget). */
   tokens: number;
   tokensAt = clockMs();
   refused = 0;
@@ -231,6 +231,52 @@ class Line {
   constructor(burst: number) {
     this.tokens = burst;
   }
+}
+
+/**
+ * A connection's request budget: a token bucket of `burst` requests refilled at `rate`
+ * a second (lazily, from `tokensAt`, in ms), and the refusals counted within the
+ * bad-frame window. A native or seed-door connection's is its Line; an HTTP socket's
+ * (the HTTP port's routes, one request at a time on a kept-alive socket) is its own.
+ */
+export interface RequestBudget {
+  tokens: number;
+  tokensAt: number;
+  refused: number;
+  refusedSince: number;
+}
+
+/** A budget with its whole burst. */
+export function fullBudget(config: Pick<Config, "burst">): RequestBudget {
+  return { tokens: config.burst, tokensAt: clockMs(), refused: 0, refusedSince: 0 };
+}
+
+/**
+ * One request against `b`: "ok" (taken), "refused" (answer 13 in the door's shape, do
+ * not run it), or "close": more than --rate-disconnect refusals within
+ * --bad-frame-window, so the connection is to be closed after its answers.
+ */
+export type RateVerdict = "ok" | "refused" | "close";
+
+/** What a request over the rate is told, in every door's shape. */
+export const RATE_REFUSED = "too many requests; slow down and retry";
+/** What the connection is told past --rate-disconnect refusals, before it is closed. */
+export const RATE_CLOSING = "too many requests; closing the connection";
+
+export function takeRequest(b: RequestBudget, config: Pick<Config, "rate" | "burst" | "rateDisconnect" | "badFrameWindow">): RateVerdict {
+  const { rate, burst, rateDisconnect, badFrameWindow } = config;
+  const now = clockMs();
+  b.tokens = Math.min(burst, b.tokens + ((now - b.tokensAt) * rate) / 1000);
+  b.tokensAt = now;
+  if (b.tokens >= 1) {
+    b.tokens -= 1;
+    return "ok";
+  }
+  if (now - b.refusedSince > badFrameWindow * 1000) {
+    b.refusedSince = now;
+    b.refused = 0;
+  }
+  return ++b.refused <= rateDisconnect ? "refused" : "close";
 }
 
 export class Dispatcher {
@@ -414,7 +460,7 @@ export class Dispatcher {
     }
     if (counted && !this.withinRate(s)) {
       upload?.release();
-      this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: "too many requests; slow down and retry" });
+      this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: RATE_REFUSED });
       return;
     }
     this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload, size, plain, paced: counted, fast });
@@ -429,7 +475,7 @@ export class Dispatcher {
     const line = s.line as Line;
     const verdict = this.rate(s, line);
     if (verdict === "close" && !line.closing) {
-      this.enqueue(s, { kind: "reject", action: "unknown", code: Code.RateLimited, reason: "too many requests; closing the connection", last: true });
+      this.enqueue(s, { kind: "reject", action: "unknown", code: Code.RateLimited, reason: RATE_CLOSING, last: true });
       line.closing = true;
       s.peer.pause("closing");
     }
@@ -438,19 +484,8 @@ export class Dispatcher {
 
   /** One request against the token bucket: taken, refused, or refused far past the limit (logged and counted once). */
   private rate(s: Session, line: Line): "ok" | "refused" | "close" {
-    const { rate, burst, rateDisconnect, badFrameWindow } = this.config;
-    const now = clockMs();
-    line.tokens = Math.min(burst, line.tokens + ((now - line.tokensAt) * rate) / 1000);
-    line.tokensAt = now;
-    if (line.tokens >= 1) {
-      line.tokens -= 1;
-      return "ok";
-    }
-    if (now - line.refusedSince > badFrameWindow * 1000) {
-      line.refusedSince = now;
-      line.refused = 0;
-    }
-    if (++line.refused <= rateDisconnect) return "refused";
+    const verdict = takeRequest(line, this.config);
+    if (verdict !== "close") return verdict;
     if (!line.doomed) {
       line.doomed = true;
       this.metrics.closes.rate_limit++;
