@@ -284,6 +284,29 @@ describe("HTTP/WS chat door: a login that cannot enter the lobby", () => {
   });
 });
 
+describe("the HTTP routes: a client that does not read its answers", () => {
+  const quick = serveForFile({ httpPort: 0, idleUnauth: 2, rate: 1_000_000, burst: 1_000_000 });
+
+  it("loses its socket after --idle-unauth seconds without progress, however many requests it pipelined", async () => {
+    const app = quick.server.http?.app as unknown as { server: net.Server };
+    const open = () => new Promise<number>((resolve, reject) => app.server.getConnections((err, n) => (err ? reject(err) : resolve(n))));
+    const sock = net.connect(quick.server.httpPort as number, "127.0.0.1");
+    await new Promise((r) => sock.once("connect", r));
+    sock.pause(); // reads nothing, ever
+    sock.on("error", () => undefined);
+    const request = "GET /status HTTP/1.1\r\nHost: x\r\n\r\n";
+    sock.write(request.repeat(100_000)); // ~20 MB of answers: far more than the sockets' buffers hold
+    await sleep(500);
+    expect(await open()).toBe(1);
+    // The server stops reading once its answers back up; two seconds later the socket goes.
+    const started = Date.now();
+    while ((await open()) > 0 && Date.now() - started < 10_000) await sleep(100);
+    expect(await open()).toBe(0);
+    expect(Date.now() - started).toBeGreaterThan(1000);
+    sock.destroy();
+  }, 20_000);
+});
+
 describe("WebSocket slow readers", () => {
   const capped = serveForFile({ httpPort: 0, outboundCap: 64 * 1024 });
 

@@ -81,6 +81,12 @@ export class HttpDoor {
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
     // also counted, and refused with a message, by the listener).
     app.server.maxConnections = config.maxConnections;
+    // A plain socket with nothing moving either way for the unauthenticated idle time is
+    // closed: requestTimeout covers a request's arrival only, and keep-alive's timeout
+    // starts once a response is out, so a client that asked for a large page and never
+    // read it held its socket (and its place against the caps) for good. A socket that
+    // reads slowly is active, and a WebSocket's timeout is cleared by ws at its upgrade.
+    app.server.timeout = config.idleUnauth * 1000;
     // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
     app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
     // An upgrade request's socket leaves the HTTP server's timeouts: until ws takes it
@@ -164,9 +170,10 @@ export class HttpDoor {
    * progress are answered and new ones get 503, up to `timeoutMs`; then what is left
    * is cut off.
    */
-  /** After SIGHUP: the port's socket backstop follows a changed --max-connections. */
+  /** After SIGHUP: the port's socket backstop and idle time follow --max-connections and --idle-unauth. */
   reloaded(): void {
     this.app.server.maxConnections = this.d.config.maxConnections;
+    this.app.server.timeout = this.d.config.idleUnauth * 1000;
   }
 
   async close(timeoutMs: number): Promise<void> {
