@@ -286,6 +286,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
         if (ev.kind === "notice") services.cluster?.shareNotice(ev, audience);
       },
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
+      checkLogin: (s, login, pass) => core.accounts.checkLogin(s, login, pass),
     });
     const echat = new EchatDoor(dispatcher, log, {
       session: (sid) => core.accounts.session(sid),

@@ -307,6 +307,28 @@ describe("the HTTP routes: a client that does not read its answers", () => {
   }, 20_000);
 });
 
+describe("HTTP/WS chat door: /login checks the credentials and keeps nothing", () => {
+  const one = serveForFile({ httpPort: 0, maxSessionsPerUser: 1 });
+
+  it("starts no session: a device at --max-sessions-per-user keeps its own, and it stays logged in", async () => {
+    const port = one.server.httpPort as number;
+    const email = `${uniqueName("one")}@example.com`;
+    const post = (path: string, body: unknown) =>
+      fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }).then(async (r) => ({ status: r.status, body: await r.json() }));
+    expect((await post("/create_user", { username: uniqueName("O"), password: "pw", email })).status).toBe(200);
+    const device = await Client.connect(one.port);
+    const auth = await device.request("auth", { login: email, pass: "pw" });
+    expect(auth.status).toBe(0);
+    for (let i = 0; i < 3; i++) expect(await post("/login", { email, password: "pw" })).toEqual({ status: 200, body: { status: "success", message: "Login successful" } });
+    expect(await post("/login", { email, password: "nope" })).toEqual({ status: 401, body: { status: "error", message: "Invalid email or password" } });
+    // The device's session is the one stored, and it still answers as that user.
+    expect((await one.server.services.sessions.list(auth.uid)).length).toBe(1);
+    expect((await device.request("contactlist", {})).status).toBe(0);
+    expect(device.frames.filter((f) => f.action === "ev_logout")).toEqual([]);
+    device.close();
+  });
+});
+
 describe("WebSocket slow readers", () => {
   const capped = serveForFile({ httpPort: 0, outboundCap: 64 * 1024 });
 

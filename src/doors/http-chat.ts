@@ -20,7 +20,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { Logger } from "pino";
 import type WebSocket from "ws";
-import { Code } from "../protocol/codes.js";
+import { Code, ProtocolError } from "../protocol/codes.js";
 import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from "../protocol/dispatcher.js";
 import type { Audience, Event } from "../protocol/events.js";
 import type { OutFrame } from "../protocol/frames.js";
@@ -53,6 +53,8 @@ export interface ChatDeps {
   publish(ev: Event, audience: Audience): void;
   /** Removes a stored session nobody can present again (AccountOps.revoke). */
   revoke(uid: string, sid: string, expires: number): void;
+  /** A login and password checked as auth checks them, no session started (AccountOps.checkLogin). */
+  checkLogin(s: Session, login: string, pass: string): Promise<void>;
 }
 
 /** A route's answer: the HTTP status and seed 003's ApiResponse. */
@@ -250,11 +252,16 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
 
   /** Native auth with the login of the account whose profile email is `email`. */
   private async loginByEmail(s: Session, email: string, password: string): Promise<Answer> {
-    const e = normaliseEmail(email);
-    const uid = e === undefined ? undefined : await this.deps.lookup("email", e);
-    const user = uid === undefined ? undefined : await this.deps.user(uid);
+    const user = await this.userByEmail(email);
     if (!user) return { ok: false, code: Code.NeedRegister, body: undefined, text: INVALID };
     return this.call(s, "auth", { login: user.login, pass: password });
+  }
+
+  /** The account whose profile email is `email` (any door's). */
+  private async userByEmail(email: string): Promise<UserRecord | undefined> {
+    const e = normaliseEmail(email);
+    const uid = e === undefined ? undefined : await this.deps.lookup("email", e);
+    return uid === undefined ? undefined : this.deps.user(uid);
   }
 
   /** Runs `fn` on a session of its own for one HTTP request; logs it out and closes it after. */
@@ -292,10 +299,18 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     });
   }
 
+  /** Checks the credentials only: the seed's /login keeps nothing (no token), so no session is started. */
   async login(client: RouteClient, email: string, password: string): Promise<RouteAnswer> {
     return this.onRequest(client, async (s) => {
-      const r = await this.loginByEmail(s, email, password);
-      return r.ok ? success("Login successful") : refusal(r);
+      const user = await this.userByEmail(email);
+      if (!user) return refusal({ ok: false, code: Code.NeedRegister, body: undefined, text: INVALID });
+      try {
+        await this.deps.checkLogin(s, user.login, password);
+      } catch (err) {
+        if (!(err instanceof ProtocolError)) throw err;
+        return refusal({ ok: false, code: err.code, body: undefined, text: err.message });
+      }
+      return success("Login successful");
     });
   }
 

@@ -50,6 +50,14 @@ export interface AccountOps {
    * sid its client never sees), in a lazy batch: a crash may leave it until it expires.
    */
   revoke(uid: string, sid: string, expires: number): void;
+  /**
+   * Checks a login and password as `auth` does (the same failed-login throttles, bans
+   * and answers: 7, 2, 13, 15) without starting a session: for a door whose API checks
+   * credentials and keeps nothing (seed 003's /login). A session would count against
+   * --max-sessions-per-user (revoking a device's oldest at the cap) and show the user
+   * online to their contacts for the length of the request.
+   */
+  checkLogin(s: Session, login: string, pass: string): Promise<void>;
 }
 
 /** The address the password hasher files operator work under (its own fair share). */
@@ -268,6 +276,20 @@ export function registerAccounts(sv: Services): AccountOps {
   }
 
   /** 15 for a banned account (checked before its password is hashed). */
+  /**
+   * The account of `login` if `pass` is its password and it is not banned (7, 2 or 15
+   * otherwise): auth's check, called inside `counted`.
+   */
+  async function passwordChecked(s: Session, login: string, pass: string): Promise<UserRecord> {
+    const uid = await users.lookup("login", login);
+    const user = uid === undefined ? undefined : await users.get(uid);
+    if (!user) throw new ProtocolError(Code.NeedRegister, `no account with login '${login}'; register first`);
+    sameUser(s, user.uid);
+    notBanned(user);
+    if (!(await hasher.verify(s.peer.address, pass, user.hash))) throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+    return user;
+  }
+
   function notBanned(user: UserRecord): void {
     if (sv.bans.banned("login", user.login)) {
       throw new ProtocolError(Code.Forbidden, "this account is banned");
@@ -471,12 +493,7 @@ export function registerAccounts(sv: Services): AccountOps {
         if (!login) throw new ProtocolError(Code.EmptyField, "'login' is required (or 'sid' alone to resume a session)");
         if (!pass) throw new ProtocolError(Code.EmptyField, "'pass' is required");
         result = await counted(s, login, async () => {
-          const uid = await users.lookup("login", login);
-          const user = uid === undefined ? undefined : await users.get(uid);
-          if (!user) throw new ProtocolError(Code.NeedRegister, `no account with login '${login}'; register first`);
-          sameUser(s, user.uid);
-          notBanned(user);
-          if (!(await hasher.verify(s.peer.address, pass, user.hash))) throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+          const user = await passwordChecked(s, login, pass);
           return underUser(user.uid, async () => {
             // The password checked must still be the account's (not changed, not deleted).
             const cur = await users.get(user.uid);
@@ -657,6 +674,10 @@ export function registerAccounts(sv: Services): AccountOps {
   });
 
   return {
+    async checkLogin(s, login, pass) {
+      await sv.cluster?.sync();
+      await counted(s, login, () => passwordChecked(s, login, pass));
+    },
     async create(login, pass, nick) {
       const bad = OPERATOR_ACCOUNT({ login, pass, nick });
       if (bad) throw bad;
