@@ -127,6 +127,36 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(empty).toMatchObject({ status: 2, stdout: "" });
     expect(empty.stderr).toMatch(/--user needs a login or uid/);
   });
+
+  it("a backup whose disk fills up fails with the reason, and the data dir is unharmed", async () => {
+    const dir = tmp();
+    const srv = await start(["--data-dir", dir]);
+    const a = await registerUser(srv.port);
+    const b = await registerUser(srv.port);
+    for (let i = 0; i < 200; i++) expect((await a.client.request("message", { uid: b.uid, body: `${i} ${"x".repeat(1000)}` })).status).toBe(0);
+    a.client.close();
+    b.client.close();
+    srv.proc.kill("SIGTERM");
+    await srv.exited;
+    // The target is a 64 KiB filesystem of its own (a mount namespace: no privilege
+    // needed), far smaller than the ~200 KB of lines. The write failed there while
+    // the backup waited on LevelDB: an 'error' nobody listened for ended the process
+    // (or the backup waited for ever on a closed file).
+    const mnt = tmp();
+    const script = `mount -t tmpfs -o size=64k none "$1" && exec "$2" "$3" backup "$1/b" --data-dir "$4"`;
+    const r = spawnSync("unshare", ["-rm", "sh", "-c", script, "sh", mnt, process.execPath, main, dir], {
+      encoding: "utf8",
+      env: { ...process.env, WIRECHAT_LOG_LEVEL: "warn" },
+      timeout: 30_000,
+    });
+    expect(r.error).toBeUndefined();
+    expect({ status: r.status, stdout: r.stdout }).toEqual({ status: 1, stdout: "" });
+    expect(r.stderr).toMatch(/^wirechat backup: cannot write a backup into \S+\/b: ENOSPC/);
+    // Nothing of the data dir changed: a backup to a roomy place has all of it.
+    const ok = json(cli(["backup", path.join(tmp(), "b"), "--data-dir", dir]));
+    expect(ok).toMatchObject({ missing: 0 });
+    expect(ok.keys).toBeGreaterThan(200);
+  });
 });
 
 describe("wirechat commands on a running server (through its admin port)", () => {

@@ -8,13 +8,12 @@
 // Export writes records (never password hashes) as NDJSON, for a user's data request
 // or a migration.
 
-import { once } from "node:events";
+import { pipeline } from "node:stream/promises";
 import { createReadStream, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { copyFile, mkdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import { Level } from "level";
-import type { Writable } from "node:stream";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import type { BlobStore } from "../storage/blobs.js";
 import { LEVEL_OPTIONS, type Storage } from "../storage/db.js";
@@ -31,15 +30,6 @@ export interface BackupInfo {
   blobs: number;
   /** Attachment files referred to but gone (a message deleted while the backup ran). */
   missing: number;
-}
-
-async function write(out: Writable, line: string): Promise<void> {
-  if (!out.write(line)) await once(out, "drain");
-}
-
-async function closeStream(out: Writable): Promise<void> {
-  out.end();
-  await once(out, "finish");
 }
 
 /**
@@ -77,41 +67,51 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
     if (code === "EEXIST") throw new ProtocolError(Code.AlreadyExist, `${target} is being written by another backup; choose a new directory`);
     throw unwritable(target, err);
   }
-  const out = createWriteStream("", { fd });
   const shas = new Set<string>();
   let keys = 0;
   const refsPrefix = `!blobrefs!`;
-  // No attachment file is deleted from before the snapshot until the copies are made.
-  const release = blobs.hold();
-  const it = storage.db.iterator({ keyEncoding: "utf8", valueEncoding: "utf8" });
-  try {
-    for (;;) {
-      const page = await it.nextv(1000);
-      if (page.length === 0) break;
-      for (const [k, v] of page) {
-        keys++;
-        if (k.startsWith(refsPrefix)) shas.add(k.slice(refsPrefix.length, k.indexOf("!", refsPrefix.length)));
-        await write(out, JSON.stringify([k, v]) + "\n");
-      }
-    }
-  } catch (err) {
-    release();
-    throw err;
-  } finally {
-    await it.close();
-    await closeStream(out);
-  }
   let copied = 0;
   let missing = 0;
+  // No attachment file is deleted from before the snapshot until the copies are made;
+  // the hold ends however the backup ends (a hold left on keeps every later delete's
+  // files until a restart).
+  const release = blobs.hold();
   try {
+    const it = storage.db.iterator({ keyEncoding: "utf8", valueEncoding: "utf8" });
+    // A page of lines at a time. pipeline() listens for the file's errors for the whole
+    // write and closes it on any: a write that failed (a full disk, EIO) while the loop
+    // waited for LevelDB was an 'error' with no listener, which ended the server.
+    async function* lines(): AsyncGenerator<string> {
+      for (;;) {
+        const page = await it.nextv(1000);
+        if (page.length === 0) return;
+        let text = "";
+        for (const [k, v] of page) {
+          keys++;
+          if (k.startsWith(refsPrefix)) shas.add(k.slice(refsPrefix.length, k.indexOf("!", refsPrefix.length)));
+          text += JSON.stringify([k, v]) + "\n";
+        }
+        yield text;
+      }
+    }
+    try {
+      await pipeline(lines, createWriteStream("", { fd }));
+    } catch (err) {
+      throw unwritable(target, err);
+    } finally {
+      await it.close();
+    }
     for (const sha of shas) {
+      const to = path.join(target, "blobs", sha.slice(0, 2), sha);
       try {
-        const to = path.join(target, "blobs", sha.slice(0, 2), sha);
         await mkdir(path.dirname(to), { recursive: true, mode: 0o700 });
         await copyFile(blobs.pathOf(sha), to);
         copied++;
-      } catch {
-        missing++;
+      } catch (err) {
+        // Missing: the source is gone (only a file the snapshot's messages no longer
+        // need). Anything else (the target's disk full, not writable) fails the backup.
+        if ((err as NodeJS.ErrnoException).code === "ENOENT" && !existsSync(blobs.pathOf(sha))) missing++;
+        else throw unwritable(target, err);
       }
     }
   } finally {
