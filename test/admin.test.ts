@@ -170,8 +170,10 @@ describe("admin port", () => {
 
   it("bans an address: its connections get ev_close and are closed, new ones refused with 15", async () => {
     const a = await registerUser(served.port);
-    const r = await admin(ap(), "POST", "/ban", { address: "127.0.0.1", reason: "abuse" });
+    // Spelled with spaces around it, as a pasted address may be: stored and matched canonical.
+    const r = await admin(ap(), "POST", "/ban", { address: " 127.0.0.1 ", reason: "abuse" });
     expect(r.status).toBe(200);
+    expect(r.json.ban.value).toBe("127.0.0.1");
     expect(r.json.closed).toBeGreaterThanOrEqual(1);
     expect(await a.client.event("ev_close")).toEqual({ reason: "your address was banned: abuse" });
     await a.client.closed;

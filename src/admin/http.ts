@@ -245,7 +245,9 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     const [kind, value] = banTarget(req.body);
     const ban = await d.ops.ban(kind, value, req.body.reason ?? "");
     const why = `your address was banned${ban.reason ? `: ${ban.reason}` : ""}`;
-    const closed = kind === "addr" ? d.connections.reduce((n, t) => n + t.closeAddress(value, why), 0) : 0;
+    // The address as the ban holds it (canonical: trimmed, IPv6 compressed), as sockets
+    // report theirs: the operator's own spelling ("2001:db8:0::1") closed nothing.
+    const closed = kind === "addr" ? d.connections.reduce((n, t) => n + t.closeAddress(ban.value, why), 0) : 0;
     return { ban, closed };
   });
   app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {
