@@ -165,17 +165,17 @@ export class HttpDoor {
     return this.app.server.address() as AddressInfo;
   }
 
-  /**
-   * Graceful stop: WebSockets as the TCP listeners' connections; HTTP requests in
-   * progress are answered and new ones get 503, up to `timeoutMs`; then what is left
-   * is cut off.
-   */
   /** After SIGHUP: the port's socket backstop and idle time follow --max-connections and --idle-unauth. */
   reloaded(): void {
     this.app.server.maxConnections = this.d.config.maxConnections;
     this.app.server.timeout = this.d.config.idleUnauth * 1000;
   }
 
+  /**
+   * Graceful stop: WebSockets as the TCP listeners' connections; HTTP requests in
+   * progress are answered and new ones get 503, up to `timeoutMs`; then what is left
+   * is cut off.
+   */
   async close(timeoutMs: number): Promise<void> {
     const graceMs = this.d.config.closeLinger * 1000;
     await this.ready.catch(() => undefined);

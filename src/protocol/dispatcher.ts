@@ -251,11 +251,6 @@ export function fullBudget(config: Pick<Config, "burst">): RequestBudget {
   return { tokens: config.burst, tokensAt: clockMs(), refused: 0, refusedSince: 0 };
 }
 
-/**
- * One request against `b`: "ok" (taken), "refused" (answer 13 in the door's shape, do
- * not run it), or "close": more than --rate-disconnect refusals within
- * --bad-frame-window, so the connection is to be closed after its answers.
- */
 export type RateVerdict = "ok" | "refused" | "close";
 
 /** What a request over the rate is told, in every door's shape. */
@@ -263,6 +258,11 @@ export const RATE_REFUSED = "too many requests; slow down and retry";
 /** What the connection is told past --rate-disconnect refusals, before it is closed. */
 export const RATE_CLOSING = "too many requests; closing the connection";
 
+/**
+ * One request against `b`: "ok" (taken), "refused" (answer 13 in the door's shape, do
+ * not run it), or "close": more than --rate-disconnect refusals within
+ * --bad-frame-window, so the connection is to be closed after its answers.
+ */
 export function takeRequest(b: RequestBudget, config: Pick<Config, "rate" | "burst" | "rateDisconnect" | "badFrameWindow">): RateVerdict {
   const { rate, burst, rateDisconnect, badFrameWindow } = config;
   const now = clockMs();
