@@ -192,6 +192,14 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     expect(wrong.stderr).toMatch(/belongs to the server on .*, not to the one holding .*: give its --admin-port/);
     expect(cli(["export", "--data-dir", dir, "--admin-port", String(other.adminPort)]).stderr).toMatch(/belongs to the server on/);
     expect(json(cli(["user", "show", "dave", "--data-dir", otherDir, "--admin-port", String(other.adminPort)])).uid).toBe(dave.uid);
+    // Export streams through the admin port; its refusals come back as the server said them.
+    const viaOther = ["--data-dir", otherDir, "--admin-port", String(other.adminPort)];
+    const exported = cli(["export", "--user", "dave", ...viaOther]);
+    expect(exported.status).toBe(0);
+    expect(exported.stdout.trim().split("\n").map((l) => JSON.parse(l)).find((l) => l.type === "user")).toMatchObject({ uid: dave.uid, login: "dave" });
+    const nobody = cli(["export", "--user", "nobody-here", ...viaOther]);
+    expect({ status: nobody.status, stdout: nobody.stdout }).toEqual({ status: 1, stdout: "" });
+    expect(nobody.stderr).toMatch(/no user/);
   });
 
   it("says so when the data dir is in use and the admin port does not answer", async () => {

@@ -5,6 +5,7 @@
 // through a running node's admin port: its writes are entries of the cluster log.
 
 import { existsSync, readFileSync, realpathSync } from "node:fs";
+import http from "node:http";
 import path from "node:path";
 import { createSecureContext } from "node:tls";
 import pino from "pino";
@@ -150,23 +151,37 @@ function viaAdmin(config: Config): Backend {
     await ours();
     return send(method, route, body);
   }
-  /** fetch, with a refused or failed connection said in the operator's terms. */
-  async function reach(route: string, init: RequestInit): Promise<Response> {
+  /**
+   * One request to the admin port, answered as a stream; a refused or failed connection
+   * said in the operator's terms. node:http, not fetch: fetch gives up on an answer whose
+   * headers take more than 300 s (undici's headersTimeout), and a backup answers when
+   * its last attachment file is copied, so the command called a long backup failed
+   * while the server went on and finished it.
+   */
+  function reach(method: string, route: string, body?: unknown): Promise<http.IncomingMessage> {
+    return new Promise((resolve, reject) => {
+      const req = http.request(base + route, { method, headers: body === undefined ? headers : { ...headers, "content-type": "application/json" } }, resolve);
+      req.on("error", (err) => reject(new Error(`the data dir is in use and the admin port ${base} does not answer (${err.message})`)));
+      req.end(body === undefined ? undefined : JSON.stringify(body));
+    });
+  }
+  /** An answer's JSON ({} when it is not JSON), or its error as the server said it. */
+  async function answer(res: http.IncomingMessage): Promise<any> {
+    let text = "";
+    res.setEncoding("utf8");
+    for await (const chunk of res) text += chunk as string;
+    let json: { error?: string; code?: number } = {};
     try {
-      return await fetch(base + route, init);
-    } catch (err) {
-      throw new Error(`the data dir is in use and the admin port ${base} does not answer (${(err as Error).message})`);
+      json = JSON.parse(text) as typeof json;
+    } catch {
+      // not JSON: said by its status below
     }
+    const status = res.statusCode ?? 500;
+    if (status < 200 || status > 299) throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${status}`);
+    return json;
   }
   async function send(method: string, route: string, body?: unknown): Promise<any> {
-    const res = await reach(route, {
-      method,
-      headers: body === undefined ? headers : { ...headers, "content-type": "application/json" },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const json = (await res.json().catch(() => ({}))) as { error?: string; code?: number };
-    if (!res.ok) throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${res.status}`);
-    return json;
+    return answer(await reach(method, route, body));
   }
   return {
     ops: {
@@ -186,13 +201,10 @@ function viaAdmin(config: Config): Backend {
       backup: (dir) => call("POST", "/backup", { dir: path.resolve(dir) }),
       exportTo: async (user, out) => {
         await ours();
-        const res = await reach("/export" + (user !== undefined ? `?user=${encodeURIComponent(user)}` : ""), { headers });
-        if (!res.ok || !res.body) {
-          const json = (await res.json().catch(() => ({}))) as { error?: string; code?: number };
-          throw new ProtocolError(json.code ?? 16, json.error ?? `HTTP ${res.status}`);
-        }
-        for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-          if (!out.write(chunk)) await new Promise((r) => out.once("drain", r));
+        const res = await reach("GET", "/export" + (user !== undefined ? `?user=${encodeURIComponent(user)}` : ""));
+        if (res.statusCode !== 200) await answer(res); // throws the server's error
+        for await (const chunk of res) {
+          if (!out.write(chunk as Buffer)) await new Promise((r) => out.once("drain", r));
         }
       },
     },
