@@ -17,6 +17,7 @@ import { ChildServer, Client, login, registerUser, removeDir, startTestServer, t
 import { NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
 import { admin } from "./admin-helpers.js";
+import { heldGate, waitFor } from "./pipeline-helpers.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];
@@ -108,6 +109,41 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     }
     a.client.close();
     elsewhere.close();
+  });
+
+  it("a login whose connection is reset while the log takes its session leaves no session behind", async () => {
+    const a = await registerUser(node(1));
+    a.client.close();
+    await a.client.closed;
+    const n0 = nodes[0];
+    const cluster = n0.services.cluster as NonNullable<typeof n0.services.cluster>;
+    const sessionsOf = async () => {
+      await n0.services.storage.settle();
+      return ((await n0.services.storage.spaces.usessions.keys().all()) as string[]).filter((k) => k.startsWith(`${a.uid}!`)).length;
+    };
+    // The log's "session" command for this login waits until node 0 has seen the reset.
+    const append = cluster.append.bind(cluster);
+    const gate = heldGate();
+    cluster.append = async (cmd) => {
+      if (cmd.k === "session" && cmd.uid === a.uid) await gate.pass();
+      return append(cmd);
+    };
+    const c = await Client.connect(node(0));
+    try {
+      c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
+      await gate.reached;
+      const open = n0.listener.connections.size;
+      c.socket.resetAndDestroy();
+      await waitFor(() => n0.listener.connections.size < open, 5000, "node 0 to see the reset");
+    } finally {
+      delete (cluster as { append?: unknown }).append;
+      gate.open();
+    }
+    // A login of the same user through node 0 waits for that one's lock: what it stored is settled.
+    const d = await login(node(0), a.login);
+    expect(d.auth.status).toBe(0);
+    expect(await sessionsOf()).toBe(2); // register's and d's
+    d.client.close();
   });
 
   it("changepassword on one node closes the user's other sessions on every node; only the new password works", async () => {

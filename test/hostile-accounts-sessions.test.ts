@@ -5,6 +5,7 @@
 import { createHash } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName } from "./helpers.js";
+import { heldGate, waitFor } from "./pipeline-helpers.js";
 
 async function closeAll(...clients: Client[]): Promise<void> {
   for (const c of clients) c.close();
@@ -63,6 +64,40 @@ describe("stored sessions", () => {
     }
     expect((await server.services.storage.spaces.usessions.keys().all()).length).toBe(3);
     await closeAll(c, a.client, ...devices.map((d) => d.client));
+    await server.stop();
+  });
+
+  it("a login whose connection is reset while its session is stored leaves no session behind", async () => {
+    const server = await startTestServer();
+    const a = await registerUser(server.port);
+    await closeAll(a.client);
+    const { storage } = server.services;
+    const { listener } = server;
+    const sessionsOf = async () => ((await storage.spaces.usessions.keys().all()) as string[]).filter((k) => k.startsWith(`${a.uid}!`)).length;
+    expect(await sessionsOf()).toBe(1); // register's
+    // The commit that stores the new session waits until the server has seen the reset.
+    const commit = storage.commit.bind(storage);
+    const gate = heldGate();
+    storage.commit = async (ops) => {
+      if (ops.some((o) => o.key.startsWith(storage.spaces.usessions.prefix))) await gate.pass();
+      return commit(ops);
+    };
+    const c = await Client.connect(server.port);
+    try {
+      c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
+      await gate.reached;
+      const open = listener.connections.size;
+      c.socket.resetAndDestroy();
+      await waitFor(() => listener.connections.size < open, 5000, "the server to see the reset");
+    } finally {
+      delete (storage as { commit?: unknown }).commit;
+      gate.open();
+    }
+    // A login of the same user waits for that one's lock: whatever it stored is settled.
+    const d = await login(server.port, a.login);
+    expect(await sessionsOf()).toBe(2); // register's and d's
+    expect((await d.client.request("userinfo", { user: a.uid })).status).toBe(0);
+    await closeAll(d.client);
     await server.stop();
   });
 

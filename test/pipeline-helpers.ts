@@ -260,3 +260,22 @@ export function slowKeyReads(space: { keys: (...args: any[]) => any }, ms: numbe
     delete (space as { keys?: unknown }).keys;
   };
 }
+
+/**
+ * A gate a test holds shut: the code it wraps awaits `pass()`, which resolves
+ * `reached` and waits until the test calls `open()`.
+ */
+export function heldGate(): { reached: Promise<void>; pass: () => Promise<void>; open: () => void } {
+  let arrive!: () => void;
+  const reached = new Promise<void>((r) => (arrive = r));
+  let open!: () => void;
+  const opened = new Promise<void>((r) => (open = r));
+  return {
+    reached,
+    pass: () => {
+      arrive();
+      return opened;
+    },
+    open,
+  };
+}

@@ -176,6 +176,22 @@ export function registerAccounts(sv: Services): AccountOps {
     }
   }
 
+  /**
+   * The connection closed before its login was done: it is not logged in, and the
+   * session `stored` for it (if any), whose sid no client has seen, is revoked, so it
+   * neither waits out its TTL nor counts toward --max-sessions-per-user (where it
+   * would push out a session a device still uses). Call under the user's lock.
+   */
+  async function closedMeanwhile(s: Session, uid: string, stored: { sid: string; expires: number } | undefined): Promise<never> {
+    if (stored !== undefined) {
+      const hash = sidHash(stored.sid);
+      if (sv.cluster) await sv.cluster.append({ k: "logout", uid, sid: hash, expires: stored.expires, conn: s.peer.id });
+      else await storage.commit(sessions.revokeOps(uid, hash, stored.expires));
+      s.log.info("connection closed while its session was stored: session revoked");
+    }
+    throw new ProtocolError(Code.Unavailable, "the connection closed");
+  }
+
   async function newUid(): Promise<string> {
     for (;;) {
       const uid = randomBytes(6).toString("hex");
@@ -192,12 +208,13 @@ export function registerAccounts(sv: Services): AccountOps {
    * Logs this connection in as `user` and returns the auth reply fields; call under
    * the user's lock. Without `resumed` a new session is stored, in one batch with
    * `withOps` (a new account's records) and the revocation of the user's oldest
-   * sessions past --max-sessions-per-user.
+   * sessions past --max-sessions-per-user. `resumed.fresh`: the caller stored that
+   * session for this connection alone (cluster mode, through the log).
    */
-  async function startSession(s: Session, user: UserRecord, resumed?: { sid: string; expires: number }, withOps: BatchOp[] = []) {
+  async function startSession(s: Session, user: UserRecord, resumed?: { sid: string; expires: number; fresh?: boolean }, withOps: BatchOp[] = []) {
     // A connection that closed while its password was checked is not logged in (the
     // router would keep it, and the user online, for good).
-    if (s.peer.closed) throw new ProtocolError(Code.Unavailable, "the connection closed");
+    if (s.peer.closed) return closedMeanwhile(s, user.uid, resumed?.fresh ? resumed : undefined);
     const again = s.uid === user.uid;
     if (!again && router.sessions(user.uid).length >= config.maxConnectionsPerUser) {
       throw new ProtocolError(Code.RateLimited, `this account has ${config.maxConnectionsPerUser} connections logged in; close one first`);
@@ -222,8 +239,8 @@ export function registerAccounts(sv: Services): AccountOps {
       if (evicted.size > 0) {
         endSessions(user.uid, (o) => o !== s && evicted.has(sidHash(o.sid as string)), "too many sessions: this one, the oldest, was ended", false);
       }
+      if (s.peer.closed) return closedMeanwhile(s, user.uid, { sid, expires });
     } else ({ sid, expires } = resumed);
-    if (s.peer.closed) throw new ProtocolError(Code.Unavailable, "the connection closed");
     // The same user again on this connection stays where it is in the router: no
     // presence goes out (nothing changed for the user's contacts).
     if (s.uid !== undefined && !again) leave(s);
@@ -323,7 +340,7 @@ export function registerAccounts(sv: Services): AccountOps {
     const expires = t + config.sessionTtl;
     const out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
     if (out.k !== "session") throw new ProtocolError(Code.InvalidPass, "wrong login or password");
-    return startSession(s, user, { sid, expires });
+    return startSession(s, user, { sid, expires, fresh: true });
   }
 
   /**
@@ -346,7 +363,7 @@ export function registerAccounts(sv: Services): AccountOps {
     const t = nowSeconds();
     const expires = t + config.sessionTtl;
     const user = await registerInCluster(t, login, nick, hash, { sid, expires });
-    return underUser(user.uid, () => startSession(s, user, { sid, expires }));
+    return underUser(user.uid, () => startSession(s, user, { sid, expires, fresh: true }));
   }
 
   // Expired sessions: swept from storage at start-up (server.ts) and every minute (or
