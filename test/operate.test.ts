@@ -3,8 +3,8 @@
 // server (through its admin port), the config file, SIGHUP (TLS certificate and
 // settings), the second SIGINT, the locked data dir, the failed-login log line.
 
-import { execFileSync, spawnSync } from "node:child_process";
-import { copyFileSync, cpSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { copyFileSync, cpSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import tls from "node:tls";
@@ -280,6 +280,56 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     const c = await Client.connect(again.port);
     expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
     c.close();
+  });
+
+  it("a restore stopped by SIGINT or killed outright leaves nothing the next one trips on; two at once: one is refused", async () => {
+    const dir = tmp();
+    const users = ["alice", "bob"].map((u) => json(cli(["user", "add", u, "--pass", "pw", "--init", "--data-dir", dir, "--bcrypt-cost", "4"])));
+    const good = path.join(tmp(), "backup");
+    json(cli(["backup", good, "--data-dir", dir]));
+    const lines = readFileSync(path.join(good, "db.ndjson"), "utf8").split("\n").filter((l) => l !== "");
+    // The same backup with db.ndjson a FIFO: a restore reading it waits for each line.
+    const slow = path.join(tmp(), "slow");
+    mkdirSync(slow);
+    copyFileSync(path.join(good, "backup.json"), path.join(slow, "backup.json"));
+    execFileSync("mkfifo", [path.join(slow, "db.ndjson")]);
+    const into = path.join(tmp(), "restored");
+    const staged = () => readdirSync(into).filter((n) => n.startsWith(".restore"));
+    /** A restore that has read two lines and waits for more. */
+    const stuck = async () => {
+      const child = spawn(process.execPath, [main, "restore", slow, "--data-dir", into], { stdio: ["ignore", "pipe", "pipe"] });
+      let stderr = "";
+      child.stderr.on("data", (d) => (stderr += d));
+      const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+      const feed = createWriteStream(path.join(slow, "db.ndjson")).on("error", () => {}); // EPIPE once killed
+      feed.write(lines.slice(0, 2).join("\n") + "\n");
+      await waitFor(() => existsSync(into) && staged().length === 2, 10_000, "the staging dir and the lock");
+      return { child, feed, exited, stderr: () => stderr };
+    };
+
+    const first = await stuck();
+    const second = cli(["restore", good, "--data-dir", into]);
+    expect(second.status).toBe(1);
+    expect(second.stderr).toMatch(new RegExp(`another restore into .* is running \\(pid ${first.child.pid}\\)`));
+    first.child.kill("SIGINT");
+    // The signal stops the read where it waits; a FIFO holds a read until bytes come
+    // (a file never does), so one more line lets it return.
+    await sleep(200);
+    first.feed.end(lines[2] + "\n");
+    expect(await first.exited).toBe(130);
+    expect(first.stderr()).toMatch(/stopped by SIGINT; .* is as it was before/);
+    expect(readdirSync(into)).toEqual([]);
+
+    const killed = await stuck();
+    killed.child.kill("SIGKILL");
+    await killed.exited;
+    killed.feed.destroy();
+    expect(staged()).toHaveLength(2); // its staging dir and its lock, left behind
+    const r = cli(["restore", good, "--data-dir", into]);
+    expect(r.status).toBe(0);
+    expect(readdirSync(into)).toEqual(["db"]);
+    const listed = cli(["user", "list", "--data-dir", into]);
+    expect(listed.stdout.trim().split("\n").map((l) => l.split("\t")[1]).sort()).toEqual(users.map((u) => u.login).sort());
   });
 
   it("logs one line per failed login with the address and the login (for fail2ban)", async () => {

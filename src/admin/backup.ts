@@ -9,7 +9,7 @@
 // or a migration.
 
 import { pipeline } from "node:stream/promises";
-import { createReadStream, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, createReadStream, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { copyFile, mkdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -127,39 +127,89 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
  * is written into a staging directory inside `dataDir` first and checked (every line a
  * [key, value] pair, as many keys and attachment files as backup.json lists); only then
  * do the attachment files and, last, the database move into place (renames on the same
- * file system). A backup that is cut short or damaged leaves `dataDir` as it was, so
- * the restore can be run again once the backup is fixed, and no server starts on half
- * a database.
+ * file system). A backup that is cut short or damaged, or a restore stopped by `signal`
+ * (the CLI's SIGINT and SIGTERM) while it stages, leaves `dataDir` as it was, so the
+ * restore can be run again once the backup is fixed, and no server starts on half a
+ * database. One restore at a time per data dir (RESTORE_LOCK, which holds its pid);
+ * what one killed outright (kill -9) left behind, its lock and staging directory, the
+ * next restore removes.
  */
-export async function restore(from: string, dataDir: string): Promise<{ keys: number; blobs: number }> {
+export async function restore(from: string, dataDir: string, signal?: AbortSignal): Promise<{ keys: number; blobs: number }> {
   const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
   if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
   const dbDir = path.join(dataDir, "db");
   if (existsSync(dbDir) && readdirSync(dbDir).length > 0) throw new Error(`${dataDir} already holds a database; restore into a new data dir`);
   mkdirSync(dataDir, { recursive: true });
-  const staging = mkdtempSync(path.join(dataDir, ".restore-"));
+  const unlock = restoreLock(dataDir);
   try {
-    const keys = await restoreKeys(path.join(from, "db.ndjson"), path.join(staging, "db"));
-    if (keys !== info.keys) throw new Error(`the backup lists ${info.keys} keys but db.ndjson holds ${keys}: it is incomplete`);
-    const blobs = await copyBlobs(path.join(from, "blobs"), path.join(staging, "blobs"));
-    if (blobs !== info.blobs) throw new Error(`the backup lists ${info.blobs} attachment files but holds ${blobs}: it is incomplete`);
-    // Into place: the attachment files first, the database last (a server starts only on a database).
-    for (const shard of existsSync(path.join(staging, "blobs")) ? readdirSync(path.join(staging, "blobs")) : []) {
-      mkdirSync(path.join(dataDir, "blobs", shard), { recursive: true });
-      for (const file of readdirSync(path.join(staging, "blobs", shard))) {
-        renameSync(path.join(staging, "blobs", shard, file), path.join(dataDir, "blobs", shard, file));
-      }
+    for (const name of readdirSync(dataDir)) {
+      if (name.startsWith(STAGING_PREFIX)) rmSync(path.join(dataDir, name), { recursive: true, force: true });
     }
-    if (existsSync(dbDir)) rmdirSync(dbDir); // empty, checked above
-    renameSync(path.join(staging, "db"), dbDir);
-    return { keys, blobs };
+    const staging = mkdtempSync(path.join(dataDir, STAGING_PREFIX));
+    try {
+      const keys = await restoreKeys(path.join(from, "db.ndjson"), path.join(staging, "db"), signal);
+      if (keys !== info.keys) throw new Error(`the backup lists ${info.keys} keys but db.ndjson holds ${keys}: it is incomplete`);
+      const blobs = await copyBlobs(path.join(from, "blobs"), path.join(staging, "blobs"), signal);
+      if (blobs !== info.blobs) throw new Error(`the backup lists ${info.blobs} attachment files but holds ${blobs}: it is incomplete`);
+      signal?.throwIfAborted();
+      // Into place (no longer stopped by `signal`): the attachment files first, the
+      // database last (a server starts only on a database).
+      for (const shard of existsSync(path.join(staging, "blobs")) ? readdirSync(path.join(staging, "blobs")) : []) {
+        mkdirSync(path.join(dataDir, "blobs", shard), { recursive: true });
+        for (const file of readdirSync(path.join(staging, "blobs", shard))) {
+          renameSync(path.join(staging, "blobs", shard, file), path.join(dataDir, "blobs", shard, file));
+        }
+      }
+      if (existsSync(dbDir)) rmdirSync(dbDir); // empty, checked above
+      renameSync(path.join(staging, "db"), dbDir);
+      return { keys, blobs };
+    } finally {
+      rmSync(staging, { recursive: true, force: true });
+    }
   } finally {
-    rmSync(staging, { recursive: true, force: true });
+    unlock();
+  }
+}
+
+/** A restore's staging directory in the data dir: `.restore-XXXXXX`. */
+const STAGING_PREFIX = ".restore-";
+/** The file that makes a data dir one restore's at a time; it holds that restore's pid. */
+export const RESTORE_LOCK = ".restore.lock";
+
+/**
+ * Takes `dataDir`'s restore lock, or says which live process holds it. A lock whose
+ * process is gone (a restore killed outright) is taken over. Returns its release.
+ */
+function restoreLock(dataDir: string): () => void {
+  const file = path.join(dataDir, RESTORE_LOCK);
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const fd = openSync(file, "wx", 0o600);
+      writeFileSync(fd, `${process.pid}\n`);
+      closeSync(fd);
+      return () => rmSync(file, { force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 0) throw err;
+    }
+    const pid = Number(readFileSync(file, "utf8").trim());
+    if (Number.isInteger(pid) && pid > 0 && alive(pid)) {
+      throw new Error(`another restore into ${dataDir} is running (pid ${pid}); if it is not, remove ${file}`);
+    }
+    rmSync(file, { force: true }); // its restore was killed: taken over
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 
 /** Writes db.ndjson's pairs into a new LevelDB at `dbDir`; returns how many. */
-async function restoreKeys(file: string, dbDir: string): Promise<number> {
+async function restoreKeys(file: string, dbDir: string, signal: AbortSignal | undefined): Promise<number> {
   const db = new Level<string, string>(dbDir, { ...LEVEL_OPTIONS, keyEncoding: "utf8", valueEncoding: "utf8" });
   await db.open();
   let keys = 0;
@@ -167,7 +217,8 @@ async function restoreKeys(file: string, dbDir: string): Promise<number> {
     let batch = db.batch();
     let n = 0;
     let lineNo = 0;
-    const lines = createInterface({ input: createReadStream(file), crlfDelay: Infinity });
+    // The signal ends the read too, where a slow source holds it between lines.
+    const lines = createInterface({ input: createReadStream(file, { signal }), crlfDelay: Infinity });
     for await (const line of lines) {
       lineNo++;
       if (line === "") continue;
@@ -196,12 +247,13 @@ async function restoreKeys(file: string, dbDir: string): Promise<number> {
 }
 
 /** Copies a backup's attachment files (`<shard>/<file>`) into `to`; returns how many. */
-async function copyBlobs(src: string, to: string): Promise<number> {
+async function copyBlobs(src: string, to: string, signal: AbortSignal | undefined): Promise<number> {
   let blobs = 0;
   if (!existsSync(src)) return 0;
   for (const shard of readdirSync(src)) {
     await mkdir(path.join(to, shard), { recursive: true });
     for (const file of readdirSync(path.join(src, shard))) {
+      signal?.throwIfAborted();
       await copyFile(path.join(src, shard, file), path.join(to, shard, file));
       blobs++;
     }

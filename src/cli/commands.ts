@@ -6,6 +6,7 @@
 
 import { existsSync, readFileSync, realpathSync } from "node:fs";
 import http from "node:http";
+import { constants as osConstants } from "node:os";
 import path from "node:path";
 import { createSecureContext } from "node:tls";
 import pino from "pino";
@@ -281,9 +282,22 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
   }
   if (command === "restore") {
     const from = need(p, 0, "the backup directory");
-    const r = await restore(from, p.config.dataDir);
-    process.stdout.write(`restored ${r.keys} keys and ${r.blobs} attachment files into ${p.config.dataDir}\n`);
-    return 0;
+    // SIGINT or SIGTERM while the copy is staged: stop, remove the staging, say so.
+    const stop = new AbortController();
+    const onSignal = (sig: NodeJS.Signals) => stop.abort(sig);
+    process.once("SIGINT", onSignal).once("SIGTERM", onSignal);
+    try {
+      const r = await restore(from, p.config.dataDir, stop.signal);
+      process.stdout.write(`restored ${r.keys} keys and ${r.blobs} attachment files into ${p.config.dataDir}\n`);
+      return 0;
+    } catch (err) {
+      if (!stop.signal.aborted) throw err;
+      const sig = stop.signal.reason as NodeJS.Signals;
+      process.stderr.write(`wirechat restore: stopped by ${sig}; ${p.config.dataDir} is as it was before\n`);
+      return 128 + osConstants.signals[sig];
+    } finally {
+      process.off("SIGINT", onSignal).off("SIGTERM", onSignal);
+    }
   }
   const b = await backend(p.config, p.own.has("init"));
   try {
