@@ -491,6 +491,27 @@ describe("deletechannel", () => {
     await closeAll(a.client, a2.client, b.client, outsider.client);
   });
 
+  it("of a deleted owner cannot exist: an owner who left their channel and then deletes the account takes it along", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const name = uniqueName("leftowner");
+    const ch = (await a.client.request("createchannel", { name, descr: "x" })) as { status: number; chid: string };
+    expect(ch.status).toBe(0);
+    expect((await b.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    expect((await b.client.request("message", { channel: ch.chid, body: "before" })).status).toBe(0);
+    expect((await a.client.request("leave", { channel: ch.chid })).status).toBe(0);
+    expect((await a.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    // The remaining member is told, the name is free again, and nothing of it is left.
+    expect(await b.client.event("ev_channel_deleted")).toEqual({ chid: ch.chid });
+    const sv = shared.server.services;
+    expect(await sv.channels.byName(name)).toBeUndefined();
+    expect(await sv.channels.ownedBy(a.uid)).toEqual([]);
+    expect(await sv.channels.channelsOf(b.uid)).toEqual([]);
+    const again = (await b.client.request("createchannel", { name, descr: "y" })) as { status: number; chid: string };
+    expect(again.status).toBe(0);
+    await closeAll(a.client, b.client);
+  });
+
   it("of a deleted owner cannot exist: createchannel racing deleteaccount from the owner's other connection", async () => {
     // The owned-channels cap check of the creation is slowed by 200 ms (a loaded
     // disk); the owner's other connection deletes the account meanwhile. Either the

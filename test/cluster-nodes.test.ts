@@ -538,10 +538,17 @@ describe("cluster mode: channels", () => {
     // A channel of m's that the owner is a member of: m hears the owner leave it.
     const mine = await m.client.request("createchannel", { name: uniqueName("m") });
     expect((await owner.client.request("enter", { channel: mine.chid })).status).toBe(0);
+    // A channel the owner has left is still theirs: it goes too.
+    const leftName = uniqueName("left");
+    const left0 = await owner.client.request("createchannel", { name: leftName });
+    expect((await x.client.request("enter", { channel: left0.chid })).status).toBe(0);
+    expect((await owner.client.request("leave", { channel: left0.chid })).status).toBe(0);
 
     expect((await owner.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
     expect(await m.client.event("ev_channel_deleted", (d) => d.chid === priv.chid)).toEqual({ chid: priv.chid });
     expect(await x.client.event("ev_channel_deleted", (d) => d.chid === pub.chid)).toEqual({ chid: pub.chid });
+    expect(await x.client.event("ev_channel_deleted", (d) => d.chid === left0.chid)).toEqual({ chid: left0.chid });
+    expect((await x.client.request("createchannel", { name: leftName })).status).toBe(0); // its name is free
     expect(await m.client.event("ev_leave", (d) => d.chid === mine.chid)).toEqual({ chid: mine.chid, uid: owner.uid, nick: owner.nick });
     for (const u of [m, x]) {
       expect((await u.client.request("enter", { channel: pub.chid })).status).toBe(9);

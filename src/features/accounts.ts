@@ -262,6 +262,7 @@ export function registerAccounts(sv: Services): AccountOps {
    * (freeing login, nick, email, phone), its contact list and its place in others'
    * lists, its sessions, queue and channel memberships. Messages already sent stay in
    * others' history. Every connection of the user but `keep` is told and closed.
+   * Returns the channels the user was in or owned, for the hooks.
    */
   async function removeUser(user: UserRecord, reason: string, keep?: Session): Promise<string[]> {
     const { contacts, channels, messages } = sv;
@@ -270,11 +271,14 @@ export function registerAccounts(sv: Services): AccountOps {
     for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
     for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
     for (const o of await sessions.list(uid)) ops.push(...sessions.revokeOps(uid, o.hash, o.expires));
-    const chids = await channels.channelsOf(uid);
-    for (const chid of chids) ops.push(...channels.leaveOps(chid, uid));
+    const joined = await channels.channelsOf(uid);
+    for (const chid of joined) ops.push(...channels.leaveOps(chid, uid));
+    // The hook deletes every channel it owns, those it has left included (an owner may).
+    const chids = [...new Set([...joined, ...(await channels.ownedBy(uid))])];
     ops.push(...(await messages.forgetUserOps(uid)));
     ops.push(...users.deletionMarkOps(uid, user.nick, chids));
     await storage.commit(ops);
+    for (const chid of joined) channels.left(chid, uid);
     users.forget(uid);
     router.forgetOffline(uid);
     endSessions(uid, (other) => other !== keep, reason, true);

@@ -457,8 +457,9 @@ export function registerChannels(sv: Services): ChannelOps {
     sv.hooks.onAccountDeleted((uid) => purge(directConv(uid, uid)));
   }
 
-  // A deleted account's channels: the ones it owned go (nobody could delete them
-  // any more); in the others, the remaining members hear that it left.
+  // A deleted account's channels (its memberships went with the account): the ones
+  // it owned go, left or not (nobody could delete them any more); in the others, the
+  // remaining members hear that it left.
   sv.hooks.onAccountDeleted(async (uid, nick, chids) => {
     for (const chid of chids) {
       const c = await channels.get(chid);
@@ -466,11 +467,7 @@ export function registerChannels(sv: Services): ChannelOps {
       if (c.owner === uid) {
         const members = await remove(c);
         if (members) afterRemoval(c, members);
-      }
-      else {
-        channels.left(chid, uid);
-        tell(await channels.members(chid), { kind: "leave", chid, uid, nick });
-      }
+      } else tell(await channels.members(chid), { kind: "leave", chid, uid, nick });
     }
   });
 

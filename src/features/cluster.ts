@@ -506,17 +506,19 @@ export class Cluster {
                 const user = await users.get(c.uid);
                 if (!user || user.hash !== c.checked) return { user };
                 const { contacts } = this.sv;
-                const [mine, listedBy, list, forget, chids] = await Promise.all([
+                const [mine, listedBy, list, forget, chids, owned] = await Promise.all([
                   contacts.list(c.uid),
                   contacts.listedBy(c.uid),
                   sessions.list(c.uid),
                   messages.forgetUserOps(c.uid),
                   channels.channelsOf(c.uid),
+                  channels.ownedBy(c.uid),
                 ]);
-                // Its channels: the records, and the members of those it owns (they go).
+                // Its channels: the records, and the members of those it owns (they go,
+                // those it has left included).
                 const held = new Map<string, HeldChannel>();
                 await Promise.all(
-                  chids.map(async (chid) => {
+                  [...new Set([...chids, ...owned])].map(async (chid) => {
                     const record = await channels.get(chid);
                     held.set(chid, { record, members: record?.owner === c.uid ? await channels.members(chid) : [] });
                   }),
@@ -528,7 +530,7 @@ export class Cluster {
                   ...list.flatMap((x) => sessions.revokeOps(c.uid, x.hash, x.expires)),
                   ...forget,
                 ];
-                return { user, removal, chids, held };
+                return { user, removal, chids, ownedChids: owned, held };
               }
               case "kick":
                 return { sessions: c.revoke ? await sessions.list(c.uid) : [] };
@@ -781,7 +783,7 @@ export class Cluster {
         storage.commitLazy(r.removal);
         // Its channels: those it owns go (nobody could delete them any more); in the
         // others, the remaining members hear that it left.
-        for (const chid of overlay.channelsOf(c.uid, r.chids ?? [])) {
+        for (const chid of new Set([...overlay.channelsOf(c.uid, r.chids ?? []), ...(r.ownedChids ?? [])])) {
           const held = r.held?.get(chid);
           const ch = overlay.channel(chid, held?.record);
           if (!ch) continue;
@@ -1067,6 +1069,8 @@ interface Reads {
   /** A channel's members, or a user's channels. */
   members?: string[];
   chids?: string[];
+  /** deleteAccount: the channels the user owns, a member or not. */
+  ownedChids?: string[];
   held?: Map<string, HeldChannel>;
   expired?: ExpiredSession[];
   /** A message's removal is written: its caches are told (MessageStore.removal). */

@@ -200,6 +200,11 @@ export class ChannelStore {
     return (await readKeys(this.s.memberof, prefixRange(uid))).map(keyTail);
   }
 
+  /** The channels `uid` owns (a member of them or not: an owner may leave). */
+  async ownedBy(uid: string): Promise<string[]> {
+    return (await readKeys(this.s.owned, prefixRange(uid))).map(keyTail);
+  }
+
   /** Report with joined(chid, uid) once committed. `priv`: the channel is private. */
   joinOps(chid: string, uid: string, time: number, priv = false): BatchOp[] {
     this.changing(chid);
