@@ -59,6 +59,13 @@ describe("rooms door: accounts", () => {
     for (let i = 0; i < 3; i++) made.push((await signup(`${prefix}_${i}`)).c);
     const r = await ask(made[0], { type: "SEARCH_USER", user: prefix });
     expect(r.user.sort()).toEqual([`${prefix}_0`, `${prefix}_1`, `${prefix}_2`]);
+    // A query longer than any login (64 characters) is refused as native searchuser's
+    // is; the connection goes on. (Each used to be read and remembered whole.)
+    for (const user of ["q".repeat(65), "q".repeat(60_000), "\u{1F600}".repeat(65)]) {
+      expect(await ask(made[0], { type: "SEARCH_USER", user })).toEqual({ type: "SEARCH_USER", status: "ERROR", error: "'user' is at most 64 characters: no login is longer" });
+    }
+    expect(await ask(made[0], { type: "SEARCH_USER", user: `${prefix}_1`.padEnd(64, "z") })).toEqual({ type: "SEARCH_USER", user: [] });
+    expect((await ask(made[0], { type: "SEARCH_USER", user: `${prefix}_1` })).user).toEqual([`${prefix}_1`]);
     for (const c of made) c.close();
   });
 });

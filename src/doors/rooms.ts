@@ -17,6 +17,7 @@ import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import type { MessageRecord } from "../storage/layout.js";
+import { NAME_MAX } from "../storage/users.js";
 import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 /** READ_MSG ALL answers at most this many (the latest). */
@@ -197,6 +198,8 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       case "SEARCH_USER": {
         const q = str(msg, "user");
         if (!q) return error(type, "'user' is required");
+        // Code points, as the native searchuser's schema counts (a pair of UTF-16 units is one).
+        if (q.length > 2 * NAME_MAX || [...q].length > NAME_MAX) return error(type, `'user' is at most ${NAME_MAX} characters: no login is longer`);
         return [line({ type, user: await this.deps.loginsStartingWith(q, SEARCH_MAX) })];
       }
       case "DELETE_ROOM":

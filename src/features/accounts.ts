@@ -14,15 +14,15 @@ import { compileSchema, optionalString, requiredString } from "../protocol/valid
 import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
 import { sidHash } from "../storage/sessions.js";
-import type { UniqueIndex } from "../storage/users.js";
+import { NAME_MAX, type UniqueIndex } from "../storage/users.js";
 import { userLockKey, type Services } from "./services.js";
 
 export const PROTOCOL_VERSION = "1.0";
 
 // Logins: letters (any script), digits and _ . @ + -, so an email address works too.
-const LOGIN = { ...requiredString(64), pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" };
+const LOGIN = { ...requiredString(NAME_MAX), pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" };
 // Nicks: any printable text.
-const NICK = { ...requiredString(64), pattern: "^[^\\p{Cc}]+$" };
+const NICK = { ...requiredString(NAME_MAX), pattern: "^[^\\p{Cc}]+$" };
 const PASS = requiredString(1024);
 // The operator's accounts (admin port, `wirechat user` on a data dir) follow the same
 // rules as register's: an account its owner could never log in with is no account.

@@ -11,11 +11,15 @@
 // filled, or after it, and fills nothing. So an entry is never older than the
 // database, whatever order reads and writes interleave in.
 //
-// Bounds: entries by the total length of their lists, the least recently used evicted
-// first; the record of recently written groups is cleared past 4× the entry
-// bound, after which reads begun before the clear do not fill.
+// Bounds: entries by the total length of their lists and keys (a key weighs one item
+// per KEY_CHARS_PER_ITEM characters: a search's key is its query), the least recently
+// used evicted first; the record of recently written groups is cleared past 4× the
+// entry bound, after which reads begun before the clear do not fill.
 
 import type { SpaceWatcher } from "./db.js";
+
+/** A key's characters that weigh as much as one item of a list. */
+const KEY_CHARS_PER_ITEM = 32;
 
 interface Entry<T> {
   list: readonly T[];
@@ -36,7 +40,7 @@ export class ReadCache<T> implements SpaceWatcher {
   private floor = 0;
 
   constructor(
-    /** Most items held, over all lists. */
+    /** Most items held, over all lists (and keys, see the top). */
     private readonly maxItems: number,
     /** The group a written key (without its space's prefix) belongs to. */
     private readonly groupOf: (key: string) => string,
@@ -61,7 +65,7 @@ export class ReadCache<T> implements SpaceWatcher {
 
   private fill(group: string, key: string, list: readonly T[], token: number): void {
     if (token < this.floor || (this.touched.get(group) ?? -1) > token) return;
-    const weight = Math.max(list.length, 1);
+    const weight = Math.max(list.length, 1) + Math.floor(key.length / KEY_CHARS_PER_ITEM);
     if (weight > this.maxItems) return;
     this.remove(key);
     this.entries.set(key, { list, weight, group });

@@ -21,6 +21,9 @@ function claimKey(index: UniqueIndex, value: string): string {
   return `${NAMES.includes(index) ? "name" : index}:${indexKey(index, value)}`;
 }
 
+/** The longest login or nick, in characters (code points). */
+export const NAME_MAX = 64;
+
 const CACHE_SIZE = 50_000;
 /**
  * Prefix searches (searchuser) remembered: their uids, at most this many in all. Any
@@ -132,6 +135,9 @@ export class UserStore {
 
   /** uids whose `index` value starts with `prefix` (case-insensitive), in index order. */
   async prefixSearch(index: "login" | "nick", prefix: string, limit: number): Promise<string[]> {
+    // Longer than any stored name (NAME_MAX code points, lower-cased at most twice as
+    // many, two UTF-16 units each): nothing to read, nothing to remember.
+    if (prefix.length > 4 * NAME_MAX) return [];
     const from = indexKey(index, prefix);
     // One group for both indexes: the cache keys entries by the whole query.
     return this.searches.read("", `${index}\u0000${limit}\u0000${from}`, () => readValues<string>(this.s[index], { gte: from, lt: from + "\u{10FFFF}", limit }));
