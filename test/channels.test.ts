@@ -3,8 +3,9 @@
 // talks to a real server over TCP.
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
+import type { BatchOp } from "../src/storage/db.js";
 import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
-import { slowKeyReads } from "./pipeline-helpers.js";
+import { heldGate, slowKeyReads, wrapCalls } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -489,6 +490,64 @@ describe("deletechannel", () => {
     // a, a member of the old channel, is not a member of the new one
     expect((await a.client.request("message", { channel: again.chid, body: "x" })).status).toBe(10);
     await closeAll(a.client, a2.client, b.client, outsider.client);
+  });
+
+  it("ev_enter and ev_leave name the nick even when the session is logged out from another connection meanwhile", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = (await owner.client.request("createchannel", { name: uniqueName("nick"), descr: "x" })) as { chid: string };
+    const sv = shared.server.services;
+    for (const action of ["enter", "leave"] as const) {
+      const u = await registerUser(shared.port);
+      if (action === "leave") {
+        expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+        await owner.client.event("ev_enter", (d) => d.uid === u.uid);
+      }
+      const same = await Client.connect(shared.port);
+      expect((await same.request("auth", { sid: u.sid })).status).toBe(0);
+      // The request waits (enter in its membership check, before the user's lock;
+      // leave in its commit) while the session is logged out through `same`.
+      const gate = heldGate();
+      const undo =
+        action === "enter"
+          ? wrapCalls(sv.channels, "isMember", async (_chid: string, uid: string) => uid === u.uid && (await gate.pass()))
+          : wrapCalls(sv.storage, "commit", async (ops: BatchOp[]) => ops.some((o) => o.key.startsWith(sv.storage.spaces.members.prefix)) && (await gate.pass()));
+      try {
+        const answer = u.client.request(action, { channel: ch.chid });
+        await gate.reached;
+        expect((await same.request("logout")).status).toBe(0);
+        await u.client.event("ev_logout");
+        gate.open();
+        expect((await answer).status).toBe(0);
+      } finally {
+        undo();
+        gate.open();
+      }
+      expect(await owner.client.event(`ev_${action}`, (d) => d.uid === u.uid)).toEqual({ chid: ch.chid, uid: u.uid, nick: u.nick });
+      await closeAll(u.client, same);
+    }
+    owner.client.close();
+  });
+
+  it("a deletechannel whose write failed can be sent again: the channel was not taken for gone", async () => {
+    const owner = await registerUser(shared.port);
+    const m = await registerUser(shared.port);
+    const ch = (await owner.client.request("createchannel", { name: uniqueName("fail"), descr: "x" })) as { chid: string };
+    expect((await m.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    const storage = shared.server.services.storage;
+    // The removal's batch fails (as a full disk would fail it); nothing else does.
+    const undo = wrapCalls(storage, "commit", async (ops: BatchOp[]) => {
+      if (ops.some((o) => o.type === "del" && o.key.startsWith(storage.spaces.owned.prefix))) throw new Error("simulated write failure");
+    });
+    try {
+      expect((await owner.client.request("deletechannel", { channel: ch.chid })).status).toBe(16);
+    } finally {
+      undo();
+    }
+    // Still a channel: members send to it, and its owner deletes it.
+    expect((await m.client.request("message", { channel: ch.chid, body: "still here" })).status).toBe(0);
+    expect((await owner.client.request("deletechannel", { channel: ch.chid })).status).toBe(0);
+    expect(await m.client.event("ev_channel_deleted")).toEqual({ chid: ch.chid });
+    await closeAll(owner.client, m.client);
   });
 
   it("of a deleted owner cannot exist: an owner who left their channel and then deletes the account takes it along", async () => {

@@ -17,7 +17,7 @@ import { ChildServer, Client, login, registerUser, removeDir, startTestServer, t
 import { NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
 import { admin } from "./admin-helpers.js";
-import { heldGate, waitFor } from "./pipeline-helpers.js";
+import { heldGate, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];
@@ -122,12 +122,8 @@ describe("cluster mode: sessions, profiles and contacts", () => {
       return ((await n0.services.storage.spaces.usessions.keys().all()) as string[]).filter((k) => k.startsWith(`${a.uid}!`)).length;
     };
     // The log's "session" command for this login waits until node 0 has seen the reset.
-    const append = cluster.append.bind(cluster);
     const gate = heldGate();
-    cluster.append = async (cmd) => {
-      if (cmd.k === "session" && cmd.uid === a.uid) await gate.pass();
-      return append(cmd);
-    };
+    const undo = wrapCalls(cluster, "append", async (cmd: { k: string; uid?: string }) => cmd.k === "session" && cmd.uid === a.uid && (await gate.pass()));
     const c = await Client.connect(node(0));
     try {
       c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
@@ -136,7 +132,7 @@ describe("cluster mode: sessions, profiles and contacts", () => {
       c.socket.resetAndDestroy();
       await waitFor(() => n0.listener.connections.size < open, 5000, "node 0 to see the reset");
     } finally {
-      delete (cluster as { append?: unknown }).append;
+      undo();
       gate.open();
     }
     // A login of the same user through node 0 waits for that one's lock: what it stored is settled.

@@ -5,7 +5,8 @@
 import { createHash } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName } from "./helpers.js";
-import { heldGate, waitFor } from "./pipeline-helpers.js";
+import type { BatchOp } from "../src/storage/db.js";
+import { heldGate, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
 async function closeAll(...clients: Client[]): Promise<void> {
   for (const c of clients) c.close();
@@ -76,12 +77,8 @@ describe("stored sessions", () => {
     const sessionsOf = async () => ((await storage.spaces.usessions.keys().all()) as string[]).filter((k) => k.startsWith(`${a.uid}!`)).length;
     expect(await sessionsOf()).toBe(1); // register's
     // The commit that stores the new session waits until the server has seen the reset.
-    const commit = storage.commit.bind(storage);
     const gate = heldGate();
-    storage.commit = async (ops) => {
-      if (ops.some((o) => o.key.startsWith(storage.spaces.usessions.prefix))) await gate.pass();
-      return commit(ops);
-    };
+    const undo = wrapCalls(storage, "commit", async (ops: BatchOp[]) => ops.some((o) => o.key.startsWith(storage.spaces.usessions.prefix)) && (await gate.pass()));
     const c = await Client.connect(server.port);
     try {
       c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
@@ -90,7 +87,7 @@ describe("stored sessions", () => {
       c.socket.resetAndDestroy();
       await waitFor(() => listener.connections.size < open, 5000, "the server to see the reset");
     } finally {
-      delete (storage as { commit?: unknown }).commit;
+      undo();
       gate.open();
     }
     // A login of the same user waits for that one's lock: whatever it stored is settled.

@@ -279,3 +279,16 @@ export function heldGate(): { reached: Promise<void>; pass: () => Promise<void>;
     open,
   };
 }
+
+/**
+ * Runs `before` ahead of each call of `obj[name]` (as an own property of `obj`, which
+ * the returned undo removes): to hold a call at a gate, or fail it.
+ */
+export function wrapCalls<T extends object>(obj: T, name: keyof T & string, before: (...args: any[]) => Promise<unknown>): () => void {
+  const orig = (obj as any)[name].bind(obj);
+  (obj as any)[name] = async (...args: any[]) => {
+    await before(...args);
+    return orig(...args);
+  };
+  return () => delete (obj as any)[name];
+}

@@ -334,6 +334,9 @@ export function registerChannels(sv: Services): ChannelOps {
     async handle(req) {
       const s = req.session;
       const me = s.uid as string;
+      // Read now: a logout of this connection's session from another connection while
+      // this waits on a read or the commit leaves the session without one.
+      const nick = s.nick as string;
       let c: ChannelRecord;
       if (sv.cluster) {
         // A member entering again changes nothing: no command. This node's view may
@@ -351,7 +354,7 @@ export function registerChannels(sv: Services): ChannelOps {
         }
         // Every member hears of a first entry, the one entering included; entering
         // again is a no-op.
-        if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick: s.nick as string }, { channel: c.chid });
+        if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick }, { channel: c.chid });
       }
       const list = [];
       for (const uid of await channels.members(c.chid)) {
@@ -372,8 +375,9 @@ export function registerChannels(sv: Services): ChannelOps {
     async handle(req) {
       const s = req.session;
       const me = s.uid as string;
+      const nick = s.nick as string; // now, as enter's
       if (sv.cluster) {
-        await inCluster({ k: "leave", uid: me, nick: s.nick as string, chid: req.data.channel });
+        await inCluster({ k: "leave", uid: me, nick, chid: req.data.channel });
         return {};
       }
       let chids: string[];
@@ -387,7 +391,7 @@ export function registerChannels(sv: Services): ChannelOps {
       await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
       for (const chid of chids) {
         channels.left(chid, me);
-        req.emit({ kind: "leave", chid, uid: me, nick: s.nick as string }, { channel: chid });
+        req.emit({ kind: "leave", chid, uid: me, nick }, { channel: chid });
       }
       return {};
     },
@@ -403,7 +407,12 @@ export function registerChannels(sv: Services): ChannelOps {
     return locks.run(chanLockKey(c.chid), async () => {
       if (channels.isGone(c.chid)) return undefined;
       const members = await channels.members(c.chid);
-      await storage.commit([...channels.removeOps(c, members), ...messages.purgeMarkOps(channelConv(c.chid))]);
+      try {
+        await storage.commit([...channels.removeOps(c, members), ...messages.purgeMarkOps(channelConv(c.chid))]);
+      } catch (err) {
+        channels.notRemoved(c.chid); // the channel is still there, and may be deleted again
+        throw err;
+      }
       channels.removed(c.chid);
       return [...members];
     });

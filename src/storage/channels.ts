@@ -246,6 +246,12 @@ export class ChannelStore {
     this.drop(chid);
   }
 
+  /** The ops of removeOps failed to commit: the channel is not gone after all. */
+  notRemoved(chid: string): void {
+    this.gone.delete(chid);
+    this.changed(chid);
+  }
+
   /** What the membership cache holds. */
   get cacheSize(): { channels: number; entries: number } {
     return { channels: this.cache.size, entries: this.entries };
