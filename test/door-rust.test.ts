@@ -177,6 +177,10 @@ describe("rust_messages door: rooms and messages", () => {
     // b is no longer in r1: a's message there does not reach it.
     expect((await ask(a.c, { action: "send_message", text: "only r1", timestamp: 1 })).code).toBe(200);
     expect(await b.c.quiet(300, (f) => f.action === "get_message")).toBe(true);
+    // An old_room_name the connection is not in: its current room (r2) is left all the same.
+    expect((await ask(b.c, { action: "change_room", old_room_name: uniqueName("nosuch"), new_room_name: r1 })).code).toBe(200);
+    const sv = open.server.services;
+    expect(await sv.channels.channelsOf((await sv.users.lookup("login", b.login)) as string)).toEqual([await sv.channels.byName(r1)]);
     a.c.close();
     b.c.close();
   });

@@ -228,9 +228,13 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     if (chid === undefined) return answer(action, ERR, `no room named '${to}'`);
     const entered = await this.call(s, "enter", { channel: chid });
     if (!entered.ok) return this.result(action, entered);
-    // One room at a time: the old one is left (its membership ends), unless it is the new one.
-    const old = from ? await this.deps.channelByName(from) : st.room?.chid;
-    if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
+    // One room at a time: the old one is left (its membership ends), unless it is the
+    // new one; so is the connection's current room, whatever old_room_name says (a
+    // name of a room it is not in left it in two).
+    const named = from ? await this.deps.channelByName(from) : undefined;
+    for (const old of new Set([named, st.room?.chid])) {
+      if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
+    }
     st.room = { chid, name: to };
     return answer(action, OK, "OK");
   }
