@@ -228,8 +228,8 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   let defaultRoom: string | undefined;
   let lobby: string | undefined;
   try {
-    if (config.rustPort >= 0) defaultRoom = await serverChannel(services, config.rustRoom);
-    if (config.httpPort >= 0) lobby = await serverChannel(services, config.lobby);
+    if (config.rustPort >= 0) defaultRoom = await serverChannel(services, config.rustRoom, "--rust-room");
+    if (config.httpPort >= 0) lobby = await serverChannel(services, config.lobby, "--lobby");
   } catch (err) {
     await adminApp?.close();
     await core.close();

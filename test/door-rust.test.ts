@@ -3,7 +3,8 @@
 // rooms.
 
 import { describe, expect, it } from "vitest";
-import { Client, registerUser, serveForFile, uniqueName, type Frame } from "./helpers.js";
+import { Client, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName, type Frame } from "./helpers.js";
+import { useChildServers } from "./pipeline-helpers.js";
 
 const open = serveForFile({ rustPort: 0, maxFrame: 4096 });
 const secret = serveForFile({ rustPort: 0, rustSecret: "handshake_secret" });
@@ -289,5 +290,26 @@ describe("rust_messages door: limits shared with the native door", () => {
     expect((await ask(r1, { action: "registration", login: uniqueName("cap"), password: "p" })).code).toBe(200);
     const n3 = await Client.connect(perAddr.port);
     for (const c of [n1, r1, n3]) c.close();
+  });
+});
+
+describe("rust_messages door: its room", () => {
+  const start = useChildServers();
+
+  it("made by a user before the door was turned on: the server says so at start-up, naming --rust-room", async () => {
+    const dir = tempDir();
+    const first = await startTestServer({ dataDir: dir });
+    const a = await registerUser(first.port);
+    expect((await a.client.request("createchannel", { name: "general" })).status).toBe(0);
+    a.client.close();
+    await first.stop();
+    const srv = await start(["--data-dir", dir, "--rust-port", "0"]);
+    const warned = srv.stdout().split("\n").filter((l) => l.includes("the server's channel 'general' is one a user made"));
+    expect(warned).toHaveLength(1);
+    expect(JSON.parse(warned[0])).toMatchObject({ level: 40, name: "general", owner: a.uid, msg: expect.stringMatching(/give --rust-room a name no channel has/) });
+    // A room the server made itself: no warning.
+    const fresh = await start(["--rust-port", "0"]);
+    expect(fresh.stdout()).not.toMatch(/is one a user made/);
+    removeDir(dir);
   });
 });

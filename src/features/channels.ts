@@ -548,13 +548,13 @@ function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJ
   };
 }
 
-export async function serverChannel(sv: Services, name: string): Promise<string> {
+export async function serverChannel(sv: Services, name: string, flag: string): Promise<string> {
   if (sv.cluster) {
     // Through the log: nodes starting together create it once (the first in the log wins).
     await sv.cluster.sync();
     for (;;) {
       const found = await sv.channels.byName(name);
-      if (found !== undefined) return found;
+      if (found !== undefined) return adopted(sv, found, flag);
       const out = await sv.cluster.append(chcreateCommand("", { name }, 0, 0));
       if (out.k === "channel") {
         sv.log.info({ chid: out.chid, name }, "created the server's channel");
@@ -564,11 +564,24 @@ export async function serverChannel(sv: Services, name: string): Promise<string>
     }
   }
   const found = await sv.channels.byName(name);
-  if (found !== undefined) return found;
+  if (found !== undefined) return adopted(sv, found, flag);
   const c: ChannelRecord = { chid: sv.channels.nextChid(), name, descr: "", owner: "", created: nowSeconds() };
   await sv.storage.commit(sv.channels.createOps(c));
   sv.log.info({ chid: c.chid, name }, "created the server's channel");
   return c.chid;
+}
+
+/**
+ * A server's channel found by its name. One a user made before (the door was turned on
+ * after it) stays theirs: its owner can delete it, and the door's logins are then in no
+ * room until a restart makes it anew. The operator is told, with the flag to change.
+ */
+async function adopted(sv: Services, chid: string, flag: string): Promise<string> {
+  const c = await sv.channels.get(chid);
+  if (c !== undefined && c.owner !== "") {
+    sv.log.warn({ chid, name: c.name, owner: c.owner }, `the server's channel '${c.name}' is one a user made: its owner can delete it; to have one no user can, give ${flag} a name no channel has`);
+  }
+  return chid;
 }
 
 /**
