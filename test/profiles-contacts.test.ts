@@ -198,3 +198,27 @@ describe("import", () => {
     a.client.close();
   });
 });
+
+describe("the user records kept in memory", () => {
+  const big = serveForFile({ maxPerAddress: 1000 });
+
+  it("hold at most 32 MiB of pictures, however many accounts set one of --max-picture", async () => {
+    const users = big.server.services.users;
+    const picture = "A".repeat(256 * 1024); // the default --max-picture
+    const made = [];
+    for (let i = 0; i < 140; i++) {
+      const a = await registerUser(big.port);
+      expect((await a.client.request("setuserinfo", { picture })).status).toBe(0);
+      a.client.close();
+      made.push(a);
+    }
+    const { records, chars } = users.cacheSize;
+    expect(chars).toBeLessThanOrEqual(32 * 1024 * 1024);
+    expect(chars).toBeGreaterThan(30 * 1024 * 1024); // full, not emptied
+    expect(records).toBeLessThanOrEqual(128); // 140 were saved
+    // A record that left the cache is read from disk whole.
+    const c = await login(big.port, made[0].login);
+    expect((await c.client.request("userinfo", { user: made[0].uid })).picture).toBe(picture);
+    c.client.close();
+  });
+});

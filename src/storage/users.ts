@@ -26,6 +26,18 @@ export const NAME_MAX = 64;
 
 const CACHE_SIZE = 50_000;
 /**
+ * And at most this many characters of the records' pictures and statuses (one byte
+ * each for a base64 picture): a picture may be --max-picture (256 KiB), so 50,000
+ * records could hold 13 GB (a client registering accounts and setting pictures in a
+ * loop would fill it). Past it the least recently used go, as past CACHE_SIZE.
+ */
+const CACHE_CHARS = 32 * 1024 * 1024;
+
+/** What a cached record weighs against CACHE_CHARS. */
+function cachedChars(u: UserRecord): number {
+  return (u.picture?.length ?? 0) + (u.status?.length ?? 0);
+}
+/**
  * Prefix searches (searchuser) remembered: their uids, at most this many in all. Any
  * write to the login or nick index drops them all (registrations and renames are rare
  * beside searches; a soak's 80 searches a second were a third of its range reads).
@@ -36,6 +48,8 @@ const MIGRATE_PAGE = 1000;
 
 export class UserStore {
   private readonly cache = new Map<string, UserRecord>();
+  /** cachedChars over the cache. */
+  private cacheChars = 0;
   /** Index keys being written by a batch not yet on disk (`<index>:<key>`). */
   private readonly claims = new Set<string>();
   private readonly s: Spaces;
@@ -124,9 +138,17 @@ export class UserStore {
   }
 
   private remember(u: UserRecord): void {
-    this.cache.delete(u.uid);
+    this.drop(u.uid);
     this.cache.set(u.uid, u);
-    if (this.cache.size > CACHE_SIZE) this.cache.delete(this.cache.keys().next().value as string);
+    this.cacheChars += cachedChars(u);
+    while (this.cache.size > CACHE_SIZE || (this.cacheChars > CACHE_CHARS && this.cache.size > 1)) this.drop(this.cache.keys().next().value as string);
+  }
+
+  private drop(uid: string): void {
+    const had = this.cache.get(uid);
+    if (had === undefined) return;
+    this.cache.delete(uid);
+    this.cacheChars -= cachedChars(had);
   }
 
   async lookup(index: UniqueIndex, value: string): Promise<string | undefined> {
@@ -229,6 +251,11 @@ export class UserStore {
 
   forget(uid: string): void {
     this.gen++;
-    this.cache.delete(uid);
+    this.drop(uid);
+  }
+
+  /** What the record cache holds (records, and their characters against CACHE_CHARS). */
+  get cacheSize(): { records: number; chars: number } {
+    return { records: this.cache.size, chars: this.cacheChars };
   }
 }
