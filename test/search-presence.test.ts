@@ -1,6 +1,7 @@
 // searchuser and ev_presence (spec §4), against a real server over TCP.
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, uniqueName, type Account, serveForFile } from "./helpers.js";
+import { sleep, wrapCalls } from "./pipeline-helpers.js";
 
 
 const shared = serveForFile();
@@ -143,6 +144,29 @@ describe("ev_presence", () => {
     expect(await a2.client.event("ev_presence")).toEqual({ uid: b.uid, online: true });
     for (const x of [a.client, a2.client, c.client]) expect(await x.quiet(100, isPresence)).toBe(true);
     await closeAll(a.client, a2.client, b3, c.client, d.client, e.client);
+  });
+
+  it("arrive in the order they happened, even when the first one's audience is slow to read", async () => {
+    const alice = await registerUser(shared.port);
+    await closeAll(alice.client);
+    const bob = await registerUser(shared.port);
+    expect((await bob.client.request("addcontact", { uid: alice.uid })).status).toBe(0);
+    // The read of who lists alice takes 300 ms the first time (her coming online).
+    let first = true;
+    const undo = wrapCalls(shared.server.services.contacts, "listedBy", async (uid: string) => {
+      if (uid !== alice.uid || !first) return;
+      first = false;
+      await sleep(300);
+    });
+    try {
+      const a = await login(shared.port, alice.login);
+      a.client.close();
+      expect(await bob.client.event("ev_presence")).toEqual({ uid: alice.uid, online: true });
+      expect(await bob.client.event("ev_presence")).toEqual({ uid: alice.uid, online: false });
+    } finally {
+      undo();
+    }
+    await closeAll(bob.client);
   });
 
   it("a second device connecting while the first stays connected says nothing", async () => {

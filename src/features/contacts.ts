@@ -25,9 +25,13 @@ export function registerContacts(sv: Services): void {
 
   // Presence: the users who list someone hear when their first connection opens and
   // when their last one closes.
-  hooks.onPresence(async (uid, online) => {
-    router.publish({ kind: "presence", uid, online }, { users: await contacts.listedBy(uid) });
-  });
+  // One change of a user at a time, in the order they happened: each waits for a read,
+  // and a quick connect-and-close could publish its offline before its online.
+  hooks.onPresence((uid, online) =>
+    locks.run(`presence:${uid}`, async () => {
+      router.publish({ kind: "presence", uid, online }, { users: await contacts.listedBy(uid) });
+    }),
+  );
 
   dispatcher.register<{ q: string }>({
     name: "searchuser",
