@@ -222,3 +222,19 @@ describe("the user records kept in memory", () => {
     c.client.close();
   });
 });
+
+describe("a contact list's size", () => {
+  const few = serveForFile({ maxContacts: 3 });
+
+  it("is at most --max-contacts: addcontact past it gets 13; removing one frees a place", async () => {
+    const me = await registerUser(few.port);
+    const others = [];
+    for (let i = 0; i < 4; i++) others.push(await registerUser(few.port));
+    for (const o of others.slice(0, 3)) expect((await me.client.request("addcontact", { uid: o.uid })).status).toBe(0);
+    expect(await me.client.request("addcontact", { uid: others[3].uid })).toMatchObject({ status: 13, error: "your contact list holds 3 users; remove one first" });
+    expect((await me.client.request("contactlist")).list).toHaveLength(3);
+    expect((await me.client.request("delcontact", { uid: others[0].uid })).status).toBe(0);
+    expect((await me.client.request("addcontact", { uid: others[3].uid })).status).toBe(0);
+    for (const a of [me, ...others]) a.client.close();
+  });
+});

@@ -85,6 +85,8 @@ export function registerContacts(sv: Services): void {
         const u = await findUser(sv, uid);
         if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         if (await contacts.has(me, uid)) throw new ProtocolError(Code.AlreadyExist, "that user is already in your contact list");
+        const cap = config.maxContacts;
+        if ((await contacts.count(me, cap)) >= cap) throw new ProtocolError(Code.RateLimited, `your contact list holds ${cap} users; remove one first`);
         return u;
       };
       if (sv.cluster) {

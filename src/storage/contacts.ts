@@ -29,6 +29,11 @@ export class ContactStore {
     return (await readKeys(this.s.contactof, prefixRange(uid))).map(keyTail);
   }
 
+  /** How many users `owner` lists, counted up to `upTo`: a read of at most that many keys. */
+  async count(owner: string, upTo: number): Promise<number> {
+    return (await readKeys(this.s.contacts, { ...prefixRange(owner), limit: upTo })).length;
+  }
+
   async has(owner: string, uid: string): Promise<boolean> {
     return (await this.s.contacts.get(pair(owner, uid))) !== undefined;
   }
