@@ -341,6 +341,22 @@ describe("re-authentication and cursors (review findings)", () => {
     for (const c of [a.client, d1, d2, d3]) c.close();
   }, 30_000);
 
+  it("an ack confirms only what the connection was sent: a since past every message moves no cursor", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const mids: string[] = [];
+    for (let i = 0; i < 3; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `s${i}` })).mid);
+    const far = "999999999999999";
+    const d1 = await connect(b, { ack: true, since: far });
+    expect(await d1.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    expect((await d1.request("ack", { mid: far })).status).toBe(0);
+    await new Promise((r) => setTimeout(r, 1500)); // an advance would be written by now
+    // A device that says nothing of what it has still gets all three.
+    const d2 = await connect(b);
+    await waitForMidsOf(d2, mids);
+    for (const c of [a.client, d1, d2]) c.close();
+  });
+
   it("confirmations due on a connection do not count for the next user logged in on it", async () => {
     const { server } = shared;
     const a = await registerUser(shared.port);

@@ -200,7 +200,7 @@ export class Router implements Delivery {
     }
     const seq = Number(ev.m.mid);
     if (seq <= s.lastInbox) return;
-    s.lastInbox = seq;
+    s.lastInbox = s.sentInbox = seq;
     this.metrics.messagesDelivered++;
     s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
   }
@@ -235,6 +235,7 @@ export class Router implements Delivery {
           if (s.peer.congested && (!(await s.peer.drained()) || !current())) return;
           s.lastInbox = seq;
           if (!message) continue; // deleted since it was sent
+          s.sentInbox = seq;
           const ev: MessageEvent = { kind: "message", m: message, inbox: uid };
           this.metrics.messagesDelivered++;
           s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
@@ -250,9 +251,12 @@ export class Router implements Delivery {
     }
   }
 
-  /** The client acknowledged every inbox event through `seq` sent on this connection. */
+  /**
+   * The client acknowledged every inbox event through `seq` sent on this connection:
+   * never past the last one sent (an auth's `since`, however high, is not a delivery).
+   */
   ack(s: Session, seq: number): number {
-    const through = Math.min(seq, s.lastInbox);
+    const through = Math.min(seq, s.sentInbox);
     if (through > 0) this.inbox.advance(s.uid as string, through);
     return through;
   }

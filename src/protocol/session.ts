@@ -83,8 +83,13 @@ export class Session {
   syncing = false;
   /** A live inbox event arrived during the sync: read again before going live. */
   syncDirty = false;
-  /** Highest inbox seq sent on this connection (in order, without gaps). */
+  /**
+   * Where this connection's inbox stands (in order, without gaps): the highest seq sent
+   * on it, or the `since` its auth gave.
+   */
   lastInbox = 0;
+  /** Highest inbox seq actually sent on this connection: what an `ack` can confirm. */
+  sentInbox = 0;
   /** Bumped at every login and logout: a sync started for an earlier one stops. */
   generation = 0;
   /** The dispatcher's request line for this connection. */
@@ -119,7 +124,7 @@ export class Session {
   login(uid: string, sid: string, nick: string, expires: number): void {
     // The same user again on this connection keeps what it was sent here (the next
     // sync resumes after it); another user starts from nothing.
-    if (uid !== this.uid) this.lastInbox = 0;
+    if (uid !== this.uid) this.lastInbox = this.sentInbox = 0;
     this.uid = uid;
     this.sid = sid;
     this.nick = nick;
@@ -134,7 +139,7 @@ export class Session {
   logout(): void {
     this.uid = this.sid = this.nick = this.nickJson = undefined;
     this.expires = 0;
-    this.lastInbox = 0;
+    this.lastInbox = this.sentInbox = 0;
     this.generation++;
     this.syncing = false;
     this.peer.forgetConfirmations();
