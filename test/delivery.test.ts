@@ -5,7 +5,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, type Account } from "./helpers.js";
-import { byMid, duplicates, evMids, helloAck, orClosed, settle, waitForMids } from "./pipeline-helpers.js";
+import { byMid, duplicates, evMids, helloAck, orClosed, settle, waitFor, waitForMids } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -356,6 +356,24 @@ describe("re-authentication and cursors (review findings)", () => {
     await waitForMidsOf(d2, mids);
     for (const c of [a.client, d1, d2]) c.close();
   });
+
+  it("a message edited while the sync waits on a reader that does not read arrives with its new text", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const big = "x".repeat(900_000);
+    for (let i = 0; i < 20; i++) expect((await a.client.request("message", { uid: b.uid, body: big })).status).toBe(0);
+    const m = await a.client.request("message", { uid: b.uid, body: "meet at 5" });
+    const c = await Client.connect(shared.port);
+    c.write(JSON.stringify({ action: "auth", data: { sid: b.sid } }) + "\n");
+    c.socket.pause();
+    // The sync has sent what the socket takes and waits for it to drain.
+    const sessions = shared.server.listener.connections;
+    await waitFor(() => [...sessions.values()].some((s) => s.uid === b.uid && s.syncing && s.peer.congested), 10_000, "the sync to wait");
+    expect((await a.client.request("editmessage", { mid: m.mid, body: "meet at 6" })).status).toBe(0);
+    c.socket.resume();
+    expect((await c.event("ev_message", (d) => d.mid === m.mid, 30_000)).body).toBe("meet at 6");
+    for (const x of [a.client, c]) x.close();
+  }, 60_000);
 
   it("confirmations due on a connection do not count for the next user logged in on it", async () => {
     const { server } = shared;

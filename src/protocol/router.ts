@@ -21,12 +21,13 @@ import { Metrics } from "../metrics.js";
 import type { Event, MessageEvent } from "./events.js";
 import type { Audience } from "./events.js";
 import type { Session } from "./session.js";
-import type { InboxItem } from "../storage/messages.js";
+import type { MessageRecord } from "../storage/layout.js";
 
 /** The inbox store as the router needs it (storage/messages.ts implements it). */
 export interface InboxSource {
   cursor(uid: string): Promise<number>;
-  inboxAfter(uid: string, after: number, limit: number): Promise<InboxItem[]>;
+  inboxAfter(uid: string, after: number, limit: number): Promise<number[]>;
+  recordsAt(seqs: readonly number[]): Promise<(MessageRecord | undefined)[]>;
   advance(uid: string, seq: number): void;
 }
 
@@ -43,8 +44,17 @@ export interface Delivery {
 /** Users whose offline messages the metrics count (see queuedOffline). */
 const OFFLINE_TRACKED = 100_000;
 
-/** Inbox entries read per page while syncing. */
+/** Inbox seqs read per page while syncing. */
 const SYNC_PAGE = 256;
+/**
+ * Records read at a time while syncing, each slice only once the connection is not
+ * congested, and what it could not send before the connection was congested again is
+ * dropped and read again after the drain: a client that does not read holds no records
+ * (a page of 256 at up to --max-frame each was held whole, per syncing connection),
+ * and a record goes out as it is when read, not as it was before a wait (an edit or
+ * delete sent live meanwhile was followed by the old text).
+ */
+const SYNC_READ = 16;
 
 export class Router implements Delivery {
   private readonly users = new Map<string, Session | Session[]>();
@@ -230,15 +240,22 @@ export class Router implements Delivery {
         s.syncDirty = false;
         const page = await this.inbox.inboxAfter(uid, s.lastInbox, SYNC_PAGE);
         if (!current()) return;
-        for (const { seq, message } of page) {
+        for (let i = 0; i < page.length; ) {
           // Never more than the socket can take: wait for it rather than hit the cap.
           if (s.peer.congested && (!(await s.peer.drained()) || !current())) return;
-          s.lastInbox = seq;
-          if (!message) continue; // deleted since it was sent
-          s.sentInbox = seq;
-          const ev: MessageEvent = { kind: "message", m: message, inbox: uid };
-          this.metrics.messagesDelivered++;
-          s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
+          const slice = page.slice(i, i + SYNC_READ);
+          const found = await this.inbox.recordsAt(slice);
+          if (!current()) return;
+          for (let j = 0; j < slice.length && !(j > 0 && s.peer.congested); j++, i++) {
+            const seq = slice[j];
+            s.lastInbox = seq;
+            const message = found[j];
+            if (!message) continue; // deleted since it was sent
+            s.sentInbox = seq;
+            const ev: MessageEvent = { kind: "message", m: message, inbox: uid };
+            this.metrics.messagesDelivered++;
+            s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
+          }
         }
         if (page.length < SYNC_PAGE && !s.syncDirty) break;
       }

@@ -123,12 +123,6 @@ export interface DialogEntry {
   record: MessageRecord | undefined;
 }
 
-export interface InboxItem {
-  seq: number;
-  /** undefined when the message has been deleted since. */
-  message: MessageRecord | undefined;
-}
-
 /** The messages of the batch being gathered, in append (seq) order. */
 interface PendingBatch {
   records: MessageRecord[];
@@ -1357,12 +1351,12 @@ export class MessageStore {
   }
 
   /**
-   * Up to `limit` of `uid`'s inbox entries after `after`, oldest first, with their
-   * records. Memory is read in the same turn as the disk iterators take their
+   * Up to `limit` of `uid`'s inbox seqs after `after`, oldest first (their records:
+   * `records`). Memory is read in the same turn as the disk iterators take their
    * snapshot, and entries leave memory only once their write has completed, so every
    * entry committed before the call is seen; duplicates between the two are merged.
    */
-  async inboxAfter(uid: string, after: number, limit: number): Promise<InboxItem[]> {
+  async inboxAfter(uid: string, after: number, limit: number): Promise<number[]> {
     const mem: number[] = [];
     for (const d of [this.writing, this.pending]) {
       const list = d?.inbox.get(uid);
@@ -1378,10 +1372,12 @@ export class MessageStore {
     for (const [, chunk] of [...(before as [string, InboxChunk][]), ...(later as [string, InboxChunk][])]) {
       for (const q of chunk) if (q > after) all.add(q);
     }
-    const seqs = [...all].sort((a, b) => a - b).slice(0, limit);
-    if (seqs.length === 0) return [];
-    const found = await this.readRecords(seqs);
-    return seqs.map((seq, i) => ({ seq, message: found[i] }));
+    return [...all].sort((a, b) => a - b).slice(0, limit);
+  }
+
+  /** The records at `seqs`, undefined where the message has been deleted since. */
+  recordsAt(seqs: readonly number[]): Promise<(MessageRecord | undefined)[]> {
+    return this.readRecords(seqs);
   }
 
   /** Everything derived is written now (shutdown, start-up replay). */
