@@ -357,6 +357,27 @@ describe("re-authentication and cursors (review findings)", () => {
     for (const c of [a.client, d1, d2]) c.close();
   });
 
+  it("an inbox of many chunks syncs every message once, in order, from the start and from a since inside a chunk", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const mids: string[] = [];
+    // Twelve chunks of 30 (each flushDerived writes what came since as one chunk per user).
+    for (let round = 0; round < 12; round++) {
+      const replies = await Promise.all(Array.from({ length: 30 }, (_, i) => a.client.request("message", { uid: b.uid, body: `r${round} ${i}` })));
+      mids.push(...replies.map((r) => r.mid as string));
+      await shared.server.services.messages.flushDerived();
+    }
+    mids.sort(byMid);
+    const all = await connect(b);
+    await waitForMids(all, mids, 20_000, "b from the start");
+    expect(evMids(all)).toEqual(mids);
+    const from = 95; // inside the fourth chunk
+    const later = await connect(b, { since: mids[from] });
+    await waitForMids(later, mids.slice(from + 1), 20_000, "b after a since");
+    expect(evMids(later)).toEqual(mids.slice(from + 1));
+    for (const c of [a.client, all, later]) c.close();
+  }, 60_000);
+
   it("a message edited while the sync waits on a reader that does not read arrives with its new text", async () => {
     const a = await registerUser(shared.port);
     const b = await offlineUser();

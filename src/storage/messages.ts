@@ -117,6 +117,9 @@ const KNOWN_TAILS = 16_384;
 const TAIL = 64;
 
 /** A direct conversation in `dialogs`: its peer, its last seq, and that record if read. */
+/** Inbox chunks read at a time by inboxAfter. */
+const INBOX_CHUNK_READS = 8;
+
 export interface DialogEntry {
   peer: string;
   seq: number;
@@ -1362,15 +1365,27 @@ export class MessageStore {
       const list = d?.inbox.get(uid);
       if (list) for (const q of list) if (q > after) mem.push(q);
     }
-    const [before, later] = await Promise.all([
-      readEntries(this.s.inbox, { gt: `${uid}!`, lte: inboxKey(uid, after), reverse: true, limit: 1 }),
-      // Each chunk holds at least one seq, and memory holds only newer ones: `limit`
-      // chunks are enough.
-      readEntries(this.s.inbox, { gt: inboxKey(uid, after), lt: `${uid}"`, limit }),
+    let from = inboxKey(uid, after);
+    const [before, first] = await Promise.all([
+      readEntries<InboxChunk>(this.s.inbox, { gt: `${uid}!`, lte: from, reverse: true, limit: 1 }),
+      readEntries<InboxChunk>(this.s.inbox, { gt: from, lt: `${uid}"`, limit: INBOX_CHUNK_READS }),
     ]);
     const all = new Set<number>(mem);
-    for (const [, chunk] of [...(before as [string, InboxChunk][]), ...(later as [string, InboxChunk][])]) {
-      for (const q of chunk) if (q > after) all.add(q);
+    for (const [, chunk] of before) for (const q of chunk) if (q > after) all.add(q);
+    // The chunks after, a few at a time (one may hold thousands of seqs: reading
+    // `limit` of them for a page of `limit` made each sync page sort millions). A
+    // chunk's key is its first and smallest seq, so a chunk not read yet holds only
+    // seqs above the last key read: once `limit` seqs at or below it are in, the page
+    // is complete.
+    for (let later = first; ; ) {
+      for (const [, chunk] of later) for (const q of chunk) if (q > after) all.add(q);
+      if (later.length < INBOX_CHUNK_READS) break;
+      from = later[later.length - 1][0];
+      const lastKey = later[later.length - 1][1][0];
+      let below = 0;
+      for (const q of all) if (q <= lastKey) below++;
+      if (below >= limit) break;
+      later = await readEntries<InboxChunk>(this.s.inbox, { gt: from, lt: `${uid}"`, limit: INBOX_CHUNK_READS });
     }
     return [...all].sort((a, b) => a - b).slice(0, limit);
   }
