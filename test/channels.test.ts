@@ -5,7 +5,7 @@ import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import type { BatchOp } from "../src/storage/db.js";
 import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
-import { heldGate, slowKeyReads, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, sleep, slowKeyReads, wrapCalls } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -524,6 +524,25 @@ describe("deletechannel", () => {
       }
       expect(await owner.client.event(`ev_${action}`, (d) => d.uid === u.uid)).toEqual({ chid: ch.chid, uid: u.uid, nick: u.nick });
       await closeAll(u.client, same);
+    }
+    owner.client.close();
+  });
+
+  it("a deleted channel's messages cannot be edited or deleted while its purge has not reached them (14)", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = (await owner.client.request("createchannel", { name: uniqueName("purged"), descr: "x" })) as { chid: string };
+    const m = await owner.client.request("message", { channel: ch.chid, body: "before" });
+    expect(m.status).toBe(0);
+    const sv = shared.server.services;
+    // The purge of the deleted channel's messages starts 500 ms late.
+    const undo = wrapCalls(sv.messages, "purge", () => sleep(500));
+    try {
+      expect((await owner.client.request("deletechannel", { channel: ch.chid })).status).toBe(0);
+      expect(await sv.messages.get(m.mid)).toBeDefined(); // not purged yet
+      expect((await owner.client.request("editmessage", { mid: m.mid, body: "after" })).status).toBe(14);
+      expect((await owner.client.request("delmessage", { mid: m.mid })).status).toBe(14);
+    } finally {
+      undo();
     }
     owner.client.close();
   });

@@ -437,8 +437,12 @@ export function registerMessages(sv: Services): void {
     throw new ProtocolError(Code.Forbidden, "only its author can change a message");
   }
 
-  /** Whether `me` is in `m`'s conversation (its author, its recipient, or a member of its channel). */
+  /**
+   * Whether `me` is in `m`'s conversation (its author, its recipient, or a member of its
+   * channel). Nobody is, once its channel is deleted: its messages wait for the purge.
+   */
   async function isParty(m: MessageRecord, me: string): Promise<boolean> {
+    if (m.chid !== undefined && (channels.isGone(m.chid) || (await channels.get(m.chid)) === undefined)) return false;
     if (m.from === me) return true;
     return m.chid !== undefined ? channels.isMember(m.chid, me) : m.to === me;
   }
