@@ -547,6 +547,33 @@ describe("deletechannel", () => {
     owner.client.close();
   });
 
+  it("a deleted channel's purge takes its history in pages of whole chunks and removes every message", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = (await owner.client.request("createchannel", { name: uniqueName("pages"), descr: "x" })) as { chid: string };
+    const sv = shared.server.services;
+    const mids: string[] = [];
+    // Chunks of 300, 300 and 10 messages (each flushDerived writes one): pages of one, then two.
+    for (const n of [300, 300, 10]) {
+      const replies = await Promise.all(Array.from({ length: n }, (_, i) => owner.client.request("message", { channel: ch.chid, body: `p${i}` })));
+      mids.push(...replies.map((r) => r.mid as string));
+      await sv.messages.flushDerived();
+    }
+    const pages: number[] = [];
+    const undo = wrapCalls(sv.storage, "commit", async (ops: BatchOp[]) => {
+      const logDels = ops.filter((o) => o.type === "del" && o.key.startsWith(sv.storage.spaces.log.prefix)).length;
+      if (logDels > 0) pages.push(logDels);
+    });
+    try {
+      expect((await owner.client.request("deletechannel", { channel: ch.chid })).status).toBe(0);
+      await eventually(async () => expect(await sv.messages.get(mids[mids.length - 1])).toBeUndefined());
+    } finally {
+      undo();
+    }
+    expect(pages).toEqual([300, 310]);
+    for (const mid of mids) expect(await sv.messages.get(mid)).toBeUndefined();
+    owner.client.close();
+  });
+
   it("a deletechannel whose write failed can be sent again: the channel was not taken for gone", async () => {
     const owner = await registerUser(shared.port);
     const m = await registerUser(shared.port);

@@ -93,6 +93,8 @@ const KNOWN_PEERS = 100_000;
 const KNOWN_CURSORS = 100_000;
 /** History chunks read at a time. */
 const HIST_PAGE = 16;
+/** Messages a purge page takes, in whole chunks (at least one). */
+const PURGE_SEQS = 512;
 /** Index entries migrated or checked per batch. */
 const MIGRATE_PAGE = 1000;
 /** Channels whose last seq is remembered (cleared when full, like KNOWN_PEERS). */
@@ -1102,8 +1104,18 @@ export class MessageStore {
       // Read and removed under `exclusive` (the conversation's lock, which edits and
       // deletes hold from their read to their write).
       const page = await exclusive(async () => {
-        const chunks = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
-        if (chunks.length === 0) return undefined;
+        const read = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
+        if (read.length === 0) return undefined;
+        // Whole chunks, up to PURGE_SEQS messages (at least one chunk): a chunk holds a
+        // derive cycle of the channel, thousands for a busy one, and 16 of them were
+        // read and removed as one page of records.
+        const chunks: [string, HistChunk][] = [];
+        let n = 0;
+        for (const c of read) {
+          if (chunks.length > 0 && n + c[1].length > PURGE_SEQS) break;
+          chunks.push(c);
+          n += c[1].length;
+        }
         const seqs = chunks.flatMap(([, s]) => s);
         const records = await this.records(seqs);
         const pageOps = await onPage(records);
