@@ -52,3 +52,27 @@ describe("dialogs paging after a delete", () => {
     expect(await storedKeys(dataDir, [{ gt: "!rechecks!", lt: "!rechecks~" }])).toEqual([]);
   });
 });
+
+describe("dialogs with long last messages", () => {
+  it("are written row by row with every body whole, newest first, direct and channel alike", async () => {
+    const a = await registerUser(shared.port);
+    const expected: { id: string; body: string }[] = [];
+    for (let i = 0; i < 40; i++) {
+      const body = i % 2 === 0 ? `${i} ` + "y".repeat(200_000) : `short ${i}`;
+      if (i % 5 === 0) {
+        const ch = await a.client.request("createchannel", { name: `long${process.pid}x${i}x${Date.now()}` });
+        expect((await a.client.request("message", { channel: ch.chid, body })).status).toBe(0);
+        expected.unshift({ id: ch.chid, body });
+      } else {
+        const peer = await registerUser(shared.port);
+        peer.client.close();
+        expect((await a.client.request("message", { uid: peer.uid, body })).status).toBe(0);
+        expected.unshift({ id: peer.uid, body });
+      }
+    }
+    const r = await a.client.request("dialogs", { limit: 100 });
+    expect(r.status).toBe(0);
+    expect(r.dialogs.map((d: any) => ({ id: d.uid ?? d.chid, body: d.last.body }))).toEqual(expected);
+    a.client.close();
+  });
+});

@@ -45,6 +45,8 @@ const DIALOGS_DEFAULT = 100;
 const DIALOGS_MAX = 500;
 /** Channels whose last message `dialogs` reads at once. */
 const DIALOG_READS = 64;
+/** Rows of a `dialogs` reply read and written at a time. */
+const DIALOG_ROWS = 16;
 /**
  * A mid naming the message to change: any string within the limit; one that names no
  * message is 14 whatever its shape, as an unknown uid is 8 and an unknown chid 9.
@@ -380,24 +382,32 @@ export function registerMessages(sv: Services): void {
       const below = req.data.before !== undefined ? Number(req.data.before) : Infinity;
       const [direct, chans] = await Promise.all([messages.dialogs(me, limit, below), channelDialogs(me, limit, below)]);
       const page = [...direct, ...chans].sort((a, b) => b.seq - a.seq).slice(0, limit);
-      // A direct conversation's last record was found while its entry was checked; the
-      // rest (channels, repaired entries) are found here, in memory or in one getMany.
-      const known = page.map((r) => ("record" in r ? r.record : undefined));
-      const missing = page.filter((_, i) => known[i] === undefined).map((r) => ({ conv: "peer" in r ? directConv(me, r.peer) : channelConv(r.chid), seq: r.seq }));
-      const read = await messages.lastRecordsAt(missing);
-      let n = 0;
-      const lasts = known.map((m) => m ?? read[n++]);
       const summary = (m: MessageRecord) => ({ mid: m.mid, from: m.from, body: m.body, time: m.time });
-      const rows = await Promise.all(
-        page.map(async (r, i) => {
-          const last = lasts[i];
-          if (!last) return undefined; // deleted since it was read
-          if ("peer" in r) return { uid: r.peer, nick: (await users.get(r.peer))?.nick ?? last.nick, last: summary(last) };
-          const c = await channels.get(r.chid);
-          return c ? { chid: r.chid, name: c.name, last: summary(last) } : undefined;
-        }),
-      );
-      return { dialogs: rows.filter((r) => r !== undefined) };
+      // Written as the connection drains, DIALOG_ROWS at a time: each row's last message
+      // may be up to --max-frame, and a page is up to 500 rows.
+      async function* rows() {
+        for (let i = 0; i < page.length; i += DIALOG_ROWS) {
+          const slice = page.slice(i, i + DIALOG_ROWS);
+          // A direct conversation's last record (a short one) was found while its entry
+          // was checked; the rest are found here, in memory or in one getMany.
+          const known = slice.map((r) => ("record" in r ? r.record : undefined));
+          const missing = slice.filter((_, j) => known[j] === undefined).map((r) => ({ conv: "peer" in r ? directConv(me, r.peer) : channelConv(r.chid), seq: r.seq }));
+          const read = await messages.lastRecordsAt(missing);
+          let n = 0;
+          const lasts = known.map((m) => m ?? read[n++]);
+          const out = await Promise.all(
+            slice.map(async (r, j) => {
+              const last = lasts[j];
+              if (!last) return undefined; // deleted since it was read
+              if ("peer" in r) return { uid: r.peer, nick: (await users.get(r.peer))?.nick ?? last.nick, last: summary(last) };
+              const c = await channels.get(r.chid);
+              return c ? { chid: r.chid, name: c.name, last: summary(last) } : undefined;
+            }),
+          );
+          for (const row of out) if (row !== undefined) yield row;
+        }
+      }
+      return new ListReply({}, "dialogs", rows);
     },
   });
 

@@ -1294,7 +1294,10 @@ export class MessageStore {
       batch.forEach((c, i) => {
         const seq = actual[i];
         // found[i] is the record at c.seq: when it exists, actual[i] is that seq.
-        if (seq !== undefined && seq < below) held.push({ peer: c.peer, seq, record: found[i] });
+        // A record with a long body is not held for the reply: the page may be 500 of
+        // them (up to --max-frame each); the reply reads it again when it gets there.
+        const record = found[i] !== undefined && found[i].body.length <= LAST_RECORD_BODY ? found[i] : undefined;
+        if (seq !== undefined && seq < below) held.push({ peer: c.peer, seq, record });
       });
       release(batch[batch.length - 1].seq);
     }
