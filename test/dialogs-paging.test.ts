@@ -76,3 +76,16 @@ describe("dialogs with long last messages", () => {
     a.client.close();
   });
 });
+
+describe("dialogs with a deleted account", () => {
+  it("name it by its own last message's nick, even when the conversation's last message is the caller's", async () => {
+    const a = await registerUser(shared.port);
+    const gone = await registerUser(shared.port);
+    expect((await gone.client.request("message", { uid: a.uid, body: "from gone" })).status).toBe(0);
+    expect((await a.client.request("message", { uid: gone.uid, body: "last, from a" })).status).toBe(0);
+    expect((await gone.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    const row = (await a.client.request("dialogs", {})).dialogs.find((d: any) => d.uid === gone.uid);
+    expect(row).toMatchObject({ uid: gone.uid, nick: gone.nick, last: { body: "last, from a", from: a.uid } });
+    a.client.close();
+  });
+});
