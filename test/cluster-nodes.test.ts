@@ -35,6 +35,31 @@ function node(i: number): number {
   return nodes[i].port;
 }
 
+/** A user registered through node `i`, its connection closed. */
+async function offlineUser(i: number) {
+  const a = await registerUser(node(i));
+  a.client.close();
+  await a.client.closed;
+  return a;
+}
+
+/**
+ * Holds node `n`'s log append of a session for `uid` at a gate (`gate.reached` once
+ * one waits there); `release` opens it and lets go of the wrapper.
+ */
+function holdSessionAppend(n: RunningServer, uid: string) {
+  const cluster = n.services.cluster as NonNullable<typeof n.services.cluster>;
+  const gate = heldGate();
+  const undo = wrapCalls(cluster, "append", async (cmd: { k: string; uid?: string }) => cmd.k === "session" && cmd.uid === uid && (await gate.pass()));
+  return { cluster, gate, release: () => (undo(), gate.open()) };
+}
+
+/** How many sessions of `uid` node `n`'s view holds, once its writes are on disk. */
+async function storedSessions(n: RunningServer, uid: string): Promise<number> {
+  await n.services.storage.settle();
+  return ((await n.services.storage.spaces.usessions.keys().all()) as string[]).filter((k) => k.startsWith(`${uid}!`)).length;
+}
+
 beforeAll(async () => {
   nats = await NatsServer.start();
   for (let i = 0; i < 3; i++) nodes.push(await startTestServer({ nats: nats.url, natsStream: stream, nodeId: `n${i}` }));
@@ -112,18 +137,10 @@ describe("cluster mode: sessions, profiles and contacts", () => {
   });
 
   it("a login whose connection is reset while the log takes its session leaves no session behind", async () => {
-    const a = await registerUser(node(1));
-    a.client.close();
-    await a.client.closed;
+    const a = await offlineUser(1);
     const n0 = nodes[0];
-    const cluster = n0.services.cluster as NonNullable<typeof n0.services.cluster>;
-    const sessionsOf = async () => {
-      await n0.services.storage.settle();
-      return ((await n0.services.storage.spaces.usessions.keys().all()) as string[]).filter((k) => k.startsWith(`${a.uid}!`)).length;
-    };
     // The log's "session" command for this login waits until node 0 has seen the reset.
-    const gate = heldGate();
-    const undo = wrapCalls(cluster, "append", async (cmd: { k: string; uid?: string }) => cmd.k === "session" && cmd.uid === a.uid && (await gate.pass()));
+    const { gate, release } = holdSessionAppend(n0, a.uid);
     const c = await Client.connect(node(0));
     try {
       c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
@@ -132,14 +149,52 @@ describe("cluster mode: sessions, profiles and contacts", () => {
       c.socket.resetAndDestroy();
       await waitFor(() => n0.listener.connections.size < open, 5000, "node 0 to see the reset");
     } finally {
-      undo();
-      gate.open();
+      release();
     }
     // A login of the same user through node 0 waits for that one's lock: what it stored is settled.
     const d = await login(node(0), a.login);
     expect(d.auth.status).toBe(0);
-    expect(await sessionsOf()).toBe(2); // register's and d's
+    expect(await storedSessions(n0, a.uid)).toBe(2); // register's and d's
     d.client.close();
+  });
+
+  it("a login refused for --max-connections-per-user stores no session (the log took one, for good)", async () => {
+    const a = await offlineUser(1);
+    const n0 = nodes[0];
+    const config = n0.services.config;
+    const cap = config.maxConnectionsPerUser;
+    config.maxConnectionsPerUser = 1;
+    try {
+      const y = await login(node(0), a.login);
+      expect(y.auth.status).toBe(0);
+      for (let i = 0; i < 3; i++) {
+        const z = await login(node(0), a.login);
+        expect(z.auth.status).toBe(13);
+        z.client.close();
+      }
+      expect(await storedSessions(n0, a.uid)).toBe(2); // register's and y's
+      y.client.close();
+    } finally {
+      config.maxConnectionsPerUser = cap;
+    }
+  });
+
+  it("a login whose session reaches the log after a ban of the account is refused (15)", async () => {
+    const a = await offlineUser(1);
+    const { cluster, gate, release } = holdSessionAppend(nodes[0], a.uid);
+    const x = await Client.connect(node(0));
+    try {
+      const answer = x.request("auth", { login: a.login, pass: "secret" });
+      await gate.reached;
+      expect((await admin(nodes[1].adminPort as number, "POST", "/ban", { login: a.login, reason: "spam" })).status).toBe(200);
+      await cluster.sync();
+      gate.open();
+      expect(await answer).toMatchObject({ status: 15, error: "this account is banned" });
+    } finally {
+      release();
+    }
+    expect((await x.request("ping")).status).toBe(0);
+    x.close();
   });
 
   it("changepassword on one node closes the user's other sessions on every node; only the new password works", async () => {

@@ -11,6 +11,7 @@ import { PasswordHasher } from "./password-hasher.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
 import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
+import { BANNED_LOGIN } from "../storage/bans.js";
 import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
 import { sidHash } from "../storage/sessions.js";
@@ -184,12 +185,24 @@ export function registerAccounts(sv: Services): AccountOps {
    */
   async function closedMeanwhile(s: Session, uid: string, stored: { sid: string; expires: number } | undefined): Promise<never> {
     if (stored !== undefined) {
-      const hash = sidHash(stored.sid);
-      if (sv.cluster) await sv.cluster.append({ k: "logout", uid, sid: hash, expires: stored.expires, conn: s.peer.id });
-      else await storage.commit(sessions.revokeOps(uid, hash, stored.expires));
+      await revokeStored(s, uid, stored);
       s.log.info("connection closed while its session was stored: session revoked");
     }
     throw new ProtocolError(Code.Unavailable, "the connection closed");
+  }
+
+  /** Revokes a session stored for a login that did not happen (its sid went to no client). */
+  async function revokeStored(s: Session, uid: string, stored: { sid: string; expires: number }): Promise<void> {
+    const hash = sidHash(stored.sid);
+    if (sv.cluster) await sv.cluster.append({ k: "logout", uid, sid: hash, expires: stored.expires, conn: s.peer.id });
+    else await storage.commit(sessions.revokeOps(uid, hash, stored.expires));
+  }
+
+  /** 13 when `uid` has --max-connections-per-user connections logged in (this one aside). */
+  function connectionsLeft(s: Session, uid: string): void {
+    if (s.uid !== uid && router.sessions(uid).length >= config.maxConnectionsPerUser) {
+      throw new ProtocolError(Code.RateLimited, `this account has ${config.maxConnectionsPerUser} connections logged in; close one first`);
+    }
   }
 
   async function newUid(): Promise<string> {
@@ -216,9 +229,9 @@ export function registerAccounts(sv: Services): AccountOps {
     // router would keep it, and the user online, for good).
     if (s.peer.closed) return closedMeanwhile(s, user.uid, resumed?.fresh ? resumed : undefined);
     const again = s.uid === user.uid;
-    if (!again && router.sessions(user.uid).length >= config.maxConnectionsPerUser) {
-      throw new ProtocolError(Code.RateLimited, `this account has ${config.maxConnectionsPerUser} connections logged in; close one first`);
-    }
+    // (Cluster mode checked before the log took the session: under the user's lock, as
+    // every login is, so no connection of the user has logged in here since.)
+    connectionsLeft(s, user.uid);
     let sid: string;
     let expires: number;
     if (resumed === undefined) {
@@ -313,7 +326,7 @@ export function registerAccounts(sv: Services): AccountOps {
 
   function notBanned(user: UserRecord): void {
     if (sv.bans.banned("login", user.login)) {
-      throw new ProtocolError(Code.Forbidden, "this account is banned");
+      throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);
     }
   }
 
@@ -342,7 +355,9 @@ export function registerAccounts(sv: Services): AccountOps {
     const sid = sessions.newSid();
     const t = nowSeconds();
     const expires = t + config.sessionTtl;
+    connectionsLeft(s, user.uid); // before anything is stored for it
     const out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
+    if (out.k === "refused" && out.reason === BANNED_LOGIN) throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);
     if (out.k !== "session") throw new ProtocolError(Code.InvalidPass, "wrong login or password");
     return startSession(s, user, { sid, expires, fresh: true });
   }

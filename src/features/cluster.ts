@@ -34,7 +34,7 @@ import { MessageSent } from "../protocol/codec.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Event, Audience, MessageEvent, NoticeEvent } from "../protocol/events.js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
-import { MAX_BANS } from "../storage/bans.js";
+import { BANNED_LOGIN, MAX_BANS } from "../storage/bans.js";
 import { banKey, channelConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
@@ -671,6 +671,8 @@ export class Cluster {
       case "session": {
         const user = overlay.users.get(c.uid) ?? r.user;
         if (!user || user.hash !== c.checked) return { k: "refused", reason: "the account or its password changed" };
+        // A ban applied before this (its kick could not end a login not yet made) refuses it.
+        if (this.banState(overlay, "login", user.login).has) return { k: "refused", reason: BANNED_LOGIN };
         const list = overlay.sessions.get(c.uid) ?? [...(r.sessions ?? [])];
         const issued = c.t * 1000;
         const ops = sessions.createHashedOps(c.sid, { uid: c.uid, created: c.t, expires: c.expires }, issued);

@@ -6,6 +6,9 @@ import { del, put, type BatchOp, type Storage } from "./db.js";
 import { banKey, type BanKind, type BanRecord, type Space } from "./layout.js";
 import { readEntries } from "./range.js";
 
+/** The text a login of a banned account is refused with (status 15). */
+export const BANNED_LOGIN = "this account is banned";
+
 /** Bans kept at most: an operator list, not a firewall (use one past this). */
 export const MAX_BANS = 100_000;
 
