@@ -78,14 +78,17 @@ describe("dialogs with long last messages", () => {
 });
 
 describe("dialogs with a deleted account", () => {
-  it("name it by its own last message's nick, even when the conversation's last message is the caller's", async () => {
+  it("name it by the nick of the last message when that one is its, never by the caller's", async () => {
     const a = await registerUser(shared.port);
-    const gone = await registerUser(shared.port);
-    expect((await gone.client.request("message", { uid: a.uid, body: "from gone" })).status).toBe(0);
-    expect((await a.client.request("message", { uid: gone.uid, body: "last, from a" })).status).toBe(0);
-    expect((await gone.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
-    const row = (await a.client.request("dialogs", {})).dialogs.find((d: any) => d.uid === gone.uid);
-    expect(row).toMatchObject({ uid: gone.uid, nick: gone.nick, last: { body: "last, from a", from: a.uid } });
+    const [mine, theirs] = [await registerUser(shared.port), await registerUser(shared.port)];
+    expect((await mine.client.request("message", { uid: a.uid, body: "from mine" })).status).toBe(0);
+    expect((await a.client.request("message", { uid: mine.uid, body: "last, from a" })).status).toBe(0);
+    expect((await a.client.request("message", { uid: theirs.uid, body: "from a" })).status).toBe(0);
+    expect((await theirs.client.request("message", { uid: a.uid, body: "last, from theirs" })).status).toBe(0);
+    for (const u of [mine, theirs]) expect((await u.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    const rows = (await a.client.request("dialogs", {})).dialogs;
+    expect(rows.find((d: any) => d.uid === mine.uid)).toMatchObject({ nick: "", last: { from: a.uid } });
+    expect(rows.find((d: any) => d.uid === theirs.uid)).toMatchObject({ nick: theirs.nick, last: { from: theirs.uid } });
     a.client.close();
   });
 });

@@ -47,8 +47,6 @@ const DIALOGS_MAX = 500;
 const DIALOG_READS = 64;
 /** Rows of a `dialogs` reply read and written at a time. */
 const DIALOG_ROWS = 16;
-/** Messages read back for a deleted account's nick in `dialogs` (goneNick). */
-const DELETED_NICK_READS = 50;
 /**
  * A mid naming the message to change: any string within the limit; one that names no
  * message is 14 whatever its shape, as an unknown uid is 8 and an unknown chid 9.
@@ -401,7 +399,8 @@ export function registerMessages(sv: Services): void {
             slice.map(async (r, j) => {
               const last = lasts[j];
               if (!last) return undefined; // deleted since it was read
-              if ("peer" in r) return { uid: r.peer, nick: (await users.get(r.peer))?.nick ?? (await goneNick(me, r.peer, last)), last: summary(last) };
+              // A deleted account: the nick its last message carried, when the last is its.
+              if ("peer" in r) return { uid: r.peer, nick: (await users.get(r.peer))?.nick ?? (last.from === r.peer ? last.nick : ""), last: summary(last) };
               const c = await channels.get(r.chid);
               return c ? { chid: r.chid, name: c.name, last: summary(last) } : undefined;
             }),
@@ -412,17 +411,6 @@ export function registerMessages(sv: Services): void {
       return new ListReply({}, "dialogs", rows);
     },
   });
-
-  /**
-   * A deleted account's nick in `me`'s dialogs: that of its last message among the
-   * conversation's newest DELETED_NICK_READS ("" when they are all `me`'s).
-   */
-  async function goneNick(me: string, peer: string, last: MessageRecord): Promise<string> {
-    if (last.from === peer) return last.nick;
-    const seqs = await messages.historySeqs(directConv(me, peer), DELETED_NICK_READS);
-    const found = await messages.recordsAt(seqs.reverse());
-    return found.find((m) => m?.from === peer)?.nick ?? "";
-  }
 
   /** Who hears of a change to `m`: both parties, or the channel's members. */
   /** Why the log refused an edit or a delete (its events are the applier's to send). */

@@ -93,6 +93,8 @@ const KNOWN_PEERS = 100_000;
 const KNOWN_CURSORS = 100_000;
 /** History chunks read at a time. */
 const HIST_PAGE = 16;
+/** Direct conversations whose last record `dialogs` checks at a time. */
+const DIALOG_CHECKS = 16;
 /** Messages a purge page takes, in whole chunks (at least one). */
 const PURGE_SEQS = 512;
 /** Index entries migrated or checked per batch. */
@@ -1281,10 +1283,20 @@ export class MessageStore {
         if (d < disk.length || !diskDone) continue;
         break;
       }
-      const found = await this.lastRecordsAt(batch.map((c) => ({ conv: this.directConv(uid, c.peer), seq: c.seq })));
+      // Read DIALOG_CHECKS at a time, a long record dropped as soon as it is seen: the
+      // page may be 500 of them (up to --max-frame each); the reply reads it again.
+      const found: (MessageRecord | undefined)[] = [];
+      const exists: boolean[] = [];
+      for (let k = 0; k < batch.length; k += DIALOG_CHECKS) {
+        const part = await this.lastRecordsAt(batch.slice(k, k + DIALOG_CHECKS).map((c) => ({ conv: this.directConv(uid, c.peer), seq: c.seq })));
+        for (const m of part) {
+          exists.push(m !== undefined);
+          found.push(m !== undefined && m.body.length <= LAST_RECORD_BODY ? m : undefined);
+        }
+      }
       const actual = await Promise.all(
         batch.map((c, i) => {
-          if (found[i] !== undefined) return c.seq;
+          if (exists[i]) return c.seq;
           // Stale (a recheck lost in a crash, or not yet written): repaired on the way.
           this.recheckOne(uid, c.peer);
           return this.lastSeq(directConv(uid, c.peer));
@@ -1293,11 +1305,8 @@ export class MessageStore {
       this.armDerived();
       batch.forEach((c, i) => {
         const seq = actual[i];
-        // found[i] is the record at c.seq: when it exists, actual[i] is that seq.
-        // A record with a long body is not held for the reply: the page may be 500 of
-        // them (up to --max-frame each); the reply reads it again when it gets there.
-        const record = found[i] !== undefined && found[i].body.length <= LAST_RECORD_BODY ? found[i] : undefined;
-        if (seq !== undefined && seq < below) held.push({ peer: c.peer, seq, record });
+        // found[i] is the (short) record at c.seq: when it exists, actual[i] is that seq.
+        if (seq !== undefined && seq < below) held.push({ peer: c.peer, seq, record: found[i] });
       });
       release(batch[batch.length - 1].seq);
     }
