@@ -17,7 +17,7 @@ import { ChildServer, Client, login, registerUser, removeDir, startTestServer, t
 import { NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
 import { admin } from "./admin-helpers.js";
-import { heldGate, waitFor, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, waitFor } from "./pipeline-helpers.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];
@@ -45,13 +45,21 @@ async function offlineUser(i: number) {
 
 /**
  * Holds node `n`'s log append of a session for `uid` at a gate (`gate.reached` once
- * one waits there); `release` opens it and lets go of the wrapper.
+ * one waits there), before the log has it or, with `taken`, once it has; `release`
+ * opens the gate and lets go of the wrapper.
  */
-function holdSessionAppend(n: RunningServer, uid: string) {
+function holdSessionAppend(n: RunningServer, uid: string, taken = false) {
   const cluster = n.services.cluster as NonNullable<typeof n.services.cluster>;
   const gate = heldGate();
-  const undo = wrapCalls(cluster, "append", async (cmd: { k: string; uid?: string }) => cmd.k === "session" && cmd.uid === uid && (await gate.pass()));
-  return { cluster, gate, release: () => (undo(), gate.open()) };
+  const append = cluster.append.bind(cluster);
+  const ours = (cmd: { k: string; uid?: string }) => cmd.k === "session" && cmd.uid === uid;
+  cluster.append = async (cmd) => {
+    if (!taken && ours(cmd)) await gate.pass();
+    const out = await append(cmd);
+    if (taken && ours(cmd)) await gate.pass();
+    return out;
+  };
+  return { cluster, gate, release: () => (delete (cluster as { append?: unknown }).append, gate.open()) };
 }
 
 /** How many sessions of `uid` node `n`'s view holds, once its writes are on disk. */
@@ -179,22 +187,24 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     }
   });
 
-  it("a login whose session reaches the log after a ban of the account is refused (15)", async () => {
-    const a = await offlineUser(1);
-    const { cluster, gate, release } = holdSessionAppend(nodes[0], a.uid);
-    const x = await Client.connect(node(0));
-    try {
-      const answer = x.request("auth", { login: a.login, pass: "secret" });
-      await gate.reached;
-      expect((await admin(nodes[1].adminPort as number, "POST", "/ban", { login: a.login, reason: "spam" })).status).toBe(200);
-      await cluster.sync();
-      gate.open();
-      expect(await answer).toMatchObject({ status: 15, error: "this account is banned" });
-    } finally {
-      release();
+  it("a login whose session meets a ban of the account in the log, after or before it, is refused (15), not attached", async () => {
+    for (const taken of [false, true]) {
+      const a = await offlineUser(1);
+      const { cluster, gate, release } = holdSessionAppend(nodes[0], a.uid, taken);
+      const x = await Client.connect(node(0));
+      try {
+        const answer = x.request("auth", { login: a.login, pass: "secret" });
+        await gate.reached;
+        expect((await admin(nodes[1].adminPort as number, "POST", "/ban", { login: a.login, reason: "spam" })).status).toBe(200);
+        await cluster.sync();
+        gate.open();
+        expect(await answer, taken ? "the ban after the session" : "the ban before it").toMatchObject({ status: 15, error: "this account is banned" });
+      } finally {
+        release();
+      }
+      expect((await x.request("userinfo", { user: a.uid })).status).toBe(6); // not logged in
+      x.close();
     }
-    expect((await x.request("ping")).status).toBe(0);
-    x.close();
   });
 
   it("changepassword on one node closes the user's other sessions on every node; only the new password works", async () => {

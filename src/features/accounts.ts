@@ -359,6 +359,8 @@ export function registerAccounts(sv: Services): AccountOps {
     const out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
     if (out.k === "refused" && out.reason === BANNED_LOGIN) throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);
     if (out.k !== "session") throw new ProtocolError(Code.InvalidPass, "wrong login or password");
+    // A ban right after it in the log revoked it already; this login does not happen.
+    notBanned(user);
     return startSession(s, user, { sid, expires, fresh: true });
   }
 
