@@ -9,7 +9,7 @@
 // or a migration.
 
 import { pipeline } from "node:stream/promises";
-import { closeSync, createReadStream, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { createReadStream, createWriteStream, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { copyFile, mkdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -138,12 +138,14 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
   const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
   if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
   const dbDir = path.join(dataDir, "db");
-  if (existsSync(dbDir) && readdirSync(dbDir).length > 0) throw new Error(`${dataDir} already holds a database; restore into a new data dir`);
   mkdirSync(dataDir, { recursive: true });
   const unlock = restoreLock(dataDir);
   try {
+    // Under the lock: a restore that finished a moment ago has put its database there.
+    if (existsSync(dbDir) && readdirSync(dbDir).length > 0) throw new Error(`${dataDir} already holds a database; restore into a new data dir`);
+    // What restores killed outright left: their staging, and a lock's spare name.
     for (const name of readdirSync(dataDir)) {
-      if (name.startsWith(STAGING_PREFIX)) rmSync(path.join(dataDir, name), { recursive: true, force: true });
+      if (name.startsWith(STAGING_PREFIX) || name.startsWith(`${RESTORE_LOCK}.`)) rmSync(path.join(dataDir, name), { recursive: true, force: true });
     }
     const staging = mkdtempSync(path.join(dataDir, STAGING_PREFIX));
     try {
@@ -182,20 +184,26 @@ export const RESTORE_LOCK = ".restore.lock";
  */
 function restoreLock(dataDir: string): () => void {
   const file = path.join(dataDir, RESTORE_LOCK);
-  for (let attempt = 0; ; attempt++) {
-    try {
-      const fd = openSync(file, "wx", 0o600);
-      writeFileSync(fd, `${process.pid}\n`);
-      closeSync(fd);
-      return () => rmSync(file, { force: true });
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 0) throw err;
+  // Written whole under another name, then linked into place (which fails if the lock
+  // exists): no one ever reads a lock without its pid.
+  const mine = `${file}.${process.pid}`;
+  writeFileSync(mine, `${process.pid}\n`, { mode: 0o600 });
+  try {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        linkSync(mine, file);
+        return () => rmSync(file, { force: true });
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      }
+      const pid = Number(readFileSync(file, "utf8").trim());
+      if ((Number.isInteger(pid) && pid > 0 && alive(pid)) || attempt > 0) {
+        throw new Error(`another restore into ${dataDir} is running (pid ${pid}); if it is not, remove ${file}`);
+      }
+      rmSync(file, { force: true }); // its restore was killed: taken over
     }
-    const pid = Number(readFileSync(file, "utf8").trim());
-    if (Number.isInteger(pid) && pid > 0 && alive(pid)) {
-      throw new Error(`another restore into ${dataDir} is running (pid ${pid}); if it is not, remove ${file}`);
-    }
-    rmSync(file, { force: true }); // its restore was killed: taken over
+  } finally {
+    rmSync(mine, { force: true });
   }
 }
 
