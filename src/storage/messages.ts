@@ -1401,15 +1401,18 @@ export class MessageStore {
     // chunk's key is its first and smallest seq, so a chunk not read yet holds only
     // seqs above the last key read: once `limit` seqs at or below it are in, the page
     // is complete.
-    for (let later = first; ; ) {
+    // Each read takes twice as many as the last (up to `limit`): a sparse inbox, one
+    // seq a chunk, still takes a few reads a page.
+    for (let later = first, n = INBOX_CHUNK_READS; ; ) {
       for (const [, chunk] of later) for (const q of chunk) if (q > after) all.add(q);
-      if (later.length < INBOX_CHUNK_READS) break;
+      if (later.length < n) break;
       from = later[later.length - 1][0];
       const lastKey = later[later.length - 1][1][0];
       let below = 0;
       for (const q of all) if (q <= lastKey) below++;
       if (below >= limit) break;
-      later = await readEntries<InboxChunk>(this.s.inbox, { gt: from, lt: `${uid}"`, limit: INBOX_CHUNK_READS });
+      n = Math.min(2 * n, limit);
+      later = await readEntries<InboxChunk>(this.s.inbox, { gt: from, lt: `${uid}"`, limit: n });
     }
     return [...all].sort((a, b) => a - b).slice(0, limit);
   }
