@@ -37,6 +37,7 @@ const CACHE_CHARS = 32 * 1024 * 1024;
 function cachedChars(u: UserRecord): number {
   return (u.picture?.length ?? 0) + (u.status?.length ?? 0);
 }
+
 /**
  * Prefix searches (searchuser) remembered: their uids, at most this many in all. Any
  * write to the login or nick index drops them all (registrations and renames are rare
