@@ -185,17 +185,12 @@ export function registerAccounts(sv: Services): AccountOps {
    */
   async function closedMeanwhile(s: Session, uid: string, stored: { sid: string; expires: number } | undefined): Promise<never> {
     if (stored !== undefined) {
-      await revokeStored(s, uid, stored);
+      const hash = sidHash(stored.sid);
+      if (sv.cluster) await sv.cluster.append({ k: "logout", uid, sid: hash, expires: stored.expires, conn: s.peer.id });
+      else await storage.commit(sessions.revokeOps(uid, hash, stored.expires));
       s.log.info("connection closed while its session was stored: session revoked");
     }
     throw new ProtocolError(Code.Unavailable, "the connection closed");
-  }
-
-  /** Revokes a session stored for a login that did not happen (its sid went to no client). */
-  async function revokeStored(s: Session, uid: string, stored: { sid: string; expires: number }): Promise<void> {
-    const hash = sidHash(stored.sid);
-    if (sv.cluster) await sv.cluster.append({ k: "logout", uid, sid: hash, expires: stored.expires, conn: s.peer.id });
-    else await storage.commit(sessions.revokeOps(uid, hash, stored.expires));
   }
 
   /** 13 when `uid` has --max-connections-per-user connections logged in (this one aside). */
@@ -357,10 +352,10 @@ export function registerAccounts(sv: Services): AccountOps {
     const expires = t + config.sessionTtl;
     connectionsLeft(s, user.uid); // before anything is stored for it
     const out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
-    if (out.k === "refused" && out.reason === BANNED_LOGIN) throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);
-    if (out.k !== "session") throw new ProtocolError(Code.InvalidPass, "wrong login or password");
-    // A ban right after it in the log revoked it already; this login does not happen.
+    // A ban the log applied before the session (which refused it) or right after it
+    // (which revoked it) is this node's by now: this login does not happen.
     notBanned(user);
+    if (out.k !== "session") throw new ProtocolError(Code.InvalidPass, "wrong login or password");
     return startSession(s, user, { sid, expires, fresh: true });
   }
 
