@@ -327,6 +327,19 @@ describe("cluster mode: presence", () => {
     a.client.close();
   });
 
+  it("a deleted account goes offline, once, for those who list it on every node", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    const c = await registerUser(node(2));
+    for (const who of [a, c]) expect((await who.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    expect((await b.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    for (const who of [a, c]) {
+      expect(await who.client.event("ev_presence", (d) => d.uid === b.uid)).toMatchObject({ uid: b.uid, online: false });
+      expect(await who.client.quiet(400, (f) => f.action === "ev_presence")).toBe(true);
+    }
+    for (const x of [a, b, c]) x.client.close();
+  });
+
   it("a user registered on one node a moment ago is found at once on the others", async () => {
     const a = await registerUser(node(0));
     const ch = await a.client.request("createchannel", { name: uniqueName("found") });

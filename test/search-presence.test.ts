@@ -185,6 +185,25 @@ describe("ev_presence", () => {
     await closeAll(a.client);
   });
 
+  it("a deleted account goes offline for those who listed it, once, and an offline one says nothing", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const b2 = await login(shared.port, b.login);
+    const c = await registerUser(shared.port);
+    for (const who of [b, c]) expect((await a.client.request("addcontact", { uid: who.uid })).status).toBe(0);
+    expect((await b.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    expect(await a.client.event("ev_presence")).toEqual({ uid: b.uid, online: false });
+    await b2.client.closed;
+    expect(await a.client.quiet(300, isPresence)).toBe(true);
+    // c is offline when an operator deletes it: nothing to hear
+    await closeAll(c.client);
+    expect(await a.client.event("ev_presence")).toEqual({ uid: c.uid, online: false });
+    expect(await shared.server.admin.deleteUser(c.uid)).toEqual({ uid: c.uid });
+    expect(await a.client.quiet(300, isPresence)).toBe(true);
+    expect((await a.client.request("contactlist")).list).toEqual([]);
+    await closeAll(a.client, b.client);
+  });
+
   it("stops after delcontact and starts after addcontact", async () => {
     const a = await registerUser(shared.port);
     const b = await registerUser(shared.port);

@@ -277,7 +277,8 @@ export function registerAccounts(sv: Services): AccountOps {
     const uid = user.uid;
     const ops: BatchOp[] = [...users.removeOps(user)];
     for (const c of await contacts.list(uid)) ops.push(...contacts.removeOps(uid, c));
-    for (const owner of await contacts.listedBy(uid)) ops.push(...contacts.removeOps(owner, uid));
+    const listedBy = await contacts.listedBy(uid);
+    for (const owner of listedBy) ops.push(...contacts.removeOps(owner, uid));
     for (const o of await sessions.list(uid)) ops.push(...sessions.revokeOps(uid, o.hash, o.expires));
     const joined = await channels.channelsOf(uid);
     for (const chid of joined) ops.push(...channels.leaveOps(chid, uid));
@@ -286,6 +287,10 @@ export function registerAccounts(sv: Services): AccountOps {
     ops.push(...(await messages.forgetUserOps(uid)));
     ops.push(...users.deletionMarkOps(uid, user.nick, chids));
     await storage.commit(ops);
+    // Those who listed an online account hear it go offline: its connections close
+    // below, but its place in their lists is gone, so the presence hook would find
+    // nobody to tell.
+    if (router.isHere(uid)) hooks.presence(uid, false, sv.log, listedBy);
     for (const chid of joined) channels.left(chid, uid);
     users.forget(uid);
     router.forgetOffline(uid);

@@ -530,7 +530,7 @@ export class Cluster {
                   ...list.flatMap((x) => sessions.revokeOps(c.uid, x.hash, x.expires)),
                   ...forget,
                 ];
-                return { user, removal, chids, ownedChids: owned, held };
+                return { user, removal, chids, ownedChids: owned, held, listedBy };
               }
               case "kick":
                 return { sessions: c.revoke ? await sessions.list(c.uid) : [] };
@@ -793,6 +793,10 @@ export class Cluster {
           else this.leaveChannel(chid, c.uid, r.user.nick, t);
         }
         overlay.gone.push(c.uid);
+        // Those who listed it hear an online account go offline (as on one node): each
+        // node tells its own connections; the presence change its connections' close
+        // makes later finds nobody listing it.
+        if (this.sv.router.isOnline(c.uid)) t.events.push([{ kind: "presence", uid: c.uid, online: false }, { users: r.listedBy ?? [] }]);
         end({ uid: c.uid, reason: c.reason ?? "the account was deleted", close: true, conn: c.conn });
         return { k: "done" };
       }
@@ -1073,6 +1077,8 @@ interface Reads {
   chids?: string[];
   /** deleteAccount: the channels the user owns, a member or not. */
   ownedChids?: string[];
+  /** deleteAccount: the users listing the account (they hear it go offline). */
+  listedBy?: string[];
   held?: Map<string, HeldChannel>;
   expired?: ExpiredSession[];
   /** A message's removal is written: its caches are told (MessageStore.removal). */

@@ -27,9 +27,10 @@ export function registerContacts(sv: Services): void {
   // when their last one closes.
   // One change of a user at a time, in the order they happened: each waits for a read,
   // and a quick connect-and-close could publish its offline before its online.
-  hooks.onPresence((uid, online) =>
+  // A deleted account's hook is given who listed it: its entries are gone by then.
+  hooks.onPresence((uid, online, audience) =>
     locks.run(`presence:${uid}`, async () => {
-      router.publish({ kind: "presence", uid, online }, { users: await contacts.listedBy(uid) });
+      router.publish({ kind: "presence", uid, online }, { users: audience ?? (await contacts.listedBy(uid)) });
     }),
   );
 

@@ -20,7 +20,8 @@ import type { UserStore } from "../storage/users.js";
 import type { UserRecord } from "../storage/layout.js";
 import type { Cluster } from "./cluster.js";
 
-type PresenceHook = (uid: string, online: boolean) => void | Promise<void>;
+/** `audience`: who hears it, when not the users listing `uid` now (a deleted account's). */
+type PresenceHook = (uid: string, online: boolean, audience?: readonly string[]) => void | Promise<void>;
 
 /** The KeyedLock key under which a user's credentials, sessions and profile change. */
 export function userLockKey(uid: string): string {
@@ -117,8 +118,8 @@ export class Hooks {
   }
 
   /** Runs the presence hooks in the background; none once shutdown has begun. */
-  presence(uid: string, online: boolean, _log?: Logger): void {
-    for (const fn of this.presenceFns) this.background.run("presence hook", () => fn(uid, online), { uid });
+  presence(uid: string, online: boolean, _log?: Logger, audience?: readonly string[]): void {
+    for (const fn of this.presenceFns) this.background.run("presence hook", () => fn(uid, online, audience), { uid });
   }
 }
 
