@@ -272,6 +272,38 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     expect((await fresh.client.request("contactlist")).list).toEqual([]);
     for (const c of [a.client, b.client, aOnC.client, fresh.client]) c.close();
   });
+
+  it("contacts added through several nodes at once: the log decides the cap and the duplicate", async () => {
+    const caps = nodes.map((n) => n.services.config.maxContacts);
+    for (const n of nodes) (n.services.config as { maxContacts: number }).maxContacts = 2;
+    try {
+      const a = await registerUser(node(0));
+      const devices = [a.client, (await login(node(1), a.login)).client, (await login(node(2), a.login)).client];
+      const others = await Promise.all([0, 1, 2].map((i) => offlineUser(i)));
+      // Each node's own view has an empty list when its request is checked.
+      const adds = await Promise.all(devices.map((d, i) => d.request("addcontact", { uid: others[i].uid })));
+      expect(adds.map((r) => r.status).sort()).toEqual([0, 0, 13]);
+      for (const d of devices) expect((await d.request("contactlist")).list).toHaveLength(2);
+
+      // The same contact from two devices at once: listed once, one of them told so.
+      const b = await registerUser(node(0));
+      const listed = adds.findIndex((r) => r.status === 0);
+      expect((await devices[0].request("delcontact", { uid: others[listed].uid })).status).toBe(0);
+      const twice = await Promise.all([devices[1].request("addcontact", { uid: b.uid }), devices[2].request("addcontact", { uid: b.uid })]);
+      expect(twice.map((r) => r.status).sort()).toEqual([0, 1]);
+      // Removed through the node that did not add it, at once: gone everywhere.
+      const added = twice.findIndex((r) => r.status === 0);
+      expect((await devices[added === 0 ? 2 : 1].request("delcontact", { uid: b.uid })).status).toBe(0);
+      for (let i = 0; i < 3; i++) {
+        const fresh = await login(node(i), a.login);
+        expect((await fresh.client.request("contactlist")).list.map((x: any) => x.uid)).not.toContain(b.uid);
+        fresh.client.close();
+      }
+      for (const c of [...devices, b.client]) c.close();
+    } finally {
+      nodes.forEach((n, i) => ((n.services.config as { maxContacts: number }).maxContacts = caps[i]));
+    }
+  });
 });
 
 describe("cluster mode: the same answers on every node", () => {

@@ -40,6 +40,7 @@ import { put, type BatchOp } from "../storage/db.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
 import type { ExpiredSession, StoredSession } from "../storage/sessions.js";
 import { channelErrors } from "./channels.js";
+import { contactErrors } from "./contacts.js";
 import type { Services } from "./services.js";
 
 export type Command =
@@ -78,7 +79,8 @@ export type Command =
   | { k: "logout"; uid: string; sid: string; expires: number; conn: number }
   /** A new password hash; every session but `keep` (the caller's; "" for none) is revoked. */
   | { k: "password"; uid: string; hash: string; checked: string; keep: string; reason?: string }
-  | { k: "contact"; owner: string; uid: string; add: boolean }
+  /** `cap`: --max-contacts of the proposer, checked against the list as the log has it. */
+  | { k: "contact"; owner: string; uid: string; add: boolean; cap?: number }
   /**
    * setuserinfo: the fields given (already normalised); email and phone are unique.
    * With `logins`, an email may not be another user's login either (the seed-003 door
@@ -490,8 +492,14 @@ export class Cluster {
                 return { user, sessions: list };
               }
               case "contact": {
-                const [user, actor] = await Promise.all([users.get(c.uid), users.get(c.owner)]);
-                return { user, actor };
+                const { contacts } = this.sv;
+                const [user, actor, listed, count] = await Promise.all([
+                  users.get(c.uid),
+                  users.get(c.owner),
+                  contacts.has(c.owner, c.uid),
+                  c.add && c.cap !== undefined ? contacts.count(c.owner, c.cap) : 0,
+                ]);
+                return { user, actor, listed, count };
               }
               case "profile": {
                 const [user, email, phone, emailAsLogin] = await Promise.all([
@@ -746,9 +754,20 @@ export class Cluster {
       }
       case "contact": {
         if (!this.hasAccount(overlay, c.owner, r)) return { k: "error", err: accountGone() };
-        if (c.add && !r.user && !overlay.users.has(c.uid)) return { k: "nouser" };
+        if (c.add && ((!r.user && !overlay.users.has(c.uid)) || overlay.gone.includes(c.uid))) return { k: "nouser" };
+        // Decided on the list as the log has it (the proposer checked its own view, which
+        // may lag): two devices adding one contact at once get 0 and 1, and adds through
+        // several nodes at once stop at the cap. `n`: whether the list changed.
+        const listed = overlay.listed(c.owner, c.uid, r.listed === true);
+        if (c.add) {
+          if (listed) return { k: "error", err: contactErrors.listed() };
+          if (c.cap !== undefined && (r.count ?? 0) + overlay.contactDelta(c.owner) >= c.cap) return { k: "error", err: contactErrors.full(c.cap) };
+        } else if (!listed) {
+          return { k: "done", n: 0 };
+        }
         storage.commitLazy(c.add ? this.sv.contacts.addOps(c.owner, c.uid) : this.sv.contacts.removeOps(c.owner, c.uid));
-        return { k: "done" };
+        overlay.setListed(c.owner, c.uid, c.add);
+        return { k: "done", n: 1 };
       }
       case "profile": {
         const prev = overlay.gone.includes(c.uid) ? undefined : (overlay.users.get(c.uid) ?? r.user);
@@ -1053,6 +1072,9 @@ interface Reads {
   user?: UserRecord;
   /** The account a command acts for (a message's sender, a contact list's owner, an editor, an inviter). */
   actor?: UserRecord;
+  /** contact: whether the owner lists the user, and how many it lists (up to the cap). */
+  listed?: boolean;
+  count?: number;
   sessions?: StoredSession[];
   earlier?: [string, number];
   /** The record `earlier` names, and its channel (a channel message's). */
@@ -1113,6 +1135,22 @@ class Overlay {
   /** Bans added (true) or lifted (false) in this call, by ban key; and the list's change in size. */
   readonly bans = new Map<string, boolean>();
   banDelta = 0;
+  /** Contact entries added (true) or removed (false) in this call, `owner\0uid`; each owner's change in count. */
+  private readonly contacts = new Map<string, boolean>();
+  private readonly contactCounts = new Map<string, number>();
+
+  listed(owner: string, uid: string, inView: boolean): boolean {
+    return this.contacts.get(`${owner}\u0000${uid}`) ?? inView;
+  }
+
+  setListed(owner: string, uid: string, listed: boolean): void {
+    this.contacts.set(`${owner}\u0000${uid}`, listed);
+    this.contactCounts.set(owner, this.contactDelta(owner) + (listed ? 1 : -1));
+  }
+
+  contactDelta(owner: string): number {
+    return this.contactCounts.get(owner) ?? 0;
+  }
 
   claim(index: UniqueIndex, value: string, uid: string): void {
     this.names.set(`${index}:${indexKey(index, value)}`, uid);

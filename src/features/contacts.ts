@@ -5,7 +5,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
-import { findUser, underLocks, userLockKey, type Services } from "./services.js";
+import { findUser, readSynced, underLocks, userLockKey, type Services } from "./services.js";
 
 interface ImportEntry {
   myid?: string | number;
@@ -19,6 +19,12 @@ function contactCard(u: UserRecord) {
 }
 
 const SEARCH_LIMIT = 50;
+
+/** addcontact's refusals (the cluster's log decides them too). */
+export const contactErrors = {
+  listed: () => new ProtocolError(Code.AlreadyExist, "that user is already in your contact list"),
+  full: (cap: number) => new ProtocolError(Code.RateLimited, `your contact list holds ${cap} users; remove one first`),
+};
 
 export function registerContacts(sv: Services): void {
   const { dispatcher, users, contacts, storage, router, hooks, config, locks } = sv;
@@ -85,14 +91,15 @@ export function registerContacts(sv: Services): void {
         // applied here yet: findUser syncs with the log before answering 8.
         const u = await findUser(sv, uid);
         if (!u) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
-        if (await contacts.has(me, uid)) throw new ProtocolError(Code.AlreadyExist, "that user is already in your contact list");
+        if (await contacts.has(me, uid)) throw contactErrors.listed();
         const cap = config.maxContacts;
-        if ((await contacts.count(me, cap)) >= cap) throw new ProtocolError(Code.RateLimited, `your contact list holds ${cap} users; remove one first`);
+        if ((await contacts.count(me, cap)) >= cap) throw contactErrors.full(cap);
         return u;
       };
       if (sv.cluster) {
         const u = await check();
-        if ((await sv.cluster.run({ k: "contact", owner: me, uid, add: true })).k === "nouser") {
+        // Checked here for a quick answer, and again by the log (concurrent adds).
+        if ((await sv.cluster.run({ k: "contact", owner: me, uid, add: true, cap: config.maxContacts })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         }
         return { user: contactCard(u) };
@@ -116,7 +123,9 @@ export function registerContacts(sv: Services): void {
     async handle(req) {
       const me = req.session.uid as string;
       const { uid } = req.data;
-      if (!(await contacts.has(me, uid))) {
+      // In cluster mode, an add through another node a moment ago may not be applied here
+      // yet: readSynced syncs with the log before answering "not listed".
+      if (!(await readSynced(sv, () => contacts.has(me, uid), (listed) => !listed))) {
         if (!(await findUser(sv, uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         return { uid }; // not listed: nothing to remove
       }
