@@ -16,6 +16,7 @@ import type { RunningServer } from "../src/server.js";
 import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
 import { NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
+import { directConv } from "../src/storage/layout.js";
 import { admin } from "./admin-helpers.js";
 import { heldGate, waitFor } from "./pipeline-helpers.js";
 
@@ -370,6 +371,29 @@ describe("cluster mode: presence", () => {
       expect(await who.client.quiet(400, (f) => f.action === "ev_presence")).toBe(true);
     }
     for (const x of [a, b, c]) x.client.close();
+  });
+
+  it("a deleted account's messages to itself are purged on every node; its messages to others stay", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    for (let i = 0; i < 3; i++) expect((await a.client.request("message", { uid: a.uid, body: `note ${i}` })).status).toBe(0);
+    expect((await a.client.request("message", { uid: b.uid, body: "for b" })).status).toBe(0);
+    const own = directConv(a.uid, a.uid);
+    // Every node has them before the deletion.
+    await b.client.event("ev_message", (d) => d.body === "for b");
+    for (const n of nodes) {
+      for (let i = 0; i < 50 && (await n.services.messages.firstSeq(own)) === undefined; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(await n.services.messages.firstSeq(own)).toBeDefined();
+    }
+    expect((await a.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+    for (const n of nodes) {
+      let first: number | undefined = 0;
+      for (let i = 0; i < 100 && (first = await n.services.messages.firstSeq(own)) !== undefined; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(first).toBeUndefined();
+    }
+    const hist = await b.client.request("history", { uid: a.uid });
+    expect(hist.messages.map((m: { body: string }) => m.body)).toEqual(["for b"]);
+    for (const x of [a, b]) x.client.close();
   });
 
   it("a user registered on one node a moment ago is found at once on the others", async () => {

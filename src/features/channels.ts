@@ -445,23 +445,23 @@ export function registerChannels(sv: Services): ChannelOps {
   sv.background.run("resuming interrupted purges", async (signal) => {
     const convs = await messages.pendingPurges();
     if (convs.length === 0) return;
-    sv.log.info({ purges: convs.length }, "resuming interrupted purges of deleted channels");
+    sv.log.info({ purges: convs.length }, "resuming interrupted purges of deleted conversations");
     for (const conv of convs) if (!signal.aborted) await purge(conv, signal);
   });
 
-  // Cluster mode: the log's apply removes a channel on every node (features/cluster.ts);
-  // each node purges its messages from its own view.
+  // Cluster mode: the log's apply removes a channel, or an account with its messages to
+  // itself, on every node (features/cluster.ts); each node purges them from its own view.
   if (sv.cluster) {
-    sv.cluster.onChannelRemoved = (chid) => {
-      const conv = channelConv(chid);
-      sv.background.run("purging a deleted channel's messages", (signal) => purge(conv, signal), { chid });
+    sv.cluster.onPurge = (conv) => {
+      sv.background.run("purging a conversation's messages", (signal) => purge(conv, signal), { conv });
     };
   }
 
   // A deleted account's messages to itself go too: nobody can read them any more (its
   // conversations with others stay in the others' history), and they held its
   // attachments' files for good. The deletion's record keeps this hook until it is
-  // done, so a purge cut short runs again at the next start.
+  // done, so a purge cut short runs again at the next start (in cluster mode, the
+  // apply marks the purge instead: above).
   if (!sv.cluster) {
     sv.hooks.onAccountDeleted((uid) => purge(directConv(uid, uid)));
   }

@@ -35,7 +35,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Event, Audience, MessageEvent, NoticeEvent } from "../protocol/events.js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { BANNED_LOGIN, MAX_BANS } from "../storage/bans.js";
-import { banKey, channelConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
+import { banKey, channelConv, directConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
 import type { ExpiredSession, StoredSession } from "../storage/sessions.js";
@@ -195,8 +195,12 @@ export class Cluster {
   private journal: JetStreamLog<Command, Outcome> | undefined;
   /** The server closes this node's connections from an address banned through another node. */
   onAddressBanned: ((address: string, reason: string) => void) | undefined;
-  /** The channels feature purges a deleted channel's messages (local work, on every node). */
-  onChannelRemoved: ((chid: string) => void) | undefined;
+  /**
+   * The channels feature purges a conversation's messages, a deleted channel's or a
+   * deleted account's own (local work, on every node; the purge's mark went in the
+   * apply's batch, so a restart resumes it).
+   */
+  onPurge: ((conv: string) => void) | undefined;
   /** The accounts feature ends the connections of sessions an apply ended (`mine`: this node proposed it). */
   onSessionsEnded: ((ended: SessionsEnded, mine: boolean) => void) | undefined;
 
@@ -801,7 +805,10 @@ export class Cluster {
       case "deleteAccount": {
         if (!r.user) return { k: "nouser" };
         if (!r.removal) return { k: "refused", reason: "the password was changed meanwhile" };
-        storage.commitLazy(r.removal);
+        // Its messages to itself go too (as on one node: nobody can read them any more).
+        const own = directConv(c.uid, c.uid);
+        storage.commitLazy([...r.removal, ...messages.purgeMarkOps(own)]);
+        t.after.push(() => this.onPurge?.(own));
         // Its channels: those it owns go (nobody could delete them any more); in the
         // others, the remaining members hear that it left.
         for (const chid of new Set([...overlay.channelsOf(c.uid, r.chids ?? []), ...(r.ownedChids ?? [])])) {
@@ -1006,7 +1013,7 @@ export class Cluster {
     t.overlay.removed(ch, members);
     t.after.push(() => {
       channels.removed(ch.chid);
-      this.onChannelRemoved?.(ch.chid);
+      this.onPurge?.(channelConv(ch.chid));
     });
     t.events.push([{ kind: "channelDeleted", chid: ch.chid }, { users: members }]);
   }
