@@ -310,11 +310,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     l.refuseAddress = refuseAddress;
     l.group = tables;
   }
-  // Cluster mode: an address banned through another node's admin port is cut here too.
+  // Cluster mode: an address banned through any node's admin port is cut on every node
+  // as the log's apply reaches the ban.
   if (services.cluster) {
     services.cluster.onAddressBanned = (address, reason) => {
       const why = `your address was banned${reason ? `: ${reason}` : ""}`;
-      for (const t of tables) t.closeAddress(address, why);
+      return tables.reduce((n, t) => n + t.closeAddress(address, why), 0);
     };
   }
   registerStats(services, () => listener.connections.size);

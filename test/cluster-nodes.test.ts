@@ -17,6 +17,7 @@ import { ChildServer, Client, login, registerUser, removeDir, startTestServer, t
 import { NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
 import { directConv } from "../src/storage/layout.js";
+import { unavailable } from "../src/cluster/jetstream-log.js";
 import { admin } from "./admin-helpers.js";
 import { heldGate, waitFor } from "./pipeline-helpers.js";
 
@@ -782,6 +783,34 @@ describe("cluster mode: the operator", () => {
     await e.client.closed;
     for (let i = 0; i < 3; i++) expect((await login(node(i), name, "changed")).auth.status).toBe(7);
     expect((await admin(port(1), "POST", "/users/delete", { user: name })).status).toBe(404);
+  });
+});
+
+describe("cluster mode: address bans", () => {
+  it("close the address's connections on every node, the proposer's too, also when its append answered 16", async () => {
+    const port = (i: number) => nodes[i].adminPort as number;
+    const from = "127.0.0.9";
+    const here = await Client.connect(node(0), { from });
+    const there = await Client.connect(node(1), { from });
+    const r = await admin(port(0), "POST", "/ban", { address: from, reason: "abuse" });
+    expect(r.json).toMatchObject({ ban: { kind: "addr", value: from }, closed: 1 });
+    await Promise.all([here.closed, there.closed]);
+    expect((await admin(port(1), "POST", "/unban", { address: from })).json).toEqual({ lifted: true });
+
+    // The append is applied, but its proposer hears 16 (the engine was slow to confirm).
+    const cluster = nodes[0].services.cluster as NonNullable<RunningServer["services"]["cluster"]>;
+    const again = await Client.connect(node(0), { from });
+    cluster.run = async (cmd) => {
+      await Object.getPrototypeOf(cluster).run.call(cluster, cmd);
+      throw unavailable("the cluster could not confirm the request; it may still be applied");
+    };
+    try {
+      expect((await admin(port(0), "POST", "/ban", { address: from })).status).toBe(503);
+    } finally {
+      delete (cluster as { run?: unknown }).run;
+    }
+    await again.closed;
+    expect((await admin(port(2), "POST", "/unban", { address: from })).json).toEqual({ lifted: true });
   });
 });
 

@@ -243,11 +243,12 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   app.get("/bans", async () => ({ bans: d.ops.bans() }));
   app.post<{ Body: { login?: string; address?: string; reason?: string } }>("/ban", { schema: { body: BAN_TARGET } }, async (req) => {
     const [kind, value] = banTarget(req.body);
-    const ban = await d.ops.ban(kind, value, req.body.reason ?? "");
+    const { closed: applied, ...ban } = await d.ops.ban(kind, value, req.body.reason ?? "");
     const why = `your address was banned${ban.reason ? `: ${ban.reason}` : ""}`;
     // The address as the ban holds it (canonical: trimmed, IPv6 compressed), as sockets
-    // report theirs: the operator's own spelling ("2001:db8:0::1") closed nothing.
-    const closed = kind === "addr" ? d.connections.reduce((n, t) => n + t.closeAddress(ban.value, why), 0) : 0;
+    // report theirs: the operator's own spelling ("2001:db8:0::1") closed nothing. (In
+    // cluster mode the log's apply closed them, `applied`; any since then go here.)
+    const closed = kind === "addr" ? (applied ?? 0) + d.connections.reduce((n, t) => n + t.closeAddress(ban.value, why), 0) : 0;
     return { ban, closed };
   });
   app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {

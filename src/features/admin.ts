@@ -34,7 +34,8 @@ export interface AdminOps {
   deleteUser(user: string): Promise<{ uid: string }>;
   kick(user: string): Promise<{ uid: string; connections: number }>;
   /** Bans a login (its sessions are revoked, its connections closed) or an address. */
-  ban(kind: BanKind, value: string, reason: string): Promise<Ban>;
+  /** `closed`: in cluster mode, this node's connections the log's apply closed (an address ban). */
+  ban(kind: BanKind, value: string, reason: string): Promise<Ban & { closed?: number }>;
   unban(kind: BanKind, value: string): Promise<boolean>;
   bans(): Ban[];
   registration(open?: boolean): "open" | "closed";
@@ -93,13 +94,15 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       // A user may be named by uid too; the ban is always on the login (what auth checks).
       const u = kind === "login" ? await resolve(value) : undefined;
       const key = u ? u.login : canonicalAddress(value);
-      let ban: Ban | undefined;
+      let ban: (Ban & { closed?: number }) | undefined;
       if (sv.cluster) {
-        // One command: every node stores the ban and ends the account's sessions there.
+        // One command: every node stores the ban, ends the account's sessions and closes
+        // the address's connections there.
         const at = Math.floor(Date.now() / 1000);
-        await sv.cluster.run({ k: "ban", kind, value: key, reason, at, ...(u ? { uid: u.uid } : {}) });
+        const out = await sv.cluster.run({ k: "ban", kind, value: key, reason, at, ...(u ? { uid: u.uid } : {}) });
         ban = bans.banned(kind, key);
         if (!ban) throw new ProtocolError(Code.Unavailable, "the ban could not be confirmed; try again");
+        if (out.k === "done" && out.closed !== undefined) ban = { ...ban, closed: out.closed };
       } else {
         ban = await bans.add(kind, key, reason);
         if (!ban) throw new ProtocolError(Code.RateLimited, "the ban list is full");

@@ -144,7 +144,7 @@ export type Outcome =
   | { k: "registered"; user: UserRecord }
   | { k: "taken"; index: UniqueIndex }
   /** Done; `n`: how many (sessions revoked, bans lifted) where the command says. */
-  | { k: "done"; n?: number }
+  | { k: "done"; n?: number; closed?: number }
   | { k: "edited"; edited: number }
   /** The message is gone (14), or `forbidden`: it is someone else's (15). */
   | { k: "nomsg"; forbidden: boolean }
@@ -193,8 +193,8 @@ export interface SessionsEnded {
 
 export class Cluster {
   private journal: JetStreamLog<Command, Outcome> | undefined;
-  /** The server closes this node's connections from an address banned through another node. */
-  onAddressBanned: ((address: string, reason: string) => void) | undefined;
+  /** The server closes this node's connections from a banned address: how many. */
+  onAddressBanned: ((address: string, reason: string) => number) | undefined;
   /**
    * The channels feature purges a conversation's messages, a deleted channel's or a
    * deleted account's own (local work, on every node; the purge's mark went in the
@@ -839,18 +839,20 @@ export class Cluster {
         storage.commitLazy(this.sv.bans.addOps(c.kind, c.value, rec));
         if (!has) overlay.banDelta++;
         overlay.bans.set(key, true);
-        const byMe = t.byMe;
-        t.after.push(() => {
-          this.sv.bans.added(c.kind, c.value, rec);
-          // The proposing node's admin port closes its own (and counts them).
-          if (c.kind === "addr" && !byMe) this.onAddressBanned?.(c.value, c.reason);
-        });
         let n = 0;
         if (c.uid !== undefined) {
           n = this.revokeAll(c.uid, r, t);
           end({ uid: c.uid, reason: "the account was banned", close: true });
         }
-        return { k: "done", n };
+        const out: Outcome = { k: "done", n };
+        t.after.push(() => {
+          this.sv.bans.added(c.kind, c.value, rec);
+          // Every node closes its connections from the address as it applies the ban,
+          // the proposer's included (its count goes back in the outcome): a proposer
+          // told 16 (the engine slow to confirm) may still see the ban applied.
+          if (c.kind === "addr") out.closed = this.onAddressBanned?.(c.value, c.reason) ?? 0;
+        });
+        return out;
       }
       case "sweep": {
         const expired = r.expired ?? [];
