@@ -386,7 +386,11 @@ export class JetStreamLog<C, R> {
         try {
           seq = await this.publishEntry(`${this.origin}:${n}`, JSON.stringify(entry), deadline);
         } catch (err) {
-          for (const p of proposals) p.reject(err as Error);
+          // Applied meanwhile (stored by a try whose PubAck was lost): its outcomes are
+          // known, and they are the answer; otherwise "it may still be applied".
+          const got = this.early.get(n);
+          this.early.delete(n);
+          proposals.forEach((p, i) => (got ? p.resolve(got[i]) : p.reject(err as Error)));
           continue;
         }
         if (seq <= this.applied.seq) {
