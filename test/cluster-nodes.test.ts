@@ -261,6 +261,10 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     const [x, y] = await Promise.all([a.client.request("setuserinfo", { email }), b.client.request("setuserinfo", { email })]);
     expect([x.status, y.status].sort()).toEqual([0, 1]);
     const owner = x.status === 0 ? a.uid : b.uid;
+    // Nor may a new login be that email (the log decides it, after the profile).
+    const late = await Client.connect(node(2));
+    expect(await late.request("register", { login: email, pass: "secret", nick: uniqueName("n") })).toMatchObject({ status: 1, error: "that login is already taken" });
+    late.close();
     for (let i = 0; i < 3; i++) {
       const c = await login(node(i), a.login);
       expect((await c.client.request("userinfo", { user: owner })).email).toBe(email);

@@ -242,6 +242,22 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     for (const x of [victim.client, squatter.client]) x.close();
   });
 
+  it("a login may not be another account's profile email: that account keeps /login by its own", async () => {
+    const owner = await registerUser(open.port);
+    const email = `${uniqueName("o")}@example.org`;
+    expect((await owner.client.request("setuserinfo", { email })).status).toBe(0);
+    for (const login of [email, email.toUpperCase()]) {
+      const c = await Client.connect(open.port);
+      expect(await c.request("register", { login, pass: "other", nick: uniqueName("n") })).toMatchObject({ status: 1, error: "that login is already taken" });
+      c.close();
+    }
+    expect((await post("/login", { email, password: "secret" })).status).toBe(200);
+    // Freed with the email, it may be a login.
+    expect((await owner.client.request("setuserinfo", { email: "" })).status).toBe(0);
+    const taker = await registerUser(open.port, email);
+    for (const x of [owner.client, taker.client]) x.close();
+  });
+
   it("bad messages after auth get an error and the socket stays", async () => {
     const p = await createUser();
     const ws = await chatter(p);

@@ -434,14 +434,15 @@ export class Cluster {
           e.entry.c.map(async (c): Promise<Reads> => {
             switch (c.k) {
               case "register": {
-                const [login, nick, existing, loginAsNick, nickAsLogin] = await Promise.all([
+                const [login, nick, existing, loginAsNick, nickAsLogin, loginAsEmail] = await Promise.all([
                   users.lookup("login", c.login),
                   users.lookup("nick", c.nick),
                   users.get(c.uid),
                   c.names ? users.lookup("nick", c.login) : undefined,
                   c.names ? users.lookup("login", c.nick) : undefined,
+                  c.names && c.login.includes("@") ? users.lookup("email", c.login) : undefined,
                 ]);
-                return { login, nick, user: existing, loginAsNick, nickAsLogin };
+                return { login, nick, user: existing, loginAsNick, nickAsLogin, loginAsEmail };
               }
               case "session": {
                 const [user, list] = await Promise.all([users.get(c.uid), sessions.list(c.uid)]);
@@ -670,6 +671,8 @@ export class Cluster {
         if (overlay.holder("nick", c.nick, r.nick) !== undefined) return { k: "taken", index: "nick" };
         if (c.names && (overlay.holder("nick", c.login, r.loginAsNick) ?? c.uid) !== c.uid) return { k: "taken", index: "login" };
         if (c.names && (overlay.holder("login", c.nick, r.nickAsLogin) ?? c.uid) !== c.uid) return { k: "taken", index: "nick" };
+        // A login that is an address may not be another user's email (UserStore.claim).
+        if (c.names && c.login.includes("@") && overlay.holder("email", c.login, r.loginAsEmail) !== undefined) return { k: "taken", index: "login" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
         const user: UserRecord = { uid: c.uid, num: users.nextNum(), login: c.login, nick: c.nick, hash: c.hash, email: "", phone: "", picture: "", status: "", created: c.t };
         const first = c.sid === undefined ? undefined : { hash: c.sid, expires: c.expires ?? 0, issued: c.t * 1000 };
@@ -1074,6 +1077,8 @@ interface Reads {
   /** register with `names`: who holds its login as a nick, and its nick as a login. */
   loginAsNick?: string;
   nickAsLogin?: string;
+  /** register with `names`, a login that is an address: who holds it as an email. */
+  loginAsEmail?: string;
   email?: string;
   /** profile with `logins`: who holds its email as a login. */
   emailAsLogin?: string;

@@ -105,11 +105,7 @@ export function registerProfiles(sv: Services): UserDirectory {
         const unique: [UniqueIndex, string][] = [];
         if (next.email && next.email !== prev.email) unique.push(["email", next.email]);
         if (next.phone && next.phone !== prev.phone) unique.push(["phone", next.phone]);
-        // An email may not be another user's login: the seed-003 door logs in by email,
-        // and would take that user's login for this account's email.
-        if (next.email && next.email !== prev.email && ((await users.lookup("login", next.email)) ?? uid) !== uid) {
-          throw new ProtocolError(Code.AlreadyExist, "that email belongs to another user");
-        }
+        // (An email may not be another user's login either: UserStore.claim.)
         const taken = await users.claim(unique, uid);
         if (taken) throw new ProtocolError(Code.AlreadyExist, `that ${taken} belongs to another user`);
         try {

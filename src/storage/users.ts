@@ -16,9 +16,23 @@ export function indexKey(index: UniqueIndex, value: string): string {
 
 /** The indexes whose values are unique across both (UserStore.claim). */
 const NAMES: readonly UniqueIndex[] = ["login", "nick"];
+const LOGIN_EMAIL: readonly UniqueIndex[] = ["login", "nick", "email"];
+const EMAIL_LOGIN: readonly UniqueIndex[] = ["email", "login"];
 
 function claimKey(index: UniqueIndex, value: string): string {
   return `${NAMES.includes(index) ? "name" : index}:${indexKey(index, value)}`;
+}
+
+/**
+ * The indexes a value claimed for `index` must be free in (UserStore.claim): logins and
+ * nicks are one namespace, and an email may be no other user's login (nor a login that
+ * is an address another user's email): the seed-003 door logs in by email with the
+ * login of the account holding it.
+ */
+export function sharedIndexes(index: UniqueIndex, value: string): readonly UniqueIndex[] {
+  if (index === "email") return EMAIL_LOGIN;
+  if (!NAMES.includes(index)) return [index];
+  return index === "login" && value.includes("@") ? LOGIN_EMAIL : NAMES;
 }
 
 /** The longest login or nick, in characters (code points). */
@@ -182,14 +196,15 @@ export class UserStore {
    * Logins and nicks are one namespace (NAMES): the seed TCP doors show a user by the
    * nick where their clients take it for the login (they register with nick = login),
    * so one user's nick equal to another's login let them pass for that user there.
+   * Emails and logins that are addresses overlap the same way (sharedIndexes).
    */
   async claim(values: ReadonlyArray<[UniqueIndex, string]>, owner?: string): Promise<UniqueIndex | undefined> {
-    const keys = values.map(([i, v]) => claimKey(i, v));
-    const busy = values.findIndex((_, n) => this.claims.has(keys[n]));
+    const keys = values.map(([i, v]) => sharedIndexes(i, v).map((where) => claimKey(where, v)));
+    const busy = values.findIndex((_, n) => keys[n].some((k) => this.claims.has(k)));
     if (busy >= 0) return values[busy][0];
-    for (const k of keys) this.claims.add(k);
+    for (const k of keys.flat()) this.claims.add(k);
     for (const [index, value] of values) {
-      for (const where of NAMES.includes(index) ? NAMES : [index]) {
+      for (const where of sharedIndexes(index, value)) {
         const holder = await this.lookup(where, value);
         if (holder !== undefined && holder !== owner) {
           this.release(values);
@@ -201,7 +216,7 @@ export class UserStore {
   }
 
   release(values: ReadonlyArray<[UniqueIndex, string]>): void {
-    for (const [i, v] of values) this.claims.delete(claimKey(i, v));
+    for (const [i, v] of values) for (const where of sharedIndexes(i, v)) this.claims.delete(claimKey(where, v));
   }
 
   /** Ops writing `next` (and its indexes) over `prev`; the cache is updated at once. */
