@@ -7,7 +7,7 @@ import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
 import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
 
-const srv = serveForFile({ httpPort: 0, maxFrame: 8192 });
+const srv = serveForFile({ httpPort: 0, maxFrame: 8192, maxConnectionsPerUser: 3 });
 const DATE = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$/;
 
 function base(): string {
@@ -48,6 +48,28 @@ describe("e_chat_server door: accounts", () => {
     expect(await call("POST", "/v1/login", { body: { login: a.login, password: "nope" } })).toMatchObject({ status: 422, body: { error: { code: "wrong_credentials" } } });
     expect(await call("POST", "/v1/login", { body: { login: uniqueName("ghost"), password: "x" } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
     expect(await call("POST", "/v1/login", { raw: "[]" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+  });
+
+  it("a login or register through a route holds no connection: no presence for contacts, none of the connection cap", async () => {
+    const a = await register();
+    const watcher = await Client.connect(srv.port);
+    const w = uniqueName("w");
+    expect((await watcher.request("register", { login: w, pass: "secret", nick: w })).status).toBe(0);
+    const uid = (await watcher.request("searchuser", { q: a.login })).list[0].uid;
+    expect((await watcher.request("addcontact", { uid })).status).toBe(0);
+    expect((await call("POST", "/v1/login", { body: { login: a.login, password: a.password } })).status).toBe(200);
+    expect(await watcher.quiet(400, (f) => f.action === "ev_presence")).toBe(true);
+    // The user's native connections at --max-connections-per-user (3 here): the
+    // routes still log in.
+    const natives = [];
+    for (let i = 0; i < 3; i++) {
+      const c = await Client.connect(srv.port);
+      expect((await c.request("auth", { login: a.login, pass: a.password })).status).toBe(0);
+      natives.push(c);
+    }
+    expect(await watcher.event("ev_presence")).toEqual({ uid, online: true });
+    expect((await call("POST", "/v1/login", { body: { login: a.login, password: a.password } })).status).toBe(200);
+    for (const c of [watcher, ...natives]) c.close();
   });
 
   it("the cookie carries no session from a page of another origin (Origin checked); headers and the query do", async () => {

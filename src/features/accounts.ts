@@ -195,6 +195,9 @@ export function registerAccounts(sv: Services): AccountOps {
 
   /** 13 when `uid` has --max-connections-per-user connections logged in (this one aside). */
   function connectionsLeft(s: Session, uid: string): void {
+    // An HTTP route's login holds no connection: a user at the cap still changes their
+    // password or logs in through a door's route.
+    if (s.peer.fleeting) return;
     if (s.uid !== uid && router.sessions(uid).length >= config.maxConnectionsPerUser) {
       throw new ProtocolError(Code.RateLimited, `this account has ${config.maxConnectionsPerUser} connections logged in; close one first`);
     }

@@ -92,6 +92,7 @@ export class Router implements Delivery {
 
   /** Returns true when this is the user's first live connection. */
   attach(s: Session): boolean {
+    if (s.peer.fleeting) return false; // one request's: nothing is sent to it
     const uid = s.uid as string;
     const cur = this.users.get(uid);
     if (cur === undefined) {
@@ -220,6 +221,7 @@ export class Router implements Delivery {
    * it live. Call after the auth reply is queued.
    */
   async sync(s: Session, since: number | undefined): Promise<void> {
+    if (s.peer.fleeting) return;
     const uid = s.uid as string;
     // A later login (or logout) on this connection supersedes this sync.
     const gen = s.generation;

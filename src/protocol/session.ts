@@ -65,6 +65,12 @@ export interface Peer {
   pause(why: string): void;
   resume(why: string): void;
   readonly closed: boolean;
+  /**
+   * A session for one HTTP request (a door's route), not a connection: it logs in
+   * without taking one of --max-connections-per-user, is never in the router (no
+   * presence, no events, no inbox sync) and ends with its request.
+   */
+  readonly fleeting?: boolean;
 }
 
 export class Session {

@@ -2,13 +2,15 @@
 // socket, so that a route runs native actions through the dispatcher like any
 // connection, with the client's address for the password throttles. Its door reads
 // the answers through its codec (a DialectCodec); what would be sent is dropped: an
-// event for a session that lives for one request has no one to go to.
+// event for a session that lives for one request has no one to go to. It is `fleeting`:
+// its login holds no connection (Peer.fleeting).
 
 import { newPeerId, type Peer } from "../protocol/session.js";
 
 export class RequestPeer implements Peer {
   readonly id = newPeerId();
   readonly congested = false;
+  readonly fleeting = true;
   closed = false;
 
   constructor(
