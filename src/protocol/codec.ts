@@ -131,7 +131,8 @@ export class NativeCodec implements Codec {
         const [head, tail] = messageParts(m, ev.text);
         if (!m.attach) return `{"action":"ev_message","data":${head}${NO_ATTACH}${tail}}\n`;
         const frame = this.withAttachment(`{"action":"ev_message","data":${head}`, m.attach.mime, m.attach.sha, `${tail}}\n`);
-        frame.size = (frame.parts[0] as string).length + 4 * Math.ceil(m.attach.size / 3) + (frame.parts[2] as string).length;
+        frame.text = (frame.parts[0] as string).length + (frame.parts[2] as string).length;
+        frame.size = frame.text + 4 * Math.ceil(m.attach.size / 3);
         return frame;
       }
       case "edit":

@@ -13,6 +13,8 @@ export interface StreamedFrame {
   parts: (string | Producer)[];
   /** Characters the whole frame will take, when known (counts against the outbound cap while queued). */
   size?: number;
+  /** Of `size`, the characters that are text (held in memory while queued), not data read from disk. */
+  text?: number;
 }
 
 export type OutFrame = string | StreamedFrame;

@@ -53,11 +53,15 @@ export function overCap(group: readonly SlotCounter[], address: string, config: 
 /**
  * What a queued frame counts toward its connection's outbound cap: a string its
  * characters; a streamed frame (an attachment read from disk while it is written) its
- * size, but at most STREAMED_WEIGHT, because its data stays on disk until the client
- * reads it (the reasons are at the top of connection.ts).
+ * text, which it holds, and its data up to STREAMED_WEIGHT, because the data stays on
+ * disk until the client reads it (the reasons are at the top of connection.ts). (The
+ * text was capped with the data: a body of nearly --max-frame beside a tiny
+ * attachment counted 64 KiB, so a pile of them held 16 times the cap.)
  */
 export function frameWeight(frame: OutFrame): number {
-  return typeof frame === "string" ? frame.length : Math.min(frame.size ?? 0, STREAMED_WEIGHT);
+  if (typeof frame === "string") return frame.length;
+  const text = frame.text ?? 0;
+  return text + Math.min((frame.size ?? 0) - text, STREAMED_WEIGHT);
 }
 
 /** A streamed frame's text goes out in writes of at least this many characters (but its last). */
