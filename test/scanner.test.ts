@@ -15,7 +15,9 @@ class TextUpload {
   text = "";
   invalidated = false;
   aborted = false;
+  writes = 0;
   write(t: Buffer) {
+    this.writes++;
     this.text += t.toString("latin1");
   }
   invalid() {
@@ -578,6 +580,21 @@ describe("attachments", () => {
     scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"ab\\ncd"}}}\n'));
     expect(calls[0]).toMatchObject({ attachment: "ab/c/", invalid: false });
     expect(calls[1]).toMatchObject({ invalid: true });
+  });
+
+  it("undoes \\/ escapes however the text is split, in at most one write per chunk (property)", () => {
+    const piece = fc.constantFrom("\\/", "QU", "JD", "/", "+");
+    fc.assert(
+      fc.property(fc.array(piece, { maxLength: 200 }), fc.array(fc.nat(), { maxLength: 8 }), (pieces, cuts) => {
+        const text = pieces.join("");
+        const frame = Buffer.from(`{"action":"message","data":{"attach":{"mime":"m","data":"${text}"}}}\n`);
+        const chunks = splitAt(frame, cuts);
+        const { scanner, calls, uploads } = connection();
+        for (const c of chunks) scanner.push(c);
+        expect(calls).toEqual([{ frame: expect.any(String), attachment: text.replaceAll("\\/", "/"), invalid: false }]);
+        expect(uploads[0].writes).toBeLessThanOrEqual(chunks.length);
+      }),
+    );
   });
 
   it("aborts the upload of a frame that breaks, and of one cut off by close()", () => {

@@ -91,7 +91,6 @@ const enum State {
   Attachment,
 }
 
-const SLASH = Buffer.from("/");
 /** A piece of a frame shorter than this is copied into a stage, not held as a view. */
 const COPY_BELOW = 1024;
 const STAGE_MIN = 1024;
@@ -325,23 +324,36 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     const n = chunk.length;
     const up = this.uploadSink as U;
     let from = i;
+    // Once this chunk has an escape, its text is gathered here unescaped and written
+    // once: a write per `\/` was a concat, a decode and a hash update per byte (a PHP
+    // client's json_encode escapes every slash).
+    let out: Buffer | undefined;
+    let len = 0;
     for (; i < n; i++) {
       const c = chunk[i];
       if (this.escaped) {
         this.escaped = false;
-        if (c === Byte.Slash) up.write(SLASH);
-        else if (c === Byte.LF) break;
-        else up.invalid();
+        if (c === Byte.LF) break;
+        if (c === Byte.Slash) {
+          out ??= Buffer.allocUnsafe(n);
+          out[len++] = Byte.Slash;
+        } else up.invalid();
         from = i + 1;
         continue;
       }
       if (c === Byte.Quote || c === Byte.LF) break;
       if (c === Byte.Backslash) {
-        if (i > from) up.write(chunk.subarray(from, i));
+        out ??= Buffer.allocUnsafe(n);
+        len += chunk.copy(out, len, from, i);
+        from = i + 1;
         this.escaped = true;
       }
     }
-    if (i > from && !this.escaped) up.write(chunk.subarray(from, i));
+    if (i > from && !this.escaped) {
+      if (out) len += chunk.copy(out, len, from, i);
+      else up.write(chunk.subarray(from, i));
+    }
+    if (out && len > 0) up.write(out.subarray(0, len));
     if (i === n) return n;
     if (chunk[i] === Byte.LF) {
       // A raw newline inside the string: the frame is broken here.
