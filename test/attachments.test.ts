@@ -6,6 +6,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import type { Connection } from "../src/transport/connection.js";
 import { Client, login, registerUser, startTestServer } from "./helpers.js";
+import { wrapCalls } from "./pipeline-helpers.js";
 import { serveForFile } from "./helpers.js";
 
 const MiB = 1024 * 1024;
@@ -63,6 +64,30 @@ describe("a 32 MiB attachment", () => {
     expect(queued.attach.data === b64).toBe(true);
     expect(tmpFiles()).toEqual([]);
     for (const c of [a.client, online.client, client]) c.close();
+  });
+});
+
+describe("an empty attachment", () => {
+  it("(\"data\":\"\", as ev_message says none) is no attachment: nothing is stored or synced, no file stays", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    let stored = 0;
+    const undo = wrapCalls(shared.server.services.blobs, "storeUpload", async () => void stored++);
+    try {
+      for (const mime of ["", "text/plain"]) {
+        a.client.write(`{"action":"message","data":{"uid":"${b.uid}","body":"empty ${mime}","attach":{"mime":"${mime}","data":""}}}\n`);
+        expect((await a.client.reply("message")).data.status).toBe(0);
+        expect((await b.client.event("ev_message", (d) => d.body === `empty ${mime}`)).attach).toEqual({ mime: "", data: "" });
+      }
+      // An attachment of one byte is stored, as ever.
+      a.client.write(attachFrame(b.uid, "QQ=="));
+      expect((await a.client.reply("message")).data.status).toBe(0);
+    } finally {
+      undo();
+    }
+    expect(stored).toBe(1);
+    await until(() => tmpFiles().length === 0);
+    for (const c of [a.client, b.client]) c.close();
   });
 });
 

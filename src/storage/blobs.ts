@@ -490,6 +490,13 @@ export class BlobWriter {
       }
     }
     if (this.fault) throw this.fault;
+    if (this.size === 0) {
+      // No attachment (`"data":""`, as every ev_message without one says it, and clients
+      // echo it): nothing is stored, pinned or synced; the file goes.
+      this.discard();
+      this.onDrain?.();
+      return { sha: this.hash.digest("hex"), size: 0 };
+    }
     this.done = true;
     this.onDrain?.();
     const sha = this.hash.digest("hex");
