@@ -597,6 +597,16 @@ describe("attachments", () => {
     );
   });
 
+  it("aborts the upload as soon as the rest of its frame passes the limit, before the frame ends", () => {
+    const { scanner, calls, uploads } = connection({ ...LIMITS, maxFrame: 200 });
+    scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"QUJD"},"body":"'));
+    expect(uploads[0].aborted).toBe(false);
+    scanner.push(Buffer.from("x".repeat(300)));
+    expect(uploads[0].aborted).toBe(true);
+    scanner.push(Buffer.from('"}}\n{"action":"ping"}\n'));
+    expect(calls).toEqual([{ reject: Code.TooLarge, reason: expect.any(String), action: "message" }, { frame: '{"action":"ping"}' }]);
+  });
+
   it("aborts the upload of a frame that breaks, and of one cut off by close()", () => {
     const { scanner, calls, uploads } = connection();
     scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"QUJD\n{"action":"ping"}\n'));

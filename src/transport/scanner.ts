@@ -560,6 +560,8 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       this.keepHead(chunk.subarray(start, end));
       this.fault = Fault.TooLarge;
       this.dropParts();
+      // The frame will be refused: its upload's file goes now, not when the frame ends.
+      this.uploadSink?.abort();
       return;
     }
     if (len === 0) return;
