@@ -334,9 +334,12 @@ export class BlobStore {
       await unlink(tmpPath).catch(() => {});
       return;
     }
-    await mkdir(path.dirname(final), { recursive: true });
+    // mkdir returns the first directory it made: a new shard is made durable in its
+    // parent too, or a power loss could lose the file the committed message names.
+    const made = await mkdir(path.dirname(final), { recursive: true });
     await rename(tmpPath, final);
     await syncDir(path.dirname(final));
+    if (made !== undefined) await syncDir(path.dirname(made));
     this.storedBytes += (await stat(final).catch(() => undefined))?.size ?? 0;
   }
 
