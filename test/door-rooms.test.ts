@@ -3,7 +3,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, registerUser, serveForFile, startTestServer, uniqueName, type Frame } from "./helpers.js";
-import { sleep } from "./pipeline-helpers.js";
+import { sleep, wrapCalls } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ roomsPort: 0, maxFrame: 64 * 1024 });
 
@@ -51,6 +51,30 @@ describe("rooms door: accounts", () => {
     expect(await ask(d, { type: "REQUEST_LOGIN", login, pass: "wrong" }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS" });
     expect(await ask(d, { type: "REQUEST_LOGIN", login, pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_OK" });
     d.close();
+  });
+
+  it("a login reads nothing of the user's inbox of direct messages, which this door does not show", async () => {
+    const n = await registerUser(srv.port);
+    n.client.close();
+    await n.client.closed;
+    const sender = await registerUser(srv.port);
+    for (let i = 0; i < 3; i++) expect((await sender.client.request("message", { uid: n.uid, body: `dm ${i}` })).status).toBe(0);
+    const reads: string[] = [];
+    const undo = wrapCalls(srv.server.services.messages, "inboxAfter", async (uid: string) => void reads.push(uid));
+    try {
+      const c = await rooms();
+      expect((await ask(c, { type: "REQUEST_LOGIN", login: n.login, pass: "secret" }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+      await sleep(200);
+      expect(reads).toEqual([]);
+      // A native login reads it (and gets them).
+      const native = await Client.connect(srv.port);
+      expect((await native.request("auth", { login: n.login, pass: "secret" })).status).toBe(0);
+      expect((await native.event("ev_message", (d) => d.body === "dm 2")).from).toBe(sender.uid);
+      expect(reads).toContain(n.uid);
+      for (const x of [c, native, sender.client]) x.close();
+    } finally {
+      undo();
+    }
   });
 
   it("SEARCH_USER: logins by prefix, at most 50", async () => {

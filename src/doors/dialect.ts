@@ -59,6 +59,8 @@ type Item<M> =
  * the frames waiting, and what the door keeps per connection (`state`).
  */
 export class DialectCodec<S, M = unknown> implements Codec {
+  /** No seed door shows direct messages (Codec.inbox). */
+  readonly inbox = false;
   private readonly waiting: { action: string; resolve: (a: Answer) => void }[] = [];
   readonly queue: Item<M>[] = [];
   /** The frame bytes of the queued items. */

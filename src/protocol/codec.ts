@@ -67,6 +67,12 @@ export interface Codec {
    * dispatcher's own (Dispatcher.settled).
    */
   readonly pending?: boolean;
+  /**
+   * false: the format shows no direct messages (the seed doors'), so a login through
+   * it starts no inbox sync (it read the whole unread inbox at every login, sent
+   * nothing of it and confirmed nothing, so the next login read it all again).
+   */
+  readonly inbox?: boolean;
 }
 
 export const WELCOME_TEXT = "Welcome to wirechat. Send one JSON object per line; try {\"action\":\"hello\"}";

@@ -221,7 +221,7 @@ export class Router implements Delivery {
    * it live. Call after the auth reply is queued.
    */
   async sync(s: Session, since: number | undefined): Promise<void> {
-    if (s.peer.fleeting) return;
+    if (s.peer.fleeting || s.codec.inbox === false) return;
     const uid = s.uid as string;
     // A later login (or logout) on this connection supersedes this sync.
     const gen = s.generation;
