@@ -6,6 +6,7 @@ import http from "node:http";
 import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
 import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
+import { sleep, wrapCalls } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ httpPort: 0, maxFrame: 8192, maxConnectionsPerUser: 3 });
 const DATE = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$/;
@@ -194,6 +195,28 @@ describe("e_chat_server door: rooms", () => {
     wa.send({ text: "still open" });
     expect(await wb.next((m) => m.text === "still open")).toBeTruthy();
     for (const w of [wa, wb]) w.ws.close();
+    native.close();
+  });
+
+  it("a room socket gets the room's messages from its login on, also while its membership is being read", async () => {
+    const a = await register();
+    const b = await register();
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: b.id, login: b.login }] } })).body.id;
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { login: a.login, pass: a.password })).status).toBe(0);
+    const { channels } = srv.server.services;
+    const undo = wrapCalls(channels, "isMember", async (chid: string) => {
+      if (chid === String(room)) await sleep(400);
+    });
+    try {
+      const wb = await WsClient.connect(srv.server.httpPort as number, `/v1/rooms/${room}/chat?session_id=${b.sid}`);
+      await sleep(100); // logged in; its membership is still being read
+      expect((await native.request("message", { channel: String(room), body: "early" })).status).toBe(0);
+      expect(await wb.next((m) => m.text === "early")).toMatchObject({ text: "early", room_id: room });
+      wb.ws.close();
+    } finally {
+      undo();
+    }
     native.close();
   });
 

@@ -182,10 +182,15 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
   /** A room socket logs in with its session first (before anything it sends is handled). */
   protected override async start(s: Session, st: EchatState): Promise<OutFrame[]> {
     const r = await this.call(s, "auth", { sid: st.sid });
-    if (!r.ok || !(await this.deps.isMember(st.chid, s.uid as string))) {
-      return this.closeWith(s, JSON.stringify({ error: { code: r.ok ? "room_not_found" : "unauthorized" } }));
-    }
+    if (!r.ok) return this.closeWith(s, JSON.stringify({ error: { code: "unauthorized" } }));
+    // Live from the login on: a message to the room while its membership is read goes
+    // out (it was dropped). Only members are sent a room's events, so a socket that
+    // turns out not to be one has been sent none of them.
     st.live = true;
+    if (!(await this.deps.isMember(st.chid, s.uid as string))) {
+      st.live = false;
+      return this.closeWith(s, JSON.stringify({ error: { code: "room_not_found" } }));
+    }
     return [];
   }
 
