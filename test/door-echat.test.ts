@@ -40,6 +40,17 @@ describe("e_chat_server door: accounts", () => {
     expect(await call("POST", "/v1/register", { body: { login: "x" } })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
   });
 
+  it("a body that is not UTF-8 is invalid_json, not decoded into another password", async () => {
+    const login = uniqueName("u8");
+    const raw = (password: number[]) =>
+      Buffer.concat([Buffer.from(`{"login":"${login}","password":"`), Buffer.from(password), Buffer.from('"}')]).toString("latin1");
+    const send = (path: string, password: number[]) =>
+      fetch(base() + path, { method: "POST", headers: { "content-type": "application/json" }, body: Buffer.from(raw(password), "latin1") }).then(async (r) => ({ status: r.status, body: await r.json() }));
+    expect(await send("/v1/register", [0xff, 0xfe])).toEqual({ status: 422, body: { error: { code: "invalid_json" } } });
+    expect((await call("POST", "/v1/register", { body: { login, password: "ok" } })).status).toBe(200);
+    expect(await send("/v1/login", [0xfe, 0xff])).toEqual({ status: 422, body: { error: { code: "invalid_json" } } });
+  });
+
   it("POST /v1/login: 200 {session_id} and the cookie; 422 wrong_credentials, user_not_found, invalid_json", async () => {
     const a = await register();
     const r = await call("POST", "/v1/login", { body: { login: a.login, password: a.password } });

@@ -258,6 +258,22 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     for (const x of [owner.client, taker.client]) x.close();
   });
 
+  it("a body that is not UTF-8 is 400 in the door's shape, not decoded into another password", async () => {
+    const p = await createUser();
+    const bytes = (password: string) =>
+      Buffer.concat([Buffer.from(`{"email":"${p.email}","password":"`), Buffer.from(password, "latin1"), Buffer.from('"}')]);
+    const send = async (path: string, body: Buffer) => {
+      const res = await fetch(`http://127.0.0.1:${httpPort()}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body });
+      return { status: res.status, body: await res.json() };
+    };
+    expect(await send("/change_password", Buffer.concat([Buffer.from(`{"email":"${p.email}","old_password":"${p.password}","new_password":"`), Buffer.from([0xff, 0xfe]), Buffer.from('"}')]))).toEqual({
+      status: 400,
+      body: { status: "error", message: "the body is not valid UTF-8" },
+    });
+    expect((await send("/login", bytes("\xfe\xff"))).status).toBe(400);
+    expect((await post("/login", { email: p.email, password: p.password })).status).toBe(200);
+  });
+
   it("bad messages after auth get an error and the socket stays", async () => {
     const p = await createUser();
     const ws = await chatter(p);

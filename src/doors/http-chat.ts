@@ -17,6 +17,7 @@
 // the server's, in whole seconds (".000Z"); errors after the login are
 // `{"status":"error","message":null,"info":<text>}` and the socket stays.
 
+import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { Logger } from "pino";
 import type WebSocket from "ws";
@@ -380,6 +381,15 @@ export function chatRoutes(
     // Bodies are JSON: Fastify's text/plain parser would hand a route a string, which its
     // schema refused with 400 "body must be object"; any other media type is 415.
     app.removeContentTypeParser("text/plain");
+    // JSON as Fastify parses it (prototype keys refused), from UTF-8 only: decoded
+    // anyway, each bad byte became U+FFFD, and two passwords of different bad bytes
+    // were the same password.
+    const json = app.getDefaultJsonParser("error", "error");
+    app.removeContentTypeParser("application/json");
+    app.addContentTypeParser("application/json", { parseAs: "buffer" }, (req, bytes, done) => {
+      if (!isUtf8(bytes as Buffer)) return done(Object.assign(new Error("the body is not valid UTF-8"), { statusCode: 400 }), undefined);
+      json(req, (bytes as Buffer).toString("utf8"), done);
+    });
     app.setErrorHandler((err, req, reply) => {
       const e = err as { validation?: unknown; statusCode?: number; code?: string; message: string };
       if (e.validation) return send(reply, failure(400, e.message));

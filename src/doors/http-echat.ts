@@ -15,6 +15,7 @@
 // presence does not change); the room WebSocket logs in with the session like any
 // connection.
 
+import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { Logger } from "pino";
 import { Readable } from "node:stream";
@@ -483,10 +484,13 @@ export function echatRoutes(
     });
     // Bodies are parsed here, so that a bad one is the seed's invalid_json (422).
     app.removeAllContentTypeParsers();
-    app.addContentTypeParser("*", { parseAs: "string" }, (_req, text, done) => {
-      if (text === "") return done(null, {});
+    app.addContentTypeParser("*", { parseAs: "buffer" }, (_req, bytes, done) => {
+      if ((bytes as Buffer).length === 0) return done(null, {});
+      // Not UTF-8 is not JSON (decoded anyway, each bad byte became U+FFFD, and two
+      // passwords of different bad bytes were the same password).
+      if (!isUtf8(bytes as Buffer)) return done(null, BAD_BODY);
       try {
-        done(null, JSON.parse(text as string));
+        done(null, JSON.parse((bytes as Buffer).toString("utf8")));
       } catch {
         done(null, BAD_BODY);
       }
