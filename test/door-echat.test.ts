@@ -5,7 +5,7 @@
 import http from "node:http";
 import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
-import { Client, serveForFile, uniqueName, WsClient } from "./helpers.js";
+import { Client, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
 import { sleep, wrapCalls } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ httpPort: 0, maxFrame: 8192, maxConnectionsPerUser: 3 });
@@ -229,6 +229,33 @@ describe("e_chat_server door: rooms", () => {
       undo();
     }
     native.close();
+  });
+
+  it("a room socket the server closes is told why with a code of its own, not invalid_json", async () => {
+    const own = await startTestServer({ httpPort: 0, idleAuth: 1, rate: 1, burst: 1, rateDisconnect: 2 });
+    try {
+      const port = own.httpPort as number;
+      const post = async (path: string, body: unknown, sid?: string) => {
+        const headers: Record<string, string> = { "content-type": "application/json" };
+        if (sid) headers.authorization = `Bearer ${sid}`;
+        return (await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers, body: JSON.stringify(body) })).json() as Promise<any>;
+      };
+      const sid = (await post("/v1/register", { login: uniqueName("i"), password: "pw" })).session_id;
+      const room = (await post("/v1/rooms", { users: [] }, sid)).id;
+      const idle = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`);
+      expect(await idle.next((m) => m.error, 5000)).toEqual({ error: { code: "closed", message: "idle timeout: nothing received for 1 s" } });
+      await idle.closed;
+      // Past the request rate: refused, then closed, each as too_many_requests.
+      const fast = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`);
+      for (let i = 0; i < 6; i++) fast.send({ text: `m${i}` });
+      await fast.closed;
+      const errors = fast.messages.filter((m: any) => m.error).map((m: any) => m.error.code);
+      expect(errors.length).toBeGreaterThan(0);
+      expect(new Set(errors)).toEqual(new Set(["too_many_requests"]));
+    } finally {
+      await own.stop();
+      removeDir(own.services.config.dataDir);
+    }
   });
 
   it("GET /v1/rooms/{id}/messages streams its answer: chunked, message by message, valid JSON; [] for an empty room", async () => {

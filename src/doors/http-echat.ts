@@ -134,8 +134,9 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     return value as EchatMsg;
   }
 
-  bad(_code: Code, reason: string): OutFrame {
-    return JSON.stringify({ error: { code: "invalid_json", message: reason } });
+  /** Bad input is invalid_json; a refusal with its own code (other) says so: full, banned, over a rate. */
+  bad(code: Code, reason: string): OutFrame {
+    return JSON.stringify({ error: { code: (other(code).body as { error: { code: string } }).error.code, message: reason } });
   }
   protected refuse(_msg: EchatMsg, reason: string): OutFrame {
     return JSON.stringify({ error: { code: "too_many_requests", message: reason } });
@@ -175,6 +176,10 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
       case "logout":
         st.live = false;
         return JSON.stringify({ error: { code: "unauthorized" } });
+      case "close":
+        // The server closes it (idle, an operator's ban): why, before the close.
+        st.live = false;
+        return JSON.stringify({ error: { code: "closed", message: ev.reason } });
       default:
         return "";
     }
