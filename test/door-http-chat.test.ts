@@ -258,6 +258,15 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     for (const x of [owner.client, taker.client]) x.close();
   });
 
+  it("create_user with an email no login can be (an apostrophe, over 64 characters): 400 that says so, nothing made", async () => {
+    for (const email of [`o'${uniqueName("n")}@example.com`, `${"x".repeat(60)}@example.com`]) {
+      expect(await post("/create_user", { username: uniqueName("u"), email, password: "pw" })).toEqual({
+        status: 400,
+        body: { status: "error", message: "'email' must be at most 64 characters of letters, digits and _ . @ + - here (it is the account's login)" },
+      });
+    }
+  });
+
   it("a body that is not UTF-8 is 400 in the door's shape, not decoded into another password", async () => {
     const p = await createUser();
     const bytes = (password: string) =>

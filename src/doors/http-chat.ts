@@ -27,7 +27,8 @@ import type { Audience, Event } from "../protocol/events.js";
 import type { OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import type { MessageRecord, UserRecord } from "../storage/layout.js";
-import { normaliseEmail } from "../features/profile-fields.js";
+import { isLogin, normaliseEmail } from "../features/profile-fields.js";
+import { NAME_MAX } from "../storage/users.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";
 import { DialectDoor, str, type Answer } from "./dialect.js";
@@ -281,6 +282,9 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   async createUser(client: RouteClient, username: string, password: string, email: string): Promise<RouteAnswer> {
     const e = normaliseEmail(email);
     if (e === undefined) return failure(400, "'email' is not an email address");
+    // The email is the account's login: what a login may not hold is refused here, in
+    // words (the native register refused it with its schema's).
+    if (!isLogin(e)) return failure(400, `'email' must be at most ${NAME_MAX} characters of letters, digits and _ . @ + - here (it is the account's login)`);
     // Taken values are told apart before anything is written; a race past these
     // checks still ends in 409 (the native action's own check).
     if ((await this.deps.lookup("email", e)) !== undefined || (await this.deps.lookup("login", e)) !== undefined) {

@@ -7,6 +7,7 @@ import { plainAddress } from "../addresses.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { nowSeconds } from "../protocol/frames.js";
 import { LoginThrottle } from "./login-throttle.js";
+import { LOGIN_PATTERN } from "./profile-fields.js";
 import { PasswordHasher } from "./password-hasher.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
@@ -21,7 +22,7 @@ import { userLockKey, type Services } from "./services.js";
 export const PROTOCOL_VERSION = "1.0";
 
 // Logins: letters (any script), digits and _ . @ + -, so an email address works too.
-const LOGIN = { ...requiredString(NAME_MAX), pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" };
+const LOGIN = { ...requiredString(NAME_MAX), pattern: LOGIN_PATTERN };
 // Nicks: any printable text.
 const NICK = { ...requiredString(NAME_MAX), pattern: "^[^\\p{Cc}]+$" };
 const PASS = requiredString(1024);

@@ -1,6 +1,18 @@
 // Normalisation of the profile fields that are unique and searchable (email, phone),
 // and the base64 check for pictures. Shared by profiles (which stores them) and
-// contacts (whose import looks them up), so both agree on what "the same" means.
+// contacts (whose import looks them up), so both agree on what "the same" means; and
+// what a login may hold (register's schema, and the HTTP chat door, whose logins are emails).
+
+import { NAME_MAX } from "../storage/users.js";
+
+/** What a login may hold: letters (any script), digits and _ . @ + - (so an email address works too). */
+export const LOGIN_PATTERN = "^[\\p{L}\\p{N}_.@+\\-]+$";
+const LOGIN_RE = new RegExp(LOGIN_PATTERN, "u");
+
+/** Whether `text` may be a login: LOGIN_PATTERN, at most NAME_MAX characters. */
+export function isLogin(text: string): boolean {
+  return LOGIN_RE.test(text) && [...text].length <= NAME_MAX;
+}
 
 /** Lower-cased and trimmed; undefined when it does not look like an address. */
 export function normaliseEmail(raw: string): string | undefined {
