@@ -215,9 +215,10 @@ describe("e_chat_server door: rooms", () => {
     const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: b.id, login: b.login }] } })).body.id;
     const native = await Client.connect(srv.port);
     expect((await native.request("auth", { login: a.login, pass: a.password })).status).toBe(0);
-    const { channels } = srv.server.services;
-    const undo = wrapCalls(channels, "isMember", async (chid: string) => {
-      if (chid === String(room)) await sleep(400);
+    const { channels, users } = srv.server.services;
+    const uid = await users.lookup("login", b.login);
+    const undo = wrapCalls(channels, "isMember", async (chid: string, who: string) => {
+      if (chid === String(room) && who === uid) await sleep(400);
     });
     try {
       const wb = await WsClient.connect(srv.server.httpPort as number, `/v1/rooms/${room}/chat?session_id=${b.sid}`);

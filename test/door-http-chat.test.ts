@@ -4,6 +4,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, startTestServer, removeDir, uniqueName, WsClient } from "./helpers.js";
+import { sleep, wrapCalls } from "./pipeline-helpers.js";
 
 const open = serveForFile({ httpPort: 0, maxFrame: 4096, badFrameLimit: 20 });
 
@@ -281,6 +282,29 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     });
     expect((await send("/login", bytes("\xfe\xff"))).status).toBe(400);
     expect((await post("/login", { email: p.email, password: p.password })).status).toBe(200);
+  });
+
+  it("lobby messages sent while a socket's login finishes come right after 'authenticated'", async () => {
+    const p = await createUser();
+    (await chatter(p)).ws.close(); // a member of the lobby from now on
+    const m = await nativeMember();
+    const { channels, users } = open.server.services;
+    const uid = await users.lookup("email", p.email);
+    const undo = wrapCalls(channels, "isMember", async (chid: string, who: string) => {
+      if (chid === m.chid && who === uid) await sleep(400);
+    });
+    try {
+      const ws = await WsClient.connect(httpPort(), "/ws");
+      ws.send({ type: "auth", email: p.email, password: p.password });
+      await sleep(150); // logged in; the membership is still being read
+      expect((await m.client.request("message", { channel: m.chid, body: "while you logged in" })).status).toBe(0);
+      expect(await ws.next()).toEqual({ status: "authenticated", message: null, info: `Welcome, ${p.username}!` });
+      expect(await ws.next()).toMatchObject({ status: "message", message: expect.objectContaining({ content: "while you logged in" }) });
+      ws.ws.close();
+    } finally {
+      undo();
+    }
+    m.client.close();
   });
 
   it("bad messages after auth get an error and the socket stays", async () => {

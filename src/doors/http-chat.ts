@@ -35,6 +35,11 @@ import { DialectDoor, str, type Answer } from "./dialect.js";
 
 interface ChatState {
   authed: boolean;
+  /**
+   * While the login finishes (its session is live, the lobby's membership is read or
+   * made): the lobby's messages meanwhile, sent after "authenticated" (at most EARLY).
+   */
+  early?: OutFrame[];
   /** The connection's peer id, once logged in (a notice is not shown to its sender). */
   peer: number;
   nick: string;
@@ -73,6 +78,8 @@ export interface RouteClient {
 
 /** The seed's own wording for a failed login. */
 const INVALID = "Invalid email or password";
+/** Lobby messages kept for a socket while its login finishes (ChatState.early); past it they are dropped. */
+const EARLY = 256;
 
 function success(message: string): RouteAnswer {
   return { http: 200, body: { status: "success", message } };
@@ -166,9 +173,12 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     switch (ev.kind) {
       case "message": {
         const m = ev.m;
-        if (!st.authed || m.chid !== this.deps.lobby) return "";
+        if (m.chid !== this.deps.lobby || (!st.authed && !st.early)) return "";
         const wire = (ev.wire ??= {});
-        return (wire[this.name] ??= this.chatFrame(m));
+        const out = (wire[this.name] ??= this.chatFrame(m));
+        if (st.authed) return out;
+        if ((st.early as OutFrame[]).length < EARLY) (st.early as OutFrame[]).push(out);
+        return "";
       }
       case "notice":
         if (!st.authed || ev.door !== this.name || ev.chid !== this.deps.lobby || ev.origin === st.peer) return "";
@@ -231,15 +241,23 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     const r = await this.loginByEmail(s, email, password);
     if (!r.ok) return this.closeWith(s, authFailed(httpOf(r.code) === 401 ? INVALID : r.text));
     const uid = s.uid as string;
+    // The lobby's messages from here on are kept for after "authenticated" (they were
+    // dropped while the membership was read, or entered: a large lobby's enter is long).
+    st.early = [];
     // The lobby is entered once: a member stays one (a native `leave` ends it until the next login here).
     if (!(await this.deps.isMember(this.deps.lobby, uid))) {
       const entered = await this.call(s, "enter", { channel: this.deps.lobby });
-      if (!entered.ok) return this.closeWith(s, authFailed(`could not enter the lobby: ${entered.text}`));
+      if (!entered.ok) {
+        st.early = undefined;
+        return this.closeWith(s, authFailed(`could not enter the lobby: ${entered.text}`));
+      }
     }
+    const early = st.early;
+    st.early = undefined;
     st.authed = true;
     st.peer = s.peer.id;
     st.nick = s.nick as string;
-    return [frame("authenticated", null, `Welcome, ${st.nick}!`)];
+    return [frame("authenticated", null, `Welcome, ${st.nick}!`), ...early];
   }
 
   /**
