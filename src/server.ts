@@ -218,6 +218,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   const { services, admin, directory, channelOps } = core;
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
+  blobs.maxUploading = config.maxUploading;
   const newUpload = () => blobs.writer(config.maxAttach);
   const nativeCodec = new NativeCodec(blobs);
   const listener = new Listener(config, dispatcher, router, nativeFront(dispatcher, nativeCodec), log, newUpload, metrics);

@@ -6,7 +6,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import type { Connection } from "../src/transport/connection.js";
 import { Client, login, registerUser, startTestServer } from "./helpers.js";
-import { wrapCalls } from "./pipeline-helpers.js";
+import { sleep, wrapCalls } from "./pipeline-helpers.js";
 import { serveForFile } from "./helpers.js";
 
 const MiB = 1024 * 1024;
@@ -92,6 +92,31 @@ describe("an empty attachment", () => {
 });
 
 describe("refusals leave nothing behind", () => {
+  it("past --max-uploading, all connections together: 13, the connection still usable, the budget back once they are done", async () => {
+    const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000 });
+    try {
+      const a = await registerUser(small.port);
+      const b = await registerUser(small.port);
+      // a's upload holds 60 kB of the budget, unfinished.
+      const frame = attachFrame(b.uid, randomBytes(60 * 1000).toString("base64"));
+      const cut = frame.indexOf('"data":"') + 8 + 80 * 1000;
+      a.client.write(frame.slice(0, cut));
+      await sleep(200);
+      b.client.write(attachFrame(a.uid, randomBytes(60 * 1000).toString("base64")));
+      expect((await b.client.reply("message")).data).toEqual({ status: 13, error: "the server is receiving too many attachments at once; send it again later" });
+      expect((await b.client.request("ping")).status).toBe(0);
+      a.client.write(frame.slice(cut));
+      expect((await a.client.reply("message")).data.status).toBe(0);
+      // Its bytes are back in the budget: the same upload goes through now.
+      b.client.write(attachFrame(a.uid, randomBytes(60 * 1000).toString("base64")));
+      expect((await b.client.reply("message")).data.status).toBe(0);
+      await until(() => readdirSync(path.join(small.services.blobs.dir, "tmp")).length === 0);
+      for (const c of [a.client, b.client]) c.close();
+    } finally {
+      await small.stop();
+    }
+  });
+
   it("over the limit: 12, the connection still usable, no temp file, no blob", async () => {
     const small = await startTestServer({ maxAttach: 1000 });
     const a = await registerUser(small.port);

@@ -673,8 +673,9 @@ export class Dispatcher {
           this.active--;
           upload.release();
           const fault = (err as { fault?: string }).fault;
-          if (fault === "invalid" || fault === "too-large") {
-            this.fill(s, line, slot, this.errorFrame(s, action, fault === "invalid" ? Code.InvalidData : Code.TooLarge, (err as Error).message));
+          if (fault === "invalid" || fault === "too-large" || fault === "busy") {
+            const code = fault === "invalid" ? Code.InvalidData : fault === "too-large" ? Code.TooLarge : Code.RateLimited;
+            this.fill(s, line, slot, this.errorFrame(s, action, code, (err as Error).message));
           } else {
             // An I/O failure: its text names files; the client gets a fixed one.
             s.log.warn({ err }, "attachment upload failed");

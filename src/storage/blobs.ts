@@ -33,7 +33,7 @@ export interface BlobRef {
   size: number;
 }
 
-export type BlobFault = "invalid" | "too-large" | "aborted";
+export type BlobFault = "invalid" | "too-large" | "busy" | "aborted";
 
 /**
  * A failed upload. Its message is for the client: it never holds a path or an OS error
@@ -121,6 +121,14 @@ export class BlobStore {
    * those the start-up sweep found (complete once it has finished).
    */
   storedBytes = 0;
+  /**
+   * Decoded bytes of the uploads in progress (their temp files), every connection's:
+   * at most `maxUploading` (--max-uploading). Each upload is bounded by --max-attach,
+   * but a client trickling many (a connection each, any number of accounts) held that
+   * much disk each for as long as it liked.
+   */
+  private uploading = 0;
+  maxUploading = Number.POSITIVE_INFINITY;
 
   constructor(
     dataDir: string,
@@ -143,6 +151,17 @@ export class BlobStore {
   }
 
   /** Starts an upload; the caller feeds it base64 text and then finishes or aborts it. */
+  /** Takes `n` bytes of the uploads' budget: false when it is spent. */
+  reserve(n: number): boolean {
+    if (this.uploading + n > this.maxUploading) return false;
+    this.uploading += n;
+    return true;
+  }
+
+  unreserve(n: number): void {
+    this.uploading -= n;
+  }
+
   writer(maxBytes: number): BlobWriter {
     return new BlobWriter(this, path.join(this.tmp, randomBytes(12).toString("hex")), maxBytes);
   }
@@ -396,6 +415,8 @@ export class BlobWriter {
   private size = 0;
   private fault: BlobError | undefined;
   private done = false;
+  /** Of the uploads' budget (BlobStore.reserve): the bytes this one's file holds. */
+  private reserved = 0;
   /** Set by finish(): the blob this upload stored and pinned. */
   private stored: BlobRef | undefined;
   /** The file's buffer is full: stop feeding until onDrain. */
@@ -433,6 +454,11 @@ export class BlobWriter {
       return;
     }
     if (bytes.length === 0) return;
+    if (!this.store.reserve(bytes.length)) {
+      this.fail(new BlobError("busy", "the server is receiving too many attachments at once; send it again later"));
+      return;
+    }
+    this.reserved += bytes.length;
     this.hash.update(bytes);
     if (!this.file.write(bytes)) this.onFull?.();
   }
@@ -448,7 +474,14 @@ export class BlobWriter {
     this.onDrain?.(); // whoever paused for this upload may go on
   }
 
+  /** The upload's bytes leave the budget (its file is gone, or is a stored blob now). */
+  private unreserve(): void {
+    this.store.unreserve(this.reserved);
+    this.reserved = 0;
+  }
+
   private discard(): void {
+    this.unreserve();
     this.done = true;
     const remove = () => void unlink(this.tmpPath).catch(() => {});
     // A file that failed to write has closed already, and 'close' does not come twice.
@@ -517,6 +550,8 @@ export class BlobWriter {
     } catch (err) {
       await unlink(this.tmpPath).catch(() => {});
       throw notStored(err);
+    } finally {
+      this.unreserve();
     }
     this.stored = { sha, size: this.size };
     return this.stored;
