@@ -200,7 +200,7 @@ describe("rooms door: rooms and messages", () => {
     const ac = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: c.login });
     const m1 = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: ab.id, message: "first ab", msg_type: "TEXT" });
     await ask(a.c, { type: "SND_MSG", username: a.login, room_id: ac.id, message: "first ac", msg_type: "TEXT" });
-    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: ab.id, message: "second ab", msg_type: "TEXT" });
+    const m2 = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: ab.id, message: "second ab", msg_type: "TEXT" });
     const r = await ask(a.c, { type: "OLD_DIALOGS", username: a.login });
     const i = r.id.indexOf(ab.id);
     const j = r.id.indexOf(ac.id);
@@ -209,6 +209,11 @@ describe("rooms door: rooms and messages", () => {
     expect(r.first_massage_id[i]).toBe(m1.message_id);
     expect(r.dialogs.length).toBe(r.id.length);
     expect(r.first_massage_id.length).toBe(r.id.length);
+    // The first one deleted: the room's first is the next one (asked again, not remembered).
+    send(a.c, { type: "DELETE_MSG", id: m1.message_id });
+    await a.c.next((f) => f.type === "DELETE_MSG");
+    const again = await ask(a.c, { type: "OLD_DIALOGS", username: a.login });
+    expect(again.first_massage_id[again.id.indexOf(ab.id)]).toBe(m2.message_id);
     for (const x of [a.c, b.c, c.c]) x.close();
   });
 

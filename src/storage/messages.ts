@@ -234,7 +234,9 @@ export class MessageStore {
   private cursorTimer: NodeJS.Timeout | undefined;
   /** channel conversation → seq of its newest committed message (KNOWN_LASTS). */
   private readonly lasts = new Map<string, number>();
-  /** Bumped when a conversation's last seq may have gone down: a read in flight must not fill it. */
+  /** channel conversation → seq of its oldest message, once read (KNOWN_LASTS; firstSeq). */
+  private readonly firsts = new Map<string, number>();
+  /** Bumped when a conversation's last (or first) seq may have changed by a removal: a read in flight must not fill it. */
   private lastsGen = 0;
   /** conversation → its newest committed record (KNOWN_LAST_RECORDS), for dialogs. */
   private readonly lastRecords = new Map<string, MessageRecord>();
@@ -531,6 +533,7 @@ export class MessageStore {
     this.tails.delete(conv);
     this.lastRecords.delete(conv);
     this.lasts.delete(conv);
+    this.firsts.delete(conv);
     this.lastsGen++;
   }
 
@@ -1233,11 +1236,26 @@ export class MessageStore {
     }
   }
 
-  /** The seq of a conversation's oldest message, if it has any: one bounded read. */
+  /**
+   * The seq of a conversation's oldest message, if it has any: one bounded read, and
+   * for a channel remembered (KNOWN_LASTS) until a removal in it (forget): a new
+   * message never changes it. (The rooms door's OLD_DIALOGS asks it for every room of
+   * the caller, up to --max-joined-channels, at each request.)
+   */
   async firstSeq(conv: string): Promise<number | undefined> {
+    const cached = conv.startsWith("c:");
+    const known = cached ? this.firsts.get(conv) : undefined;
+    if (known !== undefined) return known;
+    const gen = this.lastsGen;
     const mem = this.histInMemory(conv);
     const found = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: 1 })) as [string, HistChunk][];
-    return found.length > 0 ? found[0][1][0] : mem[0];
+    const first = found.length > 0 ? found[0][1][0] : mem[0];
+    // A removal meanwhile may have taken it.
+    if (cached && first !== undefined && gen === this.lastsGen) {
+      if (this.firsts.size >= KNOWN_LASTS) this.firsts.clear();
+      this.firsts.set(conv, first);
+    }
+    return first;
   }
 
   /** The seq of a conversation's newest message, if it has any: one bounded read. */
