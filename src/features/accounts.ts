@@ -290,13 +290,8 @@ export function registerAccounts(sv: Services): AccountOps {
     const chids = [...new Set([...joined, ...(await channels.ownedBy(uid))])];
     ops.push(...(await messages.forgetUserOps(uid)));
     ops.push(...users.deletionMarkOps(uid, user.nick, chids));
-    try {
-      await storage.commit(ops);
-    } catch (err) {
-      messages.forgotten(uid, false);
-      throw err;
-    }
-    messages.forgotten(uid, true);
+    await storage.commit(ops);
+    messages.forgotten(uid);
     // Those who listed an online account hear it go offline: its connections close
     // below, but its place in their lists is gone, so the presence hook would find
     // nobody to tell.

@@ -593,13 +593,10 @@ export class Cluster {
     for (const uid of overlay.gone) {
       users.forget(uid);
       router.forgetOffline(uid);
+      messages.forgotten(uid);
+      // What a chunk wrote between the deletion's reads and its commit.
+      this.sv.background.run("removing a deleted account's last entries", () => messages.sweepUser(uid), { uid });
     }
-    // A deletion read for (forgetUserOps) is done, or was refused: its user's entries wait again.
-    entries.forEach((e, i) =>
-      e.entry.c.forEach((c, j) => {
-        if (c.k === "deleteAccount" && reads[i][j].removal) messages.forgotten(c.uid, overlay.gone.includes(c.uid));
-      }),
-    );
     for (const [a, b] of t.newPairs) messages.peersKnown(a, b);
     for (const report of t.after) report();
     for (const [x, byMe] of t.ended) this.onSessionsEnded?.(x, byMe);

@@ -85,6 +85,11 @@ export function registerMessages(sv: Services): void {
   /** (sender, cmid) of messages whose commit is in flight → their eventual reply. */
   const inflightCmids = new Map<string, Promise<MessageSent>>();
 
+  // A deleted account's inbox, cursor and dialog entries that a derived write put on
+  // disk between its deletion's reads and its commit (MessageStore.sweepUser). In
+  // cluster mode the apply runs it.
+  if (!sv.cluster) sv.hooks.onAccountDeleted((uid) => messages.sweepUser(uid));
+
   /**
    * The uid of an account in the cache named `to`, or undefined. The connection's last
    * recipient is remembered while no account is saved or forgotten: a sender's messages

@@ -216,12 +216,6 @@ export class MessageStore {
    * the deletion removed them (commitDerived leaves them out).
    */
   private readonly gone = new Set<string>();
-  /**
-   * Users whose deletion is being committed: what waited in memory for them (`saved`,
-   * `cursors`) and the derived entries held back from batches since (`ops`), written
-   * after all if the deletion fails (forgotten). Bounded by the deletions in flight.
-   */
-  private readonly deleting = new Map<string, { saved: Derived; cursors: Map<string, number>; ops: BatchOp[] }>();
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
   /**
@@ -781,7 +775,7 @@ export class MessageStore {
       }
       chunk.push(next.value);
     }
-    this.storage.commitLazy(this.gone.size > 0 || this.deleting.size > 0 ? chunk.filter((op) => this.keep(op)) : chunk);
+    this.storage.commitLazy(this.gone.size > 0 ? chunk.filter((op) => !this.gone.has(this.ownerOf(op.key))) : chunk);
     this.storage.afterWrite((err) => {
       // A chunk past the head may have held cmid entries (purgedCmidOps).
       if (!err && g.at === g.ops.length && g.d.cmids.size > 0) this.cmidWrites++;
@@ -814,15 +808,6 @@ export class MessageStore {
       }
     }
     if (d.through > 0) yield put(this.s.meta, "indexed", d.through);
-  }
-
-  /** A derived entry to write now: not a deleted user's, nor (held back) one being deleted's. */
-  private keep(op: BatchOp): boolean {
-    const owner = this.ownerOf(op.key);
-    if (this.gone.has(owner)) return false;
-    const held = this.deleting.get(owner);
-    if (held) held.ops.push(op);
-    return held === undefined;
   }
 
   /** The user a derived entry belongs to (its key's first part), "" for any other key. */
@@ -1160,58 +1145,39 @@ export class MessageStore {
    * list of direct peers. Their messages stay in others' history.
    */
   async forgetUserOps(uid: string): Promise<BatchOp[]> {
-    // What waits in memory for them is set aside until the deletion's commit (forgotten).
-    let held = this.deleting.get(uid);
-    if (!held) this.deleting.set(uid, (held = { saved: new Derived(), cursors: new Map(), ops: [] }));
+    // Nothing in memory changes until the deletion is committed (forgotten): if its
+    // commit fails, the account stays with every entry it had. A chunk already in a
+    // batch is on disk once that batch is written, and the reads below find it; one
+    // written after them is the deletion's sweep's (sweepUser).
     const ops: BatchOp[] = [del(this.s.cursor, uid)];
-    const cursor = this.cursors.get(uid);
-    if (cursor !== undefined) held.cursors.set(uid, cursor);
-    this.cursors.delete(uid);
-    const { inbox, dialogs, rechecks } = this.pending;
-    const saved = held.saved;
-    if (inbox.has(uid)) saved.inbox.set(uid, [...(saved.inbox.get(uid) ?? []), ...(inbox.get(uid) as InboxChunk)]);
-    if (dialogs.has(uid)) saved.dialogs.set(uid, dialogs.get(uid) as Map<string, number>);
-    if (rechecks.has(uid)) saved.rechecks.set(uid, rechecks.get(uid) as Set<string>);
-    saved.count = saved.inbox.size + saved.dialogs.size + saved.rechecks.size;
-    inbox.delete(uid);
-    dialogs.delete(uid);
-    rechecks.delete(uid);
-    // Chunks of a generation added from now on hold the user's entries back; one
-    // already in a batch is on disk once that batch is written, and the reads below
-    // find it.
-    try {
-      await this.preparing?.catch(() => {});
-      await new Promise<void>((resolve) => this.storage.afterWrite(() => resolve()));
-      for (const space of [this.s.inbox, this.s.cmids, this.s.peers, this.s.dialogs, this.s.dialogat, this.s.rechecks]) {
-        for (const key of await readKeys(space, prefixRange(uid))) ops.push(del(space, key));
-      }
-    } catch (err) {
-      this.forgotten(uid, false);
-      throw err;
+    await this.preparing?.catch(() => {});
+    await new Promise<void>((resolve) => this.storage.afterWrite(() => resolve()));
+    for (const space of [this.s.inbox, this.s.cmids, this.s.peers, this.s.dialogs, this.s.dialogat, this.s.rechecks]) {
+      for (const key of await readKeys(space, prefixRange(uid))) ops.push(del(space, key));
     }
     return ops;
   }
 
   /**
-   * The deletion forgetUserOps prepared ops for is committed (`done`), or its commit
-   * failed or it was refused: what was set aside for the user waits again (their
-   * account stays, with every entry it had), and the entries held back meanwhile go
-   * to the next batch.
+   * `uid`'s deletion is committed: what waits in memory for them goes, and none of
+   * their derived entries is written from now on (`gone`).
    */
-  forgotten(uid: string, done: boolean): void {
-    const held = this.deleting.get(uid);
-    if (!held) return;
-    this.deleting.delete(uid);
-    if (done) {
-      if (this.gone.size >= KNOWN_GONE) this.gone.delete(this.gone.values().next().value as string);
-      this.gone.add(uid);
-      for (const key of this.marked.keys()) if (keyHead(key) === uid) this.marked.delete(key);
-      return;
-    }
-    this.restore(held.saved, held.cursors);
-    if (held.ops.length > 0) this.storage.commitLazy(held.ops);
-    if (this.pending.count > 0) this.armDerived();
-    if (this.cursors.size > 0) this.armCursor();
+  forgotten(uid: string): void {
+    if (this.gone.size >= KNOWN_GONE) this.gone.delete(this.gone.values().next().value as string);
+    this.gone.add(uid);
+    this.cursors.delete(uid);
+    this.pending.inbox.delete(uid);
+    this.pending.dialogs.delete(uid);
+    this.pending.rechecks.delete(uid);
+    for (const key of this.marked.keys()) if (keyHead(key) === uid) this.marked.delete(key);
+  }
+
+  /**
+   * After a deletion (an account-deleted hook, run again at start-up until done): the
+   * entries of `uid` that a chunk wrote between forgetUserOps's reads and the commit.
+   */
+  async sweepUser(uid: string): Promise<void> {
+    await this.storage.commit(await this.forgetUserOps(uid));
   }
 
   /**
