@@ -6,7 +6,7 @@ import http from "node:http";
 import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
 import { Client, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
-import { sleep, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, sleep, wrapCalls } from "./pipeline-helpers.js";
 
 const srv = serveForFile({ httpPort: 0, maxFrame: 8192, maxConnectionsPerUser: 3 });
 const DATE = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$/;
@@ -217,13 +217,18 @@ describe("e_chat_server door: rooms", () => {
     expect((await native.request("auth", { login: a.login, pass: a.password })).status).toBe(0);
     const { channels, users } = srv.server.services;
     const uid = await users.lookup("login", b.login);
+    // The socket's membership is read twice: before the upgrade, and once logged in (held here).
+    let calls = 0;
+    const gate = heldGate();
     const undo = wrapCalls(channels, "isMember", async (chid: string, who: string) => {
-      if (chid === String(room) && who === uid) await sleep(400);
+      if (chid === String(room) && who === uid && ++calls === 2) await gate.pass();
     });
     try {
       const wb = await WsClient.connect(srv.server.httpPort as number, `/v1/rooms/${room}/chat?session_id=${b.sid}`);
-      await sleep(100); // logged in; its membership is still being read
+      await gate.reached;
       expect((await native.request("message", { channel: String(room), body: "early" })).status).toBe(0);
+      await sleep(100);
+      gate.open();
       expect(await wb.next((m) => m.text === "early")).toMatchObject({ text: "early", room_id: room });
       wb.ws.close();
     } finally {

@@ -4,7 +4,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, startTestServer, removeDir, uniqueName, WsClient } from "./helpers.js";
-import { sleep, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, sleep, wrapCalls } from "./pipeline-helpers.js";
 
 const open = serveForFile({ httpPort: 0, maxFrame: 4096, badFrameLimit: 20 });
 
@@ -290,14 +290,17 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     const m = await nativeMember();
     const { channels, users } = open.server.services;
     const uid = await users.lookup("email", p.email);
+    const gate = heldGate();
     const undo = wrapCalls(channels, "isMember", async (chid: string, who: string) => {
-      if (chid === m.chid && who === uid) await sleep(400);
+      if (chid === m.chid && who === uid) await gate.pass();
     });
     try {
       const ws = await WsClient.connect(httpPort(), "/ws");
       ws.send({ type: "auth", email: p.email, password: p.password });
-      await sleep(150); // logged in; the membership is still being read
+      await gate.reached; // logged in; the membership is being read
       expect((await m.client.request("message", { channel: m.chid, body: "while you logged in" })).status).toBe(0);
+      await sleep(100);
+      gate.open();
       expect(await ws.next()).toEqual({ status: "authenticated", message: null, info: `Welcome, ${p.username}!` });
       expect(await ws.next()).toMatchObject({ status: "message", message: expect.objectContaining({ content: "while you logged in" }) });
       ws.ws.close();

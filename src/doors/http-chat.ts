@@ -29,6 +29,7 @@ import type { Session } from "../protocol/session.js";
 import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { isLogin, normaliseEmail } from "../features/profile-fields.js";
 import { NAME_MAX } from "../storage/users.js";
+import { frameWeight } from "../transport/peer-common.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";
 import { DialectDoor, str, type Answer } from "./dialect.js";
@@ -40,6 +41,7 @@ interface ChatState {
    * made): the lobby's messages meanwhile, sent after "authenticated" (at most EARLY).
    */
   early?: OutFrame[];
+  earlyChars: number;
   /** The connection's peer id, once logged in (a notice is not shown to its sender). */
   peer: number;
   nick: string;
@@ -78,8 +80,13 @@ export interface RouteClient {
 
 /** The seed's own wording for a failed login. */
 const INVALID = "Invalid email or password";
-/** Lobby messages kept for a socket while its login finishes (ChatState.early); past it they are dropped. */
+/**
+ * Lobby frames kept for a socket while its login finishes (ChatState.early), in number
+ * and in characters (they go out as the login's reply, outside the outbound cap); past
+ * either they are dropped.
+ */
 const EARLY = 256;
+const EARLY_CHARS = 1024 * 1024;
 
 function success(message: string): RouteAnswer {
   return { http: 200, body: { status: "success", message } };
@@ -145,7 +152,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   }
 
   protected initial(): ChatState {
-    return { authed: false, peer: 0, nick: "" };
+    return { authed: false, peer: 0, nick: "", earlyChars: 0 };
   }
 
   protected decode(value: unknown): ChatMsg | string {
@@ -175,14 +182,11 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
         const m = ev.m;
         if (m.chid !== this.deps.lobby || (!st.authed && !st.early)) return "";
         const wire = (ev.wire ??= {});
-        const out = (wire[this.name] ??= this.chatFrame(m));
-        if (st.authed) return out;
-        if ((st.early as OutFrame[]).length < EARLY) (st.early as OutFrame[]).push(out);
-        return "";
+        return this.shown(st, (wire[this.name] ??= this.chatFrame(m)));
       }
       case "notice":
-        if (!st.authed || ev.door !== this.name || ev.chid !== this.deps.lobby || ev.origin === st.peer) return "";
-        return ((ev.wire ??= {})[this.name] ??= frame("message", null, ev.text));
+        if ((!st.authed && !st.early) || ev.door !== this.name || ev.chid !== this.deps.lobby || ev.origin === st.peer) return "";
+        return this.shown(st, ((ev.wire ??= {})[this.name] ??= frame("message", null, ev.text)));
       case "logout":
         // Logged out by the server (a newer session evicted this one): a new auth may follow.
         st.authed = false;
@@ -194,17 +198,34 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     }
   }
 
+  /** A lobby frame: sent, or kept while the login finishes (EARLY frames, EARLY_CHARS at most; past them dropped). */
+  private shown(st: ChatState, out: OutFrame): OutFrame {
+    if (st.authed) return out;
+    const early = st.early as OutFrame[];
+    const weight = frameWeight(out);
+    if (early.length < EARLY && st.earlyChars + weight <= EARLY_CHARS) {
+      early.push(out);
+      st.earlyChars += weight;
+    }
+    return "";
+  }
+
   /** A chat message with its sender's profile email, read from storage when not cached. */
   private chatFrame(m: MessageRecord): OutFrame {
     const sender = this.deps.cachedUser(m.from);
     if (sender) return chatText(m, sender.email);
     const { user } = this.deps;
+    // It holds the record until it is written: it counts toward the outbound cap as the
+    // text it will be (an email is at most 254 characters).
+    const size = chatText(m, "").length + 254;
     return {
       parts: [
         async function* () {
           yield chatText(m, (await user(m.from))?.email ?? "");
         },
       ],
+      size,
+      text: size,
     };
   }
 
@@ -238,22 +259,24 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     const email = str(msg, "email");
     const password = str(msg, "password");
     if (!email || !password) return this.closeWith(s, authFailed("'email' and 'password' are required"));
-    const r = await this.loginByEmail(s, email, password);
-    if (!r.ok) return this.closeWith(s, authFailed(httpOf(r.code) === 401 ? INVALID : r.text));
-    const uid = s.uid as string;
-    // The lobby's messages from here on are kept for after "authenticated" (they were
-    // dropped while the membership was read, or entered: a large lobby's enter is long).
+    // The lobby's messages from the login on are kept for after "authenticated" (they
+    // were dropped while the membership was read, or entered: a large lobby's enter is long).
     st.early = [];
-    // The lobby is entered once: a member stays one (a native `leave` ends it until the next login here).
-    if (!(await this.deps.isMember(this.deps.lobby, uid))) {
-      const entered = await this.call(s, "enter", { channel: this.deps.lobby });
-      if (!entered.ok) {
-        st.early = undefined;
-        return this.closeWith(s, authFailed(`could not enter the lobby: ${entered.text}`));
+    st.earlyChars = 0;
+    let early: OutFrame[];
+    try {
+      const r = await this.loginByEmail(s, email, password);
+      if (!r.ok) return this.closeWith(s, authFailed(httpOf(r.code) === 401 ? INVALID : r.text));
+      const uid = s.uid as string;
+      // The lobby is entered once: a member stays one (a native `leave` ends it until the next login here).
+      if (!(await this.deps.isMember(this.deps.lobby, uid))) {
+        const entered = await this.call(s, "enter", { channel: this.deps.lobby });
+        if (!entered.ok) return this.closeWith(s, authFailed(`could not enter the lobby: ${entered.text}`));
       }
+    } finally {
+      early = st.early;
+      st.early = undefined;
     }
-    const early = st.early;
-    st.early = undefined;
     st.authed = true;
     st.peer = s.peer.id;
     st.nick = s.nick as string;

@@ -161,12 +161,17 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
         if (known !== undefined) return (wire[this.name] ??= this.messageText(m, known));
         const { user } = this.deps;
         const text = (id: number | undefined) => this.messageText(m, id ?? null);
+        // It holds the record until it is written: it counts toward the outbound cap as
+        // the text it will be (a user number is at most 16 digits).
+        const size = text(undefined).length + 16;
         return (wire[this.name] ??= {
           parts: [
             async function* () {
               yield text((await user(m.from))?.num);
             },
           ],
+          size,
+          text: size,
         });
       }
       case "channelDeleted":
