@@ -198,10 +198,13 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     // out (it was dropped). Only members are sent a room's events, so a socket that
     // turns out not to be one has been sent none of them.
     st.live = true;
-    if (!(await this.deps.isMember(st.chid, s.uid as string))) {
-      st.live = false;
-      return this.closeWith(s, JSON.stringify({ error: { code: "room_not_found" } }));
+    let member = false;
+    try {
+      member = await this.deps.isMember(st.chid, s.uid as string);
+    } finally {
+      if (!member) st.live = false;
     }
+    if (!member) return this.closeWith(s, JSON.stringify({ error: { code: "room_not_found" } }));
     return [];
   }
 

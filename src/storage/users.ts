@@ -203,14 +203,19 @@ export class UserStore {
     const busy = values.findIndex((_, n) => keys[n].some((k) => this.claims.has(k)));
     if (busy >= 0) return values[busy][0];
     for (const k of keys.flat()) this.claims.add(k);
-    for (const [index, value] of values) {
-      for (const where of sharedIndexes(index, value)) {
-        const holder = await this.lookup(where, value);
-        if (holder !== undefined && holder !== owner) {
-          this.release(values);
-          return index;
+    try {
+      for (const [index, value] of values) {
+        for (const where of sharedIndexes(index, value)) {
+          const holder = await this.lookup(where, value);
+          if (holder !== undefined && holder !== owner) {
+            this.release(values);
+            return index;
+          }
         }
       }
+    } catch (err) {
+      this.release(values); // a failed read: nothing stays claimed
+      throw err;
     }
     return undefined;
   }
