@@ -5,7 +5,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, type Account } from "./helpers.js";
-import { byMid, duplicates, evMids, helloAck, orClosed, settle, waitFor, waitForMids } from "./pipeline-helpers.js";
+import { byMid, duplicates, evMids, heldGate, helloAck, orClosed, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -437,3 +437,43 @@ async function waitForMidsOf(c: Client, mids: string[]): Promise<void> {
   const seen = new Set<string>();
   while (!mids.every((m) => seen.has(m))) seen.add((await c.event("ev_message")).mid);
 }
+
+describe("a resent cmid in flight ahead of a later message of its connection", () => {
+  it("does not hold that message's event behind a later seq of the same batch: the recipient gets every one, in order", async () => {
+    const sv = shared.server.services;
+    const [bob, dave, carol, x, y] = await Promise.all([1, 2, 3, 4, 5].map(() => registerUser(shared.port)));
+    // A write held in flight: what comes meanwhile gathers in the next batch.
+    const binding = (sv.storage as unknown as { binding: { batch_write: (...a: unknown[]) => Promise<void> } }).binding;
+    const write = binding.batch_write;
+    const gate = heldGate();
+    let armed = true;
+    binding.batch_write = async (...args: unknown[]) => {
+      if (armed) {
+        armed = false;
+        await gate.pass();
+      }
+      return write.apply(binding, args);
+    };
+    try {
+      x.client.send("message", { uid: y.uid, body: "held" });
+      await gate.reached;
+      const frame = { uid: carol.uid, body: "a", cmid: "k" };
+      bob.client.send("message", frame);
+      bob.client.send("message", frame); // the resend, while the first is in flight
+      bob.client.send("message", { uid: carol.uid, body: "b" });
+      await sleep(200);
+      dave.client.send("message", { uid: carol.uid, body: "c" });
+      await sleep(200);
+      gate.open();
+      for (const body of ["a", "b", "c"]) expect((await carol.client.event("ev_message", (d) => d.body === body)).body).toBe(body);
+      const replies = [0, 1, 2].map(() => bob.client.reply("message"));
+      const [r1, r2, r3] = await Promise.all(replies);
+      expect(r2.data.mid).toBe(r1.data.mid);
+      expect(Number(r3.data.mid)).toBeGreaterThan(Number(r1.data.mid));
+    } finally {
+      binding.batch_write = write;
+      gate.open();
+    }
+    for (const u of [bob, dave, carol, x, y]) u.client.close();
+  });
+});

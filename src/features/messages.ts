@@ -82,8 +82,14 @@ export const MESSAGE_FAST_FIELDS = ["uid", "channel", "body", "cmid"] as const;
 
 export function registerMessages(sv: Services): void {
   const { dispatcher, users, messages, channels, storage, router, blobs, locks } = sv;
-  /** (sender, cmid) of messages whose commit is in flight → their eventual reply. */
-  const inflightCmids = new Map<string, Promise<MessageSent>>();
+  /**
+   * (sender, cmid) of messages whose commit is in flight → the resends of it waiting
+   * for its reply. They are settled with it, at once: a resend's reply holds the
+   * replies behind it on its connection, and their events (published in reply order)
+   * went out a microtask after the same batch's later messages, so a recipient got seq
+   * 102 before 101 and dropped 101 as already sent (its cursor then passed it).
+   */
+  const inflightCmids = new Map<string, Deferred[]>();
 
   // A deleted account's inbox, cursor and dialog entries that a derived write put on
   // disk between its deletion's reads and its commit (MessageStore.sweepUser). In
@@ -196,30 +202,30 @@ export function registerMessages(sv: Services): void {
   /** A message with a cmid: the same (sender, cmid) is stored once, whoever sends it. */
   async function storeOnce(req: Request<MessageData>, sender: string, to: string | undefined, channel: string | undefined, cmid: string): Promise<Deferred> {
     const key = `${sender}\u0000${cmid}`;
-    const follow = (p: Promise<MessageSent>) => {
+    const follow = (waiting: Deferred[]) => {
       const d = new Deferred();
-      p.then(
-        (sent) => d.resolve(sent),
-        (err) => d.reject(err),
-      );
+      waiting.push(d);
       return d;
     };
     const inflight = inflightCmids.get(key);
     if (inflight) return follow(inflight);
     const earlier = await messages.byCmid(sender, cmid);
-    if (earlier) return follow(Promise.resolve(new MessageSent(earlier[0], earlier[1])));
+    if (earlier) {
+      const d = new Deferred();
+      d.resolve(new MessageSent(earlier[0], earlier[1]));
+      return d;
+    }
     const again = inflightCmids.get(key); // another request got there while we read
     if (again) return follow(again);
-    let done!: (err: Error | undefined, sent?: MessageSent) => void;
-    const settled = new Promise<MessageSent>((resolve, reject) => {
-      done = (err, sent) => {
-        inflightCmids.delete(key);
-        if (err) reject(err);
-        else resolve(sent as MessageSent);
-      };
-    });
-    settled.catch(() => {});
-    inflightCmids.set(key, settled);
+    const waiting: Deferred[] = [];
+    inflightCmids.set(key, waiting);
+    const done = (err: Error | undefined, sent?: MessageSent) => {
+      inflightCmids.delete(key);
+      for (const d of waiting) {
+        if (err) d.reject(err);
+        else d.resolve(sent as MessageSent);
+      }
+    };
     try {
       return store(req, sender, to, channel, cmid, done);
     } catch (err) {
