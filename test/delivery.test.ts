@@ -323,6 +323,21 @@ describe("re-authentication and cursors (review findings)", () => {
     c.close();
   }, 60_000);
 
+  it("a second auth with an older `since` on one connection sends nothing it was already sent", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const mids: string[] = [];
+    for (let i = 0; i < 5; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `s${i}` })).mid);
+    const c = await connect(b, { ack: true, since: "0" });
+    await waitForMidsOf(c, mids);
+    expect((await c.request("auth", { sid: b.sid, since: mids[1] })).status).toBe(0);
+    expect(await c.quiet(500, (f) => f.action === "ev_message")).toBe(true);
+    // New ones still come.
+    const next = (await a.client.request("message", { uid: b.uid, body: "s5" })).mid;
+    expect((await c.event("ev_message", (d) => d.body === "s5")).mid).toBe(next);
+    for (const x of [a.client, c]) x.close();
+  });
+
   it("a smaller ack from a second device never moves the cursor back", async () => {
     const a = await registerUser(shared.port);
     const b = await offlineUser();

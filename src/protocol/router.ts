@@ -233,9 +233,10 @@ export class Router implements Delivery {
       this.metrics.offlineQueue -= waiting;
     }
     try {
-      // Without `since`: after the cursor, or after what this connection was already
-      // sent as this user (a second auth on one connection sends nothing twice).
-      const start = since ?? Math.max(await this.inbox.cursor(uid), s.lastInbox);
+      // After `since` or, without it, the cursor; either way after what this connection
+      // was already sent as this user (a second auth on one connection sends nothing
+      // twice, `since` or not).
+      const start = Math.max(since ?? (await this.inbox.cursor(uid)), s.lastInbox);
       if (!current()) return;
       s.lastInbox = start;
       for (;;) {
