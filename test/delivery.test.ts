@@ -492,3 +492,41 @@ describe("a resent cmid in flight ahead of a later message of its connection", (
     for (const u of [bob, dave, carol, x, y]) u.client.close();
   });
 });
+
+describe("pipelined messages waiting for their commit", () => {
+  it("are bounded per connection (4 MiB of frames): past it the connection is not read until some are stored, every one is answered, and nobody is cut off", async () => {
+    const sv = shared.server.services;
+    const [a, b, x, y] = await Promise.all([1, 2, 3, 4].map(() => registerUser(shared.port)));
+    const binding = (sv.storage as unknown as { binding: { batch_write: (...args: unknown[]) => Promise<void> } }).binding;
+    const write = binding.batch_write;
+    const gate = heldGate();
+    let armed = true;
+    binding.batch_write = async (...args: unknown[]) => {
+      if (armed) {
+        armed = false;
+        await gate.pass();
+      }
+      return write.apply(binding, args);
+    };
+    const conn = [...shared.server.listener.connections.keys()].find((c) => c.socket.remotePort === a.client.socket.localPort);
+    const line = () => (conn?.session as unknown as { line: { deferred: number; deferredBytes: number } }).line;
+    try {
+      x.client.send("message", { uid: y.uid, body: "held" });
+      await gate.reached;
+      const body = "z".repeat(900_000);
+      for (let i = 0; i < 40; i++) a.client.send("message", { uid: b.uid, body: `${i} ${body}` });
+      await sleep(1000);
+      expect(line().deferred).toBeGreaterThan(0);
+      expect(line().deferredBytes).toBeLessThanOrEqual(5 * 1024 * 1024);
+      expect(line().deferred).toBeLessThan(40);
+      gate.open();
+      for (let i = 0; i < 40; i++) expect((await a.client.reply("message", 30_000)).data.status).toBe(0);
+      for (let i = 0; i < 40; i++) await b.client.event("ev_message", (d) => d.body.startsWith(`${i} `), 30_000);
+      expect(a.client.isClosed || b.client.isClosed).toBe(false);
+    } finally {
+      binding.batch_write = write;
+      gate.open();
+    }
+    for (const u of [a, b, x, y]) u.client.close();
+  }, 60_000);
+});

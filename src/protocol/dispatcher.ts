@@ -156,6 +156,16 @@ function settleRequest(this: Deferred, reply: ReplyBody | undefined, err: unknow
 const INBOX_LIMIT = 256;
 /** Also the bound of a door's queue of decoded frames (doors/dialect.ts). */
 export const INBOX_BYTES = 4 * 1024 * 1024;
+/**
+ * Pipelined requests (messages) of one connection whose replies wait for their commit,
+ * and the bytes of the frames they came from: past either, the next waits for some of
+ * them. Each holds its record until then; without a bound a client streaming 1 MiB
+ * messages while a commit stalled held its bandwidth times the stall, and the batch
+ * that finally landed sent their recipient (and the sender's echo) that much in one
+ * turn, past the outbound cap (8 MiB by default): they were closed as slow readers.
+ */
+const DEFERRED_MAX = 4096;
+const DEFERRED_BYTES = INBOX_BYTES;
 
 class RequestImpl<D> extends Slot implements Request<D> {
   /** The first event (most requests have at most one), then the rest. */
@@ -172,6 +182,8 @@ class RequestImpl<D> extends Slot implements Request<D> {
     readonly session: Session,
     readonly dispatcher: Dispatcher,
     readonly plain: boolean,
+    /** Bytes of the frame it came from (Line.deferredBytes). */
+    readonly size = 0,
   ) {
     super();
   }
@@ -211,8 +223,9 @@ class Line {
   /** A handler (or an upload, or a wait) is in progress: the loop is parked. */
   busy = false;
   slots: Slot[] = NO_SLOTS;
-  /** Deferred replies not yet settled. */
+  /** Deferred replies not yet settled, and their frames' bytes. */
   deferred = 0;
+  deferredBytes = 0;
   /** Waiting for `deferred` to reach 0 before the next request. */
   awaitingDeferred = false;
   badFrames = 0;
@@ -584,7 +597,11 @@ export class Dispatcher {
         return;
       }
       const item = line.inbox[line.head];
-      if (item.kind === "request" && line.deferred > 0 && !this.actions.get(item.action)?.spec.pipelined) {
+      if (
+        item.kind === "request" &&
+        line.deferred > 0 &&
+        (line.deferred >= DEFERRED_MAX || line.deferredBytes >= DEFERRED_BYTES || !this.actions.get(item.action)?.spec.pipelined)
+      ) {
         line.awaitingDeferred = true;
         return;
       }
@@ -599,7 +616,7 @@ export class Dispatcher {
       }
       if (line.inbox.length - line.head <= INBOX_LIMIT / 2 && line.inboxBytes <= INBOX_BYTES / 2) s.peer.resume("inbox");
       // A request is its own place in the line of replies.
-      const slot = item.kind === "request" ? new RequestImpl(item.action, item.data, s, this, item.plain) : new Slot();
+      const slot = item.kind === "request" ? new RequestImpl(item.action, item.data, s, this, item.plain, item.size) : new Slot();
       if (line.slots === NO_SLOTS) line.slots = [];
       line.slots.push(slot);
       this.execute(s, line, item, slot);
@@ -760,6 +777,8 @@ export class Dispatcher {
 
   private deferredReply(s: Session, line: Line, slot: Slot, action: string, d: Deferred, upload: Upload | undefined): void {
     line.deferred++;
+    const size = slot instanceof RequestImpl ? slot.size : 0;
+    line.deferredBytes += size;
     this.active++;
     if (d === slot) {
       // The request is its own Deferred: no closure, and what the handler read is let go.
@@ -772,6 +791,7 @@ export class Dispatcher {
     }
     const settle = (reply: ReplyBody | undefined, err: unknown) => {
       line.deferred--;
+      line.deferredBytes -= size;
       this.active--;
       upload?.release();
       if (err === undefined) this.fill(s, line, slot, this.encode(s, action, reply as ReplyBody));
@@ -787,6 +807,7 @@ export class Dispatcher {
     const s = req.session;
     const line = s.line as Line;
     line.deferred--;
+    line.deferredBytes -= req.size;
     this.active--;
     req.upload?.release();
     // Answered: the slot may wait in line behind earlier requests holding only its frame.
@@ -798,7 +819,8 @@ export class Dispatcher {
   }
 
   private resumeAfterDeferred(s: Session, line: Line): void {
-    if (line.deferred === 0 && line.awaitingDeferred) {
+    // (A request that is not pipelined parks again at once until none is left.)
+    if (line.awaitingDeferred && (line.deferred === 0 || (line.deferred <= DEFERRED_MAX / 2 && line.deferredBytes <= DEFERRED_BYTES / 2))) {
       line.awaitingDeferred = false;
       this.run(s, line);
     }
