@@ -284,6 +284,26 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     expect((await post("/login", { email: p.email, password: p.password })).status).toBe(200);
   });
 
+  it("a first login enters the lobby without reading its members (enter's list is read only as it is written)", async () => {
+    const members = await Promise.all([1, 2, 3].map(() => nativeMember()));
+    const p = await createUser();
+    const others = new Set(members.map((m) => m.uid));
+    let read = 0;
+    const undo = wrapCalls(open.server.services.users, "get", async (uid: string) => void (others.has(uid) && read++));
+    try {
+      (await chatter(p)).ws.close();
+    } finally {
+      undo();
+    }
+    expect(read).toBe(0);
+    // A native enter still lists them all.
+    const n = await Client.connect(open.port);
+    expect((await n.request("auth", { login: p.email, pass: p.password })).status).toBe(0);
+    const users = (await n.request("enter", { channel: members[0].chid })).users.map((u: { uid: string }) => u.uid);
+    for (const m of members) expect(users).toContain(m.uid);
+    for (const x of [n, ...members.map((m) => m.client)]) x.close();
+  });
+
   it("lobby messages sent while a socket's login finishes come right after 'authenticated'", async () => {
     const p = await createUser();
     (await chatter(p)).ws.close(); // a member of the lobby from now on

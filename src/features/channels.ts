@@ -98,6 +98,9 @@ export interface ChannelOps {
   isMember(chid: string, uid: string): Promise<boolean>;
 }
 
+/** Member records read at a time for `enter`'s list. */
+const MEMBER_PAGE = 64;
+
 export function registerChannels(sv: Services): ChannelOps {
   /** A channel's last messages for `enter`, read a page at a time as they are written. */
   async function* lastMessages(seqs: readonly number[]): AsyncIterable<Fields> {
@@ -109,6 +112,19 @@ export function registerChannels(sv: Services): ChannelOps {
   }
 
   const { dispatcher, channels, users, messages, storage, router, locks, config } = sv;
+
+  /** `enter`'s users: each member's card, their records read MEMBER_PAGE at a time as they are written. */
+  async function* memberCards(members: readonly string[]): AsyncIterable<Fields> {
+    for (let i = 0; i < members.length; i += MEMBER_PAGE) {
+      const page = members.slice(i, i + MEMBER_PAGE);
+      const found = await Promise.all(page.map((uid) => users.get(uid)));
+      for (let j = 0; j < page.length; j++) {
+        const u = found[j];
+        if (u) yield { uid: page[j], nick: u.nick, online: router.isOnline(page[j]) };
+      }
+    }
+  }
+
   /** Lower-case names of channels being created (not yet committed). */
   const creating = new Set<string>();
   /** (channel, user) joins in progress → whether it was a first entry. */
@@ -356,15 +372,14 @@ export function registerChannels(sv: Services): ChannelOps {
         // again is a no-op.
         if (await join(c, me)) req.emit({ kind: "enter", chid: c.chid, uid: me, nick }, { channel: c.chid });
       }
-      const list = [];
-      for (const uid of await channels.members(c.chid)) {
-        const u = await users.get(uid);
-        if (u) list.push({ uid, nick: u.nick, online: router.isOnline(uid) });
-      }
-      // The last messages can be large: they are read and written one page at a time.
+      // The members, read and written a page at a time as the connection takes them (a
+      // large channel's list was read whole, a user record at a time, and written as
+      // one piece that pushed the client's events past its outbound cap); the last
+      // messages, which can be large, the same way.
+      const members = await channels.members(c.chid);
       const conv = channelConv(c.chid);
       const seqs = await messages.historySeqs(conv, ENTER_HISTORY);
-      return new ListReply({}, "last_msg", () => lastMessages(seqs), { users: list });
+      return new ListReply({}, "last_msg", () => lastMessages(seqs), [["users", () => memberCards(members)]]);
     },
   });
 

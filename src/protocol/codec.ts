@@ -31,8 +31,8 @@ export class ListReply {
     readonly fields: Fields,
     readonly key: string,
     readonly items: () => AsyncIterable<Fields>,
-    /** Lists placed before `key`, already in memory (enter's users). */
-    readonly before?: Fields,
+    /** Lists placed before `key`, streamed the same way (enter's users). */
+    readonly before?: readonly [string, () => AsyncIterable<Fields>][],
   ) {}
 }
 
@@ -170,10 +170,15 @@ export class NativeCodec implements Codec {
   }
 
   private listReply(action: string, r: ListReply): StreamedFrame {
-    let open = JSON.stringify({ status: Code.OK, error: codeText(Code.OK), ...r.fields, ...r.before }).slice(0, -1);
-    open = `${this.head(action)}${open},${JSON.stringify(r.key)}:[`;
-    const items: Producer = () => this.listItems(r.items());
-    return { parts: [open, items, "]}}\n"] };
+    const open = `${this.head(action)}${JSON.stringify({ status: Code.OK, error: codeText(Code.OK), ...r.fields }).slice(0, -1)}`;
+    const parts: (string | Producer)[] = [];
+    let text = open;
+    for (const [key, list] of [...(r.before ?? []), [r.key, r.items] as const]) {
+      parts.push(`${text},${JSON.stringify(key)}:[`, () => this.listItems(list()));
+      text = "]";
+    }
+    parts.push("]}}\n");
+    return { parts };
   }
 
   private async *listItems(items: AsyncIterable<Fields>): AsyncIterable<string> {
