@@ -731,3 +731,32 @@ describe("restart", () => {
     }
   });
 });
+
+describe("a channel event whose delivery throws", () => {
+  it("is reported, and the server and the channel's later events go on", async () => {
+    const { channels } = shared.server.services;
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const chid = (await a.client.request("createchannel", { name: uniqueName("throw") })).chid;
+    expect((await b.client.request("enter", { channel: chid })).status).toBe(0);
+    // The members are read (not cached), and b's connection throws when it is sent the event.
+    (channels as unknown as { cachedMembers: () => undefined }).cachedMembers = () => undefined;
+    const conn = [...shared.server.listener.connections.keys()].find((c) => c.socket.remotePort === b.client.socket.localPort);
+    const send = conn!.send.bind(conn);
+    let thrown = 0;
+    conn!.send = (...args: Parameters<typeof send>) => {
+      if (thrown++ === 0) throw new Error("a peer that throws");
+      return send(...args);
+    };
+    try {
+      expect((await a.client.request("message", { channel: chid, body: "first" })).status).toBe(0);
+      expect((await a.client.request("message", { channel: chid, body: "second" })).status).toBe(0);
+      expect((await b.client.event("ev_message", (d) => d.body === "second")).body).toBe("second");
+      expect((await a.client.request("ping")).status).toBe(0);
+    } finally {
+      delete (channels as { cachedMembers?: unknown }).cachedMembers;
+      delete (conn as { send?: unknown }).send;
+    }
+    for (const x of [a, b]) x.client.close();
+  });
+});

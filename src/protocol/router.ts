@@ -164,14 +164,17 @@ export class Router implements Delivery {
     }
     // Membership must be read: this event, and every later one for the channel until
     // it is delivered, wait in order behind the read.
-    const next = (queued ?? Promise.resolve()).then(
-      () => this.channels.members(chid),
-    ).then(
-      (members) => {
-        for (const uid of members) this.toUser(uid, ev);
-      },
-      (err) => this.onError(err, "resolving a channel's members"),
-    );
+    // Never rejects: a failed read or delivery is reported, and the events behind it go on
+    // (an exception in the delivery escaped as an unhandled rejection, which ends the process).
+    const next = (queued ?? Promise.resolve())
+      .then(() => this.channels.members(chid))
+      .then(
+        (members) => {
+          for (const uid of members) this.toUser(uid, ev);
+        },
+        (err) => this.onError(err, "resolving a channel's members"),
+      )
+      .catch((err: unknown) => this.onError(err, "delivering a channel's event"));
     this.channelQueue.set(chid, next);
     void next.then(() => {
       if (this.channelQueue.get(chid) === next) this.channelQueue.delete(chid);
