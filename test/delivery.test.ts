@@ -4,7 +4,7 @@
 // under a race between two connections of one sender.
 
 import { describe, expect, it } from "vitest";
-import { Client, login, registerUser, serveForFile, type Account } from "./helpers.js";
+import { Client, login, registerUser, removeDir, serveForFile, startTestServer, type Account } from "./helpers.js";
 import { byMid, duplicates, evMids, heldGate, helloAck, orClosed, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
@@ -338,6 +338,18 @@ describe("re-authentication and cursors (review findings)", () => {
     for (const x of [a.client, c]) x.close();
   });
 
+  it("a second auth asking from further back than an earlier `since` gets what the connection was never sent", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const mids: string[] = [];
+    for (let i = 0; i < 4; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `r${i}` })).mid);
+    const c = await connect(b, { ack: true, since: mids[3] });
+    expect(await c.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    expect((await c.request("auth", { sid: b.sid, since: mids[1] })).status).toBe(0);
+    await waitForMidsOf(c, mids.slice(2));
+    for (const x of [a.client, c]) x.close();
+  });
+
   it("a smaller ack from a second device never moves the cursor back", async () => {
     const a = await registerUser(shared.port);
     const b = await offlineUser();
@@ -476,9 +488,12 @@ describe("a resent cmid in flight ahead of a later message of its connection", (
       bob.client.send("message", frame);
       bob.client.send("message", frame); // the resend, while the first is in flight
       bob.client.send("message", { uid: carol.uid, body: "b" });
-      await sleep(200);
+      // Each stored message waits in the next batch (its commit waiter); the resend does not.
+      const waiting = () => (sv.storage as unknown as { open: { waiters: unknown[] } }).open.waiters.length;
+      await waitFor(() => waiting() >= 2, 5000, "bob's two messages in the next batch");
       dave.client.send("message", { uid: carol.uid, body: "c" });
-      await sleep(200);
+      await waitFor(() => waiting() >= 3, 5000, "dave's message in it too");
+      await sleep(100); // the resend's read of the cmid (it found the first in flight) is done
       gate.open();
       for (const body of ["a", "b", "c"]) expect((await carol.client.event("ev_message", (d) => d.body === body)).body).toBe(body);
       const replies = [0, 1, 2].map(() => bob.client.reply("message"));
@@ -494,39 +509,46 @@ describe("a resent cmid in flight ahead of a later message of its connection", (
 });
 
 describe("pipelined messages waiting for their commit", () => {
-  it("are bounded per connection (4 MiB of frames): past it the connection is not read until some are stored, every one is answered, and nobody is cut off", async () => {
-    const sv = shared.server.services;
-    const [a, b, x, y] = await Promise.all([1, 2, 3, 4].map(() => registerUser(shared.port)));
-    const binding = (sv.storage as unknown as { binding: { batch_write: (...args: unknown[]) => Promise<void> } }).binding;
-    const write = binding.batch_write;
-    const gate = heldGate();
-    let armed = true;
-    binding.batch_write = async (...args: unknown[]) => {
-      if (armed) {
-        armed = false;
-        await gate.pass();
-      }
-      return write.apply(binding, args);
-    };
-    const conn = [...shared.server.listener.connections.keys()].find((c) => c.socket.remotePort === a.client.socket.localPort);
-    const line = () => (conn?.session as unknown as { line: { deferred: number; deferredBytes: number } }).line;
+  it("are bounded per connection (4 MiB of frames): past it the connection is not read until some are stored, and every one is answered", async () => {
+    // Its own server, whose outbound cap takes the sender's echoes of 36 MB at any pace.
+    const server = await startTestServer({ outboundCap: 256 * 1024 * 1024 });
     try {
-      x.client.send("message", { uid: y.uid, body: "held" });
-      await gate.reached;
-      const body = "z".repeat(900_000);
-      for (let i = 0; i < 40; i++) a.client.send("message", { uid: b.uid, body: `${i} ${body}` });
-      await sleep(1000);
-      expect(line().deferred).toBeGreaterThan(0);
-      expect(line().deferredBytes).toBeLessThanOrEqual(5 * 1024 * 1024);
-      expect(line().deferred).toBeLessThan(40);
-      gate.open();
-      for (let i = 0; i < 40; i++) expect((await a.client.reply("message", 30_000)).data.status).toBe(0);
-      for (let i = 0; i < 40; i++) await b.client.event("ev_message", (d) => d.body.startsWith(`${i} `), 30_000);
-      expect(a.client.isClosed || b.client.isClosed).toBe(false);
+      const sv = server.services;
+      const [a, b, x, y] = await Promise.all([1, 2, 3, 4].map(() => registerUser(server.port)));
+      b.client.close();
+      const binding = (sv.storage as unknown as { binding: { batch_write: (...args: unknown[]) => Promise<void> } }).binding;
+      const write = binding.batch_write;
+      const gate = heldGate();
+      let armed = true;
+      binding.batch_write = async (...args: unknown[]) => {
+        if (armed) {
+          armed = false;
+          await gate.pass();
+        }
+        return write.apply(binding, args);
+      };
+      const conn = [...server.listener.connections.keys()].find((c) => c.socket.remotePort === a.client.socket.localPort);
+      const line = () => (conn?.session as unknown as { line: { deferred: number; deferredBytes: number } }).line;
+      try {
+        x.client.send("message", { uid: y.uid, body: "held" });
+        await gate.reached;
+        const body = "z".repeat(900_000);
+        for (let i = 0; i < 40; i++) a.client.send("message", { uid: b.uid, body: `${i} ${body}` });
+        await waitFor(() => line().deferred > 0 && (conn as unknown as { socket: { isPaused(): boolean } }).socket.isPaused(), 10_000, "the sender's connection paused");
+        await sleep(300);
+        expect(line().deferredBytes).toBeLessThanOrEqual(5 * 1024 * 1024);
+        expect(line().deferred).toBeLessThan(40);
+        gate.open();
+        for (let i = 0; i < 40; i++) expect((await a.client.reply("message", 30_000)).data.status).toBe(0);
+      } finally {
+        binding.batch_write = write;
+        gate.open();
+      }
+      for (const u of [a, x, y]) u.client.close();
     } finally {
-      binding.batch_write = write;
-      gate.open();
+      await server.stop();
+      removeDir(server.services.config.dataDir);
     }
-    for (const u of [a, b, x, y]) u.client.close();
   }, 60_000);
 });
+

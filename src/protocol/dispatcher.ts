@@ -163,6 +163,8 @@ export const INBOX_BYTES = 4 * 1024 * 1024;
  * messages while a commit stalled held its bandwidth times the stall, and the batch
  * that finally landed sent their recipient (and the sender's echo) that much in one
  * turn, past the outbound cap (8 MiB by default): they were closed as slow readers.
+ * (Single node: in cluster mode what waits for the log is bounded by the log, which
+ * answers 16 past its cap at once, JetStreamLog's MAX_PENDING_BYTES.)
  */
 const DEFERRED_MAX = 4096;
 const DEFERRED_BYTES = INBOX_BYTES;
@@ -600,7 +602,7 @@ export class Dispatcher {
       if (
         item.kind === "request" &&
         line.deferred > 0 &&
-        (line.deferred >= DEFERRED_MAX || line.deferredBytes >= DEFERRED_BYTES || !this.actions.get(item.action)?.spec.pipelined)
+        ((!this.clusterMode && (line.deferred >= DEFERRED_MAX || line.deferredBytes >= DEFERRED_BYTES)) || !this.actions.get(item.action)?.spec.pipelined)
       ) {
         line.awaitingDeferred = true;
         return;
