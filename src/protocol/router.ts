@@ -159,7 +159,7 @@ export class Router implements Delivery {
     const queued = this.channelQueue.get(chid);
     const cached = queued ? undefined : this.channels.cachedMembers(chid);
     if (cached) {
-      for (const uid of cached) this.toUser(uid, ev);
+      for (const uid of cached) this.toMember(uid, ev);
       return;
     }
     // Membership must be read: this event, and every later one for the channel until
@@ -170,7 +170,7 @@ export class Router implements Delivery {
       .then(() => this.channels.members(chid))
       .then(
         (members) => {
-          for (const uid of members) this.toUser(uid, ev);
+          for (const uid of members) this.toMember(uid, ev);
         },
         (err) => this.onError(err, "resolving a channel's members"),
       )
@@ -184,6 +184,15 @@ export class Router implements Delivery {
   /** An event for one connection only (ev_logout to the sessions it ends). */
   sendTo(s: Session, ev: Event): void {
     s.peer.send(s.codec.event(ev), true);
+  }
+
+  /** A channel event to one member: a delivery that throws is reported, and the others still get it. */
+  private toMember(uid: string, ev: Event): void {
+    try {
+      this.toUser(uid, ev);
+    } catch (err) {
+      this.onError(err, "delivering a channel's event");
+    }
   }
 
   private toUser(uid: string, ev: Event): void {
@@ -238,8 +247,10 @@ export class Router implements Delivery {
     try {
       // After `since` or, without it, the cursor; either way after what this connection
       // was already sent as this user (a second auth on one connection sends nothing
-      // twice, `since` or not).
-      const start = Math.max(since ?? (await this.inbox.cursor(uid)), s.lastInbox);
+      // twice, `since` or not). With `since`, what it was sent (sentInbox), not where an
+      // earlier `since` put it: a client that asks again from further back gets what
+      // it was never sent.
+      const start = since === undefined ? Math.max(await this.inbox.cursor(uid), s.lastInbox) : Math.max(since, s.sentInbox);
       if (!current()) return;
       s.lastInbox = start;
       for (;;) {
