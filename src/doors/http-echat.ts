@@ -198,13 +198,18 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     // out (it was dropped). Only members are sent a room's events, so a socket that
     // turns out not to be one has been sent none of them.
     st.live = true;
-    let member = false;
+    let member: boolean;
     try {
       member = await this.deps.isMember(st.chid, s.uid as string);
-    } finally {
-      if (!member) st.live = false;
+    } catch (err) {
+      st.live = false;
+      this.log.warn({ err }, "reading a room socket's membership failed");
+      return this.closeWith(s, JSON.stringify({ error: { code: "unavailable", message: "the server could not read the room; try again" } }));
     }
-    if (!member) return this.closeWith(s, JSON.stringify({ error: { code: "room_not_found" } }));
+    if (!member) {
+      st.live = false;
+      return this.closeWith(s, JSON.stringify({ error: { code: "room_not_found" } }));
+    }
     return [];
   }
 

@@ -222,8 +222,14 @@ export function registerMessages(sv: Services): void {
     const done = (err: Error | undefined, sent?: MessageSent) => {
       inflightCmids.delete(key);
       for (const d of waiting) {
-        if (err) d.reject(err);
-        else d.resolve(sent as MessageSent);
+        // One resend's reply failing to go out must not keep the others' (or the
+        // original's, settled after this) from theirs.
+        try {
+          if (err) d.reject(err);
+          else d.resolve(sent as MessageSent);
+        } catch (e) {
+          sv.log.error({ err: e }, "answering a resent message failed");
+        }
       }
     };
     try {
