@@ -5,7 +5,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, type Account } from "./helpers.js";
-import { byMid, duplicates, evMids, heldGate, helloAck, orClosed, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
+import { byMid, duplicates, evMids, helloAck, holdNextWrite, orClosed, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -470,17 +470,7 @@ describe("a resent cmid in flight ahead of a later message of its connection", (
     const sv = shared.server.services;
     const [bob, dave, carol, x, y] = await Promise.all([1, 2, 3, 4, 5].map(() => registerUser(shared.port)));
     // A write held in flight: what comes meanwhile gathers in the next batch.
-    const binding = (sv.storage as unknown as { binding: { batch_write: (...a: unknown[]) => Promise<void> } }).binding;
-    const write = binding.batch_write;
-    const gate = heldGate();
-    let armed = true;
-    binding.batch_write = async (...args: unknown[]) => {
-      if (armed) {
-        armed = false;
-        await gate.pass();
-      }
-      return write.apply(binding, args);
-    };
+    const { gate, restore } = holdNextWrite(sv.storage);
     try {
       x.client.send("message", { uid: y.uid, body: "held" });
       await gate.reached;
@@ -501,8 +491,7 @@ describe("a resent cmid in flight ahead of a later message of its connection", (
       expect(r2.data.mid).toBe(r1.data.mid);
       expect(Number(r3.data.mid)).toBeGreaterThan(Number(r1.data.mid));
     } finally {
-      binding.batch_write = write;
-      gate.open();
+      restore();
     }
     for (const u of [bob, dave, carol, x, y]) u.client.close();
   });
@@ -516,17 +505,7 @@ describe("pipelined messages waiting for their commit", () => {
       const sv = server.services;
       const [a, b, x, y] = await Promise.all([1, 2, 3, 4].map(() => registerUser(server.port)));
       b.client.close();
-      const binding = (sv.storage as unknown as { binding: { batch_write: (...args: unknown[]) => Promise<void> } }).binding;
-      const write = binding.batch_write;
-      const gate = heldGate();
-      let armed = true;
-      binding.batch_write = async (...args: unknown[]) => {
-        if (armed) {
-          armed = false;
-          await gate.pass();
-        }
-        return write.apply(binding, args);
-      };
+      const { gate, restore } = holdNextWrite(sv.storage);
       const conn = [...server.listener.connections.keys()].find((c) => c.socket.remotePort === a.client.socket.localPort);
       const line = () => (conn?.session as unknown as { line: { deferred: number; deferredBytes: number } }).line;
       try {
@@ -541,8 +520,7 @@ describe("pipelined messages waiting for their commit", () => {
         gate.open();
         for (let i = 0; i < 40; i++) expect((await a.client.reply("message", 30_000)).data.status).toBe(0);
       } finally {
-        binding.batch_write = write;
-        gate.open();
+        restore();
       }
       for (const u of [a, x, y]) u.client.close();
     } finally {

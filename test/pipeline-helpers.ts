@@ -281,6 +281,31 @@ export function heldGate(): { reached: Promise<void>; pass: () => Promise<void>;
 }
 
 /**
+ * Holds the storage's next batch write at `gate` (what comes meanwhile gathers in the
+ * batch after it); `restore` opens the gate and puts the write back.
+ */
+export function holdNextWrite(storage: object): { gate: ReturnType<typeof heldGate>; restore: () => void } {
+  const binding = (storage as { binding: { batch_write: (...args: unknown[]) => Promise<void> } }).binding;
+  const write = binding.batch_write;
+  const gate = heldGate();
+  let armed = true;
+  binding.batch_write = async (...args: unknown[]) => {
+    if (armed) {
+      armed = false;
+      await gate.pass();
+    }
+    return write.apply(binding, args);
+  };
+  return {
+    gate,
+    restore: () => {
+      binding.batch_write = write;
+      gate.open();
+    },
+  };
+}
+
+/**
  * Runs `before` ahead of each call of `obj[name]` (as an own property of `obj`, which
  * the returned undo removes): to hold a call at a gate, or fail it.
  */
