@@ -164,8 +164,9 @@ export class Router implements Delivery {
     }
     // Membership must be read: this event, and every later one for the channel until
     // it is delivered, wait in order behind the read.
-    // Never rejects: a failed read or delivery is reported, and the events behind it go on
-    // (an exception in the delivery escaped as an unhandled rejection, which ends the process).
+    // Never rejects (each member's delivery reports its own failure, toMember): a failed
+    // read is reported and the events behind it go on (a rejection left unhandled here
+    // ends the process).
     const next = (queued ?? Promise.resolve())
       .then(() => this.channels.members(chid))
       .then(
@@ -173,8 +174,7 @@ export class Router implements Delivery {
           for (const uid of members) this.toMember(uid, ev);
         },
         (err) => this.onError(err, "resolving a channel's members"),
-      )
-      .catch((err: unknown) => this.onError(err, "delivering a channel's event"));
+      );
     this.channelQueue.set(chid, next);
     void next.then(() => {
       if (this.channelQueue.get(chid) === next) this.channelQueue.delete(chid);
