@@ -295,6 +295,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       cachedUser: (uid) => users.peek(uid),
       uidOfNum: (num) => readSynced(services, () => directory.uidOf(num)),
       uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
+      uidOfNick: (nick) => readSynced(services, () => users.lookup("nick", nick)),
       loginsStartingWith: (prefix, limit) => users.prefixSearch("login", prefix, limit),
       channel: (chid) => readSynced(services, () => channels.get(chid)),
       channelsOf: (uid) => channels.channelsOf(uid),

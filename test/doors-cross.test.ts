@@ -148,6 +148,19 @@ describe("every door in one conversation", () => {
     for (const w of [ws2, ws3]) w.ws.close();
   });
 
+  it("e_chat: a name register calls taken logs in, a seed-003 username included", async () => {
+    // Logins and nicks are one namespace: /v1/register of a 003 account's username is
+    // refused as taken, so /v1/login of it finds that account (its login is its email).
+    const c = uniqueName("u");
+    expect((await http("POST", "/create_user", { username: c, password: "pw", email: `${c}@example.com` })).status).toBe("success");
+    expect(await http("POST", "/v1/register", { login: c, password: "other" })).toEqual({ error: { code: "user_already_exists" } });
+    expect(await http("POST", "/v1/login", { login: c, password: "wrong" })).toEqual({ error: { code: "wrong_credentials" } });
+    const sid = (await http("POST", "/v1/login", { login: c, password: "pw" })).session_id as string;
+    expect(sid).toEqual(expect.any(String));
+    expect((await http("GET", "/v1/info", undefined, sid)).login).toBe(`${c}@example.com`);
+    expect(await http("POST", "/v1/login", { login: uniqueName("u"), password: "pw" })).toEqual({ error: { code: "user_not_found" } });
+  });
+
   it("an account made on any of the five doors logs in on all five", async () => {
     const made: { login: string; email: string }[] = [];
     const n0 = uniqueName("a");

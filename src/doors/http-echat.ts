@@ -49,6 +49,8 @@ export interface EchatDeps {
   cachedUser(uid: string): UserRecord | undefined;
   uidOfNum(num: number): Promise<string | undefined>;
   uidOfLogin(login: string): Promise<string | undefined>;
+  /** The user whose nick is `nick` (logins and nicks are one namespace). */
+  uidOfNick(nick: string): Promise<string | undefined>;
   /** Uids whose login starts with `prefix` (case-insensitively), at most `limit`. */
   loginsStartingWith(prefix: string, limit: number): Promise<string[]>;
   channel(chid: string): Promise<ChannelRecord | undefined>;
@@ -260,12 +262,26 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     const b = credentials(body);
     if (!b) return INVALID_JSON;
     return this.onRequest(client, null, async (s) => {
-      const r = await this.call(s, "auth", { login: b.login, pass: b.password });
+      const r = await this.call(s, "auth", { login: await this.loginOf(b.login), pass: b.password });
       if (r.ok) return ok({ session_id: (r.body as { sid: string }).sid });
       if (r.code === Code.NeedRegister) return fail(422, "user_not_found");
       if (r.code === Code.InvalidPass) return fail(422, "wrong_credentials");
       return other(r.code);
     });
+  }
+
+  /**
+   * The login a name logs in with: the name, or the login of the account whose nick it
+   * is. Logins and nicks are one namespace, so register answers user_already_exists for
+   * a name that is another door's username (a seed-003 account's login is its email);
+   * its holder logs in by it here too, with its own password. Looked up before the one
+   * auth, which a miss would count as a failed login.
+   */
+  private async loginOf(name: string): Promise<string> {
+    if ((await this.deps.uidOfLogin(name)) !== undefined) return name;
+    const uid = await this.deps.uidOfNick(name);
+    const user = uid === undefined ? undefined : await this.deps.user(uid);
+    return user?.login ?? name;
   }
 
   async logout(client: RouteClient, sid: string | undefined): Promise<RouteAnswer> {
