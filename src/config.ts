@@ -12,6 +12,8 @@ export interface Config {
   maxDepth: number;
   maxAttach: number;
   maxUploading: number;
+  uploadMinRate: number;
+  uploadRateWindow: number;
   maxPicture: number;
   maxImport: number;
   maxOwnedChannels: number;
@@ -104,6 +106,8 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "maxDepth", flag: "--max-depth", env: "WIRECHAT_MAX_DEPTH", kind: "int", default: 32, min: 2, help: "deepest JSON nesting in a frame (status 3 past it)" },
   { key: "maxAttach", flag: "--max-attach", env: "WIRECHAT_MAX_ATTACH", kind: "int", default: 64 * 1024 * 1024, min: 0, help: "largest attachment in decoded bytes (status 12 past it)" },
   { key: "maxUploading", flag: "--max-uploading", env: "WIRECHAT_MAX_UPLOADING", kind: "int", default: 1024 * 1024 * 1024, min: 0, help: "decoded bytes of attachments being received at once, all connections together (their temp files; status 13 past it)" },
+  { key: "uploadMinRate", flag: "--upload-min-rate", env: "WIRECHAT_UPLOAD_MIN_RATE", kind: "int", default: 1024, min: 0, help: "bytes per second a connection must send, over each --upload-rate-window, while an attachment of its is arriving; slower, the upload is given up and the connection closed (it held its share of --max-uploading); 0: no minimum", reload: true },
+  { key: "uploadRateWindow", flag: "--upload-rate-window", env: "WIRECHAT_UPLOAD_RATE_WINDOW", kind: "int", default: 60, min: 1, help: "seconds over which --upload-min-rate is measured" },
   { key: "maxPicture", flag: "--max-picture", env: "WIRECHAT_MAX_PICTURE", kind: "int", default: 256 * 1024, min: 0, help: "largest profile picture, in characters of base64 (status 12 past it)" },
   { key: "maxImport", flag: "--max-import", env: "WIRECHAT_MAX_IMPORT", kind: "int", default: 5000, min: 1, help: "most address-book entries in one import (status 12 past it)" },
   { key: "maxContacts", flag: "--max-contacts", env: "WIRECHAT_MAX_CONTACTS", kind: "int", default: 5000, min: 1, help: "most users one contact list may hold (addcontact past it: status 13)", reload: true },

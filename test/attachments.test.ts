@@ -117,6 +117,48 @@ describe("refusals leave nothing behind", () => {
     }
   });
 
+  it("an attachment trickling below --upload-min-rate: its upload given up and its connection closed, its share of --max-uploading back", async () => {
+    const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000, uploadMinRate: 2000, uploadRateWindow: 1 });
+    try {
+      const a = await registerUser(small.port);
+      const b = await registerUser(small.port);
+      const c = await registerUser(small.port);
+      // a's upload takes 60 kB of the budget at once, then trickles 100 bytes a second.
+      const frame = attachFrame(b.uid, randomBytes(200 * 1000).toString("base64"));
+      let at = frame.indexOf('"data":"') + 8 + 80 * 1000;
+      a.client.write(frame.slice(0, at));
+      const trickle = setInterval(() => {
+        if (a.client.isClosed) return;
+        a.client.write(frame.slice(at, at + 100));
+        at += 100;
+      }, 1000);
+      // c's steady upload (well above the rate, paced by its own writes) is not touched.
+      const cFrame = attachFrame(b.uid, randomBytes(9000).toString("base64"));
+      let cAt = 0;
+      const steady = setInterval(() => {
+        c.client.write(cFrame.slice(cAt, cAt + 3000));
+        cAt += 3000;
+        if (cAt >= cFrame.length) clearInterval(steady);
+      }, 1000);
+      try {
+        await a.client.closed;
+        expect((await a.client.event("ev_close")).reason).toMatch(/^attachment arriving too slowly: \d+ bytes in \d+ s, at least 2000 a second needed$/);
+        expect(small.services.metrics.closes.slow_upload).toBe(1);
+        expect((await c.client.reply("message", 10_000)).data.status).toBe(0);
+        // a's share is back: b's 60 kB upload fits next to nothing.
+        b.client.write(attachFrame(a.uid, randomBytes(60 * 1000).toString("base64")));
+        expect((await b.client.reply("message")).data.status).toBe(0);
+        await until(() => readdirSync(path.join(small.services.blobs.dir, "tmp")).length === 0);
+      } finally {
+        clearInterval(trickle);
+        clearInterval(steady);
+      }
+      for (const x of [b.client, c.client]) x.close();
+    } finally {
+      await small.stop();
+    }
+  }, 20_000);
+
   it("over the limit: 12, the connection still usable, no temp file, no blob", async () => {
     const small = await startTestServer({ maxAttach: 1000 });
     const a = await registerUser(small.port);

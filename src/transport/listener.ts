@@ -112,6 +112,17 @@ export interface PacedUpload extends Upload {
   onDrain: (() => void) | undefined;
 }
 
+/**
+ * How an upload's sender keeps up (--upload-min-rate): what its connection had read,
+ * and paused, when the current window began.
+ */
+interface UploadPace {
+  upload: PacedUpload;
+  since: number;
+  bytesIn: number;
+  pauses: number;
+}
+
 export class Listener implements ConnectionTable, SlotCounter {
   readonly server: net.Server;
   readonly tlsServer: tls.Server | undefined;
@@ -127,6 +138,8 @@ export class Listener implements ConnectionTable, SlotCounter {
   private lingering = 0;
   private readonly lingerMs: number;
   private readonly idleSweep: NodeJS.Timeout;
+  /** Connections with an attachment arriving, and how fast it comes (checked by the sweep). */
+  private readonly uploading = new Map<Connection, UploadPace>();
   private readonly scannerLimits: ScannerLimits;
   private readonly slack = deliverySlack();
   /** Why connections from an address are refused (an operator's ban), if they are. */
@@ -169,8 +182,8 @@ export class Listener implements ConnectionTable, SlotCounter {
       });
       this.tlsServer.on("error", (err) => this.log.error({ err }, "TLS listener error"));
     }
-    // One timer sweeps every connection (idle limits, delivery confirmations), not one each.
-    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth) * 1000) / 4));
+    // One timer sweeps every connection (idle limits, delivery confirmations, uploads' pace), not one each.
+    const every = Math.min(5000, Math.max(250, (Math.min(config.idleUnauth, config.idleAuth, config.uploadRateWindow) * 1000) / 4));
     this.idleSweep = setInterval(() => this.sweep(), every);
     this.idleSweep.unref();
   }
@@ -367,11 +380,13 @@ export class Listener implements ConnectionTable, SlotCounter {
   private startUpload(conn: Connection): PacedUpload {
     const up = this.newUpload();
     conn.uploads++;
+    this.uploading.set(conn, { upload: up, since: Date.now(), bytesIn: conn.bytesIn, pauses: conn.pauses });
     let open = true;
     const done = () => {
       if (!open) return;
       open = false;
       conn.uploads--;
+      this.uploading.delete(conn);
       conn.unhold();
     };
     const { finish, abort, release } = up;
@@ -438,6 +453,34 @@ export class Listener implements ConnectionTable, SlotCounter {
       this.recount(conn, session);
       closeIfIdle(conn, session, now, this.config, this.log, this.metrics, this.router);
     }
+    for (const [conn, pace] of this.uploading) this.checkPace(conn, pace, now);
+  }
+
+  /**
+   * Gives up an upload whose sender brought fewer than --upload-min-rate bytes a second
+   * over the last window, and closes its connection (the frame cannot be answered before
+   * it ends). Each upload holds its share of --max-uploading, and a client trickling
+   * many held it for as long as it liked. A window in which the server paused reading
+   * (the blob file's buffer full, requests waiting) does not count.
+   */
+  private checkPace(conn: Connection, pace: UploadPace, now: number): void {
+    const windowMs = this.config.uploadRateWindow * 1000;
+    if (conn.closed || now - pace.since < windowMs) return;
+    const brought = conn.bytesIn - pace.bytesIn;
+    const needed = this.config.uploadMinRate * (now - pace.since) / 1000;
+    if (brought >= needed || conn.pauses !== pace.pauses || conn.paused) {
+      pace.since = now;
+      pace.bytesIn = conn.bytesIn;
+      pace.pauses = conn.pauses;
+      return;
+    }
+    const session = this.connections.get(conn) as Session;
+    const seconds = Math.round((now - pace.since) / 1000);
+    this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, bytes: brought, seconds }, "attachment arriving too slowly; closing");
+    this.metrics.closes.slow_upload++;
+    pace.upload.abort(); // its file and its share of --max-uploading go now
+    this.router.sendTo(session, { kind: "close", reason: `attachment arriving too slowly: ${brought} bytes in ${seconds} s, at least ${this.config.uploadMinRate} a second needed` });
+    conn.end();
   }
 
   /** A connection counts toward its address while it is not logged in (logged out: again). */
