@@ -748,7 +748,7 @@ export class Dispatcher {
       return;
     }
     if (result instanceof Deferred) {
-      this.deferredReply(s, line, slot, action, result, upload);
+      this.deferredReply(s, line, req, action, result, upload);
     } else if (result instanceof Promise) {
       line.busy = true;
       this.active++;
@@ -756,7 +756,7 @@ export class Dispatcher {
         (r) => {
           line.busy = false;
           this.active--;
-          if (r instanceof Deferred) this.deferredReply(s, line, slot, action, r, upload);
+          if (r instanceof Deferred) this.deferredReply(s, line, req, action, r, upload);
           else {
             upload?.release();
             this.fill(s, line, slot, this.encode(s, action, r));
@@ -777,14 +777,14 @@ export class Dispatcher {
     }
   }
 
-  private deferredReply(s: Session, line: Line, slot: Slot, action: string, d: Deferred, upload: Upload | undefined): void {
+  private deferredReply(s: Session, line: Line, slot: RequestImpl<unknown>, action: string, d: Deferred, upload: Upload | undefined): void {
     line.deferred++;
-    const size = slot instanceof RequestImpl ? slot.size : 0;
+    const { size } = slot;
     line.deferredBytes += size;
     this.active++;
     if (d === slot) {
       // The request is its own Deferred: no closure, and what the handler read is let go.
-      const req = slot as RequestImpl<unknown>;
+      const req = slot;
       req.upload = upload;
       req.data = undefined;
       if (d.settled) this.deferredSettled(req, d.reply, d.err);

@@ -230,8 +230,8 @@ export class MessageStore {
   private readonly lasts = new Map<string, number>();
   /** channel conversation → seq of its oldest message, once read (KNOWN_LASTS; firstSeq). */
   private readonly firsts = new Map<string, number>();
-  /** Bumped when a conversation's last (or first) seq may have changed by a removal: a read in flight must not fill it. */
-  private lastsGen = 0;
+  /** Bumped when a conversation's first or last seq may have changed by a removal: a read of either in flight must not fill `firsts` or `lasts`. */
+  private endsGen = 0;
   /** conversation → its newest committed record (KNOWN_LAST_RECORDS), for dialogs. */
   private readonly lastRecords = new Map<string, MessageRecord>();
   /**
@@ -528,7 +528,7 @@ export class MessageStore {
     this.lastRecords.delete(conv);
     this.lasts.delete(conv);
     this.firsts.delete(conv);
-    this.lastsGen++;
+    this.endsGen++;
   }
 
   /** The records at `seqs`, undefined where there is none: one getMany. */
@@ -1212,12 +1212,12 @@ export class MessageStore {
     const cached = conv.startsWith("c:");
     const known = cached ? this.firsts.get(conv) : undefined;
     if (known !== undefined) return known;
-    const gen = this.lastsGen;
+    const gen = this.endsGen;
     const mem = this.histInMemory(conv);
     const found = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: 1 })) as [string, HistChunk][];
     const first = found.length > 0 ? found[0][1][0] : mem[0];
     // A removal meanwhile may have taken it.
-    if (cached && first !== undefined && gen === this.lastsGen) {
+    if (cached && first !== undefined && gen === this.endsGen) {
       if (this.firsts.size >= KNOWN_LASTS) this.firsts.clear();
       this.firsts.set(conv, first);
     }
@@ -1230,7 +1230,7 @@ export class MessageStore {
     const cached = conv.startsWith("c:");
     const known = cached ? this.lasts.get(conv) : undefined;
     if (known !== undefined) return known;
-    const gen = this.lastsGen;
+    const gen = this.endsGen;
     // What waits in memory is newer than anything on disk.
     const mem = this.histInMemory(conv);
     let last = mem.length > 0 ? mem[mem.length - 1] : undefined;
@@ -1243,7 +1243,7 @@ export class MessageStore {
     // A message committed meanwhile may be newer; a removal meanwhile makes this stale.
     const now = this.lasts.get(conv);
     if (now !== undefined) return now;
-    if (last !== undefined && gen === this.lastsGen) this.lastIs(conv, last);
+    if (last !== undefined && gen === this.endsGen) this.lastIs(conv, last);
     return last;
   }
 
