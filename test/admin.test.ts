@@ -70,6 +70,12 @@ describe("admin port", () => {
     expect(page.connections).toHaveLength(1);
     expect((await admin(ap(), "GET", "/connz?limit=0")).status).toBe(400);
     expect((await admin(ap(), "GET", "/connz?user=nobody-at-all")).status).toBe(404);
+    // A mistyped parameter is refused, not dropped (`/export?usr=…` exported everyone).
+    for (const route of ["/connz?usr=x", "/export?usr=x", "/users?aftr=x"]) {
+      const r = await admin(ap(), "GET", route);
+      expect(r.status).toBe(400);
+      expect(r.json).toMatchObject({ code: 3, error: expect.stringMatching(/additional properties/) });
+    }
     a.client.close();
     anon.close();
   });

@@ -107,9 +107,10 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   });
   // A body is JSON: a value of the wrong type is refused, never converted (Fastify's
   // default coerced {"open":"false"} and {"open":null} to false and closed registration,
-  // {"user":["bob"]} to "bob"). A query string is text: its numbers are converted.
+  // {"user":["bob"]} to "bob"). A query string is text: its numbers are converted. An
+  // unknown parameter is refused, not dropped: `/export?usr=alice` exported everyone.
   const bodyAjv = new Ajv({ coerceTypes: false, useDefaults: true, allErrors: false, strict: false });
-  const queryAjv = new Ajv({ coerceTypes: "array", useDefaults: true, removeAdditional: true, allErrors: false, strict: false });
+  const queryAjv = new Ajv({ coerceTypes: "array", useDefaults: true, allErrors: false, strict: false });
   app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === "body" ? bodyAjv : queryAjv).compile(schema));
   const token = config.adminToken ? `Bearer ${config.adminToken}` : undefined;
 
