@@ -116,7 +116,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "badFrameLimit", flag: "--bad-frame-limit", env: "WIRECHAT_BAD_FRAME_LIMIT", kind: "int", default: 100, min: 1, help: "bad frames a connection may send within the window before it is closed" },
   { key: "badFrameWindow", flag: "--bad-frame-window", env: "WIRECHAT_BAD_FRAME_WINDOW", kind: "int", default: 60, min: 1, help: "that window, in seconds" },
   { key: "outboundCap", flag: "--outbound-cap", env: "WIRECHAT_OUTBOUND_CAP", kind: "int", default: 8 * 1024 * 1024, min: 65536, help: "bytes waiting to be sent to one connection before it is closed as a slow reader" },
-  { key: "bcryptCost", flag: "--bcrypt-cost", env: "WIRECHAT_BCRYPT_COST", kind: "int", default: 10, min: 4, help: "bcrypt cost factor for stored password hashes" },
+  { key: "bcryptCost", flag: "--bcrypt-cost", env: "WIRECHAT_BCRYPT_COST", kind: "int", default: 10, min: 4, max: 31, help: "bcrypt cost factor for stored password hashes (each step doubles the time a password check takes: 20 is a thousand times 10; bcrypt's largest is 31)" },
   { key: "sessionTtl", flag: "--session-ttl", env: "WIRECHAT_SESSION_TTL", kind: "int", default: 30 * 24 * 3600, min: 1, help: "seconds a session id stays valid" },
   { key: "stats", flag: "--stats", env: "WIRECHAT_STATS", kind: "int", default: 0, min: 0, help: "1 enables the 'stats' action (event-loop delay, memory) for benchmarks and monitoring" },
   { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections (a new one past it gets status 16 and is closed)", reload: true },

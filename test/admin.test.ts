@@ -115,6 +115,18 @@ describe("admin port", () => {
     c.close();
   });
 
+  it("unban names a user as ban does: a uid first, even when it is another user's login", async () => {
+    const victim = await registerUser(served.port);
+    // A decoy whose login is the victim's uid.
+    const decoy = await registerUser(served.port, victim.uid);
+    expect((await admin(ap(), "POST", "/ban", { login: victim.uid })).json.ban).toMatchObject({ kind: "login", value: victim.login.toLowerCase() });
+    expect((await admin(ap(), "POST", "/unban", { login: victim.uid })).json).toEqual({ lifted: true });
+    const c = await Client.connect(served.port);
+    expect((await c.request("auth", { login: victim.login, pass: "secret" })).status).toBe(0);
+    c.close();
+    for (const x of [victim.client, decoy.client]) x.close();
+  });
+
   it("deletes a user: connections closed, the login is free again", async () => {
     const a = await registerUser(served.port);
     expect((await admin(ap(), "POST", "/users/delete", { user: a.uid })).json).toEqual({ uid: a.uid });

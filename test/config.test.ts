@@ -25,6 +25,7 @@ describe("options", () => {
     expect(() => parseArgs(["--max-frame", "1"], {})).toThrow(/at least/);
     expect(() => parseArgs(["--background-nice", "20"], {})).toThrow(/at most 19/);
     expect(() => parseArgs(["--heap-growth", "301"], {})).toThrow(/at most 300/);
+    expect(() => parseArgs(["--bcrypt-cost", "32"], {})).toThrow(/--bcrypt-cost: must be at most 31/);
     expect(parseArgs(["--heap-growth", "50"], {}).config.heapGrowth).toBe(50);
     expect(() => parseArgs([], { WIRECHAT_PORT: "x" })).toThrow(/WIRECHAT_PORT/);
     expect(() => parseArgs(["--log-level", "loud"], {})).toThrow(/--log-level: expected fatal or error or warn or info or debug or trace or silent, got "loud"/);

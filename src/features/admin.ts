@@ -114,8 +114,12 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
     async unban(kind, value) {
       let key = value;
       if (kind === "login") {
-        const byLogin = await users.lookup("login", value);
-        const u = byLogin === undefined ? await users.get(value) : undefined;
+        // Named as ban names it: a uid first, then a login; a login no account holds
+        // (deleted since) as it is.
+        const u = await resolve(value).catch((err: unknown) => {
+          if (err instanceof ProtocolError && err.code === Code.UserNotFound) return undefined;
+          throw err;
+        });
         if (u) key = u.login;
       } else key = canonicalAddress(value);
       let had: boolean;
