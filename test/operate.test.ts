@@ -128,7 +128,7 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(empty.stderr).toMatch(/--user needs a login or uid/);
   });
 
-  it("a backup whose disk fills up fails with the reason, and the data dir is unharmed", async () => {
+  it("a backup whose disk fills up fails with the reason, takes back what it wrote there, and the data dir is unharmed", async () => {
     const dir = tmp();
     const srv = await start(["--data-dir", dir]);
     const a = await registerUser(srv.port);
@@ -141,9 +141,11 @@ describe("wirechat commands on a stopped data dir", () => {
     // The target is a 64 KiB filesystem of its own (a mount namespace: no privilege
     // needed), far smaller than the ~200 KB of lines. The write failed there while
     // the backup waited on LevelDB: an 'error' nobody listened for ended the process
-    // (or the backup waited for ever on a closed file).
+    // (or the backup waited for ever on a closed file). What it wrote there goes (a
+    // full disk left full holds the server's own writes if it is the data dir's): the
+    // script lists the filesystem after it.
     const mnt = tmp();
-    const script = `mount -t tmpfs -o size=64k none "$1" && exec "$2" "$3" backup "$1/b" --data-dir "$4"`;
+    const script = `mount -t tmpfs -o size=64k none "$1" || exit 9; "$2" "$3" backup "$1/b" --data-dir "$4"; rc=$?; ls -A "$1"; exit $rc`;
     const r = spawnSync("unshare", ["-rm", "sh", "-c", script, "sh", mnt, process.execPath, main, dir], {
       encoding: "utf8",
       env: { ...process.env, WIRECHAT_LOG_LEVEL: "warn" },

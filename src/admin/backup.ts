@@ -9,8 +9,8 @@
 // or a migration.
 
 import { pipeline } from "node:stream/promises";
-import { createReadStream, createWriteStream, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
-import { copyFile, mkdir, readFile } from "node:fs/promises";
+import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { copyFile, mkdir, open, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import { Level } from "level";
@@ -56,6 +56,7 @@ function unwritable(dir: string, err: unknown): unknown {
 
 export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
   const target = path.resolve(dir);
+  const made = !existsSync(target);
   emptyTarget(target);
   // Created exclusively: of two backups started into one new directory at once, one
   // goes on and the other is told the directory is taken (both passed emptyTarget).
@@ -67,6 +68,32 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
     if (code === "EEXIST") throw new ProtocolError(Code.AlreadyExist, `${target} is being written by another backup; choose a new directory`);
     throw unwritable(target, err);
   }
+  // The directory is this backup's now: a failure takes back all it wrote (a full disk
+  // left full would hold the server's own writes when it is the data dir's), and the
+  // directory when it made it, so the same command can be run again.
+  try {
+    return await backupInto(target, fd, storage, blobs, version);
+  } catch (err) {
+    for (const name of ["db.ndjson", "blobs", INFO_TEMP]) rmSync(path.join(target, name), { recursive: true, force: true });
+    if (made) rmSync(target, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+/** Flushes a file (or a directory's entries) to disk: a backup reported done survives a crash. */
+async function syncFile(file: string): Promise<void> {
+  const fh = await open(file, "r");
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** backup.json while it is written (renamed into place once synced: a backup without it is incomplete). */
+const INFO_TEMP = "backup.json.tmp";
+
+async function backupInto(target: string, fd: number, storage: Storage, blobs: BlobStore, version: string): Promise<BackupInfo & { dir: string }> {
   const shas = new Set<string>();
   let keys = 0;
   const refsPrefix = `!blobrefs!`;
@@ -78,12 +105,20 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   const release = blobs.hold();
   try {
     const it = storage.db.iterator({ keyEncoding: "utf8", valueEncoding: "utf8" });
+    // A failed read (the database closing under a shutdown) is not the target's fault.
+    let readFailed: unknown;
     // A page of lines at a time. pipeline() listens for the file's errors for the whole
     // write and closes it on any: a write that failed (a full disk, EIO) while the loop
     // waited for LevelDB was an 'error' with no listener, which ended the server.
     async function* lines(): AsyncGenerator<string> {
       for (;;) {
-        const page = await it.nextv(1000);
+        let page: [string, string][];
+        try {
+          page = await it.nextv(1000);
+        } catch (err) {
+          readFailed = err;
+          throw err;
+        }
         if (page.length === 0) return;
         let text = "";
         for (const [k, v] of page) {
@@ -97,15 +132,22 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
     try {
       await pipeline(lines, createWriteStream("", { fd }));
     } catch (err) {
+      if (err === readFailed) throw new ProtocolError(Code.Unavailable, `reading the database failed: ${(err as Error).message}`);
       throw unwritable(target, err);
     } finally {
       await it.close();
+    }
+    try {
+      await syncFile(path.join(target, "db.ndjson"));
+    } catch (err) {
+      throw unwritable(target, err);
     }
     for (const sha of shas) {
       const to = path.join(target, "blobs", sha.slice(0, 2), sha);
       try {
         await mkdir(path.dirname(to), { recursive: true, mode: 0o700 });
         await copyFile(blobs.pathOf(sha), to);
+        await syncFile(to);
         copied++;
       } catch (err) {
         // Missing: the source is gone (only a file the snapshot's messages no longer
@@ -118,7 +160,20 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
     release();
   }
   const info: BackupInfo = { format: 1, server: "wirechat", version, layout: LAYOUT_VERSION, created: new Date().toISOString(), keys, blobs: copied, missing };
-  writeFileSync(path.join(target, "backup.json"), JSON.stringify(info, null, 2) + "\n");
+  try {
+    const temp = path.join(target, INFO_TEMP);
+    const fdInfo = openSync(temp, "w", 0o600);
+    try {
+      writeFileSync(fdInfo, JSON.stringify(info, null, 2) + "\n");
+      fsyncSync(fdInfo);
+    } finally {
+      closeSync(fdInfo);
+    }
+    renameSync(temp, path.join(target, "backup.json"));
+    await syncFile(target); // the directory: its entries, backup.json's last
+  } catch (err) {
+    throw unwritable(target, err);
+  }
   return { ...info, dir: target };
 }
 
