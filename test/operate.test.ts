@@ -10,8 +10,9 @@ import path from "node:path";
 import tls from "node:tls";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
-import { Client, login, registerUser, removeDir, uniqueName } from "./helpers.js";
+import { Client, login, rawDb, registerUser, removeDir, uniqueName } from "./helpers.js";
 import { sleep, useChildServers, waitFor } from "./pipeline-helpers.js";
+import { LAYOUT_VERSION } from "../src/storage/layout.js";
 
 const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
 const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
@@ -126,6 +127,39 @@ describe("wirechat commands on a stopped data dir", () => {
     const empty = cli(["export", "--user", "", "--data-dir", dir]);
     expect(empty).toMatchObject({ status: 2, stdout: "" });
     expect(empty.stderr).toMatch(/--user needs a login or uid/);
+  });
+
+  it("refuses a cluster node's view and a database of an older layout, and leaves both as they were", async () => {
+    const dir = tmp();
+    const d = ["--data-dir", dir, "--bcrypt-cost", "4"];
+    json(cli(["user", "add", "carol", "--pass", "pw", "--init", ...d]));
+    // What an older wirechat left: layout 4 (opening it would migrate it).
+    let db = await rawDb(dir);
+    await db.put("!meta!layout", "4");
+    await db.close();
+    for (const args of [["user", "list"], ["backup", path.join(tmp(), "b")], ["export"]]) {
+      const r = cli([...args, ...d]);
+      expect(r.status).toBe(2);
+      expect(r.stderr).toMatch(/has layout 4, older than this wirechat's \d+: start the server on it once to migrate it/);
+    }
+    db = await rawDb(dir);
+    expect(await db.get("!meta!layout")).toBe("4");
+    // A cluster node's view (its log position in meta): writes only through a node.
+    await db.batch([
+      { type: "del", key: "!meta!layout" },
+      { type: "put", key: "!meta!layout", value: String(LAYOUT_VERSION) },
+      { type: "put", key: "!meta!cluster", value: "12" },
+    ]);
+    await db.close();
+    const r = cli(["user", "add", "dave", "--pass", "pw", ...d]);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/is a cluster node's view of the log: give --nats/);
+    db = await rawDb(dir);
+    await db.del("!meta!cluster");
+    await db.close();
+    const list = cli(["user", "list", ...d]);
+    expect(list.status).toBe(0);
+    expect(list.stdout.trim().split("\n").map((line) => line.split("\t")[1])).toEqual(["carol"]);
   });
 
   it("a backup whose disk fills up fails with the reason, takes back what it wrote there, and the data dir is unharmed", async () => {

@@ -9,12 +9,14 @@ import http from "node:http";
 import { constants as osConstants } from "node:os";
 import path from "node:path";
 import { createSecureContext } from "node:tls";
+import { Level } from "level";
 import pino from "pino";
 import { backup, exportRecords, restore } from "../admin/backup.js";
 import { ConfigError, packageVersion, parseArgs, type Config } from "../config.js";
 import type { AdminOps } from "../features/admin.js";
 import { ProtocolError } from "../protocol/codes.js";
 import { openCore, type Core } from "../server.js";
+import { LAYOUT_VERSION } from "../storage/layout.js";
 
 export const COMMANDS = ["check", "user", "ban", "unban", "kick", "registration", "backup", "restore", "export", "version"] as const;
 
@@ -94,12 +96,52 @@ function isLocked(err: unknown): boolean {
   return err instanceof Error && /is locked/.test(err.message);
 }
 
+/**
+ * Refuses a stopped data dir a command must not open as the server would: a cluster
+ * node's view (a write there would be that node's alone, and its view, at the same log
+ * position, would keep it for good: cluster commands go through a running node's admin
+ * port, `--nats`), and a database of an older layout (opening it migrates it: a backup
+ * taken before an upgrade would hold the new layout, and a command would upgrade a
+ * server's data behind its operator; the server migrates it at start-up and logs it).
+ * A newer layout is refused by the open itself. Read before the open, through LevelDB
+ * directly: nothing is written.
+ */
+async function refuseForeign(dataDir: string): Promise<void> {
+  const db = new Level<string, string>(path.join(dataDir, "db"), { keyEncoding: "utf8", valueEncoding: "utf8" });
+  try {
+    await db.open();
+  } catch (err) {
+    // A running server has it (LevelDB's LOCK): the open that follows says so, and the
+    // command goes through that server's admin port.
+    if (/lock/i.test((err as { cause?: { message?: string } }).cause?.message ?? "")) return;
+    throw err;
+  }
+  let layout: string | undefined;
+  let cluster: string | undefined;
+  try {
+    [layout, cluster] = await db.getMany([`!meta!layout`, `!meta!cluster`]);
+  } finally {
+    await db.close();
+  }
+  const where = path.resolve(dataDir);
+  if (cluster !== undefined) {
+    throw new ConfigError(`${where} is a cluster node's view of the log: give --nats (with the cluster's options) to go through a running node's admin port`);
+  }
+  const version = layout === undefined ? 1 : Number(layout);
+  if (version < LAYOUT_VERSION) {
+    throw new ConfigError(
+      `the database in ${where} has layout ${version}, older than this wirechat's ${LAYOUT_VERSION}: start the server on it once to migrate it (back it up first with the wirechat that wrote it)`,
+    );
+  }
+}
+
 async function direct(config: Config, init: boolean): Promise<Backend> {
   // A mistyped or forgotten --data-dir (--config) must not quietly act on a new, empty
   // database: one is made only when asked.
   if (!init && !existsSync(path.join(config.dataDir, "db", "CURRENT"))) {
     throw new ConfigError(`no wirechat database in ${path.resolve(config.dataDir)} (give --data-dir or --config; --init creates one)`);
   }
+  if (existsSync(path.join(config.dataDir, "db", "CURRENT"))) await refuseForeign(config.dataDir);
   const log = pino({ level: "warn" }, pino.destination(2));
   const core: Core = await openCore({ ...config, logLevel: "warn" }, log);
   const a = core.admin;
