@@ -27,6 +27,7 @@ import { registerStats } from "./features/stats.js";
 import { NativeCodec } from "./protocol/codec.js";
 import { Dispatcher } from "./protocol/dispatcher.js";
 import { Router } from "./protocol/router.js";
+import type { Audience, Event } from "./protocol/events.js";
 import { LocalLock } from "./seams.js";
 import { BlobStore } from "./storage/blobs.js";
 import { ChannelStore } from "./storage/channels.js";
@@ -236,6 +237,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     await core.close();
     throw err;
   }
+  // A door's events (its notices: the chat door's join and leave lines, a rust room
+  // move), and in cluster mode its notices for its connections on the other nodes too.
+  const publish = (ev: Event, audience: Audience): void => {
+    router.publish(ev, audience);
+    if (ev.kind === "notice") services.cluster?.shareNotice(ev, audience);
+  };
   if (defaultRoom !== undefined) {
     const door = new RustDoor(dispatcher, log, {
       config,
@@ -243,6 +250,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       // Door lookups of what another node may have just written (see readSynced).
       channelByName: (name) => readSynced(services, () => services.channels.byName(name)),
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
+      publish,
     });
     listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
   }
@@ -281,11 +289,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       user: (uid) => users.get(uid),
       cachedUser: (uid) => users.peek(uid),
       isMember: (chid, uid) => channels.isMember(chid, uid),
-      publish: (ev, audience) => {
-        router.publish(ev, audience);
-        // Cluster mode: the door's notices reach its connections on the other nodes too.
-        if (ev.kind === "notice") services.cluster?.shareNotice(ev, audience);
-      },
+      publish,
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
       checkLogin: (s, login, pass) => core.accounts.checkLogin(s, login, pass),
     });

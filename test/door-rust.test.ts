@@ -186,6 +186,34 @@ describe("rust_messages door: rooms and messages", () => {
     b.c.close();
   });
 
+  it("a user is in one room on all its connections: change_room moves the others (told with 300), and the next login comes back to it", async () => {
+    const port = open.server.rustPort as number;
+    const room = uniqueName("room");
+    const a = await rustUser(port);
+    const a2 = await rust(port);
+    expect((await ask(a2, { action: "authentication", login: a.login, password: a.password })).code).toBe(200);
+    const b = await rustUser(port);
+    expect((await ask(b.c, { action: "create_room", name: room })).code).toBe(200);
+    expect((await ask(b.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    expect((await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    // a2 was left in general, whose membership just ended: it is told and moves too.
+    expect(await a2.next((f) => f.action === "change_room")).toEqual({ action: "change_room", code: 300, message: `moved to room '${room}' by another connection` });
+    expect(await a.c.quiet(200, (f) => f.action === "change_room")).toBe(true);
+    expect((await ask(a2, { action: "send_message", text: "from a2", timestamp: 1 })).code).toBe(200);
+    expect(await b.c.next((f) => f.action === "get_message")).toMatchObject({ author: a.login, text: "from a2" });
+    // Both gone, a later login is back in that room (not in general, which it left).
+    a.c.close();
+    a2.close();
+    await Promise.all([a.c.closed, a2.closed]);
+    const a3 = await rust(port);
+    expect((await ask(a3, { action: "authentication", login: a.login, password: a.password })).code).toBe(200);
+    expect((await ask(b.c, { action: "send_message", text: "still here?", timestamp: 2 })).code).toBe(200);
+    expect(await a3.next((f) => f.action === "get_message")).toMatchObject({ author: b.login, text: "still here?" });
+    const sv = open.server.services;
+    expect(await sv.channels.channelsOf((await sv.users.lookup("login", a.login)) as string)).toEqual([await sv.channels.byName(room)]);
+    for (const x of [a3, b.c]) x.close();
+  });
+
   it("delete_room: the owner only; members are told, native members get ev_channel_deleted", async () => {
     const port = open.server.rustPort as number;
     const room = uniqueName("room");

@@ -2,10 +2,13 @@
 // own TCP port; every request is answered `{"action": <same>, "code": 200|300|400,
 // "message": <text>}` unless the seed says otherwise (get_messages, close_connection).
 //
-// A connection is in one room at a time: after login the server's default room
-// (--rust-room), then whatever change_room moves it to. Messages sent go to the
-// current room; `get_message` frames arrive for the current room only. Accounts,
-// rooms (public channels) and messages are wirechat's own: the same on every door.
+// A user is in one room at a time on this door, all its connections here together:
+// after its first login the server's default room (--rust-room), then whatever
+// change_room moves it to (its other connections are told, code 300, and move too; a
+// later login goes back to that room while the server remembers it). Messages sent go
+// to the current room; `get_message` frames arrive for the current room only.
+// Accounts, rooms (public channels) and messages are wirechat's own: the same on
+// every door.
 //
 // Choices the seed leaves open (PROTOCOL.md §13 lists them): passwords (the seed's
 // md5 "hashes") are passwords like any other; code 300 is used for what the server
@@ -16,7 +19,7 @@ import type { Config } from "../config.js";
 import { ListReply } from "../protocol/codec.js";
 import type { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
-import type { Event } from "../protocol/events.js";
+import type { Audience, Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
@@ -26,13 +29,19 @@ const WARN = 300;
 const ERR = 400;
 /** get_messages answers at most this many (the last ones). */
 const MAX_MESSAGES = 500;
+/** Users whose current room this door remembers after their connections close. */
+const ROOMS_MAX = 100_000;
+
+type Room = { chid: string; name: string };
 
 interface RustState {
   handshaken: boolean;
   /** The login and password this connection logged in with (change_password needs the old one). */
   login: string | undefined;
   password: string | undefined;
-  room: { chid: string; name: string } | undefined;
+  room: Room | undefined;
+  /** The connection's peer id (a room move is not told to the connection that made it). */
+  peer: number;
 }
 
 type Msg = Record<string, unknown> & { action: string };
@@ -45,6 +54,8 @@ export interface RustDeps {
   channelByName(name: string): Promise<string | undefined>;
   /** The default room's chid (made at start-up). */
   defaultRoom: string;
+  /** Hands an event to the router, and in cluster mode to the other nodes (a room move's notice). */
+  publish(ev: Event, audience: Audience): void;
 }
 
 function line(fields: Fields): string {
@@ -57,6 +68,8 @@ function answer(action: string, code: number, message: string): OutFrame[] {
 
 export class RustDoor extends DialectDoor<RustState, Msg> {
   readonly name = "rust";
+  /** uid → the user's current room on this door (ROOMS_MAX, the least recently moved forgotten first). */
+  private readonly rooms = new Map<string, Room>();
 
   constructor(
     dispatcher: Dispatcher,
@@ -72,7 +85,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   }
 
   protected initial(): RustState {
-    return { handshaken: false, login: undefined, password: undefined, room: undefined };
+    return { handshaken: false, login: undefined, password: undefined, room: undefined, peer: 0 };
   }
 
   protected decode(value: unknown): Msg | string {
@@ -108,6 +121,11 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         return line({ action: "logout", code: WARN, message: ev.reason });
       case "close":
         return line({ action: "close_connection", code: WARN, message: ev.reason });
+      case "notice":
+        // Another connection of this user moved it (one room at a time): this one moves too.
+        if (ev.door !== this.name || ev.room === undefined || ev.origin === st.peer || st.login === undefined) return "";
+        st.room = { chid: ev.chid, name: ev.room };
+        return line({ action: "change_room", code: WARN, message: ev.text });
       default:
         return "";
     }
@@ -182,9 +200,21 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     if (!r.ok) return this.result(action, r);
     st.login = login;
     st.password = password;
-    // Every connection starts in the default room (entering it again is a no-op).
-    const entered = await this.call(s, "enter", { channel: this.deps.defaultRoom });
-    st.room = entered.ok ? { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom } : undefined;
+    st.peer = s.peer.id;
+    // The user's room on this door (its other connections' here), else the default
+    // room; entering one the user is in is a no-op, and one deleted since (or left
+    // through another door and full) gives way to the default. The room is the
+    // connection's before the enter is answered: its messages meanwhile are shown.
+    const uid = (s as Session).uid as string; // logged in now (narrowed to undefined above)
+    const fallback = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
+    for (const room of new Set([this.rooms.get(uid) ?? fallback, fallback])) {
+      st.room = room;
+      if ((await this.call(s, "enter", { channel: room.chid })).ok) {
+        this.remember(uid, room);
+        return answer(action, OK, "OK");
+      }
+    }
+    st.room = undefined;
     return answer(action, OK, "OK");
   }
 
@@ -228,15 +258,30 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     if (chid === undefined) return answer(action, ERR, `no room named '${to}'`);
     const entered = await this.call(s, "enter", { channel: chid });
     if (!entered.ok) return this.result(action, entered);
+    // The new room's messages are this connection's from here (not after the leave).
+    const left = st.room?.chid;
+    const room = { chid, name: to };
+    st.room = room;
     // One room at a time: the old one is left (its membership ends), unless it is the
     // new one; so is the connection's current room, whatever old_room_name says (a
     // name of a room it is not in left it in two).
     const named = from ? await this.deps.channelByName(from) : undefined;
-    for (const old of new Set([named, st.room?.chid])) {
+    for (const old of new Set([named, left])) {
       if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
     }
-    st.room = { chid, name: to };
+    // The user's other connections on this door move with it (they were left in a room
+    // whose membership just ended), and its next login comes back here.
+    const uid = s.uid as string;
+    this.remember(uid, room);
+    this.deps.publish({ kind: "notice", door: this.name, chid, text: `moved to room '${to}' by another connection`, origin: st.peer, room: to }, { users: [uid] });
     return answer(action, OK, "OK");
+  }
+
+  /** The user's current room on this door, remembered (the most recently moved last). */
+  private remember(uid: string, room: Room): void {
+    this.rooms.delete(uid);
+    if (this.rooms.size >= ROOMS_MAX) this.rooms.delete(this.rooms.keys().next().value as string);
+    this.rooms.set(uid, room);
   }
 
   private async getMessages(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {

@@ -40,6 +40,8 @@ export interface NoticeEvent {
   chid: string;
   text: string;
   origin: number;
+  /** The rust_messages door's room move: the room's name (the connections told move there too). */
+  room?: string;
   wire?: Wire;
 }
 
