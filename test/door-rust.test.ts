@@ -186,7 +186,7 @@ describe("rust_messages door: rooms and messages", () => {
     b.c.close();
   });
 
-  it("a user is in one room on all its connections: change_room moves the others (told with 300), and the next login comes back to it", async () => {
+  it("a user is in one room at a time: change_room moves its other connections (told with 300); a later login starts in the default room and leaves that one", async () => {
     const port = open.server.rustPort as number;
     const room = uniqueName("room");
     const a = await rustUser(port);
@@ -201,17 +201,26 @@ describe("rust_messages door: rooms and messages", () => {
     expect(await a.c.quiet(200, (f) => f.action === "change_room")).toBe(true);
     expect((await ask(a2, { action: "send_message", text: "from a2", timestamp: 1 })).code).toBe(200);
     expect(await b.c.next((f) => f.action === "get_message")).toMatchObject({ author: a.login, text: "from a2" });
-    // Both gone, a later login is back in that room (not in general, which it left).
+    // Both gone, a later login starts in general and leaves that room (its membership
+    // was kept for ever, one more each session).
     a.c.close();
     a2.close();
     await Promise.all([a.c.closed, a2.closed]);
     const a3 = await rust(port);
     expect((await ask(a3, { action: "authentication", login: a.login, password: a.password })).code).toBe(200);
-    expect((await ask(b.c, { action: "send_message", text: "still here?", timestamp: 2 })).code).toBe(200);
-    expect(await a3.next((f) => f.action === "get_message")).toMatchObject({ author: b.login, text: "still here?" });
     const sv = open.server.services;
-    expect(await sv.channels.channelsOf((await sv.users.lookup("login", a.login)) as string)).toEqual([await sv.channels.byName(room)]);
-    for (const x of [a3, b.c]) x.close();
+    const uid = (await sv.users.lookup("login", a.login)) as string;
+    expect(await sv.channels.channelsOf(uid)).toEqual([await sv.channels.byName("general")]);
+    expect((await ask(b.c, { action: "send_message", text: "still here?", timestamp: 2 })).code).toBe(200);
+    expect(await a3.quiet(300, (f) => f.action === "get_message")).toBe(true);
+    // A second connection while one is open starts in general too; the first stays put.
+    expect((await ask(a3, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    const a4 = await rust(port);
+    expect((await ask(a4, { action: "authentication", login: a.login, password: a.password })).code).toBe(200);
+    expect((await ask(b.c, { action: "send_message", text: "a3 only", timestamp: 3 })).code).toBe(200);
+    expect(await a3.next((f) => f.action === "get_message")).toMatchObject({ text: "a3 only" });
+    expect(await a4.quiet(300, (f) => f.action === "get_message")).toBe(true);
+    for (const x of [a3, a4, b.c]) x.close();
   });
 
   it("delete_room: the owner only; members are told, native members get ev_channel_deleted", async () => {

@@ -2,11 +2,12 @@
 // own TCP port; every request is answered `{"action": <same>, "code": 200|300|400,
 // "message": <text>}` unless the seed says otherwise (get_messages, close_connection).
 //
-// A user is in one room at a time on this door, all its connections here together:
-// after its first login the server's default room (--rust-room), then whatever
-// change_room moves it to (its other connections are told, code 300, and move too; a
-// later login goes back to that room while the server remembers it). Messages sent go
-// to the current room; `get_message` frames arrive for the current room only.
+// A user is in one room at a time on this door: a connection starts in the server's
+// default room (--rust-room), entered on login, and leaves the room the user's last
+// connection here was moved to (when none is open: else that one stays where it is);
+// change_room moves it, and the user's other connections here (told, code 300).
+// Messages sent go to the current room; `get_message` frames arrive for the current
+// room only.
 // Accounts, rooms (public channels) and messages are wirechat's own: the same on
 // every door.
 //
@@ -22,14 +23,14 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Audience, Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
-import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
+import { DialectCodec, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 const OK = 200;
 const WARN = 300;
 const ERR = 400;
 /** get_messages answers at most this many (the last ones). */
 const MAX_MESSAGES = 500;
-/** Users whose current room this door remembers after their connections close. */
+/** Users whose room this door remembers after their connections close (to leave it at the next login). */
 const ROOMS_MAX = 100_000;
 
 type Room = { chid: string; name: string };
@@ -42,6 +43,8 @@ interface RustState {
   room: Room | undefined;
   /** The connection's peer id (a room move is not told to the connection that made it). */
   peer: number;
+  /** The user this connection counts for among the user's open connections here (RustDoor.open). */
+  counted: string | undefined;
 }
 
 type Msg = Record<string, unknown> & { action: string };
@@ -68,8 +71,10 @@ function answer(action: string, code: number, message: string): OutFrame[] {
 
 export class RustDoor extends DialectDoor<RustState, Msg> {
   readonly name = "rust";
-  /** uid → the user's current room on this door (ROOMS_MAX, the least recently moved forgotten first). */
+  /** uid → the room the user's connections here were last moved to (ROOMS_MAX, the least recently moved forgotten first). */
   private readonly rooms = new Map<string, Room>();
+  /** uid → how many connections here are logged in as the user. */
+  private readonly open = new Map<string, number>();
 
   constructor(
     dispatcher: Dispatcher,
@@ -81,11 +86,22 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
 
   /** The connection closed: the session its login stored ends (endSession). */
   closed(s: Session): void {
+    this.uncount((s.codec as DialectCodec<RustState>).state);
     this.endSession(s, this.deps.revoke);
   }
 
+  /** The connection is no longer logged in here (closed, logged out, or its session ended). */
+  private uncount(st: RustState): void {
+    const uid = st.counted;
+    if (uid === undefined) return;
+    st.counted = undefined;
+    const n = (this.open.get(uid) ?? 1) - 1;
+    if (n > 0) this.open.set(uid, n);
+    else this.open.delete(uid);
+  }
+
   protected initial(): RustState {
-    return { handshaken: false, login: undefined, password: undefined, room: undefined, peer: 0 };
+    return { handshaken: false, login: undefined, password: undefined, room: undefined, peer: 0, counted: undefined };
   }
 
   protected decode(value: unknown): Msg | string {
@@ -118,6 +134,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       case "logout":
         st.login = st.password = undefined;
         st.room = undefined;
+        this.uncount(st);
         return line({ action: "logout", code: WARN, message: ev.reason });
       case "close":
         return line({ action: "close_connection", code: WARN, message: ev.reason });
@@ -151,7 +168,10 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       case "logout": {
         if (s.uid === undefined) return answer(action, ERR, "not logged in");
         const r = await this.call(s, "logout", {});
-        if (r.ok) st.login = st.password = st.room = undefined;
+        if (r.ok) {
+          st.login = st.password = st.room = undefined;
+          this.uncount(st);
+        }
         return this.result(action, r);
       }
     }
@@ -201,20 +221,23 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     st.login = login;
     st.password = password;
     st.peer = s.peer.id;
-    // The user's room on this door (its other connections' here), else the default
-    // room; entering one the user is in is a no-op, and one deleted since (or left
-    // through another door and full) gives way to the default. The room is the
-    // connection's before the enter is answered: its messages meanwhile are shown.
     const uid = (s as Session).uid as string; // logged in now (narrowed to undefined above)
-    const fallback = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
-    for (const room of new Set([this.rooms.get(uid) ?? fallback, fallback])) {
-      st.room = room;
-      if ((await this.call(s, "enter", { channel: room.chid })).ok) {
-        this.remember(uid, room);
-        return answer(action, OK, "OK");
-      }
+    const alone = !this.open.has(uid);
+    this.open.set(uid, (this.open.get(uid) ?? 0) + 1);
+    st.counted = uid;
+    // Every connection starts in the default room (entering it again is a no-op; the
+    // room is the connection's before the enter is answered: its messages meanwhile are
+    // shown). One room at a time: the room the user's last connection here was moved to
+    // is left, unless another connection of the user is open here (it stays there).
+    const room = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
+    st.room = room;
+    const entered = await this.call(s, "enter", { channel: room.chid });
+    if (!entered.ok) st.room = undefined;
+    if (entered.ok && alone) {
+      const before = this.rooms.get(uid);
+      this.remember(uid, room);
+      if (before !== undefined && before.chid !== room.chid) await this.call(s, "leave", { channel: before.chid });
     }
-    st.room = undefined;
     return answer(action, OK, "OK");
   }
 
@@ -234,7 +257,10 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     if (!sameLogin(msg.login, st.login)) return answer(action, ERR, "you can only delete the account you are logged in as");
     if (!password) return answer(action, ERR, "'password' is required");
     const r = await this.call(s, "deleteaccount", { pass: password });
-    if (r.ok) st.login = st.password = st.room = undefined;
+    if (r.ok) {
+      st.login = st.password = st.room = undefined;
+      this.uncount(st);
+    }
     return this.result(action, r);
   }
 
