@@ -43,6 +43,21 @@ describe("SIGTERM with logged-in users", () => {
   }, 60_000);
 });
 
+describe("SIGTERM tells every connection why it closes", () => {
+  it("native ev_close, rust_messages close_connection 300, each the last frame before the close", async () => {
+    const child = await ChildServer.start(newDataDir(), ["--rust-port", "0"]);
+    const native = await registerUser(child.port);
+    const rust = await Client.connect(child.portOf("rustPort") as number, { welcome: false });
+    rust.write(JSON.stringify({ action: "registration", login: `r${process.pid}x`, password: "pw" }) + "\n");
+    await rust.next((f) => f.action === "registration");
+    child.proc.kill("SIGTERM");
+    expect(await child.exited).toBe(0);
+    await Promise.all([native.client.closed, rust.closed]);
+    expect(JSON.parse(native.client.lines.at(-1) as string)).toEqual({ action: "ev_close", data: { reason: "the server is shutting down" } });
+    expect(JSON.parse(rust.lines.at(-1) as string)).toEqual({ action: "close_connection", code: 300, message: "the server is shutting down" });
+  }, 30_000);
+});
+
 describe("SIGTERM while blobs are collected and a channel is purged", () => {
   it("exits 0 with nothing logged at error level and no unhandled rejection", async () => {
     for (let round = 0; round < 3; round++) {

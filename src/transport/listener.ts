@@ -14,7 +14,7 @@ import { readFileSync } from "node:fs";
 import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
-import { closeFromAddress, closeIfIdle, overCap, type SlotCounter } from "./peer-common.js";
+import { closeFromAddress, closeIfIdle, endAll, overCap, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import { clockMs } from "../clock.js";
@@ -512,7 +512,7 @@ export class Listener implements ConnectionTable, SlotCounter {
     if (!(await this.dispatcher.settled(timeoutMs, this.connections.values()))) {
       this.log.warn("requests still in progress at the shutdown timeout");
     }
-    for (const conn of this.connections.keys()) conn.end();
+    endAll(this.connections, this.router);
     const timer = setTimeout(() => {
       for (const conn of this.connections.keys()) conn.destroy();
       for (const socket of this.refusing) socket.destroy();

@@ -151,6 +151,17 @@ export function closeIfIdle(conn: Closable, session: Session, now: number, confi
   conn.end();
 }
 
+/** The close frame's reason at a graceful stop. */
+export const SHUTTING_DOWN = "the server is shutting down";
+
+/** Ends every connection (a graceful stop), after telling each why in its door's close frame. */
+export function endAll<C extends Closable>(connections: ReadonlyMap<C, Session>, router: Router): void {
+  for (const [conn, session] of connections) {
+    if (!conn.closed) router.sendTo(session, { kind: "close", reason: SHUTTING_DOWN });
+    conn.end();
+  }
+}
+
 /** Closes every connection from `address` (an operator's ban), after telling it why; returns how many. */
 export function closeFromAddress<C extends Closable>(connections: ReadonlyMap<C, Session>, address: string, reason: string, router: Router): number {
   const want = plainAddress(address);

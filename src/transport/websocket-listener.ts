@@ -25,7 +25,7 @@
 import type { Logger } from "pino";
 import type { Socket } from "node:net";
 import type WebSocket from "ws";
-import { closeFromAddress, closeIfIdle, overCap, type SlotCounter } from "./peer-common.js";
+import { closeFromAddress, closeIfIdle, endAll, overCap, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import { Code } from "../protocol/codes.js";
@@ -325,7 +325,7 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     if (!(await this.dispatcher.settled(timeoutMs, this.connections.values()))) {
       this.log.warn("WebSocket requests still in progress at the shutdown timeout");
     }
-    for (const peer of this.connections.keys()) peer.end();
+    endAll(this.connections, this.router);
     const deadline = Date.now() + graceMs;
     while (this.connections.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     for (const peer of this.connections.keys()) peer.destroy();
