@@ -204,6 +204,21 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, native]) x.close();
   });
 
+  it("a direct message's edit and deletion are not shown here, as the message is not", async () => {
+    const b = await signup();
+    const alice = await registerUser(srv.port);
+    const bob = await Client.connect(srv.port);
+    const bobUid = (await bob.request("auth", { login: b.login, pass: b.pass })).uid;
+    const dm = await alice.client.request("message", { uid: bobUid, body: "private words" });
+    expect(dm.status).toBe(0);
+    expect((await alice.client.request("editmessage", { mid: dm.mid, body: "edited private words" })).status).toBe(0);
+    expect(await bob.event("ev_edit")).toMatchObject({ mid: dm.mid, body: "edited private words" });
+    expect((await alice.client.request("delmessage", { mid: dm.mid })).status).toBe(0);
+    expect(await bob.event("ev_delmessage")).toEqual({ mid: dm.mid });
+    expect(await b.c.quiet(300)).toBe(true);
+    for (const x of [b.c, bob, alice.client]) x.close();
+  });
+
   it("DELETE_ROOM by its owner: each member gets DELETE_ROOM; others get ERROR", async () => {
     const a = await signup();
     const b = await signup();

@@ -202,10 +202,11 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return (wire[this.name] ??= this.readFrame(m, m.attach));
       }
       case "edit":
-        if (this.echoed(st, `EDIT_MSG:${ev.mid}`)) return "";
+        // A direct message's change: they are not shown here (nor was the message).
+        if (ev.chid === undefined || this.echoed(st, `EDIT_MSG:${ev.mid}`)) return "";
         return (wire[this.name] ??= line({ type: "EDIT_MSG", id: Number(ev.mid), new_msg: ev.body }));
       case "delete":
-        if (this.echoed(st, `DELETE_MSG:${ev.mid}`)) return "";
+        if (ev.chid === undefined || this.echoed(st, `DELETE_MSG:${ev.mid}`)) return "";
         return (wire[this.name] ??= line({ type: "DELETE_MSG", id: Number(ev.mid) }));
       case "channelDeleted":
         if (this.echoed(st, `DELETE_ROOM:${ev.chid}`)) return "";

@@ -899,7 +899,7 @@ export class Cluster {
         const next: MessageRecord = { ...m, body: c.body, edited: c.t };
         storage.commitLazy(messages.updateOps(next));
         overlay.messages.set(c.mid, next);
-        events.push([{ kind: "edit", mid: c.mid, body: c.body, edited: c.t }, messageAudience(m)]);
+        events.push([{ kind: "edit", mid: c.mid, body: c.body, edited: c.t, chid: m.chid }, messageAudience(m)]);
         return { k: "edited", edited: c.t };
       }
       case "del": {
@@ -914,7 +914,7 @@ export class Cluster {
           const sha = m.attach.sha;
           t.after.push(() => this.sv.blobs.collectLater(sha));
         }
-        events.push([{ kind: "delete", mid: c.mid }, messageAudience(m)]);
+        events.push([{ kind: "delete", mid: c.mid, chid: m.chid }, messageAudience(m)]);
         return { k: "done" };
       }
       case "chcreate": {

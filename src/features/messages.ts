@@ -506,7 +506,7 @@ export function registerMessages(sv: Services): void {
         await storage.commit(messages.updateOps(next));
         return next;
       });
-      req.emit({ kind: "edit", mid: edited.mid, body: edited.body, edited: edited.edited as number }, audienceOf(edited));
+      req.emit({ kind: "edit", mid: edited.mid, body: edited.body, edited: edited.edited as number, chid: edited.chid }, audienceOf(edited));
       return { mid: edited.mid, edited: edited.edited };
     },
   });
@@ -531,7 +531,7 @@ export function registerMessages(sv: Services): void {
         return m;
       });
       if (m.attach) blobs.collectLater(m.attach.sha);
-      req.emit({ kind: "delete", mid: m.mid }, audienceOf(m));
+      req.emit({ kind: "delete", mid: m.mid, chid: m.chid }, audienceOf(m));
       return { mid: m.mid };
     },
   });

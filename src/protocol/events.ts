@@ -6,8 +6,9 @@ import type { OutFrame } from "./frames.js";
 
 export type Event =
   | MessageEvent
-  | { kind: "edit"; mid: string; body: string; edited: number; wire?: Wire }
-  | { kind: "delete"; mid: string; wire?: Wire }
+  // `chid`: the message's channel (none for a direct message: doors that show no direct messages skip it)
+  | { kind: "edit"; mid: string; body: string; edited: number; chid?: string; wire?: Wire }
+  | { kind: "delete"; mid: string; chid?: string; wire?: Wire }
   | { kind: "enter"; chid: string; uid: string; nick: string; wire?: Wire }
   | { kind: "leave"; chid: string; uid: string; nick: string; wire?: Wire }
   | { kind: "channelDeleted"; chid: string; wire?: Wire }
