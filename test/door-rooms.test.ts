@@ -204,6 +204,16 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, native]) x.close();
   });
 
+  it("a session ended elsewhere is said in the door's error shape before the connection closes", async () => {
+    const b = await signup();
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { login: b.login, pass: b.pass })).status).toBe(0);
+    expect((await native.request("changepassword", { pass: b.pass, newpass: "another_pass" })).status).toBe(0);
+    await b.c.closed;
+    expect(JSON.parse(b.c.lines.at(-1) as string)).toEqual({ type: "ERROR", status: "ERROR", error: "logged out: the password was changed; log in again (REQUEST_LOGIN)" });
+    native.close();
+  });
+
   it("a direct message's edit and deletion are not shown here, as the message is not", async () => {
     const b = await signup();
     const alice = await registerUser(srv.port);

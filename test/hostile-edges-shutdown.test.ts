@@ -44,15 +44,19 @@ describe("SIGTERM with logged-in users", () => {
 });
 
 describe("SIGTERM tells every connection why it closes", () => {
-  it("native ev_close, rust_messages close_connection 300, each the last frame before the close", async () => {
-    const child = await ChildServer.start(newDataDir(), ["--rust-port", "0"]);
+  it("native ev_close, rust_messages close_connection 300, rooms API ERROR, each the last frame before the close", async () => {
+    const child = await ChildServer.start(newDataDir(), ["--rust-port", "0", "--rooms-port", "0"]);
     const native = await registerUser(child.port);
     const rust = await Client.connect(child.portOf("rustPort") as number, { welcome: false });
     rust.write(JSON.stringify({ action: "registration", login: `r${process.pid}x`, password: "pw" }) + "\n");
     await rust.next((f) => f.action === "registration");
+    const rooms = await Client.connect(child.portOf("roomsPort") as number, { welcome: false });
+    rooms.write(JSON.stringify({ type: "REQUEST_SIGNUP", login: `o${process.pid}x`, pass: "pw" }) + "\n");
+    await rooms.next((f) => f.type === "RESPONSE_SIGNUP");
     child.proc.kill("SIGTERM");
     expect(await child.exited).toBe(0);
-    await Promise.all([native.client.closed, rust.closed]);
+    await Promise.all([native.client.closed, rust.closed, rooms.closed]);
+    expect(JSON.parse(rooms.lines.at(-1) as string)).toEqual({ type: "ERROR", status: "ERROR", error: "closing the connection: the server is shutting down" });
     expect(JSON.parse(native.client.lines.at(-1) as string)).toEqual({ action: "ev_close", data: { reason: "the server is shutting down" } });
     expect(JSON.parse(rust.lines.at(-1) as string)).toEqual({ action: "close_connection", code: 300, message: "the server is shutting down" });
   }, 30_000);

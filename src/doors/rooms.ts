@@ -212,8 +212,14 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         if (this.echoed(st, `DELETE_ROOM:${ev.chid}`)) return "";
         return (wire[this.name] ??= line({ type: "DELETE_ROOM", id: Number(ev.chid) }));
       case "logout":
+        // The session ended elsewhere (evicted, password changed, kicked): said in the
+        // door's error shape (seed 001 has no logout frame), or the client found out at
+        // its next request.
         st.uid = st.login = undefined;
-        return "";
+        return line({ type: "ERROR", status: "ERROR", error: `logged out: ${ev.reason}; log in again (REQUEST_LOGIN)` });
+      case "close":
+        // The server closes the connection (idle, an address ban, a shutdown): why, first.
+        return line({ type: "ERROR", status: "ERROR", error: `closing the connection: ${ev.reason}` });
       default:
         return "";
     }
