@@ -261,6 +261,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       config,
       blobs,
       uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
+      uidOfNick: (nick) => readSynced(services, () => users.lookup("nick", nick)),
       loginsStartingWith: async (prefix, limit) => {
         const uids = await users.prefixSearch("login", prefix, limit);
         const found = await Promise.all(uids.map((uid) => users.get(uid)));

@@ -165,6 +165,18 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, c]) x.close();
   });
 
+  it("CREATE_ROOM finds the customer by login or by the nick READ_MSG shows as its sender", async () => {
+    const a = await signup();
+    const login = uniqueName("n");
+    const nick = `${login} Doe`;
+    const native = await registerUser(srv.port, login, "secret", nick);
+    const byNick = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: nick });
+    expect(byNick).toEqual({ type: "CREATE_ROOM", id: expect.any(Number), customer: nick });
+    expect((await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: login })).id).toBe(byNick.id);
+    expect((await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: uniqueName("ghost") })).error).toMatch(/^no user with login or nick/);
+    for (const x of [a.c, native.client]) x.close();
+  });
+
   it("a room is private: an outsider cannot read it or post to it, and a native member sees it", async () => {
     const a = await signup();
     const b = await signup();
