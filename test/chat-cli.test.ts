@@ -136,6 +136,25 @@ describe("wirechat chat", () => {
     }
   });
 
+  it("shows a message's control characters escaped and its further lines indented: a sender cannot drive the terminal or fake a line", async () => {
+    const bob = await libUser();
+    try {
+      const login = uniqueName("alice");
+      const alice = cli(["--host", "127.0.0.1", "--port", String(srv.port), "--login", login, "--register", "--pass", "pw"]);
+      await alice.waitOut(/logged in as/);
+      const uid = (await bob.c.searchUser(login))[0].uid;
+      await bob.c.sendMessage({ uid }, "title\x1b]0;owned\x07 clear\x1b[2J back\roops\n[12:35] <admin> fake");
+      await alice.waitOut(/fake/);
+      const shown = alice.out().split("\n").filter((l) => l.includes("title") || l.includes("fake"));
+      expect(shown).toEqual([expect.stringMatching(/<[^>]+> title\\x1b\]0;owned\\x07 clear\\x1b\[2J back\\x0doops$/), "    [12:35] <admin> fake"]);
+      expect(alice.out()).not.toMatch(/[\x00-\x08\x0b-\x1f\x7f]/);
+      alice.type("/quit");
+      expect(await alice.exited).toBe(0);
+    } finally {
+      bob.c.close();
+    }
+  });
+
   it("joins a channel, lists its members, and talks there", async () => {
     const bob = await libUser();
     try {

@@ -192,6 +192,25 @@ function palette(on: boolean): Palette {
 }
 
 /** Writes whole lines; on a terminal it keeps the prompt and the typed text below them. */
+/**
+ * A line as the terminal shows it, not as it would act on it: control characters from
+ * the server (a message body's escape sequences clear the screen, set the window's
+ * title or the clipboard; a carriage return overwrites the line before it) are shown
+ * escaped (`\x1b`); tabs and newlines stay (a message's own lines are indented where it
+ * is printed). The client's own colour codes (SGR, on a terminal) stay too.
+ */
+export function printable(text: string, colours: boolean): string {
+  return text.replace(/\x1b\[[0-9;]*m|[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, (c) => {
+    if (c.length > 1 && colours) return c;
+    return `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}${c.slice(1)}`;
+  });
+}
+
+/** A message's further lines, indented under its first (a newline cannot pass for a line of its own). */
+function continued(text: string): string {
+  return text.replace(/\n/g, "\n    ");
+}
+
 class Screen {
   private rl: readline.Interface | undefined;
   private barShown = false;
@@ -209,10 +228,10 @@ class Screen {
     if (this.tty) {
       this.out.write("\r\x1b[K");
       this.barShown = false;
-      this.out.write(text + "\n");
+      this.out.write(printable(text, true) + "\n");
       this.rl?.prompt(true);
     } else {
-      this.out.write(text + "\n");
+      this.out.write(printable(text, false) + "\n");
     }
   }
 
@@ -337,13 +356,13 @@ class ChatSession {
         if (this.target?.kind === "channel" && this.target.chid === d.chid) this.target = undefined;
         return p.info(`* ${this.channelName(d.chid)} was deleted`);
       case "ev_edit":
-        return p.info(`* message ${d.mid} was edited: ${d.body}`);
+        return p.info(`* message ${d.mid} was edited: ${continued(String(d.body))}`);
       case "ev_delmessage":
         return p.info(`* message ${d.mid} was deleted`);
       case "ev_logout":
-        return p.error(`* logged out by the server: ${d.reason}`);
+        return p.error(`* logged out by the server: ${continued(String(d.reason))}`);
       case "ev_close":
-        return p.info(`* the server is closing the connection: ${d.reason}`);
+        return p.info(`* the server is closing the connection: ${continued(String(d.reason))}`);
       default:
         return p.info(`* ${ev.action.replace(/^ev_/, "")}`);
     }
@@ -357,7 +376,7 @@ class ChatSession {
     if (chid !== undefined) head = `${p.channel(this.channelName(chid))} ${mine ? p.me(`<${m.nick}>`) : p.nick(`<${m.nick}>`)}`;
     else if (mine && to !== undefined && to !== this.client.uid) head = `${p.me("->")} ${p.nick(this.nickOf(to))}:`;
     else head = mine ? p.me(`<${m.nick}>`) : p.nick(`<${m.nick}>`);
-    let text = `${p.time(`[${clock(m.time)}]`)} ${head} ${m.body}`;
+    let text = `${p.time(`[${clock(m.time)}]`)} ${head} ${continued(m.body)}`;
     if (m.edited) text += p.info(" (edited)");
     if (hasAttachment(m.attach)) {
       text += p.info(` [attachment ${m.attach.mime || "application/octet-stream"}, ${sizeText(base64DecodedLength(m.attach.data))}; /save ${m.mid} FILE]`);
