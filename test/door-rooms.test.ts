@@ -216,6 +216,18 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, native]) x.close();
   });
 
+  it("every refusal carries the request's room_id or id, so a client can match it to its request", async () => {
+    const anon = await rooms();
+    expect(await ask(anon, { type: "SND_MSG", room_id: 3, message: "x" })).toEqual({ type: "SND_MSG", status: "ERROR", room_id: 3, error: "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)" });
+    const a = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: a.login });
+    expect(await ask(a.c, { type: "SND_MSG", room_id: room.id, message: 5 })).toEqual({ type: "SND_MSG", status: "ERROR", room_id: room.id, error: "'message' must be a string" });
+    expect(await ask(a.c, { type: "READ_MSG", room_id: room.id, read: "SOME" })).toEqual({ type: "READ_MSG", status: "ERROR", room_id: room.id, error: "'read' must be ALL or RESENT" });
+    expect(await ask(a.c, { type: "EDIT_MSG", id: 7, new_msg: 5 })).toEqual({ type: "EDIT_MSG", status: "ERROR", id: 7, error: "'new_msg' must be a string" });
+    expect(await ask(a.c, { type: "SND_MSG", username: "someone else", room_id: room.id, message: "x" })).toMatchObject({ status: "ERROR", room_id: room.id });
+    for (const x of [anon, a.c]) x.close();
+  });
+
   it("a session ended elsewhere is said in the door's error shape before the connection closes", async () => {
     const b = await signup();
     const native = await Client.connect(srv.port);

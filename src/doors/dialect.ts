@@ -298,7 +298,9 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
           else out = await this.handle(s, c.state, item.msg);
         } catch (err) {
           s.log.error({ err, door: this.name }, "door request failed");
-          out = [this.bad(Code.Unavailable, "the server could not complete the request; nothing was changed")];
+          const text = "the server could not complete the request; nothing was changed";
+          // Answered as the request's own refusal (its type or action, its ids), where there is one.
+          out = [item !== undefined && "msg" in item ? this.refuse(item.msg, text) : this.bad(Code.Unavailable, text)];
         }
         for (const f of out) if (f !== "") s.peer.send(f, false);
       }

@@ -84,8 +84,19 @@ function line(fields: Fields): string {
   return JSON.stringify(fields) + "\n";
 }
 
-function error(type: string, text: string): OutFrame[] {
-  return [line({ type, status: "ERROR", error: text })];
+/**
+ * A refused request: `{type: <its type>, status: "ERROR", error}`, with its `room_id`
+ * or `id` when it had one (a client matches the answer to its request by them; one
+ * that is no room's or message's number is not said back).
+ */
+function error(msg: Msg, text: string): OutFrame[] {
+  const out: Record<string, unknown> = { type: msg.type, status: "ERROR" };
+  for (const key of ["room_id", "id"]) {
+    const v = msg[key];
+    if (typeof v === "number" && Number.isSafeInteger(v) && v >= 1) out[key] = v;
+  }
+  out.error = text;
+  return [line(out)];
 }
 
 /** The MIME type of an IMAGE's bytes from their first bytes (base64), as far as known. */
@@ -143,7 +154,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   protected refuse(msg: Msg, reason: string): OutFrame {
     if (msg.type === "REQUEST_SIGNUP") return line({ type: "RESPONSE_SIGNUP", status: "SINGUP_FAIL", error: reason });
     if (msg.type === "REQUEST_LOGIN") return line({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS", error: reason });
-    return error(msg.type, reason)[0];
+    return error(msg, reason)[0];
   }
 
   /** The pair's record, made (and made the most recently used) on the way. */
@@ -235,9 +246,9 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       case "REQUEST_LOGIN":
         return this.login(s, st, msg);
     }
-    if (s.uid === undefined) return error(type, "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)");
+    if (s.uid === undefined) return error(msg, "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)");
     const username = msg.username;
-    if (username !== undefined && !sameLogin(username, st.login)) return error(type, "'username' is not the user logged in on this connection");
+    if (username !== undefined && !sameLogin(username, st.login)) return error(msg, "'username' is not the user logged in on this connection");
     switch (type) {
       case "CREATE_ROOM":
         return this.createRoom(s, st, msg);
@@ -247,9 +258,9 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return this.read(s, st, msg);
       case "SEARCH_USER": {
         const q = str(msg, "user");
-        if (!q) return error(type, "'user' is required");
+        if (!q) return error(msg, "'user' is required");
         // Code points, as the native searchuser's schema counts (a pair of UTF-16 units is one).
-        if (q.length > 2 * NAME_MAX || [...q].length > NAME_MAX) return error(type, `'user' is at most ${NAME_MAX} characters: no login is longer`);
+        if (q.length > 2 * NAME_MAX || [...q].length > NAME_MAX) return error(msg, `'user' is at most ${NAME_MAX} characters: no login is longer`);
         return [line({ type, user: await this.deps.loginsStartingWith(q, SEARCH_MAX) })];
       }
       case "DELETE_ROOM":
@@ -258,13 +269,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         return this.byId(s, st, msg, "delmessage", "mid");
       case "EDIT_MSG": {
         const text = str(msg, "new_msg");
-        if (text === undefined) return error(type, "'new_msg' must be a string");
+        if (text === undefined) return error(msg, "'new_msg' must be a string");
         return this.byId(s, st, msg, "editmessage", "mid", { body: text });
       }
       case "OLD_DIALOGS":
         return this.dialogs(s);
       default:
-        return error(type, `unknown type '${type}'`);
+        return error(msg, `unknown type '${type}'`);
     }
   }
 
@@ -301,11 +312,11 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   private async createRoom(s: Session, st: RoomsState, msg: Msg): Promise<OutFrame[]> {
     const type = "CREATE_ROOM";
     const customer = str(msg, "customer");
-    if (!customer) return error(type, "'customer' is required");
+    if (!customer) return error(msg, "'customer' is required");
     // A login, or a nick (one namespace): READ_MSG's `sender` is the author's nick, which
     // for an account made on another door (a seed-003 username) is not its login.
     const other = (await this.deps.uidOfLogin(customer)) ?? (await this.deps.uidOfNick(customer));
-    if (other === undefined) return error(type, `no user with login or nick '${customer}'`);
+    if (other === undefined) return error(msg, `no user with login or nick '${customer}'`);
     const me = st.uid as string;
     // One at a time per pair: two CREATE_ROOMs of the same two users at once (each
     // opening the chat, or one on two connections) would each find no room and make one.
@@ -314,7 +325,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       if (chid === undefined) {
         const name = `${st.login} & ${customer}`.slice(0, 64);
         const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
-        if (!r.ok) return error(type, r.text);
+        if (!r.ok) return error(msg, r.text);
         chid = (r.body as { chid: string }).chid;
         // Cluster mode: the pair's CREATE_ROOM on another node may have found no room
         // either and made one. Every node applies the log in one order and ours is
@@ -352,29 +363,28 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const room = msg.room_id;
     const text = str(msg, "message");
     const kind = msg.msg_type ?? "TEXT";
-    if (typeof room !== "number" || !Number.isSafeInteger(room) || room < 1) return error(type, "'room_id' must be a room's id");
-    if (text === undefined) return error(type, "'message' must be a string");
-    if (kind !== "TEXT" && kind !== "FILE" && kind !== "IMAGE") return error(type, "'msg_type' must be TEXT, FILE or IMAGE");
+    if (typeof room !== "number" || !Number.isSafeInteger(room) || room < 1) return error(msg, "'room_id' must be a room's id");
+    if (text === undefined) return error(msg, "'message' must be a string");
+    if (kind !== "TEXT" && kind !== "FILE" && kind !== "IMAGE") return error(msg, "'msg_type' must be TEXT, FILE or IMAGE");
     // Said here in this door's words: the native refusal names its own fields.
-    if (text === "") return [line({ type, status: "ERROR", room_id: room, error: "'message' is empty" })];
+    if (text === "") return error(msg, "'message' is empty");
     const data: Record<string, unknown> = { channel: String(room) };
     if (kind === "TEXT") data.body = text;
     else data.attach = { mime: kind === "IMAGE" ? sniffImage(text) : "application/octet-stream", data: text };
     const r = await this.call(s, "message", data);
-    if (!r.ok) return [line({ type, status: "ERROR", room_id: room, error: r.text })];
+    if (!r.ok) return error(msg, r.text);
     const { mid, time } = r.body as unknown as { mid: string; time: number };
     return [line({ type, status: "OK", room_id: room, message_id: Number(mid), date: roomsDate(time) })];
   }
 
   private async read(s: Session, st: RoomsState, msg: Msg): Promise<OutFrame[]> {
-    const type = "READ_MSG";
     const room = msg.room_id;
     const mode = msg.read ?? "ALL";
-    if (typeof room !== "number" || !Number.isSafeInteger(room) || room < 1) return error(type, "'room_id' must be a room's id");
-    if (mode !== "ALL" && mode !== "RESENT") return error(type, "'read' must be ALL or RESENT");
+    if (typeof room !== "number" || !Number.isSafeInteger(room) || room < 1) return error(msg, "'room_id' must be a room's id");
+    if (mode !== "ALL" && mode !== "RESENT") return error(msg, "'read' must be ALL or RESENT");
     const chid = String(room);
     const r = await this.call(s, "history", { channel: chid, limit: READ_MAX });
-    if (!r.ok) return [line({ type, status: "ERROR", room_id: room, error: r.text })];
+    if (!r.ok) return error(msg, r.text);
     const uid = st.uid as string;
     const sent = this.sentTo(uid, chid);
     // RESENT: what is neither up to the mark nor above it sent live.
@@ -417,9 +427,9 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
    */
   private async byId(s: Session, st: RoomsState, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
     const id = msg.id;
-    if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg.type, "'id' must be a number");
+    if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg, "'id' must be a number");
     const r = await this.callEchoed(s, st, `${msg.type}:${id}`, action, { [key]: String(id), ...extra });
-    if (!r.ok) return [line({ type: msg.type, status: "ERROR", id, error: r.text })];
+    if (!r.ok) return error(msg, r.text);
     return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: extra.body } : { type: msg.type, id })];
   }
 
