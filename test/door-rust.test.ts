@@ -162,6 +162,26 @@ describe("rust_messages door: rooms and messages", () => {
     for (const x of [a.c, b.c, native.client]) x.close();
   });
 
+  it("a message with an attachment, from another door, shows its text and the attachment's type", async () => {
+    const port = open.server.rustPort as number;
+    const room = uniqueName("room");
+    const a = await rustUser(port);
+    expect((await ask(a.c, { action: "create_room", name: room })).code).toBe(200);
+    expect((await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    const native = await registerUser(open.port);
+    const chid = (await native.client.request("channellist", { limit: 500 })).channels.find((ch: { name: string }) => ch.name === room).chid;
+    expect((await native.client.request("enter", { channel: chid })).status).toBe(0);
+    const png = Buffer.from("89504e470d0a1a0a0000", "hex").toString("base64");
+    expect((await native.client.request("message", { channel: chid, body: "", attach: { mime: "image/png", data: png } })).status).toBe(0);
+    expect((await native.client.request("message", { channel: chid, body: "see this", attach: { mime: "text/plain", data: "aGk=" } })).status).toBe(0);
+    expect((await a.c.next((f) => f.action === "get_message")).text).toBe("[attachment image/png]");
+    expect((await a.c.next((f) => f.action === "get_message")).text).toBe("see this [attachment text/plain]");
+    a.c.write(JSON.stringify({ action: "get_messages", number_of_messages: 2 }) + "\n");
+    const got = await a.c.next((f) => f.action === "get_messages");
+    expect(got.messages.map((m: { text: string }) => m.text)).toEqual(["[attachment image/png]", "see this [attachment text/plain]"]);
+    for (const x of [a.c, native.client]) x.close();
+  });
+
   it("one room at a time: change_room leaves the old room; 400 for a room that does not exist", async () => {
     const port = open.server.rustPort as number;
     const r1 = uniqueName("room");
@@ -220,6 +240,12 @@ describe("rust_messages door: rooms and messages", () => {
     expect((await ask(b.c, { action: "send_message", text: "a3 only", timestamp: 3 })).code).toBe(200);
     expect(await a3.next((f) => f.action === "get_message")).toMatchObject({ text: "a3 only" });
     expect(await a4.quiet(300, (f) => f.action === "get_message")).toBe(true);
+    // a4 moves from general: a3's room is left too (a3 moves with it), one room in all.
+    const other = uniqueName("room");
+    expect((await ask(b.c, { action: "create_room", name: other })).code).toBe(200);
+    expect((await ask(a4, { action: "change_room", old_room_name: "general", new_room_name: other })).code).toBe(200);
+    expect(await a3.next((f) => f.action === "change_room")).toMatchObject({ code: 300 });
+    expect(await sv.channels.channelsOf(uid)).toEqual([await sv.channels.byName(other)]);
     for (const x of [a3, a4, b.c]) x.close();
   });
 

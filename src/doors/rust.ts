@@ -61,6 +61,17 @@ export interface RustDeps {
   publish(ev: Event, audience: Audience): void;
 }
 
+/**
+ * A message's text on this door, which has no attachments: an attachment sent through
+ * another door shows as `[attachment <MIME type>]` after the text (an image alone was
+ * an empty line).
+ */
+function shownText(body: string, attach: { mime: string } | undefined): string {
+  if (!attach) return body;
+  const note = `[attachment ${attach.mime || "application/octet-stream"}]`;
+  return body === "" ? note : `${body} ${note}`;
+}
+
 function line(fields: Fields): string {
   return JSON.stringify(fields) + "\n";
 }
@@ -75,6 +86,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   private readonly rooms = new Map<string, Room>();
   /** uid → how many connections here are logged in as the user. */
   private readonly open = new Map<string, number>();
+  /** uid → the room move in progress (a login's or a change_room's): one at a time per user. */
+  private readonly moving = new Map<string, Promise<unknown>>();
 
   constructor(
     dispatcher: Dispatcher,
@@ -125,7 +138,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         const m = ev.m;
         if (m.chid === undefined || m.chid !== st.room?.chid) return "";
         const wire = (ev.wire ??= {});
-        return (wire[this.name] ??= line({ action: "get_message", author: m.nick, text: m.body, timestamp: m.time }));
+        return (wire[this.name] ??= line({ action: "get_message", author: m.nick, text: shownText(m.body, m.attach), timestamp: m.time }));
       }
       case "channelDeleted":
         if (ev.chid !== st.room?.chid) return "";
@@ -142,6 +155,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         // Another connection of this user moved it (one room at a time): this one moves too.
         if (ev.door !== this.name || ev.room === undefined || ev.origin === st.peer || st.login === undefined) return "";
         st.room = { chid: ev.chid, name: ev.room };
+        // (A move made on another node of a cluster: this node's memory follows it.)
+        if (st.counted !== undefined) this.remember(st.counted, st.room);
         return line({ action: "change_room", code: WARN, message: ev.text });
       default:
         return "";
@@ -168,10 +183,9 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       case "logout": {
         if (s.uid === undefined) return answer(action, ERR, "not logged in");
         const r = await this.call(s, "logout", {});
-        if (r.ok) {
-          st.login = st.password = st.room = undefined;
-          this.uncount(st);
-        }
+        if (r.ok) st.login = st.password = st.room = undefined;
+        // No longer logged in (a failed answer may come after the session ended).
+        if (s.uid === undefined) this.uncount(st);
         return this.result(action, r);
       }
     }
@@ -222,6 +236,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     st.password = password;
     st.peer = s.peer.id;
     const uid = (s as Session).uid as string; // logged in now (narrowed to undefined above)
+    this.uncount(st); // (a session that ended under an earlier login here, unnoticed)
     const alone = !this.open.has(uid);
     this.open.set(uid, (this.open.get(uid) ?? 0) + 1);
     st.counted = uid;
@@ -229,15 +244,18 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     // room is the connection's before the enter is answered: its messages meanwhile are
     // shown). One room at a time: the room the user's last connection here was moved to
     // is left, unless another connection of the user is open here (it stays there).
-    const room = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
-    st.room = room;
-    const entered = await this.call(s, "enter", { channel: room.chid });
-    if (!entered.ok) st.room = undefined;
-    if (entered.ok && alone) {
-      const before = this.rooms.get(uid);
-      this.remember(uid, room);
-      if (before !== undefined && before.chid !== room.chid) await this.call(s, "leave", { channel: before.chid });
-    }
+    // (Per node in a cluster: a connection on another node is not counted here.)
+    await this.oneMove(uid, async () => {
+      const room = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
+      st.room = room;
+      const entered = await this.call(s, "enter", { channel: room.chid });
+      if (!entered.ok) st.room = undefined;
+      if (entered.ok && alone) {
+        const before = this.rooms.get(uid);
+        this.remember(uid, room);
+        if (before !== undefined && before.chid !== room.chid) await this.call(s, "leave", { channel: before.chid });
+      }
+    });
     return answer(action, OK, "OK");
   }
 
@@ -257,10 +275,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     if (!sameLogin(msg.login, st.login)) return answer(action, ERR, "you can only delete the account you are logged in as");
     if (!password) return answer(action, ERR, "'password' is required");
     const r = await this.call(s, "deleteaccount", { pass: password });
-    if (r.ok) {
-      st.login = st.password = st.room = undefined;
-      this.uncount(st);
-    }
+    if (r.ok) st.login = st.password = st.room = undefined;
+    if (s.uid === undefined) this.uncount(st);
     return this.result(action, r);
   }
 
@@ -282,25 +298,43 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     if (!to) return answer(action, ERR, "'new_room_name' is required");
     const chid = await this.deps.channelByName(to);
     if (chid === undefined) return answer(action, ERR, `no room named '${to}'`);
-    const entered = await this.call(s, "enter", { channel: chid });
-    if (!entered.ok) return this.result(action, entered);
-    // The new room's messages are this connection's from here (not after the leave).
-    const left = st.room?.chid;
-    const room = { chid, name: to };
-    st.room = room;
-    // One room at a time: the old one is left (its membership ends), unless it is the
-    // new one; so is the connection's current room, whatever old_room_name says (a
-    // name of a room it is not in left it in two).
     const named = from ? await this.deps.channelByName(from) : undefined;
-    for (const old of new Set([named, left])) {
-      if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
-    }
-    // The user's other connections on this door move with it (they were left in a room
-    // whose membership just ended), and its next login comes back here.
     const uid = s.uid as string;
-    this.remember(uid, room);
-    this.deps.publish({ kind: "notice", door: this.name, chid, text: `moved to room '${to}' by another connection`, origin: st.peer, room: to }, { users: [uid] });
-    return answer(action, OK, "OK");
+    // One move of the user's at a time (two connections' change_room at once, or one
+    // during another's login, left connections and memberships in different rooms).
+    return this.oneMove(uid, async () => {
+      const entered = await this.call(s, "enter", { channel: chid });
+      if (!entered.ok) return this.result(action, entered);
+      // The new room's messages are this connection's from here (not after the leave).
+      const left = st.room?.chid;
+      const room = { chid, name: to };
+      st.room = room;
+      // One room at a time: the old one is left (its membership ends), unless it is the
+      // new one; so are the connection's current room, whatever old_room_name says (a
+      // name of a room it is not in left it in two), and the room the user's other
+      // connections here were last moved to (they move with this one).
+      for (const old of new Set([named, left, this.rooms.get(uid)?.chid])) {
+        if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
+      }
+      this.remember(uid, room);
+      this.deps.publish({ kind: "notice", door: this.name, chid, text: `moved to room '${to}' by another connection`, origin: st.peer, room: to }, { users: [uid] });
+      return answer(action, OK, "OK");
+    });
+  }
+
+  /** Runs `fn` after the user's move in progress, if any (its failure does not stop this one). */
+  private async oneMove<T>(uid: string, fn: () => Promise<T>): Promise<T> {
+    const before = this.moving.get(uid);
+    const mine = (async () => {
+      if (before) await before.catch(() => {});
+      return fn();
+    })();
+    this.moving.set(uid, mine);
+    try {
+      return await mine;
+    } finally {
+      if (this.moving.get(uid) === mine) this.moving.delete(uid);
+    }
   }
 
   /** The user's current room on this door, remembered (the most recently moved last). */
@@ -329,7 +363,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
 async function* messageItems(list: ListReply): AsyncIterable<string> {
   let sep = "";
   for await (const m of list.items()) {
-    yield sep + JSON.stringify({ author: m.nick, text: m.body, timestamp: m.time });
+    yield sep + JSON.stringify({ author: m.nick, text: shownText(String(m.body), m.attach as { mime: string } | undefined), timestamp: m.time });
     sep = ",";
   }
 }
