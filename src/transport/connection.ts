@@ -107,8 +107,6 @@ export class Connection implements Peer, LiveConnection {
   private lingerTimer: NodeJS.Timeout | undefined;
   /** Why reading is paused: one bit per reason (see reasonBit). */
   private pausedFor = 0;
-  /** Times reading paused (for whatever reason) since the connection opened. */
-  pauses = 0;
   private drainWaiters: ((ok: boolean) => void)[] | undefined;
   /** Uploads started on this connection and not yet finished or discarded (see Listener). */
   uploads = 0;
@@ -144,11 +142,6 @@ export class Connection implements Peer, LiveConnection {
   /** The client's address and port, for logs (made when asked). */
   get remote(): string {
     return `${this.address}:${this.socket.remotePort ?? 0}`;
-  }
-
-  /** Reading is paused now (for whatever reason). */
-  get paused(): boolean {
-    return this.pausedFor !== 0;
   }
 
   get bytesIn(): number {
@@ -375,10 +368,7 @@ export class Connection implements Peer, LiveConnection {
 
   pause(why: string): void {
     if (this.ending) return; // a closing connection reads (and discards) to the end
-    if (this.pausedFor === 0) {
-      this.socket.pause();
-      this.pauses++;
-    }
+    if (this.pausedFor === 0) this.socket.pause();
     this.pausedFor |= reasonBit(why);
   }
 

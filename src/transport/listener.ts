@@ -113,14 +113,18 @@ export interface PacedUpload extends Upload {
 }
 
 /**
- * How an upload's sender keeps up (--upload-min-rate): what its connection had read,
- * and paused, when the current window began.
+ * How an upload's sender keeps up (--upload-min-rate): what its connection had read
+ * when the current window began, and whether the blob file's buffer paused reading in
+ * it (the server's disk, not the client, was slow then).
  */
 interface UploadPace {
   upload: PacedUpload;
   since: number;
   bytesIn: number;
-  pauses: number;
+  /** Reading is paused for the file's buffer now. */
+  full: boolean;
+  /** ... or was, at some time in this window. */
+  wasFull: boolean;
 }
 
 export class Listener implements ConnectionTable, SlotCounter {
@@ -380,7 +384,8 @@ export class Listener implements ConnectionTable, SlotCounter {
   private startUpload(conn: Connection): PacedUpload {
     const up = this.newUpload();
     conn.uploads++;
-    this.uploading.set(conn, { upload: up, since: Date.now(), bytesIn: conn.bytesIn, pauses: conn.pauses });
+    const pace: UploadPace = { upload: up, since: Date.now(), bytesIn: conn.bytesIn, full: false, wasFull: false };
+    this.uploading.set(conn, pace);
     let open = true;
     const done = () => {
       if (!open) return;
@@ -391,6 +396,8 @@ export class Listener implements ConnectionTable, SlotCounter {
     };
     const { finish, abort, release } = up;
     up.finish = () => {
+      // The attachment has all arrived: its storing (fsync, rename) is the server's time.
+      this.uploading.delete(conn);
       const p = finish.call(up);
       p.then(done, done);
       return p;
@@ -405,8 +412,14 @@ export class Listener implements ConnectionTable, SlotCounter {
     };
     // Reading pauses while the blob file cannot keep up, so an attachment never
     // piles up in memory.
-    up.onFull = () => conn.pause("upload");
-    up.onDrain = () => conn.resume("upload");
+    up.onFull = () => {
+      pace.full = pace.wasFull = true;
+      conn.pause("upload");
+    };
+    up.onDrain = () => {
+      pace.full = false;
+      conn.resume("upload");
+    };
     return up;
   }
 
@@ -460,18 +473,19 @@ export class Listener implements ConnectionTable, SlotCounter {
    * Gives up an upload whose sender brought fewer than --upload-min-rate bytes a second
    * over the last window, and closes its connection (the frame cannot be answered before
    * it ends). Each upload holds its share of --max-uploading, and a client trickling
-   * many held it for as long as it liked. A window in which the server paused reading
-   * (the blob file's buffer full, requests waiting) does not count.
+   * many held it for as long as it liked. A window in which the blob file's buffer
+   * paused reading (the server's disk was slow) does not count; other pauses do (a
+   * client that does not read its replies pauses its own input).
    */
   private checkPace(conn: Connection, pace: UploadPace, now: number): void {
     const windowMs = this.config.uploadRateWindow * 1000;
     if (conn.closed || now - pace.since < windowMs) return;
     const brought = conn.bytesIn - pace.bytesIn;
     const needed = this.config.uploadMinRate * (now - pace.since) / 1000;
-    if (brought >= needed || conn.pauses !== pace.pauses || conn.paused) {
+    if (brought >= needed || pace.wasFull) {
       pace.since = now;
       pace.bytesIn = conn.bytesIn;
-      pace.pauses = conn.pauses;
+      pace.wasFull = pace.full;
       return;
     }
     const session = this.connections.get(conn) as Session;
