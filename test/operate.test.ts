@@ -110,7 +110,12 @@ describe("wirechat commands on a stopped data dir", () => {
     const srv = await start(["--data-dir", dir]);
     const a = await registerUser(srv.port);
     const b = await registerUser(srv.port);
-    await a.client.request("message", { uid: b.uid, body: "hello b" });
+    // More than a page of export's reads (64), in order across the pages.
+    const bodies = Array.from({ length: 150 }, (_, i) => `hello b ${i}`);
+    for (const body of bodies) a.client.send("message", { uid: b.uid, body });
+    for (const _ of bodies) expect((await a.client.reply("message")).data.status).toBe(0);
+    const room = uniqueName("room");
+    const chid = (await a.client.request("createchannel", { name: room })).chid;
     a.client.close();
     b.client.close();
     srv.proc.kill("SIGTERM");
@@ -120,9 +125,13 @@ describe("wirechat commands on a stopped data dir", () => {
     const lines = out.stdout.trim().split("\n").map((l) => JSON.parse(l));
     expect(lines.find((l) => l.type === "user")).toMatchObject({ uid: a.uid, login: a.login });
     expect(out.stdout).not.toMatch(/"hash"/);
-    expect(lines.filter((l) => l.type === "message").map((l) => l.body)).toEqual(["hello b"]);
+    expect(lines.filter((l) => l.type === "message").map((l) => l.body)).toEqual(bodies);
+    // Its memberships, and the channels they name.
+    expect(lines.filter((l) => l.type === "membership")).toEqual([{ type: "membership", uid: a.uid, chid }]);
+    expect(lines.filter((l) => l.type === "channel")).toEqual([expect.objectContaining({ type: "channel", chid, name: room, owner: a.uid })]);
     const all = cli(["export", "--data-dir", dir]);
     expect(all.stdout.trim().split("\n").filter((l) => JSON.parse(l).type === "user")).toHaveLength(2);
+    expect(all.stdout).toContain(`"type":"channel","chid":"${chid}"`);
     // An empty --user (a script's unset variable) names nobody: refused, not everyone's data.
     const empty = cli(["export", "--user", "", "--data-dir", dir]);
     expect(empty).toMatchObject({ status: 2, stdout: "" });

@@ -17,7 +17,7 @@ import { Level } from "level";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import type { BlobStore } from "../storage/blobs.js";
 import { LEVEL_OPTIONS, type Storage } from "../storage/db.js";
-import { LAYOUT_VERSION, keyTail, type MessageRecord, type UserRecord } from "../storage/layout.js";
+import { LAYOUT_VERSION, keyTail, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { readEntries, readKeys, readValues } from "../storage/range.js";
 
 export interface BackupInfo {
@@ -74,7 +74,7 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   try {
     return await backupInto(target, fd, storage, blobs, version);
   } catch (err) {
-    for (const name of ["db.ndjson", "blobs", INFO_TEMP]) rmSync(path.join(target, name), { recursive: true, force: true });
+    for (const name of ["db.ndjson", "blobs", INFO_TEMP, "backup.json"]) rmSync(path.join(target, name), { recursive: true, force: true });
     if (made) rmSync(target, { recursive: true, force: true });
     throw err;
   }
@@ -161,6 +161,12 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
   }
   const info: BackupInfo = { format: 1, server: "wirechat", version, layout: LAYOUT_VERSION, created: new Date().toISOString(), keys, blobs: copied, missing };
   try {
+    // The attachment directories' entries, before backup.json says the backup is whole.
+    const blobsDir = path.join(target, "blobs");
+    if (existsSync(blobsDir)) {
+      for (const shard of readdirSync(blobsDir)) await syncFile(path.join(blobsDir, shard));
+      await syncFile(blobsDir);
+    }
     const temp = path.join(target, INFO_TEMP);
     const fdInfo = openSync(temp, "w", 0o600);
     try {
@@ -330,9 +336,16 @@ function userLine(u: UserRecord): string {
 }
 
 /**
+ * Users and messages read per page by export: each may be large (a message up to
+ * --max-frame, a user's picture up to --max-picture), so a page of 1,000 could hold a
+ * gigabyte in a running server's heap; 64 bound it to 64 MiB at the default limits.
+ */
+const EXPORT_PAGE = 64;
+
+/**
  * The records of `uid` (their account, contacts, channel memberships and every direct
  * or channel message they sent or received directly), or of every user and message
- * when `uid` is undefined. Page by page: memory stays flat.
+ * when `uid` is undefined. Page by page (EXPORT_PAGE): memory stays flat.
  */
 export async function* exportRecords(storage: Storage, uid: string | undefined): AsyncGenerator<string> {
   const s = storage.spaces;
@@ -341,13 +354,36 @@ export async function* exportRecords(storage: Storage, uid: string | undefined):
     if (u) yield userLine(u);
   } else {
     for (let after = ""; ; ) {
-      const page = await readValues<UserRecord>(s.users, { gt: after, limit: 500 });
+      const page = await readValues<UserRecord>(s.users, { gt: after, limit: EXPORT_PAGE });
       if (page.length === 0) break;
       for (const u of page) yield userLine(u);
       after = page[page.length - 1].uid;
     }
   }
   const [from, to] = uid === undefined ? ["", "\u{10FFFF}"] : [`${uid}!`, `${uid}!\u{10FFFF}`];
+  // The channels the memberships below name (all of them for the whole server; the
+  // user's own for a user): a membership's chid is then described in the same file.
+  if (uid === undefined) {
+    for (const space of [s.channels, s.privchans]) {
+      for (let after = ""; ; ) {
+        const page = await readEntries<ChannelRecord>(space, { gt: after, limit: EXPORT_PAGE });
+        if (page.length === 0) break;
+        for (const [, c] of page) yield JSON.stringify({ type: "channel", ...c }) + "\n";
+        after = page[page.length - 1][0];
+      }
+    }
+  } else {
+    for (let after = from; ; ) {
+      const page = await readKeys(s.memberof, { gt: after, lt: to, limit: 1000 });
+      if (page.length === 0) break;
+      for (const key of page) {
+        const chid = keyTail(key);
+        const c = ((await s.channels.get(chid)) ?? (await s.privchans.get(chid))) as ChannelRecord | undefined;
+        if (c) yield JSON.stringify({ type: "channel", ...c }) + "\n";
+      }
+      after = page[page.length - 1];
+    }
+  }
   for (const [space, type, a, b] of [
     [s.contacts, "contact", "owner", "contact"],
     [s.memberof, "membership", "uid", "chid"],
@@ -360,7 +396,7 @@ export async function* exportRecords(storage: Storage, uid: string | undefined):
     }
   }
   for (let after = ""; ; ) {
-    const page = await readEntries<MessageRecord>(s.log, { gt: after, limit: 1000 });
+    const page = await readEntries<MessageRecord>(s.log, { gt: after, limit: EXPORT_PAGE });
     if (page.length === 0) break;
     for (const [, m] of page) {
       if (uid === undefined || m.from === uid || m.to === uid) yield JSON.stringify({ type: "message", ...m }) + "\n";
