@@ -191,7 +191,6 @@ function palette(on: boolean): Palette {
   return { nick: c("1;36"), me: c("1;32"), channel: c("35"), info: c("2"), error: c("31"), time: c("2") };
 }
 
-/** Writes whole lines; on a terminal it keeps the prompt and the typed text below them. */
 /**
  * A line as the terminal shows it, not as it would act on it: control characters from
  * the server (a message body's escape sequences clear the screen, set the window's
@@ -206,11 +205,16 @@ export function printable(text: string, colours: boolean): string {
   });
 }
 
-/** A message's further lines, indented under its first (a newline cannot pass for a line of its own). */
-function continued(text: string): string {
-  return text.replace(/\n/g, "\n    ");
+/**
+ * Text from the server (a body, a nick, a reason) as it is printed: every control
+ * character escaped (colour codes too: printable keeps only the client's own), further
+ * lines indented under the first (a newline cannot pass for a line of its own).
+ */
+function shown(text: unknown): string {
+  return printable(String(text), false).replace(/\n/g, "\n    ");
 }
 
+/** Writes whole lines; on a terminal it keeps the prompt and the typed text below them. */
 class Screen {
   private rl: readline.Interface | undefined;
   private barShown = false;
@@ -347,22 +351,22 @@ class ChatSession {
       case "ev_message":
         return this.messageLine(d as MessageEvent, d.chid, d.to);
       case "ev_presence":
-        return p.info(`* ${this.nickOf(d.uid)} is ${d.online ? "online" : "offline"}`);
+        return p.info(`* ${shown(this.nickOf(d.uid))} is ${d.online ? "online" : "offline"}`);
       case "ev_enter":
-        return p.info(`* ${d.nick} entered ${this.channelName(d.chid)}`);
+        return p.info(`* ${shown(d.nick)} entered ${shown(this.channelName(d.chid))}`);
       case "ev_leave":
-        return p.info(`* ${d.nick} left ${this.channelName(d.chid)}`);
+        return p.info(`* ${shown(d.nick)} left ${shown(this.channelName(d.chid))}`);
       case "ev_channel_deleted":
         if (this.target?.kind === "channel" && this.target.chid === d.chid) this.target = undefined;
-        return p.info(`* ${this.channelName(d.chid)} was deleted`);
+        return p.info(`* ${shown(this.channelName(d.chid))} was deleted`);
       case "ev_edit":
-        return p.info(`* message ${d.mid} was edited: ${continued(String(d.body))}`);
+        return p.info(`* message ${shown(d.mid)} was edited: ${shown(d.body)}`);
       case "ev_delmessage":
         return p.info(`* message ${d.mid} was deleted`);
       case "ev_logout":
-        return p.error(`* logged out by the server: ${continued(String(d.reason))}`);
+        return p.error(`* logged out by the server: ${shown(d.reason)}`);
       case "ev_close":
-        return p.info(`* the server is closing the connection: ${continued(String(d.reason))}`);
+        return p.info(`* the server is closing the connection: ${shown(d.reason)}`);
       default:
         return p.info(`* ${ev.action.replace(/^ev_/, "")}`);
     }
@@ -373,13 +377,14 @@ class ChatSession {
     const p = this.p;
     const mine = m.from === this.client.uid;
     let head: string;
-    if (chid !== undefined) head = `${p.channel(this.channelName(chid))} ${mine ? p.me(`<${m.nick}>`) : p.nick(`<${m.nick}>`)}`;
-    else if (mine && to !== undefined && to !== this.client.uid) head = `${p.me("->")} ${p.nick(this.nickOf(to))}:`;
-    else head = mine ? p.me(`<${m.nick}>`) : p.nick(`<${m.nick}>`);
-    let text = `${p.time(`[${clock(m.time)}]`)} ${head} ${continued(m.body)}`;
+    const nick = shown(m.nick);
+    if (chid !== undefined) head = `${p.channel(shown(this.channelName(chid)))} ${mine ? p.me(`<${nick}>`) : p.nick(`<${nick}>`)}`;
+    else if (mine && to !== undefined && to !== this.client.uid) head = `${p.me("->")} ${p.nick(shown(this.nickOf(to)))}:`;
+    else head = mine ? p.me(`<${nick}>`) : p.nick(`<${nick}>`);
+    let text = `${p.time(`[${clock(m.time)}]`)} ${head} ${shown(m.body)}`;
     if (m.edited) text += p.info(" (edited)");
     if (hasAttachment(m.attach)) {
-      text += p.info(` [attachment ${m.attach.mime || "application/octet-stream"}, ${sizeText(base64DecodedLength(m.attach.data))}; /save ${m.mid} FILE]`);
+      text += p.info(` [attachment ${shown(m.attach.mime || "application/octet-stream")}, ${sizeText(base64DecodedLength(m.attach.data))}; /save ${m.mid} FILE]`);
     }
     return text.trimEnd();
   }
