@@ -141,30 +141,6 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, c]) x.close();
   });
 
-  it("RESENT sends what came while the user was away, even after a newer message reached it live", async () => {
-    const a = await signup();
-    const b = await signup();
-    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
-    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "seen", msg_type: "TEXT" });
-    await b.c.next((f) => f.type === "READ_MSG" && f.message === "seen");
-    b.c.close();
-    await b.c.closed;
-    for (const message of ["away 1", "away 2"]) await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message, msg_type: "TEXT" });
-    const c = await rooms();
-    expect((await ask(c, { type: "REQUEST_LOGIN", login: b.login, pass: b.pass }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
-    // A new message reaches b live before its client asks for what it missed.
-    await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "live", msg_type: "TEXT" });
-    await c.next((f) => f.type === "READ_MSG" && f.message === "live");
-    send(c, { type: "READ_MSG", read: "RESENT", room_id: room.id });
-    expect((await c.next((f) => f.type === "READ_MSG")).message).toBe("away 1");
-    expect((await c.next((f) => f.type === "READ_MSG")).message).toBe("away 2");
-    expect(await c.quiet(300, (f) => f.type === "READ_MSG")).toBe(true);
-    // Everything is sent now: a second RESENT sends nothing.
-    send(c, { type: "READ_MSG", read: "RESENT", room_id: room.id });
-    expect(await c.quiet(300, (f) => f.type === "READ_MSG")).toBe(true);
-    for (const x of [a.c, c]) x.close();
-  });
-
   it("CREATE_ROOM finds the customer by login or by the nick READ_MSG shows as its sender", async () => {
     const a = await signup();
     const login = uniqueName("n");

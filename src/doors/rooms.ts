@@ -26,19 +26,6 @@ const READ_MAX = 500;
 const SEARCH_MAX = 50;
 /** (user, room) pairs whose last message sent through this door is remembered (RESENT). */
 const SENT_MAX = 100_000;
-/** Messages sent live above a pair's contiguous mark that it remembers (past them the oldest is sent again by RESENT). */
-const ABOVE_MAX = 32;
-
-/**
- * What a user was sent in a room through this door: every message up to `upTo` (a
- * READ_MSG sent the room's latest up to it), and those above it in `above` (sent live,
- * ascending). A live message says nothing of the ones before it: sent to a user who
- * was offline when they came, it must not make RESENT skip them.
- */
-interface Sent {
-  upTo: number;
-  above: number[] | undefined;
-}
 /** How long a late copy of an event that already answered its caller is left out. */
 const ECHO_MS = 10_000;
 
@@ -117,8 +104,8 @@ function msgType(attach: { mime: string } | undefined): "TEXT" | "FILE" | "IMAGE
 
 export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   readonly name = "rooms";
-  /** `<uid>\0<chid>` → what this user was sent in that room through this door (Sent). */
-  private readonly sent = new Map<string, Sent>();
+  /** `<uid>\0<chid>` → the newest mid this user was sent in that room through this door. */
+  private readonly sent = new Map<string, number>();
   /** Pairs of users (`<uid>\0<uid>`, in order) whose room a CREATE_ROOM is finding or making. */
   private readonly pairs = new Map<string, Promise<void>>();
 
@@ -157,41 +144,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     return error(msg, reason)[0];
   }
 
-  /** The pair's record, made (and made the most recently used) on the way. */
-  private sentTo(uid: string, chid: string): Sent {
+  /** Remembers what a user was sent in a room (for READ_MSG RESENT). */
+  private wasSent(uid: string, chid: string, mid: number): void {
     const key = `${uid}\u0000${chid}`;
-    let s = this.sent.get(key);
-    if (s !== undefined) this.sent.delete(key);
-    else {
-      if (this.sent.size >= SENT_MAX) this.sent.delete(this.sent.keys().next().value as string);
-      s = { upTo: 0, above: undefined };
-    }
-    this.sent.set(key, s);
-    return s;
-  }
-
-  /** A live READ_MSG went to the user (for RESENT): that one message, not those before it. */
-  private sentLive(uid: string, chid: string, mid: number): void {
-    const s = this.sentTo(uid, chid);
-    if (mid <= s.upTo) return;
-    const above = (s.above ??= []);
-    let i = above.length;
-    while (i > 0 && above[i - 1] > mid) i--;
-    if (above[i - 1] === mid) return;
-    above.splice(i, 0, mid);
-    if (above.length > ABOVE_MAX) above.shift();
-  }
-
-  /** A READ_MSG sent the room's latest up to `mid` (ascending): the user has had all of it. */
-  private sentThrough(s: Sent, mid: number): void {
-    if (mid <= s.upTo) return;
-    s.upTo = mid;
-    const above = s.above;
-    if (above === undefined) return;
-    let n = 0;
-    while (n < above.length && above[n] <= mid) n++;
-    if (n === above.length) s.above = undefined;
-    else if (n > 0) above.splice(0, n);
+    if ((this.sent.get(key) ?? 0) >= mid) return;
+    this.sent.delete(key);
+    if (this.sent.size >= SENT_MAX) this.sent.delete(this.sent.keys().next().value as string);
+    this.sent.set(key, mid);
   }
 
   /** A message as its READ_MSG frame (an attachment's base64 streamed from the blob store). */
@@ -211,7 +170,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       case "message": {
         const m = ev.m;
         if (m.chid === undefined) return ""; // direct messages have no room on this door
-        if (st.uid !== undefined) this.sentLive(st.uid, m.chid, Number(m.mid));
+        if (st.uid !== undefined) this.wasSent(st.uid, m.chid, Number(m.mid));
         return (wire[this.name] ??= this.readFrame(m, m.attach));
       }
       case "edit":
@@ -386,25 +345,18 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const r = await this.call(s, "history", { channel: chid, limit: READ_MAX });
     if (!r.ok) return error(msg, r.text);
     const uid = st.uid as string;
-    const sent = this.sentTo(uid, chid);
-    // RESENT: what is neither up to the mark nor above it sent live.
-    const after = mode === "RESENT" ? sent.upTo : 0;
-    const skip = mode === "RESENT" && sent.above !== undefined ? new Set(sent.above) : undefined;
+    const after = mode === "RESENT" ? (this.sent.get(`${uid}\u0000${chid}`) ?? 0) : 0;
     // One frame per message, written as the connection drains and read a page at a time
     // (as native history is): 500 messages of up to --max-frame each are never held
     // whole, and a client that does not read holds one page.
     const list = r.body as ListReply;
-    return [{ parts: [() => this.readFrames(list, sent, chid, after, skip)] }];
+    return [{ parts: [() => this.readFrames(list, uid, chid, after)] }];
   }
 
-  private async *readFrames(list: ListReply, sent: Sent, chid: string, after: number, skip: Set<number> | undefined): AsyncIterable<string> {
+  private async *readFrames(list: ListReply, uid: string, chid: string, after: number): AsyncIterable<string> {
     for await (const item of list.items()) {
       const mid = Number(item.mid);
       if (mid <= after) continue;
-      if (skip?.has(mid)) {
-        this.sentThrough(sent, mid);
-        continue;
-      }
       const attach = item.attach instanceof AttachmentRef ? item.attach : undefined;
       const frame = this.readFrame({ mid: String(item.mid), chid, nick: String(item.nick), body: String(item.body), time: Number(item.time) }, attach);
       if (typeof frame === "string") yield frame;
@@ -414,7 +366,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
           else yield* part();
         }
       }
-      this.sentThrough(sent, mid);
+      this.wasSent(uid, chid, mid);
     }
   }
 
