@@ -10,12 +10,12 @@
 
 import { pipeline } from "node:stream/promises";
 import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
-import { copyFile, mkdir, open, readFile } from "node:fs/promises";
+import { copyFile, mkdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import { Level } from "level";
 import { Code, ProtocolError } from "../protocol/codes.js";
-import type { BlobStore } from "../storage/blobs.js";
+import { syncPath, type BlobStore } from "../storage/blobs.js";
 import { LEVEL_OPTIONS, type Storage } from "../storage/db.js";
 import { LAYOUT_VERSION, keyTail, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { readEntries, readKeys, readValues } from "../storage/range.js";
@@ -80,16 +80,6 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   }
 }
 
-/** Flushes a file (or a directory's entries) to disk: a backup reported done survives a crash. */
-async function syncFile(file: string): Promise<void> {
-  const fh = await open(file, "r");
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
 /** backup.json while it is written (renamed into place once synced: a backup without it is incomplete). */
 const INFO_TEMP = "backup.json.tmp";
 
@@ -138,7 +128,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
       await it.close();
     }
     try {
-      await syncFile(path.join(target, "db.ndjson"));
+      await syncPath(path.join(target, "db.ndjson"));
     } catch (err) {
       throw unwritable(target, err);
     }
@@ -147,7 +137,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
       try {
         await mkdir(path.dirname(to), { recursive: true, mode: 0o700 });
         await copyFile(blobs.pathOf(sha), to);
-        await syncFile(to);
+        await syncPath(to);
         copied++;
       } catch (err) {
         // Missing: the source is gone (only a file the snapshot's messages no longer
@@ -164,8 +154,8 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
     // The attachment directories' entries, before backup.json says the backup is whole.
     const blobsDir = path.join(target, "blobs");
     if (existsSync(blobsDir)) {
-      for (const shard of readdirSync(blobsDir)) await syncFile(path.join(blobsDir, shard));
-      await syncFile(blobsDir);
+      for (const shard of readdirSync(blobsDir)) await syncPath(path.join(blobsDir, shard));
+      await syncPath(blobsDir);
     }
     const temp = path.join(target, INFO_TEMP);
     const fdInfo = openSync(temp, "w", 0o600);
@@ -176,7 +166,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
       closeSync(fdInfo);
     }
     renameSync(temp, path.join(target, "backup.json"));
-    await syncFile(target); // the directory: its entries, backup.json's last
+    await syncPath(target); // the directory: its entries, backup.json's last
   } catch (err) {
     throw unwritable(target, err);
   }

@@ -357,8 +357,8 @@ export class BlobStore {
     // parent too, or a power loss could lose the file the committed message names.
     const made = await mkdir(path.dirname(final), { recursive: true });
     await rename(tmpPath, final);
-    await syncDir(path.dirname(final));
-    if (made !== undefined) await syncDir(path.dirname(made));
+    await syncPath(path.dirname(final));
+    if (made !== undefined) await syncPath(path.dirname(made));
     this.storedBytes += (await stat(final).catch(() => undefined))?.size ?? 0;
   }
 
@@ -384,8 +384,9 @@ export class BlobStore {
   }
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, "r");
+/** Flushes a file, or a directory's entries, to disk. */
+export async function syncPath(where: string): Promise<void> {
+  const fh = await open(where, "r");
   try {
     await fh.sync();
   } finally {
