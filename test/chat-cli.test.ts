@@ -155,6 +155,40 @@ describe("wirechat chat", () => {
     }
   });
 
+  it("at a terminal the password is neither echoed nor kept in the line history, stdout redirected or not", async () => {
+    // `script` gives the chat a terminal (a pty) for stdin, and for stdout unless redirected.
+    async function atTerminal(redirect: boolean, keys: string[]): Promise<{ tty: string; out: string }> {
+      const out = path.join(newDir(), "chat.out");
+      const login = uniqueName("pty");
+      const command = `'${process.execPath}' '${MAIN}' --host 127.0.0.1 --port ${srv.port} --login ${login} --register --no-color${redirect ? ` > '${out}'` : ""}`;
+      const proc = spawn("script", ["-qfec", command, "/dev/null"], { stdio: ["pipe", "pipe", "pipe"] });
+      let tty = "";
+      proc.stdout.on("data", (d: Buffer) => (tty += d.toString()));
+      const exited = new Promise((resolve) => proc.on("exit", resolve));
+      try {
+        await waitFor(() => tty.includes("Password: "), 5000, `the prompt; got ${JSON.stringify(tty)}`);
+        proc.stdin.write("s3cretpw\r");
+        const loggedIn = () => (redirect ? readFileSync(out, "utf8") : tty).includes("logged in as");
+        await waitFor(() => { try { return loggedIn(); } catch { return false; } }, 5000, "the login");
+        for (const k of keys) proc.stdin.write(k);
+        await new Promise((r) => setTimeout(r, 300));
+        proc.stdin.write("\x15/quit\r"); // ^U: whatever ↑ brought back goes first
+        await exited;
+        return { tty, out: redirect ? readFileSync(out, "utf8") : "" };
+      } finally {
+        proc.kill("SIGKILL");
+      }
+    }
+    const redirected = await atTerminal(true, []);
+    expect(redirected.tty).toMatch(/Password: /);
+    expect(redirected.tty).not.toMatch(/s3cretpw/);
+    expect(redirected.out).toMatch(/logged in as/);
+    // ↑ at the prompt: the history has nothing of the password.
+    const full = await atTerminal(false, ["\x1b[A"]);
+    expect(full.tty).toMatch(/logged in as/);
+    expect(full.tty).not.toMatch(/s3cretpw/);
+  });
+
   it("joins a channel, lists its members, and talks there", async () => {
     const bob = await libUser();
     try {

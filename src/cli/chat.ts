@@ -671,10 +671,35 @@ async function readPassword(rl: readline.Interface, queue: LineQueue, io: ChatIO
   const original = hook._writeToOutput;
   hook._writeToOutput = () => {};
   try {
-    return await queue.next();
+    const pass = await queue.next();
+    // Not in the history: ↑ would bring it back, in clear.
+    const history = (rl as unknown as { history?: string[] }).history;
+    const at = pass === undefined || !history ? -1 : history.indexOf(pass);
+    if (at >= 0) history?.splice(at, 1);
+    return pass;
   } finally {
     hook._writeToOutput = original;
     io.stdout.write("\n");
+  }
+}
+
+/**
+ * The password typed at a terminal whose output goes elsewhere (stdout redirected):
+ * prompted on stderr, not echoed (readline puts the terminal in raw mode), read before
+ * the chat's own input starts. Read as a plain first line it was echoed by the terminal.
+ */
+async function hiddenPassword(io: ChatIO): Promise<string | undefined> {
+  const rl = readline.createInterface({ input: io.stdin, output: io.stderr, terminal: true, historySize: 0 });
+  io.stderr.write("Password: ");
+  (rl as unknown as { _writeToOutput: (s: string) => void })._writeToOutput = () => {};
+  try {
+    return await new Promise<string | undefined>((resolve) => {
+      rl.once("line", resolve);
+      rl.once("close", () => resolve(undefined));
+    });
+  } finally {
+    rl.close();
+    io.stderr.write("\n");
   }
 }
 
@@ -693,6 +718,8 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
   }
 
   const tty = !!io.stdin.isTTY && !!io.stdout.isTTY;
+  let given = args.pass;
+  if (given === undefined && !tty && io.stdin.isTTY) given = await hiddenPassword(io);
   const p = palette(args.color && !!io.stdout.isTTY);
   const screen = new Screen(io.stdout, tty);
   const rl = readline.createInterface({
@@ -710,7 +737,7 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
   };
 
   try {
-    const pass = args.pass ?? (await readPassword(rl, queue, io, tty));
+    const pass = given ?? (await readPassword(rl, queue, io, tty));
     if (pass === undefined || pass === "") return fail("no password given");
 
     let tlsOpt: ConnectOptions["tls"];
