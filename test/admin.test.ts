@@ -147,6 +147,22 @@ describe("admin port", () => {
     c.close();
   });
 
+  it("lists users in uid order, whole and paged alike, past its reads of 64", async () => {
+    for (let i = 0; i < 70; i++) expect((await admin(ap(), "POST", "/users", { login: uniqueName("l"), pass: "pw" })).status).toBe(201);
+    const all = (await admin(ap(), "GET", "/users?limit=1000")).json.users.map((u: { uid: string }) => u.uid);
+    expect(all.length).toBeGreaterThanOrEqual(70);
+    expect([...all].sort()).toEqual(all);
+    expect(new Set(all).size).toBe(all.length);
+    const paged: string[] = [];
+    for (let after = ""; ; ) {
+      const page = (await admin(ap(), "GET", `/users?limit=50&after=${after}`)).json;
+      paged.push(...page.users.map((u: { uid: string }) => u.uid));
+      if (page.users.length < 50) break;
+      after = page.next;
+    }
+    expect(paged).toEqual(all);
+  });
+
   it("closes and opens registration", async () => {
     expect((await admin(ap(), "POST", "/registration", { open: false })).json).toEqual({ registration: "closed" });
     const c = await Client.connect(served.port);

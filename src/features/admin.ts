@@ -41,6 +41,9 @@ export interface AdminOps {
   registration(open?: boolean): "open" | "closed";
 }
 
+/** User records read at a time by list (each may hold a picture of up to --max-picture). */
+const LIST_PAGE = 64;
+
 export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
   const { users, router, bans, config } = sv;
 
@@ -66,8 +69,16 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
     resolve,
     summary,
     async list(after, limit) {
-      const page = await readValues<UserRecord>(sv.storage.spaces.users, { gt: after, limit });
-      return page.map(summary);
+      // Whole records are read (a picture may be --max-picture): LIST_PAGE at a time,
+      // each let go once summed up (a page of 1,000 held up to 256 MB).
+      const out: UserSummary[] = [];
+      for (let from = after; out.length < limit; ) {
+        const page = await readValues<UserRecord>(sv.storage.spaces.users, { gt: from, limit: Math.min(LIST_PAGE, limit - out.length) });
+        if (page.length === 0) break;
+        for (const u of page) out.push(summary(u));
+        from = page[page.length - 1].uid;
+      }
+      return out;
     },
     async addUser(login, pass, nick) {
       return summary(await accounts.create(login, pass, nick));
