@@ -237,6 +237,10 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     await core.close();
     throw err;
   }
+  // A user named as the seed doors' clients name one: a login, else a nick (one
+  // namespace: another door's account shows there by its nick).
+  const uidOfName = async (name: string): Promise<string | undefined> =>
+    (await readSynced(services, () => services.users.lookup("login", name))) ?? (await readSynced(services, () => services.users.lookup("nick", name)));
   // A door's events (its notices: the chat door's join and leave lines, a rust room
   // move), and in cluster mode its notices for its connections on the other nodes too.
   const publish = (ev: Event, audience: Audience): void => {
@@ -261,7 +265,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       config,
       blobs,
       uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
-      uidOfNick: (nick) => readSynced(services, () => users.lookup("nick", nick)),
+      uidOfName,
       loginsStartingWith: async (prefix, limit) => {
         const uids = await users.prefixSearch("login", prefix, limit);
         const found = await Promise.all(uids.map((uid) => users.get(uid)));
@@ -300,7 +304,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       cachedUser: (uid) => users.peek(uid),
       uidOfNum: (num) => readSynced(services, () => directory.uidOf(num)),
       uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
-      uidOfNick: (nick) => readSynced(services, () => users.lookup("nick", nick)),
+      uidOfName,
       loginsStartingWith: (prefix, limit) => users.prefixSearch("login", prefix, limit),
       channel: (chid) => readSynced(services, () => channels.get(chid)),
       channelsOf: (uid) => channels.channelsOf(uid),

@@ -49,8 +49,8 @@ export interface EchatDeps {
   cachedUser(uid: string): UserRecord | undefined;
   uidOfNum(num: number): Promise<string | undefined>;
   uidOfLogin(login: string): Promise<string | undefined>;
-  /** The user whose nick is `nick` (logins and nicks are one namespace). */
-  uidOfNick(nick: string): Promise<string | undefined>;
+  /** The user whose login, else whose nick, is `name` (logins and nicks are one namespace). */
+  uidOfName(name: string): Promise<string | undefined>;
   /** Uids whose login starts with `prefix` (case-insensitively), at most `limit`. */
   loginsStartingWith(prefix: string, limit: number): Promise<string[]>;
   channel(chid: string): Promise<ChannelRecord | undefined>;
@@ -278,8 +278,7 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
    * auth, which a miss would count as a failed login.
    */
   private async loginOf(name: string): Promise<string> {
-    if ((await this.deps.uidOfLogin(name)) !== undefined) return name;
-    const uid = await this.deps.uidOfNick(name);
+    const uid = await this.deps.uidOfName(name);
     const user = uid === undefined ? undefined : await this.deps.user(uid);
     return user?.login ?? name;
   }

@@ -50,8 +50,8 @@ export interface RoomsDeps {
   blobs: BlobSource;
   /** The uid of a login, if there is an account. */
   uidOfLogin(login: string): Promise<string | undefined>;
-  /** The user whose nick is `nick` (logins and nicks are one namespace). */
-  uidOfNick(nick: string): Promise<string | undefined>;
+  /** The user whose login, else whose nick, is `name` (logins and nicks are one namespace). */
+  uidOfName(name: string): Promise<string | undefined>;
   /** Logins starting with `prefix` (case-insensitively), at most `limit`. */
   loginsStartingWith(prefix: string, limit: number): Promise<string[]>;
   /** A private channel whose members are exactly these two users, if there is one. */
@@ -274,7 +274,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     if (!customer) return error(msg, "'customer' is required");
     // A login, or a nick (one namespace): READ_MSG's `sender` is the author's nick, which
     // for an account made on another door (a seed-003 username) is not its login.
-    const other = (await this.deps.uidOfLogin(customer)) ?? (await this.deps.uidOfNick(customer));
+    const other = await this.deps.uidOfName(customer);
     if (other === undefined) return error(msg, `no user with login or nick '${customer}'`);
     const me = st.uid as string;
     // One at a time per pair: two CREATE_ROOMs of the same two users at once (each

@@ -23,6 +23,7 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Audience, Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
+import { LocalLock } from "../seams.js";
 import { DialectCodec, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 const OK = 200;
@@ -86,8 +87,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   private readonly rooms = new Map<string, Room>();
   /** uid → how many connections here are logged in as the user. */
   private readonly open = new Map<string, number>();
-  /** uid → the room move in progress (a login's or a change_room's): one at a time per user. */
-  private readonly moving = new Map<string, Promise<unknown>>();
+  /** A user's room moves (a login's, a change_room's), one at a time per uid. */
+  private readonly moves = new LocalLock();
 
   constructor(
     dispatcher: Dispatcher,
@@ -245,7 +246,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     // shown). One room at a time: the room the user's last connection here was moved to
     // is left, unless another connection of the user is open here (it stays there).
     // (Per node in a cluster: a connection on another node is not counted here.)
-    await this.oneMove(uid, async () => {
+    await this.moves.run(uid, async () => {
       const room = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
       st.room = room;
       const entered = await this.call(s, "enter", { channel: room.chid });
@@ -302,7 +303,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     const uid = s.uid as string;
     // One move of the user's at a time (two connections' change_room at once, or one
     // during another's login, left connections and memberships in different rooms).
-    return this.oneMove(uid, async () => {
+    return this.moves.run(uid, async () => {
       const entered = await this.call(s, "enter", { channel: chid });
       if (!entered.ok) return this.result(action, entered);
       // The new room's messages are this connection's from here (not after the leave).
@@ -320,21 +321,6 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       this.deps.publish({ kind: "notice", door: this.name, chid, text: `moved to room '${to}' by another connection`, origin: st.peer, room: to }, { users: [uid] });
       return answer(action, OK, "OK");
     });
-  }
-
-  /** Runs `fn` after the user's move in progress, if any (its failure does not stop this one). */
-  private async oneMove<T>(uid: string, fn: () => Promise<T>): Promise<T> {
-    const before = this.moving.get(uid);
-    const mine = (async () => {
-      if (before) await before.catch(() => {});
-      return fn();
-    })();
-    this.moving.set(uid, mine);
-    try {
-      return await mine;
-    } finally {
-      if (this.moving.get(uid) === mine) this.moving.delete(uid);
-    }
   }
 
   /** The user's current room on this door, remembered (the most recently moved last). */
