@@ -283,7 +283,10 @@ export class ChildServer {
   /** `wrap`: a command that execs node in its place (e.g. `prlimit --fsize=N --`). */
   static async start(dataDir: string, extra: string[] = [], wrap: string[] = []): Promise<ChildServer> {
     const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
-    const args = [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dataDir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", "0", ...extra];
+    // With a config file its log level rules (a flag would win over it, and SIGHUP could
+    // not change it); the default, info, logs the line waited for below.
+    const level = extra.includes("--config") ? [] : ["--log-level", "info"];
+    const args = [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dataDir, "--bcrypt-cost", "4", ...level, "--admin-port", "0", ...extra];
     const proc =
       wrap.length > 0
         ? spawn(wrap[0], [...wrap.slice(1), process.execPath, ...args], { stdio: ["ignore", "pipe", "pipe"] })

@@ -1,8 +1,11 @@
 // Abuse limits and pressure over real TCP: login throttling, the request rate limit,
 // connection caps, idle timeouts and slow readers.
 import net from "node:net";
+import { Writable } from "node:stream";
+import pino from "pino";
 import { describe, expect, it } from "vitest";
-import { Client, login, registerUser, startTestServer, uniqueName } from "./helpers.js";
+import { startServer } from "../src/server.js";
+import { Client, login, registerUser, startTestServer, testConfig, uniqueName } from "./helpers.js";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -126,6 +129,23 @@ describe("the HTTP port's socket cap", () => {
     last.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     expect(await answer).toMatch(/^HTTP\/1\.1 /);
     for (const s of sockets) s.destroy();
+    await server.stop();
+  });
+});
+
+describe("log level on reload", () => {
+  it("the HTTP door's Fastify logger follows --log-level when SIGHUP's reload changes it, never below warn", async () => {
+    const quiet = pino({ level: "error" }, new Writable({ write: (_c, _e, cb) => cb() }));
+    const server = await startServer(testConfig({ httpPort: 0, logLevel: "error" }), quiet);
+    const log = () => (server.http as NonNullable<typeof server.http>).app.log;
+    expect(log().level).toBe("error");
+    // Fastify logs every request at info: its floor is warn. Before, it took the level
+    // the server started with, or followed it below warn (error, then info: every
+    // request logged), or stayed at warn (info, then error or silent).
+    for (const [level, fastify] of [["info", "warn"], ["error", "error"], ["debug", "warn"], ["silent", "silent"]] as const) {
+      server.reload({ ...server.services.config, logLevel: level });
+      expect(log().level).toBe(fastify);
+    }
     await server.stop();
   });
 });

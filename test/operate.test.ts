@@ -10,7 +10,7 @@ import path from "node:path";
 import tls from "node:tls";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
-import { Client, login, rawDb, registerUser, removeDir, uniqueName } from "./helpers.js";
+import { Client, login, rawDb, registerUser, removeDir, uniqueName, WsClient } from "./helpers.js";
 import { sleep, useChildServers, waitFor } from "./pipeline-helpers.js";
 import { LAYOUT_VERSION } from "../src/storage/layout.js";
 
@@ -479,6 +479,28 @@ describe("configuration and signals", () => {
     expect((await c.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(15);
     kept.close();
     c.close();
+  });
+
+  it("SIGHUP's log level reaches a logger made at start-up (the WebSocket listener's)", async () => {
+    const dir = tmp();
+    const conf = path.join(dir, "wirechat.json");
+    writeFileSync(conf, JSON.stringify({}));
+    const srv = await start(["--http-port", "0", "--config", conf]);
+    const httpPort = Number(/"httpPort":(\d+)/.exec(srv.stdout())?.[1]);
+    const opened = () => srv.stdout().split("\n").filter((l) => l.includes('"msg":"connection opened"') && l.includes('"door":"http"'));
+    // At info (the default) a WebSocket's opening is not logged...
+    const quiet = await WsClient.connect(httpPort, "/wirechat");
+    await quiet.next((m) => m.action === "welcome");
+    expect(opened()).toEqual([]);
+    // ...at debug, after SIGHUP, it is: the listener's logger follows the new level.
+    writeFileSync(conf, JSON.stringify({ "log-level": "debug" }));
+    srv.proc.kill("SIGHUP");
+    await waitFor(() => srv.stdout().includes('"msg":"configuration reloaded"'), 5000, "the reload");
+    const loud = await WsClient.connect(httpPort, "/wirechat");
+    await loud.next((m) => m.action === "welcome");
+    await waitFor(() => opened().length === 1, 5000, "the debug line of the WebSocket opened after the reload");
+    quiet.close();
+    loud.close();
   });
 
   it("the second SIGINT exits at once while the first one's shutdown waits", async () => {

@@ -14,6 +14,7 @@ import type client from "prom-client";
 import type { Config } from "../config.js";
 import type { AdminOps } from "../features/admin.js";
 import { plainAddress } from "../addresses.js";
+import { followLevel } from "../log.js";
 import { CODES, Code, ProtocolError } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BanKind } from "../storage/layout.js";
@@ -102,9 +103,12 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   const app = Fastify({
     // Fastify logs every request at info: the admin port's own lines are warnings and
     // errors only (the operator actions log through the server's logger).
-    loggerInstance: log.child({ door: "admin" }, { level: log.levelVal > 40 ? log.level : "warn" }) as unknown as FastifyBaseLogger,
+    loggerInstance: log.child({ door: "admin" }) as unknown as FastifyBaseLogger,
     bodyLimit: 64 * 1024,
   });
+  // ... and follow the server's level when SIGHUP changes it.
+  const unfollow = followLevel(log, app.log as unknown as Logger, "warn");
+  app.addHook("onClose", async () => unfollow());
   // A body is JSON: a value of the wrong type is refused, never converted (Fastify's
   // default coerced {"open":"false"} and {"open":null} to false and closed registration,
   // {"user":["bob"]} to "bob"). A query string is text: its numbers are converted. An

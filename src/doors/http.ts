@@ -16,6 +16,7 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRequ
 import type { Logger } from "pino";
 import type WebSocket from "ws";
 import type { Config } from "../config.js";
+import { followLevel } from "../log.js";
 import type { Metrics } from "../metrics.js";
 import type { NativeCodec } from "../protocol/codec.js";
 import { Code } from "../protocol/codes.js";
@@ -52,7 +53,7 @@ export class HttpDoor {
     this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics, [native, d.echat, d.chat]);
     const app = Fastify({
       // Fastify logs every request at info: this port's own lines are warnings and errors.
-      loggerInstance: log.child({ door: "http" }, { level: log.levelVal > 40 ? log.level : "warn" }) as unknown as FastifyBaseLogger,
+      loggerInstance: log.child({ door: "http" }) as unknown as FastifyBaseLogger,
       bodyLimit: config.maxFrame,
       // A request must arrive within the unauthenticated idle time (slow senders hold no socket for long).
       requestTimeout: config.idleUnauth * 1000,
@@ -78,6 +79,9 @@ export class HttpDoor {
       },
     });
     this.app = app;
+    // ... and follow the server's level when SIGHUP changes it.
+    const unfollow = followLevel(log, app.log as unknown as Logger, "warn");
+    app.addHook("onClose", async () => unfollow());
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
     // also counted, and refused with a message, by the listener).
     app.server.maxConnections = config.maxConnections;
