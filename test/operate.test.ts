@@ -214,6 +214,12 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     const carol = json(cli(["user", "add", "carol", "--pass", "pw", ...a]));
     const c = await login(srv.port, "carol", "pw");
     expect(json(cli(["user", "show", "carol", ...a]))).toMatchObject({ uid: carol.uid, online: 1 });
+    // Logins a URL or an option parser could take for something else: ".." and "."
+    // (path segments) and one starting with "-" (after "--").
+    for (const name of ["..", ".", "-dash"]) {
+      const made = json(cli(["user", "add", "--pass", "pw", ...a, "--", name]));
+      expect(json(cli(["user", "show", ...a, "--", name]))).toMatchObject({ uid: made.uid, login: name });
+    }
     expect(json(cli(["kick", "carol", ...a]))).toEqual({ uid: carol.uid, connections: 1 });
     await c.client.closed;
     expect(json(cli(["registration", "closed", ...a]))).toEqual({ registration: "closed" });

@@ -40,8 +40,9 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
   wirechat export [--user <login|uid>]      NDJSON on stdout (no password hashes)
   wirechat version
 
-A user named <login|uid> is matched by uid first. --help or --version after any
-command prints that and runs nothing.`;
+A user named <login|uid> is matched by uid first; after "--" every word is a name
+(a login starting with "-"). --help or --version after any command prints that and
+runs nothing.`;
 
 const OWN_FLAGS = new Set(["--pass", "--nick", "--reason", "--address", "--after", "--limit", "--user"]);
 /** Flags of the commands that take no value. */
@@ -61,6 +62,11 @@ function split(argv: readonly string[]): Parsed {
   const rest: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
+    // After "--" everything is a name (a login may start with "-").
+    if (a === "--") {
+      positional.push(...argv.slice(i + 1));
+      break;
+    }
     const eq = a.indexOf("=");
     const flag = a.startsWith("--") && eq > 0 ? a.slice(0, eq) : a;
     if (OWN_SWITCHES.has(a)) {
@@ -203,7 +209,13 @@ function viaAdmin(config: Config): Backend {
    */
   function reach(method: string, route: string, body?: unknown): Promise<http.IncomingMessage> {
     return new Promise((resolve, reject) => {
-      const req = http.request(base + route, { method, headers: body === undefined ? headers : { ...headers, "content-type": "application/json" } }, resolve);
+      // The route as its path, not parsed as a URL: a URL's "." and ".." segments
+      // (percent-encoded too) are resolved away, and `user show ..` (a legal login)
+      // asked for /users, the list.
+      const req = http.request(
+        { host, port: config.adminPort, path: route, method, headers: body === undefined ? headers : { ...headers, "content-type": "application/json" } },
+        resolve,
+      );
       req.on("error", (err) => reject(new Error(`the data dir is in use and the admin port ${base} does not answer (${err.message})`)));
       req.end(body === undefined ? undefined : JSON.stringify(body));
     });
