@@ -4,6 +4,7 @@
 // settings), the second SIGINT, the locked data dir, the failed-login log line.
 
 import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { copyFileSync, cpSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -331,6 +332,39 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     const c = await Client.connect(again.port);
     expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
     c.close();
+  });
+
+  it("restores attachment files only when each holds the bytes its sha-256 names", async () => {
+    const dir = tmp();
+    const srv = await start(["--data-dir", dir]);
+    const a = await registerUser(srv.port);
+    const b = await registerUser(srv.port);
+    const bytes = Buffer.from(`restored attachment ${Math.random()} `.repeat(40));
+    const sent = await a.client.request("message", { uid: b.uid, body: "file", attach: { mime: "text/plain", data: bytes.toString("base64") } });
+    expect(sent.status).toBe(0);
+    const sha = createHash("sha256").update(bytes).digest("hex");
+    const target = path.join(tmp(), "backup");
+    expect(json(cli(["backup", target, "--data-dir", dir, "--admin-port", String(srv.adminPort)]))).toMatchObject({ blobs: 1, missing: 0 });
+    a.client.close();
+    b.client.close();
+    const file = path.join("blobs", sha.slice(0, 2), sha);
+    const restored = tmp();
+    // One byte changed, or a file not named by a sha-256: nothing is restored.
+    for (const [damage, why] of [
+      [(bad: string) => writeFileSync(path.join(bad, file), Buffer.concat([bytes.subarray(0, 10), Buffer.from("X"), bytes.subarray(11)])), /does not hold the bytes its name's sha-256 says/],
+      [(bad: string) => execFileSync("mv", [path.join(bad, file), path.join(bad, "blobs", sha.slice(0, 2), "notes.txt")]), /is not an attachment file/],
+    ] as const) {
+      const bad = path.join(tmp(), "bad");
+      cpSync(target, bad, { recursive: true });
+      damage(bad);
+      const failed = cli(["restore", bad, "--data-dir", restored]);
+      expect(failed.status).toBe(1);
+      expect(failed.stderr).toMatch(why);
+      expect(readdirSync(restored)).toEqual([]);
+    }
+    const r = cli(["restore", target, "--data-dir", restored]);
+    expect(r.status).toBe(0);
+    expect(readFileSync(path.join(restored, file))).toEqual(bytes);
   });
 
   it("a restore stopped by SIGINT or killed outright leaves nothing the next one trips on; two at once: one is refused", async () => {

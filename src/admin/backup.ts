@@ -8,6 +8,7 @@
 // Export writes records (never password hashes) as NDJSON, for a user's data request
 // or a migration.
 
+import { createHash } from "node:crypto";
 import { pipeline } from "node:stream/promises";
 import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { copyFile, mkdir, readFile } from "node:fs/promises";
@@ -305,7 +306,12 @@ async function restoreKeys(file: string, dbDir: string, signal: AbortSignal | un
   return keys;
 }
 
-/** Copies a backup's attachment files (`<shard>/<file>`) into `to`; returns how many. */
+/**
+ * Copies a backup's attachment files (`<shard>/<sha256>`) into `to`; returns how many.
+ * Each file's bytes are hashed as they are copied and must be the sha-256 it is named
+ * by: a damaged file would be served as the attachment its messages name, to every
+ * client that asks, with nothing to say it is not (the server trusts its own files).
+ */
 async function copyBlobs(src: string, to: string, signal: AbortSignal | undefined): Promise<number> {
   let blobs = 0;
   if (!existsSync(src)) return 0;
@@ -313,12 +319,27 @@ async function copyBlobs(src: string, to: string, signal: AbortSignal | undefine
     await mkdir(path.join(to, shard), { recursive: true });
     for (const file of readdirSync(path.join(src, shard))) {
       signal?.throwIfAborted();
-      await copyFile(path.join(src, shard, file), path.join(to, shard, file));
+      const name = `blobs/${shard}/${file}`;
+      if (!SHA256_HEX.test(file) || file.slice(0, 2) !== shard) throw new Error(`${name} is not an attachment file (blobs/<sha[0:2]>/<sha-256>): the backup is damaged`);
+      const hash = createHash("sha256");
+      await pipeline(
+        createReadStream(path.join(src, shard, file), { signal }),
+        async function* (chunks: AsyncIterable<Buffer>) {
+          for await (const chunk of chunks) {
+            hash.update(chunk);
+            yield chunk;
+          }
+        },
+        createWriteStream(path.join(to, shard, file)),
+      );
+      if (hash.digest("hex") !== file) throw new Error(`${name} does not hold the bytes its name's sha-256 says: the backup is damaged`);
       blobs++;
     }
   }
   return blobs;
 }
+
+const SHA256_HEX = /^[0-9a-f]{64}$/;
 
 function userLine(u: UserRecord): string {
   const { hash: _hash, ...rest } = u;
