@@ -257,6 +257,9 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         if (before !== undefined && before.chid !== room.chid) await this.call(s, "leave", { channel: before.chid });
       }
     });
+    // Its session ended meanwhile (a password change or a ban elsewhere): the logout it
+    // was told of (300) stands; an OK after it would say it is logged in.
+    if (s.uid !== uid) return answer(action, ERR, "the session ended while logging in; log in again");
     return answer(action, OK, "OK");
   }
 
