@@ -463,6 +463,7 @@ function applyReload(config: Config, next: Config, log: Logger, listener: Listen
   const needRestart: string[] = [];
   const c = config as unknown as Record<string, unknown>;
   const n = next as unknown as Record<string, unknown>;
+  const tlsBefore = { tlsCert: config.tlsCert, tlsKey: config.tlsKey };
   for (const o of OPTIONS) {
     if (c[o.key] === n[o.key]) continue;
     // A certificate for a server started without TLS needs a listener: a restart.
@@ -473,8 +474,13 @@ function applyReload(config: Config, next: Config, log: Logger, listener: Listen
     } else needRestart.push(o.flag.slice(2));
   }
   if (changed.includes("log-level")) log.level = config.logLevel;
-  // A renewed certificate keeps its file names: reload it whenever TLS is on.
-  if (listener.tlsServer) listener.reloadTls();
+  // A renewed certificate keeps its file names: reload it whenever TLS is on. One that
+  // cannot be loaded leaves the current one in use, and its file names with it (the
+  // next SIGHUP tries the new ones again, and the line below does not list them).
+  if (listener.tlsServer && !listener.reloadTls()) {
+    Object.assign(config, tlsBefore);
+    for (const flag of ["tls-cert", "tls-key"]) if (changed.includes(flag)) changed.splice(changed.indexOf(flag), 1);
+  }
   if (needRestart.length > 0) log.warn({ settings: needRestart }, "these settings changed but need a restart");
   log.info({ changed }, "configuration reloaded");
   return changed;

@@ -521,6 +521,30 @@ describe("configuration and signals", () => {
     c.close();
   });
 
+  it("SIGHUP with a config file naming a certificate that cannot be loaded keeps the current one, and does not list it as changed", async () => {
+    const dir = tmp();
+    const conf = path.join(dir, "wirechat.json");
+    const files = { "tls-cert": fixture("localhost.crt"), "tls-key": fixture("localhost.key") };
+    writeFileSync(conf, JSON.stringify(files));
+    const srv = await start(["--tls-port", "0", "--config", conf]);
+    const tlsPort = Number(/"tlsPort":(\d+)/.exec(srv.stdout())?.[1]);
+    const ca = readFileSync(fixture("localhost.crt"));
+    const reloads = () => srv.stdout().split("\n").filter((l) => l.includes('"msg":"configuration reloaded"')).map((l) => JSON.parse(l).changed);
+    writeFileSync(conf, JSON.stringify({ ...files, "tls-cert": path.join(dir, "missing.pem") }));
+    srv.proc.kill("SIGHUP");
+    await waitFor(() => reloads().length === 1, 5000, "the reload");
+    expect(srv.stdout()).toMatch(/TLS certificate reload failed; keeping the current one/);
+    expect(reloads()[0]).toEqual([]); // listed "tls-cert" before
+    const c = await Client.connectTls(tlsPort, ca);
+    expect((await c.request("ping")).status).toBe(0);
+    c.close();
+    // The same file fixed: the next SIGHUP takes it (and says so).
+    copyFileSync(fixture("localhost.crt"), path.join(dir, "missing.pem"));
+    srv.proc.kill("SIGHUP");
+    await waitFor(() => reloads().length === 2, 5000, "the second reload");
+    expect(reloads()[1]).toEqual(["tls-cert"]);
+  });
+
   it("SIGHUP's log level reaches a logger made at start-up (the WebSocket listener's)", async () => {
     const dir = tmp();
     const conf = path.join(dir, "wirechat.json");
