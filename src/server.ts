@@ -297,6 +297,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       publish,
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
       checkLogin: (s, login, pass) => core.accounts.checkLogin(s, login, pass),
+      refuseUnknown: (s, name) => core.accounts.refuseUnknown(s, name),
     });
     const echat = new EchatDoor(dispatcher, log, {
       session: (sid) => core.accounts.session(sid),

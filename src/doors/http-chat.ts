@@ -64,6 +64,8 @@ export interface ChatDeps {
   revoke(uid: string, sid: string, expires: number): void;
   /** A login and password checked as auth checks them, no session started (AccountOps.checkLogin). */
   checkLogin(s: Session, login: string, pass: string): Promise<void>;
+  /** An email no account has, counted as a failed login (AccountOps.refuseUnknown). */
+  refuseUnknown(s: Session, name: string): Promise<never>;
 }
 
 /** A route's answer: the HTTP status and seed 003's ApiResponse. */
@@ -296,8 +298,22 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   /** Native auth with the login of the account whose profile email is `email`. */
   private async loginByEmail(s: Session, email: string, password: string): Promise<Answer> {
     const user = await this.userByEmail(email);
-    if (!user) return { ok: false, code: Code.NeedRegister, body: undefined, text: INVALID };
+    if (!user) return this.unknownEmail(s, email);
     return this.call(s, "auth", { login: user.login, pass: password });
+  }
+
+  /**
+   * An email no account has is a failed login like a wrong password: it counts against
+   * the address's throttle and is logged for fail2ban (it was neither: unknown emails
+   * could be tried without end, and a throttled address told known from unknown ones).
+   */
+  private async unknownEmail(s: Session, email: string): Promise<Answer> {
+    try {
+      return await this.deps.refuseUnknown(s, email);
+    } catch (err) {
+      if (!(err instanceof ProtocolError)) throw err;
+      return { ok: false, code: err.code, body: undefined, text: err.code === Code.NeedRegister ? INVALID : err.message };
+    }
   }
 
   /** The account whose profile email is `email` (any door's). */
@@ -349,7 +365,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   async login(client: RouteClient, email: string, password: string): Promise<RouteAnswer> {
     return this.onRequest(client, async (s) => {
       const user = await this.userByEmail(email);
-      if (!user) return refusal({ ok: false, code: Code.NeedRegister, body: undefined, text: INVALID });
+      if (!user) return refusal(await this.unknownEmail(s, email));
       try {
         await this.deps.checkLogin(s, user.login, password);
       } catch (err) {

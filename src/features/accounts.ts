@@ -60,6 +60,12 @@ export interface AccountOps {
    * online to their contacts for the length of the request.
    */
   checkLogin(s: Session, login: string, pass: string): Promise<void>;
+  /**
+   * A login by a name no account has (seed 003's email that no profile holds), counted
+   * as auth counts one: against the address's failed-login throttle, with the "failed
+   * login" line. Always throws: 13 while the address backs off, else 7.
+   */
+  refuseUnknown(s: Session, name: string): Promise<never>;
 }
 
 /** The address the password hasher files operator work under (its own fair share). */
@@ -720,6 +726,9 @@ export function registerAccounts(sv: Services): AccountOps {
     async checkLogin(s, login, pass) {
       await sv.cluster?.sync();
       await counted(s, login, () => passwordChecked(s, login, pass));
+    },
+    refuseUnknown(s, name) {
+      return counted(s, name, () => Promise.reject(new ProtocolError(Code.NeedRegister, "no account has that name")));
     },
     async create(login, pass, nick) {
       const bad = OPERATOR_ACCOUNT({ login, pass, nick });
