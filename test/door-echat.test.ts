@@ -60,6 +60,11 @@ describe("e_chat_server door: accounts", () => {
     expect(await call("POST", "/v1/login", { body: { login: a.login, password: "nope" } })).toMatchObject({ status: 422, body: { error: { code: "wrong_credentials" } } });
     expect(await call("POST", "/v1/login", { body: { login: uniqueName("ghost"), password: "x" } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
     expect(await call("POST", "/v1/login", { raw: "[]" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
+    // Valid JSON with a login no account can have, or a password none can: the seed's
+    // answers, not invalid_json (auth's schema refused them).
+    expect(await call("POST", "/v1/login", { body: { login: "x".repeat(70), password: "x" } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
+    expect(await call("POST", "/v1/login", { body: { login: "lone\ud800", password: "x" } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
+    expect(await call("POST", "/v1/login", { body: { login: a.login, password: "x".repeat(1100) } })).toMatchObject({ status: 422, body: { error: { code: "wrong_credentials" } } });
   });
 
   it("a login or register through a route holds no connection: no presence for contacts, none of the connection cap", async () => {
@@ -177,6 +182,28 @@ describe("e_chat_server door: rooms", () => {
     expect((await call("POST", "/v1/rooms", { raw: "{" })).status).toBe(401);
   });
 
+  it("POST /v1/rooms names the room after its members within 64 characters, never cutting a character in two", async () => {
+    // 9 characters, ", ", then a login of astral letters (two UTF-16 units each): 59
+    // characters, 99 units, the 64th unit the first half of one.
+    const a = await register(`q${String(Date.now() % 1e8).padStart(8, "0")}`);
+    const b = await register("\u{1D49C}".repeat(40) + uniqueName("").replace(/[^a-z0-9]/g, "").slice(0, 8));
+    const r = await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ login: b.login }] } });
+    expect(r.status).toBe(200); // 422 invalid_json: the name ended in a lone surrogate
+    const c = await Client.connect(srv.port);
+    expect((await c.request("auth", { sid: a.sid })).status).toBe(0);
+    const list = await c.request("channellist", { limit: 500 });
+    const name = list.channels.find((ch: { chid: string }) => ch.chid === String(r.body.id)).name;
+    expect(name).toBe(`${a.login}, ${b.login}`); // 59 characters: nothing to cut (64 UTF-16 units cut one in two)
+    // A third member: 64 characters of the names.
+    const d = await register("\u{1D4B7}".repeat(30) + uniqueName("").replace(/[^a-z0-9]/g, "").slice(0, 8));
+    const r2 = await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ login: b.login }, { login: d.login }] } });
+    expect(r2.status).toBe(200);
+    const list2 = await c.request("channellist", { limit: 500 });
+    const name2 = list2.channels.find((ch: { chid: string }) => ch.chid === String(r2.body.id)).name;
+    expect(name2).toBe([...`${a.login}, ${b.login}, ${d.login}`].slice(0, 64).join(""));
+    c.close();
+  });
+
   it("WS /v1/rooms/{id}/chat: {text} reaches every member's room sockets and native members; GET messages returns them oldest first", async () => {
     const a = await register();
     const b = await register();
@@ -235,6 +262,29 @@ describe("e_chat_server door: rooms", () => {
       undo();
     }
     native.close();
+  });
+
+  it("a room socket whose session's login is refused for the address's throttle is told so, not unauthorized", async () => {
+    const own = await startTestServer({ httpPort: 0, authFailAddr: 2 });
+    try {
+      const port = own.httpPort as number;
+      const post = async (path: string, body: unknown, sid?: string) => {
+        const headers: Record<string, string> = { "content-type": "application/json" };
+        if (sid) headers.authorization = `Bearer ${sid}`;
+        return (await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers, body: JSON.stringify(body) })).json() as Promise<any>;
+      };
+      const login = uniqueName("t");
+      const sid = (await post("/v1/register", { login, password: "pw" })).session_id;
+      const room = (await post("/v1/rooms", { users: [] }, sid)).id;
+      for (let i = 0; i < 3; i++) expect(await post("/v1/login", { login, password: "wrong" })).toBeDefined();
+      const ws = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`);
+      // The session is valid: a seed client told "unauthorized" throws it away.
+      expect(await ws.next((m) => m.error)).toEqual({ error: { code: "too_many_requests", message: expect.stringMatching(/too many failed logins/) } });
+      await ws.closed;
+    } finally {
+      await own.stop();
+      removeDir(own.services.config.dataDir);
+    }
   });
 
   it("a room socket the server closes is told why with a code of its own, not invalid_json", async () => {

@@ -325,3 +325,19 @@ export function str(msg: Record<string, unknown>, key: string): string | undefin
   const v = msg[key];
   return typeof v === "string" ? v : undefined;
 }
+
+/**
+ * `text`'s first `max` code points: a name a door makes up (a room named after its
+ * members) fits the native limit, which counts code points, and never ends in half
+ * of a surrogate pair (slice(0, 64) could: the native action refused the lone half).
+ */
+export function clip(text: string, max: number): string {
+  let units = 0;
+  let points = 0;
+  while (units < text.length && points < max) {
+    const c = text.charCodeAt(units);
+    units += c >= 0xd800 && c <= 0xdbff && units + 1 < text.length ? 2 : 1;
+    points++;
+  }
+  return text.slice(0, units);
+}

@@ -26,10 +26,12 @@ import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from ".
 import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
+import { hasLoneSurrogate } from "../protocol/validation.js";
 import type { ChannelRecord, MessageRecord, UserRecord } from "../storage/layout.js";
+import { NAME_MAX } from "../storage/users.js";
 import type { Front } from "../transport/listener.js";
 import { RequestPeer } from "../transport/request-peer.js";
-import { DialectCodec, DialectDoor, str } from "./dialect.js";
+import { clip, DialectCodec, DialectDoor, str } from "./dialect.js";
 import { roomsDate } from "./rooms.js";
 
 /** GET /v1/rooms/{id}/messages answers at most this many (the latest). */
@@ -87,6 +89,12 @@ function other(code: Code): RouteAnswer {
   }
 }
 
+/** The seed code other() gives a native refusal: undefined where it has none (invalid_json). */
+function ownCode(code: Code): string | undefined {
+  const a = other(code);
+  return a === INVALID_JSON ? undefined : (a.body as { error: { code: string } }).error.code;
+}
+
 interface EchatState {
   /** The room of a /v1/rooms/{id}/chat socket, its session, and whether it is logged in. */
   chid: string;
@@ -138,7 +146,7 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
 
   /** Bad input is invalid_json; a refusal with its own code (other) says so: full, banned, over a rate. */
   bad(code: Code, reason: string): OutFrame {
-    return JSON.stringify({ error: { code: (other(code).body as { error: { code: string } }).error.code, message: reason } });
+    return JSON.stringify({ error: { code: ownCode(code) ?? "invalid_json", message: reason } });
   }
   protected refuse(_msg: EchatMsg, reason: string): OutFrame {
     return JSON.stringify({ error: { code: "too_many_requests", message: reason } });
@@ -195,7 +203,13 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
   /** A room socket logs in with its session first (before anything it sends is handled). */
   protected override async start(s: Session, st: EchatState): Promise<OutFrame[]> {
     const r = await this.call(s, "auth", { sid: st.sid });
-    if (!r.ok) return this.closeWith(s, JSON.stringify({ error: { code: "unauthorized" } }));
+    if (!r.ok) {
+      // A refusal with a code of its own (the address's failed-login throttle, the
+      // user's connection cap, a database error) is not the session's fault: said as
+      // the routes say it. Told "unauthorized", a seed client throws a valid session away.
+      const own = ownCode(r.code);
+      return this.closeWith(s, JSON.stringify({ error: own === undefined ? { code: "unauthorized" } : { code: own, message: r.text } }));
+    }
     // Live from the login on: a message to the room while its membership is read goes
     // out (it was dropped). Only members are sent a room's events, so a socket that
     // turns out not to be one has been sent none of them.
@@ -262,10 +276,15 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     const b = credentials(body);
     if (!b) return INVALID_JSON;
     return this.onRequest(client, null, async (s) => {
-      const r = await this.call(s, "auth", { login: await this.loginOf(b.login), pass: b.password });
+      const login = await this.loginOf(b.login);
+      const r = await this.call(s, "auth", { login, pass: b.password });
       if (r.ok) return ok({ session_id: (r.body as { sid: string }).sid });
       if (r.code === Code.NeedRegister) return fail(422, "user_not_found");
       if (r.code === Code.InvalidPass) return fail(422, "wrong_credentials");
+      // A login no account can have (over 64 characters, a lone surrogate), or a
+      // password none can (over 1,024): auth's schema refused it, but the body was
+      // valid JSON (it answered invalid_json).
+      if (r.code === Code.InvalidData) return fail(422, [...login].length > NAME_MAX || hasLoneSurrogate(login) ? "user_not_found" : "wrong_credentials");
       return other(r.code);
     });
   }
@@ -348,7 +367,7 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
         }
       }
       const me = await this.deps.user(s.uid as string);
-      const name = [me?.login ?? "", ...logins].join(", ").slice(0, 64);
+      const name = clip([me?.login ?? "", ...logins].join(", "), NAME_MAX);
       const r = await this.call(s, "createchannel", { name, private: true, members: uids });
       if (!r.ok) return r.code === Code.UserNotFound ? fail(422, "user_not_found") : other(r.code);
       return ok(await this.room((r.body as { chid: string }).chid));

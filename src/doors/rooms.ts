@@ -18,7 +18,7 @@ import type { Fields, OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import type { MessageRecord } from "../storage/layout.js";
 import { NAME_MAX } from "../storage/users.js";
-import { DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
+import { clip, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 /** READ_MSG ALL answers at most this many (the latest). */
 const READ_MAX = 500;
@@ -282,7 +282,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     return this.forPair(me < other ? `${me}\u0000${other}` : `${other}\u0000${me}`, async () => {
       let chid = await this.deps.roomOf(me, other);
       if (chid === undefined) {
-        const name = `${st.login} & ${customer}`.slice(0, 64);
+        const name = clip(`${st.login} & ${customer}`, NAME_MAX);
         const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
         if (!r.ok) return error(msg, r.text);
         chid = (r.body as { chid: string }).chid;

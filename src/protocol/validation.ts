@@ -17,12 +17,16 @@ const ajv = new Ajv({ allErrors: false, strict: true, allowUnionTypes: true, ver
 ajv.addKeyword({ keyword: "errorCode", schemaType: "number" });
 // With the u flag a surrogate pair is one code point; only a lone half is category Cs.
 const LONE_SURROGATE = /\p{Cs}/u;
+/** Whether `text` holds a lone surrogate (the JSON of a frame may; no string field may). */
+export function hasLoneSurrogate(text: string): boolean {
+  return LONE_SURROGATE.test(text);
+}
 ajv.addKeyword({
   keyword: "wellFormed",
   type: "string",
   schemaType: "boolean",
   errors: false,
-  validate: (on: boolean, data: string) => !on || !LONE_SURROGATE.test(data),
+  validate: (on: boolean, data: string) => !on || !hasLoneSurrogate(data),
 });
 
 export type Validator = (data: unknown) => ProtocolError | undefined;
