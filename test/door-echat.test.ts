@@ -175,6 +175,11 @@ describe("e_chat_server door: rooms", () => {
     expect(await call("GET", `/v1/rooms/999999`, { sid: a.sid })).toMatchObject({ status: 422, body: { error: { code: "room_not_found" } } });
     expect(await call("GET", `/v1/rooms/abc`, { sid: a.sid })).toMatchObject({ status: 422, body: { error: { code: "room_not_found" } } });
     expect((await call("GET", "/v1/rooms", { sid: out.sid })).body).toEqual([]);
+    // Streamed room by room (built whole, 1,000 rooms of 101 members were ~15 MB).
+    const listed = await fetch(`${base()}/v1/rooms`, { headers: { authorization: `Bearer ${a.sid}` } });
+    expect(listed.headers.get("transfer-encoding")).toBe("chunked");
+    expect(listed.headers.get("content-type")).toBe("application/json; charset=utf-8");
+    expect(await listed.json()).toEqual([{ id: room, users: expect.arrayContaining([{ id: b.id, login: b.login }]) }]);
     expect((await call("GET", "/v1/rooms")).status).toBe(401);
     expect(await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: 987654321 }] } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
     expect(await call("POST", "/v1/rooms", { sid: a.sid, raw: "{" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
