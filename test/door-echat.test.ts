@@ -292,6 +292,26 @@ describe("e_chat_server door: rooms", () => {
     }
   });
 
+  it("a room socket's message that fails is answered unavailable, not too_many_requests; the socket goes on", async () => {
+    const a = await register();
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [] } })).body.id;
+    const ws = await WsClient.connect(srv.server.httpPort as number, `/v1/rooms/${room}/chat?session_id=${a.sid}`);
+    const door = (srv.server.http as unknown as { d: { echat: object } }).d.echat;
+    // The door's call of the native action throws (as a bug would): its pump answers.
+    const undo = wrapCalls(door as { call: () => unknown }, "call", async (_s: unknown, action: string) => {
+      if (action === "message") throw new Error("injected failure");
+    });
+    try {
+      ws.send({ text: "fails" });
+      expect(await ws.next((m) => m.error)).toEqual({ error: { code: "unavailable", message: expect.stringMatching(/could not complete the request/) } });
+    } finally {
+      undo();
+    }
+    ws.send({ text: "works" });
+    expect(await ws.next((m) => m.text !== undefined)).toMatchObject({ text: "works", room_id: room });
+    ws.close();
+  });
+
   it("a room socket the server closes is told why with a code of its own, not invalid_json", async () => {
     const own = await startTestServer({ httpPort: 0, idleAuth: 1, rate: 1, burst: 1, rateDisconnect: 2 });
     try {

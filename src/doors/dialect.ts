@@ -168,8 +168,11 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   abstract bad(code: Code, reason: string, action?: string): OutFrame;
   /** An event in the door's shape for this connection, or "" when it shows none. */
   abstract render(state: S, ev: Event): OutFrame;
-  /** The door's answer to a request it will not run (over the request rate): `reason` says why. */
-  protected abstract refuse(msg: M, reason: string): OutFrame;
+  /**
+   * The door's answer to a request it will not run (over the request rate: 13) or could
+   * not (a failure: 16), in that request's own shape: `reason` says why.
+   */
+  protected abstract refuse(msg: M, code: Code, reason: string): OutFrame;
   /** A frame is one the door can take (a JSON object with what the door keys on). */
   protected abstract decode(value: unknown): M | string;
 
@@ -293,14 +296,14 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
         let out: OutFrame[];
         try {
           if ("bad" in item) out = this.refused(s, c.state, item.bad.code, item.bad.reason, item.bad.action);
-          else if ("refused" in item) out = [this.refuse(item.refused, RATE_REFUSED)];
+          else if ("refused" in item) out = [this.refuse(item.refused, Code.RateLimited, RATE_REFUSED)];
           else if ("open" in item) out = await this.start(s, c.state);
           else out = await this.handle(s, c.state, item.msg);
         } catch (err) {
           s.log.error({ err, door: this.name }, "door request failed");
           const text = "the server could not complete the request; nothing was changed";
           // Answered as the request's own refusal (its type or action, its ids), where there is one.
-          out = [item !== undefined && "msg" in item ? this.refuse(item.msg, text) : this.bad(Code.Unavailable, text)];
+          out = [item !== undefined && "msg" in item ? this.refuse(item.msg, Code.Unavailable, text) : this.bad(Code.Unavailable, text)];
         }
         for (const f of out) if (f !== "") s.peer.send(f, false);
       }

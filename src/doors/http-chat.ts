@@ -168,7 +168,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     return error(reason);
   }
 
-  protected refuse(_msg: ChatMsg, reason: string): OutFrame {
+  protected refuse(_msg: ChatMsg, _code: Code, reason: string): OutFrame {
     return error(reason);
   }
 

@@ -148,8 +148,9 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
   bad(code: Code, reason: string): OutFrame {
     return JSON.stringify({ error: { code: ownCode(code) ?? "invalid_json", message: reason } });
   }
-  protected refuse(_msg: EchatMsg, reason: string): OutFrame {
-    return JSON.stringify({ error: { code: "too_many_requests", message: reason } });
+  protected refuse(_msg: EchatMsg, code: Code, reason: string): OutFrame {
+    // (It said too_many_requests for a failure too: a client told to slow down.)
+    return JSON.stringify({ error: { code: ownCode(code) ?? "unavailable", message: reason } });
   }
 
 
@@ -236,7 +237,9 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     const r = await this.call(s, "message", { channel: st.chid, body: text });
     if (r.ok) return [];
     const gone = r.code === Code.InvalidChannel || r.code === Code.ChannelNotFound;
-    return [JSON.stringify({ error: { code: gone ? "room_not_found" : "invalid_json", message: r.text } })];
+    // A refusal with a code of its own (a server error, a ban) says it: invalid_json
+    // only for what the message itself got wrong.
+    return [JSON.stringify({ error: { code: gone ? "room_not_found" : (ownCode(r.code) ?? "invalid_json"), message: r.text } })];
   }
 
   // ---- HTTP routes -------------------------------------------------------------

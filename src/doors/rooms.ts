@@ -138,7 +138,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   }
 
   /** As a failed request of its type answers (a refused login as a throttled one does). */
-  protected refuse(msg: Msg, reason: string): OutFrame {
+  protected refuse(msg: Msg, _code: Code, reason: string): OutFrame {
     if (msg.type === "REQUEST_SIGNUP") return line({ type: "RESPONSE_SIGNUP", status: "SINGUP_FAIL", error: reason });
     if (msg.type === "REQUEST_LOGIN") return line({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS", error: reason });
     return error(msg, reason)[0];

@@ -129,7 +129,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     return line({ action, code: ERR, message: reason });
   }
 
-  protected refuse(msg: Msg, reason: string): OutFrame {
+  protected refuse(msg: Msg, _code: Code, reason: string): OutFrame {
     return line({ action: msg.action, code: ERR, message: reason });
   }
 
