@@ -225,6 +225,20 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     for (const x of [a, b, native.client]) x.close();
   });
 
+  it("the lobby this server made serves its events as any channel: the echo right after its reply, before the next", async () => {
+    const native = await nativeMember();
+    const before = native.client.lines.length;
+    // One write: the message, then a ping. The echo comes between their replies (it
+    // came after the ping: the lobby's members were read again for every event).
+    native.client.write(
+      JSON.stringify({ action: "message", data: { channel: native.chid, body: "ordered" } }) + "\n" + JSON.stringify({ action: "ping" }) + "\n",
+    );
+    await native.client.reply("ping");
+    const actions = native.client.lines.slice(before).map((l) => JSON.parse(l).action);
+    expect(actions).toEqual(["message", "ev_message", "ping"]);
+    native.client.close();
+  });
+
   it("a native member's message reaches the sockets, with the sender's profile email or \"\"", async () => {
     const p = await createUser();
     const ws = await chatter(p);

@@ -582,6 +582,11 @@ export async function serverChannel(sv: Services, name: string, flag: string): P
   if (found !== undefined) return adopted(sv, found, flag);
   const c: ChannelRecord = { chid: sv.channels.nextChid(), name, descr: "", owner: "", created: nowSeconds() };
   await sv.storage.commit(sv.channels.createOps(c));
+  // Reported as every creation is: until then the channel's members are "changing" and
+  // never served from the cache, so each of its events waited for a read of its
+  // members and went out after later replies (dropped when the connection had ended
+  // by then), for as long as the process that made it ran.
+  sv.channels.joined(c.chid, c.owner);
   sv.log.info({ chid: c.chid, name }, "created the server's channel");
   return c.chid;
 }
