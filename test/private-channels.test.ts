@@ -265,7 +265,7 @@ describe("caps and the door API", () => {
         const by = i % 2 === 0 ? x : y;
         expect((await by.client.request("createchannel", { name: uniqueName("junk"), private: true, members: [victim.uid] })).status).toBe(0);
       }
-      const refusal = `user '${victim.uid}' is a member of 9 channels, the most others may add them to (they may still join more themselves)`;
+      const refusal = `user '${victim.uid}' is a member of at least 9 channels, the most others may add them to (they may still join more themselves)`;
       expect(await x.client.request("createchannel", { name: uniqueName("junk"), private: true, members: [victim.uid] })).toEqual({ status: 13, error: refusal });
       const { chid } = await newPrivate(y, [x]);
       expect(await y.client.request("invite", { channel: chid, uid: victim.uid })).toEqual({ status: 13, error: refusal });
@@ -297,7 +297,7 @@ describe("caps and the door API", () => {
       const [a, b, c] = [await registerUser(server.port), await registerUser(server.port), await registerUser(server.port)];
       for (let i = 0; i < 2; i++) expect((await b.client.request("createchannel", { name: uniqueName("own") })).status).toBe(0);
       const full = await a.client.request("createchannel", { name: uniqueName("p"), private: true, members: [b.uid] });
-      expect(full).toEqual({ status: 13, error: `user '${b.uid}' is a member of 2 channels, the most others may add them to (they may still join more themselves)` });
+      expect(full).toEqual({ status: 13, error: `user '${b.uid}' is a member of at least 2 channels, the most others may add them to (they may still join more themselves)` });
       const { chid } = await newPrivate(a, [c]);
       expect((await a.client.request("invite", { channel: chid, uid: b.uid })).status).toBe(13);
       expect(await server.channelOps.isMember(chid, b.uid)).toBe(false);

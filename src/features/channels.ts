@@ -61,7 +61,7 @@ export const channelErrors = {
   joinedCap: (cap: number) => new ProtocolError(Code.RateLimited, `you are a member of ${cap} channels, the most one user may; leave one first`),
   /** Someone else adding `who` (createchannel's members, invite): see othersJoinCap. */
   addedCap: (cap: number, who: string) =>
-    new ProtocolError(Code.RateLimited, `${who} is a member of ${cap} channels, the most others may add them to (they may still join more themselves)`),
+    new ProtocolError(Code.RateLimited, `${who} is a member of at least ${cap} channels, the most others may add them to (they may still join more themselves)`),
 };
 
 /**
