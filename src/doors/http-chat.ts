@@ -452,6 +452,8 @@ export function chatRoutes(
       json(req, (bytes as Buffer).toString("utf8"), done);
     });
     app.setErrorHandler((err, req, reply) => {
+      // A refusal thrown by what a route reads (16: a cluster's log that cannot be reached).
+      if (err instanceof ProtocolError) return send(reply, refusal({ ok: false, code: err.code, body: undefined, text: err.message }));
       const e = err as { validation?: unknown; statusCode?: number; code?: string; message: string };
       if (e.validation) return send(reply, failure(400, e.message));
       if (e.statusCode !== undefined && e.statusCode < 500) return send(reply, failure(e.statusCode, e.message));

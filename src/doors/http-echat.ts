@@ -21,7 +21,7 @@ import type { Logger } from "pino";
 import { Readable } from "node:stream";
 import type WebSocket from "ws";
 import type { ListReply } from "../protocol/codec.js";
-import { Code } from "../protocol/codes.js";
+import { Code, ProtocolError } from "../protocol/codes.js";
 import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
@@ -569,6 +569,8 @@ export function echatRoutes(
       }
     });
     app.setErrorHandler((err, req, reply) => {
+      // A refusal thrown by what a route reads (16: a cluster's log that cannot be reached).
+      if (err instanceof ProtocolError) return send(reply, other(err.code));
       const e = err as { statusCode?: number; code?: string };
       if (e.statusCode === 413 || e.code === "FST_ERR_CTP_BODY_TOO_LARGE") return send(reply, fail(413, "too_large"));
       if (e.statusCode !== undefined && e.statusCode < 500) return send(reply, INVALID_JSON);

@@ -60,16 +60,13 @@ export async function findUser(sv: Pick<Services, "users" | "cluster">, uid: str
  * `read()`, and in cluster mode, when it finds nothing (`missed`), once more after this
  * node has applied everything the log holds: what a client wrote through another node
  * a moment ago (its account, its room) is found, as its next request must see it. A
- * log that cannot be reached leaves the first answer (nothing found).
+ * log that cannot be reached is 16: "nothing found" could be false (a delcontact of a
+ * contact added through another node answered 0 and removed nothing).
  */
 export async function readSynced<T>(sv: Pick<Services, "cluster">, read: () => Promise<T>, missed: (v: T) => boolean = (v) => v === undefined): Promise<T> {
   const v = await read();
   if (!missed(v) || !sv.cluster) return v;
-  try {
-    await sv.cluster.sync();
-  } catch {
-    return v;
-  }
+  await sv.cluster.sync();
   return read();
 }
 
