@@ -372,7 +372,28 @@ export function registerAccounts(sv: Services): AccountOps {
     // (which revoked it) is this node's by now: this login does not happen.
     notBanned(user);
     if (out.k !== "session") throw new ProtocolError(Code.InvalidPass, "wrong login or password");
-    return startSession(s, user, { sid, expires, fresh: true });
+    const reply = await startSession(s, user, { sid, expires, fresh: true });
+    await attachedStillValid(s, user, sid);
+    return reply;
+  }
+
+  /**
+   * Cluster mode, once a login has attached its connection: the log may have ended its
+   * session (a password change or the account's deletion through another node) in an
+   * apply that ran before the attach, whose end of the user's sessions could not find
+   * this connection (one apply can take the session and, right after it, the password
+   * change: the login was then answered 0 on a revoked session, with the old password).
+   * Read again now: an apply from here on finds the connection and ends it itself, and
+   * one before has written what these reads see. Not valid: logged out again, refused.
+   */
+  async function attachedStillValid(s: Session, user: UserRecord, sid: string): Promise<void> {
+    const [cur, rec] = await Promise.all([users.get(user.uid), sessions.get(sid)]);
+    if (cur !== undefined && cur.hash === user.hash && rec !== undefined) return;
+    if (s.uid === user.uid && s.sid === sid) {
+      leave(s);
+      s.logout();
+    }
+    throw new ProtocolError(Code.InvalidPass, "this session was ended meanwhile (a password change or the account's deletion); log in again");
   }
 
   /**
@@ -535,7 +556,9 @@ export function registerAccounts(sv: Services): AccountOps {
               throw new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass");
             }
             notBanned(user);
-            return startSession(s, user, { sid, expires: cur.expires });
+            const reply = await startSession(s, user, { sid, expires: cur.expires });
+            if (sv.cluster) await attachedStillValid(s, user, sid);
+            return reply;
           });
         });
       } else {
