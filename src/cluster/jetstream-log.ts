@@ -12,8 +12,10 @@
 // applied on this node, with the outcome the apply gave its command: a reply sent
 // after it is durable, and the next read on this node sees the write.
 //
-// Duplicates: an entry is published with Nats-Msg-Id `<origin>:<n>` (origin = node id
-// and start time, n its number), and a publish that failed is retried with the same
+// Duplicates: an entry is published with Nats-Msg-Id `<origin>:<n>` (origin = node id,
+// start time and random bytes: two nodes given one --node-id, started in the same
+// millisecond, would share ids, and JetStream would drop one node's entries as the
+// other's repeats and acknowledge them; n its number), and a publish that failed is retried with the same
 // id. JetStream drops a repeat of an id it stored within the stream's duplicate
 // window, and retries stop well inside that window (WRITE_BUDGET_MS against
 // DUPLICATE_WINDOW_MS), so an entry is stored at most once. A publish that gave up
@@ -24,6 +26,7 @@
 // stream held when it was called, so a client that wrote through another node sees
 // its write here once its request waits for sync().
 
+import { randomBytes } from "node:crypto";
 import { connect, type ConnectionOptions, type NatsConnection } from "@nats-io/transport-node";
 import {
   DeliverPolicy,
@@ -196,7 +199,7 @@ export class JetStreamLog<C, R> {
     private readonly opts: JetStreamLogOptions<C, R>,
     readonly created: string,
   ) {
-    this.origin = `${opts.nodeId}@${Date.now()}`;
+    this.origin = `${opts.nodeId}@${Date.now()}.${randomBytes(4).toString("hex")}`;
     this.applied = { ...opts.view, created };
     this.writeBudgetMs = opts.writeBudgetMs ?? WRITE_BUDGET_MS;
     this.maxPendingBytes = opts.maxPendingBytes ?? MAX_PENDING_BYTES;
