@@ -6,6 +6,12 @@
 // says hello (in pages). A node silent for EXPIRE_MS (killed) loses its users. A user
 // is online when any node has a connection of theirs; `onChange` hears the cluster-wide
 // transitions, on every node, so each sends ev_presence to its own connections.
+//
+// Core NATS does not replay: a note sent while a node was cut off from NATS (shorter
+// than EXPIRE_MS, so nobody expired anybody) is lost for good, and the two views
+// stayed apart until the user's next transition. So a node that reconnects says hello
+// and sends its own whole list, and a whole list (its last page) replaces what this
+// node held for its sender rather than adding to it.
 
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { listenForNotes } from "./notes.js";
@@ -20,12 +26,21 @@ type Note =
   | { o: string; u: string; on: boolean }
   | { o: string; hb: true }
   | { o: string; hello: true }
-  | { o: string; all: string[] };
+  /** A page of a node's whole list; `snap` names the list, `last` marks its last page (a node of an older version sends neither: pages add). */
+  | { o: string; all: string[]; snap?: string; last?: boolean };
+
+interface Node {
+  seen: number;
+  users: Set<string>;
+  /** The whole list being received: its name and the users of its pages so far. */
+  snapshot?: { id: string; users: Set<string> };
+}
 
 export class ClusterPresence {
   /** Other nodes' online users: uid → the origins that have them. */
   private readonly remote = new Map<string, Set<string>>();
-  private readonly byOrigin = new Map<string, { seen: number; users: Set<string> }>();
+  private readonly byOrigin = new Map<string, Node>();
+  private snapshots = 0;
   private sub: Subscription | undefined;
   private timer: NodeJS.Timeout | undefined;
 
@@ -49,6 +64,7 @@ export class ClusterPresence {
       (note) => this.receive(note),
     );
     this.send({ o: this.origin, hello: true });
+    void this.watchReconnects();
     this.timer = setInterval(() => {
       this.send({ o: this.origin, hb: true });
       this.expire();
@@ -77,6 +93,26 @@ export class ClusterPresence {
     if (!this.remote.has(uid)) this.onChange(uid, online);
   }
 
+  /** After a reconnect: the others' lists again, and this node's own (see the top). */
+  private async watchReconnects(): Promise<void> {
+    try {
+      for await (const status of this.nc.status()) {
+        if (status.type !== "reconnect") continue;
+        this.send({ o: this.origin, hello: true });
+        this.sendAll();
+      }
+    } catch (err) {
+      this.log.warn({ err }, "presence stopped watching the connection to NATS; a reconnect will not resend the lists");
+    }
+  }
+
+  /** This node's whole list, in pages; the last one says so. */
+  private sendAll(): void {
+    const all = [...this.localUsers()];
+    const snap = `${++this.snapshots}`;
+    for (let i = 0; i < all.length || i === 0; i += PAGE) this.send({ o: this.origin, all: all.slice(i, i + PAGE), snap, last: i + PAGE >= all.length });
+  }
+
   private send(note: Note): void {
     try {
       this.nc.publish(this.subject, JSON.stringify(note));
@@ -90,16 +126,23 @@ export class ClusterPresence {
     if (note.o === this.origin) return;
     const node = this.node(note.o);
     if ("hello" in note) {
-      const all = [...this.localUsers()];
-      for (let i = 0; i < all.length || i === 0; i += PAGE) this.send({ o: this.origin, all: all.slice(i, i + PAGE) });
+      this.sendAll();
     } else if ("all" in note) {
       for (const uid of note.all) this.set(note.o, node.users, uid, true);
+      if (note.snap === undefined) return;
+      if (node.snapshot?.id !== note.snap) node.snapshot = { id: note.snap, users: new Set() };
+      for (const uid of note.all) node.snapshot.users.add(uid);
+      if (!note.last) return;
+      // The whole list: whoever it lacks went offline there while a note was lost.
+      const listed = node.snapshot.users;
+      node.snapshot = undefined;
+      for (const uid of [...node.users]) if (!listed.has(uid)) this.set(note.o, node.users, uid, false);
     } else if ("u" in note) {
       this.set(note.o, node.users, note.u, note.on);
     }
   }
 
-  private node(origin: string): { seen: number; users: Set<string> } {
+  private node(origin: string): Node {
     let node = this.byOrigin.get(origin);
     if (!node) {
       this.byOrigin.set(origin, (node = { seen: 0, users: new Set() }));
