@@ -131,6 +131,16 @@ const CLOSE_WAIT_MS = 2_000;
 const STARTUP_WAIT_MS = 30_000;
 /** Entries received and not yet applied before reading from the stream pauses. */
 const MAX_UNAPPLIED = 1_024;
+/**
+ * ... or their bytes: an entry may be up to NATS's payload limit (1 MiB by default),
+ * and 1,024 of them held ~1 GB of decoded commands on a node catching up while clients
+ * sent large messages (MAX_PENDING_BYTES bounds the same on the write side).
+ */
+const MAX_UNAPPLIED_BYTES = 32 * 1024 * 1024;
+/** Bytes of entries one apply takes at most (one LevelDB batch), one entry at least. */
+const APPLY_BATCH_BYTES = 8 * 1024 * 1024;
+/** What the reader's pull requests ask for at most: bytes, at least NATS's largest payload. */
+const PULL_BYTES = 8 * 1024 * 1024;
 /** How often the watchdog looks at what waits (see watch()). */
 const WATCH_EVERY_MS = 1_000;
 /**
@@ -176,6 +186,9 @@ export class JetStreamLog<C, R> {
   private infoOut: Promise<number> | undefined;
   private infoNext: Promise<number> | undefined;
   private unapplied: StoredEntry<C>[] = [];
+  /** The payload size of each entry in `unapplied`, and their sum. */
+  private readonly unappliedSizes: number[] = [];
+  private unappliedBytes = 0;
   private applying = false;
   private resumeReading: (() => void) | undefined;
   private messages: ConsumerMessages | undefined;
@@ -479,7 +492,9 @@ export class JetStreamLog<C, R> {
     });
     // Pulls expire every 5 s (heartbeats every 2.5 s), so a reader whose consumer went
     // with its server notices within seconds, not the client's default 30.
-    const messages = await consumer.consume({ max_messages: 256, expires: 5_000 });
+    // Asked by bytes (the client takes max_messages or max_bytes, not both): 256
+    // messages could be 256 MiB buffered in the client.
+    const messages = await consumer.consume({ max_bytes: PULL_BYTES, expires: 5_000 });
     if (this.closed) {
       messages.stop(); // closed while it was being opened
       return;
@@ -494,8 +509,10 @@ export class JetStreamLog<C, R> {
           this.lastRead = m.seq;
           this.lastProgress = Date.now();
           this.unapplied.push(decode<C>(m));
+          this.unappliedSizes.push(m.data.length);
+          this.unappliedBytes += m.data.length;
           if (!this.applying) void this.applyQueued();
-          if (this.unapplied.length >= MAX_UNAPPLIED) await new Promise<void>((r) => (this.resumeReading = r));
+          if (this.unapplied.length >= MAX_UNAPPLIED || this.unappliedBytes >= MAX_UNAPPLIED_BYTES) await new Promise<void>((r) => (this.resumeReading = r));
         }
       } catch (err) {
         if (!this.closed && this.messages === messages) this.fail(err);
@@ -545,7 +562,12 @@ export class JetStreamLog<C, R> {
     this.applying = true;
     try {
       while (this.unapplied.length > 0 && !this.failure) {
-        const batch = this.unapplied.splice(0, this.unapplied.length);
+        let n = 0;
+        let bytes = 0;
+        while (n < this.unapplied.length && (n === 0 || bytes + this.unappliedSizes[n] <= APPLY_BATCH_BYTES)) bytes += this.unappliedSizes[n++];
+        const batch = this.unapplied.splice(0, n);
+        this.unappliedSizes.splice(0, n);
+        this.unappliedBytes -= bytes;
         this.resumeReading?.();
         this.resumeReading = undefined;
         const last = batch[batch.length - 1];
