@@ -506,16 +506,30 @@ export class JetStreamLog<C, R> {
           if (this.messages !== messages) return; // replaced by the watchdog
           // A reader re-opened after the last one read: nothing twice.
           if (m.seq <= this.lastRead) continue;
+          let entry: StoredEntry<C>;
+          try {
+            entry = decode<C>(m);
+          } catch (err) {
+            // An entry this node cannot read: the view cannot follow the log past it.
+            this.fail(err);
+            return;
+          }
           this.lastRead = m.seq;
           this.lastProgress = Date.now();
-          this.unapplied.push(decode<C>(m));
+          this.unapplied.push(entry);
           this.unappliedSizes.push(m.data.length);
           this.unappliedBytes += m.data.length;
           if (!this.applying) void this.applyQueued();
           if (this.unapplied.length >= MAX_UNAPPLIED || this.unappliedBytes >= MAX_UNAPPLIED_BYTES) await new Promise<void>((r) => (this.resumeReading = r));
         }
       } catch (err) {
-        if (!this.closed && this.messages === messages) this.fail(err);
+        // The reader gave up (its consumer could not be made again while JetStream had
+        // no quorum, say): the engine may come back, so the node is not stopped for it
+        // (it was, for good, until a restart). Without a reader, the watchdog opens a
+        // new one once the stream holds entries past the last read.
+        if (this.closed || this.messages !== messages) return;
+        this.messages = undefined;
+        this.opts.log.warn({ err, read: this.lastRead }, "reading the cluster log failed; the watchdog opens a new reader");
       }
     })();
   }
