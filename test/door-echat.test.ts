@@ -7,6 +7,7 @@ import WebSocket from "ws";
 import { describe, expect, it } from "vitest";
 import { Client, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
 import { heldGate, sleep, wrapCalls } from "./pipeline-helpers.js";
+import type { Config } from "../src/config.js";
 
 const srv = serveForFile({ httpPort: 0, maxFrame: 8192, maxConnectionsPerUser: 3 });
 const DATE = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$/;
@@ -22,6 +23,23 @@ async function call(method: string, path: string, opts: { body?: unknown; sid?: 
   const res = await fetch(base() + path, { method, headers, body: opts.raw ?? (opts.body === undefined ? undefined : JSON.stringify(opts.body)) });
   const text = await res.text();
   return { status: res.status, body: text ? JSON.parse(text) : undefined, cookie: res.headers.get("set-cookie") };
+}
+
+/** Runs `fn` against a server of its own (settings `overrides`, an HTTP port), stopped after. */
+async function withOwnServer(overrides: Partial<Config>, fn: (port: number, post: (path: string, body: unknown, sid?: string) => Promise<any>) => Promise<void>): Promise<void> {
+  const own = await startTestServer({ httpPort: 0, ...overrides });
+  const port = own.httpPort as number;
+  const post = async (path: string, body: unknown, sid?: string) => {
+    const headers: Record<string, string> = { "content-type": "application/json" };
+    if (sid) headers.authorization = `Bearer ${sid}`;
+    return (await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers, body: JSON.stringify(body) })).json() as Promise<any>;
+  };
+  try {
+    await fn(port, post);
+  } finally {
+    await own.stop();
+    removeDir(own.services.config.dataDir);
+  }
 }
 
 async function register(login = uniqueName("e"), password = "password"): Promise<{ login: string; password: string; sid: string; id: number }> {
@@ -270,14 +288,7 @@ describe("e_chat_server door: rooms", () => {
   });
 
   it("a room socket whose session's login is refused for the address's throttle is told so, not unauthorized", async () => {
-    const own = await startTestServer({ httpPort: 0, authFailAddr: 2 });
-    try {
-      const port = own.httpPort as number;
-      const post = async (path: string, body: unknown, sid?: string) => {
-        const headers: Record<string, string> = { "content-type": "application/json" };
-        if (sid) headers.authorization = `Bearer ${sid}`;
-        return (await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers, body: JSON.stringify(body) })).json() as Promise<any>;
-      };
+    await withOwnServer({ authFailAddr: 2 }, async (port, post) => {
       const login = uniqueName("t");
       const sid = (await post("/v1/register", { login, password: "pw" })).session_id;
       const room = (await post("/v1/rooms", { users: [] }, sid)).id;
@@ -286,10 +297,7 @@ describe("e_chat_server door: rooms", () => {
       // The session is valid: a seed client told "unauthorized" throws it away.
       expect(await ws.next((m) => m.error)).toEqual({ error: { code: "too_many_requests", message: expect.stringMatching(/too many failed logins/) } });
       await ws.closed;
-    } finally {
-      await own.stop();
-      removeDir(own.services.config.dataDir);
-    }
+    });
   });
 
   it("a room socket's message that fails is answered unavailable, not too_many_requests; the socket goes on", async () => {
@@ -313,14 +321,7 @@ describe("e_chat_server door: rooms", () => {
   });
 
   it("a room socket the server closes is told why with a code of its own, not invalid_json", async () => {
-    const own = await startTestServer({ httpPort: 0, idleAuth: 1, rate: 1, burst: 1, rateDisconnect: 2 });
-    try {
-      const port = own.httpPort as number;
-      const post = async (path: string, body: unknown, sid?: string) => {
-        const headers: Record<string, string> = { "content-type": "application/json" };
-        if (sid) headers.authorization = `Bearer ${sid}`;
-        return (await fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers, body: JSON.stringify(body) })).json() as Promise<any>;
-      };
+    await withOwnServer({ idleAuth: 1, rate: 1, burst: 1, rateDisconnect: 2 }, async (port, post) => {
       const sid = (await post("/v1/register", { login: uniqueName("i"), password: "pw" })).session_id;
       const room = (await post("/v1/rooms", { users: [] }, sid)).id;
       const idle = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`);
@@ -333,10 +334,7 @@ describe("e_chat_server door: rooms", () => {
       const errors = fast.messages.filter((m: any) => m.error).map((m: any) => m.error.code);
       expect(errors.length).toBeGreaterThan(0);
       expect(new Set(errors)).toEqual(new Set(["too_many_requests"]));
-    } finally {
-      await own.stop();
-      removeDir(own.services.config.dataDir);
-    }
+    });
   });
 
   it("GET /v1/rooms/{id}/messages streams its answer: chunked, message by message, valid JSON; [] for an empty room", async () => {

@@ -40,6 +40,17 @@ function cli(args: string[], opts: { input?: string; env?: Record<string, string
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** A copy of backup `target`, damaged by `damage`, restores nothing into `into`: exit 1 saying `why`. */
+function refusedRestore(target: string, damage: (copy: string) => void, why: RegExp, into: string): void {
+  const bad = path.join(tmp(), "bad");
+  cpSync(target, bad, { recursive: true });
+  damage(bad);
+  const failed = cli(["restore", bad, "--data-dir", into]);
+  expect(failed.status).toBe(1);
+  expect(failed.stderr).toMatch(why);
+  expect(readdirSync(into)).toEqual([]);
+}
+
 function json(r: { status: number | null; stdout: string; stderr: string }): any {
   if (r.status !== 0) throw new Error(`exit ${r.status}: ${r.stderr}`);
   return JSON.parse(r.stdout);
@@ -311,13 +322,7 @@ describe("wirechat commands on a running server (through its admin port)", () =>
       [lines.slice(0, 50).join("\n") + '\n["half', /line 51 is not a \[key, value\] pair/],
       ["5\n" + lines.join("\n"), /line 1 is not a \[key, value\] pair/],
     ] as const) {
-      const bad = path.join(tmp(), "bad");
-      cpSync(target, bad, { recursive: true });
-      writeFileSync(path.join(bad, "db.ndjson"), damage);
-      const failed = cli(["restore", bad, "--data-dir", restored]);
-      expect(failed.status).toBe(1);
-      expect(failed.stderr).toMatch(why);
-      expect(readdirSync(restored)).toEqual([]);
+      refusedRestore(target, (bad) => writeFileSync(path.join(bad, "db.ndjson"), damage), why, restored);
     }
     const r = cli(["restore", target, "--data-dir", restored]);
     expect(r.status).toBe(0);
@@ -354,13 +359,7 @@ describe("wirechat commands on a running server (through its admin port)", () =>
       [(bad: string) => writeFileSync(path.join(bad, file), Buffer.concat([bytes.subarray(0, 10), Buffer.from("X"), bytes.subarray(11)])), /does not hold the bytes its name's sha-256 says/],
       [(bad: string) => execFileSync("mv", [path.join(bad, file), path.join(bad, "blobs", sha.slice(0, 2), "notes.txt")]), /is not an attachment file/],
     ] as const) {
-      const bad = path.join(tmp(), "bad");
-      cpSync(target, bad, { recursive: true });
-      damage(bad);
-      const failed = cli(["restore", bad, "--data-dir", restored]);
-      expect(failed.status).toBe(1);
-      expect(failed.stderr).toMatch(why);
-      expect(readdirSync(restored)).toEqual([]);
+      refusedRestore(target, damage, why, restored);
     }
     const r = cli(["restore", target, "--data-dir", restored]);
     expect(r.status).toBe(0);
