@@ -384,16 +384,19 @@ export function registerAccounts(sv: Services): AccountOps {
    * this connection (one apply can take the session and, right after it, the password
    * change: the login was then answered 0 on a revoked session, with the old password).
    * Read again now: an apply from here on finds the connection and ends it itself, and
-   * one before has written what these reads see. Not valid: logged out again, refused.
+   * one before has written what these reads see. The session record is what counts (a
+   * password change keeps the changer's own session, which may be the one resumed).
+   * Ended: logged out again, and refused with 6, which is not a failed login (the
+   * password was right: counted() takes the attempt back).
    */
   async function attachedStillValid(s: Session, user: UserRecord, sid: string): Promise<void> {
     const [cur, rec] = await Promise.all([users.get(user.uid), sessions.get(sid)]);
-    if (cur !== undefined && cur.hash === user.hash && rec !== undefined) return;
+    if (cur !== undefined && rec !== undefined) return;
     if (s.uid === user.uid && s.sid === sid) {
       leave(s);
       s.logout();
     }
-    throw new ProtocolError(Code.InvalidPass, "this session was ended meanwhile (a password change or the account's deletion); log in again");
+    throw new ProtocolError(Code.NeedAuth, "this session was ended meanwhile (elsewhere, by a password change, the account's deletion or a newer session); log in again");
   }
 
   /**
