@@ -338,19 +338,19 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
 
   async rooms(client: RouteClient, sid: string | undefined): Promise<RouteAnswer> {
     return this.onRequest(client, sid, async (s) => {
-      const chids = await this.deps.channelsOf(s.uid as string);
-      // Streamed room by room as the client reads: built whole, 1,000 rooms (the joined
-      // cap) of 101 members with long logins were ~15 MB of JSON (22 MB of heap) per
-      // answer, and anyone can add a user to rooms.
-      return ok(jsonArray(this.privateRooms(chids)));
+      // Which rooms, read before the answer starts (at most the joined cap of small
+      // records): a failure there is still an answer in the door's shape (503), not a
+      // cut-off body. Their members are written room by room as the client reads: built
+      // whole, 1,000 rooms of 101 members with long logins were ~15 MB of JSON (22 MB of
+      // heap) per answer, and anyone can add a user to rooms.
+      const rooms: string[] = [];
+      for (const chid of await this.deps.channelsOf(s.uid as string)) if ((await this.deps.channel(chid))?.private) rooms.push(chid);
+      return ok(jsonArray(this.roomsOf(rooms)));
     });
   }
 
-  private async *privateRooms(chids: readonly string[]): AsyncGenerator<unknown> {
-    for (const chid of chids) {
-      const c = await this.deps.channel(chid);
-      if (c?.private) yield await this.room(chid);
-    }
+  private async *roomsOf(chids: readonly string[]): AsyncGenerator<unknown> {
+    for (const chid of chids) yield await this.room(chid);
   }
 
   /** `body` is undefined when the request's was not JSON (invalid_json, after the session's 401). */
