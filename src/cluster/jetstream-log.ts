@@ -43,7 +43,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 
 /** One append: the commands one node proposed together. */
 export interface LogEntry<C> {
-  /** Origin: `<node id>@<start time>`. */
+  /** Origin: `<node id>@<start time>.<random>`. */
   o: string;
   /** The origin's entry number, from 1. */
   n: number;
@@ -168,7 +168,7 @@ interface Open<C, R> {
 }
 
 export class JetStreamLog<C, R> {
-  /** This node's name in the entries it appends: `<node id>@<start time>`. */
+  /** This node's name in the entries it appends: `<node id>@<start time>.<random>` (unique per process). */
   readonly origin: string;
   private next = 1;
   private gathering: Proposal<C, R>[] = [];
@@ -372,6 +372,13 @@ export class JetStreamLog<C, R> {
     await Promise.race([this.nc.drain().catch(() => {}), gaveUp]);
     clearTimeout(timer);
     if (!this.nc.isClosed()) await this.nc.close().catch(() => {});
+    // What still waits is answered (it waited for good: a shutdown's own waits with it):
+    // 16, as for an engine out of reach; a stored entry is applied at the next start.
+    const stopping = unavailable("this node is stopping");
+    for (const p of this.gathering.splice(0)) p.reject(stopping);
+    this.gatheringBytes = 0;
+    for (const open of this.stored.splice(0)) for (const p of open.proposals) p.reject(stopping);
+    for (const b of this.barriers.splice(0)) b.reject(stopping);
   }
 
   /** Publishes gathered commands, one entry at a time, until none are left. */
@@ -526,7 +533,8 @@ export class JetStreamLog<C, R> {
         // The reader gave up (its consumer could not be made again while JetStream had
         // no quorum, say): the engine may come back, so the node is not stopped for it
         // (it was, for good, until a restart). Without a reader, the watchdog opens a
-        // new one once the stream holds entries past the last read.
+        // new one once the stream holds entries past the last read, or stops the node
+        // if the stream was made anew.
         if (this.closed || this.messages !== messages) return;
         this.messages = undefined;
         this.opts.log.warn({ err, read: this.lastRead }, "reading the cluster log failed; the watchdog opens a new reader");
@@ -556,8 +564,16 @@ export class JetStreamLog<C, R> {
     if (!this.connected || now - this.lastProgress < READER_STALL_MS || this.unapplied.length > 0) return;
     this.watching = true;
     try {
-      const last = (await this.jsm.streams.info(this.opts.stream)).state.last_seq;
-      if (last <= this.lastRead || this.closed) return;
+      const info = await this.jsm.streams.info(this.opts.stream);
+      if (this.closed) return;
+      // A stream of that name made anew (deleted, or its server's store lost): its
+      // entries are not this view's log (a reader on it would apply them on top).
+      if (info.created !== this.created) {
+        this.fail(new Error(`the stream ${this.opts.stream} was made anew (created ${info.created}; this node follows the one created ${this.created}): restart the node to rebuild its view`));
+        return;
+      }
+      const last = info.state.last_seq;
+      if (last <= this.lastRead) return;
       this.opts.log.warn({ read: this.lastRead, last }, "reading the cluster log stalled; re-opening the reader");
       const old = this.messages;
       this.messages = undefined;
