@@ -18,7 +18,7 @@
 import { isUtf8 } from "node:buffer";
 import type { Logger } from "pino";
 import type { Codec, ReplyBody } from "../protocol/codec.js";
-import { Code, codeText } from "../protocol/codes.js";
+import { Code, codeText, ProtocolError } from "../protocol/codes.js";
 import { INBOX_BYTES, RATE_CLOSING, RATE_REFUSED, type Dispatcher } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import { peekAction, type OutFrame } from "../protocol/frames.js";
@@ -300,10 +300,15 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
           else if ("open" in item) out = await this.start(s, c.state);
           else out = await this.handle(s, c.state, item.msg);
         } catch (err) {
-          s.log.error({ err, door: this.name }, "door request failed");
-          const text = "the server could not complete the request; nothing was changed";
+          // A refusal thrown by what the request read (16: a cluster's log out of reach)
+          // says itself; anything else is a failure of ours, logged.
+          const refusal = err instanceof ProtocolError ? err : undefined;
+          if (refusal) s.log.warn({ code: refusal.code, reason: refusal.message, door: this.name }, "door request refused");
+          else s.log.error({ err, door: this.name }, "door request failed");
+          const code = refusal?.code ?? Code.Unavailable;
+          const text = refusal?.message ?? "the server could not complete the request; nothing was changed";
           // Answered as the request's own refusal (its type or action, its ids), where there is one.
-          out = [item !== undefined && "msg" in item ? this.refuse(item.msg, Code.Unavailable, text) : this.bad(Code.Unavailable, text)];
+          out = [item !== undefined && "msg" in item ? this.refuse(item.msg, code, text) : this.bad(code, text)];
         }
         for (const f of out) if (f !== "") s.peer.send(f, false);
       }

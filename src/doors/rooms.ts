@@ -137,10 +137,14 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     return line({ type: "ERROR", status: "ERROR", error: reason });
   }
 
-  /** As a failed request of its type answers (a refused login as a throttled one does). */
-  protected refuse(msg: Msg, _code: Code, reason: string): OutFrame {
-    if (msg.type === "REQUEST_SIGNUP") return line({ type: "RESPONSE_SIGNUP", status: "SINGUP_FAIL", error: reason });
-    if (msg.type === "REQUEST_LOGIN") return line({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS", error: reason });
+  /**
+   * As a failed request of its type answers: a login or signup over the rate as a
+   * throttled one does; a server failure (16) as the generic ERROR (a login answered
+   * LOGIN_WRONG_PASS for it would tell the client its password was wrong).
+   */
+  protected refuse(msg: Msg, code: Code, reason: string): OutFrame {
+    if (code === Code.RateLimited && msg.type === "REQUEST_SIGNUP") return line({ type: "RESPONSE_SIGNUP", status: "SINGUP_FAIL", error: reason });
+    if (code === Code.RateLimited && msg.type === "REQUEST_LOGIN") return line({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS", error: reason });
     return error(msg, reason)[0];
   }
 
