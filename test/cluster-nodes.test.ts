@@ -19,7 +19,7 @@ import { readEntries } from "../src/storage/range.js";
 import { directConv } from "../src/storage/layout.js";
 import { unavailable } from "../src/cluster/jetstream-log.js";
 import { admin } from "./admin-helpers.js";
-import { heldGate, waitFor } from "./pipeline-helpers.js";
+import { heldGate, sleep, waitFor } from "./pipeline-helpers.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];
@@ -800,6 +800,12 @@ describe("cluster mode: address bans", () => {
     expect(r.json).toMatchObject({ ban: { kind: "addr", value: from }, closed: 1 });
     await Promise.all([here.closed, there.closed]);
     expect((await admin(port(1), "POST", "/unban", { address: from })).json).toEqual({ lifted: true });
+    // Node 0 applies the unban made through node 1 a moment later (a new connection's
+    // address is checked against the node's own view, at once: a CI run connected first).
+    for (let i = 0; (await admin(port(0), "GET", "/bans")).json.bans.some((b: { value: string }) => b.value === from); i++) {
+      expect(i).toBeLessThan(100);
+      await sleep(50);
+    }
 
     // The append is applied, but its proposer hears 16 (the engine was slow to confirm).
     const cluster = nodes[0].services.cluster as NonNullable<RunningServer["services"]["cluster"]>;

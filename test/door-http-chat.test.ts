@@ -100,22 +100,26 @@ describe("HTTP/WS chat door: the HTTP routes", () => {
 
   it("an unknown email counts against the address's failed-login throttle, on /login and the socket alike", async () => {
     const server = await startTestServer({ httpPort: 0, authFailAddr: 3 });
-    const at = (path: string, body: unknown) =>
-      fetch(`http://127.0.0.1:${server.httpPort}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }).then(
-        async (r) => ({ status: r.status, body: (await r.json()) as any }),
-      );
-    const p = { username: `${uniqueName("t")} T`, email: `${uniqueName("t")}@example.com`, password: "pw" };
-    expect((await at("/create_user", p)).status).toBe(200);
-    for (let i = 0; i < 2; i++) expect((await at("/login", { email: `${uniqueName("nobody")}@example.com`, password: "pw" })).status).toBe(401);
-    const ws = await WsClient.connect(server.httpPort as number, "/ws");
-    ws.send({ type: "auth", email: `${uniqueName("nobody")}@example.com`, password: "pw" });
-    expect((await ws.next()).info).toMatch(/Invalid email or password/);
-    // Three failures from this address: even the right password waits now (it was
-    // let in: unknown emails were not counted).
-    expect(await at("/login", { email: p.email, password: p.password })).toMatchObject({ status: 429 });
-    expect(await at("/login", { email: `${uniqueName("nobody")}@example.com`, password: "pw" })).toMatchObject({ status: 429 });
-    ws.close();
-    await server.stop();
+    try {
+      const at = (path: string, body: unknown) =>
+        fetch(`http://127.0.0.1:${server.httpPort}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }).then(
+          async (r) => ({ status: r.status, body: (await r.json()) as any }),
+        );
+      const p = { username: `${uniqueName("t")} T`, email: `${uniqueName("t")}@example.com`, password: "pw" };
+      expect((await at("/create_user", p)).status).toBe(200);
+      for (let i = 0; i < 2; i++) expect((await at("/login", { email: `${uniqueName("nobody")}@example.com`, password: "pw" })).status).toBe(401);
+      const ws = await WsClient.connect(server.httpPort as number, "/ws");
+      ws.send({ type: "auth", email: `${uniqueName("nobody")}@example.com`, password: "pw" });
+      expect((await ws.next()).info).toMatch(/Invalid email or password/);
+      // Three failures from this address: even the right password waits now (it was
+      // let in: unknown emails were not counted).
+      expect(await at("/login", { email: p.email, password: p.password })).toMatchObject({ status: 429 });
+      expect(await at("/login", { email: `${uniqueName("nobody")}@example.com`, password: "pw" })).toMatchObject({ status: 429 });
+      ws.close();
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
   });
 
   it("change_password: 401 with a wrong old password; then the old one fails, the new one works, and sessions end on every door", async () => {
