@@ -269,6 +269,9 @@ export class Cluster {
 
   /** A cursor advanced on this node: shared with the others within CURSOR_EVERY_MS. */
   private cursorMoved(uid: string, seq: number): void {
+    // Closing: the log takes no more (a cursor not shared only redelivers), and a timer
+    // set now would hold the stopping process up.
+    if (this.closing) return;
     if ((this.cursors.get(uid) ?? 0) >= seq) return;
     if (!this.cursors.has(uid) && this.cursors.size >= CURSORS_KEPT) return; // only redelivers
     this.cursors.set(uid, seq);
