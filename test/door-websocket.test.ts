@@ -188,7 +188,12 @@ describe("native protocol over WebSocket", () => {
     const login = await fetch(`http://127.0.0.1:${port}/login`, { method: "POST", headers: { "content-type": "application/json" }, body: '{"email":"a@b.c","password":"x"}' });
     expect(login.status).toBe(403);
     expect(await login.json()).toEqual({ status: "error", message: "your address is banned: abuse" });
+    // So does a plain GET of /wirechat, in the native shape (it was answered 426).
+    const plain = await fetch(`http://127.0.0.1:${port}/wirechat`);
+    expect(plain.status).toBe(403);
+    expect(await plain.json()).toEqual({ action: "unknown", data: { status: 15, error: "your address is banned: abuse" } });
     expect((await admin("/unban", { address: "127.0.0.1" })).status).toBe(200);
+    expect((await fetch(`http://127.0.0.1:${port}/wirechat`)).status).toBe(426);
     (await native(port)).close();
   });
 

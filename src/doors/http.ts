@@ -20,7 +20,7 @@ import { followLevel } from "../log.js";
 import type { Metrics } from "../metrics.js";
 import type { NativeCodec } from "../protocol/codec.js";
 import { Code } from "../protocol/codes.js";
-import { fullBudget, takeRequest, type Dispatcher, type RateVerdict, type RequestBudget } from "../protocol/dispatcher.js";
+import { fullBudget, RATE_CLOSING, RATE_REFUSED, takeRequest, type Dispatcher, type RateVerdict, type RequestBudget } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
 import { WebSocketListener } from "../transport/websocket-listener.js";
@@ -142,7 +142,20 @@ export class HttpDoor {
         // WebSockets are closed by the listener's graceful stop (close below), not here.
         preClose: (done) => done(),
       });
+      const banned = (address: string) => this.websockets.refuseAddress?.(address);
       await app.register(async (scope) => {
+        // A plain request (not an upgrade, which the listener refuses with a message and
+        // a close) as the doors' routes take one: a banned address is refused, and it
+        // counts against its socket's request rate (it was answered 426 regardless).
+        scope.addHook("onRequest", async (req, reply) => {
+          if (req.ws) return;
+          const refuse = (http: number, code: Code, text: string) => reply.code(http).type("application/json").send(d.nativeCodec.error("unknown", code, text) as string);
+          const why = banned(req.socket.remoteAddress ?? "?");
+          if (why !== undefined) return refuse(403, Code.Forbidden, `your address is banned${why ? `: ${why}` : ""}`);
+          const verdict = rated(req);
+          if (verdict === "close") reply.header("connection", "close");
+          if (verdict !== "ok") return refuse(429, Code.RateLimited, verdict === "close" ? RATE_CLOSING : RATE_REFUSED);
+        });
         scope.route({
           method: "GET",
           url: "/wirechat",
@@ -151,7 +164,6 @@ export class HttpDoor {
           wsHandler: (ws, req) => accept(ws, req, native),
         });
       });
-      const banned = (address: string) => this.websockets.refuseAddress?.(address);
       await app.register(echatRoutes(d.echat, accept, banned, rated), { prefix: "/v1" });
       await app.register(chatRoutes(d.chat, accept, banned, rated));
     })();
