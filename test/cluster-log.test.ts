@@ -138,6 +138,27 @@ describe("the replicated log", () => {
     await fresh.close();
   });
 
+  it("does not start on a stream made by hand that keeps the log in memory or forgets ids too soon", async () => {
+    const { connect } = await import("@nats-io/transport-node");
+    const { jetstreamManager, StorageType } = await import("@nats-io/jetstream");
+    const nc = await connect({ servers: nats.url });
+    try {
+      const jsm = await jetstreamManager(nc);
+      const made = async (config: Record<string, unknown>) => {
+        const stream = `LOG${++streams}`;
+        await jsm.streams.add({ name: stream, subjects: [`${stream}.log`], storage: StorageType.File, num_replicas: 1, duplicate_window: 120_000_000_000, ...config });
+        return stream;
+      };
+      await expect(open(await made({ storage: StorageType.Memory }), "m", new MemoryView())).rejects.toThrow(/keeps the log in memory/);
+      await expect(open(await made({ duplicate_window: 5_000_000_000 }), "d", new MemoryView())).rejects.toThrow(/forgets entry ids after 5 s/);
+      // And the stream a node would make is taken.
+      const fine = await open(await made({}), "f", new MemoryView());
+      await fine.close();
+    } finally {
+      await nc.close();
+    }
+  });
+
   it("a node whose view cannot apply an entry stops taking writes, and does not start on such a log", async () => {
     const stream = `LOG${++streams}`;
     const a = new MemoryView();

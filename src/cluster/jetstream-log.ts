@@ -687,6 +687,15 @@ async function ensureStream<C, R>(jsm: JetStreamManager, opts: JetStreamLogOptio
       if (info.config.num_replicas !== opts.replicas) {
         throw new Error(`stream ${opts.stream} keeps ${info.config.num_replicas} copies of the log, and this node was started with --replicas ${opts.replicas}: start every node with the stream's number`);
       }
+      // A stream made by hand may keep the log in memory (lost with its server: every
+      // 0 answered would be a promise broken) or forget ids sooner than a publish is
+      // retried (a retry stored twice): both are refused, with what to change.
+      if (info.config.storage !== StorageType.File) {
+        throw new Error(`stream ${opts.stream} keeps the log in memory (storage ${info.config.storage}): the log must be on disk; make the stream again with file storage, or let a node make it`);
+      }
+      if (info.config.duplicate_window < DUPLICATE_WINDOW_MS * 1_000_000) {
+        throw new Error(`stream ${opts.stream} forgets entry ids after ${info.config.duplicate_window / 1e9} s, less than the ${DUPLICATE_WINDOW_MS / 1000} s a retried append needs: set its duplicate window to ${DUPLICATE_WINDOW_MS / 1000} s or more`);
+      }
       return info;
     } catch (err) {
       const text = String((err as Error).message);
