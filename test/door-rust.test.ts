@@ -256,12 +256,16 @@ describe("rust_messages door: rooms and messages", () => {
     const member = await rustUser(port);
     expect((await ask(owner.c, { action: "create_room", name: room })).code).toBe(200);
     expect((await ask(member.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    expect((await ask(owner.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
     const native = await registerUser(open.port);
     const chid = (await native.client.request("channellist", { limit: 500 })).channels.find((ch: { name: string }) => ch.name === room).chid;
     await native.client.request("enter", { channel: chid });
     expect((await ask(member.c, { action: "delete_room", name: room })).code).toBe(400);
     expect((await ask(owner.c, { action: "delete_room", name: uniqueName("none") })).code).toBe(400);
     expect(await ask(owner.c, { action: "delete_room", name: room })).toEqual({ action: "delete_room", code: 200, message: "OK" });
+    // The owner was in it: its own delete_room answers it, no 'your room was deleted' (300) before or after.
+    expect(await owner.c.quiet(200, (f) => f.action === "change_room")).toBe(true);
+    expect(owner.c.lines.some((l) => l.includes('"change_room"') && l.includes("300"))).toBe(false);
     expect(await native.client.event("ev_channel_deleted")).toEqual({ chid });
     expect(await member.c.next((f) => f.action === "change_room" && f.code === 300)).toBeTruthy();
     expect((await ask(member.c, { action: "send_message", text: "x", timestamp: 1 })).code).toBe(400);

@@ -46,6 +46,8 @@ interface RustState {
   peer: number;
   /** The user this connection counts for among the user's open connections here (RustDoor.open). */
   counted: string | undefined;
+  /** The room this connection's delete_room is deleting: its deletion is not told back to it. */
+  deleting?: string;
 }
 
 type Msg = Record<string, unknown> & { action: string };
@@ -144,6 +146,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       case "channelDeleted":
         if (ev.chid !== st.room?.chid) return "";
         st.room = undefined;
+        // Its own delete_room answers it (a 300 'your room was deleted' came before the 200).
+        if (ev.chid === st.deleting) return "";
         return line({ action: "change_room", code: WARN, message: "your room was deleted; change_room to another" });
       case "logout":
         st.login = st.password = undefined;
@@ -290,7 +294,13 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     if (!name) return answer(action, ERR, "'name' is required");
     const chid = await this.deps.channelByName(name);
     if (chid === undefined) return answer(action, ERR, `no room named '${name}'`);
-    const r = await this.call(s, "deletechannel", { channel: chid });
+    st.deleting = chid;
+    let r: Answer;
+    try {
+      r = await this.call(s, "deletechannel", { channel: chid });
+    } finally {
+      st.deleting = undefined;
+    }
     if (r.ok && st.room?.chid === chid) st.room = undefined;
     return this.result(action, r);
   }
