@@ -190,11 +190,12 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     directory,
     channelOps,
     async close() {
-      services.hooks.stop();
+      const stopped = services.hooks.stop();
       await services.cluster?.close();
       await background.stop(config.shutdownTimeout * 1000);
       await messages.flushDerived();
       await storage.close();
+      await stopped;
     },
   };
 }
@@ -401,7 +402,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     },
     stop() {
       stopping ??= (async () => {
-        services.hooks.stop();
+        const hooksStopped = services.hooks.stop();
         const deadline = Date.now() + config.shutdownTimeout * 1000;
         await Promise.all([...listeners.map((l) => l.close(config.shutdownTimeout * 1000)), http?.close(config.shutdownTimeout * 1000)]);
         // Storage closes only behind every user of it: handlers still running on
@@ -414,6 +415,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
         await storage.close();
         // Last: /readyz says "shutting down" for as long as the rest takes.
         await adminApp?.close();
+        await hooksStopped;
         log.info("wirechat stopped");
       })();
       return stopping;

@@ -104,6 +104,8 @@ class HashThread {
   private pending: { resolve: (v: unknown) => void; reject: (err: unknown) => void } | undefined;
   /** Stops the current worker: at once if it has loaded bcrypt, else as soon as it has. */
   private stopWorker: (() => void) | undefined;
+  /** Resolves once the current worker has loaded bcrypt (or ended): see loaded(). */
+  private ready: Promise<void> = Promise.resolve();
 
   /** `nice`: what the thread lowers itself to as it starts (0: left at its creator's). */
   constructor(private readonly nice: number) {}
@@ -118,6 +120,9 @@ class HashThread {
     w.unref(); // an idle hasher does not keep the process alive
     let loaded = false;
     let stopAsked = false;
+    let markReady!: () => void;
+    this.ready = new Promise((resolve) => (markReady = resolve));
+    w.once("exit", () => markReady());
     this.stopWorker = () => {
       if (loaded) w.postMessage("stop");
       else stopAsked = true;
@@ -125,6 +130,7 @@ class HashThread {
     w.on("message", (m: { value?: unknown; error?: string } | "ready") => {
       if (m === "ready") {
         loaded = true;
+        markReady();
         if (stopAsked) w.postMessage("stop");
         return;
       }
@@ -172,9 +178,21 @@ class HashThread {
     this.stopWorker = undefined;
     stop?.();
   }
+
+  /**
+   * Resolves once its worker is past loading bcrypt (or gone): the process may exit then.
+   * An exit while a worker loads it aborts the process the same way terminate() did (a
+   * server whose admin port was taken exited by SIGABRT, not 1, now and then, its
+   * threads still loading when the start-up failure exited).
+   */
+  loaded(): Promise<void> {
+    return this.ready;
+  }
 }
 
 const SHUTTING_DOWN = "the server is shutting down; retry in a moment";
+/** How long a stop waits for hash threads still loading bcrypt (they take milliseconds). */
+const LOAD_WAIT_MS = 2_000;
 
 export class PasswordHasher {
   private stopped = false;
@@ -259,12 +277,17 @@ export class PasswordHasher {
    * address, two at a time) while storage closes behind it. Running ones finish; the
    * threads end once they have.
    */
-  stop(): void {
+  stop(): Promise<void> {
     this.stopped = true;
     if (this.idleTimer !== undefined) clearTimeout(this.idleTimer);
     for (const q of this.queues.values()) for (const job of q) job.reject(new ProtocolError(Code.Unavailable, SHUTTING_DOWN));
     this.queues.clear();
     for (const t of this.free.splice(0)) t.stop();
+    // Resolves when no thread is loading bcrypt any more (see HashThread.loaded), or
+    // after LOAD_WAIT_MS whatever happened (an exit is never held up for long).
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, LOAD_WAIT_MS)));
+    return Promise.race([Promise.all(this.threads.map((t) => t.loaded())), late]).then(() => clearTimeout(timer));
   }
 
   private enqueue(address: string, req: HashRequest): Promise<unknown> {

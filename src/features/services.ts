@@ -73,7 +73,7 @@ export async function readSynced<T>(sv: Pick<Services, "cluster">, read: () => P
 export class Hooks {
   private readonly presenceFns: PresenceHook[] = [];
 
-  private readonly stopFns: (() => void)[] = [];
+  private readonly stopFns: (() => void | Promise<void>)[] = [];
 
   private readonly deletedFns: ((uid: string, nick: string, chids: string[]) => Promise<void>)[] = [];
 
@@ -101,12 +101,13 @@ export class Hooks {
   }
 
   /** When the server starts to stop (timers end here). */
-  onStop(fn: () => void): void {
+  onStop(fn: () => void | Promise<void>): void {
     this.stopFns.push(fn);
   }
 
-  stop(): void {
-    for (const fn of this.stopFns.splice(0)) fn();
+  /** Runs the stop hooks; resolves once what they wait for has ended (hash threads loading bcrypt). */
+  stop(): Promise<void> {
+    return Promise.all(this.stopFns.splice(0).map((fn) => fn())).then(() => undefined);
   }
 
   /** When a user's first connection authenticates (true) or their last one goes (false). */
