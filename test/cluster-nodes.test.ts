@@ -19,7 +19,7 @@ import { readEntries } from "../src/storage/range.js";
 import { directConv } from "../src/storage/layout.js";
 import { unavailable } from "../src/cluster/jetstream-log.js";
 import { admin } from "./admin-helpers.js";
-import { heldGate, sleep, waitFor } from "./pipeline-helpers.js";
+import { heldGate, holdNextWrite, sleep, waitFor } from "./pipeline-helpers.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];
@@ -376,6 +376,30 @@ describe("cluster mode: presence", () => {
       expect(await who.client.quiet(400, (f) => f.action === "ev_presence")).toBe(true);
     }
     for (const x of [a, b, c]) x.client.close();
+  });
+
+  it("a deleted account goes offline once on a node whose deletion is written after the offline arrives", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    const n0 = nodes[0];
+    await waitFor(() => n0.services.router.isOnline(b.uid), 5000, "node 0 to see b online");
+    await n0.services.storage.settle();
+    // Node 0 decides the deletion (b online: its watchers hear it) but its write waits;
+    // node 1's offline for b's closed connection arrives meanwhile, and the contact
+    // index node 0 reads for it still lists a (it answered a second ev_presence).
+    const held = holdNextWrite(n0.services.storage);
+    try {
+      expect((await b.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      await held.gate.reached;
+      await waitFor(() => !n0.services.router.isOnline(b.uid), 5000, "node 0 to hear b's connection close");
+      await sleep(200);
+    } finally {
+      held.restore();
+    }
+    expect(await a.client.event("ev_presence", (d) => d.uid === b.uid)).toMatchObject({ uid: b.uid, online: false });
+    expect(await a.client.quiet(400, (f) => f.action === "ev_presence")).toBe(true);
+    a.client.close();
   });
 
   it("a deleted account's messages to itself are purged on every node; its messages to others stay", async () => {

@@ -285,21 +285,26 @@ export function heldGate(): { reached: Promise<void>; pass: () => Promise<void>;
  * batch after it); `restore` opens the gate and puts the write back.
  */
 export function holdNextWrite(storage: object): { gate: ReturnType<typeof heldGate>; restore: () => void } {
-  const binding = (storage as { binding: { batch_write: (...args: unknown[]) => Promise<void> } }).binding;
-  const write = binding.batch_write;
+  type Binding = { batch_write: (...args: unknown[]) => Promise<void> };
+  const owner = storage as { binding: Binding };
+  // classic-level's binding is one module object, shared by every Storage of the
+  // process (a test's cluster nodes): this storage gets a binding of its own.
+  const binding = owner.binding;
   const gate = heldGate();
   let armed = true;
-  binding.batch_write = async (...args: unknown[]) => {
+  const own: Binding = Object.create(binding);
+  own.batch_write = async (...args: unknown[]) => {
     if (armed) {
       armed = false;
       await gate.pass();
     }
-    return write.apply(binding, args);
+    return binding.batch_write(...args);
   };
+  owner.binding = own;
   return {
     gate,
     restore: () => {
-      binding.batch_write = write;
+      owner.binding = binding;
       gate.open();
     },
   };

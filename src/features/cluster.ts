@@ -167,6 +167,8 @@ const CURSORS_KEPT = 100_000;
 
 /** The meta key of the view's log position (written with every apply). */
 const POSITION_KEY = "cluster";
+/** Accounts whose deletion this node has decided, remembered (the oldest forgotten first): see `vanished`. */
+const VANISHED_KEPT = 4_096;
 
 export interface ClusterOptions {
   servers: string;
@@ -254,7 +256,10 @@ export class Cluster {
       this.journal.origin,
       (uid) => router.isHere(uid),
       () => router.here.keys(),
-      (uid, online) => hooks.presence(uid, online, this.log),
+      (uid, online) => {
+        if (!online && this.vanished.has(uid)) return;
+        hooks.presence(uid, online, this.log);
+      },
       this.log,
     );
     router.elsewhere = this.presence.users;
@@ -358,6 +363,20 @@ export class Cluster {
 
   /** Who is online on the other nodes; set once open. */
   private presence: ClusterPresence | undefined;
+
+  /**
+   * Accounts whose deletion this node has decided. The deletion tells their watchers
+   * they went offline (when they were online); the offline that the closing of their
+   * connections makes afterwards is not told again. The presence hook would otherwise
+   * find the watchers still listed when that offline came from another node before this
+   * node's deletion was written: two ev_presence for one deletion.
+   */
+  private readonly vanished = new Set<string>();
+
+  private vanish(uid: string): void {
+    if (this.vanished.size >= VANISHED_KEPT) this.vanished.delete(this.vanished.values().next().value as string);
+    this.vanished.add(uid);
+  }
 
   /**
    * This node's first connection of a user (true) or its last one gone (false): told to
@@ -832,9 +851,10 @@ export class Cluster {
         }
         overlay.gone.push(c.uid);
         // Those who listed it hear an online account go offline (as on one node): each
-        // node tells its own connections; the presence change its connections' close
-        // makes later finds nobody listing it.
+        // node tells its own connections; the offline its connections' close makes later
+        // is not told again (vanished).
         if (this.sv.router.isOnline(c.uid)) t.events.push([{ kind: "presence", uid: c.uid, online: false }, { users: r.listedBy ?? [] }]);
+        this.vanish(c.uid);
         end({ uid: c.uid, reason: c.reason ?? "the account was deleted", close: true, conn: c.conn });
         return { k: "done" };
       }
