@@ -349,3 +349,16 @@ export function clip(text: string, max: number): string {
   }
   return text.slice(0, units);
 }
+
+/**
+ * The elements of a JSON array, `values` written one by one as they come (the text
+ * between its brackets): a door's long lists (a room's messages) are streamed as the
+ * client reads, never built whole.
+ */
+export async function* jsonElements(values: AsyncIterable<unknown>): AsyncGenerator<string> {
+  let sep = "";
+  for await (const v of values) {
+    yield sep + JSON.stringify(v);
+    sep = ",";
+  }
+}

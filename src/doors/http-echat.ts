@@ -31,7 +31,7 @@ import type { ChannelRecord, MessageRecord, UserRecord } from "../storage/layout
 import { NAME_MAX } from "../storage/users.js";
 import type { Front } from "../transport/listener.js";
 import { RequestPeer } from "../transport/request-peer.js";
-import { clip, DialectCodec, DialectDoor, str } from "./dialect.js";
+import { clip, DialectCodec, DialectDoor, jsonElements, str } from "./dialect.js";
 import { roomsDate } from "./rooms.js";
 
 /** GET /v1/rooms/{id}/messages answers at most this many (the latest). */
@@ -433,12 +433,9 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
 function jsonArray(values: AsyncIterable<unknown>): Readable {
   return Readable.from(
     (async function* () {
-      let sep = "[";
-      for await (const v of values) {
-        yield sep + JSON.stringify(v);
-        sep = ",";
-      }
-      yield sep === "[" ? "[]" : "]";
+      yield "[";
+      yield* jsonElements(values);
+      yield "]";
     })(),
     { objectMode: false, highWaterMark: 64 * 1024 },
   );

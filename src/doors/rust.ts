@@ -24,7 +24,7 @@ import type { Audience, Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import { LocalLock } from "../seams.js";
-import { DialectCodec, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
+import { DialectCodec, DialectDoor, jsonElements, sameLogin, str, type Answer } from "./dialect.js";
 
 const OK = 200;
 const WARN = 300;
@@ -355,14 +355,13 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     // history is): 500 messages of up to --max-frame each are never held whole, and a
     // client that does not read holds one page.
     const list = r.body as ListReply;
-    return [{ parts: [`{"action":"get_messages","messages":[`, () => messageItems(list), "]}\n"] }];
+    return [{ parts: [`{"action":"get_messages","messages":[`, () => jsonElements(messageItems(list)), "]}\n"] }];
   }
 }
 
-async function* messageItems(list: ListReply): AsyncIterable<string> {
-  let sep = "";
+/** The seed's message objects of a history reply, one by one. */
+async function* messageItems(list: ListReply): AsyncIterable<unknown> {
   for await (const m of list.items()) {
-    yield sep + JSON.stringify({ author: m.nick, text: shownText(String(m.body), m.attach as { mime: string } | undefined), timestamp: m.time });
-    sep = ",";
+    yield { author: m.nick, text: shownText(String(m.body), m.attach as { mime: string } | undefined), timestamp: m.time };
   }
 }
