@@ -16,6 +16,7 @@ import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
 import type { Fields, OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
+import { LocalLock } from "../seams.js";
 import type { MessageRecord } from "../storage/layout.js";
 import { NAME_MAX } from "../storage/users.js";
 import { clip, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
@@ -107,7 +108,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   /** `<uid>\0<chid>` → the newest mid this user was sent in that room through this door. */
   private readonly sent = new Map<string, number>();
   /** Pairs of users (`<uid>\0<uid>`, in order) whose room a CREATE_ROOM is finding or making. */
-  private readonly pairs = new Map<string, Promise<void>>();
+  private readonly pairs = new LocalLock();
 
   constructor(
     dispatcher: Dispatcher,
@@ -283,7 +284,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const me = st.uid as string;
     // One at a time per pair: two CREATE_ROOMs of the same two users at once (each
     // opening the chat, or one on two connections) would each find no room and make one.
-    return this.forPair(me < other ? `${me}\u0000${other}` : `${other}\u0000${me}`, async () => {
+    return this.pairs.run(me < other ? `${me}\u0000${other}` : `${other}\u0000${me}`, async () => {
       let chid = await this.deps.roomOf(me, other);
       if (chid === undefined) {
         const name = clip(`${st.login} & ${customer}`, NAME_MAX);
@@ -304,21 +305,6 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       }
       return [line({ type, id: Number(chid), customer })];
     });
-  }
-
-  /** Runs `fn` once every earlier one for `key` has finished. */
-  private async forPair<T>(key: string, fn: () => Promise<T>): Promise<T> {
-    const before = this.pairs.get(key);
-    let done!: () => void;
-    const mine = new Promise<void>((resolve) => (done = resolve));
-    this.pairs.set(key, mine);
-    try {
-      if (before) await before;
-      return await fn();
-    } finally {
-      done();
-      if (this.pairs.get(key) === mine) this.pairs.delete(key);
-    }
   }
 
   private async send(s: Session, msg: Msg): Promise<OutFrame[]> {
