@@ -192,6 +192,10 @@ describe("admin port", () => {
     for (const dir of ["/etc/passwd", "/etc/passwd/sub"]) {
       expect(await admin(ap(), "POST", "/backup", { dir })).toMatchObject({ status: 400, json: { code: 3, error: expect.stringMatching(/cannot write a backup into .*ENOTDIR/) } });
     }
+    // Under /proc (where Node's own recursive mkdir never returns: the server froze).
+    for (const dir of ["/proc/wirechat-backup", "/proc/wirechat-backup/sub"]) {
+      expect(await admin(ap(), "POST", "/backup", { dir })).toMatchObject({ status: 400, json: { code: 3, error: expect.stringMatching(/cannot write a backup into .*ENOENT/) } });
+    }
     // A directory that holds something is never overwritten: 409.
     const full = mkdtempSync(path.join(tmpdir(), "wirechat-full-"));
     writeFileSync(path.join(full, "keep"), "x");

@@ -284,6 +284,23 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     expect(r.stderr).toMatch(new RegExp(`cannot listen on the admin port 127\\.0\\.0\\.1:${port} \\(set --admin-port, or --admin off\\) \\(listen EADDRINUSE`));
   });
 
+  it("a data dir, backup or restore directory that cannot be made fails with the reason, at once", () => {
+    // Under /proc, Node's own recursive mkdir spins forever (the process hung at 100 %).
+    const r = cli(["--data-dir", "/proc/wirechat-data/x", "--port", "0", "--admin", "off"]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/ENOENT.*\/proc\/wirechat-data/);
+    const dir = tmp();
+    json(cli(["user", "add", "dora", "--pass", "pw", "--init", "--data-dir", dir, "--bcrypt-cost", "4"]));
+    const b = cli(["backup", "/proc/wirechat-backup", "--data-dir", dir]);
+    expect(b.status).toBe(1);
+    expect(b.stderr).toMatch(/cannot write a backup into \/proc\/wirechat-backup.*ENOENT/);
+    const target = path.join(tmp(), "b");
+    json(cli(["backup", target, "--data-dir", dir]));
+    const back = cli(["restore", target, "--data-dir", "/proc/wirechat-restore"]);
+    expect(back.status).toBe(1);
+    expect(back.stderr).toMatch(/ENOENT.*\/proc\/wirechat-restore/);
+  });
+
   it("a second server on the same data dir fails with the reason", async () => {
     const dir = tmp();
     await start(["--data-dir", dir]);

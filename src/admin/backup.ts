@@ -10,14 +10,15 @@
 
 import { createHash } from "node:crypto";
 import { pipeline } from "node:stream/promises";
-import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
-import { copyFile, mkdir, readFile } from "node:fs/promises";
+import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { copyFile, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import { Level } from "level";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { syncPath, type BlobStore } from "../storage/blobs.js";
 import { LEVEL_OPTIONS, type Storage } from "../storage/db.js";
+import { makeDir, makeDirSync } from "../storage/dirs.js";
 import { LAYOUT_VERSION, keyTail, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { readEntries, readKeys, readValues } from "../storage/range.js";
 
@@ -42,7 +43,7 @@ function emptyTarget(dir: string): void {
     if (existsSync(dir) && readdirSync(dir).length > 0) {
       throw new ProtocolError(Code.AlreadyExist, `${dir} exists and is not empty; choose a new directory`);
     }
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    makeDirSync(dir, 0o700);
   } catch (err) {
     throw unwritable(dir, err);
   }
@@ -136,7 +137,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
     for (const sha of shas) {
       const to = path.join(target, "blobs", sha.slice(0, 2), sha);
       try {
-        await mkdir(path.dirname(to), { recursive: true, mode: 0o700 });
+        await makeDir(path.dirname(to), 0o700);
         await copyFile(blobs.pathOf(sha), to);
         await syncPath(to);
         copied++;
@@ -190,7 +191,7 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
   const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
   if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
   const dbDir = path.join(dataDir, "db");
-  mkdirSync(dataDir, { recursive: true });
+  makeDirSync(dataDir);
   const unlock = restoreLock(dataDir);
   try {
     // Under the lock: a restore that finished a moment ago has put its database there.
@@ -209,7 +210,7 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
       // Into place (no longer stopped by `signal`): the attachment files first, the
       // database last (a server starts only on a database).
       for (const shard of existsSync(path.join(staging, "blobs")) ? readdirSync(path.join(staging, "blobs")) : []) {
-        mkdirSync(path.join(dataDir, "blobs", shard), { recursive: true });
+        makeDirSync(path.join(dataDir, "blobs", shard));
         for (const file of readdirSync(path.join(staging, "blobs", shard))) {
           renameSync(path.join(staging, "blobs", shard, file), path.join(dataDir, "blobs", shard, file));
         }
@@ -316,7 +317,7 @@ async function copyBlobs(src: string, to: string, signal: AbortSignal | undefine
   let blobs = 0;
   if (!existsSync(src)) return 0;
   for (const shard of readdirSync(src)) {
-    await mkdir(path.join(to, shard), { recursive: true });
+    await makeDir(path.join(to, shard));
     for (const file of readdirSync(path.join(src, shard))) {
       signal?.throwIfAborted();
       const name = `blobs/${shard}/${file}`;

@@ -16,13 +16,14 @@
 // so an upload never keeps a file that a delete has already decided to unlink.
 
 import { createHash, randomBytes, type Hash } from "node:crypto";
-import { createWriteStream, mkdirSync, rmSync, type WriteStream } from "node:fs";
-import { access, mkdir, open, opendir, rename, stat, unlink, type FileHandle } from "node:fs/promises";
+import { createWriteStream, rmSync, type WriteStream } from "node:fs";
+import { access, open, opendir, rename, stat, unlink, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import type { Background } from "../background.js";
 import { LocalLock, type KeyedLock } from "../seams.js";
 import { del, put, type BatchOp, type Storage } from "./db.js";
+import { makeDir, makeDirSync } from "./dirs.js";
 import { pair, prefixRange, type Spaces } from "./layout.js";
 import { readKeys } from "./range.js";
 
@@ -143,7 +144,7 @@ export class BlobStore {
     this.s = storage.spaces;
     // Uploads interrupted by a crash are never resumed.
     rmSync(this.tmp, { recursive: true, force: true });
-    mkdirSync(this.tmp, { recursive: true });
+    makeDirSync(this.tmp);
   }
 
   pathOf(sha: string): string {
@@ -355,7 +356,7 @@ export class BlobStore {
     }
     // mkdir returns the first directory it made: a new shard is made durable in its
     // parent too, or a power loss could lose the file the committed message names.
-    const made = await mkdir(path.dirname(final), { recursive: true });
+    const made = await makeDir(path.dirname(final));
     await rename(tmpPath, final);
     await syncPath(path.dirname(final));
     if (made !== undefined) await syncPath(path.dirname(made));

@@ -30,12 +30,12 @@
 // classic-level's private API: package.json names its exact version, and
 // Storage.open refuses to start with any other (nativeBatches).
 
-import { mkdirSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 import { Level } from "level";
 import type { Logger } from "pino";
 import type { IdSource } from "../seams.js";
+import { makeDirSync } from "./dirs.js";
 import { openSpaces, type Space, type Spaces } from "./layout.js";
 
 /** A write, already encoded for the root database: prefixed key, JSON text value. */
@@ -228,7 +228,7 @@ export class Storage {
 
   static async open(dataDir: string, log: Logger): Promise<Storage> {
     const dir = path.join(dataDir, "db");
-    mkdirSync(dir, { recursive: true });
+    makeDirSync(dir);
     const db = new Level<string, string>(dir, LEVEL_OPTIONS);
     await db.open();
     let native;
