@@ -190,6 +190,11 @@ describe("rust_messages door: rooms and messages", () => {
     const b = await rustUser(port);
     for (const r of [r1, r2]) expect((await ask(a.c, { action: "create_room", name: r })).code).toBe(200);
     expect((await ask(a.c, { action: "create_room", name: r1 })).code).toBe(400);
+    // Making a room is not entering it: a is still in general alone.
+    const { users, channels } = open.server.services;
+    const aUid = (await users.lookup("login", a.login)) as string;
+    const names = async () => Promise.all((await channels.channelsOf(aUid)).map(async (chid) => (await channels.get(chid))?.name));
+    expect(await names()).toEqual(["general"]);
     const missing = await ask(b.c, { action: "change_room", old_room_name: "general", new_room_name: uniqueName("nowhere") });
     expect(missing.code).toBe(400);
     expect((await ask(b.c, { action: "change_room", old_room_name: "general", new_room_name: r1 })).code).toBe(200);

@@ -200,11 +200,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         return this.changePassword(s, st, msg);
       case "delete_account":
         return this.deleteAccount(s, st, msg);
-      case "create_room": {
-        const name = str(msg, "name");
-        if (!name) return answer(action, ERR, "'name' is required");
-        return this.result(action, await this.call(s, "createchannel", { name }));
-      }
+      case "create_room":
+        return this.createRoom(s, msg);
       case "delete_room":
         return this.deleteRoom(s, st, msg);
       case "change_room":
@@ -303,6 +300,26 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     }
     if (r.ok && st.room?.chid === chid) st.room = undefined;
     return this.result(action, r);
+  }
+
+  /**
+   * A public channel of that name, the caller its owner but not a member: a
+   * rust_messages user is in one room at a time, the one change_room took it to (the
+   * native createchannel makes its creator a member, and each create_room left the user
+   * in one room more: their messages reached the account's other doors, and counted
+   * against --max-joined-channels).
+   */
+  private async createRoom(s: Session, msg: Msg): Promise<OutFrame[]> {
+    const { action } = msg;
+    const name = str(msg, "name");
+    if (!name) return answer(action, ERR, "'name' is required");
+    return this.moves.run(s.uid as string, async () => {
+      const made = await this.call(s, "createchannel", { name });
+      if (!made.ok) return this.result(action, made);
+      const left = await this.call(s, "leave", { channel: (made.body as { chid: string }).chid });
+      if (!left.ok) this.log.warn({ room: name, code: left.code, reason: left.text }, "a room made through the rust door kept its creator as a member");
+      return answer(action, OK, "OK");
+    });
   }
 
   private async changeRoom(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {
