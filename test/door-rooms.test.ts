@@ -53,6 +53,24 @@ describe("rooms door: accounts", () => {
     d.close();
   });
 
+  it("a server failure during a login or signup is an ERROR, not a wrong password", async () => {
+    const { c, login, pass } = await signup();
+    c.close();
+    const d = await rooms();
+    // The database failing under the login's and the signup's reads (native code 16).
+    const undo = wrapCalls(srv.server.services.users, "lookup", async () => {
+      throw new Error("the disk failed");
+    });
+    try {
+      expect(await ask(d, { type: "REQUEST_LOGIN", login, pass })).toEqual({ type: "REQUEST_LOGIN", status: "ERROR", error: expect.any(String) });
+      expect(await ask(d, { type: "REQUEST_SIGNUP", login: uniqueName("r"), pass })).toEqual({ type: "REQUEST_SIGNUP", status: "ERROR", error: expect.any(String) });
+    } finally {
+      undo();
+    }
+    expect(await ask(d, { type: "REQUEST_LOGIN", login, pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_OK" });
+    d.close();
+  });
+
   it("a login reads nothing of the user's inbox of direct messages, which this door does not show", async () => {
     const n = await registerUser(srv.port);
     n.client.close();

@@ -250,7 +250,10 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     if (!login || !pass) return out("SINGUP_FAIL", "'login' and 'pass' are required");
     if (s.uid !== undefined) return out("SINGUP_FAIL", "already logged in on this connection");
     const r = await this.call(s, "register", { login, pass, nick: login });
-    if (!r.ok) return r.code === Code.AlreadyExist ? out("SIGNUP_USER_EXIST") : out("SINGUP_FAIL", r.text);
+    if (!r.ok) {
+      if (r.code === Code.AlreadyExist) return out("SIGNUP_USER_EXIST");
+      return r.code === Code.Unavailable ? error(msg, r.text) : out("SINGUP_FAIL", r.text);
+    }
     st.uid = s.uid;
     st.login = login;
     return out("SINGUP_OK");
@@ -266,6 +269,8 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     if (!r.ok) {
       if (r.code === Code.NeedRegister) return out("LOGIN_WRONG_USER");
       if (r.code === Code.InvalidPass) return out("LOGIN_WRONG_PASS");
+      // A server failure is not a wrong password (see refuse).
+      if (r.code === Code.Unavailable) return error(msg, r.text);
       return out("LOGIN_WRONG_PASS", r.text); // throttled, banned, …: the reason says which
     }
     st.uid = s.uid;
