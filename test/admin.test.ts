@@ -196,6 +196,24 @@ describe("admin port", () => {
     for (const dir of ["/proc/wirechat-backup", "/proc/wirechat-backup/sub"]) {
       expect(await admin(ap(), "POST", "/backup", { dir })).toMatchObject({ status: 400, json: { code: 3, error: expect.stringMatching(/cannot write a backup into .*ENOENT/) } });
     }
+    // What Fastify or node's parser refuses before a route runs: the port's shape too.
+    const rawHttp = (request: string) =>
+      new Promise<string>((resolve, reject) => {
+        const sock = net.connect(ap(), "127.0.0.1", () => sock.write(request));
+        let got = "";
+        sock.on("data", (d) => (got += d));
+        sock.on("close", () => resolve(got));
+        sock.on("error", reject);
+      });
+    for (const request of [
+      "GET /users/% HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+      "GET /users/%ZZ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+      "POST /kick HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+    ]) {
+      const answer = await rawHttp(request);
+      expect(answer).toMatch(/^HTTP\/1\.1 400 /);
+      expect(JSON.parse(answer.slice(answer.indexOf("\r\n\r\n") + 4))).toEqual({ error: expect.any(String), code: 3, name: "ErrInvalidData" });
+    }
     // A directory that holds something is never overwritten: 409.
     const full = mkdtempSync(path.join(tmpdir(), "wirechat-full-"));
     writeFileSync(path.join(full, "keep"), "x");

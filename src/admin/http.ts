@@ -105,6 +105,19 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     // errors only (the operator actions log through the server's logger).
     loggerInstance: log.child({ door: "admin" }) as unknown as FastifyBaseLogger,
     bodyLimit: 64 * 1024,
+    // What Fastify refuses before any route runs is answered in this port's shape too
+    // (its own was {"error":"Bad Request","code":"FST_ERR_BAD_URL",…}, a string code).
+    frameworkErrors: (err, _req, reply) => sendError(reply, Code.InvalidData, `the request is not valid: ${err.message}`, 400),
+    // A request node's parser cannot read (a bad header, a broken request line): the
+    // same shape, written on the socket, which is then closed.
+    clientErrorHandler: (err, socket) => {
+      const why = (err as { code?: string }).code;
+      if (why === "ECONNRESET" || !socket.writable) return socket.destroy();
+      const [status, text] =
+        why === "ERR_HTTP_REQUEST_TIMEOUT" ? [408, "Request Timeout"] : why === "HPE_HEADER_OVERFLOW" ? [431, "Request Header Fields Too Large"] : [400, "Bad Request"];
+      const body = JSON.stringify({ error: `the request is not valid HTTP (${why ?? err.message})`, code: Code.InvalidData, name: CODES[Code.InvalidData].name });
+      socket.end(`HTTP/1.1 ${status} ${text}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+    },
   });
   // ... and follow the server's level when SIGHUP changes it.
   const unfollow = followLevel(log, app.log as unknown as Logger, "warn");
