@@ -209,6 +209,10 @@ async function main(): Promise<void> {
     return serve(command === "serve" ? argv.slice(1) : argv);
   }
   if (command === "help") {
+    if (argv.includes("--version") || argv.includes("-v")) {
+      process.stdout.write(`wirechat ${packageVersion()}\n`);
+      return;
+    }
     process.stdout.write(argv[1] === undefined || argv[1] === "serve" ? `${helpText(COMMANDS)}\n\n${COMMAND_HELP}\n` : `${COMMAND_HELP}\n`);
     return;
   }

@@ -489,6 +489,10 @@ describe("configuration and signals", () => {
     const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8"));
     expect(execFileSync(process.execPath, [main, "--version"], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);
     expect(execFileSync(process.execPath, [main, "version"], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);
+    // Everywhere: the chat client and help too.
+    for (const args of [["chat", "--version"], ["chat", "-v", "--login", "x"], ["help", "--version"], ["serve", "-v"]]) {
+      expect(execFileSync(process.execPath, [main, ...args], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);
+    }
   });
 
   it("SIGHUP swaps the TLS certificate for new handshakes, keeps connections, and reloads settings", async () => {

@@ -21,6 +21,7 @@ import {
   type TlsOptions,
   type WirechatEvent,
 } from "../client/index.js";
+import { packageVersion } from "../config.js";
 
 export interface ChatIO {
   stdin: Readable & { isTTY?: boolean; setRawMode?: (raw: boolean) => unknown };
@@ -43,6 +44,8 @@ interface ChatArgs {
   color: boolean;
   reconnect: boolean;
   help: boolean;
+  /** --version / -v: print the version and do nothing else. */
+  version: boolean;
 }
 
 class UsageError extends Error {}
@@ -70,6 +73,7 @@ Options:
   --no-color             no ANSI colours even on a terminal (also NO_COLOR=1)
   --no-reconnect         exit when the connection is lost instead of reconnecting
   -h, --help             this text
+  -v, --version          the version
 
 Exit status: 0 after /quit or end of input, 1 when connecting or logging in fails
 or the connection is lost for good, 2 for a usage error.`;
@@ -104,6 +108,7 @@ function parseChatArgs(argv: string[], env: NodeJS.ProcessEnv): ChatArgs {
     color: !env.NO_COLOR,
     reconnect: true,
     help: false,
+    version: false,
   };
   // A leading `chat` is allowed, so a dispatcher can hand over its argv as is.
   const args = argv[0] === "chat" ? argv.slice(1) : argv;
@@ -120,6 +125,10 @@ function parseChatArgs(argv: string[], env: NodeJS.ProcessEnv): ChatArgs {
       case "-h":
       case "--help":
         a.help = true;
+        break;
+      case "-v":
+      case "--version":
+        a.version = true;
         break;
       case "--host":
         a.host = value();
@@ -169,7 +178,7 @@ function parseChatArgs(argv: string[], env: NodeJS.ProcessEnv): ChatArgs {
         throw new UsageError(`unknown option ${arg}`);
     }
   }
-  if (!a.help && !a.login) throw new UsageError("--login is required");
+  if (!a.help && !a.version && !a.login) throw new UsageError("--login is required");
   return a;
 }
 
@@ -714,6 +723,10 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
   }
   if (args.help) {
     io.stdout.write(CHAT_HELP + "\n");
+    return 0;
+  }
+  if (args.version) {
+    io.stdout.write(`wirechat ${packageVersion()}\n`);
     return 0;
   }
 
