@@ -21,6 +21,7 @@ USER node
 VOLUME ["/data"]
 # 7788 the protocol, 9090 the admin port (publish it on 127.0.0.1 only, or set WIRECHAT_ADMIN_TOKEN).
 EXPOSE 7788 9090
+# The health check finds the admin port in WIRECHAT_ADMIN_PORT only (set it there to move the port).
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD node -e "fetch('http://127.0.0.1:' + (process.env.WIRECHAT_ADMIN_PORT || 9090) + '/healthz').then(r => process.exit(r.ok ? 0 : 1), () => process.exit(1))"
 # SIGTERM (docker stop) drains and closes the database; give it --shutdown-timeout plus the linger time.
