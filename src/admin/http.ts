@@ -224,8 +224,10 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
       },
     },
     async (req) => {
-      const users = await d.ops.list(req.query.after ?? "", req.query.limit ?? 100);
-      return { users, next: users.length > 0 ? users[users.length - 1].uid : null };
+      const limit = req.query.limit ?? 100;
+      const users = await d.ops.list(req.query.after ?? "", limit);
+      // A short page is the last: no `next` to follow into an empty one.
+      return { users, next: users.length === limit ? users[users.length - 1].uid : null };
     },
   );
   app.get<{ Params: { user: string } }>("/users/:user", async (req) => d.ops.summary(await d.ops.resolve(req.params.user)));

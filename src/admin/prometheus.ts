@@ -116,7 +116,7 @@ export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], 
     return out;
   });
   computed(registry, "wirechat_messages_stored_total", "Messages written to disk and acknowledged", "counter", () => [{ value: m.messagesStored }]);
-  computed(registry, "wirechat_messages_delivered_total", "Message events handed to recipients' connections (live or by a sync)", "counter", () => [{ value: m.messagesDelivered }]);
+  computed(registry, "wirechat_messages_delivered_total", "Message events handed to connections (live or by a sync): the recipients', and the sender's own connections' copy of what it sent", "counter", () => [{ value: m.messagesDelivered }]);
   computed(registry, "wirechat_offline_queue", "Direct messages stored since start for users with no connection, not yet sent to them", "gauge", () => [{ value: m.offlineQueue }]);
   computed(registry, "wirechat_delivery_lag_seconds", "Time messages waited for their group commit (per batch: from its first message to its fsync)", "histogram", () => histogram("wirechat_delivery_lag_seconds", m.deliveryLag));
   computed(registry, "wirechat_commit_batch_ops", "Operations per group-commit batch", "histogram", () => histogram("wirechat_commit_batch_ops", m.batchOps));
