@@ -298,7 +298,8 @@ export function helpText(commands: readonly string[]): string {
     "",
     "Messenger server speaking newline-delimited JSON over TCP. Every option can also",
     "be set by the environment variable shown, or in the --config file under the flag's",
-    "name without its dashes; a flag wins over the variable, the variable over the file.",
+    "name without its dashes; a flag wins over the variable, the variable over the file",
+    "(an empty variable counts as unset: clear a file's value with an empty --flag=).",
     "Options marked (reload) take a new value from the config file on SIGHUP.",
     "",
   ];

@@ -1,4 +1,7 @@
 import { execFileSync, spawnSync } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { COMMAND_HELP, COMMANDS } from "../src/cli/commands.js";
@@ -16,6 +19,16 @@ describe("options", () => {
     expect(parseArgs([], env).config).toMatchObject({ port: 7790, dataDir: "/env/dir", maxFrame: 2048 });
     const both = parseArgs(["--port", "7791", "--data-dir=/flag/dir"], env).config;
     expect(both).toMatchObject({ port: 7791, dataDir: "/flag/dir", maxFrame: 2048 });
+  });
+
+  it("an empty variable is unset; an empty flag clears what the file says", () => {
+    const dir = mkdtempSync(path.join(tmpdir(), "wirechat-conf-"));
+    const file = path.join(dir, "wirechat.json");
+    writeFileSync(file, JSON.stringify({ "admin-token": "from-file", port: 7792 }));
+    const env = { WIRECHAT_CONFIG: file, WIRECHAT_ADMIN_TOKEN: "", WIRECHAT_PORT: "" };
+    expect(parseArgs([], env).config).toMatchObject({ adminToken: "from-file", port: 7792 });
+    expect(parseArgs(["--admin-token="], env).config.adminToken).toBe("");
+    rmSync(dir, { recursive: true, force: true });
   });
 
   it("refuses unknown options, missing values and bad numbers", () => {
