@@ -814,6 +814,33 @@ describe("cluster mode: the operator", () => {
   });
 });
 
+describe("cluster mode: registration", () => {
+  it("closed through one node's admin port, it is closed on every node; opened again the same way", async () => {
+    const port = (i: number) => nodes[i].adminPort as number;
+    const tryRegister = async (i: number) => {
+      const c = await Client.connect(node(i));
+      const r = await c.request("register", { login: uniqueName("reg"), pass: "secret", nick: uniqueName("n") });
+      c.close();
+      return r.status;
+    };
+    try {
+      expect((await admin(port(0), "POST", "/registration", { open: false })).json).toEqual({ registration: "closed" });
+      for (let i = 0; i < 3; i++) {
+        await waitFor(() => nodes[i].services.config.registration === "closed", 5000, `node ${i} to close registration`);
+        expect((await admin(port(i), "GET", "/registration")).json).toEqual({ registration: "closed" });
+        expect(await tryRegister(i)).toBe(15);
+      }
+      expect((await admin(port(2), "POST", "/registration", { open: true })).json).toEqual({ registration: "open" });
+      for (let i = 0; i < 3; i++) {
+        await waitFor(() => nodes[i].services.config.registration === "open", 5000, `node ${i} to open registration`);
+        expect(await tryRegister(i)).toBe(0);
+      }
+    } finally {
+      for (const n of nodes) n.services.config.registration = "open";
+    }
+  });
+});
+
 describe("cluster mode: address bans", () => {
   it("close the address's connections on every node, the proposer's too, also when its append answered 16", async () => {
     const port = (i: number) => nodes[i].adminPort as number;

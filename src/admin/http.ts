@@ -275,11 +275,11 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     const [kind, value] = banTarget(req.body);
     return { lifted: await d.ops.unban(kind, value) };
   });
-  app.get("/registration", async () => ({ registration: d.ops.registration() }));
+  app.get("/registration", async () => ({ registration: await d.ops.registration() }));
   app.post<{ Body: { open: boolean } }>(
     "/registration",
     { schema: { body: { type: "object", required: ["open"], properties: { open: { type: "boolean" } }, additionalProperties: false } } },
-    async (req) => ({ registration: d.ops.registration(req.body.open) }),
+    async (req) => ({ registration: await d.ops.registration(req.body.open) }),
   );
   app.post<{ Body: { dir: string } }>(
     "/backup",

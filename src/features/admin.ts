@@ -38,7 +38,7 @@ export interface AdminOps {
   ban(kind: BanKind, value: string, reason: string): Promise<Ban & { closed?: number }>;
   unban(kind: BanKind, value: string): Promise<boolean>;
   bans(): Ban[];
-  registration(open?: boolean): "open" | "closed";
+  registration(open?: boolean): Promise<"open" | "closed">;
 }
 
 /** User records read at a time by list (each may hold a picture of up to --max-picture). */
@@ -142,10 +142,13 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return had;
     },
     bans: () => bans.list(),
-    registration(open) {
+    async registration(open) {
       if (open !== undefined) {
-        config.registration = open ? "open" : "closed";
-        sv.log.info({ registration: config.registration }, "registration set by an operator");
+        // In cluster mode through the log: every node opens or closes it (each until its
+        // own restart or SIGHUP, as on one node).
+        if (sv.cluster) await sv.cluster.append({ k: "registration", open });
+        else config.registration = open ? "open" : "closed";
+        sv.log.info({ registration: open ? "open" : "closed" }, "registration set by an operator");
       }
       return config.registration === "closed" ? "closed" : "open";
     },

@@ -97,6 +97,8 @@ export type Command =
   /** An operator's ban (`at`: unix seconds); a login's owner `uid` has their sessions revoked and connections closed. */
   | { k: "ban"; kind: BanKind; value: string; reason: string; at: number; uid?: string }
   | { k: "unban"; kind: BanKind; value: string }
+  /** An operator opens or closes registration: on every node, until its restart or SIGHUP. */
+  | { k: "registration"; open: boolean }
   /**
    * Delivery cursors advanced on the proposing node (uid → inbox seq), shared about once
    * a second: a client that reconnects elsewhere is not sent again what it had. Each
@@ -576,6 +578,7 @@ export class Cluster {
                 return { sessions: c.uid === undefined ? [] : await sessions.list(c.uid) };
               case "unban":
               case "cursors":
+              case "registration":
                 return {};
               case "sweep":
                 return { expired: await sessions.due(c.before, c.limit) };
@@ -907,6 +910,11 @@ export class Cluster {
         t.after.push(() => {
           for (const uid of Object.keys(at)) messages.advance(uid, at[uid], true);
         });
+        return { k: "done" };
+      }
+      case "registration": {
+        const open = c.open;
+        t.after.push(() => (this.sv.config.registration = open ? "open" : "closed"));
         return { k: "done" };
       }
       case "unban": {
