@@ -308,6 +308,7 @@ describe("rust_messages door: bad input", () => {
     }
     expect(await ask(c, { action: "frobnicate" })).toMatchObject({ code: 400, message: "unknown action 'frobnicate'" });
     expect((await ask(c, { action: "send_message", text: 5, timestamp: 1 })).code).toBe(400);
+    expect(await ask(c, { action: "send_message", text: "", timestamp: 1 })).toEqual({ action: "send_message", code: 400, message: "'text' is empty" });
     expect((await ask(c, { action: "get_messages", number_of_messages: "all" })).code).toBe(400);
     expect((await ask(c, { action: "create_room" })).code).toBe(400);
     expect((await ask(c, { action: "send_message", text: "still fine", timestamp: 1 })).code).toBe(200);

@@ -209,6 +209,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       case "send_message": {
         const text = str(msg, "text");
         if (text === undefined) return answer(action, ERR, "'text' must be a string");
+        // In this door's words (the native refusal names its own field, 'body').
+        if (text === "") return answer(action, ERR, "'text' is empty");
         if (!st.room) return answer(action, ERR, "you are in no room; change_room first");
         return this.result(action, await this.call(s, "message", { channel: st.room.chid, body: text }));
       }
