@@ -24,7 +24,7 @@ import type WebSocket from "ws";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from "../protocol/dispatcher.js";
 import type { Audience, Event } from "../protocol/events.js";
-import type { OutFrame } from "../protocol/frames.js";
+import { afterRead, type OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { isLogin, normaliseEmail } from "../features/profile-fields.js";
@@ -217,18 +217,8 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     const sender = this.deps.cachedUser(m.from);
     if (sender) return chatText(m, sender.email);
     const { user } = this.deps;
-    // It holds the record until it is written: it counts toward the outbound cap as the
-    // text it will be (an email is at most 254 characters).
-    const size = chatText(m, "").length + 254;
-    return {
-      parts: [
-        async function* () {
-          yield chatText(m, (await user(m.from))?.email ?? "");
-        },
-      ],
-      size,
-      text: size,
-    };
+    // An email is at most 254 characters.
+    return afterRead(chatText(m, "").length + 254, async () => chatText(m, (await user(m.from))?.email ?? ""));
   }
 
   protected async handle(s: Session, st: ChatState, msg: ChatMsg): Promise<OutFrame[]> {

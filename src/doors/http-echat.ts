@@ -24,7 +24,7 @@ import type { ListReply } from "../protocol/codec.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from "../protocol/dispatcher.js";
 import type { Event } from "../protocol/events.js";
-import type { Fields, OutFrame } from "../protocol/frames.js";
+import { afterRead, type Fields, type OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import { hasLoneSurrogate } from "../protocol/validation.js";
 import type { ChannelRecord, MessageRecord, UserRecord } from "../storage/layout.js";
@@ -172,18 +172,8 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
         if (known !== undefined) return (wire[this.name] ??= this.messageText(m, known));
         const { user } = this.deps;
         const text = (id: number | undefined) => this.messageText(m, id ?? null);
-        // It holds the record until it is written: it counts toward the outbound cap as
-        // the text it will be (a user number is at most 16 digits).
-        const size = text(undefined).length + 16;
-        return (wire[this.name] ??= {
-          parts: [
-            async function* () {
-              yield text((await user(m.from))?.num);
-            },
-          ],
-          size,
-          text: size,
-        });
+        // A user number is at most 16 digits.
+        return (wire[this.name] ??= afterRead(text(undefined).length + 16, async () => text((await user(m.from))?.num)));
       }
       case "channelDeleted":
         if (ev.chid !== st.chid) return "";

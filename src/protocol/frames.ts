@@ -19,6 +19,23 @@ export interface StreamedFrame {
 
 export type OutFrame = string | StreamedFrame;
 
+/**
+ * A frame whose text needs a read first (a door's event that names its sender's
+ * profile, not cached): made when the connection gets to it, and counted against the
+ * outbound cap meanwhile as `most` characters, the longest it can be.
+ */
+export function afterRead(most: number, make: () => Promise<string>): StreamedFrame {
+  return {
+    parts: [
+      async function* () {
+        yield await make();
+      },
+    ],
+    size: most,
+    text: most,
+  };
+}
+
 /** Unix seconds, as of the current task (clock.ts). */
 export function nowSeconds(): number {
   return Math.floor(clockMs() / 1000);
