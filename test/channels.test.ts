@@ -5,7 +5,7 @@ import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import type { BatchOp } from "../src/storage/db.js";
 import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
-import { heldGate, sleep, slowKeyReads, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, sleep, slowKeyReads, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -356,6 +356,41 @@ describe("leave", () => {
     expect((await b.client.request("leave", { channel: ch.chid })).status).toBe(0);
     expect((await b.client.request("leave", { channel: ch.chid })).status).toBe(10);
     await closeAll(a.client, b.client);
+  });
+});
+
+describe("leave", () => {
+  it("a message sent on another connection as its sender leaves is stored before the leave, or refused", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = await newChannel(owner);
+    for (const cmid of [undefined, "with-cmid"]) {
+      for (let i = 0; i < 12; i++) {
+        const u = await registerUser(shared.port);
+        const u2 = await login(shared.port, u.login);
+        expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+        await owner.client.event("ev_enter", (d) => d.uid === u.uid);
+        const body = `race ${i} ${cmid ?? ""}`;
+        // In the same moment: the message on one connection, the leave on the other.
+        u.client.send("message", { channel: ch.chid, body, ...(cmid ? { cmid: `${cmid}-${i}` } : {}) });
+        u2.client.send("leave", { channel: ch.chid });
+        const [sent, left] = await Promise.all([u.client.reply("message"), u2.client.reply("leave")]);
+        expect(left.data.status).toBe(0);
+        expect([0, 10]).toContain(sent.data.status);
+        await waitFor(() => owner.client.frames.some((f) => f.action === "ev_leave" && f.data.uid === u.uid), 5000, "the owner's ev_leave");
+        const order = owner.client.frames.filter((f) => (f.action === "ev_message" && f.data.body === body) || (f.action === "ev_leave" && f.data.uid === u.uid));
+        if (sent.data.status === 0) {
+          // Stored while a member: its sender hears it, and the others before the leave.
+          expect((await u.client.event("ev_message", (d) => d.body === body)).chid).toBe(ch.chid);
+          expect(order.map((f) => f.action)).toEqual(["ev_message", "ev_leave"]);
+        } else {
+          expect(order.map((f) => f.action)).toEqual(["ev_leave"]);
+          expect(await owner.client.quiet(100, (f) => f.action === "ev_message" && f.data.body === body)).toBe(true);
+        }
+        owner.client.frames.length = 0;
+        u.client.close();
+        u2.client.close();
+      }
+    }
   });
 });
 

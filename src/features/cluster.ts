@@ -743,7 +743,7 @@ export class Cluster {
         if (c.chid !== undefined) {
           if (!overlay.channel(c.chid, r.channel)) return { k: "error", err: channelErrors.notFound(c.chid) };
           if (!overlay.member(c.chid, c.from, r.member === true)) return { k: "error", err: channelErrors.notMember(c.chid) };
-          audience = { channel: c.chid };
+          audience = { channel: c.chid, also: c.from };
         } else {
           const to = c.to as string;
           if (!r.user && !overlay.users.has(to)) return { k: "nouser" };

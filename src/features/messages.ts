@@ -148,7 +148,7 @@ export function registerMessages(sv: Services): void {
         if (this.newPair) messages.peersKnown(m.from, to);
         req.emit(ev, { users: to === m.from ? [to] : [to, m.from] });
       } else {
-        req.emit(ev, { channel: m.chid as string });
+        req.emit(ev, { channel: m.chid as string, also: m.from });
       }
       d.resolve(sent as MessageSent);
     }
@@ -175,8 +175,13 @@ export function registerMessages(sv: Services): void {
       throw new ProtocolError(Code.NeedAuth, "the session ended before the message was stored; log in and send it again");
     }
     // A channel removed since the membership check: its purge may have read the
-    // history already, and would leave this message behind.
-    if (channel !== undefined && channels.isGone(channel)) throw channelErrors.notFound(channel);
+    // history already, and would leave this message behind. A sender whose leave came
+    // since (another connection's): the message would be a non-member's, after its
+    // ev_leave, and without its echo.
+    if (channel !== undefined) {
+      if (channels.isGone(channel)) throw channelErrors.notFound(channel);
+      if (channels.hasLeft(channel, sender)) throw channelErrors.notMember(channel);
+    }
     const me = sender;
     const { body = "", attach } = req.data;
     const stored = req.attachment && req.attachment.size > 0 ? req.attachment : undefined;

@@ -49,5 +49,10 @@ export interface NoticeEvent {
 /** Encodings of one event, by codec name: each is made once, whatever the audience. */
 export type Wire = Record<string, OutFrame>;
 
-/** Who an event goes to. */
-export type Audience = { users: readonly string[] } | { channel: string };
+/**
+ * Who an event goes to. A channel's members are those when the event goes out; `also`
+ * gets it whether or not it is one of them then (a message's sender whose leave, on
+ * another connection, was written before the event went out: it sent the message as
+ * a member, and hears it back as the protocol says).
+ */
+export type Audience = { users: readonly string[] } | { channel: string; also?: string };

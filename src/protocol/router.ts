@@ -156,10 +156,12 @@ export class Router implements Delivery {
       return;
     }
     const chid = audience.channel;
+    const also = audience.also;
     const queued = this.channelQueue.get(chid);
     const cached = queued ? undefined : this.channels.cachedMembers(chid);
     if (cached) {
       for (const uid of cached) this.toMember(uid, ev);
+      if (also !== undefined && !cached.has(also)) this.toMember(also, ev);
       return;
     }
     // Membership must be read: this event, and every later one for the channel until
@@ -172,6 +174,7 @@ export class Router implements Delivery {
       .then(
         (members) => {
           for (const uid of members) this.toMember(uid, ev);
+          if (also !== undefined && !members.includes(also)) this.toMember(also, ev);
         },
         (err) => this.onError(err, "resolving a channel's members"),
       );

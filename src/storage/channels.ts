@@ -71,6 +71,12 @@ export class ChannelStore {
    * a moment before the removal, never one that started long after.
    */
   private readonly gone = new Set<string>();
+  /**
+   * `<chid>\0<uid>` of memberships whose end has been built (leaveOps), newest last,
+   * bounded as `gone` is, and taken out by a new join: a message that passed its
+   * membership check a moment before the leave must not be written after it.
+   */
+  private readonly departed = new Set<string>();
 
   constructor(
     storage: Storage,
@@ -155,6 +161,11 @@ export class ChannelStore {
     return this.gone.has(chid);
   }
 
+  /** True once `uid`'s leave of `chid` is built (and no join since). */
+  hasLeft(chid: string, uid: string): boolean {
+    return this.departed.size > 0 && this.departed.has(`${chid}\u0000${uid}`);
+  }
+
   /** Members in uid order. */
   async members(chid: string): Promise<string[]> {
     const hit = this.fresh(chid);
@@ -208,6 +219,7 @@ export class ChannelStore {
   /** Report with joined(chid, uid) once committed. `priv`: the channel is private. */
   joinOps(chid: string, uid: string, time: number, priv = false): BatchOp[] {
     this.changing(chid);
+    this.departed.delete(`${chid}\u0000${uid}`);
     const ops = [put(this.s.members, pair(chid, uid), time), put(this.s.memberof, pair(uid, chid), 1)];
     if (priv) ops.push(put(this.s.privof, pair(uid, chid), 1));
     return ops;
@@ -216,6 +228,10 @@ export class ChannelStore {
   /** Report with left(chid, uid) once committed. */
   leaveOps(chid: string, uid: string): BatchOp[] {
     this.changing(chid);
+    const key = `${chid}\u0000${uid}`;
+    this.departed.delete(key);
+    if (this.departed.size >= REMEMBERED_REMOVALS) this.departed.delete(this.departed.values().next().value as string);
+    this.departed.add(key);
     return this.memberDels(chid, uid);
   }
 
