@@ -530,3 +530,39 @@ describe("pipelined messages waiting for their commit", () => {
   }, 60_000);
 });
 
+
+describe("derived index entries on disk", () => {
+  it("are written in synced batches (a later sync does not cover them across LevelDB's log switch)", async () => {
+    const srv = await startTestServer();
+    try {
+      const a = await registerUser(srv.port);
+      const b = await registerUser(srv.port);
+      await srv.services.storage.settle();
+      // Every batch write from here on, and whether it asks for a sync.
+      type Binding = { batch_write: (native: unknown, options: { sync: boolean }) => Promise<void> };
+      const owner = srv.services.storage as unknown as { binding: Binding };
+      const binding = owner.binding;
+      const syncs: boolean[] = [];
+      const own: Binding = Object.create(binding);
+      own.batch_write = (native, options) => {
+        syncs.push(options.sync);
+        return binding.batch_write(native, options);
+      };
+      owner.binding = own;
+      try {
+        expect((await a.client.request("message", { uid: b.uid, body: "indexed" })).status).toBe(0);
+        // Nothing else happens: the message's batch, then (within DERIVED_DELAY_MS) its
+        // history and inbox entries with the watermark.
+        await srv.services.messages.flushDerived();
+      } finally {
+        owner.binding = binding;
+      }
+      expect(syncs.length).toBeGreaterThanOrEqual(2);
+      expect(syncs.filter((s) => s).length).toBeGreaterThanOrEqual(2);
+      for (const x of [a, b]) x.client.close();
+    } finally {
+      await srv.stop();
+      removeDir(srv.services.config.dataDir);
+    }
+  });
+});

@@ -6,13 +6,17 @@
 // afterCommit() on the hot path) is called back only when its batch is on disk, so a
 // reply sent after it is durable, and a burst of N messages costs one fsync, not N.
 //
-// Which writes may skip fsync: a batch that holds only lazy writes (commitLazy: the
-// derived inbox and cmid indexes, delivery cursors, clean-up deletes) is written
-// without sync. Losing it in a crash cannot lose an acknowledged message: the derived
-// indexes are rebuilt at start-up from the message log (storage/messages.ts), a lost
-// cursor advance only means a message is delivered again, and a lost clean-up is
-// redone. Every batch that holds a write someone waits for is synced, and since
-// batches are written in order, it also makes every lazy write before it durable.
+// Which writes may skip fsync: a batch that holds only lazy writes (commitLazy:
+// delivery cursors, clean-up deletes) is written without sync. Losing it in a crash
+// cannot lose an acknowledged message: a lost cursor advance only means a message is
+// delivered again, and a lost clean-up is redone. Every batch that holds a write
+// someone waits for is synced (afterCommit, commit), and so is every batch of derived
+// index entries (history, inbox, cmids, dialogs: storage/messages.ts), whose
+// watermark tells start-up what needs no replay. A synced batch does not make the lazy
+// writes before it durable in every case: when its memtable is full, LevelDB closes
+// its write-ahead log without a sync and starts another, so an unsynced tail of the old
+// log is lost to a power failure until that memtable is written as a table. What
+// something later relies on is synced in its own batch, never left to a later one.
 //
 // Batches are built on classic-level's native batch directly (its binding's
 // batch_put / batch_write / batch_clear): each put is handed to LevelDB as it is

@@ -8,8 +8,8 @@
 // tables, and finding a message by mid is one read). Everything else is derived from
 // the log: once the batch is on disk its history, inbox and cmid entries wait in
 // memory (at most DERIVED_DELAY_MS or DERIVED_MAX entries) and are then written
-// together, lazily, a chunk with each of the next few batches (drain), the watermark
-// `meta indexed` last: one history chunk per conversation per generation. At start-up
+// together, nobody waiting for them, a chunk with each of the next few batches (drain:
+// each synced), the watermark `meta indexed` last: one history chunk per conversation per generation. At start-up
 // the log past the watermark is replayed, so a crash loses none of them. Readers merge
 // what is in memory with what is on disk.
 //
@@ -776,7 +776,11 @@ export class MessageStore {
       chunk.push(next.value);
     }
     this.storage.commitLazy(this.gone.size > 0 ? chunk.filter((op) => !this.gone.has(this.ownerOf(op.key))) : chunk);
-    this.storage.afterWrite((err) => {
+    // Synced, each chunk: the watermark, in the last, says the chunks before it need no
+    // replay, and a later sync does not make them durable if LevelDB switched its
+    // write-ahead log in between (it closes the old one, full memtable, without a sync).
+    // Under load a chunk rides with a batch of messages, synced anyway.
+    this.storage.afterCommit((err) => {
       // A chunk past the head may have held cmid entries (purgedCmidOps).
       if (!err && g.at === g.ops.length && g.d.cmids.size > 0) this.cmidWrites++;
       if (!err && !last) return this.drain(g);
