@@ -209,14 +209,21 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
       signal?.throwIfAborted();
       // Into place (no longer stopped by `signal`): the attachment files first, the
       // database last (a server starts only on a database).
-      for (const shard of existsSync(path.join(staging, "blobs")) ? readdirSync(path.join(staging, "blobs")) : []) {
+      // Each step durable before the next (a power failure must not leave a database
+      // naming files that are not there): the files were synced as they were copied,
+      // the directories that now name them are synced after the moves.
+      const shards = existsSync(path.join(staging, "blobs")) ? readdirSync(path.join(staging, "blobs")) : [];
+      for (const shard of shards) {
         makeDirSync(path.join(dataDir, "blobs", shard));
         for (const file of readdirSync(path.join(staging, "blobs", shard))) {
           renameSync(path.join(staging, "blobs", shard, file), path.join(dataDir, "blobs", shard, file));
         }
+        await syncPath(path.join(dataDir, "blobs", shard));
       }
+      if (shards.length > 0) await syncPath(path.join(dataDir, "blobs"));
       if (existsSync(dbDir)) rmdirSync(dbDir); // empty, checked above
       renameSync(path.join(staging, "db"), dbDir);
+      await syncPath(dataDir);
       return { keys, blobs };
     } finally {
       rmSync(staging, { recursive: true, force: true });
@@ -334,6 +341,7 @@ async function copyBlobs(src: string, to: string, signal: AbortSignal | undefine
         createWriteStream(path.join(to, shard, file)),
       );
       if (hash.digest("hex") !== file) throw new Error(`${name} does not hold the bytes its name's sha-256 says: the backup is damaged`);
+      await syncPath(path.join(to, shard, file));
       blobs++;
     }
   }
