@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import pino from "pino";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ChannelStore } from "../src/storage/channels.js";
-import { Storage } from "../src/storage/db.js";
+import { put, Storage } from "../src/storage/db.js";
 import { prefixRange, type Space } from "../src/storage/layout.js";
 import { MAX_OPEN, rangeReads, readEntries, readKeys, readValues } from "../src/storage/range.js";
 import { useTempDirs } from "./helpers.js";
@@ -247,6 +247,31 @@ describe("group commit through classic-level's pinned private batch methods", ()
       expect((await readKeys(m, { gte: "k", lt: "l" })).length).toBe(49);
     } finally {
       await s2.close();
+    }
+  });
+});
+
+describe("closing the storage", () => {
+  it("a write added while it closes is refused, never written to the closed database", async () => {
+    const dir = newDir();
+    const s = await Storage.open(dir, pino({ level: "silent" }));
+    const space = s.spaces.contacts;
+    let late: Promise<void> | undefined;
+    // A waiter's continuation commits again in the turn that close()'s settle resolves in.
+    const first = s.commit([put(space, "first", 1)]).then(() => {
+      late = s.commit([put(space, "late", 2)]);
+    });
+    const closed = s.close();
+    await first;
+    await expect(late).rejects.toThrow(/storage is closed/);
+    await closed;
+    await new Promise((r) => setImmediate(r));
+    const again = await Storage.open(dir, pino({ level: "silent" }));
+    try {
+      expect(await again.spaces.contacts.get("first")).toBe(1);
+      expect(await again.spaces.contacts.get("late")).toBeUndefined();
+    } finally {
+      await again.close();
     }
   });
 });

@@ -355,6 +355,7 @@ export class Storage {
 
   /** Calls `done` once the batch being gathered is written, without asking for a sync. */
   afterWrite(done: Done): void {
+    if (this.closed) return done(new Error("storage is closed"));
     this.open.waiters.push(done);
     this.schedule();
   }
@@ -392,6 +393,7 @@ export class Storage {
 
   private flush(): void {
     if (this.writing) return;
+    if (this.closed) return this.refuseOpen();
     for (const fn of this.contributors) fn(this);
     const b = this.open;
     if (b.ops > 0) {
@@ -479,7 +481,32 @@ export class Storage {
   async close(): Promise<void> {
     await this.settle();
     this.closed = true;
+    // What a waiter's continuation added between the settle and this turn is never
+    // written: it is told so (a write on the closed database would reach LevelDB's
+    // native handle after its close).
+    this.refuseOpen();
     await this.db.close();
+  }
+
+  /** Closed: the batch being gathered is not written; its waiters are told so. */
+  private refuseOpen(): void {
+    const b = this.open;
+    if (b.ops === 0 && b.waiters.length === 0) return;
+    this.open = new Batch();
+    if (b.native !== undefined) {
+      this.binding.batch_clear(b.native);
+      this.spare.push(b.native);
+      b.native = undefined;
+    }
+    for (const op of b.watched ?? []) op.watch?.written(op.spaceKey as string);
+    const err = new Error("storage is closed");
+    for (const w of b.waiters) {
+      try {
+        call(w, err);
+      } catch (e) {
+        this.log.error({ err: e }, "commit callback failed");
+      }
+    }
   }
 }
 
