@@ -275,3 +275,31 @@ describe("closing the storage", () => {
     }
   });
 });
+
+describe("a counter's value", () => {
+  it("is written again with the next batch when the batch that carried it failed", async () => {
+    const dir = newDir();
+    const s = await Storage.open(dir, pino({ level: "silent" }));
+    const c = await s.counter("test-counter");
+    type Binding = { batch_write: (...args: unknown[]) => Promise<void> };
+    const owner = s as unknown as { binding: Binding };
+    const binding = owner.binding;
+    const failing: Binding = Object.create(binding);
+    failing.batch_write = async () => {
+      throw new Error("the disk is full");
+    };
+    owner.binding = failing;
+    const n = c.next();
+    await expect(s.commit([put(s.spaces.contacts, "a", n)])).rejects.toThrow(/disk is full/);
+    owner.binding = binding;
+    // A later batch that hands out nothing new carries it.
+    await s.commit([put(s.spaces.contacts, "b", 0)]);
+    await s.close();
+    const again = await Storage.open(dir, pino({ level: "silent" }));
+    try {
+      expect((await again.counter("test-counter")).last).toBe(n);
+    } finally {
+      await again.close();
+    }
+  });
+});

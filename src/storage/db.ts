@@ -178,6 +178,8 @@ class Batch {
   promise: Promise<void> | undefined;
   /** Its writes to watched spaces, told again once it is written. */
   watched: BatchOp[] | undefined;
+  /** Counters whose latest value it carries (carried again if it fails). */
+  counted: Counter[] | undefined;
 }
 
 /** A monotonic number kept in `meta`; the latest value rides along in each batch. */
@@ -199,6 +201,10 @@ export class Counter implements IdSource {
     if (!this.dirty) return undefined;
     this.dirty = false;
     return this.value;
+  }
+  /** The batch that carried the value failed: the next one carries it again. */
+  retry(): void {
+    this.dirty = true;
   }
 }
 
@@ -400,7 +406,10 @@ export class Storage {
       // A counter's latest value rides with any batch (never alone: nothing used it yet).
       for (const c of this.counters) {
         const v = c.takeDirty();
-        if (v !== undefined) this.add(put(this.spaces.meta, c.name, v));
+        if (v !== undefined) {
+          this.add(put(this.spaces.meta, c.name, v));
+          (b.counted ??= []).push(c);
+        }
       }
     } else {
       for (const w of b.waiters) {
@@ -432,6 +441,7 @@ export class Storage {
 
   private written(b: Batch, err: Error | undefined): void {
     this.writing = false;
+    if (err) for (const c of b.counted ?? []) c.retry();
     // Emptied (written or failed, its operations are done with) and free for the next.
     const native = b.native as NativeBatch;
     b.native = undefined;
