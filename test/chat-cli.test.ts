@@ -136,6 +136,36 @@ describe("wirechat chat", () => {
     }
   });
 
+  it("/msg finds a nick with spaces: the longest nick the line starts with, or one in quotes", async () => {
+    const base = uniqueName("Mary");
+    const users = [];
+    for (const nick of [base, `${base} Ann`]) {
+      const c = await WirechatClient.connect({ port: srv.port });
+      const a = await c.register(uniqueName("m"), "secret", nick);
+      const inbox: string[] = [];
+      c.on("ev_message", (m) => {
+        if (m.to === a.uid) inbox.push(m.body);
+      });
+      users.push({ c, inbox });
+    }
+    const [mary, maryAnn] = users;
+    try {
+      const me = cli(["--host", "127.0.0.1", "--port", String(srv.port), "--login", uniqueName("me"), "--register", "--pass", "pw"]);
+      await me.waitOut(/logged in as/);
+      me.type(`/msg ${base} Ann hello there`);
+      await waitFor(() => maryAnn.inbox.length === 1, 5000, "Mary Ann to get it");
+      expect(maryAnn.inbox).toEqual(["hello there"]);
+      me.type(`/msg "${base}" Ann, this is for Mary`);
+      await waitFor(() => mary.inbox.length === 1, 5000, "Mary to get it");
+      expect(mary.inbox).toEqual(["Ann, this is for Mary"]);
+      expect(maryAnn.inbox).toHaveLength(1);
+      me.type("/quit");
+      expect(await me.exited).toBe(0);
+    } finally {
+      for (const u of users) u.c.close();
+    }
+  });
+
   it("shows a message's control characters escaped and its further lines indented: a sender cannot drive the terminal or fake a line", async () => {
     const bob = await libUser();
     try {

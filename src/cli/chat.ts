@@ -80,6 +80,8 @@ or the connection is lost for good, 2 for a usage error.`;
 
 const COMMANDS_HELP = `Commands:
   /msg NICK [TEXT]     talk to NICK: sends TEXT, and makes NICK the current conversation
+                       (a nick with spaces: the longest one the line starts with, or in
+                       quotes: /msg "Mary Ann" hi)
   /join #CHANNEL       enter a channel (created if it does not exist) and talk there
   /leave               leave the current channel
   /history [N]         the last N messages (default 20) of the current conversation
@@ -511,12 +513,34 @@ class ChatSession {
   }
 
   private async msg(rest: string): Promise<void> {
-    const m = /^(\S+)\s?(.*)$/s.exec(rest);
-    if (!m) throw new Error("usage: /msg NICK [TEXT]");
-    const user = await this.findUser(m[1]);
+    const { user, text } = await this.addressee(rest);
     this.target = { kind: "user", uid: user.uid, nick: user.nick };
-    if (m[2].trim() !== "") await this.client.sendMessage({ uid: user.uid }, m[2]);
+    if (text !== "") await this.client.sendMessage({ uid: user.uid }, text);
     else this.info(`* talking to ${user.nick}`);
+  }
+
+  /**
+   * The user a /msg names, and its text. A nick may hold spaces: "Mary Ann" in quotes,
+   * or unquoted the longest nick the line starts with (of those searchuser finds for
+   * its first word), so that `/msg Mary Ann hi` is for Mary Ann when she exists, not
+   * "Ann hi" for Mary (which `/msg "Mary" Ann hi` says).
+   */
+  private async addressee(rest: string): Promise<{ user: { uid: string; nick: string }; text: string }> {
+    const quoted = /^"([^"]+)"(?:\s+(.*))?$/s.exec(rest);
+    if (quoted) return { user: await this.findUser(quoted[1]), text: (quoted[2] ?? "").trim() };
+    const first = /^(\S+)/.exec(rest);
+    if (!first) throw new Error('usage: /msg NICK [TEXT] (a nick with spaces in quotes: /msg "Mary Ann" hi)');
+    const line = rest.replace(/^@/, "");
+    const lower = line.toLowerCase();
+    const found = await this.client.searchUser(first[1].replace(/^@/, ""));
+    for (const u of found) this.nicks.set(u.uid, u.nick);
+    let best: { uid: string; nick: string } | undefined;
+    for (const u of found) {
+      const n = u.nick.toLowerCase();
+      if (lower.startsWith(n) && (line.length === n.length || /\s/.test(line[n.length])) && (!best || n.length > best.nick.length)) best = u;
+    }
+    if (best) return { user: best, text: line.slice(best.nick.length).trim() };
+    return { user: await this.findUser(first[1]), text: rest.slice(first[1].length).trim() };
   }
 
   /** The chid of the channel called `name`, reading channellist a page at a time. */
