@@ -3,13 +3,14 @@
 // their slot, the per-address cap, and the log of refused connections.
 import { readdirSync, readFileSync } from "node:fs";
 import net from "node:net";
+import tls from "node:tls";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Writable } from "node:stream";
 import pino from "pino";
 import { describe, expect, it } from "vitest";
 import { startServer, type RunningServer } from "../src/server.js";
-import { Client, registerUser, startTestServer, testConfig } from "./helpers.js";
+import { Client, registerUser, startTestServer, testConfig, WsClient } from "./helpers.js";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -220,6 +221,53 @@ describe("refused connections", () => {
     plain.close();
     await server.stop();
     expect(readFileSync(cert).length).toBeGreaterThan(0);
+  }, 30_000);
+});
+
+describe("TLS handshakes given up and addresses through two doors", () => {
+  const cert = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
+  const key = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
+
+  it("a handshake the client gives up with a FIN frees its place at once; after the handshake a FIN still gets every reply", async () => {
+    const server = await startTestServer({ tlsPort: 0, tlsCert: cert, tlsKey: key, maxConnections: 1, tlsHandshakeTimeout: 20 });
+    try {
+      const quitter = rawSocket(server.tlsPort as number, { allowHalfOpen: true });
+      await quitter.connected;
+      quitter.socket.end(); // a port scan, a health check: connected, then FIN
+      await within(quitter.ended, 5000, "the server's close of a handshake given up");
+      // Its place is free well before --tls-handshake-timeout (20 s).
+      const plain = await Client.connect(server.port);
+      expect((await plain.request("ping")).status).toBe(0);
+      plain.close();
+      await plain.closed;
+      // A TLS client that sends and closes its side gets its replies (half-open after the handshake).
+      const socket = tls.connect({ port: server.tlsPort as number, host: "127.0.0.1", ca: readFileSync(cert), servername: "localhost" });
+      let got = "";
+      socket.on("data", (d) => (got += d.toString()));
+      await new Promise<void>((resolve, reject) => socket.once("secureConnect", resolve).once("error", reject));
+      // A reply that comes after the FIN (bcrypt, then a synced batch).
+      const login = `half${process.pid}x${Date.now()}`;
+      socket.end(JSON.stringify({ action: "register", data: { login, pass: "secret", nick: login } }) + "\n");
+      await new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      expect(got).toMatch(/"action":"register","data":\{"status":0/);
+    } finally {
+      await server.stop();
+    }
+  }, 30_000);
+
+  it("an IPv4 client counts once against --max-per-address on an IPv4 TCP port and an IPv6 HTTP port", async () => {
+    const server = await startTestServer({ host: "127.0.0.1", httpPort: 0, httpHost: "::", maxPerAddress: 1 });
+    try {
+      const tcp = await Client.connect(server.port);
+      // ::ffff:127.0.0.1 on the HTTP port's socket: the same address as 127.0.0.1.
+      const ws = await WsClient.connect(server.httpPort as number, "/wirechat");
+      const first = await ws.next();
+      expect(first).toMatchObject({ data: { status: 13 } });
+      tcp.close();
+      ws.ws.close();
+    } finally {
+      await server.stop();
+    }
   }, 30_000);
 });
 

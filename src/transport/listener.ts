@@ -14,7 +14,7 @@ import { readFileSync } from "node:fs";
 import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
-import { closeFromAddress, closeIfIdle, endAll, overCap, type SlotCounter } from "./peer-common.js";
+import { closeFromAddress, closeIfIdle, endAll, overCap, socketAddress, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import { clockMs } from "../clock.js";
@@ -174,7 +174,10 @@ export class Listener implements ConnectionTable, SlotCounter {
         {
           cert: readFileSync(config.tlsCert),
           key: readFileSync(config.tlsKey),
-          allowHalfOpen: true,
+          // Not during the handshake: node ignores a FIN then, and a client that gave up
+          // (a port scan, a health check) kept its places against the caps until
+          // --tls-handshake-timeout. Half-open from the handshake's end on (accept).
+          allowHalfOpen: false,
           handshakeTimeout: config.tlsHandshakeTimeout * 1000,
         },
         (socket) => this.accept(socket),
@@ -259,7 +262,7 @@ export class Listener implements ConnectionTable, SlotCounter {
 
   /** A TLS client connected: its handshake holds a place until it completes or fails. */
   private handshake(raw: net.Socket): void {
-    const address = raw.remoteAddress ?? "?";
+    const address = socketAddress(raw);
     const over = overCap(this.group, address, this.config);
     if (over) {
       // Nothing can be said before the handshake: the refusal is the close.
@@ -288,7 +291,7 @@ export class Listener implements ConnectionTable, SlotCounter {
 
   /** One line, then the socket is read and discarded until it closes or lingers too long. */
   private refuse(socket: net.Socket, over: "full" | "address" | "banned", reason = ""): void {
-    const address = socket.remoteAddress ?? "?";
+    const address = socketAddress(socket);
     this.metrics.refused++;
     if (over === "banned") this.refusals.refused(address, "banned", 0);
     else this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
@@ -316,9 +319,13 @@ export class Listener implements ConnectionTable, SlotCounter {
   private accept(socket: net.Socket): void {
     socket.setNoDelay(true);
     socket.on("error", onSocketError);
-    const address = socket.remoteAddress ?? "?";
-    // A TLS socket's handshake held its place until now.
-    if (socket instanceof tls.TLSSocket) this.handshakeOver(`${address}:${socket.remotePort ?? 0}`, address);
+    const address = socketAddress(socket);
+    // A TLS socket's handshake held its place until now; from here it is half-open as a
+    // TCP one is (a client that closes its sending side still gets every reply).
+    if (socket instanceof tls.TLSSocket) {
+      this.handshakeOver(`${address}:${socket.remotePort ?? 0}`, address);
+      socket.allowHalfOpen = true;
+    }
     const over = overCap(this.group, address, this.config);
     if (over) return this.refuse(socket, over);
     const banned = this.refuseAddress?.(address);

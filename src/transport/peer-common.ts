@@ -36,6 +36,16 @@ export interface SlotCounter {
   unauthenticated(address: string, prune: boolean): number;
 }
 
+/**
+ * A socket's remote address as every door counts and bans it: an IPv4 client is
+ * 127.0.0.1 whether the listener is IPv4 or IPv6 (::ffff:127.0.0.1), so that its
+ * connections through two doors bound to different families share one
+ * --max-per-address count.
+ */
+export function socketAddress(socket: { remoteAddress?: string }): string {
+  return plainAddress(socket.remoteAddress ?? "?");
+}
+
 /** The cap a new connection from `address` is over, counted over the whole group, if any. */
 export function overCap(group: readonly SlotCounter[], address: string, config: Pick<Config, "maxConnections" | "maxPerAddress">): "full" | "address" | undefined {
   let held = 0;

@@ -25,7 +25,7 @@
 import type { Logger } from "pino";
 import type { Socket } from "node:net";
 import type WebSocket from "ws";
-import { closeFromAddress, closeIfIdle, endAll, overCap, type SlotCounter } from "./peer-common.js";
+import { closeFromAddress, closeIfIdle, endAll, overCap, socketAddress, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
 import { Code } from "../protocol/codes.js";
@@ -124,7 +124,7 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
    * address's plain sockets until it closes or becomes a WebSocket; past it, closed.
    */
   socket(socket: Socket): void {
-    const address = socket.remoteAddress ?? "?";
+    const address = socketAddress(socket);
     const n = this.plainPerAddress.get(address) ?? 0;
     if (n >= this.config.maxPerAddress) {
       this.metrics.refused++;
@@ -156,7 +156,7 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
       this.warnedPieces = true;
       this.log.warn("this ws version's receiver has no consume(n): fragments keep the reads they arrived in (bounded by ws's limits only)");
     }
-    const address = socket.remoteAddress ?? "?";
+    const address = socketAddress(socket);
     const over = this.stopping ? "stopping" : overCap(this.group, address, this.config);
     if (over) return this.refuse(ws, address, front, over);
     const banned = this.refuseAddress?.(address);
