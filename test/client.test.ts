@@ -5,6 +5,7 @@
 
 import { randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
+import net from "node:net";
 import path from "node:path";
 import { Readable } from "node:stream";
 import { fileURLToPath } from "node:url";
@@ -256,6 +257,59 @@ describe("WirechatClient", () => {
     // `since` did it, not the client's duplicate filter: the server resent nothing.
     expect(alice.duplicatesDropped).toBe(0);
     expect(alice.lastInboxMid).toBe(bob2Mids.at(-1));
+  });
+
+  it("a link that stops passing data is taken for lost by the keep-alive; a file sent meanwhile times out", async () => {
+    // A proxy that can stop forwarding without closing anything (a NAT's timeout).
+    let frozen = false;
+    const links: net.Socket[] = [];
+    const proxy = net.createServer((inbound) => {
+      const outbound = net.connect(srv.port, "127.0.0.1");
+      links.push(inbound, outbound);
+      inbound.on("data", (d) => !frozen && outbound.write(d));
+      outbound.on("data", (d) => !frozen && inbound.write(d));
+      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+        a.on("close", () => b.destroy());
+        a.on("error", () => b.destroy());
+      }
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    try {
+      const c = await WirechatClient.connect({ host: "127.0.0.1", port, keepAliveMs: 200, requestTimeoutMs: 600, reconnect: { minMs: 50, maxMs: 200, maxAttempts: 1000 } });
+      clients.push(c);
+      await c.register(uniqueName("ka"), "secret", uniqueName("KA"));
+      const events: string[] = [];
+      c.on("disconnect", () => events.push("disconnect"));
+      frozen = true;
+      await waitFor(() => events.includes("disconnect"), 5000, "the keep-alive to give the link up");
+      // The server is unreachable now (nothing answers): a file sent while the client
+      // reconnects is refused at its timeout, not held for as long as that takes.
+      proxy.close();
+      for (const l of links) l.destroy();
+      const file = path.join(newDir(), "held.bin");
+      writeFileSync(file, randomBytes(1000));
+      const started = Date.now();
+      await expect(c.sendFile({ uid: "nobody" }, file, { timeoutMs: 500 })).rejects.toMatchObject({ code: ClientCode.Timeout });
+      expect(Date.now() - started).toBeLessThan(5000);
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+    }
+  });
+
+  it("the events iterator answers two next() calls in a row, each with its own event", async () => {
+    const alice = await registered();
+    const bob = await registered();
+    const it = alice.c.events();
+    const first = it.next();
+    const second = it.next();
+    await bob.c.sendMessage({ uid: alice.uid }, "one");
+    await bob.c.sendMessage({ uid: alice.uid }, "two");
+    const bodies = [];
+    for (const r of [await first, await second]) bodies.push(r.value && r.value.action === "ev_message" ? r.value.data.body : r.value?.action);
+    expect(bodies).toEqual(["one", "two"]);
+    await it.return?.();
   });
 
   it("streams a file attachment with progress, and the recipient gets the same bytes", async () => {

@@ -78,7 +78,11 @@ export interface ConnectOptions {
   requestTimeoutMs?: number;
   /** How long connecting (TCP, TLS and the welcome frame) may take. Default 10 s. */
   connectTimeoutMs?: number;
-  /** Send a `ping` after this long without writing anything (the server closes idle connections). 0 (default) disables it. */
+  /**
+   * Send a `ping` after this long without writing anything (the server closes idle
+   * connections); one without a reply within the request timeout ends the connection
+   * (then `reconnect` applies). 0 (default) disables it.
+   */
   keepAliveMs?: number;
   /** Per-iterator buffer of `events()`, in events. Default 10,000. */
   eventBufferSize?: number;
@@ -152,9 +156,10 @@ interface OutItem {
 }
 
 class EventIterator implements AsyncIterableIterator<WirechatEvent> {
-  private buf: WirechatEvent[] = [];
+  private buf: (WirechatEvent | undefined)[] = [];
   private head = 0;
-  private waiter: ((r: IteratorResult<WirechatEvent>) => void) | undefined;
+  /** next() calls waiting for an event, oldest first (each gets its own). */
+  private waiters: ((r: IteratorResult<WirechatEvent>) => void)[] = [];
   private done = false;
   dropped = 0;
 
@@ -166,9 +171,8 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
 
   push(ev: WirechatEvent): void {
     if (this.done) return;
-    if (this.waiter) {
-      const w = this.waiter;
-      this.waiter = undefined;
+    if (this.waiters.length > 0) {
+      const w = this.waiters.shift() as (r: IteratorResult<WirechatEvent>) => void;
       w({ value: ev, done: false });
       return;
     }
@@ -176,7 +180,7 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
       // Drop-oldest rather than backpressure: pausing the socket would also hold back
       // replies, and a consumer that awaits a request inside its `for await` loop would
       // then wait forever for a reply stuck behind its own unread events.
-      this.head++;
+      this.buf[this.head++] = undefined;
       this.dropped++;
       this.onOverflow(this.dropped);
     }
@@ -190,20 +194,22 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   end(): void {
     if (this.done) return;
     this.done = true;
-    if (this.waiter) {
-      const w = this.waiter;
-      this.waiter = undefined;
-      w({ value: undefined, done: true });
-    }
+    for (const w of this.waiters.splice(0)) w({ value: undefined, done: true });
   }
 
   next(): Promise<IteratorResult<WirechatEvent>> {
     if (this.head < this.buf.length) {
-      const value = this.buf[this.head++];
+      const value = this.buf[this.head] as WirechatEvent;
+      // Handed out: not kept (an event may carry a large attachment's text).
+      this.buf[this.head++] = undefined;
+      if (this.head === this.buf.length) {
+        this.buf = [];
+        this.head = 0;
+      }
       return Promise.resolve({ value, done: false });
     }
     if (this.done) return Promise.resolve({ value: undefined, done: true });
-    return new Promise((resolve) => (this.waiter = resolve));
+    return new Promise((resolve) => this.waiters.push(resolve));
   }
 
   return(): Promise<IteratorResult<WirechatEvent>> {
@@ -556,8 +562,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       };
       const out: OutItem = { pending, text: item.text };
       if (run) out.run = (socket) => run(socket, pending);
-      // A streamed frame's clock starts when its last byte is out (see write loop).
-      if (!run) this.armTimer(out);
+      // The clock runs while the request waits (a reconnect that never comes must not
+      // hold it for good); a streamed frame's stops while its bytes are written, and
+      // starts again when its last byte is out (see the write loop).
+      this.armTimer(out);
       if (this.state === "open" || (internal && this.state === "resuming")) {
         this.outbox.push(out);
         this.pump();
@@ -606,6 +614,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
               return; // closed; its close handler deals with what is in flight
             }
           } else if (out.run) {
+            clearTimeout(out.pending.timer);
             try {
               await out.run(socket);
               this.armTimer(out);
@@ -999,7 +1008,15 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     if (ms <= 0) return;
     this.keepAliveTimer = setInterval(() => {
       if (this.state === "open" && Date.now() - this.lastWrite >= ms) {
-        this.submit({ text: '{"action":"ping"}\n' }, "ping", {}, true).catch(() => {});
+        const socket = this.socket;
+        this.submit({ text: '{"action":"ping"}\n' }, "ping", {}, true).catch((err: unknown) => {
+          // No reply: a link that stopped passing data without a reset (a NAT timeout,
+          // a network change) is taken for lost, so that `reconnect` can act on it now
+          // rather than when the kernel gives up on its retransmits, minutes later.
+          if (err instanceof WirechatError && err.code === ClientCode.Timeout && socket && this.socket === socket && !socket.destroyed) {
+            socket.destroy(new Error("no reply to a keep-alive ping"));
+          }
+        });
       }
     }, Math.max(100, Math.floor(ms / 2)));
     this.keepAliveTimer.unref?.();
