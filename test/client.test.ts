@@ -298,6 +298,14 @@ describe("WirechatClient", () => {
     }
   });
 
+  it("refuses to send an action name the server could not say back, and stays in step", async () => {
+    const { c } = await registered();
+    for (const bad of ["", "x".repeat(65), "two words"]) await expect(c.request(bad)).rejects.toMatchObject({ code: ClientCode.Protocol });
+    expect((await c.request("nosuchaction").catch((e: WirechatError) => e)).code).toBe(11);
+    await c.ping();
+    expect(c.connected).toBe(true);
+  });
+
   it("the events iterator answers two next() calls in a row, each with its own event", async () => {
     const alice = await registered();
     const bob = await registered();

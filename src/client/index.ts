@@ -155,6 +155,9 @@ interface OutItem {
   run?: (socket: net.Socket) => Promise<void>;
 }
 
+/** What request() sends as an action (the server's actions are all of this form). */
+const ACTION_NAME = /^[A-Za-z0-9_]{1,64}$/;
+
 class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   private buf: (WirechatEvent | undefined)[] = [];
   private head = 0;
@@ -339,6 +342,11 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * Works for any action, known to this client or not.
    */
   request<T extends Reply = Reply>(action: string, data?: Record<string, unknown>, options: RequestOptions = {}): Promise<T> {
+    // A name the server cannot say back (empty, too long) draws a reply named `unknown`,
+    // which cannot be told from the server's parting notice: refused here, unsent.
+    if (!ACTION_NAME.test(action)) {
+      return Promise.reject(new WirechatError(ClientCode.Protocol, "an action name is 1 to 64 letters, digits or underscores", action));
+    }
     const text = JSON.stringify(data === undefined ? { action } : { action, data }) + "\n";
     return this.submit({ text }, action, options, false) as Promise<T>;
   }
