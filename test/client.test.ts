@@ -298,6 +298,31 @@ describe("WirechatClient", () => {
     }
   });
 
+  it("a message whose ack a disconnect cut off is acked after the reconnect: the next login does not get it again", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: true, reconnect: { minMs: 50, maxMs: 200 } });
+    let cut = false;
+    alice.c.on("ev_message", () => {
+      // Handed to the app, and the link drops before the (coalesced) ack goes out.
+      if (cut) return;
+      cut = true;
+      (alice.c as unknown as { socket: net.Socket }).socket.destroy();
+    });
+    const reconnected = new Promise<void>((r) => alice.c.once("reconnect", () => r()));
+    const sent = await bob.c.sendMessage({ uid: alice.uid }, "only once");
+    await reconnected;
+    await waitFor(() => alice.c.lastAckedMid === sent.mid, 5000, "the ack after the reconnect");
+    expect(alice.c.duplicatesDropped).toBe(1);
+    // A login elsewhere without `since`: the server counts it delivered.
+    const other = await connect({ ack: true });
+    const got: string[] = [];
+    other.on("ev_message", (m) => got.push(m.body));
+    await other.auth({ login: alice.login, pass: "secret" });
+    await other.ping();
+    await sleep(300);
+    expect(got).toEqual([]);
+  });
+
   it("refuses to send an action name the server could not say back, and stays in step", async () => {
     const { c } = await registered();
     for (const bad of ["", "x".repeat(65), "two words"]) await expect(c.request(bad)).rejects.toMatchObject({ code: ClientCode.Protocol });

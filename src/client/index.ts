@@ -260,6 +260,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private ackEnabled = false;
   private lastInbox: bigint | undefined;
   private ackSent: bigint | undefined;
+  /** The highest inbox mid an ack of ours was answered for, on any connection. */
+  private confirmed: bigint | undefined;
   private ackTarget: bigint | undefined;
   private ackBusy = false;
   private closing = false;
@@ -820,7 +822,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       case "logout":
       case "deleteaccount":
         this.uid = this.sid = this.nick = undefined;
-        this.lastInbox = undefined;
+        this.lastInbox = this.confirmed = undefined;
         this.ackSent = this.ackTarget = undefined;
         break;
     }
@@ -829,7 +831,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private noteAuth(data: ReplyData): void {
     if (this.uid !== undefined && data.uid !== this.uid) {
       // Another user's inbox: the old position means nothing there.
-      this.lastInbox = this.ackSent = this.ackTarget = undefined;
+      this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = undefined;
     }
     this.uid = data.uid;
     this.sid = data.sid;
@@ -895,6 +897,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       while (this.ackEnabled && this.socket === socket && this.ackTarget !== undefined && (this.ackSent === undefined || this.ackTarget > this.ackSent)) {
         const mid = this.ackTarget;
         await this.submit({ text: JSON.stringify({ action: "ack", data: { mid: mid.toString() } }) + "\n" }, "ack", {}, true);
+        if (this.confirmed === undefined || mid > this.confirmed) this.confirmed = mid;
         if (this.socket === socket) this.ackSent = mid;
       }
     } catch {
@@ -982,8 +985,14 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       if (this.sid !== undefined) {
         const data: Record<string, unknown> = { sid: this.sid };
         // `since`: everything after the last inbox message we passed on, whatever the
-        // server thinks was confirmed, so nothing is lost and nothing comes twice.
-        if (this.lastInbox !== undefined) data.since = this.lastInbox.toString();
+        // server thinks was confirmed, so nothing is lost and nothing comes twice. With
+        // acks, after the last one confirmed instead: the server takes an ack only for
+        // what it sent on the same connection, so a message passed on whose ack the
+        // disconnect cut off must come again, to be acked (the duplicate filter keeps
+        // it from the app); skipped, it was never acked, and came again on every later
+        // login without `since`.
+        const from = this.wantAck ? this.confirmed : this.lastInbox;
+        if (from !== undefined) data.since = from.toString();
         auth = toAuthInfo(await this.submit({ text: JSON.stringify({ action: "auth", data }) + "\n" }, "auth", {}, true));
       }
     } catch (err) {
