@@ -6,6 +6,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
+import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach, describe, expect, it } from "vitest";
@@ -248,6 +249,55 @@ describe("wirechat chat", () => {
       await bob.c.close();
     }
   });
+
+  it("after a reconnect, shows what its channels got meanwhile, once", async () => {
+    const bob = await libUser();
+    // A proxy that can be taken down (refusing connections) and brought back on its port.
+    const links = new Set<net.Socket>();
+    const serve = () =>
+      net.createServer((inbound) => {
+        const outbound = net.connect(srv.port, "127.0.0.1");
+        for (const x of [inbound, outbound]) links.add(x);
+        inbound.pipe(outbound);
+        outbound.pipe(inbound);
+        for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+          a.on("close", () => b.destroy());
+          a.on("error", () => b.destroy());
+        }
+      });
+    let proxy = serve();
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    try {
+      const carol = cli(["--port", String(port), "--login", uniqueName("carol"), "--pass", "pw", "--register"]);
+      await carol.waitOut(/logged in as/);
+      const channel = uniqueName("gap");
+      carol.type(`/join #${channel}`);
+      await carol.waitOut(/now talking in/);
+      const chid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === channel)!.chid;
+      await bob.c.enter(chid);
+      await bob.c.sendMessage({ channel: chid }, "before the outage");
+      await carol.waitOut(/before the outage/);
+      const closed = new Promise<void>((r) => proxy.close(() => r()));
+      for (const l of links) l.destroy();
+      await closed;
+      await carol.waitOut(/connection lost/);
+      await bob.c.sendMessage({ channel: chid }, "during the outage");
+      proxy = serve();
+      await new Promise<void>((r) => proxy.listen(port, "127.0.0.1", () => r()));
+      await carol.waitOut(/during the outage/, 20_000);
+      await bob.c.sendMessage({ channel: chid }, "after the outage");
+      await carol.waitOut(/after the outage/);
+      expect(carol.out().split("during the outage").length - 1).toBe(1);
+      expect(carol.out().split("before the outage").length - 1).toBe(1);
+      carol.type("/quit");
+      expect(await carol.exited).toBe(0);
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+      await bob.c.close();
+    }
+  }, 40_000);
 
   it("prints --raw events as the server's frames", async () => {
     const bob = await libUser();

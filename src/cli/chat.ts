@@ -322,12 +322,27 @@ class LineQueue {
 
 type Conversation = { kind: "user"; uid: string; nick: string } | { kind: "channel"; chid: string; name: string };
 
+/** Channels whose newest message shown is remembered, for the catch-up after a reconnect. */
+const SEEN_CHANNELS = 64;
+/** Messages read per channel after a reconnect. */
+const CATCH_UP_LIMIT = 100;
+/** Channel messages remembered as shown (a catch-up's worth for every remembered channel would be more than needed). */
+const SHOWN_KEPT = 2048;
+
 class ChatSession {
   private target: Conversation | undefined;
   private readonly nicks = new Map<string, string>();
   private readonly channels = new Map<string, string>();
   /** The last few received attachments, for /save; bounded because each can be 64 MiB. */
   private readonly attachments = new Map<string, Attachment>();
+  /**
+   * Each channel's newest message shown (chid → mid), the most recent last, bounded:
+   * a channel's messages are not queued for a member who is away, so what came while
+   * the connection was being re-made is read from history after it (caughtUp).
+   */
+  private readonly seenInChannel = new Map<string, bigint>();
+  /** `<chid> <mid>` of the channel messages shown last (SHOWN_KEPT), so none shows twice. */
+  private readonly shownRecently = new Set<string>();
 
   constructor(
     private readonly client: WirechatClient,
@@ -345,6 +360,7 @@ class ChatSession {
     if (ev.action === "ev_message") {
       this.nicks.set(d.from, d.nick);
       if (hasAttachment(d.attach)) this.keepAttachment(d.mid, d.attach);
+      if (typeof d.chid === "string" && typeof d.mid === "string" && /^[0-9]+$/.test(d.mid) && !this.seen(d.chid, BigInt(d.mid))) return;
     }
     if ((ev.action === "ev_enter" || ev.action === "ev_leave") && d.uid) this.nicks.set(d.uid, d.nick);
     if (this.raw) {
@@ -353,6 +369,43 @@ class ChatSession {
     }
     const line = this.describe(ev);
     if (line !== undefined) this.screen.line(line);
+  }
+
+  /**
+   * After a reconnect: the messages each channel got meanwhile (the newest
+   * CATCH_UP_LIMIT of them), shown as they would have been, oldest first.
+   */
+  /**
+   * Notes channel message `mid` as shown; false if it was already (a message that came
+   * live while the catch-up read it from history, or the other way round).
+   */
+  private seen(chid: string, mid: bigint): boolean {
+    const key = `${chid} ${mid}`;
+    if (this.shownRecently.has(key)) return false;
+    if (this.shownRecently.size >= SHOWN_KEPT) this.shownRecently.delete(this.shownRecently.values().next().value as string);
+    this.shownRecently.add(key);
+    const before = this.seenInChannel.get(chid);
+    this.seenInChannel.delete(chid);
+    if (this.seenInChannel.size >= SEEN_CHANNELS) this.seenInChannel.delete(this.seenInChannel.keys().next().value as string);
+    this.seenInChannel.set(chid, before === undefined || mid > before ? mid : before);
+    return true;
+  }
+
+  async caughtUp(): Promise<void> {
+    if (this.raw) return; // --raw shows the server's frames only
+    for (const [chid, seen] of [...this.seenInChannel]) {
+      let missed;
+      try {
+        missed = (await this.client.history({ channel: chid, limit: CATCH_UP_LIMIT })).filter((m) => /^[0-9]+$/.test(m.mid) && BigInt(m.mid) > seen);
+      } catch (err) {
+        // No longer a member (left, or the channel is gone): nothing to catch up on.
+        if (err instanceof WirechatError && err.code > 0 && err.code !== 13 && err.code !== 16) this.seenInChannel.delete(chid);
+        else this.screen.line(this.p.error(`* could not read what ${shown(this.channelName(chid))} got meanwhile: ${errText(err)}`));
+        continue;
+      }
+      if (missed.length === CATCH_UP_LIMIT) this.info(`* ${shown(this.channelName(chid))} got more than ${CATCH_UP_LIMIT} messages meanwhile; /history for more`);
+      for (const m of missed) this.onEvent({ action: "ev_message", data: { ...m, chid } });
+    }
   }
 
   private describe(ev: WirechatEvent): string | undefined {
@@ -583,6 +636,7 @@ class ChatSession {
     const t = this.needTarget();
     if (t.kind !== "channel") throw new Error("the current conversation is not a channel");
     await this.client.leave(t.chid);
+    this.seenInChannel.delete(t.chid);
     this.target = undefined;
     this.info(`* left #${t.name}`);
   }
@@ -807,7 +861,10 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       return fail(`${args.register ? "registration" : "login"} failed: ${errText(err)}`);
     }
     client.on("disconnect", () => screen.line(p.error("* connection lost; reconnecting…")));
-    client.on("reconnect", () => screen.line(p.info("* reconnected")));
+    client.on("reconnect", () => {
+      screen.line(p.info("* reconnected"));
+      session.caughtUp().catch((err: unknown) => screen.line(p.error(`* ${errText(err)}`)));
+    });
     let lostForGood: Error | undefined;
     let quitting = false;
     client.on("close", (err) => {
