@@ -323,6 +323,22 @@ describe("WirechatClient", () => {
     expect(got).toEqual([]);
   });
 
+  it("a resume that is dropped again at once backs off further instead of looping", async () => {
+    const bob = await registered();
+    const alice = await registered({ maxFrameBytes: 2000, reconnect: { minMs: 20, maxMs: 400, maxAttempts: 1_000_000 } });
+    let resumes = 0;
+    alice.c.on("reconnect", () => resumes++);
+    const lost = new Promise<void>((r) => alice.c.once("disconnect", () => r()));
+    (alice.c as unknown as { socket: net.Socket }).socket.destroy();
+    await lost;
+    // Waiting in the inbox: a frame over alice's limit, sent again after every resume.
+    await bob.c.sendMessage({ uid: alice.uid }, "x".repeat(3000));
+    await sleep(3000);
+    // A step that starts again from 20 ms at each resume made well over a hundred.
+    expect(resumes).toBeGreaterThan(0);
+    expect(resumes).toBeLessThan(30);
+  });
+
   it("refuses to send an action name the server could not say back, and stays in step", async () => {
     const { c } = await registered();
     for (const bad of ["", "x".repeat(65), "two words"]) await expect(c.request(bad)).rejects.toMatchObject({ code: ClientCode.Protocol });

@@ -86,7 +86,11 @@ export interface ConnectOptions {
   keepAliveMs?: number;
   /** Per-iterator buffer of `events()`, in events. Default 10,000. */
   eventBufferSize?: number;
-  /** Largest frame accepted from the server. Default 128 MiB (a 64 MiB attachment is ~90 MB of base64). */
+  /**
+   * Largest frame accepted from the server; a longer one ends the connection. Default
+   * 128 MiB (a 64 MiB attachment is ~90 MB of base64). A `history` reply carries every
+   * attachment of its page inline: ask for pages small enough, or raise this.
+   */
   maxFrameBytes?: number;
   /** The last inbox mid this client already has (from a previous run), used as `since`. */
   since?: string;
@@ -260,6 +264,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private ackEnabled = false;
   private lastInbox: bigint | undefined;
   private ackSent: bigint | undefined;
+  /** Reconnect backoff's step (see scheduleReconnect), and when the last resume succeeded. */
+  private backoff = 0;
+  private resumedAt: number | undefined;
   /** The highest inbox mid an ack of ours was answered for, on any connection. */
   private confirmed: bigint | undefined;
   private ackTarget: bigint | undefined;
@@ -958,9 +965,15 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     }
     // Exponential backoff with "equal jitter": at least half the step, so clients cut
     // off together by a server restart do not all come back in the same instant.
-    const step = Math.min(r.maxMs, r.minMs * 2 ** Math.min(this.attempt, 30));
+    // The step keeps growing across resumes that did not last (a connection dropped
+    // again at once, say for an inbox frame over maxFrameBytes, came straight back
+    // and looped); one that stayed up for the longest step starts again from the first.
+    if (this.resumedAt !== undefined && Date.now() - this.resumedAt >= r.maxMs) this.backoff = 0;
+    this.resumedAt = undefined;
+    const step = Math.min(r.maxMs, r.minMs * 2 ** Math.min(this.backoff, 30));
     const delayMs = Math.round(step / 2 + Math.random() * (step / 2));
     this.attempt++;
+    this.backoff++;
     this.emit("reconnecting", { attempt: this.attempt, delayMs });
     this.reconnectTimer = setTimeout(() => void this.tryReconnect(), delayMs);
   }
@@ -1013,6 +1026,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.state = "open";
     const attempts = this.attempt;
     this.attempt = 0;
+    this.resumedAt = Date.now();
     this.outbox.push(...this.held.splice(0));
     this.pump();
     this.startKeepAlive();
