@@ -12,7 +12,7 @@ import { fileURLToPath } from "node:url";
 import { afterEach, describe, expect, it } from "vitest";
 import { WirechatClient, bufferSource, decodeAttachment, type MessageEvent } from "../src/client/index.js";
 import type { Config } from "../src/config.js";
-import { serveForFile, uniqueName, useTempDirs } from "./helpers.js";
+import { removeDir, serveForFile, startTestServer, uniqueName, useTempDirs } from "./helpers.js";
 import { waitFor } from "./pipeline-helpers.js";
 
 // No admin HTTP listener: its fixed default port would collide with other servers.
@@ -298,6 +298,23 @@ describe("wirechat chat", () => {
       await bob.c.close();
     }
   }, 40_000);
+
+  it("--insecure and --tls-servername ask for TLS (they were ignored without --tls: plain text)", async () => {
+    const cert = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
+    const key = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
+    const tlsSrv = await startTestServer({ tlsPort: 0, tlsCert: cert, tlsKey: key, admin: "off" } as unknown as Partial<Config>);
+    try {
+      for (const flags of [["--insecure"], ["--tls-ca", cert, "--tls-servername", "localhost"]]) {
+        const c = cli(["--port", String(tlsSrv.tlsPort), ...flags, "--login", uniqueName("t"), "--pass", "pw", "--register"]);
+        await c.waitOut(/logged in as/);
+        c.type("/quit");
+        expect(await c.exited).toBe(0);
+      }
+    } finally {
+      await tlsSrv.stop();
+      removeDir(tlsSrv.services.config.dataDir);
+    }
+  });
 
   it("prints --raw events as the server's frames", async () => {
     const bob = await libUser();

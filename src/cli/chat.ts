@@ -66,8 +66,8 @@ Options:
   --nick NICK            the nick for --register
   --tls                  connect over TLS
   --tls-ca FILE          PEM file of the CA (or self-signed certificate) to trust
-  --tls-servername NAME  name to verify the certificate against
-  --insecure             with --tls: do not verify the certificate
+  --tls-servername NAME  name to verify the certificate against (implies --tls)
+  --insecure             TLS without verifying the certificate (implies --tls)
   --raw                  print events as the server's JSON frames; lines starting
                          with { are sent as raw requests
   --no-color             no ANSI colours even on a terminal (also NO_COLOR=1)
@@ -161,11 +161,15 @@ function parseChatArgs(argv: string[], env: NodeJS.ProcessEnv): ChatArgs {
         a.tlsCa = value();
         a.tls = true;
         break;
+      // Each TLS option asks for TLS (as --tls-ca does): without it they were ignored,
+      // and the chat connected in plain text.
       case "--tls-servername":
         a.tlsServername = value();
+        a.tls = true;
         break;
       case "--insecure":
         a.insecure = true;
+        a.tls = true;
         break;
       case "--raw":
         a.raw = true;
