@@ -1,6 +1,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, startTestServer } from "./helpers.js";
+import { heldGate, wrapCalls } from "./pipeline-helpers.js";
 
 
 const shared = serveForFile();
@@ -200,5 +201,38 @@ describe("cmid", () => {
     const other = await b.client.request("message", { uid: a.uid, body: "mine", cmid: "c-1" });
     expect(other.mid).not.toBe(first.mid);
     for (const c of [a.client, b.client, re.client]) c.close();
+  });
+});
+
+describe("a change in flight when its author's account is deleted", () => {
+  it("is not made: the deleted account's message stays as it was", async () => {
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const sent = await a.client.request("message", { uid: b.uid, body: "as sent" });
+    expect(sent.status).toBe(0);
+    const store = shared.server.services.messages;
+    const gate = heldGate();
+    // The edit's read of its message under the conversation's lock (its second) waits
+    // until the account is gone.
+    let reads = 0;
+    const undo = wrapCalls(store, "get", async (mid: string) => mid === sent.mid && ++reads === 2 && (await gate.pass()));
+    try {
+      a.client.send("editmessage", { mid: sent.mid, body: "changed after the deletion" });
+      await gate.reached;
+      undo();
+      expect((await a2.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      gate.open();
+      // Its connection was closed with the deletion (ev_logout): the reply has nowhere
+      // to go; what counts is what is stored.
+      await a.client.closed;
+      await shared.server.services.dispatcher.idle(2000);
+      await new Promise((r) => setTimeout(r, 300));
+    } finally {
+      undo();
+      gate.open();
+    }
+    expect((await store.get(sent.mid))?.body).toBe("as sent");
+    b.client.close();
   });
 });

@@ -348,7 +348,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   /**
    * Sends `{"action": action, "data": data}` and resolves with the reply's data once
    * its status is 0; rejects with a WirechatError (the status as `code`) otherwise.
-   * Works for any action, known to this client or not.
+   * Works for any action, known to this client or not (a name of 1 to 64 letters,
+   * digits or underscores, as every action of the server's is; another is refused
+   * unsent, with ClientCode.Protocol).
    */
   request<T extends Reply = Reply>(action: string, data?: Record<string, unknown>, options: RequestOptions = {}): Promise<T> {
     // A name the server cannot say back (empty, too long) draws a reply named `unknown`,

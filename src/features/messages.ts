@@ -481,6 +481,15 @@ export function registerMessages(sv: Services): void {
   }
 
   /**
+   * The request's session is still `me`'s, after the reads it waited for: an account
+   * deleted (or logged out, its password changed) meanwhile through another connection
+   * changes none of its messages after its deletion was answered.
+   */
+  function stillSignedIn(req: Request<unknown>, me: string): void {
+    if (req.session.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the change was made; log in and try again");
+  }
+
+  /**
    * Runs a change to message `mid` under its conversation's lock, so that changes run
    * one at a time, each reading the message afresh: an edit racing a delete (or a
    * deleted channel's purge, which takes the same lock page by page) must not write
@@ -505,8 +514,10 @@ export function registerMessages(sv: Services): void {
         if (out.k !== "edited") throw clusterRefusal(out, req.data.mid);
         return { mid: req.data.mid, edited: out.edited };
       }
+      const me = req.session.uid as string;
       const edited = await changing(req.data.mid, async () => {
-        const m = await ownMessage(req.data.mid, req.session.uid as string);
+        const m = await ownMessage(req.data.mid, me);
+        stillSignedIn(req, me);
         const next: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
         await storage.commit(messages.updateOps(next));
         return next;
@@ -528,8 +539,10 @@ export function registerMessages(sv: Services): void {
         if (out.k !== "done") throw clusterRefusal(out, req.data.mid);
         return { mid: req.data.mid };
       }
+      const me = req.session.uid as string;
       const m = await changing(req.data.mid, async () => {
-        const m = await ownMessage(req.data.mid, req.session.uid as string);
+        const m = await ownMessage(req.data.mid, me);
+        stillSignedIn(req, me);
         const ops = await messages.removeOps(m);
         if (m.attach) ops.push(...blobs.unrefOps(m.attach.sha, m.mid));
         await storage.commit(ops);
