@@ -39,7 +39,7 @@ import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, frameWeight, reasonBit, settleMarks, streamPieces } from "./peer-common.js";
+import { addMark, frameWeight, reasonBit, settleMarks, socketAddress, streamPieces } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 /**
@@ -134,7 +134,8 @@ export class Connection implements Peer, LiveConnection {
     /** Milliseconds from end() to destroy at the latest. */
     private readonly lingerMs = 2000,
   ) {
-    this.address = socket.remoteAddress ?? "?";
+    // The key the listener counted it under (--max-per-address), and what bans and logs see.
+    this.address = socketAddress(socket);
     (socket as Tagged)[CONNECTION] = this;
     socket.on("drain", onDrain);
   }

@@ -27,7 +27,7 @@ import type { Logger } from "pino";
 import WebSocket from "ws";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, frameWeight, reasonBit, settleMarks, streamPieces } from "./peer-common.js";
+import { addMark, frameWeight, reasonBit, settleMarks, socketAddress, streamPieces } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 
@@ -117,7 +117,8 @@ export class WebSocketPeer implements Peer, LiveConnection {
     private readonly log: Logger,
     private readonly lingerMs: number,
   ) {
-    this.address = socket.remoteAddress ?? "?";
+    // The key the listener counted it under (--max-per-address), and what bans and logs see.
+    this.address = socketAddress(socket);
   }
 
   get remote(): string {
