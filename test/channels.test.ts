@@ -360,6 +360,24 @@ describe("leave", () => {
 });
 
 describe("leave", () => {
+  it("a leave whose write fails leaves its user a member whose messages are taken", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = await newChannel(owner);
+    const u = await registerUser(shared.port);
+    expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    const sv = shared.server.services;
+    const undo = wrapCalls(sv.storage, "commit", async (ops: BatchOp[]) => {
+      if (ops.some((o) => o.key.startsWith(sv.storage.spaces.members.prefix))) throw new Error("the disk failed");
+    });
+    try {
+      expect((await u.client.request("leave", { channel: ch.chid })).status).toBe(16);
+    } finally {
+      undo();
+    }
+    expect((await u.client.request("message", { channel: ch.chid, body: "still here" })).status).toBe(0);
+    u.client.close();
+  });
+
   it("a message sent on another connection as its sender leaves is stored before the leave, or refused", async () => {
     const owner = await registerUser(shared.port);
     const ch = await newChannel(owner);

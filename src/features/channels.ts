@@ -403,7 +403,12 @@ export function registerChannels(sv: Services): ChannelOps {
         if (!(await channels.isMember(c.chid, me))) throw channelErrors.notMember(c.chid);
         chids = [c.chid];
       }
-      await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
+      try {
+        await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
+      } catch (err) {
+        for (const chid of chids) channels.notLeft(chid, me);
+        throw err;
+      }
       for (const chid of chids) {
         channels.left(chid, me);
         req.emit({ kind: "leave", chid, uid: me, nick }, { channel: chid });

@@ -235,6 +235,12 @@ export class ChannelStore {
     return this.memberDels(chid, uid);
   }
 
+  /** The ops of leaveOps failed to commit: `uid` is still a member, its messages welcome. */
+  notLeft(chid: string, uid: string): void {
+    this.changed(chid);
+    this.departed.delete(`${chid}\u0000${uid}`);
+  }
+
   /** The ops of joinOps (or createOps) are committed. */
   joined(chid: string, uid: string): void {
     this.changed(chid);
