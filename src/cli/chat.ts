@@ -402,9 +402,13 @@ class ChatSession {
       try {
         missed = (await this.client.history({ channel: chid, limit: CATCH_UP_LIMIT })).filter((m) => /^[0-9]+$/.test(m.mid) && BigInt(m.mid) > seen);
       } catch (err) {
+        // Not tried again at the next reconnect: a page too large for the client (its
+        // attachments inline) would drop the connection, and the reconnect read it again.
+        this.seenInChannel.delete(chid);
         // No longer a member (left, or the channel is gone): nothing to catch up on.
-        if (err instanceof WirechatError && err.code > 0 && err.code !== 13 && err.code !== 16) this.seenInChannel.delete(chid);
-        else this.screen.line(this.p.error(`* could not read what ${shown(this.channelName(chid))} got meanwhile: ${errText(err)}`));
+        if (!(err instanceof WirechatError && err.code > 0 && err.code !== 13 && err.code !== 16)) {
+          this.screen.line(this.p.error(`* could not read what ${shown(this.channelName(chid))} got meanwhile (${errText(err)}); /history shows it`));
+        }
         continue;
       }
       if (missed.length === CATCH_UP_LIMIT) this.info(`* ${shown(this.channelName(chid))} got more than ${CATCH_UP_LIMIT} messages meanwhile; /history for more`);
