@@ -276,6 +276,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private reconnectTimer: NodeJS.Timeout | undefined;
   private keepAliveTimer: NodeJS.Timeout | undefined;
   private lastWrite = Date.now();
+  /** When the server last sent anything (the keep-alive's proof that the link is alive). */
+  private lastRead = Date.now();
   private lastSocketError: Error | undefined;
   private serverNotice: ReplyData | undefined;
   /** Reconnect attempts since the connection was last up. */
@@ -705,7 +707,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         },
         reject: fail,
       };
-      socket.on("data", (chunk: Buffer) => this.onData(socket, chunk));
+      socket.on("data", (chunk: Buffer) => {
+        this.lastRead = Date.now();
+        this.onData(socket, chunk);
+      });
       socket.on("error", (err) => {
         this.lastSocketError = err;
         fail(err);
@@ -1042,11 +1047,14 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.keepAliveTimer = setInterval(() => {
       if (this.state === "open" && Date.now() - this.lastWrite >= ms) {
         const socket = this.socket;
+        const sent = Date.now();
         this.submit({ text: '{"action":"ping"}\n' }, "ping", {}, true).catch((err: unknown) => {
-          // No reply: a link that stopped passing data without a reset (a NAT timeout,
-          // a network change) is taken for lost, so that `reconnect` can act on it now
-          // rather than when the kernel gives up on its retransmits, minutes later.
-          if (err instanceof WirechatError && err.code === ClientCode.Timeout && socket && this.socket === socket && !socket.destroyed) {
+          // No reply, and nothing else either: a link that stopped passing data without a
+          // reset (a NAT timeout, a network change) is taken for lost, so that
+          // `reconnect` can act on it now rather than when the kernel gives up on its
+          // retransmits, minutes later. (A ping behind a long reply still coming in only
+          // times out, as any request does.)
+          if (err instanceof WirechatError && err.code === ClientCode.Timeout && this.lastRead <= sent && socket && this.socket === socket && !socket.destroyed) {
             socket.destroy(new Error("no reply to a keep-alive ping"));
           }
         });
