@@ -144,7 +144,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, max: 65535, help: "TLS port, used when --tls-cert and --tls-key are given" },
   { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener", reload: true },
   { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file", reload: true },
-  { key: "registration", flag: "--registration", env: "WIRECHAT_REGISTRATION", kind: "enum", choices: ["open", "closed"], default: "open", reload: true, help: "closed: register is refused with status 15 (accounts are then made by an operator: wirechat user add)" },
+  { key: "registration", flag: "--registration", env: "WIRECHAT_REGISTRATION", kind: "enum", choices: ["open", "closed"], default: "", reload: true, help: "open, or closed: register is refused with status 15 (accounts are then made by an operator: wirechat user add); wins over an operator's setting at start-up and when SIGHUP finds it changed; unset: the operator's last setting (admin port, wirechat registration; kept in the data dir), open when none" },
   { key: "admin", flag: "--admin", env: "WIRECHAT_ADMIN", kind: "enum", choices: ["on", "off"], default: "on", help: "the admin HTTP port: metrics, health, connections, operator actions" },
   { key: "adminHost", flag: "--admin-host", env: "WIRECHAT_ADMIN_HOST", kind: "string", default: "127.0.0.1", help: "address the admin port listens on (keep it private: it can kick, ban and delete users)" },
   { key: "adminPort", flag: "--admin-port", env: "WIRECHAT_ADMIN_PORT", kind: "int", default: 9090, min: 0, max: 65535, help: "admin HTTP port (0 = any free port)" },
@@ -181,6 +181,8 @@ export function defaultConfig(): Config {
 function convert(o: OptionSpec, raw: string, source: string): string | number {
   if (o.kind === "string") return raw;
   if (o.kind === "enum") {
+    // An option unset by default (--registration) may be set empty: unset again.
+    if (raw === "" && o.default === "") return raw;
     if (!(o.choices as readonly string[]).includes(raw)) throw new ConfigError(`${source}: expected ${(o.choices as readonly string[]).join(" or ")}, got "${raw}"`);
     return raw;
   }

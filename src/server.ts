@@ -44,6 +44,7 @@ import { HttpDoor } from "./doors/http.js";
 import { ChatDoor } from "./doors/http-chat.js";
 import { EchatDoor } from "./doors/http-echat.js";
 import { privateRoomOf, serverChannel } from "./features/channels.js";
+import { Registration } from "./features/registration.js";
 import { channelConv } from "./storage/layout.js";
 
 export interface RunningServer {
@@ -134,6 +135,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   if (sessionsAtStart.migrated + sessionsAtStart.swept > 0) log.info(sessionsAtStart, "sessions migrated to hashed sids and expired ones swept");
   const bans = new BanStore(storage);
   await bans.load();
+  const registration = await Registration.load(storage, config);
   const background = new Background(log);
   const blobs = new BlobStore(config.dataDir, storage, locks, background);
   const services: Services = {
@@ -153,6 +155,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
     channels,
     blobs,
     bans,
+    registration,
   };
   if (config.nats) {
     // The NATS client is loaded only in cluster mode.
@@ -397,6 +400,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     channelOps,
     reload(next) {
       const changed = applyReload(config, next, log, listener);
+      if (changed.includes("registration")) services.registration.reconfigured(config.registration);
       http?.reloaded();
       return changed;
     },

@@ -826,17 +826,17 @@ describe("cluster mode: registration", () => {
     try {
       expect((await admin(port(0), "POST", "/registration", { open: false })).json).toEqual({ registration: "closed" });
       for (let i = 0; i < 3; i++) {
-        await waitFor(() => nodes[i].services.config.registration === "closed", 5000, `node ${i} to close registration`);
+        await waitFor(() => nodes[i].services.registration.value === "closed", 5000, `node ${i} to close registration`);
         expect((await admin(port(i), "GET", "/registration")).json).toEqual({ registration: "closed" });
         expect(await tryRegister(i)).toBe(15);
       }
       expect((await admin(port(2), "POST", "/registration", { open: true })).json).toEqual({ registration: "open" });
       for (let i = 0; i < 3; i++) {
-        await waitFor(() => nodes[i].services.config.registration === "open", 5000, `node ${i} to open registration`);
+        await waitFor(() => nodes[i].services.registration.value === "open", 5000, `node ${i} to open registration`);
         expect(await tryRegister(i)).toBe(0);
       }
     } finally {
-      for (const n of nodes) n.services.config.registration = "open";
+      for (const n of nodes) n.services.registration.applied("open");
     }
   });
 });

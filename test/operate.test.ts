@@ -117,6 +117,37 @@ describe("wirechat commands on a stopped data dir", () => {
     b.close();
   });
 
+  it("registration closed on a stopped data dir holds when a server starts there; a --registration setting wins over it", async () => {
+    const dir = tmp();
+    const d = ["--data-dir", dir];
+    json(cli(["user", "add", "alice", "--pass", "pw", "--init", ...d]));
+    expect(json(cli(["registration", ...d]))).toEqual({ registration: "open" });
+    expect(json(cli(["registration", "closed", ...d]))).toEqual({ registration: "closed" });
+    expect(json(cli(["registration", ...d]))).toEqual({ registration: "closed" });
+    const bad = cli(["registration", "maybe", ...d]);
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toMatch(/registration open\|closed/);
+    const register = async (port: number) => {
+      const c = await Client.connect(port);
+      const status = (await c.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status;
+      c.close();
+      return status;
+    };
+    let srv = await start(d);
+    expect(await register(srv.port)).toBe(15);
+    expect(json(cli(["registration", ...d, "--admin-port", String(srv.adminPort)]))).toEqual({ registration: "closed" });
+    srv.proc.kill("SIGTERM");
+    await srv.exited;
+    // Configured, it wins at start-up (the stored setting stays as it was).
+    srv = await start([...d, "--registration", "open"]);
+    expect(await register(srv.port)).toBe(0);
+    srv.proc.kill("SIGTERM");
+    await srv.exited;
+    // Set empty, it is unset: the stored setting again.
+    srv = await start([...d, "--registration="]);
+    expect(await register(srv.port)).toBe(15);
+  });
+
   it("exports a user's data as NDJSON without password hashes", async () => {
     const dir = tmp();
     const srv = await start(["--data-dir", dir]);
@@ -237,8 +268,18 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     expect(json(cli(["registration", "closed", ...a]))).toEqual({ registration: "closed" });
     const r = await Client.connect(srv.port);
     expect((await r.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(15);
-    expect(json(cli(["registration", "open", ...a]))).toEqual({ registration: "open" });
     r.close();
+    // Stored: it outlives a restart.
+    srv.proc.kill("SIGTERM");
+    await srv.exited;
+    const again = await start(["--data-dir", dir]);
+    a[3] = String(again.adminPort);
+    const r2 = await Client.connect(again.port);
+    expect((await r2.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(15);
+    expect(json(cli(["registration", ...a]))).toEqual({ registration: "closed" });
+    expect(json(cli(["registration", "open", ...a]))).toEqual({ registration: "open" });
+    expect((await r2.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(0);
+    r2.close();
     expect(json(cli(["user", "del", "carol", ...a]))).toEqual({ uid: carol.uid });
     const gone = cli(["user", "show", "carol", ...a]);
     expect(gone.status).toBe(1);

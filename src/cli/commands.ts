@@ -34,7 +34,8 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
   wirechat ban --address <ip> [--reason t]  refuses (and closes) connections from it
   wirechat unban <login> | --address <ip>
   wirechat kick <login|uid>                 closes the user's connections (running server)
-  wirechat registration open|closed         (running server; until restart or SIGHUP)
+  wirechat registration [open|closed]       kept in the data dir (a --registration
+                                            setting wins at start-up); alone: prints it
   wirechat backup <dir>                     a consistent copy, also of a running server
   wirechat restore <dir>                    into --data-dir, which must hold no database
   wirechat export [--user <login|uid>]      NDJSON on stdout (no password hashes)
@@ -164,9 +165,7 @@ async function direct(config: Config, init: boolean): Promise<Backend> {
       unban: a.unban,
       show: async (user) => a.summary(await a.resolve(user)),
       ban: a.ban,
-      registration: async () => {
-        throw new Error("registration is set on a running server (admin port) or with --registration");
-      },
+      registration: a.registration,
       backup: (dir) => backup(core.services.storage, core.services.blobs, dir, packageVersion()),
       exportTo: async (user, out) => {
         const uid = user === undefined ? undefined : (await a.resolve(user)).uid;

@@ -487,7 +487,7 @@ export function registerAccounts(sv: Services): AccountOps {
     async handle(req) {
       const s = req.session;
       if (s.uid !== undefined) throw new ProtocolError(Code.AlreadyRegister, "this connection is already authenticated");
-      if (config.registration === "closed") {
+      if (sv.registration.closed) {
         throw new ProtocolError(Code.Forbidden, "registration is closed on this server; ask its operator for an account");
       }
       const { login, pass, nick } = req.data;

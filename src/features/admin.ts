@@ -45,7 +45,7 @@ export interface AdminOps {
 const LIST_PAGE = 64;
 
 export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
-  const { users, router, bans, config } = sv;
+  const { users, router, bans } = sv;
 
   async function resolve(user: string): Promise<UserRecord> {
     // A uid first: uids are the server's, logins anyone's. A login chosen to equal a
@@ -144,13 +144,13 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
     bans: () => bans.list(),
     async registration(open) {
       if (open !== undefined) {
-        // In cluster mode through the log: every node opens or closes it (each until its
-        // own restart or SIGHUP, as on one node).
+        // Stored (features/registration.ts); in cluster mode through the log: every node
+        // opens or closes it and stores that in its view.
         if (sv.cluster) await sv.cluster.append({ k: "registration", open });
-        else config.registration = open ? "open" : "closed";
+        else await sv.registration.set(open ? "open" : "closed");
         sv.log.info({ registration: open ? "open" : "closed" }, "registration set by an operator");
       }
-      return config.registration === "closed" ? "closed" : "open";
+      return sv.registration.value;
     },
   };
 }

@@ -97,7 +97,7 @@ export type Command =
   /** An operator's ban (`at`: unix seconds); a login's owner `uid` has their sessions revoked and connections closed. */
   | { k: "ban"; kind: BanKind; value: string; reason: string; at: number; uid?: string }
   | { k: "unban"; kind: BanKind; value: string }
-  /** An operator opens or closes registration: on every node, until its restart or SIGHUP. */
+  /** An operator opens or closes registration: on every node, stored in its view (features/registration.ts). */
   | { k: "registration"; open: boolean }
   /**
    * Delivery cursors advanced on the proposing node (uid → inbox seq), shared about once
@@ -914,7 +914,9 @@ export class Cluster {
       }
       case "registration": {
         const open = c.open;
-        t.after.push(() => (this.sv.config.registration = open ? "open" : "closed"));
+        const v = open ? "open" : "closed";
+        storage.commitLazy(this.sv.registration.ops(v));
+        t.after.push(() => this.sv.registration.applied(v));
         return { k: "done" };
       }
       case "unban": {

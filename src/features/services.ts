@@ -18,6 +18,7 @@ import type { MessageStore } from "../storage/messages.js";
 import type { SessionStore } from "../storage/sessions.js";
 import type { UserStore } from "../storage/users.js";
 import type { UserRecord } from "../storage/layout.js";
+import type { Registration } from "./registration.js";
 import type { Cluster } from "./cluster.js";
 
 /** `audience`: who hears it, when not the users listing `uid` now (a deleted account's). */
@@ -141,6 +142,8 @@ export interface Services {
   channels: ChannelStore;
   blobs: BlobStore;
   bans: BanStore;
+  /** Whether register is open (the operator's stored setting or --registration). */
+  registration: Registration;
   /** Cluster mode (--nats): writes go through the shared log (features/cluster.ts). */
   cluster?: Cluster;
 }

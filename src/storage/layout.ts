@@ -60,6 +60,9 @@
 // at start-up past the watermark `meta indexed` (storage/messages.ts). A message
 // costs one put in its synced batch: its record, appended to the log.
 //
+// `meta registration` is an operator's last "open" or "closed" (REGISTRATION_KEY,
+// features/registration.ts); absent until one sets it.
+//
 // `meta layout` is this layout's version (LAYOUT_VERSION). Version 1 (no `meta layout`)
 // kept records at `msgs <conversation>!<seq>` (with their conversation and cmid), a mid
 // index `mids <seq> → conversation`, an offline queue `queue <uid>!<seq>` deleted on
@@ -168,6 +171,9 @@ export function recordJson(m: MessageRecord, plainBody = false, nickJson?: strin
 export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
 export const LAYOUT_VERSION = 5;
+
+/** `meta` key of the operator's registration setting ("open" or "closed"). */
+export const REGISTRATION_KEY = "registration";
 
 /** Keyspaces of layout version 1 that migration reads and empties. */
 export const V1_SPACES = ["msgs", "mids", "queue"] as const;

@@ -1,0 +1,56 @@
+// Whether `register` is open. An operator's setting (the admin port's /registration,
+// `wirechat registration` on a running server or a stopped data dir, a cluster log
+// command) is stored in the data dir and outlives restarts. A --registration given in
+// the flags, the environment or the config file wins at start-up, and again on a SIGHUP
+// that finds it changed; unset, the stored setting holds (open when none was ever made).
+
+import type { Config } from "../config.js";
+import { put, type BatchOp, type Storage } from "../storage/db.js";
+import { REGISTRATION_KEY } from "../storage/layout.js";
+
+export type RegistrationState = "open" | "closed";
+
+function state(v: unknown): RegistrationState | undefined {
+  return v === "open" || v === "closed" ? v : undefined;
+}
+
+export class Registration {
+  private constructor(
+    private readonly storage: Storage,
+    private current: RegistrationState,
+  ) {}
+
+  /** The configured value when there is one, else the stored one, else open. */
+  static async load(storage: Storage, config: Config): Promise<Registration> {
+    const stored = state(await storage.spaces.meta.get(REGISTRATION_KEY));
+    return new Registration(storage, state(config.registration) ?? stored ?? "open");
+  }
+
+  get value(): RegistrationState {
+    return this.current;
+  }
+
+  get closed(): boolean {
+    return this.current === "closed";
+  }
+
+  /** An operator's setting, in effect once stored (durable when this resolves). */
+  async set(v: RegistrationState): Promise<void> {
+    await this.storage.commit(this.ops(v));
+    this.current = v;
+  }
+
+  /** The writes of set() for a caller that batches them (cluster mode's apply); report with applied(). */
+  ops(v: RegistrationState): BatchOp[] {
+    return [put(this.storage.spaces.meta, REGISTRATION_KEY, v)];
+  }
+
+  applied(v: RegistrationState): void {
+    this.current = v;
+  }
+
+  /** SIGHUP changed --registration: a value takes effect, unset leaves the current one. */
+  reconfigured(v: string): void {
+    this.current = state(v) ?? this.current;
+  }
+}
