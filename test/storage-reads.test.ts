@@ -252,6 +252,40 @@ describe("group commit through classic-level's pinned private batch methods", ()
 });
 
 describe("closing the storage", () => {
+  it("syncs the log when its last batch was lazy, as does a waiter on an empty batch behind one", async () => {
+    const dir = newDir();
+    const s = await Storage.open(dir, pino({ level: "silent" }));
+    type Binding = { batch_write: (b: unknown, o: { sync: boolean }) => Promise<void> };
+    const owner = s as unknown as { binding: Binding };
+    const binding = owner.binding;
+    const syncs: boolean[] = [];
+    const recording: Binding = Object.create(binding);
+    recording.batch_write = (b, o) => {
+      syncs.push(o.sync);
+      return binding.batch_write(b, o);
+    };
+    owner.binding = recording;
+    s.commitLazy([put(s.spaces.contacts, "lazy", 1)]);
+    await s.settle();
+    expect(syncs).toEqual([false]);
+    // "Everything added so far is synced" holds for a waiter that adds nothing.
+    await new Promise<void>((resolve, reject) => s.afterCommit((err) => (err ? reject(err) : resolve())));
+    expect(syncs).toEqual([false, true]);
+    // Nothing unsynced behind it: the next such waiter writes nothing.
+    await new Promise<void>((resolve, reject) => s.afterCommit((err) => (err ? reject(err) : resolve())));
+    expect(syncs).toEqual([false, true]);
+    s.commitLazy([put(s.spaces.contacts, "lazy", 2)]);
+    await s.close();
+    expect(syncs).toEqual([false, true, false, true]);
+    const again = await Storage.open(dir, pino({ level: "silent" }));
+    try {
+      expect(await again.spaces.contacts.get("lazy")).toBe(2);
+      expect(await again.spaces.meta.get("sync")).toBeUndefined();
+    } finally {
+      await again.close();
+    }
+  });
+
   it("a write added while it closes is refused, never written to the closed database", async () => {
     const dir = newDir();
     const s = await Storage.open(dir, pino({ level: "silent" }));

@@ -17,6 +17,11 @@
 // its write-ahead log without a sync and starts another, so an unsynced tail of the old
 // log is lost to a power failure until that memtable is written as a table. What
 // something later relies on is synced in its own batch, never left to a later one.
+// A waiter on a batch with nothing in it, and close(), sync the log when the last
+// batch written was not synced (a delete of SYNC_MARK_KEY gives that batch an
+// operation: LevelDB writes no empty batch): after a clean shutdown nothing written,
+// lazily or not, waits in an unsynced log (the older logs' memtables are written as
+// synced tables before LevelDB closes).
 //
 // Batches are built on classic-level's native batch directly (its binding's
 // batch_put / batch_write / batch_clear): each put is handed to LevelDB as it is
@@ -40,7 +45,7 @@ import { Level } from "level";
 import type { Logger } from "pino";
 import type { IdSource } from "../seams.js";
 import { makeDirSync } from "./dirs.js";
-import { openSpaces, type Space, type Spaces } from "./layout.js";
+import { openSpaces, SYNC_MARK_KEY, type Space, type Spaces } from "./layout.js";
 
 /** A write, already encoded for the root database: prefixed key, JSON text value. */
 export interface BatchOp {
@@ -216,6 +221,8 @@ export class Storage {
   private writing = false;
   private scheduled = false;
   private closed = false;
+  /** The last batch written was not synced (see the top of the file). */
+  private unsyncedTail = false;
   private readonly counters: Counter[] = [];
   private readonly contributors: BatchContributor[] = [];
   private readonly idle: (() => void)[] = [];
@@ -402,6 +409,8 @@ export class Storage {
     if (this.closed) return this.refuseOpen();
     for (const fn of this.contributors) fn(this);
     const b = this.open;
+    // Waited for with nothing in it, behind an unsynced batch: it syncs the log.
+    if (b.ops === 0 && b.durable && this.unsyncedTail) this.add(del(this.spaces.meta, SYNC_MARK_KEY));
     if (b.ops > 0) {
       // A counter's latest value rides with any batch (never alone: nothing used it yet).
       for (const c of this.counters) {
@@ -420,6 +429,7 @@ export class Storage {
         }
       }
       b.waiters = [];
+      b.durable = false; // answered: lazy writes added next need no sync
       this.settleIdle();
       return;
     }
@@ -441,6 +451,7 @@ export class Storage {
 
   private written(b: Batch, err: Error | undefined): void {
     this.writing = false;
+    if (!err) this.unsyncedTail = !b.durable;
     if (err) for (const c of b.counted ?? []) c.retry();
     // Emptied (written or failed, its operations are done with) and free for the next.
     const native = b.native as NativeBatch;
@@ -490,6 +501,7 @@ export class Storage {
 
   async close(): Promise<void> {
     await this.settle();
+    if (this.unsyncedTail) await new Promise<void>((resolve) => this.afterCommit(() => resolve()));
     this.closed = true;
     // What a waiter's continuation added between the settle and this turn is never
     // written: it is told so (a write on the closed database would reach LevelDB's

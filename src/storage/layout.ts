@@ -172,6 +172,12 @@ export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
 export const LAYOUT_VERSION = 5;
 
+/**
+ * `meta` key never stored: deleted to give a batch that only syncs the log an operation
+ * (LevelDB writes no empty batch; storage/db.ts).
+ */
+export const SYNC_MARK_KEY = "sync";
+
 /** `meta` key of the operator's registration setting ("open" or "closed"). */
 export const REGISTRATION_KEY = "registration";
 
