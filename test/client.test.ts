@@ -22,7 +22,7 @@ import {
 } from "../src/client/index.js";
 import type { Config } from "../src/config.js";
 import { ChildServer, removeDir, serveForFile, startTestServer, uniqueName, useTempDirs } from "./helpers.js";
-import { isAlive, sleep, waitFor } from "./pipeline-helpers.js";
+import { holdNextWrite, isAlive, sleep, waitFor } from "./pipeline-helpers.js";
 
 // Servers here run no admin HTTP listener: its fixed default port would collide
 // between the several servers this file starts. (An env variable for the child
@@ -321,6 +321,40 @@ describe("WirechatClient", () => {
     await other.ping();
     await sleep(300);
     expect(got).toEqual([]);
+  });
+
+  it("messages in flight when the link drops go out again after the reconnect: in order, each stored once", async () => {
+    const bob = await registered();
+    const alice = await registered({ reconnect: { minMs: 50, maxMs: 200 } });
+    const got: string[] = [];
+    bob.c.on("ev_message", (m) => got.push(m.body));
+    const { gate, restore } = holdNextWrite(srv.server.services.storage);
+    let first, second, third;
+    try {
+      first = alice.c.sendMessage({ uid: bob.uid }, "first");
+      await gate.reached;
+      second = alice.c.sendMessage({ uid: bob.uid }, "second", { cmid: "mine-2" });
+      // Both on the wire, and read by the server (the first one's commit is held).
+      const socket = (alice.c as unknown as { socket: net.Socket }).socket;
+      await waitFor(() => socket.writableLength === 0, 5000, "both written");
+      const waiting = () => (srv.server.services.storage as unknown as { open: { waiters: unknown[] } }).open.waiters.length;
+      await waitFor(() => waiting() >= 1, 5000, "the second in the next batch");
+      await sleep(50);
+      // The link drops with both unanswered; the server stores them all the same.
+      socket.destroy();
+      third = alice.c.sendMessage({ uid: bob.uid }, "third");
+    } finally {
+      restore();
+    }
+    const sent = await Promise.all([first, second, third]);
+    expect(new Set(sent.map((s) => s.mid)).size).toBe(3);
+    await waitFor(() => got.length >= 3, 5000, "bob's three messages");
+    await bob.c.ping();
+    await sleep(200);
+    expect(got).toEqual(["first", "second", "third"]);
+    const history = await alice.c.history({ uid: bob.uid });
+    expect(history.map((m) => m.body)).toEqual(["first", "second", "third"]);
+    expect(history.map((m) => m.mid)).toEqual(sent.map((s) => s.mid));
   });
 
   it("a resume that is dropped again at once backs off further instead of looping", async () => {

@@ -9,7 +9,7 @@ export const ClientCode = {
   Timeout: -2,
   /** The server sent something this client cannot make sense of. */
   Protocol: -3,
-  /** The request was aborted locally (an attachment source failed, close() was called). */
+  /** The request was aborted locally: its attachment source failed mid-frame. */
   Aborted: -4,
 } as const;
 

@@ -14,6 +14,7 @@
 // written into the middle of it.
 
 import { EventEmitter, once } from "node:events";
+import { randomUUID } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { stat } from "node:fs/promises";
 import net from "node:net";
@@ -150,6 +151,13 @@ interface Pending {
   failure: WirechatError | undefined;
   internal: boolean;
   timeoutMs: number;
+  /**
+   * A `message` with a `cmid`: its frame, written again on the next connection when
+   * this one is lost before the reply (the server answers a resent cmid with the
+   * first's mid and stores nothing new), so it is neither lost nor sent twice, and it
+   * keeps its place before the requests that came after it.
+   */
+  resend?: string;
 }
 
 /** Something to write: a whole frame, or a frame streamed by `run`. */
@@ -361,7 +369,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       return Promise.reject(new WirechatError(ClientCode.Protocol, "an action name is 1 to 64 letters, digits or underscores", action));
     }
     const text = JSON.stringify(data === undefined ? { action } : { action, data }) + "\n";
-    return this.submit({ text }, action, options, false) as Promise<T>;
+    const resend = action === "message" && typeof data?.cmid === "string" && data.cmid !== "";
+    return this.submit({ text, resend }, action, options, false) as Promise<T>;
   }
 
   /** `hello`; with `{ack: true}` this connection (and every resumed one) acknowledges. */
@@ -395,10 +404,15 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     return (await this.request("ping", undefined, options)).time as number;
   }
 
-  /** A direct message (`{uid}`) or a channel message (`{channel}`). */
+  /**
+   * A direct message (`{uid}`) or a channel message (`{channel}`). It carries a `cmid`
+   * (a random one unless given), so a connection lost before its reply does not fail
+   * it: with `reconnect`, it is sent again on the next connection, in its place, and the
+   * server answers with the mid it stored, once.
+   */
   async sendMessage(to: Target, body: string, extra: { cmid?: string } & RequestOptions = {}): Promise<{ mid: string; time: number }> {
-    const { timeoutMs, ...rest } = extra;
-    const r = await this.request("message", { ...to, body, ...rest }, { timeoutMs });
+    const { timeoutMs, cmid, ...rest } = extra;
+    const r = await this.request("message", { ...to, body, ...rest, cmid: cmid ?? randomUUID() }, { timeoutMs });
     return { mid: r.mid, time: r.time };
   }
 
@@ -562,7 +576,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   // ---------------------------------------------------------------- internals
 
   private submit(
-    item: { text?: string },
+    item: { text?: string; resend?: boolean },
     action: string,
     options: RequestOptions,
     internal: boolean,
@@ -581,6 +595,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         internal,
         timeoutMs,
       };
+      if (item.resend) pending.resend = item.text;
       const out: OutItem = { pending, text: item.text };
       if (run) out.run = (socket) => run(socket, pending);
       // The clock runs while the request waits (a reconnect that never comes must not
@@ -606,11 +621,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     p.timer = setTimeout(() => {
       if (p.settled) return;
       p.settled = true;
-      // Not yet written: take it back, so it is never sent. Written: it stays in the
+      // Not yet written: it stays queued, and the writer skips it (settled), so it is
+      // never sent (no search of the queues per timeout). Written: it stays in the
       // FIFO, so its reply (whenever it comes) is still matched to it and not to the
       // next request.
-      this.outbox = this.outbox.filter((x) => x !== out);
-      this.held = this.held.filter((x) => x !== out);
       p.reject(new WirechatError(ClientCode.Timeout, `no reply within ${p.timeoutMs} ms`, p.action));
     }, p.timeoutMs);
     p.timer.unref?.();
@@ -935,18 +949,24 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     const inflight = this.inflight.slice(this.inflightHead);
     this.inflight = [];
     this.inflightHead = 0;
+    // A connect attempt that failed before its welcome frame (state reconnecting):
+    // tryReconnect, which made it, schedules the next one.
+    const resumable = this.state !== "closed" && this.state !== "reconnecting" && !this.closing && this.reconnectOpts !== undefined && !this.sessionEnded;
+    // Written, unanswered: lost with the connection, but for messages with a cmid,
+    // which go out again first (Pending.resend).
+    const again: OutItem[] = [];
     for (const p of inflight) {
-      clearTimeout(p.timer);
-      if (!p.settled) {
-        p.settled = true;
-        p.reject(closedErr);
+      if (p.settled) continue;
+      if (resumable && p.resend !== undefined) {
+        again.push({ pending: p, text: p.resend });
+        continue;
       }
+      clearTimeout(p.timer);
+      p.settled = true;
+      p.reject(closedErr);
     }
-    if (this.state === "closed") return;
-    // A connect attempt that failed before its welcome frame: tryReconnect, which
-    // made it, schedules the next one.
-    if (this.state === "reconnecting") return;
-    const resumable = !this.closing && this.reconnectOpts !== undefined && !this.sessionEnded;
+    if (this.state === "closed" || this.state === "reconnecting") return;
+    this.held.unshift(...again);
     // Requests never written are safe to send on the next connection; internal ones
     // (acks, the resume handshake) belong to the connection that is gone.
     const unwritten = this.outbox.splice(0);
