@@ -211,6 +211,19 @@ describe("resynchronisation", () => {
     expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: undefined }, { frame: ping }]);
   });
 
+  it("echoes the action of a too-deep or truncated frame that came in many reads", () => {
+    const limits = { maxFrame: LIMITS.maxFrame, maxDepth: 4 };
+    const deep = `{"action":"send","data":{"pad":"${"p".repeat(5000)}","a":[[[1]]]}}`;
+    const truncated = `{"action":"ping","data":{"pad":"${"q".repeat(5000)}"},`;
+    const calls = scan([...bytewise(`${deep}\n`), ...bytewise(`${truncated}\n${hello}\n`), `${ping}\n`], limits);
+    expect(calls).toEqual([
+      { reject: Code.InvalidData, reason: expect.stringContaining("4"), action: "send" },
+      { reject: Code.InvalidData, reason: expect.any(String), action: "ping" },
+      { frame: hello },
+      { frame: ping },
+    ]);
+  });
+
   it("ends a frame at a newline that follows a backslash inside a string", () => {
     const calls = scan([`{"data":{"text":"a\\\n${ping}\n`]);
     expect(calls).toEqual([{ reject: Code.InvalidData, reason: expect.any(String), action: undefined }, { frame: ping }]);

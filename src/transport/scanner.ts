@@ -591,7 +591,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.stageUsed = 0;
   }
 
-  /** The frame's first bytes (up to ACTION_PEEK_BYTES): held parts, then chunk[start, end). */
+  /**
+   * The frame's first bytes, at least ACTION_PEEK_BYTES of them when it has as many
+   * (held parts, then chunk[start, end)): a bad frame's action, peeked without copying
+   * the whole frame.
+   */
   private frameHead(chunk: Buffer, start: number, end: number): Buffer {
     const tail = chunk.subarray(start, end);
     this.sealStage();
@@ -665,8 +669,10 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
         this.head = undefined;
         return;
       case Fault.TooDeep: {
-        const bytes = this.takeFrame(chunk, start, end);
-        this.sink.reject(Code.InvalidData, `nesting deeper than ${this.limits.maxDepth}`, peekAction(bytes), this.ctx);
+        // Its action's name is all the reply needs: no copy of the frame.
+        const head = this.frameHead(chunk, start, end);
+        this.dropParts();
+        this.sink.reject(Code.InvalidData, `nesting deeper than ${this.limits.maxDepth}`, peekAction(head), this.ctx);
         return;
       }
       case Fault.TwoUploads: {
@@ -687,7 +693,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.uploadSink?.abort();
     this.uploadSink = undefined;
     if (this.fault === Fault.TooLarge) this.growHead(chunk.subarray(start, at));
-    const bytes = this.fault === Fault.TooLarge ? this.head : this.takeFrame(chunk, start, at);
+    const bytes = this.fault === Fault.TooLarge ? this.head : this.frameHead(chunk, start, at);
     this.dropParts();
     this.head = undefined;
     this.sink.reject(Code.InvalidData, reason, peekAction(bytes), this.ctx);
