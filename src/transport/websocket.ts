@@ -12,7 +12,8 @@
 // One count of outbound characters per connection: the frames queued here (a streamed
 // one waiting counts as its text plus at most 64 KiB of its data, as on TCP) plus ws's
 // bufferedAmount (what the socket has not taken yet, the fragments of a streamed frame
-// included). An event that would take it past --outbound-cap closes the connection as
+// included; ws counts that in UTF-8 bytes, a non-ASCII character up to 3 where the
+// queue here counts 1: the same for ASCII, nearly everything sent). An event that would take it past --outbound-cap closes the connection as
 // a slow reader, as on TCP.
 //
 // Delivery confirmation (clients that do not acknowledge): as on TCP, a frame counts
