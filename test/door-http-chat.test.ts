@@ -184,6 +184,14 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     };
     await failed({ type: "auth", email: p.email, password: "nope" }, "Authentication failed: Invalid email or password");
     await failed({ type: "auth", email: `${uniqueName("nobody")}@example.com`, password: "x" }, "Authentication failed: Invalid email or password");
+    // A password native auth's schema refuses says nothing more of a known email.
+    await failed({ type: "auth", email: p.email, password: "a".repeat(1025) }, "Authentication failed: Invalid email or password");
+    await failed({ type: "auth", email: p.email, password: "\ud800" }, "Authentication failed: Invalid email or password");
+    const invalid = { status: 401, body: { status: "error", message: "Invalid email or password" } };
+    expect(await post("/delete_user", { email: p.email, password: "\ud800" })).toEqual(invalid);
+    expect(await post("/change_password", { email: p.email, old_password: "\ud800", new_password: "x" })).toEqual(invalid);
+    // Counted as failed logins of the account: its throttle (five) now holds it back.
+    expect(await post("/login", { email: p.email, password: p.password })).toMatchObject({ status: 429 });
     await failed({ type: "chat", content: "Hello, world!" }, 'Authentication failed: the first message must be {"type":"auth","email":…,"password":…}');
     await failed({ type: "auth", email: p.email }, "Authentication failed: 'email' and 'password' are required");
     await failed("hello server", "Authentication failed: frame is not valid JSON");

@@ -289,7 +289,19 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   private async loginByEmail(s: Session, email: string, password: string): Promise<Answer> {
     const user = await this.userByEmail(email);
     if (!user) return this.unknownEmail(s, email);
-    return this.call(s, "auth", { login: user.login, pass: password });
+    const r = await this.call(s, "auth", { login: user.login, pass: password });
+    // A password auth's schema refuses (over 1,024 characters, a lone surrogate) told a
+    // known email (status 3, uncounted) from an unknown one: it is checked as any wrong
+    // password is, counted and logged, and answered in the same words.
+    if (!r.ok && r.code === Code.InvalidData) {
+      try {
+        await this.deps.checkLogin(s, user.login, password);
+      } catch (err) {
+        if (!(err instanceof ProtocolError)) throw err;
+        return { ok: false, code: err.code, body: undefined, text: err.message };
+      }
+    }
+    return r;
   }
 
   /**
