@@ -830,6 +830,19 @@ describe("cluster mode: registration", () => {
         expect((await admin(port(i), "GET", "/registration")).json).toEqual({ registration: "closed" });
         expect(await tryRegister(i)).toBe(15);
       }
+      // A node started now replays it from the log: in effect, unless its own
+      // --registration says otherwise (that wins at start-up).
+      const late: RunningServer[] = [];
+      try {
+        late.push(await startTestServer({ nats: nats.url, natsStream: stream, nodeId: "late-plain" }));
+        late.push(await startTestServer({ nats: nats.url, natsStream: stream, nodeId: "late-open", registration: "open" }));
+        expect(late.map((n) => n.services.registration.value)).toEqual(["closed", "open"]);
+      } finally {
+        for (const n of late) {
+          await n.stop();
+          removeDir(n.services.config.dataDir);
+        }
+      }
       expect((await admin(port(2), "POST", "/registration", { open: true })).json).toEqual({ registration: "open" });
       for (let i = 0; i < 3; i++) {
         await waitFor(() => nodes[i].services.registration.value === "open", 5000, `node ${i} to open registration`);

@@ -197,6 +197,8 @@ export interface SessionsEnded {
 
 export class Cluster {
   private journal: JetStreamLog<Command, Outcome> | undefined;
+  /** open() has applied the log up to its end: entries applied now are new. */
+  private caughtUp = false;
   /** The server closes this node's connections from a banned address: how many. */
   onAddressBanned: ((address: string, reason: string) => number) | undefined;
   /**
@@ -250,6 +252,7 @@ export class Cluster {
         this.remoteBlobs = await ClusterBlobs.open(nc, `${this.opts.stream}_BLOBS`, this.opts.replicas, this.sv.blobs, this.log);
       },
     });
+    this.caughtUp = true;
     this.log.info({ stream: this.opts.stream, applied: this.journal.position.seq, node: this.opts.nodeId }, "caught up with the cluster log");
     const { router, hooks } = this.sv;
     this.presence = new ClusterPresence(
@@ -916,7 +919,9 @@ export class Cluster {
         const open = c.open;
         const v = open ? "open" : "closed";
         storage.commitLazy(this.sv.registration.ops(v));
-        t.after.push(() => this.sv.registration.applied(v));
+        // Applied during the start-up catch-up, it is an older setting: a --registration
+        // of this node's wins over it (features/registration.ts).
+        t.after.push(() => (this.caughtUp ? this.sv.registration.applied(v) : this.sv.registration.replayed(v)));
         return { k: "done" };
       }
       case "unban": {

@@ -18,12 +18,15 @@ export class Registration {
   private constructor(
     private readonly storage: Storage,
     private current: RegistrationState,
+    /** --registration was given at start-up. */
+    private readonly configured: boolean,
   ) {}
 
   /** The configured value when there is one, else the stored one, else open. */
   static async load(storage: Storage, config: Config): Promise<Registration> {
     const stored = state(await storage.spaces.meta.get(REGISTRATION_KEY));
-    return new Registration(storage, state(config.registration) ?? stored ?? "open");
+    const configured = state(config.registration);
+    return new Registration(storage, configured ?? stored ?? "open", configured !== undefined);
   }
 
   get value(): RegistrationState {
@@ -47,6 +50,15 @@ export class Registration {
 
   applied(v: RegistrationState): void {
     this.current = v;
+  }
+
+  /**
+   * A setting an operator made before this start-up, applied now (cluster mode's
+   * catch-up, written with ops()): in effect unless --registration was given, which
+   * wins at start-up.
+   */
+  replayed(v: RegistrationState): void {
+    if (!this.configured) this.current = v;
   }
 
   /** SIGHUP changed --registration: a value takes effect, unset leaves the current one. */
