@@ -12,7 +12,7 @@ import { Background } from "./background.js";
 import { backup, exportRecords } from "./admin/backup.js";
 import { buildAdmin, listenAdmin, type AdminDeps } from "./admin/http.js";
 import { metricsRegistry } from "./admin/prometheus.js";
-import { OPTIONS, packageVersion, type Config } from "./config.js";
+import { ConfigError, OPTIONS, packageVersion, type Config } from "./config.js";
 import { registerAdmin, type AdminOps } from "./features/admin.js";
 import { Metrics } from "./metrics.js";
 import { BanStore } from "./storage/bans.js";
@@ -45,7 +45,7 @@ import { ChatDoor } from "./doors/http-chat.js";
 import { EchatDoor } from "./doors/http-echat.js";
 import { privateRoomOf, serverChannel } from "./features/channels.js";
 import { Registration } from "./features/registration.js";
-import { channelConv } from "./storage/layout.js";
+import { channelConv, CLUSTER_POSITION_KEY } from "./storage/layout.js";
 
 export interface RunningServer {
   readonly host: string;
@@ -108,6 +108,12 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
       throw new Error(`the database in ${config.dataDir} is locked: another wirechat is running on this data dir (stop it, or use its admin port)`, { cause: err });
     }
     throw err;
+  }
+  // A cluster node's view changes only through the log: written here on its own, it
+  // would number messages, users and channels apart from the other nodes for good.
+  if (!config.nats && (await storage.spaces.meta.get(CLUSTER_POSITION_KEY)) !== undefined) {
+    await storage.close();
+    throw new ConfigError(`${path.resolve(config.dataDir)} is a cluster node's view of the log: start it with --nats (and the cluster's other options)`);
   }
   const metrics = new Metrics();
   storage.onBatch = (ops, seconds) => {

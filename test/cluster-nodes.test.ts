@@ -854,6 +854,33 @@ describe("cluster mode: registration", () => {
   });
 });
 
+describe("cluster mode: a data dir is a node's view or a single node's database, never both", () => {
+  it("a single node's database is refused by a node, and a node's view by a single node", async () => {
+    const single = tempDir();
+    const view = tempDir();
+    try {
+      const s = await startTestServer({ dataDir: single });
+      (await registerUser(s.port)).client.close();
+      await s.stop();
+      await expect(startTestServer({ dataDir: single, nats: nats.url, natsStream: stream, nodeId: "was-single" })).rejects.toThrow(
+        /holds a single node's database, not a view of the cluster log/,
+      );
+      (await registerUser(node(0))).client.close(); // the log is not empty: the view applies it
+      const n = await startTestServer({ dataDir: view, nats: nats.url, natsStream: stream, nodeId: "then-single" });
+      await n.stop();
+      await expect(startTestServer({ dataDir: view })).rejects.toThrow(/is a cluster node's view of the log: start it with --nats/);
+      // Both as they were: each opens again the way it was made.
+      const again = await startTestServer({ dataDir: single });
+      await again.stop();
+      const reopened = await startTestServer({ dataDir: view, nats: nats.url, natsStream: stream, nodeId: "then-single" });
+      await reopened.stop();
+    } finally {
+      removeDir(single);
+      removeDir(view);
+    }
+  });
+});
+
 describe("cluster mode: address bans", () => {
   it("close the address's connections on every node, the proposer's too, also when its append answered 16", async () => {
     const port = (i: number) => nodes[i].adminPort as number;

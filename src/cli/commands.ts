@@ -16,7 +16,7 @@ import { ConfigError, packageVersion, parseArgs, type Config } from "../config.j
 import type { AdminOps } from "../features/admin.js";
 import { ProtocolError } from "../protocol/codes.js";
 import { openCore, type Core } from "../server.js";
-import { LAYOUT_VERSION } from "../storage/layout.js";
+import { CLUSTER_POSITION_KEY, LAYOUT_VERSION } from "../storage/layout.js";
 
 export const COMMANDS = ["check", "user", "ban", "unban", "kick", "registration", "backup", "restore", "export", "version"] as const;
 
@@ -126,7 +126,7 @@ async function refuseForeign(dataDir: string): Promise<void> {
   let layout: string | undefined;
   let cluster: string | undefined;
   try {
-    [layout, cluster] = await db.getMany([`!meta!layout`, `!meta!cluster`]);
+    [layout, cluster] = await db.getMany([`!meta!layout`, `!meta!${CLUSTER_POSITION_KEY}`]);
   } finally {
     await db.close();
   }

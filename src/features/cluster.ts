@@ -35,8 +35,9 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Event, Audience, MessageEvent, NoticeEvent } from "../protocol/events.js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { BANNED_LOGIN, MAX_BANS } from "../storage/bans.js";
-import { banKey, channelConv, directConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
+import { banKey, CLUSTER_POSITION_KEY, channelConv, directConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
+import { readKeys } from "../storage/range.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
 import type { ExpiredSession, StoredSession } from "../storage/sessions.js";
 import { channelErrors } from "./channels.js";
@@ -168,7 +169,6 @@ const CURSORS_PER_ENTRY = 5_000;
 const CURSORS_KEPT = 100_000;
 
 /** The meta key of the view's log position (written with every apply). */
-const POSITION_KEY = "cluster";
 /** Accounts whose deletion this node has decided, remembered (the oldest forgotten first): see `vanished`. */
 const VANISHED_KEPT = 4_096;
 
@@ -229,20 +229,35 @@ export class Cluster {
     return { key, has: overlay.bans.get(key) ?? this.sv.bans.banned(kind, value) !== undefined };
   }
 
+  /** Whether users, messages or channels are stored. */
+  private async holdsRecords(): Promise<boolean> {
+    const { users, log, channels } = this.sv.storage.spaces;
+    for (const space of [users, log, channels]) if ((await readKeys(space, { limit: 1 })).length > 0) return true;
+    return false;
+  }
+
   /** The view's position as stored ({} → an empty view). */
   async storedPosition(): Promise<ViewPosition> {
-    const v = (await this.sv.storage.spaces.meta.get(POSITION_KEY)) as ViewPosition | undefined;
+    const v = (await this.sv.storage.spaces.meta.get(CLUSTER_POSITION_KEY)) as ViewPosition | undefined;
     return v ?? EMPTY_VIEW;
   }
 
   /** Joins the log and applies it up to its end (ViewMismatch when this view is another stream's). */
   async open(): Promise<void> {
+    const view = await this.storedPosition();
+    // Accounts, messages or channels and no position: written outside the log (a single
+    // node's database): its numbering and records are not the cluster's.
+    if (view.seq === 0 && (await this.holdsRecords())) {
+      throw new Error(
+        `the data dir holds a single node's database, not a view of the cluster log (a node's view is built from the log): start this node on an empty --data-dir`,
+      );
+    }
     this.journal = await JetStreamLog.open<Command, Outcome>({
       servers: this.opts.servers,
       stream: this.opts.stream,
       replicas: this.opts.replicas,
       nodeId: this.opts.nodeId,
-      view: await this.storedPosition(),
+      view,
       apply: (entries, position) => this.apply(entries, position),
       log: this.log,
       connectOptions: natsConnectOptions(this.opts.access),
@@ -617,7 +632,7 @@ export class Cluster {
         return out;
       }),
     );
-    storage.commitLazy([put(storage.spaces.meta, POSITION_KEY, position)]);
+    storage.commitLazy([put(storage.spaces.meta, CLUSTER_POSITION_KEY, position)]);
     await new Promise<void>((resolve, reject) => storage.afterCommit((err) => (err ? reject(err) : resolve())));
     const { overlay, events } = t;
     for (const u of overlay.users.values()) users.saved(u);

@@ -178,6 +178,12 @@ export const LAYOUT_VERSION = 5;
  */
 export const SYNC_MARK_KEY = "sync";
 
+/**
+ * `meta` key of a cluster node's view position (features/cluster.ts): its presence
+ * makes the data dir a view of the cluster log, which only a node with --nats opens.
+ */
+export const CLUSTER_POSITION_KEY = "cluster";
+
 /** `meta` key of the operator's registration setting ("open" or "closed"). */
 export const REGISTRATION_KEY = "registration";
 
