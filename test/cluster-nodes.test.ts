@@ -1034,6 +1034,39 @@ describe("cluster mode: faults", () => {
     removeDir(dir);
   });
 
+  it("a request whose PubAck comes after its node stopped following the log answers 16, not never", async () => {
+    const s = `WIRECHAT_F${process.pid}`;
+    const n = await startTestServer({ nats: nats.url, natsStream: s, nodeId: "failing" });
+    try {
+      const a = await registerUser(n.port);
+      const journal = (n.services.cluster as unknown as { journal: { publishEntry: (...args: unknown[]) => Promise<number> } }).journal;
+      const publish = journal.publishEntry.bind(journal);
+      const gate = heldGate();
+      journal.publishEntry = async (...args: unknown[]) => {
+        const seq = await publish(...args);
+        await gate.pass(); // stored; its PubAck held back until the apply has failed
+        return seq;
+      };
+      // The view's next write fails: the apply of this very entry, so the node stops following the log.
+      const owner = n.services.storage as unknown as { binding: { batch_write: (...args: unknown[]) => Promise<void> } };
+      const failing = Object.create(owner.binding);
+      failing.batch_write = async () => {
+        throw new Error("the disk is full");
+      };
+      owner.binding = failing;
+      a.client.send("message", { uid: a.uid, body: "to myself", cmid: "held" });
+      await gate.reached;
+      await waitFor(() => (journal as unknown as { failure?: unknown }).failure !== undefined, 10_000, "the failed apply");
+      gate.open();
+      const r = (await a.client.reply("message", 10_000)).data;
+      expect(r.status).toBe(16);
+      a.client.close();
+    } finally {
+      (n.services.storage as unknown as { binding: object }).binding = Object.getPrototypeOf((n.services.storage as unknown as { binding: object }).binding);
+      await n.stop().catch(() => undefined);
+      removeDir(n.services.config.dataDir);
+    }
+  });
 
   it("the engine stopped and started again: requests answer 16 meanwhile, never a false 0, and the nodes recover and deliver", async () => {
     const own = await NatsServer.start();

@@ -420,6 +420,13 @@ export class JetStreamLog<C, R> {
           // Applied already (the consumer can overtake the PubAck): its outcomes were
           // handed out at apply if it was waited for; it was not, so ask nothing more.
           this.settleApplied({ n, proposals, seq, deadline }, undefined);
+        } else if (this.failure || this.closed) {
+          // This node stopped following the log (fail(), close()) while the PubAck was
+          // on its way: nothing here will apply the entry or answer for it (fail() and
+          // close() answered what was stored before). Stored, it is applied elsewhere
+          // (here at the next start); a resend with the same cmid finds it.
+          const err = this.failure ?? unavailable("this node is stopping");
+          for (const p of proposals) p.reject(err);
         } else {
           this.stored.push({ n, proposals, seq, deadline });
         }
