@@ -623,6 +623,38 @@ describe("cluster mode: channels", () => {
     for (const u of owners) u.client.close();
   });
 
+  it("a channel message and a member's leave in one log entry: the member hears the message on every node", async () => {
+    const owner = await registerUser(node(0));
+    const x = await registerUser(node(1));
+    const { chid } = await owner.client.request("createchannel", { name: uniqueName("entry") });
+    expect((await x.client.request("enter", { channel: chid })).status).toBe(0);
+    await owner.client.event("ev_enter", (d) => d.uid === x.uid);
+    const xOn0 = await login(node(0), x.login);
+    const journal = (nodes[0].services.cluster as unknown as { journal: { publishEntry: (...args: unknown[]) => Promise<number>; gathering: unknown[] } }).journal;
+    const publish = journal.publishEntry;
+    const gate = heldGate();
+    journal.publishEntry = async (...args: unknown[]) => {
+      journal.publishEntry = publish;
+      await gate.pass();
+      return publish.apply(journal, args);
+    };
+    try {
+      // An entry held, so that the message and the leave behind it gather into the next one.
+      owner.client.send("message", { uid: owner.uid, body: "holds the line" });
+      await gate.reached;
+      owner.client.send("message", { channel: chid, body: "before the leave" });
+      await waitFor(() => journal.gathering.length >= 1, 5000, "the message gathered");
+      xOn0.client.send("leave", { channel: chid });
+      await waitFor(() => journal.gathering.length >= 2, 5000, "the leave gathered behind it");
+    } finally {
+      gate.open();
+    }
+    expect((await xOn0.client.reply("leave", 10_000)).data.status).toBe(0);
+    // x was a member when the message was sent: its connections on both nodes get it.
+    for (const c of [x.client, xOn0.client]) expect((await c.event("ev_message", (d) => d.chid === chid, 10_000)).body).toBe("before the leave");
+    for (const c of [owner.client, x.client, xOn0.client]) c.close();
+  });
+
   it("members on three nodes: enter, invite, messages in order, leave and delete reach every node; online counts every node", async () => {
     const owner = await registerUser(node(0));
     const b = await registerUser(node(1));

@@ -469,6 +469,10 @@ export class Cluster {
 
   private async applyPinned(entries: StoredEntry<Command>[], position: ViewPosition, pinned: string[]): Promise<Outcome[][]> {
     const { storage, users, sessions, messages, channels, router } = this.sv;
+    // A call that changes memberships: a channel message's audience is its members at
+    // the message's place in the log, not at the end of the call (the events go out
+    // after every command of it is reported): read for each one, changed in decide.
+    const membersMove = entries.some((e) => e.entry.c.some((c) => MEMBERSHIP_KINDS.has(c.k)));
     // Phase 1: every read the commands need, before anything is written.
     const reads = await Promise.all(
       entries.map((e) =>
@@ -495,8 +499,12 @@ export class Cluster {
                 const earlier = c.cmid === undefined ? undefined : this.earlierCmid(c.from, c.cmid);
                 const sender = users.get(c.from);
                 if (c.chid !== undefined) {
-                  const [channel, member] = await Promise.all([channels.get(c.chid), channels.isMember(c.chid, c.from)]);
-                  return { channel, member, actor: await sender, ...(await earlier) };
+                  const [channel, member, members] = await Promise.all([
+                    channels.get(c.chid),
+                    channels.isMember(c.chid, c.from),
+                    membersMove ? channels.members(c.chid) : undefined,
+                  ]);
+                  return { channel, member, members, actor: await sender, ...(await earlier) };
                 }
                 const [user, actor, e] = await Promise.all([users.get(c.to as string), sender, earlier]);
                 return { user, actor, ...e };
@@ -761,7 +769,8 @@ export class Cluster {
         if (c.chid !== undefined) {
           if (!overlay.channel(c.chid, r.channel)) return { k: "error", err: channelErrors.notFound(c.chid) };
           if (!overlay.member(c.chid, c.from, r.member === true)) return { k: "error", err: channelErrors.notMember(c.chid) };
-          audience = { channel: c.chid, also: c.from };
+          // Read when this call changes memberships (see applyPinned): the members now.
+          audience = r.members === undefined ? { channel: c.chid, also: c.from } : { users: overlay.membersOf(c.chid, r.members), channel: c.chid };
         } else {
           const to = c.to as string;
           if (!r.user && !overlay.users.has(to)) return { k: "nouser" };
@@ -1129,6 +1138,9 @@ interface HeldChannel {
   record: ChannelRecord | undefined;
   members: string[];
 }
+
+/** Commands that change a channel's members (see applyPinned's membersMove). */
+const MEMBERSHIP_KINDS: ReadonlySet<string> = new Set(["chcreate", "join", "leave", "chdelete", "deleteAccount"]);
 
 interface Reads {
   login?: string;

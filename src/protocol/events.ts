@@ -53,6 +53,8 @@ export type Wire = Record<string, OutFrame>;
  * Who an event goes to. A channel's members are those when the event goes out; `also`
  * gets it whether or not it is one of them then (a message's sender whose leave, on
  * another connection, was written before the event went out: it sent the message as
- * a member, and hears it back as the protocol says).
+ * a member, and hears it back as the protocol says). `users` with `channel`: a
+ * channel's event whose members were fixed when it was decided (cluster mode's apply);
+ * it keeps its place behind the channel's events still waiting for their members.
  */
-export type Audience = { users: readonly string[] } | { channel: string; also?: string };
+export type Audience = { users: readonly string[]; channel?: string } | { channel: string; also?: string };

@@ -152,7 +152,18 @@ export class Router implements Delivery {
 
   publish(ev: Event, audience: Audience): void {
     if ("users" in audience) {
-      for (const uid of audience.users) this.toUser(uid, ev);
+      const fixed = audience.channel;
+      const before = fixed === undefined ? undefined : this.channelQueue.get(fixed);
+      if (before === undefined) {
+        for (const uid of audience.users) this.toUser(uid, ev);
+        return;
+      }
+      this.queueFor(
+        fixed as string,
+        before.then(() => {
+          for (const uid of audience.users) this.toMember(uid, ev);
+        }),
+      );
       return;
     }
     const chid = audience.channel;
@@ -178,6 +189,11 @@ export class Router implements Delivery {
         },
         (err) => this.onError(err, "resolving a channel's members"),
       );
+    this.queueFor(chid, next);
+  }
+
+  /** `next` is the channel's last event waiting to go out (until it has). */
+  private queueFor(chid: string, next: Promise<void>): void {
     this.channelQueue.set(chid, next);
     void next.then(() => {
       if (this.channelQueue.get(chid) === next) this.channelQueue.delete(chid);
