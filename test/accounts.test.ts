@@ -173,4 +173,24 @@ describe("hello, ping, quit", () => {
     expect(await c.request("quit")).toEqual({ status: 0, error: "OK" });
     await c.closed;
   });
+
+  it("requests queued behind quit are not run", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    // One write: history is still being read when quit and the message arrive, so both queue.
+    const frames = [
+      { action: "history", data: { uid: b.uid } },
+      { action: "quit" },
+      { action: "message", data: { uid: b.uid, body: "after quit" } },
+    ];
+    const before = a.client.lines.length;
+    a.client.socket.write(frames.map((f) => JSON.stringify(f)).join("\n") + "\n");
+    await a.client.closed;
+    const actions = a.client.lines.slice(before).map((l) => JSON.parse(l).action);
+    expect(actions).toEqual(["history", "quit"]);
+    await new Promise((r) => setTimeout(r, 200));
+    expect((await b.client.request("history", { uid: a.uid })).messages).toEqual([]);
+    expect(b.client.lines.some((l) => l.includes("after quit"))).toBe(false);
+    b.client.close();
+  });
 });

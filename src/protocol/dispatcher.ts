@@ -585,6 +585,11 @@ export class Dispatcher {
     // (at shutdown, storage may be closing behind it).
     if (s.peer.closed) return this.drop(line);
     while (line.head < line.inbox.length && !line.busy && !line.awaitingDeferred) {
+      // Closed by what just ran (quit, a last reply): the rest is not run either.
+      if (s.peer.closed) {
+        this.drop(line);
+        break;
+      }
       // A seed door's call (not paced) runs whatever the socket holds: the rooms door's
       // CREATE_ROOM waited here inside its lock of the two users while the caller did
       // not read, and the other user's CREATE_ROOM with them waited on that lock, with
