@@ -117,6 +117,29 @@ describe("refusals leave nothing behind", () => {
     }
   });
 
+  it("an attachment that has all arrived is not paced while its request waits its turn", async () => {
+    const small = await startTestServer({ maxAttach: 1024 * 1024, uploadMinRate: 2000, uploadRateWindow: 1 });
+    try {
+      const a = await registerUser(small.port);
+      const b = await registerUser(small.port);
+      // A history read held for 3 s: the message behind it waits, its attachment already in.
+      const gate = new Promise((r) => setTimeout(r, 3000));
+      const undo = wrapCalls(small.services.messages, "historySeqs", () => gate);
+      try {
+        a.client.write(JSON.stringify({ action: "history", data: { uid: b.uid } }) + "\n" + attachFrame(b.uid, randomBytes(30 * 1000).toString("base64")));
+        expect((await a.client.reply("history", 10_000)).data.status).toBe(0);
+        expect((await a.client.reply("message", 10_000)).data.status).toBe(0);
+        expect(a.client.isClosed).toBe(false);
+        expect(small.services.metrics.closes.slow_upload).toBe(0);
+      } finally {
+        undo();
+      }
+      for (const x of [a.client, b.client]) x.close();
+    } finally {
+      await small.stop();
+    }
+  }, 20_000);
+
   it("an attachment trickling below --upload-min-rate: its upload given up and its connection closed, its share of --max-uploading back", async () => {
     const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000, uploadMinRate: 2000, uploadRateWindow: 1 });
     try {

@@ -369,7 +369,12 @@ export class Listener implements ConnectionTable, SlotCounter {
 
   /** The scanner's sink, shared by every connection of this listener. */
   private readonly sink: FrameSink<PacedUpload, Connection> = {
-    frame: (bytes, upload, conn, ascii) => this.front.frame(conn.session as Session, bytes, upload, ascii),
+    frame: (bytes, upload, conn, ascii) => {
+      // Its frame is complete, so its attachment has all arrived: the time its request
+      // then waits for its turn (behind a long reply the client reads) is not paced.
+      if (upload !== undefined) this.uploading.delete(conn);
+      this.front.frame(conn.session as Session, bytes, upload, ascii);
+    },
     decoded: (value, size, conn) => this.front.decoded?.(conn.session as Session, value, size),
     reject: (code, reason, action, conn) => this.front.reject(conn.session as Session, code, reason, action),
     upload: (conn, action) => {
@@ -403,8 +408,7 @@ export class Listener implements ConnectionTable, SlotCounter {
     };
     const { finish, abort, release } = up;
     up.finish = () => {
-      // The attachment has all arrived: its storing (fsync, rename) is the server's time.
-      this.uploading.delete(conn);
+      // Its storing (fsync, rename) is the server's time (pacing ended with its frame).
       const p = finish.call(up);
       p.then(done, done);
       return p;
