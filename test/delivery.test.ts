@@ -323,6 +323,25 @@ describe("re-authentication and cursors (review findings)", () => {
     c.close();
   }, 60_000);
 
+  it("a logout and a login of the same user on one connection sends nothing it was already sent; another user's starts afresh", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const mids: string[] = [];
+    for (let i = 0; i < 3; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `l${i}` })).mid);
+    for (const mid of mids) expect((await b.client.event("ev_message", (d) => d.mid === mid)).mid).toBe(mid);
+    expect((await b.client.request("logout")).status).toBe(0);
+    expect((await b.client.request("auth", { login: b.login, pass: "secret" })).status).toBe(0);
+    expect(await b.client.quiet(500, (f) => f.action === "ev_message")).toBe(true);
+    // Another user on it gets its own inbox, from the start.
+    const c = await offlineUser();
+    const cm = (await a.client.request("message", { uid: c.uid, body: "for c" })).mid;
+    expect((await b.client.request("logout")).status).toBe(0);
+    expect((await b.client.request("auth", { login: c.login, pass: "secret" })).status).toBe(0);
+    expect((await b.client.event("ev_message")).mid).toBe(cm);
+    a.client.close();
+    b.client.close();
+  });
+
   it("a second auth with an older `since` on one connection sends nothing it was already sent", async () => {
     const a = await registerUser(shared.port);
     const b = await offlineUser();

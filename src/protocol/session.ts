@@ -96,6 +96,8 @@ export class Session {
   lastInbox = 0;
   /** Highest inbox seq actually sent on this connection: what an `ack` can confirm. */
   sentInbox = 0;
+  /** The user whose inbox lastInbox and sentInbox count (kept across a logout). */
+  private inboxOf: string | undefined;
   /** Bumped at every login and logout: a sync started for an earlier one stops. */
   generation = 0;
   /** The dispatcher's request line for this connection. */
@@ -128,10 +130,10 @@ export class Session {
    * that follows the auth reply has sent what came before them.
    */
   login(uid: string, sid: string, nick: string, expires: number): void {
-    // The same user again on this connection keeps what it was sent here (the next
-    // sync resumes after it); another user starts from nothing.
-    if (uid !== this.uid) this.lastInbox = this.sentInbox = 0;
-    this.uid = uid;
+    // The same user again on this connection (also after a logout) keeps what it was
+    // sent here (the next sync resumes after it); another user starts from nothing.
+    if (uid !== this.inboxOf) this.lastInbox = this.sentInbox = 0;
+    this.inboxOf = this.uid = uid;
     this.sid = sid;
     this.nick = nick;
     this.nickJson = JSON.stringify(nick);
@@ -145,7 +147,6 @@ export class Session {
   logout(): void {
     this.uid = this.sid = this.nick = this.nickJson = undefined;
     this.expires = 0;
-    this.lastInbox = this.sentInbox = 0;
     this.generation++;
     this.syncing = false;
     this.peer.forgetConfirmations();
