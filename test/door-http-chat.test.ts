@@ -2,6 +2,7 @@
 // every example of the seed document, the choices seed-doors.md makes for it, bad
 // input, and native clients in the same lobby.
 
+import net from "node:net";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, startTestServer, removeDir, uniqueName, WsClient } from "./helpers.js";
 import { heldGate, sleep, wrapCalls } from "./pipeline-helpers.js";
@@ -432,5 +433,66 @@ describe("HTTP door: off by default", () => {
       await server.stop();
       removeDir(server.services.config.dataDir);
     }
+  });
+});
+
+async function waitUntil(cond: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error("condition not met in time");
+    await sleep(10);
+  }
+}
+
+describe("shutdown", () => {
+  it("a request that comes while the server stops gets 503 in its door's shape, not Fastify's", async () => {
+    const server = await startTestServer({ httpPort: 0 });
+    const port = server.httpPort as number;
+    // On each socket a first request's email lookup is held; the server starts stopping,
+    // and a second request comes on the same kept-alive socket.
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    let reached = 0;
+    const undo = wrapCalls(server.services.users, "lookup", async () => {
+      reached++;
+      await held;
+    });
+    const login = (email: string) => {
+      const text = JSON.stringify({ email, password: "x" });
+      return `POST /login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${text.length}\r\n\r\n${text}`;
+    };
+    const behind = [login("late@example.com"), "GET /v1/rooms HTTP/1.1\r\nhost: x\r\n\r\n", "GET /wirechat HTTP/1.1\r\nhost: x\r\n\r\n"];
+    const sockets = behind.map((second) => {
+      const sock = net.connect(port, "127.0.0.1");
+      const out = { got: "", second, sock, ended: new Promise<void>((r) => sock.on("close", () => r())) };
+      sock.on("data", (d) => (out.got += d.toString()));
+      sock.on("error", () => {});
+      sock.write(login("held@example.com"));
+      return out;
+    });
+    await waitUntil(() => reached >= 3);
+    const stopped = server.stop();
+    await sleep(100);
+    // Sent while the first is held and the server stops (pipelined ones would have been
+    // taken in with the first).
+    for (const s of sockets) s.sock.write(s.second);
+    await sleep(200);
+    undo();
+    release();
+    await Promise.all(sockets.map((s) => s.ended));
+    await stopped;
+    const answers = sockets.map((s) =>
+      s.got
+        .split(/HTTP\/1\.1 /)
+        .slice(1)
+        .map((r) => ({ status: Number(r.slice(0, 3)), body: JSON.parse(r.slice(r.indexOf("\r\n\r\n") + 4)) })),
+    );
+    const invalid = { status: 401, body: { status: "error", message: "Invalid email or password" } };
+    expect(answers).toEqual([
+      [invalid, { status: 503, body: { status: "error", message: "the server is shutting down" } }],
+      [invalid, { status: 503, body: { error: { code: "unavailable", message: "the server is shutting down" } } }],
+      [invalid, { status: 503, body: { action: "unknown", data: { status: 16, error: "the server is shutting down" } } }],
+    ]);
+    removeDir(server.services.config.dataDir);
   });
 });

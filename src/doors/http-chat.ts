@@ -29,7 +29,7 @@ import type { Session } from "../protocol/session.js";
 import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { isLogin, normaliseEmail } from "../features/profile-fields.js";
 import { NAME_MAX } from "../storage/users.js";
-import { frameWeight } from "../transport/peer-common.js";
+import { frameWeight, SHUTTING_DOWN } from "../transport/peer-common.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";
 import { DialectDoor, str, type Answer } from "./dialect.js";
@@ -428,6 +428,7 @@ export function chatRoutes(
   accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
   banned: (address: string) => string | undefined,
   rated: (req: FastifyRequest) => RateVerdict,
+  stopping: () => boolean,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
     // A banned address is refused here as at a TCP door's accept (a WebSocket is refused
@@ -435,6 +436,10 @@ export function chatRoutes(
     // socket's budget (a WebSocket counts its messages).
     app.addHook("onRequest", async (req, reply) => {
       if (req.ws) return;
+      if (stopping()) {
+        reply.header("connection", "close");
+        return send(reply, failure(503, SHUTTING_DOWN));
+      }
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, failure(403, `your address is banned${why ? `: ${why}` : ""}`));
       const verdict = rated(req);

@@ -33,6 +33,7 @@ import type { Front } from "../transport/listener.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import { clip, DialectCodec, DialectDoor, jsonElements, str } from "./dialect.js";
 import { roomsDate } from "./rooms.js";
+import { SHUTTING_DOWN } from "../transport/peer-common.js";
 
 /** GET /v1/rooms/{id}/messages answers at most this many (the latest). */
 const HISTORY_MAX = 500;
@@ -526,9 +527,14 @@ export function echatRoutes(
   accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
   banned: (address: string) => string | undefined,
   rated: (req: FastifyRequest) => RateVerdict,
+  stopping: () => boolean,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
     app.addHook("onRequest", async (req, reply) => {
+      if (stopping()) {
+        reply.header("connection", "close");
+        return send(reply, { http: 503, body: { error: { code: "unavailable", message: SHUTTING_DOWN } } });
+      }
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, fail(403, "forbidden"));
       // A room's WebSocket counts its messages; a route counts against its socket's budget.

@@ -27,6 +27,7 @@ import { WebSocketListener } from "../transport/websocket-listener.js";
 import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
 import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
+import { SHUTTING_DOWN } from "../transport/peer-common.js";
 
 export interface HttpDoorDeps {
   config: Config;
@@ -46,12 +47,17 @@ export class HttpDoor {
   readonly app: FastifyInstance;
   readonly websockets: WebSocketListener;
   private readonly ready: Promise<void>;
+  /** close() has begun: a request that still comes (on a kept-alive socket) gets 503 in its door's shape. */
+  private stopping = false;
 
   constructor(private readonly d: HttpDoorDeps) {
     const { config, log, dispatcher, router, metrics } = d;
     const native = nativeFront(dispatcher, d.nativeCodec);
     this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics, [native, d.echat, d.chat]);
     const app = Fastify({
+      // While it closes, each door answers 503 in its own shape (its onRequest hook,
+      // `stopping`), not in Fastify's ({"error":"Service Unavailable",…}).
+      return503OnClosing: false,
       // Fastify logs every request at info: this port's own lines are warnings and errors.
       loggerInstance: log.child({ door: "http" }) as unknown as FastifyBaseLogger,
       bodyLimit: config.maxFrame,
@@ -143,6 +149,7 @@ export class HttpDoor {
         preClose: (done) => done(),
       });
       const banned = (address: string) => this.websockets.refuseAddress?.(address);
+      const stopping = () => this.stopping;
       await app.register(async (scope) => {
         // A plain request (not an upgrade, which the listener refuses with a message and
         // a close) as the doors' routes take one: a banned address is refused, and it
@@ -150,6 +157,10 @@ export class HttpDoor {
         scope.addHook("onRequest", async (req, reply) => {
           if (req.ws) return;
           const refuse = (http: number, code: Code, text: string) => reply.code(http).type("application/json").send(d.nativeCodec.error("unknown", code, text) as string);
+          if (stopping()) {
+            reply.header("connection", "close");
+            return refuse(503, Code.Unavailable, SHUTTING_DOWN);
+          }
           const why = banned(req.socket.remoteAddress ?? "?");
           if (why !== undefined) return refuse(403, Code.Forbidden, `your address is banned${why ? `: ${why}` : ""}`);
           const verdict = rated(req);
@@ -164,8 +175,8 @@ export class HttpDoor {
           wsHandler: (ws, req) => accept(ws, req, native),
         });
       });
-      await app.register(echatRoutes(d.echat, accept, banned, rated), { prefix: "/v1" });
-      await app.register(chatRoutes(d.chat, accept, banned, rated));
+      await app.register(echatRoutes(d.echat, accept, banned, rated, stopping), { prefix: "/v1" });
+      await app.register(chatRoutes(d.chat, accept, banned, rated, stopping));
     })();
   }
 
@@ -195,6 +206,7 @@ export class HttpDoor {
   async close(timeoutMs: number): Promise<void> {
     const graceMs = this.d.config.closeLinger * 1000;
     await this.ready.catch(() => undefined);
+    this.stopping = true;
     const websockets = this.websockets.close(timeoutMs, graceMs);
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs + graceMs)));
