@@ -173,6 +173,31 @@ describe("HTTP/WS chat door: the HTTP routes", () => {
 });
 
 describe("HTTP/WS chat door: the WebSocket", () => {
+  it("a login whose lobby membership cannot be read closes the socket and leaves no session stored", async () => {
+    const p = await createUser();
+    const uid = (await open.server.services.users.lookup("email", p.email.toLowerCase())) as string;
+    const before = (await open.server.services.sessions.list(uid)).length;
+    let failOnce = true;
+    const undo = wrapCalls(open.server.services.channels, "isMember", async () => {
+      if (failOnce) {
+        failOnce = false;
+        throw new Error("the disk is on fire");
+      }
+    });
+    try {
+      const c = await WsClient.connect(httpPort(), "/ws");
+      c.send({ type: "auth", email: p.email, password: p.password });
+      expect(await c.next()).toEqual({ status: "error", message: null, info: "Authentication failed: the server could not read the lobby; try again" });
+      expect((await c.closed).code).toBe(1000);
+    } finally {
+      undo();
+    }
+    await sleep(100);
+    expect((await open.server.services.sessions.list(uid)).length).toBe(before);
+    // The next login works.
+    (await chatter(p)).close();
+  });
+
   it("auth first: the welcome; a wrong password, an unknown email, another first message or bad JSON: the error and the socket is closed", async () => {
     const p = await createUser();
     const ws = await chatter(p);

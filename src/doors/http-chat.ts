@@ -261,7 +261,17 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
       if (!r.ok) return this.closeWith(s, authFailed(httpOf(r.code) === 401 ? INVALID : r.text));
       const uid = s.uid as string;
       // The lobby is entered once: a member stays one (a native `leave` ends it until the next login here).
-      if (!(await this.deps.isMember(this.deps.lobby, uid))) {
+      let member: boolean;
+      try {
+        member = await this.deps.isMember(this.deps.lobby, uid);
+      } catch (err) {
+        // Logged in natively but not here: the socket closes (closed() revokes the
+        // session its login stored), as for any failed login, rather than stay open for
+        // an auth that would store a second one.
+        this.log.warn({ err }, "reading the lobby's membership failed at a /ws login");
+        return this.closeWith(s, authFailed("the server could not read the lobby; try again"));
+      }
+      if (!member) {
         const entered = await this.call(s, "enter", { channel: this.deps.lobby });
         if (!entered.ok) return this.closeWith(s, authFailed(`could not enter the lobby: ${entered.text}`));
       }
