@@ -324,7 +324,8 @@ describe("e_chat_server door: rooms", () => {
     await withOwnServer({ idleAuth: 1, rate: 1, burst: 1, rateDisconnect: 2 }, async (port, post) => {
       const sid = (await post("/v1/register", { login: uniqueName("i"), password: "pw" })).session_id;
       const room = (await post("/v1/rooms", { users: [] }, sid)).id;
-      const idle = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`);
+      // One that does not answer the server's pings (a browser does): idle.
+      const idle = await WsClient.connect(port, `/v1/rooms/${room}/chat?session_id=${sid}`, { autoPong: false });
       expect(await idle.next((m) => m.error, 5000)).toEqual({ error: { code: "closed", message: "idle timeout: nothing received for 1 s" } });
       await idle.closed;
       // Past the request rate: refused, then closed, each as too_many_requests.

@@ -5,10 +5,12 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, registerUser, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
+import { sleep } from "./pipeline-helpers.js";
 
 const open = serveForFile({ httpPort: 0, maxFrame: 256 * 1024, maxDepth: 8, outboundCap: 256 * 1024 });
 const capped = serveForFile({ httpPort: 0, maxPerAddress: 2 });
 const idle = serveForFile({ httpPort: 0, idleUnauth: 1 });
+const quiet = serveForFile({ httpPort: 0, idleAuth: 2 });
 const banning = serveForFile({ httpPort: 0 });
 const full = serveForFile({ httpPort: 0, maxConnections: 2 });
 
@@ -172,6 +174,24 @@ describe("native protocol over WebSocket", () => {
     expect((await ws.next((m) => m.action === "ev_close", 5000)).data.reason).toMatch(/idle timeout/);
     expect((await ws.closed).code).toBe(1000);
   });
+
+  it("a logged-in socket that only listens is pinged and stays while it answers; one that does not answer is closed", async () => {
+    const port = quiet.server.httpPort as number;
+    const listening = await wsUser(port);
+    const deaf = await WsClient.connect(port, "/wirechat", { autoPong: false });
+    expect((await deaf.next()).action).toBe("welcome");
+    const login = uniqueName("deaf");
+    expect((await request(deaf, "register", { login, pass: "secret", nick: login })).status).toBe(0);
+    let pings = 0;
+    listening.ws.ws.on("ping", () => pings++);
+    await sleep(5000);
+    expect(pings).toBeGreaterThan(0);
+    expect(listening.ws.isClosed).toBe(false);
+    expect((await request(listening.ws, "ping")).status).toBe(0);
+    expect(deaf.isClosed).toBe(true);
+    expect(deaf.messages.find((m) => m.action === "ev_close")?.data.reason).toMatch(/idle timeout/);
+    listening.ws.ws.close();
+  }, 15_000);
 
   it("an address ban closes its WebSockets (ev_close) and refuses new ones with status 15 and 1008", async () => {
     const port = banning.server.httpPort as number;

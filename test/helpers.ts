@@ -379,8 +379,8 @@ export class WsClient {
     ws.on("error", () => {});
   }
 
-  static async connect(port: number, path: string): Promise<WsClient> {
-    const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`);
+  static async connect(port: number, path: string, options?: WebSocket.ClientOptions): Promise<WsClient> {
+    const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, options);
     const c = new WsClient(ws);
     await new Promise<void>((resolve, reject) => {
       ws.once("open", () => resolve());

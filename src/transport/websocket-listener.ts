@@ -176,6 +176,7 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     tagged[OWNER] = this;
     ws.on("message", onMessage);
     ws.on("ping", onPing);
+    ws.on("pong", onPing);
     ws.on("close", onClose);
     const greeting = front.greeting(session.codec);
     if (greeting !== undefined) peer.send(greeting, false);
@@ -299,6 +300,10 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     for (const [peer, session] of this.connections) {
       peer.progress();
       this.recount(peer, session);
+      // Logged in: pinged after half its idle limit of quiet (seeds 002 and 003 have no
+      // keep-alive message, and a browser cannot send a ping); not logged in, the
+      // limit stays a limit.
+      if (session.uid !== undefined) peer.keepAlive(now, this.config.idleAuth * 500);
       closeIfIdle(peer, session, now, this.config, this.log, this.metrics, this.router);
     }
   }
@@ -338,6 +343,7 @@ function onMessage(this: WebSocket, data: WebSocket.RawData, isBinary: boolean):
   ws[OWNER].message(ws[PEER], ws[FRONT], data, isBinary);
 }
 
+/** A ping from the client, or its pong to ours: activity (idle limits). */
 function onPing(this: WebSocket): void {
   (this as Tagged)[PEER].lastActivity = Date.now();
 }

@@ -93,8 +93,10 @@ export class WebSocketPeer implements Peer, LiveConnection {
   private passed = 0;
   /** [passed + slack, seq] pairs, oldest first (see Connection). */
   private marks: number[] | undefined;
-  /** Unix ms of the last message received. */
+  /** Unix ms of the last message (or ping, or pong) received. */
   lastActivity = Date.now();
+  /** Unix ms of the last ping this server sent (keepAlive). */
+  private pingedAt = 0;
   /** Unix ms the connection was accepted. */
   readonly since = this.lastActivity;
   /** Called once when the connection starts closing (its listener frees its cap slot). */
@@ -298,6 +300,22 @@ export class WebSocketPeer implements Peer, LiveConnection {
 
   destroy(): void {
     this.ws.terminate();
+  }
+
+  /**
+   * A WebSocket ping when nothing came for `quietMs` and none was sent in that time: a
+   * browser answers it by itself (a page cannot send one), and the pong counts as
+   * activity, so a client that only listens keeps its connection; one that does not
+   * answer is closed at its idle limit.
+   */
+  keepAlive(now: number, quietMs: number): void {
+    if (this.closed || now - this.lastActivity < quietMs || now - this.pingedAt < quietMs) return;
+    this.pingedAt = now;
+    try {
+      this.ws.ping();
+    } catch {
+      // Closing already: its close handler cleans up.
+    }
   }
 
   /** The linger is over at once: too many connections are closing (see Listener). */
