@@ -906,6 +906,16 @@ describe("cluster mode: a data dir is a node's view or a single node's database,
       await again.stop();
       const reopened = await startTestServer({ dataDir: view, nats: nats.url, natsStream: stream, nodeId: "then-single" });
       await reopened.stop();
+      // An operator's setting made there (no account) is not the cluster's either.
+      const settings = tempDir();
+      try {
+        const s2 = await startTestServer({ dataDir: settings });
+        await s2.services.registration.set("closed");
+        await s2.stop();
+        await expect(startTestServer({ dataDir: settings, nats: nats.url, natsStream: stream, nodeId: "was-set" })).rejects.toThrow(/single node's database/);
+      } finally {
+        removeDir(settings);
+      }
     } finally {
       removeDir(single);
       removeDir(view);

@@ -124,6 +124,10 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(json(cli(["registration", ...d]))).toEqual({ registration: "open" });
     expect(json(cli(["registration", "closed", ...d]))).toEqual({ registration: "closed" });
     expect(json(cli(["registration", ...d]))).toEqual({ registration: "closed" });
+    // Stored all the same, but a configured value would win at start-up: said so.
+    const overridden = cli(["registration", "closed", ...d, "--registration", "open"]);
+    expect(JSON.parse(overridden.stdout)).toEqual({ registration: "closed" });
+    expect(overridden.stderr).toMatch(/stored, but this configuration's --registration open wins when the server starts/);
     const bad = cli(["registration", "maybe", ...d]);
     expect(bad.status).toBe(2);
     expect(bad.stderr).toMatch(/registration open\|closed/);

@@ -391,7 +391,12 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
       case "registration": {
         const v = p.positional[0];
         if (v !== undefined && v !== "open" && v !== "closed") throw new ConfigError("registration open|closed");
-        print({ registration: await ops.registration(v === undefined ? undefined : v === "open") });
+        const now = await ops.registration(v === undefined ? undefined : v === "open");
+        print({ registration: now });
+        const configured = p.config.registration;
+        if (v !== undefined && configured !== "" && configured !== now) {
+          process.stderr.write(`wirechat registration: stored, but this configuration's --registration ${configured} wins when the server starts\n`);
+        }
         return 0;
       }
       case "backup": {

@@ -35,7 +35,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Event, Audience, MessageEvent, NoticeEvent } from "../protocol/events.js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { BANNED_LOGIN, MAX_BANS } from "../storage/bans.js";
-import { banKey, CLUSTER_POSITION_KEY, channelConv, directConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
+import { banKey, CLUSTER_POSITION_KEY, REGISTRATION_KEY, channelConv, directConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { readKeys } from "../storage/range.js";
 import { indexKey, type UniqueIndex } from "../storage/users.js";
@@ -229,11 +229,11 @@ export class Cluster {
     return { key, has: overlay.bans.get(key) ?? this.sv.bans.banned(kind, value) !== undefined };
   }
 
-  /** Whether users, messages or channels are stored. */
+  /** Whether users, messages, channels, bans or a registration setting are stored. */
   private async holdsRecords(): Promise<boolean> {
-    const { users, log, channels } = this.sv.storage.spaces;
-    for (const space of [users, log, channels]) if ((await readKeys(space, { limit: 1 })).length > 0) return true;
-    return false;
+    const { users, log, channels, bans, meta } = this.sv.storage.spaces;
+    for (const space of [users, log, channels, bans]) if ((await readKeys(space, { limit: 1 })).length > 0) return true;
+    return (await meta.get(REGISTRATION_KEY)) !== undefined;
   }
 
   /** The view's position as stored ({} → an empty view). */
@@ -245,8 +245,8 @@ export class Cluster {
   /** Joins the log and applies it up to its end (ViewMismatch when this view is another stream's). */
   async open(): Promise<void> {
     const view = await this.storedPosition();
-    // Accounts, messages or channels and no position: written outside the log (a single
-    // node's database): its numbering and records are not the cluster's.
+    // Records and no position: written outside the log (a single node's database, an
+    // operator's ban or registration setting made there): not the cluster's.
     if (view.seq === 0 && (await this.holdsRecords())) {
       throw new Error(
         `the data dir holds a single node's database, not a view of the cluster log (a node's view is built from the log): start this node on an empty --data-dir`,
