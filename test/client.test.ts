@@ -357,6 +357,23 @@ describe("WirechatClient", () => {
     expect(history.map((m) => m.mid)).toEqual(sent.map((s) => s.mid));
   });
 
+  it("a register whose reply the link lost resolves after the reconnect, with the account it made", async () => {
+    const c = await connect({ reconnect: { minMs: 50, maxMs: 200 } });
+    const login = uniqueName("lost");
+    const { gate, restore } = holdNextWrite(srv.server.services.storage);
+    let made;
+    try {
+      made = c.register(login, "secret", login);
+      await gate.reached; // the account's batch: written once the link is gone
+      (c as unknown as { socket: net.Socket }).socket.destroy();
+    } finally {
+      restore();
+    }
+    const auth = await made;
+    expect(auth.uid).toBe(await srv.server.services.users.lookup("login", login.toLowerCase()));
+    expect((await c.ping()) > 0).toBe(true);
+  });
+
   it("a resume that is dropped again at once backs off further instead of looping", async () => {
     const bob = await registered();
     const alice = await registered({ maxFrameBytes: 2000, reconnect: { minMs: 20, maxMs: 400, maxAttempts: 1_000_000 } });

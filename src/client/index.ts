@@ -380,9 +380,27 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     return this.request<HelloInfo>("hello", body, options);
   }
 
-  /** Creates an account; the connection is then logged in as it (the `auth` frame that follows). */
+  /**
+   * Creates an account; the connection is then logged in as it (the `auth` frame that
+   * follows). With `reconnect`, a register whose reply a lost connection cut off is
+   * settled on the next one: a login with the same password (the account was made),
+   * else, when no account has the login, the register again.
+   */
   async register(login: string, pass: string, nick: string, options?: RequestOptions): Promise<AuthInfo> {
-    return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+    try {
+      return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+    } catch (err) {
+      if (!(err instanceof WirechatError) || err.code !== ClientCode.Closed || this.reconnectOpts === undefined || this.state === "closed" || this.closing) throw err;
+      let again: AuthInfo | undefined;
+      try {
+        again = await this.auth({ login, pass }, options);
+      } catch (e) {
+        // 7: no account has the login, so the register was not made: made now.
+        if (e instanceof WirechatError && e.code === 7) return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+      }
+      if (again === undefined) throw err;
+      return again;
+    }
   }
 
   /**
