@@ -140,6 +140,29 @@ describe("refusals leave nothing behind", () => {
     }
   }, 20_000);
 
+  it("an attachment that has arrived, waiting behind replies its client does not read, is given up with its connection", async () => {
+    const small = await startTestServer({ maxAttach: 1024 * 1024, uploadMinRate: 1000, uploadRateWindow: 1 });
+    try {
+      const a = await registerUser(small.port);
+      // Thirty large messages to itself (their echoes read): a history of them is ~27 MB,
+      // more than the kernel's buffers and a quarter of the outbound cap.
+      for (let i = 0; i < 30; i++) a.client.send("message", { uid: a.uid, body: "h".repeat(900 * 1000) });
+      for (let i = 0; i < 30; i++) expect((await a.client.reply("message", 20_000)).data.status).toBe(0);
+      const held = small.services.blobs;
+      a.client.socket.pause(); // reads nothing more
+      a.client.write(JSON.stringify({ action: "history", data: { uid: a.uid, limit: 30 } }) + "\n");
+      const conn = () => [...small.listener.connections.keys()].find((c) => c.socket.remotePort === a.client.socket.localPort) as Connection;
+      await until(() => conn().congested, 10_000);
+      a.client.write(attachFrame(a.uid, randomBytes(3000).toString("base64")));
+      await until(() => small.services.metrics.closes.slow_upload === 1, 15_000);
+      // Its share and its file are back.
+      await until(() => readdirSync(path.join(held.dir, "tmp")).length === 0);
+      a.client.socket.destroy();
+    } finally {
+      await small.stop();
+    }
+  }, 40_000);
+
   it("an attachment trickling below --upload-min-rate: its upload given up and its connection closed, its share of --max-uploading back", async () => {
     const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000, uploadMinRate: 2000, uploadRateWindow: 1 });
     try {

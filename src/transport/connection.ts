@@ -155,6 +155,11 @@ export class Connection implements Peer, LiveConnection {
     return this.socket.bytesWritten;
   }
 
+  /** Characters handed to the operating system so far (written, and no longer queued in the socket). */
+  get handed(): number {
+    return this.passed - this.socket.writableLength;
+  }
+
   /** The socket closed: nothing queued will go out (its owner calls this on 'close'). */
   closedSocket(): void {
     if (this.lingerTimer) clearTimeout(this.lingerTimer);

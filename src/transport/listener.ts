@@ -121,10 +121,14 @@ interface UploadPace {
   upload: PacedUpload;
   since: number;
   bytesIn: number;
+  /** What the connection had handed the OS when the window began (its client reading). */
+  handed: number;
   /** Reading is paused for the file's buffer now. */
   full: boolean;
   /** ... or was, at some time in this window. */
   wasFull: boolean;
+  /** Its frame is complete: the request waits for its turn. */
+  complete: boolean;
 }
 
 export class Listener implements ConnectionTable, SlotCounter {
@@ -370,9 +374,12 @@ export class Listener implements ConnectionTable, SlotCounter {
   /** The scanner's sink, shared by every connection of this listener. */
   private readonly sink: FrameSink<PacedUpload, Connection> = {
     frame: (bytes, upload, conn, ascii) => {
-      // Its frame is complete, so its attachment has all arrived: the time its request
-      // then waits for its turn (behind a long reply the client reads) is not paced.
-      if (upload !== undefined) this.uploading.delete(conn);
+      // Its frame is complete, so its attachment has all arrived: from now on its
+      // request waits its turn (checkPace).
+      if (upload !== undefined) {
+        const pace = this.uploading.get(conn);
+        if (pace !== undefined) pace.complete = true;
+      }
       this.front.frame(conn.session as Session, bytes, upload, ascii);
     },
     decoded: (value, size, conn) => this.front.decoded?.(conn.session as Session, value, size),
@@ -396,7 +403,7 @@ export class Listener implements ConnectionTable, SlotCounter {
   private startUpload(conn: Connection): PacedUpload {
     const up = this.newUpload();
     conn.uploads++;
-    const pace: UploadPace = { upload: up, since: Date.now(), bytesIn: conn.bytesIn, full: false, wasFull: false };
+    const pace: UploadPace = { upload: up, since: Date.now(), bytesIn: conn.bytesIn, handed: conn.handed, full: false, wasFull: false, complete: false };
     this.uploading.set(conn, pace);
     let open = true;
     const done = () => {
@@ -408,7 +415,8 @@ export class Listener implements ConnectionTable, SlotCounter {
     };
     const { finish, abort, release } = up;
     up.finish = () => {
-      // Its storing (fsync, rename) is the server's time (pacing ended with its frame).
+      // The attachment has all arrived: its storing (fsync, rename) is the server's time.
+      this.uploading.delete(conn);
       const p = finish.call(up);
       p.then(done, done);
       return p;
@@ -492,19 +500,28 @@ export class Listener implements ConnectionTable, SlotCounter {
     const windowMs = this.config.uploadRateWindow * 1000;
     if (conn.closed || now - pace.since < windowMs) return;
     const brought = conn.bytesIn - pace.bytesIn;
+    const took = conn.handed - pace.handed;
     const needed = this.config.uploadMinRate * (now - pace.since) / 1000;
-    if (brought >= needed || pace.wasFull) {
+    // Arrived, its request waits its turn: behind replies the client reads (at the same
+    // minimum rate), or the server's own work (nothing waiting to be sent). A client
+    // that reads nothing holds its share and its file no longer than one arriving slowly.
+    const waiting = pace.complete && (took >= needed || conn.outbound === 0);
+    if (brought >= needed || pace.wasFull || waiting) {
       pace.since = now;
       pace.bytesIn = conn.bytesIn;
+      pace.handed = conn.handed;
       pace.wasFull = pace.full;
       return;
     }
     const session = this.connections.get(conn) as Session;
     const seconds = Math.round((now - pace.since) / 1000);
-    this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, bytes: brought, seconds }, "attachment arriving too slowly; closing");
+    const why = pace.complete
+      ? `attachment waiting for a client that does not read its replies: ${took} bytes read in ${seconds} s, at least ${this.config.uploadMinRate} a second needed`
+      : `attachment arriving too slowly: ${brought} bytes in ${seconds} s, at least ${this.config.uploadMinRate} a second needed`;
+    this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, bytes: pace.complete ? took : brought, seconds }, pace.complete ? "attachment waiting on a client that does not read; closing" : "attachment arriving too slowly; closing");
     this.metrics.closes.slow_upload++;
     pace.upload.abort(); // its file and its share of --max-uploading go now
-    this.router.sendTo(session, { kind: "close", reason: `attachment arriving too slowly: ${brought} bytes in ${seconds} s, at least ${this.config.uploadMinRate} a second needed` });
+    this.router.sendTo(session, { kind: "close", reason: why });
     conn.end();
   }
 
