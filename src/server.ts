@@ -143,7 +143,7 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   await bans.load();
   const registration = await Registration.load(storage, config);
   const background = new Background(log);
-  const blobs = new BlobStore(config.dataDir, storage, locks, background);
+  const blobs = new BlobStore(config.dataDir, storage, locks, background, log);
   const services: Services = {
     config,
     log,

@@ -1,7 +1,7 @@
 // Streamed attachments over real TCP: byte-identical relay online and offline, stored
 // once, limits and bad base64 without leftovers, disconnects mid-upload, slow readers.
 import { createHash, randomBytes } from "node:crypto";
-import { readdirSync } from "node:fs";
+import { readdirSync, renameSync, symlinkSync } from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import type { Connection } from "../src/transport/connection.js";
@@ -114,6 +114,31 @@ describe("refusals leave nothing behind", () => {
       for (const c of [a.client, b.client]) c.close();
     } finally {
       await small.stop();
+    }
+  });
+
+  it("an attachment file that is there but cannot be opened goes out empty; the recipient keeps its connection and its inbox", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    b.client.close();
+    await b.client.closed;
+    const bytes = randomBytes(2000);
+    a.client.write(attachFrame(b.uid, bytes.toString("base64"), "image/png"));
+    expect((await a.client.reply("message")).data.status).toBe(0);
+    const after = await a.client.request("message", { uid: b.uid, body: "after it" });
+    // The file becomes a symlink to itself: open fails with ELOOP, not ENOENT.
+    const file = shared.server.services.blobs.pathOf(createHash("sha256").update(bytes).digest("hex"));
+    renameSync(file, `${file}.kept`);
+    symlinkSync(path.basename(file), file);
+    try {
+      const { client } = await login(shared.port, b.login);
+      const first = await client.event("ev_message");
+      expect(first.attach).toEqual({ mime: "image/png", data: "" });
+      expect((await client.event("ev_message")).mid).toBe(after.mid);
+      expect((await client.request("ping")).status).toBe(0);
+      client.close();
+    } finally {
+      renameSync(`${file}.kept`, file);
     }
   });
 

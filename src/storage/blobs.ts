@@ -20,6 +20,7 @@ import { createWriteStream, rmSync, type WriteStream } from "node:fs";
 import { access, open, opendir, rename, stat, unlink, type FileHandle } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
+import type { Logger } from "pino";
 import type { Background } from "../background.js";
 import { LocalLock, type KeyedLock } from "../seams.js";
 import { del, put, type BatchOp, type Storage } from "./db.js";
@@ -138,6 +139,8 @@ export class BlobStore {
     private readonly locks: KeyedLock = new LocalLock(),
     /** Where collects that nobody waits for run (shutdown waits for them). */
     private readonly background?: Background,
+    /** Where a file that is there but cannot be read is reported (readBase64). */
+    private readonly log?: Logger,
   ) {
     this.dir = path.join(dataDir, "blobs");
     this.tmp = path.join(this.dir, "tmp");
@@ -371,15 +374,18 @@ export class BlobStore {
    * empty, and the deletion's ev_delmessage follows; the reader keeps its connection
    * (before, the failed read closed it halfway through a frame, so any sender could cut a
    * recipient off by deleting a message the recipient had not yet read). Once opened, the
-   * file reads whole even if it is deleted meanwhile.
+   * file reads whole even if it is deleted meanwhile. One that is there but cannot be
+   * opened (its permissions, the process out of file descriptors) goes out empty too,
+   * logged: thrown, it closed the reader's connection before any of the frame went out,
+   * at every delivery of that message, so the recipient's inbox never got past it.
    */
   async *readBase64(sha: string): AsyncIterable<string> {
     let file: FileHandle;
     try {
       file = await open(this.pathOf(sha), "r");
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
-      throw err;
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") this.log?.error({ err, sha }, "an attachment file could not be opened; sent empty");
+      return;
     }
     yield* base64Stream(file.createReadStream({ highWaterMark: 3 * 16 * 1024 }));
   }
