@@ -419,7 +419,25 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     // One byte changed, or a file not named by a sha-256: nothing is restored.
     for (const [damage, why] of [
       [(bad: string) => writeFileSync(path.join(bad, file), Buffer.concat([bytes.subarray(0, 10), Buffer.from("X"), bytes.subarray(11)])), /does not hold the bytes its name's sha-256 says/],
-      [(bad: string) => execFileSync("mv", [path.join(bad, file), path.join(bad, "blobs", sha.slice(0, 2), "notes.txt")]), /is not an attachment file/],
+      [(bad: string) => execFileSync("cp", [path.join(bad, file), path.join(bad, "blobs", sha.slice(0, 2), "notes.txt")]), /is not an attachment file/],
+      // The file gone (as from a backup made while it was missing), backup.json counting
+      // what is there: the message naming it is not restored without it.
+      [
+        (bad: string) => {
+          execFileSync("rm", [path.join(bad, file)]);
+          const info = JSON.parse(readFileSync(path.join(bad, "backup.json"), "utf8"));
+          writeFileSync(path.join(bad, "backup.json"), JSON.stringify({ ...info, blobs: 0, missing: 1 }));
+        },
+        /names attachment file blobs\/[0-9a-f]{2}\/[0-9a-f]{64}, which the backup does not hold: it is incomplete/,
+      ],
+      // Made by a newer wirechat: refused before anything is written.
+      [
+        (bad: string) => {
+          const info = JSON.parse(readFileSync(path.join(bad, "backup.json"), "utf8"));
+          writeFileSync(path.join(bad, "backup.json"), JSON.stringify({ ...info, layout: info.layout + 1 }));
+        },
+        /newer than this wirechat's/,
+      ],
     ] as const) {
       refusedRestore(target, damage, why, restored);
     }
@@ -582,6 +600,12 @@ describe("configuration and signals", () => {
     await waitFor(() => (srv.stdout().match(/reload failed/g) ?? []).length >= 2, 5000, "the second failed reload");
     expect(srv.stdout()).toMatch(/log-level\\": expected fatal or error/);
     expect((await c.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(15);
+    // Taken out of the file: as at a start-up without it, the operator's setting (none
+    // here: open).
+    writeFileSync(conf, JSON.stringify({}));
+    srv.proc.kill("SIGHUP");
+    await waitFor(() => (srv.stdout().match(/configuration reloaded/g) ?? []).length >= 2, 5000, "the third reload");
+    expect((await c.request("register", { login: uniqueName(), pass: "x", nick: uniqueName() })).status).toBe(0);
     kept.close();
     c.close();
   });

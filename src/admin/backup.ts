@@ -88,7 +88,6 @@ const INFO_TEMP = "backup.json.tmp";
 async function backupInto(target: string, fd: number, storage: Storage, blobs: BlobStore, version: string): Promise<BackupInfo & { dir: string }> {
   const shas = new Set<string>();
   let keys = 0;
-  const refsPrefix = `!blobrefs!`;
   let copied = 0;
   let missing = 0;
   // No attachment file is deleted from before the snapshot until the copies are made;
@@ -115,7 +114,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
         let text = "";
         for (const [k, v] of page) {
           keys++;
-          if (k.startsWith(refsPrefix)) shas.add(k.slice(refsPrefix.length, k.indexOf("!", refsPrefix.length)));
+          if (k.startsWith(REFS_PREFIX)) shas.add(k.slice(REFS_PREFIX.length, k.indexOf("!", REFS_PREFIX.length)));
           text += JSON.stringify([k, v]) + "\n";
         }
         yield text;
@@ -190,6 +189,9 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
 export async function restore(from: string, dataDir: string, signal?: AbortSignal): Promise<{ keys: number; blobs: number }> {
   const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
   if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
+  if (info.layout > LAYOUT_VERSION) {
+    throw new Error(`the backup holds layout ${info.layout}, newer than this wirechat's ${LAYOUT_VERSION}: restore it with the wirechat that made it (or a newer one)`);
+  }
   const dbDir = path.join(dataDir, "db");
   makeDirSync(dataDir);
   const unlock = restoreLock(dataDir);
@@ -202,7 +204,7 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
     }
     const staging = mkdtempSync(path.join(dataDir, STAGING_PREFIX));
     try {
-      const keys = await restoreKeys(path.join(from, "db.ndjson"), path.join(staging, "db"), signal);
+      const keys = await restoreKeys(path.join(from, "db.ndjson"), path.join(staging, "db"), path.join(from, "blobs"), signal);
       if (keys !== info.keys) throw new Error(`the backup lists ${info.keys} keys but db.ndjson holds ${keys}: it is incomplete`);
       const blobs = await copyBlobs(path.join(from, "blobs"), path.join(staging, "blobs"), signal);
       if (blobs !== info.blobs) throw new Error(`the backup lists ${info.blobs} attachment files but holds ${blobs}: it is incomplete`);
@@ -277,7 +279,7 @@ function alive(pid: number): boolean {
 }
 
 /** Writes db.ndjson's pairs into a new LevelDB at `dbDir`; returns how many. */
-async function restoreKeys(file: string, dbDir: string, signal: AbortSignal | undefined): Promise<number> {
+async function restoreKeys(file: string, dbDir: string, blobsDir: string, signal: AbortSignal | undefined): Promise<number> {
   const db = new Level<string, string>(dbDir, { ...LEVEL_OPTIONS, keyEncoding: "utf8", valueEncoding: "utf8" });
   await db.open();
   let keys = 0;
@@ -285,6 +287,7 @@ async function restoreKeys(file: string, dbDir: string, signal: AbortSignal | un
     let batch = db.batch();
     let n = 0;
     let lineNo = 0;
+    let lastRef = "";
     // The signal ends the read too, where a slow source holds it between lines.
     const lines = createInterface({ input: createReadStream(file, { signal }), crlfDelay: Infinity });
     for await (const line of lines) {
@@ -298,6 +301,18 @@ async function restoreKeys(file: string, dbDir: string, signal: AbortSignal | un
       }
       if (!Array.isArray(pair) || pair.length !== 2 || typeof pair[0] !== "string" || typeof pair[1] !== "string") {
         throw new Error(`db.ndjson line ${lineNo} is not a [key, value] pair of strings: the backup is damaged`);
+      }
+      // Every attachment a message names must be in the backup (one missing when it was
+      // made, or lost since, would be served empty): keys come sorted, so a file's
+      // references are adjacent and each is looked for once.
+      if (pair[0].startsWith(REFS_PREFIX)) {
+        const sha = pair[0].slice(REFS_PREFIX.length, REFS_PREFIX.length + 64);
+        if (sha !== lastRef) {
+          lastRef = sha;
+          if (!SHA256_HEX.test(sha) || !existsSync(path.join(blobsDir, sha.slice(0, 2), sha))) {
+            throw new Error(`db.ndjson line ${lineNo} names attachment file blobs/${sha.slice(0, 2)}/${sha}, which the backup does not hold: it is incomplete`);
+          }
+        }
       }
       batch.put(pair[0], pair[1]);
       keys++;
@@ -349,6 +364,8 @@ async function copyBlobs(src: string, to: string, signal: AbortSignal | undefine
 }
 
 const SHA256_HEX = /^[0-9a-f]{64}$/;
+/** The root-level prefix of the blobrefs space's keys (`<sha256>!<mid>`: storage/layout.ts). */
+const REFS_PREFIX = "!blobrefs!";
 
 function userLine(u: UserRecord): string {
   const { hash: _hash, ...rest } = u;

@@ -192,10 +192,11 @@ export class HttpDoor {
     return this.app.server.address() as AddressInfo;
   }
 
-  /** After SIGHUP: the port's socket backstop and idle time follow --max-connections and --idle-unauth. */
+  /** After SIGHUP: the port's socket backstop, idle time and request time follow --max-connections and --idle-unauth. */
   reloaded(): void {
     this.app.server.maxConnections = this.d.config.maxConnections;
     this.app.server.timeout = this.d.config.idleUnauth * 1000;
+    this.app.server.requestTimeout = this.d.config.idleUnauth * 1000;
   }
 
   /**

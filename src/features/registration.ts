@@ -20,13 +20,15 @@ export class Registration {
     private current: RegistrationState,
     /** --registration was given at start-up. */
     private readonly configured: boolean,
+    /** The operator's setting as stored (undefined: none made). */
+    private stored: RegistrationState | undefined,
   ) {}
 
   /** The configured value when there is one, else the stored one, else open. */
   static async load(storage: Storage, config: Config): Promise<Registration> {
     const stored = state(await storage.spaces.meta.get(REGISTRATION_KEY));
     const configured = state(config.registration);
-    return new Registration(storage, configured ?? stored ?? "open", configured !== undefined);
+    return new Registration(storage, configured ?? stored ?? "open", configured !== undefined, stored);
   }
 
   get value(): RegistrationState {
@@ -40,7 +42,7 @@ export class Registration {
   /** An operator's setting, in effect once stored (durable when this resolves). */
   async set(v: RegistrationState): Promise<void> {
     await this.storage.commit(this.ops(v));
-    this.current = v;
+    this.current = this.stored = v;
   }
 
   /** The writes of set() for a caller that batches them (cluster mode's apply); report with applied(). */
@@ -49,7 +51,7 @@ export class Registration {
   }
 
   applied(v: RegistrationState): void {
-    this.current = v;
+    this.current = this.stored = v;
   }
 
   /**
@@ -58,11 +60,15 @@ export class Registration {
    * wins at start-up.
    */
   replayed(v: RegistrationState): void {
+    this.stored = v;
     if (!this.configured) this.current = v;
   }
 
-  /** SIGHUP changed --registration: a value takes effect, unset leaves the current one. */
+  /**
+   * SIGHUP changed --registration: a value takes effect; unset, the operator's stored
+   * setting does (open when none), as at a start-up without it.
+   */
   reconfigured(v: string): void {
-    this.current = state(v) ?? this.current;
+    this.current = state(v) ?? this.stored ?? "open";
   }
 }
