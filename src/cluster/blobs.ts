@@ -40,13 +40,18 @@ export class ClusterBlobs {
    * there already. 16 when the store cannot be reached.
    */
   async put(sha: string, size: number): Promise<void> {
+    let file: ReturnType<typeof createReadStream> | undefined;
     try {
       const info = await this.os.info(sha);
       if (info && !info.deleted && info.size === size) return;
-      const stream = Readable.toWeb(createReadStream(this.blobs.pathOf(sha), { highWaterMark: 128 * 1024 })) as ReadableStream<Uint8Array>;
-      await this.os.put({ name: sha }, stream);
+      file = createReadStream(this.blobs.pathOf(sha), { highWaterMark: 128 * 1024 });
+      await this.os.put({ name: sha }, Readable.toWeb(file) as ReadableStream<Uint8Array>);
     } catch (err) {
       throw unavailable("the attachment could not be stored in the cluster; send the message again", err);
+    } finally {
+      // A put that failed part way leaves the stream paused, its descriptor open (the
+      // object store does not cancel its reader), one a try while the engine is away.
+      file?.destroy();
     }
   }
 
