@@ -124,6 +124,12 @@ export class BlobStore {
    */
   storedBytes = 0;
   /**
+   * The start-up sweep while it runs: what it has counted into storedBytes (files older
+   * than its start it has reached: whole shards done, and the one it is in), so that a
+   * collect meanwhile subtracts only a file that was counted.
+   */
+  private sweeping: { began: number; done: Set<string>; shard: string; seen: Set<string> } | undefined;
+  /**
    * Decoded bytes of the uploads in progress (their temp files), every connection's:
    * at most `maxUploading` (--max-uploading). Each upload is bounded by --max-attach,
    * but a client trickling many (a connection each, any number of accounts) held that
@@ -237,10 +243,13 @@ export class BlobStore {
         if (this.pins.has(sha)) return false;
         const refs = await readKeys(this.s.blobrefs, { ...prefixRange(sha), limit: 1 });
         if (refs.length > 0 || this.pins.has(sha)) return false;
-        const size = (await stat(this.pathOf(sha)).catch(() => undefined))?.size ?? 0;
+        const st = await stat(this.pathOf(sha)).catch(() => undefined);
+        const size = st?.size ?? 0;
+        const sw = this.sweeping;
+        const counted = sw === undefined || st === undefined || st.mtimeMs >= sw.began || sw.done.has(sha.slice(0, 2)) || (sw.shard === sha.slice(0, 2) && sw.seen.has(sha));
         return unlink(this.pathOf(sha)).then(
           () => {
-            this.storedBytes = Math.max(0, this.storedBytes - size);
+            if (counted) this.storedBytes = Math.max(0, this.storedBytes - size);
             return true;
           },
           () => false,
@@ -260,6 +269,7 @@ export class BlobStore {
     let removed = 0;
     // Files stored since the sweep began were counted when they were stored.
     const began = Date.now();
+    const sw = (this.sweeping = { began, done: new Set<string>(), shard: "", seen: new Set<string>() });
     const top = await opendir(this.dir);
     try {
       for await (const shard of top) {
@@ -267,6 +277,7 @@ export class BlobStore {
         if (!shard.isDirectory() || !/^[0-9a-f]{2}$/.test(shard.name)) continue;
         const dir = await opendir(path.join(this.dir, shard.name)).catch(() => undefined);
         if (!dir) continue;
+        sw.shard = shard.name;
         for await (const file of dir) {
           if (signal.aborted) break;
           if (!file.isFile() || !/^[0-9a-f]{64}$/.test(file.name) || !file.name.startsWith(shard.name)) continue;
@@ -274,11 +285,16 @@ export class BlobStore {
           // Counted first: a collect subtracts what it removes.
           const st = await stat(path.join(this.dir, shard.name, file.name)).catch(() => undefined);
           if (st && st.mtimeMs < began) this.storedBytes += st.size;
+          sw.seen.add(file.name);
           if (await this.collected(file.name)) removed++;
         }
+        sw.done.add(shard.name);
+        sw.seen.clear();
       }
     } catch (err) {
       if (!signal.aborted) throw err;
+    } finally {
+      this.sweeping = undefined;
     }
     return { checked, removed };
   }
