@@ -420,13 +420,13 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     for (const [damage, why] of [
       [(bad: string) => writeFileSync(path.join(bad, file), Buffer.concat([bytes.subarray(0, 10), Buffer.from("X"), bytes.subarray(11)])), /does not hold the bytes its name's sha-256 says/],
       [(bad: string) => execFileSync("cp", [path.join(bad, file), path.join(bad, "blobs", sha.slice(0, 2), "notes.txt")]), /is not an attachment file/],
-      // The file gone (as from a backup made while it was missing), backup.json counting
-      // what is there: the message naming it is not restored without it.
+      // The file lost since the backup was made, backup.json counting what is there:
+      // the message naming it is not restored without it.
       [
         (bad: string) => {
           execFileSync("rm", [path.join(bad, file)]);
           const info = JSON.parse(readFileSync(path.join(bad, "backup.json"), "utf8"));
-          writeFileSync(path.join(bad, "backup.json"), JSON.stringify({ ...info, blobs: 0, missing: 1 }));
+          writeFileSync(path.join(bad, "backup.json"), JSON.stringify({ ...info, blobs: 0 }));
         },
         /names attachment file blobs\/[0-9a-f]{2}\/[0-9a-f]{64}, which the backup does not hold: it is incomplete/,
       ],
@@ -441,6 +441,15 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     ] as const) {
       refusedRestore(target, damage, why, restored);
     }
+    // Missing when the backup was made (backup.json says so): restored, and said.
+    const partial = path.join(tmp(), "partial");
+    cpSync(target, partial, { recursive: true });
+    execFileSync("rm", [path.join(partial, file)]);
+    const info = JSON.parse(readFileSync(path.join(partial, "backup.json"), "utf8"));
+    writeFileSync(path.join(partial, "backup.json"), JSON.stringify({ ...info, blobs: 0, missing: 1 }));
+    const warned = cli(["restore", partial, "--data-dir", tmp()]);
+    expect(warned.status).toBe(0);
+    expect(warned.stderr).toMatch(/1 attachment files were missing when the backup was made/);
     const r = cli(["restore", target, "--data-dir", restored]);
     expect(r.status).toBe(0);
     expect(readFileSync(path.join(restored, file))).toEqual(bytes);

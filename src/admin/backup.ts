@@ -186,7 +186,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
  * what one killed outright (kill -9) left behind, its lock and staging directory, the
  * next restore removes.
  */
-export async function restore(from: string, dataDir: string, signal?: AbortSignal): Promise<{ keys: number; blobs: number }> {
+export async function restore(from: string, dataDir: string, signal?: AbortSignal): Promise<{ keys: number; blobs: number; missing: number }> {
   const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
   if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
   if (info.layout > LAYOUT_VERSION) {
@@ -204,7 +204,7 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
     }
     const staging = mkdtempSync(path.join(dataDir, STAGING_PREFIX));
     try {
-      const keys = await restoreKeys(path.join(from, "db.ndjson"), path.join(staging, "db"), path.join(from, "blobs"), signal);
+      const { keys, absent } = await restoreKeys(path.join(from, "db.ndjson"), path.join(staging, "db"), path.join(from, "blobs"), info.missing ?? 0, signal);
       if (keys !== info.keys) throw new Error(`the backup lists ${info.keys} keys but db.ndjson holds ${keys}: it is incomplete`);
       const blobs = await copyBlobs(path.join(from, "blobs"), path.join(staging, "blobs"), signal);
       if (blobs !== info.blobs) throw new Error(`the backup lists ${info.blobs} attachment files but holds ${blobs}: it is incomplete`);
@@ -226,7 +226,7 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
       if (existsSync(dbDir)) rmdirSync(dbDir); // empty, checked above
       renameSync(path.join(staging, "db"), dbDir);
       await syncPath(dataDir);
-      return { keys, blobs };
+      return { keys, blobs, missing: absent };
     } finally {
       rmSync(staging, { recursive: true, force: true });
     }
@@ -279,10 +279,11 @@ function alive(pid: number): boolean {
 }
 
 /** Writes db.ndjson's pairs into a new LevelDB at `dbDir`; returns how many. */
-async function restoreKeys(file: string, dbDir: string, blobsDir: string, signal: AbortSignal | undefined): Promise<number> {
+async function restoreKeys(file: string, dbDir: string, blobsDir: string, missing: number, signal: AbortSignal | undefined): Promise<{ keys: number; absent: number }> {
   const db = new Level<string, string>(dbDir, { ...LEVEL_OPTIONS, keyEncoding: "utf8", valueEncoding: "utf8" });
   await db.open();
   let keys = 0;
+  let absent = 0;
   try {
     let batch = db.batch();
     let n = 0;
@@ -302,15 +303,18 @@ async function restoreKeys(file: string, dbDir: string, blobsDir: string, signal
       if (!Array.isArray(pair) || pair.length !== 2 || typeof pair[0] !== "string" || typeof pair[1] !== "string") {
         throw new Error(`db.ndjson line ${lineNo} is not a [key, value] pair of strings: the backup is damaged`);
       }
-      // Every attachment a message names must be in the backup (one missing when it was
-      // made, or lost since, would be served empty): keys come sorted, so a file's
-      // references are adjacent and each is looked for once.
+      // Every attachment a message names must be in the backup, but for as many as
+      // backup.json says were missing when it was made (they go out empty, as on the
+      // server it was made from); one lost since would be served empty unannounced.
+      // Keys come sorted, so a file's references are adjacent: each looked for once.
       if (pair[0].startsWith(REFS_PREFIX)) {
         const sha = pair[0].slice(REFS_PREFIX.length, REFS_PREFIX.length + 64);
         if (sha !== lastRef) {
           lastRef = sha;
           if (!SHA256_HEX.test(sha) || !existsSync(path.join(blobsDir, sha.slice(0, 2), sha))) {
-            throw new Error(`db.ndjson line ${lineNo} names attachment file blobs/${sha.slice(0, 2)}/${sha}, which the backup does not hold: it is incomplete`);
+            if (++absent > missing) {
+              throw new Error(`db.ndjson line ${lineNo} names attachment file blobs/${sha.slice(0, 2)}/${sha}, which the backup does not hold: it is incomplete`);
+            }
           }
         }
       }
@@ -326,7 +330,7 @@ async function restoreKeys(file: string, dbDir: string, blobsDir: string, signal
   } finally {
     await db.close();
   }
-  return keys;
+  return { keys, absent };
 }
 
 /**

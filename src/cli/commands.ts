@@ -342,6 +342,9 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
     try {
       const r = await restore(from, p.config.dataDir, stop.signal);
       process.stdout.write(`restored ${r.keys} keys and ${r.blobs} attachment files into ${p.config.dataDir}\n`);
+      if (r.missing > 0) {
+        process.stderr.write(`wirechat restore: ${r.missing} attachment files were missing when the backup was made; their messages' attachments are empty\n`);
+      }
       return 0;
     } catch (err) {
       if (!stop.signal.aborted) throw err;

@@ -395,8 +395,22 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       try {
         again = await this.auth({ login, pass }, options);
       } catch (e) {
-        // 7: no account has the login, so the register was not made: made now.
-        if (e instanceof WirechatError && e.code === 7) return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+        // 7: no account has the login, so the register was not made: made now. A 1
+        // then can be the first one still being made (the server holds the login while
+        // it hashes and commits): its login, a moment later.
+        if (e instanceof WirechatError && e.code === 7) {
+          try {
+            return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+          } catch (taken) {
+            if (!(taken instanceof WirechatError) || taken.code !== 1) throw taken;
+            await new Promise((r) => setTimeout(r, 500));
+            try {
+              return await this.auth({ login, pass }, options);
+            } catch {
+              throw taken;
+            }
+          }
+        }
       }
       if (again === undefined) throw err;
       return again;

@@ -197,6 +197,8 @@ export class HttpDoor {
     this.app.server.maxConnections = this.d.config.maxConnections;
     this.app.server.timeout = this.d.config.idleUnauth * 1000;
     this.app.server.requestTimeout = this.d.config.idleUnauth * 1000;
+    // Node took its headers' limit from requestTimeout when the server was made (at most 60 s).
+    this.app.server.headersTimeout = Math.min(60_000, this.d.config.idleUnauth * 1000);
   }
 
   /**

@@ -391,16 +391,20 @@ export class BlobStore {
    * (before, the failed read closed it halfway through a frame, so any sender could cut a
    * recipient off by deleting a message the recipient had not yet read). Once opened, the
    * file reads whole even if it is deleted meanwhile. One that is there but cannot be
-   * opened (its permissions, the process out of file descriptors) goes out empty too,
-   * logged: thrown, it closed the reader's connection before any of the frame went out,
-   * at every delivery of that message, so the recipient's inbox never got past it.
+   * opened for good (its permissions, a loop of links) goes out empty too, logged:
+   * thrown, it closed the reader's connection before any of the frame went out, at every
+   * delivery of that message, so the recipient's inbox never got past it.
    */
   async *readBase64(sha: string): AsyncIterable<string> {
     let file: FileHandle;
     try {
       file = await open(this.pathOf(sha), "r");
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "ENOENT") this.log?.error({ err, sha }, "an attachment file could not be opened; sent empty");
+      const code = (err as NodeJS.ErrnoException).code;
+      // Out of file descriptors passes: thrown (nothing of the frame is out yet), the
+      // connection closes and the message comes again later, whole.
+      if (code === "EMFILE" || code === "ENFILE") throw err;
+      if (code !== "ENOENT") this.log?.error({ err, sha }, "an attachment file could not be opened; sent empty");
       return;
     }
     yield* base64Stream(file.createReadStream({ highWaterMark: 3 * 16 * 1024 }));

@@ -505,8 +505,9 @@ export class Listener implements ConnectionTable, SlotCounter {
     // Arrived, its request waits its turn: behind replies the client reads (at the same
     // minimum rate), or the server's own work (nothing waiting to be sent). A client
     // that reads nothing holds its share and its file no longer than one arriving slowly.
-    const waiting = pace.complete && (took >= needed || conn.outbound === 0);
-    if (brought >= needed || pace.wasFull || waiting) {
+    // Once it has arrived, what the client sends (other frames) renews nothing.
+    const keeping = pace.complete ? took >= needed || conn.outbound === 0 : brought >= needed;
+    if (keeping || pace.wasFull) {
       pace.since = now;
       pace.bytesIn = conn.bytesIn;
       pace.handed = conn.handed;
