@@ -19,7 +19,7 @@ import { readEntries } from "../src/storage/range.js";
 import { directConv } from "../src/storage/layout.js";
 import { unavailable } from "../src/cluster/jetstream-log.js";
 import { admin } from "./admin-helpers.js";
-import { heldGate, holdNextWrite, sleep, waitFor } from "./pipeline-helpers.js";
+import { heldGate, holdNextWrite, sleep, waitFor, wrapBatchWrite } from "./pipeline-helpers.js";
 
 let nats: NatsServer;
 const nodes: RunningServer[] = [];
@@ -1079,6 +1079,7 @@ describe("cluster mode: faults", () => {
   it("a request whose PubAck comes after its node stopped following the log answers 16, not never", async () => {
     const s = `WIRECHAT_F${process.pid}`;
     const n = await startTestServer({ nats: nats.url, natsStream: s, nodeId: "failing" });
+    let restoreWrites: (() => void) | undefined;
     try {
       const a = await registerUser(n.port);
       const journal = (n.services.cluster as unknown as { journal: { publishEntry: (...args: unknown[]) => Promise<number> } }).journal;
@@ -1090,12 +1091,9 @@ describe("cluster mode: faults", () => {
         return seq;
       };
       // The view's next write fails: the apply of this very entry, so the node stops following the log.
-      const owner = n.services.storage as unknown as { binding: { batch_write: (...args: unknown[]) => Promise<void> } };
-      const failing = Object.create(owner.binding);
-      failing.batch_write = async () => {
+      restoreWrites = wrapBatchWrite(n.services.storage, async () => {
         throw new Error("the disk is full");
-      };
-      owner.binding = failing;
+      });
       a.client.send("message", { uid: a.uid, body: "to myself", cmid: "held" });
       await gate.reached;
       await waitFor(() => (journal as unknown as { failure?: unknown }).failure !== undefined, 10_000, "the failed apply");
@@ -1104,7 +1102,7 @@ describe("cluster mode: faults", () => {
       expect(r.status).toBe(16);
       a.client.close();
     } finally {
-      (n.services.storage as unknown as { binding: object }).binding = Object.getPrototypeOf((n.services.storage as unknown as { binding: object }).binding);
+      restoreWrites?.();
       await n.stop().catch(() => undefined);
       removeDir(n.services.config.dataDir);
     }

@@ -5,7 +5,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, type Account } from "./helpers.js";
-import { byMid, duplicates, evMids, helloAck, holdNextWrite, orClosed, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
+import { byMid, duplicates, evMids, helloAck, holdNextWrite, orClosed, recordSyncs, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -558,23 +558,14 @@ describe("derived index entries on disk", () => {
       const b = await registerUser(srv.port);
       await srv.services.storage.settle();
       // Every batch write from here on, and whether it asks for a sync.
-      type Binding = { batch_write: (native: unknown, options: { sync: boolean }) => Promise<void> };
-      const owner = srv.services.storage as unknown as { binding: Binding };
-      const binding = owner.binding;
-      const syncs: boolean[] = [];
-      const own: Binding = Object.create(binding);
-      own.batch_write = (native, options) => {
-        syncs.push(options.sync);
-        return binding.batch_write(native, options);
-      };
-      owner.binding = own;
+      const { syncs, restore } = recordSyncs(srv.services.storage);
       try {
         expect((await a.client.request("message", { uid: b.uid, body: "indexed" })).status).toBe(0);
         // Nothing else happens: the message's batch, then (within DERIVED_DELAY_MS) its
         // history and inbox entries with the watermark.
         await srv.services.messages.flushDerived();
       } finally {
-        owner.binding = binding;
+        restore();
       }
       expect(syncs.length).toBeGreaterThanOrEqual(2);
       expect(syncs.filter((s) => s).length).toBeGreaterThanOrEqual(2);

@@ -280,31 +280,53 @@ export function heldGate(): { reached: Promise<void>; pass: () => Promise<void>;
   };
 }
 
+/** classic-level's native batch write, as storage/db.ts calls it. */
+export type BatchWrite = (native: unknown, options: { sync: boolean }) => Promise<void>;
+
+/**
+ * Routes `storage`'s batch writes through `write` (given the real one) until the
+ * returned undo. classic-level's binding is one module object, shared by every Storage
+ * of the process (a test's cluster nodes): this storage gets a binding of its own.
+ */
+export function wrapBatchWrite(storage: object, write: (real: BatchWrite, native: unknown, options: { sync: boolean }) => Promise<void>): () => void {
+  const owner = storage as { binding: { batch_write: BatchWrite } };
+  const binding = owner.binding;
+  const own: { batch_write: BatchWrite } = Object.create(binding);
+  own.batch_write = (native, options) => write((n, o) => binding.batch_write(n, o), native, options);
+  owner.binding = own;
+  return () => {
+    owner.binding = binding;
+  };
+}
+
+/** Records whether each batch write of `storage` from now on asks for a sync. */
+export function recordSyncs(storage: object): { syncs: boolean[]; restore: () => void } {
+  const syncs: boolean[] = [];
+  const restore = wrapBatchWrite(storage, (real, native, options) => {
+    syncs.push(options.sync);
+    return real(native, options);
+  });
+  return { syncs, restore };
+}
+
 /**
  * Holds the storage's next batch write at `gate` (what comes meanwhile gathers in the
  * batch after it); `restore` opens the gate and puts the write back.
  */
 export function holdNextWrite(storage: object): { gate: ReturnType<typeof heldGate>; restore: () => void } {
-  type Binding = { batch_write: (...args: unknown[]) => Promise<void> };
-  const owner = storage as { binding: Binding };
-  // classic-level's binding is one module object, shared by every Storage of the
-  // process (a test's cluster nodes): this storage gets a binding of its own.
-  const binding = owner.binding;
   const gate = heldGate();
   let armed = true;
-  const own: Binding = Object.create(binding);
-  own.batch_write = async (...args: unknown[]) => {
+  const undo = wrapBatchWrite(storage, async (real, native, options) => {
     if (armed) {
       armed = false;
       await gate.pass();
     }
-    return binding.batch_write(...args);
-  };
-  owner.binding = own;
+    return real(native, options);
+  });
   return {
     gate,
     restore: () => {
-      owner.binding = binding;
+      undo();
       gate.open();
     },
   };

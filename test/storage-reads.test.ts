@@ -8,6 +8,7 @@ import { put, Storage } from "../src/storage/db.js";
 import { prefixRange, type Space } from "../src/storage/layout.js";
 import { MAX_OPEN, rangeReads, readEntries, readKeys, readValues } from "../src/storage/range.js";
 import { useTempDirs } from "./helpers.js";
+import { recordSyncs, wrapBatchWrite } from "./pipeline-helpers.js";
 
 const newDir = useTempDirs();
 let storage: Storage;
@@ -255,16 +256,7 @@ describe("closing the storage", () => {
   it("syncs the log when its last batch was lazy, as does a waiter on an empty batch behind one", async () => {
     const dir = newDir();
     const s = await Storage.open(dir, pino({ level: "silent" }));
-    type Binding = { batch_write: (b: unknown, o: { sync: boolean }) => Promise<void> };
-    const owner = s as unknown as { binding: Binding };
-    const binding = owner.binding;
-    const syncs: boolean[] = [];
-    const recording: Binding = Object.create(binding);
-    recording.batch_write = (b, o) => {
-      syncs.push(o.sync);
-      return binding.batch_write(b, o);
-    };
-    owner.binding = recording;
+    const { syncs } = recordSyncs(s);
     s.commitLazy([put(s.spaces.contacts, "lazy", 1)]);
     await s.settle();
     expect(syncs).toEqual([false]);
@@ -315,17 +307,12 @@ describe("a counter's value", () => {
     const dir = newDir();
     const s = await Storage.open(dir, pino({ level: "silent" }));
     const c = await s.counter("test-counter");
-    type Binding = { batch_write: (...args: unknown[]) => Promise<void> };
-    const owner = s as unknown as { binding: Binding };
-    const binding = owner.binding;
-    const failing: Binding = Object.create(binding);
-    failing.batch_write = async () => {
+    const restore = wrapBatchWrite(s, async () => {
       throw new Error("the disk is full");
-    };
-    owner.binding = failing;
+    });
     const n = c.next();
     await expect(s.commit([put(s.spaces.contacts, "a", n)])).rejects.toThrow(/disk is full/);
-    owner.binding = binding;
+    restore();
     // A later batch that hands out nothing new carries it.
     await s.commit([put(s.spaces.contacts, "b", 0)]);
     await s.close();

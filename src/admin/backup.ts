@@ -114,7 +114,8 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
         let text = "";
         for (const [k, v] of page) {
           keys++;
-          if (k.startsWith(REFS_PREFIX)) shas.add(k.slice(REFS_PREFIX.length, k.indexOf("!", REFS_PREFIX.length)));
+          const sha = refSha(k);
+          if (sha !== undefined) shas.add(sha);
           text += JSON.stringify([k, v]) + "\n";
         }
         yield text;
@@ -307,15 +308,12 @@ async function restoreKeys(file: string, dbDir: string, blobsDir: string, missin
       // backup.json says were missing when it was made (they go out empty, as on the
       // server it was made from); one lost since would be served empty unannounced.
       // Keys come sorted, so a file's references are adjacent: each looked for once.
-      if (pair[0].startsWith(REFS_PREFIX)) {
-        const sha = pair[0].slice(REFS_PREFIX.length, REFS_PREFIX.length + 64);
-        if (sha !== lastRef) {
-          lastRef = sha;
-          if (!SHA256_HEX.test(sha) || !existsSync(path.join(blobsDir, sha.slice(0, 2), sha))) {
-            if (++absent > missing) {
-              throw new Error(`db.ndjson line ${lineNo} names attachment file blobs/${sha.slice(0, 2)}/${sha}, which the backup does not hold: it is incomplete`);
-            }
-          }
+      const sha = refSha(pair[0]);
+      if (sha !== undefined && sha !== lastRef) {
+        lastRef = sha;
+        const absentHere = !SHA256_HEX.test(sha) || !existsSync(path.join(blobsDir, sha.slice(0, 2), sha));
+        if (absentHere && ++absent > missing) {
+          throw new Error(`db.ndjson line ${lineNo} names attachment file blobs/${sha.slice(0, 2)}/${sha}, which the backup does not hold: it is incomplete`);
         }
       }
       batch.put(pair[0], pair[1]);
@@ -370,6 +368,11 @@ async function copyBlobs(src: string, to: string, signal: AbortSignal | undefine
 const SHA256_HEX = /^[0-9a-f]{64}$/;
 /** The root-level prefix of the blobrefs space's keys (`<sha256>!<mid>`: storage/layout.ts). */
 const REFS_PREFIX = "!blobrefs!";
+
+/** The attachment file a root-level key of the blobrefs space names, if it is one. */
+function refSha(key: string): string | undefined {
+  return key.startsWith(REFS_PREFIX) ? key.slice(REFS_PREFIX.length, key.indexOf("!", REFS_PREFIX.length)) : undefined;
+}
 
 function userLine(u: UserRecord): string {
   const { hash: _hash, ...rest } = u;

@@ -391,29 +391,28 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       return toAuthInfo(await this.request("register", { login, pass, nick }, options));
     } catch (err) {
       if (!(err instanceof WirechatError) || err.code !== ClientCode.Closed || this.reconnectOpts === undefined || this.state === "closed" || this.closing) throw err;
-      let again: AuthInfo | undefined;
-      try {
-        again = await this.auth({ login, pass }, options);
-      } catch (e) {
-        // 7: no account has the login, so the register was not made: made now. A 1
-        // then can be the first one still being made (the server holds the login while
-        // it hashes and commits): its login, a moment later.
-        if (e instanceof WirechatError && e.code === 7) {
-          try {
-            return toAuthInfo(await this.request("register", { login, pass, nick }, options));
-          } catch (taken) {
-            if (!(taken instanceof WirechatError) || taken.code !== 1) throw taken;
-            await new Promise((r) => setTimeout(r, 500));
-            try {
-              return await this.auth({ login, pass }, options);
-            } catch {
-              throw taken;
-            }
-          }
-        }
-      }
-      if (again === undefined) throw err;
-      return again;
+      return this.lostRegister(login, pass, nick, options, err);
+    }
+  }
+
+  /** register()'s reply was lost with its connection (`lost`): settled on the next one. */
+  private async lostRegister(login: string, pass: string, nick: string, options: RequestOptions | undefined, lost: WirechatError): Promise<AuthInfo> {
+    try {
+      return await this.auth({ login, pass }, options);
+    } catch (e) {
+      // 7: no account has the login, so the register was not made: made now below.
+      if (!(e instanceof WirechatError) || e.code !== 7) throw lost;
+    }
+    try {
+      return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+    } catch (taken) {
+      // A 1 can be the first register still being made (the server holds the login
+      // while it hashes and commits): its login, a moment later.
+      if (!(taken instanceof WirechatError) || taken.code !== 1) throw taken;
+      await new Promise((r) => setTimeout(r, 500));
+      return this.auth({ login, pass }, options).catch(() => {
+        throw taken;
+      });
     }
   }
 

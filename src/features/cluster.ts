@@ -168,7 +168,6 @@ const CURSORS_PER_ENTRY = 5_000;
 /** Cursors kept for the next try while the log cannot take them: past it, they are dropped (they only redeliver). */
 const CURSORS_KEPT = 100_000;
 
-/** The meta key of the view's log position (written with every apply). */
 /** Accounts whose deletion this node has decided, remembered (the oldest forgotten first): see `vanished`. */
 const VANISHED_KEPT = 4_096;
 

@@ -42,7 +42,7 @@ export class Registration {
   /** An operator's setting, in effect once stored (durable when this resolves). */
   async set(v: RegistrationState): Promise<void> {
     await this.storage.commit(this.ops(v));
-    this.current = this.stored = v;
+    this.applied(v);
   }
 
   /** The writes of set() for a caller that batches them (cluster mode's apply); report with applied(). */

@@ -451,8 +451,8 @@ export class Storage {
 
   private written(b: Batch, err: Error | undefined): void {
     this.writing = false;
-    if (!err) this.unsyncedTail = !b.durable;
     if (err) for (const c of b.counted ?? []) c.retry();
+    else this.unsyncedTail = !b.durable;
     // Emptied (written or failed, its operations are done with) and free for the next.
     const native = b.native as NativeBatch;
     b.native = undefined;

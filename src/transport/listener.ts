@@ -516,13 +516,11 @@ export class Listener implements ConnectionTable, SlotCounter {
     }
     const session = this.connections.get(conn) as Session;
     const seconds = Math.round((now - pace.since) / 1000);
-    const why = pace.complete
-      ? `attachment waiting for a client that does not read its replies: ${took} bytes read in ${seconds} s, at least ${this.config.uploadMinRate} a second needed`
-      : `attachment arriving too slowly: ${brought} bytes in ${seconds} s, at least ${this.config.uploadMinRate} a second needed`;
-    this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, bytes: pace.complete ? took : brought, seconds }, pace.complete ? "attachment waiting on a client that does not read; closing" : "attachment arriving too slowly; closing");
+    const [what, bytes] = pace.complete ? ["attachment waiting for a client that does not read its replies", `${took} bytes read`] : ["attachment arriving too slowly", `${brought} bytes`];
+    this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, bytes: pace.complete ? took : brought, seconds }, `${what}; closing`);
     this.metrics.closes.slow_upload++;
     pace.upload.abort(); // its file and its share of --max-uploading go now
-    this.router.sendTo(session, { kind: "close", reason: why });
+    this.router.sendTo(session, { kind: "close", reason: `${what}: ${bytes} in ${seconds} s, at least ${this.config.uploadMinRate} a second needed` });
     conn.end();
   }
 

@@ -13,8 +13,8 @@
 // one waiting counts as its text plus at most 64 KiB of its data, as on TCP) plus ws's
 // bufferedAmount (what the socket has not taken yet, the fragments of a streamed frame
 // included; ws counts that in UTF-8 bytes, a non-ASCII character up to 3 where the
-// queue here counts 1: the same for ASCII, nearly everything sent). An event that would take it past --outbound-cap closes the connection as
-// a slow reader, as on TCP.
+// queue here counts 1: the same for ASCII, nearly everything sent). An event that would
+// take it past --outbound-cap closes the connection as a slow reader, as on TCP.
 //
 // Delivery confirmation (clients that do not acknowledge): as on TCP, a frame counts
 // as read once so much has been handed to the OS after it that it cannot still be in
