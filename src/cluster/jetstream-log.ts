@@ -139,8 +139,15 @@ const MAX_UNAPPLIED = 1_024;
 const MAX_UNAPPLIED_BYTES = 32 * 1024 * 1024;
 /** Bytes of entries one apply takes at most (one LevelDB batch), one entry at least. */
 const APPLY_BATCH_BYTES = 8 * 1024 * 1024;
-/** What the reader's pull requests ask for at most: bytes, at least NATS's largest payload. */
-const PULL_BYTES = 8 * 1024 * 1024;
+/**
+ * Entries the reader's pull requests ask for at a time (at most ~29 MiB of the largest
+ * entries buffered in the client). Counted in entries, not bytes: the client's refills
+ * asked for the bytes that the entries read since had taken, the server refused such a
+ * pull for the first entry larger than that ("409 message size exceeds maxbytes", 533
+ * times in one bench:cluster run), and a reader with no other pull waiting heard nothing
+ * until two heartbeats were missed: stalls of 3 s, the watchdog's, at p99.
+ */
+const PULL_ENTRIES = 32;
 /** How often the watchdog looks at what waits (see watch()). */
 const WATCH_EVERY_MS = 1_000;
 /**
@@ -506,14 +513,13 @@ export class JetStreamLog<C, R> {
     });
     // Pulls expire every 5 s (heartbeats every 2.5 s), so a reader whose consumer went
     // with its server notices within seconds, not the client's default 30.
-    // Asked by bytes (the client takes max_messages or max_bytes, not both): 256
-    // messages could be 256 MiB buffered in the client.
-    const messages = await consumer.consume({ max_bytes: PULL_BYTES, expires: 5_000 });
+    const messages = await consumer.consume({ max_messages: PULL_ENTRIES, expires: 5_000 });
     if (this.closed) {
       messages.stop(); // closed while it was being opened
       return;
     }
     this.messages = messages;
+    this.reportReader(messages);
     void (async () => {
       try {
         for await (const m of messages) {
@@ -547,6 +553,20 @@ export class JetStreamLog<C, R> {
         this.opts.log.warn({ err, read: this.lastRead }, "reading the cluster log failed; the watchdog opens a new reader");
       }
     })();
+  }
+
+  /**
+   * Logs what the consumer's client reports of trouble: a pull refused or heartbeats
+   * missed (a reader that hears nothing), and the consumer made again. The rest (pulls
+   * sent, heartbeats, pulls that expired while the log was idle) is routine.
+   */
+  private reportReader(messages: ConsumerMessages): void {
+    void (async () => {
+      for await (const s of messages.status()) {
+        if (s.type === "exceeded_limits" || s.type === "heartbeats_missed") this.opts.log.warn({ consumer: s }, "the cluster log's reader was refused or heard nothing");
+        else if (s.type === "reset" || s.type === "ordered_consumer_recreated") this.opts.log.info({ consumer: s }, "the cluster log's reader made its consumer again");
+      }
+    })().catch(() => {});
   }
 
   /**
