@@ -9,6 +9,7 @@ export interface Config {
   dataDir: string;
   logLevel: string;
   maxFrame: number;
+  maxPartialInput: number;
   maxDepth: number;
   maxAttach: number;
   maxUploading: number;
@@ -103,6 +104,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "dataDir", flag: "--data-dir", env: "WIRECHAT_DATA_DIR", kind: "string", default: "./data", help: "directory of the LevelDB database" },
   { key: "logLevel", flag: "--log-level", env: "WIRECHAT_LOG_LEVEL", kind: "enum", choices: ["fatal", "error", "warn", "info", "debug", "trace", "silent"], default: "info", help: "pino level: fatal, error, warn, info, debug, trace or silent", reload: true },
   { key: "maxFrame", flag: "--max-frame", env: "WIRECHAT_MAX_FRAME", kind: "int", default: 1024 * 1024, min: 64, help: "largest request frame in bytes (status 12 past it)" },
+  { key: "maxPartialInput", flag: "--max-partial-input", env: "WIRECHAT_MAX_PARTIAL_INPUT", kind: "int", default: 256 * 1024 * 1024, min: 0, help: "bytes of unfinished request frames the server holds for the TCP doors' connections, all together (a frame whose next bytes would pass it is skipped and answered with status 13; attachments stream to disk and do not count)", reload: true },
   { key: "maxDepth", flag: "--max-depth", env: "WIRECHAT_MAX_DEPTH", kind: "int", default: 32, min: 2, help: "deepest JSON nesting in a frame (status 3 past it)" },
   { key: "maxAttach", flag: "--max-attach", env: "WIRECHAT_MAX_ATTACH", kind: "int", default: 64 * 1024 * 1024, min: 0, help: "largest attachment in decoded bytes (status 12 past it)" },
   { key: "maxUploading", flag: "--max-uploading", env: "WIRECHAT_MAX_UPLOADING", kind: "int", default: 1024 * 1024 * 1024, min: 0, help: "decoded bytes of attachments being received at once, all connections together (their temp files; status 13 past it)" },

@@ -64,6 +64,8 @@ export class Metrics {
   bytesInClosed = 0;
   bytesOutClosed = 0;
   uploadsInFlight = 0;
+  /** The TCP doors' scanners' count of unfinished frames' bytes (--max-partial-input), once the server has one. */
+  partialInput: { readonly bytes: number } = { bytes: 0 };
 
   /** Registered action names: anything else counts as "unknown" (a client cannot grow the map). */
   private readonly known = new Set<string>();

@@ -36,7 +36,7 @@ import { Storage } from "./storage/db.js";
 import { MessageStore } from "./storage/messages.js";
 import { SessionStore } from "./storage/sessions.js";
 import { UserStore } from "./storage/users.js";
-import { Listener } from "./transport/listener.js";
+import { Listener, partialInput } from "./transport/listener.js";
 import { nativeFront } from "./doors/native.js";
 import { RoomsDoor } from "./doors/rooms.js";
 import { RustDoor } from "./doors/rust.js";
@@ -232,7 +232,10 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   blobs.maxUploading = config.maxUploading;
   const newUpload = () => blobs.writer(config.maxAttach);
   const nativeCodec = new NativeCodec(blobs);
-  const listener = new Listener(config, dispatcher, router, nativeFront(dispatcher, nativeCodec), log, newUpload, metrics);
+  // Every TCP door's unfinished frames count against one --max-partial-input.
+  const held = partialInput(config);
+  metrics.partialInput = held;
+  const listener = new Listener(config, dispatcher, router, nativeFront(dispatcher, nativeCodec), log, newUpload, metrics, held);
   const listeners = [listener];
   let rustListener: Listener | undefined;
   let http: HttpDoor | undefined;
@@ -266,7 +269,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
       publish,
     });
-    listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
+    listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics, held)));
   }
   let roomsListener: Listener | undefined;
   if (config.roomsPort >= 0) {
@@ -294,7 +297,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
         return found.flat();
       },
     });
-    listeners.push((roomsListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics)));
+    listeners.push((roomsListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics, held)));
   }
   if (lobby !== undefined) {
     const { users, channels } = services;

@@ -447,6 +447,41 @@ describe("the per-address cap", () => {
   });
 });
 
+describe("unfinished frames, all connections together", () => {
+  it("past --max-partial-input a frame is refused with 13 and skipped, the connection goes on, and what was held is let go", async () => {
+    const server = await startTestServer({ maxPartialInput: 64 * 1024 });
+    const held = () => server.services.metrics.partialInput.bytes;
+    const [a, b] = await Promise.all([Client.connect(server.port), Client.connect(server.port)]);
+    const head = '{"action":"ping","data":{"pad":"' + "x".repeat(40_000);
+    const tail = '"}}\n';
+    // Each frame in two writes, apart: the server holds each head until its tail comes.
+    a.socket.write(head);
+    await until(() => held() >= 40_000, 10_000, "a's head held");
+    b.socket.write(head);
+    await sleep(100);
+    b.socket.write(tail);
+    const refused = await b.next();
+    expect(refused).toMatchObject({ action: "ping", data: { status: 13, error: expect.stringMatching(/unfinished frames/) } });
+    expect((await b.request("ping")).status).toBe(0);
+    // a's frame was held, not refused: answered as any ping is.
+    a.socket.write(tail);
+    expect((await a.next()).data.status).toBe(0);
+    expect(held()).toBe(0);
+    // With room again, b's frame goes through the same way.
+    b.socket.write(head);
+    await until(() => held() >= 40_000, 10_000, "b's head held");
+    b.socket.write(tail);
+    expect((await b.next()).data.status).toBe(0);
+    // A connection that goes away lets go of its unfinished frame.
+    a.socket.write(head);
+    await until(() => held() >= 40_000, 10_000, "a's second head held");
+    a.socket.destroy();
+    await until(() => held() === 0, 10_000, "a's head let go");
+    b.close();
+    await server.stop();
+  });
+});
+
 describe("the log of refused connections", () => {
   it("a flood of refused connections from one address logs a line, not one per connection", async () => {
     const lines: string[] = [];

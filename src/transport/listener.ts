@@ -27,7 +27,7 @@ import type { Session, Upload } from "../protocol/session.js";
 import { CONNECTION, Connection, deliverySlack } from "./connection.js";
 import type { ConnectionTable } from "./live.js";
 import { RefusalLog } from "./refusal-log.js";
-import { FrameScanner, HOLD, type FastReader, type FrameSink, type ScannerLimits } from "./scanner.js";
+import { FrameScanner, HOLD, type FastReader, type FrameSink, type HeldInput, type ScannerLimits } from "./scanner.js";
 
 type Tagged = net.Socket & { [CONNECTION]?: Connection };
 /** The listener that accepted a connection, for the shared socket handlers. */
@@ -42,6 +42,19 @@ function onSocketData(this: Tagged, chunk: Buffer): void {
 }
 
 function discard(): void {}
+
+/**
+ * The count of unfinished frames' bytes for a server's TCP listeners (one, shared),
+ * against --max-partial-input as it is now (a SIGHUP may change it).
+ */
+export function partialInput(config: Pick<Config, "maxPartialInput">): HeldInput {
+  return {
+    bytes: 0,
+    get max() {
+      return config.maxPartialInput;
+    },
+  };
+}
 
 /** Refused sockets lingering at once; past it a refused socket is destroyed at once. */
 const MAX_REFUSING = 1024;
@@ -162,10 +175,12 @@ export class Listener implements ConnectionTable, SlotCounter {
     /** Starts the upload of an attachment's text (the blob store's writer). */
     private readonly newUpload: () => PacedUpload,
     private readonly metrics: Metrics = new Metrics(),
+    /** Unfinished frames' bytes, shared by the server's TCP listeners (--max-partial-input). */
+    held: HeldInput = partialInput(config),
   ) {
     const paths = front.streams ? dispatcher.streamedPaths() : [];
     if (paths.length > 1) throw new Error("the scanner streams one field path");
-    this.scannerLimits = { maxFrame: config.maxFrame, maxDepth: config.maxDepth, streamPath: paths[0], fast: front.decoded ? front.fast : undefined };
+    this.scannerLimits = { maxFrame: config.maxFrame, maxDepth: config.maxDepth, streamPath: paths[0], fast: front.decoded ? front.fast : undefined, held };
     this.lingerMs = config.closeLinger * 1000;
     this.refusals = new RefusalLog(log);
     dispatcher.uploads(newUpload);

@@ -49,6 +49,19 @@ export interface ScannerLimits {
    * non-ASCII byte, so everything the scanner checks holds for it.
    */
   fast?: FastReader;
+  /**
+   * Bytes of unfinished frames held, shared by every scanner it is given to (the TCP
+   * doors' connections, --max-partial-input): a frame whose next bytes would take it
+   * past `max` is refused with status 13 and skipped to its end, holding nothing, as
+   * an oversized one is. Frames that arrive whole in one read are never held.
+   */
+  held?: HeldInput;
+}
+
+/** See ScannerLimits.held. */
+export interface HeldInput {
+  bytes: number;
+  readonly max: number;
 }
 
 /** See ScannerLimits.fast. */
@@ -80,7 +93,7 @@ export interface FrameSink<U extends UploadSink = UploadSink, C = unknown> {
    */
   upload(ctx: C, action: string | undefined): U | undefined | typeof HOLD;
   /** A frame, or bytes at depth 0, that were skipped. `action` when it could be read. */
-  reject(code: Code.InvalidData | Code.TooLarge, reason: string, action: string | undefined, ctx: C): void;
+  reject(code: Code.InvalidData | Code.TooLarge | Code.RateLimited, reason: string, action: string | undefined, ctx: C): void;
 }
 
 const enum State {
@@ -118,6 +131,8 @@ const enum Byte {
 const enum Fault {
   None,
   TooLarge,
+  /** Past ScannerLimits.held: skipped as TooLarge is, then refused with 13. */
+  Busy,
   TooDeep,
   /** The stream path occurs twice in one frame. */
   TwoUploads,
@@ -552,13 +567,14 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private retain(chunk: Buffer, start: number, end: number): void {
     const len = end - start;
     this.frameLength += len;
-    if (this.fault === Fault.TooLarge) {
+    if (this.fault === Fault.TooLarge || this.fault === Fault.Busy) {
       this.growHead(chunk.subarray(start, end));
       return;
     }
-    if (this.frameLength > this.limits.maxFrame) {
+    const held = this.limits.held;
+    if (this.frameLength > this.limits.maxFrame || (held !== undefined && len > 0 && held.bytes + len > held.max)) {
       this.keepHead(chunk.subarray(start, end));
-      this.fault = Fault.TooLarge;
+      this.fault = this.frameLength > this.limits.maxFrame ? Fault.TooLarge : Fault.Busy;
       this.dropParts();
       // The frame will be refused: its upload's file goes now, not when the frame ends.
       this.uploadSink?.abort();
@@ -566,6 +582,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     }
     if (len === 0) return;
     this.partsLength += len;
+    if (held !== undefined) held.bytes += len;
     if (len >= COPY_BELOW) {
       this.sealStage();
       (this.parts ??= []).push(chunk.subarray(start, end));
@@ -628,6 +645,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   }
 
   private dropParts(): void {
+    if (this.limits.held !== undefined) this.limits.held.bytes -= this.partsLength;
     this.parts = undefined;
     this.partsLength = 0;
     this.stage = undefined;
@@ -648,11 +666,13 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.state = State.Idle;
     this.lineStart = false;
     const total = this.frameLength + (end - start);
-    if (this.fault !== Fault.TooLarge && total > this.limits.maxFrame) {
+    if (this.fault === Fault.TooLarge || this.fault === Fault.Busy) {
+      this.growHead(chunk.subarray(start, end));
+      // Too large as well: sending it again would not help.
+      if (total > this.limits.maxFrame) this.fault = Fault.TooLarge;
+    } else if (total > this.limits.maxFrame) {
       this.keepHead(chunk.subarray(start, end));
       this.fault = Fault.TooLarge;
-    } else if (this.fault === Fault.TooLarge) {
-      this.growHead(chunk.subarray(start, end));
     }
     const upload = this.uploadSink;
     this.uploadSink = undefined;
@@ -663,6 +683,15 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
         this.sink.reject(
           Code.TooLarge,
           `frame of ${total} bytes is over the limit of ${this.limits.maxFrame}`,
+          peekAction(this.head),
+          this.ctx,
+        );
+        this.head = undefined;
+        return;
+      case Fault.Busy:
+        this.sink.reject(
+          Code.RateLimited,
+          "the server is holding too many unfinished frames of its connections; send it again",
           peekAction(this.head),
           this.ctx,
         );
@@ -692,8 +721,9 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.quietLeft = this.limits.maxFrame;
     this.uploadSink?.abort();
     this.uploadSink = undefined;
-    if (this.fault === Fault.TooLarge) this.growHead(chunk.subarray(start, at));
-    const bytes = this.fault === Fault.TooLarge ? this.head : this.frameHead(chunk, start, at);
+    const shed = this.fault === Fault.TooLarge || this.fault === Fault.Busy;
+    if (shed) this.growHead(chunk.subarray(start, at));
+    const bytes = shed ? this.head : this.frameHead(chunk, start, at);
     this.dropParts();
     this.head = undefined;
     this.sink.reject(Code.InvalidData, reason, peekAction(bytes), this.ctx);
