@@ -448,33 +448,42 @@ describe("the per-address cap", () => {
 });
 
 describe("unfinished frames, all connections together", () => {
-  it("past --max-partial-input a frame is refused with 13 and skipped, the connection goes on, and what was held is let go", async () => {
+  it("past --max-partial-input the largest unfinished frame is shed (13, skipped), the connection goes on, and what was held is let go", async () => {
     const server = await startTestServer({ maxPartialInput: 64 * 1024 });
     const held = () => server.services.metrics.partialInput.bytes;
     const [a, b] = await Promise.all([Client.connect(server.port), Client.connect(server.port)]);
-    const head = '{"action":"ping","data":{"pad":"' + "x".repeat(40_000);
+    const head = (n: number) => '{"action":"ping","data":{"pad":"' + "x".repeat(n);
     const tail = '"}}\n';
     // Each frame in two writes, apart: the server holds each head until its tail comes.
-    a.socket.write(head);
-    await until(() => held() >= 40_000, 10_000, "a's head held");
-    b.socket.write(head);
+    a.socket.write(head(20_000));
+    await until(() => held() >= 20_000, 10_000, "a's head held");
+    // b's would be the largest: b's is shed, however its bytes are split into reads.
+    b.socket.write(head(60_000));
     await sleep(100);
     b.socket.write(tail);
     const refused = await b.next();
     expect(refused).toMatchObject({ action: "ping", data: { status: 13, error: expect.stringMatching(/unfinished frames/) } });
     expect((await b.request("ping")).status).toBe(0);
-    // a's frame was held, not refused: answered as any ping is.
+    // a's frame was held, not shed: answered as any ping is.
     a.socket.write(tail);
     expect((await a.next()).data.status).toBe(0);
     expect(held()).toBe(0);
-    // With room again, b's frame goes through the same way.
-    b.socket.write(head);
-    await until(() => held() >= 40_000, 10_000, "b's head held");
+
+    // Now a holds the largest: a later, smaller frame of b's makes room by shedding it.
+    a.socket.write(head(60_000));
+    await until(() => held() >= 60_000, 10_000, "a's large head held");
+    b.socket.write(head(20_000));
+    await sleep(100);
     b.socket.write(tail);
     expect((await b.next()).data.status).toBe(0);
+    a.socket.write(tail);
+    expect((await a.next()).data).toMatchObject({ status: 13, error: expect.stringMatching(/send it again/) });
+    expect((await a.request("ping")).status).toBe(0);
+    expect(held()).toBe(0);
+
     // A connection that goes away lets go of its unfinished frame.
-    a.socket.write(head);
-    await until(() => held() >= 40_000, 10_000, "a's second head held");
+    a.socket.write(head(40_000));
+    await until(() => held() >= 40_000, 10_000, "a's third head held");
     a.socket.destroy();
     await until(() => held() === 0, 10_000, "a's head let go");
     b.close();

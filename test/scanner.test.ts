@@ -16,6 +16,8 @@ class TextUpload {
   invalidated = false;
   aborted = false;
   writes = 0;
+  /** Writes made before abort() (undefined until it is called). */
+  writesAtAbort: number | undefined;
   write(t: Buffer) {
     this.writes++;
     this.text += t.toString("latin1");
@@ -25,6 +27,7 @@ class TextUpload {
   }
   abort() {
     this.aborted = true;
+    this.writesAtAbort ??= this.writes;
   }
 }
 
@@ -655,5 +658,73 @@ describe("quiet skipping after a broken frame is bounded", () => {
     const rejects = calls.filter((c) => "reject" in c);
     expect(rejects.length).toBeGreaterThan(1); // the broken frame, then garbage past 64 bytes
     expect(rejects.length).toBeLessThan(20);
+  });
+});
+
+describe("unfinished frames of several connections share one budget (ScannerLimits.held)", () => {
+  const budget = (max: number) => ({ bytes: 0, max, holders: new Set<{ readonly buffered: number; shedForRoom(): void }>() });
+
+  it("an attachment's head that passes the budget aborts the upload it started and is answered 13", () => {
+    const held = budget(16);
+    const { scanner, calls, uploads } = connection({ ...LIMITS, held });
+    // The frame's text before the attachment is held while the attachment streams.
+    scanner.push(Buffer.from('{"action":"message","data":{"uid":"u1","attach":{"mime":"a/b","data":"QUJD'));
+    scanner.push(Buffer.from('RA=="}}}\n'));
+    expect(uploads).toHaveLength(1);
+    expect(uploads[0].writesAtAbort).toBe(0); // at once, not after its text was written
+    expect(calls).toEqual([{ reject: Code.RateLimited, reason: expect.stringMatching(/send it again/), action: "message" }]);
+    expect(held.bytes).toBe(0);
+  });
+
+  it("a frame refused for what it is keeps that answer when it is also shed", () => {
+    const held = budget(8);
+    const deep = '{"action":"ping","data":' + "[".repeat(40) + "]".repeat(40) + "}";
+    expect(scan([deep.slice(0, 30), deep.slice(30) + "\n"], { ...LIMITS, held })).toEqual([
+      { reject: Code.InvalidData, reason: "nesting deeper than 32", action: "ping" },
+    ]);
+    expect(held.bytes).toBe(0);
+  });
+
+  it("frames split anywhere over several connections: each answered once, kept ones intact, the count back to zero", () => {
+    const value = fc.oneof(fc.string({ maxLength: 40 }), fc.integer(), fc.array(fc.string({ maxLength: 10 }), { maxLength: 5 }));
+    const frameArb = fc.record({ action: fc.constantFrom("ping", "message", "history"), data: fc.dictionary(fc.string({ maxLength: 8 }), value, { maxKeys: 6 }) });
+    fc.assert(
+      fc.property(
+        fc.array(fc.tuple(fc.nat(3), fc.array(frameArb, { minLength: 1, maxLength: 4 }), fc.array(fc.nat(4000), { maxLength: 6 })), { minLength: 1, maxLength: 12 }),
+        fc.integer({ min: 1, max: 600 }),
+        (sends, max) => {
+          const held = budget(max);
+          const conns = [0, 1, 2, 3].map(() => connection({ ...LIMITS, held }));
+          const sent: string[][] = [[], [], [], []];
+          // Each connection's bytes, cut anywhere, interleaved with the others'.
+          const pieces: [number, Buffer][][] = [[], [], [], []];
+          for (const [c, frames, cuts] of sends) {
+            const text = frames.map((f) => JSON.stringify(f)).join("\n") + "\n";
+            sent[c].push(...frames.map((f) => JSON.stringify(f)));
+            for (const chunk of splitAt(Buffer.from(text), cuts)) pieces[c].push([c, chunk]);
+          }
+          const order = pieces.flat().sort((x, y) => (x[1].length % 7) - (y[1].length % 7) || x[0] - y[0]);
+          // Keep each connection's own order: take them per connection in turn.
+          const next = [0, 0, 0, 0];
+          for (let k = 0; k < order.length; k++) {
+            const c = order[k][0];
+            conns[c].scanner.push(pieces[c][next[c]++][1]);
+            expect(held.bytes).toBeGreaterThanOrEqual(0);
+            expect(held.bytes).toBeLessThanOrEqual(max);
+          }
+          expect(held.bytes).toBe(0);
+          expect(held.holders.size).toBe(0);
+          for (let c = 0; c < 4; c++) {
+            const { calls } = conns[c];
+            expect(calls).toHaveLength(sent[c].length);
+            calls.forEach((call, i) => {
+              if ("frame" in call) expect(call.frame).toBe(sent[c][i]);
+              else expect(call.reject).toBe(Code.RateLimited);
+            });
+          }
+        },
+      ),
+      { numRuns: 300 },
+    );
   });
 });

@@ -50,6 +50,7 @@ function discard(): void {}
 export function partialInput(config: Pick<Config, "maxPartialInput">): HeldInput {
   return {
     bytes: 0,
+    holders: new Set(),
     get max() {
       return config.maxPartialInput;
     },

@@ -51,9 +51,11 @@ export interface ScannerLimits {
   fast?: FastReader;
   /**
    * Bytes of unfinished frames held, shared by every scanner it is given to (the TCP
-   * doors' connections, --max-partial-input): a frame whose next bytes would take it
-   * past `max` is refused with status 13 and skipped to its end, holding nothing, as
-   * an oversized one is. Frames that arrive whole in one read are never held.
+   * doors' connections, --max-partial-input). Bytes that would take it past `max` make
+   * room by shedding the largest unfinished frames held elsewhere, larger than this
+   * one would be; when that is not enough, this frame is shed. A shed frame is skipped
+   * to its end holding nothing, as an oversized one is, and refused with status 13
+   * (send it again). Frames that arrive whole in one read are never held.
    */
   held?: HeldInput;
 }
@@ -62,6 +64,8 @@ export interface ScannerLimits {
 export interface HeldInput {
   bytes: number;
   readonly max: number;
+  /** The scanners holding bytes now. */
+  readonly holders: Set<{ readonly buffered: number; shedForRoom(): void }>;
 }
 
 /** See ScannerLimits.fast. */
@@ -169,6 +173,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   /** Last byte outside strings that was not whitespace; a closing quote counts as '"'. */
   private lastSignificant = 0;
   private fault = Fault.None;
+  /**
+   * The frame's bytes are no longer held (too large, or shed for ScannerLimits.held):
+   * only `head` is kept, for the reply's action.
+   */
+  private shed = false;
   /** Bytes of the current frame held from earlier chunks (made when first needed). */
   private parts: Buffer[] | undefined;
   private partsLength = 0;
@@ -391,6 +400,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.lineStart = false;
     this.lastSignificant = 0;
     this.fault = Fault.None;
+    this.shed = false;
     this.frameLength = 0;
     this.head = undefined;
     this.pathLevel = 0;
@@ -482,7 +492,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
                 // the frame is refused and the first one is discarded.
                 this.uploadSink?.abort();
                 this.uploadSink = undefined;
-                if (this.fault === Fault.None) this.fault = Fault.TwoUploads;
+                if (this.fault === Fault.None || this.fault === Fault.Busy) this.fault = Fault.TwoUploads;
               } else if (this.fault === Fault.None && this.frameLength + (i + 1 - start) <= this.limits.maxFrame) {
                 this.pathSeen = true;
                 // data.attach.data: its text streams to an upload, if the sink takes
@@ -497,8 +507,9 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
                 }
                 if (up !== undefined) {
                   this.saveScan(depth, true, false, false, last);
-                  this.retain(chunk, start, i + 1);
+                  // Set first: a frame shed by retain() aborts its upload.
                   this.uploadSink = up;
+                  this.retain(chunk, start, i + 1);
                   this.state = State.Attachment;
                   return i + 1;
                 }
@@ -532,7 +543,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
           }
           depth++;
           if (depth <= maxDepth) this.setContainer(depth, c === Byte.OpenCurly);
-          else if (this.fault === Fault.None) this.fault = Fault.TooDeep;
+          else if (this.fault === Fault.None || this.fault === Fault.Busy) this.fault = Fault.TooDeep;
           last = c;
           break;
         case Byte.CloseCurly:
@@ -567,22 +578,25 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private retain(chunk: Buffer, start: number, end: number): void {
     const len = end - start;
     this.frameLength += len;
-    if (this.fault === Fault.TooLarge || this.fault === Fault.Busy) {
+    if (this.shed) {
       this.growHead(chunk.subarray(start, end));
       return;
     }
-    const held = this.limits.held;
-    if (this.frameLength > this.limits.maxFrame || (held !== undefined && len > 0 && held.bytes + len > held.max)) {
-      this.keepHead(chunk.subarray(start, end));
-      this.fault = this.frameLength > this.limits.maxFrame ? Fault.TooLarge : Fault.Busy;
-      this.dropParts();
-      // The frame will be refused: its upload's file goes now, not when the frame ends.
-      this.uploadSink?.abort();
-      return;
+    if (this.frameLength > this.limits.maxFrame) {
+      this.fault = Fault.TooLarge;
+      return this.shedFrame(chunk.subarray(start, end));
     }
     if (len === 0) return;
+    const held = this.limits.held;
+    if (held !== undefined) {
+      if (held.bytes + len > held.max && !this.makeRoom(held, len)) {
+        if (this.fault === Fault.None) this.fault = Fault.Busy;
+        return this.shedFrame(chunk.subarray(start, end));
+      }
+      held.bytes += len;
+      if (this.partsLength === 0) held.holders.add(this);
+    }
     this.partsLength += len;
-    if (held !== undefined) held.bytes += len;
     if (len >= COPY_BELOW) {
       this.sealStage();
       (this.parts ??= []).push(chunk.subarray(start, end));
@@ -598,6 +612,42 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     }
     chunk.copy(stage, this.stageUsed, start, end);
     this.stageUsed += len;
+  }
+
+  /**
+   * Stops holding the frame's bytes (kept: its head, then `tail`); it is refused when
+   * it ends, and its upload's file goes now, not then.
+   */
+  private shedFrame(tail: Buffer): void {
+    this.keepHead(tail);
+    this.shed = true;
+    this.dropParts();
+    this.uploadSink?.abort();
+  }
+
+  /**
+   * Sheds the largest frames held by other scanners, each larger than this one would
+   * be with `len` more, until `len` fits in `held`; false when it still does not.
+   */
+  private makeRoom(held: HeldInput, len: number): boolean {
+    const mine = this.partsLength + len;
+    while (held.bytes + len > held.max) {
+      let largest: { readonly buffered: number; shedForRoom(): void } | undefined;
+      for (const h of held.holders) if (h !== this && h.buffered > mine && (largest === undefined || h.buffered > largest.buffered)) largest = h;
+      if (largest === undefined) return false;
+      largest.shedForRoom();
+    }
+    return true;
+  }
+
+  /**
+   * Another connection's frame needs the room (ScannerLimits.held): this unfinished
+   * frame stops being held and is answered 13 when it ends. Between pushes only.
+   */
+  shedForRoom(): void {
+    if (this.shed || this.partsLength === 0) return;
+    if (this.fault === Fault.None) this.fault = Fault.Busy;
+    this.shedFrame(Buffer.alloc(0));
   }
 
   /** Moves the stage's bytes to the end of `parts` (before parts are read or added to). */
@@ -645,7 +695,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   }
 
   private dropParts(): void {
-    if (this.limits.held !== undefined) this.limits.held.bytes -= this.partsLength;
+    const held = this.limits.held;
+    if (held !== undefined && this.partsLength > 0) {
+      held.bytes -= this.partsLength;
+      held.holders.delete(this);
+    }
     this.parts = undefined;
     this.partsLength = 0;
     this.stage = undefined;
@@ -666,12 +720,12 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.state = State.Idle;
     this.lineStart = false;
     const total = this.frameLength + (end - start);
-    if (this.fault === Fault.TooLarge || this.fault === Fault.Busy) {
-      this.growHead(chunk.subarray(start, end));
-      // Too large as well: sending it again would not help.
-      if (total > this.limits.maxFrame) this.fault = Fault.TooLarge;
-    } else if (total > this.limits.maxFrame) {
-      this.keepHead(chunk.subarray(start, end));
+    if (this.shed) this.growHead(chunk.subarray(start, end));
+    // (A shed frame's attachment text, not streamed, counts: it is answered 13, and 12
+    // if it comes back too large.)
+    if (total > this.limits.maxFrame && this.fault !== Fault.TooLarge && this.fault !== Fault.Busy) {
+      if (!this.shed) this.keepHead(chunk.subarray(start, end));
+      this.shed = true;
       this.fault = Fault.TooLarge;
     }
     const upload = this.uploadSink;
@@ -699,12 +753,17 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
         return;
       case Fault.TooDeep: {
         // Its action's name is all the reply needs: no copy of the frame.
-        const head = this.frameHead(chunk, start, end);
+        const head = this.shed ? this.head : this.frameHead(chunk, start, end);
         this.dropParts();
         this.sink.reject(Code.InvalidData, `nesting deeper than ${this.limits.maxDepth}`, peekAction(head), this.ctx);
         return;
       }
       case Fault.TwoUploads: {
+        if (this.shed) {
+          this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice)", peekAction(this.head), this.ctx);
+          this.head = undefined;
+          return;
+        }
         const bytes = this.takeFrame(chunk, start, end);
         this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice)", parsedAction(bytes), this.ctx);
         return;
@@ -721,9 +780,8 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.quietLeft = this.limits.maxFrame;
     this.uploadSink?.abort();
     this.uploadSink = undefined;
-    const shed = this.fault === Fault.TooLarge || this.fault === Fault.Busy;
-    if (shed) this.growHead(chunk.subarray(start, at));
-    const bytes = shed ? this.head : this.frameHead(chunk, start, at);
+    if (this.shed) this.growHead(chunk.subarray(start, at));
+    const bytes = this.shed ? this.head : this.frameHead(chunk, start, at);
     this.dropParts();
     this.head = undefined;
     this.sink.reject(Code.InvalidData, reason, peekAction(bytes), this.ctx);
