@@ -141,7 +141,8 @@ const MAX_UNAPPLIED_BYTES = 32 * 1024 * 1024;
 const APPLY_BATCH_BYTES = 8 * 1024 * 1024;
 /**
  * Entries the reader's pull requests ask for at a time (at most ~29 MiB of the largest
- * entries buffered in the client). Counted in entries, not bytes: the client's refills
+ * entries buffered in the client: it asks for more as the reader takes them, so a
+ * reader paused at MAX_UNAPPLIED holds no more). Counted in entries, not bytes: the client's refills
  * asked for the bytes that the entries read since had taken, the server refused such a
  * pull for the first entry larger than that ("409 message size exceeds maxbytes", 533
  * times in one bench:cluster run), and a reader with no other pull waiting heard nothing
@@ -682,6 +683,15 @@ export class JetStreamLog<C, R> {
     if (this.closed) this.opts.log.info({ err: String((err as Error)?.message ?? err) }, "an apply was cut short by the shutdown");
     else this.opts.log.error({ err }, "applying the cluster log failed; this node stops taking writes");
     this.failure = unavailable("this node stopped following the cluster log", err);
+    // Nothing more is applied: the reader stops, and what it read goes.
+    const reader = this.messages;
+    this.messages = undefined;
+    reader?.stop();
+    this.unapplied = [];
+    this.unappliedSizes.length = 0;
+    this.unappliedBytes = 0;
+    this.resumeReading?.();
+    this.resumeReading = undefined;
     for (const p of this.gathering.splice(0)) p.reject(this.failure);
     for (const s of this.stored.splice(0)) for (const p of s.proposals) p.reject(this.failure);
     // Catching up at start-up too: the node does not start on a view that stopped.
