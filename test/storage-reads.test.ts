@@ -278,6 +278,32 @@ describe("closing the storage", () => {
     }
   });
 
+  it("a waiter answered on an empty batch that writes again waits for that write, synced", async () => {
+    const dir = newDir();
+    const s = await Storage.open(dir, pino({ level: "silent" }));
+    const { syncs } = recordSyncs(s);
+    const space = s.spaces.contacts;
+    // As a derived generation drains: a chunk that held nothing (a deleted user's
+    // entries, filtered out), then the next chunk, added by the first one's waiter.
+    let onDisk: unknown = "not answered";
+    await new Promise<void>((resolve, reject) =>
+      s.afterCommit((err) => {
+        if (err) return reject(err);
+        s.commitLazy([put(space, "next", 1)]);
+        s.afterCommit((err2) => {
+          if (err2) return reject(err2);
+          void space.get("next").then((v) => {
+            onDisk = v;
+            resolve();
+          }, reject);
+        });
+      }),
+    );
+    expect(onDisk).toBe(1);
+    expect(syncs).toEqual([true]);
+    await s.close();
+  });
+
   it("a write added while it closes is refused, never written to the closed database", async () => {
     const dir = newDir();
     const s = await Storage.open(dir, pino({ level: "silent" }));

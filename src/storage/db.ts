@@ -421,15 +421,20 @@ export class Storage {
         }
       }
     } else {
-      for (const w of b.waiters) {
+      // Taken off first: a waiter that writes again (a derived generation's next chunk,
+      // messages.ts drain) adds its writes and its wait to this same open batch, for
+      // the next flush to write. Answered in this loop, they were told "on disk" before
+      // anything was written, chunk after chunk, and then written without a sync.
+      const waiters = b.waiters;
+      b.waiters = [];
+      b.durable = false; // answered: lazy writes added next need no sync
+      for (const w of waiters) {
         try {
           call(w, undefined);
         } catch (err) {
           this.log.error({ err }, "commit callback failed");
         }
       }
-      b.waiters = [];
-      b.durable = false; // answered: lazy writes added next need no sync
       this.settleIdle();
       return;
     }
