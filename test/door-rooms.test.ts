@@ -62,12 +62,19 @@ describe("rooms door: accounts", () => {
       throw new Error("the disk failed");
     });
     try {
-      expect(await ask(d, { type: "REQUEST_LOGIN", login, pass })).toEqual({ type: "REQUEST_LOGIN", status: "ERROR", error: expect.any(String) });
-      expect(await ask(d, { type: "REQUEST_SIGNUP", login: uniqueName("r"), pass })).toEqual({ type: "REQUEST_SIGNUP", status: "ERROR", error: expect.any(String) });
+      // In the response type the seed gives these requests (a client routes by it).
+      expect(await ask(d, { type: "REQUEST_LOGIN", login, pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "ERROR", error: expect.any(String) });
+      expect(await ask(d, { type: "REQUEST_SIGNUP", login: uniqueName("r"), pass }, "RESPONSE_SIGNUP")).toEqual({ type: "RESPONSE_SIGNUP", status: "ERROR", error: expect.any(String) });
     } finally {
       undo();
     }
     expect(await ask(d, { type: "REQUEST_LOGIN", login, pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_OK" });
+    d.close();
+  });
+
+  it("a login no account can have (over 64 characters) is LOGIN_WRONG_USER, not a wrong password", async () => {
+    const d = await rooms();
+    expect(await ask(d, { type: "REQUEST_LOGIN", login: "l".repeat(65), pass: "x" }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_USER", error: expect.stringMatching(/64/) });
     d.close();
   });
 

@@ -72,13 +72,17 @@ function line(fields: Fields): string {
   return JSON.stringify(fields) + "\n";
 }
 
+/** The seed's response types where they are not the request's own. */
+const RESPONSE_TYPE: Readonly<Record<string, string>> = { REQUEST_LOGIN: "RESPONSE_LOGIN", REQUEST_SIGNUP: "RESPONSE_SIGNUP" };
+
 /**
- * A refused request: `{type: <its type>, status: "ERROR", error}`, with its `room_id`
- * or `id` when it had one (a client matches the answer to its request by them; one
- * that is no room's or message's number is not said back).
+ * A refused request: `{type: <its response type>, status: "ERROR", error}`, with its
+ * `room_id` or `id` when it had one (a client matches the answer to its request by
+ * them; one that is no room's or message's number is not said back).
  */
 function error(msg: Msg, text: string): OutFrame[] {
-  const out: Record<string, unknown> = { type: msg.type, status: "ERROR" };
+  const type = typeof msg.type === "string" && Object.hasOwn(RESPONSE_TYPE, msg.type) ? RESPONSE_TYPE[msg.type] : msg.type;
+  const out: Record<string, unknown> = { type, status: "ERROR" };
   for (const key of ["room_id", "id"]) {
     const v = msg[key];
     if (typeof v === "number" && Number.isSafeInteger(v) && v >= 1) out[key] = v;
@@ -265,6 +269,8 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const pass = str(msg, "pass");
     if (!login || !pass) return out("LOGIN_WRONG_USER", "'login' and 'pass' are required");
     if (s.uid !== undefined) return out("LOGIN_WRONG_USER", "already logged in on this connection");
+    // No account has a login the native auth refuses as too long (it answers 3).
+    if (login.length > 2 * NAME_MAX || [...login].length > NAME_MAX) return out("LOGIN_WRONG_USER", `no login is longer than ${NAME_MAX} characters`);
     const r = await this.call(s, "auth", { login, pass });
     if (!r.ok) {
       if (r.code === Code.NeedRegister) return out("LOGIN_WRONG_USER");
