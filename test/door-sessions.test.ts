@@ -4,6 +4,7 @@
 // rooms-door logins revoked a phone's native sid).
 
 import { describe, expect, it } from "vitest";
+import { admin } from "./admin-helpers.js";
 import { Client, registerUser, serveForFile } from "./helpers.js";
 
 const srv = serveForFile({ rustPort: 0, roomsPort: 0, maxSessionsPerUser: 4 });
@@ -27,5 +28,29 @@ describe("seed TCP doors end their logins' sessions on close", () => {
     expect((await phone.request("auth", { sid: a.sid })).status).toBe(0);
     phone.close();
     a.client.close();
+  });
+
+  it("a login kicked by an operator still ends its session when its connection closes", async () => {
+    const a = await registerUser(srv.port, undefined, "pw");
+    for (let i = 0; i < 5; i++) {
+      const door = i % 2 === 0 ? "rooms" : "rust";
+      const c = await Client.connect((door === "rooms" ? srv.server.roomsPort : srv.server.rustPort) as number, { welcome: false });
+      if (door === "rooms") {
+        c.write(JSON.stringify({ type: "REQUEST_LOGIN", login: a.login, pass: "pw" }) + "\n");
+        expect(await c.next((f) => f.type === "RESPONSE_LOGIN")).toMatchObject({ status: "LOGIN_OK" });
+      } else {
+        c.write(JSON.stringify({ action: "authentication", login: a.login, password: "pw" }) + "\n");
+        expect(await c.next((f) => f.action === "authentication")).toMatchObject({ code: 200 });
+      }
+      // The kick logs the connection out before it closes (its session id was gone
+      // by then, and the session it stored was left for --session-ttl).
+      const r = await admin(srv.server.adminPort as number, "POST", "/kick", { user: a.login });
+      expect(r.json.connections).toBeGreaterThanOrEqual(1);
+      await c.closed;
+    }
+    // Five kicked door logins, a cap of four: a.sid would have been the oldest to go.
+    const phone = await Client.connect(srv.port);
+    expect((await phone.request("auth", { sid: a.sid })).status).toBe(0);
+    phone.close();
   });
 });

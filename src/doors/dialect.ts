@@ -70,6 +70,11 @@ export class DialectCodec<S, M = unknown> implements Codec {
   inputEnded = false;
   /** Past a limit: the notice is queued, nothing more is. */
   closing = false;
+  /**
+   * The session this connection's login stored (see DialectDoor.endSession): kept here,
+   * as the Session forgets its sid when it is logged out (an operator's kick).
+   */
+  stored: { uid: string; sid: string; expires: number } | undefined;
 
   constructor(
     private readonly door: DialectDoor<S, M>,
@@ -154,7 +159,9 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
    * on the rooms door ended a phone's session).
    */
   protected endSession(s: Session, revoke: (uid: string, sid: string, expires: number) => void): void {
-    if (s.uid !== undefined && s.sid !== undefined) revoke(s.uid, s.sid, s.expires);
+    const stored = s.codec instanceof DialectCodec ? s.codec.stored : undefined;
+    if (stored !== undefined) revoke(stored.uid, stored.sid, stored.expires);
+    else if (s.uid !== undefined && s.sid !== undefined) revoke(s.uid, s.sid, s.expires);
   }
 
   /** A new connection's state. */
@@ -251,10 +258,15 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   protected call(s: Session, action: string, data: Record<string, unknown>): Promise<Answer> {
     // The dispatcher takes nothing more from a closed connection: no answer would come.
     if (s.peer.closed) return Promise.resolve({ ok: false, code: Code.Unavailable, body: undefined, text: "the connection closed" });
-    const p = (s.codec as DialectCodec<S, M>).expect(action);
+    const c = s.codec as DialectCodec<S, M>;
+    const p = c.expect(action);
     // The frame it serves was counted against the rate when it arrived.
     this.dispatcher.dispatch(s, action, data, undefined, 0, false, false);
-    return p;
+    if (action !== "auth" && action !== "register") return p;
+    return p.then((a) => {
+      if (a.ok && s.uid !== undefined && s.sid !== undefined) c.stored = { uid: s.uid, sid: s.sid, expires: s.expires };
+      return a;
+    });
   }
 
   /**
