@@ -91,6 +91,31 @@ describe("derived indexes in chunks", () => {
     await restartAndCheck(child, "SIGTERM", users, mids);
   });
 
+  it("a generation of many cmid entries is written within a few batches, not 128 entries a batch", async () => {
+    const child = await ChildServer.start(newDataDir());
+    const users = await registered(child.port);
+    const senders = users.slice(0, 8);
+    // 8 × 500 messages, each with its own cmid, pipelined: one generation of ~4,000
+    // cmid entries (and a few history, inbox and dialog entries).
+    await Promise.all(
+      senders.map(async (a, i) => {
+        const to = users[(i + 1) % users.length].uid;
+        a.client.write(Array.from({ length: 500 }, (_, k) => JSON.stringify({ action: "message", data: { uid: to, body: "x", cmid: `c${i}.${k}` } }) + "\n").join(""));
+        for (let k = 0; k < 500; k++) expect((await a.client.next((f) => f.action === "message")).data.status).toBe(0);
+      }),
+    );
+    const before = await batchOps(child.adminPort as number);
+    // The generation is due a second after its first message; its chunks follow.
+    await sleep(2500);
+    const after = await batchOps(child.adminPort as number);
+    expect(after.sum - before.sum).toBeGreaterThan(4000);
+    // At 128 a batch: 31 batches or more (a busy server fell behind for good that way).
+    expect(after.count - before.count).toBeLessThanOrEqual(15);
+    for (const u of users) u.client.close();
+    child.proc.kill("SIGKILL");
+    await child.exited;
+  });
+
   it("kill -9 while a generation's chunks are being written loses no entry", async () => {
     const child = await ChildServer.start(newDataDir());
     const users = await registered(child.port);

@@ -80,9 +80,18 @@ const DERIVED_DELAY_MS = 1000;
 const DERIVED_MAX = 16384;
 /**
  * A generation goes to disk in chunks: each batch takes at most this many of its
- * operations, or as many as the batch already holds if that is more (see drain).
+ * operations, or as many as the batch already holds if that is more, or the share
+ * that drains it in DERIVED_BATCHES batches if that is more (see drain).
  */
 const DERIVED_CHUNK = 128;
+/**
+ * ... so a generation of any size is written within about this many batches. At 128
+ * a batch, a server taking more than ~25,000 derived entries a second (a cmid each
+ * from clients that send one, at ~200 batches a second) wrote them slower than they
+ * came: each generation took longer to drain, the next one gathered for that long,
+ * and the pending maps grew for as long as the load lasted.
+ */
+const DERIVED_BATCHES = 8;
 /** Recent (sender, cmid) → [mid, time] kept in memory: resends within it read nothing. */
 const CMID_WINDOW = 65536;
 /** Deleted users whose derived entries are never written again (the oldest forgotten first). */
@@ -162,6 +171,8 @@ interface Drain {
   at: number;
   /** Then these, made as each chunk is added (see tailOps). */
   tail: Iterator<BatchOp>;
+  /** The least a chunk takes: DERIVED_CHUNK, or the generation's share of DERIVED_BATCHES. */
+  chunk: number;
   /** Settles once the last chunk is written, or a chunk's write has failed. */
   settled: Promise<void>;
   settle: () => void;
@@ -744,7 +755,8 @@ export class MessageStore {
     let settle!: () => void;
     const settled = new Promise<void>((resolve) => (settle = resolve));
     this.drained = settled;
-    this.drain({ d, cursors, ops, at: 0, tail: this.tailOps(d), settled, settle });
+    const chunk = Math.max(DERIVED_CHUNK, Math.ceil((ops.length + d.cmids.size) / DERIVED_BATCHES));
+    this.drain({ d, cursors, ops, at: 0, tail: this.tailOps(d), chunk, settled, settle });
   }
 
   /**
@@ -752,10 +764,10 @@ export class MessageStore {
    * and the one after it once that batch is written. One batch of S2's (5,000 msg/s,
    * ~2 messages per batch) took 2.1 ms to write when it carried a whole generation
    * (~800 operations, once a second) against 0.32 ms for the others, and every message
-   * behind it waited that long. A chunk is DERIVED_CHUNK operations or as many as the
-   * batch already holds, so a batch is at most about twice its own size (a busy
-   * server's large batches take large chunks, and a generation still drains within a
-   * few batches). Spread over batches, it stays correct: readers see the generation in
+   * behind it waited that long. A chunk is DERIVED_CHUNK operations, or as many as the
+   * batch already holds, or an eighth of the generation, whichever is most: a quiet
+   * server's batches stay small, and a generation of any size drains within about
+   * DERIVED_BATCHES batches, as fast as a busy server makes them. Spread over batches, it stays correct: readers see the generation in
    * memory until its last chunk is written; the watermark comes last (a crash
    * part-way replays the log as before); and the entries a later write may contradict
    * (cmids, rechecks markers: tailOps) are made only when their chunk is added, so a
@@ -763,7 +775,7 @@ export class MessageStore {
    * A deleted user's entries are left out of every chunk added after the deletion.
    */
   private drain(g: Drain): void {
-    const room = Math.max(DERIVED_CHUNK, this.storage.gathering);
+    const room = Math.max(g.chunk, this.storage.gathering);
     const chunk: BatchOp[] = [];
     while (chunk.length < room && g.at < g.ops.length) chunk.push(g.ops[g.at++]);
     let last = false;
