@@ -50,6 +50,27 @@ describe("rust_messages door: accounts", () => {
     d.close();
   });
 
+  it("a login that cannot enter its room (the user at --max-joined-channels) is 400 and not logged in", async () => {
+    const config = open.server.services.config as { maxJoinedChannels: number };
+    const cap = config.maxJoinedChannels;
+    const n = await registerUser(open.port, undefined, "pw");
+    expect((await n.client.request("createchannel", { name: uniqueName("full") })).status).toBe(0);
+    config.maxJoinedChannels = 1;
+    try {
+      const c = await rust(open.server.rustPort as number);
+      const r = await ask(c, { action: "authentication", login: n.login, password: "pw" });
+      expect(r).toMatchObject({ action: "authentication", code: 400, message: expect.stringMatching(/could not enter the room .*not logged in/) });
+      // Not logged in, rather than in no room: requests say so, and a login can be tried again.
+      expect((await ask(c, { action: "send_message", text: "hi", timestamp: 1 })).message).toMatch(/log in/);
+      config.maxJoinedChannels = cap;
+      expect(await ask(c, { action: "authentication", login: n.login, password: "pw" })).toEqual({ action: "authentication", code: 200, message: "OK" });
+      c.close();
+    } finally {
+      config.maxJoinedChannels = cap;
+    }
+    n.client.close();
+  });
+
   it("authentication: 200 with the password, 400 without; logout keeps the connection", async () => {
     const port = open.server.rustPort as number;
     const { c, login, password } = await rustUser(port);

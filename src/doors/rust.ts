@@ -249,11 +249,15 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     // shown). One room at a time: the room the user's last connection here was moved to
     // is left, unless another connection of the user is open here (it stays there).
     // (Per node in a cluster: a connection on another node is not counted here.)
+    let refused: Answer | undefined;
     await this.moves.run(uid, async () => {
       const room = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
       st.room = room;
       const entered = await this.call(s, "enter", { channel: room.chid });
-      if (!entered.ok) st.room = undefined;
+      if (!entered.ok) {
+        st.room = undefined;
+        refused = entered;
+      }
       if (entered.ok && alone) {
         const before = this.rooms.get(uid);
         this.remember(uid, room);
@@ -263,6 +267,15 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     // Its session ended meanwhile (a password change or a ban elsewhere): the logout it
     // was told of (300) stands; an OK after it would say it is logged in.
     if (s.uid !== uid) return answer(action, ERR, "the session ended while logging in; log in again");
+    if (refused !== undefined) {
+      // A login here is in its room (the seed has no other state): one that could not
+      // enter it (the user at --max-joined-channels through other doors, the room gone)
+      // is not logged in, rather than told OK and then "in no room" at every request.
+      await this.call(s, "logout", {});
+      st.login = st.password = undefined;
+      if (s.uid === undefined) this.uncount(st);
+      return answer(action, ERR, `could not enter the room '${this.deps.config.rustRoom}': ${refused.text}; not logged in`);
+    }
     return answer(action, OK, "OK");
   }
 
