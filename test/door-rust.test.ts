@@ -275,6 +275,26 @@ describe("rust_messages door: rooms and messages", () => {
     for (const x of [a3, a4, b.c]) x.close();
   });
 
+  it("change_room leaves the room a connection that logged in next to an open one is in", async () => {
+    const port = open.server.rustPort as number;
+    const [x, y] = [uniqueName("room"), uniqueName("room")];
+    const a = await rustUser(port);
+    for (const r of [x, y]) expect((await ask(a.c, { action: "create_room", name: r })).code).toBe(200);
+    expect((await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: x })).code).toBe(200);
+    // A second connection while the first is open: it starts in general (x stays).
+    const a2 = await rust(port);
+    expect((await ask(a2, { action: "authentication", login: a.login, password: a.password })).code).toBe(200);
+    // The first moves on: both connections are in y, and the user in y alone (general
+    // was left as a member for good).
+    expect((await ask(a.c, { action: "change_room", old_room_name: x, new_room_name: y })).code).toBe(200);
+    expect(await a2.next((f) => f.action === "change_room")).toMatchObject({ code: 300 });
+    const sv = open.server.services;
+    const uid = (await sv.users.lookup("login", a.login)) as string;
+    expect(await sv.channels.channelsOf(uid)).toEqual([await sv.channels.byName(y)]);
+    a.c.close();
+    a2.close();
+  });
+
   it("delete_room: the owner only; members are told, native members get ev_channel_deleted", async () => {
     const port = open.server.rustPort as number;
     const room = uniqueName("room");

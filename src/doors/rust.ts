@@ -87,8 +87,8 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   readonly name = "rust";
   /** uid → the room the user's connections here were last moved to (ROOMS_MAX, the least recently moved forgotten first). */
   private readonly rooms = new Map<string, Room>();
-  /** uid → how many connections here are logged in as the user. */
-  private readonly open = new Map<string, number>();
+  /** uid → the states of the connections here logged in as the user. */
+  private readonly open = new Map<string, Set<RustState>>();
   /** A user's room moves (a login's, a change_room's), one at a time per uid. */
   private readonly moves = new LocalLock();
 
@@ -111,9 +111,9 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     const uid = st.counted;
     if (uid === undefined) return;
     st.counted = undefined;
-    const n = (this.open.get(uid) ?? 1) - 1;
-    if (n > 0) this.open.set(uid, n);
-    else this.open.delete(uid);
+    const mine = this.open.get(uid);
+    mine?.delete(st);
+    if (mine?.size === 0) this.open.delete(uid);
   }
 
   protected initial(): RustState {
@@ -242,7 +242,9 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     const uid = (s as Session).uid as string; // logged in now (narrowed to undefined above)
     this.uncount(st); // (a session that ended under an earlier login here, unnoticed)
     const alone = !this.open.has(uid);
-    this.open.set(uid, (this.open.get(uid) ?? 0) + 1);
+    let mine = this.open.get(uid);
+    if (mine === undefined) this.open.set(uid, (mine = new Set()));
+    mine.add(st);
     st.counted = uid;
     // Every connection starts in the default room (entering it again is a no-op; the
     // room is the connection's before the enter is answered: its messages meanwhile are
@@ -357,9 +359,11 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       st.room = room;
       // One room at a time: the old one is left (its membership ends), unless it is the
       // new one; so are the connection's current room, whatever old_room_name says (a
-      // name of a room it is not in left it in two), and the room the user's other
-      // connections here were last moved to (they move with this one).
-      for (const old of new Set([named, left, this.rooms.get(uid)?.chid])) {
+      // name of a room it is not in left it in two), the room the user's other
+      // connections here were last moved to, and the rooms they are in (they move with
+      // this one: one that logged in next to an open one is in the default room).
+      const theirs = [...(this.open.get(uid) ?? [])].map((x) => x.room?.chid);
+      for (const old of new Set([named, left, this.rooms.get(uid)?.chid, ...theirs])) {
         if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
       }
       this.remember(uid, room);
