@@ -217,6 +217,31 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, native]) x.close();
   });
 
+  it("two edits of one message in a row, each event later than its answer: the author gets each frame once", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const sent = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "v0", msg_type: "TEXT" });
+    // The room's members read from disk, slowly: each event comes after its answer, and
+    // the first after the second edit has begun.
+    const { channels } = srv.server.services;
+    (channels as { cachedMembers: unknown }).cachedMembers = () => undefined;
+    const undo = wrapCalls(channels, "members", () => sleep(150));
+    try {
+      send(a.c, { type: "EDIT_MSG", id: sent.message_id, new_msg: "v1" });
+      expect(await a.c.next((f) => f.type === "EDIT_MSG")).toEqual({ type: "EDIT_MSG", id: sent.message_id, new_msg: "v1" });
+      send(a.c, { type: "EDIT_MSG", id: sent.message_id, new_msg: "v2" });
+      expect(await a.c.next((f) => f.type === "EDIT_MSG")).toEqual({ type: "EDIT_MSG", id: sent.message_id, new_msg: "v2" });
+      for (const v of ["v1", "v2"]) expect(await b.c.next((f) => f.type === "EDIT_MSG")).toMatchObject({ new_msg: v });
+      // Neither event is shown to the author as well (the second was, a flag per id).
+      expect(await a.c.quiet(500, (f) => f.type === "EDIT_MSG")).toBe(true);
+    } finally {
+      undo();
+      delete (channels as { cachedMembers?: unknown }).cachedMembers; // the prototype's again
+    }
+    for (const x of [a.c, b.c]) x.close();
+  });
+
   it("every refusal carries the request's room_id or id, so a client can match it to its request", async () => {
     const anon = await rooms();
     expect(await ask(anon, { type: "SND_MSG", room_id: 3, message: "x" })).toEqual({ type: "SND_MSG", status: "ERROR", room_id: 3, error: "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)" });

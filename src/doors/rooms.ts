@@ -37,10 +37,12 @@ interface RoomsState {
   login: string | undefined;
   /**
    * DELETE_ROOM, DELETE_MSG, EDIT_MSG this connection asked for (`<type>:<id>`), whose
-   * members' event it is not to show again (its answer was that frame) → until when
-   * (Infinity while the request runs).
+   * members' events it is not to show again (its answers were those frames) → how many
+   * are still to come, until when (Infinity while a request runs). Counted: an edit's
+   * event can come after its answer and after the next edit of the same message began,
+   * and one flag then hid the first event and showed the second.
    */
-  echoes: Map<string, number>;
+  echoes: Map<string, { n: number; until: number }>;
 }
 
 /** What the door reads besides native actions (lookups), and the end of its logins' sessions. */
@@ -389,21 +391,28 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   /** Calls `action`; the event it makes is not sent to this connection (`echo`, see byId and echoed). */
   private async callEchoed(s: Session, st: RoomsState, echo: string, action: string, data: Record<string, unknown>): Promise<Answer> {
     const now = Date.now();
-    for (const [k, until] of st.echoes) if (until < now) st.echoes.delete(k);
-    st.echoes.set(echo, Infinity);
+    for (const [k, e] of st.echoes) if (e.until < now) st.echoes.delete(k);
+    let e = st.echoes.get(echo);
+    if (e === undefined) st.echoes.set(echo, (e = { n: 0, until: Infinity }));
+    e.n++;
+    e.until = Infinity;
     const r: Answer = await this.call(s, action, data);
-    if (!r.ok) st.echoes.delete(echo);
-    // Not seen yet: a copy may still come (or none, for a caller that is no member).
-    else if (st.echoes.has(echo)) st.echoes.set(echo, Date.now() + ECHO_MS);
+    // Still waited for (its event not seen yet): a refused request makes none; an
+    // answered one's may still come (or none, for a caller that is no member).
+    const waiting = st.echoes.get(echo);
+    if (waiting !== undefined) {
+      if (!r.ok && --waiting.n <= 0) st.echoes.delete(echo);
+      else waiting.until = Date.now() + ECHO_MS;
+    }
     return r;
   }
 
   /** The connection's own request was answered with this event's frame (see byId): true once. */
   private echoed(st: RoomsState, key: string): boolean {
-    const until = st.echoes.get(key);
-    if (until === undefined) return false;
-    st.echoes.delete(key);
-    return until >= Date.now();
+    const e = st.echoes.get(key);
+    if (e === undefined) return false;
+    if (--e.n <= 0) st.echoes.delete(key);
+    return e.until >= Date.now();
   }
 
   /**
