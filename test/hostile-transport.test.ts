@@ -489,6 +489,25 @@ describe("unfinished frames, all connections together", () => {
     b.close();
     await server.stop();
   });
+
+  it("a frame shed for the budget is not a bad frame: sent again and again, the connection stays", async () => {
+    const server = await startTestServer({ maxPartialInput: 64 * 1024, badFrameLimit: 2 });
+    const held = () => server.services.metrics.partialInput.bytes;
+    const [a, b] = await Promise.all([Client.connect(server.port), Client.connect(server.port)]);
+    a.socket.write('{"action":"ping","data":{"pad":"' + "x".repeat(20_000));
+    await until(() => held() >= 20_000, 10_000, "a's head held");
+    for (let i = 0; i < 4; i++) {
+      b.socket.write('{"action":"ping","data":{"pad":"' + "x".repeat(60_000));
+      await sleep(50);
+      b.socket.write('"}}\n');
+      expect((await b.next()).data.status).toBe(13);
+    }
+    expect((await b.request("ping")).status).toBe(0);
+    expect(b.isClosed).toBe(false);
+    a.close();
+    b.close();
+    await server.stop();
+  });
 });
 
 describe("the log of refused connections", () => {

@@ -685,6 +685,21 @@ describe("unfinished frames of several connections share one budget (ScannerLimi
     expect(held.bytes).toBe(0);
   });
 
+  it("a shed frame that passes --max-frame is 12 (sending it again would not help); one whose attachment text passes it stays 13", () => {
+    const limits = { ...LIMITS, maxFrame: 200 };
+    const long = '{"action":"ping","data":{"pad":"' + "x".repeat(300) + '"}}';
+    expect(scan([long.slice(0, 40), long.slice(40) + "\n"], { ...limits, held: budget(16) })).toEqual([
+      { reject: Code.TooLarge, reason: expect.stringMatching(/over the limit of 200/), action: "ping" },
+    ]);
+    // Its attachment text would stream (and not count) if it were sent again with room.
+    const attach = '{"action":"message","data":{"uid":"u1","attach":{"mime":"a/b","data":"' + "QUJD".repeat(100) + '"}}}';
+    expect(scan([attach.slice(0, 40), attach.slice(40) + "\n"], { ...limits, held: budget(16) })).toEqual([
+      { reject: Code.RateLimited, reason: expect.stringMatching(/send it again/), action: "message" },
+    ]);
+    // And with room, it does.
+    expect(scan([attach.slice(0, 40), attach.slice(40) + "\n"], { ...limits, held: budget(1 << 20) })).toMatchObject([{ attachment: "QUJD".repeat(100) }]);
+  });
+
   it("frames split anywhere over several connections: each answered once, kept ones intact, the count back to zero", () => {
     const value = fc.oneof(fc.string({ maxLength: 40 }), fc.integer(), fc.array(fc.string({ maxLength: 10 }), { maxLength: 5 }));
     const frameArb = fc.record({ action: fc.constantFrom("ping", "message", "history"), data: fc.dictionary(fc.string({ maxLength: 8 }), value, { maxKeys: 6 }) });

@@ -515,8 +515,8 @@ export class JetStreamLog<C, R> {
     // Pulls expire every 5 s (heartbeats every 2.5 s), so a reader whose consumer went
     // with its server notices within seconds, not the client's default 30.
     const messages = await consumer.consume({ max_messages: PULL_ENTRIES, expires: 5_000 });
-    if (this.closed) {
-      messages.stop(); // closed while it was being opened
+    if (this.closed || this.failure) {
+      messages.stop(); // closed, or stopped following the log, while it was being opened
       return;
     }
     this.messages = messages;

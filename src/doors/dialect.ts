@@ -227,7 +227,8 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
   reject(s: Session, code: Code, reason: string, action: string | undefined): void {
     // Counted like the native door's bad frames; past --bad-frame-limit, the notice
     // comes after what the connection is owed.
-    if (this.dispatcher.badFrame(s, code)) return this.closeAfter(s, this.bad(code, "too many bad frames; closing the connection"));
+    // (A frame shed for --max-partial-input, 13, is not the client's fault: not counted.)
+    if (code !== Code.RateLimited && this.dispatcher.badFrame(s, code)) return this.closeAfter(s, this.bad(code, "too many bad frames; closing the connection"));
     this.push(s, { bad: { code, reason, action } });
   }
 
@@ -262,9 +263,10 @@ export abstract class DialectDoor<S, M = Record<string, unknown>> implements Fro
     const p = c.expect(action);
     // The frame it serves was counted against the rate when it arrived.
     this.dispatcher.dispatch(s, action, data, undefined, 0, false, false);
-    if (action !== "auth" && action !== "register") return p;
+    if (action !== "auth" && action !== "register" && action !== "logout") return p;
     return p.then((a) => {
-      if (a.ok && s.uid !== undefined && s.sid !== undefined) c.stored = { uid: s.uid, sid: s.sid, expires: s.expires };
+      // A logout revoked it already.
+      if (a.ok) c.stored = action !== "logout" && s.uid !== undefined && s.sid !== undefined ? { uid: s.uid, sid: s.sid, expires: s.expires } : undefined;
       return a;
     });
   }

@@ -74,6 +74,11 @@ function line(fields: Fields): string {
   return JSON.stringify(fields) + "\n";
 }
 
+/** More characters (code points) than any login has (the length check skips counting for a long string). */
+function longerThanAnyLogin(text: string): boolean {
+  return text.length > 2 * NAME_MAX || [...text].length > NAME_MAX;
+}
+
 /** The seed's response types where they are not the request's own. */
 const RESPONSE_TYPE: Readonly<Record<string, string>> = { REQUEST_LOGIN: "RESPONSE_LOGIN", REQUEST_SIGNUP: "RESPONSE_SIGNUP" };
 
@@ -230,7 +235,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         const q = str(msg, "user");
         if (!q) return error(msg, "'user' is required");
         // Code points, as the native searchuser's schema counts (a pair of UTF-16 units is one).
-        if (q.length > 2 * NAME_MAX || [...q].length > NAME_MAX) return error(msg, `'user' is at most ${NAME_MAX} characters: no login is longer`);
+        if (longerThanAnyLogin(q)) return error(msg, `'user' is at most ${NAME_MAX} characters: no login is longer`);
         return [line({ type, user: await this.deps.loginsStartingWith(q, SEARCH_MAX) })];
       }
       case "DELETE_ROOM":
@@ -272,7 +277,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     if (!login || !pass) return out("LOGIN_WRONG_USER", "'login' and 'pass' are required");
     if (s.uid !== undefined) return out("LOGIN_WRONG_USER", "already logged in on this connection");
     // No account has a login the native auth refuses as too long (it answers 3).
-    if (login.length > 2 * NAME_MAX || [...login].length > NAME_MAX) return out("LOGIN_WRONG_USER", `no login is longer than ${NAME_MAX} characters`);
+    if (longerThanAnyLogin(login)) return out("LOGIN_WRONG_USER", `no login is longer than ${NAME_MAX} characters`);
     const r = await this.call(s, "auth", { login, pass });
     if (!r.ok) {
       if (r.code === Code.NeedRegister) return out("LOGIN_WRONG_USER");

@@ -273,10 +273,13 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       // A login here is in its room (the seed has no other state): one that could not
       // enter it (the user at --max-joined-channels through other doors, the room gone)
       // is not logged in, rather than told OK and then "in no room" at every request.
+      const why = `could not enter the room '${this.deps.config.rustRoom}': ${refused.text}`;
       await this.call(s, "logout", {});
       st.login = st.password = undefined;
-      if (s.uid === undefined) this.uncount(st);
-      return answer(action, ERR, `could not enter the room '${this.deps.config.rustRoom}': ${refused.text}; not logged in`);
+      // The logout failed too (16): the connection ends rather than stay logged in, in no room.
+      if (s.uid !== undefined) return this.closeWith(s, answer(action, ERR, `${why}; closing the connection`)[0]);
+      this.uncount(st);
+      return answer(action, ERR, `${why}; not logged in`);
     }
     return answer(action, OK, "OK");
   }

@@ -531,7 +531,7 @@ export function registerAccounts(sv: Services): AccountOps {
     schema: {
       type: "object",
       properties: {
-        login: optionalString(64),
+        login: optionalString(NAME_MAX),
         pass: optionalString(1024),
         sid: optionalString(64),
         // The last inbox mid this client has: the sync after auth starts past it.

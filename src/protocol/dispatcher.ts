@@ -539,11 +539,15 @@ export class Dispatcher {
     return true;
   }
 
-  /** Bytes the scanner or decoder could not accept: one error reply, in order. */
+  /**
+   * Bytes the scanner or decoder could not accept: one error reply, in order. A frame
+   * the scanner shed for --max-partial-input (13) is the server's doing, not a bad
+   * frame: it does not count toward --bad-frame-limit.
+   */
   reject(s: Session, code: Code, reason: string, action: string | undefined): void {
     const line = (s.line as Line | undefined);
     if (!line) return;
-    if (this.overBadFrames(s, line)) {
+    if (code !== Code.RateLimited && this.overBadFrames(s, line)) {
       if (line.closing) return;
       // The notice waits behind the replies already owed, then the connection ends.
       this.enqueue(s, { kind: "reject", action: "unknown", code, reason: "too many bad frames; closing the connection", last: true });

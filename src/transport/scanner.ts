@@ -580,6 +580,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.frameLength += len;
     if (this.shed) {
       this.growHead(chunk.subarray(start, end));
+      if (this.frameLength > this.limits.maxFrame && !this.sheddingAttachment()) this.fault = Fault.TooLarge;
       return;
     }
     if (this.frameLength > this.limits.maxFrame) {
@@ -612,6 +613,15 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     }
     chunk.copy(stage, this.stageUsed, start, end);
     this.stageUsed += len;
+  }
+
+  /**
+   * A frame shed for ScannerLimits.held whose attachment text, not streamed, counts in
+   * its length: it stays 13 past --max-frame (sent again, the text streams and does not
+   * count). Any other frame past --max-frame is 12: sending it again would not help.
+   */
+  private sheddingAttachment(): boolean {
+    return this.fault === Fault.Busy && this.pathSeen;
   }
 
   /**
@@ -721,9 +731,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.lineStart = false;
     const total = this.frameLength + (end - start);
     if (this.shed) this.growHead(chunk.subarray(start, end));
-    // (A shed frame's attachment text, not streamed, counts: it is answered 13, and 12
-    // if it comes back too large.)
-    if (total > this.limits.maxFrame && this.fault !== Fault.TooLarge && this.fault !== Fault.Busy) {
+    if (total > this.limits.maxFrame && this.fault !== Fault.TooLarge && !this.sheddingAttachment()) {
       if (!this.shed) this.keepHead(chunk.subarray(start, end));
       this.shed = true;
       this.fault = Fault.TooLarge;
