@@ -323,6 +323,29 @@ describe("WirechatClient", () => {
     expect(got).toEqual([]);
   });
 
+  it("a resume before any ack is confirmed starts from the since the login had, not from the start", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: false });
+    await alice.c.close();
+    // Three messages the app already has (from its own store), never acked.
+    let last = "";
+    for (const body of ["one", "two", "three"]) last = (await bob.c.sendMessage({ uid: alice.uid }, body)).mid;
+    const c = await connect({ ack: true, reconnect: { minMs: 50, maxMs: 200 } });
+    const got: string[] = [];
+    c.on("ev_message", (m) => got.push(m.body));
+    await c.auth({ login: alice.login, pass: "secret", since: last });
+    await c.ping();
+    const reconnected = new Promise<void>((r) => c.once("reconnect", () => r()));
+    (c as unknown as { socket: net.Socket }).socket.destroy();
+    await reconnected;
+    await c.ping();
+    await sleep(200);
+    // Resumed with since = the login's: the three were not offered again (they were,
+    // all three, as duplicates, when the resume sent no since).
+    expect(c.duplicatesDropped).toBe(0);
+    expect(got).toEqual([]);
+  });
+
   it("messages in flight when the link drops go out again after the reconnect: in order, each stored once", async () => {
     const bob = await registered();
     const alice = await registered({ reconnect: { minMs: 50, maxMs: 200 } });

@@ -278,6 +278,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   /** The highest inbox mid an ack of ours was answered for, on any connection. */
   private confirmed: bigint | undefined;
   private ackTarget: bigint | undefined;
+  /** The `since` the last auth this client made was given (a resume's floor while nothing is confirmed). */
+  private authSince: bigint | undefined;
   private ackBusy = false;
   private closing = false;
   private sessionEnded = false;
@@ -424,7 +426,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   async auth(credentials: { login: string; pass: string; since?: string } | { sid: string; since?: string }, options?: RequestOptions): Promise<AuthInfo> {
     const data: Record<string, unknown> = { ...credentials };
     if (data.since === undefined && this.lastInbox !== undefined) data.since = this.lastInbox.toString();
-    return toAuthInfo(await this.request("auth", data, options));
+    const info = toAuthInfo(await this.request("auth", data, options));
+    this.authSince = typeof data.since === "string" ? parseMid(data.since) : undefined;
+    return info;
   }
 
   async logout(options?: RequestOptions): Promise<void> {
@@ -731,7 +735,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       this.lastSocketError = undefined;
       this.serverNotice = undefined;
       this.ackEnabled = false;
-      this.ackSent = undefined;
+      // A connection acks what it was sent: an ack above that confirms no more, and
+      // the messages it then gets again would be taken for acked already.
+      this.ackSent = this.ackTarget = undefined;
       this.ackBusy = false;
       const timer = setTimeout(() => {
         fail(new WirechatError(ClientCode.Timeout, `no welcome frame within ${this.opts.connectTimeoutMs ?? 10_000} ms`));
@@ -881,7 +887,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       case "logout":
       case "deleteaccount":
         this.uid = this.sid = this.nick = undefined;
-        this.lastInbox = this.confirmed = undefined;
+        this.lastInbox = this.confirmed = this.authSince = undefined;
         this.ackSent = this.ackTarget = undefined;
         break;
     }
@@ -890,7 +896,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private noteAuth(data: ReplyData): void {
     if (this.uid !== undefined && data.uid !== this.uid) {
       // Another user's inbox: the old position means nothing there.
-      this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = undefined;
+      this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = undefined;
     }
     this.uid = data.uid;
     this.sid = data.sid;
@@ -1062,7 +1068,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         // disconnect cut off must come again, to be acked (the duplicate filter keeps
         // it from the app); skipped, it was never acked, and came again on every later
         // login without `since`.
-        const from = this.wantAck ? this.confirmed : this.lastInbox;
+        // (Nothing confirmed yet: from the `since` the last auth had, not from none,
+        // which would offer again whatever was never acked, wherever it was read.)
+        const from = this.wantAck ? maxMid(this.confirmed, this.authSince) : this.lastInbox;
         if (from !== undefined) data.since = from.toString();
         auth = toAuthInfo(await this.submit({ text: JSON.stringify({ action: "auth", data }) + "\n" }, "auth", {}, true));
       }
@@ -1142,6 +1150,10 @@ function toAuthInfo(d: ReplyData): AuthInfo {
 
 function parseMid(mid: string): bigint | undefined {
   return /^[0-9]{1,20}$/.test(mid) ? BigInt(mid) : undefined;
+}
+
+function maxMid(a: bigint | undefined, b: bigint | undefined): bigint | undefined {
+  return a === undefined ? b : b === undefined || a > b ? a : b;
 }
 
 function errorText(err: unknown): string {
