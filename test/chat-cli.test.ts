@@ -242,6 +242,9 @@ describe("wirechat chat", () => {
       await carol.waitOut(new RegExp(`#${channel} <${bob.nick}> hello carol`));
       carol.type("/who");
       await carol.waitOut(new RegExp(`\\* #${channel}: .*${bob.nick} \\(online\\)`));
+      // A bare slash is a usage error, not a crash of the command loop.
+      carol.type("/");
+      await carol.waitOut(/a command follows the slash/);
       // End of input ends the session cleanly, like /quit.
       carol.proc.stdin.end();
       expect(await carol.exited).toBe(0);
@@ -278,14 +281,22 @@ describe("wirechat chat", () => {
       await bob.c.enter(chid);
       await bob.c.sendMessage({ channel: chid }, "before the outage");
       await carol.waitOut(/before the outage/);
+      // A channel joined with nothing said in it yet is caught up on too.
+      const quiet = uniqueName("quiet");
+      carol.type(`/join #${quiet}`);
+      await carol.waitOut(new RegExp(`now talking in #${quiet}`));
+      const quietChid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === quiet)!.chid;
+      await bob.c.enter(quietChid);
       const closed = new Promise<void>((r) => proxy.close(() => r()));
       for (const l of links) l.destroy();
       await closed;
       await carol.waitOut(/connection lost/);
       await bob.c.sendMessage({ channel: chid }, "during the outage");
+      await bob.c.sendMessage({ channel: quietChid }, "said in the quiet one");
       proxy = serve();
       await new Promise<void>((r) => proxy.listen(port, "127.0.0.1", () => r()));
       await carol.waitOut(/during the outage/, 20_000);
+      await carol.waitOut(/said in the quiet one/);
       await bob.c.sendMessage({ channel: chid }, "after the outage");
       await carol.waitOut(/after the outage/);
       expect(carol.out().split("during the outage").length - 1).toBe(1);

@@ -388,11 +388,16 @@ class ChatSession {
     if (this.shownRecently.has(key)) return false;
     if (this.shownRecently.size >= SHOWN_KEPT) this.shownRecently.delete(this.shownRecently.values().next().value as string);
     this.shownRecently.add(key);
+    this.follow(chid, mid);
+    return true;
+  }
+
+  /** A reconnect's catch-up reads `chid` past `mid` at least (see caughtUp). */
+  private follow(chid: string, mid: bigint): void {
     const before = this.seenInChannel.get(chid);
     this.seenInChannel.delete(chid);
     if (this.seenInChannel.size >= SEEN_CHANNELS) this.seenInChannel.delete(this.seenInChannel.keys().next().value as string);
     this.seenInChannel.set(chid, before === undefined || mid > before ? mid : before);
-    return true;
   }
 
   async caughtUp(): Promise<void> {
@@ -490,7 +495,11 @@ class ChatSession {
         await this.say(line);
         return true;
       }
-      const m = /^\/(\S+)\s*(.*)$/s.exec(trimmed)!;
+      const m = /^\/(\S+)\s*(.*)$/s.exec(trimmed);
+      if (m === null) {
+        this.error("a command follows the slash (/msg, /join, …); try /help");
+        return true;
+      }
       const cmd = m[1].toLowerCase();
       const rest = m[2];
       switch (cmd) {
@@ -637,7 +646,14 @@ class ChatSession {
     for (const u of users) this.nicks.set(u.uid, u.nick);
     this.target = { kind: "channel", chid, name: this.channels.get(chid) ?? name };
     this.info(`* now talking in #${this.target.name} (${users.length} member${users.length === 1 ? "" : "s"}, ${users.filter((u) => u.online).length} online)`);
-    for (const msg of last_msg) this.screen.line(this.messageLine(msg, chid, undefined));
+    // Shown once (one that came live while enter read it is not shown again), and
+    // followed from here: a reconnect catches up on what the channel got meanwhile,
+    // also before any live message came in it.
+    for (const msg of last_msg) {
+      if (/^[0-9]+$/.test(msg.mid) && !this.seen(chid, BigInt(msg.mid))) continue;
+      this.screen.line(this.messageLine(msg, chid, undefined));
+    }
+    if (last_msg.length === 0) this.follow(chid, 0n);
   }
 
   private async leave(): Promise<void> {
