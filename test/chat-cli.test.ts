@@ -253,6 +253,24 @@ describe("wirechat chat", () => {
     }
   });
 
+  it("ends when the server logs its session out and leaves the connection open (its session pushed out)", async () => {
+    const login = uniqueName("dave");
+    const dave = cli(["--port", String(srv.port), "--login", login, "--pass", "pw", "--register"]);
+    await dave.waitOut(/logged in as/);
+    // --max-sessions-per-user (64) newer sessions: dave's, the oldest, is revoked; its
+    // connection gets ev_logout and stays open, unauthenticated.
+    const others = await Promise.all(Array.from({ length: 64 }, () => WirechatClient.connect({ port: srv.port })));
+    try {
+      for (const o of others) await o.auth({ login, pass: "pw" });
+      // Told, and gone: not left at a prompt where every command fails until the
+      // server's idle limit closes the connection.
+      expect(await dave.exited).toBe(1);
+      expect(dave.out() + dave.err()).toMatch(/logged out by the server/);
+    } finally {
+      await Promise.all(others.map((o) => o.close()));
+    }
+  });
+
   it("after a reconnect, shows what its channels got meanwhile, once", async () => {
     const bob = await libUser();
     // A proxy that can be taken down (refusing connections) and brought back on its port.

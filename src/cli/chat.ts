@@ -891,6 +891,15 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
     });
     let lostForGood: Error | undefined;
     let quitting = false;
+    let loggedOut: string | undefined;
+    client.on("event", (ev) => {
+      if (ev.action !== "ev_logout" || quitting) return;
+      // The session is over (kicked, banned, its password changed elsewhere): every
+      // command would fail "not logged in" until the server's idle limit; end here.
+      loggedOut = typeof ev.data?.reason === "string" ? ev.data.reason : "the session ended";
+      queue.interrupted = true;
+      queue.wake();
+    });
     client.on("close", (err) => {
       if (quitting) return;
       lostForGood = err ?? new Error("the connection closed");
@@ -911,6 +920,7 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       if (tty) rl.prompt();
     }
     quitting = true;
+    if (loggedOut !== undefined) return fail(`logged out by the server: ${loggedOut}`);
     if (lostForGood) return fail(`connection lost: ${errText(lostForGood)}`);
     await client.close();
     return 0;
