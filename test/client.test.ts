@@ -259,6 +259,25 @@ describe("WirechatClient", () => {
     expect(alice.lastInboxMid).toBe(bob2Mids.at(-1));
   });
 
+  it("requests that time out during an outage do not pile up until the reconnect", async () => {
+    const child = await ChildServer.start(newDir());
+    children.push(child);
+    const c = await WirechatClient.connect({ host: "127.0.0.1", port: child.port, reconnect: { minMs: 60_000, maxMs: 60_000 } });
+    clients.push(c);
+    await c.register(uniqueName("out"), "secret", uniqueName("OUT"));
+    const lost = new Promise<void>((r) => c.once("disconnect", () => r()));
+    child.proc.kill("SIGKILL");
+    await child.exited;
+    await lost;
+    // An app that keeps asking through the outage; each request times out, unsent.
+    for (let round = 0; round < 5; round++) {
+      const asked = Array.from({ length: 1000 }, () => c.ping({ timeoutMs: 1 }).catch((e: unknown) => e));
+      for (const e of await Promise.all(asked)) expect(e).toMatchObject({ code: ClientCode.Timeout });
+    }
+    // 5,000 timed out: what is held for the reconnect stays bounded (all of them before).
+    expect((c as unknown as { held: unknown[] }).held.length).toBeLessThan(2048);
+  });
+
   it("a link that stops passing data is taken for lost by the keep-alive; a file sent meanwhile times out", async () => {
     // A proxy that can stop forwarding without closing anything (a NAT's timeout).
     let frozen = false;

@@ -262,6 +262,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private pumping = false;
   /** User requests made while the connection is being re-established. */
   private held: OutItem[] = [];
+  /** When `held` is next pruned of settled items (see request). */
+  private heldPruneAt = HELD_PRUNE_MIN;
   private iterators = new Set<EventIterator>();
   private welcomeWaiter: { resolve: (w: WelcomeFrame) => void; reject: (e: Error) => void } | undefined;
 
@@ -642,6 +644,13 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         this.pump();
       } else if (this.state === "resuming" || this.state === "reconnecting") {
         this.held.push(out);
+        // Requests that timed out while held are never sent (the writer skips them),
+        // but they kept their frames until the reconnect: an app that went on sending
+        // through a long outage grew without bound. Pruned as the queue doubles.
+        if (this.held.length >= this.heldPruneAt) {
+          this.held = this.held.filter((o) => !o.pending.settled);
+          this.heldPruneAt = Math.max(HELD_PRUNE_MIN, 2 * this.held.length);
+        }
       } else {
         pending.settled = true;
         clearTimeout(pending.timer);
@@ -1147,6 +1156,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
 function toAuthInfo(d: ReplyData): AuthInfo {
   return { sid: d.sid, uid: d.uid, cid: d.cid ?? d.uid, nick: d.nick };
 }
+
+/** The least length at which requests held through an outage are pruned of timed-out ones. */
+const HELD_PRUNE_MIN = 1024;
 
 function parseMid(mid: string): bigint | undefined {
   return /^[0-9]{1,20}$/.test(mid) ? BigInt(mid) : undefined;
