@@ -13,7 +13,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { WirechatClient, bufferSource, decodeAttachment, type MessageEvent } from "../src/client/index.js";
 import type { Config } from "../src/config.js";
 import { removeDir, serveForFile, startTestServer, uniqueName, useTempDirs } from "./helpers.js";
-import { waitFor } from "./pipeline-helpers.js";
+import { sleep, waitFor } from "./pipeline-helpers.js";
 
 // No admin HTTP listener: its fixed default port would collide with other servers.
 const srv = serveForFile({ admin: "off" } as unknown as Partial<Config>);
@@ -344,6 +344,44 @@ describe("wirechat chat", () => {
       removeDir(tlsSrv.services.config.dataDir);
     }
   });
+
+  it("/quit during an outage leaves within moments, not after the held message's timeout", async () => {
+    const links = new Set<net.Socket>();
+    const proxy = net.createServer((inbound) => {
+      const outbound = net.connect(srv.port, "127.0.0.1");
+      for (const x of [inbound, outbound]) links.add(x);
+      inbound.pipe(outbound);
+      outbound.pipe(inbound);
+      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+        a.on("close", () => b.destroy());
+        a.on("error", () => b.destroy());
+      }
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    const bob = await libUser();
+    try {
+      const erin = cli(["--port", String(port), "--login", uniqueName("erin"), "--pass", "pw", "--register"]);
+      await erin.waitOut(/logged in as/);
+      erin.type(`/msg ${bob.nick}`);
+      await erin.waitOut(/talking to /);
+      const closed = new Promise<void>((r) => proxy.close(() => r()));
+      for (const l of links) l.destroy();
+      await closed;
+      await erin.waitOut(/connection lost/);
+      // Held until the link is back, for up to the request's 30 s.
+      erin.type("are you there?");
+      await sleep(200);
+      const asked = Date.now();
+      erin.type("/quit");
+      await erin.exited;
+      expect(Date.now() - asked).toBeLessThan(15_000);
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+      await bob.c.close();
+    }
+  }, 40_000);
 
   it("prints --raw events as the server's frames", async () => {
     const bob = await libUser();

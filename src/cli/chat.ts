@@ -294,14 +294,18 @@ class LineQueue {
   ended = false;
   /** Set to stop the loop from outside (the connection is gone for good). */
   interrupted = false;
+  /** Called as the user asks to leave (/quit, /exit, end of input, Ctrl-C), whatever is running. */
+  onLeave: (() => void) | undefined;
 
   constructor(rl: readline.Interface) {
     rl.on("line", (l) => {
       this.lines.push(l);
+      if (/^\/(quit|exit)\b/i.test(l.trim())) this.onLeave?.();
       this.wake();
     });
     rl.on("close", () => {
       this.ended = true;
+      this.onLeave?.();
       this.wake();
     });
   }
@@ -325,6 +329,9 @@ class LineQueue {
 // ---------------------------------------------------------------- the session
 
 type Conversation = { kind: "user"; uid: string; nick: string } | { kind: "channel"; chid: string; name: string };
+
+/** How long a command still running may take once the user has asked to leave. */
+const QUIT_GRACE_MS = 2000;
 
 /** Channels whose newest message shown is remembered, for the catch-up after a reconnect. */
 const SEEN_CHANNELS = 64;
@@ -913,10 +920,27 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       rl.prompt();
     }
 
+    // A command still running when the user asks to leave (a message held through an
+    // outage waits for its 30 s timeout, an /attach for its upload) gets a moment to
+    // finish; then the connection is dropped and the loop reaches the quit.
+    let busy = false;
+    queue.onLeave = () => {
+      if (!busy) return;
+      setTimeout(() => {
+        if (!busy) return;
+        quitting = true;
+        client?.destroy();
+      }, QUIT_GRACE_MS).unref();
+    };
     for (;;) {
       const line = await queue.next();
       if (line === undefined) break;
-      if (!(await session.handle(line))) break;
+      busy = true;
+      try {
+        if (!(await session.handle(line))) break;
+      } finally {
+        busy = false;
+      }
       if (tty) rl.prompt();
     }
     quitting = true;
