@@ -54,6 +54,26 @@ function cli(args: string[]): Cli {
   return c;
 }
 
+/**
+ * A TCP proxy to the server that can be taken down (closed, its links cut: the client
+ * sees its connection lost and its reconnects refused) and served again on its port.
+ */
+function linkProxy(): { links: Set<net.Socket>; serve: () => net.Server } {
+  const links = new Set<net.Socket>();
+  const serve = () =>
+    net.createServer((inbound) => {
+      const outbound = net.connect(srv.port, "127.0.0.1");
+      for (const x of [inbound, outbound]) links.add(x);
+      inbound.pipe(outbound);
+      outbound.pipe(inbound);
+      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+        a.on("close", () => b.destroy());
+        a.on("error", () => b.destroy());
+      }
+    });
+  return { links, serve };
+}
+
 async function libUser(): Promise<{ c: WirechatClient; uid: string; nick: string; inbox: MessageEvent[] }> {
   const c = await WirechatClient.connect({ port: srv.port });
   const nick = uniqueName("Bob");
@@ -273,19 +293,7 @@ describe("wirechat chat", () => {
 
   it("after a reconnect, shows what its channels got meanwhile, once", async () => {
     const bob = await libUser();
-    // A proxy that can be taken down (refusing connections) and brought back on its port.
-    const links = new Set<net.Socket>();
-    const serve = () =>
-      net.createServer((inbound) => {
-        const outbound = net.connect(srv.port, "127.0.0.1");
-        for (const x of [inbound, outbound]) links.add(x);
-        inbound.pipe(outbound);
-        outbound.pipe(inbound);
-        for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
-          a.on("close", () => b.destroy());
-          a.on("error", () => b.destroy());
-        }
-      });
+    const { links, serve } = linkProxy();
     let proxy = serve();
     await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
     const port = (proxy.address() as net.AddressInfo).port;
@@ -346,17 +354,8 @@ describe("wirechat chat", () => {
   });
 
   it("/quit during an outage leaves within moments, not after the held message's timeout", async () => {
-    const links = new Set<net.Socket>();
-    const proxy = net.createServer((inbound) => {
-      const outbound = net.connect(srv.port, "127.0.0.1");
-      for (const x of [inbound, outbound]) links.add(x);
-      inbound.pipe(outbound);
-      outbound.pipe(inbound);
-      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
-        a.on("close", () => b.destroy());
-        a.on("error", () => b.destroy());
-      }
-    });
+    const { links, serve } = linkProxy();
+    const proxy = serve();
     await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
     const port = (proxy.address() as net.AddressInfo).port;
     const bob = await libUser();
