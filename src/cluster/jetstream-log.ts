@@ -142,11 +142,12 @@ const APPLY_BATCH_BYTES = 8 * 1024 * 1024;
 /**
  * Entries the reader's pull requests ask for at a time (at most ~29 MiB of the largest
  * entries buffered in the client: it asks for more as the reader takes them, so a
- * reader paused at MAX_UNAPPLIED holds no more). Counted in entries, not bytes: the client's refills
- * asked for the bytes that the entries read since had taken, the server refused such a
- * pull for the first entry larger than that ("409 message size exceeds maxbytes", 533
- * times in one bench:cluster run), and a reader with no other pull waiting heard nothing
- * until two heartbeats were missed: stalls of 3 s, the watchdog's, at p99.
+ * reader paused at MAX_UNAPPLIED holds no more). Counted in entries, not bytes: the
+ * client's refills asked for the bytes that the entries read since had taken, the
+ * server refused such a pull for the first entry larger than that ("409 message size
+ * exceeds maxbytes", 533 times in one bench:cluster run), and a reader with no other
+ * pull waiting heard nothing until two heartbeats were missed: stalls of 3 s, the
+ * watchdog's, at p99.
  */
 const PULL_ENTRIES = 32;
 /** How often the watchdog looks at what waits (see watch()). */

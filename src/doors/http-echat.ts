@@ -27,6 +27,7 @@ import type { Event } from "../protocol/events.js";
 import { afterRead, type Fields, type OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import { hasLoneSurrogate } from "../protocol/validation.js";
+import { longerThanAnyLogin } from "../features/profile-fields.js";
 import type { ChannelRecord, MessageRecord, UserRecord } from "../storage/layout.js";
 import { NAME_MAX } from "../storage/users.js";
 import type { Front } from "../transport/listener.js";
@@ -278,7 +279,7 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
       // A login no account can have (over 64 characters, a lone surrogate), or a
       // password none can (over 1,024): auth's schema refused it, but the body was
       // valid JSON (it answered invalid_json).
-      if (r.code === Code.InvalidData) return fail(422, [...login].length > NAME_MAX || hasLoneSurrogate(login) ? "user_not_found" : "wrong_credentials");
+      if (r.code === Code.InvalidData) return fail(422, longerThanAnyLogin(login) || hasLoneSurrogate(login) ? "user_not_found" : "wrong_credentials");
       return other(r.code);
     });
   }

@@ -19,6 +19,7 @@ import type { Session } from "../protocol/session.js";
 import { LocalLock } from "../seams.js";
 import type { MessageRecord } from "../storage/layout.js";
 import { NAME_MAX } from "../storage/users.js";
+import { longerThanAnyLogin } from "../features/profile-fields.js";
 import { clip, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 /** READ_MSG ALL answers at most this many (the latest). */
@@ -72,11 +73,6 @@ export function roomsDate(seconds: number): string {
 
 function line(fields: Fields): string {
   return JSON.stringify(fields) + "\n";
-}
-
-/** More characters (code points) than any login has (the length check skips counting for a long string). */
-function longerThanAnyLogin(text: string): boolean {
-  return text.length > 2 * NAME_MAX || [...text].length > NAME_MAX;
 }
 
 /** The seed's response types where they are not the request's own. */

@@ -14,6 +14,14 @@ export function isLogin(text: string): boolean {
   return LOGIN_RE.test(text) && [...text].length <= NAME_MAX;
 }
 
+/**
+ * More characters (code points, as the schemas count them) than any login has; a string
+ * over twice as many UTF-16 units is, without counting.
+ */
+export function longerThanAnyLogin(text: string): boolean {
+  return text.length > 2 * NAME_MAX || [...text].length > NAME_MAX;
+}
+
 /** Lower-cased and trimmed; undefined when it does not look like an address. */
 export function normaliseEmail(raw: string): string | undefined {
   const e = raw.trim().toLowerCase();

@@ -767,9 +767,10 @@ export class MessageStore {
    * behind it waited that long. A chunk is DERIVED_CHUNK operations, or as many as the
    * batch already holds, or an eighth of the generation, whichever is most: a quiet
    * server's batches stay small, and a generation of any size drains within about
-   * DERIVED_BATCHES batches, as fast as a busy server makes them. Spread over batches, it stays correct: readers see the generation in
-   * memory until its last chunk is written; the watermark comes last (a crash
-   * part-way replays the log as before); and the entries a later write may contradict
+   * DERIVED_BATCHES batches, as fast as a busy server makes them. Spread over batches,
+   * it stays correct: readers see the generation in memory until its last chunk is
+   * written; the watermark comes last (a crash part-way replays the log as before);
+   * and the entries a later write may contradict
    * (cmids, rechecks markers: tailOps) are made only when their chunk is added, so a
    * delete that comes first is seen, and one that comes after is written after them.
    * A deleted user's entries are left out of every chunk added after the deletion.

@@ -16,7 +16,7 @@ import tls from "node:tls";
 import type { Logger } from "pino";
 import { closeFromAddress, closeIfIdle, endAll, overCap, socketAddress, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
-import { Metrics } from "../metrics.js";
+import type { Metrics } from "../metrics.js";
 import { clockMs } from "../clock.js";
 import type { Codec } from "../protocol/codec.js";
 import type { OutFrame } from "../protocol/frames.js";
@@ -175,9 +175,9 @@ export class Listener implements ConnectionTable, SlotCounter {
     private readonly log: Logger,
     /** Starts the upload of an attachment's text (the blob store's writer). */
     private readonly newUpload: () => PacedUpload,
-    private readonly metrics: Metrics = new Metrics(),
-    /** Unfinished frames' bytes, shared by the server's TCP listeners (--max-partial-input). */
-    held: HeldInput = partialInput(config),
+    private readonly metrics: Metrics,
+    /** Unfinished frames' bytes, one count for all the server's TCP listeners (--max-partial-input). */
+    held: HeldInput,
   ) {
     const paths = front.streams ? dispatcher.streamedPaths() : [];
     if (paths.length > 1) throw new Error("the scanner streams one field path");
@@ -532,11 +532,12 @@ export class Listener implements ConnectionTable, SlotCounter {
     }
     const session = this.connections.get(conn) as Session;
     const seconds = Math.round((now - pace.since) / 1000);
-    const [what, bytes] = pace.complete ? ["attachment waiting for a client that does not read its replies", `${took} bytes read`] : ["attachment arriving too slowly", `${brought} bytes`];
-    this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, bytes: pace.complete ? took : brought, seconds }, `${what}; closing`);
+    const bytes = pace.complete ? took : brought;
+    const what = pace.complete ? "attachment waiting for a client that does not read its replies" : "attachment arriving too slowly";
+    this.log.info({ conn: conn.id, remote: conn.remote, uid: session.uid, bytes, seconds }, `${what}; closing`);
     this.metrics.closes.slow_upload++;
     pace.upload.abort(); // its file and its share of --max-uploading go now
-    this.router.sendTo(session, { kind: "close", reason: `${what}: ${bytes} in ${seconds} s, at least ${this.config.uploadMinRate} a second needed` });
+    this.router.sendTo(session, { kind: "close", reason: `${what}: ${bytes} bytes${pace.complete ? " read" : ""} in ${seconds} s, at least ${this.config.uploadMinRate} a second needed` });
     conn.end();
   }
 
