@@ -97,8 +97,15 @@ export function registerContacts(sv: Services): void {
         return u;
       };
       if (sv.cluster) {
-        const u = await check();
-        // Checked here for a quick answer, and again by the log (concurrent adds).
+        const { cluster } = sv;
+        // Checked here for a quick answer, and again by the log (concurrent adds). This
+        // node's view may lag a removal made through another node a moment ago: "listed"
+        // or "full" is said only once the node has applied the log as it stands now.
+        const u = await check().catch(async (err: unknown) => {
+          if (!(err instanceof ProtocolError) || err.code === Code.UserNotFound) throw err;
+          await cluster.sync();
+          return check();
+        });
         if ((await sv.cluster.run({ k: "contact", owner: me, uid, add: true, cap: config.maxContacts })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         }
