@@ -304,6 +304,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     const chat = new ChatDoor(dispatcher, log, {
       lobby,
       lookup: (index, value) => users.lookup(index, value),
+      settled: (read, again) => readSynced(services, read, again),
       user: (uid) => users.get(uid),
       cachedUser: (uid) => users.peek(uid),
       isMember: (chid, uid) => channels.isMember(chid, uid),

@@ -13,7 +13,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
-import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName } from "./helpers.js";
+import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName, WsClient } from "./helpers.js";
 import { NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
 import { directConv } from "../src/storage/layout.js";
@@ -787,6 +787,64 @@ describe("cluster mode: read your writes", () => {
       expect((await alice.client.request("delcontact", { uid: bob.uid })).status).toBe(0);
       expect(await a2.request("addcontact", { uid: carol.uid })).toMatchObject({ status: 0 });
       for (const c of [alice.client, bob.client, carol.client, a2, b2]) c.close();
+    } finally {
+      await lagging.stop();
+      removeDir(lagging.services.config.dataDir);
+    }
+  });
+});
+
+describe("cluster mode: a node that lags behind the log", () => {
+  it("refuses nothing on a view the log has moved past: history, passwords, the admin port, registration, the 003 door", async () => {
+    process.env.WIRECHAT_TEST_APPLY_DELAY_MS = "1500";
+    let lagging: RunningServer;
+    try {
+      lagging = await startTestServer({ nats: nats.url, natsStream: stream, nodeId: "laggard-refusals", httpPort: 0 });
+    } finally {
+      delete process.env.WIRECHAT_TEST_APPLY_DELAY_MS;
+    }
+    const caughtUp = () => (lagging.services.cluster as NonNullable<typeof lagging.services.cluster>).sync();
+    const adminOf = (n: RunningServer) => n.adminPort as number;
+    try {
+      const alice = await registerUser(node(0));
+      const a2 = await Client.connect(lagging.port);
+      expect((await a2.request("auth", { sid: alice.sid })).status).toBe(0);
+      // Each write below goes through node 0 and is read through the lagging node at once.
+      const ch = await alice.client.request("createchannel", { name: uniqueName("lag") });
+      expect((await a2.request("history", { channel: ch.chid })).status).toBe(0);
+      expect((await alice.client.request("changepassword", { pass: "secret", newpass: "second" })).status).toBe(0);
+      expect((await a2.request("changepassword", { pass: "second", newpass: "third" })).status).toBe(0);
+      const z = await registerUser(node(0));
+      expect((await admin(adminOf(lagging), "GET", `/users/${z.login}`)).json).toMatchObject({ uid: z.uid });
+
+      const email = `${uniqueName("lag")}@example.com`;
+      expect((await alice.client.request("setuserinfo", { email })).status).toBe(0);
+      const ws = await WsClient.connect(lagging.httpPort as number, "/ws");
+      ws.send({ type: "auth", email, password: "third" });
+      expect(await ws.next()).toMatchObject({ status: "authenticated" });
+      ws.close();
+      const zEmail = `${uniqueName("z")}@example.com`;
+      expect((await z.client.request("setuserinfo", { email: zEmail })).status).toBe(0);
+      await caughtUp();
+      expect((await z.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      const created = await fetch(`http://127.0.0.1:${lagging.httpPort}/create_user`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ username: z.nick, email: zEmail, password: "pw-secret" }),
+      });
+      expect({ status: created.status, body: await created.json() }).toEqual({ status: 200, body: { status: "success", message: "User created" } });
+
+      try {
+        expect((await admin(adminOf(nodes[0]), "POST", "/registration", { open: false })).json).toEqual({ registration: "closed" });
+        await caughtUp();
+        expect((await admin(adminOf(nodes[0]), "POST", "/registration", { open: true })).json).toEqual({ registration: "open" });
+        const late = await Client.connect(lagging.port);
+        expect((await late.request("register", { login: uniqueName("open"), pass: "secret", nick: uniqueName("n") })).status).toBe(0);
+        late.close();
+      } finally {
+        await admin(adminOf(nodes[0]), "POST", "/registration", { open: true });
+      }
+      for (const c of [alice.client, a2]) c.close();
     } finally {
       await lagging.stop();
       removeDir(lagging.services.config.dataDir);

@@ -54,6 +54,12 @@ export interface ChatDeps {
   lobby: string;
   /** The uid holding a unique value (the users store's indexes; email normalised). */
   lookup(index: "login" | "nick" | "email", value: string): Promise<string | undefined>;
+  /**
+   * `read()`, and once more after this node has applied the log as it stands when
+   * `again` says so (cluster mode; readSynced): a view that lags the log must not
+   * answer "no such email" or "already taken" for a write made through another node.
+   */
+  settled<T>(read: () => Promise<T>, again: (v: T) => boolean): Promise<T>;
   user(uid: string): Promise<UserRecord | undefined>;
   /** The user's record when it is cached (events are rendered synchronously). */
   cachedUser(uid: string): UserRecord | undefined;
@@ -331,7 +337,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   /** The account whose profile email is `email` (any door's). */
   private async userByEmail(email: string): Promise<UserRecord | undefined> {
     const e = normaliseEmail(email);
-    const uid = e === undefined ? undefined : await this.deps.lookup("email", e);
+    const uid = e === undefined ? undefined : await this.deps.settled(() => this.deps.lookup("email", e), (found) => found === undefined);
     return uid === undefined ? undefined : this.deps.user(uid);
   }
 
@@ -348,6 +354,13 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     }
   }
 
+  /** Which of a new account's email (also its login) and username another account holds. */
+  private async heldField(email: string, username: string): Promise<"email" | "username" | undefined> {
+    const { lookup } = this.deps;
+    if ((await lookup("email", email)) !== undefined || (await lookup("login", email)) !== undefined) return "email";
+    return (await lookup("nick", username)) !== undefined ? "username" : undefined;
+  }
+
   async createUser(client: RouteClient, username: string, password: string, email: string): Promise<RouteAnswer> {
     const e = normaliseEmail(email);
     if (e === undefined) return failure(400, "'email' is not an email address");
@@ -356,10 +369,8 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     if (!isLogin(e)) return failure(400, `'email' must be at most ${NAME_MAX} characters of letters, digits and _ . @ + - here (it is the account's login)`);
     // Taken values are told apart before anything is written; a race past these
     // checks still ends in 409 (the native action's own check).
-    if ((await this.deps.lookup("email", e)) !== undefined || (await this.deps.lookup("login", e)) !== undefined) {
-      return failure(409, "a user with that email already exists");
-    }
-    if ((await this.deps.lookup("nick", username)) !== undefined) return failure(409, "a user with that username already exists");
+    const taken = await this.deps.settled(() => this.heldField(e, username), (field) => field !== undefined);
+    if (taken !== undefined) return failure(409, `a user with that ${taken} already exists`);
     return this.onRequest(client, async (s) => {
       const r = await this.call(s, "register", { login: e, pass: password, nick: username });
       if (!r.ok) return refusal(r);

@@ -150,6 +150,9 @@ export function registerAccounts(sv: Services): AccountOps {
 
   /** The caller's account and a check of its password (2 when wrong). */
   async function verifiedSelf(s: Session, pass: string): Promise<UserRecord> {
+    // A password changed through another node a moment ago (the session kept) is the
+    // one checked: this node has applied the log first (rare actions; one round trip).
+    await sv.cluster?.sync();
     const user = await users.get(s.uid as string);
     if (!user) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
     await counted(s, user.login, async () => {
@@ -487,7 +490,9 @@ export function registerAccounts(sv: Services): AccountOps {
     async handle(req) {
       const s = req.session;
       if (s.uid !== undefined) throw new ProtocolError(Code.AlreadyRegister, "this connection is already authenticated");
-      if (sv.registration.closed) {
+      // Registration opened through another node a moment ago: this node has applied
+      // the log before it says closed.
+      if (sv.registration.closed && (!sv.cluster || (await sv.cluster.sync().then(() => sv.registration.closed)))) {
         throw new ProtocolError(Code.Forbidden, "registration is closed on this server; ask its operator for an account");
       }
       const { login, pass, nick } = req.data;

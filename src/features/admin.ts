@@ -8,7 +8,7 @@ import type { Ban } from "../storage/bans.js";
 import type { BanKind, UserRecord } from "../storage/layout.js";
 import { readValues } from "../storage/range.js";
 import type { AccountOps } from "./accounts.js";
-import type { Services } from "./services.js";
+import { readSynced, type Services } from "./services.js";
 
 /** A user as the operator sees it (never the password hash). */
 export interface UserSummary {
@@ -51,11 +51,14 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
     // A uid first: uids are the server's, logins anyone's. A login chosen to equal a
     // victim's uid (both can be 12 hex digits) must not take the operator's kick, ban,
     // delete or export of that uid onto a decoy account.
-    let u = await users.get(user);
-    if (u === undefined) {
+    // In cluster mode, a user registered through another node a moment ago is found
+    // once this node has applied the log (readSynced), in the same order.
+    const u = await readSynced(sv, async () => {
+      const byUid = await users.get(user);
+      if (byUid !== undefined) return byUid;
       const byLogin = await users.lookup("login", user);
-      u = byLogin !== undefined ? await users.get(byLogin) : undefined;
-    }
+      return byLogin !== undefined ? await users.get(byLogin) : undefined;
+    });
     if (!u) throw new ProtocolError(Code.UserNotFound, `no user with login or uid '${user}'`);
     return u;
   }

@@ -24,7 +24,7 @@ import { optionalString, requiredString } from "../protocol/validation.js";
 import { channelConv, convOf, directConv, type MessageRecord } from "../storage/layout.js";
 import { channelErrors } from "./channels.js";
 import type { Outcome } from "./cluster.js";
-import { convLockKey, findUser, type Services } from "./services.js";
+import { convLockKey, findUser, readSynced, type Services } from "./services.js";
 
 interface MessageData {
   uid?: string;
@@ -116,8 +116,10 @@ export function registerMessages(sv: Services): void {
 
   /** Resolves a `channel` argument to a channel the caller is a member of. */
   async function memberChannel(chid: string, me: string): Promise<string> {
-    if (!(await channels.get(chid))) throw channelErrors.notFound(chid);
-    if (!(await channels.isMember(chid, me))) throw channelErrors.notMember(chid);
+    // A channel made, entered or joined by invitation through another node a moment ago
+    // is found once this node has applied the log (readSynced), not refused 9 or 10.
+    if (!(await readSynced(sv, () => channels.get(chid)))) throw channelErrors.notFound(chid);
+    if (!(await readSynced(sv, () => channels.isMember(chid, me), (member) => !member))) throw channelErrors.notMember(chid);
     return chid;
   }
 
