@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
-import { Readable } from "node:stream";
+import { PassThrough, Readable } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { afterEach, describe, expect, it } from "vitest";
 import {
@@ -363,6 +363,24 @@ describe("WirechatClient", () => {
     // all three, as duplicates, when the resume sent no since).
     expect(c.duplicatesDropped).toBe(0);
     expect(got).toEqual([]);
+  });
+
+  it("an attachment whose source stalls when the link drops does not hold the next connection's writes", async () => {
+    const bob = await registered();
+    const alice = await registered({ reconnect: { minMs: 50, maxMs: 200 } });
+    const source = new PassThrough();
+    source.write(Buffer.alloc(3000, 7)); // a first chunk, then nothing more
+    const sending = rejection(alice.c.sendAttachment({ uid: bob.uid }, source, { size: 6000 }));
+    const socket = (alice.c as unknown as { socket: net.Socket }).socket;
+    await waitFor(() => socket.bytesWritten > 4000, 5000, "the first chunk written");
+    const reconnected = new Promise<void>((r) => alice.c.once("reconnect", () => r()));
+    socket.destroy();
+    expect((await sending).code).toBe(ClientCode.Closed);
+    await reconnected;
+    const got = new Promise<string>((r) => bob.c.once("ev_message", (m) => r(m.body)));
+    expect((await alice.c.sendMessage({ uid: bob.uid }, "after the drop")).mid).toMatch(/^\d+$/);
+    expect(await got).toBe("after the drop");
+    source.end();
   });
 
   it("messages in flight when the link drops go out again after the reconnect: in order, each stored once", async () => {

@@ -259,7 +259,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private inflight: Pending[] = [];
   private inflightHead = 0;
   private outbox: OutItem[] = [];
-  private pumping = false;
+  /** The socket the write loop is writing to (see pump). */
+  private pumping: net.Socket | undefined;
   /** User requests made while the connection is being re-established. */
   private held: OutItem[] = [];
   /** When `held` is next pruned of settled items (see request). */
@@ -674,15 +675,19 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     p.timer.unref?.();
   }
 
-  /** Writes the outbox in order, one item at a time; streamed items hold the line. */
+  /**
+   * Writes the outbox in order, one item at a time; streamed items hold the line. One
+   * write loop per socket: a loop left waiting on an attachment source that stalled
+   * when its socket closed does not hold the next connection's writes.
+   */
   private pump(): void {
-    if (this.pumping) return;
-    this.pumping = true;
+    const socket = this.socket;
+    if (!socket || socket.destroyed || this.pumping === socket) return;
+    this.pumping = socket;
     void (async () => {
       try {
         while (this.outbox.length > 0) {
-          const socket = this.socket;
-          if (!socket || socket.destroyed) return;
+          if (this.socket !== socket || socket.destroyed) return;
           const out = this.outbox.shift()!;
           if (out.pending.settled) continue;
           this.inflight.push(out.pending);
@@ -695,7 +700,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
           } else if (out.run) {
             clearTimeout(out.pending.timer);
             try {
-              await out.run(socket);
+              await untilClosed(socket, out.run(socket));
               this.armTimer(out);
             } catch (err) {
               // The socket failed mid-frame; its close handler rejects what is in flight.
@@ -705,9 +710,11 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
           }
         }
       } finally {
-        this.pumping = false;
-        // Items queued while a stream held the line.
-        if (this.outbox.length > 0 && this.socket && !this.socket.destroyed && this.state !== "closed") this.pump();
+        if (this.pumping === socket) {
+          this.pumping = undefined;
+          // Items queued while a stream held the line.
+          if (this.outbox.length > 0 && this.state !== "closed") this.pump();
+        }
       }
     })();
   }
@@ -1151,6 +1158,29 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.iterators.clear();
     this.emit("close", cause);
   }
+}
+
+/**
+ * `work`, or a rejection as soon as `socket` closes: a streamed frame whose source
+ * stalls must not hold the write loop past its connection (what it does later fails
+ * on the closed socket, and is dropped here).
+ */
+function untilClosed(socket: net.Socket, work: Promise<void>): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const closed = () => reject(new WirechatError(ClientCode.Closed, "the connection closed while writing"));
+    if (socket.destroyed) closed();
+    else socket.once("close", closed);
+    work.then(
+      () => {
+        socket.off("close", closed);
+        resolve();
+      },
+      (err: unknown) => {
+        socket.off("close", closed);
+        reject(err);
+      },
+    );
+  });
 }
 
 function toAuthInfo(d: ReplyData): AuthInfo {
