@@ -58,13 +58,25 @@ function cli(args: string[]): Cli {
  * A TCP proxy to the server that can be taken down (closed, its links cut: the client
  * sees its connection lost and its reconnects refused) and served again on its port.
  */
-function linkProxy(): { links: Set<net.Socket>; serve: () => net.Server } {
+function linkProxy(): { links: Set<net.Socket>; serve: (hold?: { match: string; until: Promise<void>; reached: () => void }) => net.Server } {
   const links = new Set<net.Socket>();
-  const serve = () =>
+  const serve = (hold?: { match: string; until: Promise<void>; reached: () => void }) =>
     net.createServer((inbound) => {
       const outbound = net.connect(srv.port, "127.0.0.1");
       for (const x of [inbound, outbound]) links.add(x);
-      inbound.pipe(outbound);
+      if (hold === undefined) inbound.pipe(outbound);
+      else {
+        // What the client sends from the first chunk holding `match` on waits for `until`.
+        let held: Promise<void> | undefined;
+        inbound.on("data", (chunk: Buffer) => {
+          if (held === undefined && chunk.includes(hold.match)) {
+            held = hold.until;
+            hold.reached();
+          }
+          if (held === undefined) outbound.write(chunk);
+          else void held.then(() => outbound.write(chunk));
+        });
+      }
       outbound.pipe(inbound);
       for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
         a.on("close", () => b.destroy());
@@ -327,6 +339,51 @@ describe("wirechat chat", () => {
       await carol.waitOut(/after the outage/);
       expect(carol.out().split("during the outage").length - 1).toBe(1);
       expect(carol.out().split("before the outage").length - 1).toBe(1);
+      carol.type("/quit");
+      expect(await carol.exited).toBe(0);
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+      await bob.c.close();
+    }
+  }, 40_000);
+
+  it("after a reconnect, what came live during the catch-up shows after it, in order", async () => {
+    const bob = await libUser();
+    const { links, serve } = linkProxy();
+    let proxy = serve();
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    try {
+      const carol = cli(["--port", String(port), "--login", uniqueName("carol"), "--pass", "pw", "--register"]);
+      await carol.waitOut(/logged in as/);
+      const channel = uniqueName("order");
+      carol.type(`/join #${channel}`);
+      await carol.waitOut(/now talking in/);
+      const chid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === channel)!.chid;
+      await bob.c.enter(chid);
+      await bob.c.sendMessage({ channel: chid }, "first, before");
+      await carol.waitOut(/first, before/);
+      const closed = new Promise<void>((r) => proxy.close(() => r()));
+      for (const l of links) l.destroy();
+      await closed;
+      await carol.waitOut(/connection lost/);
+      await bob.c.sendMessage({ channel: chid }, "second, during");
+      // The catch-up's history request is held at the proxy while a live one comes.
+      let release!: () => void;
+      let reached!: () => void;
+      const historyHeld = new Promise<void>((r) => (reached = r));
+      proxy = serve({ match: '"action":"history"', until: new Promise<void>((r) => (release = r)), reached });
+      await new Promise<void>((r) => proxy.listen(port, "127.0.0.1", () => r()));
+      await historyHeld;
+      await bob.c.sendMessage({ channel: chid }, "third, live");
+      await sleep(300);
+      release();
+      await carol.waitOut(/third, live/, 20_000);
+      await carol.waitOut(/second, during/);
+      const out = carol.out();
+      expect(out.indexOf("second, during")).toBeLessThan(out.indexOf("third, live"));
+      expect(out.split("third, live").length - 1).toBe(1);
       carol.type("/quit");
       expect(await carol.exited).toBe(0);
     } finally {

@@ -339,6 +339,8 @@ const SEEN_CHANNELS = 64;
 const CATCH_UP_LIMIT = 100;
 /** Channel messages remembered as shown (a catch-up's worth for every remembered channel would be more than needed). */
 const SHOWN_KEPT = 2048;
+/** Live channel messages held back while a reconnect's catch-up is read (beyond: shown as they come). */
+const HELD_DURING_CATCH_UP = 1000;
 
 class ChatSession {
   private target: Conversation | undefined;
@@ -354,6 +356,12 @@ class ChatSession {
   private readonly seenInChannel = new Map<string, bigint>();
   /** `<chid> <mid>` of the channel messages shown last (SHOWN_KEPT), so none shows twice. */
   private readonly shownRecently = new Set<string>();
+  /**
+   * From a lost connection until its catch-up is shown: seenInChannel as it was when the
+   * connection was lost, and the live channel messages that came since (shown after
+   * the catch-up, so that the screen stays in order).
+   */
+  private gap: { from: Map<string, bigint>; held: WirechatEvent[] } | undefined;
 
   constructor(
     private readonly client: WirechatClient,
@@ -367,6 +375,15 @@ class ChatSession {
   // ---------------- events
 
   onEvent(ev: WirechatEvent): void {
+    const d = ev.data ?? {};
+    if (ev.action === "ev_message" && this.gap && !this.raw && typeof d.chid === "string") {
+      if (this.gap.held.length < HELD_DURING_CATCH_UP) return void this.gap.held.push(ev);
+      this.showHeld(); // too many to keep back: in order as far as they go
+    }
+    this.show(ev);
+  }
+
+  private show(ev: WirechatEvent): void {
     const d = ev.data ?? {};
     if (ev.action === "ev_message") {
       this.nicks.set(d.from, d.nick);
@@ -382,10 +399,6 @@ class ChatSession {
     if (line !== undefined) this.screen.line(line);
   }
 
-  /**
-   * After a reconnect: the messages each channel got meanwhile (the newest
-   * CATCH_UP_LIMIT of them), shown as they would have been, oldest first.
-   */
   /**
    * Notes channel message `mid` as shown; false if it was already (a message that came
    * live while the catch-up read it from history, or the other way round).
@@ -407,9 +420,36 @@ class ChatSession {
     this.seenInChannel.set(chid, before === undefined || mid > before ? mid : before);
   }
 
+  /** The connection is lost: what a catch-up after it must read from (see gap). */
+  lost(): void {
+    if (this.raw || this.gap) return;
+    this.gap = { from: new Map(this.seenInChannel), held: [] };
+  }
+
+  private showHeld(): void {
+    const held = this.gap?.held ?? [];
+    this.gap = undefined;
+    for (const ev of held) this.show(ev);
+  }
+
+  /**
+   * After a reconnect: the messages each channel got meanwhile (the newest
+   * CATCH_UP_LIMIT of them), shown as they would have been, oldest first, then the
+   * live ones that came during the catch-up.
+   */
   async caughtUp(): Promise<void> {
     if (this.raw) return; // --raw shows the server's frames only
-    for (const [chid, seen] of [...this.seenInChannel]) {
+    const gap = this.gap;
+    try {
+      await this.readGap(gap?.from ?? new Map(this.seenInChannel));
+    } finally {
+      // A later loss (a new gap) is caught up on by its own reconnect.
+      if (this.gap === gap) this.showHeld();
+    }
+  }
+
+  private async readGap(from: Map<string, bigint>): Promise<void> {
+    for (const [chid, seen] of from) {
       let missed;
       try {
         missed = (await this.client.history({ channel: chid, limit: CATCH_UP_LIMIT })).filter((m) => /^[0-9]+$/.test(m.mid) && BigInt(m.mid) > seen);
@@ -424,7 +464,7 @@ class ChatSession {
         continue;
       }
       if (missed.length === CATCH_UP_LIMIT) this.info(`* ${shown(this.channelName(chid))} got more than ${CATCH_UP_LIMIT} messages meanwhile; /history for more`);
-      for (const m of missed) this.onEvent({ action: "ev_message", data: { ...m, chid } });
+      for (const m of missed) this.show({ action: "ev_message", data: { ...m, chid } });
     }
   }
 
@@ -891,7 +931,10 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
     } catch (err) {
       return fail(`${args.register ? "registration" : "login"} failed: ${errText(err)}`);
     }
-    client.on("disconnect", () => screen.line(p.error("* connection lost; reconnecting…")));
+    client.on("disconnect", () => {
+      session.lost();
+      screen.line(p.error("* connection lost; reconnecting…"));
+    });
     client.on("reconnect", () => {
       screen.line(p.info("* reconnected"));
       session.caughtUp().catch((err: unknown) => screen.line(p.error(`* ${errText(err)}`)));
