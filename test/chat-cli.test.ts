@@ -58,15 +58,22 @@ function cli(args: string[]): Cli {
  * A TCP proxy to the server that can be taken down (closed, its links cut: the client
  * sees its connection lost and its reconnects refused) and served again on its port.
  */
-function linkProxy(): { links: Set<net.Socket>; serve: (hold?: { match: string; until: Promise<void>; reached: () => void }) => net.Server } {
+interface ProxyHooks {
+  /** What the client sends from the first chunk holding `match` on waits for `until`. */
+  hold?: { match: string; until: Promise<void>; reached: () => void };
+  /** Set: the first chunk from the server holding it cuts the link instead (set later too). */
+  cutOn?: string;
+}
+
+function linkProxy(): { links: Set<net.Socket>; serve: (hooks?: ProxyHooks) => net.Server } {
   const links = new Set<net.Socket>();
-  const serve = (hold?: { match: string; until: Promise<void>; reached: () => void }) =>
+  const serve = (hooks: ProxyHooks = {}) =>
     net.createServer((inbound) => {
       const outbound = net.connect(srv.port, "127.0.0.1");
       for (const x of [inbound, outbound]) links.add(x);
+      const { hold } = hooks;
       if (hold === undefined) inbound.pipe(outbound);
       else {
-        // What the client sends from the first chunk holding `match` on waits for `until`.
         let held: Promise<void> | undefined;
         inbound.on("data", (chunk: Buffer) => {
           if (held === undefined && chunk.includes(hold.match)) {
@@ -77,7 +84,13 @@ function linkProxy(): { links: Set<net.Socket>; serve: (hold?: { match: string; 
           else void held.then(() => outbound.write(chunk));
         });
       }
-      outbound.pipe(inbound);
+      outbound.on("data", (chunk: Buffer) => {
+        if (hooks.cutOn !== undefined && chunk.includes(hooks.cutOn)) {
+          hooks.cutOn = undefined;
+          inbound.destroy();
+          outbound.destroy();
+        } else inbound.write(chunk);
+      });
       for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
         a.on("close", () => b.destroy());
         a.on("error", () => b.destroy());
@@ -373,7 +386,7 @@ describe("wirechat chat", () => {
       let release!: () => void;
       let reached!: () => void;
       const historyHeld = new Promise<void>((r) => (reached = r));
-      proxy = serve({ match: '"action":"history"', until: new Promise<void>((r) => (release = r)), reached });
+      proxy = serve({ hold: { match: '"action":"history"', until: new Promise<void>((r) => (release = r)), reached } });
       await new Promise<void>((r) => proxy.listen(port, "127.0.0.1", () => r()));
       await historyHeld;
       await bob.c.sendMessage({ channel: chid }, "third, live");
@@ -386,6 +399,36 @@ describe("wirechat chat", () => {
       expect(out.split("third, live").length - 1).toBe(1);
       carol.type("/quit");
       expect(await carol.exited).toBe(0);
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+      await bob.c.close();
+    }
+  }, 40_000);
+
+  it("a direct message whose reply the link lost shows once, from the resend's reply (its echo went with the link)", async () => {
+    const bob = await libUser();
+    const { links, serve } = linkProxy();
+    const hooks: ProxyHooks = {};
+    const proxy = serve(hooks);
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    try {
+      const erin = cli(["--port", String(port), "--login", uniqueName("erin"), "--pass", "pw", "--register"]);
+      await erin.waitOut(/logged in as/);
+      erin.type(`/msg ${bob.nick}`);
+      await erin.waitOut(/talking to /);
+      // The server stores it and answers; the link is cut before its reply and echo pass.
+      hooks.cutOn = '{"action":"message","data":{"status":0';
+      erin.type("lost reply, kept message");
+      await erin.waitOut(/connection lost/);
+      await erin.waitOut(/reconnected/, 20_000);
+      await erin.waitOut(/lost reply, kept message/);
+      await waitFor(() => bob.inbox.length >= 1, 5000, "bob's message");
+      erin.type("/quit");
+      expect(await erin.exited).toBe(0);
+      expect(erin.out().split("lost reply, kept message").length - 1).toBe(1);
+      expect(bob.inbox.map((m) => m.body)).toEqual(["lost reply, kept message"]);
     } finally {
       proxy.close();
       for (const l of links) l.destroy();

@@ -408,6 +408,8 @@ describe("WirechatClient", () => {
     }
     const sent = await Promise.all([first, second, third]);
     expect(new Set(sent.map((s) => s.mid)).size).toBe(3);
+    // Written again on the new connection: the first two (the third was never written before).
+    expect(sent.map((s) => s.resent)).toEqual([true, true, false]);
     await waitFor(() => got.length >= 3, 5000, "bob's three messages");
     await bob.c.ping();
     await sleep(200);

@@ -339,6 +339,8 @@ const SEEN_CHANNELS = 64;
 const CATCH_UP_LIMIT = 100;
 /** Channel messages remembered as shown (a catch-up's worth for every remembered channel would be more than needed). */
 const SHOWN_KEPT = 2048;
+/** Own direct messages remembered as shown, so that a resend's reply and its echo show once. */
+const OWN_KEPT = 256;
 /** Live channel messages held back while a reconnect's catch-up is read (beyond: shown as they come). */
 const HELD_DURING_CATCH_UP = 1000;
 
@@ -362,6 +364,8 @@ class ChatSession {
    * the catch-up, so that the screen stays in order).
    */
   private gap: { from: Map<string, bigint>; held: WirechatEvent[] } | undefined;
+  /** mids of own direct messages shown (OWN_KEPT): see sendAndShow. */
+  private readonly ownShown = new Set<string>();
 
   constructor(
     private readonly client: WirechatClient,
@@ -389,6 +393,11 @@ class ChatSession {
       this.nicks.set(d.from, d.nick);
       if (hasAttachment(d.attach)) this.keepAttachment(d.mid, d.attach);
       if (typeof d.chid === "string" && typeof d.mid === "string" && /^[0-9]+$/.test(d.mid) && !this.seen(d.chid, BigInt(d.mid))) return;
+      if (d.chid === undefined && d.from === this.client.uid && typeof d.mid === "string") {
+        if (this.ownShown.has(d.mid)) return;
+        if (this.ownShown.size >= OWN_KEPT) this.ownShown.delete(this.ownShown.values().next().value as string);
+        this.ownShown.add(d.mid);
+      }
     }
     if ((ev.action === "ev_enter" || ev.action === "ev_leave") && d.uid) this.nicks.set(d.uid, d.nick);
     if (this.raw) {
@@ -613,9 +622,20 @@ class ChatSession {
   }
 
   private async say(text: string): Promise<void> {
-    // The server echoes the message back as ev_message; that echo is what is printed,
-    // so what the screen shows is what the server stored.
-    await this.client.sendMessage(this.toOf(this.needTarget()), text);
+    await this.sendAndShow(this.toOf(this.needTarget()), text);
+  }
+
+  /**
+   * The server echoes a message back as ev_message; that echo is what is printed, so
+   * what the screen shows is what the server stored. A message the client sent again
+   * after a reconnect (its reply lost) has its echo on the lost connection, if any:
+   * shown from its reply instead, once (a stored resend's echo is skipped by mid).
+   */
+  private async sendAndShow(to: { uid: string } | { channel: string }, text: string): Promise<void> {
+    const sent = await this.client.sendMessage(to, text);
+    if (!sent.resent) return;
+    const where = "uid" in to ? { to: to.uid } : { chid: to.channel };
+    this.show({ action: "ev_message", data: { mid: sent.mid, from: this.client.uid, nick: this.client.nick, body: text, time: sent.time, attach: { mime: "", data: "" }, ...where } });
   }
 
   /** Finds a user by nick with searchuser (prefix match on nick or login), keeping the exact nick. */
@@ -632,7 +652,7 @@ class ChatSession {
   private async msg(rest: string): Promise<void> {
     const { user, text } = await this.addressee(rest);
     this.target = { kind: "user", uid: user.uid, nick: user.nick };
-    if (text !== "") await this.client.sendMessage({ uid: user.uid }, text);
+    if (text !== "") await this.sendAndShow({ uid: user.uid }, text);
     else this.info(`* talking to ${user.nick}`);
   }
 

@@ -158,6 +158,8 @@ interface Pending {
    * keeps its place before the requests that came after it.
    */
   resend?: string;
+  /** Written again on a later connection (see resend); its reply says so (`resent`). */
+  resent?: boolean;
 }
 
 /** Something to write: a whole frame, or a frame streamed by `run`. */
@@ -446,12 +448,14 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * A direct message (`{uid}`) or a channel message (`{channel}`). It carries a `cmid`
    * (a random one unless given), so a connection lost before its reply does not fail
    * it: with `reconnect`, it is sent again on the next connection, in its place, and the
-   * server answers with the mid it stored, once.
+   * server answers with the mid it stored, once. `resent`: it was sent again so; its
+   * echo (`ev_message` to your own connections) went to the lost connection, if the
+   * first one was stored, and does not come again.
    */
-  async sendMessage(to: Target, body: string, extra: { cmid?: string } & RequestOptions = {}): Promise<{ mid: string; time: number }> {
+  async sendMessage(to: Target, body: string, extra: { cmid?: string } & RequestOptions = {}): Promise<{ mid: string; time: number; resent: boolean }> {
     const { timeoutMs, cmid, ...rest } = extra;
     const r = await this.request("message", { ...to, body, ...rest, cmid: cmid ?? randomUUID() }, { timeoutMs });
-    return { mid: r.mid, time: r.time };
+    return { mid: r.mid, time: r.time, resent: r.resent === true };
   }
 
   async history(
@@ -885,7 +889,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     if (p.settled) return;
     p.settled = true;
     if (p.failure) p.reject(p.failure);
-    else if (data.status === 0) p.resolve(data);
+    else if (data.status === 0) p.resolve(p.resent ? { ...data, resent: true } : data);
     else p.reject(new WirechatError(typeof data.status === "number" ? data.status : ClientCode.Protocol, String(data.error ?? "no error text"), p.action));
   }
 
@@ -1011,6 +1015,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     for (const p of inflight) {
       if (p.settled) continue;
       if (resumable && p.resend !== undefined) {
+        p.resent = true;
         again.push({ pending: p, text: p.resend });
         continue;
       }
