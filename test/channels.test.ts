@@ -5,7 +5,7 @@ import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import type { BatchOp } from "../src/storage/db.js";
 import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
-import { heldGate, sleep, slowKeyReads, waitFor, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, holdNextWrite, sleep, slowKeyReads, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -558,7 +558,8 @@ describe("deletechannel", () => {
       const same = await Client.connect(shared.port);
       expect((await same.request("auth", { sid: u.sid })).status).toBe(0);
       // The request waits (enter in its membership check, before the user's lock;
-      // leave in its commit) while the session is logged out through `same`.
+      // leave in its commit, under the user's lock, so the logout through `same` waits
+      // for it) while the session is logged out through `same`.
       const gate = heldGate();
       const undo =
         action === "enter"
@@ -567,7 +568,12 @@ describe("deletechannel", () => {
       try {
         const answer = u.client.request(action, { channel: ch.chid });
         await gate.reached;
-        expect((await same.request("logout")).status).toBe(0);
+        const loggedOut = same.request("logout");
+        if (action === "leave") {
+          expect(await same.quiet(200)).toBe(true);
+          gate.open();
+        }
+        expect((await loggedOut).status).toBe(0);
         await u.client.event("ev_logout");
         gate.open();
         expect((await answer).status).toBe(0);
@@ -811,5 +817,57 @@ describe("a channel event whose delivery throws", () => {
       delete (conn as { send?: unknown }).send;
     }
     for (const x of [a, b]) x.client.close();
+  });
+});
+
+describe("channel changes racing the account's deletion", () => {
+  it("a leave racing the same user's deleteaccount: the others hear ev_leave once", async () => {
+    const owner = await registerUser(shared.port);
+    const x = await registerUser(shared.port);
+    const x2 = await login(shared.port, x.login);
+    const ch = await owner.client.request("createchannel", { name: uniqueName("twice") });
+    expect((await x.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    await owner.client.event("ev_enter", (d) => d.uid === x.uid);
+    const { gate, restore } = holdNextWrite(shared.server.services.storage);
+    try {
+      x.client.send("leave", { channel: ch.chid });
+      await gate.reached; // the leave's batch is being written
+      x2.client.send("deleteaccount", { pass: "secret" });
+      await sleep(200); // the deletion reads the memberships meanwhile (or waits for the leave)
+    } finally {
+      restore();
+    }
+    await owner.client.event("ev_leave", (d) => d.uid === x.uid && d.chid === ch.chid);
+    expect(await owner.client.quiet(500, (f) => f.action === "ev_leave")).toBe(true);
+    for (const c of [owner.client, x.client, x2.client]) c.close();
+  });
+
+  it("an invite by an account deleted meanwhile adds nobody", async () => {
+    const owner = await registerUser(shared.port);
+    const x = await registerUser(shared.port);
+    const x2 = await login(shared.port, x.login);
+    const y = await registerUser(shared.port);
+    const ch = await owner.client.request("createchannel", { name: uniqueName("inv") });
+    expect((await x.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    const store = shared.server.services.channels;
+    const gate = heldGate();
+    // The invite's first look at the invitee's membership (after the inviter's check)
+    // waits until the inviter's account is gone.
+    let held = false;
+    const undo = wrapCalls(store, "isMember", async (_chid: string, uid: string) => uid === y.uid && !held && (held = true) && (await gate.pass()));
+    try {
+      x.client.send("invite", { channel: ch.chid, uid: y.uid });
+      await gate.reached;
+      undo();
+      expect((await x2.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      gate.open();
+      await shared.server.services.dispatcher.idle(2000);
+      await sleep(200);
+    } finally {
+      undo();
+      gate.open();
+    }
+    expect(await store.isMember(ch.chid, y.uid)).toBe(false);
+    for (const c of [owner.client, x.client, y.client]) c.close();
   });
 });

@@ -236,3 +236,27 @@ describe("a change in flight when its author's account is deleted", () => {
     b.client.close();
   });
 });
+
+describe("a direct message in flight when its recipient's account is deleted", () => {
+  it("is refused 8, not stored for nobody", async () => {
+    const a = await registerUser(shared.port);
+    const x = await registerUser(shared.port);
+    const store = shared.server.services.messages;
+    const gate = heldGate();
+    // The message's cmid lookup (after its recipient check) waits until the account is gone.
+    const undo = wrapCalls(store, "byCmid", async (_from: string, cmid: string) => cmid === "race-1" && (await gate.pass()));
+    try {
+      const sending = a.client.request("message", { uid: x.uid, body: "to a leaving account", cmid: "race-1" });
+      await gate.reached;
+      undo();
+      expect((await x.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      gate.open();
+      expect(await sending).toMatchObject({ status: 8 });
+    } finally {
+      undo();
+      gate.open();
+    }
+    expect((await a.client.request("history", { uid: x.uid })).messages ?? []).toEqual([]);
+    a.client.close();
+  });
+});

@@ -194,7 +194,7 @@ export function registerChannels(sv: Services): ChannelOps {
    * user's lock (then their `channels-of` lock, then the channel's), so that a deletion
    * of the account cannot miss the membership.
    */
-  async function join(c: ChannelRecord, uid: string, who?: string): Promise<boolean> {
+  async function join(c: ChannelRecord, uid: string, who?: string, by?: string): Promise<boolean> {
     const key = `${c.chid}\u0000${uid}`;
     for (let running = joins.get(key); running !== undefined; running = joins.get(key)) {
       try {
@@ -208,7 +208,14 @@ export function registerChannels(sv: Services): ChannelOps {
     }
     const first = (async () => {
       if (await channels.isMember(c.chid, uid)) return false;
-      return underLocks(locks, [userLockKey(uid), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
+      // An inviter's user lock too (user locks sorted, as everywhere): its deletion,
+      // which holds it, either comes first (then 'by' is refused here) or after.
+      const users = [...new Set(by === undefined ? [uid] : [uid, by])].sort();
+      return underLocks(locks, [...users.map(userLockKey), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
+        if (by !== undefined) {
+          await stillThere(by);
+          if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
+        }
         await stillThere(uid, who);
         // Again under the lock: a creation naming them may have committed meanwhile.
         if (await channels.isMember(c.chid, uid)) return false;
@@ -301,7 +308,7 @@ export function registerChannels(sv: Services): ChannelOps {
     if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
     const u = await findUser(sv, uid);
     if (!u) throw channelErrors.noUser(uid);
-    return { c, added: await join(c, uid, `user '${uid}'`), nick: u.nick };
+    return { c, added: await join(c, uid, `user '${uid}'`, by), nick: u.nick };
   }
 
   dispatcher.register<{ channel: string; uid: string }>({
@@ -395,24 +402,29 @@ export function registerChannels(sv: Services): ChannelOps {
         await inCluster({ k: "leave", uid: me, nick, chid: req.data.channel });
         return {};
       }
-      let chids: string[];
-      if (req.data.channel === "*") {
-        chids = await channels.channelsOf(me);
-      } else {
-        const c = await channelOf(req.data.channel);
-        if (!(await channels.isMember(c.chid, me))) throw channelErrors.notMember(c.chid);
-        chids = [c.chid];
-      }
-      try {
-        await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
-      } catch (err) {
-        for (const chid of chids) channels.notLeft(chid, me);
-        throw err;
-      }
-      for (const chid of chids) {
-        channels.left(chid, me);
-        req.emit({ kind: "leave", chid, uid: me, nick }, { channel: chid });
-      }
+      // Under the user's locks, as a join: a deleteaccount (it holds the user lock while
+      // it reads the memberships whose ev_leave it sends) comes wholly before this
+      // (then there is nothing to leave) or after it (then this one is not among them).
+      const chids = await underLocks(locks, [userLockKey(me), `channels-of:${me}`], async () => {
+        await stillThere(me);
+        let chids: string[];
+        if (req.data.channel === "*") {
+          chids = await channels.channelsOf(me);
+        } else {
+          const c = await channelOf(req.data.channel);
+          if (!(await channels.isMember(c.chid, me))) throw channelErrors.notMember(c.chid);
+          chids = [c.chid];
+        }
+        try {
+          await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
+        } catch (err) {
+          for (const chid of chids) channels.notLeft(chid, me);
+          throw err;
+        }
+        for (const chid of chids) channels.left(chid, me);
+        return chids;
+      });
+      for (const chid of chids) req.emit({ kind: "leave", chid, uid: me, nick }, { channel: chid });
       return {};
     },
   });

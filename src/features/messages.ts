@@ -183,6 +183,11 @@ export function registerMessages(sv: Services): void {
     if (channel !== undefined) {
       if (channels.isGone(channel)) throw channelErrors.notFound(channel);
       if (channels.hasLeft(channel, sender)) throw channelErrors.notMember(channel);
+    } else if (messages.isForgotten(to as string)) {
+      // A recipient deleted since its check (the reads before the store): its deletion
+      // swept what was written before it; this would be stored for nobody, and a new
+      // pair's entry left behind.
+      throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
     }
     const me = sender;
     const { body = "", attach } = req.data;

@@ -1175,6 +1175,11 @@ export class MessageStore {
     return ops;
   }
 
+  /** `uid`'s deletion is committed (one of the last KNOWN_GONE deleted). */
+  isForgotten(uid: string): boolean {
+    return this.gone.has(uid);
+  }
+
   /**
    * `uid`'s deletion is committed: what waits in memory for them goes, and none of
    * their derived entries is written from now on (`gone`).
