@@ -63,6 +63,8 @@ interface ProxyHooks {
   hold?: { match: string; until: Promise<void>; reached: () => void };
   /** Set: the first chunk from the server holding it cuts the link instead (set later too). */
   cutOn?: string;
+  /** Told once a chunk from the server holding `match` is passed on to the client. */
+  passed?: { match: string; reached: () => void };
 }
 
 function linkProxy(): { links: Set<net.Socket>; serve: (hooks?: ProxyHooks) => net.Server } {
@@ -89,7 +91,10 @@ function linkProxy(): { links: Set<net.Socket>; serve: (hooks?: ProxyHooks) => n
           hooks.cutOn = undefined;
           inbound.destroy();
           outbound.destroy();
-        } else inbound.write(chunk);
+        } else {
+          inbound.write(chunk);
+          if (hooks.passed !== undefined && chunk.includes(hooks.passed.match)) hooks.passed.reached();
+        }
       });
       for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
         a.on("close", () => b.destroy());
@@ -375,7 +380,7 @@ describe("wirechat chat", () => {
       await carol.waitOut(/now talking in/);
       const chid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === channel)!.chid;
       await bob.c.enter(chid);
-      await bob.c.sendMessage({ channel: chid }, "first, before");
+      const first = await bob.c.sendMessage({ channel: chid }, "first, before");
       await carol.waitOut(/first, before/);
       const closed = new Promise<void>((r) => proxy.close(() => r()));
       for (const l of links) l.destroy();
@@ -386,16 +391,27 @@ describe("wirechat chat", () => {
       let release!: () => void;
       let reached!: () => void;
       const historyHeld = new Promise<void>((r) => (reached = r));
-      proxy = serve({ hold: { match: '"action":"history"', until: new Promise<void>((r) => (release = r)), reached } });
+      let livePassed!: () => void;
+      const live = new Promise<void>((r) => (livePassed = r));
+      const hooks: ProxyHooks = { hold: { match: '"action":"history"', until: new Promise<void>((r) => (release = r)), reached }, passed: { match: "third, live", reached: livePassed } };
+      proxy = serve(hooks);
       await new Promise<void>((r) => proxy.listen(port, "127.0.0.1", () => r()));
       await historyHeld;
       await bob.c.sendMessage({ channel: chid }, "third, live");
-      await sleep(300);
+      // On the client's link before the history request goes on (so before its reply).
+      await live;
+      // An edit that comes live meanwhile (of a message shown before the outage) waits too.
+      let editPassed!: () => void;
+      const edited = new Promise<void>((r) => (editPassed = r));
+      hooks.passed = { match: "first, edited", reached: editPassed };
+      await bob.c.request("editmessage", { mid: first.mid, body: "first, edited" });
+      await edited;
       release();
-      await carol.waitOut(/third, live/, 20_000);
+      await carol.waitOut(/was edited: first, edited/, 20_000);
       await carol.waitOut(/second, during/);
       const out = carol.out();
       expect(out.indexOf("second, during")).toBeLessThan(out.indexOf("third, live"));
+      expect(out.indexOf("third, live")).toBeLessThan(out.indexOf("was edited: first, edited"));
       expect(out.split("third, live").length - 1).toBe(1);
       carol.type("/quit");
       expect(await carol.exited).toBe(0);

@@ -341,8 +341,14 @@ const CATCH_UP_LIMIT = 100;
 const SHOWN_KEPT = 2048;
 /** Own direct messages remembered as shown, so that a resend's reply and its echo show once. */
 const OWN_KEPT = 256;
-/** Live channel messages held back while a reconnect's catch-up is read (beyond: shown as they come). */
+/**
+ * Live channel messages (and edits, deletions) held back while a reconnect's catch-up
+ * is read: at most this many, and this much attachment text (beyond: shown as they come).
+ */
 const HELD_DURING_CATCH_UP = 1000;
+const HELD_BYTES_DURING_CATCH_UP = 64 * 1024 * 1024;
+/** Events that would show out of order before a catch-up: held with channel messages. */
+const HELD_WITH_MESSAGES = new Set(["ev_edit", "ev_delmessage", "ev_channel_deleted"]);
 
 class ChatSession {
   private target: Conversation | undefined;
@@ -363,7 +369,7 @@ class ChatSession {
    * connection was lost, and the live channel messages that came since (shown after
    * the catch-up, so that the screen stays in order).
    */
-  private gap: { from: Map<string, bigint>; held: WirechatEvent[] } | undefined;
+  private gap: { from: Map<string, bigint>; held: WirechatEvent[]; bytes: number } | undefined;
   /** mids of own direct messages shown (OWN_KEPT): see sendAndShow. */
   private readonly ownShown = new Set<string>();
 
@@ -380,9 +386,15 @@ class ChatSession {
 
   onEvent(ev: WirechatEvent): void {
     const d = ev.data ?? {};
-    if (ev.action === "ev_message" && this.gap && !this.raw && typeof d.chid === "string") {
-      if (this.gap.held.length < HELD_DURING_CATCH_UP) return void this.gap.held.push(ev);
-      this.showHeld(); // too many to keep back: in order as far as they go
+    const gap = this.gap;
+    if (gap && ((ev.action === "ev_message" && typeof d.chid === "string") || HELD_WITH_MESSAGES.has(ev.action))) {
+      const bytes = typeof d.attach?.data === "string" ? d.attach.data.length : 0;
+      if (gap.held.length < HELD_DURING_CATCH_UP && gap.bytes + bytes <= HELD_BYTES_DURING_CATCH_UP) {
+        gap.held.push(ev);
+        gap.bytes += bytes;
+        return;
+      }
+      this.showHeld(); // too much to keep back: in order as far as it goes
     }
     this.show(ev);
   }
@@ -431,8 +443,11 @@ class ChatSession {
 
   /** The connection is lost: what a catch-up after it must read from (see gap). */
   lost(): void {
-    if (this.raw || this.gap) return;
-    this.gap = { from: new Map(this.seenInChannel), held: [] };
+    if (this.raw) return;
+    // Lost again during a catch-up: that catch-up no longer ends the gap (its reads may
+    // fail with the link); the next one reads from where the first loss left each channel.
+    const { gap } = this;
+    this.gap = gap ? { ...gap } : { from: new Map(this.seenInChannel), held: [], bytes: 0 };
   }
 
   private showHeld(): void {
@@ -452,7 +467,7 @@ class ChatSession {
     try {
       await this.readGap(gap?.from ?? new Map(this.seenInChannel));
     } finally {
-      // A later loss (a new gap) is caught up on by its own reconnect.
+      // Unless the link was lost again meanwhile (a new gap, for the next reconnect).
       if (this.gap === gap) this.showHeld();
     }
   }
@@ -633,9 +648,10 @@ class ChatSession {
    */
   private async sendAndShow(to: { uid: string } | { channel: string }, text: string): Promise<void> {
     const sent = await this.client.sendMessage(to, text);
-    if (!sent.resent) return;
+    if (!sent.resent || this.raw) return; // --raw shows the server's frames only
     const where = "uid" in to ? { to: to.uid } : { chid: to.channel };
-    this.show({ action: "ev_message", data: { mid: sent.mid, from: this.client.uid, nick: this.client.nick, body: text, time: sent.time, attach: { mime: "", data: "" }, ...where } });
+    // Through onEvent: a channel message waits behind a catch-up under way.
+    this.onEvent({ action: "ev_message", data: { mid: sent.mid, from: this.client.uid, nick: this.client.nick, body: text, time: sent.time, attach: { mime: "", data: "" }, ...where } });
   }
 
   /** Finds a user by nick with searchuser (prefix match on nick or login), keeping the exact nick. */
