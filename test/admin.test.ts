@@ -3,7 +3,7 @@
 
 import { createHash } from "node:crypto";
 import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { networkInterfaces, tmpdir } from "node:os";
 import path from "node:path";
 import http from "node:http";
 import net from "node:net";
@@ -366,6 +366,33 @@ describe("admin port without a token", () => {
     expect(await asHost(ap, "/users", `localhost:${ap}`)).toBe(200);
     expect(await asHost(ap, "/metrics", "evil.example")).toBe(200);
     expect(await asHost(ap, "/healthz", "evil.example")).toBe(200);
+  });
+
+  it("on one of this machine's own addresses, answers clients on this machine that name it (the CLI beside it)", async () => {
+    const own = Object.values(networkInterfaces())
+      .flat()
+      .find((i) => i !== undefined && !i.internal && i.family === "IPv4")?.address;
+    if (own === undefined) throw new Error("this test needs a network interface besides loopback (an IPv4 address)");
+    const s = await startTestServer({ adminHost: own });
+    try {
+      const ap = s.adminPort as number;
+      const ask = (host: string) =>
+        new Promise<number>((resolve, reject) => {
+          const req = http.request({ port: ap, host: own, path: "/users", headers: { host } }, (res) => {
+            res.resume();
+            resolve(res.statusCode as number);
+          });
+          req.on("error", reject);
+          req.end();
+        });
+      expect(await ask(`${own}:${ap}`)).toBe(200);
+      expect(await ask(own)).toBe(200);
+      expect(await ask("evil.example")).toBe(403);
+      expect(await ask(`localhost:${ap}`)).toBe(403);
+    } finally {
+      await s.stop();
+      removeDir(s.services.config.dataDir);
+    }
   });
 
   it("refuses an address ban that is not an IP address", async () => {

@@ -74,6 +74,22 @@ function isLoopback(address: string): boolean {
   return a === "::1" || a.startsWith("127.");
 }
 
+/**
+ * A request from this machine that names this server as such: from a loopback address
+ * naming localhost, or from the very address it reached (an --admin-host that is one of
+ * this machine's own addresses: the CLI beside the server connects there) naming that
+ * address. A web page's request after DNS rebinding names its own host; another
+ * machine cannot connect from this one's address.
+ */
+function isLocalRequest(remoteAddress: string | undefined, localAddress: string | undefined, host: string): boolean {
+  const remote = plainAddress(remoteAddress ?? "");
+  if (isLoopback(remote)) return LOOPBACK_HOST.test(host);
+  const local = plainAddress(localAddress ?? "");
+  if (remote === "" || remote !== local) return false;
+  const named = host.startsWith("[") ? host.slice(1, host.indexOf("]")) : host.replace(/:\d+$/, "");
+  return plainAddress(named) === local;
+}
+
 /** The one of login and address a ban body names. */
 function banTarget(body: { login?: string; address?: string }): [BanKind, string] {
   if ((body.login === undefined) === (body.address === undefined)) {
@@ -139,8 +155,8 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
       // this machine that names it as such (a web page's request after DNS rebinding
       // names its own host); health, readiness and metrics answer anyone who can connect.
       if (path === "/metrics") return;
-      if (!isLoopback(req.socket.remoteAddress ?? "") || !LOOPBACK_HOST.test(req.headers.host ?? "")) {
-        return sendError(reply, Code.Forbidden, "without --admin-token this admin route answers only local clients (Host: localhost or 127.0.0.1)", 403);
+      if (!isLocalRequest(req.socket.remoteAddress, req.socket.localAddress, req.headers.host ?? "")) {
+        return sendError(reply, Code.Forbidden, "without --admin-token this admin route answers only clients on this machine (Host: localhost, 127.0.0.1, or the address they connected to)", 403);
       }
       return;
     }
