@@ -36,6 +36,8 @@ import { Storage } from "./storage/db.js";
 import { MessageStore } from "./storage/messages.js";
 import { SessionStore } from "./storage/sessions.js";
 import { UserStore } from "./storage/users.js";
+import type { UserRecord } from "./storage/layout.js";
+import { shownLogin } from "./features/profile-fields.js";
 import { Listener, partialInput } from "./transport/listener.js";
 import { nativeFront } from "./doors/native.js";
 import { RoomsDoor } from "./doors/rooms.js";
@@ -254,6 +256,21 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   // namespace: another door's account shows there by its nick).
   const uidOfName = async (name: string): Promise<string | undefined> =>
     (await readSynced(services, () => services.users.lookup("login", name))) ?? (await readSynced(services, () => services.users.lookup("nick", name)));
+  // Users whose shown login (shownLogin) starts with `prefix`, in that name's order: by
+  // login, those whose login is not an address; by nick, those whose login is (their
+  // login, an email, is neither shown nor matched).
+  const shownStartingWith = async (prefix: string, limit: number): Promise<UserRecord[]> => {
+    const { users } = services;
+    const [byLogin, byNick] = await Promise.all([users.prefixSearch("login", prefix, limit), users.prefixSearch("nick", prefix, limit)]);
+    const found = new Map<string, UserRecord>();
+    for (const [uids, hidden] of [[byLogin, false], [byNick, true]] as const) {
+      for (const u of await Promise.all(uids.map((uid) => users.get(uid)))) {
+        if (u !== undefined && u.login.includes("@") === hidden) found.set(u.uid, u);
+      }
+    }
+    const named = [...found.values()].map((u) => ({ u, key: shownLogin(u).toLowerCase() }));
+    return named.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)).slice(0, limit).map((x) => x.u);
+  };
   // A door's events (its notices: the chat door's join and leave lines, a rust room
   // move), and in cluster mode its notices for its connections on the other nodes too.
   const publish = (ev: Event, audience: Audience): void => {
@@ -273,17 +290,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   }
   let roomsListener: Listener | undefined;
   if (config.roomsPort >= 0) {
-    const { users, messages } = services;
+    const { messages } = services;
     const door = new RoomsDoor(dispatcher, log, {
       config,
       blobs,
-      uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
       uidOfName,
-      loginsStartingWith: async (prefix, limit) => {
-        const uids = await users.prefixSearch("login", prefix, limit);
-        const found = await Promise.all(uids.map((uid) => users.get(uid)));
-        return found.flatMap((u) => (u ? [u.login] : []));
-      },
+      loginsStartingWith: async (prefix, limit) => (await shownStartingWith(prefix, limit)).map(shownLogin),
       roomOf: (a, b) => readSynced(services, () => privateRoomOf(services, a, b)),
       firstMid: (chid) => messages.firstSeq(channelConv(chid)),
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
@@ -318,9 +330,8 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       user: (uid) => users.get(uid),
       cachedUser: (uid) => users.peek(uid),
       uidOfNum: (num) => readSynced(services, () => directory.uidOf(num)),
-      uidOfLogin: (login) => readSynced(services, () => users.lookup("login", login)),
       uidOfName,
-      loginsStartingWith: (prefix, limit) => users.prefixSearch("login", prefix, limit),
+      loginsStartingWith: async (prefix, limit) => (await shownStartingWith(prefix, limit)).map((u) => u.uid),
       channel: (chid) => readSynced(services, () => channels.get(chid)),
       channelsOf: (uid) => channels.channelsOf(uid),
       members: (chid) => channels.members(chid),

@@ -148,6 +148,36 @@ describe("every door in one conversation", () => {
     for (const w of [ws2, ws3]) w.ws.close();
   });
 
+  it("a seed-003 account's email (its login) is shown by no door's user list: the 001 and 002 doors show and find it by its username", async () => {
+    const name = uniqueName("hid");
+    const email = `${name}@example.com`;
+    expect((await http("POST", "/create_user", { username: name, password: "pw", email })).status).toBe("success");
+    const el = uniqueName("c2");
+    const sid = (await http("POST", "/v1/register", { login: el, password: "pw" })).session_id as string;
+    const ol = uniqueName("c1");
+    const rooms = await Client.connect(all.server.roomsPort as number, { welcome: false });
+    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: ol, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    // 002: searched by its username, listed by it; its email's beginning finds nothing.
+    const found = (await http("GET", `/v1/users/?q=${encodeURIComponent(name)}`, undefined, sid)) as { id: number; login: string }[];
+    expect(found.map((u) => u.login)).toEqual([name]);
+    expect(await http("GET", `/v1/users/?q=${encodeURIComponent(`${name}@`)}`, undefined, sid)).toEqual([]);
+    // A room with it, made by that name: its members and its name show the username.
+    const room = await http("POST", "/v1/rooms", { users: [{ login: name }] }, sid);
+    expect(room.users.map((u: { login: string }) => u.login).sort()).toEqual([el, name].sort());
+    expect(JSON.stringify(await http("GET", "/v1/rooms", undefined, sid))).not.toContain(email);
+    // 001: the same.
+    expect(await rooms.ask({ type: "SEARCH_USER", user: name }, (f) => f.type === "SEARCH_USER")).toEqual({ type: "SEARCH_USER", user: [name] });
+    expect(await rooms.ask({ type: "SEARCH_USER", user: `${name}@` }, (f) => f.type === "SEARCH_USER")).toEqual({ type: "SEARCH_USER", user: [] });
+    // A 003 account logged in on the rooms door by its email makes a room named by its username.
+    const hidden = await Client.connect(all.server.roomsPort as number, { welcome: false });
+    expect((await hidden.ask({ type: "REQUEST_LOGIN", login: email, pass: "pw" }, (f) => f.type === "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    expect((await hidden.ask({ type: "CREATE_ROOM", customer: ol }, (f) => f.type === "CREATE_ROOM")).id).toEqual(expect.any(Number));
+    const n = await Client.connect(all.port);
+    expect((await n.request("auth", { login: ol, pass: "pw" })).status).toBe(0);
+    expect(JSON.stringify(await n.request("channellist", { limit: 500 }))).not.toContain(email);
+    for (const c of [rooms, hidden, n]) c.close();
+  });
+
   it("e_chat: a name register calls taken logs in, a seed-003 username included", async () => {
     // Logins and nicks are one namespace: /v1/register of a 003 account's username is
     // refused as taken, so /v1/login of it finds that account (its login is its email).

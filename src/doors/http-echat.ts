@@ -27,7 +27,7 @@ import type { Event } from "../protocol/events.js";
 import { afterRead, type Fields, type OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import { hasLoneSurrogate } from "../protocol/validation.js";
-import { longerThanAnyLogin } from "../features/profile-fields.js";
+import { longerThanAnyLogin, shownLogin } from "../features/profile-fields.js";
 import type { ChannelRecord, MessageRecord, UserRecord } from "../storage/layout.js";
 import { NAME_MAX } from "../storage/users.js";
 import type { Front } from "../transport/listener.js";
@@ -52,10 +52,9 @@ export interface EchatDeps {
   /** The user's record when it is cached (events are rendered synchronously). */
   cachedUser(uid: string): UserRecord | undefined;
   uidOfNum(num: number): Promise<string | undefined>;
-  uidOfLogin(login: string): Promise<string | undefined>;
   /** The user whose login, else whose nick, is `name` (logins and nicks are one namespace). */
   uidOfName(name: string): Promise<string | undefined>;
-  /** Uids whose login starts with `prefix` (case-insensitively), at most `limit`. */
+  /** Uids whose shown login (shownLogin) starts with `prefix` (case-insensitively), at most `limit`. */
   loginsStartingWith(prefix: string, limit: number): Promise<string[]>;
   channel(chid: string): Promise<ChannelRecord | undefined>;
   channelsOf(uid: string): Promise<string[]>;
@@ -320,7 +319,7 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
 
   private async userList(uids: readonly string[]): Promise<{ id: number; login: string }[]> {
     const found = await Promise.all(uids.map((uid) => this.deps.user(uid)));
-    return found.flatMap((u) => (u ? [{ id: u.num, login: u.login }] : []));
+    return found.flatMap((u) => (u ? [{ id: u.num, login: shownLogin(u) }] : []));
   }
 
   /** A room with its members: the first ROOM_USERS_MAX of them (a large public channel joined elsewhere is not listed whole). */
@@ -357,18 +356,18 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
         const { id, login } = item as { id?: unknown; login?: unknown };
         let uid: string | undefined;
         if (typeof id === "number" && Number.isSafeInteger(id) && id > 0) uid = await this.deps.uidOfNum(id);
-        else if (id === undefined && typeof login === "string" && login !== "") uid = await this.deps.uidOfLogin(login);
+        else if (id === undefined && typeof login === "string" && login !== "") uid = await this.deps.uidOfName(login);
         else return INVALID_JSON;
         if (uid === undefined) return fail(422, "user_not_found");
         const u = await this.deps.user(uid);
         if (!u) return fail(422, "user_not_found");
         if (!uids.includes(uid) && uid !== s.uid) {
           uids.push(uid);
-          logins.push(u.login);
+          logins.push(shownLogin(u));
         }
       }
       const me = await this.deps.user(s.uid as string);
-      const name = clip([me?.login ?? "", ...logins].join(", "), NAME_MAX);
+      const name = clip([me ? shownLogin(me) : "", ...logins].join(", "), NAME_MAX);
       const r = await this.call(s, "createchannel", { name, private: true, members: uids });
       if (!r.ok) return r.code === Code.UserNotFound ? fail(422, "user_not_found") : other(r.code);
       return ok(await this.room((r.body as { chid: string }).chid));

@@ -19,7 +19,7 @@ import type { Session } from "../protocol/session.js";
 import { LocalLock } from "../seams.js";
 import type { MessageRecord } from "../storage/layout.js";
 import { NAME_MAX } from "../storage/users.js";
-import { longerThanAnyLogin } from "../features/profile-fields.js";
+import { longerThanAnyLogin, shownLogin } from "../features/profile-fields.js";
 import { clip, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 
 /** READ_MSG ALL answers at most this many (the latest). */
@@ -52,11 +52,9 @@ export interface RoomsDeps {
   revoke(uid: string, sid: string, expires: number): void;
   config: Config;
   blobs: BlobSource;
-  /** The uid of a login, if there is an account. */
-  uidOfLogin(login: string): Promise<string | undefined>;
   /** The user whose login, else whose nick, is `name` (logins and nicks are one namespace). */
   uidOfName(name: string): Promise<string | undefined>;
-  /** Logins starting with `prefix` (case-insensitively), at most `limit`. */
+  /** Shown logins (shownLogin) starting with `prefix` (case-insensitively), at most `limit`. */
   loginsStartingWith(prefix: string, limit: number): Promise<string[]>;
   /** A private channel whose members are exactly these two users, if there is one. */
   roomOf(a: string, b: string): Promise<string | undefined>;
@@ -301,7 +299,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     return this.pairs.run(me < other ? `${me}\u0000${other}` : `${other}\u0000${me}`, async () => {
       let chid = await this.deps.roomOf(me, other);
       if (chid === undefined) {
-        const name = clip(`${st.login} & ${customer}`, NAME_MAX);
+        const name = clip(`${shownLogin({ login: st.login as string, nick: s.nick as string })} & ${customer}`, NAME_MAX);
         const r = await this.call(s, "createchannel", { name, private: true, members: [other] });
         if (!r.ok) return error(msg, r.text);
         chid = (r.body as { chid: string }).chid;

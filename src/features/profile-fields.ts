@@ -15,6 +15,17 @@ export function isLogin(text: string): boolean {
 }
 
 /**
+ * The name the doors that list users by login (e_chat 002, rooms 001) show for an
+ * account to other users: its login, unless the login is an address (a seed-003
+ * account's login is its email, which nobody else is to see): then its nick. Logins
+ * and nicks are one namespace, so it names the account as surely, and those doors take
+ * a nick wherever they take a login.
+ */
+export function shownLogin(u: { login: string; nick: string }): string {
+  return u.login.includes("@") ? u.nick : u.login;
+}
+
+/**
  * More characters (code points, as the schemas count them) than any login has; a string
  * over twice as many UTF-16 units is, without counting.
  */
