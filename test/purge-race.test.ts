@@ -4,7 +4,10 @@
 // wrote its record back into the log (then editable and deletable by mid, status 0,
 // with no history entry).
 import { describe, expect, it } from "vitest";
-import { login, registerUser, serveForFile, uniqueName } from "./helpers.js";
+import { channelConv, prefixRange } from "../src/storage/layout.js";
+import { readEntries } from "../src/storage/range.js";
+import { login, registerUser, serveForFile, startTestServer, tempDir, uniqueName } from "./helpers.js";
+import { sleep, waitFor } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -35,5 +38,43 @@ describe("purge vs editmessage", () => {
     }
     expect(back).toEqual([]);
     for (const c of [a.client, ...devices]) c.close();
+  });
+});
+
+describe("purge vs history entries not yet written", () => {
+  it("an entry its purge could not see on disk is purged at the next start, not left behind with its cmid taken", async () => {
+    const dir = tempDir();
+    let s = await startTestServer({ dataDir: dir });
+    let conv = "";
+    try {
+      const a = await registerUser(s.port);
+      const b = await registerUser(s.port);
+      const chid = (await a.client.request("createchannel", { name: uniqueName("pg"), descr: "" })).chid;
+      const sent = await a.client.request("message", { channel: chid, body: "one", cmid: "purged-1" });
+      conv = channelConv(chid);
+      const store = s.services.messages as unknown as { histInMemory(conv: string): number[]; histOnDisk: (conv: string, seq: number) => Promise<void> };
+      expect(store.histInMemory(conv)).toEqual([Number(sent.mid)]);
+      // Gives up at once, as it does after rounds of failing writes.
+      store.histOnDisk = async () => {};
+      expect((await a.client.request("deletechannel", { channel: chid })).status).toBe(0);
+      await waitFor(() => store.histInMemory(conv).length === 0, 10_000, "the history entry written");
+      await s.services.dispatcher.idle(2000);
+      await sleep(300);
+      a.client.close();
+      b.client.close();
+      await s.stop();
+      s = await startTestServer({ dataDir: dir });
+      const chunks = () => readEntries(s.services.storage.spaces.hist, prefixRange(conv));
+      for (let i = 0; i < 50 && (await chunks()).length > 0; i++) await sleep(100);
+      expect(await chunks()).toEqual([]);
+      // Its cmid is free: the same cmid is a new message.
+      const again = await login(s.port, a.login);
+      const next = await again.client.request("message", { uid: b.uid, body: "new", cmid: "purged-1" });
+      expect(next.status).toBe(0);
+      expect(next.mid).not.toBe(sent.mid);
+      again.client.close();
+    } finally {
+      await s.stop();
+    }
   });
 });

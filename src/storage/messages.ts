@@ -1126,8 +1126,11 @@ export class MessageStore {
       // Read and removed under `exclusive` (the conversation's lock, which edits and
       // deletes hold from their read to their write).
       const page = await exclusive(async () => {
+        // Taken before the disk read: a generation written between the two is on disk
+        // for this read or the next one.
+        const unwritten = this.histInMemory(conv);
         const read = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
-        if (read.length === 0) return undefined;
+        if (read.length === 0) return unwritten.length > 0 ? unwritten[unwritten.length - 1] : undefined;
         // Whole chunks, up to PURGE_SEQS messages (at least one chunk): a chunk holds a
         // derive cycle of the channel, thousands for a busy one, and 16 of them were
         // read and removed as one page of records.
@@ -1152,6 +1155,15 @@ export class MessageStore {
       if (page === undefined) {
         await this.storage.commit([del(this.s.purges, conv)]);
         return;
+      }
+      if (typeof page === "number") {
+        // History entries still waiting in memory (their generation's writes failed, and
+        // histOnDisk gave up): the mark stays until they are purged too, by this run
+        // once they are written, or by the next start (which writes them from the log).
+        // Without it they would land after the purge and stay for good, their cmids taken.
+        await this.histOnDisk(conv, page);
+        if (this.histInMemory(conv).length > 0) throw new Error(`the history of '${conv}' is not written yet; its purge resumes at the next start`);
+        continue;
       }
       onCommitted(page);
     }
