@@ -261,12 +261,16 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   // login, an email, is neither shown nor matched).
   const shownStartingWith = async (prefix: string, limit: number): Promise<UserRecord[]> => {
     const { users } = services;
-    const [byLogin, byNick] = await Promise.all([users.prefixSearch("login", prefix, limit), users.prefixSearch("nick", prefix, limit)]);
+    // Read past the entries each index drops (logins that are addresses; nicks of
+    // accounts whose login is not), so that a busy prefix does not hide the rest.
+    const hasAddressLogin = async (uid: string) => (await users.get(uid))?.login.includes("@") === true;
+    const [byLogin, byNick] = await Promise.all([
+      users.prefixSearchWhere("login", prefix, limit, (_uid, key) => !key.includes("@")),
+      users.prefixSearchWhere("nick", prefix, limit, hasAddressLogin),
+    ]);
     const found = new Map<string, UserRecord>();
-    for (const [uids, hidden] of [[byLogin, false], [byNick, true]] as const) {
-      for (const u of await Promise.all(uids.map((uid) => users.get(uid)))) {
-        if (u !== undefined && u.login.includes("@") === hidden) found.set(u.uid, u);
-      }
+    for (const uids of [byLogin, byNick]) {
+      for (const u of await Promise.all(uids.map((uid) => users.get(uid)))) if (u !== undefined) found.set(u.uid, u);
     }
     const named = [...found.values()].map((u) => ({ u, key: shownLogin(u).toLowerCase() }));
     return named.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)).slice(0, limit).map((x) => x.u);

@@ -178,6 +178,18 @@ describe("every door in one conversation", () => {
     for (const c of [rooms, hidden, n]) c.close();
   });
 
+  it("a search past 50 hidden logins still finds the users it shows", async () => {
+    const p = uniqueName("busy");
+    // 50 seed-003 accounts whose emails (their logins) sort before the login looked for.
+    for (let i = 0; i < 50; i++) {
+      expect((await http("POST", "/create_user", { username: uniqueName("u"), password: "pw", email: `${p}-a${i}@example.com` })).status).toBe("success");
+    }
+    const rooms = await Client.connect(all.server.roomsPort as number, { welcome: false });
+    expect((await rooms.ask({ type: "REQUEST_SIGNUP", login: `${p}-john`, pass: "pw" }, (f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+    expect(await rooms.ask({ type: "SEARCH_USER", user: p }, (f) => f.type === "SEARCH_USER")).toEqual({ type: "SEARCH_USER", user: [`${p}-john`] });
+    rooms.close();
+  });
+
   it("e_chat: a name register calls taken logs in, a seed-003 username included", async () => {
     // Logins and nicks are one namespace: /v1/register of a 003 account's username is
     // refused as taken, so /v1/login of it finds that account (its login is its email).

@@ -170,6 +170,25 @@ export class UserStore {
     return (await this.s[index].get(indexKey(index, value))) as string | undefined;
   }
 
+  /**
+   * Like prefixSearch, the uids that `keep` accepts (given the uid and the index key, the
+   * value lower-cased), read a page of `limit` at a time past those it drops, at most
+   * `pages` pages: the first `limit` kept, in index order.
+   */
+  async prefixSearchWhere(index: "login" | "nick", prefix: string, limit: number, keep: (uid: string, key: string) => boolean | Promise<boolean>, pages = 8): Promise<string[]> {
+    if (prefix.length > 4 * NAME_MAX) return [];
+    const from = indexKey(index, prefix);
+    const kept: string[] = [];
+    let after: string | undefined;
+    for (let page = 0; page < pages && kept.length < limit; page++) {
+      const read = await readEntries<string>(this.s[index], { ...(after === undefined ? { gte: from } : { gt: after }), lt: from + "\u{10FFFF}", limit });
+      for (const [key, uid] of read) if (kept.length < limit && (await keep(uid, key))) kept.push(uid);
+      if (read.length < limit) break;
+      after = read[read.length - 1][0];
+    }
+    return kept;
+  }
+
   /** uids whose `index` value starts with `prefix` (case-insensitive), in index order. */
   async prefixSearch(index: "login" | "nick", prefix: string, limit: number): Promise<string[]> {
     // Longer than any stored name (NAME_MAX code points, lower-cased at most twice as
