@@ -1,7 +1,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, startTestServer } from "./helpers.js";
-import { heldGate, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, holdNextWrite, sleep, wrapCalls } from "./pipeline-helpers.js";
 
 
 const shared = serveForFile();
@@ -257,6 +257,26 @@ describe("a direct message in flight when its recipient's account is deleted", (
       gate.open();
     }
     expect((await a.client.request("history", { uid: x.uid })).messages ?? []).toEqual([]);
+    a.client.close();
+  });
+
+  it("is refused 8 while the deletion's batch is being written, on the path that knows the recipient already", async () => {
+    const a = await registerUser(shared.port);
+    const x = await registerUser(shared.port);
+    // A known pair: the next message takes the path with no read before its store.
+    expect((await a.client.request("message", { uid: x.uid, body: "first" })).status).toBe(0);
+    const { gate, restore } = holdNextWrite(shared.server.services.storage);
+    let sending;
+    try {
+      x.client.send("deleteaccount", { pass: "secret" });
+      await gate.reached; // the deletion's batch (or one before it) is being written
+      await sleep(50);
+      sending = a.client.request("message", { uid: x.uid, body: "during the deletion" });
+      await sleep(50);
+    } finally {
+      restore();
+    }
+    expect(await sending).toMatchObject({ status: 8 });
     a.client.close();
   });
 });

@@ -299,7 +299,15 @@ export function registerAccounts(sv: Services): AccountOps {
     const chids = [...new Set([...joined, ...(await channels.ownedBy(uid))])];
     ops.push(...(await messages.forgetUserOps(uid)));
     ops.push(...users.deletionMarkOps(uid, user.nick, chids));
-    await storage.commit(ops);
+    // From here a direct message to the account is refused (8), not stored for nobody
+    // in the deletion's batch or the next (the sweep reads what came before).
+    messages.forgettingUser(uid);
+    try {
+      await storage.commit(ops);
+    } catch (err) {
+      messages.forgettingUser(uid, true);
+      throw err;
+    }
     messages.forgotten(uid);
     // Those who listed an online account hear it go offline: its connections close
     // below, but its place in their lists is gone, so the presence hook would find

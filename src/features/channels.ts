@@ -478,7 +478,11 @@ export function registerChannels(sv: Services): ChannelOps {
     const convs = await messages.pendingPurges();
     if (convs.length === 0) return;
     sv.log.info({ purges: convs.length }, "resuming interrupted purges of deleted conversations");
-    for (const conv of convs) if (!signal.aborted) await purge(conv, signal);
+    for (const conv of convs) {
+      if (signal.aborted) return;
+      // One that cannot finish now (its mark stays for the next start) holds back no other.
+      await purge(conv, signal).catch((err: unknown) => sv.log.error({ err, conv }, "resuming a purge failed; it runs again at the next start"));
+    }
   });
 
   // Cluster mode: the log's apply removes a channel, or an account with its messages to

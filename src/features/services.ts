@@ -94,7 +94,18 @@ export class Hooks {
     this.background.run(
       "account-deleted hooks",
       async () => {
-        for (const fn of this.deletedFns) await fn(uid, nick, chids);
+        // Each hook runs, whatever one before it did: a failure (a purge whose history
+        // could not be written) must not hold back the others (the account's channels
+        // removed, its leaves told). The record stays, and the next start runs them again.
+        let failure: unknown;
+        for (const fn of this.deletedFns) {
+          try {
+            await fn(uid, nick, chids);
+          } catch (err) {
+            failure ??= err;
+          }
+        }
+        if (failure !== undefined) throw failure;
         await done();
       },
       { uid },

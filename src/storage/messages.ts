@@ -227,6 +227,8 @@ export class MessageStore {
    * the deletion removed them (commitDerived leaves them out).
    */
   private readonly gone = new Set<string>();
+  /** Users whose deletion is being committed (forgettingUser): as few as deletions in flight. */
+  private readonly forgetting = new Set<string>();
   /** Cursor advances not yet written. */
   private readonly cursors = new Map<string, number>();
   /**
@@ -1187,9 +1189,18 @@ export class MessageStore {
     return ops;
   }
 
-  /** `uid`'s deletion is committed (one of the last KNOWN_GONE deleted). */
+  /** `uid`'s deletion is being committed, or is (one of the last KNOWN_GONE deleted). */
   isForgotten(uid: string): boolean {
-    return this.gone.has(uid);
+    return this.gone.has(uid) || this.forgetting.has(uid);
+  }
+
+  /**
+   * `uid`'s deletion is about to be committed: a message stored from now on would
+   * land with it or after it (see isForgotten). `failed`: its commit failed.
+   */
+  forgettingUser(uid: string, failed = false): void {
+    if (failed) this.forgetting.delete(uid);
+    else this.forgetting.add(uid);
   }
 
   /**
@@ -1197,6 +1208,7 @@ export class MessageStore {
    * their derived entries is written from now on (`gone`).
    */
   forgotten(uid: string): void {
+    this.forgetting.delete(uid);
     if (this.gone.size >= KNOWN_GONE) this.gone.delete(this.gone.values().next().value as string);
     this.gone.add(uid);
     this.cursors.delete(uid);
