@@ -104,6 +104,36 @@ function linkProxy(): { links: Set<net.Socket>; serve: (hooks?: ProxyHooks) => n
   return { links, serve };
 }
 
+/** A chat CLI through a link proxy, talking in a new channel that `bob` (a library user) is in too. */
+async function inChannelThroughProxy(bob: { c: WirechatClient }, label: string): Promise<{ carol: Cli; chid: string; port: number; proxy: net.Server; proxied: ReturnType<typeof linkProxy> }> {
+  const proxied = linkProxy();
+  const proxy = proxied.serve();
+  await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+  const port = (proxy.address() as net.AddressInfo).port;
+  const carol = cli(["--port", String(port), "--login", uniqueName("carol"), "--pass", "pw", "--register"]);
+  await carol.waitOut(/logged in as/);
+  const channel = uniqueName(label);
+  carol.type(`/join #${channel}`);
+  await carol.waitOut(/now talking in/);
+  const chid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === channel)!.chid;
+  await bob.c.enter(chid);
+  return { carol, chid, port, proxy, proxied };
+}
+
+/** A test's proxy at its end, whatever state it is in, and its library user. */
+async function dropProxy(proxy: net.Server, links: Set<net.Socket>, bob: { c: WirechatClient }): Promise<void> {
+  proxy.close();
+  for (const l of links) l.destroy();
+  await bob.c.close();
+}
+
+/** Takes the proxy down: closed, its links cut. */
+async function cutLinks(proxy: net.Server, links: Set<net.Socket>): Promise<void> {
+  const closed = new Promise<void>((r) => proxy.close(() => r()));
+  for (const l of links) l.destroy();
+  await closed;
+}
+
 async function libUser(): Promise<{ c: WirechatClient; uid: string; nick: string; inbox: MessageEvent[] }> {
   const c = await WirechatClient.connect({ port: srv.port });
   const nick = uniqueName("Bob");
@@ -323,18 +353,10 @@ describe("wirechat chat", () => {
 
   it("after a reconnect, shows what its channels got meanwhile, once", async () => {
     const bob = await libUser();
-    const { links, serve } = linkProxy();
-    let proxy = serve();
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
-    const port = (proxy.address() as net.AddressInfo).port;
+    const started = await inChannelThroughProxy(bob, "gap");
+    const { carol, chid, port, proxied: { links, serve } } = started;
+    let { proxy } = started;
     try {
-      const carol = cli(["--port", String(port), "--login", uniqueName("carol"), "--pass", "pw", "--register"]);
-      await carol.waitOut(/logged in as/);
-      const channel = uniqueName("gap");
-      carol.type(`/join #${channel}`);
-      await carol.waitOut(/now talking in/);
-      const chid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === channel)!.chid;
-      await bob.c.enter(chid);
       await bob.c.sendMessage({ channel: chid }, "before the outage");
       await carol.waitOut(/before the outage/);
       // A channel joined with nothing said in it yet is caught up on too.
@@ -343,9 +365,7 @@ describe("wirechat chat", () => {
       await carol.waitOut(new RegExp(`now talking in #${quiet}`));
       const quietChid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === quiet)!.chid;
       await bob.c.enter(quietChid);
-      const closed = new Promise<void>((r) => proxy.close(() => r()));
-      for (const l of links) l.destroy();
-      await closed;
+      await cutLinks(proxy, links);
       await carol.waitOut(/connection lost/);
       await bob.c.sendMessage({ channel: chid }, "during the outage");
       await bob.c.sendMessage({ channel: quietChid }, "said in the quiet one");
@@ -360,31 +380,19 @@ describe("wirechat chat", () => {
       carol.type("/quit");
       expect(await carol.exited).toBe(0);
     } finally {
-      proxy.close();
-      for (const l of links) l.destroy();
-      await bob.c.close();
+      await dropProxy(proxy, links, bob);
     }
   }, 40_000);
 
   it("after a reconnect, what came live during the catch-up shows after it, in order", async () => {
     const bob = await libUser();
-    const { links, serve } = linkProxy();
-    let proxy = serve();
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
-    const port = (proxy.address() as net.AddressInfo).port;
+    const started = await inChannelThroughProxy(bob, "order");
+    const { carol, chid, port, proxied: { links, serve } } = started;
+    let { proxy } = started;
     try {
-      const carol = cli(["--port", String(port), "--login", uniqueName("carol"), "--pass", "pw", "--register"]);
-      await carol.waitOut(/logged in as/);
-      const channel = uniqueName("order");
-      carol.type(`/join #${channel}`);
-      await carol.waitOut(/now talking in/);
-      const chid = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === channel)!.chid;
-      await bob.c.enter(chid);
       const first = await bob.c.sendMessage({ channel: chid }, "first, before");
       await carol.waitOut(/first, before/);
-      const closed = new Promise<void>((r) => proxy.close(() => r()));
-      for (const l of links) l.destroy();
-      await closed;
+      await cutLinks(proxy, links);
       await carol.waitOut(/connection lost/);
       await bob.c.sendMessage({ channel: chid }, "second, during");
       // The catch-up's history request is held at the proxy while a live one comes.
@@ -416,9 +424,7 @@ describe("wirechat chat", () => {
       carol.type("/quit");
       expect(await carol.exited).toBe(0);
     } finally {
-      proxy.close();
-      for (const l of links) l.destroy();
-      await bob.c.close();
+      await dropProxy(proxy, links, bob);
     }
   }, 40_000);
 
@@ -446,9 +452,7 @@ describe("wirechat chat", () => {
       expect(erin.out().split("lost reply, kept message").length - 1).toBe(1);
       expect(bob.inbox.map((m) => m.body)).toEqual(["lost reply, kept message"]);
     } finally {
-      proxy.close();
-      for (const l of links) l.destroy();
-      await bob.c.close();
+      await dropProxy(proxy, links, bob);
     }
   }, 40_000);
 
@@ -480,9 +484,7 @@ describe("wirechat chat", () => {
       await erin.waitOut(/logged in as/);
       erin.type(`/msg ${bob.nick}`);
       await erin.waitOut(/talking to /);
-      const closed = new Promise<void>((r) => proxy.close(() => r()));
-      for (const l of links) l.destroy();
-      await closed;
+      await cutLinks(proxy, links);
       await erin.waitOut(/connection lost/);
       // Held until the link is back, for up to the request's 30 s.
       erin.type("are you there?");
@@ -492,9 +494,7 @@ describe("wirechat chat", () => {
       await erin.exited;
       expect(Date.now() - asked).toBeLessThan(15_000);
     } finally {
-      proxy.close();
-      for (const l of links) l.destroy();
-      await bob.c.close();
+      await dropProxy(proxy, links, bob);
     }
   }, 40_000);
 
