@@ -796,7 +796,7 @@ describe("cluster mode: read your writes", () => {
 
 describe("cluster mode: a node that lags behind the log", () => {
   it("refuses nothing on a view the log has moved past: history, passwords, the admin port, registration, the 003 door", async () => {
-    process.env.WIRECHAT_TEST_APPLY_DELAY_MS = "1500";
+    process.env.WIRECHAT_TEST_APPLY_DELAY_MS = "1000";
     let lagging: RunningServer;
     try {
       lagging = await startTestServer({ nats: nats.url, natsStream: stream, nodeId: "laggard-refusals", httpPort: 0 });
@@ -849,7 +849,7 @@ describe("cluster mode: a node that lags behind the log", () => {
       await lagging.stop();
       removeDir(lagging.services.config.dataDir);
     }
-  });
+  }, 90_000);
 });
 
 describe("cluster mode: expired sessions", () => {
