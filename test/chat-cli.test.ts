@@ -217,8 +217,15 @@ describe("wirechat chat", () => {
     }
   });
 
-  it("/msg finds a nick with spaces: the longest nick the line starts with, or one in quotes", async () => {
+  it("/msg finds a nick with spaces: the longest nick the line starts with (past a full search answer), or one in quotes", async () => {
     const base = uniqueName("Mary");
+    // 50 nicks that sort before "<base> Ann" fill searchuser's answer for "<base>".
+    const crowd = await WirechatClient.connect({ port: srv.port });
+    for (let i = 0; i < 50; i++) {
+      await crowd.register(uniqueName("crowd"), "secret", `${base} A${i}`);
+      await crowd.logout();
+    }
+    crowd.close();
     const users = [];
     for (const nick of [base, `${base} Ann`]) {
       const c = await WirechatClient.connect({ port: srv.port });
