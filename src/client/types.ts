@@ -11,7 +11,10 @@ export interface ReplyData {
   [k: string]: any;
 }
 
-/** What `request()` resolves with: the reply's data (status 0 guaranteed). */
+/**
+ * What `request()` resolves with: the reply's data (status 0 guaranteed); a `message`
+ * with a `cmid` that the client sent again after a reconnect also has `resent: true`.
+ */
 export type Reply = ReplyData;
 
 export interface WelcomeFrame {
