@@ -268,12 +268,9 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
       users.prefixSearchWhere("login", prefix, limit, (_uid, key) => !key.includes("@")),
       users.prefixSearchWhere("nick", prefix, limit, hasAddressLogin),
     ]);
-    const found = new Map<string, UserRecord>();
-    for (const uids of [byLogin, byNick]) {
-      for (const u of await Promise.all(uids.map((uid) => users.get(uid)))) if (u !== undefined) found.set(u.uid, u);
-    }
-    const named = [...found.values()].map((u) => ({ u, key: shownLogin(u).toLowerCase() }));
-    return named.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)).slice(0, limit).map((x) => x.u);
+    const found = (await Promise.all([...byLogin, ...byNick].map((uid) => users.get(uid)))).filter((u): u is UserRecord => u !== undefined);
+    const key = (u: UserRecord) => shownLogin(u).toLowerCase();
+    return found.sort((a, b) => Number(key(a) > key(b)) - Number(key(a) < key(b))).slice(0, limit);
   };
   // A door's events (its notices: the chat door's join and leave lines, a rust room
   // move), and in cluster mode its notices for its connections on the other nodes too.

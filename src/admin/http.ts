@@ -151,9 +151,8 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     const path = req.url.split("?")[0];
     if (path === "/healthz" || path === "/readyz") return;
     if (!token) {
-      // Without a token, what can change or read users' data answers only a client on
-      // this machine that names it as such (a web page's request after DNS rebinding
-      // names its own host); health, readiness and metrics answer anyone who can connect.
+      // Without a token, only requests from this machine (isLocalRequest); health,
+      // readiness and metrics answer anyone who can connect.
       if (path === "/metrics") return;
       if (!isLocalRequest(req.socket.remoteAddress, req.socket.localAddress, req.headers.host ?? "")) {
         return sendError(reply, Code.Forbidden, "without --admin-token this admin route answers only clients on this machine (Host: localhost, 127.0.0.1, or the address they connected to)", 403);

@@ -354,6 +354,14 @@ const HELD_BYTES_DURING_CATCH_UP = 64 * 1024 * 1024;
 /** Events that would show out of order before a catch-up: held with channel messages. */
 const HELD_WITH_MESSAGES = new Set(["ev_edit", "ev_delmessage", "ev_channel_deleted"]);
 
+/** Adds `key` to `set` (its oldest dropped past `cap`); false if it was there already. */
+function remember(set: Set<string>, key: string, cap: number): boolean {
+  if (set.has(key)) return false;
+  if (set.size >= cap) set.delete(set.values().next().value as string);
+  set.add(key);
+  return true;
+}
+
 class ChatSession {
   private target: Conversation | undefined;
   private readonly nicks = new Map<string, string>();
@@ -410,9 +418,7 @@ class ChatSession {
       if (hasAttachment(d.attach)) this.keepAttachment(d.mid, d.attach);
       if (typeof d.chid === "string" && typeof d.mid === "string" && /^[0-9]+$/.test(d.mid) && !this.seen(d.chid, BigInt(d.mid))) return;
       if (d.chid === undefined && d.from === this.client.uid && typeof d.mid === "string") {
-        if (this.ownShown.has(d.mid)) return;
-        if (this.ownShown.size >= OWN_KEPT) this.ownShown.delete(this.ownShown.values().next().value as string);
-        this.ownShown.add(d.mid);
+        if (!remember(this.ownShown, d.mid, OWN_KEPT)) return;
       }
     }
     if ((ev.action === "ev_enter" || ev.action === "ev_leave") && d.uid) this.nicks.set(d.uid, d.nick);
@@ -430,9 +436,7 @@ class ChatSession {
    */
   private seen(chid: string, mid: bigint): boolean {
     const key = `${chid} ${mid}`;
-    if (this.shownRecently.has(key)) return false;
-    if (this.shownRecently.size >= SHOWN_KEPT) this.shownRecently.delete(this.shownRecently.values().next().value as string);
-    this.shownRecently.add(key);
+    if (!remember(this.shownRecently, key, SHOWN_KEPT)) return false;
     this.follow(chid, mid);
     return true;
   }

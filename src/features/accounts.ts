@@ -17,7 +17,7 @@ import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
 import { sidHash } from "../storage/sessions.js";
 import { NAME_MAX, type UniqueIndex } from "../storage/users.js";
-import { userLockKey, type Services } from "./services.js";
+import { readSynced, userLockKey, type Services } from "./services.js";
 
 export const PROTOCOL_VERSION = "1.0";
 
@@ -305,7 +305,7 @@ export function registerAccounts(sv: Services): AccountOps {
     try {
       await storage.commit(ops);
     } catch (err) {
-      messages.forgettingUser(uid, true);
+      messages.notForgettingUser(uid);
       throw err;
     }
     messages.forgotten(uid);
@@ -500,7 +500,7 @@ export function registerAccounts(sv: Services): AccountOps {
       if (s.uid !== undefined) throw new ProtocolError(Code.AlreadyRegister, "this connection is already authenticated");
       // Registration opened through another node a moment ago: this node has applied
       // the log before it says closed.
-      if (sv.registration.closed && (!sv.cluster || (await sv.cluster.sync().then(() => sv.registration.closed)))) {
+      if (await readSynced(sv, async () => sv.registration.closed, (closed) => closed)) {
         throw new ProtocolError(Code.Forbidden, "registration is closed on this server; ask its operator for an account");
       }
       const { login, pass, nick } = req.data;

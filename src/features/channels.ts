@@ -187,14 +187,16 @@ export function registerChannels(sv: Services): ChannelOps {
   }
 
   /**
-   * Makes `uid` a member of `c` if they are not one and are under their cap (13,
-   * naming them as `who`); true when they were not a member. One join per (channel,
-   * user) at a time: two devices entering together, or an enter and an invite, make
-   * one first entry, not two. The promise is registered before any await. Under the
-   * user's lock (then their `channels-of` lock, then the channel's), so that a deletion
-   * of the account cannot miss the membership.
+   * Makes `uid` a member of `c` if they are not one and are under their cap (13); true
+   * when they were not a member. `by`: the member inviting them (errors then name the
+   * invitee). One join per (channel, user) at a time: two devices entering together,
+   * or an enter and an invite, make one first entry, not two. The promise is registered
+   * before any await. Under the user's lock and the inviter's (sorted), then the user's
+   * `channels-of` lock, then the channel's, so that a deletion of either account cannot
+   * miss the membership or the invitation.
    */
-  async function join(c: ChannelRecord, uid: string, who?: string, by?: string): Promise<boolean> {
+  async function join(c: ChannelRecord, uid: string, by?: string): Promise<boolean> {
+    const who = by === undefined ? undefined : `user '${uid}'`;
     const key = `${c.chid}\u0000${uid}`;
     for (let running = joins.get(key); running !== undefined; running = joins.get(key)) {
       try {
@@ -208,10 +210,8 @@ export function registerChannels(sv: Services): ChannelOps {
     }
     const first = (async () => {
       if (await channels.isMember(c.chid, uid)) return false;
-      // An inviter's user lock too (user locks sorted, as everywhere): its deletion,
-      // which holds it, either comes first (then 'by' is refused here) or after.
-      const users = [...new Set(by === undefined ? [uid] : [uid, by])].sort();
-      return underLocks(locks, [...users.map(userLockKey), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
+      const lockUsers = [...new Set(by === undefined ? [uid] : [uid, by])].sort();
+      return underLocks(locks, [...lockUsers.map(userLockKey), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
         if (by !== undefined) {
           await stillThere(by);
           if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
@@ -308,7 +308,7 @@ export function registerChannels(sv: Services): ChannelOps {
     if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
     const u = await findUser(sv, uid);
     if (!u) throw channelErrors.noUser(uid);
-    return { c, added: await join(c, uid, `user '${uid}'`, by), nick: u.nick };
+    return { c, added: await join(c, uid, by), nick: u.nick };
   }
 
   dispatcher.register<{ channel: string; uid: string }>({
@@ -407,22 +407,22 @@ export function registerChannels(sv: Services): ChannelOps {
       // (then there is nothing to leave) or after it (then this one is not among them).
       const chids = await underLocks(locks, [userLockKey(me), `channels-of:${me}`], async () => {
         await stillThere(me);
-        let chids: string[];
+        let left: string[];
         if (req.data.channel === "*") {
-          chids = await channels.channelsOf(me);
+          left = await channels.channelsOf(me);
         } else {
           const c = await channelOf(req.data.channel);
           if (!(await channels.isMember(c.chid, me))) throw channelErrors.notMember(c.chid);
-          chids = [c.chid];
+          left = [c.chid];
         }
         try {
-          await storage.commit(chids.flatMap((chid) => channels.leaveOps(chid, me)));
+          await storage.commit(left.flatMap((chid) => channels.leaveOps(chid, me)));
         } catch (err) {
-          for (const chid of chids) channels.notLeft(chid, me);
+          for (const chid of left) channels.notLeft(chid, me);
           throw err;
         }
-        for (const chid of chids) channels.left(chid, me);
-        return chids;
+        for (const chid of left) channels.left(chid, me);
+        return left;
       });
       for (const chid of chids) req.emit({ kind: "leave", chid, uid: me, nick }, { channel: chid });
       return {};

@@ -106,7 +106,7 @@ export function registerContacts(sv: Services): void {
           await cluster.sync();
           return check();
         });
-        if ((await sv.cluster.run({ k: "contact", owner: me, uid, add: true, cap: config.maxContacts })).k === "nouser") {
+        if ((await cluster.run({ k: "contact", owner: me, uid, add: true, cap: config.maxContacts })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         }
         return { user: contactCard(u) };

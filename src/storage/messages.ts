@@ -1119,20 +1119,17 @@ export class MessageStore {
     exclusive: <T>(fn: () => Promise<T>) => Promise<T>,
     signal?: AbortSignal,
   ): Promise<void> {
-    // Its last messages' history entries may still wait in memory: written first, so
-    // the pages below find them (nothing joins a deleted channel's conversation, and
-    // the newest one's generation holds or follows the others').
-    const waiting = this.histInMemory(conv);
-    if (waiting.length > 0) await this.histOnDisk(conv, waiting[waiting.length - 1]);
     while (!signal?.aborted) {
       // Read and removed under `exclusive` (the conversation's lock, which edits and
       // deletes hold from their read to their write).
       const page = await exclusive(async () => {
-        // Taken before the disk read: a generation written between the two is on disk
-        // for this read or the next one.
-        const unwritten = this.histInMemory(conv);
+        // Its last messages' history entries may still wait in memory (nothing joins a
+        // deleted channel's conversation, and the newest one's generation holds or
+        // follows the others'): taken before the disk read, so that a generation written
+        // between the two is on disk for this read or the next one.
+        const newest = this.histInMemory(conv).at(-1);
         const read = (await readEntries(this.s.hist, { ...prefixRange(conv), limit: HIST_PAGE })) as [string, HistChunk][];
-        if (read.length === 0) return unwritten.length > 0 ? unwritten[unwritten.length - 1] : undefined;
+        if (read.length === 0) return newest;
         // Whole chunks, up to PURGE_SEQS messages (at least one chunk): a chunk holds a
         // derive cycle of the channel, thousands for a busy one, and 16 of them were
         // read and removed as one page of records.
@@ -1159,10 +1156,10 @@ export class MessageStore {
         return;
       }
       if (typeof page === "number") {
-        // History entries still waiting in memory (their generation's writes failed, and
-        // histOnDisk gave up): the mark stays until they are purged too, by this run
-        // once they are written, or by the next start (which writes them from the log).
-        // Without it they would land after the purge and stay for good, their cmids taken.
+        // History entries still waiting in memory: written now, then purged by the next
+        // page. If their writes keep failing (histOnDisk gives up), the mark stays for
+        // the next start (which writes them from the log): without it they would land
+        // after the purge and stay for good, their cmids taken.
         await this.histOnDisk(conv, page);
         if (this.histInMemory(conv).length > 0) throw new Error(`the history of '${conv}' is not written yet; its purge resumes at the next start`);
         continue;
@@ -1194,13 +1191,14 @@ export class MessageStore {
     return this.gone.has(uid) || this.forgetting.has(uid);
   }
 
-  /**
-   * `uid`'s deletion is about to be committed: a message stored from now on would
-   * land with it or after it (see isForgotten). `failed`: its commit failed.
-   */
-  forgettingUser(uid: string, failed = false): void {
-    if (failed) this.forgetting.delete(uid);
-    else this.forgetting.add(uid);
+  /** `uid`'s deletion is about to be committed: a message stored from now on would land with it or after it (see isForgotten). */
+  forgettingUser(uid: string): void {
+    this.forgetting.add(uid);
+  }
+
+  /** The commit of forgettingUser's deletion failed: `uid` is still there. */
+  notForgettingUser(uid: string): void {
+    this.forgetting.delete(uid);
   }
 
   /**

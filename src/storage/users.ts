@@ -14,6 +14,9 @@ export function indexKey(index: UniqueIndex, value: string): string {
   return index === "phone" ? value : value.toLowerCase();
 }
 
+/** Pages of its limit prefixSearchWhere reads at most. */
+const SEARCH_PAGES = 8;
+
 /** The indexes whose values are unique across both (UserStore.claim). */
 const NAMES: readonly UniqueIndex[] = ["login", "nick"];
 const LOGIN_EMAIL: readonly UniqueIndex[] = ["login", "nick", "email"];
@@ -173,14 +176,14 @@ export class UserStore {
   /**
    * Like prefixSearch, the uids that `keep` accepts (given the uid and the index key, the
    * value lower-cased), read a page of `limit` at a time past those it drops, at most
-   * `pages` pages: the first `limit` kept, in index order.
+   * SEARCH_PAGES pages: the first `limit` kept, in index order.
    */
-  async prefixSearchWhere(index: "login" | "nick", prefix: string, limit: number, keep: (uid: string, key: string) => boolean | Promise<boolean>, pages = 8): Promise<string[]> {
+  async prefixSearchWhere(index: "login" | "nick", prefix: string, limit: number, keep: (uid: string, key: string) => boolean | Promise<boolean>): Promise<string[]> {
     if (prefix.length > 4 * NAME_MAX) return [];
     const from = indexKey(index, prefix);
     const kept: string[] = [];
     let after: string | undefined;
-    for (let page = 0; page < pages && kept.length < limit; page++) {
+    for (let page = 0; page < SEARCH_PAGES && kept.length < limit; page++) {
       const read = await readEntries<string>(this.s[index], { ...(after === undefined ? { gte: from } : { gt: after }), lt: from + "\u{10FFFF}", limit });
       for (const [key, uid] of read) if (kept.length < limit && (await keep(uid, key))) kept.push(uid);
       if (read.length < limit) break;
