@@ -19,9 +19,9 @@
 // queuedChars does; counting UTF-8 bytes would take a pass over every frame, and for
 // ASCII, nearly everything sent, the two are the same). An event that would take that
 // past the outbound cap closes the connection as a slow reader (its inbox entries stay
-// unconfirmed, so nothing is lost); a reply
-// never does, because the dispatcher runs a connection's next request only once the
-// connection is no longer congested (a quarter of the cap), and large replies stream.
+// unconfirmed, so nothing is lost); a reply never does, because the dispatcher runs a
+// connection's next request only once the connection is no longer congested (a
+// quarter of the cap), and large replies stream.
 // A queued streamed frame (an attachment) counts as its text plus at most 64 KiB of
 // its data: the data stays on disk until the client reads it, so what a queued one
 // holds here is small, but a pile of them behind a client that does not read is
