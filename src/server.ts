@@ -97,9 +97,10 @@ export interface Core {
 
 /**
  * Opens the data dir and registers every feature: the server's core, which
- * `wirechat user|ban|backup …` also use on a stopped server's data dir.
+ * `wirechat user|ban|backup …` also use on a stopped server's data dir. `opened` runs
+ * once the database is open (this process holds its lock), before the stores load.
  */
-export async function openCore(config: Config, log: Logger): Promise<Core> {
+export async function openCore(config: Config, log: Logger, opened?: () => Promise<void>): Promise<Core> {
   let storage: Storage;
   try {
     storage = await Storage.open(config.dataDir, log);
@@ -116,6 +117,12 @@ export async function openCore(config: Config, log: Logger): Promise<Core> {
   if (!config.nats && (await storage.spaces.meta.get(CLUSTER_POSITION_KEY)) !== undefined) {
     await storage.close();
     throw new ConfigError(`${path.resolve(config.dataDir)} is a cluster node's view of the log: start it with --nats (and the cluster's other options)`);
+  }
+  try {
+    await opened?.();
+  } catch (err) {
+    await storage.close();
+    throw err;
   }
   const metrics = new Metrics();
   storage.onBatch = (ops, seconds) => {
@@ -218,16 +225,30 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   // 2,542-2,623 ms in scavenges in 4 runs of 4 (1,325-1,504 ms with --admin off) and
   // delivered 65-73k msg/s against 77-81k; built first, 1,441-1,580 ms in 3 of 3, and
   // 4 interleaved pairs with the previous commit: median 79.3k vs 81.5k msg/s.
-  const adminDeps = {} as AdminDeps;
+  // It listens once the database is open (a second server on the data dir is told it
+  // is locked, not that the admin port is taken): /healthz answers from then on, and
+  // /readyz says what the start is doing, however long a migration or a cluster node's
+  // catch-up takes (a health check must not take a slow start for a dead process).
+  let starting: () => string | undefined = () => "opening the database";
+  const adminDeps = { notReady: () => starting() } as AdminDeps;
   const adminApp = config.admin === "on" ? buildAdmin(config, log, adminDeps) : undefined;
+  let adminAddress: { port: number } | undefined;
+  const listenEarly = async () => {
+    if (!adminApp) return;
+    Object.assign(adminDeps, { version: packageVersion(), dataDir: realpathSync(config.dataDir) });
+    adminAddress = await listenAdmin(adminApp, config);
+  };
   let core: Core;
   try {
-    core = await openCore(config, log);
-    if (core.services.cluster) core = await joinCluster(core, config, log);
+    core = await openCore(config, log, listenEarly);
+    if (core.services.cluster) {
+      core = await joinCluster(core, config, log, (cluster) => (starting = () => cluster.startingUp));
+    }
   } catch (err) {
     await adminApp?.close();
     throw err;
   }
+  starting = () => "opening the listeners";
   const { services, admin, directory, channelOps } = core;
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
@@ -364,7 +385,6 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   let rustAddress;
   let roomsAddress;
   let httpAddress;
-  let adminAddress;
   try {
     address = await listener.listen(listener.server, config.port, config.host);
     if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
@@ -372,19 +392,16 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
     if (roomsListener) roomsAddress = await roomsListener.listen(roomsListener.server, config.roomsPort, config.host);
     if (http) httpAddress = await http.listen();
     if (adminApp) {
-      const version = packageVersion();
+      const { version } = adminDeps;
       Object.assign(adminDeps, {
         ops: admin,
         connections: tables,
         registry: metricsRegistry(metrics, tables, blobs, storage),
-        notReady: () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined),
         backup: (dir: string) => backup(storage, blobs, dir, version),
         exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
-        version,
-        dataDir: realpathSync(config.dataDir),
-      } satisfies AdminDeps);
-      adminAddress = await listenAdmin(adminApp, config);
+      } satisfies Partial<AdminDeps>);
     }
+    starting = () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined);
   } catch (err) {
     await adminApp?.close();
     await Promise.all([...listeners.map((l) => l.close(0)), http?.close(0)]);
@@ -457,9 +474,10 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
  * nats-server lost its store, and then the views are the only copy of what the
  * cluster held.
  */
-async function joinCluster(core: Core, config: Config, log: Logger): Promise<Core> {
+async function joinCluster(core: Core, config: Config, log: Logger, opening: (cluster: Cluster) => void): Promise<Core> {
   const { ViewMismatch } = await import("./cluster/jetstream-log.js");
   try {
+    opening(core.services.cluster as Cluster);
     await (core.services.cluster as Cluster).open();
     return core;
   } catch (err) {
@@ -473,6 +491,7 @@ async function joinCluster(core: Core, config: Config, log: Logger): Promise<Cor
     log.warn({ reason: err.message, kept }, "the local view does not match the cluster log; rebuilding it from the log (the old view is kept)");
     const fresh = await openCore(config, log);
     try {
+      opening(fresh.services.cluster as Cluster);
       await (fresh.services.cluster as Cluster).open();
     } catch (again) {
       await fresh.close();

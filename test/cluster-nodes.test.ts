@@ -14,7 +14,7 @@ import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { ChildServer, Client, login, registerUser, removeDir, startTestServer, tempDir, uniqueName, WsClient } from "./helpers.js";
-import { NatsServer } from "../scripts/nats-server.js";
+import { freePort, NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
 import { directConv } from "../src/storage/layout.js";
 import { unavailable } from "../src/cluster/jetstream-log.js";
@@ -792,6 +792,38 @@ describe("cluster mode: read your writes", () => {
       removeDir(lagging.services.config.dataDir);
     }
   });
+});
+
+describe("cluster mode: a node catching up with the log at start-up", () => {
+  it("answers /healthz, says how far it is on /readyz, and refuses operator routes with 503 until it is up", async () => {
+    for (let i = 0; i < 3; i++) await offlineUser(0);
+    const adminPort = await freePort();
+    process.env.WIRECHAT_TEST_APPLY_DELAY_MS = "1000";
+    const starting = startTestServer({ nats: nats.url, natsStream: stream, nodeId: "catching", adminPort });
+    let node: RunningServer | undefined;
+    try {
+      // The admin port listens once the node's database is open, before the catch-up.
+      let ready: { status: number; json: any } | undefined;
+      for (const end = Date.now() + 20_000; !(ready?.status === 503 && /catching up/.test(ready.json.reason)); await sleep(20)) {
+        if (Date.now() > end) throw new Error(`/readyz never said the node was catching up (last: ${JSON.stringify(ready)})`);
+        ready = await admin(adminPort, "GET", "/readyz").catch(() => undefined);
+      }
+      delete process.env.WIRECHAT_TEST_APPLY_DELAY_MS; // read by then
+      expect(ready?.json).toEqual({ ready: false, reason: expect.stringMatching(/^catching up with the cluster log: 0 of [1-9]\d* entries applied$/) });
+      expect(await admin(adminPort, "GET", "/healthz")).toMatchObject({ status: 200, json: { status: "ok" } });
+      expect((await admin(adminPort, "GET", "/version")).json).toMatchObject({ server: "wirechat" });
+      const users = await admin(adminPort, "GET", "/users");
+      expect(users).toMatchObject({ status: 503, json: { code: 16, error: expect.stringMatching(/^the server is starting \(catching up with the cluster log/) } });
+      node = await starting;
+      expect(await admin(adminPort, "GET", "/readyz")).toMatchObject({ status: 200, json: { ready: true } });
+      expect((await admin(adminPort, "GET", "/users")).status).toBe(200);
+    } finally {
+      delete process.env.WIRECHAT_TEST_APPLY_DELAY_MS;
+      node ??= await starting;
+      await node.stop();
+      removeDir(node.services.config.dataDir);
+    }
+  }, 90_000);
 });
 
 describe("cluster mode: a node that lags behind the log", () => {

@@ -112,8 +112,9 @@ function hasToken(header: string | undefined, expected: string): boolean {
 }
 
 /**
- * Builds the admin app; `d` may be filled in later (routes read it when they run), so
- * the server builds it first thing, before its storage and stores.
+ * Builds the admin app; `d` is filled in later (routes read it when they run), so the
+ * server builds it first thing, before its storage and stores: notReady from the
+ * start, version and dataDir before it listens, the rest once the server is up.
  */
 export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyInstance {
   const app = Fastify({
@@ -150,18 +151,20 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   app.addHook("onRequest", async (req, reply) => {
     const path = req.url.split("?")[0];
     if (path === "/healthz" || path === "/readyz") return;
-    if (!token) {
+    if (token) {
+      if (!hasToken(req.headers.authorization, token)) {
+        log.warn({ remote: req.ip, url: req.url }, "admin request without the right token");
+        return sendError(reply.header("www-authenticate", "Bearer"), Code.NeedAuth, "this admin port needs 'Authorization: Bearer <token>'", 401);
+      }
+    } else if (path !== "/metrics" && !isLocalRequest(req.socket.remoteAddress, req.socket.localAddress, req.headers.host ?? "")) {
       // Without a token, only requests from this machine (isLocalRequest); health,
       // readiness and metrics answer anyone who can connect.
-      if (path === "/metrics") return;
-      if (!isLocalRequest(req.socket.remoteAddress, req.socket.localAddress, req.headers.host ?? "")) {
-        return sendError(reply, Code.Forbidden, "without --admin-token this admin route answers only clients on this machine (Host: localhost, 127.0.0.1, or the address they connected to)", 403);
-      }
-      return;
+      return sendError(reply, Code.Forbidden, "without --admin-token this admin route answers only clients on this machine (Host: localhost, 127.0.0.1, or the address they connected to)", 403);
     }
-    if (!hasToken(req.headers.authorization, token)) {
-      log.warn({ remote: req.ip, url: req.url }, "admin request without the right token");
-      return sendError(reply.header("www-authenticate", "Bearer"), Code.NeedAuth, "this admin port needs 'Authorization: Bearer <token>'", 401);
+    // While the server starts (its database opening, a cluster node catching up with
+    // the log) the port listens with nothing behind it but /version.
+    if (d.ops === undefined && path !== "/version") {
+      return sendError(reply, Code.Unavailable, `the server is starting (${d.notReady() ?? "nearly up"}); try again once /readyz answers 200`);
     }
   });
 

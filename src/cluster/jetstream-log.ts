@@ -100,8 +100,11 @@ export interface JetStreamLogOptions<C, R> {
   alone?: (cmd: C) => boolean;
   /** Authentication and TLS for the connection (cluster/access.ts). */
   connectOptions?: Partial<ConnectionOptions>;
-  /** Called once connected and the stream is there, before anything is applied (what apply needs of the engine). */
-  connected?: (nc: NatsConnection) => Promise<void>;
+  /**
+   * Called once connected and the stream is there, before anything is applied (what
+   * apply needs of the engine), with the stream's last seq: the catch-up's end.
+   */
+  connected?: (nc: NatsConnection, lastSeq: number) => Promise<void>;
 }
 
 /** The view cannot be trusted for this stream: the caller empties it and opens again. */
@@ -238,7 +241,7 @@ export class JetStreamLog<C, R> {
       const info = await ensureStream(jsm, opts);
       const created = info.created;
       await verifyView(jsm, opts.stream, opts.view, created, info.state.first_seq, info.state.last_seq);
-      await opts.connected?.(nc);
+      await opts.connected?.(nc, info.state.last_seq);
       const log = new JetStreamLog<C, R>(nc, jetstream(nc), jsm, opts, created);
       log.watchStatus();
       await log.startReading();

@@ -198,6 +198,9 @@ export class Cluster {
   private journal: JetStreamLog<Command, Outcome> | undefined;
   /** open() has applied the log up to its end: entries applied now are new. */
   private caughtUp = false;
+  /** The log's last seq when open() connected (the catch-up's end), and the last applied. */
+  private catchUpEnd: number | undefined;
+  private appliedSeq = 0;
   /** The server closes this node's connections from a banned address: how many. */
   onAddressBanned: ((address: string, reason: string) => number) | undefined;
   /**
@@ -244,6 +247,7 @@ export class Cluster {
   /** Joins the log and applies it up to its end (ViewMismatch when this view is another stream's). */
   async open(): Promise<void> {
     const view = await this.storedPosition();
+    this.appliedSeq = view.seq;
     // Records and no position: written outside the log (a single node's database, an
     // operator's ban or registration setting made there): not the cluster's.
     if (view.seq === 0 && (await this.holdsRecords())) {
@@ -262,7 +266,8 @@ export class Cluster {
       connectOptions: natsConnectOptions(this.opts.access),
       alone,
       // Attachments: the object store, before the catch-up applies entries that name blobs.
-      connected: async (nc) => {
+      connected: async (nc, lastSeq) => {
+        this.catchUpEnd = lastSeq;
         this.remoteBlobs = await ClusterBlobs.open(nc, `${this.opts.stream}_BLOBS`, this.opts.replicas, this.sv.blobs, this.log);
       },
     });
@@ -450,9 +455,16 @@ export class Cluster {
       const last = segment[segment.length - 1];
       const at = to === entries.length ? position : { created: position.created, seq: last.seq, id: last.id };
       for (const o of await this.applySegment(segment, at)) outcomes.push(o);
+      this.appliedSeq = at.seq;
       from = to;
     }
     return outcomes;
+  }
+
+  /** Where open() is, for /readyz while the node starts. */
+  get startingUp(): string {
+    if (this.catchUpEnd === undefined) return "connecting to the cluster's message store";
+    return `catching up with the cluster log: ${this.appliedSeq} of ${this.catchUpEnd} entries applied`;
   }
 
   private async applySegment(entries: StoredEntry<Command>[], position: ViewPosition): Promise<Outcome[][]> {
