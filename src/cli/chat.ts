@@ -22,6 +22,7 @@ import {
   type WirechatEvent,
 } from "../client/index.js";
 import { packageVersion } from "../config.js";
+import { NAME_MAX, SEARCH_LIMIT } from "../limits.js";
 
 export interface ChatIO {
   stdin: Readable & { isTTY?: boolean; setRawMode?: (raw: boolean) => unknown };
@@ -339,10 +340,6 @@ const SEEN_CHANNELS = 64;
 const CATCH_UP_LIMIT = 100;
 /** Channel messages remembered as shown (a catch-up's worth for every remembered channel would be more than needed). */
 const SHOWN_KEPT = 2048;
-/** The most users a searchuser answer holds (PROTOCOL.md, searchuser). */
-const SEARCH_ANSWER = 50;
-/** The longest nick (characters; a search longer than it finds nobody). */
-const NICK_MAX = 64;
 /** Own direct messages remembered as shown, so that a resend's reply and its echo show once. */
 const OWN_KEPT = 256;
 /**
@@ -700,9 +697,9 @@ class ChatSession {
       const n = u.nick.toLowerCase();
       if (lower.startsWith(n) && (line.length === n.length || /\s/.test(line[n.length])) && (!best || n.length > best.nick.length)) best = u;
     }
-    // A full answer (the server sends at most SEARCH_ANSWER) may have left out the nick
+    // A full answer (the server sends at most SEARCH_LIMIT) may have left out the nick
     // meant: each longer run of the line's words is looked up on its own, longest first.
-    if (found.length >= SEARCH_ANSWER) best = (await this.longerNick(line, best?.nick.length ?? 0)) ?? best;
+    if (found.length >= SEARCH_LIMIT) best = (await this.longerNick(line, best?.nick.length ?? 0)) ?? best;
     if (best) return { user: best, text: line.slice(best.nick.length).trim() };
     return { user: await this.findUser(first[1]), text: rest.slice(first[1].length).trim() };
   }
@@ -710,7 +707,7 @@ class ChatSession {
   /** The longest nick, longer than `than` characters, that is a run of `line`'s first words. */
   private async longerNick(line: string, than: number): Promise<{ uid: string; nick: string } | undefined> {
     const ends: number[] = [];
-    for (const m of line.matchAll(/\S(?=\s|$)/g)) if (m.index! + 1 > than && m.index! + 1 <= NICK_MAX) ends.push(m.index! + 1);
+    for (const m of line.matchAll(/\S(?=\s|$)/g)) if (m.index! + 1 > than && m.index! + 1 <= NAME_MAX) ends.push(m.index! + 1);
     for (const end of ends.reverse()) {
       const candidate = line.slice(0, end);
       const exact = (await this.client.searchUser(candidate)).find((u) => u.nick.toLowerCase() === candidate.toLowerCase());

@@ -2,6 +2,8 @@
 // `status` (PROTOCOL.md §4, 1–16) and `error` text; failures that happen on this side
 // of the wire use negative codes so callers can switch on `code` alone.
 
+import { CODES } from "../protocol/codes.js";
+
 export const ClientCode = {
   /** The connection closed (or was never open) before the reply came. */
   Closed: -1,
@@ -13,26 +15,8 @@ export const ClientCode = {
   Aborted: -4,
 } as const;
 
-/** Names of the server's status codes, PROTOCOL.md §4. */
-export const StatusName: Readonly<Record<number, string>> = {
-  0: "ErrOK",
-  1: "ErrAlreadyExist",
-  2: "ErrInvalidPass",
-  3: "ErrInvalidData",
-  4: "ErrEmptyField",
-  5: "ErrAlreadyRegister",
-  6: "ErrNeedAuth",
-  7: "ErrNeedRegister",
-  8: "ErrUserNotFound",
-  9: "ErrChannelNotFound",
-  10: "ErrInvalidChannel",
-  11: "ErrUnknownAction",
-  12: "ErrTooLarge",
-  13: "ErrRateLimited",
-  14: "ErrMessageNotFound",
-  15: "ErrForbidden",
-  16: "ErrUnavailable",
-};
+/** Names of the server's status codes, PROTOCOL.md §4 (the server's own table). */
+export const StatusName: Readonly<Record<number, string>> = Object.fromEntries(CODES.map((c) => [c.code, c.name]));
 
 export class WirechatError extends Error {
   override readonly name = "WirechatError";

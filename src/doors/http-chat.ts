@@ -28,7 +28,7 @@ import { afterRead, type OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import type { MessageRecord, UserRecord } from "../storage/layout.js";
 import { isLogin, normaliseEmail } from "../features/profile-fields.js";
-import { NAME_MAX } from "../storage/users.js";
+import { NAME_MAX } from "../limits.js";
 import { frameWeight, SHUTTING_DOWN } from "../transport/peer-common.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";

@@ -29,7 +29,7 @@ import type { Session } from "../protocol/session.js";
 import { hasLoneSurrogate } from "../protocol/validation.js";
 import { longerThanAnyLogin, shownLogin } from "../features/profile-fields.js";
 import type { ChannelRecord, MessageRecord, UserRecord } from "../storage/layout.js";
-import { NAME_MAX } from "../storage/users.js";
+import { NAME_MAX } from "../limits.js";
 import type { Front } from "../transport/listener.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import { clip, DialectCodec, DialectDoor, jsonElements, str } from "./dialect.js";

@@ -18,7 +18,7 @@ import type { Fields, OutFrame, StreamedFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
 import { LocalLock } from "../seams.js";
 import type { MessageRecord } from "../storage/layout.js";
-import { NAME_MAX } from "../storage/users.js";
+import { NAME_MAX } from "../limits.js";
 import { longerThanAnyLogin, shownLogin } from "../features/profile-fields.js";
 import { clip, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
 

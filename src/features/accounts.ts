@@ -16,7 +16,8 @@ import { BANNED_LOGIN } from "../storage/bans.js";
 import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
 import { sidHash } from "../storage/sessions.js";
-import { NAME_MAX, type UniqueIndex } from "../storage/users.js";
+import { NAME_MAX } from "../limits.js";
+import type { UniqueIndex } from "../storage/users.js";
 import { readSynced, userLockKey, type Services } from "./services.js";
 
 export const PROTOCOL_VERSION = "1.0";

@@ -6,6 +6,7 @@ import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
 import { findUser, readSynced, underLocks, userLockKey, type Services } from "./services.js";
+import { SEARCH_LIMIT } from "../limits.js";
 
 interface ImportEntry {
   myid?: string | number;
@@ -18,7 +19,6 @@ function contactCard(u: UserRecord) {
   return { uid: u.uid, nick: u.nick, email: u.email, phone: u.phone };
 }
 
-const SEARCH_LIMIT = 50;
 
 /** addcontact's refusals (the cluster's log decides them too). */
 export const contactErrors = {

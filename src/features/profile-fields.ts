@@ -3,7 +3,7 @@
 // contacts (whose import looks them up), so both agree on what "the same" means; and
 // what a login may hold (register's schema, and the HTTP chat door, whose logins are emails).
 
-import { NAME_MAX } from "../storage/users.js";
+import { NAME_MAX } from "../limits.js";
 
 /** What a login may hold: letters (any script), digits and _ . @ + - (so an email address works too). */
 export const LOGIN_PATTERN = "^[\\p{L}\\p{N}_.@+\\-]+$";

@@ -6,6 +6,7 @@ import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
 import { LAYOUT_VERSION, type Spaces, type UserRecord } from "./layout.js";
 import { readEntries, readValues } from "./range.js";
 import { ReadCache } from "./read-cache.js";
+import { NAME_MAX } from "../limits.js";
 
 export type UniqueIndex = "login" | "nick" | "email" | "phone";
 
@@ -38,8 +39,6 @@ export function sharedIndexes(index: UniqueIndex, value: string): readonly Uniqu
   return index === "login" && value.includes("@") ? LOGIN_EMAIL : NAMES;
 }
 
-/** The longest login or nick, in characters (code points). */
-export const NAME_MAX = 64;
 
 const CACHE_SIZE = 50_000;
 /**
