@@ -282,11 +282,12 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   // login, an email, is neither shown nor matched).
   const shownStartingWith = async (prefix: string, limit: number): Promise<UserRecord[]> => {
     const { users } = services;
-    // Read past the entries each index drops (logins that are addresses; nicks of
-    // accounts whose login is not), so that a busy prefix does not hide the rest.
+    // Read past the entries each index drops (logins that are addresses, which
+    // prefixSearch never matches; nicks of accounts whose login is not), so that a busy
+    // prefix does not hide the rest.
     const hasAddressLogin = async (uid: string) => (await users.get(uid))?.login.includes("@") === true;
     const [byLogin, byNick] = await Promise.all([
-      users.prefixSearchWhere("login", prefix, limit, (_uid, key) => !key.includes("@")),
+      users.prefixSearch("login", prefix, limit),
       users.prefixSearchWhere("nick", prefix, limit, hasAddressLogin),
     ]);
     const found = (await Promise.all([...byLogin, ...byNick].map((uid) => users.get(uid)))).filter((u): u is UserRecord => u !== undefined);

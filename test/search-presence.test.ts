@@ -86,6 +86,21 @@ describe("searchuser", () => {
     await closeAll(u.client, me.client);
   });
 
+  it("never matches a login that is an address (an account's email), by any prefix of it, and reads past such logins", async () => {
+    const tag = `${uniqueName("addr")}_`;
+    const me = await registerUser(shared.port);
+    // The HTTP/WS chat door's accounts log in by their email: their login is one.
+    const mailed = await registerUser(shared.port, `${tag}x@mail.example`, "secret", `N${tag}`);
+    for (const q of [tag, `${tag}x`, `${tag}x@`, `${tag}x@mail.example`]) expect(await search(me.client, q), q).toEqual([]);
+    expect(await search(me.client, `n${tag}`)).toEqual([{ uid: mailed.uid, nick: mailed.nick }]);
+    // 60 address logins sort before a plain one with the same prefix: it is still found.
+    const hidden: Account[] = [];
+    for (let i = 0; i < 60; i++) hidden.push(await registerUser(shared.port, `${tag}a${String(i).padStart(2, "0")}@mail.example`, "s", `h${i}${tag}`));
+    const plain = await registerUser(shared.port, `${tag}b`, "s", `p${tag}`);
+    expect(await search(me.client, tag)).toEqual([{ uid: plain.uid, nick: plain.nick }]);
+    await closeAll(me.client, mailed.client, plain.client, ...hidden.map((a) => a.client));
+  });
+
   it("answers 4 for an empty or missing q, 3 for a q that is not a string, 6 before auth", async () => {
     const me = await registerUser(shared.port);
     expect((await me.client.request("searchuser", { q: "" })).status).toBe(4);

@@ -45,8 +45,9 @@ export function registerContacts(sv: Services): void {
     cluster: true,
     schema: { type: "object", required: ["q"], properties: { q: requiredString(64) } },
     async handle(req) {
-      // Prefix range reads on the nick and login indexes (both lower-case): at most 50
-      // keys each, never a scan of all users. Email and phone are never shown.
+      // Prefix range reads on the nick and login indexes (both lower-case): 50 keys at a
+      // time, never a scan of all users. Email and phone are never shown, nor matched (a
+      // login that is an address is its account's email: prefixSearch skips it).
       const [byNick, byLogin] = await Promise.all([
         users.prefixSearch("nick", req.data.q, SEARCH_LIMIT),
         users.prefixSearch("login", req.data.q, SEARCH_LIMIT),

@@ -191,14 +191,22 @@ export class UserStore {
     return kept;
   }
 
-  /** uids whose `index` value starts with `prefix` (case-insensitive), in index order. */
+  /**
+   * uids whose `index` value starts with `prefix` (case-insensitive), in index order. A
+   * login that is an address is never matched: it is its account's email (the seed-003
+   * door's accounts log in by email), and a search must not tell its characters.
+   */
   async prefixSearch(index: "login" | "nick", prefix: string, limit: number): Promise<string[]> {
     // Longer than any stored name (NAME_MAX code points, lower-cased at most twice as
     // many, two UTF-16 units each): nothing to read, nothing to remember.
-    if (prefix.length > 4 * NAME_MAX) return [];
+    if (prefix.length > 4 * NAME_MAX || (index === "login" && prefix.includes("@"))) return [];
     const from = indexKey(index, prefix);
     // One group for both indexes: the cache keys entries by the whole query.
-    return this.searches.read("", `${index}\u0000${limit}\u0000${from}`, () => readValues<string>(this.s[index], { gte: from, lt: from + "\u{10FFFF}", limit }));
+    return this.searches.read("", `${index}\u0000${limit}\u0000${from}`, () =>
+      index === "login"
+        ? this.prefixSearchWhere("login", prefix, limit, (_uid, key) => !key.includes("@"))
+        : readValues<string>(this.s[index], { gte: from, lt: from + "\u{10FFFF}", limit }),
+    );
   }
 
   /** Index lookups for many values at once (undefined entries are skipped). */
