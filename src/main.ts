@@ -28,11 +28,15 @@ async function serve(argv: string[]): Promise<void> {
     return;
   }
   // The handlers come first: a signal that arrives while the server starts (or right
-  // after its "listening" line) stops it once it is up, never by node's default.
+  // after its "listening" line) stops it once it is up, never by node's default, or
+  // ends a cluster node's catch-up with the log.
   let server: RunningServer | undefined;
   let priority: ThreadPriority | undefined;
   let catchUp: CompactionCatchUp | undefined;
   let stopping: string | undefined;
+  // A signal before the server is up ends a cluster node's catch-up with the log (what
+  // it applied is kept; the next start goes on from there).
+  const starting = new AbortController();
   const stop = (signal: string, running: RunningServer) => {
     const log = running.services.log;
     log.info({ signal }, "shutting down");
@@ -54,6 +58,7 @@ async function serve(argv: string[]): Promise<void> {
     }
     stopping = signal;
     if (server) stop(signal, server);
+    else starting.abort(new Error(`stopped by ${signal} before the server was up`));
   };
   process.on("SIGTERM", () => shutdown("SIGTERM"));
   process.on("SIGINT", () => shutdown("SIGINT"));
@@ -72,7 +77,13 @@ async function serve(argv: string[]): Promise<void> {
   noPretenuring();
   const scavengeAlone = scavengeOnLoopAlone();
   keepFreedMallocMemory();
-  server = await startServer(parsed.config);
+  try {
+    server = await startServer(parsed.config, undefined, starting.signal);
+  } catch (err) {
+    if (!starting.signal.aborted) throw err;
+    process.stderr.write(`wirechat: ${(starting.signal.reason as Error).message}; what it had applied of the cluster log is kept\n`);
+    process.exit(0);
+  }
   const log = server.services.log;
   if (scavengeAlone) log.info({ cpus: 1, parallelScavenge: false, concurrentArrayBufferSweeping: false }, "one CPU to run on: young-generation collections run on the event loop alone");
   // The process is ours: its background threads yield the core to the event loop.

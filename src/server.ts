@@ -218,7 +218,11 @@ export async function openCore(config: Config, log: Logger, opened?: () => Promi
   };
 }
 
-export async function startServer(config: Config, logger?: Logger): Promise<RunningServer> {
+/**
+ * Starts the server. `abort` (a signal while it starts) ends a cluster node's catch-up
+ * with the log: the start rejects with its reason, storage closed behind it.
+ */
+export async function startServer(config: Config, logger?: Logger, abort?: AbortSignal): Promise<RunningServer> {
   const log = logger ?? pino({ level: config.logLevel });
   // The admin app is built before everything else; its routes find what they need in
   // `adminDeps` when they run. Built after the stores, S1 (10 s, --trace-gc) spent
@@ -242,7 +246,7 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
   try {
     core = await openCore(config, log, listenEarly);
     if (core.services.cluster) {
-      core = await joinCluster(core, config, log, (cluster) => (starting = () => cluster.startingUp));
+      core = await joinCluster(core, config, log, (cluster) => (starting = () => cluster.startingUp), abort);
     }
   } catch (err) {
     await adminApp?.close();
@@ -475,15 +479,16 @@ export async function startServer(config: Config, logger?: Logger): Promise<Runn
  * nats-server lost its store, and then the views are the only copy of what the
  * cluster held.
  */
-async function joinCluster(core: Core, config: Config, log: Logger, opening: (cluster: Cluster) => void): Promise<Core> {
+async function joinCluster(core: Core, config: Config, log: Logger, opening: (cluster: Cluster) => void, abort?: AbortSignal): Promise<Core> {
   const { ViewMismatch } = await import("./cluster/jetstream-log.js");
   try {
     opening(core.services.cluster as Cluster);
-    await (core.services.cluster as Cluster).open();
+    await (core.services.cluster as Cluster).open(abort);
     return core;
   } catch (err) {
     if (!(err instanceof ViewMismatch)) {
       await core.close();
+      if (abort?.aborted) throw err;
       throw new Error(`cannot join the cluster at ${config.nats}: ${(err as Error).message}`, { cause: err });
     }
     await core.close();
@@ -493,7 +498,7 @@ async function joinCluster(core: Core, config: Config, log: Logger, opening: (cl
     const fresh = await openCore(config, log);
     try {
       opening(fresh.services.cluster as Cluster);
-      await (fresh.services.cluster as Cluster).open();
+      await (fresh.services.cluster as Cluster).open(abort);
     } catch (again) {
       await fresh.close();
       throw again;

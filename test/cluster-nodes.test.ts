@@ -7,6 +7,7 @@
 // the others (JetStream object store), cmid holds across nodes, and a node that was
 // down catches up before it listens.
 
+import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, readdirSync } from "node:fs";
 import path from "node:path";
@@ -823,6 +824,43 @@ describe("cluster mode: a node catching up with the log at start-up", () => {
       await node.stop();
       removeDir(node.services.config.dataDir);
     }
+  }, 90_000);
+
+  it("a SIGTERM ends the catch-up: the process exits 0 before it is up, and the next start goes on from what it applied", async () => {
+    const made = [await offlineUser(0), await offlineUser(1)];
+    const dir = tempDir();
+    const adminPort = await freePort();
+    const node = ["--nats", nats.url, "--nats-stream", stream, "--node-id", "interrupted"];
+    const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
+    const args = [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", dir, "--bcrypt-cost", "4", "--log-level", "info", "--admin-port", String(adminPort), ...node];
+    const proc = spawn(process.execPath, args, { env: { ...process.env, WIRECHAT_TEST_APPLY_DELAY_MS: "1500" }, stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    proc.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    proc.stderr.on("data", (d: Buffer) => (out += d.toString()));
+    const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+    try {
+      let ready: { status: number; json: any } | undefined;
+      for (const end = Date.now() + 20_000; !(ready?.status === 503 && /catching up/.test(ready.json.reason)); await sleep(20)) {
+        if (Date.now() > end) throw new Error(`/readyz never said the node was catching up (last: ${JSON.stringify(ready)}):\n${out}`);
+        ready = await admin(adminPort, "GET", "/readyz").catch(() => undefined);
+      }
+      proc.kill("SIGTERM");
+      expect(await exited).toBe(0);
+      expect(out).toContain("wirechat: stopped by SIGTERM before the server was up");
+      expect(out).not.toContain("caught up with the cluster log");
+      expect(out).not.toContain("wirechat listening");
+    } finally {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGKILL");
+    }
+    const again = await startChild(dir, node);
+    for (const u of made) {
+      const c = await Client.connect(again.port);
+      expect((await c.request("auth", { login: u.login, pass: "secret" })).status).toBe(0);
+      c.close();
+    }
+    again.proc.kill("SIGTERM");
+    expect(await again.exited).toBe(0);
+    removeDir(dir);
   }, 90_000);
 });
 

@@ -105,6 +105,12 @@ export interface JetStreamLogOptions<C, R> {
    * apply needs of the engine), with the stream's last seq: the catch-up's end.
    */
   connected?: (nc: NatsConnection, lastSeq: number) => Promise<void>;
+  /**
+   * Ends open()'s waits (for JetStream to answer, for the catch-up): open() closes
+   * what it opened and rejects with the signal's reason. What was applied stays
+   * applied: each batch carries its position.
+   */
+  abort?: AbortSignal;
 }
 
 /** The view cannot be trusted for this stream: the caller empties it and opens again. */
@@ -202,6 +208,8 @@ export class JetStreamLog<C, R> {
   private readonly unappliedSizes: number[] = [];
   private unappliedBytes = 0;
   private applying = false;
+  /** Settles when the apply loop running now (applying) has stopped. */
+  private applyDone: Promise<void> = Promise.resolve();
   private resumeReading: (() => void) | undefined;
   private messages: ConsumerMessages | undefined;
   /** The last stream seq read (at or past `applied`); a re-opened reader starts after it. */
@@ -235,20 +243,24 @@ export class JetStreamLog<C, R> {
    * (ViewMismatch if not), and applies the stream up to its end before resolving.
    */
   static async open<C, R>(opts: JetStreamLogOptions<C, R>): Promise<JetStreamLog<C, R>> {
+    opts.abort?.throwIfAborted();
     const nc = await connect({ ...opts.connectOptions, servers: opts.servers.split(","), name: opts.nodeId, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
+    let log: JetStreamLog<C, R> | undefined;
     try {
       const jsm = await jetstreamManager(nc);
       const info = await ensureStream(jsm, opts);
       const created = info.created;
       await verifyView(jsm, opts.stream, opts.view, created, info.state.first_seq, info.state.last_seq);
       await opts.connected?.(nc, info.state.last_seq);
-      const log = new JetStreamLog<C, R>(nc, jetstream(nc), jsm, opts, created);
+      opts.abort?.throwIfAborted();
+      log = new JetStreamLog<C, R>(nc, jetstream(nc), jsm, opts, created);
       log.watchStatus();
       await log.startReading();
-      await log.syncTo(info.state.last_seq);
+      await untilAborted(log.syncTo(info.state.last_seq), opts.abort);
       return log;
     } catch (err) {
-      await nc.close().catch(() => {});
+      if (log) await log.close();
+      else await nc.close().catch(() => {});
       throw err;
     }
   }
@@ -379,11 +391,11 @@ export class JetStreamLog<C, R> {
     this.messages?.stop();
     // A drain flushes what is pending; with the engine unreachable it would wait for the
     // reconnect for ever, and a stopping node must stop.
-    let timer: NodeJS.Timeout | undefined;
-    const gaveUp = new Promise<void>((resolve) => (timer = setTimeout(resolve, CLOSE_WAIT_MS)));
-    await Promise.race([this.nc.drain().catch(() => {}), gaveUp]);
-    clearTimeout(timer);
+    await within(this.nc.drain().catch(() => {}), CLOSE_WAIT_MS);
     if (!this.nc.isClosed()) await this.nc.close().catch(() => {});
+    // The apply in flight ends (written, or cut short by the closed connection) before
+    // storage closes behind this node; bounded as the drain is.
+    if (this.applying) await within(this.applyDone, CLOSE_WAIT_MS);
     // What still waits is answered (it waited for good: a shutdown's own waits with it):
     // 16, as for an engine out of reach; a stored entry is applied at the next start.
     const stopping = unavailable("this node is stopping");
@@ -622,8 +634,12 @@ export class JetStreamLog<C, R> {
   /** Applies what was read, in batches, one batch at a time. */
   private async applyQueued(): Promise<void> {
     this.applying = true;
+    let done = () => {};
+    this.applyDone = new Promise<void>((r) => (done = r));
     try {
-      while (this.unapplied.length > 0 && !this.failure) {
+      // Closed: what is left is applied at the next start (each batch carries its
+      // position), and storage closes behind this node, never under an apply.
+      while (this.unapplied.length > 0 && !this.failure && !this.closed) {
         let n = 0;
         let bytes = 0;
         while (n < this.unapplied.length && (n === 0 || bytes + this.unappliedSizes[n] <= APPLY_BATCH_BYTES)) bytes += this.unappliedSizes[n++];
@@ -654,6 +670,7 @@ export class JetStreamLog<C, R> {
       this.fail(err);
     } finally {
       this.applying = false;
+      done();
     }
   }
 
@@ -703,6 +720,24 @@ export class JetStreamLog<C, R> {
   }
 }
 
+/** Waits for `p`, at most `ms`. */
+async function within(p: Promise<void>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([p, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+  clearTimeout(timer);
+}
+
+/** `p`, or the signal's reason as soon as it is aborted (`p` goes on; its outcome is dropped). */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return p;
+  return new Promise<T>((resolve, reject) => {
+    const aborted = () => reject(signal.reason);
+    signal.addEventListener("abort", aborted, { once: true });
+    p.then(resolve, reject).finally(() => signal.removeEventListener("abort", aborted));
+    if (signal.aborted) aborted();
+  });
+}
+
 /** A 16 whose cause (the engine's error) is kept for the log. */
 export function unavailable(text: string, cause?: unknown): ProtocolError {
   const err = new ProtocolError(Code.Unavailable, text);
@@ -743,7 +778,7 @@ async function ensureStream<C, R>(jsm: JetStreamManager, opts: JetStreamLogOptio
       const transient = /temporarily unavailable|no responders|timeout|503/i.test(text);
       if (!transient || Date.now() > deadline) throw err;
       opts.log.warn({ err: text }, "JetStream is not answering yet; waiting for it");
-      await new Promise((r) => setTimeout(r, 500));
+      await untilAborted(new Promise((r) => setTimeout(r, 500)), opts.abort);
     }
   }
 }

@@ -244,8 +244,11 @@ export class Cluster {
     return v ?? EMPTY_VIEW;
   }
 
-  /** Joins the log and applies it up to its end (ViewMismatch when this view is another stream's). */
-  async open(): Promise<void> {
+  /**
+   * Joins the log and applies it up to its end (ViewMismatch when this view is another
+   * stream's); `abort` ends the wait, rejecting with its reason.
+   */
+  async open(abort?: AbortSignal): Promise<void> {
     const view = await this.storedPosition();
     this.appliedSeq = view.seq;
     // Records and no position: written outside the log (a single node's database, an
@@ -265,6 +268,7 @@ export class Cluster {
       log: this.log,
       connectOptions: natsConnectOptions(this.opts.access),
       alone,
+      abort,
       // Attachments: the object store, before the catch-up applies entries that name blobs.
       connected: async (nc, lastSeq) => {
         this.catchUpEnd = lastSeq;
