@@ -80,7 +80,7 @@ async function serve(argv: string[]): Promise<void> {
   try {
     server = await startServer(parsed.config, undefined, starting.signal);
   } catch (err) {
-    if (!starting.signal.aborted) throw err;
+    if (err !== starting.signal.reason) throw err;
     process.stderr.write(`wirechat: ${(starting.signal.reason as Error).message}; what it had applied of the cluster log is kept\n`);
     process.exit(0);
   }

@@ -7,6 +7,7 @@
 import { realpathSync, renameSync } from "node:fs";
 import { hostname } from "node:os";
 import path from "node:path";
+import type { FastifyInstance } from "fastify";
 import pino, { type Logger } from "pino";
 import { Background } from "./background.js";
 import { backup, exportRecords } from "./admin/backup.js";
@@ -120,10 +121,17 @@ export async function openCore(config: Config, log: Logger, opened?: () => Promi
   }
   try {
     await opened?.();
+    return await assemble(storage, config, log);
   } catch (err) {
+    // The admin port not listening, a migration or a load failing: the database is
+    // closed (its lock released) before the start fails.
     await storage.close();
     throw err;
   }
+}
+
+/** The stores and every feature on an open database (openCore). */
+async function assemble(storage: Storage, config: Config, log: Logger): Promise<Core> {
   const metrics = new Metrics();
   storage.onBatch = (ops, seconds) => {
     metrics.batchOps.observe(ops);
@@ -233,8 +241,7 @@ export async function startServer(config: Config, logger?: Logger, abort?: Abort
   // is locked, not that the admin port is taken): /healthz answers from then on, and
   // /readyz says what the start is doing, however long a migration or a cluster node's
   // catch-up takes (a health check must not take a slow start for a dead process).
-  let starting: () => string | undefined = () => "opening the database";
-  const adminDeps = { notReady: () => starting() } as AdminDeps;
+  const adminDeps = { notReady: () => "opening the database" } as AdminDeps;
   const adminApp = config.admin === "on" ? buildAdmin(config, log, adminDeps) : undefined;
   let adminAddress: { port: number } | undefined;
   const listenEarly = async () => {
@@ -246,13 +253,41 @@ export async function startServer(config: Config, logger?: Logger, abort?: Abort
   try {
     core = await openCore(config, log, listenEarly);
     if (core.services.cluster) {
-      core = await joinCluster(core, config, log, (cluster) => (starting = () => cluster.startingUp), abort);
+      core = await joinCluster(core, config, log, (cluster) => (adminDeps.notReady = () => cluster.startingUp), abort);
     }
   } catch (err) {
     await adminApp?.close();
     throw err;
   }
-  starting = () => "opening the listeners";
+  // Whatever fails from here closes what was made: the admin port, the listeners, the core.
+  const made: Made = { listeners: [] };
+  try {
+    return await serve(core, config, log, adminApp, adminDeps, adminAddress, made);
+  } catch (err) {
+    await adminApp?.close();
+    await Promise.all([...made.listeners.map((l) => l.close(0)), made.http?.close(0)]);
+    await core.close();
+    throw err;
+  }
+}
+
+/** What serve() has made so far, for startServer to close if it fails. */
+interface Made {
+  listeners: Listener[];
+  http?: HttpDoor;
+}
+
+/** The doors and their listeners on an open core, and the admin port's routes. */
+async function serve(
+  core: Core,
+  config: Config,
+  log: Logger,
+  adminApp: FastifyInstance | undefined,
+  adminDeps: AdminDeps,
+  adminAddress: { port: number } | undefined,
+  made: Made,
+): Promise<RunningServer> {
+  adminDeps.notReady = () => "opening the listeners";
   const { services, admin, directory, channelOps } = core;
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
@@ -263,20 +298,15 @@ export async function startServer(config: Config, logger?: Logger, abort?: Abort
   const held = partialInput(config);
   metrics.partialInput = held;
   const listener = new Listener(config, dispatcher, router, nativeFront(dispatcher, nativeCodec), log, newUpload, metrics, held);
-  const listeners = [listener];
+  const listeners = made.listeners;
+  listeners.push(listener);
   let rustListener: Listener | undefined;
   let http: HttpDoor | undefined;
   // The seed doors' rooms are channels the server makes when they are missing.
   let defaultRoom: string | undefined;
   let lobby: string | undefined;
-  try {
-    if (config.rustPort >= 0) defaultRoom = await serverChannel(services, config.rustRoom, "--rust-room");
-    if (config.httpPort >= 0) lobby = await serverChannel(services, config.lobby, "--lobby");
-  } catch (err) {
-    await adminApp?.close();
-    await core.close();
-    throw err;
-  }
+  if (config.rustPort >= 0) defaultRoom = await serverChannel(services, config.rustRoom, "--rust-room");
+  if (config.httpPort >= 0) lobby = await serverChannel(services, config.lobby, "--lobby");
   // A user named as the seed doors' clients name one: a login, else a nick (one
   // namespace: another door's account shows there by its nick).
   const uidOfName = async (name: string): Promise<string | undefined> =>
@@ -364,7 +394,7 @@ export async function startServer(config: Config, logger?: Logger, abort?: Abort
       members: (chid) => channels.members(chid),
       isMember: (chid, uid) => readSynced(services, () => channels.isMember(chid, uid), (member) => !member),
     });
-    http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat, echat });
+    made.http = http = new HttpDoor({ config, log, dispatcher, router, metrics, nativeCodec, chat, echat });
   }
   const refuseAddress = (address: string) => services.bans.banned("addr", address)?.reason;
   // Every door's listener: one set of connection caps for them all, and their
@@ -390,29 +420,22 @@ export async function startServer(config: Config, logger?: Logger, abort?: Abort
   let rustAddress;
   let roomsAddress;
   let httpAddress;
-  try {
-    address = await listener.listen(listener.server, config.port, config.host);
-    if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
-    if (rustListener) rustAddress = await rustListener.listen(rustListener.server, config.rustPort, config.host);
-    if (roomsListener) roomsAddress = await roomsListener.listen(roomsListener.server, config.roomsPort, config.host);
-    if (http) httpAddress = await http.listen();
-    if (adminApp) {
-      const { version } = adminDeps;
-      Object.assign(adminDeps, {
-        ops: admin,
-        connections: tables,
-        registry: metricsRegistry(metrics, tables, blobs, storage),
-        backup: (dir: string) => backup(storage, blobs, dir, version),
-        exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
-      } satisfies Partial<AdminDeps>);
-    }
-    starting = () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined);
-  } catch (err) {
-    await adminApp?.close();
-    await Promise.all([...listeners.map((l) => l.close(0)), http?.close(0)]);
-    await core.close();
-    throw err;
+  address = await listener.listen(listener.server, config.port, config.host);
+  if (listener.tlsServer) tlsAddress = await listener.listen(listener.tlsServer, config.tlsPort, config.host);
+  if (rustListener) rustAddress = await rustListener.listen(rustListener.server, config.rustPort, config.host);
+  if (roomsListener) roomsAddress = await roomsListener.listen(roomsListener.server, config.roomsPort, config.host);
+  if (http) httpAddress = await http.listen();
+  if (adminApp) {
+    const { version } = adminDeps;
+    Object.assign(adminDeps, {
+      ops: admin,
+      connections: tables,
+      registry: metricsRegistry(metrics, tables, blobs, storage),
+      backup: (dir: string) => backup(storage, blobs, dir, version),
+      exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
+    } satisfies Partial<AdminDeps>);
   }
+  adminDeps.notReady = () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined);
   log.info(
     {
       host: address.address,
@@ -488,10 +511,11 @@ async function joinCluster(core: Core, config: Config, log: Logger, opening: (cl
   } catch (err) {
     if (!(err instanceof ViewMismatch)) {
       await core.close();
-      if (abort?.aborted) throw err;
+      if (abort && err === abort.reason) throw err;
       throw new Error(`cannot join the cluster at ${config.nats}: ${(err as Error).message}`, { cause: err });
     }
     await core.close();
+    abort?.throwIfAborted(); // nothing renamed for a start that was asked to stop
     const kept = path.join(config.dataDir, `db.replaced-${new Date().toISOString().replace(/[:.]/g, "-")}`);
     renameSync(path.join(config.dataDir, "db"), kept);
     log.warn({ reason: err.message, kept }, "the local view does not match the cluster log; rebuilding it from the log (the old view is kept)");

@@ -8,7 +8,8 @@ import path from "node:path";
 import http from "node:http";
 import net from "node:net";
 import { describe, expect, it } from "vitest";
-import { Client, login, registerUser, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
+import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName, WsClient } from "./helpers.js";
+import { freePort } from "../scripts/nats-server.js";
 import { admin, parseProm, sample } from "./admin-helpers.js";
 import { sleep, waitFor } from "./pipeline-helpers.js";
 
@@ -444,5 +445,20 @@ describe("readiness during shutdown", () => {
     stuck.destroy();
     await expect(fetch(`http://127.0.0.1:${ap}/healthz`)).rejects.toThrow();
     removeDir(server.services.config.dataDir);
+  });
+});
+
+describe("a start that fails once the admin port listens", () => {
+  it("closes the admin port and releases the database (a TLS certificate that cannot be read)", async () => {
+    const dataDir = tempDir();
+    const adminPort = await freePort();
+    const missing = path.join(dataDir, "no-such.pem");
+    await expect(startTestServer({ dataDir, adminPort, tlsPort: 0, tlsCert: missing, tlsKey: missing })).rejects.toThrow(/no-such\.pem/);
+    await expect(fetch(`http://127.0.0.1:${adminPort}/healthz`)).rejects.toThrow();
+    // The database's lock is released: the next start on the data dir works.
+    const server = await startTestServer({ dataDir, adminPort });
+    expect((await admin(adminPort, "GET", "/readyz")).status).toBe(200);
+    await server.stop();
+    removeDir(dataDir);
   });
 });

@@ -111,6 +111,12 @@ export interface JetStreamLogOptions<C, R> {
    * applied: each batch carries its position.
    */
   abort?: AbortSignal;
+  /**
+   * Called first when the log closes (a stop, an open that failed or was aborted), before
+   * its connection does: what an apply uses of the engine stops retrying, so the apply
+   * in flight ends (close waits for it) instead of waiting out the closed connection.
+   */
+  closing?: () => void;
 }
 
 /** The view cannot be trusted for this stream: the caller empties it and opens again. */
@@ -261,7 +267,8 @@ export class JetStreamLog<C, R> {
     } catch (err) {
       if (log) await log.close();
       else await nc.close().catch(() => {});
-      throw err;
+      // Stopped by the signal: whatever failed meanwhile is its doing.
+      throw opts.abort?.aborted ? opts.abort.reason : err;
     }
   }
 
@@ -387,6 +394,7 @@ export class JetStreamLog<C, R> {
 
   async close(): Promise<void> {
     this.closed = true;
+    this.opts.closing?.();
     clearInterval(this.watchdog);
     this.messages?.stop();
     // A drain flushes what is pending; with the engine unreachable it would wait for the

@@ -269,6 +269,10 @@ export class Cluster {
       connectOptions: natsConnectOptions(this.opts.access),
       alone,
       abort,
+      // An apply's attachment fetch stops retrying: it is applied again at the next start.
+      closing: () => {
+        if (this.remoteBlobs) this.remoteBlobs.closed = true;
+      },
       // Attachments: the object store, before the catch-up applies entries that name blobs.
       connected: async (nc, lastSeq) => {
         this.catchUpEnd = lastSeq;
@@ -422,8 +426,7 @@ export class Cluster {
     clearTimeout(this.cursorTimer);
     this.presence?.stop();
     this.notices?.unsubscribe();
-    if (this.remoteBlobs) this.remoteBlobs.closed = true;
-    await this.journal?.close();
+    await this.journal?.close(); // its `closing` stops the attachment fetches first
   }
 
   /** Appends a command; its outcome once it is stored and applied here (16 when the engine cannot confirm). */
@@ -468,7 +471,7 @@ export class Cluster {
   /** Where open() is, for /readyz while the node starts. */
   get startingUp(): string {
     if (this.catchUpEnd === undefined) return "connecting to the cluster's message store";
-    return `catching up with the cluster log: ${this.appliedSeq} of ${this.catchUpEnd} entries applied`;
+    return `catching up with the cluster log: applied up to entry ${this.appliedSeq} of ${this.catchUpEnd}`;
   }
 
   private async applySegment(entries: StoredEntry<Command>[], position: ViewPosition): Promise<Outcome[][]> {
