@@ -1,6 +1,6 @@
 // Limits the protocol sets on names and answers (PROTOCOL.md): one home for the
-// server, the client library and the chat CLI, which must not load the server's
-// modules (storage would bring LevelDB into a client).
+// server and the chat CLI, which must not load the server's modules (storage would
+// bring LevelDB into a client).
 
 /** The longest login or nick, in characters (code points). */
 export const NAME_MAX = 64;

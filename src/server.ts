@@ -264,9 +264,14 @@ export async function startServer(config: Config, logger?: Logger, abort?: Abort
   try {
     return await serve(core, config, log, adminApp, adminDeps, adminAddress, made);
   } catch (err) {
-    await adminApp?.close();
-    await Promise.all([...made.listeners.map((l) => l.close(0)), made.http?.close(0)]);
-    await core.close();
+    // Each closes whatever the others do; storage closes last, behind the requests a
+    // port that was already listening let in (as stop() does).
+    try {
+      await Promise.allSettled([adminApp?.close(), ...made.listeners.map((l) => l.close(0)), made.http?.close(0)]);
+      await core.services.dispatcher.idle(config.shutdownTimeout * 1000);
+    } finally {
+      await core.close();
+    }
     throw err;
   }
 }

@@ -249,8 +249,13 @@ export class JetStreamLog<C, R> {
    * (ViewMismatch if not), and applies the stream up to its end before resolving.
    */
   static async open<C, R>(opts: JetStreamLogOptions<C, R>): Promise<JetStreamLog<C, R>> {
-    opts.abort?.throwIfAborted();
-    const nc = await connect({ ...opts.connectOptions, servers: opts.servers.split(","), name: opts.nodeId, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
+    const connecting = connect({ ...opts.connectOptions, servers: opts.servers.split(","), name: opts.nodeId, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
+    // The first connection can take its timeout (20 s) to fail: a signal does not wait
+    // for it (a connection made after all is closed).
+    const nc = await untilAborted(connecting, opts.abort).catch((err: unknown) => {
+      if (opts.abort?.aborted) void connecting.then((c) => c.close(), () => {});
+      throw err;
+    });
     let log: JetStreamLog<C, R> | undefined;
     try {
       const jsm = await jetstreamManager(nc);
