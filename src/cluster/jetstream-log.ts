@@ -253,7 +253,7 @@ export class JetStreamLog<C, R> {
     // The first connection can take its timeout (20 s) to fail: a signal does not wait
     // for it (a connection made after all is closed).
     const nc = await untilAborted(connecting, opts.abort).catch((err: unknown) => {
-      if (opts.abort?.aborted) void connecting.then((c) => c.close(), () => {});
+      if (opts.abort?.aborted) void connecting.then((c) => c.close().catch(() => {}), () => {});
       throw err;
     });
     let log: JetStreamLog<C, R> | undefined;
