@@ -795,6 +795,16 @@ describe("cluster mode: read your writes", () => {
   });
 });
 
+/** The first /readyz answer of a starting node that says it is catching up (`log`: its output, for the error). */
+async function untilCatchingUp(adminPort: number, log: () => string = () => ""): Promise<{ status: number; json: any }> {
+  let ready: { status: number; json: any } | undefined;
+  for (const end = Date.now() + 20_000; !(ready?.status === 503 && /catching up/.test(ready.json.reason)); await sleep(20)) {
+    if (Date.now() > end) throw new Error(`/readyz never said the node was catching up (last: ${JSON.stringify(ready)})\n${log()}`);
+    ready = await admin(adminPort, "GET", "/readyz").catch(() => undefined);
+  }
+  return ready;
+}
+
 describe("cluster mode: a node catching up with the log at start-up", () => {
   it("answers /healthz, says how far it is on /readyz, and refuses operator routes with 503 until it is up", async () => {
     for (let i = 0; i < 3; i++) await offlineUser(0);
@@ -804,11 +814,7 @@ describe("cluster mode: a node catching up with the log at start-up", () => {
     let node: RunningServer | undefined;
     try {
       // The admin port listens once the node's database is open, before the catch-up.
-      let ready: { status: number; json: any } | undefined;
-      for (const end = Date.now() + 20_000; !(ready?.status === 503 && /catching up/.test(ready.json.reason)); await sleep(20)) {
-        if (Date.now() > end) throw new Error(`/readyz never said the node was catching up (last: ${JSON.stringify(ready)})`);
-        ready = await admin(adminPort, "GET", "/readyz").catch(() => undefined);
-      }
+      const ready = await untilCatchingUp(adminPort);
       delete process.env.WIRECHAT_TEST_APPLY_DELAY_MS; // read by then
       expect(ready?.json).toEqual({ ready: false, reason: expect.stringMatching(/^catching up with the cluster log: applied up to entry 0 of [1-9]\d*$/) });
       expect(await admin(adminPort, "GET", "/healthz")).toMatchObject({ status: 200, json: { status: "ok" } });
@@ -839,11 +845,7 @@ describe("cluster mode: a node catching up with the log at start-up", () => {
     proc.stderr.on("data", (d: Buffer) => (out += d.toString()));
     const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
     try {
-      let ready: { status: number; json: any } | undefined;
-      for (const end = Date.now() + 20_000; !(ready?.status === 503 && /catching up/.test(ready.json.reason)); await sleep(20)) {
-        if (Date.now() > end) throw new Error(`/readyz never said the node was catching up (last: ${JSON.stringify(ready)}):\n${out}`);
-        ready = await admin(adminPort, "GET", "/readyz").catch(() => undefined);
-      }
+      await untilCatchingUp(adminPort, () => out);
       proc.kill("SIGTERM");
       expect(await exited).toBe(0);
       expect(out).toContain("wirechat: stopped by SIGTERM before the server was up");
