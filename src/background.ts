@@ -1,6 +1,7 @@
 // Background work of every layer, in one place so that shutdown can wait for it.
 
 import type { Logger } from "pino";
+import { within } from "./clock.js";
 
 /**
  * Work that runs after a reply, in the background (presence, blob collection, purges,
@@ -40,9 +41,7 @@ export class Background {
     this.abort.abort();
     const deadline = Date.now() + timeoutMs;
     while (this.running.size > 0 && Date.now() < deadline) {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([Promise.allSettled([...this.running]), new Promise((r) => (timer = setTimeout(r, deadline - Date.now())))]);
-      clearTimeout(timer);
+      await within(Promise.allSettled([...this.running]), deadline - Date.now());
     }
     if (this.running.size > 0) this.log.warn({ tasks: this.running.size }, "background tasks still running at the shutdown timeout");
   }

@@ -1,6 +1,6 @@
-// clock.ts: the wall clock read once per task.
+// clock.ts: the wall clock read once per task, and within() (a wait with a deadline).
 import { describe, expect, it } from "vitest";
-import { clockMs } from "../src/clock.js";
+import { clockMs, within } from "../src/clock.js";
 
 describe("clockMs", () => {
   it("keeps one reading for the rest of a task and reads again in the next", async () => {
@@ -25,5 +25,22 @@ describe("clockMs", () => {
     const t1 = clockMs();
     expect(t1).toBeGreaterThan(t0);
     expect(t1).toBeLessThanOrEqual(Date.now());
+  });
+});
+
+describe("within", () => {
+  it("is true once the promise fulfils, and leaves no timer behind", async () => {
+    const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length;
+    const before = timers();
+    expect(await within(new Promise((r) => setTimeout(r, 5)), 60_000)).toBe(true);
+    expect(timers()).toBe(before);
+  });
+
+  it("is false at the deadline while the promise goes on, and rejects with the promise's own error", async () => {
+    const t0 = Date.now();
+    expect(await within(new Promise(() => {}), 20)).toBe(false);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(19);
+    expect(await within(Promise.resolve(), -5)).toBe(true); // a deadline already past: the settled promise still wins
+    await expect(within(Promise.reject(new Error("boom")), 1000)).rejects.toThrow("boom");
   });
 });

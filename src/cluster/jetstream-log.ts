@@ -40,6 +40,7 @@ import {
 } from "@nats-io/jetstream";
 import type { Logger } from "pino";
 import { Code, ProtocolError } from "../protocol/codes.js";
+import { within } from "../clock.js";
 
 /** One append: the commands one node proposed together. */
 export interface LogEntry<C> {
@@ -731,13 +732,6 @@ export class JetStreamLog<C, R> {
     // Catching up at start-up too: the node does not start on a view that stopped.
     for (const b of this.barriers.splice(0)) b.reject(this.failure);
   }
-}
-
-/** Waits for `p`, at most `ms`. */
-async function within(p: Promise<void>, ms: number): Promise<void> {
-  let timer: NodeJS.Timeout | undefined;
-  await Promise.race([p, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
-  clearTimeout(timer);
 }
 
 /** `p`, or the signal's reason as soon as it is aborted (`p` goes on; its outcome is dropped). */

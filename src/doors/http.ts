@@ -28,6 +28,7 @@ import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
 import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
 import { SHUTTING_DOWN } from "../transport/peer-common.js";
+import { within } from "../clock.js";
 
 export interface HttpDoorDeps {
   config: Config;
@@ -211,14 +212,11 @@ export class HttpDoor {
     await this.ready.catch(() => undefined);
     this.stopping = true;
     const websockets = this.websockets.close(timeoutMs, graceMs);
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs + graceMs)));
-    const done = Promise.all([websockets, this.app.close()]).then(() => true);
-    if (!(await Promise.race([done, late]))) {
+    const done = Promise.all([websockets, this.app.close()]);
+    if (!(await within(done, timeoutMs + graceMs))) {
       this.d.log.warn("HTTP connections still open after the shutdown timeout; closing them");
       this.app.server.closeAllConnections();
-      await Promise.race([done, new Promise((r) => setTimeout(r, graceMs).unref())]);
+      await within(done, graceMs);
     }
-    clearTimeout(timer);
   }
 }

@@ -29,6 +29,7 @@ import { createHash } from "node:crypto";
 import { createRequire } from "node:module";
 import { Worker } from "node:worker_threads";
 import { Code, ProtocolError } from "../protocol/codes.js";
+import { within } from "../clock.js";
 
 interface Job {
   req: HashRequest;
@@ -285,9 +286,7 @@ export class PasswordHasher {
     for (const t of this.free.splice(0)) t.stop();
     // Resolves when no thread is loading bcrypt any more (see HashThread.loaded), or
     // after LOAD_WAIT_MS whatever happened (an exit is never held up for long).
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<void>((resolve) => (timer = setTimeout(resolve, LOAD_WAIT_MS)));
-    return Promise.race([Promise.all(this.threads.map((t) => t.loaded())), late]).then(() => clearTimeout(timer));
+    return within(Promise.all(this.threads.map((t) => t.loaded())), LOAD_WAIT_MS).then(() => undefined);
   }
 
   private enqueue(address: string, req: HashRequest): Promise<unknown> {

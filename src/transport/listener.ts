@@ -17,7 +17,7 @@ import type { Logger } from "pino";
 import { closeFromAddress, closeIfIdle, endAll, overCap, socketAddress, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import type { Metrics } from "../metrics.js";
-import { clockMs } from "../clock.js";
+import { clockMs, within } from "../clock.js";
 import type { Codec } from "../protocol/codec.js";
 import type { OutFrame } from "../protocol/frames.js";
 import { Code } from "../protocol/codes.js";
@@ -577,10 +577,7 @@ export class Listener implements ConnectionTable, SlotCounter {
       for (const socket of this.handshaking.values()) socket.destroy();
     }, graceMs);
     // A socket the listener does not know of must not hold the stop up either.
-    let last: NodeJS.Timeout | undefined;
-    const late = new Promise<boolean>((r) => (last = setTimeout(() => r(false), graceMs + 1000)));
-    if (!(await Promise.race([closed.then(() => true), late]))) this.log.warn("sockets still open after the shutdown grace time");
+    if (!(await within(closed, graceMs + 1000))) this.log.warn("sockets still open after the shutdown grace time");
     clearTimeout(timer);
-    clearTimeout(last);
   }
 }
