@@ -378,6 +378,29 @@ describe("leave", () => {
     u.client.close();
   });
 
+  it("a deleteaccount whose write fails leaves its user a member of each channel, whose messages are taken", async () => {
+    const owner = await registerUser(shared.port);
+    const chans = [await newChannel(owner), await newChannel(owner)];
+    const u = await registerUser(shared.port);
+    for (const ch of chans) expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    const sv = shared.server.services;
+    // The deletion's batch (the one with its deletion mark) fails, as a full disk would.
+    const undo = wrapCalls(sv.storage, "commit", async (ops: BatchOp[]) => {
+      if (ops.some((o) => o.type === "put" && o.key.startsWith(sv.storage.spaces.deleted.prefix))) throw new Error("the disk failed");
+    });
+    try {
+      expect((await u.client.request("deleteaccount", { pass: "secret" })).status).toBe(16);
+    } finally {
+      undo();
+    }
+    // "A failed request changes nothing": still a member, and its messages are stored.
+    for (const ch of chans) {
+      expect((await u.client.request("message", { channel: ch.chid, body: "still here" })).status).toBe(0);
+      expect((await owner.client.event("ev_message", (d) => d.chid === ch.chid && d.body === "still here")).from).toBe(u.uid);
+    }
+    await closeAll(owner.client, u.client);
+  });
+
   it("a message sent on another connection as its sender leaves is stored before the leave, or refused", async () => {
     const owner = await registerUser(shared.port);
     const ch = await newChannel(owner);

@@ -295,18 +295,21 @@ export function registerAccounts(sv: Services): AccountOps {
     for (const owner of listedBy) ops.push(...contacts.removeOps(owner, uid));
     for (const o of await sessions.list(uid)) ops.push(...sessions.revokeOps(uid, o.hash, o.expires));
     const joined = await channels.channelsOf(uid);
-    for (const chid of joined) ops.push(...channels.leaveOps(chid, uid));
     // The hook deletes every channel it owns, those it has left included (an owner may).
     const chids = [...new Set([...joined, ...(await channels.ownedBy(uid))])];
     ops.push(...(await messages.forgetUserOps(uid)));
     ops.push(...users.deletionMarkOps(uid, user.nick, chids));
-    // From here a direct message to the account is refused (8), not stored for nobody
-    // in the deletion's batch or the next (the sweep reads what came before).
+    // From here, with nothing left to wait for but the commit, a direct message to the
+    // account is refused (8), not stored for nobody in the deletion's batch or the next
+    // (the sweep reads what came before), and so is its own message to a channel it is
+    // leaving (leaveOps). A failed commit undoes both: the account keeps everything.
+    for (const chid of joined) ops.push(...channels.leaveOps(chid, uid));
     messages.forgettingUser(uid);
     try {
       await storage.commit(ops);
     } catch (err) {
       messages.notForgettingUser(uid);
+      for (const chid of joined) channels.notLeft(chid, uid);
       throw err;
     }
     messages.forgotten(uid);
