@@ -378,6 +378,27 @@ describe("leave", () => {
     u.client.close();
   });
 
+  it("a member who left can no longer edit or delete their own messages there (14), until they enter again", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = await newChannel(owner);
+    const u = await registerUser(shared.port);
+    expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    const sent = await u.client.request("message", { channel: ch.chid, body: "mine" });
+    expect(sent.status).toBe(0);
+    expect((await u.client.request("leave", { channel: ch.chid })).status).toBe(0);
+    expect(await u.client.request("editmessage", { mid: sent.mid, body: "changed from outside" })).toMatchObject({ status: 14 });
+    expect(await u.client.request("delmessage", { mid: sent.mid })).toMatchObject({ status: 14 });
+    expect(await owner.client.quiet(100, (f) => f.action === "ev_edit" || f.action === "ev_delmessage")).toBe(true);
+    const h = await owner.client.request("history", { channel: ch.chid });
+    expect(h.messages.map((m: { body: string }) => m.body)).toEqual(["mine"]);
+    // A member again: theirs to change, and they hear it with the others.
+    expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    expect((await u.client.request("editmessage", { mid: sent.mid, body: "changed" })).status).toBe(0);
+    expect((await owner.client.event("ev_edit")).body).toBe("changed");
+    expect((await u.client.event("ev_edit")).body).toBe("changed");
+    await closeAll(owner.client, u.client);
+  });
+
   it("a deleteaccount whose write fails leaves its user a member of each channel, whose messages are taken", async () => {
     const owner = await registerUser(shared.port);
     const chans = [await newChannel(owner), await newChannel(owner)];

@@ -478,13 +478,16 @@ export function registerMessages(sv: Services): void {
   }
 
   /**
-   * Whether `me` is in `m`'s conversation (its author, its recipient, or a member of its
-   * channel). Nobody is, once its channel is deleted: its messages wait for the purge.
+   * Whether `me` is in `m`'s conversation: its author or recipient for a direct message,
+   * a member of its channel for a channel's (its author too: one who has left is an
+   * outsider again, who can neither read its history nor change what they wrote there,
+   * and would not hear the ev_edit). Nobody is, once its channel is deleted: its
+   * messages wait for the purge.
    */
   async function isParty(m: MessageRecord, me: string): Promise<boolean> {
-    if (m.chid !== undefined && (channels.isGone(m.chid) || (await channels.get(m.chid)) === undefined)) return false;
-    if (m.from === me) return true;
-    return m.chid !== undefined ? channels.isMember(m.chid, me) : m.to === me;
+    if (m.chid === undefined) return m.from === me || m.to === me;
+    if (channels.isGone(m.chid) || (await channels.get(m.chid)) === undefined) return false;
+    return channels.isMember(m.chid, me);
   }
 
   /**
