@@ -4,6 +4,7 @@
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import { Client, login, registerUser, removeDir, serveForFile, testConfig, uniqueName, type Account } from "./helpers.js";
+import { heldGate, wrapCalls } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -193,6 +194,37 @@ describe("invite", () => {
     expect(await b.client.event("ev_enter")).toMatchObject({ chid, uid: b.uid });
     expect(await b2.client.event("ev_enter")).toMatchObject({ chid, uid: b.uid });
     await closeAll(a.client, b.client, b2.client);
+  });
+});
+
+describe("a member's leave racing their own enter", () => {
+  it("an enter that saw the member before a leave from their other connection committed is refused (10), not a new entry", async () => {
+    const owner = await registerUser(shared.port);
+    const u = await registerUser(shared.port);
+    const u2 = await login(shared.port, u.login);
+    const { chid } = await newPrivate(owner, [u]);
+    await u.client.event("ev_enter", (d) => d.chid === chid);
+    // The enter's own check reads "member"; its join's first read waits until the leave
+    // from the other connection is answered.
+    const gate = heldGate();
+    let reads = 0;
+    const undo = wrapCalls(shared.server.services.channels, "isMember", async (c: string, uid: string) => {
+      if (c === chid && uid === u.uid && ++reads === 2) await gate.pass();
+    });
+    try {
+      u.client.send("enter", { channel: chid });
+      await gate.reached;
+      expect((await u2.client.request("leave", { channel: chid })).status).toBe(0);
+      gate.open();
+      // Neither order of the two requests makes them a member again.
+      expect((await u.client.reply("enter")).data.status).toBe(10);
+    } finally {
+      undo();
+      gate.open();
+    }
+    expect(await owner.client.quiet(150, (f) => f.action === "ev_enter" && f.data.uid === u.uid)).toBe(true);
+    expect((await u.client.request("message", { channel: chid, body: "still in?" })).status).toBe(10);
+    await closeAll(owner.client, u.client, u2.client);
   });
 });
 

@@ -219,6 +219,9 @@ export function registerChannels(sv: Services): ChannelOps {
         await stillThere(uid, who);
         // Again under the lock: a creation naming them may have committed meanwhile.
         if (await channels.isMember(c.chid, uid)) return false;
+        // A private channel's member entering (enter checked them) who is one no more:
+        // a leave from their other connection committed since. Joining would undo it.
+        if (by === undefined && c.private && c.owner !== uid) throw channelErrors.privateChannel(c.chid);
         await checkCaps(uid, false, who);
         // The channel lock keeps a removal from reading the members between this check
         // and the commit (the membership would outlive the channel).
