@@ -720,6 +720,24 @@ describe("deletechannel", () => {
     await closeAll(a.client, b.client);
   });
 
+  it("of a deleted owner goes at once, however long the purge of the owner's messages to themselves takes", async () => {
+    const a = await registerUser(shared.port);
+    const m = await registerUser(shared.port);
+    const ch = await newChannel(a);
+    expect((await m.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    // Every purge waits at the gate: the account's own conversation's, and the channel's.
+    const gate = heldGate();
+    const undo = wrapCalls(shared.server.services.messages, "purge", () => gate.pass());
+    try {
+      expect((await a.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      expect(await m.client.event("ev_channel_deleted")).toEqual({ chid: ch.chid });
+    } finally {
+      undo();
+      gate.open();
+    }
+    await closeAll(a.client, m.client);
+  });
+
   it("of a deleted owner cannot exist: createchannel racing deleteaccount from the owner's other connection", async () => {
     // The owned-channels cap check of the creation is slowed by 200 ms (a loaded
     // disk); the owner's other connection deletes the account meanwhile. Either the

@@ -496,15 +496,6 @@ export function registerChannels(sv: Services): ChannelOps {
     };
   }
 
-  // A deleted account's messages to itself go too: nobody can read them any more (its
-  // conversations with others stay in the others' history), and they held its
-  // attachments' files for good. The deletion's record keeps this hook until it is
-  // done, so a purge cut short runs again at the next start (in cluster mode, the
-  // apply marks the purge instead: above).
-  if (!sv.cluster) {
-    sv.hooks.onAccountDeleted((uid) => purge(directConv(uid, uid)));
-  }
-
   // A deleted account's channels (its memberships went with the account): the ones
   // it owned go, left or not (nobody could delete them any more); in the others, the
   // remaining members hear that it left.
@@ -518,6 +509,16 @@ export function registerChannels(sv: Services): ChannelOps {
       } else tell(await channels.members(chid), { kind: "leave", chid, uid, nick });
     }
   });
+
+  // A deleted account's messages to itself go too: nobody can read them any more (its
+  // conversations with others stay in the others' history), and they held its
+  // attachments' files for good. The deletion's record keeps this hook until it is
+  // done, so a purge cut short (a shutdown) runs again at the next start (in cluster
+  // mode, the apply marks the purge instead: above). After the channels' hook: a long
+  // history's purge held back the owned channels' removal and the members' ev_leave.
+  if (!sv.cluster) {
+    sv.hooks.onAccountDeleted((uid, _nick, _chids, signal) => purge(directConv(uid, uid), signal));
+  }
 
   dispatcher.register<{ channel: string }>({
     name: "deletechannel",

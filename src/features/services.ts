@@ -71,17 +71,24 @@ export async function readSynced<T>(sv: Pick<Services, "cluster">, read: () => P
   return read();
 }
 
+/** Runs after an account's deletion is committed; `signal` aborts at shutdown (the deletion's record makes the next start run it again). */
+export type AccountDeletedHook = (uid: string, nick: string, chids: string[], signal: AbortSignal) => Promise<void>;
+
 export class Hooks {
   private readonly presenceFns: PresenceHook[] = [];
 
   private readonly stopFns: (() => void | Promise<void>)[] = [];
 
-  private readonly deletedFns: ((uid: string, nick: string, chids: string[]) => Promise<void>)[] = [];
+  private readonly deletedFns: AccountDeletedHook[] = [];
 
   constructor(private readonly background: Background) {}
 
-  /** After an account is deleted, with the channels it was a member of. */
-  onAccountDeleted(fn: (uid: string, nick: string, chids: string[]) => Promise<void>): void {
+  /**
+   * After an account is deleted, with the channels it was a member of; run in the order
+   * registered, each after the one before it has ended (quick ones first: a purge of a
+   * long history holds back every hook after it).
+   */
+  onAccountDeleted(fn: AccountDeletedHook): void {
     this.deletedFns.push(fn);
   }
 
@@ -93,14 +100,14 @@ export class Hooks {
   accountDeleted(uid: string, nick: string, chids: string[], done: () => Promise<void>): void {
     this.background.run(
       "account-deleted hooks",
-      async () => {
+      async (signal) => {
         // Each hook runs, whatever one before it did: a failure (a purge whose history
         // could not be written) must not hold back the others (the account's channels
         // removed, its leaves told). The record stays, and the next start runs them again.
         let failure: unknown;
         for (const fn of this.deletedFns) {
           try {
-            await fn(uid, nick, chids);
+            await fn(uid, nick, chids, signal);
           } catch (err) {
             failure ??= err;
           }
