@@ -5,7 +5,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, type Account } from "./helpers.js";
-import { byMid, duplicates, evMids, helloAck, holdNextWrite, orClosed, recordSyncs, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
+import { byMid, duplicates, evMids, heldGate, helloAck, holdNextWrite, orClosed, recordSyncs, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
 
 const shared = serveForFile();
 
@@ -322,6 +322,43 @@ describe("re-authentication and cursors (review findings)", () => {
     a.client.close();
     c.close();
   }, 60_000);
+
+  it("an edit or a delete committed while the sync reads the record is not followed by the record as it was", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const kept = (await a.client.request("message", { uid: b.uid, body: "before" })).mid;
+    const gone = (await a.client.request("message", { uid: b.uid, body: "to delete" })).mid;
+    // The sync's first read of records returns what it read, but only once the edit and
+    // the delete are answered (and their events sent live).
+    const store = shared.server.services.messages as { recordsAt: (seqs: readonly number[]) => Promise<unknown[]> };
+    const read = store.recordsAt.bind(store);
+    const gate = heldGate();
+    let armed = true;
+    store.recordsAt = async (seqs) => {
+      const found = await read(seqs);
+      if (armed) {
+        armed = false;
+        await gate.pass();
+      }
+      return found;
+    };
+    const c = await Client.connect(shared.port);
+    try {
+      c.send("auth", { sid: b.sid });
+      await gate.reached;
+      expect((await a.client.request("editmessage", { mid: kept, body: "after" })).status).toBe(0);
+      expect((await a.client.request("delmessage", { mid: gone })).status).toBe(0);
+      await c.event("ev_edit", (d) => d.mid === kept);
+      await c.event("ev_delmessage", (d) => d.mid === gone);
+    } finally {
+      delete (store as { recordsAt?: unknown }).recordsAt;
+      gate.open();
+    }
+    expect((await c.event("ev_message", (d) => d.mid === kept)).body).toBe("after");
+    expect(await c.quiet(300, (f) => f.action === "ev_message" && f.data.mid === gone)).toBe(true);
+    a.client.close();
+    c.close();
+  });
 
   it("a logout and a login of the same user on one connection sends nothing it was already sent; another user's starts afresh", async () => {
     const a = await registerUser(shared.port);

@@ -55,6 +55,12 @@ const SYNC_PAGE = 256;
  * delete sent live meanwhile was followed by the old text).
  */
 const SYNC_READ = 16;
+/**
+ * Reads of one slice again after edits or deletes overtook the last (see sync): a
+ * bound, so that senders editing without pause cannot hold a sync up for ever. Past
+ * it, a message edited in that very moment may arrive with its text of a moment ago.
+ */
+const SYNC_REREADS = 8;
 
 export class Router implements Delivery {
   private readonly users = new Map<string, Session | Session[]>();
@@ -232,6 +238,7 @@ export class Router implements Delivery {
 
   private live(s: Session, ev: Event): void {
     if (ev.kind === "message") this.metrics.messagesDelivered++;
+    else if (s.syncing && (ev.kind === "edit" || ev.kind === "delete")) s.syncChanges++;
     s.peer.send(s.codec.event(ev), true);
   }
 
@@ -280,8 +287,16 @@ export class Router implements Delivery {
           // Never more than the socket can take: wait for it rather than hit the cap.
           if (s.peer.congested && (!(await s.peer.drained()) || !current())) return;
           const slice = page.slice(i, i + SYNC_READ);
-          const found = await this.inbox.recordsAt(slice);
-          if (!current()) return;
+          let found: (MessageRecord | undefined)[];
+          // A read sees the records as they were when it began: an edit or delete
+          // committed while it was under way has had its event sent live, ahead of the
+          // old text (or the deleted message) this read would send after it. Read again.
+          for (let reads = 0; ; reads++) {
+            const changes = s.syncChanges;
+            found = await this.inbox.recordsAt(slice);
+            if (!current()) return;
+            if (s.syncChanges === changes || reads === SYNC_REREADS) break;
+          }
           for (let j = 0; j < slice.length && !(j > 0 && s.peer.congested); j++, i++) {
             const seq = slice[j];
             s.lastInbox = seq;

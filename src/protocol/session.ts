@@ -89,6 +89,8 @@ export class Session {
   syncing = false;
   /** A live inbox event arrived during the sync: read again before going live. */
   syncDirty = false;
+  /** Edits and deletes sent live during the sync: a read of records they overtook is read again. */
+  syncChanges = 0;
   /**
    * Where this connection's inbox stands (in order, without gaps): the highest seq sent
    * on it, or the `since` its auth gave.
