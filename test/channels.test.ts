@@ -513,6 +513,38 @@ describe("message to a channel", () => {
   });
 });
 
+describe("the order of a channel message's reply, its event and the next reply", () => {
+  it("the sender's ev_message comes right after its reply, before a pipelined request's, while the members are read", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = await newChannel(owner);
+    // The channel's members are not in memory (as after a membership change) and their
+    // read waits at a gate.
+    const store = shared.server.services.channels as unknown as { cachedMembers: (chid: string) => unknown; members: (chid: string) => Promise<string[]> };
+    const members = store.members.bind(store);
+    const gate = heldGate();
+    store.cachedMembers = () => undefined;
+    store.members = async (chid) => {
+      const found = await members(chid);
+      if (chid === ch.chid) await gate.pass();
+      return found;
+    };
+    try {
+      owner.client.send("message", { channel: ch.chid, body: "first" });
+      owner.client.send("ping", {});
+      await gate.reached;
+      await sleep(100); // time for the ping to be answered, were it not held
+    } finally {
+      delete (store as { cachedMembers?: unknown }).cachedMembers;
+      delete (store as { members?: unknown }).members;
+      gate.open();
+    }
+    await waitFor(() => owner.client.frames.some((f) => f.action === "ping"), 5000, "the ping's reply");
+    const order = owner.client.frames.filter((f) => ["message", "ev_message", "ping"].includes(f.action)).map((f) => f.action);
+    expect(order).toEqual(["message", "ev_message", "ping"]);
+    owner.client.close();
+  });
+});
+
 describe("deletechannel", () => {
   it("is for the owner only (15), answers 9 for an unknown channel", async () => {
     const a = await registerUser(shared.port);

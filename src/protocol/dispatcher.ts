@@ -238,6 +238,8 @@ class Line {
   doomed = false;
   /** The client half-closed: close once everything it sent is answered. */
   inputEnded = false;
+  /** The last reply's events wait to go out (flushSlots): later replies wait for them. */
+  eventsWaiting: Promise<void> | undefined = undefined;
   /** Token bucket of the request rate limit (RequestBudget). */
   tokens: number;
   tokensAt = clockMs();
@@ -884,25 +886,48 @@ export class Dispatcher {
     return this.errorFrame(s, action, Code.Unavailable, "the server could not complete the request; nothing was changed");
   }
 
-  private publish(s: Session, ev: Event, audience: Audience): void {
+  /** Routes a request's event; the promise when it waits behind its channel's (see Delivery). */
+  private publish(s: Session, ev: Event, audience: Audience): Promise<void> | undefined {
     try {
-      (this.delivery as Delivery).publish(ev, audience);
+      return (this.delivery as Delivery).publish(ev, audience) ?? undefined;
     } catch (err) {
       s.log.error({ err }, "routing an event failed");
+      return undefined;
     }
   }
 
   private fill(s: Session, line: Line, slot: Slot, out: OutFrame): void {
     slot.frame = out;
+    this.flushSlots(s, line);
+  }
+
+  /**
+   * Sends the replies that are ready, in order, each followed by its request's events.
+   * Behind a reply whose events wait (a channel's members being read: Delivery), the
+   * next reply waits too: an event a request causes comes right after its reply.
+   */
+  private flushSlots(s: Session, line: Line): void {
     const slots = line.slots;
-    while (slots.length > 0 && slots[0].frame !== undefined) {
+    while (line.eventsWaiting === undefined && slots.length > 0 && slots[0].frame !== undefined) {
       const done = slots.shift() as Slot;
       s.peer.send(done.frame as OutFrame, false);
       if (done instanceof RequestImpl && !done.failed) {
         const req = done;
         if (req.event && this.delivery) {
-          this.publish(s, req.event, req.audience as Audience);
-          if (req.events) for (const [ev, audience] of req.events) this.publish(s, ev, audience);
+          let waits = this.publish(s, req.event, req.audience as Audience);
+          if (req.events) {
+            for (const [ev, audience] of req.events) {
+              const w = this.publish(s, ev, audience);
+              if (w) waits = waits ? Promise.all([waits, w]).then(() => {}) : w;
+            }
+          }
+          if (waits) {
+            line.eventsWaiting = waits;
+            void waits.then(() => {
+              line.eventsWaiting = undefined;
+              this.flushSlots(s, line);
+            });
+          }
         }
         if (req.afterFns) {
           for (const fn of req.afterFns) {

@@ -38,7 +38,12 @@ export interface MembersSource {
 
 /** Hands events to the live connections of users (seams.ts lists it). */
 export interface Delivery {
-  publish(ev: Event, audience: Audience): void;
+  /**
+   * Hands `ev` to its audience: at once, or (a channel whose members must be read
+   * first) behind the channel's earlier events, when the promise returned settles
+   * (never rejects).
+   */
+  publish(ev: Event, audience: Audience): void | Promise<void>;
 }
 
 /** Users whose offline messages the metrics count (see queuedOffline). */
@@ -156,7 +161,7 @@ export class Router implements Delivery {
     return cur === undefined ? NONE : Array.isArray(cur) ? cur : [cur];
   }
 
-  publish(ev: Event, audience: Audience): void {
+  publish(ev: Event, audience: Audience): void | Promise<void> {
     if ("users" in audience) {
       const fixed = audience.channel;
       const before = fixed === undefined ? undefined : this.channelQueue.get(fixed);
@@ -164,13 +169,12 @@ export class Router implements Delivery {
         for (const uid of audience.users) this.toUser(uid, ev);
         return;
       }
-      this.queueFor(
+      return this.queueFor(
         fixed as string,
         before.then(() => {
           for (const uid of audience.users) this.toMember(uid, ev);
         }),
       );
-      return;
     }
     const chid = audience.channel;
     const also = audience.also;
@@ -195,15 +199,16 @@ export class Router implements Delivery {
         },
         (err) => this.onError(err, "resolving a channel's members"),
       );
-    this.queueFor(chid, next);
+    return this.queueFor(chid, next);
   }
 
-  /** `next` is the channel's last event waiting to go out (until it has). */
-  private queueFor(chid: string, next: Promise<void>): void {
+  /** `next` is the channel's last event waiting to go out (until it has); returns it. */
+  private queueFor(chid: string, next: Promise<void>): Promise<void> {
     this.channelQueue.set(chid, next);
     void next.then(() => {
       if (this.channelQueue.get(chid) === next) this.channelQueue.delete(chid);
     });
+    return next;
   }
 
   /** An event for one connection only (ev_logout to the sessions it ends). */
