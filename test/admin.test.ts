@@ -138,6 +138,24 @@ describe("admin port", () => {
     c.close();
   });
 
+  it("a banned login stays banned once its account is deleted: register and user add are refused (15) until it is lifted", async () => {
+    const a = await registerUser(served.port);
+    expect((await admin(ap(), "POST", "/ban", { login: a.login, reason: "spam" })).status).toBe(200);
+    await a.client.closed;
+    expect((await admin(ap(), "POST", "/users/delete", { user: a.uid })).json).toEqual({ uid: a.uid });
+    // Registered, the account could never log in: auth of a banned login answers 15.
+    const c = await Client.connect(served.port);
+    expect(await c.request("register", { login: a.login, pass: "secret", nick: uniqueName() })).toMatchObject({ status: 15, error: "that login is banned on this server" });
+    const made = await admin(ap(), "POST", "/users", { login: a.login, pass: "pw" });
+    expect(made.status).toBe(403);
+    expect((await admin(ap(), "POST", "/unban", { login: a.login })).json).toEqual({ lifted: true });
+    expect((await c.request("register", { login: a.login, pass: "secret", nick: uniqueName() })).status).toBe(0);
+    c.close();
+    const d = await Client.connect(served.port);
+    expect((await d.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
+    d.close();
+  });
+
   it("takes a uid for its user before a login: a login equal to another user's uid does not shadow it", async () => {
     const victim = await registerUser(served.port);
     const c = await Client.connect(served.port);

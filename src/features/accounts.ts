@@ -335,7 +335,6 @@ export function registerAccounts(sv: Services): AccountOps {
     return all.length;
   }
 
-  /** 15 for a banned account (checked before its password is hashed). */
   /**
    * The account of `login` if `pass` is its password and it is not banned (7, 2 or 15
    * otherwise): auth's check, called inside `counted`.
@@ -350,9 +349,20 @@ export function registerAccounts(sv: Services): AccountOps {
     return user;
   }
 
+  /** 15 for a banned account (checked before its password is hashed). */
   function notBanned(user: UserRecord): void {
     if (sv.bans.banned("login", user.login)) {
       throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);
+    }
+  }
+
+  /**
+   * 15 for a new account under a banned login: a login's ban outlives the deletion of
+   * its account, and an account made under it could never log in again.
+   */
+  async function notBannedLogin(login: string): Promise<void> {
+    if (await readSynced(sv, async () => sv.bans.banned("login", login) !== undefined, (banned) => banned)) {
+      throw new ProtocolError(Code.Forbidden, "that login is banned on this server");
     }
   }
 
@@ -508,6 +518,7 @@ export function registerAccounts(sv: Services): AccountOps {
         throw new ProtocolError(Code.Forbidden, "registration is closed on this server; ask its operator for an account");
       }
       const { login, pass, nick } = req.data;
+      await notBannedLogin(login);
       if (sv.cluster) {
         const auth = await clusterRegister(s, login, pass, nick);
         req.after(() => {
@@ -776,6 +787,7 @@ export function registerAccounts(sv: Services): AccountOps {
     async create(login, pass, nick) {
       const bad = OPERATOR_ACCOUNT({ login, pass, nick });
       if (bad) throw bad;
+      await notBannedLogin(login);
       if (sv.cluster) {
         // No session: an operator's account.
         return registerInCluster(nowSeconds(), login, nick, await hasher.hash(OPERATOR, pass));
