@@ -11,7 +11,8 @@ import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName, WsClient } from "./helpers.js";
 import { freePort } from "../scripts/nats-server.js";
 import { admin, parseProm, sample } from "./admin-helpers.js";
-import { sleep, waitFor } from "./pipeline-helpers.js";
+import { sleep, waitFor, wrapCalls } from "./pipeline-helpers.js";
+import type { BatchOp } from "../src/storage/db.js";
 
 describe("admin port", () => {
   const served = serveForFile();
@@ -113,6 +114,26 @@ describe("admin port", () => {
     expect((await admin(ap(), "POST", "/unban", { login: a.login })).json).toEqual({ lifted: false });
     expect((await admin(ap(), "POST", "/ban", { login: a.login, address: "1.2.3.4" })).status).toBe(400);
     expect((await admin(ap(), "POST", "/ban", { login: "no-such-login-here" })).status).toBe(404);
+    c.close();
+  });
+
+  it("a ban whose revocation of the sessions fails still closes the account's connections", async () => {
+    const a = await registerUser(served.port);
+    const storage = served.server.services.storage;
+    // The ban is stored; the batch that removes the account's sessions fails.
+    const undo = wrapCalls(storage, "commit", async (ops: BatchOp[]) => {
+      if (ops.length > 0 && ops.every((o) => o.type === "del") && ops.some((o) => o.key.startsWith(storage.spaces.sessions.prefix))) throw new Error("the disk failed");
+    });
+    try {
+      expect((await admin(ap(), "POST", "/ban", { login: a.login, reason: "spam" })).status).toBeGreaterThanOrEqual(500);
+    } finally {
+      undo();
+    }
+    const closed = await Promise.race([a.client.closed.then(() => true), sleep(5000).then(() => false)]);
+    expect(closed, "the banned account's connection is closed").toBe(true);
+    const c = await Client.connect(served.port);
+    expect((await c.request("auth", { sid: a.sid })).status).toBe(15);
+    expect((await admin(ap(), "POST", "/unban", { login: a.login })).json).toEqual({ lifted: true });
     c.close();
   });
 

@@ -857,10 +857,14 @@ export function registerAccounts(sv: Services): AccountOps {
       }
       return underUser(uid, async () => {
         const connections = router.sessions(uid).length;
-        const revoked = revoke ? await revokeAll(uid) : 0;
         sv.metrics.closes.kicked += connections;
-        endSessions(uid, () => true, reason, true);
-        return { connections, revoked };
+        try {
+          return { connections, revoked: revoke ? await revokeAll(uid) : 0 };
+        } finally {
+          // Ended whatever the revocation's write did: a ban's (the only revoking kick)
+          // is in force already, and refuses the sessions it could not remove.
+          endSessions(uid, () => true, reason, true);
+        }
       });
     },
     async session(sid) {
