@@ -259,6 +259,38 @@ describe("e_chat_server door: rooms", () => {
     native.close();
   });
 
+  it("a room socket whose room is deleted answers what it sends room_not_found, not unauthorized: its session is still good", async () => {
+    const a = await register();
+    const b = await register();
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: b.id, login: b.login }] } })).body.id;
+    const wb = await WsClient.connect(srv.server.httpPort as number, `/v1/rooms/${room}/chat?session_id=${b.sid}`);
+    const owner = await Client.connect(srv.port);
+    expect((await owner.request("auth", { login: a.login, pass: a.password })).status).toBe(0);
+    wb.send({ text: "hello" }); // answered once the socket has logged in: it is a member
+    await wb.next((m) => m.text === "hello");
+    expect((await owner.request("deletechannel", { channel: String(room) })).status).toBe(0);
+    expect(await wb.next((m) => m.error)).toEqual({ error: { code: "room_not_found" } });
+    wb.send({ text: "anyone?" });
+    expect(await wb.next((m) => m.error)).toEqual({ error: { code: "room_not_found" } });
+    expect((await call("GET", "/v1/rooms", { sid: b.sid })).status).toBe(200);
+    wb.ws.close();
+    owner.close();
+  });
+
+  it("GET /v1/rooms/{id}/messages answers a server error 503 unavailable, not room_not_found", async () => {
+    const a = await register();
+    const room = (await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [] } })).body.id;
+    const undo = wrapCalls(srv.server.services.messages, "historySeqs", async () => {
+      throw new Error("the disk failed");
+    });
+    try {
+      expect(await call("GET", `/v1/rooms/${room}/messages`, { sid: a.sid })).toMatchObject({ status: 503, body: { error: { code: "unavailable" } } });
+    } finally {
+      undo();
+    }
+    expect((await call("GET", `/v1/rooms/${room}/messages`, { sid: a.sid })).status).toBe(200);
+  });
+
   it("a room socket gets the room's messages from its login on, also while its membership is being read", async () => {
     const a = await register();
     const b = await register();

@@ -101,6 +101,8 @@ interface EchatState {
   chid: string;
   sid: string;
   live: boolean;
+  /** Why a socket that was live stopped (room_not_found, unauthorized): what it sends is answered so. */
+  ended?: string;
 }
 
 type EchatMsg = Record<string, unknown>;
@@ -179,10 +181,12 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
       case "channelDeleted":
         if (ev.chid !== st.chid) return "";
         st.live = false;
-        return JSON.stringify({ error: { code: "room_not_found" } });
+        st.ended = "room_not_found";
+        return JSON.stringify({ error: { code: st.ended } });
       case "logout":
         st.live = false;
-        return JSON.stringify({ error: { code: "unauthorized" } });
+        st.ended = "unauthorized";
+        return JSON.stringify({ error: { code: st.ended } });
       case "close":
         // The server closes it (idle, an operator's ban): why, before the close.
         st.live = false;
@@ -222,7 +226,9 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
   }
 
   protected async handle(s: Session, st: EchatState, msg: EchatMsg): Promise<OutFrame[]> {
-    if (!st.live) return [JSON.stringify({ error: { code: "unauthorized" } })];
+    // A socket whose room was deleted is told so again: "unauthorized" would make a seed
+    // client throw its session away, which is still good on every route.
+    if (!st.live) return [JSON.stringify({ error: { code: st.ended ?? "unauthorized" } })];
     const text = str(msg, "text");
     if (text === undefined) return [this.bad(Code.InvalidData, 'send {"text": <string>}')];
     const r = await this.call(s, "message", { channel: st.chid, body: text });
@@ -394,7 +400,8 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
       const chid = await this.memberRoom(s.uid as string, id);
       if (chid === undefined) return ROOM_NOT_FOUND;
       const r = await this.call(s, "history", { channel: chid, limit: HISTORY_MAX });
-      if (!r.ok) return ROOM_NOT_FOUND;
+      // Not a member (any more), or no such room: room_not_found; a server error says so.
+      if (!r.ok) return r.code === Code.InvalidChannel || r.code === Code.ChannelNotFound ? ROOM_NOT_FOUND : other(r.code);
       // Streamed as history reads it, message by message, as fast as the client reads:
       // 500 bodies of up to --max-frame each are too much to hold (built whole, eight
       // such answers at once ran the server out of heap).
