@@ -198,6 +198,27 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     (await chatter(p)).close();
   });
 
+  it("a login whose email's account cannot be read is a failed login: the door's error, and the socket is closed", async () => {
+    const p = await createUser();
+    const users = open.server.services.users;
+    let failOnce = true;
+    const undo = wrapCalls(users, "lookup", async (index: string) => {
+      if (index === "email" && failOnce) {
+        failOnce = false;
+        throw new Error("the disk is on fire");
+      }
+    });
+    try {
+      const c = await WsClient.connect(httpPort(), "/ws");
+      c.send({ type: "auth", email: p.email, password: p.password });
+      expect(await c.next()).toEqual({ status: "error", message: null, info: "Authentication failed: the server could not check the login; try again" });
+      expect((await c.closed).code).toBe(1000);
+    } finally {
+      undo();
+    }
+    (await chatter(p)).close();
+  });
+
   it("auth first: the welcome; a wrong password, an unknown email, another first message or bad JSON: the error and the socket is closed", async () => {
     const p = await createUser();
     const ws = await chatter(p);

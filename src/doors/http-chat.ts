@@ -263,7 +263,15 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     st.earlyChars = 0;
     let early: OutFrame[];
     try {
-      const r = await this.loginByEmail(s, email, password);
+      let r: Answer;
+      try {
+        r = await this.loginByEmail(s, email, password);
+      } catch (err) {
+        // A read of the email's account failed (a storage error; in cluster mode, the
+        // log out of reach): a failed login, in the door's words, as the lobby's below.
+        this.log.warn({ err }, "finding a /ws login's account failed");
+        return this.closeWith(s, authFailed("the server could not check the login; try again"));
+      }
       if (!r.ok) return this.closeWith(s, authFailed(httpOf(r.code) === 401 ? INVALID : r.text));
       const uid = s.uid as string;
       // The lobby is entered once: a member stays one (a native `leave` ends it until the next login here).
