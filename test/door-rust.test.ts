@@ -4,7 +4,8 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName, type Frame } from "./helpers.js";
-import { useChildServers } from "./pipeline-helpers.js";
+import { useChildServers, wrapCalls } from "./pipeline-helpers.js";
+import type { BatchOp } from "../src/storage/db.js";
 
 const open = serveForFile({ rustPort: 0, maxFrame: 4096 });
 const secret = serveForFile({ rustPort: 0, rustSecret: "handshake_secret" });
@@ -230,6 +231,30 @@ describe("rust_messages door: rooms and messages", () => {
     expect(await sv.channels.channelsOf((await sv.users.lookup("login", b.login)) as string)).toEqual([await sv.channels.byName(r1)]);
     a.c.close();
     b.c.close();
+  });
+
+  it("change_room whose leave of the old room fails answers 400 and says so; sent again, it completes", async () => {
+    const port = open.server.rustPort as number;
+    const room = uniqueName("room");
+    const a = await rustUser(port);
+    expect((await ask(a.c, { action: "create_room", name: room })).code).toBe(200);
+    const sv = open.server.services;
+    const uid = (await sv.users.lookup("login", a.login)) as string;
+    const undo = wrapCalls(sv.storage, "commit", async (ops: BatchOp[]) => {
+      if (ops.some((o) => o.type === "del" && o.key.startsWith(sv.storage.spaces.members.prefix))) throw new Error("the disk failed");
+    });
+    let moved;
+    try {
+      moved = await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: room });
+    } finally {
+      undo();
+    }
+    expect(moved.code).toBe(400);
+    expect(moved.message).toMatch(/still a member/);
+    expect((await sv.channels.channelsOf(uid)).length).toBe(2);
+    expect((await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    expect(await sv.channels.channelsOf(uid)).toEqual([await sv.channels.byName(room)]);
+    a.c.close();
   });
 
   it("a user is in one room at a time: change_room moves its other connections (told with 300); a later login starts in the default room and leaves that one", async () => {

@@ -18,7 +18,7 @@
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import { ListReply } from "../protocol/codec.js";
-import type { Code } from "../protocol/codes.js";
+import { Code } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Audience, Event } from "../protocol/events.js";
 import type { Fields, OutFrame } from "../protocol/frames.js";
@@ -366,11 +366,17 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       // connections here were last moved to, and the rooms they are in (they move with
       // this one: one that logged in next to an open one is in the default room).
       const theirs = [...(this.open.get(uid) ?? [])].map((x) => x.room?.chid);
+      let stuck: Answer | undefined;
       for (const old of new Set([named, left, this.rooms.get(uid)?.chid, ...theirs])) {
-        if (old !== undefined && old !== chid) await this.call(s, "leave", { channel: old });
+        if (old === undefined || old === chid) continue;
+        const out = await this.call(s, "leave", { channel: old });
+        // Not a member there, or the room gone: left all the same. Anything else (a
+        // failed write) left the user in it: the move is not the one asked for.
+        if (!out.ok && out.code !== Code.InvalidChannel && out.code !== Code.ChannelNotFound) stuck ??= out;
       }
       this.remember(uid, room);
       this.deps.publish({ kind: "notice", door: this.name, chid, text: `moved to room '${to}' by another connection`, origin: st.peer, room: to }, { users: [uid] });
+      if (stuck) return answer(action, ERR, `now in room '${to}', but still a member of the room left: ${stuck.text}; send change_room again`);
       return answer(action, OK, "OK");
     });
   }
