@@ -98,6 +98,35 @@ describe("stored sessions", () => {
     await server.stop();
   });
 
+  it("a login whose connection is reset while the user's sessions are read evicts no session past the cap", async () => {
+    const server = await startTestServer({ maxSessionsPerUser: 1 });
+    const a = await registerUser(server.port);
+    const { sessions } = server.services;
+    const { listener } = server;
+    // The new login's read of the user's sessions (to evict past the cap) waits until
+    // the server has seen its connection reset.
+    const gate = heldGate();
+    const undo = wrapCalls(sessions, "list", async (uid: string) => uid === a.uid && (await gate.pass()));
+    const c = await Client.connect(server.port);
+    try {
+      c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
+      await gate.reached;
+      const open = listener.connections.size;
+      c.socket.resetAndDestroy();
+      await waitFor(() => listener.connections.size < open, 5000, "the server to see the reset");
+    } finally {
+      undo();
+      gate.open();
+    }
+    // The device that was logged in still is, on the same session.
+    expect(await a.client.quiet(300, (f) => f.action === "ev_logout")).toBe(true);
+    expect((await a.client.request("userinfo", { user: a.uid })).status).toBe(0);
+    const again = await Client.connect(server.port);
+    expect((await again.request("auth", { sid: a.sid })).status).toBe(0);
+    await closeAll(again, a.client);
+    await server.stop();
+  });
+
   it("an expired session is swept from the database and its live connection is told and closed", async () => {
     const server = await startTestServer({ sessionTtl: 1 });
     const a = await registerUser(server.port);

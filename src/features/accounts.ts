@@ -257,6 +257,9 @@ export function registerAccounts(sv: Services): AccountOps {
           evicted.add(old.hash);
         }
       }
+      // Closed while the sessions were read: nothing stored, nobody's session evicted
+      // for a login that logs nothing in.
+      if (s.peer.closed) return closedMeanwhile(s, user.uid, undefined);
       await storage.commit(ops);
       if (evicted.size > 0) {
         endSessions(user.uid, (o) => o !== s && evicted.has(sidHash(o.sid as string)), "too many sessions: this one, the oldest, was ended", false);
