@@ -173,13 +173,14 @@ describe("HTTP/WS chat door: the HTTP routes", () => {
 });
 
 describe("HTTP/WS chat door: the WebSocket", () => {
-  it("a login whose lobby membership cannot be read closes the socket and leaves no session stored", async () => {
-    const p = await createUser();
-    const uid = (await open.server.services.users.lookup("email", p.email.toLowerCase())) as string;
-    const before = (await open.server.services.sessions.list(uid)).length;
+  /**
+   * A /ws login of `p` while `obj[name]` fails once (for the arguments `when` picks):
+   * the door's "Authentication failed" with `info`, then the close.
+   */
+  async function loginFailingOnce(p: { email: string; password: string }, obj: object, name: string, when: (...args: any[]) => boolean, info: string): Promise<void> {
     let failOnce = true;
-    const undo = wrapCalls(open.server.services.channels, "isMember", async () => {
-      if (failOnce) {
+    const undo = wrapCalls(obj as Record<string, unknown>, name, async (...args: any[]) => {
+      if (failOnce && when(...args)) {
         failOnce = false;
         throw new Error("the disk is on fire");
       }
@@ -187,11 +188,18 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     try {
       const c = await WsClient.connect(httpPort(), "/ws");
       c.send({ type: "auth", email: p.email, password: p.password });
-      expect(await c.next()).toEqual({ status: "error", message: null, info: "Authentication failed: the server could not read the lobby; try again" });
+      expect(await c.next()).toEqual({ status: "error", message: null, info: `Authentication failed: ${info}` });
       expect((await c.closed).code).toBe(1000);
     } finally {
       undo();
     }
+  }
+
+  it("a login whose lobby membership cannot be read closes the socket and leaves no session stored", async () => {
+    const p = await createUser();
+    const uid = (await open.server.services.users.lookup("email", p.email.toLowerCase())) as string;
+    const before = (await open.server.services.sessions.list(uid)).length;
+    await loginFailingOnce(p, open.server.services.channels, "isMember", () => true, "the server could not read the lobby; try again");
     await sleep(100);
     expect((await open.server.services.sessions.list(uid)).length).toBe(before);
     // The next login works.
@@ -200,22 +208,7 @@ describe("HTTP/WS chat door: the WebSocket", () => {
 
   it("a login whose email's account cannot be read is a failed login: the door's error, and the socket is closed", async () => {
     const p = await createUser();
-    const users = open.server.services.users;
-    let failOnce = true;
-    const undo = wrapCalls(users, "lookup", async (index: string) => {
-      if (index === "email" && failOnce) {
-        failOnce = false;
-        throw new Error("the disk is on fire");
-      }
-    });
-    try {
-      const c = await WsClient.connect(httpPort(), "/ws");
-      c.send({ type: "auth", email: p.email, password: p.password });
-      expect(await c.next()).toEqual({ status: "error", message: null, info: "Authentication failed: the server could not check the login; try again" });
-      expect((await c.closed).code).toBe(1000);
-    } finally {
-      undo();
-    }
+    await loginFailingOnce(p, open.server.services.users, "lookup", (index: string) => index === "email", "the server could not check the login; try again");
     (await chatter(p)).close();
   });
 

@@ -6,6 +6,7 @@ import { createHash } from "node:crypto";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName } from "./helpers.js";
 import type { BatchOp } from "../src/storage/db.js";
+import type { RunningServer } from "../src/server.js";
 import { heldGate, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
 async function closeAll(...clients: Client[]): Promise<void> {
@@ -14,6 +15,25 @@ async function closeAll(...clients: Client[]): Promise<void> {
 }
 
 const sha256 = (s: string) => createHash("sha256").update(s).digest("hex");
+
+/**
+ * A password auth of `login` on a new connection, reset once the server reaches `gate`
+ * (a wrapped call, undone by `undo`); returns when the server has seen the reset and
+ * the gate is open again.
+ */
+async function resetLogin(server: RunningServer, login: string, gate: ReturnType<typeof heldGate>, undo: () => void): Promise<void> {
+  const c = await Client.connect(server.port);
+  try {
+    c.write(JSON.stringify({ action: "auth", data: { login, pass: "secret" } }) + "\n");
+    await gate.reached;
+    const open = server.listener.connections.size;
+    c.socket.resetAndDestroy();
+    await waitFor(() => server.listener.connections.size < open, 5000, "the server to see the reset");
+  } finally {
+    undo();
+    gate.open();
+  }
+}
 
 describe("stored sessions", () => {
   it("the database holds a hash of each sid, never the sid; a plain sid from an older version is migrated at start-up", async () => {
@@ -73,23 +93,12 @@ describe("stored sessions", () => {
     const a = await registerUser(server.port);
     await closeAll(a.client);
     const { storage } = server.services;
-    const { listener } = server;
     const sessionsOf = async () => ((await storage.spaces.usessions.keys().all()) as string[]).filter((k) => k.startsWith(`${a.uid}!`)).length;
     expect(await sessionsOf()).toBe(1); // register's
     // The commit that stores the new session waits until the server has seen the reset.
     const gate = heldGate();
     const undo = wrapCalls(storage, "commit", async (ops: BatchOp[]) => ops.some((o) => o.key.startsWith(storage.spaces.usessions.prefix)) && (await gate.pass()));
-    const c = await Client.connect(server.port);
-    try {
-      c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
-      await gate.reached;
-      const open = listener.connections.size;
-      c.socket.resetAndDestroy();
-      await waitFor(() => listener.connections.size < open, 5000, "the server to see the reset");
-    } finally {
-      undo();
-      gate.open();
-    }
+    await resetLogin(server, a.login, gate, undo);
     // A login of the same user waits for that one's lock: whatever it stored is settled.
     const d = await login(server.port, a.login);
     expect(await sessionsOf()).toBe(2); // register's and d's
@@ -102,22 +111,11 @@ describe("stored sessions", () => {
     const server = await startTestServer({ maxSessionsPerUser: 1 });
     const a = await registerUser(server.port);
     const { sessions } = server.services;
-    const { listener } = server;
     // The new login's read of the user's sessions (to evict past the cap) waits until
     // the server has seen its connection reset.
     const gate = heldGate();
     const undo = wrapCalls(sessions, "list", async (uid: string) => uid === a.uid && (await gate.pass()));
-    const c = await Client.connect(server.port);
-    try {
-      c.write(JSON.stringify({ action: "auth", data: { login: a.login, pass: "secret" } }) + "\n");
-      await gate.reached;
-      const open = listener.connections.size;
-      c.socket.resetAndDestroy();
-      await waitFor(() => listener.connections.size < open, 5000, "the server to see the reset");
-    } finally {
-      undo();
-      gate.open();
-    }
+    await resetLogin(server, a.login, gate, undo);
     // The device that was logged in still is, on the same session.
     expect(await a.client.quiet(300, (f) => f.action === "ev_logout")).toBe(true);
     expect((await a.client.request("userinfo", { user: a.uid })).status).toBe(0);
