@@ -286,6 +286,32 @@ describe("cluster apply", () => {
     );
   }, 120_000);
 
+  it("refuses an edit or delete of a channel message by its author once they have left the channel, applied apart or together", async () => {
+    const cmds: Command[] = [
+      { k: "register", t: 1000, uid: "u0", login: "ann", nick: "n0", hash: "h0", sid: "s0", expires: 1_000_000 },
+      { k: "chcreate", t: 1001, owner: "u0", name: "r0", descr: "", priv: false, members: [], maxOwned: 2, maxJoined: 3 },
+      { k: "msg", t: 1002, from: "u0", nick: "n0", chid: "1", body: "all" },
+      { k: "leave", uid: "u0", nick: "n0", chid: "1" },
+      { k: "edit", t: 2000, mid: "1", by: "u0", body: "fixed" },
+      { k: "del", mid: "1", by: "u0" },
+      { k: "join", t: 1003, chid: "1", uid: "u0", cap: 3 },
+      { k: "edit", t: 2001, mid: "1", by: "u0", body: "fixed" },
+    ];
+    for (const together of [false, true]) {
+      const v = await view();
+      try {
+        const entries = cmds.map((c, i) => ({ seq: i + 1, id: `x:${i + 1}`, entry: { o: "x", n: i + 1, c: [c] } }));
+        const out: string[] = [];
+        if (together) out.push(...(await v.apply(entries, { created: "t", seq: entries.length, id: `x:${entries.length}` })).flat().map(brief));
+        else for (const e of entries) out.push(...(await v.apply([e], { created: "t", seq: e.seq, id: e.id })).flat().map(brief));
+        expect(out.slice(3)).toEqual(["done ", "nomsg false", "nomsg false", "joined true n0", "edited 2001"]);
+      } finally {
+        await v.core.close();
+        removeDir(v.core.services.config.dataDir);
+      }
+    }
+  });
+
   it("refuses a profile email that is another user's login (whatever its case), not one's own", async () => {
     const v = await view();
     try {

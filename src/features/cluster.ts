@@ -628,17 +628,19 @@ export class Cluster {
                 return { expired: await sessions.due(c.before, c.limit) };
               case "edit": {
                 const [message, actor] = await Promise.all([messages.get(c.mid), users.get(c.by)]);
-                return { message, actor, channel: message?.chid === undefined ? undefined : await channels.get(message.chid) };
+                if (message?.chid === undefined) return { message, actor };
+                const [channel, member] = await Promise.all([channels.get(message.chid), channels.isMember(message.chid, c.by)]);
+                return { message, actor, channel, member };
               }
               case "del": {
                 const [m, actor] = await Promise.all([messages.get(c.mid), users.get(c.by)]);
                 if (!m || m.from !== c.by || !actor) return { message: m, actor };
                 // A deleted channel's message waits for its purge: gone already (decide).
-                const channel = m.chid === undefined ? undefined : await channels.get(m.chid);
+                const [channel, member] = m.chid === undefined ? [undefined, undefined] : await Promise.all([channels.get(m.chid), channels.isMember(m.chid, c.by)]);
                 if (m.chid !== undefined && !channel) return { message: m };
                 const { ops: removal, written } = await messages.removal(m);
                 if (m.attach) removal.push(...this.sv.blobs.unrefOps(m.attach.sha, m.mid));
-                return { message: m, channel, actor, removal, written };
+                return { message: m, channel, member, actor, removal, written };
               }
               default:
                 throw unknownCommand(c);
@@ -725,6 +727,14 @@ export class Cluster {
     const m = overlay.messages.has(mid) ? overlay.messages.get(mid) : r.message;
     if (m?.chid === undefined) return m;
     return overlay.channel(m.chid, r.channel) ? m : undefined;
+  }
+
+  /**
+   * A channel message's author may change it only as a member of its channel (one who
+   * left is an outsider: 14, as features/messages.ts's isParty); a direct one, always.
+   */
+  private authorsChannel(overlay: Overlay, m: MessageRecord, r: Reads): boolean {
+    return m.chid === undefined || overlay.member(m.chid, m.from, r.member === true);
   }
 
   /**
@@ -979,6 +989,7 @@ export class Cluster {
         if (!this.hasAccount(overlay, c.by, r)) return { k: "error", err: accountGone() };
         const m = this.liveMessage(overlay, c.mid, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
+        if (!this.authorsChannel(overlay, m, r)) return { k: "nomsg", forbidden: false };
         const next: MessageRecord = { ...m, body: c.body, edited: c.t };
         storage.commitLazy(messages.updateOps(next));
         overlay.messages.set(c.mid, next);
@@ -989,6 +1000,7 @@ export class Cluster {
         if (!this.hasAccount(overlay, c.by, r)) return { k: "error", err: accountGone() };
         const m = this.liveMessage(overlay, c.mid, r);
         if (!m || m.from !== c.by) return { k: "nomsg", forbidden: m !== undefined };
+        if (!this.authorsChannel(overlay, m, r)) return { k: "nomsg", forbidden: false };
         storage.commitLazy(r.removal ?? []);
         if (r.written) t.after.push(r.written);
         overlay.messages.set(c.mid, undefined);
