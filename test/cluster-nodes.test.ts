@@ -131,6 +131,29 @@ describe("cluster mode: accounts", () => {
 });
 
 describe("cluster mode: sessions, profiles and contacts", () => {
+  it("a logout answered 16 though the log took it leaves its connection logged out, not on a revoked session", async () => {
+    const n = nodes[0];
+    const a = await registerUser(node(0));
+    const cluster = n.services.cluster as NonNullable<typeof n.services.cluster>;
+    const append = cluster.append.bind(cluster);
+    // Stored and applied, then answered 16 (as when the PubAck is lost past the write budget).
+    cluster.append = async (cmd) => {
+      const out = await append(cmd);
+      if (cmd.k === "logout") throw unavailable("the write could not be confirmed");
+      return out;
+    };
+    try {
+      expect((await a.client.request("logout")).status).toBe(16);
+    } finally {
+      delete (cluster as { append?: unknown }).append;
+    }
+    expect((await a.client.request("userinfo", { user: a.uid })).status).toBe(6);
+    const c = await Client.connect(node(1));
+    expect((await c.request("auth", { sid: a.sid })).status).toBe(2);
+    c.close();
+    a.client.close();
+  });
+
   it("logout on one node ends that session's connections on the others; the sid is refused everywhere", async () => {
     const a = await registerUser(node(0));
     const elsewhere = await Client.connect(node(1));

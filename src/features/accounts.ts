@@ -627,10 +627,16 @@ export function registerAccounts(sv: Services): AccountOps {
       await underUser(uid, async () => {
         if (s.uid !== uid || s.sid !== sid) return; // ended meanwhile (changepassword elsewhere)
         if (sv.cluster) {
-          // Every node (this one included) ends the sid's other connections as it applies this.
-          await sv.cluster.append({ k: "logout", uid, sid: sidHash(sid), expires: s.expires, conn: s.peer.id });
-          leave(s);
-          s.logout();
+          // Every node (this one included) ends the sid's other connections as it applies
+          // this. This one is logged out here whatever the append says: a 16 may still be
+          // applied (the log stored it), and the apply leaves the proposer's connection to
+          // this handler, so it would stay logged in on a revoked session.
+          try {
+            await sv.cluster.append({ k: "logout", uid, sid: sidHash(sid), expires: s.expires, conn: s.peer.id });
+          } finally {
+            leave(s);
+            s.logout();
+          }
           return;
         }
         await storage.commit(sessions.revokeOps(uid, sidHash(sid), s.expires));
