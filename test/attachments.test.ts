@@ -280,6 +280,17 @@ describe("refusals leave nothing behind", () => {
     a.client.write(`{"action":"message","data":{"uid":"${a.uid}","attach":{"mime":"secret/x","data":"${unique()}"}},"data":{"uid":"${b.uid}","body":"hi"}}\n`);
     const dup = (await a.client.reply("message")).data;
     expect(dup).toMatchObject({ status: 3, error: expect.stringMatching(/not in the frame's final 'data'/) });
+    // The same with the later key written with escapes ("data", "attach", "data"), which
+    // the scanner does not read as a path key: refused, and nothing is delivered.
+    for (const later of [
+      `"d\\u0061ta":{"uid":"${b.uid}","attach":{"mime":"x","data":""}}}`,
+      `"data":{"uid":"${b.uid}","\\u0061ttach":{"mime":"x","data":""}}}`,
+    ]) {
+      a.client.write(`{"action":"message","data":{"uid":"${b.uid}","attach":{"mime":"secret/x","data":"${unique()}"}},${later}\n`);
+      expect((await a.client.reply("message")).data).toMatchObject({ status: 3, error: expect.stringMatching(/escapes/) });
+    }
+    a.client.write(`{"action":"message","data":{"uid":"${b.uid}","attach":{"mime":"secret/x","data":"${unique()}","d\\u0061ta":""}}}\n`);
+    expect((await a.client.reply("message")).data).toMatchObject({ status: 3, error: expect.stringMatching(/escapes/) });
     expect((await a.client.request("message", { uid: b.uid, body: "after" })).status).toBe(0);
     expect((await b.client.event("ev_message", () => true)).body).toBe("after");
     b.client.close();

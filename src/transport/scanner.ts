@@ -465,7 +465,17 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
           }
         } else if (c === Byte.Backslash) {
           escaped = true;
-          this.keyMatched = -1; // an escaped key is never taken for a path key
+          // An escaped key is never taken for a path key. One that may decode to it (it
+          // matched up to its first escape) after this frame's attachment streamed
+          // could replace the object that held it ("d\u0061ta" after "data"; the last
+          // key wins), so that the request as parsed has no attachment, or another
+          // recipient, while one was stored: refused as a second attachment is.
+          if (this.keyMatched >= 0 && this.uploadSink !== undefined) {
+            this.uploadSink.abort();
+            this.uploadSink = undefined;
+            if (this.fault === Fault.None || this.fault === Fault.Busy) this.fault = Fault.TwoUploads;
+          }
+          this.keyMatched = -1;
         } else if (this.keyMatched >= 0) {
           const key = this.pathKeys[depth - 1];
           this.keyMatched = this.keyMatched < key.length && key[this.keyMatched] === c ? this.keyMatched + 1 : -1;
@@ -768,12 +778,12 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       }
       case Fault.TwoUploads: {
         if (this.shed) {
-          this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice)", peekAction(this.head), this.ctx);
+          this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice, or a key of its path given again with escapes)", peekAction(this.head), this.ctx);
           this.head = undefined;
           return;
         }
         const bytes = this.takeFrame(chunk, start, end);
-        this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice)", parsedAction(bytes), this.ctx);
+        this.sink.reject(Code.InvalidData, "a frame may carry one attachment ('attach.data' given twice, or a key of its path given again with escapes)", parsedAction(bytes), this.ctx);
         return;
       }
       case Fault.None:
