@@ -38,12 +38,12 @@ export interface BackupInfo {
  * A directory to create, or an empty one: a backup never overwrites. Only its owner
  * may read it (it holds password hashes and every message).
  */
-function emptyTarget(dir: string): void {
+function emptyTarget(dir: string): string | undefined {
   try {
     if (existsSync(dir) && readdirSync(dir).length > 0) {
       throw new ProtocolError(Code.AlreadyExist, `${dir} exists and is not empty; choose a new directory`);
     }
-    makeDirSync(dir, 0o700);
+    return makeDirSync(dir, 0o700);
   } catch (err) {
     throw unwritable(dir, err);
   }
@@ -59,7 +59,8 @@ function unwritable(dir: string, err: unknown): unknown {
 export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
   const target = path.resolve(dir);
   const made = !existsSync(target);
-  emptyTarget(target);
+  // The topmost directory this backup created (its parents' entries are synced last).
+  const created = emptyTarget(target);
   // Created exclusively: of two backups started into one new directory at once, one
   // goes on and the other is told the directory is taken (both passed emptyTarget).
   let fd: number;
@@ -74,7 +75,14 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   // left full would hold the server's own writes when it is the data dir's), and the
   // directory when it made it, so the same command can be run again.
   try {
-    return await backupInto(target, fd, storage, blobs, version);
+    const info = await backupInto(target, fd, storage, blobs, version);
+    // The directories it created: each one's entry in its parent (else a power cut could
+    // lose the whole backup, though its files were synced).
+    for (let d = target; created !== undefined; d = path.dirname(d)) {
+      await syncPath(path.dirname(d));
+      if (d === created) break;
+    }
+    return info;
   } catch (err) {
     for (const name of ["db.ndjson", "blobs", INFO_TEMP, "backup.json"]) rmSync(path.join(target, name), { recursive: true, force: true });
     if (made) rmSync(target, { recursive: true, force: true });
