@@ -489,6 +489,19 @@ describe("cluster mode: presence", () => {
 });
 
 describe("cluster mode: direct messages", () => {
+  it("a user connected to one node is not counted in another node's offline queue gauge", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    await waitFor(() => nodes[1].services.router.isOnline(a.uid), 10_000, "node 1 to see a online");
+    const before = nodes[1].services.metrics.offlineQueue;
+    for (let i = 0; i < 3; i++) expect((await b.client.request("message", { uid: a.uid, body: `q${i}` })).status).toBe(0);
+    await evMessages(a.client, 3);
+    await sleep(100); // node 1's events of its own apply go out after it
+    expect(nodes[1].services.metrics.offlineQueue).toBe(before);
+    a.client.close();
+    b.client.close();
+  });
+
   it("reach the recipient on another node live, in the sender's order, with the echo on the sender's other node", async () => {
     const alice = await registerUser(node(0));
     const bob = await registerUser(node(1));

@@ -290,6 +290,8 @@ export class Cluster {
       () => router.here.keys(),
       (uid, online) => {
         if (!online && this.vanished.has(uid)) return;
+        // Online somewhere: what this node counted as waiting for them is sent there.
+        if (online) router.forgetOffline(uid);
         hooks.presence(uid, online, this.log);
       },
       this.log,

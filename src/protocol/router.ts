@@ -229,7 +229,8 @@ export class Router implements Delivery {
     const cur = this.users.get(uid);
     const inbox = ev.kind === "message" && ev.inbox === uid;
     if (cur === undefined) {
-      if (inbox) this.queuedOffline(uid);
+      // Cluster mode: a user connected to another node is sent it there.
+      if (inbox && this.elsewhere?.has(uid) !== true) this.queuedOffline(uid);
       return;
     }
     if (Array.isArray(cur)) {
