@@ -5,7 +5,8 @@ import { Code, ProtocolError } from "./protocol/codes.js";
 
 /** An IPv4 client of a dual-stack socket shows as ::ffff:a.b.c.d: one address, one key. */
 export function plainAddress(address: string): string {
-  return (address.startsWith("::ffff:") ? address.slice(7) : address).toLowerCase();
+  const a = address.toLowerCase();
+  return a.startsWith("::ffff:") ? a.slice(7) : a;
 }
 
 /**
@@ -17,5 +18,7 @@ export function canonicalAddress(address: string): string {
   const plain = plainAddress(address.trim());
   const family = isIP(plain);
   if (family === 0) throw new ProtocolError(Code.InvalidData, `'${address}' is not an IP address`);
+  // A zone (fe80::1%eth0) is not part of the address a socket reports.
+  if (plain.includes("%")) throw new ProtocolError(Code.InvalidData, `'${address}' has a zone (%...): give the address alone`);
   return family === 6 ? new URL(`http://[${plain}]/`).hostname.slice(1, -1) : plain;
 }

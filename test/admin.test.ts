@@ -441,6 +441,11 @@ describe("admin port without a token", () => {
     const r = await admin(ap, "POST", "/ban", { address: "2001:DB8:0::1" });
     expect(r.json.ban.value).toBe("2001:db8::1");
     expect((await admin(ap, "POST", "/unban", { address: "2001:db8::1" })).json).toEqual({ lifted: true });
+    // A zone is no part of a socket's address: 400, not a 503 from the URL parser.
+    expect(await admin(ap, "POST", "/ban", { address: "fe80::1%eth0" })).toMatchObject({ status: 400, json: { code: 3 } });
+    // An IPv4-mapped address in capitals is the IPv4 address sockets report.
+    expect((await admin(ap, "POST", "/ban", { address: "::FFFF:203.0.113.9" })).json.ban.value).toBe("203.0.113.9");
+    expect((await admin(ap, "POST", "/unban", { address: "203.0.113.9" })).json).toEqual({ lifted: true });
   });
 });
 
