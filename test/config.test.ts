@@ -47,6 +47,15 @@ describe("options", () => {
     // -1 turns a door off, from a flag or the environment too (over a config file that turned it on).
     expect(parseArgs(["--rust-port", "-1"], { WIRECHAT_HTTP_PORT: "-1" }).config).toMatchObject({ rustPort: -1, httpPort: -1 });
     expect(() => parseArgs(["--rooms-port", "-2"], {})).toThrow(/at least -1/);
+    // An empty --data-dir was the working directory (its db made there); an empty host, room or stream name nothing sensible.
+    expect(() => parseArgs(["--data-dir="], {})).toThrow(/--data-dir: must not be empty/);
+    for (const flag of ["--host", "--admin-host", "--rust-room", "--lobby", "--nats-stream"]) expect(() => parseArgs([flag, " "], {})).toThrow(/must not be empty/);
+    // Seconds past what a Node timer can wait (it fires at once instead).
+    expect(() => parseArgs(["--close-linger", "2147484"], {})).toThrow(/--close-linger: must be at most 2147483/);
+    expect(parseArgs(["--close-linger", "2147483"], {}).config.closeLinger).toBe(2147483);
+    // A token a header cannot carry as it is (Node reads header values as latin1).
+    expect(() => parseArgs(["--admin-token", "jeton-été"], {})).toThrow(/--admin-token: only printable ASCII/);
+    expect(parseArgs(["--admin-token", "s3cret-Token_1"], {}).config.adminToken).toBe("s3cret-Token_1");
   });
 
   it("--help lists every flag and environment variable", () => {
