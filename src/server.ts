@@ -417,7 +417,8 @@ async function serve(
       return tables.reduce((n, t) => n + t.closeAddress(address, why), 0);
     };
   }
-  registerStats(services, () => listener.connections.size);
+  // Every door's open connections, WebSockets included.
+  registerStats(services, () => tables.reduce((n, t) => n + t.open, 0));
 
   let stopping: Promise<void> | undefined;
   let address;

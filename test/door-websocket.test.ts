@@ -36,6 +36,23 @@ async function wsUser(port: number) {
 }
 
 describe("native protocol over WebSocket", () => {
+  it("stats counts every door's open connections, WebSockets included", async () => {
+    const server = await startTestServer({ httpPort: 0, stats: 1 });
+    try {
+      const { ws } = await wsUser(server.httpPort as number);
+      const stats = await request(ws, "stats");
+      expect(stats.status).toBe(0);
+      expect(stats.connections).toBe(1); // itself, a WebSocket
+      const tcp = await registerUser(server.port);
+      expect((await tcp.client.request("stats")).connections).toBe(2);
+      tcp.client.close();
+      ws.ws.close();
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
+  });
+
   it("the welcome frame comes first, and every frame is one text message without the line terminator", async () => {
     const ws = await native(open.server.httpPort as number);
     expect(ws.texts[0].endsWith("}")).toBe(true);

@@ -259,6 +259,11 @@ export class Listener implements ConnectionTable, SlotCounter {
     return this.connections.size - this.lingering + this.handshaking.size;
   }
 
+  /** Open connections, not those closing (the stats action's count). */
+  get open(): number {
+    return this.connections.size - this.lingering;
+  }
+
   /** Unauthenticated connections and handshakes from `address` (with `prune`, logged-in ones let go). */
   unauthenticated(address: string, prune: boolean): number {
     const slots = this.perAddress.get(address);

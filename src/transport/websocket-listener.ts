@@ -195,6 +195,11 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     return this.connections.size - this.lingering;
   }
 
+  /** Open sockets, not those closing (the stats action's count). */
+  get open(): number {
+    return this.held;
+  }
+
   /** Sockets from `address` not logged in (`prune`: logged-in ones let go). */
   unauthenticated(address: string, prune: boolean): number {
     const slots = this.perAddress.get(address);
