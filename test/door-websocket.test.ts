@@ -5,7 +5,7 @@
 
 import { describe, expect, it } from "vitest";
 import { Client, registerUser, removeDir, serveForFile, startTestServer, uniqueName, WsClient } from "./helpers.js";
-import { sleep } from "./pipeline-helpers.js";
+import { sleep, waitFor } from "./pipeline-helpers.js";
 
 const open = serveForFile({ httpPort: 0, maxFrame: 256 * 1024, maxDepth: 8, outboundCap: 256 * 1024 });
 const capped = serveForFile({ httpPort: 0, maxPerAddress: 2 });
@@ -36,6 +36,46 @@ async function wsUser(port: number) {
 }
 
 describe("native protocol over WebSocket", () => {
+  it("a WebSocket cut off with frames still buffered in the server confirms none of them (they were never sent)", async () => {
+    const server = await startTestServer({ httpPort: 0, outboundCap: 64 * 1024 * 1024 });
+    try {
+      const sockets = (server.http as NonNullable<typeof server.http>).websockets;
+      // No slack: a frame counts as read once handed to the OS, so the only frames this
+      // test can see confirmed wrongly are those the server never handed over.
+      (sockets as unknown as { slack: number }).slack = 0;
+      const router = server.services.router;
+      const confirmed: number[] = [];
+      const confirm = router.confirmed.bind(router);
+      router.confirmed = (s, seq) => {
+        confirmed.push(seq);
+        confirm(s, seq);
+      };
+      const a = await registerUser(server.port);
+      const b = await wsUser(server.httpPort as number);
+      (b.ws.ws as unknown as { _socket: { pause(): void } })._socket.pause();
+      for (let i = 0; i < 150; i++) a.client.send("message", { uid: b.uid, body: `${i} ${"x".repeat(60_000)}` });
+      for (let i = 0; i < 150; i++) expect((await a.client.reply("message", 20_000)).data.status).toBe(0);
+      // Stalled: the kernel's buffers are full and the rest waits in the server's socket.
+      const peer = [...sockets.connections.keys()][0] as unknown as { ws: { bufferedAmount: number } };
+      await waitFor(() => peer.ws.bufferedAmount > 1024 * 1024, 10_000, "frames buffered in the server");
+      let last = -1;
+      await waitFor(() => {
+        const settled = confirmed.length === last;
+        last = confirmed.length;
+        return settled;
+      }, 10_000, "confirmations to settle");
+      const before = Math.max(0, ...confirmed);
+      b.ws.close(); // cut off: the server's socket is reset with its writes still buffered
+      await waitFor(() => sockets.connections.size === 0, 10_000, "the server to see the reset");
+      await sleep(200);
+      expect(Math.max(0, ...confirmed)).toBe(before);
+      a.client.close();
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
+  });
+
   it("stats counts every door's open connections, WebSockets included", async () => {
     const server = await startTestServer({ httpPort: 0, stats: 1 });
     try {

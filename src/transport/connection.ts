@@ -272,6 +272,9 @@ export class Connection implements Peer, LiveConnection {
 
   /** Confirms marks the OS has been handed enough after, and wakes drain waiters. */
   progress(): void {
+    // A socket that failed or was destroyed dropped what it held (writableLength falls
+    // with it): nothing it was handed is confirmed from then on.
+    if (this.socket.destroyed || this.socket.errored) this.marks = undefined;
     const seq = settleMarks(this.marks, this.passed - this.socket.writableLength);
     if (seq > 0) this.onConfirmed?.(this, seq);
     if (this.drainWaiters && !this.congested) this.wake(true);

@@ -250,6 +250,10 @@ export class WebSocketPeer implements Peer, LiveConnection {
       this.flushWaiters = undefined;
       for (const w of flushed) w();
     }
+    // A socket cut off (terminate, a reset, an error) calls back every write it dropped
+    // as bufferedAmount falls to 0: those frames were never handed to the OS, and
+    // nothing is confirmed from then on.
+    if (this.socket.destroyed || this.socket.errored) this.marks = undefined;
     const seq = settleMarks(this.marks, this.passed - this.ws.bufferedAmount);
     if (seq > 0) this.onConfirmed?.(this, seq);
     if (this.drainWaiters && (this.ws.readyState !== WebSocket.OPEN || !this.congested)) this.wake(this.ws.readyState === WebSocket.OPEN);
@@ -276,6 +280,7 @@ export class WebSocketPeer implements Peer, LiveConnection {
     this.onOverflow?.(this);
     this.q = [];
     this.queuedChars = 0;
+    this.marks = undefined;
     this.ws.terminate();
   }
 
