@@ -151,8 +151,13 @@ export class Listener implements ConnectionTable, SlotCounter {
   /** Live connections and the protocol session of each. */
   readonly connections = new Map<Connection, Session>();
   private readonly perAddress = new Map<string, AddressSlots>();
-  /** TLS handshakes in progress, by the client's address and port. */
-  private readonly handshaking = new Map<string, net.Socket>();
+  /**
+   * TLS handshakes in progress, by the client's address and port: a set, since two raw
+   * sockets can share one (a source port reused before the first one's close was seen,
+   * one port connected to two of the host's addresses), and each must be let go once.
+   */
+  private readonly handshaking = new Map<string, Set<net.Socket>>();
+  private handshakes = 0;
   /** Refused sockets still lingering (destroyed at shutdown). */
   private readonly refusing = new Set<net.Socket>();
   private readonly refusals: RefusalLog;
@@ -256,7 +261,7 @@ export class Listener implements ConnectionTable, SlotCounter {
 
   /** Connections holding a slot (not lingering) and handshakes in progress. */
   get held(): number {
-    return this.connections.size - this.lingering + this.handshaking.size;
+    return this.connections.size - this.lingering + this.handshakes;
   }
 
   /** Open connections, not those closing (the stats action's count). */
@@ -297,13 +302,24 @@ export class Listener implements ConnectionTable, SlotCounter {
       return;
     }
     const key = `${address}:${raw.remotePort ?? 0}`;
-    this.handshaking.set(key, raw);
+    let same = this.handshaking.get(key);
+    if (!same) this.handshaking.set(key, (same = new Set()));
+    same.add(raw);
+    this.handshakes++;
     this.slots(address).handshakes++;
-    raw.once("close", () => this.handshakeOver(key, address));
+    raw.once("close", () => this.handshakeOver(key, address, raw));
   }
 
-  private handshakeOver(key: string, address: string): void {
-    if (!this.handshaking.delete(key)) return;
+  /**
+   * A handshake is over: `raw`'s (closed), or one of those under `key` (completed: the
+   * TLS socket does not name its raw one). Each raw socket is let go once.
+   */
+  private handshakeOver(key: string, address: string, raw?: net.Socket): void {
+    const same = this.handshaking.get(key);
+    const which = raw ?? same?.values().next().value;
+    if (which === undefined || !same?.delete(which)) return;
+    if (same.size === 0) this.handshaking.delete(key);
+    this.handshakes--;
     const slots = this.perAddress.get(address);
     if (!slots) return;
     slots.handshakes--;
@@ -570,7 +586,7 @@ export class Listener implements ConnectionTable, SlotCounter {
     const servers = [this.server, this.tlsServer].filter((x): x is net.Server => x !== undefined && x.listening);
     const closed = Promise.all(servers.map((srv) => new Promise<void>((r) => srv.close(() => r()))));
     for (const socket of this.refusing) socket.destroy();
-    for (const socket of this.handshaking.values()) socket.destroy();
+    for (const same of this.handshaking.values()) for (const socket of same) socket.destroy();
     for (const conn of this.connections.keys()) conn.pause("shutdown");
     if (!(await this.dispatcher.settled(timeoutMs, this.connections.values()))) {
       this.log.warn("requests still in progress at the shutdown timeout");
@@ -579,7 +595,7 @@ export class Listener implements ConnectionTable, SlotCounter {
     const timer = setTimeout(() => {
       for (const conn of this.connections.keys()) conn.destroy();
       for (const socket of this.refusing) socket.destroy();
-      for (const socket of this.handshaking.values()) socket.destroy();
+      for (const same of this.handshaking.values()) for (const socket of same) socket.destroy();
     }, graceMs);
     // A socket the listener does not know of must not hold the stop up either.
     if (!(await within(closed, graceMs + 1000))) this.log.warn("sockets still open after the shutdown grace time");
