@@ -312,6 +312,43 @@ describe("cluster apply", () => {
     }
   });
 
+  it("sends ev_enter and ev_leave to the members at their place in the log, however the entries were grouped", async () => {
+    const cmds: Command[] = [
+      { k: "register", t: 1000, uid: "u0", login: "ann", nick: "n0", hash: "h0", sid: "s0", expires: 1_000_000 },
+      { k: "register", t: 1000, uid: "u1", login: "bob", nick: "n1", hash: "h0", sid: "s1", expires: 1_000_000 },
+      { k: "chcreate", t: 1001, owner: "u0", name: "r0", descr: "", priv: false, members: [], maxOwned: 2, maxJoined: 3 },
+      { k: "join", t: 1002, chid: "1", uid: "u1", cap: 3 },
+      { k: "leave", uid: "u0", nick: "n0", chid: "1" },
+    ];
+    const heard: string[][] = [];
+    for (const together of [false, true]) {
+      const v = await view();
+      // Each enter and leave with the users it reaches: named, or the channel's members as it goes out.
+      const seen: Promise<string>[] = [];
+      const router = v.core.services.router;
+      const publish = router.publish.bind(router);
+      router.publish = (ev, audience) => {
+        if (ev.kind === "enter" || ev.kind === "leave") {
+          const to = "users" in audience ? Promise.resolve([...audience.users]) : v.core.services.channels.members(audience.channel);
+          seen.push(to.then((uids) => `${ev.kind} ${ev.uid} -> ${[...uids].sort().join(",")}`));
+        }
+        return publish(ev, audience);
+      };
+      try {
+        const entries = cmds.map((c, i) => ({ seq: i + 1, id: `x:${i + 1}`, entry: { o: "x", n: i + 1, c: [c] } }));
+        if (together) await v.apply(entries, { created: "t", seq: entries.length, id: `x:${entries.length}` });
+        else for (const e of entries) await v.apply([e], { created: "t", seq: e.seq, id: e.id });
+        await new Promise((r) => setTimeout(r, 50)); // the events go out after the apply
+        heard.push(await Promise.all(seen));
+      } finally {
+        await v.core.close();
+        removeDir(v.core.services.config.dataDir);
+      }
+    }
+    expect(heard[0]).toEqual(["enter u1 -> u0,u1", "leave u0 -> u1"]);
+    expect(heard[1]).toEqual(heard[0]);
+  });
+
   it("refuses a profile email that is another user's login (whatever its case), not one's own", async () => {
     const v = await view();
     try {

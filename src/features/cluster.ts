@@ -541,20 +541,26 @@ export class Cluster {
                 return { chname: named, owned, joined, user, found, counts };
               }
               case "join": {
-                const [channel, member, byMember, user, joined, actor] = await Promise.all([
+                const [channel, member, byMember, user, joined, actor, members] = await Promise.all([
                   channels.get(c.chid),
                   channels.isMember(c.chid, c.uid),
                   c.by === undefined ? false : channels.isMember(c.chid, c.by),
                   users.get(c.uid),
                   channels.joinedCount(c.uid, COUNT_ALL),
                   users.get(c.by ?? c.uid),
+                  // The audience of its ev_enter, as for a channel message (membersMove).
+                  membersMove ? channels.members(c.chid) : undefined,
                 ]);
-                return { channel, member, byMember, user, joined, actor };
+                return { channel, member, byMember, user, joined, actor, members };
               }
               case "leave": {
                 if (c.chid === "*") return { chids: await channels.channelsOf(c.uid) };
-                const [channel, member] = await Promise.all([channels.get(c.chid), channels.isMember(c.chid, c.uid)]);
-                return { channel, member };
+                const [channel, member, members] = await Promise.all([
+                  channels.get(c.chid),
+                  channels.isMember(c.chid, c.uid),
+                  membersMove ? channels.members(c.chid) : undefined,
+                ]);
+                return { channel, member, members };
               }
               case "chdelete": {
                 const [channel, members] = await Promise.all([channels.get(c.chid), channels.members(c.chid)]);
@@ -1063,8 +1069,9 @@ export class Cluster {
         storage.commitLazy(channels.joinOps(c.chid, c.uid, c.t, ch.private === true));
         overlay.join(c.chid, c.uid);
         t.after.push(() => channels.joined(c.chid, c.uid));
-        // Every member hears of a first entry, the one entering included.
-        events.push([{ kind: "enter", chid: c.chid, uid: c.uid, nick: user.nick }, { channel: c.chid }]);
+        // Every member hears of a first entry, the one entering included: the members at
+        // this point of the log (a leave later in this call does not take them out).
+        events.push([{ kind: "enter", chid: c.chid, uid: c.uid, nick: user.nick }, this.audienceNow(overlay, c.chid, r.members)]);
         return { k: "joined", added: true, nick: user.nick };
       }
       case "leave": {
@@ -1075,7 +1082,7 @@ export class Cluster {
           if (!overlay.member(c.chid, c.uid, r.member === true)) return { k: "error", err: channelErrors.notMember(c.chid) };
           chids = [c.chid];
         }
-        for (const chid of chids) this.leaveChannel(chid, c.uid, c.nick, t);
+        for (const chid of chids) this.leaveChannel(chid, c.uid, c.nick, t, c.chid === "*" ? undefined : r.members);
         return { k: "done" };
       }
       case "chdelete": {
@@ -1098,13 +1105,25 @@ export class Cluster {
     return all.length;
   }
 
-  /** `uid` (a member) leaves `chid`; the remaining members hear of it. */
-  private leaveChannel(chid: string, uid: string, nick: string, t: Turn): void {
+  /**
+   * `uid` (a member) leaves `chid`; the remaining members hear of it (those at this
+   * point of the log when `inView`, the channel's members as read, is given).
+   */
+  private leaveChannel(chid: string, uid: string, nick: string, t: Turn, inView?: readonly string[]): void {
     const { storage, channels } = this.sv;
     storage.commitLazy(channels.leaveOps(chid, uid));
     t.overlay.leave(chid, uid);
     t.after.push(() => channels.left(chid, uid));
-    t.events.push([{ kind: "leave", chid, uid, nick }, { channel: chid }]);
+    t.events.push([{ kind: "leave", chid, uid, nick }, this.audienceNow(t.overlay, chid, inView)]);
+  }
+
+  /**
+   * A channel event's audience: its members at this point of the call when they were
+   * read (`inView`, with the call's changes so far), else the channel's members when
+   * the event goes out (no membership changes in the call: the same).
+   */
+  private audienceNow(overlay: Overlay, chid: string, inView: readonly string[] | undefined): Audience {
+    return inView === undefined ? { channel: chid } : { users: overlay.membersOf(chid, inView), channel: chid };
   }
 
   /**
