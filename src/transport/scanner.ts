@@ -331,6 +331,13 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     return n;
   }
 
+  /** The frame carries more than one attachment, or an ambiguous one: its upload is discarded and it is refused (3). */
+  private refuseAttachments(): void {
+    this.uploadSink?.abort();
+    this.uploadSink = undefined;
+    if (this.fault === Fault.None || this.fault === Fault.Busy) this.fault = Fault.TwoUploads;
+  }
+
   /** The connection closed: an upload in progress is discarded. */
   close(): void {
     this.uploadSink?.abort();
@@ -470,11 +477,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
           // could replace the object that held it ("d\u0061ta" after "data"; the last
           // key wins), so that the request as parsed has no attachment, or another
           // recipient, while one was stored: refused as a second attachment is.
-          if (this.keyMatched >= 0 && this.uploadSink !== undefined) {
-            this.uploadSink.abort();
-            this.uploadSink = undefined;
-            if (this.fault === Fault.None || this.fault === Fault.Busy) this.fault = Fault.TwoUploads;
-          }
+          if (this.keyMatched >= 0 && this.uploadSink !== undefined) this.refuseAttachments();
           this.keyMatched = -1;
         } else if (this.keyMatched >= 0) {
           const key = this.pathKeys[depth - 1];
@@ -500,9 +503,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
               if (this.pathSeen) {
                 // A second data.attach.data in one frame never starts a second upload:
                 // the frame is refused and the first one is discarded.
-                this.uploadSink?.abort();
-                this.uploadSink = undefined;
-                if (this.fault === Fault.None || this.fault === Fault.Busy) this.fault = Fault.TwoUploads;
+                this.refuseAttachments();
               } else if (this.fault === Fault.None && this.frameLength + (i + 1 - start) <= this.limits.maxFrame) {
                 this.pathSeen = true;
                 // data.attach.data: its text streams to an upload, if the sink takes

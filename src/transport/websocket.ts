@@ -280,8 +280,7 @@ export class WebSocketPeer implements Peer, LiveConnection {
     this.onOverflow?.(this);
     this.q = [];
     this.queuedChars = 0;
-    this.marks = undefined;
-    this.ws.terminate();
+    this.ws.terminate(); // destroys the socket: progress() confirms nothing from here
   }
 
   /** A close frame went out: the client gets the linger time to answer it. */
