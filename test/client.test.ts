@@ -503,6 +503,23 @@ describe("WirechatClient", () => {
     expect(decodeAttachment(hist[0].attach).equals(bytes)).toBe(true);
   });
 
+  it("latest() pages back through history pages cut short by their attachments", async () => {
+    const alice = await registered();
+    // Three of 3 MB (4 MB of base64) pass the default 8 MiB cap: pages of two at most.
+    const mids: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      mids.push((await alice.c.sendAttachment({ uid: alice.uid }, Readable.from([Buffer.alloc(3_000_000, i + 1)]))).mid);
+    }
+    const page = await alice.c.history({ uid: alice.uid, limit: 4 });
+    expect(page.map((m) => m.mid)).toEqual(mids.slice(3));
+    const four = await alice.c.latest({ uid: alice.uid }, 4);
+    expect(four.map((m) => m.mid)).toEqual(mids.slice(1));
+    expect(four.map((m) => decodeAttachment(m.attach)[0])).toEqual([2, 3, 4, 5]);
+    const newer = await alice.c.latest({ uid: alice.uid }, 100, BigInt(mids[1]));
+    expect(newer.map((m) => m.mid)).toEqual(mids.slice(2));
+    expect((await alice.c.latest({ uid: alice.uid }, 100)).map((m) => m.mid)).toEqual(mids);
+  });
+
   it("reports a source that fails mid-attachment and keeps the connection in step", async () => {
     const alice = await registered();
     async function* failing() {

@@ -177,7 +177,9 @@ describe("large replies to a client that is not reading", () => {
   }
 
   it("history: 30 pages of ~28 MB each; RSS stays bounded while unread, then every page arrives whole", async () => {
-    const child = await startChild(["--stats", "1", "--outbound-cap", String(MB)]);
+    // A history page stops at the outbound cap's worth of text: 32 MB lets the whole
+    // 28 MB page through, and the server must still never hold it.
+    const child = await startChild(["--stats", "1", "--outbound-cap", String(32 * MB)]);
     const a = await registerUser(child.port);
     const b = await registerUser(child.port);
     b.client.close();
@@ -231,5 +233,101 @@ describe("large replies to a client that is not reading", () => {
     });
     expectBoundedThenWhole(child, out);
     stats.close();
+  }, 120_000);
+});
+
+describe("a long reply with events behind it", () => {
+  const MB = 1024 * 1024;
+
+  /**
+   * A page of large attachments is a reply that lasts, and events for its client queue
+   * behind it, counting against --outbound-cap. With a 32 MB page (40 attachments of
+   * 600 KB) the events of a conversation far slower than the client's reading (10 KB
+   * every 20 ms against 4 MB/s read) passed the 1 MB cap before the page was out, and
+   * the client was closed as a slow reader in the middle of the reply it asked for. A
+   * native page now stops at the cap's worth of text: the client pages back to the
+   * start, gets every message and every event, and stays connected.
+   */
+  it("a client reading faster than its events come pages through 32 MB of attachments and is never closed", async () => {
+    const child = await startChild(["--outbound-cap", String(MB)]);
+    const a = await registerUser(child.port);
+    const b = await registerUser(child.port);
+    const c = await registerUser(child.port);
+    const ch = await orExit(child, a.client.request("createchannel", { name: `long${Date.now()}` }));
+    expect(ch.status).toBe(0);
+    expect((await orExit(child, b.client.request("enter", { channel: ch.chid }))).status).toBe(0);
+    b.client.close();
+    const ATTACH = 600_000;
+    const posted: { mid: string; data: string }[] = [];
+    for (let i = 0; i < 40; i++) {
+      const data = Buffer.alloc(ATTACH, i + 1).toString("base64");
+      const r = await orExit(child, a.client.request("message", { channel: ch.chid, body: `file ${i}`, attach: { mime: "application/octet-stream", data } }));
+      expect(r.status).toBe(0);
+      posted.push({ mid: r.mid, data });
+    }
+
+    const reader = await orExit(child, LineConn.connect(child.port));
+    // Reads at most 200 KB every 50 ms (4 MB/s): a client on a real link.
+    let windowBytes = 0;
+    const tick = setInterval(() => {
+      windowBytes = 0;
+      if (!reader.isClosed) reader.socket.resume();
+    }, 50);
+    reader.socket.on("data", (chunk: Buffer) => {
+      windowBytes += chunk.length;
+      if (windowBytes >= 200_000) reader.socket.pause();
+    });
+    const pages: any[] = [];
+    const events: string[] = [];
+    let authed = false;
+    reader.onLine((line) => {
+      const f = JSON.parse(line.toString("utf8"));
+      if (f.action === "ev_message") events.push(f.data.mid);
+      else if (f.action === "history") pages.push(f.data);
+      else if (f.action === "auth") authed = f.data.status === 0;
+    });
+    reader.send("auth", { sid: b.sid });
+    await orExit(child, waitFor(() => authed, 5000, "b's auth"));
+
+    // c talks to b the whole time: 500 KB/s of events.
+    const sent: string[] = [];
+    let talking = true;
+    const talk = (async () => {
+      const body = "e".repeat(10_000);
+      while (talking && !reader.isClosed) {
+        const r = await c.client.request("message", { uid: b.uid, body });
+        expect(r.status).toBe(0);
+        sent.push(r.mid);
+        await sleep(20);
+      }
+    })();
+
+    const got: { mid: string; data: string }[] = [];
+    let before: string | undefined;
+    try {
+      for (let n = 0; n < 60; n++) {
+        const want = pages.length + 1;
+        reader.send("history", before === undefined ? { channel: ch.chid } : { channel: ch.chid, before });
+        await orExit(child, waitFor(() => pages.length === want || reader.isClosed, 60_000, `history page ${want}`));
+        expect(reader.isClosed, `closed as a slow reader after ${got.length} of 40 messages`).toBe(false);
+        const page = pages[want - 1];
+        expect(page.status).toBe(0);
+        if (page.messages.length === 0) break;
+        got.unshift(...page.messages.map((m: any) => ({ mid: m.mid, data: m.attach.data })));
+        before = page.messages[0].mid;
+      }
+    } finally {
+      talking = false;
+      await talk;
+      clearInterval(tick);
+    }
+    expect(got.length).toBe(40);
+    expect(got.map((m) => m.mid)).toEqual(posted.map((m) => m.mid));
+    expect(got.every((m, i) => m.data === posted[i].data)).toBe(true);
+    reader.socket.resume();
+    await orExit(child, waitFor(() => events.length >= sent.length || reader.isClosed, 20_000, "c's messages at b"));
+    expect(reader.isClosed).toBe(false);
+    expect(events).toEqual(sent);
+    reader.socket.destroy();
   }, 120_000);
 });

@@ -481,7 +481,7 @@ class ChatSession {
     for (const [chid, seen] of from) {
       let missed;
       try {
-        missed = (await this.client.history({ channel: chid, limit: CATCH_UP_LIMIT })).filter((m) => /^[0-9]+$/.test(m.mid) && BigInt(m.mid) > seen);
+        missed = await this.client.latest({ channel: chid }, CATCH_UP_LIMIT, seen);
       } catch (err) {
         // Not tried again at the next reconnect: a page too large for the client (its
         // attachments inline) would drop the connection, and the reconnect read it again.
@@ -775,7 +775,7 @@ class ChatSession {
     const t = this.needTarget();
     const n = rest.trim() === "" ? 20 : Number(rest.trim());
     if (!Number.isInteger(n) || n < 1) throw new Error("usage: /history [N]");
-    const messages = await this.client.history({ ...this.toOf(t), limit: Math.min(n, 500) });
+    const messages = await this.client.latest(this.toOf(t), Math.min(n, 500));
     if (messages.length === 0) this.info("* no messages yet");
     for (const msg of messages) {
       if (hasAttachment(msg.attach)) this.keepAttachment(msg.mid, msg.attach);

@@ -465,6 +465,29 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     return (await this.request("history", { ...of }, options)).messages as HistoryMessage[];
   }
 
+  /**
+   * A conversation's newest `n` messages (at most 500), oldest first, or those newer
+   * than mid `after` if fewer: history pages back, since a page of large attachments
+   * stops short of its limit. Paging stops once the messages gathered hold
+   * maxFrameBytes of text (bodies, attachments' base64), the most one reply may hold:
+   * then fewer come, the newest.
+   */
+  async latest(of: Target, n: number, after?: bigint, options?: RequestOptions): Promise<HistoryMessage[]> {
+    const most = this.opts.maxFrameBytes ?? 128 * 1024 * 1024;
+    const out: HistoryMessage[] = [];
+    let held = 0;
+    let before: string | undefined;
+    while (out.length < n && held < most) {
+      const page = await this.history({ ...of, limit: Math.min(n - out.length, 500), ...(before === undefined ? {} : { before }) }, options);
+      const newer = after === undefined ? page : page.filter((m) => /^[0-9]+$/.test(m.mid) && BigInt(m.mid) > after);
+      out.unshift(...newer);
+      for (const m of newer) held += m.body.length + (m.attach?.data.length ?? 0);
+      if (page.length === 0 || newer.length < page.length) break;
+      before = page[0].mid;
+    }
+    return out;
+  }
+
   async searchUser(q: string, options?: RequestOptions): Promise<Array<{ uid: string; nick: string }>> {
     return (await this.request("searchuser", { q }, options)).list;
   }

@@ -38,6 +38,8 @@ const HISTORY_DEFAULT = 50;
 const HISTORY_MAX = 500;
 /** History records read from disk at a time while the reply is written. */
 const HISTORY_PAGE = 20;
+/** A history item's characters besides its body, nick and attachment (ids, time, keys). */
+const ITEM_CHARS = 100;
 /** A position in the message order (ack, history's `before`): digits. */
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
 /** `dialogs` page: default and largest. */
@@ -81,7 +83,7 @@ export const MESSAGE_SCHEMA = {
 export const MESSAGE_FAST_FIELDS = ["uid", "channel", "body", "cmid"] as const;
 
 export function registerMessages(sv: Services): void {
-  const { dispatcher, users, messages, channels, storage, router, blobs, locks } = sv;
+  const { dispatcher, users, messages, channels, storage, router, blobs, locks, config } = sv;
   /**
    * (sender, cmid) of messages whose commit is in flight → the resends of it waiting
    * for its reply. They are settled with it, at once: a resend's reply holds the
@@ -367,13 +369,41 @@ export function registerMessages(sv: Services): void {
       } else {
         throw new ProtocolError(Code.EmptyField, "'uid' or 'channel' is required");
       }
-      const seqs = await messages.historySeqs(conv, limit, before);
+      let seqs = await messages.historySeqs(conv, limit, before);
+      if (req.session.codec.shortPages) seqs = await newestWithin(seqs, config.outboundCap);
       if (seqs.length === 0 && channel === undefined && !(await findUser(sv, uid as string))) {
         throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
       }
       return new ListReply({}, "messages", () => historyItems(seqs));
     },
   });
+
+  /**
+   * The newest of `seqs` (oldest first) whose messages take at most `chars` characters
+   * on the wire (bodies, attachments' base64), never fewer than one: a page of large
+   * attachments is a reply that lasts, and the events queued behind it count against
+   * the outbound cap (--outbound-cap, the same figure) until it is written. With the
+   * page cut there, a client reading at least as fast as its events come is never
+   * closed for a reply it asked for. The records are read here for their sizes and
+   * dropped (a page is never held), and read again as the reply is written.
+   */
+  async function newestWithin(seqs: number[], chars: number): Promise<number[]> {
+    let total = 0;
+    let counted = false;
+    for (let end = seqs.length; end > 0; end -= HISTORY_PAGE) {
+      const start = Math.max(0, end - HISTORY_PAGE);
+      const records = await messages.recordsAt(seqs.slice(start, end));
+      for (let i = records.length - 1; i >= 0; i--) {
+        const m = records[i];
+        if (m === undefined) continue; // deleted since: not in the reply
+        total += ITEM_CHARS + m.body.length + m.nick.length + (m.attach ? 4 * Math.ceil(m.attach.size / 3) + m.attach.mime.length : 0);
+        // Past the budget: the newer ones are the page, or this one alone if it is the newest.
+        if (total > chars) return seqs.slice(start + i + (counted ? 1 : 0));
+        counted = true;
+      }
+    }
+    return seqs;
+  }
 
   /** The records at `seqs`, read a page at a time as the reply is written. */
   async function* historyItems(seqs: readonly number[]): AsyncIterable<Fields> {

@@ -73,6 +73,12 @@ export interface Codec {
    * nothing of it and confirmed nothing, so the next login read it all again).
    */
   readonly inbox?: boolean;
+  /**
+   * true: a `history` page may stop short of its `limit` (the format pages back until
+   * an empty page): it stops at the outbound cap's worth of text, so that events
+   * queued behind it wait for no more than the cap. The seed doors answer by count.
+   */
+  readonly shortPages?: boolean;
 }
 
 export const WELCOME_TEXT = "Welcome to wirechat. Send one JSON object per line; try {\"action\":\"hello\"}";
@@ -89,6 +95,7 @@ function messageParts(m: MessageRecord, text?: { json: string; cut: number }): [
 
 export class NativeCodec implements Codec {
   readonly name = "native";
+  readonly shortPages = true;
   private readonly actionJson = new Map<string, string>();
 
   constructor(private readonly blobs: BlobSource) {}
