@@ -545,6 +545,52 @@ describe("the order of a channel message's reply, its event and the next reply",
   });
 });
 
+describe("direct messages routed out of their commit order", () => {
+  it("a message whose sender's reply waits behind a channel's members read still reaches its live recipient, in order", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const r = await registerUser(shared.port);
+    const ch = await newChannel(a);
+    const store = shared.server.services.channels as unknown as { cachedMembers: (chid: string) => unknown; members: (chid: string) => Promise<string[]> };
+    const members = store.members.bind(store);
+    const gate = heldGate();
+    store.cachedMembers = () => undefined;
+    store.members = async (chid) => {
+      const found = await members(chid);
+      if (chid === ch.chid) await gate.pass();
+      return found;
+    };
+    let fromA: string | undefined;
+    let fromB: string | undefined;
+    try {
+      // a's channel message waits for its members; a's direct message to r, behind it
+      // on a's connection, is committed, and its reply and event wait for that read.
+      const toChannel = a.client.request("message", { channel: ch.chid, body: "to the channel" });
+      const dm = a.client.request("message", { uid: r.uid, body: "from a" });
+      await gate.reached;
+      await sleep(150); // a's direct message is committed meanwhile
+      // b's, committed after a's, is routed at once.
+      const rb = await b.client.request("message", { uid: r.uid, body: "from b" });
+      expect(rb.status).toBe(0);
+      fromB = rb.mid;
+      await waitFor(() => r.client.frames.some((f) => f.action === "ev_message" && f.data.mid === fromB), 5000, "b's message at r");
+      gate.open();
+      expect((await toChannel).status).toBe(0);
+      fromA = (await dm).mid;
+    } finally {
+      delete (store as { cachedMembers?: unknown }).cachedMembers;
+      delete (store as { members?: unknown }).members;
+      gate.open();
+    }
+    expect(BigInt(fromA as string) < BigInt(fromB as string)).toBe(true);
+    await waitFor(() => r.client.frames.filter((f) => f.action === "ev_message").length >= 2, 5000, "both messages at r");
+    await sleep(100);
+    const got = r.client.frames.filter((f) => f.action === "ev_message").map((f) => f.data.mid);
+    expect(got).toEqual([fromA, fromB]);
+    for (const c of [a, b, r]) c.client.close();
+  });
+});
+
 describe("deletechannel", () => {
   it("is for the owner only (15), answers 9 for an unknown channel", async () => {
     const a = await registerUser(shared.port);

@@ -150,6 +150,7 @@ export function registerMessages(sv: Services): void {
       const ev: MessageEvent = { kind: "message", m, text: this.text, inbox: to, wire: undefined };
       if (to !== undefined) {
         if (this.newPair) messages.peersKnown(m.from, to);
+        router.inboxCommitted(to, Number(m.mid));
         req.emit(ev, { users: to === m.from ? [to] : [to, m.from] });
       } else {
         req.emit(ev, { channel: m.chid as string, also: m.from });

@@ -9,7 +9,14 @@
 //   drains; live inbox events that arrive meanwhile are not sent but make the sync
 //   read again, and once a read comes back short the session goes live in the same
 //   turn, so nothing committed is missed and nothing is sent twice;
-// - a live session gets every inbox event in seq order and never one it already has;
+// - a live session gets every inbox event in seq order and never one it already has.
+//   Events are routed as their senders' replies go out, which is not always the order
+//   they were committed in (a sender's reply waits behind its earlier ones: a channel's
+//   members being read, a slower request before it). Each direct message is noted at
+//   its commit (inboxCommitted); one routed while an earlier committed one to the same
+//   user is not yet is not sent live: the user's sessions read their inbox from disk
+//   after what they have (a sync), which has both, in order. (Sent live, it put the
+//   earlier one below the session's position, and that was then never sent.);
 // - the cursor advances on the client's `ack` (acking clients), or, for clients that
 //   do not ack, once the connection has handed the OS so much after the event that the
 //   client must have read it (Connection's confirmation marks). Entries past the
@@ -46,6 +53,14 @@ export interface Delivery {
   publish(ev: Event, audience: Audience): void | Promise<void>;
 }
 
+/**
+ * Direct messages noted at their commit and not yet routed, per recipient (see
+ * inboxCommitted): each is routed once its sender's reply goes out, so only a
+ * request that never finishes leaves one here; past this many a recipient's oldest
+ * are let go (a later one routed behind them is then sent live, as before the note).
+ */
+const UNROUTED_PER_USER = 1024;
+
 /** Users whose offline messages the metrics count (see queuedOffline). */
 const OFFLINE_TRACKED = 100_000;
 
@@ -73,6 +88,8 @@ export class Router implements Delivery {
   private readonly offline = new Map<string, number>();
   /** Channels whose events wait for a membership read (bounded by events in flight). */
   private readonly channelQueue = new Map<string, Promise<void>>();
+  /** Recipient → seqs of direct messages committed and not yet routed, ascending. */
+  private readonly unrouted = new Map<string, number[]>();
 
   constructor(
     private readonly inbox: InboxSource,
@@ -225,9 +242,36 @@ export class Router implements Delivery {
     }
   }
 
+  /**
+   * A direct message to `uid` is committed (called in commit order, before its event
+   * is published): an event of a later one routed before it is not sent live.
+   */
+  inboxCommitted(uid: string, seq: number): void {
+    const q = this.unrouted.get(uid);
+    if (q === undefined) this.unrouted.set(uid, [seq]);
+    else if (q.push(seq) > UNROUTED_PER_USER) q.shift();
+  }
+
+  /** Takes `seq` off the recipient's unrouted list: true when an earlier one is still on it. */
+  private routed(uid: string, seq: number): boolean {
+    const q = this.unrouted.get(uid);
+    if (q === undefined) return false;
+    if (q[0] === seq) {
+      if (q.length === 1) this.unrouted.delete(uid);
+      else q.shift();
+      return false;
+    }
+    const i = q.indexOf(seq);
+    if (i > 0) q.splice(i, 1);
+    return q[0] < seq;
+  }
+
   private toUser(uid: string, ev: Event): void {
     const cur = this.users.get(uid);
     const inbox = ev.kind === "message" && ev.inbox === uid;
+    // An earlier direct message to the user is committed and not yet routed: the
+    // sessions read this one from disk, after it.
+    const late = inbox && this.routed(uid, Number((ev as MessageEvent).m.mid));
     if (cur === undefined) {
       // Cluster mode: a user connected to another node is sent it there.
       if (inbox && this.elsewhere?.has(uid) !== true) this.queuedOffline(uid);
@@ -235,11 +279,19 @@ export class Router implements Delivery {
     }
     if (Array.isArray(cur)) {
       for (const s of cur) {
-        if (inbox) this.inboxEvent(s, ev as MessageEvent);
+        if (late) this.catchUp(s);
+        else if (inbox) this.inboxEvent(s, ev as MessageEvent);
         else this.live(s, ev);
       }
-    } else if (inbox) this.inboxEvent(cur, ev as MessageEvent);
+    } else if (late) this.catchUp(cur);
+    else if (inbox) this.inboxEvent(cur, ev as MessageEvent);
     else this.live(cur, ev);
+  }
+
+  /** Sends the session its inbox after what it has, from disk (a sync from its position). */
+  private catchUp(s: Session): void {
+    if (s.syncing) s.syncDirty = true;
+    else void this.sync(s, s.lastInbox);
   }
 
   private live(s: Session, ev: Event): void {
