@@ -545,6 +545,35 @@ describe("the order of a channel message's reply, its event and the next reply",
   });
 });
 
+describe("a half-close behind a channel event", () => {
+  it("the connection closes after the sender's ev_message, not before, while the members are read", async () => {
+    const owner = await registerUser(shared.port);
+    const ch = await newChannel(owner);
+    const store = shared.server.services.channels as unknown as { cachedMembers: (chid: string) => unknown; members: (chid: string) => Promise<string[]> };
+    const members = store.members.bind(store);
+    const gate = heldGate();
+    store.cachedMembers = () => undefined;
+    store.members = async (chid) => {
+      const found = await members(chid);
+      if (chid === ch.chid) await gate.pass();
+      return found;
+    };
+    try {
+      owner.client.send("message", { channel: ch.chid, body: "last words" });
+      owner.client.socket.end(); // nc -N: no more requests
+      await gate.reached;
+      await sleep(100); // time for the close, were it not held
+    } finally {
+      delete (store as { cachedMembers?: unknown }).cachedMembers;
+      delete (store as { members?: unknown }).members;
+      gate.open();
+    }
+    await owner.client.closed;
+    const order = owner.client.frames.filter((f) => ["message", "ev_message"].includes(f.action)).map((f) => f.action);
+    expect(order).toEqual(["message", "ev_message"]);
+  });
+});
+
 describe("direct messages routed out of their commit order", () => {
   it("a message whose sender's reply waits behind a channel's members read still reaches its live recipient, in order", async () => {
     const a = await registerUser(shared.port);

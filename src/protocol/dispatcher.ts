@@ -386,7 +386,7 @@ export class Dispatcher {
       for (const s of all) {
         const line = (s.line as Line | undefined);
         // What an open connection has queued is still to be answered (a seed door's too).
-        if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length || s.codec.pending === true)) return true;
+        if (line && !s.peer.closed && (line.slots.length > 0 || line.head < line.inbox.length || line.eventsWaiting !== undefined || s.codec.pending === true)) return true;
       }
       return false;
     };
@@ -424,8 +424,9 @@ export class Dispatcher {
     this.endIfDone(s, line);
   }
 
+  /** Closes a half-closed connection once every request is answered and its events are out. */
   private endIfDone(s: Session, line: Line): void {
-    if (line.inputEnded && !line.busy && line.slots.length === 0 && line.head >= line.inbox.length) s.peer.end();
+    if (line.inputEnded && !line.busy && line.slots.length === 0 && line.head >= line.inbox.length && line.eventsWaiting === undefined) s.peer.end();
   }
 
   /**
