@@ -70,6 +70,18 @@ describe("request rate limit", () => {
     expect(last.data).toMatchObject({ status: 13, error: expect.stringMatching(/closing/) });
     await server.stop();
   });
+
+  it("counts requests whose data is not an object too: 13 past the burst, closed far past it", async () => {
+    const server = await startTestServer({ rate: 20, burst: 5, rateDisconnect: 50 });
+    const c = await Client.connect(server.port);
+    c.write('{"action":"ping","data":0}\n'.repeat(200));
+    await c.closed;
+    const statuses = c.lines.map((l) => JSON.parse(l).data?.status);
+    expect(statuses.filter((s) => s === 3).length).toBeGreaterThanOrEqual(5);
+    expect(statuses.filter((s) => s === 3).length).toBeLessThan(20);
+    expect(JSON.parse(c.lines.at(-1) as string).data).toMatchObject({ status: 13, error: expect.stringMatching(/closing/) });
+    await server.stop();
+  });
 });
 
 describe("connection caps", () => {

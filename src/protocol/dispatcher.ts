@@ -471,14 +471,15 @@ export class Dispatcher {
    * of its frames once, not the native requests it makes for one).
    */
   dispatch(s: Session, action: string, data: unknown, upload?: Upload, size = 0, plain = false, counted = true, fast = false): void {
-    if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
-      upload?.release();
-      this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
-      return;
-    }
+    // The rate first: a frame refused for its shape costs a parse and a reply too.
     if (counted && !this.withinRate(s)) {
       upload?.release();
       this.enqueue(s, { kind: "reject", action, code: Code.RateLimited, reason: RATE_REFUSED });
+      return;
+    }
+    if (data !== undefined && (typeof data !== "object" || data === null || Array.isArray(data))) {
+      upload?.release();
+      this.enqueue(s, { kind: "reject", action, code: Code.InvalidData, reason: "'data' must be an object" });
       return;
     }
     this.enqueue(s, { kind: "request", action, data: (data ?? {}) as Record<string, unknown>, upload, size, plain, paced: counted, fast });
