@@ -282,6 +282,23 @@ describe("frame size limit", () => {
     expect(scanner.buffered).toBe(0);
   });
 
+  it("copies a frame's start out of a large read rather than keeping the whole read alive", () => {
+    // A view of the last 2 KiB of a 64 KiB read kept all 64 KiB in memory while
+    // ScannerLimits.held counted 2 KiB: up to 64 times the budget, per connection.
+    const { scanner, calls } = connection();
+    const frame = `{"action":"ping","data":{"x":"${"a".repeat(4000)}"}}`;
+    const head = 2048;
+    const read = Buffer.alloc(64 * 1024, 0x20);
+    Buffer.from(frame.slice(0, head)).copy(read, read.length - head);
+    scanner.push(read);
+    const parts = (scanner as unknown as { parts?: Buffer[] }).parts ?? [];
+    expect(parts.length).toBeGreaterThan(0);
+    for (const p of parts) expect(p.buffer.byteLength, "memory a held part keeps alive").toBeLessThanOrEqual(8 * 1024);
+    scanner.push(Buffer.from(frame.slice(head) + "\n"));
+    expect(calls).toEqual([{ frame }]);
+    expect(scanner.buffered).toBe(0);
+  });
+
   it("frames an object of exactly maxFrame bytes and rejects one byte more", () => {
     const exact = (n: number) => {
       const shell = JSON.stringify({ action: "send", text: "" });

@@ -611,7 +611,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.partsLength += len;
     if (len >= COPY_BELOW) {
       this.sealStage();
-      (this.parts ??= []).push(chunk.subarray(start, end));
+      // A view keeps its whole read alive (a socket's read is its own ArrayBuffer): kept
+      // as one only when it is most of that read, else copied, so that what is held is
+      // what ScannerLimits.held counts (a frame's last 2 KiB of a 64 KiB read kept 64).
+      const piece = chunk.subarray(start, end);
+      (this.parts ??= []).push(2 * len >= chunk.buffer.byteLength ? piece : Buffer.from(piece));
       return;
     }
     let stage = this.stage;
