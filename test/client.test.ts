@@ -460,6 +460,15 @@ describe("WirechatClient", () => {
     expect(c.connected).toBe(true);
   });
 
+  it("refuses a request named like an event or notice (its reply would pass for one), and stays in step", async () => {
+    const { c } = await registered();
+    // Sent, ev_x's reply {"action":"ev_x",…} was taken for an event: the request waited
+    // out its timeout and the next reply (this ping's) failed the match, closing the client.
+    for (const bad of ["ev_x", "ev_message", "unknown", "welcome"]) await expect(c.request(bad, undefined, { timeoutMs: 2000 })).rejects.toMatchObject({ code: ClientCode.Protocol });
+    await c.ping();
+    expect(c.connected).toBe(true);
+  });
+
   it("the events iterator answers two next() calls in a row, each with its own event", async () => {
     const alice = await registered();
     const bob = await registered();

@@ -366,14 +366,19 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * Sends `{"action": action, "data": data}` and resolves with the reply's data once
    * its status is 0; rejects with a WirechatError (the status as `code`) otherwise.
    * Works for any action, known to this client or not (a name of 1 to 64 letters,
-   * digits or underscores, as every action of the server's is; another is refused
-   * unsent, with ClientCode.Protocol).
+   * digits or underscores, as every action of the server's is, and not an event's or
+   * notice's name; another is refused unsent, with ClientCode.Protocol).
    */
   request<T extends Reply = Reply>(action: string, data?: Record<string, unknown>, options: RequestOptions = {}): Promise<T> {
     // A name the server cannot say back (empty, too long) draws a reply named `unknown`,
     // which cannot be told from the server's parting notice: refused here, unsent.
     if (!ACTION_NAME.test(action)) {
       return Promise.reject(new WirechatError(ClientCode.Protocol, "an action name is 1 to 64 letters, digits or underscores", action));
+    }
+    // Nor can a reply named like an event or a notice (`ev_…`, `unknown`, `welcome`) be
+    // told from one: it was taken for an event, and the next reply for this request's.
+    if (action.startsWith("ev_") || action === "unknown" || action === "welcome") {
+      return Promise.reject(new WirechatError(ClientCode.Protocol, `'${action}' is the name of an event or notice, not of a request`, action));
     }
     const text = JSON.stringify(data === undefined ? { action } : { action, data }) + "\n";
     const resend = action === "message" && typeof data?.cmid === "string" && data.cmid !== "";
