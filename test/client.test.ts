@@ -469,6 +469,28 @@ describe("WirechatClient", () => {
     expect(c.connected).toBe(true);
   });
 
+  it("after ev_logout, another user's login starts from that user's inbox, not the first user's position", async () => {
+    const b = await registered();
+    b.c.destroy();
+    const sender = await registered();
+    const forB = await sender.c.sendMessage({ uid: b.uid }, "for b, while away");
+    const a = await registered();
+    const gotA = new Promise((resolve) => a.c.once("ev_message", resolve));
+    const forA = await sender.c.sendMessage({ uid: a.uid }, "for a");
+    await gotA;
+    expect(BigInt(forA.mid) > BigInt(forB.mid)).toBe(true);
+    // a's session is ended from another connection: the client stays, logged out.
+    const other = await connect();
+    await other.auth({ sid: a.sid });
+    const ended = new Promise((resolve) => a.c.once("ev_logout", resolve));
+    await other.logout();
+    await ended;
+    const seen: string[] = [];
+    a.c.on("ev_message", (m: any) => seen.push(m.mid));
+    await a.c.auth({ login: b.login, pass: "secret" });
+    await waitFor(() => seen.includes(forB.mid), 3000, "b's message on the client now logged in as b");
+  });
+
   it("the events iterator answers two next() calls in a row, each with its own event", async () => {
     const alice = await registered();
     const bob = await registered();

@@ -285,6 +285,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private ackTarget: bigint | undefined;
   /** The `since` the last auth this client made was given (a resume's floor while nothing is confirmed). */
   private authSince: bigint | undefined;
+  /** The login of the last password auth or register that succeeded (whose inbox lastInbox is). */
+  private authLogin: string | undefined;
   private ackBusy = false;
   private closing = false;
   private sessionEnded = false;
@@ -400,7 +402,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    */
   async register(login: string, pass: string, nick: string, options?: RequestOptions): Promise<AuthInfo> {
     try {
-      return toAuthInfo(await this.request("register", { login, pass, nick }, options));
+      const info = toAuthInfo(await this.request("register", { login, pass, nick }, options));
+      this.authLogin = login;
+      return info;
     } catch (err) {
       if (!(err instanceof WirechatError) || err.code !== ClientCode.Closed || this.reconnectOpts === undefined || this.state === "closed" || this.closing) throw err;
       return this.lostRegister(login, pass, nick, options, err);
@@ -431,13 +435,18 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   /**
    * Logs in with a password or resumes a session. The sid is remembered for reconnects.
    * `since` defaults to the last inbox mid this client has seen, so a second `auth`
-   * never brings back what was already passed on.
+   * never brings back what was already passed on: only for the user that mid is of
+   * (the client's first login, or the login or session of the last one). Another
+   * user's login after an `ev_logout` starts from that user's own cursor; sent with
+   * the first user's position, it skipped the new user's messages below it.
    */
   async auth(credentials: { login: string; pass: string; since?: string } | { sid: string; since?: string }, options?: RequestOptions): Promise<AuthInfo> {
     const data: Record<string, unknown> = { ...credentials };
-    if (data.since === undefined && this.lastInbox !== undefined) data.since = this.lastInbox.toString();
+    const sameUser = this.uid === undefined || ("sid" in credentials ? credentials.sid === this.sid : credentials.login === this.authLogin);
+    if (data.since === undefined && this.lastInbox !== undefined && sameUser) data.since = this.lastInbox.toString();
     const info = toAuthInfo(await this.request("auth", data, options));
     this.authSince = typeof data.since === "string" ? parseMid(data.since) : undefined;
+    if ("login" in credentials) this.authLogin = credentials.login;
     return info;
   }
 
