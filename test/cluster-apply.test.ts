@@ -369,4 +369,26 @@ describe("cluster apply", () => {
       removeDir(v.core.services.config.dataDir);
     }
   });
+
+  it("refuses a register of a login banned before it in the log, whichever node proposed it", async () => {
+    // The proposer checked its own view, which can lag a ban made through another node:
+    // the account was made and answered 0, on a login that can never log in (15).
+    const v = await view();
+    try {
+      const cmds: Command[] = [
+        { k: "ban", kind: "login", value: "carol", reason: "spam", at: 1000 },
+        { k: "register", t: 1000, uid: "u0", login: "carol", nick: "n0", hash: "h0", sid: "s0", expires: 1_000_000, names: true, bans: true },
+        { k: "register", t: 1000, uid: "u1", login: "Carol", nick: "n1", hash: "h0", sid: "s1", expires: 1_000_000, names: true, bans: true },
+        // An entry written before the rule (no flag) is decided as it was then.
+        { k: "register", t: 1000, uid: "u2", login: "carol", nick: "n2", hash: "h0", sid: "s2", expires: 1_000_000, names: true },
+      ];
+      const out: string[] = [];
+      for (const [i, c] of cmds.entries()) out.push(...(await v.apply([{ seq: i + 1, id: `x:${i + 1}`, entry: { o: "x", n: i + 1, c: [c] } }], { created: "t", seq: i + 1, id: `x:${i + 1}` })).flat().map(brief));
+      expect(out.slice(1, 3)).toEqual(["refused", "refused"]);
+      expect(out[3]).toMatch(/^registered u2 /);
+    } finally {
+      await v.core.close();
+      removeDir(v.core.services.config.dataDir);
+    }
+  });
 });

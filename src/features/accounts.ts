@@ -434,8 +434,10 @@ export function registerAccounts(sv: Services): AccountOps {
   async function registerInCluster(t: number, login: string, nick: string, hash: string, first?: { sid: string; expires: number }): Promise<UserRecord> {
     const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
     const session = first ? { sid: sidHash(first.sid), expires: first.expires } : {};
-    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, ...session });
+    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, bans: true, ...session });
     if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
+    // Banned through another node after this node's own check (notBannedLogin) read its view.
+    if (out.k === "refused" && out.reason === BANNED_LOGIN) throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);
     if (out.k !== "registered") throw new ProtocolError(Code.Unavailable, "the account could not be created; try again");
     return out.user;
   }

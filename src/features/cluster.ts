@@ -62,6 +62,12 @@ export type Command =
        * user's login or nick. Older log entries have no flag and checked each apart.
        */
       names?: true;
+      /**
+       * A login banned when the entry is applied is refused (15): the proposer's check
+       * read its own view, which can lag a ban made through another node. Older log
+       * entries have no flag and were decided without it.
+       */
+      bans?: true;
     }
   | {
       k: "session";
@@ -767,6 +773,7 @@ export class Cluster {
         // A login that is an address may not be another user's email (UserStore.claim).
         if (c.names && c.login.includes("@") && overlay.holder("email", c.login, r.loginAsEmail) !== undefined) return { k: "taken", index: "login" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
+        if (c.bans && this.banState(overlay, "login", c.login).has) return { k: "refused", reason: BANNED_LOGIN };
         const user: UserRecord = { uid: c.uid, num: users.nextNum(), login: c.login, nick: c.nick, hash: c.hash, email: "", phone: "", picture: "", status: "", created: c.t };
         const first = c.sid === undefined ? undefined : { hash: c.sid, expires: c.expires ?? 0, issued: c.t * 1000 };
         storage.commitLazy([...users.saveOps(user), ...(first ? sessions.createHashedOps(first.hash, { uid: c.uid, created: c.t, expires: first.expires }, first.issued) : [])]);
