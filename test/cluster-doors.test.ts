@@ -196,6 +196,10 @@ describe("cluster mode with the seed doors", () => {
       expect((await fetch(`http://127.0.0.1:${lagging.httpPort}/v1/info`, { headers: auth })).status).toBe(200);
       const made = await fetch(`http://127.0.0.1:${a.httpPort}/v1/rooms`, { method: "POST", headers: { ...auth, "content-type": "application/json" }, body: JSON.stringify({ users: [] }) });
       const id = ((await made.json()) as { id: number }).id;
+      // The list of the caller's rooms through the lagging node has it (before, the
+      // session was known there, so nothing waited for the log: the room was missing).
+      const listed = (await (await fetch(`http://127.0.0.1:${lagging.httpPort}/v1/rooms`, { headers: auth })).json()) as { id: number }[];
+      expect(listed.map((r) => r.id)).toContain(id);
       // Before, 422 room_not_found.
       expect((await fetch(`http://127.0.0.1:${lagging.httpPort}/v1/rooms/${id}`, { headers: auth })).status).toBe(200);
       here.close();

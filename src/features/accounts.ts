@@ -879,8 +879,12 @@ export function registerAccounts(sv: Services): AccountOps {
       });
     },
     async session(sid) {
-      // Cluster mode: a sid issued through another node a moment ago may not be here yet.
-      const rec = (await sessions.get(sid)) ?? (sv.cluster ? await sv.cluster.sync().then(() => sessions.get(sid)) : undefined);
+      // Cluster mode: what the request reads next (its rooms, its messages, the session
+      // itself: issued or logged out through another node a moment ago) is read after
+      // this node has applied the log as it stands, as a native auth does: a room made
+      // or a message sent through another node was missing from a lagging node's answer.
+      if (sv.cluster) await sv.cluster.sync();
+      const rec = await sessions.get(sid);
       if (!rec || rec.expires <= nowSeconds()) return undefined;
       const user = await users.get(rec.uid);
       if (!user || sv.bans.banned("login", user.login)) return undefined;
