@@ -4,6 +4,7 @@
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import type { BatchOp } from "../src/storage/db.js";
+import { directConv } from "../src/storage/layout.js";
 import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
 import { heldGate, holdNextWrite, sleep, slowKeyReads, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
@@ -899,6 +900,35 @@ describe("deletechannel", () => {
 });
 
 describe("restart", () => {
+  it("a stop while a deleted account's notes to itself are purged leaves the purge to the next start", async () => {
+    const dataDir = tempDir();
+    const config = testConfig({ dataDir });
+    let srv = await startServer(config);
+    try {
+      const u = await registerUser(srv.port);
+      for (let i = 0; i < 3; i++) expect((await u.client.request("message", { uid: u.uid, body: `note ${i}` })).status).toBe(0);
+      const conv = directConv(u.uid, u.uid);
+      expect((await srv.services.messages.history(conv, 10)).length).toBe(3);
+      // The purge starts once the stop has begun (its signal aborted): it stops at once.
+      const gate = heldGate();
+      const restore = wrapCalls(srv.services.messages, "purge", () => gate.pass());
+      expect((await u.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      await gate.reached;
+      const stopping = srv.stop();
+      gate.open();
+      await stopping;
+      restore();
+      srv = await startServer({ ...config, port: 0 });
+      const messages = srv.services.messages;
+      const end = Date.now() + 5000;
+      while ((await messages.history(conv, 10)).length > 0 && Date.now() < end) await sleep(50);
+      expect(await messages.history(conv, 10)).toEqual([]);
+    } finally {
+      await srv.stop();
+      removeDir(dataDir);
+    }
+  });
+
   it("keeps channels, membership and channel history", async () => {
     const dataDir = tempDir();
     const config = testConfig({ dataDir });

@@ -113,6 +113,10 @@ export class Hooks {
           }
         }
         if (failure !== undefined) throw failure;
+        // A shutdown cut a hook short (a purge stops between pages and returns): the
+        // record stays, and the next start runs them again. Removed, the rest of the
+        // purge was never made (the account's notes to itself and their files for good).
+        if (signal.aborted) return;
         await done();
       },
       { uid },
