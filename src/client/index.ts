@@ -174,7 +174,11 @@ const ACTION_NAME = /^[A-Za-z0-9_]{1,64}$/;
 
 class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   private buf: (WirechatEvent | undefined)[] = [];
+  /** The inbox mid of each buffered event that is an inbox message (aligned with buf). */
+  private mids: (bigint | undefined)[] = [];
   private head = 0;
+  /** Buffered inbox messages (not yet handed out). */
+  private inboxBuffered = 0;
   /** next() calls waiting for an event, oldest first (each gets its own). */
   private waiters: ((r: IteratorResult<WirechatEvent>) => void)[] = [];
   private done = false;
@@ -183,10 +187,13 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   constructor(
     private readonly cap: number,
     private readonly onDone: (it: EventIterator) => void,
-    private readonly onOverflow: (dropped: number) => void,
+    private readonly onOverflow: (dropped: number, inboxMid: bigint | undefined) => void,
+    /** An inbox message was handed to the app (acks may go further). */
+    private readonly onHanded: () => void,
   ) {}
 
-  push(ev: WirechatEvent): void {
+  /** `inboxMid`: the event is an inbox message (acknowledged once handed out). */
+  push(ev: WirechatEvent, inboxMid?: bigint): void {
     if (this.done) return;
     if (this.waiters.length > 0) {
       const w = this.waiters.shift() as (r: IteratorResult<WirechatEvent>) => void;
@@ -197,15 +204,28 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
       // Drop-oldest rather than backpressure: pausing the socket would also hold back
       // replies, and a consumer that awaits a request inside its `for await` loop would
       // then wait forever for a reply stuck behind its own unread events.
-      this.buf[this.head++] = undefined;
+      const mid = this.mids[this.head];
+      if (mid !== undefined) this.inboxBuffered--;
+      this.buf[this.head] = this.mids[this.head] = undefined;
+      this.head++;
       this.dropped++;
-      this.onOverflow(this.dropped);
+      this.onOverflow(this.dropped, mid);
     }
     this.buf.push(ev);
+    this.mids.push(inboxMid);
+    if (inboxMid !== undefined) this.inboxBuffered++;
     if (this.head > 1024 && this.head * 2 > this.buf.length) {
       this.buf = this.buf.slice(this.head);
+      this.mids = this.mids.slice(this.head);
       this.head = 0;
     }
+  }
+
+  /** The oldest inbox mid buffered here, not yet handed out (acks stop below it). */
+  oldestInbox(): bigint | undefined {
+    if (this.inboxBuffered === 0) return undefined;
+    for (let i = this.head; i < this.mids.length; i++) if (this.mids[i] !== undefined) return this.mids[i];
+    return undefined;
   }
 
   end(): void {
@@ -217,11 +237,18 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   next(): Promise<IteratorResult<WirechatEvent>> {
     if (this.head < this.buf.length) {
       const value = this.buf[this.head] as WirechatEvent;
+      const mid = this.mids[this.head];
       // Handed out: not kept (an event may carry a large attachment's text).
-      this.buf[this.head++] = undefined;
+      this.buf[this.head] = this.mids[this.head] = undefined;
+      this.head++;
       if (this.head === this.buf.length) {
         this.buf = [];
+        this.mids = [];
         this.head = 0;
+      }
+      if (mid !== undefined) {
+        this.inboxBuffered--;
+        this.onHanded();
       }
       return Promise.resolve({ value, done: false });
     }
@@ -231,6 +258,8 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
 
   return(): Promise<IteratorResult<WirechatEvent>> {
     this.buf = [];
+    this.mids = [];
+    this.inboxBuffered = 0;
     this.head = 0;
     this.end();
     this.onDone(this);
@@ -268,6 +297,11 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   /** When `held` is next pruned of settled items (see request). */
   private heldPruneAt = HELD_PRUNE_MIN;
   private iterators = new Set<EventIterator>();
+  /**
+   * An events() iterator dropped an inbox message (overflow): acks stop below it, and
+   * the next auth or resume asks again from there (everything after it comes again).
+   */
+  private dropFloor: bigint | undefined;
   private welcomeWaiter: { resolve: (w: WelcomeFrame) => void; reject: (e: Error) => void } | undefined;
 
   private readonly host: string;
@@ -443,6 +477,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   async auth(credentials: { login: string; pass: string; since?: string } | { sid: string; since?: string }, options?: RequestOptions): Promise<AuthInfo> {
     const data: Record<string, unknown> = { ...credentials };
     const sameUser = this.uid === undefined || ("sid" in credentials ? credentials.sid === this.sid : credentials.login === this.authLogin);
+    if (sameUser) this.applyDropFloor();
     if (data.since === undefined && this.lastInbox !== undefined && sameUser) data.since = this.lastInbox.toString();
     const info = toAuthInfo(await this.request("auth", data, options));
     this.authSince = typeof data.since === "string" ? parseMid(data.since) : undefined;
@@ -607,13 +642,22 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * Every event frame from now on, in order, until the client closes. Each iterator
    * has its own bounded buffer (`eventBufferSize`); when a consumer falls that far
    * behind, the oldest buffered events are dropped (counted, and reported with an
-   * `overflow` event). The EventEmitter side never drops anything.
+   * `overflow` event). The EventEmitter side never drops anything. An inbox message is
+   * acknowledged once every iterator has handed it out; one an iterator dropped is not,
+   * and comes again after the next auth or reconnect, with those after it (which then
+   * reach the app twice).
    */
   events(options: { bufferSize?: number } = {}): AsyncIterableIterator<WirechatEvent> {
     const it = new EventIterator(
       Math.max(1, options.bufferSize ?? this.opts.eventBufferSize ?? 10_000),
       (x) => this.iterators.delete(x),
-      (dropped) => this.emit("overflow", { dropped }),
+      (dropped, inboxMid) => {
+        if (inboxMid !== undefined && (this.dropFloor === undefined || inboxMid - 1n < this.dropFloor)) this.dropFloor = inboxMid - 1n;
+        this.emit("overflow", { dropped });
+      },
+      () => {
+        if (this.ackTarget !== undefined) this.scheduleAck(this.ackTarget);
+      },
     );
     if (this.state === "closed") it.end();
     else this.iterators.add(it);
@@ -944,7 +988,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       case "logout":
       case "deleteaccount":
         this.uid = this.sid = this.nick = undefined;
-        this.lastInbox = this.confirmed = this.authSince = undefined;
+        this.lastInbox = this.confirmed = this.authSince = this.dropFloor = undefined;
         this.ackSent = this.ackTarget = undefined;
         break;
     }
@@ -953,7 +997,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private noteAuth(data: ReplyData): void {
     if (this.uid !== undefined && data.uid !== this.uid) {
       // Another user's inbox: the old position means nothing there.
-      this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = undefined;
+      this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = this.dropFloor = undefined;
     }
     this.uid = data.uid;
     this.sid = data.sid;
@@ -974,7 +1018,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
           return;
         }
         this.lastInbox = mid;
-        this.deliver(ev);
+        this.deliver(ev, mid);
         // After the listeners ran: an ack says the app has it.
         this.scheduleAck(mid);
         return;
@@ -988,8 +1032,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.deliver(ev);
   }
 
-  private deliver(ev: WirechatEvent): void {
-    for (const it of this.iterators) it.push(ev);
+  private deliver(ev: WirechatEvent, inboxMid?: bigint): void {
+    for (const it of this.iterators) it.push(ev, inboxMid);
     try {
       this.emit("event", ev);
       this.emit(ev.action as `ev_${string}`, ev.data);
@@ -1013,11 +1057,37 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     setImmediate(() => void this.flushAcks());
   }
 
+  /**
+   * Inbox messages an iterator dropped are to come again: the position (`since`, and
+   * the duplicate filter) goes back to before the first of them (those after it come
+   * again too, and reach the app twice: at least once, after an overflow).
+   */
+  private applyDropFloor(): void {
+    if (this.dropFloor === undefined) return;
+    if (this.lastInbox === undefined || this.dropFloor < this.lastInbox) this.lastInbox = this.dropFloor;
+    this.dropFloor = undefined;
+  }
+
+  /**
+   * How far an ack may go: the last inbox message passed on, but never past one an
+   * iterator still holds (not yet handed to the app) or dropped.
+   */
+  private ackable(): bigint | undefined {
+    let mid = this.ackTarget;
+    if (mid === undefined) return undefined;
+    if (this.dropFloor !== undefined && this.dropFloor < mid) mid = this.dropFloor;
+    for (const it of this.iterators) {
+      const held = it.oldestInbox();
+      if (held !== undefined && held - 1n < mid) mid = held - 1n;
+    }
+    return mid;
+  }
+
   private async flushAcks(): Promise<void> {
     const socket = this.socket;
     try {
-      while (this.ackEnabled && this.socket === socket && this.ackTarget !== undefined && (this.ackSent === undefined || this.ackTarget > this.ackSent)) {
-        const mid = this.ackTarget;
+      let mid: bigint | undefined;
+      while (this.ackEnabled && this.socket === socket && (mid = this.ackable()) !== undefined && mid > 0n && (this.ackSent === undefined || mid > this.ackSent)) {
         await this.submit({ text: JSON.stringify({ action: "ack", data: { mid: mid.toString() } }) + "\n" }, "ack", {}, true);
         if (this.confirmed === undefined || mid > this.confirmed) this.confirmed = mid;
         if (this.socket === socket) this.ackSent = mid;
@@ -1128,6 +1198,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         // login without `since`.
         // (Nothing confirmed yet: from the `since` the last auth had, not from none,
         // which would offer again whatever was never acked, wherever it was read.)
+        this.applyDropFloor();
         const from = this.wantAck ? maxMid(this.confirmed, this.authSince) : this.lastInbox;
         if (from !== undefined) data.since = from.toString();
         auth = toAuthInfo(await this.submit({ text: JSON.stringify({ action: "auth", data }) + "\n" }, "auth", {}, true));
