@@ -715,6 +715,15 @@ describe("unfinished frames of several connections share one budget (ScannerLimi
     ]);
     // And with room, it does.
     expect(scan([attach.slice(0, 40), attach.slice(40) + "\n"], { ...limits, held: budget(1 << 20) })).toMatchObject([{ attachment: "QUJD".repeat(100) }]);
+    // One whose attachment did stream, and whose other text passes --max-frame, is 12:
+    // sent again, it would pass it again (it was 13, and then 12).
+    const streamed = '{"action":"message","data":{"uid":"u1","attach":{"mime":"a/b","data":"QUJD"},"body":"' + "x".repeat(300) + '"}}';
+    const cut = streamed.indexOf("QUJD");
+    // (Shed for room by its third piece, under --max-frame; past it by the fourth.)
+    const pieces = [streamed.slice(0, cut), streamed.slice(cut, cut + 10), streamed.slice(cut + 10, cut + 70), streamed.slice(cut + 70) + "\n"];
+    expect(scan(pieces, { ...limits, held: budget(100) })).toEqual([
+      { reject: Code.TooLarge, reason: expect.stringMatching(/over the limit of 200/), action: "message" },
+    ]);
   });
 
   it("frames split anywhere over several connections: each answered once, kept ones intact, the count back to zero", () => {

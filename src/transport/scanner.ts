@@ -221,6 +221,8 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private uploadSink: U | undefined;
   /** The frame has had its stream path (streamed or not): a second one is refused. */
   private pathSeen = false;
+  /** Its text was not streamed: it counts in the frame's length (sheddingAttachment). */
+  private pathInline = false;
   /** The sink answered HOLD: push() stops where scanning stopped. */
   private held = false;
   /** The stream path, as the key expected at each depth (shared by every scanner). */
@@ -414,7 +416,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.keyMatched = -1;
     this.keyIsPath = false;
     this.uploadSink = undefined;
-    this.pathSeen = false;
+    this.pathSeen = this.pathInline = false;
     this.nonAscii = !chunkAscii;
   }
 
@@ -524,8 +526,9 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
                   this.state = State.Attachment;
                   return i + 1;
                 }
+                this.pathInline = true;
               } else {
-                this.pathSeen = true;
+                this.pathSeen = this.pathInline = true;
               }
             }
           }
@@ -636,7 +639,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
    * count). Any other frame past --max-frame is 12: sending it again would not help.
    */
   private sheddingAttachment(): boolean {
-    return this.fault === Fault.Busy && this.pathSeen;
+    return this.fault === Fault.Busy && this.pathInline;
   }
 
   /**
