@@ -391,6 +391,46 @@ describe("wirechat chat", () => {
     }
   }, 40_000);
 
+  it("a catch-up cut off by another outage goes on following its channel at the outages after", async () => {
+    const bob = await libUser();
+    const started = await inChannelThroughProxy(bob, "again");
+    const { carol, chid, port, proxied: { links, serve } } = started;
+    let { proxy } = started;
+    const count = (text: string) => carol.out().split(text).length - 1;
+    const listen = (p: net.Server) => new Promise<void>((r) => p.listen(port, "127.0.0.1", () => r()));
+    try {
+      await bob.c.sendMessage({ channel: chid }, "before any outage");
+      await carol.waitOut(/before any outage/);
+      // Outage 1; the catch-up's history request is held at the proxy, and the link is
+      // cut again meanwhile (outage 2): the catch-up's read fails with the link (-1).
+      await cutLinks(proxy, links);
+      await waitFor(() => count("connection lost") === 1, 10_000, "the first loss");
+      let reached!: () => void;
+      const historyHeld = new Promise<void>((r) => (reached = r));
+      proxy = serve({ hold: { match: '"action":"history"', until: new Promise<void>(() => {}), reached } });
+      await listen(proxy);
+      await historyHeld;
+      await cutLinks(proxy, links);
+      await waitFor(() => count("connection lost") === 2, 10_000, "the second loss");
+      proxy = serve();
+      await listen(proxy);
+      await waitFor(() => count("* reconnected") === 2, 20_000, "the second reconnect");
+      // Outage 3, with a message in the channel meanwhile: caught up on (before, the
+      // failed read had stopped the CLI following the channel, and it never showed).
+      await cutLinks(proxy, links);
+      await waitFor(() => count("connection lost") === 3, 10_000, "the third loss");
+      await bob.c.sendMessage({ channel: chid }, "during the third outage");
+      proxy = serve();
+      await listen(proxy);
+      await waitFor(() => count("* reconnected") === 3, 20_000, "the third reconnect");
+      await carol.waitOut(/during the third outage/, 10_000);
+      carol.type("/quit");
+      expect(await carol.exited).toBe(0);
+    } finally {
+      await dropProxy(proxy, links, bob);
+    }
+  }, 60_000);
+
   it("after a reconnect, what came live during the catch-up shows after it, in order", async () => {
     const bob = await libUser();
     const started = await inChannelThroughProxy(bob, "order");

@@ -483,13 +483,22 @@ class ChatSession {
       try {
         missed = await this.client.latest({ channel: chid }, CATCH_UP_LIMIT, seen);
       } catch (err) {
-        // Not tried again at the next reconnect: a page too large for the client (its
-        // attachments inline) would drop the connection, and the reconnect read it again.
-        this.seenInChannel.delete(chid);
-        // No longer a member (left, or the channel is gone): nothing to catch up on.
-        if (!(err instanceof WirechatError && err.code > 0 && err.code !== 13 && err.code !== 16)) {
-          this.screen.line(this.p.error(`* could not read what ${shown(this.channelName(chid))} got meanwhile (${errText(err)}); /history shows it`));
+        const code = err instanceof WirechatError ? err.code : undefined;
+        // No longer a member (left, or the channel is gone): nothing to catch up on,
+        // now or at a later reconnect.
+        if (code === 9 || code === 10) {
+          this.seenInChannel.delete(chid);
+          continue;
         }
+        // A page too large for the client (its attachments inline) dropped the link,
+        // and would at every reconnect: not read again. Any other failure (the link
+        // lost again, a timeout, a busy server) leaves the channel followed: dropped,
+        // its messages during every later outage went unshown.
+        if (err instanceof Error && err.message.includes("longer than")) {
+          this.seenInChannel.delete(chid);
+          from.delete(chid);
+        }
+        this.screen.line(this.p.error(`* could not read what ${shown(this.channelName(chid))} got meanwhile (${errText(err)}); /history shows it`));
         continue;
       }
       if (missed.length === CATCH_UP_LIMIT) this.info(`* ${shown(this.channelName(chid))} got more than ${CATCH_UP_LIMIT} messages meanwhile; /history for more`);
