@@ -151,6 +151,12 @@ describe("the replicated log", () => {
       };
       await expect(open(await made({ storage: StorageType.Memory }), "m", new MemoryView())).rejects.toThrow(/keeps the log in memory/);
       await expect(open(await made({ duplicate_window: 5_000_000_000 }), "d", new MemoryView())).rejects.toThrow(/forgets entry ids after 5 s/);
+      // Nor on one that drops old entries, or takes other subjects than the log's.
+      await expect(open(await made({ max_age: 3600 * 1e9 }), "a", new MemoryView())).rejects.toThrow(/would not keep the whole log: max_age 3600 s/);
+      await expect(open(await made({ max_msgs: 1000 }), "n", new MemoryView())).rejects.toThrow(/max_msgs 1000/);
+      const wide = `LOG${++streams}`;
+      await jsm.streams.add({ name: wide, subjects: [`${wide}.>`], storage: StorageType.File, num_replicas: 1, duplicate_window: 120_000_000_000 });
+      await expect(open(wide, "w", new MemoryView())).rejects.toThrow(/subjects \["LOG\d+\.>"\]/);
       // And the stream a node would make is taken.
       const fine = await open(await made({}), "f", new MemoryView());
       await fine.close();

@@ -30,6 +30,7 @@ import { randomBytes } from "node:crypto";
 import { connect, type ConnectionOptions, type NatsConnection } from "@nats-io/transport-node";
 import {
   DeliverPolicy,
+  RetentionPolicy,
   jetstream,
   jetstreamManager,
   StorageType,
@@ -778,6 +779,23 @@ async function ensureStream<C, R>(jsm: JetStreamManager, opts: JetStreamLogOptio
       }
       if (info.config.duplicate_window < DUPLICATE_WINDOW_MS * 1_000_000) {
         throw new Error(`stream ${opts.stream} forgets entry ids after ${info.config.duplicate_window / 1e9} s, less than the ${DUPLICATE_WINDOW_MS / 1000} s a retried append needs: set its duplicate window to ${DUPLICATE_WINDOW_MS / 1000} s or more`);
+      }
+      // The log is every node's whole history, and holds nothing else: a stream that
+      // drops old entries (by age, count or size, or as consumed) leaves a node that
+      // restarts, or falls behind, unable to rebuild its view; one that takes other
+      // subjects (`<stream>.>`) stores the nodes' presence notes as entries no view can
+      // apply, and every node stops.
+      const c = info.config;
+      const wrong = [
+        c.subjects.length !== 1 || c.subjects[0] !== `${opts.stream}.log` ? `subjects ${JSON.stringify(c.subjects)} (must be exactly ["${opts.stream}.log"])` : "",
+        c.retention !== RetentionPolicy.Limits ? `retention ${c.retention} (must be limits)` : "",
+        c.max_age > 0 ? `max_age ${c.max_age / 1e9} s` : "",
+        c.max_msgs > 0 ? `max_msgs ${c.max_msgs}` : "",
+        c.max_bytes > 0 ? `max_bytes ${c.max_bytes}` : "",
+        (c.max_msgs_per_subject ?? 0) > 0 ? `max_msgs_per_subject ${c.max_msgs_per_subject}` : "",
+      ].filter((w) => w !== "");
+      if (wrong.length > 0) {
+        throw new Error(`stream ${opts.stream} would not keep the whole log: ${wrong.join(", ")}; make it again without limits, or let a node make it`);
       }
       return info;
     } catch (err) {
