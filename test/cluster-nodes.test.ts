@@ -1066,6 +1066,26 @@ describe("cluster mode: registration", () => {
   });
 });
 
+describe("cluster mode: the attachment bucket", () => {
+  it("a node does not start on a bucket that keeps attachments in memory, or fewer copies than the log", async () => {
+    const { connect } = await import("@nats-io/transport-node");
+    const { StorageType } = await import("@nats-io/jetstream");
+    const { Objm } = await import("@nats-io/obj");
+    const nc = await connect({ servers: nats.url });
+    const dir = tempDir();
+    try {
+      // Made by hand (or before --replicas grew): taken as it was, and attachments
+      // answered 0 were kept in one server's memory.
+      const other = `B${randomBytes(4).toString("hex")}`;
+      await new Objm(nc).create(`${other}_BLOBS`, { storage: StorageType.Memory, replicas: 1 });
+      await expect(startTestServer({ dataDir: dir, nats: nats.url, natsStream: other, nodeId: "mem" })).rejects.toThrow(/attachment bucket .* keeps 1 copies in memory storage/);
+    } finally {
+      await nc.close();
+      removeDir(dir);
+    }
+  });
+});
+
 describe("cluster mode: a data dir is a node's view or a single node's database, never both", () => {
   it("a single node's database is refused by a node, and a node's view by a single node", async () => {
     const single = tempDir();

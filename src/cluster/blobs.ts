@@ -32,6 +32,17 @@ export class ClusterBlobs {
 
   static async open(nc: NatsConnection, bucket: string, replicas: number, blobs: BlobStore, log: Logger): Promise<ClusterBlobs> {
     const os = await new Objm(nc).create(bucket, { storage: StorageType.File, replicas });
+    // An existing bucket is taken as it is (made by hand, or before the log's stream was
+    // given more replicas): attachments answered 0 must be kept as the log is, or a
+    // node applying their messages after the one server holding them died could never
+    // fetch them.
+    const st = await os.status();
+    if (st.storage !== StorageType.File || st.replicas !== replicas || st.ttl > 0) {
+      throw new Error(
+        `the attachment bucket ${bucket} keeps ${st.replicas} copies in ${st.storage} storage${st.ttl > 0 ? ` for ${st.ttl / 1e9} s` : ""}; ` +
+          `it must keep --replicas ${replicas} copies on file, for good: change it (nats stream edit OBJ_${bucket}) or remove it while no node runs`,
+      );
+    }
     return new ClusterBlobs(os, blobs, log);
   }
 
