@@ -154,6 +154,33 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     a.client.close();
   });
 
+  it("a login answered 16 though the log took its session leaves no session behind", async () => {
+    const n = nodes[0];
+    const a = await registerUser(node(0));
+    a.client.close();
+    const before = (await n.services.sessions.list(a.uid)).length;
+    const cluster = n.services.cluster as NonNullable<typeof n.services.cluster>;
+    const append = cluster.append.bind(cluster);
+    cluster.append = async (cmd) => {
+      const out = await append(cmd);
+      if (cmd.k === "session") throw unavailable("the write could not be confirmed");
+      return out;
+    };
+    try {
+      const c = await Client.connect(node(0));
+      expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(16);
+      c.close();
+    } finally {
+      delete (cluster as { append?: unknown }).append;
+    }
+    // Before, the session stayed (a place among the user's sessions taken for good, by
+    // a sid no client holds); a login that retries added one each time.
+    for (let i = 0; (await n.services.sessions.list(a.uid)).length !== before; i++) {
+      expect(i).toBeLessThan(100);
+      await sleep(50);
+    }
+  });
+
   it("logout on one node ends that session's connections on the others; the sid is refused everywhere", async () => {
     const a = await registerUser(node(0));
     const elsewhere = await Client.connect(node(1));

@@ -395,7 +395,17 @@ export function registerAccounts(sv: Services): AccountOps {
     const t = nowSeconds();
     const expires = t + config.sessionTtl;
     connectionsLeft(s, user.uid); // before anything is stored for it
-    const out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
+    let out;
+    try {
+      out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
+    } catch (err) {
+      // Answered 16, the entry may be in the log all the same (stored, its PubAck lost):
+      // a session no client holds, which took a place among the user's sessions (past
+      // --max-sessions-per-user, a device's session went for it). A logout after it
+      // revokes it (it does nothing if the session never was): retries do not add up.
+      cluster.append({ k: "logout", uid: user.uid, sid: sidHash(sid), expires, conn: -1 }).catch((e: unknown) => s.log.warn({ err: e }, "revoking the session of a login answered 16 failed"));
+      throw err;
+    }
     // A ban the log applied before the session (which refused it) or right after it
     // (which revoked it) is this node's by now: this login does not happen.
     notBanned(user);
