@@ -368,6 +368,47 @@ describe("WirechatClient", () => {
     await it.return?.();
   });
 
+  it("after an iterator dropped inbox messages, a login again on the same connection keeps them unacknowledged, and lastInboxMid is below them", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: true });
+    const it = alice.c.events({ bufferSize: 2 });
+    const passed: string[] = [];
+    alice.c.on("ev_message", (m) => passed.push(m.mid));
+    const mids: string[] = [];
+    for (let i = 0; i < 5; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, `m${i}`)).mid);
+    await waitFor(() => passed.length === 5, 5000, "five messages at alice");
+    // Saved and given back at a later run, this position brings the dropped ones back.
+    expect(BigInt(alice.c.lastInboxMid as string) < BigInt(mids[0])).toBe(true);
+    // On a connection already logged in, the server sends nothing again: the floor stays.
+    await alice.c.auth({ sid: alice.sid });
+    for (let i = 0; i < 2; i++) await it.next(); // the two it kept
+    mids.push((await bob.c.sendMessage({ uid: alice.uid }, "m5")).mid);
+    expect((await it.next()).value?.data.mid).toBe(mids[5]);
+    await sleep(200);
+    const acked = alice.c.lastAckedMid;
+    expect(acked === undefined || BigInt(acked) < BigInt(mids[0]), `acked ${acked}`).toBe(true);
+    await it.return?.();
+  });
+
+  it("leaving a for-await loop leaves the inbox messages its iterator still held unacknowledged", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: true });
+    const it = alice.c.events();
+    const passed: string[] = [];
+    alice.c.on("ev_message", (m) => passed.push(m.mid));
+    const mids: string[] = [];
+    for (let i = 0; i < 3; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, `m${i}`)).mid);
+    await waitFor(() => passed.length === 3, 5000, "three messages at alice");
+    for await (const ev of it) {
+      expect(ev.data.mid).toBe(mids[0]);
+      break; // m1 and m2 were never handed to the app
+    }
+    mids.push((await bob.c.sendMessage({ uid: alice.uid }, "m3")).mid);
+    await waitFor(() => passed.length === 4, 5000, "the fourth");
+    await sleep(200);
+    expect(alice.c.lastAckedMid).toBe(mids[0]);
+  });
+
   it("acknowledges an inbox message an events() iterator holds only once it is handed out", async () => {
     const bob = await registered();
     const alice = await registered({ ack: true });

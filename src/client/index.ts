@@ -187,7 +187,8 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   constructor(
     private readonly cap: number,
     private readonly onDone: (it: EventIterator) => void,
-    private readonly onOverflow: (dropped: number, inboxMid: bigint | undefined) => void,
+    /** Events were dropped (`reported`: an overflow, told to the app), the oldest inbox one `inboxMid`. */
+    private readonly onOverflow: (dropped: number, inboxMid: bigint | undefined, reported?: boolean) => void,
     /** An inbox message was handed to the app (acks may go further). */
     private readonly onHanded: () => void,
   ) {}
@@ -257,6 +258,9 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   }
 
   return(): Promise<IteratorResult<WirechatEvent>> {
+    // The inbox messages it still held never reach the app: as dropped (not acked).
+    const held = this.oldestInbox();
+    if (held !== undefined) this.onOverflow(this.dropped, held, false);
     this.buf = [];
     this.mids = [];
     this.inboxBuffered = 0;
@@ -302,6 +306,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * the next auth or resume asks again from there (everything after it comes again).
    */
   private dropFloor: bigint | undefined;
+  /** The current connection has logged in (auth or register answered): cleared when it closes. */
+  private socketAuthed = false;
   private welcomeWaiter: { resolve: (w: WelcomeFrame) => void; reject: (e: Error) => void } | undefined;
 
   private readonly host: string;
@@ -388,7 +394,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * sends as `since` when it resumes. Persist it to resume a later run exactly.
    */
   get lastInboxMid(): string | undefined {
-    return this.lastInbox === undefined ? undefined : this.lastInbox.toString();
+    // Below what an iterator dropped (applyDropFloor): saved, it brings them back.
+    const mid = this.dropFloor !== undefined && (this.lastInbox === undefined || this.dropFloor < this.lastInbox) ? this.dropFloor : this.lastInbox;
+    return mid === undefined ? undefined : mid.toString();
   }
 
   /** The last mid this connection acknowledged and the server confirmed. */
@@ -477,7 +485,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   async auth(credentials: { login: string; pass: string; since?: string } | { sid: string; since?: string }, options?: RequestOptions): Promise<AuthInfo> {
     const data: Record<string, unknown> = { ...credentials };
     const sameUser = this.uid === undefined || ("sid" in credentials ? credentials.sid === this.sid : credentials.login === this.authLogin);
-    if (sameUser) this.applyDropFloor();
+    // Only a connection not yet logged in is sent the inbox from a lower position: on
+    // one that is, the server sends nothing it already sent there, and a cleared floor
+    // let acks pass what was dropped.
+    if (sameUser && !this.socketAuthed) this.applyDropFloor();
     if (data.since === undefined && this.lastInbox !== undefined && sameUser) data.since = this.lastInbox.toString();
     const info = toAuthInfo(await this.request("auth", data, options));
     this.authSince = typeof data.since === "string" ? parseMid(data.since) : undefined;
@@ -643,17 +654,18 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * has its own bounded buffer (`eventBufferSize`); when a consumer falls that far
    * behind, the oldest buffered events are dropped (counted, and reported with an
    * `overflow` event). The EventEmitter side never drops anything. An inbox message is
-   * acknowledged once every iterator has handed it out; one an iterator dropped is not,
-   * and comes again after the next auth or reconnect, with those after it (which then
-   * reach the app twice).
+   * acknowledged once every iterator has handed it out; one an iterator dropped (or
+   * still held when the loop was left: return()) is not, and comes again after the next
+   * reconnect or auth on a new connection, with those after it (which then reach the
+   * app twice). Until then nothing past it is acknowledged.
    */
   events(options: { bufferSize?: number } = {}): AsyncIterableIterator<WirechatEvent> {
     const it = new EventIterator(
       Math.max(1, options.bufferSize ?? this.opts.eventBufferSize ?? 10_000),
       (x) => this.iterators.delete(x),
-      (dropped, inboxMid) => {
+      (dropped, inboxMid, reported = true) => {
         if (inboxMid !== undefined && (this.dropFloor === undefined || inboxMid - 1n < this.dropFloor)) this.dropFloor = inboxMid - 1n;
-        this.emit("overflow", { dropped });
+        if (reported) this.emit("overflow", { dropped });
       },
       () => {
         if (this.ackTarget !== undefined) this.scheduleAck(this.ackTarget);
@@ -995,6 +1007,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   }
 
   private noteAuth(data: ReplyData): void {
+    this.socketAuthed = true;
     if (this.uid !== undefined && data.uid !== this.uid) {
       // Another user's inbox: the old position means nothing there.
       this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = this.dropFloor = undefined;
@@ -1103,6 +1116,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private onSocketClose(socket: net.Socket): void {
     if (socket !== this.socket) return;
     this.socket = undefined;
+    this.socketAuthed = false;
     this.ackEnabled = false;
     this.ackBusy = false;
     clearInterval(this.keepAliveTimer);
