@@ -55,9 +55,9 @@ export interface Delivery {
 
 /**
  * Direct messages noted at their commit and not yet routed, per recipient (see
- * inboxCommitted): each is routed once its sender's reply goes out, so only a
- * request that never finishes leaves one here; past this many a recipient's oldest
- * are let go (a later one routed behind them is then sent live, as before the note).
+ * inboxCommitted): each is routed once its sender's reply goes out. Past this many,
+ * the next ones are only counted, and while any of those is unrouted every message to
+ * the recipient is taken as late (a sync from disk: always right, only slower).
  */
 const UNROUTED_PER_USER = 1024;
 
@@ -90,6 +90,8 @@ export class Router implements Delivery {
   private readonly channelQueue = new Map<string, Promise<void>>();
   /** Recipient → seqs of direct messages committed and not yet routed, ascending. */
   private readonly unrouted = new Map<string, number[]>();
+  /** Recipient → how many more are committed and unrouted, past UNROUTED_PER_USER. */
+  private readonly unroutedOver = new Map<string, number>();
 
   constructor(
     private readonly inbox: InboxSource,
@@ -249,21 +251,32 @@ export class Router implements Delivery {
   inboxCommitted(uid: string, seq: number): void {
     const q = this.unrouted.get(uid);
     if (q === undefined) this.unrouted.set(uid, [seq]);
-    else if (q.push(seq) > UNROUTED_PER_USER) q.shift();
+    else if (q.length < UNROUTED_PER_USER) q.push(seq);
+    else this.unroutedOver.set(uid, (this.unroutedOver.get(uid) ?? 0) + 1);
   }
 
-  /** Takes `seq` off the recipient's unrouted list: true when an earlier one is still on it. */
+  /**
+   * Takes `seq` off the recipient's unrouted list: true when an earlier one may still
+   * be unrouted (on the list, or among those counted past it).
+   */
   private routed(uid: string, seq: number): boolean {
     const q = this.unrouted.get(uid);
     if (q === undefined) return false;
-    if (q[0] === seq) {
+    if (q[0] === seq && this.unroutedOver.size === 0) {
       if (q.length === 1) this.unrouted.delete(uid);
       else q.shift();
       return false;
     }
+    let over = this.unroutedOver.get(uid) ?? 0;
     const i = q.indexOf(seq);
-    if (i > 0) q.splice(i, 1);
-    return q[0] < seq;
+    if (i >= 0) q.splice(i, 1);
+    else if (over > 0) {
+      // One of those past the list (or one never noted): either way, read from disk.
+      if (--over === 0) this.unroutedOver.delete(uid);
+      else this.unroutedOver.set(uid, over);
+    }
+    if (q.length === 0 && over === 0) this.unrouted.delete(uid);
+    return i !== 0 || over > 0 || (q.length > 0 && q[0] < seq);
   }
 
   private toUser(uid: string, ev: Event): void {
