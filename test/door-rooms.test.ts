@@ -166,6 +166,27 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, c]) x.close();
   });
 
+  it("READ_MSG RESENT right behind READ_MSG ALL, read slowly, sends nothing twice", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    b.c.close(); // nothing is sent to b live (which marks it sent)
+    const text = "x".repeat(60_000);
+    for (let i = 0; i < 250; i++) await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: `${i}:${text}`, msg_type: "TEXT" });
+    const c = await rooms();
+    expect((await ask(c, { type: "REQUEST_LOGIN", login: b.login, pass: b.pass }, "RESPONSE_LOGIN")).status).toBe("LOGIN_OK");
+    // Both in one write; the client reads nothing for a while. RESENT's mark was read
+    // when it was handled, before ALL's frames had been written (and marked): it sent
+    // them all again.
+    c.socket.pause();
+    c.write(JSON.stringify({ type: "READ_MSG", read: "ALL", room_id: room.id }) + "\n" + JSON.stringify({ type: "READ_MSG", read: "RESENT", room_id: room.id }) + "\n");
+    await sleep(500);
+    c.socket.resume();
+    for (let i = 0; i < 250; i++) await c.next((f) => f.type === "READ_MSG");
+    expect(await c.quiet(500, (f) => f.type === "READ_MSG")).toBe(true);
+    for (const x of [a.c, b.c, c]) x.close();
+  }, 60_000);
+
   it("CREATE_ROOM finds the customer by login or by the nick READ_MSG shows as its sender", async () => {
     const a = await signup();
     const login = uniqueName("n");

@@ -347,15 +347,18 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const r = await this.call(s, "history", { channel: chid, limit: READ_MAX });
     if (!r.ok) return error(msg, r.text);
     const uid = st.uid as string;
-    const after = mode === "RESENT" ? (this.sent.get(`${uid}\u0000${chid}`) ?? 0) : 0;
     // One frame per message, written as the connection drains and read a page at a time
     // (as native history is): 500 messages of up to --max-frame each are never held
     // whole, and a client that does not read holds one page.
     const list = r.body as ListReply;
-    return [{ parts: [() => this.readFrames(list, uid, chid, after)] }];
+    return [{ parts: [() => this.readFrames(list, uid, chid, mode === "RESENT")] }];
   }
 
-  private async *readFrames(list: ListReply, uid: string, chid: string, after: number): AsyncIterable<string> {
+  private async *readFrames(list: ListReply, uid: string, chid: string, resent: boolean): AsyncIterable<string> {
+    // What was sent is read as this answer starts to be written, after the answers
+    // before it on the connection (written one after the other): read when the request
+    // was handled, a RESENT right behind an ALL still being written sent it all again.
+    const after = resent ? (this.sent.get(`${uid}\u0000${chid}`) ?? 0) : 0;
     for await (const item of list.items()) {
       const mid = Number(item.mid);
       if (mid <= after) continue;
