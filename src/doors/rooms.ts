@@ -269,15 +269,16 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const login = str(msg, "login");
     const pass = str(msg, "pass");
     if (!login || !pass) return out("LOGIN_WRONG_USER", "'login' and 'pass' are required");
-    if (s.uid !== undefined) return out("LOGIN_WRONG_USER", "already logged in on this connection");
     // No account has a login the native auth refuses as too long (it answers 3).
     if (longerThanAnyLogin(login)) return out("LOGIN_WRONG_USER", `no login is longer than ${NAME_MAX} characters`);
     const r = await this.call(s, "auth", { login, pass });
     if (!r.ok) {
       if (r.code === Code.NeedRegister) return out("LOGIN_WRONG_USER");
       if (r.code === Code.InvalidPass) return out("LOGIN_WRONG_PASS");
-      // A server failure is not a wrong password (see refuse).
-      if (r.code === Code.Unavailable) return error(msg, r.text);
+      // A server failure is not a wrong password (see refuse); nor is another account's
+      // login on a connection logged in already (native 5; the same account's is
+      // LOGIN_OK again): LOGIN_WRONG_USER said that account did not exist.
+      if (r.code === Code.Unavailable || r.code === Code.AlreadyRegister) return error(msg, r.text);
       return out("LOGIN_WRONG_PASS", r.text); // throttled, banned, …: the reason says which
     }
     st.uid = s.uid;
