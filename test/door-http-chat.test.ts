@@ -3,6 +3,7 @@
 // input, and native clients in the same lobby.
 
 import net from "node:net";
+import { ChatDoor } from "../src/doors/http-chat.js";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, serveForFile, startTestServer, removeDir, uniqueName, WsClient } from "./helpers.js";
 import { heldGate, sleep, wrapCalls } from "./pipeline-helpers.js";
@@ -412,6 +413,37 @@ describe("HTTP/WS chat door: the WebSocket", () => {
       ws.ws.close();
     } finally {
       undo();
+    }
+    m.client.close();
+  });
+
+  it("a lobby message sent as the login's answer goes out comes after 'authenticated', not before it", async () => {
+    const p = await createUser();
+    (await chatter(p)).ws.close(); // a member of the lobby from now on
+    const m = await nativeMember();
+    // The door's answer to the auth waits (as it can for a few microtasks) after the
+    // login is done: a lobby message then went straight out, ahead of 'authenticated'.
+    const proto = ChatDoor.prototype as unknown as { handle: (...args: any[]) => Promise<unknown> };
+    const handle = proto.handle;
+    const gate = heldGate();
+    proto.handle = async function (this: unknown, ...args: any[]) {
+      const out = await handle.apply(this, args);
+      if (args[2]?.type === "auth") await gate.pass();
+      return out;
+    };
+    try {
+      const ws = await WsClient.connect(httpPort(), "/ws");
+      ws.send({ type: "auth", email: p.email, password: p.password });
+      await gate.reached;
+      expect((await m.client.request("message", { channel: m.chid, body: "as you logged in" })).status).toBe(0);
+      await sleep(100);
+      gate.open();
+      expect(await ws.next()).toEqual({ status: "authenticated", message: null, info: `Welcome, ${p.username}!` });
+      expect(await ws.next()).toMatchObject({ status: "message", message: expect.objectContaining({ content: "as you logged in" }) });
+      ws.ws.close();
+    } finally {
+      proto.handle = handle;
+      gate.open();
     }
     m.client.close();
   });

@@ -296,7 +296,12 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
     st.authed = true;
     st.peer = s.peer.id;
     st.nick = s.nick as string;
-    return [frame("authenticated", null, `Welcome, ${st.nick}!`), ...early];
+    // Sent in the same step that makes the socket live: returned, they went out only
+    // once the door's pump came back from this call, and a lobby event routed in
+    // between (straight to the socket, as the socket was authed) came first.
+    s.peer.send(frame("authenticated", null, `Welcome, ${st.nick}!`), false);
+    for (const f of early) s.peer.send(f, false);
+    return [];
   }
 
   /**
