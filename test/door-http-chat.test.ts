@@ -417,6 +417,14 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     m.client.close();
   });
 
+  it("an accept() failure on the HTTP port is logged, not the end of the process", async () => {
+    const http = open.server.http as NonNullable<typeof open.server.http>;
+    // As node reports EMFILE or ENOBUFS from accept(): an 'error' on the listening server.
+    // Unheard, emit() throws it (the whole server ended).
+    expect(() => http.app.server.emit("error", Object.assign(new Error("accept EMFILE"), { code: "EMFILE", syscall: "accept" }))).not.toThrow();
+    expect((await call("GET", "/status")).status).toBe(200);
+  });
+
   it("a lobby message sent as the login's answer goes out comes after 'authenticated', not before it", async () => {
     const p = await createUser();
     (await chatter(p)).ws.close(); // a member of the lobby from now on

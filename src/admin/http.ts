@@ -327,6 +327,10 @@ export async function listenAdmin(app: FastifyInstance, config: Config): Promise
     // Say which port: "address in use" alone reads like the protocol's port.
     throw new Error(`cannot listen on the admin port ${config.adminHost}:${config.adminPort} (set --admin-port, or --admin off)`, { cause: err });
   }
+  // A failed accept() (EMFILE once the spare descriptor is gone, ENOBUFS) is an 'error'
+  // event on the listening server, which Fastify listens for only while listen() runs:
+  // unheard, it ended the whole process at a health check. The protocol's listeners log it.
+  app.server.on("error", (err) => app.log.error({ err }, "admin port error"));
   const addr = app.server.address() as AddressInfo;
   return { port: addr.port, host: addr.address };
 }

@@ -190,6 +190,9 @@ export class HttpDoor {
     } catch (err) {
       throw new Error(`cannot listen on the HTTP port ${host}:${config.httpPort} (set --http-port)`, { cause: err });
     }
+    // A failed accept() is an 'error' event Fastify no longer listens for once listening:
+    // unheard, it ended the process (see listenAdmin).
+    this.app.server.on("error", (err) => this.app.log.error({ err }, "HTTP port error"));
     return this.app.server.address() as AddressInfo;
   }
 
