@@ -18,6 +18,29 @@ describe("admin port", () => {
   const served = serveForFile();
   const ap = () => served.server.adminPort as number;
 
+  it("wirechat_bytes_out_total never goes down, also when a slow reader holding unsent output is cut off", async () => {
+    const reader = await registerUser(served.server.port);
+    const sender = await registerUser(served.server.port);
+    const ch = await sender.client.request("createchannel", { name: uniqueName("flood") });
+    expect((await reader.client.request("enter", { channel: ch.chid })).status).toBe(0);
+    reader.client.socket.pause(); // reads nothing: its channel's events pile up, then it is cut
+    const body = "b".repeat(50_000);
+    const seen: number[] = [];
+    const scrape = async () => seen.push(sample(parseProm((await admin(ap(), "GET", "/metrics")).text).samples, "wirechat_bytes_out_total"));
+    // 30 MB: past the kernel's buffers and the 8 MiB cap.
+    for (let i = 0; i < 600; i++) {
+      expect((await sender.client.request("message", { channel: ch.chid, body })).status).toBe(0);
+      if (i % 10 === 0) await scrape();
+    }
+    reader.client.socket.resume(); // (a paused socket does not see its reset)
+    await reader.client.closed;
+    await scrape();
+    // Counted as handed to the OS, not as passed to the socket: a destroyed socket's
+    // unsent buffer left the counter, which then read lower (a reset to Prometheus).
+    for (let i = 1; i < seen.length; i++) expect(seen[i], `scrape ${i} of ${seen.length}`).toBeGreaterThanOrEqual(seen[i - 1]);
+    sender.client.close();
+  }, 60_000);
+
   it("answers /healthz and /readyz, and /version", async () => {
     expect(await admin(ap(), "GET", "/healthz")).toMatchObject({ status: 200, json: { status: "ok" } });
     expect(await admin(ap(), "GET", "/readyz")).toMatchObject({ status: 200, json: { ready: true } });

@@ -42,7 +42,7 @@ import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, frameWeight, reasonBit, settleMarks, socketAddress, streamPieces } from "./peer-common.js";
+import { addMark, bytesHanded, frameWeight, reasonBit, settleMarks, socketAddress, streamPieces } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 /**
@@ -153,7 +153,7 @@ export class Connection implements Peer, LiveConnection {
   }
 
   get bytesOut(): number {
-    return this.socket.bytesWritten;
+    return bytesHanded(this.socket);
   }
 
   /** Characters handed to the operating system so far (written, and no longer queued in the socket). */

@@ -3,6 +3,7 @@
 // their listeners, the idle timeout and an address ban's closing. One home, so the two
 // transports cannot drift apart.
 
+import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import { plainAddress } from "../addresses.js";
 import type { Config } from "../config.js";
@@ -183,4 +184,15 @@ export function closeFromAddress<C extends Closable>(connections: ReadonlyMap<C,
     n++;
   }
   return n;
+}
+
+/**
+ * Bytes a socket has handed on to the operating system: socket.bytesWritten counts its
+ * unsent buffer too, which a destroy (a slow reader cut off) throws away, and a counter
+ * read from it went down (wirechat_bytes_out_total: a reset to Prometheus, 8 MiB over
+ * in rate()). Node's count of what it dispatched only grows.
+ */
+export function bytesHanded(socket: Socket): number {
+  const dispatched = (socket as unknown as { _bytesDispatched?: unknown })._bytesDispatched;
+  return typeof dispatched === "number" ? dispatched : socket.bytesWritten;
 }

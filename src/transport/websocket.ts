@@ -28,7 +28,7 @@ import type { Logger } from "pino";
 import WebSocket from "ws";
 import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
-import { addMark, frameWeight, reasonBit, settleMarks, socketAddress, streamPieces } from "./peer-common.js";
+import { addMark, bytesHanded, frameWeight, reasonBit, settleMarks, socketAddress, streamPieces } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
 
 
@@ -134,7 +134,7 @@ export class WebSocketPeer implements Peer, LiveConnection {
   }
 
   get bytesOut(): number {
-    return this.socket.bytesWritten;
+    return bytesHanded(this.socket);
   }
 
   get closed(): boolean {
