@@ -417,6 +417,22 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     m.client.close();
   });
 
+  it("a WebSocket closed while too many are closing still gets its 1000 close frame", async () => {
+    const ws = await WsClient.connect(httpPort(), "/wirechat");
+    await ws.next((m) => m.action === "welcome");
+    const peers = [...(open.server.http as NonNullable<typeof open.server.http>).websockets.connections.keys()];
+    const peer = peers[peers.length - 1];
+    // As the listener does past its bound of lingering connections: the linger is cut
+    // as the close begins (it terminated the socket before the close frame was queued).
+    const listenerEnding = peer.onEnding;
+    peer.onEnding = (p) => {
+      listenerEnding?.(p);
+      p.cutLinger();
+    };
+    peer.end();
+    expect((await ws.closed).code).toBe(1000);
+  });
+
   it("an accept() failure on the HTTP port is logged, not the end of the process", async () => {
     const http = open.server.http as NonNullable<typeof open.server.http>;
     // As node reports EMFILE or ENOBUFS from accept(): an 'error' on the listening server.

@@ -295,11 +295,13 @@ export class WebSocketPeer implements Peer, LiveConnection {
     if (this.ending || this.ws.readyState !== WebSocket.OPEN) return;
     this.ending = true;
     this.cutOff();
-    this.onEnding?.(this);
     // Read again whatever paused reading: the client's close frame must be read.
     this.pausedFor = 0;
     this.ws.resume();
     if (!this.joining) this.ws.close(CLOSE_NORMAL);
+    // After the close frame is queued: the listener may cut the linger short at once
+    // (too many closing), which before it left the client a 1006, not the 1000.
+    this.onEnding?.(this);
   }
 
   destroy(): void {
@@ -324,7 +326,11 @@ export class WebSocketPeer implements Peer, LiveConnection {
 
   /** The linger is over at once: too many connections are closing (see Listener). */
   cutLinger(): void {
-    if (this.ending) this.ws.terminate();
+    if (!this.ending) return;
+    // On the next turn, as the TCP connection does: what is owed (the close frame) is
+    // handed to the socket first.
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    this.lingerTimer = setTimeout(() => this.ws.terminate(), 0);
   }
 
   pause(why: string): void {
