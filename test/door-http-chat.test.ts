@@ -417,6 +417,28 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     m.client.close();
   });
 
+  it("an upgrade to a path that takes no WebSocket is refused before the upgrade, in the door's shape", async () => {
+    // Upgraded, it was answered 101 and closed, and ws held what the client sent for 30 s.
+    for (const [path, body] of [
+      ["/status", { status: "error" }],
+      ["/v1/info", { error: { code: "websocket_not_allowed" } }],
+    ] as const) {
+      const s = net.connect(httpPort(), "127.0.0.1");
+      let text = "";
+      s.on("data", (d) => (text += d));
+      s.write(`GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`);
+      await waitUntil(() => text.includes("\r\n\r\n") && text.endsWith("}"));
+      s.destroy();
+      const res = { status: Number(text.split(" ")[1]), body: text.slice(text.indexOf("\r\n\r\n") + 4) };
+      expect(res.status, path).toBe(400);
+      expect(JSON.parse(res.body)).toMatchObject(body);
+    }
+    // The WebSocket paths still upgrade.
+    const ws = await WsClient.connect(httpPort(), "/wirechat");
+    expect((await ws.next()).action).toBe("welcome");
+    ws.ws.close();
+  });
+
   it("a WebSocket closed while too many are closing still gets its 1000 close frame", async () => {
     const ws = await WsClient.connect(httpPort(), "/wirechat");
     await ws.next((m) => m.action === "welcome");

@@ -19,6 +19,7 @@
 
 import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import { NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
 import type { Logger } from "pino";
 import type WebSocket from "ws";
 import { Code, ProtocolError } from "../protocol/codes.js";
@@ -469,7 +470,7 @@ export function chatRoutes(
     // by its listener, with a message and a close). Each request counts against its
     // socket's budget (a WebSocket counts its messages).
     app.addHook("onRequest", async (req, reply) => {
-      if (req.ws) return;
+      if (req.ws) return upgradeRefused(req) ? send(reply, failure(400, NO_WEBSOCKET)) : undefined;
       if (stopping()) {
         reply.header("connection", "close");
         return send(reply, failure(503, SHUTTING_DOWN));
@@ -527,6 +528,7 @@ export function chatRoutes(
     app.route({
       method: "GET",
       url: "/ws",
+      config: WEBSOCKET_ROUTE,
       handler: async (_req, reply) => send(reply, failure(426, "/ws is a WebSocket: connect with 'Upgrade: websocket'")),
       wsHandler: (ws, req) => accept(ws, req, door),
     });

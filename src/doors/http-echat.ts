@@ -17,6 +17,7 @@
 
 import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import { upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
 import type { Logger } from "pino";
 import { Readable } from "node:stream";
 import type WebSocket from "ws";
@@ -538,6 +539,7 @@ export function echatRoutes(
 ) {
   return async (app: FastifyInstance): Promise<void> => {
     app.addHook("onRequest", async (req, reply) => {
+      if (upgradeRefused(req)) return send(reply, fail(400, "websocket_not_allowed"));
       if (stopping()) {
         reply.header("connection", "close");
         return send(reply, { http: 503, body: { error: { code: "unavailable", message: SHUTTING_DOWN } } });
@@ -611,6 +613,7 @@ export function echatRoutes(
     app.route<{ Params: { id: string } }>({
       method: "GET",
       url: "/rooms/:id/chat",
+      config: WEBSOCKET_ROUTE,
       // Checked before the upgrade: a socket opens only for a valid session and a room of its user.
       preValidation: async (req, reply) => {
         const refused = await door.canOpen(sessionOf(req), req.params.id);

@@ -23,7 +23,7 @@ import { Code } from "../protocol/codes.js";
 import { fullBudget, RATE_CLOSING, RATE_REFUSED, takeRequest, type Dispatcher, type RateVerdict, type RequestBudget } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
-import { WebSocketListener } from "../transport/websocket-listener.js";
+import { NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE, WebSocketListener } from "../transport/websocket-listener.js";
 import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
 import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
@@ -139,6 +139,11 @@ export class HttpDoor {
           // same way: a --max-frame message in 128-byte reads at the least.
           maxFragments: Math.max(1024, Math.ceil(config.maxFrame / 1024)),
           maxBufferedChunks: Math.max(4096, Math.ceil(config.maxFrame / 128)),
+          // A socket ws closes itself (1009, 1002, 1008) waits this long for the client's
+          // close frame, reading (and holding) what it sends meanwhile: ws's 30 s kept
+          // its places against the caps, and its pieces, for that long. (A ws option
+          // its types do not have yet.)
+          ...({ closeTimeout: config.closeLinger * 1000 } as object),
         },
         // ws closes a socket whose message is too large (1009) or malformed (1002) itself,
         // and reports it here; anything else on an open socket cuts it off.
@@ -156,8 +161,8 @@ export class HttpDoor {
         // a close) as the doors' routes take one: a banned address is refused, and it
         // counts against its socket's request rate (it was answered 426 regardless).
         scope.addHook("onRequest", async (req, reply) => {
-          if (req.ws) return;
           const refuse = (http: number, code: Code, text: string) => reply.code(http).type("application/json").send(d.nativeCodec.error("unknown", code, text) as string);
+          if (req.ws) return upgradeRefused(req) ? refuse(400, Code.InvalidData, NO_WEBSOCKET) : undefined;
           if (stopping()) {
             reply.header("connection", "close");
             return refuse(503, Code.Unavailable, SHUTTING_DOWN);
@@ -171,6 +176,7 @@ export class HttpDoor {
         scope.route({
           method: "GET",
           url: "/wirechat",
+          config: WEBSOCKET_ROUTE,
           handler: async (_req, reply) =>
             reply.code(426).type("application/json").send(d.nativeCodec.error("unknown", Code.InvalidData, "/wirechat is a WebSocket: connect with 'Upgrade: websocket'") as string),
           wsHandler: (ws, req) => accept(ws, req, native),

@@ -22,6 +22,7 @@
 // is checked here (--max-depth), as the TCP scanner does. Binary messages are refused
 // with the door's error, the socket stays.
 
+import type { FastifyRequest } from "fastify";
 import type { Logger } from "pino";
 import type { Socket } from "node:net";
 import type WebSocket from "ws";
@@ -361,3 +362,18 @@ function onClose(this: WebSocket): void {
   const ws = this as Tagged;
   ws[OWNER].closed(ws[PEER], ws[FRONT]);
 }
+
+/** A route that takes a WebSocket (its `config`): an upgrade to any other is refused. */
+export const WEBSOCKET_ROUTE = { websocket: true };
+
+/**
+ * An upgrade request to a route that takes no WebSocket: refused (400, in the route's
+ * door's shape) before the upgrade. Upgraded, @fastify/websocket answered 101 and closed
+ * it, and ws read (and held, as views of its reads) what the client sent for its close
+ * timeout, past the limits the WebSocket routes have.
+ */
+export function upgradeRefused(req: FastifyRequest): boolean {
+  return req.ws && (req.routeOptions.config as { websocket?: boolean } | undefined)?.websocket !== true;
+}
+
+export const NO_WEBSOCKET = "this path takes no WebSocket";
