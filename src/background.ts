@@ -36,6 +36,19 @@ export class Background {
     this.running.add(task);
   }
 
+  /**
+   * Resolves once no task is running, those they start included, without stopping
+   * anything (or at the timeout): false if some still run. A command on a stopped data
+   * dir (wirechat user del) lets the work it queued finish before it closes.
+   */
+  async settle(timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.running.size > 0 && Date.now() < deadline) {
+      await within(Promise.allSettled([...this.running]), deadline - Date.now());
+    }
+    return this.running.size === 0;
+  }
+
   /** No new task starts; resolves when the running ones have ended (or at the timeout). */
   async stop(timeoutMs: number): Promise<void> {
     this.abort.abort();

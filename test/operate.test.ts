@@ -152,6 +152,28 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(await register(srv.port)).toBe(15);
   });
 
+  it("user del on a stopped data dir finishes the account's clean-up before it exits", async () => {
+    const dir = tmp();
+    const srv = await start(["--data-dir", dir]);
+    const a = await registerUser(srv.port);
+    const b = await registerUser(srv.port);
+    for (let i = 0; i < 3; i++) expect((await a.client.request("message", { uid: a.uid, body: `note to self ${i}` })).status).toBe(0);
+    const chid = (await a.client.request("createchannel", { name: uniqueName("own") })).chid;
+    expect((await a.client.request("message", { channel: chid, body: "in a's own channel" })).status).toBe(0);
+    expect((await a.client.request("message", { uid: b.uid, body: "to b, kept for b" })).status).toBe(0);
+    a.client.close();
+    b.client.close();
+    srv.proc.kill("SIGTERM");
+    await srv.exited;
+    expect(json(cli(["user", "del", a.login, "--data-dir", dir]))).toEqual({ uid: a.uid });
+    // Before, the clean-up was stopped as the command closed: the notes and the owned
+    // channel's messages stayed until some server started on the data dir.
+    const out = cli(["export", "--data-dir", dir, "--log-level", "error"]);
+    expect(out.status).toBe(0);
+    expect(out.stdout).not.toMatch(/note to self|in a's own channel/);
+    expect(out.stdout).toContain("to b, kept for b");
+  });
+
   it("exports a user's data as NDJSON without password hashes", async () => {
     const dir = tmp();
     const srv = await start(["--data-dir", dir]);

@@ -157,7 +157,16 @@ async function direct(config: Config, init: boolean): Promise<Backend> {
       list: a.list,
       addUser: a.addUser,
       passwd: a.passwd,
-      deleteUser: a.deleteUser,
+      deleteUser: async (user) => {
+        const out = await a.deleteUser(user);
+        // The account's clean-up (its notes to itself, its channels' purges, their files)
+        // runs in the background: stopped at once by the close, it was left for whatever
+        // server next started there, and an export or a backup meanwhile still held it.
+        if (!(await core.services.background.settle(CLEAN_UP_MS))) {
+          process.stderr.write("wirechat: the account's clean-up is still running after 60 s: the next start on this data dir finishes it\n");
+        }
+        return out;
+      },
       kick: async () => {
         throw new Error("no server is running on this data dir: nobody to kick");
       },
@@ -177,6 +186,9 @@ async function direct(config: Config, init: boolean): Promise<Backend> {
     close: () => core.close(),
   };
 }
+
+/** How long a command on a stopped data dir waits for the work it queued. */
+const CLEAN_UP_MS = 60_000;
 
 function viaAdmin(config: Config): Backend {
   const host = config.adminHost === "0.0.0.0" || config.adminHost === "::" ? "127.0.0.1" : config.adminHost;
