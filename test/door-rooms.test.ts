@@ -51,11 +51,11 @@ describe("rooms door: accounts", () => {
     expect(await ask(d, { type: "REQUEST_LOGIN", login, pass: "wrong" }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_PASS" });
     expect(await ask(d, { type: "REQUEST_LOGIN", login, pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_OK" });
     // Again on the same connection: the same account is LOGIN_OK (it was
-    // LOGIN_WRONG_USER, "no such account"); another account is an ERROR saying why.
+    // LOGIN_WRONG_USER, "no such account"); another account is refused, saying why.
     expect(await ask(d, { type: "REQUEST_LOGIN", login, pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_OK" });
     const other = await signup();
     other.c.close();
-    expect(await ask(d, { type: "REQUEST_LOGIN", login: other.login, pass: other.pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "ERROR", error: expect.any(String) });
+    expect(await ask(d, { type: "REQUEST_LOGIN", login: other.login, pass: other.pass }, "RESPONSE_LOGIN")).toEqual({ type: "RESPONSE_LOGIN", status: "LOGIN_WRONG_USER", error: expect.stringMatching(/another user|already/) });
     expect((await ask(d, { type: "SEARCH_USER", user: login.slice(0, 3) })).status).not.toBe("ERROR");
     d.close();
   });

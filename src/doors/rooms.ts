@@ -275,10 +275,11 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     if (!r.ok) {
       if (r.code === Code.NeedRegister) return out("LOGIN_WRONG_USER");
       if (r.code === Code.InvalidPass) return out("LOGIN_WRONG_PASS");
-      // A server failure is not a wrong password (see refuse); nor is another account's
-      // login on a connection logged in already (native 5; the same account's is
-      // LOGIN_OK again): LOGIN_WRONG_USER said that account did not exist.
-      if (r.code === Code.Unavailable || r.code === Code.AlreadyRegister) return error(msg, r.text);
+      // A server failure is not a wrong password (see refuse).
+      if (r.code === Code.Unavailable) return error(msg, r.text);
+      // Another account's login on a connection logged in already (native 5; the same
+      // account's is LOGIN_OK again): the seed's status for a login refused, with why.
+      if (r.code === Code.AlreadyRegister) return out("LOGIN_WRONG_USER", r.text);
       return out("LOGIN_WRONG_PASS", r.text); // throttled, banned, …: the reason says which
     }
     st.uid = s.uid;
