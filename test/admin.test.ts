@@ -13,6 +13,7 @@ import { freePort } from "../scripts/nats-server.js";
 import { admin, parseProm, sample } from "./admin-helpers.js";
 import { sleep, waitFor, wrapCalls } from "./pipeline-helpers.js";
 import type { BatchOp } from "../src/storage/db.js";
+import { exportRecords } from "../src/admin/backup.js";
 
 describe("admin port", () => {
   const served = serveForFile();
@@ -40,6 +41,28 @@ describe("admin port", () => {
     for (let i = 1; i < seen.length; i++) expect(seen[i], `scrape ${i} of ${seen.length}`).toBeGreaterThanOrEqual(seen[i - 1]);
     sender.client.close();
   }, 60_000);
+
+  it("an export reads one snapshot: a channel made while it runs is in none of its lines", async () => {
+    const a = await registerUser(served.server.port);
+    expect((await a.client.request("createchannel", { name: uniqueName("before") })).status).toBe(0);
+    const lines: any[] = [];
+    let made: string | undefined;
+    for await (const line of exportRecords(served.server.services.storage, undefined)) {
+      const rec = JSON.parse(line);
+      lines.push(rec);
+      // Past the channels, at the memberships: a new channel and its owner's membership.
+      if (made === undefined && rec.type === "membership") {
+        made = (await a.client.request("createchannel", { name: uniqueName("during") })).chid;
+      }
+    }
+    expect(made).toBeDefined();
+    const channels = new Set(lines.filter((l) => l.type === "channel").map((l) => l.chid));
+    // Before, the membership pass read after the write: a membership of a channel the
+    // file did not describe.
+    for (const m of lines.filter((l) => l.type === "membership")) expect(channels.has(m.chid), `channel ${m.chid} of a membership`).toBe(true);
+    expect(lines.some((l) => l.chid === made)).toBe(false);
+    a.client.close();
+  });
 
   it("answers /healthz and /readyz, and /version", async () => {
     expect(await admin(ap(), "GET", "/healthz")).toMatchObject({ status: 200, json: { status: "ok" } });

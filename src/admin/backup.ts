@@ -8,6 +8,7 @@
 // Export writes records (never password hashes) as NDJSON, for a user's data request
 // or a migration.
 
+import type { AbstractSnapshot } from "abstract-level";
 import { createHash } from "node:crypto";
 import { pipeline } from "node:stream/promises";
 import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
@@ -400,13 +401,25 @@ const EXPORT_PAGE = 64;
  * when `uid` is undefined. Page by page (EXPORT_PAGE): memory stays flat.
  */
 export async function* exportRecords(storage: Storage, uid: string | undefined): AsyncGenerator<string> {
+  // Every read from one snapshot: the passes below take minutes on a large server read
+  // by a slow client, and each page read alone saw the writes since the last one (a
+  // membership or a message naming a channel or user the file does not hold).
+  const snapshot = storage.db.supports.explicitSnapshots ? storage.db.snapshot() : undefined;
+  try {
+    yield* exportFrom(storage, uid, snapshot);
+  } finally {
+    await snapshot?.close();
+  }
+}
+
+async function* exportFrom(storage: Storage, uid: string | undefined, snapshot: AbstractSnapshot | undefined): AsyncGenerator<string> {
   const s = storage.spaces;
   if (uid !== undefined) {
-    const u = (await s.users.get(uid)) as UserRecord | undefined;
+    const u = (await s.users.get(uid, { snapshot })) as UserRecord | undefined;
     if (u) yield userLine(u);
   } else {
     for (let after = ""; ; ) {
-      const page = await readValues<UserRecord>(s.users, { gt: after, limit: EXPORT_PAGE });
+      const page = await readValues<UserRecord>(s.users, { gt: after, limit: EXPORT_PAGE, snapshot });
       if (page.length === 0) break;
       for (const u of page) yield userLine(u);
       after = page[page.length - 1].uid;
@@ -418,7 +431,7 @@ export async function* exportRecords(storage: Storage, uid: string | undefined):
   if (uid === undefined) {
     for (const space of [s.channels, s.privchans]) {
       for (let after = ""; ; ) {
-        const page = await readEntries<ChannelRecord>(space, { gt: after, limit: EXPORT_PAGE });
+        const page = await readEntries<ChannelRecord>(space, { gt: after, limit: EXPORT_PAGE, snapshot });
         if (page.length === 0) break;
         for (const [, c] of page) yield JSON.stringify({ type: "channel", ...c }) + "\n";
         after = page[page.length - 1][0];
@@ -426,11 +439,11 @@ export async function* exportRecords(storage: Storage, uid: string | undefined):
     }
   } else {
     for (let after = from; ; ) {
-      const page = await readKeys(s.memberof, { gt: after, lt: to, limit: 1000 });
+      const page = await readKeys(s.memberof, { gt: after, lt: to, limit: 1000, snapshot });
       if (page.length === 0) break;
       for (const key of page) {
         const chid = keyTail(key);
-        const c = ((await s.channels.get(chid)) ?? (await s.privchans.get(chid))) as ChannelRecord | undefined;
+        const c = ((await s.channels.get(chid, { snapshot })) ?? (await s.privchans.get(chid, { snapshot }))) as ChannelRecord | undefined;
         if (c) yield JSON.stringify({ type: "channel", ...c }) + "\n";
       }
       after = page[page.length - 1];
@@ -441,14 +454,14 @@ export async function* exportRecords(storage: Storage, uid: string | undefined):
     [s.memberof, "membership", "uid", "chid"],
   ] as const) {
     for (let after = from; ; ) {
-      const page = await readKeys(space, { gt: after, lt: to, limit: 1000 });
+      const page = await readKeys(space, { gt: after, lt: to, limit: 1000, snapshot });
       if (page.length === 0) break;
       for (const key of page) yield JSON.stringify({ type, [a]: key.slice(0, key.indexOf("!")), [b]: keyTail(key) }) + "\n";
       after = page[page.length - 1];
     }
   }
   for (let after = ""; ; ) {
-    const page = await readEntries<MessageRecord>(s.log, { gt: after, limit: EXPORT_PAGE });
+    const page = await readEntries<MessageRecord>(s.log, { gt: after, limit: EXPORT_PAGE, snapshot });
     if (page.length === 0) break;
     for (const [, m] of page) {
       if (uid === undefined || m.from === uid || m.to === uid) yield JSON.stringify({ type: "message", ...m }) + "\n";

@@ -33,6 +33,7 @@
 // by their callers (requests, a few per connection; background tasks), and a read
 // never waits for another while it holds its place.
 
+import type { AbstractSnapshot } from "abstract-level";
 import type { Space } from "./layout.js";
 
 export interface Range {
@@ -43,6 +44,8 @@ export interface Range {
   reverse?: boolean;
   /** At most this many entries; absent or negative: no limit. */
   limit?: number;
+  /** Read from this explicit snapshot of the database (db.snapshot()). */
+  snapshot?: AbstractSnapshot;
 }
 
 interface PagedIterator<T> {
