@@ -83,11 +83,13 @@ function isLoopback(address: string): boolean {
  */
 function isLocalRequest(remoteAddress: string | undefined, localAddress: string | undefined, host: string): boolean {
   const remote = plainAddress(remoteAddress ?? "");
-  if (isLoopback(remote)) return LOOPBACK_HOST.test(host);
   const local = plainAddress(localAddress ?? "");
+  const named = plainAddress(host.startsWith("[") ? host.slice(1, host.indexOf("]")) : host.replace(/:\d+$/, ""));
+  // From loopback: localhost, or the loopback address it reached (an --admin-host of
+  // 127.0.0.2: the CLI names it, and was refused by its own server).
+  if (isLoopback(remote)) return LOOPBACK_HOST.test(host) || (named !== "" && named === local);
   if (remote === "" || remote !== local) return false;
-  const named = host.startsWith("[") ? host.slice(1, host.indexOf("]")) : host.replace(/:\d+$/, "");
-  return plainAddress(named) === local;
+  return named === local;
 }
 
 /** The one of login and address a ban body names. */
