@@ -514,30 +514,42 @@ describe("message to a channel", () => {
   });
 });
 
+/**
+ * The channel's members are not in memory (as after a membership change) and their read
+ * waits at `gate` (until it opens, or restore()).
+ */
+function holdMembersRead(chid: string): { gate: ReturnType<typeof heldGate>; restore: () => void } {
+  const store = shared.server.services.channels as unknown as { cachedMembers: (chid: string) => unknown; members: (chid: string) => Promise<string[]> };
+  const members = store.members.bind(store);
+  const gate = heldGate();
+  store.cachedMembers = () => undefined;
+  store.members = async (c) => {
+    const found = await members(c);
+    if (c === chid) await gate.pass();
+    return found;
+  };
+  return {
+    gate,
+    restore: () => {
+      delete (store as { cachedMembers?: unknown }).cachedMembers;
+      delete (store as { members?: unknown }).members;
+      gate.open();
+    },
+  };
+}
+
 describe("the order of a channel message's reply, its event and the next reply", () => {
   it("the sender's ev_message comes right after its reply, before a pipelined request's, while the members are read", async () => {
     const owner = await registerUser(shared.port);
     const ch = await newChannel(owner);
-    // The channel's members are not in memory (as after a membership change) and their
-    // read waits at a gate.
-    const store = shared.server.services.channels as unknown as { cachedMembers: (chid: string) => unknown; members: (chid: string) => Promise<string[]> };
-    const members = store.members.bind(store);
-    const gate = heldGate();
-    store.cachedMembers = () => undefined;
-    store.members = async (chid) => {
-      const found = await members(chid);
-      if (chid === ch.chid) await gate.pass();
-      return found;
-    };
+    const { gate, restore } = holdMembersRead(ch.chid);
     try {
       owner.client.send("message", { channel: ch.chid, body: "first" });
       owner.client.send("ping", {});
       await gate.reached;
       await sleep(100); // time for the ping to be answered, were it not held
     } finally {
-      delete (store as { cachedMembers?: unknown }).cachedMembers;
-      delete (store as { members?: unknown }).members;
-      gate.open();
+      restore();
     }
     await waitFor(() => owner.client.frames.some((f) => f.action === "ping"), 5000, "the ping's reply");
     const order = owner.client.frames.filter((f) => ["message", "ev_message", "ping"].includes(f.action)).map((f) => f.action);
@@ -550,24 +562,14 @@ describe("a half-close behind a channel event", () => {
   it("the connection closes after the sender's ev_message, not before, while the members are read", async () => {
     const owner = await registerUser(shared.port);
     const ch = await newChannel(owner);
-    const store = shared.server.services.channels as unknown as { cachedMembers: (chid: string) => unknown; members: (chid: string) => Promise<string[]> };
-    const members = store.members.bind(store);
-    const gate = heldGate();
-    store.cachedMembers = () => undefined;
-    store.members = async (chid) => {
-      const found = await members(chid);
-      if (chid === ch.chid) await gate.pass();
-      return found;
-    };
+    const { gate, restore } = holdMembersRead(ch.chid);
     try {
       owner.client.send("message", { channel: ch.chid, body: "last words" });
       owner.client.socket.end(); // nc -N: no more requests
       await gate.reached;
       await sleep(100); // time for the close, were it not held
     } finally {
-      delete (store as { cachedMembers?: unknown }).cachedMembers;
-      delete (store as { members?: unknown }).members;
-      gate.open();
+      restore();
     }
     await owner.client.closed;
     const order = owner.client.frames.filter((f) => ["message", "ev_message"].includes(f.action)).map((f) => f.action);
@@ -581,15 +583,7 @@ describe("direct messages routed out of their commit order", () => {
     const b = await registerUser(shared.port);
     const r = await registerUser(shared.port);
     const ch = await newChannel(a);
-    const store = shared.server.services.channels as unknown as { cachedMembers: (chid: string) => unknown; members: (chid: string) => Promise<string[]> };
-    const members = store.members.bind(store);
-    const gate = heldGate();
-    store.cachedMembers = () => undefined;
-    store.members = async (chid) => {
-      const found = await members(chid);
-      if (chid === ch.chid) await gate.pass();
-      return found;
-    };
+    const { gate, restore } = holdMembersRead(ch.chid);
     let fromA: string | undefined;
     let fromB: string | undefined;
     try {
@@ -608,9 +602,7 @@ describe("direct messages routed out of their commit order", () => {
       expect((await toChannel).status).toBe(0);
       fromA = (await dm).mid;
     } finally {
-      delete (store as { cachedMembers?: unknown }).cachedMembers;
-      delete (store as { members?: unknown }).members;
-      gate.open();
+      restore();
     }
     expect(BigInt(fromA as string) < BigInt(fromB as string)).toBe(true);
     await waitFor(() => r.client.frames.filter((f) => f.action === "ev_message").length >= 2, 5000, "both messages at r");

@@ -57,6 +57,22 @@ async function registered(opts: ConnectOptions = {}): Promise<{ c: WirechatClien
   return { c, uid: a.uid, sid: a.sid, login };
 }
 
+/**
+ * alice reads her events through an iterator of 2 that falls behind, and bob sends her
+ * five direct messages: three of them dropped by it (`passed`: what her listener saw).
+ */
+async function fiveThroughSmallIterator(opts: ConnectOptions) {
+  const bob = await registered();
+  const alice = await registered(opts);
+  const it = alice.c.events({ bufferSize: 2 });
+  const passed: string[] = [];
+  alice.c.on("ev_message", (m) => passed.push(m.mid));
+  const mids: string[] = [];
+  for (let i = 0; i < 5; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, `m${i}`)).mid);
+  await waitFor(() => passed.length === 5, 5000, "five messages at alice");
+  return { bob, alice, it, passed, mids };
+}
+
 async function rejection(p: Promise<unknown>): Promise<WirechatError> {
   try {
     await p;
@@ -347,15 +363,7 @@ describe("WirechatClient", () => {
   });
 
   it("an inbox message an events() iterator dropped is not acknowledged, and comes again after the reconnect", async () => {
-    const bob = await registered();
-    const alice = await registered({ ack: true, reconnect: { minMs: 50, maxMs: 200 } });
-    // The app reads its events through an iterator of 2 that falls behind.
-    const it = alice.c.events({ bufferSize: 2 });
-    const passed: string[] = [];
-    alice.c.on("ev_message", (m) => passed.push(m.mid));
-    const mids: string[] = [];
-    for (let i = 0; i < 5; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, `m${i}`)).mid);
-    await waitFor(() => passed.length === 5, 5000, "five messages at alice");
+    const { alice, it, passed, mids } = await fiveThroughSmallIterator({ ack: true, reconnect: { minMs: 50, maxMs: 200 } });
     await sleep(200); // the (coalesced) acks would have gone out
     // Three were dropped unread: none of them acknowledged (before, the last one was).
     expect(alice.c.lastAckedMid === undefined || BigInt(alice.c.lastAckedMid) < BigInt(mids[0])).toBe(true);
@@ -369,14 +377,7 @@ describe("WirechatClient", () => {
   });
 
   it("after an iterator dropped inbox messages, a login again on the same connection keeps them unacknowledged, and lastInboxMid is below them", async () => {
-    const bob = await registered();
-    const alice = await registered({ ack: true });
-    const it = alice.c.events({ bufferSize: 2 });
-    const passed: string[] = [];
-    alice.c.on("ev_message", (m) => passed.push(m.mid));
-    const mids: string[] = [];
-    for (let i = 0; i < 5; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, `m${i}`)).mid);
-    await waitFor(() => passed.length === 5, 5000, "five messages at alice");
+    const { bob, alice, it, mids } = await fiveThroughSmallIterator({ ack: true });
     // Saved and given back at a later run, this position brings the dropped ones back.
     expect(BigInt(alice.c.lastInboxMid as string) < BigInt(mids[0])).toBe(true);
     // On a connection already logged in, the server sends nothing again: the floor stays.

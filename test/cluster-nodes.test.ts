@@ -130,22 +130,30 @@ describe("cluster mode: accounts", () => {
   });
 });
 
+/**
+ * `n`'s appends of `kind` are stored and applied, then answered 16 (as when the PubAck
+ * is lost past the write budget), until the returned undo.
+ */
+function appliedThen16(n: RunningServer, kind: string): () => void {
+  const cluster = n.services.cluster as NonNullable<typeof n.services.cluster>;
+  const append = cluster.append.bind(cluster);
+  cluster.append = async (cmd) => {
+    const out = await append(cmd);
+    if (cmd.k === kind) throw unavailable("the write could not be confirmed");
+    return out;
+  };
+  return () => delete (cluster as { append?: unknown }).append;
+}
+
 describe("cluster mode: sessions, profiles and contacts", () => {
   it("a logout answered 16 though the log took it leaves its connection logged out, not on a revoked session", async () => {
     const n = nodes[0];
     const a = await registerUser(node(0));
-    const cluster = n.services.cluster as NonNullable<typeof n.services.cluster>;
-    const append = cluster.append.bind(cluster);
-    // Stored and applied, then answered 16 (as when the PubAck is lost past the write budget).
-    cluster.append = async (cmd) => {
-      const out = await append(cmd);
-      if (cmd.k === "logout") throw unavailable("the write could not be confirmed");
-      return out;
-    };
+    const restore = appliedThen16(n, "logout");
     try {
       expect((await a.client.request("logout")).status).toBe(16);
     } finally {
-      delete (cluster as { append?: unknown }).append;
+      restore();
     }
     expect((await a.client.request("userinfo", { user: a.uid })).status).toBe(6);
     const c = await Client.connect(node(1));
@@ -159,19 +167,13 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     const a = await registerUser(node(0));
     a.client.close();
     const before = (await n.services.sessions.list(a.uid)).length;
-    const cluster = n.services.cluster as NonNullable<typeof n.services.cluster>;
-    const append = cluster.append.bind(cluster);
-    cluster.append = async (cmd) => {
-      const out = await append(cmd);
-      if (cmd.k === "session") throw unavailable("the write could not be confirmed");
-      return out;
-    };
+    const restore = appliedThen16(n, "session");
     try {
       const c = await Client.connect(node(0));
       expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(16);
       c.close();
     } finally {
-      delete (cluster as { append?: unknown }).append;
+      restore();
     }
     // Before, the session stayed (a place among the user's sessions taken for good, by
     // a sid no client holds); a login that retries added one each time.

@@ -402,15 +402,7 @@ describe("HTTP/WS chat door: the WebSocket", () => {
       if (chid === m.chid && who === uid) await gate.pass();
     });
     try {
-      const ws = await WsClient.connect(httpPort(), "/ws");
-      ws.send({ type: "auth", email: p.email, password: p.password });
-      await gate.reached; // logged in; the membership is being read
-      expect((await m.client.request("message", { channel: m.chid, body: "while you logged in" })).status).toBe(0);
-      await sleep(100);
-      gate.open();
-      expect(await ws.next()).toEqual({ status: "authenticated", message: null, info: `Welcome, ${p.username}!` });
-      expect(await ws.next()).toMatchObject({ status: "message", message: expect.objectContaining({ content: "while you logged in" }) });
-      ws.ws.close();
+      await lobbyMessageDuringLogin(p, m, gate, "while you logged in"); // (gate: the membership being read)
     } finally {
       undo();
     }
@@ -478,15 +470,7 @@ describe("HTTP/WS chat door: the WebSocket", () => {
       return out;
     };
     try {
-      const ws = await WsClient.connect(httpPort(), "/ws");
-      ws.send({ type: "auth", email: p.email, password: p.password });
-      await gate.reached;
-      expect((await m.client.request("message", { channel: m.chid, body: "as you logged in" })).status).toBe(0);
-      await sleep(100);
-      gate.open();
-      expect(await ws.next()).toEqual({ status: "authenticated", message: null, info: `Welcome, ${p.username}!` });
-      expect(await ws.next()).toMatchObject({ status: "message", message: expect.objectContaining({ content: "as you logged in" }) });
-      ws.ws.close();
+      await lobbyMessageDuringLogin(p, m, gate, "as you logged in");
     } finally {
       proto.handle = handle;
       gate.open();
@@ -552,6 +536,22 @@ describe("HTTP door: off by default", () => {
     }
   });
 });
+
+/**
+ * p logs in on /ws; once its login reaches `gate`, native member m says `body` in the
+ * lobby; then the gate opens: 'authenticated' must come first, then the message.
+ */
+async function lobbyMessageDuringLogin(p: Person, m: { client: Client; chid: string }, gate: ReturnType<typeof heldGate>, body: string): Promise<void> {
+  const ws = await WsClient.connect(httpPort(), "/ws");
+  ws.send({ type: "auth", email: p.email, password: p.password });
+  await gate.reached;
+  expect((await m.client.request("message", { channel: m.chid, body })).status).toBe(0);
+  await sleep(100);
+  gate.open();
+  expect(await ws.next()).toEqual({ status: "authenticated", message: null, info: `Welcome, ${p.username}!` });
+  expect(await ws.next()).toMatchObject({ status: "message", message: expect.objectContaining({ content: body }) });
+  ws.ws.close();
+}
 
 async function waitUntil(cond: () => boolean, ms = 5000): Promise<void> {
   const end = Date.now() + ms;
