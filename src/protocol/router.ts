@@ -54,12 +54,12 @@ export interface Delivery {
 }
 
 /**
- * Direct messages noted at their commit and not yet routed, per recipient (see
- * inboxCommitted): each is routed once its sender's reply goes out. Past this many,
- * the next ones are only counted, and while any of those is unrouted every message to
- * the recipient is taken as late (a sync from disk: always right, only slower).
+ * Direct messages noted at their commit and not yet routed (see inboxCommitted): each
+ * is routed once its sender's reply goes out. Past this many, the oldest are let go
+ * and every message routed out of order until the list is short again is taken as late
+ * (a sync from disk: always right, only slower).
  */
-const UNROUTED_PER_USER = 1024;
+const UNROUTED_MAX = 65_536;
 
 /** Users whose offline messages the metrics count (see queuedOffline). */
 const OFFLINE_TRACKED = 100_000;
@@ -88,10 +88,17 @@ export class Router implements Delivery {
   private readonly offline = new Map<string, number>();
   /** Channels whose events wait for a membership read (bounded by events in flight). */
   private readonly channelQueue = new Map<string, Promise<void>>();
-  /** Recipient → seqs of direct messages committed and not yet routed, ascending. */
-  private readonly unrouted = new Map<string, number[]>();
-  /** Recipient → how many more are committed and unrouted, past UNROUTED_PER_USER. */
-  private readonly unroutedOver = new Map<string, number>();
+  /**
+   * Direct messages committed and not yet routed, in commit order from `unroutedHead`:
+   * their seqs (0 once routed out of order) and recipients. One list for all users, so
+   * that the usual case (routed in commit order) costs an index step: per-recipient
+   * maps, a set and a delete per message, doubled S2's p99 at 20,000 msg/s.
+   */
+  private unroutedSeqs: number[] = [];
+  private unroutedTo: string[] = [];
+  private unroutedHead = 0;
+  /** The list overflowed (UNROUTED_MAX) and has not been empty since. */
+  private unroutedLost = false;
 
   constructor(
     private readonly inbox: InboxSource,
@@ -249,34 +256,41 @@ export class Router implements Delivery {
    * is published): an event of a later one routed before it is not sent live.
    */
   inboxCommitted(uid: string, seq: number): void {
-    const q = this.unrouted.get(uid);
-    if (q === undefined) this.unrouted.set(uid, [seq]);
-    else if (q.length < UNROUTED_PER_USER) q.push(seq);
-    else this.unroutedOver.set(uid, (this.unroutedOver.get(uid) ?? 0) + 1);
+    if (this.unroutedSeqs.length - this.unroutedHead >= UNROUTED_MAX) {
+      this.unroutedLost = true;
+      this.unroutedHead++;
+    }
+    this.unroutedSeqs.push(seq);
+    this.unroutedTo.push(uid);
   }
 
   /**
-   * Takes `seq` off the recipient's unrouted list: true when an earlier one may still
-   * be unrouted (on the list, or among those counted past it).
+   * Takes `seq` (to `uid`) off the unrouted list: true when an earlier one to the same
+   * user may still be unrouted.
    */
   private routed(uid: string, seq: number): boolean {
-    const q = this.unrouted.get(uid);
-    if (q === undefined) return false;
-    if (q[0] === seq && this.unroutedOver.size === 0) {
-      if (q.length === 1) this.unrouted.delete(uid);
-      else q.shift();
-      return false;
+    const seqs = this.unroutedSeqs;
+    let head = this.unroutedHead;
+    if (head === seqs.length) return this.unroutedLost;
+    let late = false;
+    if (seqs[head] === seq) {
+      head++;
+    } else {
+      let i = head;
+      for (; i < seqs.length && seqs[i] !== seq; i++) if (seqs[i] !== 0 && this.unroutedTo[i] === uid) late = true;
+      if (i < seqs.length) seqs[i] = 0;
+      late ||= this.unroutedLost;
     }
-    let over = this.unroutedOver.get(uid) ?? 0;
-    const i = q.indexOf(seq);
-    if (i >= 0) q.splice(i, 1);
-    else if (over > 0) {
-      // One of those past the list (or one never noted): either way, read from disk.
-      if (--over === 0) this.unroutedOver.delete(uid);
-      else this.unroutedOver.set(uid, over);
+    while (head < seqs.length && seqs[head] === 0) head++;
+    if (head === seqs.length) this.unroutedLost = false;
+    // Routed ones are dropped from the front now and then (a slice per 1,024 at least).
+    if (head >= 1024 && head * 2 >= seqs.length) {
+      this.unroutedSeqs = seqs.slice(head);
+      this.unroutedTo = this.unroutedTo.slice(head);
+      head = 0;
     }
-    if (q.length === 0 && over === 0) this.unrouted.delete(uid);
-    return i !== 0 || over > 0 || (q.length > 0 && q[0] < seq);
+    this.unroutedHead = head;
+    return late;
   }
 
   private toUser(uid: string, ev: Event): void {
