@@ -52,10 +52,6 @@ export class Background {
   /** No new task starts; resolves when the running ones have ended (or at the timeout). */
   async stop(timeoutMs: number): Promise<void> {
     this.abort.abort();
-    const deadline = Date.now() + timeoutMs;
-    while (this.running.size > 0 && Date.now() < deadline) {
-      await within(Promise.allSettled([...this.running]), deadline - Date.now());
-    }
-    if (this.running.size > 0) this.log.warn({ tasks: this.running.size }, "background tasks still running at the shutdown timeout");
+    if (!(await this.settle(timeoutMs))) this.log.warn({ tasks: this.running.size }, "background tasks still running at the shutdown timeout");
   }
 }
