@@ -395,8 +395,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    */
   get lastInboxMid(): string | undefined {
     // Below what an iterator dropped (applyDropFloor): saved, it brings them back.
-    const mid = this.dropFloor !== undefined && (this.lastInbox === undefined || this.dropFloor < this.lastInbox) ? this.dropFloor : this.lastInbox;
-    return mid === undefined ? undefined : mid.toString();
+    return minMid(this.lastInbox, this.dropFloor)?.toString();
   }
 
   /** The last mid this connection acknowledged and the server confirmed. */
@@ -664,7 +663,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       Math.max(1, options.bufferSize ?? this.opts.eventBufferSize ?? 10_000),
       (x) => this.iterators.delete(x),
       (dropped, inboxMid, reported = true) => {
-        if (inboxMid !== undefined && (this.dropFloor === undefined || inboxMid - 1n < this.dropFloor)) this.dropFloor = inboxMid - 1n;
+        if (inboxMid !== undefined) this.dropFloor = minMid(this.dropFloor, inboxMid - 1n);
         if (reported) this.emit("overflow", { dropped });
       },
       () => {
@@ -1077,7 +1076,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    */
   private applyDropFloor(): void {
     if (this.dropFloor === undefined) return;
-    if (this.lastInbox === undefined || this.dropFloor < this.lastInbox) this.lastInbox = this.dropFloor;
+    this.lastInbox = minMid(this.lastInbox, this.dropFloor);
     this.dropFloor = undefined;
   }
 
@@ -1323,6 +1322,10 @@ function parseMid(mid: string): bigint | undefined {
 
 function maxMid(a: bigint | undefined, b: bigint | undefined): bigint | undefined {
   return a === undefined ? b : b === undefined || a > b ? a : b;
+}
+
+function minMid(a: bigint | undefined, b: bigint | undefined): bigint | undefined {
+  return a === undefined ? b : b === undefined || a < b ? a : b;
 }
 
 function errorText(err: unknown): string {
