@@ -405,6 +405,8 @@ async function serve(
   // Every door's listener: one set of connection caps for them all, and their
   // connections as the admin port lists, counts and bans them.
   const tables = [...listeners, ...(http ? [http.websockets] : [])];
+  // And one count of unfinished input: the WebSockets' messages join the TCP frames'.
+  if (http) http.websockets.partialInput = held;
   for (const l of tables) {
     l.refuseAddress = refuseAddress;
     l.group = tables;

@@ -508,6 +508,55 @@ describe("unfinished frames, all connections together", () => {
     b.close();
     await server.stop();
   });
+  it("WebSockets' unfinished messages count too: the socket holding the most is closed (a 13, then 1013) to make room; a frame or message held less goes on", async () => {
+    const server = await startTestServer({ httpPort: 0, maxPartialInput: 64 * 1024 });
+    try {
+      const held = () => server.services.metrics.partialInput.bytes;
+      const wsOpen = async () => {
+        const w = await WsClient.connect(server.httpPort as number, "/wirechat");
+        expect((await w.next()).action).toBe("welcome");
+        return w;
+      };
+      const [w, v] = await Promise.all([wsOpen(), wsOpen()]);
+      const a = await Client.connect(server.port);
+      const head = (n: number) => '{"action":"ping","data":{"pad":"' + "x".repeat(n);
+      const tail = '"}}';
+      // w: a message's first fragment, the message unfinished.
+      w.ws.send(head(50_000), { fin: false });
+      await until(() => held() >= 50_000, 10_000, "w's fragment held");
+      // A TCP frame that needs the room: w holds more, w is closed (told why first).
+      a.socket.write(head(20_000));
+      expect((await w.closed).code).toBe(1013);
+      expect(w.texts.some((t) => /"status":13,.*unfinished messages/.test(t))).toBe(true);
+      a.socket.write(tail + "\n");
+      expect((await a.next()).data.status).toBe(0);
+      await until(() => held() === 0, 10_000, "w's bytes let go");
+
+      // Now the TCP frame holds the most: a WebSocket's smaller message, in fragments, sheds it.
+      a.socket.write(head(50_000));
+      await until(() => held() >= 50_000, 10_000, "a's head held");
+      v.ws.send(head(20_000), { fin: false });
+      await sleep(100);
+      v.ws.send(tail, { fin: true });
+      expect((await v.next((m) => m.action === "ping")).data.status).toBe(0);
+      a.socket.write(tail + "\n");
+      expect((await a.next()).data).toMatchObject({ status: 13, error: expect.stringMatching(/send it again/) });
+      expect(held()).toBe(0);
+
+      // A WebSocket message that would be the largest and does not fit: its own socket is closed.
+      a.socket.write(head(30_000));
+      await until(() => held() >= 30_000, 10_000, "a's second head held");
+      v.ws.send(head(40_000), { fin: false });
+      expect((await v.closed).code).toBe(1013);
+      a.socket.write(tail + "\n");
+      expect((await a.next()).data.status).toBe(0);
+      expect(held()).toBe(0);
+      expect(server.services.metrics.closes.input_budget).toBe(2);
+      a.close();
+    } finally {
+      await server.stop();
+    }
+  });
 });
 
 describe("the log of refused connections", () => {

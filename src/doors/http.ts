@@ -23,6 +23,7 @@ import { Code } from "../protocol/codes.js";
 import { fullBudget, RATE_CLOSING, RATE_REFUSED, takeRequest, type Dispatcher, type RateVerdict, type RequestBudget } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
+import { checkWs } from "../transport/websocket.js";
 import { NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE, WebSocketListener } from "../transport/websocket-listener.js";
 import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
 import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
@@ -53,6 +54,7 @@ export class HttpDoor {
 
   constructor(private readonly d: HttpDoorDeps) {
     const { config, log, dispatcher, router, metrics } = d;
+    checkWs();
     const native = nativeFront(dispatcher, d.nativeCodec);
     this.websockets = new WebSocketListener(config, dispatcher, router, log.child({ door: "http" }), metrics, [native, d.echat, d.chat]);
     const app = Fastify({

@@ -51,7 +51,8 @@ export interface ScannerLimits {
   fast?: FastReader;
   /**
    * Bytes of unfinished frames held, shared by every scanner it is given to (the TCP
-   * doors' connections, --max-partial-input). Bytes that would take it past `max` make
+   * doors' connections) and the WebSockets' unfinished messages (websocket.ts), one
+   * count against --max-partial-input. Bytes that would take it past `max` make
    * room by shedding the largest unfinished frames held elsewhere, larger than this
    * one would be; when that is not enough, this frame is shed. A shed frame is skipped
    * to its end holding nothing, as an oversized one is, and refused with status 13
@@ -64,8 +65,31 @@ export interface ScannerLimits {
 export interface HeldInput {
   bytes: number;
   readonly max: number;
-  /** The scanners holding bytes now. */
-  readonly holders: Set<{ readonly buffered: number; shedForRoom(): void }>;
+  /** The scanners (and WebSockets) holding bytes now. */
+  readonly holders: Set<InputHolder>;
+}
+
+/** One holder of unfinished input (a TCP scanner, a WebSocket: websocket.ts). */
+export interface InputHolder {
+  /** Its bytes counted in `HeldInput.bytes`. */
+  readonly buffered: number;
+  /** Lets go of them (taking them out of the count) now: another needs the room. */
+  shedForRoom(): void;
+}
+
+/**
+ * Makes room for `len` more bytes of `self`'s (which would then hold `mine`): sheds the
+ * largest holders other than `self`, each holding more than `mine`, until `len` fits in
+ * `held`; false when it still does not (then `self` is the one to shed).
+ */
+export function makeRoom(held: HeldInput, self: InputHolder, mine: number, len: number): boolean {
+  while (held.bytes + len > held.max) {
+    let largest: InputHolder | undefined;
+    for (const h of held.holders) if (h !== self && h.buffered > mine && (largest === undefined || h.buffered > largest.buffered)) largest = h;
+    if (largest === undefined) return false;
+    largest.shedForRoom();
+  }
+  return true;
 }
 
 /** See ScannerLimits.fast. */
@@ -604,7 +628,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     if (len === 0) return;
     const held = this.limits.held;
     if (held !== undefined) {
-      if (held.bytes + len > held.max && !this.makeRoom(held, len)) {
+      if (held.bytes + len > held.max && !makeRoom(held, this, this.partsLength + len, len)) {
         if (this.fault === Fault.None) this.fault = Fault.Busy;
         return this.shedFrame(chunk.subarray(start, end));
       }
@@ -651,21 +675,6 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.shed = true;
     this.dropParts();
     this.uploadSink?.abort();
-  }
-
-  /**
-   * Sheds the largest frames held by other scanners, each larger than this one would
-   * be with `len` more, until `len` fits in `held`; false when it still does not.
-   */
-  private makeRoom(held: HeldInput, len: number): boolean {
-    const mine = this.partsLength + len;
-    while (held.bytes + len > held.max) {
-      let largest: { readonly buffered: number; shedForRoom(): void } | undefined;
-      for (const h of held.holders) if (h !== this && h.buffered > mine && (largest === undefined || h.buffered > largest.buffered)) largest = h;
-      if (largest === undefined) return false;
-      largest.shedForRoom();
-    }
-    return true;
   }
 
   /**

@@ -38,11 +38,8 @@ import { deliverySlack } from "./connection.js";
 import type { Front } from "./listener.js";
 import type { ConnectionTable } from "./live.js";
 import { RefusalLog } from "./refusal-log.js";
-import { copySmallPieces, WebSocketPeer } from "./websocket.js";
-
-/** Close codes of refusals (RFC 6455 §7.4.1, IANA registry). */
-const CLOSE_POLICY = 1008;
-const CLOSE_TRY_LATER = 1013;
+import type { HeldInput } from "./scanner.js";
+import { CLOSE_POLICY, CLOSE_TRY_LATER, copySmallPieces, WebSocketPeer } from "./websocket.js";
 
 /** Refused sockets lingering at once; past it a refused socket is cut off at once. */
 const MAX_REFUSING = 1024;
@@ -58,6 +55,9 @@ const FRONT = Symbol("wirechat.websocketFront");
 const OWNER = Symbol("wirechat.websocketListener");
 /** No closures per connection: the shared handlers find theirs through the socket. */
 type Tagged = WebSocket & { [PEER]: WebSocketPeer; [FRONT]: Front; [OWNER]: WebSocketListener };
+/** The peer of an upgraded TCP socket, whose reads it counts (WebSocketPeer.countInbound). */
+const READER = Symbol("wirechat.websocketReader");
+type ReadTagged = Socket & { [READER]: WebSocketPeer };
 
 /** True when the JSON text nests no deeper than `max` (strings skipped, as the scanner does). */
 export function depthWithin(bytes: Buffer, max: number): boolean {
@@ -94,14 +94,17 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   private readonly refusals: RefusalLog;
   /** Connections in `connections` that are closing: they no longer hold a cap slot. */
   private lingering = 0;
-  /** copySmallPieces found no receiver to change (logged once). */
-  private warnedPieces = false;
   private stopping = false;
   private readonly lingerMs: number;
   private readonly idleSweep: NodeJS.Timeout;
   private readonly slack = deliverySlack();
   /** Why connections from an address are refused (an operator's ban), if they are. */
   refuseAddress: ((address: string) => string | undefined) | undefined;
+  /**
+   * The count of unfinished input its sockets' bytes join (--max-partial-input), the TCP
+   * doors' (server.ts sets it); none: ws's own limits only (maxPayload, maxFragments).
+   */
+  partialInput: HeldInput | undefined;
 
   constructor(
     private readonly config: Config,
@@ -153,10 +156,7 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   /** An upgraded socket for `front`, over the TCP socket `socket`. */
   accept(ws: WebSocket, socket: Socket, front: Front): void {
     this.unplain(socket);
-    if (!copySmallPieces(ws) && !this.warnedPieces) {
-      this.warnedPieces = true;
-      this.log.warn("this ws version's receiver has no consume(n): fragments keep the reads they arrived in (bounded by ws's limits only)");
-    }
+    copySmallPieces(ws);
     const address = socketAddress(socket);
     const over = this.stopping ? "stopping" : overCap(this.group, address, this.config);
     if (over) return this.refuse(ws, address, front, over);
@@ -170,6 +170,8 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     peer.onConfirmed = this.confirmed;
     peer.onEnding = this.ending;
     peer.onOverflow = this.overflowed;
+    peer.onShed = this.shed;
+    peer.held = this.partialInput;
     this.connections.set(peer, session);
     const tagged = ws as Tagged;
     tagged[PEER] = peer;
@@ -179,6 +181,9 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     ws.on("ping", onPing);
     ws.on("pong", onPing);
     ws.on("close", onClose);
+    // After ws's own listener (added as it took the socket): what a read left unfinished.
+    (socket as ReadTagged)[READER] = peer;
+    socket.on("data", onRead);
     const greeting = front.greeting(session.codec);
     if (greeting !== undefined) peer.send(greeting, false);
     front.opened?.(session);
@@ -254,6 +259,13 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
 
   private readonly overflowed = (): void => {
     this.metrics.closes.slow_reader++;
+  };
+
+  /** Closed for the room other connections' unfinished input needs (--max-partial-input). */
+  private readonly shed = (peer: WebSocketPeer): void => {
+    this.metrics.closes.input_budget++;
+    this.log.warn({ conn: peer.id, remote: peer.remote, door: peer.door }, "unfinished message dropped for other connections' input (--max-partial-input); closing");
+    peer.send((peer.ws as Tagged)[FRONT].refusal(Code.RateLimited, INPUT_BUDGET), false);
   };
 
   private readonly confirmed = (peer: WebSocketPeer, seq: number): void => this.router.confirmed(peer.session as Session, seq);
@@ -346,8 +358,16 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
 
 function onMessage(this: WebSocket, data: WebSocket.RawData, isBinary: boolean): void {
   const ws = this as Tagged;
+  ws[PEER].countInbound();
   ws[OWNER].message(ws[PEER], ws[FRONT], data, isBinary);
 }
+
+/** A read of an upgraded socket, after ws took what it could out of it. */
+function onRead(this: Socket): void {
+  (this as ReadTagged)[READER].countInbound();
+}
+
+const INPUT_BUDGET = "the server is holding too many unfinished messages of its connections; connect and send it again";
 
 /** A ping from the client, or its pong to ours: activity (idle limits). */
 function onPing(this: WebSocket): void {

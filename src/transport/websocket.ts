@@ -23,6 +23,7 @@
 // Closing: end() sends what is queued, then a close frame (1000); ws waits for the
 // client's close frame, and the socket is cut off after the linger time at the latest.
 
+import { createRequire } from "node:module";
 import type { Socket } from "node:net";
 import type { Logger } from "pino";
 import WebSocket from "ws";
@@ -30,17 +31,55 @@ import type { OutFrame, StreamedFrame } from "../protocol/frames.js";
 import { newPeerId, type Peer } from "../protocol/session.js";
 import { addMark, bytesHanded, frameWeight, reasonBit, settleMarks, socketAddress, streamPieces } from "./peer-common.js";
 import type { LiveConnection } from "./live.js";
+import { makeRoom, type HeldInput, type InputHolder } from "./scanner.js";
 
 
-/** Close codes (RFC 6455 §7.4.1). */
+/** Close codes (RFC 6455 §7.4.1, IANA registry). */
 export const CLOSE_NORMAL = 1000;
+export const CLOSE_POLICY = 1008;
 export const CLOSE_TOO_BIG = 1009;
+export const CLOSE_TRY_LATER = 1013;
 export const CLOSE_ERROR = 1011;
 
 
+/** What this server uses of ws's receiver beyond its public API (checkWs). */
+interface ReceiverInternals {
+  /** Bytes read from the socket not yet taken out as frames (a frame being received waits here). */
+  _bufferedBytes: number;
+  /** Payload bytes of the fragments of the message being received. */
+  _totalPayloadLength: number;
+  /** Takes `n` bytes off the front of what it holds. */
+  consume(n: number): Buffer;
+}
+
+/** The ws version whose receiver's internals (ReceiverInternals) this server relies on. */
+export const PINNED_WS = "8.23.0";
+
+function receiverOf(ws: WebSocket): ReceiverInternals {
+  return (ws as unknown as { _receiver: ReceiverInternals })._receiver;
+}
+
+/**
+ * Throws unless the ws that @fastify/websocket uses is PINNED_WS, with the receiver
+ * internals read here: without them a WebSocket's unfinished message would not count
+ * against --max-partial-input (WebSocketPeer.countInbound) and its fragments would keep
+ * the reads they arrived in (copySmallPieces). The HTTP door checks it before it starts;
+ * package.json names the exact version.
+ */
+export function checkWs(): void {
+  const require = createRequire(createRequire(import.meta.url).resolve("@fastify/websocket"));
+  const version = (require("ws/package.json") as { version: string }).version;
+  const Receiver = (require("ws") as { Receiver?: new () => Partial<ReceiverInternals> }).Receiver;
+  const r = typeof Receiver === "function" ? new Receiver() : undefined;
+  const ok = r !== undefined && typeof r._bufferedBytes === "number" && typeof r._totalPayloadLength === "number" && typeof r.consume === "function" && r.consume.length === 1;
+  if (version !== PINNED_WS || !ok) {
+    throw new Error(`wirechat needs ws ${PINNED_WS} exactly (its receiver's counts of unfinished input), found ${version}${ok ? "" : " without them"}: reinstall with npm ci`);
+  }
+}
+
 /**
  * Makes `ws`'s receiver copy each piece it takes from a read that is a small part of
- * that read (false when ws has no such receiver: nothing is changed).
+ * that read.
  *
  * ws hands out a frame's payload as a view of the socket read it arrived in. A fragment
  * of a message is held until the message ends, and so is the whole read behind it: a
@@ -48,14 +87,11 @@ export const CLOSE_ERROR = 1011;
  * them) held 60 KiB per payload byte, past --max-frame (which counts payload): a review
  * grew the server by 440 MB with one socket and 7,500 payload bytes. Copied, a
  * fragment holds its own bytes; a piece that is most of its read (a large frame, a
- * message alone in its read) is not copied. ws's `consume` is not public API: its
- * shape is checked, and without it the door still has ws's limits (maxFragments,
- * maxBufferedChunks: see doors/http.ts).
+ * message alone in its read) is not copied.
  */
-export function copySmallPieces(ws: WebSocket): boolean {
-  const receiver = (ws as unknown as { _receiver?: { consume?: (n: number) => Buffer } })._receiver;
-  const consume = receiver?.consume;
-  if (receiver === undefined || typeof consume !== "function" || consume.length !== 1) return false;
+export function copySmallPieces(ws: WebSocket): void {
+  const receiver = receiverOf(ws);
+  const consume = receiver.consume;
   receiver.consume = function (this: unknown, n: number): Buffer {
     const piece = consume.call(this, n);
     if (piece.byteLength * 2 >= piece.buffer.byteLength) return piece;
@@ -64,7 +100,6 @@ export function copySmallPieces(ws: WebSocket): boolean {
     piece.copy(own);
     return own;
   };
-  return true;
 }
 
 /** The message of a frame: its text without the NDJSON line terminator. */
@@ -72,7 +107,7 @@ function message(text: string): string {
   return text.charCodeAt(text.length - 1) === 10 ? text.slice(0, -1) : text;
 }
 
-export class WebSocketPeer implements Peer, LiveConnection {
+export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
   readonly id = newPeerId();
   /** The client's IP address (as the socket had it when accepted). */
   readonly address: string;
@@ -103,6 +138,12 @@ export class WebSocketPeer implements Peer, LiveConnection {
   onEnding: ((peer: WebSocketPeer) => void) | undefined;
   /** Called when the connection is closed as a slow reader. */
   onOverflow: ((peer: WebSocketPeer) => void) | undefined;
+  /** Called when the connection is closed for the room another's input needs (shedForRoom). */
+  onShed: ((peer: WebSocketPeer) => void) | undefined;
+  /** The count of unfinished input its bytes are in (--max-partial-input), shared with the TCP doors. */
+  held: HeldInput | undefined;
+  /** Bytes of its unfinished input counted in `held` (countInbound). */
+  private inbound = 0;
   /** Called with the highest inbox seq the client must have read. */
   onConfirmed: ((peer: WebSocketPeer, seq: number) => void) | undefined;
   /** What the owner keeps with the connection (its listener's session). */
@@ -266,6 +307,8 @@ export class WebSocketPeer implements Peer, LiveConnection {
 
   /** The socket closed: nothing queued will go out (its listener calls this). */
   closedSocket(): void {
+    this.uncount();
+    this.held = undefined;
     if (this.lingerTimer) clearTimeout(this.lingerTimer);
     this.lingerTimer = undefined;
     this.q = [];
@@ -273,6 +316,59 @@ export class WebSocketPeer implements Peer, LiveConnection {
     this.marks = undefined;
     this.progress();
     this.wake(false);
+  }
+
+  /** Bytes of its unfinished input counted in `held` (InputHolder). */
+  get buffered(): number {
+    return this.inbound;
+  }
+
+  /**
+   * Counts again, in `held`, what ws holds of this socket's input: bytes read and not
+   * yet taken out as frames (a frame being received), and the fragments of an
+   * unfinished message. Its listener calls it after each read and message. Growth past
+   * --max-partial-input makes room by closing the sockets holding more than this one
+   * will, the largest first, and this one when that is not enough: a WebSocket cannot
+   * skip a message and go on, as a TCP connection skips a frame.
+   */
+  countInbound(): void {
+    const held = this.held;
+    if (held === undefined) return;
+    const r = receiverOf(this.ws);
+    const now = r._bufferedBytes + r._totalPayloadLength;
+    const grow = now - this.inbound;
+    if (grow === 0) return;
+    if (grow > 0 && held.bytes + grow > held.max && !makeRoom(held, this, now, grow)) return this.shedForRoom();
+    held.bytes += grow;
+    this.inbound = now;
+    if (now === 0) held.holders.delete(this);
+    else held.holders.add(this);
+  }
+
+  /** Its input stops counting (closed, or shed). */
+  private uncount(): void {
+    const held = this.held;
+    if (held === undefined || this.inbound === 0) return;
+    held.bytes -= this.inbound;
+    held.holders.delete(this);
+    this.inbound = 0;
+  }
+
+  /**
+   * Another's input needs the room (InputHolder): the socket is told why (onShed), sent
+   * a close (1013, try again later) and cut off at once, so that what ws holds of it is
+   * let go, as the count now says.
+   */
+  shedForRoom(): void {
+    this.uncount();
+    this.held = undefined;
+    if (this.ws.readyState === WebSocket.OPEN) {
+      this.onShed?.(this);
+      this.q = [];
+      this.queuedChars = 0;
+      this.ws.close(CLOSE_TRY_LATER);
+    }
+    this.ws.terminate();
   }
 
   private overflow(): void {
