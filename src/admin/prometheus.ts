@@ -124,7 +124,7 @@ export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], 
   computed(registry, "wirechat_bytes_in_total", "Bytes received from clients", "counter", () => [{ value: m.bytesInClosed + live().bytesIn }]);
   computed(registry, "wirechat_bytes_out_total", "Bytes sent to clients", "counter", () => [{ value: m.bytesOutClosed + live().bytesOut }]);
   computed(registry, "wirechat_outbound_queued_bytes", "Bytes waiting to be sent, over every connection", "gauge", () => [{ value: live().queued }]);
-  computed(registry, "wirechat_partial_input_bytes", "Bytes of unfinished request frames held: TCP connections' frames and WebSockets' messages (--max-partial-input)", "gauge", () => [{ value: m.partialInput.bytes }]);
+  computed(registry, "wirechat_partial_input_bytes", "Bytes of unfinished requests held: TCP connections' frames, WebSockets' messages, HTTP request bodies (--max-partial-input)", "gauge", () => [{ value: m.partialInput.bytes }]);
   computed(registry, "wirechat_attachments_in_flight", "Attachment uploads streaming in", "gauge", () => [{ value: live().uploads }]);
   computed(registry, "wirechat_attachments_stored_bytes", "Bytes of stored attachment files", "gauge", () => [{ value: blobs.storedBytes }]);
   computed(registry, "wirechat_leveldb_level0_tables", "Tables in LevelDB's level 0 (it slows writes from 8 and stops them at 12 until its compaction catches up)", "gauge", () => {

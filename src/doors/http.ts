@@ -11,6 +11,7 @@
 // from banned addresses, and are closed gracefully at shutdown (websocket-listener.ts).
 
 import type { AddressInfo, Socket } from "node:net";
+import { Transform, type Readable } from "node:stream";
 import fastifyWebsocket from "@fastify/websocket";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyRequest } from "fastify";
 import type { Logger } from "pino";
@@ -19,10 +20,11 @@ import type { Config } from "../config.js";
 import { followLevel } from "../log.js";
 import type { Metrics } from "../metrics.js";
 import type { NativeCodec } from "../protocol/codec.js";
-import { Code } from "../protocol/codes.js";
+import { Code, ProtocolError } from "../protocol/codes.js";
 import { fullBudget, RATE_CLOSING, RATE_REFUSED, takeRequest, type Dispatcher, type RateVerdict, type RequestBudget } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { Front } from "../transport/listener.js";
+import { makeRoom, type HeldInput, type InputHolder } from "../transport/scanner.js";
 import { checkWs } from "../transport/websocket.js";
 import { NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE, WebSocketListener } from "../transport/websocket-listener.js";
 import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
@@ -91,6 +93,12 @@ export class HttpDoor {
     // ... and follow the server's level when SIGHUP changes it.
     const unfollow = followLevel(log, app.log as unknown as Logger, "warn");
     app.addHook("onClose", async () => unfollow());
+    // Request bodies count against --max-partial-input as they arrive (countedBody).
+    app.addHook("preParsing", async (req, _reply, payload) => {
+      const h = req.headers;
+      const none = h["transfer-encoding"] === undefined && (h["content-length"] === undefined || h["content-length"] === "0");
+      return none ? payload : countedBody(this.websockets.partialInput, payload);
+    });
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
     // also counted, and refused with a message, by the listener).
     app.server.maxConnections = config.maxConnections;
@@ -230,4 +238,59 @@ export class HttpDoor {
       await within(done, graceMs);
     }
   }
+}
+
+const BODY_BUDGET = "the server is holding too many unfinished requests of its connections; send it again";
+
+/**
+ * A request body as it arrives, its bytes counted in `held` (--max-partial-input, with
+ * the TCP doors' unfinished frames and the WebSockets' messages) until it has all come
+ * (Fastify holds a body whole until then). Growth past the budget makes room as a TCP
+ * frame does (the holders larger than this body will be are shed); when this body is
+ * the one to go, here or later for another's room, it fails with 13 (429 in the door's
+ * shape) and the rest of it is read and dropped.
+ */
+function countedBody(held: HeldInput | undefined, payload: Readable): Readable {
+  if (held === undefined) return payload;
+  let mine = 0;
+  const uncount = (): void => {
+    if (mine === 0) return;
+    held.bytes -= mine;
+    held.holders.delete(holder);
+    mine = 0;
+  };
+  const shed = (): void => {
+    uncount();
+    payload.unpipe(body);
+    payload.resume();
+  };
+  const body = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      const len = chunk.length;
+      if (held.bytes + len > held.max && !makeRoom(held, holder, mine + len, len)) {
+        shed();
+        return done(new ProtocolError(Code.RateLimited, BODY_BUDGET));
+      }
+      held.bytes += len;
+      if (mine === 0) held.holders.add(holder);
+      mine += len;
+      done(null, chunk);
+    },
+  });
+  const holder: InputHolder = {
+    get buffered() {
+      return mine;
+    },
+    shedForRoom() {
+      shed();
+      body.destroy(new ProtocolError(Code.RateLimited, BODY_BUDGET));
+    },
+  };
+  body.once("close", uncount);
+  // A request cut off before its end: what it held is let go.
+  payload.once("close", () => {
+    if (!body.writableEnded) body.destroy();
+  });
+  payload.pipe(body);
+  return body;
 }
