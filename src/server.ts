@@ -49,6 +49,7 @@ import { EchatDoor } from "./doors/http-echat.js";
 import { privateRoomOf, serverChannel } from "./features/channels.js";
 import { Registration } from "./features/registration.js";
 import { channelConv, CLUSTER_POSITION_KEY } from "./storage/layout.js";
+import { within } from "./clock.js";
 
 export interface RunningServer {
   readonly host: string;
@@ -423,6 +424,8 @@ async function serve(
   registerStats(services, () => tables.reduce((n, t) => n + t.open, 0));
 
   let stopping: Promise<void> | undefined;
+  // Aborted as the stop begins: an operator's backup in progress gives up at its next step.
+  const stopSignal = new AbortController();
   let address;
   let tlsAddress;
   let rustAddress;
@@ -439,7 +442,7 @@ async function serve(
       ops: admin,
       connections: tables,
       registry: metricsRegistry(metrics, tables, blobs, storage),
-      backup: (dir: string) => backup(storage, blobs, dir, version),
+      backup: (dir: string) => backup(storage, blobs, dir, version, stopSignal.signal),
       exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
     } satisfies Partial<AdminDeps>);
   }
@@ -481,6 +484,7 @@ async function serve(
     },
     stop() {
       stopping ??= (async () => {
+        stopSignal.abort();
         const hooksStopped = services.hooks.stop();
         const deadline = Date.now() + config.shutdownTimeout * 1000;
         await Promise.all([...listeners.map((l) => l.close(config.shutdownTimeout * 1000)), http?.close(config.shutdownTimeout * 1000)]);
@@ -492,8 +496,15 @@ async function serve(
         await background.stop(Math.max(0, deadline - Date.now()));
         await messages.flushDerived();
         await storage.close();
-        // Last: /readyz says "shutting down" for as long as the rest takes.
-        await adminApp?.close();
+        // Last: /readyz says "shutting down" for as long as the rest takes. A request
+        // still in progress (an export its client reads slowly) has what is left of the
+        // shutdown timeout, and then its socket is closed.
+        const adminClosed = adminApp?.close();
+        if (adminApp && !(await within(adminClosed as Promise<unknown>, Math.max(ADMIN_CLOSE_MIN_MS, deadline - Date.now())))) {
+          log.warn("admin requests still in progress at the shutdown timeout; closing their sockets");
+          adminApp.server.closeAllConnections();
+          await adminClosed;
+        }
         await hooksStopped;
         log.info("wirechat stopped");
       })();
@@ -501,6 +512,9 @@ async function serve(
     },
   };
 }
+
+/** The admin port's own close, past the shutdown timeout: requests just answered go out. */
+const ADMIN_CLOSE_MIN_MS = 250;
 
 /**
  * Catches the view up with the cluster log before anything listens. A view built from

@@ -552,3 +552,38 @@ describe("a start that fails once the admin port listens", () => {
     removeDir(dataDir);
   });
 });
+
+describe("a stop during long admin requests", () => {
+  it("a backup in progress gives up (503, its files taken back), and an export its client does not read is cut at the shutdown timeout", async () => {
+    const server = await startTestServer({ shutdownTimeout: 1 });
+    const ap = server.adminPort as number;
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    // Attachment files to copy (each synced), and 30 MB of messages for the export.
+    for (let i = 0; i < 300; i++) a.client.send("message", { uid: b.uid, body: `${i}`, attach: { mime: "text/plain", data: Buffer.from(`file ${i} ${Math.random()}`).toString("base64") } });
+    for (let i = 0; i < 300; i++) expect((await a.client.reply("message", 20_000)).data.status).toBe(0);
+    for (let i = 0; i < 300; i++) a.client.send("message", { uid: b.uid, body: `${i} ${"x".repeat(100_000)}` });
+    for (let i = 0; i < 300; i++) expect((await a.client.reply("message", 20_000)).data.status).toBe(0);
+
+    // An export whose client reads nothing: its response stalls on the socket.
+    const reader = net.connect(ap, "127.0.0.1");
+    reader.on("error", () => {});
+    reader.write("GET /export HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    reader.pause();
+    const readerClosed = new Promise((r) => reader.once("close", r));
+    await sleep(500);
+
+    const dir = path.join(tempDir(), "backup");
+    const answer = admin(ap, "POST", "/backup", { dir });
+    await waitFor(() => existsSync(path.join(dir, "db.ndjson")), 10_000, "the backup under way");
+    const stopped = server.stop();
+    expect(await answer).toMatchObject({ status: 503, json: { code: 16, error: expect.stringMatching(/shutting down: the backup was not finished/) } });
+    expect(existsSync(path.join(dir, "db.ndjson"))).toBe(false);
+    await stopped;
+    reader.resume();
+    await readerClosed;
+    a.client.close();
+    b.client.close();
+    removeDir(server.services.config.dataDir);
+  }, 60_000);
+});

@@ -57,7 +57,7 @@ function unwritable(dir: string, err: unknown): unknown {
   return typeof code !== "string" ? err : new ProtocolError(Code.InvalidData, `cannot write a backup into ${dir}: ${code} (${(err as Error).message})`);
 }
 
-export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string): Promise<BackupInfo & { dir: string }> {
+export async function backup(storage: Storage, blobs: BlobStore, dir: string, version: string, signal?: AbortSignal): Promise<BackupInfo & { dir: string }> {
   const target = path.resolve(dir);
   const made = !existsSync(target);
   // The topmost directory this backup created (its parents' entries are synced last).
@@ -76,7 +76,7 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   // left full would hold the server's own writes when it is the data dir's), and the
   // directory when it made it, so the same command can be run again.
   try {
-    const info = await backupInto(target, fd, storage, blobs, version);
+    const info = await backupInto(target, fd, storage, blobs, version, signal);
     // The directories it created: each one's entry in its parent (else a power cut could
     // lose the whole backup, though its files were synced).
     for (let d = target; created !== undefined; d = path.dirname(d)) {
@@ -94,7 +94,12 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
 /** backup.json while it is written (renamed into place once synced: a backup without it is incomplete). */
 const INFO_TEMP = "backup.json.tmp";
 
-async function backupInto(target: string, fd: number, storage: Storage, blobs: BlobStore, version: string): Promise<BackupInfo & { dir: string }> {
+/** The server stopping: a backup in progress is given up (and what it wrote taken back) at its next step. */
+function stopped(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new ProtocolError(Code.Unavailable, "the server is shutting down: the backup was not finished (run it again once the server is up)");
+}
+
+async function backupInto(target: string, fd: number, storage: Storage, blobs: BlobStore, version: string, signal: AbortSignal | undefined): Promise<BackupInfo & { dir: string }> {
   const shas = new Set<string>();
   let keys = 0;
   let copied = 0;
@@ -112,6 +117,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
     // waited for LevelDB was an 'error' with no listener, which ended the server.
     async function* lines(): AsyncGenerator<string> {
       for (;;) {
+        stopped(signal);
         let page: [string, string][];
         try {
           page = await it.nextv(1000);
@@ -134,6 +140,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
       await pipeline(lines, createWriteStream("", { fd }));
     } catch (err) {
       if (err === readFailed) throw new ProtocolError(Code.Unavailable, `reading the database failed: ${(err as Error).message}`);
+      if (err instanceof ProtocolError) throw err; // stopped
       throw unwritable(target, err);
     } finally {
       await it.close();
@@ -144,6 +151,7 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
       throw unwritable(target, err);
     }
     for (const sha of shas) {
+      stopped(signal);
       const to = path.join(target, "blobs", sha.slice(0, 2), sha);
       try {
         await makeDir(path.dirname(to), 0o700);
