@@ -337,6 +337,52 @@ describe("WirechatClient", () => {
     }
   });
 
+  it("a message or file whose reply never came rejects with its cmid: sent again with it, it is stored once", async () => {
+    // A proxy that passes the client's bytes and can stop passing the server's: the
+    // server stores what it is sent, and the client hears nothing back.
+    let mute = false;
+    const links: net.Socket[] = [];
+    const proxy = net.createServer((inbound) => {
+      const outbound = net.connect(srv.port, "127.0.0.1");
+      links.push(inbound, outbound);
+      inbound.on("data", (d) => outbound.write(d));
+      outbound.on("data", (d) => !mute && inbound.write(d));
+      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+        a.on("close", () => b.destroy());
+        a.on("error", () => b.destroy());
+      }
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    try {
+      const bob = await registered();
+      const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port });
+      clients.push(alice);
+      const login = uniqueName("cm");
+      await alice.register(login, "secret", login);
+      mute = true;
+      const lost = await rejection(alice.sendMessage({ uid: bob.uid }, "once", { timeoutMs: 500 }));
+      expect(lost.code).toBe(ClientCode.Timeout);
+      expect(typeof lost.cmid).toBe("string");
+      const file = path.join(newDir(), "once.bin");
+      writeFileSync(file, randomBytes(3000));
+      const lostFile = await rejection(alice.sendFile({ uid: bob.uid }, file, { timeoutMs: 500 }));
+      expect(lostFile.code).toBe(ClientCode.Timeout);
+      expect(typeof lostFile.cmid).toBe("string");
+      expect(lostFile.cmid).not.toBe(lost.cmid);
+      // The app sends both again with their cmids (here on another connection of hers).
+      const again = await connect();
+      await again.auth({ login, pass: "secret" });
+      const m = await again.sendMessage({ uid: bob.uid }, "once", { cmid: lost.cmid });
+      const f = await again.sendFile({ uid: bob.uid }, file, { cmid: lostFile.cmid });
+      const history = await bob.c.history({ uid: again.uid as string });
+      expect(history.map((h) => h.mid)).toEqual([m.mid, f.mid]);
+      expect(history[1].attach?.data).toBe(readFileSync(file).toString("base64"));
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+    }
+  });
+
   it("a message whose ack a disconnect cut off is acked after the reconnect: the next login does not get it again", async () => {
     const bob = await registered();
     const alice = await registered({ ack: true, reconnect: { minMs: 50, maxMs: 200 } });

@@ -31,6 +31,14 @@ export class WirechatError extends Error {
     super(action ? `${action}: ${serverMessage} (status ${code})` : `${serverMessage} (status ${code})`);
   }
 
+  /**
+   * A message whose fate is unknown (no reply came: a timeout, a connection lost after
+   * it was written): the cmid it was sent with. Sent again with that cmid
+   * (sendMessage/sendAttachment `{cmid}`), it is stored once: the server answers a
+   * second copy with the first one's mid.
+   */
+  cmid: string | undefined;
+
   /** True when the server answered with a non-zero status (as opposed to a local failure). */
   get fromServer(): boolean {
     return this.code > 0;

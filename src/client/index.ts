@@ -509,11 +509,12 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * it: with `reconnect`, it is sent again on the next connection, in its place, and the
    * server answers with the mid it stored, once. `resent`: it was sent again so; its
    * echo (`ev_message` to your own connections) went to the lost connection, if the
-   * first one was stored, and does not come again.
+   * first one was stored, and does not come again. Rejected without a reply (its
+   * timeout, a close without reconnect), the error's `cmid` sends it again safely.
    */
   async sendMessage(to: Target, body: string, extra: { cmid?: string } & RequestOptions = {}): Promise<{ mid: string; time: number; resent: boolean }> {
-    const { timeoutMs, cmid, ...rest } = extra;
-    const r = await this.request("message", { ...to, body, ...rest, cmid: cmid ?? randomUUID() }, { timeoutMs });
+    const { timeoutMs, cmid = randomUUID(), ...rest } = extra;
+    const r = await withCmid(cmid, this.request("message", { ...to, body, ...rest, cmid }, { timeoutMs }));
     return { mid: r.mid, time: r.time, resent: r.resent === true };
   }
 
@@ -610,7 +611,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     // escapes: only then does the server stream the text to disk instead of counting
     // it against the frame limit (PROTOCOL.md §8 "Attachments").
     const fields: string[] = [];
-    for (const [k, v] of Object.entries({ ...to, body: options.body, cmid: options.cmid })) {
+    // A cmid always (a random one unless given): a retry after a lost reply with the
+    // error's cmid stores the file once (WirechatError.cmid).
+    const cmid = options.cmid ?? randomUUID();
+    for (const [k, v] of Object.entries({ ...to, body: options.body, cmid })) {
       if (v !== undefined) fields.push(`${JSON.stringify(k)}:${JSON.stringify(v)}`);
     }
     fields.push(`"attach":{"mime":${JSON.stringify(options.mime ?? "application/octet-stream")},"data":"`);
@@ -637,7 +641,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       }
       await this.write(socket, `"}}}\n`);
     };
-    const r = await this.submit({}, "message", options, false, run);
+    const r = await withCmid(cmid, this.submit({}, "message", options, false, run));
     return { mid: r.mid, time: r.time };
   }
 
@@ -1330,4 +1334,14 @@ function minMid(a: bigint | undefined, b: bigint | undefined): bigint | undefine
 
 function errorText(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
+}
+
+/** A message request's failure without a reply carries its cmid (WirechatError.cmid). */
+async function withCmid<T>(cmid: string, request: Promise<T>): Promise<T> {
+  try {
+    return await request;
+  } catch (err) {
+    if (err instanceof WirechatError && (err.code === ClientCode.Timeout || err.code === ClientCode.Closed)) err.cmid = cmid;
+    throw err;
+  }
 }
