@@ -503,6 +503,44 @@ describe("wirechat chat", () => {
     }
   }, 40_000);
 
+  it("a message that got no reply within --timeout is stored once when typed again (its cmid kept)", async () => {
+    const bob = await libUser();
+    const { links, serve } = linkProxy();
+    const hooks: ProxyHooks = {};
+    const proxy = serve(hooks);
+    // While down, the proxy takes connections and drops them: the reconnects fail.
+    let down = false;
+    proxy.prependListener("connection", (s: net.Socket) => {
+      if (down) s.destroy();
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    try {
+      const erin = cli(["--port", String(port), "--timeout", "2", "--login", uniqueName("erin"), "--pass", "pw", "--register"]);
+      await erin.waitOut(/logged in as/);
+      erin.type(`/msg ${bob.nick}`);
+      await erin.waitOut(/talking to /);
+      // Stored and answered; the link is cut before the reply, and stays down past the timeout.
+      hooks.cutOn = '{"action":"message","data":{"status":0';
+      down = true;
+      erin.type("typed twice, stored once");
+      await erin.waitOut(/connection lost/);
+      await erin.waitOut(/may have been stored; type it again to send it once/, 20_000);
+      down = false;
+      await erin.waitOut(/reconnected/, 30_000);
+      erin.type("typed twice, stored once");
+      await erin.waitOut(/typed twice, stored once/);
+      erin.type("/quit");
+      expect(await erin.exited).toBe(0);
+      await bob.c.ping();
+      expect(bob.inbox.map((m) => m.body)).toEqual(["typed twice, stored once"]);
+      expect((await bob.c.history({ uid: bob.inbox[0].from })).map((m) => m.body)).toEqual(["typed twice, stored once"]);
+      expect(erin.out().split("typed twice, stored once").length - 1).toBe(1);
+    } finally {
+      await dropProxy(proxy, links, bob);
+    }
+  }, 60_000);
+
   it("--insecure and --tls-servername ask for TLS (they were ignored without --tls: plain text)", async () => {
     const cert = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
     const key = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));

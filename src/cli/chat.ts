@@ -44,6 +44,8 @@ interface ChatArgs {
   raw: boolean;
   color: boolean;
   reconnect: boolean;
+  /** --timeout: seconds a request waits for its reply. */
+  timeoutS: number;
   help: boolean;
   /** --version / -v: print the version and do nothing else. */
   version: boolean;
@@ -73,6 +75,9 @@ Options:
                          with { are sent as raw requests
   --no-color             no ANSI colours even on a terminal (also NO_COLOR=1)
   --no-reconnect         exit when the connection is lost instead of reconnecting
+  --timeout SECONDS      how long a request (a message among them) waits for its
+                         reply, through an outage too (default 30); a message that
+                         got none may have been stored: typed again, it is stored once
   -h, --help             this text
   -v, --version          the version
 
@@ -110,6 +115,7 @@ function parseChatArgs(argv: string[], env: NodeJS.ProcessEnv): ChatArgs {
     raw: false,
     color: !env.NO_COLOR,
     reconnect: true,
+    timeoutS: 30,
     help: false,
     version: false,
   };
@@ -141,6 +147,13 @@ function parseChatArgs(argv: string[], env: NodeJS.ProcessEnv): ChatArgs {
         const n = Number(v);
         if (!/^[0-9]+$/.test(v) || n < 1 || n > 65535) throw new UsageError(`--port must be a port number, not '${v}'`);
         a.port = n;
+        break;
+      }
+      case "--timeout": {
+        const v = value();
+        const n = Number(v);
+        if (!/^[0-9]+(\.[0-9]+)?$/.test(v) || n <= 0 || n > 86_400) throw new UsageError(`--timeout must be a number of seconds (at most 86400), not '${v}'`);
+        a.timeoutS = n;
         break;
       }
       case "--login":
@@ -381,6 +394,12 @@ class ChatSession {
   private gap: { from: Map<string, bigint>; held: WirechatEvent[]; bytes: number } | undefined;
   /** mids of own direct messages shown (OWN_KEPT): see sendAndShow. */
   private readonly ownShown = new Set<string>();
+  /**
+   * The last message that got no reply (a timeout, the link lost with no reconnect):
+   * it may be stored. The same text typed again to the same conversation goes with its
+   * cmid, so that it is stored once (see sendAndShow).
+   */
+  private unconfirmed: { to: string; text: string; cmid: string } | undefined;
 
   constructor(
     private readonly client: WirechatClient,
@@ -658,11 +677,25 @@ class ChatSession {
    * The server echoes a message back as ev_message; that echo is what is printed, so
    * what the screen shows is what the server stored. A message the client sent again
    * after a reconnect (its reply lost) has its echo on the lost connection, if any:
-   * shown from its reply instead, once (a stored resend's echo is skipped by mid).
+   * shown from its reply instead, once (a stored resend's echo is skipped by mid). One
+   * that got no reply at all is remembered (unconfirmed): typed again, it is sent with
+   * the same cmid and stored once.
    */
   private async sendAndShow(to: { uid: string } | { channel: string }, text: string): Promise<void> {
-    const sent = await this.client.sendMessage(to, text);
-    if (!sent.resent || this.raw) return; // --raw shows the server's frames only
+    const key = "uid" in to ? `@${to.uid}` : `#${to.channel}`;
+    const again = this.unconfirmed?.to === key && this.unconfirmed.text === text ? this.unconfirmed.cmid : undefined;
+    let sent;
+    try {
+      sent = await this.client.sendMessage(to, text, again === undefined ? {} : { cmid: again });
+    } catch (err) {
+      if (!(err instanceof WirechatError) || err.cmid === undefined) throw err;
+      this.unconfirmed = { to: key, text, cmid: err.cmid };
+      throw new Error(`${err.message}: it may have been stored; type it again to send it once`);
+    }
+    if (again !== undefined) this.unconfirmed = undefined;
+    // Sent again with its cmid: if the first copy was stored, its echo went to the
+    // connection that sent it (shown once either way: by mid).
+    if ((!sent.resent && again === undefined) || this.raw) return; // --raw shows the server's frames only
     const where = "uid" in to ? { to: to.uid } : { chid: to.channel };
     // Through onEvent: a channel message waits behind a catch-up under way.
     this.onEvent({ action: "ev_message", data: { mid: sent.mid, from: this.client.uid, nick: this.client.nick, body: text, time: sent.time, attach: { mime: "", data: "" }, ...where } });
@@ -985,6 +1018,7 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
         tls: tlsOpt,
         reconnect: args.reconnect ? { minMs: 500, maxMs: 15_000 } : false,
         keepAliveMs: 120_000,
+        requestTimeoutMs: args.timeoutS * 1000,
         clientName: "wirechat-chat",
       });
     } catch (err) {
