@@ -300,6 +300,57 @@ describe("rust_messages door: rooms and messages", () => {
     for (const x of [a3, a4, b.c]) x.close();
   });
 
+  it("a login that waited behind another connection's change_room is not told it moved: it starts in the default room", async () => {
+    const port = open.server.rustPort as number;
+    const room = uniqueName("room");
+    const a = await rustUser(port);
+    expect((await ask(a.c, { action: "create_room", name: room })).code).toBe(200);
+    const door = open.server.listeners.find((l) => (l.front as { name?: string }).name === "rust")!.front as unknown as {
+      call: (...args: unknown[]) => Promise<unknown>;
+      moves: { run: (...args: unknown[]) => Promise<unknown> };
+    };
+    // a's change_room is held at its leave of general, inside the user's move lock.
+    let atLeave!: () => void;
+    const reachedLeave = new Promise<void>((r) => (atLeave = r));
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    let armed = true;
+    const undoCall = wrapCalls(door, "call", async (_s: unknown, action: unknown) => {
+      if (action !== "leave" || !armed) return;
+      armed = false;
+      atLeave();
+      await released;
+    });
+    let queued!: () => void;
+    const loginQueued = new Promise<void>((r) => (queued = r));
+    let runs = 0;
+    const undoRun = wrapCalls(door.moves, "run", async () => {
+      if (++runs === 2) queued(); // the first is a's change_room
+    });
+    try {
+      a.c.write(JSON.stringify({ action: "change_room", old_room_name: "general", new_room_name: room }) + "\n");
+      await reachedLeave;
+      const a2 = await rust(port);
+      a2.write(JSON.stringify({ action: "authentication", login: a.login, password: a.password }) + "\n");
+      await loginQueued; // logged in, waiting for the lock
+      release();
+      expect(await a.c.next((f) => f.action === "change_room")).toMatchObject({ code: 200 });
+      expect(await a2.next((f) => f.action === "authentication")).toMatchObject({ code: 200 });
+      expect(await a2.quiet(300, (f) => f.action === "change_room")).toBe(true);
+      // Where it was put: general's messages reach it, the room's do not.
+      const b = await rustUser(port);
+      expect((await ask(b.c, { action: "send_message", text: "in general", timestamp: 1 })).code).toBe(200);
+      expect(await a2.next((f) => f.action === "get_message")).toMatchObject({ text: "in general" });
+      a2.close();
+      b.c.close();
+    } finally {
+      undoCall();
+      undoRun();
+      release();
+      a.c.close();
+    }
+  });
+
   it("change_room leaves the room a connection that logged in next to an open one is in", async () => {
     const port = open.server.rustPort as number;
     const [x, y] = [uniqueName("room"), uniqueName("room")];

@@ -48,6 +48,11 @@ interface RustState {
   counted: string | undefined;
   /** The room this connection's delete_room is deleting: its deletion is not told back to it. */
   deleting?: string;
+  /**
+   * Logged in, waiting for its turn to enter its room (RustDoor.moves): a move made by
+   * another connection meanwhile is not this one's (it starts in the default room).
+   */
+  waiting?: boolean;
 }
 
 type Msg = Record<string, unknown> & { action: string };
@@ -158,7 +163,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         return line({ action: "close_connection", code: WARN, message: ev.reason });
       case "notice":
         // Another connection of this user moved it (one room at a time): this one moves too.
-        if (ev.door !== this.name || ev.room === undefined || ev.origin === st.peer || st.login === undefined) return "";
+        if (ev.door !== this.name || ev.room === undefined || ev.origin === st.peer || st.login === undefined || st.waiting) return "";
         st.room = { chid: ev.chid, name: ev.room };
         // (A move made on another node of a cluster: this node's memory follows it.)
         if (st.counted !== undefined) this.remember(st.counted, st.room);
@@ -252,7 +257,11 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
     // is left, unless another connection of the user is open here (it stays there).
     // (Per node in a cluster: a connection on another node is not counted here.)
     let refused: Answer | undefined;
+    // Told nothing of another connection's change_room under way: this one was not moved
+    // (told "moved" and then put in the default room, its client was wrong about its room).
+    st.waiting = true;
     await this.moves.run(uid, async () => {
+      st.waiting = false;
       const room = { chid: this.deps.defaultRoom, name: this.deps.config.rustRoom };
       st.room = room;
       const entered = await this.call(s, "enter", { channel: room.chid });
