@@ -9,7 +9,7 @@
 
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync, rmSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -664,6 +664,29 @@ describe("cluster mode: direct messages", () => {
       expect(existsSync(file)).toBe(false);
     }
     for (const c of [alice.client, bob.client, aliceElsewhere.client]) c.close();
+  });
+
+  it("an attachment whose file a node lacks (its fetch given up, or the file lost) is fetched again when read there", async () => {
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(node(1));
+    const data = randomBytes(200_000).toString("base64");
+    const sent = await alice.client.request("message", { uid: bob.uid, body: "again", attach: { mime: "image/png", data } });
+    expect(sent.status).toBe(0);
+    expect((await bob.client.event("ev_message", (d) => d.mid === sent.mid, 15_000)).attach.data).toBe(data);
+    const sha = createHash("sha256").update(Buffer.from(data, "base64")).digest("hex");
+    // Gone from nodes 1 and 2 as if their fetches had been given up.
+    for (const i of [1, 2]) rmSync(nodes[i].services.blobs.pathOf(sha));
+    const h = await bob.client.request("history", { uid: alice.uid });
+    expect(h.messages.find((m: any) => m.mid === sent.mid).attach).toEqual({ mime: "image/png", data });
+    expect(existsSync(nodes[1].services.blobs.pathOf(sha))).toBe(true);
+    // Two readers at once on node 2: both get it (one fetch).
+    const [c1, c2] = await Promise.all([login(node(2), bob.login), login(node(2), bob.login)]);
+    const both = await Promise.all([c1, c2].map((c) => c.client.request("history", { uid: alice.uid })));
+    for (const r of both) expect(r.messages.find((m: any) => m.mid === sent.mid).attach.data).toBe(data);
+    // Kept: the message references it (a later collect leaves it).
+    await nodes[2].services.blobs.collect(sha);
+    expect(existsSync(nodes[2].services.blobs.pathOf(sha))).toBe(true);
+    for (const c of [alice.client, bob.client, c1.client, c2.client]) c.close();
   });
 
   it("an attachment in a channel reaches members on every node", async () => {

@@ -19,6 +19,14 @@ import { unavailable } from "./jetstream-log.js";
 
 /** A fetch that fails (the engine unreachable) is tried this many times, backing off to 2 s. */
 const FETCH_ATTEMPTS = 30;
+/** A missing blob fetched again for a read (refetch) is tried this many times: the read waits. */
+const REFETCH_ATTEMPTS = 3;
+/**
+ * One try of a fetch fails when the store does not answer, or its bytes stop coming,
+ * for this long: the object store's get has no deadline of its own, and a stalled one
+ * held the node's apply of the log (every later entry) for good.
+ */
+const FETCH_STALL_MS = 30_000;
 
 export class ClusterBlobs {
   private constructor(
@@ -72,16 +80,16 @@ export class ClusterBlobs {
    * (or gave bytes of another hash), or could not be reached after FETCH_ATTEMPTS:
    * the message is applied all the same, and this node cannot send that attachment.
    */
-  async fetch(sha: string): Promise<"pinned" | "missing"> {
+  async fetch(sha: string, attempts = FETCH_ATTEMPTS): Promise<"pinned" | "missing"> {
     if (await this.blobs.pinIfStored(sha)) return "pinned";
     for (let attempt = 1; ; attempt++) {
       try {
-        const r = await this.os.get(sha);
+        const r = await beforeStall(this.os.get(sha), (late) => void late?.data.cancel().catch(() => {}));
         if (!r) {
           this.log.error({ sha }, "an attachment the cluster log names is not in the object store");
           return "missing";
         }
-        const ok = await this.blobs.storeFetched(sha, r.data as unknown as AsyncIterable<Uint8Array>);
+        const ok = await this.blobs.storeFetched(sha, untilStall(r.data));
         // Bytes that hash to `sha` are the blob, whatever the read reported after them.
         if (ok) return "pinned";
         const failed = await r.error;
@@ -91,7 +99,7 @@ export class ClusterBlobs {
       } catch (err) {
         // The apply waiting for it is cut short; the node applies the entry again when it starts.
         if (this.closed) throw new Error("the node is stopping", { cause: err });
-        if (attempt >= FETCH_ATTEMPTS) {
+        if (attempt >= attempts) {
           this.log.error({ err, sha }, "fetching an attachment from the object store failed; this node cannot send it");
           return "missing";
         }
@@ -99,5 +107,54 @@ export class ClusterBlobs {
         await new Promise((r) => setTimeout(r, Math.min(250 * 2 ** attempt, 2_000)));
       }
     }
+  }
+
+  /**
+   * Fetches blob `sha` again for a read that found no file (BlobStore.refetch): a fetch
+   * given up as its message was applied, or a file lost. A few tries, then the read goes
+   * on without it. The message references it: unpinned, it stays.
+   */
+  async refetch(sha: string): Promise<boolean> {
+    const got = await this.fetch(sha, REFETCH_ATTEMPTS);
+    if (got !== "pinned") return false;
+    this.blobs.unpin(sha);
+    this.log.info({ sha }, "an attachment missing on this node was fetched again");
+    return true;
+  }
+}
+
+/** `p`, or a failure once FETCH_STALL_MS passes first (`late` gets what `p` gives after). */
+function beforeStall<T>(p: Promise<T>, late: (value: T) => void): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    let settled = false;
+    const timer = setTimeout(() => {
+      settled = true;
+      reject(new Error(`the object store did not answer within ${FETCH_STALL_MS / 1000} s`));
+    }, FETCH_STALL_MS);
+    p.then(
+      (v) => {
+        clearTimeout(timer);
+        if (settled) late(v);
+        else resolve(v);
+      },
+      (err: unknown) => {
+        clearTimeout(timer);
+        if (!settled) reject(err);
+      },
+    );
+  });
+}
+
+/** The object's bytes as they come, failing (and cancelling the read) when none come for FETCH_STALL_MS. */
+async function* untilStall(data: ReadableStream<Uint8Array>): AsyncGenerator<Uint8Array> {
+  const reader = data.getReader();
+  try {
+    for (;;) {
+      const { done, value } = await beforeStall(reader.read(), () => {});
+      if (done) return;
+      yield value;
+    }
+  } finally {
+    void reader.cancel().catch(() => {});
   }
 }

@@ -282,7 +282,9 @@ export class Cluster {
       // Attachments: the object store, before the catch-up applies entries that name blobs.
       connected: async (nc, lastSeq) => {
         this.catchUpEnd = lastSeq;
-        this.remoteBlobs = await ClusterBlobs.open(nc, `${this.opts.stream}_BLOBS`, this.opts.replicas, this.sv.blobs, this.log);
+        const remote = (this.remoteBlobs = await ClusterBlobs.open(nc, `${this.opts.stream}_BLOBS`, this.opts.replicas, this.sv.blobs, this.log));
+        // A read that finds a referenced attachment's file missing fetches it again.
+        this.sv.blobs.refetch = (sha) => remote.refetch(sha);
       },
     });
     this.caughtUp = true;

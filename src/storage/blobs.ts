@@ -107,6 +107,8 @@ function invalid(message: string): BlobError {
 
 /** Collects a hold defers, at most (the rest wait for the next start-up sweep). */
 const HELD_BACK_MAX = 100_000;
+/** Missing blobs fetched again at once, at most (BlobStore.refetch); past it a read goes out empty. */
+const REFETCHING_MAX = 64;
 
 export class BlobStore {
   readonly dir: string;
@@ -118,6 +120,15 @@ export class BlobStore {
   private holds = 0;
   /** Blobs whose collect came during a hold: collected when the last hold ends. */
   private readonly heldBack = new Set<string>();
+  /**
+   * Cluster mode: fetches a blob whose file is not here again from the cluster's
+   * store (ClusterBlobs.refetch), true once it is a file again. A node whose fetch was
+   * given up as it applied the message (the store unreachable for a while), or which
+   * lost the file, sent that attachment empty for good; a read now brings it back.
+   */
+  refetch: ((sha: string) => Promise<boolean>) | undefined;
+  /** Refetches under way, by sha (REFETCHING_MAX): readers of one blob wait for one fetch. */
+  private readonly refetching = new Map<string, Promise<boolean>>();
   /**
    * Bytes of the stored blob files: each file stored or collected since start, plus
    * those the start-up sweep found (complete once it has finished).
@@ -396,18 +407,48 @@ export class BlobStore {
    * delivery of that message, so the recipient's inbox never got past it.
    */
   async *readBase64(sha: string): AsyncIterable<string> {
-    let file: FileHandle;
+    let file = await this.openBlob(sha);
+    // Not here, still referenced: in cluster mode it is fetched again first.
+    if (file === null && (await this.restored(sha))) file = await this.openBlob(sha);
+    if (file === null || file === undefined) return;
+    yield* base64Stream(file.createReadStream({ highWaterMark: 3 * 16 * 1024 }));
+  }
+
+  /** The blob's file opened; null when there is none, undefined when it cannot be opened (logged). */
+  private async openBlob(sha: string): Promise<FileHandle | null | undefined> {
     try {
-      file = await open(this.pathOf(sha), "r");
+      return await open(this.pathOf(sha), "r");
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       // Out of file descriptors passes: thrown (nothing of the frame is out yet), the
       // connection closes and the message comes again later, whole.
       if (code === "EMFILE" || code === "ENFILE") throw err;
-      if (code !== "ENOENT") this.log?.error({ err, sha }, "an attachment file could not be opened; sent empty");
-      return;
+      if (code === "ENOENT") return null;
+      this.log?.error({ err, sha }, "an attachment file could not be opened; sent empty");
+      return undefined;
     }
-    yield* base64Stream(file.createReadStream({ highWaterMark: 3 * 16 * 1024 }));
+  }
+
+  /** A missing blob a message here still references, fetched again (refetch); whether it is a file now. */
+  private restored(sha: string): Promise<boolean> {
+    const refetch = this.refetch;
+    if (refetch === undefined) return Promise.resolve(false);
+    let p = this.refetching.get(sha);
+    if (p === undefined) {
+      if (this.refetching.size >= REFETCHING_MAX) return Promise.resolve(false);
+      p = (async () => {
+        // A deleted message's file is gone on purpose: not fetched back.
+        const refs = await readKeys(this.s.blobrefs, { ...prefixRange(sha), limit: 1 });
+        return refs.length > 0 && (await refetch(sha));
+      })()
+        .catch((err: unknown) => {
+          this.log?.warn({ err, sha }, "fetching a missing attachment again failed; sent empty");
+          return false;
+        })
+        .finally(() => this.refetching.delete(sha));
+      this.refetching.set(sha, p);
+    }
+    return p;
   }
 }
 
