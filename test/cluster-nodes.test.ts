@@ -421,6 +421,32 @@ describe("cluster mode: presence", () => {
     a.client.close();
   });
 
+  it("a presence note lost between nodes (both still connected) is put right within heartbeats", async () => {
+    const a = await registerUser(node(0));
+    const b = await registerUser(node(1));
+    expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    // Node 0 loses node 1's note of b going offline, as a cut route between NATS servers would.
+    const presence = (nodes[0].services.cluster as unknown as { presence: { receive: (n: any) => void } }).presence;
+    let dropped = 0;
+    presence.receive = function (this: unknown, note: any) {
+      if (note.u === b.uid && note.on === false && dropped === 0) {
+        dropped++;
+        return;
+      }
+      return Object.getPrototypeOf(presence).receive.call(this, note);
+    };
+    try {
+      b.client.close();
+      await waitFor(() => dropped === 1, 10_000, "the note dropped");
+      // Node 1's next heartbeat says a transition was missed: its list is asked for, and b is offline.
+      expect(await a.client.event("ev_presence", (d) => d.uid === b.uid, 10_000)).toMatchObject({ uid: b.uid, online: false });
+      expect((await a.client.request("contactlist")).list[0]).toMatchObject({ uid: b.uid, online: false });
+    } finally {
+      delete (presence as { receive?: unknown }).receive;
+      a.client.close();
+    }
+  });
+
   it("a deleted account goes offline, once, for those who list it on every node", async () => {
     const a = await registerUser(node(0));
     const b = await registerUser(node(1));

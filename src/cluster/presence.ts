@@ -11,7 +11,12 @@
 // than EXPIRE_MS, so nobody expired anybody) is lost for good, and the two views
 // stayed apart until the user's next transition. So a node that reconnects says hello
 // and sends its own whole list, and a whole list (its last page) replaces what this
-// node held for its sender rather than adding to it.
+// node held for its sender rather than adding to it. A note can also be lost while
+// both nodes stay connected (a route between two NATS servers cut for a moment): each
+// transition carries its sender's count of transitions (`s`), and so do its heartbeats
+// and lists; a node that sees a count it skipped asks that node alone for its whole
+// list (`want`), at most once a heartbeat, and so does one that receives a list with a
+// page missing (`n`: the pages a list has, on its last page).
 
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { listenForNotes } from "./notes.js";
@@ -23,17 +28,27 @@ const EXPIRE_MS = 3 * HEARTBEAT_MS + 500;
 const PAGE = 5_000;
 
 type Note =
-  | { o: string; u: string; on: boolean }
-  | { o: string; hb: true }
+  | { o: string; u: string; on: boolean; s?: number }
+  | { o: string; hb: true; s?: number }
   | { o: string; hello: true }
-  /** A page of a node's whole list; `snap` names the list, `last` marks its last page (a node of an older version sends neither: pages add). */
-  | { o: string; all: string[]; snap?: string; last?: boolean };
+  /** Asks node `want` alone for its whole list (a note of its was lost). */
+  | { o: string; want: string }
+  /**
+   * A page of a node's whole list; `snap` names the list, `last` marks its last page,
+   * which also says how many pages it has (`n`) and the sender's count of transitions
+   * the list is as of (`s`). A node of an older version sends none of them: pages add.
+   */
+  | { o: string; all: string[]; snap?: string; last?: boolean; n?: number; s?: number };
 
 interface Node {
   seen: number;
   users: Set<string>;
-  /** The whole list being received: its name and the users of its pages so far. */
-  snapshot?: { id: string; users: Set<string> };
+  /** The whole list being received: its name, the users of its pages so far, and how many pages. */
+  snapshot?: { id: string; users: Set<string>; pages: number };
+  /** The count of its transitions this node's view of it is as of (undefined: not known yet, or an older version). */
+  seq?: number;
+  /** When its whole list was last asked for (one `want` a heartbeat at most). */
+  wanted?: number;
 }
 
 export class ClusterPresence {
@@ -41,6 +56,8 @@ export class ClusterPresence {
   private readonly remote = new Map<string, Set<string>>();
   private readonly byOrigin = new Map<string, Node>();
   private snapshots = 0;
+  /** This node's transitions announced so far (each note's `s`). */
+  private transitions = 0;
   private sub: Subscription | undefined;
   private timer: NodeJS.Timeout | undefined;
 
@@ -66,7 +83,7 @@ export class ClusterPresence {
     this.send({ o: this.origin, hello: true });
     void this.watchReconnects();
     this.timer = setInterval(() => {
-      this.send({ o: this.origin, hb: true });
+      this.send({ o: this.origin, hb: true, s: this.transitions });
       this.expire();
     }, HEARTBEAT_MS);
     this.timer.unref();
@@ -89,7 +106,7 @@ export class ClusterPresence {
 
   /** This node's first connection of `uid` (true) or its last one gone (false). */
   local(uid: string, online: boolean): void {
-    this.send({ o: this.origin, u: uid, on: online });
+    this.send({ o: this.origin, u: uid, on: online, s: ++this.transitions });
     if (!this.remote.has(uid)) this.onChange(uid, online);
   }
 
@@ -110,7 +127,12 @@ export class ClusterPresence {
   private sendAll(): void {
     const all = [...this.localUsers()];
     const snap = `${++this.snapshots}`;
-    for (let i = 0; i < all.length || i === 0; i += PAGE) this.send({ o: this.origin, all: all.slice(i, i + PAGE), snap, last: i + PAGE >= all.length });
+    const pages = Math.max(1, Math.ceil(all.length / PAGE));
+    for (let i = 0; i < pages; i++) {
+      const page: Note = { o: this.origin, all: all.slice(i * PAGE, (i + 1) * PAGE), snap };
+      if (i === pages - 1) Object.assign(page, { last: true, n: pages, s: this.transitions });
+      this.send(page);
+    }
   }
 
   private send(note: Note): void {
@@ -127,26 +149,48 @@ export class ClusterPresence {
     const node = this.node(note.o);
     if ("hello" in note) {
       this.sendAll();
+    } else if ("want" in note) {
+      if (note.want === this.origin) this.sendAll();
     } else if ("all" in note) {
       for (const uid of note.all) this.set(note.o, node.users, uid, true);
       if (note.snap === undefined) return;
-      if (node.snapshot?.id !== note.snap) node.snapshot = { id: note.snap, users: new Set() };
+      if (node.snapshot?.id !== note.snap) node.snapshot = { id: note.snap, users: new Set(), pages: 0 };
+      node.snapshot.pages++;
       for (const uid of note.all) node.snapshot.users.add(uid);
       if (!note.last) return;
-      // The whole list: whoever it lacks went offline there while a note was lost.
-      const listed = node.snapshot.users;
+      const { users: listed, pages } = node.snapshot;
       node.snapshot = undefined;
+      // A page of it lost: who it lacks may be on that page. Asked for again.
+      if (note.n !== undefined && pages !== note.n) return this.want(note.o, node);
+      // The whole list: whoever it lacks went offline there while a note was lost.
       for (const uid of [...node.users]) if (!listed.has(uid)) this.set(note.o, node.users, uid, false);
+      if (note.s !== undefined) node.seq = note.s;
     } else if ("u" in note) {
       this.set(note.o, node.users, note.u, note.on);
+      if (note.s === undefined) return;
+      if (node.seq !== undefined && note.s !== node.seq + 1) this.want(note.o, node);
+      node.seq = note.s;
+    } else if ("hb" in note && note.s !== undefined && note.s !== node.seq) {
+      // A transition of its not heard (or its list never came): its whole list.
+      this.want(note.o, node);
     }
+  }
+
+  /** Asks `origin` for its whole list, once a heartbeat at most. */
+  private want(origin: string, node: Node): void {
+    const now = Date.now();
+    if (node.wanted !== undefined && now - node.wanted < HEARTBEAT_MS) return;
+    node.wanted = now;
+    this.log.info({ node: origin }, "a presence note of another node was lost; asking for its list");
+    this.send({ o: this.origin, want: origin });
   }
 
   private node(origin: string): Node {
     let node = this.byOrigin.get(origin);
     if (!node) {
-      this.byOrigin.set(origin, (node = { seen: 0, users: new Set() }));
-      // A node heard of for the first time (it started, or this one did): its list.
+      // A node heard of for the first time (it started, or this one did): its list
+      // (asked of everyone: as good as a `want` of it).
+      this.byOrigin.set(origin, (node = { seen: 0, users: new Set(), wanted: Date.now() }));
       this.send({ o: this.origin, hello: true });
     }
     node.seen = Date.now();
