@@ -40,7 +40,9 @@ const command: fc.Arbitrary<Command> = fc.oneof(
     sid: fc.constantFrom(...SIDS),
     expires: fc.constantFrom(1_500, 1_000_000),
     names: fc.option(fc.constant(true as const), { nil: undefined }),
+    reg: fc.option(fc.constant(true as const), { nil: undefined }),
   }),
+  fc.record({ k: fc.constant("registration" as const), open: fc.boolean() }),
   fc.record({
     k: fc.constant("session" as const),
     t: fc.integer({ min: 1000, max: 2000 }),
@@ -367,6 +369,35 @@ describe("cluster apply", () => {
     } finally {
       await v.core.close();
       removeDir(v.core.services.config.dataDir);
+    }
+  });
+
+  it("refuses a user's register once the log has closed registration, applied apart or together; an operator's account is made", async () => {
+    // A node lagging the close (made through another node) checked its own view: open.
+    for (const together of [false, true]) {
+      const v = await view();
+      try {
+        const reg = (uid: string, login: string, flag: boolean): Command => ({ k: "register", t: 1000, uid, login, nick: `n${uid}`, hash: "h0", sid: `s${uid}`, expires: 1_000_000, names: true, bans: true, ...(flag ? { reg: true as const } : {}) });
+        const cmds: Command[] = [
+          reg("u0", "before", true),
+          { k: "registration", open: false },
+          reg("u1", "after", true),
+          // An operator's account (or a node whose --registration decides, or an older entry): no flag.
+          reg("u2", "operator", false),
+          { k: "registration", open: true },
+          reg("u3", "reopened", true),
+        ];
+        const out: string[] = [];
+        if (together) out.push(...(await v.apply([{ seq: 1, id: "x:1", entry: { o: "x", n: 1, c: cmds } }], { created: "t", seq: 1, id: "x:1" })).flat().map(brief));
+        else for (const [i, c] of cmds.entries()) out.push(...(await v.apply([{ seq: i + 1, id: `x:${i + 1}`, entry: { o: "x", n: i + 1, c: [c] } }], { created: "t", seq: i + 1, id: `x:${i + 1}` })).flat().map(brief));
+        expect(out[0]).toMatch(/^registered u0 /);
+        expect(out[2]).toBe("refused");
+        expect(out[3]).toMatch(/^registered u2 /);
+        expect(out[5]).toMatch(/^registered u3 /);
+      } finally {
+        await v.core.close();
+        removeDir(v.core.services.config.dataDir);
+      }
     }
   });
 

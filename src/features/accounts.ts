@@ -13,6 +13,7 @@ import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
 import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
 import { BANNED_LOGIN } from "../storage/bans.js";
+import { REGISTRATION_CLOSED } from "./registration.js";
 import type { BatchOp } from "../storage/db.js";
 import type { UserRecord } from "../storage/layout.js";
 import { sidHash } from "../storage/sessions.js";
@@ -441,13 +442,17 @@ export function registerAccounts(sv: Services): AccountOps {
    * Cluster mode's account creation: the log decides who gets a contested login or nick.
    * `first`: the session the account starts with (none for an operator's account).
    */
-  async function registerInCluster(t: number, login: string, nick: string, hash: string, first?: { sid: string; expires: number }): Promise<UserRecord> {
+  async function registerInCluster(t: number, login: string, nick: string, hash: string, first?: { sid: string; expires: number }, byUser = false): Promise<UserRecord> {
     const cluster = sv.cluster as NonNullable<typeof sv.cluster>;
     const session = first ? { sid: sidHash(first.sid), expires: first.expires } : {};
-    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, bans: true, ...session });
+    // A user's own register, on a node that follows the log's setting: the log checks it
+    // is still open where the entry lands (an operator's account is made regardless).
+    const reg = byUser && sv.registration.followsLog ? { reg: true as const } : {};
+    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, bans: true, ...reg, ...session });
     if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
-    // Banned through another node after this node's own check (notBannedLogin) read its view.
+    // Banned, or registration closed, through another node after this node's own checks read its view.
     if (out.k === "refused" && out.reason === BANNED_LOGIN) throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);
+    if (out.k === "refused" && out.reason === REGISTRATION_CLOSED) throw new ProtocolError(Code.Forbidden, REGISTRATION_CLOSED);
     if (out.k !== "registered") throw new ProtocolError(Code.Unavailable, "the account could not be created; try again");
     return out.user;
   }
@@ -458,7 +463,7 @@ export function registerAccounts(sv: Services): AccountOps {
     const sid = sessions.newSid();
     const t = nowSeconds();
     const expires = t + config.sessionTtl;
-    const user = await registerInCluster(t, login, nick, hash, { sid, expires });
+    const user = await registerInCluster(t, login, nick, hash, { sid, expires }, true);
     return underUser(user.uid, () => startSession(s, user, { sid, expires, fresh: true }));
   }
 
@@ -530,7 +535,7 @@ export function registerAccounts(sv: Services): AccountOps {
       // Registration opened through another node a moment ago: this node has applied
       // the log before it says closed.
       if (await readSynced(sv, async () => sv.registration.closed, (closed) => closed)) {
-        throw new ProtocolError(Code.Forbidden, "registration is closed on this server; ask its operator for an account");
+        throw new ProtocolError(Code.Forbidden, REGISTRATION_CLOSED);
       }
       const { login, pass, nick } = req.data;
       await notBannedLogin(login);

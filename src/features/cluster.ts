@@ -35,6 +35,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Event, Audience, MessageEvent, NoticeEvent } from "../protocol/events.js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { BANNED_LOGIN, MAX_BANS } from "../storage/bans.js";
+import { REGISTRATION_CLOSED } from "./registration.js";
 import { banKey, CLUSTER_POSITION_KEY, REGISTRATION_KEY, channelConv, directConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { readKeys } from "../storage/range.js";
@@ -68,6 +69,14 @@ export type Command =
        * entries have no flag and were decided without it.
        */
       bans?: true;
+      /**
+       * A user's own register on a node that follows the log's registration setting (no
+       * --registration of its own): refused (15) when that setting is "closed" as the
+       * entry is applied, since the proposer's check read its own view, which can lag a
+       * close made through another node. Without it (an operator's account, a node whose
+       * --registration decides for itself, an older entry): not checked.
+       */
+      reg?: true;
     }
   | {
       k: "session";
@@ -776,6 +785,7 @@ export class Cluster {
         if (c.names && c.login.includes("@") && overlay.holder("email", c.login, r.loginAsEmail) !== undefined) return { k: "taken", index: "login" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
         if (c.bans && this.banState(overlay, "login", c.login).has) return { k: "refused", reason: BANNED_LOGIN };
+        if (c.reg && (overlay.registration ?? this.sv.registration.logged) === "closed") return { k: "refused", reason: REGISTRATION_CLOSED };
         const user: UserRecord = { uid: c.uid, num: users.nextNum(), login: c.login, nick: c.nick, hash: c.hash, email: "", phone: "", picture: "", status: "", created: c.t };
         const first = c.sid === undefined ? undefined : { hash: c.sid, expires: c.expires ?? 0, issued: c.t * 1000 };
         storage.commitLazy([...users.saveOps(user), ...(first ? sessions.createHashedOps(first.hash, { uid: c.uid, created: c.t, expires: first.expires }, first.issued) : [])]);
@@ -987,6 +997,7 @@ export class Cluster {
       case "registration": {
         const open = c.open;
         const v = open ? "open" : "closed";
+        overlay.registration = v;
         storage.commitLazy(this.sv.registration.ops(v));
         // Applied during the start-up catch-up, it is an older setting: a --registration
         // of this node's wins over it (features/registration.ts).
@@ -1280,6 +1291,8 @@ class Overlay {
   /** Bans added (true) or lifted (false) in this call, by ban key; and the list's change in size. */
   readonly bans = new Map<string, boolean>();
   banDelta = 0;
+  /** The log's registration setting as set in this call, if it was. */
+  registration: "open" | "closed" | undefined;
   /** Contact entries added (true) or removed (false) in this call, `owner\0uid`; each owner's change in count. */
   private readonly contacts = new Map<string, boolean>();
   private readonly contactCounts = new Map<string, number>();

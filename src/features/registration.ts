@@ -10,6 +10,9 @@ import { REGISTRATION_KEY } from "../storage/layout.js";
 
 export type RegistrationState = "open" | "closed";
 
+/** What a register is told while registration is closed (15). */
+export const REGISTRATION_CLOSED = "registration is closed on this server; ask its operator for an account";
+
 function state(v: unknown): RegistrationState | undefined {
   return v === "open" || v === "closed" ? v : undefined;
 }
@@ -18,8 +21,8 @@ export class Registration {
   private constructor(
     private readonly storage: Storage,
     private current: RegistrationState,
-    /** --registration was given at start-up. */
-    private readonly configured: boolean,
+    /** --registration decides (given at start-up, or by the last SIGHUP that changed it). */
+    private configured: boolean,
     /** The operator's setting as stored (undefined: none made). */
     private stored: RegistrationState | undefined,
   ) {}
@@ -37,6 +40,16 @@ export class Registration {
 
   get closed(): boolean {
     return this.current === "closed";
+  }
+
+  /** The log's (or the operator's stored) setting, whatever --registration says: open when none was made. */
+  get logged(): RegistrationState {
+    return this.stored ?? "open";
+  }
+
+  /** This node's setting is the stored one (no --registration decides instead). */
+  get followsLog(): boolean {
+    return !this.configured;
   }
 
   /** An operator's setting, in effect once stored (durable when this resolves). */
@@ -69,6 +82,7 @@ export class Registration {
    * setting does (open when none), as at a start-up without it.
    */
   reconfigured(v: string): void {
+    this.configured = state(v) !== undefined;
     this.current = state(v) ?? this.stored ?? "open";
   }
 }
