@@ -475,6 +475,53 @@ describe("wirechat chat", () => {
     }
   }, 40_000);
 
+  it("a live message held during a catch-up of more than 2,048 messages shows once", async () => {
+    const bob = await libUser();
+    const started = await inChannelThroughProxy(bob, "first");
+    const { carol, chid, port, proxied: { links, serve } } = started;
+    let { proxy } = started;
+    try {
+      await bob.c.sendMessage({ channel: chid }, "seen in the first");
+      await carol.waitOut(/seen in the first/);
+      // 21 more channels, each shown a message after the first one's: the first is read
+      // first by the catch-up, and 2,100 messages of the others after it.
+      const others: string[] = [];
+      for (let i = 0; i < 21; i++) {
+        const name = uniqueName(`more${i}`);
+        carol.type(`/join #${name}`);
+        await carol.waitOut(new RegExp(`now talking in #${name}`));
+        const other = (await bob.c.channelList({ limit: 500 })).find((c) => c.name === name)!.chid;
+        await bob.c.enter(other);
+        await bob.c.sendMessage({ channel: other }, `seen in ${name}`);
+        await carol.waitOut(new RegExp(`seen in ${name}`));
+        others.push(other);
+      }
+      await cutLinks(proxy, links);
+      await carol.waitOut(/connection lost/);
+      await Promise.all(others.flatMap((other) => Array.from({ length: 100 }, (_, j) => bob.c.sendMessage({ channel: other }, `gap ${j}`))));
+      // The catch-up's first history request (the first channel's) is held while a live one comes.
+      let release!: () => void;
+      let reached!: () => void;
+      const historyHeld = new Promise<void>((r) => (reached = r));
+      let livePassed!: () => void;
+      const live = new Promise<void>((r) => (livePassed = r));
+      proxy = serve({ hold: { match: '"action":"history"', until: new Promise<void>((r) => (release = r)), reached }, passed: { match: "live in the first", reached: livePassed } });
+      await new Promise<void>((r) => proxy.listen(port, "127.0.0.1", () => r()));
+      await historyHeld;
+      await bob.c.sendMessage({ channel: chid }, "live in the first");
+      await live;
+      release();
+      await carol.waitOut(/live in the first/, 20_000);
+      await bob.c.sendMessage({ channel: chid }, "after the catch-up");
+      await carol.waitOut(/after the catch-up/, 20_000);
+      expect(carol.out().split("live in the first").length - 1).toBe(1);
+      carol.type("/quit");
+      expect(await carol.exited).toBe(0);
+    } finally {
+      await dropProxy(proxy, links, bob);
+    }
+  }, 90_000);
+
   it("a direct message whose reply the link lost shows once, from the resend's reply (its echo went with the link)", async () => {
     const bob = await libUser();
     const { links, serve } = linkProxy();

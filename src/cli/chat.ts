@@ -351,8 +351,6 @@ const QUIT_GRACE_MS = 2000;
 const SEEN_CHANNELS = 64;
 /** Messages read per channel after a reconnect. */
 const CATCH_UP_LIMIT = 100;
-/** Channel messages remembered as shown (a catch-up's worth for every remembered channel would be more than needed). */
-const SHOWN_KEPT = 2048;
 /** Own direct messages remembered as shown, so that a resend's reply and its echo show once. */
 const OWN_KEPT = 256;
 /**
@@ -360,6 +358,13 @@ const OWN_KEPT = 256;
  * is read: at most this many, and this much attachment text (beyond: shown as they come).
  */
 const HELD_DURING_CATCH_UP = 1000;
+/**
+ * Channel messages remembered as shown (`<chid> <mid>`, some 40 bytes each): a whole
+ * catch-up and the live ones held during it. A held one the catch-up also read is shown
+ * after it, and must still be remembered then: 2,048 forgot it behind a catch-up of
+ * 21 channels of 100, and it showed twice.
+ */
+const SHOWN_KEPT = SEEN_CHANNELS * CATCH_UP_LIMIT + HELD_DURING_CATCH_UP;
 const HELD_BYTES_DURING_CATCH_UP = 64 * 1024 * 1024;
 /** Events that would show out of order before a catch-up: held with channel messages. */
 const HELD_WITH_MESSAGES = new Set(["ev_edit", "ev_delmessage", "ev_channel_deleted"]);
