@@ -517,10 +517,19 @@ describe("unfinished frames, all connections together", () => {
         expect((await w.next()).action).toBe("welcome");
         return w;
       };
-      const [w, v] = await Promise.all([wsOpen(), wsOpen()]);
+      const [w, v, u] = await Promise.all([wsOpen(), wsOpen(), wsOpen()]);
       const a = await Client.connect(server.port);
       const head = (n: number) => '{"action":"ping","data":{"pad":"' + "x".repeat(n);
       const tail = '"}}';
+      // What is held counts, not what a frame's header announces: 14 bytes saying 200,000 hold nothing yet.
+      const announce = Buffer.alloc(14);
+      announce[0] = 0x81; // a text frame, final
+      announce[1] = 0x80 | 127; // masked, 64-bit length
+      announce.writeBigUInt64BE(200_000n, 2);
+      (u.ws as unknown as { _socket: { write(b: Buffer): void } })._socket.write(announce);
+      await sleep(200);
+      expect(held()).toBeLessThan(100);
+      expect(u.isClosed).toBe(false);
       // w: a message's first fragment, the message unfinished.
       w.ws.send(head(50_000), { fin: false });
       await until(() => held() >= 50_000, 10_000, "w's fragment held");

@@ -46,8 +46,12 @@ export const CLOSE_ERROR = 1011;
 interface ReceiverInternals {
   /** Bytes read from the socket not yet taken out as frames (a frame being received waits here). */
   _bufferedBytes: number;
-  /** Payload bytes of the fragments of the message being received. */
-  _totalPayloadLength: number;
+  /**
+   * Bytes of the fragments of the message being received that it holds (decompressed,
+   * with permessage-deflate). Not _totalPayloadLength: that adds a frame's announced
+   * length as soon as its header is read, so a 14-byte header counted --max-frame.
+   */
+  _messageLength: number;
   /** Takes `n` bytes off the front of what it holds. */
   consume(n: number): Buffer;
 }
@@ -71,7 +75,7 @@ export function checkWs(): void {
   const version = (require("ws/package.json") as { version: string }).version;
   const Receiver = (require("ws") as { Receiver?: new () => Partial<ReceiverInternals> }).Receiver;
   const r = typeof Receiver === "function" ? new Receiver() : undefined;
-  const ok = r !== undefined && typeof r._bufferedBytes === "number" && typeof r._totalPayloadLength === "number" && typeof r.consume === "function" && r.consume.length === 1;
+  const ok = r !== undefined && typeof r._bufferedBytes === "number" && typeof r._messageLength === "number" && typeof r.consume === "function" && r.consume.length === 1;
   if (version !== PINNED_WS || !ok) {
     throw new Error(`wirechat needs ws ${PINNED_WS} exactly (its receiver's counts of unfinished input), found ${version}${ok ? "" : " without them"}: reinstall with npm ci`);
   }
@@ -335,7 +339,7 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
     const held = this.held;
     if (held === undefined) return;
     const r = receiverOf(this.ws);
-    const now = r._bufferedBytes + r._totalPayloadLength;
+    const now = r._bufferedBytes + r._messageLength;
     const grow = now - this.inbound;
     if (grow === 0) return;
     if (grow > 0 && held.bytes + grow > held.max && !makeRoom(held, this, now, grow)) return this.shedForRoom();
