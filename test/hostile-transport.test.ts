@@ -614,6 +614,29 @@ describe("unfinished frames, all connections together", () => {
       await until(() => held() >= 40_000, 10_000, "the third body held");
       cut.s.destroy();
       await until(() => held() === 0, 10_000, "the cut body let go");
+
+      // A body nothing reads (a GET's, one of a media type no route takes, one past
+      // --max-frame): let go with the answer, and never an 'error' nobody hears (it ended
+      // the process) when room is made later.
+      for (const [method, type, length] of [
+        ["GET /status", "application/json", 60_000],
+        ["POST /create_user", "text/plain", 60_000],
+        ["POST /create_user", "application/json", 2_000_000],
+      ] as const) {
+        const s = net.connect(server.httpPort as number, "127.0.0.1");
+        let text = "";
+        s.on("data", (d) => (text += d.toString()));
+        s.on("error", () => {});
+        s.write(`${method} HTTP/1.1\r\nHost: x\r\nContent-Type: ${type}\r\nContent-Length: ${length}\r\n\r\n` + json(30_000));
+        await until(() => /^HTTP\/1\.1 \d+/.test(text), 10_000, `${method} ${type} answered`);
+        await until(() => held() === 0, 10_000, `${method} ${type}'s body let go`);
+        a.socket.write(head(20_000));
+        await sleep(50);
+        a.socket.write(tail);
+        expect((await a.next()).data.status).toBe(0);
+        s.destroy();
+      }
+      expect((await a.request("ping")).status).toBe(0);
       a.close();
     } finally {
       await server.stop();

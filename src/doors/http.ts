@@ -10,6 +10,7 @@
 // against --max-connections and --max-per-address, have the idle timeouts, are refused
 // from banned addresses, and are closed gracefully at shutdown (websocket-listener.ts).
 
+import type { ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 import { Transform, type Readable } from "node:stream";
 import fastifyWebsocket from "@fastify/websocket";
@@ -94,10 +95,10 @@ export class HttpDoor {
     const unfollow = followLevel(log, app.log as unknown as Logger, "warn");
     app.addHook("onClose", async () => unfollow());
     // Request bodies count against --max-partial-input as they arrive (countedBody).
-    app.addHook("preParsing", async (req, _reply, payload) => {
+    app.addHook("preParsing", async (req, reply, payload) => {
       const h = req.headers;
       const none = h["transfer-encoding"] === undefined && (h["content-length"] === undefined || h["content-length"] === "0");
-      return none ? payload : countedBody(this.websockets.partialInput, payload);
+      return none ? payload : countedBody(this.websockets.partialInput, payload, reply.raw);
     });
     // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
     // also counted, and refused with a message, by the listener).
@@ -244,13 +245,14 @@ const BODY_BUDGET = "the server is holding too many unfinished requests of its c
 
 /**
  * A request body as it arrives, its bytes counted in `held` (--max-partial-input, with
- * the TCP doors' unfinished frames and the WebSockets' messages) until it has all come
- * (Fastify holds a body whole until then). Growth past the budget makes room as a TCP
- * frame does (the holders larger than this body will be are shed); when this body is
- * the one to go, here or later for another's room, it fails with 13 (429 in the door's
- * shape) and the rest of it is read and dropped.
+ * the TCP doors' unfinished frames and the WebSockets' messages) until it has all been
+ * read or its request is answered (Fastify holds a body whole until it has all come;
+ * one no route reads, a 413, a GET's, is let go with the answer). Growth past the
+ * budget makes room as a TCP frame does (the holders larger than this body will be are
+ * shed); when this body is the one to go, here or later for another's room, it fails
+ * with 13 (429 in the door's shape) and the rest of it is read and dropped.
  */
-function countedBody(held: HeldInput | undefined, payload: Readable): Readable {
+function countedBody(held: HeldInput | undefined, payload: Readable, response: ServerResponse): Readable {
   if (held === undefined) return payload;
   let mine = 0;
   const uncount = (): void => {
@@ -259,16 +261,21 @@ function countedBody(held: HeldInput | undefined, payload: Readable): Readable {
     held.holders.delete(holder);
     mine = 0;
   };
-  const shed = (): void => {
+  // Nothing more of it is held: what is left of the request is read and dropped.
+  const release = (): void => {
     uncount();
     payload.unpipe(body);
     payload.resume();
+  };
+  const letGo = (err?: Error): void => {
+    release();
+    if (!body.destroyed) body.destroy(err);
   };
   const body = new Transform({
     transform(chunk: Buffer, _encoding, done) {
       const len = chunk.length;
       if (held.bytes + len > held.max && !makeRoom(held, holder, mine + len, len)) {
-        shed();
+        release();
         return done(new ProtocolError(Code.RateLimited, BODY_BUDGET));
       }
       held.bytes += len;
@@ -281,15 +288,18 @@ function countedBody(held: HeldInput | undefined, payload: Readable): Readable {
     get buffered() {
       return mine;
     },
-    shedForRoom() {
-      shed();
-      body.destroy(new ProtocolError(Code.RateLimited, BODY_BUDGET));
-    },
+    shedForRoom: () => letGo(new ProtocolError(Code.RateLimited, BODY_BUDGET)),
   };
+  // Fastify listens while it reads the body; a body nobody reads fails quietly (an
+  // 'error' with no listener ended the process).
+  body.on("error", () => {});
+  body.once("end", uncount);
   body.once("close", uncount);
+  // Answered (or its socket gone): whatever was not read is let go.
+  response.once("close", () => letGo());
   // A request cut off before its end: what it held is let go.
   payload.once("close", () => {
-    if (!body.writableEnded) body.destroy();
+    if (!body.writableEnded) letGo();
   });
   payload.pipe(body);
   return body;
