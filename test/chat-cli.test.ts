@@ -577,11 +577,22 @@ describe("wirechat chat", () => {
       await erin.waitOut(/reconnected/, 30_000);
       erin.type("typed twice, stored once");
       await erin.waitOut(/typed twice, stored once/);
+      // Only as the very next message: after another one, the same text is a new message.
+      hooks.cutOn = '{"action":"message","data":{"status":0';
+      down = true;
+      erin.type("ok");
+      await waitFor(() => erin.out().split("may have been stored").length - 1 === 2, 20_000, "the second unconfirmed");
+      down = false;
+      await waitFor(() => erin.out().split("* reconnected").length - 1 === 2, 30_000, "the second reconnect");
+      erin.type("in between");
+      await erin.waitOut(/in between/);
+      erin.type("ok");
+      await waitFor(() => bob.inbox.length === 4, 10_000, "bob's four messages");
       erin.type("/quit");
       expect(await erin.exited).toBe(0);
       await bob.c.ping();
-      expect(bob.inbox.map((m) => m.body)).toEqual(["typed twice, stored once"]);
-      expect((await bob.c.history({ uid: bob.inbox[0].from })).map((m) => m.body)).toEqual(["typed twice, stored once"]);
+      expect(bob.inbox.map((m) => m.body)).toEqual(["typed twice, stored once", "ok", "in between", "ok"]);
+      expect((await bob.c.history({ uid: bob.inbox[0].from })).map((m) => m.body)).toEqual(["typed twice, stored once", "ok", "in between", "ok"]);
       expect(erin.out().split("typed twice, stored once").length - 1).toBe(1);
     } finally {
       await dropProxy(proxy, links, bob);

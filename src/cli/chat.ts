@@ -401,8 +401,9 @@ class ChatSession {
   private readonly ownShown = new Set<string>();
   /**
    * The last message that got no reply (a timeout, the link lost with no reconnect):
-   * it may be stored. The same text typed again to the same conversation goes with its
-   * cmid, so that it is stored once (see sendAndShow).
+   * it may be stored. The same text typed again to the same conversation, as the next
+   * message sent, goes with its cmid, so that it is stored once (see sendAndShow). Its
+   * echo shown meanwhile says it was stored: then it is forgotten.
    */
   private unconfirmed: { to: string; text: string; cmid: string } | undefined;
 
@@ -441,6 +442,8 @@ class ChatSession {
       if (d.chid === undefined && d.from === this.client.uid && typeof d.mid === "string") {
         if (!remember(this.ownShown, d.mid, OWN_KEPT)) return;
       }
+      const u = this.unconfirmed;
+      if (u !== undefined && d.from === this.client.uid && d.body === u.text && u.to === (d.chid === undefined ? `@${d.to}` : `#${d.chid}`)) this.unconfirmed = undefined;
     }
     if ((ev.action === "ev_enter" || ev.action === "ev_leave") && d.uid) this.nicks.set(d.uid, d.nick);
     if (this.raw) {
@@ -697,7 +700,10 @@ class ChatSession {
       this.unconfirmed = { to: key, text, cmid: err.cmid };
       throw new Error(`${err.message}: it may have been stored; type it again to send it once`);
     }
-    if (again !== undefined) this.unconfirmed = undefined;
+    // Only the very next message can be its retype: a later one of the same text is a
+    // new message (sent with the old cmid, the server answered with the old one's mid,
+    // and it was never stored).
+    this.unconfirmed = undefined;
     // Sent again with its cmid: if the first copy was stored, its echo went to the
     // connection that sent it (shown once either way: by mid).
     if ((!sent.resent && again === undefined) || this.raw) return; // --raw shows the server's frames only
