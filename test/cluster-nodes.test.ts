@@ -447,6 +447,32 @@ describe("cluster mode: presence", () => {
     }
   });
 
+  it("a lost presence note whose list answer is lost too is still put right (asked for again at the next heartbeats)", async () => {
+    const a = await registerUser(node(0));
+    const [b1, b2] = await Promise.all([registerUser(node(1)), registerUser(node(1))]);
+    for (const b of [b1, b2]) expect((await a.client.request("addcontact", { uid: b.uid })).status).toBe(0);
+    const presence = (nodes[0].services.cluster as unknown as { presence: { receive: (n: any) => void } }).presence;
+    let droppedNote = false;
+    let droppedList = false;
+    presence.receive = function (this: unknown, note: any) {
+      if (!droppedNote && note.u === b1.uid && note.on === false) return void (droppedNote = true);
+      // The list asked for after the loss is lost as well (its last page, the one that decides).
+      if (droppedNote && !droppedList && note.all !== undefined && note.last) return void (droppedList = true);
+      return Object.getPrototypeOf(presence).receive.call(this, note);
+    };
+    try {
+      b1.client.close();
+      await waitFor(() => droppedNote, 10_000, "b1's note dropped");
+      b2.client.close();
+      expect(await a.client.event("ev_presence", (d) => d.uid === b2.uid, 10_000)).toMatchObject({ online: false });
+      expect(await a.client.event("ev_presence", (d) => d.uid === b1.uid, 15_000)).toMatchObject({ online: false });
+      expect(droppedList).toBe(true);
+    } finally {
+      delete (presence as { receive?: unknown }).receive;
+      a.client.close();
+    }
+  });
+
   it("a deleted account goes offline, once, for those who list it on every node", async () => {
     const a = await registerUser(node(0));
     const b = await registerUser(node(1));

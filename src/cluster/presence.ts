@@ -49,6 +49,8 @@ interface Node {
   seq?: number;
   /** When its whole list was last asked for (one `want` a heartbeat at most). */
   wanted?: number;
+  /** A note of its was lost and no whole list has come since: asked for at every heartbeat until one does. */
+  stale?: boolean;
 }
 
 export class ClusterPresence {
@@ -58,6 +60,9 @@ export class ClusterPresence {
   private snapshots = 0;
   /** This node's transitions announced so far (each note's `s`). */
   private transitions = 0;
+  /** When this node last sent its whole list, and a later one waiting (one a heartbeat at most: every list reaches every node). */
+  private listedAt = 0;
+  private listTimer: NodeJS.Timeout | undefined;
   private sub: Subscription | undefined;
   private timer: NodeJS.Timeout | undefined;
 
@@ -91,6 +96,7 @@ export class ClusterPresence {
 
   stop(): void {
     if (this.timer) clearInterval(this.timer);
+    if (this.listTimer) clearTimeout(this.listTimer);
     this.sub?.unsubscribe();
   }
 
@@ -123,8 +129,24 @@ export class ClusterPresence {
     }
   }
 
-  /** This node's whole list, in pages; the last one says so. */
+  /**
+   * This node's whole list, now or, when one went out less than a heartbeat ago, once
+   * that heartbeat is over (the nodes that each ask for it after one lost note get one).
+   */
   private sendAll(): void {
+    if (this.listTimer) return;
+    const wait = this.listedAt + HEARTBEAT_MS - Date.now();
+    if (wait <= 0) return this.sendAllNow();
+    this.listTimer = setTimeout(() => {
+      this.listTimer = undefined;
+      this.sendAllNow();
+    }, wait);
+    this.listTimer.unref();
+  }
+
+  /** This node's whole list, in pages; the last one says so. */
+  private sendAllNow(): void {
+    this.listedAt = Date.now();
     const all = [...this.localUsers()];
     const snap = `${++this.snapshots}`;
     const pages = Math.max(1, Math.ceil(all.length / PAGE));
@@ -165,19 +187,21 @@ export class ClusterPresence {
       // The whole list: whoever it lacks went offline there while a note was lost.
       for (const uid of [...node.users]) if (!listed.has(uid)) this.set(note.o, node.users, uid, false);
       if (note.s !== undefined) node.seq = note.s;
+      node.stale = false;
     } else if ("u" in note) {
       this.set(note.o, node.users, note.u, note.on);
       if (note.s === undefined) return;
       if (node.seq !== undefined && note.s !== node.seq + 1) this.want(note.o, node);
       node.seq = note.s;
-    } else if ("hb" in note && note.s !== undefined && note.s !== node.seq) {
-      // A transition of its not heard (or its list never came): its whole list.
+    } else if ("hb" in note && (node.stale || (note.s !== undefined && note.s !== node.seq))) {
+      // A transition of its not heard (or its list never came, or was cut): its whole list.
       this.want(note.o, node);
     }
   }
 
   /** Asks `origin` for its whole list, once a heartbeat at most. */
   private want(origin: string, node: Node): void {
+    node.stale = true;
     const now = Date.now();
     if (node.wanted !== undefined && now - node.wanted < HEARTBEAT_MS) return;
     node.wanted = now;
