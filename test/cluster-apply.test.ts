@@ -30,7 +30,7 @@ const HASHES = ["h0", "h0", "h0", "h1"];
 
 const command: fc.Arbitrary<Command> = fc.oneof(
   fc.record({
-    k: fc.constant("register" as const),
+    k: fc.constantFrom("register" as const, "signup" as const),
     t: fc.integer({ min: 1000, max: 2000 }),
     uid: fc.constantFrom(...UIDS),
     login: fc.constantFrom(...NAMES),
@@ -40,7 +40,6 @@ const command: fc.Arbitrary<Command> = fc.oneof(
     sid: fc.constantFrom(...SIDS),
     expires: fc.constantFrom(1_500, 1_000_000),
     names: fc.option(fc.constant(true as const), { nil: undefined }),
-    reg: fc.option(fc.constant(true as const), { nil: undefined }),
   }),
   fc.record({ k: fc.constant("registration" as const), open: fc.boolean() }),
   fc.record({
@@ -377,12 +376,12 @@ describe("cluster apply", () => {
     for (const together of [false, true]) {
       const v = await view();
       try {
-        const reg = (uid: string, login: string, flag: boolean): Command => ({ k: "register", t: 1000, uid, login, nick: `n${uid}`, hash: "h0", sid: `s${uid}`, expires: 1_000_000, names: true, bans: true, ...(flag ? { reg: true as const } : {}) });
+        const reg = (uid: string, login: string, signup: boolean): Command => ({ k: signup ? "signup" : "register", t: 1000, uid, login, nick: `n${uid}`, hash: "h0", sid: `s${uid}`, expires: 1_000_000, names: true, bans: true });
         const cmds: Command[] = [
           reg("u0", "before", true),
           { k: "registration", open: false },
           reg("u1", "after", true),
-          // An operator's account (or a node whose --registration decides, or an older entry): no flag.
+          // An operator's account (or a node whose --registration decides, or an older entry): a register.
           reg("u2", "operator", false),
           { k: "registration", open: true },
           reg("u3", "reopened", true),

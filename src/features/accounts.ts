@@ -447,8 +447,8 @@ export function registerAccounts(sv: Services): AccountOps {
     const session = first ? { sid: sidHash(first.sid), expires: first.expires } : {};
     // A user's own register, on a node that follows the log's setting: the log checks it
     // is still open where the entry lands (an operator's account is made regardless).
-    const reg = byUser && sv.registration.followsLog ? { reg: true as const } : {};
-    const out = await cluster.append({ k: "register", t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, bans: true, ...reg, ...session });
+    const k = byUser && sv.registration.followsLog ? "signup" : "register";
+    const out = await cluster.append({ k, t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, bans: true, ...session });
     if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
     // Banned, or registration closed, through another node after this node's own checks read its view.
     if (out.k === "refused" && out.reason === BANNED_LOGIN) throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);

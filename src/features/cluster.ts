@@ -47,7 +47,16 @@ import type { Services } from "./services.js";
 
 export type Command =
   | {
-      k: "register";
+      /**
+       * "signup": a user's own register on a node that follows the log's registration
+       * setting (no --registration of its own): refused (15) when that setting is
+       * "closed" as the entry is applied, since the proposer's check read its own view,
+       * which can lag a close made through another node. A kind of its own, not a flag:
+       * a node of an older version stops at it (unknown command) rather than make the
+       * account where the others refuse it. "register": not checked (an operator's
+       * account, a node whose --registration decides for itself, older entries).
+       */
+      k: "register" | "signup";
       /** Proposer's clock (unix seconds): the account's creation and the session's issue. */
       t: number;
       uid: string;
@@ -69,14 +78,6 @@ export type Command =
        * entries have no flag and were decided without it.
        */
       bans?: true;
-      /**
-       * A user's own register on a node that follows the log's registration setting (no
-       * --registration of its own): refused (15) when that setting is "closed" as the
-       * entry is applied, since the proposer's check read its own view, which can lag a
-       * close made through another node. Without it (an operator's account, a node whose
-       * --registration decides for itself, an older entry): not checked.
-       */
-      reg?: true;
     }
   | {
       k: "session";
@@ -516,7 +517,8 @@ export class Cluster {
         Promise.all(
           e.entry.c.map(async (c): Promise<Reads> => {
             switch (c.k) {
-              case "register": {
+              case "register":
+              case "signup": {
                 const [login, nick, existing, loginAsNick, nickAsLogin, loginAsEmail] = await Promise.all([
                   users.lookup("login", c.login),
                   users.lookup("nick", c.nick),
@@ -776,7 +778,8 @@ export class Cluster {
     const { overlay, newPairs, events } = t;
     const end = (x: SessionsEnded) => t.ended.push([x, t.byMe]);
     switch (c.k) {
-      case "register": {
+      case "register":
+      case "signup": {
         if (overlay.holder("login", c.login, r.login) !== undefined) return { k: "taken", index: "login" };
         if (overlay.holder("nick", c.nick, r.nick) !== undefined) return { k: "taken", index: "nick" };
         if (c.names && (overlay.holder("nick", c.login, r.loginAsNick) ?? c.uid) !== c.uid) return { k: "taken", index: "login" };
@@ -785,7 +788,7 @@ export class Cluster {
         if (c.names && c.login.includes("@") && overlay.holder("email", c.login, r.loginAsEmail) !== undefined) return { k: "taken", index: "login" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
         if (c.bans && this.banState(overlay, "login", c.login).has) return { k: "refused", reason: BANNED_LOGIN };
-        if (c.reg && (overlay.registration ?? this.sv.registration.logged) === "closed") return { k: "refused", reason: REGISTRATION_CLOSED };
+        if (c.k === "signup" && (overlay.registration ?? this.sv.registration.logged) === "closed") return { k: "refused", reason: REGISTRATION_CLOSED };
         const user: UserRecord = { uid: c.uid, num: users.nextNum(), login: c.login, nick: c.nick, hash: c.hash, email: "", phone: "", picture: "", status: "", created: c.t };
         const first = c.sid === undefined ? undefined : { hash: c.sid, expires: c.expires ?? 0, issued: c.t * 1000 };
         storage.commitLazy([...users.saveOps(user), ...(first ? sessions.createHashedOps(first.hash, { uid: c.uid, created: c.t, expires: first.expires }, first.issued) : [])]);
