@@ -738,6 +738,23 @@ describe("cluster mode: direct messages", () => {
     // Kept: the message references it (a later collect leaves it).
     await nodes[2].services.blobs.collect(sha);
     expect(existsSync(nodes[2].services.blobs.pathOf(sha))).toBe(true);
+    // Not in the store either: the first read asks, sends it empty, and the next reads
+    // for a while do not ask again (each one did, and logged it).
+    const remote = (nodes[2].services.cluster as unknown as { remoteBlobs: { os: { get(n: string): Promise<unknown>; delete(n: string): Promise<unknown> } } }).remoteBlobs;
+    await remote.os.delete(sha);
+    rmSync(nodes[2].services.blobs.pathOf(sha));
+    let gets = 0;
+    const get = remote.os.get.bind(remote.os);
+    remote.os.get = (n: string) => (gets++, get(n));
+    try {
+      for (let i = 0; i < 3; i++) {
+        const r = await c1.client.request("history", { uid: alice.uid });
+        expect(r.messages.find((m: any) => m.mid === sent.mid).attach).toEqual({ mime: "image/png", data: "" });
+      }
+      expect(gets).toBe(1);
+    } finally {
+      remote.os.get = get;
+    }
     for (const c of [alice.client, bob.client, c1.client, c2.client]) c.close();
   });
 

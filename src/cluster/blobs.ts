@@ -22,11 +22,13 @@ const FETCH_ATTEMPTS = 30;
 /** A missing blob fetched again for a read (refetch) is tried this many times: the read waits. */
 const REFETCH_ATTEMPTS = 3;
 /**
- * One try of a fetch fails when the store does not answer, or its bytes stop coming,
- * for this long: the object store's get has no deadline of its own, and a stalled one
- * held the node's apply of the log (every later entry) for good.
+ * One try of a fetch fails when the store does not answer for this long, or sends less
+ * than FETCH_MIN_PROGRESS in it: the object store's get has no deadline of its own, and
+ * a stalled one (or one trickling a chunk at a time) held the node's apply of the log,
+ * every later entry, for good.
  */
 const FETCH_STALL_MS = 30_000;
+const FETCH_MIN_PROGRESS = 1024 * 1024;
 
 export class ClusterBlobs {
   private constructor(
@@ -125,12 +127,17 @@ export class ClusterBlobs {
 
 /** `p`, or a failure once FETCH_STALL_MS passes first (`late` gets what `p` gives after). */
 function beforeStall<T>(p: Promise<T>, late: (value: T) => void): Promise<T> {
+  return beforeDeadline(p, Date.now() + FETCH_STALL_MS, late);
+}
+
+/** `p`, or a failure at `deadline` (unix ms) if it comes first (`late` gets what `p` gives after). */
+function beforeDeadline<T>(p: Promise<T>, deadline: number, late: (value: T) => void = () => {}): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     let settled = false;
     const timer = setTimeout(() => {
       settled = true;
-      reject(new Error(`the object store did not answer within ${FETCH_STALL_MS / 1000} s`));
-    }, FETCH_STALL_MS);
+      reject(new Error(`the object store sent too little within ${FETCH_STALL_MS / 1000} s`));
+    }, Math.max(0, deadline - Date.now()));
     p.then(
       (v) => {
         clearTimeout(timer);
@@ -145,13 +152,23 @@ function beforeStall<T>(p: Promise<T>, late: (value: T) => void): Promise<T> {
   });
 }
 
-/** The object's bytes as they come, failing (and cancelling the read) when none come for FETCH_STALL_MS. */
+/**
+ * The object's bytes as they come, failing (and cancelling the read) when a
+ * FETCH_STALL_MS window passes without FETCH_MIN_PROGRESS of them (or the end).
+ */
 async function* untilStall(data: ReadableStream<Uint8Array>): AsyncGenerator<Uint8Array> {
   const reader = data.getReader();
+  let deadline = Date.now() + FETCH_STALL_MS;
+  let progress = 0;
   try {
     for (;;) {
-      const { done, value } = await beforeStall(reader.read(), () => {});
+      const { done, value } = await beforeDeadline(reader.read(), deadline);
       if (done) return;
+      progress += value.byteLength;
+      if (progress >= FETCH_MIN_PROGRESS) {
+        progress = 0;
+        deadline = Date.now() + FETCH_STALL_MS;
+      }
       yield value;
     }
   } finally {

@@ -22,6 +22,7 @@ import path from "node:path";
 import type { Readable } from "node:stream";
 import type { Logger } from "pino";
 import type { Background } from "../background.js";
+import { within } from "../clock.js";
 import { LocalLock, type KeyedLock } from "../seams.js";
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import { makeDir, makeDirSync } from "./dirs.js";
@@ -109,6 +110,15 @@ function invalid(message: string): BlobError {
 const HELD_BACK_MAX = 100_000;
 /** Missing blobs fetched again at once, at most (BlobStore.refetch); past it a read goes out empty. */
 const REFETCHING_MAX = 64;
+/**
+ * How long a read waits for a refetch (the fetch goes on after it, for the next read):
+ * the frame being written holds the connection's other frames meanwhile.
+ */
+const REFETCH_WAIT_MS = 5_000;
+/** A blob whose refetch failed is not asked for again for this long (every read of it asked, and logged). */
+const REFETCH_RETRY_MS = 60_000;
+/** Failed refetches remembered (the oldest forgotten first). */
+const REFETCH_FAILED_MAX = 1024;
 
 export class BlobStore {
   readonly dir: string;
@@ -129,6 +139,8 @@ export class BlobStore {
   refetch: ((sha: string) => Promise<boolean>) | undefined;
   /** Refetches under way, by sha (REFETCHING_MAX): readers of one blob wait for one fetch. */
   private readonly refetching = new Map<string, Promise<boolean>>();
+  /** sha → when its refetch last failed (REFETCH_RETRY_MS, REFETCH_FAILED_MAX). */
+  private readonly refetchFailed = new Map<string, number>();
   /**
    * Bytes of the stored blob files: each file stored or collected since start, plus
    * those the start-up sweep found (complete once it has finished).
@@ -429,12 +441,18 @@ export class BlobStore {
     }
   }
 
-  /** A missing blob a message here still references, fetched again (refetch); whether it is a file now. */
+  /**
+   * A missing blob a message here still references, fetched again (refetch); whether it
+   * is a file now. A read waits REFETCH_WAIT_MS at most; one that failed lately is not
+   * asked for again.
+   */
   private restored(sha: string): Promise<boolean> {
     const refetch = this.refetch;
     if (refetch === undefined) return Promise.resolve(false);
     let p = this.refetching.get(sha);
     if (p === undefined) {
+      const failed = this.refetchFailed.get(sha);
+      if (failed !== undefined && Date.now() - failed < REFETCH_RETRY_MS) return Promise.resolve(false);
       if (this.refetching.size >= REFETCHING_MAX) return Promise.resolve(false);
       p = (async () => {
         // A deleted message's file is gone on purpose: not fetched back.
@@ -445,10 +463,18 @@ export class BlobStore {
           this.log?.warn({ err, sha }, "fetching a missing attachment again failed; sent empty");
           return false;
         })
-        .finally(() => this.refetching.delete(sha));
+        .then((ok) => {
+          this.refetching.delete(sha);
+          this.refetchFailed.delete(sha);
+          if (!ok) {
+            if (this.refetchFailed.size >= REFETCH_FAILED_MAX) this.refetchFailed.delete(this.refetchFailed.keys().next().value as string);
+            this.refetchFailed.set(sha, Date.now());
+          }
+          return ok;
+        });
       this.refetching.set(sha, p);
     }
-    return p;
+    return within(p, REFETCH_WAIT_MS).then((done) => done && p);
   }
 }
 
