@@ -665,6 +665,13 @@ describe("cluster mode: direct messages", () => {
     const got = await evMessages(bob.client, 2);
     expect(got.map((m) => m.body)).toEqual(["once", "race"]);
     expect(await bob.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);
+    // A channel message resent after its sender left the channel: its mid, not 10.
+    const { chid } = await bob.client.request("createchannel", { name: uniqueName("resend"), members: [alice.uid] });
+    const inChannel = await alice.client.request("message", { channel: chid, body: "said", cmid: "c-3" });
+    expect(inChannel.status).toBe(0);
+    expect((await alice.client.request("leave", { channel: chid })).status).toBe(0);
+    expect(await again.client.request("message", { channel: chid, body: "said", cmid: "c-3" })).toEqual(inChannel);
+    expect((await again.client.request("message", { channel: chid, body: "new", cmid: "c-4" })).status).toBe(10);
     for (const c of [alice.client, bob.client, again.client]) c.close();
   });
 

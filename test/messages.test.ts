@@ -204,6 +204,20 @@ describe("cmid", () => {
   });
 });
 
+describe("a resend of a stored message after what it named changed", () => {
+  it("gets the original mid, not 10: the sender left the channel since (a new message there is refused)", async () => {
+    const a = await registerUser(shared.port);
+    const owner = await registerUser(shared.port);
+    const { chid } = await owner.client.request("createchannel", { name: `resend-left-${Date.now()}`, members: [a.uid] });
+    const ch = await a.client.request("message", { channel: chid, body: "in the channel", cmid: "r-left" });
+    expect(ch.status).toBe(0);
+    expect((await a.client.request("leave", { channel: chid })).status).toBe(0);
+    expect(await a.client.request("message", { channel: chid, body: "in the channel", cmid: "r-left" })).toEqual(ch);
+    expect((await a.client.request("message", { channel: chid, body: "new", cmid: "r-left-new" })).status).toBe(10);
+    for (const c of [a.client, owner.client]) c.close();
+  });
+});
+
 describe("a change in flight when its author's account is deleted", () => {
   it("is not made: the deleted account's message stays as it was", async () => {
     const a = await registerUser(shared.port);

@@ -823,6 +823,13 @@ export class Cluster {
       }
       case "msg": {
         if (!this.hasAccount(overlay, c.from, r)) return { k: "error", err: accountGone() };
+        // A resend of a stored message gets its mid whatever changed since (the recipient
+        // deleted, the channel left or gone): PROTOCOL.md "cmid: resending safely". No
+        // state changes either way, so entries decided before this order are unaffected.
+        if (c.cmid !== undefined) {
+          const earlier = this.cmidHolder(overlay, overlay.cmids.get(`${c.from}\u0000${c.cmid}`), r);
+          if (earlier) return { k: "sent", sent: new MessageSent(earlier[0], earlier[1]), event: undefined, audience: { users: [c.from] } };
+        }
         let audience: Audience;
         if (c.chid !== undefined) {
           if (!overlay.channel(c.chid, r.channel)) return { k: "error", err: channelErrors.notFound(c.chid) };
@@ -833,10 +840,6 @@ export class Cluster {
           const to = c.to as string;
           if (!r.user && !overlay.users.has(to)) return { k: "nouser" };
           audience = { users: to === c.from ? [to] : [to, c.from] };
-        }
-        if (c.cmid !== undefined) {
-          const earlier = this.cmidHolder(overlay, overlay.cmids.get(`${c.from}\u0000${c.cmid}`), r);
-          if (earlier) return { k: "sent", sent: new MessageSent(earlier[0], earlier[1]), event: undefined, audience };
         }
         const m: MessageRecord =
           c.chid !== undefined

@@ -214,22 +214,32 @@ export function registerMessages(sv: Services): void {
     return req.deferred();
   }
 
+  /** Waits on a request storing (sender, cmid) now. */
+  function follow(waiting: Deferred[]): Deferred {
+    const d = new Deferred();
+    waiting.push(d);
+    return d;
+  }
+
+  /**
+   * The answer to a resend of (sender, cmid) when it is stored, or being stored, already:
+   * its mid and time, whatever changed since (PROTOCOL.md "cmid: resending safely").
+   */
+  async function resent(sender: string, cmid: string): Promise<Deferred | undefined> {
+    const inflight = inflightCmids.get(`${sender}\u0000${cmid}`);
+    if (inflight) return follow(inflight);
+    const earlier = await messages.byCmid(sender, cmid);
+    if (!earlier) return undefined;
+    const d = new Deferred();
+    d.resolve(new MessageSent(earlier[0], earlier[1]));
+    return d;
+  }
+
   /** A message with a cmid: the same (sender, cmid) is stored once, whoever sends it. */
   async function storeOnce(req: Request<MessageData>, sender: string, to: string | undefined, channel: string | undefined, cmid: string): Promise<Deferred> {
     const key = `${sender}\u0000${cmid}`;
-    const follow = (waiting: Deferred[]) => {
-      const d = new Deferred();
-      waiting.push(d);
-      return d;
-    };
-    const inflight = inflightCmids.get(key);
-    if (inflight) return follow(inflight);
-    const earlier = await messages.byCmid(sender, cmid);
-    if (earlier) {
-      const d = new Deferred();
-      d.resolve(new MessageSent(earlier[0], earlier[1]));
-      return d;
-    }
+    const earlier = await resent(sender, cmid);
+    if (earlier) return earlier;
     const again = inflightCmids.get(key); // another request got there while we read
     if (again) return follow(again);
     const waiting: Deferred[] = [];
@@ -285,10 +295,11 @@ export function registerMessages(sv: Services): void {
       return d;
     };
     // A channel's membership is decided by the log's apply (9 or 10 from there).
-    if (!attach && (channel !== undefined || users.peek(to as string) !== undefined)) return append();
+    if (!attach && (channel !== undefined || cmid !== undefined || users.peek(to as string) !== undefined)) return append();
     return (async () => {
-      // A recipient registered through another node a moment ago: this node may not have it yet.
-      if (channel === undefined) await findUser(sv, to as string);
+      // A recipient registered through another node a moment ago: this node may not have
+      // it yet. (With a cmid the log decides: a resend to one deleted since gets its mid.)
+      if (channel === undefined && cmid === undefined) await findUser(sv, to as string);
       // The blob is in the cluster's object store before any entry names it (the
       // upload's pin keeps the local file until the reply).
       if (attach) await cluster.putBlob(attach.sha, attach.size);
@@ -323,6 +334,11 @@ export function registerMessages(sv: Services): void {
       const ready = cmid === undefined && (to !== undefined ? known !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
       if (ready) return store(req, me, known, channel, undefined);
       return (async () => {
+        // A resend of a stored message gets its mid first: the recipient deleted since,
+        // or the channel left or gone, answered 8, 9 or 10 for a message that was stored
+        // and delivered (its client took it for failed).
+        const earlier = cmid === undefined ? undefined : await resent(me, cmid);
+        if (earlier) return earlier;
         if (to !== undefined && !(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
         if (channel !== undefined) await memberChannel(channel, me);
         if (cmid === undefined) return store(req, me, to, channel, undefined);
