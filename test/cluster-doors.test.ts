@@ -169,6 +169,53 @@ describe("cluster mode with the seed doors", () => {
     ws2.close();
   });
 
+  it("a room socket gets the messages sent while its login re-reads the session (cluster mode)", async () => {
+    const [a, b] = nodes;
+    const el = uniqueName("c2");
+    const reg = await post(b, "/v1/register", { login: el, password: "pw" });
+    const sid = reg.body.session_id as string;
+    const n = await Client.connect(a.port);
+    const authed = await n.request("auth", { login: el, pass: "pw" });
+    expect(authed.status).toBe(0);
+    const uid = authed.uid as string;
+    const chid = (await n.request("channellist", { limit: 500 })).channels.find((c: { name: string }) => c.name === ROOM).chid;
+    expect((await n.request("enter", { channel: chid })).status).toBe(0);
+    n.close();
+    await n.closed;
+    await new Promise((r) => setTimeout(r, 300)); // node b has seen uid's only connection go
+    // Node b's login, once attached, reads the session again (attachedStillValid): held there.
+    const sessions = b.services.sessions as unknown as { get: (sid: string) => Promise<unknown> };
+    const get = sessions.get.bind(sessions);
+    let reached!: () => void;
+    const atRead = new Promise<void>((r) => (reached = r));
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    let held = false;
+    sessions.get = async (x: string) => {
+      if (!held && b.services.router.isHere(uid)) {
+        held = true;
+        reached();
+        await released;
+      }
+      return get(x);
+    };
+    try {
+      const ws = await WsClient.connect(b.httpPort as number, `/v1/rooms/${chid}/chat?session_id=${sid}`);
+      await atRead;
+      const other = await registerUser(a.port);
+      expect((await other.client.request("enter", { channel: chid })).status).toBe(0);
+      expect((await other.client.request("message", { channel: chid, body: "while logging in" })).status).toBe(0);
+      await new Promise((r) => setTimeout(r, 500)); // applied on node b meanwhile
+      release();
+      expect(await ws.next((m) => m.text === "while logging in", 10_000)).toMatchObject({ text: "while logging in" });
+      ws.close();
+      other.client.close();
+    } finally {
+      delete (sessions as { get?: unknown }).get;
+      release();
+    }
+  });
+
   it("a door's lookups on a node behind the log wait for it: a room made on the other node a moment ago is found", async () => {
     const [a] = nodes;
     process.env.WIRECHAT_TEST_APPLY_DELAY_MS = "1500";

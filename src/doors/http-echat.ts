@@ -199,18 +199,22 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
 
   /** A room socket logs in with its session first (before anything it sends is handled). */
   protected override async start(s: Session, st: EchatState): Promise<OutFrame[]> {
+    // Live from the login on: a message to the room while its membership is read goes
+    // out (it was dropped), and so does one that comes while the login itself waits
+    // (in cluster mode it reads the session again once attached: a message then was
+    // dropped for good on this socket). Only members are sent a room's events, and
+    // nothing is sent to a session before its login attaches it, so a socket that
+    // turns out not to be one has been sent none of them.
+    st.live = true;
     const r = await this.call(s, "auth", { sid: st.sid });
     if (!r.ok) {
+      st.live = false;
       // A refusal with a code of its own (the address's failed-login throttle, the
       // user's connection cap, a database error) is not the session's fault: said as
       // the routes say it. Told "unauthorized", a seed client throws a valid session away.
       const own = ownCode(r.code);
       return this.closeWith(s, JSON.stringify({ error: own === undefined ? { code: "unauthorized" } : { code: own, message: r.text } }));
     }
-    // Live from the login on: a message to the room while its membership is read goes
-    // out (it was dropped). Only members are sent a room's events, so a socket that
-    // turns out not to be one has been sent none of them.
-    st.live = true;
     let member: boolean;
     try {
       member = await this.deps.isMember(st.chid, s.uid as string);
