@@ -327,6 +327,22 @@ describe("HTTP/WS chat door: /login checks the credentials and keeps nothing", (
     expect(device.frames.filter((f) => f.action === "ev_logout")).toEqual([]);
     device.close();
   });
+
+  it("/change_password with a new password changepassword would refuse ends no session first", async () => {
+    const port = one.server.httpPort as number;
+    const email = `${uniqueName("cp")}@example.com`;
+    const post = (path: string, body: string) =>
+      fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body }).then(async (r) => ({ status: r.status, body: await r.json() }));
+    expect((await post("/create_user", JSON.stringify({ username: uniqueName("C"), password: "pw", email }))).status).toBe(200);
+    const device = await Client.connect(one.port);
+    const auth = await device.request("auth", { login: email, pass: "pw" });
+    expect(auth.status).toBe(0);
+    const refused = await post("/change_password", `{"email":${JSON.stringify(email)},"old_password":"pw","new_password":"\\ud800"}`);
+    expect(refused).toMatchObject({ status: 400, body: { status: "error", message: expect.stringMatching(/lone surrogate/) } });
+    expect((await device.request("contactlist", {})).status).toBe(0);
+    expect(device.frames.filter((f) => f.action === "ev_logout")).toEqual([]);
+    device.close();
+  });
 });
 
 describe("WebSocket slow readers", () => {

@@ -24,6 +24,7 @@ import type { Logger } from "pino";
 import type WebSocket from "ws";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { RATE_CLOSING, RATE_REFUSED, type Dispatcher, type RateVerdict } from "../protocol/dispatcher.js";
+import { hasLoneSurrogate } from "../protocol/validation.js";
 import type { Audience, Event } from "../protocol/events.js";
 import { afterRead, type OutFrame } from "../protocol/frames.js";
 import type { Session } from "../protocol/session.js";
@@ -414,6 +415,9 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   }
 
   async changePassword(client: RouteClient, email: string, old: string, next: string): Promise<RouteAnswer> {
+    // Refused before the login, as changepassword would refuse it after: the login's
+    // session, at --max-sessions-per-user, had ended a device's oldest one for nothing.
+    if (hasLoneSurrogate(next)) return failure(400, "'new_password' is not well-formed Unicode (it holds a lone surrogate)");
     return this.onRequest(client, async (s) => {
       const r = await this.loginByEmail(s, email, old);
       if (!r.ok) return refusal(r);
