@@ -151,6 +151,13 @@ describe("e_chat_server door: accounts", () => {
     expect(await call("POST", "/v1/logout", { sid: a.sid, body: {} })).toMatchObject({ status: 200, body: {} });
     expect((await call("GET", "/v1/info", { sid: a.sid })).status).toBe(401);
     expect(await call("POST", "/v1/logout", { body: {} })).toMatchObject({ status: 401, body: { error: { code: "unauthorized" } } });
+    // The cookie is cleared with its own session only: a logout of another (Bearer) keeps it.
+    const [c, d] = [await register(), await register()];
+    const other = await call("POST", "/v1/logout", { sid: d.sid, body: {}, headers: { cookie: `session_id=${c.sid}` } });
+    expect(other).toMatchObject({ status: 200, cookie: null });
+    expect((await call("GET", "/v1/info", { headers: { cookie: `session_id=${c.sid}` } })).status).toBe(200);
+    const own = await call("POST", "/v1/logout", { body: {}, headers: { cookie: `session_id=${c.sid}` } });
+    expect(own).toMatchObject({ status: 200, cookie: expect.stringMatching(/^session_id=;.*Max-Age=0/) });
   });
 
   it("the session_id is a wirechat session: native auth {sid} resumes it; a native account logs in here", async () => {

@@ -466,6 +466,11 @@ export function sessionOf(req: FastifyRequest): string | undefined {
   }
   const q = (req.query as { session_id?: unknown } | undefined)?.session_id;
   if (typeof q === "string" && q !== "") return q;
+  return cookieSession(req);
+}
+
+/** The session the request's `session_id` cookie names (from the same origin only). */
+function cookieSession(req: FastifyRequest): string | undefined {
   const cookie = req.headers.cookie;
   if (typeof cookie === "string" && sameOrigin(req)) {
     for (const part of cookie.split(";")) {
@@ -599,8 +604,11 @@ export function echatRoutes(
       return send(reply, a);
     });
     app.post("/logout", async (req, reply) => {
-      const a = await door.logout(clientOf(req), sessionOf(req));
-      if (a.http === 200) reply.header("set-cookie", `session_id=; Path=/v1; HttpOnly; SameSite=Lax; Max-Age=0`);
+      const sid = sessionOf(req);
+      const a = await door.logout(clientOf(req), sid);
+      // The cookie goes only with the session it names: a logout of another session
+      // (a Bearer header, ?session_id=) left the cookie's session valid and its client without it.
+      if (a.http === 200 && cookieSession(req) === sid) reply.header("set-cookie", `session_id=; Path=/v1; HttpOnly; SameSite=Lax; Max-Age=0`);
       return send(reply, a);
     });
     app.get("/info", async (req, reply) => send(reply, await door.info(clientOf(req), sessionOf(req))));
