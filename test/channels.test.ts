@@ -1062,3 +1062,41 @@ describe("channel changes racing the account's deletion", () => {
     for (const c of [owner.client, x.client, y.client]) c.close();
   });
 });
+
+describe("a channel deleted while a message's event waits for its members", () => {
+  it("its members get the message before ev_channel_deleted, not after", async () => {
+    const owner = await registerUser(shared.port);
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const { chid } = await owner.client.request("createchannel", { name: uniqueName("gone"), members: [a.uid, b.uid] });
+    // The next members read (the message's audience) is read at once and answered late:
+    // the members before the deletion, after it.
+    const { channels } = shared.server.services;
+    const members = channels.members.bind(channels);
+    (channels as { cachedMembers: unknown }).cachedMembers = () => undefined;
+    let first = true;
+    (channels as { members: unknown }).members = async (c: string) => {
+      const list = await members(c);
+      if (first) {
+        first = false;
+        await sleep(400);
+      }
+      return list;
+    };
+    try {
+      a.client.send("message", { channel: chid, body: "last words" });
+      expect((await a.client.reply("message")).data.status).toBe(0);
+      expect((await owner.client.request("deletechannel", { channel: chid })).status).toBe(0);
+      const order: string[] = [];
+      for (let i = 0; i < 2; i++) {
+        const f = await b.client.next((x) => (x.action === "ev_message" && x.data.body === "last words") || (x.action === "ev_channel_deleted" && x.data.chid === chid), 5000);
+        order.push(f.action);
+      }
+      expect(order).toEqual(["ev_message", "ev_channel_deleted"]);
+    } finally {
+      delete (channels as { members?: unknown }).members;
+      delete (channels as { cachedMembers?: unknown }).cachedMembers;
+    }
+    for (const c of [owner.client, a.client, b.client]) c.close();
+  });
+});

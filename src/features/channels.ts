@@ -150,8 +150,13 @@ export function registerChannels(sv: Services): ChannelOps {
     return (out as { chid: string }).chid;
   }
 
-  function tell(uids: readonly string[], ev: Event): void {
-    router.publish(ev, { users: uids });
+  /**
+   * A channel's event to `uids` (read by the caller), in its place behind the channel's
+   * events still waiting for their members: ev_channel_deleted went out before a message
+   * sent just before the deletion, whose event waited for a members read.
+   */
+  function tell(uids: readonly string[], ev: Event & { chid: string }): void {
+    router.publish(ev, { users: uids, channel: ev.chid });
   }
 
   /**
@@ -287,7 +292,7 @@ export function registerChannels(sv: Services): ChannelOps {
    * The ev_enter of a member added at creation, for that member alone: it tells them
    * they are in (`enter` lists the others; N members told of each other would be N²).
    */
-  function entered(chid: string, m: { uid: string; nick: string }): Event {
+  function entered(chid: string, m: { uid: string; nick: string }): Event & { chid: string } {
     return { kind: "enter", chid, uid: m.uid, nick: m.nick };
   }
 

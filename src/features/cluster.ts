@@ -1165,7 +1165,8 @@ export class Cluster {
       channels.removed(ch.chid);
       this.onPurge?.(channelConv(ch.chid));
     });
-    t.events.push([{ kind: "channelDeleted", chid: ch.chid }, { users: members }]);
+    // In its place behind the channel's events still waiting for their members (features/channels.ts tell).
+    t.events.push([{ kind: "channelDeleted", chid: ch.chid }, { users: members, channel: ch.chid }]);
   }
 }
 
