@@ -1100,3 +1100,46 @@ describe("a channel deleted while a message's event waits for its members", () =
     for (const c of [owner.client, a.client, b.client]) c.close();
   });
 });
+
+describe("an edit whose event waits behind its connection's earlier one, and a delete from another connection", () => {
+  it("the edit is not sent after the deletion", async () => {
+    const owner = await registerUser(shared.port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const { chid } = await owner.client.request("createchannel", { name: uniqueName("edel"), members: [a.uid, b.uid] });
+    const m = await a.client.request("message", { channel: chid, body: "v0" });
+    expect(m.status).toBe(0);
+    await b.client.event("ev_message", (d) => d.mid === m.mid);
+    // a's next message waits for a members read (answered late): a's later edit waits behind it.
+    const { channels } = shared.server.services;
+    const members = channels.members.bind(channels);
+    (channels as { cachedMembers: unknown }).cachedMembers = () => undefined;
+    let first = true;
+    (channels as { members: unknown }).members = async (c: string) => {
+      const list = await members(c);
+      if (first) {
+        first = false;
+        await sleep(400);
+      }
+      return list;
+    };
+    try {
+      a.client.send("message", { channel: chid, body: "next" });
+      a.client.send("editmessage", { mid: m.mid, body: "v1" });
+      await sleep(100); // the edit is committed, its event held
+      expect((await a2.client.request("delmessage", { mid: m.mid })).status).toBe(0);
+      expect((await a.client.reply("message")).data.status).toBe(0);
+      expect((await a.client.reply("editmessage")).data.status).toBe(0);
+      await b.client.event("ev_message", (d) => d.body === "next", 5000);
+      expect((await b.client.request("ping")).status).toBe(0);
+      await sleep(200);
+      const seen = b.client.frames.filter((f) => (f.action === "ev_edit" || f.action === "ev_delmessage") && f.data.mid === m.mid).map((f) => f.action);
+      expect(seen).toEqual(["ev_delmessage"]);
+    } finally {
+      delete (channels as { members?: unknown }).members;
+      delete (channels as { cachedMembers?: unknown }).cachedMembers;
+    }
+    for (const c of [owner.client, a.client, a2.client, b.client]) c.close();
+  });
+});

@@ -61,6 +61,28 @@ export interface Delivery {
  */
 const UNROUTED_MAX = 65_536;
 
+/**
+ * Messages whose deletion went out lately, remembered (the oldest forgotten first) so
+ * that an edit published after it is not sent (see publish).
+ */
+const DELETED_KEPT = 65_536;
+
+/** A set that keeps its newest `max` keys. */
+class RecentKeys {
+  private readonly keys = new Set<string>();
+  constructor(private readonly max: number) {}
+
+  note(key: string): void {
+    if (this.keys.has(key)) return;
+    if (this.keys.size >= this.max) this.keys.delete(this.keys.values().next().value as string);
+    this.keys.add(key);
+  }
+
+  has(key: string): boolean {
+    return this.keys.has(key);
+  }
+}
+
 /** Users whose offline messages the metrics count (see queuedOffline). */
 const OFFLINE_TRACKED = 100_000;
 
@@ -88,6 +110,8 @@ export class Router implements Delivery {
   private readonly offline = new Map<string, number>();
   /** Channels whose events wait for a membership read (bounded by events in flight). */
   private readonly channelQueue = new Map<string, Promise<void>>();
+  /** Messages whose ev_delmessage was published lately (DELETED_KEPT). */
+  private readonly deleted = new RecentKeys(DELETED_KEPT);
   /**
    * Direct messages committed and not yet routed, in commit order from `unroutedHead`:
    * their seqs (0 once routed out of order) and recipients. One list for all users, so
@@ -188,6 +212,11 @@ export class Router implements Delivery {
   }
 
   publish(ev: Event, audience: Audience): void | Promise<void> {
+    // An edit published after its message's deletion is stale: both commit under the
+    // conversation's lock (edit first), but the edit's event can wait behind its own
+    // connection's earlier events while another connection's delete goes out.
+    if (ev.kind === "delete") this.deleted.note(ev.mid);
+    else if (ev.kind === "edit" && this.deleted.has(ev.mid)) return;
     if ("users" in audience) {
       const fixed = audience.channel;
       const before = fixed === undefined ? undefined : this.channelQueue.get(fixed);
