@@ -1063,6 +1063,29 @@ describe("channel changes racing the account's deletion", () => {
   });
 });
 
+/**
+ * The shared server's channel members are read from disk (no cache) and its next read
+ * is answered 400 ms late, with what it read at once; returns the undo.
+ */
+function lateMembersRead(): () => void {
+  const { channels } = shared.server.services;
+  const members = channels.members.bind(channels);
+  (channels as { cachedMembers: unknown }).cachedMembers = () => undefined;
+  let first = true;
+  (channels as { members: unknown }).members = async (c: string) => {
+    const list = await members(c);
+    if (first) {
+      first = false;
+      await sleep(400);
+    }
+    return list;
+  };
+  return () => {
+    delete (channels as { members?: unknown }).members;
+    delete (channels as { cachedMembers?: unknown }).cachedMembers;
+  };
+}
+
 describe("a channel deleted while a message's event waits for its members", () => {
   it("its members get the message before ev_channel_deleted, not after", async () => {
     const owner = await registerUser(shared.port);
@@ -1071,18 +1094,7 @@ describe("a channel deleted while a message's event waits for its members", () =
     const { chid } = await owner.client.request("createchannel", { name: uniqueName("gone"), members: [a.uid, b.uid] });
     // The next members read (the message's audience) is read at once and answered late:
     // the members before the deletion, after it.
-    const { channels } = shared.server.services;
-    const members = channels.members.bind(channels);
-    (channels as { cachedMembers: unknown }).cachedMembers = () => undefined;
-    let first = true;
-    (channels as { members: unknown }).members = async (c: string) => {
-      const list = await members(c);
-      if (first) {
-        first = false;
-        await sleep(400);
-      }
-      return list;
-    };
+    const restore = lateMembersRead();
     try {
       a.client.send("message", { channel: chid, body: "last words" });
       expect((await a.client.reply("message")).data.status).toBe(0);
@@ -1094,8 +1106,7 @@ describe("a channel deleted while a message's event waits for its members", () =
       }
       expect(order).toEqual(["ev_message", "ev_channel_deleted"]);
     } finally {
-      delete (channels as { members?: unknown }).members;
-      delete (channels as { cachedMembers?: unknown }).cachedMembers;
+      restore();
     }
     for (const c of [owner.client, a.client, b.client]) c.close();
   });
@@ -1112,18 +1123,7 @@ describe("an edit whose event waits behind its connection's earlier one, and a d
     expect(m.status).toBe(0);
     await b.client.event("ev_message", (d) => d.mid === m.mid);
     // a's next message waits for a members read (answered late): a's later edit waits behind it.
-    const { channels } = shared.server.services;
-    const members = channels.members.bind(channels);
-    (channels as { cachedMembers: unknown }).cachedMembers = () => undefined;
-    let first = true;
-    (channels as { members: unknown }).members = async (c: string) => {
-      const list = await members(c);
-      if (first) {
-        first = false;
-        await sleep(400);
-      }
-      return list;
-    };
+    const restore = lateMembersRead();
     try {
       a.client.send("message", { channel: chid, body: "next" });
       a.client.send("editmessage", { mid: m.mid, body: "v1" });
@@ -1137,8 +1137,7 @@ describe("an edit whose event waits behind its connection's earlier one, and a d
       const seen = b.client.frames.filter((f) => (f.action === "ev_edit" || f.action === "ev_delmessage") && f.data.mid === m.mid).map((f) => f.action);
       expect(seen).toEqual(["ev_delmessage"]);
     } finally {
-      delete (channels as { members?: unknown }).members;
-      delete (channels as { cachedMembers?: unknown }).cachedMembers;
+      restore();
     }
     for (const c of [owner.client, a.client, a2.client, b.client]) c.close();
   });

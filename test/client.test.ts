@@ -50,6 +50,26 @@ async function connect(opts: ConnectOptions = {}): Promise<WirechatClient> {
   return c;
 }
 
+/**
+ * A listening proxy to the shared server that passes the client's bytes while `up()`
+ * and the server's while `down()` says so, closing nothing; `links` are its sockets.
+ */
+async function gatedProxy(up: () => boolean, down: () => boolean): Promise<{ proxy: net.Server; links: net.Socket[] }> {
+  const links: net.Socket[] = [];
+  const proxy = net.createServer((inbound) => {
+    const outbound = net.connect(srv.port, "127.0.0.1");
+    links.push(inbound, outbound);
+    inbound.on("data", (d) => up() && outbound.write(d));
+    outbound.on("data", (d) => down() && inbound.write(d));
+    for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+      a.on("close", () => b.destroy());
+      a.on("error", () => b.destroy());
+    }
+  });
+  await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+  return { proxy, links };
+}
+
 async function registered(opts: ConnectOptions = {}): Promise<{ c: WirechatClient; uid: string; sid: string; login: string }> {
   const c = await connect(opts);
   const login = uniqueName("cl");
@@ -301,18 +321,7 @@ describe("WirechatClient", () => {
   it("a link that stops passing data is taken for lost by the keep-alive; a file sent meanwhile times out", async () => {
     // A proxy that can stop forwarding without closing anything (a NAT's timeout).
     let frozen = false;
-    const links: net.Socket[] = [];
-    const proxy = net.createServer((inbound) => {
-      const outbound = net.connect(srv.port, "127.0.0.1");
-      links.push(inbound, outbound);
-      inbound.on("data", (d) => !frozen && outbound.write(d));
-      outbound.on("data", (d) => !frozen && inbound.write(d));
-      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
-        a.on("close", () => b.destroy());
-        a.on("error", () => b.destroy());
-      }
-    });
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const { proxy, links } = await gatedProxy(() => !frozen, () => !frozen);
     const port = (proxy.address() as net.AddressInfo).port;
     try {
       const c = await WirechatClient.connect({ host: "127.0.0.1", port, keepAliveMs: 200, requestTimeoutMs: 600, reconnect: { minMs: 50, maxMs: 200, maxAttempts: 1000 } });
@@ -341,18 +350,7 @@ describe("WirechatClient", () => {
     // A proxy that passes the client's bytes and can stop passing the server's: the
     // server stores what it is sent, and the client hears nothing back.
     let mute = false;
-    const links: net.Socket[] = [];
-    const proxy = net.createServer((inbound) => {
-      const outbound = net.connect(srv.port, "127.0.0.1");
-      links.push(inbound, outbound);
-      inbound.on("data", (d) => outbound.write(d));
-      outbound.on("data", (d) => !mute && inbound.write(d));
-      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
-        a.on("close", () => b.destroy());
-        a.on("error", () => b.destroy());
-      }
-    });
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const { proxy, links } = await gatedProxy(() => true, () => !mute);
     try {
       const bob = await registered();
       const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port });
