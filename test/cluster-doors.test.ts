@@ -169,7 +169,12 @@ describe("cluster mode with the seed doors", () => {
     ws2.close();
   });
 
-  it("a room socket gets the messages sent while its login re-reads the session (cluster mode)", async () => {
+  /**
+   * A 002 room socket on node b whose login is held once attached (its session read
+   * again: attachedStillValid) while another member's message is applied there, and,
+   * with `revoke`, the account's password changed through node a; then let go.
+   */
+  async function roomSocketDuringLogin(revoke: boolean): Promise<WsClient> {
     const [a, b] = nodes;
     const el = uniqueName("c2");
     const reg = await post(b, "/v1/register", { login: el, password: "pw" });
@@ -183,7 +188,6 @@ describe("cluster mode with the seed doors", () => {
     n.close();
     await n.closed;
     await new Promise((r) => setTimeout(r, 300)); // node b has seen uid's only connection go
-    // Node b's login, once attached, reads the session again (attachedStillValid): held there.
     const sessions = b.services.sessions as unknown as { get: (sid: string) => Promise<unknown> };
     const get = sessions.get.bind(sessions);
     let reached!: () => void;
@@ -205,15 +209,34 @@ describe("cluster mode with the seed doors", () => {
       const other = await registerUser(a.port);
       expect((await other.client.request("enter", { channel: chid })).status).toBe(0);
       expect((await other.client.request("message", { channel: chid, body: "while logging in" })).status).toBe(0);
+      if (revoke) {
+        const again = await Client.connect(a.port);
+        expect((await again.request("auth", { login: el, pass: "pw" })).status).toBe(0);
+        expect((await again.request("changepassword", { pass: "pw", newpass: "pw2" })).status).toBe(0);
+        again.close();
+      }
       await new Promise((r) => setTimeout(r, 500)); // applied on node b meanwhile
       release();
-      expect(await ws.next((m) => m.text === "while logging in", 10_000)).toMatchObject({ text: "while logging in" });
-      ws.close();
       other.client.close();
+      return ws;
     } finally {
       delete (sessions as { get?: unknown }).get;
       release();
     }
+  }
+
+  it("a room socket gets the messages sent while its login re-reads the session (cluster mode)", async () => {
+    const ws = await roomSocketDuringLogin(false);
+    expect(await ws.next((m) => m.text === "while logging in", 10_000)).toMatchObject({ text: "while logging in" });
+    ws.close();
+  });
+
+  it("a room socket whose session is revoked while its login re-reads it is sent none of the room's messages", async () => {
+    const ws = await roomSocketDuringLogin(true);
+    expect(await ws.next((m) => m.error !== undefined, 10_000)).toMatchObject({ error: { code: "unauthorized" } });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(ws.texts.filter((t) => t.includes("while logging in"))).toEqual([]);
+    ws.close();
   });
 
   it("a door's lookups on a node behind the log wait for it: a room made on the other node a moment ago is found", async () => {

@@ -104,7 +104,12 @@ interface EchatState {
   live: boolean;
   /** Why a socket that was live stopped (room_not_found, unauthorized): what it sends is answered so. */
   ended?: string;
+  /** The room's messages that came while its login ran: sent once it succeeds, dropped if not (LOGIN_HELD_MAX). */
+  held?: OutFrame[];
 }
+
+/** Room messages held for a room socket while its login runs, at most (a login takes milliseconds). */
+const LOGIN_HELD_MAX = 1024;
 
 type EchatMsg = Record<string, unknown>;
 
@@ -170,14 +175,19 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
     switch (ev.kind) {
       case "message": {
         const m = ev.m;
-        if (!st.live || m.chid !== st.chid) return "";
+        if (m.chid !== st.chid || (!st.live && st.held === undefined)) return "";
         const wire = (ev.wire ??= {});
-        const known = this.num(m.from);
-        if (known !== undefined) return (wire[this.name] ??= this.messageText(m, known));
-        const { user } = this.deps;
-        const text = (id: number | undefined) => this.messageText(m, id ?? null);
-        // A user number is at most 16 digits.
-        return (wire[this.name] ??= afterRead(text(undefined).length + 16, async () => text((await user(m.from))?.num)));
+        let frame = wire[this.name];
+        if (frame === undefined) {
+          const known = this.num(m.from);
+          const { user } = this.deps;
+          const text = (id: number | undefined) => this.messageText(m, id ?? null);
+          // A user number is at most 16 digits.
+          frame = wire[this.name] = known !== undefined ? this.messageText(m, known) : afterRead(text(undefined).length + 16, async () => text((await user(m.from))?.num));
+        }
+        if (st.live) return frame;
+        if ((st.held as OutFrame[]).length < LOGIN_HELD_MAX) (st.held as OutFrame[]).push(frame);
+        return "";
       }
       case "channelDeleted":
         if (ev.chid !== st.chid) return "";
@@ -199,16 +209,20 @@ export class EchatDoor extends DialectDoor<EchatState, EchatMsg> {
 
   /** A room socket logs in with its session first (before anything it sends is handled). */
   protected override async start(s: Session, st: EchatState): Promise<OutFrame[]> {
-    // Live from the login on: a message to the room while its membership is read goes
-    // out (it was dropped), and so does one that comes while the login itself waits
-    // (in cluster mode it reads the session again once attached: a message then was
-    // dropped for good on this socket). Only members are sent a room's events, and
-    // nothing is sent to a session before its login attaches it, so a socket that
-    // turns out not to be one has been sent none of them.
-    st.live = true;
+    // The room's messages that come while the login runs (in cluster mode it reads the
+    // session again once attached: a message then was dropped for good on this socket)
+    // are held, sent if the login succeeds and dropped if not (a session revoked
+    // meanwhile is told nothing of them); then it is live, and a message while its
+    // membership is read goes out too. Only members are sent a room's events, so a
+    // socket that turns out not to be one has been sent none of them.
+    st.held = [];
     const r = await this.call(s, "auth", { sid: st.sid });
-    if (!r.ok) {
-      st.live = false;
+    const held = st.held;
+    st.held = undefined;
+    if (r.ok) {
+      st.live = true;
+      for (const f of held) s.peer.send(f, true);
+    } else {
       // A refusal with a code of its own (the address's failed-login throttle, the
       // user's connection cap, a database error) is not the session's fault: said as
       // the routes say it. Told "unauthorized", a seed client throws a valid session away.
