@@ -216,6 +216,21 @@ describe("a resend of a stored message after what it named changed", () => {
     expect((await a.client.request("message", { channel: chid, body: "new", cmid: "r-left-new" })).status).toBe(10);
     for (const c of [a.client, owner.client]) c.close();
   });
+
+  it("a new message with a cmid reads the cmid index once", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const store = shared.server.services.messages;
+    let reads = 0;
+    const undo = wrapCalls(store, "byCmid", async () => void reads++);
+    try {
+      expect((await a.client.request("message", { uid: b.uid, body: "once", cmid: `one-${Date.now()}` })).status).toBe(0);
+      expect(reads).toBe(1);
+    } finally {
+      undo();
+    }
+    for (const c of [a.client, b.client]) c.close();
+  });
 });
 
 describe("a change in flight when its author's account is deleted", () => {

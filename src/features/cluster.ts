@@ -823,9 +823,10 @@ export class Cluster {
       }
       case "msg": {
         if (!this.hasAccount(overlay, c.from, r)) return { k: "error", err: accountGone() };
-        // A resend of a stored message gets its mid whatever changed since (the recipient
-        // deleted, the channel left or gone): PROTOCOL.md "cmid: resending safely". No
-        // state changes either way, so entries decided before this order are unaffected.
+        // A resend of a stored message gets its mid after its sender left the channel
+        // (10 before): PROTOCOL.md "cmid: resending safely" (a deleted channel's message
+        // frees its cmid: cmidHolder). No state changes either way, so entries decided
+        // before this order are unaffected.
         if (c.cmid !== undefined) {
           const earlier = this.cmidHolder(overlay, overlay.cmids.get(`${c.from}\u0000${c.cmid}`), r);
           if (earlier) return { k: "sent", sent: new MessageSent(earlier[0], earlier[1]), event: undefined, audience: { users: [c.from] } };

@@ -236,12 +236,19 @@ export function registerMessages(sv: Services): void {
   }
 
   /** A message with a cmid: the same (sender, cmid) is stored once, whoever sends it. */
-  async function storeOnce(req: Request<MessageData>, sender: string, to: string | undefined, channel: string | undefined, cmid: string): Promise<Deferred> {
+  function storeOnce(req: Request<MessageData>, sender: string, to: string | undefined, channel: string | undefined, cmid: string): Deferred {
+    // Looked up (resent) before the recipient and membership checks: what another request
+    // stored or began meanwhile is in flight, or in memory (its index entry is written
+    // lazily, after its in-flight mark is gone), so no second read of the index.
     const key = `${sender}\u0000${cmid}`;
-    const earlier = await resent(sender, cmid);
-    if (earlier) return earlier;
-    const again = inflightCmids.get(key); // another request got there while we read
+    const again = inflightCmids.get(key);
     if (again) return follow(again);
+    const stored = messages.cmidRecent(sender, cmid);
+    if (stored) {
+      const d = new Deferred();
+      d.resolve(new MessageSent(stored[0], stored[1]));
+      return d;
+    }
     const waiting: Deferred[] = [];
     inflightCmids.set(key, waiting);
     const done = (err: Error | undefined, sent?: MessageSent) => {
@@ -334,9 +341,10 @@ export function registerMessages(sv: Services): void {
       const ready = cmid === undefined && (to !== undefined ? known !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
       if (ready) return store(req, me, known, channel, undefined);
       return (async () => {
-        // A resend of a stored message gets its mid first: the recipient deleted since,
-        // or the channel left or gone, answered 8, 9 or 10 for a message that was stored
-        // and delivered (its client took it for failed).
+        // A resend of a stored message gets its mid first: after its sender left the
+        // channel it was answered 10 (and 8 or 10 after its recipient or channel was
+        // deleted, until their purge frees the cmid) for a message that was stored and
+        // delivered: its client took it for failed.
         const earlier = cmid === undefined ? undefined : await resent(me, cmid);
         if (earlier) return earlier;
         if (to !== undefined && !(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);

@@ -882,6 +882,11 @@ export class MessageStore {
     return v ?? this.cmidInMemory(key);
   }
 
+  /** byCmid from memory only: a message committed lately (its index entry not read from disk). */
+  cmidRecent(from: string, cmid: string): [string, number] | undefined {
+    return this.cmidInMemory(pair(from, cmid));
+  }
+
   private cmidInMemory(key: string): [string, number] | undefined {
     return this.recentCmids.get(key) ?? this.pending.cmids.get(key) ?? this.writing?.cmids.get(key);
   }
