@@ -99,6 +99,8 @@ describe("native protocol over WebSocket", () => {
     const hello = await request(ws, "hello");
     expect(hello).toMatchObject({ status: 0, server: "wirechat" });
     expect(ws.texts.every((t) => !t.endsWith("\n"))).toBe(true);
+    // Asked for permessage-deflate (as ws's client and browsers do), the server takes none.
+    expect(ws.ws.extensions).toBe("");
     ws.close();
   });
 

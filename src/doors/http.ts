@@ -139,6 +139,10 @@ export class HttpDoor {
       await app.register(fastifyWebsocket, {
         options: {
           maxPayload: config.maxFrame,
+          // No permessage-deflate (ws's default, said here because the input budget
+          // relies on it: bytes inside zlib while a message inflates are not counted in
+          // --max-partial-input, WebSocketPeer.countInbound).
+          perMessageDeflate: false,
           // Bytes are checked by the door that reads them (dispatcher, dialect doors),
           // which answers invalid UTF-8 with status 3 in its own shape and keeps the
           // socket, as on TCP (ws closed it with 1007 and no word).
