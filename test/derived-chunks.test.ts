@@ -92,7 +92,16 @@ describe("derived indexes in chunks", () => {
   });
 
   it("a generation of many cmid entries is written within a few batches, not 128 entries a batch", async () => {
-    const child = await ChildServer.start(newDataDir());
+    // The generation waits 4 s (not 1) from its first message: all 4,000 are sent by
+    // then, on a machine as loaded as CI's (where a second was not always enough, and
+    // part of the generation went out before the window measured below).
+    process.env.WIRECHAT_TEST_DERIVED_DELAY_MS = "4000";
+    let child: ChildServer;
+    try {
+      child = await ChildServer.start(newDataDir());
+    } finally {
+      delete process.env.WIRECHAT_TEST_DERIVED_DELAY_MS;
+    }
     const users = await registered(child.port);
     const senders = users.slice(0, 8);
     // 8 × 500 messages, each with its own cmid, pipelined: one generation of ~4,000
@@ -105,8 +114,9 @@ describe("derived indexes in chunks", () => {
       }),
     );
     const before = await batchOps(child.adminPort as number);
-    // The generation is due a second after its first message; its chunks follow.
-    await sleep(2500);
+    // The generation is due 4 s after its first message; its chunks follow.
+    for (let waited = 0; (await batchOps(child.adminPort as number)).sum - before.sum <= 4000 && waited < 15_000; waited += 100) await sleep(100);
+    await sleep(1000); // its last chunks
     const after = await batchOps(child.adminPort as number);
     expect(after.sum - before.sum).toBeGreaterThan(4000);
     // At 128 a batch: 31 batches or more (a busy server fell behind for good that way).

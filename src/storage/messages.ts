@@ -73,9 +73,11 @@ import { readEntries, readKeys, readValues } from "./range.js";
  * 15 s, 4 ms on average in a noisy phase, up to 20), each delaying the messages that
  * arrived meanwhile; once a second, the same bursts are ten times rarer. Waiting longer
  * costs little: readers merge what waits with what is on disk, DERIVED_MAX still
- * bounds it, and a restart replays at most a second more of the log.
+ * bounds it, and a restart replays at most a second more of the log. (Test hook:
+ * WIRECHAT_TEST_DERIVED_DELAY_MS sets it, so that a test's burst of messages is all in
+ * one generation however slowly a loaded machine takes them.)
  */
-const DERIVED_DELAY_MS = 1000;
+const DERIVED_DELAY_MS = Math.max(0, Number(process.env.WIRECHAT_TEST_DERIVED_DELAY_MS ?? 0) || 0) || 1000;
 /** ... or until this many are waiting (a direct message counts twice: history and inbox). */
 const DERIVED_MAX = 16384;
 /**
