@@ -1141,4 +1141,32 @@ describe("an edit whose event waits behind its connection's earlier one, and a d
     }
     for (const c of [owner.client, a.client, a2.client, b.client]) c.close();
   });
+
+  it("nor an older edit after a newer one from another connection: members end on the stored text", async () => {
+    const owner = await registerUser(shared.port);
+    const a = await registerUser(shared.port);
+    const a2 = await login(shared.port, a.login);
+    const b = await registerUser(shared.port);
+    const { chid } = await owner.client.request("createchannel", { name: uniqueName("eded"), members: [a.uid, b.uid] });
+    const m = await a.client.request("message", { channel: chid, body: "v0" });
+    await b.client.event("ev_message", (d) => d.mid === m.mid);
+    const restore = lateMembersRead();
+    try {
+      a.client.send("message", { channel: chid, body: "next" });
+      a.client.send("editmessage", { mid: m.mid, body: "v1" });
+      await sleep(100); // v1 is committed, its event held
+      expect((await a2.client.request("editmessage", { mid: m.mid, body: "v2" })).status).toBe(0);
+      expect((await a.client.reply("editmessage")).data.status).toBe(0);
+      await b.client.event("ev_message", (d) => d.body === "next", 5000);
+      expect((await b.client.request("ping")).status).toBe(0);
+      await sleep(200);
+      const edits = b.client.frames.filter((f) => f.action === "ev_edit" && f.data.mid === m.mid).map((f) => f.data.body);
+      expect(edits).toEqual(["v2"]);
+      const h = await b.client.request("history", { channel: chid });
+      expect(h.messages.find((x: any) => x.mid === m.mid).body).toBe("v2");
+    } finally {
+      restore();
+    }
+    for (const c of [owner.client, a.client, a2.client, b.client]) c.close();
+  });
 });

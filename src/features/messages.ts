@@ -561,6 +561,9 @@ export function registerMessages(sv: Services): void {
    * the deleted message back, and two deletes must not rewrite one history chunk at
    * once. 14 when there is no such message.
    */
+  /** Edits committed by this process so far (each edit event's `order`). */
+  let edits = 0;
+
   async function changing<T>(mid: string, fn: () => Promise<T>): Promise<T> {
     const m = await messages.get(mid);
     if (!m) throw new ProtocolError(Code.MessageNotFound, `no message with mid '${mid}'`);
@@ -580,14 +583,16 @@ export function registerMessages(sv: Services): void {
         return { mid: req.data.mid, edited: out.edited };
       }
       const me = req.session.uid as string;
+      let order = 0;
       const edited = await changing(req.data.mid, async () => {
         const m = await ownMessage(req.data.mid, me);
         stillSignedIn(req, me);
         const next: MessageRecord = { ...m, body: req.data.body, edited: nowSeconds() };
         await storage.commit(messages.updateOps(next));
+        order = ++edits; // under the lock: in commit order
         return next;
       });
-      req.emit({ kind: "edit", mid: edited.mid, body: edited.body, edited: edited.edited as number, chid: edited.chid }, audienceOf(edited));
+      req.emit({ kind: "edit", mid: edited.mid, body: edited.body, edited: edited.edited as number, chid: edited.chid, order }, audienceOf(edited));
       return { mid: edited.mid, edited: edited.edited };
     },
   });

@@ -7,7 +7,8 @@ import type { OutFrame } from "./frames.js";
 export type Event =
   | MessageEvent
   // `chid`: the message's channel (none for a direct message: doors that show no direct messages skip it)
-  | { kind: "edit"; mid: string; body: string; edited: number; chid?: string; wire?: Wire }
+  /** `order`: the edit's place among this process's edits, taken under its message's lock (Router.publish drops an older one published after a newer). */
+  | { kind: "edit"; mid: string; body: string; edited: number; chid?: string; order?: number; wire?: Wire }
   | { kind: "delete"; mid: string; chid?: string; wire?: Wire }
   | { kind: "enter"; chid: string; uid: string; nick: string; wire?: Wire }
   | { kind: "leave"; chid: string; uid: string; nick: string; wire?: Wire }

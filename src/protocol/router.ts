@@ -62,26 +62,29 @@ export interface Delivery {
 const UNROUTED_MAX = 65_536;
 
 /**
- * Messages whose deletion went out lately, remembered (the oldest forgotten first) so
- * that an edit published after it is not sent (see publish).
+ * Messages whose deletion or edit went out lately, remembered (the oldest forgotten
+ * first) so that an older edit published after them is not sent (see publish).
  */
-const DELETED_KEPT = 65_536;
+const CHANGES_KEPT = 65_536;
 
-/** A set that keeps its newest `max` keys. */
-class RecentKeys {
-  private readonly keys = new Set<string>();
+/** A map that keeps its newest `max` keys. */
+class RecentMap<V> {
+  private readonly entries = new Map<string, V>();
   constructor(private readonly max: number) {}
 
-  note(key: string): void {
-    if (this.keys.has(key)) return;
-    if (this.keys.size >= this.max) this.keys.delete(this.keys.values().next().value as string);
-    this.keys.add(key);
+  get(key: string): V | undefined {
+    return this.entries.get(key);
   }
 
-  has(key: string): boolean {
-    return this.keys.has(key);
+  set(key: string, value: V): void {
+    this.entries.delete(key);
+    if (this.entries.size >= this.max) this.entries.delete(this.entries.keys().next().value as string);
+    this.entries.set(key, value);
   }
 }
+
+/** A message's last change published (RecentMap): deleted, or its edit's order. */
+const DELETED = -1;
 
 /** Users whose offline messages the metrics count (see queuedOffline). */
 const OFFLINE_TRACKED = 100_000;
@@ -110,8 +113,8 @@ export class Router implements Delivery {
   private readonly offline = new Map<string, number>();
   /** Channels whose events wait for a membership read (bounded by events in flight). */
   private readonly channelQueue = new Map<string, Promise<void>>();
-  /** Messages whose ev_delmessage was published lately (DELETED_KEPT). */
-  private readonly deleted = new RecentKeys(DELETED_KEPT);
+  /** Messages whose ev_delmessage (DELETED) or ev_edit (its order) was published lately (CHANGES_KEPT). */
+  private readonly changed = new RecentMap<number>(CHANGES_KEPT);
   /**
    * Direct messages committed and not yet routed, in commit order from `unroutedHead`:
    * their seqs (0 once routed out of order) and recipients. One list for all users, so
@@ -211,12 +214,21 @@ export class Router implements Delivery {
     return cur === undefined ? NONE : Array.isArray(cur) ? cur : [cur];
   }
 
+  /** An edit of `mid` (of `order`, when it has one) that a change published before it makes stale; else noted. */
+  private staleEdit(mid: string, order: number | undefined): boolean {
+    const last = this.changed.get(mid);
+    if (last === DELETED || (order !== undefined && last !== undefined && last > order)) return true;
+    if (order !== undefined) this.changed.set(mid, order);
+    return false;
+  }
+
   publish(ev: Event, audience: Audience): void | Promise<void> {
-    // An edit published after its message's deletion is stale: both commit under the
-    // conversation's lock (edit first), but the edit's event can wait behind its own
-    // connection's earlier events while another connection's delete goes out.
-    if (ev.kind === "delete") this.deleted.note(ev.mid);
-    else if (ev.kind === "edit" && this.deleted.has(ev.mid)) return;
+    // An edit published after its message's deletion, or after a later edit of it, is
+    // stale: they commit in order under the conversation's lock, but an edit's event can
+    // wait behind its own connection's earlier events while another connection's
+    // change goes out.
+    if (ev.kind === "delete") this.changed.set(ev.mid, DELETED);
+    else if (ev.kind === "edit" && this.staleEdit(ev.mid, ev.order)) return;
     if ("users" in audience) {
       const fixed = audience.channel;
       const before = fixed === undefined ? undefined : this.channelQueue.get(fixed);
