@@ -345,6 +345,29 @@ describe("HTTP/WS chat door: /login checks the credentials and keeps nothing", (
   });
 });
 
+describe("HTTP/WS chat door: a route whose change is refused after its login", () => {
+  const strict = serveForFile({ httpPort: 0, maxSessionsPerUser: 1, authBurst: 3, authRate: 1, trustedAddresses: "" });
+
+  it("ends no device's session: its own session does not count against --max-sessions-per-user", async () => {
+    const port = strict.server.httpPort as number;
+    const email = `${uniqueName("rl")}@example.com`;
+    const post = (path: string, body: unknown) =>
+      fetch(`http://127.0.0.1:${port}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }).then(async (r) => ({ status: r.status, body: await r.json() }));
+    // Password checks of this address: the account (1), the device's login (2), the
+    // route's login (3); changepassword's own check of the old password is refused (13).
+    expect((await post("/create_user", { username: uniqueName("R"), password: "pw", email })).status).toBe(200);
+    const device = await Client.connect(strict.port);
+    const auth = await device.request("auth", { login: email, pass: "pw" });
+    expect(auth.status).toBe(0);
+    const refused = await post("/change_password", { email, old_password: "pw", new_password: "pw2" });
+    expect(refused.status).toBe(429);
+    expect((await device.request("contactlist", {})).status).toBe(0);
+    expect(device.frames.filter((f) => f.action === "ev_logout")).toEqual([]);
+    expect((await strict.server.services.sessions.list(auth.uid)).length).toBe(1);
+    device.close();
+  });
+});
+
 describe("WebSocket slow readers", () => {
   const capped = serveForFile({ httpPort: 0, outboundCap: 64 * 1024 });
 

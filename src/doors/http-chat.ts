@@ -358,7 +358,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
 
   /** Runs `fn` on a session of its own for one HTTP request; logs it out and closes it after. */
   private async onRequest(client: RouteClient, fn: (s: Session) => Promise<RouteAnswer>): Promise<RouteAnswer> {
-    const peer = new RequestPeer(client.address, client.port);
+    const peer = new RequestPeer(client.address, client.port, true);
     const s = this.dispatcher.open(peer, this.codec());
     try {
       return await fn(s);

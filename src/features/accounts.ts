@@ -28,6 +28,8 @@ const LOGIN = { ...requiredString(NAME_MAX), pattern: LOGIN_PATTERN };
 // Nicks: any printable text.
 const NICK = { ...requiredString(NAME_MAX), pattern: "^[^\\p{Cc}]+$" };
 const PASS = requiredString(1024);
+/** A log session command's cap that evicts nothing (a session that ends with its request). */
+const NO_SESSION_CAP = 2 ** 31 - 1;
 // The operator's accounts (admin port, `wirechat user` on a data dir) follow the same
 // rules as register's: an account its owner could never log in with is no account.
 const OPERATOR_ACCOUNT = compileSchema({ type: "object", required: ["login", "pass", "nick"], properties: { login: LOGIN, pass: PASS, nick: NICK } });
@@ -251,7 +253,8 @@ export function registerAccounts(sv: Services): AccountOps {
       const ops = [...withOps, ...sessions.createOps(sid, { uid: user.uid, created: now, expires })];
       const stored = withOps.length > 0 ? [] : await sessions.list(user.uid);
       const evicted = new Set<string>();
-      if (stored.length >= config.maxSessionsPerUser) {
+      // (A session that ends with its request evicts none: Peer.sessionEndsWithRequest.)
+      if (stored.length >= config.maxSessionsPerUser && !s.peer.sessionEndsWithRequest) {
         stored.sort((a, b) => a.issued - b.issued);
         for (const old of stored.slice(0, stored.length - config.maxSessionsPerUser + 1)) {
           ops.push(...sessions.revokeOps(user.uid, old.hash, old.expires));
@@ -398,7 +401,9 @@ export function registerAccounts(sv: Services): AccountOps {
     connectionsLeft(s, user.uid); // before anything is stored for it
     let out;
     try {
-      out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap: config.maxSessionsPerUser });
+      // A session that ends with its request evicts none (Peer.sessionEndsWithRequest).
+      const cap = s.peer.sessionEndsWithRequest ? NO_SESSION_CAP : config.maxSessionsPerUser;
+      out = await cluster.append({ k: "session", t, uid: user.uid, sid: sidHash(sid), expires, checked: user.hash, cap });
     } catch (err) {
       // Answered 16, the entry may be in the log all the same (stored, its PubAck lost):
       // a session no client holds, which took a place among the user's sessions (past

@@ -71,6 +71,13 @@ export interface Peer {
    * presence, no events, no inbox sync) and ends with its request.
    */
   readonly fleeting?: boolean;
+  /**
+   * Its login's session is logged out when its request ends (the HTTP/WS chat door's
+   * routes): at --max-sessions-per-user it ends no other session (a device's, for a
+   * route whose change may then be refused), and it is past the cap only while its
+   * request runs.
+   */
+  readonly sessionEndsWithRequest?: boolean;
 }
 
 export class Session {

@@ -16,6 +16,8 @@ export class RequestPeer implements Peer {
   constructor(
     readonly address: string,
     private readonly port: number,
+    /** See Peer.sessionEndsWithRequest. */
+    readonly sessionEndsWithRequest = false,
   ) {}
 
   get remote(): string {
