@@ -86,7 +86,7 @@ export class ClusterBlobs {
     if (await this.blobs.pinIfStored(sha)) return "pinned";
     for (let attempt = 1; ; attempt++) {
       try {
-        const r = await beforeStall(this.os.get(sha), (late) => void late?.data.cancel().catch(() => {}));
+        const r = await beforeDeadline(this.os.get(sha), Date.now() + FETCH_STALL_MS, "did not answer", (late) => void late?.data.cancel().catch(() => {}));
         if (!r) {
           this.log.error({ sha }, "an attachment the cluster log names is not in the object store");
           return "missing";
@@ -125,18 +125,16 @@ export class ClusterBlobs {
   }
 }
 
-/** `p`, or a failure once FETCH_STALL_MS passes first (`late` gets what `p` gives after). */
-function beforeStall<T>(p: Promise<T>, late: (value: T) => void): Promise<T> {
-  return beforeDeadline(p, Date.now() + FETCH_STALL_MS, late);
-}
-
-/** `p`, or a failure at `deadline` (unix ms) if it comes first (`late` gets what `p` gives after). */
-function beforeDeadline<T>(p: Promise<T>, deadline: number, late: (value: T) => void = () => {}): Promise<T> {
+/**
+ * `p`, or a failure at `deadline` (unix ms) if it comes first, saying the store `what`
+ * (`late` gets what `p` gives after).
+ */
+function beforeDeadline<T>(p: Promise<T>, deadline: number, what: string, late: (value: T) => void = () => {}): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     let settled = false;
     const timer = setTimeout(() => {
       settled = true;
-      reject(new Error(`the object store sent too little within ${FETCH_STALL_MS / 1000} s`));
+      reject(new Error(`the object store ${what} within ${FETCH_STALL_MS / 1000} s`));
     }, Math.max(0, deadline - Date.now()));
     p.then(
       (v) => {
@@ -162,7 +160,7 @@ async function* untilStall(data: ReadableStream<Uint8Array>): AsyncGenerator<Uin
   let progress = 0;
   try {
     for (;;) {
-      const { done, value } = await beforeDeadline(reader.read(), deadline);
+      const { done, value } = await beforeDeadline(reader.read(), deadline, `sent less than ${FETCH_MIN_PROGRESS} bytes`);
       if (done) return;
       progress += value.byteLength;
       if (progress >= FETCH_MIN_PROGRESS) {

@@ -415,8 +415,9 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
   }
 
   async changePassword(client: RouteClient, email: string, old: string, next: string): Promise<RouteAnswer> {
-    // Refused before the login, as changepassword would refuse it after: the login's
-    // session, at --max-sessions-per-user, had ended a device's oldest one for nothing.
+    // Refused before the login, as changepassword would refuse it after (in its own
+    // words, 'newpass'): no password check is spent on it. (The login's session ends no
+    // device's at --max-sessions-per-user either way: Peer.sessionEndsWithRequest.)
     if (hasLoneSurrogate(next)) return failure(400, "'new_password' is not well-formed Unicode (it holds a lone surrogate)");
     return this.onRequest(client, async (s) => {
       const r = await this.loginByEmail(s, email, old);

@@ -229,9 +229,13 @@ export function registerMessages(sv: Services): void {
     const inflight = inflightCmids.get(`${sender}\u0000${cmid}`);
     if (inflight) return follow(inflight);
     const earlier = await messages.byCmid(sender, cmid);
-    if (!earlier) return undefined;
+    return earlier && answered(earlier);
+  }
+
+  /** A request answered at once with a stored message's [mid, time]. */
+  function answered([mid, time]: [string, number]): Deferred {
     const d = new Deferred();
-    d.resolve(new MessageSent(earlier[0], earlier[1]));
+    d.resolve(new MessageSent(mid, time));
     return d;
   }
 
@@ -244,11 +248,7 @@ export function registerMessages(sv: Services): void {
     const again = inflightCmids.get(key);
     if (again) return follow(again);
     const stored = messages.cmidRecent(sender, cmid);
-    if (stored) {
-      const d = new Deferred();
-      d.resolve(new MessageSent(stored[0], stored[1]));
-      return d;
-    }
+    if (stored) return answered(stored);
     const waiting: Deferred[] = [];
     inflightCmids.set(key, waiting);
     const done = (err: Error | undefined, sent?: MessageSent) => {
