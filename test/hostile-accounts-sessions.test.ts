@@ -235,6 +235,63 @@ describe("profile races", () => {
   });
 });
 
+describe("changes waiting behind the password change that ends their session", () => {
+  const shared = serveForFile();
+
+  it("setuserinfo and addcontact queued on the user's lock change nothing once it has answered", async () => {
+    const u = await registerUser(shared.port, uniqueName("pw"), "p0");
+    let pass = "p0";
+    const other = await registerUser(shared.port);
+    const sv = shared.server.services;
+    const t = uniqueName("r").replace(/\D/g, "").slice(-6);
+    const email = `late${t}@race.example`;
+    const tries: [string, Record<string, unknown>][] = [
+      ["setuserinfo", { email }],
+      ["addcontact", { uid: other.uid }],
+    ];
+    for (const [action, data] of tries) {
+      const b = (await login(shared.port, u.login, pass)).client;
+      // The password change holds the user's lock at its commit; the other device's
+      // change then queues on that lock (seen by locks.run) before the commit goes on.
+      const commitGate = heldGate();
+      let armed = true;
+      const undoCommit = wrapCalls(sv.storage, "commit", async (ops: BatchOp[]) => {
+        if (armed && ops.some((o) => o.key.startsWith(sv.storage.spaces.users.prefix))) {
+          armed = false;
+          await commitGate.pass();
+        }
+      });
+      const queued = heldGate();
+      const undoLock = wrapCalls(sv.locks, "run", async (key: string) => {
+        if (key === `user:${u.uid}`) void queued.pass();
+      });
+      try {
+        const next = pass === "p0" ? "p1" : "p0";
+        u.client.send("changepassword", { pass, newpass: next });
+        await commitGate.reached;
+        b.send(action, data);
+        await queued.reached;
+        commitGate.open();
+        expect((await u.client.reply("changepassword")).data.status).toBe(0);
+        pass = next;
+        const answered = await Promise.race([b.reply(action).then((f) => f.data.status), b.closed.then(() => "closed")]);
+        expect(answered, `${action} after its session ended`).not.toBe(0);
+      } finally {
+        undoLock();
+        undoCommit();
+        commitGate.open();
+      }
+      await b.closed;
+    }
+    // Nothing of either landed: no email (record or index), no contact.
+    expect((await other.client.request("userinfo", { user: u.uid })).email).toBe("");
+    expect((await other.client.request("import", { contacts: [{ myid: 1, email }] })).list).toEqual([]);
+    expect((await u.client.request("contactlist")).list).toEqual([]);
+    for (const a of [u, other]) a.client.close();
+    await Promise.all([u.client.closed, other.client.closed]);
+  });
+});
+
 describe("presence on re-authentication", () => {
   const shared = serveForFile();
 

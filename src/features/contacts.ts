@@ -5,7 +5,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
-import { findUser, readSynced, underLocks, userLockKey, type Services } from "./services.js";
+import { findUser, readSynced, stillSignedIn, underLocks, userLockKey, type Services } from "./services.js";
 import { SEARCH_LIMIT } from "../limits.js";
 
 interface ImportEntry {
@@ -107,6 +107,7 @@ export function registerContacts(sv: Services): void {
           await cluster.sync();
           return check();
         });
+        stillSignedIn(req, me);
         if ((await cluster.run({ k: "contact", owner: me, uid, add: true, cap: config.maxContacts })).k === "nouser") {
           throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         }
@@ -118,6 +119,8 @@ export function registerContacts(sv: Services): void {
       return underLocks(locks, [me, uid].sort().map(userLockKey), async () => {
         if (!(await users.get(me))) throw new ProtocolError(Code.NeedAuth, "the account was deleted; nothing was changed");
         const u = await check();
+        // Ended meanwhile (a password change, a logout of this session elsewhere).
+        stillSignedIn(req, me);
         await storage.commit(contacts.addOps(me, uid));
         return { user: contactCard(u) };
       });
@@ -137,6 +140,7 @@ export function registerContacts(sv: Services): void {
         if (!(await findUser(sv, uid))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
         return { uid }; // not listed: nothing to remove
       }
+      stillSignedIn(req, me);
       if (sv.cluster) await sv.cluster.run({ k: "contact", owner: me, uid, add: false });
       else await storage.commit(contacts.removeOps(me, uid));
       return { uid };

@@ -24,7 +24,7 @@ import { optionalString, requiredString } from "../protocol/validation.js";
 import { channelConv, convOf, directConv, type MessageRecord } from "../storage/layout.js";
 import { channelErrors } from "./channels.js";
 import type { Outcome } from "./cluster.js";
-import { convLockKey, findUser, readSynced, type Services } from "./services.js";
+import { convLockKey, findUser, readSynced, stillSignedIn, type Services } from "./services.js";
 
 interface MessageData {
   uid?: string;
@@ -543,15 +543,6 @@ export function registerMessages(sv: Services): void {
     if (m.chid === undefined) return m.from === me || m.to === me;
     if (channels.isGone(m.chid) || (await channels.get(m.chid)) === undefined) return false;
     return channels.isMember(m.chid, me);
-  }
-
-  /**
-   * The request's session is still `me`'s, after the reads it waited for: an account
-   * deleted (or logged out, its password changed) meanwhile through another connection
-   * changes none of its messages after its deletion was answered.
-   */
-  function stillSignedIn(req: Request<unknown>, me: string): void {
-    if (req.session.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the change was made; log in and try again");
   }
 
   /**

@@ -6,7 +6,7 @@ import { optionalString, requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import type { UniqueIndex } from "../storage/users.js";
 import { isBase64, normaliseEmail, normalisePhone } from "./profile-fields.js";
-import { findUser, userLockKey, type Services } from "./services.js";
+import { findUser, stillSignedIn, userLockKey, type Services } from "./services.js";
 
 export function publicProfile(u: UserRecord) {
   return { uid: u.uid, num: u.num, nick: u.nick, email: u.email, phone: u.phone, picture: u.picture, user_status: u.status };
@@ -68,6 +68,9 @@ export function registerProfiles(sv: Services): UserDirectory {
       // batch removes the index entries it really had (two connections setting an email
       // at once would otherwise leave the first one pointing at the user for good).
       await sv.locks.run(userLockKey(uid), async () => {
+        // A password change, logout or deletion that held the lock first has ended this
+        // session: nothing is changed after it answered.
+        stillSignedIn(req, uid);
         const prev = await users.get(uid);
         if (!prev) throw new ProtocolError(Code.UserNotFound, "your account no longer exists");
         // A field that is not sent stays as it was; an empty string clears it.

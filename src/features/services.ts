@@ -6,6 +6,7 @@ import type { Logger } from "pino";
 import type { Background } from "../background.js";
 import type { Config } from "../config.js";
 import type { Metrics } from "../metrics.js";
+import { Code, ProtocolError } from "../protocol/codes.js";
 import type { Dispatcher } from "../protocol/dispatcher.js";
 import type { Router } from "../protocol/router.js";
 import type { KeyedLock } from "../seams.js";
@@ -35,6 +36,16 @@ export function userLockKey(uid: string): string {
  */
 export function convLockKey(conv: string): string {
   return `conv:${conv}`;
+}
+
+/**
+ * The request's session is still `me`'s, after the reads and locks it waited for: an
+ * account deleted (or logged out, its password changed) meanwhile through another
+ * connection changes nothing after its deletion, logout or change was answered
+ * (messages, profile, contacts).
+ */
+export function stillSignedIn(req: { session: { uid?: string } }, me: string): void {
+  if (req.session.uid !== me) throw new ProtocolError(Code.NeedAuth, "the session ended before the change was made; log in and try again");
 }
 
 /**
