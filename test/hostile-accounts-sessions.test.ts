@@ -136,6 +136,32 @@ describe("stored sessions", () => {
     await server.stop();
   });
 
+  it("an auth with an expired sid ends the connections still on it (the sweep no longer finds it)", async () => {
+    const server = await startTestServer({ sessionTtl: 5 });
+    try {
+      const a = await registerUser(server.port);
+      const logout = a.client.event("ev_logout", () => true, 20_000);
+      const other = await Client.connect(server.port);
+      // Asked again and again from the moment it expires: an auth rather than the sweep
+      // (every 5 s here) finds it first.
+      let status = 0;
+      while (status === 0) {
+        await new Promise((r) => setTimeout(r, 100));
+        status = (await other.request("auth", { sid: a.sid })).status;
+      }
+      expect(status).toBe(2);
+      const ev = await Promise.race([logout, new Promise((r) => setTimeout(() => r("still logged in"), 3000))]);
+      expect(ev).toMatchObject({ reason: expect.stringMatching(/expired/) });
+      await a.client.closed;
+      // The asking connection (logged in on it by the tries before it expired) is told
+      // by the reply, and is no longer logged in.
+      expect((await other.request("contactlist")).status).toBe(6);
+      await closeAll(other);
+    } finally {
+      await server.stop();
+    }
+  });
+
   it("expired sessions left in the database are swept at start-up", async () => {
     const dataDir = tempDir();
     let server = await startTestServer({ dataDir, sessionTtl: 1 });

@@ -608,7 +608,18 @@ export function registerAccounts(sv: Services): AccountOps {
             const cur = await sessions.get(sid);
             const user = cur && cur.expires > nowSeconds() ? await users.get(cur.uid) : undefined;
             if (!cur || !user) {
-              if (cur && !sv.cluster) storage.commitLazy(sessions.revokeOps(cur.uid, sidHash(sid), cur.expires));
+              if (cur && !sv.cluster) {
+                storage.commitLazy(sessions.revokeOps(cur.uid, sidHash(sid), cur.expires));
+                // The sweep finds expired sessions by their expiry entry, which this
+                // removes: the connections still on this one are ended here, as the
+                // sweep would have (else they stayed logged in past the TTL for good).
+                // This connection, if on it, is told by this reply and stays open.
+                endSessions(cur.uid, (o) => o !== s && o.sid === sid, "the session expired", true);
+                if (s.sid === sid) {
+                  leave(s);
+                  s.logout();
+                }
+              }
               throw new ProtocolError(Code.InvalidPass, "unknown or expired session; log in with login and pass");
             }
             notBanned(user);
