@@ -10,7 +10,7 @@ import path from "node:path";
 import type { FastifyInstance } from "fastify";
 import pino, { type Logger } from "pino";
 import { Background } from "./background.js";
-import { backup, exportRecords } from "./admin/backup.js";
+import { backup, exportRecords, restoreRunning } from "./admin/backup.js";
 import { buildAdmin, listenAdmin, type AdminDeps } from "./admin/http.js";
 import { metricsRegistry } from "./admin/prometheus.js";
 import { ConfigError, OPTIONS, packageVersion, type Config } from "./config.js";
@@ -103,6 +103,13 @@ export interface Core {
  * once the database is open (this process holds its lock), before the stores load.
  */
 export async function openCore(config: Config, log: Logger, opened?: () => Promise<void>): Promise<Core> {
+  // A restore moving a backup into this data dir (wirechat restore, under its lock): a
+  // server started meanwhile made a database of its own there, and the restore then
+  // moved the backup's attachment files under it.
+  const restoring = restoreRunning(config.dataDir);
+  if (restoring !== undefined) {
+    throw new Error(`a restore into ${config.dataDir} is running (pid ${restoring}): start once it has finished`);
+  }
   let storage: Storage;
   try {
     storage = await Storage.open(config.dataDir, log);

@@ -515,6 +515,12 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     const second = cli(["restore", good, "--data-dir", into]);
     expect(second.status).toBe(1);
     expect(second.stderr).toMatch(new RegExp(`another restore into .* is running \\(pid ${first.child.pid}\\)`));
+    // No server starts on the data dir while it runs (its own database there would
+    // have taken the backup's attachment files).
+    const server = cli(["--data-dir", into, "--port", "0", "--admin", "off"]);
+    expect(server.status).toBe(1);
+    expect(server.stderr).toMatch(new RegExp(`a restore into .* is running \\(pid ${first.child.pid}\\)`));
+    expect(existsSync(path.join(into, "db"))).toBe(false);
     first.child.kill("SIGINT");
     // The signal stops the read where it waits; a FIFO holds a read until bytes come
     // (a file never does), so one more line lets it return.

@@ -11,7 +11,7 @@
 import type { AbstractSnapshot } from "abstract-level";
 import { createHash } from "node:crypto";
 import { pipeline } from "node:stream/promises";
-import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { copyFile, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -227,6 +227,12 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
       const blobs = await copyBlobs(path.join(from, "blobs"), path.join(staging, "blobs"), signal);
       if (blobs !== info.blobs) throw new Error(`the backup lists ${info.blobs} attachment files but holds ${blobs}: it is incomplete`);
       signal?.throwIfAborted();
+      // A server refuses to start while this lock is held (openCore), but one that
+      // started before the lock was taken may have made its database since the check
+      // above: nothing moves into a data dir a server uses.
+      if (existsSync(dbDir) && readdirSync(dbDir).length > 0) {
+        throw new Error(`a database appeared in ${dataDir} while the restore ran (a server started on it?): nothing was moved; stop it, empty the data dir and restore again`);
+      }
       // Into place (no longer stopped by `signal`): the attachment files first, the
       // database last (a server starts only on a database).
       // Each step durable before the next (a power failure must not leave a database
@@ -241,7 +247,7 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
         await syncPath(path.join(dataDir, "blobs", shard));
       }
       if (shards.length > 0) await syncPath(path.join(dataDir, "blobs"));
-      if (existsSync(dbDir)) rmdirSync(dbDir); // empty, checked above
+      // rename(2) replaces an empty directory in one step, and fails on one that is not.
       renameSync(path.join(staging, "db"), dbDir);
       await syncPath(dataDir);
       return { keys, blobs, missing: absent };
@@ -276,15 +282,58 @@ function restoreLock(dataDir: string): () => void {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
       }
-      const pid = Number(readFileSync(file, "utf8").trim());
-      if ((Number.isInteger(pid) && pid > 0 && alive(pid)) || attempt > 0) {
-        throw new Error(`another restore into ${dataDir} is running (pid ${pid}); if it is not, remove ${file}`);
+      const pid = lockHolder(file);
+      if (pid !== undefined || attempt > 0) {
+        throw new Error(`another restore into ${dataDir} is running (pid ${pid ?? "unknown"}); if it is not, remove ${file}`);
       }
-      rmSync(file, { force: true }); // its restore was killed: taken over
+      // Its restore was killed: taken over. Moved aside rather than removed, and only the
+      // lock judged dead: two restores taking it over at once, the one that moves it
+      // second would otherwise remove the lock the first has just taken.
+      const aside = `${file}.${process.pid}.stale`;
+      try {
+        renameSync(file, aside);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+        continue; // moved by another restore: whoever links next holds it
+      }
+      const moved = lockHolder(aside);
+      if (moved !== undefined) {
+        // Another restore took the dead lock over between the read and the move: what
+        // was moved is its live lock, put back.
+        try {
+          linkSync(aside, file);
+        } finally {
+          rmSync(aside, { force: true });
+        }
+        throw new Error(`another restore into ${dataDir} is running (pid ${moved}); if it is not, remove ${file}`);
+      }
+      rmSync(aside, { force: true });
     }
   } finally {
     rmSync(mine, { force: true });
   }
+}
+
+/** The live process a restore lock file names, if any. */
+function lockHolder(file: string): number | undefined {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw err;
+  }
+  const pid = Number(text.trim());
+  if (!Number.isInteger(pid) || pid <= 0) return undefined;
+  return alive(pid) ? pid : undefined;
+}
+
+/**
+ * The pid of a restore running into `dataDir` (its lock names a live process), if any:
+ * a server, or a command on the data dir, does not start meanwhile (openCore).
+ */
+export function restoreRunning(dataDir: string): number | undefined {
+  return lockHolder(path.join(dataDir, RESTORE_LOCK));
 }
 
 function alive(pid: number): boolean {
@@ -335,8 +384,11 @@ async function restoreKeys(file: string, dbDir: string, blobsDir: string, missin
       }
       batch.put(pair[0], pair[1]);
       keys++;
+      // Every batch synced: LevelDB closes a write-ahead log without a sync when its
+      // memtable fills (storage/db.ts), so a last synced batch would not make the keys
+      // before it durable; the restore says it is done only once all of them are.
       if (++n === 1000) {
-        await batch.write();
+        await batch.write({ sync: true });
         batch = db.batch();
         n = 0;
       }
