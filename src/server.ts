@@ -453,7 +453,8 @@ async function serve(
       exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
     } satisfies Partial<AdminDeps>);
   }
-  adminDeps.notReady = () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : undefined);
+  const cluster = core.services.cluster;
+  adminDeps.notReady = () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : cluster?.problem);
   log.info(
     {
       host: address.address,

@@ -1436,12 +1436,15 @@ describe("cluster mode: faults", () => {
     }
   });
 
-  it("the engine stopped and started again: requests answer 16 meanwhile, never a false 0, and the nodes recover and deliver", async () => {
+  it("the engine stopped and started again: requests answer 16 meanwhile, never a false 0, /readyz says so, and the nodes recover and deliver", async () => {
     const own = await NatsServer.start();
     const s = `WIRECHAT_E${process.pid}`;
     const pair: RunningServer[] = [];
+    const adminPort = await freePort();
+    const ready = () => admin(adminPort, "GET", "/readyz");
     try {
-      for (let i = 0; i < 2; i++) pair.push(await startTestServer({ nats: own.url, natsStream: s, nodeId: `e${i}` }));
+      for (let i = 0; i < 2; i++) pair.push(await startTestServer({ nats: own.url, natsStream: s, nodeId: `e${i}`, ...(i === 0 ? { adminPort } : {}) }));
+      expect(await ready()).toMatchObject({ status: 200, json: { ready: true } });
       const alice = await registerUser(pair[0].port);
       const bob = await registerUser(pair[1].port);
       const send = async (body: string) => {
@@ -1451,6 +1454,10 @@ describe("cluster mode: faults", () => {
       for (let i = 0; i < 5; i++) expect((await send(`before ${i}`)).status).toBe(0);
       await own.kill();
       for (let i = 0; i < 3; i++) expect((await send(`during ${i}`)).status).toBe(16);
+      // Not ready while it cannot take writes: a load balancer sends clients elsewhere.
+      let down = await ready();
+      for (const end = Date.now() + 20_000; down.status !== 503 && Date.now() < end; await sleep(50)) down = await ready();
+      expect(down).toMatchObject({ status: 503, json: { ready: false, reason: "disconnected from the cluster engine" } });
       // "Not listed here" cannot be checked against the log: 16, not a 0 that removed
       // nothing (bob may have been added through the other node).
       alice.client.send("delcontact", { uid: bob.uid });
@@ -1468,6 +1475,7 @@ describe("cluster mode: faults", () => {
       }
       for (let i = 1; i < 3; i++) expect((await send(`during ${i}`)).status).toBe(0);
       expect((await send("after")).status).toBe(0);
+      expect(await ready()).toMatchObject({ status: 200, json: { ready: true } });
       const got = await evMessages(bob.client, 9, 20_000);
       expect(got.map((m) => m.body)).toEqual([...Array.from({ length: 5 }, (_, i) => `before ${i}`), "during 0", "during 1", "during 2", "after"]);
       expect(await bob.client.quiet(300, (f) => f.action === "ev_message")).toBe(true);

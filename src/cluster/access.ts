@@ -28,7 +28,17 @@ export function natsConnectOptions(access: NatsAccess): Partial<ConnectionOption
     } catch (err) {
       throw new Error(`cannot read --nats-creds ${access.natsCreds}: ${(err as Error).message}`);
     }
-    o.authenticator = credsAuthenticator(creds);
+    // Read again at each connect (a rotated file, a user JWT renewed before it expires);
+    // one that cannot be read then is the last one read.
+    const file = access.natsCreds;
+    o.authenticator = credsAuthenticator(() => {
+      try {
+        creds = readFileSync(file);
+      } catch {
+        // kept: the last good copy
+      }
+      return creds;
+    });
   }
   if (Boolean(access.natsTlsCert) !== Boolean(access.natsTlsKey)) throw new Error("--nats-tls-cert and --nats-tls-key go together");
   if (access.natsTlsCa || access.natsTlsCert) {

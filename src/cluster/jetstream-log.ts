@@ -251,7 +251,18 @@ export class JetStreamLog<C, R> {
    * (ViewMismatch if not), and applies the stream up to its end before resolving.
    */
   static async open<C, R>(opts: JetStreamLogOptions<C, R>): Promise<JetStreamLog<C, R>> {
-    const connecting = connect({ ...opts.connectOptions, servers: opts.servers.split(","), name: opts.nodeId, maxReconnectAttempts: -1, reconnectTimeWait: 500 });
+    // Reconnecting for good, through authentication errors too: the client gives up after
+    // two in a row by default (an engine restarting with its auth callout or account
+    // resolver not up yet), and a node whose connection closed refused every write and
+    // login until restarted. (Credentials files are read again at each connect: access.ts.)
+    const connecting = connect({
+      ...opts.connectOptions,
+      servers: opts.servers.split(","),
+      name: opts.nodeId,
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 500,
+      ignoreAuthErrorAbort: true,
+    });
     // The first connection can take its timeout (20 s) to fail: a signal does not wait
     // for it (a connection made after all is closed).
     const nc = await untilAborted(connecting, opts.abort).catch((err: unknown) => {
@@ -512,7 +523,24 @@ export class JetStreamLog<C, R> {
     }
   }
 
+  /**
+   * Why this node cannot take writes now, for /readyz (a load balancer sends clients
+   * elsewhere meanwhile); undefined when it can.
+   */
+  get problem(): string | undefined {
+    if (this.failure) return "this node stopped following the cluster log (its log says why); restart it";
+    if (this.nc.isClosed()) return "the connection to the cluster engine closed; restart this node";
+    if (!this.connected) return "disconnected from the cluster engine";
+    return undefined;
+  }
+
   private watchStatus(): void {
+    // A connection that ends for good (not by close()): nothing more is applied here.
+    void this.nc.closed().then((err) => {
+      if (this.closed) return;
+      this.connected = false;
+      this.fail(err ?? new Error("the connection to the cluster engine closed"));
+    });
     void (async () => {
       for await (const s of this.nc.status()) {
         if (s.type === "disconnect") {

@@ -488,6 +488,11 @@ export class Cluster {
     return outcomes;
   }
 
+  /** Why the node cannot take writes now (JetStreamLog.problem), for /readyz once it is up. */
+  get problem(): string | undefined {
+    return this.journal?.problem;
+  }
+
   /** Where open() is, for /readyz while the node starts. */
   get startingUp(): string {
     if (this.catchUpEnd === undefined) return "connecting to the cluster's message store";
