@@ -8,6 +8,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EMPTY_VIEW, JetStreamLog, ViewMismatch, type StoredEntry, type ViewPosition } from "../src/cluster/jetstream-log.js";
 import { Code, ProtocolError } from "../src/protocol/codes.js";
 import { freePort, NatsServer } from "../scripts/nats-server.js";
+import { connect } from "@nats-io/transport-node";
+import { jetstream } from "@nats-io/jetstream";
 
 type Cmd = { k: "note"; text: string } | { k: "claim"; name: string; by: string };
 type Outcome = string;
@@ -180,6 +182,31 @@ describe("the replicated log", () => {
     await nodeP.close();
     await expect(open(stream, "p2", picky)).rejects.toMatchObject({ code: Code.Unavailable });
     await nodeA.close();
+  });
+
+  it("an entry that is not a wirechat entry is applied as nothing by every node, old and new, and the log goes on", async () => {
+    const stream = `LOG${++streams}`;
+    const a = new MemoryView();
+    const nodeA = await open(stream, "a", a);
+    expect(await nodeA.append({ k: "note", text: "before" })).toMatch(/^noted at/);
+    // Anything that can publish to the subject: not JSON, not an object, no commands,
+    // commands that are not objects or have no kind.
+    const nc = await connect({ servers: nats.url });
+    const js = jetstream(nc);
+    for (const junk of ["not json", "null", "{}", '{"o":"x","n":1,"c":[]}', '{"o":"x","n":1,"c":[1]}', '{"o":"x","n":1,"c":[{"kind":"note"}]}', '{"o":5,"n":1,"c":[{"k":"note","text":"t"}]}']) {
+      await js.publish(`${stream}.log`, junk);
+    }
+    await nc.close();
+    expect(await nodeA.append({ k: "note", text: "after" })).toMatch(/^noted at/);
+    const b = new MemoryView();
+    const nodeB = await open(stream, "b", b);
+    await nodeB.sync();
+    for (const v of [a, b]) {
+      expect(v.applied.map((x) => x.replace(/^\d+:/, ""))).toEqual(['{"k":"note","text":"before"}', '{"k":"note","text":"after"}']);
+      expect(v.position.seq).toBe(9);
+    }
+    await nodeA.close();
+    await nodeB.close();
   });
 
   it("sync() from many callers at once asks the engine once per round trip, and each still sees the writes made before it", async () => {

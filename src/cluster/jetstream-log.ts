@@ -586,13 +586,13 @@ export class JetStreamLog<C, R> {
           if (this.messages !== messages) return; // replaced by the watchdog
           // A reader re-opened after the last one read: nothing twice.
           if (m.seq <= this.lastRead) continue;
-          let entry: StoredEntry<C>;
-          try {
-            entry = decode<C>(m);
-          } catch (err) {
-            // An entry this node cannot read: the view cannot follow the log past it.
-            this.fail(err);
-            return;
+          const entry = decode<C>(m);
+          if (entry.entry.c.length === 0) {
+            // Not a wirechat entry (anything that can publish to the subject wrote it:
+            // `nats pub`, a broken client): every node reads the same bytes and applies
+            // it as nothing, rather than stop at it (every node did, for good: deleting
+            // it from the stream left a gap the reader refuses).
+            this.opts.log.warn({ seq: m.seq, id: entry.id, bytes: m.data.length }, "a cluster log entry that is not a wirechat entry was skipped");
           }
           this.lastRead = m.seq;
           this.lastProgress = Date.now();
@@ -781,8 +781,30 @@ export function unavailable(text: string, cause?: unknown): ProtocolError {
   return err;
 }
 
+/**
+ * The entry `m` holds; one with no commands (applied as nothing, but for its position)
+ * when it is not a wirechat entry: not JSON, or not `{o: string, n: integer, c: [{k:
+ * string, …}, …]}` with at least one command. A command of a kind this version does not
+ * know stays: the apply stops at it (a newer node wrote it).
+ */
 function decode<C>(m: JsMsg): StoredEntry<C> {
-  return { seq: m.seq, id: m.headers?.get("Nats-Msg-Id") ?? "", entry: m.json<LogEntry<C>>() };
+  const id = m.headers?.get("Nats-Msg-Id") ?? "";
+  let e: unknown;
+  try {
+    e = m.json<unknown>();
+  } catch {
+    e = undefined;
+  }
+  const entry = e as LogEntry<C> | undefined;
+  const ok =
+    typeof entry === "object" &&
+    entry !== null &&
+    typeof entry.o === "string" &&
+    Number.isSafeInteger(entry.n) &&
+    Array.isArray(entry.c) &&
+    entry.c.length > 0 &&
+    entry.c.every((c) => typeof c === "object" && c !== null && typeof (c as { k?: unknown }).k === "string");
+  return { seq: m.seq, id, entry: ok ? (entry as LogEntry<C>) : { o: "", n: 0, c: [] } };
 }
 
 /**
