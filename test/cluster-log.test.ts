@@ -3,6 +3,8 @@
 // resumes from its view, a view from another stream is refused, and an unreachable
 // engine answers 16, never a success it cannot prove.
 
+import { readdirSync, statSync, truncateSync } from "node:fs";
+import path from "node:path";
 import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EMPTY_VIEW, JetStreamLog, ViewMismatch, type StoredEntry, type ViewPosition } from "../src/cluster/jetstream-log.js";
@@ -322,5 +324,28 @@ describe("the replicated log", () => {
     expect(a.applied.some((x) => x.includes('"claim"') && x.includes('"by":"a"'))).toBe(true);
     await nodeA.close();
     await nodeB.close();
+  }, 90_000);
+
+  it("an engine that comes back without the log's tail: the node that applied it stops following the log, not on top", async () => {
+    // Its own engine: its store is cut (as a power loss before the engine's own sync).
+    const own = await NatsServer.start();
+    const view = new MemoryView();
+    const node = await JetStreamLog.open<Cmd, Outcome>({ servers: own.url, stream: "TAIL", replicas: 1, nodeId: "t", view: view.position, apply: view.apply, log: silent });
+    try {
+      for (let i = 0; i < 10; i++) await node.append({ k: "note", text: `n${i} ${"x".repeat(100)}` });
+      expect(node.problem).toBeUndefined();
+      await own.kill();
+      const files = (d: string): string[] => readdirSync(d, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? files(path.join(d, e.name)) : [path.join(d, e.name)]));
+      const block = files(own.storeDir).find((f) => f.includes("TAIL") && f.endsWith(".blk")) as string;
+      truncateSync(block, Math.floor(statSync(block).size * 0.6));
+      await own.restart();
+      for (const until = Date.now() + 40_000; !/stopped following/.test(node.problem ?? "") && Date.now() < until; ) await new Promise((r) => setTimeout(r, 100));
+      expect(node.problem).toMatch(/stopped following the cluster log/);
+      await expect(node.append({ k: "note", text: "after" })).rejects.toThrow(/stopped following the cluster log/);
+      expect(view.applied).toHaveLength(10);
+    } finally {
+      await node.close();
+      await own.stop();
+    }
   }, 90_000);
 });

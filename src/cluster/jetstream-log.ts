@@ -549,6 +549,7 @@ export class JetStreamLog<C, R> {
         } else if (s.type === "reconnect") {
           this.connected = true;
           this.opts.log.info({ server: s.server }, "cluster engine reconnected");
+          void this.checkLog();
         }
       }
     })();
@@ -637,8 +638,26 @@ export class JetStreamLog<C, R> {
    * after the last entry it read when it is behind (its consumer lived on a server that
    * died: the NATS client's own recovery can take minutes).
    */
+  /**
+   * After a reconnect: the stream still holds what this view applied last. An engine
+   * that lost its tail (one copy, a power loss before its own sync) comes back with
+   * fewer entries, and new ones take the lost numbers: the reader, past them already,
+   * would never see those, and this view would differ from every other for good. The
+   * node stops following the log instead (a restart rebuilds its view).
+   */
+  private async checkLog(): Promise<void> {
+    try {
+      const info = await this.jsm.streams.info(this.opts.stream);
+      if (this.closed || this.failure) return;
+      await verifyView(this.jsm, this.opts.stream, this.applied, info.created, info.state.first_seq, info.state.last_seq);
+    } catch (err) {
+      if (err instanceof ViewMismatch) this.fail(new Error(`the cluster log no longer holds what this node applied (${err.message}): restart the node to rebuild its view`));
+      else if (!this.closed) this.opts.log.warn({ err }, "checking the cluster log after a reconnect failed");
+    }
+  }
+
   private async watch(): Promise<void> {
-    if (this.closed || this.failure || this.watching) return;
+    if (this.closed || this.failure) return;
     const now = Date.now();
     // Also while a publish hangs on a stalled engine: what waits behind it answers in time.
     this.dropExpired();
@@ -648,7 +667,8 @@ export class JetStreamLog<C, R> {
       for (const p of late.proposals) p.reject(err);
     }
     // Also on a node with nothing of its own waiting: its clients wait for the others' messages.
-    if (!this.connected || now - this.lastProgress < READER_STALL_MS || this.unapplied.length > 0) return;
+    // (The expiries above run while a check waits on a stalled engine too.)
+    if (this.watching || !this.connected || now - this.lastProgress < READER_STALL_MS || this.unapplied.length > 0) return;
     this.watching = true;
     try {
       const info = await this.jsm.streams.info(this.opts.stream);
@@ -660,6 +680,10 @@ export class JetStreamLog<C, R> {
         return;
       }
       const last = info.state.last_seq;
+      if (last < this.applied.seq) {
+        this.fail(new Error(`the cluster log ends at entry ${last}, before the ${this.applied.seq} this node applied (the engine lost entries): restart the node to rebuild its view`));
+        return;
+      }
       if (last <= this.lastRead) return;
       this.opts.log.warn({ read: this.lastRead, last }, "reading the cluster log stalled; re-opening the reader");
       const old = this.messages;
