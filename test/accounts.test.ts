@@ -81,6 +81,30 @@ describe("register", () => {
     expect((await c.request("register", { login: name, pass: "p", nick: name })).status).toBe(0);
     c.close();
   });
+
+  it("accepts scripts written with combining marks, composed (NFC) only, and logs in with them", async () => {
+    // Devanagari's and Thai's vowel signs are combining marks with no composed form.
+    for (const base of ["राम", "สมชาย", "José"]) {
+      const name = `${base}${process.pid}`;
+      const c = await Client.connect(shared.port);
+      expect((await c.request("register", { login: name, pass: "p", nick: `n${name}` })).status, base).toBe(0);
+      c.close();
+      const back = await login(shared.port, name, "p");
+      expect(back.auth.status).toBe(0);
+      back.client.close();
+    }
+    // "José" with a combining accent is refused (it would be a second José), and so is a
+    // login that starts with a mark.
+    for (const bad of [`Jose\u0301x${process.pid}`, `\u0301a${process.pid}`]) {
+      const c = await Client.connect(shared.port);
+      const r = await c.request("register", { login: bad, pass: "p", nick: uniqueName() });
+      expect(r.status, JSON.stringify(bad)).toBe(3);
+      c.close();
+    }
+    const c = await Client.connect(shared.port);
+    expect((await c.request("register", { login: `Jose\u0301y${process.pid}`, pass: "p", nick: uniqueName() })).error).toMatch(/NFC/);
+    c.close();
+  });
 });
 
 describe("auth", () => {

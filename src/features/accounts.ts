@@ -7,7 +7,7 @@ import { plainAddress } from "../addresses.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { nowSeconds } from "../protocol/frames.js";
 import { LoginThrottle } from "./login-throttle.js";
-import { LOGIN_PATTERN } from "./profile-fields.js";
+import { composedLogin, LOGIN_PATTERN } from "./profile-fields.js";
 import { PasswordHasher } from "./password-hasher.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
@@ -543,6 +543,7 @@ export function registerAccounts(sv: Services): AccountOps {
         throw new ProtocolError(Code.Forbidden, REGISTRATION_CLOSED);
       }
       const { login, pass, nick } = req.data;
+      composedLogin(login);
       await notBannedLogin(login);
       if (sv.cluster) {
         const auth = await clusterRegister(s, login, pass, nick);
@@ -829,6 +830,7 @@ export function registerAccounts(sv: Services): AccountOps {
     async create(login, pass, nick) {
       const bad = OPERATOR_ACCOUNT({ login, pass, nick });
       if (bad) throw bad;
+      composedLogin(login);
       await notBannedLogin(login);
       if (sv.cluster) {
         // No session: an operator's account.

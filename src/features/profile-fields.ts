@@ -4,14 +4,31 @@
 // what a login may hold (register's schema, and the HTTP chat door, whose logins are emails).
 
 import { NAME_MAX } from "../limits.js";
+import { Code, ProtocolError } from "../protocol/codes.js";
 
-/** What a login may hold: letters (any script), digits and _ . @ + - (so an email address works too). */
-export const LOGIN_PATTERN = "^[\\p{L}\\p{N}_.@+\\-]+$";
+/**
+ * What a login may hold: letters (any script, with their combining marks: Devanagari's
+ * vowel signs, Thai's tone marks), digits and _ . @ + - (so an email address works
+ * too); a mark never first. Without marks, "राम" could not be a login.
+ */
+export const LOGIN_PATTERN = "^[\\p{L}\\p{N}_.@+\\-][\\p{L}\\p{M}\\p{N}_.@+\\-]*$";
 const LOGIN_RE = new RegExp(LOGIN_PATTERN, "u");
 
-/** Whether `text` may be a login: LOGIN_PATTERN, at most NAME_MAX characters. */
+/** Whether `text` may be a login: LOGIN_PATTERN, composed, at most NAME_MAX characters. */
 export function isLogin(text: string): boolean {
-  return LOGIN_RE.test(text) && [...text].length <= NAME_MAX;
+  return LOGIN_RE.test(text) && text.normalize("NFC") === text && [...text].length <= NAME_MAX;
+}
+
+/**
+ * 3 unless a new login is written composed (Unicode NFC): "José" typed with a combining
+ * accent would otherwise be a second account of the same name, told apart by nothing a
+ * reader can see. (Only new logins: one made before marks were allowed is NFC already,
+ * or is looked up as it was written.)
+ */
+export function composedLogin(login: string): void {
+  if (login.normalize("NFC") !== login) {
+    throw new ProtocolError(Code.InvalidData, "'login' must be written composed (Unicode NFC): a combining mark that has a composed form must be written as it");
+  }
 }
 
 /**
