@@ -118,6 +118,15 @@ describe("auth", () => {
     a.client.close();
   });
 
+  it("takes cid and sid set to null, as an original-protocol client sends them before it has a session", async () => {
+    const a = await registerUser(shared.port);
+    const c = await Client.connect(shared.port);
+    const r = await c.request("auth", { cid: null, sid: null, login: a.login, pass: "secret" });
+    expect(r).toMatchObject({ status: 0, uid: a.uid });
+    c.close();
+    a.client.close();
+  });
+
   it("resumes a stored session with sid alone", async () => {
     const a = await registerUser(shared.port);
     const c = await Client.connect(shared.port);

@@ -578,7 +578,7 @@ export function registerAccounts(sv: Services): AccountOps {
     },
   });
 
-  dispatcher.register<{ login?: string; pass?: string; sid?: string; since?: string }>({
+  dispatcher.register<{ login?: string; pass?: string; sid?: string | null; since?: string }>({
     name: "auth",
     cluster: true,
     public: true,
@@ -587,7 +587,9 @@ export function registerAccounts(sv: Services): AccountOps {
       properties: {
         login: optionalString(NAME_MAX),
         pass: optionalString(1024),
-        sid: optionalString(64),
+        // null: none (an original-protocol client sends cid and sid with every request,
+        // null before it has a session; the envelope's sid takes null too).
+        sid: { type: ["string", "null"], maxLength: 64 },
         // The last inbox mid this client has: the sync after auth starts past it.
         since: { type: "string", pattern: "^[0-9]{1,15}$" },
       },
