@@ -17,6 +17,7 @@
 // the server's, in whole seconds (".000Z"); errors after the login are
 // `{"status":"error","message":null,"info":<text>}` and the socket stays.
 
+import type { ServerResponse } from "node:http";
 import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
@@ -467,7 +468,7 @@ export function chatRoutes(
   door: ChatDoor,
   accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
   banned: (address: string) => string | undefined,
-  rated: (req: FastifyRequest) => RateVerdict,
+  rated: (req: FastifyRequest, res: ServerResponse) => Promise<RateVerdict>,
   stopping: () => boolean,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
@@ -482,7 +483,7 @@ export function chatRoutes(
       }
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, failure(403, `your address is banned${why ? `: ${why}` : ""}`));
-      const verdict = rated(req);
+      const verdict = await rated(req, reply.raw);
       if (verdict === "close") reply.header("connection", "close");
       if (verdict !== "ok") return send(reply, failure(429, verdict === "close" ? RATE_CLOSING : RATE_REFUSED));
     });

@@ -15,6 +15,7 @@
 // presence does not change); the room WebSocket logs in with the session like any
 // connection.
 
+import type { ServerResponse } from "node:http";
 import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
@@ -557,7 +558,7 @@ export function echatRoutes(
   door: EchatDoor,
   accept: (ws: WebSocket, req: FastifyRequest, front: Front) => void,
   banned: (address: string) => string | undefined,
-  rated: (req: FastifyRequest) => RateVerdict,
+  rated: (req: FastifyRequest, res: ServerResponse) => Promise<RateVerdict>,
   stopping: () => boolean,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
@@ -570,7 +571,7 @@ export function echatRoutes(
       const why = banned(req.socket.remoteAddress ?? "?");
       if (why !== undefined) return send(reply, fail(403, "forbidden"));
       // A room's WebSocket counts its messages; a route counts against its socket's budget.
-      const verdict = req.ws ? "ok" : rated(req);
+      const verdict = req.ws ? "ok" : await rated(req, reply.raw);
       if (verdict !== "ok") {
         if (verdict === "close") reply.header("connection", "close");
         return send(reply, { http: 429, body: { error: { code: "too_many_requests", message: verdict === "close" ? RATE_CLOSING : RATE_REFUSED } } });

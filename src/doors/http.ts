@@ -122,16 +122,20 @@ export class HttpDoor {
     // (a kept-alive socket's requests one after another, as a connection's frames on the
     // other doors; a WebSocket's messages count in its own line). Past --rate-disconnect
     // refusals the answer closes the socket, logged and counted once.
-    const budgets = new WeakMap<Socket, RequestBudget & { doomed?: boolean }>();
-    const rated = (req: FastifyRequest): RateVerdict => {
+    const budgets = new WeakMap<Socket, RequestBudget & { doomed?: boolean; turns?: Turns }>();
+    const rated = async (req: FastifyRequest, res: ServerResponse): Promise<RateVerdict> => {
       let b = budgets.get(req.socket);
       if (b === undefined) budgets.set(req.socket, (b = fullBudget(config)));
-      const verdict = takeRequest(b, config);
+      let verdict = takeRequest(b, config);
+      // Its turn: one request of a socket at a time (below).
+      const waiting = verdict === "ok" && !(await turnOf((b.turns ??= { busy: false, waiting: [] }), res));
+      if (waiting) verdict = "close";
       if (verdict !== "ok") metrics.request("unknown", Code.RateLimited);
       if (verdict === "close" && !b.doomed) {
         b.doomed = true;
         metrics.closes.rate_limit++;
-        log.warn({ door: "http", remote: req.socket.remoteAddress, refused: b.refused }, "request rate far over the limit; closing");
+        const why = waiting ? `over ${PIPELINED_MAX} requests waiting for their turn` : "request rate far over the limit";
+        log.warn({ door: "http", remote: req.socket.remoteAddress, refused: b.refused }, `${why}; closing`);
       }
       return verdict;
     };
@@ -184,7 +188,7 @@ export class HttpDoor {
           }
           const why = banned(req.socket.remoteAddress ?? "?");
           if (why !== undefined) return refuse(403, Code.Forbidden, `your address is banned${why ? `: ${why}` : ""}`);
-          const verdict = rated(req);
+          const verdict = await rated(req, reply.raw);
           if (verdict === "close") reply.header("connection", "close");
           if (verdict !== "ok") return refuse(429, Code.RateLimited, verdict === "close" ? RATE_CLOSING : RATE_REFUSED);
         });
@@ -307,4 +311,39 @@ function countedBody(held: HeldInput | undefined, payload: Readable, response: S
   });
   payload.pipe(body);
   return body;
+}
+
+/** A socket's requests: one runs, the rest wait their turn (turnOf). */
+interface Turns {
+  busy: boolean;
+  waiting: (() => void)[];
+}
+
+/**
+ * Requests pipelined on one kept-alive socket (sent back to back without reading) that
+ * wait for the one before them to be answered, at most; past it the request is refused
+ * (429) and the socket closed after it.
+ */
+export const PIPELINED_MAX = 32;
+
+/**
+ * Waits until the socket's requests before this one are answered (`res`, this one's
+ * response, gives the turn on when it closes); false when PIPELINED_MAX wait already.
+ * Node starts every request of a read at once (its pipelining check waits only for a
+ * response's buffered output), and HTTP/1.1 answers them in order anyway: one socket's
+ * back-to-back history pages (each up to 20 records held as it is written) all ran at
+ * the same time, and their answers waited in memory behind the first.
+ */
+async function turnOf(t: Turns, res: ServerResponse): Promise<boolean> {
+  if (t.busy) {
+    if (t.waiting.length >= PIPELINED_MAX) return false;
+    await new Promise<void>((resolve) => t.waiting.push(resolve));
+  }
+  t.busy = true;
+  res.once("close", () => {
+    const next = t.waiting.shift();
+    if (next) next();
+    else t.busy = false;
+  });
+  return true;
 }
