@@ -4,7 +4,7 @@
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import type { BatchOp } from "../src/storage/db.js";
-import { directConv } from "../src/storage/layout.js";
+import { channelConv, directConv, histKey } from "../src/storage/layout.js";
 import { Client, login, registerUser, removeDir, tempDir, testConfig, uniqueName, type Account, serveForFile } from "./helpers.js";
 import { heldGate, holdNextWrite, sleep, slowKeyReads, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
@@ -762,7 +762,10 @@ describe("deletechannel", () => {
       await sv.messages.flushDerived();
     }
     const pages: number[] = [];
+    // This channel's pages (another test's purge may run meanwhile on the shared server).
+    const ours = sv.storage.spaces.hist.prefix + histKey(channelConv(ch.chid), 0).split("!")[0] + "!";
     const undo = wrapCalls(sv.storage, "commit", async (ops: BatchOp[]) => {
+      if (!ops.some((o) => o.type === "del" && o.key.startsWith(ours))) return;
       const logDels = ops.filter((o) => o.type === "del" && o.key.startsWith(sv.storage.spaces.log.prefix)).length;
       if (logDels > 0) pages.push(logDels);
     });
@@ -818,6 +821,33 @@ describe("deletechannel", () => {
     const again = (await b.client.request("createchannel", { name, descr: "y" })) as { status: number; chid: string };
     expect(again.status).toBe(0);
     await closeAll(a.client, b.client);
+  });
+
+  it("purges of deleted channels run one at a time", async () => {
+    const owner = await registerUser(shared.port);
+    const sv = shared.server.services;
+    const chans = [await newChannel(owner), await newChannel(owner), await newChannel(owner)];
+    const mids: string[] = [];
+    for (const ch of chans) mids.push((await owner.client.request("message", { channel: ch.chid, body: "to be purged" })).mid);
+    // The first purge to start waits at the gate; the others must not start meanwhile.
+    const gate = heldGate();
+    const started: string[] = [];
+    const undo = wrapCalls(sv.messages, "purge", async (conv: string) => {
+      started.push(conv);
+      if (started.length === 1) await gate.pass();
+    });
+    try {
+      for (const ch of chans) expect((await owner.client.request("deletechannel", { channel: ch.chid })).status).toBe(0);
+      await gate.reached;
+      await sleep(300);
+      expect(started).toHaveLength(1);
+    } finally {
+      gate.open();
+      await waitFor(() => started.length === 3, 10_000, "the other two purges");
+      undo();
+    }
+    for (const mid of mids) await eventually(async () => expect(await sv.messages.get(mid)).toBeUndefined());
+    await closeAll(owner.client);
   });
 
   it("of a deleted owner goes at once, however long the purge of the owner's messages to themselves takes", async () => {

@@ -19,6 +19,8 @@ import { convLockKey, findUser, underLocks, userLockKey, type Services } from ".
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
+/** The KeyedLock key purges take, one at a time. */
+const PURGE_LOCK = "purges";
 /** `channellist` page: default and largest. */
 const LIST_DEFAULT = 100;
 const LIST_MAX = 500;
@@ -458,8 +460,16 @@ export function registerChannels(sv: Services): ChannelOps {
     });
   }
 
-  /** Removes a conversation's messages (a deleted channel's, a deleted account's own), until done or `signal` (shutdown). */
+  /**
+   * Removes a conversation's messages (a deleted channel's, a deleted account's own),
+   * until done or `signal` (shutdown). One purge at a time (PURGE_LOCK): a user who
+   * deletes their hundred channels at once started a hundred, each reading its pages.
+   */
   function purge(conv: string, signal?: AbortSignal): Promise<void> {
+    return locks.run(PURGE_LOCK, () => (signal?.aborted ? Promise.resolve() : purgeNow(conv, signal)));
+  }
+
+  function purgeNow(conv: string, signal?: AbortSignal): Promise<void> {
     return messages.purge(
       conv,
       async (page) => page.flatMap((m) => (m.attach ? sv.blobs.unrefOps(m.attach.sha, m.mid) : [])),

@@ -108,6 +108,8 @@ const HIST_PAGE = 16;
 const DIALOG_CHECKS = 16;
 /** Messages a purge page takes, in whole chunks (at least one). */
 const PURGE_SEQS = 512;
+/** Records a purge reads at once (each up to --max-frame of body, dropped once read). */
+const PURGE_READ = 32;
 /** Index entries migrated or checked per batch. */
 const MIGRATE_PAGE = 1000;
 /** Channels whose last seq is remembered (cleared when full, like KNOWN_PEERS). */
@@ -1148,7 +1150,13 @@ export class MessageStore {
           n += c[1].length;
         }
         const seqs = chunks.flatMap(([, s]) => s);
-        const records = await this.records(seqs);
+        // Read PURGE_READ at a time and kept without their bodies (what a purge needs of
+        // a record is its mid, sender, cmid and attachment): 512 records of up to
+        // --max-frame each were held at once, by every purge running.
+        const records: MessageRecord[] = [];
+        for (let i = 0; i < seqs.length; i += PURGE_READ) {
+          for (const m of await this.records(seqs.slice(i, i + PURGE_READ))) records.push(m.body === "" ? m : { ...m, body: "" });
+        }
         const pageOps = await onPage(records);
         // Their cmids go with them: a later message with one of them is a new message.
         // Built last, with no wait between them and the commit (purgedCmidOps).
