@@ -1,7 +1,7 @@
 // searchuser and ev_presence (spec §4), against a real server over TCP.
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, uniqueName, type Account, serveForFile } from "./helpers.js";
-import { sleep, wrapCalls } from "./pipeline-helpers.js";
+import { heldGate, sleep, waitFor, wrapCalls } from "./pipeline-helpers.js";
 
 
 const shared = serveForFile();
@@ -181,6 +181,42 @@ describe("ev_presence", () => {
     } finally {
       undo();
     }
+    await closeAll(bob.client);
+  });
+
+  it("changes that come while one is told are folded into the latest: a connect-and-close loop is not told change by change", async () => {
+    const alice = await registerUser(shared.port);
+    await closeAll(alice.client);
+    const bob = await registerUser(shared.port);
+    expect((await bob.client.request("addcontact", { uid: alice.uid })).status).toBe(0);
+    const sv = shared.server.services;
+    // The read of who lists alice for her coming online waits at the gate while she
+    // connects and closes ten more times.
+    const gate = heldGate();
+    let first = true;
+    const undo = wrapCalls(sv.contacts, "listedBy", async (uid: string) => {
+      if (uid !== alice.uid || !first) return;
+      first = false;
+      await gate.pass();
+    });
+    try {
+      let a = await login(shared.port, alice.login);
+      await gate.reached;
+      for (let i = 0; i < 10; i++) {
+        await closeAll(a.client);
+        await waitFor(() => !sv.router.isOnline(alice.uid), 5000, "alice offline");
+        a = await login(shared.port, alice.login);
+      }
+      await closeAll(a.client);
+      await waitFor(() => !sv.router.isOnline(alice.uid), 5000, "alice offline");
+    } finally {
+      gate.open();
+      undo();
+    }
+    // Told: online (the change held at the gate), then where she ended (offline).
+    expect(await bob.client.event("ev_presence")).toEqual({ uid: alice.uid, online: true });
+    expect(await bob.client.event("ev_presence")).toEqual({ uid: alice.uid, online: false });
+    expect(await bob.client.quiet(300, (f) => f.action === "ev_presence")).toBe(true);
     await closeAll(bob.client);
   });
 

@@ -32,13 +32,38 @@ export function registerContacts(sv: Services): void {
   // Presence: the users who list someone hear when their first connection opens and
   // when their last one closes.
   // One change of a user at a time, in the order they happened: each waits for a read,
-  // and a quick connect-and-close could publish its offline before its online.
+  // and a quick connect-and-close could publish its offline before its online. Changes
+  // that come while one is published are folded into the latest (presenceNext), sent
+  // only if it differs from what was just sent: a client connecting and closing in a
+  // loop queued two reads of its listers per connection, for as long as it went on.
   // A deleted account's hook is given who listed it: its entries are gone by then.
-  hooks.onPresence((uid, online, audience) =>
-    locks.run(`presence:${uid}`, async () => {
-      router.publish({ kind: "presence", uid, online }, { users: audience ?? (await contacts.listedBy(uid)) });
-    }),
-  );
+  const presenceNext = new Map<string, { online: boolean; audience?: readonly string[] }>();
+  const presenceBusy = new Set<string>();
+  hooks.onPresence(async (uid, online, audience) => {
+    if (presenceBusy.has(uid)) {
+      presenceNext.set(uid, { online, audience });
+      return;
+    }
+    presenceBusy.add(uid);
+    let change: { online: boolean; audience?: readonly string[] } | undefined = { online, audience };
+    let sent: boolean | undefined;
+    try {
+      while (change !== undefined) {
+        if (change.online !== sent) {
+          try {
+            router.publish({ kind: "presence", uid, online: change.online }, { users: change.audience ?? (await contacts.listedBy(uid)) });
+            sent = change.online;
+          } catch (err) {
+            sv.log.error({ err, uid }, "telling a user's presence failed");
+          }
+        }
+        change = presenceNext.get(uid);
+        presenceNext.delete(uid);
+      }
+    } finally {
+      presenceBusy.delete(uid);
+    }
+  });
 
   dispatcher.register<{ q: string }>({
     name: "searchuser",
