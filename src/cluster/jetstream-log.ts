@@ -631,14 +631,6 @@ export class JetStreamLog<C, R> {
   }
 
   /**
-   * Once a second: an answer whose entry is stored but not applied here within the
-   * write budget is 16 (its apply may still come; a resend with the same cmid finds
-   * it); and a reader that has read nothing for READER_STALL_MS is checked against the
-   * stream's end (one request; an idle node makes one every few seconds) and re-opened
-   * after the last entry it read when it is behind (its consumer lived on a server that
-   * died: the NATS client's own recovery can take minutes).
-   */
-  /**
    * After a reconnect: the stream still holds what this view applied last. An engine
    * that lost its tail (one copy, a power loss before its own sync) comes back with
    * fewer entries, and new ones take the lost numbers: the reader, past them already,
@@ -656,6 +648,14 @@ export class JetStreamLog<C, R> {
     }
   }
 
+  /**
+   * Once a second: an answer whose entry is stored but not applied here within the
+   * write budget is 16 (its apply may still come; a resend with the same cmid finds
+   * it); and a reader that has read nothing for READER_STALL_MS is checked against the
+   * stream's end (one request; an idle node makes one every few seconds) and re-opened
+   * after the last entry it read when it is behind (its consumer lived on a server that
+   * died: the NATS client's own recovery can take minutes).
+   */
   private async watch(): Promise<void> {
     if (this.closed || this.failure) return;
     const now = Date.now();
