@@ -765,6 +765,41 @@ describe("cluster mode: direct messages", () => {
     for (const c of [alice.client, bob.client, c1.client, c2.client]) c.close();
   });
 
+  it("a history page with several attachments a node lacks fetches them all at once, not one after another", async () => {
+    const alice = await registerUser(node(0));
+    const bob = await registerUser(node(1));
+    const sent: { mid: string; data: string; sha: string }[] = [];
+    for (let i = 0; i < 3; i++) {
+      const data = randomBytes(50_000).toString("base64");
+      const r = await alice.client.request("message", { uid: bob.uid, body: `file ${i}`, attach: { mime: "image/png", data } });
+      expect(r.status).toBe(0);
+      await bob.client.event("ev_message", (d) => d.mid === r.mid, 15_000);
+      sent.push({ mid: r.mid, data, sha: createHash("sha256").update(Buffer.from(data, "base64")).digest("hex") });
+    }
+    const blobs = nodes[1].services.blobs;
+    for (const m of sent) rmSync(blobs.pathOf(m.sha));
+    // How many fetches run at once on node 1.
+    const refetch = blobs.refetch as (sha: string) => Promise<boolean>;
+    let running = 0;
+    let most = 0;
+    blobs.refetch = async (sha: string) => {
+      most = Math.max(most, ++running);
+      try {
+        return await refetch(sha);
+      } finally {
+        running--;
+      }
+    };
+    try {
+      const h = await bob.client.request("history", { uid: alice.uid });
+      for (const m of sent) expect(h.messages.find((x: any) => x.mid === m.mid).attach).toEqual({ mime: "image/png", data: m.data });
+    } finally {
+      blobs.refetch = refetch;
+    }
+    expect(most).toBe(3);
+    for (const c of [alice.client, bob.client]) c.close();
+  });
+
   it("an attachment in a channel reaches members on every node", async () => {
     const owner = await registerUser(node(2));
     const m = await registerUser(node(0));

@@ -433,7 +433,9 @@ export function registerMessages(sv: Services): void {
   /** The records at `seqs`, read a page at a time as the reply is written. */
   async function* historyItems(seqs: readonly number[]): AsyncIterable<Fields> {
     for (let i = 0; i < seqs.length; i += HISTORY_PAGE) {
-      for (const m of await messages.records(seqs.slice(i, i + HISTORY_PAGE))) yield listItem(m);
+      const page = await messages.records(seqs.slice(i, i + HISTORY_PAGE));
+      sv.blobs.prefetch(page.flatMap((m) => (m.attach ? [m.attach.sha] : [])));
+      for (const m of page) yield listItem(m);
     }
   }
 

@@ -442,6 +442,22 @@ export class BlobStore {
   }
 
   /**
+   * Cluster mode: the blobs among `shas` (a page of messages about to be written) that
+   * are not files here start being fetched again now, all together: read one after
+   * another as the page reached each, a page with several missing waited up to
+   * REFETCH_WAIT_MS for each in turn. Nothing on a single node.
+   */
+  prefetch(shas: Iterable<string>): void {
+    if (this.refetch === undefined) return;
+    for (const sha of shas) {
+      void access(this.pathOf(sha)).then(
+        () => undefined,
+        () => this.restored(sha),
+      );
+    }
+  }
+
+  /**
    * A missing blob a message here still references, fetched again (refetch); whether it
    * is a file now. A read waits REFETCH_WAIT_MS at most; one that failed lately is not
    * asked for again.
