@@ -379,6 +379,19 @@ describe("re-authentication and cursors (review findings)", () => {
     b.client.close();
   });
 
+  it("a `since` past every stored mid (kept across a restore) loses nothing sent after it", async () => {
+    const a = await registerUser(shared.port);
+    const b = await offlineUser();
+    const newest = Number((await a.client.request("message", { uid: b.uid, body: "before" })).mid);
+    const c = await connect(b, { ack: true, since: String(newest + 1_000_000) });
+    // Everything up to the newest is taken as had; what comes next arrives, in order.
+    const mids: string[] = [];
+    for (let i = 0; i < 3; i++) mids.push((await a.client.request("message", { uid: b.uid, body: `after ${i}` })).mid);
+    await waitForMidsOf(c, mids);
+    expect(await c.quiet(200, (f) => f.action === "ev_message" && f.data.body === "before")).toBe(true);
+    for (const x of [a.client, c]) x.close();
+  });
+
   it("a second auth with an older `since` on one connection sends nothing it was already sent", async () => {
     const a = await registerUser(shared.port);
     const b = await offlineUser();

@@ -32,6 +32,8 @@ import type { MessageRecord } from "../storage/layout.js";
 
 /** The inbox store as the router needs it (storage/messages.ts implements it). */
 export interface InboxSource {
+  /** The highest mid committed so far: no client can have one above it. */
+  newest(): number;
   cursor(uid: string): Promise<number>;
   inboxAfter(uid: string, after: number, limit: number): Promise<number[]>;
   recordsAt(seqs: readonly number[]): Promise<(MessageRecord | undefined)[]>;
@@ -402,7 +404,11 @@ export class Router implements Delivery {
       // twice, `since` or not). With `since`, what it was sent (sentInbox), not where an
       // earlier `since` put it: a client that asks again from further back gets what
       // it was never sent.
-      const start = since === undefined ? Math.max(await this.inbox.cursor(uid), s.lastInbox) : Math.max(since, s.sentInbox);
+      // A `since` past every mid stored (a client kept it across a restore from a
+      // backup, or made it up) is taken as the newest: the messages stored from now on
+      // are above it. Taken as given, the ones up to it were dropped as "already had",
+      // and then confirmed past by the next ack.
+      const start = since === undefined ? Math.max(await this.inbox.cursor(uid), s.lastInbox) : Math.max(Math.min(since, this.inbox.newest()), s.sentInbox);
       if (!current()) return;
       s.lastInbox = start;
       for (;;) {

@@ -265,6 +265,8 @@ export class MessageStore {
   onCommitted: ((messages: number, seconds: number) => void) | undefined;
   /** The key of the record append() writes, rewritten in place for each (writeSeqKey). */
   private readonly logKey: Buffer;
+  /** The highest seq committed (at start-up, the counter's: what it handed out is stored or lost). */
+  private committedSeq: number;
 
   constructor(
     private readonly storage: Storage,
@@ -273,7 +275,13 @@ export class MessageStore {
   ) {
     this.s = storage.spaces;
     this.logKey = Buffer.from(this.s.log.prefix + seqKey(0), "utf8");
+    this.committedSeq = seq.last;
     storage.contribute(() => this.contribute());
+  }
+
+  /** The highest mid committed so far (InboxSource.newest). */
+  newest(): number {
+    return this.committedSeq;
   }
 
   /**
@@ -458,6 +466,8 @@ export class MessageStore {
     this.storage.afterCommit((err) => {
       if (err) return;
       const { records, seqs, convs } = batch;
+      // Batches commit in order, and a batch's seqs ascend.
+      if (seqs.length > 0) this.committedSeq = seqs[seqs.length - 1];
       this.onCommitted?.(records.length, (performance.now() - opened) / 1000);
       // By runs of one conversation (a sender's messages come in runs): the newest of a
       // run is what its conversation's last seq and last record become, whatever came
