@@ -235,7 +235,7 @@ export class Router implements Delivery {
       const fixed = audience.channel;
       const before = fixed === undefined ? undefined : this.channelQueue.get(fixed);
       if (before === undefined) {
-        for (const uid of audience.users) this.toUser(uid, ev);
+        for (const uid of audience.users) this.toMember(uid, ev);
         return;
       }
       return this.queueFor(
@@ -286,11 +286,12 @@ export class Router implements Delivery {
   }
 
   /** A channel event to one member: a delivery that throws is reported, and the others still get it. */
+  /** toUser, its failure reported: the audience's other users still get the event. */
   private toMember(uid: string, ev: Event): void {
     try {
       this.toUser(uid, ev);
     } catch (err) {
-      this.onError(err, "delivering a channel's event");
+      this.onError(err, "delivering an event");
     }
   }
 
@@ -377,9 +378,12 @@ export class Router implements Delivery {
     }
     const seq = Number(ev.m.mid);
     if (seq <= s.lastInbox) return;
+    // Made before the position moves: a frame that could not be made leaves the
+    // message to the next sync rather than marked as sent.
+    const frame = s.codec.event(ev);
     s.lastInbox = s.sentInbox = seq;
     this.metrics.messagesDelivered++;
-    s.peer.send(s.codec.event(ev), true, s.acks ? 0 : seq);
+    s.peer.send(frame, true, s.acks ? 0 : seq);
   }
 
   /**
