@@ -4,7 +4,7 @@
 //   codec, events, router) → features (accounts, profiles, contacts, messages, channels)
 //   → storage (key layout, group commit, message log, typed stores, blob store).
 
-import { realpathSync, renameSync } from "node:fs";
+import { existsSync, realpathSync, renameSync } from "node:fs";
 import { hostname } from "node:os";
 import path from "node:path";
 import type { FastifyInstance } from "fastify";
@@ -212,7 +212,17 @@ async function assemble(storage: Storage, config: Config, log: Logger): Promise<
   const admin = registerAdmin(services, accounts);
 
   // Attachment files no message uses (a crash between file and batch) go, in the background.
+  // A cluster node's view names them only once it has applied the log: swept before
+  // (alongside the catch-up), a file whose message was not applied yet went too.
   background.run("sweeping unused attachment files", async (signal) => {
+    const cluster = services.cluster;
+    if (cluster) {
+      await new Promise<void>((resolve) => {
+        void cluster.whenCaughtUp.then(resolve);
+        signal.addEventListener("abort", () => resolve(), { once: true });
+      });
+      if (signal.aborted) return;
+    }
     const { checked, removed } = await blobs.sweep(signal);
     if (removed > 0) log.info({ checked, removed }, "removed attachment files no message uses");
   });
@@ -546,9 +556,15 @@ async function joinCluster(core: Core, config: Config, log: Logger, opening: (cl
     }
     await core.close();
     abort?.throwIfAborted(); // nothing renamed for a start that was asked to stop
-    const kept = path.join(config.dataDir, `db.replaced-${new Date().toISOString().replace(/[:.]/g, "-")}`);
+    const stamp = new Date().toISOString().replace(/[:.]/g, "-");
+    const kept = path.join(config.dataDir, `db.replaced-${stamp}`);
     renameSync(path.join(config.dataDir, "db"), kept);
-    log.warn({ reason: err.message, kept }, "the local view does not match the cluster log; rebuilding it from the log (the old view is kept)");
+    // Its attachment files with it: the new view's start-up sweep would take every file
+    // no message of the new view names yet, and the old view may be the only copy left
+    // (the object store lost with the stream). The new view fetches what it needs.
+    const keptBlobs = path.join(config.dataDir, `blobs.replaced-${stamp}`);
+    if (existsSync(path.join(config.dataDir, "blobs"))) renameSync(path.join(config.dataDir, "blobs"), keptBlobs);
+    log.warn({ reason: err.message, kept, keptBlobs }, "the local view does not match the cluster log; rebuilding it from the log (the old view is kept)");
     const fresh = await openCore(config, log);
     try {
       opening(fresh.services.cluster as Cluster);

@@ -1327,6 +1327,10 @@ describe("cluster mode: a node that was away", () => {
     const extra = ["--nats", nats.url, "--nats-stream", own, "--node-id", "gone", "--admin", "off"];
     let child = await startChild(dir, extra);
     const alice = await registerUser(child.port);
+    // A note to herself with a file: the old view's attachment, kept with it.
+    const file = randomBytes(3_000).toString("base64");
+    expect((await alice.client.request("message", { uid: alice.uid, body: "mine", attach: { mime: "text/plain", data: file } })).status).toBe(0);
+    const sha = createHash("sha256").update(Buffer.from(file, "base64")).digest("hex");
     alice.client.close();
     child.proc.kill("SIGTERM");
     await child.exited;
@@ -1354,6 +1358,10 @@ describe("cluster mode: a node that was away", () => {
     for await (const v of old.values()) values.push(v);
     await old.close();
     expect(values.some((v) => v.includes(alice.login))).toBe(true);
+    // Its attachment files are set aside with it (the new view's sweep would take them).
+    const keptBlobs = readdirSync(dir).filter((f) => f.startsWith("blobs.replaced-"));
+    expect(keptBlobs).toEqual([kept[0].replace("db.", "blobs.")]);
+    expect(existsSync(path.join(dir, keptBlobs[0], sha.slice(0, 2), sha))).toBe(true);
     removeDir(dir);
   });
 

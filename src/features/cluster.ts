@@ -298,6 +298,7 @@ export class Cluster {
       },
     });
     this.caughtUp = true;
+    this.caughtUpNow();
     this.log.info({ stream: this.opts.stream, applied: this.journal.position.seq, node: this.opts.nodeId }, "caught up with the cluster log");
     const { router, hooks } = this.sv;
     this.presence = new ClusterPresence(
@@ -487,6 +488,10 @@ export class Cluster {
     }
     return outcomes;
   }
+
+  private caughtUpNow: () => void = () => {};
+  /** Resolves once open() has applied the log up to its end (never, if it fails). */
+  readonly whenCaughtUp = new Promise<void>((resolve) => (this.caughtUpNow = resolve));
 
   /** Why the node cannot take writes now (JetStreamLog.problem), for /readyz once it is up. */
   get problem(): string | undefined {
