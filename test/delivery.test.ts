@@ -4,6 +4,7 @@
 // under a race between two connections of one sender.
 
 import { describe, expect, it } from "vitest";
+import type { BatchOp } from "../src/storage/db.js";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, type Account } from "./helpers.js";
 import { byMid, duplicates, evMids, heldGate, helloAck, holdNextWrite, orClosed, recordSyncs, settle, sleep, waitFor, waitForMids } from "./pipeline-helpers.js";
 
@@ -601,6 +602,45 @@ describe("pipelined messages waiting for their commit", () => {
 
 
 describe("derived index entries on disk", () => {
+  it("a conversation's dialog entry and its pointer are never cut apart between the batches of a generation", async () => {
+    const srv = await startTestServer();
+    try {
+      const users: Account[] = [];
+      for (let i = 0; i < 100; i++) users.push(await registerUser(srv.port));
+      const storage = srv.services.storage;
+      const say = async () => {
+        for (let i = 0; i < 100; i += 2) expect((await users[i].client.request("message", { uid: users[i + 1].uid, body: "hi" })).status).toBe(0);
+        await srv.services.messages.flushDerived();
+      };
+      await say(); // each pair's dialogs: from here on a move deletes an old entry (groups of three)
+      // The chunks of the next generation, as they are handed to the batches.
+      const chunks: BatchOp[][] = [];
+      const commitLazy = storage.commitLazy.bind(storage);
+      storage.commitLazy = (ops: readonly BatchOp[]) => {
+        chunks.push([...ops]);
+        commitLazy(ops);
+      };
+      try {
+        await say();
+      } finally {
+        delete (storage as { commitLazy?: unknown }).commitLazy;
+      }
+      const { dialogs, dialogat } = storage.spaces;
+      const withDialogs = chunks.filter((c) => c.some((o) => o.key.startsWith(dialogs.prefix) || o.key.startsWith(dialogat.prefix)));
+      expect(withDialogs.length).toBeGreaterThan(1); // spread over batches
+      for (const chunk of withDialogs) {
+        // Each dialog entry put (uid!seq -> peer) has its pointer (uid!peer) in the same batch.
+        const entries = chunk.filter((o) => o.type === "put" && o.key.startsWith(dialogs.prefix)).map((o) => `${o.key.slice(dialogs.prefix.length).split("!")[0]}!${JSON.parse(o.value as string)}`);
+        const pointers = chunk.filter((o) => o.type === "put" && o.key.startsWith(dialogat.prefix)).map((o) => o.key.slice(dialogat.prefix.length));
+        expect(entries.sort()).toEqual(pointers.sort());
+      }
+      for (const u of users) u.client.close();
+    } finally {
+      await srv.stop();
+      removeDir(srv.services.config.dataDir);
+    }
+  });
+
   it("are written in synced batches (a later sync does not cover them across LevelDB's log switch)", async () => {
     const srv = await startTestServer();
     try {

@@ -108,6 +108,8 @@ const HIST_PAGE = 16;
 const DIALOG_CHECKS = 16;
 /** Messages a purge page takes, in whole chunks (at least one). */
 const PURGE_SEQS = 512;
+/** No ops joined to the one before them (Drain.joined). */
+const NONE_JOINED: ReadonlySet<number> = new Set();
 /** Records a purge reads at once (each up to --max-frame of body, dropped once read). */
 const PURGE_READ = 32;
 /** Index entries migrated or checked per batch. */
@@ -173,6 +175,14 @@ interface Drain {
   ops: BatchOp[];
   /** How many of `ops` are in batches. */
   at: number;
+  /**
+   * Indexes of `ops` that go in the same batch as the op before them: a conversation's
+   * dialog move (delete the old entry, put the new one and its pointer) is all or
+   * nothing. Cut between the new entry and its pointer and followed by a crash, the
+   * replay moved the pointer from the old entry and the new one stayed for good (the
+   * peer twice in dialogs).
+   */
+  joined: ReadonlySet<number>;
   /** Then these, made as each chunk is added (see tailOps). */
   tail: Iterator<BatchOp>;
   /** The least a chunk takes: DERIVED_CHUNK, or the generation's share of DERIVED_BATCHES. */
@@ -713,11 +723,17 @@ export class MessageStore {
     this.cursors.clear();
     this.writingCursors = cursors;
     this.writing = d;
-    if (d.dialogs.size === 0 && d.rechecks.size === 0) return this.commitDerived(d, cursors, ops);
+    if (d.dialogs.size === 0 && d.rechecks.size === 0) return this.commitDerived(d, cursors, ops, NONE_JOINED);
     const preparing = this.dialogOps(d).then(
-      (dialogOps) => {
-        for (const op of dialogOps) ops.push(op);
-        this.commitDerived(d, cursors, ops);
+      (groups) => {
+        const joined = new Set<number>();
+        for (const group of groups) {
+          group.forEach((op, i) => {
+            if (i > 0) joined.add(ops.length);
+            ops.push(op);
+          });
+        }
+        this.commitDerived(d, cursors, ops, joined);
       },
       (err: unknown) => {
         // Nothing of the generation was written: it waits again (the watermark did not
@@ -739,16 +755,16 @@ export class MessageStore {
   /**
    * The ops moving each touched conversation's `dialogs` entry to its new last seq: the
    * newest message's for new messages, the history's last for a recheck (removed when
-   * the conversation is empty).
+   * the conversation is empty). One group of ops per conversation (Drain.joined).
    */
-  private async dialogOps(d: Derived): Promise<BatchOp[]> {
+  private async dialogOps(d: Derived): Promise<BatchOp[][]> {
     const targets: { uid: string; peer: string; seq: number | undefined }[] = [];
     for (const [uid, peers] of d.dialogs) {
       const again = d.rechecks.get(uid);
       for (const [peer, seq] of peers) if (!again?.has(peer)) targets.push({ uid, peer, seq });
     }
     for (const [uid, peers] of d.rechecks) for (const peer of peers) targets.push({ uid, peer, seq: undefined });
-    const ops: BatchOp[] = [];
+    const groups: BatchOp[][] = [];
     for (let i = 0; i < targets.length; i += MIGRATE_PAGE) {
       const slice = targets.slice(i, i + MIGRATE_PAGE);
       const [at, lasts] = await Promise.all([
@@ -759,20 +775,22 @@ export class MessageStore {
         const old = at[j];
         const next = t.seq === undefined ? lasts[j] : Math.max(old ?? 0, t.seq);
         if (next === old) return;
-        if (old !== undefined) ops.push(del(this.s.dialogs, dialogKey(t.uid, old)));
-        if (next === undefined) ops.push(del(this.s.dialogat, pair(t.uid, t.peer)));
-        else ops.push(put(this.s.dialogs, dialogKey(t.uid, next), t.peer), put(this.s.dialogat, pair(t.uid, t.peer), next));
+        const group: BatchOp[] = [];
+        if (old !== undefined) group.push(del(this.s.dialogs, dialogKey(t.uid, old)));
+        if (next === undefined) group.push(del(this.s.dialogat, pair(t.uid, t.peer)));
+        else group.push(put(this.s.dialogs, dialogKey(t.uid, next), t.peer), put(this.s.dialogat, pair(t.uid, t.peer), next));
+        groups.push(group);
       });
     }
-    return ops;
+    return groups;
   }
 
-  private commitDerived(d: Derived, cursors: ReadonlyMap<string, number>, ops: BatchOp[]): void {
+  private commitDerived(d: Derived, cursors: ReadonlyMap<string, number>, ops: BatchOp[], joined: ReadonlySet<number>): void {
     let settle!: () => void;
     const settled = new Promise<void>((resolve) => (settle = resolve));
     this.drained = settled;
     const chunk = Math.max(DERIVED_CHUNK, Math.ceil((ops.length + d.cmids.size) / DERIVED_BATCHES));
-    this.drain({ d, cursors, ops, at: 0, tail: this.tailOps(d), chunk, settled, settle });
+    this.drain({ d, cursors, ops, at: 0, joined, tail: this.tailOps(d), chunk, settled, settle });
   }
 
   /**
@@ -795,6 +813,8 @@ export class MessageStore {
     const room = Math.max(g.chunk, this.storage.gathering);
     const chunk: BatchOp[] = [];
     while (chunk.length < room && g.at < g.ops.length) chunk.push(g.ops[g.at++]);
+    // Never cut inside a group that goes whole (a dialog move).
+    while (g.at < g.ops.length && g.joined.has(g.at)) chunk.push(g.ops[g.at++]);
     let last = false;
     while (chunk.length < room) {
       const next = g.tail.next();
