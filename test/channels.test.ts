@@ -558,6 +558,39 @@ describe("the order of a channel message's reply, its event and the next reply",
   });
 });
 
+describe("requests behind a channel event that waits", () => {
+  it("are run only up to a bound (4 MiB of them) until the event goes out; then all are answered", async () => {
+    const owner = await registerUser(shared.port);
+    const to = await registerUser(shared.port);
+    const ch = await newChannel(owner);
+    const sv = shared.server.services;
+    // Direct messages of 64 KiB stored while the channel event waits.
+    const body = "x".repeat(64 * 1024);
+    let stored = 0;
+    const append = sv.messages.append.bind(sv.messages);
+    (sv.messages as { append: typeof append }).append = (m, ...rest) => {
+      if (m.body.length === body.length) stored++;
+      return append(m, ...rest);
+    };
+    const { gate, restore } = holdMembersRead(ch.chid);
+    try {
+      owner.client.send("message", { channel: ch.chid, body: "first" });
+      await gate.reached;
+      for (let i = 0; i < 100; i++) owner.client.send("message", { uid: to.uid, body });
+      await sleep(1000); // time for all hundred to be run, were they not held
+      expect(stored).toBeGreaterThan(0);
+      expect(stored).toBeLessThan(100);
+    } finally {
+      restore();
+      delete (sv.messages as { append?: unknown }).append;
+    }
+    const replies = [];
+    for (let i = 0; i < 101; i++) replies.push((await owner.client.reply("message", 15_000)).data.status);
+    expect(replies).toEqual(Array(101).fill(0));
+    await closeAll(owner.client, to.client);
+  });
+});
+
 describe("a half-close behind a channel event", () => {
   it("the connection closes after the sender's ev_message, not before, while the members are read", async () => {
     const owner = await registerUser(shared.port);

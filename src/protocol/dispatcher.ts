@@ -240,6 +240,8 @@ class Line {
   inputEnded = false;
   /** The last reply's events wait to go out (flushSlots): later replies wait for them. */
   eventsWaiting: Promise<void> | undefined = undefined;
+  /** The request bytes of `slots` (bounded while eventsWaiting holds them: run). */
+  slotBytes = 0;
   /** Token bucket of the request rate limit (RequestBudget). */
   tokens: number;
   tokensAt = clockMs();
@@ -611,6 +613,20 @@ export class Dispatcher {
         });
         return;
       }
+      // Behind a reply whose events wait (a channel's members being read), the replies
+      // that follow wait in `slots`, each with its request and its events (a message's
+      // record): at most DEFERRED_MAX of them, or DEFERRED_BYTES of their requests, then
+      // the line waits too. Unbounded, a connection streaming messages behind one such
+      // event held its upload speed times the read, and the turn that let them go sent
+      // their recipients past the outbound cap at once.
+      if (line.eventsWaiting !== undefined && (line.slots.length >= DEFERRED_MAX || line.slotBytes >= DEFERRED_BYTES)) {
+        line.busy = true;
+        void line.eventsWaiting.then(() => {
+          line.busy = false;
+          this.run(s, line);
+        });
+        return;
+      }
       const item = line.inbox[line.head];
       if (
         item.kind === "request" &&
@@ -634,6 +650,7 @@ export class Dispatcher {
       const slot = item.kind === "request" ? new RequestImpl(item.action, item.data, s, this, item.plain, item.size) : new Slot();
       if (line.slots === NO_SLOTS) line.slots = [];
       line.slots.push(slot);
+      if (item.kind === "request") line.slotBytes += item.size;
       this.execute(s, line, item, slot);
     }
     this.endIfDone(s, line);
@@ -912,6 +929,7 @@ export class Dispatcher {
     const slots = line.slots;
     while (line.eventsWaiting === undefined && slots.length > 0 && slots[0].frame !== undefined) {
       const done = slots.shift() as Slot;
+      if (done instanceof RequestImpl) line.slotBytes -= done.size;
       s.peer.send(done.frame as OutFrame, false);
       if (done instanceof RequestImpl && !done.failed) {
         const req = done;
