@@ -644,6 +644,42 @@ describe("direct messages routed out of their commit order", () => {
     expect(got).toEqual([fromA, fromB]);
     for (const c of [a, b, r]) c.client.close();
   });
+
+  it("the same when so many others were committed meanwhile that the waiting one fell off the list", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const other = await registerUser(shared.port);
+    const r = await registerUser(shared.port);
+    const ch = await newChannel(a);
+    const router = shared.server.services.router as unknown as { unroutedMax: number };
+    router.unroutedMax = 4;
+    const { gate, restore } = holdMembersRead(ch.chid);
+    let fromA: string | undefined;
+    let fromB: string | undefined;
+    try {
+      const toChannel = a.client.request("message", { channel: ch.chid, body: "to the channel" });
+      const dm = a.client.request("message", { uid: r.uid, body: "from a" });
+      await gate.reached;
+      await sleep(150); // a's direct message is committed meanwhile, not routed
+      // Ten more to someone else, routed at once: a's is let go from the list of four.
+      for (let i = 0; i < 10; i++) expect((await b.client.request("message", { uid: other.uid, body: `filler ${i}` })).status).toBe(0);
+      const rb = await b.client.request("message", { uid: r.uid, body: "from b" });
+      expect(rb.status).toBe(0);
+      fromB = rb.mid;
+      await sleep(150);
+      gate.open();
+      expect((await toChannel).status).toBe(0);
+      fromA = (await dm).mid;
+    } finally {
+      restore();
+      router.unroutedMax = 65_536;
+    }
+    // r gets both, a's first (b's waited for it, read from the inbox after it).
+    await waitFor(() => r.client.frames.filter((f) => f.action === "ev_message").length >= 2, 5000, "both messages at r");
+    await sleep(100);
+    expect(r.client.frames.filter((f) => f.action === "ev_message").map((f) => f.data.mid)).toEqual([fromA, fromB]);
+    for (const c of [a, b, other, r]) c.client.close();
+  });
 });
 
 describe("deletechannel", () => {

@@ -58,7 +58,7 @@ export interface Delivery {
 /**
  * Direct messages noted at their commit and not yet routed (see inboxCommitted): each
  * is routed once its sender's reply goes out. Past this many, the oldest are let go
- * and every message routed out of order until the list is short again is taken as late
+ * (counted), and every message routed until they have all been routed is taken as late
  * (a sync from disk: always right, only slower).
  */
 const UNROUTED_MAX = 65_536;
@@ -126,8 +126,15 @@ export class Router implements Delivery {
   private unroutedSeqs: number[] = [];
   private unroutedTo: string[] = [];
   private unroutedHead = 0;
-  /** The list overflowed (UNROUTED_MAX) and has not been empty since. */
-  private unroutedLost = false;
+  /**
+   * Messages let go from the list (past unroutedMax) and not routed yet: while any are,
+   * every direct message is late. (A flag cleared when the list emptied let a later
+   * message go out live before an earlier one let go, which was then dropped as
+   * already sent, and confirmed past by the next ack.)
+   */
+  private unroutedLost = 0;
+  /** UNROUTED_MAX (a test makes it small). */
+  unroutedMax = UNROUTED_MAX;
 
   constructor(
     private readonly inbox: InboxSource,
@@ -300,8 +307,9 @@ export class Router implements Delivery {
    * is published): an event of a later one routed before it is not sent live.
    */
   inboxCommitted(uid: string, seq: number): void {
-    if (this.unroutedSeqs.length - this.unroutedHead >= UNROUTED_MAX) {
-      this.unroutedLost = true;
+    if (this.unroutedSeqs.length - this.unroutedHead >= this.unroutedMax) {
+      // Let go of the oldest (unless it was routed already, out of order).
+      if (this.unroutedSeqs[this.unroutedHead] !== 0) this.unroutedLost++;
       this.unroutedHead++;
     }
     this.unroutedSeqs.push(seq);
@@ -315,18 +323,17 @@ export class Router implements Delivery {
   private routed(uid: string, seq: number): boolean {
     const seqs = this.unroutedSeqs;
     let head = this.unroutedHead;
-    if (head === seqs.length) return this.unroutedLost;
     let late = false;
-    if (seqs[head] === seq) {
+    if (head < seqs.length && seqs[head] === seq) {
       head++;
     } else {
       let i = head;
       for (; i < seqs.length && seqs[i] !== seq; i++) if (seqs[i] !== 0 && this.unroutedTo[i] === uid) late = true;
       if (i < seqs.length) seqs[i] = 0;
-      late ||= this.unroutedLost;
+      else if (this.unroutedLost > 0) this.unroutedLost--; // one of those let go
     }
+    late ||= this.unroutedLost > 0;
     while (head < seqs.length && seqs[head] === 0) head++;
-    if (head === seqs.length) this.unroutedLost = false;
     // Routed ones are dropped from the front now and then (a slice per 1,024 at least).
     if (head >= 1024 && head * 2 >= seqs.length) {
       this.unroutedSeqs = seqs.slice(head);
