@@ -292,8 +292,7 @@ export class Router implements Delivery {
     s.peer.send(s.codec.event(ev), true);
   }
 
-  /** A channel event to one member: a delivery that throws is reported, and the others still get it. */
-  /** toUser, its failure reported: the audience's other users still get the event. */
+  /** toUser, its failure reported: the audience's other users (a channel's members, a message's recipient and sender) still get the event. */
   private toMember(uid: string, ev: Event): void {
     try {
       this.toUser(uid, ev);

@@ -152,6 +152,8 @@ export class BlobStore {
    * collect meanwhile subtracts only a file that was counted.
    */
   private sweeping: { began: number; done: Set<string>; shard: string; seen: Set<string> } | undefined;
+  /** When this store was opened: files written since are counted as they are stored. */
+  private readonly openedAt = Date.now();
   /**
    * Decoded bytes of the uploads in progress (their temp files), every connection's:
    * at most `maxUploading` (--max-uploading). Each upload is bounded by --max-attach,
@@ -290,8 +292,9 @@ export class BlobStore {
   async sweep(signal: AbortSignal): Promise<{ checked: number; removed: number }> {
     let checked = 0;
     let removed = 0;
-    // Files stored since the sweep began were counted when they were stored.
-    const began = Date.now();
+    // Files stored since this store was opened were counted when they were stored (a
+    // cluster node's sweep starts only after its catch-up stored many).
+    const began = this.openedAt;
     const sw = (this.sweeping = { began, done: new Set<string>(), shard: "", seen: new Set<string>() });
     const top = await opendir(this.dir);
     try {
