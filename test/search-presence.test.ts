@@ -255,6 +255,39 @@ describe("ev_presence", () => {
     await closeAll(a.client, b.client);
   });
 
+  it("a deletion folded behind a change being told still reaches those who listed the account", async () => {
+    const u = await registerUser(shared.port);
+    await closeAll(u.client);
+    const w = await registerUser(shared.port);
+    expect((await w.client.request("addcontact", { uid: u.uid })).status).toBe(0);
+    const sv = shared.server.services;
+    // u's coming online is told to those the read found (w), after a gate; u's account is
+    // deleted meanwhile (its listers come with the deletion, their entries gone).
+    const gate = heldGate();
+    const listedBy = sv.contacts.listedBy.bind(sv.contacts);
+    let first = true;
+    (sv.contacts as { listedBy: typeof listedBy }).listedBy = async (uid: string) => {
+      const found = await listedBy(uid);
+      if (uid === u.uid && first) {
+        first = false;
+        await gate.pass();
+      }
+      return found;
+    };
+    try {
+      const again = await login(shared.port, u.login);
+      await gate.reached;
+      expect((await again.client.request("deleteaccount", { pass: "secret" })).status).toBe(0);
+      await closeAll(again.client);
+    } finally {
+      gate.open();
+      delete (sv.contacts as { listedBy?: unknown }).listedBy;
+    }
+    expect(await w.client.event("ev_presence")).toEqual({ uid: u.uid, online: true });
+    expect(await w.client.event("ev_presence")).toEqual({ uid: u.uid, online: false });
+    await closeAll(w.client);
+  });
+
   it("stops after delcontact and starts after addcontact", async () => {
     const a = await registerUser(shared.port);
     const b = await registerUser(shared.port);

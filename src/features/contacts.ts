@@ -41,7 +41,10 @@ export function registerContacts(sv: Services): void {
   const presenceBusy = new Set<string>();
   hooks.onPresence(async (uid, online, audience) => {
     if (presenceBusy.has(uid)) {
-      presenceNext.set(uid, { online, audience });
+      // An account's deletion comes with who listed it (its entries are gone by then):
+      // kept through a later change without one (its sessions' ends), or the watchers'
+      // last word on the user stayed "online".
+      presenceNext.set(uid, { online, audience: audience ?? presenceNext.get(uid)?.audience });
       return;
     }
     presenceBusy.add(uid);
