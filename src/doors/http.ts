@@ -127,9 +127,11 @@ export class HttpDoor {
       let b = budgets.get(req.socket);
       if (b === undefined) budgets.set(req.socket, (b = fullBudget(config)));
       let verdict = takeRequest(b, config);
-      // Its turn: one request of a socket at a time (below).
-      const waiting = verdict === "ok" && !(await turnOf((b.turns ??= { busy: false, waiting: [] }), res));
+      // Its turn: one request of a socket at a time (below). Refused when too many wait,
+      // or when the socket is gone meanwhile (nothing to answer, nothing to log).
+      const waiting = verdict === "ok" && !(await turnOf((b.turns ??= newTurns(req.socket)), res));
       if (waiting) verdict = "close";
+      if (req.socket.destroyed) return verdict;
       if (verdict !== "ok") metrics.request("unknown", Code.RateLimited);
       if (verdict === "close" && !b.doomed) {
         b.doomed = true;
@@ -316,7 +318,19 @@ function countedBody(held: HeldInput | undefined, payload: Readable, response: S
 /** A socket's requests: one runs, the rest wait their turn (turnOf). */
 interface Turns {
   busy: boolean;
-  waiting: (() => void)[];
+  /** Each waiting request's go (true) or its socket's end (false). */
+  waiting: ((go: boolean) => void)[];
+  /** The socket closed: nothing more runs (a waiting response never closes on Node 20). */
+  dead: boolean;
+}
+
+function newTurns(socket: Socket): Turns {
+  const t: Turns = { busy: false, waiting: [], dead: false };
+  socket.once("close", () => {
+    t.dead = true;
+    for (const w of t.waiting.splice(0)) w(false);
+  });
+  return t;
 }
 
 /**
@@ -335,14 +349,15 @@ export const PIPELINED_MAX = 32;
  * the same time, and their answers waited in memory behind the first.
  */
 async function turnOf(t: Turns, res: ServerResponse): Promise<boolean> {
+  if (t.dead) return false;
   if (t.busy) {
     if (t.waiting.length >= PIPELINED_MAX) return false;
-    await new Promise<void>((resolve) => t.waiting.push(resolve));
+    if (!(await new Promise<boolean>((resolve) => t.waiting.push(resolve)))) return false;
   }
   t.busy = true;
   res.once("close", () => {
-    const next = t.waiting.shift();
-    if (next) next();
+    const next = t.dead ? undefined : t.waiting.shift();
+    if (next) next(true);
     else t.busy = false;
   });
   return true;
