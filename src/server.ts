@@ -10,7 +10,7 @@ import path from "node:path";
 import type { FastifyInstance } from "fastify";
 import pino, { type Logger } from "pino";
 import { Background } from "./background.js";
-import { backup, exportRecords, restoreRunning } from "./admin/backup.js";
+import { backup, exportRecords, RESTORE_LOCK, restoreRunning } from "./admin/backup.js";
 import { buildAdmin, listenAdmin, type AdminDeps } from "./admin/http.js";
 import { metricsRegistry } from "./admin/prometheus.js";
 import { ConfigError, OPTIONS, packageVersion, type Config } from "./config.js";
@@ -108,7 +108,7 @@ export async function openCore(config: Config, log: Logger, opened?: () => Promi
   // moved the backup's attachment files under it.
   const restoring = restoreRunning(config.dataDir);
   if (restoring !== undefined) {
-    throw new Error(`a restore into ${config.dataDir} is running (pid ${restoring}): start once it has finished`);
+    throw new Error(`a restore into ${config.dataDir} is running (pid ${restoring}): start once it has finished (if it is not running, remove ${path.join(config.dataDir, RESTORE_LOCK)})`);
   }
   let storage: Storage;
   try {

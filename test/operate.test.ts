@@ -11,7 +11,7 @@ import path from "node:path";
 import tls from "node:tls";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
-import { Client, login, rawDb, registerUser, removeDir, uniqueName, WsClient } from "./helpers.js";
+import { Client, login, rawDb, registerUser, removeDir, startTestServer, uniqueName, WsClient } from "./helpers.js";
 import { sleep, useChildServers, waitFor } from "./pipeline-helpers.js";
 import { LAYOUT_VERSION } from "../src/storage/layout.js";
 
@@ -521,6 +521,12 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     expect(server.status).toBe(1);
     expect(server.stderr).toMatch(new RegExp(`a restore into .* is running \\(pid ${first.child.pid}\\)`));
     expect(existsSync(path.join(into, "db"))).toBe(false);
+    // A lock naming the starting process's own pid is a killed restore's (pid 1 in a
+    // container, every time): not taken for a running one.
+    const reused = tmp();
+    writeFileSync(path.join(reused, ".restore.lock"), `${process.pid}\n`);
+    const srv = await startTestServer({ dataDir: reused });
+    await srv.stop();
     first.child.kill("SIGINT");
     // The signal stops the read where it waits; a FIFO holds a read until bytes come
     // (a file never does), so one more line lets it return.

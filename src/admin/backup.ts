@@ -314,17 +314,24 @@ function restoreLock(dataDir: string): () => void {
   }
 }
 
-/** The live process a restore lock file names, if any. */
+/**
+ * The live process a restore lock file names, if any. Our own pid is not one: a lock
+ * left by a restore killed outright names a pid the next process may be given (pid 1
+ * in a container without an init, every time). One that cannot be read (another
+ * user's, mode 0600) is said so: nobody can tell whether its restore runs.
+ */
 function lockHolder(file: string): number | undefined {
   let text: string;
   try {
     text = readFileSync(file, "utf8");
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") return undefined;
+    if (code === "EACCES") throw new Error(`cannot read ${file} (a restore run as another user made it): if no restore is running, remove it`);
     throw err;
   }
   const pid = Number(text.trim());
-  if (!Number.isInteger(pid) || pid <= 0) return undefined;
+  if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid) return undefined;
   return alive(pid) ? pid : undefined;
 }
 
