@@ -28,12 +28,19 @@ export function natsConnectOptions(access: NatsAccess): Partial<ConnectionOption
     } catch (err) {
       throw new Error(`cannot read --nats-creds ${access.natsCreds}: ${(err as Error).message}`);
     }
-    // Read again at each connect (a rotated file, a user JWT renewed before it expires);
-    // one that cannot be read then is the last one read.
+    // Read again at each connect (a rotated file, a user JWT renewed before it expires),
+    // at most once a second (the client asks twice a connect: the JWT, then the seed,
+    // which must come from one copy). A copy that cannot be read, or does not hold both
+    // (a rotation caught half written), leaves the last good one: the client ends its
+    // connection for good on credentials it cannot parse.
     const file = access.natsCreds;
+    let readAt = Date.now();
     o.authenticator = credsAuthenticator(() => {
+      if (Date.now() - readAt < 1000) return creds;
+      readAt = Date.now();
       try {
-        creds = readFileSync(file);
+        const next = readFileSync(file);
+        if (wholeCreds(next)) creds = next;
       } catch {
         // kept: the last good copy
       }
@@ -50,4 +57,11 @@ export function natsConnectOptions(access: NatsAccess): Partial<ConnectionOption
     }
   }
   return o;
+}
+
+/** Whether `bytes` hold a credentials file's two blocks (its JWT and its seed), as the client parses them. */
+function wholeCreds(bytes: Uint8Array): boolean {
+  const blocks = /\s*(?:(?:[-]{3,}[^\n]*[-]{3,}\n)(.+)(?:\n\s*[-]{3,}[^\n]*[-]{3,}\n))/gi;
+  const text = Buffer.from(bytes).toString("utf8");
+  return blocks.exec(text) !== null && blocks.exec(text) !== null;
 }
