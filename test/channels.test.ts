@@ -610,22 +610,31 @@ describe("a half-close behind a channel event", () => {
   });
 });
 
+/**
+ * a's direct message to r, committed and not routed: behind a's channel message on a's
+ * connection, whose event waits at the gate for the channel's members.
+ */
+async function heldDirect(a: Account, r: Account, chid: string) {
+  const held = holdMembersRead(chid);
+  const toChannel = a.client.request("message", { channel: chid, body: "to the channel" });
+  const dm = a.client.request("message", { uid: r.uid, body: "from a" });
+  await held.gate.reached;
+  await sleep(150); // a's direct message is committed meanwhile
+  return { ...held, toChannel, dm };
+}
+
 describe("direct messages routed out of their commit order", () => {
   it("a message whose sender's reply waits behind a channel's members read still reaches its live recipient, in order", async () => {
     const a = await registerUser(shared.port);
     const b = await registerUser(shared.port);
     const r = await registerUser(shared.port);
     const ch = await newChannel(a);
-    const { gate, restore } = holdMembersRead(ch.chid);
+    // a's channel message waits for its members; a's direct message to r, behind it
+    // on a's connection, is committed, and its reply and event wait for that read.
+    const { gate, restore, toChannel, dm } = await heldDirect(a, r, ch.chid);
     let fromA: string | undefined;
     let fromB: string | undefined;
     try {
-      // a's channel message waits for its members; a's direct message to r, behind it
-      // on a's connection, is committed, and its reply and event wait for that read.
-      const toChannel = a.client.request("message", { channel: ch.chid, body: "to the channel" });
-      const dm = a.client.request("message", { uid: r.uid, body: "from a" });
-      await gate.reached;
-      await sleep(150); // a's direct message is committed meanwhile
       // b's, committed after a's, is routed at once.
       const rb = await b.client.request("message", { uid: r.uid, body: "from b" });
       expect(rb.status).toBe(0);
@@ -653,14 +662,10 @@ describe("direct messages routed out of their commit order", () => {
     const ch = await newChannel(a);
     const router = shared.server.services.router as unknown as { unroutedMax: number };
     router.unroutedMax = 4;
-    const { gate, restore } = holdMembersRead(ch.chid);
+    const { gate, restore, toChannel, dm } = await heldDirect(a, r, ch.chid);
     let fromA: string | undefined;
     let fromB: string | undefined;
     try {
-      const toChannel = a.client.request("message", { channel: ch.chid, body: "to the channel" });
-      const dm = a.client.request("message", { uid: r.uid, body: "from a" });
-      await gate.reached;
-      await sleep(150); // a's direct message is committed meanwhile, not routed
       // Ten more to someone else, routed at once: a's is let go from the list of four.
       for (let i = 0; i < 10; i++) expect((await b.client.request("message", { uid: other.uid, body: `filler ${i}` })).status).toBe(0);
       const rb = await b.client.request("message", { uid: r.uid, body: "from b" });
