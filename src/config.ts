@@ -27,6 +27,8 @@ export interface Config {
   sessionTtl: number;
   maxConnections: number;
   maxPerAddress: number;
+  ipv4Prefix: number;
+  ipv6Prefix: number;
   idleUnauth: number;
   idleAuth: number;
   closeLinger: number;
@@ -130,6 +132,8 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "stats", flag: "--stats", env: "WIRECHAT_STATS", kind: "int", default: 0, min: 0, help: "1 enables the 'stats' action (event-loop delay, memory) for benchmarks and monitoring" },
   { key: "maxConnections", flag: "--max-connections", env: "WIRECHAT_MAX_CONNECTIONS", kind: "int", default: 10000, min: 1, help: "most simultaneous connections (a new one past it gets status 16 and is closed)", reload: true },
   { key: "maxPerAddress", flag: "--max-per-address", env: "WIRECHAT_MAX_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "most simultaneous unauthenticated connections (and TLS handshakes) from one IP address (status 13 past it); logged-in ones do not count", reload: true },
+  { key: "ipv4Prefix", flag: "--ipv4-prefix", env: "WIRECHAT_IPV4_PREFIX", kind: "int", default: 32, min: 8, max: 32, help: "leading bits of an IPv4 client's address that its per-address limits go by (--max-per-address, --auth-fail-addr, --auth-rate, --hash-queue-per-address): 32, the address; 24, its /24; bans and --trusted-addresses match whole addresses" },
+  { key: "ipv6Prefix", flag: "--ipv6-prefix", env: "WIRECHAT_IPV6_PREFIX", kind: "int", default: 64, min: 16, max: 128, help: "the same for an IPv6 client: 64, its /64 (one subscriber's network: a client with a /64 cannot multiply its limits by changing address); 128, the address" },
   { key: "idleUnauth", flag: "--idle-unauth", env: "WIRECHAT_IDLE_UNAUTH", kind: "int", default: 60, min: 1, max: TIMER_MAX_S, help: "seconds an unauthenticated connection may stay silent before it is closed", reload: true },
   { key: "idleAuth", flag: "--idle-auth", env: "WIRECHAT_IDLE_AUTH", kind: "int", default: 600, min: 1, max: TIMER_MAX_S, help: "seconds an authenticated connection may stay silent (ping counts) before it is closed; a WebSocket quiet for half of it is pinged, and its pong counts", reload: true },
   { key: "closeLinger", flag: "--close-linger", env: "WIRECHAT_CLOSE_LINGER", kind: "int", default: 2, min: 1, max: TIMER_MAX_S, help: "seconds a connection the server closes (quit, limits, refusals) may take its last frames, while what it still sends is discarded, before it is cut off" },

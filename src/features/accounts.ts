@@ -3,7 +3,7 @@
 // connections, and the sweep of expired sessions.
 
 import { randomBytes } from "node:crypto";
-import { plainAddress } from "../addresses.js";
+import { addressKey, plainAddress } from "../addresses.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { nowSeconds } from "../protocol/frames.js";
 import { LoginThrottle } from "./login-throttle.js";
@@ -84,6 +84,7 @@ export function registerAccounts(sv: Services): AccountOps {
     nice: config.backgroundNice,
     rate: config.authRate,
     burst: config.authBurst,
+    prefixes: config,
     trusted: new Set(
       config.trustedAddresses
         .split(",")
@@ -122,8 +123,9 @@ export function registerAccounts(sv: Services): AccountOps {
    * on (a review locked a user out that way with ten guesses a minute).
    */
   async function counted<T>(s: Session, login: string | undefined, fn: () => Promise<T>): Promise<T> {
-    // One address however it arrived (an IPv4 client of a dual-stack listener is ::ffff:…).
-    const address = plainAddress(s.peer.address);
+    // One address however it arrived (an IPv4 client of a dual-stack listener is
+    // ::ffff:…), or its network (--ipv6-prefix: a /64 by default).
+    const address = addressKey(s.peer.address, config);
     const key = login === undefined ? undefined : `${login.toLowerCase()}\u0000${address}`;
     const wait = Math.max(byAddress.blockedFor(address), key ? byLogin.blockedFor(key) : 0);
     const { auth } = sv.metrics;

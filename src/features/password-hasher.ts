@@ -12,7 +12,8 @@
 // core shared with the loop (--trace-gc under S2, inside its measured window after the
 // start-up logins; ended first, S2's p99 at 5,000 msg/s was lower in 8 of 12
 // alternated pairs and higher in 2, medians 4.3 against 5.2 ms). Checks wait in one queue
-// per client address, and the addresses are served round-robin: a login from one
+// per client address (an IPv6 client's /64 by default: addresses.ts addressKey), and
+// the addresses are served round-robin: a login from one
 // address waits for about one hash per other busy address, however many connections
 // those have.
 // Each connection has at most one check waiting (auth, register, changepassword and
@@ -24,12 +25,15 @@
 // local conformance scripts and benchmarks register thousands of users. They still
 // queue, take their turn and count failed logins like any address.
 
-import { plainAddress } from "../addresses.js";
+import { addressKey, plainAddress, type AddressPrefixes } from "../addresses.js";
 import { createHash } from "node:crypto";
 import { createRequire } from "node:module";
 import { Worker } from "node:worker_threads";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { within } from "../clock.js";
+
+/** Prefixes that keep whole addresses. */
+const WHOLE: AddressPrefixes = { ipv4Prefix: 32, ipv6Prefix: 128 };
 
 interface Job {
   req: HashRequest;
@@ -53,6 +57,8 @@ export interface HasherLimits {
   parallel?: number;
   /** Addresses that take no token (IPv4-mapped IPv6 forms match their IPv4 address). */
   trusted?: ReadonlySet<string>;
+  /** What of an address its queue and bucket go by (addressKey); absent: the whole address. */
+  prefixes?: AddressPrefixes;
   /** Buckets kept (one per address seen recently). */
   maxBuckets?: number;
   /** Milliseconds the threads wait for a check before they end; 0 or absent: never (the server passes --hash-thread-idle). */
@@ -291,11 +297,14 @@ export class PasswordHasher {
 
   private enqueue(address: string, req: HashRequest): Promise<unknown> {
     if (this.stopped) return Promise.reject(new ProtocolError(Code.Unavailable, SHUTTING_DOWN));
+    const trusted = this.trusted(address);
+    // Queued and rated by its network (--ipv6-prefix), trusted by its own address.
+    address = addressKey(address, this.limits.prefixes ?? WHOLE);
     const q = this.queues.get(address);
     if (q !== undefined && q.length >= this.limits.queuePerAddress) {
       return Promise.reject(new ProtocolError(Code.RateLimited, "too many password checks waiting from your address; retry later"));
     }
-    if (!this.trusted(address) && !this.admit(address)) {
+    if (!trusted && !this.admit(address)) {
       return Promise.reject(new ProtocolError(Code.RateLimited, "too many logins and registrations from your address; retry later"));
     }
     return new Promise((resolve, reject) => {

@@ -90,6 +90,8 @@ const NO_FRAMES: OutFrame[] = [];
 export class Connection implements Peer, LiveConnection {
   readonly id = newPeerId();
   readonly address: string;
+  /** The key its listener counts it under for --max-per-address (addressKey: its address or network). */
+  addressKey: string;
   /** Its door's name (its listener sets it: see LiveConnection). */
   door = "tcp";
   /** Frames not yet written, in order (NO_FRAMES when none: an idle connection keeps no array). */
@@ -137,8 +139,8 @@ export class Connection implements Peer, LiveConnection {
     /** Milliseconds from end() to destroy at the latest. */
     private readonly lingerMs = 2000,
   ) {
-    // The key the listener counted it under (--max-per-address), and what bans and logs see.
-    this.address = socketAddress(socket);
+    // What bans and logs see.
+    this.address = this.addressKey = socketAddress(socket);
     (socket as Tagged)[CONNECTION] = this;
     socket.on("drain", onDrain);
   }

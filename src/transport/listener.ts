@@ -3,8 +3,9 @@
 // caps and idle timeouts, and shut down gracefully.
 //
 // The caps: --max-connections counts every connection and every TLS handshake in
-// progress; --max-per-address counts, per IP address, the connections not logged in
-// and the handshakes (a logged-in connection is accountable to its user instead).
+// progress; --max-per-address counts, per IP address (or its network: --ipv4-prefix,
+// --ipv6-prefix; addresses.ts addressKey), the connections not logged in and the
+// handshakes (a logged-in connection is accountable to its user instead).
 // Whether a connection is logged in is read from its session, when the address is at
 // its cap and at every sweep, so the protocol layer needs no hook for it. A refused
 // socket gets its one line, is read and discarded, and is destroyed after the linger
@@ -14,6 +15,7 @@ import { readFileSync } from "node:fs";
 import net from "node:net";
 import tls from "node:tls";
 import type { Logger } from "pino";
+import { addressKey } from "../addresses.js";
 import { closeFromAddress, closeIfIdle, endAll, overCap, socketAddress, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import type { Metrics } from "../metrics.js";
@@ -150,6 +152,7 @@ export class Listener implements ConnectionTable, SlotCounter {
   readonly tlsServer: tls.Server | undefined;
   /** Live connections and the protocol session of each. */
   readonly connections = new Map<Connection, Session>();
+  /** By addressKey: an address, or with --ipv4-prefix/--ipv6-prefix its network. */
   private readonly perAddress = new Map<string, AddressSlots>();
   /**
    * TLS handshakes in progress, by the client's address and port: a set, since two raw
@@ -269,61 +272,63 @@ export class Listener implements ConnectionTable, SlotCounter {
     return this.connections.size - this.lingering;
   }
 
-  /** Unauthenticated connections and handshakes from `address` (with `prune`, logged-in ones let go). */
-  unauthenticated(address: string, prune: boolean): number {
-    const slots = this.perAddress.get(address);
+  /** Unauthenticated connections and handshakes counted under `key` (addressKey; with `prune`, logged-in ones let go). */
+  unauthenticated(key: string, prune: boolean): number {
+    const slots = this.perAddress.get(key);
     if (!slots) return 0;
     if (prune) {
       for (const c of slots.conns) if ((c.session as Session).uid !== undefined) slots.conns.delete(c);
-      this.dropIfEmpty(address, slots);
+      this.dropIfEmpty(key, slots);
     }
     return slots.conns.size + slots.handshakes;
   }
 
-  private slots(address: string): AddressSlots {
-    let slots = this.perAddress.get(address);
-    if (!slots) this.perAddress.set(address, (slots = { conns: new Set(), handshakes: 0 }));
+  private slots(key: string): AddressSlots {
+    let slots = this.perAddress.get(key);
+    if (!slots) this.perAddress.set(key, (slots = { conns: new Set(), handshakes: 0 }));
     return slots;
   }
 
-  private dropIfEmpty(address: string, slots: AddressSlots): void {
-    if (slots.conns.size === 0 && slots.handshakes === 0) this.perAddress.delete(address);
+  private dropIfEmpty(key: string, slots: AddressSlots): void {
+    if (slots.conns.size === 0 && slots.handshakes === 0) this.perAddress.delete(key);
   }
 
   /** A TLS client connected: its handshake holds a place until it completes or fails. */
   private handshake(raw: net.Socket): void {
     const address = socketAddress(raw);
-    const over = overCap(this.group, address, this.config);
+    const key = addressKey(address, this.config);
+    const over = overCap(this.group, key, this.config);
     if (over) {
       // Nothing can be said before the handshake: the refusal is the close.
-      this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
+      this.refusals.refused(key, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
       this.metrics.refused++;
       raw.destroy();
       return;
     }
-    const key = `${address}:${raw.remotePort ?? 0}`;
-    let same = this.handshaking.get(key);
-    if (!same) this.handshaking.set(key, (same = new Set()));
+    const id = `${address}:${raw.remotePort ?? 0}`;
+    let same = this.handshaking.get(id);
+    if (!same) this.handshaking.set(id, (same = new Set()));
     same.add(raw);
     this.handshakes++;
-    this.slots(address).handshakes++;
-    raw.once("close", () => this.handshakeOver(key, address, raw));
+    this.slots(key).handshakes++;
+    raw.once("close", () => this.handshakeOver(id, key, raw));
   }
 
   /**
-   * A handshake is over: `raw`'s (closed), or one of those under `key` (completed: the
-   * TLS socket does not name its raw one). Each raw socket is let go once.
+   * A handshake is over: `raw`'s (closed), or one of those under `id` (completed: the
+   * TLS socket does not name its raw one), counted under `key` (addressKey). Each raw
+   * socket is let go once.
    */
-  private handshakeOver(key: string, address: string, raw?: net.Socket): void {
-    const same = this.handshaking.get(key);
+  private handshakeOver(id: string, key: string, raw?: net.Socket): void {
+    const same = this.handshaking.get(id);
     const which = raw ?? same?.values().next().value;
     if (which === undefined || !same?.delete(which)) return;
-    if (same.size === 0) this.handshaking.delete(key);
+    if (same.size === 0) this.handshaking.delete(id);
     this.handshakes--;
-    const slots = this.perAddress.get(address);
+    const slots = this.perAddress.get(key);
     if (!slots) return;
     slots.handshakes--;
-    this.dropIfEmpty(address, slots);
+    this.dropIfEmpty(key, slots);
   }
 
   private limitOf(over: "full" | "address"): number {
@@ -335,7 +340,7 @@ export class Listener implements ConnectionTable, SlotCounter {
     const address = socketAddress(socket);
     this.metrics.refused++;
     if (over === "banned") this.refusals.refused(address, "banned", 0);
-    else this.refusals.refused(address, over === "full" ? "server full" : "too many from one address", this.limitOf(over));
+    else this.refusals.refused(addressKey(address, this.config), over === "full" ? "server full" : "too many from one address", this.limitOf(over));
     if (this.refusing.size >= MAX_REFUSING) {
       socket.destroy();
       return;
@@ -361,22 +366,24 @@ export class Listener implements ConnectionTable, SlotCounter {
     socket.setNoDelay(true);
     socket.on("error", onSocketError);
     const address = socketAddress(socket);
+    const key = addressKey(address, this.config);
     // A TLS socket's handshake held its place until now; from here it is half-open as a
     // TCP one is (a client that closes its sending side still gets every reply).
     if (socket instanceof tls.TLSSocket) {
-      this.handshakeOver(`${address}:${socket.remotePort ?? 0}`, address);
+      this.handshakeOver(`${address}:${socket.remotePort ?? 0}`, key);
       socket.allowHalfOpen = true;
     }
-    const over = overCap(this.group, address, this.config);
+    const over = overCap(this.group, key, this.config);
     if (over) return this.refuse(socket, over);
     const banned = this.refuseAddress?.(address);
     if (banned !== undefined) return this.refuse(socket, "banned", banned);
     // No closure per connection: the socket handlers and the scanner's sink are shared
     // and find their connection through the socket (10,000 idle connections).
     const conn = new Connection(socket, this.config.outboundCap, this.slack, this.log, this.lingerMs);
+    conn.addressKey = key;
     if (this.front.name !== "native") conn.door = this.front.name;
     else if (socket instanceof tls.TLSSocket) conn.door = "tls";
-    this.slots(address).conns.add(conn);
+    this.slots(key).conns.add(conn);
     this.metrics.connectionsOpened++;
     const session = this.dispatcher.open(conn, this.front.codec());
     conn.session = session;
@@ -404,8 +411,8 @@ export class Listener implements ConnectionTable, SlotCounter {
   /** A closing connection lingers a little (see Connection.end) without holding a slot. */
   private readonly ending = (conn: Connection): void => {
     if (++this.lingering > MAX_LINGERING) conn.cutLinger();
-    const slots = this.perAddress.get(conn.address);
-    if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.address, slots);
+    const slots = this.perAddress.get(conn.addressKey);
+    if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.addressKey, slots);
   };
 
   /** The scanner's sink, shared by every connection of this listener. */
@@ -503,8 +510,8 @@ export class Listener implements ConnectionTable, SlotCounter {
     this.log.debug({ conn: conn.id, remote: conn.address, uid: (conn.session as Session).uid, bytesRead, bytesWritten }, "connection closed");
     conn.closedSocket();
     if (this.connections.delete(conn) && conn.isEnding) this.lingering--;
-    const slots = this.perAddress.get(conn.address);
-    if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.address, slots);
+    const slots = this.perAddress.get(conn.addressKey);
+    if (slots?.conns.delete(conn)) this.dropIfEmpty(conn.addressKey, slots);
     (conn.scanner as FrameScanner<PacedUpload, Connection>).close();
     this.front.closed?.(conn.session as Session);
     this.dispatcher.close(conn.session as Session);
@@ -566,12 +573,12 @@ export class Listener implements ConnectionTable, SlotCounter {
   private recount(conn: Connection, session: Session): void {
     if (conn.closed) return;
     const unauth = session.uid === undefined;
-    const slots = this.perAddress.get(conn.address);
+    const slots = this.perAddress.get(conn.addressKey);
     if (unauth === (slots?.conns.has(conn) ?? false)) return;
-    if (unauth) this.slots(conn.address).conns.add(conn);
+    if (unauth) this.slots(conn.addressKey).conns.add(conn);
     else if (slots) {
       slots.conns.delete(conn);
-      this.dropIfEmpty(conn.address, slots);
+      this.dropIfEmpty(conn.addressKey, slots);
     }
   }
 

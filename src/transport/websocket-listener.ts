@@ -26,6 +26,7 @@ import type { FastifyRequest } from "fastify";
 import type { Logger } from "pino";
 import type { Socket } from "node:net";
 import type WebSocket from "ws";
+import { addressKey } from "../addresses.js";
 import { closeFromAddress, closeIfIdle, endAll, overCap, socketAddress, type SlotCounter } from "./peer-common.js";
 import type { Config } from "../config.js";
 import { Metrics } from "../metrics.js";
@@ -47,7 +48,7 @@ const MAX_REFUSING = 1024;
 const MAX_LINGERING = 1024;
 
 const PEER = Symbol("wirechat.websocketPeer");
-/** The listener counting a plain socket of the port (see `socket`), and the address it counts it under. */
+/** The listener counting a plain socket of the port (see `socket`), and the key it counts it under (addressKey). */
 const PLAIN = Symbol("wirechat.plainSocket");
 const PLAIN_ADDRESS = Symbol("wirechat.plainAddress");
 type PlainTagged = Socket & { [PLAIN]?: WebSocketListener; [PLAIN_ADDRESS]?: string };
@@ -86,9 +87,9 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   readonly connections = new Map<WebSocketPeer, Session>();
   /** The doors of the fronts its sockets speak. */
   readonly doors: readonly string[];
-  /** Connections not logged in, by address. */
+  /** Connections not logged in, by addressKey (an address, or its network). */
   private readonly perAddress = new Map<string, Set<WebSocketPeer>>();
-  /** Plain sockets of the port (not WebSockets), by address. */
+  /** Plain sockets of the port (not WebSockets), by addressKey. */
   private readonly plainPerAddress = new Map<string, number>();
   private readonly refusing = new Set<WebSocket>();
   private readonly refusals: RefusalLog;
@@ -128,17 +129,17 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
    * address's plain sockets until it closes or becomes a WebSocket; past it, closed.
    */
   socket(socket: Socket): void {
-    const address = socketAddress(socket);
-    const n = this.plainPerAddress.get(address) ?? 0;
+    const key = addressKey(socketAddress(socket), this.config);
+    const n = this.plainPerAddress.get(key) ?? 0;
     if (n >= this.config.maxPerAddress) {
       this.metrics.refused++;
-      this.refusals.refused(address, "too many HTTP sockets from one address", this.config.maxPerAddress);
+      this.refusals.refused(key, "too many HTTP sockets from one address", this.config.maxPerAddress);
       socket.destroy();
       return;
     }
-    this.plainPerAddress.set(address, n + 1);
+    this.plainPerAddress.set(key, n + 1);
     (socket as PlainTagged)[PLAIN] = this;
-    (socket as PlainTagged)[PLAIN_ADDRESS] = address;
+    (socket as PlainTagged)[PLAIN_ADDRESS] = key;
     socket.once("close", onPlainClose);
   }
 
@@ -147,10 +148,10 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     const tagged = socket as PlainTagged;
     if (tagged[PLAIN] !== this) return;
     tagged[PLAIN] = undefined;
-    const address = tagged[PLAIN_ADDRESS] as string;
-    const n = (this.plainPerAddress.get(address) ?? 1) - 1;
-    if (n > 0) this.plainPerAddress.set(address, n);
-    else this.plainPerAddress.delete(address);
+    const key = tagged[PLAIN_ADDRESS] as string;
+    const n = (this.plainPerAddress.get(key) ?? 1) - 1;
+    if (n > 0) this.plainPerAddress.set(key, n);
+    else this.plainPerAddress.delete(key);
   }
 
   /** An upgraded socket for `front`, over the TCP socket `socket`. */
@@ -158,12 +159,14 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     this.unplain(socket);
     copySmallPieces(ws);
     const address = socketAddress(socket);
-    const over = this.stopping ? "stopping" : overCap(this.group, address, this.config);
-    if (over) return this.refuse(ws, address, front, over);
+    const key = addressKey(address, this.config);
+    const over = this.stopping ? "stopping" : overCap(this.group, key, this.config);
+    if (over) return this.refuse(ws, key, front, over);
     const banned = this.refuseAddress?.(address);
     if (banned !== undefined) return this.refuse(ws, address, front, "banned", banned);
     const peer = new WebSocketPeer(ws, socket, doorOf(front), this.config.outboundCap, this.slack, this.log, this.lingerMs);
-    this.slots(address).add(peer);
+    peer.addressKey = key;
+    this.slots(key).add(peer);
     this.metrics.connectionsOpened++;
     const session = this.dispatcher.open(peer, front.codec());
     peer.session = session;
@@ -206,29 +209,29 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     return this.held;
   }
 
-  /** Sockets from `address` not logged in (`prune`: logged-in ones let go). */
-  unauthenticated(address: string, prune: boolean): number {
-    const slots = this.perAddress.get(address);
+  /** Sockets counted under `key` (addressKey) not logged in (`prune`: logged-in ones let go). */
+  unauthenticated(key: string, prune: boolean): number {
+    const slots = this.perAddress.get(key);
     if (!slots) return 0;
     if (prune) {
       for (const p of slots) if ((p.session as Session).uid !== undefined) slots.delete(p);
-      if (slots.size === 0) this.perAddress.delete(address);
+      if (slots.size === 0) this.perAddress.delete(key);
     }
     return slots.size;
   }
 
-  private slots(address: string): Set<WebSocketPeer> {
-    let slots = this.perAddress.get(address);
-    if (!slots) this.perAddress.set(address, (slots = new Set()));
+  private slots(key: string): Set<WebSocketPeer> {
+    let slots = this.perAddress.get(key);
+    if (!slots) this.perAddress.set(key, (slots = new Set()));
     return slots;
   }
 
   private unslot(peer: WebSocketPeer): void {
-    const slots = this.perAddress.get(peer.address);
-    if (slots?.delete(peer) && slots.size === 0) this.perAddress.delete(peer.address);
+    const slots = this.perAddress.get(peer.addressKey);
+    if (slots?.delete(peer) && slots.size === 0) this.perAddress.delete(peer.addressKey);
   }
 
-  /** The door's refusal as one message, then a close; cut off after the linger time. */
+  /** The door's refusal as one message, then a close; cut off after the linger time. `address`: what the refusal log names (for a cap, the addressKey). */
   private refuse(ws: WebSocket, address: string, front: Front, over: "full" | "address" | "banned" | "stopping", reason = ""): void {
     this.metrics.refused++;
     if (over === "banned") this.refusals.refused(address, "banned", 0);
@@ -330,8 +333,8 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   private recount(peer: WebSocketPeer, session: Session): void {
     if (peer.closed) return;
     const unauth = session.uid === undefined;
-    if (unauth === (this.perAddress.get(peer.address)?.has(peer) ?? false)) return;
-    if (unauth) this.slots(peer.address).add(peer);
+    if (unauth === (this.perAddress.get(peer.addressKey)?.has(peer) ?? false)) return;
+    if (unauth) this.slots(peer.addressKey).add(peer);
     else this.unslot(peer);
   }
 

@@ -115,6 +115,8 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
   readonly id = newPeerId();
   /** The client's IP address (as the socket had it when accepted). */
   readonly address: string;
+  /** The key its listener counts it under for --max-per-address (addressKey: its address or network). */
+  addressKey: string;
   /** Attachments come inline in their message: none streams in. */
   readonly uploads = 0;
   /** Frames waiting behind a streamed frame being joined, each with its confirmation seq. */
@@ -165,8 +167,8 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
     private readonly log: Logger,
     private readonly lingerMs: number,
   ) {
-    // The key the listener counted it under (--max-per-address), and what bans and logs see.
-    this.address = socketAddress(socket);
+    // What bans and logs see.
+    this.address = this.addressKey = socketAddress(socket);
   }
 
   get remote(): string {
