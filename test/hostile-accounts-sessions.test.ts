@@ -397,3 +397,44 @@ describe("a session that ends while its messages wait", () => {
     removeDir(dataDir);
   });
 });
+
+describe("other users' requests naming a user", () => {
+  const server = serveForFile({});
+
+  it("a flood of addcontact/delcontact naming a user does not queue that user's login behind it", async () => {
+    // Each add holds its two users' links locks for a synced commit. Under their user
+    // locks (before), 40 connections looping add/del on the victim put 40 adds ahead of
+    // every login of the victim: its auth came back after 79-82 of their replies. Under
+    // links locks it waits for none of them: 6-7 replies (about two per batch written
+    // meanwhile: the adds go one at a time).
+    const victim = await registerUser(server.port);
+    victim.client.close();
+    // One user each: a user's two connections adding one contact at once get 0 and 1.
+    const conns = (await Promise.all(Array.from({ length: 40 }, () => registerUser(server.port)))).map((a) => a.client);
+    let replies = 0;
+    let stop = false;
+    const loops = conns.map(async (c) => {
+      while (!stop) {
+        expect((await c.request("addcontact", { uid: victim.uid })).status).toBe(0);
+        replies++;
+        expect((await c.request("delcontact", { uid: victim.uid })).status).toBe(0);
+        replies++;
+      }
+    });
+    try {
+      await waitFor(() => replies >= 400, 20_000, "the flood to be under way");
+      for (let i = 0; i < 3; i++) {
+        const c = await Client.connect(server.port);
+        const before = replies;
+        expect((await c.request("auth", { login: victim.login, pass: "secret" })).status).toBe(0);
+        const during = replies - before;
+        expect(during).toBeLessThan(30);
+        c.close();
+      }
+    } finally {
+      stop = true;
+      await Promise.all(loops);
+      await closeAll(...conns);
+    }
+  });
+});

@@ -19,7 +19,7 @@ import type { UserRecord } from "../storage/layout.js";
 import { sidHash } from "../storage/sessions.js";
 import { NAME_MAX } from "../limits.js";
 import type { UniqueIndex } from "../storage/users.js";
-import { readSynced, userLockKey, type Services } from "./services.js";
+import { linksLockKey, readSynced, userLockKey, type Services } from "./services.js";
 
 export const PROTOCOL_VERSION = "1.0";
 
@@ -296,6 +296,21 @@ export function registerAccounts(sv: Services): AccountOps {
    * Returns the channels the user was in or owned, for the hooks.
    */
   async function removeUser(user: UserRecord, reason: string, keep?: Session): Promise<string[]> {
+    const uid = user.uid;
+    // Its links lock from the first read of its links until it is gone (linksLockKey):
+    // an addcontact or invite naming it waits, then finds no account.
+    const chids = await locks.run(linksLockKey(uid), () => removeLinked(user));
+    router.forgetOffline(uid);
+    endSessions(uid, (other) => other !== keep, reason, true);
+    if (keep) {
+      leave(keep);
+      keep.logout();
+    }
+    return chids;
+  }
+
+  /** removeUser's writes, under the account's links lock; returns its channels. */
+  async function removeLinked(user: UserRecord): Promise<string[]> {
     const { contacts, channels, messages } = sv;
     const uid = user.uid;
     const ops: BatchOp[] = [...users.removeOps(user)];
@@ -328,12 +343,6 @@ export function registerAccounts(sv: Services): AccountOps {
     if (router.isHere(uid)) hooks.presence(uid, false, sv.log, listedBy);
     for (const chid of joined) channels.left(chid, uid);
     users.forget(uid);
-    router.forgetOffline(uid);
-    endSessions(uid, (other) => other !== keep, reason, true);
-    if (keep) {
-      leave(keep);
-      keep.logout();
-    }
     return chids;
   }
 

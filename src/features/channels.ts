@@ -15,7 +15,7 @@ import { compileSchema, optionalString, requiredString } from "../protocol/valid
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv, directConv } from "../storage/layout.js";
 import type { Command, Outcome } from "./cluster.js";
-import { convLockKey, findUser, underLocks, userLockKey, type Services } from "./services.js";
+import { convLockKey, findUser, linksLockKey, underLocks, type Services } from "./services.js";
 
 /** Messages shown by `enter`. */
 const ENTER_HISTORY = 20;
@@ -198,9 +198,9 @@ export function registerChannels(sv: Services): ChannelOps {
    * when they were not a member. `by`: the member inviting them (errors then name the
    * invitee). One join per (channel, user) at a time: two devices entering together,
    * or an enter and an invite, make one first entry, not two. The promise is registered
-   * before any await. Under the user's lock and the inviter's (sorted), then the user's
-   * `channels-of` lock, then the channel's, so that a deletion of either account cannot
-   * miss the membership or the invitation.
+   * before any await. Under the user's links lock and the inviter's (sorted), then the
+   * user's `channels-of` lock, then the channel's, so that a deletion of either account
+   * cannot miss the membership or the invitation (services.ts linksLockKey).
    */
   async function join(c: ChannelRecord, uid: string, by?: string): Promise<boolean> {
     const who = by === undefined ? undefined : `user '${uid}'`;
@@ -218,7 +218,7 @@ export function registerChannels(sv: Services): ChannelOps {
     const first = (async () => {
       if (await channels.isMember(c.chid, uid)) return false;
       const lockUsers = [...new Set(by === undefined ? [uid] : [uid, by])].sort();
-      return underLocks(locks, [...lockUsers.map(userLockKey), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
+      return underLocks(locks, [...lockUsers.map(linksLockKey), `channels-of:${uid}`, chanLockKey(c.chid)], async () => {
         if (by !== undefined) {
           await stillThere(by);
           if (c.owner !== by && !(await channels.isMember(c.chid, by))) throw channelErrors.notMember(c.chid);
@@ -248,11 +248,11 @@ export function registerChannels(sv: Services): ChannelOps {
 
   /**
    * Creates a channel (see ChannelOps.create) and returns it with the members added
-   * besides the owner. The user locks of the owner and the members are held until the
+   * besides the owner. The links locks of the owner and the members are held until the
    * batch is written, so that none of them is deleted in between (their deletion would
    * miss the new membership, and a channel of a deleted owner could never be deleted);
    * then every new member's `channels-of` lock for the caps. All are
-   * taken in one order (user locks by uid, then `channels-of` by uid), as every other
+   * taken in one order (links locks by uid, then `channels-of` by uid), as every other
    * holder of more than one takes them, so two creations cannot wait on each other.
    */
   async function createChannel(owner: string, spec: NewChannel): Promise<{ c: ChannelRecord; added: { uid: string; nick: string }[] }> {
@@ -270,7 +270,7 @@ export function registerChannels(sv: Services): ChannelOps {
     try {
       if (!priv && (await channels.byName(name)) !== undefined) throw taken();
       const everyone = [owner, ...members].sort();
-      const lockKeys = [...everyone.map(userLockKey), ...everyone.map((uid) => `channels-of:${uid}`)];
+      const lockKeys = [...everyone.map(linksLockKey), ...everyone.map((uid) => `channels-of:${uid}`)];
       return await underLocks(locks, lockKeys, async () => {
         await stillThere(owner);
         const found = await Promise.all(members.map((uid) => findUser(sv, uid)));
@@ -412,10 +412,10 @@ export function registerChannels(sv: Services): ChannelOps {
         await inCluster({ k: "leave", uid: me, nick, chid: req.data.channel });
         return {};
       }
-      // Under the user's locks, as a join: a deleteaccount (it holds the user lock while
+      // Under the user's locks, as a join: a deleteaccount (it holds the links lock while
       // it reads the memberships whose ev_leave it sends) comes wholly before this
       // (then there is nothing to leave) or after it (then this one is not among them).
-      const chids = await underLocks(locks, [userLockKey(me), `channels-of:${me}`], async () => {
+      const chids = await underLocks(locks, [linksLockKey(me), `channels-of:${me}`], async () => {
         await stillThere(me);
         let left: string[];
         if (req.data.channel === "*") {

@@ -5,7 +5,7 @@ import { Code, ProtocolError } from "../protocol/codes.js";
 import { requiredString } from "../protocol/validation.js";
 import type { UserRecord } from "../storage/layout.js";
 import { normaliseEmail, normalisePhone } from "./profile-fields.js";
-import { findUser, readSynced, stillSignedIn, underLocks, userLockKey, type Services } from "./services.js";
+import { findUser, linksLockKey, readSynced, stillSignedIn, underLocks, type Services } from "./services.js";
 import { SEARCH_LIMIT } from "../limits.js";
 
 interface ImportEntry {
@@ -141,10 +141,11 @@ export function registerContacts(sv: Services): void {
         }
         return { user: contactCard(u) };
       }
-      // Under both users' locks (sorted): a second device adding the same contact at
-      // once gets 1, not a second 0, and a deletion of either account (under its lock)
-      // sees the entry and removes it, or comes first and this gets 8 or NeedAuth.
-      return underLocks(locks, [me, uid].sort().map(userLockKey), async () => {
+      // Under both users' links locks (sorted): a second device adding the same contact
+      // at once gets 1, not a second 0, and a deletion of either account (which holds
+      // its links lock) sees the entry and removes it, or comes first and this gets 8
+      // or NeedAuth. (Under their user locks, others' adds queued the user's own login.)
+      return underLocks(locks, [me, uid].sort().map(linksLockKey), async () => {
         if (!(await users.get(me))) throw new ProtocolError(Code.NeedAuth, "the account was deleted; nothing was changed");
         const u = await check();
         // Ended meanwhile (a password change, a logout of this session elsewhere).

@@ -31,6 +31,21 @@ export function userLockKey(uid: string): string {
 }
 
 /**
+ * The KeyedLock key under which a user's links with others change: contact entries
+ * either way, channel memberships. An account's deletion holds it (inside the user's
+ * lock) from reading those links until the account is gone, so that no link made
+ * meanwhile outlives it; a request that adds a link to another user takes this lock
+ * of theirs, not their user lock: another user's addcontact or invite never queues
+ * ahead of the user's own login, password change or profile change.
+ *
+ * Order: user locks, then links locks (sorted by uid), then `channels-of`, then a
+ * channel's. Nothing holding a links lock waits for a user lock.
+ */
+export function linksLockKey(uid: string): string {
+  return `links:${uid}`;
+}
+
+/**
  * The KeyedLock key under which a conversation's stored messages change (edits,
  * deletes, a deleted channel's purge): one at a time, each reading afresh.
  */
