@@ -2,6 +2,7 @@
 // was acknowledged survives kill -9.
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
+import { LAYOUT_VERSION } from "../src/storage/layout.js";
 import { ChildServer, Client, login, rawDb, registerUser, testConfig, useTempDirs } from "./helpers.js";
 
 const newDataDir = useTempDirs();
@@ -152,7 +153,7 @@ describe("a cmid entry whose message is gone (left by a purge before 4f97fd9)", 
 });
 
 describe("upgrading a layout-4 database", () => {
-  it("adds no second history chunk for logged messages past the watermark, and records layout 5", async () => {
+  it("adds no second history chunk for logged messages past the watermark, and goes on to the newest layout", async () => {
     const { dataDir, config, a, b } = await twoUsersStopped();
 
     // What a layout-4 server had on disk right after committing three messages a → b,
@@ -186,7 +187,7 @@ describe("upgrading a layout-4 database", () => {
     await server.stop();
 
     const check = await rawDb(dataDir);
-    expect(await check.get("!meta!layout")).toBe("5");
+    expect(await check.get("!meta!layout")).toBe(String(LAYOUT_VERSION));
     await check.close();
     // and once more from disk alone, after a restart
     server = await startServer({ ...config, port: 0 });

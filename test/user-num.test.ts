@@ -6,7 +6,7 @@ import path from "node:path";
 import { Level } from "level";
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
-import { openSpaces } from "../src/storage/layout.js";
+import { LAYOUT_VERSION, openSpaces } from "../src/storage/layout.js";
 import { readEntries } from "../src/storage/range.js";
 import { Client, registerUser, removeDir, testConfig } from "./helpers.js";
 
@@ -96,7 +96,7 @@ describe("user numbers", () => {
       for (const u of byUid) nums.push((await c.request("userinfo", { user: u.uid })).num);
       expect(nums).toEqual([1, 2, 3, 4]);
       for (let i = 0; i < 4; i++) expect(await server.directory.uidOf(i + 1)).toBe(byUid[i].uid);
-      expect(await server.services.storage.spaces.meta.get("layout")).toBe(5); // on to the newest layout (4 -> 5 needs nothing more)
+      expect(await server.services.storage.spaces.meta.get("layout")).toBe(LAYOUT_VERSION); // on to the newest layout
       // the next user comes after them
       const next = await registerUser(server.port);
       expect((await c.request("userinfo", { user: next.uid })).num).toBe(5);

@@ -7,7 +7,7 @@ import { addressKey, plainAddress } from "../addresses.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { nowSeconds } from "../protocol/frames.js";
 import { LoginThrottle } from "./login-throttle.js";
-import { composedLogin, LOGIN_PATTERN } from "./profile-fields.js";
+import { composedLogin, LOGIN_PATTERN, visibleNick } from "./profile-fields.js";
 import { PasswordHasher } from "./password-hasher.js";
 import type { Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
@@ -555,6 +555,7 @@ export function registerAccounts(sv: Services): AccountOps {
       }
       const { login, pass, nick } = req.data;
       composedLogin(login);
+      visibleNick(nick);
       await notBannedLogin(login);
       if (sv.cluster) {
         const auth = await clusterRegister(s, login, pass, nick);
@@ -844,6 +845,7 @@ export function registerAccounts(sv: Services): AccountOps {
       const bad = OPERATOR_ACCOUNT({ login, pass, nick });
       if (bad) throw bad;
       composedLogin(login);
+      visibleNick(nick);
       await notBannedLogin(login);
       if (sv.cluster) {
         // No session: an operator's account.

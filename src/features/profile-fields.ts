@@ -5,6 +5,7 @@
 
 import { NAME_MAX } from "../limits.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
+import { nameKey } from "../storage/users.js";
 
 /**
  * What a login may hold: letters (any script, with their combining marks: Devanagari's
@@ -29,6 +30,14 @@ export function composedLogin(login: string): void {
   if (login.normalize("NFC") !== login) {
     throw new ProtocolError(Code.InvalidData, "'login' must be written composed (Unicode NFC): a combining mark that has a composed form must be written as it");
   }
+}
+
+/**
+ * 3 for a nick that shows nothing: only default-ignorable code points (zero-width
+ * spaces and joiners, bidi marks...), whose name key (nameKey) is empty.
+ */
+export function visibleNick(nick: string): void {
+  if (nameKey(nick) === "") throw new ProtocolError(Code.InvalidData, "'nick' must show something: it holds only invisible characters");
 }
 
 /**

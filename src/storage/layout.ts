@@ -5,8 +5,8 @@
 //   users       <uid>                          → UserRecord
 //   usernum     <num>                          → uid   (a user's number: the numeric id
 //                                                doors show for users; never reused)
-//   login       <lower-case login>             → uid
-//   nick        <lower-case nick>              → uid
+//   login       <nameKey(login)>               → uid   (storage/users.ts: how it reads)
+//   nick        <nameKey(nick)>                → uid
 //   email       <normalised email>             → uid
 //   phone       <normalised phone>             → uid
 //   sessions    <sha256 of sid, hex>           → SessionRecord (the sid itself is never stored)
@@ -75,6 +75,10 @@
 // Version 4 wrote each message's history chunk in the message's own batch; from 5 on
 // it is derived. Start-up's replay of a version-4 log adds no chunk (each logged
 // message has one) and then records 5.
+// Version 5 keyed `login` and `nick` by the name's lower case; from 6 on by how it
+// reads (storage/users.ts nameKey: NFKC, invisible characters dropped, lower case).
+// Start-up re-keys them (UserStore foldNames); a name whose new key an older account's
+// holds keeps its old key, and its record says so (UserRecord `apart`).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -101,6 +105,11 @@ export interface UserRecord {
   picture: string;
   status: string;
   created: number;
+  /**
+   * Its login or nick shared a key with an older account's when the indexes were keyed
+   * by nameKey (storage/users.ts init): its entry kept the key it had (its lower case).
+   */
+  apart?: ("login" | "nick")[];
 }
 
 export interface SessionRecord {
@@ -170,7 +179,7 @@ export function recordJson(m: MessageRecord, plainBody = false, nickJson?: strin
 // A Level sublevel with string keys; values are JSON unless said otherwise.
 export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
-export const LAYOUT_VERSION = 5;
+export const LAYOUT_VERSION = 6;
 
 /**
  * `meta` key never stored: deleted to give a batch that only syncs the log an operation

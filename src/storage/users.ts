@@ -10,10 +10,37 @@ import { NAME_MAX } from "../limits.js";
 
 export type UniqueIndex = "login" | "nick" | "email" | "phone";
 
-/** Index keys are case-insensitive for login, nick and email. */
-export function indexKey(index: UniqueIndex, value: string): string {
-  return index === "phone" ? value : value.toLowerCase();
+/** Default-ignorable code points: zero-width spaces and joiners, soft hyphen, bidi marks, variation selectors... */
+const IGNORABLE = /\p{Default_Ignorable_Code_Point}/gu;
+
+/**
+ * A login or nick as people read it, its key in the index: compatibility forms folded
+ * into the letters they show (NFKC: fullwidth "ｂｏｂ", ligatures, superscripts),
+ * default-ignorable code points dropped (a nick "bob" followed by a zero-width space
+ * shows as "bob"), then lower case. Two names with one key are one name: the second
+ * is refused as taken, so nobody can pass for "bob" with a name that looks like it.
+ * (Persian's zero-width non-joiner changes how a word is drawn, not how it reads: a
+ * nick with it and the same nick without it are one name too.)
+ */
+export function nameKey(value: string): string {
+  return value.normalize("NFKC").replace(IGNORABLE, "").toLowerCase();
 }
+
+/** Index keys are case-insensitive for email; logins and nicks are keyed by nameKey. */
+export function indexKey(index: UniqueIndex, value: string): string {
+  return index === "phone" ? value : index === "email" ? value.toLowerCase() : nameKey(value);
+}
+
+/**
+ * The key of `u`'s own entry in `index`: its indexKey, or for a name left apart when
+ * the indexes were folded (init: it shared its key with an older account's), the key
+ * an older version gave it, its lower case.
+ */
+function entryKey(index: UniqueIndex, u: UserRecord): string {
+  const value = u[index];
+  return u.apart !== undefined && (index === "login" || index === "nick") && u.apart.includes(index) ? value.toLowerCase() : indexKey(index, value);
+}
+
 
 /** Pages of its limit prefixSearchWhere reads at most. */
 const SEARCH_PAGES = 8;
@@ -83,13 +110,21 @@ export class UserStore {
   }
 
   /**
+   * The users' migrations (layout 3 to 4, 5 to 6). Call after MessageStore.init, which
+   * brings the layout to 3 (and a layout-4 database to 5).
+   */
+  async init(log: Logger): Promise<void> {
+    await this.number(log);
+    await this.foldNames(log);
+  }
+
+  /**
    * Layout 3 to 4: numbers every user who has no number yet, in uid order. A page of
    * users is one batch (records, `usernum` entries and the counter's value together),
    * so after a crash part-way the numbered users keep their numbers and the next start
-   * numbers the rest. Call after MessageStore.init, which brings the layout to 3 (and
-   * a layout-4 database to 5).
+   * numbers the rest.
    */
-  async init(log: Logger): Promise<void> {
+  private async number(log: Logger): Promise<void> {
     const layout = (await this.s.meta.get("layout")) as number | undefined;
     if (layout !== undefined && layout >= 4) return;
     let numbered = 0;
@@ -105,11 +140,62 @@ export class UserStore {
       await this.storage.commit(ops);
       after = page[page.length - 1].uid;
     }
-    // Straight to the newest layout: 4 -> 5 (history chunks derived from the log) needs
-    // only MessageStore.init's replay, which has run.
-    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION)]);
+    // Straight to layout 5: 4 -> 5 (history chunks derived from the log) needs only
+    // MessageStore.init's replay, which has run. (foldNames takes it on to 6.)
+    await this.storage.commit([put(this.s.meta, "layout", 5)]);
     if (numbered > 0) log.info({ users: numbered }, "numbered the users (layout 4)");
   }
+
+  /**
+   * Layout 5 to 6: re-keys the login and nick entries layout 5 keyed by lower case alone
+   * under their nameKey. A name whose nameKey an older account's name holds already (or
+   * one re-keyed before it here: users in uid order) keeps its key and is marked apart
+   * on its record (entryKey), with a warning naming both: it is found by its own
+   * spelling still, and nothing new can take a name that reads like either. A page of
+   * users is one batch; after a crash part-way the next start goes through them again
+   * (a re-keyed entry is found under its new key, and left).
+   */
+  private async foldNames(log: Logger): Promise<void> {
+    if (((await this.s.meta.get("layout")) as number) >= 6) return;
+    let folded = 0;
+    for (let after = ""; ; ) {
+      const page = await readValues<UserRecord>(this.s.users, { gt: after, limit: MIGRATE_PAGE });
+      if (page.length === 0) break;
+      const ops: BatchOp[] = [];
+      for (const u of page) {
+        const apart: ("login" | "nick")[] = [];
+        for (const index of ["login", "nick"] as const) {
+          const value = u[index];
+          const old = value.toLowerCase();
+          const key = nameKey(value);
+          if (old === key || u.apart?.includes(index)) continue;
+          const holder = ((await this.s[index].get(key)) as string | undefined) ?? this.folding.get(`${index}:${key}`);
+          if (holder === u.uid) continue; // re-keyed by a start that crashed after it
+          if (holder !== undefined || key === "") {
+            apart.push(index);
+            const why = key === "" ? `a ${index} of invisible characters only` : `a ${index} reads as another account's`;
+            log.warn({ uid: u.uid, [index]: value, holder: holder ?? null }, `${why}: it keeps its key (see README, Backup, restore and upgrades)`);
+            continue;
+          }
+          ops.push(del(this.s[index], old), put(this.s[index], key, u.uid));
+          this.folding.set(`${index}:${key}`, u.uid);
+          folded++;
+        }
+        if (apart.length > 0) {
+          const next: UserRecord = { ...u, apart };
+          ops.push(put(this.s.users, u.uid, next));
+        }
+      }
+      await this.storage.commit(ops);
+      after = page[page.length - 1].uid;
+    }
+    this.folding.clear();
+    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION)]);
+    if (folded > 0) log.info({ names: folded }, "re-keyed logins and nicks by how they read");
+  }
+
+  /** Keys taken by foldNames in pages not yet committed (cleared when it ends). */
+  private readonly folding = new Map<string, string>();
 
   /** A new user's number: the counter only goes up, so a deleted user's is never reused. */
   nextNum(): number {
@@ -169,7 +255,16 @@ export class UserStore {
   }
 
   async lookup(index: UniqueIndex, value: string): Promise<string | undefined> {
-    return (await this.s[index].get(indexKey(index, value))) as string | undefined;
+    const key = indexKey(index, value);
+    // A name left apart at the fold (entryKey) is found by its own spelling first.
+    if (index === "login" || index === "nick") {
+      const own = value.toLowerCase();
+      if (own !== key) {
+        const apart = (await this.s[index].get(own)) as string | undefined;
+        if (apart !== undefined) return apart;
+      }
+    }
+    return (await this.s[index].get(key)) as string | undefined;
   }
 
   /**
@@ -262,8 +357,8 @@ export class UserStore {
       const before = prev?.[index] ?? "";
       const after = next[index];
       if (before === after) continue;
-      if (before) ops.push(del(this.s[index], indexKey(index, before)));
-      if (after) ops.push(put(this.s[index], indexKey(index, after), next.uid));
+      if (before) ops.push(del(this.s[index], entryKey(index, prev as UserRecord)));
+      if (after) ops.push(put(this.s[index], entryKey(index, next), next.uid));
     }
     return ops;
   }
@@ -277,7 +372,7 @@ export class UserStore {
   removeOps(u: UserRecord): BatchOp[] {
     const ops: BatchOp[] = [del(this.s.users, u.uid), del(this.s.usernum, String(u.num))];
     for (const index of ["login", "nick", "email", "phone"] as const) {
-      if (u[index]) ops.push(del(this.s[index], indexKey(index, u[index])));
+      if (u[index]) ops.push(del(this.s[index], entryKey(index, u)));
     }
     return ops;
   }
