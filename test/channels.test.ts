@@ -197,6 +197,30 @@ describe("enter", () => {
     await closeAll(a.client, b.client);
   });
 
+  it("lists every member of a channel larger than a page once, in uid order, however the list is read", async () => {
+    // 150 members: enter's users are read 64 at a time as they are written, from the
+    // cached list or from disk; the page boundaries neither drop nor repeat anyone.
+    const owner = await registerUser(shared.port);
+    const ch = await newChannel(owner);
+    const members: Account[] = [owner];
+    for (let i = 0; i < 149; i++) {
+      const u = await registerUser(shared.port);
+      expect((await u.client.request("enter", { channel: ch.chid })).status).toBe(0);
+      u.client.close();
+      members.push(u);
+    }
+    const want = members.map((u) => u.uid).sort();
+    for (let round = 0; round < 2; round++) {
+      // Round 1 reads the members from disk; round 2 from the cached sorted list (which
+      // the server's own full reads, e.g. a leave's audience, make).
+      if (round === 1) expect(await shared.server.services.channels.members(ch.chid)).toEqual(want);
+      const r = await owner.client.request("enter", { channel: ch.chid });
+      expect(r.users.map((x: any) => x.uid)).toEqual(want);
+      expect(r.users.find((x: any) => x.uid === owner.uid)).toEqual({ uid: owner.uid, nick: owner.nick, online: true });
+    }
+    owner.client.close();
+  });
+
   it("answers an empty last_msg for a channel without messages", async () => {
     const a = await registerUser(shared.port);
     const b = await registerUser(shared.port);

@@ -166,6 +166,28 @@ export class ChannelStore {
     return this.departed.size > 0 && this.departed.has(`${chid}\u0000${uid}`);
   }
 
+  /**
+   * Up to `limit` members of `chid` after uid `after` ("" for the first), in uid order: a
+   * page of a list its reader takes as it goes (enter's users), which then holds only
+   * where it is. From the cached sorted list when there is one, else a range read (no
+   * sort and no copy of the whole list for a page).
+   */
+  async membersAfter(chid: string, after: string, limit: number): Promise<string[]> {
+    const sorted = this.fresh(chid)?.sorted;
+    if (sorted !== undefined) {
+      let lo = 0;
+      let hi = sorted.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (sorted[mid] <= after) lo = mid + 1;
+        else hi = mid;
+      }
+      return sorted.slice(lo, lo + limit);
+    }
+    const all = prefixRange(chid);
+    return (await readKeys(this.s.members, after === "" ? { ...all, limit } : { gt: pair(chid, after), lt: all.lt, limit })).map(keyTail);
+  }
+
   /** Members in uid order. */
   async members(chid: string): Promise<string[]> {
     const hit = this.fresh(chid);
