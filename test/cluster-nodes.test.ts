@@ -301,6 +301,23 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     for (const c of [a.client, b.client, again.client]) c.close();
   });
 
+  it("two nicks that read alike, registered at once on two nodes: the log gives the name to one", async () => {
+    const nick = uniqueName("Bob");
+    const register = async (port: number, n: string) => {
+      const c = await Client.connect(port);
+      try {
+        return (await c.request("register", { login: uniqueName("l"), pass: "secret", nick: n })).status;
+      } finally {
+        c.close();
+      }
+    };
+    const statuses = await Promise.all([register(node(0), nick), register(node(1), nick + "\u200b")]);
+    expect(statuses.sort()).toEqual([0, 1]);
+    // And afterwards, through a third node, in fullwidth forms.
+    const fullwidth = [...nick].map((ch) => String.fromCodePoint(ch.codePointAt(0)! + 0xfee0)).join("");
+    expect(await register(node(2), fullwidth)).toBe(1);
+  });
+
   it("profiles and contacts written on one node read the same on the others; a contested email has one owner", async () => {
     const a = await registerUser(node(0));
     const b = await registerUser(node(1));

@@ -464,7 +464,7 @@ export function registerAccounts(sv: Services): AccountOps {
     // A user's own register, on a node that follows the log's setting: the log checks it
     // is still open where the entry lands (an operator's account is made regardless).
     const k = byUser && sv.registration.followsLog ? "signup" : "register";
-    const out = await cluster.append({ k, t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, bans: true, ...session });
+    const out = await cluster.append({ k, t, uid: randomBytes(6).toString("hex"), login, nick, hash, names: true, bans: true, reads: true, ...session });
     if (out.k === "taken") throw new ProtocolError(Code.AlreadyExist, `that ${out.index} is already taken`);
     // Banned, or registration closed, through another node after this node's own checks read its view.
     if (out.k === "refused" && out.reason === BANNED_LOGIN) throw new ProtocolError(Code.Forbidden, BANNED_LOGIN);

@@ -39,7 +39,7 @@ import { REGISTRATION_CLOSED } from "./registration.js";
 import { banKey, CLUSTER_POSITION_KEY, REGISTRATION_KEY, channelConv, directConv, type BanKind, type ChannelRecord, type MessageRecord, type UserRecord } from "../storage/layout.js";
 import { put, type BatchOp } from "../storage/db.js";
 import { readKeys } from "../storage/range.js";
-import { indexKey, type UniqueIndex } from "../storage/users.js";
+import { indexKey, nameKey, type UniqueIndex } from "../storage/users.js";
 import type { ExpiredSession, StoredSession } from "../storage/sessions.js";
 import { channelErrors } from "./channels.js";
 import { contactErrors } from "./contacts.js";
@@ -78,6 +78,13 @@ export type Command =
        * entries have no flag and were decided without it.
        */
       bans?: true;
+      /**
+       * A login or nick that reads as another account's (storage/users.ts nameKey) is
+       * taken: the log decides it with the view's `namekeys`. Older log entries have no
+       * flag and were decided without it (a new node replaying them decides as the
+       * nodes that applied them did).
+       */
+      reads?: true;
     }
   | {
       k: "session";
@@ -529,15 +536,17 @@ export class Cluster {
             switch (c.k) {
               case "register":
               case "signup": {
-                const [login, nick, existing, loginAsNick, nickAsLogin, loginAsEmail] = await Promise.all([
+                const [login, nick, existing, loginAsNick, nickAsLogin, loginAsEmail, loginReads, nickReads] = await Promise.all([
                   users.lookup("login", c.login),
                   users.lookup("nick", c.nick),
                   users.get(c.uid),
                   c.names ? users.lookup("nick", c.login) : undefined,
                   c.names ? users.lookup("login", c.nick) : undefined,
                   c.names && c.login.includes("@") ? users.lookup("email", c.login) : undefined,
+                  c.reads ? users.nameHolder(c.login) : undefined,
+                  c.reads ? users.nameHolder(c.nick) : undefined,
                 ]);
-                return { login, nick, user: existing, loginAsNick, nickAsLogin, loginAsEmail };
+                return { login, nick, user: existing, loginAsNick, nickAsLogin, loginAsEmail, loginReads, nickReads };
               }
               case "session": {
                 const [user, list] = await Promise.all([users.get(c.uid), sessions.list(c.uid)]);
@@ -796,6 +805,9 @@ export class Cluster {
         if (c.names && (overlay.holder("login", c.nick, r.nickAsLogin) ?? c.uid) !== c.uid) return { k: "taken", index: "nick" };
         // A login that is an address may not be another user's email (UserStore.claim).
         if (c.names && c.login.includes("@") && overlay.holder("email", c.login, r.loginAsEmail) !== undefined) return { k: "taken", index: "login" };
+        // A name that reads as another account's (nameKey): taken as well.
+        if (c.reads && (overlay.readsAs(c.login, r.loginReads) ?? c.uid) !== c.uid) return { k: "taken", index: "login" };
+        if (c.reads && (overlay.readsAs(c.nick, r.nickReads) ?? c.uid) !== c.uid) return { k: "taken", index: "nick" };
         if (r.user || overlay.users.has(c.uid)) return { k: "refused", reason: "that account id is in use" };
         if (c.bans && this.banState(overlay, "login", c.login).has) return { k: "refused", reason: BANNED_LOGIN };
         if (c.k === "signup" && (overlay.registration ?? this.sv.registration.logged) === "closed") return { k: "refused", reason: REGISTRATION_CLOSED };
@@ -804,6 +816,8 @@ export class Cluster {
         storage.commitLazy([...users.saveOps(user), ...(first ? sessions.createHashedOps(first.hash, { uid: c.uid, created: c.t, expires: first.expires }, first.issued) : [])]);
         overlay.claim("login", c.login, c.uid);
         overlay.claim("nick", c.nick, c.uid);
+        overlay.claimReading(c.login, c.uid);
+        overlay.claimReading(c.nick, c.uid);
         overlay.users.set(c.uid, user);
         overlay.sessions.set(c.uid, first ? [first] : []);
         return { k: "registered", user };
@@ -1239,6 +1253,9 @@ interface Reads {
   nickAsLogin?: string;
   /** register with `names`, a login that is an address: who holds it as an email. */
   loginAsEmail?: string;
+  /** register with `reads`: an account whose name reads as its login, as its nick (UserStore.nameHolder). */
+  loginReads?: string;
+  nickReads?: string;
   email?: string;
   /** profile with `logins`: who holds its email as a login. */
   emailAsLogin?: string;
@@ -1334,6 +1351,22 @@ class Overlay {
 
   release(index: UniqueIndex, value: string): void {
     if (value) this.names.set(`${index}:${indexKey(index, value)}`, "");
+  }
+
+  /** `uid`'s name `value` as it reads (nameKey), claimed in this call (never released in it: see readsAs). */
+  claimReading(value: string, uid: string): void {
+    this.names.set(`reads:${nameKey(value)}`, uid);
+  }
+
+  /**
+   * An account whose login or nick reads as `value`, after this call's commands so far;
+   * `inView`: the view's (UserStore.nameHolder). A deletion in this call does not free
+   * it here (several accounts of an older layout may share a key): a name freed and
+   * taken again in one call is refused, as if the two had come in separate calls the
+   * other way round.
+   */
+  readsAs(value: string, inView: string | undefined): string | undefined {
+    return this.names.get(`reads:${nameKey(value)}`) ?? inView;
   }
 
   /** Who holds `value` after this call's commands so far; `inView`: its holder in the view. */

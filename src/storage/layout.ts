@@ -5,8 +5,11 @@
 //   users       <uid>                          → UserRecord
 //   usernum     <num>                          → uid   (a user's number: the numeric id
 //                                                doors show for users; never reused)
-//   login       <nameKey(login)>               → uid   (storage/users.ts: how it reads)
-//   nick        <nameKey(nick)>                → uid
+//   login       <lower-case login>             → uid
+//   nick        <lower-case nick>              → uid
+//   namekeys    <nameKey>\0<uid>               → 1     (a login or nick as it reads:
+//                                                storage/users.ts nameKey; a new name
+//                                                whose key has an entry is taken)
 //   email       <normalised email>             → uid
 //   phone       <normalised phone>             → uid
 //   sessions    <sha256 of sid, hex>           → SessionRecord (the sid itself is never stored)
@@ -75,10 +78,8 @@
 // Version 4 wrote each message's history chunk in the message's own batch; from 5 on
 // it is derived. Start-up's replay of a version-4 log adds no chunk (each logged
 // message has one) and then records 5.
-// Version 5 keyed `login` and `nick` by the name's lower case; from 6 on by how it
-// reads (storage/users.ts nameKey: NFKC, invisible characters dropped, lower case).
-// Start-up re-keys them (UserStore foldNames); a name whose new key an older account's
-// holds keeps its old key, and its record says so (UserRecord `apart`).
+// Version 5 had no `namekeys`: start-up builds it from the users (UserStore
+// buildNameKeys, from scratch each time until it records 6).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is
@@ -105,11 +106,6 @@ export interface UserRecord {
   picture: string;
   status: string;
   created: number;
-  /**
-   * Its login or nick shared a key with an older account's when the indexes were keyed
-   * by nameKey (storage/users.ts init): its entry kept the key it had (its lower case).
-   */
-  apart?: ("login" | "nick")[];
 }
 
 export interface SessionRecord {
@@ -205,6 +201,7 @@ export const SPACES = [
   "usernum",
   "login",
   "nick",
+  "namekeys",
   "email",
   "phone",
   "sessions",
@@ -248,6 +245,16 @@ export function openSpaces(db: Level<string, string>): Spaces {
 const SEQ_WIDTH = 15;
 
 const ZEROS = "0".repeat(SEQ_WIDTH);
+
+/** The `namekeys` entry of a user's name key (storage/users.ts nameKey). */
+export function nameKeyEntry(key: string, uid: string): string {
+  return `${key}\u0000${uid}`;
+}
+
+/** The range of every `namekeys` entry of one key: '\0' ends a key (no name holds a control character). */
+export function nameKeyRange(key: string): { gt: string; lt: string } {
+  return { gt: `${key}\u0000`, lt: `${key}\u0001` };
+}
 
 /** An operator's ban of a login or an IP address. */
 export interface BanRecord {

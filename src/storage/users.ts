@@ -3,44 +3,34 @@
 
 import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import { LAYOUT_VERSION, type Spaces, type UserRecord } from "./layout.js";
-import { readEntries, readValues } from "./range.js";
+import { LAYOUT_VERSION, nameKeyEntry, nameKeyRange, type Spaces, type UserRecord } from "./layout.js";
+import { readEntries, readKeys, readValues } from "./range.js";
 import { ReadCache } from "./read-cache.js";
 import { NAME_MAX } from "../limits.js";
 
 export type UniqueIndex = "login" | "nick" | "email" | "phone";
 
+/** Index keys are case-insensitive for login, nick and email. */
+export function indexKey(index: UniqueIndex, value: string): string {
+  return index === "phone" ? value : value.toLowerCase();
+}
+
 /** Default-ignorable code points: zero-width spaces and joiners, soft hyphen, bidi marks, variation selectors... */
 const IGNORABLE = /\p{Default_Ignorable_Code_Point}/gu;
 
 /**
- * A login or nick as people read it, its key in the index: compatibility forms folded
- * into the letters they show (NFKC: fullwidth "ｂｏｂ", ligatures, superscripts),
- * default-ignorable code points dropped (a nick "bob" followed by a zero-width space
- * shows as "bob"), then lower case. Two names with one key are one name: the second
- * is refused as taken, so nobody can pass for "bob" with a name that looks like it.
- * (Persian's zero-width non-joiner changes how a word is drawn, not how it reads: a
- * nick with it and the same nick without it are one name too.)
+ * A login or nick as people read it: compatibility forms folded into the letters they
+ * show (NFKC: fullwidth "ｂｏｂ", ligatures, superscripts), default-ignorable code
+ * points dropped ("bob" followed by a zero-width space shows as "bob"), lower case,
+ * and composed again (a dropped joiner or lower-casing can leave a letter and its
+ * accent side by side). A new name whose key another account's login or nick has is
+ * taken (`namekeys`, UserStore.claim), so nobody can pass for "bob" with a name that
+ * looks like it. (Persian's zero-width non-joiner changes how a word is drawn, not how
+ * it reads: a nick with it and the same nick without it are one name.)
  */
 export function nameKey(value: string): string {
-  return value.normalize("NFKC").replace(IGNORABLE, "").toLowerCase();
+  return value.normalize("NFKC").replace(IGNORABLE, "").toLowerCase().normalize("NFKC");
 }
-
-/** Index keys are case-insensitive for email; logins and nicks are keyed by nameKey. */
-export function indexKey(index: UniqueIndex, value: string): string {
-  return index === "phone" ? value : index === "email" ? value.toLowerCase() : nameKey(value);
-}
-
-/**
- * The key of `u`'s own entry in `index`: its indexKey, or for a name left apart when
- * the indexes were folded (init: it shared its key with an older account's), the key
- * an older version gave it, its lower case.
- */
-function entryKey(index: UniqueIndex, u: UserRecord): string {
-  const value = u[index];
-  return u.apart !== undefined && (index === "login" || index === "nick") && u.apart.includes(index) ? value.toLowerCase() : indexKey(index, value);
-}
-
 
 /** Pages of its limit prefixSearchWhere reads at most. */
 const SEARCH_PAGES = 8;
@@ -52,6 +42,13 @@ const EMAIL_LOGIN: readonly UniqueIndex[] = ["email", "login"];
 
 function claimKey(index: UniqueIndex, value: string): string {
   return `${NAMES.includes(index) ? "name" : index}:${indexKey(index, value)}`;
+}
+
+/** The in-flight claims of `value` for `index`: its index keys, and for a login or nick its nameKey. */
+function claimKeys(index: UniqueIndex, value: string): string[] {
+  const keys = sharedIndexes(index, value).map((where) => claimKey(where, value));
+  if (NAMES.includes(index)) keys.push(`reads:${nameKey(value)}`);
+  return keys;
 }
 
 /**
@@ -110,20 +107,18 @@ export class UserStore {
   }
 
   /**
-   * The users' migrations (layout 3 to 4, 5 to 6). Call after MessageStore.init, which
-   * brings the layout to 3 (and a layout-4 database to 5).
-   */
-  async init(log: Logger): Promise<void> {
-    await this.number(log);
-    await this.foldNames(log);
-  }
-
-  /**
    * Layout 3 to 4: numbers every user who has no number yet, in uid order. A page of
    * users is one batch (records, `usernum` entries and the counter's value together),
    * so after a crash part-way the numbered users keep their numbers and the next start
-   * numbers the rest.
+   * numbers the rest. Call after MessageStore.init, which brings the layout to 3 (and
+   * a layout-4 database to 5).
    */
+  async init(log: Logger): Promise<void> {
+    await this.number(log);
+    await this.buildNameKeys(log);
+  }
+
+  /** Layout 3 to 4 (see init). */
   private async number(log: Logger): Promise<void> {
     const layout = (await this.s.meta.get("layout")) as number | undefined;
     if (layout !== undefined && layout >= 4) return;
@@ -141,61 +136,48 @@ export class UserStore {
       after = page[page.length - 1].uid;
     }
     // Straight to layout 5: 4 -> 5 (history chunks derived from the log) needs only
-    // MessageStore.init's replay, which has run. (foldNames takes it on to 6.)
+    // MessageStore.init's replay, which has run. (buildNameKeys goes on to 6.)
     await this.storage.commit([put(this.s.meta, "layout", 5)]);
     if (numbered > 0) log.info({ users: numbered }, "numbered the users (layout 4)");
   }
 
   /**
-   * Layout 5 to 6: re-keys the login and nick entries layout 5 keyed by lower case alone
-   * under their nameKey. A name whose nameKey an older account's name holds already (or
-   * one re-keyed before it here: users in uid order) keeps its key and is marked apart
-   * on its record (entryKey), with a warning naming both: it is found by its own
-   * spelling still, and nothing new can take a name that reads like either. A page of
-   * users is one batch; after a crash part-way the next start goes through them again
-   * (a re-keyed entry is found under its new key, and left).
+   * Layout 5 to 6: the `namekeys` entries of every user's login and nick. Built from
+   * scratch until layout 6 is recorded: a start that crashed part-way, or an older
+   * server run on the data dir meanwhile (it keeps no `namekeys`: accounts it deleted
+   * would keep their names taken), leaves nothing that counts. Existing accounts whose
+   * names read alike keep them (one key, an entry each); only new names are refused.
    */
-  private async foldNames(log: Logger): Promise<void> {
+  private async buildNameKeys(log: Logger): Promise<void> {
     if (((await this.s.meta.get("layout")) as number) >= 6) return;
-    let folded = 0;
+    for (;;) {
+      const stale = await readKeys(this.s.namekeys, { limit: MIGRATE_PAGE });
+      if (stale.length === 0) break;
+      await this.storage.commit(stale.map((key) => del(this.s.namekeys, key)));
+    }
+    let users = 0;
     for (let after = ""; ; ) {
       const page = await readValues<UserRecord>(this.s.users, { gt: after, limit: MIGRATE_PAGE });
       if (page.length === 0) break;
-      const ops: BatchOp[] = [];
-      for (const u of page) {
-        const apart: ("login" | "nick")[] = [];
-        for (const index of ["login", "nick"] as const) {
-          const value = u[index];
-          const old = value.toLowerCase();
-          const key = nameKey(value);
-          if (old === key || u.apart?.includes(index)) continue;
-          const holder = ((await this.s[index].get(key)) as string | undefined) ?? this.folding.get(`${index}:${key}`);
-          if (holder === u.uid) continue; // re-keyed by a start that crashed after it
-          if (holder !== undefined || key === "") {
-            apart.push(index);
-            const why = key === "" ? `a ${index} of invisible characters only` : `a ${index} reads as another account's`;
-            log.warn({ uid: u.uid, [index]: value, holder: holder ?? null }, `${why}: it keeps its key (see README, Backup, restore and upgrades)`);
-            continue;
-          }
-          ops.push(del(this.s[index], old), put(this.s[index], key, u.uid));
-          this.folding.set(`${index}:${key}`, u.uid);
-          folded++;
-        }
-        if (apart.length > 0) {
-          const next: UserRecord = { ...u, apart };
-          ops.push(put(this.s.users, u.uid, next));
-        }
-      }
-      await this.storage.commit(ops);
+      await this.storage.commit(page.flatMap((u) => this.nameOps(u, put)));
+      users += page.length;
       after = page[page.length - 1].uid;
     }
-    this.folding.clear();
     await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION)]);
-    if (folded > 0) log.info({ names: folded }, "re-keyed logins and nicks by how they read");
+    if (users > 0) log.info({ users }, "indexed the logins and nicks as they read (layout 6)");
   }
 
-  /** Keys taken by foldNames in pages not yet committed (cleared when it ends). */
-  private readonly folding = new Map<string, string>();
+  /** `u`'s `namekeys` entries (its login's key and its nick's, once when they are one), put or deleted. */
+  private nameOps(u: Pick<UserRecord, "uid" | "login" | "nick">, op: typeof put | typeof del): BatchOp[] {
+    const keys = new Set([nameKey(u.login), nameKey(u.nick)]);
+    return [...keys].map((k) => (op === put ? put(this.s.namekeys, nameKeyEntry(k, u.uid), 1) : del(this.s.namekeys, nameKeyEntry(k, u.uid))));
+  }
+
+  /** An account other than `owner` whose login or nick reads as `value` (nameKey), if any. */
+  async nameHolder(value: string, owner?: string): Promise<string | undefined> {
+    const holders = (await readKeys(this.s.namekeys, { ...nameKeyRange(nameKey(value)), limit: 2 })).map((key) => key.slice(key.indexOf("\u0000") + 1));
+    return holders.find((uid) => uid !== owner);
+  }
 
   /** A new user's number: the counter only goes up, so a deleted user's is never reused. */
   nextNum(): number {
@@ -255,16 +237,7 @@ export class UserStore {
   }
 
   async lookup(index: UniqueIndex, value: string): Promise<string | undefined> {
-    const key = indexKey(index, value);
-    // A name left apart at the fold (entryKey) is found by its own spelling first.
-    if (index === "login" || index === "nick") {
-      const own = value.toLowerCase();
-      if (own !== key) {
-        const apart = (await this.s[index].get(own)) as string | undefined;
-        if (apart !== undefined) return apart;
-      }
-    }
-    return (await this.s[index].get(key)) as string | undefined;
+    return (await this.s[index].get(indexKey(index, value))) as string | undefined;
   }
 
   /**
@@ -323,7 +296,7 @@ export class UserStore {
    * Emails and logins that are addresses overlap the same way (sharedIndexes).
    */
   async claim(values: ReadonlyArray<[UniqueIndex, string]>, owner?: string): Promise<UniqueIndex | undefined> {
-    const keys = values.map(([i, v]) => sharedIndexes(i, v).map((where) => claimKey(where, v)));
+    const keys = values.map(([i, v]) => claimKeys(i, v));
     const busy = values.findIndex((_, n) => keys[n].some((k) => this.claims.has(k)));
     if (busy >= 0) return values[busy][0];
     for (const k of keys.flat()) this.claims.add(k);
@@ -336,6 +309,11 @@ export class UserStore {
             return index;
           }
         }
+        // A name that reads as another account's login or nick (nameKey).
+        if (NAMES.includes(index) && (await this.nameHolder(value, owner)) !== undefined) {
+          this.release(values);
+          return index;
+        }
       }
     } catch (err) {
       this.release(values); // a failed read: nothing stays claimed
@@ -345,7 +323,7 @@ export class UserStore {
   }
 
   release(values: ReadonlyArray<[UniqueIndex, string]>): void {
-    for (const [i, v] of values) for (const where of sharedIndexes(i, v)) this.claims.delete(claimKey(where, v));
+    for (const [i, v] of values) for (const k of claimKeys(i, v)) this.claims.delete(k);
   }
 
   /** Ops writing `next` (and its indexes) over `prev`; the cache is updated at once. */
@@ -357,8 +335,12 @@ export class UserStore {
       const before = prev?.[index] ?? "";
       const after = next[index];
       if (before === after) continue;
-      if (before) ops.push(del(this.s[index], entryKey(index, prev as UserRecord)));
-      if (after) ops.push(put(this.s[index], entryKey(index, next), next.uid));
+      if (before) ops.push(del(this.s[index], indexKey(index, before)));
+      if (after) ops.push(put(this.s[index], indexKey(index, after), next.uid));
+    }
+    if (prev === undefined || prev.login !== next.login || prev.nick !== next.nick) {
+      if (prev !== undefined) ops.push(...this.nameOps(prev, del));
+      ops.push(...this.nameOps(next, put));
     }
     return ops;
   }
@@ -372,8 +354,9 @@ export class UserStore {
   removeOps(u: UserRecord): BatchOp[] {
     const ops: BatchOp[] = [del(this.s.users, u.uid), del(this.s.usernum, String(u.num))];
     for (const index of ["login", "nick", "email", "phone"] as const) {
-      if (u[index]) ops.push(del(this.s[index], entryKey(index, u)));
+      if (u[index]) ops.push(del(this.s[index], indexKey(index, u[index])));
     }
+    ops.push(...this.nameOps(u, del));
     return ops;
   }
 
