@@ -278,6 +278,20 @@ describe("HTTP/WS chat door: the WebSocket", () => {
     for (const x of [a, b, native.client]) x.close();
   });
 
+  it("a socket repeating join, or joining and leaving in turn, is told to the others once a second at most, its latest state", async () => {
+    const alice = await createUser();
+    const bob = await createUser();
+    const a = await chatter(alice);
+    const b = await chatter(bob);
+    for (let i = 0; i < 200; i++) a.send({ type: "join" });
+    expect(await b.next()).toEqual({ status: "message", message: null, info: `${alice.username} joined` });
+    // Within the second: leave, join, leave. Once it is over, the latest: left.
+    for (const type of ["leave", "join", "leave"]) a.send({ type });
+    expect(await b.next(() => true, 3000)).toEqual({ status: "message", message: null, info: `${alice.username} left` });
+    expect(await b.quiet(1500)).toBe(true);
+    for (const x of [a, b]) x.close();
+  });
+
   it("the lobby this server made serves its events as any channel: the echo right after its reply, before the next", async () => {
     const native = await nativeMember();
     const before = native.client.lines.length;

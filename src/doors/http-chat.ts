@@ -35,7 +35,7 @@ import { NAME_MAX } from "../limits.js";
 import { frameWeight, SHUTTING_DOWN } from "../transport/peer-common.js";
 import { RequestPeer } from "../transport/request-peer.js";
 import type { Front } from "../transport/listener.js";
-import { DialectDoor, str, type Answer } from "./dialect.js";
+import { DialectDoor, str, type Answer, type DialectCodec } from "./dialect.js";
 
 interface ChatState {
   authed: boolean;
@@ -48,7 +48,22 @@ interface ChatState {
   /** The connection's peer id, once logged in (a notice is not shown to its sender). */
   peer: number;
   nick: string;
+  /** What the others were last told of this socket (join/leave notices), and when (ms). */
+  told?: "join" | "leave";
+  toldAt?: number;
+  /** A change asked for within NOTICE_GAP of the last notice, sent when the gap is over. */
+  pending?: "join" | "leave";
+  noticeTimer?: NodeJS.Timeout;
 }
+
+/**
+ * One join/leave notice per socket per this many milliseconds at most, and only when it
+ * changes what the others were told: each reaches every 003 socket in the lobby, so a
+ * socket sending join (or join and leave in turn) at its request rate (5,000 a second)
+ * pushed megabytes a second to every other one and closed the slower readers. A change
+ * asked for sooner goes out when the gap is over, the latest one only.
+ */
+const NOTICE_GAP = 1000;
 
 type ChatMsg = Record<string, unknown> & { type: string };
 
@@ -241,12 +256,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
       }
       case "join":
       case "leave":
-        // Each reaches every other /ws socket: like every frame a door reads, it was
-        // counted against the rate limit when it arrived (DialectDoor.frame).
-        this.deps.publish(
-          { kind: "notice", door: this.name, chid: this.deps.lobby, text: `${st.nick} ${msg.type === "join" ? "joined" : "left"}`, origin: st.peer },
-          { channel: this.deps.lobby },
-        );
+        this.notice(st, msg.type);
         return [];
       case "auth":
         return [error("already authenticated")];
@@ -314,7 +324,35 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
    * revoking its real devices' oldest.
    */
   closed(s: Session): void {
+    const st = (s.codec as DialectCodec<ChatState>).state;
+    if (st.noticeTimer !== undefined) clearTimeout(st.noticeTimer);
+    st.noticeTimer = st.pending = undefined;
     this.endSession(s, this.deps.revoke);
+  }
+
+  /** A socket's join or leave, told to every other /ws socket in the lobby (paced: NOTICE_GAP). */
+  private notice(st: ChatState, what: "join" | "leave"): void {
+    if (st.noticeTimer !== undefined) {
+      st.pending = what;
+      return;
+    }
+    if (st.told === what) return;
+    const now = Date.now();
+    const wait = st.toldAt === undefined ? 0 : st.toldAt + NOTICE_GAP - now;
+    if (wait > 0) {
+      st.pending = what;
+      st.noticeTimer = setTimeout(() => {
+        st.noticeTimer = undefined;
+        const next = st.pending as "join" | "leave";
+        st.pending = undefined;
+        this.notice(st, next);
+      }, wait);
+      st.noticeTimer.unref();
+      return;
+    }
+    st.told = what;
+    st.toldAt = now;
+    this.deps.publish({ kind: "notice", door: this.name, chid: this.deps.lobby, text: `${st.nick} ${what === "join" ? "joined" : "left"}`, origin: st.peer }, { channel: this.deps.lobby });
   }
 
   /** Native auth with the login of the account whose profile email is `email`. */
