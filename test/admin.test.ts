@@ -7,6 +7,7 @@ import { networkInterfaces, tmpdir } from "node:os";
 import path from "node:path";
 import http from "node:http";
 import net from "node:net";
+import { once } from "node:events";
 import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName, WsClient } from "./helpers.js";
 import { freePort } from "../scripts/nats-server.js";
@@ -586,4 +587,54 @@ describe("a stop during long admin requests", () => {
     b.client.close();
     removeDir(server.services.config.dataDir);
   }, 60_000);
+});
+
+describe("admin port against clients that hold sockets", () => {
+  const served = serveForFile({ idleUnauth: 1 });
+  const ap = () => served.server.adminPort as number;
+
+  it("a request whose body never finishes arriving is cut off after --idle-unauth (408), a refusal's too", async () => {
+    for (const path of ["/healthz", "/connz"]) {
+      const socket = net.connect({ port: ap(), host: "127.0.0.1" });
+      await once(socket, "connect");
+      let text = "";
+      socket.on("data", (d) => (text += d.toString("latin1")));
+      socket.write(`POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{`);
+      // A byte every 300 ms: each keeps the socket busy, none finishes the body.
+      const drip = setInterval(() => socket.write(" "), 300);
+      await once(socket, "close");
+      clearInterval(drip);
+      expect(text).toMatch(/^HTTP\/1\.1 (408|404|401|403)/);
+    }
+  });
+
+  it("holds at most 64 sockets; past them a new one is closed", async () => {
+    const held: net.Socket[] = [];
+    for (let i = 0; i < 64; i++) {
+      const s = net.connect({ port: ap(), host: "127.0.0.1" });
+      await once(s, "connect");
+      s.on("error", () => {});
+      held.push(s);
+    }
+    const over = net.connect({ port: ap(), host: "127.0.0.1" });
+    over.on("error", () => {});
+    await once(over, "close");
+    for (const s of held) s.destroy();
+    // Let go (once the server has seen them close), the port answers again.
+    const health = async () => {
+      const socket = net.connect({ port: ap(), host: "127.0.0.1" });
+      socket.on("error", () => {});
+      let text = "";
+      socket.on("data", (d) => (text += d.toString("latin1")));
+      socket.end("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+      await once(socket, "close");
+      return text;
+    };
+    let text = "";
+    for (let i = 0; i < 50 && !text.startsWith("HTTP/1.1 200"); i++) {
+      text = await health();
+      if (!text) await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(text).toMatch(/^HTTP\/1\.1 200/);
+  });
 });

@@ -304,6 +304,20 @@ describe("the HTTP routes: a client that does not read its answers", () => {
     sock.destroy();
   }, 20_000);
 
+  it("a request whose body keeps trickling in is cut off after --idle-unauth (408), however steadily it trickles", async () => {
+    const sock = net.connect(quick.server.httpPort as number, "127.0.0.1");
+    await new Promise((r) => sock.once("connect", r));
+    sock.on("error", () => undefined);
+    let got = "";
+    sock.on("data", (d) => (got += d.toString("latin1")));
+    sock.write("POST /v1/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{");
+    // A byte every 300 ms: the socket is never idle, the request never complete.
+    const drip = setInterval(() => sock.write(" "), 300);
+    await new Promise((r) => sock.once("close", r));
+    clearInterval(drip);
+    expect(got).toMatch(/^HTTP\/1\.1 408/);
+  }, 20_000);
+
   it("runs one request of a socket at a time: past 32 waiting, the next is 429 and the socket closes after it", async () => {
     const talk = (n: number) =>
       new Promise<string>((resolve, reject) => {

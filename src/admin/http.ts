@@ -113,6 +113,9 @@ function hasToken(header: string | undefined, expected: string): boolean {
   return timingSafeEqual(got.subarray(space), want.subarray(space));
 }
 
+/** Sockets the admin port holds at once (the rest are closed as they connect). */
+const ADMIN_MAX_CONNECTIONS = 64;
+
 /**
  * Builds the admin app; `d` is filled in later (routes read it when they run), so the
  * server builds it first thing, before its storage and stores: notReady from the
@@ -124,6 +127,13 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     // errors only (the operator actions log through the server's logger).
     loggerInstance: log.child({ door: "admin" }) as unknown as FastifyBaseLogger,
     bodyLimit: 64 * 1024,
+    // A request must have arrived (headers and body) within --idle-unauth, as on the
+    // HTTP door: Fastify's default is no limit, and a refusal (401, 403, 404) answered
+    // before the body left the socket open to drain it, one byte a minute keeping it
+    // alive, as many as a client liked (the server's descriptors are shared).
+    requestTimeout: config.idleUnauth * 1000,
+    // ... checked every second (node's default, 30 s, let one live half a minute more).
+    http: { connectionsCheckingInterval: 1000 },
     // What Fastify refuses before any route runs is answered in this port's shape too
     // (its own was {"error":"Bad Request","code":"FST_ERR_BAD_URL",…}, a string code).
     frameworkErrors: (err, _req, reply) => sendError(reply, Code.InvalidData, `the request is not valid: ${err.message}`, 400),
@@ -138,6 +148,9 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
       socket.end(`HTTP/1.1 ${status} ${text}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
     },
   });
+  // Node times a request out only while its headers' limit is no longer than the
+  // request's (it took 60 s for the headers when Fastify made the server).
+  app.server.headersTimeout = Math.min(60_000, config.idleUnauth * 1000);
   // ... and follow the server's level when SIGHUP changes it.
   const unfollow = followLevel(log, app.log as unknown as Logger, "warn");
   app.addHook("onClose", async () => unfollow());
@@ -333,6 +346,8 @@ export async function listenAdmin(app: FastifyInstance, config: Config): Promise
   // event on the listening server, which Fastify listens for only while listen() runs:
   // unheard, it ended the whole process at a health check. The protocol's listeners log it.
   app.server.on("error", (err) => app.log.error({ err }, "admin port error"));
+  // Operators and a metrics scraper need a few sockets; past these, new ones are closed.
+  app.server.maxConnections = ADMIN_MAX_CONNECTIONS;
   const addr = app.server.address() as AddressInfo;
   return { port: addr.port, host: addr.address };
 }

@@ -67,8 +67,11 @@ export class HttpDoor {
       // Fastify logs every request at info: this port's own lines are warnings and errors.
       loggerInstance: log.child({ door: "http" }) as unknown as FastifyBaseLogger,
       bodyLimit: config.maxFrame,
-      // A request must arrive within the unauthenticated idle time (slow senders hold no socket for long).
+      // A request must arrive within the unauthenticated idle time (slow senders hold no
+      // socket for long), checked every second (node's default, 30 s, let one live half a
+      // minute more).
       requestTimeout: config.idleUnauth * 1000,
+      http: { connectionsCheckingInterval: 1000 },
       // A number is not a string: the seed's fields are strings, and "5" is not made of 5.
       ajv: { customOptions: { coerceTypes: false } },
       // Every path parameter reaches its route, which answers for it in its door's shape
@@ -109,6 +112,10 @@ export class HttpDoor {
     // read it held its socket (and its place against the caps) for good. A socket that
     // reads slowly is active, and a WebSocket's timeout is cleared by ws at its upgrade.
     app.server.timeout = config.idleUnauth * 1000;
+    // Node times a request out only while its headers' limit is no longer than the
+    // request's: Fastify made the server with node's (60 s for the headers), so with an
+    // --idle-unauth under a minute requestTimeout did nothing until a SIGHUP.
+    app.server.headersTimeout = Math.min(60_000, config.idleUnauth * 1000);
     // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
     app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
     // An upgrade request's socket leaves the HTTP server's timeouts: until ws takes it

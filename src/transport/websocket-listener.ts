@@ -252,6 +252,9 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     const text = frame as string;
     ws.send(text.endsWith("\n") ? text.slice(0, -1) : text);
     ws.close(over === "banned" ? CLOSE_POLICY : CLOSE_TRY_LATER);
+    // Nothing it sends is read while it lingers: unpaused, ws went on assembling its
+    // messages (1 MiB each) outside --max-partial-input, for up to 1,024 such sockets.
+    ws.pause();
     const timer = setTimeout(() => ws.terminate(), this.lingerMs);
     timer.unref();
     ws.once("close", () => {
