@@ -590,6 +590,20 @@ describe("attachments", () => {
     expect(calls).toEqual([{ frame: expect.any(String), attachment: big, invalid: false }]);
   });
 
+  it("streams nothing for a frame its closing bytes put over the limit: 12, no upload", () => {
+    // `..."data":"` + attachment + `"}}}`: the frame is the rest plus those four bytes.
+    const head = '{"action":"message","data":{"uid":"u","attach":{"mime":"m","data":"';
+    for (const [maxFrame, streamed] of [
+      [head.length + 4, true],
+      [head.length + 3, false],
+    ] as const) {
+      const { scanner, calls, uploads } = connection({ ...LIMITS, maxFrame });
+      scanner.push(Buffer.from(`${head}${"QUJD".repeat(100)}"}}}\n`));
+      expect(uploads.length).toBe(streamed ? 1 : 0);
+      expect(kinds(calls)).toEqual([streamed ? "frame" : "reject 12"]);
+    }
+  });
+
   it("only streams the exact path: other 'data' strings stay in the frame", () => {
     const other = [
       { action: "x", data: "notanobject" },
@@ -673,8 +687,9 @@ describe("quiet skipping after a broken frame is bounded", () => {
     const { scanner, calls } = connection({ maxFrame: 64, maxDepth: 8 });
     scanner.push(Buffer.from('{"action":"x","data":"broken\n' + "garbage line\n".repeat(20)));
     const rejects = calls.filter((c) => "reject" in c);
-    expect(rejects.length).toBeGreaterThan(1); // the broken frame, then garbage past 64 bytes
-    expect(rejects.length).toBeLessThan(20);
+    // The broken frame, then every garbage line from the one (13 bytes each) that takes
+    // the skipped bytes past 64, that one included: the 5th of 20.
+    expect(rejects.length).toBe(1 + 16);
   });
 });
 
@@ -691,6 +706,21 @@ describe("unfinished frames of several connections share one budget (ScannerLimi
     expect(uploads[0].writesAtAbort).toBe(0); // at once, not after its text was written
     expect(calls).toEqual([{ reject: Code.RateLimited, reason: expect.stringMatching(/send it again/), action: "message" }]);
     expect(held.bytes).toBe(0);
+  });
+
+  it("a shed frame whose attachment the sink declined to stream (not logged in) is 12: sent again, it would not stream either", () => {
+    const calls: SinkCall[] = [];
+    const scanner = new FrameScanner<TextUpload>(
+      { ...LIMITS, maxFrame: 200, held: budget(100) },
+      { frame: (bytes) => calls.push({ frame: bytes.toString("latin1") }), reject: (code, reason, action) => calls.push({ reject: code, reason, action }), upload: () => undefined },
+    );
+    const attach = '{"action":"message","data":{"uid":"u1","attach":{"mime":"a/b","data":"' + "QUJD".repeat(100) + '"}}}';
+    // Past the attachment's opening quote within the budget (the sink declines there),
+    // then shed for the budget (not yet past --max-frame), then past --max-frame.
+    scanner.push(Buffer.from(attach.slice(0, 80)));
+    scanner.push(Buffer.from(attach.slice(80, 140)));
+    scanner.push(Buffer.from(attach.slice(140) + "\n"));
+    expect(calls).toEqual([{ reject: Code.TooLarge, reason: expect.stringMatching(/over the limit of 200/), action: "message" }]);
   });
 
   it("a frame refused for what it is keeps that answer when it is also shed", () => {

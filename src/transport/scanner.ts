@@ -245,7 +245,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private uploadSink: U | undefined;
   /** The frame has had its stream path (streamed or not): a second one is refused. */
   private pathSeen = false;
-  /** Its text was not streamed: it counts in the frame's length (sheddingAttachment). */
+  /** Its text was not streamed because the frame was being shed (Busy): it counts in the frame's length, unlike when it is sent again (sheddingAttachment). */
   private pathInline = false;
   /** The sink answered HOLD: push() stops where scanning stopped. */
   private held = false;
@@ -336,7 +336,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
           const next = nl < 0 ? n : nl + 1;
           // The rest of a broken frame is skipped quietly, but no more than a frame's
           // worth: past that, garbage is answered (and counted) again.
-          if (this.afterBroken && (this.quietLeft -= next - i) < 0) this.afterBroken = false;
+          if (this.afterBroken && (this.quietLeft -= next - i) < 0) {
+            this.afterBroken = false;
+            // The line that used the allowance up is answered (and counted) as garbage.
+            this.sink.reject(Code.InvalidData, "expected a JSON object", undefined, this.ctx);
+          }
           i = next;
           if (nl >= 0) this.state = State.Idle;
           break;
@@ -530,7 +534,10 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
                 // A second data.attach.data in one frame never starts a second upload:
                 // the frame is refused and the first one is discarded.
                 this.refuseAttachments();
-              } else if (this.fault === Fault.None && this.frameLength + (i + 1 - start) <= this.limits.maxFrame) {
+              } else if (this.fault === Fault.None && this.frameLength + (i + 1 - start) + 1 + depth <= this.limits.maxFrame) {
+                // (Counted with what must still follow: the closing quote and a brace
+                // for each open object. A frame too large with those was streamed whole,
+                // attachment and all, and then refused 12.)
                 this.pathSeen = true;
                 // data.attach.data: its text streams to an upload, if the sink takes
                 // it for this frame; the frame keeps "".
@@ -550,9 +557,12 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
                   this.state = State.Attachment;
                   return i + 1;
                 }
-                this.pathInline = true;
+                // Declined (not logged in, an action without attachments): its text
+                // counts, and would again if sent again.
               } else {
-                this.pathSeen = this.pathInline = true;
+                this.pathSeen = true;
+                // Not streamed because the frame was being shed: sent again, it streams.
+                if (this.fault === Fault.Busy) this.pathInline = true;
               }
             }
           }
