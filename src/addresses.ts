@@ -35,16 +35,23 @@ export function addressKey(address: string, prefixes: AddressPrefixes): string {
     return `${word >>> 24}.${(word >>> 16) & 255}.${(word >>> 8) & 255}.${word & 255}/${bits}`;
   }
   if (family !== 6) return a;
+  const words = ipv6Words(a);
+  // NAT64's well-known prefix (64:ff9b::/96, RFC 6052): an IPv4 client behind a
+  // translator, keyed as that IPv4 address (its /64 is every such client's).
+  if (words[0] === 0x64 && words[1] === 0xff9b && words[2] === 0 && words[3] === 0 && words[4] === 0 && words[5] === 0) {
+    return addressKey(`${words[6] >> 8}.${words[6] & 255}.${words[7] >> 8}.${words[7] & 255}`, prefixes);
+  }
   const bits = prefixes.ipv6Prefix;
   if (bits >= 128) return a;
-  const words = ipv6Words(a);
   const kept = Math.ceil(bits / 16);
   const out: string[] = [];
   for (let i = 0; i < kept; i++) {
     const left = bits - 16 * i;
     out.push((left >= 16 ? words[i] : words[i] & ((0xffff << (16 - left)) & 0xffff)).toString(16));
   }
-  return `${out.join(":")}::/${bits}`;
+  // A link-local address's zone names its link: fe80::/64 on each link is another network.
+  const zone = a.indexOf("%");
+  return `${out.join(":")}::/${bits}${zone >= 0 ? a.slice(zone) : ""}`;
 }
 
 /** The eight 16-bit words of an IPv6 address that isIP accepts (a zone, if any, dropped). */

@@ -82,7 +82,11 @@ describe("addressKey", () => {
     const prefixes = { ipv4Prefix: 24, ipv6Prefix: 64 };
     expect(addressKey("2001:DB8:0:7:aaaa:bbbb:cccc:dddd", prefixes)).toBe("2001:db8:0:7::/64");
     expect(addressKey("2001:db8::1.2.3.4", { ipv4Prefix: 32, ipv6Prefix: 112 })).toBe("2001:db8:0:0:0:0:102::/112");
-    expect(addressKey("fe80::1%eth0", prefixes)).toBe("fe80:0:0:0::/64");
+    expect(addressKey("fe80::1%eth0", prefixes)).toBe("fe80:0:0:0::/64%eth0");
+    expect(addressKey("fe80::2%eth1", prefixes)).toBe("fe80:0:0:0::/64%eth1");
+    // NAT64 (64:ff9b::/96): the IPv4 client behind the translator, by --ipv4-prefix.
+    expect(addressKey("64:ff9b::192.0.2.77", prefixes)).toBe("192.0.2.0/24");
+    expect(addressKey("64:ff9b::c000:24d", { ipv4Prefix: 32, ipv6Prefix: 64 })).toBe("192.0.2.77");
     expect(addressKey("192.0.2.77", prefixes)).toBe("192.0.2.0/24");
     expect(addressKey("?", prefixes)).toBe("?");
   });
