@@ -470,6 +470,25 @@ describe("WirechatClient", () => {
     await it.return?.();
   });
 
+  it("inbox messages that arrive before the app listens (README's order: auth, then on) are kept for it, and acknowledged only then", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: true });
+    await alice.c.request("logout");
+    const sent: string[] = [];
+    for (let i = 0; i < 3; i++) sent.push((await bob.c.sendMessage({ uid: alice.uid }, `while away ${i}`)).mid);
+    // The inbox comes right behind the auth reply; the listener is added after it.
+    await alice.c.auth({ login: alice.login, pass: "secret" });
+    await sleep(200);
+    // Nothing took them yet: nothing acknowledged.
+    const early = alice.c.lastAckedMid;
+    expect(early === undefined || BigInt(early) < BigInt(sent[0]), `acked ${early}`).toBe(true);
+    const got: string[] = [];
+    alice.c.on("ev_message", (m) => got.push(m.body));
+    await waitFor(() => got.length === 3, 5000, "the three messages");
+    expect(got).toEqual(["while away 0", "while away 1", "while away 2"]);
+    await waitFor(() => alice.c.lastAckedMid === sent[2], 5000, "the ack once they were handed on");
+  });
+
   it("a resume before any ack is confirmed starts from the since the login had, not from the start", async () => {
     const bob = await registered();
     const alice = await registered({ ack: false });

@@ -222,6 +222,17 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
     }
   }
 
+  /** Takes everything buffered, in order, with each inbox message's mid (no waiter involved). */
+  drain(): [WirechatEvent, bigint | undefined][] {
+    const out: [WirechatEvent, bigint | undefined][] = [];
+    for (let i = this.head; i < this.buf.length; i++) out.push([this.buf[i] as WirechatEvent, this.mids[i]]);
+    this.buf = [];
+    this.mids = [];
+    this.head = 0;
+    this.inboxBuffered = 0;
+    return out;
+  }
+
   /** The oldest inbox mid buffered here, not yet handed out (acks stop below it). */
   oldestInbox(): bigint | undefined {
     if (this.inboxBuffered === 0) return undefined;
@@ -306,6 +317,15 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * the next auth or resume asks again from there (everything after it comes again).
    */
   private dropFloor: bigint | undefined;
+  /**
+   * Inbox messages that came while nothing took events (no iterator, no "event" or
+   * "ev_message" listener), kept for the first that does (releaseUnclaimed); acks stop
+   * below the oldest. Bounded as an iterator is (eventBufferSize): past it the oldest
+   * are dropped, to come again after the next reconnect.
+   */
+  private readonly unclaimed: EventIterator;
+  /** Bumped when the inbox's position is let go (forgetInbox). */
+  private inboxEpoch = 0;
   /** The current connection has logged in (auth or register answered): cleared when it closes. */
   private socketAuthed = false;
   private welcomeWaiter: { resolve: (w: WelcomeFrame) => void; reject: (e: Error) => void } | undefined;
@@ -343,6 +363,19 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
 
   private constructor(private readonly opts: ConnectOptions) {
     super();
+    this.unclaimed = new EventIterator(
+      Math.max(1, opts.eventBufferSize ?? 10_000),
+      () => undefined,
+      (_dropped, inboxMid) => {
+        if (inboxMid !== undefined) this.dropFloor = minMid(this.dropFloor, inboxMid - 1n);
+      },
+      () => undefined,
+    );
+    // A listener for every event or for ev_message takes what came before it (after it
+    // is added: "newListener" is told first).
+    (this as unknown as EventEmitter).on("newListener", (name: string | symbol) => {
+      if (name === "event" || name === "ev_message") queueMicrotask(() => this.releaseUnclaimed());
+    });
     this.host = opts.host ?? "127.0.0.1";
     this.port = opts.port ?? (opts.tls ? 7789 : 7788);
     const r = opts.reconnect;
@@ -668,14 +701,17 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       (x) => this.iterators.delete(x),
       (dropped, inboxMid, reported = true) => {
         if (inboxMid !== undefined) this.dropFloor = minMid(this.dropFloor, inboxMid - 1n);
-        if (reported) this.emit("overflow", { dropped });
+        if (reported) this.safeEmit("overflow", { dropped });
       },
       () => {
         if (this.ackTarget !== undefined) this.scheduleAck(this.ackTarget);
       },
     );
     if (this.state === "closed") it.end();
-    else this.iterators.add(it);
+    else {
+      this.iterators.add(it);
+      this.releaseUnclaimed();
+    }
     return it;
   }
 
@@ -942,7 +978,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       // Nothing this client writes can draw an `unknown` reply (it only sends
       // well-formed frames), so this is the notice before the server drops us.
       this.serverNotice = data;
-      this.emit("notice", data);
+      this.safeEmit("notice", data);
       return;
     }
     const head = this.inflight[this.inflightHead];
@@ -1003,8 +1039,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       case "logout":
       case "deleteaccount":
         this.uid = this.sid = this.nick = undefined;
-        this.lastInbox = this.confirmed = this.authSince = this.dropFloor = undefined;
-        this.ackSent = this.ackTarget = undefined;
+        this.forgetInbox();
         break;
     }
   }
@@ -1013,12 +1048,18 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.socketAuthed = true;
     if (this.uid !== undefined && data.uid !== this.uid) {
       // Another user's inbox: the old position means nothing there.
-      this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = this.dropFloor = undefined;
+      this.forgetInbox();
     }
     this.uid = data.uid;
     this.sid = data.sid;
     this.nick = data.nick;
     this.sessionEnded = false;
+  }
+
+  /** The inbox's position is over (logout, another user): acks in flight for it change nothing after. */
+  private forgetInbox(): void {
+    this.inboxEpoch++;
+    this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = this.dropFloor = undefined;
   }
 
   private onEvent(ev: WirechatEvent): void {
@@ -1034,7 +1075,12 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
           return;
         }
         this.lastInbox = mid;
-        this.deliver(ev, mid);
+        // Nobody listening yet (the inbox comes right behind the auth reply, often in
+        // its read, before `await c.auth()` returns and the app adds its listener):
+        // kept until someone does, and not acknowledged meanwhile. Passed to nobody and
+        // acknowledged, it was lost.
+        if (!this.consumed()) this.unclaimed.push(ev, mid);
+        else this.deliver(ev, mid);
         // After the listeners ran: an ack says the app has it.
         this.scheduleAck(mid);
         return;
@@ -1046,6 +1092,33 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       this.sid = undefined;
     }
     this.deliver(ev);
+  }
+
+  /**
+   * Emits to the app's listeners; an exception of theirs is rethrown as its own uncaught
+   * error, not into the client: thrown here, it abandoned the rest of a read's frames
+   * (replies then matched the wrong requests), or the reconnect timer that was to follow.
+   */
+  private safeEmit<K extends keyof ClientEvents>(name: K, ...args: ClientEvents[K]): void {
+    try {
+      (this.emit as (n: K, ...a: ClientEvents[K]) => boolean)(name, ...args);
+    } catch (err) {
+      process.nextTick(() => {
+        throw err;
+      });
+    }
+  }
+
+  /** Something takes events: an iterator, or a listener for all events or for ev_message. */
+  private consumed(): boolean {
+    return this.iterators.size > 0 || this.listenerCount("event") > 0 || this.listenerCount("ev_message") > 0;
+  }
+
+  /** Inbox messages kept while nothing consumed events, handed on once something does. */
+  private releaseUnclaimed(): void {
+    if (!this.consumed()) return;
+    for (const [ev, mid] of this.unclaimed.drain()) this.deliver(ev, mid);
+    if (this.ackTarget !== undefined) this.scheduleAck(this.ackTarget);
   }
 
   private deliver(ev: WirechatEvent, inboxMid?: bigint): void {
@@ -1092,7 +1165,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     let mid = this.ackTarget;
     if (mid === undefined) return undefined;
     if (this.dropFloor !== undefined && this.dropFloor < mid) mid = this.dropFloor;
-    for (const it of this.iterators) {
+    for (const it of [...this.iterators, this.unclaimed]) {
       const held = it.oldestInbox();
       if (held !== undefined && held - 1n < mid) mid = held - 1n;
     }
@@ -1101,10 +1174,14 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
 
   private async flushAcks(): Promise<void> {
     const socket = this.socket;
+    const epoch = this.inboxEpoch;
     try {
       let mid: bigint | undefined;
       while (this.ackEnabled && this.socket === socket && (mid = this.ackable()) !== undefined && mid > 0n && (this.ackSent === undefined || mid > this.ackSent)) {
         await this.submit({ text: JSON.stringify({ action: "ack", data: { mid: mid.toString() } }) + "\n" }, "ack", {}, true);
+        // A logout, or another user's login, came meanwhile: this ack was the old
+        // inbox's, and its position is nothing to the next one's.
+        if (this.inboxEpoch !== epoch) return;
         if (this.confirmed === undefined || mid > this.confirmed) this.confirmed = mid;
         if (this.socket === socket) this.ackSent = mid;
       }
@@ -1162,7 +1239,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     }
     const wasOpen = this.state === "open";
     this.state = "reconnecting";
-    if (wasOpen) this.emit("disconnect", cause);
+    if (wasOpen) this.safeEmit("disconnect", cause);
     this.scheduleReconnect();
   }
 
@@ -1183,7 +1260,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     const delayMs = Math.round(step / 2 + Math.random() * (step / 2));
     this.attempt++;
     this.backoff++;
-    this.emit("reconnecting", { attempt: this.attempt, delayMs });
+    this.safeEmit("reconnecting", { attempt: this.attempt, delayMs });
     this.reconnectTimer = setTimeout(() => void this.tryReconnect(), delayMs);
   }
 
@@ -1191,7 +1268,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     if (this.state !== "reconnecting") return;
     try {
       await this.openTransport();
-    } catch {
+    } catch (err) {
+      // Turned away for good (15: the address is banned): no more attempts.
+      if (err instanceof WirechatError && err.code === 15) return this.finish(err);
       if (this.state === "reconnecting" && !this.closing) this.scheduleReconnect();
       return;
     }
@@ -1221,8 +1300,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         auth = toAuthInfo(await this.submit({ text: JSON.stringify({ action: "auth", data }) + "\n" }, "auth", {}, true));
       }
     } catch (err) {
-      if (err instanceof WirechatError && err.code === 2) {
-        // The session is gone (expired, logged out elsewhere): nothing to resume.
+      if (err instanceof WirechatError && (err.code === 2 || err.code === 15)) {
+        // The session is gone (expired, logged out elsewhere), or the account is banned
+        // (15): nothing to resume, however often it is tried.
         this.sessionEnded = true;
         this.sid = undefined;
         this.finish(err);
@@ -1242,7 +1322,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.outbox.push(...this.held.splice(0));
     this.pump();
     this.startKeepAlive();
-    this.emit("reconnect", { attempts, auth });
+    this.safeEmit("reconnect", { attempts, auth });
   }
 
   private startKeepAlive(): void {
@@ -1253,7 +1333,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       if (this.state === "open" && Date.now() - this.lastWrite >= ms) {
         const socket = this.socket;
         const sent = Date.now();
-        this.submit({ text: '{"action":"ping"}\n' }, "ping", {}, true).catch((err: unknown) => {
+        // A request timeout of 0 (none) leaves the ping the keep-alive's: without one, a
+        // dead link was never noticed, and pings piled up unanswered.
+        const limit = this.opts.requestTimeoutMs ?? DEFAULT_TIMEOUT_MS;
+        this.submit({ text: '{"action":"ping"}\n' }, "ping", { timeoutMs: limit > 0 ? limit : ms }, true).catch((err: unknown) => {
           // No reply, and nothing else either: a link that stopped passing data without a
           // reset (a NAT timeout, a network change) is taken for lost, so that
           // `reconnect` can act on it now rather than when the kernel gives up on its
@@ -1286,7 +1369,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     for (const out of [...this.held.splice(0), ...this.outbox.splice(0)]) this.rejectItem(out, err);
     for (const it of this.iterators) it.end();
     this.iterators.clear();
-    this.emit("close", cause);
+    this.safeEmit("close", cause);
   }
 }
 
