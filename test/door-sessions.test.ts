@@ -30,6 +30,21 @@ describe("seed TCP doors end their logins' sessions on close", () => {
     a.client.close();
   });
 
+  it("logging in again and again on one rooms-door connection leaves a native device's session alone", async () => {
+    const a = await registerUser(srv.port, undefined, "pw");
+    const c = await Client.connect(srv.server.roomsPort as number, { welcome: false });
+    // Each REQUEST_LOGIN again stores a new session; the one it replaces goes.
+    for (let i = 0; i < 6; i++) {
+      c.write(JSON.stringify({ type: "REQUEST_LOGIN", login: a.login, pass: "pw" }) + "\n");
+      expect(await c.next((f) => f.type === "RESPONSE_LOGIN")).toMatchObject({ status: "LOGIN_OK" });
+    }
+    const phone = await Client.connect(srv.port);
+    expect((await phone.request("auth", { sid: a.sid })).status).toBe(0);
+    phone.close();
+    c.close();
+    a.client.close();
+  });
+
   it("a login kicked by an operator still ends its session when its connection closes", async () => {
     const a = await registerUser(srv.port, undefined, "pw");
     for (let i = 0; i < 5; i++) {

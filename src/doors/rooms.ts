@@ -20,7 +20,7 @@ import { LocalLock } from "../seams.js";
 import type { MessageRecord } from "../storage/layout.js";
 import { NAME_MAX } from "../limits.js";
 import { longerThanAnyLogin, shownLogin } from "../features/profile-fields.js";
-import { clip, DialectDoor, sameLogin, str, type Answer } from "./dialect.js";
+import { clip, DialectDoor, sameLogin, str, type Answer, type DialectCodec } from "./dialect.js";
 
 /** READ_MSG ALL answers at most this many (the latest). */
 const READ_MAX = 500;
@@ -271,7 +271,14 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     if (!login || !pass) return out("LOGIN_WRONG_USER", "'login' and 'pass' are required");
     // No account has a login the native auth refuses as too long (it answers 3).
     if (longerThanAnyLogin(login)) return out("LOGIN_WRONG_USER", `no login is longer than ${NAME_MAX} characters`);
+    const before = (s.codec as DialectCodec<RoomsState, Msg>).stored;
     const r = await this.call(s, "auth", { login, pass });
+    // The same account again on this connection: the auth stored a new session, and the
+    // one it replaces is nobody's now (only the last was revoked at the close: each
+    // REQUEST_LOGIN again left one stored, until --max-sessions-per-user evicted another
+    // device's).
+    const now = (s.codec as DialectCodec<RoomsState, Msg>).stored;
+    if (r.ok && before !== undefined && now !== undefined && before.sid !== now.sid) this.deps.revoke(before.uid, before.sid, before.expires);
     if (!r.ok) {
       if (r.code === Code.NeedRegister) return out("LOGIN_WRONG_USER");
       if (r.code === Code.InvalidPass) return out("LOGIN_WRONG_PASS");
