@@ -479,14 +479,17 @@ describe("WirechatClient", () => {
     // The inbox comes right behind the auth reply; the listener is added after it.
     await alice.c.auth({ login: alice.login, pass: "secret" });
     await sleep(200);
-    // Nothing took them yet: nothing acknowledged.
+    // Nothing took them yet: nothing acknowledged, and the position to save is below them.
     const early = alice.c.lastAckedMid;
     expect(early === undefined || BigInt(early) < BigInt(sent[0]), `acked ${early}`).toBe(true);
+    const position = alice.c.lastInboxMid;
+    expect(position === undefined || BigInt(position) < BigInt(sent[0]), `position ${position}`).toBe(true);
     const got: string[] = [];
     alice.c.on("ev_message", (m) => got.push(m.body));
     await waitFor(() => got.length === 3, 5000, "the three messages");
     expect(got).toEqual(["while away 0", "while away 1", "while away 2"]);
     await waitFor(() => alice.c.lastAckedMid === sent[2], 5000, "the ack once they were handed on");
+    expect(alice.c.lastInboxMid).toBe(sent[2]);
   });
 
   it("a resume before any ack is confirmed starts from the since the login had, not from the start", async () => {

@@ -423,12 +423,20 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   }
 
   /**
-   * The largest mid of a direct message to this user received so far: what the client
-   * sends as `since` when it resumes. Persist it to resume a later run exactly.
+   * The largest mid of a direct message to this user the app has been handed, with
+   * every one before it: what the client sends as `since` when it resumes. Persist it
+   * to resume a later run exactly.
    */
   get lastInboxMid(): string | undefined {
-    // Below what an iterator dropped (applyDropFloor): saved, it brings them back.
-    return minMid(this.lastInbox, this.dropFloor)?.toString();
+    // Below what an iterator dropped (applyDropFloor): saved, it brings them back. And
+    // below what an iterator (or the kept queue) still holds unread: saved, then a
+    // crash, and those were skipped by the next run's `since`.
+    let mid = minMid(this.lastInbox, this.dropFloor);
+    for (const it of [...this.iterators, this.unclaimed]) {
+      const held = it.oldestInbox();
+      if (held !== undefined) mid = minMid(mid, held - 1n);
+    }
+    return mid?.toString();
   }
 
   /** The last mid this connection acknowledged and the server confirmed. */
