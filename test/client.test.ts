@@ -492,6 +492,44 @@ describe("WirechatClient", () => {
     expect(alice.c.lastInboxMid).toBe(sent[2]);
   });
 
+  it("a once listener takes one kept inbox message; the rest stay kept, unacknowledged, for the next", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: true });
+    await alice.c.request("logout");
+    const sent: string[] = [];
+    for (let i = 0; i < 3; i++) sent.push((await bob.c.sendMessage({ uid: alice.uid }, `kept ${i}`)).mid);
+    await alice.c.auth({ login: alice.login, pass: "secret" });
+    await sleep(200);
+    const first = await new Promise<{ body: string }>((resolve) => alice.c.once("ev_message", resolve));
+    expect(first.body).toBe("kept 0");
+    await sleep(200);
+    const acked = alice.c.lastAckedMid;
+    expect(acked === undefined || BigInt(acked) <= BigInt(sent[0]), `acked ${acked}`).toBe(true);
+    const rest: string[] = [];
+    alice.c.on("ev_message", (m) => rest.push(m.body));
+    await waitFor(() => rest.length === 2, 5000, "the other two");
+    expect(rest).toEqual(["kept 1", "kept 2"]);
+  });
+
+  it("inbox messages kept for a listener are the logged-out user's: another user's login on the connection never gets them", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: true });
+    const carol = await registered({ ack: true });
+    carol.c.close();
+    await alice.c.request("logout");
+    await bob.c.sendMessage({ uid: alice.uid }, "for alice");
+    await alice.c.auth({ login: alice.login, pass: "secret" });
+    await sleep(200);
+    await alice.c.request("logout");
+    await bob.c.sendMessage({ uid: carol.uid }, "for carol");
+    await alice.c.auth({ login: carol.login, pass: "secret" });
+    const got: string[] = [];
+    alice.c.on("ev_message", (m) => got.push(m.body));
+    await waitFor(() => got.includes("for carol"), 5000, "carol's message");
+    await sleep(200);
+    expect(got).toEqual(["for carol"]);
+  });
+
   it("a resume before any ack is confirmed starts from the since the login had, not from the start", async () => {
     const bob = await registered();
     const alice = await registered({ ack: false });

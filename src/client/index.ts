@@ -1067,6 +1067,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   /** The inbox's position is over (logout, another user): acks in flight for it change nothing after. */
   private forgetInbox(): void {
     this.inboxEpoch++;
+    // Kept for a listener that never came: that inbox's, not the next login's (none was
+    // acked, so the server offers them again to whoever logs in as that user).
+    this.unclaimed.drain();
     this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = this.dropFloor = undefined;
   }
 
@@ -1088,7 +1091,12 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         // kept until someone does, and not acknowledged meanwhile. Passed to nobody and
         // acknowledged, it was lost.
         if (!this.consumed()) this.unclaimed.push(ev, mid);
-        else this.deliver(ev, mid);
+        else {
+          // Those kept go first (a listener added within this read has not had them).
+          if (this.unclaimed.oldestInbox() !== undefined) this.releaseUnclaimed();
+          if (this.unclaimed.oldestInbox() === undefined) this.deliver(ev, mid);
+          else this.unclaimed.push(ev, mid);
+        }
         // After the listeners ran: an ack says the app has it.
         this.scheduleAck(mid);
         return;
@@ -1122,12 +1130,27 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     return this.iterators.size > 0 || this.listenerCount("event") > 0 || this.listenerCount("ev_message") > 0;
   }
 
-  /** Inbox messages kept while nothing consumed events, handed on once something does. */
+  /**
+   * Inbox messages kept while nothing consumed events, handed on once something does,
+   * one at a time while something still does (a `once` listener takes one: the rest
+   * stay kept, unacknowledged).
+   */
   private releaseUnclaimed(): void {
-    if (!this.consumed()) return;
-    for (const [ev, mid] of this.unclaimed.drain()) this.deliver(ev, mid);
+    if (!this.consumed() || this.releasing) return;
+    this.releasing = true;
+    try {
+      const kept = this.unclaimed.drain();
+      let i = 0;
+      for (; i < kept.length && this.consumed(); i++) this.deliver(kept[i][0], kept[i][1]);
+      for (; i < kept.length; i++) this.unclaimed.push(kept[i][0], kept[i][1]);
+    } finally {
+      this.releasing = false;
+    }
     if (this.ackTarget !== undefined) this.scheduleAck(this.ackTarget);
   }
+
+  /** releaseUnclaimed is handing messages on (a listener added meanwhile waits for it). */
+  private releasing = false;
 
   private deliver(ev: WirechatEvent, inboxMid?: bigint): void {
     for (const it of this.iterators) it.push(ev, inboxMid);
@@ -1377,6 +1400,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     for (const out of [...this.held.splice(0), ...this.outbox.splice(0)]) this.rejectItem(out, err);
     for (const it of this.iterators) it.end();
     this.iterators.clear();
+    this.unclaimed.drain(); // no listener added after the close is handed them
     this.safeEmit("close", cause);
   }
 }
