@@ -134,6 +134,9 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     requestTimeout: config.idleUnauth * 1000,
     // ... checked every second (node's default, 30 s, let one live half a minute more).
     http: { connectionsCheckingInterval: 1000 },
+    // An idle kept-alive socket goes after 5 s (Fastify's 72 s let 64 clients asking once
+    // a minute hold every one of the port's sockets).
+    keepAliveTimeout: 5000,
     // What Fastify refuses before any route runs is answered in this port's shape too
     // (its own was {"error":"Bad Request","code":"FST_ERR_BAD_URL",…}, a string code).
     frameworkErrors: (err, _req, reply) => sendError(reply, Code.InvalidData, `the request is not valid: ${err.message}`, 400),

@@ -65,6 +65,12 @@ interface ChatState {
  */
 const NOTICE_GAP = 1000;
 
+/** The socket's notices start afresh (closed, logged out, logged in again: maybe as someone else). */
+function resetNotices(st: ChatState): void {
+  if (st.noticeTimer !== undefined) clearTimeout(st.noticeTimer);
+  st.noticeTimer = st.pending = st.told = st.toldAt = undefined;
+}
+
 type ChatMsg = Record<string, unknown> & { type: string };
 
 export interface ChatDeps {
@@ -216,6 +222,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
       case "logout":
         // Logged out by the server (a newer session evicted this one): a new auth may follow.
         st.authed = false;
+        resetNotices(st);
         return error(ev.reason);
       case "close":
         return error(ev.reason);
@@ -306,6 +313,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
       early = st.early;
       st.early = undefined;
     }
+    resetNotices(st);
     st.authed = true;
     st.peer = s.peer.id;
     st.nick = s.nick as string;
@@ -324,9 +332,7 @@ export class ChatDoor extends DialectDoor<ChatState, ChatMsg> {
    * revoking its real devices' oldest.
    */
   closed(s: Session): void {
-    const st = (s.codec as DialectCodec<ChatState>).state;
-    if (st.noticeTimer !== undefined) clearTimeout(st.noticeTimer);
-    st.noticeTimer = st.pending = undefined;
+    resetNotices((s.codec as DialectCodec<ChatState>).state);
     this.endSession(s, this.deps.revoke);
   }
 
