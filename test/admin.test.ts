@@ -589,6 +589,24 @@ describe("a stop during long admin requests", () => {
   }, 60_000);
 });
 
+describe("admin port after a reload", () => {
+  const served = serveForFile({});
+
+  it("takes --idle-unauth from the reload for a request's time, as the HTTP door does", async () => {
+    const server = served.server;
+    server.reload({ ...server.services.config, idleUnauth: 1 });
+    const socket = net.connect({ port: server.adminPort as number, host: "127.0.0.1" });
+    await once(socket, "connect");
+    let text = "";
+    socket.on("data", (d) => (text += d.toString("latin1")));
+    socket.write("POST /connz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{");
+    const drip = setInterval(() => socket.write(" "), 300);
+    await once(socket, "close");
+    clearInterval(drip);
+    expect(text).toMatch(/^HTTP\/1\.1 408/);
+  });
+});
+
 describe("admin port against clients that hold sockets", () => {
   const served = serveForFile({ idleUnauth: 1 });
   const ap = () => served.server.adminPort as number;

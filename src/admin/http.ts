@@ -335,6 +335,12 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   return app;
 }
 
+/** After SIGHUP: the admin port's request time follows --idle-unauth, as the HTTP door's does. */
+export function adminReloaded(app: FastifyInstance, config: Config): void {
+  app.server.requestTimeout = config.idleUnauth * 1000;
+  app.server.headersTimeout = Math.min(60_000, config.idleUnauth * 1000);
+}
+
 export async function listenAdmin(app: FastifyInstance, config: Config): Promise<{ port: number; host: string }> {
   if (!config.adminToken && !isLoopback(config.adminHost) && config.adminHost !== "localhost") {
     app.log.warn({ host: config.adminHost }, "admin port beyond loopback without --admin-token: its operator routes answer local clients only");
