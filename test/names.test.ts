@@ -4,6 +4,7 @@
 // "realbob" on the rust door, "sender":"realbob" on the rooms door, from login "evil").
 
 import { describe, expect, it } from "vitest";
+import { admin } from "./admin-helpers.js";
 import { Client, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName } from "./helpers.js";
 
 const srv = serveForFile();
@@ -50,6 +51,22 @@ describe("names that read alike are one name", () => {
     const zoe = await registerUser(srv.port, uniqueName("zoe"), "secret", `zoë${Date.now() % 100000}`);
     expect(await register(uniqueName("evil"), zoe.nick.replace("ë", "e\u034f\u0308"))).toEqual(taken);
     for (const x of [bob, zoe]) x.client.close();
+  });
+
+  it("a new login that reads as a banned one is refused (15), as the banned one is", async () => {
+    // An account banned, then deleted: its login stays banned, and free.
+    const evil = uniqueName("evil");
+    const account = await registerUser(srv.port, evil, "pw");
+    account.client.close();
+    expect((await admin(srv.server.adminPort as number, "POST", "/ban", { login: evil, reason: "spam" })).status).toBe(200);
+    expect((await admin(srv.server.adminPort as number, "POST", "/users/delete", { user: evil })).status).toBe(200);
+    const banned = { status: 15, error: "that login is banned on this server" };
+    expect(await register(evil, uniqueName("N"))).toEqual(banned);
+    expect(await register(fullwidth(evil), uniqueName("N"))).toEqual(banned);
+    expect(await register(evil.toUpperCase(), uniqueName("N"))).toEqual(banned);
+    // Lifted: the name is free again, in either form.
+    expect((await admin(srv.server.adminPort as number, "POST", "/unban", { login: evil })).status).toBe(200);
+    expect((await register(fullwidth(evil), uniqueName("N"))).status).toBe(0);
   });
 
   it("a nick of invisible characters only is refused (3); one with a joiner inside letters is a nick", async () => {

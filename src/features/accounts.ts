@@ -379,7 +379,10 @@ export function registerAccounts(sv: Services): AccountOps {
    * its account, and an account made under it could never log in again.
    */
   async function notBannedLogin(login: string): Promise<void> {
-    if (await readSynced(sv, async () => sv.bans.banned("login", login) !== undefined, (banned) => banned)) {
+    // A new login that reads as a banned one (ｅｖｉｌ for evil) is refused as well: checked
+    // here, before the account is made (in cluster mode, on the proposer's view).
+    const banned = () => sv.bans.banned("login", login) !== undefined || sv.bans.bannedReadingAs(login) !== undefined;
+    if (await readSynced(sv, async () => banned(), (b) => b)) {
       throw new ProtocolError(Code.Forbidden, "that login is banned on this server");
     }
   }

@@ -5,6 +5,7 @@
 import { del, put, type BatchOp, type Storage } from "./db.js";
 import { banKey, type BanKind, type BanRecord, type Space } from "./layout.js";
 import { readEntries } from "./range.js";
+import { nameKey } from "./users.js";
 
 /** The text a login of a banned account is refused with (status 15). */
 export const BANNED_LOGIN = "this account is banned";
@@ -20,6 +21,8 @@ export interface Ban extends BanRecord {
 export class BanStore {
   private readonly space: Space;
   private readonly bans = new Map<string, Ban>();
+  /** Login bans by how the login reads (nameKey) → their keys: a new login reading as a banned one is refused too. */
+  private readonly readsAs = new Map<string, Set<string>>();
 
   constructor(private readonly storage: Storage) {
     this.space = storage.spaces.bans;
@@ -29,7 +32,32 @@ export class BanStore {
     for (const [key, rec] of (await readEntries(this.space, {})) as [string, BanRecord][]) {
       const colon = key.indexOf(":");
       this.bans.set(key, { kind: key.slice(0, colon) as BanKind, value: key.slice(colon + 1), ...rec });
+      this.noteReading(key, true);
     }
+  }
+
+  /** Keeps readsAs in step with a login ban's key added or lifted. */
+  private noteReading(key: string, present: boolean): void {
+    if (!key.startsWith("login:")) return;
+    const reads = nameKey(key.slice(6));
+    let keys = this.readsAs.get(reads);
+    if (present) {
+      if (!keys) this.readsAs.set(reads, (keys = new Set()));
+      keys.add(key);
+    } else if (keys) {
+      keys.delete(key);
+      if (keys.size === 0) this.readsAs.delete(reads);
+    }
+  }
+
+  /**
+   * A login ban whose login reads as `login` (storage/users.ts nameKey), if any: a new
+   * account's login that only looks like a banned one (ｅｖｉｌ for evil) is refused too.
+   */
+  bannedReadingAs(login: string): Ban | undefined {
+    if (this.readsAs.size === 0) return undefined;
+    const keys = this.readsAs.get(nameKey(login));
+    return keys === undefined ? undefined : this.bans.get(keys.values().next().value as string);
   }
 
   banned(kind: BanKind, value: string): Ban | undefined {
@@ -74,6 +102,7 @@ export class BanStore {
     const key = banKey(kind, value);
     const ban: Ban = { kind, value: key.slice(kind.length + 1), ...rec };
     this.bans.set(key, ban);
+    this.noteReading(key, true);
     return ban;
   }
 
@@ -83,6 +112,8 @@ export class BanStore {
   }
 
   removed(kind: BanKind, value: string): void {
-    this.bans.delete(banKey(kind, value));
+    const key = banKey(kind, value);
+    this.bans.delete(key);
+    this.noteReading(key, false);
   }
 }
