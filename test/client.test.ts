@@ -247,6 +247,28 @@ describe("WirechatClient", () => {
     expect(late.map((m) => m.mid)).toEqual(mids);
   });
 
+  it("an iterator's buffer is bounded in characters too: large messages past it drop the oldest, unacknowledged", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: true });
+    const big = (i: number) => `${i}`.padEnd(2000, "x");
+    // Room for two such messages (each weighs its text and a little more), not three.
+    const small = alice.c.events({ bufferChars: 5000 });
+    const overflows: number[] = [];
+    alice.c.on("overflow", ({ dropped }) => overflows.push(dropped));
+    const mids: string[] = [];
+    for (let i = 0; i < 4; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, big(i))).mid);
+    await waitFor(() => overflows.at(-1) === 2, 5000, "two dropped");
+    const kept: string[] = [];
+    for await (const ev of small) {
+      kept.push(ev.data.body);
+      if (kept.length === 2) break;
+    }
+    expect(kept).toEqual([big(2), big(3)]);
+    await sleep(200);
+    const acked = alice.c.lastAckedMid;
+    expect(acked === undefined || BigInt(acked) < BigInt(mids[0]), `acked ${acked}`).toBe(true);
+  });
+
   it("reconnects after a server restart and resumes with since: nothing lost, nothing twice", async () => {
     const dir = newDir();
     const first = await ChildServer.start(dir);

@@ -88,6 +88,11 @@ export interface ConnectOptions {
   /** Per-iterator buffer of `events()`, in events. Default 10,000. */
   eventBufferSize?: number;
   /**
+   * And in characters of message text and attachment data (a 64 MiB attachment is ~90 M
+   * of base64): past either bound the oldest buffered events are dropped. Default 256 Mi.
+   */
+  eventBufferChars?: number;
+  /**
    * Largest frame accepted from the server; a longer one ends the connection. Default
    * 128 MiB (a 64 MiB attachment is ~90 MB of base64). A `history` reply carries every
    * attachment of its page inline: ask for pages small enough, or raise this.
@@ -169,8 +174,19 @@ interface OutItem {
   run?: (socket: net.Socket) => Promise<void>;
 }
 
+/** eventBufferChars' default: 256 Mi characters (two 64 MiB attachments' base64, and then some). */
+const DEFAULT_BUFFER_CHARS = 256 * 1024 * 1024;
+
 /** What request() sends as an action (the server's actions are all of this form). */
 const ACTION_NAME = /^[A-Za-z0-9_]{1,64}$/;
+
+/** What an event weighs against eventBufferChars: its text and attachment data, and a little for the rest. */
+function eventWeight(ev: WirechatEvent): number {
+  const d = ev.data as { body?: unknown; attach?: { data?: unknown } } | undefined;
+  const body = typeof d?.body === "string" ? d.body.length : 0;
+  const data = typeof d?.attach?.data === "string" ? d.attach.data.length : 0;
+  return 256 + body + data;
+}
 
 class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   private buf: (WirechatEvent | undefined)[] = [];
@@ -183,9 +199,12 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
   private waiters: ((r: IteratorResult<WirechatEvent>) => void)[] = [];
   private done = false;
   dropped = 0;
+  /** Characters of text and attachment data buffered (eventWeight), against capChars. */
+  private chars = 0;
 
   constructor(
     private readonly cap: number,
+    private readonly capChars: number,
     private readonly onDone: (it: EventIterator) => void,
     /** Events were dropped (`reported`: an overflow, told to the app), the oldest inbox one `inboxMid`. */
     private readonly onOverflow: (dropped: number, inboxMid: bigint | undefined, reported?: boolean) => void,
@@ -201,12 +220,14 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
       w({ value: ev, done: false });
       return;
     }
-    if (this.buf.length - this.head >= this.cap) {
+    const weight = eventWeight(ev);
+    while (this.head < this.buf.length && (this.buf.length - this.head >= this.cap || this.chars + weight > this.capChars)) {
       // Drop-oldest rather than backpressure: pausing the socket would also hold back
       // replies, and a consumer that awaits a request inside its `for await` loop would
       // then wait forever for a reply stuck behind its own unread events.
       const mid = this.mids[this.head];
       if (mid !== undefined) this.inboxBuffered--;
+      this.chars -= eventWeight(this.buf[this.head] as WirechatEvent);
       this.buf[this.head] = this.mids[this.head] = undefined;
       this.head++;
       this.dropped++;
@@ -214,6 +235,7 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
     }
     this.buf.push(ev);
     this.mids.push(inboxMid);
+    this.chars += weight;
     if (inboxMid !== undefined) this.inboxBuffered++;
     if (this.head > 1024 && this.head * 2 > this.buf.length) {
       this.buf = this.buf.slice(this.head);
@@ -230,6 +252,7 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
     this.mids = [];
     this.head = 0;
     this.inboxBuffered = 0;
+    this.chars = 0;
     return out;
   }
 
@@ -250,6 +273,7 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
     if (this.head < this.buf.length) {
       const value = this.buf[this.head] as WirechatEvent;
       const mid = this.mids[this.head];
+      this.chars -= eventWeight(value);
       // Handed out: not kept (an event may carry a large attachment's text).
       this.buf[this.head] = this.mids[this.head] = undefined;
       this.head++;
@@ -365,6 +389,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     super();
     this.unclaimed = new EventIterator(
       Math.max(1, opts.eventBufferSize ?? 10_000),
+      Math.max(1, opts.eventBufferChars ?? DEFAULT_BUFFER_CHARS),
       () => undefined,
       (_dropped, inboxMid) => {
         if (inboxMid !== undefined) this.dropFloor = minMid(this.dropFloor, inboxMid - 1n);
@@ -695,7 +720,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
 
   /**
    * Every event frame from now on, in order, until the client closes. Each iterator
-   * has its own bounded buffer (`eventBufferSize`); when a consumer falls that far
+   * has its own bounded buffer (`eventBufferSize` events, `eventBufferChars` characters
+   * of text and attachment data: `bufferSize`, `bufferChars` here); when a consumer falls that far
    * behind, the oldest buffered events are dropped (counted, and reported with an
    * `overflow` event). The EventEmitter side never drops anything. An inbox message is
    * acknowledged once every iterator has handed it out; one an iterator dropped (or
@@ -703,9 +729,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * reconnect or auth on a new connection, with those after it (which then reach the
    * app twice). Until then nothing past it is acknowledged.
    */
-  events(options: { bufferSize?: number } = {}): AsyncIterableIterator<WirechatEvent> {
+  events(options: { bufferSize?: number; bufferChars?: number } = {}): AsyncIterableIterator<WirechatEvent> {
     const it = new EventIterator(
       Math.max(1, options.bufferSize ?? this.opts.eventBufferSize ?? 10_000),
+      Math.max(1, options.bufferChars ?? this.opts.eventBufferChars ?? DEFAULT_BUFFER_CHARS),
       (x) => this.iterators.delete(x),
       (dropped, inboxMid, reported = true) => {
         if (inboxMid !== undefined) this.dropFloor = minMid(this.dropFloor, inboxMid - 1n);
