@@ -11,7 +11,7 @@ import type { FastifyInstance } from "fastify";
 import pino, { type Logger } from "pino";
 import { Background } from "./background.js";
 import { backup, exportRecords, RESTORE_LOCK, restoreRunning } from "./admin/backup.js";
-import { adminReloaded, buildAdmin, listenAdmin, type AdminDeps } from "./admin/http.js";
+import { adminRequestTime, buildAdmin, listenAdmin, type AdminDeps } from "./admin/http.js";
 import { metricsRegistry } from "./admin/prometheus.js";
 import { ConfigError, OPTIONS, packageVersion, type Config } from "./config.js";
 import { registerAdmin, type AdminOps } from "./features/admin.js";
@@ -498,7 +498,7 @@ async function serve(
       const changed = applyReload(config, next, log, listener);
       if (changed.includes("registration")) services.registration.reconfigured(config.registration);
       http?.reloaded();
-      if (adminApp) adminReloaded(adminApp, config);
+      if (adminApp) adminRequestTime(adminApp, config);
       return changed;
     },
     stop() {

@@ -11,6 +11,15 @@ async function closeAll(...clients: Client[]): Promise<void> {
   await Promise.all(clients.map((c) => c.closed));
 }
 
+/** A user who is offline, and another, online, who lists them. */
+async function offlineAndLister(): Promise<[Account, Account]> {
+  const listed = await registerUser(shared.port);
+  await closeAll(listed.client);
+  const lister = await registerUser(shared.port);
+  expect((await lister.client.request("addcontact", { uid: listed.uid })).status).toBe(0);
+  return [listed, lister];
+}
+
 async function search(who: Client, q: string): Promise<{ uid: string; nick: string }[]> {
   const r = await who.request("searchuser", { q });
   expect(r).toMatchObject({ status: 0, error: "OK" });
@@ -185,10 +194,7 @@ describe("ev_presence", () => {
   });
 
   it("changes that come while one is told are folded into the latest: a connect-and-close loop is not told change by change", async () => {
-    const alice = await registerUser(shared.port);
-    await closeAll(alice.client);
-    const bob = await registerUser(shared.port);
-    expect((await bob.client.request("addcontact", { uid: alice.uid })).status).toBe(0);
+    const [alice, bob] = await offlineAndLister();
     const sv = shared.server.services;
     // The read of who lists alice for her coming online waits at the gate while she
     // connects and closes ten more times.
@@ -256,10 +262,7 @@ describe("ev_presence", () => {
   });
 
   it("a deletion folded behind a change being told still reaches those who listed the account", async () => {
-    const u = await registerUser(shared.port);
-    await closeAll(u.client);
-    const w = await registerUser(shared.port);
-    expect((await w.client.request("addcontact", { uid: u.uid })).status).toBe(0);
+    const [u, w] = await offlineAndLister();
     const sv = shared.server.services;
     // u's coming online is told to those the read found (w), after a gate; u's account is
     // deleted meanwhile (its listers come with the deletion, their entries gone).

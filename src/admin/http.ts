@@ -15,6 +15,7 @@ import type { Config } from "../config.js";
 import type { AdminOps } from "../features/admin.js";
 import { plainAddress } from "../addresses.js";
 import { followLevel } from "../log.js";
+import { requestTime } from "../transport/request-time.js";
 import { CODES, Code, ProtocolError } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
 import type { BanKind } from "../storage/layout.js";
@@ -127,12 +128,8 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     // errors only (the operator actions log through the server's logger).
     loggerInstance: log.child({ door: "admin" }) as unknown as FastifyBaseLogger,
     bodyLimit: 64 * 1024,
-    // A request must have arrived (headers and body) within --idle-unauth, as on the
-    // HTTP door: Fastify's default is no limit, and a refusal (401, 403, 404) answered
-    // before the body left the socket open to drain it, one byte a minute keeping it
-    // alive, as many as a client liked (the server's descriptors are shared).
-    requestTimeout: config.idleUnauth * 1000,
-    // ... checked every second (node's default, 30 s, let one live half a minute more).
+    // Request times checked every second (node's default, 30 s, let one live half a
+    // minute more past its limit: adminRequestTime).
     http: { connectionsCheckingInterval: 1000 },
     // An idle kept-alive socket goes after 5 s (Fastify's 72 s let 64 clients asking once
     // a minute hold every one of the port's sockets).
@@ -151,9 +148,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
       socket.end(`HTTP/1.1 ${status} ${text}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
     },
   });
-  // Node times a request out only while its headers' limit is no longer than the
-  // request's (it took 60 s for the headers when Fastify made the server).
-  app.server.headersTimeout = Math.min(60_000, config.idleUnauth * 1000);
+  adminRequestTime(app, config);
   // ... and follow the server's level when SIGHUP changes it.
   const unfollow = followLevel(log, app.log as unknown as Logger, "warn");
   app.addHook("onClose", async () => unfollow());
@@ -335,10 +330,14 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
   return app;
 }
 
-/** After SIGHUP: the admin port's request time follows --idle-unauth, as the HTTP door's does. */
-export function adminReloaded(app: FastifyInstance, config: Config): void {
-  app.server.requestTimeout = config.idleUnauth * 1000;
-  app.server.headersTimeout = Math.min(60_000, config.idleUnauth * 1000);
+/**
+ * A request must have arrived (headers and body) within --idle-unauth, as on the HTTP
+ * door, at start-up and after SIGHUP: Fastify's default is no limit, and a refusal
+ * (401, 403, 404) answered before the body left the socket open to drain it, one byte a
+ * minute keeping it alive, as many as a client liked (the server's descriptors are shared).
+ */
+export function adminRequestTime(app: FastifyInstance, config: Config): void {
+  requestTime(app.server, config.idleUnauth);
 }
 
 export async function listenAdmin(app: FastifyInstance, config: Config): Promise<{ port: number; host: string }> {

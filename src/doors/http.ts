@@ -32,6 +32,7 @@ import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
 import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
 import { SHUTTING_DOWN } from "../transport/peer-common.js";
+import { requestTime } from "../transport/request-time.js";
 import { within } from "../clock.js";
 
 export interface HttpDoorDeps {
@@ -67,10 +68,8 @@ export class HttpDoor {
       // Fastify logs every request at info: this port's own lines are warnings and errors.
       loggerInstance: log.child({ door: "http" }) as unknown as FastifyBaseLogger,
       bodyLimit: config.maxFrame,
-      // A request must arrive within the unauthenticated idle time (slow senders hold no
-      // socket for long), checked every second (node's default, 30 s, let one live half a
-      // minute more).
-      requestTimeout: config.idleUnauth * 1000,
+      // Request times (limits) checked every second (node's default, 30 s, let one live
+      // half a minute more past its limit).
       http: { connectionsCheckingInterval: 1000 },
       // A number is not a string: the seed's fields are strings, and "5" is not made of 5.
       ajv: { customOptions: { coerceTypes: false } },
@@ -103,19 +102,7 @@ export class HttpDoor {
       const none = h["transfer-encoding"] === undefined && (h["content-length"] === undefined || h["content-length"] === "0");
       return none ? payload : countedBody(this.websockets.partialInput, payload, reply.raw);
     });
-    // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
-    // also counted, and refused with a message, by the listener).
-    app.server.maxConnections = config.maxConnections;
-    // A plain socket with nothing moving either way for the unauthenticated idle time is
-    // closed: requestTimeout covers a request's arrival only, and keep-alive's timeout
-    // starts once a response is out, so a client that asked for a large page and never
-    // read it held its socket (and its place against the caps) for good. A socket that
-    // reads slowly is active, and a WebSocket's timeout is cleared by ws at its upgrade.
-    app.server.timeout = config.idleUnauth * 1000;
-    // Node times a request out only while its headers' limit is no longer than the
-    // request's: Fastify made the server with node's (60 s for the headers), so with an
-    // --idle-unauth under a minute requestTimeout did nothing until a SIGHUP.
-    app.server.headersTimeout = Math.min(60_000, config.idleUnauth * 1000);
+    this.limits();
     // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
     app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
     // An upgrade request's socket leaves the HTTP server's timeouts: until ws takes it
@@ -232,11 +219,24 @@ export class HttpDoor {
 
   /** After SIGHUP: the port's socket backstop, idle time and request time follow --max-connections and --idle-unauth. */
   reloaded(): void {
-    this.app.server.maxConnections = this.d.config.maxConnections;
-    this.app.server.timeout = this.d.config.idleUnauth * 1000;
-    this.app.server.requestTimeout = this.d.config.idleUnauth * 1000;
-    // Node took its headers' limit from requestTimeout when the server was made (at most 60 s).
-    this.app.server.headersTimeout = Math.min(60_000, this.d.config.idleUnauth * 1000);
+    this.limits();
+  }
+
+  /** The port's socket limits from the configuration (at start-up and after SIGHUP). */
+  private limits(): void {
+    const { config } = this.d;
+    // A backstop on every socket of the port, plain HTTP ones included (WebSockets are
+    // also counted, and refused with a message, by the listener).
+    this.app.server.maxConnections = config.maxConnections;
+    // A plain socket with nothing moving either way for the unauthenticated idle time is
+    // closed: a request's time covers its arrival only, and keep-alive's timeout starts
+    // once a response is out, so a client that asked for a large page and never read it
+    // held its socket (and its place against the caps) for good. A socket that reads
+    // slowly is active, and a WebSocket's timeout is cleared by ws at its upgrade.
+    this.app.server.timeout = config.idleUnauth * 1000;
+    // A request must arrive within the unauthenticated idle time: slow senders hold no
+    // socket for long.
+    requestTime(this.app.server, config.idleUnauth);
   }
 
   /**
