@@ -63,13 +63,25 @@ export function deliverySlack(): number {
 }
 
 
-const dirty: Connection[] = [];
+// Connections with frames to write, in two lists: those given an event (a delivery)
+// and those given replies only. A batch's commit queues, for each message, its event
+// to the recipient and its reply to the sender; every write to a socket is a syscall
+// that, on loopback, also runs the receiving side's TCP work, so the last of a batch's
+// writes waits for all the others. Writing the deliveries first, then the replies,
+// takes the replies' syscalls off the path of every delivery (a reply is only later
+// by the time the deliveries take, within the same turn of the loop).
+let dirtyEvents: Connection[] = [];
+let dirtyReplies: Connection[] = [];
 let flushScheduled = false;
 
 function flushAll(): void {
   flushScheduled = false;
-  const list = dirty.splice(0);
-  for (const c of list) c.flush();
+  const events = dirtyEvents;
+  const replies = dirtyReplies;
+  if (events.length > 0) dirtyEvents = [];
+  if (replies.length > 0) dirtyReplies = [];
+  for (let i = 0; i < events.length; i++) events[i].flush();
+  for (let i = 0; i < replies.length; i++) replies[i].flush();
 }
 
 
@@ -216,13 +228,13 @@ export class Connection implements Peer, LiveConnection {
     if (this.q === NO_FRAMES) this.q = [];
     this.q.push(frame);
     if (confirm > this.pendingConfirm) this.pendingConfirm = confirm;
-    this.schedule();
+    this.schedule(event);
   }
 
-  private schedule(): void {
+  private schedule(event: boolean): void {
     if (this.queued || this.pumping) return;
     this.queued = true;
-    dirty.push(this);
+    (event ? dirtyEvents : dirtyReplies).push(this);
     if (!flushScheduled) {
       flushScheduled = true;
       process.nextTick(flushAll);
