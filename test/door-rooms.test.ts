@@ -270,6 +270,40 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c]) x.close();
   });
 
+  it("a DELETE_MSG or EDIT_MSG racing a change of the same message from another connection: every change is shown once", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    // The author's other device, on the native door.
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { login: a.login, pass: a.pass })).status).toBe(0);
+    const isChange = (type: string, id: number) => (f: Frame) => f.type === type && f.id === id && !("status" in f);
+    for (let i = 0; i < 4; i++) {
+      const sent = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: `m${i}`, msg_type: "TEXT" });
+      const id = sent.message_id as number;
+      // Both at once, the native one first: the rooms request waits for the message's
+      // lock while the other's change is written, and its event comes meanwhile.
+      const edited = native.request("editmessage", { mid: String(id), body: `native ${i}` });
+      send(a.c, { type: "EDIT_MSG", id, new_msg: `rooms ${i}` });
+      expect((await edited).status).toBe(0);
+      // Both edits were made: each is shown once, in the order they were made.
+      const edits = [await a.c.next(isChange("EDIT_MSG", id)), await a.c.next(isChange("EDIT_MSG", id))];
+      expect(edits.map((f) => f.new_msg).sort()).toEqual([`native ${i}`, `rooms ${i}`]);
+      const onB = [await b.c.next(isChange("EDIT_MSG", id)), await b.c.next(isChange("EDIT_MSG", id))];
+      expect(onB.map((f) => f.new_msg)).toEqual(edits.map((f) => f.new_msg));
+      const deleted = native.request("delmessage", { mid: String(id) });
+      send(a.c, { type: "DELETE_MSG", id });
+      expect((await deleted).status).toBe(0);
+      // The other's deletion (this connection's own failed: the message was gone).
+      expect(await a.c.next(isChange("DELETE_MSG", id))).toEqual({ type: "DELETE_MSG", id });
+      expect(await a.c.next((f) => f.type === "DELETE_MSG" && f.status === "ERROR")).toMatchObject({ id });
+      expect(await b.c.next(isChange("DELETE_MSG", id))).toEqual({ type: "DELETE_MSG", id });
+    }
+    // Nothing twice.
+    expect(await a.c.quiet(300, (f) => (f.type === "DELETE_MSG" || f.type === "EDIT_MSG") && !("status" in f))).toBe(true);
+    for (const x of [a.c, b.c, native]) x.close();
+  });
+
   it("every refusal carries the request's room_id or id, so a client can match it to its request", async () => {
     const anon = await rooms();
     expect(await ask(anon, { type: "SND_MSG", room_id: 3, message: "x" })).toEqual({ type: "SND_MSG", status: "ERROR", room_id: 3, error: "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)" });

@@ -8,6 +8,7 @@
 // constants are spelled as in the seed, typos included (SINGUP_OK, first_massage_id):
 // clients compare against them.
 
+import { createHash } from "node:crypto";
 import type { Logger } from "pino";
 import type { Config } from "../config.js";
 import { AttachmentRef, type BlobSource, type ListReply } from "../protocol/codec.js";
@@ -30,6 +31,16 @@ const SEARCH_MAX = 50;
 const SENT_MAX = 100_000;
 /** How long a late copy of an event that already answered its caller is left out. */
 const ECHO_MS = 10_000;
+/** Late echoes remembered per connection (RoomsState.late). */
+const LATE_MAX = 64;
+
+/**
+ * What identifies a change's frame: its type and id, and for an edit its text (digested:
+ * another edit of the same message is another frame, to be shown).
+ */
+function echoKey(type: string, id: string, body?: string): string {
+  return body === undefined ? `${type}:${id}` : `${type}:${id}:${createHash("sha256").update(body).digest("base64url")}`;
+}
 
 type Msg = Record<string, unknown> & { type: string };
 
@@ -37,13 +48,18 @@ interface RoomsState {
   uid: string | undefined;
   login: string | undefined;
   /**
-   * DELETE_ROOM, DELETE_MSG, EDIT_MSG this connection asked for (`<type>:<id>`), whose
-   * members' events it is not to show again (its answers were those frames) → how many
-   * are still to come, until when (Infinity while a request runs). Counted: an edit's
-   * event can come after its answer and after the next edit of the same message began,
-   * and one flag then hid the first event and showed the second.
+   * The DELETE_ROOM, DELETE_MSG or EDIT_MSG this connection's request is making (its
+   * echo key, echoKey), while it runs (a connection's frames are handled one at a
+   * time): the events with that key are shown and counted (`seen`), or, for a change
+   * the client is not to hear of, left out (`hide`).
    */
-  echoes: Map<string, { n: number; until: number }>;
+  call: { key: string; hide: boolean; seen: number } | undefined;
+  /**
+   * Changes this connection made whose events had not come by its answer (a room's
+   * members read from disk): echo key → until when (ms) the event is left out when it
+   * comes (the answer was that frame). At most LATE_MAX, the oldest dropped.
+   */
+  late: Map<string, number>;
 }
 
 /** What the door reads besides native actions (lookups), and the end of its logins' sessions. */
@@ -129,7 +145,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
   }
 
   protected initial(): RoomsState {
-    return { uid: undefined, login: undefined, echoes: new Map() };
+    return { uid: undefined, login: undefined, call: undefined, late: new Map() };
   }
 
   protected decode(value: unknown): Msg | string {
@@ -185,13 +201,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       }
       case "edit":
         // A direct message's change: they are not shown here (nor was the message).
-        if (ev.chid === undefined || this.echoed(st, `EDIT_MSG:${ev.mid}`)) return "";
+        if (ev.chid === undefined || this.echoed(st, echoKey("EDIT_MSG", ev.mid, ev.body))) return "";
         return (wire[this.name] ??= line({ type: "EDIT_MSG", id: Number(ev.mid), new_msg: ev.body }));
       case "delete":
-        if (ev.chid === undefined || this.echoed(st, `DELETE_MSG:${ev.mid}`)) return "";
+        if (ev.chid === undefined || this.echoed(st, echoKey("DELETE_MSG", ev.mid))) return "";
         return (wire[this.name] ??= line({ type: "DELETE_MSG", id: Number(ev.mid) }));
       case "channelDeleted":
-        if (this.echoed(st, `DELETE_ROOM:${ev.chid}`)) return "";
+        if (this.echoed(st, echoKey("DELETE_ROOM", ev.chid))) return "";
         return (wire[this.name] ??= line({ type: "DELETE_ROOM", id: Number(ev.chid) }));
       case "logout":
         // The session ended elsewhere (evicted, password changed, kicked): said in the
@@ -320,7 +336,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         // first is the answer; the other node keeps its own, which is that one.
         const first = await this.deps.roomOf(me, other);
         if (first !== undefined && first !== chid) {
-          await this.callEchoed(s, st, `DELETE_ROOM:${chid}`, "deletechannel", { channel: chid });
+          await this.callEchoed(s, st, echoKey("DELETE_ROOM", chid), "deletechannel", { channel: chid }, true);
           chid = first;
         }
       }
@@ -386,44 +402,60 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
 
   /**
    * DELETE_ROOM, DELETE_MSG, EDIT_MSG: the members hear of it as an event, and the
-   * caller gets that frame as its answer, in order, whether or not it is a member any
-   * more (it may have left the room: its messages there are still its own), and only
-   * once: its own copy of the event, sent as the change is made or a little later (a
-   * room's members read from disk), is left out.
+   * caller gets that frame as its answer, whether or not it is a member any more (it may
+   * have left the room: its messages there are still its own), and only once. Its own
+   * copy of the event usually comes while the request runs (right after the native
+   * reply): it is shown then, and the answer is left out; one that comes later (a
+   * room's members read from disk) is left out instead. Another connection's change of
+   * the same message or room is always shown: one that came while this request waited
+   * for it (and then failed, the message gone) was taken for this request's echo and
+   * hidden.
    */
   private async byId(s: Session, st: RoomsState, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
     const id = msg.id;
     if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg, "'id' must be a number");
-    const r = await this.callEchoed(s, st, `${msg.type}:${id}`, action, { [key]: String(id), ...extra });
+    const body = msg.type === "EDIT_MSG" ? (extra.body as string) : undefined;
+    const r = await this.callEchoed(s, st, echoKey(msg.type as string, String(id), body), action, { [key]: String(id), ...extra });
     if (!r.ok) return error(msg, r.text);
-    return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: extra.body } : { type: msg.type, id })];
+    if (r.seen) return [];
+    return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: body } : { type: msg.type, id })];
   }
 
-  /** Calls `action`; the event it makes is not sent to this connection (`echo`, see byId and echoed). */
-  private async callEchoed(s: Session, st: RoomsState, echo: string, action: string, data: Record<string, unknown>): Promise<Answer> {
+  /**
+   * Calls `action`, which makes an event with echo key `key`: those events are counted
+   * while it runs (`seen`), or left out with `hide`; after a success whose event has not
+   * come (or with `hide`), the event is left out when it comes (RoomsState.late).
+   */
+  private async callEchoed(s: Session, st: RoomsState, key: string, action: string, data: Record<string, unknown>, hide = false): Promise<Answer & { seen: boolean }> {
     const now = Date.now();
-    for (const [k, e] of st.echoes) if (e.until < now) st.echoes.delete(k);
-    let e = st.echoes.get(echo);
-    if (e === undefined) st.echoes.set(echo, (e = { n: 0, until: Infinity }));
-    e.n++;
-    e.until = Infinity;
-    const r: Answer = await this.call(s, action, data);
-    // Still waited for (its event not seen yet): a refused request makes none; an
-    // answered one's may still come (or none, for a caller that is no member).
-    const waiting = st.echoes.get(echo);
-    if (waiting !== undefined) {
-      if (!r.ok && --waiting.n <= 0) st.echoes.delete(echo);
-      else waiting.until = Date.now() + ECHO_MS;
+    for (const [k, until] of st.late) if (until < now) st.late.delete(k);
+    const call = { key, hide, seen: 0 };
+    st.call = call;
+    let r: Answer;
+    try {
+      r = await this.call(s, action, data);
+    } finally {
+      if (st.call === call) st.call = undefined;
     }
-    return r;
+    if (r.ok && (hide || call.seen === 0)) {
+      if (st.late.size >= LATE_MAX) st.late.delete(st.late.keys().next().value as string);
+      st.late.set(key, Date.now() + ECHO_MS);
+    }
+    return { ...r, seen: call.seen > 0 };
   }
 
-  /** The connection's own request was answered with this event's frame (see byId): true once. */
+  /** Whether an event with echo key `key` is left out for this connection (see RoomsState). */
   private echoed(st: RoomsState, key: string): boolean {
-    const e = st.echoes.get(key);
-    if (e === undefined) return false;
-    if (--e.n <= 0) st.echoes.delete(key);
-    return e.until >= Date.now();
+    const call = st.call;
+    if (call !== undefined && call.key === key) {
+      if (call.hide) return true;
+      call.seen++;
+      return false;
+    }
+    const until = st.late.get(key);
+    if (until === undefined) return false;
+    st.late.delete(key);
+    return until >= Date.now();
   }
 
   /**
