@@ -490,6 +490,27 @@ describe("unfinished frames, all connections together", () => {
     await server.stop();
   });
 
+  it("what counts is the memory an unfinished frame keeps: a frame's first bytes count the 1 KiB buffer they are kept in", async () => {
+    const server = await startTestServer({ maxPartialInput: 8 * 1024 });
+    const held = () => server.services.metrics.partialInput.bytes;
+    const conns = await Promise.all(Array.from({ length: 9 }, () => Client.connect(server.port)));
+    // Ten bytes of a frame each (kept in a 1 KiB buffer; counted as 10 bytes, 800
+    // connections' worth fitted where eight do).
+    for (let i = 0; i < 8; i++) {
+      conns[i].socket.write('{"action":');
+      await until(() => held() === (i + 1) * 1024, 10_000, `connection ${i}'s head held`);
+    }
+    conns[8].socket.write('{"action":');
+    await sleep(100);
+    expect(held()).toBe(8 * 1024);
+    for (const c of conns) c.socket.write('"ping"}\n');
+    for (let i = 0; i < 8; i++) expect((await conns[i].next()).data.status).toBe(0);
+    expect((await conns[8].next()).data).toMatchObject({ status: 13, error: expect.stringMatching(/unfinished frames/) });
+    expect(held()).toBe(0);
+    for (const c of conns) c.close();
+    await server.stop();
+  });
+
   it("a frame shed for the budget is not a bad frame: sent again and again, the connection stays", async () => {
     const server = await startTestServer({ maxPartialInput: 64 * 1024, badFrameLimit: 2 });
     const held = () => server.services.metrics.partialInput.bytes;

@@ -694,7 +694,7 @@ describe("quiet skipping after a broken frame is bounded", () => {
 });
 
 describe("unfinished frames of several connections share one budget (ScannerLimits.held)", () => {
-  const budget = (max: number) => ({ bytes: 0, max, holders: new Set<{ readonly buffered: number; shedForRoom(): void }>() });
+  const budget = (max: number) => ({ bytes: 0, max, holders: new Set<{ readonly kept: number; shedForRoom(): void }>() });
 
   it("an attachment's head that passes the budget aborts the upload it started and is answered 13", () => {
     const held = budget(16);
@@ -754,6 +754,41 @@ describe("unfinished frames of several connections share one budget (ScannerLimi
     expect(scan(pieces, { ...limits, held: budget(100) })).toEqual([
       { reject: Code.TooLarge, reason: expect.stringMatching(/over the limit of 200/), action: "message" },
     ]);
+  });
+
+  it("the count is the memory kept: every read, copy and buffer an unfinished frame keeps, by its whole size", () => {
+    // Each chunk its own ArrayBuffer, as a socket's read is.
+    const read = (b: Buffer) => {
+      const own = Buffer.allocUnsafeSlow(b.length);
+      b.copy(own);
+      return own;
+    };
+    type Kept = { parts?: Buffer[]; stage?: Buffer };
+    const memory = (scanner: unknown) => {
+      const { parts, stage } = scanner as Kept;
+      const stores = new Set<ArrayBufferLike>([...(parts ?? []), ...(stage ? [stage] : [])].map((b) => b.buffer));
+      return [...stores].reduce((n, ab) => n + ab.byteLength, 0);
+    };
+    fc.assert(
+      fc.property(
+        fc.array(fc.tuple(fc.nat(2), fc.integer({ min: 0, max: 6000 }), fc.array(fc.nat(7000), { maxLength: 8 })), { minLength: 1, maxLength: 8 }),
+        fc.integer({ min: 1, max: 20_000 }),
+        (sends, max) => {
+          const held = budget(max);
+          const conns = [0, 1, 2].map(() => connection({ ...LIMITS, maxFrame: 1 << 20, held }));
+          for (const [c, pad, cuts] of sends) {
+            const text = '{"action":"ping","data":{"pad":"' + "x".repeat(pad) + '"}}\n';
+            for (const chunk of splitAt(Buffer.from(text), cuts)) {
+              conns[c].scanner.push(read(chunk));
+              expect(conns.reduce((n, x) => n + memory(x.scanner), 0)).toBe(held.bytes);
+              expect(held.bytes).toBeLessThanOrEqual(max);
+            }
+          }
+          expect(held.bytes).toBe(0);
+        },
+      ),
+      { numRuns: 300 },
+    );
   });
 
   it("frames split anywhere over several connections: each answered once, kept ones intact, the count back to zero", () => {

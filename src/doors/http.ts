@@ -302,7 +302,7 @@ function countedBody(held: HeldInput | undefined, payload: Readable, response: S
     },
   });
   const holder: InputHolder = {
-    get buffered() {
+    get kept() {
       return mine;
     },
     shedForRoom: () => letGo(new ProtocolError(Code.RateLimited, BODY_BUDGET)),

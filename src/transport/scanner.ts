@@ -72,7 +72,7 @@ export interface HeldInput {
 /** One holder of unfinished input (a TCP scanner, a WebSocket: websocket.ts). */
 export interface InputHolder {
   /** Its bytes counted in `HeldInput.bytes`. */
-  readonly buffered: number;
+  readonly kept: number;
   /** Lets go of them (taking them out of the count) now: another needs the room. */
   shedForRoom(): void;
 }
@@ -85,7 +85,7 @@ export interface InputHolder {
 export function makeRoom(held: HeldInput, self: InputHolder, mine: number, len: number): boolean {
   while (held.bytes + len > held.max) {
     let largest: InputHolder | undefined;
-    for (const h of held.holders) if (h !== self && h.buffered > mine && (largest === undefined || h.buffered > largest.buffered)) largest = h;
+    for (const h of held.holders) if (h !== self && h.kept > mine && (largest === undefined || h.kept > largest.kept)) largest = h;
     if (largest === undefined) return false;
     largest.shedForRoom();
   }
@@ -130,6 +130,13 @@ const enum State {
   Frame,
   /** Inside the string at the stream path, which streams to an UploadSink. */
   Attachment,
+}
+
+/** `piece` copied into a backing store of its own (see Scanner.retain). */
+function copyOf(piece: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(piece.length);
+  piece.copy(copy);
+  return copy;
 }
 
 /** A piece of a frame shorter than this is copied into a stage, not held as a view. */
@@ -206,6 +213,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private parts: Buffer[] | undefined;
   private partsLength = 0;
   /**
+   * The memory `parts` and `stage` keep alive, as counted in ScannerLimits.held: a view
+   * keeps its whole read, a copy its own size, a stage all of its size (see retain).
+   */
+  private keeps = 0;
+  /**
    * Small pieces are copied here instead of held as views: one view per read would
    * cost a Buffer and its backing store per read, so a frame sent a byte per segment
    * would hold some hundred bytes per byte while `partsLength` stayed under the limit.
@@ -278,9 +290,14 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     }
   }
 
-  /** Bytes currently retained for an incomplete frame. */
+  /** Bytes of the incomplete frame currently retained. */
   get buffered(): number {
     return this.partsLength;
+  }
+
+  /** The memory they keep, as counted in ScannerLimits.held (InputHolder; see `keeps`). */
+  get kept(): number {
+    return this.keeps;
   }
 
   /**
@@ -636,34 +653,42 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       return this.shedFrame(chunk.subarray(start, end));
     }
     if (len === 0) return;
+    // What keeping these bytes costs, counted in ScannerLimits.held as memory, not as
+    // frame bytes: a view keeps its whole read alive (a socket's read is its own
+    // ArrayBuffer), so it is kept as one only when it is most of that read and counts
+    // the read's size; a shorter large piece is copied (its size); a small piece goes
+    // into the stage, whose whole size counts when it is made (each new stage twice the
+    // last, up to STAGE_MAX: few parts). Counted as frame bytes, stages and views held
+    // up to about twice --max-partial-input. Copies and stages get their own backing
+    // store (allocUnsafeSlow): one from Buffer's shared pool would keep its 8 KiB slab.
+    const view = len >= COPY_BELOW && 2 * len >= chunk.buffer.byteLength;
+    let newStage = 0;
+    if (len < COPY_BELOW && (this.stage === undefined || this.stage.length - this.stageUsed < len)) {
+      newStage = this.stage === undefined ? STAGE_MIN : Math.min(this.stage.length * 2, STAGE_MAX);
+    }
+    const cost = view ? chunk.buffer.byteLength : len >= COPY_BELOW ? len : newStage;
     const held = this.limits.held;
-    if (held !== undefined) {
-      if (held.bytes + len > held.max && !makeRoom(held, this, this.partsLength + len, len)) {
+    if (held !== undefined && cost > 0) {
+      if (held.bytes + cost > held.max && !makeRoom(held, this, this.keeps + cost, cost)) {
         if (this.fault === Fault.None) this.fault = Fault.Busy;
         return this.shedFrame(chunk.subarray(start, end));
       }
-      held.bytes += len;
-      if (this.partsLength === 0) held.holders.add(this);
+      held.bytes += cost;
+      if (this.keeps === 0) held.holders.add(this);
     }
+    this.keeps += cost;
     this.partsLength += len;
     if (len >= COPY_BELOW) {
       this.sealStage();
-      // A view keeps its whole read alive (a socket's read is its own ArrayBuffer): kept
-      // as one only when it is most of that read, else copied, so that what is held is
-      // what ScannerLimits.held counts (a frame's last 2 KiB of a 64 KiB read kept 64).
       const piece = chunk.subarray(start, end);
-      (this.parts ??= []).push(2 * len >= chunk.buffer.byteLength ? piece : Buffer.from(piece));
+      (this.parts ??= []).push(view ? piece : copyOf(piece));
       return;
     }
-    let stage = this.stage;
-    if (stage === undefined || stage.length - this.stageUsed < len) {
-      // Each new stage twice the last (up to STAGE_MAX): few parts, at most about
-      // twice the bytes held.
-      const size = stage === undefined ? STAGE_MIN : Math.min(stage.length * 2, STAGE_MAX);
+    if (newStage > 0) {
       this.sealStage();
-      stage = this.stage = Buffer.allocUnsafe(size);
+      this.stage = Buffer.allocUnsafeSlow(newStage);
     }
-    chunk.copy(stage, this.stageUsed, start, end);
+    chunk.copy(this.stage as Buffer, this.stageUsed, start, end);
     this.stageUsed += len;
   }
 
@@ -743,10 +768,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
 
   private dropParts(): void {
     const held = this.limits.held;
-    if (held !== undefined && this.partsLength > 0) {
-      held.bytes -= this.partsLength;
+    if (held !== undefined && this.keeps > 0) {
+      held.bytes -= this.keeps;
       held.holders.delete(this);
     }
+    this.keeps = 0;
     this.parts = undefined;
     this.partsLength = 0;
     this.stage = undefined;

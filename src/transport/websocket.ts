@@ -325,7 +325,7 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
   }
 
   /** Bytes of its unfinished input counted in `held` (InputHolder). */
-  get buffered(): number {
+  get kept(): number {
     return this.inbound;
   }
 
