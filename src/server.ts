@@ -365,6 +365,8 @@ async function serve(
       channelByName: (name) => readSynced(services, () => services.channels.byName(name)),
       revoke: (uid, sid, expires) => core.accounts.revoke(uid, sid, expires),
       publish,
+      storedRoom: (uid) => services.users.rustRoom(uid),
+      storeRoom: (uid, chid) => services.storage.commit(services.users.rustRoomOps(uid, chid)),
     });
     listeners.push((rustListener = new Listener(config, dispatcher, router, door, log, newUpload, metrics, held)));
   }

@@ -486,6 +486,28 @@ describe("rust_messages door: limits shared with the native door", () => {
 describe("rust_messages door: its room", () => {
   const start = useChildServers();
 
+  it("the room a user was last moved to is left at its next login after a restart too", async () => {
+    const dir = tempDir();
+    const first = await startTestServer({ dataDir: dir, rustPort: 0 });
+    const room = uniqueName("room");
+    const a = await rustUser(first.rustPort as number);
+    expect((await ask(a.c, { action: "create_room", name: room })).code).toBe(200);
+    expect((await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    a.c.close();
+    await a.c.closed;
+    await first.stop();
+    const again = await startTestServer({ dataDir: dir, rustPort: 0 });
+    const c = await rust(again.rustPort as number);
+    expect((await ask(c, { action: "authentication", login: a.login, password: a.password })).code).toBe(200);
+    const sv = again.services;
+    const uid = (await sv.users.lookup("login", a.login)) as string;
+    // In general only (the room it had moved to was kept, one more at every restart).
+    expect(await sv.channels.channelsOf(uid)).toEqual([await sv.channels.byName("general")]);
+    c.close();
+    await again.stop();
+    removeDir(dir);
+  });
+
   it("made by a user before the door was turned on: the server says so at start-up, naming --rust-room", async () => {
     const dir = tempDir();
     const first = await startTestServer({ dataDir: dir });

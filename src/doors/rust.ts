@@ -31,7 +31,7 @@ const WARN = 300;
 const ERR = 400;
 /** get_messages answers at most this many (the last ones). */
 const MAX_MESSAGES = 500;
-/** Users whose room this door remembers after their connections close (to leave it at the next login). */
+/** Users whose room this door keeps in memory (all are stored: RustDeps.storeRoom). */
 const ROOMS_MAX = 100_000;
 
 type Room = { chid: string; name: string };
@@ -67,6 +67,10 @@ export interface RustDeps {
   defaultRoom: string;
   /** Hands an event to the router, and in cluster mode to the other nodes (a room move's notice). */
   publish(ev: Event, audience: Audience): void;
+  /** The chid of the room the user's connections here were last moved to, as stored (UserStore.rustRoom). */
+  storedRoom(uid: string): Promise<string | undefined>;
+  /** Stores it (synced): a restart, or a user not moved for long (ROOMS_MAX), still knows it. */
+  storeRoom(uid: string, chid: string): Promise<void>;
 }
 
 /**
@@ -166,7 +170,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         if (ev.door !== this.name || ev.room === undefined || ev.origin === st.peer || st.login === undefined || st.waiting) return "";
         st.room = { chid: ev.chid, name: ev.room };
         // (A move made on another node of a cluster: this node's memory follows it.)
-        if (st.counted !== undefined) this.remember(st.counted, st.room);
+        if (st.counted !== undefined) void this.remember(st.counted, st.room);
         return line({ action: "change_room", code: WARN, message: ev.text });
       default:
         return "";
@@ -270,9 +274,10 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         refused = entered;
       }
       if (entered.ok && alone) {
-        const before = this.rooms.get(uid);
-        this.remember(uid, room);
-        if (before !== undefined && before.chid !== room.chid) await this.call(s, "leave", { channel: before.chid });
+        const before = await this.lastRoom(uid);
+        if (before !== room.chid) await this.remember(uid, room);
+        else this.keep(uid, room);
+        if (before !== undefined && before !== room.chid) await this.call(s, "leave", { channel: before });
       }
     });
     // Its session ended meanwhile (a password change or a ban elsewhere): the logout it
@@ -375,26 +380,53 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       // connections here were last moved to, and the rooms they are in (they move with
       // this one: one that logged in next to an open one is in the default room).
       const theirs = [...(this.open.get(uid) ?? [])].map((x) => x.room?.chid);
+      const last = await this.lastRoom(uid);
       let stuck: Answer | undefined;
-      for (const old of new Set([named, left, this.rooms.get(uid)?.chid, ...theirs])) {
+      for (const old of new Set([named, left, last, ...theirs])) {
         if (old === undefined || old === chid) continue;
         const out = await this.call(s, "leave", { channel: old });
         // Not a member there, or the room gone: left all the same. Anything else (a
         // failed write) left the user in it: the move is not the one asked for.
         if (!out.ok && out.code !== Code.InvalidChannel && out.code !== Code.ChannelNotFound) stuck ??= out;
       }
-      this.remember(uid, room);
+      await this.remember(uid, room);
       this.deps.publish({ kind: "notice", door: this.name, chid, text: `moved to room '${to}' by another connection`, origin: st.peer, room: to }, { users: [uid] });
       if (stuck) return answer(action, ERR, `now in room '${to}', but still a member of the room left: ${stuck.text}; send change_room again`);
       return answer(action, OK, "OK");
     });
   }
 
-  /** The user's current room on this door, remembered (the most recently moved last). */
-  private remember(uid: string, room: Room): void {
+  /**
+   * The user's current room on this door, remembered and stored: a login after a
+   * restart leaves it too (only in memory, each restart left every user who had moved
+   * a member of one room more). A failed write is logged; the move stands.
+   */
+  private async remember(uid: string, room: Room): Promise<void> {
+    this.keep(uid, room);
+    try {
+      await this.deps.storeRoom(uid, room.chid);
+    } catch (err) {
+      this.log.warn({ err, uid, room: room.name }, "storing a rust_messages user's room failed");
+    }
+  }
+
+  /** Keeps the user's room in memory (the most recently moved last, at most ROOMS_MAX). */
+  private keep(uid: string, room: Room): void {
     this.rooms.delete(uid);
     if (this.rooms.size >= ROOMS_MAX) this.rooms.delete(this.rooms.keys().next().value as string);
     this.rooms.set(uid, room);
+  }
+
+  /** The chid of the room the user's connections here were last moved to: in memory, else as stored. */
+  private async lastRoom(uid: string): Promise<string | undefined> {
+    const known = this.rooms.get(uid);
+    if (known !== undefined) return known.chid;
+    try {
+      return await this.deps.storedRoom(uid);
+    } catch (err) {
+      this.log.warn({ err, uid }, "reading a rust_messages user's room failed");
+      return undefined;
+    }
   }
 
   private async getMessages(s: Session, st: RustState, msg: Msg): Promise<OutFrame[]> {

@@ -229,6 +229,10 @@ export const SPACES = [
   "purges",
   "deleted",
   "bans",
+  // uid → the chid of the room the user's rust_messages connections were last moved to
+  // (doors/rust.ts): left at the user's next login there. Not part of a cluster's view
+  // of the log: each node's own (the moves made through it).
+  "rustroom",
 ] as const;
 
 export type SpaceName = (typeof SPACES)[number];

@@ -352,12 +352,21 @@ export class UserStore {
   }
 
   removeOps(u: UserRecord): BatchOp[] {
-    const ops: BatchOp[] = [del(this.s.users, u.uid), del(this.s.usernum, String(u.num))];
+    const ops: BatchOp[] = [del(this.s.users, u.uid), del(this.s.usernum, String(u.num)), del(this.s.rustroom, u.uid)];
     for (const index of ["login", "nick", "email", "phone"] as const) {
       if (u[index]) ops.push(del(this.s[index], indexKey(index, u[index])));
     }
     ops.push(...this.nameOps(u, del));
     return ops;
+  }
+
+  /** The chid of the room the user's rust_messages connections were last moved to, if stored. */
+  async rustRoom(uid: string): Promise<string | undefined> {
+    return (await this.s.rustroom.get(uid)) as string | undefined;
+  }
+
+  rustRoomOps(uid: string, chid: string): BatchOp[] {
+    return [put(this.s.rustroom, uid, chid)];
   }
 
   /**
