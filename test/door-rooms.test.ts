@@ -304,6 +304,67 @@ describe("rooms door: rooms and messages", () => {
     for (const x of [a.c, b.c, native]) x.close();
   });
 
+  it("a DELETE_MSG sent twice, the first one's event late: one DELETE_MSG, then the second's ERROR", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const sent = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "twice", msg_type: "TEXT" });
+    const id = sent.message_id as number;
+    // The room's members read slowly (the first delete's event comes after its answer,
+    // while the second delete runs), and the message too (the second runs long enough).
+    const { channels, messages } = srv.server.services;
+    (channels as { cachedMembers: unknown }).cachedMembers = () => undefined;
+    const undoMembers = wrapCalls(channels, "members", () => sleep(150));
+    const undoGet = wrapCalls(messages, "get", () => sleep(300));
+    try {
+      send(a.c, { type: "DELETE_MSG", id });
+      send(a.c, { type: "DELETE_MSG", id });
+      expect(await a.c.next((f) => f.type === "DELETE_MSG" && !("status" in f))).toEqual({ type: "DELETE_MSG", id });
+      expect(await a.c.next((f) => f.type === "DELETE_MSG" && f.status === "ERROR")).toMatchObject({ id });
+      expect(await a.c.quiet(400, (f) => f.type === "DELETE_MSG")).toBe(true);
+      expect(await b.c.next((f) => f.type === "DELETE_MSG")).toEqual({ type: "DELETE_MSG", id });
+    } finally {
+      undoGet();
+      undoMembers();
+      delete (channels as { cachedMembers?: unknown }).cachedMembers;
+    }
+    for (const x of [a.c, b.c]) x.close();
+  });
+
+  it("an EDIT_MSG and another device's edit of the message right after it: the caller sees each once and ends with the newer text", async () => {
+    const a = await signup();
+    const b = await signup();
+    const room = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: b.login });
+    const slow = await ask(a.c, { type: "CREATE_ROOM", username: a.login, customer: a.login });
+    const sent = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: "v0", msg_type: "TEXT" });
+    const id = sent.message_id as number;
+    const native = await Client.connect(srv.port);
+    expect((await native.request("auth", { login: a.login, pass: a.pass })).status).toBe(0);
+    // The other room's members read slowly: a message there is still going out while
+    // the rooms edit runs and the native one is made.
+    const { channels } = srv.server.services;
+    const cached = channels.cachedMembers.bind(channels);
+    (channels as { cachedMembers: unknown }).cachedMembers = (chid: string) => (chid === String(slow.id) ? undefined : cached(chid));
+    const undo = wrapCalls(channels, "members", (chid: string) => (chid === String(slow.id) ? sleep(300) : Promise.resolve()));
+    try {
+      send(a.c, { type: "SND_MSG", username: a.login, room_id: slow.id, message: "hold", msg_type: "TEXT" });
+      send(a.c, { type: "EDIT_MSG", id, new_msg: "from rooms" });
+      await sleep(100);
+      expect((await native.request("editmessage", { mid: String(id), body: "from native" })).status).toBe(0);
+      expect(await b.c.next((f) => f.type === "EDIT_MSG" && f.new_msg === "from native")).toBeDefined();
+      await a.c.next((f) => f.type === "READ_MSG" && f.message === "hold");
+      await sleep(300);
+      const edits = a.c.lines.map((l) => JSON.parse(l) as Frame).filter((f) => f.type === "EDIT_MSG" && f.id === id);
+      expect(edits.filter((f) => f.new_msg === "from rooms").length).toBeLessThanOrEqual(1);
+      expect(edits.filter((f) => f.new_msg === "from native")).toHaveLength(1);
+      expect(edits.at(-1)).toEqual({ type: "EDIT_MSG", id, new_msg: "from native" });
+    } finally {
+      undo();
+      delete (channels as { cachedMembers?: unknown }).cachedMembers;
+    }
+    for (const x of [a.c, b.c, native]) x.close();
+  });
+
   it("every refusal carries the request's room_id or id, so a client can match it to its request", async () => {
     const anon = await rooms();
     expect(await ask(anon, { type: "SND_MSG", room_id: 3, message: "x" })).toEqual({ type: "SND_MSG", status: "ERROR", room_id: 3, error: "log in first (REQUEST_LOGIN or REQUEST_SIGNUP)" });

@@ -35,11 +35,18 @@ const ECHO_MS = 10_000;
 const LATE_MAX = 64;
 
 /**
- * What identifies a change's frame: its type and id, and for an edit its text (digested:
- * another edit of the same message is another frame, to be shown).
+ * A change's frame: `key` identifies it (its type and id, and for an edit its text,
+ * digested: another edit of the same message is another frame, to be shown); `target`
+ * is what it changes (`<type>:<id>`).
  */
-function echoKey(type: string, id: string, body?: string): string {
-  return body === undefined ? `${type}:${id}` : `${type}:${id}:${createHash("sha256").update(body).digest("base64url")}`;
+interface Echo {
+  key: string;
+  target: string;
+}
+
+function echoOf(type: string, id: string, body?: string): Echo {
+  const target = `${type}:${id}`;
+  return { key: body === undefined ? target : `${target}:${createHash("sha256").update(body).digest("base64url")}`, target };
 }
 
 type Msg = Record<string, unknown> & { type: string };
@@ -49,17 +56,19 @@ interface RoomsState {
   login: string | undefined;
   /**
    * The DELETE_ROOM, DELETE_MSG or EDIT_MSG this connection's request is making (its
-   * echo key, echoKey), while it runs (a connection's frames are handled one at a
-   * time): the events with that key are shown and counted (`seen`), or, for a change
-   * the client is not to hear of, left out (`hide`).
+   * Echo), while it runs (a connection's frames are handled one at a time): the events
+   * with its key are shown and counted (`seen`), or, for a change the client is not to
+   * hear of, left out (`hide`); another edit of the same message shown meanwhile is
+   * noted (`other`).
    */
-  call: { key: string; hide: boolean; seen: number } | undefined;
+  call: (Echo & { hide: boolean; seen: number; other: boolean }) | undefined;
   /**
    * Changes this connection made whose events had not come by its answer (a room's
-   * members read from disk): echo key → until when (ms) the event is left out when it
-   * comes (the answer was that frame). At most LATE_MAX, the oldest dropped.
+   * members read from disk): echo key → how many are still to come, and until when
+   * (ms) they are left out when they come (the answers were those frames). At most
+   * LATE_MAX keys, the oldest dropped.
    */
-  late: Map<string, number>;
+  late: Map<string, { n: number; until: number }>;
 }
 
 /** What the door reads besides native actions (lookups), and the end of its logins' sessions. */
@@ -201,13 +210,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       }
       case "edit":
         // A direct message's change: they are not shown here (nor was the message).
-        if (ev.chid === undefined || this.echoed(st, echoKey("EDIT_MSG", ev.mid, ev.body))) return "";
+        if (ev.chid === undefined || this.echoed(st, echoOf("EDIT_MSG", ev.mid, ev.body))) return "";
         return (wire[this.name] ??= line({ type: "EDIT_MSG", id: Number(ev.mid), new_msg: ev.body }));
       case "delete":
-        if (ev.chid === undefined || this.echoed(st, echoKey("DELETE_MSG", ev.mid))) return "";
+        if (ev.chid === undefined || this.echoed(st, echoOf("DELETE_MSG", ev.mid))) return "";
         return (wire[this.name] ??= line({ type: "DELETE_MSG", id: Number(ev.mid) }));
       case "channelDeleted":
-        if (this.echoed(st, echoKey("DELETE_ROOM", ev.chid))) return "";
+        if (this.echoed(st, echoOf("DELETE_ROOM", ev.chid))) return "";
         return (wire[this.name] ??= line({ type: "DELETE_ROOM", id: Number(ev.chid) }));
       case "logout":
         // The session ended elsewhere (evicted, password changed, kicked): said in the
@@ -336,7 +345,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         // first is the answer; the other node keeps its own, which is that one.
         const first = await this.deps.roomOf(me, other);
         if (first !== undefined && first !== chid) {
-          await this.callEchoed(s, st, echoKey("DELETE_ROOM", chid), "deletechannel", { channel: chid }, true);
+          await this.callEchoed(s, st, echoOf("DELETE_ROOM", chid), "deletechannel", { channel: chid }, true);
           chid = first;
         }
       }
@@ -406,30 +415,32 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
    * have left the room: its messages there are still its own), and only once. Its own
    * copy of the event usually comes while the request runs (right after the native
    * reply): it is shown then, and the answer is left out; one that comes later (a
-   * room's members read from disk) is left out instead. Another connection's change of
-   * the same message or room is always shown: one that came while this request waited
-   * for it (and then failed, the message gone) was taken for this request's echo and
-   * hidden.
+   * room's members read from disk, cluster mode) is left out instead. Another
+   * connection's change of the same message or room is always shown. When another
+   * edit of the message was shown while this one ran and this one's event was not,
+   * neither is answered: which of the two is the message's text is what the events say
+   * (this one's, when it comes later; none when the other superseded it).
    */
   private async byId(s: Session, st: RoomsState, msg: Msg, action: string, key: string, extra: Record<string, unknown> = {}): Promise<OutFrame[]> {
     const id = msg.id;
     if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 1) return error(msg, "'id' must be a number");
     const body = msg.type === "EDIT_MSG" ? (extra.body as string) : undefined;
-    const r = await this.callEchoed(s, st, echoKey(msg.type as string, String(id), body), action, { [key]: String(id), ...extra });
+    const r = await this.callEchoed(s, st, echoOf(msg.type as string, String(id), body), action, { [key]: String(id), ...extra });
     if (!r.ok) return error(msg, r.text);
-    if (r.seen) return [];
+    if (r.seen || r.other) return [];
     return [line(msg.type === "EDIT_MSG" ? { type: msg.type, id, new_msg: body } : { type: msg.type, id })];
   }
 
   /**
-   * Calls `action`, which makes an event with echo key `key`: those events are counted
-   * while it runs (`seen`), or left out with `hide`; after a success whose event has not
-   * come (or with `hide`), the event is left out when it comes (RoomsState.late).
+   * Calls `action`, which makes the event `echo`: events with its key are counted while
+   * it runs (`seen`; with `hide`, left out), and other changes of its target noted
+   * (`other`); after a success whose event has not come (or with `hide`), the event is
+   * left out when it comes (RoomsState.late).
    */
-  private async callEchoed(s: Session, st: RoomsState, key: string, action: string, data: Record<string, unknown>, hide = false): Promise<Answer & { seen: boolean }> {
+  private async callEchoed(s: Session, st: RoomsState, echo: Echo, action: string, data: Record<string, unknown>, hide = false): Promise<Answer & { seen: boolean; other: boolean }> {
     const now = Date.now();
-    for (const [k, until] of st.late) if (until < now) st.late.delete(k);
-    const call = { key, hide, seen: 0 };
+    for (const [k, e] of st.late) if (e.until < now) st.late.delete(k);
+    const call = { ...echo, hide, seen: 0, other: false };
     st.call = call;
     let r: Answer;
     try {
@@ -437,25 +448,38 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     } finally {
       if (st.call === call) st.call = undefined;
     }
-    if (r.ok && (hide || call.seen === 0)) {
-      if (st.late.size >= LATE_MAX) st.late.delete(st.late.keys().next().value as string);
-      st.late.set(key, Date.now() + ECHO_MS);
+    if (r.ok && (hide || (call.seen === 0 && !call.other))) {
+      const late = st.late.get(echo.key);
+      if (late !== undefined) {
+        late.n++;
+        late.until = Date.now() + ECHO_MS;
+      } else {
+        if (st.late.size >= LATE_MAX) st.late.delete(st.late.keys().next().value as string);
+        st.late.set(echo.key, { n: 1, until: Date.now() + ECHO_MS });
+      }
     }
-    return { ...r, seen: call.seen > 0 };
+    return { ...r, seen: call.seen > 0, other: call.other };
   }
 
-  /** Whether an event with echo key `key` is left out for this connection (see RoomsState). */
-  private echoed(st: RoomsState, key: string): boolean {
+  /**
+   * Whether the event `echo` is left out for this connection (see RoomsState): a late
+   * echo of an earlier request's first (it comes before the running request's own).
+   */
+  private echoed(st: RoomsState, echo: Echo): boolean {
+    const late = st.late.get(echo.key);
+    if (late !== undefined) {
+      if (--late.n <= 0) st.late.delete(echo.key);
+      if (late.until >= Date.now()) return true;
+    }
     const call = st.call;
-    if (call !== undefined && call.key === key) {
+    if (call === undefined) return false;
+    if (call.key === echo.key) {
       if (call.hide) return true;
       call.seen++;
-      return false;
+    } else if (call.target === echo.target) {
+      call.other = true;
     }
-    const until = st.late.get(key);
-    if (until === undefined) return false;
-    st.late.delete(key);
-    return until >= Date.now();
+    return false;
   }
 
   /**
