@@ -69,19 +69,22 @@ export function deliverySlack(): number {
 // that, on loopback, also runs the receiving side's TCP work, so the last of a batch's
 // writes waits for all the others. Writing the deliveries first, then the replies,
 // takes the replies' syscalls off the path of every delivery (a reply is only later
-// by the time the deliveries take, within the same turn of the loop).
+// by the time the deliveries take, within the same turn of the loop). A connection
+// given a reply and then an event is in both lists, and written with the first.
 let dirtyEvents: Connection[] = [];
 let dirtyReplies: Connection[] = [];
 let flushScheduled = false;
+const NO_DIRTY: Connection[] = [];
 
 function flushAll(): void {
   flushScheduled = false;
+  // Swapped for new lists (a connection scheduled while these are written goes there).
   const events = dirtyEvents;
   const replies = dirtyReplies;
-  if (events.length > 0) dirtyEvents = [];
-  if (replies.length > 0) dirtyReplies = [];
-  for (let i = 0; i < events.length; i++) events[i].flush();
-  for (let i = 0; i < replies.length; i++) replies[i].flush();
+  dirtyEvents = events.length > 0 ? [] : NO_DIRTY;
+  dirtyReplies = replies.length > 0 ? [] : NO_DIRTY;
+  for (let i = 0; i < events.length; i++) events[i].flushQueued();
+  for (let i = 0; i < replies.length; i++) replies[i].flushQueued();
 }
 
 
@@ -116,7 +119,10 @@ export class Connection implements Peer, LiveConnection {
   private passed = 0;
   /** [passed + slack, seq] pairs, oldest first (see Peer.send). */
   private marks: number[] | undefined;
+  /** In a dirty list, waiting for flushAll. */
   private queued = false;
+  /** In dirtyEvents (it may be in dirtyReplies as well). */
+  private queuedEvent = false;
   /** A StreamedFrame is being written; everything queued waits behind it. */
   private pumping = false;
   private ending = false;
@@ -232,18 +238,33 @@ export class Connection implements Peer, LiveConnection {
   }
 
   private schedule(event: boolean): void {
-    if (this.queued || this.pumping) return;
+    if (this.pumping) return;
+    if (event) {
+      if (this.queuedEvent) return;
+      this.queuedEvent = true;
+      if (dirtyEvents === NO_DIRTY) dirtyEvents = [];
+      dirtyEvents.push(this);
+    } else {
+      if (this.queued) return;
+      if (dirtyReplies === NO_DIRTY) dirtyReplies = [];
+      dirtyReplies.push(this);
+    }
     this.queued = true;
-    (event ? dirtyEvents : dirtyReplies).push(this);
     if (!flushScheduled) {
       flushScheduled = true;
       process.nextTick(flushAll);
     }
   }
 
+  /** flushAll's: a connection in both of its lists is written once. */
+  flushQueued(): void {
+    if (this.queued) this.flush();
+  }
+
   /** Writes the queued string frames in one write(), up to the first streamed frame. */
   flush(): void {
     this.queued = false;
+    this.queuedEvent = false;
     if (this.pumping || this.socket.destroyed) return;
     const q = this.q;
     let n = 0;
