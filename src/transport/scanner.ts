@@ -50,10 +50,10 @@ export interface ScannerLimits {
    */
   fast?: FastReader;
   /**
-   * Bytes of unfinished frames held, shared by every scanner it is given to (the TCP
-   * doors' connections) and the WebSockets' unfinished messages (websocket.ts), one
-   * count against --max-partial-input. Bytes that would take it past `max` make
-   * room by shedding the largest unfinished frames held elsewhere, larger than this
+   * Memory held for unfinished frames (see FrameScanner.retain), shared by every
+   * scanner it is given to (the TCP doors' connections) and the WebSockets' unfinished
+   * messages (websocket.ts), one count against --max-partial-input. Bytes whose
+   * keeping would take it past `max` make room by shedding the largest unfinished frames held elsewhere, larger than this
    * one would be; when that is not enough, this frame is shed. A shed frame is skipped
    * to its end holding nothing, as an oversized one is, and refused with status 13
    * (send it again). Frames that arrive whole in one read are never held.
@@ -661,12 +661,15 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     // last, up to STAGE_MAX: few parts). Counted as frame bytes, stages and views held
     // up to about twice --max-partial-input. Copies and stages get their own backing
     // store (allocUnsafeSlow): one from Buffer's shared pool would keep its 8 KiB slab.
-    const view = len >= COPY_BELOW && 2 * len >= chunk.buffer.byteLength;
+    // (A chunk that is part of its read, fed again after a HOLD, is copied: the read may
+    // be counted already.)
+    const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength;
+    const view = len >= COPY_BELOW && whole && 2 * len >= chunk.length;
     let newStage = 0;
     if (len < COPY_BELOW && (this.stage === undefined || this.stage.length - this.stageUsed < len)) {
       newStage = this.stage === undefined ? STAGE_MIN : Math.min(this.stage.length * 2, STAGE_MAX);
     }
-    const cost = view ? chunk.buffer.byteLength : len >= COPY_BELOW ? len : newStage;
+    const cost = view ? chunk.length : len >= COPY_BELOW ? len : newStage;
     const held = this.limits.held;
     if (held !== undefined && cost > 0) {
       if (held.bytes + cost > held.max && !makeRoom(held, this, this.keeps + cost, cost)) {
