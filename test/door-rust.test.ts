@@ -491,8 +491,12 @@ describe("rust_messages door: its room", () => {
     const first = await startTestServer({ dataDir: dir, rustPort: 0 });
     const room = uniqueName("room");
     const a = await rustUser(first.rustPort as number);
+    const uid0 = (await first.services.users.lookup("login", a.login)) as string;
+    // In the default room: nothing stored (nor written).
+    expect(await first.services.users.rustRoom(uid0)).toBeUndefined();
     expect((await ask(a.c, { action: "create_room", name: room })).code).toBe(200);
     expect((await ask(a.c, { action: "change_room", old_room_name: "general", new_room_name: room })).code).toBe(200);
+    expect(await first.services.users.rustRoom(uid0)).toBe(await first.services.channels.byName(room));
     a.c.close();
     await a.c.closed;
     await first.stop();
@@ -503,6 +507,10 @@ describe("rust_messages door: its room", () => {
     const uid = (await sv.users.lookup("login", a.login)) as string;
     // In general only (the room it had moved to was kept, one more at every restart).
     expect(await sv.channels.channelsOf(uid)).toEqual([await sv.channels.byName("general")]);
+    expect(await sv.users.rustRoom(uid)).toBe(await sv.channels.byName("general"));
+    // The account's deletion takes it along.
+    expect((await ask(c, { action: "delete_account", login: a.login, password: a.password })).code).toBe(200);
+    expect(await sv.users.rustRoom(uid)).toBeUndefined();
     c.close();
     await again.stop();
     removeDir(dir);

@@ -170,7 +170,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         if (ev.door !== this.name || ev.room === undefined || ev.origin === st.peer || st.login === undefined || st.waiting) return "";
         st.room = { chid: ev.chid, name: ev.room };
         // (A move made on another node of a cluster: this node's memory follows it.)
-        if (st.counted !== undefined) void this.remember(st.counted, st.room);
+        if (st.counted !== undefined) void this.remember(undefined, st.counted, st.room);
         return line({ action: "change_room", code: WARN, message: ev.text });
       default:
         return "";
@@ -275,9 +275,15 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
       }
       if (entered.ok && alone) {
         const before = await this.lastRoom(uid);
-        if (before !== room.chid) await this.remember(uid, room);
-        else this.keep(uid, room);
-        if (before !== undefined && before !== room.chid) await this.call(s, "leave", { channel: before });
+        if (before === undefined || before === room.chid) {
+          // Nothing to leave, and nothing to store (none stored is the default room).
+          this.keep(uid, room);
+        } else {
+          // Stored once the room is left: a leave that failed (a write error) keeps it
+          // as the one to leave at the next login.
+          const left = await this.call(s, "leave", { channel: before });
+          if (left.ok || left.code === Code.InvalidChannel || left.code === Code.ChannelNotFound) await this.remember(s, uid, room);
+        }
       }
     });
     // Its session ended meanwhile (a password change or a ban elsewhere): the logout it
@@ -389,7 +395,7 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
         // failed write) left the user in it: the move is not the one asked for.
         if (!out.ok && out.code !== Code.InvalidChannel && out.code !== Code.ChannelNotFound) stuck ??= out;
       }
-      await this.remember(uid, room);
+      await this.remember(s, uid, room);
       this.deps.publish({ kind: "notice", door: this.name, chid, text: `moved to room '${to}' by another connection`, origin: st.peer, room: to }, { users: [uid] });
       if (stuck) return answer(action, ERR, `now in room '${to}', but still a member of the room left: ${stuck.text}; send change_room again`);
       return answer(action, OK, "OK");
@@ -399,10 +405,13 @@ export class RustDoor extends DialectDoor<RustState, Msg> {
   /**
    * The user's current room on this door, remembered and stored: a login after a
    * restart leaves it too (only in memory, each restart left every user who had moved
-   * a member of one room more). A failed write is logged; the move stands.
+   * a member of one room more). A failed write is logged; the move stands. Not stored
+   * once `s` is no longer logged in as `uid` (its account deleted meanwhile: the entry
+   * went with it).
    */
-  private async remember(uid: string, room: Room): Promise<void> {
+  private async remember(s: Session | undefined, uid: string, room: Room): Promise<void> {
     this.keep(uid, room);
+    if (s !== undefined && s.uid !== uid) return;
     try {
       await this.deps.storeRoom(uid, room.chid);
     } catch (err) {
