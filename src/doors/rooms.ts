@@ -68,7 +68,7 @@ interface RoomsState {
    * (ms) they are left out when they come (the answers were those frames). At most
    * LATE_MAX keys, the oldest dropped.
    */
-  late: Map<string, { n: number; until: number }>;
+  late: Map<string, { n: number; until: number; target: string }>;
 }
 
 /** What the door reads besides native actions (lookups), and the end of its logins' sessions. */
@@ -455,7 +455,7 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
         late.until = Date.now() + ECHO_MS;
       } else {
         if (st.late.size >= LATE_MAX) st.late.delete(st.late.keys().next().value as string);
-        st.late.set(echo.key, { n: 1, until: Date.now() + ECHO_MS });
+        st.late.set(echo.key, { n: 1, until: Date.now() + ECHO_MS, target: echo.target });
       }
     }
     return { ...r, seen: call.seen > 0, other: call.other };
@@ -469,8 +469,13 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
     const late = st.late.get(echo.key);
     if (late !== undefined) {
       if (--late.n <= 0) st.late.delete(echo.key);
-      if (late.until >= Date.now()) return true;
+      // (Past its time it is shown, but it is still that request's, not the running one's.)
+      return late.until >= Date.now();
     }
+    // Another change of the same target shown: a late echo still waited for with another
+    // key will not come (a message's edits go out in order, and one published after a
+    // newer one is dropped), and must not hide a later edit that happens to read the same.
+    for (const [k, e] of st.late) if (e.target === echo.target) st.late.delete(k);
     const call = st.call;
     if (call === undefined) return false;
     if (call.key === echo.key) {
