@@ -480,8 +480,9 @@ describe("WirechatClient", () => {
     const bob = await registered();
     const alice = await registered({ ack: true });
     const it = alice.c.events();
-    const sent = await bob.c.sendMessage({ uid: alice.uid }, "held");
+    // Listened for before sending: the delivery may come before the sender's reply.
     const got = new Promise((resolve) => alice.c.once("ev_message", resolve));
+    const sent = await bob.c.sendMessage({ uid: alice.uid }, "held");
     await got;
     await sleep(200);
     const acked = alice.c.lastAckedMid;
