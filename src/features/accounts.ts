@@ -662,7 +662,14 @@ export function registerAccounts(sv: Services): AccountOps {
           });
         });
       }
-      req.after(() => void router.sync(s, since === undefined ? undefined : Number(since)));
+      // The login this auth made, not whichever is the connection's when its reply goes
+      // out (replies wait behind a channel's events, the requests behind it run): after
+      // a logout and another auth meanwhile, this sync would send that user's inbox from
+      // this one's `since`, alongside the newer auth's own sync.
+      const gen = s.generation;
+      req.after(() => {
+        if (s.generation === gen) void router.sync(s, since === undefined ? undefined : Number(since));
+      });
       return result;
     },
   });
@@ -778,7 +785,13 @@ export function registerAccounts(sv: Services): AccountOps {
     },
     handle(req) {
       // `ack: true` opts this connection in to acknowledging its inbox events (`ack`).
-      if (req.data.ack === true) req.session.acks = true;
+      if (req.data.ack === true && !req.session.acks) {
+        req.session.acks = true;
+        // What was sent before is the client's to acknowledge from now on too: byte
+        // counts no longer confirm it (later traffic settled those marks, and a client
+        // that read such a message and failed before its ack lost it).
+        req.session.peer.forgetConfirmations();
+      }
       return {
         server: "wirechat",
         version: PROTOCOL_VERSION,

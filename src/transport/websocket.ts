@@ -124,6 +124,8 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
   /** Characters of the frames in `q` (streamed ones by weight). */
   private queuedChars = 0;
   private joining = false;
+  /** Times forgetConfirmations was called (a streamed frame under way checks it: join). */
+  private forgotten = 0;
   private ending = false;
   private lingerTimer: NodeJS.Timeout | undefined;
   private pausedFor = 0;
@@ -241,6 +243,9 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
    */
   private async join(frame: StreamedFrame, confirm: number): Promise<void> {
     this.joining = true;
+    // A confirmation given up meanwhile (forgetConfirmations: another user logged in
+    // here) is not marked when the frame is done: it is the earlier user's seq.
+    const forgotten = this.forgotten;
     let ok = false;
     try {
       // A piece is held back until the next one comes: the last one ends the message.
@@ -263,7 +268,7 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
       this.joining = false;
     }
     if (!ok) return;
-    if (confirm > 0) this.mark(confirm);
+    if (confirm > 0 && this.forgotten === forgotten) this.mark(confirm);
     while (this.q.length > 0 && !this.joining) {
       const [next, seq] = this.q.shift() as [OutFrame, number];
       this.queuedChars -= frameWeight(next);
@@ -308,6 +313,7 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
 
   forgetConfirmations(): void {
     this.marks = undefined;
+    this.forgotten++;
     for (const entry of this.q) entry[1] = 0;
   }
 
