@@ -825,7 +825,7 @@ export class Dispatcher {
       line.deferred--;
       line.deferredBytes -= size;
       this.active--;
-      upload?.release();
+      letGo(upload, err);
       if (err === undefined) this.fill(s, line, slot, this.encode(s, action, reply as ReplyBody));
       else this.fail(s, line, slot, action, err);
       this.resumeAfterDeferred(s, line);
@@ -841,7 +841,7 @@ export class Dispatcher {
     line.deferred--;
     line.deferredBytes -= req.size;
     this.active--;
-    req.upload?.release();
+    letGo(req.upload, err);
     // Answered: the slot may wait in line behind earlier requests holding only its frame.
     req.reply = undefined;
     req.err = undefined;
@@ -964,6 +964,18 @@ export class Dispatcher {
     if (slots.length === 0) line.slots = NO_SLOTS;
     this.endIfDone(s, line);
   }
+}
+
+/**
+ * A deferred request's upload, once it is answered: released, or kept when the request
+ * failed for a reason other than a refusal (its batch's write failed: whether the
+ * message is on disk is not known until the database is opened again, and a message
+ * that is must not lose its attachment).
+ */
+function letGo(upload: Upload | undefined, err: unknown): void {
+  if (upload === undefined) return;
+  if (err !== undefined && !(err instanceof ProtocolError)) upload.keep();
+  else upload.release();
 }
 
 /**

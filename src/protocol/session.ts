@@ -28,6 +28,13 @@ export interface UploadSink {
 export interface Upload extends UploadSink {
   finish(): Promise<StoredAttachment>;
   release(): void;
+  /**
+   * As release(), when the request's outcome is not known (its write failed, and a
+   * failed write may still be on disk: LevelDB says a batch whose sync failed "may or
+   * may not show up when the DB is re-opened"): a stored blob is kept, not deleted (the
+   * start-up sweep deletes it if no message references it).
+   */
+  keep(): void;
 }
 
 let lastPeerId = 0;

@@ -626,6 +626,12 @@ export class BlobWriter {
     }
   }
 
+  /** See Upload.keep: a stored blob stays pinned for this process's life. */
+  keep(): void {
+    if (this.stored) this.stored = undefined;
+    else this.abort();
+  }
+
   /**
    * Completes the upload: the blob is on disk (synced) under its hash and pinned for
    * the caller, who must unpin it once the message referencing it is committed (or
