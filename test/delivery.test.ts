@@ -532,16 +532,7 @@ describe("re-authentication and cursors (review findings)", () => {
     const a = await registerUser(shared.port);
     const alice = await offlineUser();
     const early = (await a.client.request("message", { uid: alice.uid, body: "sent before the opt-in" })).mid;
-    // A small slack for this one connection (see the test below).
-    const listener = server.listener as unknown as { slack: number };
-    const slack = listener.slack;
-    listener.slack = 2000;
-    let c: Client;
-    try {
-      c = await Client.connect(shared.port);
-    } finally {
-      listener.slack = slack;
-    }
+    const c = await smallSlackConnection();
     expect((await c.request("auth", { sid: alice.sid })).status).toBe(0);
     expect((await c.event("ev_message")).mid).toBe(early);
     expect((await c.request("hello", { ack: true })).ack).toBe(true);
@@ -564,17 +555,7 @@ describe("re-authentication and cursors (review findings)", () => {
     const sent: string[] = [];
     for (let i = 0; i < 5; i++) sent.push((await a.client.request("message", { uid: bob.uid, body: `${i} ${big}` })).mid);
     const forAlice = (await a.client.request("message", { uid: alice.uid, body: "for alice" })).mid;
-    // A small slack for this one connection: a frame counts as read once 2,000 more
-    // characters have been handed to the OS after it.
-    const listener = server.listener as unknown as { slack: number };
-    const slack = listener.slack;
-    listener.slack = 2000;
-    let c: Client;
-    try {
-      c = await Client.connect(shared.port);
-    } finally {
-      listener.slack = slack;
-    }
+    const c = await smallSlackConnection();
     expect((await c.request("auth", { sid: alice.sid })).status).toBe(0);
     expect((await c.event("ev_message")).mid).toBe(forAlice);
     // Bob logs in on the same connection (after Alice logs out: another user's auth on
@@ -590,6 +571,21 @@ describe("re-authentication and cursors (review findings)", () => {
     a.client.close();
   }, 30_000);
 });
+
+/**
+ * A connection with a small slack: a frame counts as read once 2,000 more characters
+ * have been handed to the OS after it.
+ */
+async function smallSlackConnection(): Promise<Client> {
+  const listener = shared.server.listener as unknown as { slack: number };
+  const slack = listener.slack;
+  listener.slack = 2000;
+  try {
+    return await Client.connect(shared.port);
+  } finally {
+    listener.slack = slack;
+  }
+}
 
 /** Waits until every one of `mids` has arrived on `c` as ev_message. */
 async function waitForMidsOf(c: Client, mids: string[]): Promise<void> {
