@@ -281,8 +281,8 @@ describe("rooms door: rooms and messages", () => {
     for (let i = 0; i < 4; i++) {
       const sent = await ask(a.c, { type: "SND_MSG", username: a.login, room_id: room.id, message: `m${i}`, msg_type: "TEXT" });
       const id = sent.message_id as number;
-      // Both at once, the native one first: the rooms request waits for the message's
-      // lock while the other's change is written, and its event comes meanwhile.
+      // Both at once, the native one first: the rooms request usually waits for the
+      // message's lock while the other's change is written, and its event comes meanwhile.
       const edited = native.request("editmessage", { mid: String(id), body: `native ${i}` });
       send(a.c, { type: "EDIT_MSG", id, new_msg: `rooms ${i}` });
       expect((await edited).status).toBe(0);
@@ -293,10 +293,10 @@ describe("rooms door: rooms and messages", () => {
       expect(onB.map((f) => f.new_msg)).toEqual(edits.map((f) => f.new_msg));
       const deleted = native.request("delmessage", { mid: String(id) });
       send(a.c, { type: "DELETE_MSG", id });
-      expect((await deleted).status).toBe(0);
-      // The other's deletion (this connection's own failed: the message was gone).
+      // One of the two deletes it (usually the native one, sent first); the other fails.
+      const nativeWon = (await deleted).status === 0;
       expect(await a.c.next(isChange("DELETE_MSG", id))).toEqual({ type: "DELETE_MSG", id });
-      expect(await a.c.next((f) => f.type === "DELETE_MSG" && f.status === "ERROR")).toMatchObject({ id });
+      if (nativeWon) expect(await a.c.next((f) => f.type === "DELETE_MSG" && f.status === "ERROR")).toMatchObject({ id });
       expect(await b.c.next(isChange("DELETE_MSG", id))).toEqual({ type: "DELETE_MSG", id });
     }
     // Nothing twice.
