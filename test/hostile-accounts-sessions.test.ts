@@ -139,6 +139,11 @@ describe("stored sessions", () => {
   it("an auth with an expired sid ends the connections still on it (the sweep no longer finds it)", async () => {
     const server = await startTestServer({ sessionTtl: 5 });
     try {
+      // The sweep runs every 5 s from the start: a session made in the start's second
+      // (expiries are in whole seconds) was due at the first sweep, which then found it
+      // as soon as the polling auths could (CI: the sweep won, and closed the asking
+      // connection). Made a second later, it is due between two sweeps.
+      await new Promise((r) => setTimeout(r, 1100));
       const a = await registerUser(server.port);
       const logout = a.client.event("ev_logout", () => true, 20_000);
       const other = await Client.connect(server.port);
