@@ -449,13 +449,14 @@ export class RoomsDoor extends DialectDoor<RoomsState, Msg> {
       if (st.call === call) st.call = undefined;
     }
     if (r.ok && (hide || (call.seen === 0 && !call.other))) {
+      const until = Date.now() + ECHO_MS;
       const late = st.late.get(echo.key);
       if (late !== undefined) {
         late.n++;
-        late.until = Date.now() + ECHO_MS;
+        late.until = until;
       } else {
         if (st.late.size >= LATE_MAX) st.late.delete(st.late.keys().next().value as string);
-        st.late.set(echo.key, { n: 1, until: Date.now() + ECHO_MS, target: echo.target });
+        st.late.set(echo.key, { n: 1, until, target: echo.target });
       }
     }
     return { ...r, seen: call.seen > 0, other: call.other };

@@ -53,10 +53,11 @@ export interface ScannerLimits {
    * Memory held for unfinished frames (see FrameScanner.retain), shared by every
    * scanner it is given to (the TCP doors' connections) and the WebSockets' unfinished
    * messages (websocket.ts), one count against --max-partial-input. Bytes whose
-   * keeping would take it past `max` make room by shedding the largest unfinished frames held elsewhere, larger than this
-   * one would be; when that is not enough, this frame is shed. A shed frame is skipped
-   * to its end holding nothing, as an oversized one is, and refused with status 13
-   * (send it again). Frames that arrive whole in one read are never held.
+   * keeping would take it past `max` make room by shedding the largest unfinished
+   * frames held elsewhere, larger than this one would be; when that is not enough,
+   * this frame is shed. A shed frame is skipped to its end holding nothing, as an
+   * oversized one is, and refused with status 13 (send it again). Frames that arrive
+   * whole in one read are never held.
    */
   held?: HeldInput;
 }
