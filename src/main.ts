@@ -85,6 +85,13 @@ async function serve(argv: string[]): Promise<void> {
     process.exit(0);
   }
   const log = server.services.log;
+  // Stopped for storage that refuses writes: a failure exit, which the service manager
+  // restarts (systemd's Restart=on-failure, docker's on-failure policy).
+  void server.failed.then(() => {
+    priority?.stop();
+    catchUp?.stop();
+    process.exit(1);
+  });
   if (scavengeAlone) log.info({ cpus: 1, parallelScavenge: false, concurrentArrayBufferSweeping: false }, "one CPU to run on: young-generation collections run on the event loop alone");
   // The process is ours: its background threads yield the core to the event loop.
   priority = new ThreadPriority(parsed.config.backgroundNice, log);

@@ -83,6 +83,11 @@ export interface RunningServer {
    * connection after flushing, then syncs and closes storage.
    */
   stop(): Promise<void>;
+  /**
+   * Settles once the server has stopped itself because its storage refuses every write
+   * (storage/db.ts): with the last failure. Never settles otherwise.
+   */
+  readonly failed: Promise<Error>;
 }
 
 /** Storage, the stores and every feature, without any listener. */
@@ -466,7 +471,7 @@ async function serve(
     } satisfies Partial<AdminDeps>);
   }
   const cluster = core.services.cluster;
-  adminDeps.notReady = () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : cluster?.problem);
+  adminDeps.notReady = () => (stopping ? "shutting down" : !listener.server.listening ? "not accepting connections" : (cluster?.problem ?? storageProblem(storage)));
   log.info(
     {
       host: address.address,
@@ -481,7 +486,16 @@ async function serve(
     "wirechat listening",
   );
 
-  return {
+  // Writes failing for good (LevelDB keeps a failed sync's error until it is opened
+  // again: storage/db.ts): the server stops, for its service manager to restart it.
+  let refused: (err: Error) => void = () => {};
+  const failed = new Promise<Error>((resolve) => (refused = resolve));
+  storage.onRefusing = (err) => {
+    if (stopping) return;
+    log.fatal({ err, failingSince: new Date(storage.failing?.since ?? Date.now()).toISOString() }, "storage refuses every write; stopping (a restart opens the database again, which recovers its log)");
+    void running.stop().finally(() => refused(err));
+  };
+  const running: RunningServer = {
     host: address.address,
     port: address.port,
     tlsPort: tlsAddress?.port,
@@ -531,7 +545,15 @@ async function serve(
       })();
       return stopping;
     },
+    failed,
   };
+  return running;
+}
+
+/** What /readyz says while storage writes fail. */
+function storageProblem(storage: Storage): string | undefined {
+  const f = storage.failing;
+  return f === undefined ? undefined : `storage writes failing since ${new Date(f.since).toISOString()}: ${f.message}`;
 }
 
 /** The admin port's own close, past the shutdown timeout: requests just answered go out. */

@@ -12,7 +12,7 @@ import { describe, expect, it } from "vitest";
 import { Client, login, registerUser, removeDir, serveForFile, startTestServer, tempDir, uniqueName, WsClient } from "./helpers.js";
 import { freePort } from "../scripts/nats-server.js";
 import { admin, parseProm, sample } from "./admin-helpers.js";
-import { sleep, waitFor, wrapCalls } from "./pipeline-helpers.js";
+import { sleep, waitFor, wrapBatchWrite, wrapCalls } from "./pipeline-helpers.js";
 import type { BatchOp } from "../src/storage/db.js";
 import { exportRecords } from "../src/admin/backup.js";
 
@@ -535,6 +535,50 @@ describe("readiness during shutdown", () => {
     await stopped;
     stuck.destroy();
     await expect(fetch(`http://127.0.0.1:${ap}/healthz`)).rejects.toThrow();
+    removeDir(server.services.config.dataDir);
+  });
+});
+
+describe("storage writes that fail", () => {
+  it("/readyz says so while they do and is ready again once one gets through; failed batches are counted", async () => {
+    const server = await startTestServer();
+    const ap = server.adminPort as number;
+    const a = await registerUser(server.port);
+    const failures = async () => sample(parseProm((await admin(ap, "GET", "/metrics")).text).samples, "wirechat_commit_batch_failures_total");
+    expect(await failures()).toBe(0);
+    const restore = wrapBatchWrite(server.services.storage, async () => {
+      throw new Error("the disk is full");
+    });
+    expect((await a.client.request("message", { uid: a.uid, body: "lost" })).status).toBe(16);
+    const r = await admin(ap, "GET", "/readyz");
+    expect(r).toMatchObject({ status: 503, json: { ready: false, reason: expect.stringMatching(/^storage writes failing since \S+: the disk is full$/) } });
+    expect(await failures()).toBeGreaterThanOrEqual(1);
+    restore();
+    expect((await a.client.request("message", { uid: a.uid, body: "kept" })).status).toBe(0);
+    expect((await admin(ap, "GET", "/readyz")).status).toBe(200);
+    // A passing failure stops nothing: the server still serves.
+    expect((await a.client.request("ping", {})).status).toBe(0);
+    a.client.close();
+    await server.stop();
+    removeDir(server.services.config.dataDir);
+  });
+
+  it("writes refused for refusingMs (LevelDB keeps a failed sync's error): the server stops itself, even with no traffic after the first failure", async () => {
+    const server = await startTestServer();
+    server.services.storage.refusingMs = 500;
+    const a = await registerUser(server.port);
+    let writes = 0;
+    wrapBatchWrite(server.services.storage, async () => {
+      writes++;
+      throw new Error("IO error: sync failed");
+    });
+    expect((await a.client.request("message", { uid: a.uid, body: "lost" })).status).toBe(16);
+    // Nothing more is sent: the probe write finds that writes still fail.
+    const err = await server.failed;
+    expect(err.message).toBe("IO error: sync failed");
+    expect(writes).toBeGreaterThanOrEqual(2);
+    await a.client.closed;
+    await expect(Client.connect(server.port)).rejects.toThrow();
     removeDir(server.services.config.dataDir);
   });
 });

@@ -79,7 +79,7 @@ function readLive(tables: readonly ConnectionTable[]) {
   return { byState, queued, uploads, bytesIn, bytesOut };
 }
 
-export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], blobs: BlobStore, storage: Pick<Storage, "level0Tables">): client.Registry {
+export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], blobs: BlobStore, storage: Pick<Storage, "level0Tables" | "failedBatches">): client.Registry {
   const registry = new client.Registry();
   defaultMetrics(registry);
 
@@ -121,6 +121,7 @@ export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], 
   computed(registry, "wirechat_delivery_lag_seconds", "Time messages waited for their group commit (per batch: from its first message to its fsync)", "histogram", () => histogram("wirechat_delivery_lag_seconds", m.deliveryLag));
   computed(registry, "wirechat_commit_batch_ops", "Operations per group-commit batch", "histogram", () => histogram("wirechat_commit_batch_ops", m.batchOps));
   computed(registry, "wirechat_commit_batch_seconds", "Duration of each group-commit batch write (fsync included when durable)", "histogram", () => histogram("wirechat_commit_batch_seconds", m.batchSeconds));
+  computed(registry, "wirechat_commit_batch_failures_total", "Group-commit batch writes that failed (each failed its requests with status 16)", "counter", () => [{ value: storage.failedBatches }]);
   computed(registry, "wirechat_bytes_in_total", "Bytes received from clients", "counter", () => [{ value: m.bytesInClosed + live().bytesIn }]);
   computed(registry, "wirechat_bytes_out_total", "Bytes sent to clients", "counter", () => [{ value: m.bytesOutClosed + live().bytesOut }]);
   computed(registry, "wirechat_outbound_queued_bytes", "Bytes waiting to be sent, over every connection", "gauge", () => [{ value: live().queued }]);

@@ -38,6 +38,15 @@
 // root-level utf8 database written with prefixed string keys. The binding is
 // classic-level's private API: package.json names its exact version, and
 // Storage.open refuses to start with any other (nativeBatches).
+//
+// A failed write: its waiters are told (a message's sender gets 16), and the next batch
+// tries again. But LevelDB makes some failures stick: once a log sync (or a background
+// flush or compaction) has failed, it refuses every later write with that error until
+// the database is opened again. So while writes fail the storage is `failing` (/readyz
+// says so at once), a synced probe write goes out REFUSING_MS after the first failure
+// if nothing else has, and once writes have failed for that long with none getting
+// through, onRefusing is called: the server stops (server.ts), and the service manager's
+// restart opens the database again, which recovers its log.
 
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -118,6 +127,14 @@ export const LEVEL_OPTIONS = {
   cacheSize: 16 * 1024 * 1024,
   maxOpenFiles: 64,
 } as const;
+
+/**
+ * How long batch writes may all fail before the storage is taken to refuse them until
+ * the database is opened again (see the top of the file): long enough that a failure
+ * that passes (a full disk freed) does not stop the server, short enough that a stuck
+ * one does not leave it answering 16 to every write for long.
+ */
+const REFUSING_MS = 10_000;
 
 type Done = (err: Error | undefined) => void;
 /** A commit waiter as an object (the hot path: no closure per message). */
@@ -228,6 +245,19 @@ export class Storage {
   private readonly idle: (() => void)[] = [];
   /** Hears of every batch written: its operations and its write's duration in seconds. */
   onBatch: ((ops: number, seconds: number) => void) | undefined;
+  /** Batch writes that failed since start. */
+  failedBatches = 0;
+  /** Since when (unix ms) every batch written has failed, and the first failure: undefined once one is written. */
+  private failingSince: number | undefined;
+  private firstFailure: Error | undefined;
+  private probeTimer: NodeJS.Timeout | undefined;
+  /** The probe's time came while writes were failing. */
+  private probed = false;
+  /** How long writes may keep failing, none getting through, before onRefusing (see the top of the file). */
+  refusingMs = REFUSING_MS;
+  /** Called once when writes have failed for refusingMs, none getting through, with the latest failure. */
+  onRefusing: ((err: Error) => void) | undefined;
+  private refused = false;
 
   /** Native batches not in use (two: one gathering, one being written). */
   private readonly spare: NativeBatch[];
@@ -409,8 +439,9 @@ export class Storage {
     if (this.closed) return this.refuseOpen();
     for (const fn of this.contributors) fn(this);
     const b = this.open;
-    // Waited for with nothing in it, behind an unsynced batch: it syncs the log.
-    if (b.ops === 0 && b.durable && this.unsyncedTail) this.add(del(this.spaces.meta, SYNC_MARK_KEY));
+    // Waited for with nothing in it, behind an unsynced batch: it syncs the log. While
+    // writes fail it is also the probe: a write that tells whether they still do.
+    if (b.ops === 0 && b.durable && (this.unsyncedTail || this.failingSince !== undefined)) this.add(del(this.spaces.meta, SYNC_MARK_KEY));
     if (b.ops > 0) {
       // A counter's latest value rides with any batch (never alone: nothing used it yet).
       for (const c of this.counters) {
@@ -456,8 +487,16 @@ export class Storage {
 
   private written(b: Batch, err: Error | undefined): void {
     this.writing = false;
-    if (err) for (const c of b.counted ?? []) c.retry();
-    else this.unsyncedTail = !b.durable;
+    if (err) {
+      for (const c of b.counted ?? []) c.retry();
+      this.failed(err);
+    } else {
+      this.unsyncedTail = !b.durable;
+      this.failingSince = this.firstFailure = undefined;
+      this.probed = false;
+      if (this.probeTimer !== undefined) clearTimeout(this.probeTimer);
+      this.probeTimer = undefined;
+    }
     // Emptied (written or failed, its operations are done with) and free for the next.
     const native = b.native as NativeBatch;
     b.native = undefined;
@@ -491,6 +530,32 @@ export class Storage {
     else this.settleIdle();
   }
 
+  /** A batch write failed: the storage is failing, and refusing once it has been for refusingMs. */
+  private failed(err: Error): void {
+    this.failedBatches++;
+    const now = Date.now();
+    if (this.failingSince === undefined) {
+      this.failingSince = now;
+      this.firstFailure = err;
+      // The probe: without traffic no batch would tell whether writes still fail.
+      this.probeTimer = setTimeout(() => {
+        this.probeTimer = undefined;
+        this.probed = true;
+        if (this.failingSince !== undefined && !this.closed) this.afterCommit(() => {});
+      }, this.refusingMs);
+      this.probeTimer.unref();
+    } else if ((this.probed || now - this.failingSince >= this.refusingMs) && !this.refused) {
+      this.refused = true;
+      this.onRefusing?.(err);
+    }
+  }
+
+  /** Writes are failing: since when (unix ms) and the first failure's message; undefined while they are not. */
+  get failing(): { since: number; message: string } | undefined {
+    if (this.failingSince === undefined) return undefined;
+    return { since: this.failingSince, message: (this.firstFailure as Error).message };
+  }
+
   private settleIdle(): void {
     if (this.writing || this.open.ops > 0) return;
     for (const fn of this.idle.splice(0)) fn();
@@ -506,6 +571,8 @@ export class Storage {
 
   async close(): Promise<void> {
     await this.settle();
+    if (this.probeTimer !== undefined) clearTimeout(this.probeTimer);
+    this.probeTimer = undefined;
     if (this.unsyncedTail) await new Promise<void>((resolve) => this.afterCommit(() => resolve()));
     this.closed = true;
     // What a waiter's continuation added between the settle and this turn is never
