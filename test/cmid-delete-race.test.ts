@@ -7,6 +7,7 @@
 import { describe, expect, it } from "vitest";
 import { startServer } from "../src/server.js";
 import { login, registerUser, testConfig, useTempDirs } from "./helpers.js";
+import { sleep, wrapBatchWrite } from "./pipeline-helpers.js";
 
 const newDataDir = useTempDirs();
 
@@ -47,6 +48,31 @@ describe("cmid vs delmessage", () => {
     }
     expect(stale).toEqual([]);
     for (const c of [d1, d2, d3]) c.close();
+    await server.stop();
+  });
+
+  it("a delete whose writes fail leaves the message's cmid in force: a resend is answered with the message, not stored again", async () => {
+    const server = await startServer(testConfig({ dataDir: newDataDir() }));
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    const sent = await a.client.request("message", { uid: b.uid, body: "once", cmid: "k1" });
+    expect(sent.status).toBe(0);
+    // At once, while its cmid entry waits in memory for its generation: every write
+    // fails, the generation's (which the delete waits for) and the delete's own.
+    const restore = wrapBatchWrite(server.services.storage, async () => {
+      throw new Error("the disk is full");
+    });
+    expect((await a.client.request("delmessage", { mid: sent.mid })).status).toBe(16);
+    restore();
+    // The generation goes out once writes work again.
+    await sleep(1500);
+    await server.services.messages.flushDerived();
+    const again = await a.client.request("message", { uid: b.uid, body: "once", cmid: "k1" });
+    expect(again).toMatchObject({ status: 0, mid: sent.mid });
+    const h = (await a.client.request("history", { uid: b.uid, limit: 10 })).messages.map((m: any) => m.mid);
+    expect(h).toEqual([sent.mid]);
+    a.client.close();
+    b.client.close();
     await server.stop();
   });
 });

@@ -957,7 +957,7 @@ export class MessageStore {
    * removeOps for a caller that writes them later (cluster mode's apply reads first and
    * writes after): call `written` once they are.
    */
-  async removal(m: MessageRecord): Promise<{ ops: BatchOp[]; written: () => void }> {
+  async removal(m: MessageRecord): Promise<{ ops: BatchOp[]; written: (err?: Error) => void }> {
     const seq = Number(m.mid);
     const conv = convOf(m);
     const ops = [del(this.s.log, seqKey(seq))];
@@ -982,7 +982,10 @@ export class MessageStore {
       this.marked.set(pair(m.from, to), Infinity);
       this.marked.set(pair(to, m.from), Infinity);
     }
-    const written = () => {
+    // Also after a failed write (then the message is still there, as far as this
+    // process knows): the recheck reads the truth from history either way, and the
+    // cmid taken out of the generations above is put back in one.
+    const written = (err?: Error) => {
       this.forget(conv);
       if (to !== undefined) {
         const tick = ++this.markTick;
@@ -990,7 +993,8 @@ export class MessageStore {
         this.marked.set(pair(to, m.from), tick);
         this.recheck(m.from, to);
       }
-      this.cmidRemoved(m);
+      if (err === undefined) this.cmidRemoved(m);
+      else this.cmidKept(m);
     };
     return { ops, written };
   }
@@ -1040,6 +1044,22 @@ export class MessageStore {
       if (diskSure && onDisk[i]?.[0] === m.mid) ops.push(del(this.s.cmids, key));
     });
     return ops;
+  }
+
+  /**
+   * The delete of `m` failed: its cmid entry, taken out of every generation not yet
+   * written (cmidRemoval), waits in the next one again (a put of what the disk may
+   * hold already), so that a resend with it is still answered with `m`.
+   */
+  private cmidKept(m: MessageRecord): void {
+    if (m.cmid === undefined) return;
+    const key = pair(m.from, m.cmid);
+    const v: [string, number] = [m.mid, m.time];
+    const p = this.pending;
+    if (!p.cmids.has(key)) p.count++;
+    p.cmids.set(key, v);
+    this.rememberCmid(key, v);
+    this.armDerived();
   }
 
   private cmidRemoved(m: MessageRecord): void {
