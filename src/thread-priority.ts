@@ -53,7 +53,7 @@
 // queued to the pool runs on one of its threads and names it; enough of them at once,
 // each followed by a job that keeps its thread busy, reach every thread (asked again
 // until all have answered; the pool's threads never change after that). Only the
-// process's own entry point (main.ts) does this: an embedding program's threads are
+// process's own program (run.ts, behind main.ts) does this: an embedding program's threads are
 // not ours to reorder.
 
 import { readdirSync, readlink, readlinkSync } from "node:fs";

@@ -728,3 +728,76 @@ describe("configuration and signals", () => {
   });
 });
 
+
+describe("signals while the server's modules load", () => {
+  it("SIGHUP is ignored and SIGTERM stops the server once it is up, from before LevelDB's binding is loaded", async () => {
+    const dataDir = tmp();
+    const child = spawn(process.execPath, [main, "--port", "0", "--data-dir", dataDir, "--admin", "off", "--log-level", "info"], { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    child.stdout.on("data", (b: Buffer) => (out += b.toString()));
+    child.stderr.on("data", (b: Buffer) => (out += b.toString()));
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on("exit", (code, signal) => resolve({ code, signal })));
+    const pid = child.pid as number;
+    // The first moment SIGHUP has a handler (SigCgt, bit 0), and whether the LevelDB
+    // binding was mapped by then: node's default ends the process on SIGHUP and SIGTERM,
+    // and the modules (LevelDB's binding among them) take a few hundred ms to load.
+    const caught = () => {
+      try {
+        const line = readFileSync(`/proc/${pid}/status`, "utf8").match(/^SigCgt:\s*([0-9a-f]+)$/m);
+        return line !== null && (BigInt(`0x${line[1]}`) & 1n) === 1n;
+      } catch {
+        return false;
+      }
+    };
+    const deadline = Date.now() + 20_000;
+    while (!caught() && Date.now() < deadline) await new Promise((r) => setImmediate(r));
+    const bindingLoaded = readFileSync(`/proc/${pid}/maps`, "utf8").includes("classic-level");
+    child.kill("SIGHUP");
+    child.kill("SIGTERM");
+    expect(bindingLoaded).toBe(false);
+    expect(await exited, out).toEqual({ code: 0, signal: null });
+    expect(out).toMatch(/"msg":"wirechat listening"/);
+    expect(out).toMatch(/"signal":"SIGTERM".*"msg":"shutting down"/);
+    expect(out).toMatch(/"msg":"wirechat stopped"/);
+  }, 30_000);
+});
+
+describe("npm start's signals", () => {
+  const repo = fileURLToPath(new URL("..", import.meta.url));
+  /** `npm start` in a process group of its own, once the server is up: npm's pid and the server's. */
+  async function npmStart(): Promise<{ npm: ReturnType<typeof spawn>; server: number; out: () => string; exited: Promise<number | null> }> {
+    const child = spawn("npm", ["start", "--", "--port", "0", "--data-dir", tmp(), "--admin", "off"], { cwd: repo, detached: true, stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    child.stdout?.on("data", (b: Buffer) => (out += b.toString()));
+    child.stderr?.on("data", (b: Buffer) => (out += b.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+    await waitFor(() => /"msg":"wirechat listening"/.test(out), 20_000, "the server listening");
+    const server = Number((out.match(/"pid":(\d+)[^\n]*"msg":"wirechat listening"/) as RegExpMatchArray)[1]);
+    return { npm: child, server, out: () => out, exited };
+  }
+  const gone = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return false;
+    } catch {
+      return true;
+    }
+  };
+
+  it("Ctrl-C (SIGINT to the group: the server gets it from the terminal and again from npm) is one graceful stop", async () => {
+    const s = await npmStart();
+    process.kill(-(s.npm.pid as number), "SIGINT");
+    await s.exited;
+    await waitFor(() => gone(s.server), 10_000, "the server gone");
+    expect(s.out()).toMatch(/"msg":"wirechat stopped"/);
+    expect(s.out()).not.toMatch(/second signal/);
+  }, 40_000);
+
+  it("SIGTERM to npm reaches the server, which stops gracefully (it was left running, orphaned)", async () => {
+    const s = await npmStart();
+    s.npm.kill("SIGTERM");
+    await s.exited;
+    await waitFor(() => gone(s.server), 10_000, "the server gone");
+    expect(s.out()).toMatch(/"signal":"SIGTERM".*"msg":"shutting down"/);
+  }, 40_000);
+});

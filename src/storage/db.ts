@@ -291,7 +291,7 @@ export class Storage {
   /**
    * Starts LevelDB's background thread (memtable flushes, compactions) now rather than
    * at its first memtable flush. LevelDB creates that thread from the pool thread whose
-   * write fills the memtable, at that thread's priority, the event loop's; main.ts
+   * write fills the memtable, at that thread's priority, the event loop's; run.ts
    * lowers the background threads at start-up and then every few seconds
    * (thread-priority.ts), so a server's first flush ran at the loop's priority. Under
    * S2 at 20,000 msg/s (server pinned to one core) that flush, 64 MiB of memtable
