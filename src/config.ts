@@ -311,7 +311,7 @@ export function packageVersion(): string {
 export function helpText(commands: readonly string[]): string {
   const lines = [
     "Usage: wirechat [serve] [options]    run the server (npm start -- [options])",
-    "       wirechat <command> ...        operate it: wirechat help <command>",
+    "       wirechat <command> ...        operate it or chat with it: wirechat help lists the commands",
     "",
     ...wrap(`Commands: serve (the default), ${commands.join(", ")}, chat.`, 82),
     "",

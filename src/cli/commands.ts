@@ -40,6 +40,7 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
   wirechat restore <dir>                    into --data-dir, which must hold no database
   wirechat export [--user <login|uid>]      NDJSON on stdout (no password hashes)
   wirechat version
+  wirechat chat [options]                   the terminal client (wirechat chat --help)
 
 A user named <login|uid> is matched by uid first; after "--" every word is a name
 (a login starting with "-"). --help or --version after any command prints that and
