@@ -417,6 +417,13 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     ] as const) {
       refusedRestore(target, (bad) => writeFileSync(path.join(bad, "db.ndjson"), damage), why, restored);
     }
+    // Into a data dir that did not exist: none is left behind.
+    const fresh = path.join(tmp(), "new", "data");
+    const damaged = path.join(tmp(), "bad");
+    cpSync(target, damaged, { recursive: true });
+    writeFileSync(path.join(damaged, "db.ndjson"), "5\n" + lines.join("\n"));
+    expect(cli(["restore", damaged, "--data-dir", fresh]).status).toBe(1);
+    expect(existsSync(fresh)).toBe(false);
     const r = cli(["restore", target, "--data-dir", restored]);
     expect(r.status).toBe(0);
     expect(cli(["restore", target, "--data-dir", restored]).stderr).toMatch(/already holds a database/);

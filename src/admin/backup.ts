@@ -11,7 +11,7 @@
 import type { AbstractSnapshot } from "abstract-level";
 import { createHash } from "node:crypto";
 import { pipeline } from "node:stream/promises";
-import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, createReadStream, createWriteStream, existsSync, fsyncSync, linkSync, mkdtempSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { copyFile, readFile } from "node:fs/promises";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -211,8 +211,11 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
     throw new Error(`the backup holds layout ${info.layout}, newer than this wirechat's ${LAYOUT_VERSION}: restore it with the wirechat that made it (or a newer one)`);
   }
   const dbDir = path.join(dataDir, "db");
+  // A data dir this restore makes goes again if the restore fails (nothing left behind).
+  const made = !existsSync(dataDir);
   makeDirSync(dataDir);
   const unlock = restoreLock(dataDir);
+  let restored = false;
   try {
     // Under the lock: a restore that finished a moment ago has put its database there.
     if (existsSync(dbDir) && readdirSync(dbDir).length > 0) throw new Error(`${dataDir} already holds a database; restore into a new data dir`);
@@ -250,12 +253,20 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
       // rename(2) replaces an empty directory in one step, and fails on one that is not.
       renameSync(path.join(staging, "db"), dbDir);
       await syncPath(dataDir);
+      restored = true;
       return { keys, blobs, missing: absent };
     } finally {
       rmSync(staging, { recursive: true, force: true });
     }
   } finally {
     unlock();
+    if (made && !restored) {
+      try {
+        rmdirSync(dataDir); // only while empty (another restore may have taken it meanwhile)
+      } catch {
+        // not empty, or gone
+      }
+    }
   }
 }
 
