@@ -403,6 +403,34 @@ describe("WirechatClient", () => {
     }
   });
 
+  it("messages in flight when the connection closes each reject with their own cmid: sent again with them, each is stored once", async () => {
+    let mute = false;
+    const { proxy, links } = await gatedProxy(() => true, () => !mute);
+    try {
+      const bob = await registered();
+      const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port });
+      clients.push(alice);
+      const login = uniqueName("cm");
+      await alice.register(login, "secret", login);
+      mute = true;
+      const sent = ["m1", "m2", "m3"].map((body) => rejection(alice.sendMessage({ uid: bob.uid }, body)));
+      await sleep(300); // stored by the server, their replies held back
+      for (const l of links) l.destroy();
+      const errs = await Promise.all(sent);
+      for (const e of errs) expect(e).toMatchObject({ code: ClientCode.Closed, action: "message" });
+      // One error each: one shared by all had the last message's cmid on every one.
+      expect(new Set(errs.map((e) => e.cmid)).size).toBe(3);
+      const again = await connect();
+      await again.auth({ login, pass: "secret" });
+      for (const [i, e] of errs.entries()) await again.sendMessage({ uid: bob.uid }, `m${i + 1}`, { cmid: e.cmid });
+      const history = await bob.c.history({ uid: again.uid as string });
+      expect(history.map((h) => h.body)).toEqual(["m1", "m2", "m3"]);
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+    }
+  });
+
   it("a message whose ack a disconnect cut off is acked after the reconnect: the next login does not get it again", async () => {
     const bob = await registered();
     const alice = await registered({ ack: true, reconnect: { minMs: 50, maxMs: 200 } });

@@ -95,7 +95,11 @@ export interface ConnectOptions {
   /**
    * Largest frame accepted from the server; a longer one ends the connection. Default
    * 128 MiB (a 64 MiB attachment is ~90 MB of base64). A `history` reply carries every
-   * attachment of its page inline: ask for pages small enough, or raise this.
+   * attachment of its page inline: ask for pages small enough, or raise this (the
+   * server cuts a page at its outbound cap, 8 MiB by default, past its first message;
+   * latest() asks for pages of up to 500). Set below the largest message a user may be
+   * sent, that message ends every connection it is sent on, and with `reconnect` the
+   * client reconnects for it again and again.
    */
   maxFrameBytes?: number;
   /** The last inbox mid this client already has (from a previous run), used as `since`. */
@@ -592,7 +596,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   }
 
   /**
-   * A conversation's newest `n` messages (at most 500), oldest first, or those newer
+   * A conversation's newest `n` messages (read 500 at most a page), oldest first, or those newer
    * than mid `after` if fewer: history pages back, since a page of large attachments
    * stops short of its limit. Paging stops once the messages gathered hold
    * maxFrameBytes of text (bodies, attachments' base64), the most one reply may hold:
@@ -649,9 +653,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   }
 
   /**
-   * Acknowledges inbox messages up to `mid` (cumulative). Done automatically when the
-   * client was connected with `ack` on; exposed for callers that turned that off and
-   * opted in themselves.
+   * Acknowledges inbox messages up to `mid` (cumulative). A connection that opted in
+   * (the `ack` option, or `hello({ack: true})` sent through this client) is acknowledged
+   * automatically once the `ev_message` listeners have run: this sends one more.
    */
   async ack(mid: string, options?: RequestOptions): Promise<void> {
     await this.request("ack", { mid }, options);
@@ -1280,7 +1284,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       }
       clearTimeout(p.timer);
       p.settled = true;
-      p.reject(closedErr);
+      // Its own error: a message's carries its own cmid (withCmid).
+      p.reject(new WirechatError(closedErr.code, closedErr.serverMessage, p.action));
     }
     if (this.state === "closed" || this.state === "reconnecting") return;
     this.held.unshift(...again);
@@ -1478,12 +1483,21 @@ function errorText(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
-/** A message request's failure without a reply carries its cmid (WirechatError.cmid). */
+/**
+ * A message request's failure without a reply carries its cmid (WirechatError.cmid), on
+ * an error of its own: set on one shared by several requests (a connection's close
+ * failed them all with one), the last cmid was every message's, and a caller that sent
+ * each again with its error's cmid stored one of them twice and lost the others.
+ */
 async function withCmid<T>(cmid: string, request: Promise<T>): Promise<T> {
   try {
     return await request;
   } catch (err) {
-    if (err instanceof WirechatError && (err.code === ClientCode.Timeout || err.code === ClientCode.Closed)) err.cmid = cmid;
+    if (err instanceof WirechatError && (err.code === ClientCode.Timeout || err.code === ClientCode.Closed)) {
+      const own = new WirechatError(err.code, err.serverMessage, err.action);
+      own.cmid = cmid;
+      throw own;
+    }
     throw err;
   }
 }
