@@ -675,20 +675,26 @@ describe("WirechatClient", () => {
     expect((await c.ping()) > 0).toBe(true);
   });
 
-  it("a resume that is dropped again at once backs off further instead of looping", async () => {
+  it("an inbox frame over maxFrameBytes, sent again at every resume, stops the client instead of looping", async () => {
     const bob = await registered();
     const alice = await registered({ maxFrameBytes: 2000, reconnect: { minMs: 20, maxMs: 400, maxAttempts: 1_000_000 } });
     let resumes = 0;
     alice.c.on("reconnect", () => resumes++);
+    const closed = new Promise<Error | undefined>((r) => alice.c.once("close", (err?: Error) => r(err)));
     const lost = new Promise<void>((r) => alice.c.once("disconnect", () => r()));
     (alice.c as unknown as { socket: net.Socket }).socket.destroy();
     await lost;
     // Waiting in the inbox: a frame over alice's limit, sent again after every resume.
     await bob.c.sendMessage({ uid: alice.uid }, "x".repeat(3000));
-    await sleep(3000);
-    // A step that starts again from 20 ms at each resume made well over a hundred.
+    // It reconnected for it for ever (each time after the back-off: a step that starts
+    // again from 20 ms at each resume made well over a hundred in 3 s); now three
+    // connections in a row ended by it stop the client, with the reason.
+    const err = await Promise.race([closed, sleep(10_000).then(() => "still reconnecting")]);
+    expect(err).toBeInstanceOf(Error);
+    expect((err as Error).message).toMatch(/longer than 2000 bytes/);
     expect(resumes).toBeGreaterThan(0);
-    expect(resumes).toBeLessThan(30);
+    expect(resumes).toBeLessThanOrEqual(3);
+    expect(alice.c.connected).toBe(false);
   });
 
   it("refuses to send an action name the server could not say back, and stays in step", async () => {

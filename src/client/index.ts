@@ -22,7 +22,7 @@ import tls from "node:tls";
 import type { Readable } from "node:stream";
 import { base64Chunks } from "./attach.js";
 import { ClientCode, WirechatError } from "./errors.js";
-import { NdjsonSplitter } from "./ndjson.js";
+import { LineTooLongError, NdjsonSplitter } from "./ndjson.js";
 import type {
   AuthInfo,
   ChannelInfo,
@@ -98,8 +98,9 @@ export interface ConnectOptions {
    * attachment of its page inline: ask for pages small enough, or raise this (the
    * server cuts a page at its outbound cap, 8 MiB by default, past its first message;
    * latest() asks for pages of up to 500). Set below the largest message a user may be
-   * sent, that message ends every connection it is sent on, and with `reconnect` the
-   * client reconnects for it again and again.
+   * sent, that message ends every connection it is sent on: with `reconnect`, once
+   * three connections in a row have ended that way the client stops (`close`, with the
+   * error) rather than reconnect for it for ever.
    */
   maxFrameBytes?: number;
   /** The last inbox mid this client already has (from a previous run), used as `since`. */
@@ -315,6 +316,8 @@ class EventIterator implements AsyncIterableIterator<WirechatEvent> {
 }
 
 const DEFAULT_TIMEOUT_MS = 30_000;
+/** Connections in a row a frame over maxFrameBytes may end before the client stops reconnecting. */
+const TOO_LONG_MAX = 3;
 
 export class WirechatClient extends EventEmitter<ClientEvents> {
   /** The welcome frame of the current connection. */
@@ -378,6 +381,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private ackBusy = false;
   private closing = false;
   private sessionEnded = false;
+  /** Connections in a row ended by a frame over maxFrameBytes (see onData). */
+  private tooLongInARow = 0;
+  /** Resuming would meet the same oversized frame again: the client stops. */
+  private givenUp = false;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private keepAliveTimer: NodeJS.Timeout | undefined;
   private lastWrite = Date.now();
@@ -970,6 +977,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     try {
       lines = this.splitter.push(chunk);
     } catch (err) {
+      // A frame over maxFrameBytes, on TOO_LONG_MAX connections in a row: an inbox
+      // message larger than the limit, sent again after every resume. The client stops
+      // (close, with this error) rather than reconnect for it for ever.
+      if (err instanceof LineTooLongError && ++this.tooLongInARow >= TOO_LONG_MAX) this.givenUp = true;
       socket.destroy(err as Error);
       return;
     }
@@ -1271,7 +1282,8 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.inflightHead = 0;
     // A connect attempt that failed before its welcome frame (state reconnecting):
     // tryReconnect, which made it, schedules the next one.
-    const resumable = this.state !== "closed" && this.state !== "reconnecting" && !this.closing && this.reconnectOpts !== undefined && !this.sessionEnded;
+    if (!(this.lastSocketError instanceof LineTooLongError)) this.tooLongInARow = 0;
+    const resumable = this.state !== "closed" && this.state !== "reconnecting" && !this.closing && this.reconnectOpts !== undefined && !this.sessionEnded && !this.givenUp;
     // Written, unanswered: lost with the connection, but for messages with a cmid,
     // which go out again first (Pending.resend).
     const again: OutItem[] = [];
