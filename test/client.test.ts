@@ -675,6 +675,41 @@ describe("WirechatClient", () => {
     expect((await c.ping()) > 0).toBe(true);
   });
 
+  it("a resume that is dropped again at once backs off further instead of looping", async () => {
+    // A proxy that cuts every connection after the first 100 ms after it opens.
+    let cutting = false;
+    const links: net.Socket[] = [];
+    const proxy = net.createServer((inbound) => {
+      const outbound = net.connect(srv.port, "127.0.0.1");
+      links.push(inbound, outbound);
+      inbound.on("data", (d) => outbound.write(d));
+      outbound.on("data", (d) => inbound.write(d));
+      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+        a.on("close", () => b.destroy());
+        a.on("error", () => b.destroy());
+      }
+      if (cutting) setTimeout(() => inbound.destroy(), 100);
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    try {
+      const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port, reconnect: { minMs: 20, maxMs: 400, maxAttempts: 1_000_000 } });
+      clients.push(alice);
+      const login = uniqueName("bo");
+      await alice.register(login, "secret", login);
+      let resumes = 0;
+      alice.on("reconnect", () => resumes++);
+      cutting = true;
+      for (const l of links) l.destroy();
+      await sleep(3000);
+      // Started again from 20 ms at each resume, it made ~25 in 3 s (100 ms up each).
+      expect(resumes).toBeGreaterThan(2);
+      expect(resumes).toBeLessThan(16);
+    } finally {
+      proxy.close();
+      for (const l of links) l.destroy();
+    }
+  });
+
   it("an inbox frame over maxFrameBytes, sent again at every resume, stops the client instead of looping", async () => {
     const bob = await registered();
     const alice = await registered({ maxFrameBytes: 2000, reconnect: { minMs: 20, maxMs: 400, maxAttempts: 1_000_000 } });

@@ -1327,7 +1327,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     // Exponential backoff with "equal jitter": at least half the step, so clients cut
     // off together by a server restart do not all come back in the same instant.
     // The step keeps growing across resumes that did not last (a connection dropped
-    // again at once, say for an inbox frame over maxFrameBytes, came straight back
+    // again at once (a proxy that cuts it, a server that drops it) came straight back
     // and looped); one that stayed up for the longest step starts again from the first.
     if (this.resumedAt !== undefined && Date.now() - this.resumedAt >= r.maxMs) this.backoff = 0;
     this.resumedAt = undefined;
