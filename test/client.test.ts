@@ -54,9 +54,10 @@ async function connect(opts: ConnectOptions = {}): Promise<WirechatClient> {
  * A listening proxy to the shared server that passes the client's bytes while `up()`
  * and the server's while `down()` says so, closing nothing; `links` are its sockets.
  */
-async function gatedProxy(up: () => boolean, down: () => boolean): Promise<{ proxy: net.Server; links: net.Socket[] }> {
+async function gatedProxy(up: () => boolean, down: () => boolean, accepted?: (inbound: net.Socket) => void): Promise<{ proxy: net.Server; links: net.Socket[] }> {
   const links: net.Socket[] = [];
   const proxy = net.createServer((inbound) => {
+    accepted?.(inbound);
     const outbound = net.connect(srv.port, "127.0.0.1");
     links.push(inbound, outbound);
     inbound.on("data", (d) => up() && outbound.write(d));
@@ -68,6 +69,29 @@ async function gatedProxy(up: () => boolean, down: () => boolean): Promise<{ pro
   });
   await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
   return { proxy, links };
+}
+
+/**
+ * Runs `test` with bob and alice, alice registered through a proxy that passes her
+ * bytes and stops passing the server's once `mute()` is called: the server stores what
+ * she sends, and she hears nothing back.
+ */
+async function behindMutedProxy(
+  test: (t: { bob: Awaited<ReturnType<typeof registered>>; alice: WirechatClient; login: string; mute: () => void; links: net.Socket[] }) => Promise<void>,
+): Promise<void> {
+  let muted = false;
+  const { proxy, links } = await gatedProxy(() => true, () => !muted);
+  try {
+    const bob = await registered();
+    const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port });
+    clients.push(alice);
+    const login = uniqueName("cm");
+    await alice.register(login, "secret", login);
+    await test({ bob, alice, login, mute: () => (muted = true), links });
+  } finally {
+    proxy.close();
+    for (const l of links) l.destroy();
+  }
 }
 
 async function registered(opts: ConnectOptions = {}): Promise<{ c: WirechatClient; uid: string; sid: string; login: string }> {
@@ -369,17 +393,8 @@ describe("WirechatClient", () => {
   });
 
   it("a message or file whose reply never came rejects with its cmid: sent again with it, it is stored once", async () => {
-    // A proxy that passes the client's bytes and can stop passing the server's: the
-    // server stores what it is sent, and the client hears nothing back.
-    let mute = false;
-    const { proxy, links } = await gatedProxy(() => true, () => !mute);
-    try {
-      const bob = await registered();
-      const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port });
-      clients.push(alice);
-      const login = uniqueName("cm");
-      await alice.register(login, "secret", login);
-      mute = true;
+    await behindMutedProxy(async ({ bob, alice, login, mute }) => {
+      mute();
       const lost = await rejection(alice.sendMessage({ uid: bob.uid }, "once", { timeoutMs: 500 }));
       expect(lost.code).toBe(ClientCode.Timeout);
       expect(typeof lost.cmid).toBe("string");
@@ -397,22 +412,12 @@ describe("WirechatClient", () => {
       const history = await bob.c.history({ uid: again.uid as string });
       expect(history.map((h) => h.mid)).toEqual([m.mid, f.mid]);
       expect(history[1].attach?.data).toBe(readFileSync(file).toString("base64"));
-    } finally {
-      proxy.close();
-      for (const l of links) l.destroy();
-    }
+    });
   });
 
   it("messages in flight when the connection closes each reject with their own cmid: sent again with them, each is stored once", async () => {
-    let mute = false;
-    const { proxy, links } = await gatedProxy(() => true, () => !mute);
-    try {
-      const bob = await registered();
-      const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port });
-      clients.push(alice);
-      const login = uniqueName("cm");
-      await alice.register(login, "secret", login);
-      mute = true;
+    await behindMutedProxy(async ({ bob, alice, login, mute, links }) => {
+      mute();
       const sent = ["m1", "m2", "m3"].map((body) => rejection(alice.sendMessage({ uid: bob.uid }, body)));
       await sleep(300); // stored by the server, their replies held back
       for (const l of links) l.destroy();
@@ -425,10 +430,7 @@ describe("WirechatClient", () => {
       for (const [i, e] of errs.entries()) await again.sendMessage({ uid: bob.uid }, `m${i + 1}`, { cmid: e.cmid });
       const history = await bob.c.history({ uid: again.uid as string });
       expect(history.map((h) => h.body)).toEqual(["m1", "m2", "m3"]);
-    } finally {
-      proxy.close();
-      for (const l of links) l.destroy();
-    }
+    });
   });
 
   it("a message whose ack a disconnect cut off is acked after the reconnect: the next login does not get it again", async () => {
@@ -678,19 +680,11 @@ describe("WirechatClient", () => {
   it("a resume that is dropped again at once backs off further instead of looping", async () => {
     // A proxy that cuts every connection after the first 100 ms after it opens.
     let cutting = false;
-    const links: net.Socket[] = [];
-    const proxy = net.createServer((inbound) => {
-      const outbound = net.connect(srv.port, "127.0.0.1");
-      links.push(inbound, outbound);
-      inbound.on("data", (d) => outbound.write(d));
-      outbound.on("data", (d) => inbound.write(d));
-      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
-        a.on("close", () => b.destroy());
-        a.on("error", () => b.destroy());
-      }
-      if (cutting) setTimeout(() => inbound.destroy(), 100);
-    });
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const { proxy, links } = await gatedProxy(
+      () => true,
+      () => true,
+      (inbound) => cutting && setTimeout(() => inbound.destroy(), 100),
+    );
     try {
       const alice = await WirechatClient.connect({ host: "127.0.0.1", port: (proxy.address() as net.AddressInfo).port, reconnect: { minMs: 20, maxMs: 400, maxAttempts: 1_000_000 } });
       clients.push(alice);

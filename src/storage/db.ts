@@ -492,10 +492,7 @@ export class Storage {
       this.failed(err);
     } else {
       this.unsyncedTail = !b.durable;
-      this.failingSince = this.firstFailure = undefined;
-      this.probed = false;
-      if (this.probeTimer !== undefined) clearTimeout(this.probeTimer);
-      this.probeTimer = undefined;
+      if (this.failingSince !== undefined) this.recovered();
     }
     // Emptied (written or failed, its operations are done with) and free for the next.
     const native = b.native as NativeBatch;
@@ -548,6 +545,14 @@ export class Storage {
       this.refused = true;
       this.onRefusing?.(err);
     }
+  }
+
+  /** A batch got through after failures: writes work again. */
+  private recovered(): void {
+    this.failingSince = this.firstFailure = undefined;
+    this.probed = false;
+    if (this.probeTimer !== undefined) clearTimeout(this.probeTimer);
+    this.probeTimer = undefined;
   }
 
   /** Writes are failing: since when (unix ms) and the first failure's message; undefined while they are not. */
