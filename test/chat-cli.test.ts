@@ -674,5 +674,14 @@ describe("wirechat chat", () => {
     const bad = cli(["--port", String(srv.port), "--login", uniqueName("nobody"), "--pass", "x"]);
     expect(await bad.exited).toBe(1);
     expect(bad.err()).toMatch(/login failed: no account with login/);
+
+    // A port nothing listens on: the socket's error, once, after the address.
+    const probe = net.createServer();
+    await new Promise<void>((r) => probe.listen(0, "127.0.0.1", () => r()));
+    const closedPort = (probe.address() as net.AddressInfo).port;
+    await new Promise<void>((r) => probe.close(() => r()));
+    const refused = cli(["--host", "127.0.0.1", "--port", String(closedPort), "--login", "x", "--pass", "x"]);
+    expect(await refused.exited).toBe(1);
+    expect(refused.err()).toMatch(new RegExp(`cannot connect to 127\\.0\\.0\\.1:${closedPort}: connect ECONNREFUSED 127\\.0\\.0\\.1:${closedPort}\n`));
   });
 });

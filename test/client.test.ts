@@ -868,6 +868,32 @@ describe("WirechatClient", () => {
     }
   });
 
+  it("rejects connect() with a WirechatError whose cause is the socket's error when the connection fails", async () => {
+    // A port nothing listens on: ECONNREFUSED.
+    const probe = net.createServer();
+    await new Promise<void>((r) => probe.listen(0, "127.0.0.1", () => r()));
+    const port = (probe.address() as net.AddressInfo).port;
+    await new Promise<void>((r) => probe.close(() => r()));
+    const refused = await rejection(WirechatClient.connect({ port }));
+    expect(refused).toBeInstanceOf(WirechatError);
+    expect(refused.code).toBe(ClientCode.Closed);
+    expect(refused.serverMessage).toMatch(new RegExp(`^cannot connect to 127\\.0\\.0\\.1:${port}: .*ECONNREFUSED`));
+    expect((refused.cause as NodeJS.ErrnoException).code).toBe("ECONNREFUSED");
+    // A TLS server whose certificate the client does not trust.
+    const certPath = fileURLToPath(new URL("./fixtures/localhost.crt", import.meta.url));
+    const keyPath = fileURLToPath(new URL("./fixtures/localhost.key", import.meta.url));
+    const server = await startTestServer({ ...noAdmin, tlsPort: 0, tlsCert: certPath, tlsKey: keyPath });
+    try {
+      const untrusted = await rejection(WirechatClient.connect({ host: "127.0.0.1", port: server.tlsPort as number, tls: { servername: "localhost" } }));
+      expect(untrusted).toBeInstanceOf(WirechatError);
+      expect(untrusted.code).toBe(ClientCode.Closed);
+      expect((untrusted.cause as NodeJS.ErrnoException).code).toBe("DEPTH_ZERO_SELF_SIGNED_CERT");
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
+  });
+
   it("close() says quit and ends the events iterator", async () => {
     const c = await connect();
     const it = c.events();

@@ -1033,7 +1033,10 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
         clientName: "wirechat-chat",
       });
     } catch (err) {
-      return fail(`cannot connect to ${args.host}:${args.port ?? (args.tls ? 7789 : 7788)}: ${errText(err)}`);
+      // The socket's own error (ECONNREFUSED, a refused certificate) is the cause of
+      // the client's; a refusal (13, 16) or a timeout has none.
+      const why = err instanceof WirechatError && err.cause instanceof Error ? err.cause : err;
+      return fail(`cannot connect to ${args.host}:${args.port ?? (args.tls ? 7789 : 7788)}: ${errText(why)}`);
     }
     const session = new ChatSession(client, screen, p, args.raw);
     // Listen before logging in: the inbox follows the auth reply at once.

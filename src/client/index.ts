@@ -945,7 +945,13 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         if (!this.welcomeWaiter) return;
         this.welcomeWaiter = undefined;
         clearTimeout(timer);
-        reject(err);
+        // The one error type the client rejects with (errors.ts): a socket's own error
+        // (ECONNREFUSED, a TLS certificate refused, a frame over maxFrameBytes) is the
+        // cause of a Closed one that names the address.
+        if (err instanceof WirechatError) return reject(err);
+        const wrapped = new WirechatError(ClientCode.Closed, `cannot connect to ${this.host}:${this.port}: ${err.message}`);
+        wrapped.cause = err;
+        reject(wrapped);
       };
       this.welcomeWaiter = {
         resolve: (w) => {
