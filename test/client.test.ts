@@ -458,6 +458,44 @@ describe("WirechatClient", () => {
     expect(got).toEqual([]);
   });
 
+  it("with ack: \"manual\", only what the app acknowledged is: the rest comes again at the next login, and lastInboxMid stays at the app's ack", async () => {
+    const bob = await registered();
+    const alice = await registered({ ack: "manual", reconnect: { minMs: 50, maxMs: 200 } });
+    const passed: string[] = [];
+    alice.c.on("ev_message", (m) => passed.push(m.mid));
+    const mids: string[] = [];
+    for (let i = 0; i < 3; i++) mids.push((await bob.c.sendMessage({ uid: alice.uid }, `m${i}`)).mid);
+    await waitFor(() => passed.length === 3, 5000, "three messages at alice");
+    await sleep(200); // automatic acks would have gone out
+    expect(alice.c.lastAckedMid).toBeUndefined();
+    expect(alice.c.lastInboxMid).toBeUndefined();
+    await alice.c.ack(mids[0]);
+    await waitFor(() => alice.c.lastAckedMid === mids[0], 5000, "the app's ack");
+    expect(alice.c.lastInboxMid).toBe(mids[0]);
+    await expect(alice.c.ack("x1")).rejects.toMatchObject({ code: ClientCode.Protocol });
+    // After a reconnect the two not acknowledged come again, kept from the app, and the
+    // app's later ack of one of them goes out on the new connection.
+    const reconnected = new Promise<void>((r) => alice.c.once("reconnect", () => r()));
+    (alice.c as unknown as { socket: net.Socket }).socket.destroy();
+    await reconnected;
+    await waitFor(() => alice.c.duplicatesDropped === 2, 5000, "the two unacknowledged again");
+    expect(passed).toEqual(mids);
+    await sleep(200);
+    // (At most the resume's own position: its `since`, acked again.)
+    expect([undefined, mids[0]]).toContain(alice.c.lastAckedMid);
+    await alice.c.ack(mids[1]);
+    await waitFor(() => alice.c.lastAckedMid === mids[1], 5000, "the app's ack after the reconnect");
+    expect(alice.c.lastInboxMid).toBe(mids[1]);
+    // A login elsewhere without `since` gets the one the app never acknowledged.
+    const other = await connect({ ack: false });
+    const got: string[] = [];
+    other.on("ev_message", (m) => got.push(m.mid));
+    await other.auth({ login: alice.login, pass: "secret" });
+    await other.ping();
+    await sleep(300);
+    expect(got).toEqual([mids[2]]);
+  });
+
   it("an inbox message an events() iterator dropped is not acknowledged, and comes again after the reconnect", async () => {
     const { alice, it, passed, mids } = await fiveThroughSmallIterator({ ack: true, reconnect: { minMs: 50, maxMs: 200 } });
     await sleep(200); // the (coalesced) acks would have gone out

@@ -72,9 +72,13 @@ export interface ConnectOptions {
   reconnect?: boolean | ReconnectOptions;
   /**
    * Opt in to acknowledgements (`hello {ack:true}`) and acknowledge every inbox
-   * message once the `ev_message` listeners have run. Default true.
+   * message once the `ev_message` listeners have run. Default true. `"manual"`: opt in,
+   * but acknowledge only as far as the app says with `ack(mid)`, once it has done
+   * what it does with a message (stored it, shown it): one handed out and not yet
+   * acknowledged by the app comes again at the next login without `since` (at least
+   * once), and `lastInboxMid` stays at the last one the app acknowledged.
    */
-  ack?: boolean;
+  ack?: boolean | "manual";
   /** Default per-request timeout. Default 30 s; 0 disables it. */
   requestTimeoutMs?: number;
   /** How long connecting (TCP, TLS and the welcome frame) may take. Default 10 s. */
@@ -365,6 +369,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private readonly port: number;
   private readonly reconnectOpts: Required<ReconnectOptions> | undefined;
   private wantAck: boolean;
+  /** `ack: "manual"`: acks go no further than the app's own (appAcked). */
+  private readonly manualAck: boolean;
+  /** The largest mid the app acknowledged with ack(mid) (manual acks). */
+  private appAcked: bigint | undefined;
   private ackEnabled = false;
   private lastInbox: bigint | undefined;
   private ackSent: bigint | undefined;
@@ -419,6 +427,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
       ? { minMs: 250, maxMs: 30_000, maxAttempts: Number.POSITIVE_INFINITY, ...(r === true ? {} : r) }
       : undefined;
     this.wantAck = opts.ack !== false;
+    this.manualAck = opts.ack === "manual";
     this.splitter = new NdjsonSplitter(opts.maxFrameBytes ?? 128 * 1024 * 1024);
     if (opts.since !== undefined) this.lastInbox = parseMid(opts.since);
   }
@@ -471,6 +480,12 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     for (const it of [...this.iterators, this.unclaimed]) {
       const held = it.oldestInbox();
       if (held !== undefined) mid = minMid(mid, held - 1n);
+    }
+    // Manual acks: handed out is not done with. Nothing acked yet in this login: where
+    // it started (its `since`), or nothing.
+    if (this.manualAck) {
+      const done = this.appAcked ?? this.authSince;
+      mid = done === undefined ? undefined : minMid(mid, done);
     }
     return mid?.toString();
   }
@@ -663,9 +678,23 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    * Acknowledges inbox messages up to `mid` (cumulative). A connection that opted in
    * (the `ack` option, or `hello({ack: true})` sent through this client) is acknowledged
    * automatically once the `ev_message` listeners have run: this sends one more.
+   *
+   * With `ack: "manual"` this is how the app acknowledges: it lets the client's acks
+   * go as far as `mid` (never past a message this connection has not been sent yet,
+   * which it acknowledges once it comes, or one an iterator still holds), sent
+   * coalesced; it resolves at once, and `lastAckedMid` shows what the server confirmed.
+   * After a reconnect, the messages the app has and had not acknowledged come again
+   * (the client keeps them from the app, as duplicates) and are acknowledged so.
    */
   async ack(mid: string, options?: RequestOptions): Promise<void> {
-    await this.request("ack", { mid }, options);
+    if (!this.manualAck) {
+      await this.request("ack", { mid }, options);
+      return;
+    }
+    const m = parseMid(mid);
+    if (m === undefined) throw new WirechatError(ClientCode.Protocol, "a mid is a string of 1 to 20 digits", "ack");
+    if (this.appAcked === undefined || m > this.appAcked) this.appAcked = m;
+    if (this.ackTarget !== undefined) this.scheduleAck(this.ackTarget);
   }
 
   /**
@@ -1118,7 +1147,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     // Kept for a listener that never came: that inbox's, not the next login's (none was
     // acked, so the server offers them again to whoever logs in as that user).
     this.unclaimed.drain();
-    this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = this.dropFloor = undefined;
+    this.lastInbox = this.ackSent = this.ackTarget = this.confirmed = this.authSince = this.dropFloor = this.appAcked = undefined;
   }
 
   private onEvent(ev: WirechatEvent): void {
@@ -1243,6 +1272,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private ackable(): bigint | undefined {
     let mid = this.ackTarget;
     if (mid === undefined) return undefined;
+    if (this.manualAck) {
+      if (this.appAcked === undefined) return undefined;
+      if (this.appAcked < mid) mid = this.appAcked;
+    }
     if (this.dropFloor !== undefined && this.dropFloor < mid) mid = this.dropFloor;
     for (const it of [...this.iterators, this.unclaimed]) {
       const held = it.oldestInbox();
