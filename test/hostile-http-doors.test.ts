@@ -434,6 +434,23 @@ describe("WebSocket slow readers", () => {
     sender.close();
     ws.close();
   }, 60_000);
+
+  it("a WebSocket client that reads is sent one event larger than --outbound-cap (under --max-frame), not closed", async () => {
+    const server = capped.server;
+    const ws = await WsClient.connect(server.httpPort as number, "/wirechat");
+    const login = uniqueName("big");
+    ws.send({ action: "register", data: { login, pass: "pw", nick: login } });
+    const auth = await ws.next((m) => m.action === "auth");
+    const sender = await Client.connect(capped.port);
+    const other = uniqueName("bigsender");
+    expect((await sender.request("register", { login: other, pass: "pw", nick: other })).status).toBe(0);
+    const body = "w".repeat(100_000);
+    expect((await sender.request("message", { uid: auth.data.uid, body })).status).toBe(0);
+    expect((await ws.next((m) => m.action === "ev_message", 10_000)).data.body).toBe(body);
+    expect(ws.isClosed).toBe(false);
+    sender.close();
+    ws.close();
+  });
 });
 
 describe("shutdown with HTTP-port clients that do not cooperate", () => {

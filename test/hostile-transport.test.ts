@@ -425,6 +425,30 @@ describe("a reader behind large attachments", () => {
   }, 60_000);
 });
 
+describe("a reader under a small outbound cap", () => {
+  it("a sender's own echoes of messages it pipelines do not close it, and one event larger than the cap reaches a reader that keeps up", async () => {
+    const server = await startTestServer({ outboundCap: 64 * 1024 });
+    const a = await registerUser(server.port);
+    const b = await registerUser(server.port);
+    // 100 messages of 10 KB in one write: their echoes to a (1 MB) were queued in the
+    // turn their batch landed, past a's cap, and a was closed with none of its replies.
+    const body = "e".repeat(10_000);
+    a.client.socket.write(Array.from({ length: 100 }, (_, i) => JSON.stringify({ action: "message", data: { uid: b.uid, body: `${i} ${body}` } }) + "\n").join(""));
+    for (let i = 0; i < 100; i++) expect((await a.client.reply("message", 20_000)).data.status).toBe(0);
+    for (let i = 0; i < 100; i++) await b.client.event("ev_message", (m) => m.body === `${i} ${body}`, 20_000);
+    expect(a.client.isClosed).toBe(false);
+    expect(b.client.isClosed).toBe(false);
+    // One message of 100 KB (under --max-frame) to b, who reads: b was closed as a slow
+    // reader, its cap smaller than the one frame (and a, its reply queued before its echo).
+    const big = "B".repeat(100_000);
+    expect((await a.client.request("message", { uid: b.uid, body: big })).status).toBe(0);
+    expect((await b.client.event("ev_message", (m) => m.body === big, 20_000)).body.length).toBe(big.length);
+    expect(b.client.isClosed).toBe(false);
+    for (const x of [a, b]) x.client.close();
+    await server.stop();
+  }, 60_000);
+});
+
 describe("the per-address cap", () => {
   it("200 clients from one address, each connecting and registering at once, all succeed by default", async () => {
     const server = await startTestServer();

@@ -165,9 +165,12 @@ export const INBOX_BYTES = 4 * 1024 * 1024;
  * turn, past the outbound cap (8 MiB by default): they were closed as slow readers.
  * (Single node: in cluster mode what waits for the log is bounded by the log, which
  * answers 16 past its cap at once, JetStreamLog's MAX_PENDING_BYTES.)
+ * The bytes are also at most a quarter of the outbound cap (Dispatcher.deferredBytes):
+ * the sender's own connection is sent the echo of each, as large as its frame, in the
+ * turn their batch lands; under --outbound-cap 64 KiB, 100 messages of 10 KB pipelined
+ * in one write closed their sender as a slow reader with none of its replies.
  */
 const DEFERRED_MAX = 4096;
-const DEFERRED_BYTES = INBOX_BYTES;
 
 class RequestImpl<D> extends Slot implements Request<D> {
   /** The first event (most requests have at most one), then the rest. */
@@ -312,11 +315,16 @@ export class Dispatcher {
   /** Cluster mode: only actions declared `cluster` are served. */
   clusterMode = false;
 
+  /** Bytes of a connection's pipelined requests waiting for their commit (see DEFERRED_MAX). */
+  private readonly deferredBytes: number;
+
   constructor(
     private readonly config: Config,
     private readonly log: Logger,
     private readonly metrics: Metrics = new Metrics(),
-  ) {}
+  ) {
+    this.deferredBytes = Math.min(INBOX_BYTES, Math.floor(config.outboundCap / 4));
+  }
 
   /** Where events emitted by handlers go (the router). */
   route(delivery: Delivery): void {
@@ -615,11 +623,11 @@ export class Dispatcher {
       }
       // Behind a reply whose events wait (a channel's members being read), the replies
       // that follow wait in `slots`, each with its request and its events (a message's
-      // record): at most DEFERRED_MAX of them, or DEFERRED_BYTES of their requests, then
+      // record): at most DEFERRED_MAX of them, or deferredBytes of their requests, then
       // the line waits too. Unbounded, a connection streaming messages behind one such
       // event held its upload speed times the read, and the turn that let them go sent
       // their recipients past the outbound cap at once.
-      if (line.eventsWaiting !== undefined && (line.slots.length >= DEFERRED_MAX || line.slotBytes >= DEFERRED_BYTES)) {
+      if (line.eventsWaiting !== undefined && (line.slots.length >= DEFERRED_MAX || line.slotBytes >= this.deferredBytes)) {
         line.busy = true;
         void line.eventsWaiting.then(() => {
           line.busy = false;
@@ -631,7 +639,7 @@ export class Dispatcher {
       if (
         item.kind === "request" &&
         line.deferred > 0 &&
-        ((!this.clusterMode && (line.deferred >= DEFERRED_MAX || line.deferredBytes >= DEFERRED_BYTES)) || !this.actions.get(item.action)?.spec.pipelined)
+        ((!this.clusterMode && (line.deferred >= DEFERRED_MAX || line.deferredBytes >= this.deferredBytes)) || !this.actions.get(item.action)?.spec.pipelined)
       ) {
         line.awaitingDeferred = true;
         return;
@@ -852,7 +860,7 @@ export class Dispatcher {
 
   private resumeAfterDeferred(s: Session, line: Line): void {
     // (A request that is not pipelined parks again at once until none is left.)
-    if (line.awaitingDeferred && (line.deferred === 0 || (line.deferred <= DEFERRED_MAX / 2 && line.deferredBytes <= DEFERRED_BYTES / 2))) {
+    if (line.awaitingDeferred && (line.deferred === 0 || (line.deferred <= DEFERRED_MAX / 2 && line.deferredBytes <= this.deferredBytes / 2))) {
       line.awaitingDeferred = false;
       this.run(s, line);
     }

@@ -19,7 +19,8 @@
 // queuedChars does; counting UTF-8 bytes would take a pass over every frame, and for
 // ASCII, nearly everything sent, the two are the same). An event that would take that
 // past the outbound cap closes the connection as a slow reader (its inbox entries stay
-// unconfirmed, so nothing is lost); a reply never does, because the dispatcher runs a
+// unconfirmed, so nothing is lost), unless it is one event larger than the cap behind
+// no more than a quarter of it (see send); a reply never does, because the dispatcher runs a
 // connection's next request only once the connection is no longer congested (a
 // quarter of the cap), and large replies stream.
 // A queued streamed frame (an attachment) counts as its text plus at most 64 KiB of
@@ -229,8 +230,13 @@ export class Connection implements Peer, LiveConnection {
     // A seed door shows nothing for this one (an event its protocol has no frame for).
     if (frame === "") return;
     const size = frameWeight(frame);
+    // Past the cap: a slow reader, unless no more than a quarter of the cap was waiting
+    // (the connection was not congested: its reader keeps up) and this one event is
+    // larger than the rest (a cap set below --max-frame; the sender's own reply comes
+    // just before its echo). The bound: the cap, or a quarter of it plus one frame.
+    const waiting = this.queuedChars + this.socket.writableLength;
     this.queuedChars += size;
-    if (event && this.queuedChars + this.socket.writableLength > this.outboundCap) return this.overflow();
+    if (event && waiting + size > this.outboundCap && waiting > this.outboundCap / 4) return this.overflow();
     if (this.q === NO_FRAMES) this.q = [];
     this.q.push(frame);
     if (confirm > this.pendingConfirm) this.pendingConfirm = confirm;

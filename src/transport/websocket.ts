@@ -222,7 +222,10 @@ export class WebSocketPeer implements Peer, LiveConnection, InputHolder {
     // A door shows nothing for this one (an event its protocol has no frame for).
     if (frame === "") return;
     const size = frameWeight(frame);
-    if (event && this.outbound + size > this.outboundCap) return this.overflow();
+    // Past the cap, unless the connection was not congested and this one event is
+    // larger than the rest of the cap (connection.ts send).
+    const waiting = this.outbound;
+    if (event && waiting + size > this.outboundCap && waiting > this.outboundCap / 4) return this.overflow();
     if (this.joining) {
       this.q.push([frame, confirm]);
       this.queuedChars += size;
