@@ -296,6 +296,28 @@ describe("refusals leave nothing behind", () => {
     b.client.close();
   });
 
+  it("base64 written with \\u escapes (.NET writes + as \\u002B, Gson = as \\u003d) is stored as its text, streamed or not", async () => {
+    const a = await registerUser(shared.port);
+    const b = await registerUser(shared.port);
+    const bytes = Buffer.from([0xfb, 0xef, 0xbe, 0x41]); // "++++QQ==" in base64
+    const escaped = bytes.toString("base64").replaceAll("+", "\\u002B").replaceAll("=", "\\u003d");
+    // "action" first: streamed by the scanner; "action" last: parsed whole.
+    for (const frame of [
+      `{"action":"message","data":{"uid":"${b.uid}","body":"streamed","attach":{"mime":"a/b","data":"${escaped}"}}}\n`,
+      `{"data":{"uid":"${b.uid}","body":"inline","attach":{"mime":"a/b","data":"${escaped}"}},"action":"message"}\n`,
+    ]) {
+      a.client.write(frame);
+      expect((await a.client.reply("message")).data.status).toBe(0);
+    }
+    for (const body of ["streamed", "inline"]) {
+      const ev = await b.client.event("ev_message", (m) => m.body === body);
+      expect(Buffer.from(ev.attach.data, "base64")).toEqual(bytes);
+      expect(ev.attach.data).toBe("++++QQ==");
+    }
+    a.client.close();
+    b.client.close();
+  });
+
   it("an attachment on a refused request (unauthenticated, unknown user, other action) is not kept", async () => {
     const before = blobFiles().length;
     const c = await Client.connect(shared.port);

@@ -621,16 +621,26 @@ describe("attachments", () => {
     expect(calls.map((x) => JSON.parse((x as { frame: string }).frame))).toEqual([...other, JSON.parse(escapedKey)]);
   });
 
-  it("undoes \\/ escapes and flags other escapes as invalid", () => {
+  it("undoes \\/ escapes and \\u escapes of base64 characters, and flags other escapes as invalid", () => {
     const { scanner, calls } = connection();
     scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"ab\\/c\\/"}}}\n'));
     scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"ab\\ncd"}}}\n'));
+    // .NET's System.Text.Json writes + as \u002B, Gson writes = as \u003d.
+    scanner.push(Buffer.from('{"action":"message","data":{"attach":{"mime":"m","data":"a\\u002Bb\\u002bQ\\u003d\\u003D"}}}\n'));
     expect(calls[0]).toMatchObject({ attachment: "ab/c/", invalid: false });
     expect(calls[1]).toMatchObject({ invalid: true });
+    expect(calls[2]).toMatchObject({ attachment: "a+b+Q==", invalid: false });
+    // Escapes of what is not base64 (a space, a letter outside ASCII), and broken ones.
+    for (const bad of ["ab\\u0020cd", "ab\\u00C1cd", "ab\\u00zzcd", "ab\\u00", "ab\\u"]) {
+      const { scanner, calls } = connection();
+      scanner.push(Buffer.from(`{"action":"message","data":{"attach":{"mime":"m","data":"${bad}"}}}\n{"action":"ping"}\n`));
+      expect(calls[0], bad).toMatchObject({ invalid: true });
+      expect(calls[1], bad).toEqual({ frame: '{"action":"ping"}' });
+    }
   });
 
-  it("undoes \\/ escapes however the text is split, in at most one write per chunk (property)", () => {
-    const piece = fc.constantFrom("\\/", "QU", "JD", "/", "+");
+  it("undoes \\/ and \\u escapes however the text is split, in at most one write per chunk (property)", () => {
+    const piece = fc.constantFrom("\\/", "QU", "JD", "/", "+", "\\u002B", "\\u002f", "\\u003d", "\\u0041", "\\u007A");
     fc.assert(
       fc.property(fc.array(piece, { maxLength: 200 }), fc.array(fc.nat(), { maxLength: 8 }), (pieces, cuts) => {
         const text = pieces.join("");
@@ -638,7 +648,7 @@ describe("attachments", () => {
         const chunks = splitAt(frame, cuts);
         const { scanner, calls, uploads } = connection();
         for (const c of chunks) scanner.push(c);
-        expect(calls).toEqual([{ frame: expect.any(String), attachment: text.replaceAll("\\/", "/"), invalid: false }]);
+        expect(calls).toEqual([{ frame: expect.any(String), attachment: JSON.parse(`"${text}"`), invalid: false }]);
         expect(uploads[0].writes).toBeLessThanOrEqual(chunks.length);
       }),
     );

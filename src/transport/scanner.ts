@@ -157,11 +157,25 @@ const enum Byte {
   OpenSquare = 0x5b,
   Backslash = 0x5c,
   CloseSquare = 0x5d,
+  LowerU = 0x75,
   OpenCurly = 0x7b,
   CloseCurly = 0x7d,
   Bom1 = 0xef,
   Bom2 = 0xbb,
   Bom3 = 0xbf,
+}
+
+/** A hex digit's value, or -1. */
+function hexDigit(c: number): number {
+  if (c >= 0x30 && c <= 0x39) return c - 0x30;
+  const l = c | 0x20;
+  return l >= 0x61 && l <= 0x66 ? l - 0x61 + 10 : -1;
+}
+
+/** A character of the base64 alphabet, or its padding. */
+function isBase64Char(c: number): boolean {
+  const l = c | 0x20;
+  return (l >= 0x61 && l <= 0x7a) || (c >= 0x30 && c <= 0x39) || c === 0x2b || c === 0x2f || c === 0x3d;
 }
 
 const enum Fault {
@@ -200,6 +214,9 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private depth = 0;
   private inString = false;
   private escaped = false;
+  /** Hex digits of a `\uXXXX` escape in attachment text still to come (0: not in one), and its value so far. */
+  private hexLeft = 0;
+  private hexValue = 0;
   /** Only whitespace seen since the last newline (for the truncated-frame rule). */
   private lineStart = true;
   /** Last byte outside strings that was not whitespace; a closing quote counts as '"'. */
@@ -396,8 +413,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   /**
    * Streams attachment text from `i` to the upload until the closing quote, which goes
    * back to frame scanning (as the end of an ordinary string) and starts the next part
-   * of the frame. `\/` (an escaped slash, legal JSON) is undone; any other escape
-   * makes the upload invalid; a raw newline breaks the frame as in any string.
+   * of the frame. `\/` (an escaped slash, legal JSON) is undone, and so is a `\uXXXX`
+   * that stands for a base64 character (JSON encoders that escape for HTML write `+`
+   * and `=` so: .NET's System.Text.Json as `\u002B`, Gson as `\u003d`), as the
+   * inline path's JSON.parse does; any other escape makes the upload invalid; a raw
+   * newline breaks the frame as in any string.
    */
   private scanAttachment(chunk: Buffer, i: number): number {
     const n = chunk.length;
@@ -410,12 +430,32 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     let len = 0;
     for (; i < n; i++) {
       const c = chunk[i];
+      if (this.hexLeft > 0) {
+        const v = hexDigit(c);
+        if (v >= 0) {
+          this.hexValue = this.hexValue * 16 + v;
+          from = i + 1;
+          if (--this.hexLeft > 0) continue;
+          if (isBase64Char(this.hexValue)) {
+            out ??= Buffer.allocUnsafe(n);
+            out[len++] = this.hexValue;
+          } else up.invalid();
+          continue;
+        }
+        // Not a \uXXXX after all: invalid, and this byte is read as any other.
+        this.hexLeft = 0;
+        up.invalid();
+        from = i;
+      }
       if (this.escaped) {
         this.escaped = false;
         if (c === Byte.LF) break;
         if (c === Byte.Slash) {
           out ??= Buffer.allocUnsafe(n);
           out[len++] = Byte.Slash;
+        } else if (c === Byte.LowerU) {
+          this.hexLeft = 4;
+          this.hexValue = 0;
         } else up.invalid();
         from = i + 1;
         continue;
@@ -428,7 +468,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
         this.escaped = true;
       }
     }
-    if (i > from && !this.escaped) {
+    if (i > from && !this.escaped && this.hexLeft === 0) {
       if (out) len += chunk.copy(out, len, from, i);
       else up.write(chunk.subarray(from, i));
     }
@@ -452,6 +492,7 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
     this.depth = 0;
     this.inString = false;
     this.escaped = false;
+    this.hexLeft = 0;
     this.lineStart = false;
     this.lastSignificant = 0;
     this.fault = Fault.None;
