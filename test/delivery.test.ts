@@ -103,6 +103,10 @@ describe("acknowledgements (opt-in)", () => {
     const acking = await connect(b, { ack: true });
     await waitForMids(acking, [r.mid], 5000);
     expect(await acking.request("ack", { mid: r.mid })).toEqual({ status: 0, error: "OK", mid: r.mid });
+    // A required string: missing or empty is 4; not digits, 3.
+    expect(await acking.request("ack", {})).toEqual({ status: 4, error: "'mid' is required" });
+    expect(await acking.request("ack", { mid: "" })).toEqual({ status: 4, error: "'mid' must not be empty" });
+    expect((await acking.request("ack", { mid: "x1" })).status).toBe(3);
     for (const c of [plain, acking, a.client]) c.close();
   });
 

@@ -42,6 +42,8 @@ const HISTORY_PAGE = 20;
 const ITEM_CHARS = 100;
 /** A position in the message order (ack, history's `before`): digits. */
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
+/** ack's, which is required: empty is 4, as any required string's (PROTOCOL.md "Validation"). */
+const REQUIRED_MID = { ...MID, minLength: 1 } as const;
 /** `dialogs` page: default and largest. */
 const DIALOGS_DEFAULT = 100;
 const DIALOGS_MAX = 500;
@@ -358,7 +360,7 @@ export function registerMessages(sv: Services): void {
   dispatcher.register<{ mid: string }>({
     name: "ack",
     cluster: true,
-    schema: { type: "object", required: ["mid"], properties: { mid: MID } },
+    schema: { type: "object", required: ["mid"], properties: { mid: REQUIRED_MID } },
     handle(req) {
       const s = req.session;
       if (!s.acks) throw new ProtocolError(Code.InvalidData, "this connection did not opt in to acknowledgements (hello {ack: true})");
