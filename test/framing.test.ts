@@ -83,6 +83,10 @@ describe("resynchronisation", () => {
     c.write(`{"action":"ping","data":{"x":tru}}\n${ping}\n`);
     expect(await c.next()).toMatchObject({ action: "ping", data: { status: 3 } });
     expect(await c.next()).toMatchObject({ action: "ping", data: { status: 0 } });
+    // The outer object's action, not one nested in its data (it was "evil").
+    c.write(`{"data":{"action":"evil"},"action":"hello",}\n{"data":{"action":"evil"}}x\n`);
+    expect(await c.next()).toMatchObject({ action: "hello", data: { status: 3, error: "frame is not valid JSON" } });
+    expect(await c.next()).toMatchObject({ action: "unknown", data: { status: 3 } });
     c.close();
   });
 

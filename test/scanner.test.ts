@@ -3,7 +3,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { Code } from "../src/protocol/codes.js";
-import { ACTION_PEEK_BYTES } from "../src/protocol/frames.js";
+import { ACTION_PEEK_BYTES, peekAction } from "../src/protocol/frames.js";
 import { FastShapes } from "../src/protocol/native-decode.js";
 import { FrameScanner, type ScannerLimits } from "../src/transport/scanner.js";
 
@@ -855,5 +855,34 @@ describe("unfinished frames of several connections share one budget (ScannerLimi
       ),
       { numRuns: 300 },
     );
+  });
+});
+
+describe("peekAction", () => {
+  // Any JSON value, objects with "action" keys of their own among them.
+  const { value } = fc.letrec((tie) => ({
+    value: fc.oneof({ depthSize: "small" }, fc.string(), fc.integer(), fc.constant(null), fc.array(tie("value"), { maxLength: 3 }), tie("object")),
+    object: fc.dictionary(fc.constantFrom("action", "data", "x", "a\"ction"), tie("value"), { maxKeys: 3 }),
+  }));
+  const name = fc.stringMatching(/^[A-Za-z0-9_]{1,64}$/);
+
+  it("names the outer object's action (the last, as JSON.parse takes), never a nested one, in a frame made invalid (property)", () => {
+    fc.assert(
+      fc.property(fc.dictionary(fc.constantFrom("data", "x", "y"), value, { maxKeys: 3 }), fc.option(name, { nil: undefined }), fc.nat(3), (rest, action, at) => {
+        const keys = Object.entries(rest);
+        if (action !== undefined) keys.splice(Math.min(at, keys.length), 0, ["action", action]);
+        const text = "{" + keys.map(([k, v]) => `${JSON.stringify(k)}: ${JSON.stringify(v, null, at === 2 ? 1 : undefined)}`).join(",") + ",}";
+        const bytes = Buffer.from(text);
+        if (bytes.length > ACTION_PEEK_BYTES) return;
+        expect(peekAction(bytes)).toBe(action);
+      }),
+    );
+  });
+
+  it("reads the action of a frame's start, cut anywhere after it", () => {
+    const head = Buffer.from('{ "action" : "message", "data": {"action":"x", "attach": {"data": "QUJD');
+    for (let cut = 0; cut <= head.length; cut++) {
+      expect(peekAction(head.subarray(0, cut))).toBe(cut >= 22 ? "message" : undefined);
+    }
   });
 });

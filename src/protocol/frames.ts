@@ -43,7 +43,6 @@ export function nowSeconds(): number {
 
 /** How much of a frame is searched for its action name when it cannot be parsed. */
 export const ACTION_PEEK_BYTES = 4096;
-const ACTION_RE = /"action"\s*:\s*"([A-Za-z0-9_]{1,64})"/;
 
 /**
  * The action of a well-formed frame refused for what it holds (not for its syntax): the
@@ -61,9 +60,58 @@ export function parsedAction(bytes: Buffer): string | undefined {
   }
 }
 
-/** The action named in (the start of) a frame that could not be parsed, if readable. */
+/**
+ * The action named in (the start of) a frame that could not be parsed, if readable: the
+ * value of an `"action"` key of the outermost object (the last, as JSON.parse takes),
+ * never one nested deeper (`{"data":{"action":"x"},"action":"ping",}` is ping's).
+ */
 export function peekAction(bytes: Buffer | undefined): string | undefined {
   if (!bytes) return undefined;
-  const m = ACTION_RE.exec(bytes.toString("latin1", 0, Math.min(bytes.length, ACTION_PEEK_BYTES)));
-  return m ? m[1] : undefined;
+  const n = Math.min(bytes.length, ACTION_PEEK_BYTES);
+  let depth = 0;
+  let found: string | undefined;
+  for (let i = 0; i < n; ) {
+    const c = bytes[i];
+    if (c !== 0x22) {
+      if (c === 0x7b || c === 0x5b) depth++;
+      else if (c === 0x7d || c === 0x5d) depth--;
+      i++;
+      continue;
+    }
+    const end = stringEnd(bytes, i + 1, n);
+    if (end < 0) break;
+    if (depth === 1 && end - i - 1 === 6 && bytes.toString("latin1", i + 1, end) === "action") {
+      let k = skipSpace(bytes, end + 1, n);
+      if (k < n && bytes[k] === 0x3a) {
+        k = skipSpace(bytes, k + 1, n);
+        if (k < n && bytes[k] === 0x22) {
+          const valueEnd = stringEnd(bytes, k + 1, n);
+          if (valueEnd < 0) break;
+          const value = bytes.toString("latin1", k + 1, valueEnd);
+          if (ACTION_NAME.test(value)) found = value;
+          i = valueEnd + 1;
+          continue;
+        }
+      }
+    }
+    i = end + 1;
+  }
+  return found;
+}
+
+const ACTION_NAME = /^[A-Za-z0-9_]{1,64}$/;
+
+/** The index of the quote that closes the string whose text starts at `i`, or -1. */
+function stringEnd(bytes: Buffer, i: number, n: number): number {
+  for (; i < n; i++) {
+    const c = bytes[i];
+    if (c === 0x5c) i++;
+    else if (c === 0x22) return i;
+  }
+  return -1;
+}
+
+function skipSpace(bytes: Buffer, i: number, n: number): number {
+  while (i < n && (bytes[i] === 0x20 || bytes[i] === 0x09 || bytes[i] === 0x0a || bytes[i] === 0x0d)) i++;
+  return i;
 }
