@@ -9,6 +9,7 @@
 
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { ListReply } from "../protocol/codec.js";
+import { recordsInPages } from "./record-pages.js";
 import type { Event } from "../protocol/events.js";
 import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
@@ -106,10 +107,10 @@ const MEMBER_PAGE = 64;
 export function registerChannels(sv: Services): ChannelOps {
   /** A channel's last messages for `enter`, read a page at a time as they are written. */
   async function* lastMessages(seqs: readonly number[]): AsyncIterable<Fields> {
-    for (let i = 0; i < seqs.length; i += 10) {
-      for (const m of await sv.messages.records(seqs.slice(i, i + 10))) {
-        yield { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
-      }
+    // In pages of at most PAGE_CHARS (record-pages.ts): ten of --max-frame each were
+    // 10 MiB held by every connection that entered without reading.
+    for await (const m of recordsInPages((q) => sv.messages.recordsAt(q), seqs)) {
+      yield { mid: m.mid, from: m.from, nick: m.nick, body: m.body, time: m.time };
     }
   }
 

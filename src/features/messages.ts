@@ -14,6 +14,7 @@
 // membership from the membership cache, and the record is serialised once.
 
 import { AttachmentRef, ListReply, MessageSent } from "../protocol/codec.js";
+import { PAGE_CHARS, recordChars, recordsInPages } from "./record-pages.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { Deferred, type Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
@@ -36,10 +37,8 @@ interface MessageData {
 
 const HISTORY_DEFAULT = 50;
 const HISTORY_MAX = 500;
-/** History records read from disk at a time while the reply is written. */
+/** History records read at a time for their sizes (newestWithin). */
 const HISTORY_PAGE = 20;
-/** A history item's characters besides its body, nick and attachment (ids, time, keys). */
-const ITEM_CHARS = 100;
 /** A position in the message order (ack, history's `before`): digits. */
 const MID = { type: "string", pattern: "^[0-9]{1,15}$" } as const;
 /** ack's, which is required: empty is 4, as any required string's (PROTOCOL.md "Validation"). */
@@ -397,11 +396,12 @@ export function registerMessages(sv: Services): void {
         throw new ProtocolError(Code.EmptyField, "'uid' or 'channel' is required");
       }
       let seqs = await messages.historySeqs(conv, limit, before);
-      if (req.session.codec.shortPages) seqs = await newestWithin(seqs, config.outboundCap);
+      let sizes: number[] | undefined;
+      if (req.session.codec.shortPages) ({ seqs, sizes } = await newestWithin(seqs, config.outboundCap));
       if (seqs.length === 0 && channel === undefined && !(await findUser(sv, uid as string))) {
         throw new ProtocolError(Code.UserNotFound, `no user with uid '${uid}'`);
       }
-      return new ListReply({}, "messages", () => historyItems(seqs));
+      return new ListReply({}, "messages", () => historyItems(seqs, sizes));
     },
   });
 
@@ -412,9 +412,11 @@ export function registerMessages(sv: Services): void {
    * the outbound cap (--outbound-cap, the same figure) until it is written. With the
    * page cut there, a client reading at least as fast as its events come is never
    * closed for a reply it asked for. The records are read here for their sizes and
-   * dropped (a page is never held), and read again as the reply is written.
+   * dropped (a page is never held), and read again as the reply is written, in pages
+   * cut by those sizes (record-pages.ts): their text sizes come back with the page.
    */
-  async function newestWithin(seqs: number[], chars: number): Promise<number[]> {
+  async function newestWithin(seqs: number[], chars: number): Promise<{ seqs: number[]; sizes: number[] }> {
+    const sizes: number[] = new Array<number>(seqs.length).fill(0);
     let total = 0;
     let counted = false;
     for (let end = seqs.length; end > 0; end -= HISTORY_PAGE) {
@@ -423,22 +425,24 @@ export function registerMessages(sv: Services): void {
       for (let i = records.length - 1; i >= 0; i--) {
         const m = records[i];
         if (m === undefined) continue; // deleted since: not in the reply
-        total += ITEM_CHARS + m.body.length + m.nick.length + (m.attach ? 4 * Math.ceil(m.attach.size / 3) + m.attach.mime.length : 0);
+        const text = recordChars(m);
+        sizes[start + i] = text;
+        total += text + (m.attach ? 4 * Math.ceil(m.attach.size / 3) : 0);
         // Past the budget: the newer ones are the page, or this one alone if it is the newest.
-        if (total > chars) return seqs.slice(start + i + (counted ? 1 : 0));
+        if (total > chars) {
+          const from = start + i + (counted ? 1 : 0);
+          return { seqs: seqs.slice(from), sizes: sizes.slice(from) };
+        }
         counted = true;
       }
     }
-    return seqs;
+    return { seqs, sizes };
   }
 
-  /** The records at `seqs`, read a page at a time as the reply is written. */
-  async function* historyItems(seqs: readonly number[]): AsyncIterable<Fields> {
-    for (let i = 0; i < seqs.length; i += HISTORY_PAGE) {
-      const page = await messages.records(seqs.slice(i, i + HISTORY_PAGE));
-      sv.blobs.prefetch(page.flatMap((m) => (m.attach ? [m.attach.sha] : [])));
-      for (const m of page) yield listItem(m);
-    }
+  /** The records at `seqs`, read a page of at most PAGE_CHARS at a time as the reply is written. */
+  async function* historyItems(seqs: readonly number[], sizes: readonly number[] | undefined): AsyncIterable<Fields> {
+    const prefetch = (page: readonly MessageRecord[]) => sv.blobs.prefetch(page.flatMap((m) => (m.attach ? [m.attach.sha] : [])));
+    for await (const m of recordsInPages((q) => messages.recordsAt(q), seqs, sizes, prefetch)) yield listItem(m);
   }
 
   /**
@@ -471,18 +475,31 @@ export function registerMessages(sv: Services): void {
       const [direct, chans] = await Promise.all([messages.dialogs(me, limit, below), channelDialogs(me, limit, below)]);
       const page = [...direct, ...chans].sort((a, b) => b.seq - a.seq).slice(0, limit);
       const summary = (m: MessageRecord) => ({ mid: m.mid, from: m.from, body: m.body, time: m.time });
-      // Written as the connection drains, DIALOG_ROWS at a time: each row's last message
-      // may be up to --max-frame, and a page is up to 500 rows.
+      // A direct conversation's last record (a short one) was found while its entry was
+      // checked; the rest are found here, in memory or in one getMany.
+      async function lastsOf(slice: typeof page): Promise<(MessageRecord | undefined)[]> {
+        const known = slice.map((r) => ("record" in r ? r.record : undefined));
+        const missing = slice.filter((_, j) => known[j] === undefined).map((r) => ({ conv: "peer" in r ? directConv(me, r.peer) : channelConv(r.chid), seq: r.seq }));
+        const read = await messages.lastRecordsAt(missing);
+        let n = 0;
+        return known.map((m) => m ?? read[n++]);
+      }
+      // Written as the connection drains, in slices of at most DIALOG_ROWS rows and
+      // PAGE_CHARS of their last messages' text (each up to --max-frame, and a page is up
+      // to 500 rows: sixteen such rows were 16 MiB held by a client that did not read),
+      // cut by their sizes, read first (record-pages.ts).
       async function* rows() {
+        const sizes: number[] = [];
         for (let i = 0; i < page.length; i += DIALOG_ROWS) {
-          const slice = page.slice(i, i + DIALOG_ROWS);
-          // A direct conversation's last record (a short one) was found while its entry
-          // was checked; the rest are found here, in memory or in one getMany.
-          const known = slice.map((r) => ("record" in r ? r.record : undefined));
-          const missing = slice.filter((_, j) => known[j] === undefined).map((r) => ({ conv: "peer" in r ? directConv(me, r.peer) : channelConv(r.chid), seq: r.seq }));
-          const read = await messages.lastRecordsAt(missing);
-          let n = 0;
-          const lasts = known.map((m) => m ?? read[n++]);
+          for (const m of await lastsOf(page.slice(i, i + DIALOG_ROWS))) sizes.push(m === undefined ? 0 : recordChars(m));
+        }
+        for (let i = 0; i < page.length; ) {
+          let end = i + 1;
+          let total = sizes[i];
+          while (end < page.length && end - i < DIALOG_ROWS && total + sizes[end] <= PAGE_CHARS) total += sizes[end++];
+          const slice = page.slice(i, end);
+          i = end;
+          const lasts = await lastsOf(slice);
           const out = await Promise.all(
             slice.map(async (r, j) => {
               const last = lasts[j];
