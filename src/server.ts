@@ -9,6 +9,7 @@ import { hostname } from "node:os";
 import path from "node:path";
 import type { FastifyInstance } from "fastify";
 import pino, { type Logger } from "pino";
+import { logDestination } from "./log.js";
 import { Background } from "./background.js";
 import { backup, exportRecords, RESTORE_LOCK, restoreRunning } from "./admin/backup.js";
 import { adminRequestTime, buildAdmin, listenAdmin, type AdminDeps } from "./admin/http.js";
@@ -254,7 +255,7 @@ async function assemble(storage: Storage, config: Config, log: Logger): Promise<
  * with the log: the start rejects with its reason, storage closed behind it.
  */
 export async function startServer(config: Config, logger?: Logger, abort?: AbortSignal): Promise<RunningServer> {
-  const log = logger ?? pino({ level: config.logLevel });
+  const log = logger ?? pino({ level: config.logLevel }, logDestination());
   // The admin app is built before everything else; its routes find what they need in
   // `adminDeps` when they run. Built after the stores, S1 (10 s, --trace-gc) spent
   // 2,542-2,623 ms in scavenges in 4 runs of 4 (1,325-1,504 ms with --admin off) and

@@ -43,6 +43,33 @@ describe("SIGTERM with logged-in users", () => {
   }, 60_000);
 });
 
+describe("a stdout that stops taking the log", () => {
+  it("holds a bounded log buffer (the lines past it dropped and counted) and does not keep SIGTERM from ending the process", async () => {
+    process.env.WIRECHAT_TEST_LOG_BUFFER_BYTES = String(64 * 1024);
+    let child: ChildServer;
+    try {
+      child = await ChildServer.start(newDataDir(), ["--log-level", "debug"]);
+    } finally {
+      delete process.env.WIRECHAT_TEST_LOG_BUFFER_BYTES;
+    }
+    // Nothing reads the server's stdout from here on: the pipe fills, then the buffer.
+    child.proc.stdout?.removeAllListeners("data");
+    child.proc.stdout?.pause();
+    const dropped = async () => {
+      const text = await (await fetch(`http://127.0.0.1:${child.adminPort}/metrics`)).text();
+      return Number(/^wirechat_log_lines_dropped_total (\d+)/m.exec(text)?.[1] ?? NaN);
+    };
+    expect(await dropped()).toBe(0);
+    // A few debug lines each (connection open and close).
+    for (let i = 0; i < 3000 && (await dropped()) === 0; i += 100) {
+      await Promise.all(Array.from({ length: 100 }, async () => (await Client.connect(child.port)).close()));
+    }
+    expect(await dropped()).toBeGreaterThan(0);
+    child.proc.kill("SIGTERM");
+    expect(await child.exited).toBe(0);
+  }, 60_000);
+});
+
 describe("SIGTERM tells every connection why it closes", () => {
   it("native ev_close, rust_messages close_connection 300, rooms API ERROR, each the last frame before the close", async () => {
     const child = await ChildServer.start(newDataDir(), ["--rust-port", "0", "--rooms-port", "0"]);

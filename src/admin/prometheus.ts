@@ -5,6 +5,7 @@
 
 import { createRequire } from "node:module";
 import client from "prom-client";
+import { logDrops } from "../log.js";
 import type { Metrics, Buckets } from "../metrics.js";
 import { CODES } from "../protocol/codes.js";
 import type { Session } from "../protocol/session.js";
@@ -121,6 +122,7 @@ export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], 
   computed(registry, "wirechat_delivery_lag_seconds", "Time messages waited for their group commit (per batch: from its first message to its fsync)", "histogram", () => histogram("wirechat_delivery_lag_seconds", m.deliveryLag));
   computed(registry, "wirechat_commit_batch_ops", "Operations per group-commit batch", "histogram", () => histogram("wirechat_commit_batch_ops", m.batchOps));
   computed(registry, "wirechat_commit_batch_seconds", "Duration of each group-commit batch write (fsync included when durable)", "histogram", () => histogram("wirechat_commit_batch_seconds", m.batchSeconds));
+  computed(registry, "wirechat_log_lines_dropped_total", "Log lines dropped because stdout was not taking them (more than 16 MiB waiting)", "counter", () => [{ value: logDrops.lines }]);
   computed(registry, "wirechat_commit_batch_failures_total", "Group-commit batch writes that failed (each failed its requests with status 16)", "counter", () => [{ value: storage.failedBatches }]);
   computed(registry, "wirechat_bytes_in_total", "Bytes received from clients", "counter", () => [{ value: m.bytesInClosed + live().bytesIn }]);
   computed(registry, "wirechat_bytes_out_total", "Bytes sent to clients", "counter", () => [{ value: m.bytesOutClosed + live().bytesOut }]);
