@@ -87,8 +87,8 @@ export class NatsServer {
     return s;
   }
 
-  private async launch(): Promise<void> {
-    const args = ["-a", "127.0.0.1", "-p", String(this.port), "-js", "-sd", this.storeDir, ...this.extra];
+  private async launch(jetstream = true): Promise<void> {
+    const args = ["-a", "127.0.0.1", "-p", String(this.port), ...(jetstream ? ["-js"] : []), "-sd", this.storeDir, ...this.extra];
     const r = this.route;
     if (r) {
       args.push("-n", r.name, "--cluster_name", r.cluster, "--cluster", `nats://127.0.0.1:${r.port}`);
@@ -140,9 +140,12 @@ export class NatsServer {
     this.child?.kill("SIGCONT");
   }
 
-  /** Starts again on the same ports and store (after kill()). */
-  async restart(): Promise<void> {
-    await this.launch();
+  /**
+   * Starts again on the same ports and store (after kill()); `jetstream: false`, as a
+   * server whose clients connect while its JetStream does not answer (yet).
+   */
+  async restart(opts: { jetstream?: boolean } = {}): Promise<void> {
+    await this.launch(opts.jetstream ?? true);
   }
 
   async stop(): Promise<void> {

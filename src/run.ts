@@ -263,7 +263,8 @@ async function main(): Promise<void> {
 
 main().catch((err) => {
   // A start-up failure says why, and what caused it (a locked database, a port in use).
-  const cause = err instanceof Error && err.cause instanceof Error ? ` (${err.cause.message})` : "";
+  // (Once: a message that already says it, as a cluster join's refusal does, is not told it again.)
+  const cause = err instanceof Error && err.cause instanceof Error && !err.message.includes(err.cause.message) ? ` (${err.cause.message})` : "";
   process.stderr.write(`wirechat: ${err instanceof Error ? err.message : String(err)}${cause}\n`);
   process.exit(1);
 });

@@ -204,7 +204,7 @@ async function assemble(storage: Storage, config: Config, log: Logger): Promise<
         servers: config.nats,
         stream: config.natsStream,
         replicas: config.replicas,
-        nodeId: config.nodeId || `${hostname()}:${config.port}`,
+        nodeId: nodeIdOf(config),
         access: config,
       },
       log,
@@ -248,6 +248,11 @@ async function assemble(storage: Storage, config: Config, log: Logger): Promise<
       await stopped;
     },
   };
+}
+
+/** This node's name in logs, the cluster log and metrics: --node-id, else <host name>:<port>. */
+function nodeIdOf(config: Config): string {
+  return config.nodeId || `${hostname()}:${config.port}`;
 }
 
 /**
@@ -466,7 +471,7 @@ async function serve(
     Object.assign(adminDeps, {
       ops: admin,
       connections: tables,
-      registry: metricsRegistry(metrics, tables, blobs, storage),
+      registry: metricsRegistry(metrics, tables, blobs, storage, { version, nodeId: nodeIdOf(config) }),
       backup: (dir: string) => backup(storage, blobs, dir, version, stopSignal.signal),
       exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),
     } satisfies Partial<AdminDeps>);

@@ -98,6 +98,9 @@ describe("admin port", () => {
     expect(sample(samples, "wirechat_commit_batch_seconds_count")).toBeGreaterThan(0);
     expect(types.get("wirechat_requests_total")).toBe("counter");
     expect(types.get("wirechat_delivery_lag_seconds")).toBe("histogram");
+    // The node's name (--node-id, else <host name>:<port>) and version, as a cluster's dashboards tell nodes apart.
+    const info = samples.find((s) => s.name === "wirechat_info");
+    expect(info).toMatchObject({ value: 1, labels: { version: expect.stringMatching(/^\d+\.\d+\.\d+/), node_id: expect.stringMatching(/.:\d+$/) } });
     // prom-client's process and event-loop metrics are there too.
     expect(sample(samples, "process_resident_memory_bytes")).toBeGreaterThan(0);
     expect(samples.some((s) => s.name.startsWith("nodejs_eventloop_lag"))).toBe(true);

@@ -600,6 +600,27 @@ describe("cluster mode: direct messages", () => {
     b.client.close();
   });
 
+  it("a node that starts later does not count the log's older direct messages in its offline queue gauge", async () => {
+    const c = await offlineUser(0);
+    const b = await registerUser(node(0));
+    for (let i = 0; i < 3; i++) expect((await b.client.request("message", { uid: c.uid, body: `old${i}` })).status).toBe(0);
+    await sleep(1100); // stored in a second before the node starts (the gauge counts from its start, in seconds)
+    // It applies them as it catches up with the log, and routes them as any message:
+    // they were counted, on every node that joined, as waiting for users with no connection.
+    const late = await startTestServer({ nats: nats.url, natsStream: stream, nodeId: "late-gauge" });
+    try {
+      // One stored since: counted, after the older ones (routed in log order) were not.
+      expect((await b.client.request("message", { uid: c.uid, body: "new" })).status).toBe(0);
+      await waitFor(() => late.services.metrics.offlineQueue > 0, 10_000, "the new message counted");
+      await sleep(200);
+      expect(late.services.metrics.offlineQueue).toBe(1);
+    } finally {
+      b.client.close();
+      await late.stop();
+      removeDir(late.services.config.dataDir);
+    }
+  });
+
   it("reach the recipient on another node live, in the sender's order, with the echo on the sender's other node", async () => {
     const alice = await registerUser(node(0));
     const bob = await registerUser(node(1));
@@ -1048,6 +1069,19 @@ describe("cluster mode: a node catching up with the log at start-up", () => {
     }
   }, 90_000);
 
+  it("a node started with another --replicas than the stream's says so once and exits 1", async () => {
+    const main = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
+    const args = [main, "--port", "0", "--host", "127.0.0.1", "--data-dir", tempDir(), "--admin", "off", "--nats", nats.url, "--nats-stream", stream, "--replicas", "3"];
+    const proc = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
+    let err = "";
+    proc.stderr.on("data", (d: Buffer) => (err += d.toString()));
+    expect(await new Promise((resolve) => proc.on("exit", resolve))).toBe(1);
+    const why = `stream ${stream} keeps 1 copies of the log, and this node was started with --replicas 3`;
+    expect(err).toContain(`wirechat: cannot join the cluster at ${nats.url}: ${why}`);
+    // Its cause was printed again after it, in parentheses.
+    expect(err.split(why).length - 1).toBe(1);
+  });
+
   it("a SIGTERM ends the catch-up: the process exits 0 before it is up, and the next start goes on from what it applied", async () => {
     const made = [await offlineUser(0), await offlineUser(1)];
     const dir = tempDir();
@@ -1165,6 +1199,18 @@ describe("cluster mode: expired sessions", () => {
 });
 
 describe("cluster mode: the operator", () => {
+  it("the admin port's /users gives the asked node's connections of a user and how many other nodes have one", async () => {
+    const port = (i: number) => nodes[i].adminPort as number;
+    const a = await registerUser(node(0));
+    const more = [await login(node(0), a.login), await login(node(1), a.login)];
+    await waitFor(() => nodes[2].services.router.nodesElsewhere(a.uid) === 2, 10_000, "node 2 to see the user on nodes 0 and 1");
+    await waitFor(() => nodes[0].services.router.nodesElsewhere(a.uid) === 1, 10_000, "node 0 to see the user on node 1");
+    // Node 2 has none of its connections: it showed the user offline.
+    expect((await admin(port(2), "GET", `/users/${a.login}`)).json).toMatchObject({ online: 0, onlineElsewhere: 2 });
+    expect((await admin(port(0), "GET", `/users/${a.login}`)).json).toMatchObject({ online: 2, onlineElsewhere: 1 });
+    for (const c of [a, ...more]) c.client.close();
+  });
+
   it("the admin port's writes on one node take effect on every node", async () => {
     const port = (i: number) => nodes[i].adminPort as number;
     const name = uniqueName("op");
@@ -1524,16 +1570,23 @@ describe("cluster mode: faults", () => {
       expect((await alice.client.reply("delcontact", 20_000)).data.status).toBe(16);
       // Reads the view can answer go on.
       expect((await alice.client.request("history", { uid: bob.uid })).messages).toHaveLength(5);
+      // The server back without JetStream, as one whose JetStream has not recovered
+      // yet: the connection is back, the node is not ready (it said 200 as soon as the
+      // connection came back, while writes answered 16 for 5-9 s more).
+      await own.restart({ jetstream: false });
+      let waiting = await ready();
+      for (const end = Date.now() + 20_000; waiting.json?.reason !== "the cluster engine's JetStream is not answering yet" && Date.now() < end; await sleep(50)) waiting = await ready();
+      expect(waiting).toMatchObject({ status: 503, json: { ready: false, reason: "the cluster engine's JetStream is not answering yet" } });
+      expect((await send("during 0")).status).toBe(16);
+      await own.kill();
       await own.restart();
-      // Both nodes reconnect by themselves; what was refused is resent with its cmid.
-      for (let attempt = 0; ; attempt++) {
-        const r = await send("during 0");
-        if (r.status === 0) break;
-        expect(r.status).toBe(16);
-        expect(attempt).toBeLessThan(60);
-        await new Promise((res) => setTimeout(res, 500));
-      }
-      for (let i = 1; i < 3; i++) expect((await send(`during ${i}`)).status).toBe(0);
+      // Both nodes reconnect by themselves, and say they are ready only once JetStream
+      // answers: the first write after that is stored. What was refused is resent with
+      // its cmid.
+      let up = await ready();
+      for (const end = Date.now() + 60_000; up.status !== 200 && Date.now() < end; await sleep(50)) up = await ready();
+      expect(up).toMatchObject({ status: 200, json: { ready: true } });
+      for (let i = 0; i < 3; i++) expect((await send(`during ${i}`)).status).toBe(0);
       expect((await send("after")).status).toBe(0);
       expect(await ready()).toMatchObject({ status: 200, json: { ready: true } });
       const got = await evMessages(bob.client, 9, 20_000);

@@ -80,7 +80,13 @@ function readLive(tables: readonly ConnectionTable[]) {
   return { byState, queued, uploads, bytesIn, bytesOut };
 }
 
-export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], blobs: BlobStore, storage: Pick<Storage, "level0Tables" | "failedBatches">): client.Registry {
+export function metricsRegistry(
+  m: Metrics,
+  tables: readonly ConnectionTable[],
+  blobs: BlobStore,
+  storage: Pick<Storage, "level0Tables" | "failedBatches">,
+  info: { version: string; nodeId: string },
+): client.Registry {
   const registry = new client.Registry();
   defaultMetrics(registry);
 
@@ -103,6 +109,7 @@ export function metricsRegistry(m: Metrics, tables: readonly ConnectionTable[], 
     }
     return out;
   });
+  computed(registry, "wirechat_info", "This server: its version and node name (--node-id), always 1", "gauge", () => [{ labels: { version: info.version, node_id: info.nodeId }, value: 1 }]);
   computed(registry, "wirechat_connections_opened_total", "Connections accepted since start", "counter", () => [{ value: m.connectionsOpened }]);
   computed(registry, "wirechat_connections_refused_total", "Connections refused at a connection cap or by an address ban", "counter", () => [{ value: m.refused }]);
   computed(registry, "wirechat_disconnects_total", "Connections the server closed, by reason", "counter", () =>

@@ -387,7 +387,10 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
           const limit = Number(given);
           if (!/^\d+$/.test(given) || limit < 1 || limit > 1000) throw new ConfigError(`--limit: expected a whole number from 1 to 1000, got "${given}"`);
           for (const u of await ops.list(p.own.get("after") ?? "", limit)) {
-            process.stdout.write(`${u.uid}\t${u.login}\t${u.nick}${u.online ? `\tonline(${u.online})` : ""}${u.banned ? "\tbanned" : ""}\n`);
+            // In cluster mode, the other nodes it is online on too (presence counts nodes, not their connections).
+            const away = u.onlineElsewhere ?? 0;
+            const online = u.online > 0 || away > 0 ? `\tonline(${u.online}${away > 0 ? ` here, on ${away} other node${away === 1 ? "" : "s"}` : ""})` : "";
+            process.stdout.write(`${u.uid}\t${u.login}\t${u.nick}${online}${u.banned ? "\tbanned" : ""}\n`);
           }
         } else throw new ConfigError(`unknown user command '${sub}' (add, del, passwd, list, show)`);
         return 0;

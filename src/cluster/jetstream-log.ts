@@ -227,6 +227,15 @@ export class JetStreamLog<C, R> {
   private watchdog: NodeJS.Timeout | undefined;
   private watching = false;
   private connected = true;
+  /**
+   * JetStream has not answered since the connection came back (or since a request
+   * found it unreachable): not ready. The NATS connection returns before JetStream
+   * answers (a restarted server recovers its streams first): /readyz said 200 for the
+   * 5-9 s in which every request answered 16.
+   */
+  private engineDown = false;
+  /** checkLog running: one probe at a time. */
+  private checking: Promise<void> | undefined;
   private closed = false;
   private readonly writeBudgetMs: number;
   private failure: Error | undefined;
@@ -350,6 +359,11 @@ export class JetStreamLog<C, R> {
     try {
       last = await this.lastSeq();
     } catch (err) {
+      // Not ready until JetStream answers again (checkLog's probe).
+      if (!this.closed && !this.failure) {
+        this.engineDown = true;
+        void this.checkLog();
+      }
       throw unavailable("the cluster's message store is unreachable", err);
     }
     await this.syncTo(last, this.writeBudgetMs);
@@ -531,6 +545,7 @@ export class JetStreamLog<C, R> {
     if (this.failure) return "this node stopped following the cluster log (its log says why); restart it";
     if (this.nc.isClosed()) return "the connection to the cluster engine closed; restart this node";
     if (!this.connected) return "disconnected from the cluster engine";
+    if (this.engineDown) return "the cluster engine's JetStream is not answering yet";
     return undefined;
   }
 
@@ -548,6 +563,7 @@ export class JetStreamLog<C, R> {
           this.opts.log.warn({ server: s.server }, "cluster engine disconnected");
         } else if (s.type === "reconnect") {
           this.connected = true;
+          this.engineDown = true;
           this.opts.log.info({ server: s.server }, "cluster engine reconnected");
           void this.checkLog();
         }
@@ -637,15 +653,37 @@ export class JetStreamLog<C, R> {
    * would never see those, and this view would differ from every other for good. The
    * node stops following the log instead (a restart rebuilds its view).
    */
-  private async checkLog(): Promise<void> {
-    try {
-      const info = await this.jsm.streams.info(this.opts.stream);
-      if (this.closed || this.failure) return;
-      await verifyView(this.jsm, this.opts.stream, this.applied, info.created, info.state.first_seq, info.state.last_seq);
-    } catch (err) {
-      if (err instanceof ViewMismatch) this.fail(new Error(`the cluster log no longer holds what this node applied (${err.message}): restart the node to rebuild its view`));
-      else if (!this.closed) this.opts.log.warn({ err }, "checking the cluster log after a reconnect failed");
-    }
+  /**
+   * After a reconnect (or a request that found JetStream unreachable): asks for the
+   * stream until JetStream answers (engineDown is cleared then), and checks that it
+   * still holds what this node applied.
+   */
+  private checkLog(): Promise<void> {
+    this.checking ??= (async () => {
+      let wait = 250;
+      try {
+        for (;;) {
+          if (this.closed || this.failure) return;
+          try {
+            const info = await this.jsm.streams.info(this.opts.stream);
+            if (this.closed || this.failure) return;
+            this.engineDown = false;
+            await verifyView(this.jsm, this.opts.stream, this.applied, info.created, info.state.first_seq, info.state.last_seq);
+            return;
+          } catch (err) {
+            if (err instanceof ViewMismatch) return this.fail(new Error(`the cluster log no longer holds what this node applied (${err.message}): restart the node to rebuild its view`));
+            if (this.closed) return;
+            if (!this.engineDown) return this.opts.log.warn({ err }, "checking the cluster log after a reconnect failed");
+            // Not answering yet: asked again (the NATS client waits out a disconnection).
+            await new Promise((r) => setTimeout(r, wait).unref());
+            wait = Math.min(wait * 2, 2_000);
+          }
+        }
+      } finally {
+        this.checking = undefined;
+      }
+    })();
+    return this.checking;
   }
 
   /**

@@ -105,8 +105,8 @@ export class ClusterPresence {
     return this.remote.has(uid);
   }
 
-  /** Other nodes' online users (a live view). */
-  get users(): ReadonlyMap<string, unknown> {
+  /** Other nodes' online users, each with the nodes that have them (a live view). */
+  get users(): ReadonlyMap<string, ReadonlySet<string>> {
     return this.remote;
   }
 

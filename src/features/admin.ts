@@ -19,7 +19,10 @@ export interface UserSummary {
   phone: string;
   status: string;
   created: number;
+  /** Connections of the user to this node. */
   online: number;
+  /** Cluster mode: other nodes with a connection of the user (presence counts nodes, not their connections). */
+  onlineElsewhere?: number;
   banned: boolean;
 }
 
@@ -65,7 +68,9 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
 
   function summary(u: UserRecord): UserSummary {
     const { uid, login, nick, email, phone, status, created } = u;
-    return { uid, login, nick, email, phone, status, created, online: router.sessions(uid).length, banned: bans.banned("login", login) !== undefined };
+    const summary: UserSummary = { uid, login, nick, email, phone, status, created, online: router.sessions(uid).length, banned: bans.banned("login", login) !== undefined };
+    if (router.elsewhere !== undefined) summary.onlineElsewhere = router.nodesElsewhere(uid);
+    return summary;
   }
 
   return {

@@ -25,6 +25,7 @@
 // The Delivery interface (seams.ts) is what a cluster transport will implement too.
 
 import { Metrics } from "../metrics.js";
+import { nowSeconds } from "./frames.js";
 import type { Event, MessageEvent } from "./events.js";
 import type { Audience } from "./events.js";
 import type { Session } from "./session.js";
@@ -195,8 +196,21 @@ export class Router implements Delivery {
     return false;
   }
 
-  /** Cluster mode: the users other nodes have online (cluster/presence.ts). */
-  elsewhere: ReadonlyMap<string, unknown> | undefined;
+  /** Cluster mode: the users other nodes have online, each with those nodes (cluster/presence.ts). */
+  elsewhere: ReadonlyMap<string, ReadonlySet<string>> | undefined;
+
+  /** Cluster mode: how many other nodes have a connection of `uid` (0 on a single node). */
+  nodesElsewhere(uid: string): number {
+    return this.elsewhere?.get(uid)?.size ?? 0;
+  }
+
+  /**
+   * When this router started (unix seconds): the offline-queue gauge counts messages
+   * stored since (README). A cluster node applies the log's older messages as it
+   * catches up, after it started: a new node's gauge counted every direct message of
+   * the cluster's history to users offline.
+   */
+  private readonly startedAt = nowSeconds();
 
   /** Online here or, in cluster mode, on another node. */
   isOnline(uid: string): boolean {
@@ -351,7 +365,7 @@ export class Router implements Delivery {
     const late = inbox && this.routed(uid, Number((ev as MessageEvent).m.mid));
     if (cur === undefined) {
       // Cluster mode: a user connected to another node is sent it there.
-      if (inbox && this.elsewhere?.has(uid) !== true) this.queuedOffline(uid);
+      if (inbox && (ev as MessageEvent).m.time >= this.startedAt && this.elsewhere?.has(uid) !== true) this.queuedOffline(uid);
       return;
     }
     if (Array.isArray(cur)) {
