@@ -128,6 +128,15 @@ describe("accepted forms", () => {
     expect(calls).toEqual([{ frame: ping }]);
   });
 
+  it("answers the bytes of a BOM out of their place as garbage (they are not UTF-8 text), one reply a line", () => {
+    for (const stray of [[0xbb, 0xbf], [0xbf], [0xef, 0xbf, 0xbb], [0xef, 0xbb, 0xbb]]) {
+      const calls = scan([`${ping}\n`, Buffer.from([...stray, 0x0a]), `${ping}\n`]);
+      expect(kinds(calls), stray.join(" ")).toEqual(["frame", "reject 3", "frame"]);
+    }
+    // Between frames, a whole one is skipped wherever it comes.
+    expect(kinds(scan([`${ping}\n`, Buffer.from([0xef, 0xbb, 0xbf]), `${ping}\n`]))).toEqual(["frame", "frame"]);
+  });
+
   it("does not close a frame on braces inside strings", () => {
     const text = JSON.stringify({ action: "send", data: { text: "} { ] [ }}}\"{" } });
     expect(frames(scan([`${text}\n`]))).toEqual([text]);

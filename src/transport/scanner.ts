@@ -214,6 +214,8 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
   private depth = 0;
   private inString = false;
   private escaped = false;
+  /** Bytes of a UTF-8 BOM seen between frames (0-2; 0 when none is under way). */
+  private bomAt = 0;
   /** Hex digits of a `\uXXXX` escape in attachment text still to come (0: not in one), and its value so far. */
   private hexLeft = 0;
   private hexValue = 0;
@@ -336,6 +338,8 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
       switch (this.state) {
         case State.Idle: {
           const c = chunk[i];
+          // A BOM cut short by anything else: what follows is read afresh.
+          if (this.bomAt > 0 && c !== (this.bomAt === 1 ? Byte.Bom2 : Byte.Bom3)) this.bomAt = 0;
           if (c === Byte.OpenCurly && this.fast !== undefined) {
             // Parse bytes once: a common frame, whole within the limit in this chunk,
             // is decoded where it lies. Anything else is scanned from the same byte.
@@ -354,9 +358,11 @@ export class FrameScanner<U extends UploadSink = UploadSink, C = unknown> {
             i = this.scanFrame(chunk, i);
           } else if (c === Byte.Space || c === Byte.LF || c === Byte.CR || c === Byte.Tab) {
             i++;
-          } else if (c === Byte.Bom1 || c === Byte.Bom2 || c === Byte.Bom3) {
-            // A UTF-8 BOM (EF BB BF), possibly split across reads. Its bytes can never
-            // begin valid text, so skipping them one at a time is safe.
+          } else if (c === (this.bomAt === 0 ? Byte.Bom1 : this.bomAt === 1 ? Byte.Bom2 : Byte.Bom3)) {
+            // A UTF-8 BOM (EF BB BF), possibly split across reads, is skipped whole; a
+            // byte of one out of its place is not UTF-8 text (BB BF alone was skipped
+            // in silence: it is answered as any other garbage now).
+            this.bomAt = this.bomAt === 2 ? 0 : this.bomAt + 1;
             i++;
           } else {
             // Right after a broken frame, lines that cannot start a frame are taken
