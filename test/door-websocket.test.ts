@@ -137,6 +137,9 @@ describe("native protocol over WebSocket", () => {
     ws.send('{"action":"ping"}\n{"action":"ping"}');
     expect((await ws.next()).data.status).toBe(3);
     expect((await request(ws, "ping")).status).toBe(0);
+    // A UTF-8 BOM before the frame is skipped, as on TCP (it was "not valid JSON").
+    ws.send('\uFEFF{"action":"ping"}');
+    expect(await ws.next()).toMatchObject({ action: "ping", data: { status: 0 } });
     ws.close();
   });
 

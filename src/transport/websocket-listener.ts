@@ -288,8 +288,10 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     peer.lastActivity = Date.now();
     const session = peer.session as Session;
     if (isBinary) return front.reject(session, Code.InvalidData, "binary messages are not read: send each frame as one text message", undefined);
-    // binaryType "nodebuffer": one Buffer, fragments joined.
-    const bytes = data as Buffer;
+    // binaryType "nodebuffer": one Buffer, fragments joined. A UTF-8 BOM before the
+    // frame is skipped, as the TCP door skips one (PROTOCOL.md §2).
+    let bytes = data as Buffer;
+    if (bytes.length >= 3 && bytes[0] === 0xef && bytes[1] === 0xbb && bytes[2] === 0xbf) bytes = bytes.subarray(3);
     if (!depthWithin(bytes, this.config.maxDepth)) {
       return front.reject(session, Code.InvalidData, `nesting deeper than ${this.config.maxDepth}`, peekAction(bytes));
     }
