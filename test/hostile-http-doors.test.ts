@@ -135,6 +135,19 @@ describe("HTTP/WS chat door: media types", () => {
   });
 });
 
+describe("HTTP port: request bodies nested past --max-depth", () => {
+  it("are refused in each door's shape before they are parsed, as a TCP frame or a WebSocket message is", async () => {
+    const deep = (inner: string) => `{"login":"x","password":"p","email":"a@example.com","z":${"[".repeat(1000)}${inner}${"]".repeat(1000)}}`;
+    // A deep body logged in (its extra field ignored): 32 levels are the limit.
+    expect(await call("POST", "/v1/login", { body: deep("") })).toEqual({ status: 422, body: { error: { code: "invalid_json" } } });
+    const r = await call("POST", "/login", { body: deep("") });
+    expect(r).toEqual({ status: 400, body: { status: "error", message: "the body nests deeper than 32" } });
+    // At the limit: parsed as before (a failed login).
+    const ok = `{"email":"a@example.com","password":"p","z":${"[".repeat(31)}${"]".repeat(31)}}`;
+    expect((await call("POST", "/login", { body: ok })).status).toBe(401);
+  });
+});
+
 describe("HTTP/WS chat door: the session of a /ws login", () => {
   const few = serveForFile({ httpPort: 0, maxSessionsPerUser: 3 });
 

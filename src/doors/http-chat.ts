@@ -20,7 +20,7 @@
 import type { ServerResponse } from "node:http";
 import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
-import { NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
+import { depthWithin, NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
 import type { Logger } from "pino";
 import type WebSocket from "ws";
 import { Code, ProtocolError } from "../protocol/codes.js";
@@ -514,6 +514,8 @@ export function chatRoutes(
   banned: (address: string) => string | undefined,
   rated: (req: FastifyRequest, res: ServerResponse) => Promise<RateVerdict>,
   stopping: () => boolean,
+  /** --max-depth: a body nested deeper is refused (400) before it is parsed. */
+  maxDepth: number,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
     // A banned address is refused here as at a TCP door's accept (a WebSocket is refused
@@ -541,6 +543,8 @@ export function chatRoutes(
     app.removeContentTypeParser("application/json");
     app.addContentTypeParser("application/json", { parseAs: "buffer" }, (req, bytes, done) => {
       if (!isUtf8(bytes as Buffer)) return done(Object.assign(new Error("the body is not valid UTF-8"), { statusCode: 400 }), undefined);
+      // As a TCP frame's or a WebSocket message's (JSON.parse has no limit of its own).
+      if (!depthWithin(bytes as Buffer, maxDepth)) return done(Object.assign(new Error(`the body nests deeper than ${maxDepth}`), { statusCode: 400 }), undefined);
       json(req, (bytes as Buffer).toString("utf8"), done);
     });
     app.setErrorHandler((err, req, reply) => {

@@ -18,7 +18,7 @@
 import type { ServerResponse } from "node:http";
 import { isUtf8 } from "node:buffer";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
-import { upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
+import { depthWithin, upgradeRefused, WEBSOCKET_ROUTE } from "../transport/websocket-listener.js";
 import type { Logger } from "pino";
 import { Readable } from "node:stream";
 import type WebSocket from "ws";
@@ -560,6 +560,8 @@ export function echatRoutes(
   banned: (address: string) => string | undefined,
   rated: (req: FastifyRequest, res: ServerResponse) => Promise<RateVerdict>,
   stopping: () => boolean,
+  /** --max-depth: a body nested deeper is invalid_json (422), as one that is not JSON. */
+  maxDepth: number,
 ) {
   return async (app: FastifyInstance): Promise<void> => {
     app.addHook("onRequest", async (req, reply) => {
@@ -588,6 +590,8 @@ export function echatRoutes(
       // Not UTF-8 is not JSON (decoded anyway, each bad byte became U+FFFD, and two
       // passwords of different bad bytes were the same password).
       if (!isUtf8(bytes as Buffer)) return done(null, BAD_BODY);
+      // As a TCP frame's or a WebSocket message's (JSON.parse has no limit of its own).
+      if (!depthWithin(bytes as Buffer, maxDepth)) return done(null, BAD_BODY);
       try {
         done(null, JSON.parse((bytes as Buffer).toString("utf8")));
       } catch {

@@ -197,8 +197,8 @@ export class HttpDoor {
           wsHandler: (ws, req) => accept(ws, req, native),
         });
       });
-      await app.register(echatRoutes(d.echat, accept, banned, rated, stopping), { prefix: "/v1" });
-      await app.register(chatRoutes(d.chat, accept, banned, rated, stopping));
+      await app.register(echatRoutes(d.echat, accept, banned, rated, stopping, config.maxDepth), { prefix: "/v1" });
+      await app.register(chatRoutes(d.chat, accept, banned, rated, stopping, config.maxDepth));
     })();
   }
 
