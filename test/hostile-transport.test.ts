@@ -713,4 +713,29 @@ describe("the log of refused connections", () => {
     held.close();
     await server.stop();
   }, 30_000);
+
+  it("connections from one address closed for bad frames log a line, not one per connection", async () => {
+    const lines: string[] = [];
+    const log = pino(
+      { level: "info" },
+      new Writable({
+        write(chunk, _enc, cb) {
+          lines.push(chunk.toString());
+          cb();
+        },
+      }),
+    );
+    const server = await startServer(testConfig({ badFrameLimit: 2, logLevel: "info" }), log);
+    // 50 connections, each past its bad-frame limit: each was a warn line of its own.
+    for (let i = 0; i < 50; i++) {
+      const c = await Client.connect(server.port);
+      c.write("garbage\n".repeat(3));
+      await c.closed;
+    }
+    expect(server.services.metrics.closes.bad_frames).toBe(50);
+    const closes = lines.filter((l) => /too many bad frames/.test(l));
+    expect(closes).toHaveLength(1);
+    expect(JSON.parse(closes[0])).toMatchObject({ level: 40, remote: "127.0.0.1", limit: 2, msg: "connection closed: too many bad frames" });
+    await server.stop();
+  }, 30_000);
 });

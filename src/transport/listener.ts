@@ -28,7 +28,7 @@ import type { Router } from "../protocol/router.js";
 import type { Session, Upload } from "../protocol/session.js";
 import { CONNECTION, Connection, deliverySlack } from "./connection.js";
 import type { ConnectionTable } from "./live.js";
-import { RefusalLog } from "./refusal-log.js";
+import { RefusalLog } from "../refusal-log.js";
 import { FrameScanner, HOLD, type FastReader, type FrameSink, type HeldInput, type ScannerLimits } from "./scanner.js";
 
 type Tagged = net.Socket & { [CONNECTION]?: Connection };

@@ -38,7 +38,7 @@ import type { Session } from "../protocol/session.js";
 import { deliverySlack } from "./connection.js";
 import type { Front } from "./listener.js";
 import type { ConnectionTable } from "./live.js";
-import { RefusalLog } from "./refusal-log.js";
+import { RefusalLog } from "../refusal-log.js";
 import type { HeldInput } from "./scanner.js";
 import { CLOSE_POLICY, CLOSE_TRY_LATER, copySmallPieces, WebSocketPeer } from "./websocket.js";
 

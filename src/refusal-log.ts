@@ -2,6 +2,7 @@
 // not flood the log. One line per address per window; the refusals it held back are
 // counted and reported when the window closes. The map of addresses is bounded: past
 // it, refusals from further addresses are only counted, in one line per window.
+// (The dispatcher logs connections it closes for bad frames the same way.)
 
 import type { Logger } from "pino";
 
@@ -21,6 +22,8 @@ export class RefusalLog {
     private readonly log: Logger,
     private readonly windowMs = 10_000,
     private readonly maxAddresses = 4096,
+    /** What each line says happened, to one connection and to several (connections closed for bad frames: the dispatcher's). */
+    private readonly what = { one: "connection refused", many: "connections refused" },
   ) {}
 
   refused(address: string, reason: string, limit: number): void {
@@ -39,7 +42,7 @@ export class RefusalLog {
       }
     }
     this.windows.set(address, { since: now, suppressed: 0, reason });
-    this.log.warn({ remote: address, limit }, `connection refused: ${reason}`);
+    this.log.warn({ remote: address, limit }, `${this.what.one}: ${reason}`);
   }
 
   /** Reports and forgets windows that have closed (called periodically). */
@@ -50,14 +53,14 @@ export class RefusalLog {
       this.windows.delete(address);
     }
     if (this.unlisted > 0 && now - this.unlistedSince >= this.windowMs) {
-      this.log.warn({ refused: this.unlisted }, "connections refused from further addresses (not logged one by one)");
+      this.log.warn({ refused: this.unlisted }, `${this.what.many} from further addresses (not logged one by one)`);
       this.unlisted = 0;
     }
   }
 
   private report(address: string, w: Window): void {
     if (w.suppressed > 0) {
-      this.log.warn({ remote: address, suppressed: w.suppressed }, `connection refused: ${w.reason} (repeated; lines held back)`);
+      this.log.warn({ remote: address, suppressed: w.suppressed }, `${this.what.one}: ${w.reason} (repeated; lines held back)`);
     }
   }
 }
