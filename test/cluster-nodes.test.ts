@@ -18,6 +18,7 @@ import { ChildServer, Client, login, registerUser, removeDir, startTestServer, t
 import { freePort, NatsServer } from "../scripts/nats-server.js";
 import { readEntries } from "../src/storage/range.js";
 import { directConv } from "../src/storage/layout.js";
+import { WirechatClient } from "../src/client/index.js";
 import { unavailable } from "../src/cluster/jetstream-log.js";
 import { admin } from "./admin-helpers.js";
 import { heldGate, holdNextWrite, sleep, waitFor, wrapBatchWrite } from "./pipeline-helpers.js";
@@ -1600,6 +1601,33 @@ describe("cluster mode: faults", () => {
         removeDir(n.services.config.dataDir);
       }
       await own.stop();
+    }
+  });
+
+  it("the client library given the cluster's nodes resumes on another node when its node is killed", async () => {
+    const dir = tempDir();
+    const k = await startChild(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "client-doomed", "--admin", "off"]);
+    const bob = await registerUser(node(1));
+    // It could only reconnect to the host and port it was given: to the dead node, for ever.
+    const alice = await WirechatClient.connect({ servers: [{ host: "127.0.0.1", port: k.port }, { host: "127.0.0.1", port: node(0) }], reconnect: { minMs: 50, maxMs: 500 } });
+    try {
+      const login = uniqueName("failover");
+      const me = await alice.register(login, "secret", login);
+      const got: string[] = [];
+      alice.on("ev_message", (m) => got.push(m.body));
+      expect((await bob.client.request("message", { uid: me.uid, body: "before" })).status).toBe(0);
+      await waitFor(() => got.length === 1, 10_000, "the message before");
+      const resumed = new Promise<void>((r) => alice.once("reconnect", () => r()));
+      k.proc.kill("SIGKILL");
+      await k.exited;
+      await resumed;
+      expect((await bob.client.request("message", { uid: me.uid, body: "after" })).status).toBe(0);
+      await waitFor(() => got.length === 2, 10_000, "the message after the failover");
+      expect(got).toEqual(["before", "after"]);
+    } finally {
+      alice.destroy();
+      bob.client.close();
+      removeDir(dir);
     }
   });
 

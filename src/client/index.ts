@@ -62,6 +62,12 @@ export interface ReconnectOptions {
 export interface ConnectOptions {
   host?: string;
   port?: number;
+  /**
+   * The nodes of a cluster (README, Cluster mode), instead of `host` and `port`: connect()
+   * tries them in order until one answers, and each reconnect attempt goes to the next
+   * one, so a client whose node dies resumes its session on another (with `reconnect`).
+   */
+  servers?: { host?: string; port?: number }[];
   /** `true` for TLS with the system's CAs, or the options for it. */
   tls?: boolean | TlsOptions;
   /**
@@ -365,8 +371,11 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
   private socketAuthed = false;
   private welcomeWaiter: { resolve: (w: WelcomeFrame) => void; reject: (e: Error) => void } | undefined;
 
-  private readonly host: string;
-  private readonly port: number;
+  /** The server connected to, or to be tried next: one of `addresses`. */
+  private host: string;
+  private port: number;
+  private readonly addresses: { host: string; port: number }[];
+  private addressAt = 0;
   private readonly reconnectOpts: Required<ReconnectOptions> | undefined;
   private wantAck: boolean;
   /** `ack: "manual"`: acks go no further than the app's own (appAcked). */
@@ -420,8 +429,9 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     (this as unknown as EventEmitter).on("newListener", (name: string | symbol) => {
       if (name === "event" || name === "ev_message") queueMicrotask(() => this.releaseUnclaimed());
     });
-    this.host = opts.host ?? "127.0.0.1";
-    this.port = opts.port ?? (opts.tls ? 7789 : 7788);
+    const at = (a: { host?: string; port?: number }) => ({ host: a.host ?? "127.0.0.1", port: a.port ?? (opts.tls ? 7789 : 7788) });
+    this.addresses = opts.servers !== undefined && opts.servers.length > 0 ? opts.servers.map(at) : [at(opts)];
+    ({ host: this.host, port: this.port } = this.addresses[0]);
     const r = opts.reconnect;
     this.reconnectOpts = r
       ? { minMs: 250, maxMs: 30_000, maxAttempts: Number.POSITIVE_INFINITY, ...(r === true ? {} : r) }
@@ -439,7 +449,16 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
    */
   static async connect(opts: ConnectOptions = {}): Promise<WirechatClient> {
     const c = new WirechatClient(opts);
-    await c.openTransport();
+    // Each of the servers in turn, until one answers: the last one's error otherwise.
+    for (let i = 0; ; i++) {
+      try {
+        await c.openTransport();
+        break;
+      } catch (err) {
+        if (i + 1 >= c.addresses.length) throw err;
+        c.nextAddress();
+      }
+    }
     c.state = "open";
     try {
       if (c.wantAck) await c.hello({ ack: true });
@@ -1378,8 +1397,16 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
     this.reconnectTimer = setTimeout(() => void this.tryReconnect(), delayMs);
   }
 
+  /** The next of several servers (a cluster's nodes): where the next attempt goes. */
+  private nextAddress(): void {
+    this.addressAt = (this.addressAt + 1) % this.addresses.length;
+    ({ host: this.host, port: this.port } = this.addresses[this.addressAt]);
+  }
+
   private async tryReconnect(): Promise<void> {
     if (this.state !== "reconnecting") return;
+    // A cluster's next node: the one lost may be down for good.
+    if (this.addresses.length > 1) this.nextAddress();
     try {
       await this.openTransport();
     } catch (err) {
