@@ -23,6 +23,21 @@ async function until(cond: () => boolean, ms = 10_000, what = "condition"): Prom
 }
 
 /** Rejects if `p` has not settled within `ms` (a hang is a failure, not a timeout of the whole file). */
+/** A logger at info whose lines are kept in `lines`. */
+function capturedLog(): { lines: string[]; log: pino.Logger } {
+  const lines: string[] = [];
+  const log = pino(
+    { level: "info" },
+    new Writable({
+      write(chunk, _enc, cb) {
+        lines.push(chunk.toString());
+        cb();
+      },
+    }),
+  );
+  return { lines, log };
+}
+
 function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
@@ -691,16 +706,7 @@ describe("unfinished frames, all connections together", () => {
 
 describe("the log of refused connections", () => {
   it("a flood of refused connections from one address logs a line, not one per connection", async () => {
-    const lines: string[] = [];
-    const log = pino(
-      { level: "info" },
-      new Writable({
-        write(chunk, _enc, cb) {
-          lines.push(chunk.toString());
-          cb();
-        },
-      }),
-    );
+    const { lines, log } = capturedLog();
     const server = await startServer(testConfig({ maxConnections: 1, logLevel: "info" }), log);
     const held = await Client.connect(server.port);
     for (let i = 0; i < 100; i++) {
@@ -715,16 +721,7 @@ describe("the log of refused connections", () => {
   }, 30_000);
 
   it("connections from one address closed for bad frames log a line, not one per connection", async () => {
-    const lines: string[] = [];
-    const log = pino(
-      { level: "info" },
-      new Writable({
-        write(chunk, _enc, cb) {
-          lines.push(chunk.toString());
-          cb();
-        },
-      }),
-    );
+    const { lines, log } = capturedLog();
     const server = await startServer(testConfig({ badFrameLimit: 2, logLevel: "info" }), log);
     // 50 connections, each past its bad-frame limit: each was a warn line of its own.
     for (let i = 0; i < 50; i++) {
