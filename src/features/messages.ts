@@ -14,7 +14,7 @@
 // membership from the membership cache, and the record is serialised once.
 
 import { AttachmentRef, ListReply, MessageSent } from "../protocol/codec.js";
-import { PAGE_CHARS, recordChars, recordsInPages } from "./record-pages.js";
+import { pageEnd, recordChars, recordsInPages } from "./record-pages.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { Deferred, type Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
@@ -494,9 +494,7 @@ export function registerMessages(sv: Services): void {
           for (const m of await lastsOf(page.slice(i, i + DIALOG_ROWS))) sizes.push(m === undefined ? 0 : recordChars(m));
         }
         for (let i = 0; i < page.length; ) {
-          let end = i + 1;
-          let total = sizes[i];
-          while (end < page.length && end - i < DIALOG_ROWS && total + sizes[end] <= PAGE_CHARS) total += sizes[end++];
+          const end = pageEnd(sizes, i, DIALOG_ROWS);
           const slice = page.slice(i, end);
           i = end;
           const lasts = await lastsOf(slice);

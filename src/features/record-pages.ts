@@ -26,6 +26,17 @@ export function recordChars(m: MessageRecord): number {
   return ITEM_CHARS + m.body.length + m.nick.length + (m.attach ? m.attach.mime.length : 0);
 }
 
+/**
+ * Where the page that starts at `from` ends (exclusive): the items after it while their
+ * `sizes` stay within PAGE_CHARS, at most `most` of them, and always one.
+ */
+export function pageEnd(sizes: readonly number[], from: number, most = Infinity): number {
+  let end = from + 1;
+  let total = sizes[from];
+  while (end < sizes.length && end - from < most && total + sizes[end] <= PAGE_CHARS) total += sizes[end++];
+  return end;
+}
+
 type ReadRecords = (seqs: readonly number[]) => Promise<(MessageRecord | undefined)[]>;
 
 /** The characters of each of `seqs`' records (0: deleted), read SIZE_PAGE at a time. */
@@ -50,9 +61,7 @@ export async function* recordsInPages(
 ): AsyncIterable<MessageRecord> {
   const chars = sizes ?? (await recordSizes(read, seqs));
   for (let i = 0; i < seqs.length; ) {
-    let end = i + 1;
-    let total = chars[i];
-    while (end < seqs.length && total + chars[end] <= PAGE_CHARS) total += chars[end++];
+    const end = pageEnd(chars, i);
     const page = (await read(seqs.slice(i, end))).filter((m): m is MessageRecord => m !== undefined);
     i = end;
     onPage?.(page);
