@@ -53,6 +53,7 @@ export interface Config {
   stats: number;
   backgroundNice: number;
   heapGrowth: number;
+  idleGc: number;
   config: string;
   admin: string;
   adminHost: string;
@@ -154,6 +155,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "shutdownTimeout", flag: "--shutdown-timeout", env: "WIRECHAT_SHUTDOWN_TIMEOUT", kind: "int", default: 10, min: 1, max: TIMER_MAX_S, help: "seconds SIGTERM/SIGINT waits for requests in progress before closing" },
   { key: "backgroundNice", flag: "--background-nice", env: "WIRECHAT_BACKGROUND_NICE", kind: "int", default: 10, min: 0, max: 19, help: "nice value (0-19) for the process's background threads (password hashing, LevelDB's compaction, GC helpers), so they take a smaller share of a shared core than the event loop and its I/O pool (commits, reads), which stay at 0; while LevelDB's compaction is behind the writes (8+ tables in its level 0) they run at 0 again, which needs CAP_SYS_NICE or RLIMIT_NICE 20; 0 leaves them alone (Linux only)" },
   { key: "heapGrowth", flag: "--heap-growth", env: "WIRECHAT_HEAP_GROWTH", kind: "int", default: 0, min: 0, max: 300, help: "percent the JavaScript heap may grow past what the last full garbage collection kept before it collects again (e.g. 20: memory stays near the live heap, at the price of more full collections, each a pause of a few milliseconds); 0 leaves it to V8, which allows up to 300" },
+  { key: "idleGc", flag: "--idle-gc", env: "WIRECHAT_IDLE_GC", kind: "int", default: 32, min: 0, max: 1048576, help: "MiB the JavaScript heap must have grown since its last low for the server, once idle (its event loop under 5 % busy for half a second), to run one full garbage collection, so that a burst's garbage is returned to the OS rather than kept until the next busy spell; 0 leaves it to V8" },
   { key: "tlsPort", flag: "--tls-port", env: "WIRECHAT_TLS_PORT", kind: "int", default: 7789, min: 0, max: 65535, help: "TLS port, used when --tls-cert and --tls-key are given" },
   { key: "tlsCert", flag: "--tls-cert", env: "WIRECHAT_TLS_CERT", kind: "string", default: "", help: "PEM certificate file; with --tls-key it enables the TLS listener", reload: true },
   { key: "tlsKey", flag: "--tls-key", env: "WIRECHAT_TLS_KEY", kind: "string", default: "", help: "PEM private key file", reload: true },

@@ -9,6 +9,7 @@ import { ConfigError, helpText, packageVersion, parseArgs, type ParsedArgs } fro
 import { startServer, type RunningServer } from "./server.js";
 import { CompactionCatchUp, ThreadPriority } from "./thread-priority.js";
 import { repeated, takeEarlySignals } from "./early-signals.js";
+import { startIdleCollector, type IdleCollector } from "./idle-gc.js";
 
 async function serve(argv: string[]): Promise<void> {
   let parsed: ParsedArgs;
@@ -33,6 +34,7 @@ async function serve(argv: string[]): Promise<void> {
   let server: RunningServer | undefined;
   let priority: ThreadPriority | undefined;
   let catchUp: CompactionCatchUp | undefined;
+  let idle: IdleCollector | undefined;
   let stopping: string | undefined;
   // A signal before the server is up ends a cluster node's catch-up with the log (what
   // it applied is kept; the next start goes on from there).
@@ -42,6 +44,7 @@ async function serve(argv: string[]): Promise<void> {
     log.info({ signal }, "shutting down");
     priority?.stop();
     catchUp?.stop();
+    idle?.stop();
     running.stop().then(
       () => process.exit(0),
       (err) => {
@@ -102,6 +105,7 @@ async function serve(argv: string[]): Promise<void> {
     catchUp?.stop();
     process.exit(1);
   });
+  idle = startIdleCollector(parsed.config.idleGc, log);
   if (scavengeAlone) log.info({ cpus: 1, parallelScavenge: false, concurrentArrayBufferSweeping: false }, "one CPU to run on: young-generation collections run on the event loop alone");
   // The process is ours: its background threads yield the core to the event loop.
   priority = new ThreadPriority(parsed.config.backgroundNice, log);
