@@ -119,6 +119,37 @@ describe("HTTP port: URLs the router cannot take", () => {
   });
 });
 
+describe("HTTP port: requests node's HTTP parser refuses", () => {
+  /** Writes `request` on a socket of its own; resolves with everything the server sent before it closed. */
+  function raw(request: string): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const sock = net.connect(srv.server.httpPort as number, "127.0.0.1", () => sock.write(request));
+      let got = "";
+      sock.on("data", (d) => (got += d.toString("latin1")));
+      sock.on("error", reject);
+      sock.on("close", () => resolve(got));
+      setTimeout(() => sock.destroy(new Error(`no close; got ${JSON.stringify(got)}`)), 5000);
+    });
+  }
+  function answer(got: string): { status: number; close: boolean; body: unknown } {
+    const [head, body] = got.split("\r\n\r\n");
+    return { status: Number(/^HTTP\/1\.1 (\d+)/.exec(head)?.[1]), close: /\r\nconnection: close/i.test(head), body: JSON.parse(body) };
+  }
+
+  it("answers in the shape of the door the path names, then closes (Fastify's own shape was neither door's)", async () => {
+    const twoLengths = (path: string) => `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}`;
+    const bigHeader = (path: string) => `GET ${path} HTTP/1.1\r\nHost: x\r\nX-Filler: ${"a".repeat(20_000)}\r\n\r\n`;
+    expect(answer(await raw(twoLengths("/v1/register")))).toEqual({ status: 400, close: true, body: { error: { code: "bad_request", message: expect.stringContaining("not valid HTTP/1.1") } } });
+    expect(answer(await raw(bigHeader("/v1/rooms")))).toEqual({ status: 431, close: true, body: { error: { code: "too_large", message: expect.stringContaining("16 KiB") } } });
+    expect(answer(await raw(twoLengths("/create_user")))).toEqual({ status: 400, close: true, body: { status: "error", message: expect.stringContaining("not valid HTTP/1.1") } });
+    expect(answer(await raw(bigHeader("/status")))).toEqual({ status: 431, close: true, body: { status: "error", message: expect.stringContaining("16 KiB") } });
+    // No request line to read a path from: the root door's shape.
+    expect(answer(await raw("GARBAGE\r\n\r\n"))).toEqual({ status: 400, close: true, body: { status: "error", message: expect.stringContaining("not valid HTTP/1.1") } });
+    // The port serves on.
+    expect(await call("GET", "/status")).toEqual({ status: 200, body: { status: "success", message: "wirechat is running" } });
+  });
+});
+
 describe("HTTP/WS chat door: media types", () => {
   it("a body that is not application/json is 415, text/plain included, in the seed's shape", async () => {
     const body = JSON.stringify({ email: "a@example.com", password: "x" });

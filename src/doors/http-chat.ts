@@ -500,6 +500,11 @@ export function chatNotFound(reply: FastifyReply, message: string): FastifyReply
   return send(reply, failure(404, message));
 }
 
+/** The body of a refusal written without a reply (a request node's HTTP parser refused: http.ts). */
+export function chatRefusalBody(message: string): string {
+  return JSON.stringify(failure(0, message).body);
+}
+
 function client(req: FastifyRequest): RouteClient {
   return { address: req.socket.remoteAddress ?? "?", port: req.socket.remotePort ?? 0 };
 }

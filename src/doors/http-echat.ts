@@ -545,6 +545,11 @@ export function echatNotFound(reply: FastifyReply): FastifyReply {
   return send(reply, fail(404, "not_found"));
 }
 
+/** The body of a refusal written without a reply (a request node's HTTP parser refused: http.ts). */
+export function echatRefusalBody(code: string, message: string): string {
+  return JSON.stringify({ error: { code, message } });
+}
+
 /** The session cookie register and login set (and logout clears). */
 function cookie(sid: string): string {
   return `session_id=${encodeURIComponent(sid)}; Path=/v1; HttpOnly; SameSite=Lax`;

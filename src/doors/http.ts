@@ -28,8 +28,8 @@ import type { Front } from "../transport/listener.js";
 import { makeRoom, type HeldInput, type InputHolder } from "../transport/scanner.js";
 import { checkWs } from "../transport/websocket.js";
 import { NO_WEBSOCKET, upgradeRefused, WEBSOCKET_ROUTE, WebSocketListener } from "../transport/websocket-listener.js";
-import { chatNotFound, chatRoutes, type ChatDoor } from "./http-chat.js";
-import { echatNotFound, echatRoutes, type EchatDoor } from "./http-echat.js";
+import { chatNotFound, chatRefusalBody, chatRoutes, type ChatDoor } from "./http-chat.js";
+import { echatNotFound, echatRefusalBody, echatRoutes, type EchatDoor } from "./http-echat.js";
 import { nativeFront } from "./native.js";
 import { SHUTTING_DOWN } from "../transport/peer-common.js";
 import { requestTime } from "../transport/request-time.js";
@@ -48,6 +48,40 @@ export interface HttpDoorDeps {
   /** Seed 002's door. */
   echat: EchatDoor;
 }
+
+/**
+ * A request node's HTTP parser refused (not HTTP/1.1, two Content-Lengths, header fields
+ * past node's 16 KiB, a request that took too long to arrive): answered in the shape of
+ * the door its path names, as every other refusal on this port, then closed. (Fastify's
+ * own answer, {"error":"Bad Request","message":"Client Error","statusCode":400}, is
+ * neither door's.) The path is read from the bytes the parser stopped in, when they hold
+ * a request line; without one the answer is seed 003's, the port's root door. What the
+ * client still sends is read and dropped until it closes or CLIENT_ERROR_LINGER_MS
+ * passes: closed with input unread, the socket's reset could make the client's kernel
+ * drop the answer.
+ */
+function clientError(error: Error, socket: Socket): void {
+  // node sets `rawPacket` to the bytes its parser stopped in (@types/node has it as a JSON'd Buffer).
+  const err = error as Error & { code?: string; rawPacket?: unknown };
+  if (err.code === "ECONNRESET" || socket.destroyed) return;
+  const [status, reason, code, text] =
+    err.code === "ERR_HTTP_REQUEST_TIMEOUT"
+      ? [408, "Request Timeout", "timeout", "the request took too long to arrive"]
+      : err.code === "HPE_HEADER_OVERFLOW"
+        ? [431, "Request Header Fields Too Large", "too_large", "the request's header fields are larger than 16 KiB"]
+        : [400, "Bad Request", "bad_request", `the request is not valid HTTP/1.1 (${err.code ?? "a parse error"})`];
+  const line = Buffer.isBuffer(err.rawPacket) ? err.rawPacket.subarray(0, 512).toString("latin1") : "";
+  const path = /^[A-Z]+ (\/[^ ?\r\n]*)/.exec(line)?.[1] ?? "";
+  const body = /^\/v1(?:\/|$)/.test(path) ? echatRefusalBody(code, text) : chatRefusalBody(text);
+  socket.setTimeout(CLIENT_ERROR_LINGER_MS, () => socket.destroy());
+  socket.on("error", () => socket.destroy());
+  socket.resume();
+  if (!socket.writable) return void socket.destroy();
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
+/** How long a socket refused by the HTTP parser is read and dropped from before it is destroyed. */
+const CLIENT_ERROR_LINGER_MS = 2000;
 
 export class HttpDoor {
   readonly app: FastifyInstance;
@@ -91,6 +125,7 @@ export class HttpDoor {
         if (/^\/v1(?:\/|$)/.test(path)) return echatNotFound(reply);
         return chatNotFound(reply, `no route ${req.method} ${path}: the URL is not valid percent-encoding`);
       },
+      clientErrorHandler: clientError,
     });
     this.app = app;
     // ... and follow the server's level when SIGHUP changes it.
