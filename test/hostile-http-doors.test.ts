@@ -145,6 +145,14 @@ describe("HTTP port: requests node's HTTP parser refuses", () => {
     expect(answer(await raw(bigHeader("/status")))).toEqual({ status: 431, close: true, body: { status: "error", message: expect.stringContaining("16 KiB") } });
     // No request line to read a path from: the root door's shape.
     expect(answer(await raw("GARBAGE\r\n\r\n"))).toEqual({ status: 400, close: true, body: { status: "error", message: expect.stringContaining("not valid HTTP/1.1") } });
+    // What a refused client still sends is dropped, and trickling it does not keep the socket past 2 s.
+    const sock = net.connect(srv.server.httpPort as number, "127.0.0.1", () => sock.write("GARBAGE\r\n\r\n"));
+    sock.on("error", () => undefined);
+    const drip = setInterval(() => sock.write("x"), 200);
+    const started = Date.now();
+    await new Promise((r) => sock.once("close", r));
+    clearInterval(drip);
+    expect(Date.now() - started).toBeLessThan(4000);
     // The port serves on.
     expect(await call("GET", "/status")).toEqual({ status: 200, body: { status: "success", message: "wirechat is running" } });
   });

@@ -73,7 +73,9 @@ function clientError(error: Error, socket: Socket): void {
   const line = Buffer.isBuffer(err.rawPacket) ? err.rawPacket.subarray(0, 512).toString("latin1") : "";
   const path = /^[A-Z]+ (\/[^ ?\r\n]*)/.exec(line)?.[1] ?? "";
   const body = /^\/v1(?:\/|$)/.test(path) ? echatRefusalBody(code, text) : chatRefusalBody(text);
-  socket.setTimeout(CLIENT_ERROR_LINGER_MS, () => socket.destroy());
+  // A bound, not an idle time: a client that keeps trickling does not keep its socket.
+  const linger = setTimeout(() => socket.destroy(), CLIENT_ERROR_LINGER_MS);
+  socket.once("close", () => clearTimeout(linger));
   socket.on("error", () => socket.destroy());
   socket.resume();
   if (!socket.writable) return void socket.destroy();
