@@ -55,32 +55,48 @@ export interface HttpDoorDeps {
  * the door its path names, as every other refusal on this port, then closed. (Fastify's
  * own answer, {"error":"Bad Request","message":"Client Error","statusCode":400}, is
  * neither door's.) The path is read from the bytes the parser stopped in, when they hold
- * a request line; without one the answer is seed 003's, the port's root door. What the
- * client still sends is read and dropped until it closes or CLIENT_ERROR_LINGER_MS
- * passes: closed with input unread, the socket's reset could make the client's kernel
- * drop the answer.
+ * a request line; without one (a request too slow to arrive, a header split over reads)
+ * the answer is seed 003's, the port's root door.
+ *
+ * As node's own handler: nothing is written while an earlier response on the socket is
+ * on its way (the refusal would land inside it); the socket is destroyed. After a parse
+ * error node's parser refuses every later read too (clientError again, once per read):
+ * the first answer stands, and what the client still sends is dropped until it closes or
+ * CLIENT_ERROR_LINGER_MS passes (closed with input unread, the socket's reset could make
+ * the client's kernel drop the answer). A request that was too slow is different: its
+ * parser still works, and a request completed meanwhile would run after its client was
+ * told 408, so that socket is destroyed as soon as the answer is handed to the kernel.
  */
 function clientError(error: Error, socket: Socket): void {
   // node sets `rawPacket` to the bytes its parser stopped in (@types/node has it as a JSON'd Buffer).
   const err = error as Error & { code?: string; rawPacket?: unknown };
-  if (err.code === "ECONNRESET" || socket.destroyed) return;
-  const [status, reason, code, text] =
-    err.code === "ERR_HTTP_REQUEST_TIMEOUT"
-      ? [408, "Request Timeout", "timeout", "the request took too long to arrive"]
-      : err.code === "HPE_HEADER_OVERFLOW"
-        ? [431, "Request Header Fields Too Large", "too_large", "the request's header fields are larger than 16 KiB"]
-        : [400, "Bad Request", "bad_request", `the request is not valid HTTP/1.1 (${err.code ?? "a parse error"})`];
+  if (err.code === "ECONNRESET" || socket.destroyed || refused.has(socket)) return;
+  refused.add(socket);
+  const current = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
+  if (current?.headersSent) return void socket.destroy();
+  const timedOut = err.code === "ERR_HTTP_REQUEST_TIMEOUT";
+  const [status, reason, code, text] = timedOut
+    ? [408, "Request Timeout", "timeout", "the request took too long to arrive"]
+    : err.code === "HPE_HEADER_OVERFLOW"
+      ? [431, "Request Header Fields Too Large", "too_large", "the request's header fields are larger than 16 KiB"]
+      : [400, "Bad Request", "bad_request", `the request is not valid HTTP/1.1 (${err.code ?? "a parse error"})`];
   const line = Buffer.isBuffer(err.rawPacket) ? err.rawPacket.subarray(0, 512).toString("latin1") : "";
   const path = /^[A-Z]+ (\/[^ ?\r\n]*)/.exec(line)?.[1] ?? "";
   const body = /^\/v1(?:\/|$)/.test(path) ? echatRefusalBody(code, text) : chatRefusalBody(text);
+  socket.on("error", () => socket.destroy());
+  if (!socket.writable) return void socket.destroySoon();
+  const answer = `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`;
+  if (timedOut) return void socket.end(answer, () => socket.destroy());
   // A bound, not an idle time: a client that keeps trickling does not keep its socket.
   const linger = setTimeout(() => socket.destroy(), CLIENT_ERROR_LINGER_MS);
+  linger.unref();
   socket.once("close", () => clearTimeout(linger));
-  socket.on("error", () => socket.destroy());
   socket.resume();
-  if (!socket.writable) return void socket.destroy();
-  socket.end(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+  socket.end(answer);
 }
+
+/** Sockets clientError has answered (node reports each later read of one again). */
+const refused = new WeakSet<Socket>();
 
 /** How long a socket refused by the HTTP parser is read and dropped from before it is destroyed. */
 const CLIENT_ERROR_LINGER_MS = 2000;
