@@ -44,15 +44,20 @@ export interface IdleCollector {
 }
 
 /** V8's full, synchronous collection, from a context it is exposed to. */
-function exposedGc(): () => void {
+function exposedGc(): (() => void) | undefined {
   v8.setFlagsFromString("--expose-gc");
-  return vm.runInNewContext("gc") as () => void;
+  const gc: unknown = vm.runInNewContext("typeof gc === 'function' ? gc : undefined");
+  return typeof gc === "function" ? (gc as () => void) : undefined;
 }
 
 /** Starts the watch; undefined when `growthMiB` is 0 (off). */
 export function startIdleCollector(growthMiB: number, log: Logger): IdleCollector | undefined {
   if (growthMiB <= 0) return undefined;
   const gc = exposedGc();
+  if (gc === undefined) {
+    log.warn("V8 did not expose its collector: no idle collection (--idle-gc)");
+    return undefined;
+  }
   const growth = growthMiB * MiB;
   let low = v8.getHeapStatistics().used_heap_size;
   let last = performance.eventLoopUtilization();
@@ -72,6 +77,11 @@ export function startIdleCollector(growthMiB: number, log: Logger): IdleCollecto
     v8.setFlagsFromString("--compact-on-every-full-gc");
     try {
       gc();
+    } catch (err) {
+      // Never seen; but a timer's exception would end the process: this one ends the watch.
+      log.error({ err }, "idle collection failed; no more of them");
+      clearInterval(timer);
+      return;
     } finally {
       v8.setFlagsFromString("--no-compact-on-every-full-gc");
     }
