@@ -82,7 +82,7 @@ function clientError(error: Error, socket: Socket): void {
       : [400, "Bad Request", "bad_request", `the request is not valid HTTP/1.1 (${err.code ?? "a parse error"})`];
   const line = Buffer.isBuffer(err.rawPacket) ? err.rawPacket.subarray(0, 512).toString("latin1") : "";
   const path = /^[A-Z]+ (\/[^ ?\r\n]*)/.exec(line)?.[1] ?? "";
-  const body = /^\/v1(?:\/|$)/.test(path) ? echatRefusalBody(code, text) : chatRefusalBody(text);
+  const body = isEchatPath(path) ? echatRefusalBody(code, text) : chatRefusalBody(text);
   socket.on("error", () => socket.destroy());
   if (!socket.writable) return void socket.destroySoon();
   const answer = `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`;
@@ -93,6 +93,11 @@ function clientError(error: Error, socket: Socket): void {
   socket.once("close", () => clearTimeout(linger));
   socket.resume();
   socket.end(answer);
+}
+
+/** A path of e_chat_server's door (under /v1/); every other path is the HTTP chat's (or the native /wirechat). */
+function isEchatPath(path: string): boolean {
+  return /^\/v1(?:\/|$)/.test(path);
 }
 
 /** Sockets clientError has answered (node reports each later read of one again). */
@@ -140,7 +145,7 @@ export class HttpDoor {
           reply.raw.once("finish", () => req.raw.socket.destroySoon());
         }
         const path = req.url.split("?")[0];
-        if (/^\/v1(?:\/|$)/.test(path)) return echatNotFound(reply);
+        if (isEchatPath(path)) return echatNotFound(reply);
         return chatNotFound(reply, `no route ${req.method} ${path}: the URL is not valid percent-encoding`);
       },
       clientErrorHandler: clientError,
