@@ -34,13 +34,13 @@ export class Buckets {
 export type AuthResult = "ok" | "wrong_password" | "unknown_login" | "throttled" | "banned" | "other";
 
 /** Why the server closed a connection itself. */
-export type CloseReason = "slow_reader" | "rate_limit" | "bad_frames" | "idle" | "kicked" | "slow_upload" | "input_budget";
+export type CloseReason = "slow_reader" | "rate_limit" | "bad_frames" | "bad_http" | "idle" | "kicked" | "slow_upload" | "input_budget";
 
 export class Metrics {
   /** Requests answered, by action and status code (index = code). */
   readonly requests = new Map<string, Float64Array>();
   readonly auth: Record<AuthResult, number> = { ok: 0, wrong_password: 0, unknown_login: 0, throttled: 0, banned: 0, other: 0 };
-  readonly closes: Record<CloseReason, number> = { slow_reader: 0, rate_limit: 0, bad_frames: 0, idle: 0, kicked: 0, slow_upload: 0, input_budget: 0 };
+  readonly closes: Record<CloseReason, number> = { slow_reader: 0, rate_limit: 0, bad_frames: 0, bad_http: 0, idle: 0, kicked: 0, slow_upload: 0, input_budget: 0 };
   messagesStored = 0;
   /** Message events handed to a recipient's connection (live or by a sync). */
   messagesDelivered = 0;

@@ -139,12 +139,19 @@ describe("HTTP port: requests node's HTTP parser refuses", () => {
   it("answers in the shape of the door the path names, then closes (Fastify's own shape was neither door's)", async () => {
     const twoLengths = (path: string) => `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}`;
     const bigHeader = (path: string) => `GET ${path} HTTP/1.1\r\nHost: x\r\nX-Filler: ${"a".repeat(20_000)}\r\n\r\n`;
+    const bigExtension = (path: string) =>
+      `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2;x=${"a".repeat(20_000)}\r\n{}\r\n0\r\n\r\n`;
+    const closes = srv.server.services.metrics.closes;
+    const before = closes.bad_http;
     expect(answer(await raw(twoLengths("/v1/register")))).toEqual({ status: 400, close: true, body: { error: { code: "bad_request", message: expect.stringContaining("not valid HTTP/1.1") } } });
     expect(answer(await raw(bigHeader("/v1/rooms")))).toEqual({ status: 431, close: true, body: { error: { code: "too_large", message: expect.stringContaining("16 KiB") } } });
     expect(answer(await raw(twoLengths("/create_user")))).toEqual({ status: 400, close: true, body: { status: "error", message: expect.stringContaining("not valid HTTP/1.1") } });
     expect(answer(await raw(bigHeader("/status")))).toEqual({ status: 431, close: true, body: { status: "error", message: expect.stringContaining("16 KiB") } });
     // No request line to read a path from: the root door's shape.
     expect(answer(await raw("GARBAGE\r\n\r\n"))).toEqual({ status: 400, close: true, body: { status: "error", message: expect.stringContaining("not valid HTTP/1.1") } });
+    // Chunk extensions past node's 16 KiB: 413, as node's own handler says.
+    expect(answer(await raw(bigExtension("/v1/register")))).toEqual({ status: 413, close: true, body: { error: { code: "too_large", message: expect.stringContaining("chunk extensions") } } });
+    expect(answer(await raw(bigExtension("/register")))).toEqual({ status: 413, close: true, body: { status: "error", message: expect.stringContaining("chunk extensions") } });
     // What a refused client still sends is dropped (node reports each read again: the
     // first answer stands), and trickling it keeps the socket no longer than 2 s.
     // (A client that keeps its side open after the server's FIN, as node's would not.)
@@ -160,6 +167,8 @@ describe("HTTP port: requests node's HTTP parser refuses", () => {
     expect(Date.now() - started).toBeLessThan(4000);
     expect(got.match(/HTTP\/1\.1 \d{3} /g), got).toHaveLength(1);
     expect(answer(got).status).toBe(400);
+    // Each refused socket is one close in /metrics, however many reads node reported.
+    expect(closes.bad_http - before).toBe(8);
     // The port serves on.
     expect(await call("GET", "/status")).toEqual({ status: 200, body: { status: "success", message: "wirechat is running" } });
   });

@@ -67,7 +67,7 @@ export interface HttpDoorDeps {
  * parser still works, and a request completed meanwhile would run after its client was
  * told 408, so that socket is destroyed as soon as the answer is handed to the kernel.
  */
-function clientError(error: Error, socket: Socket): void {
+function clientError(error: Error, socket: Socket, onRefused: (socket: Socket, reason: string) => void): void {
   // node sets `rawPacket` to the bytes its parser stopped in (@types/node has it as a JSON'd Buffer).
   const err = error as Error & { code?: string; rawPacket?: unknown };
   if (err.code === "ECONNRESET" || socket.destroyed || refused.has(socket)) return;
@@ -75,11 +75,15 @@ function clientError(error: Error, socket: Socket): void {
   const current = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
   if (current?.headersSent) return void socket.destroy();
   const timedOut = err.code === "ERR_HTTP_REQUEST_TIMEOUT";
+  // The statuses node's own handler gives these.
   const [status, reason, code, text] = timedOut
     ? [408, "Request Timeout", "timeout", "the request took too long to arrive"]
     : err.code === "HPE_HEADER_OVERFLOW"
       ? [431, "Request Header Fields Too Large", "too_large", "the request's header fields are larger than 16 KiB"]
-      : [400, "Bad Request", "bad_request", `the request is not valid HTTP/1.1 (${err.code ?? "a parse error"})`];
+      : err.code === "HPE_CHUNK_EXTENSIONS_OVERFLOW"
+        ? [413, "Payload Too Large", "too_large", "the request's chunk extensions are larger than 16 KiB"]
+        : [400, "Bad Request", "bad_request", `the request is not valid HTTP/1.1 (${err.code ?? "a parse error"})`];
+  onRefused(socket, `HTTP ${status}, ${text}`);
   const line = Buffer.isBuffer(err.rawPacket) ? err.rawPacket.subarray(0, 512).toString("latin1") : "";
   const path = /^[A-Z]+ (\/[^ ?\r\n]*)/.exec(line)?.[1] ?? "";
   const body = isEchatPath(path) ? echatRefusalBody(code, text) : chatRefusalBody(text);
@@ -148,7 +152,7 @@ export class HttpDoor {
         if (isEchatPath(path)) return echatNotFound(reply);
         return chatNotFound(reply, `no route ${req.method} ${path}: the URL is not valid percent-encoding`);
       },
-      clientErrorHandler: clientError,
+      clientErrorHandler: (err, socket) => clientError(err, socket, (s, why) => this.websockets.parserRefused(s, why)),
     });
     this.app = app;
     // ... and follow the server's level when SIGHUP changes it.

@@ -231,6 +231,16 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
     if (slots?.delete(peer) && slots.size === 0) this.perAddress.delete(peer.addressKey);
   }
 
+  /**
+   * A request on the port that node's HTTP parser refused (doors/http.ts answers it in
+   * its door's shape and closes the socket): counted among the server's own closes and
+   * logged as other refusals are, one line per address per window.
+   */
+  parserRefused(socket: Socket, reason: string): void {
+    this.metrics.closes.bad_http++;
+    this.refusals.refused(addressKey(socketAddress(socket), this.config), reason, 0);
+  }
+
   /** The door's refusal as one message, then a close; cut off after the linger time. `address`: what the refusal log names (for a cap, the addressKey). */
   private refuse(ws: WebSocket, address: string, front: Front, over: "full" | "address" | "banned" | "stopping", reason = ""): void {
     this.metrics.refused++;
