@@ -11,12 +11,24 @@ import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 
-const INSTALL_HINT = "cluster mode needs nats-server >= 2.9 with JetStream: apt-get install nats-server (Debian, Ubuntu), or put nats-server on PATH";
+const INSTALL_HINT = "cluster mode needs nats-server >= 2.9 with JetStream: apt-get install nats-server (Debian, Ubuntu), sh scripts/ensure-nats-server.sh (downloads it into .nats-server/ without root), or put nats-server on PATH";
+
+/**
+ * The project's own copy, which ensure-nats-server.sh unpacks into .nats-server/ when it
+ * cannot install the package (not root): the first directory up from this file with a
+ * package.json (scripts/ here, dist/scripts/ when built).
+ */
+function projectCopy(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(path.join(dir, "package.json")) && path.dirname(dir) !== dir) dir = path.dirname(dir);
+  return path.join(dir, ".nats-server", "nats-server");
+}
 
 /** The nats-server program, checked to be 2.9 or later. */
 export function natsServerPath(): string {
-  const candidates = ["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"];
+  const candidates = ["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server", projectCopy()];
   for (const bin of candidates) {
     if (bin.startsWith("/") && !existsSync(bin)) continue;
     const r = spawnSync(bin, ["--version"], { encoding: "utf8" });
