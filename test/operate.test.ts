@@ -207,6 +207,25 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(empty.stderr).toMatch(/--user needs a login or uid/);
   });
 
+  it("refuses a database of a newer layout (a newer wirechat's): the server does not start, the CLI does not open it, and it stays as it was", async () => {
+    const dir = tmp();
+    const d = ["--data-dir", dir, "--bcrypt-cost", "4"];
+    json(cli(["user", "add", "erin", "--pass", "pw", "--init", ...d]));
+    let db = await rawDb(dir);
+    await db.put("!meta!layout", String(LAYOUT_VERSION + 1));
+    const before = await db.iterator().all();
+    await db.close();
+    await expect(startTestServer({ dataDir: dir })).rejects.toThrow(new RegExp(`has layout ${LAYOUT_VERSION + 1}, newer than this server's ${LAYOUT_VERSION}: upgrade wirechat`));
+    for (const args of [["user", "list"], ["export"]]) {
+      const r = cli([...args, ...d]);
+      expect(r.status).toBe(2);
+      expect(r.stderr).toMatch(/newer than this/);
+    }
+    db = await rawDb(dir);
+    expect(await db.iterator().all()).toEqual(before);
+    await db.close();
+  });
+
   it("refuses a cluster node's view and a database of an older layout, and leaves both as they were", async () => {
     const dir = tmp();
     const d = ["--data-dir", dir, "--bcrypt-cost", "4"];

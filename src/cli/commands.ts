@@ -141,6 +141,9 @@ async function refuseForeign(dataDir: string): Promise<void> {
       `the database in ${where} has layout ${version}, older than this wirechat's ${LAYOUT_VERSION}: start the server on it once to migrate it (back it up first with the wirechat that wrote it)`,
     );
   }
+  if (version > LAYOUT_VERSION) {
+    throw new ConfigError(`the database in ${where} has layout ${version}, newer than this wirechat's ${LAYOUT_VERSION}: use the wirechat that wrote it, or a newer one`);
+  }
 }
 
 async function direct(config: Config, init: boolean): Promise<Backend> {
