@@ -206,6 +206,9 @@ describe("e_chat_server door: rooms", () => {
     expect(listed.headers.get("content-type")).toBe("application/json; charset=utf-8");
     expect(await listed.json()).toEqual([{ id: room, users: expect.arrayContaining([{ id: b.id, login: b.login }]) }]);
     expect((await call("GET", "/v1/rooms")).status).toBe(401);
+    // The seed's example: GET /v1/rooms/10 without a session.
+    expect(await call("GET", `/v1/rooms/${room}`)).toMatchObject({ status: 401, body: { error: { code: "unauthorized" } } });
+    expect(await call("GET", `/v1/rooms/${room}`, { sid: "0".repeat(32) })).toMatchObject({ status: 401, body: { error: { code: "unauthorized" } } });
     expect(await call("POST", "/v1/rooms", { sid: a.sid, body: { users: [{ id: 987654321 }] } })).toMatchObject({ status: 422, body: { error: { code: "user_not_found" } } });
     expect(await call("POST", "/v1/rooms", { sid: a.sid, raw: "{" })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
     expect(await call("POST", "/v1/rooms", { sid: a.sid, body: { users: "b" } })).toMatchObject({ status: 422, body: { error: { code: "invalid_json" } } });
