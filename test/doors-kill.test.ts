@@ -1,6 +1,7 @@
-// kill -9 under load on the seed doors: every message a door acknowledged (000's
-// send_message 200, 001's SND_MSG OK; on the WebSocket doors, whose APIs have no
-// acknowledgement, the echo to the sender) is there after the restart.
+// kill -9 under load on the seed doors and the native protocol over WebSocket: every
+// message a door acknowledged (000's send_message 200, 001's SND_MSG OK, the native
+// reply's status 0; on the seed WebSocket doors, whose APIs have no acknowledgement,
+// the echo to the sender) is there after the restart.
 
 import { describe, expect, it } from "vitest";
 import { ChildServer, Client, uniqueName, useTempDirs, WsClient } from "./helpers.js";
@@ -133,6 +134,64 @@ describe("HTTP doors: kill -9", () => {
     expect(e.length).toBeGreaterThanOrEqual(30);
     expect(c.length).toBeGreaterThanOrEqual(30);
     n.close();
+    child.proc.kill("SIGTERM");
+    await child.exited;
+  }, 60_000);
+});
+
+describe("native protocol over WebSocket: kill -9", () => {
+  it("loses no message a /wirechat socket was answered status 0 for, direct or in a channel", async () => {
+    const dataDir = newDataDir();
+    const flags = ["--http-port", "0"];
+    let child = await ChildServer.start(dataDir, flags);
+    const ws = await WsClient.connect(portOf(child, "httpPort"), "/wirechat");
+    expect((await ws.next()).action).toBe("welcome");
+    const request = async (action: string, data: Record<string, unknown>) => {
+      ws.send({ action, data });
+      return (await ws.next((m) => m.action === action)).data;
+    };
+    const me = uniqueName("k");
+    expect((await request("register", { login: me, pass: "p", nick: me })).status).toBe(0);
+    await ws.next((m) => m.action === "auth");
+    const peer = await Client.connect(child.port);
+    const them = uniqueName("k");
+    expect((await peer.request("register", { login: them, pass: "p", nick: them })).status).toBe(0);
+    const uid = (await peer.reply("auth")).data.uid as string;
+    peer.close();
+    const chid = (await request("createchannel", { name: uniqueName("kc") })).chid as string;
+
+    // Sent without waiting, alternately to the peer and to the channel; killed while in flight.
+    const N = 4000;
+    for (let i = 0; i < N; i++) ws.send({ action: "message", data: i % 2 === 0 ? { uid, body: `d${i}` } : { channel: chid, body: `c${i}` } });
+    // Replies come in order: k answered status 0 acknowledge the first k messages.
+    const acked = () => ws.messages.filter((m) => m.action === "message" && m.data?.status === 0).length;
+    while (acked() < 60) await new Promise((r) => setTimeout(r, 2));
+    child.proc.kill("SIGKILL");
+    await child.exited;
+    await ws.closed;
+    const k = acked();
+    expect(ws.messages.filter((m) => m.action === "message" && m.data?.status !== 0)).toEqual([]);
+    const sent = Array.from({ length: k }, (_, i) => (i % 2 === 0 ? `d${i}` : `c${i}`));
+
+    child = await ChildServer.start(dataDir, flags);
+    const c = await Client.connect(child.port);
+    expect((await c.request("auth", { login: me, pass: "p" })).status).toBe(0);
+    // Every page of a conversation's history, newest first (500 at most a page).
+    const bodies = async (where: Record<string, string>) => {
+      const all = new Set<string>();
+      let before: string | undefined;
+      for (;;) {
+        c.send("history", { ...where, limit: 500, ...(before === undefined ? {} : { before }) });
+        const page = (await c.reply("history")).data.messages as { mid: string; body: string }[];
+        for (const m of page) all.add(m.body);
+        if (page.length < 500) return all;
+        before = page.reduce((min, m) => (BigInt(m.mid) < BigInt(min) ? m.mid : min), page[0].mid);
+      }
+    };
+    const direct = await bodies({ uid });
+    const inChannel = await bodies({ channel: chid });
+    for (const t of sent) expect(t.startsWith("d") ? direct.has(t) : inChannel.has(t), t).toBe(true);
+    c.close();
     child.proc.kill("SIGTERM");
     await child.exited;
   }, 60_000);
