@@ -1,6 +1,7 @@
 // Cross-door: one conversation with a native client, a rust_messages (000) client and a
-// rooms-API (001) client; each sees the others' messages (and, where its protocol has
-// them, edits and deletions) in its own format. Accounts made on one door log in on
+// rooms-API (001) client, then with the HTTP port's 002 and 003 clients too; each sees
+// the others' messages (and, where its protocol has them, edits and deletions; where it
+// has a history, the conversation as it is now) in its own format. Accounts made on one door log in on
 // every other.
 
 import { describe, expect, it } from "vitest";
@@ -137,13 +138,39 @@ describe("every door in one conversation", () => {
       [name, () => ws3.send({ type: "chat", content: "hi from 003" })],
     ];
     for (const [, say] of says) say();
+    const mids = new Map<string, string>();
     for (const text of ["hi from native", "hi from 000", "hi from 001", "hi from 002", "hi from 003"]) {
-      expect(await native.client.event("ev_message", (d) => d.body === text)).toMatchObject({ chid });
+      const ev = await native.client.event("ev_message", (d) => d.body === text);
+      expect(ev).toMatchObject({ chid });
+      mids.set(text, ev.mid);
       expect(await rust.next((f) => f.action === "get_message" && f.text === text)).toMatchObject({ timestamp: expect.any(Number) });
       expect(await rooms.next((f) => f.type === "READ_MSG" && f.message === text)).toMatchObject({ room_id: Number(chid) });
       expect(await ws2.next((m) => m.text === text)).toMatchObject({ room_id: Number(chid), user_id: expect.any(Number) });
       expect(await ws3.next((m) => m.status === "message" && m.message?.content === text)).toMatchObject({ info: null });
     }
+
+    // An edit (native) and a deletion (001): the doors with frames for them get them; 000
+    // and 002 show the channel as it is now; the WebSocket doors' sockets are sent
+    // nothing for them (their seeds have no such frames).
+    const edited = mids.get("hi from native") as string;
+    const deleted = mids.get("hi from 001") as string;
+    expect((await native.client.request("editmessage", { mid: edited, body: "hi from native, edited" })).status).toBe(0);
+    expect(await rooms.next((f) => f.type === "EDIT_MSG")).toEqual({ type: "EDIT_MSG", id: Number(edited), new_msg: "hi from native, edited" });
+    rooms.line({ type: "DELETE_MSG", id: Number(deleted) });
+    expect(await native.client.event("ev_delmessage", (d) => d.mid === deleted)).toEqual({ mid: deleted });
+    const shown = (await http("GET", `/v1/rooms/${chid}/messages`, undefined, sid)) as { text: string }[];
+    const listed = (await rust.ask({ action: "get_messages", number_of_messages: 50 }, (f) => f.action === "get_messages")).messages as { text: string }[];
+    for (const texts of [shown.map((m) => m.text), listed.map((m) => m.text)]) {
+      expect(texts).toContain("hi from native, edited");
+      expect(texts).toContain("hi from 002");
+      expect(texts).not.toContain("hi from native");
+      expect(texts).not.toContain("hi from 001");
+    }
+    await new Promise((r) => setTimeout(r, 200));
+    expect(ws2.messages).toEqual([]);
+    expect(ws3.messages).toEqual([]);
+    // (000's own send_message answer is all it has not taken.)
+    expect(rust.frames).toEqual([{ action: "send_message", code: 200, message: expect.any(String) }]);
     for (const c of [native.client, rust, rooms]) c.close();
     for (const w of [ws2, ws3]) w.ws.close();
   });
