@@ -1,5 +1,5 @@
-// The chat CLI as a person uses it, but through pipes: the built entry point
-// (dist/src/cli/chat-main.js, run `npx tsc -p tsconfig.build.json` first) is spawned,
+// The chat CLI as a person uses it, but through pipes: `wirechat chat`, the package's
+// program (dist/src/main.js, run `npx tsc -p tsconfig.build.json` first), is spawned,
 // lines are typed into its stdin, and its stdout is read. The other side of the
 // conversation is the client library on a real server.
 
@@ -18,7 +18,8 @@ import { sleep, waitFor } from "./pipeline-helpers.js";
 // No admin HTTP listener: its fixed default port would collide with other servers.
 const srv = serveForFile({ admin: "off" } as unknown as Partial<Config>);
 const newDir = useTempDirs();
-const MAIN = fileURLToPath(new URL("../dist/src/cli/chat-main.js", import.meta.url));
+/** The package's `wirechat` program (package.json "bin"). */
+const MAIN = fileURLToPath(new URL("../dist/src/main.js", import.meta.url));
 
 interface Cli {
   proc: ChildProcessWithoutNullStreams;
@@ -36,7 +37,7 @@ afterEach(() => {
 });
 
 function cli(args: string[]): Cli {
-  const proc = spawn(process.execPath, [MAIN, ...args], { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "" } });
+  const proc = spawn(process.execPath, [MAIN, "chat", ...args], { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "" } });
   let out = "";
   let err = "";
   proc.stdout.on("data", (d: Buffer) => (out += d.toString()));
@@ -278,7 +279,7 @@ describe("wirechat chat", () => {
     async function atTerminal(redirect: boolean, keys: string[]): Promise<{ tty: string; out: string }> {
       const out = path.join(newDir(), "chat.out");
       const login = uniqueName("pty");
-      const command = `'${process.execPath}' '${MAIN}' --host 127.0.0.1 --port ${srv.port} --login ${login} --register --no-color${redirect ? ` > '${out}'` : ""}`;
+      const command = `'${process.execPath}' '${MAIN}' chat --host 127.0.0.1 --port ${srv.port} --login ${login} --register --no-color${redirect ? ` > '${out}'` : ""}`;
       const proc = spawn("script", ["-qfec", command, "/dev/null"], { stdio: ["pipe", "pipe", "pipe"] });
       let tty = "";
       proc.stdout.on("data", (d: Buffer) => (tty += d.toString()));
