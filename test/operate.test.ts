@@ -360,6 +360,31 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     expect(nobody.stderr).toMatch(/no user/);
   });
 
+  it("ban <login> and ban --address on a running server close the connections they name and refuse them until unban", async () => {
+    const dir = tmp();
+    const srv = await start(["--data-dir", dir]);
+    const a = ["--data-dir", dir, "--admin-port", String(srv.adminPort)];
+    const erin = json(cli(["user", "add", "erin", "--pass", "pw", ...a]));
+    const two = [await login(srv.port, "erin", "pw"), await login(srv.port, "erin", "pw")];
+    expect(json(cli(["ban", "erin", "--reason", "spam", ...a]))).toMatchObject({ ban: { kind: "login", value: "erin" }, closed: 2 });
+    await Promise.all(two.map((c) => c.client.closed));
+    const refused = await Client.connect(srv.port);
+    expect((await refused.request("auth", { login: "erin", pass: "pw" })).status).toBe(15);
+    refused.close();
+    expect(json(cli(["user", "show", "erin", ...a]))).toMatchObject({ uid: erin.uid, banned: true, online: 0 });
+    expect(json(cli(["unban", "erin", ...a]))).toEqual({ lifted: true });
+    const back = await login(srv.port, "erin", "pw");
+    expect(back.auth.uid).toBe(erin.uid);
+    // An address: the client's (the admin port's own requests are not the TCP door's).
+    expect(json(cli(["ban", "--address", "127.0.0.1", ...a]))).toMatchObject({ ban: { kind: "addr", value: "127.0.0.1" }, closed: 1 });
+    await back.client.closed;
+    const shut = await Client.connect(srv.port, { welcome: false });
+    await shut.closed;
+    expect(shut.lines.join("\n")).toMatch(/banned/);
+    expect(json(cli(["unban", "--address", "127.0.0.1", ...a]))).toEqual({ lifted: true });
+    expect((await login(srv.port, "erin", "pw")).auth.uid).toBe(erin.uid);
+  });
+
   it("says so when the data dir is in use and the admin port does not answer", async () => {
     const dir = tmp();
     await start(["--data-dir", dir, "--admin", "off"]);

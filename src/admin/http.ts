@@ -299,7 +299,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     // The address as the ban holds it (canonical: trimmed, IPv6 compressed), as sockets
     // report theirs: the operator's own spelling ("2001:db8:0::1") closed nothing. (In
     // cluster mode the log's apply closed them, `applied`; any since then go here.)
-    const closed = kind === "addr" ? (applied ?? 0) + d.connections.reduce((n, t) => n + t.closeAddress(ban.value, why), 0) : 0;
+    const closed = kind === "addr" ? (applied ?? 0) + d.connections.reduce((n, t) => n + t.closeAddress(ban.value, why), 0) : (applied ?? 0);
     return { ban, closed };
   });
   app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {

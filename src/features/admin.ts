@@ -37,7 +37,10 @@ export interface AdminOps {
   deleteUser(user: string): Promise<{ uid: string }>;
   kick(user: string): Promise<{ uid: string; connections: number }>;
   /** Bans a login (its sessions are revoked, its connections closed) or an address. */
-  /** `closed`: in cluster mode, this node's connections the log's apply closed (an address ban). */
+  /**
+   * `closed`: a login's, the account's connections it closed (in cluster mode this
+   * node's); an address's, in cluster mode, this node's connections the log's apply closed.
+   */
   ban(kind: BanKind, value: string, reason: string): Promise<Ban & { closed?: number }>;
   unban(kind: BanKind, value: string): Promise<boolean>;
   bans(): Ban[];
@@ -118,14 +121,17 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
         // One command: every node stores the ban, ends the account's sessions and closes
         // the address's connections there.
         const at = Math.floor(Date.now() / 1000);
+        // A login's: counted as kick counts them, this node's connections of the account.
+        const here = u ? sv.router.sessions(u.uid).length : 0;
         const out = await sv.cluster.run({ k: "ban", kind, value: key, reason, at, ...(u ? { uid: u.uid } : {}) });
         ban = bans.banned(kind, key);
         if (!ban) throw new ProtocolError(Code.Unavailable, "the ban could not be confirmed; try again");
-        if (out.k === "done" && out.closed !== undefined) ban = { ...ban, closed: out.closed };
+        if (u) ban = { ...ban, closed: here };
+        else if (out.k === "done" && out.closed !== undefined) ban = { ...ban, closed: out.closed };
       } else {
         ban = await bans.add(kind, key, reason);
         if (!ban) throw new ProtocolError(Code.RateLimited, "the ban list is full");
-        if (u) await accounts.kick(u.uid, "the account was banned", true);
+        if (u) ban = { ...ban, closed: (await accounts.kick(u.uid, "the account was banned", true)).connections };
       }
       sv.log.info({ kind, value: key, reason }, "banned by an operator");
       return ban;
