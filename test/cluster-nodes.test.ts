@@ -1631,6 +1631,57 @@ describe("cluster mode: faults", () => {
     }
   });
 
+  it("kill -9 of the recipient's node under load: reconnected to another node, it receives every message acknowledged before, during and after", async () => {
+    const dir = tempDir();
+    const k = await startChild(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "doomed-recipient", "--admin", "off"]);
+    const bob = await registerUser(k.port);
+    const alice = await registerUser(node(0));
+    const n = 2000;
+    const windowSize = 100;
+    let answered = 0;
+    let killed = false;
+    let wake: (() => void) | undefined;
+    const live = () => bob.client.frames.filter((f) => f.action === "ev_message").length;
+    const replies = (async () => {
+      while (answered < n) {
+        const f = await alice.client.next((x) => x.action === "message", 20_000);
+        expect(f.data.status).toBe(0);
+        answered++;
+        wake?.();
+        // Killed while alice keeps sending: some messages reach bob live, the rest are
+        // acknowledged while his node is down or after.
+        if (!killed && live() >= 300) {
+          killed = true;
+          k.proc.kill("SIGKILL");
+        }
+      }
+    })();
+    for (let sent = 0; sent < n; ) {
+      if (sent - answered >= windowSize) {
+        await new Promise<void>((r) => (wake = r));
+        continue;
+      }
+      alice.client.send("message", { uid: bob.uid, body: `r${sent}` });
+      sent++;
+    }
+    await replies;
+    expect(killed).toBe(true);
+    await k.exited;
+    await bob.client.closed;
+    const seen = new Set(bob.client.frames.filter((f) => f.action === "ev_message").map((f) => f.data.body as string));
+    expect(seen.size).toBeGreaterThanOrEqual(300);
+    expect(seen.size).toBeLessThan(n);
+    // Bob's client reconnects to another node with its session: what it had not been
+    // sent (or not confirmed) comes from the inbox.
+    const again = await Client.connect(node(1));
+    expect((await again.request("auth", { sid: bob.sid })).status).toBe(0);
+    const all = Array.from({ length: n }, (_, i) => `r${i}`);
+    while (!all.every((b) => seen.has(b))) seen.add((await again.next((f) => f.action === "ev_message", 20_000)).data.body);
+    again.close();
+    alice.client.close();
+    removeDir(dir);
+  });
+
   it("kill -9 of the sender's node under load loses no acknowledged message; resent through another node, each arrives once", async () => {
     const dir = tempDir();
     const k = await startChild(dir, ["--nats", nats.url, "--nats-stream", stream, "--node-id", "doomed", "--admin", "off"]);
