@@ -350,6 +350,32 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     for (const c of [a.client, b.client, aOnC.client, fresh.client]) c.close();
   });
 
+  it("one phone number and one email set at once by three users on three nodes: each has exactly one owner", async () => {
+    const users = await Promise.all([0, 1, 2].map((i) => registerUser(node(i))));
+    // The same number written three ways (one normalised form).
+    const digits = String(Date.now()).slice(-9);
+    const phones = [`+1 ${digits}`, `+1-${digits.slice(0, 3)}-${digits.slice(3)}`, `+1(${digits.slice(0, 3)}) ${digits.slice(3)}`];
+    const byPhone = await Promise.all(users.map((u, i) => u.client.request("setuserinfo", { phone: phones[i] })));
+    expect(byPhone.map((r) => r.status).sort()).toEqual([0, 1, 1]);
+    const email = `${uniqueName("e3")}@example.com`;
+    const byEmail = await Promise.all(users.map((u) => u.client.request("setuserinfo", { email })));
+    expect(byEmail.map((r) => r.status).sort()).toEqual([0, 1, 1]);
+    const phoneOwner = users[byPhone.findIndex((r) => r.status === 0)].uid;
+    const emailOwner = users[byEmail.findIndex((r) => r.status === 0)].uid;
+    // Every node tells the same owner, and nobody else has either.
+    await Promise.all(nodes.map((n) => (n.services.cluster as NonNullable<typeof n.services.cluster>).sync()));
+    for (let i = 0; i < 3; i++) {
+      const c = await login(node(i), users[i].login);
+      for (const u of users) {
+        const info = await c.client.request("userinfo", { user: u.uid });
+        expect(info.phone).toBe(u.uid === phoneOwner ? `+1${digits}` : "");
+        expect(info.email).toBe(u.uid === emailOwner ? email : "");
+      }
+      c.client.close();
+    }
+    for (const u of users) u.client.close();
+  });
+
   it("contacts added through several nodes at once: the log decides the cap and the duplicate", async () => {
     const caps = nodes.map((n) => n.services.config.maxContacts);
     for (const n of nodes) (n.services.config as { maxContacts: number }).maxContacts = 2;
