@@ -723,3 +723,52 @@ describe("WebSocket doors: what a hostile client's bytes may hold", () => {
     socket.destroy();
   });
 });
+
+describe("WebSockets past --bad-frame-limit, as on the TCP doors", () => {
+  const strict = serveForFile({ httpPort: 0, badFrameLimit: 5 });
+  const hp = () => strict.server.httpPort as number;
+  async function post(path: string, body: unknown): Promise<any> {
+    const res = await fetch(`http://127.0.0.1:${hp()}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+    return res.json();
+  }
+
+  it("/wirechat, an e_chat_server room socket and a /ws socket: each bad message gets its error, then a notice, then the close; the port serves on", async () => {
+    const closes = strict.server.services.metrics.closes;
+    const before = closes.bad_frames;
+    // Native over WebSocket.
+    const native = await WsClient.connect(hp(), "/wirechat");
+    expect((await native.next()).action).toBe("welcome");
+    for (let i = 0; i < 7; i++) native.send("{oops}");
+    const nativeClose = await native.closed;
+    expect(native.messages.map((m) => m.data.status)).toEqual([3, 3, 3, 3, 3, 3]);
+    expect(native.messages.at(-1).data.error).toMatch(/too many bad frames/);
+    expect(nativeClose.code).toBe(1000); // as PROTOCOL.md says: the notice tells why
+    // e_chat_server's room socket.
+    const login = uniqueName("bf");
+    const { session_id: sid } = await post("/v1/register", { login, password: "pw" });
+    const other = uniqueName("bf");
+    await post("/v1/register", { login: other, password: "pw" });
+    const res = await fetch(`http://127.0.0.1:${hp()}/v1/rooms`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${sid}` }, body: JSON.stringify({ users: [{ login: other }] }) });
+    const room = ((await res.json()) as { id: number }).id;
+    const echat = await WsClient.connect(hp(), `/v1/rooms/${room}/chat?session_id=${sid}`);
+    for (let i = 0; i < 7; i++) echat.send("{oops}");
+    const echatClose = await echat.closed;
+    expect(echat.messages.slice(0, 5)).toEqual(Array.from({ length: 5 }, () => ({ error: { code: "invalid_json", message: expect.any(String) } })));
+    expect(echat.messages.at(-1)).toEqual({ error: { code: expect.any(String), message: expect.stringMatching(/too many bad frames/) } });
+    expect(echatClose.code).toBe(1000); // as PROTOCOL.md says: the notice tells why
+    // The HTTP/WS chat's /ws, logged in.
+    const email = `${uniqueName("bf")}@example.com`;
+    expect((await post("/create_user", { username: uniqueName("bf"), password: "pw", email })).status).toBe("success");
+    const chat = await WsClient.connect(hp(), "/ws");
+    chat.send({ type: "auth", email, password: "pw" });
+    await chat.next((m) => m.status === "authenticated");
+    for (let i = 0; i < 7; i++) chat.send("{oops}");
+    const chatClose = await chat.closed;
+    expect(chat.messages.slice(0, 5)).toEqual(Array.from({ length: 5 }, () => ({ status: "error", message: null, info: expect.any(String) })));
+    expect(chat.messages.at(-1)).toEqual({ status: "error", message: null, info: expect.stringMatching(/too many bad frames/) });
+    expect(chatClose.code).toBe(1000); // as PROTOCOL.md says: the notice tells why
+    expect(closes.bad_frames - before).toBe(3);
+    // The port serves on.
+    expect((await fetch(`http://127.0.0.1:${hp()}/status`)).status).toBe(200);
+  });
+});
