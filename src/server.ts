@@ -162,6 +162,8 @@ async function assemble(storage: Storage, config: Config, log: Logger): Promise<
   const users = new UserStore(storage, await storage.counter("usernum"));
   await users.init(log);
   const channels = new ChannelStore(storage, await storage.counter("chid"));
+  // After users.init: that brings the layout to 6, this one to 7.
+  await channels.init(log);
   const router = new Router(messages, channels, (err, what) => log.error({ err }, `${what} failed`), metrics);
   dispatcher.route(router);
   const locks = new LocalLock();

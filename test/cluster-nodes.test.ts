@@ -891,6 +891,18 @@ describe("cluster mode: channels", () => {
     for (const u of owners) u.client.close();
   });
 
+  it("three public channel names that read alike, created on three nodes at once: exactly one wins; a fourth, later, through any node, is refused", async () => {
+    const owners = await Promise.all([0, 1, 2].map((i) => registerUser(node(i))));
+    const name = uniqueName("hall");
+    const fullwidth = [...name].map((ch) => (/[a-z]/.test(ch) ? String.fromCodePoint(ch.codePointAt(0)! + 0xfee0) : ch)).join("");
+    const names = [name, fullwidth, `${name}\u200b`];
+    const rs = await Promise.all(owners.map((u, i) => u.client.request("createchannel", { name: names[i] })));
+    expect(rs.map((r) => r.status).sort()).toEqual([0, 1, 1]);
+    await Promise.all(nodes.map((n) => (n.services.cluster as NonNullable<typeof n.services.cluster>).sync()));
+    for (const u of owners) expect((await u.client.request("createchannel", { name: name.toUpperCase() + "\u2060" })).status).toBe(1);
+    for (const u of owners) u.client.close();
+  });
+
   it("a channel message and a member's leave in one log entry: the member hears the message on every node", async () => {
     const owner = await registerUser(node(0));
     const x = await registerUser(node(1));

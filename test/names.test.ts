@@ -99,7 +99,8 @@ describe("names that read alike are one name", () => {
       await sp.meta.put("layout", 5);
       await server.stop();
       server = await startTestServer({ dataDir });
-      expect(await server.services.storage.spaces.meta.get("layout")).toBe(6);
+      // (and on to 7: the channels' names, next test)
+      expect(await server.services.storage.spaces.meta.get("layout")).toBe(7);
       const reg = async (login: string, nick: string) => {
         const c = await Client.connect(server.port);
         try {
@@ -122,6 +123,75 @@ describe("names that read alike are one name", () => {
       }
       // Both gone: the name is free.
       expect((await reg(uniqueName("new"), bob.nick)).status).toBe(0);
+    } finally {
+      await server.stop();
+      removeDir(dataDir);
+    }
+  });
+});
+
+describe("public channel names that read alike are one name", () => {
+  const fullwidth = (s: string) => [...s].map((ch) => (/[a-z]/.test(ch) ? String.fromCodePoint(ch.codePointAt(0)! + 0xfee0) : ch)).join("");
+
+  it("a name in fullwidth letters, with a zero-width space or a joiner, or in another case is taken; private names are not; freed with the channel", async () => {
+    const a = await registerUser(srv.port);
+    const b = await registerUser(srv.port);
+    const name = `plaza${Date.now() % 1e8}`;
+    const made = await a.client.request("createchannel", { name });
+    expect(made.status).toBe(0);
+    expect(await b.client.request("createchannel", { name: name.toUpperCase() })).toEqual({ status: 1, error: `a channel named '${name.toUpperCase()}' already exists` });
+    for (const alike of [fullwidth(name), name.slice(0, 2) + "\u200b" + name.slice(2), name + "\u2060", name.replace("a", "\uff41")]) {
+      expect(await b.client.request("createchannel", { name: alike })).toEqual({ status: 1, error: `a channel whose name reads as '${alike}' already exists` });
+    }
+    // Private channels' names are not unique, alike or not.
+    expect((await b.client.request("createchannel", { name: fullwidth(name), private: true })).status).toBe(0);
+    // A name that shows nothing is refused, public or private.
+    for (const priv of [false, true]) {
+      expect(await b.client.request("createchannel", { name: "\u200b\u2060", private: priv })).toEqual({ status: 3, error: "'name' must show something: it holds only invisible characters" });
+    }
+    expect((await a.client.request("deletechannel", { channel: made.chid })).status).toBe(0);
+    expect((await b.client.request("createchannel", { name: fullwidth(name) })).status).toBe(0);
+    for (const x of [a, b]) x.client.close();
+  });
+
+  it("layout 6 to 7: public names are indexed as they read; channels whose names read alike both stay, and the name stays taken until both are gone", async () => {
+    const dataDir = tempDir();
+    let server = await startTestServer({ dataDir });
+    try {
+      const a = await registerUser(server.port);
+      const name = `agora${Date.now() % 1e8}`;
+      const first = (await a.client.request("createchannel", { name })).chid as string;
+      const second = (await a.client.request("createchannel", { name: `${name}-2` })).chid as string;
+      a.client.close();
+      // As a layout-6 server could leave them: the second named as the first with a
+      // zero-width space (its own lower-case chname entry), no chreads entries, and a
+      // stale one (an older server run on the data dir part-way through a migration).
+      const sp = server.services.storage.spaces;
+      const rec = (await sp.channels.get(second)) as Record<string, unknown>;
+      const twin = `${name}\u200b`;
+      await sp.chname.del(String(rec.name).toLowerCase());
+      await sp.chname.put(twin.toLowerCase(), second);
+      await sp.channels.put(second, { ...rec, name: twin });
+      await sp.chreads.clear();
+      const ghost = `ghost${Date.now() % 1e8}`;
+      await sp.chreads.put(`${ghost}\u00009999999`, 1);
+      await sp.meta.put("layout", 6);
+      await server.stop();
+      server = await startTestServer({ dataDir });
+      expect(await server.services.storage.spaces.meta.get("layout")).toBe(7);
+      const c = await Client.connect(server.port);
+      expect((await c.request("auth", { login: a.login, pass: "secret" })).status).toBe(0);
+      const alike = `${name.toUpperCase()}\u200d`;
+      const refused = { status: 1, error: `a channel whose name reads as '${alike}' already exists` };
+      expect(await c.request("createchannel", { name: alike })).toEqual(refused);
+      // The stale entry is gone: its name is free.
+      expect((await c.request("createchannel", { name: ghost })).status).toBe(0);
+      // Both channels stay; deleting one leaves the name taken by the other.
+      expect((await c.request("deletechannel", { channel: first })).status).toBe(0);
+      expect(await c.request("createchannel", { name: alike })).toEqual(refused);
+      expect((await c.request("deletechannel", { channel: second })).status).toBe(0);
+      expect((await c.request("createchannel", { name: alike })).status).toBe(0);
+      c.close();
     } finally {
       await server.stop();
       removeDir(dataDir);

@@ -15,6 +15,7 @@ import { nowSeconds, type Fields } from "../protocol/frames.js";
 import { compileSchema, optionalString, requiredString } from "../protocol/validation.js";
 import type { ChannelRecord } from "../storage/layout.js";
 import { channelConv, directConv } from "../storage/layout.js";
+import { nameKey } from "../storage/users.js";
 import type { Command, Outcome } from "./cluster.js";
 import { convLockKey, findUser, linksLockKey, underLocks, type Services } from "./services.js";
 
@@ -55,6 +56,8 @@ const NEW_CHANNEL_SCHEMA = {
 /** The channel actions' refusals: one text each, for the handlers and cluster mode's apply. */
 export const channelErrors = {
   taken: (name: string) => new ProtocolError(Code.AlreadyExist, `a channel named '${name}' already exists`),
+  /** A public channel whose name reads as this one (storage/users.ts nameKey). */
+  readsAlike: (name: string) => new ProtocolError(Code.AlreadyExist, `a channel whose name reads as '${name}' already exists`),
   notFound: (chid: string) => new ProtocolError(Code.ChannelNotFound, `no channel with id '${chid}'`),
   notMember: (chid: string) => new ProtocolError(Code.InvalidChannel, `you are not a member of channel '${chid}'`),
   privateChannel: (chid: string) => new ProtocolError(Code.InvalidChannel, `channel '${chid}' is private: only its members can enter it`),
@@ -136,7 +139,7 @@ export function registerChannels(sv: Services): ChannelOps {
     }
   }
 
-  /** Lower-case names of channels being created (not yet committed). */
+  /** The name keys (nameKey) of public channels being created (not yet committed). */
   const creating = new Set<string>();
   /** (channel, user) joins in progress → whether it was a first entry. */
   const joins = new Map<string, Promise<boolean>>();
@@ -157,6 +160,7 @@ export function registerChannels(sv: Services): ChannelOps {
 
   /** Cluster mode's createchannel: the channel's chid once every node has it. */
   async function createInCluster(owner: string, spec: NewChannel): Promise<string> {
+    shownName(spec.name);
     const out = await inCluster(chcreateCommand(owner, spec, config.maxOwnedChannels, config.maxJoinedChannels));
     return (out as { chid: string }).chid;
   }
@@ -268,16 +272,20 @@ export function registerChannels(sv: Services): ChannelOps {
     const { name, descr = "" } = spec;
     const priv = spec.private === true;
     const members = [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort();
-    const key = name.toLowerCase();
+    const key = shownName(name);
     const taken = () => channelErrors.taken(name);
-    // A public name is claimed before the lookup, so two creations of one name cannot
-    // both pass it. Private names are not unique.
+    // A public name is claimed before the lookup, so two creations of one name (or of
+    // two that read alike) cannot both pass it. Private names are not unique.
     if (!priv) {
       if (creating.has(key)) throw taken();
       creating.add(key);
     }
     try {
-      if (!priv && (await channels.byName(name)) !== undefined) throw taken();
+      if (!priv) {
+        const [exact, alike] = await Promise.all([channels.byName(name), channels.readsAlike(name)]);
+        if (exact !== undefined) throw taken();
+        if (alike !== undefined) throw channelErrors.readsAlike(name);
+      }
       const everyone = [owner, ...members].sort();
       const lockKeys = [...everyone.map(linksLockKey), ...everyone.map((uid) => `channels-of:${uid}`)];
       return await underLocks(locks, lockKeys, async () => {
@@ -597,6 +605,16 @@ export function registerChannels(sv: Services): ChannelOps {
  * The log's command creating channel `spec` for `owner` ("": the server's own), with the
  * caps its apply checks (0: none).
  */
+/**
+ * A new channel's name as it reads (storage/users.ts nameKey); refused (3) when it shows
+ * nothing (only spaces that take no room, joiners, bidi marks...), as a nick is.
+ */
+function shownName(name: string): string {
+  const key = nameKey(name);
+  if (key === "") throw new ProtocolError(Code.InvalidData, "'name' must show something: it holds only invisible characters");
+  return key;
+}
+
 function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJoined: number): Command {
   return {
     k: "chcreate",

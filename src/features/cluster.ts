@@ -568,15 +568,16 @@ export class Cluster {
                 return { user, actor, ...e };
               }
               case "chcreate": {
-                const [named, owned, joined, user, found, counts] = await Promise.all([
+                const [named, alike, owned, joined, user, found, counts] = await Promise.all([
                   c.priv ? undefined : channels.byName(c.name),
+                  c.priv || c.owner === "" ? undefined : channels.readsAlike(c.name),
                   channels.ownedCount(c.owner, COUNT_ALL),
                   channels.joinedCount(c.owner, COUNT_ALL),
                   users.get(c.owner),
                   Promise.all(c.members.map((uid) => users.get(uid))),
                   Promise.all(c.members.map((uid) => channels.joinedCount(uid, COUNT_ALL))),
                 ]);
-                return { chname: named, owned, joined, user, found, counts };
+                return { chname: named, chreads: alike, owned, joined, user, found, counts };
               }
               case "join": {
                 const [channel, member, byMember, user, joined, actor, members] = await Promise.all([
@@ -1079,6 +1080,9 @@ export class Cluster {
           return refuse(new ProtocolError(Code.NeedAuth, "your account was deleted"));
         }
         if (!c.priv && overlay.channelName(c.name, r.chname) !== undefined) return refuse(channelErrors.taken(c.name));
+        // A name that reads as a public channel's: taken as well (not for the server's own
+        // channel, a seed door's room named by an operator's flag).
+        if (!c.priv && !server && overlay.channelReads(c.name, r.chreads) !== undefined) return refuse(channelErrors.readsAlike(c.name));
         const found = c.members.map((uid, i) => (overlay.gone.includes(uid) ? undefined : (overlay.users.get(uid) ?? r.found?.[i])));
         const missing = found.findIndex((u) => u === undefined);
         if (missing >= 0) return refuse(channelErrors.noUser(c.members[missing]));
@@ -1279,6 +1283,8 @@ interface Reads {
   byMember?: boolean;
   /** A channel name's holder (chid). */
   chname?: string;
+  /** A public channel whose name reads as the one asked for (ChannelStore.readsAlike). */
+  chreads?: string;
   /** Channels owned and joined (counted in full: COUNT_ALL). */
   owned?: number;
   joined?: number;
@@ -1392,6 +1398,18 @@ class Overlay {
     return this.channels.has(chid) && this.channels.get(chid) === undefined;
   }
 
+  /**
+   * A public channel whose name reads as `name` (nameKey), or undefined: one created in
+   * this call, else the view's (`inView`) unless deleted in this call. (Another channel
+   * of that key in the view, from an older layout, is not seen once `inView` is deleted
+   * here: at worst a name refused in this call is free at the next.)
+   */
+  channelReads(name: string, inView: string | undefined): string | undefined {
+    const h = this.names.get(`chreads:${nameKey(name)}`);
+    if (h !== undefined) return h;
+    return inView !== undefined && !this.channelDeleted(inView) ? inView : undefined;
+  }
+
   /** The chid holding public channel name `name`, or undefined. */
   channelName(name: string, inView: string | undefined): string | undefined {
     const h = this.names.get(`chname:${name.toLowerCase()}`);
@@ -1447,7 +1465,10 @@ class Overlay {
 
   created(c: ChannelRecord): void {
     this.channels.set(c.chid, c);
-    if (!c.private) this.names.set(`chname:${c.name.toLowerCase()}`, c.chid);
+    if (!c.private) {
+      this.names.set(`chname:${c.name.toLowerCase()}`, c.chid);
+      this.names.set(`chreads:${nameKey(c.name)}`, c.chid);
+    }
     this.count("owned", c.owner, 1);
     this.join(c.chid, c.owner);
   }
@@ -1455,7 +1476,11 @@ class Overlay {
   /** `c` was deleted; `members`: its members then. */
   removed(c: ChannelRecord, members: readonly string[]): void {
     this.channels.set(c.chid, undefined);
-    if (!c.private) this.names.set(`chname:${c.name.toLowerCase()}`, "");
+    if (!c.private) {
+      this.names.set(`chname:${c.name.toLowerCase()}`, "");
+      // Back to the view (and channelDeleted): another channel may read the same.
+      if (this.names.get(`chreads:${nameKey(c.name)}`) === c.chid) this.names.delete(`chreads:${nameKey(c.name)}`);
+    }
     this.count("owned", c.owner, -1);
     for (const uid of members) this.leave(c.chid, uid);
   }

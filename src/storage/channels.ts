@@ -19,9 +19,14 @@
 // removal drops the record when its ops are built and again when it is reported, and
 // a read that was in flight across either does not fill the cache.
 
+import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import { keyTail, pair, prefixRange, type ChannelRecord, type Spaces } from "./layout.js";
+import { keyTail, LAYOUT_VERSION, nameKeyEntry, nameKeyRange, pair, prefixRange, type ChannelRecord, type Spaces } from "./layout.js";
 import { readKeys, readValues } from "./range.js";
+import { nameKey } from "./users.js";
+
+/** Channels read at a time by the migration to layout 7. */
+const MIGRATE_PAGE = 1000;
 
 export interface MembershipCacheLimits {
   /** Channels whose membership is cached. */
@@ -79,12 +84,47 @@ export class ChannelStore {
   private readonly departed = new Set<string>();
 
   constructor(
-    storage: Storage,
+    private readonly storage: Storage,
     private readonly ids: Counter,
     limits: Partial<MembershipCacheLimits> = {},
   ) {
     this.s = storage.spaces;
     this.limits = { ...DEFAULT_LIMITS, ...limits };
+  }
+
+  /**
+   * Layout 6 to 7: the `chreads` entries of every public channel's name. Built from
+   * scratch until layout 7 is recorded, as UserStore's `namekeys` (a start that crashed
+   * part-way, or an older server run on the data dir meanwhile, leaves nothing that
+   * counts). Existing channels whose names read alike keep them (one key, an entry
+   * each); only new names are refused. Call after UserStore.init (layout 6).
+   */
+  async init(log: Logger): Promise<void> {
+    if (((await this.s.meta.get("layout")) as number) >= 7) return;
+    for (;;) {
+      const stale = await readKeys(this.s.chreads, { limit: MIGRATE_PAGE });
+      if (stale.length === 0) break;
+      await this.storage.commit(stale.map((key) => del(this.s.chreads, key)));
+    }
+    let named = 0;
+    for (let after: string | undefined; ; ) {
+      const page = await readValues<ChannelRecord>(this.s.channels, after === undefined ? { limit: MIGRATE_PAGE } : { gt: after, limit: MIGRATE_PAGE });
+      if (page.length === 0) break;
+      await this.storage.commit(page.map((c) => put(this.s.chreads, readsEntry(c), 1)));
+      named += page.length;
+      after = page[page.length - 1].chid;
+    }
+    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION)]);
+    if (named > 0) log.info({ channels: named }, "indexed the public channels' names as they read (layout 7)");
+  }
+
+  /**
+   * A public channel whose name reads as `name` (nameKey: "ｇｅｎｅｒａｌ", "General"
+   * and "gen" + a zero-width space + "eral" read as "general"), if any.
+   */
+  async readsAlike(name: string): Promise<string | undefined> {
+    const [key] = await readKeys(this.s.chreads, { ...nameKeyRange(nameKey(name)), limit: 1 });
+    return key === undefined ? undefined : key.slice(key.indexOf("\u0000") + 1);
   }
 
   nextChid(): string {
@@ -137,7 +177,9 @@ export class ChannelStore {
 
   /** Report with joined(c.chid, c.owner) once committed. */
   createOps(c: ChannelRecord): BatchOp[] {
-    const record = c.private ? [put(this.s.privchans, c.chid, c)] : [put(this.s.channels, c.chid, c), put(this.s.chname, c.name.toLowerCase(), c.chid)];
+    const record = c.private
+      ? [put(this.s.privchans, c.chid, c)]
+      : [put(this.s.channels, c.chid, c), put(this.s.chname, c.name.toLowerCase(), c.chid), put(this.s.chreads, readsEntry(c), 1)];
     return [...record, put(this.s.owned, pair(c.owner, c.chid), 1), ...this.joinOps(c.chid, c.owner, c.created, c.private)];
   }
 
@@ -147,7 +189,9 @@ export class ChannelStore {
     this.dropRecord(c.chid);
     this.gone.add(c.chid);
     if (this.gone.size > REMEMBERED_REMOVALS) this.gone.delete(this.gone.values().next().value as string);
-    const ops = c.private ? [del(this.s.privchans, c.chid)] : [del(this.s.channels, c.chid), del(this.s.chname, c.name.toLowerCase())];
+    const ops = c.private
+      ? [del(this.s.privchans, c.chid)]
+      : [del(this.s.channels, c.chid), del(this.s.chname, c.name.toLowerCase()), del(this.s.chreads, readsEntry(c))];
     ops.push(del(this.s.owned, pair(c.owner, c.chid)));
     for (const uid of members) ops.push(...this.memberDels(c.chid, uid));
     return ops;
@@ -374,4 +418,9 @@ export class ChannelStore {
       this.drop(this.cache.keys().next().value as string);
     }
   }
+}
+
+/** A public channel's `chreads` entry: its name's key and its chid. */
+function readsEntry(c: ChannelRecord): string {
+  return nameKeyEntry(nameKey(c.name), c.chid);
 }

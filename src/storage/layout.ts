@@ -43,6 +43,9 @@
 //                                                channellist reads public ones only)
 //   chname      <lower-case name>              → chid  (public channels only: a private
 //                                                channel's name is not unique)
+//   chreads     <name key>\0<chid>             → 1    (public channels' names as they
+//                                                read, storage/users.ts nameKey: a new
+//                                                name that reads as one of them is taken)
 //   members     <chid>!<uid>                   → unix s joined
 //   memberof    <uid>!<chid>                   → 1
 //   privof      <uid>!<chid>                   → 1    (the private channels a user is a
@@ -175,7 +178,7 @@ export function recordJson(m: MessageRecord, plainBody = false, nickJson?: strin
 // A Level sublevel with string keys; values are JSON unless said otherwise.
 export type Space = ReturnType<Level<string, string>["sublevel"]>;
 
-export const LAYOUT_VERSION = 6;
+export const LAYOUT_VERSION = 7;
 
 /**
  * `meta` key never stored: deleted to give a batch that only syncs the log an operation
@@ -222,6 +225,7 @@ export const SPACES = [
   "channels",
   "privchans",
   "chname",
+  "chreads",
   "members",
   "memberof",
   "privof",

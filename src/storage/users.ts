@@ -3,7 +3,7 @@
 
 import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import { LAYOUT_VERSION, nameKeyEntry, nameKeyRange, type Spaces, type UserRecord } from "./layout.js";
+import { nameKeyEntry, nameKeyRange, type Spaces, type UserRecord } from "./layout.js";
 import { readEntries, readKeys, readValues } from "./range.js";
 import { ReadCache } from "./read-cache.js";
 import { NAME_MAX } from "../limits.js";
@@ -163,7 +163,8 @@ export class UserStore {
       users += page.length;
       after = page[page.length - 1].uid;
     }
-    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION)]);
+    // (ChannelStore.init goes on to 7.)
+    await this.storage.commit([put(this.s.meta, "layout", 6)]);
     if (users > 0) log.info({ users }, "indexed the logins and nicks as they read (layout 6)");
   }
 
