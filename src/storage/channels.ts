@@ -101,11 +101,7 @@ export class ChannelStore {
    */
   async init(log: Logger): Promise<void> {
     if (((await this.s.meta.get("layout")) as number) >= 7) return;
-    for (;;) {
-      const stale = await readKeys(this.s.chreads, { limit: MIGRATE_PAGE });
-      if (stale.length === 0) break;
-      await this.storage.commit(stale.map((key) => del(this.s.chreads, key)));
-    }
+    await this.storage.emptySpace(this.s.chreads, MIGRATE_PAGE);
     let named = 0;
     for (let after: string | undefined; ; ) {
       const page = await readValues<ChannelRecord>(this.s.channels, after === undefined ? { limit: MIGRATE_PAGE } : { gt: after, limit: MIGRATE_PAGE });

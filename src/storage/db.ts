@@ -55,6 +55,7 @@ import type { Logger } from "pino";
 import type { IdSource } from "../seams.js";
 import { makeDirSync } from "./dirs.js";
 import { openSpaces, SYNC_MARK_KEY, type Space, type Spaces } from "./layout.js";
+import { readKeys } from "./range.js";
 
 /** A write, already encoded for the root database: prefixed key, JSON text value. */
 export interface BatchOp {
@@ -413,6 +414,18 @@ export class Storage {
       b.promise = new Promise<void>((resolve, reject) => this.afterCommit((err) => (err ? reject(err) : resolve())));
     }
     return b.promise;
+  }
+
+  /**
+   * Deletes every key of `space`, `page` keys a batch (a migration rebuilding an index
+   * from scratch): read through its range, never loaded whole.
+   */
+  async emptySpace(space: Space, page = 1000): Promise<void> {
+    for (;;) {
+      const keys = await readKeys(space, { limit: page });
+      if (keys.length === 0) return;
+      await this.commit(keys.map((key) => del(space, key)));
+    }
   }
 
   /** Writes nobody waits on; they ride with the next batch (see the top of the file). */

@@ -150,11 +150,7 @@ export class UserStore {
    */
   private async buildNameKeys(log: Logger): Promise<void> {
     if (((await this.s.meta.get("layout")) as number) >= 6) return;
-    for (;;) {
-      const stale = await readKeys(this.s.namekeys, { limit: MIGRATE_PAGE });
-      if (stale.length === 0) break;
-      await this.storage.commit(stale.map((key) => del(this.s.namekeys, key)));
-    }
+    await this.storage.emptySpace(this.s.namekeys, MIGRATE_PAGE);
     let users = 0;
     for (let after = ""; ; ) {
       const page = await readValues<UserRecord>(this.s.users, { gt: after, limit: MIGRATE_PAGE });
