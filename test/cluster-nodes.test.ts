@@ -900,6 +900,12 @@ describe("cluster mode: channels", () => {
     expect(rs.map((r) => r.status).sort()).toEqual([0, 1, 1]);
     await Promise.all(nodes.map((n) => (n.services.cluster as NonNullable<typeof n.services.cluster>).sync()));
     for (const u of owners) expect((await u.client.request("createchannel", { name: name.toUpperCase() + "\u2060" })).status).toBe(1);
+    // An entry of an older version (no `reads` flag) was decided without the check: a
+    // node replaying it decides it as the nodes that applied it did, and creates it.
+    const cluster = nodes[0].services.cluster as NonNullable<(typeof nodes)[0]["services"]["cluster"]>;
+    const entry = { k: "chcreate" as const, t: Math.floor(Date.now() / 1000), owner: owners[0].uid, name: `${name}\u2063`, descr: "", priv: false, members: [] as string[], maxOwned: 100, maxJoined: 100 };
+    expect(await cluster.append({ ...entry, reads: true })).toMatchObject({ k: "error" });
+    expect(await cluster.append(entry)).toMatchObject({ k: "channel", chid: expect.any(String) });
     for (const u of owners) u.client.close();
   });
 

@@ -160,7 +160,7 @@ export function registerChannels(sv: Services): ChannelOps {
 
   /** Cluster mode's createchannel: the channel's chid once every node has it. */
   async function createInCluster(owner: string, spec: NewChannel): Promise<string> {
-    shownName(spec.name);
+    if (spec.private !== true) shownName(spec.name);
     const out = await inCluster(chcreateCommand(owner, spec, config.maxOwnedChannels, config.maxJoinedChannels));
     return (out as { chid: string }).chid;
   }
@@ -272,7 +272,7 @@ export function registerChannels(sv: Services): ChannelOps {
     const { name, descr = "" } = spec;
     const priv = spec.private === true;
     const members = [...new Set(spec.members ?? [])].filter((uid) => uid !== owner).sort();
-    const key = shownName(name);
+    const key = priv ? "" : shownName(name);
     const taken = () => channelErrors.taken(name);
     // A public name is claimed before the lookup, so two creations of one name (or of
     // two that read alike) cannot both pass it. Private names are not unique.
@@ -284,7 +284,7 @@ export function registerChannels(sv: Services): ChannelOps {
       if (!priv) {
         const [exact, alike] = await Promise.all([channels.byName(name), channels.readsAlike(name)]);
         if (exact !== undefined) throw taken();
-        if (alike !== undefined) throw channelErrors.readsAlike(name);
+        if (alike.length > 0) throw channelErrors.readsAlike(name);
       }
       const everyone = [owner, ...members].sort();
       const lockKeys = [...everyone.map(linksLockKey), ...everyone.map((uid) => `channels-of:${uid}`)];
@@ -602,12 +602,10 @@ export function registerChannels(sv: Services): ChannelOps {
  * Returns its chid.
  */
 /**
- * The log's command creating channel `spec` for `owner` ("": the server's own), with the
- * caps its apply checks (0: none).
- */
-/**
- * A new channel's name as it reads (storage/users.ts nameKey); refused (3) when it shows
- * nothing (only spaces that take no room, joiners, bidi marks...), as a nick is.
+ * A new public channel's name as it reads (storage/users.ts nameKey); refused (3) when it
+ * shows nothing (only spaces that take no room, joiners, bidi marks...), as a nick is.
+ * (A private channel's name is only its members' to see, and the seed doors name a
+ * room after its members' logins, which may be of such characters.)
  */
 function shownName(name: string): string {
   const key = nameKey(name);
@@ -615,6 +613,10 @@ function shownName(name: string): string {
   return key;
 }
 
+/**
+ * The log's command creating channel `spec` for `owner` ("": the server's own), with the
+ * caps its apply checks (0: none).
+ */
 function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJoined: number): Command {
   return {
     k: "chcreate",
@@ -627,6 +629,8 @@ function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJ
     maxOwned,
     maxJoined,
     maxAdded: othersJoinCap(maxJoined),
+    // Decided with the names as they read (not the server's own channel's, named by a flag).
+    ...(owner === "" ? {} : { reads: true as const }),
   };
 }
 

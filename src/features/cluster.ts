@@ -45,6 +45,12 @@ import { channelErrors } from "./channels.js";
 import { contactErrors } from "./contacts.js";
 import type { Services } from "./services.js";
 
+/**
+ * Channels read per name key when a chcreate is decided: one unless an older layout
+ * left several whose names read alike (layout 7 keeps them).
+ */
+const READS_ALIKE_READ = 64;
+
 export type Command =
   | {
       /**
@@ -151,6 +157,13 @@ export type Command =
       maxJoined: number;
       /** The members' cap (othersJoinCap); older log entries have none and used maxJoined. */
       maxAdded?: number;
+      /**
+       * A public name that reads as a public channel's (storage/users.ts nameKey) is
+       * taken: the log decides it with the view's `chreads`. Older log entries (and the
+       * server's own channel) have no flag and were decided without it (a new node
+       * replaying them decides as the nodes that applied them did).
+       */
+      reads?: true;
     }
   /** `uid` becomes a member of `chid`: by enter, or by `by`'s invite; `cap` is --max-joined-channels. */
   | { k: "join"; t: number; chid: string; uid: string; by?: string; cap: number }
@@ -570,7 +583,9 @@ export class Cluster {
               case "chcreate": {
                 const [named, alike, owned, joined, user, found, counts] = await Promise.all([
                   c.priv ? undefined : channels.byName(c.name),
-                  c.priv || c.owner === "" ? undefined : channels.readsAlike(c.name),
+                  // Every one (an older layout may have several): whether the name is free
+                  // must not depend on which of them this apply's batch deletes first.
+                  !c.priv && c.reads ? channels.readsAlike(c.name, READS_ALIKE_READ) : undefined,
                   channels.ownedCount(c.owner, COUNT_ALL),
                   channels.joinedCount(c.owner, COUNT_ALL),
                   users.get(c.owner),
@@ -1080,9 +1095,9 @@ export class Cluster {
           return refuse(new ProtocolError(Code.NeedAuth, "your account was deleted"));
         }
         if (!c.priv && overlay.channelName(c.name, r.chname) !== undefined) return refuse(channelErrors.taken(c.name));
-        // A name that reads as a public channel's: taken as well (not for the server's own
-        // channel, a seed door's room named by an operator's flag).
-        if (!c.priv && !server && overlay.channelReads(c.name, r.chreads) !== undefined) return refuse(channelErrors.readsAlike(c.name));
+        // A name that reads as a public channel's: taken as well (entries with the flag:
+        // not the server's own channel, a seed door's room named by an operator's flag).
+        if (!c.priv && c.reads && overlay.channelReads(c.name, r.chreads) !== undefined) return refuse(channelErrors.readsAlike(c.name));
         const found = c.members.map((uid, i) => (overlay.gone.includes(uid) ? undefined : (overlay.users.get(uid) ?? r.found?.[i])));
         const missing = found.findIndex((u) => u === undefined);
         if (missing >= 0) return refuse(channelErrors.noUser(c.members[missing]));
@@ -1283,8 +1298,8 @@ interface Reads {
   byMember?: boolean;
   /** A channel name's holder (chid). */
   chname?: string;
-  /** A public channel whose name reads as the one asked for (ChannelStore.readsAlike). */
-  chreads?: string;
+  /** The public channels whose names read as the one asked for (ChannelStore.readsAlike). */
+  chreads?: string[];
   /** Channels owned and joined (counted in full: COUNT_ALL). */
   owned?: number;
   joined?: number;
@@ -1400,14 +1415,14 @@ class Overlay {
 
   /**
    * A public channel whose name reads as `name` (nameKey), or undefined: one created in
-   * this call, else the view's (`inView`) unless deleted in this call. (Another channel
-   * of that key in the view, from an older layout, is not seen once `inView` is deleted
-   * here: at worst a name refused in this call is free at the next.)
+   * this call, else one of the view's (`inView`, read before the call) not deleted in
+   * it. The same answer whether the commands before it were applied in this call or in
+   * earlier ones, as every node must give it.
    */
-  channelReads(name: string, inView: string | undefined): string | undefined {
+  channelReads(name: string, inView: readonly string[] = []): string | undefined {
     const h = this.names.get(`chreads:${nameKey(name)}`);
     if (h !== undefined) return h;
-    return inView !== undefined && !this.channelDeleted(inView) ? inView : undefined;
+    return inView.find((chid) => !this.channelDeleted(chid));
   }
 
   /** The chid holding public channel name `name`, or undefined. */

@@ -115,12 +115,13 @@ export class ChannelStore {
   }
 
   /**
-   * A public channel whose name reads as `name` (nameKey: "ｇｅｎｅｒａｌ", "General"
-   * and "gen" + a zero-width space + "eral" read as "general"), if any.
+   * Up to `limit` public channels whose names read as `name` (nameKey: "ｇｅｎｅｒａｌ",
+   * "General" and "gen" + a zero-width space + "eral" read as "general"), in chid order
+   * as text: more than one only for channels made before layout 7.
    */
-  async readsAlike(name: string): Promise<string | undefined> {
-    const [key] = await readKeys(this.s.chreads, { ...nameKeyRange(nameKey(name)), limit: 1 });
-    return key === undefined ? undefined : key.slice(key.indexOf("\u0000") + 1);
+  async readsAlike(name: string, limit = 1): Promise<string[]> {
+    const keys = await readKeys(this.s.chreads, { ...nameKeyRange(nameKey(name)), limit });
+    return keys.map((key) => key.slice(key.indexOf("\u0000") + 1));
   }
 
   nextChid(): string {

@@ -83,6 +83,8 @@
 // message has one) and then records 5.
 // Version 5 had no `namekeys`: start-up builds it from the users (UserStore
 // buildNameKeys, from scratch each time until it records 6).
+// Version 6 had no `chreads`: start-up builds it from the public channels
+// (ChannelStore.init, from scratch each time until it records 7).
 //
 // <seq> is a message's global sequence number, zero-padded so that string order is
 // numeric order; a message's mid is the same number unpadded. A conversation is

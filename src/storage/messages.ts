@@ -350,7 +350,8 @@ export class MessageStore {
     if (replayed > 0) this.log.info({ replayed, through }, "rebuilt derived message indexes from the log");
     if (replayed + rechecks > 0) await this.flushDerived();
     // Every logged message now has its history chunk, and from here on chunks are
-    // derived. (Layout 3 goes on to UserStore.init, which writes LAYOUT_VERSION.)
+    // derived. (Layout 3 goes on to UserStore.init and ChannelStore.init, which
+    // writes LAYOUT_VERSION.)
     if (layout === 4) await this.storage.commit([put(this.s.meta, "layout", 5)]);
   }
 
