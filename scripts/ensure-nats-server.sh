@@ -1,16 +1,17 @@
 #!/bin/sh
 # The cluster tests run a real nats-server (>= 2.9, JetStream). `npm test` calls this
 # first: nothing to do when nats-server is there (on PATH, or the project's own copy in
-# .nats-server/). Otherwise it is installed from the Debian package: with apt-get as
-# root; as any other user, the package is downloaded with apt-get into .nats-server/
-# (apt's package lists kept there too, so no root is needed) and its program unpacked
-# there with dpkg-deb. Failing both it says how to get it, and the cluster tests fail
-# with the same hint: they never skip.
+# .nats-server/ that runs). Otherwise it is installed from the Debian package: with
+# apt-get as root; as any other user, the package is downloaded with apt-get (apt's
+# package lists kept in a directory of this run's, so no root is needed) and its
+# program unpacked with dpkg-deb, then moved into .nats-server/ in one rename. Failing
+# both it says how to get it, and the cluster tests fail with the same hint: they
+# never skip.
 PATH="$PATH:/usr/sbin:/usr/local/sbin"
 command -v nats-server >/dev/null 2>&1 && exit 0
 here=$(cd "$(dirname "$0")/.." && pwd)
 local_dir="$here/.nats-server"
-[ -x "$local_dir/nats-server" ] && exit 0
+"$local_dir/nats-server" --version >/dev/null 2>&1 && exit 0
 if command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then
@@ -20,18 +21,22 @@ if command -v apt-get >/dev/null 2>&1; then
     fi
   elif command -v dpkg-deb >/dev/null 2>&1; then
     echo "downloading nats-server (Debian package) into $local_dir for the cluster tests" >&2
-    apt="$local_dir/apt"
-    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$local_dir/deb"
-    opts="-o Dir::State::Lists=$apt/lists -o Dir::Cache=$apt/cache -o Debug::NoLocking=1 -o APT::Sandbox::User=$(id -un)"
-    # shellcheck disable=SC2086 # opts is a list of words
-    if apt-get $opts update -qq >/dev/null 2>&1 && (cd "$local_dir/deb" && apt-get $opts download nats-server >/dev/null 2>&1); then
-      deb=$(ls "$local_dir"/deb/nats-server_*.deb 2>/dev/null | head -n 1)
-      if [ -n "$deb" ] && dpkg-deb -x "$deb" "$local_dir/root" && cp "$local_dir/root/usr/sbin/nats-server" "$local_dir/nats-server" 2>/dev/null; then
-        rm -rf "$apt" "$local_dir/deb" "$local_dir/root"
-        "$local_dir/nats-server" --version >/dev/null 2>&1 && exit 0
+    mkdir -p "$local_dir"
+    # This run's own directory: two runs at once do not share apt's state or files.
+    work=$(mktemp -d "$local_dir/download.XXXXXX") || exit 0
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/deb"
+    get() {
+      apt-get -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o Debug::NoLocking=1 -o "APT::Sandbox::User=$(id -un)" "$@" >/dev/null 2>&1
+    }
+    if get update -qq && (cd "$work/deb" && get download nats-server); then
+      deb=$(ls "$work"/deb/nats-server_*.deb 2>/dev/null | head -n 1)
+      if [ -n "$deb" ] && dpkg-deb -x "$deb" "$work/root" && "$work/root/usr/sbin/nats-server" --version >/dev/null 2>&1; then
+        mv -f "$work/root/usr/sbin/nats-server" "$local_dir/nats-server"
+        rm -rf "$work"
+        exit 0
       fi
     fi
-    rm -rf "$apt" "$local_dir/deb" "$local_dir/root"
+    rm -rf "$work"
   fi
 fi
 echo "nats-server is not installed and could not be installed here: the cluster tests will fail." >&2

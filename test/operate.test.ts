@@ -78,7 +78,7 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(list.stdout.trim().split("\n").map((l) => l.split("\t")[1]).sort()).toEqual(["alice", "bob"]);
     expect(json(cli(["user", "passwd", "alice", "--pass", "pw3", ...d]))).toMatchObject({ uid: alice.uid });
     // Named by uid, the ban is on the login (what auth checks).
-    expect(json(cli(["ban", bob.uid, "--reason", "spam", ...d]))).toMatchObject({ kind: "login", value: "bob", reason: "spam" });
+    expect(json(cli(["ban", bob.uid, "--reason", "spam", ...d]))).toMatchObject({ ban: { kind: "login", value: "bob", reason: "spam" }, closed: 0 });
     expect(json(cli(["user", "show", "bob", ...d])).banned).toBe(true);
     expect(cli(["ban", "--address", "10.0.0.1:80", ...d]).stderr).toMatch(/'10.0.0.1:80' is not an IP address/);
     const missing = cli(["user", "show", "nobody", ...d]);

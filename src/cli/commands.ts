@@ -111,8 +111,8 @@ function isLocked(err: unknown): boolean {
  * port, `--nats`), and a database of an older layout (opening it migrates it: a backup
  * taken before an upgrade would hold the new layout, and a command would upgrade a
  * server's data behind its operator; the server migrates it at start-up and logs it).
- * A newer layout is refused by the open itself. Read before the open, through LevelDB
- * directly: nothing is written.
+ * And a newer layout, which this version cannot read. Read before the open, through
+ * LevelDB directly: nothing is written.
  */
 async function refuseForeign(dataDir: string): Promise<void> {
   const db = new Level<string, string>(path.join(dataDir, "db"), { keyEncoding: "utf8", valueEncoding: "utf8" });
@@ -177,7 +177,11 @@ async function direct(config: Config, init: boolean): Promise<Backend> {
       bans: a.bans,
       unban: a.unban,
       show: async (user) => a.summary(await a.resolve(user)),
-      ban: a.ban,
+      // As the admin port answers it: {ban, closed} (no connection to close here).
+      ban: async (kind, value, reason) => {
+        const { closed: _, ...ban } = await a.ban(kind, value, reason);
+        return { ban, closed: 0 };
+      },
       registration: a.registration,
       backup: (dir) => backup(core.services.storage, core.services.blobs, dir, packageVersion()),
       exportTo: async (user, out) => {

@@ -73,7 +73,10 @@ function clientError(error: Error, socket: Socket, onRefused: (socket: Socket, r
   if (err.code === "ECONNRESET" || socket.destroyed || refused.has(socket)) return;
   refused.add(socket);
   const current = (socket as Socket & { _httpMessage?: { headersSent?: boolean } })._httpMessage;
-  if (current?.headersSent) return void socket.destroy();
+  if (current?.headersSent) {
+    onRefused(socket, `HTTP request refused during a response (${err.code ?? "a parse error"}): closed`);
+    return void socket.destroy();
+  }
   const timedOut = err.code === "ERR_HTTP_REQUEST_TIMEOUT";
   // The statuses node's own handler gives these.
   const [status, reason, code, text] = timedOut

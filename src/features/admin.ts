@@ -126,7 +126,10 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
         const out = await sv.cluster.run({ k: "ban", kind, value: key, reason, at, ...(u ? { uid: u.uid } : {}) });
         ban = bans.banned(kind, key);
         if (!ban) throw new ProtocolError(Code.Unavailable, "the ban could not be confirmed; try again");
-        if (u) ban = { ...ban, closed: here };
+        if (u) {
+          ban = { ...ban, closed: here };
+          sv.metrics.closes.kicked += here; // as a kick counts them (accounts.ts kick)
+        }
         else if (out.k === "done" && out.closed !== undefined) ban = { ...ban, closed: out.closed };
       } else {
         ban = await bans.add(kind, key, reason);
