@@ -302,6 +302,29 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     for (const c of [a.client, b.client, again.client]) c.close();
   });
 
+  it("failed logins count on every node: five wrong passwords for one login spread over three nodes, and the next is refused on each of them", async () => {
+    const u = await registerUser(node(0));
+    u.client.close();
+    const attempt = async (i: number, pass: string) => {
+      const c = await Client.connect(node(i));
+      try {
+        return (await c.request("auth", { login: u.login, pass })).status;
+      } finally {
+        c.close();
+      }
+    };
+    // --auth-fail-login is 5: no node saw more than two of them.
+    for (const i of [0, 1, 2, 0, 1]) expect(await attempt(i, "wrong")).toBe(2);
+    await sleep(250); // the notes, over NATS
+    for (const i of [2, 1, 0]) expect(await attempt(i, "secret")).toBe(13);
+    // The back-off (1 s at the limit) runs out; a success on one node clears the count on all.
+    await sleep(1100);
+    expect(await attempt(2, "secret")).toBe(0);
+    await sleep(250);
+    expect(await attempt(0, "wrong")).toBe(2);
+    expect(await attempt(1, "secret")).toBe(0);
+  });
+
   it("two nicks that read alike, registered at once on two nodes: the log gives the name to one", async () => {
     const nick = uniqueName("Bob");
     const register = async (port: number, n: string) => {

@@ -97,6 +97,17 @@ export function registerAccounts(sv: Services): AccountOps {
   hooks.onStop(() => hasher.stop());
   const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
   const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);
+  // Cluster mode: the other nodes' failures count here too (and ours there), so that an
+  // address spread over N nodes does not get N times the guesses.
+  if (sv.cluster) {
+    sv.cluster.onLoginNote = (note) => {
+      if (note.address !== undefined) byAddress.fail(note.address);
+      if (note.key !== undefined) {
+        if (note.ok) byLogin.succeed(note.key);
+        else byLogin.fail(note.key);
+      }
+    };
+  }
 
   /**
    * Everything that reads and then changes a user's credentials, sessions or profile
@@ -140,6 +151,8 @@ export function registerAccounts(sv: Services): AccountOps {
     } catch (err) {
       if (err instanceof ProtocolError && (err.code === Code.InvalidPass || err.code === Code.NeedRegister)) {
         byAddress.fail(address);
+        // The login's count was taken when the attempt started; the others take both now.
+        sv.cluster?.shareLogin(key === undefined ? { address } : { address, key });
         auth[err.code === Code.InvalidPass ? "wrong_password" : "unknown_login"]++;
         // One line per failure, with the address and the login tried, for fail2ban.
         sv.log.warn({ remote: s.peer.address, login: login ?? null, reason: err.message }, "failed login");
@@ -150,7 +163,10 @@ export function registerAccounts(sv: Services): AccountOps {
       throw err;
     }
     auth.ok++;
-    if (key) byLogin.succeed(key);
+    if (key) {
+      byLogin.succeed(key);
+      sv.cluster?.shareLogin({ key, ok: true });
+    }
     return result;
   }
 

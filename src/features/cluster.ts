@@ -51,6 +51,17 @@ import type { Services } from "./services.js";
  */
 const READS_ALIKE_READ = 64;
 
+/**
+ * A login attempt another node's throttles count (features/accounts.ts counted):
+ * `address` failed (the address's count), `key` (a login from an address) failed or,
+ * with `ok`, succeeded (its count cleared).
+ */
+export interface LoginNote {
+  address?: string;
+  key?: string;
+  ok?: true;
+}
+
 export type Command =
   | {
       /**
@@ -338,6 +349,7 @@ export class Cluster {
     router.elsewhere = this.presence.users;
     this.presence.start();
     this.receiveNotices(this.journal.connection, this.journal.origin);
+    this.receiveLoginNotes(this.journal.connection, this.journal.origin);
     this.sv.messages.onAdvance = (uid, seq) => this.cursorMoved(uid, seq);
   }
 
@@ -421,6 +433,39 @@ export class Cluster {
     nc.publish(`${this.opts.stream}.notice`, JSON.stringify({ o: this.journal?.origin, ev: plain, audience }));
   }
 
+  /** The failed-login notes subscription (see shareLogin). */
+  private loginNotes: Subscription | undefined;
+
+  /**
+   * Set by the accounts feature: a failed or successful login another node saw, to count
+   * in this node's throttles as if it had been seen here.
+   */
+  onLoginNote: ((note: LoginNote) => void) | undefined;
+
+  /**
+   * A failed login (or a success that clears its login's count) seen here, for the
+   * other nodes' throttles: over core NATS, not stored. Without it an address spread
+   * over N nodes had N times --auth-fail-login and --auth-fail-addr. A note lost while
+   * a node reconnects only leaves that node's count lower, as it was before notes.
+   */
+  shareLogin(note: LoginNote): void {
+    const nc = this.journal?.connection;
+    if (!nc || nc.isClosed()) return;
+    nc.publish(`${this.opts.stream}.logins`, JSON.stringify({ o: this.journal?.origin, ...note }));
+  }
+
+  private receiveLoginNotes(nc: NatsConnection, origin: string): void {
+    this.loginNotes = listenForNotes<LoginNote & { o: string }>(
+      nc,
+      `${this.opts.stream}.logins`,
+      { unreadable: "a failed-login note from another node could not be read", stopped: "failed-login notes from other nodes stopped" },
+      this.log,
+      ({ o, ...note }) => {
+        if (o !== origin) this.onLoginNote?.(note);
+      },
+    );
+  }
+
   private receiveNotices(nc: NatsConnection, origin: string): void {
     this.notices = listenForNotes<{ o: string; ev: NoticeEvent; audience: Audience }>(
       nc,
@@ -467,6 +512,7 @@ export class Cluster {
     clearTimeout(this.cursorTimer);
     this.presence?.stop();
     this.notices?.unsubscribe();
+    this.loginNotes?.unsubscribe();
     await this.journal?.close(); // its `closing` stops the attachment fetches first
   }
 
