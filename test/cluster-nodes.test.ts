@@ -325,6 +325,40 @@ describe("cluster mode: sessions, profiles and contacts", () => {
     expect(await attempt(1, "secret")).toBe(0);
   });
 
+  it("password checks count on every node: an address that spends --auth-burst over three nodes is refused on each", async () => {
+    // An address of this test's own (loopback), so that no other test's checks count.
+    const from = `127.0.${1 + Math.floor(Math.random() * 200)}.${1 + Math.floor(Math.random() * 250)}`;
+    const register = async (i: number) => {
+      const c = await Client.connect(node(i), { from });
+      try {
+        return await c.request("register", { login: uniqueName("pc"), pass: "pw", nick: uniqueName("pc") });
+      } finally {
+        c.close();
+      }
+    };
+    // --auth-burst is 300 and --auth-rate 20 a second: 200 registrations through each
+    // node, eight at a time, spend every node's bucket when the nodes share their checks
+    // (alone, each would have a third of its burst left).
+    const statuses = await Promise.all(
+      [0, 1, 2].flatMap((i) =>
+        Array.from({ length: 8 }, async (_, w) => {
+          const got: number[] = [];
+          for (let k = w; k < 200; k += 8) got.push((await register(i)).status);
+          return got;
+        }),
+      ),
+    );
+    expect(statuses.flat().filter((st) => st === 0).length).toBeGreaterThan(300);
+    // Ten more at once through each node: the bucket refills a token every 50 ms, so a
+    // few may pass; alone, each node would pass all ten.
+    const more = await Promise.all([0, 1, 2].map((i) => Promise.all(Array.from({ length: 10 }, () => register(i)))));
+    for (const answers of more) {
+      const refused = answers.filter((r) => r.status === 13);
+      expect(refused.length).toBeGreaterThanOrEqual(5);
+      expect(refused[0]).toEqual({ status: 13, error: "too many logins and registrations from your address; retry later" });
+    }
+  }, 60_000);
+
   it("two nicks that read alike, registered at once on two nodes: the log gives the name to one", async () => {
     const nick = uniqueName("Bob");
     const register = async (port: number, n: string) => {

@@ -97,10 +97,14 @@ export function registerAccounts(sv: Services): AccountOps {
   hooks.onStop(() => hasher.stop());
   const byLogin = new LoginThrottle(config.authFailLogin, config.authFailWindow * 1000);
   const byAddress = new LoginThrottle(config.authFailAddr, config.authFailWindow * 1000);
-  // Cluster mode: the other nodes' failures count here too (and ours there), so that an
-  // address spread over N nodes does not get N times the guesses.
+  // Cluster mode: the other nodes' failures and password checks count here too (and
+  // ours there), so that an address spread over N nodes does not get N times the
+  // guesses, nor N times --auth-rate.
   if (sv.cluster) {
-    sv.cluster.onLoginNote = (note) => {
+    const cluster = sv.cluster;
+    hasher.onAdmitted = (address) => cluster.shareLogin({ checked: address });
+    cluster.onLoginNote = (note) => {
+      if (note.checked !== undefined) hasher.charge(note.checked);
       if (note.address !== undefined) byAddress.fail(note.address);
       if (note.key !== undefined) {
         if (note.ok) byLogin.succeed(note.key);

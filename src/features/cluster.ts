@@ -54,12 +54,14 @@ const READS_ALIKE_READ = 64;
 /**
  * A login attempt another node's throttles count (features/accounts.ts counted):
  * `address` failed (the address's count), `key` (a login from an address) failed or,
- * with `ok`, succeeded (its count cleared).
+ * with `ok`, succeeded (its count cleared); or a password check (`checked`).
  */
 export interface LoginNote {
   address?: string;
   key?: string;
   ok?: true;
+  /** A password check from this address (as the hasher keys it) took a token of --auth-rate. */
+  checked?: string;
 }
 
 export type Command =

@@ -248,6 +248,17 @@ export class PasswordHasher {
     return t.has(plainAddress(address));
   }
 
+  /**
+   * Called with an address (as its bucket is keyed) each time a check of it takes a
+   * token: cluster mode tells the other nodes (features/accounts.ts), which charge().
+   */
+  onAdmitted: ((address: string) => void) | undefined;
+
+  /** A check of `address` (its bucket's key) made elsewhere: takes a token if one is left. */
+  charge(address: string): void {
+    this.admit(address);
+  }
+
   /** Takes a token from the address's bucket; false when it is empty. */
   private admit(address: string, now = Date.now()): boolean {
     const { rate, burst } = this.limits;
@@ -304,8 +315,9 @@ export class PasswordHasher {
     if (q !== undefined && q.length >= this.limits.queuePerAddress) {
       return Promise.reject(new ProtocolError(Code.RateLimited, "too many password checks waiting from your address; retry later"));
     }
-    if (!trusted && !this.admit(address)) {
-      return Promise.reject(new ProtocolError(Code.RateLimited, "too many logins and registrations from your address; retry later"));
+    if (!trusted) {
+      if (!this.admit(address)) return Promise.reject(new ProtocolError(Code.RateLimited, "too many logins and registrations from your address; retry later"));
+      this.onAdmitted?.(address);
     }
     return new Promise((resolve, reject) => {
       const job = { req, resolve, reject };
