@@ -129,8 +129,7 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
         if (u) {
           ban = { ...ban, closed: here };
           sv.metrics.closes.kicked += here; // as a kick counts them (accounts.ts kick)
-        }
-        else if (out.k === "done" && out.closed !== undefined) ban = { ...ban, closed: out.closed };
+        } else if (out.k === "done" && out.closed !== undefined) ban = { ...ban, closed: out.closed };
       } else {
         ban = await bans.add(kind, key, reason);
         if (!ban) throw new ProtocolError(Code.RateLimited, "the ban list is full");
