@@ -597,11 +597,6 @@ export function registerChannels(sv: Services): ChannelOps {
 }
 
 /**
- * A public channel the server itself keeps (a seed door's room everyone starts in):
- * created at start-up when missing, owned by no user, so no user can delete it.
- * Returns its chid.
- */
-/**
  * A new public channel's name as it reads (storage/users.ts nameKey); refused (3) when it
  * shows nothing (only spaces that take no room, joiners, bidi marks...), as a nick is.
  * (A private channel's name is only its members' to see, and the seed doors name a
@@ -634,6 +629,11 @@ function chcreateCommand(owner: string, spec: NewChannel, maxOwned: number, maxJ
   };
 }
 
+/**
+ * A public channel the server itself keeps (a seed door's room everyone starts in):
+ * created at start-up when missing, owned by no user, so no user can delete it.
+ * Returns its chid.
+ */
 export async function serverChannel(sv: Services, name: string, flag: string): Promise<string> {
   if (sv.cluster) {
     // Through the log: nodes starting together create it once (the first in the log wins).

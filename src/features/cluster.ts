@@ -1542,7 +1542,8 @@ class Overlay {
     if (!c.private) {
       this.names.set(`chname:${c.name.toLowerCase()}`, "");
       // Back to the view (and channelDeleted): another channel may read the same.
-      if (this.names.get(`chreads:${nameKey(c.name)}`) === c.chid) this.names.delete(`chreads:${nameKey(c.name)}`);
+      const reads = `chreads:${nameKey(c.name)}`;
+      if (this.names.get(reads) === c.chid) this.names.delete(reads);
     }
     this.count("owned", c.owner, -1);
     for (const uid of members) this.leave(c.chid, uid);

@@ -21,7 +21,7 @@
 
 import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import { keyTail, LAYOUT_VERSION, nameKeyEntry, nameKeyRange, pair, prefixRange, type ChannelRecord, type Spaces } from "./layout.js";
+import { keyTail, LAYOUT_VERSION, nameKeyEntry, nameKeyHolder, nameKeyRange, pair, prefixRange, type ChannelRecord, type Spaces } from "./layout.js";
 import { readKeys, readValues } from "./range.js";
 import { nameKey } from "./users.js";
 
@@ -120,8 +120,7 @@ export class ChannelStore {
    * as text: more than one only for channels made before layout 7.
    */
   async readsAlike(name: string, limit = 1): Promise<string[]> {
-    const keys = await readKeys(this.s.chreads, { ...nameKeyRange(nameKey(name)), limit });
-    return keys.map((key) => key.slice(key.indexOf("\u0000") + 1));
+    return (await readKeys(this.s.chreads, { ...nameKeyRange(nameKey(name)), limit })).map(nameKeyHolder);
   }
 
   nextChid(): string {

@@ -256,12 +256,17 @@ const SEQ_WIDTH = 15;
 
 const ZEROS = "0".repeat(SEQ_WIDTH);
 
-/** The `namekeys` entry of a user's name key (storage/users.ts nameKey). */
-export function nameKeyEntry(key: string, uid: string): string {
-  return `${key}\u0000${uid}`;
+/** A name-key entry (storage/users.ts nameKey): a user's in `namekeys`, a public channel's in `chreads`. */
+export function nameKeyEntry(key: string, holder: string): string {
+  return `${key}\u0000${holder}`;
 }
 
-/** The range of every `namekeys` entry of one key: '\0' ends a key (no name holds a control character). */
+/** The holder (a uid, or a chid in `chreads`) a name-key entry names. */
+export function nameKeyHolder(entry: string): string {
+  return entry.slice(entry.indexOf("\u0000") + 1);
+}
+
+/** The range of every entry of one name key: '\0' ends a key (no name holds a control character). */
 export function nameKeyRange(key: string): { gt: string; lt: string } {
   return { gt: `${key}\u0000`, lt: `${key}\u0001` };
 }

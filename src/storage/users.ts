@@ -3,7 +3,7 @@
 
 import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import { nameKeyEntry, nameKeyRange, type Spaces, type UserRecord } from "./layout.js";
+import { nameKeyEntry, nameKeyHolder, nameKeyRange, type Spaces, type UserRecord } from "./layout.js";
 import { readEntries, readKeys, readValues } from "./range.js";
 import { ReadCache } from "./read-cache.js";
 import { NAME_MAX } from "../limits.js";
@@ -172,7 +172,7 @@ export class UserStore {
 
   /** An account other than `owner` whose login or nick reads as `value` (nameKey), if any. */
   async nameHolder(value: string, owner?: string): Promise<string | undefined> {
-    const holders = (await readKeys(this.s.namekeys, { ...nameKeyRange(nameKey(value)), limit: 2 })).map((key) => key.slice(key.indexOf("\u0000") + 1));
+    const holders = (await readKeys(this.s.namekeys, { ...nameKeyRange(nameKey(value)), limit: 2 })).map(nameKeyHolder);
     return holders.find((uid) => uid !== owner);
   }
 
