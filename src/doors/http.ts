@@ -10,7 +10,7 @@
 // against --max-connections and --max-per-address, have the idle timeouts, are refused
 // from banned addresses, and are closed gracefully at shutdown (websocket-listener.ts).
 
-import type { ServerResponse } from "node:http";
+import type { IncomingMessage, ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 import { Transform, type Readable } from "node:stream";
 import fastifyWebsocket from "@fastify/websocket";
@@ -102,6 +102,29 @@ function clientError(error: Error, socket: Socket, onRefused: (socket: Socket, r
   socket.end(answer);
 }
 
+/**
+ * Node closes a socket whose response says `connection: close` once the response is
+ * out (destroySoon: end, then destroy). If the request's body was still coming — a 413
+ * for a body over --max-frame, answered from its content-length — that destroy finds
+ * unread input, and the reset it sends makes the client's kernel drop the answer: a
+ * client that wrote its whole body before reading (curl without Expect, a script, a
+ * phone's HTTP stack) saw "connection reset" instead of 413 in 5 tries of 6 with a
+ * 3 MB body. As for a parse error (clientError): the answer and the FIN go out, what
+ * the client still sends is read and dropped (node's parser discards the body of an
+ * answered request) until it ends or CLIENT_ERROR_LINGER_MS passes, then the socket
+ * is destroyed. Runs after node's own 'finish' handler (registered when the response
+ * was made), which called destroySoon.
+ */
+function lingerClose(req: IncomingMessage): void {
+  const socket = req.socket;
+  if (req.complete || socket.destroyed || !socket.writableEnded) return;
+  socket.removeListener("finish", socket.destroy);
+  const linger = setTimeout(() => socket.destroy(), CLIENT_ERROR_LINGER_MS);
+  linger.unref();
+  socket.once("end", () => socket.destroy());
+  socket.once("close", () => clearTimeout(linger));
+}
+
 /** A path of e_chat_server's door (under /v1/); every other path is the HTTP chat's (or the native /wirechat). */
 function isEchatPath(path: string): boolean {
   return /^\/v1(?:\/|$)/.test(path);
@@ -168,6 +191,11 @@ export class HttpDoor {
       return none ? payload : countedBody(this.websockets.partialInput, payload, reply.raw);
     });
     this.limits();
+    // An answer given before its request's body has all come, on a socket that closes
+    // after it (a 413, which Fastify closes: the client may send more): see lingerClose.
+    app.server.on("request", (req: IncomingMessage, res: ServerResponse) => {
+      res.once("finish", () => lingerClose(req));
+    });
     // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
     app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
     // An upgrade request's socket leaves the HTTP server's timeouts: until ws takes it
