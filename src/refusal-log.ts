@@ -1,15 +1,24 @@
 // The log of refused connections, rate-limited: a flood of refused connections must
-// not flood the log. One line per address per window; the refusals it held back are
-// counted and reported when the window closes. The map of addresses is bounded: past
-// it, refusals from further addresses are only counted, in one line per window.
+// not flood the log. One line per address and reason per window; the refusals it held
+// back are counted and reported, reason by reason, when the window closes. (One line
+// per address took a refusal of another reason within the window, a bad HTTP request
+// after a cap refusal, into the first reason's count: a filter watching for the second
+// never saw it.) An address's window keeps at most REASONS reasons; refusals of more
+// are counted together. The map of addresses is bounded: past it, refusals from
+// further addresses are only counted, in one line per window.
 // (The dispatcher logs connections it closes for bad frames the same way.)
 
 import type { Logger } from "pino";
 
+/** Reasons one address's window logs apart (a reason's text may carry a detail). */
+const REASONS = 8;
+
 interface Window {
   since: number;
-  suppressed: number;
-  reason: string;
+  /** Each reason logged this window → its refusals held back since. */
+  reasons: Map<string, number>;
+  /** Refusals of reasons past REASONS. */
+  others: number;
 }
 
 export class RefusalLog {
@@ -30,7 +39,13 @@ export class RefusalLog {
     const now = Date.now();
     const w = this.windows.get(address);
     if (w && now - w.since < this.windowMs) {
-      w.suppressed++;
+      const held = w.reasons.get(reason);
+      if (held !== undefined) w.reasons.set(reason, held + 1);
+      else if (w.reasons.size >= REASONS) w.others++;
+      else {
+        w.reasons.set(reason, 0);
+        this.log.warn({ remote: address, limit }, `${this.what.one}: ${reason}`);
+      }
       return;
     }
     if (w) this.report(address, w);
@@ -41,7 +56,7 @@ export class RefusalLog {
         return;
       }
     }
-    this.windows.set(address, { since: now, suppressed: 0, reason });
+    this.windows.set(address, { since: now, reasons: new Map([[reason, 0]]), others: 0 });
     this.log.warn({ remote: address, limit }, `${this.what.one}: ${reason}`);
   }
 
@@ -59,8 +74,9 @@ export class RefusalLog {
   }
 
   private report(address: string, w: Window): void {
-    if (w.suppressed > 0) {
-      this.log.warn({ remote: address, suppressed: w.suppressed }, `${this.what.one}: ${w.reason} (repeated; lines held back)`);
+    for (const [reason, suppressed] of w.reasons) {
+      if (suppressed > 0) this.log.warn({ remote: address, suppressed }, `${this.what.one}: ${reason} (repeated; lines held back)`);
     }
+    if (w.others > 0) this.log.warn({ remote: address, suppressed: w.others }, `${this.what.many} for further reasons (not logged one by one)`);
   }
 }

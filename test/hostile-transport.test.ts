@@ -720,6 +720,42 @@ describe("the log of refused connections", () => {
     await server.stop();
   }, 30_000);
 
+  it("refusals of another reason from the same address within the window get their own line", async () => {
+    const { lines, log } = capturedLog();
+    const server = await startServer(testConfig({ httpPort: 0, maxPerAddress: 1, logLevel: "info" }), log);
+    const port = server.httpPort as number;
+    const refusalLines = () => lines.map((l) => JSON.parse(l)).filter((l) => /^connection refused: /.test(l.msg));
+    /** A socket that sends `bytes`; resolves with what the server sent before it closed. */
+    const exchange = (bytes: string) =>
+      new Promise<string>((resolve) => {
+        const s = net.connect(port, "127.0.0.1", () => s.write(bytes));
+        let got = "";
+        s.on("data", (d) => (got += d.toString("latin1")));
+        s.on("error", () => undefined);
+        s.on("close", () => resolve(got));
+      });
+    // Over the address's cap, twice: one line.
+    const held = net.connect(port, "127.0.0.1");
+    held.on("error", () => undefined);
+    await new Promise((r) => held.once("connect", r));
+    for (let i = 0; i < 2; i++) expect(await exchange("GET /status HTTP/1.1\r\nHost: x\r\n\r\n")).toBe("");
+    await until(() => refusalLines().length === 1, 5000, "the cap's line");
+    // Then requests node's parser refuses (once the held socket's place is free: until
+    // then they are refused for the cap, folded into its line), twice: a line of their
+    // own. It was folded into the cap's too, whose window was still open.
+    held.destroy();
+    let answered = 0;
+    for (let i = 0; i < 100 && answered < 2; i++) if (/^HTTP\/1\.1 400 /.test(await exchange("GARBAGE\r\n\r\n"))) answered++;
+    expect(answered).toBe(2);
+    await until(() => refusalLines().length === 2, 5000, "the bad request's line");
+    await sleep(200);
+    const [cap, bad] = refusalLines();
+    expect(cap).toMatchObject({ remote: "127.0.0.1", msg: expect.stringContaining("too many") });
+    expect(bad).toMatchObject({ remote: "127.0.0.1", msg: expect.stringContaining("HTTP 400") });
+    expect(refusalLines()).toHaveLength(2);
+    await server.stop();
+  }, 30_000);
+
   it("connections from one address closed for bad frames log a line, not one per connection", async () => {
     const { lines, log } = capturedLog();
     const server = await startServer(testConfig({ badFrameLimit: 2, logLevel: "info" }), log);

@@ -234,7 +234,7 @@ export class WebSocketListener implements ConnectionTable, SlotCounter {
   /**
    * A request on the port that node's HTTP parser refused (doors/http.ts answers it in
    * its door's shape and closes the socket): counted among the server's own closes and
-   * logged as other refusals are, one line per address per window.
+   * logged as other refusals are, one line per address and reason per window.
    */
   parserRefused(socket: Socket, reason: string): void {
     this.metrics.closes.bad_http++;
