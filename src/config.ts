@@ -19,6 +19,7 @@ export interface Config {
   maxImport: number;
   maxOwnedChannels: number;
   maxContacts: number;
+  maxInbox: number;
   maxJoinedChannels: number;
   badFrameLimit: number;
   badFrameWindow: number;
@@ -123,6 +124,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "maxPicture", flag: "--max-picture", env: "WIRECHAT_MAX_PICTURE", kind: "int", default: 256 * 1024, min: 0, help: "largest profile picture, in characters of base64 (status 12 past it)" },
   { key: "maxImport", flag: "--max-import", env: "WIRECHAT_MAX_IMPORT", kind: "int", default: 5000, min: 1, help: "most address-book entries in one import (status 12 past it)" },
   { key: "maxContacts", flag: "--max-contacts", env: "WIRECHAT_MAX_CONTACTS", kind: "int", default: 5000, min: 1, help: "most users one contact list may hold (addcontact past it: status 13)", reload: true },
+  { key: "maxInbox", flag: "--max-inbox", env: "WIRECHAT_MAX_INBOX", kind: "int", default: 10000, min: 0, help: "most direct messages that may come for a user while they are connected nowhere, counted from when they left (or from the start-up; in cluster mode by each node for what it takes); past it a message to them gets status 13 until they connect; 0: no bound", reload: true },
   { key: "maxOwnedChannels", flag: "--max-owned-channels", env: "WIRECHAT_MAX_OWNED_CHANNELS", kind: "int", default: 100, min: 1, help: "most channels one user may own (createchannel past it: status 13)", reload: true },
   { key: "maxJoinedChannels", flag: "--max-joined-channels", env: "WIRECHAT_MAX_JOINED_CHANNELS", kind: "int", default: 1000, min: 1, help: "most channels one user may be a member of (createchannel, enter past it: status 13); others may add a user to nine tenths of them", reload: true },
   { key: "badFrameLimit", flag: "--bad-frame-limit", env: "WIRECHAT_BAD_FRAME_LIMIT", kind: "int", default: 100, min: 1, help: "bad frames a connection may send within the window before it is closed" },

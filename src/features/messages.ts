@@ -46,6 +46,8 @@ const REQUIRED_MID = { ...MID, minLength: 1 } as const;
 /** `dialogs` page: default and largest. */
 const DIALOGS_DEFAULT = 100;
 const DIALOGS_MAX = 500;
+/** Users away whose direct messages --max-inbox counts at once (the oldest count begins again past it). */
+const AWAY_COUNTED = 65_536;
 /** Channels whose last message `dialogs` reads at once. */
 const DIALOG_READS = 64;
 /** Rows of a `dialogs` reply read and written at a time. */
@@ -98,6 +100,39 @@ export function registerMessages(sv: Services): void {
   // disk between its deletion's reads and its commit (MessageStore.sweepUser). In
   // cluster mode the apply runs it.
   if (!sv.cluster) sv.hooks.onAccountDeleted((uid) => messages.sweepUser(uid));
+
+  /**
+   * --max-inbox applies to `to`: a direct message to a user connected nowhere. (One
+   * connected gets each message as it comes; one that stops reading is cut off by the
+   * outbound cap, and from then on counts.)
+   */
+  function inboxGated(to: string | undefined): boolean {
+    return to !== undefined && config.maxInbox > 0 && !router.isOnline(to);
+  }
+
+  /**
+   * uid → direct messages let through to them since they were last connected (or since
+   * the start-up: kept in memory), --max-inbox's count; it ends when they connect or
+   * leave (each node hears both, cluster-wide). Counted as each passes the check, not
+   * as it is stored: a client pipelining a flood had every message checked before the
+   * first was stored. One let through that then fails (16) still counts. Not the
+   * inbox past the delivery cursor: a client that does not acknowledge moves its cursor
+   * only past the 16 MiB it must have read (PROTOCOL.md "Confirmed delivery"), so a
+   * light user's inbox keeps everything ever sent to them. At most AWAY_COUNTED users
+   * are counted: past it the oldest count begins again.
+   */
+  const away = new Map<string, number>();
+  sv.hooks.onPresence((uid) => void away.delete(uid));
+
+  /** 13 when --max-inbox direct messages came for `to` while away already; else one more has. */
+  function inboxRoom(to: string): void {
+    const n = away.get(to);
+    if (n !== undefined && n >= config.maxInbox) {
+      throw new ProtocolError(Code.RateLimited, `user '${to}' has ${n} messages waiting to be delivered, the most this server keeps for someone not connected; send it again once they have connected`);
+    }
+    if (n === undefined && away.size >= AWAY_COUNTED) away.delete(away.keys().next().value as string);
+    away.set(to, (n ?? 0) + 1);
+  }
 
   /**
    * The uid of an account in the cache named `to`, or undefined. The connection's last
@@ -303,8 +338,15 @@ export function registerMessages(sv: Services): void {
       return d;
     };
     // A channel's membership is decided by the log's apply (9 or 10 from there).
-    if (!attach && (channel !== undefined || cmid !== undefined || users.peek(to as string) !== undefined)) return append();
+    // A resend of a message in this node's view gets its mid from the log as ever;
+    // any other to a known user away counts against what came for them (inboxRoom).
+    const gated = inboxGated(to) && users.peek(to as string) !== undefined;
+    if (!attach && (!gated || cmid === undefined) && (channel !== undefined || cmid !== undefined || users.peek(to as string) !== undefined)) {
+      if (gated) inboxRoom(to as string);
+      return append();
+    }
     return (async () => {
+      if (gated && (cmid === undefined || (await messages.byCmid(me, cmid)) === undefined)) inboxRoom(to as string);
       // A recipient registered through another node a moment ago: this node may not have
       // it yet. (With a cmid the log decides: a resend to one deleted since gets its mid.)
       if (channel === undefined && cmid === undefined) await findUser(sv, to as string);
@@ -339,8 +381,12 @@ export function registerMessages(sv: Services): void {
       // A known recipient is named by its record's uid: the string read from the frame
       // dies young instead of staying with the message until its batch is written.
       const known = to !== undefined ? knownRecipient(req.session, to) : undefined;
+      const gated = inboxGated(to);
       const ready = cmid === undefined && (to !== undefined ? known !== undefined : channels.cachedMembers(channel as string)?.has(me) === true);
-      if (ready) return store(req, me, known, channel, undefined);
+      if (ready) {
+        if (gated) inboxRoom(known as string);
+        return store(req, me, known, channel, undefined);
+      }
       return (async () => {
         // A resend of a stored message gets its mid first: after its sender left the
         // channel it was answered 10 (and 8 or 10 after its recipient or channel was
@@ -350,6 +396,7 @@ export function registerMessages(sv: Services): void {
         if (earlier) return earlier;
         if (to !== undefined && !(await users.get(to))) throw new ProtocolError(Code.UserNotFound, `no user with uid '${to}'`);
         if (channel !== undefined) await memberChannel(channel, me);
+        if (gated) inboxRoom(to as string);
         if (cmid === undefined) return store(req, me, to, channel, undefined);
         return storeOnce(req, me, to, channel, cmid);
       })();
