@@ -746,6 +746,34 @@ describe("cluster mode: direct messages", () => {
     back.close();
   });
 
+  it("--max-inbox: the sender's node refuses past it; the count ends when the recipient connects on another node", async () => {
+    const caps = nodes.map((n) => n.services.config.maxInbox);
+    for (const n of nodes) (n.services.config as { maxInbox: number }).maxInbox = 2;
+    try {
+      const alice = await registerUser(node(0));
+      const bob = await offlineUser(1);
+      const seen = (online: boolean) => waitFor(() => nodes[0].services.router.isOnline(bob.uid) === online, 10_000, `node 0 to see bob ${online ? "online" : "offline"}`);
+      await seen(false);
+      const send = (body: string) => alice.client.request("message", { uid: bob.uid, body });
+      expect((await send("a1")).status).toBe(0);
+      expect((await send("a2")).status).toBe(0);
+      expect((await send("a3")).status).toBe(13);
+      // Bob comes back on node 2, takes the two, and leaves: node 0 counts from there.
+      const back = await Client.connect(node(2));
+      expect((await back.request("auth", { sid: bob.sid })).status).toBe(0);
+      expect((await evMessages(back, 2)).map((m) => m.body)).toEqual(["a1", "a2"]);
+      await seen(true);
+      back.close();
+      await seen(false);
+      expect((await send("b1")).status).toBe(0);
+      expect((await send("b2")).status).toBe(0);
+      expect((await send("b3")).status).toBe(13);
+      alice.client.close();
+    } finally {
+      nodes.forEach((n, i) => ((n.services.config as { maxInbox: number }).maxInbox = caps[i]));
+    }
+  });
+
   it("what a client acknowledged on one node is not sent again when it logs in on another", async () => {
     const alice = await registerUser(node(0));
     const bob = await registerUser(node(1));

@@ -338,18 +338,21 @@ export function registerMessages(sv: Services): void {
       return d;
     };
     // A channel's membership is decided by the log's apply (9 or 10 from there).
-    // A resend of a message in this node's view gets its mid from the log as ever;
-    // any other to a known user away counts against what came for them (inboxRoom).
-    const gated = inboxGated(to) && users.peek(to as string) !== undefined;
-    if (!attach && (!gated || cmid === undefined) && (channel !== undefined || cmid !== undefined || users.peek(to as string) !== undefined)) {
-      if (gated) inboxRoom(to as string);
-      return append();
+    // A direct message to a user away counts against what came for them (inboxRoom),
+    // unless it is the resend of one in this node's view (its mid comes from the log).
+    const gated = inboxGated(to);
+    if (!attach && (channel !== undefined || cmid !== undefined || users.peek(to as string) !== undefined)) {
+      if (!gated) return append();
+      if (cmid === undefined) {
+        inboxRoom(to as string);
+        return append();
+      }
     }
     return (async () => {
-      if (gated && (cmid === undefined || (await messages.byCmid(me, cmid)) === undefined)) inboxRoom(to as string);
       // A recipient registered through another node a moment ago: this node may not have
       // it yet. (With a cmid the log decides: a resend to one deleted since gets its mid.)
       if (channel === undefined && cmid === undefined) await findUser(sv, to as string);
+      if (gated && (cmid === undefined || (await messages.byCmid(me, cmid)) === undefined)) inboxRoom(to as string);
       // The blob is in the cluster's object store before any entry names it (the
       // upload's pin keeps the local file until the reply).
       if (attach) await cluster.putBlob(attach.sha, attach.size);
