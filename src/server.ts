@@ -328,6 +328,9 @@ async function serve(
   const { dispatcher, router, blobs, background, storage, messages, metrics } = services;
 
   blobs.maxUploading = config.maxUploading;
+  // Under pressure, uploads slower than 16 times the least rate a connection must keep
+  // give their room up (BlobStore.shedBelow): 16 KiB/s by default.
+  blobs.shedBelow = () => SHED_FACTOR * config.uploadMinRate;
   const newUpload = () => blobs.writer(config.maxAttach);
   const nativeCodec = new NativeCodec(blobs);
   // Every TCP door's unfinished frames count against one --max-partial-input.
@@ -566,6 +569,9 @@ function storageProblem(storage: Storage): string | undefined {
 
 /** The admin port's own close, past the shutdown timeout: requests just answered go out. */
 const ADMIN_CLOSE_MIN_MS = 250;
+
+/** Uploads averaging under this many times --upload-min-rate may give up their room (BlobStore.shedBelow). */
+const SHED_FACTOR = 16;
 
 /**
  * Catches the view up with the cluster log before anything listens. A view built from

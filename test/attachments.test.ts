@@ -117,6 +117,34 @@ describe("refusals leave nothing behind", () => {
     }
   });
 
+  it("past --max-uploading, an upload averaging under 16 x --upload-min-rate gives its room up to a new one, and is told so (13) when its frame ends", async () => {
+    // --upload-min-rate 1024: uploads under 16 KiB/s may be shed (above, one at
+    // hundreds of kB/s was not, and the newcomer got 13).
+    const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000, uploadMinRate: 1024 });
+    try {
+      const a = await registerUser(small.port);
+      const b = await registerUser(small.port);
+      // a's upload takes 40 kB of the budget, then stalls: after 3 s it averages 13 kB/s.
+      const frame = attachFrame(b.uid, randomBytes(60 * 1000).toString("base64"));
+      const cut = frame.indexOf('"data":"') + 8 + Math.ceil((40 * 1000 * 4) / 3);
+      a.client.write(frame.slice(0, cut));
+      await sleep(3000);
+      b.client.write(attachFrame(a.uid, randomBytes(70 * 1000).toString("base64")));
+      expect((await b.client.reply("message")).data.status).toBe(0);
+      // a finishes its frame: the upload was given up, nothing of it stored.
+      a.client.write(frame.slice(cut));
+      const r = (await a.client.reply("message")).data;
+      expect(r.status).toBe(13);
+      expect(r.error).toMatch(/^the server is receiving too many attachments at once, and this one came at less than 16384 bytes a second: it was given up for others; send it again later$/);
+      expect((await a.client.request("ping")).status).toBe(0);
+      expect(await b.client.quiet(300, (f) => f.action === "ev_message" && f.data.from === a.uid)).toBe(true);
+      await until(() => readdirSync(path.join(small.services.blobs.dir, "tmp")).length === 0);
+      for (const c of [a.client, b.client]) c.close();
+    } finally {
+      await small.stop();
+    }
+  });
+
   it("an attachment file that is there but cannot be opened goes out empty; the recipient keeps its connection and its inbox", async () => {
     const a = await registerUser(shared.port);
     const b = await registerUser(shared.port);

@@ -162,6 +162,15 @@ export class BlobStore {
    */
   private uploading = 0;
   maxUploading = Number.POSITIVE_INFINITY;
+  /**
+   * Bytes a second: an upload averaging less since it began may be given up to make
+   * room when the budget is spent (reserve). A client trickling attachments just above
+   * --upload-min-rate held its share of the budget for hours (64 MiB at 1 KiB/s: 18 h),
+   * and enough of them refused every attachment of everyone else meanwhile. 0: none is.
+   */
+  shedBelow: () => number = () => 0;
+  /** The uploads still receiving (not finished, failed or aborted). */
+  private readonly receiving = new Set<BlobWriter>();
 
   constructor(
     dataDir: string,
@@ -186,11 +195,43 @@ export class BlobStore {
   }
 
   /** Starts an upload; the caller feeds it base64 text and then finishes or aborts it. */
-  /** Takes `n` bytes of the uploads' budget: false when it is spent. */
-  reserve(n: number): boolean {
-    if (this.uploading + n > this.maxUploading) return false;
+  /**
+   * Takes `n` bytes of the uploads' budget for `by`. When it is spent, the uploads
+   * averaging less than shedBelow() since they began give up their room, slowest first
+   * (each fails with "busy": 13 once its frame ends), if that makes enough; else false.
+   */
+  reserve(n: number, by?: BlobWriter): boolean {
+    if (this.uploading + n > this.maxUploading && !this.shed(n, by)) return false;
     this.uploading += n;
     return true;
+  }
+
+  private shed(n: number, by: BlobWriter | undefined): boolean {
+    const below = this.shedBelow();
+    if (below <= 0) return false;
+    const now = performance.now();
+    const slow: [BlobWriter, number][] = [];
+    for (const w of this.receiving) {
+      if (w === by || w.held === 0) continue;
+      const rate = w.rate(now);
+      if (rate < below) slow.push([w, rate]);
+    }
+    slow.sort((a, b) => a[1] - b[1]);
+    let room = this.maxUploading - this.uploading;
+    let take = 0;
+    while (room < n && take < slow.length) room += slow[take++][0].held;
+    if (room < n) return false;
+    for (let i = 0; i < take; i++) slow[i][0].shed(below);
+    return true;
+  }
+
+  /** An upload began receiving / stopped (finished, failed or aborted). */
+  receivingStarted(w: BlobWriter): void {
+    this.receiving.add(w);
+  }
+
+  receivingEnded(w: BlobWriter): void {
+    this.receiving.delete(w);
   }
 
   unreserve(n: number): void {
@@ -198,7 +239,9 @@ export class BlobStore {
   }
 
   writer(maxBytes: number): BlobWriter {
-    return new BlobWriter(this, path.join(this.tmp, randomBytes(12).toString("hex")), maxBytes);
+    const w = new BlobWriter(this, path.join(this.tmp, randomBytes(12).toString("hex")), maxBytes);
+    this.receivingStarted(w);
+    return w;
   }
 
   pin(sha: string): void {
@@ -533,6 +576,8 @@ export class BlobWriter {
   private reserved = 0;
   /** Set by finish(): the blob this upload stored and pinned. */
   private stored: BlobRef | undefined;
+  /** When it began (performance.now()): its average rate, for BlobStore.shed. */
+  private readonly began = performance.now();
   /** The file's buffer is full: stop feeding until onDrain. */
   onFull: (() => void) | undefined;
   onDrain: (() => void) | undefined;
@@ -568,13 +613,30 @@ export class BlobWriter {
       return;
     }
     if (bytes.length === 0) return;
-    if (!this.store.reserve(bytes.length)) {
+    if (!this.store.reserve(bytes.length, this)) {
       this.fail(new BlobError("busy", "the server is receiving too many attachments at once; send it again later"));
       return;
     }
     this.reserved += bytes.length;
     this.hash.update(bytes);
     if (!this.file.write(bytes)) this.onFull?.();
+  }
+
+  /** Bytes of the uploads' budget this one holds. */
+  get held(): number {
+    return this.reserved;
+  }
+
+  /** Decoded bytes a second since it began. */
+  rate(now: number): number {
+    return (this.size * 1000) / Math.max(1, now - this.began);
+  }
+
+  /** Gives its room up for another upload (BlobStore.shed): it fails with "busy". */
+  shed(below: number): void {
+    if (!this.fault && !this.done) {
+      this.fail(new BlobError("busy", `the server is receiving too many attachments at once, and this one came at less than ${below} bytes a second: it was given up for others; send it again later`));
+    }
   }
 
   /** The frame put something in the string that base64 cannot hold. */
@@ -597,6 +659,7 @@ export class BlobWriter {
   private discard(): void {
     this.unreserve();
     this.done = true;
+    this.store.receivingEnded(this);
     const remove = () => void unlink(this.tmpPath).catch(() => {});
     // A file that failed to write has closed already, and 'close' does not come twice.
     if (this.file.closed) return remove();
@@ -654,6 +717,7 @@ export class BlobWriter {
       return { sha: this.hash.digest("hex"), size: 0 };
     }
     this.done = true;
+    this.store.receivingEnded(this);
     this.onDrain?.();
     const sha = this.hash.digest("hex");
     try {
