@@ -751,8 +751,12 @@ describe("cluster mode: direct messages", () => {
     for (const n of nodes) (n.services.config as { maxInbox: number }).maxInbox = 2;
     try {
       const alice = await registerUser(node(0));
-      const bob = await offlineUser(1);
+      const bob = await registerUser(node(1));
       const seen = (online: boolean) => waitFor(() => nodes[0].services.router.isOnline(bob.uid) === online, 10_000, `node 0 to see bob ${online ? "online" : "offline"}`);
+      // Node 0 hears of bob coming and going before anything is sent (a late note of
+      // his going would begin the count again between the sends).
+      await seen(true);
+      bob.client.close();
       await seen(false);
       const send = (body: string) => alice.client.request("message", { uid: bob.uid, body });
       expect((await send("a1")).status).toBe(0);

@@ -118,8 +118,9 @@ export function registerMessages(sv: Services): void {
    * first was stored. One let through that then fails (16) still counts. Not the
    * inbox past the delivery cursor: a client that does not acknowledge moves its cursor
    * only past the 16 MiB it must have read (PROTOCOL.md "Confirmed delivery"), so a
-   * light user's inbox keeps everything ever sent to them. At most AWAY_COUNTED users
-   * are counted: past it the oldest count begins again.
+   * light user's inbox keeps everything ever sent to them. Only existing users are
+   * counted, and at most AWAY_COUNTED of them: past it the count least recently added
+   * to begins again.
    */
   const away = new Map<string, number>();
   sv.hooks.onPresence((uid) => void away.delete(uid));
@@ -130,7 +131,10 @@ export function registerMessages(sv: Services): void {
     if (n !== undefined && n >= config.maxInbox) {
       throw new ProtocolError(Code.RateLimited, `user '${to}' has ${n} messages waiting to be delivered, the most this server keeps for someone not connected; send it again once they have connected`);
     }
-    if (n === undefined && away.size >= AWAY_COUNTED) away.delete(away.keys().next().value as string);
+    // Moved to the newest end each time: the count a flood keeps growing is never the
+    // oldest, so messages to other users cannot push it out (and begin it again).
+    if (n !== undefined) away.delete(to);
+    else if (away.size >= AWAY_COUNTED) away.delete(away.keys().next().value as string);
     away.set(to, (n ?? 0) + 1);
   }
 
@@ -351,8 +355,13 @@ export function registerMessages(sv: Services): void {
     return (async () => {
       // A recipient registered through another node a moment ago: this node may not have
       // it yet. (With a cmid the log decides: a resend to one deleted since gets its mid.)
-      if (channel === undefined && cmid === undefined) await findUser(sv, to as string);
-      if (gated && (cmid === undefined || (await messages.byCmid(me, cmid)) === undefined)) inboxRoom(to as string);
+      const found = channel === undefined && cmid === undefined ? await findUser(sv, to as string) : undefined;
+      // Only an existing recipient is counted (the log answers 8 for another), and not
+      // the resend of a message this node has seen.
+      if (gated) {
+        const counted = cmid === undefined ? found !== undefined : (await messages.byCmid(me, cmid)) === undefined && (await users.get(to as string)) !== undefined;
+        if (counted) inboxRoom(to as string);
+      }
       // The blob is in the cluster's object store before any entry names it (the
       // upload's pin keeps the local file until the reply).
       if (attach) await cluster.putBlob(attach.sha, attach.size);
