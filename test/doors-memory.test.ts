@@ -468,4 +468,18 @@ describe("an HTTP body over --max-frame written whole before reading", () => {
     }
     expect(isAlive(child)).toBe(true);
   });
+
+  it("a request sent after it on the same socket is not run (the socket was said to close)", async () => {
+    const body = "a".repeat(8 * MAX_FRAME);
+    const login = `mem${process.pid}late`;
+    const next = JSON.stringify({ login, password: "pw" });
+    const got = await raw(
+      `POST /v1/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}` +
+        `POST /v1/register HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${next.length}\r\n\r\n${next}`,
+    );
+    expect(got.match(/HTTP\/1\.1 \d{3} /g)).toEqual(["HTTP/1.1 413 "]);
+    // Not registered: the login is free.
+    const reg = await post("/v1/register", next);
+    expect(reg.status).toBe(200);
+  });
 });

@@ -118,12 +118,16 @@ function clientError(error: Error, socket: Socket, onRefused: (socket: Socket, r
 function lingerClose(req: IncomingMessage): void {
   const socket = req.socket;
   if (req.complete || socket.destroyed || !socket.writableEnded) return;
+  lingering.add(socket);
   socket.removeListener("finish", socket.destroy);
   const linger = setTimeout(() => socket.destroy(), CLIENT_ERROR_LINGER_MS);
   linger.unref();
   socket.once("end", () => socket.destroy());
   socket.once("close", () => clearTimeout(linger));
 }
+
+/** Sockets lingerClose keeps reading from after their answer: no request on them runs. */
+const lingering = new WeakSet<Socket>();
 
 /** A path of e_chat_server's door (under /v1/); every other path is the HTTP chat's (or the native /wirechat). */
 function isEchatPath(path: string): boolean {
@@ -195,6 +199,14 @@ export class HttpDoor {
     // after it (a 413, which Fastify closes: the client may send more): see lingerClose.
     app.server.on("request", (req: IncomingMessage, res: ServerResponse) => {
       res.once("finish", () => lingerClose(req));
+    });
+    // A request the client sent on such a socket after all (node's parser reads on
+    // while the rest of the body is dropped) is not run: its answer could never be
+    // sent, and the socket was said to close.
+    app.addHook("onRequest", async (req, reply) => {
+      if (!lingering.has(req.raw.socket)) return;
+      reply.hijack();
+      req.raw.socket.destroy();
     });
     // And per address: plain sockets as unauthenticated connections (websocket-listener.ts).
     app.server.on("connection", (socket: Socket) => this.websockets.socket(socket));
