@@ -93,7 +93,8 @@ describe("an empty attachment", () => {
 
 describe("refusals leave nothing behind", () => {
   it("past --max-uploading, all connections together: 13, the connection still usable, the budget back once they are done", async () => {
-    const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000 });
+    // (--upload-min-rate 0: no upload is given up for another, however slow; next test.)
+    const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000, uploadMinRate: 0 });
     try {
       const a = await registerUser(small.port);
       const b = await registerUser(small.port);
@@ -117,19 +118,20 @@ describe("refusals leave nothing behind", () => {
     }
   });
 
-  it("past --max-uploading, an upload averaging under 16 x --upload-min-rate gives its room up to a new one, and is told so (13) when its frame ends", async () => {
+  it("past --max-uploading, an upload averaging under 16 x --upload-min-rate as sent gives its room up to a new one, and is told so (13) when its frame ends", async () => {
     // --upload-min-rate 1024: uploads under 16 KiB/s may be shed (above, one at
     // hundreds of kB/s was not, and the newcomer got 13).
     const small = await startTestServer({ maxAttach: 1024 * 1024, maxUploading: 100 * 1000, uploadMinRate: 1024 });
     try {
       const a = await registerUser(small.port);
       const b = await registerUser(small.port);
-      // a's upload takes 40 kB of the budget, then stalls: after 3 s it averages 13 kB/s.
+      // a's upload takes 30 kB of the budget (40 kB of base64), then stalls: after 3 s it
+      // averages 13.3 kB/s as sent.
       const frame = attachFrame(b.uid, randomBytes(60 * 1000).toString("base64"));
-      const cut = frame.indexOf('"data":"') + 8 + Math.ceil((40 * 1000 * 4) / 3);
+      const cut = frame.indexOf('"data":"') + 8 + 40 * 1000;
       a.client.write(frame.slice(0, cut));
       await sleep(3000);
-      b.client.write(attachFrame(a.uid, randomBytes(70 * 1000).toString("base64")));
+      b.client.write(attachFrame(a.uid, randomBytes(75 * 1000).toString("base64")));
       expect((await b.client.reply("message")).data.status).toBe(0);
       // a finishes its frame: the upload was given up, nothing of it stored.
       a.client.write(frame.slice(cut));

@@ -163,8 +163,9 @@ export class BlobStore {
   private uploading = 0;
   maxUploading = Number.POSITIVE_INFINITY;
   /**
-   * Bytes a second: an upload averaging less since it began may be given up to make
-   * room when the budget is spent (reserve). A client trickling attachments just above
+   * Bytes a second as sent: an upload averaging less since it began (the server's own
+   * pauses not counted), still arriving, may be given up to make room when the budget
+   * is spent (reserve). A client trickling attachments just above
    * --upload-min-rate held its share of the budget for hours (64 MiB at 1 KiB/s: 18 h),
    * and enough of them refused every attachment of everyone else meanwhile. 0: none is.
    */
@@ -212,14 +213,14 @@ export class BlobStore {
     const now = performance.now();
     const slow: [BlobWriter, number][] = [];
     for (const w of this.receiving) {
-      if (w === by || w.held === 0) continue;
+      if (w === by || w.sheddable === 0) continue;
       const rate = w.rate(now);
       if (rate < below) slow.push([w, rate]);
     }
     slow.sort((a, b) => a[1] - b[1]);
     let room = this.maxUploading - this.uploading;
     let take = 0;
-    while (room < n && take < slow.length) room += slow[take++][0].held;
+    while (room < n && take < slow.length) room += slow[take++][0].sheddable;
     if (room < n) return false;
     for (let i = 0; i < take; i++) slow[i][0].shed(below);
     return true;
@@ -576,8 +577,15 @@ export class BlobWriter {
   private reserved = 0;
   /** Set by finish(): the blob this upload stored and pinned. */
   private stored: BlobRef | undefined;
-  /** When it began (performance.now()): its average rate, for BlobStore.shed. */
+  /** When it began (performance.now()), its base64 bytes so far, and the time the
+   * server paused reading it for the file's buffer (done, and since when now): its
+   * rate for BlobStore.shed counts the client's time only. */
   private readonly began = performance.now();
+  private received = 0;
+  private pausedMs = 0;
+  private pausedAt: number | undefined;
+  /** Its frame is complete (arrived): it is no longer receiving, only waiting to be stored. */
+  private complete = false;
   /** The file's buffer is full: stop feeding until onDrain. */
   onFull: (() => void) | undefined;
   onDrain: (() => void) | undefined;
@@ -594,12 +602,19 @@ export class BlobWriter {
       // comes: wake it, so the frame ends and finish() reports the fault.
       this.onDrain?.();
     });
-    this.file.on("drain", () => this.onDrain?.());
+    this.file.on("drain", () => {
+      if (this.pausedAt !== undefined) {
+        this.pausedMs += performance.now() - this.pausedAt;
+        this.pausedAt = undefined;
+      }
+      this.onDrain?.();
+    });
   }
 
   /** Feeds base64 text. Faults are remembered (and reported by finish), not thrown. */
   write(text: Buffer): void {
     if (this.fault || this.done) return;
+    this.received += text.length;
     let bytes: Buffer;
     try {
       bytes = this.decoder.push(text);
@@ -619,17 +634,29 @@ export class BlobWriter {
     }
     this.reserved += bytes.length;
     this.hash.update(bytes);
-    if (!this.file.write(bytes)) this.onFull?.();
+    if (!this.file.write(bytes)) {
+      this.pausedAt ??= performance.now();
+      this.onFull?.();
+    }
   }
 
-  /** Bytes of the uploads' budget this one holds. */
-  get held(): number {
-    return this.reserved;
+  /** Bytes of the uploads' budget this one holds, while it is still receiving and has not failed. */
+  get sheddable(): number {
+    return this.fault || this.done || this.complete ? 0 : this.reserved;
   }
 
-  /** Decoded bytes a second since it began. */
+  /**
+   * Bytes a second as sent (base64, as --upload-min-rate counts them) since it began,
+   * not counting the time the server paused reading it.
+   */
   rate(now: number): number {
-    return (this.size * 1000) / Math.max(1, now - this.began);
+    const paused = this.pausedMs + (this.pausedAt === undefined ? 0 : now - this.pausedAt);
+    return (this.received * 1000) / Math.max(1, now - this.began - paused);
+  }
+
+  /** Its frame is complete: all of it has arrived (the transport's call). */
+  arrived(): void {
+    this.complete = true;
   }
 
   /** Gives its room up for another upload (BlobStore.shed): it fails with "busy". */

@@ -126,6 +126,8 @@ export interface Front {
 export interface PacedUpload extends Upload {
   onFull: (() => void) | undefined;
   onDrain: (() => void) | undefined;
+  /** Its frame is complete: all of it has arrived (the blob store no longer takes it for one arriving slowly). */
+  arrived?(): void;
 }
 
 /**
@@ -423,6 +425,7 @@ export class Listener implements ConnectionTable, SlotCounter {
       if (upload !== undefined) {
         const pace = this.uploading.get(conn);
         if (pace !== undefined) pace.complete = true;
+        upload.arrived?.();
       }
       this.front.frame(conn.session as Session, bytes, upload, ascii);
     },
