@@ -130,6 +130,56 @@ describe("names that read alike are one name", () => {
   });
 });
 
+describe("name keys and the runtime's Unicode tables", () => {
+  it("built with another Unicode version: both indexes are built again at start-up (a stale key freed, the names still taken); with this one, left as they are", async () => {
+    const dataDir = tempDir();
+    let server = await startTestServer({ dataDir });
+    try {
+      const bob = await registerUser(server.port, uniqueName("bob"), "secret", uniqueName("Bob"));
+      bob.client.close();
+      const chan = `agora${Date.now() % 1e8}`;
+      const owner = await registerUser(server.port);
+      expect((await owner.client.request("createchannel", { name: chan })).status).toBe(0);
+      owner.client.close();
+      const sp = server.services.storage.spaces;
+      expect(await sp.meta.get("unicode")).toBe(process.versions.unicode);
+      // Keys another runtime's tables could have made: a name and a channel name
+      // nobody holds, each kept taken by its stale entry.
+      const ghost = uniqueName("ghost");
+      const ghostChan = `ghost${Date.now() % 1e8}`;
+      await sp.namekeys.put(`${ghost}\u0000000000000000`, 1);
+      await sp.chreads.put(`${ghostChan}\u00009999999`, 1);
+      const reg = async (port: number, login: string, nick = login) => {
+        const c = await Client.connect(port);
+        try {
+          return await c.request("register", { login, pass: "pw", nick });
+        } finally {
+          c.close();
+        }
+      };
+      // Same Unicode version: nothing is built again, the stale keys stay.
+      await server.stop();
+      server = await startTestServer({ dataDir });
+      expect((await reg(server.port, ghost)).status).toBe(1);
+      // Another one recorded: both built again from the accounts and the channels.
+      await server.services.storage.spaces.meta.put("unicode", "1.0.0");
+      await server.stop();
+      server = await startTestServer({ dataDir });
+      expect(await server.services.storage.spaces.meta.get("unicode")).toBe(process.versions.unicode);
+      expect((await reg(server.port, ghost)).status).toBe(0);
+      const c = await registerUser(server.port);
+      expect((await c.client.request("createchannel", { name: ghostChan })).status).toBe(0);
+      // What real accounts and channels hold is taken as before.
+      expect(await reg(server.port, uniqueName("x"), bob.nick + "\u200b")).toEqual({ status: 1, error: "that nick is already taken" });
+      expect(await c.client.request("createchannel", { name: chan + "\u200b" })).toEqual({ status: 1, error: `a channel whose name reads as '${chan}\u200b' already exists` });
+      c.client.close();
+    } finally {
+      await server.stop();
+      removeDir(dataDir);
+    }
+  });
+});
+
 describe("public channel names that read alike are one name", () => {
   const fullwidth = (s: string) => [...s].map((ch) => (/[a-z]/.test(ch) ? String.fromCodePoint(ch.codePointAt(0)! + 0xfee0) : ch)).join("");
 

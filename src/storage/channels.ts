@@ -21,7 +21,7 @@
 
 import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import { keyTail, LAYOUT_VERSION, nameKeyEntry, nameKeyHolder, nameKeyRange, pair, prefixRange, type ChannelRecord, type Spaces } from "./layout.js";
+import { keyTail, LAYOUT_VERSION, nameKeyEntry, nameKeyHolder, nameKeyRange, pair, prefixRange, UNICODE_KEY, type ChannelRecord, type Spaces } from "./layout.js";
 import { readKeys, readValues } from "./range.js";
 import { nameKey } from "./users.js";
 
@@ -97,10 +97,13 @@ export class ChannelStore {
    * scratch until layout 7 is recorded, as UserStore's `namekeys` (a start that crashed
    * part-way, or an older server run on the data dir meanwhile, leaves nothing that
    * counts). Existing channels whose names read alike keep them (one key, an entry
-   * each); only new names are refused. Call after UserStore.init (layout 6).
+   * each); only new names are refused. Call after UserStore.init (layout 6). Built
+   * again, as `namekeys`, whenever the runtime's Unicode version is not `meta unicode`.
    */
   async init(log: Logger): Promise<void> {
-    if (((await this.s.meta.get("layout")) as number) >= 7) return;
+    const layout = (await this.s.meta.get("layout")) as number;
+    const built = (await this.s.meta.get(UNICODE_KEY)) as string | undefined;
+    if (layout >= 7 && built === process.versions.unicode) return;
     await this.storage.emptySpace(this.s.chreads, MIGRATE_PAGE);
     let named = 0;
     for (let after: string | undefined; ; ) {
@@ -110,8 +113,13 @@ export class ChannelStore {
       named += page.length;
       after = page[page.length - 1].chid;
     }
-    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION)]);
-    if (named > 0) log.info({ channels: named }, "indexed the public channels' names as they read (layout 7)");
+    // Both name-key spaces are built with this runtime's tables now (UserStore's first).
+    await this.storage.commit([put(this.s.meta, "layout", LAYOUT_VERSION), put(this.s.meta, UNICODE_KEY, process.versions.unicode)]);
+    if (layout < 7) {
+      if (named > 0) log.info({ channels: named }, "indexed the public channels' names as they read (layout 7)");
+    } else if (named > 0) {
+      log.info({ channels: named, was: built ?? "not recorded", now: process.versions.unicode }, "indexed the public channels' names as they read again, with this runtime's Unicode tables");
+    }
   }
 
   /**

@@ -69,6 +69,12 @@
 // `meta registration` is an operator's last "open" or "closed" (REGISTRATION_KEY,
 // features/registration.ts); absent until one sets it.
 //
+// `meta unicode` is the Unicode version (process.versions.unicode) of the runtime that
+// built `namekeys` and `chreads` (UNICODE_KEY): a name's key comes from the runtime's
+// Unicode tables (NFKC, lower case, default-ignorable code points), so after a Node
+// upgrade that changes them both are built again at start-up (storage/users.ts
+// buildNameKeys, storage/channels.ts ChannelStore.init).
+//
 // `meta layout` is this layout's version (LAYOUT_VERSION). Version 1 (no `meta layout`)
 // kept records at `msgs <conversation>!<seq>` (with their conversation and cmid), a mid
 // index `mids <seq> → conversation`, an offline queue `queue <uid>!<seq>` deleted on
@@ -196,6 +202,9 @@ export const CLUSTER_POSITION_KEY = "cluster";
 
 /** `meta` key of the operator's registration setting ("open" or "closed"). */
 export const REGISTRATION_KEY = "registration";
+
+/** `meta` key of the Unicode version the name-key spaces were built with (see the top of the file). */
+export const UNICODE_KEY = "unicode";
 
 /** Keyspaces of layout version 1 that migration reads and empties. */
 export const V1_SPACES = ["msgs", "mids", "queue"] as const;

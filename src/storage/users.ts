@@ -3,7 +3,7 @@
 
 import type { Logger } from "pino";
 import { del, put, type BatchOp, type Counter, type Storage } from "./db.js";
-import { nameKeyEntry, nameKeyHolder, nameKeyRange, type Spaces, type UserRecord } from "./layout.js";
+import { nameKeyEntry, nameKeyHolder, nameKeyRange, UNICODE_KEY, type Spaces, type UserRecord } from "./layout.js";
 import { readEntries, readKeys, readValues } from "./range.js";
 import { ReadCache } from "./read-cache.js";
 import { NAME_MAX } from "../limits.js";
@@ -147,9 +147,14 @@ export class UserStore {
    * server run on the data dir meanwhile (it keeps no `namekeys`: accounts it deleted
    * would keep their names taken), leaves nothing that counts. Existing accounts whose
    * names read alike keep them (one key, an entry each); only new names are refused.
+   * Built again whenever the runtime's Unicode version is not the one `meta unicode`
+   * records: keys made with other tables left a stale entry that kept a freed name
+   * taken, and missed a new name that reads as an existing one.
    */
   private async buildNameKeys(log: Logger): Promise<void> {
-    if (((await this.s.meta.get("layout")) as number) >= 6) return;
+    const layout = (await this.s.meta.get("layout")) as number;
+    const built = (await this.s.meta.get(UNICODE_KEY)) as string | undefined;
+    if (layout >= 6 && built === process.versions.unicode) return;
     await this.storage.emptySpace(this.s.namekeys, MIGRATE_PAGE);
     let users = 0;
     for (let after = ""; ; ) {
@@ -159,9 +164,13 @@ export class UserStore {
       users += page.length;
       after = page[page.length - 1].uid;
     }
-    // (ChannelStore.init goes on to 7.)
-    await this.storage.commit([put(this.s.meta, "layout", 6)]);
-    if (users > 0) log.info({ users }, "indexed the logins and nicks as they read (layout 6)");
+    // (ChannelStore.init goes on to 7, and records the Unicode version.)
+    if (layout < 6) {
+      await this.storage.commit([put(this.s.meta, "layout", 6)]);
+      if (users > 0) log.info({ users }, "indexed the logins and nicks as they read (layout 6)");
+    } else if (users > 0) {
+      log.info({ users, was: built ?? "not recorded", now: process.versions.unicode }, "indexed the logins and nicks as they read again, with this runtime's Unicode tables");
+    }
   }
 
   /** `u`'s `namekeys` entries (its login's key and its nick's, once when they are one), put or deleted. */
