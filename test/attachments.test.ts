@@ -133,6 +133,7 @@ describe("refusals leave nothing behind", () => {
       await sleep(3000);
       b.client.write(attachFrame(a.uid, randomBytes(75 * 1000).toString("base64")));
       expect((await b.client.reply("message")).data.status).toBe(0);
+      expect(small.services.blobs.shedUploads).toBe(1);
       // a finishes its frame: the upload was given up, nothing of it stored.
       a.client.write(frame.slice(cut));
       const r = (await a.client.reply("message")).data;

@@ -136,6 +136,7 @@ export function metricsRegistry(
   computed(registry, "wirechat_outbound_queued_bytes", "Bytes waiting to be sent, over every connection", "gauge", () => [{ value: live().queued }]);
   computed(registry, "wirechat_partial_input_bytes", "Bytes of unfinished requests held: TCP connections' frames, WebSockets' messages, HTTP request bodies (--max-partial-input)", "gauge", () => [{ value: m.partialInput.bytes }]);
   computed(registry, "wirechat_attachments_in_flight", "Attachment uploads streaming in", "gauge", () => [{ value: live().uploads }]);
+  computed(registry, "wirechat_attachments_shed_total", "Attachment uploads given up past --max-uploading for others, as slower than 16 x --upload-min-rate", "counter", () => [{ value: blobs.shedUploads }]);
   computed(registry, "wirechat_attachments_stored_bytes", "Bytes of stored attachment files", "gauge", () => [{ value: blobs.storedBytes }]);
   computed(registry, "wirechat_leveldb_level0_tables", "Tables in LevelDB's level 0 (it slows writes from 8 and stops them at 12 until its compaction catches up)", "gauge", () => {
     const n = storage.level0Tables();

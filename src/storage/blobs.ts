@@ -172,6 +172,8 @@ export class BlobStore {
   shedBelow: () => number = () => 0;
   /** The uploads still receiving (not finished, failed or aborted). */
   private readonly receiving = new Set<BlobWriter>();
+  /** Uploads given up for others so far (shed; /metrics). */
+  shedUploads = 0;
 
   constructor(
     dataDir: string,
@@ -223,6 +225,7 @@ export class BlobStore {
     while (room < n && take < slow.length) room += slow[take++][0].sheddable;
     if (room < n) return false;
     for (let i = 0; i < take; i++) slow[i][0].shed(below);
+    this.shedUploads += take;
     return true;
   }
 
