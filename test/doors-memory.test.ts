@@ -1,7 +1,8 @@
 // Memory under hostile input, door by door. Every door of one server (a child process,
 // so a crash shows as an exit) is sent tens of megabytes of bad input in large pieces:
 // frames, bodies and WebSocket messages that are malformed, over --max-frame, of no
-// known request, before and after login. Each gets one answer in its door's shape (the
+// known request (some named by a megabyte-long name, another each time), before and
+// after login. Each gets one answer in its door's shape (the
 // fuzzers check each shape in detail on small inputs; here it is the size that is
 // hostile), and the server keeps none of it: once it is idle again, its JavaScript
 // heap and the memory it holds outside it (buffers) are back within BOUND of what they
@@ -91,7 +92,7 @@ async function boundedAfter(door: string, stream: () => Promise<number>): Promis
 }
 
 /** What a step sends: its kind and the size of its large part. */
-type Kind = "malformed" | "oversized" | "unknown" | "extra";
+type Kind = "malformed" | "oversized" | "unknown" | "extra" | "named";
 interface Step {
   kind: Kind;
   size: number;
@@ -122,6 +123,14 @@ function steps(kinds: Kind[], salt: number): Step[] {
 function padded(head: string, size: number): string {
   const prefix = `{${head},"pad":"`;
   return `${prefix}${"p".repeat(Math.max(0, size - prefix.length - 2))}"}`;
+}
+
+let names = 0;
+
+/** A request whose name itself is about `size` bytes, another each time (`key`: the door's field that names a request). */
+function named(key: string, size: number, rest = ""): string {
+  const prefix = `{"${key}":"n${++names}_`;
+  return `${prefix}${"n".repeat(Math.max(0, size - prefix.length - rest.length - 2))}"${rest}}`;
 }
 
 /** The same, cut before the long string ends: never valid JSON. */
@@ -264,6 +273,8 @@ function nativeText(s: Step): string {
       return padded('"action":"userinfo","data":{"uid":"0"}', s.size);
     case "unknown":
       return padded('"action":"zz_nothing"', s.size);
+    case "named":
+      return named("action", s.size, ',"data":{}');
   }
 }
 
@@ -279,7 +290,7 @@ describe("large bad input on every door: one answer each, and the server keeps n
           await c.reply("auth");
         }
         let n = 0;
-        for (const s of steps(["malformed", "oversized", "unknown", "extra"], phase === "in" ? 1 : 2)) {
+        for (const s of steps(["malformed", "oversized", "unknown", "extra", "named"], phase === "in" ? 1 : 2)) {
           const text = nativeText(s);
           const name = `zz_sentinel_${++n}`;
           await lineStep(c, text, { action: name }, (f) => f.action === name, nativeReply, `native ${phase} ${s.kind}`);
@@ -301,10 +312,11 @@ describe("large bad input on every door: one answer each, and the server keeps n
           expect((await c.next((f) => f.action === "registration")).code).toBe(200);
         }
         let n = 0;
-        for (const s of steps(["malformed", "oversized", "unknown", "extra"], phase === "in" ? 3 : 4)) {
+        for (const s of steps(["malformed", "oversized", "unknown", "extra", "named"], phase === "in" ? 3 : 4)) {
           const text =
             s.kind === "malformed" ? unterminated('"action":"send_message"', s.size)
             : s.kind === "unknown" ? padded('"action":"zz_nothing"', s.size)
+            : s.kind === "named" ? named("action", s.size)
             : padded('"action":"get_messages","number_of_messages":"many"', s.size);
           const name = `zz-sentinel-${++n}`;
           await lineStep(c, text, { action: name }, (f) => f.action === name, (f) => typeof f.action === "string" && f.code === 400 && typeof f.message === "string", `000 ${phase} ${s.kind}`);
@@ -326,10 +338,11 @@ describe("large bad input on every door: one answer each, and the server keeps n
           expect((await c.next((f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
         }
         let n = 0;
-        for (const s of steps(["malformed", "oversized", "unknown", "extra"], phase === "in" ? 5 : 6)) {
+        for (const s of steps(["malformed", "oversized", "unknown", "extra", "named"], phase === "in" ? 5 : 6)) {
           const text =
             s.kind === "malformed" ? unterminated('"type":"SND_MSG"', s.size)
             : s.kind === "unknown" ? padded('"type":"ZZ_NOTHING"', s.size)
+            : s.kind === "named" ? named("type", s.size)
             : padded('"type":"READ_MSG","room_id":"no room"', s.size);
           const name = `ZZ_SENTINEL_${++n}`;
           await lineStep(c, text, { type: name }, (f) => f.type === name, (f) => typeof f.type === "string" && f.status === "ERROR" && typeof f.error === "string", `001 ${phase} ${s.kind}`);
@@ -355,7 +368,7 @@ describe("large bad input on every door: one answer each, and the server keeps n
       };
       return wsSteps(
         open,
-        steps(["malformed", "oversized", "unknown", "extra"], 7),
+        steps(["malformed", "oversized", "unknown", "extra", "named"], 7),
         nativeText,
         (n) => JSON.stringify({ action: `zz_sentinel_${n}` }),
         (m, n) => m?.action === `zz_sentinel_${n}`,

@@ -83,6 +83,9 @@ export interface Codec {
 
 export const WELCOME_TEXT = "Welcome to wirechat. Send one JSON object per line; try {\"action\":\"hello\"}";
 
+/** Names whose reply head NativeCodec caches (registered actions' and events' are such). */
+const ACTION_HEAD = /^[A-Za-z0-9_]{1,64}$/;
+
 /** Seed clients read `attach` unconditionally, so ev_message always carries it. */
 const NO_ATTACH = ',"attach":{"mime":"","data":""}';
 
@@ -100,12 +103,21 @@ export class NativeCodec implements Codec {
 
   constructor(private readonly blobs: BlobSource) {}
 
-  /** `{"action":<name>,"data":` for a registered action name (cached) or any other. */
+  /**
+   * `{"action":<name>,"data":`, cached for names an action could have (ACTION_HEAD: at
+   * most 64 word characters, as registered ones are; at most 256 of them, the cache
+   * begun again past it). Any name was cached, up to 256: a client's first 256 frames
+   * naming unknown actions of 1 MiB each were kept for the life of the process
+   * (256 MiB), and every name after them, registered ones too, went uncached.
+   */
   private head(action: string): string {
     let h = this.actionJson.get(action);
     if (h === undefined) {
       h = `{"action":${JSON.stringify(action)},"data":`;
-      if (this.actionJson.size < 256) this.actionJson.set(action, h);
+      if (ACTION_HEAD.test(action)) {
+        if (this.actionJson.size >= 256) this.actionJson.clear();
+        this.actionJson.set(action, h);
+      }
     }
     return h;
   }
