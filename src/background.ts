@@ -20,6 +20,11 @@ export class Background {
     return this.abort.signal.aborted;
   }
 
+  /** Tasks running (or waiting their turn inside), for tests and the curious. */
+  get size(): number {
+    return this.running.size;
+  }
+
   /** Runs `fn` unless stopping; a failure is logged with `what` (quietly once stopping). */
   run(what: string, fn: (signal: AbortSignal) => Promise<unknown> | unknown, context: Record<string, unknown> = {}): void {
     if (this.stopping) return;

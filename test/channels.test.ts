@@ -948,6 +948,34 @@ describe("deletechannel", () => {
     await closeAll(owner.client);
   });
 
+  it("deletions faster than their purges: at most 1,024 wait in memory, the rest go by their marks on disk, and every one is purged", async () => {
+    // Every purge waits at the gate while one user creates and deletes 1,100 private
+    // channels in a loop (never past the owned-channel cap); a message in each of the
+    // last ten. Each deletion used to queue a background task and a lock turn.
+    const sv = shared.server.services;
+    const owner = await registerUser(shared.port);
+    const gate = heldGate();
+    const undo = wrapCalls(sv.messages, "purge", () => gate.pass());
+    const before = sv.background.size;
+    const mids: string[] = [];
+    try {
+      for (let i = 0; i < 1100; i++) {
+        const made = await owner.client.request("createchannel", { name: `churn ${i}`, private: true });
+        expect(made.status).toBe(0);
+        if (i >= 1090) mids.push((await owner.client.request("message", { channel: made.chid, body: `in ${i}` })).mid);
+        expect((await owner.client.request("deletechannel", { channel: made.chid })).status).toBe(0);
+      }
+      expect(sv.background.size - before).toBeLessThanOrEqual(1024 + 8);
+    } finally {
+      undo();
+      gate.open();
+    }
+    await waitFor(() => sv.background.size <= before + 8, 60_000, "the purges");
+    for (const mid of mids) await eventually(async () => expect(await sv.messages.get(mid)).toBeUndefined(), 30_000);
+    await eventually(async () => expect(await sv.messages.pendingPurges(undefined, 10)).toEqual([]), 30_000);
+    await closeAll(owner.client);
+  }, 120_000);
+
   it("of a deleted owner goes at once, however long the purge of the owner's messages to themselves takes", async () => {
     const a = await registerUser(shared.port);
     const m = await registerUser(shared.port);

@@ -23,6 +23,14 @@ import { convLockKey, findUser, linksLockKey, underLocks, type Services } from "
 const ENTER_HISTORY = 20;
 /** The KeyedLock key purges take, one at a time. */
 const PURGE_LOCK = "purges";
+/**
+ * Purges waiting in memory (a background task and a turn at PURGE_LOCK each); past it a
+ * deleted conversation's purge is left to its mark on disk, which a pass over the marks
+ * takes up once those in memory are done (see purgeLater).
+ */
+const PURGES_QUEUED = 1024;
+/** Purge marks read at a time by that pass (and at start-up). */
+const PURGE_MARKS_PAGE = 256;
 /** `channellist` page: default and largest. */
 const LIST_DEFAULT = 100;
 const LIST_MAX = 500;
@@ -246,7 +254,11 @@ export function registerChannels(sv: Services): ChannelOps {
         // The channel lock keeps a removal from reading the members between this check
         // and the commit (the membership would outlive the channel).
         if (channels.isGone(c.chid)) throw channelErrors.notFound(c.chid);
-        await storage.commit(channels.joinOps(c.chid, uid, nowSeconds(), c.private === true));
+        const ops = channels.joinOps(c.chid, uid, nowSeconds(), c.private === true);
+        await storage.commit(ops).catch((err: unknown) => {
+          channels.notJoined(c.chid);
+          throw err;
+        });
         channels.joined(c.chid, uid);
         return true;
       });
@@ -297,7 +309,10 @@ export function registerChannels(sv: Services): ChannelOps {
         for (const uid of members) await checkCaps(uid, false, `user '${uid}'`);
         const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner, created: nowSeconds() };
         if (priv) c.private = true;
-        await storage.commit([...channels.createOps(c), ...members.flatMap((uid) => channels.joinOps(c.chid, uid, c.created, priv))]);
+        await storage.commit([...channels.createOps(c), ...members.flatMap((uid) => channels.joinOps(c.chid, uid, c.created, priv))]).catch((err: unknown) => {
+          for (let i = 0; i <= members.length; i++) channels.notJoined(c.chid);
+          throw err;
+        });
         channels.joined(c.chid, owner);
         for (const uid of members) channels.joined(c.chid, uid);
         return { c, added: members.map((uid, i) => ({ uid, nick: found[i]?.nick as string })) };
@@ -504,29 +519,71 @@ export function registerChannels(sv: Services): ChannelOps {
 
   function afterRemoval(c: ChannelRecord, members: string[]): void {
     tell(members, { kind: "channelDeleted", chid: c.chid });
-    const conv = channelConv(c.chid);
-    sv.background.run("purging a deleted channel's messages", (signal) => purge(conv, signal), { chid: c.chid });
+    purgeLater(channelConv(c.chid));
+  }
+
+  /**
+   * Purges waiting in memory, and whether a purge was left to its mark meanwhile. Each
+   * deletion queued a background task and a turn at PURGE_LOCK, and purges run one at
+   * a time: a client creating and deleting private channels in a loop (never past its
+   * owned-channel cap) queued them faster than they ran, ~1 KB of memory each, for
+   * as long as it liked. Past PURGES_QUEUED the mark (written with the deletion) is the
+   * only record, and a pass over the marks takes them up once the queue is empty.
+   */
+  let queued = 0;
+  let leftToMarks = false;
+
+  /** Purges `conv` (its mark is on disk) in the background, or leaves it to the marks' pass. */
+  function purgeLater(conv: string): void {
+    if (queued >= PURGES_QUEUED) {
+      leftToMarks = true;
+      return;
+    }
+    queued++;
+    sv.background.run("purging a deleted conversation's messages", (signal) => purge(conv, signal).finally(purgeDone), { conv });
+  }
+
+  function purgeDone(): void {
+    queued--;
+    if (queued === 0 && leftToMarks) purgeMarks("purges left to their marks");
+  }
+
+  /**
+   * Purges every conversation with a mark on disk, a page of marks at a time: those
+   * left to their marks, and at start-up those a crash or a shutdown cut short. One
+   * that cannot finish now (its mark stays for the next pass or start) holds back no
+   * other.
+   */
+  function purgeMarks(what: string): void {
+    leftToMarks = false;
+    queued++;
+    sv.background.run(what, async (signal) => {
+      try {
+        let done = 0;
+        for (let after: string | undefined; !signal.aborted; ) {
+          const convs = await messages.pendingPurges(after, PURGE_MARKS_PAGE);
+          if (convs.length === 0) break;
+          for (const conv of convs) {
+            if (signal.aborted) return;
+            await purge(conv, signal).catch((err: unknown) => sv.log.error({ err, conv }, "a purge failed; it runs again at the next pass or start"));
+          }
+          done += convs.length;
+          after = convs[convs.length - 1];
+        }
+        if (done > 0) sv.log.info({ purges: done }, `${what}: done`);
+      } finally {
+        // If more were left to their marks meanwhile, another pass.
+        purgeDone();
+      }
+    });
   }
 
   // Purges that a crash or a shutdown cut short go on, one at a time.
-  sv.background.run("resuming interrupted purges", async (signal) => {
-    const convs = await messages.pendingPurges();
-    if (convs.length === 0) return;
-    sv.log.info({ purges: convs.length }, "resuming interrupted purges of deleted conversations");
-    for (const conv of convs) {
-      if (signal.aborted) return;
-      // One that cannot finish now (its mark stays for the next start) holds back no other.
-      await purge(conv, signal).catch((err: unknown) => sv.log.error({ err, conv }, "resuming a purge failed; it runs again at the next start"));
-    }
-  });
+  purgeMarks("resuming interrupted purges of deleted conversations");
 
   // Cluster mode: the log's apply removes a channel, or an account with its messages to
   // itself, on every node (features/cluster.ts); each node purges them from its own view.
-  if (sv.cluster) {
-    sv.cluster.onPurge = (conv) => {
-      sv.background.run("purging a conversation's messages", (signal) => purge(conv, signal), { conv });
-    };
-  }
+  if (sv.cluster) sv.cluster.onPurge = (conv) => purgeLater(conv);
 
   // A deleted account's channels (its memberships went with the account): the ones
   // it owned go, left or not (nobody could delete them any more); in the others, the

@@ -311,6 +311,15 @@ export class ChannelStore {
     this.departed.delete(`${chid}\u0000${uid}`);
   }
 
+  /**
+   * The ops of joinOps (or createOps: once per joinOps it made) failed to commit:
+   * nothing changed. (Left counted as changing, the channel was never cached again:
+   * every event to it read its members from disk.)
+   */
+  notJoined(chid: string): void {
+    this.changed(chid);
+  }
+
   /** The ops of joinOps (or createOps) are committed. */
   joined(chid: string, uid: string): void {
     this.changed(chid);

@@ -1161,9 +1161,9 @@ export class MessageStore {
     return [put(this.s.purges, conv, 1)];
   }
 
-  /** Conversations whose purge was recorded and has not finished. */
-  async pendingPurges(): Promise<string[]> {
-    return readKeys(this.s.purges, {});
+  /** Up to `limit` conversations whose purge was recorded and has not finished, after `after`, in order. */
+  async pendingPurges(after: string | undefined, limit: number): Promise<string[]> {
+    return readKeys(this.s.purges, after === undefined ? { limit } : { gt: after, limit });
   }
 
   /**
