@@ -20,7 +20,7 @@ import fc from "fast-check";
 import { beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import { Client, type ChildServer, type Frame } from "./helpers.js";
-import { isAlive, orExit, sleep, useChildServers } from "./pipeline-helpers.js";
+import { isAlive, openWebSocket, orExit, sleep, useChildServers } from "./pipeline-helpers.js";
 
 const startChild = useChildServers("all");
 
@@ -166,17 +166,9 @@ class Ws {
   }
 
   static async open(path: string): Promise<Ws> {
-    const ws = new WebSocket(`ws://127.0.0.1:${ports.http}${path}`, { maxPayload: 64 * MiB });
-    const c = new Ws(ws);
-    await orExit(
-      child,
-      new Promise<void>((resolve, reject) => {
-        ws.once("open", () => resolve());
-        ws.once("unexpected-response", (_req, res) => reject(new Error(`${path}: HTTP ${res.statusCode} instead of an upgrade`)));
-        ws.once("error", reject);
-      }),
-    );
-    return c;
+    let c: Ws | undefined;
+    await openWebSocket(`ws://127.0.0.1:${ports.http}${path}`, child, { maxPayload: 64 * MiB }, (ws) => (c = new Ws(ws)));
+    return c as Ws;
   }
 
   async until(from: number, match: (m: any) => boolean, what: string): Promise<number> {
@@ -279,78 +271,93 @@ function nativeText(s: Step): string {
 }
 
 describe("large bad input on every door: one answer each, and the server keeps none of it", () => {
-  it("native TCP, before and after login", async () => {
-    await boundedAfter("native TCP", async () => {
+  /**
+   * A line door's stream, anonymous then logged in (`login`), a connection each: each
+   * step's frame (`text`) then a sentinel named `sentinel(n)`, whose answer `named`
+   * recognises; the one answer between must pass `isAnswer`.
+   */
+  async function lineDoor(
+    door: string,
+    port: number,
+    opts: {
+      welcome: boolean;
+      login: (c: Client) => Promise<void>;
+      salt: number;
+      text: (s: Step) => string;
+      sentinel: (n: number) => Record<string, unknown>;
+      named: (f: Frame, n: number) => boolean;
+      isAnswer: (f: Frame) => boolean;
+    },
+  ): Promise<void> {
+    await boundedAfter(door, async () => {
       let sent = 0;
       for (const phase of ["anon", "in"]) {
-        const c = await Client.connect(ports.native);
-        if (phase === "in") {
-          const login = `mem${process.pid}n`;
-          await c.request("register", { login, pass: "pw", nick: login });
-          await c.reply("auth");
-        }
+        const c = await Client.connect(port, { welcome: opts.welcome });
+        if (phase === "in") await opts.login(c);
         let n = 0;
-        for (const s of steps(["malformed", "oversized", "unknown", "extra", "named"], phase === "in" ? 1 : 2)) {
-          const text = nativeText(s);
-          const name = `zz_sentinel_${++n}`;
-          await lineStep(c, text, { action: name }, (f) => f.action === name, nativeReply, `native ${phase} ${s.kind}`);
+        for (const s of steps(["malformed", "oversized", "unknown", "extra", "named"], opts.salt + (phase === "in" ? 0 : 1))) {
+          const text = opts.text(s);
+          const k = ++n;
+          await lineStep(c, text, opts.sentinel(k), (f) => opts.named(f, k), opts.isAnswer, `${door} ${phase} ${s.kind}`);
           sent += text.length;
         }
         c.close();
       }
       return sent;
+    });
+  }
+
+  it("native TCP, before and after login", async () => {
+    await lineDoor("native TCP", ports.native, {
+      welcome: true,
+      login: async (c) => {
+        const login = `mem${process.pid}n`;
+        await c.request("register", { login, pass: "pw", nick: login });
+        await c.reply("auth");
+      },
+      salt: 1,
+      text: nativeText,
+      sentinel: (n) => ({ action: `zz_sentinel_${n}` }),
+      named: (f, n) => f.action === `zz_sentinel_${n}`,
+      isAnswer: nativeReply,
     });
   }, 120_000);
 
   it("000 rust_messages on its TCP port, before and after login", async () => {
-    await boundedAfter("000", async () => {
-      let sent = 0;
-      for (const phase of ["anon", "in"]) {
-        const c = await Client.connect(ports.rust, { welcome: false });
-        if (phase === "in") {
-          c.write(JSON.stringify({ action: "registration", login: `mem${process.pid}r`, password: "pw" }) + "\n");
-          expect((await c.next((f) => f.action === "registration")).code).toBe(200);
-        }
-        let n = 0;
-        for (const s of steps(["malformed", "oversized", "unknown", "extra", "named"], phase === "in" ? 3 : 4)) {
-          const text =
-            s.kind === "malformed" ? unterminated('"action":"send_message"', s.size)
-            : s.kind === "unknown" ? padded('"action":"zz_nothing"', s.size)
-            : s.kind === "named" ? named("action", s.size)
-            : padded('"action":"get_messages","number_of_messages":"many"', s.size);
-          const name = `zz-sentinel-${++n}`;
-          await lineStep(c, text, { action: name }, (f) => f.action === name, (f) => typeof f.action === "string" && f.code === 400 && typeof f.message === "string", `000 ${phase} ${s.kind}`);
-          sent += text.length;
-        }
-        c.close();
-      }
-      return sent;
+    await lineDoor("000", ports.rust, {
+      welcome: false,
+      login: async (c) => {
+        c.write(JSON.stringify({ action: "registration", login: `mem${process.pid}r`, password: "pw" }) + "\n");
+        expect((await c.next((f) => f.action === "registration")).code).toBe(200);
+      },
+      salt: 3,
+      text: (s) =>
+        s.kind === "malformed" ? unterminated('"action":"send_message"', s.size)
+        : s.kind === "unknown" ? padded('"action":"zz_nothing"', s.size)
+        : s.kind === "named" ? named("action", s.size)
+        : padded('"action":"get_messages","number_of_messages":"many"', s.size),
+      sentinel: (n) => ({ action: `zz-sentinel-${n}` }),
+      named: (f, n) => f.action === `zz-sentinel-${n}`,
+      isAnswer: (f) => typeof f.action === "string" && f.code === 400 && typeof f.message === "string",
     });
   }, 120_000);
 
   it("001 rooms API on its TCP port, before and after login", async () => {
-    await boundedAfter("001", async () => {
-      let sent = 0;
-      for (const phase of ["anon", "in"]) {
-        const c = await Client.connect(ports.rooms, { welcome: false });
-        if (phase === "in") {
-          c.write(JSON.stringify({ type: "REQUEST_SIGNUP", login: `mem${process.pid}o`, pass: "pw" }) + "\n");
-          expect((await c.next((f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
-        }
-        let n = 0;
-        for (const s of steps(["malformed", "oversized", "unknown", "extra", "named"], phase === "in" ? 5 : 6)) {
-          const text =
-            s.kind === "malformed" ? unterminated('"type":"SND_MSG"', s.size)
-            : s.kind === "unknown" ? padded('"type":"ZZ_NOTHING"', s.size)
-            : s.kind === "named" ? named("type", s.size)
-            : padded('"type":"READ_MSG","room_id":"no room"', s.size);
-          const name = `ZZ_SENTINEL_${++n}`;
-          await lineStep(c, text, { type: name }, (f) => f.type === name, (f) => typeof f.type === "string" && f.status === "ERROR" && typeof f.error === "string", `001 ${phase} ${s.kind}`);
-          sent += text.length;
-        }
-        c.close();
-      }
-      return sent;
+    await lineDoor("001", ports.rooms, {
+      welcome: false,
+      login: async (c) => {
+        c.write(JSON.stringify({ type: "REQUEST_SIGNUP", login: `mem${process.pid}o`, pass: "pw" }) + "\n");
+        expect((await c.next((f) => f.type === "RESPONSE_SIGNUP")).status).toBe("SINGUP_OK");
+      },
+      salt: 5,
+      text: (s) =>
+        s.kind === "malformed" ? unterminated('"type":"SND_MSG"', s.size)
+        : s.kind === "unknown" ? padded('"type":"ZZ_NOTHING"', s.size)
+        : s.kind === "named" ? named("type", s.size)
+        : padded('"type":"READ_MSG","room_id":"no room"', s.size),
+      sentinel: (n) => ({ type: `ZZ_SENTINEL_${n}` }),
+      named: (f, n) => f.type === `ZZ_SENTINEL_${n}`,
+      isAnswer: (f) => typeof f.type === "string" && f.status === "ERROR" && typeof f.error === "string",
     });
   }, 120_000);
 

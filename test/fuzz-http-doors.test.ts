@@ -25,7 +25,7 @@ import fc from "fast-check";
 import { beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import type { ChildServer } from "./helpers.js";
-import { isAlive, orExit, useChildServers } from "./pipeline-helpers.js";
+import { isAlive, openWebSocket, orExit, useChildServers } from "./pipeline-helpers.js";
 import { PROTO_KEYS } from "./fuzz-values.js";
 
 const startChild = useChildServers("all");
@@ -264,17 +264,9 @@ class RawWs {
   }
 
   static async open(path: string): Promise<RawWs> {
-    const ws = new WebSocket(`ws://127.0.0.1:${httpPort}${path}`);
-    const c = new RawWs(ws);
-    await orExit(
-      child,
-      new Promise<void>((resolve, reject) => {
-        ws.once("open", () => resolve());
-        ws.once("unexpected-response", (_req, res) => reject(new Error(`${path}: HTTP ${res.statusCode} instead of an upgrade`)));
-        ws.once("error", reject);
-      }),
-    );
-    return c;
+    let c: RawWs | undefined;
+    await openWebSocket(`ws://127.0.0.1:${httpPort}${path}`, child, undefined, (ws) => (c = new RawWs(ws)));
+    return c as RawWs;
   }
 
   send(m: string | Buffer): void {

@@ -32,14 +32,20 @@ async function offline(srv: RunningServer, a: Account | { client: Client; uid: s
   }
 }
 
+/** A server with --max-inbox `max`, Alice connected and Bob registered and gone. */
+async function aliceAndBobAway(max: number): Promise<{ srv: RunningServer; alice: Account; bob: Account }> {
+  const srv = await serve(max);
+  const alice = await registerUser(srv.port);
+  const bob = await registerUser(srv.port);
+  await offline(srv, bob);
+  return { srv, alice, bob };
+}
+
 const send = (c: Client, uid: string, body: string, extra: Record<string, unknown> = {}) => c.request("message", { uid, body, ...extra });
 
 describe("--max-inbox", () => {
   it("refuses the message past it with 13 while the recipient is away; once they have connected and taken them, there is room again", async () => {
-    const srv = await serve(3);
-    const alice = await registerUser(srv.port);
-    const bob = await registerUser(srv.port);
-    await offline(srv, bob);
+    const { srv, alice, bob } = await aliceAndBobAway(3);
     for (let i = 1; i <= 3; i++) expect((await send(alice.client, bob.uid, `m${i}`)).status).toBe(0);
     const full = await send(alice.client, bob.uid, "m4");
     expect(full.status).toBe(13);
@@ -68,10 +74,7 @@ describe("--max-inbox", () => {
   });
 
   it("a restart begins the count again (it is kept in memory)", async () => {
-    const srv = await serve(2);
-    const alice = await registerUser(srv.port);
-    const bob = await registerUser(srv.port);
-    await offline(srv, bob);
+    const { srv, alice, bob } = await aliceAndBobAway(2);
     expect((await send(alice.client, bob.uid, "one")).status).toBe(0);
     expect((await send(alice.client, bob.uid, "two")).status).toBe(0);
     expect((await send(alice.client, bob.uid, "three")).status).toBe(13);
@@ -92,10 +95,7 @@ describe("--max-inbox", () => {
   });
 
   it("a resend of a stored message (same cmid) still gets its mid when the inbox is full", async () => {
-    const srv = await serve(1);
-    const alice = await registerUser(srv.port);
-    const bob = await registerUser(srv.port);
-    await offline(srv, bob);
+    const { alice, bob } = await aliceAndBobAway(1);
     const first = await send(alice.client, bob.uid, "once", { cmid: "c-1" });
     expect(first.status).toBe(0);
     const again = await send(alice.client, bob.uid, "once", { cmid: "c-1" });
@@ -105,10 +105,7 @@ describe("--max-inbox", () => {
   });
 
   it("a flood written back to back is counted as it is checked, not as it is stored: exactly the bound gets through", async () => {
-    const srv = await serve(3);
-    const alice = await registerUser(srv.port);
-    const bob = await registerUser(srv.port);
-    await offline(srv, bob);
+    const { alice, bob } = await aliceAndBobAway(3);
     alice.client.write(Array.from({ length: 10 }, (_, i) => JSON.stringify({ action: "message", data: { uid: bob.uid, body: `f${i}` } }) + "\n").join(""));
     const statuses = [];
     for (let i = 0; i < 10; i++) statuses.push((await alice.client.reply("message")).data.status);
@@ -118,10 +115,7 @@ describe("--max-inbox", () => {
   });
 
   it("0 is no bound", async () => {
-    const srv = await serve(0);
-    const alice = await registerUser(srv.port);
-    const bob = await registerUser(srv.port);
-    await offline(srv, bob);
+    const { alice, bob } = await aliceAndBobAway(0);
     for (let i = 0; i < 50; i++) expect((await send(alice.client, bob.uid, `m${i}`)).status).toBe(0);
     alice.client.close();
   });

@@ -4,6 +4,7 @@
 // replies of tens of MB (Client keeps every line it receives, which those would not
 // survive).
 
+import WebSocket from "ws";
 import { NdjsonSplitter } from "../src/client/ndjson.js";
 import net from "node:net";
 import { afterAll, afterEach } from "vitest";
@@ -38,6 +39,25 @@ export function died(child: ChildServer): Promise<never> {
 /** `p`, unless the child server dies first. */
 export function orExit<T>(child: ChildServer | undefined, p: Promise<T>): Promise<T> {
   return child ? Promise.race([p, died(child)]) : p;
+}
+
+/**
+ * A WebSocket to `url`, once open (a refused upgrade rejects with its HTTP status; given
+ * `child`, so does the server process's exit). `attach` runs before it opens: listeners
+ * it adds miss nothing the server sends.
+ */
+export async function openWebSocket(url: string, child: ChildServer | undefined, options?: WebSocket.ClientOptions, attach?: (ws: WebSocket) => void): Promise<WebSocket> {
+  const ws = new WebSocket(url, options);
+  attach?.(ws);
+  await orExit(
+    child,
+    new Promise<void>((resolve, reject) => {
+      ws.once("open", () => resolve());
+      ws.once("unexpected-response", (_req, res) => reject(new Error(`${new URL(url).pathname}: HTTP ${res.statusCode} instead of an upgrade`)));
+      ws.once("error", reject);
+    }),
+  );
+  return ws;
 }
 
 /**
