@@ -254,8 +254,7 @@ export function registerChannels(sv: Services): ChannelOps {
         // The channel lock keeps a removal from reading the members between this check
         // and the commit (the membership would outlive the channel).
         if (channels.isGone(c.chid)) throw channelErrors.notFound(c.chid);
-        const ops = channels.joinOps(c.chid, uid, nowSeconds(), c.private === true);
-        await storage.commit(ops).catch((err: unknown) => {
+        await storage.commit(channels.joinOps(c.chid, uid, nowSeconds(), c.private === true)).catch((err: unknown) => {
           channels.notJoined(c.chid);
           throw err;
         });
@@ -310,7 +309,7 @@ export function registerChannels(sv: Services): ChannelOps {
         const c: ChannelRecord = { chid: channels.nextChid(), name, descr, owner, created: nowSeconds() };
         if (priv) c.private = true;
         await storage.commit([...channels.createOps(c), ...members.flatMap((uid) => channels.joinOps(c.chid, uid, c.created, priv))]).catch((err: unknown) => {
-          for (let i = 0; i <= members.length; i++) channels.notJoined(c.chid);
+          channels.notJoined(c.chid, members.length + 1); // the owner's join and each member's
           throw err;
         });
         channels.joined(c.chid, owner);

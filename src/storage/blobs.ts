@@ -229,11 +229,7 @@ export class BlobStore {
     return true;
   }
 
-  /** An upload began receiving / stopped (finished, failed or aborted). */
-  receivingStarted(w: BlobWriter): void {
-    this.receiving.add(w);
-  }
-
+  /** An upload stopped receiving (finished, failed or aborted). */
   receivingEnded(w: BlobWriter): void {
     this.receiving.delete(w);
   }
@@ -244,7 +240,7 @@ export class BlobStore {
 
   writer(maxBytes: number): BlobWriter {
     const w = new BlobWriter(this, path.join(this.tmp, randomBytes(12).toString("hex")), maxBytes);
-    this.receivingStarted(w);
+    this.receiving.add(w);
     return w;
   }
 

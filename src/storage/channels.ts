@@ -312,12 +312,12 @@ export class ChannelStore {
   }
 
   /**
-   * The ops of joinOps (or createOps: once per joinOps it made) failed to commit:
-   * nothing changed. (Left counted as changing, the channel was never cached again:
-   * every event to it read its members from disk.)
+   * The ops of `joins` joinOps (createOps makes one) failed to commit: nothing changed.
+   * (Left counted as changing, the channel was never cached again: every event to it
+   * read its members from disk.)
    */
-  notJoined(chid: string): void {
-    this.changed(chid);
+  notJoined(chid: string, joins = 1): void {
+    for (let i = 0; i < joins; i++) this.changed(chid);
   }
 
   /** The ops of joinOps (or createOps) are committed. */
