@@ -5,6 +5,8 @@
 // when it left, not by its inbox. Real servers over TCP with a real LevelDB.
 
 import { afterEach, describe, expect, it } from "vitest";
+import fc from "fast-check";
+import { AwayCounts, HEAVY_FROM } from "../src/features/away-counts.js";
 import type { RunningServer } from "../src/server.js";
 import { Client, login, registerUser, removeDir, startTestServer, type Account } from "./helpers.js";
 
@@ -118,5 +120,57 @@ describe("--max-inbox", () => {
     const { alice, bob } = await aliceAndBobAway(0);
     for (let i = 0; i < 50; i++) expect((await send(alice.client, bob.uid, `m${i}`)).status).toBe(0);
     alice.client.close();
+  });
+});
+
+// The counts themselves (features/away-counts.ts), kept for a fixed number of users:
+// which one is forgotten past it decides what a sender can get past the bound.
+describe("--max-inbox's counts past the users they keep", () => {
+  it("a filled count is not pushed out by one message each to many other users", () => {
+    const counts = new AwayCounts(100, () => 10);
+    for (let i = 0; i < 10; i++) counts.add("victim");
+    for (let i = 0; i < 10_000; i++) counts.add(`other${i}`);
+    expect(counts.get("victim")).toBe(10);
+    expect(counts.size).toBe(100);
+    // The light ones go the least recently counted first.
+    expect(counts.get("other9900")).toBe(undefined);
+    expect(counts.get("other9901")).toBe(1);
+  });
+
+  it("a high count goes only once every count kept is high, the least recently added to first", () => {
+    const counts = new AwayCounts(3, () => 2);
+    counts.add("a");
+    counts.add("a");
+    counts.add("b");
+    counts.add("b");
+    counts.add("c");
+    counts.add("d"); // c (light) goes, not a or b
+    expect([counts.get("a"), counts.get("b"), counts.get("c"), counts.get("d")]).toEqual([2, 2, undefined, 1]);
+    counts.add("d"); // now heavy too
+    counts.add("a"); // a moves to the newest end
+    counts.add("e"); // all heavy: b, the least recently added to, goes
+    expect([counts.get("a"), counts.get("b"), counts.get("d"), counts.get("e")]).toEqual([3, undefined, 2, 1]);
+    counts.delete("a");
+    expect(counts.get("a")).toBe(undefined);
+    expect(counts.size).toBe(2);
+  });
+
+  it("property: never more users than it keeps, and a count at the bound outlives any run of single messages to others", () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 2, max: 50 }), fc.integer({ min: 1, max: 100 }), fc.array(fc.integer({ min: 0, max: 500 }), { maxLength: 2000 }), (max, bound, others) => {
+        const counts = new AwayCounts(max, () => bound);
+        for (let i = 0; i < Math.min(bound, HEAVY_FROM); i++) counts.add("victim");
+        // Each other user gets one message at a time; until they too are heavy, the victim stays.
+        const seen = new Map<number, number>();
+        for (const o of others) {
+          counts.add(`u${o}`);
+          seen.set(o, (seen.get(o) ?? 0) + 1);
+          expect(counts.size).toBeLessThanOrEqual(max);
+          const heavyOthers = [...seen.values()].filter((n) => n >= Math.min(bound, HEAVY_FROM)).length;
+          if (heavyOthers < max - 1) expect(counts.get("victim")).toBe(Math.min(bound, HEAVY_FROM));
+        }
+      }),
+      { numRuns: 200 },
+    );
   });
 });

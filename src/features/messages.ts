@@ -15,6 +15,7 @@
 
 import { AttachmentRef, ListReply, MessageSent } from "../protocol/codec.js";
 import { pageEnd, recordChars, recordsInPages } from "./record-pages.js";
+import { AwayCounts } from "./away-counts.js";
 import { Code, ProtocolError } from "../protocol/codes.js";
 import { Deferred, type Request } from "../protocol/dispatcher.js";
 import type { Session } from "../protocol/session.js";
@@ -46,7 +47,7 @@ const REQUIRED_MID = { ...MID, minLength: 1 } as const;
 /** `dialogs` page: default and largest. */
 const DIALOGS_DEFAULT = 100;
 const DIALOGS_MAX = 500;
-/** Users away whose direct messages --max-inbox counts at once (the oldest count begins again past it). */
+/** Users away whose direct messages --max-inbox counts at once (past it one count begins again: away-counts.ts). */
 const AWAY_COUNTED = 65_536;
 /** Channels whose last message `dialogs` reads at once. */
 const DIALOG_READS = 64;
@@ -119,10 +120,10 @@ export function registerMessages(sv: Services): void {
    * inbox past the delivery cursor: a client that does not acknowledge moves its cursor
    * only past the 16 MiB it must have read (PROTOCOL.md "Confirmed delivery"), so a
    * light user's inbox keeps everything ever sent to them. Only existing users are
-   * counted, and at most AWAY_COUNTED of them: past it the count least recently added
-   * to begins again.
+   * counted, and at most AWAY_COUNTED of them: past it a low count begins again before
+   * a high one (away-counts.ts).
    */
-  const away = new Map<string, number>();
+  const away = new AwayCounts(AWAY_COUNTED, () => config.maxInbox);
   sv.hooks.onPresence((uid) => void away.delete(uid));
 
   /** 13 when --max-inbox direct messages came for `to` while away already; else one more has. */
@@ -131,11 +132,7 @@ export function registerMessages(sv: Services): void {
     if (n !== undefined && n >= config.maxInbox) {
       throw new ProtocolError(Code.RateLimited, `user '${to}' has ${n} messages waiting to be delivered, the most this server keeps for someone not connected; send it again once they have connected`);
     }
-    // Moved to the newest end each time: the count a flood keeps growing is never the
-    // oldest, so messages to other users cannot push it out (and begin it again).
-    if (n !== undefined) away.delete(to);
-    else if (away.size >= AWAY_COUNTED) away.delete(away.keys().next().value as string);
-    away.set(to, (n ?? 0) + 1);
+    away.add(to);
   }
 
   /**
