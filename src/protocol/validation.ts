@@ -25,6 +25,9 @@ ajv.addKeyword({
   keyword: "wellFormed",
   type: "string",
   schemaType: "boolean",
+  // After the length limits (a 12 stays a 12), before a pattern: a login or nick with
+  // a lone surrogate is told so, not that it does not match the pattern of logins.
+  before: "pattern",
   errors: false,
   validate: (on: boolean, data: string) => !on || !hasLoneSurrogate(data),
 });
