@@ -29,6 +29,7 @@ import { registerStats } from "./features/stats.js";
 import { NativeCodec } from "./protocol/codec.js";
 import { Dispatcher } from "./protocol/dispatcher.js";
 import { Router } from "./protocol/router.js";
+import type { Session } from "./protocol/session.js";
 import type { Audience, Event } from "./protocol/events.js";
 import { LocalLock } from "./seams.js";
 import { BlobStore } from "./storage/blobs.js";
@@ -476,6 +477,7 @@ async function serve(
     Object.assign(adminDeps, {
       ops: admin,
       connections: tables,
+      unanswered: (s: Session) => dispatcher.unanswered(s),
       registry: metricsRegistry(metrics, tables, blobs, storage, { version, nodeId: nodeIdOf(config) }),
       backup: (dir: string) => backup(storage, blobs, dir, version, stopSignal.signal),
       exportLines: async (user: string | undefined) => exportRecords(storage, user === undefined ? undefined : (await admin.resolve(user)).uid),

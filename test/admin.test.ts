@@ -114,7 +114,7 @@ describe("admin port", () => {
     expect(all.total).toBeGreaterThanOrEqual(2);
     const mine = (await admin(ap(), "GET", `/connz?user=${a.login}`)).json;
     expect(mine.total).toBe(1);
-    expect(mine.connections[0]).toMatchObject({ uid: a.uid, nick: a.login, door: "tcp", state: "authenticated", remote: expect.stringMatching(/127\.0\.0\.1:\d+/) });
+    expect(mine.connections[0]).toMatchObject({ uid: a.uid, nick: a.login, door: "tcp", state: "authenticated", remote: expect.stringMatching(/127\.0\.0\.1:\d+/), unanswered: 0 });
     expect(mine.connections[0].bytes_in).toBeGreaterThan(0);
     expect(mine.connections[0].bytes_out).toBeGreaterThan(0);
     expect(Date.parse(mine.connections[0].since)).toBeGreaterThan(Date.now() - 60_000);

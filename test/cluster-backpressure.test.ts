@@ -8,6 +8,7 @@
 
 import { readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { admin } from "./admin-helpers.js";
 import { ChildServer, Client, registerUser, removeDir, tempDir, type Frame } from "./helpers.js";
 import { NatsServer } from "../scripts/nats-server.js";
 
@@ -17,7 +18,7 @@ const dir = tempDir();
 
 beforeAll(async () => {
   nats = await NatsServer.start();
-  child = await ChildServer.start(dir, ["--nats", nats.url, "--nats-stream", `WIRECHAT_B${process.pid}`, "--node-id", "stalled", "--admin", "off"]);
+  child = await ChildServer.start(dir, ["--nats", nats.url, "--nats-stream", `WIRECHAT_B${process.pid}`, "--node-id", "stalled"]);
 });
 
 afterAll(async () => {
@@ -85,4 +86,49 @@ describe("cluster mode: a stalled nats-server", () => {
     expect((await b.client.next((f) => f.action === "ev_message" && f.data.body === "after")).data.mid).toBe(sent.mid);
     for (const c of [a.client, b.client]) c.close();
   }, 60_000);
+
+  it("bounds the replies waiting in line behind one that waits for the log: the connection is read no further, and all are answered once it is back", async () => {
+    const node = child as ChildServer;
+    const a = await registerUser(node.port);
+    const b = await registerUser(node.port);
+    expect((await a.client.request("message", { uid: b.uid, body: "warm up" })).status).toBe(0);
+    const sender = await Client.connect(node.port);
+    expect((await sender.request("auth", { sid: a.sid })).status).toBe(0);
+    // The most requests any of a's connections has read and not answered (/connz).
+    const unanswered = async () => {
+      const conns = (await admin(node.adminPort as number, "GET", `/connz?user=${a.login}`)).json.connections as { unanswered: number }[];
+      return Math.max(...conns.map((c) => c.unanswered));
+    };
+    const n = 12_000; // small messages, pipelined: the first waits for the log, the rest in line
+    nats.pause();
+    try {
+      let frames = "";
+      for (let i = 0; i < n; i++) frames += JSON.stringify({ action: "message", data: { uid: b.uid, body: `m${i}` } }) + "\n";
+      sender.write(frames);
+      // The line fills to its bound (4,096 replies waiting, DEFERRED_MAX) and the node
+      // stops reading; what it read ahead is at most a read's worth of frames more.
+      // Unbounded, all 12,000 were read and queued for their places in line.
+      await expect.poll(unanswered, { timeout: 15_000, interval: 100 }).toBeGreaterThanOrEqual(4096);
+      let most = 0;
+      for (let i = 0; i < 15; i++) {
+        most = Math.max(most, await unanswered());
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      expect(most).toBeLessThan(4096 + 2048);
+    } finally {
+      nats.resume();
+    }
+    // Every request answered, in order, the connection still open (16 for those whose
+    // write budget ran out while the engine was stopped, 13 past the request rate).
+    const statuses = new Map<number, number>();
+    for (let i = 0; i < n; i++) {
+      const f: Frame = await sender.next((x) => x.action === "message", 30_000);
+      statuses.set(f.data.status, (statuses.get(f.data.status) ?? 0) + 1);
+    }
+    expect([...statuses.keys()].every((st) => st === 0 || st === 13 || st === 16)).toBe(true);
+    expect(statuses.get(0)).toBeGreaterThan(0);
+    expect(sender.isClosed).toBe(false);
+    expect(node.proc.exitCode).toBeNull();
+    for (const c of [a.client, b.client, sender]) c.close();
+  }, 90_000);
 });

@@ -26,6 +26,8 @@ export interface AdminDeps {
   ops: AdminOps;
   /** Every listener's connections: the TCP doors' and the HTTP port's WebSockets. */
   connections: readonly ConnectionTable[];
+  /** Requests a connection sent that are read and not answered yet. */
+  unanswered: (s: Session) => number;
   registry: client.Registry;
   /** Why the server is not ready (undefined when it is). */
   notReady: () => string | undefined;
@@ -237,6 +239,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
           bytes_in: conn.bytesIn,
           bytes_out: conn.bytesOut,
           queued: conn.outbound,
+          unanswered: d.unanswered(session),
         });
       }
       return { now: new Date(now).toISOString(), total, offset, limit, connections: conns };
