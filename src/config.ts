@@ -2,6 +2,7 @@
 // `--help` is printed from this table, and README/PROTOCOL.md quote it.
 
 import { readFileSync } from "node:fs";
+import { canonicalAddress } from "./addresses.js";
 
 export interface Config {
   host: string;
@@ -98,6 +99,8 @@ export interface OptionSpec {
   nonEmpty?: boolean;
   /** A string option of printable ASCII only (a header value: Node reads headers as latin1). */
   ascii?: boolean;
+  /** A comma-separated list of IP addresses: each must be one, and is kept as sockets spell it (canonicalAddress). */
+  addresses?: boolean;
   /**
    * SIGHUP applies a new value from the config file to the running
    * server (every reader of it reads the shared Config when it acts); other options
@@ -149,7 +152,7 @@ export const OPTIONS: readonly OptionSpec[] = [
   { key: "authFailWindow", flag: "--auth-fail-window", env: "WIRECHAT_AUTH_FAIL_WINDOW", kind: "int", default: 60, min: 1, max: TIMER_MAX_S, help: "that window, in seconds; also the longest back-off" },
   { key: "authRate", flag: "--auth-rate", env: "WIRECHAT_AUTH_RATE", kind: "int", default: 20, min: 1, help: "password checks (register, auth with a password, changepassword, deleteaccount) per second one IP address may sustain (status 13 past it)" },
   { key: "authBurst", flag: "--auth-burst", env: "WIRECHAT_AUTH_BURST", kind: "int", default: 300, min: 1, help: "password checks one IP address may start at once above --auth-rate" },
-  { key: "trustedAddresses", flag: "--trusted-addresses", env: "WIRECHAT_TRUSTED_ADDRESSES", kind: "string", default: "127.0.0.1,::1", help: "comma-separated IP addresses exempt from --auth-rate/--auth-burst (a proxy on the same host, local test and conformance scripts); empty for none" },
+  { key: "trustedAddresses", flag: "--trusted-addresses", env: "WIRECHAT_TRUSTED_ADDRESSES", kind: "string", addresses: true, default: "127.0.0.1,::1", help: "comma-separated IP addresses exempt from --auth-rate/--auth-burst (a proxy on the same host, local test and conformance scripts); empty for none" },
   { key: "hashQueuePerAddress", flag: "--hash-queue-per-address", env: "WIRECHAT_HASH_QUEUE_PER_ADDRESS", kind: "int", default: 256, min: 1, help: "password checks from one IP address waiting for the hasher (served round-robin between addresses; status 13 past it)" },
   { key: "hashThreadIdle", flag: "--hash-thread-idle", env: "WIRECHAT_HASH_THREAD_IDLE", kind: "int", default: 5, min: 0, max: TIMER_MAX_S, help: "seconds the password-hashing threads (~6 MiB each) wait for a check before they end; the next check starts them again (tens of milliseconds); 0 keeps them running" },
   { key: "maxSessionsPerUser", flag: "--max-sessions-per-user", env: "WIRECHAT_MAX_SESSIONS_PER_USER", kind: "int", default: 64, min: 1, help: "stored sessions per user; a new one past it revokes the oldest", reload: true },
@@ -199,6 +202,22 @@ function convert(o: OptionSpec, raw: string, source: string): string | number {
   if (o.kind === "string") {
     if (o.nonEmpty && raw.trim() === "") throw new ConfigError(`${source}: must not be empty`);
     if (o.ascii && !/^[\x21-\x7e]*$/.test(raw)) throw new ConfigError(`${source}: only printable ASCII characters, no spaces`);
+    if (o.addresses) {
+      // Matched against the address a socket reports: "bogus" matched nothing, and
+      // 0:0:0:0:0:0:0:1 never matched ::1.
+      return raw
+        .split(",")
+        .map((a) => a.trim())
+        .filter((a) => a !== "")
+        .map((a) => {
+          try {
+            return canonicalAddress(a);
+          } catch (err) {
+            throw new ConfigError(`${source}: ${(err as Error).message}`);
+          }
+        })
+        .join(",");
+    }
     return raw;
   }
   if (o.kind === "enum") {
@@ -294,6 +313,8 @@ export function parseArgs(argv: readonly string[], env: NodeJS.ProcessEnv): Pars
     if (raw !== undefined && raw !== "") c[o.key] = convert(o, raw, o.env);
   }
   for (const [o, raw, flag] of flags) c[o.key] = convert(o, raw, flag);
+  // One of the two started the server without TLS and without a word.
+  if (Boolean(c.tlsCert) !== Boolean(c.tlsKey)) throw new ConfigError("--tls-cert and --tls-key go together: give both (TLS on --tls-port) or neither");
   return { config: c as unknown as Config, help, version };
 }
 

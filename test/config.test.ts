@@ -82,4 +82,21 @@ describe("options", () => {
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/--port: expected a whole number/);
   });
+
+  it("--trusted-addresses: each an IP address, kept as sockets spell it", () => {
+    // "bogus" was taken and matched nothing; 0:0:0:0:0:0:0:1 never matched ::1.
+    expect(parseArgs(["--trusted-addresses", " 0:0:0:0:0:0:0:1, 127.0.0.1,,2001:DB8:0::1 "], {}).config.trustedAddresses).toBe("::1,127.0.0.1,2001:db8::1");
+    expect(parseArgs(["--trusted-addresses", ""], {}).config.trustedAddresses).toBe("");
+    expect(() => parseArgs(["--trusted-addresses", "bogus,1.2.3.4"], {})).toThrow(/--trusted-addresses: 'bogus' is not an IP address/);
+    expect(() => parseArgs([], { WIRECHAT_TRUSTED_ADDRESSES: "10.0.0.0/8" })).toThrow(/WIRECHAT_TRUSTED_ADDRESSES: '10.0.0.0\/8' is not an IP address/);
+  });
+
+  it("--tls-cert and --tls-key go together: one alone is refused (the server started without TLS and without a word)", () => {
+    expect(() => parseArgs(["--tls-cert", "c.pem"], {})).toThrow(/--tls-cert and --tls-key go together/);
+    expect(() => parseArgs([], { WIRECHAT_TLS_KEY: "k.pem" })).toThrow(/go together/);
+    expect(parseArgs(["--tls-cert", "c.pem"], { WIRECHAT_TLS_KEY: "k.pem" }).config).toMatchObject({ tlsCert: "c.pem", tlsKey: "k.pem" });
+    const r = spawnSync(process.execPath, [main, "--tls-cert", "c.pem", "--port", "0", "--admin", "off"], { encoding: "utf8", timeout: 20_000 });
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/--tls-cert and --tls-key go together/);
+  });
 });

@@ -276,7 +276,8 @@ describe("wirechat commands on a stopped data dir", () => {
     // full disk left full holds the server's own writes if it is the data dir's): the
     // script lists the filesystem after it.
     const mnt = tmp();
-    const script = `mount -t tmpfs -o size=64k none "$1" || exit 9; "$2" "$3" backup "$1/b" --data-dir "$4"; rc=$?; ls -A "$1"; exit $rc`;
+    // Into `new/b`: the parent it made for it goes too.
+    const script = `mount -t tmpfs -o size=64k none "$1" || exit 9; "$2" "$3" backup "$1/new/b" --data-dir "$4"; rc=$?; ls -A "$1"; exit $rc`;
     const r = spawnSync("unshare", ["-rm", "sh", "-c", script, "sh", mnt, process.execPath, main, dir], {
       encoding: "utf8",
       env: { ...process.env, WIRECHAT_LOG_LEVEL: "warn" },
@@ -284,11 +285,76 @@ describe("wirechat commands on a stopped data dir", () => {
     });
     expect(r.error).toBeUndefined();
     expect({ status: r.status, stdout: r.stdout }).toEqual({ status: 1, stdout: "" });
-    expect(r.stderr).toMatch(/^wirechat backup: cannot write a backup into \S+\/b: ENOSPC/);
+    expect(r.stderr).toMatch(/^wirechat backup: cannot write a backup into \S+\/new\/b: ENOSPC/);
     // Nothing of the data dir changed: a backup to a roomy place has all of it.
     const ok = json(cli(["backup", path.join(tmp(), "b"), "--data-dir", dir]));
     expect(ok).toMatchObject({ missing: 0 });
     expect(ok.keys).toBeGreaterThan(200);
+  });
+});
+
+describe("an operator's mistakes on a stopped data dir", () => {
+  it("a word too many, a login and --address together, a long ban reason: refused before anything is done", () => {
+    const dir = tmp();
+    const d = ["--data-dir", dir, "--bcrypt-cost", "4"];
+    const mallory = json(cli(["user", "add", "mallory", "--pass", "pw", "--init", ...d]));
+    json(cli(["user", "add", "bob", "--pass", "pw", ...d]));
+    // `user del mallory bob` deleted mallory and said nothing of bob.
+    const two = cli(["user", "del", "mallory", "bob", ...d]);
+    expect(two.status).toBe(2);
+    expect(two.stderr).toMatch(/unexpected 'bob'/);
+    // `ban mallory --address <ip>` banned the address alone.
+    const both = cli(["ban", "mallory", "--address", "198.51.100.7", ...d]);
+    expect(both.status).toBe(2);
+    expect(both.stderr).toMatch(/either a login or --address, not both/);
+    expect(cli(["unban", "mallory", "--address", "198.51.100.7", ...d]).status).toBe(2);
+    expect(cli(["kick", "mallory", "bob", ...d]).status).toBe(2);
+    expect(cli(["export", "mallory", ...d]).status).toBe(2);
+    // The admin port's rule for a reason, here too (it was unbounded offline).
+    const long = cli(["ban", "mallory", "--reason", "r".repeat(257), ...d]);
+    expect(long.status).toBe(1);
+    expect(long.stderr).toMatch(/the reason is over 256 characters/);
+    expect(json(cli(["user", "show", "mallory", ...d]))).toMatchObject({ uid: mallory.uid, banned: false });
+    expect(json(cli(["user", "show", "bob", ...d])).login).toBe("bob");
+    expect(json(cli(["ban", "mallory", "--reason", "r".repeat(256), ...d])).ban.reason).toHaveLength(256);
+  });
+
+  it("export into a pipe whose reader has gone ends quietly (no stack trace)", async () => {
+    const dir = tmp();
+    const d = ["--data-dir", dir, "--bcrypt-cost", "4"];
+    json(cli(["user", "add", "erin", "--pass", "pw", "--init", ...d]));
+    // The reader closes before the first line is written: `wirechat export | head -c 0`.
+    const child = spawn(process.execPath, [main, "export", ...d], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, WIRECHAT_LOG_LEVEL: "warn" } });
+    child.stdout.destroy();
+    let stderr = "";
+    child.stderr.on("data", (c: Buffer) => (stderr += c.toString()));
+    const code = await new Promise<number | null>((resolve) => child.on("exit", (c) => resolve(c)));
+    expect({ code, stderr }).toEqual({ code: 0, stderr: "" });
+  });
+
+  it("restore: a damaged or missing backup.json is named; a failed restore takes back the directories it made", () => {
+    const dir = tmp();
+    json(cli(["user", "add", "fay", "--pass", "pw", "--init", "--data-dir", dir, "--bcrypt-cost", "4"]));
+    const target = path.join(tmp(), "b");
+    json(cli(["backup", target, "--data-dir", dir]));
+    const bad = path.join(tmp(), "bad");
+    cpSync(target, bad, { recursive: true });
+    writeFileSync(path.join(bad, "backup.json"), "{bad json");
+    const into = tmp();
+    const r1 = cli(["restore", bad, "--data-dir", path.join(into, "new", "data")]);
+    expect(r1.status).toBe(1);
+    expect(r1.stderr).toContain(`${path.join(bad, "backup.json")}: not valid JSON`);
+    const r2 = cli(["restore", dir, "--data-dir", path.join(into, "new", "data")]);
+    expect(r2.status).toBe(1);
+    expect(r2.stderr).toContain(`${dir} holds no backup.json: not a wirechat backup`);
+    // Cut short: the staging fails after the data dir and its parent were made.
+    const cut = path.join(tmp(), "cut");
+    cpSync(target, cut, { recursive: true });
+    const lines = readFileSync(path.join(cut, "db.ndjson"), "utf8").split("\n");
+    writeFileSync(path.join(cut, "db.ndjson"), lines.slice(0, 3).join("\n") + "\n");
+    const r3 = cli(["restore", cut, "--data-dir", path.join(into, "new", "data")]);
+    expect(r3.status).toBe(1);
+    expect(readdirSync(into)).toEqual([]);
   });
 });
 
@@ -358,6 +424,36 @@ describe("wirechat commands on a running server (through its admin port)", () =>
     const nobody = cli(["export", "--user", "nobody-here", ...viaOther]);
     expect({ status: nobody.status, stdout: nobody.stdout }).toEqual({ status: 1, stdout: "" });
     expect(nobody.stderr).toMatch(/no user/);
+  });
+
+  it("user add takes what register takes (a login with combining marks), and user list goes past a page", async () => {
+    const dir = tmp();
+    // (An operator's accounts take from one --auth-burst too.)
+    const srv = await start(["--data-dir", dir, "--auth-burst", "5000"]);
+    const a = ["--data-dir", dir, "--admin-port", String(srv.adminPort)];
+    // The admin route had a login pattern of its own, without marks: नमस्ते was refused.
+    const made = json(cli(["user", "add", "नमस्ते", "--pass", "pw", ...a]));
+    expect(made.login).toBe("नमस्ते");
+    expect((await login(srv.port, "नमस्ते", "pw")).auth.uid).toBe(made.uid);
+    const bad = cli(["user", "add", "a b", "--pass", "pw", ...a]);
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/'login' must match pattern/);
+    // 1,001 users: past one page of the admin port (1,000). It stopped at 100 unasked.
+    const ap = srv.adminPort as number;
+    for (let i = 0; i < 1000; i++) {
+      const r = await fetch(`http://127.0.0.1:${ap}/users`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ login: `u${i}`, pass: "pw" }) });
+      expect({ i, status: r.status, body: r.status === 201 ? "" : await r.text() }).toEqual({ i, status: 201, body: "" });
+    }
+    const all = cli(["user", "list", ...a]);
+    expect(all.status).toBe(0);
+    expect(all.stdout.trim().split("\n")).toHaveLength(1001);
+    expect(cli(["user", "list", "--limit", "10", ...a]).stdout.trim().split("\n")).toHaveLength(10);
+    // /unban takes no reason (a key the route does not take is a 400).
+    const unban = await fetch(`http://127.0.0.1:${ap}/unban`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ address: "192.0.2.1", reason: "x" }) });
+    expect(unban.status).toBe(400);
+    const long = cli(["ban", "--address", "192.0.2.1", "--reason", "r".repeat(300), ...a]);
+    expect(long.status).toBe(1);
+    expect(long.stderr).toMatch(/the reason is over 256 characters/);
   });
 
   it("ban <login> and ban --address on a running server close the connections they name and refuse them until unban", async () => {

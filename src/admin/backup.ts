@@ -87,7 +87,26 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   } catch (err) {
     for (const name of ["db.ndjson", "blobs", INFO_TEMP, "backup.json"]) rmSync(path.join(target, name), { recursive: true, force: true });
     if (made) rmSync(target, { recursive: true, force: true });
+    // And the parents it made for it (`backup new/sub` left an empty `new`).
+    if (created !== undefined && created !== target) removeEmptyUpTo(path.dirname(target), created);
     throw err;
+  }
+}
+
+/**
+ * Removes `dir` and its parents up to `top` (which it is in, or is) while each is empty:
+ * the directories an operation made for itself, taken back when it failed. One that is
+ * not empty (another backup or restore made something there meanwhile) stays, and so
+ * do its parents.
+ */
+function removeEmptyUpTo(dir: string, top: string): void {
+  for (let d = dir; ; d = path.dirname(d)) {
+    try {
+      rmdirSync(d);
+    } catch {
+      return; // not empty, or gone
+    }
+    if (d === top || path.dirname(d) === d) return;
   }
 }
 
@@ -205,15 +224,24 @@ async function backupInto(target: string, fd: number, storage: Storage, blobs: B
  * next restore removes.
  */
 export async function restore(from: string, dataDir: string, signal?: AbortSignal): Promise<{ keys: number; blobs: number; missing: number }> {
-  const info = JSON.parse(await readFile(path.join(from, "backup.json"), "utf8")) as BackupInfo;
-  if (info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
+  const infoFile = path.join(from, "backup.json");
+  let info: BackupInfo;
+  try {
+    info = JSON.parse(await readFile(infoFile, "utf8")) as BackupInfo;
+  } catch (err) {
+    // The file at fault named (a bare "Expected property name" or an ENOENT said little).
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") throw new Error(`${from} holds no backup.json: not a wirechat backup (or one cut short before it was finished)`);
+    throw new Error(`${infoFile}: ${err instanceof SyntaxError ? `not valid JSON (${err.message})` : (err as Error).message}`);
+  }
+  if (typeof info !== "object" || info === null || info.format !== 1 || info.server !== "wirechat") throw new Error(`${from} is not a wirechat backup`);
   if (info.layout > LAYOUT_VERSION) {
     throw new Error(`the backup holds layout ${info.layout}, newer than this wirechat's ${LAYOUT_VERSION}: restore it with the wirechat that made it (or a newer one)`);
   }
   const dbDir = path.join(dataDir, "db");
-  // A data dir this restore makes goes again if the restore fails (nothing left behind).
-  const made = !existsSync(dataDir);
-  makeDirSync(dataDir);
+  // A data dir this restore makes goes again if the restore fails (nothing left behind),
+  // with the parents it made for it.
+  const created = makeDirSync(dataDir);
   const unlock = restoreLock(dataDir);
   let restored = false;
   try {
@@ -260,13 +288,8 @@ export async function restore(from: string, dataDir: string, signal?: AbortSigna
     }
   } finally {
     unlock();
-    if (made && !restored) {
-      try {
-        rmdirSync(dataDir); // only while empty (another restore may have taken it meanwhile)
-      } catch {
-        // not empty, or gone
-      }
-    }
+    // Only while empty (another restore may have taken it meanwhile).
+    if (created !== undefined && !restored) removeEmptyUpTo(path.resolve(dataDir), created);
   }
 }
 

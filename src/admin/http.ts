@@ -63,12 +63,14 @@ function sendError(reply: FastifyReply, code: Code, text: string, http = HTTP_OF
 
 const USER = { type: "string", minLength: 1, maxLength: 64 } as const;
 const PASS = { type: "string", minLength: 1, maxLength: 1024 } as const;
-const BAN_TARGET = {
+const UNBAN_TARGET = {
   type: "object",
-  properties: { login: USER, address: { type: "string", minLength: 1, maxLength: 64 }, reason: { type: "string", maxLength: 256 } },
+  properties: { login: USER, address: { type: "string", minLength: 1, maxLength: 64 } },
   additionalProperties: false,
   minProperties: 1,
 } as const;
+/** (The reason's length is the ban's own rule, AdminOps.ban: the offline CLI's too.) */
+const BAN_TARGET = { ...UNBAN_TARGET, properties: { ...UNBAN_TARGET.properties, reason: { type: "string" } } } as const;
 
 const LOOPBACK_HOST = /^(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$/i;
 
@@ -272,7 +274,8 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
         body: {
           type: "object",
           required: ["login", "pass"],
-          properties: { login: { ...USER, pattern: "^[\\p{L}\\p{N}_.@+\\-]+$" }, pass: PASS, nick: { ...USER, pattern: "^[^\\p{Cc}]+$" } },
+          // Only types here: the account is made under register's rules (AdminOps.addUser).
+          properties: { login: USER, pass: PASS, nick: USER },
           additionalProperties: false,
         },
       },
@@ -305,7 +308,7 @@ export function buildAdmin(config: Config, log: Logger, d: AdminDeps): FastifyIn
     const closed = kind === "addr" ? (applied ?? 0) + d.connections.reduce((n, t) => n + t.closeAddress(ban.value, why), 0) : (applied ?? 0);
     return { ban, closed };
   });
-  app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: BAN_TARGET } }, async (req) => {
+  app.post<{ Body: { login?: string; address?: string } }>("/unban", { schema: { body: UNBAN_TARGET } }, async (req) => {
     const [kind, value] = banTarget(req.body);
     return { lifted: await d.ops.unban(kind, value) };
   });

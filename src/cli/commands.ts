@@ -28,7 +28,8 @@ export const COMMAND_HELP = `Operator commands (each also takes the server's opt
                                             --init on a data dir with no database yet)
   wirechat user del <login|uid>
   wirechat user passwd <login|uid> [--pass p]       revokes every session of the user
-  wirechat user list [--after uid] [--limit n]
+  wirechat user list [--after uid] [--limit n]     every user in uid order (--limit:
+                                            the first n, at most 1000, after --after)
   wirechat user show <login|uid>
   wirechat ban <login> [--reason text]      revokes the user's sessions, refuses logins
   wirechat ban --address <ip> [--reason t]  refuses (and closes) connections from it
@@ -49,6 +50,8 @@ runs nothing.`;
 const OWN_FLAGS = new Set(["--pass", "--nick", "--reason", "--address", "--after", "--limit", "--user"]);
 /** Flags of the commands that take no value. */
 const OWN_SWITCHES = new Set(["--init"]);
+/** Users a page of `user list` (the admin port's largest). */
+const LIST_PAGE = 1000;
 
 interface Parsed {
   positional: string[];
@@ -187,7 +190,7 @@ async function direct(config: Config, init: boolean): Promise<Backend> {
       exportTo: async (user, out) => {
         const uid = user === undefined ? undefined : (await a.resolve(user)).uid;
         for await (const line of exportRecords(core.services.storage, uid)) {
-          if (!out.write(line)) await new Promise((r) => out.once("drain", r));
+          if (!(await writeOut(out, line))) return;
         }
       },
     },
@@ -278,7 +281,10 @@ function viaAdmin(config: Config): Backend {
         const res = await reach("GET", "/export" + (user !== undefined ? `?user=${encodeURIComponent(user)}` : ""));
         if (res.statusCode !== 200) await answer(res); // throws the server's error
         for await (const chunk of res) {
-          if (!out.write(chunk as Buffer)) await new Promise((r) => out.once("drain", r));
+          if (!(await writeOut(out, chunk as Buffer))) {
+            res.destroy();
+            return;
+          }
         }
       },
     },
@@ -311,10 +317,77 @@ function readPassword(p: Parsed): string {
   return line;
 }
 
+/**
+ * The most words (a sub-command, names) `command` takes. A word more is a mistake, so
+ * it is refused before anything is done: `user del mallory bob` deleted mallory and
+ * said nothing of bob, and `ban mallory --address <ip>` banned the address alone.
+ */
+function wordsOf(command: string, p: Parsed): number {
+  switch (command) {
+    case "user":
+      return p.positional[0] === "list" ? 1 : 2;
+    case "ban":
+    case "unban":
+      if (p.own.has("address") && p.positional.length > 0) throw new ConfigError(`give either a login or --address, not both`);
+      return p.own.has("address") ? 0 : 1;
+    case "kick":
+    case "registration":
+    case "backup":
+    case "restore":
+      return 1;
+    default:
+      return 0;
+  }
+}
+
 function need(p: Parsed, i: number, what: string): string {
   const v = p.positional[i];
   if (v === undefined) throw new ConfigError(`missing ${what} (see wirechat help)`);
   return v;
+}
+
+/** Each output's first failure (null: none yet), heard from its first write on. */
+const outFailures = new WeakMap<NodeJS.WritableStream, Error | null>();
+
+/** Whether `out` may still be written: false once its reader has gone (EPIPE); another failure is thrown. */
+function outUsable(out: NodeJS.WritableStream): boolean {
+  const failed = outFailures.get(out);
+  if (!failed) return true;
+  if ((failed as NodeJS.ErrnoException).code !== "EPIPE") throw failed;
+  return false;
+}
+
+/**
+ * Writes `chunk` to `out`, waiting for its drain; false once its reader has gone away
+ * (`wirechat export | head`: EPIPE), after which the command writes nothing more and
+ * ends quietly. It failed with an unhandled 'error' event and a stack trace before.
+ * Another failure (a full disk behind `> file`) is thrown.
+ */
+async function writeOut(out: NodeJS.WritableStream, chunk: string | Buffer): Promise<boolean> {
+  if (!outFailures.has(out)) {
+    outFailures.set(out, null);
+    out.on("error", (err: Error) => {
+      if (!outFailures.get(out)) outFailures.set(out, err);
+    });
+  }
+  if (!outUsable(out)) return false;
+  if (!out.write(chunk)) {
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        out.off("drain", done).off("error", done).off("close", done);
+        resolve();
+      };
+      out.on("drain", done).on("error", done).on("close", done);
+    });
+  }
+  return outUsable(out);
+}
+
+/** Waits until what was written to `out` is flushed; throws a failure other than EPIPE. */
+async function flushOut(out: NodeJS.WritableStream): Promise<void> {
+  if (!outFailures.has(out) || !outUsable(out)) return;
+  await new Promise<void>((resolve) => out.write("", () => resolve()));
+  outUsable(out);
 }
 
 function print(v: unknown): void {
@@ -338,6 +411,8 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
     process.stdout.write(`wirechat ${packageVersion()}\n`);
     return 0;
   }
+  const words = wordsOf(command, p);
+  if (p.positional.length > words) throw new ConfigError(`unexpected '${p.positional[words]}' (see wirechat help)`);
   if (command === "check") {
     const c = p.config;
     // What start-up would read besides the options: the TLS certificate and key, as a pair.
@@ -347,8 +422,6 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
       } catch (err) {
         throw new ConfigError(`--tls-cert ${c.tlsCert} / --tls-key ${c.tlsKey}: ${(err as Error).message}`);
       }
-    } else if (c.tlsCert || c.tlsKey) {
-      process.stderr.write("wirechat check: --tls-cert and --tls-key go together; with one of them TLS stays off\n");
     }
     process.stdout.write(`configuration OK${c.config ? ` (${c.config})` : ""}: port ${c.port}, data dir ${c.dataDir}, admin ${c.admin === "on" ? `${c.adminHost}:${c.adminPort}` : "off"}\n`);
     return 0;
@@ -390,14 +463,24 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
           print(await ops.passwd(user, readPassword(p)));
         } else if (sub === "show") print(await ops.show(need(p, 1, "the user")));
         else if (sub === "list") {
-          const given = p.own.get("limit") ?? "100";
-          const limit = Number(given);
-          if (!/^\d+$/.test(given) || limit < 1 || limit > 1000) throw new ConfigError(`--limit: expected a whole number from 1 to 1000, got "${given}"`);
-          for (const u of await ops.list(p.own.get("after") ?? "", limit)) {
-            // In cluster mode, the other nodes it is online on too (presence counts nodes, not their connections).
-            const away = u.onlineElsewhere ?? 0;
-            const online = u.online > 0 || away > 0 ? `\tonline(${u.online}${away > 0 ? ` here, on ${away} other node${away === 1 ? "" : "s"}` : ""})` : "";
-            process.stdout.write(`${u.uid}\t${u.login}\t${u.nick}${online}${u.banned ? "\tbanned" : ""}\n`);
+          // Every user, a page at a time, unless --limit says how many (it stopped at 100
+          // without a word that more were there).
+          const given = p.own.get("limit");
+          const limit = Number(given ?? LIST_PAGE);
+          if (given !== undefined && (!/^\d+$/.test(given) || limit < 1 || limit > LIST_PAGE)) {
+            throw new ConfigError(`--limit: expected a whole number from 1 to ${LIST_PAGE}, got "${given}"`);
+          }
+          let after = p.own.get("after") ?? "";
+          for (;;) {
+            const page = await ops.list(after, limit);
+            for (const u of page) {
+              // In cluster mode, the other nodes it is online on too (presence counts nodes, not their connections).
+              const away = u.onlineElsewhere ?? 0;
+              const online = u.online > 0 || away > 0 ? `\tonline(${u.online}${away > 0 ? ` here, on ${away} other node${away === 1 ? "" : "s"}` : ""})` : "";
+              if (!(await writeOut(process.stdout, `${u.uid}\t${u.login}\t${u.nick}${online}${u.banned ? "\tbanned" : ""}\n`))) return 0;
+            }
+            if (given !== undefined || page.length < limit) break;
+            after = page[page.length - 1].uid;
           }
         } else throw new ConfigError(`unknown user command '${sub}' (add, del, passwd, list, show)`);
         return 0;
@@ -436,6 +519,7 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
         const user = p.own.get("user");
         if (user === "") throw new ConfigError("--user needs a login or uid (leave it out to export the whole server)");
         await ops.exportTo(user, process.stdout);
+        await flushOut(process.stdout);
         return 0;
       }
       default:

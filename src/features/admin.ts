@@ -47,6 +47,8 @@ export interface AdminOps {
   registration(open?: boolean): Promise<"open" | "closed">;
 }
 
+/** A ban's reason, in characters (the admin port and the offline CLI alike). */
+const BAN_REASON_MAX = 256;
 /** User records read at a time by list (each may hold a picture of up to --max-picture). */
 const LIST_PAGE = 64;
 
@@ -113,6 +115,7 @@ export function registerAdmin(sv: Services, accounts: AccountOps): AdminOps {
       return { uid: u.uid, connections };
     },
     async ban(kind, value, reason) {
+      if ([...reason].length > BAN_REASON_MAX) throw new ProtocolError(Code.InvalidData, `the reason is over ${BAN_REASON_MAX} characters`);
       // A user may be named by uid too; the ban is always on the login (what auth checks).
       const u = kind === "login" ? await resolve(value) : undefined;
       const key = u ? u.login : canonicalAddress(value);
