@@ -906,6 +906,37 @@ describe("WirechatClient", () => {
     }
   });
 
+  it("connect() with several servers goes on to the next when one is down or turns it away", async () => {
+    // A port nothing listens on: ECONNREFUSED. Its socket's 'close' came after the next
+    // attempt had begun and took that attempt's welcome waiter: connect() never settled.
+    const probe = net.createServer();
+    await new Promise<void>((r) => probe.listen(0, "127.0.0.1", () => r()));
+    const down = (probe.address() as net.AddressInfo).port;
+    await new Promise<void>((r) => probe.close(() => r()));
+    const server = await startTestServer({ ...noAdmin, maxConnections: 1 });
+    try {
+      const c = await WirechatClient.connect({ servers: [{ port: down }, { port: server.port }], ack: false, connectTimeoutMs: 5000 });
+      clients.push(c);
+      expect(typeof (await c.ping())).toBe("number");
+      // The server full (--max-connections 1): turned away (16), then the next is down: the last error.
+      const e = await rejection(WirechatClient.connect({ servers: [{ port: server.port }, { port: down }], ack: false, connectTimeoutMs: 5000 }));
+      expect(e.code).toBe(ClientCode.Closed);
+      // Turned away by the first, taken by the second.
+      const other = await startTestServer(noAdmin);
+      try {
+        const d = await WirechatClient.connect({ servers: [{ port: server.port }, { port: other.port }], ack: false, connectTimeoutMs: 5000 });
+        clients.push(d);
+        expect(typeof (await d.ping())).toBe("number");
+      } finally {
+        await other.stop();
+        removeDir(other.services.config.dataDir);
+      }
+    } finally {
+      await server.stop();
+      removeDir(server.services.config.dataDir);
+    }
+  });
+
   it("rejects connect() with a WirechatError whose cause is the socket's error when the connection fails", async () => {
     // A port nothing listens on: ECONNREFUSED.
     const probe = net.createServer();

@@ -990,7 +990,10 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         socket.destroy();
       }, this.opts.connectTimeoutMs ?? 10_000);
       const fail = (err: Error) => {
-        if (!this.welcomeWaiter) return;
+        // This attempt's waiter only: a socket that failed reports its 'close' later,
+        // when connect() may be waiting for the next server's welcome (it took that
+        // waiter, the welcome then matched no request, and connect() never settled).
+        if (this.welcomeWaiter !== waiter) return;
         this.welcomeWaiter = undefined;
         clearTimeout(timer);
         // The one error type the client rejects with (errors.ts): a socket's own error
@@ -1001,7 +1004,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         wrapped.cause = err;
         reject(wrapped);
       };
-      this.welcomeWaiter = {
+      const waiter: typeof this.welcomeWaiter = {
         resolve: (w) => {
           this.welcomeWaiter = undefined;
           clearTimeout(timer);
@@ -1010,6 +1013,7 @@ export class WirechatClient extends EventEmitter<ClientEvents> {
         },
         reject: fail,
       };
+      this.welcomeWaiter = waiter;
       socket.on("data", (chunk: Buffer) => {
         this.lastRead = Date.now();
         this.onData(socket, chunk);
