@@ -7,6 +7,7 @@ import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import net from "node:net";
+import { Readable } from "node:stream";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach, describe, expect, it } from "vitest";
@@ -641,6 +642,118 @@ describe("wirechat chat", () => {
       await dropProxy(proxy, links, bob);
     }
   }, 40_000);
+
+  it("piped input that ends at once is still sent whole over a slow link (each line gets 2 s, not all of them together)", async () => {
+    const bob = await libUser();
+    // 50 ms each way: a line takes ~100 ms, 40 of them ~4 s (past the 2 s grace).
+    const proxy = net.createServer((inbound) => {
+      const outbound = net.connect(srv.port, "127.0.0.1");
+      const later = (to: net.Socket) => (chunk: Buffer) => void setTimeout(() => to.destroyed || to.write(chunk), 50);
+      inbound.on("data", later(outbound));
+      outbound.on("data", later(inbound));
+      for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+        a.on("close", () => setTimeout(() => b.destroy(), 60));
+        a.on("error", () => b.destroy());
+      }
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    try {
+      const port = (proxy.address() as net.AddressInfo).port;
+      const dana = cli(["--port", String(port), "--login", uniqueName("dana"), "--pass", "pw", "--register"]);
+      // Written once it is logged in (input that ended before had no grace at all).
+      await dana.waitOut(/logged in as/);
+      const lines = [`/msg ${bob.nick}`, ...Array.from({ length: 40 }, (_, i) => `slow ${i}`)];
+      dana.proc.stdin.end(lines.join("\n") + "\n");
+      expect(await dana.exited).toBe(0);
+      await waitFor(() => bob.inbox.length === 40, 10_000, "bob's 40 messages");
+      expect(bob.inbox.map((m) => m.body)).toEqual(Array.from({ length: 40 }, (_, i) => `slow ${i}`));
+    } finally {
+      proxy.close();
+      await bob.c.close();
+    }
+  }, 60_000);
+
+  it("names at login the channels and contacts it knew from before; /join shows the channel's attachments", async () => {
+    const bob = await libUser();
+    const carolLib = await libUser();
+    const carolLogin = carolLib.nick.toLowerCase();
+    const channel = uniqueName("named");
+    const chid = await carolLib.c.createChannel(channel);
+    await bob.c.enter(chid);
+    await carolLib.c.addContact(bob.uid);
+    const file = Buffer.from("attached to the channel");
+    const sent = await bob.c.sendAttachment({ channel: chid }, Readable.from([file]), { mime: "text/plain", size: file.length });
+    await carolLib.c.close();
+    const carol = cli(["--port", String(srv.port), "--login", carolLogin, "--pass", "secret"]);
+    try {
+      await carol.waitOut(/logged in as/);
+      // Bob's message in the channel, and his presence, named (not #<chid>, not his uid).
+      await bob.c.sendMessage({ channel: chid }, "by name");
+      await carol.waitOut(new RegExp(`#${channel} <${bob.nick}> by name`));
+      await bob.c.close();
+      await carol.waitOut(new RegExp(`\\* ${bob.nick} is offline`));
+      // enter's last_msg has no attachments: /join reads them from history.
+      carol.type(`/join #${channel}`);
+      await carol.waitOut(new RegExp(`\\[attachment text/plain, ${file.length} B; /save ${sent.mid} FILE\\]`));
+      const saved = path.join(newDir(), "saved.txt");
+      carol.type(`/save ${sent.mid} ${saved}`);
+      await carol.waitOut(/saved /);
+      expect(readFileSync(saved)).toEqual(file);
+      carol.type("/quit");
+      expect(await carol.exited).toBe(0);
+    } finally {
+      await bob.c.close();
+    }
+  }, 30_000);
+
+  it("an /attach that got no reply is stored once when sent again (its cmid kept), and --timeout applies to it", async () => {
+    const bob = await libUser();
+    const { links, serve } = linkProxy();
+    const hooks: ProxyHooks = {};
+    const proxy = serve(hooks);
+    let down = false;
+    proxy.prependListener("connection", (s: net.Socket) => {
+      if (down) s.destroy();
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    const file = path.join(newDir(), "note.txt");
+    writeFileSync(file, "sent twice, stored once");
+    try {
+      const erin = cli(["--port", String(port), "--timeout", "2", "--login", uniqueName("erin"), "--pass", "pw", "--register"]);
+      await erin.waitOut(/logged in as/);
+      erin.type(`/msg ${bob.nick}`);
+      await erin.waitOut(/talking to /);
+      hooks.cutOn = '{"action":"message","data":{"status":0';
+      down = true;
+      erin.type(`/attach ${file}`);
+      // Within --timeout (2 s) of the lost reply, not a fixed 120 s.
+      await erin.waitOut(/may have been stored; \/attach it again to send it once/, 20_000);
+      down = false;
+      await erin.waitOut(/reconnected/, 30_000);
+      erin.type(`/attach ${file}`);
+      await erin.waitOut(/\* sent .*note\.txt \(message \d+\)/);
+      await waitFor(() => bob.inbox.length >= 1, 10_000, "bob's attachment");
+      await sleep(300);
+      expect(bob.inbox).toHaveLength(1);
+      expect((await bob.c.history({ uid: bob.inbox[0].from })).length).toBe(1);
+      erin.type("/quit");
+      expect(await erin.exited).toBe(0);
+    } finally {
+      await dropProxy(proxy, links, bob);
+    }
+  }, 60_000);
+
+  it("ends quietly when its output's reader goes away (| head), without a stack trace", async () => {
+    const bob = await libUser();
+    const erin = cli(["--port", String(srv.port), "--login", uniqueName("erin"), "--pass", "pw", "--register"]);
+    erin.proc.stdout.destroy();
+    erin.type("/help");
+    erin.type("/help");
+    expect(await erin.exited).toBe(0);
+    expect(erin.err()).not.toMatch(/EPIPE|Error|at /);
+    await bob.c.close();
+  });
 
   it("prints --raw events as the server's frames", async () => {
     const bob = await libUser();

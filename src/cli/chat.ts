@@ -6,6 +6,7 @@
 // time, in order, so output is deterministic.
 
 import { readFileSync } from "node:fs";
+import path from "node:path";
 import readline from "node:readline";
 import type { Readable, Writable } from "node:stream";
 import {
@@ -75,14 +76,17 @@ Options:
                          with { are sent as raw requests
   --no-color             no ANSI colours even on a terminal (also NO_COLOR=1)
   --no-reconnect         exit when the connection is lost instead of reconnecting
-  --timeout SECONDS      how long a request (a message among them) waits for its
-                         reply, through an outage too (default 30); a message that
-                         got none may have been stored: typed again, it is stored once
+  --timeout SECONDS      how long a request (a message or a file among them) waits
+                         for its reply (a file's from its last byte), through an
+                         outage too (default 30); a message or file that got none
+                         may have been stored: sent again, it is stored once
   -h, --help             this text
   -v, --version          the version
 
-Exit status: 0 after /quit or end of input, 1 when connecting or logging in fails
-or the connection is lost for good, 2 for a usage error.`;
+After /quit or the end of input, the lines before it are still handled, each given
+2 s. Exit status: 0 after /quit or end of input, 1 when connecting or logging in
+fails, the connection is lost for good, or a line took longer than that as you left
+(the lines after it are not sent), 2 for a usage error.`;
 
 const COMMANDS_HELP = `Commands:
   /msg NICK [TEXT]     talk to NICK: sends TEXT, and makes NICK the current conversation
@@ -330,6 +334,12 @@ class LineQueue {
     w?.();
   }
 
+  /** Lines read and not handled, up to a /quit among them (what follows it never would be). */
+  unhandled(): number {
+    const quit = this.lines.findIndex((l) => /^\/(quit|exit)\b/i.test(l.trim()));
+    return (quit < 0 ? this.lines : this.lines.slice(0, quit)).filter((l) => l.trim() !== "").length;
+  }
+
   async next(): Promise<string | undefined> {
     for (;;) {
       if (this.interrupted) return undefined;
@@ -344,8 +354,10 @@ class LineQueue {
 
 type Conversation = { kind: "user"; uid: string; nick: string } | { kind: "channel"; chid: string; name: string };
 
-/** How long a command still running may take once the user has asked to leave. */
+/** How long each command may take once the user has asked to leave. */
 const QUIT_GRACE_MS = 2000;
+/** Conversations whose names (channels, people) a session learns at login. */
+const NAMES_AT_LOGIN = 500;
 
 /** Channels whose newest message shown is remembered, for the catch-up after a reconnect. */
 const SEEN_CHANNELS = 64;
@@ -405,7 +417,7 @@ class ChatSession {
    * message sent, goes with its cmid, so that it is stored once (see sendAndShow). Its
    * echo shown meanwhile says it was stored: then it is forgotten.
    */
-  private unconfirmed: { to: string; text: string; cmid: string } | undefined;
+  private unconfirmed: { kind: "text" | "file"; to: string; text: string; cmid: string } | undefined;
 
   constructor(
     private readonly client: WirechatClient,
@@ -443,7 +455,7 @@ class ChatSession {
         if (!remember(this.ownShown, d.mid, OWN_KEPT)) return;
       }
       const u = this.unconfirmed;
-      if (u !== undefined && d.from === this.client.uid && d.body === u.text && u.to === (d.chid === undefined ? `@${d.to}` : `#${d.chid}`)) this.unconfirmed = undefined;
+      if (u?.kind === "text" && d.from === this.client.uid && d.body === u.text && u.to === (d.chid === undefined ? `@${d.to}` : `#${d.chid}`)) this.unconfirmed = undefined;
     }
     if ((ev.action === "ev_enter" || ev.action === "ev_leave") && d.uid) this.nicks.set(d.uid, d.nick);
     if (this.raw) {
@@ -691,13 +703,13 @@ class ChatSession {
    */
   private async sendAndShow(to: { uid: string } | { channel: string }, text: string): Promise<void> {
     const key = "uid" in to ? `@${to.uid}` : `#${to.channel}`;
-    const again = this.unconfirmed?.to === key && this.unconfirmed.text === text ? this.unconfirmed.cmid : undefined;
+    const again = this.unconfirmed?.kind === "text" && this.unconfirmed.to === key && this.unconfirmed.text === text ? this.unconfirmed.cmid : undefined;
     let sent;
     try {
       sent = await this.client.sendMessage(to, text, again === undefined ? {} : { cmid: again });
     } catch (err) {
       if (!(err instanceof WirechatError) || err.cmid === undefined) throw err;
-      this.unconfirmed = { to: key, text, cmid: err.cmid };
+      this.unconfirmed = { kind: "text", to: key, text, cmid: err.cmid };
       throw new Error(`${err.message}: it may have been stored; type it again to send it once`);
     }
     // Only the very next message can be its retype: a later one of the same text is a
@@ -805,14 +817,38 @@ class ChatSession {
     for (const u of users) this.nicks.set(u.uid, u.nick);
     this.target = { kind: "channel", chid, name: this.channels.get(chid) ?? name };
     this.info(`* now talking in #${this.target.name} (${users.length} member${users.length === 1 ? "" : "s"}, ${users.filter((u) => u.online).length} online)`);
-    // Shown once (one that came live while enter read it is not shown again), and
+    // enter's last_msg carries no attachments (a message of a file alone showed as a
+    // blank line, and /save did not know it): the same messages read from history,
+    // which has them. Shown once (one that came live meanwhile is not shown again), and
     // followed from here: a reconnect catches up on what the channel got meanwhile,
     // also before any live message came in it.
-    for (const msg of last_msg) {
+    const recent = last_msg.length === 0 ? [] : await this.client.latest({ channel: chid }, last_msg.length);
+    for (const msg of recent) {
       if (/^[0-9]+$/.test(msg.mid) && !this.seen(chid, BigInt(msg.mid))) continue;
+      if (hasAttachment(msg.attach)) this.keepAttachment(msg.mid, msg.attach);
       this.screen.line(this.messageLine(msg, chid, undefined));
     }
-    if (last_msg.length === 0) this.follow(chid, 0n);
+    if (recent.length === 0) this.follow(chid, 0n);
+  }
+
+  /**
+   * Names for what events name by id: contacts' nicks, and the channels and people of
+   * the newest conversations (dialogs). Without them a fresh session showed `#1
+   * <Bob>`, `* 3ff3c1f50fe4 is online`, `-> d0034669c7e6:` for what it knew from before.
+   * Best effort: a failure leaves the ids.
+   */
+  async learnNames(): Promise<void> {
+    try {
+      const [contacts, dialogs] = await Promise.all([this.client.contactList(), this.client.request("dialogs", { limit: NAMES_AT_LOGIN })]);
+      for (const c of contacts) this.nicks.set(c.uid, c.nick);
+      for (const row of dialogs.dialogs ?? []) {
+        const d = row as { chid?: unknown; name?: unknown; uid?: unknown; nick?: unknown };
+        if (typeof d.chid === "string" && typeof d.name === "string") this.channels.set(d.chid, d.name);
+        else if (typeof d.uid === "string" && typeof d.nick === "string" && d.nick !== "") this.nicks.set(d.uid, d.nick);
+      }
+    } catch (err) {
+      this.info(`* names not loaded (${errText(err)}): ids are shown until they are`);
+    }
   }
 
   private async leave(): Promise<void> {
@@ -865,12 +901,27 @@ class ChatSession {
     const file = rest.trim();
     if (!file) throw new Error("usage: /attach FILE");
     const t = this.needTarget();
-    const r = await this.client.sendFile(this.toOf(t), file, {
-      mime: guessMime(file),
-      onProgress: (sent, total) => this.screen.bar(progressBar(sent, total)),
-      // A large file can take a while to store; the reply comes after the last byte.
-      timeoutMs: 120_000,
-    });
+    // As a message (sendAndShow): one that got no reply may be stored; the same file
+    // sent again to the same conversation, next, goes with its cmid and is stored once.
+    // (The reply's clock, --timeout, runs from the file's last byte: the library's.)
+    const key = t.kind === "user" ? `@${t.uid}` : `#${t.chid}`;
+    const what = `file ${path.resolve(file)}`;
+    const u = this.unconfirmed;
+    const again = u?.kind === "file" && u.to === key && u.text === what ? u.cmid : undefined;
+    let r;
+    try {
+      r = await this.client.sendFile(this.toOf(t), file, {
+        mime: guessMime(file),
+        onProgress: (sent, total) => this.screen.bar(progressBar(sent, total)),
+        ...(again === undefined ? {} : { cmid: again }),
+      });
+    } catch (err) {
+      this.screen.endBar();
+      if (!(err instanceof WirechatError) || err.cmid === undefined) throw err;
+      this.unconfirmed = { kind: "file", to: key, text: what, cmid: err.cmid };
+      throw new Error(`${err.message}: it may have been stored; /attach it again to send it once`);
+    }
+    this.unconfirmed = undefined;
     this.screen.endBar();
     this.info(`* sent ${file} (message ${r.mid})`);
   }
@@ -1004,6 +1055,16 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
     prompt: "> ",
   });
   const queue = new LineQueue(rl);
+  // Output whose reader went away (`wirechat chat … | head`): nobody sees the session
+  // any more, so it ends quietly (an unhandled EPIPE ended it with a stack trace).
+  let outputGone = false;
+  io.stdout.on("error", (err: NodeJS.ErrnoException) => {
+    if (outputGone) return;
+    outputGone = true;
+    if (err.code !== "EPIPE") io.stderr.write(`wirechat chat: cannot write to stdout: ${err.message}\n`);
+    queue.interrupted = true;
+    queue.wake();
+  });
   let client: WirechatClient | undefined;
   const fail = (text: string): number => {
     io.stderr.write(`wirechat chat: ${text}\n`);
@@ -1073,36 +1134,63 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       queue.wake();
     });
     screen.line(p.info(`* logged in as ${client.nick} (${client.uid}) on ${args.host}; /help for commands`));
+    await session.learnNames();
     screen.attach(rl);
     if (tty) {
       rl.on("SIGINT", () => rl.close());
       rl.prompt();
     }
 
-    // A command still running when the user asks to leave (a message held through an
-    // outage waits for its 30 s timeout, an /attach for its upload) gets a moment to
-    // finish; then the connection is dropped and the loop reaches the quit.
+    // Once the user has asked to leave (/quit, end of input, Ctrl-C), what they typed
+    // before is still handled, in order, but each command gets QUIT_GRACE_MS (a message
+    // held through an outage waits for its timeout, an /attach for its upload): past
+    // it the connection is dropped and the rest is not sent. The grace ran from the
+    // request to leave for all of them: piped input whose end came at once lost every
+    // line not handled within 2 s, and exited 0.
     let busy = false;
-    queue.onLeave = () => {
-      if (!busy) return;
-      setTimeout(() => {
+    let leaving = false;
+    let cutShort: string | undefined;
+    let grace: NodeJS.Timeout | undefined;
+    const startGrace = (line: string) => {
+      clearTimeout(grace);
+      grace = setTimeout(() => {
         if (!busy) return;
+        cutShort = line;
         quitting = true;
         client?.destroy();
-      }, QUIT_GRACE_MS).unref();
+        queue.interrupted = true;
+        queue.wake();
+      }, QUIT_GRACE_MS);
+      grace.unref();
+    };
+    let current = "";
+    queue.onLeave = () => {
+      if (!leaving && busy) startGrace(current);
+      leaving = true;
     };
     for (;;) {
       const line = await queue.next();
       if (line === undefined) break;
       busy = true;
+      current = line;
+      if (leaving) startGrace(line);
       try {
         if (!(await session.handle(line))) break;
       } finally {
         busy = false;
+        clearTimeout(grace);
       }
       if (tty) rl.prompt();
     }
     quitting = true;
+    if (outputGone) {
+      client.destroy();
+      return 0;
+    }
+    if (cutShort !== undefined) {
+      const left = queue.unhandled();
+      return fail(`gave up waiting for the server after ${QUIT_GRACE_MS / 1000} s on "${cutShort.slice(0, 60)}" as you left${left > 0 ? `; ${left} line${left === 1 ? "" : "s"} after it not sent` : ""}`);
+    }
     if (loggedOut !== undefined) return fail(`logged out by the server: ${loggedOut}`);
     if (lostForGood) return fail(`connection lost: ${errText(lostForGood)}`);
     await client.close();
