@@ -7,12 +7,15 @@
 // filled one user's bound and then sent one message to each of 65,536 other existing
 // users away pushed it out and could send the whole bound again, as often as it liked.
 // So low counts go first: a count under `heavyFrom` (64, or the bound when that is
-// lower) is forgotten before any higher one, the least recently added to first, and a
-// high count only once every count kept is high. Resetting a filled count then takes
-// `heavyFrom` messages stored for each of the other users counted (4.2 million with
-// the defaults) to gain one bound's worth (10,000) for the one.
+// lower) is forgotten before any higher one, the least recently added to first, while
+// fewer than half the counts kept are high; from half on, the high one least recently
+// added to goes (so high counts of users who never come back cannot fill the table
+// and leave the low ones a handful of places, each pushed out by the next). Resetting
+// a filled count then takes `heavyFrom` messages stored for each of half the users
+// counted (2.1 million with the defaults) to gain one bound's worth (10,000) for the
+// one, and resetting a low one (under 64) half the table's new recipients.
 
-/** A count from here up is heavy (at most; see heavyFrom): forgotten only after every light one. */
+/** A count from here up is heavy (at most; see heavyFrom): forgotten after the light ones, until half are heavy. */
 export const HEAVY_FROM = 64;
 
 export class AwayCounts {
@@ -57,7 +60,7 @@ export class AwayCounts {
   }
 
   private forgetOne(): void {
-    const from = this.light.size > 0 ? this.light : this.heavy;
+    const from = this.light.size > 0 && this.heavy.size < this.max / 2 ? this.light : this.heavy;
     const first = from.keys().next();
     if (!first.done) from.delete(first.value);
   }

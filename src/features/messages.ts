@@ -121,7 +121,7 @@ export function registerMessages(sv: Services): void {
    * only past the 16 MiB it must have read (PROTOCOL.md "Confirmed delivery"), so a
    * light user's inbox keeps everything ever sent to them. Only existing users are
    * counted, and at most AWAY_COUNTED of them: past it a low count begins again before
-   * a high one (away-counts.ts).
+   * a high one, until half are high (away-counts.ts).
    */
   const away = new AwayCounts(AWAY_COUNTED, () => config.maxInbox);
   sv.hooks.onPresence((uid) => void away.delete(uid));
