@@ -636,8 +636,10 @@ describe("wirechat chat", () => {
       await sleep(200);
       const asked = Date.now();
       erin.type("/quit");
-      await erin.exited;
+      // Exit 1, saying what it gave up on.
+      expect(await erin.exited).toBe(1);
       expect(Date.now() - asked).toBeLessThan(15_000);
+      expect(erin.err()).toMatch(/gave up waiting for the server after 2 s on "are you there\?" as you left/);
     } finally {
       await dropProxy(proxy, links, bob);
     }
@@ -660,10 +662,12 @@ describe("wirechat chat", () => {
     try {
       const port = (proxy.address() as net.AddressInfo).port;
       const dana = cli(["--port", String(port), "--login", uniqueName("dana"), "--pass", "pw", "--register"]);
-      // Written once it is logged in (input that ended before had no grace at all).
-      await dana.waitOut(/logged in as/);
+      // The input ends while the first lines are being sent (the grace ran from there,
+      // for all of them together).
       const lines = [`/msg ${bob.nick}`, ...Array.from({ length: 40 }, (_, i) => `slow ${i}`)];
-      dana.proc.stdin.end(lines.join("\n") + "\n");
+      dana.proc.stdin.write(lines.join("\n") + "\n");
+      await waitFor(() => bob.inbox.length >= 1, 10_000, "bob's first message");
+      dana.proc.stdin.end();
       expect(await dana.exited).toBe(0);
       await waitFor(() => bob.inbox.length === 40, 10_000, "bob's 40 messages");
       expect(bob.inbox.map((m) => m.body)).toEqual(Array.from({ length: 40 }, (_, i) => `slow ${i}`));
@@ -673,7 +677,7 @@ describe("wirechat chat", () => {
     }
   }, 60_000);
 
-  it("names at login the channels and contacts it knew from before; /join shows the channel's attachments", async () => {
+  it("names at login the channels and contacts it knew from before; /join marks a message of a file alone, and /save reads it from history", async () => {
     const bob = await libUser();
     const carolLib = await libUser();
     const carolLogin = carolLib.nick.toLowerCase();
@@ -692,9 +696,10 @@ describe("wirechat chat", () => {
       await carol.waitOut(new RegExp(`#${channel} <${bob.nick}> by name`));
       await bob.c.close();
       await carol.waitOut(new RegExp(`\\* ${bob.nick} is offline`));
-      // enter's last_msg has no attachments: /join reads them from history.
+      // enter's last_msg has no attachments: a message of a file alone is marked, and
+      // /save reads it from history.
       carol.type(`/join #${channel}`);
-      await carol.waitOut(new RegExp(`\\[attachment text/plain, ${file.length} B; /save ${sent.mid} FILE\\]`));
+      await carol.waitOut(new RegExp(`<${bob.nick}> \\[no text: an attachment\\? /save ${sent.mid} FILE\\]`));
       const saved = path.join(newDir(), "saved.txt");
       carol.type(`/save ${sent.mid} ${saved}`);
       await carol.waitOut(/saved /);
@@ -748,8 +753,7 @@ describe("wirechat chat", () => {
     const bob = await libUser();
     const erin = cli(["--port", String(srv.port), "--login", uniqueName("erin"), "--pass", "pw", "--register"]);
     erin.proc.stdout.destroy();
-    erin.type("/help");
-    erin.type("/help");
+    erin.proc.stdin.end();
     expect(await erin.exited).toBe(0);
     expect(erin.err()).not.toMatch(/EPIPE|Error|at /);
     await bob.c.close();

@@ -817,18 +817,17 @@ class ChatSession {
     for (const u of users) this.nicks.set(u.uid, u.nick);
     this.target = { kind: "channel", chid, name: this.channels.get(chid) ?? name };
     this.info(`* now talking in #${this.target.name} (${users.length} member${users.length === 1 ? "" : "s"}, ${users.filter((u) => u.online).length} online)`);
-    // enter's last_msg carries no attachments (a message of a file alone showed as a
-    // blank line, and /save did not know it): the same messages read from history,
-    // which has them. Shown once (one that came live meanwhile is not shown again), and
+    // Shown once (one that came live while enter read it is not shown again), and
     // followed from here: a reconnect catches up on what the channel got meanwhile,
-    // also before any live message came in it.
-    const recent = last_msg.length === 0 ? [] : await this.client.latest({ channel: chid }, last_msg.length);
-    for (const msg of recent) {
+    // also before any live message came in it. enter's last_msg carries no attachments
+    // (history reads them): a message without text showed as a blank line, and is
+    // marked now (/save reads it from history).
+    for (const msg of last_msg) {
       if (/^[0-9]+$/.test(msg.mid) && !this.seen(chid, BigInt(msg.mid))) continue;
-      if (hasAttachment(msg.attach)) this.keepAttachment(msg.mid, msg.attach);
-      this.screen.line(this.messageLine(msg, chid, undefined));
+      const line = this.messageLine(msg, chid, undefined);
+      this.screen.line(msg.body === "" && msg.attach === undefined ? `${line} ${this.p.info(`[no text: an attachment? /save ${msg.mid} FILE]`)}` : line);
     }
-    if (recent.length === 0) this.follow(chid, 0n);
+    if (last_msg.length === 0) this.follow(chid, 0n);
   }
 
   /**
@@ -929,10 +928,19 @@ class ChatSession {
   private async save(rest: string): Promise<void> {
     const m = /^(\d+)\s+(.+)$/.exec(rest.trim());
     if (!m) throw new Error("usage: /save MID FILE");
-    const attach = this.attachments.get(m[1]);
-    if (!attach) throw new Error(`no recent attachment in message ${m[1]}`);
+    const attach = this.attachments.get(m[1]) ?? (await this.attachmentFromHistory(m[1]));
+    if (!attach) throw new Error(`no attachment in message ${m[1]}${this.target ? " of this conversation" : ""}`);
     const n = await saveAttachment(attach, m[2]);
     this.info(`* saved ${sizeText(n)} to ${m[2]}`);
+  }
+
+  /** Message `mid`'s attachment, read from the current conversation's history (one a /join listed). */
+  private async attachmentFromHistory(mid: string): Promise<Attachment | undefined> {
+    if (this.target === undefined || !/^[0-9]{1,15}$/.test(mid)) return undefined;
+    const [msg] = await this.client.history({ ...this.toOf(this.target), before: String(BigInt(mid) + 1n), limit: 1 });
+    if (msg?.mid !== mid || !hasAttachment(msg.attach)) return undefined;
+    this.keepAttachment(mid, msg.attach);
+    return msg.attach;
   }
 
   private async req(rest: string): Promise<void> {
@@ -1055,17 +1063,47 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
     prompt: "> ",
   });
   const queue = new LineQueue(rl);
-  // Output whose reader went away (`wirechat chat … | head`): nobody sees the session
-  // any more, so it ends quietly (an unhandled EPIPE ended it with a stack trace).
-  let outputGone = false;
+  // Output that fails (its reader gone, `wirechat chat … | head`, or a full disk):
+  // nobody sees the session any more, so it ends, saying what it did not send (an
+  // unhandled EPIPE ended it with a stack trace).
+  let outputFailed: NodeJS.ErrnoException | undefined;
   io.stdout.on("error", (err: NodeJS.ErrnoException) => {
-    if (outputGone) return;
-    outputGone = true;
-    if (err.code !== "EPIPE") io.stderr.write(`wirechat chat: cannot write to stdout: ${err.message}\n`);
+    if (outputFailed !== undefined) return;
+    outputFailed = err;
     queue.interrupted = true;
     queue.wake();
   });
   let client: WirechatClient | undefined;
+  let quitting = false;
+  // Once the user has asked to leave (/quit, end of input, Ctrl-C), what they typed
+  // before is still handled, in order, but each command gets QUIT_GRACE_MS (a message
+  // held through an outage waits for its timeout, an /attach for its upload): past
+  // it the connection is dropped and the rest is not sent. The grace ran from the
+  // request to leave for all of them: piped input whose end came at once lost every
+  // line not handled within 2 s, and exited 0. (Set before the login: input that ends
+  // while it is under way is a request to leave too.)
+  let busy = false;
+  let leaving = false;
+  let cutShort: string | undefined;
+  let grace: NodeJS.Timeout | undefined;
+  const startGrace = (line: string) => {
+    clearTimeout(grace);
+    grace = setTimeout(() => {
+      if (!busy) return;
+      cutShort = line;
+      quitting = true;
+      client?.destroy();
+      queue.interrupted = true;
+      queue.wake();
+    }, QUIT_GRACE_MS);
+    grace.unref();
+  };
+  let current = "";
+  queue.onLeave = () => {
+    if (!leaving && busy) startGrace(current);
+    leaving = true;
+  };
+
   const fail = (text: string): number => {
     io.stderr.write(`wirechat chat: ${text}\n`);
     return 1;
@@ -1117,7 +1155,6 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       session.caughtUp().catch((err: unknown) => screen.line(p.error(`* ${errText(err)}`)));
     });
     let lostForGood: Error | undefined;
-    let quitting = false;
     let loggedOut: string | undefined;
     client.on("event", (ev) => {
       if (ev.action !== "ev_logout" || quitting) return;
@@ -1141,33 +1178,6 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       rl.prompt();
     }
 
-    // Once the user has asked to leave (/quit, end of input, Ctrl-C), what they typed
-    // before is still handled, in order, but each command gets QUIT_GRACE_MS (a message
-    // held through an outage waits for its timeout, an /attach for its upload): past
-    // it the connection is dropped and the rest is not sent. The grace ran from the
-    // request to leave for all of them: piped input whose end came at once lost every
-    // line not handled within 2 s, and exited 0.
-    let busy = false;
-    let leaving = false;
-    let cutShort: string | undefined;
-    let grace: NodeJS.Timeout | undefined;
-    const startGrace = (line: string) => {
-      clearTimeout(grace);
-      grace = setTimeout(() => {
-        if (!busy) return;
-        cutShort = line;
-        quitting = true;
-        client?.destroy();
-        queue.interrupted = true;
-        queue.wake();
-      }, QUIT_GRACE_MS);
-      grace.unref();
-    };
-    let current = "";
-    queue.onLeave = () => {
-      if (!leaving && busy) startGrace(current);
-      leaving = true;
-    };
     for (;;) {
       const line = await queue.next();
       if (line === undefined) break;
@@ -1183,9 +1193,12 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       if (tty) rl.prompt();
     }
     quitting = true;
-    if (outputGone) {
+    if (outputFailed !== undefined) {
       client.destroy();
-      return 0;
+      const left = queue.unhandled();
+      const unsent = left > 0 ? `; ${left} line${left === 1 ? "" : "s"} not sent` : "";
+      if (outputFailed.code !== "EPIPE") return fail(`cannot write to stdout: ${outputFailed.message}${unsent}`);
+      return left > 0 ? fail(`the output was closed${unsent}`) : 0;
     }
     if (cutShort !== undefined) {
       const left = queue.unhandled();
