@@ -286,6 +286,15 @@ describe("wirechat commands on a stopped data dir", () => {
     expect(r.error).toBeUndefined();
     expect({ status: r.status, stdout: r.stdout }).toEqual({ status: 1, stdout: "" });
     expect(r.stderr).toMatch(/^wirechat backup: cannot write a backup into \S+\/new\/b: ENOSPC/);
+    // No room for even its first file (three inodes: the root, new, b): what it made goes.
+    const inodes = script.replace("size=64k", "size=64k,nr_inodes=3");
+    const r0 = spawnSync("unshare", ["-rm", "sh", "-c", inodes, "sh", tmp(), process.execPath, main, dir], {
+      encoding: "utf8",
+      env: { ...process.env, WIRECHAT_LOG_LEVEL: "warn" },
+      timeout: 30_000,
+    });
+    expect({ status: r0.status, stdout: r0.stdout }).toEqual({ status: 1, stdout: "" });
+    expect(r0.stderr).toMatch(/ENOSPC.*db\.ndjson/);
     // Nothing of the data dir changed: a backup to a roomy place has all of it.
     const ok = json(cli(["backup", path.join(tmp(), "b"), "--data-dir", dir]));
     expect(ok).toMatchObject({ missing: 0 });

@@ -70,6 +70,8 @@ export async function backup(storage: Storage, blobs: BlobStore, dir: string, ve
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === "EEXIST") throw new ProtocolError(Code.AlreadyExist, `${target} is being written by another backup; choose a new directory`);
+    // (No file of its own there: the directories it made go, if still empty.)
+    if (created !== undefined) removeEmptyUpTo(target, created);
     throw unwritable(target, err);
   }
   // The directory is this backup's now: a failure takes back all it wrote (a full disk

@@ -232,7 +232,11 @@ class Line {
   /** Deferred replies not yet settled, and their frames' bytes. */
   deferred = 0;
   deferredBytes = 0;
-  /** Waiting for `deferred` to reach 0 before the next request. */
+  /**
+   * Parked until deferred replies settle: a request that is not pipelined waits for
+   * none to be left, the bounds on deferred requests and on replies in line for half
+   * (resumeAfterDeferred).
+   */
   awaitingDeferred = false;
   badFrames = 0;
   badSince = 0;
