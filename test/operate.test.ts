@@ -755,12 +755,21 @@ describe("configuration and signals", () => {
     const r = cli(["check", "--config", example, "--data-dir", "/var/lib/wirechat"]);
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/port 7788, data dir \/var\/lib\/wirechat, admin 127\.0\.0\.1:9090/);
+    // README shows it as it is (it showed registration closed, which the file does not say).
+    const readme = readFileSync(new URL("../README.md", import.meta.url), "utf8");
+    const at = readme.indexOf("[packaging/wirechat.example.json](packaging/wirechat.example.json)");
+    const block = /```json\n([\s\S]*?)```/.exec(readme.slice(at))?.[1];
+    expect(JSON.parse(block ?? "null")).toEqual(JSON.parse(readFileSync(example, "utf8")));
   });
 
   it("prints its version", () => {
     const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8"));
     expect(execFileSync(process.execPath, [main, "--version"], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);
     expect(execFileSync(process.execPath, [main, "version"], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);
+    // As every command: a word too many is refused, --help prints the help.
+    const extra = cli(["version", "extra"]);
+    expect({ status: extra.status, stderr: extra.stderr }).toEqual({ status: 2, stderr: expect.stringMatching(/unexpected 'extra'/) });
+    expect(cli(["version", "--help"]).stdout).toMatch(/^Operator commands/);
     // Everywhere: the chat client and help too.
     for (const args of [["chat", "--version"], ["chat", "-v", "--login", "x"], ["help", "--version"], ["serve", "-v"]]) {
       expect(execFileSync(process.execPath, [main, ...args], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);

@@ -396,10 +396,6 @@ function print(v: unknown): void {
 
 /** Runs one operator command; returns the exit code. */
 export async function runCommand(command: string, argv: readonly string[]): Promise<number> {
-  if (command === "version") {
-    process.stdout.write(`wirechat ${packageVersion()}\n`);
-    return 0;
-  }
   const p = split(argv);
   // Asked for help or the version, a command does nothing else: `user del bob --help`
   // must not delete bob.
@@ -413,6 +409,10 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
   }
   const words = wordsOf(command, p);
   if (p.positional.length > words) throw new ConfigError(`unexpected '${p.positional[words]}' (see wirechat help)`);
+  if (command === "version") {
+    process.stdout.write(`wirechat ${packageVersion()}\n`);
+    return 0;
+  }
   if (command === "check") {
     const c = p.config;
     // What start-up would read besides the options: the TLS certificate and key, as a pair.

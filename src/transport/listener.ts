@@ -253,9 +253,10 @@ export class Listener implements ConnectionTable, SlotCounter {
     });
   }
 
-  /** The doors its connections show: "tcp" and "tls" for the native door, else the door's name. */
+  /** The doors its connections show: "tcp" (and "tls" when it listens for TLS) for the native door, else the door's name. */
   get doors(): readonly string[] {
-    return this.front.name === "native" ? ["tcp", "tls"] : [this.front.name];
+    if (this.front.name !== "native") return [this.front.name];
+    return this.tlsServer !== undefined ? ["tcp", "tls"] : ["tcp"];
   }
 
   /**
