@@ -749,6 +749,37 @@ describe("wirechat chat", () => {
     }
   }, 60_000);
 
+  it("a password that starts like /quit is not a request to leave: a message held through an outage still goes", async () => {
+    const bob = await libUser();
+    const { links, serve } = linkProxy();
+    const proxy = serve();
+    let down = false;
+    proxy.prependListener("connection", (sock: net.Socket) => {
+      if (down) sock.destroy();
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+    const port = (proxy.address() as net.AddressInfo).port;
+    try {
+      const erin = cli(["--port", String(port), "--login", uniqueName("erin"), "--register"]);
+      erin.type("/exit-2024"); // the password, from stdin
+      await erin.waitOut(/logged in as/);
+      erin.type(`/msg ${bob.nick}`);
+      await erin.waitOut(/talking to /);
+      down = true;
+      for (const l of links) l.destroy();
+      await erin.waitOut(/connection lost/);
+      erin.type("held for 3 s");
+      await sleep(3000);
+      down = false;
+      await waitFor(() => bob.inbox.length === 1, 30_000, "the held message");
+      erin.type("/quit");
+      expect(await erin.exited).toBe(0);
+      expect(bob.inbox[0].body).toBe("held for 3 s");
+    } finally {
+      await dropProxy(proxy, links, bob);
+    }
+  }, 60_000);
+
   it("ends quietly when its output's reader goes away (| head), without a stack trace", async () => {
     const bob = await libUser();
     const erin = cli(["--port", String(srv.port), "--login", uniqueName("erin"), "--pass", "pw", "--register"]);

@@ -149,12 +149,15 @@ describe("--max-inbox's counts past the users they keep", () => {
     counts.add("d"); // high too: two of four
     counts.add("g"); // half are high: a, the high one least recently added to, goes
     expect([counts.get("a"), counts.get("d"), counts.get("e"), counts.get("f"), counts.get("g")]).toEqual([undefined, 2, 1, 1, 1]);
-    // High counts of users who never come back leave the low ones half the table.
-    const many = new AwayCounts(10, () => 1);
-    for (let i = 0; i < 10; i++) many.add(`gone${i}`); // all high (bound 1)
+    // High counts of users who never come back leave the low ones half the table (with
+    // low ones always first, u was pushed out by v and v by w: each new one by the next).
+    const many = new AwayCounts(10, () => 2);
+    for (let i = 0; i < 9; i++) for (let k = 0; k < 2; k++) many.add(`gone${i}`); // high (bound 2)
+    many.add("u");
     many.add("v");
     many.add("w");
-    expect([many.get("v"), many.get("w")]).toEqual([1, 1]);
+    expect([many.get("u"), many.get("v"), many.get("w")]).toEqual([1, 1, 1]);
+    expect([many.get("gone0"), many.get("gone1"), many.get("gone2")]).toEqual([undefined, undefined, 2]);
     many.delete("v");
     expect(many.get("v")).toBe(undefined);
     expect(many.size).toBe(9);

@@ -770,6 +770,8 @@ describe("configuration and signals", () => {
     const extra = cli(["version", "extra"]);
     expect({ status: extra.status, stderr: extra.stderr }).toEqual({ status: 2, stderr: expect.stringMatching(/unexpected 'extra'/) });
     expect(cli(["version", "--help"]).stdout).toMatch(/^Operator commands/);
+    // A bad variable (or config file) does not keep it from printing the version.
+    expect(cli(["version"], { env: { WIRECHAT_PORT: "abc" } })).toMatchObject({ status: 0, stdout: `wirechat ${pkg.version}\n` });
     // Everywhere: the chat client and help too.
     for (const args of [["chat", "--version"], ["chat", "-v", "--login", "x"], ["help", "--version"], ["serve", "-v"]]) {
       expect(execFileSync(process.execPath, [main, ...args], { encoding: "utf8" })).toBe(`wirechat ${pkg.version}\n`);

@@ -334,6 +334,11 @@ class LineQueue {
     w?.();
   }
 
+  /** Lines read and not handled, blank ones aside. */
+  queued(): number {
+    return this.lines.filter((l) => l.trim() !== "").length;
+  }
+
   /** Lines read and not handled, up to a /quit among them (what follows it never would be). */
   unhandled(): number {
     const quit = this.lines.findIndex((l) => /^\/(quit|exit)\b/i.test(l.trim()));
@@ -828,6 +833,7 @@ class ChatSession {
       this.screen.line(msg.body === "" && msg.attach === undefined ? `${line} ${this.p.info(`[no text: an attachment? /save ${msg.mid} FILE]`)}` : line);
     }
     if (last_msg.length === 0) this.follow(chid, 0n);
+    else this.info("* (attachments are not listed here: /history shows them)");
   }
 
   /**
@@ -937,8 +943,10 @@ class ChatSession {
   /** Message `mid`'s attachment, read from the current conversation's history (one a /join listed). */
   private async attachmentFromHistory(mid: string): Promise<Attachment | undefined> {
     if (this.target === undefined || !/^[0-9]{1,15}$/.test(mid)) return undefined;
-    const [msg] = await this.client.history({ ...this.toOf(this.target), before: String(BigInt(mid) + 1n), limit: 1 });
-    if (msg?.mid !== mid || !hasAttachment(msg.attach)) return undefined;
+    const n = BigInt(mid);
+    if (n + 1n > 999_999_999_999_999n) return undefined; // past any mid (15 digits)
+    const [msg] = await this.client.history({ ...this.toOf(this.target), before: String(n + 1n), limit: 1 });
+    if (msg?.mid !== String(n) || !hasAttachment(msg.attach)) return undefined;
     this.keepAttachment(mid, msg.attach);
     return msg.attach;
   }
@@ -1080,8 +1088,8 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
   // held through an outage waits for its timeout, an /attach for its upload): past
   // it the connection is dropped and the rest is not sent. The grace ran from the
   // request to leave for all of them: piped input whose end came at once lost every
-  // line not handled within 2 s, and exited 0. (Set before the login: input that ends
-  // while it is under way is a request to leave too.)
+  // line not handled within 2 s, and exited 0. (Set before the login, once the password
+  // is read: input that ends while the login is under way is a request to leave too.)
   let busy = false;
   let leaving = false;
   let cutShort: string | undefined;
@@ -1099,7 +1107,7 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
     grace.unref();
   };
   let current = "";
-  queue.onLeave = () => {
+  const onLeave = () => {
     if (!leaving && busy) startGrace(current);
     leaving = true;
   };
@@ -1111,6 +1119,10 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
 
   try {
     const pass = given ?? (await readPassword(rl, queue, io, tty));
+    // From here (not while the password is read: one may start with /quit), a request
+    // to leave; before the login, as input may end while it is under way.
+    queue.onLeave = onLeave;
+    if (queue.ended || queue.unhandled() < queue.queued()) onLeave(); // a /quit came meanwhile
     if (pass === undefined || pass === "") return fail("no password given");
 
     let tlsOpt: ConnectOptions["tls"];
@@ -1193,19 +1205,19 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
       if (tty) rl.prompt();
     }
     quitting = true;
+    // Why it ended, each that holds (an output that failed meanwhile is said too).
+    const left = queue.unhandled();
+    const unsent = left > 0 ? `; ${left} line${left === 1 ? "" : "s"} after it not sent` : "";
+    const output = outputFailed === undefined ? "" : outputFailed.code === "EPIPE" ? "; the output was closed" : `; cannot write to stdout: ${outputFailed.message}`;
+    if (cutShort !== undefined) return fail(`gave up waiting for the server after ${QUIT_GRACE_MS / 1000} s on "${cutShort.slice(0, 60)}" as you left (it may have been stored)${unsent}${output}`);
+    if (loggedOut !== undefined) return fail(`logged out by the server: ${loggedOut}${unsent}${output}`);
+    if (lostForGood) return fail(`connection lost: ${errText(lostForGood)}${unsent}${output}`);
     if (outputFailed !== undefined) {
       client.destroy();
-      const left = queue.unhandled();
-      const unsent = left > 0 ? `; ${left} line${left === 1 ? "" : "s"} not sent` : "";
-      if (outputFailed.code !== "EPIPE") return fail(`cannot write to stdout: ${outputFailed.message}${unsent}`);
-      return left > 0 ? fail(`the output was closed${unsent}`) : 0;
+      // A reader that went away with nothing left to send is `| head`: a quiet end.
+      if (outputFailed.code === "EPIPE" && left === 0) return 0;
+      return fail(`${outputFailed.code === "EPIPE" ? "the output was closed" : `cannot write to stdout: ${outputFailed.message}`}${left > 0 ? `; ${left} line${left === 1 ? "" : "s"} not sent` : ""}`);
     }
-    if (cutShort !== undefined) {
-      const left = queue.unhandled();
-      return fail(`gave up waiting for the server after ${QUIT_GRACE_MS / 1000} s on "${cutShort.slice(0, 60)}" as you left${left > 0 ? `; ${left} line${left === 1 ? "" : "s"} after it not sent` : ""}`);
-    }
-    if (loggedOut !== undefined) return fail(`logged out by the server: ${loggedOut}`);
-    if (lostForGood) return fail(`connection lost: ${errText(lostForGood)}`);
     await client.close();
     return 0;
   } finally {

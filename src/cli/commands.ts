@@ -396,6 +396,23 @@ function print(v: unknown): void {
 
 /** Runs one operator command; returns the exit code. */
 export async function runCommand(command: string, argv: readonly string[]): Promise<number> {
+  if (command === "version") {
+    // Read as every command's words are, but a bad WIRECHAT_* variable or config file
+    // (which split() reads too) does not keep the version from being printed.
+    let v: Parsed | undefined;
+    try {
+      v = split(argv);
+    } catch (err) {
+      if (!(err instanceof ConfigError)) throw err;
+    }
+    if (v?.help) {
+      process.stdout.write(`${COMMAND_HELP}\n`);
+      return 0;
+    }
+    if (v !== undefined && v.positional.length > 0) throw new ConfigError(`unexpected '${v.positional[0]}' (see wirechat help)`);
+    process.stdout.write(`wirechat ${packageVersion()}\n`);
+    return 0;
+  }
   const p = split(argv);
   // Asked for help or the version, a command does nothing else: `user del bob --help`
   // must not delete bob.
@@ -409,10 +426,6 @@ export async function runCommand(command: string, argv: readonly string[]): Prom
   }
   const words = wordsOf(command, p);
   if (p.positional.length > words) throw new ConfigError(`unexpected '${p.positional[words]}' (see wirechat help)`);
-  if (command === "version") {
-    process.stdout.write(`wirechat ${packageVersion()}\n`);
-    return 0;
-  }
   if (command === "check") {
     const c = p.config;
     // What start-up would read besides the options: the TLS certificate and key, as a pair.
