@@ -106,6 +106,18 @@ function linkProxy(): { links: Set<net.Socket>; serve: (hooks?: ProxyHooks) => n
   return { links, serve };
 }
 
+/** A link proxy that, while down, takes connections and drops them: the client's reconnects fail. */
+async function downableProxy(hooks: ProxyHooks = {}): Promise<{ links: Set<net.Socket>; proxy: net.Server; port: number; setDown: (on: boolean) => void }> {
+  const { links, serve } = linkProxy();
+  const proxy = serve(hooks);
+  let down = false;
+  proxy.prependListener("connection", (sock: net.Socket) => {
+    if (down) sock.destroy();
+  });
+  await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
+  return { links, proxy, port: (proxy.address() as net.AddressInfo).port, setDown: (on) => (down = on) };
+}
+
 /** A chat CLI through a link proxy, talking in a new channel that `bob` (a library user) is in too. */
 async function inChannelThroughProxy(bob: { c: WirechatClient }, label: string): Promise<{ carol: Cli; chid: string; port: number; proxy: net.Server; proxied: ReturnType<typeof linkProxy> }> {
   const proxied = linkProxy();
@@ -554,16 +566,8 @@ describe("wirechat chat", () => {
 
   it("a message that got no reply within --timeout is stored once when typed again (its cmid kept)", async () => {
     const bob = await libUser();
-    const { links, serve } = linkProxy();
     const hooks: ProxyHooks = {};
-    const proxy = serve(hooks);
-    // While down, the proxy takes connections and drops them: the reconnects fail.
-    let down = false;
-    proxy.prependListener("connection", (s: net.Socket) => {
-      if (down) s.destroy();
-    });
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
-    const port = (proxy.address() as net.AddressInfo).port;
+    const { links, proxy, port, setDown } = await downableProxy(hooks);
     try {
       const erin = cli(["--port", String(port), "--timeout", "2", "--login", uniqueName("erin"), "--pass", "pw", "--register"]);
       await erin.waitOut(/logged in as/);
@@ -571,20 +575,20 @@ describe("wirechat chat", () => {
       await erin.waitOut(/talking to /);
       // Stored and answered; the link is cut before the reply, and stays down past the timeout.
       hooks.cutOn = '{"action":"message","data":{"status":0';
-      down = true;
+      setDown(true);
       erin.type("typed twice, stored once");
       await erin.waitOut(/connection lost/);
       await erin.waitOut(/may have been stored; type it again to send it once/, 20_000);
-      down = false;
+      setDown(false);
       await erin.waitOut(/reconnected/, 30_000);
       erin.type("typed twice, stored once");
       await erin.waitOut(/typed twice, stored once/);
       // Only as the very next message: after another one, the same text is a new message.
       hooks.cutOn = '{"action":"message","data":{"status":0';
-      down = true;
+      setDown(true);
       erin.type("ok");
       await waitFor(() => erin.out().split("may have been stored").length - 1 === 2, 20_000, "the second unconfirmed");
-      down = false;
+      setDown(false);
       await waitFor(() => erin.out().split("* reconnected").length - 1 === 2, 30_000, "the second reconnect");
       erin.type("in between");
       await erin.waitOut(/in between/);
@@ -713,15 +717,8 @@ describe("wirechat chat", () => {
 
   it("an /attach that got no reply is stored once when sent again (its cmid kept), and --timeout applies to it", async () => {
     const bob = await libUser();
-    const { links, serve } = linkProxy();
     const hooks: ProxyHooks = {};
-    const proxy = serve(hooks);
-    let down = false;
-    proxy.prependListener("connection", (s: net.Socket) => {
-      if (down) s.destroy();
-    });
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
-    const port = (proxy.address() as net.AddressInfo).port;
+    const { links, proxy, port, setDown } = await downableProxy(hooks);
     const file = path.join(newDir(), "note.txt");
     writeFileSync(file, "sent twice, stored once");
     try {
@@ -730,11 +727,11 @@ describe("wirechat chat", () => {
       erin.type(`/msg ${bob.nick}`);
       await erin.waitOut(/talking to /);
       hooks.cutOn = '{"action":"message","data":{"status":0';
-      down = true;
+      setDown(true);
       erin.type(`/attach ${file}`);
       // Within --timeout (2 s) of the lost reply, not a fixed 120 s.
       await erin.waitOut(/may have been stored; \/attach it again to send it once/, 20_000);
-      down = false;
+      setDown(false);
       await erin.waitOut(/reconnected/, 30_000);
       erin.type(`/attach ${file}`);
       await erin.waitOut(/\* sent .*note\.txt \(message \d+\)/);
@@ -751,26 +748,19 @@ describe("wirechat chat", () => {
 
   it("a password that starts like /quit is not a request to leave: a message held through an outage still goes", async () => {
     const bob = await libUser();
-    const { links, serve } = linkProxy();
-    const proxy = serve();
-    let down = false;
-    proxy.prependListener("connection", (sock: net.Socket) => {
-      if (down) sock.destroy();
-    });
-    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", () => r()));
-    const port = (proxy.address() as net.AddressInfo).port;
+    const { links, proxy, port, setDown } = await downableProxy();
     try {
       const erin = cli(["--port", String(port), "--login", uniqueName("erin"), "--register"]);
       erin.type("/exit-2024"); // the password, from stdin
       await erin.waitOut(/logged in as/);
       erin.type(`/msg ${bob.nick}`);
       await erin.waitOut(/talking to /);
-      down = true;
+      setDown(true);
       for (const l of links) l.destroy();
       await erin.waitOut(/connection lost/);
       erin.type("held for 3 s");
       await sleep(3000);
-      down = false;
+      setDown(false);
       await waitFor(() => bob.inbox.length === 1, 30_000, "the held message");
       erin.type("/quit");
       expect(await erin.exited).toBe(0);

@@ -31,14 +31,20 @@ afterAll(async () => {
   await nats?.stop();
 });
 
+/** Two users of `node` (a has sent b one message: the log works), and a second connection of a's. */
+async function pairAndSender(node: ChildServer) {
+  const a = await registerUser(node.port);
+  const b = await registerUser(node.port);
+  expect((await a.client.request("message", { uid: b.uid, body: "warm up" })).status).toBe(0);
+  const sender = await Client.connect(node.port);
+  expect((await sender.request("auth", { sid: a.sid })).status).toBe(0);
+  return { a, b, sender };
+}
+
 describe("cluster mode: a stalled nats-server", () => {
   it("bounds what waits for the log: 16 past the cap or past the budget from the request, and it recovers", async () => {
     const node = child as ChildServer;
-    const a = await registerUser(node.port);
-    const b = await registerUser(node.port);
-    expect((await a.client.request("message", { uid: b.uid, body: "warm up" })).status).toBe(0);
-    const sender = await Client.connect(node.port);
-    expect((await sender.request("auth", { sid: a.sid })).status).toBe(0);
+    const { a, b, sender } = await pairAndSender(node);
     const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${node.proc.pid}/status`, "latin1"))?.[1]) * 1024;
     const before = rss();
     let peak = before;
@@ -89,11 +95,7 @@ describe("cluster mode: a stalled nats-server", () => {
 
   it("bounds the replies waiting in line behind one that waits for the log: the connection is read no further, and all are answered once it is back", async () => {
     const node = child as ChildServer;
-    const a = await registerUser(node.port);
-    const b = await registerUser(node.port);
-    expect((await a.client.request("message", { uid: b.uid, body: "warm up" })).status).toBe(0);
-    const sender = await Client.connect(node.port);
-    expect((await sender.request("auth", { sid: a.sid })).status).toBe(0);
+    const { a, b, sender } = await pairAndSender(node);
     // The most requests any of a's connections has read and not answered (/connz).
     const unanswered = async () => {
       const conns = (await admin(node.adminPort as number, "GET", `/connz?user=${a.login}`)).json.connections as { unanswered: number }[];
