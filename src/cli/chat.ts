@@ -305,6 +305,11 @@ function progressBar(sent: number, total: number | undefined, width = 30): strin
 
 // ---------------------------------------------------------------- input
 
+/** A line asking to leave. */
+function isQuit(line: string): boolean {
+  return /^\/(quit|exit)\b/i.test(line.trim());
+}
+
 /** stdin lines as a queue, so each is handled after the one before has finished. */
 class LineQueue {
   private lines: string[] = [];
@@ -318,7 +323,7 @@ class LineQueue {
   constructor(rl: readline.Interface) {
     rl.on("line", (l) => {
       this.lines.push(l);
-      if (/^\/(quit|exit)\b/i.test(l.trim())) this.onLeave?.();
+      if (isQuit(l)) this.onLeave?.();
       this.wake();
     });
     rl.on("close", () => {
@@ -335,13 +340,14 @@ class LineQueue {
   }
 
   /** Lines read and not handled, blank ones aside. */
-  queued(): number {
-    return this.lines.filter((l) => l.trim() !== "").length;
+  /** A /quit (or /exit) is among the lines read and not handled. */
+  quitQueued(): boolean {
+    return this.lines.some(isQuit);
   }
 
   /** Lines read and not handled, up to a /quit among them (what follows it never would be). */
   unhandled(): number {
-    const quit = this.lines.findIndex((l) => /^\/(quit|exit)\b/i.test(l.trim()));
+    const quit = this.lines.findIndex(isQuit);
     return (quit < 0 ? this.lines : this.lines.slice(0, quit)).filter((l) => l.trim() !== "").length;
   }
 
@@ -1122,7 +1128,7 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
     // From here (not while the password is read: one may start with /quit), a request
     // to leave; before the login, as input may end while it is under way.
     queue.onLeave = onLeave;
-    if (queue.ended || queue.unhandled() < queue.queued()) onLeave(); // a /quit came meanwhile
+    if (queue.ended || queue.quitQueued()) onLeave();
     if (pass === undefined || pass === "") return fail("no password given");
 
     let tlsOpt: ConnectOptions["tls"];
@@ -1207,16 +1213,17 @@ export async function chatCommand(argv: string[], io: ChatIO = { stdin: process.
     quitting = true;
     // Why it ended, each that holds (an output that failed meanwhile is said too).
     const left = queue.unhandled();
-    const unsent = left > 0 ? `; ${left} line${left === 1 ? "" : "s"} after it not sent` : "";
-    const output = outputFailed === undefined ? "" : outputFailed.code === "EPIPE" ? "; the output was closed" : `; cannot write to stdout: ${outputFailed.message}`;
-    if (cutShort !== undefined) return fail(`gave up waiting for the server after ${QUIT_GRACE_MS / 1000} s on "${cutShort.slice(0, 60)}" as you left (it may have been stored)${unsent}${output}`);
-    if (loggedOut !== undefined) return fail(`logged out by the server: ${loggedOut}${unsent}${output}`);
-    if (lostForGood) return fail(`connection lost: ${errText(lostForGood)}${unsent}${output}`);
+    const unsent = (after: string) => (left > 0 ? `; ${left} line${left === 1 ? "" : "s"}${after} not sent` : "");
+    const outputText = outputFailed === undefined ? "" : outputFailed.code === "EPIPE" ? "the output was closed" : `cannot write to stdout: ${outputFailed.message}`;
+    const output = outputText && `; ${outputText}`;
+    if (cutShort !== undefined) return fail(`gave up waiting for the server after ${QUIT_GRACE_MS / 1000} s on "${cutShort.slice(0, 60)}" as you left (it may have been stored)${unsent(" after it")}${output}`);
+    if (loggedOut !== undefined) return fail(`logged out by the server: ${loggedOut}${unsent(" after it")}${output}`);
+    if (lostForGood) return fail(`connection lost: ${errText(lostForGood)}${unsent(" after it")}${output}`);
     if (outputFailed !== undefined) {
       client.destroy();
       // A reader that went away with nothing left to send is `| head`: a quiet end.
       if (outputFailed.code === "EPIPE" && left === 0) return 0;
-      return fail(`${outputFailed.code === "EPIPE" ? "the output was closed" : `cannot write to stdout: ${outputFailed.message}`}${left > 0 ? `; ${left} line${left === 1 ? "" : "s"} not sent` : ""}`);
+      return fail(outputText + unsent(""));
     }
     await client.close();
     return 0;
